@@ -1,0 +1,101 @@
+"""Compile every CUDA specialization in xattn/configs.py with NVRTC, for each GPU family the table
+serves, and read ptxas's resource report: registers, shared memory, stack frame, spills.
+
+Runs without a GPU or driver: NVRTC comes from the cuda-bindings and nvidia-cuda-nvrtc wheels.
+Fails (exit 1) on a compile error, on spills in any variant, or on a variant whose shared memory
+exceeds what its GPU family allows one block.
+
+    python ci/compile_kernels.py [--arch 80 86 90] [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from xattn import configs, jit  # noqa: E402
+
+# Dynamic shared memory one block may opt into, per family (bytes).
+SMEM_LIMIT = {80: 163 * 1024, 86: 99 * 1024, 89: 99 * 1024, 90: 227 * 1024}
+DTYPES = {"flash_fwd": ("float16", "bfloat16"), "flash_fwd_f32": ("float32",)}
+
+
+def nvrtc_compile(code: str, name: str, options: list[str]) -> tuple[bool, str]:
+    from cuda.bindings import nvrtc
+
+    err, prog = nvrtc.nvrtcCreateProgram(code.encode(), name.encode(), 0, [], [])
+    assert err == nvrtc.nvrtcResult.NVRTC_SUCCESS, err
+    (err,) = nvrtc.nvrtcCompileProgram(prog, len(options), [o.encode() for o in options])
+    _, size = nvrtc.nvrtcGetProgramLogSize(prog)
+    log = b" " * size
+    nvrtc.nvrtcGetProgramLog(prog, log)
+    nvrtc.nvrtcDestroyProgram(prog)
+    return err == nvrtc.nvrtcResult.NVRTC_SUCCESS, log.decode(errors="replace").rstrip("\x00")
+
+
+def report(log: str) -> dict[str, int]:
+    def number(pattern: str) -> int:
+        match = re.search(pattern, log)
+        return int(match.group(1)) if match else 0
+
+    return {
+        "registers": number(r"Used (\d+) registers"),
+        "stack": number(r"(\d+) bytes stack frame"),
+        "spill_stores": number(r"(\d+) bytes spill stores"),
+        "spill_loads": number(r"(\d+) bytes spill loads"),
+    }
+
+
+def variants(archs: list[int], quick: bool):
+    for cfg in configs.TABLE:
+        for arch in archs:
+            if configs.select(cfg.kernel, arch, cfg.head_dim) != cfg:
+                continue  # this row is not the one a device of this arch would use
+            for dtype in DTYPES[cfg.kernel]:
+                for causal in (False, True):
+                    for vec in (True, False) if cfg.kernel == "flash_fwd" else (True,):
+                        if quick and (causal or not vec):
+                            continue
+                        yield cfg, arch, dtype, causal, vec
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--arch", type=int, nargs="+", default=[80, 86, 90])
+    parser.add_argument("--quick", action="store_true", help="non-causal, vectorized variants only")
+    args = parser.parse_args(argv)
+
+    failures = 0
+    print(f"{'kernel':14} {'sm':>3} {'dtype':9} {'D':>4} {'tile':>8} {'causal':>6} {'vec':>3} "
+          f"{'regs':>4} {'smem KB':>7} {'stack':>5} {'spill':>5} {'sec':>5}")
+    for cfg, arch, dtype, causal, vec in variants(args.arch, args.quick):
+        code = jit.preprocess("cuda", cfg.kernel + ".cu")
+        options = [f"--gpu-architecture=sm_{arch}", "-std=c++17", "--ptxas-options=-v"]
+        options += jit.define_options(configs.defines(cfg, dtype, causal, vec))
+        start = time.perf_counter()
+        ok, log = nvrtc_compile(code, cfg.kernel + ".cu", options)
+        seconds = time.perf_counter() - start
+        smem = configs.shared_memory_bytes(cfg)
+        if not ok:
+            print(f"COMPILE ERROR {cfg} sm_{arch} {dtype} causal={causal} vec={vec}\n{log}")
+            failures += 1
+            continue
+        r = report(log)
+        spill = r["spill_stores"] + r["spill_loads"]
+        too_big = smem > SMEM_LIMIT[arch]
+        flag = "  <-- SPILLS" if spill else "  <-- SHARED MEMORY" if too_big else ""
+        failures += bool(spill or too_big)
+        print(f"{cfg.kernel:14} {arch:>3} {dtype:9} {cfg.head_dim:>4} {cfg.block_m:>4}x{cfg.block_n:<3} "
+              f"{causal!s:>6} {int(vec):>3} {r['registers']:>4} {smem / 1024:>7.1f} {r['stack']:>5} "
+              f"{spill:>5} {seconds:>5.1f}{flag}")
+    print("compile check:", "FAILED" if failures else "all variants compiled, no spills")
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

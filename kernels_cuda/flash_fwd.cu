@@ -1,0 +1,340 @@
+// FlashAttention-2 forward on tensor cores: fp16 or bf16 in, fp32 accumulate.
+//
+// O = softmax(scale * Q K^T) V, computed one query block at a time. The block's Q tile is loaded
+// once; K and V tiles stream through shared memory; S = Q K^T and O += P V run on mma.sync
+// m16n8k16 fed by ldmatrix; the running row max m_i and row sum l_i stay in registers (online
+// softmax), so the Sq x Sk score matrix never reaches global memory. O is divided by l_i once,
+// at the end.
+//
+// Grid: x = query block (reversed, so the heaviest causal blocks start first), y = query head,
+// z = batch. Block: NUM_WARPS warps; warp w owns query rows [w * WARP_M, (w + 1) * WARP_M) and
+// keeps them to itself from the first mma to the last store, so warps never reduce through
+// shared memory. They share only the K and V tiles.
+//
+// Layouts: q, o are (B, Hq, Sq, D) and k, v are (B, Hk, Sk, D), each with its own batch, head
+// and row strides in elements, elements along D contiguous. lse is float32 (B, Hq, Sq). GQA: query
+// head h reads key/value head h / heads_per_kv. Reads q, k, v; writes o and lse.
+//
+// The softmax runs in base 2: scores are scaled by scale_log2 = scale * log2(e) inside the same
+// FFMA that subtracts the max, so each exponential is one ex2 instruction. The LSE written out is
+// natural-log: lse = scale * m_i + ln(l_i).
+//
+// Pipeline (FlashAttention-2's): one K buffer and one V buffer. The V tile of step j loads while
+// S = Q K_j^T and the softmax run; the K tile of step j+1 loads while O += P V_j runs.
+
+// ---- compile-time configuration (set with -D by xattn/configs.py) ------------------------------
+// ELEM_BF16   1: bfloat16, 0: float16
+// HEAD_DIM    padded head dim of this variant (multiple of 16); the real one, head_dim, is <= it
+// BLOCK_M     query rows per thread block;  BLOCK_N  keys per tile
+// NUM_WARPS   warps per thread block (BLOCK_M / NUM_WARPS must be a multiple of 16)
+// IS_CAUSAL   bottom-right aligned causal mask
+// VEC_LOADS   1: every row starts 16-byte aligned and head_dim % 8 == 0, so tiles move with 16-byte
+//             cp.async; 0: element-wise loads and stores (odd head dims, odd strides)
+// MIN_BLOCKS  thread blocks per SM that the register allocation must allow
+
+#include "platform.h"
+#include "attention_common.h"
+
+#define NUM_THREADS (NUM_WARPS * WARP_SIZE)
+#define WARP_M (BLOCK_M / NUM_WARPS)  // query rows per warp
+#define M_TILES (WARP_M / 16)         // m16 row tiles per warp
+#define N_TILES (BLOCK_N / 8)         // n8 column tiles of S per warp
+#define D_TILES (HEAD_DIM / 8)        // n8 column tiles of O per warp
+#define CHUNK 8                       // elements per 16-byte copy
+#define CHUNKS_PER_ROW (HEAD_DIM / CHUNK)
+// Rows padded by 16 bytes: the 8 rows one ldmatrix reads then start in 8 different 16-byte bank
+// groups for every HEAD_DIM that is a multiple of 32, so ldmatrix is free of bank conflicts.
+#define SMEM_STRIDE (HEAD_DIM + CHUNK)
+
+static_assert(WARP_M % 16 == 0, "each warp owns whole m16 tiles");
+static_assert(BLOCK_N % 16 == 0 && HEAD_DIM % 16 == 0, "k16 steps over keys and head dim");
+
+// ---- shared-memory layout ---------------------------------------------------------------------
+// sQ [BLOCK_M][SMEM_STRIDE] | sK [BLOCK_N][SMEM_STRIDE] | sV [BLOCK_N][SMEM_STRIDE], 16-bit elements.
+// sQ is reused by each warp to stage its own O rows for coalesced stores in the epilogue.
+
+// ---- device helpers ---------------------------------------------------------------------------
+
+// Copy a ROWS x HEAD_DIM tile from global memory (rows row_stride elements apart) into shared
+// memory, writing zeros for rows >= valid_rows and columns >= head_dim. Zeros, not garbage: padded
+// head-dim columns must add nothing to Q.K, and V rows past the last key meet P = 0, which would
+// still turn a NaN bit pattern into NaN.
+template <int ROWS>
+__device__ __forceinline__ void load_tile(u16* smem, const u16* gmem, i64 row_stride,
+                                          int valid_rows, int head_dim, int tid) {
+#if VEC_LOADS
+#pragma unroll
+    for (int c = tid; c < ROWS * CHUNKS_PER_ROW; c += NUM_THREADS) {
+        int row = c / CHUNKS_PER_ROW, col = (c % CHUNKS_PER_ROW) * CHUNK;
+        bool valid = row < valid_rows && col < head_dim;
+        const u16* src = valid ? gmem + row * row_stride + col : gmem;  // legal address even when zero-filling
+        cp_async_16(smem + row * SMEM_STRIDE + col, src, valid);
+    }
+#else
+    for (int e = tid; e < ROWS * HEAD_DIM; e += NUM_THREADS) {
+        int row = e / HEAD_DIM, col = e % HEAD_DIM;
+        bool valid = row < valid_rows && col < head_dim;
+        smem[row * SMEM_STRIDE + col] = valid ? gmem[row * row_stride + col] : (u16)0;
+    }
+#endif
+}
+
+// S = Q K^T for this warp's WARP_M rows and the BLOCK_N keys of the tile in sK.
+__device__ __forceinline__ void compute_scores(float (&acc_s)[M_TILES][N_TILES][4], const u16* sQ,
+                                               const u16* sK, int warp, int lane) {
+#pragma unroll
+    for (int mt = 0; mt < M_TILES; ++mt)
+#pragma unroll
+        for (int nt = 0; nt < N_TILES; ++nt)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) acc_s[mt][nt][e] = 0.f;
+
+#pragma unroll
+    for (int kk = 0; kk < HEAD_DIM / 16; ++kk) {
+        u32 q_frag[M_TILES][4];
+#pragma unroll
+        for (int mt = 0; mt < M_TILES; ++mt) {
+            int row = warp * WARP_M + mt * 16 + lane % 16;
+            ldmatrix_x4(q_frag[mt], sQ + row * SMEM_STRIDE + kk * 16 + (lane / 16) * 8);
+        }
+#pragma unroll
+        for (int nt = 0; nt < N_TILES / 2; ++nt) {
+            // Matrices: keys 0-7 dims 0-7 | keys 0-7 dims 8-15 | keys 8-15 dims 0-7 | keys 8-15 dims 8-15
+            u32 k_frag[4];
+            int key = nt * 16 + lane % 8 + (lane / 16) * 8;
+            ldmatrix_x4(k_frag, sK + key * SMEM_STRIDE + kk * 16 + ((lane / 8) % 2) * 8);
+#pragma unroll
+            for (int mt = 0; mt < M_TILES; ++mt) {
+                mma_16816(acc_s[mt][2 * nt], q_frag[mt], k_frag[0], k_frag[1]);
+                mma_16816(acc_s[mt][2 * nt + 1], q_frag[mt], k_frag[2], k_frag[3]);
+            }
+        }
+    }
+}
+
+// Set to -inf the scores of keys past the end and, when causal, right of the diagonal.
+__device__ __forceinline__ void mask_scores(float (&acc_s)[M_TILES][N_TILES][4], int row_start,
+                                            int n_start, int seqlen_q, int seqlen_k, int lane) {
+#pragma unroll
+    for (int mt = 0; mt < M_TILES; ++mt)
+#pragma unroll
+        for (int nt = 0; nt < N_TILES; ++nt)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
+                int row = row_start + mt * 16 + lane / 4 + (e / 2) * 8;
+                int key = n_start + nt * 8 + (lane % 4) * 2 + e % 2;
+                if (!key_visible(row, key, seqlen_q, seqlen_k, IS_CAUSAL))
+                    acc_s[mt][nt][e] = NEG_INF;
+            }
+}
+
+// Online softmax step: fold this tile's scores into the running max and sum, turn S into P in
+// place, and rescale O by exp2(m_old - m_new) -- skipped when no row of the warp has a new max.
+// Each thread holds two rows per m16 tile (h = 0: row g, h = 1: row g + 8); the four threads of a
+// quad share a row, so the row max needs two shuffles. The row sum stays per thread until the end.
+__device__ __forceinline__ void softmax_rescale_o(float (&acc_s)[M_TILES][N_TILES][4],
+                                                  float (&acc_o)[M_TILES][D_TILES][4],
+                                                  float (&row_max)[M_TILES][2],
+                                                  float (&row_sum)[M_TILES][2], float scale_log2) {
+    float alpha[M_TILES][2];
+    bool max_moved = false;
+#pragma unroll
+    for (int mt = 0; mt < M_TILES; ++mt)
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+            float m_new = row_max[mt][h];
+#pragma unroll
+            for (int nt = 0; nt < N_TILES; ++nt)
+                m_new = fmaxf(m_new, fmaxf(acc_s[mt][nt][2 * h], acc_s[mt][nt][2 * h + 1]));
+            m_new = fmaxf(m_new, shfl_xor(m_new, 1));
+            m_new = fmaxf(m_new, shfl_xor(m_new, 2));
+            // A row that has seen no key yet keeps m = -inf: use 0 as the offset so that
+            // exp2(-inf - offset) is 0 rather than exp2(-inf + inf) = NaN.
+            bool row_empty = m_new == NEG_INF;
+            float offset = row_empty ? 0.f : m_new * scale_log2;
+            alpha[mt][h] = row_empty ? 1.f : fast_exp2((row_max[mt][h] - m_new) * scale_log2);
+            max_moved |= m_new > row_max[mt][h];
+            row_max[mt][h] = m_new;
+
+            float sum = 0.f;
+#pragma unroll
+            for (int nt = 0; nt < N_TILES; ++nt)
+#pragma unroll
+                for (int e = 2 * h; e < 2 * h + 2; ++e) {
+                    float p = fast_exp2(acc_s[mt][nt][e] * scale_log2 - offset);
+                    acc_s[mt][nt][e] = p;
+                    sum += p;
+                }
+            row_sum[mt][h] = row_sum[mt][h] * alpha[mt][h] + sum;
+        }
+
+    if (warp_any(max_moved)) {
+#pragma unroll
+        for (int mt = 0; mt < M_TILES; ++mt)
+#pragma unroll
+            for (int dt = 0; dt < D_TILES; ++dt)
+#pragma unroll
+                for (int e = 0; e < 4; ++e) acc_o[mt][dt][e] *= alpha[mt][e / 2];
+    }
+}
+
+// O += P V. P never leaves registers: the accumulator layout of two adjacent n8 tiles of S is
+// exactly the A-operand layout of one k16 step, so it is only converted to 16 bits and packed.
+__device__ __forceinline__ void accumulate_pv(float (&acc_o)[M_TILES][D_TILES][4],
+                                              const float (&acc_s)[M_TILES][N_TILES][4],
+                                              const u16* sV, int lane) {
+#pragma unroll
+    for (int kk = 0; kk < BLOCK_N / 16; ++kk) {
+        u32 p_frag[M_TILES][4];
+#pragma unroll
+        for (int mt = 0; mt < M_TILES; ++mt) {
+            p_frag[mt][0] = pack_float2(acc_s[mt][2 * kk][0], acc_s[mt][2 * kk][1]);
+            p_frag[mt][1] = pack_float2(acc_s[mt][2 * kk][2], acc_s[mt][2 * kk][3]);
+            p_frag[mt][2] = pack_float2(acc_s[mt][2 * kk + 1][0], acc_s[mt][2 * kk + 1][1]);
+            p_frag[mt][3] = pack_float2(acc_s[mt][2 * kk + 1][2], acc_s[mt][2 * kk + 1][3]);
+        }
+#pragma unroll
+        for (int dt = 0; dt < D_TILES / 2; ++dt) {
+            // Transposed matrices: keys 0-7 dims 0-7 | keys 8-15 dims 0-7 | keys 0-7 dims 8-15 | keys 8-15 dims 8-15
+            u32 v_frag[4];
+            int key = kk * 16 + lane % 8 + ((lane / 8) % 2) * 8;
+            ldmatrix_x4_trans(v_frag, sV + key * SMEM_STRIDE + dt * 16 + (lane / 16) * 8);
+#pragma unroll
+            for (int mt = 0; mt < M_TILES; ++mt) {
+                mma_16816(acc_o[mt][2 * dt], p_frag[mt], v_frag[0], v_frag[1]);
+                mma_16816(acc_o[mt][2 * dt + 1], p_frag[mt], v_frag[2], v_frag[3]);
+            }
+        }
+    }
+}
+
+// Epilogue: O /= l, write O through shared memory (the warp's own rows of sQ) with 16-byte stores,
+// and write lse = scale * m + ln(l). A row that saw no key has l = 0: it gets O = 0, lse = -inf.
+__device__ __forceinline__ void write_output(float (&acc_o)[M_TILES][D_TILES][4],
+                                             const float (&row_max)[M_TILES][2],
+                                             const float (&row_sum)[M_TILES][2], u16* sQ, u16* o,
+                                             i64 o_row_stride, float* lse, int row_start,
+                                             int seqlen_q, int head_dim, float scale, int warp,
+                                             int lane) {
+    u16* sO = sQ + warp * WARP_M * SMEM_STRIDE;
+#pragma unroll
+    for (int mt = 0; mt < M_TILES; ++mt)
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+            float l = row_sum[mt][h];
+            l += shfl_xor(l, 1);
+            l += shfl_xor(l, 2);
+            float inv_l = l > 0.f ? 1.f / l : 0.f;
+            int row = mt * 16 + lane / 4 + h * 8;
+#pragma unroll
+            for (int dt = 0; dt < D_TILES; ++dt) {
+                u32 packed = pack_float2(acc_o[mt][dt][2 * h] * inv_l, acc_o[mt][dt][2 * h + 1] * inv_l);
+                *(u32*)(sO + row * SMEM_STRIDE + dt * 8 + (lane % 4) * 2) = packed;
+            }
+            if (lane % 4 == 0 && row_start + row < seqlen_q)
+                lse[row_start + row] = l > 0.f ? row_max[mt][h] * scale + logf(l) : NEG_INF;
+        }
+    warp_sync();  // the warp's rows of sO are complete before its lanes read them back
+
+    o += (i64)row_start * o_row_stride;
+#if VEC_LOADS
+#pragma unroll
+    for (int c = lane; c < WARP_M * CHUNKS_PER_ROW; c += WARP_SIZE) {
+        int row = c / CHUNKS_PER_ROW, col = (c % CHUNKS_PER_ROW) * CHUNK;
+        if (row_start + row < seqlen_q && col < head_dim)
+            *(uint4*)(o + row * o_row_stride + col) = *(const uint4*)(sO + row * SMEM_STRIDE + col);
+    }
+#else
+    for (int e = lane; e < WARP_M * HEAD_DIM; e += WARP_SIZE) {
+        int row = e / HEAD_DIM, col = e % HEAD_DIM;
+        if (row_start + row < seqlen_q && col < head_dim)
+            o[row * o_row_stride + col] = sO[row * SMEM_STRIDE + col];
+    }
+#endif
+}
+
+// ---- entry point ------------------------------------------------------------------------------
+
+extern "C" __global__ void __launch_bounds__(NUM_THREADS, MIN_BLOCKS)
+flash_fwd(const u16* __restrict__ q, const u16* __restrict__ k, const u16* __restrict__ v,
+          u16* __restrict__ o, float* __restrict__ lse,
+          i64 q_batch_stride, i64 q_head_stride, i64 q_row_stride,
+          i64 k_batch_stride, i64 k_head_stride, i64 k_row_stride,
+          i64 v_batch_stride, i64 v_head_stride, i64 v_row_stride,
+          i64 o_batch_stride, i64 o_head_stride, i64 o_row_stride,
+          i64 lse_batch_stride, i64 lse_head_stride,
+          int seqlen_q, int seqlen_k, int head_dim, int heads_per_kv,
+          float scale, float scale_log2) {
+    extern __shared__ __align__(16) u16 smem[];
+    u16* sQ = smem;
+    u16* sK = sQ + BLOCK_M * SMEM_STRIDE;
+    u16* sV = sK + BLOCK_N * SMEM_STRIDE;
+
+    const int m_block = gridDim.x - 1 - blockIdx.x;
+    const int head = blockIdx.y, batch = blockIdx.z, kv_head = head / heads_per_kv;
+    const int tid = threadIdx.x, warp = tid / WARP_SIZE, lane = tid % WARP_SIZE;
+    const int m_start = m_block * BLOCK_M;
+    const int warp_row_start = m_start + warp * WARP_M;
+
+    q += batch * q_batch_stride + head * q_head_stride + m_start * q_row_stride;
+    k += batch * k_batch_stride + kv_head * k_head_stride;
+    v += batch * v_batch_stride + kv_head * v_head_stride;
+    o += batch * o_batch_stride + head * o_head_stride;
+    lse += batch * lse_batch_stride + head * lse_head_stride;
+
+    const KeyRange tiles = key_tiles(m_start, BLOCK_M, BLOCK_N, seqlen_q, seqlen_k, IS_CAUSAL);
+
+    // Prologue: the Q block and the last K tile load together. Tiles are walked right to left, so
+    // the tiles that need masking (the end of the keys, the causal diagonal) come first.
+    load_tile<BLOCK_M>(sQ, q, q_row_stride, seqlen_q - m_start, head_dim, tid);
+    if (tiles.tile_end > tiles.tile_begin) {
+        int n_start = (tiles.tile_end - 1) * BLOCK_N;
+        load_tile<BLOCK_N>(sK, k + n_start * k_row_stride, k_row_stride, seqlen_k - n_start, head_dim, tid);
+    }
+    cp_async_commit();
+
+    float acc_o[M_TILES][D_TILES][4];
+    float acc_s[M_TILES][N_TILES][4];
+    float row_max[M_TILES][2], row_sum[M_TILES][2];
+#pragma unroll
+    for (int mt = 0; mt < M_TILES; ++mt) {
+#pragma unroll
+        for (int dt = 0; dt < D_TILES; ++dt)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) acc_o[mt][dt][e] = 0.f;
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+            row_max[mt][h] = NEG_INF;
+            row_sum[mt][h] = 0.f;
+        }
+    }
+
+    for (int tile = tiles.tile_end - 1; tile >= tiles.tile_begin; --tile) {
+        const int n_start = tile * BLOCK_N;
+        cp_async_wait<0>();
+        __syncthreads();  // K tile visible to every warp, and every warp is done reading the last V tile
+        load_tile<BLOCK_N>(sV, v + n_start * v_row_stride, v_row_stride, seqlen_k - n_start, head_dim, tid);
+        cp_async_commit();
+
+        compute_scores(acc_s, sQ, sK, warp, lane);  // S = Q K^T
+        if (tile_needs_mask(warp_row_start, n_start, BLOCK_N, seqlen_q, seqlen_k, IS_CAUSAL))
+            mask_scores(acc_s, warp_row_start, n_start, seqlen_q, seqlen_k, lane);
+        softmax_rescale_o(acc_s, acc_o, row_max, row_sum, scale_log2);  // S becomes P
+
+        cp_async_wait<0>();
+        __syncthreads();  // V tile visible to every warp, and every warp is done reading this K tile
+        if (tile > tiles.tile_begin) {
+            int next_start = n_start - BLOCK_N;
+            load_tile<BLOCK_N>(sK, k + next_start * k_row_stride, k_row_stride, seqlen_k - next_start, head_dim, tid);
+            cp_async_commit();
+        }
+        accumulate_pv(acc_o, acc_s, sV, lane);  // O += P V
+    }
+    // With no key tile at all the Q copies (issued by every thread, into every warp's rows) are
+    // still in flight; the epilogue overwrites sQ, so all of them must have landed.
+    cp_async_wait<0>();
+    __syncthreads();
+
+    write_output(acc_o, row_max, row_sum, sQ, o, o_row_stride, lse, warp_row_start, seqlen_q,
+                 head_dim, scale, warp, lane);
+}

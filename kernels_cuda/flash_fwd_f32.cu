@@ -1,0 +1,168 @@
+// FlashAttention-2 forward for float32 inputs, in exact float32 arithmetic on the CUDA cores.
+//
+// Tensor cores would need tf32, which keeps 10 of float32's 23 mantissa bits; a float32 caller
+// expects float32 accuracy, so this variant trades speed for it. Same algorithm and conventions as
+// flash_fwd.cu (read that header first): Q block loaded once, K/V tiles streamed through shared
+// memory, running max m_i and sum l_i per row, base-2 softmax with scale * log2(e) folded into one
+// FFMA, one division at the end, natural-log LSE, right-to-left walk over the key tiles.
+//
+// Grid: x = query block (reversed), y = query head, z = batch. Block: NUM_WARPS warps, warp w owns
+// ROWS_PER_WARP query rows. For S = Q K^T lane l computes the scores of key l of the tile
+// (BLOCK_N = 32 keys), so the row max and row sum are warp reductions; for O += P V lane l owns
+// head-dim columns l, l + 32, ... of the warp's rows. P goes through a warp-private slice of
+// shared memory so that every lane can read every key's probability.
+//
+// compile time: HEAD_DIM (multiple of 32), ROWS_PER_WARP, NUM_WARPS, IS_CAUSAL, MIN_BLOCKS
+
+#include "platform.h"
+#include "attention_common.h"
+
+#define NUM_THREADS (NUM_WARPS * WARP_SIZE)
+#define BLOCK_M (NUM_WARPS * ROWS_PER_WARP)
+#define BLOCK_N WARP_SIZE
+#define D_PER_LANE (HEAD_DIM / WARP_SIZE)
+// Odd row stride for K: the 32 lanes read column d of 32 different keys, which then fall in 32
+// different banks. Q (one address per warp, a broadcast) and V (consecutive columns) need none.
+#define K_STRIDE (HEAD_DIM + 1)
+
+static_assert(HEAD_DIM % WARP_SIZE == 0, "each lane owns whole head-dim columns");
+
+// ---- shared-memory layout ---------------------------------------------------------------------
+// sQ [BLOCK_M][HEAD_DIM] | sK [BLOCK_N][K_STRIDE] | sV [BLOCK_N][HEAD_DIM] | sP [NUM_WARPS][ROWS_PER_WARP][BLOCK_N]
+
+// ---- device helpers ---------------------------------------------------------------------------
+
+// Copy rows x HEAD_DIM floats into shared memory, zeros outside valid_rows x head_dim.
+__device__ __forceinline__ void load_rows(float* smem, int smem_stride, const float* gmem,
+                                          i64 row_stride, int rows, int valid_rows, int head_dim,
+                                          int tid) {
+    for (int e = tid; e < rows * HEAD_DIM; e += NUM_THREADS) {
+        int row = e / HEAD_DIM, col = e % HEAD_DIM;
+        bool valid = row < valid_rows && col < head_dim;
+        smem[row * smem_stride + col] = valid ? gmem[row * row_stride + col] : 0.f;
+    }
+}
+
+__device__ __forceinline__ float warp_max(float x) {
+#pragma unroll
+    for (int lane_mask = WARP_SIZE / 2; lane_mask > 0; lane_mask /= 2) x = fmaxf(x, shfl_xor(x, lane_mask));
+    return x;
+}
+
+__device__ __forceinline__ float warp_sum(float x) {
+#pragma unroll
+    for (int lane_mask = WARP_SIZE / 2; lane_mask > 0; lane_mask /= 2) x += shfl_xor(x, lane_mask);
+    return x;
+}
+
+// ---- entry point ------------------------------------------------------------------------------
+
+extern "C" __global__ void __launch_bounds__(NUM_THREADS, MIN_BLOCKS)
+flash_fwd_f32(const float* __restrict__ q, const float* __restrict__ k, const float* __restrict__ v,
+              float* __restrict__ o, float* __restrict__ lse,
+              i64 q_batch_stride, i64 q_head_stride, i64 q_row_stride,
+              i64 k_batch_stride, i64 k_head_stride, i64 k_row_stride,
+              i64 v_batch_stride, i64 v_head_stride, i64 v_row_stride,
+              i64 o_batch_stride, i64 o_head_stride, i64 o_row_stride,
+              i64 lse_batch_stride, i64 lse_head_stride,
+              int seqlen_q, int seqlen_k, int head_dim, int heads_per_kv,
+              float scale, float scale_log2) {
+    extern __shared__ __align__(16) float smem_f32[];
+    float* sQ = smem_f32;
+    float* sK = sQ + BLOCK_M * HEAD_DIM;
+    float* sV = sK + BLOCK_N * K_STRIDE;
+    float* sP = sV + BLOCK_N * HEAD_DIM;
+
+    const int m_block = gridDim.x - 1 - blockIdx.x;
+    const int head = blockIdx.y, batch = blockIdx.z, kv_head = head / heads_per_kv;
+    const int tid = threadIdx.x, warp = tid / WARP_SIZE, lane = tid % WARP_SIZE;
+    const int m_start = m_block * BLOCK_M;
+    const int warp_row_start = m_start + warp * ROWS_PER_WARP;
+    const float* sQ_warp = sQ + warp * ROWS_PER_WARP * HEAD_DIM;
+    float* sP_warp = sP + warp * ROWS_PER_WARP * BLOCK_N;
+
+    q += batch * q_batch_stride + head * q_head_stride + m_start * q_row_stride;
+    k += batch * k_batch_stride + kv_head * k_head_stride;
+    v += batch * v_batch_stride + kv_head * v_head_stride;
+    o += batch * o_batch_stride + head * o_head_stride;
+    lse += batch * lse_batch_stride + head * lse_head_stride;
+
+    const KeyRange tiles = key_tiles(m_start, BLOCK_M, BLOCK_N, seqlen_q, seqlen_k, IS_CAUSAL);
+    load_rows(sQ, HEAD_DIM, q, q_row_stride, BLOCK_M, seqlen_q - m_start, head_dim, tid);
+
+    float acc_o[ROWS_PER_WARP][D_PER_LANE];
+    float row_max[ROWS_PER_WARP], row_sum[ROWS_PER_WARP];  // row_sum: this lane's keys only
+#pragma unroll
+    for (int r = 0; r < ROWS_PER_WARP; ++r) {
+        row_max[r] = NEG_INF;
+        row_sum[r] = 0.f;
+#pragma unroll
+        for (int i = 0; i < D_PER_LANE; ++i) acc_o[r][i] = 0.f;
+    }
+
+    for (int tile = tiles.tile_end - 1; tile >= tiles.tile_begin; --tile) {
+        const int n_start = tile * BLOCK_N;
+        __syncthreads();  // every warp is done with the previous K and V tiles
+        load_rows(sK, K_STRIDE, k + n_start * k_row_stride, k_row_stride, BLOCK_N, seqlen_k - n_start, head_dim, tid);
+        load_rows(sV, HEAD_DIM, v + n_start * v_row_stride, v_row_stride, BLOCK_N, seqlen_k - n_start, head_dim, tid);
+        __syncthreads();  // K and V tiles (and, the first time, Q) visible to every warp
+
+        // S = Q K^T: this lane's key against each of the warp's rows.
+        float s[ROWS_PER_WARP];
+#pragma unroll
+        for (int r = 0; r < ROWS_PER_WARP; ++r) s[r] = 0.f;
+        for (int d = 0; d < head_dim; ++d) {
+            float k_d = sK[lane * K_STRIDE + d];
+#pragma unroll
+            for (int r = 0; r < ROWS_PER_WARP; ++r) s[r] = fmaf(sQ_warp[r * HEAD_DIM + d], k_d, s[r]);
+        }
+
+        // Mask, then the online softmax update (see softmax_rescale_o in flash_fwd.cu).
+#pragma unroll
+        for (int r = 0; r < ROWS_PER_WARP; ++r) {
+            if (!key_visible(warp_row_start + r, n_start + lane, seqlen_q, seqlen_k, IS_CAUSAL))
+                s[r] = NEG_INF;
+            float m_new = warp_max(fmaxf(row_max[r], s[r]));
+            bool row_empty = m_new == NEG_INF;  // no key seen yet: offset 0 keeps exp2 from NaN
+            float offset = row_empty ? 0.f : m_new * scale_log2;
+            float alpha = row_empty ? 1.f : fast_exp2((row_max[r] - m_new) * scale_log2);
+            row_max[r] = m_new;
+            float p = fast_exp2(s[r] * scale_log2 - offset);
+            row_sum[r] = row_sum[r] * alpha + p;
+#pragma unroll
+            for (int i = 0; i < D_PER_LANE; ++i) acc_o[r][i] *= alpha;
+            sP_warp[r * BLOCK_N + lane] = p;
+        }
+        warp_sync();  // every lane's P visible to the whole warp
+
+        // O += P V: this lane's head-dim columns.
+        for (int n = 0; n < BLOCK_N; ++n) {
+            float v_n[D_PER_LANE];
+#pragma unroll
+            for (int i = 0; i < D_PER_LANE; ++i) v_n[i] = sV[n * HEAD_DIM + lane + i * WARP_SIZE];
+#pragma unroll
+            for (int r = 0; r < ROWS_PER_WARP; ++r) {
+                float p = sP_warp[r * BLOCK_N + n];
+#pragma unroll
+                for (int i = 0; i < D_PER_LANE; ++i) acc_o[r][i] = fmaf(p, v_n[i], acc_o[r][i]);
+            }
+        }
+        warp_sync();  // sP is read by all lanes before the next tile overwrites it
+    }
+
+    // Epilogue: O /= l, lse = scale * m + ln(l); a row that saw no key gets O = 0, lse = -inf.
+#pragma unroll
+    for (int r = 0; r < ROWS_PER_WARP; ++r) {
+        int row = warp_row_start + r;
+        float l = warp_sum(row_sum[r]);
+        float inv_l = l > 0.f ? 1.f / l : 0.f;
+        if (row < seqlen_q) {
+#pragma unroll
+            for (int i = 0; i < D_PER_LANE; ++i) {
+                int col = lane + i * WARP_SIZE;
+                if (col < head_dim) o[row * o_row_stride + col] = acc_o[r][i] * inv_l;
+            }
+            if (lane == 0) lse[row] = l > 0.f ? row_max[r] * scale + logf(l) : NEG_INF;
+        }
+    }
+}

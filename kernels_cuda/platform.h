@@ -1,0 +1,101 @@
+// NVIDIA-specific building blocks for the attention kernels: element types, warp shuffles,
+// exp2, and the tensor-core instructions (ldmatrix, mma.sync m16n8k16, cp.async).
+// Everything vendor-specific lives here so that the kernels read like the algorithm.
+// No CUDA headers are included: NVRTC compiles this without cuda_fp16.h / cuda_bf16.h,
+// so 16-bit values are carried as raw bits and converted with PTX.
+#pragma once
+
+typedef unsigned short u16;
+typedef unsigned int u32;
+typedef long long i64;
+
+#define WARP_SIZE 32
+#define FULL_MASK 0xffffffffu
+
+// ---- element type ------------------------------------------------------------------------
+// ELEM_BF16 = 1 selects bfloat16, 0 selects float16. Both are stored as raw 16-bit words.
+#if ELEM_BF16
+#define MMA_TYPE "bf16"
+#else
+#define MMA_TYPE "f16"
+#endif
+
+// Two floats -> one register of two 16-bit values, lo in the low half (round to nearest).
+__device__ __forceinline__ u32 pack_float2(float lo, float hi) {
+    u32 r;
+#if ELEM_BF16
+    asm("cvt.rn.bf16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(hi), "f"(lo));
+#else
+    asm("cvt.rn.f16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(hi), "f"(lo));
+#endif
+    return r;
+}
+
+__device__ __forceinline__ float elem_to_float(u16 x) {
+#if ELEM_BF16
+    return __uint_as_float(((u32)x) << 16);
+#else
+    float f;
+    asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(x));
+    return f;
+#endif
+}
+
+// ---- math ----------------------------------------------------------------------------------
+// ex2.approx: one MUFU op, relative error ~2^-22, and exp2(-inf) = 0 as the masking relies on.
+__device__ __forceinline__ float fast_exp2(float x) {
+    float y;
+    asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+    return y;
+}
+
+__device__ __forceinline__ float shfl_xor(float x, int lane_mask) {
+    return __shfl_xor_sync(FULL_MASK, x, lane_mask);
+}
+
+__device__ __forceinline__ bool warp_any(bool p) { return __any_sync(FULL_MASK, p); }
+
+__device__ __forceinline__ void warp_sync() { __syncwarp(); }
+
+// ---- shared memory and async copies --------------------------------------------------------
+__device__ __forceinline__ u32 smem_addr(const void* p) {
+    return (u32)__cvta_generic_to_shared(p);
+}
+
+// 16-byte global->shared copy that bypasses L1. src_bytes = 0 writes 16 zero bytes instead:
+// out-of-range rows and head-dim padding become zeros without a branch around the copy.
+__device__ __forceinline__ void cp_async_16(void* smem_dst, const void* gmem_src, bool valid) {
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_addr(smem_dst)),
+                 "l"(gmem_src), "r"(valid ? 16 : 0));
+}
+
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+
+template <int N>
+__device__ __forceinline__ void cp_async_wait() {
+    asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
+}
+
+// ---- tensor cores ----------------------------------------------------------------------------
+// Four 8x8 matrices of 16-bit values; lane l gives the row address of matrix l / 8.
+__device__ __forceinline__ void ldmatrix_x4(u32 (&r)[4], const void* smem_row) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(smem_addr(smem_row)));
+}
+
+// The same, transposed: turns row-major V (keys x dims) into the B operand of P.V.
+__device__ __forceinline__ void ldmatrix_x4_trans(u32 (&r)[4], const void* smem_row) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(smem_addr(smem_row)));
+}
+
+// D (16x8, fp32) += A (16x16, row) * B (16x8, col). Fragment layout, with g = lane / 4 and
+// t = lane % 4: c[0], c[1] hold row g, columns 2t and 2t+1; c[2], c[3] the same for row g+8.
+__device__ __forceinline__ void mma_16816(float (&c)[4], const u32 (&a)[4], u32 b0, u32 b1) {
+    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32." MMA_TYPE "." MMA_TYPE
+                 ".f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
+                 : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}

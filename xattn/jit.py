@@ -1,0 +1,72 @@
+"""Run-time compilation of the kernel sources.
+
+Sources are read with importlib.resources (xattn.kernel_source), so they load the same from a wheel
+and from a checkout. Local `#include "x.h"` lines are inlined here, each piece preceded by a
+`#line` directive, so that a compiler error names the real file and line and NVRTC needs no
+include path. Compiled modules are memoized per (device, source hash, options) in the process;
+CuPy's own disk cache (CUPY_CACHE_DIR, by default ~/.cupy/kernel_cache) keeps them across processes.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import re
+import threading
+
+_INCLUDE = re.compile(r'^\s*#\s*include\s+"([^"]+)"\s*$')
+
+
+@functools.lru_cache(maxsize=None)
+def preprocess(vendor: str, name: str) -> str:
+    """The source of kernels_<vendor>/<name> with its local includes inlined (each once)."""
+    from xattn import kernel_source
+
+    seen: set[str] = set()
+
+    def expand(file: str) -> list[str]:
+        if file in seen:
+            return []
+        seen.add(file)
+        out = [f'#line 1 "kernels_{vendor}/{file}"']
+        for number, line in enumerate(kernel_source(vendor, file).splitlines(), start=1):
+            match = _INCLUDE.match(line)
+            if match:
+                out += expand(match.group(1))
+                out.append(f'#line {number + 1} "kernels_{vendor}/{file}"')
+            elif line.strip() == "#pragma once":
+                out.append("")
+            else:
+                out.append(line)
+        return out
+
+    return "\n".join(expand(name)) + "\n"
+
+
+def define_options(defines: dict[str, int]) -> tuple[str, ...]:
+    return tuple(f"-D{key}={value}" for key, value in sorted(defines.items()))
+
+
+_modules: dict[tuple, object] = {}
+_lock = threading.Lock()
+
+
+def get_function(vendor: str, source: str, entry: str, defines: dict[str, int], device_id: int):
+    """The compiled entry point of one variant on one device (a cupy.RawKernel)."""
+    import cupy
+
+    code = preprocess(vendor, source)
+    options = ("-std=c++17",) + define_options(defines)
+    key = (device_id, hashlib.sha256(code.encode()).hexdigest(), options, entry)
+    kernel = _modules.get(key)
+    if kernel is not None:
+        return kernel
+    with _lock:  # threads asking for the same new variant compile it once
+        kernel = _modules.get(key)
+        if kernel is None:
+            with cupy.cuda.Device(device_id):  # CuPy derives -arch from the current device
+                module = cupy.RawModule(code=code, options=options)
+                kernel = module.get_function(entry)
+                kernel.compile()
+            _modules[key] = kernel
+    return kernel

@@ -63,12 +63,22 @@ template <int ROWS>
 __device__ __forceinline__ void load_tile(u16* smem, const u16* gmem, i64 row_stride,
                                           int valid_rows, int head_dim, int tid) {
 #if VEC_LOADS
+    // Thread tid always copies the same 16-byte column chunk, of rows tid / CHUNKS_PER_ROW +
+    // i * ROWS_PER_PASS. Walking one pointer down the rows keeps a single 64-bit address live
+    // instead of one per row, which the register budget of the main loop cannot spare.
+    constexpr int ROWS_PER_PASS = NUM_THREADS / CHUNKS_PER_ROW;
+    constexpr int PASSES = (ROWS + ROWS_PER_PASS - 1) / ROWS_PER_PASS;
+    if (tid >= ROWS_PER_PASS * CHUNKS_PER_ROW) return;  // head dims like 96: a few threads idle
+    const int row = tid / CHUNKS_PER_ROW, col = (tid % CHUNKS_PER_ROW) * CHUNK;
+    const bool col_valid = col < head_dim;
+    const u16* src = gmem + row * row_stride + col;
+    u16* dst = smem + row * SMEM_STRIDE + col;
 #pragma unroll
-    for (int c = tid; c < ROWS * CHUNKS_PER_ROW; c += NUM_THREADS) {
-        int row = c / CHUNKS_PER_ROW, col = (c % CHUNKS_PER_ROW) * CHUNK;
-        bool valid = row < valid_rows && col < head_dim;
-        const u16* src = valid ? gmem + row * row_stride + col : gmem;  // legal address even when zero-filling
-        cp_async_16(smem + row * SMEM_STRIDE + col, src, valid);
+    for (int i = 0; i < PASSES; ++i) {
+        if (ROWS % ROWS_PER_PASS != 0 && row + i * ROWS_PER_PASS >= ROWS) break;
+        bool valid = col_valid && row + i * ROWS_PER_PASS < valid_rows;
+        cp_async_16(dst + i * ROWS_PER_PASS * SMEM_STRIDE, valid ? src : gmem, valid);  // legal address even when zero-filling
+        src += ROWS_PER_PASS * row_stride;
     }
 #else
     for (int e = tid; e < ROWS * HEAD_DIM; e += NUM_THREADS) {

@@ -85,6 +85,23 @@ def _prepare(kernel, key, smem_bytes: int) -> None:
             _smem_configured.add(key)
 
 
+_streams: dict[tuple[int, int], object] = {}
+
+
+def _external_stream(ptr: int, device_id: int):
+    """A CuPy handle on the caller's stream (torch's, or any cudaStream_t), made once per stream."""
+    handle = _streams.get((ptr, device_id))
+    if handle is None:
+        import warnings
+
+        import cupy
+
+        with warnings.catch_warnings():  # CuPy 14 deprecates ExternalStream for a protocol
+            warnings.simplefilter("ignore", DeprecationWarning)  # raw pointers cannot speak
+            handle = _streams[(ptr, device_id)] = cupy.cuda.ExternalStream(ptr, device_id)
+    return handle
+
+
 def forward(q, k, v, out, lse, *, causal: bool, scale: float, stream: int) -> None:
     """Write out = softmax(scale * q k^T) v and lse for (B, H, S, D) views (see module docstring)."""
     import cupy
@@ -113,7 +130,7 @@ def forward(q, k, v, out, lse, *, causal: bool, scale: float, stream: int) -> No
         np.int32(heads_q // heads_k),
         np.float32(scale), np.float32(scale * LOG2_E),
     )
-    with cupy.cuda.Device(Q.device), cupy.cuda.ExternalStream(stream, Q.device):
+    with cupy.cuda.Device(Q.device), _external_stream(stream, Q.device):
         for b0 in range(0, batch, MAX_GRID_YZ):  # gridDim.z is bounded; walk the batch in chunks
             nb = min(MAX_GRID_YZ, batch - b0)
             pointers = tuple(

@@ -20,8 +20,6 @@ _INCLUDE = re.compile(r'^\s*#\s*include\s+"([^"]+)"\s*$')
 @functools.lru_cache(maxsize=None)
 def preprocess(vendor: str, name: str) -> str:
     """The source of kernels_<vendor>/<name> with its local includes inlined (each once)."""
-    from xattn import kernel_source
-
     seen: set[str] = set()
 
     def expand(file: str) -> list[str]:
@@ -29,7 +27,7 @@ def preprocess(vendor: str, name: str) -> str:
             return []
         seen.add(file)
         out = [f'#line 1 "kernels_{vendor}/{file}"']
-        for number, line in enumerate(kernel_source(vendor, file).splitlines(), start=1):
+        for number, line in enumerate(_read(vendor, file).splitlines(), start=1):
             match = _INCLUDE.match(line)
             if match:
                 out += expand(match.group(1))
@@ -41,6 +39,16 @@ def preprocess(vendor: str, name: str) -> str:
         return out
 
     return "\n".join(expand(name)) + "\n"
+
+
+def _read(vendor: str, name: str) -> str:
+    try:
+        from xattn import kernel_source
+    except ImportError:  # package being assembled: read the checkout
+        from pathlib import Path
+
+        return (Path(__file__).resolve().parents[1] / f"kernels_{vendor}" / name).read_text()
+    return kernel_source(vendor, name)
 
 
 def define_options(defines: dict[str, int]) -> tuple[str, ...]:

@@ -38,32 +38,44 @@ def library_label(info: ArrayInfo) -> str:
 def describe(x, name: str) -> ArrayInfo:
     """Classify x, or raise TypeError/ValueError naming the argument."""
     if isinstance(x, np.ndarray):
-        return ArrayInfo("numpy", "cpu", 0, x.dtype.name, x.shape)
+        return ArrayInfo("numpy", "cpu", 0, _dtype_name(x.dtype), x.shape)
     torch = sys.modules.get("torch")
     if torch is not None and isinstance(x, torch.Tensor):
-        kind = x.device.type
+        device = x.device
+        kind = device.type
         if kind == "cuda":
             kind = "rocm" if torch.version.hip else "cuda"
         elif kind != "cpu":
             raise ValueError(f"{name}: expected a tensor on the CPU or a CUDA/ROCm GPU, "
-                             f"got a tensor on {x.device}")
-        return ArrayInfo("torch", kind, x.device.index or 0, str(x.dtype)[len("torch."):],
+                             f"got a tensor on {device}")
+        return ArrayInfo("torch", kind, device.index or 0, _dtype_name(x.dtype),
                          tuple(x.shape))
     cupy = sys.modules.get("cupy")
     if cupy is not None and isinstance(x, cupy.ndarray):
         kind = "rocm" if cupy.cuda.runtime.is_hip else "cuda"
-        return ArrayInfo("cupy", kind, x.device.id, x.dtype.name, x.shape)
+        return ArrayInfo("cupy", kind, x.device.id, _dtype_name(x.dtype), x.shape)
     if hasattr(x, "__dlpack__") and hasattr(x, "__dlpack_device__"):
         device_type, device_id = x.__dlpack_device__()
         kind = _DLPACK_DEVICES.get(int(device_type))
         if kind is None:
             raise ValueError(f"{name}: expected an array in host, CUDA or ROCm memory, "
                              f"got DLPack device type {int(device_type)}")
-        dtype = x.dtype
-        return ArrayInfo("dlpack", kind, int(device_id), getattr(dtype, "name", str(dtype)),
-                         tuple(x.shape))
+        return ArrayInfo("dlpack", kind, int(device_id), _dtype_name(x.dtype), tuple(x.shape))
     raise TypeError(f"{name}: expected an array (NumPy, torch, CuPy or any DLPack producer), "
                     f"got {type(x).__module__}.{type(x).__qualname__}")
+
+
+# dtype -> "float16" etc. NumPy's dtype.name is computed in Python on every access, and this
+# sits on every call's path, so names are looked up once per dtype.
+_DTYPE_NAMES: dict = {}
+
+
+def _dtype_name(dtype) -> str:
+    name = _DTYPE_NAMES.get(dtype)
+    if name is None:
+        name = getattr(dtype, "name", None) or str(dtype)
+        name = _DTYPE_NAMES[dtype] = name.removeprefix("torch.")
+    return name
 
 
 def _producer_from_dlpack(x):

@@ -54,10 +54,10 @@ def report(log: str) -> dict[str, int]:
 def variants(archs: list[int], quick: bool):
     for cfg in configs.TABLE:
         for arch in archs:
-            if configs.select(cfg.kernel, arch, cfg.head_dim) != cfg:
-                continue  # this row is not the one a device of this arch would use
             for dtype in DTYPES[cfg.kernel]:
                 for causal in (False, True):
+                    if configs.select(cfg.kernel, arch, cfg.head_dim, causal) != cfg:
+                        continue  # not the row a device of this arch would use for this call
                     for vec in (True, False) if cfg.kernel == "flash_fwd" else (True,):
                         if quick and (causal or not vec):
                             continue

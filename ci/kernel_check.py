@@ -95,7 +95,9 @@ def run_case(dtype, batch, hq, hk, sq, sk, d, causal, layout, strided, gen):
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--quick", action="store_true", help="every fifth case")
+    parser.add_argument("--sanitize", action="store_true",
+                        help="a small representative subset, for compute-sanitizer")
     args = parser.parse_args(argv)
     gen = torch.Generator(device="cuda").manual_seed(0)
     dtypes = [torch.float16, torch.bfloat16, torch.float32]
@@ -104,6 +106,8 @@ def main(argv=None) -> int:
     cases = list(itertools.product(dtypes, head_dims, lengths, [False, True]))
     if args.quick:
         cases = cases[::5]
+    if args.sanitize:
+        cases = cases[::41]
     failures = 0
     worst = {}
     for i, (dtype, d, (sq, sk), causal) in enumerate(cases):

@@ -36,7 +36,12 @@ __device__ __forceinline__ bool tile_needs_mask(int m_start, int n_start, int bl
     return crosses_end || crosses_diagonal;
 }
 
+// One past the last key that query `row` sees: it sees exactly keys [0, visible_key_end).
+__device__ __forceinline__ int visible_key_end(int row, int seqlen_q, int seqlen_k, bool causal) {
+    return causal ? min(seqlen_k, row + 1 + seqlen_k - seqlen_q) : seqlen_k;
+}
+
 __device__ __forceinline__ bool key_visible(int row, int key, int seqlen_q, int seqlen_k,
                                             bool causal) {
-    return key < seqlen_k && (!causal || key <= row + seqlen_k - seqlen_q);
+    return key < visible_key_end(row, seqlen_q, seqlen_k, causal);
 }

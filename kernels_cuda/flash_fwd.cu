@@ -45,12 +45,15 @@
 // Rows padded by 16 bytes: the 8 rows one ldmatrix reads then start in 8 different 16-byte bank
 // groups for every HEAD_DIM that is a multiple of 32, so ldmatrix is free of bank conflicts.
 #define SMEM_STRIDE (HEAD_DIM + CHUNK)
+// Byte offset of element (row, col) in a padded tile.
+#define TILE_OFFSET(row, col) (((row) * SMEM_STRIDE + (col)) * 2)
 
 static_assert(WARP_M % 16 == 0, "each warp owns whole m16 tiles");
 static_assert(BLOCK_N % 16 == 0 && HEAD_DIM % 16 == 0, "k16 steps over keys and head dim");
 
 // ---- shared-memory layout ---------------------------------------------------------------------
-// sQ [BLOCK_M][SMEM_STRIDE] | sK [BLOCK_N][SMEM_STRIDE] | sV [BLOCK_N][SMEM_STRIDE], 16-bit elements.
+// sQ [BLOCK_M][SMEM_STRIDE] | sK [BLOCK_N][SMEM_STRIDE] | sV [BLOCK_N][SMEM_STRIDE], 16-bit
+// elements (xattn/configs.py: shared_memory_bytes computes the same size).
 // sQ is reused by each warp to stage its own O rows for coalesced stores in the epilogue.
 
 // ---- device helpers ---------------------------------------------------------------------------
@@ -62,36 +65,52 @@ static_assert(BLOCK_N % 16 == 0 && HEAD_DIM % 16 == 0, "k16 steps over keys and 
 template <int ROWS>
 __device__ __forceinline__ void load_tile(u16* smem, const u16* gmem, i64 row_stride,
                                           int valid_rows, int head_dim, int tid) {
-#if VEC_LOADS
-    // Thread tid always copies the same 16-byte column chunk, of rows tid / CHUNKS_PER_ROW +
-    // i * ROWS_PER_PASS. Walking one pointer down the rows keeps a single 64-bit address live
-    // instead of one per row, which the register budget of the main loop cannot spare.
-    constexpr int ROWS_PER_PASS = NUM_THREADS / CHUNKS_PER_ROW;
+    // A copy moves COPY_ELEMS elements: 16 bytes with VEC_LOADS, else one element. Thread tid
+    // always copies the same columns, of rows tid / THREADS_PER_ROW + i * ROWS_PER_PASS, walking
+    // one pointer down the rows: a single 64-bit address stays live instead of one per row, which
+    // the register budget of the main loop cannot spare.
+    constexpr int COPY_ELEMS = VEC_LOADS ? CHUNK : 1;
+    constexpr int COPIES_PER_ROW = HEAD_DIM / COPY_ELEMS;
+    constexpr int THREADS_PER_ROW = COPIES_PER_ROW < NUM_THREADS ? COPIES_PER_ROW : NUM_THREADS;
+    constexpr int COPIES_PER_THREAD = (COPIES_PER_ROW + THREADS_PER_ROW - 1) / THREADS_PER_ROW;
+    constexpr int ROWS_PER_PASS = NUM_THREADS / THREADS_PER_ROW;
     constexpr int PASSES = (ROWS + ROWS_PER_PASS - 1) / ROWS_PER_PASS;
-    if (tid >= ROWS_PER_PASS * CHUNKS_PER_ROW) return;  // head dims like 96: a few threads idle
-    const int row = tid / CHUNKS_PER_ROW, col = (tid % CHUNKS_PER_ROW) * CHUNK;
-    const bool col_valid = col < head_dim;
+    // Head dims like 96 leave a few threads idle (only when NUM_THREADS % THREADS_PER_ROW != 0).
+    if (NUM_THREADS % THREADS_PER_ROW != 0 && tid >= ROWS_PER_PASS * THREADS_PER_ROW) return;
+    const int row = tid / THREADS_PER_ROW, col = (tid % THREADS_PER_ROW) * COPY_ELEMS;
     const u16* src = gmem + row * row_stride + col;
-    u16* dst = smem + row * SMEM_STRIDE + col;
+#if VEC_LOADS
+    static_assert(COPIES_PER_THREAD == 1, "16-byte copies: one column chunk per thread");
+    const bool col_valid = col < head_dim;
+    const u32 dst = smem_addr(smem + row * SMEM_STRIDE + col);
 #pragma unroll
     for (int i = 0; i < PASSES; ++i) {
         if (ROWS % ROWS_PER_PASS != 0 && row + i * ROWS_PER_PASS >= ROWS) break;
         bool valid = col_valid && row + i * ROWS_PER_PASS < valid_rows;
-        cp_async_16(dst + i * ROWS_PER_PASS * SMEM_STRIDE, valid ? src : gmem, valid);  // legal address even when zero-filling
+        cp_async_16_zfill(dst + TILE_OFFSET(i * ROWS_PER_PASS, 0), src, valid);
         src += ROWS_PER_PASS * row_stride;
     }
 #else
-    for (int e = tid; e < ROWS * HEAD_DIM; e += NUM_THREADS) {
-        int row = e / HEAD_DIM, col = e % HEAD_DIM;
-        bool valid = row < valid_rows && col < head_dim;
-        smem[row * SMEM_STRIDE + col] = valid ? gmem[row * row_stride + col] : (u16)0;
+    u16* dst = smem + row * SMEM_STRIDE + col;
+    for (int i = 0; i < PASSES; ++i) {
+        if (ROWS % ROWS_PER_PASS != 0 && row + i * ROWS_PER_PASS >= ROWS) break;
+        const bool row_valid = row + i * ROWS_PER_PASS < valid_rows;
+#pragma unroll
+        for (int j = 0; j < COPIES_PER_THREAD; ++j) {
+            const int c = col + j * THREADS_PER_ROW;
+            if (COPIES_PER_ROW % THREADS_PER_ROW != 0 && c >= HEAD_DIM) break;
+            dst[i * ROWS_PER_PASS * SMEM_STRIDE + j * THREADS_PER_ROW] =
+                row_valid && c < head_dim ? src[j * THREADS_PER_ROW] : (u16)0;
+        }
+        src += ROWS_PER_PASS * row_stride;
     }
 #endif
 }
 
-// S = Q K^T for this warp's WARP_M rows and the BLOCK_N keys of the tile in sK.
-__device__ __forceinline__ void compute_scores(float (&acc_s)[M_TILES][N_TILES][4], const u16* sQ,
-                                               const u16* sK, int warp, int lane) {
+// S = Q K^T for this warp's WARP_M rows and the BLOCK_N keys of the tile in sK. q_lane and k_lane
+// are this lane's ldmatrix row addresses for the first fragment; the rest are constant offsets.
+__device__ __forceinline__ void compute_scores(float (&acc_s)[M_TILES][N_TILES][4], u32 q_lane,
+                                               u32 k_lane) {
 #pragma unroll
     for (int mt = 0; mt < M_TILES; ++mt)
 #pragma unroll
@@ -103,16 +122,12 @@ __device__ __forceinline__ void compute_scores(float (&acc_s)[M_TILES][N_TILES][
     for (int kk = 0; kk < HEAD_DIM / 16; ++kk) {
         u32 q_frag[M_TILES][4];
 #pragma unroll
-        for (int mt = 0; mt < M_TILES; ++mt) {
-            int row = warp * WARP_M + mt * 16 + lane % 16;
-            ldmatrix_x4(q_frag[mt], sQ + row * SMEM_STRIDE + kk * 16 + (lane / 16) * 8);
-        }
+        for (int mt = 0; mt < M_TILES; ++mt) ldmatrix_x4(q_frag[mt], q_lane + TILE_OFFSET(mt * 16, kk * 16));
 #pragma unroll
         for (int nt = 0; nt < N_TILES / 2; ++nt) {
             // Matrices: keys 0-7 dims 0-7 | keys 0-7 dims 8-15 | keys 8-15 dims 0-7 | keys 8-15 dims 8-15
             u32 k_frag[4];
-            int key = nt * 16 + lane % 8 + (lane / 16) * 8;
-            ldmatrix_x4(k_frag, sK + key * SMEM_STRIDE + kk * 16 + ((lane / 8) % 2) * 8);
+            ldmatrix_x4(k_frag, k_lane + TILE_OFFSET(nt * 16, kk * 16));
 #pragma unroll
             for (int mt = 0; mt < M_TILES; ++mt) {
                 mma_16816(acc_s[mt][2 * nt], q_frag[mt], k_frag[0], k_frag[1]);
@@ -128,14 +143,17 @@ __device__ __forceinline__ void mask_scores(float (&acc_s)[M_TILES][N_TILES][4],
 #pragma unroll
     for (int mt = 0; mt < M_TILES; ++mt)
 #pragma unroll
-        for (int nt = 0; nt < N_TILES; ++nt)
+        for (int h = 0; h < 2; ++h) {
+            // Keys are visible up to a limit per row; count it from this thread's first column so
+            // that each element compares against a compile-time column index.
+            int row = row_start + mt * 16 + lane / 4 + h * 8;
+            int limit = visible_key_end(row, seqlen_q, seqlen_k, IS_CAUSAL) - n_start - (lane % 4) * 2;
 #pragma unroll
-            for (int e = 0; e < 4; ++e) {
-                int row = row_start + mt * 16 + lane / 4 + (e / 2) * 8;
-                int key = n_start + nt * 8 + (lane % 4) * 2 + e % 2;
-                if (!key_visible(row, key, seqlen_q, seqlen_k, IS_CAUSAL))
-                    acc_s[mt][nt][e] = NEG_INF;
-            }
+            for (int nt = 0; nt < N_TILES; ++nt)
+#pragma unroll
+                for (int e = 0; e < 2; ++e)
+                    if (nt * 8 + e >= limit) acc_s[mt][nt][2 * h + e] = NEG_INF;
+        }
 }
 
 // Online softmax step: fold this tile's scores into the running max and sum, turn S into P in
@@ -188,31 +206,38 @@ __device__ __forceinline__ void softmax_rescale_o(float (&acc_s)[M_TILES][N_TILE
     }
 }
 
-// O += P V. P never leaves registers: the accumulator layout of two adjacent n8 tiles of S is
-// exactly the A-operand layout of one k16 step, so it is only converted to 16 bits and packed.
+// P (fp32, accumulator layout of S) -> 16-bit A-operand fragments of P V. P never leaves
+// registers: the accumulator layout of two adjacent n8 tiles of S is exactly the A-operand layout
+// of one k16 step, so it is only converted and packed -- which also halves the registers P holds
+// while the next K tile's copies are issued.
+__device__ __forceinline__ void convert_p(u32 (&p_frag)[M_TILES][BLOCK_N / 16][4],
+                                         const float (&acc_s)[M_TILES][N_TILES][4]) {
+#pragma unroll
+    for (int mt = 0; mt < M_TILES; ++mt)
+#pragma unroll
+        for (int kk = 0; kk < BLOCK_N / 16; ++kk) {
+            p_frag[mt][kk][0] = pack_float2(acc_s[mt][2 * kk][0], acc_s[mt][2 * kk][1]);
+            p_frag[mt][kk][1] = pack_float2(acc_s[mt][2 * kk][2], acc_s[mt][2 * kk][3]);
+            p_frag[mt][kk][2] = pack_float2(acc_s[mt][2 * kk + 1][0], acc_s[mt][2 * kk + 1][1]);
+            p_frag[mt][kk][3] = pack_float2(acc_s[mt][2 * kk + 1][2], acc_s[mt][2 * kk + 1][3]);
+        }
+}
+
+// O += P V.
 __device__ __forceinline__ void accumulate_pv(float (&acc_o)[M_TILES][D_TILES][4],
-                                              const float (&acc_s)[M_TILES][N_TILES][4],
-                                              const u16* sV, int lane) {
+                                              const u32 (&p_frag)[M_TILES][BLOCK_N / 16][4],
+                                              u32 v_lane) {
 #pragma unroll
     for (int kk = 0; kk < BLOCK_N / 16; ++kk) {
-        u32 p_frag[M_TILES][4];
-#pragma unroll
-        for (int mt = 0; mt < M_TILES; ++mt) {
-            p_frag[mt][0] = pack_float2(acc_s[mt][2 * kk][0], acc_s[mt][2 * kk][1]);
-            p_frag[mt][1] = pack_float2(acc_s[mt][2 * kk][2], acc_s[mt][2 * kk][3]);
-            p_frag[mt][2] = pack_float2(acc_s[mt][2 * kk + 1][0], acc_s[mt][2 * kk + 1][1]);
-            p_frag[mt][3] = pack_float2(acc_s[mt][2 * kk + 1][2], acc_s[mt][2 * kk + 1][3]);
-        }
 #pragma unroll
         for (int dt = 0; dt < D_TILES / 2; ++dt) {
             // Transposed matrices: keys 0-7 dims 0-7 | keys 8-15 dims 0-7 | keys 0-7 dims 8-15 | keys 8-15 dims 8-15
             u32 v_frag[4];
-            int key = kk * 16 + lane % 8 + ((lane / 8) % 2) * 8;
-            ldmatrix_x4_trans(v_frag, sV + key * SMEM_STRIDE + dt * 16 + (lane / 16) * 8);
+            ldmatrix_x4_trans(v_frag, v_lane + TILE_OFFSET(kk * 16, dt * 16));
 #pragma unroll
             for (int mt = 0; mt < M_TILES; ++mt) {
-                mma_16816(acc_o[mt][2 * dt], p_frag[mt], v_frag[0], v_frag[1]);
-                mma_16816(acc_o[mt][2 * dt + 1], p_frag[mt], v_frag[2], v_frag[3]);
+                mma_16816(acc_o[mt][2 * dt], p_frag[mt][kk], v_frag[0], v_frag[1]);
+                mma_16816(acc_o[mt][2 * dt + 1], p_frag[mt][kk], v_frag[2], v_frag[3]);
             }
         }
     }
@@ -289,8 +314,11 @@ flash_fwd(const u16* __restrict__ q, const u16* __restrict__ k, const u16* __res
     q += batch * q_batch_stride + head * q_head_stride + m_start * q_row_stride;
     k += batch * k_batch_stride + kv_head * k_head_stride;
     v += batch * v_batch_stride + kv_head * v_head_stride;
-    o += batch * o_batch_stride + head * o_head_stride;
-    lse += batch * lse_batch_stride + head * lse_head_stride;
+
+    // This lane's ldmatrix row addresses (see compute_scores and accumulate_pv for the matrices).
+    const u32 q_lane = smem_addr(sQ) + TILE_OFFSET(warp * WARP_M + lane % 16, (lane / 16) * 8);
+    const u32 k_lane = smem_addr(sK) + TILE_OFFSET(lane % 8 + (lane / 16) * 8, ((lane / 8) % 2) * 8);
+    const u32 v_lane = smem_addr(sV) + TILE_OFFSET(lane % 8 + ((lane / 8) % 2) * 8, (lane / 16) * 8);
 
     const KeyRange tiles = key_tiles(m_start, BLOCK_M, BLOCK_N, seqlen_q, seqlen_k, IS_CAUSAL);
 
@@ -304,7 +332,6 @@ flash_fwd(const u16* __restrict__ q, const u16* __restrict__ k, const u16* __res
     cp_async_commit();
 
     float acc_o[M_TILES][D_TILES][4];
-    float acc_s[M_TILES][N_TILES][4];
     float row_max[M_TILES][2], row_sum[M_TILES][2];
 #pragma unroll
     for (int mt = 0; mt < M_TILES; ++mt) {
@@ -326,10 +353,13 @@ flash_fwd(const u16* __restrict__ q, const u16* __restrict__ k, const u16* __res
         load_tile<BLOCK_N>(sV, v + n_start * v_row_stride, v_row_stride, seqlen_k - n_start, head_dim, tid);
         cp_async_commit();
 
-        compute_scores(acc_s, sQ, sK, warp, lane);  // S = Q K^T
+        float acc_s[M_TILES][N_TILES][4];
+        compute_scores(acc_s, q_lane, k_lane);  // S = Q K^T
         if (tile_needs_mask(warp_row_start, n_start, BLOCK_N, seqlen_q, seqlen_k, IS_CAUSAL))
             mask_scores(acc_s, warp_row_start, n_start, seqlen_q, seqlen_k, lane);
         softmax_rescale_o(acc_s, acc_o, row_max, row_sum, scale_log2);  // S becomes P
+        u32 p_frag[M_TILES][BLOCK_N / 16][4];
+        convert_p(p_frag, acc_s);  // after this, P takes half the registers
 
         cp_async_wait<0>();
         __syncthreads();  // V tile visible to every warp, and every warp is done reading this K tile
@@ -338,13 +368,16 @@ flash_fwd(const u16* __restrict__ q, const u16* __restrict__ k, const u16* __res
             load_tile<BLOCK_N>(sK, k + next_start * k_row_stride, k_row_stride, seqlen_k - next_start, head_dim, tid);
             cp_async_commit();
         }
-        accumulate_pv(acc_o, acc_s, sV, lane);  // O += P V
+        accumulate_pv(acc_o, p_frag, v_lane);  // O += P V
     }
     // With no key tile at all the Q copies (issued by every thread, into every warp's rows) are
     // still in flight; the epilogue overwrites sQ, so all of them must have landed.
     cp_async_wait<0>();
     __syncthreads();
 
+    // O and LSE addresses are formed only now: live through the main loop they would cost registers.
+    o += batch * o_batch_stride + head * o_head_stride;
+    lse += batch * lse_batch_stride + head * lse_head_stride;
     write_output(acc_o, row_max, row_sum, sQ, o, o_row_stride, lse, warp_row_start, seqlen_q,
                  head_dim, scale, warp, lane);
 }

@@ -62,11 +62,22 @@ __device__ __forceinline__ u32 smem_addr(const void* p) {
     return (u32)__cvta_generic_to_shared(p);
 }
 
-// 16-byte global->shared copy that bypasses L1. src_bytes = 0 writes 16 zero bytes instead:
-// out-of-range rows and head-dim padding become zeros without a branch around the copy.
-__device__ __forceinline__ void cp_async_16(void* smem_dst, const void* gmem_src, bool valid) {
-    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_addr(smem_dst)),
-                 "l"(gmem_src), "r"(valid ? 16 : 0));
+// Shared-memory addresses below are 32-bit offsets in the shared window (u32), not generic
+// pointers: they cost one register instead of two, and fold constant offsets into the instruction.
+
+// 16-byte global->shared copy that bypasses L1, completed by cp_async_wait.
+__device__ __forceinline__ void cp_async_16(u32 smem_dst, const void* gmem_src) {
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(smem_dst), "l"(gmem_src));
+}
+
+// The same with a source size of 0 when !valid: nothing is read, 16 zero bytes are written.
+__device__ __forceinline__ void cp_async_16_zfill(u32 smem_dst, const void* gmem_src, bool valid) {
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_dst), "l"(gmem_src),
+                 "r"(valid ? 16 : 0));
+}
+
+__device__ __forceinline__ void st_shared_zero_16(u32 smem_dst) {
+    asm volatile("st.shared.v4.u32 [%0], {%1, %1, %1, %1};\n" ::"r"(smem_dst), "r"(0));
 }
 
 __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
@@ -78,17 +89,17 @@ __device__ __forceinline__ void cp_async_wait() {
 
 // ---- tensor cores ----------------------------------------------------------------------------
 // Four 8x8 matrices of 16-bit values; lane l gives the row address of matrix l / 8.
-__device__ __forceinline__ void ldmatrix_x4(u32 (&r)[4], const void* smem_row) {
+__device__ __forceinline__ void ldmatrix_x4(u32 (&r)[4], u32 smem_row) {
     asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
                  : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-                 : "r"(smem_addr(smem_row)));
+                 : "r"(smem_row));
 }
 
 // The same, transposed: turns row-major V (keys x dims) into the B operand of P.V.
-__device__ __forceinline__ void ldmatrix_x4_trans(u32 (&r)[4], const void* smem_row) {
+__device__ __forceinline__ void ldmatrix_x4_trans(u32 (&r)[4], u32 smem_row) {
     asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
                  : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-                 : "r"(smem_addr(smem_row)));
+                 : "r"(smem_row));
 }
 
 // D (16x8, fp32) += A (16x16, row) * B (16x8, col). Fragment layout, with g = lane / 4 and

@@ -115,7 +115,7 @@ def forward(q, k, v, out, lse, *, causal: bool, scale: float, stream: int) -> No
         raise ValueError(f"q: at most {MAX_GRID_YZ} heads are supported, got {heads_q}")
 
     kernel_name = configs.KERNEL_FOR_DTYPE[Q.dtype]
-    cfg = configs.select(kernel_name, _arch(Q.device), head_dim)
+    cfg = configs.select(kernel_name, _arch(Q.device), head_dim, causal)
     itemsize = 4 if Q.dtype == "float32" else 2
     vec = kernel_name == "flash_fwd" and _vec_loads([Q, K, V, O], head_dim, itemsize)
     defines = configs.defines(cfg, Q.dtype, causal, vec)

@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# The whole GPU suite in one call on a lent NVIDIA machine: kernel checks, the pytest GPU
+# properties, compute-sanitizer, compile timing, and the benchmark. Writes logs under $OUT (or
+# ci/results/latest) and prints a short summary last.
+#
+#   bash ci/gpu_suite.sh [--no-bench]
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-ci/results/latest}
+mkdir -p "$OUT"
+export PYTHONPATH=. PYTHONUNBUFFERED=1
+summary=()
+
+step() {  # step NAME TIMEOUT COMMAND...: run, log to $OUT/NAME.log, keep its last line for the summary
+    local name=$1 limit=$2
+    shift 2
+    local start=$SECONDS
+    timeout "$limit" "$@" > "$OUT/$name.log" 2>&1
+    local rc=$?
+    summary+=("$(printf '%-12s rc=%-3s %4ss  %s' "$name" "$rc" $((SECONDS - start)) "$(grep -v '^\s*$' "$OUT/$name.log" | tail -1 | cut -c1-150)")")
+}
+
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader > "$OUT/gpu.txt"
+step kernels 300 python ci/kernel_check.py
+step pytest 600 python -m pytest -m gpu -q -p no:cacheprovider
+step memcheck 300 compute-sanitizer --tool memcheck --error-exitcode 9 python ci/kernel_check.py --sanitize
+step racecheck 300 compute-sanitizer --tool racecheck --error-exitcode 9 python ci/kernel_check.py --sanitize
+step compile 120 python ci/compile_timing.py
+if [ "${1:-}" != "--no-bench" ]; then
+    step bench 900 python -m xattn bench --out "$OUT"
+fi
+
+echo "== GPU suite on $(cat "$OUT/gpu.txt") =="
+printf '%s\n' "${summary[@]}" | tee "$OUT/summary.txt"

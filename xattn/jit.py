@@ -3,8 +3,10 @@
 Sources are read with importlib.resources (xattn.kernel_source), so they load the same from a wheel
 and from a checkout. Local `#include "x.h"` lines are inlined here, each piece preceded by a
 `#line` directive, so that a compiler error names the real file and line and NVRTC needs no
-include path. Compiled modules are memoized per (device, source hash, options) in the process;
-CuPy's own disk cache (CUPY_CACHE_DIR, by default ~/.cupy/kernel_cache) keeps them across processes.
+include path. A HIP source may include the vendor-neutral CUDA header it shares,
+`#include "../kernels_cuda/attention_common.h"`: a `../kernels_<vendor>/` prefix reads that
+vendor's directory. Compiled modules are memoized per (device, source hash, options) in the
+process; CuPy's own disk cache (CUPY_CACHE_DIR, by default ~/.cupy/kernel_cache) keeps them across processes.
 """
 
 from __future__ import annotations
@@ -15,22 +17,24 @@ import re
 import threading
 
 _INCLUDE = re.compile(r'^\s*#\s*include\s+"([^"]+)"\s*$')
+_OTHER_VENDOR = re.compile(r"^\.\./kernels_(\w+)/([^/]+)$")  # "../kernels_cuda/x.h"
 
 
 @functools.lru_cache(maxsize=None)
 def preprocess(vendor: str, name: str) -> str:
     """The source of kernels_<vendor>/<name> with its local includes inlined (each once)."""
-    seen: set[str] = set()
+    seen: set[tuple[str, str]] = set()
 
-    def expand(file: str) -> list[str]:
-        if file in seen:
+    def expand(vendor: str, file: str) -> list[str]:
+        if (vendor, file) in seen:
             return []
-        seen.add(file)
+        seen.add((vendor, file))
         out = [f'#line 1 "kernels_{vendor}/{file}"']
         for number, line in enumerate(_read(vendor, file).splitlines(), start=1):
             match = _INCLUDE.match(line)
             if match:
-                out += expand(match.group(1))
+                other = _OTHER_VENDOR.match(match.group(1))
+                out += expand(*other.groups()) if other else expand(vendor, match.group(1))
                 out.append(f'#line {number + 1} "kernels_{vendor}/{file}"')
             elif line.strip() == "#pragma once":
                 out.append("")
@@ -38,7 +42,7 @@ def preprocess(vendor: str, name: str) -> str:
                 out.append(line)
         return out
 
-    return "\n".join(expand(name)) + "\n"
+    return "\n".join(expand(vendor, name)) + "\n"
 
 
 def _read(vendor: str, name: str) -> str:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import sys
 
 from xattn import arrays, backends, reference
 
@@ -15,7 +16,7 @@ REFERENCE_DTYPES = GPU_DTYPES + ("float64",)
 
 
 def attention(q, k, v, *, causal=False, scale=None, layout="bhsd", return_lse=False,
-              backend=None):
+              backend=None, deterministic=False):
     """Scaled dot-product attention, softmax(scale * Q K^T) V, FlashAttention style.
 
     q: (B, Hq, Sq, D) for layout "bhsd" or (B, Sq, Hq, D) for "bshd"; k and v: (B, Hk, Sk, D)
@@ -26,10 +27,23 @@ def attention(q, k, v, *, causal=False, scale=None, layout="bhsd", return_lse=Fa
     lse being float32 (B, Hq, Sq), natural log. Rows that see no key give 0 and -inf.
     backend: None picks from the data ("reference" for host memory, "cuda" or "hip" for
     GPU arrays); the XATTN_BACKEND environment variable overrides None.
+    deterministic: make the backward pass bitwise reproducible (no float atomics); the
+    forward always is.
+
+    torch tensors are differentiable: when an input requires grad (and grad mode is on), or
+    under torch.compile, the call goes through the xattn::attention_forward custom op, whose
+    backward runs the backend's backward kernels. lse is never differentiable.
     """
     info, dims, scale = _validate(q, k, v, causal, scale, layout, return_lse)
+    _check_bool("deterministic", deterministic)
     chosen = backends.choose_backend(backend, info.device, arrays.device_label(info))
-    if chosen == "reference":
+    if info.library == "torch" and _needs_torch_op(q, k, v):
+        _check_dtype(info, REFERENCE_DTYPES if chosen == "reference" else GPU_DTYPES,
+                     backend_name=chosen)
+        from xattn import torch_ops
+        out, lse = torch_ops.attention(q, k, v, causal=causal, scale=scale, layout=layout,
+                                       deterministic=deterministic)
+    elif chosen == "reference":
         _check_dtype(info, REFERENCE_DTYPES)
         out, lse = arrays.run_on_host(reference.flash_attention_forward, q, k, v, info,
                                       layout=layout, causal=causal, scale=scale, dims=dims)
@@ -38,6 +52,14 @@ def attention(q, k, v, *, causal=False, scale=None, layout="bhsd", return_lse=Fa
         out, lse = arrays.run_on_gpu(backends.gpu_forward(chosen), q, k, v, info,
                                      layout=layout, causal=causal, scale=scale, dims=dims)
     return (out, lse) if return_lse else out
+
+
+def _needs_torch_op(q, k, v) -> bool:
+    """Whether torch tensors must go through the custom op: autograd will record this call,
+    or torch.compile is tracing it. Otherwise the plain path is cheaper per call."""
+    torch = sys.modules["torch"]
+    return (((q.requires_grad or k.requires_grad or v.requires_grad)
+             and torch.is_grad_enabled()) or torch.compiler.is_compiling())
 
 
 def exact_attention(q, k, v, *, causal=False, scale=None, layout="bhsd"):

@@ -1,6 +1,9 @@
-"""NumPy attention on the host: the exact float64 oracle and the tiled FlashAttention forward.
+"""NumPy attention on the host: exact float64 oracles and the tiled FlashAttention algorithms.
 
-Both functions take arrays in the "bhsd" layout: q is (B, Hq, Sq, D), k and v are
+Forward: exact_attention_bhsd (oracle) and flash_attention_forward (tiled). Backward:
+exact_attention_grad_bhsd (oracle) and flash_attention_backward (tiled, FlashAttention-2).
+
+All functions take arrays in the "bhsd" layout: q is (B, Hq, Sq, D), k and v are
 (B, Hk, Sk, D), any strides. Query head h reads key/value head h // (Hq // Hk) (GQA).
 
 Masking rule shared with the GPU kernels (causal is bottom-right aligned):
@@ -169,3 +172,169 @@ def _forward_chunk(q, k, v, out, lse, *, causal, scale, compute, block_m, block_
             block_lse = np.where(has_keys, m_i + np.log(np.where(has_keys, l_i, 1.0)), -np.inf)
         out_grouped[:, :, :, q_start:q_end] = O.reshape(batch, kv_heads, group, rows, head_dim)
         lse_grouped[:, :, :, q_start:q_end] = block_lse.reshape(batch, kv_heads, group, rows)
+
+
+# ---------------------------------------------------------------------------------- backward
+#
+# With P = softmax(S), S = scale * Q K^T and O = P V, the gradients for an upstream dO are
+#   dV = P^T dO        dP = dO V^T        dS = P ∘ (dP - rowsum(P ∘ dP))
+#   dQ = scale * dS K  dK = scale * dS^T Q
+# and rowsum(P ∘ dP) = rowsum(dO ∘ O) (= delta), which FlashAttention-2 uses so that P is
+# never needed as a whole. For GQA, dK and dV of a key head sum over its query heads.
+
+# Tile sizes of the tiled backward: it holds P, dP and dS tiles (three times the forward's one
+# score tile), so its tiles are smaller than the forward's.
+BWD_BLOCK_M = 128
+BWD_BLOCK_N = 256
+
+
+def exact_attention_grad_bhsd(q, k, v, dout, *, causal: bool, scale: float):
+    """The gradient oracle: (dq, dk, dv) in float64 from the materialized softmax.
+
+    Deliberately naive, like exact_attention_bhsd: K and V are repeated for GQA, the full
+    (Sq, Sk) probability matrix is built, and delta is taken from its definition,
+    rowsum(P ∘ dP), not from O (the tiled algorithm's shortcut).
+    """
+    q, k, v, dout = (np.asarray(a, dtype=np.float64) for a in (q, k, v, dout))
+    batch, q_heads, sq, head_dim = q.shape
+    kv_heads, sk = k.shape[1], k.shape[2]
+    group = q_heads // kv_heads if kv_heads else 0
+
+    # P, from the forward oracle's own definition (rows that see no key are all zero).
+    k_rep = np.repeat(k, group, axis=1)
+    v_rep = np.repeat(v, group, axis=1)
+    scores = scale * (q @ k_rep.swapaxes(-1, -2))
+    visible = visible_keys(sq, sk, causal)
+    scores = np.where(visible, scores, -np.inf)
+    row_max = scores.max(axis=-1, initial=-np.inf)
+    weights = np.exp(scores - np.where(np.isfinite(row_max), row_max, 0.0)[..., None])
+    row_sum = weights.sum(axis=-1, keepdims=True)
+    probabilities = weights / np.where(row_sum > 0, row_sum, 1.0)
+
+    dv_rep = probabilities.swapaxes(-1, -2) @ dout                # dV = P^T dO
+    dp = dout @ v_rep.swapaxes(-1, -2)                            # dP = dO V^T
+    ds = probabilities * (dp - (probabilities * dp).sum(axis=-1, keepdims=True))
+    dq = scale * (ds @ k_rep)                                     # dQ = scale dS K
+    dk_rep = scale * (ds.swapaxes(-1, -2) @ q)                    # dK = scale dS^T Q
+
+    # GQA: key head h served query heads h*G .. h*G+G-1; its gradient is their sum.
+    dk = dk_rep.reshape(batch, kv_heads, group, sk, head_dim).sum(axis=2)
+    dv = dv_rep.reshape(batch, kv_heads, group, sk, head_dim).sum(axis=2)
+    return dq, dk, dv
+
+
+def flash_attention_backward(q, k, v, out, dout, lse, *, causal: bool, scale: float,
+                             dq=None, dk=None, dv=None, block_m: int = BWD_BLOCK_M,
+                             block_n: int = BWD_BLOCK_N):
+    """FlashAttention-2 backward (Dao 2023, Algorithm 2) in NumPy. Returns (dq, dk, dv).
+
+    q, out, dout: (B, Hq, Sq, D); k, v: (B, Hk, Sk, D); lse: (B, Hq, Sq), natural log, as
+    the forward wrote it (-inf for rows that see no key). Any strides.
+
+    Preprocess: delta_i = rowsum(dO_i ∘ O_i). Then, for each block of BLOCK_N keys (the outer
+    loop, one thread block per key block on a GPU), the query blocks that can see it stream
+    past: P is recomputed from Q, K and the saved LSE, dK_j and dV_j accumulate locally and
+    are written once, and dQ_i accumulates across key blocks (atomics on a GPU; here a float
+    accumulator in sequence, so results are deterministic). Never more than
+    O(B * Hq * BLOCK_M * BLOCK_N) score-sized memory.
+
+    Computes in float64 for float64 inputs and float32 otherwise. dq/dk/dv may be given as
+    destinations (any strides, any float dtype); every element is written.
+    """
+    batch, q_heads, sq, head_dim = q.shape
+    kv_heads, sk = k.shape[1], k.shape[2]
+    group = q_heads // kv_heads
+    compute = np.float64 if q.dtype == np.float64 else np.float32
+    if dq is None:
+        dq = np.empty(q.shape, dtype=compute)
+    if dk is None:
+        dk = np.empty(k.shape, dtype=compute)
+    if dv is None:
+        dv = np.empty(v.shape, dtype=compute)
+    if group == 0 or sq == 0 or sk == 0:
+        # No query head, query or key: nothing flows anywhere.
+        for grad in (dq, dk, dv):
+            grad[...] = 0
+        return dq, dk, dv
+
+    heads_per_chunk = max(1, TILE_ELEMENTS // (group * block_m * block_n))
+    batch_per_chunk = max(1, heads_per_chunk // kv_heads)
+    heads_per_chunk = min(heads_per_chunk, kv_heads)
+    for b in range(0, batch, batch_per_chunk):
+        batches = slice(b, b + batch_per_chunk)
+        for h in range(0, kv_heads, heads_per_chunk):
+            kv = slice(h, h + heads_per_chunk)
+            qo = slice(h * group, (h + heads_per_chunk) * group)
+            _backward_chunk(q[batches, qo], k[batches, kv], v[batches, kv], out[batches, qo],
+                            dout[batches, qo], lse[batches, qo], dq[batches, qo],
+                            dk[batches, kv], dv[batches, kv], causal=causal, scale=scale,
+                            compute=compute, block_m=block_m, block_n=block_n)
+    return dq, dk, dv
+
+
+def _backward_chunk(q, k, v, out, dout, lse, dq, dk, dv, *, causal, scale, compute,
+                    block_m, block_n):
+    """flash_attention_backward on one chunk of batch entries and kv heads."""
+    batch, q_heads, sq, head_dim = q.shape
+    kv_heads, sk = k.shape[1], k.shape[2]
+    group = q_heads // kv_heads
+
+    def grouped_rows(x, q_start, q_end):
+        # (B, Hq, rows, ...) -> (B, Hk, G*rows, ...): one key head's whole group as rows, so
+        # one product serves the group and P^T dO / dS^T Q sum over it (GQA, no K/V repeat).
+        rows = q_end - q_start
+        x = x.reshape(batch, kv_heads, group, *x.shape[2:])[:, :, :, q_start:q_end]
+        return x.astype(compute, copy=False).reshape(batch, kv_heads, group * rows,
+                                                     *x.shape[4:])
+
+    # Preprocess: delta = rowsum(dO ∘ O), per query row.
+    delta = np.einsum("bhsd,bhsd->bhs", dout.astype(compute, copy=False),
+                      out.astype(compute, copy=False))
+    # Rows that see no key have lse = -inf; +inf there makes P = exp(S - lse) exactly 0
+    # (even where S is -inf too) instead of exp(+inf) or NaN.
+    lse = np.where(np.isneginf(lse), np.inf, lse).astype(compute, copy=False)
+    dq_acc = np.zeros((batch, kv_heads, group, sq, head_dim), dtype=compute)
+
+    causal_offset = sk - sq  # query i sees key j iff j <= i + causal_offset
+    for k_start in range(0, sk, block_n):
+        k_end = min(k_start + block_n, sk)
+        K = k[:, :, k_start:k_end].astype(compute, copy=False)
+        V = v[:, :, k_start:k_end].astype(compute, copy=False)
+        dK = np.zeros(K.shape, dtype=compute)
+        dV = np.zeros(V.shape, dtype=compute)
+
+        # Causal: queries before the first one that sees key k_start see none of this block.
+        first_query = max(0, k_start - causal_offset) if causal else 0
+        for q_start in range(first_query // block_m * block_m, sq, block_m):
+            q_end = min(q_start + block_m, sq)
+            rows, cols = q_end - q_start, k_end - k_start
+            Q = grouped_rows(q, q_start, q_end)
+            dO = grouped_rows(dout, q_start, q_end)
+            L = grouped_rows(lse, q_start, q_end)
+            D_i = grouped_rows(delta, q_start, q_end)
+
+            # S = scale Q K^T; mask the tiles that cross the causal diagonal.
+            S = np.matmul(Q, K.swapaxes(-1, -2))
+            S *= scale
+            if causal and k_end - 1 > q_start + causal_offset:
+                visible = (np.arange(k_start, k_end)[None, :]
+                           <= np.arange(q_start, q_end)[:, None] + causal_offset)
+                np.copyto(S.reshape(batch, kv_heads, group, rows, cols), -np.inf,
+                          where=~visible)
+
+            # P = exp(S - LSE): the forward's probabilities, recomputed (in place of S).
+            S -= L[..., None]
+            P = np.exp(S, out=S)
+            dV += np.matmul(P.swapaxes(-1, -2), dO)            # dV_j += P^T dO_i
+            dP = np.matmul(dO, V.swapaxes(-1, -2))             # dP = dO_i V_j^T
+            dP -= D_i[..., None]
+            dS = np.multiply(P, dP, out=dP)                    # dS = P ∘ (dP - delta_i)
+            dQ_tile = np.matmul(dS, K)                         # dQ_i += scale dS K_j
+            dq_acc[:, :, :, q_start:q_end] += scale * dQ_tile.reshape(
+                batch, kv_heads, group, rows, head_dim)
+            dK += np.matmul(dS.swapaxes(-1, -2), Q)            # dK_j += scale dS^T Q_i
+
+        dK *= scale
+        dk[:, :, k_start:k_end] = dK
+        dv[:, :, k_start:k_end] = dV
+    dq[...] = dq_acc.reshape(batch, q_heads, sq, head_dim)

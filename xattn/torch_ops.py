@@ -1,0 +1,176 @@
+"""xattn as PyTorch operators: torch.library custom ops, fake implementations, autograd.
+
+    xattn::attention_forward(q, k, v, causal, scale, layout, deterministic) -> (out, lse)
+    xattn::attention_backward(dout, q, k, v, out, lse, causal, scale, layout,
+                              deterministic) -> (dq, dk, dv)
+
+xattn.attention routes torch tensors here when autograd needs a graph (an input requires grad
+and grad mode is on) or torch.compile is tracing; otherwise it takes its plain path, which
+skips the dispatcher. Arguments arrive validated by xattn.api (shapes, dtypes, scale), so
+nothing is checked twice.
+
+Tensors are in `layout` ("bhsd" or "bshd"); out and the gradients are allocated contiguous in
+the layout of the tensor they belong to (out and dq like q, dk like k, dv like v), and lse is
+float32 (B, Hq, Sq), natural log. lse is not differentiable. CPU tensors run the reference
+backend (NumPy) both ways; CUDA tensors the cuda backend, whose backward is
+xattn.cuda.backward (contract below, in _backward_gpu).
+"""
+
+from __future__ import annotations
+
+import importlib
+
+import numpy as np
+import torch
+
+from xattn import arrays, backends, reference
+
+_GPU_BACKEND = {"cuda": "cuda", "rocm": "hip"}  # arrays.ArrayInfo.device -> backend name
+
+
+def _sizes(q, k, layout):
+    """(B, Hq, Sq, Sk, D) from q and k in `layout`."""
+    if layout == "bhsd":
+        batch, q_heads, sq, head_dim = q.shape
+        sk = k.shape[2]
+    else:
+        batch, sq, q_heads, head_dim = q.shape
+        sk = k.shape[1]
+    return batch, q_heads, sq, sk, head_dim
+
+
+# ------------------------------------------------------------------------------- forward op
+
+@torch.library.custom_op("xattn::attention_forward", mutates_args=())
+def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool,
+                      scale: float, layout: str,
+                      deterministic: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(out, lse). `deterministic` is unused here: it is an input only so that autograd
+    can hand it to the backward."""
+    info = arrays.describe(q, "q")
+    dims = _sizes(q, k, layout)
+    if info.device == "cpu":
+        return arrays.run_on_host(reference.flash_attention_forward, q, k, v, info,
+                                  layout=layout, causal=causal, scale=scale, dims=dims)
+    forward = backends.gpu_forward(_GPU_BACKEND[info.device])
+    return arrays.run_on_gpu(forward, q, k, v, info, layout=layout, causal=causal,
+                             scale=scale, dims=dims)
+
+
+@attention_forward.register_fake
+def _(q, k, v, causal, scale, layout, deterministic):
+    batch, q_heads, sq, _, _ = _sizes(q, k, layout)
+    out = q.new_empty(q.shape)  # contiguous in q's layout, as the real one
+    lse = q.new_empty((batch, q_heads, sq), dtype=torch.float32)
+    return out, lse
+
+
+# ------------------------------------------------------------------------------ backward op
+
+@torch.library.custom_op("xattn::attention_backward", mutates_args=())
+def attention_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                       out: torch.Tensor, lse: torch.Tensor, causal: bool, scale: float,
+                       layout: str,
+                       deterministic: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dq, dk, dv) for the upstream gradient dout of out = attention_forward(...)[0]."""
+    info = arrays.describe(q, "q")
+    if info.device == "cpu":
+        # The reference backward runs in sequence: deterministic whatever the flag says.
+        return _backward_host(dout, q, k, v, out, lse, info, layout=layout, causal=causal,
+                              scale=scale)
+    backward = gpu_backward(_GPU_BACKEND[info.device])
+    return _backward_gpu(backward, dout, q, k, v, out, lse, layout=layout, causal=causal,
+                         scale=scale, deterministic=deterministic)
+
+
+@attention_backward.register_fake
+def _(dout, q, k, v, out, lse, causal, scale, layout, deterministic):
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+
+
+def _bhsd(x, layout):
+    return x if layout == "bhsd" else x.transpose(1, 2)
+
+
+def _backward_host(dout, q, k, v, out, lse, info, *, layout, causal, scale):
+    """The reference backward on CPU tensors; gradients come back in the inputs' dtype."""
+    host = tuple(arrays.to_host_numpy(x, info) for x in (q, k, v, out, dout))
+    # Gradients are allocated in the host dtype (float32 for bfloat16, which NumPy lacks),
+    # contiguous in the caller's layout, and handed to the reference as (B, H, S, D) views.
+    grads = tuple(np.empty(x.shape, dtype=x.dtype) for x in host[:3])
+    if layout == "bshd":
+        host = tuple(x.transpose(0, 2, 1, 3) for x in host)
+    dq, dk, dv = (g.transpose(0, 2, 1, 3) if layout == "bshd" else g for g in grads)
+    reference.flash_attention_backward(*host, lse.numpy(), causal=causal, scale=scale,
+                                       dq=dq, dk=dk, dv=dv)
+    return tuple(torch.from_numpy(g).to(q.dtype) for g in grads)
+
+
+def gpu_backward(name: str):
+    """backward of GPU backend `name`, or RuntimeError saying why there is none."""
+    backends.gpu_forward(name)  # raises, with the reason, where the backend is unusable
+    backward = getattr(importlib.import_module(f"xattn.{name}"), "backward", None)
+    if backward is None:
+        raise RuntimeError(f"backend: {name!r} has no backward kernels in this version; "
+                           f"gradients of xattn.attention need them")
+    return backward
+
+
+def _backward_gpu(backward, dout, q, k, v, out, lse, *, layout, causal, scale,
+                  deterministic):
+    """Launch a GPU backend's backward (torch tensors on the GPU).
+
+    Contract: backward(q, k, v, out, dout, lse, dq, dk, dv, *, causal, scale, deterministic,
+    stream) gets (B, H, S, D) views with any B/H/S strides and element stride 1 in D, lse
+    float32 (B, Hq, Sq) contiguous, and writes every element of dq, dk, dv (dk and dv summed
+    over the query heads of their group). Empty problems never reach it: the gradients are
+    zero-filled here.
+    """
+    dq, dk, dv = (torch.empty(x.shape, dtype=x.dtype, device=x.device) for x in (q, k, v))
+    if dq.numel() == 0 or dk.numel() == 0:  # B, Hq, Sq or Sk is 0: no gradient flows
+        for grad in (dq, dk, dv):
+            grad.zero_()
+        return dq, dk, dv
+
+    def kernel_view(t):
+        # A strided D (e.g. dout of out.sum(), an expanded tensor of stride 0) is copied once;
+        # the copy runs on torch's current stream, as the kernel does.
+        if t.shape[-1] > 1 and t.stride(-1) != 1:
+            t = t.contiguous()
+        return _bhsd(t, layout)
+
+    backward(*(kernel_view(t) for t in (q, k, v, out, dout)), lse.contiguous(),
+             *(kernel_view(g) for g in (dq, dk, dv)), causal=causal, scale=scale,
+             deterministic=deterministic,
+             stream=torch.cuda.current_stream(q.device).cuda_stream)
+    return dq, dk, dv
+
+
+def _bhsd(x, layout):
+    return x if layout == "bhsd" else x.transpose(1, 2)
+
+
+# --------------------------------------------------------------------------------- autograd
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, causal, scale, layout, deterministic = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, out, lse)
+    ctx.options = (causal, scale, layout, deterministic)
+    ctx.mark_non_differentiable(lse)
+
+
+def _backward(ctx, dout, _dlse):
+    q, k, v, out, lse = ctx.saved_tensors
+    if dout is None:  # out was not used: nothing flows back
+        dout = torch.zeros_like(out)
+    dq, dk, dv = attention_backward(dout, q, k, v, out, lse, *ctx.options)
+    return dq, dk, dv, None, None, None, None
+
+
+attention_forward.register_autograd(_backward, setup_context=_setup_context)
+
+
+def attention(q, k, v, *, causal: bool, scale: float, layout: str, deterministic: bool):
+    """(out, lse) through the custom op; arguments validated by xattn.api.attention."""
+    return attention_forward(q, k, v, causal, scale, layout, deterministic)

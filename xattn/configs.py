@@ -123,3 +123,109 @@ def defines(cfg: TileConfig, dtype: str, causal: bool, vec_loads: bool) -> dict[
 
 def grid(cfg: TileConfig, seqlen_q: int, heads: int, batch: int) -> tuple[int, int, int]:
     return (math.ceil(seqlen_q / cfg.block_m), heads, batch)
+
+
+# ---- HIP (AMD) ----------------------------------------------------------------------------------
+# The HIP kernels' rows, in their own small flat table: AMD targets are named by gfx strings, not
+# compute capabilities. `select` above is for CUDA only; `select_hip` reads this table.
+#
+# Columns as above, except:
+#   kernel  source file stem in kernels_hip/ (.hip; its entry point has the same name)
+#   arch    a family of gfx targets (HIP_FAMILIES). A device uses, per kernel, the rows of the family
+#           with the longest gfx prefix of its gcnArchName ("gfx90a:sramecc+:xnack-" -> "gfx90a");
+#           so gfx90a takes "cdna" rows for MFMA and "gfx9" rows for the portable kernel.
+#   warps   waves per block; the wave size comes from the family
+# flash_fwd_mfma needs HEAD_DIM and block_n multiples of 32, block_m = 32 * waves.
+# flash_fwd_portable needs HEAD_DIM a multiple of the wave size, block_n dividing it, and
+# (block_m / waves) a multiple of (wave size / block_n). Both fit 64 KB of LDS per block.
+
+HIP_FAMILIES = {  # family: (gfx prefixes, wave size)
+    "cdna": (("gfx908", "gfx90a", "gfx94", "gfx95"), 64),  # MFMA: MI100, MI200, MI300, MI350
+    "gfx9": (("gfx9",), 64),                                # every gfx9 (GCN, CDNA), no MFMA used
+    "rdna": (("gfx10", "gfx11", "gfx12"), 32),              # hiprtc compiles RDNA in wave32
+}
+
+_HIP_ROWS = [
+    # kernel               arch    head_dim causal  block_m  block_n  waves  min_blocks
+    ("flash_fwd_mfma",     "cdna",  32,     None,   128,     64,      4,     1),
+    ("flash_fwd_mfma",     "cdna",  64,     None,   128,     64,      4,     1),
+    ("flash_fwd_mfma",     "cdna",  96,     None,   128,     64,      4,     1),
+    ("flash_fwd_mfma",     "cdna",  128,    None,   128,     64,      4,     1),
+    ("flash_fwd_mfma",     "cdna",  160,    None,   128,     32,      4,     1),
+    ("flash_fwd_mfma",     "cdna",  192,    None,   128,     32,      4,     1),
+    ("flash_fwd_mfma",     "cdna",  256,    None,   64,      32,      2,     1),
+    ("flash_fwd_portable", "gfx9",  64,     None,   64,      32,      4,     1),
+    ("flash_fwd_portable", "gfx9",  128,    None,   32,      32,      4,     1),
+    ("flash_fwd_portable", "gfx9",  256,    None,   16,      16,      4,     1),
+    ("flash_fwd_portable", "rdna",  32,     None,   64,      32,      4,     1),
+    ("flash_fwd_portable", "rdna",  64,     None,   64,      32,      4,     1),
+    ("flash_fwd_portable", "rdna",  128,    None,   32,      16,      4,     1),
+    ("flash_fwd_portable", "rdna",  256,    None,   16,      8,       4,     1),
+]
+
+HIP_TABLE = [TileConfig(*row) for row in _HIP_ROWS]
+
+# Kernels that can serve each dtype, in order of preference (MFMA where the device has it).
+HIP_KERNELS_FOR_DTYPE = {
+    "float16": ("flash_fwd_mfma", "flash_fwd_portable"),
+    "bfloat16": ("flash_fwd_mfma", "flash_fwd_portable"),
+    "float32": ("flash_fwd_portable",),
+}
+
+HIP_LDS_BYTES = 64 * 1024  # LDS one block may use on every family above
+
+
+def hip_family(kernel: str, gcn_arch: str) -> str | None:
+    """The family whose rows of `kernel` a device of this gcnArchName uses, or None."""
+    base = gcn_arch.split(":")[0]
+    families = {r.arch for r in HIP_TABLE if r.kernel == kernel}
+    matches = [(len(prefix), family) for family in families
+               for prefix in HIP_FAMILIES[family][0] if base.startswith(prefix)]
+    return max(matches)[1] if matches else None
+
+
+def hip_wave_size(cfg: TileConfig) -> int:
+    return HIP_FAMILIES[cfg.arch][1]
+
+
+def select_hip(dtype: str, gcn_arch: str, head_dim: int, causal: bool) -> TileConfig:
+    """The HIP row for a call in `dtype` on a device with this gcnArchName at this head dim."""
+    for kernel in HIP_KERNELS_FOR_DTYPE[dtype]:
+        family = hip_family(kernel, gcn_arch)
+        if family is None:
+            continue
+        rows = [r for r in HIP_TABLE if r.kernel == kernel and r.arch == family
+                and r.head_dim >= head_dim and r.causal in (None, causal)]
+        if not rows:
+            raise ValueError(f"head dim must be at most {MAX_HEAD_DIM}, got {head_dim}")
+        return min(rows, key=lambda r: r.head_dim)
+    known = ", ".join(p for prefixes, _ in HIP_FAMILIES.values() for p in prefixes)
+    raise ValueError(f"no HIP kernel for {gcn_arch!r}; the hip backend serves {known}")
+
+
+def hip_shared_memory_bytes(cfg: TileConfig) -> int:
+    """LDS of one block, from the layouts in the kernels' headers."""
+    d = cfg.head_dim
+    if cfg.kernel == "flash_fwd_mfma":  # 16-bit tiles, rows padded by 4; Q staged over K and V^T
+        q_stage = cfg.block_m * (d + 4)
+        k_vt = cfg.block_n * (d + 4) + d * (cfg.block_n + 4)
+        return max(q_stage, k_vt) * 2
+    if cfg.kernel == "flash_fwd_portable":  # float32: sQ, sK (odd strides), sV, sP, sRow
+        return (cfg.block_m * (d + 1) + cfg.block_n * (d + 1) + cfg.block_n * d
+                + cfg.block_m * cfg.block_n + cfg.block_m) * 4
+    raise KeyError(cfg.kernel)
+
+
+def hip_defines(cfg: TileConfig, dtype: str, causal: bool, vec_loads: bool) -> dict[str, int]:
+    """The -D macros that specialize a HIP kernel source for one variant."""
+    common = {
+        "ELEM_TYPE": {"float16": 0, "bfloat16": 1, "float32": 2}[dtype],
+        "HEAD_DIM": cfg.head_dim,
+        "BLOCK_N": cfg.block_n,
+        "NUM_WAVES": cfg.warps,
+        "WAVE_SIZE": hip_wave_size(cfg),
+        "IS_CAUSAL": int(causal),
+    }
+    if cfg.kernel == "flash_fwd_mfma":
+        return common | {"ELEM_BF16": int(dtype == "bfloat16"), "VEC_LOADS": int(vec_loads)}
+    return common | {"BLOCK_M": cfg.block_m}

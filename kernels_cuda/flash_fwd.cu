@@ -40,13 +40,8 @@
 #define M_TILES (WARP_M / 16)         // m16 row tiles per warp
 #define N_TILES (BLOCK_N / 8)         // n8 column tiles of S per warp
 #define D_TILES (HEAD_DIM / 8)        // n8 column tiles of O per warp
-#define CHUNK 8                       // elements per 16-byte copy
-#define CHUNKS_PER_ROW (HEAD_DIM / CHUNK)
-// Rows padded by 16 bytes: the 8 rows one ldmatrix reads then start in 8 different 16-byte bank
-// groups for every HEAD_DIM that is a multiple of 32, so ldmatrix is free of bank conflicts.
-#define SMEM_STRIDE (HEAD_DIM + CHUNK)
-// Byte offset of element (row, col) in a padded tile.
-#define TILE_OFFSET(row, col) (((row) * SMEM_STRIDE + (col)) * 2)
+
+#include "mma_tile.h"
 
 static_assert(WARP_M % 16 == 0, "each warp owns whole m16 tiles");
 static_assert(BLOCK_N % 16 == 0 && HEAD_DIM % 16 == 0, "k16 steps over keys and head dim");
@@ -57,85 +52,6 @@ static_assert(BLOCK_N % 16 == 0 && HEAD_DIM % 16 == 0, "k16 steps over keys and 
 // sQ is reused by each warp to stage its own O rows for coalesced stores in the epilogue.
 
 // ---- device helpers ---------------------------------------------------------------------------
-
-// Copy a ROWS x HEAD_DIM tile from global memory (rows row_stride elements apart) into shared
-// memory, writing zeros for rows >= valid_rows and columns >= head_dim. Zeros, not garbage: padded
-// head-dim columns must add nothing to Q.K, and V rows past the last key meet P = 0, which would
-// still turn a NaN bit pattern into NaN.
-template <int ROWS>
-__device__ __forceinline__ void load_tile(u16* smem, const u16* gmem, i64 row_stride,
-                                          int valid_rows, int head_dim, int tid) {
-    // A copy moves COPY_ELEMS elements: 16 bytes with VEC_LOADS, else one element. Thread tid
-    // always copies the same columns, of rows tid / THREADS_PER_ROW + i * ROWS_PER_PASS, walking
-    // one pointer down the rows: a single 64-bit address stays live instead of one per row, which
-    // the register budget of the main loop cannot spare.
-    constexpr int COPY_ELEMS = VEC_LOADS ? CHUNK : 1;
-    constexpr int COPIES_PER_ROW = HEAD_DIM / COPY_ELEMS;
-    constexpr int THREADS_PER_ROW = COPIES_PER_ROW < NUM_THREADS ? COPIES_PER_ROW : NUM_THREADS;
-    constexpr int COPIES_PER_THREAD = (COPIES_PER_ROW + THREADS_PER_ROW - 1) / THREADS_PER_ROW;
-    constexpr int ROWS_PER_PASS = NUM_THREADS / THREADS_PER_ROW;
-    constexpr int PASSES = (ROWS + ROWS_PER_PASS - 1) / ROWS_PER_PASS;
-    // Head dims like 96 leave a few threads idle (only when NUM_THREADS % THREADS_PER_ROW != 0).
-    if (NUM_THREADS % THREADS_PER_ROW != 0 && tid >= ROWS_PER_PASS * THREADS_PER_ROW) return;
-    const int row = tid / THREADS_PER_ROW, col = (tid % THREADS_PER_ROW) * COPY_ELEMS;
-    const u16* src = gmem + row * row_stride + col;
-#if VEC_LOADS
-    static_assert(COPIES_PER_THREAD == 1, "16-byte copies: one column chunk per thread");
-    const bool col_valid = col < head_dim;
-    const u32 dst = smem_addr(smem + row * SMEM_STRIDE + col);
-#pragma unroll
-    for (int i = 0; i < PASSES; ++i) {
-        if (ROWS % ROWS_PER_PASS != 0 && row + i * ROWS_PER_PASS >= ROWS) break;
-        bool valid = col_valid && row + i * ROWS_PER_PASS < valid_rows;
-        cp_async_16_zfill(dst + TILE_OFFSET(i * ROWS_PER_PASS, 0), src, valid);
-        src += ROWS_PER_PASS * row_stride;
-    }
-#else
-    u16* dst = smem + row * SMEM_STRIDE + col;
-    for (int i = 0; i < PASSES; ++i) {
-        if (ROWS % ROWS_PER_PASS != 0 && row + i * ROWS_PER_PASS >= ROWS) break;
-        const bool row_valid = row + i * ROWS_PER_PASS < valid_rows;
-#pragma unroll
-        for (int j = 0; j < COPIES_PER_THREAD; ++j) {
-            const int c = col + j * THREADS_PER_ROW;
-            if (COPIES_PER_ROW % THREADS_PER_ROW != 0 && c >= HEAD_DIM) break;
-            dst[i * ROWS_PER_PASS * SMEM_STRIDE + j * THREADS_PER_ROW] =
-                row_valid && c < head_dim ? src[j * THREADS_PER_ROW] : (u16)0;
-        }
-        src += ROWS_PER_PASS * row_stride;
-    }
-#endif
-}
-
-// S = Q K^T for this warp's WARP_M rows and the BLOCK_N keys of the tile in sK. q_lane and k_lane
-// are this lane's ldmatrix row addresses for the first fragment; the rest are constant offsets.
-__device__ __forceinline__ void compute_scores(float (&acc_s)[M_TILES][N_TILES][4], u32 q_lane,
-                                               u32 k_lane) {
-#pragma unroll
-    for (int mt = 0; mt < M_TILES; ++mt)
-#pragma unroll
-        for (int nt = 0; nt < N_TILES; ++nt)
-#pragma unroll
-            for (int e = 0; e < 4; ++e) acc_s[mt][nt][e] = 0.f;
-
-#pragma unroll
-    for (int kk = 0; kk < HEAD_DIM / 16; ++kk) {
-        u32 q_frag[M_TILES][4];
-#pragma unroll
-        for (int mt = 0; mt < M_TILES; ++mt) ldmatrix_x4(q_frag[mt], q_lane + TILE_OFFSET(mt * 16, kk * 16));
-#pragma unroll
-        for (int nt = 0; nt < N_TILES / 2; ++nt) {
-            // Matrices: keys 0-7 dims 0-7 | keys 0-7 dims 8-15 | keys 8-15 dims 0-7 | keys 8-15 dims 8-15
-            u32 k_frag[4];
-            ldmatrix_x4(k_frag, k_lane + TILE_OFFSET(nt * 16, kk * 16));
-#pragma unroll
-            for (int mt = 0; mt < M_TILES; ++mt) {
-                mma_16816(acc_s[mt][2 * nt], q_frag[mt], k_frag[0], k_frag[1]);
-                mma_16816(acc_s[mt][2 * nt + 1], q_frag[mt], k_frag[2], k_frag[3]);
-            }
-        }
-    }
-}
 
 // Set to -inf the scores of keys past the end and, when causal, right of the diagonal.
 __device__ __forceinline__ void mask_scores(float (&acc_s)[M_TILES][N_TILES][4], int row_start,
@@ -206,41 +122,15 @@ __device__ __forceinline__ void softmax_rescale_o(float (&acc_s)[M_TILES][N_TILE
     }
 }
 
-// P (fp32, accumulator layout of S) -> 16-bit A-operand fragments of P V. P never leaves
-// registers: the accumulator layout of two adjacent n8 tiles of S is exactly the A-operand layout
-// of one k16 step, so it is only converted and packed -- which also halves the registers P holds
-// while the next K tile's copies are issued.
+// P (fp32, accumulator layout of S) -> 16-bit A-operand fragments of P V (pack_a_fragment): P never
+// leaves registers, and packing halves the registers P holds while the next K tile's copies are
+// issued.
 __device__ __forceinline__ void convert_p(u32 (&p_frag)[M_TILES][BLOCK_N / 16][4],
                                          const float (&acc_s)[M_TILES][N_TILES][4]) {
 #pragma unroll
     for (int mt = 0; mt < M_TILES; ++mt)
 #pragma unroll
-        for (int kk = 0; kk < BLOCK_N / 16; ++kk) {
-            p_frag[mt][kk][0] = pack_float2(acc_s[mt][2 * kk][0], acc_s[mt][2 * kk][1]);
-            p_frag[mt][kk][1] = pack_float2(acc_s[mt][2 * kk][2], acc_s[mt][2 * kk][3]);
-            p_frag[mt][kk][2] = pack_float2(acc_s[mt][2 * kk + 1][0], acc_s[mt][2 * kk + 1][1]);
-            p_frag[mt][kk][3] = pack_float2(acc_s[mt][2 * kk + 1][2], acc_s[mt][2 * kk + 1][3]);
-        }
-}
-
-// O += P V.
-__device__ __forceinline__ void accumulate_pv(float (&acc_o)[M_TILES][D_TILES][4],
-                                              const u32 (&p_frag)[M_TILES][BLOCK_N / 16][4],
-                                              u32 v_lane) {
-#pragma unroll
-    for (int kk = 0; kk < BLOCK_N / 16; ++kk) {
-#pragma unroll
-        for (int dt = 0; dt < D_TILES / 2; ++dt) {
-            // Transposed matrices: keys 0-7 dims 0-7 | keys 8-15 dims 0-7 | keys 0-7 dims 8-15 | keys 8-15 dims 8-15
-            u32 v_frag[4];
-            ldmatrix_x4_trans(v_frag, v_lane + TILE_OFFSET(kk * 16, dt * 16));
-#pragma unroll
-            for (int mt = 0; mt < M_TILES; ++mt) {
-                mma_16816(acc_o[mt][2 * dt], p_frag[mt][kk], v_frag[0], v_frag[1]);
-                mma_16816(acc_o[mt][2 * dt + 1], p_frag[mt][kk], v_frag[2], v_frag[3]);
-            }
-        }
-    }
+        for (int kk = 0; kk < BLOCK_N / 16; ++kk) pack_a_fragment(p_frag[mt][kk], acc_s[mt][2 * kk], acc_s[mt][2 * kk + 1]);
 }
 
 // Epilogue: O /= l, write O through shared memory (the warp's own rows of sQ) with 16-byte stores,
@@ -271,21 +161,8 @@ __device__ __forceinline__ void write_output(float (&acc_o)[M_TILES][D_TILES][4]
         }
     warp_sync();  // the warp's rows of sO are complete before its lanes read them back
 
-    o += (i64)row_start * o_row_stride;
-#if VEC_LOADS
-#pragma unroll
-    for (int c = lane; c < WARP_M * CHUNKS_PER_ROW; c += WARP_SIZE) {
-        int row = c / CHUNKS_PER_ROW, col = (c % CHUNKS_PER_ROW) * CHUNK;
-        if (row_start + row < seqlen_q && col < head_dim)
-            *(uint4*)(o + row * o_row_stride + col) = *(const uint4*)(sO + row * SMEM_STRIDE + col);
-    }
-#else
-    for (int e = lane; e < WARP_M * HEAD_DIM; e += WARP_SIZE) {
-        int row = e / HEAD_DIM, col = e % HEAD_DIM;
-        if (row_start + row < seqlen_q && col < head_dim)
-            o[row * o_row_stride + col] = sO[row * SMEM_STRIDE + col];
-    }
-#endif
+    store_rows<WARP_M>(o + (i64)row_start * o_row_stride, o_row_stride, sO, seqlen_q - row_start,
+                       head_dim, lane);
 }
 
 // ---- entry point ------------------------------------------------------------------------------
@@ -315,10 +192,11 @@ flash_fwd(const u16* __restrict__ q, const u16* __restrict__ k, const u16* __res
     k += batch * k_batch_stride + kv_head * k_head_stride;
     v += batch * v_batch_stride + kv_head * v_head_stride;
 
-    // This lane's ldmatrix row addresses (see compute_scores and accumulate_pv for the matrices).
-    const u32 q_lane = smem_addr(sQ) + TILE_OFFSET(warp * WARP_M + lane % 16, (lane / 16) * 8);
-    const u32 k_lane = smem_addr(sK) + TILE_OFFSET(lane % 8 + (lane / 16) * 8, ((lane / 8) % 2) * 8);
-    const u32 v_lane = smem_addr(sV) + TILE_OFFSET(lane % 8 + ((lane / 8) % 2) * 8, (lane / 16) * 8);
+    // This lane's ldmatrix row addresses (mma_tile.h): Q is the A operand of S = Q K^T, K's rows
+    // are those of B^T, and V is the row-major B of O += P V.
+    const u32 q_lane = lane_address_x<SMEM_STRIDE>(smem_addr(sQ), warp * WARP_M, 0, lane);
+    const u32 k_lane = lane_address_y<SMEM_STRIDE>(smem_addr(sK), 0, 0, lane);
+    const u32 v_lane = lane_address_x<SMEM_STRIDE>(smem_addr(sV), 0, 0, lane);
 
     const KeyRange tiles = key_tiles(m_start, BLOCK_M, BLOCK_N, seqlen_q, seqlen_k, IS_CAUSAL);
 
@@ -354,7 +232,8 @@ flash_fwd(const u16* __restrict__ q, const u16* __restrict__ k, const u16* __res
         cp_async_commit();
 
         float acc_s[M_TILES][N_TILES][4];
-        compute_scores(acc_s, q_lane, k_lane);  // S = Q K^T
+        zero(acc_s);
+        mma_a_bt<M_TILES, N_TILES, HEAD_DIM / 16, SMEM_STRIDE, SMEM_STRIDE>(acc_s, q_lane, k_lane);  // S = Q K^T
         if (tile_needs_mask(warp_row_start, n_start, BLOCK_N, seqlen_q, seqlen_k, IS_CAUSAL))
             mask_scores(acc_s, warp_row_start, n_start, seqlen_q, seqlen_k, lane);
         softmax_rescale_o(acc_s, acc_o, row_max, row_sum, scale_log2);  // S becomes P
@@ -368,7 +247,7 @@ flash_fwd(const u16* __restrict__ q, const u16* __restrict__ k, const u16* __res
             load_tile<BLOCK_N>(sK, k + next_start * k_row_stride, k_row_stride, seqlen_k - next_start, head_dim, tid);
             cp_async_commit();
         }
-        accumulate_pv(acc_o, p_frag, v_lane);  // O += P V
+        mma_areg_b<M_TILES, D_TILES, BLOCK_N / 16, SMEM_STRIDE>(acc_o, p_frag, v_lane);  // O += P V
     }
     // With no key tile at all the Q copies (issued by every thread, into every warp's rows) are
     // still in flight; the epilogue overwrites sQ, so all of them must have landed.

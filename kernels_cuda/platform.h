@@ -41,6 +41,18 @@ __device__ __forceinline__ float elem_to_float(u16 x) {
 #endif
 }
 
+// elem_t: the element type of a kernel's inputs and outputs, for kernels that serve all three
+// dtypes with one source (ELEM_F32 = 1: float32, else the 16-bit type chosen by ELEM_BF16).
+#if ELEM_F32
+typedef float elem_t;
+__device__ __forceinline__ float to_float(float x) { return x; }
+__device__ __forceinline__ float from_float(float x) { return x; }
+#else
+typedef u16 elem_t;
+__device__ __forceinline__ float to_float(u16 x) { return elem_to_float(x); }
+__device__ __forceinline__ u16 from_float(float x) { return (u16)(pack_float2(x, 0.f) & 0xffffu); }
+#endif
+
 // ---- math ----------------------------------------------------------------------------------
 // ex2.approx: one MUFU op, relative error ~2^-22, and exp2(-inf) = 0 as the masking relies on.
 __device__ __forceinline__ float fast_exp2(float x) {

@@ -62,6 +62,33 @@ _ROWS = [
     ("flash_fwd",      90,   160,     None,   64,      64,      4,     1),
     ("flash_fwd",      90,   192,     None,   64,      64,      4,     1),
     ("flash_fwd",      90,   256,     None,   64,      64,      4,     1),
+    # backward, key-block parallel: block_n keys per block (split over the warps, 16 or 32
+    # each), block_m query rows per step; dQ by atomics unless deterministic
+    ("flash_bwd_dkdv", 80,   32,      None,   64,      128,     8,     1),
+    ("flash_bwd_dkdv", 80,   64,      None,   64,      128,     8,     1),
+    ("flash_bwd_dkdv", 80,   96,      None,   64,      128,     8,     1),
+    ("flash_bwd_dkdv", 80,   128,     None,   64,      128,     8,     1),
+    ("flash_bwd_dkdv", 86,   32,      None,   64,      128,     8,     1),
+    ("flash_bwd_dkdv", 86,   64,      None,   64,      128,     8,     1),
+    ("flash_bwd_dkdv", 86,   96,      None,   32,      64,      4,     1),
+    ("flash_bwd_dkdv", 86,   128,     None,   32,      64,      4,     1),
+    ("flash_bwd_dkdv", 90,   32,      None,   64,      128,     8,     1),
+    ("flash_bwd_dkdv", 90,   64,      None,   64,      128,     8,     1),
+    ("flash_bwd_dkdv", 90,   96,      None,   64,      128,     8,     1),
+    ("flash_bwd_dkdv", 90,   128,     None,   64,      128,     8,     1),
+    # backward, dQ alone (deterministic=True), query-block parallel like the forward
+    ("flash_bwd_dq",   80,   32,      None,   64,      64,      4,     1),
+    ("flash_bwd_dq",   80,   64,      None,   64,      64,      4,     1),
+    ("flash_bwd_dq",   80,   96,      None,   64,      64,      4,     1),
+    ("flash_bwd_dq",   80,   128,     None,   64,      64,      4,     1),
+    ("flash_bwd_dq",   86,   32,      None,   64,      64,      4,     1),
+    ("flash_bwd_dq",   86,   64,      None,   64,      64,      4,     1),
+    ("flash_bwd_dq",   86,   96,      None,   64,      32,      4,     1),
+    ("flash_bwd_dq",   86,   128,     None,   64,      32,      4,     1),
+    ("flash_bwd_dq",   90,   32,      None,   64,      64,      4,     1),
+    ("flash_bwd_dq",   90,   64,      None,   64,      64,      4,     1),
+    ("flash_bwd_dq",   90,   96,      None,   64,      64,      4,     1),
+    ("flash_bwd_dq",   90,   128,     None,   64,      64,      4,     1),
     # float32: exact CUDA-core arithmetic, block_n is the warp size
     ("flash_fwd_f32",  80,   32,      None,   32,      32,      4,     1),
     ("flash_fwd_f32",  80,   64,      None,   32,      32,      4,     1),
@@ -71,8 +98,10 @@ _ROWS = [
 
 TABLE = [TileConfig(*row) for row in _ROWS]
 
-# Which kernel serves which dtype.
+# Which forward kernel serves which dtype.
 KERNEL_FOR_DTYPE = {"float16": "flash_fwd", "bfloat16": "flash_fwd", "float32": "flash_fwd_f32"}
+# Kernels on tensor cores, fed by 16-bit tiles (mma_tile.h).
+TENSOR_CORE_KERNELS = ("flash_fwd", "flash_bwd_dkdv", "flash_bwd_dq")
 
 MAX_HEAD_DIM = 256
 
@@ -91,9 +120,15 @@ def select(kernel: str, arch: int, head_dim: int, causal: bool) -> TileConfig:
 
 def shared_memory_bytes(cfg: TileConfig) -> int:
     """Dynamic shared memory of one thread block, from the layout in the kernel's header."""
+    padded_row = cfg.head_dim + 8  # 16-bit elements, rows padded by 16 bytes (SMEM_STRIDE)
     if cfg.kernel == "flash_fwd":
-        padded_row = cfg.head_dim + 8  # 16-byte pad per row (SMEM_STRIDE)
         return (cfg.block_m + 2 * cfg.block_n) * padded_row * 2  # Q, K, V tiles
+    if cfg.kernel == "flash_bwd_dkdv":
+        tiles = (2 * cfg.block_n + 4 * cfg.block_m) * padded_row * 2  # K, V, Q x2, dO x2
+        ds = cfg.block_n * (cfg.block_m + 8) * 2  # dS^T, used when dQ is accumulated here
+        return tiles + ds + 4 * cfg.block_m * 4  # LSE x2, delta x2
+    if cfg.kernel == "flash_bwd_dq":
+        return (2 * cfg.block_m + 4 * cfg.block_n) * padded_row * 2  # Q, dO, K x2, V x2
     if cfg.kernel == "flash_fwd_f32":
         q = cfg.block_m * cfg.head_dim
         k = cfg.block_n * (cfg.head_dim + 1)
@@ -111,7 +146,7 @@ def defines(cfg: TileConfig, dtype: str, causal: bool, vec_loads: bool) -> dict[
         "IS_CAUSAL": int(causal),
         "MIN_BLOCKS": cfg.min_blocks,
     }
-    if cfg.kernel == "flash_fwd":
+    if cfg.kernel in TENSOR_CORE_KERNELS:
         return common | {
             "ELEM_BF16": int(dtype == "bfloat16"),
             "BLOCK_M": cfg.block_m,

@@ -102,6 +102,35 @@ def _external_stream(ptr: int, device_id: int):
     return handle
 
 
+def _kernel(cfg, dtype: str, causal: bool, vec: bool, device: int, **extra_defines):
+    """The compiled variant of a table row, its shared memory opted in."""
+    defines = configs.defines(cfg, dtype, causal, vec) | extra_defines
+    kernel = jit.get_function("cuda", _SOURCE.get(cfg.kernel, cfg.kernel + ".cu"), cfg.kernel, defines, device)
+    smem = configs.shared_memory_bytes(cfg)
+    _prepare(kernel, (device, id(kernel)), smem)
+    return kernel, smem
+
+
+_SOURCE = {"flash_bwd_preprocess": "flash_bwd_prep.cu", "flash_bwd_convert_dq": "flash_bwd_prep.cu"}
+
+
+def _launch(kernel, grid_xy, threads: int, smem: int, arrays, scalars, batch: int) -> None:
+    """Launch over the batch in chunks (gridDim.z <= 65535), moving every array's pointer by the
+    chunk's batch offset. arrays: (_Array, itemsize) pairs, in the kernel's argument order."""
+    for b0 in range(0, batch, MAX_GRID_YZ):
+        nb = min(MAX_GRID_YZ, batch - b0)
+        pointers = tuple(np.uint64(a.ptr + b0 * a.strides[0] * size) for a, size in arrays)
+        kernel(grid_xy + (nb,), (threads,), pointers + scalars, shared_mem=smem)
+
+
+def _strides(*arrays: _Array, dims: int = 3):
+    return tuple(np.int64(s) for a in arrays for s in a.strides[:dims])
+
+
+def _itemsize(dtype: str) -> int:
+    return 4 if dtype == "float32" else 2
+
+
 def forward(q, k, v, out, lse, *, causal: bool, scale: float, stream: int) -> None:
     """Write out = softmax(scale * q k^T) v and lse for (B, H, S, D) views (see module docstring)."""
     import cupy
@@ -116,29 +145,94 @@ def forward(q, k, v, out, lse, *, causal: bool, scale: float, stream: int) -> No
 
     kernel_name = configs.KERNEL_FOR_DTYPE[Q.dtype]
     cfg = configs.select(kernel_name, _arch(Q.device), head_dim, causal)
-    itemsize = 4 if Q.dtype == "float32" else 2
-    vec = kernel_name == "flash_fwd" and _vec_loads([Q, K, V, O], head_dim, itemsize)
-    defines = configs.defines(cfg, Q.dtype, causal, vec)
-    kernel = jit.get_function("cuda", cfg.kernel + ".cu", cfg.kernel, defines, Q.device)
-    smem = configs.shared_memory_bytes(cfg)
-    _prepare(kernel, (Q.device, id(kernel)), smem)
-
-    scalars = (
-        *(np.int64(s) for a in (Q, K, V, O) for s in a.strides[:3]),
-        np.int64(L.strides[0]), np.int64(L.strides[1]),
-        np.int32(seqlen_q), np.int32(seqlen_k), np.int32(head_dim),
-        np.int32(heads_q // heads_k),
-        np.float32(scale), np.float32(scale * LOG2_E),
-    )
+    size = _itemsize(Q.dtype)
+    vec = kernel_name in configs.TENSOR_CORE_KERNELS and _vec_loads([Q, K, V, O], head_dim, size)
+    kernel, smem = _kernel(cfg, Q.dtype, causal, vec, Q.device)
+    scalars = _strides(Q, K, V, O) + _strides(L, dims=2) + (
+        np.int32(seqlen_q), np.int32(seqlen_k), np.int32(head_dim), np.int32(heads_q // heads_k),
+        np.float32(scale), np.float32(scale * LOG2_E))
     with cupy.cuda.Device(Q.device), _external_stream(stream, Q.device):
-        for b0 in range(0, batch, MAX_GRID_YZ):  # gridDim.z is bounded; walk the batch in chunks
-            nb = min(MAX_GRID_YZ, batch - b0)
-            pointers = tuple(
-                np.uint64(a.ptr + b0 * a.strides[0] * size)
-                for a, size in ((Q, itemsize), (K, itemsize), (V, itemsize), (O, itemsize), (L, 4))
-            )
-            kernel(configs.grid(cfg, seqlen_q, heads_q, nb), (cfg.warps * 32,),
-                   pointers + scalars, shared_mem=smem)
+        _launch(kernel, (math.ceil(seqlen_q / cfg.block_m), heads_q), cfg.warps * 32, smem,
+                [(Q, size), (K, size), (V, size), (O, size), (L, 4)], scalars, batch)
+
+
+# Rows per thread block of flash_bwd_prep.cu's kernels (ROWS_PER_BLOCK there).
+_PREP_ROWS, _PREP_THREADS = 32, 128
+
+
+def backward(q, k, v, out, dout, lse, dq, dk, dv, *, causal: bool, scale: float,
+             deterministic: bool, stream: int) -> None:
+    """Write dq, dk, dv for (B, H, S, D) views; lse is the forward's. dk and dv are summed over the
+    query heads of each GQA group. deterministic: dQ from its own kernel instead of atomics."""
+    import cupy
+
+    Q, K, V, O, dO, L, dQ, dK, dV = (_describe(a) for a in (q, k, v, out, dout, lse, dq, dk, dv))
+    batch, heads_q, seqlen_q, head_dim = Q.shape
+    heads_k, seqlen_k = K.shape[1], K.shape[2]
+    if batch == 0 or heads_q == 0:
+        return
+    if seqlen_q == 0 or seqlen_k == 0:  # nothing attends: every gradient is zero
+        for grad in (dq, dk, dv):
+            grad.zero_() if hasattr(grad, "zero_") else grad.fill(0)
+        return
+    if heads_q > MAX_GRID_YZ:
+        raise ValueError(f"q: at most {MAX_GRID_YZ} heads are supported, got {heads_q}")
+    if Q.dtype == "float32":
+        raise NotImplementedError("the cuda backend's backward has no float32 kernel yet; "
+                                  "use float16/bfloat16, or the reference backend on the CPU")
+
+    arch, device, size = _arch(Q.device), Q.device, _itemsize(Q.dtype)
+    dkdv_cfg = configs.select("flash_bwd_dkdv", arch, head_dim, causal)
+    vec = _vec_loads([Q, K, V, O, dO, dQ, dK, dV], head_dim, size)
+    heads_per_kv = np.int32(heads_q // heads_k)
+    sizes = (np.int32(seqlen_q), np.int32(seqlen_k), np.int32(head_dim))
+    scales = (np.float32(scale), np.float32(scale * LOG2_E))
+    prep_defines = {"ELEM_F32": 0, "ELEM_BF16": int(Q.dtype == "bfloat16")}
+    prep = jit.get_function("cuda", "flash_bwd_prep.cu", "flash_bwd_preprocess", prep_defines, device)
+    convert = jit.get_function("cuda", "flash_bwd_prep.cu", "flash_bwd_convert_dq", prep_defines, device)
+    prep_grid = (math.ceil(seqlen_q / _PREP_ROWS), heads_q)
+
+    with cupy.cuda.Device(device), _external_stream(stream, device):
+        # Scratch from the caller's framework, on its stream: delta, and dQ's float32 accumulator.
+        # Held until the end: the caching allocators may reuse memory freed earlier.
+        delta_array = _new_like(q, (batch, heads_q, seqlen_q), zero=False)
+        accum = None if deterministic else _new_like(q, (batch, heads_q, seqlen_q, head_dim), zero=True)
+        delta = _describe(delta_array)
+
+        _launch(prep, prep_grid, _PREP_THREADS, 0, [(O, size), (dO, size), (delta, 4)],
+                _strides(O, dO) + _strides(delta, dims=2) + (np.int32(seqlen_q), np.int32(head_dim)),
+                batch)
+
+        kernel, smem = _kernel(dkdv_cfg, Q.dtype, causal, vec, device, COMPUTE_DQ=int(not deterministic))
+        A = _describe(accum) if accum is not None else delta  # unused by the kernel when deterministic
+        _launch(kernel, (math.ceil(seqlen_k / dkdv_cfg.block_n), heads_k), dkdv_cfg.warps * 32, smem,
+                [(Q, size), (K, size), (V, size), (dO, size), (L, 4), (delta, 4), (A, 4), (dK, size), (dV, size)],
+                _strides(Q, K, V, dO, dK, dV) + _strides(L, delta, dims=2) + sizes
+                + (np.int32(heads_q), heads_per_kv) + scales, batch)
+
+        if deterministic:
+            dq_cfg = configs.select("flash_bwd_dq", arch, head_dim, causal)
+            kernel, smem = _kernel(dq_cfg, Q.dtype, causal, vec, device)
+            _launch(kernel, (math.ceil(seqlen_q / dq_cfg.block_m), heads_q), dq_cfg.warps * 32, smem,
+                    [(Q, size), (K, size), (V, size), (dO, size), (L, 4), (delta, 4), (dQ, size)],
+                    _strides(Q, K, V, dO, dQ) + _strides(L, delta, dims=2) + sizes + (heads_per_kv,) + scales,
+                    batch)
+        else:
+            _launch(convert, prep_grid, _PREP_THREADS, 0, [(A, 4), (dQ, size)],
+                    _strides(dQ) + (np.int32(heads_q), np.int32(seqlen_q), np.int32(head_dim),
+                                    np.float32(scale)), batch)
+
+
+def _new_like(x, shape, *, zero: bool):
+    """A float32 scratch array in x's framework and device (torch's allocator for torch tensors)."""
+    if hasattr(x, "data_ptr"):
+        import torch
+
+        make = torch.zeros if zero else torch.empty
+        return make(shape, dtype=torch.float32, device=x.device)
+    import cupy
+
+    return (cupy.zeros if zero else cupy.empty)(shape, dtype=cupy.float32)
 
 
 def info() -> dict[str, str]:

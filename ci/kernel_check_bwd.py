@@ -1,0 +1,109 @@
+"""Direct check of the CUDA backward kernels on a GPU, below the public API: xattn.cuda.backward on
+torch tensors against float64 autograd of exact attention, over awkward shapes. Gradients are
+poisoned with NaN before each launch; deterministic mode must repeat bitwise. Prints failures and a
+summary line; exit 1 on any failure.
+
+    PYTHONPATH=. python ci/kernel_check_bwd.py [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import math
+import sys
+
+import torch
+
+from xattn import cuda
+
+sys.path.insert(0, __file__.rsplit("/", 1)[0])
+from kernel_check import _bits, make  # noqa: E402
+
+TOLERANCE = {torch.float16: 5e-3, torch.bfloat16: 3e-2}
+
+
+def exact_out(q, k, v, causal, scale):
+    """float64 attention output, differentiable everywhere: rows that see no key give 0 (their
+    scores are zeroed before the softmax so that its backward stays finite, then P is zeroed)."""
+    group = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
+    s = scale * q @ k.transpose(-1, -2)
+    sq, sk = q.shape[2], k.shape[2]
+    i = torch.arange(sq, device=q.device)[:, None]
+    j = torch.arange(sk, device=q.device)[None, :]
+    hidden = (j > i + sk - sq) if causal else torch.zeros(sq, sk, dtype=torch.bool, device=q.device)
+    empty = hidden.all(-1, keepdim=True)
+    s = s.masked_fill(hidden & ~empty, -math.inf).masked_fill(empty, 0.0)
+    return torch.softmax(s, dim=-1).masked_fill(empty, 0.0) @ v
+
+
+def run_case(dtype, batch, hq, hk, sq, sk, d, causal, layout, strided, deterministic, gen):
+    q = make((batch, hq, sq, d), dtype, layout, strided, gen)
+    k = make((batch, hk, sk, d), dtype, layout, strided, gen)
+    v = make((batch, hk, sk, d), dtype, layout, strided, gen)
+    dout = make((batch, hq, sq, d), dtype, layout, strided, gen)
+    scale = 1 / math.sqrt(d)
+    stream = torch.cuda.current_stream().cuda_stream
+    out = torch.empty_like(q)
+    lse = torch.empty(batch, hq, sq, device="cuda")
+    cuda.forward(q, k, v, out, lse, causal=causal, scale=scale, stream=stream)
+    runs = []
+    for _ in range(2):
+        grads = [torch.full_like(x, float("nan")) for x in (q, k, v)]
+        cuda.backward(q, k, v, out, dout, lse, *grads, causal=causal, scale=scale,
+                      deterministic=deterministic, stream=stream)
+        torch.cuda.synchronize()
+        runs.append(grads)
+    q64, k64, v64 = (x.double().requires_grad_() for x in (q, k, v))
+    ref_out = exact_out(q64, k64, v64, causal, scale)
+    ref_grads = torch.autograd.grad(ref_out, (q64, k64, v64), dout.double())
+    problems = []
+    worst = 0.0
+    for name, got, ref in zip(("dq", "dk", "dv"), runs[0], ref_grads):
+        if got.isnan().any():
+            problems.append(f"{name}: NaN left (unwritten or produced)")
+            continue
+        denom = ref.norm().item()
+        err = (got.double() - ref).norm().item() / (denom if denom > 0 else 1)
+        worst = max(worst, err)
+        if err > TOLERANCE[dtype]:
+            problems.append(f"{name} rel err {err:.2e}")
+    if deterministic and not all(torch.equal(_bits(a), _bits(b)) for a, b in zip(*runs)):
+        problems.append("deterministic runs differ bitwise")
+    return worst, problems
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--sanitize", action="store_true", help="small subset for compute-sanitizer")
+    args = parser.parse_args(argv)
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    head_dims = [1, 7, 32, 63, 64, 80, 96, 128]
+    lengths = [(1, 1), (63, 65), (64, 64), (65, 200), (200, 129), (128, 128), (300, 77)]
+    cases = list(itertools.product([torch.float16, torch.bfloat16], head_dims, lengths, [False, True]))
+    if args.quick:
+        cases = cases[::4]
+    if args.sanitize:
+        cases = cases[::23]
+    failures, worst = 0, {}
+    for i, (dtype, d, (sq, sk), causal) in enumerate(cases):
+        layout = "bhsd" if i % 2 else "bshd"
+        strided = i % 3 == 0
+        hq, hk = ((7, 1), (4, 2), (3, 3))[i % 3]
+        deterministic = i % 4 == 1
+        err, problems = run_case(dtype, 2, hq, hk, sq, sk, d, causal, layout, strided, deterministic, gen)
+        key = str(dtype).removeprefix("torch.")
+        worst[key] = max(worst.get(key, 0.0), err)
+        if problems:
+            failures += 1
+            print(f"FAIL {key} D={d} Sq={sq} Sk={sk} causal={causal} {layout} strided={strided} "
+                  f"H={hq}/{hk} det={deterministic}: {'; '.join(problems)}")
+    worst_text = ", ".join(f"{k} {v:.1e}" for k, v in worst.items())
+    print(f"backward check: {len(cases) - failures}/{len(cases)} cases passed; worst rel err {worst_text}")
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

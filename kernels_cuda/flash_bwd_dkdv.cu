@@ -1,0 +1,283 @@
+// FlashAttention-2 backward on tensor cores, key-block parallel: fp16 or bf16 in, fp32 accumulate.
+//
+// With S = scale Q K^T, P = softmax(S) (recomputed from the forward's LSE, never stored),
+// dP = dO V^T and delta = rowsum(dO * O) (flash_bwd_prep.cu):
+//   dS = P * (dP - delta),   dV = P^T dO,   dK = scale dS^T Q,   dQ = scale dS K.
+//
+// Grid: x = key block, y = key/value head, z = batch. A thread block keeps its K and V tiles in
+// shared memory and walks every query block of every query head of its GQA group, so dK and dV,
+// summed over the group, stay in registers from the first step to the last: no reduction pass and
+// no atomics for them. dQ gets each step's share: with COMPUTE_DQ the block writes dS to shared
+// memory and adds dS K into a float32 accumulator (atomics; flash_bwd_prep.cu converts it);
+// without, flash_bwd_dq.cu computes dQ on its own, deterministically.
+//
+// Warps split the keys: warp w owns keys [w * WARP_N, (w + 1) * WARP_N) of the block and computes
+// the transposed products S^T = K Q^T and dP^T = V dO^T for them, so that P^T and dS^T come out in
+// the accumulator layout that is already the A operand of dV += P^T dO and dK += dS^T Q.
+//
+// Layouts as in flash_fwd.cu: q, dout (B, Hq, Sq, D), k, v, dk, dv (B, Hk, Sk, D), any batch/head/
+// row strides, D contiguous; lse, delta float32 (B, Hq, Sq); dq_accum float32, contiguous
+// (B, Hq, Sq, head_dim), zeroed by the caller. LSE is natural-log; it becomes base 2 on loading.
+// Reads q, k, v, dout, lse, delta; writes dk, dv; adds into dq_accum.
+//
+// Pipeline: Q, dO, LSE and delta tiles are double-buffered; the copies for step i+1 are issued at
+// the top of step i and land while it computes.
+
+// ---- compile-time configuration (xattn/configs.py) ---------------------------------------------
+// ELEM_BF16, HEAD_DIM, IS_CAUSAL, VEC_LOADS, MIN_BLOCKS: as in flash_fwd.cu
+// BLOCK_N     keys per thread block (NUM_WARPS * WARP_N, WARP_N a multiple of 16)
+// BLOCK_M     query rows per step
+// NUM_WARPS   warps per thread block
+// COMPUTE_DQ  1: also accumulate dQ with atomics; 0: dQ comes from flash_bwd_dq
+
+#include "platform.h"
+#include "attention_common.h"
+
+#define NUM_THREADS (NUM_WARPS * WARP_SIZE)
+#define WARP_N (BLOCK_N / NUM_WARPS)  // keys per warp
+#define K_TILES (WARP_N / 16)         // m16 tiles of keys per warp
+#define Q_TILES (BLOCK_M / 8)         // n8 tiles of queries in S^T
+#define D_TILES (HEAD_DIM / 8)
+#define DS_STRIDE (BLOCK_M + 8)       // padded row of the dS^T tile (keys x queries)
+
+#include "mma_tile.h"
+
+static_assert(WARP_N % 16 == 0 && BLOCK_M % 16 == 0 && HEAD_DIM % 16 == 0, "whole mma tiles");
+
+// dQ = dS K is split over the warps as a DQ_WARPS_M x DQ_WARPS_D grid of (rows x head-dim) tiles.
+__host__ __device__ constexpr int gcd(int a, int b) { return b == 0 ? a : gcd(b, a % b); }
+#define DQ_WARPS_D gcd(NUM_WARPS, HEAD_DIM / 16)
+#define DQ_WARPS_M (NUM_WARPS / DQ_WARPS_D)
+#define DQ_ROWS (BLOCK_M / DQ_WARPS_M)
+#define DQ_COLS (HEAD_DIM / DQ_WARPS_D)
+static_assert(DQ_ROWS % 16 == 0, "each warp's dQ rows are whole m16 tiles");
+
+// ---- shared-memory layout ---------------------------------------------------------------------
+// sK [BLOCK_N][SMEM_STRIDE] | sV [BLOCK_N][SMEM_STRIDE] | sQ [2][BLOCK_M][SMEM_STRIDE] |
+// sdO [2][BLOCK_M][SMEM_STRIDE] | sdS [BLOCK_N][DS_STRIDE] (COMPUTE_DQ only), 16-bit elements; then
+// sLse [2][BLOCK_M] | sDelta [2][BLOCK_M] floats. xattn/configs.py computes the same size.
+// After the last step each warp stages its dK rows in sK and its dV rows in sV.
+
+// ---- device helpers ---------------------------------------------------------------------------
+
+// Copy one step's query-side tiles: Q and dO rows, the LSE (base 2) and delta. Query rows past the
+// end get LSE = +inf, as do rows that saw no key in the forward (LSE = -inf there): either way
+// exp2(s - lse) is then 0, so such rows add nothing, with no mask and no NaN.
+__device__ __forceinline__ void load_query_step(u16* sQ, u16* sdO, float* sLse, float* sDelta,
+                                                const u16* q, i64 q_row_stride, const u16* dout,
+                                                i64 do_row_stride, const float* lse, const float* delta,
+                                                int valid_rows, int head_dim, int tid) {
+    load_tile<BLOCK_M>(sQ, q, q_row_stride, valid_rows, head_dim, tid);
+    load_tile<BLOCK_M>(sdO, dout, do_row_stride, valid_rows, head_dim, tid);
+    for (int r = tid; r < BLOCK_M; r += NUM_THREADS) {
+        float l = r < valid_rows ? lse[r] : NEG_INF;
+        sLse[r] = l == NEG_INF ? -NEG_INF : l * 1.4426950408889634f;  // log2(e)
+        sDelta[r] = r < valid_rows ? delta[r] : 0.f;
+    }
+}
+
+// -inf for the scores of pairs (query, key) the mask hides; rows of S^T are keys, columns queries.
+__device__ __forceinline__ void mask_scores_t(float (&acc_s)[K_TILES][Q_TILES][4], int key_start,
+                                              int m_start, int seqlen_q, int seqlen_k, int lane) {
+#pragma unroll
+    for (int kt = 0; kt < K_TILES; ++kt)
+#pragma unroll
+        for (int qt = 0; qt < Q_TILES; ++qt)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
+                int key = key_start + kt * 16 + lane / 4 + (e / 2) * 8;
+                int query = m_start + qt * 8 + (lane % 4) * 2 + e % 2;
+                if (!key_visible(query, key, seqlen_q, seqlen_k, IS_CAUSAL)) acc_s[kt][qt][e] = NEG_INF;
+            }
+}
+
+// P^T = exp2(S^T * scale_log2 - lse_log2[query]) and dS^T = P^T * (dP^T - delta[query]), in place.
+__device__ __forceinline__ void softmax_backward_t(float (&acc_s)[K_TILES][Q_TILES][4],
+                                                   float (&acc_dp)[K_TILES][Q_TILES][4],
+                                                   const float* sLse, const float* sDelta,
+                                                   float scale_log2, int lane) {
+#pragma unroll
+    for (int qt = 0; qt < Q_TILES; ++qt) {
+        int col = qt * 8 + (lane % 4) * 2;
+        float2 lse2 = *(const float2*)(sLse + col);
+        float2 delta2 = *(const float2*)(sDelta + col);
+#pragma unroll
+        for (int kt = 0; kt < K_TILES; ++kt)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
+                float p = fast_exp2(acc_s[kt][qt][e] * scale_log2 - (e % 2 ? lse2.y : lse2.x));
+                acc_s[kt][qt][e] = p;
+                acc_dp[kt][qt][e] = p * (acc_dp[kt][qt][e] - (e % 2 ? delta2.y : delta2.x));
+            }
+    }
+}
+
+// Accumulator tiles -> A-operand fragments over the query dimension (pack_a_fragment).
+__device__ __forceinline__ void pack_t(u32 (&frag)[K_TILES][BLOCK_M / 16][4],
+                                      const float (&acc)[K_TILES][Q_TILES][4]) {
+#pragma unroll
+    for (int kt = 0; kt < K_TILES; ++kt)
+#pragma unroll
+        for (int kk = 0; kk < BLOCK_M / 16; ++kk) pack_a_fragment(frag[kt][kk], acc[kt][2 * kk], acc[kt][2 * kk + 1]);
+}
+
+// dq_accum[rows, cols] += dS K for this warp's tile of the step's queries (float32 atomics).
+__device__ __forceinline__ void accumulate_dq(float* dq_accum, u32 ds_lane, u32 k_lane, int m_start,
+                                              int row0, int col0, int seqlen_q, int head_dim,
+                                              int lane) {
+    float acc_dq[DQ_ROWS / 16][DQ_COLS / 8][4];
+    zero(acc_dq);
+    mma_at_b<DQ_ROWS / 16, DQ_COLS / 8, BLOCK_N / 16, DS_STRIDE, SMEM_STRIDE>(acc_dq, ds_lane, k_lane);
+#pragma unroll
+    for (int mt = 0; mt < DQ_ROWS / 16; ++mt)
+#pragma unroll
+        for (int nt = 0; nt < DQ_COLS / 8; ++nt)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
+                int row = m_start + row0 + mt * 16 + lane / 4 + (e / 2) * 8;
+                int col = col0 + nt * 8 + (lane % 4) * 2 + e % 2;
+                if (row < seqlen_q && col < head_dim) atomicAdd(dq_accum + (i64)row * head_dim + col, acc_dq[mt][nt][e]);
+            }
+}
+
+// ---- entry point ------------------------------------------------------------------------------
+
+extern "C" __global__ void __launch_bounds__(NUM_THREADS, MIN_BLOCKS)
+flash_bwd_dkdv(const u16* __restrict__ q, const u16* __restrict__ k, const u16* __restrict__ v,
+               const u16* __restrict__ dout, const float* __restrict__ lse,
+               const float* __restrict__ delta, float* __restrict__ dq_accum,
+               u16* __restrict__ dk, u16* __restrict__ dv,
+               i64 q_batch_stride, i64 q_head_stride, i64 q_row_stride,
+               i64 k_batch_stride, i64 k_head_stride, i64 k_row_stride,
+               i64 v_batch_stride, i64 v_head_stride, i64 v_row_stride,
+               i64 do_batch_stride, i64 do_head_stride, i64 do_row_stride,
+               i64 dk_batch_stride, i64 dk_head_stride, i64 dk_row_stride,
+               i64 dv_batch_stride, i64 dv_head_stride, i64 dv_row_stride,
+               i64 lse_batch_stride, i64 lse_head_stride,
+               i64 delta_batch_stride, i64 delta_head_stride,
+               int seqlen_q, int seqlen_k, int head_dim, int heads_q, int heads_per_kv,
+               float scale, float scale_log2) {
+    extern __shared__ __align__(16) u16 smem[];
+    u16* sK = smem;
+    u16* sV = sK + BLOCK_N * SMEM_STRIDE;
+    u16* sQ = sV + BLOCK_N * SMEM_STRIDE;            // [2][BLOCK_M][SMEM_STRIDE]
+    u16* sdO = sQ + 2 * BLOCK_M * SMEM_STRIDE;       // [2][BLOCK_M][SMEM_STRIDE]
+    u16* sdS = sdO + 2 * BLOCK_M * SMEM_STRIDE;      // [BLOCK_N][DS_STRIDE]
+    float* sLse = (float*)(sdS + (COMPUTE_DQ ? BLOCK_N * DS_STRIDE : 0));  // [2][BLOCK_M]
+    float* sDelta = sLse + 2 * BLOCK_M;                                     // [2][BLOCK_M]
+
+    const int n_block = blockIdx.x, kv_head = blockIdx.y, batch = blockIdx.z;
+    const int tid = threadIdx.x, warp = tid / WARP_SIZE, lane = tid % WARP_SIZE;
+    const int n_start = n_block * BLOCK_N;
+    const int warp_key_start = n_start + warp * WARP_N;
+
+    k += batch * k_batch_stride + kv_head * k_head_stride + n_start * k_row_stride;
+    v += batch * v_batch_stride + kv_head * v_head_stride + n_start * v_row_stride;
+
+    // The query blocks that see any key of this block: causal ones start at the diagonal.
+    const int first_query = IS_CAUSAL ? max(0, n_start - (seqlen_k - seqlen_q)) : 0;
+    const int m_begin = first_query / BLOCK_M, m_end = (seqlen_q + BLOCK_M - 1) / BLOCK_M;
+    const int steps_per_head = max(0, m_end - m_begin);
+    const int steps = steps_per_head * heads_per_kv;
+
+    // Step s covers query block m_begin + s % steps_per_head of query head (group start + s / steps_per_head).
+    auto step_head = [&](int s) { return kv_head * heads_per_kv + s / steps_per_head; };
+    auto step_m_start = [&](int s) { return (m_begin + s % steps_per_head) * BLOCK_M; };
+    auto issue_step = [&](int s, int buf) {
+        int head = step_head(s), m_start = step_m_start(s);
+        i64 q_off = batch * q_batch_stride + head * q_head_stride + m_start * q_row_stride;
+        i64 do_off = batch * do_batch_stride + head * do_head_stride + m_start * do_row_stride;
+        i64 row_off = m_start;
+        load_query_step(sQ + buf * BLOCK_M * SMEM_STRIDE, sdO + buf * BLOCK_M * SMEM_STRIDE,
+                        sLse + buf * BLOCK_M, sDelta + buf * BLOCK_M, q + q_off, q_row_stride,
+                        dout + do_off, do_row_stride,
+                        lse + batch * lse_batch_stride + head * lse_head_stride + row_off,
+                        delta + batch * delta_batch_stride + head * delta_head_stride + row_off,
+                        seqlen_q - m_start, head_dim, tid);
+    };
+
+    // Prologue: this block's K and V tiles and the first query step.
+    load_tile<BLOCK_N>(sK, k, k_row_stride, seqlen_k - n_start, head_dim, tid);
+    load_tile<BLOCK_N>(sV, v, v_row_stride, seqlen_k - n_start, head_dim, tid);
+    if (steps > 0) issue_step(0, 0);
+    cp_async_commit();
+
+    // ldmatrix lane addresses (mma_tile.h). K and V are A operands of S^T = K Q^T and
+    // dP^T = V dO^T; Q and dO rows are B^T there, and row-major B of dK += dS^T Q, dV += P^T dO.
+    const u32 k_lane = lane_address_x<SMEM_STRIDE>(smem_addr(sK), warp * WARP_N, 0, lane);
+    const u32 v_lane = lane_address_x<SMEM_STRIDE>(smem_addr(sV), warp * WARP_N, 0, lane);
+    const u32 q_lane_y = lane_address_y<SMEM_STRIDE>(smem_addr(sQ), 0, 0, lane);
+    const u32 do_lane_y = lane_address_y<SMEM_STRIDE>(smem_addr(sdO), 0, 0, lane);
+    const u32 q_lane_x = lane_address_x<SMEM_STRIDE>(smem_addr(sQ), 0, 0, lane);
+    const u32 do_lane_x = lane_address_x<SMEM_STRIDE>(smem_addr(sdO), 0, 0, lane);
+    const u32 buffer_bytes = tile_offset<SMEM_STRIDE>(BLOCK_M, 0);
+    // dQ = dS K: this warp's (rows x head-dim) tile; dS^T rows are keys, so dS is read transposed.
+    const int dq_row0 = (warp / DQ_WARPS_D) * DQ_ROWS, dq_col0 = (warp % DQ_WARPS_D) * DQ_COLS;
+    const u32 ds_lane = lane_address_y<DS_STRIDE>(smem_addr(sdS), 0, dq_row0, lane);
+    const u32 k_lane_dq = lane_address_x<SMEM_STRIDE>(smem_addr(sK), 0, dq_col0, lane);
+
+    float acc_dk[K_TILES][D_TILES][4], acc_dv[K_TILES][D_TILES][4];
+    zero(acc_dk);
+    zero(acc_dv);
+
+    for (int s = 0; s < steps; ++s) {
+        const int buf = s % 2, head = step_head(s), m_start = step_m_start(s);
+        cp_async_wait<0>();
+        // This step's tiles are visible to every warp; every warp is done with the other buffer
+        // and with sdS of the previous step.
+        __syncthreads();
+        if (s + 1 < steps) issue_step(s + 1, 1 - buf);
+        cp_async_commit();
+        const float* sLse_s = sLse + buf * BLOCK_M;
+        const float* sDelta_s = sDelta + buf * BLOCK_M;
+
+        // S^T = K Q^T and dP^T = V dO^T for this warp's keys and the step's queries.
+        float acc_s[K_TILES][Q_TILES][4], acc_dp[K_TILES][Q_TILES][4];
+        zero(acc_s);
+        zero(acc_dp);
+        mma_a_bt<K_TILES, Q_TILES, HEAD_DIM / 16, SMEM_STRIDE, SMEM_STRIDE>(acc_s, k_lane, q_lane_y + buf * buffer_bytes);
+        bool needs_mask = warp_key_start + WARP_N > seqlen_k ||
+                          (IS_CAUSAL && warp_key_start + WARP_N - 1 > m_start + seqlen_k - seqlen_q);
+        if (needs_mask) mask_scores_t(acc_s, warp_key_start, m_start, seqlen_q, seqlen_k, lane);
+        mma_a_bt<K_TILES, Q_TILES, HEAD_DIM / 16, SMEM_STRIDE, SMEM_STRIDE>(acc_dp, v_lane, do_lane_y + buf * buffer_bytes);
+        softmax_backward_t(acc_s, acc_dp, sLse_s, sDelta_s, scale_log2, lane);  // acc_s: P^T, acc_dp: dS^T
+
+        // dV += P^T dO, dK += dS^T Q (scale applied once, at the end).
+        u32 frag[K_TILES][BLOCK_M / 16][4];
+        pack_t(frag, acc_s);
+        mma_areg_b<K_TILES, D_TILES, BLOCK_M / 16, SMEM_STRIDE>(acc_dv, frag, do_lane_x + buf * buffer_bytes);
+        pack_t(frag, acc_dp);
+        mma_areg_b<K_TILES, D_TILES, BLOCK_M / 16, SMEM_STRIDE>(acc_dk, frag, q_lane_x + buf * buffer_bytes);
+
+#if COMPUTE_DQ
+        // dQ += dS K: every warp needs all keys' dS, so dS^T goes through shared memory.
+#pragma unroll
+        for (int kt = 0; kt < K_TILES; ++kt)
+#pragma unroll
+            for (int qt = 0; qt < Q_TILES; ++qt)
+                store_c_fragment<DS_STRIDE>(sdS, warp * WARP_N + kt * 16, qt * 8, acc_dp[kt][qt], 1.f, lane);
+        __syncthreads();  // sdS complete
+        accumulate_dq(dq_accum + ((i64)batch * heads_q + head) * seqlen_q * head_dim, ds_lane, k_lane_dq,
+                      m_start, dq_row0, dq_col0, seqlen_q, head_dim, lane);
+#endif
+    }
+
+    // Epilogue: each warp stages its dK (scaled) and dV rows in its own rows of sK and sV, then
+    // copies them out. Other warps may still read sK in their last dQ product: wait for them.
+    cp_async_wait<0>();
+    __syncthreads();
+    u16* sdK = sK + warp * WARP_N * SMEM_STRIDE;
+    u16* sdV = sV + warp * WARP_N * SMEM_STRIDE;
+#pragma unroll
+    for (int kt = 0; kt < K_TILES; ++kt)
+#pragma unroll
+        for (int dt = 0; dt < D_TILES; ++dt) {
+            store_c_fragment<SMEM_STRIDE>(sdK, kt * 16, dt * 8, acc_dk[kt][dt], scale, lane);
+            store_c_fragment<SMEM_STRIDE>(sdV, kt * 16, dt * 8, acc_dv[kt][dt], 1.f, lane);
+        }
+    warp_sync();
+    dk += batch * dk_batch_stride + kv_head * dk_head_stride + (i64)warp_key_start * dk_row_stride;
+    dv += batch * dv_batch_stride + kv_head * dv_head_stride + (i64)warp_key_start * dv_row_stride;
+    store_rows<WARP_N>(dk, dk_row_stride, sdK, seqlen_k - warp_key_start, head_dim, lane);
+    store_rows<WARP_N>(dv, dv_row_stride, sdV, seqlen_k - warp_key_start, head_dim, lane);
+}

@@ -5,3 +5,11 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 pip install --quiet cuda-bindings nvidia-cuda-nvrtc
 python ci/compile_kernels.py
+
+# The same for the HIP kernels: every specialization compiles with hiprtc (ROCm 5.2 from Debian)
+# for gfx908, gfx90a and gfx1030, without scratch or spills, MFMA on CDNA (ci/hip_compile.py).
+# hipcc is installed for its dependencies (ROCm's LLVM tools, which read the code objects).
+if command -v apt-get >/dev/null; then
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq hipcc libamdhip64-dev rocm-device-libs >/dev/null
+fi
+python ci/hip_compile.py

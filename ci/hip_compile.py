@@ -1,0 +1,196 @@
+"""Compile every HIP specialization in xattn/configs.py with hiprtc, the compiler CuPy uses on
+ROCm, for gfx908, gfx90a and gfx1030, and inspect the code objects: registers, scratch, spills,
+LDS, and the MFMA instructions of the matrix-core kernel.
+
+Runs without a GPU: hiprtc (hiprtcCreateProgram / hiprtcCompileProgram in libamdhip64.so) comes
+from Debian's ROCm 5.2 packages (apt-get install hipcc libamdhip64-dev rocm-device-libs), and the
+code objects are read with that ROCm's LLVM tools (llvm-readelf for the AMDGPU metadata note,
+llvm-objdump for the instructions). gfx940/gfx942 (MI300) and gfx11 (RDNA3) are newer than this
+compiler: the script shows its answer for them and compiles the same sources for gfx90a and
+gfx1030 instead, whose instructions they share (MFMA 32x32x8 f16/bf16_1k; wave32 FMA).
+
+Fails (exit 1) on a compile error, scratch or spills in any variant, registers or LDS over the
+target's limits, or an MFMA variant without MFMA instructions.
+
+    python ci/hip_compile.py [--arch gfx908 gfx90a gfx1030] [--jobs N]
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import glob
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from concurrent.futures import ProcessPoolExecutor
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from xattn import configs, jit  # noqa: E402
+
+TARGETS = ("gfx908", "gfx90a", "gfx1030")
+NEWER_TARGETS = ("gfx942", "gfx1100")  # expected to be unknown to ROCm 5.2's compiler
+# Registers one lane may use: (VGPRs, AGPRs). gfx90a has one file of 512 shared by both kinds.
+REGISTER_LIMIT = {"gfx908": (256, 256), "gfx90a": (512, 256), "gfx1030": (256, 0)}
+
+
+def _tool(name: str) -> str:
+    found = shutil.which(name) or next(iter(sorted(glob.glob(f"/usr/bin/{name}-*"), reverse=True)), None)
+    if found is None:
+        raise SystemExit(f"{name} not found (Debian: apt-get install llvm-15, a dependency of hipcc)")
+    return found
+
+
+def hiprtc_compile(code: str, name: str, options: list[str]) -> tuple[bool, str, bytes]:
+    lib = ctypes.CDLL("libamdhip64.so")
+    prog = ctypes.c_void_p()
+    status = lib.hiprtcCreateProgram(ctypes.byref(prog), code.encode(), name.encode(), 0, None, None)
+    if status != 0:
+        return False, f"hiprtcCreateProgram returned {status}", b""
+    argv = (ctypes.c_char_p * len(options))(*[o.encode() for o in options])
+    status = lib.hiprtcCompileProgram(prog, len(options), argv)
+    size = ctypes.c_size_t()
+    lib.hiprtcGetProgramLogSize(prog, ctypes.byref(size))
+    log = ctypes.create_string_buffer(size.value + 1)
+    lib.hiprtcGetProgramLog(prog, log)
+    binary = b""
+    if status == 0:
+        lib.hiprtcGetCodeSize(prog, ctypes.byref(size))
+        buffer = ctypes.create_string_buffer(size.value)
+        lib.hiprtcGetCode(prog, buffer)
+        binary = buffer.raw
+    lib.hiprtcDestroyProgram(ctypes.byref(prog))
+    return status == 0, log.value.decode(errors="replace").strip(), binary
+
+
+def probe(target: str) -> str:
+    """Whether hiprtc knows `target`, asked in a child process: ROCm 5.2's hiprtc aborts the
+    process (munmap_chunk: invalid pointer) on a target name it does not know."""
+    result = subprocess.run([sys.executable, os.path.abspath(__file__), "--probe", target],
+                            capture_output=True, text=True)
+    if result.returncode == 0:
+        return result.stdout.strip()
+    return (f"not supported by this compiler: hiprtc aborts on the target name (exit "
+            f"{result.returncode}); the kernels are compiled for its older siblings instead")
+
+
+def inspect(binary: bytes, target: str) -> dict[str, int]:
+    """Kernel metadata (AMDGPU note) and MFMA instruction count of one code object."""
+    with tempfile.NamedTemporaryFile(suffix=".co") as f:
+        f.write(binary)
+        f.flush()
+        notes = subprocess.run([_tool("llvm-readelf"), "--notes", f.name], check=True,
+                               capture_output=True, text=True).stdout
+        disassembly = subprocess.run([_tool("llvm-objdump"), "-d", f"--mcpu={target}", f.name],
+                                     check=True, capture_output=True, text=True).stdout
+
+    def field(key: str) -> int:
+        match = re.search(rf"\.{key}:\s+(\d+)", notes)
+        return int(match.group(1)) if match else 0
+
+    return {
+        "vgpr": field("vgpr_count"), "agpr": field("agpr_count"), "sgpr": field("sgpr_count"),
+        "spills": field("vgpr_spill_count") + field("sgpr_spill_count"),
+        "scratch": field("private_segment_fixed_size"), "static_lds": field("group_segment_fixed_size"),
+        "wave": field("wavefront_size"),
+        "mfma": len(re.findall(r"\bv_mfma_", disassembly)),
+    }
+
+
+def variants(targets):
+    """(cfg, target, dtype, causal, vec) for every call a device of `target` would send to cfg."""
+    for cfg in configs.HIP_TABLE:
+        for target in targets:
+            for dtype, kernels in configs.HIP_KERNELS_FOR_DTYPE.items():
+                if cfg.kernel not in kernels:
+                    continue
+                for causal in (False, True):
+                    try:
+                        if configs.select_hip(dtype, target, cfg.head_dim, causal) != cfg:
+                            continue  # not the row a device of this target uses for this call
+                    except ValueError:
+                        continue
+                    for vec in (True, False) if cfg.kernel == "flash_fwd_mfma" else (False,):
+                        yield cfg, target, dtype, causal, vec
+
+
+def options(target: str, defines: dict[str, int]) -> list[str]:
+    return [f"--offload-arch={target}", "-O3", "-std=c++17", *jit.define_options(defines)]
+
+
+def compile_variant(variant):
+    cfg, target, dtype, causal, vec = variant
+    defines = configs.hip_defines(cfg, dtype, causal, vec)
+    start = time.perf_counter()
+    ok, log, binary = hiprtc_compile(jit.preprocess("hip", cfg.kernel + ".hip"), cfg.kernel + ".hip",
+                                     options(target, defines))
+    seconds = time.perf_counter() - start
+    return variant, ok, log, inspect(binary, target) if ok else None, seconds
+
+
+def check(variant, r) -> list[str]:
+    cfg, target, dtype, causal, vec = variant
+    problems = []
+    if r["scratch"] or r["spills"]:
+        problems.append("SCRATCH/SPILLS")
+    vgpr_limit, agpr_limit = REGISTER_LIMIT[target]
+    if r["vgpr"] > vgpr_limit or r["agpr"] > agpr_limit:
+        problems.append("REGISTERS")
+    if configs.hip_shared_memory_bytes(cfg) + r["static_lds"] > configs.HIP_LDS_BYTES:
+        problems.append("LDS")
+    if r["wave"] != configs.hip_wave_size(cfg):
+        problems.append("WAVE SIZE")
+    if cfg.kernel == "flash_fwd_mfma" and r["mfma"] == 0:
+        problems.append("NO MFMA")
+    return problems
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--arch", nargs="+", default=list(TARGETS))
+    parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1)
+    parser.add_argument("--probe", metavar="TARGET", help="compile an empty kernel for TARGET only")
+    args = parser.parse_args(argv)
+    if args.probe:
+        ok, log, _ = hiprtc_compile('extern "C" __global__ void k() {}', "probe.hip",
+                                    options(args.probe, {}))
+        print("compiles" if ok else f"compile error: {log[:200]}")
+        return 0
+
+    version = ctypes.c_int()
+    ctypes.CDLL("libamdhip64.so").hipRuntimeGetVersion(ctypes.byref(version))
+    print(f"hiprtc from libamdhip64.so, HIP runtime version {version.value}")
+    for target in NEWER_TARGETS:
+        print(f"{target}: {probe(target)}")
+
+    failures = 0
+    print(f"{'kernel':18} {'target':7} {'dtype':8} {'D':>3} {'tile':>7} {'wave':>4} {'causal':>6} {'vec':>3} "
+          f"{'vgpr':>4} {'agpr':>4} {'sgpr':>4} {'LDS KB':>6} {'scratch':>7} {'spill':>5} {'mfma':>4} {'sec':>4}")
+    start = time.perf_counter()
+    with ProcessPoolExecutor(max_workers=args.jobs) as pool:
+        for variant, ok, log, r, seconds in pool.map(compile_variant, variants(args.arch)):
+            cfg, target, dtype, causal, vec = variant
+            if not ok:
+                print(f"COMPILE ERROR {cfg} {target} {dtype} causal={causal} vec={vec}\n{log}")
+                failures += 1
+                continue
+            problems = check(variant, r)
+            failures += bool(problems)
+            lds = (configs.hip_shared_memory_bytes(cfg) + r["static_lds"]) / 1024
+            print(f"{cfg.kernel:18} {target:7} {dtype:8} {cfg.head_dim:>3} {cfg.block_m:>3}x{cfg.block_n:<3} "
+                  f"{r['wave']:>4} {causal!s:>6} {int(vec):>3} {r['vgpr']:>4} {r['agpr']:>4} {r['sgpr']:>4} "
+                  f"{lds:>6.1f} {r['scratch']:>7} {r['spills']:>5} {r['mfma']:>4} {seconds:>4.1f}"
+                  + (f"  <-- {', '.join(problems)}" if problems else ""))
+    print(f"hip compile check ({time.perf_counter() - start:.0f} s):",
+          "FAILED" if failures else "all variants compiled; no scratch, no spills, registers and LDS "
+          "within limits, MFMA in every matrix-core variant")
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,50 @@
+// AMD-specific building blocks shared by the HIP attention kernels: element types, the wave
+// size, cross-lane shuffles, exp2 and barriers. Written against HIP's device API only (hiprtc
+// provides it without any #include), so that tests/hip_on_cuda.h can map the same names onto
+// CUDA and the portable kernel runs on an NVIDIA GPU. The CDNA matrix-core wrappers are in
+// mfma.h; nothing here is specific to one GPU generation.
+#pragma once
+
+typedef unsigned short u16;
+typedef unsigned int u32;
+typedef long long i64;
+
+// ---- wave size -----------------------------------------------------------------------------
+// WAVE_SIZE is a compile-time parameter set by xattn/configs.py from the target: 64 on CDNA and
+// GCN (gfx9), 32 on RDNA (gfx10, gfx11: hiprtc's default there), 32 on NVIDIA for the tests.
+// The compiler knows the real one on AMD: a mismatch is a compile error, not a wrong result.
+#if defined(__AMDGCN_WAVEFRONT_SIZE)
+static_assert(WAVE_SIZE == __AMDGCN_WAVEFRONT_SIZE, "WAVE_SIZE must match the target's wave size");
+#endif
+
+// ---- element type --------------------------------------------------------------------------
+// ELEM_TYPE 0: float16, 1: bfloat16 (both carried as raw 16-bit words), 2: float32.
+#if ELEM_TYPE == 2
+typedef float elem_t;
+__device__ __forceinline__ float elem_to_float(float x) { return x; }
+__device__ __forceinline__ float float_to_elem(float x) { return x; }
+#else
+typedef u16 elem_t;
+#if ELEM_TYPE == 1
+__device__ __forceinline__ float elem_to_float(u16 x) { return __uint_as_float(((u32)x) << 16); }
+// Round to nearest even; NaN stays a (quiet) NaN instead of rounding into infinity.
+__device__ __forceinline__ u16 float_to_elem(float x) {
+    u32 bits = __float_as_uint(x);
+    if ((bits & 0x7fffffffu) > 0x7f800000u) return (u16)((bits >> 16) | 0x40u);
+    bits += 0x7fffu + ((bits >> 16) & 1u);
+    return (u16)(bits >> 16);
+}
+#else
+__device__ __forceinline__ float elem_to_float(u16 x) { return __half2float(__ushort_as_half(x)); }
+__device__ __forceinline__ u16 float_to_elem(float x) { return __half_as_ushort(__float2half(x)); }
+#endif
+#endif
+
+// ---- math and cross-lane operations --------------------------------------------------------
+// v_exp_f32 on AMD: exp2(-inf) = 0, as the masking relies on.
+__device__ __forceinline__ float fast_exp2(float x) { return exp2f(x); }
+
+// Butterfly exchange inside groups of `width` lanes (width a power of two, <= WAVE_SIZE).
+__device__ __forceinline__ float shfl_xor(float x, int lane_mask, int width = WAVE_SIZE) {
+    return __shfl_xor(x, lane_mask, width);
+}

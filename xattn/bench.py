@@ -2,6 +2,8 @@
 side in one process, on the shapes of ../shared/ANCHORS.md (B*S = 16384, H*D = 2048).
 
 Forward FLOPs = 4*B*H*Sq*Sk*D, halved when causal (the FlashAttention papers' convention).
+With --bwd: backward (2.5x the forward FLOPs) and forward+backward (3.5x) against SDPA flash and
+cuDNN on the same shapes, and the peak memory of forward+backward at one long sequence.
 A benchmark, not a test: it prints a table with ratios, and writes JSON and (with matplotlib) a PNG.
 """
 
@@ -147,6 +149,125 @@ def _plot(rows, path: Path) -> bool:
     return True
 
 
+# ------------------------------------------------------------------------------- --bwd
+
+BWD_PEERS = ("flash", "cudnn")
+BWD_FLOPS_FACTOR = 2.5  # backward / forward FLOPs (FlashAttention-2 paper)
+
+
+def run_backward(args, timer, device="cuda") -> list[dict]:
+    """Backward and forward+backward TFLOP/s of xattn and its peers on the forward table's shapes."""
+    import torch
+
+    import xattn
+
+    rows = []
+    for dtype_name, head_dim, causal, seqlen in forward_cases(args):
+        dtype = getattr(torch, dtype_name)
+        batch, heads = max(1, args.tokens // seqlen), max(1, args.width // head_dim)
+        q, k, v = (torch.randn(batch, heads, seqlen, head_dim, device=device, dtype=dtype)
+                   .requires_grad_() for _ in range(3))
+        dout = torch.randn_like(q)
+        fwd_flops = 4 * batch * heads * seqlen * seqlen * head_dim / (2 if causal else 1)
+        row = {"dtype": dtype_name, "head_dim": head_dim, "causal": causal, "seqlen": seqlen,
+               "batch": batch, "heads": heads}
+        impls = {"xattn": lambda q, k, v: xattn.attention(q, k, v, causal=causal)}
+        impls |= {name: _sdpa(name, causal) for name in BWD_PEERS}
+        reference = None
+        for name, fn in impls.items():
+            try:
+                out = fn(q, k, v)
+                # Backward alone: the graph is kept and walked again on every repetition.
+                ms_bwd = timer(lambda: torch.autograd.grad(out, (q, k, v), dout,
+                                                           retain_graph=True))
+                ms_both = timer(lambda: torch.autograd.grad(fn(q, k, v), (q, k, v), dout))
+                grads = torch.autograd.grad(out, (q, k, v), dout)
+            except Exception as exc:  # a peer may not support this shape or GPU
+                row[name] = row[f"{name}_fwdbwd"] = None
+                row[f"{name}_error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:80]}"
+                continue
+            row[name] = BWD_FLOPS_FACTOR * fwd_flops / ms_bwd / 1e9  # TFLOP/s
+            row[f"{name}_fwdbwd"] = (1 + BWD_FLOPS_FACTOR) * fwd_flops / ms_both / 1e9
+            if name == "xattn":
+                reference = grads
+            elif name == "flash" and reference is not None:
+                for label, mine, theirs in zip(("dq", "dk", "dv"), reference, grads):
+                    diff = (mine.float() - theirs.float()).norm() / theirs.float().norm()
+                    row[f"xattn_vs_flash_{label}_rel_err"] = float(diff)
+            del out, grads
+        rows.append(row)
+        print(_format_bwd_row(row), flush=True)
+        del q, k, v, dout, reference
+        if device == "cuda":
+            torch.cuda.empty_cache()
+    return rows
+
+
+def run_memory(args) -> dict:
+    """Peak torch.cuda memory of forward+backward over the inputs' bytes, at one long sequence
+    (B = 1, H = args.width // D, D = 128, bf16) where the math backend's S x S matrix cannot fit."""
+    import torch
+
+    import xattn
+
+    seqlen, head_dim = args.mem_seqlen, 128
+    heads = max(1, args.width // head_dim)
+    impls = {"xattn": lambda q, k, v: xattn.attention(q, k, v)}
+    impls |= {name: _sdpa(name, False) for name in BWD_PEERS}
+    impls["math"] = _sdpa_math()
+    result = {"seqlen": seqlen, "heads": heads, "head_dim": head_dim, "dtype": "bfloat16"}
+    for name, fn in impls.items():
+        torch.cuda.empty_cache()
+        q, k, v = (torch.randn(1, heads, seqlen, head_dim, device="cuda", dtype=torch.bfloat16)
+                   .requires_grad_() for _ in range(3))
+        input_bytes = 3 * q.numel() * q.element_size()
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        try:
+            fn(q, k, v).backward(torch.ones_like(q))
+            torch.cuda.synchronize()
+            result[name] = (torch.cuda.max_memory_allocated() - base) / input_bytes
+        except Exception as exc:  # the math backend runs out of memory here, by design
+            result[name] = None
+            result[f"{name}_error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:80]}"
+        del q, k, v
+    cells = [f"{result[n]:6.2f}x" if result.get(n) else "   OOM/-" for n in impls]
+    print(f"# memory, forward+backward, bf16 B=1 H={heads} D={head_dim} S={seqlen}: peak "
+          f"allocated / inputs' bytes")
+    print("  ".join(f"{n}={c.strip()}" for n, c in zip(impls, cells)), flush=True)
+    return result
+
+
+def _sdpa_math():
+    import torch.nn.functional as F
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    def run(q, k, v):
+        with sdpa_kernel(SDPBackend.MATH):
+            return F.scaled_dot_product_attention(q, k, v)
+
+    return run
+
+
+def _format_bwd_row(row) -> str:
+    cells = [f"{row['dtype']:8}", f"D{row['head_dim']:<4}", "causal" if row["causal"] else "      ",
+             f"S{row['seqlen']:<6}"]
+    for suffix in ("", "_fwdbwd"):
+        for name in ("xattn", *BWD_PEERS):
+            value = row.get(name + suffix)
+            cells.append(f"{value:7.1f}" if value else "      -")
+        for peer in BWD_PEERS:
+            a, b = row.get("xattn" + suffix), row.get(peer + suffix)
+            cells.append(f"{a / b:5.2f}x" if a and b else "    - ")
+    return " ".join(cells)
+
+
+BWD_HEADER = (f"{'':29}{'backward':^38}{'forward+backward':^38}\n"
+              f"{'dtype':8} {'D':5} {'':6} {'S':7}"
+              + (f" {'xattn':>7} {'flash':>7} {'cudnn':>7} {'/flash':>6} {'/cudnn':>6}" * 2))
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m xattn bench", description=__doc__.splitlines()[0])
     parser.add_argument("--dtypes", nargs="+", default=["bfloat16", "float16"])
@@ -157,6 +278,10 @@ def main(argv=None) -> int:
     parser.add_argument("--tokens", type=int, default=16384, help="B * S")
     parser.add_argument("--width", type=int, default=2048, help="H * D")
     parser.add_argument("--out", type=Path, default=Path("bench_results"), help="folder for JSON and PNG")
+    parser.add_argument("--bwd", action="store_true",
+                        help="backward and forward+backward instead of forward, plus a memory row")
+    parser.add_argument("--mem-seqlen", type=int, default=65536,
+                        help="sequence length of the --bwd memory row")
     args = parser.parse_args(argv)
 
     import torch
@@ -166,6 +291,8 @@ def main(argv=None) -> int:
         return 2
     timer = _timer()
     device = torch.cuda.get_device_name()
+    if args.bwd:
+        return _main_bwd(args, timer, device)
     print(f"# {device}, torch {torch.__version__}, forward TFLOP/s (median)")
     print(HEADER)
     rows = run_forward(args, timer)
@@ -176,6 +303,24 @@ def main(argv=None) -> int:
     plotted = _plot(rows, args.out / "bench.png")
     print(f"# wrote {args.out / 'bench.json'}" + (f" and {args.out / 'bench.png'}" if plotted else
                                                   " (no matplotlib: no plot)"))
+    return 0
+
+
+def _main_bwd(args, timer, device) -> int:
+    import torch
+
+    print(f"# {device}, torch {torch.__version__}, backward ({BWD_FLOPS_FACTOR}x forward FLOPs) "
+          f"and forward+backward TFLOP/s (median)")
+    print(BWD_HEADER)
+    rows = run_backward(args, timer)
+    memory = run_memory(args)
+    args.out.mkdir(parents=True, exist_ok=True)
+    meta = {"device": device, "torch": torch.__version__, "python": platform.python_version()}
+    (args.out / "bench_bwd.json").write_text(
+        json.dumps({"meta": meta, "backward": rows, "memory": memory}, indent=1))
+    plotted = _plot(rows, args.out / "bench_bwd.png")  # backward TFLOP/s per shape group
+    print(f"# wrote {args.out / 'bench_bwd.json'}" + (f" and {args.out / 'bench_bwd.png'}"
+                                                      if plotted else " (no matplotlib: no plot)"))
     return 0
 
 

@@ -319,3 +319,40 @@ def test_gradient_oracle_matches_finite_differences():
                 minus[which][index] -= step
                 numeric[index] = (loss(*plus) - loss(*minus)) / (2 * step)
             np.testing.assert_allclose(grad, numeric, rtol=1e-6, atol=1e-8)
+
+
+# ------------------------------------------------- the cuda backward kernels, called directly
+
+BACKWARD_SIZES = [  # (B, Hq, Hk, Sq, Sk, D, causal); empty problems never reach the kernels
+    (1, 2, 1, 1, 1, 1, False), (2, 7, 1, 65, 129, 63, True), (1, 4, 2, 200, 64, 128, True),
+    (1, 2, 2, 64, 200, 256, True), (2, 2, 1, 127, 127, 80, False), (1, 1, 1, 129, 63, 200, True),
+    (1, 8, 2, 1000, 1500, 64, True), (2, 4, 4, 300, 300, 96, False),
+]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("deterministic", [False, True])
+@pytest.mark.parametrize("size", BACKWARD_SIZES, ids=str)
+def test_cuda_backward_writes_every_element(cuda_backend, size, deterministic):
+    """xattn.cuda.backward on (B, H, S, D) torch tensors, dq/dk/dv poisoned with NaN."""
+    if not torch.cuda.is_available():
+        pytest.skip("torch has no CUDA here")
+    from xattn import cuda
+    batch, q_heads, kv_heads, sq, sk, head_dim, causal = size
+    scale = 1 / math.sqrt(head_dim)
+    rng = np.random.default_rng(sum(size))
+    for dtype in (torch.float16, torch.bfloat16, torch.float32):
+        q, k, v, dout = (torch.from_numpy(rng.standard_normal(s)).to("cuda", dtype) for s in (
+            (batch, q_heads, sq, head_dim), (batch, kv_heads, sk, head_dim),
+            (batch, kv_heads, sk, head_dim), (batch, q_heads, sq, head_dim)))
+        out, lse = xattn.attention(q, k, v, causal=causal, scale=scale, return_lse=True)
+        grads = tuple(torch.full_like(x, float("nan")) for x in (q, k, v))
+        cuda.backward(q, k, v, out, dout, lse, *grads, causal=causal, scale=scale,
+                      deterministic=deterministic,
+                      stream=torch.cuda.current_stream().cuda_stream)
+        seen = tuple(to_float64(x) for x in (q, k, v, dout))
+        want = reference.exact_attention_grad_bhsd(*seen, causal=causal, scale=scale)
+        magnitudes, largest_score = error_scales(*seen, causal=causal, scale=scale)
+        name = str(dtype).removeprefix("torch.")
+        assert_grads_match(tuple(to_float64(g) for g in grads), want, magnitudes,
+                           tolerance_for(name, largest_score), f" ({name})")

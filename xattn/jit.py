@@ -7,14 +7,23 @@ include path. A HIP source may include the vendor-neutral CUDA header it shares,
 `#include "../kernels_cuda/attention_common.h"`: a `../kernels_<vendor>/` prefix reads that
 vendor's directory. Compiled modules are memoized per (device, source hash, options) in the
 process; CuPy's own disk cache (CUPY_CACHE_DIR, by default ~/.cupy/kernel_cache) keeps them across processes.
+
+Cache faults (tests/test_cache_faults.py): CuPy checksums its cache entries and recompiles a truncated
+or corrupted one by itself. What it raises instead is handled here, once per process: a cache
+directory it cannot create or write (OSError), or an entry that passes the checksum but does not load
+(CUDADriverError), gives one KernelCacheWarning, switches CuPy to its in-memory cache
+(CUPY_CACHE_IN_MEMORY=1) for the rest of the process, and the compile is retried once. A run-time
+compiler that cannot be loaded (NVRTC, hiprtc) raises CompilerNotFound naming what to install.
 """
 
 from __future__ import annotations
 
 import functools
 import hashlib
+import os
 import re
 import threading
+import warnings
 
 _INCLUDE = re.compile(r'^\s*#\s*include\s+"([^"]+)"\s*$')
 _OTHER_VENDOR = re.compile(r"^\.\./kernels_(\w+)/([^/]+)$")  # "../kernels_cuda/x.h"
@@ -76,9 +85,61 @@ def get_function(vendor: str, source: str, entry: str, defines: dict[str, int], 
     with _lock:  # threads asking for the same new variant compile it once
         kernel = _modules.get(key)
         if kernel is None:
-            with cupy.cuda.Device(device_id):  # CuPy derives -arch from the current device
-                module = cupy.RawModule(code=code, options=options)
-                kernel = module.get_function(entry)
-                kernel.compile()
-            _modules[key] = kernel
+            kernel = _modules[key] = _compile(cupy, vendor, code, options, entry, device_id)
     return kernel
+
+
+class KernelCacheWarning(UserWarning):
+    """CuPy's on-disk kernel cache failed; kernels are cached in memory from then on."""
+
+
+class CompilerNotFound(RuntimeError):
+    """The run-time compiler (NVRTC or hiprtc) could not be loaded."""
+
+
+_INSTALL_COMPILER = {
+    "cuda": ("NVRTC, CUDA's run-time compiler", "pip install nvidia-cuda-nvrtc (CUDA 13, with "
+             "'xattn[cuda13]') or nvidia-cuda-nvrtc-cu12 (CUDA 12, with 'xattn[cuda12]'), or a CUDA "
+             "toolkit whose lib64 holds libnvrtc"),
+    "hip": ("hiprtc, ROCm's run-time compiler", "install ROCm's hiprtc package (apt install hiprtc, "
+            "from the ROCm release that matches 'xattn[rocm]')"),
+}
+_COMPILER_LIBRARY = re.compile(r"nvrtc|hiprtc", re.IGNORECASE)
+_LOAD_FAILURE = re.compile(r"failed to load|cannot open|no such file|not found|undefined symbol",
+                           re.IGNORECASE)
+
+
+def _compile(cupy, vendor: str, code: str, options: tuple, entry: str, device_id: int):
+    try:
+        return _build(cupy, code, options, entry, device_id)
+    except Exception as error:
+        if isinstance(error, cupy.cuda.compiler.CompileException):
+            raise  # the source does not compile: nothing to retry
+        text = f"{type(error).__name__}: {error}"
+        if _COMPILER_LIBRARY.search(text) and _LOAD_FAILURE.search(text):
+            what, install = _INSTALL_COMPILER[vendor]
+            raise CompilerNotFound(f"{what} could not be loaded ({text}); xattn compiles its "
+                                   f"kernels with it at run time: {install}") from error
+        if (not isinstance(error, (OSError, cupy.cuda.driver.CUDADriverError))
+                or os.environ.get("CUPY_CACHE_IN_MEMORY") == "1"):
+            raise  # not a fault of the disk cache, or that cache is off already
+        _cache_in_memory(error)
+    return _build(cupy, code, options, entry, device_id)  # a second failure propagates
+
+
+def _build(cupy, code: str, options: tuple, entry: str, device_id: int):
+    with cupy.cuda.Device(device_id):  # CuPy derives -arch from the current device
+        module = cupy.RawModule(code=code, options=options)
+        kernel = module.get_function(entry)
+        kernel.compile()
+    return kernel
+
+
+def _cache_in_memory(error: Exception) -> None:
+    """Warn (once per process: the switch below is process-wide) and stop using the disk cache."""
+    directory = os.environ.get("CUPY_CACHE_DIR", "~/.cupy/kernel_cache")
+    warnings.warn(f"xattn: CuPy's kernel cache in {directory} failed ({type(error).__name__}: "
+                  f"{error}); compiling again and keeping kernels in memory for the rest of this "
+                  f"process (CUPY_CACHE_IN_MEMORY=1). Fix or delete that directory, or point "
+                  f"CUPY_CACHE_DIR at a writable one.", KernelCacheWarning, stacklevel=4)
+    os.environ["CUPY_CACHE_IN_MEMORY"] = "1"

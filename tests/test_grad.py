@@ -262,7 +262,7 @@ def test_deterministic_must_be_a_bool():
 
 # ------------------------------------------------------------- the tiled reference algorithm
 
-@settings(max_examples=40)
+@settings(max_examples=25)
 @given(data=st.data(), block_m=st.sampled_from((1, 16, 64, 128)),
        block_n=st.sampled_from((1, 16, 64, 256)))
 def test_tiled_backward_equals_exact_in_float64(data, block_m, block_n):

@@ -231,14 +231,19 @@ flash_fwd(const u16* __restrict__ q, const u16* __restrict__ k, const u16* __res
         load_tile<BLOCK_N>(sV, v + n_start * v_row_stride, v_row_stride, seqlen_k - n_start, head_dim, tid);
         cp_async_commit();
 
-        float acc_s[M_TILES][N_TILES][4];
-        zero(acc_s);
-        mma_a_bt<M_TILES, N_TILES, HEAD_DIM / 16, SMEM_STRIDE, SMEM_STRIDE>(acc_s, q_lane, k_lane);  // S = Q K^T
-        if (tile_needs_mask(warp_row_start, n_start, BLOCK_N, seqlen_q, seqlen_k, IS_CAUSAL))
-            mask_scores(acc_s, warp_row_start, n_start, seqlen_q, seqlen_k, lane);
-        softmax_rescale_o(acc_s, acc_o, row_max, row_sum, scale_log2);  // S becomes P
+        // Near the causal diagonal a warp whose rows all end before this tile's first key would
+        // compute P = 0 and add nothing: it only takes part in the copies and barriers.
+        const bool warp_sees_tile = !IS_CAUSAL || n_start <= warp_row_start + WARP_M - 1 + seqlen_k - seqlen_q;
         u32 p_frag[M_TILES][BLOCK_N / 16][4];
-        convert_p(p_frag, acc_s);  // after this, P takes half the registers
+        if (warp_sees_tile) {
+            float acc_s[M_TILES][N_TILES][4];
+            zero(acc_s);
+            mma_a_bt<M_TILES, N_TILES, HEAD_DIM / 16, SMEM_STRIDE, SMEM_STRIDE>(acc_s, q_lane, k_lane);  // S = Q K^T
+            if (tile_needs_mask(warp_row_start, n_start, BLOCK_N, seqlen_q, seqlen_k, IS_CAUSAL))
+                mask_scores(acc_s, warp_row_start, n_start, seqlen_q, seqlen_k, lane);
+            softmax_rescale_o(acc_s, acc_o, row_max, row_sum, scale_log2);  // S becomes P
+            convert_p(p_frag, acc_s);  // after this, P takes half the registers
+        }
 
         cp_async_wait<0>();
         __syncthreads();  // V tile visible to every warp, and every warp is done reading this K tile
@@ -247,7 +252,7 @@ flash_fwd(const u16* __restrict__ q, const u16* __restrict__ k, const u16* __res
             load_tile<BLOCK_N>(sK, k + next_start * k_row_stride, k_row_stride, seqlen_k - next_start, head_dim, tid);
             cp_async_commit();
         }
-        mma_areg_b<M_TILES, D_TILES, BLOCK_N / 16, SMEM_STRIDE>(acc_o, p_frag, v_lane);  // O += P V
+        if (warp_sees_tile) mma_areg_b<M_TILES, D_TILES, BLOCK_N / 16, SMEM_STRIDE>(acc_o, p_frag, v_lane);  // O += P V
     }
     // With no key tile at all the Q copies (issued by every thread, into every warp's rows) are
     // still in flight; the epilogue overwrites sQ, so all of them must have landed.

@@ -42,8 +42,7 @@ _ROWS = [
     ("flash_fwd",      80,   32,      None,   128,     128,     4,     1),
     ("flash_fwd",      80,   64,      None,   128,     128,     4,     1),
     ("flash_fwd",      80,   96,      None,   128,     64,      4,     1),
-    ("flash_fwd",      80,   128,     False,  128,     64,      4,     1),
-    ("flash_fwd",      80,   128,     True,   128,     48,      4,     1),
+    ("flash_fwd",      80,   128,     None,   128,     64,      4,     1),
     ("flash_fwd",      80,   160,     None,   64,      64,      4,     1),
     ("flash_fwd",      80,   192,     None,   64,      64,      4,     1),
     ("flash_fwd",      80,   256,     None,   64,      64,      4,     1),
@@ -57,8 +56,7 @@ _ROWS = [
     ("flash_fwd",      90,   32,      None,   128,     128,     4,     1),
     ("flash_fwd",      90,   64,      None,   128,     128,     4,     1),
     ("flash_fwd",      90,   96,      None,   128,     64,      4,     1),
-    ("flash_fwd",      90,   128,     False,  128,     64,      4,     1),
-    ("flash_fwd",      90,   128,     True,   128,     48,      4,     1),
+    ("flash_fwd",      90,   128,     None,   128,     64,      4,     1),
     ("flash_fwd",      90,   160,     None,   64,      64,      4,     1),
     ("flash_fwd",      90,   192,     None,   64,      64,      4,     1),
     ("flash_fwd",      90,   256,     None,   64,      64,      4,     1),
@@ -94,12 +92,29 @@ _ROWS = [
     ("flash_fwd_f32",  80,   64,      None,   32,      32,      4,     1),
     ("flash_fwd_f32",  80,   128,     None,   32,      32,      4,     1),
     ("flash_fwd_f32",  80,   256,     None,   16,      32,      4,     1),
+    # backward on CUDA cores in float32, any element type: float32 at every head dim, fp16/bf16
+    # past the tensor-core rows. _dq: block_m query rows per block, 32-key tiles (lane = key).
+    # _dkdv: block_n keys per block, 32-query tiles (lane = query). Rows per warp: block / warps.
+    # Every row fits sm_86's 99 KB; D256 _dkdv takes 12 keys, as 16 would need 100.25 KB.
+    ("flash_bwd_simt_dq",   80, 32,   None,   32,      32,      4,     1),
+    ("flash_bwd_simt_dq",   80, 64,   None,   32,      32,      4,     1),
+    ("flash_bwd_simt_dq",   80, 128,  None,   32,      32,      4,     1),
+    ("flash_bwd_simt_dq",   80, 256,  None,   16,      32,      4,     1),
+    ("flash_bwd_simt_dkdv", 80, 32,   None,   32,      32,      4,     1),
+    ("flash_bwd_simt_dkdv", 80, 64,   None,   32,      32,      4,     1),
+    ("flash_bwd_simt_dkdv", 80, 128,  None,   32,      32,      4,     1),
+    ("flash_bwd_simt_dkdv", 80, 256,  None,   32,      12,      4,     1),
 ]
 
 TABLE = [TileConfig(*row) for row in _ROWS]
 
 # Which forward kernel serves which dtype.
 KERNEL_FOR_DTYPE = {"float16": "flash_fwd", "bfloat16": "flash_fwd", "float32": "flash_fwd_f32"}
+# Kernels whose entry point lives in a source file of another name.
+SOURCES = {"flash_bwd_simt_dq": "flash_bwd_simt.cu", "flash_bwd_simt_dkdv": "flash_bwd_simt.cu"}
+# The two halves of the CUDA-core backward, and the size of the tile each streams (warp size).
+SIMT_BACKWARD_KERNELS = ("flash_bwd_simt_dq", "flash_bwd_simt_dkdv")
+SIMT_TILE = 32
 # Kernels on tensor cores, fed by 16-bit tiles (mma_tile.h).
 TENSOR_CORE_KERNELS = ("flash_fwd", "flash_bwd_dkdv", "flash_bwd_dq")
 
@@ -135,6 +150,12 @@ def shared_memory_bytes(cfg: TileConfig) -> int:
         v = cfg.block_n * cfg.head_dim
         p = cfg.block_m * cfg.block_n
         return (q + k + v + p) * 4
+    if cfg.kernel in SIMT_BACKWARD_KERNELS:  # float32; the owned rows and the streamed tile
+        owned = cfg.block_m if cfg.kernel == "flash_bwd_simt_dq" else cfg.block_n
+        rows = 2 * owned * cfg.head_dim  # Q, dO (_dq) or K, V (_dkdv), broadcast reads
+        tiles = 2 * SIMT_TILE * (cfg.head_dim + 1)  # K, V (_dq) or Q, dO (_dkdv), odd stride
+        slices = owned * SIMT_TILE * (1 if cfg.kernel == "flash_bwd_simt_dq" else 2)  # dS or (P, dS)
+        return (rows + tiles + slices) * 4
     raise KeyError(cfg.kernel)
 
 
@@ -152,6 +173,13 @@ def defines(cfg: TileConfig, dtype: str, causal: bool, vec_loads: bool) -> dict[
             "BLOCK_M": cfg.block_m,
             "BLOCK_N": cfg.block_n,
             "VEC_LOADS": int(vec_loads),
+        }
+    if cfg.kernel in SIMT_BACKWARD_KERNELS:
+        owned = cfg.block_m if cfg.kernel == "flash_bwd_simt_dq" else cfg.block_n
+        return common | {
+            "ELEM_F32": int(dtype == "float32"),
+            "ELEM_BF16": int(dtype == "bfloat16"),
+            "ROWS_PER_WARP": owned // cfg.warps,
         }
     return common | {"ROWS_PER_WARP": cfg.block_m // cfg.warps}
 

@@ -6,6 +6,8 @@ import math
 import numbers
 import sys
 
+import numpy as np
+
 from xattn import arrays, backends, reference
 
 LAYOUTS = ("bhsd", "bshd")
@@ -13,6 +15,8 @@ MAX_HEAD_DIM = 256
 GPU_DTYPES = ("float16", "bfloat16", "float32")
 # The reference backend also takes float64: the tiled == exact property is checked in it.
 REFERENCE_DTYPES = GPU_DTYPES + ("float64",)
+# Kernels take scale * log2(e) as a float32: a larger scale would reach them as inf.
+MAX_SCALE = float(np.finfo(np.float32).max) / math.log2(math.e)
 
 
 def attention(q, k, v, *, causal=False, scale=None, layout="bhsd", return_lse=False,
@@ -82,7 +86,7 @@ def exact_attention(q, k, v, *, causal=False, scale=None, layout="bhsd"):
 
 def _validate(q, k, v, causal, scale, layout, return_lse):
     """Check everything but the dtype's fit to the backend. Returns (info, dims, scale)."""
-    if layout not in LAYOUTS:
+    if not isinstance(layout, str) or layout not in LAYOUTS:
         raise ValueError(f"layout: expected 'bhsd' or 'bshd', got {layout!r}")
     _check_bool("causal", causal)
     _check_bool("return_lse", return_lse)
@@ -139,9 +143,15 @@ def _validate(q, k, v, causal, scale, layout, return_lse):
         raise TypeError(f"scale: expected a finite positive number or None, "
                         f"got {type(scale).__name__}")
     else:
-        scale = float(scale)
+        try:
+            scale = float(scale)
+        except OverflowError:  # an int beyond float range, e.g. 10**400
+            scale = math.inf
         if not (math.isfinite(scale) and scale > 0):
             raise ValueError(f"scale: expected a finite positive number, got {scale!r}")
+        if scale > MAX_SCALE:
+            raise ValueError(f"scale: expected at most {MAX_SCALE:.3g} (scale * log2(e) must fit "
+                             f"a float32), got {scale!r}")
     return info, (batch, q_heads, sq, sk, head_dim), scale
 
 

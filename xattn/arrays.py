@@ -37,6 +37,9 @@ def library_label(info: ArrayInfo) -> str:
 
 def describe(x, name: str) -> ArrayInfo:
     """Classify x, or raise TypeError/ValueError naming the argument."""
+    if isinstance(x, np.ma.MaskedArray):  # the mask would be silently ignored
+        raise TypeError(f"{name}: expected an array without a mask, got a numpy.ma.MaskedArray; "
+                        f"pass .filled(...) or .data")
     if isinstance(x, np.ndarray):
         return ArrayInfo("numpy", "cpu", 0, _dtype_name(x.dtype), x.shape)
     torch = sys.modules.get("torch")
@@ -48,6 +51,8 @@ def describe(x, name: str) -> ArrayInfo:
         elif kind != "cpu":
             raise ValueError(f"{name}: expected a tensor on the CPU or a CUDA/ROCm GPU, "
                              f"got a tensor on {device}")
+        if x.layout != torch.strided:
+            raise TypeError(f"{name}: expected a dense (strided) tensor, got layout {x.layout}")
         return ArrayInfo("torch", kind, device.index or 0, _dtype_name(x.dtype),
                          tuple(x.shape))
     cupy = sys.modules.get("cupy")
@@ -60,6 +65,10 @@ def describe(x, name: str) -> ArrayInfo:
         if kind is None:
             raise ValueError(f"{name}: expected an array in host, CUDA or ROCm memory, "
                              f"got DLPack device type {int(device_type)}")
+        if not (hasattr(x, "shape") and hasattr(x, "dtype")):
+            raise TypeError(f"{name}: expected a DLPack producer with .shape and .dtype (as "
+                            f"NumPy, torch, CuPy and JAX arrays have), got "
+                            f"{type(x).__module__}.{type(x).__qualname__}")
         return ArrayInfo("dlpack", kind, int(device_id), _dtype_name(x.dtype), tuple(x.shape))
     raise TypeError(f"{name}: expected an array (NumPy, torch, CuPy or any DLPack producer), "
                     f"got {type(x).__module__}.{type(x).__qualname__}")
@@ -94,7 +103,7 @@ def to_host_numpy(x, info: ArrayInfo) -> np.ndarray:
     if info.library == "numpy":
         return x
     if info.library == "torch":
-        x = x.detach()
+        x = x.detach().resolve_neg()  # a negative-bit view's memory holds -x
         return x.float().numpy() if info.dtype == "bfloat16" else x.numpy()
     if info.library == "dlpack":
         try:
@@ -140,10 +149,10 @@ def to_float64_numpy(x, info: ArrayInfo) -> np.ndarray:
     """A float64 NumPy copy of any supported array, moved to the host if needed."""
     if info.device == "cpu":
         if info.library == "torch":
-            return x.detach().double().numpy()
+            return x.detach().resolve_neg().double().numpy()
         return np.asarray(to_host_numpy(x, info), dtype=np.float64)
     if info.library == "torch":
-        return x.detach().double().cpu().numpy()
+        return x.detach().resolve_neg().double().cpu().numpy()
     import cupy
     if info.library == "dlpack":
         x = cupy.from_dlpack(x)
@@ -224,6 +233,7 @@ def _run_torch(forward, q, k, v, *, layout, causal, scale, dims):
     def kernel_view(t):
         # A copy made by torch runs on torch's current stream and is freed into torch's
         # stream-aware allocator, so the kernel launched on that stream sees it complete.
+        t = t.resolve_neg()  # a negative-bit view's memory holds -t: the kernel reads memory
         if t.shape[-1] > 1 and t.stride(-1) != 1:
             t = t.contiguous()
         return t.transpose(1, 2) if layout == "bshd" else t

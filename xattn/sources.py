@@ -16,7 +16,7 @@ _SOURCE_SUFFIXES = (".cu", ".cuh", ".h", ".hpp", ".hip")
 
 def kernel_directory(vendor: str):
     """The directory (a Traversable) holding the kernel sources of `vendor` ("cuda" or "hip")."""
-    if vendor not in _DIRECTORIES:
+    if not isinstance(vendor, str) or vendor not in _DIRECTORIES:
         raise ValueError(f"vendor: expected 'cuda' or 'hip', got {vendor!r}")
     name = _DIRECTORIES[vendor]
     installed = importlib.resources.files("xattn") / name
@@ -31,7 +31,7 @@ def kernel_directory(vendor: str):
 
 def kernel_source(vendor: str, name: str) -> str:
     """The text of kernels_<vendor>/<name>, e.g. kernel_source("cuda", "flash_fwd.cu")."""
-    if not name or "/" in name or "\\" in name or name.startswith("."):
+    if not isinstance(name, str) or not name or "/" in name or "\\" in name or name.startswith("."):
         raise ValueError(f"name: expected a plain file name inside kernels_{vendor}/, got {name!r}")
     source = kernel_directory(vendor) / name
     if not source.is_file():

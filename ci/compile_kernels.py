@@ -23,7 +23,9 @@ from xattn import configs, jit  # noqa: E402
 # Dynamic shared memory one block may opt into, per family (bytes).
 SMEM_LIMIT = {80: 163 * 1024, 86: 99 * 1024, 89: 99 * 1024, 90: 227 * 1024}
 HALF = ("float16", "bfloat16")
-DTYPES = {"flash_fwd": HALF, "flash_bwd_dkdv": HALF, "flash_bwd_dq": HALF, "flash_fwd_f32": ("float32",)}
+ALL = ("float32",) + HALF
+DTYPES = {"flash_fwd": HALF, "flash_bwd_dkdv": HALF, "flash_bwd_dq": HALF, "flash_fwd_f32": ("float32",),
+          "flash_bwd_simt_dq": ALL, "flash_bwd_simt_dkdv": ALL}
 # Defines a kernel takes beyond the table's (each combination is compiled).
 EXTRA = {"flash_bwd_dkdv": [{"COMPUTE_DQ": 1}, {"COMPUTE_DQ": 0}]}
 
@@ -41,7 +43,11 @@ def nvrtc_compile(code: str, name: str, options: list[str]) -> tuple[bool, str]:
     return err == nvrtc.nvrtcResult.NVRTC_SUCCESS, log.decode(errors="replace").rstrip("\x00")
 
 
-def report(log: str) -> dict[str, int]:
+def report(log: str, entry: str) -> dict[str, int]:
+    # ptxas reports each entry point of the source in turn; keep the section of this one.
+    sections = re.split(r"(?=Compiling entry function )", log)
+    log = next((s for s in sections if f"entry function '{entry}'" in s), log)
+
     def number(pattern: str) -> int:
         match = re.search(pattern, log)
         return int(match.group(1)) if match else 0
@@ -78,18 +84,19 @@ def main(argv=None) -> int:
     print(f"{'kernel':14} {'sm':>3} {'dtype':9} {'D':>4} {'tile':>8} {'causal':>6} {'vec':>3} "
           f"{'regs':>4} {'smem KB':>7} {'stack':>5} {'spill':>5} {'sec':>5}")
     for cfg, arch, dtype, causal, vec, extra in variants(args.arch, args.quick):
-        code = jit.preprocess("cuda", cfg.kernel + ".cu")
+        source = configs.SOURCES.get(cfg.kernel, cfg.kernel + ".cu")
+        code = jit.preprocess("cuda", source)
         options = [f"--gpu-architecture=sm_{arch}", "-std=c++17", "--ptxas-options=-v"]
         options += jit.define_options(configs.defines(cfg, dtype, causal, vec) | extra)
         start = time.perf_counter()
-        ok, log = nvrtc_compile(code, cfg.kernel + ".cu", options)
+        ok, log = nvrtc_compile(code, source, options)
         seconds = time.perf_counter() - start
         smem = configs.shared_memory_bytes(cfg)
         if not ok:
             print(f"COMPILE ERROR {cfg} sm_{arch} {dtype} causal={causal} vec={vec}\n{log}")
             failures += 1
             continue
-        r = report(log)
+        r = report(log, cfg.kernel)
         spill = r["spill_stores"] + r["spill_loads"]
         too_big = smem > SMEM_LIMIT[arch]
         # Spills fail the check in the tuned (16-byte copy) variants; the element-wise fallback for

@@ -111,7 +111,8 @@ def _kernel(cfg, dtype: str, causal: bool, vec: bool, device: int, **extra_defin
     return kernel, smem
 
 
-_SOURCE = {"flash_bwd_preprocess": "flash_bwd_prep.cu", "flash_bwd_convert_dq": "flash_bwd_prep.cu"}
+_SOURCE = {"flash_bwd_preprocess": "flash_bwd_prep.cu", "flash_bwd_convert_dq": "flash_bwd_prep.cu",
+           **configs.SOURCES}
 
 
 def _launch(kernel, grid_xy, threads: int, smem: int, arrays, scalars, batch: int) -> None:
@@ -163,7 +164,8 @@ _PREP_ROWS, _PREP_THREADS = 32, 128
 def backward(q, k, v, out, dout, lse, dq, dk, dv, *, causal: bool, scale: float,
              deterministic: bool, stream: int) -> None:
     """Write dq, dk, dv for (B, H, S, D) views; lse is the forward's. dk and dv are summed over the
-    query heads of each GQA group. deterministic: dQ from its own kernel instead of atomics."""
+    query heads of each GQA group. deterministic: dQ from its own kernel instead of atomics (the
+    CUDA-core path, float32 and head dims past the tensor-core rows, uses no atomics either way)."""
     import cupy
 
     Q, K, V, O, dO, L, dQ, dK, dV = (_describe(a) for a in (q, k, v, out, dout, lse, dq, dk, dv))
@@ -177,32 +179,34 @@ def backward(q, k, v, out, dout, lse, dq, dk, dv, *, causal: bool, scale: float,
         return
     if heads_q > MAX_GRID_YZ:
         raise ValueError(f"q: at most {MAX_GRID_YZ} heads are supported, got {heads_q}")
-    if Q.dtype == "float32":
-        raise NotImplementedError("the cuda backend's backward has no float32 kernel yet; "
-                                  "use float16/bfloat16, or the reference backend on the CPU")
 
     arch, device, size = _arch(Q.device), Q.device, _itemsize(Q.dtype)
-    dkdv_cfg = configs.select("flash_bwd_dkdv", arch, head_dim, causal)
-    vec = _vec_loads([Q, K, V, O, dO, dQ, dK, dV], head_dim, size)
+    simt = _backward_on_cuda_cores(Q.dtype, arch, head_dim, causal)
+    vec = not simt and _vec_loads([Q, K, V, O, dO, dQ, dK, dV], head_dim, size)
     heads_per_kv = np.int32(heads_q // heads_k)
     sizes = (np.int32(seqlen_q), np.int32(seqlen_k), np.int32(head_dim))
     scales = (np.float32(scale), np.float32(scale * LOG2_E))
-    prep_defines = {"ELEM_F32": 0, "ELEM_BF16": int(Q.dtype == "bfloat16")}
+    prep_defines = {"ELEM_F32": int(Q.dtype == "float32"), "ELEM_BF16": int(Q.dtype == "bfloat16")}
     prep = jit.get_function("cuda", "flash_bwd_prep.cu", "flash_bwd_preprocess", prep_defines, device)
-    convert = jit.get_function("cuda", "flash_bwd_prep.cu", "flash_bwd_convert_dq", prep_defines, device)
     prep_grid = (math.ceil(seqlen_q / _PREP_ROWS), heads_q)
 
     with cupy.cuda.Device(device), _external_stream(stream, device):
         # Scratch from the caller's framework, on its stream: delta, and dQ's float32 accumulator.
         # Held until the end: the caching allocators may reuse memory freed earlier.
         delta_array = _new_like(q, (batch, heads_q, seqlen_q), zero=False)
-        accum = None if deterministic else _new_like(q, (batch, heads_q, seqlen_q, head_dim), zero=True)
         delta = _describe(delta_array)
 
         _launch(prep, prep_grid, _PREP_THREADS, 0, [(O, size), (dO, size), (delta, 4)],
                 _strides(O, dO) + _strides(delta, dims=2) + (np.int32(seqlen_q), np.int32(head_dim)),
                 batch)
 
+        if simt:  # deterministic by construction: no atomics anywhere
+            _backward_simt(Q, K, V, dO, L, delta, dQ, dK, dV, causal=causal, arch=arch,
+                           scalars=sizes + (heads_per_kv,) + scales)
+            return
+
+        dkdv_cfg = configs.select("flash_bwd_dkdv", arch, head_dim, causal)
+        accum = None if deterministic else _new_like(q, (batch, heads_q, seqlen_q, head_dim), zero=True)
         kernel, smem = _kernel(dkdv_cfg, Q.dtype, causal, vec, device, COMPUTE_DQ=int(not deterministic))
         A = _describe(accum) if accum is not None else delta  # unused by the kernel when deterministic
         _launch(kernel, (math.ceil(seqlen_k / dkdv_cfg.block_n), heads_k), dkdv_cfg.warps * 32, smem,
@@ -218,9 +222,43 @@ def backward(q, k, v, out, dout, lse, dq, dk, dv, *, causal: bool, scale: float,
                     _strides(Q, K, V, dO, dQ) + _strides(L, delta, dims=2) + sizes + (heads_per_kv,) + scales,
                     batch)
         else:
+            convert = jit.get_function("cuda", "flash_bwd_prep.cu", "flash_bwd_convert_dq", prep_defines, device)
             _launch(convert, prep_grid, _PREP_THREADS, 0, [(A, 4), (dQ, size)],
                     _strides(dQ) + (np.int32(heads_q), np.int32(seqlen_q), np.int32(head_dim),
                                     np.float32(scale)), batch)
+
+
+def _backward_on_cuda_cores(dtype: str, arch: int, head_dim: int, causal: bool) -> bool:
+    """Whether the backward runs on the CUDA-core pair (flash_bwd_simt.cu) rather than the tensor
+    cores: float32 always (tf32 would lose its precision), fp16/bf16 at head dims the tensor-core
+    table has no row for (their registers cannot hold dK and dV there)."""
+    if dtype == "float32":
+        return True
+    try:
+        configs.select("flash_bwd_dkdv", arch, head_dim, causal)
+    except ValueError:  # no tensor-core row for this head dim (an older device fails the same way there)
+        return True
+    return False
+
+
+def _backward_simt(Q, K, V, dO, L, delta, dQ, dK, dV, *, causal: bool, arch: int, scalars) -> None:
+    """Launch flash_bwd_simt_dq (query blocks) and flash_bwd_simt_dkdv (key blocks) on the current
+    device and stream. scalars: seqlen_q, seqlen_k, head_dim, heads_per_kv, scale, scale_log2."""
+    batch, heads_q, seqlen_q, head_dim = Q.shape
+    heads_k, seqlen_k = K.shape[1], K.shape[2]
+    size = _itemsize(Q.dtype)
+    common = [(Q, size), (K, size), (V, size), (dO, size), (L, 4), (delta, 4)]
+
+    cfg = configs.select("flash_bwd_simt_dq", arch, head_dim, causal)
+    kernel, smem = _kernel(cfg, Q.dtype, causal, False, Q.device)
+    _launch(kernel, (math.ceil(seqlen_q / cfg.block_m), heads_q), cfg.warps * 32, smem,
+            common + [(dQ, size)], _strides(Q, K, V, dO, dQ) + _strides(L, delta, dims=2) + scalars, batch)
+
+    cfg = configs.select("flash_bwd_simt_dkdv", arch, head_dim, causal)
+    kernel, smem = _kernel(cfg, Q.dtype, causal, False, Q.device)
+    _launch(kernel, (math.ceil(seqlen_k / cfg.block_n), heads_k), cfg.warps * 32, smem,
+            common + [(dK, size), (dV, size)], _strides(Q, K, V, dO, dK, dV) + _strides(L, delta, dims=2) + scalars,
+            batch)
 
 
 def _new_like(x, shape, *, zero: bool):

@@ -56,7 +56,7 @@ def exact_attention_bhsd(q, k, v, *, causal: bool, scale: float):
     safe_max = np.where(np.isfinite(row_max), row_max, 0.0)
     weights = np.exp(scores - safe_max[..., None])
     row_sum = weights.sum(axis=-1)
-    has_keys = row_sum > 0
+    has_keys = row_sum != 0  # a NaN row sum stays NaN (NaN in, NaN out), never -inf
     with np.errstate(divide="ignore"):
         lse = np.where(has_keys, safe_max + np.log(row_sum), -np.inf)
     probabilities = weights / np.where(has_keys, row_sum, 1.0)[..., None]
@@ -166,7 +166,7 @@ def _forward_chunk(q, k, v, out, lse, *, causal, scale, compute, block_m, block_
             m_i = m_new
 
         # Epilogue: one division per row; rows that saw no key give O = 0 and lse = -inf.
-        has_keys = l_i > 0
+        has_keys = l_i != 0  # NaN l_i (a NaN input) gives NaN, not an empty row's -inf
         O /= np.where(has_keys, l_i, 1.0)[..., None]
         with np.errstate(divide="ignore"):
             block_lse = np.where(has_keys, m_i + np.log(np.where(has_keys, l_i, 1.0)), -np.inf)

@@ -23,8 +23,8 @@ step() {  # step NAME TIMEOUT COMMAND...: run, log to $OUT/NAME.log, keep its la
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader > "$OUT/gpu.txt"
 step kernels 300 python ci/kernel_check.py
 step pytest 600 python -m pytest -m gpu -q -p no:cacheprovider
-step memcheck 300 compute-sanitizer --tool memcheck --error-exitcode 9 python ci/kernel_check.py --sanitize
-step racecheck 300 compute-sanitizer --tool racecheck --error-exitcode 9 python ci/kernel_check.py --sanitize
+# memcheck, racecheck, synccheck, initcheck on forward and backward (tuned rows + odd sizes)
+step sanitize 620 env SANITIZE_TIMEOUT=75 bash ci/sanitize.sh
 step compile 120 python ci/compile_timing.py
 if [ "${1:-}" != "--no-bench" ]; then
     step bench 900 python -m xattn bench --out "$OUT"

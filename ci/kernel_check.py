@@ -3,7 +3,11 @@ torch tensors against exact attention in float64 (computed on the GPU), over a g
 shapes. Outputs are poisoned with NaN before each launch; each case runs twice and must be bitwise
 identical. Prints one line per failure and a summary line; exit 1 on any failure.
 
-    PYTHONPATH=. python ci/kernel_check.py [--quick]
+    PYTHONPATH=. python ci/kernel_check.py [--quick | --sanitize] [--cases grid,tuned,odd]
+
+--cases picks the case lists (comma-separated): grid (the default, awkward shapes), tuned (every
+table row this GPU selects, both causal values, at block + 1 lengths), odd (S = 1, block + 1,
+D = 1, D = 200, GQA 7:1). ci/sanitize.sh runs tuned,odd under compute-sanitizer.
 """
 
 from __future__ import annotations
@@ -15,7 +19,7 @@ import sys
 
 import torch
 
-from xattn import cuda
+from xattn import configs, cuda
 
 TOLERANCE = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
 
@@ -93,27 +97,67 @@ def run_case(dtype, batch, hq, hk, sq, sk, d, causal, layout, strided, gen):
     return err, problems
 
 
+def tuned_cases(kernels_and_dtypes, max_head_dim=configs.MAX_HEAD_DIM):
+    """(dtype, D, (Sq, Sk), causal, (Hq, Hk)) for every table row this GPU selects, at lengths
+    one past its tiles (a partial last block on both axes)."""
+    arch = cuda._arch(torch.cuda.current_device())
+    cases = []
+    for kernel, dtypes in kernels_and_dtypes:
+        head_dims = sorted({r.head_dim for r in configs.TABLE if r.kernel == kernel})
+        rows = {configs.select(kernel, arch, d, c) for d in head_dims if d <= max_head_dim
+                for c in (False, True)}
+        for n, row in enumerate(sorted(rows)):
+            for causal in ((False, True) if row.causal is None else (row.causal,)):
+                cases.append((dtypes[n % len(dtypes)], row.head_dim,
+                              (row.block_m + 1, row.block_n + 1), causal, (4, 2)))
+    return cases
+
+
+def odd_cases(dtypes):
+    """S = 1, block + 1 (64 and 128 tiles), D = 1, D = 200, GQA 7:1."""
+    shapes = [(64, (1, 1), (2, 1)), (1, (65, 65), (2, 2)), (200, (129, 129), (7, 1)),
+              (128, (129, 65), (7, 1)), (64, (65, 1), (7, 1)), (7, (1, 200), (3, 3))]
+    return [(dtypes[i % len(dtypes)], d, lengths, causal, heads)
+            for i, (d, lengths, heads) in enumerate(shapes) for causal in (False, True)]
+
+
+def select_cases(names, grid, tuned, odd):
+    chosen = []
+    for name in names.split(","):
+        if name not in ("grid", "tuned", "odd"):
+            raise SystemExit(f"--cases: expected grid, tuned or odd (comma-separated), got {name!r}")
+        chosen += {"grid": grid, "tuned": tuned, "odd": odd}[name]()
+    return chosen
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--quick", action="store_true", help="every fifth case")
     parser.add_argument("--sanitize", action="store_true",
                         help="a small representative subset, for compute-sanitizer")
+    parser.add_argument("--cases", default="grid", help="grid, tuned, odd; comma-separated")
     args = parser.parse_args(argv)
     gen = torch.Generator(device="cuda").manual_seed(0)
     dtypes = [torch.float16, torch.bfloat16, torch.float32]
     head_dims = [1, 7, 32, 63, 64, 80, 96, 128, 129, 200, 256]
     lengths = [(1, 1), (0, 5), (5, 0), (63, 65), (64, 64), (65, 200), (200, 129), (128, 128), (300, 77)]
-    cases = list(itertools.product(dtypes, head_dims, lengths, [False, True]))
-    if args.quick:
-        cases = cases[::5]
-    if args.sanitize:
-        cases = cases[::41]
+
+    def grid():
+        cases = [c + (None,) for c in itertools.product(dtypes, head_dims, lengths, [False, True])]
+        if args.quick:
+            cases = cases[::5]
+        if args.sanitize:
+            cases = cases[::41]
+        return cases
+
+    cases = select_cases(args.cases, grid, lambda: tuned_cases(
+        [("flash_fwd", dtypes[:2]), ("flash_fwd_f32", dtypes[2:])]), lambda: odd_cases(dtypes))
     failures = 0
     worst = {}
-    for i, (dtype, d, (sq, sk), causal) in enumerate(cases):
+    for i, (dtype, d, (sq, sk), causal, heads) in enumerate(cases):
         layout = "bhsd" if i % 2 else "bshd"
         strided = i % 3 == 0
-        hq, hk = ((7, 1), (4, 2), (3, 3))[i % 3]
+        hq, hk = heads or ((7, 1), (4, 2), (3, 3))[i % 3]
         err, problems = run_case(dtype, 2, hq, hk, sq, sk, d, causal, layout, strided, gen)
         key = str(dtype).removeprefix("torch.")
         worst[key] = max(worst.get(key, 0.0), err)

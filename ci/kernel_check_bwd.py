@@ -4,7 +4,9 @@ poisoned with NaN before each launch; deterministic mode, and the CUDA-core kern
 (flash_bwd_simt.cu: float32, and fp16/bf16 at head dims past the tensor-core rows) always, must
 repeat bitwise. Prints failures and a summary line per kernel path; exit 1 on any failure.
 
-    PYTHONPATH=. python ci/kernel_check_bwd.py [--quick | --sanitize] [--simt]
+    PYTHONPATH=. python ci/kernel_check_bwd.py [--quick | --sanitize] [--simt] [--cases grid,tuned,odd]
+
+--cases as in kernel_check.py; tuned runs the dK/dV rows with dQ atomics and the dQ rows deterministic.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ import torch
 from xattn import cuda
 
 sys.path.insert(0, __file__.rsplit("/", 1)[0])
-from kernel_check import _bits, make  # noqa: E402
+from kernel_check import _bits, make, odd_cases, select_cases, tuned_cases  # noqa: E402
 
 # float32 runs in exact float32 arithmetic (flash_bwd_simt.cu); its rounding error grows like
 # 2^-24 times the score magnitude (P = exp(S - LSE), with S and the LSE in float32, |S| ~ 10 here)
@@ -92,6 +94,7 @@ def main(argv=None) -> int:
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--sanitize", action="store_true", help="small subset for compute-sanitizer")
     parser.add_argument("--simt", action="store_true", help="only the cases on the CUDA-core kernels")
+    parser.add_argument("--cases", default="grid", help="grid, tuned, odd; comma-separated")
     args = parser.parse_args(argv)
     gen = torch.Generator(device="cuda").manual_seed(0)
     # fp16/bf16: up to 128 on tensor cores; 129..256 on flash_bwd_simt.cu (its 256 row).
@@ -99,20 +102,34 @@ def main(argv=None) -> int:
     # float32: flash_bwd_simt.cu at every head dim, each of its rows (32, 64, 128, 256) and between.
     f32_head_dims = [1, 7, 32, 63, 64, 96, 128, 129, 200, 256]
     lengths = [(1, 1), (63, 65), (64, 64), (65, 200), (200, 129), (128, 128), (300, 77)]
-    cases = list(itertools.product([torch.float16, torch.bfloat16], head_dims, lengths, [False, True]))
-    cases += list(itertools.product([torch.float32], f32_head_dims, lengths, [False, True]))
-    if args.simt:
-        cases = [c for c in cases if on_cuda_cores(c[0], c[1], c[3])]
-    if args.quick:
-        cases = cases[::4]
-    if args.sanitize:
-        cases = cases[::23]
+    halves = [torch.float16, torch.bfloat16]
+
+    def grid():
+        cases = list(itertools.product(halves, head_dims, lengths, [False, True]))
+        cases += list(itertools.product([torch.float32], f32_head_dims, lengths, [False, True]))
+        cases = [c + (None,) for c in cases]
+        if args.simt:
+            cases = [c for c in cases if on_cuda_cores(c[0], c[1], c[3])]
+        if args.quick:
+            cases = cases[::4]
+        if args.sanitize:
+            cases = cases[::23]
+        return cases
+
+    def tuned():  # dK/dV rows with dQ atomics; dQ rows run only when deterministic
+        return [case + (kernel.endswith("_dq"),) for kernel, dtypes in (
+            ("flash_bwd_dkdv", halves), ("flash_bwd_dq", halves),
+            ("flash_bwd_simt_dkdv", [torch.float32]), ("flash_bwd_simt_dq", [torch.float32]))
+            for case in tuned_cases([(kernel, dtypes)])]
+
+    cases = select_cases(args.cases, grid, tuned,
+                         lambda: odd_cases(halves) + odd_cases([torch.float32])[::3])
     failures, worst = 0, {}
-    for i, (dtype, d, (sq, sk), causal) in enumerate(cases):
+    for i, (dtype, d, (sq, sk), causal, heads, *det) in enumerate(cases):
         layout = "bhsd" if i % 2 else "bshd"
         strided = i % 3 == 0
-        hq, hk = ((7, 1), (4, 2), (3, 3))[i % 3]
-        deterministic = i % 4 == 1
+        hq, hk = heads or ((7, 1), (4, 2), (3, 3))[i % 3]
+        deterministic = det[0] if det else i % 4 == 1 if heads is None else i % 2 == 1
         err, problems = run_case(dtype, 2, hq, hk, sq, sk, d, causal, layout, strided, deterministic, gen)
         key = str(dtype).removeprefix("torch.") + (" simt" if on_cuda_cores(dtype, d, causal) else "")
         worst[key] = max(worst.get(key, 0.0), err)

@@ -41,6 +41,12 @@ __device__ __forceinline__ int visible_key_end(int row, int seqlen_q, int seqlen
     return causal ? min(seqlen_k, row + 1 + seqlen_k - seqlen_q) : seqlen_k;
 }
 
+// The first query that sees `key` (the mirror of visible_key_end): with the causal mask, query i
+// sees key j iff i >= j - (Sk - Sq). Keys past the end are seen by no query at all.
+__device__ __forceinline__ int first_visible_query(int key, int seqlen_q, int seqlen_k, bool causal) {
+    return causal ? key - (seqlen_k - seqlen_q) : 0;
+}
+
 __device__ __forceinline__ bool key_visible(int row, int key, int seqlen_q, int seqlen_k,
                                             bool causal) {
     return key < visible_key_end(row, seqlen_q, seqlen_k, causal);

@@ -82,13 +82,18 @@ __device__ __forceinline__ void mask_scores_t(float (&acc_s)[K_TILES][Q_TILES][4
 #pragma unroll
     for (int kt = 0; kt < K_TILES; ++kt)
 #pragma unroll
-        for (int qt = 0; qt < Q_TILES; ++qt)
+        for (int h = 0; h < 2; ++h) {
+            // Per key row: the first visible query, counted from this thread's first column, so that
+            // each element compares against a compile-time column index (as flash_fwd.cu does).
+            int key = key_start + kt * 16 + lane / 4 + h * 8;
+            int first = key < seqlen_k ? first_visible_query(key, seqlen_q, seqlen_k, IS_CAUSAL) - m_start - (lane % 4) * 2
+                                       : BLOCK_M;  // past the last key: nothing is visible
 #pragma unroll
-            for (int e = 0; e < 4; ++e) {
-                int key = key_start + kt * 16 + lane / 4 + (e / 2) * 8;
-                int query = m_start + qt * 8 + (lane % 4) * 2 + e % 2;
-                if (!key_visible(query, key, seqlen_q, seqlen_k, IS_CAUSAL)) acc_s[kt][qt][e] = NEG_INF;
-            }
+            for (int qt = 0; qt < Q_TILES; ++qt)
+#pragma unroll
+                for (int e = 0; e < 2; ++e)
+                    if (qt * 8 + e < first) acc_s[kt][qt][2 * h + e] = NEG_INF;
+        }
 }
 
 // P^T = exp2(S^T * scale_log2 - lse_log2[query]) and dS^T = P^T * (dP^T - delta[query]), in place.
@@ -128,15 +133,24 @@ __device__ __forceinline__ void accumulate_dq(float* dq_accum, u32 ds_lane, u32 
     float acc_dq[DQ_ROWS / 16][DQ_COLS / 8][4];
     zero(acc_dq);
     mma_at_b<DQ_ROWS / 16, DQ_COLS / 8, BLOCK_N / 16, DS_STRIDE, SMEM_STRIDE>(acc_dq, ds_lane, k_lane);
+    // Each thread holds column pairs (2t, 2t+1). With VEC_LOADS the head dim is a multiple of 8,
+    // so a pair is 8-byte aligned and inside the row: one atomic instruction adds both.
 #pragma unroll
     for (int mt = 0; mt < DQ_ROWS / 16; ++mt)
 #pragma unroll
         for (int nt = 0; nt < DQ_COLS / 8; ++nt)
 #pragma unroll
-            for (int e = 0; e < 4; ++e) {
-                int row = m_start + row0 + mt * 16 + lane / 4 + (e / 2) * 8;
-                int col = col0 + nt * 8 + (lane % 4) * 2 + e % 2;
-                if (row < seqlen_q && col < head_dim) atomicAdd(dq_accum + (i64)row * head_dim + col, acc_dq[mt][nt][e]);
+            for (int h = 0; h < 2; ++h) {
+                int row = m_start + row0 + mt * 16 + lane / 4 + h * 8;
+                int col = col0 + nt * 8 + (lane % 4) * 2;
+                if (row >= seqlen_q || col >= head_dim) continue;
+                float* p = dq_accum + (i64)row * head_dim + col;
+#if VEC_LOADS
+                atomic_add_pair(p, acc_dq[mt][nt][2 * h], acc_dq[mt][nt][2 * h + 1]);
+#else
+                atomicAdd(p, acc_dq[mt][nt][2 * h]);
+                if (col + 1 < head_dim) atomicAdd(p + 1, acc_dq[mt][nt][2 * h + 1]);
+#endif
             }
 }
 
@@ -231,23 +245,30 @@ flash_bwd_dkdv(const u16* __restrict__ q, const u16* __restrict__ k, const u16* 
         const float* sLse_s = sLse + buf * BLOCK_M;
         const float* sDelta_s = sDelta + buf * BLOCK_M;
 
-        // S^T = K Q^T and dP^T = V dO^T for this warp's keys and the step's queries.
-        float acc_s[K_TILES][Q_TILES][4], acc_dp[K_TILES][Q_TILES][4];
-        zero(acc_s);
+        // A warp whose keys no query of this step sees (past the causal diagonal, or past the end
+        // of the keys) has P = dS = 0: it skips the products and leaves zeros for dQ.
+        const bool warp_sees_step = warp_key_start < seqlen_k &&
+            (!IS_CAUSAL || warp_key_start <= m_start + BLOCK_M - 1 + seqlen_k - seqlen_q);
+        float acc_dp[K_TILES][Q_TILES][4];  // dP^T, then dS^T
         zero(acc_dp);
-        mma_a_bt<K_TILES, Q_TILES, HEAD_DIM / 16, SMEM_STRIDE, SMEM_STRIDE>(acc_s, k_lane, q_lane_y + buf * buffer_bytes);
-        bool needs_mask = warp_key_start + WARP_N > seqlen_k ||
-                          (IS_CAUSAL && warp_key_start + WARP_N - 1 > m_start + seqlen_k - seqlen_q);
-        if (needs_mask) mask_scores_t(acc_s, warp_key_start, m_start, seqlen_q, seqlen_k, lane);
-        mma_a_bt<K_TILES, Q_TILES, HEAD_DIM / 16, SMEM_STRIDE, SMEM_STRIDE>(acc_dp, v_lane, do_lane_y + buf * buffer_bytes);
-        softmax_backward_t(acc_s, acc_dp, sLse_s, sDelta_s, scale_log2, lane);  // acc_s: P^T, acc_dp: dS^T
+        if (warp_sees_step) {
+            // S^T = K Q^T and dP^T = V dO^T for this warp's keys and the step's queries.
+            float acc_s[K_TILES][Q_TILES][4];
+            zero(acc_s);
+            mma_a_bt<K_TILES, Q_TILES, HEAD_DIM / 16, SMEM_STRIDE, SMEM_STRIDE>(acc_s, k_lane, q_lane_y + buf * buffer_bytes);
+            bool needs_mask = warp_key_start + WARP_N > seqlen_k ||
+                              (IS_CAUSAL && warp_key_start + WARP_N - 1 > m_start + seqlen_k - seqlen_q);
+            if (needs_mask) mask_scores_t(acc_s, warp_key_start, m_start, seqlen_q, seqlen_k, lane);
+            mma_a_bt<K_TILES, Q_TILES, HEAD_DIM / 16, SMEM_STRIDE, SMEM_STRIDE>(acc_dp, v_lane, do_lane_y + buf * buffer_bytes);
+            softmax_backward_t(acc_s, acc_dp, sLse_s, sDelta_s, scale_log2, lane);  // acc_s: P^T, acc_dp: dS^T
 
-        // dV += P^T dO, dK += dS^T Q (scale applied once, at the end).
-        u32 frag[K_TILES][BLOCK_M / 16][4];
-        pack_t(frag, acc_s);
-        mma_areg_b<K_TILES, D_TILES, BLOCK_M / 16, SMEM_STRIDE>(acc_dv, frag, do_lane_x + buf * buffer_bytes);
-        pack_t(frag, acc_dp);
-        mma_areg_b<K_TILES, D_TILES, BLOCK_M / 16, SMEM_STRIDE>(acc_dk, frag, q_lane_x + buf * buffer_bytes);
+            // dV += P^T dO, dK += dS^T Q (scale applied once, at the end).
+            u32 frag[K_TILES][BLOCK_M / 16][4];
+            pack_t(frag, acc_s);
+            mma_areg_b<K_TILES, D_TILES, BLOCK_M / 16, SMEM_STRIDE>(acc_dv, frag, do_lane_x + buf * buffer_bytes);
+            pack_t(frag, acc_dp);
+            mma_areg_b<K_TILES, D_TILES, BLOCK_M / 16, SMEM_STRIDE>(acc_dk, frag, q_lane_x + buf * buffer_bytes);
+        }
 
 #if COMPUTE_DQ
         // dQ += dS K: every warp needs all keys' dS, so dS^T goes through shared memory.

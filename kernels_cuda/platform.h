@@ -69,6 +69,17 @@ __device__ __forceinline__ bool warp_any(bool p) { return __any_sync(FULL_MASK, 
 
 __device__ __forceinline__ void warp_sync() { __syncwarp(); }
 
+// p[0] += a, p[1] += b in global memory, without a return value. Hopper adds both in one
+// instruction (p must be 8-byte aligned); older GPUs take two.
+__device__ __forceinline__ void atomic_add_pair(float* p, float a, float b) {
+#if __CUDA_ARCH__ >= 900
+    asm volatile("red.global.add.v2.f32 [%0], {%1, %2};" ::"l"(p), "f"(a), "f"(b) : "memory");
+#else
+    atomicAdd(p, a);
+    atomicAdd(p + 1, b);
+#endif
+}
+
 // ---- shared memory and async copies --------------------------------------------------------
 __device__ __forceinline__ u32 smem_addr(const void* p) {
     return (u32)__cvta_generic_to_shared(p);

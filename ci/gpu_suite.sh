@@ -3,7 +3,8 @@
 # properties, compute-sanitizer, compile timing, and the benchmark. Writes logs under $OUT (or
 # ci/results/latest) and prints a short summary last.
 #
-#   bash ci/gpu_suite.sh [--no-bench]
+#   bash ci/gpu_suite.sh [checks] [sanitize] [bench]     (no argument: all three; the device
+#   tool's 10-minute limit per command fits one or two phases per call)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-ci/results/latest}
@@ -21,13 +22,20 @@ step() {  # step NAME TIMEOUT COMMAND...: run, log to $OUT/NAME.log, keep its la
 }
 
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader > "$OUT/gpu.txt"
-step kernels 300 python ci/kernel_check.py
-step pytest 600 python -m pytest -m gpu -q -p no:cacheprovider
-# memcheck, racecheck, synccheck, initcheck on forward and backward (tuned rows + odd sizes)
-step sanitize 620 env SANITIZE_TIMEOUT=75 bash ci/sanitize.sh
-step compile 120 python ci/compile_timing.py
-if [ "${1:-}" != "--no-bench" ]; then
+phases=${*:-checks sanitize bench}
+if [[ " $phases " == *" checks "* ]]; then
+    step kernels 300 python ci/kernel_check.py
+    step kernels_bwd 300 python ci/kernel_check_bwd.py
+    step pytest 600 python -m pytest -m gpu -q -p no:cacheprovider
+    step compile 120 python ci/compile_timing.py
+fi
+if [[ " $phases " == *" sanitize "* ]]; then
+    # memcheck, racecheck, synccheck, initcheck on forward and backward (tuned rows + odd sizes)
+    step sanitize 620 env SANITIZE_TIMEOUT=70 bash ci/sanitize.sh
+fi
+if [[ " $phases " == *" bench "* ]]; then
     step bench 900 python -m xattn bench --out "$OUT"
+    step bench_bwd 900 python -m xattn bench --bwd --out "$OUT"
 fi
 
 echo "== GPU suite on $(cat "$OUT/gpu.txt") =="

@@ -45,9 +45,26 @@ def oracle(problem: Problem, q, k, v):
     return to_bhsd(out, problem.layout), lse
 
 
-def assert_matches(got_out, got_lse, want_out, want_lse, dtype, lse_tolerance=None):
-    tolerance = TOLERANCE[dtype]
-    lse_tolerance = lse_tolerance or LSE_TOLERANCE[dtype]
+def score_rounding(problem: Problem, q, k) -> float:
+    """Absolute rounding error to expect in float32 scores: eps32 * scale * max_ij sum_d |q_id k_jd|.
+
+    The softmax turns an absolute error d in a row's scores into a relative error of about d in its
+    output and an absolute error d in its lse, so large scales and long head dims earn a
+    proportionally larger float32 bound; at the default scale on unit-variance data this term stays
+    far below the fixed tolerance.
+    """
+    q64, k64 = (to_bhsd(to_float64(x), problem.layout) for x in (q, k))
+    if q64.size == 0 or k64.size == 0:
+        return 0.0
+    scale = problem.scale if problem.scale is not None else 1 / math.sqrt(q64.shape[-1])
+    k64 = np.repeat(k64, q64.shape[1] // k64.shape[1], axis=1)  # GQA: each query head's keys
+    largest = np.abs(q64) @ np.abs(k64).swapaxes(-1, -2)  # sum_d |q_id k_jd| for every pair
+    return 2.0**-24 * scale * float(largest.max())
+
+
+def assert_matches(got_out, got_lse, want_out, want_lse, dtype, lse_tolerance=None, score_error=0.0):
+    tolerance = TOLERANCE[dtype] + score_error
+    lse_tolerance = (lse_tolerance or LSE_TOLERANCE[dtype]) + score_error
     assert not np.isnan(got_out).any(), "NaN in out"
     assert not np.isnan(got_lse).any(), "NaN in lse"
     # Rows that see no key: exactly 0 and -inf.
@@ -67,7 +84,8 @@ def assert_matches(got_out, got_lse, want_out, want_lse, dtype, lse_tolerance=No
 def test_attention_matches_exact_oracle(backend, data):
     problem = data.draw(problems(backend))
     out, lse, inputs = run(backend, problem)
-    assert_matches(out, lse, *oracle(problem, *inputs), problem.dtype)
+    assert_matches(out, lse, *oracle(problem, *inputs), problem.dtype,
+                   score_error=score_rounding(problem, *inputs[:2]) if problem.dtype != "float64" else 0.0)
 
 
 @pytest.mark.parametrize("sq, sk", list(itertools.product(EDGE_LENGTHS, repeat=2)))

@@ -134,7 +134,8 @@ __device__ __forceinline__ void convert_p(u32 (&p_frag)[M_TILES][BLOCK_N / 16][4
 }
 
 // Epilogue: O /= l, write O through shared memory (the warp's own rows of sQ) with 16-byte stores,
-// and write lse = scale * m + ln(l). A row that saw no key has l = 0: it gets O = 0, lse = -inf.
+// and write lse = scale * m + ln(l). A row that saw no key has l = 0: it gets O = 0, lse = -inf. A
+// NaN that reached the row makes l NaN, and O and lse then come out NaN (README: the NaN rule).
 __device__ __forceinline__ void write_output(float (&acc_o)[M_TILES][D_TILES][4],
                                              const float (&row_max)[M_TILES][2],
                                              const float (&row_sum)[M_TILES][2], u16* sQ, u16* o,
@@ -149,7 +150,7 @@ __device__ __forceinline__ void write_output(float (&acc_o)[M_TILES][D_TILES][4]
             float l = row_sum[mt][h];
             l += shfl_xor(l, 1);
             l += shfl_xor(l, 2);
-            float inv_l = l > 0.f ? 1.f / l : 0.f;
+            float inv_l = l != 0.f ? 1.f / l : 0.f;
             int row = mt * 16 + lane / 4 + h * 8;
 #pragma unroll
             for (int dt = 0; dt < D_TILES; ++dt) {
@@ -157,7 +158,7 @@ __device__ __forceinline__ void write_output(float (&acc_o)[M_TILES][D_TILES][4]
                 *(u32*)(sO + row * SMEM_STRIDE + dt * 8 + (lane % 4) * 2) = packed;
             }
             if (lane % 4 == 0 && row_start + row < seqlen_q)
-                lse[row_start + row] = l > 0.f ? row_max[mt][h] * scale + logf(l) : NEG_INF;
+                lse[row_start + row] = l != 0.f ? row_max[mt][h] * scale + logf(l) : NEG_INF;
         }
     warp_sync();  // the warp's rows of sO are complete before its lanes read them back
 

@@ -155,14 +155,14 @@ flash_fwd_f32(const float* __restrict__ q, const float* __restrict__ k, const fl
     for (int r = 0; r < ROWS_PER_WARP; ++r) {
         int row = warp_row_start + r;
         float l = warp_sum(row_sum[r]);
-        float inv_l = l > 0.f ? 1.f / l : 0.f;
+        float inv_l = l != 0.f ? 1.f / l : 0.f;
         if (row < seqlen_q) {
 #pragma unroll
             for (int i = 0; i < D_PER_LANE; ++i) {
                 int col = lane + i * WARP_SIZE;
                 if (col < head_dim) o[row * o_row_stride + col] = acc_o[r][i] * inv_l;
             }
-            if (lane == 0) lse[row] = l > 0.f ? row_max[r] * scale + logf(l) : NEG_INF;
+            if (lane == 0) lse[row] = l != 0.f ? row_max[r] * scale + logf(l) : NEG_INF;
         }
     }
 }

@@ -173,10 +173,10 @@ __device__ __forceinline__ void write_output(const floatx16 (&acc_o)[DIM_BLOCKS]
                                              u16* o, i64 o_row_stride, float* lse, int wave_row_start,
                                              int seqlen_q, int head_dim, float scale, int lane) {
     const float l = row_sum + shfl_xor(row_sum, 32);
-    const float inv_l = l > 0.f ? 1.f / l : 0.f;
+    const float inv_l = l != 0.f ? 1.f / l : 0.f;
     const int row = wave_row_start + acc_query(lane);
     if (row >= seqlen_q) return;
-    if (lane < 32) lse[row] = l > 0.f ? row_max * scale + logf(l) : NEG_INF;
+    if (lane < 32) lse[row] = l != 0.f ? row_max * scale + logf(l) : NEG_INF;
     o += row * o_row_stride;
 #pragma unroll
     for (int db = 0; db < DIM_BLOCKS; ++db)

@@ -180,9 +180,9 @@ flash_fwd_portable(const elem_t* __restrict__ q, const elem_t* __restrict__ k, c
     for (int i = 0; i < ROWS_PER_LANE; ++i) {
         const float l = group_sum(row_sum[i]);
         if (key == 0) {
-            sRow[LANE_ROW(i)] = l > 0.f ? 1.f / l : 0.f;
+            sRow[LANE_ROW(i)] = l != 0.f ? 1.f / l : 0.f;
             if (m_start + LANE_ROW(i) < seqlen_q)
-                lse[LANE_ROW(i)] = l > 0.f ? row_max[i] * scale + logf(l) : NEG_INF;
+                lse[LANE_ROW(i)] = l != 0.f ? row_max[i] * scale + logf(l) : NEG_INF;
         }
     }
     __syncthreads();  // 1 / l of every row visible

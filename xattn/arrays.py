@@ -53,7 +53,7 @@ def describe(x, name: str) -> ArrayInfo:
                              f"got a tensor on {device}")
         if x.layout != torch.strided:
             raise TypeError(f"{name}: expected a dense (strided) tensor, got layout {x.layout}")
-        return ArrayInfo("torch", kind, device.index or 0, _dtype_name(x.dtype),
+        return ArrayInfo("torch", kind, device.index or 0, _torch_dtype_name(x.dtype),
                          tuple(x.shape))
     cupy = sys.modules.get("cupy")
     if cupy is not None and isinstance(x, cupy.ndarray):
@@ -77,6 +77,16 @@ def describe(x, name: str) -> ArrayInfo:
 # dtype -> "float16" etc. NumPy's dtype.name is computed in Python on every access, and this
 # sits on every call's path, so names are looked up once per dtype.
 _DTYPE_NAMES: dict = {}
+# torch dtypes get a table of their own: torch.compile traces describe(), and Dynamo can hash a
+# torch.dtype key but not the NumPy dtype keys the other table collects.
+_TORCH_DTYPE_NAMES: dict = {}
+
+
+def _torch_dtype_name(dtype) -> str:
+    name = _TORCH_DTYPE_NAMES.get(dtype)
+    if name is None:
+        name = _TORCH_DTYPE_NAMES[dtype] = str(dtype).removeprefix("torch.")
+    return name
 
 
 def _dtype_name(dtype) -> str:

@@ -8,7 +8,9 @@ rows only. Skipped, with the reason, where the GPU lacks the memory.
 
 from __future__ import annotations
 
+import gc
 import math
+import sys
 
 import pytest
 
@@ -23,6 +25,12 @@ ELEMENTS = 2**31 + 64 * 128 * 128  # more than 2**31
 def need_gib(gib):
     if not torch.cuda.is_available():
         pytest.skip("torch has no CUDA device")
+    # Earlier tests leave blocks cached in torch's and CuPy's pools: hand them back first.
+    gc.collect()
+    torch.cuda.empty_cache()
+    cupy = sys.modules.get("cupy")
+    if cupy is not None:
+        cupy.get_default_memory_pool().free_all_blocks()
     free, _ = torch.cuda.mem_get_info()
     if free < gib * 2**30:
         pytest.skip(f"needs {gib} GiB of free GPU memory, has {free / 2**30:.1f}")

@@ -4,16 +4,20 @@ CPU part: a fake `cupy` (installed in sys.modules) that keeps its disk cache the
 (cupy/cuda/compiler.py: one file per variant, an md5 of the binary in front of it, written to a
 temporary file and moved into place; an entry whose md5 does not match is ignored and recompiled).
 It shows that xattn survives each fault and says so once. GPU part (gpu marker): the same faults
-against the real CuPy, with a fresh CUPY_CACHE_DIR.
+against the real CuPy, each scenario in fresh child processes started with its CUPY_CACHE_DIR.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import os
+import subprocess
+import sys
 import tempfile
 import types
 import warnings
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -225,6 +229,61 @@ def test_other_errors_are_not_retried(fake_cupy, recwarn):
 
 
 # ------------------------------------------------------------------------------------- GPU
+#
+# Each scenario runs in fresh Python processes whose environment sets CUPY_CACHE_DIR (and leaves
+# CUPY_CACHE_IN_MEMORY unset) from the start, as a user's would: CuPy 14 reads CUPY_CACHE_DIR once,
+# when it is imported, and keeps compiled modules per process, so changing it inside a running
+# process proves nothing. The child (CHILD below) runs xattn.attention on CuPy arrays, checks it
+# against xattn.exact_attention and prints a JSON report on its last stdout line.
+
+CHILD = r"""
+import json, os, sys, warnings
+
+head_dims = json.loads(sys.argv[1])
+cache_dir = os.environ["CUPY_CACHE_DIR"]  # as given: xattn may point CuPy elsewhere
+
+
+def entries():
+    try:
+        return {name for name in os.listdir(cache_dir) if name.endswith(".cubin")}
+    except OSError:  # not made yet, or cannot be
+        return set()
+
+
+report = {"results": [], "new_entries": []}
+with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    import numpy as np
+    import xattn
+    from xattn import jit
+    # xattn first, as a user of torch tensors would: it imports CuPy for the cuda backend.
+    usable, reason = xattn.available_backends()["cuda"]
+    if not usable:
+        sys.exit(f"cuda backend unusable in the child: {reason}")
+    import cupy
+    for head_dim in head_dims:
+        rng = np.random.default_rng(head_dim)
+        host = [rng.standard_normal((1, 2, 77, head_dim)).astype(np.float16) for _ in range(3)]
+        want, _ = xattn.exact_attention(*host, causal=True)  # on the host: no CuPy kernels
+        inputs = [cupy.asarray(a) for a in host]  # copies only: no CuPy kernels either
+        before = entries()
+        got = cupy.asnumpy(xattn.attention(*inputs, causal=True)).astype(np.float64)
+        report["new_entries"] += sorted(entries() - before)  # xattn's kernels alone
+        report["results"].append({
+            "head_dim": head_dim, "finite": bool(np.isfinite(got).all()),
+            "relative_error": float(np.linalg.norm(got - want) / np.linalg.norm(want))})
+report["kernel_cache_warnings"] = [str(w.message) for w in caught
+                                   if issubclass(w.category, jit.KernelCacheWarning)]
+report["other_warnings"] = [f"{w.category.__name__}: {w.message}" for w in caught
+                            if not issubclass(w.category, jit.KernelCacheWarning)]
+report["cache_in_memory"] = os.environ.get("CUPY_CACHE_IN_MEMORY")
+report["cupy"] = cupy.__version__
+print("XATTN-CHILD-REPORT " + json.dumps(report), flush=True)
+"""
+
+CHILD_TIMEOUT_S = 900  # NVRTC compiles a few flash variants from scratch
+TOLERANCE_FP16 = 2e-3
+
 
 def _cuda_ready():
     try:
@@ -236,89 +295,143 @@ def _cuda_ready():
 
 
 @pytest.fixture
-def fresh_cuda_cache(monkeypatch, tmp_path):
-    """Real CuPy, an empty CUPY_CACHE_DIR, and nothing memoized by xattn or CuPy."""
+def cuda_child(tmp_path):
+    """run(cache_dir, head_dims) -> the report of a fresh process with CUPY_CACHE_DIR=cache_dir."""
     reason = _cuda_ready()
     if reason:
         pytest.skip(reason)
-    from xattn import cuda
-    monkeypatch.setenv("CUPY_CACHE_DIR", str(tmp_path / "kernel_cache"))
-    monkeypatch.delenv("CUPY_CACHE_IN_MEMORY", raising=False)
-    forget_compiled_kernels(monkeypatch)
-    monkeypatch.setattr(cuda, "_smem_configured", set())
-    return tmp_path / "kernel_cache"
+    script = tmp_path / "child.py"
+    script.write_text(CHILD)
+    root = str(Path(xattn.__file__).resolve().parents[1])  # the xattn under test
+    runs = []
+
+    def run(cache_dir, head_dims):
+        env = {k: v for k, v in os.environ.items()
+               if k not in ("CUPY_CACHE_IN_MEMORY", "CUPY_CACHE_SAVE_CUDA_SOURCE", "XATTN_BACKEND")}
+        env["CUPY_CACHE_DIR"] = str(cache_dir)
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [root, env.get("PYTHONPATH")]))
+        runs.append(len(runs) + 1)
+        what = f"child {runs[-1]} (CUPY_CACHE_DIR={cache_dir}, head dims {head_dims})"
+        try:
+            done = subprocess.run([sys.executable, str(script), json.dumps(list(head_dims))],
+                                  cwd=tmp_path, env=env, capture_output=True, text=True,
+                                  timeout=CHILD_TIMEOUT_S)
+        except subprocess.TimeoutExpired as error:
+            pytest.fail(f"{what} ran past {CHILD_TIMEOUT_S} s\n--- stdout\n{_text(error.stdout)}"
+                        f"\n--- stderr\n{_text(error.stderr)}", pytrace=False)
+        lines = [line for line in done.stdout.splitlines()
+                 if line.startswith("XATTN-CHILD-REPORT ")]
+        if done.returncode != 0 or not lines:
+            pytest.fail(f"{what} failed with exit status {done.returncode}\n--- stdout\n"
+                        f"{done.stdout[-4000:]}\n--- stderr\n{done.stderr[-8000:]}", pytrace=False)
+        report = json.loads(lines[-1].removeprefix("XATTN-CHILD-REPORT "))
+        report["stderr"] = done.stderr[-4000:]
+        for result in report["results"]:
+            assert result["finite"] and result["relative_error"] <= TOLERANCE_FP16, (what, report)
+        return report
+
+    return run
 
 
-def forget_compiled_kernels(monkeypatch):
-    import cupy
-    from xattn import cuda
-    monkeypatch.setattr(jit, "_modules", {})
-    # Kernel objects die with the memo; their ids may be reused, so the shared-memory opt-in
-    # record keyed by id must go too.
-    monkeypatch.setattr(cuda, "_smem_configured", set())
-    clear = getattr(cupy._util, "clear_memo", None) or getattr(cupy, "clear_memo", None)
-    if clear is not None:  # CuPy memoizes RawModule compiles per process too
-        clear()
+def _text(output):
+    return output.decode(errors="replace") if isinstance(output, bytes) else (output or "")
 
 
-def problem(head_dim):
-    """CuPy inputs and the oracle's output; CuPy's own cast kernels get compiled here."""
-    import cupy
-    rng = np.random.default_rng(head_dim)
-    q, k, v = (cupy.asarray(rng.standard_normal((1, 2, 77, head_dim))).astype(cupy.float16)
-               for _ in range(3))
-    want, _ = xattn.exact_attention(q, k, v, causal=True)
-    return (q, k, v), want
+def _checksum_scheme(data):
+    """How CuPy checksummed this cache entry: (algorithm, hex length) or None for no match.
+    CuPy 14 writes a SHA-1 hex digest in front of the binary, earlier versions an MD5 one."""
+    for algorithm, length in (("sha1", 40), ("md5", 32)):
+        digest = hashlib.new(algorithm, data[length:], usedforsecurity=False).hexdigest()
+        if data[:length] == digest.encode():
+            return algorithm, length
+    return None
 
 
-def check(inputs, want):
-    import cupy
-    got = cupy.asnumpy(xattn.attention(*inputs, causal=True)).astype(np.float64)
-    assert np.isfinite(got).all()
-    assert np.linalg.norm(got - want) <= 2e-3 * np.linalg.norm(want)
-
-
-def cache_warnings_of(caught):
-    return [w for w in caught if issubclass(w.category, jit.KernelCacheWarning)]
+def _damage(entry, damage):
+    data = entry.read_bytes()
+    scheme = _checksum_scheme(data)
+    assert scheme, f"{entry.name}: not a checksummed CuPy cache entry ({data[:48]!r})"
+    if damage == "truncated":
+        entry.write_bytes(data[: len(data) // 3])
+    elif damage == "corrupted":
+        middle = len(data) // 2
+        entry.write_bytes(data[:middle] + bytes(b ^ 0x5A for b in data[middle:middle + 64])
+                          + data[middle + 64:])
+    else:  # passes CuPy's checksum, fails to load
+        garbage = b"\x7fELF not really a cubin" * 8
+        algorithm, _ = scheme
+        entry.write_bytes(hashlib.new(algorithm, garbage, usedforsecurity=False).hexdigest()
+                          .encode() + garbage)
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("damage", ["truncated", "corrupted", "checksummed garbage"])
-def test_gpu_a_damaged_cache_entry_is_recompiled(fresh_cuda_cache, monkeypatch, damage):
-    inputs, want = problem(64)
-    before = set(fresh_cuda_cache.iterdir())
-    check(inputs, want)
-    entries = [p for p in set(fresh_cuda_cache.iterdir()) - before if p.is_file()]
-    assert entries, "CuPy wrote no cache entry for xattn's kernel"
+def test_gpu_a_damaged_cache_entry_is_recompiled(cuda_child, tmp_path, damage):
+    cache = tmp_path / "kernel_cache"
+    first = cuda_child(cache, [64])
+    assert not first["kernel_cache_warnings"], first
+    listing = sorted(p.name for p in cache.iterdir()) if cache.is_dir() else "no directory"
+    assert first["new_entries"], f"CuPy wrote no cache entry for xattn's kernel: {listing}"
+    entries = [cache / name for name in first["new_entries"]]
     for entry in entries:  # only xattn's entries: CuPy's own kernels are not under test
-        data = entry.read_bytes()
-        if damage == "truncated":
-            entry.write_bytes(data[: len(data) // 3])
-        elif damage == "corrupted":
-            middle = len(data) // 2
-            entry.write_bytes(data[:middle] + bytes(b ^ 0x5A for b in data[middle:middle + 64])
-                              + data[middle + 64:])
-        else:  # passes CuPy's md5 check, fails to load
-            garbage = b"\x7fELF not really a cubin" * 8
-            entry.write_bytes(hashlib.md5(garbage).hexdigest().encode() + garbage)
-    forget_compiled_kernels(monkeypatch)  # what a new process would see: this disk cache
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        check(inputs, want)
-    expected = 1 if damage == "checksummed garbage" else 0
-    assert len(cache_warnings_of(caught)) == expected, [str(w.message) for w in caught]
+        _damage(entry, damage)
+
+    second = cuda_child(cache, [64])  # a new process, this disk cache
+    warned = second["kernel_cache_warnings"]
+    if damage == "checksummed garbage":
+        # The entry loads and fails (CUDADriverError): jit warns once, goes in memory, retries.
+        assert len(warned) == 1, second
+        assert str(cache) in warned[0] and "CUPY_CACHE_IN_MEMORY=1" in warned[0], second
+        assert second["cache_in_memory"] == "1", second
+    else:
+        # CuPy's checksum catches it: recompiled and rewritten by CuPy, nothing for jit to do.
+        assert warned == [], second
+        assert second["cache_in_memory"] is None, second
+        for entry in entries:
+            assert _checksum_scheme(entry.read_bytes()), f"{entry.name} was not rewritten whole"
 
 
 @pytest.mark.gpu
-def test_gpu_an_unwritable_cache_directory_falls_back_with_one_warning(fresh_cuda_cache,
-                                                                      monkeypatch, tmp_path):
-    problems = [problem(head_dim) for head_dim in (64, 128, 32, 96)]  # CuPy's casts, warm
-    check(*problems[0])
+def test_gpu_an_unwritable_cache_directory_falls_back_with_one_warning(cuda_child, tmp_path):
+    # A directory below a regular file cannot be made, even by root (chmod would not do). With
+    # CuPy 14 that fails `import cupy` itself; xattn.jit catches it before the import.
     blocker = tmp_path / "a_file"
     blocker.write_text("")
-    monkeypatch.setenv("CUPY_CACHE_DIR", str(blocker / "kernel_cache"))
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        for inputs, want in problems[1:]:  # three variants not compiled yet
-            check(inputs, want)
-    assert len(cache_warnings_of(caught)) == 1, [str(w.message) for w in caught]
+    cache = blocker / "kernel_cache"
+    report = cuda_child(cache, [64, 128, 32, 64])  # three variants, the first one again
+    warned = report["kernel_cache_warnings"]
+    assert len(warned) == 1, report
+    assert str(cache) in warned[0] and "CUPY_CACHE_IN_MEMORY=1" in warned[0], report
+    assert report["cache_in_memory"] == "1", report
+    assert len(report["results"]) == 4 and report["new_entries"] == [], report
+    assert blocker.read_text() == ""
+
+
+def test_a_cache_directory_that_cannot_be_made_does_not_fail_the_cupy_import(tmp_path):
+    # CuPy 14 makes CUPY_CACHE_DIR when it is imported (cupy.cuda.compiler); a fake that does the
+    # same, in a fresh process whose environment names a directory below a regular file.
+    fake = tmp_path / "site" / "cupy"
+    fake.mkdir(parents=True)
+    (fake / "__init__.py").write_text(
+        "import os\nos.makedirs(os.environ['CUPY_CACHE_DIR'], exist_ok=True)\n")
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    root = str(Path(xattn.__file__).resolve().parents[1])
+    env = {k: v for k, v in os.environ.items() if k != "CUPY_CACHE_IN_MEMORY"}
+    env.update(CUPY_CACHE_DIR=str(blocker / "kernel_cache"),
+               PYTHONPATH=os.pathsep.join([str(tmp_path / "site"), root]))
+    code = ("import json, os, warnings\n"
+            "with warnings.catch_warnings(record=True) as caught:\n"
+            "    warnings.simplefilter('always')\n"
+            "    from xattn import jit\n"
+            "    import cupy\n"
+            "print(json.dumps([[str(w.message) for w in caught\n"
+            "                   if issubclass(w.category, jit.KernelCacheWarning)],\n"
+            "                  os.environ.get('CUPY_CACHE_IN_MEMORY'),\n"
+            "                  os.path.isdir(os.environ['CUPY_CACHE_DIR'])]))\n")
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                          timeout=120, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    warned, in_memory, stand_in_made = json.loads(done.stdout.splitlines()[-1])
+    assert len(warned) == 1 and str(blocker / "kernel_cache") in warned[0], warned
+    assert in_memory == "1" and stand_in_made

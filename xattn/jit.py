@@ -14,14 +14,25 @@ directory it cannot create or write (OSError), or an entry that passes the check
 (CUDADriverError), gives one KernelCacheWarning, switches CuPy to its in-memory cache
 (CUPY_CACHE_IN_MEMORY=1) for the rest of the process, and the compile is retried once. A run-time
 compiler that cannot be loaded (NVRTC, hiprtc) raises CompilerNotFound naming what to install.
+
+CuPy 14 opens its disk cache when it is imported (cupy.cuda.compiler makes CUPY_CACHE_DIR then,
+whatever CUPY_CACHE_IN_MEMORY says), so a directory that cannot be made fails `import cupy` itself,
+before any compile. This module is imported before xattn first imports CuPy (xattn.cuda imports it
+at its top), and _prepare_cupy_import below handles that fault there: the same one warning and
+switch, and CUPY_CACHE_DIR pointed at an empty temporary directory for the import to make.
 """
 
 from __future__ import annotations
 
+import atexit
 import functools
 import hashlib
+import importlib.util
 import os
 import re
+import shutil
+import sys
+import tempfile
 import threading
 import warnings
 
@@ -143,3 +154,24 @@ def _cache_in_memory(error: Exception) -> None:
                   f"process (CUPY_CACHE_IN_MEMORY=1). Fix or delete that directory, or point "
                   f"CUPY_CACHE_DIR at a writable one.", KernelCacheWarning, stacklevel=4)
     os.environ["CUPY_CACHE_IN_MEMORY"] = "1"
+
+
+def _prepare_cupy_import() -> None:
+    """Before CuPy is first imported: keep a cache directory that cannot be made from failing the
+    import (CuPy 14). Makes the directory as the import would, and does nothing more when it can."""
+    if "cupy" in sys.modules or importlib.util.find_spec("cupy") is None:
+        return
+    directory = os.environ.get("CUPY_CACHE_DIR", os.path.expanduser("~/.cupy/kernel_cache"))
+    try:
+        os.makedirs(directory, exist_ok=True)
+        return
+    except OSError as error:
+        if os.environ.get("CUPY_CACHE_IN_MEMORY") != "1":
+            _cache_in_memory(error)
+    # Nothing is written here while CUPY_CACHE_IN_MEMORY=1; CuPy only needs it to exist.
+    stand_in = tempfile.mkdtemp(prefix="xattn-cupy-cache-")
+    atexit.register(shutil.rmtree, stand_in, ignore_errors=True)
+    os.environ["CUPY_CACHE_DIR"] = stand_in
+
+
+_prepare_cupy_import()

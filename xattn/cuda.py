@@ -276,7 +276,6 @@ def _new_like(x, shape, *, zero: bool):
 def info() -> dict[str, str]:
     """Lines for `python -m xattn info`."""
     import cupy
-    from cupy.cuda import compiler
 
     device = cupy.cuda.Device()
     props = cupy.cuda.runtime.getDeviceProperties(device.id)
@@ -286,5 +285,5 @@ def info() -> dict[str, str]:
         "compute capability": f"{_arch(device.id) / 10:.1f}",
         "multiprocessors": str(props["multiProcessorCount"]),
         "compiler": f"NVRTC {nvrtc[0]}.{nvrtc[1]} (through CuPy RawModule)",
-        "kernel cache": compiler.get_cache_dir(),
+        "kernel cache": jit.cache_location(),
     }

@@ -107,7 +107,6 @@ def launch(kernel, cfg: configs.TileConfig, q, k, v, out, lse, *, scale: float, 
 def info() -> dict[str, str]:
     """Lines for `python -m xattn info`."""
     import cupy
-    from cupy.cuda import compiler
 
     device = cupy.cuda.Device()
     props = cupy.cuda.runtime.getDeviceProperties(device.id)
@@ -120,5 +119,5 @@ def info() -> dict[str, str]:
         "compute units": str(props["multiProcessorCount"]),
         "kernels": ", ".join(f"{dtype}: {name}" for dtype, name in kernels.items()),
         "compiler": "hiprtc (through CuPy RawModule)",
-        "kernel cache": compiler.get_cache_dir(),
+        "kernel cache": jit.cache_location(),
     }

@@ -156,6 +156,13 @@ def _cache_in_memory(error: Exception) -> None:
     os.environ["CUPY_CACHE_IN_MEMORY"] = "1"
 
 
+def cache_location() -> str:
+    """Where compiled kernels persist, for `python -m xattn info`."""
+    if os.environ.get("CUPY_CACHE_IN_MEMORY") == "1":
+        return "in memory (CUPY_CACHE_IN_MEMORY=1)"
+    return os.environ.get("CUPY_CACHE_DIR", os.path.expanduser("~/.cupy/kernel_cache"))
+
+
 def _prepare_cupy_import() -> None:
     """Before CuPy is first imported: keep a cache directory that cannot be made from failing the
     import (CuPy 14). Makes the directory as the import would, and does nothing more when it can."""

@@ -62,16 +62,16 @@ _ROWS = [
     ("flash_fwd",      90,   256,     None,   64,      64,      4,     1),
     # backward, key-block parallel: block_n keys per block (split over the warps, 16 or 32
     # each), block_m query rows per step; dQ by atomics unless deterministic
-    ("flash_bwd_dkdv", 80,   32,      None,   64,      128,     8,     1),
-    ("flash_bwd_dkdv", 80,   64,      None,   64,      128,     8,     1),
+    ("flash_bwd_dkdv", 80,   32,      None,   128,     128,     8,     1),
+    ("flash_bwd_dkdv", 80,   64,      None,   128,     128,     8,     1),
     ("flash_bwd_dkdv", 80,   96,      None,   64,      128,     8,     1),
     ("flash_bwd_dkdv", 80,   128,     None,   64,      128,     8,     1),
     ("flash_bwd_dkdv", 86,   32,      None,   64,      128,     8,     1),
     ("flash_bwd_dkdv", 86,   64,      None,   64,      128,     8,     1),
     ("flash_bwd_dkdv", 86,   96,      None,   32,      64,      4,     1),
     ("flash_bwd_dkdv", 86,   128,     None,   32,      64,      4,     1),
-    ("flash_bwd_dkdv", 90,   32,      None,   64,      128,     8,     1),
-    ("flash_bwd_dkdv", 90,   64,      None,   64,      128,     8,     1),
+    ("flash_bwd_dkdv", 90,   32,      None,   128,     128,     8,     1),
+    ("flash_bwd_dkdv", 90,   64,      None,   128,     128,     8,     1),
     ("flash_bwd_dkdv", 90,   96,      None,   64,      128,     8,     1),
     ("flash_bwd_dkdv", 90,   128,     None,   64,      128,     8,     1),
     # backward, dQ alone (deterministic=True), query-block parallel like the forward

@@ -7,6 +7,16 @@
 
 #define NEG_INF (-__int_as_float(0x7f800000))
 
+#define LOG2_E 1.4426950408889634f
+
+// A query row's LSE in base 2, as the backward kernels use it to recompute P = exp2(S' - lse2).
+// Rows past the end (row >= seqlen_q) and rows that saw no key (LSE = -inf) get +inf, so that
+// exp2(anything - inf) = 0: they add nothing, with no mask and no NaN.
+__device__ __forceinline__ float backward_lse2(const float* lse, int row, int seqlen_q) {
+    float l = row < seqlen_q ? lse[row] : NEG_INF;
+    return l == NEG_INF ? -NEG_INF : l * LOG2_E;
+}
+
 struct KeyRange {
     int tile_begin;  // first key tile to visit
     int tile_end;    // one past the last key tile to visit (tile_end <= tile_begin: no tiles)

@@ -70,8 +70,7 @@ __device__ __forceinline__ void load_query_step(u16* sQ, u16* sdO, float* sLse, 
     load_tile<BLOCK_M>(sQ, q, q_row_stride, valid_rows, head_dim, tid);
     load_tile<BLOCK_M>(sdO, dout, do_row_stride, valid_rows, head_dim, tid);
     for (int r = tid; r < BLOCK_M; r += NUM_THREADS) {
-        float l = r < valid_rows ? lse[r] : NEG_INF;
-        sLse[r] = l == NEG_INF ? -NEG_INF : l * 1.4426950408889634f;  // log2(e)
+        sLse[r] = backward_lse2(lse, r, valid_rows);
         sDelta[r] = r < valid_rows ? delta[r] : 0.f;
     }
 }

@@ -85,8 +85,7 @@ flash_bwd_dq(const u16* __restrict__ q, const u16* __restrict__ k, const u16* __
 #pragma unroll
         for (int h = 0; h < 2; ++h) {
             int row = warp_row_start + mt * 16 + lane / 4 + h * 8;
-            float l = row < seqlen_q ? lse[row] : NEG_INF;
-            lse_log2[mt][h] = l == NEG_INF ? -NEG_INF : l * 1.4426950408889634f;  // log2(e)
+            lse_log2[mt][h] = backward_lse2(lse, row, seqlen_q);
             row_delta[mt][h] = row < seqlen_q ? delta[row] : 0.f;
         }
 

@@ -56,6 +56,8 @@
 
 static_assert(HEAD_DIM % WARP_SIZE == 0, "each lane owns whole head-dim columns");
 
+#include "simt_tile.h"
+
 // ---- shared-memory layout (floats; xattn/configs.py computes the same sizes) -------------------
 // flash_bwd_simt_dq:   sQ [BLOCK_ROWS][HEAD_DIM] | sdO [BLOCK_ROWS][HEAD_DIM] |
 //                      sK [TILE][TILE_STRIDE] | sV [TILE][TILE_STRIDE] | sdS [NUM_WARPS][ROWS_PER_WARP][TILE]
@@ -63,24 +65,6 @@ static_assert(HEAD_DIM % WARP_SIZE == 0, "each lane owns whole head-dim columns"
 //                      sQ [TILE][TILE_STRIDE] | sdO [TILE][TILE_STRIDE] | sPdS [NUM_WARPS][ROWS_PER_WARP][TILE] (float2)
 
 // ---- device helpers ---------------------------------------------------------------------------
-
-// Copy rows x HEAD_DIM elements into shared memory as float32, zeros outside valid_rows x head_dim.
-// Consecutive threads take consecutive columns, so the global reads coalesce.
-__device__ __forceinline__ void load_rows(float* smem, int smem_stride, const elem_t* gmem,
-                                          i64 row_stride, int rows, int valid_rows, int head_dim,
-                                          int tid) {
-    for (int e = tid; e < rows * HEAD_DIM; e += NUM_THREADS) {
-        int row = e / HEAD_DIM, col = e % HEAD_DIM;
-        bool valid = row < valid_rows && col < head_dim;
-        smem[row * smem_stride + col] = valid ? to_float(gmem[row * row_stride + col]) : 0.f;
-    }
-}
-
-// The LSE of a query row in base 2, +inf for rows past the end and rows that saw no key (see top).
-__device__ __forceinline__ float lse_log2(const float* lse, int row, int seqlen_q) {
-    float l = row < seqlen_q ? lse[row] : NEG_INF;
-    return l == NEG_INF ? -NEG_INF : l * 1.4426950408889634f;  // log2(e)
-}
 
 // P and dS of one (query, key) pair from its raw score s = q.k (unscaled) and dp = dO.v.
 __device__ __forceinline__ float2 softmax_backward(float s, float dp, bool visible, float lse2,
@@ -151,7 +135,7 @@ flash_bwd_simt_dq(const elem_t* __restrict__ q, const elem_t* __restrict__ k,
 #pragma unroll
     for (int r = 0; r < ROWS_PER_WARP; ++r) {
         int row = warp_row_start + r;
-        row_lse2[r] = lse_log2(lse, row, seqlen_q);
+        row_lse2[r] = backward_lse2(lse, row, seqlen_q);
         row_delta[r] = row < seqlen_q ? delta[row] : 0.f;
 #pragma unroll
         for (int i = 0; i < D_PER_LANE; ++i) acc_dq[r][i] = 0.f;
@@ -266,7 +250,7 @@ flash_bwd_simt_dkdv(const elem_t* __restrict__ q, const elem_t* __restrict__ k,
             __syncthreads();  // every warp is done with the previous Q and dO tiles (and its P, dS slice)
             load_rows(sQ, TILE_STRIDE, q_head + m_start * q_row_stride, q_row_stride, TILE, seqlen_q - m_start, head_dim, tid);
             load_rows(sdO, TILE_STRIDE, do_head + m_start * do_row_stride, do_row_stride, TILE, seqlen_q - m_start, head_dim, tid);
-            const float query_lse2 = lse_log2(lse_head, query, seqlen_q);
+            const float query_lse2 = backward_lse2(lse_head, query, seqlen_q);
             const float query_delta = query < seqlen_q ? delta_head[query] : 0.f;
             __syncthreads();  // Q and dO tiles (and, the first time, K and V) visible to every warp
 

@@ -12,7 +12,7 @@
 // head-dim columns l, l + 32, ... of the warp's rows. P goes through a warp-private slice of
 // shared memory so that every lane can read every key's probability.
 //
-// compile time: HEAD_DIM (multiple of 32), ROWS_PER_WARP, NUM_WARPS, IS_CAUSAL, MIN_BLOCKS
+// compile time: ELEM_F32 = 1, HEAD_DIM (multiple of 32), ROWS_PER_WARP, NUM_WARPS, IS_CAUSAL, MIN_BLOCKS
 
 #include "platform.h"
 #include "attention_common.h"
@@ -27,33 +27,10 @@
 
 static_assert(HEAD_DIM % WARP_SIZE == 0, "each lane owns whole head-dim columns");
 
+#include "simt_tile.h"
+
 // ---- shared-memory layout ---------------------------------------------------------------------
 // sQ [BLOCK_M][HEAD_DIM] | sK [BLOCK_N][K_STRIDE] | sV [BLOCK_N][HEAD_DIM] | sP [NUM_WARPS][ROWS_PER_WARP][BLOCK_N]
-
-// ---- device helpers ---------------------------------------------------------------------------
-
-// Copy rows x HEAD_DIM floats into shared memory, zeros outside valid_rows x head_dim.
-__device__ __forceinline__ void load_rows(float* smem, int smem_stride, const float* gmem,
-                                          i64 row_stride, int rows, int valid_rows, int head_dim,
-                                          int tid) {
-    for (int e = tid; e < rows * HEAD_DIM; e += NUM_THREADS) {
-        int row = e / HEAD_DIM, col = e % HEAD_DIM;
-        bool valid = row < valid_rows && col < head_dim;
-        smem[row * smem_stride + col] = valid ? gmem[row * row_stride + col] : 0.f;
-    }
-}
-
-__device__ __forceinline__ float warp_max(float x) {
-#pragma unroll
-    for (int lane_mask = WARP_SIZE / 2; lane_mask > 0; lane_mask /= 2) x = fmaxf(x, shfl_xor(x, lane_mask));
-    return x;
-}
-
-__device__ __forceinline__ float warp_sum(float x) {
-#pragma unroll
-    for (int lane_mask = WARP_SIZE / 2; lane_mask > 0; lane_mask /= 2) x += shfl_xor(x, lane_mask);
-    return x;
-}
 
 // ---- entry point ------------------------------------------------------------------------------
 

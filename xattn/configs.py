@@ -181,7 +181,7 @@ def defines(cfg: TileConfig, dtype: str, causal: bool, vec_loads: bool) -> dict[
             "ELEM_BF16": int(dtype == "bfloat16"),
             "ROWS_PER_WARP": owned // cfg.warps,
         }
-    return common | {"ROWS_PER_WARP": cfg.block_m // cfg.warps}
+    return common | {"ELEM_F32": 1, "ROWS_PER_WARP": cfg.block_m // cfg.warps}  # flash_fwd_f32
 
 
 def grid(cfg: TileConfig, seqlen_q: int, heads: int, batch: int) -> tuple[int, int, int]:

@@ -31,7 +31,7 @@ def cuda_ready(cuda_backend):
 
 def oracle_error(q, k, v, out, causal):
     want, _ = xattn.exact_attention(q, k, v, causal=causal)
-    got = out.double().cpu().numpy()
+    got = out.detach().double().cpu().numpy()
     return np.linalg.norm(got - want) / max(np.linalg.norm(want), 1e-30)
 
 

@@ -79,8 +79,11 @@ _smem_lock = threading.Lock()
 
 def _prepare(kernel, key, smem_bytes: int) -> None:
     # Blocks that need more than 48 KB of shared memory must opt in, once per compiled kernel.
+    # CuPy applies the attribute to the kernel of the *current* device: make it the kernel's own.
     if key not in _smem_configured:
-        with _smem_lock:
+        import cupy
+
+        with _smem_lock, cupy.cuda.Device(key[0]):
             kernel.max_dynamic_shared_size_bytes = smem_bytes
             _smem_configured.add(key)
 

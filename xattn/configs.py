@@ -22,6 +22,7 @@ Columns:
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import NamedTuple
 
@@ -121,6 +122,7 @@ TENSOR_CORE_KERNELS = ("flash_fwd", "flash_bwd_dkdv", "flash_bwd_dq")
 MAX_HEAD_DIM = 256
 
 
+@functools.lru_cache(maxsize=None)  # on every call's path; the table is fixed at import
 def select(kernel: str, arch: int, head_dim: int, causal: bool) -> TileConfig:
     """The row for `kernel` on a device of compute capability `arch` at this head dim."""
     family = max((r.arch for r in TABLE if r.kernel == kernel and r.arch <= arch), default=None)
@@ -251,6 +253,7 @@ def hip_wave_size(cfg: TileConfig) -> int:
     return HIP_FAMILIES[cfg.arch][1]
 
 
+@functools.lru_cache(maxsize=None)
 def select_hip(dtype: str, gcn_arch: str, head_dim: int, causal: bool) -> TileConfig:
     """The HIP row for a call in `dtype` on a device with this gcnArchName at this head dim."""
     for kernel in HIP_KERNELS_FOR_DTYPE[dtype]:

@@ -83,13 +83,20 @@ _modules: dict[tuple, object] = {}
 _lock = threading.Lock()
 
 
+@functools.lru_cache(maxsize=None)
+def _source_and_digest(vendor: str, source: str) -> tuple[str, str]:
+    """The preprocessed source and its hash, computed once: get_function runs on every call."""
+    code = preprocess(vendor, source)
+    return code, hashlib.sha256(code.encode()).hexdigest()
+
+
 def get_function(vendor: str, source: str, entry: str, defines: dict[str, int], device_id: int):
     """The compiled entry point of one variant on one device (a cupy.RawKernel)."""
     import cupy
 
-    code = preprocess(vendor, source)
+    code, digest = _source_and_digest(vendor, source)
     options = ("-std=c++17",) + define_options(defines)
-    key = (device_id, hashlib.sha256(code.encode()).hexdigest(), options, entry)
+    key = (device_id, digest, options, entry)
     kernel = _modules.get(key)
     if kernel is not None:
         return kernel

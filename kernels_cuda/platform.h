@@ -88,19 +88,11 @@ __device__ __forceinline__ u32 smem_addr(const void* p) {
 // Shared-memory addresses below are 32-bit offsets in the shared window (u32), not generic
 // pointers: they cost one register instead of two, and fold constant offsets into the instruction.
 
-// 16-byte global->shared copy that bypasses L1, completed by cp_async_wait.
-__device__ __forceinline__ void cp_async_16(u32 smem_dst, const void* gmem_src) {
-    asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(smem_dst), "l"(gmem_src));
-}
-
-// The same with a source size of 0 when !valid: nothing is read, 16 zero bytes are written.
+// 16-byte global->shared copy that bypasses L1, completed by cp_async_wait. With !valid the source
+// size is 0: nothing is read and 16 zero bytes are written.
 __device__ __forceinline__ void cp_async_16_zfill(u32 smem_dst, const void* gmem_src, bool valid) {
     asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_dst), "l"(gmem_src),
                  "r"(valid ? 16 : 0));
-}
-
-__device__ __forceinline__ void st_shared_zero_16(u32 smem_dst) {
-    asm volatile("st.shared.v4.u32 [%0], {%1, %1, %1, %1};\n" ::"r"(smem_dst), "r"(0));
 }
 
 __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }

@@ -1,9 +1,11 @@
-"""Command line: python -m xattn {info, demo, bench}.
+"""Command line: python -m xattn {info, demo, bench, precompile}.
 
-  info   platform, library versions, backends (and why any is unusable), device, compiler,
-         kernel cache
-  demo   attention on the best backend present, checked against the float64 oracle
-  bench  xattn against its peers on the GPU (xattn.bench)
+  info        platform, library versions, backends (and why any is unusable), device, compiler,
+              kernel cache, and on a GPU the first-compile and warm-load times of one variant
+  demo        attention on the best backend present, checked against the float64 oracle
+  bench       xattn against its peers on the GPU (xattn.bench)
+  precompile  compile the common kernel variants (forward and backward) for the present GPU,
+              so that the first training step pays no JIT time (xattn.precompile)
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ def _version(module_name: str) -> str:
         return f"unusable ({error!r})"
 
 
-def info() -> int:
+def info(timing: bool = True) -> int:
     lines = {
         "xattn": f"{xattn.__version__} ({os.path.dirname(xattn.__file__)})",
         "platform": f"{platform.platform()}, Python {platform.python_version()}",
@@ -54,10 +56,31 @@ def info() -> int:
                 lines.update(module.info())
             except (ImportError, AttributeError) as error:
                 lines[f"{name} info"] = f"unavailable ({error})"
+    if timing:
+        lines.update(_compile_timing())
     width = max(map(len, lines))
     for key, value in lines.items():
         print(f"{key:<{width}}  {value}")
     return 0
+
+
+def _compile_timing() -> dict[str, str]:
+    """First compile and warm load of one variant, each in a fresh process (xattn.precompile)."""
+    from xattn import precompile
+
+    backend, _ = precompile.gpu_backend()
+    if backend is None:
+        return {}
+    try:
+        times = precompile.first_compile_and_warm_load(backend)
+    except Exception as error:  # info reports; it does not fail on a broken compiler
+        return {"compile time": f"not measured ({type(error).__name__}: {error})"}
+    return {
+        "compile time": f"{times['first_compile_s']:.2f} s first call of {times['variant']} "
+                        f"forward with an empty kernel cache (new process)",
+        "warm load": f"{times['warm_load_s']:.2f} s first call in another new process, from "
+                     f"the disk cache; {times['memoized_s'] * 1e3:.2f} ms once memoized",
+    }
 
 
 def _demo_inputs(backend: str, rng):
@@ -113,11 +136,54 @@ def main(argv=None) -> int:
         # bench has its own options; hand them over untouched.
         from xattn import bench
         return bench.main(argv[1:])
+    args = parse_args(argv)
+    if args.command == "info":
+        return info(timing=not args.no_timing)
+    if args.command == "precompile":
+        from xattn import precompile
+        return precompile.precompile(
+            precompile.variants(args.dtypes, args.head_dims, args.causal),
+            backward=not args.forward_only, deterministic=args.deterministic)
+    return demo()
+
+
+def _causal_flag(text: str) -> bool:
+    if text not in ("causal", "full"):
+        raise argparse.ArgumentTypeError(f"expected 'causal' or 'full', got {text!r}")
+    return text == "causal"
+
+
+def parse_args(argv) -> argparse.Namespace:
+    """Options of every command but bench (which parses its own)."""
+    from xattn import precompile
+
     parser = argparse.ArgumentParser(prog="python -m xattn", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("command", choices=("info", "demo", "bench"))
+    commands = parser.add_subparsers(dest="command", required=True, metavar="command")
+    commands.add_parser("bench", help="xattn against its peers (options: bench --help)")
+    commands.add_parser("demo", help="attention on the best backend, checked against the oracle")
+    info_parser = commands.add_parser("info", help="versions, backends, device, compiler")
+    info_parser.add_argument("--no-timing", action="store_true",
+                             help="skip the first-compile and warm-load measurement")
+    pre = commands.add_parser("precompile", help="compile the common kernel variants now",
+                              description=precompile.__doc__.split("\n\n")[0])
+    pre.add_argument("--dtypes", nargs="+", choices=precompile.DTYPES,
+                     default=list(precompile.DEFAULT_DTYPES))
+    pre.add_argument("--head-dims", type=int, nargs="+", default=list(precompile.DEFAULT_HEAD_DIMS),
+                     metavar="D")
+    pre.add_argument("--causal", type=_causal_flag, nargs="+", default=[False, True],
+                     metavar="{causal,full}", help="any of: causal full (default: both)")
+    pre.add_argument("--forward-only", action="store_true",
+                     help="skip the backward kernels (inference only)")
+    pre.add_argument("--deterministic", action="store_true",
+                     help="the backward kernels of deterministic=True instead")
     args = parser.parse_args(argv)
-    return {"info": info, "demo": demo}[args.command]()
+    if args.command == "precompile":
+        bad = [d for d in args.head_dims if not 1 <= d <= precompile.MAX_HEAD_DIM]
+        if bad:
+            parser.error(f"--head-dims: expected values in 1..{precompile.MAX_HEAD_DIM}, "
+                         f"got {bad[0]}")
+    return args
 
 
 if __name__ == "__main__":

@@ -268,6 +268,108 @@ BWD_HEADER = (f"{'':29}{'backward':^38}{'forward+backward':^38}\n"
               + (f" {'xattn':>7} {'flash':>7} {'cudnn':>7} {'/flash':>6} {'/cudnn':>6}" * 2))
 
 
+# ------------------------------------------------------------------------------- --overhead
+
+OVERHEAD_SHAPE = (1, 8, 128, 64)  # B, H, S, D: small enough that the launch path dominates
+OVERHEAD_CALLS = 500
+
+
+def _overhead_impls(causal: bool):
+    """name -> (context manager factory entered once around the timed loop, attention fn).
+    The SDPA backend context is entered outside the loop so that only the call is timed, as
+    for xattn; "default" lets torch choose."""
+    import contextlib
+
+    import torch.nn.functional as F
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    import xattn
+
+    impls = {"xattn": (contextlib.nullcontext,
+                       lambda q, k, v: xattn.attention(q, k, v, causal=causal))}
+    for name in ("flash", "cudnn"):
+        backend = getattr(SDPBackend, PEERS[name])
+        impls[name] = (lambda backend=backend: sdpa_kernel(backend),
+                       lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=causal))
+    impls["default"] = (contextlib.nullcontext,
+                        lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=causal))
+    return impls
+
+
+def _per_call_us(call, calls: int) -> tuple[float, float]:
+    """(GPU, host) microseconds per call over `calls` back-to-back calls, after a warm-up.
+    GPU: CUDA events around the whole loop (launch-bound work shows the host's pace here too).
+    Host: wall time to issue the calls, the final synchronization excluded; the launch queue
+    (about a thousand entries) does not fill at these counts, so the host never waits on it."""
+    import time
+
+    import torch
+
+    for _ in range(20):
+        call()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    began = time.perf_counter()
+    for _ in range(calls):
+        call()
+    host = time.perf_counter() - began
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end) * 1e3 / calls, host * 1e6 / calls
+
+
+def run_overhead(args, dtype_name="float16", causal=False) -> list[dict]:
+    """Microseconds per call at B=1, H=8, S=128, D=64: forward (inputs not requiring grad, the
+    inference path) and forward+backward through autograd, xattn against SDPA's backends."""
+    import torch
+
+    dtype = getattr(torch, dtype_name)
+    rows = []
+    for mode in ("forward", "forward+backward"):
+        grad = mode != "forward"
+        q, k, v = (torch.randn(OVERHEAD_SHAPE, device="cuda", dtype=dtype, requires_grad=grad)
+                   for _ in range(3))
+        dout = torch.randn_like(q)
+        for name, (context, fn) in _overhead_impls(causal).items():
+            row = {"mode": mode, "impl": name, "shape": list(OVERHEAD_SHAPE), "dtype": dtype_name,
+                   "causal": causal}
+            if grad:
+                def call(fn=fn):
+                    return torch.autograd.grad(fn(q, k, v), (q, k, v), dout)
+            else:
+                def call(fn=fn):
+                    return fn(q, k, v)
+            try:
+                with context():
+                    row["gpu_us"], row["host_us"] = _per_call_us(call, args.overhead_calls)
+            except Exception as exc:  # a peer may not support this GPU
+                row["gpu_us"] = row["host_us"] = None
+                row["error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:80]}"
+            rows.append(row)
+            cells = [f"{row[key]:9.1f}" if row[key] is not None else "        -"
+                     for key in ("gpu_us", "host_us")]
+            print(f"{mode:17} {name:8} {cells[0]} {cells[1]}"
+                  + (f"  ({row['error']})" if "error" in row else ""), flush=True)
+    return rows
+
+
+def _main_overhead(args, device) -> int:
+    import torch
+
+    batch, heads, seqlen, head_dim = OVERHEAD_SHAPE
+    print(f"# {device}, torch {torch.__version__}: microseconds per call, float16 B={batch} "
+          f"H={heads} S={seqlen} D={head_dim}, {args.overhead_calls} calls back to back")
+    print(f"{'mode':17} {'impl':8} {'GPU us':>9} {'host us':>9}")
+    rows = run_overhead(args)
+    args.out.mkdir(parents=True, exist_ok=True)
+    meta = {"device": device, "torch": torch.__version__, "python": platform.python_version()}
+    (args.out / "bench_overhead.json").write_text(
+        json.dumps({"meta": meta, "overhead": rows}, indent=1))
+    print(f"# wrote {args.out / 'bench_overhead.json'}")
+    return 0
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m xattn bench", description=__doc__.splitlines()[0])
     parser.add_argument("--dtypes", nargs="+", default=["bfloat16", "float16"])
@@ -282,6 +384,10 @@ def main(argv=None) -> int:
                         help="backward and forward+backward instead of forward, plus a memory row")
     parser.add_argument("--mem-seqlen", type=int, default=65536,
                         help="sequence length of the --bwd memory row")
+    parser.add_argument("--overhead", action="store_true",
+                        help="only the per-call overhead rows (B=1 H=8 S=128 D=64, microseconds)")
+    parser.add_argument("--overhead-calls", type=int, default=OVERHEAD_CALLS,
+                        help="calls timed per --overhead row")
     args = parser.parse_args(argv)
 
     import torch
@@ -291,6 +397,8 @@ def main(argv=None) -> int:
         return 2
     timer = _timer()
     device = torch.cuda.get_device_name()
+    if args.overhead:
+        return _main_overhead(args, device)
     if args.bwd:
         return _main_bwd(args, timer, device)
     print(f"# {device}, torch {torch.__version__}, forward TFLOP/s (median)")

@@ -1,0 +1,292 @@
+"""attn_implementation="xattn" in Hugging Face transformers (xattn.integrations.transformers).
+
+Tiny models built from configs in code, random weights, nothing downloaded: Llama (GQA), Phi
+(partial rotary, the model of the classic flash-attention example), Mistral (sliding window,
+sequences longer than the window) and Gemma-2 (attention logit softcapping, alternating
+sliding-window and full layers). Each runs once with "xattn" and once with transformers' own
+implementation on identical weights: "sdpa", or "eager" for Gemma-2 because transformers' sdpa
+path ignores softcap. Checked: logits (also with left padding, where only real tokens count),
+greedy generate() tokens, batched generation with left padding equal to one-by-one
+generation, and the gradients of one training step (with right padding, so the varlen
+backward runs). Sensitivity checks show that the window and the softcap really change these
+models' outputs, so agreement is not an accident of weak features.
+
+CPU: the reference backend, float32 (every CI run). GPU (`gpu` marker): the cuda backend,
+bfloat16 for logits and gradients; generation in float32 there, because a bfloat16 rounding
+difference can legitimately flip a near-tie argmax between two correct implementations.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+
+torch = pytest.importorskip("torch", reason="torch is not installed")
+transformers = pytest.importorskip(
+    "transformers", reason="transformers is not installed (pip install '.[transformers]')")
+
+import inspect  # noqa: E402
+
+import xattn  # noqa: E402
+from xattn.integrations import transformers as xattn_hf  # noqa: E402
+
+# The integration calls xattn.attention(window=, softcap=) and xattn.attention_varlen.
+if not (hasattr(xattn, "attention_varlen")
+        and {"window", "softcap"} <= set(inspect.signature(xattn.attention).parameters)):
+    pytest.skip("xattn.attention_varlen and the window/softcap options of xattn.attention are "
+                "not in this version yet", allow_module_level=True)
+
+xattn_hf.register()
+
+VOCAB = 128
+# Relative error bounds of logits and gradients against the other implementation. float32:
+# both sides are float32 attention (xattn's reference backend is exact to ~1e-6 per layer).
+# bfloat16: each side rounds activations to 8 bits of mantissa in every layer.
+LOGIT_TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 3e-2}
+GRAD_TOLERANCE = {torch.float32: 1e-3, torch.bfloat16: 6e-2}
+
+COMMON = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+              num_attention_heads=4, max_position_embeddings=256, initializer_range=0.1,
+              attention_dropout=0.0, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+
+
+def _config(family: str):
+    if family == "llama":
+        return transformers.LlamaConfig(num_key_value_heads=2, **COMMON)
+    if family == "phi":
+        return transformers.PhiConfig(partial_rotary_factor=0.5, resid_pdrop=0.0,
+                                      embd_pdrop=0.0, **COMMON)
+    if family == "mistral":
+        return transformers.MistralConfig(num_key_value_heads=2, sliding_window=8, **COMMON)
+    if family == "gemma2":
+        return transformers.Gemma2Config(
+            num_key_value_heads=2, head_dim=16, sliding_window=8, query_pre_attn_scalar=16,
+            attn_logit_softcapping=2.0, final_logit_softcapping=None,
+            layer_types=["sliding_attention", "full_attention"], **COMMON)
+    raise AssertionError(family)
+
+
+# The implementation each family is compared with.
+PEER = {"llama": "sdpa", "phi": "sdpa", "mistral": "sdpa", "gemma2": "eager"}
+FAMILIES = list(PEER)
+
+
+def _device_params():
+    return [pytest.param("cpu", id="cpu"), pytest.param("cuda", id="cuda", marks=pytest.mark.gpu)]
+
+
+def _skip_unless_usable(device):
+    if device == "cuda":
+        if not torch.cuda.is_available():
+            pytest.skip("torch does not see a CUDA GPU")
+        usable, why = xattn.available_backends()["cuda"]
+        if not usable:
+            pytest.skip(f"cuda backend unusable: {why}")
+
+
+def _sharpen(model):
+    """Scale the query and key projections up so attention is peaked rather than nearly
+    uniform (random init gives tiny scores): masks, windows and softcaps then matter."""
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if name.endswith(("q_proj.weight", "k_proj.weight")):
+                parameter.mul_(3.0)
+    return model
+
+
+def models(family, device, dtype, config=None):
+    """(xattn model, peer model) with identical weights, in eval mode."""
+    torch.manual_seed(0)
+    config = config or _config(family)
+    peer = transformers.AutoModelForCausalLM.from_config(config, attn_implementation=PEER[family])
+    _sharpen(peer).to(device=device, dtype=dtype).eval()
+    mine = copy.deepcopy(peer)
+    mine.set_attn_implementation("xattn")
+    assert mine.config._attn_implementation == "xattn"
+    assert peer.config._attn_implementation == PEER[family]
+    return mine, peer
+
+
+def rel_error(got, want) -> float:
+    got, want = got.detach().double().cpu(), want.detach().double().cpu()
+    return float((got - want).norm() / want.norm())
+
+
+def random_ids(batch, length, seed, device):
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randint(3, VOCAB, (batch, length), generator=generator).to(device)
+
+
+def left_padded(lengths, seed, device):
+    """(input_ids, attention_mask) of random prompts of these lengths, padded on the left."""
+    width = max(lengths)
+    ids = random_ids(len(lengths), width, seed, device)
+    mask = torch.zeros(len(lengths), width, dtype=torch.long, device=device)
+    for row, length in enumerate(lengths):
+        ids[row, :width - length] = 0
+        mask[row, width - length:] = 1
+    return ids, mask
+
+
+# ---------------------------------------------------------------------------- registration
+
+def test_register_adds_both_the_attention_and_the_mask_function():
+    from transformers import AttentionInterface
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
+
+    assert AttentionInterface._global_mapping["xattn"] is xattn_hf.attention_forward
+    # Without the mask entry transformers builds no mask at all, and padding would be ignored.
+    assert ALL_MASK_ATTENTION_FUNCTIONS["xattn"] is xattn_hf.padding_mask
+
+
+# ------------------------------------------------------------------------------- forward
+
+@pytest.mark.parametrize("device", _device_params())
+@pytest.mark.parametrize("family", FAMILIES)
+def test_logits_match(family, device):
+    _skip_unless_usable(device)
+    dtype = torch.float32 if device == "cpu" else torch.bfloat16
+    mine, peer = models(family, device, dtype)
+    ids = random_ids(2, 24, 1, device)  # 24 tokens: three times the window of mistral/gemma2
+    with torch.no_grad():
+        got, want = mine(ids).logits, peer(ids).logits
+    assert rel_error(got, want) <= LOGIT_TOLERANCE[dtype]
+
+
+@pytest.mark.parametrize("device", _device_params())
+@pytest.mark.parametrize("family", FAMILIES)
+def test_logits_match_with_left_padding(family, device):
+    _skip_unless_usable(device)
+    dtype = torch.float32 if device == "cpu" else torch.bfloat16
+    mine, peer = models(family, device, dtype)
+    ids, mask = left_padded([24, 13, 1], 2, device)
+    with torch.no_grad():
+        got = mine(ids, attention_mask=mask).logits
+        want = peer(ids, attention_mask=mask).logits
+        alone = mine(ids[1:2, -13:]).logits  # the second prompt without its padding
+    real = mask.bool()
+    assert rel_error(got[real], want[real]) <= LOGIT_TOLERANCE[dtype]
+    assert rel_error(got[1, -13:], alone[0]) <= LOGIT_TOLERANCE[dtype]
+    assert torch.isfinite(got).all()
+
+
+@pytest.mark.parametrize("family, change", [
+    ("mistral", dict(sliding_window=None)),
+    ("gemma2", dict(attn_logit_softcapping=None)),
+    ("gemma2", dict(sliding_window=4096)),
+])
+def test_the_window_and_the_softcap_change_these_models(family, change):
+    """Without this, the tests above could pass with the feature silently ignored."""
+    mine, _ = models(family, "cpu", torch.float32)
+    other_config = _config(family)
+    for key, value in change.items():
+        setattr(other_config, key, value)
+    without, _ = models(family, "cpu", torch.float32, other_config)
+    ids = random_ids(2, 24, 1, "cpu")
+    with torch.no_grad():
+        difference = rel_error(mine(ids).logits, without(ids).logits)
+    assert difference > 100 * LOGIT_TOLERANCE[torch.float32], difference
+
+
+# ---------------------------------------------------------------------------- generation
+
+GENERATE = dict(do_sample=False, max_new_tokens=12, min_new_tokens=12)
+
+
+@pytest.mark.parametrize("device", _device_params())
+@pytest.mark.parametrize("family", FAMILIES)
+def test_greedy_generation_gives_the_same_tokens(family, device):
+    _skip_unless_usable(device)
+    mine, peer = models(family, device, torch.float32)
+    ids = random_ids(1, 6, 3, device)  # 6 + 12 tokens: past the window of 8
+    with torch.no_grad():
+        got = mine.generate(ids, attention_mask=torch.ones_like(ids), **GENERATE)
+        want = peer.generate(ids, attention_mask=torch.ones_like(ids), **GENERATE)
+    assert got.shape == (1, 18)
+    assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("device", _device_params())
+@pytest.mark.parametrize("family", FAMILIES)
+def test_batched_generation_with_left_padding(family, device):
+    _skip_unless_usable(device)
+    mine, peer = models(family, device, torch.float32)
+    lengths = [9, 4, 6]
+    ids, mask = left_padded(lengths, 4, device)
+    with torch.no_grad():
+        got = mine.generate(ids, attention_mask=mask, **GENERATE)
+        want = peer.generate(ids, attention_mask=mask, **GENERATE)
+        assert torch.equal(got, want)
+        # Each prompt generated alone, unpadded: padding must change nothing.
+        width = ids.shape[1]
+        for row, length in enumerate(lengths):
+            prompt = ids[row:row + 1, width - length:]
+            alone = mine.generate(prompt, attention_mask=torch.ones_like(prompt), **GENERATE)
+            assert torch.equal(alone[0, length:], got[row, width:]), row
+
+
+# ------------------------------------------------------------------------------ training
+
+@pytest.mark.parametrize("device", _device_params())
+@pytest.mark.parametrize("family", FAMILIES)
+def test_training_step_gradients_match(family, device):
+    _skip_unless_usable(device)
+    dtype = torch.float32 if device == "cpu" else torch.bfloat16
+    mine, peer = models(family, device, dtype)
+    # Right padding, as training batches have: the padded path's backward runs too.
+    ids = random_ids(2, 20, 5, device)
+    mask = torch.ones_like(ids)
+    mask[1, 14:] = 0
+    labels = ids.masked_fill(mask == 0, -100)
+    grads = []
+    for model in (mine, peer):
+        model.train()
+        model.zero_grad()
+        loss = model(ids, attention_mask=mask, labels=labels).loss
+        loss.backward()
+        grads.append({name: p.grad for name, p in model.named_parameters() if p.grad is not None})
+    got, want = grads
+    assert got.keys() == want.keys() and got
+    for name in want:
+        assert rel_error(got[name], want[name]) <= GRAD_TOLERANCE[dtype], name
+
+
+def test_attention_dropout_in_training_is_refused():
+    config = _config("llama")
+    config.attention_dropout = 0.1
+    mine, _ = models("llama", "cpu", torch.float32, config)
+    ids = random_ids(1, 8, 6, "cpu")
+    with torch.no_grad():
+        mine(ids)  # eval: transformers passes dropout=0.0, nothing to refuse
+    mine.train()
+    with pytest.raises(ValueError, match=r"^dropout: xattn has no attention dropout, got 0\.1"):
+        mine(ids)
+
+
+# ----------------------------------------------------------------- what xattn cannot express
+
+def test_a_custom_4d_mask_is_refused_not_ignored():
+    mine, _ = models("llama", "cpu", torch.float32)
+    ids = random_ids(1, 8, 7, "cpu")
+    custom = torch.ones(1, 1, 8, 8, dtype=torch.bool).tril()
+    with pytest.raises(NotImplementedError, match="2-d"):
+        mine(ids, attention_mask=custom)
+
+
+def test_packed_sequences_are_refused_not_ignored():
+    """position_ids restarting mid-row mean two documents in one row: without a cache (as in
+    training) transformers adds a packed-sequence mask pattern, which must not be dropped."""
+    mine, _ = models("llama", "cpu", torch.float32)
+    ids = random_ids(1, 10, 8, "cpu")
+    position_ids = torch.tensor([[0, 1, 2, 3, 4, 0, 1, 2, 3, 4]])
+    with pytest.raises(NotImplementedError, match="packed_sequence_mask_function"):
+        mine(ids, position_ids=position_ids, use_cache=False)
+
+
+def test_static_cache_is_refused_not_misaligned():
+    mine, _ = models("llama", "cpu", torch.float32)
+    ids = random_ids(1, 5, 9, "cpu")
+    with pytest.raises(NotImplementedError, match="static caches"):
+        mine.generate(ids, attention_mask=torch.ones_like(ids), cache_implementation="static",
+                      **GENERATE)

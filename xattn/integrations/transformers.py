@@ -1,0 +1,187 @@
+"""xattn as an attention implementation of Hugging Face transformers (5.x).
+
+    import xattn.integrations.transformers
+    xattn.integrations.transformers.register()
+    model = AutoModelForCausalLM.from_pretrained(name, attn_implementation="xattn")
+    model.set_attn_implementation("xattn")          # or switch a loaded model
+
+register() adds two entries under one name, as transformers' own "sdpa" and
+"flash_attention_2" have: the attention function (AttentionInterface) and the mask function
+(AttentionMaskInterface). The mask entry matters: transformers builds no mask at all for a name
+the mask interface does not know, so padding would be silently ignored.
+
+What transformers builds and what xattn receives:
+* Masks are never materialized. The mask function returns None when no token is padding, else
+  the 2-d boolean padding mask (B, Sk) of the keys the layer sees. With a padding mask the
+  attention function unpads the real tokens, makes one xattn.attention_varlen call over all
+  sequences, and pads the result back with zeros (FlashAttention-2's approach in transformers).
+* Causal masking comes from `is_causal` (the module's, or the call's), bottom-right aligned:
+  the queries are the last Sq of the Sk keys, which is how transformers' dynamic caches lay
+  out keys (checked in the mask function: q_offset + Sq == kv_offset + Sk).
+* sliding_window=W (Mistral, Gemma-2's local layers): transformers lets query i see the keys
+  j with i - W < j <= i, W keys including itself; that is window=(W - 1, 0) here.
+* softcap (Gemma-2's attn_logit_softcapping) and scaling go through as they are; K and V
+  arrive un-repeated for GQA, which xattn serves without expanding them.
+* What xattn cannot express raises rather than being dropped: attention dropout in training
+  (ValueError), mask patterns other than causal, bidirectional, sliding window and padding
+  (packed sequences, custom or/and mask functions, 4-d masks), static caches, attention
+  sinks, position biases (NotImplementedError, naming attn_implementation="sdpa" as the way
+  out).
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+
+import xattn
+
+NAME = "xattn"
+
+
+def register(name: str = NAME) -> None:
+    """Make `attn_implementation=name` available to every transformers model."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface
+
+    AttentionInterface.register(name, attention_forward)
+    AttentionMaskInterface.register(name, padding_mask)
+
+
+# ------------------------------------------------------------------------- mask function
+
+def _mask_parts(function) -> list:
+    """The leaves of transformers' and_masks(...) combinations (each holds its functions in
+    the closure variable `mask_functions`)."""
+    code = getattr(function, "__code__", None)
+    if code is not None and function.__closure__ and "mask_functions" in code.co_freevars:
+        parts = function.__closure__[code.co_freevars.index("mask_functions")].cell_contents
+        if function.__qualname__.startswith("and_masks."):
+            return [leaf for part in parts for leaf in _mask_parts(part)]
+    return [function]
+
+
+def _check_mask_pattern(mask_function) -> None:
+    """Accept the patterns the attention function reproduces from is_causal and sliding_window:
+    causal, bidirectional, and either one intersected with a sliding window."""
+    from transformers import masking_utils as mu
+
+    known = {mu.causal_mask_function, mu.bidirectional_mask_function}
+    overlays = ("sliding_window_overlay.", "sliding_window_bidirectional_overlay.")
+    for part in _mask_parts(mask_function):
+        if part in known or getattr(part, "__qualname__", "").startswith(overlays):
+            continue
+        raise NotImplementedError(
+            f"attn_implementation='xattn': the model asks for the mask pattern "
+            f"{getattr(part, '__qualname__', part)!r}, which xattn cannot express (it knows "
+            f"causal, bidirectional, sliding-window and padding masks; packed sequences and "
+            f"custom mask functions are not supported); use attn_implementation='sdpa'")
+
+
+def padding_mask(batch_size, q_length, kv_length, q_offset=0, kv_offset=0, mask_function=None,
+                 attention_mask=None, **kwargs):
+    """transformers' mask hook for "xattn": None, or the boolean padding mask (B, kv_length)
+    of the keys this layer sees. Nothing of size q_length x kv_length is ever built."""
+    if mask_function is not None:
+        _check_mask_pattern(mask_function)
+    if isinstance(q_offset, torch.Tensor) or isinstance(kv_offset, torch.Tensor):
+        raise NotImplementedError("attn_implementation='xattn' does not support static caches "
+                                  "(cache_implementation='static') yet; use the default "
+                                  "dynamic cache")
+    if q_offset + q_length != kv_offset + kv_length:
+        # The queries are not the last q_length keys: a static cache's unfilled slots, or an
+        # offset scheme (e.g. multi-token prediction) that bottom-right alignment would get wrong.
+        raise NotImplementedError(
+            f"attn_implementation='xattn' needs the queries to be the last keys, as in the "
+            f"default dynamic cache (static caches are not supported yet); got queries "
+            f"{q_offset}..{q_offset + q_length} against keys {kv_offset}..{kv_offset + kv_length}")
+    if attention_mask is None:
+        return None
+    if attention_mask.ndim != 2:
+        raise NotImplementedError(f"attn_implementation='xattn' takes a 2-d padding mask "
+                                  f"(batch, keys), got shape {tuple(attention_mask.shape)}")
+    if attention_mask.shape[-1] < kv_offset + kv_length:
+        raise ValueError(f"attention_mask: expected at least {kv_offset + kv_length} columns "
+                         f"(one per token seen so far), got {attention_mask.shape[-1]}")
+    mask = attention_mask[:, kv_offset:kv_offset + kv_length].to(torch.bool)
+    if not torch.compiler.is_compiling() and bool(mask.all()):
+        return None  # no padding: the dense path, no unpadding
+    return mask
+
+
+# -------------------------------------------------------------------- attention function
+
+def attention_forward(module, query, key, value, attention_mask, dropout=0.0, scaling=None,
+                      sliding_window=None, softcap=None, is_causal=None, **kwargs):
+    """transformers' attention hook for "xattn".
+
+    query (B, H, Sq, D), key and value (B, Hk, Sk, D) with Hk dividing H (not repeated),
+    attention_mask None or the (B, Sk) boolean padding mask of padding_mask().
+    Returns (output (B, Sq, H, D), None): xattn never forms the attention weights.
+    """
+    if dropout and dropout > 0:
+        raise ValueError(f"dropout: xattn has no attention dropout, got {dropout} (the model "
+                         f"is training with attention_dropout > 0); set the config's "
+                         f"attention_dropout to 0.0 or use attn_implementation='eager'")
+    for unsupported in ("s_aux", "position_bias"):
+        if kwargs.get(unsupported) is not None:
+            raise NotImplementedError(f"attn_implementation='xattn' does not support "
+                                      f"{unsupported} (attention sinks / position biases); use "
+                                      f"attn_implementation='eager'")
+    if kwargs.get("output_attentions"):
+        warnings.warn("attn_implementation='xattn' never forms attention weights: "
+                      "output_attentions=True returns None for them", stacklevel=2)
+    if all(kwargs.get(name) is not None for name in ("cu_seq_lens_q", "cu_seq_lens_k")):
+        raise NotImplementedError("attn_implementation='xattn' does not take padding-free "
+                                  "batches (cu_seq_lens_*) yet")
+
+    # The call's is_causal wins over the module's, as in transformers' sdpa and flash paths.
+    causal = bool(getattr(module, "is_causal", True) if is_causal is None else is_causal)
+    window = None
+    if sliding_window is not None:
+        if not causal:
+            raise NotImplementedError("attn_implementation='xattn': a sliding window without "
+                                      "causal masking (bidirectional) is not supported")
+        window = (int(sliding_window) - 1, 0)  # W keys: itself and the W - 1 before it
+    options = dict(causal=causal, scale=scaling, window=window,
+                   softcap=softcap if softcap else None)
+
+    if attention_mask is None:
+        out = xattn.attention(query, key, value, layout="bhsd", **options)
+        return out.transpose(1, 2).contiguous(), None
+    if attention_mask.dtype != torch.bool or attention_mask.ndim != 2:
+        raise NotImplementedError(
+            f"attn_implementation='xattn' takes the 2-d boolean padding mask its mask function "
+            f"builds, got a {attention_mask.ndim}-d {attention_mask.dtype} mask (a custom mask "
+            f"passed to the model?); use attn_implementation='sdpa'")
+    return _padded(query, key, value, attention_mask, options), None
+
+
+def _unpad(mask):
+    """(indices of the real tokens in the flattened (B*S) order, int32 cumulative lengths
+    (B+1,), longest length) of a boolean (B, S) mask. Synchronizes: lengths are data."""
+    lengths = mask.sum(dim=1, dtype=torch.int32)
+    indices = torch.nonzero(mask.reshape(-1), as_tuple=False).reshape(-1)
+    cumulative = torch.nn.functional.pad(torch.cumsum(lengths, dim=0, dtype=torch.int32), (1, 0))
+    return indices, cumulative, int(lengths.max())
+
+
+def _padded(query, key, value, key_mask, options):
+    batch, heads, sq, head_dim = query.shape
+    kv_heads, sk = key.shape[1], key.shape[2]
+    if tuple(key_mask.shape) != (batch, sk):
+        raise ValueError(f"attention_mask: expected shape {(batch, sk)} (batch, keys), got "
+                         f"{tuple(key_mask.shape)}")
+    # The queries are the last sq keys (checked by padding_mask), so their padding is there.
+    query_mask = key_mask[:, sk - sq:]
+    indices_q, cu_q, max_q = _unpad(query_mask)
+    indices_k, cu_k, max_k = _unpad(key_mask)
+    # (B, H, S, D) -> (B*S, H, D), real tokens only: (total, H, D) as attention_varlen takes.
+    q = query.transpose(1, 2).reshape(batch * sq, heads, head_dim).index_select(0, indices_q)
+    k, v = (x.transpose(1, 2).reshape(batch * sk, kv_heads, head_dim).index_select(0, indices_k)
+            for x in (key, value))
+    out = xattn.attention_varlen(q, k, v, cu_q, cu_k, max_q, max_k, **options)
+    # Padded query rows get zeros (no token there to attend from), as FlashAttention-2 gives.
+    full = out.new_zeros(batch * sq, heads, head_dim).index_copy(0, indices_q, out)
+    return full.view(batch, sq, heads, head_dim)

@@ -1,9 +1,35 @@
-// Vendor-neutral attention logic shared by every kernel: which keys a query row may see and
-// which key tiles a query block has to visit. No intrinsics here, only index arithmetic.
+// Vendor-neutral attention logic shared by every kernel: which keys a query row may see, which
+// key tiles a query block has to visit, the score modifiers (softcap, ALiBi) and where a sequence
+// of a packed (varlen) batch lives. No intrinsics here, only index arithmetic and float math.
 //
-// Causal masking is bottom-right aligned: query i sees key j iff j <= i + (Sk - Sq), so the last
-// query always sees the last key (flash-attn >= 2.1 and KV-cache decoding use this convention).
+// Masking is a band, bottom-right aligned: with o = Sk - Sq, query i sees key j iff
+//   i + o - window_left <= j <= i + o + window_right,
+// a window side of -1 meaning unbounded. Causal is window_right = 0, so the last query always sees
+// the last key (flash-attn >= 2.1 and KV-cache decoding use this convention).
+//
+// Compile-time flags (default 0), set per variant by xattn/configs.py:
+// IS_CAUSAL    the band has a right edge (causal, or a window with right >= 0)
+// IS_LOCAL     the band has a left edge (a window with left >= 0)
+// HAS_SOFTCAP  scores s become c * tanh(s / c)
+// HAS_ALIBI    scores get -slope * |i + o - j|, one slope per (batch,) query head
+// IS_VARLEN    sequences are packed: sequence b is rows [cu_seqlens[b], cu_seqlens[b + 1])
 #pragma once
+
+#ifndef IS_CAUSAL
+#define IS_CAUSAL 0
+#endif
+#ifndef IS_LOCAL
+#define IS_LOCAL 0
+#endif
+#ifndef HAS_SOFTCAP
+#define HAS_SOFTCAP 0
+#endif
+#ifndef HAS_ALIBI
+#define HAS_ALIBI 0
+#endif
+#ifndef IS_VARLEN
+#define IS_VARLEN 0
+#endif
 
 #define NEG_INF (-__int_as_float(0x7f800000))
 
@@ -17,47 +43,162 @@ __device__ __forceinline__ float backward_lse2(const float* lse, int row, int se
     return l == NEG_INF ? -NEG_INF : l * LOG2_E;
 }
 
+// ---- the band of visible keys -------------------------------------------------------------------
+
+// Query row i sees keys [i + lo, i + hi] (intersected with [0, Sk)). An unbounded side is stored as
+// a bound no row can reach (lo = -Sq, hi = Sk), clamped in 64 bits so huge windows cannot overflow.
+struct Band {
+    int lo;
+    int hi;
+};
+
+__device__ __forceinline__ Band make_band(int seqlen_q, int seqlen_k, int window_left,
+                                          int window_right) {
+    long long offset = (long long)seqlen_k - seqlen_q;
+    Band band;
+    band.lo = window_left >= 0 ? (int)max(offset - window_left, -(long long)seqlen_q) : -seqlen_q;
+    band.hi = window_right >= 0 ? (int)min(offset + window_right, (long long)seqlen_k) : seqlen_k;
+    return band;
+}
+
+// The keys [begin, end) that query `row` sees (end <= begin: none). Without an edge the bound is
+// a constant: a bound the compiler can see is a register saved in the kernels' inner loops.
+__device__ __forceinline__ int visible_key_begin(int row, Band band) {
+    return IS_LOCAL ? max(0, row + band.lo) : 0;
+}
+__device__ __forceinline__ int visible_key_end(int row, Band band, int seqlen_k) {
+    return IS_CAUSAL ? min(seqlen_k, row + band.hi + 1) : seqlen_k;
+}
+__device__ __forceinline__ bool key_visible(int row, int key, Band band, int seqlen_k) {
+    return key >= visible_key_begin(row, band) && key < visible_key_end(row, band, seqlen_k);
+}
+
+// The mirror for the backward's key-major loops: the queries [first, last] that see `key`.
+__device__ __forceinline__ int first_visible_query(int key, Band band) { return key - band.hi; }
+__device__ __forceinline__ int last_visible_query(int key, Band band) { return key - band.lo; }
+
 struct KeyRange {
     int tile_begin;  // first key tile to visit
     int tile_end;    // one past the last key tile to visit (tile_end <= tile_begin: no tiles)
 };
 
-// Key tiles of BLOCK_N keys that rows [m_start, m_start + block_m) can see. Causal blocks stop at
-// the diagonal of their last row: tiles right of it are skipped, never loaded.
+// Key tiles of block_n keys that rows [m_start, m_start + rows) see: tiles outside the band of the
+// block are skipped, never loaded.
+__device__ __forceinline__ KeyRange key_tiles(int m_start, int rows, int block_n, int seqlen_k,
+                                              Band band) {
+    int key_begin = visible_key_begin(m_start, band);
+    int key_end = visible_key_end(m_start + rows - 1, band, seqlen_k);
+    KeyRange r;
+    r.tile_begin = key_begin / block_n;
+    r.tile_end = key_end > key_begin ? (key_end + block_n - 1) / block_n : r.tile_begin;
+    return r;
+}
+
+// Does the key tile [n_start, n_start + block_n) need element-wise masking for rows
+// [m_start, m_start + rows)? Only tiles that cross the end of the keys or an edge of the band do.
+__device__ __forceinline__ bool tile_needs_mask(int m_start, int rows, int n_start, int block_n,
+                                                int seqlen_k, Band band) {
+    bool crosses_end = n_start + block_n > seqlen_k;
+    bool crosses_right = IS_CAUSAL && n_start + block_n - 1 > m_start + band.hi;
+    bool crosses_left = IS_LOCAL && n_start < m_start + rows - 1 + band.lo;
+    return crosses_end || crosses_right || crosses_left;
+}
+
+// The same questions for kernels that only know a causal flag (the HIP forward kernels).
+__device__ __forceinline__ int visible_key_end(int row, int seqlen_q, int seqlen_k, bool causal) {
+    return causal ? min(seqlen_k, row + 1 + seqlen_k - seqlen_q) : seqlen_k;
+}
 __device__ __forceinline__ KeyRange key_tiles(int m_start, int block_m, int block_n, int seqlen_q,
                                               int seqlen_k, bool causal) {
-    int key_end = seqlen_k;
-    if (causal) {
-        int last_row = min(m_start + block_m, seqlen_q) - 1;
-        key_end = min(seqlen_k, last_row + seqlen_k - seqlen_q + 1);
-    }
+    int key_end = visible_key_end(min(m_start + block_m, seqlen_q) - 1, seqlen_q, seqlen_k, causal);
     KeyRange r;
     r.tile_begin = 0;
     r.tile_end = key_end > 0 ? (key_end + block_n - 1) / block_n : 0;
     return r;
 }
-
-// Does the key tile starting at n_start need element-wise masking for rows starting at m_start?
-// Only tiles that cross the end of the keys or the causal diagonal do; the rest run unmasked.
-__device__ __forceinline__ bool tile_needs_mask(int m_start, int n_start, int block_n,
-                                                int seqlen_q, int seqlen_k, bool causal) {
+__device__ __forceinline__ bool tile_needs_mask(int m_start, int n_start, int block_n, int seqlen_q,
+                                                int seqlen_k, bool causal) {
     bool crosses_end = n_start + block_n > seqlen_k;
-    bool crosses_diagonal = causal && n_start + block_n - 1 > m_start + seqlen_k - seqlen_q;
-    return crosses_end || crosses_diagonal;
+    return crosses_end || (causal && n_start + block_n - 1 > m_start + seqlen_k - seqlen_q);
 }
-
-// One past the last key that query `row` sees: it sees exactly keys [0, visible_key_end).
-__device__ __forceinline__ int visible_key_end(int row, int seqlen_q, int seqlen_k, bool causal) {
-    return causal ? min(seqlen_k, row + 1 + seqlen_k - seqlen_q) : seqlen_k;
-}
-
-// The first query that sees `key` (the mirror of visible_key_end): with the causal mask, query i
-// sees key j iff i >= j - (Sk - Sq). Keys past the end are seen by no query at all.
-__device__ __forceinline__ int first_visible_query(int key, int seqlen_q, int seqlen_k, bool causal) {
-    return causal ? key - (seqlen_k - seqlen_q) : 0;
-}
-
 __device__ __forceinline__ bool key_visible(int row, int key, int seqlen_q, int seqlen_k,
                                             bool causal) {
     return key < visible_key_end(row, seqlen_q, seqlen_k, causal);
+}
+
+// ---- score modifiers ------------------------------------------------------------------------------
+// Kernels hold raw dot products x = q.k. The softmax sees s = scale * x, or with a softcap c,
+// s = c * tanh(scale * x / c): the kernel then keeps t = tanh(x * softcap_scale) (softcap_scale =
+// scale / c) and uses c as its scale, so the rest of the softmax is unchanged. The backward needs
+// ds/dx = scale * (1 - t^2), available from t alone.
+
+__device__ __forceinline__ float softcap_score(float x, float softcap_scale) {
+    return tanhf(x * softcap_scale);
+}
+
+// ALiBi adds -slope * |i + o - j| to s. In the kernel's units (s = score_scale * value) that is
+// alibi_coef * |i + o - j| with alibi_coef = -slope / score_scale, formed once per block.
+__device__ __forceinline__ float alibi_bias(float alibi_coef, int row, int key, int offset) {
+    return alibi_coef * (float)abs(row + offset - key);
+}
+
+// Everything a kernel needs to turn raw dot products into the scores the softmax sees.
+struct ScoreMods {
+    Band band;
+    int seqlen_k;
+    int offset;           // Sk - Sq, the ALiBi distance's shift
+    float softcap_scale;  // scale / c
+    float alibi_coef;     // -slope / score_scale
+};
+
+// The score of raw dot product x at (row, key): softcap, then ALiBi, then -inf outside the band
+// (checked only where the tile crosses an edge). Softcap and ALiBi are never combined (the API
+// refuses it), so with a softcap the result is t, from which the backward takes 1 - t^2.
+__device__ __forceinline__ float modified_score(float x, int row, int key, const ScoreMods& mods,
+                                                bool check_mask) {
+    if (HAS_SOFTCAP) x = softcap_score(x, mods.softcap_scale);
+    if (HAS_ALIBI) x += alibi_bias(mods.alibi_coef, row, key, mods.offset);
+    if (check_mask && !key_visible(row, key, mods.band, mods.seqlen_k)) x = NEG_INF;
+    return x;
+}
+
+__device__ __forceinline__ ScoreMods make_score_mods(int seqlen_q, int seqlen_k, int window_left,
+                                                     int window_right, float softcap_scale,
+                                                     const float* alibi_slopes, float score_scale) {
+    ScoreMods mods;
+    mods.band = make_band(seqlen_q, seqlen_k, window_left, window_right);
+    mods.seqlen_k = seqlen_k;
+    mods.offset = seqlen_k - seqlen_q;
+    mods.softcap_scale = softcap_scale;
+    mods.alibi_coef = HAS_ALIBI ? -*alibi_slopes / score_scale : 0.f;
+    return mods;
+}
+
+// d(score)/d(scale * x) under the softcap: 1 - t^2 (t = -inf where masked: its P is 0, and so is
+// this factor, rather than 0 * inf = NaN).
+__device__ __forceinline__ float softcap_grad(float t) { return 1.f - fminf(t * t, 1.f); }
+
+// ---- packed variable-length batches -----------------------------------------------------------------
+
+// Where sequence `batch` lives: its first row in the packed q (and k) tensors and its lengths.
+// Without IS_VARLEN every sequence has the launch's lengths and starts at row 0 of its batch entry.
+struct Sequence {
+    int q_start, k_start;  // first row, added to the batch entry's base pointer
+    int seqlen_q, seqlen_k;
+};
+
+__device__ __forceinline__ Sequence sequence(int batch, const int* cu_seqlens_q,
+                                             const int* cu_seqlens_k, int seqlen_q, int seqlen_k) {
+    Sequence s;
+    if (IS_VARLEN) {
+        s.q_start = cu_seqlens_q[batch];
+        s.k_start = cu_seqlens_k[batch];
+        s.seqlen_q = cu_seqlens_q[batch + 1] - s.q_start;
+        s.seqlen_k = cu_seqlens_k[batch + 1] - s.k_start;
+    } else {
+        s.q_start = s.k_start = 0;
+        s.seqlen_q = seqlen_q;
+        s.seqlen_k = seqlen_k;
+    }
+    return s;
 }

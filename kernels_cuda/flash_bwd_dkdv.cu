@@ -16,15 +16,16 @@
 // the accumulator layout that is already the A operand of dV += P^T dO and dK += dS^T Q.
 //
 // Layouts as in flash_fwd.cu: q, dout (B, Hq, Sq, D), k, v, dk, dv (B, Hk, Sk, D), any batch/head/
-// row strides, D contiguous; lse, delta float32 (B, Hq, Sq); dq_accum float32, contiguous
-// (B, Hq, Sq, head_dim), zeroed by the caller. LSE is natural-log; it becomes base 2 on loading.
+// row strides, D contiguous; lse, delta float32 (B, Hq, Sq); dq_accum float32 (B, Hq, Sq, head_dim)
+// with rows of head_dim, zeroed by the caller. Packed batches, masks and score modifiers as in
+// flash_fwd.cu; with a softcap dS picks up the factor 1 - t^2 (attention_common.h). LSE is natural-log; it becomes base 2 on loading.
 // Reads q, k, v, dout, lse, delta; writes dk, dv; adds into dq_accum.
 //
 // Pipeline: Q, dO, LSE and delta tiles are double-buffered; the copies for step i+1 are issued at
 // the top of step i and land while it computes.
 
 // ---- compile-time configuration (xattn/configs.py) ---------------------------------------------
-// ELEM_BF16, HEAD_DIM, IS_CAUSAL, VEC_LOADS, MIN_BLOCKS: as in flash_fwd.cu
+// ELEM_BF16, HEAD_DIM, VEC_LOADS, MIN_BLOCKS and the mask/modifier flags: as in flash_fwd.cu
 // BLOCK_N     keys per thread block (NUM_WARPS * WARP_N, WARP_N a multiple of 16)
 // BLOCK_M     query rows per step
 // NUM_WARPS   warps per thread block
@@ -75,27 +76,25 @@ __device__ __forceinline__ void load_query_step(u16* sQ, u16* sdO, float* sLse, 
     }
 }
 
-// -inf for the scores of pairs (query, key) the mask hides; rows of S^T are keys, columns queries.
-__device__ __forceinline__ void mask_scores_t(float (&acc_s)[K_TILES][Q_TILES][4], int key_start,
-                                              int m_start, int seqlen_q, int seqlen_k, int lane) {
+// Raw dot products -> scores (softcap, ALiBi, band mask where check_mask), as the forward saw them;
+// rows of S^T are keys, columns queries.
+__device__ __forceinline__ void modify_scores_t(float (&acc_s)[K_TILES][Q_TILES][4], int key_start,
+                                                int m_start, const ScoreMods& mods, bool check_mask,
+                                                int lane) {
 #pragma unroll
     for (int kt = 0; kt < K_TILES; ++kt)
 #pragma unroll
-        for (int h = 0; h < 2; ++h) {
-            // Per key row: the first visible query, counted from this thread's first column, so that
-            // each element compares against a compile-time column index (as flash_fwd.cu does).
-            int key = key_start + kt * 16 + lane / 4 + h * 8;
-            int first = key < seqlen_k ? first_visible_query(key, seqlen_q, seqlen_k, IS_CAUSAL) - m_start - (lane % 4) * 2
-                                       : BLOCK_M;  // past the last key: nothing is visible
+        for (int qt = 0; qt < Q_TILES; ++qt)
 #pragma unroll
-            for (int qt = 0; qt < Q_TILES; ++qt)
-#pragma unroll
-                for (int e = 0; e < 2; ++e)
-                    if (qt * 8 + e < first) acc_s[kt][qt][2 * h + e] = NEG_INF;
-        }
+            for (int e = 0; e < 4; ++e) {
+                int key = key_start + kt * 16 + lane / 4 + (e / 2) * 8;
+                int query = m_start + qt * 8 + (lane % 4) * 2 + e % 2;
+                acc_s[kt][qt][e] = modified_score(acc_s[kt][qt][e], query, key, mods, check_mask);
+            }
 }
 
-// P^T = exp2(S^T * scale_log2 - lse_log2[query]) and dS^T = P^T * (dP^T - delta[query]), in place.
+// P^T = exp2(S^T * scale_log2 - lse_log2[query]) and dS^T = P^T * (dP^T - delta[query]), in place
+// (times 1 - t^2 under a softcap, t being the value S^T holds).
 __device__ __forceinline__ void softmax_backward_t(float (&acc_s)[K_TILES][Q_TILES][4],
                                                    float (&acc_dp)[K_TILES][Q_TILES][4],
                                                    const float* sLse, const float* sDelta,
@@ -109,9 +108,11 @@ __device__ __forceinline__ void softmax_backward_t(float (&acc_s)[K_TILES][Q_TIL
         for (int kt = 0; kt < K_TILES; ++kt)
 #pragma unroll
             for (int e = 0; e < 4; ++e) {
-                float p = fast_exp2(acc_s[kt][qt][e] * scale_log2 - (e % 2 ? lse2.y : lse2.x));
+                float t = acc_s[kt][qt][e];
+                float p = fast_exp2(t * scale_log2 - (e % 2 ? lse2.y : lse2.x));
                 acc_s[kt][qt][e] = p;
-                acc_dp[kt][qt][e] = p * (acc_dp[kt][qt][e] - (e % 2 ? delta2.y : delta2.x));
+                float ds = p * (acc_dp[kt][qt][e] - (e % 2 ? delta2.y : delta2.x));
+                acc_dp[kt][qt][e] = HAS_SOFTCAP ? ds * softcap_grad(t) : ds;
             }
     }
 }
@@ -168,8 +169,14 @@ flash_bwd_dkdv(const u16* __restrict__ q, const u16* __restrict__ k, const u16* 
                i64 dv_batch_stride, i64 dv_head_stride, i64 dv_row_stride,
                i64 lse_batch_stride, i64 lse_head_stride,
                i64 delta_batch_stride, i64 delta_head_stride,
-               int seqlen_q, int seqlen_k, int head_dim, int heads_q, int heads_per_kv,
-               float scale, float scale_log2) {
+               i64 dq_accum_batch_stride, i64 dq_accum_head_stride,
+               const int* __restrict__ cu_seqlens_q, const int* __restrict__ cu_seqlens_k,
+               const float* __restrict__ alibi_slopes, i64 alibi_batch_stride,
+               int seqlen_q, int seqlen_k, int head_dim, int heads_per_kv,
+               int window_left, int window_right, float softcap_scale,
+               float scale, float scale_log2, float grad_scale) {
+    // scale, scale_log2: the scores' scale as in flash_fwd.cu; grad_scale: the attention scale,
+    // d(scale * x)/dx, applied to dK here and to dQ by flash_bwd_convert_dq.
     extern __shared__ __align__(16) u16 smem[];
     u16* sK = smem;
     u16* sV = sK + BLOCK_N * SMEM_STRIDE;
@@ -184,12 +191,26 @@ flash_bwd_dkdv(const u16* __restrict__ q, const u16* __restrict__ k, const u16* 
     const int n_start = n_block * BLOCK_N;
     const int warp_key_start = n_start + warp * WARP_N;
 
-    k += batch * k_batch_stride + kv_head * k_head_stride + n_start * k_row_stride;
-    v += batch * v_batch_stride + kv_head * v_head_stride + n_start * v_row_stride;
+    const Sequence seq = sequence(batch, cu_seqlens_q, cu_seqlens_k, seqlen_q, seqlen_k);
+    if (IS_VARLEN && n_start >= seq.seqlen_k) return;  // the grid covers the longest sequence
+    seqlen_q = seq.seqlen_q;
+    seqlen_k = seq.seqlen_k;
+    ScoreMods mods = make_score_mods(seqlen_q, seqlen_k, window_left, window_right, softcap_scale,
+                                     alibi_slopes + batch * alibi_batch_stride + kv_head * heads_per_kv, scale);
 
-    // The query blocks that see any key of this block: causal ones start at the diagonal.
-    const int first_query = IS_CAUSAL ? max(0, n_start - (seqlen_k - seqlen_q)) : 0;
-    const int m_begin = first_query / BLOCK_M, m_end = (seqlen_q + BLOCK_M - 1) / BLOCK_M;
+    k += batch * k_batch_stride + kv_head * k_head_stride + (i64)(seq.k_start + n_start) * k_row_stride;
+    v += batch * v_batch_stride + kv_head * v_head_stride + (i64)(seq.k_start + n_start) * v_row_stride;
+    q += (i64)seq.q_start * q_row_stride;
+    dout += (i64)seq.q_start * do_row_stride;
+    lse += seq.q_start;
+    delta += seq.q_start;
+
+    // The query blocks that see any key of this block: the band of its first key starts them, the
+    // band of its last key ends them.
+    const int last_key = min(n_start + BLOCK_N, seqlen_k) - 1;
+    const int first_query = IS_CAUSAL ? max(0, first_visible_query(n_start, mods.band)) : 0;
+    const int last_query = IS_LOCAL ? min(seqlen_q - 1, last_visible_query(last_key, mods.band)) : seqlen_q - 1;
+    const int m_begin = first_query / BLOCK_M, m_end = last_query < first_query ? m_begin : last_query / BLOCK_M + 1;
     const int steps_per_head = max(0, m_end - m_begin);
     const int steps = steps_per_head * heads_per_kv;
 
@@ -243,11 +264,13 @@ flash_bwd_dkdv(const u16* __restrict__ q, const u16* __restrict__ k, const u16* 
         cp_async_commit();
         const float* sLse_s = sLse + buf * BLOCK_M;
         const float* sDelta_s = sDelta + buf * BLOCK_M;
+        if (HAS_ALIBI) mods.alibi_coef = -alibi_slopes[batch * alibi_batch_stride + head] / scale;
 
         // A warp whose keys no query of this step sees (past the causal diagonal, or past the end
         // of the keys) has P = dS = 0: it skips the products and leaves zeros for dQ.
         const bool warp_sees_step = warp_key_start < seqlen_k &&
-            (!IS_CAUSAL || warp_key_start <= m_start + BLOCK_M - 1 + seqlen_k - seqlen_q);
+            (!IS_CAUSAL || warp_key_start <= m_start + BLOCK_M - 1 + mods.band.hi) &&
+            (!IS_LOCAL || warp_key_start + WARP_N - 1 >= m_start + mods.band.lo);
         float acc_dp[K_TILES][Q_TILES][4];  // dP^T, then dS^T
         zero(acc_dp);
         if (warp_sees_step) {
@@ -255,9 +278,13 @@ flash_bwd_dkdv(const u16* __restrict__ q, const u16* __restrict__ k, const u16* 
             float acc_s[K_TILES][Q_TILES][4];
             zero(acc_s);
             mma_a_bt<K_TILES, Q_TILES, HEAD_DIM / 16, SMEM_STRIDE, SMEM_STRIDE>(acc_s, k_lane, q_lane_y + buf * buffer_bytes);
+            // Rows of S^T are keys: the tile of keys [warp_key_start, +WARP_N) against queries
+            // [m_start, +BLOCK_M) crosses an edge when some pair is outside the band.
             bool needs_mask = warp_key_start + WARP_N > seqlen_k ||
-                              (IS_CAUSAL && warp_key_start + WARP_N - 1 > m_start + seqlen_k - seqlen_q);
-            if (needs_mask) mask_scores_t(acc_s, warp_key_start, m_start, seqlen_q, seqlen_k, lane);
+                              (IS_CAUSAL && warp_key_start + WARP_N - 1 > m_start + mods.band.hi) ||
+                              (IS_LOCAL && warp_key_start < m_start + BLOCK_M - 1 + mods.band.lo);
+            if (HAS_SOFTCAP || HAS_ALIBI || needs_mask)
+                modify_scores_t(acc_s, warp_key_start, m_start, mods, needs_mask, lane);
             mma_a_bt<K_TILES, Q_TILES, HEAD_DIM / 16, SMEM_STRIDE, SMEM_STRIDE>(acc_dp, v_lane, do_lane_y + buf * buffer_bytes);
             softmax_backward_t(acc_s, acc_dp, sLse_s, sDelta_s, scale_log2, lane);  // acc_s: P^T, acc_dp: dS^T
 
@@ -277,7 +304,8 @@ flash_bwd_dkdv(const u16* __restrict__ q, const u16* __restrict__ k, const u16* 
             for (int qt = 0; qt < Q_TILES; ++qt)
                 store_c_fragment<DS_STRIDE>(sdS, warp * WARP_N + kt * 16, qt * 8, acc_dp[kt][qt], 1.f, lane);
         __syncthreads();  // sdS complete
-        accumulate_dq(dq_accum + ((i64)batch * heads_q + head) * seqlen_q * head_dim, ds_lane, k_lane_dq,
+        accumulate_dq(dq_accum + batch * dq_accum_batch_stride + head * dq_accum_head_stride + (i64)seq.q_start * head_dim,
+                      ds_lane, k_lane_dq,
                       m_start, dq_row0, dq_col0, seqlen_q, head_dim, lane);
 #endif
     }
@@ -292,12 +320,12 @@ flash_bwd_dkdv(const u16* __restrict__ q, const u16* __restrict__ k, const u16* 
     for (int kt = 0; kt < K_TILES; ++kt)
 #pragma unroll
         for (int dt = 0; dt < D_TILES; ++dt) {
-            store_c_fragment<SMEM_STRIDE>(sdK, kt * 16, dt * 8, acc_dk[kt][dt], scale, lane);
+            store_c_fragment<SMEM_STRIDE>(sdK, kt * 16, dt * 8, acc_dk[kt][dt], grad_scale, lane);
             store_c_fragment<SMEM_STRIDE>(sdV, kt * 16, dt * 8, acc_dv[kt][dt], 1.f, lane);
         }
     warp_sync();
-    dk += batch * dk_batch_stride + kv_head * dk_head_stride + (i64)warp_key_start * dk_row_stride;
-    dv += batch * dv_batch_stride + kv_head * dv_head_stride + (i64)warp_key_start * dv_row_stride;
+    dk += batch * dk_batch_stride + kv_head * dk_head_stride + (i64)(seq.k_start + warp_key_start) * dk_row_stride;
+    dv += batch * dv_batch_stride + kv_head * dv_head_stride + (i64)(seq.k_start + warp_key_start) * dv_row_stride;
     store_rows<WARP_N>(dk, dk_row_stride, sdK, seqlen_k - warp_key_start, head_dim, lane);
     store_rows<WARP_N>(dv, dv_row_stride, sdV, seqlen_k - warp_key_start, head_dim, lane);
 }

@@ -12,7 +12,8 @@
 //
 // Layouts as in flash_bwd_dkdv.cu. Reads q, k, v, dout, lse, delta; writes dq.
 //
-// compile time: ELEM_BF16, HEAD_DIM, BLOCK_M, BLOCK_N, NUM_WARPS, IS_CAUSAL, VEC_LOADS, MIN_BLOCKS
+// compile time: ELEM_BF16, HEAD_DIM, BLOCK_M, BLOCK_N, NUM_WARPS, VEC_LOADS, MIN_BLOCKS and the
+// mask/modifier flags (attention_common.h); parameters as in flash_bwd_dkdv.cu.
 
 #include "platform.h"
 #include "attention_common.h"
@@ -43,8 +44,11 @@ flash_bwd_dq(const u16* __restrict__ q, const u16* __restrict__ k, const u16* __
              i64 dq_batch_stride, i64 dq_head_stride, i64 dq_row_stride,
              i64 lse_batch_stride, i64 lse_head_stride,
              i64 delta_batch_stride, i64 delta_head_stride,
+             const int* __restrict__ cu_seqlens_q, const int* __restrict__ cu_seqlens_k,
+             const float* __restrict__ alibi_slopes, i64 alibi_batch_stride,
              int seqlen_q, int seqlen_k, int head_dim, int heads_per_kv,
-             float scale, float scale_log2) {
+             int window_left, int window_right, float softcap_scale,
+             float scale, float scale_log2, float grad_scale) {
     extern __shared__ __align__(16) u16 smem[];
     u16* sQ = smem;
     u16* sdO = sQ + BLOCK_M * SMEM_STRIDE;
@@ -57,14 +61,21 @@ flash_bwd_dq(const u16* __restrict__ q, const u16* __restrict__ k, const u16* __
     const int m_start = m_block * BLOCK_M;
     const int warp_row_start = m_start + warp * WARP_M;
 
-    q += batch * q_batch_stride + head * q_head_stride + m_start * q_row_stride;
-    dout += batch * do_batch_stride + head * do_head_stride + m_start * do_row_stride;
-    k += batch * k_batch_stride + kv_head * k_head_stride;
-    v += batch * v_batch_stride + kv_head * v_head_stride;
-    lse += batch * lse_batch_stride + head * lse_head_stride;
-    delta += batch * delta_batch_stride + head * delta_head_stride;
+    const Sequence seq = sequence(batch, cu_seqlens_q, cu_seqlens_k, seqlen_q, seqlen_k);
+    if (IS_VARLEN && m_start >= seq.seqlen_q) return;  // the grid covers the longest sequence
+    seqlen_q = seq.seqlen_q;
+    seqlen_k = seq.seqlen_k;
+    const ScoreMods mods = make_score_mods(seqlen_q, seqlen_k, window_left, window_right, softcap_scale,
+                                           alibi_slopes + batch * alibi_batch_stride + head, scale);
 
-    const KeyRange tiles = key_tiles(m_start, BLOCK_M, BLOCK_N, seqlen_q, seqlen_k, IS_CAUSAL);
+    q += batch * q_batch_stride + head * q_head_stride + (i64)(seq.q_start + m_start) * q_row_stride;
+    dout += batch * do_batch_stride + head * do_head_stride + (i64)(seq.q_start + m_start) * do_row_stride;
+    k += batch * k_batch_stride + kv_head * k_head_stride + (i64)seq.k_start * k_row_stride;
+    v += batch * v_batch_stride + kv_head * v_head_stride + (i64)seq.k_start * v_row_stride;
+    lse += batch * lse_batch_stride + head * lse_head_stride + seq.q_start;
+    delta += batch * delta_batch_stride + head * delta_head_stride + seq.q_start;
+
+    const KeyRange tiles = key_tiles(m_start, min(BLOCK_M, seqlen_q - m_start), BLOCK_N, seqlen_k, mods.band);
     auto issue_kv = [&](int tile) {
         int n_start = tile * BLOCK_N, buf = tile % 2;
         load_tile<BLOCK_N>(sK + buf * BLOCK_N * SMEM_STRIDE, k + n_start * k_row_stride, k_row_stride,
@@ -115,9 +126,10 @@ flash_bwd_dq(const u16* __restrict__ q, const u16* __restrict__ k, const u16* __
         zero(acc_dp);
         mma_a_bt<M_TILES, N_TILES, HEAD_DIM / 16, SMEM_STRIDE, SMEM_STRIDE>(acc_s, q_lane, k_lane_y + buf_off);
         mma_a_bt<M_TILES, N_TILES, HEAD_DIM / 16, SMEM_STRIDE, SMEM_STRIDE>(acc_dp, do_lane, v_lane_y + buf_off);
-        const bool needs_mask = tile_needs_mask(warp_row_start, n_start, BLOCK_N, seqlen_q, seqlen_k, IS_CAUSAL);
+        const bool needs_mask = tile_needs_mask(warp_row_start, WARP_M, n_start, BLOCK_N, seqlen_k, mods.band);
 
-        // dS = P * (dP - delta), P recomputed from the LSE; masked pairs get P = 0.
+        // dS = P * (dP - delta), P recomputed from the LSE and the scores as the forward modified
+        // them (masked pairs get P = 0); under a softcap dS also takes the factor 1 - t^2.
         u32 ds_frag[M_TILES][BLOCK_N / 16][4];
 #pragma unroll
         for (int mt = 0; mt < M_TILES; ++mt) {
@@ -126,13 +138,14 @@ flash_bwd_dq(const u16* __restrict__ q, const u16* __restrict__ k, const u16* __
 #pragma unroll
                 for (int e = 0; e < 4; ++e) {
                     float s = acc_s[mt][nt][e];
-                    if (needs_mask) {
+                    if (HAS_SOFTCAP || HAS_ALIBI || needs_mask) {
                         int row = warp_row_start + mt * 16 + lane / 4 + (e / 2) * 8;
                         int key = n_start + nt * 8 + (lane % 4) * 2 + e % 2;
-                        if (!key_visible(row, key, seqlen_q, seqlen_k, IS_CAUSAL)) s = NEG_INF;
+                        s = modified_score(s, row, key, mods, needs_mask);
                     }
                     float p = fast_exp2(s * scale_log2 - lse_log2[mt][e / 2]);
-                    acc_s[mt][nt][e] = p * (acc_dp[mt][nt][e] - row_delta[mt][e / 2]);
+                    float ds = p * (acc_dp[mt][nt][e] - row_delta[mt][e / 2]);
+                    acc_s[mt][nt][e] = HAS_SOFTCAP ? ds * softcap_grad(s) : ds;
                 }
 #pragma unroll
             for (int kk = 0; kk < BLOCK_N / 16; ++kk)
@@ -148,8 +161,8 @@ flash_bwd_dq(const u16* __restrict__ q, const u16* __restrict__ k, const u16* __
 #pragma unroll
     for (int mt = 0; mt < M_TILES; ++mt)
 #pragma unroll
-        for (int dt = 0; dt < D_TILES; ++dt) store_c_fragment<SMEM_STRIDE>(sdQ, mt * 16, dt * 8, acc_dq[mt][dt], scale, lane);
+        for (int dt = 0; dt < D_TILES; ++dt) store_c_fragment<SMEM_STRIDE>(sdQ, mt * 16, dt * 8, acc_dq[mt][dt], grad_scale, lane);
     warp_sync();
-    dq += batch * dq_batch_stride + head * dq_head_stride + (i64)warp_row_start * dq_row_stride;
+    dq += batch * dq_batch_stride + head * dq_head_stride + (i64)(seq.q_start + warp_row_start) * dq_row_stride;
     store_rows<WARP_M>(dq, dq_row_stride, sdQ, seqlen_q - warp_row_start, head_dim, lane);
 }

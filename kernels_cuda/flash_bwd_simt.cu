@@ -40,7 +40,7 @@
 // HEAD_DIM             padded head dim, a multiple of 32 (each lane owns HEAD_DIM / 32 columns)
 // NUM_WARPS            warps per thread block
 // ROWS_PER_WARP        rows each warp owns: query rows in flash_bwd_simt_dq, key rows in _dkdv
-// IS_CAUSAL, MIN_BLOCKS
+// MIN_BLOCKS, and the mask/modifier flags of attention_common.h (parameters as in flash_bwd_dkdv.cu)
 
 #include "platform.h"
 #include "attention_common.h"
@@ -66,13 +66,16 @@ static_assert(HEAD_DIM % WARP_SIZE == 0, "each lane owns whole head-dim columns"
 
 // ---- device helpers ---------------------------------------------------------------------------
 
-// P and dS of one (query, key) pair from its raw score s = q.k (unscaled) and dp = dO.v.
-__device__ __forceinline__ float2 softmax_backward(float s, float dp, bool visible, float lse2,
-                                                   float delta, float scale_log2) {
+// P and dS of one (query, key) pair from its raw score x = q.k (unscaled) and dp = dO.v.
+__device__ __forceinline__ float2 softmax_backward(float x, float dp, int query, int key,
+                                                   const ScoreMods& mods, float lse2, float delta,
+                                                   float scale_log2) {
     // lse2 = +inf (empty row, row past the end) gives exp2(-inf) = 0. Hidden pairs are set to 0
     // outright rather than through s = -inf, which would turn into NaN if scale were 0.
-    float p = visible ? fast_exp2(fmaf(s, scale_log2, -lse2)) : 0.f;
-    return make_float2(p, p * (dp - delta));
+    float s = modified_score(x, query, key, mods, false);
+    float p = key_visible(query, key, mods.band, mods.seqlen_k) ? fast_exp2(fmaf(s, scale_log2, -lse2)) : 0.f;
+    float ds = p * (dp - delta);
+    return make_float2(p, HAS_SOFTCAP ? ds * softcap_grad(s) : ds);
 }
 
 // Store one row's HEAD_DIM / 32 columns (lane = column), scaled, as elem_t.
@@ -99,8 +102,11 @@ flash_bwd_simt_dq(const elem_t* __restrict__ q, const elem_t* __restrict__ k,
                   i64 dq_batch_stride, i64 dq_head_stride, i64 dq_row_stride,
                   i64 lse_batch_stride, i64 lse_head_stride,
                   i64 delta_batch_stride, i64 delta_head_stride,
+                  const int* __restrict__ cu_seqlens_q, const int* __restrict__ cu_seqlens_k,
+                  const float* __restrict__ alibi_slopes, i64 alibi_batch_stride,
                   int seqlen_q, int seqlen_k, int head_dim, int heads_per_kv,
-                  float scale, float scale_log2) {
+                  int window_left, int window_right, float softcap_scale,
+                  float scale, float scale_log2, float grad_scale) {
     extern __shared__ __align__(16) float smem_f32[];
     float* sQ = smem_f32;
     float* sdO = sQ + BLOCK_ROWS * HEAD_DIM;
@@ -117,15 +123,22 @@ flash_bwd_simt_dq(const elem_t* __restrict__ q, const elem_t* __restrict__ k,
     const float* sdO_warp = sdO + warp * ROWS_PER_WARP * HEAD_DIM;
     float* sdS_warp = sdS + warp * ROWS_PER_WARP * TILE;
 
-    q += batch * q_batch_stride + head * q_head_stride + m_start * q_row_stride;
-    dout += batch * do_batch_stride + head * do_head_stride + m_start * do_row_stride;
-    k += batch * k_batch_stride + kv_head * k_head_stride;
-    v += batch * v_batch_stride + kv_head * v_head_stride;
-    dq += batch * dq_batch_stride + head * dq_head_stride;
-    lse += batch * lse_batch_stride + head * lse_head_stride;
-    delta += batch * delta_batch_stride + head * delta_head_stride;
+    const Sequence seq = sequence(batch, cu_seqlens_q, cu_seqlens_k, seqlen_q, seqlen_k);
+    if (IS_VARLEN && m_start >= seq.seqlen_q) return;  // the grid covers the longest sequence
+    seqlen_q = seq.seqlen_q;
+    seqlen_k = seq.seqlen_k;
+    const ScoreMods mods = make_score_mods(seqlen_q, seqlen_k, window_left, window_right, softcap_scale,
+                                           alibi_slopes + batch * alibi_batch_stride + head, scale);
 
-    const KeyRange tiles = key_tiles(m_start, BLOCK_ROWS, TILE, seqlen_q, seqlen_k, IS_CAUSAL);
+    q += batch * q_batch_stride + head * q_head_stride + (i64)(seq.q_start + m_start) * q_row_stride;
+    dout += batch * do_batch_stride + head * do_head_stride + (i64)(seq.q_start + m_start) * do_row_stride;
+    k += batch * k_batch_stride + kv_head * k_head_stride + (i64)seq.k_start * k_row_stride;
+    v += batch * v_batch_stride + kv_head * v_head_stride + (i64)seq.k_start * v_row_stride;
+    dq += batch * dq_batch_stride + head * dq_head_stride + (i64)seq.q_start * dq_row_stride;
+    lse += batch * lse_batch_stride + head * lse_head_stride + seq.q_start;
+    delta += batch * delta_batch_stride + head * delta_head_stride + seq.q_start;
+
+    const KeyRange tiles = key_tiles(m_start, min(BLOCK_ROWS, seqlen_q - m_start), TILE, seqlen_k, mods.band);
     load_rows(sQ, HEAD_DIM, q, q_row_stride, BLOCK_ROWS, seqlen_q - m_start, head_dim, tid);
     load_rows(sdO, HEAD_DIM, dout, do_row_stride, BLOCK_ROWS, seqlen_q - m_start, head_dim, tid);
 
@@ -164,8 +177,8 @@ flash_bwd_simt_dq(const elem_t* __restrict__ q, const elem_t* __restrict__ k,
         // Mask, P = exp2(S - LSE), dS = P (dP - delta); dS to the warp's slice.
 #pragma unroll
         for (int r = 0; r < ROWS_PER_WARP; ++r) {
-            bool visible = key_visible(warp_row_start + r, n_start + lane, seqlen_q, seqlen_k, IS_CAUSAL);
-            sdS_warp[r * TILE + lane] = softmax_backward(s[r], dp[r], visible, row_lse2[r], row_delta[r], scale_log2).y;
+            sdS_warp[r * TILE + lane] = softmax_backward(s[r], dp[r], warp_row_start + r, n_start + lane, mods,
+                                                         row_lse2[r], row_delta[r], scale_log2).y;
         }
         warp_sync();  // every lane's dS visible to the whole warp
 
@@ -187,7 +200,7 @@ flash_bwd_simt_dq(const elem_t* __restrict__ q, const elem_t* __restrict__ k,
 #pragma unroll
     for (int r = 0; r < ROWS_PER_WARP; ++r) {
         int row = warp_row_start + r;
-        if (row < seqlen_q) store_row(dq + row * dq_row_stride, acc_dq[r], scale, head_dim, lane);
+        if (row < seqlen_q) store_row(dq + row * dq_row_stride, acc_dq[r], grad_scale, head_dim, lane);
     }
 }
 
@@ -204,8 +217,11 @@ flash_bwd_simt_dkdv(const elem_t* __restrict__ q, const elem_t* __restrict__ k,
                     i64 dv_batch_stride, i64 dv_head_stride, i64 dv_row_stride,
                     i64 lse_batch_stride, i64 lse_head_stride,
                     i64 delta_batch_stride, i64 delta_head_stride,
+                    const int* __restrict__ cu_seqlens_q, const int* __restrict__ cu_seqlens_k,
+                    const float* __restrict__ alibi_slopes, i64 alibi_batch_stride,
                     int seqlen_q, int seqlen_k, int head_dim, int heads_per_kv,
-                    float scale, float scale_log2) {
+                    int window_left, int window_right, float softcap_scale,
+                    float scale, float scale_log2, float grad_scale) {
     extern __shared__ __align__(16) float smem_f32[];
     float* sK = smem_f32;
     float* sV = sK + BLOCK_ROWS * HEAD_DIM;
@@ -221,15 +237,24 @@ flash_bwd_simt_dkdv(const elem_t* __restrict__ q, const elem_t* __restrict__ k,
     const float* sV_warp = sV + warp * ROWS_PER_WARP * HEAD_DIM;
     float2* sPdS_warp = sPdS + warp * ROWS_PER_WARP * TILE;
 
-    k += batch * k_batch_stride + kv_head * k_head_stride + n_start * k_row_stride;
-    v += batch * v_batch_stride + kv_head * v_head_stride + n_start * v_row_stride;
+    const Sequence seq = sequence(batch, cu_seqlens_q, cu_seqlens_k, seqlen_q, seqlen_k);
+    if (IS_VARLEN && n_start >= seq.seqlen_k) return;  // the grid covers the longest sequence
+    seqlen_q = seq.seqlen_q;
+    seqlen_k = seq.seqlen_k;
+    ScoreMods mods = make_score_mods(seqlen_q, seqlen_k, window_left, window_right, softcap_scale,
+                                     alibi_slopes + batch * alibi_batch_stride + kv_head * heads_per_kv, scale);
+
+    k += batch * k_batch_stride + kv_head * k_head_stride + (i64)(seq.k_start + n_start) * k_row_stride;
+    v += batch * v_batch_stride + kv_head * v_head_stride + (i64)(seq.k_start + n_start) * v_row_stride;
     load_rows(sK, HEAD_DIM, k, k_row_stride, BLOCK_ROWS, seqlen_k - n_start, head_dim, tid);
     load_rows(sV, HEAD_DIM, v, v_row_stride, BLOCK_ROWS, seqlen_k - n_start, head_dim, tid);
 
-    // The query tiles that see any key of this block: causal ones start at the diagonal (query i
-    // sees key j iff j <= i + seqlen_k - seqlen_q). No tile at all: dK = dV = 0 is still written.
-    const int first_query = IS_CAUSAL ? max(0, n_start - (seqlen_k - seqlen_q)) : 0;
-    const int m_begin = first_query / TILE, m_end = (seqlen_q + TILE - 1) / TILE;
+    // The query tiles that see any key of this block: from the band of its first key to that of its
+    // last (attention_common.h). No tile at all: dK = dV = 0 is still written.
+    const int last_key = min(n_start + BLOCK_ROWS, seqlen_k) - 1;
+    const int first_query = IS_CAUSAL ? max(0, first_visible_query(n_start, mods.band)) : 0;
+    const int last_query = IS_LOCAL ? min(seqlen_q - 1, last_visible_query(last_key, mods.band)) : seqlen_q - 1;
+    const int m_begin = first_query / TILE, m_end = last_query < first_query ? m_begin : last_query / TILE + 1;
 
     float acc_dk[ROWS_PER_WARP][D_PER_LANE], acc_dv[ROWS_PER_WARP][D_PER_LANE];
 #pragma unroll
@@ -239,10 +264,11 @@ flash_bwd_simt_dkdv(const elem_t* __restrict__ q, const elem_t* __restrict__ k,
 
     // Every query head of the GQA group adds into the same dK and dV.
     for (int head = kv_head * heads_per_kv; head < (kv_head + 1) * heads_per_kv; ++head) {
-        const elem_t* q_head = q + batch * q_batch_stride + head * q_head_stride;
-        const elem_t* do_head = dout + batch * do_batch_stride + head * do_head_stride;
-        const float* lse_head = lse + batch * lse_batch_stride + head * lse_head_stride;
-        const float* delta_head = delta + batch * delta_batch_stride + head * delta_head_stride;
+        const elem_t* q_head = q + batch * q_batch_stride + head * q_head_stride + (i64)seq.q_start * q_row_stride;
+        const elem_t* do_head = dout + batch * do_batch_stride + head * do_head_stride + (i64)seq.q_start * do_row_stride;
+        const float* lse_head = lse + batch * lse_batch_stride + head * lse_head_stride + seq.q_start;
+        const float* delta_head = delta + batch * delta_batch_stride + head * delta_head_stride + seq.q_start;
+        if (HAS_ALIBI) mods.alibi_coef = -alibi_slopes[batch * alibi_batch_stride + head] / scale;
 
         for (int m_tile = m_begin; m_tile < m_end; ++m_tile) {
             const int m_start = m_tile * TILE;
@@ -270,8 +296,8 @@ flash_bwd_simt_dkdv(const elem_t* __restrict__ q, const elem_t* __restrict__ k,
             // Mask, P^T and dS^T to the warp's slice, side by side: one broadcast load gives both.
 #pragma unroll
             for (int r = 0; r < ROWS_PER_WARP; ++r) {
-                bool visible = key_visible(query, warp_key_start + r, seqlen_q, seqlen_k, IS_CAUSAL);
-                sPdS_warp[r * TILE + lane] = softmax_backward(s[r], dp[r], visible, query_lse2, query_delta, scale_log2);
+                sPdS_warp[r * TILE + lane] = softmax_backward(s[r], dp[r], query, warp_key_start + r, mods,
+                                                              query_lse2, query_delta, scale_log2);
             }
             warp_sync();  // every lane's P and dS visible to the whole warp
 
@@ -297,13 +323,13 @@ flash_bwd_simt_dkdv(const elem_t* __restrict__ q, const elem_t* __restrict__ k,
     }
 
     // Epilogue: dK = scale * acc_dk, dV = acc_dv, for the keys that exist.
-    dk += batch * dk_batch_stride + kv_head * dk_head_stride;
-    dv += batch * dv_batch_stride + kv_head * dv_head_stride;
+    dk += batch * dk_batch_stride + kv_head * dk_head_stride + (i64)seq.k_start * dk_row_stride;
+    dv += batch * dv_batch_stride + kv_head * dv_head_stride + (i64)seq.k_start * dv_row_stride;
 #pragma unroll
     for (int r = 0; r < ROWS_PER_WARP; ++r) {
         int key = warp_key_start + r;
         if (key < seqlen_k) {
-            store_row(dk + key * dk_row_stride, acc_dk[r], scale, head_dim, lane);
+            store_row(dk + key * dk_row_stride, acc_dk[r], grad_scale, head_dim, lane);
             store_row(dv + key * dv_row_stride, acc_dv[r], 1.f, head_dim, lane);
         }
     }

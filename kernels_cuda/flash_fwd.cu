@@ -1,6 +1,6 @@
 // FlashAttention-2 forward on tensor cores: fp16 or bf16 in, fp32 accumulate.
 //
-// O = softmax(scale * Q K^T) V, computed one query block at a time. The block's Q tile is loaded
+// O = softmax(scale * Q K^T + modifiers) V, computed one query block at a time. The block's Q tile is loaded
 // once; K and V tiles stream through shared memory; S = Q K^T and O += P V run on mma.sync
 // m16n8k16 fed by ldmatrix; the running row max m_i and row sum l_i stay in registers (online
 // softmax), so the Sq x Sk score matrix never reaches global memory. O is divided by l_i once,
@@ -13,7 +13,13 @@
 //
 // Layouts: q, o are (B, Hq, Sq, D) and k, v are (B, Hk, Sk, D), each with its own batch, head
 // and row strides in elements, elements along D contiguous. lse is float32 (B, Hq, Sq). GQA: query
-// head h reads key/value head h / heads_per_kv. Reads q, k, v; writes o and lse.
+// head h reads key/value head h / heads_per_kv. Reads q, k, v; writes o and lse. Packed batches
+// (IS_VARLEN): batch strides are 0 and sequence b starts at row cu_seqlens[b] (attention_common.h);
+// the grid covers the longest sequence and blocks past a shorter one's end return at once.
+//
+// Masks and score modifiers (attention_common.h): the band of visible keys (causal, sliding
+// window), softcap, ALiBi. Key tiles outside the band of a block are never loaded; tiles inside
+// it are masked only where they cross an edge.
 //
 // The softmax runs in base 2: scores are scaled by scale_log2 = scale * log2(e) inside the same
 // FFMA that subtracts the max, so each exponential is one ex2 instruction. The LSE written out is
@@ -27,7 +33,7 @@
 // HEAD_DIM    padded head dim of this variant (multiple of 16); the real one, head_dim, is <= it
 // BLOCK_M     query rows per thread block;  BLOCK_N  keys per tile
 // NUM_WARPS   warps per thread block (BLOCK_M / NUM_WARPS must be a multiple of 16)
-// IS_CAUSAL   bottom-right aligned causal mask
+// IS_CAUSAL, IS_LOCAL, HAS_SOFTCAP, HAS_ALIBI, IS_VARLEN: masks and modifiers (attention_common.h)
 // VEC_LOADS   1: every row starts 16-byte aligned and head_dim % 8 == 0, so tiles move with 16-byte
 //             cp.async; 0: element-wise loads and stores (odd head dims, odd strides)
 // MIN_BLOCKS  thread blocks per SM that the register allocation must allow
@@ -53,23 +59,21 @@ static_assert(BLOCK_N % 16 == 0 && HEAD_DIM % 16 == 0, "k16 steps over keys and 
 
 // ---- device helpers ---------------------------------------------------------------------------
 
-// Set to -inf the scores of keys past the end and, when causal, right of the diagonal.
-__device__ __forceinline__ void mask_scores(float (&acc_s)[M_TILES][N_TILES][4], int row_start,
-                                            int n_start, int seqlen_q, int seqlen_k, int lane) {
+// Raw dot products -> scores: softcap, ALiBi, and -inf outside the band where the tile crosses an
+// edge of it or the end of the keys (attention_common.h: modified_score).
+__device__ __forceinline__ void modify_scores(float (&acc_s)[M_TILES][N_TILES][4], int row_start,
+                                              int n_start, const ScoreMods& mods, bool check_mask,
+                                              int lane) {
 #pragma unroll
     for (int mt = 0; mt < M_TILES; ++mt)
 #pragma unroll
-        for (int h = 0; h < 2; ++h) {
-            // Keys are visible up to a limit per row; count it from this thread's first column so
-            // that each element compares against a compile-time column index.
-            int row = row_start + mt * 16 + lane / 4 + h * 8;
-            int limit = visible_key_end(row, seqlen_q, seqlen_k, IS_CAUSAL) - n_start - (lane % 4) * 2;
+        for (int nt = 0; nt < N_TILES; ++nt)
 #pragma unroll
-            for (int nt = 0; nt < N_TILES; ++nt)
-#pragma unroll
-                for (int e = 0; e < 2; ++e)
-                    if (nt * 8 + e >= limit) acc_s[mt][nt][2 * h + e] = NEG_INF;
-        }
+            for (int e = 0; e < 4; ++e) {
+                int row = row_start + mt * 16 + lane / 4 + (e / 2) * 8;
+                int key = n_start + nt * 8 + (lane % 4) * 2 + e % 2;
+                acc_s[mt][nt][e] = modified_score(acc_s[mt][nt][e], row, key, mods, check_mask);
+            }
 }
 
 // Online softmax step: fold this tile's scores into the running max and sum, turn S into P in
@@ -176,8 +180,13 @@ flash_fwd(const u16* __restrict__ q, const u16* __restrict__ k, const u16* __res
           i64 v_batch_stride, i64 v_head_stride, i64 v_row_stride,
           i64 o_batch_stride, i64 o_head_stride, i64 o_row_stride,
           i64 lse_batch_stride, i64 lse_head_stride,
+          const int* __restrict__ cu_seqlens_q, const int* __restrict__ cu_seqlens_k,
+          const float* __restrict__ alibi_slopes, i64 alibi_batch_stride,
           int seqlen_q, int seqlen_k, int head_dim, int heads_per_kv,
+          int window_left, int window_right, float softcap_scale,
           float scale, float scale_log2) {
+    // scale: the softmax's scale of the values in S (the softcap c under a softcap, else the
+    // attention scale); scale_log2 = scale * log2(e).
     extern __shared__ __align__(16) u16 smem[];
     u16* sQ = smem;
     u16* sK = sQ + BLOCK_M * SMEM_STRIDE;
@@ -189,9 +198,16 @@ flash_fwd(const u16* __restrict__ q, const u16* __restrict__ k, const u16* __res
     const int m_start = m_block * BLOCK_M;
     const int warp_row_start = m_start + warp * WARP_M;
 
-    q += batch * q_batch_stride + head * q_head_stride + m_start * q_row_stride;
-    k += batch * k_batch_stride + kv_head * k_head_stride;
-    v += batch * v_batch_stride + kv_head * v_head_stride;
+    const Sequence seq = sequence(batch, cu_seqlens_q, cu_seqlens_k, seqlen_q, seqlen_k);
+    if (IS_VARLEN && m_start >= seq.seqlen_q) return;  // the grid covers the longest sequence
+    seqlen_q = seq.seqlen_q;
+    seqlen_k = seq.seqlen_k;
+    const ScoreMods mods = make_score_mods(seqlen_q, seqlen_k, window_left, window_right, softcap_scale,
+                                           alibi_slopes + batch * alibi_batch_stride + head, scale);
+
+    q += batch * q_batch_stride + head * q_head_stride + (i64)(seq.q_start + m_start) * q_row_stride;
+    k += batch * k_batch_stride + kv_head * k_head_stride + (i64)seq.k_start * k_row_stride;
+    v += batch * v_batch_stride + kv_head * v_head_stride + (i64)seq.k_start * v_row_stride;
 
     // This lane's ldmatrix row addresses (mma_tile.h): Q is the A operand of S = Q K^T, K's rows
     // are those of B^T, and V is the row-major B of O += P V.
@@ -199,7 +215,7 @@ flash_fwd(const u16* __restrict__ q, const u16* __restrict__ k, const u16* __res
     const u32 k_lane = lane_address_y<SMEM_STRIDE>(smem_addr(sK), 0, 0, lane);
     const u32 v_lane = lane_address_x<SMEM_STRIDE>(smem_addr(sV), 0, 0, lane);
 
-    const KeyRange tiles = key_tiles(m_start, BLOCK_M, BLOCK_N, seqlen_q, seqlen_k, IS_CAUSAL);
+    const KeyRange tiles = key_tiles(m_start, min(BLOCK_M, seqlen_q - m_start), BLOCK_N, seqlen_k, mods.band);
 
     // Prologue: the Q block and the last K tile load together. Tiles are walked right to left, so
     // the tiles that need masking (the end of the keys, the causal diagonal) come first.
@@ -232,16 +248,17 @@ flash_fwd(const u16* __restrict__ q, const u16* __restrict__ k, const u16* __res
         load_tile<BLOCK_N>(sV, v + n_start * v_row_stride, v_row_stride, seqlen_k - n_start, head_dim, tid);
         cp_async_commit();
 
-        // Near the causal diagonal a warp whose rows all end before this tile's first key would
-        // compute P = 0 and add nothing: it only takes part in the copies and barriers.
-        const bool warp_sees_tile = !IS_CAUSAL || n_start <= warp_row_start + WARP_M - 1 + seqlen_k - seqlen_q;
+        // Near an edge of the band a warp whose rows all miss this tile would compute P = 0 and
+        // add nothing: it only takes part in the copies and barriers.
+        const bool warp_sees_tile = (!IS_CAUSAL || n_start <= warp_row_start + WARP_M - 1 + mods.band.hi) &&
+                                    (!IS_LOCAL || n_start + BLOCK_N - 1 >= warp_row_start + mods.band.lo);
         u32 p_frag[M_TILES][BLOCK_N / 16][4];
         if (warp_sees_tile) {
             float acc_s[M_TILES][N_TILES][4];
             zero(acc_s);
             mma_a_bt<M_TILES, N_TILES, HEAD_DIM / 16, SMEM_STRIDE, SMEM_STRIDE>(acc_s, q_lane, k_lane);  // S = Q K^T
-            if (tile_needs_mask(warp_row_start, n_start, BLOCK_N, seqlen_q, seqlen_k, IS_CAUSAL))
-                mask_scores(acc_s, warp_row_start, n_start, seqlen_q, seqlen_k, lane);
+            const bool needs_mask = tile_needs_mask(warp_row_start, WARP_M, n_start, BLOCK_N, seqlen_k, mods.band);
+            if (HAS_SOFTCAP || HAS_ALIBI || needs_mask) modify_scores(acc_s, warp_row_start, n_start, mods, needs_mask, lane);
             softmax_rescale_o(acc_s, acc_o, row_max, row_sum, scale_log2);  // S becomes P
             convert_p(p_frag, acc_s);  // after this, P takes half the registers
         }
@@ -261,8 +278,8 @@ flash_fwd(const u16* __restrict__ q, const u16* __restrict__ k, const u16* __res
     __syncthreads();
 
     // O and LSE addresses are formed only now: live through the main loop they would cost registers.
-    o += batch * o_batch_stride + head * o_head_stride;
-    lse += batch * lse_batch_stride + head * lse_head_stride;
+    o += batch * o_batch_stride + head * o_head_stride + (i64)seq.q_start * o_row_stride;
+    lse += batch * lse_batch_stride + head * lse_head_stride + seq.q_start;
     write_output(acc_o, row_max, row_sum, sQ, o, o_row_stride, lse, warp_row_start, seqlen_q,
                  head_dim, scale, warp, lane);
 }

@@ -12,7 +12,8 @@
 // head-dim columns l, l + 32, ... of the warp's rows. P goes through a warp-private slice of
 // shared memory so that every lane can read every key's probability.
 //
-// compile time: ELEM_F32 = 1, HEAD_DIM (multiple of 32), ROWS_PER_WARP, NUM_WARPS, IS_CAUSAL, MIN_BLOCKS
+// compile time: ELEM_F32 = 1, HEAD_DIM (multiple of 32), ROWS_PER_WARP, NUM_WARPS, MIN_BLOCKS, and the
+// mask/modifier flags of attention_common.h. Parameters as in flash_fwd.cu.
 
 #include "platform.h"
 #include "attention_common.h"
@@ -42,7 +43,10 @@ flash_fwd_f32(const float* __restrict__ q, const float* __restrict__ k, const fl
               i64 v_batch_stride, i64 v_head_stride, i64 v_row_stride,
               i64 o_batch_stride, i64 o_head_stride, i64 o_row_stride,
               i64 lse_batch_stride, i64 lse_head_stride,
+              const int* __restrict__ cu_seqlens_q, const int* __restrict__ cu_seqlens_k,
+              const float* __restrict__ alibi_slopes, i64 alibi_batch_stride,
               int seqlen_q, int seqlen_k, int head_dim, int heads_per_kv,
+              int window_left, int window_right, float softcap_scale,
               float scale, float scale_log2) {
     extern __shared__ __align__(16) float smem_f32[];
     float* sQ = smem_f32;
@@ -58,13 +62,20 @@ flash_fwd_f32(const float* __restrict__ q, const float* __restrict__ k, const fl
     const float* sQ_warp = sQ + warp * ROWS_PER_WARP * HEAD_DIM;
     float* sP_warp = sP + warp * ROWS_PER_WARP * BLOCK_N;
 
-    q += batch * q_batch_stride + head * q_head_stride + m_start * q_row_stride;
-    k += batch * k_batch_stride + kv_head * k_head_stride;
-    v += batch * v_batch_stride + kv_head * v_head_stride;
-    o += batch * o_batch_stride + head * o_head_stride;
-    lse += batch * lse_batch_stride + head * lse_head_stride;
+    const Sequence seq = sequence(batch, cu_seqlens_q, cu_seqlens_k, seqlen_q, seqlen_k);
+    if (IS_VARLEN && m_start >= seq.seqlen_q) return;  // the grid covers the longest sequence
+    seqlen_q = seq.seqlen_q;
+    seqlen_k = seq.seqlen_k;
+    const ScoreMods mods = make_score_mods(seqlen_q, seqlen_k, window_left, window_right, softcap_scale,
+                                           alibi_slopes + batch * alibi_batch_stride + head, scale);
 
-    const KeyRange tiles = key_tiles(m_start, BLOCK_M, BLOCK_N, seqlen_q, seqlen_k, IS_CAUSAL);
+    q += batch * q_batch_stride + head * q_head_stride + (i64)(seq.q_start + m_start) * q_row_stride;
+    k += batch * k_batch_stride + kv_head * k_head_stride + (i64)seq.k_start * k_row_stride;
+    v += batch * v_batch_stride + kv_head * v_head_stride + (i64)seq.k_start * v_row_stride;
+    o += batch * o_batch_stride + head * o_head_stride + (i64)seq.q_start * o_row_stride;
+    lse += batch * lse_batch_stride + head * lse_head_stride + seq.q_start;
+
+    const KeyRange tiles = key_tiles(m_start, min(BLOCK_M, seqlen_q - m_start), BLOCK_N, seqlen_k, mods.band);
     load_rows(sQ, HEAD_DIM, q, q_row_stride, BLOCK_M, seqlen_q - m_start, head_dim, tid);
 
     float acc_o[ROWS_PER_WARP][D_PER_LANE];
@@ -94,11 +105,10 @@ flash_fwd_f32(const float* __restrict__ q, const float* __restrict__ k, const fl
             for (int r = 0; r < ROWS_PER_WARP; ++r) s[r] = fmaf(sQ_warp[r * HEAD_DIM + d], k_d, s[r]);
         }
 
-        // Mask, then the online softmax update (see softmax_rescale_o in flash_fwd.cu).
+        // Modifiers and mask, then the online softmax update (see softmax_rescale_o in flash_fwd.cu).
 #pragma unroll
         for (int r = 0; r < ROWS_PER_WARP; ++r) {
-            if (!key_visible(warp_row_start + r, n_start + lane, seqlen_q, seqlen_k, IS_CAUSAL))
-                s[r] = NEG_INF;
+            s[r] = modified_score(s[r], warp_row_start + r, n_start + lane, mods, true);
             float m_new = warp_max(fmaxf(row_max[r], s[r]));
             bool row_empty = m_new == NEG_INF;  // no key seen yet: offset 0 keeps exp2 from NaN
             float offset = row_empty ? 0.f : m_new * scale_log2;

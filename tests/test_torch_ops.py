@@ -27,18 +27,32 @@ def dtype_for(backend):
     return torch.float32 if backend.name == "reference" else torch.float16
 
 
-def op_args(device, dtype, layout="bhsd", causal=True):
+def op_args(device, dtype, layout="bhsd", causal=True, window=(-1, -1), softcap=0.0,
+            alibi=False):
     """Arguments of attention_forward / attention_backward on `device`."""
     q_shape, kv_shape = (2, 4, 37, 16), (2, 2, 45, 16)
     if layout == "bshd":
         q_shape, kv_shape = (2, 37, 4, 16), (2, 45, 2, 16)
     q, k, v = leaves(q_shape, kv_shape, dtype=dtype, device=device)
-    forward = (q, k, v, causal, 0.3, layout, False)
-    out, lse = torch_ops.attention_forward(*(x.detach() for x in (q, k, v)), causal, 0.3, layout,
-                                           False)
+    slopes = torch.rand(4, device=device) if alibi else None
+    options = (None, None, slopes, causal, 0.3, window[0], 0 if causal else window[1], softcap,
+               0, 0, layout, False)
+    forward = (q, k, v) + options
+    out, lse = torch_ops.attention_forward(*(x.detach() for x in (q, k, v)), *options)
     dout = torch.randn_like(out)
-    backward = (dout, q.detach(), k.detach(), v.detach(), out, lse, causal, 0.3, layout, False)
+    backward = (dout, q.detach(), k.detach(), v.detach(), out, lse) + options
     return forward, backward
+
+
+def varlen_op_args(device, dtype):
+    """Op arguments for a packed batch of three sequences (one empty), GQA 2:1."""
+    cu_q = torch.tensor([0, 5, 5, 12], dtype=torch.int32, device=device)
+    cu_k = torch.tensor([0, 7, 9, 9], dtype=torch.int32, device=device)
+    q, k, v = leaves((1, 12, 4, 16), (1, 9, 2, 16), dtype=dtype, device=device)
+    options = (cu_q, cu_k, None, True, 0.3, 3, 0, 0.0, 7, 7, "bshd", False)
+    out, lse = torch_ops.attention_forward(*(x.detach() for x in (q, k, v)), *options)
+    backward = (torch.randn_like(out), q.detach(), k.detach(), v.detach(), out, lse) + options
+    return (q, k, v) + options, backward
 
 
 # ------------------------------------------------------------------------- CPU, float64
@@ -63,8 +77,8 @@ def test_gradcheck_fails_on_a_wrong_backward(monkeypatch):
     """gradcheck above can fail: a backward that drops the causal mask is caught."""
     original = reference.flash_attention_backward
 
-    def unmasked(*args, causal, **kwargs):
-        return original(*args, causal=False, **kwargs)
+    def unmasked(*args, **kwargs):
+        return original(*args, **(kwargs | dict(causal=False, window=(-1, -1))))
     monkeypatch.setattr(reference, "flash_attention_backward", unmasked)
     q, k, v = leaves((1, 2, 5, 3), (1, 2, 5, 3))
     assert not torch.autograd.gradcheck(
@@ -77,6 +91,21 @@ def test_gradcheck_fails_on_a_wrong_backward(monkeypatch):
 def test_opcheck_forward_and_backward(backend, layout):
     """Schema, autograd registration, fake tensors and AOT dispatch, both ops."""
     forward, backward = op_args(backend.device, dtype_for(backend), layout)
+    torch.library.opcheck(torch_ops.attention_forward, forward)
+    torch.library.opcheck(torch_ops.attention_backward, backward)
+
+
+@pytest.mark.parametrize("variant", ["window_softcap", "alibi", "varlen"])
+def test_opcheck_variants(backend, variant):
+    """The optional tensors (slopes, cumulative lengths) and the window/softcap scalars pass
+    through the schema, the fakes and autograd."""
+    device, dtype = backend.device, dtype_for(backend)
+    if variant == "varlen":
+        forward, backward = varlen_op_args(device, dtype)
+    elif variant == "alibi":
+        forward, backward = op_args(device, dtype, alibi=True)
+    else:
+        forward, backward = op_args(device, dtype, causal=False, window=(9, 4), softcap=5.0)
     torch.library.opcheck(torch_ops.attention_forward, forward)
     torch.library.opcheck(torch_ops.attention_backward, backward)
 
@@ -144,8 +173,7 @@ def test_torch_compile_traces_without_grad(backend):
 
 # ----------------------------------------------- the GPU backward adapter, on the CPU
 
-def stand_in_backward(q, k, v, out, dout, lse, dq, dk, dv, *, causal, scale, deterministic,
-                      stream):
+def stand_in_backward(q, k, v, out, dout, lse, dq, dk, dv, *, deterministic, stream, **options):
     """Checks what xattn.cuda.backward is promised, then computes with the reference."""
     assert isinstance(stream, int) and isinstance(deterministic, bool)
     for name, t in (("q", q), ("k", k), ("v", v), ("out", out), ("dout", dout), ("dq", dq),
@@ -158,9 +186,8 @@ def stand_in_backward(q, k, v, out, dout, lse, dq, dk, dv, *, causal, scale, det
     assert q.shape[0] and q.shape[1] and q.shape[2] and k.shape[2], "empty problem launched"
     for grad in (dq, dk, dv):
         grad.fill_(float("nan"))  # poison: the reference must write every element
-    reference.flash_attention_backward(q.numpy(), k.numpy(), v.numpy(), out.numpy(),
-                                       dout.numpy(), lse.numpy(), causal=causal, scale=scale,
-                                       dq=dq.numpy(), dk=dk.numpy(), dv=dv.numpy())
+    reference.backward(q.numpy(), k.numpy(), v.numpy(), out.numpy(), dout.numpy(), lse.numpy(),
+                       dq=dq.numpy(), dk=dk.numpy(), dv=dv.numpy(), **options)
 
 
 @pytest.fixture
@@ -172,12 +199,13 @@ def fake_stream(monkeypatch):
 
 @pytest.mark.parametrize("layout", ["bhsd", "bshd"])
 def test_gpu_backward_adapter_passes_views_and_returns_input_layouts(fake_stream, layout):
-    _, (_, q, k, v, out, lse, causal, scale, _, _) = op_args("cpu", torch.float32, layout)
+    _, (_, q, k, v, out, lse, *_) = op_args("cpu", torch.float32, layout)
     dout = torch.ones(()).expand(out.shape)          # what out.sum() sends back: stride 0
+    options = dict(causal=True, scale=0.3, window=(-1, 0), softcap=0.0, alibi_slopes=None)
     grads = torch_ops._backward_gpu(stand_in_backward, dout, q, k, v, out, lse, layout=layout,
-                                    causal=causal, scale=scale, deterministic=True)
+                                    deterministic=True, **options)
     want = torch_ops._backward_host(dout, q, k, v, out, lse, xattn.arrays.describe(q, "q"),
-                                    layout=layout, causal=causal, scale=scale)
+                                    layout=layout, **options)
     for got, expected, x in zip(grads, want, (q, k, v)):
         assert got.shape == x.shape and got.is_contiguous() and got.dtype == x.dtype
         # Same algorithm; only the summation order over a copied vs a stride-0 dout differs.
@@ -192,7 +220,7 @@ def test_gpu_backward_adapter_zero_fills_empty_problems_itself(fake_stream):
         out, lse = torch.zeros_like(q), torch.full((1, 2, sq), -float("inf"))
         grads = torch_ops._backward_gpu(must_not_run, torch.ones_like(q), q, k, v, out, lse,
                                         layout="bhsd", causal=False, scale=1.0,
-                                        deterministic=False)
+                                        deterministic=False, window=(-1, -1))
         assert all((g == 0).all() for g in grads)
         assert [g.shape for g in grads] == [q.shape, k.shape, v.shape]
 

@@ -123,11 +123,51 @@ def to_host_numpy(x, info: ArrayInfo) -> np.ndarray:
     raise AssertionError(f"not a host array: {info}")
 
 
-def run_on_host(forward, q, k, v, info: ArrayInfo, *, layout: str, causal: bool,
-                scale: float, dims):
+def to_host_ints(x, info: ArrayInfo) -> np.ndarray:
+    """A NumPy copy of a small integer array from any supported library (GPU arrays are read
+    back: a synchronization)."""
+    if info.library == "torch":
+        return x.detach().cpu().numpy()
+    if info.device == "cpu":
+        return np.asarray(to_host_numpy(x, info))
+    import cupy
+    return cupy.asnumpy(cupy.from_dlpack(x) if info.library == "dlpack" else x)
+
+
+def index_array(x, info: ArrayInfo, host: np.ndarray):
+    """An integer array as the backends take it: torch tensors and CuPy arrays contiguous in their
+    own library (the torch op takes tensors), other host arrays as the NumPy copy `host`, other
+    GPU arrays through CuPy."""
+    if info.library == "torch":
+        return x.detach().contiguous()
+    if info.library == "cupy":
+        import cupy
+        return cupy.ascontiguousarray(x)
+    if info.device == "cpu":
+        return host
+    import cupy
+    return cupy.ascontiguousarray(cupy.from_dlpack(x))
+
+
+def float32_contiguous(x, info: ArrayInfo):
+    """A small float array (ALiBi slopes) as float32, contiguous, in its own library and device
+    (host DLPack arrays become NumPy, GPU ones CuPy)."""
+    if info.library == "torch":
+        import torch
+        return x.detach().to(torch.float32).contiguous()
+    if info.device == "cpu":
+        return np.ascontiguousarray(to_host_numpy(x, info), dtype=np.float32)
+    import cupy
+    if info.library == "dlpack":
+        x = cupy.from_dlpack(x)
+    return cupy.ascontiguousarray(x, dtype=cupy.float32)
+
+
+def run_on_host(forward, q, k, v, info: ArrayInfo, *, layout: str, dims, **options):
     """Run the reference forward on host arrays; return (out, lse) in q's library.
 
-    dims = (B, Hq, Sq, Sk, D). out is allocated contiguous in q's layout.
+    dims = (B, Hq, Sq, Sk, D). out is allocated contiguous in q's layout. options: the forward's
+    keyword arguments (causal, scale, window, ...).
     """
     batch, q_heads, sq, _, _ = dims
     hq, hk, hv = (to_host_numpy(a, info) for a in (q, k, v))
@@ -137,10 +177,9 @@ def run_on_host(forward, q, k, v, info: ArrayInfo, *, layout: str, causal: bool,
     lse = np.empty((batch, q_heads, sq), dtype=np.float32)
     if layout == "bshd":
         hq, hk, hv = (a.transpose(_BHSD_FROM_BSHD) for a in (hq, hk, hv))
-        forward(hq, hk, hv, causal=causal, scale=scale,
-                out=out.transpose(_BHSD_FROM_BSHD), lse=lse)
+        forward(hq, hk, hv, out=out.transpose(_BHSD_FROM_BSHD), lse=lse, **options)
     else:
-        forward(hq, hk, hv, causal=causal, scale=scale, out=out, lse=lse)
+        forward(hq, hk, hv, out=out, lse=lse, **options)
 
     if info.library == "torch":
         import torch
@@ -184,16 +223,14 @@ def _bhsd(x, layout):
     return x.transpose(_BHSD_FROM_BSHD) if layout == "bshd" else x
 
 
-def run_on_gpu(forward, q, k, v, info: ArrayInfo, *, layout: str, causal: bool,
-               scale: float, dims):
-    """Launch a GPU backend's forward(q, k, v, out, lse, causal=, scale=, stream=).
+def run_on_gpu(forward, q, k, v, info: ArrayInfo, *, layout: str, dims, **options):
+    """Launch a GPU backend's forward(q, k, v, out, lse, stream=, **options).
 
     dims = (B, Hq, Sq, Sk, D). Returns (out, lse) in q's library, on q's device.
     """
     batch, q_heads, sq, sk, head_dim = dims
     if info.library == "torch":
-        return _run_torch(forward, q, k, v, layout=layout, causal=causal, scale=scale,
-                          dims=dims)
+        return _run_torch(forward, q, k, v, layout=layout, dims=dims, **options)
 
     import cupy
     if info.library == "cupy":
@@ -215,8 +252,8 @@ def run_on_gpu(forward, q, k, v, info: ArrayInfo, *, layout: str, causal: bool,
             lse.fill(-np.inf)
         elif out.size:
             cq, ck, cv = (_last_dim_unit_stride_cupy(_bhsd(a, layout)) for a in arrays)
-            forward(cq, ck, cv, _bhsd(out, layout), lse, causal=causal, scale=scale,
-                    stream=cupy.cuda.get_current_stream().ptr)
+            forward(cq, ck, cv, _bhsd(out, layout), lse,
+                    stream=cupy.cuda.get_current_stream().ptr, **options)
     if info.library == "dlpack":
         back = _producer_from_dlpack(q)
         if back is not None:
@@ -224,7 +261,7 @@ def run_on_gpu(forward, q, k, v, info: ArrayInfo, *, layout: str, causal: bool,
     return out, lse
 
 
-def _run_torch(forward, q, k, v, *, layout, causal, scale, dims):
+def _run_torch(forward, q, k, v, *, layout, dims, **options):
     """Torch CUDA tensors go to forward as they are: it reads only pointer, shape, strides and
     dtype, so no DLPack round trip is paid per call and bfloat16 needs nothing from CuPy."""
     import torch
@@ -249,6 +286,5 @@ def _run_torch(forward, q, k, v, *, layout, causal, scale, dims):
         return t.transpose(1, 2) if layout == "bshd" else t
 
     forward(kernel_view(q), kernel_view(k), kernel_view(v), kernel_view(out), lse,
-            causal=causal, scale=scale,
-            stream=torch.cuda.current_stream(q.device).cuda_stream)
+            stream=torch.cuda.current_stream(q.device).cuda_stream, **options)
     return out, lse

@@ -118,13 +118,54 @@ _SOURCE = {"flash_bwd_preprocess": "flash_bwd_prep.cu", "flash_bwd_convert_dq": 
            **configs.SOURCES}
 
 
-def _launch(kernel, grid_xy, threads: int, smem: int, arrays, scalars, batch: int) -> None:
-    """Launch over the batch in chunks (gridDim.z <= 65535), moving every array's pointer by the
-    chunk's batch offset. arrays: (_Array, itemsize) pairs, in the kernel's argument order."""
+def _launch(kernel, grid_xy, threads: int, smem: int, args, batch: int) -> None:
+    """Launch over the batch in chunks (gridDim.z <= 65535). args: the kernel's arguments in
+    order; (_Array, itemsize) pairs are pointers, moved by the chunk's batch offset."""
     for b0 in range(0, batch, MAX_GRID_YZ):
         nb = min(MAX_GRID_YZ, batch - b0)
-        pointers = tuple(np.uint64(a.ptr + b0 * a.strides[0] * size) for a, size in arrays)
-        kernel(grid_xy + (nb,), (threads,), pointers + scalars, shared_mem=smem)
+        values = tuple(np.uint64(a[0].ptr + b0 * a[0].strides[0] * a[1]) if type(a) is tuple else a
+                       for a in args)
+        kernel(grid_xy + (nb,), (threads,), values, shared_mem=smem)
+
+
+# A null pointer argument (no cu_seqlens, no ALiBi slopes): stride 0, so no chunk moves it.
+_NULL = (_Array(0, (), (0,), "", -1), 4)
+
+
+class _Variant(NamedTuple):
+    """Masks and score modifiers of one call, as every kernel takes them (attention_common.h)."""
+    defines: dict  # IS_CAUSAL, IS_LOCAL, HAS_SOFTCAP, HAS_ALIBI, IS_VARLEN
+    args: list     # cu_seqlens_q, cu_seqlens_k, alibi_slopes, alibi_batch_stride, seqlen_q,
+                   # seqlen_k, head_dim, heads_per_kv, window_left, window_right, softcap_scale,
+                   # scale, scale_log2 (the score scale: the softcap c under a softcap)
+
+
+def _variant(*, causal: bool, scale: float, window, softcap: float, alibi_slopes, cu_seqlens,
+             seqlen_q: int, seqlen_k: int, head_dim: int, heads_per_kv: int) -> _Variant:
+    left, right = window
+    if causal:
+        right = 0
+    score_scale = softcap if softcap else scale
+    cu = [(_describe(c), 4) for c in cu_seqlens] if cu_seqlens is not None else [_NULL, _NULL]
+    if alibi_slopes is not None:
+        slopes = _describe(alibi_slopes)  # float32 (Hq,) or (B, Hq), contiguous
+        alibi = [(_Array(slopes.ptr, slopes.shape, (slopes.strides[0] if len(slopes.shape) == 2 else 0,),
+                         "float32", slopes.device), 4),
+                 np.int64(slopes.strides[0] if len(slopes.shape) == 2 else 0)]
+    else:
+        alibi = [_NULL, np.int64(0)]
+    defines = {"IS_CAUSAL": int(right >= 0), "IS_LOCAL": int(left >= 0), "HAS_SOFTCAP": int(bool(softcap)),
+               "HAS_ALIBI": int(alibi_slopes is not None), "IS_VARLEN": int(cu_seqlens is not None)}
+    args = cu + alibi + [np.int32(seqlen_q), np.int32(seqlen_k), np.int32(head_dim), np.int32(heads_per_kv),
+                         np.int32(left), np.int32(right), np.float32(scale / softcap if softcap else 0.0),
+                         np.float32(score_scale), np.float32(score_scale * LOG2_E)]
+    return _Variant(defines, args)
+
+
+def _packed(a: _Array, varlen: bool) -> _Array:
+    """A packed (varlen) tensor is one (1, H, T, D) batch entry that every sequence indexes from
+    its own first row: batch stride 0."""
+    return a._replace(strides=(0,) + a.strides[1:]) if varlen else a
 
 
 def _strides(*arrays: _Array, dims: int = 3):
@@ -135,29 +176,40 @@ def _itemsize(dtype: str) -> int:
     return 4 if dtype == "float32" else 2
 
 
-def forward(q, k, v, out, lse, *, causal: bool, scale: float, stream: int) -> None:
-    """Write out = softmax(scale * q k^T) v and lse for (B, H, S, D) views (see module docstring)."""
+def forward(q, k, v, out, lse, *, causal: bool, scale: float, stream: int, window=(-1, -1),
+            softcap: float = 0.0, alibi_slopes=None, cu_seqlens=None, max_seqlen=None) -> None:
+    """Write out = softmax(scale * q k^T + modifiers) v and lse for (B, H, S, D) views (see the
+    module docstring). window: (left, right), -1 unbounded; softcap: 0 for none; alibi_slopes:
+    float32 (Hq,) or (B, Hq) on the device. Packed batches: q, k, v, out are (1, H, T, D) views,
+    lse (1, Hq, Tq), cu_seqlens = (cu_seqlens_q, cu_seqlens_k) int32 on the device and
+    max_seqlen = (max_seqlen_q, max_seqlen_k)."""
     import cupy
 
-    Q, K, V, O, L = (_describe(a) for a in (q, k, v, out, lse))
+    varlen = cu_seqlens is not None
+    Q, K, V, O, L = (_packed(_describe(a), varlen) for a in (q, k, v, out, lse))
     batch, heads_q, seqlen_q, head_dim = Q.shape
     heads_k, seqlen_k = K.shape[1], K.shape[2]
+    if varlen:
+        batch = cu_seqlens[0].shape[0] - 1
+        seqlen_q, seqlen_k = max_seqlen
     if batch == 0 or heads_q == 0 or seqlen_q == 0:
         return
     if heads_q > MAX_GRID_YZ:
         raise ValueError(f"q: at most {MAX_GRID_YZ} heads are supported, got {heads_q}")
 
+    var = _variant(causal=causal, scale=scale, window=window, softcap=softcap, alibi_slopes=alibi_slopes,
+                   cu_seqlens=cu_seqlens, seqlen_q=seqlen_q, seqlen_k=seqlen_k, head_dim=head_dim,
+                   heads_per_kv=heads_q // heads_k)
+    has_right_edge = bool(var.defines["IS_CAUSAL"])
     kernel_name = configs.KERNEL_FOR_DTYPE[Q.dtype]
-    cfg = configs.select(kernel_name, _arch(Q.device), head_dim, causal)
+    cfg = configs.select(kernel_name, _arch(Q.device), head_dim, has_right_edge)
     size = _itemsize(Q.dtype)
     vec = kernel_name in configs.TENSOR_CORE_KERNELS and _vec_loads([Q, K, V, O], head_dim, size)
-    kernel, smem = _kernel(cfg, Q.dtype, causal, vec, Q.device)
-    scalars = _strides(Q, K, V, O) + _strides(L, dims=2) + (
-        np.int32(seqlen_q), np.int32(seqlen_k), np.int32(head_dim), np.int32(heads_q // heads_k),
-        np.float32(scale), np.float32(scale * LOG2_E))
+    kernel, smem = _kernel(cfg, Q.dtype, has_right_edge, vec, Q.device, **var.defines)
+    args = [(Q, size), (K, size), (V, size), (O, size), (L, 4), *_strides(Q, K, V, O),
+            *_strides(L, dims=2), *var.args]
     with cupy.cuda.Device(Q.device), _external_stream(stream, Q.device):
-        _launch(kernel, (math.ceil(seqlen_q / cfg.block_m), heads_q), cfg.warps * 32, smem,
-                [(Q, size), (K, size), (V, size), (O, size), (L, 4)], scalars, batch)
+        _launch(kernel, (math.ceil(seqlen_q / cfg.block_m), heads_q), cfg.warps * 32, smem, args, batch)
 
 
 # Rows per thread block of flash_bwd_prep.cu's kernels (ROWS_PER_BLOCK there).
@@ -165,15 +217,23 @@ _PREP_ROWS, _PREP_THREADS = 32, 128
 
 
 def backward(q, k, v, out, dout, lse, dq, dk, dv, *, causal: bool, scale: float,
-             deterministic: bool, stream: int) -> None:
+             deterministic: bool, stream: int, window=(-1, -1), softcap: float = 0.0,
+             alibi_slopes=None, cu_seqlens=None, max_seqlen=None) -> None:
     """Write dq, dk, dv for (B, H, S, D) views; lse is the forward's. dk and dv are summed over the
     query heads of each GQA group. deterministic: dQ from its own kernel instead of atomics (the
-    CUDA-core path, float32 and head dims past the tensor-core rows, uses no atomics either way)."""
+    CUDA-core path, float32 and head dims past the tensor-core rows, uses no atomics either way).
+    window, softcap, alibi_slopes, cu_seqlens, max_seqlen: as in forward."""
     import cupy
 
-    Q, K, V, O, dO, L, dQ, dK, dV = (_describe(a) for a in (q, k, v, out, dout, lse, dq, dk, dv))
-    batch, heads_q, seqlen_q, head_dim = Q.shape
+    varlen = cu_seqlens is not None
+    Q, K, V, O, dO, L, dQ, dK, dV = (_packed(_describe(a), varlen)
+                                     for a in (q, k, v, out, dout, lse, dq, dk, dv))
+    batch, heads_q, total_q, head_dim = Q.shape  # total_q: every query row (packed: all sequences)
     heads_k, seqlen_k = K.shape[1], K.shape[2]
+    seqlen_q = total_q
+    if varlen:
+        batch = cu_seqlens[0].shape[0] - 1
+        seqlen_q, seqlen_k = max_seqlen
     if batch == 0 or heads_q == 0:
         return
     if seqlen_q == 0 or seqlen_k == 0:  # nothing attends: every gradient is zero
@@ -184,51 +244,56 @@ def backward(q, k, v, out, dout, lse, dq, dk, dv, *, causal: bool, scale: float,
         raise ValueError(f"q: at most {MAX_GRID_YZ} heads are supported, got {heads_q}")
 
     arch, device, size = _arch(Q.device), Q.device, _itemsize(Q.dtype)
-    simt = _backward_on_cuda_cores(Q.dtype, arch, head_dim, causal)
+    var = _variant(causal=causal, scale=scale, window=window, softcap=softcap, alibi_slopes=alibi_slopes,
+                   cu_seqlens=cu_seqlens, seqlen_q=seqlen_q, seqlen_k=seqlen_k, head_dim=head_dim,
+                   heads_per_kv=heads_q // heads_k)
+    tail = var.args + [np.float32(scale)]  # grad_scale: the attention scale, for dQ and dK
+    has_right_edge = bool(var.defines["IS_CAUSAL"])
+    simt = _backward_on_cuda_cores(Q.dtype, arch, head_dim, has_right_edge)
     vec = not simt and _vec_loads([Q, K, V, O, dO, dQ, dK, dV], head_dim, size)
-    heads_per_kv = np.int32(heads_q // heads_k)
-    sizes = (np.int32(seqlen_q), np.int32(seqlen_k), np.int32(head_dim))
-    scales = (np.float32(scale), np.float32(scale * LOG2_E))
     prep_defines = {"ELEM_F32": int(Q.dtype == "float32"), "ELEM_BF16": int(Q.dtype == "bfloat16")}
     prep = jit.get_function("cuda", "flash_bwd_prep.cu", "flash_bwd_preprocess", prep_defines, device)
-    prep_grid = (math.ceil(seqlen_q / _PREP_ROWS), heads_q)
+    # The row-wise kernels (delta, dQ conversion) see a packed batch as one entry of total_q rows.
+    prep_batch = 1 if varlen else batch
+    prep_grid = (math.ceil(total_q / _PREP_ROWS), heads_q)
 
     with cupy.cuda.Device(device), _external_stream(stream, device):
         # Scratch from the caller's framework, on its stream: delta, and dQ's float32 accumulator.
         # Held until the end: the caching allocators may reuse memory freed earlier.
-        delta_array = _new_like(q, (batch, heads_q, seqlen_q), zero=False)
-        delta = _describe(delta_array)
+        delta_array = _new_like(q, (prep_batch, heads_q, total_q), zero=False)
+        delta = _packed(_describe(delta_array), varlen)
 
-        _launch(prep, prep_grid, _PREP_THREADS, 0, [(O, size), (dO, size), (delta, 4)],
-                _strides(O, dO) + _strides(delta, dims=2) + (np.int32(seqlen_q), np.int32(head_dim)),
-                batch)
+        _launch(prep, prep_grid, _PREP_THREADS, 0,
+                [(O, size), (dO, size), (delta, 4), *_strides(O, dO), *_strides(delta, dims=2),
+                 np.int32(total_q), np.int32(head_dim)], prep_batch)
+        common = [(Q, size), (K, size), (V, size), (dO, size), (L, 4), (delta, 4)]
 
         if simt:  # deterministic by construction: no atomics anywhere
-            _backward_simt(Q, K, V, dO, L, delta, dQ, dK, dV, causal=causal, arch=arch,
-                           scalars=sizes + (heads_per_kv,) + scales)
+            _backward_simt(common, dQ, dK, dV, var, tail, arch=arch, batch=batch, seqlen_q=seqlen_q,
+                           seqlen_k=seqlen_k)
             return
 
-        dkdv_cfg = configs.select("flash_bwd_dkdv", arch, head_dim, causal)
-        accum = None if deterministic else _new_like(q, (batch, heads_q, seqlen_q, head_dim), zero=True)
-        kernel, smem = _kernel(dkdv_cfg, Q.dtype, causal, vec, device, COMPUTE_DQ=int(not deterministic))
-        A = _describe(accum) if accum is not None else delta  # unused by the kernel when deterministic
+        dkdv_cfg = configs.select("flash_bwd_dkdv", arch, head_dim, has_right_edge)
+        accum = None if deterministic else _new_like(q, (prep_batch, heads_q, total_q, head_dim), zero=True)
+        kernel, smem = _kernel(dkdv_cfg, Q.dtype, has_right_edge, vec, device,
+                               COMPUTE_DQ=int(not deterministic), **var.defines)
+        # Unused by the kernel when deterministic: any valid pointer will do.
+        A = _packed(_describe(accum), varlen) if accum is not None else delta
         _launch(kernel, (math.ceil(seqlen_k / dkdv_cfg.block_n), heads_k), dkdv_cfg.warps * 32, smem,
-                [(Q, size), (K, size), (V, size), (dO, size), (L, 4), (delta, 4), (A, 4), (dK, size), (dV, size)],
-                _strides(Q, K, V, dO, dK, dV) + _strides(L, delta, dims=2) + sizes
-                + (np.int32(heads_q), heads_per_kv) + scales, batch)
+                [*common, (A, 4), (dK, size), (dV, size), *_strides(Q, K, V, dO, dK, dV),
+                 *_strides(L, delta, dims=2), *_strides(A, dims=2), *tail], batch)
 
         if deterministic:
-            dq_cfg = configs.select("flash_bwd_dq", arch, head_dim, causal)
-            kernel, smem = _kernel(dq_cfg, Q.dtype, causal, vec, device)
+            dq_cfg = configs.select("flash_bwd_dq", arch, head_dim, has_right_edge)
+            kernel, smem = _kernel(dq_cfg, Q.dtype, has_right_edge, vec, device, **var.defines)
             _launch(kernel, (math.ceil(seqlen_q / dq_cfg.block_m), heads_q), dq_cfg.warps * 32, smem,
-                    [(Q, size), (K, size), (V, size), (dO, size), (L, 4), (delta, 4), (dQ, size)],
-                    _strides(Q, K, V, dO, dQ) + _strides(L, delta, dims=2) + sizes + (heads_per_kv,) + scales,
+                    [*common, (dQ, size), *_strides(Q, K, V, dO, dQ), *_strides(L, delta, dims=2), *tail],
                     batch)
         else:
             convert = jit.get_function("cuda", "flash_bwd_prep.cu", "flash_bwd_convert_dq", prep_defines, device)
-            _launch(convert, prep_grid, _PREP_THREADS, 0, [(A, 4), (dQ, size)],
-                    _strides(dQ) + (np.int32(heads_q), np.int32(seqlen_q), np.int32(head_dim),
-                                    np.float32(scale)), batch)
+            _launch(convert, prep_grid, _PREP_THREADS, 0,
+                    [(A, 4), (dQ, size), *_strides(dQ), np.int32(heads_q), np.int32(total_q),
+                     np.int32(head_dim), np.float32(scale)], prep_batch)
 
 
 def _backward_on_cuda_cores(dtype: str, arch: int, head_dim: int, causal: bool) -> bool:
@@ -244,24 +309,27 @@ def _backward_on_cuda_cores(dtype: str, arch: int, head_dim: int, causal: bool) 
     return False
 
 
-def _backward_simt(Q, K, V, dO, L, delta, dQ, dK, dV, *, causal: bool, arch: int, scalars) -> None:
+def _backward_simt(common, dQ, dK, dV, var: _Variant, tail, *, arch: int, batch: int, seqlen_q: int,
+                   seqlen_k: int) -> None:
     """Launch flash_bwd_simt_dq (query blocks) and flash_bwd_simt_dkdv (key blocks) on the current
-    device and stream. scalars: seqlen_q, seqlen_k, head_dim, heads_per_kv, scale, scale_log2."""
-    batch, heads_q, seqlen_q, head_dim = Q.shape
-    heads_k, seqlen_k = K.shape[1], K.shape[2]
+    device and stream. common: the (q, k, v, dout, lse, delta) pointer arguments."""
+    Q, K = common[0][0], common[1][0]
+    heads_q, head_dim = Q.shape[1], Q.shape[3]
+    heads_k = K.shape[1]
     size = _itemsize(Q.dtype)
-    common = [(Q, size), (K, size), (V, size), (dO, size), (L, 4), (delta, 4)]
+    has_right_edge = bool(var.defines["IS_CAUSAL"])
+    strides = _strides(*(a for a, _ in common[:4]))
+    lse_delta = _strides(common[4][0], common[5][0], dims=2)
 
-    cfg = configs.select("flash_bwd_simt_dq", arch, head_dim, causal)
-    kernel, smem = _kernel(cfg, Q.dtype, causal, False, Q.device)
+    cfg = configs.select("flash_bwd_simt_dq", arch, head_dim, has_right_edge)
+    kernel, smem = _kernel(cfg, Q.dtype, has_right_edge, False, Q.device, **var.defines)
     _launch(kernel, (math.ceil(seqlen_q / cfg.block_m), heads_q), cfg.warps * 32, smem,
-            common + [(dQ, size)], _strides(Q, K, V, dO, dQ) + _strides(L, delta, dims=2) + scalars, batch)
+            [*common, (dQ, size), *strides, *_strides(dQ), *lse_delta, *tail], batch)
 
-    cfg = configs.select("flash_bwd_simt_dkdv", arch, head_dim, causal)
-    kernel, smem = _kernel(cfg, Q.dtype, causal, False, Q.device)
+    cfg = configs.select("flash_bwd_simt_dkdv", arch, head_dim, has_right_edge)
+    kernel, smem = _kernel(cfg, Q.dtype, has_right_edge, False, Q.device, **var.defines)
     _launch(kernel, (math.ceil(seqlen_k / cfg.block_n), heads_k), cfg.warps * 32, smem,
-            common + [(dK, size), (dV, size)], _strides(Q, K, V, dO, dK, dV) + _strides(L, delta, dims=2) + scalars,
-            batch)
+            [*common, (dK, size), (dV, size), *strides, *_strides(dK, dV), *lse_delta, *tail], batch)
 
 
 def _new_like(x, shape, *, zero: bool):

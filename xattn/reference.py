@@ -6,9 +6,14 @@ exact_attention_grad_bhsd (oracle) and flash_attention_backward (tiled, FlashAtt
 All functions take arrays in the "bhsd" layout: q is (B, Hq, Sq, D), k and v are
 (B, Hk, Sk, D), any strides. Query head h reads key/value head h // (Hq // Hk) (GQA).
 
-Masking rule shared with the GPU kernels (causal is bottom-right aligned):
-query i sees key j  iff  not causal  or  j <= i + (Sk - Sq).
-A row that sees no key has output 0 and log-sum-exp -inf. The LSE is natural log (base e).
+Masking rule shared with the GPU kernels (everything is bottom-right aligned, o = Sk - Sq):
+query i sees key j  iff  i + o - left <= j <= i + o + right, where window = (left, right) and
+-1 means unbounded; causal is right = 0. A row that sees no key has output 0 and log-sum-exp
+-inf. The LSE is natural log (base e).
+
+Score modifiers, applied in this order to s = scale * q.k (flash-attn's order):
+softcap c > 0: s <- c * tanh(s / c);  ALiBi slope m (per query head, or per batch and head):
+s <- s - m * |i + o - j|.
 """
 
 from __future__ import annotations
@@ -24,16 +29,58 @@ BLOCK_N = 512
 TILE_ELEMENTS = 1 << 24
 
 
-def visible_keys(sq: int, sk: int, causal: bool) -> np.ndarray:
-    """Boolean (Sq, Sk) matrix: entry [i, j] says whether query i sees key j."""
-    if not causal:
-        return np.ones((sq, sk), dtype=bool)
-    query = np.arange(sq)[:, None]
-    key = np.arange(sk)[None, :]
-    return key <= query + (sk - sq)
+UNBOUNDED = (-1, -1)
 
 
-def exact_attention_bhsd(q, k, v, *, causal: bool, scale: float):
+def key_bounds(causal: bool, window, sq: int, sk: int) -> tuple[float, float]:
+    """(lo, hi): query i sees key j iff i + lo <= j <= i + hi (infinite where unbounded)."""
+    left, right = window
+    if causal:
+        right = 0
+    offset = sk - sq
+    lo = offset - left if left >= 0 else -np.inf
+    hi = offset + right if right >= 0 else np.inf
+    return lo, hi
+
+
+def visible_keys(sq: int, sk: int, causal: bool, window=UNBOUNDED, q_start: int = 0,
+                 q_end=None, k_start: int = 0, k_end=None) -> np.ndarray:
+    """Boolean matrix [i, j] (rows q_start..q_end, keys k_start..k_end): does query i see key j."""
+    q_end = sq if q_end is None else q_end
+    k_end = sk if k_end is None else k_end
+    lo, hi = key_bounds(causal, window, sq, sk)
+    query = np.arange(q_start, q_end)[:, None]
+    key = np.arange(k_start, k_end)[None, :]
+    return (key >= query + lo) & (key <= query + hi)
+
+
+def slopes_bh(alibi_slopes, batch: int, q_heads: int, dtype=np.float64):
+    """ALiBi slopes as a (B, Hq) array, from (Hq,) or (B, Hq); None stays None."""
+    if alibi_slopes is None:
+        return None
+    slopes = np.asarray(alibi_slopes, dtype=dtype)
+    return np.broadcast_to(slopes, (batch, q_heads)) if slopes.ndim == 1 else slopes
+
+
+def modify_scores(scores, *, softcap: float, slopes, sq: int, sk: int, q_start: int = 0,
+                  k_start: int = 0):
+    """Softcap, then ALiBi, on scaled scores (B, Hq, rows, cols) in place; returns the tanh
+    of the softcap (needed by the backward) or None. slopes: (B, Hq) or None."""
+    tanh = None
+    if softcap:
+        tanh = np.tanh(scores / softcap)
+        np.multiply(tanh, softcap, out=scores)
+    if slopes is not None:
+        rows, cols = scores.shape[-2:]
+        query = np.arange(q_start, q_start + rows)[:, None]
+        key = np.arange(k_start, k_start + cols)[None, :]
+        distance = np.abs(query + (sk - sq) - key).astype(scores.dtype)
+        scores -= slopes[:, :, None, None].astype(scores.dtype) * distance
+    return tanh
+
+
+def exact_attention_bhsd(q, k, v, *, causal: bool, scale: float, window=UNBOUNDED,
+                         softcap: float = 0.0, alibi_slopes=None):
     """The oracle: materialize softmax(scale * Q K^T) V in float64. Returns (out, lse).
 
     Deliberately naive: K and V are repeated for GQA and the full (Sq, Sk) score matrix is
@@ -49,7 +96,9 @@ def exact_attention_bhsd(q, k, v, *, causal: bool, scale: float):
     v = np.repeat(v, group, axis=1)
 
     scores = scale * (q @ k.swapaxes(-1, -2))             # (B, Hq, Sq, Sk)
-    scores = np.where(visible_keys(sq, sk, causal), scores, -np.inf)
+    modify_scores(scores, softcap=softcap, slopes=slopes_bh(alibi_slopes, batch, q_heads),
+                  sq=sq, sk=sk)
+    scores = np.where(visible_keys(sq, sk, causal, window), scores, -np.inf)
 
     # Rows that see no key have max -inf; use 0 there so no -inf - -inf (NaN) appears.
     row_max = scores.max(axis=-1, initial=-np.inf)
@@ -65,7 +114,8 @@ def exact_attention_bhsd(q, k, v, *, causal: bool, scale: float):
     return out, lse
 
 
-def flash_attention_forward(q, k, v, *, causal: bool, scale: float, out=None, lse=None,
+def flash_attention_forward(q, k, v, *, causal: bool, scale: float, window=UNBOUNDED,
+                            softcap: float = 0.0, alibi_slopes=None, out=None, lse=None,
                             block_m: int = BLOCK_M, block_n: int = BLOCK_N):
     """FlashAttention forward (Dao et al., Algorithm 1 / FlashAttention-2 forward) in NumPy.
 
@@ -86,6 +136,8 @@ def flash_attention_forward(q, k, v, *, causal: bool, scale: float, out=None, ls
         out = np.empty((batch, q_heads, sq, head_dim), dtype=compute)
     if lse is None:
         lse = np.empty((batch, q_heads, sq), dtype=compute)
+    slopes = slopes_bh(alibi_slopes, batch, q_heads, compute)
+    variant = dict(causal=causal, window=window, softcap=softcap)
 
     # Chunk (batch, kv head) pairs so one score tile stays within TILE_ELEMENTS.
     heads_per_chunk = max(1, TILE_ELEMENTS // (max(group, 1) * block_m * block_n))
@@ -97,12 +149,14 @@ def flash_attention_forward(q, k, v, *, causal: bool, scale: float, out=None, ls
             kv = slice(h, h + heads_per_chunk)
             qo = slice(h * group, (h + heads_per_chunk) * group)
             _forward_chunk(q[batches, qo], k[batches, kv], v[batches, kv],
-                           out[batches, qo], lse[batches, qo], causal=causal, scale=scale,
-                           compute=compute, block_m=block_m, block_n=block_n)
+                           out[batches, qo], lse[batches, qo], scale=scale,
+                           slopes=None if slopes is None else slopes[batches, qo],
+                           compute=compute, block_m=block_m, block_n=block_n, **variant)
     return out, lse
 
 
-def _forward_chunk(q, k, v, out, lse, *, causal, scale, compute, block_m, block_n):
+def _forward_chunk(q, k, v, out, lse, *, causal, window, softcap, slopes, scale, compute,
+                   block_m, block_n):
     """flash_attention_forward on one chunk of batch entries and kv heads, writing out/lse."""
     batch, q_heads, sq, head_dim = q.shape
     kv_heads, sk = k.shape[1], k.shape[2]
@@ -119,7 +173,7 @@ def _forward_chunk(q, k, v, out, lse, *, causal, scale, compute, block_m, block_
     # in page faults than the matrix product that fills it.
     score_buffer = np.empty(batch * q_heads * min(block_m, sq) * min(block_n, sk), dtype=compute)
 
-    causal_offset = sk - sq  # query i sees key j iff j <= i + causal_offset
+    lo, hi = key_bounds(causal, window, sq, sk)  # query i sees keys i + lo .. i + hi
     for q_start in range(0, sq, block_m):
         q_end = min(q_start + block_m, sq)
         rows = q_end - q_start
@@ -131,9 +185,11 @@ def _forward_chunk(q, k, v, out, lse, *, causal, scale, compute, block_m, block_
         m_i = np.full((batch, kv_heads, group * rows), -np.inf, dtype=compute)
         l_i = np.zeros((batch, kv_heads, group * rows), dtype=compute)
 
-        # Causal: keys past the last visible one of this block's last query are skipped.
-        key_end = min(sk, q_end + causal_offset) if causal else sk
-        for k_start in range(0, max(key_end, 0), block_n):
+        # Keys outside the band of this block's rows are skipped, not masked: the first query
+        # sees no key before q_start + lo, the last none after q_end - 1 + hi.
+        key_begin = int(max(0, q_start + lo))
+        key_end = int(min(sk, q_end + hi))
+        for k_start in range(key_begin, key_end, block_n):
             k_end = min(k_start + block_n, key_end)
 
             # Load the K/V tile in the compute dtype.
@@ -146,12 +202,13 @@ def _forward_chunk(q, k, v, out, lse, *, causal, scale, compute, block_m, block_
                 batch, kv_heads, group * rows, cols)
             np.matmul(Q, K.swapaxes(-1, -2), out=S)
 
-            # Mask only tiles that cross the causal diagonal.
-            if causal and k_end - 1 > q_start + causal_offset:
-                visible = (np.arange(k_start, k_end)[None, :]
-                           <= np.arange(q_start, q_end)[:, None] + causal_offset)
-                tiles = S.reshape(batch, kv_heads, group, rows, cols)
-                np.copyto(tiles, -np.inf, where=~visible)
+            per_head = S.reshape(batch, q_heads, rows, cols)
+            modify_scores(per_head, softcap=softcap, slopes=slopes, sq=sq, sk=sk,
+                          q_start=q_start, k_start=k_start)
+            # Mask only tiles that cross a band edge (the causal diagonal, the window's).
+            if k_end - 1 > q_start + hi or k_start < q_end - 1 + lo:
+                visible = visible_keys(sq, sk, causal, window, q_start, q_end, k_start, k_end)
+                np.copyto(per_head, -np.inf, where=~visible)
 
             # Online softmax: new running max; rows that have seen no key keep m = -inf, and
             # use 0 as the shift there so exp(-inf - shift) = 0 instead of NaN.
@@ -188,7 +245,8 @@ BWD_BLOCK_M = 128
 BWD_BLOCK_N = 256
 
 
-def exact_attention_grad_bhsd(q, k, v, dout, *, causal: bool, scale: float):
+def exact_attention_grad_bhsd(q, k, v, dout, *, causal: bool, scale: float,
+                              window=UNBOUNDED, softcap: float = 0.0, alibi_slopes=None):
     """The gradient oracle: (dq, dk, dv) in float64 from the materialized softmax.
 
     Deliberately naive, like exact_attention_bhsd: K and V are repeated for GQA, the full
@@ -204,8 +262,9 @@ def exact_attention_grad_bhsd(q, k, v, dout, *, causal: bool, scale: float):
     k_rep = np.repeat(k, group, axis=1)
     v_rep = np.repeat(v, group, axis=1)
     scores = scale * (q @ k_rep.swapaxes(-1, -2))
-    visible = visible_keys(sq, sk, causal)
-    scores = np.where(visible, scores, -np.inf)
+    tanh = modify_scores(scores, softcap=softcap, slopes=slopes_bh(alibi_slopes, batch, q_heads),
+                         sq=sq, sk=sk)
+    scores = np.where(visible_keys(sq, sk, causal, window), scores, -np.inf)
     row_max = scores.max(axis=-1, initial=-np.inf)
     weights = np.exp(scores - np.where(np.isfinite(row_max), row_max, 0.0)[..., None])
     row_sum = weights.sum(axis=-1, keepdims=True)
@@ -214,6 +273,8 @@ def exact_attention_grad_bhsd(q, k, v, dout, *, causal: bool, scale: float):
     dv_rep = probabilities.swapaxes(-1, -2) @ dout                # dV = P^T dO
     dp = dout @ v_rep.swapaxes(-1, -2)                            # dP = dO V^T
     ds = probabilities * (dp - (probabilities * dp).sum(axis=-1, keepdims=True))
+    if tanh is not None:
+        ds *= 1 - tanh**2                                         # d(c tanh(s/c))/ds
     dq = scale * (ds @ k_rep)                                     # dQ = scale dS K
     dk_rep = scale * (ds.swapaxes(-1, -2) @ q)                    # dK = scale dS^T Q
 
@@ -224,6 +285,7 @@ def exact_attention_grad_bhsd(q, k, v, dout, *, causal: bool, scale: float):
 
 
 def flash_attention_backward(q, k, v, out, dout, lse, *, causal: bool, scale: float,
+                             window=UNBOUNDED, softcap: float = 0.0, alibi_slopes=None,
                              dq=None, dk=None, dv=None, block_m: int = BWD_BLOCK_M,
                              block_n: int = BWD_BLOCK_N):
     """FlashAttention-2 backward (Dao 2023, Algorithm 2) in NumPy. Returns (dq, dk, dv).
@@ -257,6 +319,8 @@ def flash_attention_backward(q, k, v, out, dout, lse, *, causal: bool, scale: fl
             grad[...] = 0
         return dq, dk, dv
 
+    slopes = slopes_bh(alibi_slopes, batch, q_heads, compute)
+    variant = dict(causal=causal, window=window, softcap=softcap)
     heads_per_chunk = max(1, TILE_ELEMENTS // (group * block_m * block_n))
     batch_per_chunk = max(1, heads_per_chunk // kv_heads)
     heads_per_chunk = min(heads_per_chunk, kv_heads)
@@ -267,13 +331,14 @@ def flash_attention_backward(q, k, v, out, dout, lse, *, causal: bool, scale: fl
             qo = slice(h * group, (h + heads_per_chunk) * group)
             _backward_chunk(q[batches, qo], k[batches, kv], v[batches, kv], out[batches, qo],
                             dout[batches, qo], lse[batches, qo], dq[batches, qo],
-                            dk[batches, kv], dv[batches, kv], causal=causal, scale=scale,
-                            compute=compute, block_m=block_m, block_n=block_n)
+                            dk[batches, kv], dv[batches, kv], scale=scale,
+                            slopes=None if slopes is None else slopes[batches, qo],
+                            compute=compute, block_m=block_m, block_n=block_n, **variant)
     return dq, dk, dv
 
 
-def _backward_chunk(q, k, v, out, dout, lse, dq, dk, dv, *, causal, scale, compute,
-                    block_m, block_n):
+def _backward_chunk(q, k, v, out, dout, lse, dq, dk, dv, *, causal, window, softcap, slopes,
+                    scale, compute, block_m, block_n):
     """flash_attention_backward on one chunk of batch entries and kv heads."""
     batch, q_heads, sq, head_dim = q.shape
     kv_heads, sk = k.shape[1], k.shape[2]
@@ -295,7 +360,7 @@ def _backward_chunk(q, k, v, out, dout, lse, dq, dk, dv, *, causal, scale, compu
     lse = np.where(np.isneginf(lse), np.inf, lse).astype(compute, copy=False)
     dq_acc = np.zeros((batch, kv_heads, group, sq, head_dim), dtype=compute)
 
-    causal_offset = sk - sq  # query i sees key j iff j <= i + causal_offset
+    lo, hi = key_bounds(causal, window, sq, sk)  # query i sees keys i + lo .. i + hi
     for k_start in range(0, sk, block_n):
         k_end = min(k_start + block_n, sk)
         K = k[:, :, k_start:k_end].astype(compute, copy=False)
@@ -303,9 +368,10 @@ def _backward_chunk(q, k, v, out, dout, lse, dq, dk, dv, *, causal, scale, compu
         dK = np.zeros(K.shape, dtype=compute)
         dV = np.zeros(V.shape, dtype=compute)
 
-        # Causal: queries before the first one that sees key k_start see none of this block.
-        first_query = max(0, k_start - causal_offset) if causal else 0
-        for q_start in range(first_query // block_m * block_m, sq, block_m):
+        # Only queries whose band reaches this key block: i + hi >= k_start, i + lo < k_end.
+        first_query = int(max(0, k_start - hi))
+        query_end = int(min(sq, k_end - lo))
+        for q_start in range(first_query // block_m * block_m, query_end, block_m):
             q_end = min(q_start + block_m, sq)
             rows, cols = q_end - q_start, k_end - k_start
             Q = grouped_rows(q, q_start, q_end)
@@ -313,14 +379,16 @@ def _backward_chunk(q, k, v, out, dout, lse, dq, dk, dv, *, causal, scale, compu
             L = grouped_rows(lse, q_start, q_end)
             D_i = grouped_rows(delta, q_start, q_end)
 
-            # S = scale Q K^T; mask the tiles that cross the causal diagonal.
+            # S = scale Q K^T, softcap and ALiBi as in the forward; mask tiles that cross a
+            # band edge.
             S = np.matmul(Q, K.swapaxes(-1, -2))
             S *= scale
-            if causal and k_end - 1 > q_start + causal_offset:
-                visible = (np.arange(k_start, k_end)[None, :]
-                           <= np.arange(q_start, q_end)[:, None] + causal_offset)
-                np.copyto(S.reshape(batch, kv_heads, group, rows, cols), -np.inf,
-                          where=~visible)
+            per_head = S.reshape(batch, q_heads, rows, cols)
+            tanh = modify_scores(per_head, softcap=softcap, slopes=slopes, sq=sq, sk=sk,
+                                 q_start=q_start, k_start=k_start)
+            if k_end - 1 > q_start + hi or k_start < q_end - 1 + lo:
+                visible = visible_keys(sq, sk, causal, window, q_start, q_end, k_start, k_end)
+                np.copyto(per_head, -np.inf, where=~visible)
 
             # P = exp(S - LSE): the forward's probabilities, recomputed (in place of S).
             S -= L[..., None]
@@ -329,6 +397,8 @@ def _backward_chunk(q, k, v, out, dout, lse, dq, dk, dv, *, causal, scale, compu
             dP = np.matmul(dO, V.swapaxes(-1, -2))             # dP = dO_i V_j^T
             dP -= D_i[..., None]
             dS = np.multiply(P, dP, out=dP)                    # dS = P ∘ (dP - delta_i)
+            if tanh is not None:                               # through c tanh(s / c)
+                dS *= (1 - tanh**2).reshape(dS.shape)
             dQ_tile = np.matmul(dS, K)                         # dQ_i += scale dS K_j
             dq_acc[:, :, :, q_start:q_end] += scale * dQ_tile.reshape(
                 batch, kv_heads, group, rows, head_dim)
@@ -338,3 +408,49 @@ def _backward_chunk(q, k, v, out, dout, lse, dq, dk, dv, *, causal, scale, compu
         dk[:, :, k_start:k_end] = dK
         dv[:, :, k_start:k_end] = dV
     dq[...] = dq_acc.reshape(batch, q_heads, sq, head_dim)
+
+
+# ------------------------------------------------------------------ the backend's entry points
+
+def _sequences(cu_seqlens):
+    """(query rows, key rows) slices of each sequence of a packed batch."""
+    cu_q, cu_k = (np.asarray(c).astype(np.int64) for c in cu_seqlens)
+    return [(slice(cu_q[b], cu_q[b + 1]), slice(cu_k[b], cu_k[b + 1])) for b in range(len(cu_q) - 1)]
+
+
+def _sequence_slopes(alibi_slopes, b):
+    """Sequence b's slopes: (Hq,) slopes serve every sequence, (B, Hq) ones have a row each."""
+    if alibi_slopes is None:
+        return None
+    slopes = np.asarray(alibi_slopes)
+    return slopes if slopes.ndim == 1 else slopes[b]
+
+
+def forward(q, k, v, *, causal, scale, window=UNBOUNDED, softcap=0.0, alibi_slopes=None,
+            cu_seqlens=None, max_seqlen=None, out=None, lse=None):
+    """The reference backend's forward: flash_attention_forward, once per sequence for a packed
+    batch (cu_seqlens given: q, k, v, out are (1, H, total, D) views, lse (1, Hq, total_q))."""
+    variant = dict(causal=causal, scale=scale, window=window, softcap=softcap)
+    if cu_seqlens is None:
+        return flash_attention_forward(q, k, v, alibi_slopes=alibi_slopes, out=out, lse=lse,
+                                       **variant)
+    for b, (qs, ks) in enumerate(_sequences(cu_seqlens)):
+        flash_attention_forward(q[:, :, qs], k[:, :, ks], v[:, :, ks],
+                                alibi_slopes=_sequence_slopes(alibi_slopes, b),
+                                out=out[:, :, qs], lse=lse[:, :, qs], **variant)
+    return out, lse
+
+
+def backward(q, k, v, out, dout, lse, *, causal, scale, window=UNBOUNDED, softcap=0.0,
+             alibi_slopes=None, cu_seqlens=None, max_seqlen=None, dq=None, dk=None, dv=None):
+    """The reference backend's backward, per sequence for a packed batch (as forward)."""
+    variant = dict(causal=causal, scale=scale, window=window, softcap=softcap)
+    if cu_seqlens is None:
+        return flash_attention_backward(q, k, v, out, dout, lse, alibi_slopes=alibi_slopes,
+                                        dq=dq, dk=dk, dv=dv, **variant)
+    for b, (qs, ks) in enumerate(_sequences(cu_seqlens)):
+        flash_attention_backward(q[:, :, qs], k[:, :, ks], v[:, :, ks], out[:, :, qs],
+                                 dout[:, :, qs], lse[:, :, qs],
+                                 alibi_slopes=_sequence_slopes(alibi_slopes, b),
+                                 dq=dq[:, :, qs], dk=dk[:, :, ks], dv=dv[:, :, ks], **variant)
+    return dq, dk, dv

@@ -1,8 +1,12 @@
 """xattn as PyTorch operators: torch.library custom ops, fake implementations, autograd.
 
-    xattn::attention_forward(q, k, v, causal, scale, layout, deterministic) -> (out, lse)
-    xattn::attention_backward(dout, q, k, v, out, lse, causal, scale, layout,
-                              deterministic) -> (dq, dk, dv)
+    xattn::attention_forward(q, k, v, cu_seqlens_q?, cu_seqlens_k?, alibi_slopes?, causal, scale,
+                             window_left, window_right, softcap, max_seqlen_q, max_seqlen_k,
+                             layout, deterministic) -> (out, lse)
+    xattn::attention_backward(dout, q, k, v, out, lse, <the same options>) -> (dq, dk, dv)
+
+A packed (varlen) batch arrives as (1, total, H, D) views in layout "bshd" with the cumulative
+lengths; window -1 means unbounded, softcap 0 none (xattn.api documents them all).
 
 xattn.attention routes torch tensors here when autograd needs a graph (an input requires grad
 and grad mode is on) or torch.compile is tracing; otherwise it takes its plain path, which
@@ -28,6 +32,17 @@ from xattn import arrays, backends, reference
 _GPU_BACKEND = {"cuda": "cuda", "rocm": "hip"}  # arrays.ArrayInfo.device -> backend name
 
 
+def _options(cu_seqlens_q, cu_seqlens_k, alibi_slopes, causal, scale, window_left, window_right,
+             softcap, max_seqlen_q, max_seqlen_k) -> dict:
+    """The backends' keyword arguments from the ops' flat ones."""
+    options = dict(causal=causal, scale=scale, window=(window_left, window_right),
+                   softcap=softcap, alibi_slopes=alibi_slopes)
+    if cu_seqlens_q is not None:  # only packed batches pass these on, as xattn.api does
+        options.update(cu_seqlens=(cu_seqlens_q, cu_seqlens_k),
+                       max_seqlen=(max_seqlen_q, max_seqlen_k))
+    return options
+
+
 def _sizes(q, k, layout):
     """(B, Hq, Sq, Sk, D) from q and k in `layout`."""
     if layout == "bhsd":
@@ -42,23 +57,28 @@ def _sizes(q, k, layout):
 # ------------------------------------------------------------------------------- forward op
 
 @torch.library.custom_op("xattn::attention_forward", mutates_args=())
-def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool,
-                      scale: float, layout: str,
+def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                      cu_seqlens_q: torch.Tensor | None, cu_seqlens_k: torch.Tensor | None,
+                      alibi_slopes: torch.Tensor | None, causal: bool, scale: float,
+                      window_left: int, window_right: int, softcap: float, max_seqlen_q: int,
+                      max_seqlen_k: int, layout: str,
                       deterministic: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """(out, lse). `deterministic` is unused here: it is an input only so that autograd
     can hand it to the backward."""
     info = arrays.describe(q, "q")
     dims = _sizes(q, k, layout)
+    options = _options(cu_seqlens_q, cu_seqlens_k, alibi_slopes, causal, scale, window_left,
+                       window_right, softcap, max_seqlen_q, max_seqlen_k)
     if info.device == "cpu":
-        return arrays.run_on_host(reference.flash_attention_forward, q, k, v, info,
-                                  layout=layout, causal=causal, scale=scale, dims=dims)
+        return arrays.run_on_host(reference.forward, q, k, v, info, layout=layout, dims=dims,
+                                  **options)
     forward = backends.gpu_forward(_GPU_BACKEND[info.device])
-    return arrays.run_on_gpu(forward, q, k, v, info, layout=layout, causal=causal,
-                             scale=scale, dims=dims)
+    return arrays.run_on_gpu(forward, q, k, v, info, layout=layout, dims=dims, **options)
 
 
 @attention_forward.register_fake
-def _(q, k, v, causal, scale, layout, deterministic):
+def _(q, k, v, cu_seqlens_q, cu_seqlens_k, alibi_slopes, causal, scale, window_left,
+      window_right, softcap, max_seqlen_q, max_seqlen_k, layout, deterministic):
     batch, q_heads, sq, _, _ = _sizes(q, k, layout)
     out = q.new_empty(q.shape)  # contiguous in q's layout, as the real one
     lse = q.new_empty((batch, q_heads, sq), dtype=torch.float32)
@@ -69,22 +89,25 @@ def _(q, k, v, causal, scale, layout, deterministic):
 
 @torch.library.custom_op("xattn::attention_backward", mutates_args=())
 def attention_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                       out: torch.Tensor, lse: torch.Tensor, causal: bool, scale: float,
-                       layout: str,
+                       out: torch.Tensor, lse: torch.Tensor, cu_seqlens_q: torch.Tensor | None,
+                       cu_seqlens_k: torch.Tensor | None, alibi_slopes: torch.Tensor | None,
+                       causal: bool, scale: float, window_left: int, window_right: int,
+                       softcap: float, max_seqlen_q: int, max_seqlen_k: int, layout: str,
                        deterministic: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dq, dk, dv) for the upstream gradient dout of out = attention_forward(...)[0]."""
     info = arrays.describe(q, "q")
+    options = _options(cu_seqlens_q, cu_seqlens_k, alibi_slopes, causal, scale, window_left,
+                       window_right, softcap, max_seqlen_q, max_seqlen_k)
     if info.device == "cpu":
         # The reference backward runs in sequence: deterministic whatever the flag says.
-        return _backward_host(dout, q, k, v, out, lse, info, layout=layout, causal=causal,
-                              scale=scale)
+        return _backward_host(dout, q, k, v, out, lse, info, layout=layout, **options)
     backward = gpu_backward(_GPU_BACKEND[info.device])
-    return _backward_gpu(backward, dout, q, k, v, out, lse, layout=layout, causal=causal,
-                         scale=scale, deterministic=deterministic)
+    return _backward_gpu(backward, dout, q, k, v, out, lse, layout=layout,
+                         deterministic=deterministic, **options)
 
 
 @attention_backward.register_fake
-def _(dout, q, k, v, out, lse, causal, scale, layout, deterministic):
+def _(dout, q, k, v, out, lse, *_options):
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
@@ -92,7 +115,7 @@ def _bhsd(x, layout):
     return x if layout == "bhsd" else x.transpose(1, 2)
 
 
-def _backward_host(dout, q, k, v, out, lse, info, *, layout, causal, scale):
+def _backward_host(dout, q, k, v, out, lse, info, *, layout, **options):
     """The reference backward on CPU tensors; gradients come back in the inputs' dtype."""
     host = tuple(arrays.to_host_numpy(x, info) for x in (q, k, v, out, dout))
     # Gradients are allocated in the host dtype (float32 for bfloat16, which NumPy lacks),
@@ -101,8 +124,7 @@ def _backward_host(dout, q, k, v, out, lse, info, *, layout, causal, scale):
     if layout == "bshd":
         host = tuple(x.transpose(0, 2, 1, 3) for x in host)
     dq, dk, dv = (g.transpose(0, 2, 1, 3) if layout == "bshd" else g for g in grads)
-    reference.flash_attention_backward(*host, lse.numpy(), causal=causal, scale=scale,
-                                       dq=dq, dk=dk, dv=dv)
+    reference.backward(*host, lse.numpy(), dq=dq, dk=dk, dv=dv, **options)
     return tuple(torch.from_numpy(g).to(q.dtype) for g in grads)
 
 
@@ -116,12 +138,11 @@ def gpu_backward(name: str):
     return backward
 
 
-def _backward_gpu(backward, dout, q, k, v, out, lse, *, layout, causal, scale,
-                  deterministic):
+def _backward_gpu(backward, dout, q, k, v, out, lse, *, layout, deterministic, **options):
     """Launch a GPU backend's backward (torch tensors on the GPU).
 
-    Contract: backward(q, k, v, out, dout, lse, dq, dk, dv, *, causal, scale, deterministic,
-    stream) gets (B, H, S, D) views with any B/H/S strides and element stride 1 in D, lse
+    Contract: backward(q, k, v, out, dout, lse, dq, dk, dv, *, deterministic, stream, causal,
+    scale, window, softcap, alibi_slopes, cu_seqlens, max_seqlen) gets (B, H, S, D) views with any B/H/S strides and element stride 1 in D, lse
     float32 (B, Hq, Sq) contiguous, and writes every element of dq, dk, dv (dk and dv summed
     over the query heads of their group). Empty problems never reach it: the gradients are
     zero-filled here.
@@ -140,9 +161,8 @@ def _backward_gpu(backward, dout, q, k, v, out, lse, *, layout, causal, scale,
         return _bhsd(t, layout)
 
     backward(*(kernel_view(t) for t in (q, k, v, out, dout)), lse.contiguous(),
-             *(kernel_view(g) for g in (dq, dk, dv)), causal=causal, scale=scale,
-             deterministic=deterministic,
-             stream=torch.cuda.current_stream(q.device).cuda_stream)
+             *(kernel_view(g) for g in (dq, dk, dv)), deterministic=deterministic,
+             stream=torch.cuda.current_stream(q.device).cuda_stream, **options)
     return dq, dk, dv
 
 
@@ -153,24 +173,29 @@ def _bhsd(x, layout):
 # --------------------------------------------------------------------------------- autograd
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, causal, scale, layout, deterministic = inputs
+    q, k, v, cu_seqlens_q, cu_seqlens_k, alibi_slopes, *scalars = inputs
     out, lse = output
-    ctx.save_for_backward(q, k, v, out, lse)
-    ctx.options = (causal, scale, layout, deterministic)
+    ctx.save_for_backward(q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, alibi_slopes)
+    ctx.scalars = scalars  # causal .. deterministic
     ctx.mark_non_differentiable(lse)
 
 
 def _backward(ctx, dout, _dlse):
-    q, k, v, out, lse = ctx.saved_tensors
+    q, k, v, out, lse, *index_and_slopes = ctx.saved_tensors
     if dout is None:  # out was not used: nothing flows back
         dout = torch.zeros_like(out)
-    dq, dk, dv = attention_backward(dout, q, k, v, out, lse, *ctx.options)
-    return dq, dk, dv, None, None, None, None
+    dq, dk, dv = attention_backward(dout, q, k, v, out, lse, *index_and_slopes, *ctx.scalars)
+    return (dq, dk, dv) + (None,) * (3 + len(ctx.scalars))
 
 
 attention_forward.register_autograd(_backward, setup_context=_setup_context)
 
 
-def attention(q, k, v, *, causal: bool, scale: float, layout: str, deterministic: bool):
-    """(out, lse) through the custom op; arguments validated by xattn.api.attention."""
-    return attention_forward(q, k, v, causal, scale, layout, deterministic)
+def attention(q, k, v, *, layout: str, deterministic: bool, causal: bool, scale: float,
+              window=(-1, -1), softcap: float = 0.0, alibi_slopes=None, cu_seqlens=None,
+              max_seqlen=None):
+    """(out, lse) through the custom op; arguments validated by xattn.api."""
+    cu_q, cu_k = cu_seqlens if cu_seqlens is not None else (None, None)
+    max_q, max_k = max_seqlen if max_seqlen is not None else (0, 0)
+    return attention_forward(q, k, v, cu_q, cu_k, alibi_slopes, causal, scale, window[0],
+                             window[1], softcap, max_q, max_k, layout, deterministic)

@@ -30,7 +30,7 @@ from xattn import reference  # noqa: E402
 # working dtype, so they get the dtype's epsilon times a small factor; compiled-vs-eager in
 # float32 differs only by the fused kernels' reassociation.
 BLOCK_TOLERANCE = {"float32": 1e-4, "bfloat16": 3e-2, "float16": 5e-3}
-COMPILED_VS_EAGER = {"float32": 1e-5, "bfloat16": 2e-2, "float16": 3e-3}
+COMPILED_VS_EAGER = {"float32": 1e-5, "bfloat16": 3e-2, "float16": 3e-3}
 # Attention alone against the float64 oracle (tests/test_grad.py explains these figures).
 ATTENTION_TOLERANCE = {"float32": 1e-5, "float16": 2e-3, "bfloat16": 1e-2}
 GRAD_TOLERANCE = {"float32": 1e-5, "float16": 4e-3, "bfloat16": 3e-2}

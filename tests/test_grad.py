@@ -76,19 +76,22 @@ def run_grad(backend, problem: Problem, *, dout=None, dout_memory="contiguous",
     return tuple(to_bhsd(to_float64(g), problem.layout) for g in grads), seen[:3], seen[3]
 
 
-def error_scales(q, k, v, dout, *, causal, scale):
+def error_scales(q, k, v, dout, *, causal, scale, **variant):
     """((dq, dk, dv) computed with |terms| everywhere, max |S| over visible scores).
 
     The first are elementwise upper bounds on the exact gradients and the scale of their
-    rounding errors, zero exactly where nothing contributes."""
+    rounding errors, zero exactly where nothing contributes. variant: window, softcap,
+    alibi_slopes, as the oracle takes them (the softcap's factor 1 - t^2 <= 1 is bounded by 1)."""
     batch, q_heads, sq, head_dim = q.shape
     kv_heads, sk = k.shape[1], k.shape[2]
     group = q_heads // kv_heads
     k_rep, v_rep = np.repeat(k, group, axis=1), np.repeat(v, group, axis=1)
-    visible = reference.visible_keys(sq, sk, causal)
+    visible = reference.visible_keys(sq, sk, causal, variant.get("window", reference.UNBOUNDED))
     scores = scale * (q @ k_rep.swapaxes(-1, -2))
     largest_score = np.abs(scores[..., visible]).max(initial=0.0)
-    _, lse = reference.exact_attention_bhsd(q, k, v, causal=causal, scale=scale)
+    reference.modify_scores(scores, softcap=variant.get("softcap", 0.0), sq=sq, sk=sk,
+                            slopes=reference.slopes_bh(variant.get("alibi_slopes"), batch, q_heads))
+    _, lse = reference.exact_attention_bhsd(q, k, v, causal=causal, scale=scale, **variant)
     p = np.exp(np.where(visible, scores, -np.inf)
                - np.where(np.isneginf(lse), np.inf, lse)[..., None])
     abs_dp = np.abs(dout) @ np.abs(v_rep).swapaxes(-1, -2)

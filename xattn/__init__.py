@@ -3,14 +3,16 @@
     out = xattn.attention(q, k, v, causal=True)            # torch, CuPy, NumPy, DLPack arrays
     out, lse = xattn.attention(q, k, v, return_lse=True)
     ref_out, ref_lse = xattn.exact_attention(q, k, v)       # float64 NumPy oracle
+    out = xattn.attention(q, k, v, window=(256, 0), softcap=30.0)  # or alibi_slopes=...
+    out = xattn.attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_q, max_k)
 
 `import xattn` needs only NumPy; CuPy and torch are imported when their arrays arrive.
 """
 
-from xattn.api import attention, exact_attention
+from xattn.api import attention, attention_varlen, exact_attention
 from xattn.backends import BackendStatus, available_backends
 from xattn.sources import kernel_files, kernel_source
 
 __version__ = "0.1.0"
-__all__ = ["attention", "exact_attention", "available_backends", "BackendStatus",
+__all__ = ["attention", "attention_varlen", "exact_attention", "available_backends", "BackendStatus",
            "kernel_source", "kernel_files", "__version__"]

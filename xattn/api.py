@@ -194,7 +194,7 @@ def _variant_options(info, dims, causal, window, softcap, alibi_slopes):
         if slope_info.shape not in ((q_heads,), (batch, q_heads)):
             raise ValueError(f"alibi_slopes: expected shape ({q_heads},) or ({batch}, {q_heads}) "
                              f"(Hq or (B, Hq)), got {slope_info.shape}")
-        slopes = arrays.float32_contiguous(alibi_slopes, slope_info)
+        slopes = arrays.slopes_array(alibi_slopes, slope_info)
     return dict(window=(left, right), softcap=softcap, alibi_slopes=slopes)
 
 
@@ -206,19 +206,24 @@ def _needs_torch_op(q, k, v) -> bool:
              and torch.is_grad_enabled()) or torch.compiler.is_compiling())
 
 
-def exact_attention(q, k, v, *, causal=False, scale=None, layout="bhsd"):
+def exact_attention(q, k, v, *, causal=False, scale=None, window=None, softcap=None,
+                    alibi_slopes=None, layout="bhsd"):
     """The float64 oracle: (out, lse) as float64 NumPy arrays, out in q's layout.
 
     Takes the same arguments and follows the same rules as attention(); arrays of any
     supported library are copied to the host. Materializes the full score matrix, so keep
     it to test-sized problems.
     """
-    info, _, scale = _validate(q, k, v, causal, scale, layout, False)
+    info, dims, scale = _validate(q, k, v, causal, scale, layout, False)
     _check_dtype(info, REFERENCE_DTYPES)
+    variant = _variant_options(info, dims, causal, window, softcap, alibi_slopes)
+    if variant["alibi_slopes"] is not None:
+        variant["alibi_slopes"] = arrays.to_float64_numpy(alibi_slopes, arrays.describe(
+            alibi_slopes, "alibi_slopes"))
     hq, hk, hv = (arrays.to_float64_numpy(a, info) for a in (q, k, v))
     if layout == "bshd":
         hq, hk, hv = (a.transpose(0, 2, 1, 3) for a in (hq, hk, hv))
-    out, lse = reference.exact_attention_bhsd(hq, hk, hv, causal=causal, scale=scale)
+    out, lse = reference.exact_attention_bhsd(hq, hk, hv, causal=causal, scale=scale, **variant)
     if layout == "bshd":
         out = out.transpose(0, 2, 1, 3)
     return out, lse

@@ -149,14 +149,16 @@ def index_array(x, info: ArrayInfo, host: np.ndarray):
     return cupy.ascontiguousarray(cupy.from_dlpack(x))
 
 
-def float32_contiguous(x, info: ArrayInfo):
-    """A small float array (ALiBi slopes) as float32, contiguous, in its own library and device
-    (host DLPack arrays become NumPy, GPU ones CuPy)."""
+def slopes_array(x, info: ArrayInfo):
+    """A small float array (ALiBi slopes), contiguous, in its own library and device: float64 on
+    the host (the reference computes in float64 for float64 data), float32 on a GPU (the kernels'
+    type). Host DLPack arrays become NumPy, GPU ones CuPy."""
     if info.library == "torch":
         import torch
-        return x.detach().to(torch.float32).contiguous()
+        dtype = torch.float64 if info.device == "cpu" else torch.float32
+        return x.detach().to(dtype).contiguous()
     if info.device == "cpu":
-        return np.ascontiguousarray(to_host_numpy(x, info), dtype=np.float32)
+        return np.ascontiguousarray(to_host_numpy(x, info), dtype=np.float64)
     import cupy
     if info.library == "dlpack":
         x = cupy.from_dlpack(x)

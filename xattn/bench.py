@@ -370,6 +370,86 @@ def _main_overhead(args, device) -> int:
     return 0
 
 
+# ------------------------------------------------------------------------------- --variants
+
+def _varlen_inputs(lengths, heads, head_dim, dtype):
+    """Packed q, k, v of these sequence lengths and their int32 cumulative lengths, on the GPU."""
+    import torch
+
+    total = sum(lengths)
+    q, k, v = (torch.randn(total, heads, head_dim, device="cuda", dtype=dtype) for _ in range(3))
+    cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32,
+                      device="cuda")
+    return q, k, v, cu
+
+
+def run_variants(args, timer) -> list[dict]:
+    """Forward milliseconds of the variants against plain attention on the same tokens:
+    packed (varlen) batches against the padded batch, windows, softcap and ALiBi against the
+    plain kernel. Ratios are variant time / plain time (below 1: faster)."""
+    import torch
+
+    import xattn
+
+    rows = []
+    for dtype_name in args.dtypes:
+        dtype = getattr(torch, dtype_name)
+        for head_dim in args.head_dims:
+            heads = max(1, args.width // head_dim)
+            for causal in args.causal:
+                # Equal lengths: varlen and the padded batch do the same work; the ratio is the
+                # cost of packing. Mixed lengths: the padded batch also computes the padding.
+                generator = torch.Generator().manual_seed(0)
+                mixed = torch.randint(256, 2049, (16,), generator=generator).tolist()
+                for label, lengths in (("varlen 16x1024", [1024] * 16), ("varlen mixed", mixed)):
+                    q, k, v, cu = _varlen_inputs(lengths, heads, head_dim, dtype)
+                    longest = max(lengths)
+                    padded = torch.randn(len(lengths), heads, longest, head_dim, device="cuda",
+                                         dtype=dtype)
+                    ms = timer(lambda: xattn.attention_varlen(q, k, v, cu, cu, longest, longest,
+                                                              causal=causal))
+                    base = timer(lambda: xattn.attention(padded, padded, padded, causal=causal))
+                    rows.append({"case": label, "dtype": dtype_name, "head_dim": head_dim,
+                                 "causal": causal, "tokens": sum(lengths), "ms": ms,
+                                 "plain_ms": base, "plain": "padded batch"})
+                    del q, k, v, padded
+                seqlen = 8192
+                q, k, v = (torch.randn(2, heads, seqlen, head_dim, device="cuda", dtype=dtype)
+                           for _ in range(3))
+                slopes = torch.rand(heads, device="cuda")
+                base = timer(lambda: xattn.attention(q, k, v, causal=causal))
+                variants = {"window 1024": dict(window=(1024, -1 if not causal else 0)),
+                            "softcap 30": dict(softcap=30.0), "alibi": dict(alibi_slopes=slopes)}
+                for label, options in variants.items():
+                    ms = timer(lambda: xattn.attention(q, k, v, causal=causal, **options))
+                    rows.append({"case": label, "dtype": dtype_name, "head_dim": head_dim,
+                                 "causal": causal, "tokens": 2 * seqlen, "ms": ms,
+                                 "plain_ms": base, "plain": f"plain S={seqlen}"})
+                del q, k, v
+                for row in rows[-5:]:
+                    print(f"{row['case']:15} {row['dtype']:8} D{row['head_dim']:<4} "
+                          f"{'causal' if row['causal'] else '      '} {row['ms']:8.3f} "
+                          f"{row['plain_ms']:8.3f} {row['ms'] / row['plain_ms']:6.2f}x  ({row['plain']})",
+                          flush=True)
+                torch.cuda.empty_cache()
+    return rows
+
+
+def _main_variants(args, timer, device) -> int:
+    import torch
+
+    print(f"# {device}, torch {torch.__version__}: forward ms of each variant against plain "
+          f"attention on the same tokens (H*D = {args.width})")
+    print(f"{'case':15} {'dtype':8} {'D':5} {'':6} {'ms':>8} {'plain ms':>8} {'ratio':>7}")
+    rows = run_variants(args, timer)
+    args.out.mkdir(parents=True, exist_ok=True)
+    meta = {"device": device, "torch": torch.__version__, "python": platform.python_version()}
+    (args.out / "bench_variants.json").write_text(
+        json.dumps({"meta": meta, "variants": rows}, indent=1))
+    print(f"# wrote {args.out / 'bench_variants.json'}")
+    return 0
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m xattn bench", description=__doc__.splitlines()[0])
     parser.add_argument("--dtypes", nargs="+", default=["bfloat16", "float16"])
@@ -384,6 +464,8 @@ def main(argv=None) -> int:
                         help="backward and forward+backward instead of forward, plus a memory row")
     parser.add_argument("--mem-seqlen", type=int, default=65536,
                         help="sequence length of the --bwd memory row")
+    parser.add_argument("--variants", action="store_true",
+                        help="varlen against the padded batch; window, softcap, ALiBi against plain")
     parser.add_argument("--overhead", action="store_true",
                         help="only the per-call overhead rows (B=1 H=8 S=128 D=64, microseconds)")
     parser.add_argument("--overhead-calls", type=int, default=OVERHEAD_CALLS,
@@ -399,6 +481,8 @@ def main(argv=None) -> int:
     device = torch.cuda.get_device_name()
     if args.overhead:
         return _main_overhead(args, device)
+    if args.variants:
+        return _main_variants(args, timer, device)
     if args.bwd:
         return _main_bwd(args, timer, device)
     print(f"# {device}, torch {torch.__version__}, forward TFLOP/s (median)")

@@ -418,7 +418,7 @@ def run_variants(args, timer) -> list[dict]:
                            for _ in range(3))
                 slopes = torch.rand(heads, device="cuda")
                 base = timer(lambda: xattn.attention(q, k, v, causal=causal))
-                variants = {"window 1024": dict(window=(1024, -1 if not causal else 0)),
+                variants = {"window 1024": dict(window=(1024, 0 if causal else 1024)),
                             "softcap 30": dict(softcap=30.0), "alibi": dict(alibi_slopes=slopes)}
                 for label, options in variants.items():
                     ms = timer(lambda: xattn.attention(q, k, v, causal=causal, **options))

@@ -7,7 +7,8 @@ identical. Prints one line per failure and a summary line; exit 1 on any failure
 
 --cases picks the case lists (comma-separated): grid (the default, awkward shapes), tuned (every
 table row this GPU selects, both causal values, at block + 1 lengths), odd (S = 1, block + 1,
-D = 1, D = 200, GQA 7:1). ci/sanitize.sh runs tuned,odd under compute-sanitizer.
+D = 1, D = 200, GQA 7:1), variants (windows, softcap, ALiBi, and packed batches with empty
+sequences, every dtype). ci/sanitize.sh runs tuned,odd,variants under compute-sanitizer.
 """
 
 from __future__ import annotations
@@ -24,17 +25,27 @@ from xattn import configs, cuda
 TOLERANCE = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
 
 
-def exact(q, k, v, causal, scale):
-    """float64 softmax(scale q k^T) v with bottom-right causal mask; empty rows give 0 and -inf."""
+def exact(q, k, v, causal, scale, window=(-1, -1), softcap=0.0, alibi_slopes=None):
+    """float64 softmax(scale q k^T + modifiers) v with the bottom-right band mask (causal: right
+    = 0); empty rows give 0 and -inf."""
     q, k, v = (x.double() for x in (q, k, v))
     group = q.shape[1] // k.shape[1]
     k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
     s = scale * q @ k.transpose(-1, -2)
     sq, sk = q.shape[2], k.shape[2]
-    if causal:
-        i = torch.arange(sq, device=q.device)[:, None]
-        j = torch.arange(sk, device=q.device)[None, :]
-        s = s.masked_fill(j > i + sk - sq, -math.inf)
+    i = torch.arange(sq, device=q.device)[:, None]
+    j = torch.arange(sk, device=q.device)[None, :]
+    distance = j - (i + sk - sq)
+    if softcap:
+        s = softcap * torch.tanh(s / softcap)
+    if alibi_slopes is not None:
+        slopes = alibi_slopes.double().expand(q.shape[0], q.shape[1])
+        s = s - slopes[:, :, None, None] * distance.abs()
+    left, right = window[0], 0 if causal else window[1]
+    if right >= 0:
+        s = s.masked_fill(distance > right, -math.inf)
+    if left >= 0:
+        s = s.masked_fill(distance < -left, -math.inf)
     lse = torch.logsumexp(s, dim=-1)
     p = torch.exp(s - torch.where(torch.isinf(lse), 0.0, lse)[..., None])
     return p @ v, lse
@@ -63,21 +74,64 @@ def _bits(x):
     return x.contiguous().view(torch.uint8)
 
 
-def run_case(dtype, batch, hq, hk, sq, sk, d, causal, layout, strided, gen):
+def run_case(dtype, batch, hq, hk, sq, sk, d, causal, layout, strided, gen, variant=None):
+    """One launch pair; variant: window/softcap/alibi_slopes keyword arguments, or "varlen": the
+    batch packed into one (1, H, B*S, D) tensor whose sequences get lengths 0..S (cu_seqlens)."""
+    variant = dict(variant or {})
+    varlen = variant.pop("varlen", False)
     q = make((batch, hq, sq, d), dtype, layout, strided, gen)
     k = make((batch, hk, sk, d), dtype, layout, strided, gen)
     v = make((batch, hk, sk, d), dtype, layout, strided, gen)
     scale = 1 / math.sqrt(d)
+    if varlen:
+        return run_varlen_case(q, k, v, causal, scale, gen, variant)
+    if variant.get("alibi_slopes") == "per_head":
+        variant["alibi_slopes"] = torch.rand(hq, device="cuda", generator=gen)
+    elif variant.get("alibi_slopes") == "per_batch_head":
+        variant["alibi_slopes"] = torch.rand(batch, hq, device="cuda", generator=gen)
     results = []
     for _ in range(2):
         out = torch.full_like(q, float("nan"))
         lse = torch.full((batch, hq, sq), float("nan"), device="cuda")
         cuda.forward(q, k, v, out, lse, causal=causal, scale=scale,
-                     stream=torch.cuda.current_stream().cuda_stream)
+                     stream=torch.cuda.current_stream().cuda_stream, **variant)
         torch.cuda.synchronize()
         results.append((out, lse))
     (out, lse), (out2, lse2) = results
-    ref_out, ref_lse = exact(q, k, v, causal, scale)
+    ref_out, ref_lse = exact(q, k, v, causal, scale, **variant)
+    return compare(dtype, out, lse, out2, lse2, ref_out, ref_lse)
+
+
+def run_varlen_case(q, k, v, causal, scale, gen, variant):
+    """The batch's sequences cut to random lengths (0 included) and packed back to back; each
+    sequence is checked against exact attention on its own."""
+    batch = q.shape[0]
+    lengths_q = torch.randint(0, q.shape[2] + 1, (batch,), generator=gen, device="cuda").tolist()
+    lengths_k = torch.randint(0, k.shape[2] + 1, (batch,), generator=gen, device="cuda").tolist()
+    lengths_q[0], lengths_k[-1] = q.shape[2], 0  # the longest query sequence; one without keys
+    pack = lambda x, lengths: torch.cat([x[b, :, :n] for b, n in enumerate(lengths)], dim=1)[None]
+    pq, pk, pv = pack(q, lengths_q), pack(k, lengths_k), pack(v, lengths_k)
+    cu = [torch.tensor([0, *itertools.accumulate(n)], dtype=torch.int32, device="cuda")
+          for n in (lengths_q, lengths_k)]
+    results = []
+    for _ in range(2):
+        out = torch.full_like(pq, float("nan"))
+        lse = torch.full(pq.shape[:3], float("nan"), device="cuda")
+        cuda.forward(pq, pk, pv, out, lse, causal=causal, scale=scale,
+                     stream=torch.cuda.current_stream().cuda_stream, cu_seqlens=cu,
+                     max_seqlen=(max(lengths_q), max(lengths_k)), **variant)
+        torch.cuda.synchronize()
+        results.append((out, lse))
+    ref_out, ref_lse = torch.empty_like(pq, dtype=torch.float64), torch.empty(pq.shape[:3], dtype=torch.float64, device="cuda")
+    for b in range(batch):
+        qs = slice(int(cu[0][b]), int(cu[0][b + 1]))
+        ks = slice(int(cu[1][b]), int(cu[1][b + 1]))
+        ref_out[:, :, qs], ref_lse[:, :, qs] = exact(pq[:, :, qs], pk[:, :, ks], pv[:, :, ks], causal, scale, **variant)
+    (out, lse), (out2, lse2) = results
+    return compare(q.dtype, out, lse, out2, lse2, ref_out, ref_lse)
+
+
+def compare(dtype, out, lse, out2, lse2, ref_out, ref_lse):
     problems = []
     if out.isnan().any() or lse.isnan().any():
         problems.append("NaN left in output (unwritten or NaN produced)")
@@ -121,12 +175,29 @@ def odd_cases(dtypes):
             for i, (d, lengths, heads) in enumerate(shapes) for causal in (False, True)]
 
 
-def select_cases(names, grid, tuned, odd):
+def variant_cases(dtypes):
+    """Windows (left = 0, narrower and wider than a tile, asymmetric), softcap, ALiBi per head and
+    per (batch, head), packed batches with and without a window; every dtype, tuned and padded
+    head dims, block + 1 lengths."""
+    variants = [dict(window=(0, 0)), dict(window=(0, -1)), dict(window=(37, 5)), dict(window=(200, 1000)),
+                dict(window=(70, 0)), dict(softcap=5.0), dict(softcap=30.0, window=(90, -1)),
+                dict(alibi_slopes="per_head"), dict(alibi_slopes="per_batch_head"),
+                dict(varlen=True), dict(varlen=True, window=(50, 0)), dict(varlen=True, softcap=8.0)]
+    shapes = [(64, (129, 129)), (128, (65, 200)), (96, (200, 65)), (256, (65, 129)), (40, (129, 257))]
+    cases = []
+    for i, variant in enumerate(variants):
+        for j, (d, lengths) in enumerate(shapes):
+            causal = (i + j) % 2 == 0 and variant.get("window", (0, 0))[1] <= 0
+            cases.append((dtypes[(i + j) % len(dtypes)], d, lengths, causal, ((4, 2), (3, 1))[j % 2], variant))
+    return cases
+
+
+def select_cases(names, grid, tuned, odd, variants):
     chosen = []
     for name in names.split(","):
-        if name not in ("grid", "tuned", "odd"):
-            raise SystemExit(f"--cases: expected grid, tuned or odd (comma-separated), got {name!r}")
-        chosen += {"grid": grid, "tuned": tuned, "odd": odd}[name]()
+        if name not in ("grid", "tuned", "odd", "variants"):
+            raise SystemExit(f"--cases: expected grid, tuned, odd or variants (comma-separated), got {name!r}")
+        chosen += {"grid": grid, "tuned": tuned, "odd": odd, "variants": variants}[name]()
     return chosen
 
 
@@ -151,20 +222,23 @@ def main(argv=None) -> int:
         return cases
 
     cases = select_cases(args.cases, grid, lambda: tuned_cases(
-        [("flash_fwd", dtypes[:2]), ("flash_fwd_f32", dtypes[2:])]), lambda: odd_cases(dtypes))
+        [("flash_fwd", dtypes[:2]), ("flash_fwd_f32", dtypes[2:])]), lambda: odd_cases(dtypes),
+        lambda: variant_cases(dtypes)[::5 if args.sanitize else 1])
     failures = 0
     worst = {}
-    for i, (dtype, d, (sq, sk), causal, heads) in enumerate(cases):
+    for i, (dtype, d, (sq, sk), causal, heads, *variant) in enumerate(cases):
         layout = "bhsd" if i % 2 else "bshd"
         strided = i % 3 == 0
         hq, hk = heads or ((7, 1), (4, 2), (3, 3))[i % 3]
-        err, problems = run_case(dtype, 2, hq, hk, sq, sk, d, causal, layout, strided, gen)
+        variant = variant[0] if variant else None
+        err, problems = run_case(dtype, 3 if variant else 2, hq, hk, sq, sk, d, causal, layout,
+                                 strided, gen, variant)
         key = str(dtype).removeprefix("torch.")
         worst[key] = max(worst.get(key, 0.0), err)
         if problems:
             failures += 1
             print(f"FAIL {key} D={d} Sq={sq} Sk={sk} causal={causal} {layout} strided={strided} "
-                  f"H={hq}/{hk}: {'; '.join(problems)}")
+                  f"H={hq}/{hk} {variant or ''}: {'; '.join(problems)}")
     worst_text = ", ".join(f"{k} {v:.1e}" for k, v in worst.items())
     print(f"kernel check: {len(cases) - failures}/{len(cases)} cases passed; worst rel err {worst_text}")
     return 1 if failures else 0

@@ -16,7 +16,7 @@ export PYTHONPATH=. PYTHONUNBUFFERED=1
 # access past a tensor's end (inside one cached segment it would look legal).
 export PYTORCH_NO_CUDA_MEMORY_CACHING=1
 TOOLS=${SANITIZE_TOOLS:-memcheck racecheck synccheck initcheck}
-CASES=${SANITIZE_CASES:-tuned,odd}
+CASES=${SANITIZE_CASES:-tuned,odd,variants}
 LIMIT=${SANITIZE_TIMEOUT:-240}
 
 table="$OUT/sanitize.md"
@@ -32,7 +32,7 @@ for tool in $TOOLS; do
         log="$LOGS/$tool-$pass.log"
         start=$SECONDS
         timeout "$LIMIT" compute-sanitizer --tool "$tool" --error-exitcode 9 \
-            python "$script" --cases "$CASES" > "$log" 2>&1
+            python "$script" --sanitize --cases "$CASES" > "$log" 2>&1
         rc=$?
         checked=$(grep -Eo '[0-9]+/[0-9]+ cases passed' "$log" | tail -1)
         summary=$(grep -E '(ERROR|RACECHECK|SYNCCHECK|INITCHECK) SUMMARY' "$log" | tail -1 \

@@ -25,9 +25,14 @@ SMEM_LIMIT = {80: 163 * 1024, 86: 99 * 1024, 89: 99 * 1024, 90: 227 * 1024}
 HALF = ("float16", "bfloat16")
 ALL = ("float32",) + HALF
 DTYPES = {"flash_fwd": HALF, "flash_bwd_dkdv": HALF, "flash_bwd_dq": HALF, "flash_fwd_f32": ("float32",),
-          "flash_bwd_simt_dq": ALL, "flash_bwd_simt_dkdv": ALL}
+          "flash_bwd_simt_dq": ALL, "flash_bwd_simt_dkdv": ALL,
+          "flash_decode": HALF, "flash_decode_f32": ("float32",)}
 # Defines a kernel takes beyond the table's (each combination is compiled).
-EXTRA = {"flash_bwd_dkdv": [{"COMPUTE_DQ": 1}, {"COMPUTE_DQ": 0}]}
+EXTRA = {"flash_bwd_dkdv": [{"COMPUTE_DQ": 1}, {"COMPUTE_DQ": 0}],
+         # decode: the largest row tile (the table's), one m16 tile, and the softcap variant
+         "flash_decode": [{}, {"BLOCK_M": 16}, {"SOFTCAP": 1}], "flash_decode_f32": [{}, {"SOFTCAP": 1}]}
+# Kernels compiled with and without 16-byte copies (VEC_LOADS); decode has no causal variant.
+VEC_VARIANTS = configs.TENSOR_CORE_KERNELS + configs.DECODE_KERNELS
 
 
 def nvrtc_compile(code: str, name: str, options: list[str]) -> tuple[bool, str]:
@@ -67,7 +72,9 @@ def variants(archs: list[int], quick: bool):
                 for causal in (False, True):
                     if configs.select(cfg.kernel, arch, cfg.head_dim, causal) != cfg:
                         continue  # not the row a device of this arch would use for this call
-                    for vec in (True, False) if cfg.kernel in configs.TENSOR_CORE_KERNELS else (True,):
+                    if causal and cfg.kernel in configs.DECODE_KERNELS:
+                        continue  # masking is a run-time argument there
+                    for vec in (True, False) if cfg.kernel in VEC_VARIANTS else (True,):
                         if quick and (causal or not vec):
                             continue
                         for extra in EXTRA.get(cfg.kernel, [{}]):
@@ -78,12 +85,15 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--arch", type=int, nargs="+", default=[80, 86, 90])
     parser.add_argument("--quick", action="store_true", help="non-causal, vectorized variants only")
+    parser.add_argument("--kernels", nargs="+", help="only these table kernels (default: all)")
     args = parser.parse_args(argv)
 
     failures = fallback_spills = 0
     print(f"{'kernel':14} {'sm':>3} {'dtype':9} {'D':>4} {'tile':>8} {'causal':>6} {'vec':>3} "
           f"{'regs':>4} {'smem KB':>7} {'stack':>5} {'spill':>5} {'sec':>5}")
     for cfg, arch, dtype, causal, vec, extra in variants(args.arch, args.quick):
+        if args.kernels and cfg.kernel not in args.kernels:
+            continue
         source = configs.SOURCES.get(cfg.kernel, cfg.kernel + ".cu")
         code = jit.preprocess("cuda", source)
         options = [f"--gpu-architecture=sm_{arch}", "-std=c++17", "--ptxas-options=-v"]

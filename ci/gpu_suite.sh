@@ -24,8 +24,9 @@ step() {  # step NAME TIMEOUT COMMAND...: run, log to $OUT/NAME.log, keep its la
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader > "$OUT/gpu.txt"
 phases=${*:-checks sanitize bench}
 if [[ " $phases " == *" checks "* ]]; then
-    step kernels 300 python ci/kernel_check.py
-    step kernels_bwd 300 python ci/kernel_check_bwd.py
+    step kernels 300 python ci/kernel_check.py --cases grid,variants
+    step kernels_bwd 300 python ci/kernel_check_bwd.py --cases grid,variants
+    [ -f ci/kernel_check_decode.py ] && step decode 300 python ci/kernel_check_decode.py
     step pytest 600 python -m pytest -m gpu -q -p no:cacheprovider
     step compile 120 python ci/compile_timing.py
 fi
@@ -36,6 +37,8 @@ fi
 if [[ " $phases " == *" bench "* ]]; then
     step bench 900 python -m xattn bench --out "$OUT"
     step bench_bwd 900 python -m xattn bench --bwd --out "$OUT"
+    step bench_variants 300 python -m xattn bench --variants --out "$OUT"
+    step bench_overhead 300 python -m xattn bench --overhead --out "$OUT"
 fi
 
 echo "== GPU suite on $(cat "$OUT/gpu.txt") =="

@@ -11,8 +11,9 @@
 
 from xattn.api import attention, attention_varlen, exact_attention
 from xattn.backends import BackendStatus, available_backends
+from xattn.kvcache import attention_with_kvcache
 from xattn.sources import kernel_files, kernel_source
 
 __version__ = "0.1.0"
-__all__ = ["attention", "attention_varlen", "exact_attention", "available_backends", "BackendStatus",
+__all__ = ["attention", "attention_varlen", "attention_with_kvcache", "exact_attention", "available_backends", "BackendStatus",
            "kernel_source", "kernel_files", "__version__"]

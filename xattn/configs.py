@@ -36,6 +36,7 @@ class TileConfig(NamedTuple):
     block_n: int
     warps: int
     min_blocks: int
+    stages: int = 1  # cp.async pipeline depth; only flash_decode rows set it (see below)
 
 
 _ROWS = [
@@ -105,6 +106,35 @@ _ROWS = [
     ("flash_bwd_simt_dkdv", 80, 64,   None,   32,      32,      4,     1),
     ("flash_bwd_simt_dkdv", 80, 128,  None,   32,      32,      4,     1),
     ("flash_bwd_simt_dkdv", 80, 256,  None,   32,      12,      4,     1),
+    # KV-cache decoding (flash_decode.cu): block_m = most query rows (GQA group x tokens) per tile,
+    # block_n = keys per pipeline step of the block (warps x keys per warp; float32: 32 per warp),
+    # stages = each warp's cp.async ring depth. Sized so that min_blocks blocks fit one SM's
+    # shared memory (228 KB sm_90, 164 KB sm_80, 100 KB sm_86) with 2-3 steps in flight per warp.
+    # kernel          arch  head_dim causal  block_m  block_n  warps  min_blocks stages
+    ("flash_decode",   80,   32,      None,   64,      64,      4,     2,         4),
+    ("flash_decode",   80,   64,      None,   64,      64,      4,     2,         3),
+    ("flash_decode",   80,   128,     None,   32,      64,      4,     2,         2),
+    ("flash_decode",   80,   256,     None,   16,      64,      4,     1,         2),
+    ("flash_decode",   86,   32,      None,   64,      64,      4,     1,         4),
+    ("flash_decode",   86,   64,      None,   64,      64,      4,     1,         3),
+    ("flash_decode",   86,   128,     None,   32,      64,      4,     1,         2),
+    ("flash_decode",   86,   256,     None,   16,      32,      2,     1,         2),
+    ("flash_decode",   90,   32,      None,   64,      64,      4,     2,         6),
+    ("flash_decode",   90,   64,      None,   64,      64,      4,     2,         5),
+    ("flash_decode",   90,   128,     None,   32,      64,      4,     2,         3),
+    ("flash_decode",   90,   256,     None,   16,      64,      4,     1,         3),
+    ("flash_decode_f32", 80, 32,      None,   16,      128,     4,     1,         4),
+    ("flash_decode_f32", 80, 64,      None,   16,      128,     4,     1,         2),
+    ("flash_decode_f32", 80, 128,     None,   8,       64,      2,     1,         2),
+    ("flash_decode_f32", 80, 256,     None,   8,       32,      1,     1,         2),
+    ("flash_decode_f32", 86, 32,      None,   16,      128,     4,     1,         2),
+    ("flash_decode_f32", 86, 64,      None,   16,      64,      2,     1,         2),
+    ("flash_decode_f32", 86, 128,     None,   8,       32,      1,     1,         2),
+    ("flash_decode_f32", 86, 256,     None,   8,       32,      1,     1,         1),
+    ("flash_decode_f32", 90, 32,      None,   16,      128,     4,     1,         4),
+    ("flash_decode_f32", 90, 64,      None,   16,      128,     4,     1,         3),
+    ("flash_decode_f32", 90, 128,     None,   8,       64,      2,     1,         3),
+    ("flash_decode_f32", 90, 256,     None,   8,       32,      1,     1,         3),
 ]
 
 TABLE = [TileConfig(*row) for row in _ROWS]
@@ -112,7 +142,8 @@ TABLE = [TileConfig(*row) for row in _ROWS]
 # Which forward kernel serves which dtype.
 KERNEL_FOR_DTYPE = {"float16": "flash_fwd", "bfloat16": "flash_fwd", "float32": "flash_fwd_f32"}
 # Kernels whose entry point lives in a source file of another name.
-SOURCES = {"flash_bwd_simt_dq": "flash_bwd_simt.cu", "flash_bwd_simt_dkdv": "flash_bwd_simt.cu"}
+SOURCES = {"flash_bwd_simt_dq": "flash_bwd_simt.cu", "flash_bwd_simt_dkdv": "flash_bwd_simt.cu",
+           "flash_decode_f32": "flash_decode.cu"}
 # The two halves of the CUDA-core backward, and the size of the tile each streams (warp size).
 SIMT_BACKWARD_KERNELS = ("flash_bwd_simt_dq", "flash_bwd_simt_dkdv")
 SIMT_TILE = 32
@@ -158,6 +189,8 @@ def shared_memory_bytes(cfg: TileConfig) -> int:
         tiles = 2 * SIMT_TILE * (cfg.head_dim + 1)  # K, V (_dq) or Q, dO (_dkdv), odd stride
         slices = owned * SIMT_TILE * (1 if cfg.kernel == "flash_bwd_simt_dq" else 2)  # dS or (P, dS)
         return (rows + tiles + slices) * 4
+    if cfg.kernel in DECODE_KERNELS:  # the variant with the most rows per tile
+        return decode_shared_memory_bytes(cfg, cfg.block_m)
     raise KeyError(cfg.kernel)
 
 
@@ -183,11 +216,41 @@ def defines(cfg: TileConfig, dtype: str, causal: bool, vec_loads: bool) -> dict[
             "ELEM_BF16": int(dtype == "bfloat16"),
             "ROWS_PER_WARP": owned // cfg.warps,
         }
+    if cfg.kernel in DECODE_KERNELS:  # BLOCK_M and SOFTCAP are the launch's (xattn/kvcache.py)
+        return common | decode_defines(cfg, dtype, cfg.block_m, vec_loads, softcap=False)
     return common | {"ELEM_F32": 1, "ROWS_PER_WARP": cfg.block_m // cfg.warps}  # flash_fwd_f32
 
 
 def grid(cfg: TileConfig, seqlen_q: int, heads: int, batch: int) -> tuple[int, int, int]:
     return (math.ceil(seqlen_q / cfg.block_m), heads, batch)
+
+
+# ---- KV-cache decoding (flash_decode.cu, launched by xattn/kvcache.py) ---------------------------
+DECODE_KERNELS = ("flash_decode", "flash_decode_f32")
+DECODE_KERNEL_FOR_DTYPE = {"float16": "flash_decode", "bfloat16": "flash_decode",
+                           "float32": "flash_decode_f32"}
+
+
+def decode_shared_memory_bytes(cfg: TileConfig, rows: int) -> int:
+    """Dynamic shared memory of a flash_decode block with `rows` query rows per tile (the layout
+    in the kernel's header): Q tile, row limits, then the warps' K/V rings or, reusing them, the
+    merge scratch."""
+    size = 4 if cfg.kernel == "flash_decode_f32" else 2
+    stride = cfg.head_dim + 16 // size  # rows padded by 16 bytes
+    q, limits = rows * stride * size, 2 * rows * 4
+    rings = cfg.stages * 2 * cfg.block_n * stride * size  # K and V, every warp's share
+    merge = (rows * (cfg.head_dim + 4) + 2 * cfg.warps * rows) * 4
+    return q + limits + max(rings, merge)
+
+
+def decode_defines(cfg: TileConfig, dtype: str, rows: int, vec_loads: bool,
+                   softcap: bool) -> dict[str, int]:
+    return {
+        "HEAD_DIM": cfg.head_dim, "NUM_WARPS": cfg.warps, "MIN_BLOCKS": cfg.min_blocks,
+        "ELEM_F32": int(dtype == "float32"), "ELEM_BF16": int(dtype == "bfloat16"),
+        "BLOCK_M": rows, "WARP_N": cfg.block_n // cfg.warps, "STAGES": cfg.stages,
+        "VEC_LOADS": int(vec_loads), "SOFTCAP": int(softcap),
+    }
 
 
 # ---- HIP (AMD) ----------------------------------------------------------------------------------

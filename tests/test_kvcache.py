@@ -1,0 +1,443 @@
+"""attention_with_kvcache against the float64 oracle, on every backend (the `backend` fixture).
+
+The oracle is computed here from the inputs as the backend saw them: for sequence b the keys are
+the first cache_seqlens[b] cache rows followed by k_new[b], and reference.exact_attention_bhsd
+attends over exactly those. Cache rows past each sequence's keys, and the rows k_new is about to
+overwrite, hold NaN: a kernel that reads a row it should not, or an append that misses its row,
+turns the output NaN. After the call the caches must hold k_new/v_new at exactly the new rows and
+be bitwise unchanged everywhere else.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import xattn
+from conftest import to_float64
+from problems import present, to_bhsd
+from test_properties import assert_matches
+from xattn import configs, kvcache, reference
+
+HAS_TORCH = importlib.util.find_spec("torch") is not None
+HEAD_DIMS = (1, 7, 32, 63, 64, 80, 128, 129, 200, 256)
+CACHE_LENGTHS = (0, 1, 5, 64, 65, 130, 300)
+QUERY_LENGTHS = (1, 1, 2, 3, 4, 16, 40)  # 40 x a group of 8 rows: several row tiles
+GQA = (1, 4, 8)
+EXAMPLES = {"reference": 40, "cuda": 120}
+
+
+# ----------------------------------------------------------------------------- drawing cases
+
+@st.composite
+def cases(draw, backend):
+    batch = draw(st.integers(1, 3))
+    heads_k = draw(st.integers(1, 2))
+    heads_q = heads_k * draw(st.sampled_from(GQA))
+    seqlen_q = draw(st.sampled_from(QUERY_LENGTHS))
+    seqlen_max = draw(st.sampled_from(CACHE_LENGTHS))
+    seqlen_new = draw(st.sampled_from((0, 1, 1, 3, 16)).filter(lambda n: n <= seqlen_max))
+    with_new = seqlen_new > 0 or draw(st.booleans())  # Snew = 0: with empty k_new or without
+    # Lengths include 0 and the largest that leaves room for the new rows.
+    room = seqlen_max - seqlen_new
+    lengths = [draw(st.sampled_from((0, room, room // 2)) | st.integers(0, room)) for _ in range(batch)]
+    window = draw(st.sampled_from((None, None, (-1, -1), (0, 0), (3, -1), (-1, 2), (17, 1), (0, -1),
+                                   (1000, 1000))))
+    library, dtype = draw(st.sampled_from(backend.kinds))
+    return dict(
+        batch=batch, heads_q=heads_q, heads_k=heads_k, seqlen_q=seqlen_q, seqlen_max=seqlen_max,
+        seqlen_new=seqlen_new, with_new=with_new, lengths=lengths,
+        head_dim=draw(st.sampled_from(HEAD_DIMS)), layout=draw(st.sampled_from(("bhsd", "bshd"))),
+        causal=draw(st.booleans()), window=window,
+        softcap=draw(st.sampled_from((None, None, 0.0, 1.5, 30.0))),
+        scale=draw(st.sampled_from((None, 0.05, 2.0))), spread=draw(st.sampled_from((1.0, 4.0))),
+        lengths_as=draw(st.sampled_from(("array", "array", "int"))) if len(set(lengths)) == 1 else "array",
+        q_memory=draw(st.sampled_from(("contiguous", "sliced", "transposed", "strided_last_dim"))),
+        cache_memory=draw(st.sampled_from(("contiguous", "sliced", "transposed"))),
+        library=library, dtype=dtype, seed=draw(st.integers(0, 2**32 - 1)))
+
+
+def make_inputs(backend, c):
+    """Arrays for the backend (in the case's layout) and their float64 bhsd values as presented."""
+    rng = np.random.default_rng(c["seed"])
+    b, hq, hk, sq, smax, snew, d = (c[k] for k in ("batch", "heads_q", "heads_k", "seqlen_q",
+                                                     "seqlen_max", "seqlen_new", "head_dim"))
+    q = c["spread"] * rng.standard_normal((b, hq, sq, d))
+    caches = [rng.standard_normal((b, hk, smax, d)) * s for s in (c["spread"], 1.0)]
+    for cache in caches:  # rows past each sequence's old length: NaN until k_new lands there
+        for i, length in enumerate(c["lengths"]):
+            cache[i, :, length:] = np.nan
+    new = [rng.standard_normal((b, hk, snew, d)) * s for s in (c["spread"], 1.0)]
+
+    def put(x, memory):
+        return present(backend, x, c["layout"], c["library"], c["dtype"], memory)
+
+    arrays = dict(q=put(q, c["q_memory"]), k_cache=put(caches[0], c["cache_memory"]),
+                  v_cache=put(caches[1], c["cache_memory"]))
+    if c["with_new"]:
+        arrays["k_new"], arrays["v_new"] = (put(x, c["q_memory"]) for x in new)
+    seen = {name: to_bhsd(to_float64(x), c["layout"]) for name, x in arrays.items()}
+    return arrays, seen
+
+
+def seqlens_argument(backend, c):
+    if c["lengths_as"] == "int":
+        return c["lengths"][0]
+    lengths = np.asarray(c["lengths"], dtype=np.int32)
+    if c["library"] == "numpy":
+        return lengths
+    if c["library"] == "torch":
+        import torch
+        return torch.from_numpy(lengths).to(backend.device)
+    import cupy
+    return cupy.asarray(lengths)
+
+
+def oracle(c, seen):
+    """(out, lse) in float64, sequence by sequence over exactly its keys, and the float32 score
+    rounding to allow for: eps32 * scale * max_ij sum_d |q_id k_jd| (test_properties.py explains
+    it; at the default scale on unit-variance data it stays far below the fixed tolerance)."""
+    outs, lses, largest = [], [], 0.0
+    scale = c["scale"] if c["scale"] is not None else 1 / math.sqrt(c["head_dim"])
+    for i, length in enumerate(c["lengths"]):
+        k, v = seen["k_cache"][i:i + 1, :, :length], seen["v_cache"][i:i + 1, :, :length]
+        if c["with_new"]:
+            k = np.concatenate([k, seen["k_new"][i:i + 1]], axis=2)
+            v = np.concatenate([v, seen["v_new"][i:i + 1]], axis=2)
+        out, lse = reference.exact_attention_bhsd(
+            seen["q"][i:i + 1], k, v, causal=c["causal"], scale=scale,
+            window=c["window"] or (-1, -1), softcap=c["softcap"] or 0.0)
+        outs.append(out)
+        lses.append(lse)
+        if k.shape[2] and seen["q"].shape[2]:
+            group = seen["q"].shape[1] // k.shape[1]
+            sums = np.abs(seen["q"][i]) @ np.abs(np.repeat(k[0], group, axis=0)).swapaxes(-1, -2)
+            largest = max(largest, float(sums.max()))
+    rounding = 2.0**-24 * scale * largest if c["dtype"] == "float32" else 0.0
+    return np.concatenate(outs), np.concatenate(lses), rounding
+
+
+def expected_caches(c, seen):
+    """The caches after the call: k_new/v_new at rows [length, length + Snew), the rest as before."""
+    want = {name: seen[name].copy() for name in ("k_cache", "v_cache")}
+    if c["with_new"]:
+        for i, length in enumerate(c["lengths"]):
+            want["k_cache"][i, :, length:length + c["seqlen_new"]] = seen["k_new"][i]
+            want["v_cache"][i, :, length:length + c["seqlen_new"]] = seen["v_new"][i]
+    return want
+
+
+def run_and_check(backend, c):
+    arrays, seen = make_inputs(backend, c)
+    want_out, want_lse, rounding = oracle(c, seen)
+    want_caches = expected_caches(c, seen)
+    out, lse = xattn.attention_with_kvcache(
+        **arrays, cache_seqlens=seqlens_argument(backend, c), causal=c["causal"], scale=c["scale"],
+        window=c["window"], softcap=c["softcap"], layout=c["layout"], return_lse=True)
+    q = arrays["q"]
+    assert type(out) is type(q) and tuple(out.shape) == tuple(q.shape) and out.dtype == q.dtype
+    assert "float32" in str(lse.dtype) and tuple(lse.shape) == (c["batch"], c["heads_q"], c["seqlen_q"])
+    for name in ("k_cache", "v_cache"):  # exactly the new rows written, nothing else touched
+        got = to_bhsd(to_float64(arrays[name]), c["layout"])
+        np.testing.assert_array_equal(got, want_caches[name], f"{name} after the call")
+    assert_matches(to_bhsd(to_float64(out), c["layout"]), to_float64(lse), want_out, want_lse,
+                   c["dtype"], score_error=rounding)
+
+
+# ----------------------------------------------------------------------------- properties
+
+def test_matches_oracle(backend):
+    @settings(max_examples=EXAMPLES[backend.name])
+    @given(c=cases(backend))
+    def check(c):
+        run_and_check(backend, c)
+
+    check()
+
+
+SHAPES = [  # (B, Hq, Hk, Sq, Smax, Snew, D, lengths): the decode shapes and the edges, every backend
+    (2, 8, 2, 1, 300, 1, 128, [0, 299]),       # empty cache + new token, a full cache
+    (3, 32, 4, 1, 130, 0, 64, [130, 0, 65]),   # Snew = 0: cache_seqlens 0 and Smax
+    (1, 8, 1, 16, 200, 16, 128, [184]),        # 16 query tokens x GQA 8 = 128 rows
+    (2, 4, 4, 5, 65, 3, 7, [62, 1]),           # odd head dim, MHA
+    (1, 2, 2, 40, 40, 40, 256, [0]),           # prefill into an empty cache: Sq = Snew = Smax
+]
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+@pytest.mark.parametrize("layout", ["bhsd", "bshd"])
+def test_decode_shapes(backend, shape, layout):
+    b, hq, hk, sq, smax, snew, d, lengths = shape
+    for i, (library, dtype) in enumerate(backend.kinds):
+        for causal, window, softcap in ((True, None, None), (False, (4, 2), 20.0)):
+            run_and_check(backend, dict(
+                batch=b, heads_q=hq, heads_k=hk, seqlen_q=sq, seqlen_max=smax, seqlen_new=snew,
+                with_new=True, lengths=lengths, head_dim=d, layout=layout, causal=causal,
+                window=window, softcap=softcap, scale=None, spread=1.0, lengths_as="array",
+                q_memory="contiguous", cache_memory="contiguous", library=library, dtype=dtype,
+                seed=i))
+
+
+def test_softcap_with_large_scores(backend):
+    """Scores of hundreds: without the cap the softmax is one-hot, with c = 5 it is not; the
+    kernels' tanh must hold up at both ends."""
+    for library, dtype in backend.kinds:
+        run_and_check(backend, dict(
+            batch=2, heads_q=8, heads_k=2, seqlen_q=2, seqlen_max=150, seqlen_new=2, with_new=True,
+            lengths=[148, 37], head_dim=64, layout="bhsd", causal=True, window=None, softcap=5.0,
+            scale=1.0, spread=4.0, lengths_as="array", q_memory="contiguous",
+            cache_memory="contiguous", library=library, dtype=dtype, seed=7))
+
+
+# ----------------------------------------------------------------------------- GPU only
+
+@pytest.fixture
+def forced_splits(monkeypatch):
+    def force(n):
+        monkeypatch.setattr(kvcache, "_FORCED_SPLITS", n)
+        kvcache.num_splits.cache_clear()
+    yield force
+    kvcache.num_splits.cache_clear()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("splits", [1, 2, 7, 200])
+def test_split_counts(cuda_backend, forced_splits, splits):
+    """The same answers whatever the split count: one block writing out directly, several merged,
+    and more splits than steps of keys (empty splits, LSE -inf, skipped by the merge)."""
+    forced_splits(splits)
+    for i, (library, dtype) in enumerate(cuda_backend.kinds):
+        run_and_check(cuda_backend, dict(
+            batch=2, heads_q=8, heads_k=2, seqlen_q=3, seqlen_max=700, seqlen_new=2, with_new=True,
+            lengths=[698, 40], head_dim=128, layout="bshd", causal=True, window=(300, -1),
+            softcap=None, scale=None, spread=1.0, lengths_as="array", q_memory="contiguous",
+            cache_memory="contiguous", library=library, dtype=dtype, seed=i))
+
+
+def _direct(cuda_backend, library, dtype, batch, heads_q, heads_k, seqlen_q, seqlen_max, seqlen_new,
+            head_dim, lengths, *, pad=4):
+    """Launch the kernels directly on caches that are views of larger NaN-padded buffers, with
+    NaN-poisoned out, lse and workspace. Returns the float64 results and the buffers."""
+    import cupy
+    rng = np.random.default_rng(seqlen_max + head_dim)
+    shape = (batch, heads_k, seqlen_max + pad, head_dim)
+    buffers = [cuda_backend.make(rng.standard_normal(shape), library, dtype) for _ in range(2)]
+    caches = [x[:, :, :seqlen_max] for x in buffers]
+    q = cuda_backend.make(rng.standard_normal((batch, heads_q, seqlen_q, head_dim)), library, dtype)
+    new = [cuda_backend.make(rng.standard_normal((batch, heads_k, seqlen_new, head_dim)), library, dtype)
+           for _ in range(2)]
+    out = cuda_backend.make(np.full((batch, heads_q, seqlen_q, head_dim), np.nan), library, dtype)
+    lse = cuda_backend.make(np.full((batch, heads_q, seqlen_q), np.nan), library, "float32")
+    if library == "torch":
+        import torch
+        seqlens = torch.tensor(lengths, dtype=torch.int32, device="cuda")
+        stream = torch.cuda.current_stream().cuda_stream
+
+        def workspace(n):
+            return torch.full((n,), float("nan"), device="cuda")
+    else:
+        seqlens = cupy.asarray(np.asarray(lengths, dtype=np.int32))
+        stream = cupy.cuda.get_current_stream().ptr
+
+        def workspace(n):
+            return cupy.full((n,), np.nan, dtype=cupy.float32)
+    before = [to_float64(x) for x in buffers]
+    call = kvcache._validate(q, caches[0], caches[1], 0, new[0], new[1], True, None, None, None,
+                             "bhsd", True)
+    call.uniform, call.lengths = None, None  # a device array: the kernels read and clamp it
+    kvcache._launch_decode(q, caches[0], caches[1], new[0], new[1], out, lse, seqlens, call,
+                           workspace, stream)
+    return (to_float64(out), to_float64(lse), [to_float64(x) for x in buffers], before,
+            [to_float64(x) for x in (q, *new)])
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("splits", [1, 3])
+def test_out_of_range_lengths_are_clamped(cuda_backend, forced_splits, splits):
+    """Device lengths are never checked on the host: negative ones count as 0, ones past Smax as
+    Smax, new rows at or past Smax are dropped, and nothing outside the caches is touched (the
+    padding rows after each head's Smax rows keep their values)."""
+    forced_splits(splits)
+    smax, snew = 50, 3
+    lengths = [-7, 49, 60, 10]
+    for library, dtype in cuda_backend.kinds:
+        out, lse, after, before, (q, kn, vn) = _direct(cuda_backend, library, dtype, 4, 4, 2, 2, smax,
+                                                       snew, 64, lengths)
+        for i, length in enumerate(lengths):
+            start = min(max(length, 0), smax)
+            keep = min(start + snew, smax) - start  # new rows that fit
+            for buffer, before_b, new in zip(after, before, (kn, vn)):
+                want = before_b[i].copy()
+                want[:, start:start + keep] = new[i, :, :keep]
+                np.testing.assert_array_equal(buffer[i], want)
+            seqlen_k = start + keep
+            k = after[0][i:i + 1, :, :seqlen_k]
+            v = after[1][i:i + 1, :, :seqlen_k]
+            want_out, want_lse = reference.exact_attention_bhsd(q[i:i + 1], k, v, causal=True,
+                                                                scale=1 / 8)
+            assert_matches(out[i:i + 1], lse[i:i + 1], want_out, want_lse, dtype)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("splits", [1, 4])
+def test_every_output_element_is_written(cuda_backend, forced_splits, splits):
+    """out, lse and the workspace start as NaN: every element the merge reads or the call returns
+    must have been written (rows past Sq * group in the last tile, empty splits included)."""
+    forced_splits(splits)
+    for library, dtype in cuda_backend.kinds:
+        for heads_q, seqlen_q, head_dim in ((8, 3, 96), (2, 9, 33), (16, 1, 256)):
+            out, lse, after, _, (q, _, _) = _direct(cuda_backend, library, dtype, 2, heads_q, 2,
+                                                   seqlen_q, 300, 0, head_dim, [300, 0])
+            assert not np.isnan(out).any() and not np.isnan(lse).any()
+            want_out, want_lse = reference.exact_attention_bhsd(
+                q[:1], after[0][:1, :, :300], after[1][:1, :, :300], causal=True,
+                scale=1 / math.sqrt(head_dim))
+            assert_matches(out[:1], lse[:1], want_out, want_lse, dtype)
+            assert (out[1] == 0).all() and np.isneginf(lse[1]).all()  # an empty cache
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_TORCH, reason="torch is not installed")
+def test_cuda_graph_replay_reads_lengths_on_the_device(cuda_backend):
+    """A call captured in a CUDA graph (no host synchronization, no allocation outside torch's)
+    and replayed after cache_seqlens changed on the device gives the new lengths' answer."""
+    import torch
+    if not torch.cuda.is_available():
+        pytest.skip("torch has no CUDA")
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    b, hq, hk, smax, d = 3, 8, 2, 1000, 128
+    q = torch.randn(b, hq, 1, d, device="cuda", generator=gen).half()
+    kc, vc = (torch.randn(b, hk, smax, d, device="cuda", generator=gen).half() for _ in range(2))
+    kn, vn = (torch.randn(b, hk, 1, d, device="cuda", generator=gen).half() for _ in range(2))
+    seqlens = torch.tensor([5, 500, 998], dtype=torch.int32, device="cuda")
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):  # warm-up compiles the kernels outside the capture
+        xattn.attention_with_kvcache(q, kc, vc, cache_seqlens=seqlens, k_new=kn, v_new=vn)
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = xattn.attention_with_kvcache(q, kc, vc, cache_seqlens=seqlens, k_new=kn, v_new=vn)
+    seqlens.copy_(torch.tensor([7, 0, 321], dtype=torch.int32))
+    graph.replay()
+    torch.cuda.synchronize()
+    for i, length in enumerate([7, 0, 321]):
+        k, v = (x[i:i + 1, :, :length + 1].double().cpu().numpy() for x in (kc, vc))
+        np.testing.assert_array_equal(k[:, :, -1:], kn[i:i + 1].double().cpu().numpy())
+        want, _ = reference.exact_attention_bhsd(q[i:i + 1].double().cpu().numpy(), k, v, causal=True,
+                                                 scale=1 / math.sqrt(d))
+        got = out[i:i + 1].double().cpu().numpy()
+        assert np.linalg.norm(got - want) <= 2e-3 * np.linalg.norm(want)
+
+
+# ----------------------------------------------------------------------------- launch arithmetic
+
+def test_split_count_fills_the_gpu():
+    slots = 132 * 2
+    # B=8 x Hk=8 pairs of 4096 keys (64 steps): one split would use a quarter of the slots.
+    splits = kvcache.num_splits(64, slots, 64, 3)
+    assert 64 * splits >= 0.9 * slots and splits <= 64
+    # Already more than a wave of blocks: no split, no merge.
+    assert kvcache.num_splits(512, slots, 64, 3) == 1
+    # Never more splits than steps of keys, nor than MAX_SPLITS.
+    assert kvcache.num_splits(1, slots, 3, 3) <= 3
+    assert kvcache.num_splits(1, slots, 10**6, 3) <= kvcache.MAX_SPLITS
+
+
+def test_decode_rows_fit_shared_memory():
+    """min_blocks blocks of every decode row fit one SM (1 KB reserved per block), each block
+    within the per-block limit; the variant with the most rows per tile is the largest."""
+    per_sm = {80: 164 * 1024, 86: 100 * 1024, 90: 228 * 1024}
+    per_block = {80: 163 * 1024, 86: 99 * 1024, 90: 227 * 1024}
+    for cfg in configs.TABLE:
+        if cfg.kernel in configs.DECODE_KERNELS:
+            smem = configs.shared_memory_bytes(cfg)
+            assert smem <= per_block[cfg.arch], cfg
+            assert cfg.min_blocks * (smem + 1024) <= per_sm[cfg.arch], cfg
+            assert cfg.block_n % cfg.warps == 0 and cfg.stages >= 1, cfg
+            for rows in (16, 32, 64):
+                if rows <= cfg.block_m:
+                    assert configs.decode_shared_memory_bytes(cfg, rows) <= smem
+
+
+# ----------------------------------------------------------------------------- bad input
+
+def _host(shape, dtype="float32"):
+    return np.zeros(shape, dtype=dtype)
+
+
+Q, KC, VC = _host((2, 4, 1, 16)), _host((2, 2, 10, 16)), _host((2, 2, 10, 16))
+KN, VN = _host((2, 2, 3, 16)), _host((2, 2, 3, 16))
+LENS = np.array([3, 7], dtype=np.int32)
+
+BAD = [  # (id, arguments, keyword arguments, exception, words the message must contain)
+    ("q rank", (Q[0], KC, VC), {}, ValueError, ["q:", "4-d", "(4, 1, 16)"]),
+    ("cache batch", (Q, KC[:1], VC[:1]), {}, ValueError, ["k_cache:", "batch size 2", "got 1"]),
+    ("cache head dim", (Q, KC[..., :8], VC[..., :8]), {}, ValueError, ["k_cache:", "head dim 16", "got 8"]),
+    ("v_cache shape", (Q, KC, VC[:, :, :9]), {}, ValueError, ["v_cache:", "(2, 2, 10, 16)", "(2, 2, 9, 16)"]),
+    ("gqa", (_host((2, 3, 1, 16)), KC, VC), {}, ValueError, ["q:", "divisible by k_cache's 2 heads", "got 3"]),
+    ("dtype", (Q, KC.astype("float16"), VC), {}, TypeError, ["k_cache:", "dtype float32", "got float16"]),
+    ("int dtype", (Q.astype("int32"), KC.astype("int32"), VC.astype("int32")), {}, TypeError,
+     ["q:", "float16, bfloat16, float32", "got int32"]),
+    ("k_new alone", (Q, KC, VC), {"k_new": KN}, ValueError, ["v_new:", "when k_new is given", "None"]),
+    ("v_new alone", (Q, KC, VC), {"v_new": VN}, ValueError, ["k_new:", "when v_new is given", "None"]),
+    ("k_new heads", (Q, KC, VC), {"k_new": KN[:, :1], "v_new": VN[:, :1]}, ValueError,
+     ["k_new:", "(2, 2, 'Snew', 16)", "(2, 1, 3, 16)"]),
+    ("v_new shape", (Q, KC, VC), {"k_new": KN, "v_new": VN[:, :, :2]}, ValueError,
+     ["v_new:", "(2, 2, 3, 16)", "(2, 2, 2, 16)"]),
+    ("too many new", (Q, _host((2, 2, 2, 16)), _host((2, 2, 2, 16))), {"k_new": KN, "v_new": VN,
+     "cache_seqlens": 0}, ValueError, ["k_new:", "at most 2 new tokens", "got 3"]),
+    ("length past the cache", (Q, KC, VC), {"k_new": KN, "v_new": VN,
+     "cache_seqlens": np.array([3, 8], dtype=np.int32)}, ValueError,
+     ["cache_seqlens:", "cache_seqlens + Snew <= Smax", "got 8 at batch 1"]),
+    ("negative length", (Q, KC, VC), {"cache_seqlens": np.array([-1, 0], dtype=np.int32)}, ValueError,
+     ["cache_seqlens:", "0 <= cache_seqlens", "got -1 at batch 0"]),
+    ("int length past the cache", (Q, KC, VC), {"cache_seqlens": 11}, ValueError,
+     ["cache_seqlens:", "Smax = 10", "got 11"]),
+    ("lengths dtype", (Q, KC, VC), {"cache_seqlens": LENS.astype(np.int64)}, TypeError,
+     ["cache_seqlens:", "int32", "got int64"]),
+    ("lengths shape", (Q, KC, VC), {"cache_seqlens": LENS[:1]}, ValueError,
+     ["cache_seqlens:", "shape (2,)", "got (1,)"]),
+    ("lengths list", (Q, KC, VC), {"cache_seqlens": [3, 7]}, TypeError,
+     ["cache_seqlens:", "int32 array (B,) or an int", "list"]),
+    ("lengths bool", (Q, KC, VC), {"cache_seqlens": True}, TypeError, ["cache_seqlens:", "bool"]),
+    ("window type", (Q, KC, VC), {"window": 4}, TypeError, ["window:", "pair of ints", "4"]),
+    ("window value", (Q, KC, VC), {"window": (-2, 0)}, ValueError, ["window:", ">= -1", "(-2, 0)"]),
+    ("softcap negative", (Q, KC, VC), {"softcap": -1.0}, ValueError, ["softcap:", ">= 0", "-1.0"]),
+    ("softcap type", (Q, KC, VC), {"softcap": "big"}, TypeError, ["softcap:", "got str"]),
+    ("scale", (Q, KC, VC), {"scale": 0.0}, ValueError, ["scale:", "finite positive", "0.0"]),
+    ("layout", (Q, KC, VC), {"layout": "sbhd"}, ValueError, ["layout:", "'bhsd' or 'bshd'", "'sbhd'"]),
+    ("causal", (Q, KC, VC), {"causal": 1}, TypeError, ["causal:", "bool", "1"]),
+    ("backend", (Q, KC, VC), {"backend": "cuda"}, ValueError, ["backend:", "got 'cuda'"]),
+    ("read-only cache", (Q, np.broadcast_to(KC, KC.shape), VC), {"k_new": KN, "v_new": VN}, ValueError,
+     ["k_cache:", "writable", "read-only"]),
+]
+
+
+@pytest.mark.parametrize("args, kwargs, error, words", [case[1:] for case in BAD],
+                         ids=[case[0] for case in BAD])
+def test_bad_input_is_named(args, kwargs, error, words):
+    kwargs = {"cache_seqlens": LENS} | kwargs
+    with pytest.raises(error) as raised:
+        xattn.attention_with_kvcache(*args, **kwargs)
+    for word in words:
+        assert word in str(raised.value), (word, str(raised.value))
+
+
+@pytest.mark.skipif(not HAS_TORCH, reason="torch is not installed")
+def test_torch_inputs_that_require_grad_are_refused():
+    import torch
+    q, kc, vc = (torch.zeros(s) for s in ((1, 2, 1, 8), (1, 1, 4, 8), (1, 1, 4, 8)))
+    lengths = torch.tensor([4], dtype=torch.int32)
+    with pytest.raises(TypeError, match=r"q: expected a tensor that does not require grad .*inference only"):
+        xattn.attention_with_kvcache(q.requires_grad_(), kc, vc, cache_seqlens=lengths)
+    with torch.no_grad():  # inference mode: fine
+        out = xattn.attention_with_kvcache(q, kc, vc, cache_seqlens=lengths)
+    assert not out.requires_grad
+    with pytest.raises(TypeError, match=r"cache_seqlens: expected a torch tensor \(as q\)"):
+        xattn.attention_with_kvcache(q.detach(), kc, vc, cache_seqlens=np.array([4], dtype=np.int32))

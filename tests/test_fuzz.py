@@ -40,7 +40,8 @@ from problems import present
 from xattn import reference
 
 EXAMPLES = int(os.environ.get("XATTN_FUZZ_EXAMPLES", "150"))
-ARGUMENTS = ("q", "k", "v", "causal", "scale", "layout", "return_lse", "backend", "deterministic")
+ARGUMENTS = ("q", "k", "v", "causal", "scale", "layout", "return_lse", "backend", "deterministic",
+             "window", "softcap", "cu_seqlens_q", "cu_seqlens_k", "max_seqlen_q", "max_seqlen_k")
 NAMES_AN_ARGUMENT = re.compile(rf"^({'|'.join(ARGUMENTS)}): \S")
 FLOAT_DTYPES = ("float16", "bfloat16", "float32", "float64")
 SUPPORTED = {"reference": FLOAT_DTYPES, "cuda": ("float16", "bfloat16", "float32")}
@@ -167,6 +168,11 @@ SCALES = st.one_of(
     st.sampled_from((math.nan, math.inf, -math.inf, 0.0, -0.0, -1.0, -1, True, False, "0.5",
                      b"1", 10**400, 1e300, MAX_SCALE * 1.01, [0.5], np.array([0.5, 1.0]),
                      complex(0.5, 0))))
+WINDOWS = st.sampled_from((None,) * 6 + ((0, 0), (3, -1), (-1, 2), (5, 0), (10**12, 5), [2, 1],
+                           (-2, 0), (0, -3), (1,), (1, 2, 3), (1.5, 2), "3", 3, (True, 1),
+                           (np.int64(4), 0)))
+SOFTCAPS = st.sampled_from((None,) * 6 + (0, 0.0, 5.0, 30, np.float32(2.5), -1.0, math.nan,
+                                          math.inf, "2", True, 1e-30))
 LAYOUTS = st.sampled_from(("bhsd", "bshd") * 12 + (np.str_("bshd"), "BHSD", "bsdh", "",
                            None, 0, b"bhsd", ["bhsd"], np.array(["bhsd", "bshd"])))
 
@@ -245,14 +251,14 @@ def calls(draw, backend):
         tensors.append(t)
 
     kwargs = {}
-    flags = ["causal", "scale", "layout"]
+    flags = ["causal", "scale", "layout", "window", "softcap"]
     if function == "attention":
         flags += ["return_lse", "backend", "deterministic"]
     for flag in flags:
         if flag == "layout":
             kwargs["layout"] = layout
         elif draw(st.booleans()):
-            kwargs[flag] = draw({"scale": SCALES,
+            kwargs[flag] = draw({"scale": SCALES, "window": WINDOWS, "softcap": SOFTCAPS,
                                  "backend": st.sampled_from((None, "auto", "reference", "cuda",
                                                              "hip", "metal", "", 3, b"cuda")),
                                  }.get(flag, BOOLS))
@@ -283,6 +289,20 @@ def expect(function, tensors, kwargs, backend_name) -> str | None:
         value = kwargs.get(flag, False)
         if not isinstance(value, (bool, np.bool_)):
             return flag
+    window = kwargs.get("window")
+    if window is not None:
+        if not (isinstance(window, (tuple, list)) and len(window) == 2 and all(
+                isinstance(w, (int, np.integer)) and not isinstance(w, (bool, np.bool_))
+                for w in window)):
+            return "window type"
+        if min(window) < -1 or (bool(kwargs.get("causal", False)) and window[1] > 0):
+            return "window value"
+    softcap = kwargs.get("softcap")
+    if softcap is not None:
+        if isinstance(softcap, (bool, np.bool_)) or not isinstance(softcap, (int, float, np.floating)):
+            return "softcap type"
+        if not (softcap == 0 or 0 < softcap < math.inf):  # False for nan
+            return "softcap value"
     scale = kwargs.get("scale")
     if scale is not None:
         if isinstance(scale, (bool, np.bool_)) or not isinstance(scale, (int, float, Fraction,
@@ -318,8 +338,11 @@ def check_result(function, tensors, kwargs, result):
         q, k, v = (x.transpose(0, 2, 1, 3) for x in (q, k, v))
     scale = kwargs.get("scale")
     scale = 1 / math.sqrt(q.shape[3]) if scale is None else float(scale)
-    want_out, want_lse = reference.exact_attention_bhsd(q, k, v, causal=bool(kwargs.get("causal")),
-                                                        scale=scale)
+    causal = bool(kwargs.get("causal"))
+    left, right = kwargs.get("window") or (-1, -1)
+    want_out, want_lse = reference.exact_attention_bhsd(
+        q, k, v, causal=causal, scale=scale, window=(int(left), 0 if causal else int(right)),
+        softcap=float(kwargs.get("softcap") or 0.0))
     q_value, dtype = tensors[0].value, tensors[0].dtype
     if function == "exact_attention":
         out, lse = result
@@ -456,8 +479,55 @@ def test_kernel_source_functions_name_the_argument(call, prefix):
 def test_exports_are_all_fuzzed_or_checked():
     """A new public function must be added to the fuzzer (or here, with a reason)."""
     covered = {"attention", "exact_attention", "kernel_source", "kernel_files",
+               "attention_varlen",  # test_fuzz_varlen_cumulative_lengths below
                "available_backends",  # takes no arguments
                "BackendStatus",  # a NamedTuple, not a function
                "__version__"}
     assert set(xattn.__all__) <= covered, set(xattn.__all__) - covered
     assert all(status.reason for status in xattn.available_backends().values())
+
+
+@settings(max_examples=EXAMPLES)
+@given(data=st.data())
+def test_fuzz_varlen_cumulative_lengths(data):
+    """attention_varlen with drawn cumulative lengths and maxima, valid or not: each call either
+    matches the oracle sequence by sequence or is rejected by a message naming the argument."""
+    count = data.draw(st.integers(0, 4))
+    lengths = [data.draw(st.integers(0, 9)) for _ in range(count)]
+    cu = [0, *np.cumsum(lengths).tolist()]
+    total = cu[-1]
+    corruption = data.draw(st.sampled_from(["none"] * 6 + ["order", "start", "end", "dtype",
+                                                          "rank", "max", "list", "length"]))
+    cu_q = np.array(cu, np.int32)
+    max_q = max(lengths, default=0)
+    if corruption == "order" and count >= 2 and lengths[0] > 0:
+        cu_q[1], cu_q[2] = cu_q[2] + 1, cu_q[1]
+    elif corruption == "start":
+        cu_q = cu_q + 1
+    elif corruption == "end":
+        cu_q = np.append(cu_q, total + 3).astype(np.int32)
+    elif corruption == "dtype":
+        cu_q = cu_q.astype(np.int64)
+    elif corruption == "rank":
+        cu_q = cu_q[None]
+    elif corruption == "max" and max_q > 0:
+        max_q -= 1
+    elif corruption == "list":
+        cu_q = cu
+    elif corruption == "length":
+        cu_q = cu_q[:-1] if count else cu_q
+    rng = np.random.default_rng(data.draw(st.integers(0, 2**31)))
+    q, k, v = (rng.standard_normal((total, h, 8)) for h in (2, 1, 1))
+    cu_k = np.array(cu, np.int32)
+    try:
+        out = xattn.attention_varlen(q, k, v, cu_q, cu_k, max_q, max_q,
+                                     causal=data.draw(st.booleans()))
+    except (TypeError, ValueError) as error:
+        match = NAMES_AN_ARGUMENT.match(str(error))
+        assert match, f"message does not name the argument: {error}"
+        assert corruption != "none", f"valid call rejected: {error}"
+        return
+    changed = not np.array_equal(np.asarray(cu_q), np.array(cu, np.int32)) or \
+        max_q != max(lengths, default=0) or np.asarray(cu_q).dtype != np.int32
+    assert not changed, f"invalid call accepted ({corruption}): {cu_q!r}, max {max_q}"
+    assert out.shape == q.shape and np.isfinite(out).all()

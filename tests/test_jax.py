@@ -51,13 +51,7 @@ def pointer(array) -> int:
 CPU = jax.devices("cpu")[0]
 
 
-@pytest.mark.parametrize("dtype", [
-    "float32", "float16",
-    pytest.param("bfloat16", marks=pytest.mark.xfail(
-        strict=True, raises=BufferError,
-        reason="xattn.arrays.run_on_host hands the bfloat16 result back through NumPy's "
-               "DLPack export, which cannot carry bfloat16 (ml_dtypes); fix proposed")),
-])
+@pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16"])
 @pytest.mark.parametrize("layout", ["bhsd", "bshd"])
 def test_cpu_jax_arrays_come_back_as_jax_arrays(dtype, layout):
     q_shape, kv_shape = (2, 4, 33, 16), (2, 2, 40, 16)  # GQA, Sq != Sk

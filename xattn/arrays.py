@@ -99,8 +99,7 @@ def _dtype_name(dtype) -> str:
 
 def _producer_from_dlpack(x):
     """The from_dlpack of x's own library (jax.numpy for JAX arrays), or None."""
-    top = type(x).__module__.split(".")[0]
-    if top in ("jax", "jaxlib"):
+    if _is_jax(x):
         import jax.numpy
         return jax.numpy.from_dlpack
     return getattr(sys.modules.get(top), "from_dlpack", None)
@@ -191,9 +190,16 @@ def run_on_host(forward, q, k, v, info: ArrayInfo, *, layout: str, dims, **optio
         return out_t, torch.from_numpy(lse)
     if info.library == "dlpack":
         back = _producer_from_dlpack(q)
+        if back is not None and info.dtype == "bfloat16" and _is_jax(q):
+            import jax.numpy
+            back = jax.numpy.asarray  # NumPy exports no bfloat16 through DLPack: JAX copies
         if back is not None:
             return back(out), back(lse)
     return out, lse
+
+
+def _is_jax(x) -> bool:
+    return type(x).__module__.split(".")[0] in ("jax", "jaxlib")
 
 
 def to_float64_numpy(x, info: ArrayInfo) -> np.ndarray:

@@ -441,3 +441,26 @@ def test_torch_inputs_that_require_grad_are_refused():
     assert not out.requires_grad
     with pytest.raises(TypeError, match=r"cache_seqlens: expected a torch tensor \(as q\)"):
         xattn.attention_with_kvcache(q.detach(), kc, vc, cache_seqlens=np.array([4], dtype=np.int32))
+
+
+def test_plan_of_the_benchmark_shapes(monkeypatch):
+    """The launch plan on an H200 (sm_90, 132 SMs) for the decode benchmark (B=8, Hq=32, D=128,
+    bf16, one token), computed without a GPU: GQA 4 fills one 16-row tile per kv head, and the
+    keys are split only as far as it takes to fill the GPU (Hk=32 already does: no merge)."""
+    from xattn import cuda
+    monkeypatch.setitem(cuda._arch_cache, 0, 90)
+    monkeypatch.setitem(kvcache._sm_counts, 0, 132)
+    kvcache.num_splits.cache_clear()
+    for heads_k, seqlen, want_splits in ((8, 4096, 4), (8, 131072, 4), (32, 4096, 1), (32, 131072, 1)):
+        cfg, tile_rows, m_blocks, splits, window = kvcache._plan(
+            "bfloat16", 0, 8, 32, heads_k, 1, seqlen, 128, (-1, 0))
+        assert (cfg.kernel, cfg.head_dim, tile_rows, m_blocks) == ("flash_decode", 128, 16, 1)
+        assert splits == want_splits and window == (-1, 0)
+    # Speculative decoding, 16 tokens x GQA 4 = 64 rows: two 32-row tiles at D = 128.
+    cfg, tile_rows, m_blocks, _, _ = kvcache._plan("float16", 0, 8, 32, 8, 16, 4096, 128, (-1, 0))
+    assert (tile_rows, m_blocks) == (32, 2)
+    # A window bounds the keys to split: 100 + 1 keys of a 131072-key cache need no split.
+    *_, splits, window = kvcache._plan("bfloat16", 0, 64, 32, 32, 1, 131072, 128, (100, 0))
+    assert splits == 1 and window == (100, 0)
+    # Bounds past every key distance are unbounded (-1) for the kernels.
+    assert kvcache._plan("float32", 0, 1, 1, 1, 1, 50, 64, (10**6, 10**6))[4] == (-1, -1)

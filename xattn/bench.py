@@ -450,6 +450,116 @@ def _main_variants(args, timer, device) -> int:
     return 0
 
 
+# ------------------------------------------------------------------------------- --decode
+
+DECODE_PEERS = ("flash", "cudnn")
+
+
+def _sdpa_decode(backend_name: str, gqa: bool):
+    """SDPA with one backend forced; gqa: K/V keep Hk heads (enable_gqa), else they come expanded."""
+    import torch.nn.functional as F
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    backend = getattr(SDPBackend, PEERS[backend_name])
+
+    def run(q, k, v):
+        with sdpa_kernel(backend):
+            return F.scaled_dot_product_attention(q, k, v, enable_gqa=gqa) if gqa else \
+                F.scaled_dot_product_attention(q, k, v)
+
+    return run
+
+
+def run_decode(args, timer) -> list[dict]:
+    """One decode step (Sq = 1) against a full KV cache: bytes of K and V per second.
+
+    Every implementation gets the same problem; TB/s counts the cache's own K+V bytes,
+    2 * B * Hk * Sk * D * 2, for all of them, so the ratios are ratios of time. A peer that
+    rejects GQA (enable_gqa=True) is handed K/V expanded to Hq heads (outside the timing) and
+    then reads Hq/Hk times more bytes: the row says so ("expanded")."""
+    import torch
+
+    import xattn
+    from xattn import kvcache
+
+    rows = []
+    batch, heads_q, head_dim, dtype = args.decode_batch, 32, 128, torch.bfloat16
+    for heads_k in (8, 32):
+        for seqlen in args.decode_seqlens:
+            q = torch.randn(batch, heads_q, 1, head_dim, device="cuda", dtype=dtype)
+            k, v = (torch.randn(batch, heads_k, seqlen, head_dim, device="cuda", dtype=dtype)
+                    for _ in range(2))
+            lengths = torch.full((batch,), seqlen, dtype=torch.int32, device="cuda")
+            kv_bytes = 2 * k.numel() * k.element_size()
+            plan = kvcache._plan("bfloat16", q.device.index or 0, batch, heads_q, heads_k, 1, seqlen,
+                                 head_dim, (-1, -1))
+            row = {"batch": batch, "heads_q": heads_q, "heads_k": heads_k, "seqlen_k": seqlen,
+                   "head_dim": head_dim, "dtype": "bfloat16", "kv_bytes": kv_bytes,
+                   "xattn_splits": plan[3]}
+            impls = {"xattn": lambda: xattn.attention_with_kvcache(q, k, v, cache_seqlens=lengths,
+                                                                   causal=False)}
+            reference = None
+            for name, fn in impls.items():
+                reference = fn()
+                row[name] = kv_bytes / timer(fn) / 1e9  # TB/s
+            for name in DECODE_PEERS:
+                expanded = False
+                try:
+                    fn = _sdpa_decode(name, gqa=heads_k != heads_q)
+                    out = fn(q, k, v)
+                except Exception:  # no GQA support in this backend: expand K/V, outside the timing
+                    try:
+                        group = heads_q // heads_k
+                        ke, ve = (x.repeat_interleave(group, dim=1) for x in (k, v))
+                        fn, expanded = _sdpa_decode(name, gqa=False), True
+                        out = fn(q, ke, ve)
+                    except Exception as exc:
+                        row[name] = None
+                        row[f"{name}_error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:80]}"
+                        continue
+                args_ = (q, ke, ve) if expanded else (q, k, v)
+                row[name] = kv_bytes / timer(lambda: fn(*args_)) / 1e9
+                row[f"{name}_expanded"] = expanded
+                diff = (reference.float() - out.float()).norm() / out.float().norm()
+                row[f"xattn_vs_{name}_rel_err"] = float(diff)
+                if expanded:
+                    del ke, ve
+            rows.append(row)
+            print(_format_decode_row(row), flush=True)
+            del q, k, v
+            torch.cuda.empty_cache()
+    return rows
+
+
+def _format_decode_row(row) -> str:
+    cells = [f"B{row['batch']} Hq{row['heads_q']} Hk{row['heads_k']:<3}", f"Sk{row['seqlen_k']:<7}"]
+    for name in ("xattn", *DECODE_PEERS):
+        value = row.get(name)
+        mark = "*" if row.get(f"{name}_expanded") else " "
+        cells.append(f"{value:6.2f}{mark}" if value else "      - ")
+    cells += [_ratio(row, peer) for peer in DECODE_PEERS]
+    cells.append(f"{row['xattn_splits']:>6}")
+    return " ".join(cells)
+
+
+DECODE_HEADER = (f"{'shape':18} {'Sk':9} {'xattn':>7} {'flash':>7} {'cudnn':>7} {'/flash':>6} "
+                 f"{'/cudnn':>6} {'splits':>6}")
+
+
+def _main_decode(args, timer, device) -> int:
+    import torch
+
+    print(f"# {device}, torch {torch.__version__}: decode, one query token, bf16, D=128; TB/s of "
+          f"the cache's K+V bytes (median); * = peer given K/V expanded to Hq heads")
+    print(DECODE_HEADER)
+    rows = run_decode(args, timer)
+    args.out.mkdir(parents=True, exist_ok=True)
+    meta = {"device": device, "torch": torch.__version__, "python": platform.python_version()}
+    (args.out / "bench_decode.json").write_text(json.dumps({"meta": meta, "decode": rows}, indent=1))
+    print(f"# wrote {args.out / 'bench_decode.json'}")
+    return 0
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m xattn bench", description=__doc__.splitlines()[0])
     parser.add_argument("--dtypes", nargs="+", default=["bfloat16", "float16"])
@@ -470,6 +580,11 @@ def main(argv=None) -> int:
                         help="only the per-call overhead rows (B=1 H=8 S=128 D=64, microseconds)")
     parser.add_argument("--overhead-calls", type=int, default=OVERHEAD_CALLS,
                         help="calls timed per --overhead row")
+    parser.add_argument("--decode", action="store_true",
+                        help="only the KV-cache decode rows (B=8 Hq=32 Hk=8,32 D=128 bf16, TB/s)")
+    parser.add_argument("--decode-seqlens", type=int, nargs="+", default=[4096, 32768, 131072],
+                        help="cache lengths of the --decode rows")
+    parser.add_argument("--decode-batch", type=int, default=8, help="batch of the --decode rows")
     args = parser.parse_args(argv)
 
     import torch
@@ -481,6 +596,8 @@ def main(argv=None) -> int:
     device = torch.cuda.get_device_name()
     if args.overhead:
         return _main_overhead(args, device)
+    if args.decode:
+        return _main_decode(args, timer, device)
     if args.variants:
         return _main_variants(args, timer, device)
     if args.bwd:

@@ -451,6 +451,29 @@ def _enqueue(kernel, grid_xy, threads, smem, args, batch):
         kernel(grid_xy + (nb,), (threads,), values, shared_mem=smem)
 
 
+def _plan(dtype: str, device: int, batch: int, heads_q: int, heads_k: int, seqlen_q: int,
+          seqlen_max: int, head_dim: int, window):
+    """(table row, query rows per tile, row tiles, splits, (left, right)) of one call.
+
+    window: (left, right) with causal folded in; bounds past every possible key distance become
+    -1 (unbounded), which also keeps the kernel's int arithmetic small."""
+    from xattn import cuda
+
+    rows = (heads_q // heads_k) * seqlen_q
+    cfg = configs.select(configs.DECODE_KERNEL_FOR_DTYPE[dtype], cuda._arch(device), head_dim, False)
+    tile_rows = _tile_rows(cfg, rows)
+    m_blocks = max(1, -(-rows // tile_rows))
+    left, right = ((-1 if w >= seqlen_max + seqlen_q else w) for w in window)
+    band = seqlen_max  # the keys one sequence's queries can see span at most left + right + Sq
+    if left >= 0:
+        band = min(band, left + seqlen_q + (right if right >= 0 else 0))
+    splits = num_splits(m_blocks * heads_k * batch, _sm_count(device) * cfg.min_blocks,
+                        max(1, -(-band // cfg.block_n)), cfg.stages)
+    if m_blocks * splits >= 2**31:
+        raise ValueError(f"q: too many query rows per kv head ({rows})")
+    return cfg, tile_rows, m_blocks, splits, (left, right)
+
+
 def _launch_decode(q, k_cache, v_cache, k_new, v_new, out, lse, cache_seqlens, call, workspace,
                    stream: int) -> None:
     """All launch arithmetic of one call. Views are (B, H, S, D) with D contiguous (caches: unit
@@ -476,9 +499,8 @@ def _launch_decode(q, k_cache, v_cache, k_new, v_new, out, lse, cache_seqlens, c
     else:
         seqlens, seqlens_stride, uniform = (null, 4), np.int64(0), np.int32(call.uniform)
 
-    rows = (heads_q // heads_k) * seqlen_q
-    cfg = configs.select(configs.DECODE_KERNEL_FOR_DTYPE[Q.dtype], cuda._arch(device), head_dim, False)
-    tile_rows = _tile_rows(cfg, rows)
+    plan = _plan(Q.dtype, device, batch, heads_q, heads_k, seqlen_q, seqlen_max, head_dim, call.window)
+    cfg, tile_rows, m_blocks, splits, (left, right) = plan
     vec = cuda._vec_loads([Q, Kc, Vc], head_dim, size)
     decode, merge, append, smem = _kernels(cfg, Q.dtype, tile_rows, vec, bool(call.softcap), device)
 
@@ -494,19 +516,6 @@ def _launch_decode(q, k_cache, v_cache, k_new, v_new, out, lse, cache_seqlens, c
                       np.int32(append_vec)], batch)
         if seqlen_q == 0:
             return
-
-        # Window bounds past every possible key distance mean "unbounded" (and keep the kernel's
-        # int arithmetic small).
-        left, right = ((-1 if w >= seqlen_max + seqlen_q else w) for w in call.window)
-        band = seqlen_max
-        if left >= 0:  # the keys one sequence's queries can see span at most left + right + Sq
-            band = min(band, left + seqlen_q + (right if right >= 0 else 0))
-        m_blocks = -(-rows // tile_rows)
-        steps = -(-band // cfg.block_n)
-        splits = num_splits(m_blocks * heads_k * batch, _sm_count(device) * cfg.min_blocks,
-                            steps, cfg.stages)
-        if m_blocks * splits >= 2**31:
-            raise ValueError(f"q: too many query rows per kv head ({rows})")
 
         rows_bhs = heads_q * seqlen_q
         if splits > 1:  # partial O and LSE of every split, merged below. Freed when this

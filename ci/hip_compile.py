@@ -1,6 +1,6 @@
-"""Compile every HIP specialization in xattn/configs.py with hiprtc, the compiler CuPy uses on
-ROCm, for gfx908, gfx90a and gfx1030, and inspect the code objects: registers, scratch, spills,
-LDS, and the MFMA instructions of the matrix-core kernel.
+"""Compile every HIP specialization in xattn/configs.py -- forward and backward -- with hiprtc, the
+compiler CuPy uses on ROCm, for gfx908, gfx90a and gfx1030, and inspect the code objects:
+registers, scratch, spills, LDS, and the MFMA instructions of the matrix-core kernels.
 
 Runs without a GPU: hiprtc (hiprtcCreateProgram / hiprtcCompileProgram in libamdhip64.so) comes
 from Debian's ROCm 5.2 packages (apt-get install hipcc libamdhip64-dev rocm-device-libs), and the
@@ -79,8 +79,9 @@ def probe(target: str) -> str:
             f"{result.returncode}); the kernels are compiled for its older siblings instead")
 
 
-def inspect(binary: bytes, target: str) -> dict[str, int]:
-    """Kernel metadata (AMDGPU note) and MFMA instruction count of one code object."""
+def inspect(binary: bytes, target: str, kernel: str) -> dict[str, int]:
+    """Metadata (AMDGPU note) and MFMA instruction count of entry point `kernel` in a code object
+    (a source may hold several entry points: flash_bwd_portable.hip has _dq and _dkdv)."""
     with tempfile.NamedTemporaryFile(suffix=".co") as f:
         f.write(binary)
         f.flush()
@@ -88,9 +89,14 @@ def inspect(binary: bytes, target: str) -> dict[str, int]:
                                capture_output=True, text=True).stdout
         disassembly = subprocess.run([_tool("llvm-objdump"), "-d", f"--mcpu={target}", f.name],
                                      check=True, capture_output=True, text=True).stdout
+    # amdhsa.kernels is a YAML list, one "  - " item per entry point; pick this one's.
+    items = notes[notes.index("amdhsa.kernels:"):].split("\n  - ")
+    [meta] = [item for item in items if re.search(rf"\.name:\s+{kernel}\n", item)]
+    # The disassembly of the entry point runs from its label to the next blank line.
+    body = re.search(rf"<{kernel}>:\n(.*?)(\n\n|\Z)", disassembly, re.S)
 
     def field(key: str) -> int:
-        match = re.search(rf"\.{key}:\s+(\d+)", notes)
+        match = re.search(rf"\.{key}:\s+(\d+)", meta)
         return int(match.group(1)) if match else 0
 
     return {
@@ -98,25 +104,37 @@ def inspect(binary: bytes, target: str) -> dict[str, int]:
         "spills": field("vgpr_spill_count") + field("sgpr_spill_count"),
         "scratch": field("private_segment_fixed_size"), "static_lds": field("group_segment_fixed_size"),
         "wave": field("wavefront_size"),
-        "mfma": len(re.findall(r"\bv_mfma_", disassembly)),
+        "mfma": len(re.findall(r"\bv_mfma_", body.group(1))) if body else 0,
     }
+
+
+def rows_used(dtype: str, target: str, head_dim: int, causal: bool) -> set:
+    """The table rows a forward and a backward call would launch on a device of `target`."""
+    used = set()
+    for select in (lambda: (configs.select_hip(dtype, target, head_dim, causal),),
+                   lambda: configs.select_hip_backward(dtype, target, head_dim, causal)):
+        try:
+            used.update(select())
+        except ValueError:
+            pass
+    return used
 
 
 def variants(targets):
     """(cfg, target, dtype, causal, vec) for every call a device of `target` would send to cfg."""
+    seen = set()
     for cfg in configs.HIP_TABLE:
         for target in targets:
-            for dtype, kernels in configs.HIP_KERNELS_FOR_DTYPE.items():
-                if cfg.kernel not in kernels:
-                    continue
+            for dtype in configs.HIP_KERNELS_FOR_DTYPE:
                 for causal in (False, True):
-                    try:
-                        if configs.select_hip(dtype, target, cfg.head_dim, causal) != cfg:
-                            continue  # not the row a device of this target uses for this call
-                    except ValueError:
-                        continue
-                    for vec in (True, False) if cfg.kernel == "flash_fwd_mfma" else (False,):
-                        yield cfg, target, dtype, causal, vec
+                    if cfg not in rows_used(dtype, target, cfg.head_dim, causal):
+                        continue  # not a row a device of this target uses for this call
+                    for vec in (True, False) if cfg.kernel in configs.HIP_MFMA_KERNELS else (False,):
+                        # defines, not the row: the preprocess ignores causal and the head dim
+                        key = (cfg.kernel, target, tuple(sorted(configs.hip_defines(cfg, dtype, causal, vec).items())))
+                        if key not in seen:
+                            seen.add(key)
+                            yield cfg, target, dtype, causal, vec
 
 
 def options(target: str, defines: dict[str, int]) -> list[str]:
@@ -127,10 +145,10 @@ def compile_variant(variant):
     cfg, target, dtype, causal, vec = variant
     defines = configs.hip_defines(cfg, dtype, causal, vec)
     start = time.perf_counter()
-    ok, log, binary = hiprtc_compile(jit.preprocess("hip", cfg.kernel + ".hip"), cfg.kernel + ".hip",
-                                     options(target, defines))
+    source = configs.hip_source(cfg.kernel)
+    ok, log, binary = hiprtc_compile(jit.preprocess("hip", source), source, options(target, defines))
     seconds = time.perf_counter() - start
-    return variant, ok, log, inspect(binary, target) if ok else None, seconds
+    return variant, ok, log, inspect(binary, target, cfg.kernel) if ok else None, seconds
 
 
 def check(variant, r) -> list[str]:
@@ -145,7 +163,7 @@ def check(variant, r) -> list[str]:
         problems.append("LDS")
     if r["wave"] != configs.hip_wave_size(cfg):
         problems.append("WAVE SIZE")
-    if cfg.kernel == "flash_fwd_mfma" and r["mfma"] == 0:
+    if cfg.kernel in configs.HIP_MFMA_KERNELS and r["mfma"] == 0:
         problems.append("NO MFMA")
     return problems
 
@@ -168,13 +186,14 @@ def main(argv=None) -> int:
     for target in NEWER_TARGETS:
         print(f"{target}: {probe(target)}")
 
-    failures = 0
-    print(f"{'kernel':18} {'target':7} {'dtype':8} {'D':>3} {'tile':>7} {'wave':>4} {'causal':>6} {'vec':>3} "
+    failures = count = 0
+    print(f"{'kernel':23} {'target':7} {'dtype':8} {'D':>3} {'tile':>7} {'wave':>4} {'causal':>6} {'vec':>3} "
           f"{'vgpr':>4} {'agpr':>4} {'sgpr':>4} {'LDS KB':>6} {'scratch':>7} {'spill':>5} {'mfma':>4} {'sec':>4}")
     start = time.perf_counter()
     with ProcessPoolExecutor(max_workers=args.jobs) as pool:
         for variant, ok, log, r, seconds in pool.map(compile_variant, variants(args.arch)):
             cfg, target, dtype, causal, vec = variant
+            count += 1
             if not ok:
                 print(f"COMPILE ERROR {cfg} {target} {dtype} causal={causal} vec={vec}\n{log}")
                 failures += 1
@@ -182,13 +201,13 @@ def main(argv=None) -> int:
             problems = check(variant, r)
             failures += bool(problems)
             lds = (configs.hip_shared_memory_bytes(cfg) + r["static_lds"]) / 1024
-            print(f"{cfg.kernel:18} {target:7} {dtype:8} {cfg.head_dim:>3} {cfg.block_m:>3}x{cfg.block_n:<3} "
+            print(f"{cfg.kernel:23} {target:7} {dtype:8} {cfg.head_dim:>3} {cfg.block_m:>3}x{cfg.block_n:<3} "
                   f"{r['wave']:>4} {causal!s:>6} {int(vec):>3} {r['vgpr']:>4} {r['agpr']:>4} {r['sgpr']:>4} "
                   f"{lds:>6.1f} {r['scratch']:>7} {r['spills']:>5} {r['mfma']:>4} {seconds:>4.1f}"
                   + (f"  <-- {', '.join(problems)}" if problems else ""))
     print(f"hip compile check ({time.perf_counter() - start:.0f} s):",
-          "FAILED" if failures else "all variants compiled; no scratch, no spills, registers and LDS "
-          "within limits, MFMA in every matrix-core variant")
+          "FAILED" if failures else f"all {count} variants compiled; no scratch, no spills, registers "
+          "and LDS within limits, MFMA in every matrix-core variant")
     return 1 if failures else 0
 
 

@@ -27,21 +27,17 @@
 //             8-byte stores; 0: element-wise, masked
 // WAVE_SIZE   64
 
-#include "platform.h"
-#include "mfma.h"
+#define NUM_THREADS (NUM_WAVES * WAVE_SIZE)
+
+#include "mfma_tile.h"
 #include "../kernels_cuda/attention_common.h"
 
-#define NUM_THREADS (NUM_WAVES * WAVE_SIZE)
 #define BLOCK_M (NUM_WAVES * MFMA_N)
 #define KEY_BLOCKS (BLOCK_N / MFMA_M)   // 32-key blocks of S^T
 #define DIM_BLOCKS (HEAD_DIM / MFMA_M)  // 32-dim blocks of O^T
 #define DIM_STEPS (HEAD_DIM / MFMA_K)   // k steps of S^T = K Q^T
 #define KEY_STEPS (BLOCK_N / MFMA_K)    // k steps of O^T = V^T P^T
-#define CHUNK 8                         // elements per 16-byte global load
-// Rows padded by 4 elements (8 bytes): a fragment read is 8 bytes per lane, 16 lanes per LDS
-// cycle, each lane its own row. With a row stride of 2 mod 4 dwords the 16 rows start in 16
-// different even banks, so ds_read_b64 is conflict-free (HEAD_DIM and BLOCK_N are multiples of 32).
-#define PAD 4
+// Rows padded by PAD elements (mfma_tile.h: conflict-free fragment reads).
 #define KQ_STRIDE (HEAD_DIM + PAD)  // sK and sQ: [row][dim]
 #define VT_STRIDE (BLOCK_N + PAD)   // sVt: [dim][key]
 
@@ -55,52 +51,10 @@ static_assert(HEAD_DIM % 32 == 0 && BLOCK_N % 32 == 0, "whole 32x32 MFMA blocks"
 
 // ---- device helpers ---------------------------------------------------------------------------
 
-// Copy a ROWS x HEAD_DIM tile from global memory into LDS, zeros for rows >= valid_rows and
-// columns >= head_dim (padded dims must add nothing; V rows past the last key meet P = 0, which
-// would still turn a NaN bit pattern into NaN). TRANSPOSE stores it as [dim][row] (for V^T).
-template <int ROWS, bool TRANSPOSE>
-__device__ __forceinline__ void load_tile(u16* smem, const u16* gmem, i64 row_stride,
-                                          int valid_rows, int head_dim, int tid) {
-    constexpr int STRIDE = TRANSPOSE ? VT_STRIDE : KQ_STRIDE;
-#if VEC_LOADS
-    constexpr int CHUNKS = ROWS * HEAD_DIM / CHUNK;
-    for (int c = tid; c < CHUNKS; c += NUM_THREADS) {
-        const int row = c / (HEAD_DIM / CHUNK), col = (c % (HEAD_DIM / CHUNK)) * CHUNK;
-        uint4 chunk = make_uint4(0, 0, 0, 0);
-        if (row < valid_rows && col < head_dim) chunk = *(const uint4*)(gmem + row * row_stride + col);
-        const u16* e = (const u16*)&chunk;
-        if (TRANSPOSE) {
-#pragma unroll
-            for (int i = 0; i < CHUNK; ++i) smem[(col + i) * STRIDE + row] = e[i];
-        } else {
-            // 8-byte aligned (KQ_STRIDE is a multiple of 4): two 8-byte LDS stores.
-            *(uint2*)(smem + row * STRIDE + col) = make_uint2(chunk.x, chunk.y);
-            *(uint2*)(smem + row * STRIDE + col + 4) = make_uint2(chunk.z, chunk.w);
-        }
-    }
-#else
-    for (int e = tid; e < ROWS * HEAD_DIM; e += NUM_THREADS) {
-        const int row = e / HEAD_DIM, col = e % HEAD_DIM;
-        const u16 x = row < valid_rows && col < head_dim ? gmem[row * row_stride + col] : (u16)0;
-        smem[TRANSPOSE ? col * STRIDE + row : row * STRIDE + col] = x;
-    }
-#endif
-}
-
-__device__ __forceinline__ u32x2 lds_frag(const u16* smem, int offset) {
-    return *(const u32x2*)(smem + offset);
-}
-
 // S^T = K Q^T for the tile in sK and this wave's 32 queries (q_frag: their Q^T fragments).
 __device__ __forceinline__ void compute_scores(floatx16 (&acc_s)[KEY_BLOCKS], const u32x2 (&q_frag)[DIM_STEPS],
                                                const u16* sK, int lane) {
-#pragma unroll
-    for (int nb = 0; nb < KEY_BLOCKS; ++nb) {
-        acc_s[nb] = floatx16{};
-#pragma unroll
-        for (int ks = 0; ks < DIM_STEPS; ++ks)
-            mfma_32x32x8(acc_s[nb], lds_frag(sK, k_frag_offset(lane, nb, ks, KQ_STRIDE)), q_frag[ks]);
-    }
+    tile_times_frags<KEY_BLOCKS, DIM_STEPS, KQ_STRIDE>(acc_s, sK, q_frag, lane);
 }
 
 // Set to -inf the scores of keys past the end and, when causal, right of the diagonal.
@@ -108,13 +62,13 @@ __device__ __forceinline__ void mask_scores(floatx16 (&acc_s)[KEY_BLOCKS], int w
                                             int n_start, int seqlen_q, int seqlen_k, int lane) {
     // Keys are visible up to a limit per query; count it from this lane's first key so that each
     // element compares against a compile-time offset.
-    const int limit = visible_key_end(wave_row_start + acc_query(lane), seqlen_q, seqlen_k, IS_CAUSAL)
-                      - n_start - score_key(lane, 0, 0);
+    const int limit = visible_key_end(wave_row_start + acc_col(lane), seqlen_q, seqlen_k, IS_CAUSAL)
+                      - n_start - acc_row(lane, 0, 0);
 #pragma unroll
     for (int nb = 0; nb < KEY_BLOCKS; ++nb)
 #pragma unroll
         for (int j = 0; j < 16; ++j)
-            if (score_key(lane, nb, j) - score_key(lane, 0, 0) >= limit) acc_s[nb][j] = NEG_INF;
+            if (acc_row(lane, nb, j) - acc_row(lane, 0, 0) >= limit) acc_s[nb][j] = NEG_INF;
 }
 
 // Online softmax step for this lane's query: fold the tile's scores into m_i and l_i, turn S into
@@ -149,50 +103,23 @@ __device__ __forceinline__ void softmax_rescale_o(floatx16 (&acc_s)[KEY_BLOCKS],
     for (int db = 0; db < DIM_BLOCKS; ++db) acc_o[db] *= alpha;
 }
 
-__device__ __forceinline__ u32 pack2(float lo, float hi) {
-    return (u32)float_to_elem(lo) | ((u32)float_to_elem(hi) << 16);
-}
-
 // O^T += V^T P^T. P^T's B fragments are this lane's own accumulator elements (mfma.h), packed.
 __device__ __forceinline__ void accumulate_pv(floatx16 (&acc_o)[DIM_BLOCKS], const floatx16 (&acc_s)[KEY_BLOCKS],
                                               const u16* sVt, int lane) {
-#pragma unroll
-    for (int ks = 0; ks < KEY_STEPS; ++ks) {
-        const floatx16& p = acc_s[p_acc_block(ks)];
-        const u32x2 p_frag = {pack2(p[p_acc_reg(ks, 0)], p[p_acc_reg(ks, 1)]),
-                              pack2(p[p_acc_reg(ks, 2)], p[p_acc_reg(ks, 3)])};
-#pragma unroll
-        for (int db = 0; db < DIM_BLOCKS; ++db)
-            mfma_32x32x8(acc_o[db], lds_frag(sVt, vt_frag_offset(lane, db, ks, VT_STRIDE)), p_frag);
-    }
+    tile_times_acc<DIM_BLOCKS, KEY_STEPS, VT_STRIDE>(acc_o, sVt, acc_s, lane);
 }
 
 // Epilogue: O /= l and lse = scale * m + ln(l); a query that saw no key has l = 0 and gets O = 0,
-// lse = -inf. Each lane stores its query's dims in runs of 4 (out_dim: 4 consecutive per j / 4).
+// lse = -inf. Each lane stores its query's dims (acc_row: runs of 4 consecutive).
 __device__ __forceinline__ void write_output(const floatx16 (&acc_o)[DIM_BLOCKS], float row_max, float row_sum,
                                              u16* o, i64 o_row_stride, float* lse, int wave_row_start,
                                              int seqlen_q, int head_dim, float scale, int lane) {
     const float l = row_sum + shfl_xor(row_sum, 32);
     const float inv_l = l != 0.f ? 1.f / l : 0.f;
-    const int row = wave_row_start + acc_query(lane);
+    const int row = wave_row_start + acc_col(lane);
     if (row >= seqlen_q) return;
     if (lane < 32) lse[row] = l != 0.f ? row_max * scale + logf(l) : NEG_INF;
-    o += row * o_row_stride;
-#pragma unroll
-    for (int db = 0; db < DIM_BLOCKS; ++db)
-#pragma unroll
-        for (int j = 0; j < 16; j += 4) {
-            const int col = out_dim(lane, db, j);
-#if VEC_LOADS  // head_dim % 8 == 0, so a run of 4 is entirely inside or entirely outside
-            if (col < head_dim)
-                *(uint2*)(o + col) = make_uint2(pack2(acc_o[db][j] * inv_l, acc_o[db][j + 1] * inv_l),
-                                                pack2(acc_o[db][j + 2] * inv_l, acc_o[db][j + 3] * inv_l));
-#else
-#pragma unroll
-            for (int i = 0; i < 4; ++i)
-                if (col + i < head_dim) o[col + i] = float_to_elem(acc_o[db][j + i] * inv_l);
-#endif
-        }
+    store_acc_row(o + row * o_row_stride, acc_o, inv_l, head_dim, lane);
 }
 
 // ---- entry point ------------------------------------------------------------------------------
@@ -223,11 +150,10 @@ flash_fwd_mfma(const u16* __restrict__ q, const u16* __restrict__ k, const u16* 
     v += batch * v_batch_stride + kv_head * v_head_stride;
 
     // Prologue: Q through LDS into registers, where it stays for the whole loop.
-    load_tile<BLOCK_M, false>(sQ, q, q_row_stride, seqlen_q - m_start, head_dim, tid);
+    load_tile<BLOCK_M, KQ_STRIDE, 0>(sQ, nullptr, q, q_row_stride, seqlen_q - m_start, head_dim, tid);
     __syncthreads();  // the Q tile is complete
     u32x2 q_frag[DIM_STEPS];
-#pragma unroll
-    for (int ks = 0; ks < DIM_STEPS; ++ks) q_frag[ks] = lds_frag(sQ, q_frag_offset(lane, wave * MFMA_N, ks, KQ_STRIDE));
+    load_frags<DIM_STEPS, KQ_STRIDE>(q_frag, sQ, wave * MFMA_N, lane);
 
     floatx16 acc_o[DIM_BLOCKS];
 #pragma unroll
@@ -242,8 +168,8 @@ flash_fwd_mfma(const u16* __restrict__ q, const u16* __restrict__ k, const u16* 
     for (int tile = tiles.tile_end - 1; tile >= tiles.tile_begin; --tile) {
         const int n_start = tile * BLOCK_N;
         __syncthreads();  // every wave is done with the previous K and V tiles (and with sQ)
-        load_tile<BLOCK_N, false>(sK, k + n_start * k_row_stride, k_row_stride, seqlen_k - n_start, head_dim, tid);
-        load_tile<BLOCK_N, true>(sVt, v + n_start * v_row_stride, v_row_stride, seqlen_k - n_start, head_dim, tid);
+        load_tile<BLOCK_N, KQ_STRIDE, 0>(sK, nullptr, k + n_start * k_row_stride, k_row_stride, seqlen_k - n_start, head_dim, tid);
+        load_tile<BLOCK_N, 0, VT_STRIDE>(nullptr, sVt, v + n_start * v_row_stride, v_row_stride, seqlen_k - n_start, head_dim, tid);
         __syncthreads();  // K and V^T tiles visible to every wave
         if (tile >= wave_tiles.tile_end) continue;
 

@@ -1,6 +1,6 @@
-// CDNA matrix cores: the MFMA instruction flash_fwd_mfma.hip is built on, and the index mapping
-// of its operand and accumulator fragments. Vendor- and generation-specific; included only by
-// the MFMA kernel.
+// CDNA matrix cores: the MFMA instruction the MFMA kernels (flash_fwd_mfma.hip, flash_bwd_mfma.hip)
+// are built on, and the index mapping of its operand and accumulator fragments. Vendor- and
+// generation-specific; included only by the MFMA kernels (through mfma_tile.h).
 //
 // The instruction is v_mfma_f32_32x32x8f16 (float16) or v_mfma_f32_32x32x8bf16_1k (bfloat16,
 // gfx90a and newer): D (32x32, fp32) = A (32x8) * B (8x32) + C, one wave of 64 lanes. Register
@@ -43,24 +43,25 @@ __device__ __forceinline__ void mfma_32x32x8(floatx16& acc, u32x2 a, u32x2 b) {
 #endif
 }
 
-// ---- fragment index mapping of flash_fwd_mfma.hip --------------------------------------------
-// The kernel computes S^T = K Q^T and O^T = V^T P^T, so that a lane's accumulator column is one
-// query: row max, row sum and the rescale of O stay inside a lane (plus lane l ^ 32).
-// Element offsets are in 16-bit elements within a padded LDS tile of `stride` elements per row.
+// ---- fragment index mapping ---------------------------------------------------------------------
+// Shared by flash_fwd_mfma.hip and flash_bwd_mfma.hip. A and B fragments have the same layout (a
+// B fragment of columns c is an A fragment of rows c of B^T), so one function reads either from an
+// LDS tile stored [row][k] (B: [column][k]). Offsets are in 16-bit elements within a padded LDS tile
+// of `stride` elements per row.
+//
+// Every product in the kernels is arranged so that the accumulator column -- the lane -- is the
+// row the kernel owns (a query in the forward and dQ, a key in dK/dV), and the accumulator's 16
+// rows per 32-block run along the dimension that is summed next: then an accumulator is, element
+// for element, the B operand of the next product (acc_as_b_*), and never goes through LDS.
 
-// A fragment of K (rows: keys, k: head dims), read from sK[key][dim]: 4 consecutive dims.
-__device__ __forceinline__ int k_frag_offset(int lane, int key_block, int k_step, int stride) { return (key_block * 32 + lane % 32) * stride + k_step * 8 + (lane / 32) * 4; }
-// B fragment of Q^T (k: head dims, columns: queries), read from sQ[query][dim].
-__device__ __forceinline__ int q_frag_offset(int lane, int query0, int k_step, int stride) { return (query0 + lane % 32) * stride + k_step * 8 + (lane / 32) * 4; }
-// A fragment of V^T (rows: head dims, k: keys), read from the transposed tile sVt[dim][key].
-__device__ __forceinline__ int vt_frag_offset(int lane, int dim_block, int k_step, int stride) { return (dim_block * 32 + lane % 32) * stride + k_step * 8 + (lane / 32) * 4; }
-// Accumulator element j of S^T block key_block holds the score of this key ...
-__device__ __forceinline__ int score_key(int lane, int key_block, int j) { return key_block * 32 + (j / 4) * 8 + (lane / 32) * 4 + j % 4; }
-// ... for this query (a column of S^T; the same for O^T).
-__device__ __forceinline__ int acc_query(int lane) { return lane % 32; }
-// Accumulator element j of O^T block dim_block holds this head dim of the lane's query.
-__device__ __forceinline__ int out_dim(int lane, int dim_block, int j) { return dim_block * 32 + (j / 4) * 8 + (lane / 32) * 4 + j % 4; }
-// P^T as the B operand of key step k_step: element i is accumulator element p_acc_reg of block
-// p_acc_block -- the accumulator rows 4 (j / 4) .. +3 of a lane are the k positions of one step.
-__device__ __forceinline__ int p_acc_block(int k_step) { return k_step / 4; }
-__device__ __forceinline__ int p_acc_reg(int k_step, int i) { return (k_step % 4) * 4 + i; }
+// Fragment for k step k_step of rows (A) or columns (B) [row0, row0 + 32), from tile[row][k].
+__device__ __forceinline__ int frag_offset(int lane, int row0, int k_step, int stride) { return (row0 + lane % 32) * stride + k_step * 8 + (lane / 32) * 4; }
+// Accumulator element j of 32-row block `block` lies in this row ...
+__device__ __forceinline__ int acc_row(int lane, int block, int j) { return block * 32 + (j / 4) * 8 + (lane / 32) * 4 + j % 4; }
+// ... and this column (the same for every j).
+__device__ __forceinline__ int acc_col(int lane) { return lane % 32; }
+// An accumulator C (rows: the k of the next product) as the B operand of k step k_step: element i
+// is element acc_as_b_reg of block acc_as_b_block -- the rows 8 (j / 4) + 4 (lane / 32) + 0..3 of a
+// lane are exactly the k positions it holds in step j / 4.
+__device__ __forceinline__ int acc_as_b_block(int k_step) { return k_step / 4; }
+__device__ __forceinline__ int acc_as_b_reg(int k_step, int i) { return (k_step % 4) * 4 + i; }

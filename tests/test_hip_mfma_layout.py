@@ -74,13 +74,14 @@ def _kernel_functions():
 
 
 F = _kernel_functions()
-PAD = int(re.search(r"#define PAD (\d+)", (ROOT / "kernels_hip" / "flash_fwd_mfma.hip").read_text())[1])
+PAD = int(re.search(r"#define PAD (\d+)", (ROOT / "kernels_hip" / "mfma_tile.h").read_text())[1])
 MFMA_ROWS = [r for r in configs.HIP_TABLE if r.kernel == "flash_fwd_mfma"]
+DKDV_ROWS = [r for r in configs.HIP_TABLE if r.kernel == "flash_bwd_mfma_dkdv"]
+DQ_ROWS = [r for r in configs.HIP_TABLE if r.kernel == "flash_bwd_mfma_dq"]
 
 
 def test_every_mapping_function_was_read():
-    assert {"k_frag_offset", "q_frag_offset", "vt_frag_offset", "score_key", "acc_query",
-            "out_dim", "p_acc_block", "p_acc_reg"} <= set(F)
+    assert {"frag_offset", "acc_row", "acc_col", "acc_as_b_block", "acc_as_b_reg"} <= set(F)
 
 
 def _frag(smem, offset_of, lanes=LANES):
@@ -88,61 +89,162 @@ def _frag(smem, offset_of, lanes=LANES):
     return np.array([[smem[offset_of(lane) + i] for i in range(4)] for lane in range(lanes)])
 
 
-@pytest.mark.parametrize("cfg", MFMA_ROWS, ids=lambda c: f"D{c.head_dim}_N{c.block_n}")
-def test_scores_are_k_times_q_transposed(cfg):
-    """S^T = K Q^T through the model reproduces Q K^T, read back with score_key / acc_query."""
-    rng = np.random.default_rng(cfg.head_dim)
-    d, n, stride = cfg.head_dim, cfg.block_n, cfg.head_dim + PAD
-    wave = cfg.warps - 1                       # the last wave's queries: exercises query0
-    q = rng.standard_normal((cfg.block_m, d))
-    k = rng.standard_normal((n, d))
-    s_q = np.full(cfg.block_m * stride, np.nan)
-    s_k = np.full(n * stride, np.nan)          # padding NaN: reading it would show
-    for row in range(cfg.block_m):
-        s_q[row * stride:row * stride + d] = q[row]
-    for key in range(n):
-        s_k[key * stride:key * stride + d] = k[key]
+def _lds(matrix, stride):
+    """matrix [rows][cols] stored row by row with `stride` elements per row, NaN in the padding
+    (a read of the padding would show in the result)."""
+    rows, cols = matrix.shape
+    smem = np.full(rows * stride, np.nan)
+    for r in range(rows):
+        smem[r * stride:r * stride + cols] = matrix[r]
+    return smem
 
-    want = q @ k.T
-    for nb in range(n // 32):
+
+# The two product shapes of mfma_tile.h, through the model and the kernels' index functions.
+
+def tile_times_frags(s_a, a_stride, blocks, b_frags):
+    """acc[b] = A_b B: A from the LDS tile s_a[row][k], B given as per-lane fragments per k step."""
+    out = []
+    for blk in range(blocks):
         acc = np.zeros((LANES, 16))
-        for ks in range(d // 8):
-            a = _frag(s_k, lambda lane: F["k_frag_offset"](lane, nb, ks, stride))
-            b = _frag(s_q, lambda lane: F["q_frag_offset"](lane, wave * 32, ks, stride))
+        for ks, b in enumerate(b_frags):
+            a = _frag(s_a, lambda lane: F["frag_offset"](lane, blk * 32, ks, a_stride))
             acc = mfma_32x32(a, b, acc)
+        out.append(acc)
+    return out
+
+
+def load_frags(s_b, b_stride, row0, k_steps):
+    """The fragments of rows [row0, row0 + 32) of the LDS tile s_b[row][k], per k step."""
+    return [_frag(s_b, lambda lane: F["frag_offset"](lane, row0, ks, b_stride)) for ks in range(k_steps)]
+
+
+def tile_times_acc(s_a, a_stride, blocks, c_acc):
+    """acc[b] = A_b C: A from s_a[row][k], C an accumulator set used as B (acc_as_b_*)."""
+    out = [np.zeros((LANES, 16)) for _ in range(blocks)]
+    for ks in range(4 * len(c_acc)):
+        b = np.array([[c_acc[F["acc_as_b_block"](ks)][lane, F["acc_as_b_reg"](ks, i)] for i in range(4)]
+                      for lane in range(LANES)])
+        for blk in range(blocks):
+            a = _frag(s_a, lambda lane: F["frag_offset"](lane, blk * 32, ks, a_stride))
+            out[blk] = mfma_32x32(a, b, out[blk])
+    return out
+
+
+def read_back(acc, col0=0):
+    """The matrix an accumulator set holds: element j of block b of lane l is at
+    (acc_row(l, b, j), col0 + acc_col(l))."""
+    rows = 32 * len(acc)
+    m = np.full((rows, col0 + 32), np.nan)
+    for blk, block in enumerate(acc):
         for lane in range(LANES):
             for j in range(16):
-                query = wave * 32 + F["acc_query"](lane)
-                np.testing.assert_allclose(acc[lane, j], want[query, F["score_key"](lane, nb, j)],
-                                           rtol=1e-12, atol=1e-12)
+                m[F["acc_row"](lane, blk, j), col0 + F["acc_col"](lane)] = block[lane, j]
+    assert not np.isnan(m[:, col0:]).any(), "accumulator layout not onto"
+    return m[:, col0:]
+
+
+def acc_set(matrix):
+    """An accumulator set holding matrix (rows: 32-blocks, 32 columns), as the kernels' layout."""
+    return [np.array([[matrix[F["acc_row"](lane, blk, j), F["acc_col"](lane)] for j in range(16)]
+                      for lane in range(LANES)]) for blk in range(matrix.shape[0] // 32)]
+
+
+# ---- the forward ---------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("cfg", MFMA_ROWS, ids=lambda c: f"D{c.head_dim}_N{c.block_n}")
+def test_forward_scores_are_k_times_q_transposed(cfg):
+    """S^T = K Q^T (compute_scores) reproduces Q K^T for the last wave's queries."""
+    rng = np.random.default_rng(cfg.head_dim)
+    d, n, stride = cfg.head_dim, cfg.block_n, cfg.head_dim + PAD
+    wave = cfg.warps - 1                       # the last wave's queries: exercises row0
+    q = rng.standard_normal((cfg.block_m, d))
+    k = rng.standard_normal((n, d))
+    q_frag = load_frags(_lds(q, stride), stride, wave * 32, d // 8)
+    s_t = read_back(tile_times_frags(_lds(k, stride), stride, n // 32, q_frag))
+    np.testing.assert_allclose(s_t, (q @ k.T)[wave * 32:wave * 32 + 32].T, rtol=1e-12, atol=1e-12)
 
 
 @pytest.mark.parametrize("cfg", MFMA_ROWS, ids=lambda c: f"D{c.head_dim}_N{c.block_n}")
-def test_output_is_v_transposed_times_p_transposed(cfg):
-    """O^T = V^T P^T with P taken from S^T's accumulators (p_acc_*) reproduces P V."""
+def test_forward_output_is_v_transposed_times_p_transposed(cfg):
+    """O^T = V^T P^T with P^T the accumulator of S^T (accumulate_pv) reproduces P V."""
     rng = np.random.default_rng(cfg.block_n)
     d, n, stride = cfg.head_dim, cfg.block_n, cfg.block_n + PAD
     p = rng.random((32, n))
     v = rng.standard_normal((n, d))
-    s_vt = np.full(d * stride, np.nan)
-    for dim in range(d):
-        s_vt[dim * stride:dim * stride + n] = v[:, dim]
-    acc_s = [np.array([[p[F["acc_query"](lane), F["score_key"](lane, nb, j)] for j in range(16)]
-                       for lane in range(LANES)]) for nb in range(n // 32)]
+    o_t = read_back(tile_times_acc(_lds(v.T.copy(), stride), stride, d // 32, acc_set(p.T.copy())))
+    np.testing.assert_allclose(o_t, (p @ v).T, rtol=1e-12, atol=1e-12)
 
-    want = p @ v
-    for db in range(d // 32):
-        acc = np.zeros((LANES, 16))
-        for ks in range(n // 8):
-            a = _frag(s_vt, lambda lane: F["vt_frag_offset"](lane, db, ks, stride))
-            b = np.array([[acc_s[F["p_acc_block"](ks)][lane, F["p_acc_reg"](ks, i)]
-                           for i in range(4)] for lane in range(LANES)])
-            acc = mfma_32x32(a, b, acc)
-        for lane in range(LANES):
-            for j in range(16):
-                got = acc[lane, j]
-                np.testing.assert_allclose(got, want[F["acc_query"](lane), F["out_dim"](lane, db, j)],
-                                           rtol=1e-12, atol=1e-12)
+
+# ---- the backward ------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("cfg", DKDV_ROWS, ids=lambda c: f"D{c.head_dim}_M{c.block_m}")
+def test_dkdv_products_give_the_gradients_of_the_waves_keys(cfg):
+    """flash_bwd_mfma_dkdv: S = Q K^T and dP = dO V^T (K, V fragments in registers), then
+    dV^T = dO^T P and dK^T = Q^T dS from the transposed tiles and the accumulators of S and dP,
+    reproduce P^T dO and dS^T Q for the last wave's keys."""
+    rng = np.random.default_rng(cfg.head_dim + cfg.block_m)
+    d, m, stride, t_stride = cfg.head_dim, cfg.block_m, cfg.head_dim + PAD, cfg.block_m + PAD
+    wave = cfg.warps - 1
+    q, dout = rng.standard_normal((m, d)), rng.standard_normal((m, d))
+    k, v = rng.standard_normal((cfg.block_n, d)), rng.standard_normal((cfg.block_n, d))
+    keys = slice(wave * 32, wave * 32 + 32)
+
+    k_frag = load_frags(_lds(k, stride), stride, wave * 32, d // 8)
+    v_frag = load_frags(_lds(v, stride), stride, wave * 32, d // 8)
+    acc_s = tile_times_frags(_lds(q, stride), stride, m // 32, k_frag)
+    acc_dp = tile_times_frags(_lds(dout, stride), stride, m // 32, v_frag)
+    np.testing.assert_allclose(read_back(acc_s), q @ k[keys].T, rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(read_back(acc_dp), dout @ v[keys].T, rtol=1e-12, atol=1e-12)
+
+    # Stand-ins for P and dS with the same layout (the elementwise step keeps the layout).
+    p, ds = np.tanh(read_back(acc_s)), np.sin(read_back(acc_dp))
+    dv_t = read_back(tile_times_acc(_lds(dout.T.copy(), t_stride), t_stride, d // 32, acc_set(p)))
+    dk_t = read_back(tile_times_acc(_lds(q.T.copy(), t_stride), t_stride, d // 32, acc_set(ds)))
+    np.testing.assert_allclose(dv_t, (p.T @ dout).T, rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(dk_t, (ds.T @ q).T, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("cfg", DQ_ROWS, ids=lambda c: f"D{c.head_dim}_N{c.block_n}")
+def test_dq_products_give_the_gradient_of_the_waves_queries(cfg):
+    """flash_bwd_mfma_dq: S^T = K Q^T, dP^T = V dO^T (Q, dO fragments in registers), then
+    dQ^T = K^T dS^T from the K^T tile and the accumulator of dP^T reproduce dS K."""
+    rng = np.random.default_rng(cfg.head_dim + cfg.block_n)
+    d, n, stride, t_stride = cfg.head_dim, cfg.block_n, cfg.head_dim + PAD, cfg.block_n + PAD
+    wave = cfg.warps - 1
+    q, dout = rng.standard_normal((cfg.block_m, d)), rng.standard_normal((cfg.block_m, d))
+    k, v = rng.standard_normal((n, d)), rng.standard_normal((n, d))
+    rows = slice(wave * 32, wave * 32 + 32)
+
+    q_frag = load_frags(_lds(q, stride), stride, wave * 32, d // 8)
+    do_frag = load_frags(_lds(dout, stride), stride, wave * 32, d // 8)
+    acc_s = tile_times_frags(_lds(k, stride), stride, n // 32, q_frag)
+    acc_dp = tile_times_frags(_lds(v, stride), stride, n // 32, do_frag)
+    np.testing.assert_allclose(read_back(acc_s), k @ q[rows].T, rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(read_back(acc_dp), v @ dout[rows].T, rtol=1e-12, atol=1e-12)
+
+    ds_t = np.sin(read_back(acc_dp))  # dS^T stand-in, same layout
+    dq_t = read_back(tile_times_acc(_lds(k.T.copy(), t_stride), t_stride, d // 32, acc_set(ds_t)))
+    np.testing.assert_allclose(dq_t, (ds_t.T @ k).T, rtol=1e-12, atol=1e-12)
+
+
+def test_row_vectors_are_read_in_aligned_runs_of_four():
+    """softmax_backward_step reads lse and delta of rows acc_row(lane, qb, j0 .. j0 + 3) as one
+    float4: the four rows must be consecutive and the first a multiple of 4 (16-byte aligned)."""
+    for lane in range(LANES):
+        for blk in range(4):
+            for j0 in range(0, 16, 4):
+                first = F["acc_row"](lane, blk, j0)
+                assert first % 4 == 0
+                assert [F["acc_row"](lane, blk, j0 + i) for i in range(4)] == [first + i for i in range(4)]
+
+
+@pytest.mark.parametrize("blocks", [1, 2, 3, 4])
+def test_lanes_l_and_l_plus_32_hold_every_dim_of_their_row_once(blocks):
+    """acc_to_lds / store_acc_row: the column of lanes l and l + 32 is one output row; together
+    their acc_row values cover each of its 32 * blocks dims exactly once."""
+    for lane in range(32):
+        dims = [F["acc_row"](l, blk, j) for l in (lane, lane + 32) for blk in range(blocks) for j in range(16)]
+        assert sorted(dims) == list(range(32 * blocks))
 
 
 def test_gfx908_bf16_pair_equals_one_k8_step():
@@ -154,24 +256,30 @@ def test_gfx908_bf16_pair_equals_one_k8_step():
 
 
 def test_mask_offsets_do_not_depend_on_the_lane():
-    """mask_scores compares score_key(lane, nb, j) - score_key(lane, 0, 0) to a per-lane limit:
-    that difference must be the same for every lane (a compile-time constant after unrolling)."""
-    for nb in range(4):
+    """The masks compare acc_row(lane, b, j) - acc_row(lane, 0, 0) to a per-lane limit: that
+    difference must be the same for every lane (a compile-time constant after unrolling)."""
+    for blk in range(4):
         for j in range(16):
-            assert len({F["score_key"](lane, nb, j) - F["score_key"](lane, 0, 0)
+            assert len({F["acc_row"](lane, blk, j) - F["acc_row"](lane, 0, 0)
                         for lane in range(LANES)}) == 1
 
 
-@pytest.mark.parametrize("cfg", MFMA_ROWS, ids=lambda c: f"D{c.head_dim}_N{c.block_n}")
+def _reads_are_conflict_free(offset_of):
+    """LDS: 32 banks of 4 bytes; an 8-byte read (ds_read_b64) serves 16 lanes per cycle, which
+    must then touch 32 different banks (2 dwords each)."""
+    for first in range(0, LANES, 16):
+        banks = [(offset_of(lane) * 2 // 4 + w) % 32 for lane in range(first, first + 16) for w in range(2)]
+        if len(set(banks)) != 32:
+            return False
+    return True
+
+
+@pytest.mark.parametrize("cfg", MFMA_ROWS + DKDV_ROWS + DQ_ROWS,
+                         ids=lambda c: f"{c.kernel}_D{c.head_dim}_M{c.block_m}_N{c.block_n}")
 def test_fragment_reads_are_free_of_bank_conflicts(cfg):
-    """LDS: 32 banks of 4 bytes; an 8-byte read (ds_read_b64) serves 16 lanes per cycle. The
-    padded strides must put those 16 lanes' 2 dwords each into 32 different banks."""
-    kq, vt = cfg.head_dim + PAD, cfg.block_n + PAD
-    reads = [lambda lane: F["k_frag_offset"](lane, 0, 1, kq),
-             lambda lane: F["q_frag_offset"](lane, 32, 1, kq),
-             lambda lane: F["vt_frag_offset"](lane, 0, 1, vt)]
-    for offset_of in reads:
-        for first in range(0, LANES, 16):
-            banks = [(offset_of(lane) * 2 // 4 + w) % 32 for lane in range(first, first + 16)
-                     for w in range(2)]
-            assert len(set(banks)) == 32, f"{cfg}: banks {sorted(banks)}"
+    """Every LDS tile the MFMA kernels read fragments from: [row][dim] tiles (stride HEAD_DIM + PAD)
+    and transposed [dim][row] tiles (stride rows + PAD)."""
+    streamed = cfg.block_m if cfg.kernel == "flash_bwd_mfma_dkdv" else cfg.block_n
+    for stride in (cfg.head_dim + PAD, streamed + PAD):
+        for row0 in (0, 32):
+            assert _reads_are_conflict_free(lambda lane: F["frag_offset"](lane, row0, 1, stride)), (cfg, stride)

@@ -255,17 +255,30 @@ def decode_defines(cfg: TileConfig, dtype: str, rows: int, vec_loads: bool,
 
 # ---- HIP (AMD) ----------------------------------------------------------------------------------
 # The HIP kernels' rows, in their own small flat table: AMD targets are named by gfx strings, not
-# compute capabilities. `select` above is for CUDA only; `select_hip` reads this table.
+# compute capabilities. `select` above is for CUDA only; `select_hip` and `select_hip_backward`
+# read this table.
 #
 # Columns as above, except:
-#   kernel  source file stem in kernels_hip/ (.hip; its entry point has the same name)
+#   kernel  entry point in kernels_hip/; its source is <kernel>.hip unless HIP_SOURCES says otherwise
 #   arch    a family of gfx targets (HIP_FAMILIES). A device uses, per kernel, the rows of the family
 #           with the longest gfx prefix of its gcnArchName ("gfx90a:sramecc+:xnack-" -> "gfx90a");
-#           so gfx90a takes "cdna" rows for MFMA and "gfx9" rows for the portable kernel.
+#           so gfx90a takes "cdna" rows for MFMA and "gfx9" rows for the portable kernels.
 #   warps   waves per block; the wave size comes from the family
-# flash_fwd_mfma needs HEAD_DIM and block_n multiples of 32, block_m = 32 * waves.
-# flash_fwd_portable needs HEAD_DIM a multiple of the wave size, block_n dividing it, and
-# (block_m / waves) a multiple of (wave size / block_n). Both fit 64 KB of LDS per block.
+# flash_fwd_mfma, flash_bwd_mfma_dq: HEAD_DIM, block_n multiples of 32, block_m = 32 * waves.
+# flash_bwd_mfma_dkdv: HEAD_DIM, block_m (queries per step) multiples of 32, block_n = 32 * waves.
+# flash_fwd_portable: HEAD_DIM a multiple of the wave size, block_n dividing it, and
+#   (block_m / waves) a multiple of (wave size / block_n).
+# flash_bwd_portable_dq (block_m owned queries, block_n keys per step) and _dkdv (block_n owned keys,
+#   block_m queries per step): HEAD_DIM a multiple of the wave size, the step dividing the wave
+#   size, (owned / waves) a multiple of (wave size / step).
+# flash_bwd_preprocess: block_m rows per block; serves every head dim (its head_dim is the maximum).
+# Every row fits 64 KB of LDS per block. MI200 and MI300 have 64 KB of LDS per CU, so rows above
+# 32 KB run one block (4 waves) per CU. The MFMA rows keep the long-lived accumulators (dK and dV,
+# or dQ) and the operands that stay in registers within gfx90a's 512 VGPRs+AGPRs per lane, and
+# within gfx908's 256 + 256 (ci/hip_compile.py checks both: no scratch, no spills). The MFMA
+# backward stops at head dim 128, as the CUDA tensor-core backward does: past it dK and dV (256
+# fp32 registers at D=256) and the transposed tiles no longer fit; the portable kernels serve it.
+# Not tuned on hardware: no AMD GPU has run these (README, AMD status).
 
 HIP_FAMILIES = {  # family: (gfx prefixes, wave size)
     "cdna": (("gfx908", "gfx90a", "gfx94", "gfx95"), 64),  # MFMA: MI100, MI200, MI300, MI350
@@ -274,24 +287,57 @@ HIP_FAMILIES = {  # family: (gfx prefixes, wave size)
 }
 
 _HIP_ROWS = [
-    # kernel               arch    head_dim causal  block_m  block_n  waves  min_blocks
-    ("flash_fwd_mfma",     "cdna",  32,     None,   128,     64,      4,     1),
-    ("flash_fwd_mfma",     "cdna",  64,     None,   128,     64,      4,     1),
-    ("flash_fwd_mfma",     "cdna",  96,     None,   128,     64,      4,     1),
-    ("flash_fwd_mfma",     "cdna",  128,    None,   128,     64,      4,     1),
-    ("flash_fwd_mfma",     "cdna",  160,    None,   128,     32,      4,     1),
-    ("flash_fwd_mfma",     "cdna",  192,    None,   128,     32,      4,     1),
-    ("flash_fwd_mfma",     "cdna",  256,    None,   64,      32,      2,     1),
-    ("flash_fwd_portable", "gfx9",  64,     None,   64,      32,      4,     1),
-    ("flash_fwd_portable", "gfx9",  128,    None,   32,      32,      4,     1),
-    ("flash_fwd_portable", "gfx9",  256,    None,   16,      16,      4,     1),
-    ("flash_fwd_portable", "rdna",  32,     None,   64,      32,      4,     1),
-    ("flash_fwd_portable", "rdna",  64,     None,   64,      32,      4,     1),
-    ("flash_fwd_portable", "rdna",  128,    None,   32,      16,      4,     1),
-    ("flash_fwd_portable", "rdna",  256,    None,   16,      8,       4,     1),
+    # kernel                    arch    head_dim causal  block_m  block_n  waves  min_blocks
+    ("flash_fwd_mfma",          "cdna",  32,     None,   128,     64,      4,     1),
+    ("flash_fwd_mfma",          "cdna",  64,     None,   128,     64,      4,     1),
+    ("flash_fwd_mfma",          "cdna",  96,     None,   128,     64,      4,     1),
+    ("flash_fwd_mfma",          "cdna",  128,    None,   128,     64,      4,     1),
+    ("flash_fwd_mfma",          "cdna",  160,    None,   128,     32,      4,     1),
+    ("flash_fwd_mfma",          "cdna",  192,    None,   128,     32,      4,     1),
+    ("flash_fwd_mfma",          "cdna",  256,    None,   64,      32,      2,     1),
+    ("flash_fwd_portable",      "gfx9",  64,     None,   64,      32,      4,     1),
+    ("flash_fwd_portable",      "gfx9",  128,    None,   32,      32,      4,     1),
+    ("flash_fwd_portable",      "gfx9",  256,    None,   16,      16,      4,     1),
+    ("flash_fwd_portable",      "rdna",  32,     None,   64,      32,      4,     1),
+    ("flash_fwd_portable",      "rdna",  64,     None,   64,      32,      4,     1),
+    ("flash_fwd_portable",      "rdna",  128,    None,   32,      16,      4,     1),
+    ("flash_fwd_portable",      "rdna",  256,    None,   16,      8,       4,     1),
+    # backward: delta = rowsum(dO * O) first, then dK/dV (key blocks) and dQ (query blocks), two
+    # kernels with no atomics: deterministic whatever `deterministic` says.
+    ("flash_bwd_preprocess",    "gfx9",  256,    None,   32,      0,       4,     1),
+    ("flash_bwd_preprocess",    "rdna",  256,    None,   32,      0,       8,     1),
+    ("flash_bwd_mfma_dkdv",     "cdna",  32,     None,   64,      128,     4,     1),
+    ("flash_bwd_mfma_dkdv",     "cdna",  64,     None,   32,      128,     4,     1),
+    ("flash_bwd_mfma_dkdv",     "cdna",  96,     None,   32,      128,     4,     1),
+    ("flash_bwd_mfma_dkdv",     "cdna",  128,    None,   32,      128,     4,     1),
+    ("flash_bwd_mfma_dq",       "cdna",  32,     None,   128,     64,      4,     1),
+    ("flash_bwd_mfma_dq",       "cdna",  64,     None,   128,     64,      4,     1),
+    ("flash_bwd_mfma_dq",       "cdna",  96,     None,   128,     32,      4,     1),
+    ("flash_bwd_mfma_dq",       "cdna",  128,    None,   128,     32,      4,     1),
+    ("flash_bwd_portable_dq",   "gfx9",  64,     None,   32,      16,      4,     1),
+    ("flash_bwd_portable_dq",   "gfx9",  128,    None,   16,      16,      4,     1),
+    ("flash_bwd_portable_dq",   "gfx9",  256,    None,   16,      8,       2,     1),
+    ("flash_bwd_portable_dkdv", "gfx9",  64,     None,   16,      32,      4,     1),
+    ("flash_bwd_portable_dkdv", "gfx9",  128,    None,   16,      16,      4,     1),
+    ("flash_bwd_portable_dkdv", "gfx9",  256,    None,   8,       16,      2,     1),
+    ("flash_bwd_portable_dq",   "rdna",  32,     None,   32,      32,      4,     1),
+    ("flash_bwd_portable_dq",   "rdna",  64,     None,   32,      16,      4,     1),
+    ("flash_bwd_portable_dq",   "rdna",  128,    None,   16,      16,      4,     1),
+    ("flash_bwd_portable_dq",   "rdna",  256,    None,   16,      8,       2,     1),
+    ("flash_bwd_portable_dkdv", "rdna",  32,     None,   32,      32,      4,     1),
+    ("flash_bwd_portable_dkdv", "rdna",  64,     None,   16,      32,      4,     1),
+    ("flash_bwd_portable_dkdv", "rdna",  128,    None,   16,      16,      4,     1),
+    ("flash_bwd_portable_dkdv", "rdna",  256,    None,   8,       16,      2,     1),
 ]
 
 HIP_TABLE = [TileConfig(*row) for row in _HIP_ROWS]
+
+# Entry points whose source file has another name.
+HIP_SOURCES = {"flash_bwd_preprocess": "flash_bwd_prep.hip",
+               "flash_bwd_portable_dq": "flash_bwd_portable.hip",
+               "flash_bwd_portable_dkdv": "flash_bwd_portable.hip"}
+# Kernels built on MFMA (16-bit tiles, mfma_tile.h; VEC_LOADS variants).
+HIP_MFMA_KERNELS = ("flash_fwd_mfma", "flash_bwd_mfma_dkdv", "flash_bwd_mfma_dq")
 
 # Kernels that can serve each dtype, in order of preference (MFMA where the device has it).
 HIP_KERNELS_FOR_DTYPE = {
@@ -299,8 +345,21 @@ HIP_KERNELS_FOR_DTYPE = {
     "bfloat16": ("flash_fwd_mfma", "flash_fwd_portable"),
     "float32": ("flash_fwd_portable",),
 }
+# The backward's (dK/dV, dQ) kernel pairs for each dtype, in order of preference. A pair without a
+# row for the head dim gives way to the next (the MFMA pair stops at 128).
+_MFMA_BWD = ("flash_bwd_mfma_dkdv", "flash_bwd_mfma_dq")
+_PORTABLE_BWD = ("flash_bwd_portable_dkdv", "flash_bwd_portable_dq")
+HIP_BACKWARD_KERNELS_FOR_DTYPE = {
+    "float16": (_MFMA_BWD, _PORTABLE_BWD),
+    "bfloat16": (_MFMA_BWD, _PORTABLE_BWD),
+    "float32": (_PORTABLE_BWD,),
+}
 
 HIP_LDS_BYTES = 64 * 1024  # LDS one block may use on every family above
+
+
+def hip_source(kernel: str) -> str:
+    return HIP_SOURCES.get(kernel, kernel + ".hip")
 
 
 def hip_family(kernel: str, gcn_arch: str) -> str | None:
@@ -316,45 +375,113 @@ def hip_wave_size(cfg: TileConfig) -> int:
     return HIP_FAMILIES[cfg.arch][1]
 
 
+def _hip_row(kernel: str, gcn_arch: str, head_dim: int, causal: bool) -> TileConfig | None:
+    """The row of `kernel` for this device and head dim; None where the device's family has none
+    that is large enough. Raises ValueError when the device has no family for `kernel`."""
+    family = hip_family(kernel, gcn_arch)
+    if family is None:
+        known = ", ".join(p for prefixes, _ in HIP_FAMILIES.values() for p in prefixes)
+        raise ValueError(f"no HIP kernel for {gcn_arch!r}; the hip backend serves {known}")
+    rows = [r for r in HIP_TABLE if r.kernel == kernel and r.arch == family
+            and r.head_dim >= head_dim and r.causal in (None, causal)]
+    return min(rows, key=lambda r: r.head_dim) if rows else None
+
+
+def _hip_kernel_usable(kernel: str, gcn_arch: str) -> bool:
+    return hip_family(kernel, gcn_arch) is not None
+
+
 @functools.lru_cache(maxsize=None)
 def select_hip(dtype: str, gcn_arch: str, head_dim: int, causal: bool) -> TileConfig:
-    """The HIP row for a call in `dtype` on a device with this gcnArchName at this head dim."""
+    """The HIP forward row for a call in `dtype` on a device with this gcnArchName at this head dim."""
     for kernel in HIP_KERNELS_FOR_DTYPE[dtype]:
-        family = hip_family(kernel, gcn_arch)
-        if family is None:
+        if not _hip_kernel_usable(kernel, gcn_arch):
             continue
-        rows = [r for r in HIP_TABLE if r.kernel == kernel and r.arch == family
-                and r.head_dim >= head_dim and r.causal in (None, causal)]
-        if not rows:
+        row = _hip_row(kernel, gcn_arch, head_dim, causal)
+        if row is None:
             raise ValueError(f"head dim must be at most {MAX_HEAD_DIM}, got {head_dim}")
-        return min(rows, key=lambda r: r.head_dim)
-    known = ", ".join(p for prefixes, _ in HIP_FAMILIES.values() for p in prefixes)
-    raise ValueError(f"no HIP kernel for {gcn_arch!r}; the hip backend serves {known}")
+        return row
+    return _hip_row(HIP_KERNELS_FOR_DTYPE[dtype][-1], gcn_arch, head_dim, causal)  # raises
+
+
+@functools.lru_cache(maxsize=None)
+def select_hip_backward(dtype: str, gcn_arch: str, head_dim: int,
+                        causal: bool) -> tuple[TileConfig, TileConfig, TileConfig]:
+    """The HIP backward rows (preprocess, dK/dV, dQ) for a call in `dtype` on this device."""
+    prep = _hip_row("flash_bwd_preprocess", gcn_arch, MAX_HEAD_DIM, causal)
+    for pair in HIP_BACKWARD_KERNELS_FOR_DTYPE[dtype]:
+        if not all(_hip_kernel_usable(kernel, gcn_arch) for kernel in pair):
+            continue
+        rows = tuple(_hip_row(kernel, gcn_arch, head_dim, causal) for kernel in pair)
+        if None not in rows:
+            return (prep, *rows)
+    raise ValueError(f"head dim must be at most {MAX_HEAD_DIM}, got {head_dim}")
 
 
 def hip_shared_memory_bytes(cfg: TileConfig) -> int:
     """LDS of one block, from the layouts in the kernels' headers."""
-    d = cfg.head_dim
-    if cfg.kernel == "flash_fwd_mfma":  # 16-bit tiles, rows padded by 4; Q staged over K and V^T
-        q_stage = cfg.block_m * (d + 4)
-        k_vt = cfg.block_n * (d + 4) + d * (cfg.block_n + 4)
+    d, pad = cfg.head_dim, 4  # PAD of mfma_tile.h
+    if cfg.kernel == "flash_fwd_mfma":  # 16-bit tiles; Q staged over K and V^T
+        q_stage = cfg.block_m * (d + pad)
+        k_vt = cfg.block_n * (d + pad) + d * (cfg.block_n + pad)
         return max(q_stage, k_vt) * 2
+    if cfg.kernel == "flash_bwd_mfma_dkdv":  # Q, dO as stored and transposed; K, V staged over them
+        tiles = 2 * cfg.block_m * (d + pad) + 2 * d * (cfg.block_m + pad)
+        stage = cfg.block_n * (d + pad)
+        return max(tiles, stage) * 2 + 2 * cfg.block_m * 4  # + LSE and delta, float32
+    if cfg.kernel == "flash_bwd_mfma_dq":  # K, V, K^T; Q and dO staged over them
+        tiles = 2 * cfg.block_n * (d + pad) + d * (cfg.block_n + pad)
+        stage = cfg.block_m * (d + pad)
+        return max(tiles, stage) * 2
     if cfg.kernel == "flash_fwd_portable":  # float32: sQ, sK (odd strides), sV, sP, sRow
         return (cfg.block_m * (d + 1) + cfg.block_n * (d + 1) + cfg.block_n * d
                 + cfg.block_m * cfg.block_n + cfg.block_m) * 4
+    if cfg.kernel in _PORTABLE_BWD:  # float32, odd strides: owned rows, streamed tile, dS (P, dS)
+        owned, step = _portable_bwd_rows(cfg)
+        slices = owned * step * (1 if cfg.kernel == "flash_bwd_portable_dq" else 2)
+        return (2 * owned * (d + 1) + 2 * step * (d + 1) + slices) * 4
+    if cfg.kernel == "flash_bwd_preprocess":
+        return 0
     raise KeyError(cfg.kernel)
+
+
+def _portable_bwd_rows(cfg: TileConfig) -> tuple[int, int]:
+    """(rows a block owns, rows streamed per step) of a portable backward row."""
+    if cfg.kernel == "flash_bwd_portable_dq":
+        return cfg.block_m, cfg.block_n
+    return cfg.block_n, cfg.block_m
+
+
+def hip_threads(cfg: TileConfig) -> int:
+    return cfg.warps * hip_wave_size(cfg)
 
 
 def hip_defines(cfg: TileConfig, dtype: str, causal: bool, vec_loads: bool) -> dict[str, int]:
     """The -D macros that specialize a HIP kernel source for one variant."""
     common = {
         "ELEM_TYPE": {"float16": 0, "bfloat16": 1, "float32": 2}[dtype],
-        "HEAD_DIM": cfg.head_dim,
-        "BLOCK_N": cfg.block_n,
         "NUM_WAVES": cfg.warps,
         "WAVE_SIZE": hip_wave_size(cfg),
-        "IS_CAUSAL": int(causal),
     }
-    if cfg.kernel == "flash_fwd_mfma":
-        return common | {"ELEM_BF16": int(dtype == "bfloat16"), "VEC_LOADS": int(vec_loads)}
-    return common | {"BLOCK_M": cfg.block_m}
+    if cfg.kernel == "flash_bwd_preprocess":
+        return common | {"BLOCK_M": cfg.block_m}
+    common |= {"HEAD_DIM": cfg.head_dim, "IS_CAUSAL": int(causal)}
+    mfma = {"ELEM_BF16": int(dtype == "bfloat16"), "VEC_LOADS": int(vec_loads)}
+    if cfg.kernel in ("flash_fwd_mfma", "flash_bwd_mfma_dq"):
+        return common | mfma | {"BLOCK_N": cfg.block_n}
+    if cfg.kernel == "flash_bwd_mfma_dkdv":
+        return common | mfma | {"BLOCK_M": cfg.block_m}
+    if cfg.kernel in _PORTABLE_BWD:
+        owned, step = _portable_bwd_rows(cfg)
+        return common | {"BLOCK_ROWS": owned, "TILE": step}
+    return common | {"BLOCK_M": cfg.block_m, "BLOCK_N": cfg.block_n}  # flash_fwd_portable
+
+
+def hip_grid(cfg: TileConfig, seqlen_q: int, seqlen_k: int, heads_q: int, heads_k: int,
+             batch: int) -> tuple[int, int, int]:
+    """The grid of one launch of `cfg`: query blocks x query heads, or, for the dK/dV kernels, key
+    blocks x key/value heads; the batch (or a chunk of it) in z."""
+    if cfg.kernel in ("flash_bwd_mfma_dkdv", "flash_bwd_portable_dkdv"):
+        return (math.ceil(seqlen_k / cfg.block_n), heads_k, batch)
+    owned = cfg.block_m
+    return (math.ceil(seqlen_q / owned), heads_q, batch)

@@ -1,0 +1,201 @@
+// FlashAttention-2 backward on CDNA matrix cores, key-block parallel: dK and dV. fp16 or bf16 in,
+// fp32 accumulate, wave64. The math is in backward.h; dQ comes from flash_bwd_mfma_dq.hip, a
+// query-parallel kernel of its own, so nothing here adds into shared memory or global memory with
+// atomics and the gradients are the same bits on every run.
+//
+// Grid: x = key block, y = key/value head, z = batch. Wave w owns keys [w * 32, w * 32 + 32) of the
+// block and keeps their K and V fragments in registers. The block walks every query block of every
+// query head of its GQA group, so dK and dV, summed over the group, stay in registers from the
+// first step to the last.
+//
+// Products (mfma.h; the lane's accumulator column is always one of the wave's keys):
+//   S  = Q K^T      A: Q tile [query][dim] in LDS       B: K^T fragments in registers
+//   dP = dO V^T     A: dO tile [query][dim] in LDS      B: V^T fragments in registers
+//   dV^T += dO^T P  A: dO^T tile [dim][query] in LDS    B: P, the accumulator of S (acc_as_b)
+//   dK^T += Q^T dS  A: Q^T tile [dim][query] in LDS     B: dS, the accumulator of dP
+// S and dP come out with queries along the accumulator rows, which are the k positions of the next
+// two products: P and dS never leave registers. The lse and delta of a row are read from LDS.
+//
+// Layouts: q, dout (B, Hq, Sq, D); k, v, dk, dv (B, Hk, Sk, D); any batch/head/row strides, D
+// contiguous. lse, delta float32 (B, Hq, Sq) with batch/head strides and contiguous rows; lse is
+// the forward's (natural log). Reads q, k, v, dout, lse, delta; writes dk, dv.
+
+// ---- compile-time configuration (set with -D by xattn/configs.py) ------------------------------
+// ELEM_BF16   1: bfloat16, 0: float16 (ELEM_TYPE, for platform.h, is the same choice)
+// HEAD_DIM    padded head dim (multiple of 32);  BLOCK_M  query rows per step (multiple of 32)
+// NUM_WAVES   waves per block, BLOCK_N = 32 * NUM_WAVES keys per block
+// IS_CAUSAL   bottom-right aligned causal mask;  VEC_LOADS  as in mfma_tile.h;  WAVE_SIZE  64
+
+#define NUM_THREADS (NUM_WAVES * WAVE_SIZE)
+
+#include "mfma_tile.h"
+#include "../kernels_cuda/attention_common.h"
+#include "backward.h"
+
+#define BLOCK_N (NUM_WAVES * MFMA_N)
+#define Q_BLOCKS (BLOCK_M / MFMA_M)     // 32-query blocks of S and dP
+#define DIM_BLOCKS (HEAD_DIM / MFMA_M)  // 32-dim blocks of dK^T and dV^T
+#define DIM_STEPS (HEAD_DIM / MFMA_K)   // k steps of S and dP
+#define QUERY_STEPS (BLOCK_M / MFMA_K)  // k steps of dV^T and dK^T
+#define ROW_STRIDE (HEAD_DIM + PAD)     // sQ, sdO, and the K, V staging: [row][dim]
+#define T_STRIDE (BLOCK_M + PAD)        // sQt, sdOt: [dim][query]
+
+static_assert(WAVE_SIZE == 64, "MFMA kernels run in wave64");
+static_assert(HEAD_DIM % 32 == 0 && BLOCK_M % 32 == 0, "whole 32x32 MFMA blocks");
+
+// ---- LDS layout ---------------------------------------------------------------------------------
+// sQ [BLOCK_M][ROW_STRIDE] | sdO [BLOCK_M][ROW_STRIDE] | sQt [HEAD_DIM][T_STRIDE] |
+// sdOt [HEAD_DIM][T_STRIDE] (16-bit) | sLse2 [BLOCK_M] | sDelta [BLOCK_M] (float). Before the loop
+// the front of it stages K, then V, [BLOCK_N][ROW_STRIDE], on their way into registers.
+// xattn/configs.py (hip_shared_memory_bytes) computes the same size.
+#define TILES_U16 (2 * BLOCK_M * ROW_STRIDE + 2 * HEAD_DIM * T_STRIDE)
+#define STAGE_U16 (BLOCK_N * ROW_STRIDE)
+#define LDS_U16 (TILES_U16 > STAGE_U16 ? TILES_U16 : STAGE_U16)  // a multiple of 8: floats 16-byte aligned
+
+// ---- device helpers ---------------------------------------------------------------------------
+
+// One step's query-side tiles: Q and dO as stored and transposed, base-2 LSE and delta.
+__device__ __forceinline__ void load_query_step(u16* sQ, u16* sdO, u16* sQt, u16* sdOt, float* sLse2,
+                                                float* sDelta, const u16* q, i64 q_row_stride,
+                                                const u16* dout, i64 do_row_stride, const float* lse,
+                                                const float* delta, int valid_rows, int head_dim, int tid) {
+    load_tile<BLOCK_M, ROW_STRIDE, T_STRIDE>(sQ, sQt, q, q_row_stride, valid_rows, head_dim, tid);
+    load_tile<BLOCK_M, ROW_STRIDE, T_STRIDE>(sdO, sdOt, dout, do_row_stride, valid_rows, head_dim, tid);
+    for (int r = tid; r < BLOCK_M; r += NUM_THREADS) {
+        sLse2[r] = backward_lse2(lse, r, valid_rows);
+        sDelta[r] = r < valid_rows ? delta[r] : 0.f;
+    }
+}
+
+// S becomes P and dP becomes dS, in place. Element j of block qb is query acc_row(lane, qb, j) of
+// the step. masked: some query of the step is before the diagonal of one of the wave's keys; then
+// query r sees this lane's key iff r >= first_rel (counted from acc_row(lane, 0, 0), so that each
+// element compares with a compile-time offset).
+__device__ __forceinline__ void softmax_backward_step(floatx16 (&acc_s)[Q_BLOCKS], floatx16 (&acc_dp)[Q_BLOCKS],
+                                                      const float* sLse2, const float* sDelta, bool masked,
+                                                      int first_rel, float scale_log2, int lane) {
+    first_rel -= acc_row(lane, 0, 0);
+#pragma unroll
+    for (int qb = 0; qb < Q_BLOCKS; ++qb)
+#pragma unroll
+        for (int j0 = 0; j0 < 16; j0 += 4) {
+            // acc_row runs 4 consecutive rows per j0: one 16-byte LDS read each for lse and delta.
+            const float4 lse2 = *(const float4*)(sLse2 + acc_row(lane, qb, j0));
+            const float4 delta = *(const float4*)(sDelta + acc_row(lane, qb, j0));
+            const float l4[4] = {lse2.x, lse2.y, lse2.z, lse2.w}, d4[4] = {delta.x, delta.y, delta.z, delta.w};
+#pragma unroll
+            for (int i = 0; i < 4; ++i) {
+                const int j = j0 + i;
+                const bool visible = !masked || acc_row(lane, qb, j) - acc_row(lane, 0, 0) >= first_rel;
+                const float2 pds = softmax_backward(acc_s[qb][j], acc_dp[qb][j], visible, l4[i], d4[i], scale_log2);
+                acc_s[qb][j] = pds.x;
+                acc_dp[qb][j] = pds.y;
+            }
+        }
+}
+
+// ---- entry point ------------------------------------------------------------------------------
+
+extern "C" __global__ void __launch_bounds__(NUM_THREADS)
+flash_bwd_mfma_dkdv(const u16* __restrict__ q, const u16* __restrict__ k, const u16* __restrict__ v,
+                    const u16* __restrict__ dout, const float* __restrict__ lse,
+                    const float* __restrict__ delta, u16* __restrict__ dk, u16* __restrict__ dv,
+                    i64 q_batch_stride, i64 q_head_stride, i64 q_row_stride,
+                    i64 k_batch_stride, i64 k_head_stride, i64 k_row_stride,
+                    i64 v_batch_stride, i64 v_head_stride, i64 v_row_stride,
+                    i64 do_batch_stride, i64 do_head_stride, i64 do_row_stride,
+                    i64 dk_batch_stride, i64 dk_head_stride, i64 dk_row_stride,
+                    i64 dv_batch_stride, i64 dv_head_stride, i64 dv_row_stride,
+                    i64 lse_batch_stride, i64 lse_head_stride,
+                    i64 delta_batch_stride, i64 delta_head_stride,
+                    int seqlen_q, int seqlen_k, int head_dim, int heads_per_kv,
+                    float scale, float scale_log2) {
+    extern __shared__ __attribute__((aligned(16))) u16 smem[];
+    u16* sStage = smem;  // K, then V, before the loop
+    u16* sQ = smem;
+    u16* sdO = sQ + BLOCK_M * ROW_STRIDE;
+    u16* sQt = sdO + BLOCK_M * ROW_STRIDE;
+    u16* sdOt = sQt + HEAD_DIM * T_STRIDE;
+    float* sLse2 = (float*)(smem + LDS_U16);
+    float* sDelta = sLse2 + BLOCK_M;
+
+    const int n_block = blockIdx.x, kv_head = blockIdx.y, batch = blockIdx.z;
+    const int tid = threadIdx.x, wave = tid / WAVE_SIZE, lane = tid % WAVE_SIZE;
+    const int n_start = n_block * BLOCK_N;
+    const int wave_key_start = n_start + wave * MFMA_N;
+    const int key = wave_key_start + acc_col(lane);  // this lane's key: its column of every product
+
+    // Every address that does not change in the loop is formed now: fewer scalar registers live
+    // across it (the element-wise variant otherwise runs out of SGPRs).
+    k += batch * k_batch_stride + kv_head * k_head_stride + n_start * k_row_stride;
+    v += batch * v_batch_stride + kv_head * v_head_stride + n_start * v_row_stride;
+    q += batch * q_batch_stride;
+    dout += batch * do_batch_stride;
+    lse += batch * lse_batch_stride;
+    delta += batch * delta_batch_stride;
+    dk += batch * dk_batch_stride + kv_head * dk_head_stride;
+    dv += batch * dv_batch_stride + kv_head * dv_head_stride;
+
+    // Prologue: K, then V, through LDS into registers, where they stay for the whole loop.
+    u32x2 k_frag[DIM_STEPS], v_frag[DIM_STEPS];
+    load_tile<BLOCK_N, ROW_STRIDE, 0>(sStage, nullptr, k, k_row_stride, seqlen_k - n_start, head_dim, tid);
+    __syncthreads();  // the K tile is complete
+    load_frags<DIM_STEPS, ROW_STRIDE>(k_frag, sStage, wave * MFMA_N, lane);
+    __syncthreads();  // every wave has its K fragments: the staging memory takes V
+    load_tile<BLOCK_N, ROW_STRIDE, 0>(sStage, nullptr, v, v_row_stride, seqlen_k - n_start, head_dim, tid);
+    __syncthreads();  // the V tile is complete
+    load_frags<DIM_STEPS, ROW_STRIDE>(v_frag, sStage, wave * MFMA_N, lane);
+
+    // The query blocks that see any key of this block (causal: from the diagonal of its first
+    // key), and the first query that sees any key of this wave. No block at all: dK = dV = 0.
+    const Band band = causal_band(seqlen_q, seqlen_k);
+    const int m_begin = max(0, first_visible_query(n_start, band)) / BLOCK_M;
+    const int m_end = (seqlen_q + BLOCK_M - 1) / BLOCK_M;
+    const int wave_first_query = first_visible_query(wave_key_start, band);
+    const int wave_last_first_query = first_visible_query(wave_key_start + MFMA_N - 1, band);
+
+    floatx16 acc_dk[DIM_BLOCKS], acc_dv[DIM_BLOCKS];
+#pragma unroll
+    for (int db = 0; db < DIM_BLOCKS; ++db) acc_dk[db] = acc_dv[db] = floatx16{};
+
+    // Every query head of the GQA group adds into the same dK and dV.
+    for (int head = kv_head * heads_per_kv; head < (kv_head + 1) * heads_per_kv; ++head) {
+        const u16* q_head = q + head * q_head_stride;
+        const u16* do_head = dout + head * do_head_stride;
+        const float* lse_head = lse + head * lse_head_stride;
+        const float* delta_head = delta + head * delta_head_stride;
+
+        for (int m_block = m_begin; m_block < m_end; ++m_block) {
+            const int m_start = m_block * BLOCK_M;
+            __syncthreads();  // every wave is done with the previous step's tiles (and the V staging)
+            load_query_step(sQ, sdO, sQt, sdOt, sLse2, sDelta, q_head + m_start * q_row_stride, q_row_stride,
+                            do_head + m_start * do_row_stride, do_row_stride, lse_head + m_start,
+                            delta_head + m_start, seqlen_q - m_start, head_dim, tid);
+            __syncthreads();  // the step's tiles are visible to every wave
+            // Causal: a wave whose keys no query of this step sees skips the arithmetic (it still
+            // takes part in the loads and barriers above).
+            if (IS_CAUSAL && m_start + BLOCK_M <= wave_first_query) continue;
+
+            floatx16 acc_s[Q_BLOCKS], acc_dp[Q_BLOCKS];
+            tile_times_frags<Q_BLOCKS, DIM_STEPS, ROW_STRIDE>(acc_s, sQ, k_frag, lane);    // S = Q K^T
+            tile_times_frags<Q_BLOCKS, DIM_STEPS, ROW_STRIDE>(acc_dp, sdO, v_frag, lane);  // dP = dO V^T
+            const bool masked = IS_CAUSAL && m_start < wave_last_first_query;
+            softmax_backward_step(acc_s, acc_dp, sLse2, sDelta, masked,
+                                  first_visible_query(key, band) - m_start, scale_log2, lane);
+            tile_times_acc<DIM_BLOCKS, QUERY_STEPS, T_STRIDE>(acc_dv, sdOt, acc_s, lane);  // dV^T += dO^T P
+            tile_times_acc<DIM_BLOCKS, QUERY_STEPS, T_STRIDE>(acc_dk, sQt, acc_dp, lane);  // dK^T += Q^T dS
+        }
+    }
+
+    // Epilogue: dK = scale * acc_dk, dV = acc_dv, for the keys that exist, each through the staging
+    // tile (acc_to_lds, store_tile: coalesced rows). Lanes l and l ^ 32 hold the same key's other dims.
+    const int valid_keys = seqlen_k - n_start;
+    __syncthreads();  // every wave is done with the last step's tiles: the staging memory takes dK
+    acc_to_lds<DIM_BLOCKS, ROW_STRIDE>(sStage, wave * MFMA_N + acc_col(lane), acc_dk, scale, lane);
+    __syncthreads();  // the dK tile is complete
+    store_tile<BLOCK_N, ROW_STRIDE>(dk + n_start * dk_row_stride, dk_row_stride, sStage, valid_keys, head_dim, tid);
+    __syncthreads();  // every thread has read its share of dK: the staging memory takes dV
+    acc_to_lds<DIM_BLOCKS, ROW_STRIDE>(sStage, wave * MFMA_N + acc_col(lane), acc_dv, 1.f, lane);
+    __syncthreads();  // the dV tile is complete
+    store_tile<BLOCK_N, ROW_STRIDE>(dv + n_start * dv_row_stride, dv_row_stride, sStage, valid_keys, head_dim, tid);
+}

@@ -1,0 +1,151 @@
+// FlashAttention-2 backward on CDNA matrix cores, query-block parallel: dQ. fp16 or bf16 in, fp32
+// accumulate, wave64. The math is in backward.h; dK and dV come from flash_bwd_mfma_dkdv.hip. Each
+// dQ row is summed by one lane pair in a fixed order: no atomics, the same bits on every run.
+//
+// Shaped like flash_fwd_mfma.hip. Grid: x = query block (reversed, so the heaviest causal blocks
+// start first), y = query head, z = batch. Wave w owns queries [w * 32, w * 32 + 32) of the block
+// and keeps their Q and dO fragments in registers; K and V tiles stream through LDS.
+//
+// Products (mfma.h; the lane's accumulator column is always one of the wave's queries):
+//   S^T  = K Q^T       A: K tile [key][dim] in LDS       B: Q^T fragments in registers
+//   dP^T = V dO^T      A: V tile [key][dim] in LDS       B: dO^T fragments in registers
+//   dQ^T += K^T dS^T   A: K^T tile [dim][key] in LDS     B: dS^T, the accumulator of dP^T
+// The lse and delta of the lane's query are one register each.
+//
+// Layouts as in flash_bwd_mfma_dkdv.hip; dq is (B, Hq, Sq, D) like q. Reads q, k, v, dout, lse,
+// delta; writes dq.
+
+// ---- compile-time configuration (set with -D by xattn/configs.py) ------------------------------
+// ELEM_BF16   1: bfloat16, 0: float16 (ELEM_TYPE, for platform.h, is the same choice)
+// HEAD_DIM    padded head dim (multiple of 32);  BLOCK_N  keys per tile (multiple of 32)
+// NUM_WAVES   waves per block, BLOCK_M = 32 * NUM_WAVES queries per block
+// IS_CAUSAL   bottom-right aligned causal mask;  VEC_LOADS  as in mfma_tile.h;  WAVE_SIZE  64
+
+#define NUM_THREADS (NUM_WAVES * WAVE_SIZE)
+
+#include "mfma_tile.h"
+#include "../kernels_cuda/attention_common.h"
+#include "backward.h"
+
+#define BLOCK_M (NUM_WAVES * MFMA_N)
+#define KEY_BLOCKS (BLOCK_N / MFMA_M)   // 32-key blocks of S^T and dP^T
+#define DIM_BLOCKS (HEAD_DIM / MFMA_M)  // 32-dim blocks of dQ^T
+#define DIM_STEPS (HEAD_DIM / MFMA_K)   // k steps of S^T and dP^T
+#define KEY_STEPS (BLOCK_N / MFMA_K)    // k steps of dQ^T
+#define ROW_STRIDE (HEAD_DIM + PAD)     // sK, sV, and the Q, dO staging: [row][dim]
+#define T_STRIDE (BLOCK_N + PAD)        // sKt: [dim][key]
+
+static_assert(WAVE_SIZE == 64, "MFMA kernels run in wave64");
+static_assert(HEAD_DIM % 32 == 0 && BLOCK_N % 32 == 0, "whole 32x32 MFMA blocks");
+
+// ---- LDS layout ---------------------------------------------------------------------------------
+// sK [BLOCK_N][ROW_STRIDE] | sV [BLOCK_N][ROW_STRIDE] | sKt [HEAD_DIM][T_STRIDE], 16-bit. Before the
+// loop the front of it stages Q, then dO, [BLOCK_M][ROW_STRIDE], on their way into registers.
+// xattn/configs.py (hip_shared_memory_bytes) computes the same size.
+
+// ---- device helpers ---------------------------------------------------------------------------
+
+// S^T becomes P^T and dP^T becomes dS^T, in place, for this lane's query (lse2, delta: its row's).
+// masked: the tile crosses the end of the keys or the causal diagonal of one of the wave's queries;
+// then key r of the tile is visible iff r < limit (counted from acc_row(lane, 0, 0), so that each
+// element compares with a compile-time offset).
+__device__ __forceinline__ void softmax_backward_tile(floatx16 (&acc_s)[KEY_BLOCKS], floatx16 (&acc_dp)[KEY_BLOCKS],
+                                                      float lse2, float delta, bool masked, int limit,
+                                                      float scale_log2, int lane) {
+    limit -= acc_row(lane, 0, 0);
+#pragma unroll
+    for (int nb = 0; nb < KEY_BLOCKS; ++nb)
+#pragma unroll
+        for (int j = 0; j < 16; ++j) {
+            const bool visible = !masked || acc_row(lane, nb, j) - acc_row(lane, 0, 0) < limit;
+            const float2 pds = softmax_backward(acc_s[nb][j], acc_dp[nb][j], visible, lse2, delta, scale_log2);
+            acc_s[nb][j] = pds.x;
+            acc_dp[nb][j] = pds.y;
+        }
+}
+
+// ---- entry point ------------------------------------------------------------------------------
+
+extern "C" __global__ void __launch_bounds__(NUM_THREADS)
+flash_bwd_mfma_dq(const u16* __restrict__ q, const u16* __restrict__ k, const u16* __restrict__ v,
+                  const u16* __restrict__ dout, const float* __restrict__ lse,
+                  const float* __restrict__ delta, u16* __restrict__ dq,
+                  i64 q_batch_stride, i64 q_head_stride, i64 q_row_stride,
+                  i64 k_batch_stride, i64 k_head_stride, i64 k_row_stride,
+                  i64 v_batch_stride, i64 v_head_stride, i64 v_row_stride,
+                  i64 do_batch_stride, i64 do_head_stride, i64 do_row_stride,
+                  i64 dq_batch_stride, i64 dq_head_stride, i64 dq_row_stride,
+                  i64 lse_batch_stride, i64 lse_head_stride,
+                  i64 delta_batch_stride, i64 delta_head_stride,
+                  int seqlen_q, int seqlen_k, int head_dim, int heads_per_kv,
+                  float scale, float scale_log2) {
+    extern __shared__ __attribute__((aligned(16))) u16 smem[];
+    u16* sStage = smem;  // Q, then dO, before the loop
+    u16* sK = smem;
+    u16* sV = sK + BLOCK_N * ROW_STRIDE;
+    u16* sKt = sV + BLOCK_N * ROW_STRIDE;
+
+    const int m_block = gridDim.x - 1 - blockIdx.x;
+    const int head = blockIdx.y, batch = blockIdx.z, kv_head = head / heads_per_kv;
+    const int tid = threadIdx.x, wave = tid / WAVE_SIZE, lane = tid % WAVE_SIZE;
+    const int m_start = m_block * BLOCK_M;
+    const int wave_row_start = m_start + wave * MFMA_N;
+    const int query = wave_row_start + acc_col(lane);  // this lane's query: its column of every product
+
+    q += batch * q_batch_stride + head * q_head_stride + m_start * q_row_stride;
+    dout += batch * do_batch_stride + head * do_head_stride + m_start * do_row_stride;
+    k += batch * k_batch_stride + kv_head * k_head_stride;
+    v += batch * v_batch_stride + kv_head * v_head_stride;
+    lse += batch * lse_batch_stride + head * lse_head_stride;
+    delta += batch * delta_batch_stride + head * delta_head_stride;
+
+    // Prologue: Q, then dO, through LDS into registers, where they stay for the whole loop.
+    u32x2 q_frag[DIM_STEPS], do_frag[DIM_STEPS];
+    load_tile<BLOCK_M, ROW_STRIDE, 0>(sStage, nullptr, q, q_row_stride, seqlen_q - m_start, head_dim, tid);
+    __syncthreads();  // the Q tile is complete
+    load_frags<DIM_STEPS, ROW_STRIDE>(q_frag, sStage, wave * MFMA_N, lane);
+    __syncthreads();  // every wave has its Q fragments: the staging memory takes dO
+    load_tile<BLOCK_M, ROW_STRIDE, 0>(sStage, nullptr, dout, do_row_stride, seqlen_q - m_start, head_dim, tid);
+    __syncthreads();  // the dO tile is complete
+    load_frags<DIM_STEPS, ROW_STRIDE>(do_frag, sStage, wave * MFMA_N, lane);
+    const float lse2 = backward_lse2(lse, query, seqlen_q);
+    const float row_delta = query < seqlen_q ? delta[query] : 0.f;
+
+    floatx16 acc_dq[DIM_BLOCKS];
+#pragma unroll
+    for (int db = 0; db < DIM_BLOCKS; ++db) acc_dq[db] = floatx16{};
+
+    // The key tiles the block's rows see, and the ones this wave's rows see (causal: fewer).
+    const Band band = causal_band(seqlen_q, seqlen_k);
+    const int block_rows = min(BLOCK_M, seqlen_q - m_start);
+    const KeyRange tiles = key_tiles(m_start, block_rows, BLOCK_N, seqlen_k, band);
+    const int wave_rows = max(1, min(MFMA_N, seqlen_q - wave_row_start));
+    const KeyRange wave_tiles = key_tiles(wave_row_start, wave_rows, BLOCK_N, seqlen_k, band);
+    const int limit = visible_key_end(query, band, seqlen_k);  // keys [0, limit) are visible
+
+    for (int tile = tiles.tile_end - 1; tile >= tiles.tile_begin; --tile) {
+        const int n_start = tile * BLOCK_N;
+        __syncthreads();  // every wave is done with the previous K, V, K^T tiles (and the staging)
+        load_tile<BLOCK_N, ROW_STRIDE, T_STRIDE>(sK, sKt, k + n_start * k_row_stride, k_row_stride, seqlen_k - n_start, head_dim, tid);
+        load_tile<BLOCK_N, ROW_STRIDE, 0>(sV, nullptr, v + n_start * v_row_stride, v_row_stride, seqlen_k - n_start, head_dim, tid);
+        __syncthreads();  // the tiles are visible to every wave
+        // Rows past the end of this wave's block see nothing; a wave whose queries see none of the
+        // tile's keys skips the arithmetic (it still takes part in the loads and barriers).
+        if (wave_row_start >= seqlen_q || tile >= wave_tiles.tile_end || tile < wave_tiles.tile_begin) continue;
+
+        floatx16 acc_s[KEY_BLOCKS], acc_dp[KEY_BLOCKS];
+        tile_times_frags<KEY_BLOCKS, DIM_STEPS, ROW_STRIDE>(acc_s, sK, q_frag, lane);    // S^T = K Q^T
+        tile_times_frags<KEY_BLOCKS, DIM_STEPS, ROW_STRIDE>(acc_dp, sV, do_frag, lane);  // dP^T = V dO^T
+        const bool masked = tile_needs_mask(wave_row_start, MFMA_N, n_start, BLOCK_N, seqlen_k, band);
+        softmax_backward_tile(acc_s, acc_dp, lse2, row_delta, masked, limit - n_start, scale_log2, lane);
+        tile_times_acc<DIM_BLOCKS, KEY_STEPS, T_STRIDE>(acc_dq, sKt, acc_dp, lane);  // dQ^T += K^T dS^T
+    }
+
+    // Epilogue: dQ = scale * acc_dq through the staging tile (acc_to_lds, store_tile: coalesced
+    // rows); rows that see no key write zeros. Lanes l and l ^ 32 hold the same query's other dims.
+    __syncthreads();  // every wave is done with the last K, V, K^T tiles: the staging memory takes dQ
+    acc_to_lds<DIM_BLOCKS, ROW_STRIDE>(sStage, wave * MFMA_N + acc_col(lane), acc_dq, scale, lane);
+    __syncthreads();  // the dQ tile is complete
+    dq += batch * dq_batch_stride + head * dq_head_stride + m_start * dq_row_stride;
+    store_tile<BLOCK_M, ROW_STRIDE>(dq, dq_row_stride, sStage, seqlen_q - m_start, head_dim, tid);
+}

@@ -1,0 +1,310 @@
+// FlashAttention-2 backward without matrix instructions: every product is a plain FMA over LDS
+// tiles held in float32. Serves float32 exactly on every AMD GPU, float16/bfloat16 on GPUs without
+// MFMA (RDNA) and, on CDNA, at head dims past the MFMA kernels' rows (their registers cannot hold
+// dK and dV there). The math is in backward.h. The wave size is a compile-time parameter, and the
+// kernels synchronize only with block barriers and exchange data only through LDS (no shuffles), so
+// the same source runs in wave64 (CDNA, GCN), wave32 (RDNA) and, through the test-only
+// tests/hip_on_cuda.h, on NVIDIA GPUs in both configurations.
+//
+// Two kernels, the mirror images of each other (as kernels_cuda/flash_bwd_simt.cu); each is
+// deterministic by construction (no atomics).
+//
+// flash_bwd_portable_dq: query-block parallel. Grid: x = query block (reversed: causal blocks with
+//   the most keys start first), y = query head, z = batch. The block owns BLOCK_ROWS queries, wave
+//   w the ROWS_PER_WAVE of them from w * ROWS_PER_WAVE; key tiles of TILE keys stream through LDS.
+//   For S and dP a wave splits into ROW_GROUPS groups of TILE lanes: lane (g, n) computes key n of
+//   the tile against rows g, g + ROW_GROUPS, ... of its wave. dS goes through LDS, and for
+//   dQ += dS K lane l owns head dims l, l + WAVE_SIZE, ... of all of its wave's rows.
+//   Reads q, k, v, dout, lse, delta; writes dq.
+//
+// flash_bwd_portable_dkdv: key-block parallel, the same with keys and queries exchanged. Grid:
+//   x = key block, y = key/value head, z = batch. The block owns BLOCK_ROWS keys and walks every
+//   query tile of every query head of its GQA group, so dK and dV, summed over the group, stay in
+//   registers from the first step to the last. P and dS go through LDS side by side; for
+//   dV += P^T dO and dK += dS^T Q lane l owns head dims l, l + WAVE_SIZE, ...
+//   Reads q, k, v, dout, lse, delta; writes dk, dv.
+//
+// Layouts: q, dout, dq (B, Hq, Sq, D); k, v, dk, dv (B, Hk, Sk, D); any batch/head/row strides, D
+// contiguous. lse, delta float32 (B, Hq, Sq) with batch/head strides and contiguous rows; lse is
+// the forward's (natural log). head_dim <= HEAD_DIM at run time: padded columns are zero in LDS
+// and never stored.
+
+// ---- compile-time configuration (set with -D by xattn/configs.py) ------------------------------
+// ELEM_TYPE   0: float16, 1: bfloat16, 2: float32
+// HEAD_DIM    padded head dim (multiple of WAVE_SIZE)
+// BLOCK_ROWS  rows a block owns: queries in _dq, keys in _dkdv
+// TILE        rows streamed per step (keys in _dq, queries in _dkdv); divides WAVE_SIZE
+// NUM_WAVES   waves per block;  WAVE_SIZE  32 or 64;  IS_CAUSAL  bottom-right aligned causal mask
+
+#include "platform.h"
+#include "../kernels_cuda/attention_common.h"
+#include "backward.h"
+
+#define NUM_THREADS (NUM_WAVES * WAVE_SIZE)
+#define ROWS_PER_WAVE (BLOCK_ROWS / NUM_WAVES)
+#define ROW_GROUPS (WAVE_SIZE / TILE)
+#define ROWS_PER_LANE (ROWS_PER_WAVE / ROW_GROUPS)
+#define D_PER_LANE (HEAD_DIM / WAVE_SIZE)
+// Odd row stride for every tile: in S and dP the TILE lanes of a group read one dim of TILE
+// different streamed rows, and the groups read one dim of different owned rows; all of them then
+// fall in different banks. Column reads (lane = dim) are consecutive either way.
+#define STRIDE (HEAD_DIM + 1)
+
+static_assert(WAVE_SIZE % TILE == 0, "a wave holds whole groups of TILE lanes");
+static_assert(BLOCK_ROWS % NUM_WAVES == 0 && ROWS_PER_WAVE % ROW_GROUPS == 0, "rows split evenly");
+static_assert(HEAD_DIM % WAVE_SIZE == 0, "each lane owns whole head dims");
+
+// ---- LDS layout (float32; xattn/configs.py, hip_shared_memory_bytes, computes the same sizes) ----
+// _dq:   sQ [BLOCK_ROWS][STRIDE] | sdO [BLOCK_ROWS][STRIDE] | sK [TILE][STRIDE] | sV [TILE][STRIDE] |
+//        sdS [BLOCK_ROWS][TILE]
+// _dkdv: sK [BLOCK_ROWS][STRIDE] | sV [BLOCK_ROWS][STRIDE] | sQ [TILE][STRIDE] | sdO [TILE][STRIDE] |
+//        sPdS [BLOCK_ROWS][TILE] (float2: P, dS)
+
+// ---- device helpers ---------------------------------------------------------------------------
+
+// Copy rows x HEAD_DIM elements into LDS as float32, zeros outside valid_rows x head_dim.
+// Consecutive threads take consecutive columns, so the global reads coalesce.
+__device__ __forceinline__ void load_rows(float* smem, const elem_t* gmem, i64 row_stride, int rows,
+                                          int valid_rows, int head_dim, int tid) {
+    for (int e = tid; e < rows * HEAD_DIM; e += NUM_THREADS) {
+        const int row = e / HEAD_DIM, col = e % HEAD_DIM;
+        const bool valid = row < valid_rows && col < head_dim;
+        smem[row * STRIDE + col] = valid ? elem_to_float(gmem[row * row_stride + col]) : 0.f;
+    }
+}
+
+// Raw S and dP of this lane's streamed row against its owned rows owned0 + i * ROW_GROUPS:
+// x[i] = a_owned[i] . a_tile, dp[i] = b_owned[i] . b_tile (a: Q or K, b: dO or V).
+__device__ __forceinline__ void dot_rows(float (&x)[ROWS_PER_LANE], float (&dp)[ROWS_PER_LANE],
+                                         const float* a_owned, const float* b_owned, const float* a_tile,
+                                         const float* b_tile, int owned0, int tile_row, int head_dim) {
+#pragma unroll
+    for (int i = 0; i < ROWS_PER_LANE; ++i) x[i] = dp[i] = 0.f;
+    for (int d = 0; d < head_dim; ++d) {
+        const float a_d = a_tile[tile_row * STRIDE + d], b_d = b_tile[tile_row * STRIDE + d];
+#pragma unroll
+        for (int i = 0; i < ROWS_PER_LANE; ++i) {
+            const int row = owned0 + i * ROW_GROUPS;
+            x[i] = fmaf(a_owned[row * STRIDE + d], a_d, x[i]);
+            dp[i] = fmaf(b_owned[row * STRIDE + d], b_d, dp[i]);
+        }
+    }
+}
+
+// Store one row's D_PER_LANE columns (lane = column), scaled, as elem_t.
+__device__ __forceinline__ void store_row(elem_t* gmem, const float (&acc)[D_PER_LANE], float scale,
+                                          int head_dim, int lane) {
+#pragma unroll
+    for (int i = 0; i < D_PER_LANE; ++i) {
+        const int col = lane + i * WAVE_SIZE;
+        if (col < head_dim) gmem[col] = float_to_elem(acc[i] * scale);
+    }
+}
+
+// ---- entry points ------------------------------------------------------------------------------
+
+extern "C" __global__ void __launch_bounds__(NUM_THREADS)
+flash_bwd_portable_dq(const elem_t* __restrict__ q, const elem_t* __restrict__ k,
+                      const elem_t* __restrict__ v, const elem_t* __restrict__ dout,
+                      const float* __restrict__ lse, const float* __restrict__ delta,
+                      elem_t* __restrict__ dq,
+                      i64 q_batch_stride, i64 q_head_stride, i64 q_row_stride,
+                      i64 k_batch_stride, i64 k_head_stride, i64 k_row_stride,
+                      i64 v_batch_stride, i64 v_head_stride, i64 v_row_stride,
+                      i64 do_batch_stride, i64 do_head_stride, i64 do_row_stride,
+                      i64 dq_batch_stride, i64 dq_head_stride, i64 dq_row_stride,
+                      i64 lse_batch_stride, i64 lse_head_stride,
+                      i64 delta_batch_stride, i64 delta_head_stride,
+                      int seqlen_q, int seqlen_k, int head_dim, int heads_per_kv,
+                      float scale, float scale_log2) {
+    extern __shared__ float smem_f32[];
+    float* sQ = smem_f32;
+    float* sdO = sQ + BLOCK_ROWS * STRIDE;
+    float* sK = sdO + BLOCK_ROWS * STRIDE;
+    float* sV = sK + TILE * STRIDE;
+    float* sdS = sV + TILE * STRIDE;
+
+    const int m_block = gridDim.x - 1 - blockIdx.x;
+    const int head = blockIdx.y, batch = blockIdx.z, kv_head = head / heads_per_kv;
+    const int tid = threadIdx.x, wave = tid / WAVE_SIZE, lane = tid % WAVE_SIZE;
+    const int key = lane % TILE, group = lane / TILE;  // this lane's key of the tile, and row group
+    const int m_start = m_block * BLOCK_ROWS;
+    const int wave_row0 = wave * ROWS_PER_WAVE;        // the wave's first row, within the block
+    const int lane_row0 = wave_row0 + group;           // this lane's first row in S and dP
+
+    q += batch * q_batch_stride + head * q_head_stride + m_start * q_row_stride;
+    dout += batch * do_batch_stride + head * do_head_stride + m_start * do_row_stride;
+    k += batch * k_batch_stride + kv_head * k_head_stride;
+    v += batch * v_batch_stride + kv_head * v_head_stride;
+    lse += batch * lse_batch_stride + head * lse_head_stride;
+    delta += batch * delta_batch_stride + head * delta_head_stride;
+
+    const Band band = causal_band(seqlen_q, seqlen_k);
+    const KeyRange tiles = key_tiles(m_start, min(BLOCK_ROWS, seqlen_q - m_start), TILE, seqlen_k, band);
+    load_rows(sQ, q, q_row_stride, BLOCK_ROWS, seqlen_q - m_start, head_dim, tid);
+    load_rows(sdO, dout, do_row_stride, BLOCK_ROWS, seqlen_q - m_start, head_dim, tid);
+
+    // The base-2 LSE and delta of this lane's rows (+inf and 0 past the end).
+    float row_lse2[ROWS_PER_LANE], row_delta[ROWS_PER_LANE];
+#pragma unroll
+    for (int i = 0; i < ROWS_PER_LANE; ++i) {
+        const int row = m_start + lane_row0 + i * ROW_GROUPS;
+        row_lse2[i] = backward_lse2(lse, row, seqlen_q);
+        row_delta[i] = row < seqlen_q ? delta[row] : 0.f;
+    }
+    float acc_dq[ROWS_PER_WAVE][D_PER_LANE];  // the wave's rows, this lane's dims
+#pragma unroll
+    for (int r = 0; r < ROWS_PER_WAVE; ++r)
+#pragma unroll
+        for (int i = 0; i < D_PER_LANE; ++i) acc_dq[r][i] = 0.f;
+
+    for (int tile = tiles.tile_end - 1; tile >= tiles.tile_begin; --tile) {
+        const int n_start = tile * TILE;
+        __syncthreads();  // every wave is done with the previous K, V and dS tiles
+        load_rows(sK, k + n_start * k_row_stride, k_row_stride, TILE, seqlen_k - n_start, head_dim, tid);
+        load_rows(sV, v + n_start * v_row_stride, v_row_stride, TILE, seqlen_k - n_start, head_dim, tid);
+        __syncthreads();  // K and V tiles (and, the first time, Q and dO) visible to every wave
+
+        // S = Q K^T and dP = dO V^T for this lane's key; mask; dS = P (dP - delta) to LDS.
+        float x[ROWS_PER_LANE], dp[ROWS_PER_LANE];
+        dot_rows(x, dp, sQ, sdO, sK, sV, lane_row0, key, head_dim);
+#pragma unroll
+        for (int i = 0; i < ROWS_PER_LANE; ++i) {
+            const int row = lane_row0 + i * ROW_GROUPS;
+            const bool visible = key_visible(m_start + row, n_start + key, band, seqlen_k);
+            sdS[row * TILE + key] = softmax_backward(x[i], dp[i], visible, row_lse2[i], row_delta[i], scale_log2).y;
+        }
+        // dS visible to every lane of the wave. A block barrier where a wave barrier would do:
+        // every wave reaches it the same number of times, and it is portable (no wave size).
+        __syncthreads();
+
+        // dQ += dS K: this lane's head dims of every row of the wave.
+        for (int n = 0; n < TILE; ++n) {
+            float k_n[D_PER_LANE];
+#pragma unroll
+            for (int i = 0; i < D_PER_LANE; ++i) k_n[i] = sK[n * STRIDE + lane + i * WAVE_SIZE];
+#pragma unroll
+            for (int r = 0; r < ROWS_PER_WAVE; ++r) {
+                const float ds = sdS[(wave_row0 + r) * TILE + n];
+#pragma unroll
+                for (int i = 0; i < D_PER_LANE; ++i) acc_dq[r][i] = fmaf(ds, k_n[i], acc_dq[r][i]);
+            }
+        }
+    }
+
+    // Epilogue: dQ = scale * acc. Rows that see no key write zeros.
+    dq += batch * dq_batch_stride + head * dq_head_stride;
+#pragma unroll
+    for (int r = 0; r < ROWS_PER_WAVE; ++r) {
+        const int row = m_start + wave_row0 + r;
+        if (row < seqlen_q) store_row(dq + row * dq_row_stride, acc_dq[r], scale, head_dim, lane);
+    }
+}
+
+extern "C" __global__ void __launch_bounds__(NUM_THREADS)
+flash_bwd_portable_dkdv(const elem_t* __restrict__ q, const elem_t* __restrict__ k,
+                        const elem_t* __restrict__ v, const elem_t* __restrict__ dout,
+                        const float* __restrict__ lse, const float* __restrict__ delta,
+                        elem_t* __restrict__ dk, elem_t* __restrict__ dv,
+                        i64 q_batch_stride, i64 q_head_stride, i64 q_row_stride,
+                        i64 k_batch_stride, i64 k_head_stride, i64 k_row_stride,
+                        i64 v_batch_stride, i64 v_head_stride, i64 v_row_stride,
+                        i64 do_batch_stride, i64 do_head_stride, i64 do_row_stride,
+                        i64 dk_batch_stride, i64 dk_head_stride, i64 dk_row_stride,
+                        i64 dv_batch_stride, i64 dv_head_stride, i64 dv_row_stride,
+                        i64 lse_batch_stride, i64 lse_head_stride,
+                        i64 delta_batch_stride, i64 delta_head_stride,
+                        int seqlen_q, int seqlen_k, int head_dim, int heads_per_kv,
+                        float scale, float scale_log2) {
+    extern __shared__ float smem_f32[];
+    float* sK = smem_f32;
+    float* sV = sK + BLOCK_ROWS * STRIDE;
+    float* sQ = sV + BLOCK_ROWS * STRIDE;
+    float* sdO = sQ + TILE * STRIDE;
+    float2* sPdS = (float2*)(sdO + TILE * STRIDE);  // 8-byte aligned: the offsets above are even
+
+    const int n_block = blockIdx.x, kv_head = blockIdx.y, batch = blockIdx.z;
+    const int tid = threadIdx.x, wave = tid / WAVE_SIZE, lane = tid % WAVE_SIZE;
+    const int query = lane % TILE, group = lane / TILE;  // this lane's query of the tile, and row group
+    const int n_start = n_block * BLOCK_ROWS;
+    const int wave_row0 = wave * ROWS_PER_WAVE;          // the wave's first key, within the block
+    const int lane_row0 = wave_row0 + group;             // this lane's first key in S and dP
+
+    k += batch * k_batch_stride + kv_head * k_head_stride + n_start * k_row_stride;
+    v += batch * v_batch_stride + kv_head * v_head_stride + n_start * v_row_stride;
+    load_rows(sK, k, k_row_stride, BLOCK_ROWS, seqlen_k - n_start, head_dim, tid);
+    load_rows(sV, v, v_row_stride, BLOCK_ROWS, seqlen_k - n_start, head_dim, tid);
+
+    // The query tiles that see any key of this block: causal ones start at the diagonal of its
+    // first key. No tile at all: dK = dV = 0 is still written.
+    const Band band = causal_band(seqlen_q, seqlen_k);
+    const int m_begin = max(0, first_visible_query(n_start, band)) / TILE;
+    const int m_end = (seqlen_q + TILE - 1) / TILE;
+
+    float acc_dk[ROWS_PER_WAVE][D_PER_LANE], acc_dv[ROWS_PER_WAVE][D_PER_LANE];  // the wave's keys, this lane's dims
+#pragma unroll
+    for (int r = 0; r < ROWS_PER_WAVE; ++r)
+#pragma unroll
+        for (int i = 0; i < D_PER_LANE; ++i) acc_dk[r][i] = acc_dv[r][i] = 0.f;
+
+    // Every query head of the GQA group adds into the same dK and dV.
+    for (int head = kv_head * heads_per_kv; head < (kv_head + 1) * heads_per_kv; ++head) {
+        const elem_t* q_head = q + batch * q_batch_stride + head * q_head_stride;
+        const elem_t* do_head = dout + batch * do_batch_stride + head * do_head_stride;
+        const float* lse_head = lse + batch * lse_batch_stride + head * lse_head_stride;
+        const float* delta_head = delta + batch * delta_batch_stride + head * delta_head_stride;
+
+        for (int m_tile = m_begin; m_tile < m_end; ++m_tile) {
+            const int m_start = m_tile * TILE;
+            __syncthreads();  // every wave is done with the previous Q, dO and P/dS tiles
+            load_rows(sQ, q_head + m_start * q_row_stride, q_row_stride, TILE, seqlen_q - m_start, head_dim, tid);
+            load_rows(sdO, do_head + m_start * do_row_stride, do_row_stride, TILE, seqlen_q - m_start, head_dim, tid);
+            const float query_lse2 = backward_lse2(lse_head, m_start + query, seqlen_q);
+            const float query_delta = m_start + query < seqlen_q ? delta_head[m_start + query] : 0.f;
+            __syncthreads();  // Q and dO tiles (and, the first time, K and V) visible to every wave
+
+            // S^T = K Q^T and dP^T = V dO^T for this lane's query; mask; P and dS to LDS.
+            float x[ROWS_PER_LANE], dp[ROWS_PER_LANE];
+            dot_rows(x, dp, sK, sV, sQ, sdO, lane_row0, query, head_dim);
+#pragma unroll
+            for (int i = 0; i < ROWS_PER_LANE; ++i) {
+                const int row = lane_row0 + i * ROW_GROUPS;
+                // Keys past the end are hidden: their P is never used, but 0 keeps LDS clean.
+                const bool visible = key_visible(m_start + query, n_start + row, band, seqlen_k);
+                sPdS[row * TILE + query] = softmax_backward(x[i], dp[i], visible, query_lse2, query_delta, scale_log2);
+            }
+            __syncthreads();  // P and dS visible to every lane of the wave (block barrier: as in _dq)
+
+            // dV += P^T dO, dK += dS^T Q: this lane's head dims of every key of the wave.
+            for (int n = 0; n < TILE; ++n) {
+                float do_n[D_PER_LANE], q_n[D_PER_LANE];
+#pragma unroll
+                for (int i = 0; i < D_PER_LANE; ++i) {
+                    do_n[i] = sdO[n * STRIDE + lane + i * WAVE_SIZE];
+                    q_n[i] = sQ[n * STRIDE + lane + i * WAVE_SIZE];
+                }
+#pragma unroll
+                for (int r = 0; r < ROWS_PER_WAVE; ++r) {
+                    const float2 pds = sPdS[(wave_row0 + r) * TILE + n];
+#pragma unroll
+                    for (int i = 0; i < D_PER_LANE; ++i) {
+                        acc_dv[r][i] = fmaf(pds.x, do_n[i], acc_dv[r][i]);
+                        acc_dk[r][i] = fmaf(pds.y, q_n[i], acc_dk[r][i]);
+                    }
+                }
+            }
+        }
+    }
+
+    // Epilogue: dK = scale * acc_dk, dV = acc_dv, for the keys that exist.
+    dk += batch * dk_batch_stride + kv_head * dk_head_stride;
+    dv += batch * dv_batch_stride + kv_head * dv_head_stride;
+#pragma unroll
+    for (int r = 0; r < ROWS_PER_WAVE; ++r) {
+        const int key = n_start + wave_row0 + r;
+        if (key < seqlen_k) {
+            store_row(dk + key * dk_row_stride, acc_dk[r], scale, head_dim, lane);
+            store_row(dv + key * dv_row_stride, acc_dv[r], 1.f, head_dim, lane);
+        }
+    }
+}

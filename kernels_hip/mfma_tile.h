@@ -1,0 +1,164 @@
+// Tile helpers shared by the MFMA kernels (flash_fwd_mfma.hip, flash_bwd_mfma.hip): global -> LDS
+// copies of 16-bit tiles (as stored, or transposed), fragment reads, the two product shapes every
+// MFMA product of those kernels has, and the store of an accumulator whose column is an output row.
+// The including kernel defines HEAD_DIM, NUM_THREADS and VEC_LOADS first (as mma_tile.h on CUDA).
+//
+// VEC_LOADS 1: rows start 16-byte aligned and head_dim % 8 == 0, so global rows move in 16-byte
+// loads and 8-byte stores; 0: element by element, masked.
+#pragma once
+
+#include "platform.h"
+#include "mfma.h"
+
+#define CHUNK 8  // 16-bit elements per 16-byte global load
+// LDS rows padded by 4 elements (8 bytes): a fragment read is 8 bytes per lane, 16 lanes per LDS
+// cycle, each lane its own row. With a row stride of 2 mod 4 dwords the 16 rows start in 16
+// different even banks, so ds_read_b64 is conflict-free (row lengths are multiples of 32).
+#define PAD 4
+
+// Copy a ROWS x HEAD_DIM tile from global memory into LDS: as stored into `rows` ([row][dim], row
+// stride STRIDE) and/or transposed into `cols` ([dim][row], row stride T_STRIDE); a null destination
+// is skipped (the calls pass literal nullptr, so the test folds away). Both from one global read
+// when a kernel needs both forms. Zeros for rows >= valid_rows and columns >= head_dim: padded dims
+// must add nothing, and rows past the end meet a zero factor, which would still turn a NaN bit
+// pattern into NaN.
+template <int ROWS, int STRIDE, int T_STRIDE>
+__device__ __forceinline__ void load_tile(u16* rows, u16* cols, const u16* gmem, i64 row_stride,
+                                          int valid_rows, int head_dim, int tid) {
+#if VEC_LOADS
+    constexpr int CHUNKS = ROWS * HEAD_DIM / CHUNK;
+    for (int c = tid; c < CHUNKS; c += NUM_THREADS) {
+        const int row = c / (HEAD_DIM / CHUNK), col = (c % (HEAD_DIM / CHUNK)) * CHUNK;
+        uint4 chunk = make_uint4(0, 0, 0, 0);
+        if (row < valid_rows && col < head_dim) chunk = *(const uint4*)(gmem + row * row_stride + col);
+        if (cols != nullptr) {
+            const u16* e = (const u16*)&chunk;
+#pragma unroll
+            for (int i = 0; i < CHUNK; ++i) cols[(col + i) * T_STRIDE + row] = e[i];
+        }
+        if (rows != nullptr) {
+            // 8-byte aligned (STRIDE is a multiple of 4): two 8-byte LDS stores.
+            *(uint2*)(rows + row * STRIDE + col) = make_uint2(chunk.x, chunk.y);
+            *(uint2*)(rows + row * STRIDE + col + 4) = make_uint2(chunk.z, chunk.w);
+        }
+    }
+#else
+    // Kept rolled: unrolled, its per-element address arithmetic exhausts the SGPRs of the
+    // dK/dV kernel (spills, ci/hip_compile.py); this path serves only unaligned inputs anyway.
+#pragma unroll 1
+    for (int e = tid; e < ROWS * HEAD_DIM; e += NUM_THREADS) {
+        const int row = e / HEAD_DIM, col = e % HEAD_DIM;
+        const u16 x = row < valid_rows && col < head_dim ? gmem[row * row_stride + col] : (u16)0;
+        if (rows != nullptr) rows[row * STRIDE + col] = x;
+        if (cols != nullptr) cols[col * T_STRIDE + row] = x;
+    }
+#endif
+}
+
+__device__ __forceinline__ u32x2 lds_frag(const u16* smem, int offset) {
+    return *(const u32x2*)(smem + offset);
+}
+
+__device__ __forceinline__ u32 pack2(float lo, float hi) {
+    return (u32)float_to_elem(lo) | ((u32)float_to_elem(hi) << 16);
+}
+
+// The fragments of rows [row0, row0 + 32) of tile[row][k], all K_STEPS of them, into registers
+// (operands that stay put for a whole loop: Q in the forward, K and V in dK/dV, Q and dO in dQ).
+template <int K_STEPS, int STRIDE>
+__device__ __forceinline__ void load_frags(u32x2 (&frag)[K_STEPS], const u16* smem, int row0, int lane) {
+#pragma unroll
+    for (int ks = 0; ks < K_STEPS; ++ks) frag[ks] = lds_frag(smem, frag_offset(lane, row0, ks, STRIDE));
+}
+
+// acc[b] = A_b B for the BLOCKS 32-row blocks of A = tile[row][k] in LDS and B in registers.
+template <int BLOCKS, int K_STEPS, int STRIDE>
+__device__ __forceinline__ void tile_times_frags(floatx16 (&acc)[BLOCKS], const u16* sA,
+                                                 const u32x2 (&b)[K_STEPS], int lane) {
+#pragma unroll
+    for (int blk = 0; blk < BLOCKS; ++blk) {
+        acc[blk] = floatx16{};
+#pragma unroll
+        for (int ks = 0; ks < K_STEPS; ++ks)
+            mfma_32x32x8(acc[blk], lds_frag(sA, frag_offset(lane, blk * 32, ks, STRIDE)), b[ks]);
+    }
+}
+
+// acc[b] += A_b C for the BLOCKS 32-row blocks of A = tile[row][k] in LDS (a transposed tile) and
+// C an accumulator set whose rows are the k positions (acc_as_b_*), rounded to 16 bits.
+template <int BLOCKS, int K_STEPS, int STRIDE, int C_BLOCKS>
+__device__ __forceinline__ void tile_times_acc(floatx16 (&acc)[BLOCKS], const u16* sA,
+                                               const floatx16 (&c)[C_BLOCKS], int lane) {
+    static_assert(K_STEPS == C_BLOCKS * 4, "C holds 32 k positions per block");
+#pragma unroll
+    for (int ks = 0; ks < K_STEPS; ++ks) {
+        const floatx16& cb = c[acc_as_b_block(ks)];
+        const u32x2 b = {pack2(cb[acc_as_b_reg(ks, 0)], cb[acc_as_b_reg(ks, 1)]),
+                         pack2(cb[acc_as_b_reg(ks, 2)], cb[acc_as_b_reg(ks, 3)])};
+#pragma unroll
+        for (int blk = 0; blk < BLOCKS; ++blk)
+            mfma_32x32x8(acc[blk], lds_frag(sA, frag_offset(lane, blk * 32, ks, STRIDE)), b);
+    }
+}
+
+// Store factor * acc, an accumulator set whose column (this lane's) is the output row at `row`
+// and whose rows are its head dims (acc_row: runs of 4 consecutive dims), as 16-bit elements.
+template <int BLOCKS>
+__device__ __forceinline__ void store_acc_row(u16* row, const floatx16 (&acc)[BLOCKS], float factor,
+                                              int head_dim, int lane) {
+#pragma unroll
+    for (int blk = 0; blk < BLOCKS; ++blk)
+#pragma unroll
+        for (int j = 0; j < 16; j += 4) {
+            const int col = acc_row(lane, blk, j);
+#if VEC_LOADS  // head_dim % 8 == 0, so a run of 4 is entirely inside or entirely outside
+            if (col < head_dim)
+                *(uint2*)(row + col) = make_uint2(pack2(acc[blk][j] * factor, acc[blk][j + 1] * factor),
+                                                  pack2(acc[blk][j + 2] * factor, acc[blk][j + 3] * factor));
+#else
+#pragma unroll
+            for (int i = 0; i < 4; ++i)
+                if (col + i < head_dim) row[col + i] = float_to_elem(acc[blk][j + i] * factor);
+#endif
+        }
+}
+
+// The same accumulator set, factor * acc, into row `row` of an LDS tile [row][dim] (16-bit), on its
+// way out through store_tile: 8-byte LDS stores (runs of 4 dims; STRIDE is a multiple of 4).
+template <int BLOCKS, int STRIDE>
+__device__ __forceinline__ void acc_to_lds(u16* smem, int row, const floatx16 (&acc)[BLOCKS], float factor,
+                                           int lane) {
+#pragma unroll
+    for (int blk = 0; blk < BLOCKS; ++blk)
+#pragma unroll
+        for (int j = 0; j < 16; j += 4)
+            *(uint2*)(smem + row * STRIDE + acc_row(lane, blk, j)) =
+                make_uint2(pack2(acc[blk][j] * factor, acc[blk][j + 1] * factor),
+                           pack2(acc[blk][j + 2] * factor, acc[blk][j + 3] * factor));
+}
+
+// Copy rows [0, valid_rows) x columns [0, head_dim) of an LDS tile [row][dim] to global memory,
+// consecutive threads on consecutive columns (coalesced). The kernels with many accumulators
+// store this way: storing element by element from the accumulators, masked per lane, costs a
+// saved exec mask per store, and those run the dK/dV kernel out of scalar registers.
+template <int ROWS, int STRIDE>
+__device__ __forceinline__ void store_tile(u16* gmem, i64 row_stride, const u16* smem, int valid_rows,
+                                           int head_dim, int tid) {
+#if VEC_LOADS
+    constexpr int CHUNKS = ROWS * HEAD_DIM / CHUNK;
+    for (int c = tid; c < CHUNKS; c += NUM_THREADS) {
+        const int row = c / (HEAD_DIM / CHUNK), col = (c % (HEAD_DIM / CHUNK)) * CHUNK;
+        if (row < valid_rows && col < head_dim) {
+            const uint2 lo = *(const uint2*)(smem + row * STRIDE + col);
+            const uint2 hi = *(const uint2*)(smem + row * STRIDE + col + 4);
+            *(uint4*)(gmem + row * row_stride + col) = make_uint4(lo.x, lo.y, hi.x, hi.y);
+        }
+    }
+#else
+#pragma unroll 1
+    for (int e = tid; e < ROWS * HEAD_DIM; e += NUM_THREADS) {
+        const int row = e / HEAD_DIM, col = e % HEAD_DIM;
+        if (row < valid_rows && col < head_dim) gmem[row * row_stride + col] = smem[row * STRIDE + col];
+    }
+#endif
+}

@@ -77,6 +77,7 @@ static_assert(WARP_N % 16 == 0 && HEAD_DIM % 16 == 0, "k16 steps over keys and h
 #include "simt_tile.h"
 
 static_assert((HEAD_DIM & (HEAD_DIM - 1)) == 0 && HEAD_DIM >= 32, "HEAD_DIM: power of two >= 32");
+static_assert(BLOCK_M <= NUM_THREADS, "one thread per row computes the row limits");
 
 // ---- shared-memory layout ---------------------------------------------------------------------
 // sQ [BLOCK_M][TILE_STRIDE] elements | row_lo, row_hi [BLOCK_M] ints | then either

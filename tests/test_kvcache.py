@@ -48,12 +48,15 @@ def cases(draw, backend):
     lengths = [draw(st.sampled_from((0, room, room // 2)) | st.integers(0, room)) for _ in range(batch)]
     window = draw(st.sampled_from((None, None, (-1, -1), (0, 0), (3, -1), (-1, 2), (17, 1), (0, -1),
                                    (1000, 1000))))
+    causal = draw(st.booleans())
+    if causal and window is not None and window[1] > 0:
+        window = (window[0], 0)  # causal hides every key right of the diagonal: right is 0
     library, dtype = draw(st.sampled_from(backend.kinds))
     return dict(
         batch=batch, heads_q=heads_q, heads_k=heads_k, seqlen_q=seqlen_q, seqlen_max=seqlen_max,
         seqlen_new=seqlen_new, with_new=with_new, lengths=lengths,
         head_dim=draw(st.sampled_from(HEAD_DIMS)), layout=draw(st.sampled_from(("bhsd", "bshd"))),
-        causal=draw(st.booleans()), window=window,
+        causal=causal, window=window,
         softcap=draw(st.sampled_from((None, None, 0.0, 1.5, 30.0))),
         scale=draw(st.sampled_from((None, 0.05, 2.0))), spread=draw(st.sampled_from((1.0, 4.0))),
         lengths_as=draw(st.sampled_from(("array", "array", "int"))) if len(set(lengths)) == 1 else "array",
@@ -407,9 +410,10 @@ BAD = [  # (id, arguments, keyword arguments, exception, words the message must 
      ["cache_seqlens:", "int32 array (B,) or an int", "list"]),
     ("lengths bool", (Q, KC, VC), {"cache_seqlens": True}, TypeError, ["cache_seqlens:", "bool"]),
     ("window type", (Q, KC, VC), {"window": 4}, TypeError, ["window:", "pair of ints", "4"]),
-    ("window value", (Q, KC, VC), {"window": (-2, 0)}, ValueError, ["window:", ">= -1", "(-2, 0)"]),
-    ("softcap negative", (Q, KC, VC), {"softcap": -1.0}, ValueError, ["softcap:", ">= 0", "-1.0"]),
-    ("softcap type", (Q, KC, VC), {"softcap": "big"}, TypeError, ["softcap:", "got str"]),
+    ("window value", (Q, KC, VC), {"window": (-2, 0)}, ValueError, ["window:", "-1 for unbounded", "(-2, 0)"]),
+    ("causal window", (Q, KC, VC), {"window": (4, 2)}, ValueError, ["window:", "causal=True", "(4, 2)"]),
+    ("softcap negative", (Q, KC, VC), {"softcap": -1.0}, ValueError, ["softcap:", "finite positive", "-1.0"]),
+    ("softcap type", (Q, KC, VC), {"softcap": "big"}, TypeError, ["softcap:", "'big'"]),
     ("scale", (Q, KC, VC), {"scale": 0.0}, ValueError, ["scale:", "finite positive", "0.0"]),
     ("layout", (Q, KC, VC), {"layout": "sbhd"}, ValueError, ["layout:", "'bhsd' or 'bshd'", "'sbhd'"]),
     ("causal", (Q, KC, VC), {"causal": 1}, TypeError, ["causal:", "bool", "1"]),

@@ -39,7 +39,7 @@ def attention_with_kvcache(q, k_cache, v_cache, *, cache_seqlens, k_new=None, v_
     cache_seqlens[b] + Snew.
     causal: bottom-right aligned, query i sees key j iff j <= i + Sk_b - Sq.
     window=(left, right): query i sees keys [i + Sk_b - Sq - left, i + Sk_b - Sq + right], -1
-    meaning unbounded; causal=True sets right = 0.
+    meaning unbounded; with causal=True the right side is 0 (-1 or 0 accepted, as in attention()).
     softcap=c: scores s = scale * q.k become c * tanh(s / c) before the softmax (None or 0: off).
     scale: defaults to 1/sqrt(D).
     Returns out (q's array type, device, dtype and layout), or (out, lse) with return_lse, lse
@@ -164,10 +164,12 @@ def _validate(q, k_cache, v_cache, cache_seqlens, k_new, v_new, causal, scale, w
                          f"{seqlen_q} query tokens, got {seqlen_max}")
 
     lengths, uniform = _check_seqlens(cache_seqlens, info, batch, seqlen_new, seqlen_max)
+    # window and softcap follow attention()'s rules and messages (causal folds in as right = 0).
+    variant = api._variant_options(info, (batch, heads_q), causal, window, softcap, None)
     return _Call(info=info, batch=batch, heads_q=heads_q, seqlen_q=seqlen_q, heads_k=heads_k,
                  seqlen_max=seqlen_max, seqlen_new=seqlen_new, head_dim=head_dim, layout=layout,
                  causal=causal, scale=_check_scale(scale, head_dim),
-                 window=_check_window(window, causal), softcap=_check_softcap(softcap),
+                 window=variant["window"], softcap=variant["softcap"],
                  lengths=lengths, uniform=uniform)
 
 
@@ -238,32 +240,6 @@ def _check_scale(scale, head_dim):
         raise ValueError(f"scale: expected at most {api.MAX_SCALE:.3g} (scale * log2(e) must fit "
                          f"a float32), got {scale!r}")
     return scale
-
-
-def _check_window(window, causal):
-    """(left, right) with -1 for unbounded, causal folded in as right = 0."""
-    if window is None:
-        left, right = -1, -1
-    else:
-        if not isinstance(window, (tuple, list)) or len(window) != 2 or not all(
-                isinstance(w, (numbers.Integral, np.integer)) and not isinstance(w, (bool, np.bool_))
-                for w in window):
-            raise TypeError(f"window: expected None or a pair of ints (left, right), got {window!r}")
-        left, right = (int(w) for w in window)
-        if left < -1 or right < -1:
-            raise ValueError(f"window: expected left and right >= -1 (-1: unbounded), got {window!r}")
-    return (left, 0 if causal else right)
-
-
-def _check_softcap(softcap):
-    if softcap is None:
-        return 0.0
-    if not isinstance(softcap, numbers.Real) or isinstance(softcap, bool):
-        raise TypeError(f"softcap: expected None or a finite number >= 0, got {type(softcap).__name__}")
-    value = float(softcap)
-    if not (math.isfinite(value) and value >= 0):
-        raise ValueError(f"softcap: expected None or a finite number >= 0 (0: off), got {softcap!r}")
-    return value
 
 
 # ------------------------------------------------------------------------------- reference
@@ -423,6 +399,7 @@ def _tile_rows(cfg, rows: int) -> int:
     return tile
 
 
+@functools.lru_cache(maxsize=None)  # on every call's path: defines and lookups once per variant
 def _kernels(cfg, dtype: str, rows: int, vec: bool, softcap: bool, device: int):
     """The decode, merge and append entry points of one compiled variant (one module)."""
     from xattn import cuda, jit

@@ -1,5 +1,7 @@
 """The hip backend on an AMD GPU (a ROCm build of CuPy): the property suite of
-test_properties.py and direct forward calls with poisoned outputs, as for the cuda backend.
+test_properties.py, the gradient suite of test_grad.py (torch autograd into xattn.hip.backward,
+against the float64 gradient oracle) and direct forward calls with poisoned outputs, as for the
+cuda backend.
 Skipped, with the reason, everywhere else -- including this project's CI and NVIDIA machines;
 nothing here has run yet (see README, "AMD status").
 
@@ -25,6 +27,17 @@ from test_properties import (  # noqa: F401  (collected here again, against the 
     test_output_lies_within_visible_values,
     test_permuting_keys_with_values_changes_nothing,
 )
+
+try:  # the gradient properties need torch (a ROCm build, for the hip backend)
+    from test_grad import (  # noqa: F401  (collected here again, against the hip backend)
+        test_deterministic_gradients_are_bitwise_reproducible,
+        test_empty_problems_and_keyless_rows_give_zero_gradients,
+        test_gqa_gradients_equal_repeated_kv_gradients_summed,
+        test_gradient_edge_lengths_and_head_dims,
+        test_gradients_match_exact_oracle,
+    )
+except pytest.skip.Exception:
+    pass
 
 pytestmark = pytest.mark.gpu
 

@@ -364,14 +364,6 @@ DECODE_KERNEL(const elem_t* __restrict__ q, const elem_t* __restrict__ k, const 
     const int key_end = min(band.hi, key_begin + chunk);
     const int steps = key_end > key_begin ? (key_end - key_begin + KEYS_PER_STAGE - 1) / KEYS_PER_STAGE : 0;
 
-    q += batch * q_batch_stride + (i64)kv_head * heads_per_kv * q_head_stride;
-    load_q_tile(sQ, q, q_head_stride, q_row_stride, m_start, rows, seqlen_q, head_dim, tid);
-    if (tid < BLOCK_M) {  // keys [row_lo, row_hi) are the ones token (m_start + tid) % Sq sees
-        const int i = (m_start + tid) % seqlen_q;
-        row_lo[tid] = window_left >= 0 ? i + band.offset - window_left : 0;
-        row_hi[tid] = window_right >= 0 ? min(band.seqlen_k, i + band.offset + window_right + 1) : band.seqlen_k;
-    }
-
     // This warp's ring and its keys: the warp-th WARP_N keys of every pipeline step.
     elem_t* ring_warp = (elem_t*)(ring + warp * STAGES * STAGE_BYTES);
     const int warp_key0 = key_begin + warp * WARP_N;
@@ -394,8 +386,18 @@ DECODE_KERNEL(const elem_t* __restrict__ q, const elem_t* __restrict__ k, const 
         cp_async_commit();                                                                                 \
     } while (0)
 
+    // Prologue: the first STAGES - 1 steps' copies are issued before Q is loaded, so that the Q
+    // tile's load latency overlaps them.
 #pragma unroll
     for (int t = 0; t < STAGES - 1; ++t) ISSUE_STEP(t);
+    q += batch * q_batch_stride + (i64)kv_head * heads_per_kv * q_head_stride;
+    load_q_tile(sQ, q, q_head_stride, q_row_stride, m_start, rows, seqlen_q, head_dim, tid);
+    if (tid < BLOCK_M) {  // keys [row_lo, row_hi) are the ones token (m_start + tid) % Sq sees
+        const int i = (m_start + tid) % seqlen_q;
+        row_lo[tid] = window_left >= 0 ? i + band.offset - window_left : 0;
+        row_hi[tid] = window_right >= 0 ? min(band.seqlen_k, i + band.offset + window_right + 1) : band.seqlen_k;
+    }
+
     __syncthreads();  // sQ and the row limits are visible to every warp
 
     WarpState st;

@@ -87,10 +87,11 @@ def _compiled(cfg, dtype: str, causal: bool, device: int):
     return kernel
 
 
-def hip_on_cuda_forward(q, k, v, out, lse, *, causal: bool, scale: float, stream: int) -> None:
-    """xattn.hip.forward with the portable kernel compiled for the NVIDIA GPU holding the arrays."""
-    import cupy
-
+def hip_on_cuda_forward(q, k, v, out, lse, *, causal: bool, scale: float, stream: int,
+                        **variants) -> None:
+    """xattn.hip.forward with the portable kernel compiled for the NVIDIA GPU holding the arrays
+    (variants: window, softcap, ...: only their defaults, as hip.forward)."""
+    hip._unsupported_variants(**variants)
     Q = cuda._describe(q)
     if 0 in Q.shape[:3]:
         return
@@ -101,9 +102,11 @@ def hip_on_cuda_forward(q, k, v, out, lse, *, causal: bool, scale: float, stream
 
 
 def hip_on_cuda_backward(q, k, v, out, dout, lse, dq, dk, dv, *, causal: bool, scale: float,
-                         deterministic: bool, stream: int, target: str = WAVE32_TARGET) -> None:
+                         deterministic: bool, stream: int, target: str = WAVE32_TARGET,
+                         **variants) -> None:
     """xattn.hip.backward with the portable kernels of `target`'s rows, compiled for the NVIDIA
     GPU holding the arrays (the same contract; deterministic changes nothing, as on AMD)."""
+    hip._unsupported_variants(**variants)
     Q = cuda._describe(q)
     cfgs = configs.select_hip_backward(Q.dtype, target, Q.shape[3], causal)
     assert [c.kernel for c in cfgs] == ["flash_bwd_preprocess", "flash_bwd_portable_dkdv",

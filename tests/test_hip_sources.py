@@ -123,3 +123,20 @@ def test_portable_kernels_compile_for_nvidia_through_hip_on_cuda(cfg):
         nvrtc.nvrtcGetProgramLog(prog, log)
         nvrtc.nvrtcDestroyProgram(prog)
         assert err == nvrtc.nvrtcResult.NVRTC_SUCCESS, log.decode(errors="replace")
+
+
+@pytest.mark.parametrize("variant, message", [
+    ({"window": (4, 0)}, r"window: \(4, 0\) is not supported by the hip backend yet"),
+    ({"softcap": 30.0}, "softcap: 30.0 is not supported by the hip backend yet"),
+    ({"alibi_slopes": [0.5]}, "alibi_slopes: is not supported by the hip backend yet"),
+    ({"cu_seqlens": ([0, 3], [0, 3]), "max_seqlen": (3, 3)}, "cu_seqlens: packed .* not supported"),
+])
+def test_hip_launchers_reject_the_variants_they_do_not_implement(variant, message):
+    """Checked before anything touches the arrays or the GPU, so it runs on the CPU."""
+    from xattn import hip
+
+    with pytest.raises(ValueError, match=message):
+        hip.forward(None, None, None, None, None, causal=False, scale=1.0, stream=0, **variant)
+    with pytest.raises(ValueError, match=message):
+        hip.backward(*[None] * 9, causal=False, scale=1.0, deterministic=False, stream=0, **variant)
+    hip._unsupported_variants(window=(-1, -1), softcap=0.0, alibi_slopes=None)  # defaults pass

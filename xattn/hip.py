@@ -8,8 +8,9 @@ bfloat16 on CDNA (gfx908, gfx90a, gfx94x, gfx95x), the portable FMA kernel for f
 GPUs without MFMA (RDNA: wave32). The backward (delta, then dK/dV and dQ in two kernels without
 atomics) follows the same choice per dtype and head dim (configs.select_hip_backward).
 
-window, softcap and alibi_slopes (issue 6) are accepted with their defaults only: the HIP kernels
-do not implement them yet, and other values raise ValueError.
+window, softcap, alibi_slopes and packed batches (cu_seqlens, max_seqlen; issue 6) are accepted
+with their defaults only: the HIP kernels do not implement them yet, and other values raise
+ValueError.
 """
 
 from __future__ import annotations
@@ -60,7 +61,8 @@ def _arch(device_id: int) -> str:
     return arch
 
 
-def _unsupported_variants(window, softcap, alibi_slopes) -> None:
+def _unsupported_variants(window=(-1, -1), softcap=0.0, alibi_slopes=None, cu_seqlens=None,
+                          max_seqlen=None) -> None:
     """ValueError for the attention variants the HIP kernels do not implement yet."""
     if window is not None and tuple(window) != (-1, -1):
         raise ValueError(f"window: {tuple(window)} is not supported by the hip backend yet "
@@ -69,12 +71,16 @@ def _unsupported_variants(window, softcap, alibi_slopes) -> None:
         raise ValueError(f"softcap: {softcap} is not supported by the hip backend yet (only 0.0)")
     if alibi_slopes is not None:
         raise ValueError("alibi_slopes: is not supported by the hip backend yet (only None)")
+    if cu_seqlens is not None or max_seqlen is not None:
+        raise ValueError("cu_seqlens: packed (varlen) batches are not supported by the hip backend "
+                         "yet")
 
 
 def forward(q, k, v, out, lse, *, causal: bool, scale: float, stream: int,
-            window=(-1, -1), softcap: float = 0.0, alibi_slopes=None) -> None:
+            window=(-1, -1), softcap: float = 0.0, alibi_slopes=None, cu_seqlens=None,
+            max_seqlen=None) -> None:
     """Write out = softmax(scale * q k^T) v and lse for (B, H, S, D) views (see module docstring)."""
-    _unsupported_variants(window, softcap, alibi_slopes)
+    _unsupported_variants(window, softcap, alibi_slopes, cu_seqlens, max_seqlen)
     Q = cuda._describe(q)
     if Q.shape[0] == 0 or Q.shape[1] == 0 or Q.shape[2] == 0:
         return
@@ -117,12 +123,12 @@ def launch(kernel, cfg: configs.TileConfig, q, k, v, out, lse, *, scale: float, 
 
 def backward(q, k, v, out, dout, lse, dq, dk, dv, *, causal: bool, scale: float,
              deterministic: bool, stream: int, window=(-1, -1), softcap: float = 0.0,
-             alibi_slopes=None) -> None:
+             alibi_slopes=None, cu_seqlens=None, max_seqlen=None) -> None:
     """Write dq, dk, dv for (B, H, S, D) views; lse is the forward's (natural log, float32
     (B, Hq, Sq)). dk and dv are summed over the query heads of each GQA group. The same contract as
     xattn.cuda.backward. `deterministic` changes nothing here: dQ always comes from its own
     query-parallel kernel, with no atomics, so every run gives the same bits."""
-    _unsupported_variants(window, softcap, alibi_slopes)
+    _unsupported_variants(window, softcap, alibi_slopes, cu_seqlens, max_seqlen)
     Q = cuda._describe(q)
     head_dim = Q.shape[3]
     if 0 in Q.shape[:2]:

@@ -102,7 +102,7 @@ def _producer_from_dlpack(x):
     if _is_jax(x):
         import jax.numpy
         return jax.numpy.from_dlpack
-    return getattr(sys.modules.get(top), "from_dlpack", None)
+    return getattr(sys.modules.get(type(x).__module__.split(".")[0]), "from_dlpack", None)
 
 
 # ---------------------------------------------------------------- host (reference backend)

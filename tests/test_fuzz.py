@@ -480,6 +480,7 @@ def test_exports_are_all_fuzzed_or_checked():
     """A new public function must be added to the fuzzer (or here, with a reason)."""
     covered = {"attention", "exact_attention", "kernel_source", "kernel_files",
                "attention_varlen",  # test_fuzz_varlen_cumulative_lengths below
+               "attention_with_kvcache",  # tests/test_kvcache.py::test_fuzz_arguments
                "available_backends",  # takes no arguments
                "BackendStatus",  # a NamedTuple, not a function
                "__version__"}

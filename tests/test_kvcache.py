@@ -470,3 +470,85 @@ def test_plan_of_the_benchmark_shapes(monkeypatch):
     assert splits == 1 and window == (100, 0)
     # Bounds past every key distance are unbounded (-1) for the kernels.
     assert kvcache._plan("float32", 0, 1, 1, 1, 1, 50, 64, (10**6, 10**6))[4] == (-1, -1)
+
+
+# ----------------------------------------------------------------------------- fuzz
+
+ARGUMENTS = ("q:", "k_cache:", "v_cache:", "k_new:", "v_new:", "cache_seqlens:", "window:",
+             "softcap:", "scale:", "layout:", "causal:", "return_lse:", "backend:")
+CORRUPTIONS = ("q rank", "cache batch", "cache heads", "head dim", "v_cache length", "k_new alone",
+               "k_new heads", "too many new", "lengths dtype", "lengths shape", "lengths value",
+               "lengths type", "window", "softcap", "scale", "layout", "causal", "return_lse",
+               "dtype", "read-only cache")
+
+
+@settings(max_examples=150)
+@given(data=st.data())
+def test_fuzz_arguments(data):
+    """Valid calls (drawn like test_matches_oracle) match the oracle; each drawn corruption of one
+    argument is rejected with TypeError or ValueError naming an argument, never anything else."""
+    from conftest import Backend, _reference_kinds
+    reference_backend = Backend("reference", _reference_kinds())  # host arrays only
+    c = data.draw(cases(reference_backend))
+    corruption = data.draw(st.sampled_from(("none",) * 5 + CORRUPTIONS))
+    if corruption == "none":
+        run_and_check(reference_backend, c)
+        return
+    c.update(library="numpy", dtype="float32", q_memory="contiguous", cache_memory="contiguous",
+             with_new=True, lengths_as="array")
+    arrays, _ = make_inputs(reference_backend, c)
+    lengths = np.asarray(c["lengths"], dtype=np.int32)
+    kwargs = dict(cache_seqlens=lengths, causal=c["causal"], layout=c["layout"])
+    b, s, d = (0, 2, 3) if c["layout"] == "bhsd" else (0, 1, 3)  # batch, sequence, head-dim axes
+    if corruption == "q rank":
+        arrays["q"] = arrays["q"][0]
+    elif corruption == "cache batch":
+        arrays["k_cache"] = np.concatenate([arrays["k_cache"]] * 2, axis=b)
+    elif corruption == "cache heads":
+        h = 1 if c["layout"] == "bhsd" else 2
+        arrays["k_cache"] = arrays["v_cache"] = np.concatenate([arrays["k_cache"]] * 3, axis=h)
+        if c["heads_q"] % (3 * c["heads_k"]) == 0:  # still a valid GQA split: break it differently
+            arrays["q"] = arrays["q"][..., :0]
+    elif corruption == "head dim":
+        arrays["k_cache"] = np.concatenate([arrays["k_cache"]] * 2, axis=d)
+    elif corruption == "v_cache length":
+        shape = list(arrays["v_cache"].shape)
+        shape[s] += 1
+        arrays["v_cache"] = np.zeros(shape, dtype=arrays["v_cache"].dtype)
+    elif corruption == "k_new alone":
+        del arrays["v_new"]
+    elif corruption == "k_new heads":
+        h = 1 if c["layout"] == "bhsd" else 2
+        arrays["k_new"] = arrays["v_new"] = np.concatenate([arrays["k_new"]] * 2, axis=h)
+    elif corruption == "too many new":
+        shape = list(arrays["k_new"].shape)
+        shape[s] = c["seqlen_max"] + 1
+        arrays["k_new"] = arrays["v_new"] = np.zeros(shape, dtype=arrays["k_new"].dtype)
+    elif corruption == "lengths dtype":
+        kwargs["cache_seqlens"] = lengths.astype(data.draw(st.sampled_from(("int64", "float32", "int16"))))
+    elif corruption == "lengths shape":
+        kwargs["cache_seqlens"] = np.concatenate([lengths, lengths])
+    elif corruption == "lengths value":
+        kwargs["cache_seqlens"] = lengths + np.int32(data.draw(st.sampled_from((-10**6, -1 - int(lengths.max()), c["seqlen_max"] + 1))))
+    elif corruption == "lengths type":
+        kwargs["cache_seqlens"] = data.draw(st.sampled_from(("x", 1.5, [1, 2], (1,), True, None)))
+    elif corruption == "window":
+        kwargs["window"] = data.draw(st.sampled_from(("x", 3, (1,), (1, 2, 3), (-2, 0), (0.5, 1), (True, 0))))
+    elif corruption == "softcap":
+        kwargs["softcap"] = data.draw(st.sampled_from(("x", -1.0, float("inf"), float("nan"), True)))
+    elif corruption == "scale":
+        kwargs["scale"] = data.draw(st.sampled_from(("x", 0.0, -1.0, float("inf"), float("nan"), True, 1e300)))
+    elif corruption == "layout":
+        kwargs["layout"] = data.draw(st.sampled_from(("sbhd", None, 3)))
+    elif corruption == "causal":
+        kwargs["causal"] = data.draw(st.sampled_from((1, "yes", None)))
+    elif corruption == "return_lse":
+        kwargs["return_lse"] = data.draw(st.sampled_from((1, "no", None)))
+    elif corruption == "dtype":
+        name = data.draw(st.sampled_from(("q", "k_cache", "v_cache", "k_new", "v_new")))
+        arrays[name] = arrays[name].astype(data.draw(st.sampled_from(("float16", "float64", "int32"))))
+    elif corruption == "read-only cache":
+        arrays["k_cache"] = np.broadcast_to(arrays["k_cache"], arrays["k_cache"].shape)
+    with pytest.raises((TypeError, ValueError)) as raised:
+        xattn.attention_with_kvcache(**arrays, **kwargs)
+    assert str(raised.value).startswith(ARGUMENTS), (corruption, str(raised.value))

@@ -38,6 +38,7 @@ if [[ " $phases " == *" bench "* ]]; then
     step bench 900 python -m xattn bench --out "$OUT"
     step bench_bwd 900 python -m xattn bench --bwd --out "$OUT"
     step bench_variants 300 python -m xattn bench --variants --out "$OUT"
+    step bench_decode 300 python -m xattn bench --decode --out "$OUT"
     step bench_overhead 300 python -m xattn bench --overhead --out "$OUT"
 fi
 

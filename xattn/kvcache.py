@@ -297,7 +297,8 @@ def _run_cuda(q, k_cache, v_cache, k_new, v_new, cache_seqlens, call):
     out_shape = _in_layout((call.batch, call.heads_q, call.seqlen_q, call.head_dim), call.layout)
     for name, cache in (("k_cache", k_cache), ("v_cache", v_cache)):
         stride = cache.stride(-1) if library == "torch" else cache.strides[-1] // cache.itemsize
-        if call.head_dim > 1 and stride != 1:
+        empty = (cache.numel() if library == "torch" else cache.size) == 0  # any strides will do
+        if call.head_dim > 1 and stride != 1 and not empty:
             raise ValueError(f"{name}: expected unit stride along D (the cache is written in place "
                              f"and read without a copy), got stride {stride}")
         if library == "torch" and cache.is_neg():

@@ -417,18 +417,6 @@ _MERGE_WARPS = 4      # MERGE_WARPS in flash_decode.cu
 _APPEND_THREADS = 128  # APPEND_THREADS there
 
 
-def _enqueue(kernel, grid_xy, threads, smem, args, batch):
-    """Launch over the batch in chunks of at most 65535 (gridDim.z); (array, itemsize) pairs in
-    args are pointers, moved by each chunk's batch offset."""
-    from xattn.cuda import MAX_GRID_YZ
-
-    for b0 in range(0, batch, MAX_GRID_YZ):
-        nb = min(MAX_GRID_YZ, batch - b0)
-        values = tuple(np.uint64(a[0].ptr + b0 * a[0].strides[0] * a[1]) if type(a) is tuple else a
-                       for a in args)
-        kernel(grid_xy + (nb,), (threads,), values, shared_mem=smem)
-
-
 def _plan(dtype: str, device: int, batch: int, heads_q: int, heads_k: int, seqlen_q: int,
           seqlen_max: int, head_dim: int, window):
     """(table row, query rows per tile, row tiles, splits, (left, right)) of one call.
@@ -487,7 +475,7 @@ def _launch_decode(q, k_cache, v_cache, k_new, v_new, out, lse, cache_seqlens, c
             Kn, Vn = cuda._describe(k_new), cuda._describe(v_new)
             append_vec = cuda._vec_loads([Kn, Vn, Kc, Vc], head_dim, size)
             units = heads_k * seqlen_new * (head_dim // (16 // size) if append_vec else head_dim)
-            _enqueue(append, (-(-units // _APPEND_THREADS), 1), _APPEND_THREADS, 0,
+            cuda._launch(append, (-(-units // _APPEND_THREADS), 1), _APPEND_THREADS, 0,
                      [(Kn, size), (Vn, size), (Kc, size), (Vc, size), seqlens,
                       *cuda._strides(Kn, Vn, Kc, Vc), seqlens_stride, uniform, np.int32(heads_k),
                       np.int32(seqlen_new), np.int32(seqlen_max), np.int32(head_dim),
@@ -510,7 +498,7 @@ def _launch_decode(q, k_cache, v_cache, k_new, v_new, out, lse, cache_seqlens, c
 
         scale, softcap = call.scale, call.softcap
         scale_log2 = scale * cuda.LOG2_E
-        _enqueue(decode, (m_blocks * splits, heads_k), cfg.warps * 32, smem,
+        cuda._launch(decode, (m_blocks * splits, heads_k), cfg.warps * 32, smem,
                  [(Q, size), (Kc, size), (Vc, size), (O, size), (L, 4), *parts, seqlens,
                   *cuda._strides(Q, Kc, Vc, O), *cuda._strides(L, dims=2), seqlens_stride,
                   uniform, np.int32(seqlen_q), np.int32(seqlen_new), np.int32(seqlen_max),
@@ -519,7 +507,7 @@ def _launch_decode(q, k_cache, v_cache, k_new, v_new, out, lse, cache_seqlens, c
                   np.float32(softcap * cuda.LOG2_E), np.float32(scale / softcap if softcap else 0.0)],
                  batch)
         if splits > 1:
-            _enqueue(merge, (-(-rows_bhs // _MERGE_WARPS), 1), _MERGE_WARPS * 32, 0,
+            cuda._launch(merge, (-(-rows_bhs // _MERGE_WARPS), 1), _MERGE_WARPS * 32, 0,
                      [*parts, (O, size), (L, 4), *cuda._strides(O), *cuda._strides(L, dims=2),
                       np.int32(heads_q), np.int32(seqlen_q), np.int32(head_dim), np.int32(splits)],
                      batch)

@@ -115,12 +115,7 @@ def _validate_cu_seqlens(info, dims, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, m
     for name, cu, total in (("cu_seqlens_q", cu_seqlens_q, total_q),
                             ("cu_seqlens_k", cu_seqlens_k, total_k)):
         cu_info = arrays.describe(cu, name)
-        if cu_info.library != info.library:
-            raise TypeError(f"{name}: expected {arrays.library_label(info)} (as q), "
-                            f"got {arrays.library_label(cu_info)}")
-        if (cu_info.device, cu_info.device_id) != (info.device, info.device_id):
-            raise ValueError(f"{name}: expected an array on {arrays.device_label(info)} (as q), "
-                             f"got one on {arrays.device_label(cu_info)}")
+        check_like_q(name, cu_info, info)
         if cu_info.dtype != "int32":
             raise ValueError(f"{name}: expected dtype int32, got {cu_info.dtype}")
         if len(cu_info.shape) != 1 or cu_info.shape[0] < 1:
@@ -183,12 +178,7 @@ def _variant_options(info, dims, causal, window, softcap, alibi_slopes):
             raise ValueError("alibi_slopes: cannot be combined with softcap in xattn (the backward "
                              "keeps only tanh's value); use one or the other")
         slope_info = arrays.describe(alibi_slopes, "alibi_slopes")
-        if slope_info.library != info.library:
-            raise TypeError(f"alibi_slopes: expected {arrays.library_label(info)} (as q), "
-                            f"got {arrays.library_label(slope_info)}")
-        if (slope_info.device, slope_info.device_id) != (info.device, info.device_id):
-            raise ValueError(f"alibi_slopes: expected an array on {arrays.device_label(info)} "
-                             f"(as q), got one on {arrays.device_label(slope_info)}")
+        check_like_q("alibi_slopes", slope_info, info)
         if slope_info.dtype not in REFERENCE_DTYPES:
             raise TypeError(f"alibi_slopes: expected a float dtype, got {slope_info.dtype}")
         if slope_info.shape not in ((q_heads,), (batch, q_heads)):
@@ -240,12 +230,7 @@ def _validate(q, k, v, causal, scale, layout, return_lse):
     k_info = arrays.describe(k, "k")
     v_info = arrays.describe(v, "v")
     for name, other in (("k", k_info), ("v", v_info)):
-        if other.library != info.library:
-            raise TypeError(f"{name}: expected {arrays.library_label(info)} (as q), "
-                            f"got {arrays.library_label(other)}")
-        if (other.device, other.device_id) != (info.device, info.device_id):
-            raise ValueError(f"{name}: expected an array on {arrays.device_label(info)} "
-                             f"(as q), got one on {arrays.device_label(other)}")
+        check_like_q(name, other, info)
         if other.dtype != info.dtype:
             raise TypeError(f"{name}: expected dtype {info.dtype} (as q), got {other.dtype}")
 
@@ -298,6 +283,16 @@ def _validate(q, k, v, causal, scale, layout, return_lse):
             raise ValueError(f"scale: expected at most {MAX_SCALE:.3g} (scale * log2(e) must fit "
                              f"a float32), got {scale!r}")
     return info, (batch, q_heads, sq, sk, head_dim), scale
+
+
+def check_like_q(name, other, info, or_else=""):
+    """other (an ArrayInfo) must be of q's library and on q's device."""
+    if other.library != info.library:
+        raise TypeError(f"{name}: expected {arrays.library_label(info)} (as q){or_else}, "
+                        f"got {arrays.library_label(other)}")
+    if (other.device, other.device_id) != (info.device, info.device_id):
+        raise ValueError(f"{name}: expected an array on {arrays.device_label(info)} (as q), "
+                         f"got one on {arrays.device_label(other)}")
 
 
 def _check_bool(name, value):

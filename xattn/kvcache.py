@@ -104,12 +104,7 @@ def _validate(q, k_cache, v_cache, cache_seqlens, k_new, v_new, causal, scale, w
         if other.library not in _LIBRARIES:
             raise TypeError(f"{name}: expected a NumPy array, torch tensor or CuPy array (the "
                             f"caches are written in place), got {arrays.library_label(other)}")
-        if other.library != info.library:
-            raise TypeError(f"{name}: expected {arrays.library_label(info)} (as q), "
-                            f"got {arrays.library_label(other)}")
-        if (other.device, other.device_id) != (info.device, info.device_id):
-            raise ValueError(f"{name}: expected an array on {arrays.device_label(info)} (as q), "
-                             f"got one on {arrays.device_label(other)}")
+        api.check_like_q(name, other, info)
         if other.dtype != info.dtype:
             raise TypeError(f"{name}: expected dtype {info.dtype} (as q), got {other.dtype}")
     if info.library == "torch":
@@ -204,12 +199,7 @@ def _check_seqlens(cache_seqlens, info, batch, seqlen_new, seqlen_max):
     except TypeError:
         raise TypeError(f"cache_seqlens: expected an int32 array (B,) or an int, got "
                         f"{type(cache_seqlens).__module__}.{type(cache_seqlens).__qualname__}") from None
-    if lens.library != info.library:
-        raise TypeError(f"cache_seqlens: expected {arrays.library_label(info)} (as q) or an int, "
-                        f"got {arrays.library_label(lens)}")
-    if (lens.device, lens.device_id) != (info.device, info.device_id):
-        raise ValueError(f"cache_seqlens: expected an array on {arrays.device_label(info)} (as q), "
-                         f"got one on {arrays.device_label(lens)}")
+    api.check_like_q("cache_seqlens", lens, info, or_else=" or an int")
     if lens.dtype != "int32":
         raise TypeError(f"cache_seqlens: expected dtype int32, got {lens.dtype}")
     if tuple(lens.shape) != (batch,):

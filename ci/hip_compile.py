@@ -9,10 +9,16 @@ llvm-objdump for the instructions). gfx940/gfx942 (MI300) and gfx11 (RDNA3) are 
 compiler: the script shows its answer for them and compiles the same sources for gfx90a and
 gfx1030 instead, whose instructions they share (MFMA 32x32x8 f16/bf16_1k; wave32 FMA).
 
+Every row is compiled plain and causal. The attention variants of issue 6 (kernels_cuda/
+attention_common.h's flags: sliding window, softcap, ALiBi, packed varlen batches, and all of them
+together) are compiled for every kernel and target at one representative head dim (VARIANT_HEAD_DIM,
+where the MFMA backward's registers are tightest), in the dtype with the most registers; `--variants
+all` compiles every flag combination for every row instead (several times longer).
+
 Fails (exit 1) on a compile error, scratch or spills in any variant, registers or LDS over the
 target's limits, or an MFMA variant without MFMA instructions.
 
-    python ci/hip_compile.py [--arch gfx908 gfx90a gfx1030] [--jobs N]
+    python ci/hip_compile.py [--arch gfx908 gfx90a gfx1030] [--jobs N] [--variants {some,all}]
 """
 
 from __future__ import annotations
@@ -37,6 +43,22 @@ TARGETS = ("gfx908", "gfx90a", "gfx1030")
 NEWER_TARGETS = ("gfx942", "gfx1100")  # expected to be unknown to ROCm 5.2's compiler
 # Registers one lane may use: (VGPRs, AGPRs). gfx90a has one file of 512 shared by both kinds.
 REGISTER_LIMIT = {"gfx908": (256, 256), "gfx90a": (512, 256), "gfx1030": (256, 0)}
+
+# The mask and modifier flags of the variants (attention_common.h), by name. IS_CAUSAL is also set
+# by every row's causal column; "window" is a sliding window (left and right edges), "left" a
+# window unbounded on the right. Softcap and ALiBi are never combined (xattn.api refuses it).
+VARIANT_FLAGS = {
+    "window": {"IS_CAUSAL": 1, "IS_LOCAL": 1},
+    "left": {"IS_LOCAL": 1},
+    "softcap": {"HAS_SOFTCAP": 1},
+    "alibi": {"HAS_ALIBI": 1},
+    "varlen": {"IS_VARLEN": 1},
+    "all+softcap": {"IS_CAUSAL": 1, "IS_LOCAL": 1, "HAS_SOFTCAP": 1, "IS_VARLEN": 1},
+    "all+alibi": {"IS_CAUSAL": 1, "IS_LOCAL": 1, "HAS_ALIBI": 1, "IS_VARLEN": 1},
+}
+VARIANT_HEAD_DIM = 128
+VARIANT_DTYPE = {"flash_fwd_portable": "float32", "flash_bwd_portable_dq": "float32",
+                 "flash_bwd_portable_dkdv": "float32"}  # MFMA kernels: bfloat16 (the default)
 
 
 def _tool(name: str) -> str:
@@ -120,21 +142,39 @@ def rows_used(dtype: str, target: str, head_dim: int, causal: bool) -> set:
     return used
 
 
-def variants(targets):
-    """(cfg, target, dtype, causal, vec) for every call a device of `target` would send to cfg."""
+def defines_of(cfg, dtype: str, causal: bool, vec: bool, flags: str) -> dict[str, int]:
+    """The -D defines of a row for one call: the row's, then the variant's flags (as xattn.hip
+    merges them); the preprocess takes none of them."""
+    defines = configs.hip_defines(cfg, dtype, causal, vec)
+    if flags != "plain" and cfg.kernel != "flash_bwd_preprocess":
+        defines |= VARIANT_FLAGS[flags]
+    return defines
+
+
+def variants(targets, every_variant: bool = False):
+    """(cfg, target, dtype, causal, vec, flags) for every call a device of `target` would send to
+    cfg: plain and causal for every row; the VARIANT_FLAGS at VARIANT_HEAD_DIM in one dtype per
+    kernel, or for every row and dtype with every_variant."""
     seen = set()
-    for cfg in configs.HIP_TABLE:
-        for target in targets:
-            for dtype in configs.HIP_KERNELS_FOR_DTYPE:
-                for causal in (False, True):
-                    if cfg not in rows_used(dtype, target, cfg.head_dim, causal):
-                        continue  # not a row a device of this target uses for this call
-                    for vec in (True, False) if cfg.kernel in configs.HIP_MFMA_KERNELS else (False,):
-                        # defines, not the row: the preprocess ignores causal and the head dim
-                        key = (cfg.kernel, target, tuple(sorted(configs.hip_defines(cfg, dtype, causal, vec).items())))
-                        if key not in seen:
-                            seen.add(key)
-                            yield cfg, target, dtype, causal, vec
+    for flags in ("plain", *VARIANT_FLAGS):
+        for cfg in configs.HIP_TABLE:
+            if flags != "plain" and (cfg.kernel == "flash_bwd_preprocess" or not every_variant
+                                     and cfg.head_dim != VARIANT_HEAD_DIM):
+                continue
+            for target in targets:
+                for dtype in configs.HIP_KERNELS_FOR_DTYPE:
+                    if flags != "plain" and not every_variant and dtype != VARIANT_DTYPE.get(cfg.kernel, "bfloat16"):
+                        continue
+                    for causal in (False, True) if flags == "plain" else (bool(VARIANT_FLAGS[flags].get("IS_CAUSAL")),):
+                        if cfg not in rows_used(dtype, target, cfg.head_dim, causal):
+                            continue  # not a row a device of this target uses for this call
+                        vecs = (True, False) if cfg.kernel in configs.HIP_MFMA_KERNELS else (False,)
+                        for vec in vecs if flags == "plain" or every_variant else vecs[:1]:
+                            # defines, not the row: the preprocess ignores causal and the head dim
+                            key = (cfg.kernel, target, tuple(sorted(defines_of(cfg, dtype, causal, vec, flags).items())))
+                            if key not in seen:
+                                seen.add(key)
+                                yield cfg, target, dtype, causal, vec, flags
 
 
 def options(target: str, defines: dict[str, int]) -> list[str]:
@@ -142,8 +182,8 @@ def options(target: str, defines: dict[str, int]) -> list[str]:
 
 
 def compile_variant(variant):
-    cfg, target, dtype, causal, vec = variant
-    defines = configs.hip_defines(cfg, dtype, causal, vec)
+    cfg, target, dtype, causal, vec, flags = variant
+    defines = defines_of(cfg, dtype, causal, vec, flags)
     start = time.perf_counter()
     source = configs.hip_source(cfg.kernel)
     ok, log, binary = hiprtc_compile(jit.preprocess("hip", source), source, options(target, defines))
@@ -152,7 +192,7 @@ def compile_variant(variant):
 
 
 def check(variant, r) -> list[str]:
-    cfg, target, dtype, causal, vec = variant
+    cfg, target, dtype, causal, vec, flags = variant
     problems = []
     if r["scratch"] or r["spills"]:
         problems.append("SCRATCH/SPILLS")
@@ -173,6 +213,8 @@ def main(argv=None) -> int:
     parser.add_argument("--arch", nargs="+", default=list(TARGETS))
     parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--probe", metavar="TARGET", help="compile an empty kernel for TARGET only")
+    parser.add_argument("--variants", choices=("some", "all"), default="some",
+                        help="the window/softcap/ALiBi/varlen flags at one head dim (some) or every row (all)")
     args = parser.parse_args(argv)
     if args.probe:
         ok, log, _ = hiprtc_compile('extern "C" __global__ void k() {}', "probe.hip",
@@ -187,22 +229,22 @@ def main(argv=None) -> int:
         print(f"{target}: {probe(target)}")
 
     failures = count = 0
-    print(f"{'kernel':23} {'target':7} {'dtype':8} {'D':>3} {'tile':>7} {'wave':>4} {'causal':>6} {'vec':>3} "
+    print(f"{'kernel':23} {'target':7} {'dtype':8} {'D':>3} {'tile':>7} {'wave':>4} {'causal':>6} {'variant':11} {'vec':>3} "
           f"{'vgpr':>4} {'agpr':>4} {'sgpr':>4} {'LDS KB':>6} {'scratch':>7} {'spill':>5} {'mfma':>4} {'sec':>4}")
     start = time.perf_counter()
     with ProcessPoolExecutor(max_workers=args.jobs) as pool:
-        for variant, ok, log, r, seconds in pool.map(compile_variant, variants(args.arch)):
-            cfg, target, dtype, causal, vec = variant
+        for variant, ok, log, r, seconds in pool.map(compile_variant, variants(args.arch, args.variants == "all")):
+            cfg, target, dtype, causal, vec, flags = variant
             count += 1
             if not ok:
-                print(f"COMPILE ERROR {cfg} {target} {dtype} causal={causal} vec={vec}\n{log}")
+                print(f"COMPILE ERROR {cfg} {target} {dtype} causal={causal} {flags} vec={vec}\n{log}")
                 failures += 1
                 continue
             problems = check(variant, r)
             failures += bool(problems)
             lds = (configs.hip_shared_memory_bytes(cfg) + r["static_lds"]) / 1024
             print(f"{cfg.kernel:23} {target:7} {dtype:8} {cfg.head_dim:>3} {cfg.block_m:>3}x{cfg.block_n:<3} "
-                  f"{r['wave']:>4} {causal!s:>6} {int(vec):>3} {r['vgpr']:>4} {r['agpr']:>4} {r['sgpr']:>4} "
+                  f"{r['wave']:>4} {causal!s:>6} {flags:11} {int(vec):>3} {r['vgpr']:>4} {r['agpr']:>4} {r['sgpr']:>4} "
                   f"{lds:>6.1f} {r['scratch']:>7} {r['spills']:>5} {r['mfma']:>4} {seconds:>4.1f}"
                   + (f"  <-- {', '.join(problems)}" if problems else ""))
     print(f"hip compile check ({time.perf_counter() - start:.0f} s):",

@@ -104,28 +104,6 @@ __device__ __forceinline__ bool tile_needs_mask(int m_start, int rows, int n_sta
     return crosses_end || crosses_right || crosses_left;
 }
 
-// The same questions for kernels that only know a causal flag (the HIP forward kernels).
-__device__ __forceinline__ int visible_key_end(int row, int seqlen_q, int seqlen_k, bool causal) {
-    return causal ? min(seqlen_k, row + 1 + seqlen_k - seqlen_q) : seqlen_k;
-}
-__device__ __forceinline__ KeyRange key_tiles(int m_start, int block_m, int block_n, int seqlen_q,
-                                              int seqlen_k, bool causal) {
-    int key_end = visible_key_end(min(m_start + block_m, seqlen_q) - 1, seqlen_q, seqlen_k, causal);
-    KeyRange r;
-    r.tile_begin = 0;
-    r.tile_end = key_end > 0 ? (key_end + block_n - 1) / block_n : 0;
-    return r;
-}
-__device__ __forceinline__ bool tile_needs_mask(int m_start, int n_start, int block_n, int seqlen_q,
-                                                int seqlen_k, bool causal) {
-    bool crosses_end = n_start + block_n > seqlen_k;
-    return crosses_end || (causal && n_start + block_n - 1 > m_start + seqlen_k - seqlen_q);
-}
-__device__ __forceinline__ bool key_visible(int row, int key, int seqlen_q, int seqlen_k,
-                                            bool causal) {
-    return key < visible_key_end(row, seqlen_q, seqlen_k, causal);
-}
-
 // ---- score modifiers ------------------------------------------------------------------------------
 // Kernels hold raw dot products x = q.k. The softmax sees s = scale * x, or with a softcap c,
 // s = c * tanh(scale * x / c): the kernel then keeps t = tanh(x * softcap_scale) (softcap_scale =

@@ -18,13 +18,17 @@
 //
 // Layouts: q, dout (B, Hq, Sq, D); k, v, dk, dv (B, Hk, Sk, D); any batch/head/row strides, D
 // contiguous. lse, delta float32 (B, Hq, Sq) with batch/head strides and contiguous rows; lse is
-// the forward's (natural log). Reads q, k, v, dout, lse, delta; writes dk, dv.
+// the forward's (natural log). Reads q, k, v, dout, lse, delta; writes dk, dv. Masks, score
+// modifiers and packed batches as in flash_fwd_mfma.hip: the query blocks outside the band of the
+// block's keys are skipped, never loaded; with ALiBi the slope is the query head's.
 
 // ---- compile-time configuration (set with -D by xattn/configs.py) ------------------------------
 // ELEM_BF16   1: bfloat16, 0: float16 (ELEM_TYPE, for platform.h, is the same choice)
 // HEAD_DIM    padded head dim (multiple of 32);  BLOCK_M  query rows per step (multiple of 32)
 // NUM_WAVES   waves per block, BLOCK_N = 32 * NUM_WAVES keys per block
-// IS_CAUSAL   bottom-right aligned causal mask;  VEC_LOADS  as in mfma_tile.h;  WAVE_SIZE  64
+// VEC_LOADS   as in mfma_tile.h;  WAVE_SIZE  64
+// IS_CAUSAL, IS_LOCAL, HAS_SOFTCAP, HAS_ALIBI, IS_VARLEN: masks and modifiers (attention_common.h)
+// Run-time parameters after the strides: as in flash_bwd_portable.hip.
 
 #define NUM_THREADS (NUM_WAVES * WAVE_SIZE)
 
@@ -67,14 +71,13 @@ __device__ __forceinline__ void load_query_step(u16* sQ, u16* sdO, u16* sQt, u16
     }
 }
 
-// S becomes P and dP becomes dS, in place. Element j of block qb is query acc_row(lane, qb, j) of
-// the step. masked: some query of the step is before the diagonal of one of the wave's keys; then
-// query r sees this lane's key iff r >= first_rel (counted from acc_row(lane, 0, 0), so that each
-// element compares with a compile-time offset).
+// S becomes P and dP becomes dS, in place (backward.h). Element j of block qb is query
+// m_start + acc_row(lane, qb, j); the lane's key is its column. masked: some pair of the step and
+// the wave's keys lies outside the band.
 __device__ __forceinline__ void softmax_backward_step(floatx16 (&acc_s)[Q_BLOCKS], floatx16 (&acc_dp)[Q_BLOCKS],
-                                                      const float* sLse2, const float* sDelta, bool masked,
-                                                      int first_rel, float scale_log2, int lane) {
-    first_rel -= acc_row(lane, 0, 0);
+                                                      const float* sLse2, const float* sDelta, int m_start,
+                                                      int key, const ScoreMods& mods, bool masked,
+                                                      float scale_log2, int lane) {
 #pragma unroll
     for (int qb = 0; qb < Q_BLOCKS; ++qb)
 #pragma unroll
@@ -86,8 +89,8 @@ __device__ __forceinline__ void softmax_backward_step(floatx16 (&acc_s)[Q_BLOCKS
 #pragma unroll
             for (int i = 0; i < 4; ++i) {
                 const int j = j0 + i;
-                const bool visible = !masked || acc_row(lane, qb, j) - acc_row(lane, 0, 0) >= first_rel;
-                const float2 pds = softmax_backward(acc_s[qb][j], acc_dp[qb][j], visible, l4[i], d4[i], scale_log2);
+                const float2 pds = softmax_backward(acc_s[qb][j], acc_dp[qb][j], m_start + acc_row(lane, qb, j), key,
+                                                    mods, masked, l4[i], d4[i], scale_log2);
                 acc_s[qb][j] = pds.x;
                 acc_dp[qb][j] = pds.y;
             }
@@ -108,8 +111,11 @@ flash_bwd_mfma_dkdv(const u16* __restrict__ q, const u16* __restrict__ k, const 
                     i64 dv_batch_stride, i64 dv_head_stride, i64 dv_row_stride,
                     i64 lse_batch_stride, i64 lse_head_stride,
                     i64 delta_batch_stride, i64 delta_head_stride,
+                    const int* __restrict__ cu_seqlens_q, const int* __restrict__ cu_seqlens_k,
+                    const float* __restrict__ alibi_slopes, i64 alibi_batch_stride,
                     int seqlen_q, int seqlen_k, int head_dim, int heads_per_kv,
-                    float scale, float scale_log2) {
+                    int window_left, int window_right, float softcap_scale,
+                    float scale, float scale_log2, float grad_scale) {
     extern __shared__ __attribute__((aligned(16))) u16 smem[];
     u16* sStage = smem;  // K, then V, before the loop
     u16* sQ = smem;
@@ -125,16 +131,23 @@ flash_bwd_mfma_dkdv(const u16* __restrict__ q, const u16* __restrict__ k, const 
     const int wave_key_start = n_start + wave * MFMA_N;
     const int key = wave_key_start + acc_col(lane);  // this lane's key: its column of every product
 
+    const Sequence seq = sequence(batch, cu_seqlens_q, cu_seqlens_k, seqlen_q, seqlen_k);
+    if (IS_VARLEN && n_start >= seq.seqlen_k) return;  // the grid covers the longest sequence
+    seqlen_q = seq.seqlen_q;
+    seqlen_k = seq.seqlen_k;
+    ScoreMods mods = make_score_mods(seqlen_q, seqlen_k, window_left, window_right, softcap_scale,
+                                     alibi_slopes + batch * alibi_batch_stride + kv_head * heads_per_kv, scale);
+
     // Every address that does not change in the loop is formed now: fewer scalar registers live
     // across it (the element-wise variant otherwise runs out of SGPRs).
-    k += batch * k_batch_stride + kv_head * k_head_stride + n_start * k_row_stride;
-    v += batch * v_batch_stride + kv_head * v_head_stride + n_start * v_row_stride;
-    q += batch * q_batch_stride;
-    dout += batch * do_batch_stride;
-    lse += batch * lse_batch_stride;
-    delta += batch * delta_batch_stride;
-    dk += batch * dk_batch_stride + kv_head * dk_head_stride;
-    dv += batch * dv_batch_stride + kv_head * dv_head_stride;
+    k += batch * k_batch_stride + kv_head * k_head_stride + (i64)(seq.k_start + n_start) * k_row_stride;
+    v += batch * v_batch_stride + kv_head * v_head_stride + (i64)(seq.k_start + n_start) * v_row_stride;
+    q += batch * q_batch_stride + (i64)seq.q_start * q_row_stride;
+    dout += batch * do_batch_stride + (i64)seq.q_start * do_row_stride;
+    lse += batch * lse_batch_stride + seq.q_start;
+    delta += batch * delta_batch_stride + seq.q_start;
+    dk += batch * dk_batch_stride + kv_head * dk_head_stride + (i64)seq.k_start * dk_row_stride;
+    dv += batch * dv_batch_stride + kv_head * dv_head_stride + (i64)seq.k_start * dv_row_stride;
 
     // Prologue: K, then V, through LDS into registers, where they stay for the whole loop.
     u32x2 k_frag[DIM_STEPS], v_frag[DIM_STEPS];
@@ -146,13 +159,13 @@ flash_bwd_mfma_dkdv(const u16* __restrict__ q, const u16* __restrict__ k, const 
     __syncthreads();  // the V tile is complete
     load_frags<DIM_STEPS, ROW_STRIDE>(v_frag, sStage, wave * MFMA_N, lane);
 
-    // The query blocks that see any key of this block (causal: from the diagonal of its first
-    // key), and the first query that sees any key of this wave. No block at all: dK = dV = 0.
-    const Band band = causal_band(seqlen_q, seqlen_k);
-    const int m_begin = max(0, first_visible_query(n_start, band)) / BLOCK_M;
-    const int m_end = (seqlen_q + BLOCK_M - 1) / BLOCK_M;
-    const int wave_first_query = first_visible_query(wave_key_start, band);
-    const int wave_last_first_query = first_visible_query(wave_key_start + MFMA_N - 1, band);
+    // The query blocks that see any key of this block: the band of its first key starts them, the
+    // band of its last key ends them (attention_common.h). No block at all: dK = dV = 0.
+    const int last_key = min(n_start + BLOCK_N, seqlen_k) - 1;
+    const int first_query = IS_CAUSAL ? max(0, first_visible_query(n_start, mods.band)) : 0;
+    const int last_query = IS_LOCAL ? min(seqlen_q - 1, last_visible_query(last_key, mods.band)) : seqlen_q - 1;
+    const int m_begin = first_query / BLOCK_M;
+    const int m_end = last_query < first_query ? m_begin : last_query / BLOCK_M + 1;
 
     floatx16 acc_dk[DIM_BLOCKS], acc_dv[DIM_BLOCKS];
 #pragma unroll
@@ -164,6 +177,7 @@ flash_bwd_mfma_dkdv(const u16* __restrict__ q, const u16* __restrict__ k, const 
         const u16* do_head = dout + head * do_head_stride;
         const float* lse_head = lse + head * lse_head_stride;
         const float* delta_head = delta + head * delta_head_stride;
+        if (HAS_ALIBI) mods.alibi_coef = -alibi_slopes[batch * alibi_batch_stride + head] / scale;
 
         for (int m_block = m_begin; m_block < m_end; ++m_block) {
             const int m_start = m_block * BLOCK_M;
@@ -172,26 +186,32 @@ flash_bwd_mfma_dkdv(const u16* __restrict__ q, const u16* __restrict__ k, const 
                             do_head + m_start * do_row_stride, do_row_stride, lse_head + m_start,
                             delta_head + m_start, seqlen_q - m_start, head_dim, tid);
             __syncthreads();  // the step's tiles are visible to every wave
-            // Causal: a wave whose keys no query of this step sees skips the arithmetic (it still
-            // takes part in the loads and barriers above).
-            if (IS_CAUSAL && m_start + BLOCK_M <= wave_first_query) continue;
+            // A wave whose keys no query of this step sees (outside the band, or past the end of
+            // the keys) skips the arithmetic; it still takes part in the loads and barriers above.
+            const int wave_key_end = wave_key_start + MFMA_N - 1;
+            const bool wave_sees_step = wave_key_start < seqlen_k &&
+                (!IS_CAUSAL || wave_key_start <= m_start + BLOCK_M - 1 + mods.band.hi) &&
+                (!IS_LOCAL || wave_key_end >= m_start + mods.band.lo);
+            if (!wave_sees_step) continue;
 
             floatx16 acc_s[Q_BLOCKS], acc_dp[Q_BLOCKS];
             tile_times_frags<Q_BLOCKS, DIM_STEPS, ROW_STRIDE>(acc_s, sQ, k_frag, lane);    // S = Q K^T
             tile_times_frags<Q_BLOCKS, DIM_STEPS, ROW_STRIDE>(acc_dp, sdO, v_frag, lane);  // dP = dO V^T
-            const bool masked = IS_CAUSAL && m_start < wave_last_first_query;
-            softmax_backward_step(acc_s, acc_dp, sLse2, sDelta, masked,
-                                  first_visible_query(key, band) - m_start, scale_log2, lane);
+            // The step's queries against the wave's keys cross an edge of the band: mask. (Keys past
+            // the end need none: their dK and dV rows are never stored.)
+            const bool masked = (IS_CAUSAL && wave_key_end > m_start + mods.band.hi) ||
+                                (IS_LOCAL && wave_key_start < m_start + BLOCK_M - 1 + mods.band.lo);
+            softmax_backward_step(acc_s, acc_dp, sLse2, sDelta, m_start, key, mods, masked, scale_log2, lane);
             tile_times_acc<DIM_BLOCKS, QUERY_STEPS, T_STRIDE>(acc_dv, sdOt, acc_s, lane);  // dV^T += dO^T P
             tile_times_acc<DIM_BLOCKS, QUERY_STEPS, T_STRIDE>(acc_dk, sQt, acc_dp, lane);  // dK^T += Q^T dS
         }
     }
 
-    // Epilogue: dK = scale * acc_dk, dV = acc_dv, for the keys that exist, each through the staging
+    // Epilogue: dK = grad_scale * acc_dk, dV = acc_dv, for the keys that exist, each through the staging
     // tile (acc_to_lds, store_tile: coalesced rows). Lanes l and l ^ 32 hold the same key's other dims.
     const int valid_keys = seqlen_k - n_start;
     __syncthreads();  // every wave is done with the last step's tiles: the staging memory takes dK
-    acc_to_lds<DIM_BLOCKS, ROW_STRIDE>(sStage, wave * MFMA_N + acc_col(lane), acc_dk, scale, lane);
+    acc_to_lds<DIM_BLOCKS, ROW_STRIDE>(sStage, wave * MFMA_N + acc_col(lane), acc_dk, grad_scale, lane);
     __syncthreads();  // the dK tile is complete
     store_tile<BLOCK_N, ROW_STRIDE>(dk + n_start * dk_row_stride, dk_row_stride, sStage, valid_keys, head_dim, tid);
     __syncthreads();  // every thread has read its share of dK: the staging memory takes dV

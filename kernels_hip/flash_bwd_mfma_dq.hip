@@ -13,13 +13,15 @@
 // The lse and delta of the lane's query are one register each.
 //
 // Layouts as in flash_bwd_mfma_dkdv.hip; dq is (B, Hq, Sq, D) like q. Reads q, k, v, dout, lse,
-// delta; writes dq.
+// delta; writes dq. Masks, score modifiers and packed batches as in flash_fwd_mfma.hip.
 
 // ---- compile-time configuration (set with -D by xattn/configs.py) ------------------------------
 // ELEM_BF16   1: bfloat16, 0: float16 (ELEM_TYPE, for platform.h, is the same choice)
 // HEAD_DIM    padded head dim (multiple of 32);  BLOCK_N  keys per tile (multiple of 32)
 // NUM_WAVES   waves per block, BLOCK_M = 32 * NUM_WAVES queries per block
-// IS_CAUSAL   bottom-right aligned causal mask;  VEC_LOADS  as in mfma_tile.h;  WAVE_SIZE  64
+// VEC_LOADS   as in mfma_tile.h;  WAVE_SIZE  64
+// IS_CAUSAL, IS_LOCAL, HAS_SOFTCAP, HAS_ALIBI, IS_VARLEN: masks and modifiers (attention_common.h)
+// Run-time parameters after the strides: as in flash_bwd_portable.hip.
 
 #define NUM_THREADS (NUM_WAVES * WAVE_SIZE)
 
@@ -45,20 +47,19 @@ static_assert(HEAD_DIM % 32 == 0 && BLOCK_N % 32 == 0, "whole 32x32 MFMA blocks"
 
 // ---- device helpers ---------------------------------------------------------------------------
 
-// S^T becomes P^T and dP^T becomes dS^T, in place, for this lane's query (lse2, delta: its row's).
-// masked: the tile crosses the end of the keys or the causal diagonal of one of the wave's queries;
-// then key r of the tile is visible iff r < limit (counted from acc_row(lane, 0, 0), so that each
-// element compares with a compile-time offset).
+// S^T becomes P^T and dP^T becomes dS^T, in place (backward.h), for this lane's query (lse2,
+// delta: its row's). Element j of block nb is key n_start + acc_row(lane, nb, j). masked: the tile
+// crosses the end of the keys or an edge of the band of one of the wave's queries.
 __device__ __forceinline__ void softmax_backward_tile(floatx16 (&acc_s)[KEY_BLOCKS], floatx16 (&acc_dp)[KEY_BLOCKS],
-                                                      float lse2, float delta, bool masked, int limit,
-                                                      float scale_log2, int lane) {
-    limit -= acc_row(lane, 0, 0);
+                                                      float lse2, float delta, int query, int n_start,
+                                                      const ScoreMods& mods, bool masked, float scale_log2,
+                                                      int lane) {
 #pragma unroll
     for (int nb = 0; nb < KEY_BLOCKS; ++nb)
 #pragma unroll
         for (int j = 0; j < 16; ++j) {
-            const bool visible = !masked || acc_row(lane, nb, j) - acc_row(lane, 0, 0) < limit;
-            const float2 pds = softmax_backward(acc_s[nb][j], acc_dp[nb][j], visible, lse2, delta, scale_log2);
+            const float2 pds = softmax_backward(acc_s[nb][j], acc_dp[nb][j], query, n_start + acc_row(lane, nb, j),
+                                                mods, masked, lse2, delta, scale_log2);
             acc_s[nb][j] = pds.x;
             acc_dp[nb][j] = pds.y;
         }
@@ -77,8 +78,11 @@ flash_bwd_mfma_dq(const u16* __restrict__ q, const u16* __restrict__ k, const u1
                   i64 dq_batch_stride, i64 dq_head_stride, i64 dq_row_stride,
                   i64 lse_batch_stride, i64 lse_head_stride,
                   i64 delta_batch_stride, i64 delta_head_stride,
+                  const int* __restrict__ cu_seqlens_q, const int* __restrict__ cu_seqlens_k,
+                  const float* __restrict__ alibi_slopes, i64 alibi_batch_stride,
                   int seqlen_q, int seqlen_k, int head_dim, int heads_per_kv,
-                  float scale, float scale_log2) {
+                  int window_left, int window_right, float softcap_scale,
+                  float scale, float scale_log2, float grad_scale) {
     extern __shared__ __attribute__((aligned(16))) u16 smem[];
     u16* sStage = smem;  // Q, then dO, before the loop
     u16* sK = smem;
@@ -92,12 +96,19 @@ flash_bwd_mfma_dq(const u16* __restrict__ q, const u16* __restrict__ k, const u1
     const int wave_row_start = m_start + wave * MFMA_N;
     const int query = wave_row_start + acc_col(lane);  // this lane's query: its column of every product
 
-    q += batch * q_batch_stride + head * q_head_stride + m_start * q_row_stride;
-    dout += batch * do_batch_stride + head * do_head_stride + m_start * do_row_stride;
-    k += batch * k_batch_stride + kv_head * k_head_stride;
-    v += batch * v_batch_stride + kv_head * v_head_stride;
-    lse += batch * lse_batch_stride + head * lse_head_stride;
-    delta += batch * delta_batch_stride + head * delta_head_stride;
+    const Sequence seq = sequence(batch, cu_seqlens_q, cu_seqlens_k, seqlen_q, seqlen_k);
+    if (IS_VARLEN && m_start >= seq.seqlen_q) return;  // the grid covers the longest sequence
+    seqlen_q = seq.seqlen_q;
+    seqlen_k = seq.seqlen_k;
+    const ScoreMods mods = make_score_mods(seqlen_q, seqlen_k, window_left, window_right, softcap_scale,
+                                           alibi_slopes + batch * alibi_batch_stride + head, scale);
+
+    q += batch * q_batch_stride + head * q_head_stride + (i64)(seq.q_start + m_start) * q_row_stride;
+    dout += batch * do_batch_stride + head * do_head_stride + (i64)(seq.q_start + m_start) * do_row_stride;
+    k += batch * k_batch_stride + kv_head * k_head_stride + (i64)seq.k_start * k_row_stride;
+    v += batch * v_batch_stride + kv_head * v_head_stride + (i64)seq.k_start * v_row_stride;
+    lse += batch * lse_batch_stride + head * lse_head_stride + seq.q_start;
+    delta += batch * delta_batch_stride + head * delta_head_stride + seq.q_start;
 
     // Prologue: Q, then dO, through LDS into registers, where they stay for the whole loop.
     u32x2 q_frag[DIM_STEPS], do_frag[DIM_STEPS];
@@ -115,13 +126,11 @@ flash_bwd_mfma_dq(const u16* __restrict__ q, const u16* __restrict__ k, const u1
 #pragma unroll
     for (int db = 0; db < DIM_BLOCKS; ++db) acc_dq[db] = floatx16{};
 
-    // The key tiles the block's rows see, and the ones this wave's rows see (causal: fewer).
-    const Band band = causal_band(seqlen_q, seqlen_k);
+    // The key tiles the block's rows see, and the ones this wave's rows see (with a band: fewer).
     const int block_rows = min(BLOCK_M, seqlen_q - m_start);
-    const KeyRange tiles = key_tiles(m_start, block_rows, BLOCK_N, seqlen_k, band);
+    const KeyRange tiles = key_tiles(m_start, block_rows, BLOCK_N, seqlen_k, mods.band);
     const int wave_rows = max(1, min(MFMA_N, seqlen_q - wave_row_start));
-    const KeyRange wave_tiles = key_tiles(wave_row_start, wave_rows, BLOCK_N, seqlen_k, band);
-    const int limit = visible_key_end(query, band, seqlen_k);  // keys [0, limit) are visible
+    const KeyRange wave_tiles = key_tiles(wave_row_start, wave_rows, BLOCK_N, seqlen_k, mods.band);
 
     for (int tile = tiles.tile_end - 1; tile >= tiles.tile_begin; --tile) {
         const int n_start = tile * BLOCK_N;
@@ -136,16 +145,16 @@ flash_bwd_mfma_dq(const u16* __restrict__ q, const u16* __restrict__ k, const u1
         floatx16 acc_s[KEY_BLOCKS], acc_dp[KEY_BLOCKS];
         tile_times_frags<KEY_BLOCKS, DIM_STEPS, ROW_STRIDE>(acc_s, sK, q_frag, lane);    // S^T = K Q^T
         tile_times_frags<KEY_BLOCKS, DIM_STEPS, ROW_STRIDE>(acc_dp, sV, do_frag, lane);  // dP^T = V dO^T
-        const bool masked = tile_needs_mask(wave_row_start, MFMA_N, n_start, BLOCK_N, seqlen_k, band);
-        softmax_backward_tile(acc_s, acc_dp, lse2, row_delta, masked, limit - n_start, scale_log2, lane);
+        const bool masked = tile_needs_mask(wave_row_start, MFMA_N, n_start, BLOCK_N, seqlen_k, mods.band);
+        softmax_backward_tile(acc_s, acc_dp, lse2, row_delta, query, n_start, mods, masked, scale_log2, lane);
         tile_times_acc<DIM_BLOCKS, KEY_STEPS, T_STRIDE>(acc_dq, sKt, acc_dp, lane);  // dQ^T += K^T dS^T
     }
 
-    // Epilogue: dQ = scale * acc_dq through the staging tile (acc_to_lds, store_tile: coalesced
+    // Epilogue: dQ = grad_scale * acc_dq through the staging tile (acc_to_lds, store_tile: coalesced
     // rows); rows that see no key write zeros. Lanes l and l ^ 32 hold the same query's other dims.
     __syncthreads();  // every wave is done with the last K, V, K^T tiles: the staging memory takes dQ
-    acc_to_lds<DIM_BLOCKS, ROW_STRIDE>(sStage, wave * MFMA_N + acc_col(lane), acc_dq, scale, lane);
+    acc_to_lds<DIM_BLOCKS, ROW_STRIDE>(sStage, wave * MFMA_N + acc_col(lane), acc_dq, grad_scale, lane);
     __syncthreads();  // the dQ tile is complete
-    dq += batch * dq_batch_stride + head * dq_head_stride + m_start * dq_row_stride;
+    dq += batch * dq_batch_stride + head * dq_head_stride + (i64)(seq.q_start + m_start) * dq_row_stride;
     store_tile<BLOCK_M, ROW_STRIDE>(dq, dq_row_stride, sStage, seqlen_q - m_start, head_dim, tid);
 }

@@ -27,14 +27,21 @@
 // Layouts: q, dout, dq (B, Hq, Sq, D); k, v, dk, dv (B, Hk, Sk, D); any batch/head/row strides, D
 // contiguous. lse, delta float32 (B, Hq, Sq) with batch/head strides and contiguous rows; lse is
 // the forward's (natural log). head_dim <= HEAD_DIM at run time: padded columns are zero in LDS
-// and never stored.
+// and never stored. Masks, score modifiers and packed batches as in flash_fwd_portable.hip; the
+// streamed tiles outside the band of the block's rows are skipped, never loaded.
 
 // ---- compile-time configuration (set with -D by xattn/configs.py) ------------------------------
 // ELEM_TYPE   0: float16, 1: bfloat16, 2: float32
 // HEAD_DIM    padded head dim (multiple of WAVE_SIZE)
 // BLOCK_ROWS  rows a block owns: queries in _dq, keys in _dkdv
 // TILE        rows streamed per step (keys in _dq, queries in _dkdv); divides WAVE_SIZE
-// NUM_WAVES   waves per block;  WAVE_SIZE  32 or 64;  IS_CAUSAL  bottom-right aligned causal mask
+// NUM_WAVES   waves per block;  WAVE_SIZE  32 or 64
+// IS_CAUSAL, IS_LOCAL, HAS_SOFTCAP, HAS_ALIBI, IS_VARLEN: masks and modifiers (attention_common.h)
+//
+// Run-time parameters after the strides: cu_seqlens_q/k, alibi_slopes, alibi_batch_stride,
+// seqlen_q, seqlen_k, head_dim, heads_per_kv, window_left, window_right, softcap_scale, then
+// scale and scale_log2 (the scores' scale: the softcap c under a softcap, else the attention
+// scale) and grad_scale (the attention scale, d(scale * x)/dx, applied to dQ and dK).
 
 #include "platform.h"
 #include "../kernels_cuda/attention_common.h"
@@ -115,8 +122,11 @@ flash_bwd_portable_dq(const elem_t* __restrict__ q, const elem_t* __restrict__ k
                       i64 dq_batch_stride, i64 dq_head_stride, i64 dq_row_stride,
                       i64 lse_batch_stride, i64 lse_head_stride,
                       i64 delta_batch_stride, i64 delta_head_stride,
+                      const int* __restrict__ cu_seqlens_q, const int* __restrict__ cu_seqlens_k,
+                      const float* __restrict__ alibi_slopes, i64 alibi_batch_stride,
                       int seqlen_q, int seqlen_k, int head_dim, int heads_per_kv,
-                      float scale, float scale_log2) {
+                      int window_left, int window_right, float softcap_scale,
+                      float scale, float scale_log2, float grad_scale) {
     extern __shared__ float smem_f32[];
     float* sQ = smem_f32;
     float* sdO = sQ + BLOCK_ROWS * STRIDE;
@@ -132,15 +142,21 @@ flash_bwd_portable_dq(const elem_t* __restrict__ q, const elem_t* __restrict__ k
     const int wave_row0 = wave * ROWS_PER_WAVE;        // the wave's first row, within the block
     const int lane_row0 = wave_row0 + group;           // this lane's first row in S and dP
 
-    q += batch * q_batch_stride + head * q_head_stride + m_start * q_row_stride;
-    dout += batch * do_batch_stride + head * do_head_stride + m_start * do_row_stride;
-    k += batch * k_batch_stride + kv_head * k_head_stride;
-    v += batch * v_batch_stride + kv_head * v_head_stride;
-    lse += batch * lse_batch_stride + head * lse_head_stride;
-    delta += batch * delta_batch_stride + head * delta_head_stride;
+    const Sequence seq = sequence(batch, cu_seqlens_q, cu_seqlens_k, seqlen_q, seqlen_k);
+    if (IS_VARLEN && m_start >= seq.seqlen_q) return;  // the grid covers the longest sequence
+    seqlen_q = seq.seqlen_q;
+    seqlen_k = seq.seqlen_k;
+    const ScoreMods mods = make_score_mods(seqlen_q, seqlen_k, window_left, window_right, softcap_scale,
+                                           alibi_slopes + batch * alibi_batch_stride + head, scale);
 
-    const Band band = causal_band(seqlen_q, seqlen_k);
-    const KeyRange tiles = key_tiles(m_start, min(BLOCK_ROWS, seqlen_q - m_start), TILE, seqlen_k, band);
+    q += batch * q_batch_stride + head * q_head_stride + (i64)(seq.q_start + m_start) * q_row_stride;
+    dout += batch * do_batch_stride + head * do_head_stride + (i64)(seq.q_start + m_start) * do_row_stride;
+    k += batch * k_batch_stride + kv_head * k_head_stride + (i64)seq.k_start * k_row_stride;
+    v += batch * v_batch_stride + kv_head * v_head_stride + (i64)seq.k_start * v_row_stride;
+    lse += batch * lse_batch_stride + head * lse_head_stride + seq.q_start;
+    delta += batch * delta_batch_stride + head * delta_head_stride + seq.q_start;
+
+    const KeyRange tiles = key_tiles(m_start, min(BLOCK_ROWS, seqlen_q - m_start), TILE, seqlen_k, mods.band);
     load_rows(sQ, q, q_row_stride, BLOCK_ROWS, seqlen_q - m_start, head_dim, tid);
     load_rows(sdO, dout, do_row_stride, BLOCK_ROWS, seqlen_q - m_start, head_dim, tid);
 
@@ -165,14 +181,15 @@ flash_bwd_portable_dq(const elem_t* __restrict__ q, const elem_t* __restrict__ k
         load_rows(sV, v + n_start * v_row_stride, v_row_stride, TILE, seqlen_k - n_start, head_dim, tid);
         __syncthreads();  // K and V tiles (and, the first time, Q and dO) visible to every wave
 
-        // S = Q K^T and dP = dO V^T for this lane's key; mask; dS = P (dP - delta) to LDS.
+        // S = Q K^T and dP = dO V^T for this lane's key; modifiers and mask; dS = P (dP - delta)
+        // to LDS.
         float x[ROWS_PER_LANE], dp[ROWS_PER_LANE];
         dot_rows(x, dp, sQ, sdO, sK, sV, lane_row0, key, head_dim);
 #pragma unroll
         for (int i = 0; i < ROWS_PER_LANE; ++i) {
             const int row = lane_row0 + i * ROW_GROUPS;
-            const bool visible = key_visible(m_start + row, n_start + key, band, seqlen_k);
-            sdS[row * TILE + key] = softmax_backward(x[i], dp[i], visible, row_lse2[i], row_delta[i], scale_log2).y;
+            sdS[row * TILE + key] = softmax_backward(x[i], dp[i], m_start + row, n_start + key, mods, true,
+                                                     row_lse2[i], row_delta[i], scale_log2).y;
         }
         // dS visible to every lane of the wave. A block barrier where a wave barrier would do:
         // every wave reaches it the same number of times, and it is portable (no wave size).
@@ -192,12 +209,12 @@ flash_bwd_portable_dq(const elem_t* __restrict__ q, const elem_t* __restrict__ k
         }
     }
 
-    // Epilogue: dQ = scale * acc. Rows that see no key write zeros.
-    dq += batch * dq_batch_stride + head * dq_head_stride;
+    // Epilogue: dQ = grad_scale * acc. Rows that see no key write zeros.
+    dq += batch * dq_batch_stride + head * dq_head_stride + (i64)seq.q_start * dq_row_stride;
 #pragma unroll
     for (int r = 0; r < ROWS_PER_WAVE; ++r) {
         const int row = m_start + wave_row0 + r;
-        if (row < seqlen_q) store_row(dq + row * dq_row_stride, acc_dq[r], scale, head_dim, lane);
+        if (row < seqlen_q) store_row(dq + row * dq_row_stride, acc_dq[r], grad_scale, head_dim, lane);
     }
 }
 
@@ -214,8 +231,11 @@ flash_bwd_portable_dkdv(const elem_t* __restrict__ q, const elem_t* __restrict__
                         i64 dv_batch_stride, i64 dv_head_stride, i64 dv_row_stride,
                         i64 lse_batch_stride, i64 lse_head_stride,
                         i64 delta_batch_stride, i64 delta_head_stride,
+                        const int* __restrict__ cu_seqlens_q, const int* __restrict__ cu_seqlens_k,
+                        const float* __restrict__ alibi_slopes, i64 alibi_batch_stride,
                         int seqlen_q, int seqlen_k, int head_dim, int heads_per_kv,
-                        float scale, float scale_log2) {
+                        int window_left, int window_right, float softcap_scale,
+                        float scale, float scale_log2, float grad_scale) {
     extern __shared__ float smem_f32[];
     float* sK = smem_f32;
     float* sV = sK + BLOCK_ROWS * STRIDE;
@@ -230,16 +250,24 @@ flash_bwd_portable_dkdv(const elem_t* __restrict__ q, const elem_t* __restrict__
     const int wave_row0 = wave * ROWS_PER_WAVE;          // the wave's first key, within the block
     const int lane_row0 = wave_row0 + group;             // this lane's first key in S and dP
 
-    k += batch * k_batch_stride + kv_head * k_head_stride + n_start * k_row_stride;
-    v += batch * v_batch_stride + kv_head * v_head_stride + n_start * v_row_stride;
+    const Sequence seq = sequence(batch, cu_seqlens_q, cu_seqlens_k, seqlen_q, seqlen_k);
+    if (IS_VARLEN && n_start >= seq.seqlen_k) return;  // the grid covers the longest sequence
+    seqlen_q = seq.seqlen_q;
+    seqlen_k = seq.seqlen_k;
+    ScoreMods mods = make_score_mods(seqlen_q, seqlen_k, window_left, window_right, softcap_scale,
+                                     alibi_slopes + batch * alibi_batch_stride + kv_head * heads_per_kv, scale);
+
+    k += batch * k_batch_stride + kv_head * k_head_stride + (i64)(seq.k_start + n_start) * k_row_stride;
+    v += batch * v_batch_stride + kv_head * v_head_stride + (i64)(seq.k_start + n_start) * v_row_stride;
     load_rows(sK, k, k_row_stride, BLOCK_ROWS, seqlen_k - n_start, head_dim, tid);
     load_rows(sV, v, v_row_stride, BLOCK_ROWS, seqlen_k - n_start, head_dim, tid);
 
-    // The query tiles that see any key of this block: causal ones start at the diagonal of its
-    // first key. No tile at all: dK = dV = 0 is still written.
-    const Band band = causal_band(seqlen_q, seqlen_k);
-    const int m_begin = max(0, first_visible_query(n_start, band)) / TILE;
-    const int m_end = (seqlen_q + TILE - 1) / TILE;
+    // The query tiles that see any key of this block: from the band of its first key to that of its
+    // last (attention_common.h). No tile at all: dK = dV = 0 is still written.
+    const int last_key = min(n_start + BLOCK_ROWS, seqlen_k) - 1;
+    const int first_query = IS_CAUSAL ? max(0, first_visible_query(n_start, mods.band)) : 0;
+    const int last_query = IS_LOCAL ? min(seqlen_q - 1, last_visible_query(last_key, mods.band)) : seqlen_q - 1;
+    const int m_begin = first_query / TILE, m_end = last_query < first_query ? m_begin : last_query / TILE + 1;
 
     float acc_dk[ROWS_PER_WAVE][D_PER_LANE], acc_dv[ROWS_PER_WAVE][D_PER_LANE];  // the wave's keys, this lane's dims
 #pragma unroll
@@ -249,10 +277,11 @@ flash_bwd_portable_dkdv(const elem_t* __restrict__ q, const elem_t* __restrict__
 
     // Every query head of the GQA group adds into the same dK and dV.
     for (int head = kv_head * heads_per_kv; head < (kv_head + 1) * heads_per_kv; ++head) {
-        const elem_t* q_head = q + batch * q_batch_stride + head * q_head_stride;
-        const elem_t* do_head = dout + batch * do_batch_stride + head * do_head_stride;
-        const float* lse_head = lse + batch * lse_batch_stride + head * lse_head_stride;
-        const float* delta_head = delta + batch * delta_batch_stride + head * delta_head_stride;
+        const elem_t* q_head = q + batch * q_batch_stride + head * q_head_stride + (i64)seq.q_start * q_row_stride;
+        const elem_t* do_head = dout + batch * do_batch_stride + head * do_head_stride + (i64)seq.q_start * do_row_stride;
+        const float* lse_head = lse + batch * lse_batch_stride + head * lse_head_stride + seq.q_start;
+        const float* delta_head = delta + batch * delta_batch_stride + head * delta_head_stride + seq.q_start;
+        if (HAS_ALIBI) mods.alibi_coef = -alibi_slopes[batch * alibi_batch_stride + head] / scale;
 
         for (int m_tile = m_begin; m_tile < m_end; ++m_tile) {
             const int m_start = m_tile * TILE;
@@ -263,15 +292,15 @@ flash_bwd_portable_dkdv(const elem_t* __restrict__ q, const elem_t* __restrict__
             const float query_delta = m_start + query < seqlen_q ? delta_head[m_start + query] : 0.f;
             __syncthreads();  // Q and dO tiles (and, the first time, K and V) visible to every wave
 
-            // S^T = K Q^T and dP^T = V dO^T for this lane's query; mask; P and dS to LDS.
+            // S^T = K Q^T and dP^T = V dO^T for this lane's query; modifiers and mask; P and dS to
+            // LDS. Keys past the end are hidden too: their P is never used, but 0 keeps LDS clean.
             float x[ROWS_PER_LANE], dp[ROWS_PER_LANE];
             dot_rows(x, dp, sK, sV, sQ, sdO, lane_row0, query, head_dim);
 #pragma unroll
             for (int i = 0; i < ROWS_PER_LANE; ++i) {
                 const int row = lane_row0 + i * ROW_GROUPS;
-                // Keys past the end are hidden: their P is never used, but 0 keeps LDS clean.
-                const bool visible = key_visible(m_start + query, n_start + row, band, seqlen_k);
-                sPdS[row * TILE + query] = softmax_backward(x[i], dp[i], visible, query_lse2, query_delta, scale_log2);
+                sPdS[row * TILE + query] = softmax_backward(x[i], dp[i], m_start + query, n_start + row, mods, true,
+                                                            query_lse2, query_delta, scale_log2);
             }
             __syncthreads();  // P and dS visible to every lane of the wave (block barrier: as in _dq)
 
@@ -296,14 +325,14 @@ flash_bwd_portable_dkdv(const elem_t* __restrict__ q, const elem_t* __restrict__
         }
     }
 
-    // Epilogue: dK = scale * acc_dk, dV = acc_dv, for the keys that exist.
-    dk += batch * dk_batch_stride + kv_head * dk_head_stride;
-    dv += batch * dv_batch_stride + kv_head * dv_head_stride;
+    // Epilogue: dK = grad_scale * acc_dk, dV = acc_dv, for the keys that exist.
+    dk += batch * dk_batch_stride + kv_head * dk_head_stride + (i64)seq.k_start * dk_row_stride;
+    dv += batch * dv_batch_stride + kv_head * dv_head_stride + (i64)seq.k_start * dv_row_stride;
 #pragma unroll
     for (int r = 0; r < ROWS_PER_WAVE; ++r) {
         const int key = n_start + wave_row0 + r;
         if (key < seqlen_k) {
-            store_row(dk + key * dk_row_stride, acc_dk[r], scale, head_dim, lane);
+            store_row(dk + key * dk_row_stride, acc_dk[r], grad_scale, head_dim, lane);
             store_row(dv + key * dv_row_stride, acc_dv[r], 1.f, head_dim, lane);
         }
     }

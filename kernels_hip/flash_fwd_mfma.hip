@@ -16,13 +16,20 @@
 // z = batch. Block: NUM_WAVES waves; wave w owns queries [w * 32, w * 32 + 32) of the block.
 // Layouts: q, o (B, Hq, Sq, D) and k, v (B, Hk, Sk, D) with their own batch, head and row strides
 // in elements, D contiguous; lse float32 (B, Hq, Sq). GQA: query head h reads kv head
-// h / heads_per_kv. Reads q, k, v; writes o and lse.
+// h / heads_per_kv. Reads q, k, v; writes o and lse. Packed batches (IS_VARLEN): batch strides
+// are 0 and sequence b starts at row cu_seqlens[b] (attention_common.h); the grid covers the
+// longest sequence and blocks past a shorter one's end return at once.
+//
+// Masks and score modifiers (attention_common.h), as in kernels_cuda/flash_fwd.cu: the band of
+// visible keys (causal, sliding window), softcap, ALiBi. Key tiles outside the band of a block are
+// never loaded, a wave skips the arithmetic of tiles outside its own band, and tiles inside it are
+// masked only where they cross an edge.
 
 // ---- compile-time configuration (set with -D by xattn/configs.py) ------------------------------
 // ELEM_BF16   1: bfloat16, 0: float16 (ELEM_TYPE, for platform.h, is the same choice)
 // HEAD_DIM    padded head dim (multiple of 32); the real one, head_dim, is <= it
 // BLOCK_N     keys per tile (multiple of 32);  NUM_WAVES  waves per block, BLOCK_M = 32 * NUM_WAVES
-// IS_CAUSAL   bottom-right aligned causal mask
+// IS_CAUSAL, IS_LOCAL, HAS_SOFTCAP, HAS_ALIBI, IS_VARLEN: masks and modifiers (attention_common.h)
 // VEC_LOADS   1: rows start 16-byte aligned and head_dim % 8 == 0: 16-byte global loads and
 //             8-byte stores; 0: element-wise, masked
 // WAVE_SIZE   64
@@ -57,18 +64,18 @@ __device__ __forceinline__ void compute_scores(floatx16 (&acc_s)[KEY_BLOCKS], co
     tile_times_frags<KEY_BLOCKS, DIM_STEPS, KQ_STRIDE>(acc_s, sK, q_frag, lane);
 }
 
-// Set to -inf the scores of keys past the end and, when causal, right of the diagonal.
-__device__ __forceinline__ void mask_scores(floatx16 (&acc_s)[KEY_BLOCKS], int wave_row_start,
-                                            int n_start, int seqlen_q, int seqlen_k, int lane) {
-    // Keys are visible up to a limit per query; count it from this lane's first key so that each
-    // element compares against a compile-time offset.
-    const int limit = visible_key_end(wave_row_start + acc_col(lane), seqlen_q, seqlen_k, IS_CAUSAL)
-                      - n_start - acc_row(lane, 0, 0);
+// Raw dot products -> scores: softcap, ALiBi, and -inf outside the band where the tile crosses an
+// edge of it or the end of the keys (attention_common.h: modified_score). Element j of block nb is
+// key acc_row(lane, nb, j) of the tile; the lane's query is its column.
+__device__ __forceinline__ void modify_scores(floatx16 (&acc_s)[KEY_BLOCKS], int wave_row_start,
+                                              int n_start, const ScoreMods& mods, bool check_mask,
+                                              int lane) {
+    const int row = wave_row_start + acc_col(lane);
 #pragma unroll
     for (int nb = 0; nb < KEY_BLOCKS; ++nb)
 #pragma unroll
         for (int j = 0; j < 16; ++j)
-            if (acc_row(lane, nb, j) - acc_row(lane, 0, 0) >= limit) acc_s[nb][j] = NEG_INF;
+            acc_s[nb][j] = modified_score(acc_s[nb][j], row, n_start + acc_row(lane, nb, j), mods, check_mask);
 }
 
 // Online softmax step for this lane's query: fold the tile's scores into m_i and l_i, turn S into
@@ -132,8 +139,13 @@ flash_fwd_mfma(const u16* __restrict__ q, const u16* __restrict__ k, const u16* 
                i64 v_batch_stride, i64 v_head_stride, i64 v_row_stride,
                i64 o_batch_stride, i64 o_head_stride, i64 o_row_stride,
                i64 lse_batch_stride, i64 lse_head_stride,
+               const int* __restrict__ cu_seqlens_q, const int* __restrict__ cu_seqlens_k,
+               const float* __restrict__ alibi_slopes, i64 alibi_batch_stride,
                int seqlen_q, int seqlen_k, int head_dim, int heads_per_kv,
+               int window_left, int window_right, float softcap_scale,
                float scale, float scale_log2) {
+    // scale: the softmax's scale of the values in S (the softcap c under a softcap, else the
+    // attention scale); scale_log2 = scale * log2(e).
     extern __shared__ __attribute__((aligned(16))) u16 smem[];
     u16* sQ = smem;  // staging only, before the loop
     u16* sK = smem;
@@ -145,9 +157,16 @@ flash_fwd_mfma(const u16* __restrict__ q, const u16* __restrict__ k, const u16* 
     const int m_start = m_block * BLOCK_M;
     const int wave_row_start = m_start + wave * MFMA_N;
 
-    q += batch * q_batch_stride + head * q_head_stride + m_start * q_row_stride;
-    k += batch * k_batch_stride + kv_head * k_head_stride;
-    v += batch * v_batch_stride + kv_head * v_head_stride;
+    const Sequence seq = sequence(batch, cu_seqlens_q, cu_seqlens_k, seqlen_q, seqlen_k);
+    if (IS_VARLEN && m_start >= seq.seqlen_q) return;  // the grid covers the longest sequence
+    seqlen_q = seq.seqlen_q;
+    seqlen_k = seq.seqlen_k;
+    const ScoreMods mods = make_score_mods(seqlen_q, seqlen_k, window_left, window_right, softcap_scale,
+                                           alibi_slopes + batch * alibi_batch_stride + head, scale);
+
+    q += batch * q_batch_stride + head * q_head_stride + (i64)(seq.q_start + m_start) * q_row_stride;
+    k += batch * k_batch_stride + kv_head * k_head_stride + (i64)seq.k_start * k_row_stride;
+    v += batch * v_batch_stride + kv_head * v_head_stride + (i64)seq.k_start * v_row_stride;
 
     // Prologue: Q through LDS into registers, where it stays for the whole loop.
     load_tile<BLOCK_M, KQ_STRIDE, 0>(sQ, nullptr, q, q_row_stride, seqlen_q - m_start, head_dim, tid);
@@ -160,29 +179,30 @@ flash_fwd_mfma(const u16* __restrict__ q, const u16* __restrict__ k, const u16* 
     for (int db = 0; db < DIM_BLOCKS; ++db) acc_o[db] = floatx16{};
     float row_max = NEG_INF, row_sum = 0.f;
 
-    // Tiles right to left: the ones that need masking (end of the keys, causal diagonal) first.
-    // Every wave takes part in the block's loads and barriers; a wave whose queries see none of a
-    // tile's keys (causal, above the diagonal) skips its arithmetic.
-    const KeyRange tiles = key_tiles(m_start, BLOCK_M, BLOCK_N, seqlen_q, seqlen_k, IS_CAUSAL);
-    const KeyRange wave_tiles = key_tiles(wave_row_start, MFMA_N, BLOCK_N, seqlen_q, seqlen_k, IS_CAUSAL);
+    // Tiles right to left: the ones that need masking (end of the keys, right edge of the band)
+    // first. Every wave takes part in the block's loads and barriers; a wave whose queries see none
+    // of a tile's keys (outside its band, or past the last query) skips its arithmetic.
+    const KeyRange tiles = key_tiles(m_start, min(BLOCK_M, seqlen_q - m_start), BLOCK_N, seqlen_k, mods.band);
+    const int wave_rows = max(1, min(MFMA_N, seqlen_q - wave_row_start));
+    const KeyRange wave_tiles = key_tiles(wave_row_start, wave_rows, BLOCK_N, seqlen_k, mods.band);
     for (int tile = tiles.tile_end - 1; tile >= tiles.tile_begin; --tile) {
         const int n_start = tile * BLOCK_N;
         __syncthreads();  // every wave is done with the previous K and V tiles (and with sQ)
         load_tile<BLOCK_N, KQ_STRIDE, 0>(sK, nullptr, k + n_start * k_row_stride, k_row_stride, seqlen_k - n_start, head_dim, tid);
         load_tile<BLOCK_N, 0, VT_STRIDE>(nullptr, sVt, v + n_start * v_row_stride, v_row_stride, seqlen_k - n_start, head_dim, tid);
         __syncthreads();  // K and V^T tiles visible to every wave
-        if (tile >= wave_tiles.tile_end) continue;
+        if (wave_row_start >= seqlen_q || tile >= wave_tiles.tile_end || tile < wave_tiles.tile_begin) continue;
 
         floatx16 acc_s[KEY_BLOCKS];
         compute_scores(acc_s, q_frag, sK, lane);  // S^T = K Q^T
-        if (tile_needs_mask(wave_row_start, n_start, BLOCK_N, seqlen_q, seqlen_k, IS_CAUSAL))
-            mask_scores(acc_s, wave_row_start, n_start, seqlen_q, seqlen_k, lane);
+        const bool needs_mask = tile_needs_mask(wave_row_start, MFMA_N, n_start, BLOCK_N, seqlen_k, mods.band);
+        if (HAS_SOFTCAP || HAS_ALIBI || needs_mask) modify_scores(acc_s, wave_row_start, n_start, mods, needs_mask, lane);
         softmax_rescale_o(acc_s, acc_o, row_max, row_sum, scale_log2);  // S becomes P
         accumulate_pv(acc_o, acc_s, sVt, lane);  // O^T += V^T P^T
     }
 
     // O and LSE addresses are formed only now, to keep them out of the main loop's registers.
-    o += batch * o_batch_stride + head * o_head_stride;
-    lse += batch * lse_batch_stride + head * lse_head_stride;
+    o += batch * o_batch_stride + head * o_head_stride + (i64)seq.q_start * o_row_stride;
+    lse += batch * lse_batch_stride + head * lse_head_stride + seq.q_start;
     write_output(acc_o, row_max, row_sum, o, o_row_stride, lse, wave_row_start, seqlen_q, head_dim, scale, lane);
 }

@@ -15,12 +15,16 @@
 // and row sum are reductions inside a group. For O += P V lane l owns head dims l, l + WAVE_SIZE,
 // ... of all the wave's rows, reading P and the rescale factors through LDS.
 // Layouts as in flash_fwd_mfma.hip: q, o (B, Hq, Sq, D), k, v (B, Hk, Sk, D), lse (B, Hq, Sq).
+// Masks, score modifiers and packed batches as in kernels_cuda/flash_fwd.cu (attention_common.h):
+// key tiles outside the band of the block are never loaded; every score goes through
+// modified_score. Packed batches (IS_VARLEN): batch strides are 0 and sequence b starts at row
+// cu_seqlens[b]; the grid covers the longest sequence and blocks past a shorter one's end return.
 
 // ---- compile-time configuration (set with -D by xattn/configs.py) ------------------------------
 // ELEM_TYPE   0: float16, 1: bfloat16, 2: float32
 // HEAD_DIM    padded head dim (multiple of WAVE_SIZE);  BLOCK_N  keys per tile (divides WAVE_SIZE)
 // BLOCK_M     query rows per block;  NUM_WAVES  waves per block;  WAVE_SIZE  32 or 64
-// IS_CAUSAL   bottom-right aligned causal mask
+// IS_CAUSAL, IS_LOCAL, HAS_SOFTCAP, HAS_ALIBI, IS_VARLEN: masks and modifiers (attention_common.h)
 
 #include "platform.h"
 #include "../kernels_cuda/attention_common.h"
@@ -78,8 +82,13 @@ flash_fwd_portable(const elem_t* __restrict__ q, const elem_t* __restrict__ k, c
                    i64 v_batch_stride, i64 v_head_stride, i64 v_row_stride,
                    i64 o_batch_stride, i64 o_head_stride, i64 o_row_stride,
                    i64 lse_batch_stride, i64 lse_head_stride,
+                   const int* __restrict__ cu_seqlens_q, const int* __restrict__ cu_seqlens_k,
+                   const float* __restrict__ alibi_slopes, i64 alibi_batch_stride,
                    int seqlen_q, int seqlen_k, int head_dim, int heads_per_kv,
+                   int window_left, int window_right, float softcap_scale,
                    float scale, float scale_log2) {
+    // scale: the softmax's scale of the values in S (the softcap c under a softcap, else the
+    // attention scale); scale_log2 = scale * log2(e).
     extern __shared__ float smem_f32[];
     float* sQ = smem_f32;
     float* sK = sQ + BLOCK_M * QK_STRIDE;
@@ -96,13 +105,20 @@ flash_fwd_portable(const elem_t* __restrict__ q, const elem_t* __restrict__ k, c
     // Row of the i-th score this lane computes, within the block.
     #define LANE_ROW(i) (wave_row0 + group + (i) * ROW_GROUPS)
 
-    q += batch * q_batch_stride + head * q_head_stride + m_start * q_row_stride;
-    k += batch * k_batch_stride + kv_head * k_head_stride;
-    v += batch * v_batch_stride + kv_head * v_head_stride;
-    o += batch * o_batch_stride + head * o_head_stride + m_start * o_row_stride;
-    lse += batch * lse_batch_stride + head * lse_head_stride + m_start;
+    const Sequence seq = sequence(batch, cu_seqlens_q, cu_seqlens_k, seqlen_q, seqlen_k);
+    if (IS_VARLEN && m_start >= seq.seqlen_q) return;  // the grid covers the longest sequence
+    seqlen_q = seq.seqlen_q;
+    seqlen_k = seq.seqlen_k;
+    const ScoreMods mods = make_score_mods(seqlen_q, seqlen_k, window_left, window_right, softcap_scale,
+                                           alibi_slopes + batch * alibi_batch_stride + head, scale);
 
-    const KeyRange tiles = key_tiles(m_start, BLOCK_M, BLOCK_N, seqlen_q, seqlen_k, IS_CAUSAL);
+    q += batch * q_batch_stride + head * q_head_stride + (i64)(seq.q_start + m_start) * q_row_stride;
+    k += batch * k_batch_stride + kv_head * k_head_stride + (i64)seq.k_start * k_row_stride;
+    v += batch * v_batch_stride + kv_head * v_head_stride + (i64)seq.k_start * v_row_stride;
+    o += batch * o_batch_stride + head * o_head_stride + (i64)(seq.q_start + m_start) * o_row_stride;
+    lse += batch * lse_batch_stride + head * lse_head_stride + seq.q_start + m_start;
+
+    const KeyRange tiles = key_tiles(m_start, min(BLOCK_M, seqlen_q - m_start), BLOCK_N, seqlen_k, mods.band);
     load_rows(sQ, QK_STRIDE, q, q_row_stride, BLOCK_M, seqlen_q - m_start, head_dim, tid);
 
     float acc_o[ROWS_PER_WAVE][D_PER_LANE];                      // O rows of the wave, this lane's dims
@@ -134,11 +150,10 @@ flash_fwd_portable(const elem_t* __restrict__ q, const elem_t* __restrict__ k, c
             for (int i = 0; i < ROWS_PER_LANE; ++i) s[i] = fmaf(sQ[LANE_ROW(i) * QK_STRIDE + d], k_d, s[i]);
         }
 
-        // Mask, then the online softmax update (see softmax_rescale_o in flash_fwd.cu).
+        // Modifiers and mask, then the online softmax update (see softmax_rescale_o in flash_fwd.cu).
 #pragma unroll
         for (int i = 0; i < ROWS_PER_LANE; ++i) {
-            if (!key_visible(m_start + LANE_ROW(i), n_start + key, seqlen_q, seqlen_k, IS_CAUSAL))
-                s[i] = NEG_INF;
+            s[i] = modified_score(s[i], m_start + LANE_ROW(i), n_start + key, mods, true);
             const float m_new = group_max(fmaxf(row_max[i], s[i]));
             const bool row_empty = m_new == NEG_INF;  // no key seen yet: offset 0 keeps exp2 from NaN
             const float offset = row_empty ? 0.f : m_new * scale_log2;

@@ -1,7 +1,8 @@
 """The hip backend on an AMD GPU (a ROCm build of CuPy): the property suite of
 test_properties.py, the gradient suite of test_grad.py (torch autograd into xattn.hip.backward,
-against the float64 gradient oracle) and direct forward calls with poisoned outputs, as for the
-cuda backend.
+against the float64 gradient oracle), the variants of test_variants.py and test_variants_grad.py
+(sliding windows, softcap, ALiBi, packed batches; forward and gradients) and direct forward calls
+with poisoned outputs, as for the cuda backend.
 Skipped, with the reason, everywhere else -- including this project's CI and NVIDIA machines;
 nothing here has run yet (see README, "AMD status").
 
@@ -27,6 +28,12 @@ from test_properties import (  # noqa: F401  (collected here again, against the 
     test_output_lies_within_visible_values,
     test_permuting_keys_with_values_changes_nothing,
 )
+from test_variants import (  # noqa: F401  (collected here again, against the hip backend)
+    test_softcap_keeps_huge_scores_finite,
+    test_variants_match_exact_oracle,
+    test_varlen_matches_each_sequence_alone,
+    test_window_edges,
+)
 
 try:  # the gradient properties need torch (a ROCm build, for the hip backend)
     from test_grad import (  # noqa: F401  (collected here again, against the hip backend)
@@ -35,6 +42,13 @@ try:  # the gradient properties need torch (a ROCm build, for the hip backend)
         test_gqa_gradients_equal_repeated_kv_gradients_summed,
         test_gradient_edge_lengths_and_head_dims,
         test_gradients_match_exact_oracle,
+    )
+except pytest.skip.Exception:
+    pass
+try:
+    from test_variants_grad import (  # noqa: F401  (collected here again, against the hip backend)
+        test_variant_gradients_match_exact_oracle,
+        test_varlen_gradients_match_each_sequence_alone,
     )
 except pytest.skip.Exception:
     pass

@@ -8,10 +8,12 @@ rows of RDNA (gfx1030). The backward needs no wave-wide operation (block barrier
 it runs both its wave32 rows (gfx1030) and its wave64 rows (gfx906: GCN/CDNA without MFMA, the rows
 CDNA uses for float32 and head dims past 128), a 64-lane "wave" being two warps here.
 
-The same properties as the cuda backend then run against them: test_properties.py's forward tests
-and test_grad.py's gradient tests (float64 gradient oracle), with attention()'s GPU forward and
-backward routed to these kernels, and direct calls with NaN-poisoned outputs. What cannot run
-here: the MFMA kernels, hiprtc itself.
+The same properties as the cuda backend then run against them: test_properties.py's forward tests,
+test_grad.py's gradient tests (float64 gradient oracle), and test_variants.py's and
+test_variants_grad.py's sliding windows, softcap, ALiBi and packed (varlen) batches, forward and
+gradients, with attention()'s and attention_varlen()'s GPU forward and backward routed to these
+kernels; and direct calls with NaN-poisoned outputs. What cannot run here: the MFMA kernels,
+hiprtc itself.
 
     PYTHONPATH=. python -m pytest -m gpu tests/test_hip_portable.py
 """
@@ -36,6 +38,13 @@ from test_properties import (  # noqa: F401  (collected here again, against the 
     test_output_lies_within_visible_values,
     test_permuting_keys_with_values_changes_nothing,
 )
+from test_variants import (  # noqa: F401  (collected here again, against the HIP kernels)
+    test_softcap_keeps_huge_scores_finite,
+    test_variants_match_exact_oracle,
+    test_varlen_matches_each_sequence_alone,
+    test_window_edges,
+)
+from test_hip_sources import HIP_ON_CUDA_OPTIONS
 from xattn import backends, configs, cuda, hip, jit, reference, torch_ops
 
 try:  # the gradient properties need torch; without it the forward tests still run
@@ -51,6 +60,13 @@ try:  # the gradient properties need torch; without it the forward tests still r
     )
 except pytest.skip.Exception:
     assert_grads_match = None
+try:  # the variants' gradient properties need torch too
+    from test_variants_grad import (  # noqa: F401  (collected here again, against the HIP kernels)
+        test_variant_gradients_match_exact_oracle,
+        test_varlen_gradients_match_each_sequence_alone,
+    )
+except pytest.skip.Exception:
+    pass
 
 pytestmark = pytest.mark.gpu
 
@@ -68,17 +84,19 @@ def portable_source(source: str = "flash_fwd_portable.hip") -> str:
 _kernels: dict = {}
 
 
-def _compiled(cfg, dtype: str, causal: bool, device: int):
-    """The NVRTC-compiled HIP kernel of table row `cfg` (a cupy.RawKernel), memoized."""
+def _compiled(cfg, defines: dict, device: int):
+    """The NVRTC-compiled HIP kernel of table row `cfg` with these defines (a cupy.RawKernel),
+    memoized: the `compile` argument of xattn.hip.launch and launch_backward."""
     import cupy
 
-    defines = configs.hip_defines(cfg, dtype, causal, False)
-    key = (device, cfg.kernel, jit.define_options(defines))
+    assert cfg.kernel in ("flash_fwd_portable", "flash_bwd_preprocess", "flash_bwd_portable_dq",
+                          "flash_bwd_portable_dkdv"), cfg  # the MFMA kernels cannot run here
+    key = (device, cfg.kernel, tuple(jit.define_options(defines)))
     kernel = _kernels.get(key)
     if kernel is None:
         with cupy.cuda.Device(device):
             module = cupy.RawModule(code=portable_source(configs.hip_source(cfg.kernel)),
-                                    options=("-std=c++17", *key[2]))
+                                    options=(*HIP_ON_CUDA_OPTIONS, *key[2]))
             kernel = module.get_function(cfg.kernel)
             smem = configs.hip_shared_memory_bytes(cfg)
             if smem > SHARED_MEMORY_DEFAULT:  # AMD has 64 KB of LDS without asking; CUDA opts in
@@ -88,32 +106,25 @@ def _compiled(cfg, dtype: str, causal: bool, device: int):
 
 
 def hip_on_cuda_forward(q, k, v, out, lse, *, causal: bool, scale: float, stream: int,
-                        **variants) -> None:
-    """xattn.hip.forward with the portable kernel compiled for the NVIDIA GPU holding the arrays
-    (variants: window, softcap, ...: only their defaults, as hip.forward)."""
-    hip._unsupported_variants(**variants)
-    Q = cuda._describe(q)
-    if 0 in Q.shape[:3]:
-        return
-    cfg = configs.select_hip(Q.dtype, WAVE32_TARGET, Q.shape[3], causal)
-    assert cfg.kernel == "flash_fwd_portable" and configs.hip_wave_size(cfg) == 32
-    hip.launch(_compiled(cfg, Q.dtype, causal, Q.device), cfg, q, k, v, out, lse, scale=scale,
-               stream=stream)
+                        window=(-1, -1), softcap: float = 0.0, alibi_slopes=None, cu_seqlens=None,
+                        max_seqlen=None) -> None:
+    """xattn.hip.forward -- the same launcher, xattn.hip.launch, variants and all -- with the
+    wave32 (gfx1030) rows' portable kernel compiled for the NVIDIA GPU holding the arrays."""
+    hip.launch(_compiled, WAVE32_TARGET, q, k, v, out, lse, causal=causal, scale=scale,
+               stream=stream, window=window, softcap=softcap, alibi_slopes=alibi_slopes,
+               cu_seqlens=cu_seqlens, max_seqlen=max_seqlen)
 
 
 def hip_on_cuda_backward(q, k, v, out, dout, lse, dq, dk, dv, *, causal: bool, scale: float,
-                         deterministic: bool, stream: int, target: str = WAVE32_TARGET,
-                         **variants) -> None:
-    """xattn.hip.backward with the portable kernels of `target`'s rows, compiled for the NVIDIA
-    GPU holding the arrays (the same contract; deterministic changes nothing, as on AMD)."""
-    hip._unsupported_variants(**variants)
-    Q = cuda._describe(q)
-    cfgs = configs.select_hip_backward(Q.dtype, target, Q.shape[3], causal)
-    assert [c.kernel for c in cfgs] == ["flash_bwd_preprocess", "flash_bwd_portable_dkdv",
-                                        "flash_bwd_portable_dq"], cfgs
-    kernels = tuple(_compiled(cfg, Q.dtype, causal, Q.device) for cfg in cfgs)
-    hip.launch_backward(kernels, cfgs, q, k, v, out, dout, lse, dq, dk, dv, scale=scale,
-                        stream=stream)
+                         deterministic: bool, stream: int, window=(-1, -1), softcap: float = 0.0,
+                         alibi_slopes=None, cu_seqlens=None, max_seqlen=None,
+                         target: str = WAVE32_TARGET) -> None:
+    """xattn.hip.backward -- the same launcher, xattn.hip.launch_backward -- with the portable
+    kernels of `target`'s rows compiled for the NVIDIA GPU holding the arrays (the same contract;
+    deterministic changes nothing, as on AMD)."""
+    hip.launch_backward(_compiled, target, q, k, v, out, dout, lse, dq, dk, dv, causal=causal,
+                        scale=scale, stream=stream, window=window, softcap=softcap,
+                        alibi_slopes=alibi_slopes, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen)
 
 
 @pytest.fixture(scope="module", params=BACKWARD_TARGETS, ids=("bwd_wave32", "bwd_wave64"))

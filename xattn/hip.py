@@ -8,9 +8,10 @@ bfloat16 on CDNA (gfx908, gfx90a, gfx94x, gfx95x), the portable FMA kernel for f
 GPUs without MFMA (RDNA: wave32). The backward (delta, then dK/dV and dQ in two kernels without
 atomics) follows the same choice per dtype and head dim (configs.select_hip_backward).
 
-window, softcap, alibi_slopes and packed batches (cu_seqlens, max_seqlen; issue 6) are accepted
-with their defaults only: the HIP kernels do not implement them yet, and other values raise
-ValueError.
+The variants of issue 6 -- sliding windows, softcap, ALiBi and packed (varlen) batches -- reach
+the kernels exactly as on CUDA: the same flags and trailing arguments (xattn.cuda._variant), the
+same (1, H, T, D) views of batch stride 0 for packed batches (xattn.cuda._packed), the same
+vendor-neutral logic in kernels_cuda/attention_common.h.
 """
 
 from __future__ import annotations
@@ -61,64 +62,64 @@ def _arch(device_id: int) -> str:
     return arch
 
 
-def _unsupported_variants(window=(-1, -1), softcap=0.0, alibi_slopes=None, cu_seqlens=None,
-                          max_seqlen=None) -> None:
-    """ValueError for the attention variants the HIP kernels do not implement yet."""
-    if window is not None and tuple(window) != (-1, -1):
-        raise ValueError(f"window: {tuple(window)} is not supported by the hip backend yet "
-                         f"(only (-1, -1), no window)")
-    if softcap:
-        raise ValueError(f"softcap: {softcap} is not supported by the hip backend yet (only 0.0)")
-    if alibi_slopes is not None:
-        raise ValueError("alibi_slopes: is not supported by the hip backend yet (only None)")
-    if cu_seqlens is not None or max_seqlen is not None:
-        raise ValueError("cu_seqlens: packed (varlen) batches are not supported by the hip backend "
-                         "yet")
+def _jit(cfg: configs.TileConfig, defines: dict, device: int):
+    """The hiprtc-compiled kernel of table row `cfg` with these -D defines (CuPy RawModule)."""
+    return jit.get_function("hip", configs.hip_source(cfg.kernel), cfg.kernel, defines, device)
 
 
-def forward(q, k, v, out, lse, *, causal: bool, scale: float, stream: int,
-            window=(-1, -1), softcap: float = 0.0, alibi_slopes=None, cu_seqlens=None,
-            max_seqlen=None) -> None:
-    """Write out = softmax(scale * q k^T) v and lse for (B, H, S, D) views (see module docstring)."""
-    _unsupported_variants(window, softcap, alibi_slopes, cu_seqlens, max_seqlen)
-    Q = cuda._describe(q)
-    if Q.shape[0] == 0 or Q.shape[1] == 0 or Q.shape[2] == 0:
-        return
-    head_dim = Q.shape[3]
-    cfg = configs.select_hip(Q.dtype, _arch(Q.device), head_dim, causal)
-    arrays = [cuda._describe(a) for a in (k, v, out)]
-    itemsize = 4 if Q.dtype == "float32" else 2
-    vec = cfg.kernel in configs.HIP_MFMA_KERNELS and cuda._vec_loads([Q, *arrays], head_dim, itemsize)
-    defines = configs.hip_defines(cfg, Q.dtype, causal, vec)
-    kernel = jit.get_function("hip", configs.hip_source(cfg.kernel), cfg.kernel, defines, Q.device)
-    launch(kernel, cfg, q, k, v, out, lse, scale=scale, stream=stream)
+def forward(q, k, v, out, lse, *, causal: bool, scale: float, stream: int, window=(-1, -1),
+            softcap: float = 0.0, alibi_slopes=None, cu_seqlens=None, max_seqlen=None) -> None:
+    """Write out = softmax(scale * q k^T + modifiers) v and lse for (B, H, S, D) views: the
+    contract of xattn.cuda.forward, variants included (window, softcap, alibi_slopes, packed
+    batches through cu_seqlens and max_seqlen)."""
+    launch(_jit, _arch(cuda._describe(q).device), q, k, v, out, lse, causal=causal, scale=scale,
+           stream=stream, window=window, softcap=softcap, alibi_slopes=alibi_slopes,
+           cu_seqlens=cu_seqlens, max_seqlen=max_seqlen)
 
 
-def launch(kernel, cfg: configs.TileConfig, q, k, v, out, lse, *, scale: float, stream: int) -> None:
-    """Launch one compiled HIP forward variant (a cupy.RawKernel) for row `cfg` of the table.
-
-    Shared with tests/test_hip_portable.py, which compiles the portable kernel for an NVIDIA GPU.
-    """
-    import cupy
-
-    Q, K, V, O, L = (cuda._describe(a) for a in (q, k, v, out, lse))
+def _problem(arrays, cu_seqlens, max_seqlen):
+    """(described arrays, batch, heads_q, heads_k, seqlen_q, seqlen_k, head_dim) of a call; a
+    packed batch is one (1, H, T, D) entry of batch stride 0 (cuda._packed) and its lengths are
+    the longest sequence's."""
+    varlen = cu_seqlens is not None
+    described = [cuda._packed(cuda._describe(a), varlen) for a in arrays]
+    Q, K = described[0], described[1]
     batch, heads_q, seqlen_q, head_dim = Q.shape
     heads_k, seqlen_k = K.shape[1], K.shape[2]
+    if varlen:
+        batch = cu_seqlens[0].shape[0] - 1
+        seqlen_q, seqlen_k = max_seqlen
+    return described, batch, heads_q, heads_k, seqlen_q, seqlen_k, head_dim
+
+
+def launch(compile, target: str, q, k, v, out, lse, *, causal: bool, scale: float, stream: int,
+           window=(-1, -1), softcap: float = 0.0, alibi_slopes=None, cu_seqlens=None,
+           max_seqlen=None) -> None:
+    """The forward on a device of gcnArchName `target`, its kernel from compile(cfg, defines,
+    device) -> cupy.RawKernel. Everything else -- row choice, variant flags and arguments (the
+    cuda backend's own, cuda._variant), grid, launch -- is the hip backend's. Shared with
+    tests/test_hip_portable.py, which compiles the portable kernel for an NVIDIA GPU with NVRTC."""
+    import cupy
+
+    (Q, K, V, O, L), batch, heads_q, heads_k, seqlen_q, seqlen_k, head_dim = _problem(
+        (q, k, v, out, lse), cu_seqlens, max_seqlen)
+    if batch == 0 or heads_q == 0 or seqlen_q == 0:
+        return
     if heads_q > MAX_GRID_YZ:
         raise ValueError(f"q: at most {MAX_GRID_YZ} heads are supported, got {heads_q}")
-    itemsize = 4 if Q.dtype == "float32" else 2
-    scalars = (
-        *(np.int64(s) for a in (Q, K, V, O) for s in a.strides[:3]),
-        np.int64(L.strides[0]), np.int64(L.strides[1]),
-        np.int32(seqlen_q), np.int32(seqlen_k), np.int32(head_dim),
-        np.int32(heads_q // heads_k),
-        np.float32(scale), np.float32(scale * LOG2_E),
-    )
-    smem = configs.hip_shared_memory_bytes(cfg)
+    var = cuda._variant(causal=causal, scale=scale, window=window, softcap=softcap,
+                        alibi_slopes=alibi_slopes, cu_seqlens=cu_seqlens, seqlen_q=seqlen_q,
+                        seqlen_k=seqlen_k, head_dim=head_dim, heads_per_kv=heads_q // heads_k)
+    has_right_edge = bool(var.defines["IS_CAUSAL"])
+    cfg = configs.select_hip(Q.dtype, target, head_dim, has_right_edge)
+    size = cuda._itemsize(Q.dtype)
+    vec = cfg.kernel in configs.HIP_MFMA_KERNELS and cuda._vec_loads([Q, K, V, O], head_dim, size)
+    kernel = compile(cfg, configs.hip_defines(cfg, Q.dtype, has_right_edge, vec) | var.defines, Q.device)
+    args = [(Q, size), (K, size), (V, size), (O, size), (L, 4), *cuda._strides(Q, K, V, O),
+            *cuda._strides(L, dims=2), *var.args]
     with cupy.cuda.Device(Q.device), cuda._external_stream(stream, Q.device):
         cuda._launch(kernel, configs.hip_grid(cfg, seqlen_q, seqlen_k, heads_q, heads_k, 1)[:2],
-                     configs.hip_threads(cfg), smem,
-                     [(Q, itemsize), (K, itemsize), (V, itemsize), (O, itemsize), (L, 4)], scalars, batch)
+                     configs.hip_threads(cfg), configs.hip_shared_memory_bytes(cfg), args, batch)
 
 
 def backward(q, k, v, out, dout, lse, dq, dk, dv, *, causal: bool, scale: float,
@@ -126,35 +127,24 @@ def backward(q, k, v, out, dout, lse, dq, dk, dv, *, causal: bool, scale: float,
              alibi_slopes=None, cu_seqlens=None, max_seqlen=None) -> None:
     """Write dq, dk, dv for (B, H, S, D) views; lse is the forward's (natural log, float32
     (B, Hq, Sq)). dk and dv are summed over the query heads of each GQA group. The same contract as
-    xattn.cuda.backward. `deterministic` changes nothing here: dQ always comes from its own
-    query-parallel kernel, with no atomics, so every run gives the same bits."""
-    _unsupported_variants(window, softcap, alibi_slopes, cu_seqlens, max_seqlen)
-    Q = cuda._describe(q)
-    head_dim = Q.shape[3]
-    if 0 in Q.shape[:2]:
-        return
-    cfgs = configs.select_hip_backward(Q.dtype, _arch(Q.device), head_dim, causal)
-    itemsize = 4 if Q.dtype == "float32" else 2
-    arrays = [cuda._describe(a) for a in (q, k, v, out, dout, dq, dk, dv)]
-    vec = cuda._vec_loads(arrays, head_dim, itemsize)
-    kernels = tuple(
-        jit.get_function("hip", configs.hip_source(cfg.kernel), cfg.kernel,
-                         configs.hip_defines(cfg, Q.dtype, causal,
-                                             vec and cfg.kernel in configs.HIP_MFMA_KERNELS), Q.device)
-        for cfg in cfgs)
-    launch_backward(kernels, cfgs, q, k, v, out, dout, lse, dq, dk, dv, scale=scale, stream=stream)
+    xattn.cuda.backward, variants included. `deterministic` changes nothing here: dQ always comes
+    from its own query-parallel kernel, with no atomics, so every run gives the same bits."""
+    launch_backward(_jit, _arch(cuda._describe(q).device), q, k, v, out, dout, lse, dq, dk, dv,
+                    causal=causal, scale=scale, stream=stream, window=window, softcap=softcap,
+                    alibi_slopes=alibi_slopes, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen)
 
 
-def launch_backward(kernels, cfgs, q, k, v, out, dout, lse, dq, dk, dv, *, scale: float,
-                    stream: int) -> None:
-    """Launch compiled HIP backward variants: kernels and cfgs are (preprocess, dK/dV, dQ), as
-    configs.select_hip_backward gives them. Shared with tests/test_hip_portable.py, which compiles
-    the portable kernels for an NVIDIA GPU."""
+def launch_backward(compile, target: str, q, k, v, out, dout, lse, dq, dk, dv, *, causal: bool,
+                    scale: float, stream: int, window=(-1, -1), softcap: float = 0.0,
+                    alibi_slopes=None, cu_seqlens=None, max_seqlen=None) -> None:
+    """The backward on a device of gcnArchName `target`: delta, then dK/dV and dQ, the kernels
+    from compile(cfg, defines, device) as in `launch`. Shared with tests/test_hip_portable.py."""
     import cupy
 
-    Q, K, V, O, dO, L, dQ, dK, dV = (cuda._describe(a) for a in (q, k, v, out, dout, lse, dq, dk, dv))
-    batch, heads_q, seqlen_q, head_dim = Q.shape
-    heads_k, seqlen_k = K.shape[1], K.shape[2]
+    varlen = cu_seqlens is not None
+    (Q, K, V, O, dO, L, dQ, dK, dV), batch, heads_q, heads_k, seqlen_q, seqlen_k, head_dim = _problem(
+        (q, k, v, out, dout, lse, dq, dk, dv), cu_seqlens, max_seqlen)
+    total_q = Q.shape[2]  # every query row (packed: all sequences)
     if batch == 0 or heads_q == 0:
         return
     if seqlen_q == 0 or seqlen_k == 0:  # nothing attends: every gradient is zero
@@ -163,30 +153,42 @@ def launch_backward(kernels, cfgs, q, k, v, out, dout, lse, dq, dk, dv, *, scale
         return
     if heads_q > MAX_GRID_YZ:
         raise ValueError(f"q: at most {MAX_GRID_YZ} heads are supported, got {heads_q}")
-    size = 4 if Q.dtype == "float32" else 2
-    sizes = (np.int32(seqlen_q), np.int32(seqlen_k), np.int32(head_dim))
-    tail = sizes + (np.int32(heads_q // heads_k), np.float32(scale), np.float32(scale * LOG2_E))
-    prep, dkdv, dq_kernel = kernels
+    var = cuda._variant(causal=causal, scale=scale, window=window, softcap=softcap,
+                        alibi_slopes=alibi_slopes, cu_seqlens=cu_seqlens, seqlen_q=seqlen_q,
+                        seqlen_k=seqlen_k, head_dim=head_dim, heads_per_kv=heads_q // heads_k)
+    tail = var.args + [np.float32(scale)]  # grad_scale: the attention scale, for dQ and dK
+    has_right_edge = bool(var.defines["IS_CAUSAL"])
+    cfgs = configs.select_hip_backward(Q.dtype, target, head_dim, has_right_edge)
+    size = cuda._itemsize(Q.dtype)
+    vec = cuda._vec_loads([Q, K, V, O, dO, dQ, dK, dV], head_dim, size)
+    prep, dkdv, dq_kernel = (
+        compile(cfg, configs.hip_defines(cfg, Q.dtype, has_right_edge, vec and cfg.kernel in configs.HIP_MFMA_KERNELS)
+                | ({} if cfg.kernel == "flash_bwd_preprocess" else var.defines), Q.device)
+        for cfg in cfgs)
     prep_cfg, dkdv_cfg, dq_cfg = cfgs
 
-    def grid(cfg):
-        return configs.hip_grid(cfg, seqlen_q, seqlen_k, heads_q, heads_k, 1)[:2]
+    def grid(cfg, rows_q):
+        return configs.hip_grid(cfg, rows_q, seqlen_k, heads_q, heads_k, 1)[:2]
 
+    # The row-wise preprocess sees a packed batch as one entry of total_q rows.
+    prep_batch = 1 if varlen else batch
     with cupy.cuda.Device(Q.device), cuda._external_stream(stream, Q.device):
         # delta = rowsum(dO * O), float32 scratch from the caller's framework, on its stream; held
         # until the end, as the caching allocators may hand freed memory out again at once.
-        delta_array = cuda._new_like(q, (batch, heads_q, seqlen_q), zero=False)
-        D = cuda._describe(delta_array)
-        cuda._launch(prep, grid(prep_cfg), configs.hip_threads(prep_cfg), 0, [(O, size), (dO, size), (D, 4)],
-                     cuda._strides(O, dO) + cuda._strides(D, dims=2) + (np.int32(seqlen_q), np.int32(head_dim)),
-                     batch)
+        delta_array = cuda._new_like(q, (prep_batch, heads_q, total_q), zero=False)
+        D = cuda._packed(cuda._describe(delta_array), varlen)
+        cuda._launch(prep, grid(prep_cfg, total_q), configs.hip_threads(prep_cfg), 0,
+                     [(O, size), (dO, size), (D, 4), *cuda._strides(O, dO), *cuda._strides(D, dims=2),
+                      np.int32(total_q), np.int32(head_dim)], prep_batch)
         common = [(Q, size), (K, size), (V, size), (dO, size), (L, 4), (D, 4)]
-        cuda._launch(dkdv, grid(dkdv_cfg), configs.hip_threads(dkdv_cfg), configs.hip_shared_memory_bytes(dkdv_cfg),
-                     common + [(dK, size), (dV, size)],
-                     cuda._strides(Q, K, V, dO, dK, dV) + cuda._strides(L, D, dims=2) + tail, batch)
-        cuda._launch(dq_kernel, grid(dq_cfg), configs.hip_threads(dq_cfg), configs.hip_shared_memory_bytes(dq_cfg),
-                     common + [(dQ, size)],
-                     cuda._strides(Q, K, V, dO, dQ) + cuda._strides(L, D, dims=2) + tail, batch)
+        lse_delta = cuda._strides(L, D, dims=2)
+        cuda._launch(dkdv, grid(dkdv_cfg, seqlen_q), configs.hip_threads(dkdv_cfg),
+                     configs.hip_shared_memory_bytes(dkdv_cfg),
+                     [*common, (dK, size), (dV, size), *cuda._strides(Q, K, V, dO, dK, dV), *lse_delta, *tail],
+                     batch)
+        cuda._launch(dq_kernel, grid(dq_cfg, seqlen_q), configs.hip_threads(dq_cfg),
+                     configs.hip_shared_memory_bytes(dq_cfg),
+                     [*common, (dQ, size), *cuda._strides(Q, K, V, dO, dQ), *lse_delta, *tail], batch)
 
 
 def info() -> dict[str, str]:

@@ -45,7 +45,7 @@ from test_variants import (  # noqa: F401  (collected here again, against the HI
     test_window_edges,
 )
 from test_hip_sources import HIP_ON_CUDA_OPTIONS
-from xattn import backends, configs, cuda, hip, jit, reference, torch_ops
+from xattn import backends, configs, hip, jit, reference, torch_ops
 
 try:  # the gradient properties need torch; without it the forward tests still run
     from test_grad import (  # noqa: F401  (collected here again, against the HIP kernels)

@@ -16,13 +16,10 @@ vendor-neutral logic in kernels_cuda/attention_common.h.
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
 
 from xattn import configs, cuda, jit
 
-LOG2_E = math.log2(math.e)
 MAX_GRID_YZ = 65535  # gridDim.y and gridDim.z, as on CUDA: the batch is walked in chunks
 
 

@@ -3,8 +3,8 @@
 # properties, compute-sanitizer, compile timing, and the benchmark. Writes logs under $OUT (or
 # ci/results/latest) and prints a short summary last.
 #
-#   bash ci/gpu_suite.sh [checks] [sanitize] [bench]     (no argument: all three; the device
-#   tool's 10-minute limit per command fits one or two phases per call)
+#   bash ci/gpu_suite.sh [kernels] [pytest] [pytest_more] [sanitize] [bench] [bench_more]
+#   (no argument: all; the device tool's 10-minute limit per command fits one or two per call)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-ci/results/latest}
@@ -22,24 +22,41 @@ step() {  # step NAME TIMEOUT COMMAND...: run, log to $OUT/NAME.log, keep its la
 }
 
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader > "$OUT/gpu.txt"
-phases=${*:-checks sanitize bench}
-if [[ " $phases " == *" checks "* ]]; then
-    step kernels 300 python ci/kernel_check.py --cases grid,variants
-    step kernels_bwd 300 python ci/kernel_check_bwd.py --cases grid,variants
-    [ -f ci/kernel_check_decode.py ] && step decode 300 python ci/kernel_check_decode.py
-    step pytest 600 python -m pytest -m gpu -q -p no:cacheprovider
-    step compile 120 python ci/compile_timing.py
+# Phases, each sized for one 10-minute device call or less:
+#   kernels      direct kernel checks (forward, backward, decode; awkward shapes and the variants)
+#   pytest       pytest -m gpu: the properties, gradients, variants, KV cache, reliability
+#   pytest_more  pytest -m gpu: HIP portable kernels on NVIDIA, integrations (torch.compile, CUDA
+#                graphs, JAX, transformers, precompile), compile timing
+#   sanitize     compute-sanitizer over forward and backward (tuned rows, odd sizes, variants)
+#   bench        forward and backward against SDPA flash and cuDNN
+#   bench_more   variants, decode and per-call overhead
+phases=${*:-kernels pytest pytest_more sanitize bench bench_more}
+MORE="tests/test_hip_portable.py tests/test_precompile.py tests/test_integrations_torch.py tests/test_jax.py tests/test_transformers.py"
+has() { [[ " $phases " == *" $1 "* ]]; }
+if has kernels; then
+    step kernels 200 python ci/kernel_check.py --cases grid,variants
+    step kernels_bwd 250 python ci/kernel_check_bwd.py --cases grid,variants
+    step decode 120 python ci/kernel_check_decode.py
 fi
-if [[ " $phases " == *" sanitize "* ]]; then
-    # memcheck, racecheck, synccheck, initcheck on forward and backward (tuned rows + odd sizes)
-    step sanitize 620 env SANITIZE_TIMEOUT=70 bash ci/sanitize.sh
+if has pytest; then
+    ignore=(); for f in $MORE; do ignore+=(--ignore="$f"); done
+    step pytest 560 python -m pytest -m gpu -q -p no:cacheprovider "${ignore[@]}"
 fi
-if [[ " $phases " == *" bench "* ]]; then
-    step bench 900 python -m xattn bench --out "$OUT"
-    step bench_bwd 900 python -m xattn bench --bwd --out "$OUT"
-    step bench_variants 300 python -m xattn bench --variants --out "$OUT"
-    step bench_decode 300 python -m xattn bench --decode --out "$OUT"
-    step bench_overhead 300 python -m xattn bench --overhead --out "$OUT"
+if has pytest_more; then
+    step pytest_more 480 python -m pytest -m gpu -q -p no:cacheprovider $MORE
+    step compile 100 python ci/compile_timing.py
+fi
+if has sanitize; then
+    step sanitize 560 env SANITIZE_TIMEOUT=65 bash ci/sanitize.sh
+fi
+if has bench; then
+    step bench 280 python -m xattn bench --out "$OUT"
+    step bench_bwd 300 python -m xattn bench --bwd --out "$OUT"
+fi
+if has bench_more; then
+    step bench_variants 200 python -m xattn bench --variants --out "$OUT"
+    step bench_decode 200 python -m xattn bench --decode --out "$OUT"
+    step bench_overhead 150 python -m xattn bench --overhead --out "$OUT"
 fi
 
 echo "== GPU suite on $(cat "$OUT/gpu.txt") =="

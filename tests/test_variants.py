@@ -323,3 +323,26 @@ def test_cu_seqlens_must_be_int32_and_one_dimensional():
     with pytest.raises(ValueError, match=r"q: expected a 3-d array \(total_tokens, H, D\)"):
         xattn.attention_varlen(packed()[0][None], *packed()[1:], np.array([0, 7], np.int32),
                                np.array([0, 9], np.int32), 7, 9)
+
+
+@pytest.mark.gpu
+def test_cu_seqlens_read_back_once_but_changes_are_seen(cuda_backend):
+    """A GPU torch cu_seqlens is read back to the host once per version: the second call with
+    the same tensor needs no copy, and an in-place change through torch is validated again."""
+    torch = pytest.importorskip("torch")
+    from xattn import api
+    q = torch.randn(7, 2, 8, device="cuda", dtype=torch.float16)
+    cu = torch.tensor([0, 3, 7], dtype=torch.int32, device="cuda")
+    xattn.attention_varlen(q, q, q, cu, cu, 4, 4)
+    reads = []
+    original = api.arrays.to_host_ints
+    api.arrays.to_host_ints = lambda *a: reads.append(1) or original(*a)
+    try:
+        xattn.attention_varlen(q, q, q, cu, cu, 4, 4)
+        assert not reads, "the unchanged cu_seqlens was read back again"
+        cu[1] = 5  # in place: cu is now [0, 5, 7], whose longest sequence is 5 > max_seqlen 4
+        with pytest.raises(ValueError, match=r"max_seqlen_q: expected at least 5"):
+            xattn.attention_varlen(q, q, q, cu, cu, 4, 4)
+        assert reads
+    finally:
+        api.arrays.to_host_ints = original

@@ -120,7 +120,7 @@ def _validate_cu_seqlens(info, dims, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, m
             raise ValueError(f"{name}: expected dtype int32, got {cu_info.dtype}")
         if len(cu_info.shape) != 1 or cu_info.shape[0] < 1:
             raise ValueError(f"{name}: expected a 1-d array (B + 1,), got shape {cu_info.shape}")
-        host = arrays.to_host_ints(cu, cu_info)
+        host = _host_ints(cu, cu_info)
         if host[0] != 0:
             raise ValueError(f"{name}: expected first entry 0, got {int(host[0])}")
         if (np.diff(host) < 0).any():
@@ -144,6 +144,32 @@ def _validate_cu_seqlens(info, dims, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, m
                              f"{key}), got {value}")
         maxima.append(int(value))
     return tuple(prepared), tuple(maxima), len(lengths["cu_seqlens_q"])
+
+
+# Host copies of GPU torch tensors of cumulative lengths, by id: (weak reference, version counter,
+# pointer, copy). A model passes the same cu_seqlens to every layer; reading it back once instead
+# of per layer saves a device synchronization each time. torch bumps a tensor's version on every
+# in-place change made through torch; writes that bypass torch (DLPack, raw pointers) are not seen.
+_cu_seqlens_seen: dict[int, tuple] = {}
+
+
+def _host_ints(x, info):
+    if info.library != "torch" or info.device == "cpu":
+        return arrays.to_host_ints(x, info)
+    try:
+        version = x._version
+    except RuntimeError:  # an inference-mode tensor keeps no version counter: read it every time
+        return arrays.to_host_ints(x, info)
+    seen = _cu_seqlens_seen.get(id(x))
+    if seen is not None and seen[0]() is x and seen[1:3] == (version, x.data_ptr()):
+        return seen[3]
+    import weakref
+    host = arrays.to_host_ints(x, info)
+    if len(_cu_seqlens_seen) > 64:  # stale entries (their tensors are gone) are dropped now
+        for key in [k for k, v in _cu_seqlens_seen.items() if v[0]() is None]:
+            del _cu_seqlens_seen[key]
+    _cu_seqlens_seen[id(x)] = (weakref.ref(x), version, x.data_ptr(), host)
+    return host
 
 
 def _variant_options(info, dims, causal, window, softcap, alibi_slopes):

@@ -56,8 +56,7 @@ def _sizes(q, k, layout):
 
 # ------------------------------------------------------------------------------- forward op
 
-@torch.library.custom_op("xattn::attention_forward", mutates_args=())
-def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+def forward_impl(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                       cu_seqlens_q: torch.Tensor | None, cu_seqlens_k: torch.Tensor | None,
                       alibi_slopes: torch.Tensor | None, causal: bool, scale: float,
                       window_left: int, window_right: int, softcap: float, max_seqlen_q: int,
@@ -76,6 +75,10 @@ def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     return arrays.run_on_gpu(forward, q, k, v, info, layout=layout, dims=dims, **options)
 
 
+attention_forward = torch.library.custom_op("xattn::attention_forward", forward_impl,
+                                            mutates_args=())
+
+
 @attention_forward.register_fake
 def _(q, k, v, cu_seqlens_q, cu_seqlens_k, alibi_slopes, causal, scale, window_left,
       window_right, softcap, max_seqlen_q, max_seqlen_k, layout, deterministic):
@@ -87,8 +90,7 @@ def _(q, k, v, cu_seqlens_q, cu_seqlens_k, alibi_slopes, causal, scale, window_l
 
 # ------------------------------------------------------------------------------ backward op
 
-@torch.library.custom_op("xattn::attention_backward", mutates_args=())
-def attention_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+def backward_impl(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                        out: torch.Tensor, lse: torch.Tensor, cu_seqlens_q: torch.Tensor | None,
                        cu_seqlens_k: torch.Tensor | None, alibi_slopes: torch.Tensor | None,
                        causal: bool, scale: float, window_left: int, window_right: int,
@@ -104,6 +106,10 @@ def attention_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: 
     backward = gpu_backward(_GPU_BACKEND[info.device])
     return _backward_gpu(backward, dout, q, k, v, out, lse, layout=layout,
                          deterministic=deterministic, **options)
+
+
+attention_backward = torch.library.custom_op("xattn::attention_backward", backward_impl,
+                                             mutates_args=())
 
 
 @attention_backward.register_fake
@@ -166,9 +172,6 @@ def _backward_gpu(backward, dout, q, k, v, out, lse, *, layout, deterministic, *
     return dq, dk, dv
 
 
-def _bhsd(x, layout):
-    return x if layout == "bhsd" else x.transpose(1, 2)
-
 
 # --------------------------------------------------------------------------------- autograd
 
@@ -191,11 +194,35 @@ def _backward(ctx, dout, _dlse):
 attention_forward.register_autograd(_backward, setup_context=_setup_context)
 
 
+class _EagerAttention(torch.autograd.Function):
+    """The same forward and backward as the custom ops, for eager autograd: torch's custom-op
+    wrapper costs about half a millisecond of host time per call on its own (measured by
+    `python -m xattn bench --overhead`), so only torch.compile, which needs the op, pays it."""
+
+    @staticmethod
+    def forward(ctx, *inputs):
+        out, lse = forward_impl(*inputs)
+        _setup_context(ctx, inputs, (out, lse))
+        return out, lse
+
+    @staticmethod
+    def backward(ctx, dout, _dlse):
+        q, k, v, out, lse, *index_and_slopes = ctx.saved_tensors
+        if dout is None:
+            dout = torch.zeros_like(out)
+        dq, dk, dv = backward_impl(dout, q, k, v, out, lse, *index_and_slopes, *ctx.scalars)
+        return (dq, dk, dv) + (None,) * (3 + len(ctx.scalars))
+
+
 def attention(q, k, v, *, layout: str, deterministic: bool, causal: bool, scale: float,
               window=(-1, -1), softcap: float = 0.0, alibi_slopes=None, cu_seqlens=None,
               max_seqlen=None):
-    """(out, lse) through the custom op; arguments validated by xattn.api."""
+    """(out, lse): through the custom op under torch.compile, through an autograd.Function
+    running the same code otherwise; arguments validated by xattn.api."""
     cu_q, cu_k = cu_seqlens if cu_seqlens is not None else (None, None)
     max_q, max_k = max_seqlen if max_seqlen is not None else (0, 0)
-    return attention_forward(q, k, v, cu_q, cu_k, alibi_slopes, causal, scale, window[0],
-                             window[1], softcap, max_q, max_k, layout, deterministic)
+    inputs = (q, k, v, cu_q, cu_k, alibi_slopes, causal, scale, window[0], window[1], softcap,
+              max_q, max_k, layout, deterministic)
+    if torch.compiler.is_compiling():
+        return attention_forward(*inputs)
+    return _EagerAttention.apply(*inputs)

@@ -111,7 +111,7 @@ __device__ __forceinline__ bool tile_needs_mask(int m_start, int rows, int n_sta
 // ds/dx = scale * (1 - t^2), available from t alone.
 
 __device__ __forceinline__ float softcap_score(float x, float softcap_scale) {
-    return tanhf(x * softcap_scale);
+    return fast_tanh(x * softcap_scale);  // platform.h: the vendor's fastest accurate tanh
 }
 
 // ALiBi adds -slope * |i + o - j| to s. In the kernel's units (s = score_scale * value) that is

@@ -178,11 +178,11 @@ __device__ __forceinline__ void load_q_tile(elem_t* sQ, const elem_t* q, i64 hea
 }
 
 // Scores in base-2 units: s2 = scale_log2 * s, or with SOFTCAP c * log2(e) * tanh(scale * s / c).
-// tanhf, not tanh.approx: its 2^-11 error times c would move scores of c = 50 by 0.02.
+// The tanh is attention_common.h's softcap_score (platform.h's fast_tanh).
 __device__ __forceinline__ float score_log2(float s, float scale_log2, float softcap_log2,
                                             float scale_over_softcap) {
 #if SOFTCAP
-    return softcap_log2 * tanhf(s * scale_over_softcap);
+    return softcap_log2 * softcap_score(s, scale_over_softcap);
 #else
     return s * scale_log2;
 #endif

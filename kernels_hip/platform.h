@@ -44,6 +44,11 @@ __device__ __forceinline__ u16 float_to_elem(float x) { return __half_as_ushort(
 // v_exp_f32 on AMD: exp2(-inf) = 0, as the masking relies on.
 __device__ __forceinline__ float fast_exp2(float x) { return exp2f(x); }
 
+// tanhf here: the exp2 form that serves CUDA (kernels_cuda/platform.h) pushes the gfx90a MFMA
+// forward's softcap variant into register spills with ROCm 5.2's compiler, and no AMD GPU has
+// measured which is faster.
+__device__ __forceinline__ float fast_tanh(float y) { return tanhf(y); }
+
 // Butterfly exchange inside groups of `width` lanes (width a power of two, <= WAVE_SIZE).
 __device__ __forceinline__ float shfl_xor(float x, int lane_mask, int width = WAVE_SIZE) {
     return __shfl_xor(x, lane_mask, width);

@@ -61,12 +61,12 @@ __device__ __forceinline__ float fast_exp2(float x) {
     return y;
 }
 
-// tanh through one ex2 and one division, 1 - 2 / (1 + 2^{2y log2 e}): tanhf costs about twenty
-// instructions per score, which made a softcap call 1.4-2.3x slower than a plain one (H100,
-// `python -m xattn bench --variants`). Saturates exactly to +-1; near 0 the absolute error is a
-// few float32 ulps of 1. (Not tanh.approx: its 2^-11 error times c = 50 would move scores by 0.02.)
+// tanh from one ex2 and one fast division (rcp.approx), 1 - 2 / (1 + 2^{2y log2 e}): saturates
+// exactly to +-1 (2 / inf = 0); near 0 the absolute error is a few float32 ulps of 1. An IEEE
+// division here made softcap calls slower than tanhf (H100, `python -m xattn bench --variants`).
+// Not tanh.approx: its 2^-11 error times c = 50 would move scores by 0.02.
 __device__ __forceinline__ float fast_tanh(float y) {
-    return 1.f - 2.f / (1.f + fast_exp2(y * 2.8853900817779268f));  // 2 * log2(e)
+    return 1.f - __fdividef(2.f, 1.f + fast_exp2(y * 2.8853900817779268f));  // 2 * log2(e)
 }
 
 __device__ __forceinline__ float shfl_xor(float x, int lane_mask) {

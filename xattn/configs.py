@@ -65,7 +65,9 @@ _ROWS = [
     # backward, key-block parallel: block_n keys per block (split over the warps, 16 or 32
     # each), block_m query rows per step; dQ by atomics unless deterministic
     ("flash_bwd_dkdv", 80,   32,      None,   128,     128,     8,     1),
-    ("flash_bwd_dkdv", 80,   64,      None,   128,     128,     8,     1),
+    ("flash_bwd_dkdv", 80,   64,      False,  128,     128,     8,     1),
+    # sm_80 causal D64: 128-row steps spill 8 bytes (255 registers) in the deterministic variant
+    ("flash_bwd_dkdv", 80,   64,      True,   64,      128,     8,     1),
     ("flash_bwd_dkdv", 80,   96,      None,   64,      128,     8,     1),
     ("flash_bwd_dkdv", 80,   128,     None,   64,      128,     8,     1),
     ("flash_bwd_dkdv", 86,   32,      None,   64,      128,     8,     1),

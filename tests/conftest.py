@@ -117,3 +117,17 @@ def cuda_backend() -> Backend:
     if reason:
         pytest.skip(reason)
     return Backend("cuda", _cuda_kinds())
+
+
+def finite_difference_grads(loss, inputs, step=1e-6):
+    """Central differences of the scalar loss(*inputs) with respect to every element of each input."""
+    grads = []
+    for which, x in enumerate(inputs):
+        numeric = np.zeros_like(x)
+        for index in np.ndindex(x.shape):
+            plus, minus = [y.copy() for y in inputs], [y.copy() for y in inputs]
+            plus[which][index] += step
+            minus[which][index] -= step
+            numeric[index] = (loss(*plus) - loss(*minus)) / (2 * step)
+        grads.append(numeric)
+    return grads

@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 
 import xattn
 from xattn import reference
-from conftest import Backend, to_float64
+from conftest import Backend, finite_difference_grads, to_float64
 from problems import EDGE_HEAD_DIMS, EDGE_LENGTHS, MEMORY, Problem, present, problems, to_bhsd
 
 torch = pytest.importorskip("torch")
@@ -313,15 +313,9 @@ def test_gradient_oracle_matches_finite_differences():
         def loss(q_, k_, v_):
             out, _ = reference.exact_attention_bhsd(q_, k_, v_, causal=causal, scale=0.7)
             return (out * dout_now).sum()
-        step = 1e-6
-        for which, grad in enumerate(grads):
-            numeric = np.zeros_like(grad)
-            for index in np.ndindex(grad.shape):
-                plus, minus = [x.copy() for x in inputs], [x.copy() for x in inputs]
-                plus[which][index] += step
-                minus[which][index] -= step
-                numeric[index] = (loss(*plus) - loss(*minus)) / (2 * step)
+        for grad, numeric in zip(grads, finite_difference_grads(loss, inputs)):
             np.testing.assert_allclose(grad, numeric, rtol=1e-6, atol=1e-8)
+
 
 
 # ------------------------------------------------- the cuda backward kernels, called directly

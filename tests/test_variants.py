@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 
 import xattn
 from xattn import reference
-from conftest import TOLERANCE, to_float64
+from conftest import finite_difference_grads, to_float64
 from problems import Problem, problems, to_bhsd
 from test_properties import assert_matches, check_result_type, score_rounding
 
@@ -234,14 +234,7 @@ def test_gradient_oracle_matches_finite_differences_for_variants(variant):
 
     def loss(*x):
         return (reference.exact_attention_bhsd(*x, **options)[0] * dout).sum()
-    step = 1e-6
-    for which, grad in enumerate(grads):
-        numeric = np.zeros_like(grad)
-        for index in np.ndindex(grad.shape):
-            plus, minus = [x.copy() for x in inputs], [x.copy() for x in inputs]
-            plus[which][index] += step
-            minus[which][index] -= step
-            numeric[index] = (loss(*plus) - loss(*minus)) / (2 * step)
+    for grad, numeric in zip(grads, finite_difference_grads(loss, inputs)):
         np.testing.assert_allclose(grad, numeric, rtol=1e-6, atol=1e-8)
 
 

@@ -32,7 +32,7 @@
 // COMPUTE_DQ  1: also accumulate dQ with atomics; 0: dQ comes from flash_bwd_dq
 
 #include "platform.h"
-#include "attention_common.h"
+#include "../kernels_common/attention_common.h"
 
 #define NUM_THREADS (NUM_WARPS * WARP_SIZE)
 #define WARP_N (BLOCK_N / NUM_WARPS)  // keys per warp

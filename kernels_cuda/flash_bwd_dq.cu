@@ -16,7 +16,7 @@
 // mask/modifier flags (attention_common.h); parameters as in flash_bwd_dkdv.cu.
 
 #include "platform.h"
-#include "attention_common.h"
+#include "../kernels_common/attention_common.h"
 
 #define NUM_THREADS (NUM_WARPS * WARP_SIZE)
 #define WARP_M (BLOCK_M / NUM_WARPS)

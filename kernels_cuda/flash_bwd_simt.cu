@@ -43,7 +43,7 @@
 // MIN_BLOCKS, and the mask/modifier flags of attention_common.h (parameters as in flash_bwd_dkdv.cu)
 
 #include "platform.h"
-#include "attention_common.h"
+#include "../kernels_common/attention_common.h"
 
 #define NUM_THREADS (NUM_WARPS * WARP_SIZE)
 #define BLOCK_ROWS (NUM_WARPS * ROWS_PER_WARP)  // rows a block owns (queries for _dq, keys for _dkdv)

@@ -49,7 +49,7 @@
 // MIN_BLOCKS  thread blocks per SM that the register allocation must allow
 
 #include "platform.h"
-#include "attention_common.h"
+#include "../kernels_common/attention_common.h"
 
 #define NUM_THREADS (NUM_WARPS * WARP_SIZE)
 #define KEYS_PER_STAGE (NUM_WARPS * WARP_N)

@@ -39,7 +39,7 @@
 // MIN_BLOCKS  thread blocks per SM that the register allocation must allow
 
 #include "platform.h"
-#include "attention_common.h"
+#include "../kernels_common/attention_common.h"
 
 #define NUM_THREADS (NUM_WARPS * WARP_SIZE)
 #define WARP_M (BLOCK_M / NUM_WARPS)  // query rows per warp

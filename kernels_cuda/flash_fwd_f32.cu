@@ -16,7 +16,7 @@
 // mask/modifier flags of attention_common.h. Parameters as in flash_fwd.cu.
 
 #include "platform.h"
-#include "attention_common.h"
+#include "../kernels_common/attention_common.h"
 
 #define NUM_THREADS (NUM_WARPS * WARP_SIZE)
 #define BLOCK_M (NUM_WARPS * ROWS_PER_WARP)

@@ -11,7 +11,7 @@
 // P = exp2(s - inf) = 0 and dS = 0 * (finite) = 0: they add nothing, with no mask and no NaN.
 #pragma once
 
-// Needs platform.h (fast_exp2) and ../kernels_cuda/attention_common.h (ScoreMods) included first.
+// Needs platform.h (fast_exp2) and ../kernels_common/attention_common.h (ScoreMods) included first.
 
 // P and dS of one (query, key) pair from its raw dot product x = q.k (unscaled) and dp = dO.v.
 // check_mask: the pair may lie outside the band (the tile crosses an edge of it). Hidden pairs get

@@ -33,7 +33,7 @@
 #define NUM_THREADS (NUM_WAVES * WAVE_SIZE)
 
 #include "mfma_tile.h"
-#include "../kernels_cuda/attention_common.h"
+#include "../kernels_common/attention_common.h"
 #include "backward.h"
 
 #define BLOCK_N (NUM_WAVES * MFMA_N)

@@ -44,7 +44,7 @@
 // scale) and grad_scale (the attention scale, d(scale * x)/dx, applied to dQ and dK).
 
 #include "platform.h"
-#include "../kernels_cuda/attention_common.h"
+#include "../kernels_common/attention_common.h"
 #include "backward.h"
 
 #define NUM_THREADS (NUM_WAVES * WAVE_SIZE)

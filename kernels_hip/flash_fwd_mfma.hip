@@ -37,7 +37,7 @@
 #define NUM_THREADS (NUM_WAVES * WAVE_SIZE)
 
 #include "mfma_tile.h"
-#include "../kernels_cuda/attention_common.h"
+#include "../kernels_common/attention_common.h"
 
 #define BLOCK_M (NUM_WAVES * MFMA_N)
 #define KEY_BLOCKS (BLOCK_N / MFMA_M)   // 32-key blocks of S^T

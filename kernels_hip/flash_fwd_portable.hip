@@ -27,7 +27,7 @@
 // IS_CAUSAL, IS_LOCAL, HAS_SOFTCAP, HAS_ALIBI, IS_VARLEN: masks and modifiers (attention_common.h)
 
 #include "platform.h"
-#include "../kernels_cuda/attention_common.h"
+#include "../kernels_common/attention_common.h"
 
 #define NUM_THREADS (NUM_WAVES * WAVE_SIZE)
 #define ROWS_PER_WAVE (BLOCK_M / NUM_WAVES)

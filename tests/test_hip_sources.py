@@ -32,7 +32,7 @@ def test_every_table_kernel_has_its_source_and_entry_point():
 def test_hip_sources_include_the_shared_cuda_header_once():
     for name in HIP_SOURCES:
         code = jit.preprocess("hip", name)
-        assert code.count('#line 1 "kernels_cuda/attention_common.h"') == 1
+        assert code.count('#line 1 "kernels_common/attention_common.h"') == 1
         assert "struct KeyRange" in code
         assert not [line for line in code.splitlines() if line.lstrip().startswith("#include")]
 

@@ -11,7 +11,7 @@ atomics) follows the same choice per dtype and head dim (configs.select_hip_back
 The variants of issue 6 -- sliding windows, softcap, ALiBi and packed (varlen) batches -- reach
 the kernels exactly as on CUDA: the same flags and trailing arguments (xattn.cuda._variant), the
 same (1, H, T, D) views of batch stride 0 for packed batches (xattn.cuda._packed), the same
-vendor-neutral logic in kernels_cuda/attention_common.h.
+vendor-neutral logic in kernels_common/attention_common.h.
 """
 
 from __future__ import annotations

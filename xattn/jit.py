@@ -3,9 +3,8 @@
 Sources are read with importlib.resources (xattn.kernel_source), so they load the same from a wheel
 and from a checkout. Local `#include "x.h"` lines are inlined here, each piece preceded by a
 `#line` directive, so that a compiler error names the real file and line and NVRTC needs no
-include path. A HIP source may include the vendor-neutral CUDA header it shares,
-`#include "../kernels_cuda/attention_common.h"`: a `../kernels_<vendor>/` prefix reads that
-vendor's directory. Compiled modules are memoized per (device, source hash, options) in the
+include path. Includes are relative to the including file (kernels_common/ holds the
+vendor-neutral headers both vendors include). Compiled modules are memoized per (device, source hash, options) in the
 process; CuPy's own disk cache (CUPY_CACHE_DIR, by default ~/.cupy/kernel_cache) keeps them across processes.
 
 Cache faults (tests/test_cache_faults.py): CuPy checksums its cache entries and recompiles a truncated
@@ -29,6 +28,7 @@ import functools
 import hashlib
 import importlib.util
 import os
+import posixpath
 import re
 import shutil
 import sys
@@ -37,41 +37,48 @@ import threading
 import warnings
 
 _INCLUDE = re.compile(r'^\s*#\s*include\s+"([^"]+)"\s*$')
-_OTHER_VENDOR = re.compile(r"^\.\./kernels_(\w+)/([^/]+)$")  # "../kernels_cuda/x.h"
 
 
 @functools.lru_cache(maxsize=None)
 def preprocess(vendor: str, name: str) -> str:
-    """The source of kernels_<vendor>/<name> with its local includes inlined (each once)."""
-    seen: set[tuple[str, str]] = set()
+    """The source of kernels_<vendor>/<name> with its local includes inlined (each once).
 
-    def expand(vendor: str, file: str) -> list[str]:
-        if (vendor, file) in seen:
+    An include names a file relative to the including one, as a C compiler reads it:
+    `#include "../kernels_common/attention_common.h"` from kernels_cuda/ reads the vendor-neutral
+    headers, `#include "hopper.h"` from kernels_cuda/sm90/ reads kernels_cuda/sm90/hopper.h."""
+    seen: set[str] = set()
+
+    def expand(path: str) -> list[str]:  # path: "kernels_<vendor>/[folder/]file"
+        if path in seen:
             return []
-        seen.add((vendor, file))
-        out = [f'#line 1 "kernels_{vendor}/{file}"']
-        for number, line in enumerate(_read(vendor, file).splitlines(), start=1):
+        seen.add(path)
+        out = [f'#line 1 "{path}"']
+        for number, line in enumerate(_read(path).splitlines(), start=1):
             match = _INCLUDE.match(line)
             if match:
-                other = _OTHER_VENDOR.match(match.group(1))
-                out += expand(*other.groups()) if other else expand(vendor, match.group(1))
-                out.append(f'#line {number + 1} "kernels_{vendor}/{file}"')
+                out += expand(posixpath.normpath(posixpath.join(posixpath.dirname(path),
+                                                                match.group(1))))
+                out.append(f'#line {number + 1} "{path}"')
             elif line.strip() == "#pragma once":
                 out.append("")
             else:
                 out.append(line)
         return out
 
-    return "\n".join(expand(vendor, name)) + "\n"
+    return "\n".join(expand(f"kernels_{vendor}/{name}")) + "\n"
 
 
-def _read(vendor: str, name: str) -> str:
+def _read(path: str) -> str:
+    directory, name = path.split("/", 1)
+    if not directory.startswith("kernels_"):
+        raise FileNotFoundError(f"{path}: kernel sources include files of kernels_*/ only")
+    vendor = directory.removeprefix("kernels_")
     try:
         from xattn import kernel_source
     except ImportError:  # package being assembled: read the checkout
         from pathlib import Path
 
-        return (Path(__file__).resolve().parents[1] / f"kernels_{vendor}" / name).read_text()
+        return (Path(__file__).resolve().parents[1] / path).read_text()
     return kernel_source(vendor, name)
 
 

@@ -1,0 +1,77 @@
+// The parameter blocks: every attention kernel takes one of these structs by value, and nothing
+// else. Python builds them from one NumPy structured dtype per struct (xattn/gpu/params.py), whose
+// field offsets tests/test_params.py checks against this file with a C compiler on the CPU. A
+// field added here is added there, in the same place.
+//
+// Plain C on purpose: NVRTC, hiprtc and the host compiler of that test read the same text.
+//
+// Units: strides count elements of the tensor's own type; a stride of 0 repeats one slice (the
+// batch stride of a packed varlen tensor is 0: each sequence indexes from its own first row).
+#pragma once
+
+typedef long long i64;
+
+// One tensor seen as (B, H, S, D) with D contiguous, or as (B, H, S) for lse and delta
+// (row_stride 1 there).
+struct TensorRef {
+    void* ptr;
+    i64 batch_stride;
+    i64 head_stride;
+    i64 row_stride;
+};
+
+// The attention kernels, forward and backward (FlashAttention-2's Flash_fwd_params and
+// Flash_bwd_params in one): a kernel reads the fields of its role and ignores the others.
+struct AttnParams {
+    // Forward: reads q, k, v; writes o and lse (float32, natural log).
+    // Backward: reads q, k, v, o, dout, lse; writes dq, dk, dv, and the scratch delta and dq_accum.
+    struct TensorRef q, k, v, o, lse;
+    struct TensorRef dout, dq, dk, dv;
+    struct TensorRef delta;     // float32 (B, Hq, Sq): rowsum(dout * o)
+    struct TensorRef dq_accum;  // float32 (B, Hq, Sq, D), contiguous: dQ summed by atomics
+
+    const int* cu_seqlens_q;   // packed batches (IS_VARLEN): int32 (B + 1,), else null
+    const int* cu_seqlens_k;
+    const float* alibi_slopes; // HAS_ALIBI: float32 (Hq,) or (B, Hq), else null
+    i64 alibi_batch_stride;    // 0 for (Hq,) slopes
+
+    int batch_offset;          // first batch entry of this launch: blockIdx.z + batch_offset
+    int heads_q;
+    int heads_per_kv;          // GQA group size: query head h reads key/value head h / heads_per_kv
+    int seqlen_q;              // packed batches: the longest sequence (the grid covers it)
+    int seqlen_k;
+    int head_dim;              // the real head dim; HEAD_DIM (compile time) is the padded one
+    int window_left;           // the band (attention_common.h): -1 unbounded
+    int window_right;
+    float softcap_scale;       // scale / c under a softcap c, else unused
+    float scale;               // the scale of the values in S: c under a softcap, else the
+                               // attention scale
+    float scale_log2;          // scale * log2(e): one FFMA turns S into the exp2 argument
+    float grad_scale;          // backward: the attention scale, d(scale * x)/dx
+};
+
+// KV-cache decoding (flash_decode.cu) and its merge and append kernels.
+struct DecodeParams {
+    struct TensorRef q, k, v, o, lse;  // k, v: the caches (B, Hk, Smax, D)
+    struct TensorRef k_new, v_new;     // rows appended to the caches (B, Hk, Snew, D), or null
+    float* o_part;                     // split-KV partial results: float32, contiguous
+    float* lse_part;
+    const int* cache_seqlens;          // int32 (B,) on the device, or null: uniform_seqlen
+    i64 seqlens_stride;
+    int uniform_seqlen;
+    int batch_offset;
+    int heads_q;
+    int heads_per_kv;
+    int seqlen_q;
+    int seqlen_new;
+    int seqlen_max;                    // Smax, the caches' capacity
+    int head_dim;
+    int window_left;
+    int window_right;
+    int num_splits;
+    int m_blocks;
+    float scale_log2;
+    float softcap_log2;
+    float scale_over_softcap;
+    int pad_;                          // explicit tail padding: the struct is a multiple of 8
+};

@@ -14,6 +14,12 @@ query i sees key j  iff  i + o - left <= j <= i + o + right, where window = (lef
 Score modifiers, applied in this order to s = scale * q.k (flash-attn's order):
 softcap c > 0: s <- c * tanh(s / c);  ALiBi slope m (per query head, or per batch and head):
 s <- s - m * |i + o - j|.
+
+Attention sinks (GPT-OSS): sinks = float (Hq,) logits, one per query head. Each row's softmax
+gains one more term exp(sink_h) in its denominator, as if a key with score sink_h and value 0
+were visible to every row: the sink takes probability mass and adds nothing to the output. The
+lse includes it (a row that sees no key then has lse = sink_h and output 0). Its gradient is
+dsink_h = -sum over the rows of head h of exp(sink_h - lse) * delta, delta = rowsum(dO * O).
 """
 
 from __future__ import annotations
@@ -79,12 +85,19 @@ def modify_scores(scores, *, softcap: float, slopes, sq: int, sk: int, q_start: 
     return tanh
 
 
+def _sink_column(sinks, batch: int, q_heads: int, sq: int):
+    """The sinks as one more score column (B, Hq, Sq, 1) in float64."""
+    sinks = np.asarray(sinks, dtype=np.float64)
+    return np.broadcast_to(sinks[None, :, None, None], (batch, q_heads, sq, 1))
+
+
 def exact_attention_bhsd(q, k, v, *, causal: bool, scale: float, window=UNBOUNDED,
-                         softcap: float = 0.0, alibi_slopes=None):
+                         softcap: float = 0.0, alibi_slopes=None, sinks=None):
     """The oracle: materialize softmax(scale * Q K^T) V in float64. Returns (out, lse).
 
     Deliberately naive: K and V are repeated for GQA and the full (Sq, Sk) score matrix is
-    built, so that each line can be checked against the definition.
+    built, so that each line can be checked against the definition. With sinks, the sink
+    logits are one more score column whose value row is zero.
     """
     q = np.asarray(q, dtype=np.float64)
     k = np.asarray(k, dtype=np.float64)
@@ -99,6 +112,8 @@ def exact_attention_bhsd(q, k, v, *, causal: bool, scale: float, window=UNBOUNDE
     modify_scores(scores, softcap=softcap, slopes=slopes_bh(alibi_slopes, batch, q_heads),
                   sq=sq, sk=sk)
     scores = np.where(visible_keys(sq, sk, causal, window), scores, -np.inf)
+    if sinks is not None:  # the sink: one more column, all of whose values are zero
+        scores = np.concatenate([scores, _sink_column(sinks, batch, q_heads, sq)], axis=-1)
 
     # Rows that see no key have max -inf; use 0 there so no -inf - -inf (NaN) appears.
     row_max = scores.max(axis=-1, initial=-np.inf)
@@ -109,19 +124,20 @@ def exact_attention_bhsd(q, k, v, *, causal: bool, scale: float, window=UNBOUNDE
     with np.errstate(divide="ignore"):
         lse = np.where(has_keys, safe_max + np.log(row_sum), -np.inf)
     probabilities = weights / np.where(has_keys, row_sum, 1.0)[..., None]
-    out = probabilities @ v
+    out = probabilities[..., :sk] @ v
     assert out.shape == (batch, q_heads, sq, head_dim)
     return out, lse
 
 
 def flash_attention_forward(q, k, v, *, causal: bool, scale: float, window=UNBOUNDED,
-                            softcap: float = 0.0, alibi_slopes=None, out=None, lse=None,
-                            block_m: int = BLOCK_M, block_n: int = BLOCK_N):
+                            softcap: float = 0.0, alibi_slopes=None, sinks=None, out=None,
+                            lse=None, block_m: int = BLOCK_M, block_n: int = BLOCK_N):
     """FlashAttention forward (Dao et al., Algorithm 1 / FlashAttention-2 forward) in NumPy.
 
     For each block of BLOCK_M queries, K/V blocks of BLOCK_N keys stream past it while a
     running row max m_i and row sum l_i are kept; the output accumulator O is rescaled
-    whenever m_i grows, and divided by l_i once at the end. Memory per query block is
+    whenever m_i grows, and divided by l_i once at the end (after folding in the sink, a key
+    of score sink_h and value 0, when sinks are given). Memory per query block is
     O(B * Hq * BLOCK_M * BLOCK_N), never O(Sq * Sk). Batch and heads are vectorized.
 
     Computes in float64 for float64 inputs and in float32 otherwise. `out` (B, Hq, Sq, D)
@@ -137,6 +153,7 @@ def flash_attention_forward(q, k, v, *, causal: bool, scale: float, window=UNBOU
     if lse is None:
         lse = np.empty((batch, q_heads, sq), dtype=compute)
     slopes = slopes_bh(alibi_slopes, batch, q_heads, compute)
+    sinks = None if sinks is None else np.asarray(sinks, dtype=compute)
     variant = dict(causal=causal, window=window, softcap=softcap)
 
     # Chunk (batch, kv head) pairs so one score tile stays within TILE_ELEMENTS.
@@ -151,11 +168,12 @@ def flash_attention_forward(q, k, v, *, causal: bool, scale: float, window=UNBOU
             _forward_chunk(q[batches, qo], k[batches, kv], v[batches, kv],
                            out[batches, qo], lse[batches, qo], scale=scale,
                            slopes=None if slopes is None else slopes[batches, qo],
+                           sinks=None if sinks is None else sinks[qo],
                            compute=compute, block_m=block_m, block_n=block_n, **variant)
     return out, lse
 
 
-def _forward_chunk(q, k, v, out, lse, *, causal, window, softcap, slopes, scale, compute,
+def _forward_chunk(q, k, v, out, lse, *, causal, window, softcap, slopes, sinks, scale, compute,
                    block_m, block_n):
     """flash_attention_forward on one chunk of batch entries and kv heads, writing out/lse."""
     batch, q_heads, sq, head_dim = q.shape
@@ -222,6 +240,13 @@ def _forward_chunk(q, k, v, out, lse, *, causal, window, softcap, slopes, scale,
             O += np.matmul(P, V)                  # O += P V
             m_i = m_new
 
+        if sinks is not None:  # the sink: one more key, of score sink_h and value 0
+            sink = np.repeat(sinks.reshape(kv_heads, group), rows, axis=-1)  # (Hk, G*rows)
+            m_new = np.maximum(m_i, sink)  # finite: the sink is
+            l_i = l_i * np.exp(m_i - m_new) + np.exp(sink - m_new)
+            O *= np.exp(m_i - m_new)[..., None]
+            m_i = m_new
+
         # Epilogue: one division per row; rows that saw no key give O = 0 and lse = -inf.
         has_keys = l_i != 0  # NaN l_i (a NaN input) gives NaN, not an empty row's -inf
         O /= np.where(has_keys, l_i, 1.0)[..., None]
@@ -246,12 +271,15 @@ BWD_BLOCK_N = 256
 
 
 def exact_attention_grad_bhsd(q, k, v, dout, *, causal: bool, scale: float,
-                              window=UNBOUNDED, softcap: float = 0.0, alibi_slopes=None):
-    """The gradient oracle: (dq, dk, dv) in float64 from the materialized softmax.
+                              window=UNBOUNDED, softcap: float = 0.0, alibi_slopes=None,
+                              sinks=None):
+    """The gradient oracle: (dq, dk, dv) in float64 from the materialized softmax, and with
+    sinks (dq, dk, dv, dsinks), dsinks (Hq,).
 
     Deliberately naive, like exact_attention_bhsd: K and V are repeated for GQA, the full
-    (Sq, Sk) probability matrix is built, and delta is taken from its definition,
-    rowsum(P ∘ dP), not from O (the tiled algorithm's shortcut).
+    (Sq, Sk) probability matrix is built (plus the sink column, whose value row is zero, so
+    its dP is zero), and delta is taken from its definition, rowsum(P ∘ dP), not from O (the
+    tiled algorithm's shortcut).
     """
     q, k, v, dout = (np.asarray(a, dtype=np.float64) for a in (q, k, v, dout))
     batch, q_heads, sq, head_dim = q.shape
@@ -265,14 +293,19 @@ def exact_attention_grad_bhsd(q, k, v, dout, *, causal: bool, scale: float,
     tanh = modify_scores(scores, softcap=softcap, slopes=slopes_bh(alibi_slopes, batch, q_heads),
                          sq=sq, sk=sk)
     scores = np.where(visible_keys(sq, sk, causal, window), scores, -np.inf)
+    if sinks is not None:  # the sink column (value zero)
+        scores = np.concatenate([scores, _sink_column(sinks, batch, q_heads, sq)], axis=-1)
     row_max = scores.max(axis=-1, initial=-np.inf)
     weights = np.exp(scores - np.where(np.isfinite(row_max), row_max, 0.0)[..., None])
     row_sum = weights.sum(axis=-1, keepdims=True)
     probabilities = weights / np.where(row_sum > 0, row_sum, 1.0)
+    p_sink = probabilities[..., sk:]                              # (B, Hq, Sq, 1) or empty
+    probabilities = probabilities[..., :sk]
 
     dv_rep = probabilities.swapaxes(-1, -2) @ dout                # dV = P^T dO
-    dp = dout @ v_rep.swapaxes(-1, -2)                            # dP = dO V^T
-    ds = probabilities * (dp - (probabilities * dp).sum(axis=-1, keepdims=True))
+    dp = dout @ v_rep.swapaxes(-1, -2)                            # dP = dO V^T (the sink's: 0)
+    delta = (probabilities * dp).sum(axis=-1, keepdims=True)      # rowsum(P ∘ dP)
+    ds = probabilities * (dp - delta)
     if tanh is not None:
         ds *= 1 - tanh**2                                         # d(c tanh(s/c))/ds
     dq = scale * (ds @ k_rep)                                     # dQ = scale dS K
@@ -281,14 +314,22 @@ def exact_attention_grad_bhsd(q, k, v, dout, *, causal: bool, scale: float,
     # GQA: key head h served query heads h*G .. h*G+G-1; its gradient is their sum.
     dk = dk_rep.reshape(batch, kv_heads, group, sk, head_dim).sum(axis=2)
     dv = dv_rep.reshape(batch, kv_heads, group, sk, head_dim).sum(axis=2)
-    return dq, dk, dv
+    if sinks is None:
+        return dq, dk, dv
+    dsinks = (p_sink * (0.0 - delta)).sum(axis=(0, 2, 3))        # dS of the sink column
+    return dq, dk, dv, dsinks
 
 
 def flash_attention_backward(q, k, v, out, dout, lse, *, causal: bool, scale: float,
                              window=UNBOUNDED, softcap: float = 0.0, alibi_slopes=None,
-                             dq=None, dk=None, dv=None, block_m: int = BWD_BLOCK_M,
+                             sinks=None, dq=None, dk=None, dv=None, block_m: int = BWD_BLOCK_M,
                              block_n: int = BWD_BLOCK_N):
-    """FlashAttention-2 backward (Dao 2023, Algorithm 2) in NumPy. Returns (dq, dk, dv).
+    """FlashAttention-2 backward (Dao 2023, Algorithm 2) in NumPy. Returns (dq, dk, dv), and
+    with sinks (dq, dk, dv, dsinks).
+
+    With sinks the forward's lse already includes them, so P = exp(S - lse) and dS are the
+    same formulas (the sink's value is zero: its dP is zero); only dsinks is added,
+    dsink_h = -sum_rows exp(sink_h - lse) * delta.
 
     q, out, dout: (B, Hq, Sq, D); k, v: (B, Hk, Sk, D); lse: (B, Hq, Sq), natural log, as
     the forward wrote it (-inf for rows that see no key). Any strides.
@@ -313,11 +354,12 @@ def flash_attention_backward(q, k, v, out, dout, lse, *, causal: bool, scale: fl
         dk = np.empty(k.shape, dtype=compute)
     if dv is None:
         dv = np.empty(v.shape, dtype=compute)
+    dsinks = None if sinks is None else _sinks_grad(out, dout, lse, sinks, compute)
     if group == 0 or sq == 0 or sk == 0:
-        # No query head, query or key: nothing flows anywhere.
+        # No query head, query or key: nothing flows to q, k, v.
         for grad in (dq, dk, dv):
             grad[...] = 0
-        return dq, dk, dv
+        return (dq, dk, dv) if sinks is None else (dq, dk, dv, dsinks)
 
     slopes = slopes_bh(alibi_slopes, batch, q_heads, compute)
     variant = dict(causal=causal, window=window, softcap=softcap)
@@ -334,7 +376,17 @@ def flash_attention_backward(q, k, v, out, dout, lse, *, causal: bool, scale: fl
                             dk[batches, kv], dv[batches, kv], scale=scale,
                             slopes=None if slopes is None else slopes[batches, qo],
                             compute=compute, block_m=block_m, block_n=block_n, **variant)
-    return dq, dk, dv
+    return (dq, dk, dv) if sinks is None else (dq, dk, dv, dsinks)
+
+
+def _sinks_grad(out, dout, lse, sinks, compute):
+    """dsink_h = -sum over (b, i) of exp(sink_h - lse[b, h, i]) * delta[b, h, i]: the sink is a
+    key of value 0, so its dS is P_sink * (0 - delta). lse >= sink_h, so the exp is at most 1."""
+    delta = np.einsum("bhsd,bhsd->bhs", dout.astype(compute, copy=False),
+                      out.astype(compute, copy=False))
+    sinks = np.asarray(sinks, dtype=compute)
+    p_sink = np.exp(sinks[None, :, None] - np.asarray(lse, dtype=compute))
+    return -(p_sink * delta).sum(axis=(0, 2))
 
 
 def _backward_chunk(q, k, v, out, dout, lse, dq, dk, dv, *, causal, window, softcap, slopes,
@@ -427,10 +479,10 @@ def _sequence_slopes(alibi_slopes, b):
 
 
 def forward(q, k, v, *, causal, scale, window=UNBOUNDED, softcap=0.0, alibi_slopes=None,
-            cu_seqlens=None, max_seqlen=None, out=None, lse=None):
+            sinks=None, cu_seqlens=None, max_seqlen=None, out=None, lse=None):
     """The reference backend's forward: flash_attention_forward, once per sequence for a packed
     batch (cu_seqlens given: q, k, v, out are (1, H, total, D) views, lse (1, Hq, total_q))."""
-    variant = dict(causal=causal, scale=scale, window=window, softcap=softcap)
+    variant = dict(causal=causal, scale=scale, window=window, softcap=softcap, sinks=sinks)
     if cu_seqlens is None:
         return flash_attention_forward(q, k, v, alibi_slopes=alibi_slopes, out=out, lse=lse,
                                        **variant)
@@ -442,15 +494,25 @@ def forward(q, k, v, *, causal, scale, window=UNBOUNDED, softcap=0.0, alibi_slop
 
 
 def backward(q, k, v, out, dout, lse, *, causal, scale, window=UNBOUNDED, softcap=0.0,
-             alibi_slopes=None, cu_seqlens=None, max_seqlen=None, dq=None, dk=None, dv=None):
-    """The reference backend's backward, per sequence for a packed batch (as forward)."""
-    variant = dict(causal=causal, scale=scale, window=window, softcap=softcap)
+             alibi_slopes=None, sinks=None, cu_seqlens=None, max_seqlen=None, dq=None, dk=None,
+             dv=None):
+    """The reference backend's backward, per sequence for a packed batch (as forward).
+    Returns (dq, dk, dv), and with sinks (dq, dk, dv, dsinks), dsinks summed over sequences."""
+    variant = dict(causal=causal, scale=scale, window=window, softcap=softcap, sinks=sinks)
     if cu_seqlens is None:
         return flash_attention_backward(q, k, v, out, dout, lse, alibi_slopes=alibi_slopes,
                                         dq=dq, dk=dk, dv=dv, **variant)
+    dsinks = None
     for b, (qs, ks) in enumerate(_sequences(cu_seqlens)):
-        flash_attention_backward(q[:, :, qs], k[:, :, ks], v[:, :, ks], out[:, :, qs],
-                                 dout[:, :, qs], lse[:, :, qs],
-                                 alibi_slopes=_sequence_slopes(alibi_slopes, b),
-                                 dq=dq[:, :, qs], dk=dk[:, :, ks], dv=dv[:, :, ks], **variant)
-    return dq, dk, dv
+        grads = flash_attention_backward(q[:, :, qs], k[:, :, ks], v[:, :, ks], out[:, :, qs],
+                                         dout[:, :, qs], lse[:, :, qs],
+                                         alibi_slopes=_sequence_slopes(alibi_slopes, b),
+                                         dq=dq[:, :, qs], dk=dk[:, :, ks], dv=dv[:, :, ks],
+                                         **variant)
+        if sinks is not None:
+            dsinks = grads[3] if dsinks is None else dsinks + grads[3]
+    if sinks is None:
+        return dq, dk, dv
+    if dsinks is None:  # no sequence at all
+        dsinks = np.zeros(np.shape(sinks), dtype=np.float64 if q.dtype == np.float64 else np.float32)
+    return dq, dk, dv, dsinks

@@ -97,12 +97,15 @@ def _source_and_digest(vendor: str, source: str) -> tuple[str, str]:
     return code, hashlib.sha256(code.encode()).hexdigest()
 
 
-def get_function(vendor: str, source: str, entry: str, defines: dict[str, int], device_id: int):
-    """The compiled entry point of one variant on one device (a cupy.RawKernel)."""
+def get_function(vendor: str, source: str, entry: str, defines: dict[str, int], device_id: int,
+                 options: tuple[str, ...] = ()):
+    """The compiled entry point of one variant on one device (a cupy.RawKernel). options: extra
+    compiler options (the sm90 kernels pass -arch=sm_90a: wgmma and setmaxnreg need the "a"
+    target, and CuPy's own -arch names the plain one)."""
     import cupy
 
     code, digest = _source_and_digest(vendor, source)
-    options = ("-std=c++17",) + define_options(defines)
+    options = ("-std=c++17",) + tuple(options) + define_options(defines)
     key = (device_id, digest, options, entry)
     kernel = _modules.get(key)
     if kernel is not None:

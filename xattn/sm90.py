@@ -1,0 +1,165 @@
+"""The Hopper (sm_90a) forward: kernels_cuda/sm90/flash_fwd.cu (TMA, wgmma, warp specialization).
+
+`forward` has exactly the contract of xattn.cuda.forward; `supports` says whether a call can run
+here (else it stays on the mma.sync kernel). Arrays arrive as (B, H, S, D) views, torch tensors or
+CuPy arrays, any batch/head/row strides and D contiguous; each of q, k, v, out becomes a tensor map
+(xattn/tma.py), the rest of the call one AttnParams block (kernels_common/params.h) passed by value.
+
+Not served here yet (supports() is False, the caller keeps the mma.sync kernel): packed varlen
+batches, an empty key sequence, views the copy engine cannot address (a base or a stride not a
+multiple of 16 bytes), head dims above 256, float32.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import numpy as np
+
+from xattn import cuda, jit, tma
+
+SOURCE = "sm90/flash_fwd.cu"
+ENTRY = "flash_fwd_sm90"
+ARCH = 90
+COMPILE_OPTIONS = ("-arch=sm_90a",)  # wgmma and setmaxnreg exist only on the "a" target
+THREADS = 384        # the producer warpgroup and two consumer warpgroups (NUM_THREADS there)
+BLOCK_M = 128        # query rows per CTA: 64 per consumer warpgroup (BLOCK_M there)
+STORE_ROWS = 64      # rows of one O store box: one consumer's rows
+SMEM_ALIGN = 1024    # the kernel aligns its shared memory to the 128-byte swizzle's 1024-byte atom
+SMEM_LIMIT = 227 * 1024  # dynamic shared memory one block may opt into on sm_90
+BARRIER_BYTES = 8
+
+
+class Row(NamedTuple):
+    """One row of the tile table: the padded head dim, the masking class, and the tiles."""
+    head_dim: int
+    causal: bool      # rows used when the band has a right edge (causal, or a window's right side)
+    block_n: int      # keys per tile
+    stages: int       # K/V tiles in flight
+    overlap: int = 1  # softmax of tile j under P V of tile j - 1 (OVERLAP there)
+    pingpong: int = 1  # the two consumer warpgroups take turns on the tensor cores (PINGPONG there)
+
+
+# Smallest head dim first; a head dim runs on the first row at least as wide (the copy engine
+# zero-fills the columns past it). fp16 and bf16 share rows.
+ROWS = (
+    Row(64, False, 128, 3), Row(64, True, 128, 3),
+    Row(128, False, 128, 2), Row(128, True, 128, 2),
+    Row(256, False, 80, 2), Row(256, True, 80, 2),
+)
+
+
+def select(head_dim: int, causal: bool) -> Row | None:
+    return next((r for r in ROWS if r.head_dim >= head_dim and r.causal == causal), None)
+
+
+def shared_memory_bytes(row: Row) -> int:
+    """The kernel's shared-memory layout: sQ, STAGES K and V tiles, the barriers (q_full, and
+    k_full, v_full, k_empty, v_empty per stage), plus the slack to align it to 1024 bytes."""
+    q = BLOCK_M * row.head_dim * 2
+    kv = 2 * row.stages * row.block_n * row.head_dim * 2
+    return SMEM_ALIGN + q + kv + BARRIER_BYTES * (1 + 4 * row.stages)
+
+
+def defines(row: Row, dtype: str, *, causal: bool, local: bool, softcap: bool, alibi: bool) -> dict:
+    return {"ELEM_BF16": int(dtype == "bfloat16"), "HEAD_DIM": row.head_dim, "BLOCK_N": row.block_n,
+            "STAGES": row.stages, "OVERLAP": row.overlap, "PINGPONG": row.pingpong,
+            "IS_CAUSAL": int(causal), "IS_LOCAL": int(local), "HAS_SOFTCAP": int(softcap),
+            "HAS_ALIBI": int(alibi)}
+
+
+# ---- the parameter block -------------------------------------------------------------------------
+# kernels_common/params.h's AttnParams, field for field (tests/test_sm90.py compares the offsets
+# with a C compiler's).
+_TENSOR_REF = [("ptr", "<u8"), ("batch_stride", "<i8"), ("head_stride", "<i8"), ("row_stride", "<i8")]
+_TENSORS = ("q", "k", "v", "o", "lse", "dout", "dq", "dk", "dv", "delta", "dq_accum")
+PARAMS_DTYPE = np.dtype(
+    [(name, _TENSOR_REF) for name in _TENSORS]
+    + [("cu_seqlens_q", "<u8"), ("cu_seqlens_k", "<u8"), ("alibi_slopes", "<u8"), ("alibi_batch_stride", "<i8")]
+    + [(name, "<i4") for name in ("batch_offset", "heads_q", "heads_per_kv", "seqlen_q", "seqlen_k", "head_dim",
+                                  "window_left", "window_right")]
+    + [(name, "<f4") for name in ("softcap_scale", "scale", "scale_log2", "grad_scale")],
+    align=True)
+
+
+def _tensor_ref(params, name: str, a) -> None:
+    ref = params[name][0]
+    ref["ptr"] = a.ptr
+    ref["batch_stride"], ref["head_stride"], ref["row_stride"] = (a.strides + (1,))[:3]
+
+
+# ---- what runs here ----------------------------------------------------------------------------------
+
+def supports(q, k, v, out, lse, *, causal: bool = False, window=(-1, -1), softcap: float = 0.0,
+             alibi_slopes=None, cu_seqlens=None, max_seqlen=None) -> bool:
+    """Whether this call (forward's arguments) can run on the sm90 kernel: a compute capability
+    9.0 device, fp16/bf16, head dim <= 256, no packed varlen batch, keys present, and q, k, v,
+    out addressable by the copy engine (16-byte aligned bases and strides)."""
+    if cu_seqlens is not None:
+        return False
+    arrays = [cuda._describe(a) for a in (q, k, v, out)]
+    Q = arrays[0]
+    if Q.dtype not in ("float16", "bfloat16") or any(a.dtype != Q.dtype for a in arrays):
+        return False
+    if cuda._arch(Q.device) != ARCH:
+        return False
+    left, right = window
+    if causal:
+        right = 0
+    if select(Q.shape[3], right >= 0) is None or arrays[1].shape[2] == 0:
+        return False
+    return all(tma.expressible(a.ptr, a.dtype, a.shape, a.strides) for a in arrays if a.shape[2] > 0)
+
+
+def forward(q, k, v, out, lse, *, causal: bool, scale: float, stream: int, window=(-1, -1),
+            softcap: float = 0.0, alibi_slopes=None, cu_seqlens=None, max_seqlen=None) -> None:
+    """xattn.cuda.forward on the sm90 kernel, for calls that supports() accepts: out =
+    softmax(scale * q k^T + modifiers) v and lse for (B, H, S, D) views."""
+    import cupy
+
+    if cu_seqlens is not None:
+        raise ValueError("cu_seqlens: packed varlen batches do not run on the sm90 kernel yet "
+                         "(xattn.sm90.supports says so); use xattn.cuda.forward")
+    Q, K, V, O, L = (cuda._describe(a) for a in (q, k, v, out, lse))
+    batch, heads_q, seqlen_q, head_dim = Q.shape
+    heads_k, seqlen_k = K.shape[1], K.shape[2]
+    if batch == 0 or heads_q == 0 or seqlen_q == 0:
+        return
+    if heads_q > cuda.MAX_GRID_YZ:
+        raise ValueError(f"q: at most {cuda.MAX_GRID_YZ} heads are supported, got {heads_q}")
+    left, right = window
+    if causal:
+        right = 0
+    row = select(head_dim, right >= 0)
+    if row is None:
+        raise ValueError(f"q: head dim {head_dim} has no sm90 row (at most {ROWS[-1].head_dim})")
+
+    score_scale = softcap if softcap else scale
+    params = np.zeros(1, dtype=PARAMS_DTYPE)
+    for name, a in (("q", Q), ("k", K), ("v", V), ("o", O), ("lse", L)):
+        _tensor_ref(params, name, a)
+    p = params[0]
+    if alibi_slopes is not None:
+        slopes = cuda._describe(alibi_slopes)  # float32 (Hq,) or (B, Hq), contiguous
+        p["alibi_slopes"] = slopes.ptr
+        p["alibi_batch_stride"] = slopes.strides[0] if len(slopes.shape) == 2 else 0
+    p["heads_q"], p["heads_per_kv"] = heads_q, heads_q // heads_k
+    p["seqlen_q"], p["seqlen_k"], p["head_dim"] = seqlen_q, seqlen_k, head_dim
+    p["window_left"], p["window_right"] = left, right
+    p["softcap_scale"] = scale / softcap if softcap else 0.0
+    p["scale"], p["scale_log2"] = score_scale, score_scale * cuda.LOG2_E
+
+    maps = [tma.tensor_map(a.ptr, a.dtype, a.shape, a.strides, rows)
+            for a, rows in ((Q, BLOCK_M), (K, row.block_n), (V, row.block_n), (O, STORE_ROWS))]
+    flags = defines(row, Q.dtype, causal=right >= 0, local=left >= 0, softcap=bool(softcap),
+                    alibi=alibi_slopes is not None)
+    kernel = jit.get_function("cuda", SOURCE, ENTRY, flags, Q.device, options=COMPILE_OPTIONS)
+    smem = shared_memory_bytes(row)
+    cuda._prepare(kernel, (Q.device, id(kernel)), smem)
+    grid_x = math.ceil(seqlen_q / BLOCK_M)
+    with cupy.cuda.Device(Q.device), cuda._external_stream(stream, Q.device):
+        for b0 in range(0, batch, cuda.MAX_GRID_YZ):  # gridDim.z <= 65535: the maps span every batch entry
+            p["batch_offset"] = b0
+            kernel((grid_x, heads_q, min(cuda.MAX_GRID_YZ, batch - b0)), (THREADS,), (*maps, params.copy()),
+                   shared_mem=smem)

@@ -1,0 +1,113 @@
+"""Tensor maps for Hopper's copy engine (TMA), built on the host with the CUDA driver through
+cuda-bindings (`cuTensorMapEncodeTiled`).
+
+A map describes one (B, H, S, D) view with D contiguous as a 4-D tensor (D, S, H, B), innermost
+first, with byte strides for S, H and B, and a box of 64 columns (128 bytes, the widest box the
+128-byte swizzle allows) by `box_rows` rows; the copy engine fills elements outside the tensor
+with zeros on loads and skips them on stores. Kernels take the 128 bytes by value as a
+`const __grid_constant__` parameter: CuPy passes a one-element NumPy structured array by value.
+
+Maps are cached per pointer-independent key (dtype, shape, strides, box) and re-pointed per call
+with `cuTensorMapReplaceAddress` (REPOINT = True) or encoded afresh (False); ci/sm90_fwd_check.py
+measures both on the host.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import threading
+
+import numpy as np
+
+BOX_COLS = 64              # elements of a box row: 128 bytes of a 16-bit type
+ALIGN = 16                 # bytes: the base address and every stride
+MAX_STRIDE = 1 << 40       # bytes, exclusive
+MAX_DIM = 1 << 32          # elements per dimension, inclusive
+MAP_BYTES = 128
+
+# One CUtensorMap as CuPy passes it: 16 little-endian 64-bit words, by value.
+MAP_DTYPE = np.dtype([("opaque", "<u8", (MAP_BYTES // 8,))])
+
+REPOINT = True
+MAX_CACHED = 4096  # maps kept for re-pointing
+
+_ITEMSIZE = {"float16": 2, "bfloat16": 2}
+
+
+def expressible(ptr: int, dtype: str, shape: tuple, strides: tuple) -> bool:
+    """Whether a (B, H, S, D) view (strides in elements, D contiguous) can be a tensor map: a
+    16-byte aligned base, strides of the outer dimensions multiples of 16 bytes below 2^40, every
+    dimension at most 2^32 and not empty. A dimension of extent 1 is never stepped over, so its
+    stride does not matter."""
+    size = _ITEMSIZE.get(dtype)
+    if size is None or ptr % ALIGN or len(shape) != 4 or (strides[3] != 1 and shape[3] > 1):
+        return False
+    if not all(0 < n <= MAX_DIM for n in shape):
+        return False
+    return all(n == 1 or (s > 0 and (s * size) % ALIGN == 0 and s * size < MAX_STRIDE)
+               for n, s in zip(shape[:3], strides[:3]))
+
+
+_driver = None
+_lock = threading.Lock()
+_maps: dict[tuple, object] = {}
+
+
+def _load_driver():
+    global _driver
+    if _driver is None:
+        from cuda.bindings import driver
+
+        (err,) = driver.cuInit(0)
+        _check(driver, err, "cuInit")
+        _driver = driver
+    return _driver
+
+
+def _check(driver, err, what: str) -> None:
+    if err != driver.CUresult.CUDA_SUCCESS:
+        raise RuntimeError(f"xattn: {what} failed ({err})")
+
+
+def _encode(driver, ptr: int, dtype: str, shape: tuple, strides: tuple, box_rows: int):
+    size = _ITEMSIZE[dtype]
+    batch, heads, rows, cols = shape
+    # A dimension of extent 1 gets a legal stride: its coordinate is always 0.
+    byte_strides = [s * size if n > 1 else ALIGN for n, s in zip(shape[:3], strides[:3])]
+    data_type = (driver.CUtensorMapDataType.CU_TENSOR_MAP_DATA_TYPE_BFLOAT16 if dtype == "bfloat16"
+                 else driver.CUtensorMapDataType.CU_TENSOR_MAP_DATA_TYPE_FLOAT16)
+    err, tmap = driver.cuTensorMapEncodeTiled(
+        data_type, 4, ptr,
+        [driver.cuuint64_t(n) for n in (cols, rows, heads, batch)],
+        [driver.cuuint64_t(s) for s in (byte_strides[2], byte_strides[1], byte_strides[0])],
+        [driver.cuuint32_t(n) for n in (BOX_COLS, box_rows, 1, 1)],
+        [driver.cuuint32_t(1)] * 4,
+        driver.CUtensorMapInterleave.CU_TENSOR_MAP_INTERLEAVE_NONE,
+        driver.CUtensorMapSwizzle.CU_TENSOR_MAP_SWIZZLE_128B,
+        driver.CUtensorMapL2promotion.CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
+        driver.CUtensorMapFloatOOBfill.CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE)  # NONE: zeros
+    _check(driver, err, f"cuTensorMapEncodeTiled(shape={shape}, strides={strides}, {dtype}, box rows {box_rows})")
+    return tmap
+
+
+def _as_array(tmap) -> np.ndarray:
+    return np.frombuffer(ctypes.string_at(tmap.getPtr(), MAP_BYTES), dtype=MAP_DTYPE).copy()
+
+
+def tensor_map(ptr: int, dtype: str, shape: tuple, strides: tuple, box_rows: int) -> np.ndarray:
+    """The tensor map of a (B, H, S, D) view (strides in elements) with boxes of 64 columns by
+    box_rows rows, as a one-element MAP_DTYPE array ready to pass to a kernel."""
+    driver = _load_driver()
+    key = (dtype, tuple(shape), tuple(strides), box_rows)
+    with _lock:  # a cached map is re-pointed and copied out in one step
+        tmap = _maps.get(key) if REPOINT else None
+        if tmap is None:
+            tmap = _encode(driver, ptr, dtype, shape, strides, box_rows)
+            if REPOINT:
+                if len(_maps) >= MAX_CACHED:  # shapes seen long ago: encoding again is cheap
+                    _maps.clear()
+                _maps[key] = tmap
+        else:
+            (err,) = driver.cuTensorMapReplaceAddress(tmap, ptr)
+            _check(driver, err, "cuTensorMapReplaceAddress")
+        return _as_array(tmap)

@@ -153,37 +153,56 @@ def _causal_flag(text: str) -> bool:
     return text == "causal"
 
 
+def _head_dim(text: str) -> int:
+    """A --head-dims value; argparse reports a rejection as the precompile command's error,
+    naming the option (a check after parsing could only print the top-level usage)."""
+    from xattn import precompile
+
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if not 1 <= value <= precompile.MAX_HEAD_DIM:
+        raise argparse.ArgumentTypeError(f"expected a head dim in 1..{precompile.MAX_HEAD_DIM}, "
+                                         f"got {value}")
+    return value
+
+
 def parse_args(argv) -> argparse.Namespace:
     """Options of every command but bench (which parses its own)."""
     from xattn import precompile
 
-    parser = argparse.ArgumentParser(prog="python -m xattn", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    commands = parser.add_subparsers(dest="command", required=True, metavar="command")
-    commands.add_parser("bench", help="xattn against its peers (options: bench --help)")
+    # The commands are listed once, by the subparsers (the module docstring lists them too, for
+    # readers of the source; handing it to argparse printed them twice).
+    parser = argparse.ArgumentParser(prog="python -m xattn",
+                                     description="xattn's command line: flash attention through "
+                                                 "JIT-compiled CUDA and HIP kernels.")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="command",
+                                     title="commands")
+    commands.add_parser("bench", help="xattn against its peers on the GPU; --model: a whole "
+                                      "model (options: bench --help)")
     commands.add_parser("demo", help="attention on the best backend, checked against the oracle")
-    info_parser = commands.add_parser("info", help="versions, backends, device, compiler")
+    info_parser = commands.add_parser("info", help="versions, backends (and why any is unusable), "
+                                                   "device, compiler, kernel cache")
     info_parser.add_argument("--no-timing", action="store_true",
                              help="skip the first-compile and warm-load measurement")
-    pre = commands.add_parser("precompile", help="compile the common kernel variants now",
+    pre = commands.add_parser("precompile", help="compile the common kernel variants now, for "
+                                                 "the present GPU",
                               description=precompile.__doc__.split("\n\n")[0])
     pre.add_argument("--dtypes", nargs="+", choices=precompile.DTYPES,
-                     default=list(precompile.DEFAULT_DTYPES))
-    pre.add_argument("--head-dims", type=int, nargs="+", default=list(precompile.DEFAULT_HEAD_DIMS),
-                     metavar="D")
+                     default=list(precompile.DEFAULT_DTYPES),
+                     help=f"default: {' '.join(precompile.DEFAULT_DTYPES)}")
+    pre.add_argument("--head-dims", type=_head_dim, nargs="+",
+                     default=list(precompile.DEFAULT_HEAD_DIMS), metavar="D",
+                     help=f"head dims in 1..{precompile.MAX_HEAD_DIM} (default: "
+                          f"{' '.join(map(str, precompile.DEFAULT_HEAD_DIMS))})")
     pre.add_argument("--causal", type=_causal_flag, nargs="+", default=[False, True],
                      metavar="{causal,full}", help="any of: causal full (default: both)")
     pre.add_argument("--forward-only", action="store_true",
                      help="skip the backward kernels (inference only)")
     pre.add_argument("--deterministic", action="store_true",
                      help="the backward kernels of deterministic=True instead")
-    args = parser.parse_args(argv)
-    if args.command == "precompile":
-        bad = [d for d in args.head_dims if not 1 <= d <= precompile.MAX_HEAD_DIM]
-        if bad:
-            parser.error(f"--head-dims: expected values in 1..{precompile.MAX_HEAD_DIM}, "
-                         f"got {bad[0]}")
-    return args
+    return parser.parse_args(argv)
 
 
 if __name__ == "__main__":

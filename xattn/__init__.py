@@ -13,6 +13,9 @@ from xattn.api import attention, attention_varlen, exact_attention
 from xattn.backends import BackendStatus, available_backends
 from xattn.kvcache import attention_with_kvcache
 from xattn.sources import kernel_files, kernel_source
+from xattn.integrations._on_torch_import import install as _register_with_torch
+
+_register_with_torch()  # "xattn" in torch.nn.attention's registry once torch is imported
 
 __version__ = "0.1.0"
 __all__ = ["attention", "attention_varlen", "attention_with_kvcache", "exact_attention", "available_backends", "BackendStatus",

@@ -284,8 +284,79 @@ def test_packed_sequences_are_refused_not_ignored():
         mine(ids, position_ids=position_ids, use_cache=False)
 
 
-def test_static_cache_is_refused_not_misaligned():
-    mine, _ = models("llama", "cpu", torch.float32)
+# ------------------------------------------------------------------------- static caches
+
+STATIC_FAMILIES = ["llama", "phi"]  # causal layers without a sliding window
+
+
+@pytest.mark.parametrize("device", _device_params())
+@pytest.mark.parametrize("family", STATIC_FAMILIES)
+def test_static_cache_generation_gives_the_same_tokens(family, device):
+    """cache_implementation="static", left-padded batch: the tokens of the peer with the same
+    cache, and of xattn with the dynamic cache. On the GPU transformers compiles the decoding
+    step with torch.compile(mode="reduce-overhead") (CUDA graphs) by itself."""
+    _skip_unless_usable(device)
+    mine, peer = models(family, device, torch.float32)
+    ids, mask = left_padded([9, 4, 6], 10, device)
+    with torch.no_grad():
+        got = mine.generate(ids, attention_mask=mask, cache_implementation="static", **GENERATE)
+        want = peer.generate(ids, attention_mask=mask, cache_implementation="static", **GENERATE)
+        dynamic = mine.generate(ids, attention_mask=mask, **GENERATE)
+    assert got.shape == (3, ids.shape[1] + GENERATE["max_new_tokens"])
+    assert torch.equal(got, want)
+    assert torch.equal(got, dynamic)
+
+
+@pytest.mark.gpu
+def test_static_cache_under_torch_compile_reduce_overhead():
+    """The decoding step compiled explicitly, fullgraph (the attention is one op: no graph
+    break), and replayed as CUDA graphs: the same tokens as the eager dynamic cache."""
+    _skip_unless_usable("cuda")
+    mine, peer = models("llama", "cuda", torch.float32)
+    ids, mask = left_padded([7, 3], 11, "cuda")
+    config = transformers.CompileConfig(mode="reduce-overhead", fullgraph=True)
+    with torch.no_grad():
+        got = mine.generate(ids, attention_mask=mask, cache_implementation="static",
+                            compile_config=config, **GENERATE)
+        want = peer.generate(ids, attention_mask=mask, **GENERATE)
+    assert torch.equal(got, want)
+
+
+def test_static_cache_mask_lengths_come_from_the_cache_position_on_the_device():
+    """The mask hook of a decoding step: the cache holds 5 tokens (q_offset, a tensor), the new
+    one makes 6 rows of 8 filled; row 1 has 2 padding tokens on the left."""
+    mask = torch.ones(2, 6, dtype=torch.long)
+    mask[1, :2] = 0
+    got = xattn_hf.padding_mask(2, 1, 8, q_offset=torch.tensor(5), attention_mask=mask,
+                                device=torch.device("cpu"))
+    assert got.dtype == torch.int32 and got.shape == (2, 1, 1, 9)
+    assert got[:, 0, 0, 0].tolist() == [6, 4]  # keys per sequence
+    assert got[0, 0, 0, 1:7].tolist() == [0, 1, 2, 3, 4, 5]  # the real rows, first and in order
+    assert got[1, 0, 0, 1:5].tolist() == [2, 3, 4, 5]
+    unpadded = xattn_hf.padding_mask(2, 3, 8, q_offset=0, attention_mask=None,
+                                     device=torch.device("cpu"))
+    assert unpadded.shape == (2, 1, 1, 1) and unpadded.flatten().tolist() == [3, 3]
+
+
+def test_static_cache_attention_op_passes_opcheck():
+    """The op torch.compile sees: schema, fake implementation, no hidden mutation; and the
+    padded sequence attends to its real keys only."""
+    rng = torch.Generator().manual_seed(12)
+    query = torch.randn(2, 4, 1, 16, generator=rng)
+    keys, values = (torch.randn(2, 2, 8, 16, generator=rng) for _ in range(2))
+    mask = torch.tensor([[6, 0, 1, 2, 3, 4, 5, 6, 7], [4, 2, 3, 4, 5, 0, 1, 6, 7]],
+                        dtype=torch.int32).view(2, 1, 1, 9)
+    torch.library.opcheck(xattn_hf.static_cache_attention, (query, keys, values, mask, 0.25, -1, 0.0))
+    out = xattn_hf.static_cache_attention(query, keys, values, mask, 0.25, -1, 0.0)
+    for row, (start, end) in enumerate([(0, 6), (2, 6)]):
+        want, _ = xattn.exact_attention(query[row:row + 1], keys[row:row + 1, :, start:end],
+                                        values[row:row + 1, :, start:end], causal=True, scale=0.25)
+        got = out[row:row + 1].transpose(1, 2)
+        assert rel_error(got, torch.from_numpy(want)) <= LOGIT_TOLERANCE[torch.float32], row
+
+
+def test_static_cache_with_a_sliding_window_is_refused_not_misaligned():
+    mine, _ = models("mistral", "cpu", torch.float32)
     ids = random_ids(1, 5, 9, "cpu")
     with pytest.raises(NotImplementedError, match="static caches"):
         mine.generate(ids, attention_mask=torch.ones_like(ids), cache_implementation="static",

@@ -22,15 +22,28 @@ What transformers builds and what xattn receives:
   j with i - W < j <= i, W keys including itself; that is window=(W - 1, 0) here.
 * softcap (Gemma-2's attn_logit_softcapping) and scaling go through as they are; K and V
   arrive un-repeated for GQA, which xattn serves without expanding them.
+* Static caches (`generate(..., cache_implementation="static")`, which transformers compiles
+  with torch.compile(mode="reduce-overhead") on a GPU): every layer sees the whole preallocated
+  cache, of which the first q_offset + Sq rows are filled (q_offset: the cache's length before
+  this step, a device tensor after the first step). The mask function returns an int32 4-d
+  tensor instead (transformers passes 4-d masks through unchanged): the filled length of each
+  sequence, computed on the device (no host synchronization, so the step can be captured in a
+  CUDA graph), and, when a padding mask is present, the order that puts each sequence's real
+  keys first. The attention function
+  then calls xattn.attention_with_kvcache on the cache (through the torch op
+  xattn_transformers::static_cache_attention, so torch.compile traces it as one node). Padding
+  costs one gather of the cache per layer, since attention_with_kvcache has no per-sequence
+  start offset; only causal layers (no sliding window) are served this way.
 * What xattn cannot express raises rather than being dropped: attention dropout in training
   (ValueError), mask patterns other than causal, bidirectional, sliding window and padding
-  (packed sequences, custom or/and mask functions, 4-d masks), static caches, attention
-  sinks, position biases (NotImplementedError, naming attn_implementation="sdpa" as the way
-  out).
+  (packed sequences, custom or/and mask functions, 4-d masks), static caches with
+  sliding-window or bidirectional layers, attention sinks, position biases
+  (NotImplementedError, naming attn_implementation="sdpa" as the way out).
 """
 
 from __future__ import annotations
 
+import math
 import warnings
 
 import torch
@@ -79,22 +92,71 @@ def _check_mask_pattern(mask_function) -> None:
             f"custom mask functions are not supported); use attn_implementation='sdpa'")
 
 
+def _static_cache_mask(batch_size, q_length, kv_length, q_offset, mask_function, attention_mask,
+                       device) -> torch.Tensor:
+    """The mask of a static cache, whose keys are the cache rows [0, kv_length), of which rows
+    [0, q_offset + q_length) are filled, the queries being its last q_length filled rows.
+
+    transformers passes a 4-d tensor mask through the model unchanged (generate() builds the
+    mask of a compilable cache before the compiled step, and the model's own mask call must then
+    leave it alone), so the mask is one: int32 (B, 1, 1, 1 + L). [b, 0, 0, 0] is the number of
+    keys of sequence b; [b, 0, 0, 1:] (present when there is a padding mask, L = kv_length) is
+    the order of the cache rows that puts sequence b's real keys first. Computed on the device
+    from the cache's position, never read on the host."""
+    from transformers import masking_utils as mu
+
+    if mask_function is not None and _mask_parts(mask_function) != [mu.causal_mask_function]:
+        raise NotImplementedError(
+            "attn_implementation='xattn' serves static caches (cache_implementation='static') "
+            "for causal layers only, not sliding-window or bidirectional ones; use the default "
+            "dynamic cache or attn_implementation='sdpa'")
+    filled = q_offset + q_length  # a 0-d device tensor after the first step
+    if attention_mask is None:
+        lengths = torch.zeros(batch_size, dtype=torch.int32, device=device) + filled
+        return lengths.view(batch_size, 1, 1, 1)
+    if attention_mask.ndim != 2:
+        raise NotImplementedError(f"attn_implementation='xattn' takes a 2-d padding mask "
+                                  f"(batch, keys), got shape {tuple(attention_mask.shape)}")
+    # Real keys: unpadded and filled. The mask may be shorter than the cache (one column per
+    # token seen so far) or longer; unfilled rows are never real. Whether there is any padding
+    # is not asked: that would read the mask on the host at every step.
+    columns = min(attention_mask.shape[-1], kv_length)
+    real = torch.zeros(batch_size, kv_length, dtype=torch.bool, device=device)
+    real[:, :columns] = attention_mask[:, :columns].to(device=device, dtype=torch.bool)
+    real &= torch.arange(kv_length, device=device) < filled
+    # A stable sort of "not real" puts the real rows first, in their order. The queries are then
+    # the last rows of each sequence's real keys (bottom-right aligned), which holds when the
+    # padding precedes them, as generate()'s left padding does.
+    order = torch.sort((~real).to(torch.uint8), dim=1, stable=True).indices
+    plan = torch.cat([real.sum(dim=1, dtype=torch.int32)[:, None], order.to(torch.int32)], dim=1)
+    return plan.view(batch_size, 1, 1, 1 + kv_length)
+
+
+def _is_static_cache_mask(mask) -> bool:
+    return mask.ndim == 4 and mask.dtype == torch.int32 and mask.shape[1:3] == (1, 1)
+
+
 def padding_mask(batch_size, q_length, kv_length, q_offset=0, kv_offset=0, mask_function=None,
                  attention_mask=None, **kwargs):
     """transformers' mask hook for "xattn": None, or the boolean padding mask (B, kv_length)
-    of the keys this layer sees. Nothing of size q_length x kv_length is ever built."""
+    of the keys this layer sees, or for a static cache the int32 mask of _static_cache_mask.
+    Nothing of size q_length x kv_length is ever built."""
     if mask_function is not None:
         _check_mask_pattern(mask_function)
-    if isinstance(q_offset, torch.Tensor) or isinstance(kv_offset, torch.Tensor):
-        raise NotImplementedError("attn_implementation='xattn' does not support static caches "
-                                  "(cache_implementation='static') yet; use the default "
-                                  "dynamic cache")
+    if isinstance(kv_offset, torch.Tensor):
+        raise NotImplementedError("attn_implementation='xattn' does not support caches whose "
+                                  "key offset is a tensor; use attn_implementation='sdpa'")
+    static = isinstance(q_offset, torch.Tensor) or q_offset + q_length < kv_offset + kv_length
+    if static and kv_offset == 0:
+        # A preallocated cache (StaticCache): at the first step q_offset is still the int 0.
+        return _static_cache_mask(batch_size, q_length, kv_length, q_offset, mask_function,
+                                  attention_mask, kwargs.get("device"))
     if q_offset + q_length != kv_offset + kv_length:
-        # The queries are not the last q_length keys: a static cache's unfilled slots, or an
-        # offset scheme (e.g. multi-token prediction) that bottom-right alignment would get wrong.
+        # The queries are not the last q_length keys: an offset scheme (e.g. multi-token
+        # prediction) that bottom-right alignment would get wrong.
         raise NotImplementedError(
             f"attn_implementation='xattn' needs the queries to be the last keys, as in the "
-            f"default dynamic cache (static caches are not supported yet); got queries "
+            f"default dynamic cache and static caches; got queries "
             f"{q_offset}..{q_offset + q_length} against keys {kv_offset}..{kv_offset + kv_length}")
     if attention_mask is None:
         return None
@@ -150,6 +212,15 @@ def attention_forward(module, query, key, value, attention_mask, dropout=0.0, sc
     if attention_mask is None:
         out = xattn.attention(query, key, value, layout="bhsd", **options)
         return out.transpose(1, 2).contiguous(), None
+    if _is_static_cache_mask(attention_mask):
+        if not causal:
+            raise NotImplementedError("attn_implementation='xattn': static caches are served "
+                                      "for causal layers only")
+        scale = scaling if scaling is not None else 1 / math.sqrt(query.shape[-1])
+        out = static_cache_attention(query, key, value, attention_mask, float(scale),
+                                     -1 if window is None else window[0],
+                                     float(softcap) if softcap else 0.0)
+        return out, None
     if attention_mask.dtype != torch.bool or attention_mask.ndim != 2:
         raise NotImplementedError(
             f"attn_implementation='xattn' takes the 2-d boolean padding mask its mask function "
@@ -185,3 +256,31 @@ def _padded(query, key, value, key_mask, options):
     # Padded query rows get zeros (no token there to attend from), as FlashAttention-2 gives.
     full = out.new_zeros(batch * sq, heads, head_dim).index_copy(0, indices_q, out)
     return full.view(batch, sq, heads, head_dim)
+
+
+# ------------------------------------------------------------------------- static caches
+
+@torch.library.custom_op("xattn_transformers::static_cache_attention", mutates_args=())
+def static_cache_attention(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
+                           mask: torch.Tensor, scale: float, window_left: int,
+                           softcap: float) -> torch.Tensor:
+    """Causal attention of query (B, H, Sq, D) against a static cache's keys/values
+    (B, Hk, L, D) as the mask of _static_cache_mask describes them; output (B, Sq, H, D).
+    An op of its own so that torch.compile (and its CUDA graphs) treats the call as one node;
+    the cache is only read (transformers has already written the new rows)."""
+    lengths = mask[:, 0, 0, 0].contiguous()
+    if mask.shape[-1] > 1:  # padding: each sequence's real rows first, one gather per layer
+        order = mask[:, 0, 0, 1:].long()
+        index = order[:, None, :, None].expand(*keys.shape[:2], -1, keys.shape[-1])
+        keys, values = keys.gather(2, index), values.gather(2, index)
+    with torch.no_grad():  # inference only, as attention_with_kvcache requires
+        out = xattn.attention_with_kvcache(
+            query, keys, values, cache_seqlens=lengths, causal=True, scale=scale,
+            window=None if window_left < 0 else (window_left, 0), softcap=softcap or None)
+    return out.transpose(1, 2).contiguous()
+
+
+@static_cache_attention.register_fake
+def _(query, keys, values, mask, scale, window_left, softcap):
+    batch, heads, sq, head_dim = query.shape
+    return query.new_empty(batch, sq, heads, head_dim)

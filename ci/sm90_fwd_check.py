@@ -1,0 +1,324 @@
+"""One GPU round for the sm90 forward (kernels_cuda/sm90/flash_fwd.cu, xattn/sm90.py), by phase:
+
+  compile   every row (fp16/bf16, causal or not, the modifier flags): registers and local memory
+            through CuPy, and the SASS of an NVRTC cubin (HGMMA count, LDL/STL count)
+  check     xattn.sm90.forward against float64 exact attention on awkward shapes: S = 1, 63, 65,
+            127, 129, 1000, Sq != Sk both ways, GQA 4:1, strided views (both layouts), head dims
+            between rows, windows, softcap, ALiBi; NaN-poisoned outputs, two runs bitwise equal
+  host      host cost of a tensor map: encode vs re-point (xattn/tma.py REPOINT)
+  tune      candidate rows (tile, stages, overlaps) at S = 8192, bf16
+  bench     TFLOP/s side by side with today's kernel (xattn.cuda.forward), SDPA flash and cuDNN:
+            bf16/fp16, D 64/128/256, causal or not, S 1024..16384, B*S = 16384, H*D = 2048
+A benchmark, not a test. Each phase prints one line per item and a summary line last.
+
+    PYTHONPATH=. python ci/sm90_fwd_check.py --phase check [--variant simple|overlap|pingpong] [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from kernel_check import compare, exact  # noqa: E402  (the float64 oracle on the GPU, and the verdict)
+
+from xattn import cuda, jit, sm90, tma  # noqa: E402
+
+DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16}
+VARIANTS = {"simple": dict(overlap=0, pingpong=0), "overlap": dict(overlap=1, pingpong=0),
+            "pingpong": dict(overlap=1, pingpong=1)}
+
+
+def use_variant(name: str) -> None:
+    sm90.ROWS = tuple(r._replace(**VARIANTS[name]) for r in sm90.ROWS)
+
+
+# ---- compile -------------------------------------------------------------------------------------
+
+FLAG_SETS = [dict(), dict(local=True), dict(softcap=True), dict(alibi=True)]
+
+
+def sass_counts(defines: dict) -> str:
+    try:
+        from compile_kernels import nvrtc_compile  # noqa: F401
+        from cuda.bindings import nvrtc
+    except Exception as exc:  # no NVRTC through cuda-bindings here
+        return f"sass: n/a ({type(exc).__name__})"
+    code = jit.preprocess("cuda", sm90.SOURCE)
+    opts = ["--gpu-architecture=sm_90a", "-std=c++17", *jit.define_options(defines)]
+    err, prog = nvrtc.nvrtcCreateProgram(code.encode(), b"flash_fwd.cu", 0, [], [])
+    (err,) = nvrtc.nvrtcCompileProgram(prog, len(opts), [o.encode() for o in opts])
+    if err != nvrtc.nvrtcResult.NVRTC_SUCCESS:
+        return "sass: compile failed"
+    _, size = nvrtc.nvrtcGetCUBINSize(prog)
+    cubin = b" " * size
+    nvrtc.nvrtcGetCUBIN(prog, cubin)
+    with tempfile.NamedTemporaryFile(suffix=".cubin", delete=False) as f:
+        f.write(cubin)
+    try:
+        sass = subprocess.run(["cuobjdump", "-sass", f.name], capture_output=True, text=True, timeout=60).stdout
+    except Exception as exc:
+        return f"sass: cuobjdump failed ({exc})"
+    finally:
+        os.unlink(f.name)
+    lines = sass.splitlines()
+    count = lambda *ops: sum(1 for l in lines if any(f" {op}" in l for op in ops))
+    return f"HGMMA {count('HGMMA')} LDL/STL {count('LDL', 'STL')}"
+
+
+def phase_compile(args) -> int:
+    bad = 0
+    for row in sm90.ROWS:
+        for dtype in DTYPES:
+            for flags in FLAG_SETS:
+                d = sm90.defines(row, dtype, causal=row.causal, local=flags.get("local", False),
+                                 softcap=flags.get("softcap", False), alibi=flags.get("alibi", False))
+                t0 = time.perf_counter()
+                try:
+                    k = jit.get_function("cuda", sm90.SOURCE, sm90.ENTRY, d, 0, options=sm90.COMPILE_OPTIONS)
+                    info = f"regs {k.num_regs} local {k.local_size_bytes}"
+                    bad += k.local_size_bytes != 0
+                except Exception as exc:
+                    info, bad = f"FAILED {type(exc).__name__}: {str(exc)[:400]}", bad + 1
+                dt = time.perf_counter() - t0
+                sass = sass_counts(d) if not flags and dtype == "bfloat16" else ""
+                print(f"compile D{row.head_dim} {'causal' if row.causal else 'full'} N{row.block_n} "
+                      f"st{row.stages} {dtype} {flags or ''}: {info} {dt:.2f}s {sass}", flush=True)
+    print(f"SUMMARY compile: {bad} bad variants", flush=True)
+    return int(bad > 0)
+
+
+# ---- check ------------------------------------------------------------------------------------------
+
+def make(shape, dtype, layout, strided, gen):
+    """A (B, H, S, D) view; strided: a slice of a larger tensor whose strides stay multiples of 16
+    bytes (what the copy engine takes)."""
+    b, h, s, d = shape
+    ph, ps, pd = (1, 5, 8) if strided else (0, 0, 0)
+    if layout == "bhsd":
+        base = torch.randn(b, h + ph, s + ps, d + pd, generator=gen, device="cuda").to(dtype)
+        return base[:, :h, :s, :d]
+    base = torch.randn(b, s + ps, h + ph, d + pd, generator=gen, device="cuda").to(dtype)
+    return base[:, :s, :h, :d].transpose(1, 2)
+
+
+def run_case(dtype, b, hq, hk, sq, sk, d, causal, layout="bhsd", strided=False, variant=None, gen=None):
+    variant = dict(variant or {})
+    q = make((b, hq, sq, d), dtype, layout, strided, gen)
+    k = make((b, hk, sk, d), dtype, layout, strided, gen)
+    v = make((b, hk, sk, d), dtype, layout, strided, gen)
+    scale = 1 / math.sqrt(d)
+    if variant.get("alibi_slopes") == "per_head":
+        variant["alibi_slopes"] = torch.rand(hq, device="cuda", generator=gen)
+    elif variant.get("alibi_slopes") == "per_batch_head":
+        variant["alibi_slopes"] = torch.rand(b, hq, device="cuda", generator=gen)
+    if not sm90.supports(q, k, v, torch.empty_like(q), None, causal=causal, **variant):
+        return None, ["supports() says no"]
+    results = []
+    for _ in range(2):
+        out = torch.full_like(q, float("nan"))
+        lse = torch.full((b, hq, sq), float("nan"), device="cuda")
+        sm90.forward(q, k, v, out, lse, causal=causal, scale=scale,
+                     stream=torch.cuda.current_stream().cuda_stream, **variant)
+        torch.cuda.synchronize()
+        results.append((out, lse))
+    (out, lse), (out2, lse2) = results
+    ref_out, ref_lse = exact(q, k, v, causal, scale, **variant)
+    return compare(dtype, out, lse, out2, lse2, ref_out, ref_lse)
+
+
+def check_cases(quick: bool):
+    cases = []  # (dtype, b, hq, hk, sq, sk, d, causal, layout, strided, variant)
+    lengths = [1, 63, 65, 127, 129, 1000] if not quick else [1, 65, 129]
+    for i, s in enumerate(lengths):
+        for d in (64, 128, 256):
+            for causal in (False, True):
+                dt = ("bfloat16", "float16")[(i + d // 64) % 2]
+                cases.append((dt, 2, 4, 2, s, s, d, causal, "bhsd", False, None))
+    for sq, sk in [(1, 1000), (1000, 1), (129, 1000), (1000, 129), (65, 300), (300, 65)]:
+        for d in (64, 128, 256):
+            for causal in (False, True):
+                cases.append(("bfloat16", 1, 8, 2, sq, sk, d, causal, "bhsd", False, None))
+    for d in (32, 40, 72, 80, 96, 120, 136, 200):  # between rows: the copy engine pads
+        cases.append(("float16", 2, 4, 1, 200, 333, d, d % 16 == 0, "bhsd", False, None))
+    for layout in ("bhsd", "bshd"):
+        for d in (64, 128, 256):
+            for causal in (False, True):
+                cases.append(("bfloat16", 2, 8, 2, 257, 300, d, causal, layout, True, None))
+    variants = [dict(window=(100, 0)), dict(window=(50, 30)), dict(window=(-1, 20)), dict(window=(70, -1)),
+                dict(softcap=30.0), dict(alibi_slopes="per_head"), dict(alibi_slopes="per_batch_head")]
+    for variant in variants:
+        for d in (64, 128, 256):
+            for causal in (False, True):
+                cases.append(("bfloat16", 2, 4, 2, 333, 517, d, causal, "bhsd", False, variant))
+    if not quick:
+        cases.append(("bfloat16", 65537, 1, 1, 3, 5, 64, False, "bhsd", False, None))  # gridDim.z chunks
+        cases.append(("float16", 1, 32, 4, 4096, 4096, 128, True, "bhsd", False, None))
+    return cases
+
+
+def phase_check(args) -> int:
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    cases = check_cases(args.quick)
+    failed = 0
+    for case in cases:
+        dtype, b, hq, hk, sq, sk, d, causal, layout, strided, variant = case
+        label = (f"{dtype} B{b} H{hq}/{hk} S{sq}x{sk} D{d} {'causal' if causal else 'full'} {layout}"
+                 f"{' strided' if strided else ''} {variant or ''}")
+        print(f"... {label}", end="", flush=True)
+        try:
+            err, problems = run_case(DTYPES[dtype], b, hq, hk, sq, sk, d, causal, layout, strided, variant, gen)
+        except Exception as exc:
+            err, problems = None, [f"{type(exc).__name__}: {str(exc)[:300]}"]
+        failed += bool(problems)
+        print(f"  err {err:.2e}" if err is not None else "", "FAIL " + "; ".join(problems) if problems else "ok",
+              flush=True)
+    # A view the copy engine cannot address is refused (it stays on the mma.sync kernel).
+    q = torch.randn(1, 2, 64, 72, device="cuda", dtype=torch.bfloat16)[..., 1:65]  # base 2 bytes off
+    refused = not sm90.supports(q, q, q, q, None)
+    failed += not refused
+    print(f"unaligned view refused by supports(): {refused}")
+    print(f"SUMMARY check[{args.variant}]: {len(cases) + 1 - failed}/{len(cases) + 1} cases passed", flush=True)
+    return int(failed > 0)
+
+
+# ---- host cost of tensor maps ------------------------------------------------------------------
+
+def phase_host(args) -> int:
+    q = torch.randn(4, 16, 4096, 128, device="cuda", dtype=torch.bfloat16)
+    desc = cuda._describe(q)
+    n = 2000
+    for repoint in (False, True):
+        tma.REPOINT = repoint
+        tma._maps.clear()
+        tma.tensor_map(desc.ptr, desc.dtype, desc.shape, desc.strides, 128)
+        t0 = time.perf_counter()
+        for _ in range(n):
+            tma.tensor_map(desc.ptr, desc.dtype, desc.shape, desc.strides, 128)
+        print(f"host: tensor_map with REPOINT={repoint}: {(time.perf_counter() - t0) / n * 1e6:.1f} us per map")
+    tma.REPOINT = True
+    out, lse = torch.empty_like(q), torch.empty(4, 16, 4096, device="cuda")
+    stream = torch.cuda.current_stream().cuda_stream
+    sm90.forward(q, q, q, out, lse, causal=False, scale=0.1, stream=stream)
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(200):
+        sm90.forward(q[:, :, :1], q[:, :, :1], q[:, :, :1], out[:, :, :1], lse[:, :, :1], causal=False, scale=0.1,
+                     stream=stream)
+    torch.cuda.synchronize()
+    print(f"host: sm90.forward call (S = 1, launch included): {(time.perf_counter() - t0) / 200 * 1e6:.1f} us")
+    print("SUMMARY host: done")
+    return 0
+
+
+# ---- timing -----------------------------------------------------------------------------------------
+
+def tflops(b, h, s, d, causal, ms):
+    return 4 * b * h * s * s * d / (2 if causal else 1) / ms / 1e9
+
+
+def timers(q, k, v, causal):
+    import torch.nn.functional as F
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    b, h, s, d = q.shape
+    out, lse = torch.empty_like(q), torch.empty(b, h, s, device="cuda")
+    stream = torch.cuda.current_stream().cuda_stream
+    scale = 1 / math.sqrt(d)
+
+    def sdpa(backend):
+        def run():
+            with sdpa_kernel(backend):
+                return F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+        return run
+
+    return {"sm90": lambda: sm90.forward(q, k, v, out, lse, causal=causal, scale=scale, stream=stream),
+            "mma.sync": lambda: cuda.forward(q, k, v, out, lse, causal=causal, scale=scale, stream=stream),
+            "sdpa-flash": sdpa(SDPBackend.FLASH_ATTENTION),
+            "cudnn": sdpa(SDPBackend.CUDNN_ATTENTION)}
+
+
+def measure(fn):
+    from triton.testing import do_bench
+
+    try:
+        return do_bench(fn, warmup=10, rep=40, return_mode="median")
+    except Exception as exc:
+        print(f"    ({type(exc).__name__}: {str(exc)[:200]})")
+        return float("nan")
+
+
+def phase_tune(args) -> int:
+    base = sm90.ROWS
+    candidates = {64: [(128, 2), (128, 3), (192, 2), (176, 2)], 128: [(128, 2), (176, 2), (112, 2), (96, 3)],
+                  256: [(80, 2), (64, 2), (96, 1)]}
+    s = 8192
+    for d, tiles in candidates.items():
+        for causal in (False, True):
+            b, h = 16384 // s, 2048 // d
+            q, k, v = (torch.randn(b, h, s, d, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+            results = []
+            for block_n, stages in tiles:
+                for variant in ("simple", "overlap", "pingpong"):
+                    row = sm90.Row(d, causal, block_n, stages, **VARIANTS[variant])
+                    if sm90.shared_memory_bytes(row) > sm90.SMEM_LIMIT:
+                        continue
+                    sm90.ROWS = (row,)
+                    ms = measure(timers(q, k, v, causal)["sm90"])
+                    results.append((tflops(b, h, s, d, causal, ms), block_n, stages, variant))
+                    print(f"tune D{d} {'causal' if causal else 'full'} S{s} N{block_n} st{stages} {variant}: "
+                          f"{results[-1][0]:.1f} TFLOP/s", flush=True)
+            sm90.ROWS = base
+            best = max(results)
+            print(f"TUNE BEST D{d} {'causal' if causal else 'full'}: N{best[1]} st{best[2]} {best[3]} {best[0]:.1f}",
+                  flush=True)
+    print("SUMMARY tune: done")
+    return 0
+
+
+def phase_bench(args) -> int:
+    lines = []
+    dtypes = ("bfloat16", "float16") if not args.quick else ("bfloat16",)
+    lengths = (1024, 2048, 4096, 8192, 16384) if not args.quick else (2048, 8192)
+    print(f"bench {time.strftime('%Y-%m-%d')} {torch.cuda.get_device_name()}: TFLOP/s, do_bench median")
+    print("| dtype | D | causal | S | sm90 | mma.sync | sdpa-flash | cudnn | sm90/cudnn | sm90 % of 790 |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for dtype in dtypes:
+        for d in (64, 128, 256):
+            for causal in (False, True):
+                for s in lengths:
+                    b, h = 16384 // s, 2048 // d
+                    q, k, v = (torch.randn(b, h, s, d, device="cuda", dtype=DTYPES[dtype]) for _ in range(3))
+                    got = {name: tflops(b, h, s, d, causal, measure(fn)) for name, fn in timers(q, k, v, causal).items()}
+                    line = (f"| {dtype} | {d} | {int(causal)} | {s} | {got['sm90']:.0f} | {got['mma.sync']:.0f} | "
+                            f"{got['sdpa-flash']:.0f} | {got['cudnn']:.0f} | {got['sm90'] / got['cudnn']:.2f} | "
+                            f"{100 * got['sm90'] / 790:.0f}% |")
+                    print(line, flush=True)
+                    lines.append(line)
+                    del q, k, v
+    print("SUMMARY bench: done")
+    return 0
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--phase", required=True, choices=["compile", "check", "host", "tune", "bench"])
+    parser.add_argument("--variant", default="pingpong", choices=list(VARIANTS))
+    parser.add_argument("--quick", action="store_true")
+    args = parser.parse_args()
+    use_variant(args.variant)
+    return {"compile": phase_compile, "check": phase_check, "host": phase_host, "tune": phase_tune,
+            "bench": phase_bench}[args.phase](args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

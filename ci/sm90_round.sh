@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# One device round of the sm90 forward: compile, correctness (localized to a simpler variant if
+# the tuned one fails), host cost of tensor maps, tuning candidates, benchmark. Logs to $OUT.
+#   OUT=/tmp/x PHASES="compile check host tune bench" bash ci/sm90_round.sh
+set -uo pipefail
+cd "$(dirname "$0")/.."
+export PYTHONPATH=. PYTHONUNBUFFERED=1
+OUT=${OUT:-ci/results/latest}
+mkdir -p "$OUT"
+PHASES=${PHASES:-compile check host tune bench}
+nvidia-smi --query-gpu=name,driver_version,clocks.max.sm --format=csv,noheader > "$OUT/gpu.txt" 2>&1
+run() {  # run NAME TIMEOUT ARGS...
+    local name=$1 limit=$2; shift 2
+    timeout "$limit" python ci/sm90_fwd_check.py "$@" > "$OUT/$name.log" 2>&1
+    local rc=$?
+    echo "[$name rc=$rc] $(grep SUMMARY "$OUT/$name.log" | tail -1)"
+    return $rc
+}
+for phase in $PHASES; do
+    case $phase in
+    compile) run compile 150 --phase compile ;;
+    check)
+        if ! run check 200 --phase check; then
+            grep -E "FAIL|Error" "$OUT/check.log" | head -20
+            run check_overlap 60 --phase check --quick --variant overlap
+            run check_simple 60 --phase check --quick --variant simple
+            grep -E "FAIL|Error" "$OUT/check_simple.log" | head -10
+        fi ;;
+    host) run host 60 --phase host ;;
+    tune) run tune 170 --phase tune; grep "TUNE BEST" "$OUT/tune.log" ;;
+    bench) run bench 170 --phase bench ;;
+    esac
+done

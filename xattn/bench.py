@@ -1,9 +1,11 @@
-"""`python -m xattn bench`: xattn against PyTorch SDPA's flash, cuDNN and efficient backends, side by
-side in one process, on the shapes of ../shared/ANCHORS.md (B*S = 16384, H*D = 2048).
+"""`python -m xattn bench`: xattn against PyTorch SDPA's flash, cuDNN and efficient backends,
+side by side in one process, on B*S = 16384 tokens and H*D = 2048 (the FlashAttention papers'
+shapes; --tokens and --width change them).
 
 Forward FLOPs = 4*B*H*Sq*Sk*D, halved when causal (the FlashAttention papers' convention).
 With --bwd: backward (2.5x the forward FLOPs) and forward+backward (3.5x) against SDPA flash and
 cuDNN on the same shapes, and the peak memory of forward+backward at one long sequence.
+With --model: a whole Llama-style model with "xattn" and with "sdpa" (xattn.bench_model).
 A benchmark, not a test: it prints a table with ratios, and writes JSON and (with matplotlib) a PNG.
 """
 
@@ -15,6 +17,8 @@ import platform
 import statistics
 import sys
 from pathlib import Path
+
+from xattn import bench_model
 
 PEERS = {"flash": "FLASH_ATTENTION", "cudnn": "CUDNN_ATTENTION", "efficient": "EFFICIENT_ATTENTION"}
 
@@ -561,15 +565,24 @@ def _main_decode(args, timer, device) -> int:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m xattn bench", description=__doc__.splitlines()[0])
-    parser.add_argument("--dtypes", nargs="+", default=["bfloat16", "float16"])
-    parser.add_argument("--head-dims", type=int, nargs="+", default=[64, 128])
-    parser.add_argument("--seqlens", type=int, nargs="+", default=[512, 1024, 2048, 4096, 8192, 16384])
+    parser = argparse.ArgumentParser(prog="python -m xattn bench", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--dtypes", nargs="+", default=["bfloat16", "float16"],
+                        choices=["bfloat16", "float16", "float32"],
+                        help="dtypes of the forward, --bwd and --variants rows (default: %(default)s)")
+    parser.add_argument("--head-dims", type=int, nargs="+", default=[64, 128], metavar="D",
+                        help="head dims of those rows (default: %(default)s)")
+    parser.add_argument("--seqlens", type=int, nargs="+", metavar="S",
+                        default=[512, 1024, 2048, 4096, 8192, 16384],
+                        help="sequence lengths of the forward and --bwd rows (default: %(default)s)")
     parser.add_argument("--causal", type=lambda s: s == "causal", nargs="+", default=[False, True],
-                        help="any of: causal full")
-    parser.add_argument("--tokens", type=int, default=16384, help="B * S")
-    parser.add_argument("--width", type=int, default=2048, help="H * D")
-    parser.add_argument("--out", type=Path, default=Path("bench_results"), help="folder for JSON and PNG")
+                        metavar="{causal,full}", help="any of: causal full (default: both)")
+    parser.add_argument("--tokens", type=int, default=16384,
+                        help="B * S of every row; B = tokens // S (default: %(default)s)")
+    parser.add_argument("--width", type=int, default=2048,
+                        help="H * D of every row; H = width // D (default: %(default)s)")
+    parser.add_argument("--out", type=Path, default=Path("bench_results"),
+                        help="folder for the JSON and PNG (default: %(default)s)")
     parser.add_argument("--bwd", action="store_true",
                         help="backward and forward+backward instead of forward, plus a memory row")
     parser.add_argument("--mem-seqlen", type=int, default=65536,
@@ -585,9 +598,18 @@ def main(argv=None) -> int:
     parser.add_argument("--decode-seqlens", type=int, nargs="+", default=[4096, 32768, 131072],
                         help="cache lengths of the --decode rows")
     parser.add_argument("--decode-batch", type=int, default=8, help="batch of the --decode rows")
+    bench_model.add_arguments(parser)
     args = parser.parse_args(argv)
 
-    import torch
+    try:
+        import torch
+    except ImportError:
+        print("xattn bench compares xattn with PyTorch's attention and needs torch: "
+              "pip install 'xattn[torch]' (a CUDA build of torch, and a CuPy extra: "
+              "'xattn[cuda12]' or 'xattn[cuda13]')", file=sys.stderr)
+        return 2
+    if args.model:  # the CPU is allowed here (--model-size tiny), so before the GPU check
+        return bench_model.main(args)
 
     if not torch.cuda.is_available():
         print("xattn bench needs a CUDA GPU (torch.cuda.is_available() is False)", file=sys.stderr)

@@ -8,6 +8,7 @@ export PYTHONPATH=. PYTHONUNBUFFERED=1
 OUT=${OUT:-ci/results/latest}
 mkdir -p "$OUT"
 PHASES=${PHASES:-compile check host tune bench}
+check_failed=
 nvidia-smi --query-gpu=name,driver_version,clocks.max.sm --format=csv,noheader > "$OUT/gpu.txt" 2>&1
 run() {  # run NAME TIMEOUT ARGS...
     local name=$1 limit=$2; shift 2
@@ -18,16 +19,17 @@ run() {  # run NAME TIMEOUT ARGS...
 }
 for phase in $PHASES; do
     case $phase in
-    compile) run compile 150 --phase compile ;;
+    compile) run compile 120 --phase compile ;;
     check)
         if ! run check 200 --phase check; then
+            check_failed=1
             grep -E "FAIL|Error" "$OUT/check.log" | head -20
             run check_overlap 60 --phase check --quick --variant overlap
             run check_simple 60 --phase check --quick --variant simple
             grep -E "FAIL|Error" "$OUT/check_simple.log" | head -10
         fi ;;
     host) run host 60 --phase host ;;
-    tune) run tune 170 --phase tune; grep "TUNE BEST" "$OUT/tune.log" ;;
-    bench) run bench 170 --phase bench ;;
+    tune) [ -n "$check_failed" ] && continue; run tune 150 --phase tune; grep "TUNE BEST" "$OUT/tune.log" ;;
+    bench) [ -n "$check_failed" ] && continue; run bench 160 --phase bench ;;
     esac
 done

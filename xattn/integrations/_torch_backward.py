@@ -32,6 +32,10 @@ def backward(dout, q, k, v, out, lse, *, layout, causal, scale, window=(-1, -1),
     left, right = window
     if causal:
         right = 0
+    if alibi_slopes is not None:  # as xattn.api prepares them for the backends
+        from xattn import arrays
+        alibi_slopes = arrays.slopes_array(alibi_slopes,
+                                           arrays.describe(alibi_slopes, "alibi_slopes"))
     packed = cu_seqlens is not None
     if packed:
         dout, q, k, v, out, lse = (t[None] for t in (dout, q, k, v, out, lse))

@@ -46,6 +46,8 @@ import warnings
 
 import torch
 
+from xattn.flash_attn_compat import flash_window
+
 NAME = "xattn"
 MAX_HEAD_DIM = 256
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -169,12 +171,9 @@ def _tensor_unsupported(query, key, value) -> str | None:
 
 # ---------------------------------------------------------------------------- argument mapping
 
-def window(is_causal: bool, left, right) -> tuple[int, int]:
-    """aten's window_size_left/right (None or any negative: unbounded, flash-attn's meaning) as
-    xattn's window; with is_causal the right side is 0, as flash-attn sets it."""
-    left = -1 if left is None or left < 0 else int(left)
-    right = -1 if right is None or right < 0 else int(right)
-    return left, 0 if is_causal else right
+# aten's window_size_left/right are flash-attn's (None or negative: unbounded; causal sets the
+# right side to 0); xattn.flash_attn_compat holds that mapping.
+window = flash_window
 
 
 def _swap(t):

@@ -50,28 +50,36 @@ struct AttnParams {
     float grad_scale;          // backward: the attention scale, d(scale * x)/dx
 };
 
-// KV-cache decoding (flash_decode.cu) and its merge and append kernels.
+// KV-cache decoding (kernels_cuda/flash_decode.cu, flash_decode_f32.cu, flash_decode_merge.cu;
+// decode_common.h describes the algorithm). Python builds it from xattn/kvcache.py's
+// DECODE_PARAMS dtype; tests/test_decode_params.py checks the offsets with a C compiler.
+// Caches: contiguous (B, Hk, Smax, D), or paged (block_table non-null): (num_pages, page_size,
+// Hk, D), where k.batch_stride and v.batch_stride are the page strides.
 struct DecodeParams {
-    struct TensorRef q, k, v, o, lse;  // k, v: the caches (B, Hk, Smax, D)
+    struct TensorRef q, k, v, o, lse;  // k, v: the caches; lse: (B, Hq, Sq), or ptr null
     struct TensorRef k_new, v_new;     // rows appended to the caches (B, Hk, Snew, D), or null
-    float* o_part;                     // split-KV partial results: float32, contiguous
-    float* lse_part;
+    float* o_part;                     // split-KV partials: float32 (B, Hq, Sq, splits, HEAD_DIM)
+    float* lse_part;                   // and (B, Hq, Sq, splits), base 2; null with one split
     const int* cache_seqlens;          // int32 (B,) on the device, or null: uniform_seqlen
-    i64 seqlens_stride;
+    const int* block_table;            // int32 (B, max_pages) page ids, or null: contiguous caches
+    const float* sinks;                // float32 (Hq,) sink logits, or null
+    i64 seqlens_stride;                // elements between two entries of cache_seqlens
+    i64 block_table_stride;            // elements between two sequences' rows of block_table
     int uniform_seqlen;
-    int batch_offset;
+    int batch_offset;                  // first batch entry of this launch: blockIdx.z + batch_offset
     int heads_q;
     int heads_per_kv;
     int seqlen_q;
     int seqlen_new;
-    int seqlen_max;                    // Smax, the caches' capacity
+    int seqlen_max;                    // Smax, the caches' capacity per sequence (paged:
+                                       // max_pages * page_size)
     int head_dim;
-    int window_left;
+    int window_left;                   // the band, causal folded in (-1: unbounded)
     int window_right;
     int num_splits;
     int m_blocks;
-    float scale_log2;
-    float softcap_log2;
-    float scale_over_softcap;
-    int pad_;                          // explicit tail padding: the struct is a multiple of 8
+    int num_pages;                     // paged: page ids are clamped to [0, num_pages)
+    float scale_log2;                  // scale * log2(e)
+    float softcap_log2;                // c * log2(e) under a softcap c
+    float scale_over_softcap;          // scale / c
 };

@@ -66,10 +66,10 @@ static_assert(DQ_ROWS % 16 == 0, "each warp's dQ rows are whole m16 tiles");
 // exp2(s - lse) is then 0, so such rows add nothing, with no mask and no NaN.
 __device__ __forceinline__ void load_query_step(u16* sQ, u16* sdO, float* sLse, float* sDelta,
                                                 const u16* q, i64 q_row_stride, const u16* dout,
-                                                i64 do_row_stride, const float* lse, const float* delta,
+                                                i64 dout_row_stride, const float* lse, const float* delta,
                                                 int valid_rows, int head_dim, int tid) {
     load_tile<BLOCK_M>(sQ, q, q_row_stride, valid_rows, head_dim, tid);
-    load_tile<BLOCK_M>(sdO, dout, do_row_stride, valid_rows, head_dim, tid);
+    load_tile<BLOCK_M>(sdO, dout, dout_row_stride, valid_rows, head_dim, tid);
     for (int r = tid; r < BLOCK_M; r += NUM_THREADS) {
         sLse[r] = backward_lse2(lse, r, valid_rows);
         sDelta[r] = r < valid_rows ? delta[r] : 0.f;
@@ -157,24 +157,18 @@ __device__ __forceinline__ void accumulate_dq(float* dq_accum, u32 ds_lane, u32 
 // ---- entry point ------------------------------------------------------------------------------
 
 extern "C" __global__ void __launch_bounds__(NUM_THREADS, MIN_BLOCKS)
-flash_bwd_dkdv(const u16* __restrict__ q, const u16* __restrict__ k, const u16* __restrict__ v,
-               const u16* __restrict__ dout, const float* __restrict__ lse,
-               const float* __restrict__ delta, float* __restrict__ dq_accum,
-               u16* __restrict__ dk, u16* __restrict__ dv,
-               i64 q_batch_stride, i64 q_head_stride, i64 q_row_stride,
-               i64 k_batch_stride, i64 k_head_stride, i64 k_row_stride,
-               i64 v_batch_stride, i64 v_head_stride, i64 v_row_stride,
-               i64 do_batch_stride, i64 do_head_stride, i64 do_row_stride,
-               i64 dk_batch_stride, i64 dk_head_stride, i64 dk_row_stride,
-               i64 dv_batch_stride, i64 dv_head_stride, i64 dv_row_stride,
-               i64 lse_batch_stride, i64 lse_head_stride,
-               i64 delta_batch_stride, i64 delta_head_stride,
-               i64 dq_accum_batch_stride, i64 dq_accum_head_stride,
-               const int* __restrict__ cu_seqlens_q, const int* __restrict__ cu_seqlens_k,
-               const float* __restrict__ alibi_slopes, i64 alibi_batch_stride,
-               int seqlen_q, int seqlen_k, int head_dim, int heads_per_kv,
-               int window_left, int window_right, float softcap_scale,
-               float scale, float scale_log2, float grad_scale) {
+flash_bwd_dkdv(AttnParams p) {
+    // The parameter block (kernels_common/params.h), in this kernel's names.
+    TENSOR_FROM_PARAMS(const u16, q, p.q);
+    TENSOR_FROM_PARAMS(const u16, k, p.k);
+    TENSOR_FROM_PARAMS(const u16, v, p.v);
+    TENSOR_FROM_PARAMS(const u16, dout, p.dout);
+    TENSOR_FROM_PARAMS(const float, lse, p.lse);
+    TENSOR_FROM_PARAMS(const float, delta, p.delta);
+    TENSOR_FROM_PARAMS(float, dq_accum, p.dq_accum);
+    TENSOR_FROM_PARAMS(u16, dk, p.dk);
+    TENSOR_FROM_PARAMS(u16, dv, p.dv);
+    ATTENTION_SCALARS_FROM_PARAMS(p);
     // scale, scale_log2: the scores' scale as in flash_fwd.cu; grad_scale: the attention scale,
     // d(scale * x)/dx, applied to dK here and to dQ by flash_bwd_convert_dq.
     extern __shared__ __align__(16) u16 smem[];
@@ -186,7 +180,7 @@ flash_bwd_dkdv(const u16* __restrict__ q, const u16* __restrict__ k, const u16* 
     float* sLse = (float*)(sdS + (COMPUTE_DQ ? BLOCK_N * DS_STRIDE : 0));  // [2][BLOCK_M]
     float* sDelta = sLse + 2 * BLOCK_M;                                     // [2][BLOCK_M]
 
-    const int n_block = blockIdx.x, kv_head = blockIdx.y, batch = blockIdx.z;
+    const int n_block = blockIdx.x, kv_head = blockIdx.y, batch = blockIdx.z + p.batch_offset;
     const int tid = threadIdx.x, warp = tid / WARP_SIZE, lane = tid % WARP_SIZE;
     const int n_start = n_block * BLOCK_N;
     const int warp_key_start = n_start + warp * WARP_N;
@@ -201,7 +195,7 @@ flash_bwd_dkdv(const u16* __restrict__ q, const u16* __restrict__ k, const u16* 
     k += batch * k_batch_stride + kv_head * k_head_stride + (i64)(seq.k_start + n_start) * k_row_stride;
     v += batch * v_batch_stride + kv_head * v_head_stride + (i64)(seq.k_start + n_start) * v_row_stride;
     q += (i64)seq.q_start * q_row_stride;
-    dout += (i64)seq.q_start * do_row_stride;
+    dout += (i64)seq.q_start * dout_row_stride;
     lse += seq.q_start;
     delta += seq.q_start;
 
@@ -220,11 +214,11 @@ flash_bwd_dkdv(const u16* __restrict__ q, const u16* __restrict__ k, const u16* 
     auto issue_step = [&](int s, int buf) {
         int head = step_head(s), m_start = step_m_start(s);
         i64 q_off = batch * q_batch_stride + head * q_head_stride + m_start * q_row_stride;
-        i64 do_off = batch * do_batch_stride + head * do_head_stride + m_start * do_row_stride;
+        i64 do_off = batch * dout_batch_stride + head * dout_head_stride + m_start * dout_row_stride;
         i64 row_off = m_start;
         load_query_step(sQ + buf * BLOCK_M * SMEM_STRIDE, sdO + buf * BLOCK_M * SMEM_STRIDE,
                         sLse + buf * BLOCK_M, sDelta + buf * BLOCK_M, q + q_off, q_row_stride,
-                        dout + do_off, do_row_stride,
+                        dout + do_off, dout_row_stride,
                         lse + batch * lse_batch_stride + head * lse_head_stride + row_off,
                         delta + batch * delta_batch_stride + head * delta_head_stride + row_off,
                         seqlen_q - m_start, head_dim, tid);

@@ -34,21 +34,16 @@ static_assert(WARP_M % 16 == 0 && BLOCK_N % 16 == 0 && HEAD_DIM % 16 == 0, "whol
 // Each warp stages its dQ rows in its own rows of sQ at the end.
 
 extern "C" __global__ void __launch_bounds__(NUM_THREADS, MIN_BLOCKS)
-flash_bwd_dq(const u16* __restrict__ q, const u16* __restrict__ k, const u16* __restrict__ v,
-             const u16* __restrict__ dout, const float* __restrict__ lse,
-             const float* __restrict__ delta, u16* __restrict__ dq,
-             i64 q_batch_stride, i64 q_head_stride, i64 q_row_stride,
-             i64 k_batch_stride, i64 k_head_stride, i64 k_row_stride,
-             i64 v_batch_stride, i64 v_head_stride, i64 v_row_stride,
-             i64 do_batch_stride, i64 do_head_stride, i64 do_row_stride,
-             i64 dq_batch_stride, i64 dq_head_stride, i64 dq_row_stride,
-             i64 lse_batch_stride, i64 lse_head_stride,
-             i64 delta_batch_stride, i64 delta_head_stride,
-             const int* __restrict__ cu_seqlens_q, const int* __restrict__ cu_seqlens_k,
-             const float* __restrict__ alibi_slopes, i64 alibi_batch_stride,
-             int seqlen_q, int seqlen_k, int head_dim, int heads_per_kv,
-             int window_left, int window_right, float softcap_scale,
-             float scale, float scale_log2, float grad_scale) {
+flash_bwd_dq(AttnParams p) {
+    // The parameter block (kernels_common/params.h), in this kernel's names.
+    TENSOR_FROM_PARAMS(const u16, q, p.q);
+    TENSOR_FROM_PARAMS(const u16, k, p.k);
+    TENSOR_FROM_PARAMS(const u16, v, p.v);
+    TENSOR_FROM_PARAMS(const u16, dout, p.dout);
+    TENSOR_FROM_PARAMS(const float, lse, p.lse);
+    TENSOR_FROM_PARAMS(const float, delta, p.delta);
+    TENSOR_FROM_PARAMS(u16, dq, p.dq);
+    ATTENTION_SCALARS_FROM_PARAMS(p);
     extern __shared__ __align__(16) u16 smem[];
     u16* sQ = smem;
     u16* sdO = sQ + BLOCK_M * SMEM_STRIDE;
@@ -56,7 +51,7 @@ flash_bwd_dq(const u16* __restrict__ q, const u16* __restrict__ k, const u16* __
     u16* sV = sK + 2 * BLOCK_N * SMEM_STRIDE;  // [2][BLOCK_N][SMEM_STRIDE]
 
     const int m_block = gridDim.x - 1 - blockIdx.x;  // heaviest causal blocks first
-    const int head = blockIdx.y, batch = blockIdx.z, kv_head = head / heads_per_kv;
+    const int head = blockIdx.y, batch = blockIdx.z + p.batch_offset, kv_head = head / heads_per_kv;
     const int tid = threadIdx.x, warp = tid / WARP_SIZE, lane = tid % WARP_SIZE;
     const int m_start = m_block * BLOCK_M;
     const int warp_row_start = m_start + warp * WARP_M;
@@ -69,7 +64,7 @@ flash_bwd_dq(const u16* __restrict__ q, const u16* __restrict__ k, const u16* __
                                            alibi_slopes + batch * alibi_batch_stride + head, scale);
 
     q += batch * q_batch_stride + head * q_head_stride + (i64)(seq.q_start + m_start) * q_row_stride;
-    dout += batch * do_batch_stride + head * do_head_stride + (i64)(seq.q_start + m_start) * do_row_stride;
+    dout += batch * dout_batch_stride + head * dout_head_stride + (i64)(seq.q_start + m_start) * dout_row_stride;
     k += batch * k_batch_stride + kv_head * k_head_stride + (i64)seq.k_start * k_row_stride;
     v += batch * v_batch_stride + kv_head * v_head_stride + (i64)seq.k_start * v_row_stride;
     lse += batch * lse_batch_stride + head * lse_head_stride + seq.q_start;
@@ -84,7 +79,7 @@ flash_bwd_dq(const u16* __restrict__ q, const u16* __restrict__ k, const u16* __
                            seqlen_k - n_start, head_dim, tid);
     };
     load_tile<BLOCK_M>(sQ, q, q_row_stride, seqlen_q - m_start, head_dim, tid);
-    load_tile<BLOCK_M>(sdO, dout, do_row_stride, seqlen_q - m_start, head_dim, tid);
+    load_tile<BLOCK_M>(sdO, dout, dout_row_stride, seqlen_q - m_start, head_dim, tid);
     if (tiles.tile_end > tiles.tile_begin) issue_kv(tiles.tile_end - 1);
     cp_async_commit();
 

@@ -11,28 +11,27 @@
 // compile time: ELEM_F32, ELEM_BF16 (the element type, see platform.h)
 
 #include "platform.h"
+#include "../kernels_common/params.h"
 
 #define NUM_WARPS 4
 #define ROWS_PER_WARP 8
 #define ROWS_PER_BLOCK (NUM_WARPS * ROWS_PER_WARP)
 
 extern "C" __global__ void __launch_bounds__(NUM_WARPS * WARP_SIZE)
-flash_bwd_preprocess(const elem_t* __restrict__ o, const elem_t* __restrict__ dout, float* __restrict__ delta,
-                     i64 o_batch_stride, i64 o_head_stride, i64 o_row_stride,
-                     i64 do_batch_stride, i64 do_head_stride, i64 do_row_stride,
-                     i64 delta_batch_stride, i64 delta_head_stride,
-                     int seqlen_q, int head_dim) {
-    const int head = blockIdx.y, batch = blockIdx.z;
+flash_bwd_preprocess(const AttnParams p) {
+    // Reads p.o and p.dout, writes p.delta; p.seqlen_q rows per (batch, head) (a packed batch is one
+    // entry of all its rows).
+    const int head = blockIdx.y, batch = blockIdx.z + p.batch_offset;
     const int warp = threadIdx.x / WARP_SIZE, lane = threadIdx.x % WARP_SIZE;
-    o += batch * o_batch_stride + head * o_head_stride;
-    dout += batch * do_batch_stride + head * do_head_stride;
-    delta += batch * delta_batch_stride + head * delta_head_stride;
+    const elem_t* o = (const elem_t*)p.o.ptr + batch * p.o.batch_stride + head * p.o.head_stride;
+    const elem_t* dout = (const elem_t*)p.dout.ptr + batch * p.dout.batch_stride + head * p.dout.head_stride;
+    float* delta = (float*)p.delta.ptr + batch * p.delta.batch_stride + head * p.delta.head_stride;
     for (int r = 0; r < ROWS_PER_WARP; ++r) {
         int row = blockIdx.x * ROWS_PER_BLOCK + warp * ROWS_PER_WARP + r;
-        if (row >= seqlen_q) break;
+        if (row >= p.seqlen_q) break;
         float sum = 0.f;
-        for (int d = lane; d < head_dim; d += WARP_SIZE)
-            sum += to_float(o[row * o_row_stride + d]) * to_float(dout[row * do_row_stride + d]);
+        for (int d = lane; d < p.head_dim; d += WARP_SIZE)
+            sum += to_float(o[row * p.o.row_stride + d]) * to_float(dout[row * p.dout.row_stride + d]);
 #pragma unroll
         for (int lane_mask = WARP_SIZE / 2; lane_mask > 0; lane_mask /= 2) sum += shfl_xor(sum, lane_mask);
         if (lane == 0) delta[row] = sum;
@@ -40,18 +39,17 @@ flash_bwd_preprocess(const elem_t* __restrict__ o, const elem_t* __restrict__ do
 }
 
 extern "C" __global__ void __launch_bounds__(NUM_WARPS * WARP_SIZE)
-flash_bwd_convert_dq(const float* __restrict__ dq_accum, elem_t* __restrict__ dq,
-                     i64 dq_batch_stride, i64 dq_head_stride, i64 dq_row_stride,
-                     int heads_q, int seqlen_q, int head_dim, float scale) {
-    const int head = blockIdx.y, batch = blockIdx.z;
+flash_bwd_convert_dq(const AttnParams p) {
+    // Reads p.dq_accum (contiguous float32 rows of p.head_dim), writes p.dq scaled by p.grad_scale.
+    const int head = blockIdx.y, batch = blockIdx.z + p.batch_offset;
     const int warp = threadIdx.x / WARP_SIZE, lane = threadIdx.x % WARP_SIZE;
-    dq_accum += ((i64)batch * heads_q + head) * seqlen_q * head_dim;
-    dq += batch * dq_batch_stride + head * dq_head_stride;
+    const float* dq_accum = (const float*)p.dq_accum.ptr + batch * p.dq_accum.batch_stride
+                            + head * p.dq_accum.head_stride;
+    elem_t* dq = (elem_t*)p.dq.ptr + batch * p.dq.batch_stride + head * p.dq.head_stride;
     for (int r = 0; r < ROWS_PER_WARP; ++r) {
         int row = blockIdx.x * ROWS_PER_BLOCK + warp * ROWS_PER_WARP + r;
-        if (row >= seqlen_q) break;
-        for (int d = lane; d < head_dim; d += WARP_SIZE) {
-            dq[row * dq_row_stride + d] = from_float(dq_accum[(i64)row * head_dim + d] * scale);
-        }
+        if (row >= p.seqlen_q) break;
+        for (int d = lane; d < p.head_dim; d += WARP_SIZE)
+            dq[row * p.dq.row_stride + d] = from_float(dq_accum[(i64)row * p.head_dim + d] * p.grad_scale);
     }
 }

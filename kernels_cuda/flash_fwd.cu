@@ -173,18 +173,14 @@ __device__ __forceinline__ void write_output(float (&acc_o)[M_TILES][D_TILES][4]
 // ---- entry point ------------------------------------------------------------------------------
 
 extern "C" __global__ void __launch_bounds__(NUM_THREADS, MIN_BLOCKS)
-flash_fwd(const u16* __restrict__ q, const u16* __restrict__ k, const u16* __restrict__ v,
-          u16* __restrict__ o, float* __restrict__ lse,
-          i64 q_batch_stride, i64 q_head_stride, i64 q_row_stride,
-          i64 k_batch_stride, i64 k_head_stride, i64 k_row_stride,
-          i64 v_batch_stride, i64 v_head_stride, i64 v_row_stride,
-          i64 o_batch_stride, i64 o_head_stride, i64 o_row_stride,
-          i64 lse_batch_stride, i64 lse_head_stride,
-          const int* __restrict__ cu_seqlens_q, const int* __restrict__ cu_seqlens_k,
-          const float* __restrict__ alibi_slopes, i64 alibi_batch_stride,
-          int seqlen_q, int seqlen_k, int head_dim, int heads_per_kv,
-          int window_left, int window_right, float softcap_scale,
-          float scale, float scale_log2) {
+flash_fwd(AttnParams p) {
+    // The parameter block (kernels_common/params.h), in this kernel's names.
+    TENSOR_FROM_PARAMS(const u16, q, p.q);
+    TENSOR_FROM_PARAMS(const u16, k, p.k);
+    TENSOR_FROM_PARAMS(const u16, v, p.v);
+    TENSOR_FROM_PARAMS(u16, o, p.o);
+    TENSOR_FROM_PARAMS(float, lse, p.lse);
+    ATTENTION_SCALARS_FROM_PARAMS(p);
     // scale: the softmax's scale of the values in S (the softcap c under a softcap, else the
     // attention scale); scale_log2 = scale * log2(e).
     extern __shared__ __align__(16) u16 smem[];
@@ -193,7 +189,7 @@ flash_fwd(const u16* __restrict__ q, const u16* __restrict__ k, const u16* __res
     u16* sV = sK + BLOCK_N * SMEM_STRIDE;
 
     const int m_block = gridDim.x - 1 - blockIdx.x;
-    const int head = blockIdx.y, batch = blockIdx.z, kv_head = head / heads_per_kv;
+    const int head = blockIdx.y, batch = blockIdx.z + p.batch_offset, kv_head = head / heads_per_kv;
     const int tid = threadIdx.x, warp = tid / WARP_SIZE, lane = tid % WARP_SIZE;
     const int m_start = m_block * BLOCK_M;
     const int warp_row_start = m_start + warp * WARP_M;

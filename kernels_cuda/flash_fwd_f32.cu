@@ -36,18 +36,14 @@ static_assert(HEAD_DIM % WARP_SIZE == 0, "each lane owns whole head-dim columns"
 // ---- entry point ------------------------------------------------------------------------------
 
 extern "C" __global__ void __launch_bounds__(NUM_THREADS, MIN_BLOCKS)
-flash_fwd_f32(const float* __restrict__ q, const float* __restrict__ k, const float* __restrict__ v,
-              float* __restrict__ o, float* __restrict__ lse,
-              i64 q_batch_stride, i64 q_head_stride, i64 q_row_stride,
-              i64 k_batch_stride, i64 k_head_stride, i64 k_row_stride,
-              i64 v_batch_stride, i64 v_head_stride, i64 v_row_stride,
-              i64 o_batch_stride, i64 o_head_stride, i64 o_row_stride,
-              i64 lse_batch_stride, i64 lse_head_stride,
-              const int* __restrict__ cu_seqlens_q, const int* __restrict__ cu_seqlens_k,
-              const float* __restrict__ alibi_slopes, i64 alibi_batch_stride,
-              int seqlen_q, int seqlen_k, int head_dim, int heads_per_kv,
-              int window_left, int window_right, float softcap_scale,
-              float scale, float scale_log2) {
+flash_fwd_f32(AttnParams p) {
+    // The parameter block (kernels_common/params.h), in this kernel's names.
+    TENSOR_FROM_PARAMS(const float, q, p.q);
+    TENSOR_FROM_PARAMS(const float, k, p.k);
+    TENSOR_FROM_PARAMS(const float, v, p.v);
+    TENSOR_FROM_PARAMS(float, o, p.o);
+    TENSOR_FROM_PARAMS(float, lse, p.lse);
+    ATTENTION_SCALARS_FROM_PARAMS(p);
     extern __shared__ __align__(16) float smem_f32[];
     float* sQ = smem_f32;
     float* sK = sQ + BLOCK_M * HEAD_DIM;
@@ -55,7 +51,7 @@ flash_fwd_f32(const float* __restrict__ q, const float* __restrict__ k, const fl
     float* sP = sV + BLOCK_N * HEAD_DIM;
 
     const int m_block = gridDim.x - 1 - blockIdx.x;
-    const int head = blockIdx.y, batch = blockIdx.z, kv_head = head / heads_per_kv;
+    const int head = blockIdx.y, batch = blockIdx.z + p.batch_offset, kv_head = head / heads_per_kv;
     const int tid = threadIdx.x, warp = tid / WARP_SIZE, lane = tid % WARP_SIZE;
     const int m_start = m_block * BLOCK_M;
     const int warp_row_start = m_start + warp * ROWS_PER_WARP;

@@ -1,0 +1,387 @@
+// Flash-decoding: what the two decode kernels share (flash_decode.cu on tensor cores for 16-bit
+// data, flash_decode_f32.cu on CUDA cores for float32). flash_decode_merge.cu combines splits.
+//
+// A decode step has few query rows and many keys, so one thread block per (batch, kv head) would
+// leave most of the GPU idle. Instead the keys of each (batch, kv head) are split into num_splits
+// contiguous chunks, one thread block per chunk (flash-decoding). Each block keeps the online-
+// softmax state (running max m_i, running sum l_i, unnormalized O) of its rows over its chunk and
+// writes either the final rows (one split) or a partial result, O_s = O / l and LSE_s = m +
+// log2(l), that flash_decode_merge combines: LSE = log2(sum_s 2^LSE_s), O = sum_s 2^(LSE_s - LSE) O_s.
+//
+// GQA: the Hq / Hk query heads that share a kv head, times the Sq query tokens, are the rows of
+// one tile (row r = head-in-group * Sq + token), so each K/V tile is read once for the whole group.
+// More rows than BLOCK_M: further row tiles (m_blocks), which read the same keys again.
+//
+// Inside a block the warps split the keys too: each pipeline step covers KEYS_PER_STAGE keys and
+// warp w takes the w-th WARP_N of them. A warp owns its keys from the copy to the last product: it
+// has its own STAGES-deep cp.async ring of K and V tiles, its own (m_i, l_i, O) for all BLOCK_M
+// rows, and needs only __syncwarp() in the main loop. The warps' states are merged through shared
+// memory at the end, like the splits are merged across blocks.
+//
+// Grid: x = split * m_blocks + m_block, y = kv head, z = batch - batch_offset. Block: NUM_WARPS warps.
+//
+// Keys of sequence b: Sk_b = min(cached + Snew, Smax) with cached = clamp(cache_seqlens[b], 0,
+// Smax). Keys [0, cached) are cache rows; keys [cached, Sk_b) are this call's new rows, read from
+// k_new / v_new directly, while the same launch writes them into the cache (append fused into the
+// attention kernel: no block reads those cache rows, so the writes need no ordering). New rows
+// that would land at or past Smax are dropped. Masking is bottom-right aligned (Band of
+// attention_common.h with both edges run-time values): query token i sees key j iff
+// i + Sk_b - Sq - left <= j <= i + Sk_b - Sq + right (-1: unbounded; causal is right = 0).
+//
+// Caches: contiguous (B, Hk, Smax, D), or paged (PAGE_SIZE > 0): (num_pages, PAGE_SIZE, Hk, D)
+// with key j of sequence b at page block_table[b, j / PAGE_SIZE], row j % PAGE_SIZE (flash-attn's
+// convention). Page ids are clamped to [0, num_pages): a bad table reads or writes wrong pages,
+// never outside the caches. Smax is then max_pages * PAGE_SIZE, so j / PAGE_SIZE stays in the
+// table's row.
+//
+// Sinks (sinks != null): each query head h has a logit sink_h that joins its rows' softmax
+// denominators as one more key of score sink_h and value 0; the LSE includes it.
+//
+// Scores are carried in base-2 units, s2 = scale * log2(e) * q.k (or the softcapped value times
+// log2(e)), so every exponential is one ex2. The LSE written to lse is natural log.
+
+#pragma once
+
+#include "platform.h"
+// Both band edges are run-time values here (-1: unbounded), so the band helpers are compiled with
+// both edges on, whatever -D says; an unbounded side is a bound no key reaches (make_band).
+#undef IS_CAUSAL
+#undef IS_LOCAL
+#define IS_CAUSAL 1
+#define IS_LOCAL 1
+#include "../kernels_common/params.h"
+#include "../kernels_common/attention_common.h"
+
+// ---- compile-time configuration (set with -D by xattn/configs.py, decode_defines) -------------
+// ELEM_F32    1: float32 (flash_decode_f32.cu); 0: 16-bit, ELEM_BF16 picks bf16 or fp16
+// HEAD_DIM    padded head dim (a power of two, 32..256); the real one, head_dim, is <= it
+// BLOCK_M     query rows per tile (each warp holds all of them)
+// NUM_WARPS   warps per block;  WARP_N  keys per warp per pipeline step
+// STAGES      cp.async pipeline depth of each warp
+// VEC_LOADS   1: q, the caches and k_new/v_new rows start 16-byte aligned and head_dim is a whole
+//             number of 16-byte chunks: rows move in 16-byte copies; 0: 4-byte cp.async (float32)
+//             or element-wise copies (16-bit)
+// SOFTCAP     1: s = c * tanh(s / c) before the softmax
+// PAGE_SIZE   0: contiguous caches; > 0: paged caches of PAGE_SIZE rows per page
+// MIN_BLOCKS  thread blocks per SM that the register allocation must allow
+#ifndef PAGE_SIZE
+#define PAGE_SIZE 0
+#endif
+
+#define NUM_THREADS (NUM_WARPS * WARP_SIZE)
+#define KEYS_PER_STAGE (NUM_WARPS * WARP_N)
+#define ELEM_BYTES ((int)sizeof(elem_t))
+// Shared-memory rows are padded by 16 bytes: consecutive rows start in different bank groups
+// (conflict-free ldmatrix; float4 reads of 8 rows by 8 lanes hit 32 different banks).
+#define TILE_STRIDE (HEAD_DIM + 16 / ELEM_BYTES)
+#define UNIT_ELEMS (VEC_LOADS ? 16 / ELEM_BYTES : 1)  // elements per copy
+#define OUT_STRIDE (HEAD_DIM + 4)                      // floats per row of the merge scratch
+#define LN_2 0.6931471805599453f
+
+static_assert((HEAD_DIM & (HEAD_DIM - 1)) == 0 && HEAD_DIM >= 32, "HEAD_DIM: power of two >= 32");
+static_assert(BLOCK_M <= NUM_THREADS, "one thread per row computes the row limits");
+static_assert(PAGE_SIZE % 16 == 0, "pages hold a multiple of 16 rows");
+
+// ---- shared-memory layout ---------------------------------------------------------------------
+// sQ [BLOCK_M][TILE_STRIDE] elements | row_lo, row_hi [BLOCK_M] ints | then either
+//   the K/V rings: per warp, STAGES x (K [WARP_N][TILE_STRIDE], V [WARP_N][TILE_STRIDE]) elements,
+//   or, after the main loop, the merge scratch: O [BLOCK_M][OUT_STRIDE], m and l
+//   [NUM_WARPS][BLOCK_M] floats.
+// xattn/configs.py (decode_shared_memory_bytes) computes the same size.
+#define Q_BYTES (BLOCK_M * TILE_STRIDE * ELEM_BYTES)
+#define LIMIT_BYTES (2 * BLOCK_M * 4)
+#define TILE_BYTES (WARP_N * TILE_STRIDE * ELEM_BYTES)
+#define STAGE_BYTES (2 * TILE_BYTES)
+
+// ---- this block's share of the work -----------------------------------------------------------
+
+struct DecodeBlock {
+    int batch, kv_head, m_block, split;
+    int m_start, rows;      // first query row of the tile; query rows of this (batch, kv head)
+    int cached;             // cache rows before this call's new ones (clamped)
+    int seqlen_k;           // Sk_b
+    Band band;              // the sequence's band (attention_common.h)
+    int key_begin, key_end; // this split's keys
+    int full_lo, full_hi;   // keys [full_lo, full_hi) are seen by every query token
+};
+
+__device__ __forceinline__ DecodeBlock decode_block(const DecodeParams& p) {
+    DecodeBlock b;
+    b.m_block = blockIdx.x % p.m_blocks;
+    b.split = blockIdx.x / p.m_blocks;
+    b.kv_head = blockIdx.y;
+    b.batch = blockIdx.z + p.batch_offset;
+    b.m_start = b.m_block * BLOCK_M;
+    b.rows = p.heads_per_kv * p.seqlen_q;
+    const int cached = p.cache_seqlens ? p.cache_seqlens[b.batch * p.seqlens_stride] : p.uniform_seqlen;
+    b.cached = min(max(cached, 0), p.seqlen_max);
+    b.seqlen_k = min(b.cached + p.seqlen_new, p.seqlen_max);
+    b.band = make_band(p.seqlen_q, b.seqlen_k, p.window_left, p.window_right);
+    // Token 0 has the lowest lower bound and the lowest upper bound, token Sq - 1 the highest.
+    const int last = p.seqlen_q - 1;
+    const int lo = visible_key_begin(0, b.band), hi = visible_key_end(last, b.band, b.seqlen_k);
+    b.full_lo = visible_key_begin(last, b.band);
+    b.full_hi = visible_key_end(0, b.band, b.seqlen_k);
+    // This split's keys: equal chunks of the band, whole pipeline steps each. An empty chunk (or
+    // band) still runs the epilogue, which writes the empty-row result (O = 0, LSE = -inf).
+    const int band_keys = max(0, hi - lo);
+    const int chunk = ((band_keys + p.num_splits - 1) / p.num_splits + KEYS_PER_STAGE - 1) /
+                      KEYS_PER_STAGE * KEYS_PER_STAGE;
+    b.key_begin = lo + b.split * chunk;
+    b.key_end = min(hi, b.key_begin + chunk);
+    return b;
+}
+
+// ---- where a key's row lives ------------------------------------------------------------------
+
+// One kv head's keys of one sequence: cache rows (contiguous or paged) below `cached`, this
+// call's new rows from `cached` on.
+struct KeyRows {
+    const elem_t* cache;  // contiguous: row 0 of (batch, kv head); paged: kv head's column of page 0
+    i64 row_stride;
+    i64 page_stride;      // paged: elements from one page to the next
+    const elem_t* fresh;  // k_new / v_new row 0 of (batch, kv head)
+    i64 fresh_row_stride;
+};
+
+struct KeySource {
+    KeyRows k, v;
+    const int* pages;     // paged: this sequence's row of the block table
+    int last_page;        // num_pages - 1: page ids are clamped to [0, last_page]
+    int cached;
+};
+
+__device__ __forceinline__ KeySource key_source(const DecodeParams& p, const DecodeBlock& b) {
+    KeySource s;
+    const i64 batch_k = PAGE_SIZE ? 0 : (i64)b.batch * p.k.batch_stride;
+    const i64 batch_v = PAGE_SIZE ? 0 : (i64)b.batch * p.v.batch_stride;
+    s.k.cache = (const elem_t*)p.k.ptr + batch_k + (i64)b.kv_head * p.k.head_stride;
+    s.v.cache = (const elem_t*)p.v.ptr + batch_v + (i64)b.kv_head * p.v.head_stride;
+    s.k.row_stride = p.k.row_stride;
+    s.v.row_stride = p.v.row_stride;
+    s.k.page_stride = p.k.batch_stride;
+    s.v.page_stride = p.v.batch_stride;
+    s.k.fresh = (const elem_t*)p.k_new.ptr + (i64)b.batch * p.k_new.batch_stride + (i64)b.kv_head * p.k_new.head_stride;
+    s.v.fresh = (const elem_t*)p.v_new.ptr + (i64)b.batch * p.v_new.batch_stride + (i64)b.kv_head * p.v_new.head_stride;
+    s.k.fresh_row_stride = p.k_new.row_stride;
+    s.v.fresh_row_stride = p.v_new.row_stride;
+    s.pages = p.block_table + (i64)b.batch * p.block_table_stride;
+    s.last_page = p.num_pages - 1;
+    s.cached = b.cached;
+    return s;
+}
+
+// Offset (in elements, from KeyRows::cache) of cache row j, 0 <= j < Smax.
+__device__ __forceinline__ i64 cache_row_offset(const KeySource& s, const KeyRows& r, int j) {
+#if PAGE_SIZE
+    const int page = min(max(s.pages[j / PAGE_SIZE], 0), s.last_page);
+    return (i64)page * r.page_stride + (i64)(j % PAGE_SIZE) * r.row_stride;
+#else
+    return (i64)j * r.row_stride;
+#endif
+}
+
+// Key j's K and V rows (0 <= j < Sk_b): the cache below `cached`, this call's new rows above.
+__device__ __forceinline__ void key_rows(const KeySource& s, int j, const elem_t*& k, const elem_t*& v) {
+    if (j >= s.cached) {
+        k = s.k.fresh + (i64)(j - s.cached) * s.k.fresh_row_stride;
+        v = s.v.fresh + (i64)(j - s.cached) * s.v.fresh_row_stride;
+    } else {
+#if PAGE_SIZE
+        const int page = min(max(s.pages[j / PAGE_SIZE], 0), s.last_page);
+        const int row = j % PAGE_SIZE;
+        k = s.k.cache + (i64)page * s.k.page_stride + (i64)row * s.k.row_stride;
+        v = s.v.cache + (i64)page * s.v.page_stride + (i64)row * s.v.row_stride;
+#else
+        k = s.k.cache + (i64)j * s.k.row_stride;
+        v = s.v.cache + (i64)j * s.v.row_stride;
+#endif
+    }
+}
+
+// ---- device helpers ---------------------------------------------------------------------------
+
+// Copy one element-sized or 16-byte unit global -> shared, zeros where !valid (nothing is read).
+__device__ __forceinline__ void copy_unit(elem_t* dst, const elem_t* src, bool valid) {
+#if VEC_LOADS
+    cp_async_16_zfill(smem_addr(dst), src, valid);
+#elif ELEM_F32
+    asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(smem_addr(dst)), "l"(src),
+                 "r"(valid ? 4 : 0));
+#else
+    *dst = valid ? *src : (elem_t)0;
+#endif
+}
+
+// One warp copies WARP_N keys, starting at key0, into its K and V tiles: zeros for keys
+// >= key0 + valid_keys and columns >= head_dim (they must add nothing to Q.K, and V rows with
+// P = 0 must not carry a NaN bit pattern in). Zero-filled copies read nothing, so keys past the
+// end (and their pages) are never touched.
+__device__ __forceinline__ void warp_load_keys(elem_t* sK, elem_t* sV, const KeySource& src, int key0,
+                                               int valid_keys, int head_dim, int lane) {
+    constexpr int UNITS_PER_ROW = HEAD_DIM / UNIT_ELEMS;
+    constexpr int LANES_PER_ROW = UNITS_PER_ROW < WARP_SIZE ? UNITS_PER_ROW : WARP_SIZE;
+    constexpr int ROWS_PER_PASS = WARP_SIZE / LANES_PER_ROW;
+    constexpr int UNITS_PER_LANE = UNITS_PER_ROW / LANES_PER_ROW;
+    static_assert(WARP_N % ROWS_PER_PASS == 0, "whole passes over the tile");
+    const int row0 = lane / LANES_PER_ROW, col0 = (lane % LANES_PER_ROW) * UNIT_ELEMS;
+    // 16-byte copies: passes unrolled by 8 (all of them for 16-bit tiles up to D = 128), so many
+    // copies are in flight. Element-wise copies: one pass at a time, or their addresses and values
+    // would not fit the registers.
+#if VEC_LOADS
+#pragma unroll 8
+#else
+#pragma unroll 1
+#endif
+    for (int pass = 0; pass < WARP_N / ROWS_PER_PASS; ++pass) {
+        const int row = row0 + pass * ROWS_PER_PASS;
+        const bool row_valid = row < valid_keys;
+        const elem_t* k = src.k.cache;  // any address: a zero-filled copy reads nothing
+        const elem_t* v = src.v.cache;
+        if (row_valid) key_rows(src, key0 + row, k, v);
+#pragma unroll
+        for (int j = 0; j < UNITS_PER_LANE; ++j) {
+            const int col = col0 + j * LANES_PER_ROW * UNIT_ELEMS;
+            const bool valid = row_valid && col < head_dim;
+            copy_unit(sK + row * TILE_STRIDE + col, k + col, valid);
+            copy_unit(sV + row * TILE_STRIDE + col, v + col, valid);
+        }
+    }
+}
+
+// The Q tile: row r (r < rows) is query head r / seqlen_q of the group, token r % seqlen_q.
+// Loaded once per block with plain loads; zeros past the last row and column.
+__device__ __forceinline__ void load_q_tile(elem_t* sQ, const DecodeParams& p, const DecodeBlock& b, int tid) {
+    constexpr int UNITS_PER_ROW = HEAD_DIM / UNIT_ELEMS;
+    const elem_t* q = (const elem_t*)p.q.ptr + (i64)b.batch * p.q.batch_stride +
+                      (i64)b.kv_head * p.heads_per_kv * p.q.head_stride;
+    for (int u = tid; u < BLOCK_M * UNITS_PER_ROW; u += NUM_THREADS) {
+        const int row = u / UNITS_PER_ROW, col = (u % UNITS_PER_ROW) * UNIT_ELEMS;
+        const int r = b.m_start + row;
+        const bool valid = r < b.rows && col < p.head_dim;
+        const elem_t* src = q + (i64)(r / p.seqlen_q) * p.q.head_stride + (i64)(r % p.seqlen_q) * p.q.row_stride + col;
+#if VEC_LOADS
+        uint4 x = make_uint4(0, 0, 0, 0);
+        if (valid) x = *(const uint4*)src;
+        *(uint4*)(sQ + row * TILE_STRIDE + col) = x;
+#else
+        sQ[row * TILE_STRIDE + col] = valid ? *src : (elem_t)0;
+#endif
+    }
+}
+
+// The keys [row_lo, row_hi) each tile row's token sees.
+__device__ __forceinline__ void row_limits(int* row_lo, int* row_hi, const DecodeParams& p,
+                                           const DecodeBlock& b, int tid) {
+    if (tid < BLOCK_M) {
+        const int token = (b.m_start + tid) % p.seqlen_q;
+        row_lo[tid] = visible_key_begin(token, b.band);
+        row_hi[tid] = visible_key_end(token, b.band, b.seqlen_k);
+    }
+}
+
+// The fused append: row t of k_new / v_new goes to cache row cached + t (dropped at or past Smax).
+// The blocks of one (batch, kv head) share the rows, block x taking rows x, x + blocks, ...
+__device__ __forceinline__ void append_new_rows(const DecodeParams& p, const KeySource& s, int tid) {
+    const int blocks = gridDim.x;
+    const int units_per_row = p.head_dim / UNIT_ELEMS;  // exact with VEC_LOADS
+    const int my_rows = p.seqlen_new > (int)blockIdx.x ? (p.seqlen_new - 1 - blockIdx.x) / blocks + 1 : 0;
+    for (int u = tid; u < my_rows * units_per_row; u += NUM_THREADS) {
+        const int t = blockIdx.x + (u / units_per_row) * blocks, col = (u % units_per_row) * UNIT_ELEMS;
+        const int pos = s.cached + t;
+        if (pos >= p.seqlen_max) continue;
+        elem_t* kd = (elem_t*)s.k.cache + cache_row_offset(s, s.k, pos) + col;
+        elem_t* vd = (elem_t*)s.v.cache + cache_row_offset(s, s.v, pos) + col;
+        const elem_t* ks = s.k.fresh + (i64)t * s.k.fresh_row_stride + col;
+        const elem_t* vs = s.v.fresh + (i64)t * s.v.fresh_row_stride + col;
+#if VEC_LOADS
+        *(uint4*)kd = *(const uint4*)ks;
+        *(uint4*)vd = *(const uint4*)vs;
+#else
+        *kd = *ks;
+        *vd = *vs;
+#endif
+    }
+}
+
+// Scores in base-2 units: s2 = scale_log2 * s, or with SOFTCAP c * log2(e) * tanh(scale * s / c).
+// The tanh is attention_common.h's softcap_score (platform.h's fast_tanh).
+__device__ __forceinline__ float score_log2(float s, const DecodeParams& p) {
+#if SOFTCAP
+    return p.softcap_log2 * softcap_score(s, p.scale_over_softcap);
+#else
+    return s * p.scale_log2;
+#endif
+}
+
+// Online-softmax state update for one row: fold in the new max, return the rescale factor of the
+// old state. A row that has seen no key yet keeps m = -inf; offset 0 then keeps exp2(-inf - m)
+// from becoming exp2(-inf + inf) = NaN.
+__device__ __forceinline__ float update_max(float& row_max, float tile_max, float& offset) {
+    const float m_new = fmaxf(row_max, tile_max);
+    const bool row_empty = m_new == NEG_INF;
+    offset = row_empty ? 0.f : m_new;
+    const float alpha = row_empty ? 1.f : fast_exp2(row_max - m_new);
+    row_max = m_new;
+    return alpha;
+}
+
+// A sink, one more key of score sink2 (base 2) and value 0, folded into a row's LSE (base 2):
+// returns the new LSE and sets *o_scale, the factor of the row's normalized O. A row with no key
+// (LSE -inf) gets LSE = sink2 and O scaled by 0; a NaN LSE stays NaN (the comparison, unlike
+// fmaxf, does not drop it).
+__device__ __forceinline__ float add_sink(float lse2, float sink2, float* o_scale) {
+    const float m = lse2 > sink2 ? lse2 : sink2;
+    const float lse2_new = m + __log2f(fast_exp2(lse2 - m) + fast_exp2(sink2 - m));
+    *o_scale = fast_exp2(lse2 - lse2_new);
+    return lse2_new;
+}
+
+// ---- epilogue: the merged rows of this block, out -----------------------------------------------
+// Reads the warps' merged O (sO, weighted sums) and their m and l (sM, sL); writes the final rows
+// (one split, sinks folded in here) or this split's partials for flash_decode_merge.
+// Row r: m = max_w m_w, L = sum_w 2^(m_w - m) l_w, O = sO / L, LSE = m + log2 L. A row with no key
+// in this split has L = 0: O = 0 and LSE = -inf. A NaN that reached the row makes L NaN, and O and
+// LSE NaN with it.
+__device__ __forceinline__ void write_rows(const DecodeParams& p, const DecodeBlock& b, const float* sO,
+                                           const float* sM, const float* sL, int tid) {
+    for (int u = tid; u < BLOCK_M * (HEAD_DIM / 4); u += NUM_THREADS) {
+        const int row = u / (HEAD_DIM / 4), col = (u % (HEAD_DIM / 4)) * 4;
+        const int r = b.m_start + row;
+        if (r >= b.rows) continue;
+        float m = NEG_INF;
+#pragma unroll
+        for (int w = 0; w < NUM_WARPS; ++w) m = fmaxf(m, sM[w * BLOCK_M + row]);
+        float l = 0.f;
+#pragma unroll
+        for (int w = 0; w < NUM_WARPS; ++w) {
+            const float mw = sM[w * BLOCK_M + row];
+            if (mw != NEG_INF) l += fast_exp2(mw - m) * sL[w * BLOCK_M + row];
+        }
+        const float4 acc = *(const float4*)(sO + row * OUT_STRIDE + col);
+        float inv_l = l != 0.f ? 1.f / l : 0.f;
+        float lse2 = l != 0.f ? m + __log2f(l) : NEG_INF;
+        const int head = b.kv_head * p.heads_per_kv + r / p.seqlen_q, token = r % p.seqlen_q;
+        if (p.num_splits == 1) {  // the final result
+            if (p.sinks != nullptr) {
+                float o_scale;
+                lse2 = add_sink(lse2, p.sinks[head] * LOG2_E, &o_scale);
+                inv_l *= o_scale;
+            }
+            elem_t* dst = (elem_t*)p.o.ptr + (i64)b.batch * p.o.batch_stride + (i64)head * p.o.head_stride +
+                          (i64)token * p.o.row_stride + col;
+            const float out[4] = {acc.x * inv_l, acc.y * inv_l, acc.z * inv_l, acc.w * inv_l};
+#pragma unroll
+            for (int e = 0; e < 4; ++e)
+                if (col + e < p.head_dim) dst[e] = from_float(out[e]);
+            if (p.lse.ptr != nullptr && col == 0)
+                ((float*)p.lse.ptr)[(i64)b.batch * p.lse.batch_stride + (i64)head * p.lse.head_stride + token] =
+                    lse2 * LN_2;
+        } else {  // this split's partial, merged by flash_decode_merge
+            const i64 part_row = (((i64)b.batch * p.heads_q + head) * p.seqlen_q + token) * p.num_splits + b.split;
+            *(float4*)(p.o_part + part_row * HEAD_DIM + col) =
+                make_float4(acc.x * inv_l, acc.y * inv_l, acc.z * inv_l, acc.w * inv_l);
+            if (col == 0) p.lse_part[part_row] = lse2;
+        }
+    }
+}

@@ -1,24 +1,32 @@
-"""Compile every HIP specialization in xattn/configs.py -- forward and backward -- with hiprtc, the
-compiler CuPy uses on ROCm, for gfx908, gfx90a and gfx1030, and inspect the code objects:
-registers, scratch, spills, LDS, and the MFMA instructions of the matrix-core kernels.
+"""Compile every HIP specialization in xattn/configs.py -- forward and backward -- for AMD targets
+and inspect the results: registers, scratch, spills, LDS, and the matrix instructions (MFMA on
+CDNA, WMMA on RDNA3/RDNA4) of the matrix-core kernels.
 
-Runs without a GPU: hiprtc (hiprtcCreateProgram / hiprtcCompileProgram in libamdhip64.so) comes
-from Debian's ROCm 5.2 packages (apt-get install hipcc libamdhip64-dev rocm-device-libs), and the
-code objects are read with that ROCm's LLVM tools (llvm-readelf for the AMDGPU metadata note,
-llvm-objdump for the instructions). gfx940/gfx942 (MI300) and gfx11 (RDNA3) are newer than this
-compiler: the script shows its answer for them and compiles the same sources for gfx90a and
-gfx1030 instead, whose instructions they share (MFMA 32x32x8 f16/bf16_1k; wave32 FMA).
+Runs without a GPU, with two compilers:
+- hiprtc (hiprtcCreateProgram / hiprtcCompileProgram in libamdhip64.so, the API CuPy uses on ROCm)
+  from Debian's ROCm 5.2 packages (apt-get install hipcc libamdhip64-dev rocm-device-libs), for
+  gfx908, gfx90a and gfx1030; the code objects are read with that ROCm's LLVM tools (llvm-readelf
+  for the AMDGPU metadata note, llvm-objdump for the instructions).
+- Debian's clang-19 (apt-get install clang-19 lld-19, with the HIP headers of the packages above),
+  for the targets ROCm 5.2 does not know: gfx942 (MI300), gfx1100 (RDNA3) and gfx1201 (RDNA4).
+  `clang-19 -x hip --offload-arch=<gfx> --cuda-device-only -nogpulib -S` writes AMDGPU assembly
+  (linking would need device-library bitcode for the target, which Debian lacks), whose AMDGPU
+  metadata block carries the same fields as the code object's note; the instructions are counted
+  in the entry point's body.
+gfx950 (MI350) is known to neither (clang-19 rejects the name; the script shows its answer).
 
-Every row is compiled plain and causal. The attention variants of issue 6 (kernels_cuda/
+Every row is compiled plain and causal. The attention variants of issue 6 (kernels_common/
 attention_common.h's flags: sliding window, softcap, ALiBi, packed varlen batches, and all of them
 together) are compiled for every kernel and target at one representative head dim (VARIANT_HEAD_DIM,
-where the MFMA backward's registers are tightest), in the dtype with the most registers; `--variants
-all` compiles every flag combination for every row instead (several times longer).
+where the MFMA backward's registers are tightest; a kernel whose rows stop below it, such as the
+gfx11 WMMA backward, at its largest), in the dtype with the most registers; `--variants all`
+compiles every flag combination for every row instead (several times longer).
 
 Fails (exit 1) on a compile error, scratch or spills in any variant, registers or LDS over the
-target's limits, or an MFMA variant without MFMA instructions.
+target's limits, or a matrix-core variant without its matrix instructions.
 
-    python ci/hip_compile.py [--arch gfx908 gfx90a gfx1030] [--jobs N] [--variants {some,all}]
+    python ci/hip_compile.py [--arch gfx908 gfx90a gfx1030 gfx942 gfx1100 gfx1201] [--jobs N]
+                             [--variants {some,all}]
 """
 
 from __future__ import annotations
@@ -39,10 +47,16 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from xattn import configs, jit  # noqa: E402
 
-TARGETS = ("gfx908", "gfx90a", "gfx1030")
-NEWER_TARGETS = ("gfx942", "gfx1100")  # expected to be unknown to ROCm 5.2's compiler
-# Registers one lane may use: (VGPRs, AGPRs). gfx90a has one file of 512 shared by both kinds.
-REGISTER_LIMIT = {"gfx908": (256, 256), "gfx90a": (512, 256), "gfx1030": (256, 0)}
+HIPRTC_TARGETS = ("gfx908", "gfx90a", "gfx1030")
+CLANG_TARGETS = ("gfx942", "gfx1100", "gfx1201")  # newer than ROCm 5.2's hiprtc
+TARGETS = HIPRTC_TARGETS + CLANG_TARGETS
+NEWER_TARGETS = ("gfx942", "gfx1100", "gfx950")  # asked of hiprtc, expected to be unknown to it
+UNKNOWN_TARGETS = ("gfx950",)  # asked of clang-19, expected to be unknown to it
+CLANG = "clang-19"
+# Registers one lane may use: (VGPRs, AGPRs). gfx90a and gfx942 have one file of 512 shared by both
+# kinds (vgpr_count is the total); RDNA has 256 VGPRs per lane in wave32 and no AGPRs.
+REGISTER_LIMIT = {"gfx908": (256, 256), "gfx90a": (512, 256), "gfx1030": (256, 0),
+                  "gfx942": (512, 256), "gfx1100": (256, 0), "gfx1201": (256, 0)}
 
 # The mask and modifier flags of the variants (attention_common.h), by name. IS_CAUSAL is also set
 # by every row's causal column; "window" is a sliding window (left and right edges), "left" a
@@ -57,8 +71,16 @@ VARIANT_FLAGS = {
     "all+alibi": {"IS_CAUSAL": 1, "IS_LOCAL": 1, "HAS_ALIBI": 1, "IS_VARLEN": 1},
 }
 VARIANT_HEAD_DIM = 128
+# The decode takes the band and the softcap only (no ALiBi, no packed batches: kvcache.py's API).
+DECODE_VARIANT_FLAGS = ("window", "left", "softcap")
 VARIANT_DTYPE = {"flash_fwd_portable": "float32", "flash_bwd_portable_dq": "float32",
                  "flash_bwd_portable_dkdv": "float32"}  # MFMA kernels: bfloat16 (the default)
+
+
+def variant_head_dim(cfg) -> int:
+    """The head dim whose rows of cfg's kernel and family get the variant flags."""
+    dims = [r.head_dim for r in configs.HIP_TABLE if (r.kernel, r.arch) == (cfg.kernel, cfg.arch)]
+    return VARIANT_HEAD_DIM if VARIANT_HEAD_DIM in dims else max(d for d in dims if d <= VARIANT_HEAD_DIM)
 
 
 def _tool(name: str) -> str:
@@ -88,6 +110,50 @@ def hiprtc_compile(code: str, name: str, options: list[str]) -> tuple[bool, str,
         binary = buffer.raw
     lib.hiprtcDestroyProgram(ctypes.byref(prog))
     return status == 0, log.value.decode(errors="replace").strip(), binary
+
+
+def clang_compile(code: str, name: str, target: str, defines: dict[str, int]) -> tuple[bool, str, str]:
+    """(ok, log, AMDGPU assembly) of one HIP source for `target` with clang-19. hiprtc provides the
+    HIP device API (and hip_fp16.h) without an #include; here the headers come in with -include."""
+    with tempfile.TemporaryDirectory() as tmp:
+        source, out = os.path.join(tmp, name), os.path.join(tmp, "out.s")
+        with open(source, "w") as f:
+            f.write(code)
+        env = dict(os.environ, PATH="/usr/lib/llvm-19/bin:" + os.environ.get("PATH", ""))
+        result = subprocess.run([CLANG, "-x", "hip", f"--offload-arch={target}", "--cuda-device-only",
+                                 "-nogpulib", "--rocm-path=/usr", "-O3", "-S", "-std=c++17",
+                                 "-include", "hip/hip_runtime.h", "-include", "hip/hip_fp16.h",
+                                 *jit.define_options(defines),
+                                 source, "-o", out], capture_output=True, text=True, env=env)
+        if result.returncode != 0:
+            return False, result.stderr.strip(), ""
+        with open(out) as f:
+            return True, result.stderr.strip(), f.read()
+
+
+def clang_probe(target: str) -> str:
+    ok, log, _ = clang_compile('extern "C" __global__ void k() {}', "probe.hip", target, {})
+    return "compiles" if ok else f"not supported by {CLANG}: {log.splitlines()[0] if log else '?'}"
+
+
+def inspect_assembly(assembly: str, kernel: str) -> dict[str, int]:
+    """The same fields as `inspect`, from clang's assembly: the entry point's item of the
+    amdhsa.kernels metadata list, and its matrix instructions between its label and its end."""
+    items = assembly[assembly.index("amdhsa.kernels:"):].split("\n  - ")
+    [meta] = [item for item in items if re.search(rf"\.name:\s+{kernel}\n", item)]
+    body = re.search(rf"\n{kernel}:.*?\n(.*?)\n\.Lfunc_end", assembly, re.S)
+
+    def field(key: str) -> int:
+        match = re.search(rf"\.{key}:\s+(\d+)", meta)
+        return int(match.group(1)) if match else 0
+
+    return {
+        "vgpr": field("vgpr_count"), "agpr": field("agpr_count"), "sgpr": field("sgpr_count"),
+        "spills": field("vgpr_spill_count") + field("sgpr_spill_count"),
+        "scratch": field("private_segment_fixed_size"), "static_lds": field("group_segment_fixed_size"),
+        "wave": field("wavefront_size"),
+        "mfma": len(re.findall(r"\bv_(?:mfma|wmma)_", body.group(1))) if body else 0,
+    }
 
 
 def probe(target: str) -> str:
@@ -134,7 +200,8 @@ def rows_used(dtype: str, target: str, head_dim: int, causal: bool) -> set:
     """The table rows a forward and a backward call would launch on a device of `target`."""
     used = set()
     for select in (lambda: (configs.select_hip(dtype, target, head_dim, causal),),
-                   lambda: configs.select_hip_backward(dtype, target, head_dim, causal)):
+                   lambda: configs.select_hip_backward(dtype, target, head_dim, causal),
+                   lambda: (configs.select_hip_decode(dtype, target, head_dim),)):
         try:
             used.update(select())
         except ValueError:
@@ -159,7 +226,9 @@ def variants(targets, every_variant: bool = False):
     for flags in ("plain", *VARIANT_FLAGS):
         for cfg in configs.HIP_TABLE:
             if flags != "plain" and (cfg.kernel == "flash_bwd_preprocess" or not every_variant
-                                     and cfg.head_dim != VARIANT_HEAD_DIM):
+                                     and cfg.head_dim != variant_head_dim(cfg)):
+                continue
+            if flags != "plain" and cfg.kernel == configs.HIP_DECODE_KERNEL and flags not in DECODE_VARIANT_FLAGS:
                 continue
             for target in targets:
                 for dtype in configs.HIP_KERNELS_FOR_DTYPE:
@@ -186,9 +255,13 @@ def compile_variant(variant):
     defines = defines_of(cfg, dtype, causal, vec, flags)
     start = time.perf_counter()
     source = configs.hip_source(cfg.kernel)
-    ok, log, binary = hiprtc_compile(jit.preprocess("hip", source), source, options(target, defines))
-    seconds = time.perf_counter() - start
-    return variant, ok, log, inspect(binary, target, cfg.kernel) if ok else None, seconds
+    if target in CLANG_TARGETS:
+        ok, log, assembly = clang_compile(jit.preprocess("hip", source), source, target, defines)
+        result = inspect_assembly(assembly, cfg.kernel) if ok else None
+    else:
+        ok, log, binary = hiprtc_compile(jit.preprocess("hip", source), source, options(target, defines))
+        result = inspect(binary, target, cfg.kernel) if ok else None
+    return variant, ok, log, result, time.perf_counter() - start
 
 
 def check(variant, r) -> list[str]:
@@ -204,7 +277,7 @@ def check(variant, r) -> list[str]:
     if r["wave"] != configs.hip_wave_size(cfg):
         problems.append("WAVE SIZE")
     if cfg.kernel in configs.HIP_MFMA_KERNELS and r["mfma"] == 0:
-        problems.append("NO MFMA")
+        problems.append("NO WMMA" if cfg.kernel in configs.HIP_WMMA_KERNELS else "NO MFMA")
     return problems
 
 
@@ -222,15 +295,22 @@ def main(argv=None) -> int:
         print("compiles" if ok else f"compile error: {log[:200]}")
         return 0
 
-    version = ctypes.c_int()
-    ctypes.CDLL("libamdhip64.so").hipRuntimeGetVersion(ctypes.byref(version))
-    print(f"hiprtc from libamdhip64.so, HIP runtime version {version.value}")
-    for target in NEWER_TARGETS:
-        print(f"{target}: {probe(target)}")
+    if set(args.arch) & set(HIPRTC_TARGETS):
+        version = ctypes.c_int()
+        ctypes.CDLL("libamdhip64.so").hipRuntimeGetVersion(ctypes.byref(version))
+        print(f"hiprtc from libamdhip64.so, HIP runtime version {version.value}")
+        for target in NEWER_TARGETS:
+            print(f"hiprtc, {target}: {probe(target)}")
+    if set(args.arch) & set(CLANG_TARGETS):
+        version = subprocess.run([CLANG, "--version"], capture_output=True, text=True,
+                                 env=dict(os.environ, PATH="/usr/lib/llvm-19/bin:" + os.environ.get("PATH", "")))
+        print(f"{version.stdout.splitlines()[0]} (targets {', '.join(CLANG_TARGETS)})")
+        for target in UNKNOWN_TARGETS:
+            print(f"{CLANG}, {target}: {clang_probe(target)}")
 
     failures = count = 0
     print(f"{'kernel':23} {'target':7} {'dtype':8} {'D':>3} {'tile':>7} {'wave':>4} {'causal':>6} {'variant':11} {'vec':>3} "
-          f"{'vgpr':>4} {'agpr':>4} {'sgpr':>4} {'LDS KB':>6} {'scratch':>7} {'spill':>5} {'mfma':>4} {'sec':>4}")
+          f"{'vgpr':>4} {'agpr':>4} {'sgpr':>4} {'LDS KB':>6} {'scratch':>7} {'spill':>5} {'mma':>4} {'sec':>4}")
     start = time.perf_counter()
     with ProcessPoolExecutor(max_workers=args.jobs) as pool:
         for variant, ok, log, r, seconds in pool.map(compile_variant, variants(args.arch, args.variants == "all")):
@@ -249,7 +329,7 @@ def main(argv=None) -> int:
                   + (f"  <-- {', '.join(problems)}" if problems else ""))
     print(f"hip compile check ({time.perf_counter() - start:.0f} s):",
           "FAILED" if failures else f"all {count} variants compiled; no scratch, no spills, registers "
-          "and LDS within limits, MFMA in every matrix-core variant")
+          "and LDS within limits, MFMA/WMMA in every matrix-core variant")
     return 1 if failures else 0
 
 

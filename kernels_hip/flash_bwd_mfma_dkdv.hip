@@ -32,20 +32,20 @@
 
 #define NUM_THREADS (NUM_WAVES * WAVE_SIZE)
 
-#include "mfma_tile.h"
+#include "matrix_tile.h"
 #include "../kernels_common/attention_common.h"
 #include "backward.h"
 
-#define BLOCK_N (NUM_WAVES * MFMA_N)
-#define Q_BLOCKS (BLOCK_M / MFMA_M)     // 32-query blocks of S and dP
-#define DIM_BLOCKS (HEAD_DIM / MFMA_M)  // 32-dim blocks of dK^T and dV^T
-#define DIM_STEPS (HEAD_DIM / MFMA_K)   // k steps of S and dP
-#define QUERY_STEPS (BLOCK_M / MFMA_K)  // k steps of dV^T and dK^T
+#define BLOCK_N (NUM_WAVES * MATRIX_N)
+#define Q_BLOCKS (BLOCK_M / MATRIX_M)     // MATRIX_M-query blocks of S and dP
+#define DIM_BLOCKS (HEAD_DIM / MATRIX_M)  // MATRIX_M-dim blocks of dK^T and dV^T
+#define DIM_STEPS (HEAD_DIM / MATRIX_K)   // k steps of S and dP
+#define QUERY_STEPS (BLOCK_M / MATRIX_K)  // k steps of dV^T and dK^T
 #define ROW_STRIDE (HEAD_DIM + PAD)     // sQ, sdO, and the K, V staging: [row][dim]
 #define T_STRIDE (BLOCK_M + PAD)        // sQt, sdOt: [dim][query]
 
-static_assert(WAVE_SIZE == 64, "MFMA kernels run in wave64");
-static_assert(HEAD_DIM % 32 == 0 && BLOCK_M % 32 == 0, "whole 32x32 MFMA blocks");
+static_assert(WAVE_SIZE == MATRIX_WAVE, "the matrix instructions' wave size");
+static_assert(HEAD_DIM % MATRIX_M == 0 && BLOCK_M % MATRIX_M == 0, "whole matrix blocks");
 
 // ---- LDS layout ---------------------------------------------------------------------------------
 // sQ [BLOCK_M][ROW_STRIDE] | sdO [BLOCK_M][ROW_STRIDE] | sQt [HEAD_DIM][T_STRIDE] |
@@ -74,20 +74,29 @@ __device__ __forceinline__ void load_query_step(u16* sQ, u16* sdO, u16* sQt, u16
 // S becomes P and dP becomes dS, in place (backward.h). Element j of block qb is query
 // m_start + acc_row(lane, qb, j); the lane's key is its column. masked: some pair of the step and
 // the wave's keys lies outside the band.
-__device__ __forceinline__ void softmax_backward_step(floatx16 (&acc_s)[Q_BLOCKS], floatx16 (&acc_dp)[Q_BLOCKS],
+__device__ __forceinline__ void softmax_backward_step(acc_t (&acc_s)[Q_BLOCKS], acc_t (&acc_dp)[Q_BLOCKS],
                                                       const float* sLse2, const float* sDelta, int m_start,
                                                       int key, const ScoreMods& mods, bool masked,
                                                       float scale_log2, int lane) {
+    constexpr int RUN = ACC_RUN % 4 == 0 ? 4 : 1;
 #pragma unroll
     for (int qb = 0; qb < Q_BLOCKS; ++qb)
 #pragma unroll
-        for (int j0 = 0; j0 < 16; j0 += 4) {
-            // acc_row runs 4 consecutive rows per j0: one 16-byte LDS read each for lse and delta.
-            const float4 lse2 = *(const float4*)(sLse2 + acc_row(lane, qb, j0));
-            const float4 delta = *(const float4*)(sDelta + acc_row(lane, qb, j0));
-            const float l4[4] = {lse2.x, lse2.y, lse2.z, lse2.w}, d4[4] = {delta.x, delta.y, delta.z, delta.w};
+        for (int j0 = 0; j0 < ACC_ELEMS; j0 += RUN) {
+            // Where acc_row runs 4 consecutive rows per j0 (MFMA): one 16-byte LDS read each for
+            // lse and delta; else (gfx11 WMMA) one read per row.
+            float l4[4], d4[4];
+            if (RUN == 4) {
+                const float4 lse2 = *(const float4*)(sLse2 + acc_row(lane, qb, j0));
+                const float4 delta = *(const float4*)(sDelta + acc_row(lane, qb, j0));
+                l4[0] = lse2.x, l4[1] = lse2.y, l4[2] = lse2.z, l4[3] = lse2.w;
+                d4[0] = delta.x, d4[1] = delta.y, d4[2] = delta.z, d4[3] = delta.w;
+            } else {
+                l4[0] = sLse2[acc_row(lane, qb, j0)];
+                d4[0] = sDelta[acc_row(lane, qb, j0)];
+            }
 #pragma unroll
-            for (int i = 0; i < 4; ++i) {
+            for (int i = 0; i < RUN; ++i) {
                 const int j = j0 + i;
                 const float2 pds = softmax_backward(acc_s[qb][j], acc_dp[qb][j], m_start + acc_row(lane, qb, j), key,
                                                     mods, masked, l4[i], d4[i], scale_log2);
@@ -100,7 +109,7 @@ __device__ __forceinline__ void softmax_backward_step(floatx16 (&acc_s)[Q_BLOCKS
 // ---- entry point ------------------------------------------------------------------------------
 
 extern "C" __global__ void __launch_bounds__(NUM_THREADS)
-flash_bwd_mfma_dkdv(const u16* __restrict__ q, const u16* __restrict__ k, const u16* __restrict__ v,
+MATRIX_KERNEL(flash_bwd, _dkdv)(const u16* __restrict__ q, const u16* __restrict__ k, const u16* __restrict__ v,
                     const u16* __restrict__ dout, const float* __restrict__ lse,
                     const float* __restrict__ delta, u16* __restrict__ dk, u16* __restrict__ dv,
                     i64 q_batch_stride, i64 q_head_stride, i64 q_row_stride,
@@ -128,7 +137,7 @@ flash_bwd_mfma_dkdv(const u16* __restrict__ q, const u16* __restrict__ k, const 
     const int n_block = blockIdx.x, kv_head = blockIdx.y, batch = blockIdx.z;
     const int tid = threadIdx.x, wave = tid / WAVE_SIZE, lane = tid % WAVE_SIZE;
     const int n_start = n_block * BLOCK_N;
-    const int wave_key_start = n_start + wave * MFMA_N;
+    const int wave_key_start = n_start + wave * MATRIX_N;
     const int key = wave_key_start + acc_col(lane);  // this lane's key: its column of every product
 
     const Sequence seq = sequence(batch, cu_seqlens_q, cu_seqlens_k, seqlen_q, seqlen_k);
@@ -150,14 +159,14 @@ flash_bwd_mfma_dkdv(const u16* __restrict__ q, const u16* __restrict__ k, const 
     dv += batch * dv_batch_stride + kv_head * dv_head_stride + (i64)seq.k_start * dv_row_stride;
 
     // Prologue: K, then V, through LDS into registers, where they stay for the whole loop.
-    u32x2 k_frag[DIM_STEPS], v_frag[DIM_STEPS];
+    frag_t k_frag[DIM_STEPS], v_frag[DIM_STEPS];
     load_tile<BLOCK_N, ROW_STRIDE, 0>(sStage, nullptr, k, k_row_stride, seqlen_k - n_start, head_dim, tid);
     __syncthreads();  // the K tile is complete
-    load_frags<DIM_STEPS, ROW_STRIDE>(k_frag, sStage, wave * MFMA_N, lane);
+    load_frags<DIM_STEPS, ROW_STRIDE>(k_frag, sStage, wave * MATRIX_N, lane);
     __syncthreads();  // every wave has its K fragments: the staging memory takes V
     load_tile<BLOCK_N, ROW_STRIDE, 0>(sStage, nullptr, v, v_row_stride, seqlen_k - n_start, head_dim, tid);
     __syncthreads();  // the V tile is complete
-    load_frags<DIM_STEPS, ROW_STRIDE>(v_frag, sStage, wave * MFMA_N, lane);
+    load_frags<DIM_STEPS, ROW_STRIDE>(v_frag, sStage, wave * MATRIX_N, lane);
 
     // The query blocks that see any key of this block: the band of its first key starts them, the
     // band of its last key ends them (attention_common.h). No block at all: dK = dV = 0.
@@ -167,9 +176,9 @@ flash_bwd_mfma_dkdv(const u16* __restrict__ q, const u16* __restrict__ k, const 
     const int m_begin = first_query / BLOCK_M;
     const int m_end = last_query < first_query ? m_begin : last_query / BLOCK_M + 1;
 
-    floatx16 acc_dk[DIM_BLOCKS], acc_dv[DIM_BLOCKS];
+    acc_t acc_dk[DIM_BLOCKS], acc_dv[DIM_BLOCKS];
 #pragma unroll
-    for (int db = 0; db < DIM_BLOCKS; ++db) acc_dk[db] = acc_dv[db] = floatx16{};
+    for (int db = 0; db < DIM_BLOCKS; ++db) acc_dk[db] = acc_dv[db] = acc_t{};
 
     // Every query head of the GQA group adds into the same dK and dV.
     for (int head = kv_head * heads_per_kv; head < (kv_head + 1) * heads_per_kv; ++head) {
@@ -188,13 +197,13 @@ flash_bwd_mfma_dkdv(const u16* __restrict__ q, const u16* __restrict__ k, const 
             __syncthreads();  // the step's tiles are visible to every wave
             // A wave whose keys no query of this step sees (outside the band, or past the end of
             // the keys) skips the arithmetic; it still takes part in the loads and barriers above.
-            const int wave_key_end = wave_key_start + MFMA_N - 1;
+            const int wave_key_end = wave_key_start + MATRIX_N - 1;
             const bool wave_sees_step = wave_key_start < seqlen_k &&
                 (!IS_CAUSAL || wave_key_start <= m_start + BLOCK_M - 1 + mods.band.hi) &&
                 (!IS_LOCAL || wave_key_end >= m_start + mods.band.lo);
             if (!wave_sees_step) continue;
 
-            floatx16 acc_s[Q_BLOCKS], acc_dp[Q_BLOCKS];
+            acc_t acc_s[Q_BLOCKS], acc_dp[Q_BLOCKS];
             tile_times_frags<Q_BLOCKS, DIM_STEPS, ROW_STRIDE>(acc_s, sQ, k_frag, lane);    // S = Q K^T
             tile_times_frags<Q_BLOCKS, DIM_STEPS, ROW_STRIDE>(acc_dp, sdO, v_frag, lane);  // dP = dO V^T
             // The step's queries against the wave's keys cross an edge of the band: mask. (Keys past
@@ -208,14 +217,14 @@ flash_bwd_mfma_dkdv(const u16* __restrict__ q, const u16* __restrict__ k, const 
     }
 
     // Epilogue: dK = grad_scale * acc_dk, dV = acc_dv, for the keys that exist, each through the staging
-    // tile (acc_to_lds, store_tile: coalesced rows). Lanes l and l ^ 32 hold the same key's other dims.
+    // tile (acc_to_lds, store_tile: coalesced rows). Lanes l and l ^ MATRIX_N hold the same key's other dims.
     const int valid_keys = seqlen_k - n_start;
     __syncthreads();  // every wave is done with the last step's tiles: the staging memory takes dK
-    acc_to_lds<DIM_BLOCKS, ROW_STRIDE>(sStage, wave * MFMA_N + acc_col(lane), acc_dk, grad_scale, lane);
+    acc_to_lds<DIM_BLOCKS, ROW_STRIDE>(sStage, wave * MATRIX_N + acc_col(lane), acc_dk, grad_scale, lane);
     __syncthreads();  // the dK tile is complete
     store_tile<BLOCK_N, ROW_STRIDE>(dk + n_start * dk_row_stride, dk_row_stride, sStage, valid_keys, head_dim, tid);
     __syncthreads();  // every thread has read its share of dK: the staging memory takes dV
-    acc_to_lds<DIM_BLOCKS, ROW_STRIDE>(sStage, wave * MFMA_N + acc_col(lane), acc_dv, 1.f, lane);
+    acc_to_lds<DIM_BLOCKS, ROW_STRIDE>(sStage, wave * MATRIX_N + acc_col(lane), acc_dv, 1.f, lane);
     __syncthreads();  // the dV tile is complete
     store_tile<BLOCK_N, ROW_STRIDE>(dv + n_start * dv_row_stride, dv_row_stride, sStage, valid_keys, head_dim, tid);
 }

@@ -25,20 +25,20 @@
 
 #define NUM_THREADS (NUM_WAVES * WAVE_SIZE)
 
-#include "mfma_tile.h"
+#include "matrix_tile.h"
 #include "../kernels_common/attention_common.h"
 #include "backward.h"
 
-#define BLOCK_M (NUM_WAVES * MFMA_N)
-#define KEY_BLOCKS (BLOCK_N / MFMA_M)   // 32-key blocks of S^T and dP^T
-#define DIM_BLOCKS (HEAD_DIM / MFMA_M)  // 32-dim blocks of dQ^T
-#define DIM_STEPS (HEAD_DIM / MFMA_K)   // k steps of S^T and dP^T
-#define KEY_STEPS (BLOCK_N / MFMA_K)    // k steps of dQ^T
+#define BLOCK_M (NUM_WAVES * MATRIX_N)
+#define KEY_BLOCKS (BLOCK_N / MATRIX_M)   // MATRIX_M-key blocks of S^T and dP^T
+#define DIM_BLOCKS (HEAD_DIM / MATRIX_M)  // MATRIX_M-dim blocks of dQ^T
+#define DIM_STEPS (HEAD_DIM / MATRIX_K)   // k steps of S^T and dP^T
+#define KEY_STEPS (BLOCK_N / MATRIX_K)    // k steps of dQ^T
 #define ROW_STRIDE (HEAD_DIM + PAD)     // sK, sV, and the Q, dO staging: [row][dim]
 #define T_STRIDE (BLOCK_N + PAD)        // sKt: [dim][key]
 
-static_assert(WAVE_SIZE == 64, "MFMA kernels run in wave64");
-static_assert(HEAD_DIM % 32 == 0 && BLOCK_N % 32 == 0, "whole 32x32 MFMA blocks");
+static_assert(WAVE_SIZE == MATRIX_WAVE, "the matrix instructions' wave size");
+static_assert(HEAD_DIM % MATRIX_M == 0 && BLOCK_N % MATRIX_M == 0, "whole matrix blocks");
 
 // ---- LDS layout ---------------------------------------------------------------------------------
 // sK [BLOCK_N][ROW_STRIDE] | sV [BLOCK_N][ROW_STRIDE] | sKt [HEAD_DIM][T_STRIDE], 16-bit. Before the
@@ -50,14 +50,14 @@ static_assert(HEAD_DIM % 32 == 0 && BLOCK_N % 32 == 0, "whole 32x32 MFMA blocks"
 // S^T becomes P^T and dP^T becomes dS^T, in place (backward.h), for this lane's query (lse2,
 // delta: its row's). Element j of block nb is key n_start + acc_row(lane, nb, j). masked: the tile
 // crosses the end of the keys or an edge of the band of one of the wave's queries.
-__device__ __forceinline__ void softmax_backward_tile(floatx16 (&acc_s)[KEY_BLOCKS], floatx16 (&acc_dp)[KEY_BLOCKS],
+__device__ __forceinline__ void softmax_backward_tile(acc_t (&acc_s)[KEY_BLOCKS], acc_t (&acc_dp)[KEY_BLOCKS],
                                                       float lse2, float delta, int query, int n_start,
                                                       const ScoreMods& mods, bool masked, float scale_log2,
                                                       int lane) {
 #pragma unroll
     for (int nb = 0; nb < KEY_BLOCKS; ++nb)
 #pragma unroll
-        for (int j = 0; j < 16; ++j) {
+        for (int j = 0; j < ACC_ELEMS; ++j) {
             const float2 pds = softmax_backward(acc_s[nb][j], acc_dp[nb][j], query, n_start + acc_row(lane, nb, j),
                                                 mods, masked, lse2, delta, scale_log2);
             acc_s[nb][j] = pds.x;
@@ -68,7 +68,7 @@ __device__ __forceinline__ void softmax_backward_tile(floatx16 (&acc_s)[KEY_BLOC
 // ---- entry point ------------------------------------------------------------------------------
 
 extern "C" __global__ void __launch_bounds__(NUM_THREADS)
-flash_bwd_mfma_dq(const u16* __restrict__ q, const u16* __restrict__ k, const u16* __restrict__ v,
+MATRIX_KERNEL(flash_bwd, _dq)(const u16* __restrict__ q, const u16* __restrict__ k, const u16* __restrict__ v,
                   const u16* __restrict__ dout, const float* __restrict__ lse,
                   const float* __restrict__ delta, u16* __restrict__ dq,
                   i64 q_batch_stride, i64 q_head_stride, i64 q_row_stride,
@@ -93,7 +93,7 @@ flash_bwd_mfma_dq(const u16* __restrict__ q, const u16* __restrict__ k, const u1
     const int head = blockIdx.y, batch = blockIdx.z, kv_head = head / heads_per_kv;
     const int tid = threadIdx.x, wave = tid / WAVE_SIZE, lane = tid % WAVE_SIZE;
     const int m_start = m_block * BLOCK_M;
-    const int wave_row_start = m_start + wave * MFMA_N;
+    const int wave_row_start = m_start + wave * MATRIX_N;
     const int query = wave_row_start + acc_col(lane);  // this lane's query: its column of every product
 
     const Sequence seq = sequence(batch, cu_seqlens_q, cu_seqlens_k, seqlen_q, seqlen_k);
@@ -111,25 +111,25 @@ flash_bwd_mfma_dq(const u16* __restrict__ q, const u16* __restrict__ k, const u1
     delta += batch * delta_batch_stride + head * delta_head_stride + seq.q_start;
 
     // Prologue: Q, then dO, through LDS into registers, where they stay for the whole loop.
-    u32x2 q_frag[DIM_STEPS], do_frag[DIM_STEPS];
+    frag_t q_frag[DIM_STEPS], do_frag[DIM_STEPS];
     load_tile<BLOCK_M, ROW_STRIDE, 0>(sStage, nullptr, q, q_row_stride, seqlen_q - m_start, head_dim, tid);
     __syncthreads();  // the Q tile is complete
-    load_frags<DIM_STEPS, ROW_STRIDE>(q_frag, sStage, wave * MFMA_N, lane);
+    load_frags<DIM_STEPS, ROW_STRIDE>(q_frag, sStage, wave * MATRIX_N, lane);
     __syncthreads();  // every wave has its Q fragments: the staging memory takes dO
     load_tile<BLOCK_M, ROW_STRIDE, 0>(sStage, nullptr, dout, do_row_stride, seqlen_q - m_start, head_dim, tid);
     __syncthreads();  // the dO tile is complete
-    load_frags<DIM_STEPS, ROW_STRIDE>(do_frag, sStage, wave * MFMA_N, lane);
+    load_frags<DIM_STEPS, ROW_STRIDE>(do_frag, sStage, wave * MATRIX_N, lane);
     const float lse2 = backward_lse2(lse, query, seqlen_q);
     const float row_delta = query < seqlen_q ? delta[query] : 0.f;
 
-    floatx16 acc_dq[DIM_BLOCKS];
+    acc_t acc_dq[DIM_BLOCKS];
 #pragma unroll
-    for (int db = 0; db < DIM_BLOCKS; ++db) acc_dq[db] = floatx16{};
+    for (int db = 0; db < DIM_BLOCKS; ++db) acc_dq[db] = acc_t{};
 
     // The key tiles the block's rows see, and the ones this wave's rows see (with a band: fewer).
     const int block_rows = min(BLOCK_M, seqlen_q - m_start);
     const KeyRange tiles = key_tiles(m_start, block_rows, BLOCK_N, seqlen_k, mods.band);
-    const int wave_rows = max(1, min(MFMA_N, seqlen_q - wave_row_start));
+    const int wave_rows = max(1, min(MATRIX_N, seqlen_q - wave_row_start));
     const KeyRange wave_tiles = key_tiles(wave_row_start, wave_rows, BLOCK_N, seqlen_k, mods.band);
 
     for (int tile = tiles.tile_end - 1; tile >= tiles.tile_begin; --tile) {
@@ -142,18 +142,18 @@ flash_bwd_mfma_dq(const u16* __restrict__ q, const u16* __restrict__ k, const u1
         // tile's keys skips the arithmetic (it still takes part in the loads and barriers).
         if (wave_row_start >= seqlen_q || tile >= wave_tiles.tile_end || tile < wave_tiles.tile_begin) continue;
 
-        floatx16 acc_s[KEY_BLOCKS], acc_dp[KEY_BLOCKS];
+        acc_t acc_s[KEY_BLOCKS], acc_dp[KEY_BLOCKS];
         tile_times_frags<KEY_BLOCKS, DIM_STEPS, ROW_STRIDE>(acc_s, sK, q_frag, lane);    // S^T = K Q^T
         tile_times_frags<KEY_BLOCKS, DIM_STEPS, ROW_STRIDE>(acc_dp, sV, do_frag, lane);  // dP^T = V dO^T
-        const bool masked = tile_needs_mask(wave_row_start, MFMA_N, n_start, BLOCK_N, seqlen_k, mods.band);
+        const bool masked = tile_needs_mask(wave_row_start, MATRIX_N, n_start, BLOCK_N, seqlen_k, mods.band);
         softmax_backward_tile(acc_s, acc_dp, lse2, row_delta, query, n_start, mods, masked, scale_log2, lane);
         tile_times_acc<DIM_BLOCKS, KEY_STEPS, T_STRIDE>(acc_dq, sKt, acc_dp, lane);  // dQ^T += K^T dS^T
     }
 
     // Epilogue: dQ = grad_scale * acc_dq through the staging tile (acc_to_lds, store_tile: coalesced
-    // rows); rows that see no key write zeros. Lanes l and l ^ 32 hold the same query's other dims.
+    // rows); rows that see no key write zeros. Lanes l and l ^ MATRIX_N hold the same query's other dims.
     __syncthreads();  // every wave is done with the last K, V, K^T tiles: the staging memory takes dQ
-    acc_to_lds<DIM_BLOCKS, ROW_STRIDE>(sStage, wave * MFMA_N + acc_col(lane), acc_dq, grad_scale, lane);
+    acc_to_lds<DIM_BLOCKS, ROW_STRIDE>(sStage, wave * MATRIX_N + acc_col(lane), acc_dq, grad_scale, lane);
     __syncthreads();  // the dQ tile is complete
     dq += batch * dq_batch_stride + head * dq_head_stride + (i64)(seq.q_start + m_start) * dq_row_stride;
     store_tile<BLOCK_M, ROW_STRIDE>(dq, dq_row_stride, sStage, seqlen_q - m_start, head_dim, tid);

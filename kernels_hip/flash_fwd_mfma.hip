@@ -36,20 +36,20 @@
 
 #define NUM_THREADS (NUM_WAVES * WAVE_SIZE)
 
-#include "mfma_tile.h"
+#include "matrix_tile.h"
 #include "../kernels_common/attention_common.h"
 
-#define BLOCK_M (NUM_WAVES * MFMA_N)
-#define KEY_BLOCKS (BLOCK_N / MFMA_M)   // 32-key blocks of S^T
-#define DIM_BLOCKS (HEAD_DIM / MFMA_M)  // 32-dim blocks of O^T
-#define DIM_STEPS (HEAD_DIM / MFMA_K)   // k steps of S^T = K Q^T
-#define KEY_STEPS (BLOCK_N / MFMA_K)    // k steps of O^T = V^T P^T
+#define BLOCK_M (NUM_WAVES * MATRIX_N)
+#define KEY_BLOCKS (BLOCK_N / MATRIX_M)   // MATRIX_M-key blocks of S^T
+#define DIM_BLOCKS (HEAD_DIM / MATRIX_M)  // MATRIX_M-dim blocks of O^T
+#define DIM_STEPS (HEAD_DIM / MATRIX_K)   // k steps of S^T = K Q^T
+#define KEY_STEPS (BLOCK_N / MATRIX_K)    // k steps of O^T = V^T P^T
 // Rows padded by PAD elements (mfma_tile.h: conflict-free fragment reads).
 #define KQ_STRIDE (HEAD_DIM + PAD)  // sK and sQ: [row][dim]
 #define VT_STRIDE (BLOCK_N + PAD)   // sVt: [dim][key]
 
-static_assert(WAVE_SIZE == 64, "MFMA kernels run in wave64");
-static_assert(HEAD_DIM % 32 == 0 && BLOCK_N % 32 == 0, "whole 32x32 MFMA blocks");
+static_assert(WAVE_SIZE == MATRIX_WAVE, "the matrix instructions' wave size");
+static_assert(HEAD_DIM % MATRIX_M == 0 && BLOCK_N % MATRIX_M == 0, "whole matrix blocks");
 
 // ---- LDS layout ---------------------------------------------------------------------------------
 // sK [BLOCK_N][KQ_STRIDE] | sVt [HEAD_DIM][VT_STRIDE], 16-bit elements. Before the main loop the
@@ -59,7 +59,7 @@ static_assert(HEAD_DIM % 32 == 0 && BLOCK_N % 32 == 0, "whole 32x32 MFMA blocks"
 // ---- device helpers ---------------------------------------------------------------------------
 
 // S^T = K Q^T for the tile in sK and this wave's 32 queries (q_frag: their Q^T fragments).
-__device__ __forceinline__ void compute_scores(floatx16 (&acc_s)[KEY_BLOCKS], const u32x2 (&q_frag)[DIM_STEPS],
+__device__ __forceinline__ void compute_scores(acc_t (&acc_s)[KEY_BLOCKS], const frag_t (&q_frag)[DIM_STEPS],
                                                const u16* sK, int lane) {
     tile_times_frags<KEY_BLOCKS, DIM_STEPS, KQ_STRIDE>(acc_s, sK, q_frag, lane);
 }
@@ -67,28 +67,28 @@ __device__ __forceinline__ void compute_scores(floatx16 (&acc_s)[KEY_BLOCKS], co
 // Raw dot products -> scores: softcap, ALiBi, and -inf outside the band where the tile crosses an
 // edge of it or the end of the keys (attention_common.h: modified_score). Element j of block nb is
 // key acc_row(lane, nb, j) of the tile; the lane's query is its column.
-__device__ __forceinline__ void modify_scores(floatx16 (&acc_s)[KEY_BLOCKS], int wave_row_start,
+__device__ __forceinline__ void modify_scores(acc_t (&acc_s)[KEY_BLOCKS], int wave_row_start,
                                               int n_start, const ScoreMods& mods, bool check_mask,
                                               int lane) {
     const int row = wave_row_start + acc_col(lane);
 #pragma unroll
     for (int nb = 0; nb < KEY_BLOCKS; ++nb)
 #pragma unroll
-        for (int j = 0; j < 16; ++j)
+        for (int j = 0; j < ACC_ELEMS; ++j)
             acc_s[nb][j] = modified_score(acc_s[nb][j], row, n_start + acc_row(lane, nb, j), mods, check_mask);
 }
 
 // Online softmax step for this lane's query: fold the tile's scores into m_i and l_i, turn S into
-// P in place, rescale O by exp2(m_old - m_new). Lanes l and l ^ 32 hold the same query's other
+// P in place, rescale O by exp2(m_old - m_new). Lanes l and l ^ MATRIX_N hold the same query's other
 // keys: one shuffle completes the max; the sum stays per lane until the epilogue.
-__device__ __forceinline__ void softmax_rescale_o(floatx16 (&acc_s)[KEY_BLOCKS], floatx16 (&acc_o)[DIM_BLOCKS],
+__device__ __forceinline__ void softmax_rescale_o(acc_t (&acc_s)[KEY_BLOCKS], acc_t (&acc_o)[DIM_BLOCKS],
                                                   float& row_max, float& row_sum, float scale_log2) {
     float m_new = row_max;
 #pragma unroll
     for (int nb = 0; nb < KEY_BLOCKS; ++nb)
 #pragma unroll
-        for (int j = 0; j < 16; ++j) m_new = fmaxf(m_new, acc_s[nb][j]);
-    m_new = fmaxf(m_new, shfl_xor(m_new, 32));
+        for (int j = 0; j < ACC_ELEMS; ++j) m_new = fmaxf(m_new, acc_s[nb][j]);
+    m_new = fmaxf(m_new, shfl_xor(m_new, MATRIX_N));
     // A query that has seen no key yet keeps m = -inf: offset 0 makes exp2(-inf - offset) = 0
     // rather than exp2(-inf + inf) = NaN.
     const bool row_empty = m_new == NEG_INF;
@@ -100,7 +100,7 @@ __device__ __forceinline__ void softmax_rescale_o(floatx16 (&acc_s)[KEY_BLOCKS],
 #pragma unroll
     for (int nb = 0; nb < KEY_BLOCKS; ++nb)
 #pragma unroll
-        for (int j = 0; j < 16; ++j) {
+        for (int j = 0; j < ACC_ELEMS; ++j) {
             const float p = fast_exp2(acc_s[nb][j] * scale_log2 - offset);
             acc_s[nb][j] = p;
             sum += p;
@@ -111,28 +111,28 @@ __device__ __forceinline__ void softmax_rescale_o(floatx16 (&acc_s)[KEY_BLOCKS],
 }
 
 // O^T += V^T P^T. P^T's B fragments are this lane's own accumulator elements (mfma.h), packed.
-__device__ __forceinline__ void accumulate_pv(floatx16 (&acc_o)[DIM_BLOCKS], const floatx16 (&acc_s)[KEY_BLOCKS],
+__device__ __forceinline__ void accumulate_pv(acc_t (&acc_o)[DIM_BLOCKS], const acc_t (&acc_s)[KEY_BLOCKS],
                                               const u16* sVt, int lane) {
     tile_times_acc<DIM_BLOCKS, KEY_STEPS, VT_STRIDE>(acc_o, sVt, acc_s, lane);
 }
 
 // Epilogue: O /= l and lse = scale * m + ln(l); a query that saw no key has l = 0 and gets O = 0,
 // lse = -inf. Each lane stores its query's dims (acc_row: runs of 4 consecutive).
-__device__ __forceinline__ void write_output(const floatx16 (&acc_o)[DIM_BLOCKS], float row_max, float row_sum,
+__device__ __forceinline__ void write_output(const acc_t (&acc_o)[DIM_BLOCKS], float row_max, float row_sum,
                                              u16* o, i64 o_row_stride, float* lse, int wave_row_start,
                                              int seqlen_q, int head_dim, float scale, int lane) {
-    const float l = row_sum + shfl_xor(row_sum, 32);
+    const float l = row_sum + shfl_xor(row_sum, MATRIX_N);
     const float inv_l = l != 0.f ? 1.f / l : 0.f;
     const int row = wave_row_start + acc_col(lane);
     if (row >= seqlen_q) return;
-    if (lane < 32) lse[row] = l != 0.f ? row_max * scale + logf(l) : NEG_INF;
+    if (lane < MATRIX_N) lse[row] = l != 0.f ? row_max * scale + logf(l) : NEG_INF;
     store_acc_row(o + row * o_row_stride, acc_o, inv_l, head_dim, lane);
 }
 
 // ---- entry point ------------------------------------------------------------------------------
 
 extern "C" __global__ void __launch_bounds__(NUM_THREADS)
-flash_fwd_mfma(const u16* __restrict__ q, const u16* __restrict__ k, const u16* __restrict__ v,
+MATRIX_KERNEL(flash_fwd, )(const u16* __restrict__ q, const u16* __restrict__ k, const u16* __restrict__ v,
                u16* __restrict__ o, float* __restrict__ lse,
                i64 q_batch_stride, i64 q_head_stride, i64 q_row_stride,
                i64 k_batch_stride, i64 k_head_stride, i64 k_row_stride,
@@ -155,7 +155,7 @@ flash_fwd_mfma(const u16* __restrict__ q, const u16* __restrict__ k, const u16* 
     const int head = blockIdx.y, batch = blockIdx.z, kv_head = head / heads_per_kv;
     const int tid = threadIdx.x, wave = tid / WAVE_SIZE, lane = tid % WAVE_SIZE;
     const int m_start = m_block * BLOCK_M;
-    const int wave_row_start = m_start + wave * MFMA_N;
+    const int wave_row_start = m_start + wave * MATRIX_N;
 
     const Sequence seq = sequence(batch, cu_seqlens_q, cu_seqlens_k, seqlen_q, seqlen_k);
     if (IS_VARLEN && m_start >= seq.seqlen_q) return;  // the grid covers the longest sequence
@@ -171,19 +171,19 @@ flash_fwd_mfma(const u16* __restrict__ q, const u16* __restrict__ k, const u16* 
     // Prologue: Q through LDS into registers, where it stays for the whole loop.
     load_tile<BLOCK_M, KQ_STRIDE, 0>(sQ, nullptr, q, q_row_stride, seqlen_q - m_start, head_dim, tid);
     __syncthreads();  // the Q tile is complete
-    u32x2 q_frag[DIM_STEPS];
-    load_frags<DIM_STEPS, KQ_STRIDE>(q_frag, sQ, wave * MFMA_N, lane);
+    frag_t q_frag[DIM_STEPS];
+    load_frags<DIM_STEPS, KQ_STRIDE>(q_frag, sQ, wave * MATRIX_N, lane);
 
-    floatx16 acc_o[DIM_BLOCKS];
+    acc_t acc_o[DIM_BLOCKS];
 #pragma unroll
-    for (int db = 0; db < DIM_BLOCKS; ++db) acc_o[db] = floatx16{};
+    for (int db = 0; db < DIM_BLOCKS; ++db) acc_o[db] = acc_t{};
     float row_max = NEG_INF, row_sum = 0.f;
 
     // Tiles right to left: the ones that need masking (end of the keys, right edge of the band)
     // first. Every wave takes part in the block's loads and barriers; a wave whose queries see none
     // of a tile's keys (outside its band, or past the last query) skips its arithmetic.
     const KeyRange tiles = key_tiles(m_start, min(BLOCK_M, seqlen_q - m_start), BLOCK_N, seqlen_k, mods.band);
-    const int wave_rows = max(1, min(MFMA_N, seqlen_q - wave_row_start));
+    const int wave_rows = max(1, min(MATRIX_N, seqlen_q - wave_row_start));
     const KeyRange wave_tiles = key_tiles(wave_row_start, wave_rows, BLOCK_N, seqlen_k, mods.band);
     for (int tile = tiles.tile_end - 1; tile >= tiles.tile_begin; --tile) {
         const int n_start = tile * BLOCK_N;
@@ -193,9 +193,9 @@ flash_fwd_mfma(const u16* __restrict__ q, const u16* __restrict__ k, const u16* 
         __syncthreads();  // K and V^T tiles visible to every wave
         if (wave_row_start >= seqlen_q || tile >= wave_tiles.tile_end || tile < wave_tiles.tile_begin) continue;
 
-        floatx16 acc_s[KEY_BLOCKS];
+        acc_t acc_s[KEY_BLOCKS];
         compute_scores(acc_s, q_frag, sK, lane);  // S^T = K Q^T
-        const bool needs_mask = tile_needs_mask(wave_row_start, MFMA_N, n_start, BLOCK_N, seqlen_k, mods.band);
+        const bool needs_mask = tile_needs_mask(wave_row_start, MATRIX_N, n_start, BLOCK_N, seqlen_k, mods.band);
         if (HAS_SOFTCAP || HAS_ALIBI || needs_mask) modify_scores(acc_s, wave_row_start, n_start, mods, needs_mask, lane);
         softmax_rescale_o(acc_s, acc_o, row_max, row_sum, scale_log2);  // S becomes P
         accumulate_pv(acc_o, acc_s, sVt, lane);  // O^T += V^T P^T

@@ -1,6 +1,9 @@
-// Tile helpers shared by the MFMA kernels (flash_fwd_mfma.hip, flash_bwd_mfma.hip): global -> LDS
-// copies of 16-bit tiles (as stored, or transposed), fragment reads, the two product shapes every
-// MFMA product of those kernels has, and the store of an accumulator whose column is an output row.
+// Tile helpers shared by the matrix-core kernels (flash_fwd_mfma.hip, flash_bwd_mfma_dkdv.hip,
+// flash_bwd_mfma_dq.hip): global -> LDS copies of 16-bit tiles (as stored, or transposed), fragment
+// reads, the two product shapes every product of those kernels has, and the store of an
+// accumulator whose column is an output row. Written against the matrix interface that mfma.h
+// (CDNA, MATRIX_WMMA 0) and wmma.h (RDNA3/RDNA4, MATRIX_WMMA 1) both provide: blocks of
+// MATRIX_M x MATRIX_N, ACC_ELEMS accumulator elements per lane, fragments frag_t.
 // The including kernel defines HEAD_DIM, NUM_THREADS and VEC_LOADS first (as mma_tile.h on CUDA).
 //
 // VEC_LOADS 1: rows start 16-byte aligned and head_dim % 8 == 0, so global rows move in 16-byte
@@ -8,13 +11,21 @@
 #pragma once
 
 #include "platform.h"
+#ifndef MATRIX_WMMA
+#define MATRIX_WMMA 0
+#endif
+#if MATRIX_WMMA
+#include "wmma.h"
+#else
 #include "mfma.h"
+#endif
 
 #define CHUNK 8  // 16-bit elements per 16-byte global load
-// LDS rows padded by 4 elements (8 bytes): a fragment read is 8 bytes per lane, 16 lanes per LDS
-// cycle, each lane its own row. With a row stride of 2 mod 4 dwords the 16 rows start in 16
-// different even banks, so ds_read_b64 is conflict-free (row lengths are multiples of 32).
-#define PAD 4
+// LDS rows padded by LDS_PAD elements (mfma.h: 4, wmma.h: 8). MFMA: a fragment read is 8 bytes per
+// lane, 16 lanes per LDS cycle, each lane its own row. With a row stride of 2 mod 4 dwords the 16
+// rows start in 16 different even banks, so ds_read_b64 is conflict-free (row lengths are
+// multiples of 32). wmma.h says why it pads by 8.
+#define PAD LDS_PAD
 
 // Copy a ROWS x HEAD_DIM tile from global memory into LDS: as stored into `rows` ([row][dim], row
 // stride STRIDE) and/or transposed into `cols` ([dim][row], row stride T_STRIDE); a null destination
@@ -55,62 +66,62 @@ __device__ __forceinline__ void load_tile(u16* rows, u16* cols, const u16* gmem,
 #endif
 }
 
-__device__ __forceinline__ u32x2 lds_frag(const u16* smem, int offset) {
-    return *(const u32x2*)(smem + offset);
+__device__ __forceinline__ frag_t lds_frag(const u16* smem, int offset) {
+    return *(const frag_t*)(smem + offset);
 }
 
-__device__ __forceinline__ u32 pack2(float lo, float hi) {
-    return (u32)float_to_elem(lo) | ((u32)float_to_elem(hi) << 16);
-}
-
-// The fragments of rows [row0, row0 + 32) of tile[row][k], all K_STEPS of them, into registers
+// The fragments of rows [row0, row0 + MATRIX_M) of tile[row][k], all K_STEPS of them, into registers
 // (operands that stay put for a whole loop: Q in the forward, K and V in dK/dV, Q and dO in dQ).
 template <int K_STEPS, int STRIDE>
-__device__ __forceinline__ void load_frags(u32x2 (&frag)[K_STEPS], const u16* smem, int row0, int lane) {
+__device__ __forceinline__ void load_frags(frag_t (&frag)[K_STEPS], const u16* smem, int row0, int lane) {
 #pragma unroll
     for (int ks = 0; ks < K_STEPS; ++ks) frag[ks] = lds_frag(smem, frag_offset(lane, row0, ks, STRIDE));
 }
 
-// acc[b] = A_b B for the BLOCKS 32-row blocks of A = tile[row][k] in LDS and B in registers.
+// acc[b] = A_b B for the BLOCKS MATRIX_M-row blocks of A = tile[row][k] in LDS and B in registers.
 template <int BLOCKS, int K_STEPS, int STRIDE>
-__device__ __forceinline__ void tile_times_frags(floatx16 (&acc)[BLOCKS], const u16* sA,
-                                                 const u32x2 (&b)[K_STEPS], int lane) {
+__device__ __forceinline__ void tile_times_frags(acc_t (&acc)[BLOCKS], const u16* sA,
+                                                 const frag_t (&b)[K_STEPS], int lane) {
 #pragma unroll
     for (int blk = 0; blk < BLOCKS; ++blk) {
-        acc[blk] = floatx16{};
+        acc[blk] = acc_t{};
 #pragma unroll
         for (int ks = 0; ks < K_STEPS; ++ks)
-            mfma_32x32x8(acc[blk], lds_frag(sA, frag_offset(lane, blk * 32, ks, STRIDE)), b[ks]);
+            mma(acc[blk], lds_frag(sA, frag_offset(lane, blk * MATRIX_M, ks, STRIDE)), b[ks]);
     }
 }
 
-// acc[b] += A_b C for the BLOCKS 32-row blocks of A = tile[row][k] in LDS (a transposed tile) and
-// C an accumulator set whose rows are the k positions (acc_as_b_*), rounded to 16 bits.
+// acc[b] += A_b C for the BLOCKS MATRIX_M-row blocks of A = tile[row][k] in LDS (a transposed tile)
+// and C an accumulator set whose rows are the k positions (acc_as_b), rounded to 16 bits.
 template <int BLOCKS, int K_STEPS, int STRIDE, int C_BLOCKS>
-__device__ __forceinline__ void tile_times_acc(floatx16 (&acc)[BLOCKS], const u16* sA,
-                                               const floatx16 (&c)[C_BLOCKS], int lane) {
-    static_assert(K_STEPS == C_BLOCKS * 4, "C holds 32 k positions per block");
+__device__ __forceinline__ void tile_times_acc(acc_t (&acc)[BLOCKS], const u16* sA,
+                                               const acc_t (&c)[C_BLOCKS], int lane) {
+    static_assert(K_STEPS * MATRIX_K == C_BLOCKS * MATRIX_M, "C holds MATRIX_M k positions per block");
 #pragma unroll
     for (int ks = 0; ks < K_STEPS; ++ks) {
-        const floatx16& cb = c[acc_as_b_block(ks)];
-        const u32x2 b = {pack2(cb[acc_as_b_reg(ks, 0)], cb[acc_as_b_reg(ks, 1)]),
-                         pack2(cb[acc_as_b_reg(ks, 2)], cb[acc_as_b_reg(ks, 3)])};
+        const frag_t b = acc_as_b(c[acc_as_b_block(ks)], ks, lane);
 #pragma unroll
         for (int blk = 0; blk < BLOCKS; ++blk)
-            mfma_32x32x8(acc[blk], lds_frag(sA, frag_offset(lane, blk * 32, ks, STRIDE)), b);
+            mma(acc[blk], lds_frag(sA, frag_offset(lane, blk * MATRIX_M, ks, STRIDE)), b);
     }
 }
 
 // Store factor * acc, an accumulator set whose column (this lane's) is the output row at `row`
-// and whose rows are its head dims (acc_row: runs of 4 consecutive dims), as 16-bit elements.
+// and whose rows are its head dims, as 16-bit elements: 8-byte stores of runs of 4 consecutive
+// dims where the layout has them (ACC_RUN % 4 == 0), else element by element.
 template <int BLOCKS>
-__device__ __forceinline__ void store_acc_row(u16* row, const floatx16 (&acc)[BLOCKS], float factor,
+__device__ __forceinline__ void store_acc_row(u16* row, const acc_t (&acc)[BLOCKS], float factor,
                                               int head_dim, int lane) {
+    constexpr int RUN = ACC_RUN % 4 == 0 ? 4 : 1;
 #pragma unroll
     for (int blk = 0; blk < BLOCKS; ++blk)
 #pragma unroll
-        for (int j = 0; j < 16; j += 4) {
+        for (int j = 0; j < ACC_ELEMS; j += RUN) {
             const int col = acc_row(lane, blk, j);
+            if (RUN == 1) {
+                if (col < head_dim) row[col] = float_to_elem(acc[blk][j] * factor);
+                continue;
+            }
 #if VEC_LOADS  // head_dim % 8 == 0, so a run of 4 is entirely inside or entirely outside
             if (col < head_dim)
                 *(uint2*)(row + col) = make_uint2(pack2(acc[blk][j] * factor, acc[blk][j + 1] * factor),
@@ -124,15 +135,20 @@ __device__ __forceinline__ void store_acc_row(u16* row, const floatx16 (&acc)[BL
 }
 
 // The same accumulator set, factor * acc, into row `row` of an LDS tile [row][dim] (16-bit), on its
-// way out through store_tile: 8-byte LDS stores (runs of 4 dims; STRIDE is a multiple of 4).
+// way out through store_tile: 8-byte LDS stores of runs of 4 dims (STRIDE is a multiple of 4)
+// where the layout has them, else element by element.
 template <int BLOCKS, int STRIDE>
-__device__ __forceinline__ void acc_to_lds(u16* smem, int row, const floatx16 (&acc)[BLOCKS], float factor,
+__device__ __forceinline__ void acc_to_lds(u16* smem, int row, const acc_t (&acc)[BLOCKS], float factor,
                                            int lane) {
+    constexpr int RUN = ACC_RUN % 4 == 0 ? 4 : 1;
 #pragma unroll
     for (int blk = 0; blk < BLOCKS; ++blk)
 #pragma unroll
-        for (int j = 0; j < 16; j += 4)
-            *(uint2*)(smem + row * STRIDE + acc_row(lane, blk, j)) =
+        for (int j = 0; j < ACC_ELEMS; j += RUN)
+            if (RUN == 1)
+                smem[row * STRIDE + acc_row(lane, blk, j)] = float_to_elem(acc[blk][j] * factor);
+            else
+                *(uint2*)(smem + row * STRIDE + acc_row(lane, blk, j)) =
                 make_uint2(pack2(acc[blk][j] * factor, acc[blk][j + 1] * factor),
                            pack2(acc[blk][j + 2] * factor, acc[blk][j + 3] * factor));
 }

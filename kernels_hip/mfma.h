@@ -1,6 +1,8 @@
-// CDNA matrix cores: the MFMA instruction the MFMA kernels (flash_fwd_mfma.hip, flash_bwd_mfma.hip)
-// are built on, and the index mapping of its operand and accumulator fragments. Vendor- and
-// generation-specific; included only by the MFMA kernels (through mfma_tile.h).
+// CDNA matrix cores: the MFMA instruction the matrix-core kernels (flash_fwd_mfma.hip,
+// flash_bwd_mfma_dkdv.hip, flash_bwd_mfma_dq.hip) are built on when MATRIX_WMMA is 0, and the index
+// mapping of its operand and accumulator fragments. Generation-specific; included only through
+// matrix_tile.h. wmma.h is the RDNA3/RDNA4 counterpart, with the same interface (the "matrix
+// interface" block at the end of this file).
 //
 // The instruction is v_mfma_f32_32x32x8f16 (float16) or v_mfma_f32_32x32x8bf16_1k (bfloat16,
 // gfx90a and newer): D (32x32, fp32) = A (32x8) * B (8x32) + C, one wave of 64 lanes. Register
@@ -8,6 +10,9 @@
 //   A: lane l holds A[l % 32][4 * (l / 32) + i]          (4 consecutive k of one row)
 //   B: lane l holds B[4 * (l / 32) + i][l % 32]          (4 consecutive k of one column)
 //   C, D: lane l holds D[8 * (j / 4) + 4 * (l / 32) + j % 4][l % 32]
+// gfx94x (MI300) runs the same two instructions at twice gfx90a's rate per CU (the instruction
+// names are unchanged in the builtins); it has no faster 16-bit form with these operand shapes
+// (the 32x32x16 f16/bf16 forms are gfx950's, a target clang-19 does not know).
 // gfx908 has no bf16_1k: there a k8 step is two v_mfma_f32_32x32x4bf16 (A: lane l holds
 // A[l % 32][2 * (l / 32) + i], i = 0..1), fed the low and the high halves of the same fragments.
 // The first sums the k positions {0,1,4,5} of the k8 step, the second {2,3,6,7}: the same
@@ -65,3 +70,32 @@ __device__ __forceinline__ int acc_col(int lane) { return lane % 32; }
 // lane are exactly the k positions it holds in step j / 4.
 __device__ __forceinline__ int acc_as_b_block(int k_step) { return k_step / 4; }
 __device__ __forceinline__ int acc_as_b_reg(int k_step, int i) { return (k_step % 4) * 4 + i; }
+
+// ---- matrix interface (the same names in wmma.h) --------------------------------------------------
+// The kernels see one 32x32 block per instruction group, ACC_ELEMS accumulator elements per lane,
+// and lanes l and l ^ MATRIX_N holding the same accumulator column (two lane halves of a wave).
+#define MATRIX_WAVE 64        // the wave size the instructions need
+#define MATRIX_M MFMA_M
+#define MATRIX_N MFMA_N
+#define MATRIX_K MFMA_K
+#define ACC_ELEMS 16          // accumulator elements per lane of one block
+#define ACC_RUN 4             // elements j..j+3 (j % 4 == 0) lie in consecutive rows
+#define LDS_PAD 4             // LDS row padding, in 16-bit elements (matrix_tile.h says why)
+// Entry point names: MATRIX_KERNEL(flash_fwd, ) is flash_fwd_mfma, MATRIX_KERNEL(flash_bwd, _dq)
+// flash_bwd_mfma_dq.
+#define MATRIX_KERNEL(prefix, suffix) prefix##_mfma##suffix
+typedef floatx16 acc_t;
+typedef u32x2 frag_t;
+
+__device__ __forceinline__ void mma(acc_t& acc, frag_t a, frag_t b) { mfma_32x32x8(acc, a, b); }
+
+__device__ __forceinline__ u32 pack2(float lo, float hi) {
+    return (u32)float_to_elem(lo) | ((u32)float_to_elem(hi) << 16);
+}
+
+// The B fragment of k step k_step (within its block) from accumulator block c, rounded to 16 bits:
+// the lane's own elements (acc_as_b_reg), no exchange between lanes.
+__device__ __forceinline__ frag_t acc_as_b(const acc_t& c, int k_step, int lane) {
+    return frag_t{pack2(c[acc_as_b_reg(k_step, 0)], c[acc_as_b_reg(k_step, 1)]),
+                  pack2(c[acc_as_b_reg(k_step, 2)], c[acc_as_b_reg(k_step, 3)])};
+}

@@ -205,3 +205,114 @@ def info() -> dict[str, str]:
         "compiler": "hiprtc (through CuPy RawModule)",
         "kernel cache": jit.cache_location(),
     }
+
+
+# ---- KV-cache decode (attention_with_kvcache) -------------------------------------------------
+
+def decode(q, k_cache, v_cache, k_new, v_new, out, lse, cache_seqlens, call, workspace,
+           stream: int) -> None:
+    """attention_with_kvcache's GPU step on a ROCm device: append k_new/v_new to the caches, then
+    split-KV decode and, with several splits, the merge (kernels_hip/flash_decode_portable.hip).
+    The contract of xattn.kvcache._launch_decode: (B, H, S, D) views with D contiguous (caches:
+    unit stride along D), cache_seqlens an int32 device array or None to use call.uniform, `call`
+    the validated call (seqlen_new, uniform, window with causal folded in, softcap, scale),
+    workspace(n) -> n float32 elements from the caller's framework."""
+    launch_decode(_jit, _arch(cuda._describe(q).device), q, k_cache, v_cache, k_new, v_new, out,
+                  lse, cache_seqlens, call, workspace, stream)
+
+
+_cu_counts: dict[int, int] = {}
+
+
+def _cu_count(device_id: int) -> int:
+    count = _cu_counts.get(device_id)
+    if count is None:
+        import cupy
+
+        count = _cu_counts[device_id] = int(cupy.cuda.Device(device_id).attributes["MultiProcessorCount"])
+    return count
+
+
+def launch_decode(compile, target: str, q, k_cache, v_cache, k_new, v_new, out, lse, cache_seqlens,
+                  call, workspace, stream: int) -> None:
+    """The decode on a device of gcnArchName `target`, its kernels from compile(cfg, defines,
+    device) as in `launch` (cfg of another entry point of the same source for the merge and the
+    append). Shared with tests/test_hip_decode.py, which compiles them for an NVIDIA GPU."""
+    import cupy
+
+    from xattn import kvcache
+
+    Q, Kc, Vc, O, L = (cuda._describe(a) for a in (q, k_cache, v_cache, out, lse))
+    batch, heads_q, seqlen_q, head_dim = Q.shape
+    heads_k, seqlen_max = Kc.shape[1], Kc.shape[2]
+    seqlen_new = call.seqlen_new
+    if batch == 0:
+        return
+    if heads_k > MAX_GRID_YZ:
+        raise ValueError(f"k_cache: at most {MAX_GRID_YZ} heads are supported, got {heads_k}")
+    device, size = Q.device, cuda._itemsize(Q.dtype)
+    null = cuda._Array(0, (), (0,), "", device)
+    if cache_seqlens is not None:
+        S = cuda._describe(cache_seqlens)
+        seqlens, seqlens_stride, uniform = (S, 4), np.int64(S.strides[0]), np.int32(0)
+    else:
+        seqlens, seqlens_stride, uniform = (null, 4), np.int64(0), np.int32(call.uniform)
+
+    cfg = configs.select_hip_decode(Q.dtype, target, head_dim)
+    # Window bounds past every key distance are unbounded (-1), as on CUDA (kvcache._plan).
+    left, right = ((-1 if w >= seqlen_max + seqlen_q else w) for w in call.window)
+    scale, softcap = call.scale, call.softcap
+    defines = configs.hip_defines(cfg, Q.dtype, right >= 0, False) | {
+        "IS_LOCAL": int(left >= 0), "HAS_SOFTCAP": int(bool(softcap))}
+    decode_kernel = compile(cfg, defines, device)
+    merge = compile(cfg._replace(kernel="flash_decode_merge_portable"), defines, device)
+    append = compile(cfg._replace(kernel="kvcache_append_portable"), defines, device)
+    threads = configs.hip_threads(cfg)
+
+    rows = (heads_q // heads_k) * seqlen_q
+    m_blocks = -(-rows // cfg.block_m)
+    band = seqlen_max  # the keys one sequence's queries can see span at most left + right + Sq
+    if left >= 0:
+        band = min(band, left + seqlen_q + max(right, 0))
+    splits = kvcache.num_splits(m_blocks * heads_k * batch, _cu_count(device),
+                                max(1, -(-band // cfg.block_n)), 1)
+    if m_blocks * splits >= 2**31:
+        raise ValueError(f"q: too many query rows per kv head ({rows})")
+
+    with cupy.cuda.Device(device), cuda._external_stream(stream, device):
+        if seqlen_new and k_new is not None:
+            Kn, Vn = cuda._describe(k_new), cuda._describe(v_new)
+            elements = heads_k * seqlen_new * head_dim
+            cuda._launch(append, (-(-elements // threads), 1), threads, 0,
+                         [(Kn, size), (Vn, size), (Kc, size), (Vc, size), seqlens,
+                          *cuda._strides(Kn, Vn, Kc, Vc), seqlens_stride, uniform, np.int32(heads_k),
+                          np.int32(seqlen_new), np.int32(seqlen_max), np.int32(head_dim)], batch)
+        if seqlen_q == 0:
+            return
+        rows_bhs = heads_q * seqlen_q
+        if splits > 1:  # partials of every split, merged below (freed on return: stream-ordered)
+            part = workspace(batch * rows_bhs * splits * (cfg.head_dim + 1))
+            P = cuda._describe(part)
+            o_part = cuda._Array(P.ptr, (batch,), (rows_bhs * splits * cfg.head_dim,), "float32", device)
+            lse_part = cuda._Array(P.ptr + 4 * batch * rows_bhs * splits * cfg.head_dim, (batch,),
+                                   (rows_bhs * splits,), "float32", device)
+            parts = [(o_part, 4), (lse_part, 4)]
+        else:
+            parts = [(null, 4), (null, 4)]
+        # The softmax's scale is the softcap c under a softcap (attention_common.h).
+        score_scale = softcap if softcap else scale
+        cuda._launch(decode_kernel, (m_blocks * splits, heads_k), threads,
+                     configs.hip_shared_memory_bytes(cfg),
+                     [(Q, size), (Kc, size), (Vc, size), (O, size), (L, 4), *parts, seqlens,
+                      *cuda._strides(Q, Kc, Vc, O), *cuda._strides(L, dims=2), seqlens_stride,
+                      uniform, np.int32(seqlen_q), np.int32(seqlen_new), np.int32(seqlen_max),
+                      np.int32(head_dim), np.int32(heads_q // heads_k), np.int32(left),
+                      np.int32(right), np.int32(splits), np.int32(m_blocks),
+                      np.float32(scale / softcap if softcap else 0.0), np.float32(score_scale),
+                      np.float32(score_scale * cuda.LOG2_E)], batch)
+        if splits > 1:
+            # one wave per query row, cfg.warps rows per block (NUM_WAVES of the module)
+            cuda._launch(merge, (-(-rows_bhs // cfg.warps), 1), threads, 0,
+                         [*parts, (O, size), (L, 4), *cuda._strides(O), *cuda._strides(L, dims=2),
+                          np.int32(heads_q), np.int32(seqlen_q), np.int32(head_dim), np.int32(splits)],
+                         batch)

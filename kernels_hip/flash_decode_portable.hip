@@ -1,0 +1,313 @@
+// Flash-decoding on HIP without matrix instructions: attention of a few query tokens against a long
+// KV cache, the keys split over thread blocks, every product a plain FMA over float32 LDS tiles.
+// The wave size is a compile-time parameter, so the same source runs in wave64 (CDNA, GCN), wave32
+// (RDNA) and, through the test-only tests/hip_on_cuda.h, on NVIDIA GPUs (tests/test_hip_decode.py).
+//
+// Same semantics as kernels_cuda/flash_decode.cu (xattn.attention_with_kvcache):
+// - Keys of sequence b: cache rows [0, Sk_b), Sk_b = min(clamp(cache_seqlens[b], 0, Smax) + Snew,
+//   Smax), after kvcache_append (below) wrote k_new/v_new at rows [cache_seqlens[b], +Snew), rows at
+//   or past Smax dropped. Nothing outside [0, Smax) is read or written.
+// - Masks and softcap: attention_common.h's band, bottom-right aligned with Sk_b (query token i
+//   sees key j iff i + Sk_b - Sq - left <= j <= i + Sk_b - Sq + right), and modified_score.
+// - GQA: the Hq / Hk query heads that share a kv head, times the Sq tokens, are the rows of one
+//   tile (row r = head-in-group * Sq + token), so each K/V tile is read once for the whole group;
+//   more rows than BLOCK_M take further row tiles (m_blocks).
+// - Split-KV: the key tiles the group's tokens see are cut into num_splits runs of whole tiles, one
+//   block per run. A block keeps the online-softmax state (m_i, l_i, O) of its rows over its run
+//   and writes, with one split, the output itself (O / l, natural-log LSE), else a partial
+//   (O / l and LSE2 = m * scale_log2 + log2(l), base 2) that flash_decode_merge combines:
+//   LSE2 = log2(sum_s 2^LSE2_s), O = sum_s 2^(LSE2_s - LSE2) O_s. An empty run (more splits than
+//   tiles, or no visible key) writes the empty-row result, O = 0 and LSE = -inf.
+//
+// Inside a block the loop is flash_fwd_portable.hip's: for S = Q K^T a wave splits into ROW_GROUPS
+// groups of BLOCK_N lanes, lane (g, n) scoring key n against rows g, g + ROW_GROUPS, ...; for
+// O += P V lane l owns head dims l, l + WAVE_SIZE, ... of the wave's rows, P through LDS.
+//
+// Grid: x = split * m_blocks + m_block, y = kv head, z = batch. Block: NUM_WAVES waves.
+// Layouts: q, o (B, Hq, Sq, D); k, v (B, Hk, Smax, D); each with batch, head and row strides in
+// elements, D contiguous. lse (B, Hq, Sq) float32, natural log. Partials: o_part (B, Hq, Sq,
+// num_splits, HEAD_DIM) and lse_part (B, Hq, Sq, num_splits) float32.
+
+// ---- compile-time configuration (set with -D by xattn/configs.py) ------------------------------
+// ELEM_TYPE   0: float16, 1: bfloat16, 2: float32
+// HEAD_DIM    padded head dim (multiple of WAVE_SIZE);  BLOCK_N  keys per tile (divides WAVE_SIZE)
+// BLOCK_M     query rows per tile;  NUM_WAVES  waves per block;  WAVE_SIZE  32 or 64
+// IS_CAUSAL, IS_LOCAL: the band's right and left edges;  HAS_SOFTCAP  (attention_common.h)
+
+#include "platform.h"
+#include "../kernels_common/attention_common.h"
+
+#define NUM_THREADS (NUM_WAVES * WAVE_SIZE)
+#define ROWS_PER_WAVE (BLOCK_M / NUM_WAVES)
+#define ROW_GROUPS (WAVE_SIZE / BLOCK_N)
+#define ROWS_PER_LANE (ROWS_PER_WAVE / ROW_GROUPS)
+#define D_PER_LANE (HEAD_DIM / WAVE_SIZE)
+#define QK_STRIDE (HEAD_DIM + 1)  // odd: a group's lanes read one dim of different rows, different banks
+#define LN_2 0.6931471805599453f
+
+static_assert(WAVE_SIZE % BLOCK_N == 0, "a wave holds whole groups of BLOCK_N lanes");
+static_assert(BLOCK_M % NUM_WAVES == 0 && ROWS_PER_WAVE % ROW_GROUPS == 0, "rows split evenly");
+static_assert(HEAD_DIM % WAVE_SIZE == 0, "each lane owns whole head dims");
+
+// ---- LDS layout (float32) ---------------------------------------------------------------------
+// sQ [BLOCK_M][QK_STRIDE] | sK [BLOCK_N][QK_STRIDE] | sV [BLOCK_N][HEAD_DIM] | sP [BLOCK_M][BLOCK_N]
+// | sRow [BLOCK_M]: flash_fwd_portable.hip's layout; xattn/configs.py computes the same size.
+
+// ---- device helpers ---------------------------------------------------------------------------
+
+__device__ __forceinline__ float group_max(float x) {
+#pragma unroll
+    for (int lane_mask = BLOCK_N / 2; lane_mask > 0; lane_mask /= 2) x = fmaxf(x, shfl_xor(x, lane_mask));
+    return x;
+}
+
+__device__ __forceinline__ float group_sum(float x) {
+#pragma unroll
+    for (int lane_mask = BLOCK_N / 2; lane_mask > 0; lane_mask /= 2) x += shfl_xor(x, lane_mask);
+    return x;
+}
+
+// Copy `rows` rows of head_dim elements (row r at gmem + r * row_stride) into LDS as float32, zeros
+// for rows >= valid_rows and columns >= head_dim: rows past Sk_b are never read.
+__device__ __forceinline__ void load_rows(float* smem, int smem_stride, const elem_t* gmem, i64 row_stride,
+                                          int rows, int valid_rows, int head_dim, int tid) {
+    for (int e = tid; e < rows * HEAD_DIM; e += NUM_THREADS) {
+        const int row = e / HEAD_DIM, col = e % HEAD_DIM;
+        const bool valid = row < valid_rows && col < head_dim;
+        smem[row * smem_stride + col] = valid ? elem_to_float(gmem[row * row_stride + col]) : 0.f;
+    }
+}
+
+// The Q rows of this tile: row r is query head kv_head * heads_per_kv + r / Sq, token r % Sq.
+__device__ __forceinline__ void load_q_rows(float* sQ, const elem_t* q, i64 q_head_stride, i64 q_row_stride,
+                                            int m_start, int rows, int seqlen_q, int head_dim, int tid) {
+    for (int e = tid; e < BLOCK_M * HEAD_DIM; e += NUM_THREADS) {
+        const int row = e / HEAD_DIM, col = e % HEAD_DIM, r = m_start + row;
+        const bool valid = r < rows && col < head_dim;
+        sQ[row * QK_STRIDE + col] =
+            valid ? elem_to_float(q[(r / seqlen_q) * q_head_stride + (r % seqlen_q) * q_row_stride + col]) : 0.f;
+    }
+}
+
+// ---- entry points -----------------------------------------------------------------------------
+
+extern "C" __global__ void __launch_bounds__(NUM_THREADS)
+flash_decode_portable(const elem_t* __restrict__ q, const elem_t* __restrict__ k, const elem_t* __restrict__ v,
+                      elem_t* __restrict__ o, float* __restrict__ lse, float* __restrict__ o_part,
+                      float* __restrict__ lse_part, const int* __restrict__ cache_seqlens,
+                      i64 q_batch_stride, i64 q_head_stride, i64 q_row_stride,
+                      i64 k_batch_stride, i64 k_head_stride, i64 k_row_stride,
+                      i64 v_batch_stride, i64 v_head_stride, i64 v_row_stride,
+                      i64 o_batch_stride, i64 o_head_stride, i64 o_row_stride,
+                      i64 lse_batch_stride, i64 lse_head_stride, i64 seqlens_stride,
+                      int uniform_seqlen, int seqlen_q, int seqlen_new, int seqlen_max, int head_dim,
+                      int heads_per_kv, int window_left, int window_right, int num_splits, int m_blocks,
+                      float softcap_scale, float scale, float scale_log2) {
+    // scale: the softmax's scale of the values in S (the softcap c under a softcap, else the
+    // attention scale); scale_log2 = scale * log2(e); softcap_scale = attention scale / c.
+    extern __shared__ float smem_f32[];
+    float* sQ = smem_f32;
+    float* sK = sQ + BLOCK_M * QK_STRIDE;
+    float* sV = sK + BLOCK_N * QK_STRIDE;
+    float* sP = sV + BLOCK_N * HEAD_DIM;
+    float* sRow = sP + BLOCK_M * BLOCK_N;
+
+    const int m_block = blockIdx.x % m_blocks, split = blockIdx.x / m_blocks;
+    const int kv_head = blockIdx.y, batch = blockIdx.z;
+    const int tid = threadIdx.x, wave = tid / WAVE_SIZE, lane = tid % WAVE_SIZE;
+    const int key = lane % BLOCK_N, group = lane / BLOCK_N;  // this lane's key and row group in S
+    const int rows = heads_per_kv * seqlen_q;  // query rows of this (batch, kv head)
+    const int m_start = m_block * BLOCK_M;
+    const int wave_row0 = wave * ROWS_PER_WAVE;
+    // Row of the i-th score this lane computes, within the tile, and its query token.
+    #define LANE_ROW(i) (wave_row0 + group + (i) * ROW_GROUPS)
+    #define TOKEN(row) ((m_start + (row)) % seqlen_q)
+
+    // Sequence b's keys, and the band of its tokens (attention_common.h, aligned with Sk_b).
+    const int cached = min(max(cache_seqlens ? cache_seqlens[batch * seqlens_stride] : uniform_seqlen, 0), seqlen_max);
+    const int seqlen_k = min(cached + seqlen_new, seqlen_max);
+    const ScoreMods mods = make_score_mods(seqlen_q, seqlen_k, window_left, window_right, softcap_scale,
+                                           nullptr, scale);
+    // The key tiles any token sees, and this split's run of them.
+    const KeyRange band_tiles = key_tiles(0, seqlen_q, BLOCK_N, seqlen_k, mods.band);
+    const int band_count = max(0, band_tiles.tile_end - band_tiles.tile_begin);
+    const int per_split = (band_count + num_splits - 1) / num_splits;
+    const int tile_begin = band_tiles.tile_begin + split * per_split;
+    const int tile_end = min(band_tiles.tile_begin + band_count, tile_begin + per_split);
+
+    q += batch * q_batch_stride + (i64)kv_head * heads_per_kv * q_head_stride;
+    k += batch * k_batch_stride + kv_head * k_head_stride;
+    v += batch * v_batch_stride + kv_head * v_head_stride;
+    load_q_rows(sQ, q, q_head_stride, q_row_stride, m_start, rows, seqlen_q, head_dim, tid);
+
+    float acc_o[ROWS_PER_WAVE][D_PER_LANE];                // O rows of the wave, this lane's dims
+    float row_max[ROWS_PER_LANE], row_sum[ROWS_PER_LANE];  // row_sum: this lane's keys only
+#pragma unroll
+    for (int r = 0; r < ROWS_PER_WAVE; ++r)
+#pragma unroll
+        for (int i = 0; i < D_PER_LANE; ++i) acc_o[r][i] = 0.f;
+#pragma unroll
+    for (int i = 0; i < ROWS_PER_LANE; ++i) {
+        row_max[i] = NEG_INF;
+        row_sum[i] = 0.f;
+    }
+
+    for (int tile = tile_begin; tile < tile_end; ++tile) {
+        const int n_start = tile * BLOCK_N;
+        __syncthreads();  // every wave is done with the previous K, V and P tiles
+        load_rows(sK, QK_STRIDE, k + (i64)n_start * k_row_stride, k_row_stride, BLOCK_N, seqlen_k - n_start, head_dim, tid);
+        load_rows(sV, HEAD_DIM, v + (i64)n_start * v_row_stride, v_row_stride, BLOCK_N, seqlen_k - n_start, head_dim, tid);
+        __syncthreads();  // K and V tiles (and, the first time, Q) visible to every wave
+
+        // S = Q K^T: this lane's key against its rows.
+        float s[ROWS_PER_LANE];
+#pragma unroll
+        for (int i = 0; i < ROWS_PER_LANE; ++i) s[i] = 0.f;
+        for (int d = 0; d < head_dim; ++d) {
+            const float k_d = sK[key * QK_STRIDE + d];
+#pragma unroll
+            for (int i = 0; i < ROWS_PER_LANE; ++i) s[i] = fmaf(sQ[LANE_ROW(i) * QK_STRIDE + d], k_d, s[i]);
+        }
+
+        // Softcap and the band's mask (every tile: the band is per token), then the online softmax.
+#pragma unroll
+        for (int i = 0; i < ROWS_PER_LANE; ++i) {
+            s[i] = modified_score(s[i], TOKEN(LANE_ROW(i)), n_start + key, mods, true);
+            const float m_new = group_max(fmaxf(row_max[i], s[i]));
+            const bool row_empty = m_new == NEG_INF;  // no key seen yet: offset 0 keeps exp2 from NaN
+            const float offset = row_empty ? 0.f : m_new * scale_log2;
+            const float alpha = row_empty ? 1.f : fast_exp2((row_max[i] - m_new) * scale_log2);
+            row_max[i] = m_new;
+            const float p = fast_exp2(s[i] * scale_log2 - offset);
+            row_sum[i] = row_sum[i] * alpha + p;
+            sP[LANE_ROW(i) * BLOCK_N + key] = p;
+            if (key == 0) sRow[LANE_ROW(i)] = alpha;
+        }
+        __syncthreads();  // P and alpha visible to every lane (a block barrier: portable)
+
+        // O = alpha O + P V: this lane's head dims of every row of the wave.
+#pragma unroll
+        for (int r = 0; r < ROWS_PER_WAVE; ++r) {
+            const float alpha = sRow[wave_row0 + r];
+#pragma unroll
+            for (int i = 0; i < D_PER_LANE; ++i) acc_o[r][i] *= alpha;
+        }
+        for (int n = 0; n < BLOCK_N; ++n) {
+            float v_n[D_PER_LANE];
+#pragma unroll
+            for (int i = 0; i < D_PER_LANE; ++i) v_n[i] = sV[n * HEAD_DIM + lane + i * WAVE_SIZE];
+#pragma unroll
+            for (int r = 0; r < ROWS_PER_WAVE; ++r) {
+                const float p = sP[(wave_row0 + r) * BLOCK_N + n];
+#pragma unroll
+                for (int i = 0; i < D_PER_LANE; ++i) acc_o[r][i] = fmaf(p, v_n[i], acc_o[r][i]);
+            }
+        }
+    }
+
+    // Epilogue: l = the group's sum; 1 / l through LDS to the lanes that own the dims. A row with
+    // no key in this run has l = 0: O = 0, LSE = -inf. With one split the result is final (LSE in
+    // natural log), else a partial for the merge (LSE in base 2).
+    const int heads_q = gridDim.y * heads_per_kv;
+    __syncthreads();  // every wave is done reading sRow as rescale factors
+#pragma unroll
+    for (int i = 0; i < ROWS_PER_LANE; ++i) {
+        const float l = group_sum(row_sum[i]);
+        const int r = m_start + LANE_ROW(i);
+        if (key == 0) {
+            sRow[LANE_ROW(i)] = l != 0.f ? 1.f / l : 0.f;
+            if (r < rows) {
+                const int head = kv_head * heads_per_kv + r / seqlen_q, token = r % seqlen_q;
+                const float lse2 = l != 0.f ? row_max[i] * scale_log2 + log2f(l) : NEG_INF;
+                if (num_splits == 1)
+                    lse[batch * lse_batch_stride + head * lse_head_stride + token] = lse2 * LN_2;
+                else
+                    lse_part[(((i64)batch * heads_q + head) * seqlen_q + token) * num_splits + split] = lse2;
+            }
+        }
+    }
+    __syncthreads();  // 1 / l of every row visible
+#pragma unroll
+    for (int row_in_wave = 0; row_in_wave < ROWS_PER_WAVE; ++row_in_wave) {
+        const int row = wave_row0 + row_in_wave, r = m_start + row;
+        if (r >= rows) break;
+        const int head = kv_head * heads_per_kv + r / seqlen_q, token = r % seqlen_q;
+        const float inv_l = sRow[row];
+        if (num_splits == 1) {
+            elem_t* dst = o + batch * o_batch_stride + head * o_head_stride + token * o_row_stride;
+#pragma unroll
+            for (int i = 0; i < D_PER_LANE; ++i) {
+                const int col = lane + i * WAVE_SIZE;
+                if (col < head_dim) dst[col] = float_to_elem(acc_o[row_in_wave][i] * inv_l);
+            }
+        } else {
+            float* dst = o_part + ((((i64)batch * heads_q + head) * seqlen_q + token) * num_splits + split) * HEAD_DIM;
+#pragma unroll
+            for (int i = 0; i < D_PER_LANE; ++i) dst[lane + i * WAVE_SIZE] = acc_o[row_in_wave][i] * inv_l;
+        }
+    }
+    #undef LANE_ROW
+    #undef TOKEN
+}
+
+// Combine the num_splits partials of each query row, one wave per row:
+// LSE2 = log2(sum_s 2^LSE2_s), O = sum_s 2^(LSE2_s - LSE2) O_s; splits with LSE2_s = -inf add
+// nothing. Grid: x over the (B, Hq, Sq) rows of a batch entry in groups of NUM_WAVES, z = batch.
+extern "C" __global__ void __launch_bounds__(NUM_THREADS)
+flash_decode_merge_portable(const float* __restrict__ o_part, const float* __restrict__ lse_part,
+                            elem_t* __restrict__ o, float* __restrict__ lse,
+                            i64 o_batch_stride, i64 o_head_stride, i64 o_row_stride,
+                            i64 lse_batch_stride, i64 lse_head_stride,
+                            int heads_q, int seqlen_q, int head_dim, int num_splits) {
+    const int wave = threadIdx.x / WAVE_SIZE, lane = threadIdx.x % WAVE_SIZE;
+    const int row = blockIdx.x * NUM_WAVES + wave, batch = blockIdx.z;
+    if (row >= heads_q * seqlen_q) return;  // the whole wave leaves together
+    const int head = row / seqlen_q, token = row % seqlen_q;
+    const i64 part_row = ((i64)batch * heads_q * seqlen_q + row) * num_splits;
+    const float* lp = lse_part + part_row;
+    const float* op = o_part + part_row * HEAD_DIM;
+
+    float m = NEG_INF;
+    for (int s = lane; s < num_splits; s += WAVE_SIZE) m = fmaxf(m, lp[s]);
+    for (int lane_mask = WAVE_SIZE / 2; lane_mask > 0; lane_mask /= 2) m = fmaxf(m, shfl_xor(m, lane_mask));
+    float sum = 0.f;
+    for (int s = lane; s < num_splits; s += WAVE_SIZE)
+        if (lp[s] != NEG_INF) sum += fast_exp2(lp[s] - m);  // a NaN LSE_s makes the sum NaN
+    for (int lane_mask = WAVE_SIZE / 2; lane_mask > 0; lane_mask /= 2) sum += shfl_xor(sum, lane_mask);
+    const float lse2 = sum != 0.f ? m + log2f(sum) : NEG_INF;
+
+    o += batch * o_batch_stride + head * o_head_stride + token * o_row_stride;
+    for (int col = lane; col < head_dim; col += WAVE_SIZE) {
+        float acc = 0.f;
+        for (int s = 0; s < num_splits; ++s)
+            if (lp[s] != NEG_INF) acc += fast_exp2(lp[s] - lse2) * op[(i64)s * HEAD_DIM + col];
+        o[col] = float_to_elem(acc);
+    }
+    if (lane == 0) lse[batch * lse_batch_stride + head * lse_head_stride + token] = lse2 * LN_2;
+}
+
+// Write k_new / v_new (B, Hk, Snew, D) into the caches at rows clamp(cache_seqlens[b], 0, Smax) + t;
+// rows that would land at or past Smax are dropped. One thread per element. Grid: x over the
+// Hk * Snew * head_dim elements of a batch entry, z = batch.
+extern "C" __global__ void __launch_bounds__(NUM_THREADS)
+kvcache_append_portable(const elem_t* __restrict__ k_new, const elem_t* __restrict__ v_new,
+                        elem_t* __restrict__ k_cache, elem_t* __restrict__ v_cache,
+                        const int* __restrict__ cache_seqlens,
+                        i64 kn_batch_stride, i64 kn_head_stride, i64 kn_row_stride,
+                        i64 vn_batch_stride, i64 vn_head_stride, i64 vn_row_stride,
+                        i64 kc_batch_stride, i64 kc_head_stride, i64 kc_row_stride,
+                        i64 vc_batch_stride, i64 vc_head_stride, i64 vc_row_stride, i64 seqlens_stride,
+                        int uniform_seqlen, int heads_k, int seqlen_new, int seqlen_max, int head_dim) {
+    const int batch = blockIdx.z;
+    const i64 e = (i64)blockIdx.x * NUM_THREADS + threadIdx.x;
+    if (e >= (i64)heads_k * seqlen_new * head_dim) return;
+    const int row = (int)(e / head_dim), col = (int)(e % head_dim);
+    const int head = row / seqlen_new, t = row % seqlen_new;
+    const int cached = cache_seqlens ? cache_seqlens[batch * seqlens_stride] : uniform_seqlen;
+    const int pos = min(max(cached, 0), seqlen_max) + t;
+    if (pos >= seqlen_max) return;
+    k_cache[batch * kc_batch_stride + head * kc_head_stride + (i64)pos * kc_row_stride + col] =
+        k_new[batch * kn_batch_stride + head * kn_head_stride + t * kn_row_stride + col];
+    v_cache[batch * vc_batch_stride + head * vc_head_stride + (i64)pos * vc_row_stride + col] =
+        v_new[batch * vn_batch_stride + head * vn_head_stride + t * vn_row_stride + col];
+}

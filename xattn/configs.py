@@ -266,8 +266,12 @@ def decode_defines(cfg: TileConfig, dtype: str, rows: int, vec_loads: bool,
 #           with the longest gfx prefix of its gcnArchName ("gfx90a:sramecc+:xnack-" -> "gfx90a");
 #           so gfx90a takes "cdna" rows for MFMA and "gfx9" rows for the portable kernels.
 #   warps   waves per block; the wave size comes from the family
-# flash_fwd_mfma, flash_bwd_mfma_dq: HEAD_DIM, block_n multiples of 32, block_m = 32 * waves.
-# flash_bwd_mfma_dkdv: HEAD_DIM, block_m (queries per step) multiples of 32, block_n = 32 * waves.
+# flash_fwd_mfma, flash_bwd_mfma_dq (and their _wmma forms): HEAD_DIM, block_n multiples of the
+#   matrix block (32 for MFMA, 16 for WMMA), block_m = block * waves.
+# flash_bwd_mfma_dkdv (and _wmma_dkdv): HEAD_DIM, block_m (queries per step) multiples of the
+#   matrix block, block_n = block * waves.
+# The _wmma kernels are the same sources as the _mfma ones, built on wmma.h instead of mfma.h
+#   (MATRIX_WMMA=1; WMMA_GFX12 picks the RDNA4 layout): HIP_MATRIX_KERNELS below.
 # flash_fwd_portable: HEAD_DIM a multiple of the wave size, block_n dividing it, and
 #   (block_m / waves) a multiple of (wave size / block_n).
 # flash_bwd_portable_dq (block_m owned queries, block_n keys per step) and _dkdv (block_n owned keys,
@@ -280,12 +284,37 @@ def decode_defines(cfg: TileConfig, dtype: str, rows: int, vec_loads: bool,
 # within gfx908's 256 + 256 (ci/hip_compile.py checks both: no scratch, no spills). The MFMA
 # backward stops at head dim 128, as the CUDA tensor-core backward does: past it dK and dV (256
 # fp32 registers at D=256) and the transposed tiles no longer fit; the portable kernels serve it.
+#
+# MI300 (gfx940-942, "cdna3" forward rows), derived from published figures, not measured: 304 CUs
+# of 4 SIMDs, 64 KB LDS per CU, 512 VGPRs+AGPRs per lane, and the 32x32x8 f16/bf16 MFMA at twice
+# gfx90a's rate per CU (1307 dense fp16 TFLOP/s over 304 CUs at 2.1 GHz is 2048 flop per CU per
+# clock; MI250X's 383 over 220 CUs at 1.7 GHz is 1024). With the matrix work twice as fast, the
+# softmax, exp2 and LDS traffic of one wave must hide behind another wave's MFMAs, so the rows
+# aim at two waves per SIMD where gfx90a's run one: at D=128 block_n 32 halves the LDS of a block
+# (17 KB instead of 33.5 KB; the register count, ~220 at block_n 64 on gfx90a, allows two waves
+# of 4 per CU-quarter), and at D=160/192 two-wave blocks of 64 queries (25-26 KB) let two blocks
+# share a CU and give 304 CUs twice as many blocks at short sequences. The backward keeps the
+# "cdna" rows: dK/dV holds ~400 registers per lane, one wave per SIMD whatever the tile.
+#
+# RDNA3 (gfx11) and RDNA4 (gfx12): WMMA (wave32, 16x16x16) for float16/bfloat16 forward and
+# backward, the portable FMA kernels for float32, for head dims past the WMMA rows, and on RDNA2
+# (gfx10, "rdna" rows). Register budget: 256 VGPRs per lane in wave32. An operand fragment is 8
+# VGPRs on gfx11 (16 values, the wave's halves repeating each other) and 4 on gfx12, an
+# accumulator block 8 on both: the forward at D=128 holds Q (gfx11: 64), O (64) and S (32); the
+# dK/dV kernel holds K and V fragments and dK, dV. What clang-19 makes of it decides the rows
+# (ci/hip_compile.py; scratch and spills fail it): on gfx11 the forward spills from D=128 (all
+# block_n from 16 to 64) and the backward pair at every head dim (dK/dV even at D=32 with 16-query
+# steps), so gfx11 has WMMA forward rows up to D=64 and its backward stays on the portable
+# kernels; gfx12, with half-size operand fragments, takes the WMMA forward and backward to D=128.
 # Not tuned on hardware: no AMD GPU has run these (README, AMD status).
 
-HIP_FAMILIES = {  # family: (gfx prefixes, wave size)
+HIP_FAMILIES = {  # family: (gfx prefixes, wave size); the longest matching prefix wins
     "cdna": (("gfx908", "gfx90a", "gfx94", "gfx95"), 64),  # MFMA: MI100, MI200, MI300, MI350
+    "cdna3": (("gfx940", "gfx941", "gfx942"), 64),         # MI300: its own forward rows
     "gfx9": (("gfx9",), 64),                                # every gfx9 (GCN, CDNA), no MFMA used
     "rdna": (("gfx10", "gfx11", "gfx12"), 32),              # hiprtc compiles RDNA in wave32
+    "rdna3": (("gfx11",), 32),                              # WMMA, gfx11 layout
+    "rdna4": (("gfx12",), 32),                              # WMMA, gfx12 layout
 }
 
 _HIP_ROWS = [
@@ -297,6 +326,18 @@ _HIP_ROWS = [
     ("flash_fwd_mfma",          "cdna",  160,    None,   128,     32,      4,     1),
     ("flash_fwd_mfma",          "cdna",  192,    None,   128,     32,      4,     1),
     ("flash_fwd_mfma",          "cdna",  256,    None,   64,      32,      2,     1),
+    ("flash_fwd_mfma",          "cdna3", 32,     None,   128,     64,      4,     1),
+    ("flash_fwd_mfma",          "cdna3", 64,     None,   128,     64,      4,     1),
+    ("flash_fwd_mfma",          "cdna3", 96,     None,   128,     64,      4,     1),
+    ("flash_fwd_mfma",          "cdna3", 128,    None,   128,     32,      4,     1),
+    ("flash_fwd_mfma",          "cdna3", 160,    None,   64,      32,      2,     1),
+    ("flash_fwd_mfma",          "cdna3", 192,    None,   64,      32,      2,     1),
+    ("flash_fwd_mfma",          "cdna3", 256,    None,   64,      32,      2,     1),
+    ("flash_fwd_wmma",          "rdna3", 32,     None,   64,      32,      4,     1),
+    ("flash_fwd_wmma",          "rdna3", 64,     None,   64,      32,      4,     1),
+    ("flash_fwd_wmma",          "rdna4", 32,     None,   64,      64,      4,     1),
+    ("flash_fwd_wmma",          "rdna4", 64,     None,   64,      64,      4,     1),
+    ("flash_fwd_wmma",          "rdna4", 128,    None,   64,      64,      4,     1),
     ("flash_fwd_portable",      "gfx9",  64,     None,   64,      32,      4,     1),
     ("flash_fwd_portable",      "gfx9",  128,    None,   32,      32,      4,     1),
     ("flash_fwd_portable",      "gfx9",  256,    None,   16,      16,      4,     1),
@@ -330,6 +371,21 @@ _HIP_ROWS = [
     ("flash_bwd_portable_dkdv", "rdna",  64,     None,   16,      32,      4,     1),
     ("flash_bwd_portable_dkdv", "rdna",  128,    None,   16,      16,      4,     1),
     ("flash_bwd_portable_dkdv", "rdna",  256,    None,   8,       16,      2,     1),
+    # KV-cache decode (xattn.hip.decode): split-KV, GQA group x tokens as the rows of a tile; the
+    # merge and the append are entry points of the same source and take the same defines.
+    ("flash_decode_portable",   "gfx9",  64,     None,   16,      32,      4,     1),
+    ("flash_decode_portable",   "gfx9",  128,    None,   16,      32,      4,     1),
+    ("flash_decode_portable",   "gfx9",  256,    None,   16,      16,      4,     1),
+    ("flash_decode_portable",   "rdna",  32,     None,   16,      32,      4,     1),
+    ("flash_decode_portable",   "rdna",  64,     None,   16,      32,      4,     1),
+    ("flash_decode_portable",   "rdna",  128,    None,   16,      32,      4,     1),
+    ("flash_decode_portable",   "rdna",  256,    None,   16,      16,      4,     1),
+    ("flash_bwd_wmma_dkdv",     "rdna4", 32,     None,   32,      64,      4,     1),
+    ("flash_bwd_wmma_dkdv",     "rdna4", 64,     None,   32,      64,      4,     1),
+    ("flash_bwd_wmma_dkdv",     "rdna4", 128,    None,   32,      64,      4,     1),
+    ("flash_bwd_wmma_dq",       "rdna4", 32,     None,   64,      32,      4,     1),
+    ("flash_bwd_wmma_dq",       "rdna4", 64,     None,   64,      32,      4,     1),
+    ("flash_bwd_wmma_dq",       "rdna4", 128,    None,   64,      32,      4,     1),
 ]
 
 HIP_TABLE = [TileConfig(*row) for row in _HIP_ROWS]
@@ -337,27 +393,47 @@ HIP_TABLE = [TileConfig(*row) for row in _HIP_ROWS]
 # Entry points whose source file has another name.
 HIP_SOURCES = {"flash_bwd_preprocess": "flash_bwd_prep.hip",
                "flash_bwd_portable_dq": "flash_bwd_portable.hip",
-               "flash_bwd_portable_dkdv": "flash_bwd_portable.hip"}
-# Kernels built on MFMA (16-bit tiles, mfma_tile.h; VEC_LOADS variants).
-HIP_MFMA_KERNELS = ("flash_fwd_mfma", "flash_bwd_mfma_dkdv", "flash_bwd_mfma_dq")
+               "flash_bwd_portable_dkdv": "flash_bwd_portable.hip",
+               "flash_fwd_wmma": "flash_fwd_mfma.hip",
+               "flash_bwd_wmma_dkdv": "flash_bwd_mfma_dkdv.hip",
+               "flash_bwd_wmma_dq": "flash_bwd_mfma_dq.hip",
+               "flash_decode_merge_portable": "flash_decode_portable.hip",
+               "kvcache_append_portable": "flash_decode_portable.hip"}
+# Kernels built on WMMA: the matrix-core sources with wmma.h (MATRIX_WMMA=1).
+HIP_WMMA_KERNELS = ("flash_fwd_wmma", "flash_bwd_wmma_dkdv", "flash_bwd_wmma_dq")
+# Kernels built on matrix instructions (16-bit tiles, matrix_tile.h; VEC_LOADS variants).
+HIP_MFMA_KERNELS = ("flash_fwd_mfma", "flash_bwd_mfma_dkdv", "flash_bwd_mfma_dq", *HIP_WMMA_KERNELS)
 
 # Kernels that can serve each dtype, in order of preference (MFMA where the device has it).
 HIP_KERNELS_FOR_DTYPE = {
-    "float16": ("flash_fwd_mfma", "flash_fwd_portable"),
-    "bfloat16": ("flash_fwd_mfma", "flash_fwd_portable"),
+    "float16": ("flash_fwd_mfma", "flash_fwd_wmma", "flash_fwd_portable"),
+    "bfloat16": ("flash_fwd_mfma", "flash_fwd_wmma", "flash_fwd_portable"),
     "float32": ("flash_fwd_portable",),
 }
 # The backward's (dK/dV, dQ) kernel pairs for each dtype, in order of preference. A pair without a
 # row for the head dim gives way to the next (the MFMA pair stops at 128).
 _MFMA_BWD = ("flash_bwd_mfma_dkdv", "flash_bwd_mfma_dq")
+_WMMA_BWD = ("flash_bwd_wmma_dkdv", "flash_bwd_wmma_dq")
 _PORTABLE_BWD = ("flash_bwd_portable_dkdv", "flash_bwd_portable_dq")
 HIP_BACKWARD_KERNELS_FOR_DTYPE = {
-    "float16": (_MFMA_BWD, _PORTABLE_BWD),
-    "bfloat16": (_MFMA_BWD, _PORTABLE_BWD),
+    "float16": (_MFMA_BWD, _WMMA_BWD, _PORTABLE_BWD),
+    "bfloat16": (_MFMA_BWD, _WMMA_BWD, _PORTABLE_BWD),
     "float32": (_PORTABLE_BWD,),
 }
 
 HIP_LDS_BYTES = 64 * 1024  # LDS one block may use on every family above
+
+
+HIP_DECODE_KERNEL = "flash_decode_portable"  # its merge and append: HIP_SOURCES
+
+
+@functools.lru_cache(maxsize=None)
+def select_hip_decode(dtype: str, gcn_arch: str, head_dim: int) -> TileConfig:
+    """The HIP decode row (xattn.hip.decode) for a device of this gcnArchName and head dim."""
+    row = _hip_row(HIP_DECODE_KERNEL, gcn_arch, head_dim, False)
+    if row is None:
+        raise ValueError(f"head dim must be at most {MAX_HEAD_DIM}, got {head_dim}")
+    return row
 
 
 def hip_source(kernel: str) -> str:
@@ -396,14 +472,16 @@ def _hip_kernel_usable(kernel: str, gcn_arch: str) -> bool:
 @functools.lru_cache(maxsize=None)
 def select_hip(dtype: str, gcn_arch: str, head_dim: int, causal: bool) -> TileConfig:
     """The HIP forward row for a call in `dtype` on a device with this gcnArchName at this head dim."""
+    # A kernel without a row for the head dim gives way to the next (the WMMA rows stop at 128).
     for kernel in HIP_KERNELS_FOR_DTYPE[dtype]:
         if not _hip_kernel_usable(kernel, gcn_arch):
             continue
         row = _hip_row(kernel, gcn_arch, head_dim, causal)
-        if row is None:
-            raise ValueError(f"head dim must be at most {MAX_HEAD_DIM}, got {head_dim}")
-        return row
-    return _hip_row(HIP_KERNELS_FOR_DTYPE[dtype][-1], gcn_arch, head_dim, causal)  # raises
+        if row is not None:
+            return row
+    if _hip_row(HIP_KERNELS_FOR_DTYPE[dtype][-1], gcn_arch, head_dim, causal) is None:  # may raise
+        raise ValueError(f"head dim must be at most {MAX_HEAD_DIM}, got {head_dim}")
+    raise AssertionError("unreachable: the last kernel serves every head dim")
 
 
 @functools.lru_cache(maxsize=None)
@@ -422,20 +500,22 @@ def select_hip_backward(dtype: str, gcn_arch: str, head_dim: int,
 
 def hip_shared_memory_bytes(cfg: TileConfig) -> int:
     """LDS of one block, from the layouts in the kernels' headers."""
-    d, pad = cfg.head_dim, 4  # PAD of mfma_tile.h
-    if cfg.kernel == "flash_fwd_mfma":  # 16-bit tiles; Q staged over K and V^T
+    d = cfg.head_dim
+    pad = 8 if cfg.kernel in HIP_WMMA_KERNELS else 4  # LDS_PAD of wmma.h and mfma.h
+    kernel = cfg.kernel.replace("_wmma", "_mfma")  # the same sources and layouts
+    if kernel == "flash_fwd_mfma":  # 16-bit tiles; Q staged over K and V^T
         q_stage = cfg.block_m * (d + pad)
         k_vt = cfg.block_n * (d + pad) + d * (cfg.block_n + pad)
         return max(q_stage, k_vt) * 2
-    if cfg.kernel == "flash_bwd_mfma_dkdv":  # Q, dO as stored and transposed; K, V staged over them
+    if kernel == "flash_bwd_mfma_dkdv":  # Q, dO as stored and transposed; K, V staged over them
         tiles = 2 * cfg.block_m * (d + pad) + 2 * d * (cfg.block_m + pad)
         stage = cfg.block_n * (d + pad)
         return max(tiles, stage) * 2 + 2 * cfg.block_m * 4  # + LSE and delta, float32
-    if cfg.kernel == "flash_bwd_mfma_dq":  # K, V, K^T; Q and dO staged over them
+    if kernel == "flash_bwd_mfma_dq":  # K, V, K^T; Q and dO staged over them
         tiles = 2 * cfg.block_n * (d + pad) + d * (cfg.block_n + pad)
         stage = cfg.block_m * (d + pad)
         return max(tiles, stage) * 2
-    if cfg.kernel == "flash_fwd_portable":  # float32: sQ, sK (odd strides), sV, sP, sRow
+    if cfg.kernel in ("flash_fwd_portable", "flash_decode_portable"):  # float32: sQ, sK (odd strides), sV, sP, sRow
         return (cfg.block_m * (d + 1) + cfg.block_n * (d + 1) + cfg.block_n * d
                 + cfg.block_m * cfg.block_n + cfg.block_m) * 4
     if cfg.kernel in _PORTABLE_BWD:  # float32, odd strides: owned rows, streamed tile, dS (P, dS)
@@ -469,9 +549,11 @@ def hip_defines(cfg: TileConfig, dtype: str, causal: bool, vec_loads: bool) -> d
         return common | {"BLOCK_M": cfg.block_m}
     common |= {"HEAD_DIM": cfg.head_dim, "IS_CAUSAL": int(causal)}
     mfma = {"ELEM_BF16": int(dtype == "bfloat16"), "VEC_LOADS": int(vec_loads)}
-    if cfg.kernel in ("flash_fwd_mfma", "flash_bwd_mfma_dq"):
+    if cfg.kernel in HIP_WMMA_KERNELS:
+        mfma |= {"MATRIX_WMMA": 1, "WMMA_GFX12": int(cfg.arch == "rdna4")}
+    if cfg.kernel in ("flash_fwd_mfma", "flash_bwd_mfma_dq", "flash_fwd_wmma", "flash_bwd_wmma_dq"):
         return common | mfma | {"BLOCK_N": cfg.block_n}
-    if cfg.kernel == "flash_bwd_mfma_dkdv":
+    if cfg.kernel in ("flash_bwd_mfma_dkdv", "flash_bwd_wmma_dkdv"):
         return common | mfma | {"BLOCK_M": cfg.block_m}
     if cfg.kernel in _PORTABLE_BWD:
         owned, step = _portable_bwd_rows(cfg)
@@ -483,7 +565,7 @@ def hip_grid(cfg: TileConfig, seqlen_q: int, seqlen_k: int, heads_q: int, heads_
              batch: int) -> tuple[int, int, int]:
     """The grid of one launch of `cfg`: query blocks x query heads, or, for the dK/dV kernels, key
     blocks x key/value heads; the batch (or a chunk of it) in z."""
-    if cfg.kernel in ("flash_bwd_mfma_dkdv", "flash_bwd_portable_dkdv"):
+    if cfg.kernel in ("flash_bwd_mfma_dkdv", "flash_bwd_wmma_dkdv", "flash_bwd_portable_dkdv"):
         return (math.ceil(seqlen_k / cfg.block_n), heads_k, batch)
     owned = cfg.block_m
     return (math.ceil(seqlen_q / owned), heads_q, batch)

@@ -1,19 +1,13 @@
-"""The portable HIP kernels' logic on an NVIDIA GPU.
+"""The portable HIP kernels on an NVIDIA GPU: what the shared properties do not cover.
 
-kernels_hip/flash_fwd_portable.hip, flash_bwd_portable.hip and flash_bwd_prep.hip are compiled by
-CuPy's NVRTC with the test-only tests/hip_on_cuda.h in front (the HIP device API they use, mapped
-onto CUDA), with the rows the table gives a device, and launched by xattn.hip.launch and
-xattn.hip.launch_backward -- the hip backend's own launch arithmetic. The forward runs the wave32
-rows of RDNA (gfx1030). The backward needs no wave-wide operation (block barriers and LDS only), so
-it runs both its wave32 rows (gfx1030) and its wave64 rows (gfx906: GCN/CDNA without MFMA, the rows
-CDNA uses for float32 and head dims past 128), a 64-lane "wave" being two warps here.
-
-The same properties as the cuda backend then run against them: test_properties.py's forward tests,
-test_grad.py's gradient tests (float64 gradient oracle), and test_variants.py's and
-test_variants_grad.py's sliding windows, softcap, ALiBi and packed (varlen) batches, forward and
-gradients, with attention()'s and attention_varlen()'s GPU forward and backward routed to these
-kernels; and direct calls with NaN-poisoned outputs. What cannot run here: the MFMA kernels,
-hiprtc itself.
+conftest.py's `backend` fixture has two paths for them, "hip-on-cuda" (forward and backward with
+the wave32 rows of RDNA, gfx1030) and "hip-on-cuda-wave64" (the backward with the wave64 rows of
+gfx906: GCN/CDNA without MFMA, the rows CDNA uses for float32 and head dims past 128): the
+kernels are compiled by NVRTC with the test-only tests/hip_on_cuda.h in front and launched by
+xattn.hip's own launch code (the hook xattn.hip.on_cuda). Every property file runs on them
+through that fixture (forward, gradients, variants, poisoned outputs). Here: every tile row of
+the table runs once, and the backward called directly with NaN-poisoned gradients in padded and
+(B, S, H, D) memory. What cannot run here: the MFMA kernels, hiprtc itself.
 
     PYTHONPATH=. python -m pytest -m gpu tests/test_hip_portable.py
 """
@@ -21,169 +15,37 @@ hiprtc itself.
 from __future__ import annotations
 
 import math
-from pathlib import Path
 
 import numpy as np
 import pytest
 
 import xattn
-from conftest import LSE_TOLERANCE, TOLERANCE, Backend, _cuda_kinds, _cuda_skip_reason, to_float64
-from test_gpu import SIZES
-from test_properties import (  # noqa: F401  (collected here again, against the HIP kernel)
-    test_attention_matches_exact_oracle,
-    test_edge_lengths_and_head_dims,
-    test_empty_and_keyless_rows,
-    test_gqa_equals_explicitly_repeated_kv,
-    test_lse_is_logsumexp_of_scaled_masked_scores,
-    test_output_lies_within_visible_values,
-    test_permuting_keys_with_values_changes_nothing,
-)
-from test_variants import (  # noqa: F401  (collected here again, against the HIP kernels)
-    test_softcap_keeps_huge_scores_finite,
-    test_variants_match_exact_oracle,
-    test_varlen_matches_each_sequence_alone,
-    test_window_edges,
-)
-from test_hip_sources import HIP_ON_CUDA_OPTIONS
-from xattn import backends, configs, hip, jit, reference, torch_ops
-
-try:  # the gradient properties need torch; without it the forward tests still run
-    from test_grad import (  # noqa: F401  (collected here again, against the HIP kernels)
-        assert_grads_match,
-        error_scales,
-        test_deterministic_gradients_are_bitwise_reproducible,
-        test_empty_problems_and_keyless_rows_give_zero_gradients,
-        test_gqa_gradients_equal_repeated_kv_gradients_summed,
-        test_gradient_edge_lengths_and_head_dims,
-        test_gradients_match_exact_oracle,
-        tolerance_for,
-    )
-except pytest.skip.Exception:
-    assert_grads_match = None
-try:  # the variants' gradient properties need torch too
-    from test_variants_grad import (  # noqa: F401  (collected here again, against the HIP kernels)
-        test_variant_gradients_match_exact_oracle,
-        test_varlen_gradients_match_each_sequence_alone,
-    )
-except pytest.skip.Exception:
-    pass
+from conftest import HIP_ON_CUDA_TARGETS, TOLERANCE, to_float64
+from test_properties import FORWARD_SIZES
+from xattn import configs, reference
 
 pytestmark = pytest.mark.gpu
 
-HIP_ON_CUDA = Path(__file__).with_name("hip_on_cuda.h")
-WAVE32_TARGET = "gfx1030"  # whose rows (wave32) the portable kernels run with on NVIDIA
-WAVE64_TARGET = "gfx906"   # gfx9 without MFMA: the wave64 rows of the portable backward
-BACKWARD_TARGETS = (WAVE32_TARGET, WAVE64_TARGET)
-SHARED_MEMORY_DEFAULT = 48 * 1024  # above it, a CUDA kernel must opt in
+
+def grad_checks():
+    """test_grad.py's gradient comparison (it needs torch; the forward tests here do not)."""
+    test_grad = pytest.importorskip("test_grad", reason="torch is not installed")
+    return test_grad.assert_grads_match, test_grad.error_scales, test_grad.tolerance_for
 
 
-def portable_source(source: str = "flash_fwd_portable.hip") -> str:
-    return HIP_ON_CUDA.read_text() + jit.preprocess("hip", source)
+@pytest.fixture
+def portable(backend):
+    """The fixture's HIP-on-CUDA paths only: (backend, backward target)."""
+    if backend.name not in HIP_ON_CUDA_TARGETS:
+        pytest.skip(f"the portable HIP kernels on NVIDIA only, not {backend.name!r}")
+    return backend, HIP_ON_CUDA_TARGETS[backend.name][1]
 
 
-_kernels: dict = {}
-
-
-def _compiled(cfg, defines: dict, device: int):
-    """The NVRTC-compiled HIP kernel of table row `cfg` with these defines (a cupy.RawKernel),
-    memoized: the `compile` argument of xattn.hip.launch and launch_backward."""
-    import cupy
-
-    assert cfg.kernel in ("flash_fwd_portable", "flash_bwd_preprocess", "flash_bwd_portable_dq",
-                          "flash_bwd_portable_dkdv"), cfg  # the MFMA kernels cannot run here
-    key = (device, cfg.kernel, tuple(jit.define_options(defines)))
-    kernel = _kernels.get(key)
-    if kernel is None:
-        with cupy.cuda.Device(device):
-            module = cupy.RawModule(code=portable_source(configs.hip_source(cfg.kernel)),
-                                    options=(*HIP_ON_CUDA_OPTIONS, *key[2]))
-            kernel = module.get_function(cfg.kernel)
-            smem = configs.hip_shared_memory_bytes(cfg)
-            if smem > SHARED_MEMORY_DEFAULT:  # AMD has 64 KB of LDS without asking; CUDA opts in
-                kernel.max_dynamic_shared_size_bytes = smem
-        _kernels[key] = kernel
-    return kernel
-
-
-def hip_on_cuda_forward(q, k, v, out, lse, *, causal: bool, scale: float, stream: int,
-                        window=(-1, -1), softcap: float = 0.0, alibi_slopes=None, cu_seqlens=None,
-                        max_seqlen=None) -> None:
-    """xattn.hip.forward -- the same launcher, xattn.hip.launch, variants and all -- with the
-    wave32 (gfx1030) rows' portable kernel compiled for the NVIDIA GPU holding the arrays."""
-    hip.launch(_compiled, WAVE32_TARGET, q, k, v, out, lse, causal=causal, scale=scale,
-               stream=stream, window=window, softcap=softcap, alibi_slopes=alibi_slopes,
-               cu_seqlens=cu_seqlens, max_seqlen=max_seqlen)
-
-
-def hip_on_cuda_backward(q, k, v, out, dout, lse, dq, dk, dv, *, causal: bool, scale: float,
-                         deterministic: bool, stream: int, window=(-1, -1), softcap: float = 0.0,
-                         alibi_slopes=None, cu_seqlens=None, max_seqlen=None,
-                         target: str = WAVE32_TARGET) -> None:
-    """xattn.hip.backward -- the same launcher, xattn.hip.launch_backward -- with the portable
-    kernels of `target`'s rows compiled for the NVIDIA GPU holding the arrays (the same contract;
-    deterministic changes nothing, as on AMD)."""
-    hip.launch_backward(_compiled, target, q, k, v, out, dout, lse, dq, dk, dv, causal=causal,
-                        scale=scale, stream=stream, window=window, softcap=softcap,
-                        alibi_slopes=alibi_slopes, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen)
-
-
-@pytest.fixture(scope="module", params=BACKWARD_TARGETS, ids=("bwd_wave32", "bwd_wave64"))
-def backend(request):
-    """Overrides conftest's: the GPU forward and backward behind xattn.attention are the portable
-    HIP kernels (the backward with the rows of request.param's wave size)."""
-    reason = _cuda_skip_reason()
-    if reason:
-        pytest.skip(reason)
-
-    def backward(*args, **kwargs):
-        return hip_on_cuda_backward(*args, **kwargs, target=request.param)
-
-    original_forward, original_backward = backends.gpu_forward, torch_ops.gpu_backward
-    backends.gpu_forward = lambda name: hip_on_cuda_forward
-    torch_ops.gpu_backward = lambda name: backward
-    try:
-        yield Backend("cuda", _cuda_kinds())
-    finally:
-        backends.gpu_forward, torch_ops.gpu_backward = original_forward, original_backward
-
-
-@pytest.mark.parametrize("size", SIZES, ids=str)
-def test_forward_writes_every_element(backend, size):
-    """Direct calls with NaN-poisoned outputs: every element of out and lse is written."""
-    import cupy
-
-    batch, q_heads, kv_heads, sq, sk, head_dim, causal = size
-    rng = np.random.default_rng(sum(size))
-    for library, dtype in backend.kinds:
-        q, k, v = (backend.make(rng.standard_normal(s), library, dtype) for s in (
-            (batch, q_heads, sq, head_dim), (batch, kv_heads, sk, head_dim),
-            (batch, kv_heads, sk, head_dim)))
-        out = backend.make(np.full((batch, q_heads, sq, head_dim), np.nan), library, dtype)
-        lse = backend.make(np.full((batch, q_heads, sq), np.nan), library, "float32")
-        scale = 1 / math.sqrt(head_dim)
-        if library == "torch":
-            import torch
-            stream = torch.cuda.current_stream().cuda_stream
-        else:
-            stream = cupy.cuda.get_current_stream().ptr
-        hip_on_cuda_forward(q, k, v, out, lse, causal=causal, scale=scale, stream=stream)
-        got_out, got_lse = to_float64(out), to_float64(lse)
-        want_out, want_lse = xattn.exact_attention(q, k, v, causal=causal, scale=scale)
-        assert not np.isnan(got_out).any() and not np.isnan(got_lse).any(), "unwritten elements"
-        empty = np.isneginf(want_lse)
-        np.testing.assert_array_equal(np.isneginf(got_lse), empty)
-        assert (got_out[empty] == 0).all()
-        if want_out.size and np.linalg.norm(want_out):
-            error = np.linalg.norm(got_out - want_out) / np.linalg.norm(want_out)
-            assert error <= TOLERANCE[dtype], f"{library} {dtype}: relative error {error:.2e}"
-            np.testing.assert_allclose(got_lse[~empty], want_lse[~empty],
-                                       rtol=LSE_TOLERANCE[dtype], atol=LSE_TOLERANCE[dtype])
-
-
-def test_every_wave32_row_runs(backend):
+def test_every_wave32_row_runs(portable):
     """One call per wave32 row and dtype, so every tile shape of the table has run once."""
     import cupy
 
+    backend, _ = portable
     rng = np.random.default_rng(7)
     for cfg in (r for r in configs.HIP_TABLE if r.arch == "rdna"):
         head_dim = cfg.head_dim - 3  # padded columns masked
@@ -192,8 +54,7 @@ def test_every_wave32_row_runs(backend):
                        for _ in range(3))
             out = cupy.full(q.shape, np.nan, dtype=dtype)
             lse = cupy.full((1, 2, 77), np.nan, dtype="float32")
-            hip_on_cuda_forward(q, k, v, out, lse, causal=True, scale=0.3,
-                                stream=cupy.cuda.get_current_stream().ptr)
+            backend.forward_into(q, k, v, out, lse, causal=True, scale=0.3)
             want, _ = xattn.exact_attention(q, k, v, causal=True, scale=0.3)
             error = np.linalg.norm(to_float64(out) - want) / np.linalg.norm(want)
             assert error <= TOLERANCE[dtype], f"{cfg} {dtype}: relative error {error:.2e}"
@@ -201,7 +62,7 @@ def test_every_wave32_row_runs(backend):
 
 # ---- the backward, called directly --------------------------------------------------------------
 
-BACKWARD_SIZES = SIZES + [  # (B, Hq, Hk, Sq, Sk, D, causal): block + 1 of the rows, Sq > Sk, Sq < Sk
+BACKWARD_SIZES = FORWARD_SIZES + [  # (B, Hq, Hk, Sq, Sk, D, causal): block + 1 of the rows, Sq > Sk, Sq < Sk
     (1, 4, 4, 33, 17, 33, True), (2, 6, 3, 17, 65, 64, True), (1, 2, 1, 1, 200, 1, True),
     (1, 2, 2, 300, 40, 129, False), (1, 8, 1, 9, 9, 256, True),
 ]
@@ -225,22 +86,13 @@ def _swap_heads_and_rows(x):
     return x.transpose(1, 2) if hasattr(x, "data_ptr") else x.transpose(0, 2, 1, 3)
 
 
-def _stream(library):
-    if library == "torch":
-        import torch
-        return torch.cuda.current_stream().cuda_stream
-    import cupy
-    return cupy.cuda.get_current_stream().ptr
-
-
 @pytest.mark.parametrize("size", BACKWARD_SIZES, ids=str)
-def test_backward_writes_every_element(backend, size, request):
+def test_backward_writes_every_element(portable, size):
     """Direct calls with NaN-poisoned gradients, in contiguous, padded and (B, S, H, D) memory:
     every element of dq, dk, dv is written, nothing past them is (the padding stays NaN), and
     the gradients match the float64 oracle (tolerances of test_grad.py)."""
-    if assert_grads_match is None:
-        pytest.skip("torch is not installed (test_grad.py's tolerances)")
-    target = request.node.callspec.params["backend"]
+    backend, target = portable
+    assert_grads_match, error_scales, tolerance_for = grad_checks()
     batch, q_heads, kv_heads, sq, sk, head_dim, causal = size
     rng = np.random.default_rng(sum(size))
     for index, (library, dtype) in enumerate(backend.kinds):
@@ -249,14 +101,12 @@ def test_backward_writes_every_element(backend, size, request):
                   (batch, kv_heads, sk, head_dim), (batch, q_heads, sq, head_dim)]
         q, k, v, dout = (_place(backend, rng.standard_normal(s), library, dtype, memory) for s in shapes)
         scale = 1 / math.sqrt(head_dim)
-        stream = _stream(library)
         out = backend.make(np.zeros(shapes[0]), library, dtype)
         lse = backend.make(np.full((batch, q_heads, sq), -np.inf), library, "float32")
         if sk:
-            hip_on_cuda_forward(q, k, v, out, lse, causal=causal, scale=scale, stream=stream)
+            backend.forward_into(q, k, v, out, lse, causal=causal, scale=scale)
         dq, dk, dv = (_place(backend, np.full(s, np.nan), library, dtype, memory) for s in shapes[:3])
-        hip_on_cuda_backward(q, k, v, out, dout, lse, dq, dk, dv, causal=causal, scale=scale,
-                             deterministic=False, stream=stream, target=target)
+        backend.backward_into(q, k, v, out, dout, lse, dq, dk, dv, causal=causal, scale=scale)
 
         seen = [to_float64(x) for x in (q, k, v, dout)]
         got = [to_float64(g) for g in (dq, dk, dv)]
@@ -270,14 +120,13 @@ def test_backward_writes_every_element(backend, size, request):
                 assert np.isnan(to_float64(base)[..., head_dim:]).all(), "wrote past the last column"
 
 
-def test_every_backward_row_runs(backend, request):
+def test_every_backward_row_runs(portable):
     """One call per portable backward row of the fixture's wave size and per dtype, so every
     tile shape of the table has run once; head dim 3 below the row's (padded columns masked)."""
     import cupy
 
-    if assert_grads_match is None:
-        pytest.skip("torch is not installed (test_grad.py's tolerances)")
-    target = request.node.callspec.params["backend"]
+    backend, target = portable
+    assert_grads_match, error_scales, tolerance_for = grad_checks()
     family = configs.hip_family("flash_bwd_portable_dq", target)
     rng = np.random.default_rng(11)
     for head_dim in sorted({r.head_dim for r in configs.HIP_TABLE
@@ -289,11 +138,10 @@ def test_every_backward_row_runs(backend, request):
             k, v = k[:, :2], v[:, :2]  # GQA 2:1
             out = cupy.empty_like(q)
             lse = cupy.empty((1, 4, 77), dtype="float32")
-            stream = cupy.cuda.get_current_stream().ptr
-            hip_on_cuda_forward(q, k, v, out, lse, causal=True, scale=0.3, stream=stream)
+            backend.forward_into(q, k, v, out, lse, causal=True, scale=0.3)
             grads = [cupy.full(x.shape, np.nan, dtype=dtype) for x in (q, k, v)]
-            hip_on_cuda_backward(q, k, v, out, dout, lse, *grads, causal=True, scale=0.3,
-                                 deterministic=True, stream=stream, target=target)
+            backend.backward_into(q, k, v, out, dout, lse, *grads, causal=True, scale=0.3,
+                                  deterministic=True)
             seen = [to_float64(x) for x in (q, k, v, dout)]
             want = reference.exact_attention_grad_bhsd(*seen, causal=True, scale=0.3)
             magnitudes, largest = error_scales(*seen, causal=True, scale=0.3)

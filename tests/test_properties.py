@@ -234,3 +234,49 @@ def test_exact_oracle_matches_the_definition():
             np.testing.assert_allclose(lse[b, h, i],
                                        scores.max() + math.log(weights.sum()), rtol=1e-12)
     del q
+
+
+# ------------------------------------------------- the backends' forward, called directly
+
+FORWARD_SIZES = [  # (B, Hq, Hk, Sq, Sk, D, causal)
+    (1, 2, 1, 1, 1, 1, False), (2, 7, 1, 65, 129, 63, True), (1, 4, 2, 200, 64, 128, True),
+    (1, 2, 2, 64, 200, 256, True), (2, 2, 1, 127, 127, 80, False), (1, 3, 3, 5, 0, 32, False),
+    (1, 2, 1, 0, 9, 64, True), (0, 2, 1, 4, 4, 64, False), (1, 1, 1, 129, 63, 200, True),
+]
+
+
+def direct_kinds(backend):
+    """The kinds a backend's forward takes directly: the GPU paths take every one of theirs; the
+    reference takes NumPy arrays (torch tensors reach it through the public functions)."""
+    if backend.name == "reference":
+        return [(library, dtype) for library, dtype in backend.kinds if library == "numpy"]
+    return list(backend.kinds)
+
+
+@pytest.mark.parametrize("size", FORWARD_SIZES, ids=str)
+def test_forward_writes_every_element(backend, size):
+    """Direct calls with NaN-poisoned outputs: every element of out and lse is written, rows that
+    see no key get 0 and -inf, and the rest matches the oracle."""
+    batch, q_heads, kv_heads, sq, sk, head_dim, causal = size
+    rng = np.random.default_rng(sum(size))
+    for library, dtype in direct_kinds(backend):
+        q, k, v = (backend.make(rng.standard_normal(s), library, dtype) for s in (
+            (batch, q_heads, sq, head_dim), (batch, kv_heads, sk, head_dim),
+            (batch, kv_heads, sk, head_dim)))
+        out = backend.make(np.full((batch, q_heads, sq, head_dim), np.nan), library, dtype)
+        lse = backend.make(np.full((batch, q_heads, sq), np.nan), library, "float32")
+        scale = 1 / math.sqrt(head_dim)
+        backend.forward_into(q, k, v, out, lse, causal=causal, scale=scale)
+        got_out, got_lse = to_float64(out), to_float64(lse)
+        want_out, want_lse = xattn.exact_attention(q, k, v, causal=causal, scale=scale)
+        label = f"{backend.name} {library} {dtype}"
+        assert not np.isnan(got_out).any() and not np.isnan(got_lse).any(), f"unwritten ({label})"
+        empty = np.isneginf(want_lse)
+        np.testing.assert_array_equal(np.isneginf(got_lse), empty, label)
+        assert (got_out[empty] == 0).all(), label
+        if want_out.size and np.linalg.norm(want_out):
+            error = np.linalg.norm(got_out - want_out) / np.linalg.norm(want_out)
+            assert error <= TOLERANCE[dtype], f"{label}: relative error {error:.2e}"
+            np.testing.assert_allclose(got_lse[~empty], want_lse[~empty],
+                                       rtol=LSE_TOLERANCE[dtype], atol=LSE_TOLERANCE[dtype],
+                                       err_msg=label)

@@ -1,0 +1,46 @@
+"""The error bounds the tests hold results to: one table, per kind of result and dtype.
+
+Every bound is a relative error ‖got − want‖ / ‖want‖ unless its row says otherwise, `want`
+being computed from exactly the values the code under test saw (inputs already rounded to the
+dtype), so input rounding is never part of the error. A test that needs a bound takes it from
+here; if a new kind of result needs one, it gets a row here with its reason.
+"""
+
+from __future__ import annotations
+
+TOLERANCES = {
+    # attention()'s out against the float64 oracle. Kernels round P to the input dtype before
+    # P·V on the tensor cores and round O once: a few units of roundoff u of the dtype (float16
+    # u = 2^-11, bfloat16 2^-8); float32 accumulates in float32; float64 (reference backend only)
+    # is exact to rounding.
+    "out": {"float64": 1e-10, "float32": 1e-5, "float16": 2e-3, "bfloat16": 1e-2},
+    # The lse, held to rtol = atol = this: the same as out, except that attention() returns a
+    # float32 lse even for float64 inputs.
+    "lse": {"float64": 1e-6, "float32": 1e-5, "float16": 2e-3, "bfloat16": 1e-2},
+    # Gradients, relative to the norm of the gradient computed with every term in absolute value
+    # (tests/test_grad.py, error_scales, explains why): ~8 u, since P and dS are rounded to the
+    # input dtype before each tensor-core product and O, dO and the gradients once each. The
+    # reference backend measures <= 1.6e-4 in float16 and <= 1.3e-3 in bfloat16.
+    "grad": {"float64": 1e-10, "float32": 1e-5, "float16": 4e-3, "bfloat16": 3e-2},
+    # out when the scaled scores reach +-1e4 (tests/test_numerics.py): float32 rounding of a
+    # score of 1e4 is about 1e-3 inside exp(); bfloat16 also rounds P before P·V on the GPU.
+    "large_scores": {"float64": 1e-9, "float32": 5e-3, "float16": 5e-3, "bfloat16": 2e-2},
+    # A block of torch layers with xattn inside against the same block with SDPA
+    # (tests/test_integrations_torch.py): LayerNorms and Linears in the working dtype add the
+    # dtype's epsilon times a small factor.
+    "block": {"float32": 1e-4, "float16": 5e-3, "bfloat16": 3e-2},
+    # The same block compiled against eager: in float32 only the fused kernels' reassociation.
+    "compiled_vs_eager": {"float32": 1e-5, "float16": 3e-3, "bfloat16": 3e-2},
+    # A transformers model's logits with attn_implementation="xattn" against its peer on the
+    # same weights (tests/test_transformers.py): float32 attention on both sides (~1e-6 per
+    # layer); bfloat16 rounds activations to 8 bits of mantissa in every layer.
+    "model_logits": {"float32": 1e-4, "bfloat16": 3e-2},
+    # The gradients of one training step of that model, against its peer.
+    "model_grads": {"float32": 1e-3, "bfloat16": 6e-2},
+}
+
+
+def tolerance(kind: str, dtype) -> float:
+    """TOLERANCES[kind] for dtype given as a name ("float16"), a NumPy dtype or a torch dtype."""
+    name = str(dtype).removeprefix("torch.")
+    return TOLERANCES[kind][name]

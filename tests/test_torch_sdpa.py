@@ -592,15 +592,15 @@ def test_tiny_transformers_model_generates_the_same_tokens(activated):
         initializer_range=0.2, attention_dropout=0.0, pad_token_id=0, bos_token_id=1,
         eos_token_id=2)
     torch.manual_seed(0)
-    model = transformers.LlamaForCausalLM._from_config(
-        config, attn_implementation="sdpa", dtype=torch.float16).cuda().eval()
+    model = transformers.AutoModelForCausalLM.from_config(config, attn_implementation="sdpa")
+    model = model.to(device="cuda", dtype=torch.float16).eval()
     prompt = torch.randint(3, 128, (2, 40), device="cuda")
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     def generate():
         with sdpa_kernel(SDPBackend.FLASH_ATTENTION), torch.no_grad():
-            return model.generate(prompt, max_new_tokens=12, do_sample=False,
-                                  min_new_tokens=12)
+            return model.generate(prompt, attention_mask=torch.ones_like(prompt),
+                                  max_new_tokens=12, min_new_tokens=12, do_sample=False)
 
     with_xattn, names = _kernel_names(generate)
     assert _ran_xattn(names), sorted(names)

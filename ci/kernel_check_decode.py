@@ -1,5 +1,5 @@
 """Direct check of the KV-cache decoding kernels (kernels_cuda/flash_decode.cu) on a GPU: the
-launcher below the public API (xattn.kvcache._launch_decode) on torch tensors against exact
+launcher below the public API (xattn.kvcache.launch_for_check) on torch tensors against exact
 attention in float64 (computed on the GPU), over many shapes. out, lse and the split workspace are
 poisoned with NaN before each launch; cache rows past each sequence's keys are NaN too (a kernel
 that reads them turns its output NaN). Checks the appended rows and that the caches are otherwise
@@ -75,15 +75,12 @@ def run_case(dtype, batch, hq, hk, sq, smax, snew, d, causal, window, softcap, l
             assert k_cache.stride() == k0.stride()
         out = torch.full_like(q, float("nan"))
         lse = torch.full((batch, hq, sq), float("nan"), device="cuda")
-        call = kvcache._validate(q, k_cache, v_cache, 0, k_new, v_new, causal, None, window, softcap,
-                                 "bhsd", True)
-        call.uniform, call.lengths = None, None  # the kernels read the device lengths
-
         def workspace(n):
             return torch.full((n,), float("nan"), device="cuda")
 
-        kvcache._launch_decode(q, k_cache, v_cache, k_new, v_new, out, lse, lengths, call, workspace,
-                               torch.cuda.current_stream().cuda_stream)
+        # the kernels read the device lengths
+        kvcache.launch_for_check(q, k_cache, v_cache, lengths, out, lse, workspace, k_new=k_new,
+                                 v_new=v_new, causal=causal, window=window, softcap=softcap)
         torch.cuda.synchronize()
         results.append((out, lse, k_cache, v_cache))
 

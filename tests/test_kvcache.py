@@ -252,11 +252,9 @@ def _direct(cuda_backend, library, dtype, batch, heads_q, heads_k, seqlen_q, seq
         def workspace(n):
             return cupy.full((n,), np.nan, dtype=cupy.float32)
     before = [to_float64(x) for x in buffers]
-    call = kvcache._validate(q, caches[0], caches[1], 0, new[0], new[1], True, None, None, None,
-                             "bhsd", True)
-    call.uniform, call.lengths = None, None  # a device array: the kernels read and clamp it
-    kvcache._launch_decode(q, caches[0], caches[1], new[0], new[1], out, lse, seqlens, call,
-                           workspace, stream)
+    # a device array: the kernels read and clamp it
+    kvcache.launch_for_check(q, caches[0], caches[1], seqlens, out, lse, workspace, k_new=new[0],
+                             v_new=new[1])
     return (to_float64(out), to_float64(lse), [to_float64(x) for x in buffers], before,
             [to_float64(x) for x in (q, *new)])
 
@@ -453,9 +451,7 @@ def test_plan_of_the_benchmark_shapes(monkeypatch):
     """The launch plan on an H200 (sm_90, 132 SMs) for the decode benchmark (B=8, Hq=32, D=128,
     bf16, one token), computed without a GPU: GQA 4 fills one 16-row tile per kv head, and the
     keys are split only as far as it takes to fill the GPU (Hk=32 already does: no merge)."""
-    from xattn import cuda
-    monkeypatch.setitem(cuda._arch_cache, 0, 90)
-    monkeypatch.setitem(kvcache._sm_counts, 0, 132)
+    monkeypatch.setitem(kvcache._device_attributes, 0, (90, 132))
     kvcache.num_splits.cache_clear()
     for heads_k, seqlen, want_splits in ((8, 4096, 4), (8, 131072, 4), (32, 4096, 1), (32, 131072, 1)):
         cfg, tile_rows, m_blocks, splits, window = kvcache._plan(

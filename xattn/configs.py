@@ -144,8 +144,7 @@ TABLE = [TileConfig(*row) for row in _ROWS]
 # Which forward kernel serves which dtype.
 KERNEL_FOR_DTYPE = {"float16": "flash_fwd", "bfloat16": "flash_fwd", "float32": "flash_fwd_f32"}
 # Kernels whose entry point lives in a source file of another name.
-SOURCES = {"flash_bwd_simt_dq": "flash_bwd_simt.cu", "flash_bwd_simt_dkdv": "flash_bwd_simt.cu",
-           "flash_decode_f32": "flash_decode.cu"}
+SOURCES = {"flash_bwd_simt_dq": "flash_bwd_simt.cu", "flash_bwd_simt_dkdv": "flash_bwd_simt.cu"}
 # The two halves of the CUDA-core backward, and the size of the tile each streams (warp size).
 SIMT_BACKWARD_KERNELS = ("flash_bwd_simt_dq", "flash_bwd_simt_dkdv")
 SIMT_TILE = 32
@@ -227,16 +226,21 @@ def grid(cfg: TileConfig, seqlen_q: int, heads: int, batch: int) -> tuple[int, i
     return (math.ceil(seqlen_q / cfg.block_m), heads, batch)
 
 
-# ---- KV-cache decoding (flash_decode.cu, launched by xattn/kvcache.py) ---------------------------
+# ---- KV-cache decoding (flash_decode.cu, flash_decode_f32.cu, flash_decode_merge.cu; launched by
+# xattn/kvcache.py). The table rows are above (kernel "flash_decode" / "flash_decode_f32").
 DECODE_KERNELS = ("flash_decode", "flash_decode_f32")
 DECODE_KERNEL_FOR_DTYPE = {"float16": "flash_decode", "bfloat16": "flash_decode",
                            "float32": "flash_decode_f32"}
+DECODE_MERGE_KERNEL = "flash_decode_merge"
+DECODE_MERGE_WARPS = 4  # query rows per merge block (one warp each)
+# Page sizes of paged caches: any multiple of 16 rows (a compile-time constant of the kernels).
+DECODE_PAGE_MULTIPLE = 16
 
 
 def decode_shared_memory_bytes(cfg: TileConfig, rows: int) -> int:
-    """Dynamic shared memory of a flash_decode block with `rows` query rows per tile (the layout
-    in the kernel's header): Q tile, row limits, then the warps' K/V rings or, reusing them, the
-    merge scratch."""
+    """Dynamic shared memory of a decode block with `rows` query rows per tile (the layout in
+    decode_common.h): Q tile, row limits, then the warps' K/V rings or, reusing them, the merge
+    scratch."""
     size = 4 if cfg.kernel == "flash_decode_f32" else 2
     stride = cfg.head_dim + 16 // size  # rows padded by 16 bytes
     q, limits = rows * stride * size, 2 * rows * 4
@@ -246,13 +250,20 @@ def decode_shared_memory_bytes(cfg: TileConfig, rows: int) -> int:
 
 
 def decode_defines(cfg: TileConfig, dtype: str, rows: int, vec_loads: bool,
-                   softcap: bool) -> dict[str, int]:
+                   softcap: bool, page_size: int = 0) -> dict[str, int]:
+    """The -D macros of one decode variant (the kernel's file sets ELEM_F32 itself)."""
     return {
         "HEAD_DIM": cfg.head_dim, "NUM_WARPS": cfg.warps, "MIN_BLOCKS": cfg.min_blocks,
-        "ELEM_F32": int(dtype == "float32"), "ELEM_BF16": int(dtype == "bfloat16"),
+        "ELEM_BF16": int(dtype == "bfloat16"),
         "BLOCK_M": rows, "WARP_N": cfg.block_n // cfg.warps, "STAGES": cfg.stages,
-        "VEC_LOADS": int(vec_loads), "SOFTCAP": int(softcap),
+        "VEC_LOADS": int(vec_loads), "SOFTCAP": int(softcap), "PAGE_SIZE": page_size,
     }
+
+
+def decode_merge_defines(dtype: str, head_dim: int) -> dict[str, int]:
+    """The -D macros of flash_decode_merge for the decode row of padded head dim `head_dim`."""
+    return {"HEAD_DIM": head_dim, "MERGE_WARPS": DECODE_MERGE_WARPS,
+            "ELEM_F32": int(dtype == "float32"), "ELEM_BF16": int(dtype == "bfloat16")}
 
 
 # ---- HIP (AMD) ----------------------------------------------------------------------------------

@@ -2,15 +2,25 @@
 
 The public function validates once, then runs on the reference backend (host arrays: the new
 keys and values are written into the caches, then the NumPy reference attends per sequence) or on
-the cuda backend (kernels_cuda/flash_decode.cu: kvcache_append, flash_decode, flash_decode_merge).
+the cuda backend (kernels_cuda/flash_decode.cu, flash_decode_f32.cu, flash_decode_merge.cu).
 
-The GPU path never reads cache_seqlens on the host and allocates only through the caller's
-framework (torch's caching allocator, CuPy's pool) on the caller's stream, so a call can be
-captured in a CUDA graph. Launch arithmetic lives in `_launch_decode`.
+The caches are contiguous per sequence, or paged (block_table=, flash-attn's convention). sinks=
+adds a per-head sink logit to every row's softmax denominator.
+
+The GPU path never reads cache_seqlens or block_table on the host and allocates only through the
+caller's framework (torch's caching allocator, CuPy's pool) on the caller's stream, so a call can
+be captured in a CUDA graph. One launch per call (the append is fused into the attention kernel),
+two when the keys are split over several blocks per row tile (the merge).
+
+The first GPU call of a signature (shapes, strides, dtypes, devices, options, 16-byte alignment)
+validates, plans (table row, split count), compiles and packs a DecodeParams block; later calls
+with the same signature look the plan up, patch the pointers into the block and launch
+(`_Plan.run`).
 """
 
 from __future__ import annotations
 
+import copy
 import functools
 import math
 import numbers
@@ -26,7 +36,7 @@ _LIBRARIES = ("numpy", "torch", "cupy")  # the caches are written in place: real
 
 def attention_with_kvcache(q, k_cache, v_cache, *, cache_seqlens, k_new=None, v_new=None,
                            causal=True, scale=None, window=None, softcap=None, layout="bhsd",
-                           return_lse=False, backend=None):
+                           return_lse=False, backend=None, block_table=None, sinks=None):
     """Attention of q against a KV cache, after appending k_new/v_new to it in place.
 
     layout "bhsd": q (B, Hq, Sq, D), k_cache and v_cache (B, Hk, Smax, D), k_new and v_new
@@ -51,20 +61,40 @@ def attention_with_kvcache(q, k_cache, v_cache, *, cache_seqlens, k_new=None, v_
     clamped to [0, Smax], new rows that would land at or past Smax are dropped, and Sk_b =
     min(clamped + Snew, Smax).
 
+    block_table: int32 (B, max_pages) in q's library and device: paged caches (flash-attn's
+    convention). k_cache and v_cache are then (num_pages, page_size, Hk, D) whatever the layout,
+    page_size a multiple of 16, and row r of sequence b lives at page block_table[b, r //
+    page_size], row r % page_size; Smax = max_pages * page_size. Pages may be shared between
+    sequences (read-only: appends write only the pages of the rows they land in). Page ids out of
+    [0, num_pages) raise ValueError for a host table; a GPU table is not read on the host and
+    its ids are clamped (a wrong page, never memory outside the caches).
+
+    sinks: float32 (Hq,) in q's library and device: each row's softmax denominator gains
+    exp(sinks[h]) (a key of score sinks[h] and value 0, GPT-OSS); lse includes it, and a row
+    that sees no key gives out 0 and lse sinks[h].
+
     Inference only: not differentiable. A torch input that requires grad while grad mode is on
     raises TypeError (call it under torch.no_grad(), or pass detached tensors).
     """
+    plan = _cached_plan(q, k_cache, v_cache, cache_seqlens, k_new, v_new, causal, scale, window,
+                        softcap, layout, return_lse, backend, block_table, sinks)
+    if plan is not None:  # a repeated GPU signature: look-up, patch, launch
+        out, lse = plan.run(q, k_cache, v_cache, cache_seqlens, k_new, v_new, block_table, sinks)
+        return (out, lse) if return_lse else out
     call = _validate(q, k_cache, v_cache, cache_seqlens, k_new, v_new, causal, scale, window,
-                     softcap, layout, return_lse)
+                     softcap, layout, return_lse, block_table, sinks)
     info = call.info
     chosen = backends.choose_backend(backend, info.device, arrays.device_label(info))
     if chosen == "reference":
         api._check_dtype(info, api.REFERENCE_DTYPES)
-        out, lse = _run_reference(q, k_cache, v_cache, k_new, v_new, call)
+        out, lse = _run_reference(q, k_cache, v_cache, k_new, v_new, block_table, sinks, call)
     elif chosen == "cuda":
         api._check_dtype(info, api.GPU_DTYPES, backend_name=chosen)
         backends.gpu_forward(chosen)  # RuntimeError naming what to install where cuda is unusable
-        out, lse = _run_cuda(q, k_cache, v_cache, k_new, v_new, cache_seqlens, call)
+        plan = _new_plan(q, k_cache, v_cache, cache_seqlens, k_new, v_new, block_table, sinks, call)
+        _remember(plan, q, k_cache, v_cache, cache_seqlens, k_new, v_new, causal, scale, window,
+                  softcap, layout, return_lse, backend, block_table, sinks)
+        out, lse = plan.run(q, k_cache, v_cache, cache_seqlens, k_new, v_new, block_table, sinks)
     else:
         raise ValueError(f"backend: attention_with_kvcache runs on the 'reference' and 'cuda' "
                          f"backends, got {chosen!r}")
@@ -78,7 +108,7 @@ class _Call:
 
     __slots__ = ("info", "batch", "heads_q", "seqlen_q", "heads_k", "seqlen_max", "seqlen_new",
                  "head_dim", "layout", "causal", "scale", "window", "softcap", "lengths",
-                 "uniform")
+                 "uniform", "page_size", "num_pages", "pages", "return_lse")
 
     def __init__(self, **values):
         for name, value in values.items():
@@ -86,7 +116,7 @@ class _Call:
 
 
 def _validate(q, k_cache, v_cache, cache_seqlens, k_new, v_new, causal, scale, window, softcap,
-              layout, return_lse) -> _Call:
+              layout, return_lse, block_table=None, sinks=None) -> _Call:
     if not isinstance(layout, str) or layout not in api.LAYOUTS:
         raise ValueError(f"layout: expected 'bhsd' or 'bshd', got {layout!r}")
     api._check_bool("causal", causal)
@@ -120,11 +150,20 @@ def _validate(q, k_cache, v_cache, cache_seqlens, k_new, v_new, causal, scale, w
         return tuple(shape) if layout == "bhsd" else (shape[0], shape[2], shape[1], shape[3])
 
     shapes = {name: bhsd(other.shape) for name, _, other in named}
+    paged = block_table is not None
+    if paged:  # (num_pages, page_size, Hk, D) in every layout, seen here as (pages, Hk, rows, D)
+        for name, _, other in named[1:3]:
+            shapes[name] = tuple(other.shape[i] for i in (0, 2, 1, 3))
     batch, heads_q, seqlen_q, head_dim = shapes["q"]
     _, heads_k, seqlen_max, k_head_dim = shapes["k_cache"]
+    page_size = num_pages = 0
+    pages = None
+    if paged:
+        num_pages, page_size = shapes["k_cache"][0], seqlen_max
+        pages, seqlen_max = _check_block_table(block_table, info, batch, num_pages, page_size)
     if not 1 <= head_dim <= api.MAX_HEAD_DIM:
         raise ValueError(f"q: expected head dim D in 1..{api.MAX_HEAD_DIM}, got {head_dim}")
-    if shapes["k_cache"][0] != batch:
+    if not paged and shapes["k_cache"][0] != batch:
         raise ValueError(f"k_cache: expected batch size {batch} (as q), got {shapes['k_cache'][0]}")
     if k_head_dim != head_dim:
         raise ValueError(f"k_cache: expected head dim {head_dim} (as q), got {k_head_dim}")
@@ -134,8 +173,8 @@ def _validate(q, k_cache, v_cache, cache_seqlens, k_new, v_new, causal, scale, w
         raise ValueError(f"q: expected a number of heads divisible by k_cache's {heads_k} heads "
                          f"(GQA), got {heads_q}")
     if shapes["v_cache"] != shapes["k_cache"]:
-        raise ValueError(f"v_cache: expected shape {_in_layout(shapes['k_cache'], layout)} (as "
-                         f"k_cache), got {tuple(named[2][2].shape)}")
+        want = tuple(named[1][2].shape) if paged else _in_layout(shapes['k_cache'], layout)
+        raise ValueError(f"v_cache: expected shape {want} (as k_cache), got {tuple(named[2][2].shape)}")
     seqlen_new = 0
     if k_new is not None:
         kb, kh, seqlen_new, kd = shapes["k_new"]
@@ -159,13 +198,60 @@ def _validate(q, k_cache, v_cache, cache_seqlens, k_new, v_new, causal, scale, w
                          f"{seqlen_q} query tokens, got {seqlen_max}")
 
     lengths, uniform = _check_seqlens(cache_seqlens, info, batch, seqlen_new, seqlen_max)
+    if sinks is not None:
+        _check_sinks(sinks, info, heads_q)
     # window and softcap follow attention()'s rules and messages (causal folds in as right = 0).
     variant = api._variant_options(info, (batch, heads_q), causal, window, softcap, None)
     return _Call(info=info, batch=batch, heads_q=heads_q, seqlen_q=seqlen_q, heads_k=heads_k,
                  seqlen_max=seqlen_max, seqlen_new=seqlen_new, head_dim=head_dim, layout=layout,
                  causal=causal, scale=_check_scale(scale, head_dim),
                  window=variant["window"], softcap=variant["softcap"],
-                 lengths=lengths, uniform=uniform)
+                 lengths=lengths, uniform=uniform, page_size=page_size, num_pages=num_pages,
+                 pages=pages, return_lse=return_lse)
+
+
+def _check_block_table(block_table, info, batch, num_pages, page_size):
+    """(host page ids as an int64 NumPy array or None for a GPU table, Smax). The table's values
+    are checked only on the host (a GPU table is never read there: the kernels clamp)."""
+    if page_size < 1 or page_size % configs.DECODE_PAGE_MULTIPLE:
+        raise ValueError(f"k_cache: expected (num_pages, page_size, Hk, D) with page_size a positive "
+                         f"multiple of {configs.DECODE_PAGE_MULTIPLE} (paged caches), got page_size "
+                         f"{page_size}")
+    try:
+        table = arrays.describe(block_table, "block_table")
+    except TypeError:
+        raise TypeError(f"block_table: expected an int32 array (B, max_pages), got "
+                        f"{type(block_table).__module__}.{type(block_table).__qualname__}") from None
+    api.check_like_q("block_table", table, info)
+    if table.dtype != "int32":
+        raise TypeError(f"block_table: expected dtype int32, got {table.dtype}")
+    if len(table.shape) != 2 or table.shape[0] != batch:
+        raise ValueError(f"block_table: expected shape ({batch}, max_pages) (the batch size of q), "
+                         f"got {tuple(table.shape)}")
+    seqlen_max = table.shape[1] * page_size
+    if info.device != "cpu":
+        return None, seqlen_max
+    ids = np.asarray(arrays.to_host_numpy(block_table, table), dtype=np.int64)
+    bad = (ids < 0) | (ids >= num_pages)
+    if bad.any():
+        b, j = np.argwhere(bad)[0]
+        raise ValueError(f"block_table: expected page ids in [0, {num_pages}) (the pages of "
+                         f"k_cache), got {int(ids[b, j])} at [{b}, {j}]")
+    return ids, seqlen_max
+
+
+def _check_sinks(sinks, info, heads_q):
+    try:
+        described = arrays.describe(sinks, "sinks")
+    except TypeError:
+        raise TypeError(f"sinks: expected a float32 array (Hq,), got "
+                        f"{type(sinks).__module__}.{type(sinks).__qualname__}") from None
+    api.check_like_q("sinks", described, info)
+    if described.dtype != "float32":
+        raise TypeError(f"sinks: expected dtype float32, got {described.dtype}")
+    if tuple(described.shape) != (heads_q,):
+        raise ValueError(f"sinks: expected shape ({heads_q},) (the query heads of q), got "
+                         f"{tuple(described.shape)}")
 
 
 def _in_layout(bhsd_shape, layout):
@@ -234,9 +320,10 @@ def _check_scale(scale, head_dim):
 
 # ------------------------------------------------------------------------------- reference
 
-def _run_reference(q, k_cache, v_cache, k_new, v_new, call):
+def _run_reference(q, k_cache, v_cache, k_new, v_new, block_table, sinks, call):
     """Append on the host in the caller's library (so the caller's caches change), then the
-    NumPy reference forward per sequence over its first Sk_b cache rows."""
+    NumPy reference forward per sequence over its first Sk_b cache rows (gathered from its pages
+    when the caches are paged)."""
     if k_new is not None and call.seqlen_new:
         _append_on_host(k_cache, v_cache, k_new, v_new, call)
     seqlens_k = call.lengths + call.seqlen_new
@@ -245,11 +332,26 @@ def _run_reference(q, k_cache, v_cache, k_new, v_new, call):
         variant["window"] = call.window
     if call.softcap:
         variant["softcap"] = call.softcap
+    if sinks is not None:
+        variant["sinks"] = np.asarray(arrays.to_host_numpy(sinks, arrays.describe(sinks, "sinks")),
+                                      dtype=np.float32)
+
+    def rows_of(cache, b, length):
+        """Sequence b's first `length` rows as (1, Hk, length, D), from its pages if paged."""
+        if call.pages is None:
+            return cache[b:b + 1, :, :length]
+        # run_on_host handed the pages over as (P, page_size, Hk, D) ("bhsd") or transposed to
+        # (P, Hk, page_size, D) ("bshd"); gather this sequence's pages in table order.
+        pages = cache[call.pages[b]]
+        if call.layout == "bshd":
+            pages = pages.transpose(0, 2, 1, 3)
+        rows = pages.reshape(-1, *pages.shape[2:])[:length]  # (length, Hk, D)
+        return rows.transpose(1, 0, 2)[None]
 
     def forward(hq, hk, hv, *, causal, scale, out, lse):
         for b, length in enumerate(seqlens_k):
             reference.flash_attention_forward(
-                hq[b:b + 1], hk[b:b + 1, :, :length], hv[b:b + 1, :, :length], causal=causal,
+                hq[b:b + 1], rows_of(hk, b, length), rows_of(hv, b, length), causal=causal,
                 scale=scale, out=out[b:b + 1], lse=lse[b:b + 1], **variant)
 
     dims = (call.batch, call.heads_q, call.seqlen_q, call.seqlen_max, call.head_dim)
@@ -258,87 +360,58 @@ def _run_reference(q, k_cache, v_cache, k_new, v_new, call):
 
 
 def _append_on_host(k_cache, v_cache, k_new, v_new, call):
+    torch_library = call.info.library == "torch"
+
     def bhsd(x):
         if call.layout == "bhsd":
             return x
-        return x.transpose(1, 2) if call.info.library == "torch" else x.transpose(0, 2, 1, 3)
+        return x.transpose(1, 2) if torch_library else x.transpose(0, 2, 1, 3)
 
-    kc, vc, kn, vn = (bhsd(x) for x in (k_cache, v_cache, k_new, v_new))
-    rows = slice(None)
-    if call.info.library == "torch":
+    kn, vn = bhsd(k_new), bhsd(v_new)
+    if call.pages is None:
+        kc, vc = bhsd(k_cache), bhsd(v_cache)
+        targets = [(kc[b, :, int(n):int(n) + call.seqlen_new], vc[b, :, int(n):int(n) + call.seqlen_new],
+                    kn[b], vn[b]) for b, n in enumerate(call.lengths)]
+    else:  # row r of sequence b: page pages[b, r // page_size], row r % page_size, (Hk, D)
+        targets = []
+        for b, n in enumerate(call.lengths):
+            for t in range(call.seqlen_new):
+                page, row = divmod(int(n) + t, call.page_size)
+                page = int(call.pages[b, page])
+                targets.append((k_cache[page, row], v_cache[page, row], kn[b, :, t], vn[b, :, t]))
+    if torch_library:
         import torch
         with torch.no_grad():
-            for b, start in enumerate(call.lengths):
-                rows = slice(int(start), int(start) + call.seqlen_new)
-                kc[b, :, rows].copy_(kn[b])
-                vc[b, :, rows].copy_(vn[b])
+            for kd, vd, ks, vs in targets:
+                kd.copy_(ks)
+                vd.copy_(vs)
     else:
-        for b, start in enumerate(call.lengths):
-            rows = slice(int(start), int(start) + call.seqlen_new)
-            kc[b, :, rows] = kn[b]
-            vc[b, :, rows] = vn[b]
+        for kd, vd, ks, vs in targets:
+            kd[...] = ks
+            vd[...] = vs
 
 
 # ------------------------------------------------------------------------------- cuda
 
-def _run_cuda(q, k_cache, v_cache, k_new, v_new, cache_seqlens, call):
-    """Allocate out (and lse) in the caller's library, make kernel views, launch."""
-    library = call.info.library
-    out_shape = _in_layout((call.batch, call.heads_q, call.seqlen_q, call.head_dim), call.layout)
-    for name, cache in (("k_cache", k_cache), ("v_cache", v_cache)):
-        stride = cache.stride(-1) if library == "torch" else cache.strides[-1] // cache.itemsize
-        empty = (cache.numel() if library == "torch" else cache.size) == 0  # any strides will do
-        if call.head_dim > 1 and stride != 1 and not empty:
-            raise ValueError(f"{name}: expected unit stride along D (the cache is written in place "
-                             f"and read without a copy), got stride {stride}")
-        if library == "torch" and cache.is_neg():
-            raise ValueError(f"{name}: expected a tensor whose memory holds its values, got a "
-                             f"negative-bit view; pass a resolved tensor (.resolve_neg())")
-
-    if library == "torch":
-        import torch
-
-        def view(t, copy_ok=True):
-            if copy_ok:
-                t = t.resolve_neg()
-                if t.shape[-1] > 1 and t.stride(-1) != 1:
-                    t = t.contiguous()  # on torch's current stream, like the kernels
-            return t.transpose(1, 2) if call.layout == "bshd" else t
-
-        device = q.device
-        out = torch.empty(out_shape, dtype=q.dtype, device=device)
-        lse = torch.empty((call.batch, call.heads_q, call.seqlen_q), dtype=torch.float32, device=device)
-        stream = torch.cuda.current_stream(device).cuda_stream
-
-        def workspace(n):
-            return torch.empty(n, dtype=torch.float32, device=device)
-
-        _launch_decode(view(q), view(k_cache, False), view(v_cache, False),
-                       None if k_new is None else view(k_new), None if v_new is None else view(v_new),
-                       view(out, False), lse, None if call.uniform is not None else cache_seqlens,
-                       call, workspace, stream)
-        return out, lse
-
-    import cupy
-
-    def view(x, copy_ok=True):
-        if copy_ok and x.shape[-1] > 1 and x.strides[-1] != x.itemsize:
-            x = cupy.ascontiguousarray(x)
-        return x.transpose(0, 2, 1, 3) if call.layout == "bshd" else x
-
-    with cupy.cuda.Device(call.info.device_id):
-        out = cupy.empty(out_shape, dtype=q.dtype)
-        lse = cupy.empty((call.batch, call.heads_q, call.seqlen_q), dtype=cupy.float32)
-
-        def workspace(n):
-            return cupy.empty(n, dtype=cupy.float32)
-
-        _launch_decode(view(q), view(k_cache, False), view(v_cache, False),
-                       None if k_new is None else view(k_new), None if v_new is None else view(v_new),
-                       view(out, False), lse, None if call.uniform is not None else cache_seqlens,
-                       call, workspace, cupy.cuda.get_current_stream().ptr)
-    return out, lse
-
+# The parameter block of the decode kernels, field for field kernels_common/params.h's
+# DecodeParams (tests/test_decode_params.py compares the offsets with a C compiler's).
+_TENSOR_REF = [("ptr", "<u8"), ("batch_stride", "<i8"), ("head_stride", "<i8"), ("row_stride", "<i8")]
+DECODE_PARAMS = np.dtype(
+    [(name, _TENSOR_REF) for name in ("q", "k", "v", "o", "lse", "k_new", "v_new")]
+    + [(name, "<u8") for name in ("o_part", "lse_part", "cache_seqlens", "block_table", "sinks")]
+    + [("seqlens_stride", "<i8"), ("block_table_stride", "<i8")]
+    + [(name, "<i4") for name in ("uniform_seqlen", "batch_offset", "heads_q", "heads_per_kv",
+                                  "seqlen_q", "seqlen_new", "seqlen_max", "head_dim", "window_left",
+                                  "window_right", "num_splits", "m_blocks", "num_pages")]
+    + [(name, "<f4") for name in ("scale_log2", "softcap_log2", "scale_over_softcap")],
+    align=True)
+# Pointer fields patched per call: their byte offsets in the block.
+_POINTER_OFFSETS = {name: DECODE_PARAMS.fields[name][1] + (DECODE_PARAMS[name].fields["ptr"][1]
+                                                           if DECODE_PARAMS[name].names else 0)
+                    for name in ("q", "k", "v", "o", "lse", "k_new", "v_new", "o_part", "lse_part",
+                                 "cache_seqlens", "block_table", "sinks")}
+MAX_GRID_YZ = 65535  # CUDA's limit on gridDim.y and gridDim.z
+LOG2_E = math.log2(math.e)
 
 # Splits of one (batch, kv head)'s keys at most: bounds the workspace and the merge's loop.
 MAX_SPLITS = 128
@@ -366,17 +439,19 @@ def num_splits(base_blocks: int, slots: int, steps: int, fixed_steps: int) -> in
     return best
 
 
-_sm_counts: dict[int, int] = {}
+_device_attributes: dict[int, tuple[int, int]] = {}
 
 
-def _sm_count(device_id: int) -> int:
-    count = _sm_counts.get(device_id)
-    if count is None:
+def _device(device_id: int) -> tuple[int, int]:
+    """(compute capability as major * 10 + minor, SM count) of a device, read once."""
+    found = _device_attributes.get(device_id)
+    if found is None:
         import cupy
 
-        count = _sm_counts[device_id] = int(
-            cupy.cuda.Device(device_id).attributes["MultiProcessorCount"])
-    return count
+        device = cupy.cuda.Device(device_id)
+        found = _device_attributes[device_id] = (int(device.compute_capability),
+                                                 int(device.attributes["MultiProcessorCount"]))
+    return found
 
 
 def _tile_rows(cfg, rows: int) -> int:
@@ -390,114 +465,347 @@ def _tile_rows(cfg, rows: int) -> int:
     return tile
 
 
-@functools.lru_cache(maxsize=None)  # on every call's path: defines and lookups once per variant
-def _kernels(cfg, dtype: str, rows: int, vec: bool, softcap: bool, device: int):
-    """The decode, merge and append entry points of one compiled variant (one module)."""
-    from xattn import cuda, jit
-
-    defines = configs.decode_defines(cfg, dtype, rows, vec, softcap)
-    get = functools.partial(jit.get_function, "cuda", "flash_decode.cu", defines=defines, device_id=device)
-    decode, merge, append = get(entry=cfg.kernel), get(entry="flash_decode_merge"), get(entry="kvcache_append")
-    smem = configs.decode_shared_memory_bytes(cfg, rows)
-    cuda._prepare(decode, (device, id(decode)), smem)
-    return decode, merge, append, smem
-
-
-_MERGE_WARPS = 4      # MERGE_WARPS in flash_decode.cu
-_APPEND_THREADS = 128  # APPEND_THREADS there
-
-
 def _plan(dtype: str, device: int, batch: int, heads_q: int, heads_k: int, seqlen_q: int,
           seqlen_max: int, head_dim: int, window):
     """(table row, query rows per tile, row tiles, splits, (left, right)) of one call.
 
     window: (left, right) with causal folded in; bounds past every possible key distance become
     -1 (unbounded), which also keeps the kernel's int arithmetic small."""
-    from xattn import cuda
-
+    arch, sm_count = _device(device)
     rows = (heads_q // heads_k) * seqlen_q
-    cfg = configs.select(configs.DECODE_KERNEL_FOR_DTYPE[dtype], cuda._arch(device), head_dim, False)
+    cfg = configs.select(configs.DECODE_KERNEL_FOR_DTYPE[dtype], arch, head_dim, False)
     tile_rows = _tile_rows(cfg, rows)
     m_blocks = max(1, -(-rows // tile_rows))
     left, right = ((-1 if w >= seqlen_max + seqlen_q else w) for w in window)
     band = seqlen_max  # the keys one sequence's queries can see span at most left + right + Sq
     if left >= 0:
         band = min(band, left + seqlen_q + (right if right >= 0 else 0))
-    splits = num_splits(m_blocks * heads_k * batch, _sm_count(device) * cfg.min_blocks,
+    splits = num_splits(m_blocks * heads_k * batch, sm_count * cfg.min_blocks,
                         max(1, -(-band // cfg.block_n)), cfg.stages)
+    if seqlen_q == 0:
+        splits = 1  # an append-only call: no attention, no merge
     if m_blocks * splits >= 2**31:
         raise ValueError(f"q: too many query rows per kv head ({rows})")
     return cfg, tile_rows, m_blocks, splits, (left, right)
 
 
-def _launch_decode(q, k_cache, v_cache, k_new, v_new, out, lse, cache_seqlens, call, workspace,
-                   stream: int) -> None:
-    """All launch arithmetic of one call. Views are (B, H, S, D) with D contiguous (caches: unit
-    stride along D, checked by the caller). cache_seqlens: an int32 device array, or None to use
-    call.uniform. workspace(n): n float32 elements from the caller's framework."""
+def _pointer(x) -> int:
+    return x.data_ptr() if hasattr(x, "data_ptr") else x.data.ptr
+
+
+def _strides(x, library: str) -> tuple:
+    """Strides in elements (torch and CuPy alike)."""
+    if library == "torch":
+        return tuple(x.stride())
+    return tuple(st // x.itemsize for st in x.strides)
+
+
+def _signature(x, library: str):
+    """What a plan depends on of one array: shape, strides, dtype, device, and whether its
+    address is 16-byte aligned (16-byte copies need it)."""
+    if x is None:
+        return None
+    if library == "torch":
+        return (tuple(x.shape), x.stride(), x.dtype, x.device, x.data_ptr() % 16 == 0)
+    return (x.shape, x.strides, x.dtype, x.device.id, x.data.ptr % 16 == 0)
+
+
+_plans: dict = {}
+_MAX_PLANS = 4096  # forget them all past this many signatures (a bound, not an LRU)
+
+
+def _plan_key(q, k_cache, v_cache, cache_seqlens, k_new, v_new, causal, scale, window, softcap,
+              layout, return_lse, backend, block_table, sinks):
+    library = "torch" if type(q).__module__.startswith("torch") else "cupy"
+    seqlens = ("int",) if isinstance(cache_seqlens, int) else _signature(cache_seqlens, library)
+    return (library, backend, os.environ.get(backends.ENVIRONMENT_VARIABLE),
+            _signature(q, library), _signature(k_cache, library), _signature(v_cache, library),
+            _signature(k_new, library), _signature(v_new, library), seqlens,
+            _signature(block_table, library), _signature(sinks, library),
+            causal, scale, window, softcap, layout, return_lse)
+
+
+def _cached_plan(q, k_cache, v_cache, cache_seqlens, k_new, v_new, causal, scale, window, softcap,
+                 layout, return_lse, backend, block_table, sinks):
+    """The plan of a GPU call seen before with the same signature, or None (then the full
+    validation runs). Only torch CUDA tensors and CuPy arrays take this path; a torch input that
+    requires grad under grad mode goes the long way, which raises."""
+    module = type(q).__module__
+    if module.startswith("torch"):
+        if not q.is_cuda:
+            return None
+        torch = sys.modules["torch"]
+        if torch.is_grad_enabled() and any(x is not None and x.requires_grad
+                                           for x in (q, k_cache, v_cache, k_new, v_new)):
+            return None
+    elif not module.startswith("cupy"):
+        return None
+    if not _plans:
+        return None
+    try:
+        key = _plan_key(q, k_cache, v_cache, cache_seqlens, k_new, v_new, causal, scale, window,
+                        softcap, layout, return_lse, backend, block_table, sinks)
+        plan = _plans.get(key)
+    except (AttributeError, TypeError):  # an argument of another kind: validation says what
+        return None
+    if plan is not None and plan.uniform is not None and cache_seqlens != plan.uniform:
+        return plan.with_uniform(cache_seqlens)  # checked against the plan's limits there
+    return plan
+
+
+def _remember(plan, *arguments):
+    try:
+        key = _plan_key(*arguments)
+    except (AttributeError, TypeError):
+        return
+    if len(_plans) >= _MAX_PLANS:
+        _plans.clear()
+    _plans[key] = plan
+
+
+class _Plan:
+    """Everything of one GPU call signature but its pointers: the packed parameter block, the
+    compiled kernels, grids and shared memory, and how to allocate out, lse and the workspace."""
+
+    def __init__(self, call, params, decode, decode_grid, threads, smem, merge, merge_grid,
+                 workspace_floats, lse_part_offset, device):
+        self.call, self.params, self.decode, self.decode_grid = call, params, decode, decode_grid
+        self.threads, self.smem, self.merge, self.merge_grid = threads, smem, merge, merge_grid
+        self.workspace_floats, self.lse_part_offset, self.device = workspace_floats, lse_part_offset, device
+        self.words = params.view(np.uint64)  # pointer slots, patched per call
+        self.uniform = call.uniform
+        self.library = call.info.library
+        self.out_shape = _in_layout((call.batch, call.heads_q, call.seqlen_q, call.head_dim), call.layout)
+        self.lse_shape = (call.batch, call.heads_q, call.seqlen_q)
+
+    def with_uniform(self, length):
+        """This plan for another int cache_seqlens (a host value: checked here, as validation
+        would), sharing everything but the parameter block."""
+        if isinstance(length, bool) or not isinstance(length, int):
+            return None
+        if not (0 <= length and length + self.call.seqlen_new <= self.call.seqlen_max):
+            return None  # the full validation raises the ValueError
+        other = copy.copy(self)
+        other.params = self.params.copy()
+        other.params["uniform_seqlen"] = length
+        other.words = other.params.view(np.uint64)
+        other.uniform = length
+        return other
+
+    def run(self, q, k_cache, v_cache, cache_seqlens, k_new, v_new, block_table, sinks,
+            outputs=None):
+        """Launch on these arrays; outputs=(out, lse, workspace) are given by kernel checks
+        (poisoned beforehand), else allocated here."""
+        call = self.call
+        if outputs is not None:
+            out, lse, part = outputs
+            stream = (_torch_stream(sys.modules["torch"], q.device.index) if self.library == "torch"
+                      else sys.modules["cupy"].cuda.get_current_stream().ptr)
+        elif self.library == "torch":
+            import torch
+
+            out = torch.empty(self.out_shape, dtype=q.dtype, device=q.device)
+            lse = (torch.empty(self.lse_shape, dtype=torch.float32, device=q.device)
+                   if call.return_lse or self.merge is not None else None)
+            part = (torch.empty(self.workspace_floats, dtype=torch.float32, device=q.device)
+                    if self.workspace_floats else None)
+            stream = _torch_stream(torch, q.device.index)
+        else:
+            import cupy
+
+            with cupy.cuda.Device(self.device):
+                out = cupy.empty(self.out_shape, dtype=q.dtype)
+                lse = (cupy.empty(self.lse_shape, dtype=cupy.float32)
+                       if call.return_lse or self.merge is not None else None)
+                part = cupy.empty(self.workspace_floats, dtype=cupy.float32) if self.workspace_floats else None
+            stream = cupy.cuda.get_current_stream().ptr
+        words, at = self.words, _POINTER_OFFSETS
+        for name, x in (("q", q), ("k", k_cache), ("v", v_cache), ("o", out), ("lse", lse),
+                        ("k_new", k_new), ("v_new", v_new), ("block_table", block_table),
+                        ("sinks", sinks)):
+            words[at[name] // 8] = 0 if x is None else _pointer(x)
+        words[at["cache_seqlens"] // 8] = 0 if self.uniform is not None else _pointer(cache_seqlens)
+        if part is not None:
+            base = _pointer(part)
+            words[at["o_part"] // 8] = base
+            words[at["lse_part"] // 8] = base + self.lse_part_offset
+        self._launch(stream)
+        if lse is not None and not call.return_lse:
+            lse = None
+        return out, lse
+
+    def _launch(self, stream: int) -> None:
+        """One decode launch (and one merge with several splits) per chunk of <= 65535 batch
+        entries; the chunk's first entry goes in the block (CuPy copies it at each launch)."""
+        import cupy
+
+        switch = cupy.cuda.runtime.getDevice() != self.device
+        context = cupy.cuda.Device(self.device) if switch else _NO_CONTEXT
+        with context, _external_stream(stream, self.device):
+            batch = self.call.batch
+            for first in range(0, batch, MAX_GRID_YZ):
+                count = min(MAX_GRID_YZ, batch - first)
+                self.params["batch_offset"] = first
+                self.decode(self.decode_grid + (count,), (self.threads,), (self.params,),
+                            shared_mem=self.smem)
+                if self.merge is not None:
+                    self.merge(self.merge_grid + (count,), (configs.DECODE_MERGE_WARPS * 32,),
+                               (self.params,))
+            self.params["batch_offset"] = 0
+
+
+class _NoContext:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+_NO_CONTEXT = _NoContext()
+_streams: dict[tuple[int, int], object] = {}
+
+
+def _external_stream(ptr: int, device_id: int):
+    """A CuPy handle on the caller's stream (torch's, or CuPy's own), made once per stream."""
+    handle = _streams.get((ptr, device_id))
+    if handle is None:
+        import warnings
+
+        import cupy
+
+        with warnings.catch_warnings():  # CuPy 14 deprecates ExternalStream for a protocol
+            warnings.simplefilter("ignore", DeprecationWarning)  # raw pointers cannot speak
+            handle = _streams[(ptr, device_id)] = cupy.cuda.ExternalStream(ptr, device_id)
+    return handle
+
+
+def _torch_stream(torch, device_index: int) -> int:
+    """torch's current stream on the device, as a cudaStream_t (the cheap accessor when present)."""
+    raw = getattr(torch._C, "_cuda_getCurrentRawStream", None)
+    if raw is not None:
+        return raw(device_index)
+    return torch.cuda.current_stream(device_index).cuda_stream
+
+
+@functools.lru_cache(maxsize=None)
+def _kernels(cfg, dtype: str, rows: int, vec: bool, softcap: bool, page_size: int, device: int):
+    """The decode and merge entry points of one variant, the decode's shared memory opted in."""
+    from xattn import jit
+
+    defines = configs.decode_defines(cfg, dtype, rows, vec, softcap, page_size)
+    decode = jit.get_function("cuda", cfg.kernel + ".cu", cfg.kernel, defines, device)
+    merge = jit.get_function("cuda", configs.DECODE_MERGE_KERNEL + ".cu", configs.DECODE_MERGE_KERNEL,
+                             configs.decode_merge_defines(dtype, cfg.head_dim), device)
+    smem = configs.decode_shared_memory_bytes(cfg, rows)
     import cupy
 
-    from xattn import cuda
+    with cupy.cuda.Device(device):  # the attribute is set on the current device's kernel
+        decode.max_dynamic_shared_size_bytes = smem
+    return decode, merge, smem
 
-    Q, Kc, Vc, O, L = (cuda._describe(a) for a in (q, k_cache, v_cache, out, lse))
-    batch, heads_q, seqlen_q, head_dim = Q.shape
-    heads_k, seqlen_max = Kc.shape[1], Kc.shape[2]
-    seqlen_new = call.seqlen_new
-    if batch == 0:
-        return
-    if heads_k > cuda.MAX_GRID_YZ:
-        raise ValueError(f"k_cache: at most {cuda.MAX_GRID_YZ} heads are supported, got {heads_k}")
-    device, size = Q.device, cuda._itemsize(Q.dtype)
-    null = cuda._Array(0, (), (0,), "", device)
-    if cache_seqlens is not None:
-        S = cuda._describe(cache_seqlens)
-        seqlens, seqlens_stride, uniform = (S, 4), np.int64(S.strides[0]), np.int32(0)
-    else:
-        seqlens, seqlens_stride, uniform = (null, 4), np.int64(0), np.int32(call.uniform)
 
-    plan = _plan(Q.dtype, device, batch, heads_q, heads_k, seqlen_q, seqlen_max, head_dim, call.window)
-    cfg, tile_rows, m_blocks, splits, (left, right) = plan
-    vec = cuda._vec_loads([Q, Kc, Vc], head_dim, size)
-    decode, merge, append, smem = _kernels(cfg, Q.dtype, tile_rows, vec, bool(call.softcap), device)
+def _bhsd_strides(x, library: str, layout: str) -> tuple:
+    st = _strides(x, library)
+    return st if layout == "bhsd" else (st[0], st[2], st[1], st[3])
 
-    with cupy.cuda.Device(device), cuda._external_stream(stream, device):
-        if seqlen_new and k_new is not None:
-            Kn, Vn = cuda._describe(k_new), cuda._describe(v_new)
-            append_vec = cuda._vec_loads([Kn, Vn, Kc, Vc], head_dim, size)
-            units = heads_k * seqlen_new * (head_dim // (16 // size) if append_vec else head_dim)
-            cuda._launch(append, (-(-units // _APPEND_THREADS), 1), _APPEND_THREADS, 0,
-                     [(Kn, size), (Vn, size), (Kc, size), (Vc, size), seqlens,
-                      *cuda._strides(Kn, Vn, Kc, Vc), seqlens_stride, uniform, np.int32(heads_k),
-                      np.int32(seqlen_new), np.int32(seqlen_max), np.int32(head_dim),
-                      np.int32(append_vec)], batch)
-        if seqlen_q == 0:
-            return
 
-        rows_bhs = heads_q * seqlen_q
-        if splits > 1:  # partial O and LSE of every split, merged below. Freed when this
-            # function returns: the stream-ordered caching allocators hand it out again only to
-            # work queued after these launches on this stream.
-            part = workspace(batch * rows_bhs * splits * (cfg.head_dim + 1))
-            P = cuda._describe(part)
-            o_part = cuda._Array(P.ptr, (batch,), (rows_bhs * splits * cfg.head_dim,), "float32", device)
-            lse_part = cuda._Array(P.ptr + 4 * batch * rows_bhs * splits * cfg.head_dim, (batch,),
-                                   (rows_bhs * splits,), "float32", device)
-            parts = [(o_part, 4), (lse_part, 4)]
+def _new_plan(q, k_cache, v_cache, cache_seqlens, k_new, v_new, block_table, sinks, call) -> _Plan:
+    """Validate what only the GPU path needs, choose the kernels and pack the parameter block."""
+    library, layout = call.info.library, call.layout
+    paged = block_table is not None
+    for name, cache in (("k_cache", k_cache), ("v_cache", v_cache)):
+        stride = _strides(cache, library)[-1]
+        empty = (cache.numel() if library == "torch" else cache.size) == 0  # any strides will do
+        if call.head_dim > 1 and stride != 1 and not empty:
+            raise ValueError(f"{name}: expected unit stride along D (the cache is written in place "
+                             f"and read without a copy), got stride {stride}")
+        if library == "torch" and cache.is_neg():
+            raise ValueError(f"{name}: expected a tensor whose memory holds its values, got a "
+                             f"negative-bit view; pass a resolved tensor (.resolve_neg())")
+    for name, x in (("q", q), ("k_new", k_new), ("v_new", v_new)):
+        if x is None or call.head_dim == 1:
+            continue
+        if _strides(x, library)[-1] != 1 or (library == "torch" and x.is_neg()):
+            raise ValueError(f"{name}: expected unit stride along D on the GPU (read in place), "
+                             f"got strides {_strides(x, library)}; pass a contiguous copy")
+    device = call.info.device_id
+    itemsize = 4 if call.info.dtype == "float32" else 2
+    dtype = call.info.dtype
+    batch, heads_q, heads_k, seqlen_q = call.batch, call.heads_q, call.heads_k, call.seqlen_q
+    cfg, tile_rows, m_blocks, splits, (left, right) = _plan(
+        dtype, device, batch, heads_q, heads_k, seqlen_q, call.seqlen_max, call.head_dim, call.window)
+    if heads_k > MAX_GRID_YZ:
+        raise ValueError(f"k_cache: at most {MAX_GRID_YZ} heads are supported, got {heads_k}")
+
+    per_vector = 16 // itemsize
+    strided = [q, k_cache, v_cache] + ([k_new, v_new] if k_new is not None else [])
+    vec = call.head_dim % per_vector == 0 and all(
+        _pointer(x) % 16 == 0 and all(st % per_vector == 0 for st in _strides(x, library)[:3])
+        for x in strided)
+    decode, merge, smem = _kernels(cfg, dtype, tile_rows, vec, bool(call.softcap), call.page_size, device)
+
+    params = np.zeros(1, DECODE_PARAMS)
+    p = params[0]
+    for name, x in (("q", q), ("k_new", k_new), ("v_new", v_new)):
+        if x is not None:
+            p[name]["batch_stride"], p[name]["head_stride"], p[name]["row_stride"] = \
+                _bhsd_strides(x, library, layout)[:3]
+    for name, x in (("k", k_cache), ("v", v_cache)):
+        st = _strides(x, library)
+        if paged:  # (pages, page_size, Hk, D): batch_stride is the page stride
+            p[name]["batch_stride"], p[name]["head_stride"], p[name]["row_stride"] = st[0], st[2], st[1]
         else:
-            parts = [(null, 4), (null, 4)]
+            p[name]["batch_stride"], p[name]["head_stride"], p[name]["row_stride"] = \
+                _bhsd_strides(x, library, layout)[:3]
+    ob, oh, os_, _ = (st for st in _contiguous_strides(
+        _in_layout((batch, heads_q, seqlen_q, call.head_dim), layout)))
+    p["o"]["batch_stride"], p["o"]["head_stride"], p["o"]["row_stride"] = \
+        (ob, oh, os_) if layout == "bhsd" else (ob, os_, oh)
+    p["lse"]["batch_stride"], p["lse"]["head_stride"], p["lse"]["row_stride"] = heads_q * seqlen_q, seqlen_q, 1
+    if call.uniform is None:
+        p["seqlens_stride"] = _strides(cache_seqlens, library)[0]
+    else:
+        p["uniform_seqlen"] = call.uniform
+    if paged:
+        p["block_table_stride"] = _strides(block_table, library)[0]
+        p["num_pages"] = call.num_pages
+    p["heads_q"], p["heads_per_kv"], p["seqlen_q"] = heads_q, heads_q // heads_k, seqlen_q
+    p["seqlen_new"] = call.seqlen_new if k_new is not None else 0
+    p["seqlen_max"], p["head_dim"] = call.seqlen_max, call.head_dim
+    p["window_left"], p["window_right"] = left, right
+    p["num_splits"], p["m_blocks"] = splits, m_blocks
+    p["scale_log2"] = call.scale * LOG2_E
+    p["softcap_log2"] = call.softcap * LOG2_E
+    p["scale_over_softcap"] = call.scale / call.softcap if call.softcap else 0.0
 
-        scale, softcap = call.scale, call.softcap
-        scale_log2 = scale * cuda.LOG2_E
-        cuda._launch(decode, (m_blocks * splits, heads_k), cfg.warps * 32, smem,
-                 [(Q, size), (Kc, size), (Vc, size), (O, size), (L, 4), *parts, seqlens,
-                  *cuda._strides(Q, Kc, Vc, O), *cuda._strides(L, dims=2), seqlens_stride,
-                  uniform, np.int32(seqlen_q), np.int32(seqlen_new), np.int32(seqlen_max),
-                  np.int32(head_dim), np.int32(heads_q // heads_k), np.int32(left), np.int32(right),
-                  np.int32(splits), np.int32(m_blocks), np.float32(scale_log2),
-                  np.float32(softcap * cuda.LOG2_E), np.float32(scale / softcap if softcap else 0.0)],
-                 batch)
-        if splits > 1:
-            cuda._launch(merge, (-(-rows_bhs // _MERGE_WARPS), 1), _MERGE_WARPS * 32, 0,
-                     [*parts, (O, size), (L, 4), *cuda._strides(O), *cuda._strides(L, dims=2),
-                      np.int32(heads_q), np.int32(seqlen_q), np.int32(head_dim), np.int32(splits)],
-                     batch)
+    rows_bhs = heads_q * seqlen_q
+    workspace = batch * rows_bhs * splits * (cfg.head_dim + 1) if splits > 1 else 0
+    lse_part_offset = 4 * batch * rows_bhs * splits * cfg.head_dim
+    merge_grid = (max(1, -(-rows_bhs // configs.DECODE_MERGE_WARPS)), 1)
+    return _Plan(call, params, decode, (m_blocks * splits, heads_k), cfg.warps * 32, smem,
+                 merge if splits > 1 else None, merge_grid, workspace, lse_part_offset, device)
+
+
+def _contiguous_strides(shape) -> tuple:
+    strides, step = [], 1
+    for size in reversed(shape):
+        strides.append(step)
+        step *= max(size, 1)
+    return tuple(reversed(strides))
+
+
+def launch_for_check(q, k_cache, v_cache, cache_seqlens, out, lse, workspace, *, k_new=None,
+                     v_new=None, causal=True, scale=None, window=None, softcap=None,
+                     layout="bhsd", block_table=None, sinks=None):
+    """The GPU launch below the public function, for kernel checks: validates as the public
+    function does (cache_seqlens a device array, never read here), plans, and launches into the
+    caller's out (layout's shape) and lse ((B, Hq, Sq) float32); workspace(n) returns n float32
+    elements (poisoned by the caller) for the split partials."""
+    call = _validate(q, k_cache, v_cache, cache_seqlens, k_new, v_new, causal, scale, window,
+                     softcap, layout, True, block_table, sinks)
+    plan = _new_plan(q, k_cache, v_cache, cache_seqlens, k_new, v_new, block_table, sinks, call)
+    part = workspace(plan.workspace_floats) if plan.workspace_floats else None
+    plan.run(q, k_cache, v_cache, cache_seqlens, k_new, v_new, block_table, sinks,
+             outputs=(out, lse, part))
+    return plan

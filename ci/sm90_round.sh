@@ -31,5 +31,15 @@ for phase in $PHASES; do
     host) run host 60 --phase host ;;
     tune) [ -n "$check_failed" ] && continue; run tune 150 --phase tune; grep "TUNE BEST" "$OUT/tune.log" ;;
     bench) [ -n "$check_failed" ] && continue; run bench 160 --phase bench ;;
+    bench_old) run bench_old 60 --phase bench_old ;;
+    sanitize)  # one small shape per row, each tool in turn; all logs in one file
+        for tool in ${SANITIZE_TOOLS:-memcheck racecheck synccheck}; do
+            echo "=== $tool" >> "$OUT/sanitize.log"
+            timeout 100 compute-sanitizer --tool "$tool" --error-exitcode 9 \
+                python ci/sm90_fwd_check.py --phase check --sanitize >> "$OUT/sanitize.log" 2>&1
+            echo "[sanitize $tool rc=$?] $(grep -E 'SUMMARY' "$OUT/sanitize.log" | tail -2 | tr '\n' ' ')"
+        done ;;
+    pytest) timeout 200 python -m pytest -q -x -p no:cacheprovider tests/test_sm90.py > "$OUT/pytest.log" 2>&1
+        echo "[pytest rc=$?] $(tail -1 "$OUT/pytest.log")" ;;
     esac
 done

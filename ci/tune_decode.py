@@ -33,6 +33,7 @@ def main() -> None:
             kv_bytes = 2 * k.numel() * k.element_size()
             for splits in args.splits:
                 kvcache._FORCED_SPLITS = splits
+                kvcache._plans.clear()  # plans hold their split count
                 call = lambda: xattn.attention_with_kvcache(q, k, v, cache_seqlens=lengths, causal=False)
                 ms = timer(call)
                 torch.cuda.synchronize()

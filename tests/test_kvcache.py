@@ -54,7 +54,10 @@ def cases(draw, backend):
     if causal and window is not None and window[1] > 0:
         window = (window[0], 0)  # causal hides every key right of the diagonal: right is 0
     library, dtype = draw(st.sampled_from(backend.kinds))
+    paged = draw(st.sampled_from((None, None, 16, 32, 48, 256)))  # page size, or contiguous
+    sinks = draw(st.sampled_from((None, None, "small", "large")))
     return dict(
+        paged=paged, share_pages=draw(st.booleans()), sinks=sinks,
         batch=batch, heads_q=heads_q, heads_k=heads_k, seqlen_q=seqlen_q, seqlen_max=seqlen_max,
         seqlen_new=seqlen_new, with_new=with_new, lengths=lengths,
         head_dim=draw(st.sampled_from(HEAD_DIMS)), layout=draw(st.sampled_from(("bhsd", "bshd"))),
@@ -82,12 +85,78 @@ def make_inputs(backend, c):
     def put(x, memory):
         return present(backend, x, c["layout"], c["library"], c["dtype"], memory)
 
-    arrays = dict(q=put(q, c["q_memory"]), k_cache=put(caches[0], c["cache_memory"]),
-                  v_cache=put(caches[1], c["cache_memory"]))
+    arrays = dict(q=put(q, c["q_memory"]))
+    if c.get("paged"):
+        pages, table = _paginate(caches, c, rng)
+        arrays["k_cache"], arrays["v_cache"] = (
+            present(backend, x, "bhsd", c["library"], c["dtype"], "contiguous") for x in pages)
+        arrays["block_table"] = _int32(backend, c, table)
+    else:
+        arrays["k_cache"], arrays["v_cache"] = (put(x, c["cache_memory"]) for x in caches)
     if c["with_new"]:
         arrays["k_new"], arrays["v_new"] = (put(x, c["q_memory"]) for x in new)
-    seen = {name: to_bhsd(to_float64(x), c["layout"]) for name, x in arrays.items()}
+    if c.get("sinks"):
+        normal = rng.standard_normal(hq)
+        # "large": +-1e4, a sink that takes all the mass or none (exp(-1e4) is 0 in float64 too)
+        values = (normal if c["sinks"] == "small" else 1e4 * np.sign(normal)).astype(np.float32)
+        arrays["sinks"] = backend.make(values.astype(np.float64), c["library"], "float32")
+    seen = {}
+    for name, x in arrays.items():
+        if name in ("block_table", "sinks"):
+            seen[name] = to_float64(x) if name == "sinks" else np.asarray(table)
+        elif c.get("paged") and name in ("k_cache", "v_cache"):
+            seen[name] = to_float64(x)  # the pages, (P, page_size, Hk, D)
+        else:
+            seen[name] = to_bhsd(to_float64(x), c["layout"])
     return arrays, seen
+
+
+def _paginate(caches, c, rng):
+    """Pages (P, page_size, Hk, D) holding each sequence's cache rows, and the int32 table: page
+    ids shuffled, two unused pages, every unused page and row NaN (a kernel that reads one turns
+    its output NaN). With share_pages, sequence 1 reads sequence 0's first page (read-only: both
+    hold at least a page of cached rows, so no append lands there)."""
+    b, hk, d, size = c["batch"], c["heads_k"], c["head_dim"], c["paged"]
+    per_sequence = max(1, -(-c["seqlen_max"] // size))
+    count = b * per_sequence + 2
+    ids = rng.permutation(count)[:b * per_sequence].reshape(b, per_sequence).astype(np.int32)
+    lengths = c["lengths"]
+    share = c.get("share_pages") and b > 1 and min(lengths[0], lengths[1]) >= size
+    if share:
+        ids[1, 0] = ids[0, 0]
+    pages = []
+    for cache in caches:
+        cache = cache.copy()
+        if share:  # the shared rows hold the same values in both sequences
+            cache[1, :, :size] = cache[0, :, :size]
+        paged = np.full((count, size, hk, d), np.nan)
+        padded = np.full((b, hk, per_sequence * size, d), np.nan)
+        padded[:, :, :c["seqlen_max"]] = cache
+        for i in range(b):
+            for j in range(per_sequence):
+                if not (share and i == 1 and j == 0):
+                    paged[ids[i, j]] = padded[i, :, j * size:(j + 1) * size].transpose(1, 0, 2)
+        pages.append(paged)
+    return pages, ids
+
+
+def _int32(backend, c, values):
+    values = np.asarray(values, dtype=np.int32)
+    if c["library"] == "numpy":
+        return values
+    if c["library"] == "torch":
+        import torch
+        return torch.from_numpy(values).to(backend.device)
+    import cupy
+    return cupy.asarray(values)
+
+
+def _sequence_rows(c, seen, name, i, length):
+    """Sequence i's first `length` cache rows, (1, Hk, length, D), contiguous or from its pages."""
+    if not c.get("paged"):
+        return seen[name][i:i + 1, :, :length]
+    rows = seen[name][seen["block_table"][i]].reshape(-1, c["heads_k"], c["head_dim"])[:length]
+    return rows.transpose(1, 0, 2)[None]
 
 
 def seqlens_argument(backend, c):
@@ -110,13 +179,13 @@ def oracle(c, seen):
     outs, lses, largest = [], [], 0.0
     scale = c["scale"] if c["scale"] is not None else 1 / math.sqrt(c["head_dim"])
     for i, length in enumerate(c["lengths"]):
-        k, v = seen["k_cache"][i:i + 1, :, :length], seen["v_cache"][i:i + 1, :, :length]
+        k, v = (_sequence_rows(c, seen, name, i, length) for name in ("k_cache", "v_cache"))
         if c["with_new"]:
             k = np.concatenate([k, seen["k_new"][i:i + 1]], axis=2)
             v = np.concatenate([v, seen["v_new"][i:i + 1]], axis=2)
         out, lse = reference.exact_attention_bhsd(
             seen["q"][i:i + 1], k, v, causal=c["causal"], scale=scale,
-            window=c["window"] or (-1, -1), softcap=c["softcap"] or 0.0)
+            window=c["window"] or (-1, -1), softcap=c["softcap"] or 0.0, sinks=seen.get("sinks"))
         outs.append(out)
         lses.append(lse)
         if k.shape[2] and seen["q"].shape[2]:
@@ -130,6 +199,13 @@ def oracle(c, seen):
 def expected_caches(c, seen):
     """The caches after the call: k_new/v_new at rows [length, length + Snew), the rest as before."""
     want = {name: seen[name].copy() for name in ("k_cache", "v_cache")}
+    if c["with_new"] and c.get("paged"):  # row r of sequence i: page table[i, r // size], r % size
+        for i, length in enumerate(c["lengths"]):
+            for t in range(c["seqlen_new"]):
+                page, row = divmod(length + t, c["paged"])
+                want["k_cache"][seen["block_table"][i, page], row] = seen["k_new"][i, :, t]
+                want["v_cache"][seen["block_table"][i, page], row] = seen["v_new"][i, :, t]
+        return want
     if c["with_new"]:
         for i, length in enumerate(c["lengths"]):
             want["k_cache"][i, :, length:length + c["seqlen_new"]] = seen["k_new"][i]
@@ -148,7 +224,9 @@ def run_and_check(backend, c):
     assert type(out) is type(q) and tuple(out.shape) == tuple(q.shape) and out.dtype == q.dtype
     assert "float32" in str(lse.dtype) and tuple(lse.shape) == (c["batch"], c["heads_q"], c["seqlen_q"])
     for name in ("k_cache", "v_cache"):  # exactly the new rows written, nothing else touched
-        got = to_bhsd(to_float64(arrays[name]), c["layout"])
+        got = to_float64(arrays[name])
+        if not c.get("paged"):
+            got = to_bhsd(got, c["layout"])
         np.testing.assert_array_equal(got, want_caches[name], f"{name} after the call")
     assert_matches(to_bhsd(to_float64(out), c["layout"]), to_float64(lse), want_out, want_lse,
                    c["dtype"], score_error=rounding)
@@ -206,8 +284,10 @@ def forced_splits(monkeypatch):
     def force(n):
         monkeypatch.setattr(kvcache, "_FORCED_SPLITS", n)
         kvcache.num_splits.cache_clear()
+        kvcache._plans.clear()  # plans hold their split count
     yield force
     kvcache.num_splits.cache_clear()
+    kvcache._plans.clear()
 
 
 @pytest.mark.gpu
@@ -377,6 +457,7 @@ def _host(shape, dtype="float32"):
 Q, KC, VC = _host((2, 4, 1, 16)), _host((2, 2, 10, 16)), _host((2, 2, 10, 16))
 KN, VN = _host((2, 2, 3, 16)), _host((2, 2, 3, 16))
 LENS = np.array([3, 7], dtype=np.int32)
+PAGES, TABLE = _host((4, 16, 2, 16)), np.array([[0, 1], [2, 3]], dtype=np.int32)  # paged: Smax 32
 
 BAD = [  # (id, arguments, keyword arguments, exception, words the message must contain)
     ("q rank", (Q[0], KC, VC), {}, ValueError, ["q:", "4-d", "(4, 1, 16)"]),
@@ -420,6 +501,21 @@ BAD = [  # (id, arguments, keyword arguments, exception, words the message must 
     ("backend", (Q, KC, VC), {"backend": "cuda"}, ValueError, ["backend:", "got 'cuda'"]),
     ("read-only cache", (Q, np.broadcast_to(KC, KC.shape), VC), {"k_new": KN, "v_new": VN}, ValueError,
      ["k_cache:", "writable", "read-only"]),
+    ("page id", (Q, PAGES, PAGES), {"block_table": np.array([[0, 1], [2, 5]], np.int32)}, ValueError,
+     ["block_table:", "page ids in [0, 4)", "got 5 at [1, 1]"]),
+    ("negative page id", (Q, PAGES, PAGES), {"block_table": np.array([[0, 1], [-1, 2]], np.int32)},
+     ValueError, ["block_table:", "got -1 at [1, 0]"]),
+    ("table dtype", (Q, PAGES, PAGES), {"block_table": TABLE.astype(np.int64)}, TypeError,
+     ["block_table:", "int32", "got int64"]),
+    ("table shape", (Q, PAGES, PAGES), {"block_table": TABLE[:1]}, ValueError,
+     ["block_table:", "(2, max_pages)", "got (1, 2)"]),
+    ("page size", (Q, _host((4, 8, 2, 16)), _host((4, 8, 2, 16))), {"block_table": TABLE}, ValueError,
+     ["k_cache:", "multiple of 16", "got page_size 8"]),
+    ("length past the table", (Q, PAGES, PAGES), {"block_table": TABLE,
+     "cache_seqlens": np.array([3, 33], dtype=np.int32)}, ValueError,
+     ["cache_seqlens:", "Smax = 32", "got 33 at batch 1"]),
+    ("sinks shape", (Q, KC, VC), {"sinks": np.zeros(3, np.float32)}, ValueError, ["sinks:", "(4,)", "(3,)"]),
+    ("sinks dtype", (Q, KC, VC), {"sinks": np.zeros(4)}, TypeError, ["sinks:", "float32", "float64"]),
 ]
 
 
@@ -491,7 +587,7 @@ def test_fuzz_arguments(data):
         run_and_check(reference_backend, c)
         return
     c.update(library="numpy", dtype="float32", q_memory="contiguous", cache_memory="contiguous",
-             with_new=True, lengths_as="array")
+             with_new=True, lengths_as="array", paged=None, sinks=None)
     arrays, _ = make_inputs(reference_backend, c)
     lengths = np.asarray(c["lengths"], dtype=np.int32)
     kwargs = dict(cache_seqlens=lengths, causal=c["causal"], layout=c["layout"])

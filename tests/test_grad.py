@@ -18,6 +18,7 @@ from hypothesis import strategies as st
 import xattn
 from xattn import reference
 from conftest import Backend, finite_difference_grads, to_float64
+from tolerances import TOLERANCES
 from problems import EDGE_HEAD_DIMS, EDGE_LENGTHS, MEMORY, Problem, present, problems, to_bhsd
 
 torch = pytest.importorskip("torch")
@@ -29,14 +30,11 @@ EXAMPLES = 12
 # to that, not to ‖g_exact‖, which cancellation can make arbitrarily small (dS = P ∘ (dP - delta)
 # cancels whenever the softmax is peaky; Sk = 1 makes dQ exactly 0). Where nothing cancels, the
 # two norms are equal. The bound has two parts:
-#  * GRAD_TOLERANCE[dtype], ~8 units of roundoff u of the dtype: the kernels round P and dS to
-#    the input dtype before each tensor-core product and round O, dO and the gradients once,
-#    a few u per element. float16 u = 2^-11 -> 4e-3 (the reference backend measures <= 1.6e-4);
-#    bfloat16 u = 2^-8 -> 3e-2 (reference <= 1.3e-3); float32 -> 1e-5; float64 -> 1e-10.
+#  * GRAD_TOLERANCE[dtype], ~8 units of roundoff u of the dtype (tests/tolerances.py, "grad").
 #  * SCORE_ROUNDING * max|S|: P = exp(S - lse) is recomputed from S and the lse held in float32
 #    (the lse by contract, for float64 inputs too), whose absolute rounding 2^-24 * |S| becomes
 #    a relative error of P; 8 * 2^-24 allows for S, lse and the exp. Scores reach ~100 here.
-GRAD_TOLERANCE = {"float64": 1e-10, "float32": 1e-5, "float16": 4e-3, "bfloat16": 3e-2}
+GRAD_TOLERANCE = TOLERANCES["grad"]
 SCORE_ROUNDING = 8 * 2.0**-24
 
 

@@ -27,9 +27,10 @@ jax = pytest.importorskip("jax", reason="jax is not installed (pip install jax)"
 jnp = pytest.importorskip("jax.numpy")
 
 import xattn  # noqa: E402
+from tolerances import TOLERANCES  # noqa: E402
 from xattn import backends, reference  # noqa: E402
 
-TOLERANCE = {"float32": 1e-5, "float16": 2e-3, "bfloat16": 1e-2}
+TOLERANCE = TOLERANCES["out"]
 
 
 def rel_error(got, want) -> float:

@@ -3,7 +3,7 @@
 # properties, compute-sanitizer, compile timing, and the benchmark. Writes logs under $OUT (or
 # ci/results/latest) and prints a short summary last.
 #
-#   bash ci/gpu_suite.sh [kernels] [pytest] [pytest_more] [sanitize] [bench] [bench_more]
+#   bash ci/gpu_suite.sh [kernels] [pytest] [pytest_hip] [pytest_more] [sanitize] [bench] [bench_more]
 #   (no argument: all; the device tool's 10-minute limit per command fits one or two per call)
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -24,13 +24,16 @@ step() {  # step NAME TIMEOUT COMMAND...: run, log to $OUT/NAME.log, keep its la
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader > "$OUT/gpu.txt"
 # Phases, each sized for one 10-minute device call or less:
 #   kernels      direct kernel checks (forward, backward, decode; awkward shapes and the variants)
-#   pytest       pytest -m gpu: the properties, gradients, variants, KV cache, reliability
-#   pytest_more  pytest -m gpu: HIP portable kernels on NVIDIA, integrations (torch.compile, CUDA
-#                graphs, JAX, transformers, precompile), compile timing
+#   pytest       pytest -m gpu: the properties, gradients, variants, KV cache, reliability on the
+#                cuda path (and hip, skipped on NVIDIA)
+#   pytest_hip   pytest -m gpu: the same property files on the portable HIP kernels on NVIDIA
+#                (the backend fixture's hip-on-cuda paths, tests/conftest.py)
+#   pytest_more  pytest -m gpu: HIP portable kernel rows, integrations (torch.compile, CUDA
+#                graphs, JAX, transformers incl. static caches, precompile), compile timing
 #   sanitize     compute-sanitizer over forward and backward (tuned rows, odd sizes, variants)
 #   bench        forward and backward against SDPA flash and cuDNN
-#   bench_more   variants, decode and per-call overhead
-phases=${*:-kernels pytest pytest_more sanitize bench bench_more}
+#   bench_more   variants, decode, per-call overhead and a whole model (bench --model)
+phases=${*:-kernels pytest pytest_hip pytest_more sanitize bench bench_more}
 MORE="tests/test_hip_portable.py tests/test_precompile.py tests/test_integrations_torch.py tests/test_jax.py tests/test_transformers.py"
 has() { [[ " $phases " == *" $1 "* ]]; }
 if has kernels; then
@@ -40,7 +43,11 @@ if has kernels; then
 fi
 if has pytest; then
     ignore=(); for f in $MORE; do ignore+=(--ignore="$f"); done
-    step pytest 560 python -m pytest -m gpu -q -p no:cacheprovider "${ignore[@]}"
+    step pytest 560 python -m pytest -m gpu -q -p no:cacheprovider -k "not hip-on-cuda" "${ignore[@]}"
+fi
+if has pytest_hip; then
+    ignore=(); for f in $MORE; do ignore+=(--ignore="$f"); done
+    step pytest_hip 560 python -m pytest -m gpu -q -p no:cacheprovider -k "hip-on-cuda" "${ignore[@]}"
 fi
 if has pytest_more; then
     step pytest_more 480 python -m pytest -m gpu -q -p no:cacheprovider $MORE
@@ -57,6 +64,7 @@ if has bench_more; then
     step bench_variants 200 python -m xattn bench --variants --out "$OUT"
     step bench_decode 200 python -m xattn bench --decode --out "$OUT"
     step bench_overhead 150 python -m xattn bench --overhead --out "$OUT"
+    step bench_model 400 python -m xattn bench --model --out "$OUT"
 fi
 
 echo "== GPU suite on $(cat "$OUT/gpu.txt") =="

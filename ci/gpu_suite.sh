@@ -3,7 +3,7 @@
 # properties, compute-sanitizer, compile timing, and the benchmark. Writes logs under $OUT (or
 # ci/results/latest) and prints a short summary last.
 #
-#   bash ci/gpu_suite.sh [kernels] [pytest] [pytest_hip] [pytest_more] [sanitize] [bench] [bench_more]
+#   bash ci/gpu_suite.sh [kernels] [pytest] [pytest_hip] [pytest_more] [sanitize] [bench] [bench_more] [bench_model]
 #   (no argument: all; the device tool's 10-minute limit per command fits one or two per call)
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -32,8 +32,9 @@ nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader > 
 #                graphs, JAX, transformers incl. static caches, precompile), compile timing
 #   sanitize     compute-sanitizer over forward and backward (tuned rows, odd sizes, variants)
 #   bench        forward and backward against SDPA flash and cuDNN
-#   bench_more   variants, decode, per-call overhead and a whole model (bench --model)
-phases=${*:-kernels pytest pytest_hip pytest_more sanitize bench bench_more}
+#   bench_more   variants, decode and per-call overhead
+#   bench_model  a whole ~1B Llama-style model with xattn and sdpa (bench --model)
+phases=${*:-kernels pytest pytest_hip pytest_more sanitize bench bench_more bench_model}
 MORE="tests/test_hip_portable.py tests/test_precompile.py tests/test_integrations_torch.py tests/test_jax.py tests/test_transformers.py"
 has() { [[ " $phases " == *" $1 "* ]]; }
 if has kernels; then
@@ -64,7 +65,9 @@ if has bench_more; then
     step bench_variants 200 python -m xattn bench --variants --out "$OUT"
     step bench_decode 200 python -m xattn bench --decode --out "$OUT"
     step bench_overhead 150 python -m xattn bench --overhead --out "$OUT"
-    step bench_model 400 python -m xattn bench --model --out "$OUT"
+fi
+if has bench_model; then
+    step bench_model 560 python -m xattn bench --model --out "$OUT"
 fi
 
 echo "== GPU suite on $(cat "$OUT/gpu.txt") =="

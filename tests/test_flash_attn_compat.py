@@ -24,12 +24,10 @@ import xattn.flash_attn_compat as fa  # noqa: E402
 from xattn import reference  # noqa: E402
 
 from conftest import TOLERANCE  # noqa: E402
+from tolerances import TOLERANCES  # noqa: E402
 
 DTYPES = {"cpu": [torch.float32], "cuda": [torch.bfloat16, torch.float16]}
 NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
-# Gradients: 8x the forward bound for the half types (dS and P are rounded to them once more);
-# float32 as test_torch_sdpa.py.
-GRAD_TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 8e-2, torch.float16: 1.6e-2}
 
 
 def rel_error(got, want) -> float:
@@ -146,7 +144,7 @@ def test_flash_attn_func_gradients(device, dtype, causal):
         *(f64(t).transpose(0, 2, 1, 3) for t in (q, k, v, dout)), causal=causal,
         scale=24 ** -0.5, window=window)
     for x, expected in zip((q, k, v), want):
-        assert rel_error(f64(x.grad), expected.transpose(0, 2, 1, 3)) <= GRAD_TOLERANCE[dtype]
+        assert rel_error(f64(x.grad), expected.transpose(0, 2, 1, 3)) <= TOLERANCES["grad_plain"][NAMES[dtype]]
 
 
 # ----------------------------------------------------------------------- flash_attn_varlen_func

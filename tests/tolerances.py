@@ -22,6 +22,12 @@ TOLERANCES = {
     # input dtype before each tensor-core product and O, dO and the gradients once each. The
     # reference backend measures <= 1.6e-4 in float16 and <= 1.3e-3 in bfloat16.
     "grad": {"float64": 1e-10, "float32": 1e-5, "float16": 4e-3, "bfloat16": 3e-2},
+    # Gradients relative to their plain norm ‖want‖ (tests/test_torch_sdpa.py,
+    # tests/test_flash_attn_compat.py compare whole gradients through integration layers, against
+    # the float64 oracle or torch's math backend in float64): the plain norm is smaller than the
+    # absolute-value norm of "grad", where cancelling terms of dS make the gradient small, so the
+    # bound is looser: float32 1e-4 (the reference backward), float16 and bfloat16 ~8x "out".
+    "grad_plain": {"float32": 1e-4, "float16": 1.6e-2, "bfloat16": 8e-2},
     # out when the scaled scores reach +-1e4 (tests/test_numerics.py): float32 rounding of a
     # score of 1e4 is about 1e-3 inside exp(); bfloat16 also rounds P before P·V on the GPU.
     "large_scores": {"float64": 1e-9, "float32": 5e-3, "float16": 5e-3, "bfloat16": 2e-2},

@@ -578,6 +578,8 @@ class _Plan:
         self.out_shape = _in_layout((call.batch, call.heads_q, call.seqlen_q, call.head_dim), call.layout)
         self.lse_shape = (call.batch, call.heads_q, call.seqlen_q)
 
+    copied = ()  # names of the inputs copied contiguous before each launch
+
     def with_uniform(self, length):
         """This plan for another int cache_seqlens (a host value: checked here, as validation
         would), sharing everything but the parameter block."""
@@ -597,6 +599,9 @@ class _Plan:
         """Launch on these arrays; outputs=(out, lse, workspace) are given by kernel checks
         (poisoned beforehand), else allocated here."""
         call = self.call
+        if self.copied:  # the inputs whose last dimension is strided: one contiguous copy each
+            q, k_new, v_new = (_contiguous(x, self.library) if name in self.copied else x
+                               for name, x in (("q", q), ("k_new", k_new), ("v_new", v_new)))
         if outputs is not None:
             out, lse, part = outputs
             stream = (_torch_stream(sys.modules["torch"], q.device.index) if self.library == "torch"
@@ -723,12 +728,11 @@ def _new_plan(q, k_cache, v_cache, cache_seqlens, k_new, v_new, block_table, sin
         if library == "torch" and cache.is_neg():
             raise ValueError(f"{name}: expected a tensor whose memory holds its values, got a "
                              f"negative-bit view; pass a resolved tensor (.resolve_neg())")
-    for name, x in (("q", q), ("k_new", k_new), ("v_new", v_new)):
-        if x is None or call.head_dim == 1:
-            continue
-        if _strides(x, library)[-1] != 1 or (library == "torch" and x.is_neg()):
-            raise ValueError(f"{name}: expected unit stride along D on the GPU (read in place), "
-                             f"got strides {_strides(x, library)}; pass a contiguous copy")
+    # q, k_new and v_new whose last dimension is strided (or a negative-bit torch view) are
+    # copied contiguous before each launch (Plan.run); the block holds the copy's strides.
+    copied = tuple(name for name, x in (("q", q), ("k_new", k_new), ("v_new", v_new))
+                   if x is not None and call.head_dim > 1
+                   and (_strides(x, library)[-1] != 1 or (library == "torch" and x.is_neg())))
     device = call.info.device_id
     itemsize = 4 if call.info.dtype == "float32" else 2
     dtype = call.info.dtype
@@ -739,18 +743,26 @@ def _new_plan(q, k_cache, v_cache, cache_seqlens, k_new, v_new, block_table, sin
         raise ValueError(f"k_cache: at most {MAX_GRID_YZ} heads are supported, got {heads_k}")
 
     per_vector = 16 // itemsize
-    strided = [q, k_cache, v_cache] + ([k_new, v_new] if k_new is not None else [])
+
+    def strides_of(name, x):  # (B, H, S) strides the kernels see, in the layout's terms
+        if name in copied:
+            return _contiguous_strides(tuple(x.shape))[:3]
+        return _strides(x, library)[:3]
+
+    strided = [("q", q), ("k_cache", k_cache), ("v_cache", v_cache)]
+    strided += [("k_new", k_new), ("v_new", v_new)] if k_new is not None else []
     vec = call.head_dim % per_vector == 0 and all(
-        _pointer(x) % 16 == 0 and all(st % per_vector == 0 for st in _strides(x, library)[:3])
-        for x in strided)
+        (name in copied or _pointer(x) % 16 == 0) and all(st % per_vector == 0 for st in strides_of(name, x))
+        for name, x in strided)
     decode, merge, smem = _kernels(cfg, dtype, tile_rows, vec, bool(call.softcap), call.page_size, device)
 
     params = np.zeros(1, DECODE_PARAMS)
     p = params[0]
     for name, x in (("q", q), ("k_new", k_new), ("v_new", v_new)):
         if x is not None:
+            st = strides_of(name, x)
             p[name]["batch_stride"], p[name]["head_stride"], p[name]["row_stride"] = \
-                _bhsd_strides(x, library, layout)[:3]
+                st if layout == "bhsd" else (st[0], st[2], st[1])
     for name, x in (("k", k_cache), ("v", v_cache)):
         st = _strides(x, library)
         if paged:  # (pages, page_size, Hk, D): batch_stride is the page stride
@@ -783,8 +795,17 @@ def _new_plan(q, k_cache, v_cache, cache_seqlens, k_new, v_new, block_table, sin
     workspace = batch * rows_bhs * splits * (cfg.head_dim + 1) if splits > 1 else 0
     lse_part_offset = 4 * batch * rows_bhs * splits * cfg.head_dim
     merge_grid = (max(1, -(-rows_bhs // configs.DECODE_MERGE_WARPS)), 1)
-    return _Plan(call, params, decode, (m_blocks * splits, heads_k), cfg.warps * 32, smem,
+    plan = _Plan(call, params, decode, (m_blocks * splits, heads_k), cfg.warps * 32, smem,
                  merge if splits > 1 else None, merge_grid, workspace, lse_part_offset, device)
+    plan.copied = copied
+    return plan
+
+
+def _contiguous(x, library: str):
+    """A contiguous copy on the caller's current stream (torch's, or CuPy's)."""
+    if library == "torch":
+        return x.resolve_neg().contiguous()
+    return sys.modules["cupy"].ascontiguousarray(x)
 
 
 def _contiguous_strides(shape) -> tuple:
@@ -805,6 +826,9 @@ def launch_for_check(q, k_cache, v_cache, cache_seqlens, out, lse, workspace, *,
     call = _validate(q, k_cache, v_cache, cache_seqlens, k_new, v_new, causal, scale, window,
                      softcap, layout, True, block_table, sinks)
     plan = _new_plan(q, k_cache, v_cache, cache_seqlens, k_new, v_new, block_table, sinks, call)
+    o = plan.params[0]["o"]  # the caller's out, whatever its strides (the plan assumed contiguous)
+    st = _bhsd_strides(out, call.info.library, layout)
+    o["batch_stride"], o["head_stride"], o["row_stride"] = st[:3]
     part = workspace(plan.workspace_floats) if plan.workspace_floats else None
     plan.run(q, k_cache, v_cache, cache_seqlens, k_new, v_new, block_table, sinks,
              outputs=(out, lse, part))

@@ -15,6 +15,8 @@
 // IS_VARLEN    sequences are packed: sequence b is rows [cu_seqlens[b], cu_seqlens[b + 1])
 #pragma once
 
+#include "params.h"
+
 #ifndef IS_CAUSAL
 #define IS_CAUSAL 0
 #endif
@@ -42,6 +44,26 @@ __device__ __forceinline__ float backward_lse2(const float* lse, int row, int se
     float l = row < seqlen_q ? lse[row] : NEG_INF;
     return l == NEG_INF ? -NEG_INF : l * LOG2_E;
 }
+
+// ---- the parameter block in a kernel's own names ----------------------------------------------------
+// An entry point takes one AttnParams (params.h) and unpacks the fields its body uses into the
+// paper's names: NAME, NAME_batch_stride, NAME_head_stride, NAME_row_stride for a tensor, and the
+// shared scalars. seqlen_q and seqlen_k stay mutable: a packed sequence narrows them to its own.
+#define TENSOR_FROM_PARAMS(T, NAME, REF)                                                          \
+    T* __restrict__ NAME = (T*)(REF).ptr;                                                         \
+    const i64 NAME##_batch_stride = (REF).batch_stride, NAME##_head_stride = (REF).head_stride,   \
+              NAME##_row_stride = (REF).row_stride
+
+#define ATTENTION_SCALARS_FROM_PARAMS(P)                                                          \
+    const int* __restrict__ cu_seqlens_q = (P).cu_seqlens_q;                                      \
+    const int* __restrict__ cu_seqlens_k = (P).cu_seqlens_k;                                      \
+    const float* __restrict__ alibi_slopes = (P).alibi_slopes;                                    \
+    const i64 alibi_batch_stride = (P).alibi_batch_stride;                                        \
+    int seqlen_q = (P).seqlen_q, seqlen_k = (P).seqlen_k;                                         \
+    const int head_dim = (P).head_dim, heads_per_kv = (P).heads_per_kv;                           \
+    const int window_left = (P).window_left, window_right = (P).window_right;                     \
+    const float softcap_scale = (P).softcap_scale, scale = (P).scale,                             \
+                scale_log2 = (P).scale_log2, grad_scale = (P).grad_scale
 
 // ---- the band of visible keys -------------------------------------------------------------------
 

@@ -14,7 +14,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from xattn import configs, jit
+from xattn import configs, jit, launch, params
 
 LOG2_E = math.log2(math.e)
 MAX_GRID_YZ = 65535  # CUDA's limit on gridDim.y and gridDim.z
@@ -135,31 +135,45 @@ _NULL = (_Array(0, (), (0,), "", -1), 4)
 class _Variant(NamedTuple):
     """Masks and score modifiers of one call, as every kernel takes them (attention_common.h)."""
     defines: dict  # IS_CAUSAL, IS_LOCAL, HAS_SOFTCAP, HAS_ALIBI, IS_VARLEN
-    args: list     # cu_seqlens_q, cu_seqlens_k, alibi_slopes, alibi_batch_stride, seqlen_q,
-                   # seqlen_k, head_dim, heads_per_kv, window_left, window_right, softcap_scale,
-                   # scale, scale_log2 (the score scale: the softcap c under a softcap)
+    options: dict  # the AttnParams scalars (params.h): seqlen_q, seqlen_k, heads_per_kv,
+                   # window_left, window_right, softcap_scale, scale, scale_log2 (the score scale:
+                   # the softcap c under a softcap), grad_scale (the attention scale),
+                   # alibi_batch_stride
+    args: list     # the same as the HIP kernels take them, positionally: cu_seqlens_q, cu_seqlens_k,
+                   # alibi_slopes, alibi_batch_stride, seqlen_q, seqlen_k, head_dim, heads_per_kv,
+                   # window_left, window_right, softcap_scale, scale, scale_log2
 
 
 def _variant(*, causal: bool, scale: float, window, softcap: float, alibi_slopes, cu_seqlens,
              seqlen_q: int, seqlen_k: int, head_dim: int, heads_per_kv: int) -> _Variant:
+    """alibi_slopes: an array or its _Array; cu_seqlens: a pair of arrays, (None, None) when only
+    the flags and scalars are wanted (a plan patches the pointers later), or None (not packed)."""
     left, right = window
     if causal:
         right = 0
     score_scale = softcap if softcap else scale
-    cu = [(_describe(c), 4) for c in cu_seqlens] if cu_seqlens is not None else [_NULL, _NULL]
+    if cu_seqlens is not None and cu_seqlens[0] is not None:
+        cu = [(_describe(c), 4) for c in cu_seqlens]
+    else:
+        cu = [_NULL, _NULL]
+    alibi_batch_stride = 0
     if alibi_slopes is not None:
-        slopes = _describe(alibi_slopes)  # float32 (Hq,) or (B, Hq), contiguous
-        alibi = [(_Array(slopes.ptr, slopes.shape, (slopes.strides[0] if len(slopes.shape) == 2 else 0,),
-                         "float32", slopes.device), 4),
-                 np.int64(slopes.strides[0] if len(slopes.shape) == 2 else 0)]
+        slopes = alibi_slopes if isinstance(alibi_slopes, _Array) else _describe(alibi_slopes)
+        alibi_batch_stride = slopes.strides[0] if len(slopes.shape) == 2 else 0  # (Hq,) or (B, Hq)
+        alibi = [(_Array(slopes.ptr, slopes.shape, (alibi_batch_stride,), "float32", slopes.device), 4),
+                 np.int64(alibi_batch_stride)]
     else:
         alibi = [_NULL, np.int64(0)]
     defines = {"IS_CAUSAL": int(right >= 0), "IS_LOCAL": int(left >= 0), "HAS_SOFTCAP": int(bool(softcap)),
                "HAS_ALIBI": int(alibi_slopes is not None), "IS_VARLEN": int(cu_seqlens is not None)}
+    options = dict(seqlen_q=seqlen_q, seqlen_k=seqlen_k, heads_per_kv=heads_per_kv, window_left=left,
+                   window_right=right, softcap_scale=scale / softcap if softcap else 0.0,
+                   scale=score_scale, scale_log2=score_scale * LOG2_E, grad_scale=scale,
+                   alibi_batch_stride=alibi_batch_stride)
     args = cu + alibi + [np.int32(seqlen_q), np.int32(seqlen_k), np.int32(head_dim), np.int32(heads_per_kv),
-                         np.int32(left), np.int32(right), np.float32(scale / softcap if softcap else 0.0),
-                         np.float32(score_scale), np.float32(score_scale * LOG2_E)]
-    return _Variant(defines, args)
+                         np.int32(left), np.int32(right), np.float32(options["softcap_scale"]),
+                         np.float32(score_scale), np.float32(options["scale_log2"])]
+    return _Variant(defines, options, args)
 
 
 def _packed(a: _Array, varlen: bool) -> _Array:
@@ -176,6 +190,67 @@ def _itemsize(dtype: str) -> int:
     return 4 if dtype == "float32" else 2
 
 
+# ---- plans: what a call of one signature launches ---------------------------------------------
+# A plan is built on the first call of a signature (shapes, strides, dtype, device, options and
+# whether the pointers are 16-byte aligned) and kept: later calls look it up, patch the pointers
+# into its parameter blocks and launch. Nothing per call depends on anything but the pointers.
+
+_plans: dict = {}
+_plans_lock = threading.Lock()
+_MAX_PLANS = 4096  # a process that cycles through more signatures rebuilds them
+
+
+def _cached_plan(key, build):
+    plan = _plans.get(key)
+    if plan is None:
+        plan = build()
+        with _plans_lock:
+            if len(_plans) >= _MAX_PLANS:
+                _plans.clear()
+            _plans[key] = plan
+    return plan
+
+
+def _attn_params(var: "_Variant", tensors: dict, *, heads_q: int, head_dim: int) -> np.ndarray:
+    """An AttnParams block: the tensors' strides ({field: _Array}; pointers are patched per call),
+    and the masks and modifiers of `var` (as _variant computes them)."""
+    block = params.attn_params()
+    for name, a in tensors.items():
+        params.set_tensor(block, name, 0, a.strides[:3])
+    o = var.options
+    block["heads_q"], block["head_dim"] = heads_q, head_dim
+    for field in ("seqlen_q", "seqlen_k", "heads_per_kv", "window_left", "window_right",
+                  "softcap_scale", "scale", "scale_log2", "grad_scale", "alibi_batch_stride"):
+        block[field] = o[field]
+    return block
+
+
+def _run(steps, pointers: dict, stream: int, device: int) -> None:
+    """Launch a plan's steps in order on `stream`, on `device` (made current when it is not)."""
+    import cupy
+
+    if cupy.cuda.runtime.getDevice() == device:
+        for step in steps:
+            step(pointers, stream)
+        return
+    with cupy.cuda.Device(device):
+        for step in steps:
+            step(pointers, stream)
+
+
+def _step(cfg, dtype: str, causal: bool, vec: bool, device: int, block: np.ndarray, grid_xy,
+          batch: int, source: str | None = None, entry: str | None = None, **defines):
+    """A launch.Launch of one table row's kernel (or of `entry` in `source`, a helper kernel with
+    no row: `cfg` is then None and `defines` are all it takes)."""
+    if cfg is not None:
+        kernel, smem = _kernel(cfg, dtype, causal, vec, device, **defines)
+        threads = cfg.warps * 32
+    else:
+        kernel, smem = jit.get_function("cuda", source, entry, defines, device), 0
+        threads = _PREP_THREADS
+    return launch.Launch(launch.function(kernel, device, smem), grid_xy, batch, threads, smem, block)
+
+
 def forward(q, k, v, out, lse, *, causal: bool, scale: float, stream: int, window=(-1, -1),
             softcap: float = 0.0, alibi_slopes=None, cu_seqlens=None, max_seqlen=None) -> None:
     """Write out = softmax(scale * q k^T + modifiers) v and lse for (B, H, S, D) views (see the
@@ -183,33 +258,50 @@ def forward(q, k, v, out, lse, *, causal: bool, scale: float, stream: int, windo
     float32 (Hq,) or (B, Hq) on the device. Packed batches: q, k, v, out are (1, H, T, D) views,
     lse (1, Hq, Tq), cu_seqlens = (cu_seqlens_q, cu_seqlens_k) int32 on the device and
     max_seqlen = (max_seqlen_q, max_seqlen_k)."""
-    import cupy
-
     varlen = cu_seqlens is not None
     Q, K, V, O, L = (_packed(_describe(a), varlen) for a in (q, k, v, out, lse))
     batch, heads_q, seqlen_q, head_dim = Q.shape
-    heads_k, seqlen_k = K.shape[1], K.shape[2]
     if varlen:
         batch = cu_seqlens[0].shape[0] - 1
-        seqlen_q, seqlen_k = max_seqlen
+        seqlen_q = max_seqlen[0]
     if batch == 0 or heads_q == 0 or seqlen_q == 0:
         return
     if heads_q > MAX_GRID_YZ:
         raise ValueError(f"q: at most {MAX_GRID_YZ} heads are supported, got {heads_q}")
+    pointers = {"q": Q.ptr, "k": K.ptr, "v": V.ptr, "o": O.ptr, "lse": L.ptr}
+    slopes = _describe(alibi_slopes) if alibi_slopes is not None else None
+    if slopes is not None:
+        pointers["alibi_slopes"] = slopes.ptr
+    if varlen:
+        pointers["cu_seqlens_q"], pointers["cu_seqlens_k"] = (_describe(c).ptr for c in cu_seqlens)
+    vec = _vec_loads([Q, K, V, O], head_dim, _itemsize(Q.dtype))
+    key = ("fwd", Q.dtype, Q.device, batch, Q.shape, K.shape, Q.strides, K.strides, V.strides,
+           O.strides, L.strides, causal, scale, tuple(window), softcap,
+           slopes.shape if slopes is not None else None, max_seqlen, vec)
+    steps = _cached_plan(key, lambda: _plan_forward(Q, K, V, O, L, batch, causal=causal, scale=scale,
+                                                    window=window, softcap=softcap, slopes=slopes,
+                                                    varlen=varlen, max_seqlen=max_seqlen, vec=vec))
+    _run(steps, pointers, stream, Q.device)
 
-    var = _variant(causal=causal, scale=scale, window=window, softcap=softcap, alibi_slopes=alibi_slopes,
-                   cu_seqlens=cu_seqlens, seqlen_q=seqlen_q, seqlen_k=seqlen_k, head_dim=head_dim,
-                   heads_per_kv=heads_q // heads_k)
+
+def _plan_forward(Q, K, V, O, L, batch, *, causal, scale, window, softcap, slopes, varlen,
+                  max_seqlen, vec):
+    heads_q, total_q, head_dim = Q.shape[1], Q.shape[2], Q.shape[3]
+    heads_k, seqlen_k = K.shape[1], K.shape[2]
+    seqlen_q = max_seqlen[0] if varlen else total_q
+    if varlen:
+        seqlen_k = max_seqlen[1]
+    var = _variant(causal=causal, scale=scale, window=window, softcap=softcap, alibi_slopes=slopes,
+                   cu_seqlens=(None, None) if varlen else None, seqlen_q=seqlen_q, seqlen_k=seqlen_k,
+                   head_dim=head_dim, heads_per_kv=heads_q // heads_k)
     has_right_edge = bool(var.defines["IS_CAUSAL"])
     kernel_name = configs.KERNEL_FOR_DTYPE[Q.dtype]
     cfg = configs.select(kernel_name, _arch(Q.device), head_dim, has_right_edge)
-    size = _itemsize(Q.dtype)
-    vec = kernel_name in configs.TENSOR_CORE_KERNELS and _vec_loads([Q, K, V, O], head_dim, size)
-    kernel, smem = _kernel(cfg, Q.dtype, has_right_edge, vec, Q.device, **var.defines)
-    args = [(Q, size), (K, size), (V, size), (O, size), (L, 4), *_strides(Q, K, V, O),
-            *_strides(L, dims=2), *var.args]
-    with cupy.cuda.Device(Q.device), _external_stream(stream, Q.device):
-        _launch(kernel, (math.ceil(seqlen_q / cfg.block_m), heads_q), cfg.warps * 32, smem, args, batch)
+    vec = vec and kernel_name in configs.TENSOR_CORE_KERNELS
+    block = _attn_params(var, {"q": Q, "k": K, "v": V, "o": O, "lse": L}, heads_q=heads_q,
+                         head_dim=head_dim)
+    return (_step(cfg, Q.dtype, has_right_edge, vec, Q.device, block,
+                  (math.ceil(seqlen_q / cfg.block_m), heads_q), batch, **var.defines),)
 
 
 # Rows per thread block of flash_bwd_prep.cu's kernels (ROWS_PER_BLOCK there).
@@ -223,14 +315,11 @@ def backward(q, k, v, out, dout, lse, dq, dk, dv, *, causal: bool, scale: float,
     query heads of each GQA group. deterministic: dQ from its own kernel instead of atomics (the
     CUDA-core path, float32 and head dims past the tensor-core rows, uses no atomics either way).
     window, softcap, alibi_slopes, cu_seqlens, max_seqlen: as in forward."""
-    import cupy
-
     varlen = cu_seqlens is not None
     Q, K, V, O, dO, L, dQ, dK, dV = (_packed(_describe(a), varlen)
                                      for a in (q, k, v, out, dout, lse, dq, dk, dv))
     batch, heads_q, total_q, head_dim = Q.shape  # total_q: every query row (packed: all sequences)
-    heads_k, seqlen_k = K.shape[1], K.shape[2]
-    seqlen_q = total_q
+    seqlen_q, seqlen_k = total_q, K.shape[2]
     if varlen:
         batch = cu_seqlens[0].shape[0] - 1
         seqlen_q, seqlen_k = max_seqlen
@@ -243,57 +332,98 @@ def backward(q, k, v, out, dout, lse, dq, dk, dv, *, causal: bool, scale: float,
     if heads_q > MAX_GRID_YZ:
         raise ValueError(f"q: at most {MAX_GRID_YZ} heads are supported, got {heads_q}")
 
-    arch, device, size = _arch(Q.device), Q.device, _itemsize(Q.dtype)
-    var = _variant(causal=causal, scale=scale, window=window, softcap=softcap, alibi_slopes=alibi_slopes,
-                   cu_seqlens=cu_seqlens, seqlen_q=seqlen_q, seqlen_k=seqlen_k, head_dim=head_dim,
-                   heads_per_kv=heads_q // heads_k)
-    tail = var.args + [np.float32(scale)]  # grad_scale: the attention scale, for dQ and dK
+    device = Q.device
+    vec = _vec_loads([Q, K, V, O, dO, dQ, dK, dV], head_dim, _itemsize(Q.dtype))
+    slopes = _describe(alibi_slopes) if alibi_slopes is not None else None
+    key = ("bwd", Q.dtype, device, batch, Q.shape, K.shape, Q.strides, K.strides, V.strides,
+           O.strides, dO.strides, L.strides, dQ.strides, dK.strides, dV.strides, causal, scale,
+           tuple(window), softcap, slopes.shape if slopes is not None else None, max_seqlen,
+           deterministic, vec)
+    plan = _cached_plan(key, lambda: _plan_backward(
+        Q, K, V, O, dO, L, dQ, dK, dV, batch, causal=causal, scale=scale, window=window,
+        softcap=softcap, slopes=slopes, varlen=varlen, max_seqlen=max_seqlen,
+        deterministic=deterministic, vec=vec))
+    steps, scratch = plan
+    # Scratch from the caller's framework, on its stream: delta, and dQ's float32 accumulator.
+    # Held until the launches are queued: the caching allocators may reuse memory freed earlier.
+    delta = _new_like(q, scratch["delta"], zero=False)
+    accum = _new_like(q, scratch["dq_accum"], zero=True) if "dq_accum" in scratch else None
+    pointers = {"q": Q.ptr, "k": K.ptr, "v": V.ptr, "o": O.ptr, "dout": dO.ptr, "lse": L.ptr,
+                "dq": dQ.ptr, "dk": dK.ptr, "dv": dV.ptr, "delta": _describe(delta).ptr,
+                "dq_accum": _describe(accum).ptr if accum is not None else 0}
+    if slopes is not None:
+        pointers["alibi_slopes"] = slopes.ptr
+    if varlen:
+        pointers["cu_seqlens_q"], pointers["cu_seqlens_k"] = (_describe(c).ptr for c in cu_seqlens)
+    _run(steps, pointers, stream, device)
+
+
+def _plan_backward(Q, K, V, O, dO, L, dQ, dK, dV, batch, *, causal, scale, window, softcap, slopes,
+                   varlen, max_seqlen, deterministic, vec):
+    """(steps, scratch shapes): delta = rowsum(dO * O), then dK/dV (and dQ by atomics, converted
+    after) or, deterministic, dK/dV and dQ from separate kernels; the CUDA-core pair where the
+    tensor-core table has no row."""
+    device, arch, dtype = Q.device, _arch(Q.device), Q.dtype
+    heads_q, total_q, head_dim = Q.shape[1], Q.shape[2], Q.shape[3]
+    heads_k = K.shape[1]
+    seqlen_q, seqlen_k = max_seqlen if varlen else (total_q, K.shape[2])
+    var = _variant(causal=causal, scale=scale, window=window, softcap=softcap, alibi_slopes=slopes,
+                   cu_seqlens=(None, None) if varlen else None, seqlen_q=seqlen_q, seqlen_k=seqlen_k,
+                   head_dim=head_dim, heads_per_kv=heads_q // heads_k)
     has_right_edge = bool(var.defines["IS_CAUSAL"])
-    simt = _backward_on_cuda_cores(Q.dtype, arch, head_dim, has_right_edge)
-    vec = not simt and _vec_loads([Q, K, V, O, dO, dQ, dK, dV], head_dim, size)
-    prep_defines = {"ELEM_F32": int(Q.dtype == "float32"), "ELEM_BF16": int(Q.dtype == "bfloat16")}
-    prep = jit.get_function("cuda", "flash_bwd_prep.cu", "flash_bwd_preprocess", prep_defines, device)
+    simt = _backward_on_cuda_cores(dtype, arch, head_dim, has_right_edge)
+    vec = vec and not simt
     # The row-wise kernels (delta, dQ conversion) see a packed batch as one entry of total_q rows.
     prep_batch = 1 if varlen else batch
+    scratch = {"delta": (prep_batch, heads_q, total_q)}
+    delta = _packed(_Array(0, scratch["delta"], (heads_q * total_q, total_q, 1), "float32", device),
+                    varlen)
+    tensors = {"q": Q, "k": K, "v": V, "o": O, "dout": dO, "lse": L, "dq": dQ, "dk": dK, "dv": dV,
+               "delta": delta}
+    accum = None
+    if not simt and not deterministic:
+        scratch["dq_accum"] = (prep_batch, heads_q, total_q, head_dim)
+        accum = _packed(_Array(0, scratch["dq_accum"], (heads_q * total_q * head_dim,
+                                                        total_q * head_dim, head_dim), "float32",
+                               device), varlen)
+        tensors["dq_accum"] = accum
+    main = _attn_params(var, tensors, heads_q=heads_q, head_dim=head_dim)
+    # The prep kernels' block: every row of a packed batch in one entry (batch stride 0 there does
+    # not matter: one entry).
+    prep = main.copy()
+    prep["seqlen_q"], prep["grad_scale"] = total_q, scale
+    prep_defines = {"ELEM_F32": int(dtype == "float32"), "ELEM_BF16": int(dtype == "bfloat16")}
     prep_grid = (math.ceil(total_q / _PREP_ROWS), heads_q)
+    steps = [_step(None, dtype, False, False, device, prep, prep_grid, prep_batch,
+                   source="flash_bwd_prep.cu", entry="flash_bwd_preprocess", **prep_defines)]
 
-    with cupy.cuda.Device(device), _external_stream(stream, device):
-        # Scratch from the caller's framework, on its stream: delta, and dQ's float32 accumulator.
-        # Held until the end: the caching allocators may reuse memory freed earlier.
-        delta_array = _new_like(q, (prep_batch, heads_q, total_q), zero=False)
-        delta = _packed(_describe(delta_array), varlen)
+    def row(kernel):
+        return configs.select(kernel, arch, head_dim, has_right_edge)
 
-        _launch(prep, prep_grid, _PREP_THREADS, 0,
-                [(O, size), (dO, size), (delta, 4), *_strides(O, dO), *_strides(delta, dims=2),
-                 np.int32(total_q), np.int32(head_dim)], prep_batch)
-        common = [(Q, size), (K, size), (V, size), (dO, size), (L, 4), (delta, 4)]
+    def keys_grid(cfg):
+        return (math.ceil(seqlen_k / cfg.block_n), heads_k)
 
-        if simt:  # deterministic by construction: no atomics anywhere
-            _backward_simt(common, dQ, dK, dV, var, tail, arch=arch, batch=batch, seqlen_q=seqlen_q,
-                           seqlen_k=seqlen_k)
-            return
+    def queries_grid(cfg):
+        return (math.ceil(seqlen_q / cfg.block_m), heads_q)
 
-        dkdv_cfg = configs.select("flash_bwd_dkdv", arch, head_dim, has_right_edge)
-        accum = None if deterministic else _new_like(q, (prep_batch, heads_q, total_q, head_dim), zero=True)
-        kernel, smem = _kernel(dkdv_cfg, Q.dtype, has_right_edge, vec, device,
-                               COMPUTE_DQ=int(not deterministic), **var.defines)
-        # Unused by the kernel when deterministic: any valid pointer will do.
-        A = _packed(_describe(accum), varlen) if accum is not None else delta
-        _launch(kernel, (math.ceil(seqlen_k / dkdv_cfg.block_n), heads_k), dkdv_cfg.warps * 32, smem,
-                [*common, (A, 4), (dK, size), (dV, size), *_strides(Q, K, V, dO, dK, dV),
-                 *_strides(L, delta, dims=2), *_strides(A, dims=2), *tail], batch)
-
-        if deterministic:
-            dq_cfg = configs.select("flash_bwd_dq", arch, head_dim, has_right_edge)
-            kernel, smem = _kernel(dq_cfg, Q.dtype, has_right_edge, vec, device, **var.defines)
-            _launch(kernel, (math.ceil(seqlen_q / dq_cfg.block_m), heads_q), dq_cfg.warps * 32, smem,
-                    [*common, (dQ, size), *_strides(Q, K, V, dO, dQ), *_strides(L, delta, dims=2), *tail],
-                    batch)
-        else:
-            convert = jit.get_function("cuda", "flash_bwd_prep.cu", "flash_bwd_convert_dq", prep_defines, device)
-            _launch(convert, prep_grid, _PREP_THREADS, 0,
-                    [(A, 4), (dQ, size), *_strides(dQ), np.int32(heads_q), np.int32(total_q),
-                     np.int32(head_dim), np.float32(scale)], prep_batch)
+    if simt:  # deterministic by construction: no atomics anywhere
+        dq_cfg, dkdv_cfg = row("flash_bwd_simt_dq"), row("flash_bwd_simt_dkdv")
+        steps += [_step(dq_cfg, dtype, has_right_edge, False, device, main, queries_grid(dq_cfg),
+                        batch, **var.defines),
+                  _step(dkdv_cfg, dtype, has_right_edge, False, device, main, keys_grid(dkdv_cfg),
+                        batch, **var.defines)]
+        return tuple(steps), scratch
+    dkdv_cfg = row("flash_bwd_dkdv")
+    steps.append(_step(dkdv_cfg, dtype, has_right_edge, vec, device, main, keys_grid(dkdv_cfg),
+                       batch, COMPUTE_DQ=int(not deterministic), **var.defines))
+    if deterministic:
+        dq_cfg = row("flash_bwd_dq")
+        steps.append(_step(dq_cfg, dtype, has_right_edge, vec, device, main, queries_grid(dq_cfg),
+                           batch, **var.defines))
+    else:
+        steps.append(_step(None, dtype, False, False, device, prep, prep_grid, prep_batch,
+                           source="flash_bwd_prep.cu", entry="flash_bwd_convert_dq", **prep_defines))
+    return tuple(steps), scratch
 
 
 def _backward_on_cuda_cores(dtype: str, arch: int, head_dim: int, causal: bool) -> bool:
@@ -307,29 +437,6 @@ def _backward_on_cuda_cores(dtype: str, arch: int, head_dim: int, causal: bool) 
     except ValueError:  # no tensor-core row for this head dim (an older device fails the same way there)
         return True
     return False
-
-
-def _backward_simt(common, dQ, dK, dV, var: _Variant, tail, *, arch: int, batch: int, seqlen_q: int,
-                   seqlen_k: int) -> None:
-    """Launch flash_bwd_simt_dq (query blocks) and flash_bwd_simt_dkdv (key blocks) on the current
-    device and stream. common: the (q, k, v, dout, lse, delta) pointer arguments."""
-    Q, K = common[0][0], common[1][0]
-    heads_q, head_dim = Q.shape[1], Q.shape[3]
-    heads_k = K.shape[1]
-    size = _itemsize(Q.dtype)
-    has_right_edge = bool(var.defines["IS_CAUSAL"])
-    strides = _strides(*(a for a, _ in common[:4]))
-    lse_delta = _strides(common[4][0], common[5][0], dims=2)
-
-    cfg = configs.select("flash_bwd_simt_dq", arch, head_dim, has_right_edge)
-    kernel, smem = _kernel(cfg, Q.dtype, has_right_edge, False, Q.device, **var.defines)
-    _launch(kernel, (math.ceil(seqlen_q / cfg.block_m), heads_q), cfg.warps * 32, smem,
-            [*common, (dQ, size), *strides, *_strides(dQ), *lse_delta, *tail], batch)
-
-    cfg = configs.select("flash_bwd_simt_dkdv", arch, head_dim, has_right_edge)
-    kernel, smem = _kernel(cfg, Q.dtype, has_right_edge, False, Q.device, **var.defines)
-    _launch(kernel, (math.ceil(seqlen_k / cfg.block_n), heads_k), cfg.warps * 32, smem,
-            [*common, (dK, size), (dV, size), *strides, *_strides(dK, dV), *lse_delta, *tail], batch)
 
 
 def _new_like(x, shape, *, zero: bool):

@@ -1,0 +1,48 @@
+"""The kernels' parameter blocks as NumPy structured dtypes: the Python half of
+kernels_common/params.h.
+
+A kernel takes one struct by value; Python fills a one-element array of the matching dtype and
+hands its bytes to the launch (xattn/launch.py). `align=True` lays the fields out as a C compiler
+does; tests/test_params.py compiles params.h with the host C compiler and checks every offset and
+the size against these dtypes, so the two halves cannot drift apart silently.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+# struct TensorRef: a pointer and the (batch, head, row) strides in elements.
+TENSOR_REF = np.dtype([("ptr", "<u8"), ("batch_stride", "<i8"), ("head_stride", "<i8"),
+                       ("row_stride", "<i8")], align=True)
+
+# The tensors of AttnParams, in the struct's order.
+ATTN_TENSORS = ("q", "k", "v", "o", "lse", "dout", "dq", "dk", "dv", "delta", "dq_accum")
+
+ATTN_PARAMS = np.dtype(
+    [(name, TENSOR_REF) for name in ATTN_TENSORS]
+    + [("cu_seqlens_q", "<u8"), ("cu_seqlens_k", "<u8"), ("alibi_slopes", "<u8"),
+       ("alibi_batch_stride", "<i8"),
+       ("batch_offset", "<i4"), ("heads_q", "<i4"), ("heads_per_kv", "<i4"), ("seqlen_q", "<i4"),
+       ("seqlen_k", "<i4"), ("head_dim", "<i4"), ("window_left", "<i4"), ("window_right", "<i4"),
+       ("softcap_scale", "<f4"), ("scale", "<f4"), ("scale_log2", "<f4"), ("grad_scale", "<f4")],
+    align=True)
+
+# Pointer fields a launch patches per call, by name: the index of the 64-bit word that holds each
+# (a plan writes pointers through a uint64 view of the block instead of through field access).
+POINTER_WORDS = {name: ATTN_PARAMS.fields[name][1] // 8 for name in ATTN_TENSORS}
+POINTER_WORDS |= {name: ATTN_PARAMS.fields[name][1] // 8
+                  for name in ("cu_seqlens_q", "cu_seqlens_k", "alibi_slopes")}
+
+
+def attn_params() -> np.ndarray:
+    """A zeroed one-element AttnParams block (null pointers, zero strides)."""
+    return np.zeros(1, dtype=ATTN_PARAMS)
+
+
+def set_tensor(block: np.ndarray, name: str, ptr: int, strides) -> None:
+    """Fill one TensorRef: strides as (batch, head, row), or (batch, head) for lse-like tensors."""
+    ref = block[name]
+    ref["ptr"] = ptr
+    b, h, *rest = strides
+    ref["batch_stride"], ref["head_stride"] = b, h
+    ref["row_stride"] = rest[0] if rest else 1

@@ -35,7 +35,9 @@ for phase in $PHASES; do
     sanitize)  # one small shape per row, each tool in turn; all logs in one file
         for tool in ${SANITIZE_TOOLS:-memcheck racecheck synccheck}; do
             echo "=== $tool" >> "$OUT/sanitize.log"
-            timeout 100 compute-sanitizer --tool "$tool" --error-exitcode 9 \
+            # --report-api-errors no: cuda-bindings probes driver entry points that this driver
+            # lacks (cuGetProcAddress_v2 INVALID_VALUE), which memcheck would count as errors
+            timeout 100 compute-sanitizer --tool "$tool" --report-api-errors no --error-exitcode 9 \
                 python ci/sm90_fwd_check.py --phase check --sanitize >> "$OUT/sanitize.log" 2>&1
             echo "[sanitize $tool rc=$?] $(grep -E 'SUMMARY' "$OUT/sanitize.log" | tail -2 | tr '\n' ' ')"
         done ;;

@@ -8,7 +8,8 @@ T1 = one GPU, full sequence L (each rank runs it on its own GPU; rank 0's time i
 Tcp = PyTorch's context_parallel over N GPUs, full sequence N·L (zigzag load balancing when
 causal). Each GPU does N times the work of the one-GPU run (N·L queries / N ranks × N·L keys),
 so efficiency = N·T1 / Tcp (1.0 = perfect). The same three implementations behind SDPA in one
-process: xattn (activated), torch's FlashAttention-2 and cuDNN. Times: median of --iters steps
+process: xattn (activated), torch's FlashAttention-2 and cuDNN, and xattn's own ring
+(xattn.distributed.ring_attention, "ring"). Times: median of --iters steps
 after one warm-up, CUDA events, ranks synchronized before each step. Rows are printed as they
 finish (a time limit keeps what is done).
 """
@@ -21,7 +22,8 @@ import statistics
 import torch
 import torch.distributed as dist
 
-from cp_common import IMPLS, cp_forward_backward, implementation, setup, single_forward_backward
+from cp_common import (IMPLS, cp_forward_backward, implementation, ring_forward_backward, setup,
+                       single_forward_backward)
 
 HEADS, HEAD_DIM = 16, 128
 
@@ -64,8 +66,12 @@ def main():
                 try:
                     with implementation(impl):
                         t1 = timed(lambda: single_forward_backward(*local, causal), args.iters)
-                        tcp = timed(lambda: cp_forward_backward(mesh, *full, causal,
-                                                                unshard=False), args.iters)
+                        if impl == "ring":
+                            tcp = timed(lambda: ring_forward_backward(*full, causal,
+                                                                      unshard=False), args.iters)
+                        else:
+                            tcp = timed(lambda: cp_forward_backward(mesh, *full, causal,
+                                                                    unshard=False), args.iters)
                     row = f"{t1:.4f} | {tcp:.4f} | {world * t1 / tcp:.3f}"
                 except Exception as error:
                     row = f"- | - | {type(error).__name__}: {str(error)[:120]}"

@@ -21,7 +21,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import xattn  # noqa: E402,F401  (registers "xattn" with torch.nn.attention)
 
-IMPLS = ("xattn", "flash", "cudnn")  # what runs under SDPA: xattn, torch's FA2, cuDNN
+# What runs the attention: PyTorch's CP over SDPA on xattn, on torch's FA2, on cuDNN; and
+# xattn's own ring (xattn.distributed.ring_attention; its one-GPU runs go through SDPA on xattn).
+IMPLS = ("xattn", "flash", "cudnn", "ring")
 
 
 def setup():
@@ -42,14 +44,14 @@ def implementation(name: str):
     """SDPA's flash backend on xattn, SDPA's flash backend on torch's FA2, or cuDNN."""
     from torch.nn.attention import (SDPBackend, activate_flash_attention_impl,
                                     restore_flash_attention_impl, sdpa_kernel)
-    if name == "xattn":
+    if name in ("xattn", "ring"):
         activate_flash_attention_impl("xattn")
     backend = SDPBackend.CUDNN_ATTENTION if name == "cudnn" else SDPBackend.FLASH_ATTENTION
     try:
         with sdpa_kernel(backend):
             yield
     finally:
-        if name == "xattn":
+        if name in ("xattn", "ring"):
             restore_flash_attention_impl()
 
 
@@ -86,6 +88,17 @@ def cp_forward_backward(mesh, q, k, v, dout, causal, *, unshard=True):
         if unshard:
             results = context_parallel_unshard(mesh, results, [2, 2, 2, 2])
     return results
+
+
+def ring_forward_backward(q, k, v, dout, causal, *, unshard=True):
+    """The same step through xattn.distributed.ring_attention over the default group."""
+    from xattn import distributed
+    rank, world = dist.get_rank(), dist.get_world_size()
+    shards = [distributed.zigzag_shard(t, rank, world).requires_grad_() for t in (q, k, v)]
+    out = distributed.ring_attention(*shards, causal=causal)
+    out.backward(distributed.zigzag_shard(dout, rank, world))
+    results = [out.detach()] + [t.grad for t in shards]
+    return [distributed.zigzag_unshard(t) for t in results] if unshard else results
 
 
 def single_forward_backward(q, k, v, dout, causal):

@@ -8,7 +8,8 @@ sharding otherwise) runs SDPA as a ring over the ranks; each case is compared wi
 xattn (xattn.attention, its own API, autograd) on the full sequence that every rank also holds:
 out, dq, dk, dv, relative error bound per dtype below. A profiler trace of one CP step on rank 0
 must show xattn's kernels (flash_fwd*, flash_bwd*) and none of torch's FA2 (pytorch_flash::).
-Exits 1 if any case fails; prints one line per case on rank 0.
+The same cases also run through xattn's own ring (xattn.distributed.ring_attention, NCCL
+point-to-point). Exits 1 if any case fails; prints one line per case on rank 0.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import sys
 import torch
 import torch.distributed as dist
 
-from cp_common import cp_forward_backward, implementation, setup
+from cp_common import cp_forward_backward, implementation, ring_forward_backward, setup
 
 import xattn
 
@@ -68,6 +69,9 @@ def main():
                     gots = cp_forward_backward(mesh, q, k, v, dout, causal)
                     names = None
             errors = [rel(got, w) for got, w in zip(gots, wants)]
+            # xattn's own ring (xattn.distributed) on the same case, NCCL P2P.
+            errors += [rel(got, w) for got, w in zip(
+                ring_forward_backward(q, k, v, dout, causal), wants)]
             ok = all(e <= TOLERANCE[dtype] for e in errors)
             if names is not None:
                 ran = (any(n.startswith("flash_fwd") for n in names)
@@ -83,7 +87,8 @@ def main():
         failures += not ok
         if rank == 0:
             shown = ", ".join(f"{e:.1e}" if isinstance(e, float) else e for e in errors)
-            print(f"{'PASS' if ok else 'FAIL'} {label}  rel err out/dq/dk/dv: {shown}",
+            print(f"{'PASS' if ok else 'FAIL'} {label}  rel err out/dq/dk/dv (PyTorch CP, then "
+                  f"xattn ring): {shown}",
                   flush=True)
     if rank == 0:
         print(f"cp_test: {len(CASES) - failures}/{len(CASES)} cases passed on {world} ranks",

@@ -117,7 +117,7 @@ def test_exact_attention_validates_the_same_way():
 
 
 def test_kernel_source_rejects_bad_names():
-    with pytest.raises(ValueError, match="vendor: expected 'cuda' or 'hip', got 'metal'"):
+    with pytest.raises(ValueError, match="vendor: expected 'cuda', 'hip' or 'common', got 'metal'"):
         xattn.kernel_source("metal", "flash_fwd.cu")
     with pytest.raises(ValueError, match="name:"):
         xattn.kernel_source("cuda", "../pyproject.toml")

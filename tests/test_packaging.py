@@ -56,8 +56,11 @@ def installed_python(tmp_path_factory):
 
 
 def test_wheel_carries_and_loads_kernel_sources(installed_python):
-    expected = {vendor: {path.name: path.read_text(encoding="utf-8")
-                         for path in sorted((ROOT / f"kernels_{vendor}").glob("*"))
+    # Sources may sit one folder down (kernels_cuda/sm90/); kernel_files names them by their
+    # path inside the vendor folder.
+    expected = {vendor: {path.relative_to(ROOT / f"kernels_{vendor}").as_posix():
+                         path.read_text(encoding="utf-8")
+                         for path in sorted((ROOT / f"kernels_{vendor}").rglob("*"))
                          if path.suffix in SOURCE_SUFFIXES}
                 for vendor in ("cuda", "hip")}
     assert all(expected.values()), {vendor: len(files) for vendor, files in expected.items()}

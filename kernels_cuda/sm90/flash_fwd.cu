@@ -13,7 +13,7 @@
 //      O += P V         wgmma with P from registers (RS): S's accumulators, packed to 16 bits,
 //                       already have the A-operand layout (hopper.h: acc_to_a_operand)
 //    then O /= l_i, written through shared memory by a TMA store, and lse.
-// Overlaps (compile-time switches, both on in the tuned rows):
+// Overlaps (compile-time switches; each row of xattn/sm90.py sets its own, as measured):
 //  - OVERLAP (inside a warpgroup): S of tile j is issued together with P V of tile j - 1, and the
 //    softmax of tile j runs while that P V is still on the tensor cores (wgmma.wait_group 1).
 //  - PINGPONG (between the two consumers): named barriers make them take turns issuing their
@@ -33,9 +33,10 @@
 // the softmax is base 2: p = exp2(s * scale_log2 - m_i * scale_log2), one FFMA and one MUFU.EX2.
 // Reads q, k, v; writes o and lse. Rows that see no key get O = 0 and lse = -inf.
 //
-// Registers per thread, by role (ptxas, sm_90a; kernel-wide 168 = 65536 / 384 at launch):
-// producer PRODUCER_REGS = 24, consumers CONSUMER_REGS = 240 (24 * 128 + 240 * 256 = 64512: the
-// registers the producer gives up are exactly those the consumers take).
+// Registers per thread, by role (ptxas, sm_90a: 168 kernel-wide = 65536 / 384 at launch, no spills,
+// no stack, in every row): producer PRODUCER_REGS = 24, consumers CONSUMER_REGS = 240 (24 * 128 +
+// 240 * 256 = 64512 = 168 * 384: the registers the producer gives up are exactly those the
+// consumers take; setmaxnreg.inc would wait forever for more).
 
 // ---- compile-time configuration (set with -D by xattn/sm90.py) ------------------------------
 // ELEM_BF16   1: bfloat16, 0: float16
@@ -219,6 +220,7 @@ __device__ __forceinline__ void score_tile(float (&s)[S_REGS], const ConsumerCtx
 // Epilogue: O /= l, O through the warpgroup's rows of sQ (swizzled as the TMA store reads them)
 // and a TMA store per 64-column box; lse = scale * m + ln(l). A row that saw no key has l = 0: it
 // gets O = 0, lse = -inf. A NaN that reached the row makes l NaN, and O and lse come out NaN.
+// q_start: the sequence's first row in the tensors (0: packed varlen batches do not run here yet).
 __device__ __forceinline__ void write_output(const ConsumerCtx& c, float (&o)[O_REGS], const float (&m_i)[2],
                                              const float (&l_i)[2], const TmaDesc* tm_o, const AttnParams& p,
                                              u32 smem_q, int head, int batch, int seqlen_q, int q_start) {

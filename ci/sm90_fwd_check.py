@@ -49,7 +49,6 @@ FLAG_SETS = [dict(), dict(local=True), dict(softcap=True), dict(alibi=True)]
 
 def sass_counts(defines: dict) -> str:
     try:
-        from compile_kernels import nvrtc_compile  # noqa: F401
         from cuda.bindings import nvrtc
     except Exception as exc:  # no NVRTC through cuda-bindings here
         return f"sass: n/a ({type(exc).__name__})"

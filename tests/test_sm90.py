@@ -1,6 +1,6 @@
 """The Hopper forward (xattn/sm90.py, kernels_cuda/sm90/). On the CPU: every row compiles with
-NVRTC for sm_90a without spills, the generated wgmma header is current, the parameter block's
-NumPy layout matches params.h, every row fits in shared memory. On an sm_90 GPU (marker gpu):
+NVRTC for sm_90a without spills, the generated wgmma header is current, every row fits in
+shared memory, and the AttnParams dtype the launch fills matches params.h. On an sm_90 GPU (marker gpu):
 properties of xattn.sm90.forward against the float64 oracle xattn.exact_attention, with
 NaN-poisoned outputs."""
 
@@ -21,6 +21,7 @@ from hypothesis import strategies as st
 import xattn
 from conftest import LSE_TOLERANCE, TOLERANCE, to_float64
 from xattn import jit, sm90
+from xattn import params as attn_params
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "ci"))
@@ -65,9 +66,12 @@ def test_rows_fit_in_shared_memory():
 
 @pytest.mark.skipif(shutil.which("gcc") is None, reason="no C compiler")
 def test_params_layout_matches_params_h(tmp_path):
-    fields = [f"{t}.{f}" for t in ("q", "k", "v", "o", "lse", "dout", "dq", "dk", "dv", "delta", "dq_accum")
-              for f in ("ptr", "batch_stride", "head_stride", "row_stride")]
-    fields += [name for name in sm90.PARAMS_DTYPE.names if sm90.PARAMS_DTYPE[name].names is None]
+    """xattn/params.py's AttnParams dtype, which the sm90 launch fills, against a C compiler's layout
+    of kernels_common/params.h (xattn/params.py names tests/test_params.py for this; it does not
+    exist yet)."""
+    dtype = attn_params.ATTN_PARAMS
+    fields = [f"{t}.{f}" for t in attn_params.ATTN_TENSORS for f in ("ptr", "batch_stride", "head_stride", "row_stride")]
+    fields += [name for name in dtype.names if dtype[name].names is None]
     program = tmp_path / "offsets.c"
     program.write_text('#include <stddef.h>\n#include <stdio.h>\n#include "params.h"\nint main(void) {\n'
                        + "".join(f'printf("%zu\\n", offsetof(struct AttnParams, {f}));\n' for f in fields)
@@ -77,13 +81,13 @@ def test_params_layout_matches_params_h(tmp_path):
     got = [int(x) for x in subprocess.run([str(binary)], capture_output=True, text=True, check=True).stdout.split()]
 
     def offset(path):
-        dtype, total = sm90.PARAMS_DTYPE, 0
+        inner, total = dtype, 0
         for part in path.split("."):
-            total += dtype.fields[part][1]
-            dtype = dtype.fields[part][0]
+            total += inner.fields[part][1]
+            inner = inner.fields[part][0]
         return total
 
-    assert got == [offset(f) for f in fields] + [sm90.PARAMS_DTYPE.itemsize]
+    assert got == [offset(f) for f in fields] + [dtype.itemsize]
 
 
 # ---- GPU -------------------------------------------------------------------------------------------

@@ -15,9 +15,7 @@ from __future__ import annotations
 import math
 from typing import NamedTuple
 
-import numpy as np
-
-from xattn import cuda, jit, tma
+from xattn import cuda, jit, params as attn_params, tma
 
 SOURCE = "sm90/flash_fwd.cu"
 ENTRY = "flash_fwd_sm90"
@@ -70,26 +68,6 @@ def defines(row: Row, dtype: str, *, causal: bool, local: bool, softcap: bool, a
             "HAS_ALIBI": int(alibi)}
 
 
-# ---- the parameter block -------------------------------------------------------------------------
-# kernels_common/params.h's AttnParams, field for field (tests/test_sm90.py compares the offsets
-# with a C compiler's).
-_TENSOR_REF = [("ptr", "<u8"), ("batch_stride", "<i8"), ("head_stride", "<i8"), ("row_stride", "<i8")]
-_TENSORS = ("q", "k", "v", "o", "lse", "dout", "dq", "dk", "dv", "delta", "dq_accum")
-PARAMS_DTYPE = np.dtype(
-    [(name, _TENSOR_REF) for name in _TENSORS]
-    + [("cu_seqlens_q", "<u8"), ("cu_seqlens_k", "<u8"), ("alibi_slopes", "<u8"), ("alibi_batch_stride", "<i8")]
-    + [(name, "<i4") for name in ("batch_offset", "heads_q", "heads_per_kv", "seqlen_q", "seqlen_k", "head_dim",
-                                  "window_left", "window_right")]
-    + [(name, "<f4") for name in ("softcap_scale", "scale", "scale_log2", "grad_scale")],
-    align=True)
-
-
-def _tensor_ref(params, name: str, a) -> None:
-    ref = params[name][0]
-    ref["ptr"] = a.ptr
-    ref["batch_stride"], ref["head_stride"], ref["row_stride"] = (a.strides + (1,))[:3]
-
-
 # ---- what runs here ----------------------------------------------------------------------------------
 
 def supports(q, k, v, out, lse, *, causal: bool = False, window=(-1, -1), softcap: float = 0.0,
@@ -137,9 +115,9 @@ def forward(q, k, v, out, lse, *, causal: bool, scale: float, stream: int, windo
         raise ValueError(f"q: head dim {head_dim} has no sm90 row (at most {ROWS[-1].head_dim})")
 
     score_scale = softcap if softcap else scale
-    params = np.zeros(1, dtype=PARAMS_DTYPE)
+    params = attn_params.attn_params()  # kernels_common/params.h's AttnParams
     for name, a in (("q", Q), ("k", K), ("v", V), ("o", O), ("lse", L)):
-        _tensor_ref(params, name, a)
+        attn_params.set_tensor(params, name, a.ptr, a.strides[:3])
     p = params[0]
     if alibi_slopes is not None:
         slopes = cuda._describe(alibi_slopes)  # float32 (Hq,) or (B, Hq), contiguous

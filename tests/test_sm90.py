@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import importlib.util
 import math
-import shutil
-import subprocess
 import sys
 from pathlib import Path
 
@@ -21,7 +19,6 @@ from hypothesis import strategies as st
 import xattn
 from conftest import LSE_TOLERANCE, TOLERANCE, to_float64
 from xattn import jit, sm90
-from xattn import params as attn_params
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "ci"))
@@ -63,31 +60,6 @@ def test_rows_fit_in_shared_memory():
     assert [sm90.select(d, False).head_dim for d in (1, 64, 65, 128, 200, 256)] == [64, 64, 128, 128, 256, 256]
     assert sm90.select(257, False) is None
 
-
-@pytest.mark.skipif(shutil.which("gcc") is None, reason="no C compiler")
-def test_params_layout_matches_params_h(tmp_path):
-    """xattn/params.py's AttnParams dtype, which the sm90 launch fills, against a C compiler's layout
-    of kernels_common/params.h (xattn/params.py names tests/test_params.py for this; it does not
-    exist yet)."""
-    dtype = attn_params.ATTN_PARAMS
-    fields = [f"{t}.{f}" for t in attn_params.ATTN_TENSORS for f in ("ptr", "batch_stride", "head_stride", "row_stride")]
-    fields += [name for name in dtype.names if dtype[name].names is None]
-    program = tmp_path / "offsets.c"
-    program.write_text('#include <stddef.h>\n#include <stdio.h>\n#include "params.h"\nint main(void) {\n'
-                       + "".join(f'printf("%zu\\n", offsetof(struct AttnParams, {f}));\n' for f in fields)
-                       + 'printf("%zu\\n", sizeof(struct AttnParams));\nreturn 0;\n}\n')
-    binary = tmp_path / "offsets"
-    subprocess.run(["gcc", "-I", str(ROOT / "kernels_common"), str(program), "-o", str(binary)], check=True)
-    got = [int(x) for x in subprocess.run([str(binary)], capture_output=True, text=True, check=True).stdout.split()]
-
-    def offset(path):
-        inner, total = dtype, 0
-        for part in path.split("."):
-            total += inner.fields[part][1]
-            inner = inner.fields[part][0]
-        return total
-
-    assert got == [offset(f) for f in fields] + [dtype.itemsize]
 
 
 # ---- GPU -------------------------------------------------------------------------------------------

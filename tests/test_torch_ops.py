@@ -202,10 +202,10 @@ def test_gpu_backward_adapter_passes_views_and_returns_input_layouts(fake_stream
     _, (_, q, k, v, out, lse, *_) = op_args("cpu", torch.float32, layout)
     dout = torch.ones(()).expand(out.shape)          # what out.sum() sends back: stride 0
     options = dict(causal=True, scale=0.3, window=(-1, 0), softcap=0.0, alibi_slopes=None)
-    grads = torch_ops._backward_gpu(stand_in_backward, dout, q, k, v, out, lse, layout=layout,
-                                    deterministic=True, **options)
-    want = torch_ops._backward_host(dout, q, k, v, out, lse, xattn.arrays.describe(q, "q"),
-                                    layout=layout, **options)
+    grads = torch_ops.backward_gpu(stand_in_backward, dout, q, k, v, out, lse, layout=layout,
+                                   deterministic=True, **options)
+    call = xattn.call.build(q, k, v, None, True, 0.3, (-1, 0), 0.0, layout, False, None, True)
+    want = torch_ops.backward_host(dout, q, k, v, out, lse, call, None, None)
     for got, expected, x in zip(grads, want, (q, k, v)):
         assert got.shape == x.shape and got.is_contiguous() and got.dtype == x.dtype
         # Same algorithm; only the summation order over a copied vs a stride-0 dout differs.
@@ -218,7 +218,7 @@ def test_gpu_backward_adapter_zero_fills_empty_problems_itself(fake_stream):
     for sq, sk in ((0, 5), (5, 0)):
         q, k, v = (torch.randn(s) for s in ((1, 2, sq, 8), (1, 1, sk, 8), (1, 1, sk, 8)))
         out, lse = torch.zeros_like(q), torch.full((1, 2, sq), -float("inf"))
-        grads = torch_ops._backward_gpu(must_not_run, torch.ones_like(q), q, k, v, out, lse,
+        grads = torch_ops.backward_gpu(must_not_run, torch.ones_like(q), q, k, v, out, lse,
                                         layout="bhsd", causal=False, scale=1.0,
                                         deterministic=False, window=(-1, -1))
         assert all((g == 0).all() for g in grads)
@@ -231,7 +231,7 @@ def test_gpu_backend_without_backward_kernels_says_so(monkeypatch):
     monkeypatch.setattr(xattn.backends, "gpu_forward", lambda name: None)
     monkeypatch.setitem(sys.modules, "xattn.oldgpu", types.ModuleType("xattn.oldgpu"))
     with pytest.raises(RuntimeError, match=r"backend: 'oldgpu' has no backward kernels"):
-        torch_ops.gpu_backward("oldgpu")
+        xattn.dispatch.gpu_backward("oldgpu")
 
 
 # ----------------------------------------------------------------------- GPU memory

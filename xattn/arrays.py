@@ -66,9 +66,9 @@ def describe(x, name: str) -> ArrayInfo:
             raise ValueError(f"{name}: expected an array in host, CUDA or ROCm memory, "
                              f"got DLPack device type {int(device_type)}")
         if not (hasattr(x, "shape") and hasattr(x, "dtype")):
-            raise TypeError(f"{name}: expected a DLPack producer with .shape and .dtype (as "
-                            f"NumPy, torch, CuPy and JAX arrays have), got "
-                            f"{type(x).__module__}.{type(x).__qualname__}")
+            # A bare producer (only __dlpack__ and __dlpack_device__): its shape and dtype are
+            # read through NumPy's or CuPy's import of it, which shares its memory.
+            x = _import_dlpack(x, kind, name)
         return ArrayInfo("dlpack", kind, int(device_id), _dtype_name(x.dtype), tuple(x.shape))
     raise TypeError(f"{name}: expected an array (NumPy, torch, CuPy or any DLPack producer), "
                     f"got {type(x).__module__}.{type(x).__qualname__}")
@@ -95,6 +95,18 @@ def _dtype_name(dtype) -> str:
         name = getattr(dtype, "name", None) or str(dtype)
         name = _DTYPE_NAMES[dtype] = name.removeprefix("torch.")
     return name
+
+
+def _import_dlpack(x, kind: str, name: str):
+    """x imported zero-copy by NumPy (host memory) or CuPy (GPU memory)."""
+    try:
+        if kind == "cpu":
+            return np.from_dlpack(x)
+        import cupy
+        return cupy.from_dlpack(x)
+    except Exception as error:  # ImportError (no CuPy), BufferError, TypeError (dtype)
+        raise TypeError(f"{name}: this DLPack producer could not be imported "
+                        f"({type(error).__name__}: {error})") from error
 
 
 def _producer_from_dlpack(x):

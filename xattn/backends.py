@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import functools
 import importlib
-import importlib.util
 import os
 from typing import NamedTuple
 
@@ -40,9 +39,6 @@ def backend_status(name: str) -> BackendStatus:
             return BackendStatus(False, f"xattn.cuda could not be imported: {error}")
         return _ask_availability(module)
     if name == "hip":
-        if importlib.util.find_spec("xattn.hip") is None:
-            return BackendStatus(False, "the HIP backend (xattn/hip.py) is not part of this "
-                                        "version yet")
         try:
             import cupy
         except ImportError:
@@ -81,8 +77,9 @@ def choose_backend(requested, device: str, device_text: str) -> str:
     if not isinstance(requested, str):
         raise TypeError(f"{source}: expected a str or None, got {type(requested).__name__}")
     if requested not in BACKENDS:
-        raise ValueError(f"{source}: expected one of {', '.join(map(repr, BACKENDS))} or None, "
-                         f"got {requested!r}")
+        allowed = ", ".join(map(repr, BACKENDS + ("auto",)))
+        unset = " or None" if source == "backend" else " (or unset)"
+        raise ValueError(f"{source}: expected one of {allowed}{unset}, got {requested!r}")
     if requested != _NATURAL_BACKEND[device]:
         raise ValueError(f"{source}: expected a backend that can serve arrays on "
                          f"{device_text} ({_NATURAL_BACKEND[device]!r}), got {requested!r}; "

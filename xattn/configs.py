@@ -163,7 +163,7 @@ def select(kernel: str, arch: int, head_dim: int, causal: bool) -> TileConfig:
     rows = [r for r in TABLE if r.kernel == kernel and r.arch == family and r.head_dim >= head_dim
             and r.causal in (None, causal)]
     if not rows:
-        raise ValueError(f"head dim must be at most {MAX_HEAD_DIM}, got {head_dim}")
+        raise ValueError(f"q: expected head dim D in 1..{MAX_HEAD_DIM}, got {head_dim}")
     return min(rows, key=lambda r: r.head_dim)
 
 
@@ -192,7 +192,8 @@ def shared_memory_bytes(cfg: TileConfig) -> int:
         return (rows + tiles + slices) * 4
     if cfg.kernel in DECODE_KERNELS:  # the variant with the most rows per tile
         return decode_shared_memory_bytes(cfg, cfg.block_m)
-    raise KeyError(cfg.kernel)
+    raise KeyError(f"{cfg.kernel}: not a kernel of this table (no shared-memory layout known "
+                   f"for it)")
 
 
 def defines(cfg: TileConfig, dtype: str, causal: bool, vec_loads: bool) -> dict[str, int]:
@@ -443,7 +444,7 @@ def select_hip_decode(dtype: str, gcn_arch: str, head_dim: int) -> TileConfig:
     """The HIP decode row (xattn.hip.decode) for a device of this gcnArchName and head dim."""
     row = _hip_row(HIP_DECODE_KERNEL, gcn_arch, head_dim, False)
     if row is None:
-        raise ValueError(f"head dim must be at most {MAX_HEAD_DIM}, got {head_dim}")
+        raise ValueError(f"q: expected head dim D in 1..{MAX_HEAD_DIM}, got {head_dim}")
     return row
 
 
@@ -491,7 +492,7 @@ def select_hip(dtype: str, gcn_arch: str, head_dim: int, causal: bool) -> TileCo
         if row is not None:
             return row
     if _hip_row(HIP_KERNELS_FOR_DTYPE[dtype][-1], gcn_arch, head_dim, causal) is None:  # may raise
-        raise ValueError(f"head dim must be at most {MAX_HEAD_DIM}, got {head_dim}")
+        raise ValueError(f"q: expected head dim D in 1..{MAX_HEAD_DIM}, got {head_dim}")
     raise AssertionError("unreachable: the last kernel serves every head dim")
 
 
@@ -506,7 +507,7 @@ def select_hip_backward(dtype: str, gcn_arch: str, head_dim: int,
         rows = tuple(_hip_row(kernel, gcn_arch, head_dim, causal) for kernel in pair)
         if None not in rows:
             return (prep, *rows)
-    raise ValueError(f"head dim must be at most {MAX_HEAD_DIM}, got {head_dim}")
+    raise ValueError(f"q: expected head dim D in 1..{MAX_HEAD_DIM}, got {head_dim}")
 
 
 def hip_shared_memory_bytes(cfg: TileConfig) -> int:
@@ -535,7 +536,8 @@ def hip_shared_memory_bytes(cfg: TileConfig) -> int:
         return (2 * owned * (d + 1) + 2 * step * (d + 1) + slices) * 4
     if cfg.kernel == "flash_bwd_preprocess":
         return 0
-    raise KeyError(cfg.kernel)
+    raise KeyError(f"{cfg.kernel}: not a kernel of this table (no shared-memory layout known "
+                   f"for it)")
 
 
 def _portable_bwd_rows(cfg: TileConfig) -> tuple[int, int]:

@@ -268,6 +268,12 @@ def forward(q, k, v, out, lse, *, causal: bool, scale: float, stream: int, windo
         return
     if heads_q > MAX_GRID_YZ:
         raise ValueError(f"q: at most {MAX_GRID_YZ} heads are supported, got {heads_q}")
+    options = dict(causal=causal, window=window, softcap=softcap, alibi_slopes=alibi_slopes,
+                   cu_seqlens=cu_seqlens, max_seqlen=max_seqlen)
+    if _arch(Q.device) == 90:  # Hopper: the wgmma/TMA kernel where it serves the call
+        from xattn import sm90
+        if sm90.supports(q, k, v, out, lse, **options):
+            return sm90.forward(q, k, v, out, lse, scale=scale, stream=stream, **options)
     pointers = {"q": Q.ptr, "k": K.ptr, "v": V.ptr, "o": O.ptr, "lse": L.ptr}
     slopes = _describe(alibi_slopes) if alibi_slopes is not None else None
     if slopes is not None:
@@ -302,6 +308,180 @@ def _plan_forward(Q, K, V, O, L, batch, *, causal, scale, window, softcap, slope
                          head_dim=head_dim)
     return (_step(cfg, Q.dtype, has_right_edge, vec, Q.device, block,
                   (math.ceil(seqlen_q / cfg.block_m), heads_q), batch, **var.defines),)
+
+
+# ---- the call path: a validated Call on torch tensors ------------------------------------------
+# xattn.dispatch sends GPU torch tensors here with their Call (xattn/call.py). The Call fixes
+# shapes, strides, dtype and options, so its plans live on it (call.plans); a call reads the
+# pointers, allocates the outputs from torch's allocator and launches on torch's current stream.
+# What a plan does not cover (no work at all, a strided last dimension, a negative-bit view) takes
+# the general path, arrays.run_on_gpu -> forward(). On Hopper, calls the sm90 kernel serves get
+# its plan (xattn/sm90.py).
+
+def attention(call, q, k, v, alibi_slopes=None, cu_seqlens=None):
+    """(out, lse) of a validated Call on CUDA torch tensors."""
+    import torch
+
+    aligned = not ((q.data_ptr() | k.data_ptr() | v.data_ptr()) & 15)
+    steps = call.plans.get(("fwd", aligned), _UNPLANNED)
+    if steps is _UNPLANNED:
+        steps = call.plans[("fwd", aligned)] = _call_forward_steps(call, q, k, v, alibi_slopes,
+                                                                   cu_seqlens, aligned)
+    if steps is None:
+        from xattn import arrays
+        return arrays.run_on_gpu(forward, q, k, v, _info(call), layout=call.layout,
+                                 dims=call.dims, **call.options(alibi_slopes, cu_seqlens))
+    device = q.device
+    out = torch.empty(call.q_shape, dtype=q.dtype, device=device)
+    lse = torch.empty(call.lse_shape, dtype=torch.float32, device=device)
+    pointers = {"q": q.data_ptr(), "k": k.data_ptr(), "v": v.data_ptr(), "o": out.data_ptr(),
+                "lse": lse.data_ptr()}
+    if alibi_slopes is not None:
+        pointers["alibi_slopes"] = alibi_slopes.data_ptr()
+    if cu_seqlens is not None:
+        pointers["cu_seqlens_q"], pointers["cu_seqlens_k"] = (c.data_ptr() for c in cu_seqlens)
+    _run(steps, pointers, _torch_stream(device.index), device.index)
+    return out, lse
+
+
+def attention_backward(call, dout, q, k, v, out, lse, alibi_slopes=None, cu_seqlens=None):
+    """(dq, dk, dv) of a validated Call on CUDA torch tensors, each contiguous in its layout."""
+    import torch
+
+    if dout.shape[-1] > 1 and dout.stride(-1) != 1:  # e.g. the gradient of out.sum(): copied once
+        dout = dout.contiguous()
+    key = ("bwd", dout.stride(), out.stride(),
+           not ((q.data_ptr() | k.data_ptr() | v.data_ptr() | dout.data_ptr() | out.data_ptr()) & 15))
+    plan = call.plans.get(key, _UNPLANNED)
+    if plan is _UNPLANNED:
+        plan = call.plans[key] = _call_backward_plan(call, dout, q, k, v, out, lse, alibi_slopes,
+                                                     cu_seqlens, key[-1])
+    dq, dk, dv = (torch.empty(x.shape, dtype=x.dtype, device=x.device) for x in (q, k, v))
+    if plan is None:
+        from xattn import torch_ops
+        if dq.numel() == 0 or dk.numel() == 0:  # no rows, or no keys: no gradient flows
+            return tuple(g.zero_() for g in (dq, dk, dv))
+        return torch_ops.backward_gpu(backward, dout, q, k, v, out, lse, layout=call.layout,
+                                      deterministic=call.deterministic,
+                                      **call.options(alibi_slopes, cu_seqlens))
+    steps, scratch = plan
+    device = q.device
+    delta = torch.empty(scratch["delta"], dtype=torch.float32, device=device)
+    pointers = {"q": q.data_ptr(), "k": k.data_ptr(), "v": v.data_ptr(), "o": out.data_ptr(),
+                "dout": dout.data_ptr(), "lse": lse.data_ptr(), "dq": dq.data_ptr(),
+                "dk": dk.data_ptr(), "dv": dv.data_ptr(), "delta": delta.data_ptr()}
+    if "dq_accum" in scratch:
+        accum = torch.zeros(scratch["dq_accum"], dtype=torch.float32, device=device)
+        pointers["dq_accum"] = accum.data_ptr()
+    if alibi_slopes is not None:
+        pointers["alibi_slopes"] = alibi_slopes.data_ptr()
+    if cu_seqlens is not None:
+        pointers["cu_seqlens_q"], pointers["cu_seqlens_k"] = (c.data_ptr() for c in cu_seqlens)
+    _run(steps, pointers, _torch_stream(device.index), device.index)
+    return dq, dk, dv
+
+
+_UNPLANNED = object()
+
+
+def _info(call):
+    from xattn import arrays
+    return arrays.ArrayInfo(call.library, call.device, call.device_id, call.dtype, call.q_shape)
+
+
+def _torch_stream(device_index: int) -> int:
+    """torch's current stream on the device, as a cudaStream_t. torch's raw-stream query (what its
+    own generated code calls) skips building a Stream object: a few microseconds a call."""
+    import torch
+    raw = getattr(torch._C, "_cuda_getCurrentRawStream", None)
+    if raw is not None:
+        return raw(device_index)
+    return torch.cuda.current_stream(device_index).cuda_stream
+
+
+def _kernel_views(call, *tensors):
+    """(B, H, S, D) _Arrays of tensors in the call's layout (a plan patches the pointers per call;
+    these only shape it), packed batches with batch stride 0; None where a tensor's last dimension
+    is strided."""
+    described = []
+    for t in tensors:
+        a = _describe(t)
+        if a.shape[-1] > 1 and a.strides[-1] != 1:
+            return None
+        if call.layout == "bshd" and len(a.shape) == 4:
+            a = a._replace(shape=(a.shape[0], a.shape[2], a.shape[1], a.shape[3]),
+                           strides=(a.strides[0], a.strides[2], a.strides[1], a.strides[3]))
+        described.append(_packed(a, call.varlen))
+    return described
+
+
+def _call_forward_steps(call, q, k, v, alibi_slopes, cu_seqlens, aligned):
+    """The forward plan's steps for a Call (None: the general path serves it)."""
+    import torch
+
+    batch, heads_q, seqlen_q, seqlen_k, head_dim = call.dims
+    if batch == 0 or heads_q == 0 or seqlen_q == 0 or seqlen_k == 0 or heads_q > MAX_GRID_YZ:
+        return None
+    if any(t.is_neg() for t in (q, k, v)):
+        return None
+    out = torch.empty(call.q_shape, dtype=q.dtype, device=q.device)
+    views = _kernel_views(call, q, k, v, out)
+    if views is None:
+        return None
+    Q, K, V, O = views
+    L = _Array(0, call.lse_shape, (call.heads_q * call.seqlen_q, call.seqlen_q, 1), "float32",
+               Q.device)
+    L = _packed(L, call.varlen)
+    slopes = _describe(alibi_slopes) if alibi_slopes is not None else None
+    if _arch(Q.device) == 90 and _sm90_serves(call, q, k, v, out, alibi_slopes, cu_seqlens):
+        from xattn import sm90
+        return (sm90.plan(Q, K, V, O, L, causal=call.causal,
+                          scale=call.scale, window=call.window, softcap=call.softcap,
+                          slopes=slopes),)
+    vec = aligned and _vec_loads([Q, K, V, O], head_dim, _itemsize(Q.dtype))
+    return _plan_forward(Q, K, V, O, L, call.batch, causal=call.causal, scale=call.scale,
+                         window=call.window, softcap=call.softcap, slopes=slopes,
+                         varlen=call.varlen, max_seqlen=call.max_seqlen, vec=vec)
+
+
+def _sm90_serves(call, q, k, v, out, alibi_slopes, cu_seqlens) -> bool:
+    """Whether the Hopper kernel (xattn/sm90.py) takes this call's forward."""
+    from xattn import sm90
+
+    def bhsd(t):
+        return t.transpose(1, 2) if call.layout == "bshd" else t
+
+    lse = out.new_empty(call.lse_shape, dtype=out.new_empty(0).float().dtype)
+    return sm90.supports(bhsd(q), bhsd(k), bhsd(v), bhsd(out), lse, causal=call.causal,
+                         window=call.window, softcap=call.softcap, alibi_slopes=alibi_slopes,
+                         cu_seqlens=cu_seqlens, max_seqlen=call.max_seqlen)
+
+
+def _call_backward_plan(call, dout, q, k, v, out, lse, alibi_slopes, cu_seqlens, aligned):
+    """The backward plan (steps, scratch) for a Call and dout's strides (None: the general
+    path serves it)."""
+    import torch
+
+    batch, heads_q, seqlen_q, seqlen_k, head_dim = call.dims
+    if batch == 0 or heads_q == 0 or seqlen_q == 0 or seqlen_k == 0 or heads_q > MAX_GRID_YZ:
+        return None
+    if any(t.is_neg() for t in (q, k, v, out, dout)):
+        return None
+    grads = [torch.empty(x.shape, dtype=x.dtype, device=x.device) for x in (q, k, v)]
+    views = _kernel_views(call, q, k, v, out, dout, *grads)
+    if views is None:
+        return None
+    Q, K, V, O, dO, dQ, dK, dV = views
+    L = _packed(_Array(0, call.lse_shape, (call.heads_q * call.seqlen_q, call.seqlen_q, 1),
+                       "float32", Q.device), call.varlen)
+    if tuple(lse.stride()) != (call.heads_q * call.seqlen_q, call.seqlen_q, 1):
+        return None
+    vec = aligned and _vec_loads([Q, K, V, O, dO, dQ, dK, dV], head_dim, _itemsize(Q.dtype))
+    slopes = _describe(alibi_slopes) if alibi_slopes is not None else None
+    return _plan_backward(Q, K, V, O, dO, L, dQ, dK, dV, call.batch, causal=call.causal,
+                          scale=call.scale, window=call.window, softcap=call.softcap,
+                          slopes=slopes, varlen=call.varlen, max_seqlen=call.max_seqlen,
+                          deterministic=call.deterministic, vec=vec)
 
 
 # Rows per thread block of flash_bwd_prep.cu's kernels (ROWS_PER_BLOCK there).

@@ -72,14 +72,8 @@ def _read(path: str) -> str:
     directory, name = path.split("/", 1)
     if not directory.startswith("kernels_"):
         raise FileNotFoundError(f"{path}: kernel sources include files of kernels_*/ only")
-    vendor = directory.removeprefix("kernels_")
-    try:
-        from xattn import kernel_source
-    except ImportError:  # package being assembled: read the checkout
-        from pathlib import Path
-
-        return (Path(__file__).resolve().parents[1] / path).read_text()
-    return kernel_source(vendor, name)
+    from xattn.sources import kernel_source
+    return kernel_source(directory.removeprefix("kernels_"), name)
 
 
 def define_options(defines: dict[str, int]) -> tuple[str, ...]:

@@ -29,7 +29,9 @@ import sys
 
 import numpy as np
 
-from xattn import api, arrays, backends, configs, reference
+from xattn import arrays, backends, configs, params, reference
+from xattn.call import (GPU_DTYPES, LAYOUTS, MAX_HEAD_DIM, REFERENCE_DTYPES, band, check_bool,
+                        check_dtype, check_like_q, check_scale, check_softcap)
 
 _LIBRARIES = ("numpy", "torch", "cupy")  # the caches are written in place: real arrays only
 
@@ -86,10 +88,10 @@ def attention_with_kvcache(q, k_cache, v_cache, *, cache_seqlens, k_new=None, v_
     info = call.info
     chosen = backends.choose_backend(backend, info.device, arrays.device_label(info))
     if chosen == "reference":
-        api._check_dtype(info, api.REFERENCE_DTYPES)
+        check_dtype(info, REFERENCE_DTYPES)
         out, lse = _run_reference(q, k_cache, v_cache, k_new, v_new, block_table, sinks, call)
     elif chosen == "cuda":
-        api._check_dtype(info, api.GPU_DTYPES, backend_name=chosen)
+        check_dtype(info, GPU_DTYPES, backend_name=chosen)
         backends.gpu_forward(chosen)  # RuntimeError naming what to install where cuda is unusable
         plan = _new_plan(q, k_cache, v_cache, cache_seqlens, k_new, v_new, block_table, sinks, call)
         _remember(plan, q, k_cache, v_cache, cache_seqlens, k_new, v_new, causal, scale, window,
@@ -117,10 +119,10 @@ class _Call:
 
 def _validate(q, k_cache, v_cache, cache_seqlens, k_new, v_new, causal, scale, window, softcap,
               layout, return_lse, block_table=None, sinks=None) -> _Call:
-    if not isinstance(layout, str) or layout not in api.LAYOUTS:
+    if not isinstance(layout, str) or layout not in LAYOUTS:
         raise ValueError(f"layout: expected 'bhsd' or 'bshd', got {layout!r}")
-    api._check_bool("causal", causal)
-    api._check_bool("return_lse", return_lse)
+    check_bool("causal", causal)
+    check_bool("return_lse", return_lse)
     if (k_new is None) != (v_new is None):
         given, missing = ("k_new", "v_new") if v_new is None else ("v_new", "k_new")
         raise ValueError(f"{missing}: expected an array when {given} is given, got None")
@@ -134,7 +136,7 @@ def _validate(q, k_cache, v_cache, cache_seqlens, k_new, v_new, causal, scale, w
         if other.library not in _LIBRARIES:
             raise TypeError(f"{name}: expected a NumPy array, torch tensor or CuPy array (the "
                             f"caches are written in place), got {arrays.library_label(other)}")
-        api.check_like_q(name, other, info)
+        check_like_q(name, other, info)
         if other.dtype != info.dtype:
             raise TypeError(f"{name}: expected dtype {info.dtype} (as q), got {other.dtype}")
     if info.library == "torch":
@@ -161,8 +163,8 @@ def _validate(q, k_cache, v_cache, cache_seqlens, k_new, v_new, causal, scale, w
     if paged:
         num_pages, page_size = shapes["k_cache"][0], seqlen_max
         pages, seqlen_max = _check_block_table(block_table, info, batch, num_pages, page_size)
-    if not 1 <= head_dim <= api.MAX_HEAD_DIM:
-        raise ValueError(f"q: expected head dim D in 1..{api.MAX_HEAD_DIM}, got {head_dim}")
+    if not 1 <= head_dim <= MAX_HEAD_DIM:
+        raise ValueError(f"q: expected head dim D in 1..{MAX_HEAD_DIM}, got {head_dim}")
     if not paged and shapes["k_cache"][0] != batch:
         raise ValueError(f"k_cache: expected batch size {batch} (as q), got {shapes['k_cache'][0]}")
     if k_head_dim != head_dim:
@@ -201,11 +203,11 @@ def _validate(q, k_cache, v_cache, cache_seqlens, k_new, v_new, causal, scale, w
     if sinks is not None:
         _check_sinks(sinks, info, heads_q)
     # window and softcap follow attention()'s rules and messages (causal folds in as right = 0).
-    variant = api._variant_options(info, (batch, heads_q), causal, window, softcap, None)
+    window, softcap = band(causal, window), check_softcap(softcap)
     return _Call(info=info, batch=batch, heads_q=heads_q, seqlen_q=seqlen_q, heads_k=heads_k,
                  seqlen_max=seqlen_max, seqlen_new=seqlen_new, head_dim=head_dim, layout=layout,
-                 causal=causal, scale=_check_scale(scale, head_dim),
-                 window=variant["window"], softcap=variant["softcap"],
+                 causal=causal, scale=check_scale(scale, head_dim),
+                 window=window, softcap=softcap,
                  lengths=lengths, uniform=uniform, page_size=page_size, num_pages=num_pages,
                  pages=pages, return_lse=return_lse)
 
@@ -222,7 +224,7 @@ def _check_block_table(block_table, info, batch, num_pages, page_size):
     except TypeError:
         raise TypeError(f"block_table: expected an int32 array (B, max_pages), got "
                         f"{type(block_table).__module__}.{type(block_table).__qualname__}") from None
-    api.check_like_q("block_table", table, info)
+    check_like_q("block_table", table, info)
     if table.dtype != "int32":
         raise TypeError(f"block_table: expected dtype int32, got {table.dtype}")
     if len(table.shape) != 2 or table.shape[0] != batch:
@@ -246,7 +248,7 @@ def _check_sinks(sinks, info, heads_q):
     except TypeError:
         raise TypeError(f"sinks: expected a float32 array (Hq,), got "
                         f"{type(sinks).__module__}.{type(sinks).__qualname__}") from None
-    api.check_like_q("sinks", described, info)
+    check_like_q("sinks", described, info)
     if described.dtype != "float32":
         raise TypeError(f"sinks: expected dtype float32, got {described.dtype}")
     if tuple(described.shape) != (heads_q,):
@@ -285,7 +287,7 @@ def _check_seqlens(cache_seqlens, info, batch, seqlen_new, seqlen_max):
     except TypeError:
         raise TypeError(f"cache_seqlens: expected an int32 array (B,) or an int, got "
                         f"{type(cache_seqlens).__module__}.{type(cache_seqlens).__qualname__}") from None
-    api.check_like_q("cache_seqlens", lens, info, or_else=" or an int")
+    check_like_q("cache_seqlens", lens, info, or_else=" or an int")
     if lens.dtype != "int32":
         raise TypeError(f"cache_seqlens: expected dtype int32, got {lens.dtype}")
     if tuple(lens.shape) != (batch,):
@@ -299,23 +301,6 @@ def _check_seqlens(cache_seqlens, info, batch, seqlen_new, seqlen_max):
         b = int(np.argmax(bad))
         raise ValueError(f"cache_seqlens: expected {limit}, got {int(values[b])} at batch {b}")
     return values, None
-
-
-def _check_scale(scale, head_dim):
-    if scale is None:
-        return 1.0 / math.sqrt(head_dim)
-    if not isinstance(scale, numbers.Real) or isinstance(scale, bool):
-        raise TypeError(f"scale: expected a finite positive number or None, got {type(scale).__name__}")
-    try:
-        scale = float(scale)
-    except OverflowError:  # an int beyond float range
-        scale = math.inf
-    if not (math.isfinite(scale) and scale > 0):
-        raise ValueError(f"scale: expected a finite positive number, got {scale!r}")
-    if scale > api.MAX_SCALE:
-        raise ValueError(f"scale: expected at most {api.MAX_SCALE:.3g} (scale * log2(e) must fit "
-                         f"a float32), got {scale!r}")
-    return scale
 
 
 # ------------------------------------------------------------------------------- reference
@@ -393,18 +378,7 @@ def _append_on_host(k_cache, v_cache, k_new, v_new, call):
 
 # ------------------------------------------------------------------------------- cuda
 
-# The parameter block of the decode kernels, field for field kernels_common/params.h's
-# DecodeParams (tests/test_decode_params.py compares the offsets with a C compiler's).
-_TENSOR_REF = [("ptr", "<u8"), ("batch_stride", "<i8"), ("head_stride", "<i8"), ("row_stride", "<i8")]
-DECODE_PARAMS = np.dtype(
-    [(name, _TENSOR_REF) for name in ("q", "k", "v", "o", "lse", "k_new", "v_new")]
-    + [(name, "<u8") for name in ("o_part", "lse_part", "cache_seqlens", "block_table", "sinks")]
-    + [("seqlens_stride", "<i8"), ("block_table_stride", "<i8")]
-    + [(name, "<i4") for name in ("uniform_seqlen", "batch_offset", "heads_q", "heads_per_kv",
-                                  "seqlen_q", "seqlen_new", "seqlen_max", "head_dim", "window_left",
-                                  "window_right", "num_splits", "m_blocks", "num_pages")]
-    + [(name, "<f4") for name in ("scale_log2", "softcap_log2", "scale_over_softcap")],
-    align=True)
+DECODE_PARAMS = params.DECODE_PARAMS  # kernels_common/params.h's DecodeParams
 # Pointer fields patched per call: their byte offsets in the block.
 _POINTER_OFFSETS = {name: DECODE_PARAMS.fields[name][1] + (DECODE_PARAMS[name].fields["ptr"][1]
                                                            if DECODE_PARAMS[name].names else 0)

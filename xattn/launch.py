@@ -65,16 +65,21 @@ class Launch:
     entry in the block's batch_offset."""
 
     __slots__ = ("handle", "grid_xy", "batch", "threads", "smem", "block", "words", "args",
-                 "args_ptr", "_lock")
+                 "args_ptr", "maps", "_lock")
 
     def __init__(self, handle: int, grid_xy: tuple, batch: int, threads: int, smem: int,
-                 block: np.ndarray):
+                 block: np.ndarray, maps=()):
+        """maps: (field, tensor map, repoint) triples of a Hopper kernel's by-value tensor-map
+        arguments, which come before the block; each is re-pointed at its field's pointer when
+        that pointer changes (xattn/tma.py)."""
         self.handle, self.grid_xy, self.batch = handle, grid_xy, batch
         self.threads, self.smem = threads, smem
         self.block = block
         self.words = block.view(np.uint64)  # pointer fields are patched through this view
-        # cuLaunchKernel's kernelParams: an array holding the address of each argument (one here).
-        self.args = np.array([block.ctypes.data], dtype=np.uint64)
+        self.maps = [[field, tmap, repoint, None] for field, tmap, repoint in maps]
+        # cuLaunchKernel's kernelParams: an array holding the address of each argument.
+        self.args = np.array([tmap.getPtr() for _, tmap, _ in maps] + [block.ctypes.data],
+                             dtype=np.uint64)
         self.args_ptr = self.args.ctypes.data
         self._lock = threading.Lock()
 
@@ -85,6 +90,11 @@ class Launch:
             words = self.words
             for name, ptr in pointers.items():
                 words[_params.POINTER_WORDS[name]] = ptr
+            for entry in self.maps:  # [field, map, repoint, the pointer it holds]
+                ptr = pointers[entry[0]]
+                if ptr != entry[3]:
+                    entry[2](entry[1], ptr)
+                    entry[3] = ptr
             if self.batch <= MAX_GRID_YZ:
                 _driver().launchKernel(self.handle, gx, gy, self.batch, self.threads, 1, 1,
                                        self.smem, stream, self.args_ptr, 0)

@@ -34,6 +34,21 @@ POINTER_WORDS |= {name: ATTN_PARAMS.fields[name][1] // 8
                   for name in ("cu_seqlens_q", "cu_seqlens_k", "alibi_slopes")}
 
 
+# struct DecodeParams: the KV-cache decode kernels (flash_decode*.cu, launched by xattn/kvcache.py).
+DECODE_PARAMS = np.dtype(
+    [(name, TENSOR_REF) for name in ("q", "k", "v", "o", "lse", "k_new", "v_new")]
+    + [(name, "<u8") for name in ("o_part", "lse_part", "cache_seqlens", "block_table", "sinks")]
+    + [("seqlens_stride", "<i8"), ("block_table_stride", "<i8")]
+    + [(name, "<i4") for name in ("uniform_seqlen", "batch_offset", "heads_q", "heads_per_kv",
+                                  "seqlen_q", "seqlen_new", "seqlen_max", "head_dim", "window_left",
+                                  "window_right", "num_splits", "m_blocks", "num_pages")]
+    + [(name, "<f4") for name in ("scale_log2", "softcap_log2", "scale_over_softcap")],
+    align=True)
+
+# Every struct of params.h and its dtype, for the layout test.
+STRUCTS = {"AttnParams": ATTN_PARAMS, "DecodeParams": DECODE_PARAMS}
+
+
 def attn_params() -> np.ndarray:
     """A zeroed one-element AttnParams block (null pointers, zero strides)."""
     return np.zeros(1, dtype=ATTN_PARAMS)

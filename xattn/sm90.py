@@ -15,7 +15,7 @@ from __future__ import annotations
 import math
 from typing import NamedTuple
 
-from xattn import cuda, jit, params as attn_params, tma
+from xattn import cuda, jit, launch, tma
 
 SOURCE = "sm90/flash_fwd.cu"
 ENTRY = "flash_fwd_sm90"
@@ -95,16 +95,27 @@ def forward(q, k, v, out, lse, *, causal: bool, scale: float, stream: int, windo
             softcap: float = 0.0, alibi_slopes=None, cu_seqlens=None, max_seqlen=None) -> None:
     """xattn.cuda.forward on the sm90 kernel, for calls that supports() accepts: out =
     softmax(scale * q k^T + modifiers) v and lse for (B, H, S, D) views."""
-    import cupy
-
     if cu_seqlens is not None:
         raise ValueError("cu_seqlens: packed varlen batches do not run on the sm90 kernel yet "
                          "(xattn.sm90.supports says so); use xattn.cuda.forward")
     Q, K, V, O, L = (cuda._describe(a) for a in (q, k, v, out, lse))
+    if Q.shape[0] == 0 or Q.shape[1] == 0 or Q.shape[2] == 0:
+        return
+    slopes = cuda._describe(alibi_slopes) if alibi_slopes is not None else None
+    step = plan(Q, K, V, O, L, causal=causal, scale=scale, window=window, softcap=softcap,
+                slopes=slopes)
+    pointers = {"q": Q.ptr, "k": K.ptr, "v": V.ptr, "o": O.ptr, "lse": L.ptr}
+    if slopes is not None:
+        pointers["alibi_slopes"] = slopes.ptr
+    cuda._run((step,), pointers, stream, Q.device)
+
+
+def plan(Q, K, V, O, L, *, causal, scale, window, softcap, slopes):
+    """The launch of one call signature (launch.Launch): the table row, the compiled kernel, four
+    tensor maps of its own (q, k, v and out; re-pointed when a pointer changes) and the AttnParams
+    block. The _Arrays' pointers only shape the maps: a call patches its own."""
     batch, heads_q, seqlen_q, head_dim = Q.shape
     heads_k, seqlen_k = K.shape[1], K.shape[2]
-    if batch == 0 or heads_q == 0 or seqlen_q == 0:
-        return
     if heads_q > cuda.MAX_GRID_YZ:
         raise ValueError(f"q: at most {cuda.MAX_GRID_YZ} heads are supported, got {heads_q}")
     left, right = window
@@ -113,32 +124,18 @@ def forward(q, k, v, out, lse, *, causal: bool, scale: float, stream: int, windo
     row = select(head_dim, right >= 0)
     if row is None:
         raise ValueError(f"q: head dim {head_dim} has no sm90 row (at most {ROWS[-1].head_dim})")
-
-    score_scale = softcap if softcap else scale
-    params = attn_params.attn_params()  # kernels_common/params.h's AttnParams
-    for name, a in (("q", Q), ("k", K), ("v", V), ("o", O), ("lse", L)):
-        attn_params.set_tensor(params, name, a.ptr, a.strides[:3])
-    p = params[0]
-    if alibi_slopes is not None:
-        slopes = cuda._describe(alibi_slopes)  # float32 (Hq,) or (B, Hq), contiguous
-        p["alibi_slopes"] = slopes.ptr
-        p["alibi_batch_stride"] = slopes.strides[0] if len(slopes.shape) == 2 else 0
-    p["heads_q"], p["heads_per_kv"] = heads_q, heads_q // heads_k
-    p["seqlen_q"], p["seqlen_k"], p["head_dim"] = seqlen_q, seqlen_k, head_dim
-    p["window_left"], p["window_right"] = left, right
-    p["softcap_scale"] = scale / softcap if softcap else 0.0
-    p["scale"], p["scale_log2"] = score_scale, score_scale * cuda.LOG2_E
-
-    maps = [tma.tensor_map(a.ptr, a.dtype, a.shape, a.strides, rows)
-            for a, rows in ((Q, BLOCK_M), (K, row.block_n), (V, row.block_n), (O, STORE_ROWS))]
+    var = cuda._variant(causal=causal, scale=scale, window=window, softcap=softcap,
+                        alibi_slopes=slopes, cu_seqlens=None, seqlen_q=seqlen_q,
+                        seqlen_k=seqlen_k, head_dim=head_dim, heads_per_kv=heads_q // heads_k)
+    block = cuda._attn_params(var, {"q": Q, "k": K, "v": V, "o": O, "lse": L}, heads_q=heads_q,
+                              head_dim=head_dim)
+    maps = [(name, tma.plan_map(a.ptr, a.dtype, a.shape, a.strides, rows), tma.repoint)
+            for name, a, rows in (("q", Q, BLOCK_M), ("k", K, row.block_n), ("v", V, row.block_n),
+                                  ("o", O, STORE_ROWS))]
     flags = defines(row, Q.dtype, causal=right >= 0, local=left >= 0, softcap=bool(softcap),
-                    alibi=alibi_slopes is not None)
+                    alibi=slopes is not None)
     kernel = jit.get_function("cuda", SOURCE, ENTRY, flags, Q.device, options=COMPILE_OPTIONS)
     smem = shared_memory_bytes(row)
-    cuda._prepare(kernel, (Q.device, id(kernel)), smem)
-    grid_x = math.ceil(seqlen_q / BLOCK_M)
-    with cupy.cuda.Device(Q.device), cuda._external_stream(stream, Q.device):
-        for b0 in range(0, batch, cuda.MAX_GRID_YZ):  # gridDim.z <= 65535: the maps span every batch entry
-            p["batch_offset"] = b0
-            kernel((grid_x, heads_q, min(cuda.MAX_GRID_YZ, batch - b0)), (THREADS,), (*maps, params.copy()),
-                   shared_mem=smem)
+    return launch.Launch(launch.function(kernel, Q.device, smem),
+                         (math.ceil(seqlen_q / BLOCK_M), heads_q), batch, THREADS, smem, block,
+                         maps=maps)

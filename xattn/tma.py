@@ -111,3 +111,17 @@ def tensor_map(ptr: int, dtype: str, shape: tuple, strides: tuple, box_rows: int
             (err,) = driver.cuTensorMapReplaceAddress(tmap, ptr)
             _check(driver, err, "cuTensorMapReplaceAddress")
         return _as_array(tmap)
+
+
+def plan_map(ptr: int, dtype: str, shape: tuple, strides: tuple, box_rows: int):
+    """A tensor map owned by one launch plan (not shared through the cache above, so re-pointing
+    it races with no other plan): the driver's CUtensorMap object, whose 128 bytes a launch passes
+    by address."""
+    return _encode(_load_driver(), ptr, dtype, shape, strides, box_rows)
+
+
+def repoint(tmap, ptr: int) -> None:
+    """Point a plan's map at another base address (same shape, strides and box)."""
+    driver = _load_driver()
+    (err,) = driver.cuTensorMapReplaceAddress(tmap, ptr)
+    _check(driver, err, "cuTensorMapReplaceAddress")

@@ -10,8 +10,9 @@ lengths; window -1 means unbounded, softcap 0 none (xattn.api documents them all
 
 xattn.attention routes torch tensors here when autograd needs a graph (an input requires grad
 and grad mode is on) or torch.compile is tracing; otherwise it takes its plain path, which
-skips the dispatcher. Arguments arrive validated by xattn.api (shapes, dtypes, scale), so
-nothing is checked twice.
+skips the dispatcher. Calls arrive as a validated xattn.call.Call; the ops' flat arguments are
+converted to and from it in one place (Call.op_scalars, Call.from_op), and xattn.dispatch runs
+it on its backend, so nothing is checked twice.
 
 Tensors are in `layout` ("bhsd" or "bshd"); out and the gradients are allocated contiguous in
 the layout of the tensor they belong to (out and dq like q, dk like k, dv like v), and lse is
@@ -22,25 +23,11 @@ xattn.cuda.backward (contract below, in _backward_gpu).
 
 from __future__ import annotations
 
-import importlib
-
 import numpy as np
 import torch
 
-from xattn import arrays, backends, reference
-
-_GPU_BACKEND = {"cuda": "cuda", "rocm": "hip"}  # arrays.ArrayInfo.device -> backend name
-
-
-def _options(cu_seqlens_q, cu_seqlens_k, alibi_slopes, causal, scale, window_left, window_right,
-             softcap, max_seqlen_q, max_seqlen_k) -> dict:
-    """The backends' keyword arguments from the ops' flat ones."""
-    options = dict(causal=causal, scale=scale, window=(window_left, window_right),
-                   softcap=softcap, alibi_slopes=alibi_slopes)
-    if cu_seqlens_q is not None:  # only packed batches pass these on, as xattn.api does
-        options.update(cu_seqlens=(cu_seqlens_q, cu_seqlens_k),
-                       max_seqlen=(max_seqlen_q, max_seqlen_k))
-    return options
+from xattn import arrays, dispatch, reference
+from xattn.call import Call
 
 
 def _sizes(q, k, layout):
@@ -64,15 +51,14 @@ def forward_impl(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                       deterministic: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """(out, lse). `deterministic` is unused here: it is an input only so that autograd
     can hand it to the backward."""
-    info = arrays.describe(q, "q")
-    dims = _sizes(q, k, layout)
-    options = _options(cu_seqlens_q, cu_seqlens_k, alibi_slopes, causal, scale, window_left,
-                       window_right, softcap, max_seqlen_q, max_seqlen_k)
-    if info.device == "cpu":
-        return arrays.run_on_host(reference.forward, q, k, v, info, layout=layout, dims=dims,
-                                  **options)
-    forward = backends.gpu_forward(_GPU_BACKEND[info.device])
-    return arrays.run_on_gpu(forward, q, k, v, info, layout=layout, dims=dims, **options)
+    call = Call.from_op(q, k, v, cu_seqlens_q, cu_seqlens_k, alibi_slopes, causal, scale,
+                        window_left, window_right, softcap, max_seqlen_q, max_seqlen_k, layout,
+                        deterministic)
+    return dispatch.forward(call, q, k, v, alibi_slopes, _cu(cu_seqlens_q, cu_seqlens_k))
+
+
+def _cu(cu_seqlens_q, cu_seqlens_k):
+    return None if cu_seqlens_q is None else (cu_seqlens_q, cu_seqlens_k)
 
 
 attention_forward = torch.library.custom_op("xattn::attention_forward", forward_impl,
@@ -97,15 +83,11 @@ def backward_impl(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch
                        softcap: float, max_seqlen_q: int, max_seqlen_k: int, layout: str,
                        deterministic: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dq, dk, dv) for the upstream gradient dout of out = attention_forward(...)[0]."""
-    info = arrays.describe(q, "q")
-    options = _options(cu_seqlens_q, cu_seqlens_k, alibi_slopes, causal, scale, window_left,
-                       window_right, softcap, max_seqlen_q, max_seqlen_k)
-    if info.device == "cpu":
-        # The reference backward runs in sequence: deterministic whatever the flag says.
-        return _backward_host(dout, q, k, v, out, lse, info, layout=layout, **options)
-    backward = gpu_backward(_GPU_BACKEND[info.device])
-    return _backward_gpu(backward, dout, q, k, v, out, lse, layout=layout,
-                         deterministic=deterministic, **options)
+    call = Call.from_op(q, k, v, cu_seqlens_q, cu_seqlens_k, alibi_slopes, causal, scale,
+                        window_left, window_right, softcap, max_seqlen_q, max_seqlen_k, layout,
+                        deterministic)
+    return dispatch.backward(call, dout, q, k, v, out, lse, alibi_slopes,
+                             _cu(cu_seqlens_q, cu_seqlens_k))
 
 
 attention_backward = torch.library.custom_op("xattn::attention_backward", backward_impl,
@@ -121,30 +103,22 @@ def _bhsd(x, layout):
     return x if layout == "bhsd" else x.transpose(1, 2)
 
 
-def _backward_host(dout, q, k, v, out, lse, info, *, layout, **options):
+def backward_host(dout, q, k, v, out, lse, call, alibi_slopes, cu_seqlens):
     """The reference backward on CPU tensors; gradients come back in the inputs' dtype."""
+    info = dispatch.info(call)
     host = tuple(arrays.to_host_numpy(x, info) for x in (q, k, v, out, dout))
     # Gradients are allocated in the host dtype (float32 for bfloat16, which NumPy lacks),
     # contiguous in the caller's layout, and handed to the reference as (B, H, S, D) views.
     grads = tuple(np.empty(x.shape, dtype=x.dtype) for x in host[:3])
-    if layout == "bshd":
+    if call.layout == "bshd":
         host = tuple(x.transpose(0, 2, 1, 3) for x in host)
-    dq, dk, dv = (g.transpose(0, 2, 1, 3) if layout == "bshd" else g for g in grads)
-    reference.backward(*host, lse.numpy(), dq=dq, dk=dk, dv=dv, **options)
+    dq, dk, dv = (g.transpose(0, 2, 1, 3) if call.layout == "bshd" else g for g in grads)
+    reference.backward(*host, lse.numpy(), dq=dq, dk=dk, dv=dv,
+                       **call.options(alibi_slopes, cu_seqlens))
     return tuple(torch.from_numpy(g).to(q.dtype) for g in grads)
 
 
-def gpu_backward(name: str):
-    """backward of GPU backend `name`, or RuntimeError saying why there is none."""
-    backends.gpu_forward(name)  # raises, with the reason, where the backend is unusable
-    backward = getattr(importlib.import_module(f"xattn.{name}"), "backward", None)
-    if backward is None:
-        raise RuntimeError(f"backend: {name!r} has no backward kernels in this version; "
-                           f"gradients of xattn.attention need them")
-    return backward
-
-
-def _backward_gpu(backward, dout, q, k, v, out, lse, *, layout, deterministic, **options):
+def backward_gpu(backward, dout, q, k, v, out, lse, *, layout, deterministic, **options):
     """Launch a GPU backend's backward (torch tensors on the GPU).
 
     Contract: backward(q, k, v, out, dout, lse, dq, dk, dv, *, deterministic, stream, causal,
@@ -195,34 +169,36 @@ attention_forward.register_autograd(_backward, setup_context=_setup_context)
 
 
 class _EagerAttention(torch.autograd.Function):
-    """The same forward and backward as the custom ops, for eager autograd: torch's custom-op
-    wrapper costs about half a millisecond of host time per call on its own (measured by
-    `python -m xattn bench --overhead`), so only torch.compile, which needs the op, pays it."""
+    """The same forward and backward as the custom ops, for eager autograd, on the Call itself:
+    torch's custom-op wrapper costs about half a millisecond of host time per call on its own
+    (measured by `python -m xattn bench --overhead`), so only torch.compile, which needs the op,
+    pays it."""
 
     @staticmethod
-    def forward(ctx, *inputs):
-        out, lse = forward_impl(*inputs)
-        _setup_context(ctx, inputs, (out, lse))
+    def forward(ctx, call, q, k, v, alibi_slopes, cu_seqlens_q, cu_seqlens_k):
+        out, lse = dispatch.forward(call, q, k, v, alibi_slopes, _cu(cu_seqlens_q, cu_seqlens_k))
+        ctx.save_for_backward(q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, alibi_slopes)
+        ctx.call = call
+        ctx.mark_non_differentiable(lse)
         return out, lse
 
     @staticmethod
     def backward(ctx, dout, _dlse):
-        q, k, v, out, lse, *index_and_slopes = ctx.saved_tensors
+        q, k, v, out, lse, cu_q, cu_k, alibi_slopes = ctx.saved_tensors
         if dout is None:
             dout = torch.zeros_like(out)
-        dq, dk, dv = backward_impl(dout, q, k, v, out, lse, *index_and_slopes, *ctx.scalars)
-        return (dq, dk, dv) + (None,) * (3 + len(ctx.scalars))
+        dq, dk, dv = dispatch.backward(ctx.call, dout, q, k, v, out, lse, alibi_slopes,
+                                       _cu(cu_q, cu_k))
+        return None, dq, dk, dv, None, None, None
 
 
-def attention(q, k, v, *, layout: str, deterministic: bool, causal: bool, scale: float,
-              window=(-1, -1), softcap: float = 0.0, alibi_slopes=None, cu_seqlens=None,
-              max_seqlen=None):
-    """(out, lse): through the custom op under torch.compile, through an autograd.Function
-    running the same code otherwise; arguments validated by xattn.api."""
+def attention(call, q, k, v, alibi_slopes=None, cu_seqlens=None):
+    """(out, lse) of a validated Call: through the custom op under torch.compile, through an
+    autograd.Function running the same code otherwise."""
     cu_q, cu_k = cu_seqlens if cu_seqlens is not None else (None, None)
-    max_q, max_k = max_seqlen if max_seqlen is not None else (0, 0)
-    inputs = (q, k, v, cu_q, cu_k, alibi_slopes, causal, scale, window[0], window[1], softcap,
-              max_q, max_k, layout, deterministic)
+    if alibi_slopes is not None:  # the op takes tensors as the backends do (float32 on a GPU)
+        alibi_slopes = arrays.slopes_array(alibi_slopes, arrays.describe(alibi_slopes,
+                                                                         "alibi_slopes"))
     if torch.compiler.is_compiling():
-        return attention_forward(*inputs)
-    return _EagerAttention.apply(*inputs)
+        return attention_forward(q, k, v, cu_q, cu_k, alibi_slopes, *call.op_scalars())
+    return _EagerAttention.apply(call, q, k, v, alibi_slopes, cu_q, cu_k)

@@ -1,0 +1,67 @@
+"""Which backend serves a validated Call (xattn/call.py), forward and backward.
+
+Arrays arrive in the call's layout, as the caller holds them; outputs come back in the caller's
+library. The reference backend runs host arrays, the cuda backend GPU torch tensors straight from
+their pointers (xattn/cuda.py: a plan per call), and every other GPU array (CuPy, DLPack, the hip
+backend) goes through arrays.run_on_gpu's (B, H, S, D) views.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+from xattn import arrays, backends, reference
+
+
+def forward(call, q, k, v, alibi_slopes=None, cu_seqlens=None):
+    """(out, lse) of `call` on its backend."""
+    slopes = _slopes(alibi_slopes)
+    if call.backend == "reference":
+        return arrays.run_on_host(reference.forward, q, k, v, info(call), layout=call.layout,
+                                  dims=call.dims, **call.options(slopes, cu_seqlens))
+    if call.backend == "cuda" and call.library == "torch":
+        from xattn import cuda
+        return cuda.attention(call, q, k, v, slopes, cu_seqlens)
+    return arrays.run_on_gpu(backends.gpu_forward(call.backend), q, k, v, info(call),
+                             layout=call.layout, dims=call.dims, **call.options(slopes, cu_seqlens))
+
+
+def backward(call, dout, q, k, v, out, lse, alibi_slopes=None, cu_seqlens=None):
+    """(dq, dk, dv) of `call` for torch tensors (the only differentiable library), each contiguous
+    in the layout of the tensor it belongs to; dk and dv summed over each GQA group."""
+    slopes = _slopes(alibi_slopes)
+    if call.device == "cpu":
+        from xattn import torch_ops
+        # The reference backward runs in sequence: deterministic whatever the flag says.
+        return torch_ops.backward_host(dout, q, k, v, out, lse, call, slopes, cu_seqlens)
+    if call.backend == "cuda":
+        from xattn import cuda
+        return cuda.attention_backward(call, dout, q, k, v, out, lse, slopes, cu_seqlens)
+    from xattn import torch_ops
+    return torch_ops.backward_gpu(gpu_backward(call.backend), dout, q, k, v, out, lse,
+                                  layout=call.layout, deterministic=call.deterministic,
+                                  **call.options(slopes, cu_seqlens))
+
+
+def gpu_backward(name: str):
+    """backward of GPU backend `name`, or RuntimeError saying why there is none."""
+    backends.gpu_forward(name)  # raises, with the reason, where the backend is unusable
+    backward_fn = getattr(importlib.import_module(f"xattn.{name}"), "backward", None)
+    if backward_fn is None:
+        raise RuntimeError(f"backend: {name!r} has no backward kernels in this version; "
+                           f"gradients of xattn.attention need them")
+    return backward_fn
+
+
+def info(call) -> arrays.ArrayInfo:
+    """The ArrayInfo of q, from the call (what the array helpers read of it)."""
+    return arrays.ArrayInfo(call.library, call.device, call.device_id, call.dtype,
+                            call.q_shape)
+
+
+def _slopes(alibi_slopes):
+    """ALiBi slopes as the backends take them: contiguous, float64 on the host, float32 on a GPU,
+    in their own library (arrays.slopes_array); already prepared ones pass through."""
+    if alibi_slopes is None:
+        return None
+    return arrays.slopes_array(alibi_slopes, arrays.describe(alibi_slopes, "alibi_slopes"))

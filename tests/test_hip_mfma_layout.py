@@ -74,7 +74,7 @@ def _kernel_functions():
 
 
 F = _kernel_functions()
-PAD = int(re.search(r"#define PAD (\d+)", (ROOT / "kernels_hip" / "mfma_tile.h").read_text())[1])
+PAD = int(re.search(r"#define LDS_PAD (\d+)", (ROOT / "kernels_hip" / "mfma.h").read_text())[1])
 MFMA_ROWS = [r for r in configs.HIP_TABLE if r.kernel == "flash_fwd_mfma"]
 DKDV_ROWS = [r for r in configs.HIP_TABLE if r.kernel == "flash_bwd_mfma_dkdv"]
 DQ_ROWS = [r for r in configs.HIP_TABLE if r.kernel == "flash_bwd_mfma_dq"]

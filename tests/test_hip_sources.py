@@ -20,13 +20,31 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 HIP_SOURCES = ("flash_fwd_mfma.hip", "flash_fwd_portable.hip", "flash_bwd_mfma_dkdv.hip",
-               "flash_bwd_mfma_dq.hip", "flash_bwd_portable.hip")
+               "flash_bwd_mfma_dq.hip", "flash_bwd_portable.hip", "flash_decode_portable.hip")
+
+
+def _signature(kernel: str) -> str | None:
+    """The parameter list of entry point `kernel` in its preprocessed source. The matrix-core
+    sources name theirs MATRIX_KERNEL(prefix, suffix): prefix_mfma_suffix with mfma.h,
+    prefix_wmma_suffix with wmma.h."""
+    code = jit.preprocess("hip", configs.hip_source(kernel))
+    match = re.search(rf"\n{kernel}\(([^{{]*)\)\s*{{", code)
+    if match:
+        return match.group(1)
+    kind = "wmma" if kernel in configs.HIP_WMMA_KERNELS else "mfma"
+    for prefix, suffix, params in re.findall(r"\nMATRIX_KERNEL\((\w+), *(\w*)\)\(([^{]*)\)\s*{", code):
+        if f"{prefix}_{kind}{suffix}" == kernel:
+            return params
+    return None
 
 
 def test_every_table_kernel_has_its_source_and_entry_point():
-    for kernel in {r.kernel for r in configs.HIP_TABLE}:
+    for kernel in {r.kernel for r in configs.HIP_TABLE} | set(configs.HIP_SOURCES):
         code = jit.preprocess("hip", configs.hip_source(kernel))
-        assert f'extern "C" __global__' in code and f"\n{kernel}(" in code, kernel
+        assert 'extern "C" __global__' in code and _signature(kernel) is not None, kernel
+    for prefix_suffix in (("flash_fwd", ""), ("flash_bwd", "_dkdv"), ("flash_bwd", "_dq")):
+        names = {f"{prefix_suffix[0]}_{kind}{prefix_suffix[1]}" for kind in ("mfma", "wmma")}
+        assert names <= set(configs.HIP_MFMA_KERNELS)  # both forms of every matrix-core source
 
 
 def test_hip_sources_include_the_shared_cuda_header_once():
@@ -39,8 +57,9 @@ def test_hip_sources_include_the_shared_cuda_header_once():
 
 @pytest.mark.parametrize("arch, dtype, kernel, family", [
     ("gfx90a:sramecc+:xnack-", "float16", "flash_fwd_mfma", "cdna"),
-    ("gfx942:sramecc+:xnack-", "bfloat16", "flash_fwd_mfma", "cdna"),
+    ("gfx942:sramecc+:xnack-", "bfloat16", "flash_fwd_mfma", "cdna3"),
     ("gfx908", "bfloat16", "flash_fwd_mfma", "cdna"),
+    ("gfx1201", "float32", "flash_fwd_portable", "rdna"),
     ("gfx90a", "float32", "flash_fwd_portable", "gfx9"),
     ("gfx906", "float16", "flash_fwd_portable", "gfx9"),
     ("gfx1030", "bfloat16", "flash_fwd_portable", "rdna"),
@@ -50,6 +69,32 @@ def test_select_hip_picks_kernel_and_family_from_gcn_arch_name(arch, dtype, kern
     for head_dim in (1, 33, 64, 100, 256):
         cfg = configs.select_hip(dtype, arch, head_dim, causal=True)
         assert (cfg.kernel, cfg.arch) == (kernel, family) and cfg.head_dim >= head_dim
+
+
+@pytest.mark.parametrize("arch, family, last_wmma_dim", [("gfx1100", "rdna3", 64), ("gfx1201", "rdna4", 128)])
+def test_rdna3_and_rdna4_take_wmma_up_to_their_last_row_then_the_portable_kernels(arch, family, last_wmma_dim):
+    for dtype in ("float16", "bfloat16"):
+        for head_dim in (1, 33, 64, 65, 100, 128, 129, 256):
+            cfg = configs.select_hip(dtype, arch, head_dim, causal=False)
+            wmma = head_dim <= last_wmma_dim
+            assert (cfg.kernel, cfg.arch) == (("flash_fwd_wmma", family) if wmma else ("flash_fwd_portable", "rdna"))
+            assert cfg.head_dim >= head_dim and configs.hip_wave_size(cfg) == 32
+            _, dkdv, dq = configs.select_hip_backward(dtype, arch, head_dim, causal=True)
+            wmma_bwd = family == "rdna4" and head_dim <= 128  # gfx11's WMMA backward spills: none
+            assert (dkdv.kernel, dq.kernel) == (_WMMA_BWD if wmma_bwd else _PORTABLE_BWD)
+
+
+_WMMA_BWD = ("flash_bwd_wmma_dkdv", "flash_bwd_wmma_dq")
+_PORTABLE_BWD = ("flash_bwd_portable_dkdv", "flash_bwd_portable_dq")
+
+
+def test_wmma_defines_pick_the_layout_of_the_family():
+    for cfg in configs.HIP_TABLE:
+        defines = configs.hip_defines(cfg, "bfloat16", False, True)
+        if cfg.kernel in configs.HIP_WMMA_KERNELS:
+            assert defines["MATRIX_WMMA"] == 1 and defines["WMMA_GFX12"] == int(cfg.arch == "rdna4")
+        else:
+            assert "MATRIX_WMMA" not in defines  # the MFMA and portable builds are unchanged
 
 
 def test_select_hip_errors_name_the_problem():
@@ -88,12 +133,17 @@ def test_every_hip_row_fits_lds_and_its_kernel_constraints():
     for cfg in configs.HIP_TABLE:
         wave = configs.hip_wave_size(cfg)
         assert configs.hip_shared_memory_bytes(cfg) <= configs.HIP_LDS_BYTES, cfg
-        if cfg.kernel in ("flash_fwd_mfma", "flash_bwd_mfma_dq"):
-            assert cfg.head_dim % 32 == 0 and cfg.block_n % 32 == 0, cfg
-            assert cfg.block_m == 32 * cfg.warps and wave == 64, cfg
-        elif cfg.kernel == "flash_bwd_mfma_dkdv":
-            assert cfg.head_dim % 32 == 0 and cfg.block_m % 32 == 0, cfg
-            assert cfg.block_n == 32 * cfg.warps and wave == 64, cfg
+        wmma = cfg.kernel in configs.HIP_WMMA_KERNELS
+        block, matrix_wave = (16, 32) if wmma else (32, 64)  # WMMA 16x16 in wave32, MFMA 32x32 in wave64
+        if cfg.kernel in ("flash_fwd_mfma", "flash_bwd_mfma_dq", "flash_fwd_wmma", "flash_bwd_wmma_dq"):
+            assert cfg.head_dim % block == 0 and cfg.block_n % block == 0, cfg
+            assert cfg.block_m == block * cfg.warps and wave == matrix_wave, cfg
+        elif cfg.kernel in ("flash_bwd_mfma_dkdv", "flash_bwd_wmma_dkdv"):
+            assert cfg.head_dim % block == 0 and cfg.block_m % block == 0, cfg
+            assert cfg.block_n == block * cfg.warps and wave == matrix_wave, cfg
+        elif cfg.kernel in ("flash_fwd_portable", configs.HIP_DECODE_KERNEL):
+            assert cfg.head_dim % wave == 0 and wave % cfg.block_n == 0, cfg
+            assert cfg.block_m % cfg.warps == 0 and (cfg.block_m // cfg.warps) % (wave // cfg.block_n) == 0, cfg
         elif cfg.kernel == "flash_bwd_preprocess":
             assert cfg.head_dim == configs.MAX_HEAD_DIM and cfg.block_m % (cfg.warps * wave // 32) == 0
         else:
@@ -179,17 +229,22 @@ def test_hip_compile_checks_the_same_variant_flags():
     hip_compile = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(hip_compile)
     assert {k: v for k, v in VARIANT_FLAGS.items() if k != "causal"} == hip_compile.VARIANT_FLAGS
-    compiled = {(v[0].kernel, v[5]) for v in hip_compile.variants(hip_compile.TARGETS)}
+    compiled = {(v[0].kernel, v[1], v[5]) for v in hip_compile.variants(hip_compile.TARGETS)}
     for kernel in {r.kernel for r in configs.HIP_TABLE} - {"flash_bwd_preprocess"}:
-        assert {flags for k, flags in compiled if k == kernel} == {"plain", *hip_compile.VARIANT_FLAGS}, kernel
+        want = {"plain", *(hip_compile.DECODE_VARIANT_FLAGS if kernel == configs.HIP_DECODE_KERNEL
+                           else hip_compile.VARIANT_FLAGS)}
+        targets = {target for k, target, _ in compiled if k == kernel}
+        assert targets, kernel
+        for target in targets:  # every target that uses the kernel compiles all of its flags
+            assert {flags for k, t, flags in compiled if (k, t) == (kernel, target)} == want, (kernel, target)
+    assert {target for _, target, _ in compiled} == {"gfx908", "gfx90a", "gfx1030", "gfx942", "gfx1100", "gfx1201"}
 
 
 # ---- the launchers' arguments against the kernels' signatures ----------------------------------
 
 def _parameter_kinds(kernel: str) -> list[str]:
     """The kernel's parameters as "ptr", "i64", "int" or "float", from its source."""
-    code = jit.preprocess("hip", configs.hip_source(kernel))
-    signature = re.search(rf"\n{kernel}\(([^{{]*)\)\s*{{", code).group(1)
+    signature = _signature(kernel)
     kinds = []
     for parameter in signature.split(","):
         parameter = parameter.strip()

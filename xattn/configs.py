@@ -302,10 +302,11 @@ def decode_merge_defines(dtype: str, head_dim: int) -> dict[str, int]:
 # gfx90a's rate per CU (1307 dense fp16 TFLOP/s over 304 CUs at 2.1 GHz is 2048 flop per CU per
 # clock; MI250X's 383 over 220 CUs at 1.7 GHz is 1024). With the matrix work twice as fast, the
 # softmax, exp2 and LDS traffic of one wave must hide behind another wave's MFMAs, so the rows
-# aim at two waves per SIMD where gfx90a's run one: at D=128 block_n 32 halves the LDS of a block
-# (17 KB instead of 33.5 KB; the register count, ~220 at block_n 64 on gfx90a, allows two waves
-# of 4 per CU-quarter), and at D=160/192 two-wave blocks of 64 queries (25-26 KB) let two blocks
-# share a CU and give 304 CUs twice as many blocks at short sequences. The backward keeps the
+# aim at more waves per CU than gfx90a's: block_n 32 at D=128 (smaller K/V^T tiles), and two-wave
+# blocks of 64 queries at D=160/192 (two blocks per CU, and twice as many blocks for 304 CUs at
+# short sequences). What clang-19 made of them (ci/results/hip_compile_clang19.log) undoes part of
+# that: at D=128 the Q staging tile (33 KB) still sets the LDS and the row takes 364 VGPRs+AGPRs,
+# one wave per SIMD; D=256 spills. Not measured on an MI300. The backward keeps the
 # "cdna" rows: dK/dV holds ~400 registers per lane, one wave per SIMD whatever the tile.
 #
 # RDNA3 (gfx11) and RDNA4 (gfx12): WMMA (wave32, 16x16x16) for float16/bfloat16 forward and

@@ -98,7 +98,7 @@ def test_wmma_defines_pick_the_layout_of_the_family():
 
 
 def test_select_hip_errors_name_the_problem():
-    with pytest.raises(ValueError, match="head dim must be at most 256, got 257"):
+    with pytest.raises(ValueError, match=r"head dim.*256, got 257"):
         configs.select_hip("float16", "gfx90a", 257, False)
     with pytest.raises(ValueError, match="no HIP kernel for 'gfx803'"):
         configs.select_hip("float16", "gfx803", 64, False)
@@ -123,7 +123,7 @@ def test_select_hip_backward_picks_mfma_up_to_128_then_the_portable_pair(arch, d
 
 
 def test_select_hip_backward_errors_name_the_problem():
-    with pytest.raises(ValueError, match="head dim must be at most 256, got 257"):
+    with pytest.raises(ValueError, match=r"head dim.*256, got 257"):
         configs.select_hip_backward("bfloat16", "gfx90a", 257, True)
     with pytest.raises(ValueError, match="no HIP kernel for 'gfx803'"):
         configs.select_hip_backward("float16", "gfx803", 64, False)

@@ -20,18 +20,25 @@
 extern "C" __global__ void __launch_bounds__(NUM_WARPS * WARP_SIZE)
 flash_bwd_preprocess(const AttnParams p) {
     // Reads p.o and p.dout, writes p.delta; p.seqlen_q rows per (batch, head) (a packed batch is one
-    // entry of all its rows).
+    // entry of all its rows). When dQ is summed by atomics (p.dq_accum.ptr not null) it also zeroes
+    // those rows of the accumulator, which the dK/dV kernel launched after it adds into: one pass
+    // instead of a separate memset.
     const int head = blockIdx.y, batch = blockIdx.z + p.batch_offset;
     const int warp = threadIdx.x / WARP_SIZE, lane = threadIdx.x % WARP_SIZE;
     const elem_t* o = (const elem_t*)p.o.ptr + batch * p.o.batch_stride + head * p.o.head_stride;
     const elem_t* dout = (const elem_t*)p.dout.ptr + batch * p.dout.batch_stride + head * p.dout.head_stride;
     float* delta = (float*)p.delta.ptr + batch * p.delta.batch_stride + head * p.delta.head_stride;
+    float* dq_accum = p.dq_accum.ptr ? (float*)p.dq_accum.ptr + batch * p.dq_accum.batch_stride
+                                           + head * p.dq_accum.head_stride
+                                     : nullptr;
     for (int r = 0; r < ROWS_PER_WARP; ++r) {
         int row = blockIdx.x * ROWS_PER_BLOCK + warp * ROWS_PER_WARP + r;
         if (row >= p.seqlen_q) break;
         float sum = 0.f;
-        for (int d = lane; d < p.head_dim; d += WARP_SIZE)
+        for (int d = lane; d < p.head_dim; d += WARP_SIZE) {
             sum += to_float(o[row * p.o.row_stride + d]) * to_float(dout[row * p.dout.row_stride + d]);
+            if (dq_accum) dq_accum[(i64)row * p.head_dim + d] = 0.f;
+        }
 #pragma unroll
         for (int lane_mask = WARP_SIZE / 2; lane_mask > 0; lane_mask /= 2) sum += shfl_xor(sum, lane_mask);
         if (lane == 0) delta[row] = sum;

@@ -279,7 +279,7 @@ def small():
     (dict(window=(2, 3), causal=True), ValueError, r"with causal=True the right side must be 0"),
     (dict(softcap=-1.0), ValueError, r"softcap: expected a finite positive number"),
     (dict(softcap=float("inf")), ValueError, r"softcap: expected a finite positive number"),
-    (dict(softcap="5"), TypeError, r"softcap: expected a positive number or None"),
+    (dict(softcap="5"), TypeError, r"softcap: expected a positive number, 0.0 or None"),
     (dict(alibi_slopes=np.ones(3, np.float32)), ValueError, r"alibi_slopes: expected shape \(2,\) or \(1, 2\)"),
     (dict(alibi_slopes=np.ones(2, np.int32)), TypeError, r"alibi_slopes: expected a float dtype"),
     (dict(alibi_slopes=np.ones(2, np.float32), softcap=2.0), ValueError, r"cannot be combined with softcap"),

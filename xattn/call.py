@@ -122,11 +122,13 @@ def _signature(x):
     """What validation reads of an array, cheaply, or None where that is not cheap (then the
     call is validated every time)."""
     kind = type(x)
+    if kind is _TORCH_TENSOR:  # the common case first: a plain torch.Tensor
+        # a negative-bit view reads as -x: its memory is not what the kernels would see
+        return (x.shape, x.stride(), x.dtype, x.device, x.is_neg())
     if kind is np.ndarray:
         return (kind, x.shape, x.strides, x.dtype)
     torch = sys.modules.get("torch")
-    if torch is not None and isinstance(x, torch.Tensor):
-        # a negative-bit view reads as -x: its memory is not what the kernels would see
+    if torch is not None and isinstance(x, torch.Tensor):  # subclasses (nn.Parameter, ...)
         return (kind, x.shape, x.stride(), x.dtype, x.device, x.layout, x.is_neg())
     cupy = sys.modules.get("cupy")
     if cupy is not None and kind is cupy.ndarray:
@@ -134,13 +136,19 @@ def _signature(x):
     return None
 
 
+_TORCH_TENSOR = None  # torch.Tensor once torch is imported (xattn never imports it itself)
+
+
 def lookup(q, k, v, alibi_slopes, options: tuple) -> Call:
     """The Call of attention(q, k, v, alibi_slopes=..., *options): cached by signature, built
     (validated) on the first call. options: (causal, scale, window, softcap, layout, return_lse,
     backend, deterministic) as passed."""
+    global _TORCH_TENSOR
     torch = sys.modules.get("torch")
-    if torch is not None and torch.compiler.is_compiling():  # traced: no Python-side caches
-        return build(q, k, v, alibi_slopes, *options)
+    if torch is not None:
+        if torch.compiler.is_compiling():  # traced: no Python-side caches
+            return build(q, k, v, alibi_slopes, *options)
+        _TORCH_TENSOR = torch.Tensor
     signatures = (_signature(q), _signature(k), _signature(v),
                   None if alibi_slopes is None else _signature(alibi_slopes))
     if None in signatures[:3] or (alibi_slopes is not None and signatures[3] is None):
@@ -187,7 +195,27 @@ def build(q, k, v, alibi_slopes, causal, scale, window, softcap, layout, return_
 def build_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, *, causal,
                  scale, window, softcap, alibi_slopes, return_lse, backend, deterministic):
     """Validate attention_varlen()'s arguments: (Call, cu_seqlens as the backends take them).
-    The cumulative lengths are checked on the host (a GPU array is read back)."""
+    The cumulative lengths are checked on the host (a GPU array is read back; a GPU torch tensor
+    once per version). The Call is cached by signature as attention()'s is; the lengths' values
+    are checked on every call."""
+    options = (causal, scale, window, softcap, return_lse, backend, deterministic)
+    signatures = tuple(_signature(x) for x in (q, k, v, cu_seqlens_q, cu_seqlens_k))
+    if alibi_slopes is not None:
+        signatures += (_signature(alibi_slopes),)
+    key = None
+    torch = sys.modules.get("torch")
+    if None not in signatures and not (torch is not None and torch.compiler.is_compiling()):
+        key = ("varlen", signatures, options, max_seqlen_q, max_seqlen_k,
+               os.environ.get(backends.ENVIRONMENT_VARIABLE))
+    try:
+        call = _calls.get(key) if key is not None else None
+    except TypeError:  # an unhashable option: validate every time
+        call, key = None, None
+    if call is not None:
+        info = arrays.ArrayInfo(call.library, call.device, call.device_id, call.dtype, None)
+        cu_seqlens, _, _ = _validate_cu_seqlens(info, call.dims, cu_seqlens_q, cu_seqlens_k,
+                                                max_seqlen_q, max_seqlen_k)
+        return call, cu_seqlens
     for name, x in (("q", q), ("k", k), ("v", v)):
         shape = arrays.describe(x, name).shape
         if len(shape) != 3:
@@ -199,6 +227,10 @@ def build_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k
         info, dims, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
     call = build(q4, k4, v4, alibi_slopes, causal, scale, window, softcap, "bshd", return_lse,
                  backend, deterministic, varlen=(max_seqlen, sequences))
+    if key is not None:
+        if len(_calls) >= _MAX_CALLS:
+            _calls.clear()
+        _calls[key] = call
     return call, cu_seqlens
 
 

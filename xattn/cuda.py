@@ -366,13 +366,12 @@ def attention_backward(call, dout, q, k, v, out, lse, alibi_slopes=None, cu_seql
                                       **call.options(alibi_slopes, cu_seqlens))
     steps, scratch = plan
     device = q.device
-    delta = torch.empty(scratch["delta"], dtype=torch.float32, device=device)
+    # One float32 scratch buffer from torch's allocator, on its stream: delta, then dQ's
+    # accumulator (zeroed by the delta kernel). Held until the launches are queued.
+    buffer = torch.empty(scratch.floats, dtype=torch.float32, device=device)
     pointers = {"q": q.data_ptr(), "k": k.data_ptr(), "v": v.data_ptr(), "o": out.data_ptr(),
                 "dout": dout.data_ptr(), "lse": lse.data_ptr(), "dq": dq.data_ptr(),
-                "dk": dk.data_ptr(), "dv": dv.data_ptr(), "delta": delta.data_ptr()}
-    if "dq_accum" in scratch:
-        accum = torch.zeros(scratch["dq_accum"], dtype=torch.float32, device=device)
-        pointers["dq_accum"] = accum.data_ptr()
+                "dk": dk.data_ptr(), "dv": dv.data_ptr(), **scratch.pointers(buffer.data_ptr())}
     if alibi_slopes is not None:
         pointers["alibi_slopes"] = alibi_slopes.data_ptr()
     if cu_seqlens is not None:
@@ -484,6 +483,20 @@ def _call_backward_plan(call, dout, q, k, v, out, lse, alibi_slopes, cu_seqlens,
                           deterministic=call.deterministic, vec=vec)
 
 
+class _Scratch(NamedTuple):
+    """The backward's float32 scratch, one buffer: delta at its start, then (dQ by atomics) the
+    accumulator at accum_offset floats."""
+    floats: int
+    accum_offset: int | None
+
+    def pointers(self, base: int) -> dict:
+        if self.accum_offset is None:
+            return {"delta": base}
+        return {"delta": base, "dq_accum": base + 4 * self.accum_offset}
+
+
+_SCRATCH_ALIGN = 64  # floats: the accumulator starts 256-byte aligned (paired float atomics)
+
 # Rows per thread block of flash_bwd_prep.cu's kernels (ROWS_PER_BLOCK there).
 _PREP_ROWS, _PREP_THREADS = 32, 128
 
@@ -524,13 +537,13 @@ def backward(q, k, v, out, dout, lse, dq, dk, dv, *, causal: bool, scale: float,
         softcap=softcap, slopes=slopes, varlen=varlen, max_seqlen=max_seqlen,
         deterministic=deterministic, vec=vec))
     steps, scratch = plan
-    # Scratch from the caller's framework, on its stream: delta, and dQ's float32 accumulator.
-    # Held until the launches are queued: the caching allocators may reuse memory freed earlier.
-    delta = _new_like(q, scratch["delta"], zero=False)
-    accum = _new_like(q, scratch["dq_accum"], zero=True) if "dq_accum" in scratch else None
+    # One float32 scratch buffer from the caller's framework, on its stream: delta, then dQ's
+    # accumulator (zeroed by the delta kernel). Held until the launches are queued: the caching
+    # allocators may reuse memory freed earlier.
+    buffer = _new_like(q, (scratch.floats,), zero=False)
     pointers = {"q": Q.ptr, "k": K.ptr, "v": V.ptr, "o": O.ptr, "dout": dO.ptr, "lse": L.ptr,
-                "dq": dQ.ptr, "dk": dK.ptr, "dv": dV.ptr, "delta": _describe(delta).ptr,
-                "dq_accum": _describe(accum).ptr if accum is not None else 0}
+                "dq": dQ.ptr, "dk": dK.ptr, "dv": dV.ptr,
+                **scratch.pointers(_describe(buffer).ptr)}
     if slopes is not None:
         pointers["alibi_slopes"] = slopes.ptr
     if varlen:
@@ -555,17 +568,19 @@ def _plan_backward(Q, K, V, O, dO, L, dQ, dK, dV, batch, *, causal, scale, windo
     vec = vec and not simt
     # The row-wise kernels (delta, dQ conversion) see a packed batch as one entry of total_q rows.
     prep_batch = 1 if varlen else batch
-    scratch = {"delta": (prep_batch, heads_q, total_q)}
-    delta = _packed(_Array(0, scratch["delta"], (heads_q * total_q, total_q, 1), "float32", device),
-                    varlen)
+    delta_floats = prep_batch * heads_q * total_q
+    delta = _packed(_Array(0, (prep_batch, heads_q, total_q), (heads_q * total_q, total_q, 1),
+                           "float32", device), varlen)
+    scratch = _Scratch(delta_floats, None)
     tensors = {"q": Q, "k": K, "v": V, "o": O, "dout": dO, "lse": L, "dq": dQ, "dk": dK, "dv": dV,
                "delta": delta}
     accum = None
     if not simt and not deterministic:
-        scratch["dq_accum"] = (prep_batch, heads_q, total_q, head_dim)
-        accum = _packed(_Array(0, scratch["dq_accum"], (heads_q * total_q * head_dim,
-                                                        total_q * head_dim, head_dim), "float32",
-                               device), varlen)
+        offset = -(-delta_floats // _SCRATCH_ALIGN) * _SCRATCH_ALIGN
+        scratch = _Scratch(offset + delta_floats * head_dim, offset)
+        accum = _packed(_Array(0, (prep_batch, heads_q, total_q, head_dim),
+                               (heads_q * total_q * head_dim, total_q * head_dim, head_dim),
+                               "float32", device), varlen)
         tensors["dq_accum"] = accum
     main = _attn_params(var, tensors, heads_q=heads_q, head_dim=head_dim)
     # The prep kernels' block: every row of a packed batch in one entry (batch stride 0 there does

@@ -95,17 +95,25 @@ class Launch:
                 if ptr != entry[3]:
                     entry[2](entry[1], ptr)
                     entry[3] = ptr
+            launch_kernel = _driver().launchKernel
             if self.batch <= MAX_GRID_YZ:
-                _driver().launchKernel(self.handle, gx, gy, self.batch, self.threads, 1, 1,
-                                       self.smem, stream, self.args_ptr, 0)
+                launch_kernel(self.handle, gx, gy, self.batch, self.threads, 1, 1, self.smem, stream,
+                              self.args_ptr, 0)
                 return
             for b0 in range(0, self.batch, MAX_GRID_YZ):  # the parameters are copied at launch
                 self.block["batch_offset"] = b0
-                _driver().launchKernel(self.handle, gx, gy, min(MAX_GRID_YZ, self.batch - b0),
-                                       self.threads, 1, 1, self.smem, stream, self.args_ptr, 0)
+                launch_kernel(self.handle, gx, gy, min(MAX_GRID_YZ, self.batch - b0), self.threads,
+                              1, 1, self.smem, stream, self.args_ptr, 0)
             self.block["batch_offset"] = 0
 
 
+_driver_module = None
+
+
 def _driver():
-    from cupy.cuda import driver
-    return driver
+    """CuPy's driver bindings (cuLaunchKernel; hipModuleLaunchKernel on ROCm), imported once."""
+    global _driver_module
+    if _driver_module is None:
+        from cupy.cuda import driver
+        _driver_module = driver
+    return _driver_module

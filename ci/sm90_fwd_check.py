@@ -31,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from kernel_check import compare, exact  # noqa: E402  (the float64 oracle on the GPU, and the verdict)
 
-from xattn import cuda, jit, sm90, tma  # noqa: E402
+from xattn import cuda, jit, launch, sm90, tma  # noqa: E402
 
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16}
 VARIANTS = {"simple": dict(overlap=0, pingpong=0), "overlap": dict(overlap=1, pingpong=0),
@@ -201,7 +201,7 @@ def phase_check(args) -> int:
 
 def phase_host(args) -> int:
     q = torch.randn(4, 16, 4096, 128, device="cuda", dtype=torch.bfloat16)
-    desc = cuda._describe(q)
+    desc = launch.describe(q)
     n = 2000
     for repoint in (False, True):
         tma.REPOINT = repoint

@@ -72,7 +72,7 @@ def test_hip_decode_launcher_passes_every_kernel_parameter_in_order(target, case
     of append, decode and merge gets exactly its parameters, the defines carry the band and the
     softcap, the grid covers row tiles x splits, and the merge runs only with several splits."""
     torch = pytest.importorskip("torch")
-    from xattn import cuda
+    from xattn import launch
 
     class Device:
         def __init__(self, *_):
@@ -87,7 +87,7 @@ def test_hip_decode_launcher_passes_every_kernel_parameter_in_order(target, case
     fake = types.ModuleType("cupy")
     fake.cuda = types.SimpleNamespace(Device=Device)
     monkeypatch.setitem(sys.modules, "cupy", fake)
-    monkeypatch.setattr(cuda, "_external_stream", lambda *_: Device())
+    monkeypatch.setattr(launch, "external_stream", lambda *_: Device())
     monkeypatch.setattr(hip, "_cu_count", lambda device: 8)
     monkeypatch.setattr(kvcache, "_FORCED_SPLITS", case["splits"])
     kvcache.num_splits.cache_clear()

@@ -274,7 +274,7 @@ def test_hip_launchers_pass_every_kernel_parameter_in_order(target, variant, mon
     import sys
     import types
 
-    from xattn import cuda, hip
+    from xattn import hip, launch
 
     class Device:  # cupy.cuda.Device as a context manager
         def __init__(self, *_):
@@ -289,7 +289,7 @@ def test_hip_launchers_pass_every_kernel_parameter_in_order(target, variant, mon
     fake = types.ModuleType("cupy")
     fake.cuda = types.SimpleNamespace(Device=Device)
     monkeypatch.setitem(sys.modules, "cupy", fake)
-    monkeypatch.setattr(cuda, "_external_stream", lambda *_: Device())
+    monkeypatch.setattr(launch, "external_stream", lambda *_: Device())
 
     launches = []
 

@@ -16,8 +16,6 @@ import numpy as np
 
 from xattn import configs, jit, launch, params
 
-LOG2_E = math.log2(math.e)
-MAX_GRID_YZ = 65535  # CUDA's limit on gridDim.y and gridDim.z
 
 
 def availability() -> tuple[bool, str]:
@@ -37,22 +35,6 @@ def availability() -> tuple[bool, str]:
     return True, f"{count} CUDA device(s), compute capability {_arch(0) / 10:.1f} on device 0"
 
 
-class _Array(NamedTuple):
-    ptr: int
-    shape: tuple
-    strides: tuple  # in elements
-    dtype: str
-    device: int
-
-
-def _describe(x) -> _Array:
-    if hasattr(x, "data_ptr"):  # torch.Tensor
-        return _Array(x.data_ptr(), tuple(x.shape), tuple(x.stride()),
-                      str(x.dtype).removeprefix("torch."), x.device.index)
-    size = x.dtype.itemsize
-    return _Array(x.data.ptr, x.shape, tuple(s // size for s in x.strides), x.dtype.name, x.device.id)
-
-
 _arch_cache: dict[int, int] = {}
 
 
@@ -65,129 +47,17 @@ def _arch(device_id: int) -> int:
     return arch
 
 
-def _vec_loads(arrays: list[_Array], head_dim: int, itemsize: int) -> bool:
-    """True when every row starts on a 16-byte boundary, so tiles can move in 16-byte copies."""
-    per_vector = 16 // itemsize
-    if head_dim % per_vector:
-        return False
-    return all(a.ptr % 16 == 0 and all(s % per_vector == 0 for s in a.strides[:3]) for a in arrays)
-
-
-_smem_configured: set = set()
-_smem_lock = threading.Lock()
-
-
-def _prepare(kernel, key, smem_bytes: int) -> None:
-    # Blocks that need more than 48 KB of shared memory must opt in, once per compiled kernel.
-    # CuPy applies the attribute to the kernel of the *current* device: make it the kernel's own.
-    if key not in _smem_configured:
-        import cupy
-
-        with _smem_lock, cupy.cuda.Device(key[0]):
-            kernel.max_dynamic_shared_size_bytes = smem_bytes
-            _smem_configured.add(key)
-
-
-_streams: dict[tuple[int, int], object] = {}
-
-
-def _external_stream(ptr: int, device_id: int):
-    """A CuPy handle on the caller's stream (torch's, or any cudaStream_t), made once per stream."""
-    handle = _streams.get((ptr, device_id))
-    if handle is None:
-        import warnings
-
-        import cupy
-
-        with warnings.catch_warnings():  # CuPy 14 deprecates ExternalStream for a protocol
-            warnings.simplefilter("ignore", DeprecationWarning)  # raw pointers cannot speak
-            handle = _streams[(ptr, device_id)] = cupy.cuda.ExternalStream(ptr, device_id)
-    return handle
-
-
 def _kernel(cfg, dtype: str, causal: bool, vec: bool, device: int, **extra_defines):
     """The compiled variant of a table row, its shared memory opted in."""
     defines = configs.defines(cfg, dtype, causal, vec) | extra_defines
     kernel = jit.get_function("cuda", _SOURCE.get(cfg.kernel, cfg.kernel + ".cu"), cfg.kernel, defines, device)
     smem = configs.shared_memory_bytes(cfg)
-    _prepare(kernel, (device, id(kernel)), smem)
+    launch.prepare_smem(kernel, (device, id(kernel)), smem)
     return kernel, smem
 
 
 _SOURCE = {"flash_bwd_preprocess": "flash_bwd_prep.cu", "flash_bwd_convert_dq": "flash_bwd_prep.cu",
            **configs.SOURCES}
-
-
-def _launch(kernel, grid_xy, threads: int, smem: int, args, batch: int) -> None:
-    """Launch over the batch in chunks (gridDim.z <= 65535). args: the kernel's arguments in
-    order; (_Array, itemsize) pairs are pointers, moved by the chunk's batch offset."""
-    for b0 in range(0, batch, MAX_GRID_YZ):
-        nb = min(MAX_GRID_YZ, batch - b0)
-        values = tuple(np.uint64(a[0].ptr + b0 * a[0].strides[0] * a[1]) if type(a) is tuple else a
-                       for a in args)
-        kernel(grid_xy + (nb,), (threads,), values, shared_mem=smem)
-
-
-# A null pointer argument (no cu_seqlens, no ALiBi slopes): stride 0, so no chunk moves it.
-_NULL = (_Array(0, (), (0,), "", -1), 4)
-
-
-class _Variant(NamedTuple):
-    """Masks and score modifiers of one call, as every kernel takes them (attention_common.h)."""
-    defines: dict  # IS_CAUSAL, IS_LOCAL, HAS_SOFTCAP, HAS_ALIBI, IS_VARLEN
-    options: dict  # the AttnParams scalars (params.h): seqlen_q, seqlen_k, heads_per_kv,
-                   # window_left, window_right, softcap_scale, scale, scale_log2 (the score scale:
-                   # the softcap c under a softcap), grad_scale (the attention scale),
-                   # alibi_batch_stride
-    args: list     # the same as the HIP kernels take them, positionally: cu_seqlens_q, cu_seqlens_k,
-                   # alibi_slopes, alibi_batch_stride, seqlen_q, seqlen_k, head_dim, heads_per_kv,
-                   # window_left, window_right, softcap_scale, scale, scale_log2
-
-
-def _variant(*, causal: bool, scale: float, window, softcap: float, alibi_slopes, cu_seqlens,
-             seqlen_q: int, seqlen_k: int, head_dim: int, heads_per_kv: int) -> _Variant:
-    """alibi_slopes: an array or its _Array; cu_seqlens: a pair of arrays, (None, None) when only
-    the flags and scalars are wanted (a plan patches the pointers later), or None (not packed)."""
-    left, right = window
-    if causal:
-        right = 0
-    score_scale = softcap if softcap else scale
-    if cu_seqlens is not None and cu_seqlens[0] is not None:
-        cu = [(_describe(c), 4) for c in cu_seqlens]
-    else:
-        cu = [_NULL, _NULL]
-    alibi_batch_stride = 0
-    if alibi_slopes is not None:
-        slopes = alibi_slopes if isinstance(alibi_slopes, _Array) else _describe(alibi_slopes)
-        alibi_batch_stride = slopes.strides[0] if len(slopes.shape) == 2 else 0  # (Hq,) or (B, Hq)
-        alibi = [(_Array(slopes.ptr, slopes.shape, (alibi_batch_stride,), "float32", slopes.device), 4),
-                 np.int64(alibi_batch_stride)]
-    else:
-        alibi = [_NULL, np.int64(0)]
-    defines = {"IS_CAUSAL": int(right >= 0), "IS_LOCAL": int(left >= 0), "HAS_SOFTCAP": int(bool(softcap)),
-               "HAS_ALIBI": int(alibi_slopes is not None), "IS_VARLEN": int(cu_seqlens is not None)}
-    options = dict(seqlen_q=seqlen_q, seqlen_k=seqlen_k, heads_per_kv=heads_per_kv, window_left=left,
-                   window_right=right, softcap_scale=scale / softcap if softcap else 0.0,
-                   scale=score_scale, scale_log2=score_scale * LOG2_E, grad_scale=scale,
-                   alibi_batch_stride=alibi_batch_stride)
-    args = cu + alibi + [np.int32(seqlen_q), np.int32(seqlen_k), np.int32(head_dim), np.int32(heads_per_kv),
-                         np.int32(left), np.int32(right), np.float32(options["softcap_scale"]),
-                         np.float32(score_scale), np.float32(options["scale_log2"])]
-    return _Variant(defines, options, args)
-
-
-def _packed(a: _Array, varlen: bool) -> _Array:
-    """A packed (varlen) tensor is one (1, H, T, D) batch entry that every sequence indexes from
-    its own first row: batch stride 0."""
-    return a._replace(strides=(0,) + a.strides[1:]) if varlen else a
-
-
-def _strides(*arrays: _Array, dims: int = 3):
-    return tuple(np.int64(s) for a in arrays for s in a.strides[:dims])
-
-
-def _itemsize(dtype: str) -> int:
-    return 4 if dtype == "float32" else 2
 
 
 # ---- plans: what a call of one signature launches ---------------------------------------------
@@ -211,9 +81,9 @@ def _cached_plan(key, build):
     return plan
 
 
-def _attn_params(var: "_Variant", tensors: dict, *, heads_q: int, head_dim: int) -> np.ndarray:
-    """An AttnParams block: the tensors' strides ({field: _Array}; pointers are patched per call),
-    and the masks and modifiers of `var` (as _variant computes them)."""
+def _attn_params(var: "launch.Variant", tensors: dict, *, heads_q: int, head_dim: int) -> np.ndarray:
+    """An AttnParams block: the tensors' strides ({field: launch.Array}; pointers are patched per call),
+    and the masks and modifiers of `var` (as launch.variant computes them)."""
     block = params.attn_params()
     for name, a in tensors.items():
         params.set_tensor(block, name, 0, a.strides[:3])
@@ -259,15 +129,15 @@ def forward(q, k, v, out, lse, *, causal: bool, scale: float, stream: int, windo
     lse (1, Hq, Tq), cu_seqlens = (cu_seqlens_q, cu_seqlens_k) int32 on the device and
     max_seqlen = (max_seqlen_q, max_seqlen_k)."""
     varlen = cu_seqlens is not None
-    Q, K, V, O, L = (_packed(_describe(a), varlen) for a in (q, k, v, out, lse))
+    Q, K, V, O, L = (launch.packed(launch.describe(a), varlen) for a in (q, k, v, out, lse))
     batch, heads_q, seqlen_q, head_dim = Q.shape
     if varlen:
         batch = cu_seqlens[0].shape[0] - 1
         seqlen_q = max_seqlen[0]
     if batch == 0 or heads_q == 0 or seqlen_q == 0:
         return
-    if heads_q > MAX_GRID_YZ:
-        raise ValueError(f"q: at most {MAX_GRID_YZ} heads are supported, got {heads_q}")
+    if heads_q > launch.MAX_GRID_YZ:
+        raise ValueError(f"q: at most {launch.MAX_GRID_YZ} heads are supported, got {heads_q}")
     options = dict(causal=causal, window=window, softcap=softcap, alibi_slopes=alibi_slopes,
                    cu_seqlens=cu_seqlens, max_seqlen=max_seqlen)
     if _arch(Q.device) == 90:  # Hopper: the wgmma/TMA kernel where it serves the call
@@ -275,12 +145,12 @@ def forward(q, k, v, out, lse, *, causal: bool, scale: float, stream: int, windo
         if sm90.supports(q, k, v, out, lse, **options):
             return sm90.forward(q, k, v, out, lse, scale=scale, stream=stream, **options)
     pointers = {"q": Q.ptr, "k": K.ptr, "v": V.ptr, "o": O.ptr, "lse": L.ptr}
-    slopes = _describe(alibi_slopes) if alibi_slopes is not None else None
+    slopes = launch.describe(alibi_slopes) if alibi_slopes is not None else None
     if slopes is not None:
         pointers["alibi_slopes"] = slopes.ptr
     if varlen:
-        pointers["cu_seqlens_q"], pointers["cu_seqlens_k"] = (_describe(c).ptr for c in cu_seqlens)
-    vec = _vec_loads([Q, K, V, O], head_dim, _itemsize(Q.dtype))
+        pointers["cu_seqlens_q"], pointers["cu_seqlens_k"] = (launch.describe(c).ptr for c in cu_seqlens)
+    vec = launch.vec_loads([Q, K, V, O], head_dim, launch.itemsize(Q.dtype))
     key = ("fwd", Q.dtype, Q.device, batch, Q.shape, K.shape, Q.strides, K.strides, V.strides,
            O.strides, L.strides, causal, scale, tuple(window), softcap,
            slopes.shape if slopes is not None else None, max_seqlen, vec)
@@ -297,7 +167,7 @@ def _plan_forward(Q, K, V, O, L, batch, *, causal, scale, window, softcap, slope
     seqlen_q = max_seqlen[0] if varlen else total_q
     if varlen:
         seqlen_k = max_seqlen[1]
-    var = _variant(causal=causal, scale=scale, window=window, softcap=softcap, alibi_slopes=slopes,
+    var = launch.variant(causal=causal, scale=scale, window=window, softcap=softcap, alibi_slopes=slopes,
                    cu_seqlens=(None, None) if varlen else None, seqlen_q=seqlen_q, seqlen_k=seqlen_k,
                    head_dim=head_dim, heads_per_kv=heads_q // heads_k)
     has_right_edge = bool(var.defines["IS_CAUSAL"])
@@ -404,13 +274,13 @@ def _kernel_views(call, *tensors):
     is strided."""
     described = []
     for t in tensors:
-        a = _describe(t)
+        a = launch.describe(t)
         if a.shape[-1] > 1 and a.strides[-1] != 1:
             return None
         if call.layout == "bshd" and len(a.shape) == 4:
             a = a._replace(shape=(a.shape[0], a.shape[2], a.shape[1], a.shape[3]),
                            strides=(a.strides[0], a.strides[2], a.strides[1], a.strides[3]))
-        described.append(_packed(a, call.varlen))
+        described.append(launch.packed(a, call.varlen))
     return described
 
 
@@ -419,7 +289,7 @@ def _call_forward_steps(call, q, k, v, alibi_slopes, cu_seqlens, aligned):
     import torch
 
     batch, heads_q, seqlen_q, seqlen_k, head_dim = call.dims
-    if batch == 0 or heads_q == 0 or seqlen_q == 0 or seqlen_k == 0 or heads_q > MAX_GRID_YZ:
+    if batch == 0 or heads_q == 0 or seqlen_q == 0 or seqlen_k == 0 or heads_q > launch.MAX_GRID_YZ:
         return None
     if any(t.is_neg() for t in (q, k, v)):
         return None
@@ -428,16 +298,16 @@ def _call_forward_steps(call, q, k, v, alibi_slopes, cu_seqlens, aligned):
     if views is None:
         return None
     Q, K, V, O = views
-    L = _Array(0, call.lse_shape, (call.heads_q * call.seqlen_q, call.seqlen_q, 1), "float32",
+    L = launch.Array(0, call.lse_shape, (call.heads_q * call.seqlen_q, call.seqlen_q, 1), "float32",
                Q.device)
-    L = _packed(L, call.varlen)
-    slopes = _describe(alibi_slopes) if alibi_slopes is not None else None
+    L = launch.packed(L, call.varlen)
+    slopes = launch.describe(alibi_slopes) if alibi_slopes is not None else None
     if _arch(Q.device) == 90 and _sm90_serves(call, q, k, v, out, alibi_slopes, cu_seqlens):
         from xattn import sm90
         return (sm90.plan(Q, K, V, O, L, causal=call.causal,
                           scale=call.scale, window=call.window, softcap=call.softcap,
                           slopes=slopes),)
-    vec = aligned and _vec_loads([Q, K, V, O], head_dim, _itemsize(Q.dtype))
+    vec = aligned and launch.vec_loads([Q, K, V, O], head_dim, launch.itemsize(Q.dtype))
     return _plan_forward(Q, K, V, O, L, call.batch, causal=call.causal, scale=call.scale,
                          window=call.window, softcap=call.softcap, slopes=slopes,
                          varlen=call.varlen, max_seqlen=call.max_seqlen, vec=vec)
@@ -462,7 +332,7 @@ def _call_backward_plan(call, dout, q, k, v, out, lse, alibi_slopes, cu_seqlens,
     import torch
 
     batch, heads_q, seqlen_q, seqlen_k, head_dim = call.dims
-    if batch == 0 or heads_q == 0 or seqlen_q == 0 or seqlen_k == 0 or heads_q > MAX_GRID_YZ:
+    if batch == 0 or heads_q == 0 or seqlen_q == 0 or seqlen_k == 0 or heads_q > launch.MAX_GRID_YZ:
         return None
     if any(t.is_neg() for t in (q, k, v, out, dout)):
         return None
@@ -471,12 +341,12 @@ def _call_backward_plan(call, dout, q, k, v, out, lse, alibi_slopes, cu_seqlens,
     if views is None:
         return None
     Q, K, V, O, dO, dQ, dK, dV = views
-    L = _packed(_Array(0, call.lse_shape, (call.heads_q * call.seqlen_q, call.seqlen_q, 1),
+    L = launch.packed(launch.Array(0, call.lse_shape, (call.heads_q * call.seqlen_q, call.seqlen_q, 1),
                        "float32", Q.device), call.varlen)
     if tuple(lse.stride()) != (call.heads_q * call.seqlen_q, call.seqlen_q, 1):
         return None
-    vec = aligned and _vec_loads([Q, K, V, O, dO, dQ, dK, dV], head_dim, _itemsize(Q.dtype))
-    slopes = _describe(alibi_slopes) if alibi_slopes is not None else None
+    vec = aligned and launch.vec_loads([Q, K, V, O, dO, dQ, dK, dV], head_dim, launch.itemsize(Q.dtype))
+    slopes = launch.describe(alibi_slopes) if alibi_slopes is not None else None
     return _plan_backward(Q, K, V, O, dO, L, dQ, dK, dV, call.batch, causal=call.causal,
                           scale=call.scale, window=call.window, softcap=call.softcap,
                           slopes=slopes, varlen=call.varlen, max_seqlen=call.max_seqlen,
@@ -509,7 +379,7 @@ def backward(q, k, v, out, dout, lse, dq, dk, dv, *, causal: bool, scale: float,
     CUDA-core path, float32 and head dims past the tensor-core rows, uses no atomics either way).
     window, softcap, alibi_slopes, cu_seqlens, max_seqlen: as in forward."""
     varlen = cu_seqlens is not None
-    Q, K, V, O, dO, L, dQ, dK, dV = (_packed(_describe(a), varlen)
+    Q, K, V, O, dO, L, dQ, dK, dV = (launch.packed(launch.describe(a), varlen)
                                      for a in (q, k, v, out, dout, lse, dq, dk, dv))
     batch, heads_q, total_q, head_dim = Q.shape  # total_q: every query row (packed: all sequences)
     seqlen_q, seqlen_k = total_q, K.shape[2]
@@ -522,12 +392,12 @@ def backward(q, k, v, out, dout, lse, dq, dk, dv, *, causal: bool, scale: float,
         for grad in (dq, dk, dv):
             grad.zero_() if hasattr(grad, "zero_") else grad.fill(0)
         return
-    if heads_q > MAX_GRID_YZ:
-        raise ValueError(f"q: at most {MAX_GRID_YZ} heads are supported, got {heads_q}")
+    if heads_q > launch.MAX_GRID_YZ:
+        raise ValueError(f"q: at most {launch.MAX_GRID_YZ} heads are supported, got {heads_q}")
 
     device = Q.device
-    vec = _vec_loads([Q, K, V, O, dO, dQ, dK, dV], head_dim, _itemsize(Q.dtype))
-    slopes = _describe(alibi_slopes) if alibi_slopes is not None else None
+    vec = launch.vec_loads([Q, K, V, O, dO, dQ, dK, dV], head_dim, launch.itemsize(Q.dtype))
+    slopes = launch.describe(alibi_slopes) if alibi_slopes is not None else None
     key = ("bwd", Q.dtype, device, batch, Q.shape, K.shape, Q.strides, K.strides, V.strides,
            O.strides, dO.strides, L.strides, dQ.strides, dK.strides, dV.strides, causal, scale,
            tuple(window), softcap, slopes.shape if slopes is not None else None, max_seqlen,
@@ -540,14 +410,14 @@ def backward(q, k, v, out, dout, lse, dq, dk, dv, *, causal: bool, scale: float,
     # One float32 scratch buffer from the caller's framework, on its stream: delta, then dQ's
     # accumulator (zeroed by the delta kernel). Held until the launches are queued: the caching
     # allocators may reuse memory freed earlier.
-    buffer = _new_like(q, (scratch.floats,), zero=False)
+    buffer = launch.new_like(q, (scratch.floats,), zero=False)
     pointers = {"q": Q.ptr, "k": K.ptr, "v": V.ptr, "o": O.ptr, "dout": dO.ptr, "lse": L.ptr,
                 "dq": dQ.ptr, "dk": dK.ptr, "dv": dV.ptr,
-                **scratch.pointers(_describe(buffer).ptr)}
+                **scratch.pointers(launch.describe(buffer).ptr)}
     if slopes is not None:
         pointers["alibi_slopes"] = slopes.ptr
     if varlen:
-        pointers["cu_seqlens_q"], pointers["cu_seqlens_k"] = (_describe(c).ptr for c in cu_seqlens)
+        pointers["cu_seqlens_q"], pointers["cu_seqlens_k"] = (launch.describe(c).ptr for c in cu_seqlens)
     _run(steps, pointers, stream, device)
 
 
@@ -560,7 +430,7 @@ def _plan_backward(Q, K, V, O, dO, L, dQ, dK, dV, batch, *, causal, scale, windo
     heads_q, total_q, head_dim = Q.shape[1], Q.shape[2], Q.shape[3]
     heads_k = K.shape[1]
     seqlen_q, seqlen_k = max_seqlen if varlen else (total_q, K.shape[2])
-    var = _variant(causal=causal, scale=scale, window=window, softcap=softcap, alibi_slopes=slopes,
+    var = launch.variant(causal=causal, scale=scale, window=window, softcap=softcap, alibi_slopes=slopes,
                    cu_seqlens=(None, None) if varlen else None, seqlen_q=seqlen_q, seqlen_k=seqlen_k,
                    head_dim=head_dim, heads_per_kv=heads_q // heads_k)
     has_right_edge = bool(var.defines["IS_CAUSAL"])
@@ -569,7 +439,7 @@ def _plan_backward(Q, K, V, O, dO, L, dQ, dK, dV, batch, *, causal, scale, windo
     # The row-wise kernels (delta, dQ conversion) see a packed batch as one entry of total_q rows.
     prep_batch = 1 if varlen else batch
     delta_floats = prep_batch * heads_q * total_q
-    delta = _packed(_Array(0, (prep_batch, heads_q, total_q), (heads_q * total_q, total_q, 1),
+    delta = launch.packed(launch.Array(0, (prep_batch, heads_q, total_q), (heads_q * total_q, total_q, 1),
                            "float32", device), varlen)
     scratch = _Scratch(delta_floats, None)
     tensors = {"q": Q, "k": K, "v": V, "o": O, "dout": dO, "lse": L, "dq": dQ, "dk": dK, "dv": dV,
@@ -578,7 +448,7 @@ def _plan_backward(Q, K, V, O, dO, L, dQ, dK, dV, batch, *, causal, scale, windo
     if not simt and not deterministic:
         offset = -(-delta_floats // _SCRATCH_ALIGN) * _SCRATCH_ALIGN
         scratch = _Scratch(offset + delta_floats * head_dim, offset)
-        accum = _packed(_Array(0, (prep_batch, heads_q, total_q, head_dim),
+        accum = launch.packed(launch.Array(0, (prep_batch, heads_q, total_q, head_dim),
                                (heads_q * total_q * head_dim, total_q * head_dim, head_dim),
                                "float32", device), varlen)
         tensors["dq_accum"] = accum
@@ -632,18 +502,6 @@ def _backward_on_cuda_cores(dtype: str, arch: int, head_dim: int, causal: bool) 
     except ValueError:  # no tensor-core row for this head dim (an older device fails the same way there)
         return True
     return False
-
-
-def _new_like(x, shape, *, zero: bool):
-    """A float32 scratch array in x's framework and device (torch's allocator for torch tensors)."""
-    if hasattr(x, "data_ptr"):
-        import torch
-
-        make = torch.zeros if zero else torch.empty
-        return make(shape, dtype=torch.float32, device=x.device)
-    import cupy
-
-    return (cupy.zeros if zero else cupy.empty)(shape, dtype=cupy.float32)
 
 
 def info() -> dict[str, str]:

@@ -9,8 +9,8 @@ GPUs without MFMA (RDNA: wave32). The backward (delta, then dK/dV and dQ in two 
 atomics) follows the same choice per dtype and head dim (configs.select_hip_backward).
 
 The variants of issue 6 -- sliding windows, softcap, ALiBi and packed (varlen) batches -- reach
-the kernels exactly as on CUDA: the same flags and trailing arguments (xattn.cuda._variant), the
-same (1, H, T, D) views of batch stride 0 for packed batches (xattn.cuda._packed), the same
+the kernels exactly as on CUDA: the same flags and trailing arguments (xattn.launch_layer.variant), the
+same (1, H, T, D) views of batch stride 0 for packed batches (xattn.launch_layer.packed), the same
 vendor-neutral logic in kernels_common/attention_common.h.
 """
 
@@ -18,7 +18,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from xattn import configs, cuda, jit
+from xattn import configs, jit
+from xattn import launch as launch_layer  # the vendor-neutral launch layer (hip.launch is ours)
 
 MAX_GRID_YZ = 65535  # gridDim.y and gridDim.z, as on CUDA: the batch is walked in chunks
 
@@ -69,17 +70,17 @@ def forward(q, k, v, out, lse, *, causal: bool, scale: float, stream: int, windo
     """Write out = softmax(scale * q k^T + modifiers) v and lse for (B, H, S, D) views: the
     contract of xattn.cuda.forward, variants included (window, softcap, alibi_slopes, packed
     batches through cu_seqlens and max_seqlen)."""
-    launch(_jit, _arch(cuda._describe(q).device), q, k, v, out, lse, causal=causal, scale=scale,
+    launch(_jit, _arch(launch_layer.describe(q).device), q, k, v, out, lse, causal=causal, scale=scale,
            stream=stream, window=window, softcap=softcap, alibi_slopes=alibi_slopes,
            cu_seqlens=cu_seqlens, max_seqlen=max_seqlen)
 
 
 def _problem(arrays, cu_seqlens, max_seqlen):
     """(described arrays, batch, heads_q, heads_k, seqlen_q, seqlen_k, head_dim) of a call; a
-    packed batch is one (1, H, T, D) entry of batch stride 0 (cuda._packed) and its lengths are
+    packed batch is one (1, H, T, D) entry of batch stride 0 (launch_layer.packed) and its lengths are
     the longest sequence's."""
     varlen = cu_seqlens is not None
-    described = [cuda._packed(cuda._describe(a), varlen) for a in arrays]
+    described = [launch_layer.packed(launch_layer.describe(a), varlen) for a in arrays]
     Q, K = described[0], described[1]
     batch, heads_q, seqlen_q, head_dim = Q.shape
     heads_k, seqlen_k = K.shape[1], K.shape[2]
@@ -94,7 +95,7 @@ def launch(compile, target: str, q, k, v, out, lse, *, causal: bool, scale: floa
            max_seqlen=None) -> None:
     """The forward on a device of gcnArchName `target`, its kernel from compile(cfg, defines,
     device) -> cupy.RawKernel. Everything else -- row choice, variant flags and arguments (the
-    cuda backend's own, cuda._variant), grid, launch -- is the hip backend's. Shared with
+    cuda backend's own, launch_layer.variant), grid, launch -- is the hip backend's. Shared with
     tests/test_hip_portable.py, which compiles the portable kernel for an NVIDIA GPU with NVRTC."""
     import cupy
 
@@ -104,18 +105,18 @@ def launch(compile, target: str, q, k, v, out, lse, *, causal: bool, scale: floa
         return
     if heads_q > MAX_GRID_YZ:
         raise ValueError(f"q: at most {MAX_GRID_YZ} heads are supported, got {heads_q}")
-    var = cuda._variant(causal=causal, scale=scale, window=window, softcap=softcap,
+    var = launch_layer.variant(causal=causal, scale=scale, window=window, softcap=softcap,
                         alibi_slopes=alibi_slopes, cu_seqlens=cu_seqlens, seqlen_q=seqlen_q,
                         seqlen_k=seqlen_k, head_dim=head_dim, heads_per_kv=heads_q // heads_k)
     has_right_edge = bool(var.defines["IS_CAUSAL"])
     cfg = configs.select_hip(Q.dtype, target, head_dim, has_right_edge)
-    size = cuda._itemsize(Q.dtype)
-    vec = cfg.kernel in configs.HIP_MFMA_KERNELS and cuda._vec_loads([Q, K, V, O], head_dim, size)
+    size = launch_layer.itemsize(Q.dtype)
+    vec = cfg.kernel in configs.HIP_MFMA_KERNELS and launch_layer.vec_loads([Q, K, V, O], head_dim, size)
     kernel = compile(cfg, configs.hip_defines(cfg, Q.dtype, has_right_edge, vec) | var.defines, Q.device)
-    args = [(Q, size), (K, size), (V, size), (O, size), (L, 4), *cuda._strides(Q, K, V, O),
-            *cuda._strides(L, dims=2), *var.args]
-    with cupy.cuda.Device(Q.device), cuda._external_stream(stream, Q.device):
-        cuda._launch(kernel, configs.hip_grid(cfg, seqlen_q, seqlen_k, heads_q, heads_k, 1)[:2],
+    args = [(Q, size), (K, size), (V, size), (O, size), (L, 4), *launch_layer.stride_args(Q, K, V, O),
+            *launch_layer.stride_args(L, dims=2), *var.args]
+    with cupy.cuda.Device(Q.device), launch_layer.external_stream(stream, Q.device):
+        launch_layer.launch_args(kernel, configs.hip_grid(cfg, seqlen_q, seqlen_k, heads_q, heads_k, 1)[:2],
                      configs.hip_threads(cfg), configs.hip_shared_memory_bytes(cfg), args, batch)
 
 
@@ -126,7 +127,7 @@ def backward(q, k, v, out, dout, lse, dq, dk, dv, *, causal: bool, scale: float,
     (B, Hq, Sq)). dk and dv are summed over the query heads of each GQA group. The same contract as
     xattn.cuda.backward, variants included. `deterministic` changes nothing here: dQ always comes
     from its own query-parallel kernel, with no atomics, so every run gives the same bits."""
-    launch_backward(_jit, _arch(cuda._describe(q).device), q, k, v, out, dout, lse, dq, dk, dv,
+    launch_backward(_jit, _arch(launch_layer.describe(q).device), q, k, v, out, dout, lse, dq, dk, dv,
                     causal=causal, scale=scale, stream=stream, window=window, softcap=softcap,
                     alibi_slopes=alibi_slopes, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen)
 
@@ -150,14 +151,14 @@ def launch_backward(compile, target: str, q, k, v, out, dout, lse, dq, dk, dv, *
         return
     if heads_q > MAX_GRID_YZ:
         raise ValueError(f"q: at most {MAX_GRID_YZ} heads are supported, got {heads_q}")
-    var = cuda._variant(causal=causal, scale=scale, window=window, softcap=softcap,
+    var = launch_layer.variant(causal=causal, scale=scale, window=window, softcap=softcap,
                         alibi_slopes=alibi_slopes, cu_seqlens=cu_seqlens, seqlen_q=seqlen_q,
                         seqlen_k=seqlen_k, head_dim=head_dim, heads_per_kv=heads_q // heads_k)
     tail = var.args + [np.float32(scale)]  # grad_scale: the attention scale, for dQ and dK
     has_right_edge = bool(var.defines["IS_CAUSAL"])
     cfgs = configs.select_hip_backward(Q.dtype, target, head_dim, has_right_edge)
-    size = cuda._itemsize(Q.dtype)
-    vec = cuda._vec_loads([Q, K, V, O, dO, dQ, dK, dV], head_dim, size)
+    size = launch_layer.itemsize(Q.dtype)
+    vec = launch_layer.vec_loads([Q, K, V, O, dO, dQ, dK, dV], head_dim, size)
     prep, dkdv, dq_kernel = (
         compile(cfg, configs.hip_defines(cfg, Q.dtype, has_right_edge, vec and cfg.kernel in configs.HIP_MFMA_KERNELS)
                 | ({} if cfg.kernel == "flash_bwd_preprocess" else var.defines), Q.device)
@@ -169,23 +170,23 @@ def launch_backward(compile, target: str, q, k, v, out, dout, lse, dq, dk, dv, *
 
     # The row-wise preprocess sees a packed batch as one entry of total_q rows.
     prep_batch = 1 if varlen else batch
-    with cupy.cuda.Device(Q.device), cuda._external_stream(stream, Q.device):
+    with cupy.cuda.Device(Q.device), launch_layer.external_stream(stream, Q.device):
         # delta = rowsum(dO * O), float32 scratch from the caller's framework, on its stream; held
         # until the end, as the caching allocators may hand freed memory out again at once.
-        delta_array = cuda._new_like(q, (prep_batch, heads_q, total_q), zero=False)
-        D = cuda._packed(cuda._describe(delta_array), varlen)
-        cuda._launch(prep, grid(prep_cfg, total_q), configs.hip_threads(prep_cfg), 0,
-                     [(O, size), (dO, size), (D, 4), *cuda._strides(O, dO), *cuda._strides(D, dims=2),
+        delta_array = launch_layer.new_like(q, (prep_batch, heads_q, total_q), zero=False)
+        D = launch_layer.packed(launch_layer.describe(delta_array), varlen)
+        launch_layer.launch_args(prep, grid(prep_cfg, total_q), configs.hip_threads(prep_cfg), 0,
+                     [(O, size), (dO, size), (D, 4), *launch_layer.stride_args(O, dO), *launch_layer.stride_args(D, dims=2),
                       np.int32(total_q), np.int32(head_dim)], prep_batch)
         common = [(Q, size), (K, size), (V, size), (dO, size), (L, 4), (D, 4)]
-        lse_delta = cuda._strides(L, D, dims=2)
-        cuda._launch(dkdv, grid(dkdv_cfg, seqlen_q), configs.hip_threads(dkdv_cfg),
+        lse_delta = launch_layer.stride_args(L, D, dims=2)
+        launch_layer.launch_args(dkdv, grid(dkdv_cfg, seqlen_q), configs.hip_threads(dkdv_cfg),
                      configs.hip_shared_memory_bytes(dkdv_cfg),
-                     [*common, (dK, size), (dV, size), *cuda._strides(Q, K, V, dO, dK, dV), *lse_delta, *tail],
+                     [*common, (dK, size), (dV, size), *launch_layer.stride_args(Q, K, V, dO, dK, dV), *lse_delta, *tail],
                      batch)
-        cuda._launch(dq_kernel, grid(dq_cfg, seqlen_q), configs.hip_threads(dq_cfg),
+        launch_layer.launch_args(dq_kernel, grid(dq_cfg, seqlen_q), configs.hip_threads(dq_cfg),
                      configs.hip_shared_memory_bytes(dq_cfg),
-                     [*common, (dQ, size), *cuda._strides(Q, K, V, dO, dQ), *lse_delta, *tail], batch)
+                     [*common, (dQ, size), *launch_layer.stride_args(Q, K, V, dO, dQ), *lse_delta, *tail], batch)
 
 
 def info() -> dict[str, str]:
@@ -217,7 +218,7 @@ def decode(q, k_cache, v_cache, k_new, v_new, out, lse, cache_seqlens, call, wor
     unit stride along D), cache_seqlens an int32 device array or None to use call.uniform, `call`
     the validated call (seqlen_new, uniform, window with causal folded in, softcap, scale),
     workspace(n) -> n float32 elements from the caller's framework."""
-    launch_decode(_jit, _arch(cuda._describe(q).device), q, k_cache, v_cache, k_new, v_new, out,
+    launch_decode(_jit, _arch(launch_layer.describe(q).device), q, k_cache, v_cache, k_new, v_new, out,
                   lse, cache_seqlens, call, workspace, stream)
 
 
@@ -242,7 +243,7 @@ def launch_decode(compile, target: str, q, k_cache, v_cache, k_new, v_new, out, 
 
     from xattn import kvcache
 
-    Q, Kc, Vc, O, L = (cuda._describe(a) for a in (q, k_cache, v_cache, out, lse))
+    Q, Kc, Vc, O, L = (launch_layer.describe(a) for a in (q, k_cache, v_cache, out, lse))
     batch, heads_q, seqlen_q, head_dim = Q.shape
     heads_k, seqlen_max = Kc.shape[1], Kc.shape[2]
     seqlen_new = call.seqlen_new
@@ -250,10 +251,10 @@ def launch_decode(compile, target: str, q, k_cache, v_cache, k_new, v_new, out, 
         return
     if heads_k > MAX_GRID_YZ:
         raise ValueError(f"k_cache: at most {MAX_GRID_YZ} heads are supported, got {heads_k}")
-    device, size = Q.device, cuda._itemsize(Q.dtype)
-    null = cuda._Array(0, (), (0,), "", device)
+    device, size = Q.device, launch_layer.itemsize(Q.dtype)
+    null = launch_layer.Array(0, (), (0,), "", device)
     if cache_seqlens is not None:
-        S = cuda._describe(cache_seqlens)
+        S = launch_layer.describe(cache_seqlens)
         seqlens, seqlens_stride, uniform = (S, 4), np.int64(S.strides[0]), np.int32(0)
     else:
         seqlens, seqlens_stride, uniform = (null, 4), np.int64(0), np.int32(call.uniform)
@@ -279,40 +280,40 @@ def launch_decode(compile, target: str, q, k_cache, v_cache, k_new, v_new, out, 
     if m_blocks * splits >= 2**31:
         raise ValueError(f"q: too many query rows per kv head ({rows})")
 
-    with cupy.cuda.Device(device), cuda._external_stream(stream, device):
+    with cupy.cuda.Device(device), launch_layer.external_stream(stream, device):
         if seqlen_new and k_new is not None:
-            Kn, Vn = cuda._describe(k_new), cuda._describe(v_new)
+            Kn, Vn = launch_layer.describe(k_new), launch_layer.describe(v_new)
             elements = heads_k * seqlen_new * head_dim
-            cuda._launch(append, (-(-elements // threads), 1), threads, 0,
+            launch_layer.launch_args(append, (-(-elements // threads), 1), threads, 0,
                          [(Kn, size), (Vn, size), (Kc, size), (Vc, size), seqlens,
-                          *cuda._strides(Kn, Vn, Kc, Vc), seqlens_stride, uniform, np.int32(heads_k),
+                          *launch_layer.stride_args(Kn, Vn, Kc, Vc), seqlens_stride, uniform, np.int32(heads_k),
                           np.int32(seqlen_new), np.int32(seqlen_max), np.int32(head_dim)], batch)
         if seqlen_q == 0:
             return
         rows_bhs = heads_q * seqlen_q
         if splits > 1:  # partials of every split, merged below (freed on return: stream-ordered)
             part = workspace(batch * rows_bhs * splits * (cfg.head_dim + 1))
-            P = cuda._describe(part)
-            o_part = cuda._Array(P.ptr, (batch,), (rows_bhs * splits * cfg.head_dim,), "float32", device)
-            lse_part = cuda._Array(P.ptr + 4 * batch * rows_bhs * splits * cfg.head_dim, (batch,),
+            P = launch_layer.describe(part)
+            o_part = launch_layer.Array(P.ptr, (batch,), (rows_bhs * splits * cfg.head_dim,), "float32", device)
+            lse_part = launch_layer.Array(P.ptr + 4 * batch * rows_bhs * splits * cfg.head_dim, (batch,),
                                    (rows_bhs * splits,), "float32", device)
             parts = [(o_part, 4), (lse_part, 4)]
         else:
             parts = [(null, 4), (null, 4)]
         # The softmax's scale is the softcap c under a softcap (attention_common.h).
         score_scale = softcap if softcap else scale
-        cuda._launch(decode_kernel, (m_blocks * splits, heads_k), threads,
+        launch_layer.launch_args(decode_kernel, (m_blocks * splits, heads_k), threads,
                      configs.hip_shared_memory_bytes(cfg),
                      [(Q, size), (Kc, size), (Vc, size), (O, size), (L, 4), *parts, seqlens,
-                      *cuda._strides(Q, Kc, Vc, O), *cuda._strides(L, dims=2), seqlens_stride,
+                      *launch_layer.stride_args(Q, Kc, Vc, O), *launch_layer.stride_args(L, dims=2), seqlens_stride,
                       uniform, np.int32(seqlen_q), np.int32(seqlen_new), np.int32(seqlen_max),
                       np.int32(head_dim), np.int32(heads_q // heads_k), np.int32(left),
                       np.int32(right), np.int32(splits), np.int32(m_blocks),
                       np.float32(scale / softcap if softcap else 0.0), np.float32(score_scale),
-                      np.float32(score_scale * cuda.LOG2_E)], batch)
+                      np.float32(score_scale * launch_layer.LOG2_E)], batch)
         if splits > 1:
             # one wave per query row, cfg.warps rows per block (NUM_WAVES of the module)
-            cuda._launch(merge, (-(-rows_bhs // cfg.warps), 1), threads, 0,
-                         [*parts, (O, size), (L, 4), *cuda._strides(O), *cuda._strides(L, dims=2),
+            launch_layer.launch_args(merge, (-(-rows_bhs // cfg.warps), 1), threads, 0,
+                         [*parts, (O, size), (L, 4), *launch_layer.stride_args(O), *launch_layer.stride_args(L, dims=2),
                           np.int32(heads_q), np.int32(seqlen_q), np.int32(head_dim), np.int32(splits)],
                          batch)

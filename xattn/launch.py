@@ -13,6 +13,7 @@ from a torch tensor or a CuPy array.
 
 from __future__ import annotations
 
+import math
 import threading
 from typing import NamedTuple
 
@@ -21,6 +22,7 @@ import numpy as np
 from xattn import params as _params
 
 MAX_GRID_YZ = 65535  # CUDA's and HIP's limit on gridDim.y and gridDim.z
+LOG2_E = math.log2(math.e)
 
 
 class Array(NamedTuple):
@@ -57,6 +59,126 @@ def function(kernel, device: int, smem: int) -> int:
                 kernel.max_dynamic_shared_size_bytes = smem
                 _smem_configured.add(key)
     return handle
+
+
+def vec_loads(arrays: list[Array], head_dim: int, itemsize: int) -> bool:
+    """True when every row starts on a 16-byte boundary, so tiles can move in 16-byte copies."""
+    per_vector = 16 // itemsize
+    if head_dim % per_vector:
+        return False
+    return all(a.ptr % 16 == 0 and all(s % per_vector == 0 for s in a.strides[:3]) for a in arrays)
+
+
+def prepare_smem(kernel, key, smem_bytes: int) -> None:
+    # Blocks that need more than 48 KB of shared memory must opt in, once per compiled kernel.
+    # CuPy applies the attribute to the kernel of the *current* device: make it the kernel's own.
+    if key not in _smem_configured:
+        import cupy
+
+        with _smem_lock, cupy.cuda.Device(key[0]):
+            kernel.max_dynamic_shared_size_bytes = smem_bytes
+            _smem_configured.add(key)
+
+
+_streams: dict[tuple[int, int], object] = {}
+
+
+def external_stream(ptr: int, device_id: int):
+    """A CuPy handle on the caller's stream (torch's, or any cudaStream_t), made once per stream."""
+    handle = _streams.get((ptr, device_id))
+    if handle is None:
+        import warnings
+
+        import cupy
+
+        with warnings.catch_warnings():  # CuPy 14 deprecates ExternalStream for a protocol
+            warnings.simplefilter("ignore", DeprecationWarning)  # raw pointers cannot speak
+            handle = _streams[(ptr, device_id)] = cupy.cuda.ExternalStream(ptr, device_id)
+    return handle
+
+
+def launch_args(kernel, grid_xy, threads: int, smem: int, args, batch: int) -> None:
+    """Launch over the batch in chunks (gridDim.z <= 65535). args: the kernel's arguments in
+    order; (Array, itemsize) pairs are pointers, moved by the chunk's batch offset."""
+    for b0 in range(0, batch, MAX_GRID_YZ):
+        nb = min(MAX_GRID_YZ, batch - b0)
+        values = tuple(np.uint64(a[0].ptr + b0 * a[0].strides[0] * a[1]) if type(a) is tuple else a
+                       for a in args)
+        kernel(grid_xy + (nb,), (threads,), values, shared_mem=smem)
+
+
+# A null pointer argument (no cu_seqlens, no ALiBi slopes): stride 0, so no chunk moves it.
+NULL = (Array(0, (), (0,), "", -1), 4)
+
+
+class Variant(NamedTuple):
+    """Masks and score modifiers of one call, as every kernel takes them (attention_common.h)."""
+    defines: dict  # IS_CAUSAL, IS_LOCAL, HAS_SOFTCAP, HAS_ALIBI, IS_VARLEN
+    options: dict  # the AttnParams scalars (params.h): seqlen_q, seqlen_k, heads_per_kv,
+                   # window_left, window_right, softcap_scale, scale, scale_log2 (the score scale:
+                   # the softcap c under a softcap), grad_scale (the attention scale),
+                   # alibi_batch_stride
+    args: list     # the same as the HIP kernels take them, positionally: cu_seqlens_q, cu_seqlens_k,
+                   # alibi_slopes, alibi_batch_stride, seqlen_q, seqlen_k, head_dim, heads_per_kv,
+                   # window_left, window_right, softcap_scale, scale, scale_log2
+
+
+def variant(*, causal: bool, scale: float, window, softcap: float, alibi_slopes, cu_seqlens,
+             seqlen_q: int, seqlen_k: int, head_dim: int, heads_per_kv: int) -> Variant:
+    """alibi_slopes: an array or its Array; cu_seqlens: a pair of arrays, (None, None) when only
+    the flags and scalars are wanted (a plan patches the pointers later), or None (not packed)."""
+    left, right = window
+    if causal:
+        right = 0
+    score_scale = softcap if softcap else scale
+    if cu_seqlens is not None and cu_seqlens[0] is not None:
+        cu = [(describe(c), 4) for c in cu_seqlens]
+    else:
+        cu = [NULL, NULL]
+    alibi_batch_stride = 0
+    if alibi_slopes is not None:
+        slopes = alibi_slopes if isinstance(alibi_slopes, Array) else describe(alibi_slopes)
+        alibi_batch_stride = slopes.strides[0] if len(slopes.shape) == 2 else 0  # (Hq,) or (B, Hq)
+        alibi = [(Array(slopes.ptr, slopes.shape, (alibi_batch_stride,), "float32", slopes.device), 4),
+                 np.int64(alibi_batch_stride)]
+    else:
+        alibi = [NULL, np.int64(0)]
+    defines = {"IS_CAUSAL": int(right >= 0), "IS_LOCAL": int(left >= 0), "HAS_SOFTCAP": int(bool(softcap)),
+               "HAS_ALIBI": int(alibi_slopes is not None), "IS_VARLEN": int(cu_seqlens is not None)}
+    options = dict(seqlen_q=seqlen_q, seqlen_k=seqlen_k, heads_per_kv=heads_per_kv, window_left=left,
+                   window_right=right, softcap_scale=scale / softcap if softcap else 0.0,
+                   scale=score_scale, scale_log2=score_scale * LOG2_E, grad_scale=scale,
+                   alibi_batch_stride=alibi_batch_stride)
+    args = cu + alibi + [np.int32(seqlen_q), np.int32(seqlen_k), np.int32(head_dim), np.int32(heads_per_kv),
+                         np.int32(left), np.int32(right), np.float32(options["softcap_scale"]),
+                         np.float32(score_scale), np.float32(options["scale_log2"])]
+    return Variant(defines, options, args)
+
+
+def packed(a: Array, varlen: bool) -> Array:
+    """A packed (varlen) tensor is one (1, H, T, D) batch entry that every sequence indexes from
+    its own first row: batch stride 0."""
+    return a._replace(strides=(0,) + a.strides[1:]) if varlen else a
+
+
+def stride_args(*arrays: Array, dims: int = 3):
+    return tuple(np.int64(s) for a in arrays for s in a.strides[:dims])
+
+
+def itemsize(dtype: str) -> int:
+    return 4 if dtype == "float32" else 2
+
+
+def new_like(x, shape, *, zero: bool):
+    """A float32 scratch array in x's framework and device (torch's allocator for torch tensors)."""
+    if hasattr(x, "data_ptr"):
+        import torch
+
+        make = torch.zeros if zero else torch.empty
+        return make(shape, dtype=torch.float32, device=x.device)
+    import cupy
+
+    return (cupy.zeros if zero else cupy.empty)(shape, dtype=cupy.float32)
 
 
 class Launch:

@@ -77,7 +77,7 @@ def supports(q, k, v, out, lse, *, causal: bool = False, window=(-1, -1), softca
     out addressable by the copy engine (16-byte aligned bases and strides)."""
     if cu_seqlens is not None:
         return False
-    arrays = [cuda._describe(a) for a in (q, k, v, out)]
+    arrays = [launch.describe(a) for a in (q, k, v, out)]
     Q = arrays[0]
     if Q.dtype not in ("float16", "bfloat16") or any(a.dtype != Q.dtype for a in arrays):
         return False
@@ -98,10 +98,10 @@ def forward(q, k, v, out, lse, *, causal: bool, scale: float, stream: int, windo
     if cu_seqlens is not None:
         raise ValueError("cu_seqlens: packed varlen batches do not run on the sm90 kernel yet "
                          "(xattn.sm90.supports says so); use xattn.cuda.forward")
-    Q, K, V, O, L = (cuda._describe(a) for a in (q, k, v, out, lse))
+    Q, K, V, O, L = (launch.describe(a) for a in (q, k, v, out, lse))
     if Q.shape[0] == 0 or Q.shape[1] == 0 or Q.shape[2] == 0:
         return
-    slopes = cuda._describe(alibi_slopes) if alibi_slopes is not None else None
+    slopes = launch.describe(alibi_slopes) if alibi_slopes is not None else None
     step = plan(Q, K, V, O, L, causal=causal, scale=scale, window=window, softcap=softcap,
                 slopes=slopes)
     pointers = {"q": Q.ptr, "k": K.ptr, "v": V.ptr, "o": O.ptr, "lse": L.ptr}
@@ -116,15 +116,15 @@ def plan(Q, K, V, O, L, *, causal, scale, window, softcap, slopes):
     block. The _Arrays' pointers only shape the maps: a call patches its own."""
     batch, heads_q, seqlen_q, head_dim = Q.shape
     heads_k, seqlen_k = K.shape[1], K.shape[2]
-    if heads_q > cuda.MAX_GRID_YZ:
-        raise ValueError(f"q: at most {cuda.MAX_GRID_YZ} heads are supported, got {heads_q}")
+    if heads_q > launch.MAX_GRID_YZ:
+        raise ValueError(f"q: at most {launch.MAX_GRID_YZ} heads are supported, got {heads_q}")
     left, right = window
     if causal:
         right = 0
     row = select(head_dim, right >= 0)
     if row is None:
         raise ValueError(f"q: head dim {head_dim} has no sm90 row (at most {ROWS[-1].head_dim})")
-    var = cuda._variant(causal=causal, scale=scale, window=window, softcap=softcap,
+    var = launch.variant(causal=causal, scale=scale, window=window, softcap=softcap,
                         alibi_slopes=slopes, cu_seqlens=None, seqlen_q=seqlen_q,
                         seqlen_k=seqlen_k, head_dim=head_dim, heads_per_kv=heads_q // heads_k)
     block = cuda._attn_params(var, {"q": Q, "k": K, "v": V, "o": O, "lse": L}, heads_q=heads_q,

@@ -409,22 +409,31 @@ def _validate(q, k, v, causal, scale, layout, return_lse):
         raise ValueError(f"k: expected batch size {batch} (as q), got {k_info.shape[0]}")
     if v_batch != batch:
         raise ValueError(f"v: expected batch size {batch} (as q), got {v_batch}")
-    if not 1 <= head_dim <= MAX_HEAD_DIM:
-        raise ValueError(f"q: expected head dim D in 1..{MAX_HEAD_DIM}, got {head_dim}")
-    if k_head_dim != head_dim:
-        raise ValueError(f"k: expected head dim {head_dim} (as q), got {k_head_dim}")
-    if v_head_dim != head_dim:
-        raise ValueError(f"v: expected head dim {head_dim} (as q), got {v_head_dim}")
+    check_head_dim(head_dim, ("k", k_head_dim), ("v", v_head_dim))
     if v_len != sk:
         raise ValueError(f"v: expected sequence length {sk} (as k), got {v_len}")
     if v_heads != kv_heads:
         raise ValueError(f"v: expected {kv_heads} heads (as k), got {v_heads}")
-    if kv_heads < 1:
-        raise ValueError(f"k: expected at least 1 head, got {kv_heads}")
-    if q_heads % kv_heads:
-        raise ValueError(f"q: expected a number of heads divisible by k's {kv_heads} heads "
-                         f"(GQA), got {q_heads}")
+    check_groups(q_heads, kv_heads, "k")
     return info, (batch, q_heads, sq, sk, head_dim), check_scale(scale, head_dim), kv_heads
+
+
+def check_head_dim(head_dim: int, *others) -> None:
+    """q's head dim within 1..MAX_HEAD_DIM, and each (name, head dim) of `others` equal to it."""
+    if not 1 <= head_dim <= MAX_HEAD_DIM:
+        raise ValueError(f"q: expected head dim D in 1..{MAX_HEAD_DIM}, got {head_dim}")
+    for name, other in others:
+        if other != head_dim:
+            raise ValueError(f"{name}: expected head dim {head_dim} (as q), got {other}")
+
+
+def check_groups(q_heads: int, kv_heads: int, kv_name: str) -> None:
+    """GQA/MQA: at least one key/value head, and q's heads a multiple of them."""
+    if kv_heads < 1:
+        raise ValueError(f"{kv_name}: expected at least 1 head, got {kv_heads}")
+    if q_heads % kv_heads:
+        raise ValueError(f"q: expected a number of heads divisible by {kv_name}'s {kv_heads} "
+                         f"heads (GQA), got {q_heads}")
 
 
 def check_like_q(name, other, info, or_else=""):

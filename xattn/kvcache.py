@@ -30,8 +30,8 @@ import sys
 import numpy as np
 
 from xattn import arrays, backends, configs, params, reference
-from xattn.call import (GPU_DTYPES, LAYOUTS, MAX_HEAD_DIM, REFERENCE_DTYPES, band, check_bool,
-                        check_dtype, check_like_q, check_scale, check_softcap)
+from xattn.call import (GPU_DTYPES, LAYOUTS, REFERENCE_DTYPES, band, check_bool, check_dtype,
+                        check_groups, check_head_dim, check_like_q, check_scale, check_softcap)
 
 _LIBRARIES = ("numpy", "torch", "cupy")  # the caches are written in place: real arrays only
 
@@ -163,17 +163,11 @@ def _validate(q, k_cache, v_cache, cache_seqlens, k_new, v_new, causal, scale, w
     if paged:
         num_pages, page_size = shapes["k_cache"][0], seqlen_max
         pages, seqlen_max = _check_block_table(block_table, info, batch, num_pages, page_size)
-    if not 1 <= head_dim <= MAX_HEAD_DIM:
-        raise ValueError(f"q: expected head dim D in 1..{MAX_HEAD_DIM}, got {head_dim}")
+    check_head_dim(head_dim)
     if not paged and shapes["k_cache"][0] != batch:
         raise ValueError(f"k_cache: expected batch size {batch} (as q), got {shapes['k_cache'][0]}")
-    if k_head_dim != head_dim:
-        raise ValueError(f"k_cache: expected head dim {head_dim} (as q), got {k_head_dim}")
-    if heads_k < 1:
-        raise ValueError(f"k_cache: expected at least 1 head, got {heads_k}")
-    if heads_q % heads_k:
-        raise ValueError(f"q: expected a number of heads divisible by k_cache's {heads_k} heads "
-                         f"(GQA), got {heads_q}")
+    check_head_dim(head_dim, ("k_cache", k_head_dim))
+    check_groups(heads_q, heads_k, "k_cache")
     if shapes["v_cache"] != shapes["k_cache"]:
         want = tuple(named[1][2].shape) if paged else _in_layout(shapes['k_cache'], layout)
         raise ValueError(f"v_cache: expected shape {want} (as k_cache), got {tuple(named[2][2].shape)}")

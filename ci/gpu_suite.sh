@@ -34,6 +34,9 @@ nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader > 
 #   bench        forward and backward against SDPA flash and cuDNN
 #   bench_more   variants, decode and per-call overhead
 #   bench_model  a whole ~1B Llama-style model with xattn and sdpa (bench --model)
+#   round        one short call when device time is scarce: quick kernel checks, the GPU tests of
+#                the main paths, context parallelism when two GPUs are present, per-call
+#                overhead, and a short forward/backward/decode benchmark
 phases=${*:-kernels pytest pytest_hip pytest_more sanitize bench bench_more bench_model}
 MORE="tests/test_hip_portable.py tests/test_precompile.py tests/test_integrations_torch.py tests/test_jax.py tests/test_transformers.py"
 has() { [[ " $phases " == *" $1 "* ]]; }
@@ -65,6 +68,25 @@ if has bench_more; then
     step bench_variants 200 python -m xattn bench --variants --out "$OUT"
     step bench_decode 200 python -m xattn bench --decode --out "$OUT"
     step bench_overhead 150 python -m xattn bench --overhead --out "$OUT"
+fi
+if has round; then
+    step kernels 90 python ci/kernel_check.py --quick
+    step kernels_bwd 120 python ci/kernel_check_bwd.py --quick
+    step decode 60 python ci/kernel_check_decode.py --quick
+    step pytest 200 python -m pytest -m gpu -q -p no:cacheprovider -x -k "not hip-on-cuda" \
+        tests/test_properties.py tests/test_grad.py tests/test_torch_ops.py tests/test_variants.py \
+        tests/test_sinks.py tests/test_kvcache.py tests/test_sm90.py tests/test_torch_sdpa.py \
+        tests/test_flash_attn_compat.py tests/test_concurrency.py
+    if [ "$(nvidia-smi -L | wc -l)" -ge 2 ]; then  # NVLink multicast stays off (device rules)
+        step cp_test 120 env NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 \
+            torchrun --nproc-per-node 2 ci/cp_test.py
+    fi
+    step bench_overhead 60 python -m xattn bench --overhead --out "$OUT"
+    step bench 120 python -m xattn bench --dtypes bfloat16 --head-dims 64 128 256 \
+        --seqlens 2048 8192 --out "$OUT"
+    step bench_bwd 120 python -m xattn bench --bwd --dtypes bfloat16 --head-dims 128 256 \
+        --seqlens 4096 --out "$OUT"
+    step bench_decode 60 python -m xattn bench --decode --out "$OUT"
 fi
 if has bench_model; then
     step bench_model 560 python -m xattn bench --model --out "$OUT"

@@ -16,6 +16,10 @@ import numpy as np
 
 from xattn import configs, jit, launch, params
 
+# Attention sinks fused into the forward kernels' epilogue (HAS_SINKS). False: the forward runs
+# without them and the sinks are folded into out and lse afterwards by array ops (one more pass
+# over out), the switch if the fused epilogue misbehaves on a device.
+FUSED_SINKS = True
 
 
 def availability() -> tuple[bool, str]:
@@ -48,12 +52,11 @@ def _arch(device_id: int) -> int:
 
 
 def _kernel(cfg, dtype: str, causal: bool, vec: bool, device: int, **extra_defines):
-    """The compiled variant of a table row, its shared memory opted in."""
+    """The compiled variant of a table row and its dynamic shared memory (launch.function opts
+    it in)."""
     defines = configs.defines(cfg, dtype, causal, vec) | extra_defines
     kernel = jit.get_function("cuda", _SOURCE.get(cfg.kernel, cfg.kernel + ".cu"), cfg.kernel, defines, device)
-    smem = configs.shared_memory_bytes(cfg)
-    launch.prepare_smem(kernel, (device, id(kernel)), smem)
-    return kernel, smem
+    return kernel, configs.shared_memory_bytes(cfg)
 
 
 _SOURCE = {"flash_bwd_preprocess": "flash_bwd_prep.cu", "flash_bwd_convert_dq": "flash_bwd_prep.cu",
@@ -122,12 +125,18 @@ def _step(cfg, dtype: str, causal: bool, vec: bool, device: int, block: np.ndarr
 
 
 def forward(q, k, v, out, lse, *, causal: bool, scale: float, stream: int, window=(-1, -1),
-            softcap: float = 0.0, alibi_slopes=None, cu_seqlens=None, max_seqlen=None) -> None:
+            softcap: float = 0.0, alibi_slopes=None, cu_seqlens=None, max_seqlen=None,
+            sinks=None) -> None:
     """Write out = softmax(scale * q k^T + modifiers) v and lse for (B, H, S, D) views (see the
     module docstring). window: (left, right), -1 unbounded; softcap: 0 for none; alibi_slopes:
     float32 (Hq,) or (B, Hq) on the device. Packed batches: q, k, v, out are (1, H, T, D) views,
     lse (1, Hq, Tq), cu_seqlens = (cu_seqlens_q, cu_seqlens_k) int32 on the device and
-    max_seqlen = (max_seqlen_q, max_seqlen_k)."""
+    max_seqlen = (max_seqlen_q, max_seqlen_k). sinks: float32 (Hq,) on the device, or None."""
+    if sinks is not None and not FUSED_SINKS:
+        forward(q, k, v, out, lse, causal=causal, scale=scale, stream=stream, window=window,
+                softcap=softcap, alibi_slopes=alibi_slopes, cu_seqlens=cu_seqlens,
+                max_seqlen=max_seqlen)
+        return _fold_sinks(out, lse, sinks)
     varlen = cu_seqlens is not None
     Q, K, V, O, L = (launch.packed(launch.describe(a), varlen) for a in (q, k, v, out, lse))
     batch, heads_q, seqlen_q, head_dim = Q.shape
@@ -136,13 +145,15 @@ def forward(q, k, v, out, lse, *, causal: bool, scale: float, stream: int, windo
         seqlen_q = max_seqlen[0]
     if batch == 0 or heads_q == 0 or seqlen_q == 0:
         return
+    if sinks is not None and K.shape[2] == 0:  # no key anywhere: out 0 and lse the sink, per row
+        return _fold_sinks(out, lse, sinks)
     if heads_q > launch.MAX_GRID_YZ:
         raise ValueError(f"q: at most {launch.MAX_GRID_YZ} heads are supported, got {heads_q}")
     options = dict(causal=causal, window=window, softcap=softcap, alibi_slopes=alibi_slopes,
                    cu_seqlens=cu_seqlens, max_seqlen=max_seqlen)
     if _arch(Q.device) == 90:  # Hopper: the wgmma/TMA kernel where it serves the call
         from xattn import sm90
-        if sm90.supports(q, k, v, out, lse, **options):
+        if sm90.supports(q, k, v, out, lse, sinks=sinks, **options):
             return sm90.forward(q, k, v, out, lse, scale=scale, stream=stream, **options)
     pointers = {"q": Q.ptr, "k": K.ptr, "v": V.ptr, "o": O.ptr, "lse": L.ptr}
     slopes = launch.describe(alibi_slopes) if alibi_slopes is not None else None
@@ -150,18 +161,35 @@ def forward(q, k, v, out, lse, *, causal: bool, scale: float, stream: int, windo
         pointers["alibi_slopes"] = slopes.ptr
     if varlen:
         pointers["cu_seqlens_q"], pointers["cu_seqlens_k"] = (launch.describe(c).ptr for c in cu_seqlens)
+    if sinks is not None:
+        pointers["sinks"] = launch.describe(sinks).ptr
     vec = launch.vec_loads([Q, K, V, O], head_dim, launch.itemsize(Q.dtype))
     key = ("fwd", Q.dtype, Q.device, batch, Q.shape, K.shape, Q.strides, K.strides, V.strides,
            O.strides, L.strides, causal, scale, tuple(window), softcap,
-           slopes.shape if slopes is not None else None, max_seqlen, vec)
+           slopes.shape if slopes is not None else None, max_seqlen, vec, sinks is not None)
     steps = _cached_plan(key, lambda: _plan_forward(Q, K, V, O, L, batch, causal=causal, scale=scale,
                                                     window=window, softcap=softcap, slopes=slopes,
-                                                    varlen=varlen, max_seqlen=max_seqlen, vec=vec))
+                                                    varlen=varlen, max_seqlen=max_seqlen, vec=vec,
+                                                    sinks=sinks is not None))
     _run(steps, pointers, stream, Q.device)
 
 
+def _fold_sinks(out, lse, sinks):
+    """FUSED_SINKS off (and calls with no key at all): fold the sinks into a finished forward's
+    (B, H, S, D) out and (B, H, S) lse in place, with the array library's own ops (torch or CuPy):
+    lse' = logaddexp(lse, sink), out *= exp(lse - lse') (0 for a row of lse -inf)."""
+    if type(lse).__module__.startswith("torch"):
+        import torch as xp
+    else:
+        import cupy as xp
+    new_lse = xp.logaddexp(lse, sinks[None, :, None])
+    weight = xp.where(lse == -math.inf, 0.0, xp.exp(lse - new_lse))
+    out *= weight[..., None]
+    lse[...] = new_lse
+
+
 def _plan_forward(Q, K, V, O, L, batch, *, causal, scale, window, softcap, slopes, varlen,
-                  max_seqlen, vec):
+                  max_seqlen, vec, sinks=False):
     heads_q, total_q, head_dim = Q.shape[1], Q.shape[2], Q.shape[3]
     heads_k, seqlen_k = K.shape[1], K.shape[2]
     seqlen_q = max_seqlen[0] if varlen else total_q
@@ -176,8 +204,10 @@ def _plan_forward(Q, K, V, O, L, batch, *, causal, scale, window, softcap, slope
     vec = vec and kernel_name in configs.TENSOR_CORE_KERNELS
     block = _attn_params(var, {"q": Q, "k": K, "v": V, "o": O, "lse": L}, heads_q=heads_q,
                          head_dim=head_dim)
+    # HAS_SINKS only where sinks are given: the other variants compile exactly as without sinks.
+    defines = var.defines | ({"HAS_SINKS": 1} if sinks else {})
     return (_step(cfg, Q.dtype, has_right_edge, vec, Q.device, block,
-                  (math.ceil(seqlen_q / cfg.block_m), heads_q), batch, **var.defines),)
+                  (math.ceil(seqlen_q / cfg.block_m), heads_q), batch, **defines),)
 
 
 # ---- the call path: a validated Call on torch tensors ------------------------------------------

@@ -11,9 +11,29 @@
 // memory and adds dS K into a float32 accumulator (atomics; flash_bwd_prep.cu converts it);
 // without, flash_bwd_dq.cu computes dQ on its own, deterministically.
 //
-// Warps split the keys: warp w owns keys [w * WARP_N, (w + 1) * WARP_N) of the block and computes
-// the transposed products S^T = K Q^T and dP^T = V dO^T for them, so that P^T and dS^T come out in
-// the accumulator layout that is already the A operand of dV += P^T dO and dK += dS^T Q.
+// Warps split the keys: key group g owns keys [g * WARP_N, (g + 1) * WARP_N) of the block and
+// computes the transposed products S^T = K Q^T and dP^T = V dO^T for them, so that P^T and dS^T
+// come out in the accumulator layout that is already the A operand of dV += P^T dO and
+// dK += dS^T Q. Up to head dim 128 a key group is one warp, which holds its keys' whole dK and dV
+// rows (2 x 16 keys x 128 columns = 128 floats per thread) and feeds P^T, dS^T from registers.
+// Past 128 the rows no longer fit beside the products (256 floats at D = 256), so a key group is
+// DKV_WARPS_D warps that split the head dim of dK and dV; each of them computes S^T, dP^T for its
+// share of the step's queries, and P^T, dS^T meet in shared memory, whence every warp of the group
+// reads them as the A operand (ldmatrix) of its columns' dV += P^T dO, dK += dS^T Q.
+//
+// Expected speed at D = 256 (H200, S = 8192, bf16, dQ by atomics), from the tile arithmetic of
+// the sm_90 row (64 keys x 64 queries per step, 8 warps = 4 key groups x 2 head-dim halves). A step
+// is 5 products of 64 x 64 x 256 (S^T, dP^T, dV, dK, dQ) = 2560 m16n8k16 mma, as at D = 128 (128
+// keys x 64 queries x 128). Shared-memory traffic per step: S^T and dP^T 384 KB (each warp reads
+// its 16 keys' K or V rows and half the Q or dO tile), dV and dK 288 KB (P^T or dS^T, and half of
+// dO or Q's columns, per warp), dQ 160 KB (dS and K, two column passes), stores ~80 KB: ~0.9 MB,
+// i.e. ~355 bytes per mma, against ~310 at D = 128 (~0.79 MB). At 128 bytes per clock per SM that
+// is ~7100 clocks per step against ~3800 for the mma at mma.sync's rate (about 2/3 of one
+// m16n8k16 per clock per SM): shared memory bounds both kernels, at ~55% of the mma.sync peak.
+// Scaling the measured D = 128 speed (246 TFLOP/s, also one block of 8 warps per SM) by the
+// traffic ratio predicts ~210 TFLOP/s (counted as 2.5 x the forward's FLOPs), 0.83-0.92x
+// FlashAttention-2's 228-254. The deterministic path recomputes S and dP in flash_bwd_dq.cu
+// (7 products instead of 5) and should land near 0.7x of that.
 //
 // Layouts as in flash_fwd.cu: q, dout (B, Hq, Sq, D), k, v, dk, dv (B, Hk, Sk, D), any batch/head/
 // row strides, D contiguous; lse, delta float32 (B, Hq, Sq); dq_accum float32 (B, Hq, Sq, head_dim)
@@ -26,24 +46,36 @@
 
 // ---- compile-time configuration (xattn/configs.py) ---------------------------------------------
 // ELEM_BF16, HEAD_DIM, VEC_LOADS, MIN_BLOCKS and the mask/modifier flags: as in flash_fwd.cu
-// BLOCK_N     keys per thread block (NUM_WARPS * WARP_N, WARP_N a multiple of 16)
+// BLOCK_N     keys per thread block (NUM_WARPS / DKV_WARPS_D * WARP_N, WARP_N a multiple of 16)
 // BLOCK_M     query rows per step
 // NUM_WARPS   warps per thread block
+// DKV_WARPS_D warps that split the head dim of one key group's dK/dV (1 up to head dim 128;
+//             xattn/configs.py derives it from HEAD_DIM)
 // COMPUTE_DQ  1: also accumulate dQ with atomics; 0: dQ comes from flash_bwd_dq
 
 #include "platform.h"
 #include "../kernels_common/attention_common.h"
 
+#ifndef DKV_WARPS_D
+#error "DKV_WARPS_D: xattn/configs.py defines it with the tile"
+#endif
 #define NUM_THREADS (NUM_WARPS * WARP_SIZE)
-#define WARP_N (BLOCK_N / NUM_WARPS)  // keys per warp
-#define K_TILES (WARP_N / 16)         // m16 tiles of keys per warp
-#define Q_TILES (BLOCK_M / 8)         // n8 tiles of queries in S^T
-#define D_TILES (HEAD_DIM / 8)
-#define DS_STRIDE (BLOCK_M + 8)       // padded row of the dS^T tile (keys x queries)
+#define KEY_GROUPS (NUM_WARPS / DKV_WARPS_D)
+#define WARP_N (BLOCK_N / KEY_GROUPS)        // keys per key group
+#define K_TILES (WARP_N / 16)                // m16 tiles of keys per warp
+#define WARP_Q (BLOCK_M / DKV_WARPS_D)       // queries per warp in S^T, dP^T
+#define Q_TILES (WARP_Q / 8)                 // n8 tiles of queries in S^T
+#define DKV_COLS (HEAD_DIM / DKV_WARPS_D)    // head-dim columns of dK, dV per warp
+#define D_TILES (DKV_COLS / 8)
+#define DS_STRIDE (BLOCK_M + 8)              // padded row of the P^T and dS^T tiles (keys x queries)
+// P^T and dS^T go through shared memory when the head dim is split (always), dS^T alone for dQ.
+#define STAGE_P (DKV_WARPS_D > 1)
+#define STAGE_DS (STAGE_P || COMPUTE_DQ)
 
 #include "mma_tile.h"
 
-static_assert(WARP_N % 16 == 0 && BLOCK_M % 16 == 0 && HEAD_DIM % 16 == 0, "whole mma tiles");
+static_assert(WARP_N % 16 == 0 && WARP_Q % 16 == 0 && DKV_COLS % 16 == 0, "whole mma tiles");
+static_assert(WARP_N % DKV_WARPS_D == 0, "a key group's warps share its rows in the epilogue");
 
 // dQ = dS K is split over the warps as a DQ_WARPS_M x DQ_WARPS_D grid of (rows x head-dim) tiles.
 __host__ __device__ constexpr int gcd(int a, int b) { return b == 0 ? a : gcd(b, a % b); }
@@ -52,12 +84,21 @@ __host__ __device__ constexpr int gcd(int a, int b) { return b == 0 ? a : gcd(b,
 #define DQ_ROWS (BLOCK_M / DQ_WARPS_M)
 #define DQ_COLS (HEAD_DIM / DQ_WARPS_D)
 static_assert(DQ_ROWS % 16 == 0, "each warp's dQ rows are whole m16 tiles");
+// A warp's dQ tile is accumulated in column passes of at most DQ_PASS_FLOATS accumulator floats
+// per thread: every row up to head dim 128 needs one pass; past it the passes leave dK and dV
+// their registers.
+#define DQ_PASS_FLOATS 32
+__host__ __device__ constexpr int dq_pass_cols(int cols) {
+    return (DQ_ROWS / 16) * (cols / 8) * 4 <= DQ_PASS_FLOATS || cols % 32 != 0 ? cols : dq_pass_cols(cols / 2);
+}
+#define DQ_PASS_COLS dq_pass_cols(DQ_COLS)
 
 // ---- shared-memory layout ---------------------------------------------------------------------
 // sK [BLOCK_N][SMEM_STRIDE] | sV [BLOCK_N][SMEM_STRIDE] | sQ [2][BLOCK_M][SMEM_STRIDE] |
-// sdO [2][BLOCK_M][SMEM_STRIDE] | sdS [BLOCK_N][DS_STRIDE] (COMPUTE_DQ only), 16-bit elements; then
-// sLse [2][BLOCK_M] | sDelta [2][BLOCK_M] floats. xattn/configs.py computes the same size.
-// After the last step each warp stages its dK rows in sK and its dV rows in sV.
+// sdO [2][BLOCK_M][SMEM_STRIDE] | sdS [BLOCK_N][DS_STRIDE] (STAGE_DS) | sP [BLOCK_N][DS_STRIDE]
+// (STAGE_P), 16-bit elements; then sLse [2][BLOCK_M] | sDelta [2][BLOCK_M] floats.
+// xattn/configs.py computes the same size.
+// After the last step each warp stages its dK (dV) rows and columns in sK (sV).
 
 // ---- device helpers ---------------------------------------------------------------------------
 
@@ -130,28 +171,32 @@ __device__ __forceinline__ void pack_t(u32 (&frag)[K_TILES][BLOCK_M / 16][4],
 __device__ __forceinline__ void accumulate_dq(float* dq_accum, u32 ds_lane, u32 k_lane, int m_start,
                                               int row0, int col0, int seqlen_q, int head_dim,
                                               int lane) {
-    float acc_dq[DQ_ROWS / 16][DQ_COLS / 8][4];
-    zero(acc_dq);
-    mma_at_b<DQ_ROWS / 16, DQ_COLS / 8, BLOCK_N / 16, DS_STRIDE, SMEM_STRIDE>(acc_dq, ds_lane, k_lane);
-    // Each thread holds column pairs (2t, 2t+1). With VEC_LOADS the head dim is a multiple of 8,
-    // so a pair is 8-byte aligned and inside the row: one atomic instruction adds both.
+#pragma unroll 1
+    for (int pass_col = 0; pass_col < DQ_COLS; pass_col += DQ_PASS_COLS) {
+        float acc_dq[DQ_ROWS / 16][DQ_PASS_COLS / 8][4];
+        zero(acc_dq);
+        mma_at_b<DQ_ROWS / 16, DQ_PASS_COLS / 8, BLOCK_N / 16, DS_STRIDE, SMEM_STRIDE>(
+            acc_dq, ds_lane, k_lane + tile_offset<SMEM_STRIDE>(0, pass_col));
+        // Each thread holds column pairs (2t, 2t+1). With VEC_LOADS the head dim is a multiple of
+        // 8, so a pair is 8-byte aligned and inside the row: one atomic instruction adds both.
 #pragma unroll
-    for (int mt = 0; mt < DQ_ROWS / 16; ++mt)
+        for (int mt = 0; mt < DQ_ROWS / 16; ++mt)
 #pragma unroll
-        for (int nt = 0; nt < DQ_COLS / 8; ++nt)
+            for (int nt = 0; nt < DQ_PASS_COLS / 8; ++nt)
 #pragma unroll
-            for (int h = 0; h < 2; ++h) {
-                int row = m_start + row0 + mt * 16 + lane / 4 + h * 8;
-                int col = col0 + nt * 8 + (lane % 4) * 2;
-                if (row >= seqlen_q || col >= head_dim) continue;
-                float* p = dq_accum + (i64)row * head_dim + col;
+                for (int h = 0; h < 2; ++h) {
+                    int row = m_start + row0 + mt * 16 + lane / 4 + h * 8;
+                    int col = col0 + pass_col + nt * 8 + (lane % 4) * 2;
+                    if (row >= seqlen_q || col >= head_dim) continue;
+                    float* p = dq_accum + (i64)row * head_dim + col;
 #if VEC_LOADS
-                atomic_add_pair(p, acc_dq[mt][nt][2 * h], acc_dq[mt][nt][2 * h + 1]);
+                    atomic_add_pair(p, acc_dq[mt][nt][2 * h], acc_dq[mt][nt][2 * h + 1]);
 #else
-                atomicAdd(p, acc_dq[mt][nt][2 * h]);
-                if (col + 1 < head_dim) atomicAdd(p + 1, acc_dq[mt][nt][2 * h + 1]);
+                    atomicAdd(p, acc_dq[mt][nt][2 * h]);
+                    if (col + 1 < head_dim) atomicAdd(p + 1, acc_dq[mt][nt][2 * h + 1]);
 #endif
-            }
+                }
+    }
 }
 
 // ---- entry point ------------------------------------------------------------------------------
@@ -177,13 +222,17 @@ flash_bwd_dkdv(AttnParams p) {
     u16* sQ = sV + BLOCK_N * SMEM_STRIDE;            // [2][BLOCK_M][SMEM_STRIDE]
     u16* sdO = sQ + 2 * BLOCK_M * SMEM_STRIDE;       // [2][BLOCK_M][SMEM_STRIDE]
     u16* sdS = sdO + 2 * BLOCK_M * SMEM_STRIDE;      // [BLOCK_N][DS_STRIDE]
-    float* sLse = (float*)(sdS + (COMPUTE_DQ ? BLOCK_N * DS_STRIDE : 0));  // [2][BLOCK_M]
+    u16* sP = sdS + (STAGE_DS ? BLOCK_N * DS_STRIDE : 0);                  // [BLOCK_N][DS_STRIDE]
+    float* sLse = (float*)(sP + (STAGE_P ? BLOCK_N * DS_STRIDE : 0));      // [2][BLOCK_M]
     float* sDelta = sLse + 2 * BLOCK_M;                                     // [2][BLOCK_M]
 
     const int n_block = blockIdx.x, kv_head = blockIdx.y, batch = blockIdx.z + p.batch_offset;
     const int tid = threadIdx.x, warp = tid / WARP_SIZE, lane = tid % WARP_SIZE;
+    // Warp = key group x head-dim slice: its keys, its queries in S^T, its columns of dK and dV.
+    const int key_group = warp / DKV_WARPS_D, d_slice = warp % DKV_WARPS_D;
+    const int warp_q0 = d_slice * WARP_Q, dkv_col0 = d_slice * DKV_COLS;
     const int n_start = n_block * BLOCK_N;
-    const int warp_key_start = n_start + warp * WARP_N;
+    const int warp_key_start = n_start + key_group * WARP_N;
 
     const Sequence seq = sequence(batch, cu_seqlens_q, cu_seqlens_k, seqlen_q, seqlen_k);
     if (IS_VARLEN && n_start >= seq.seqlen_k) return;  // the grid covers the longest sequence
@@ -232,12 +281,15 @@ flash_bwd_dkdv(AttnParams p) {
 
     // ldmatrix lane addresses (mma_tile.h). K and V are A operands of S^T = K Q^T and
     // dP^T = V dO^T; Q and dO rows are B^T there, and row-major B of dK += dS^T Q, dV += P^T dO.
-    const u32 k_lane = lane_address_x<SMEM_STRIDE>(smem_addr(sK), warp * WARP_N, 0, lane);
-    const u32 v_lane = lane_address_x<SMEM_STRIDE>(smem_addr(sV), warp * WARP_N, 0, lane);
-    const u32 q_lane_y = lane_address_y<SMEM_STRIDE>(smem_addr(sQ), 0, 0, lane);
-    const u32 do_lane_y = lane_address_y<SMEM_STRIDE>(smem_addr(sdO), 0, 0, lane);
-    const u32 q_lane_x = lane_address_x<SMEM_STRIDE>(smem_addr(sQ), 0, 0, lane);
-    const u32 do_lane_x = lane_address_x<SMEM_STRIDE>(smem_addr(sdO), 0, 0, lane);
+    const u32 k_lane = lane_address_x<SMEM_STRIDE>(smem_addr(sK), key_group * WARP_N, 0, lane);
+    const u32 v_lane = lane_address_x<SMEM_STRIDE>(smem_addr(sV), key_group * WARP_N, 0, lane);
+    const u32 q_lane_y = lane_address_y<SMEM_STRIDE>(smem_addr(sQ), warp_q0, 0, lane);
+    const u32 do_lane_y = lane_address_y<SMEM_STRIDE>(smem_addr(sdO), warp_q0, 0, lane);
+    const u32 q_lane_x = lane_address_x<SMEM_STRIDE>(smem_addr(sQ), 0, dkv_col0, lane);
+    const u32 do_lane_x = lane_address_x<SMEM_STRIDE>(smem_addr(sdO), 0, dkv_col0, lane);
+    // P^T and dS^T of the key group, staged: A operands (rows = keys) of dV += P^T dO, dK += dS^T Q.
+    const u32 p_lane = lane_address_x<DS_STRIDE>(smem_addr(sP), key_group * WARP_N, 0, lane);
+    const u32 ds_lane_x = lane_address_x<DS_STRIDE>(smem_addr(sdS), key_group * WARP_N, 0, lane);
     const u32 buffer_bytes = tile_offset<SMEM_STRIDE>(BLOCK_M, 0);
     // dQ = dS K: this warp's (rows x head-dim) tile; dS^T rows are keys, so dS is read transposed.
     const int dq_row0 = (warp / DQ_WARPS_D) * DQ_ROWS, dq_col0 = (warp % DQ_WARPS_D) * DQ_COLS;
@@ -256,8 +308,8 @@ flash_bwd_dkdv(AttnParams p) {
         __syncthreads();
         if (s + 1 < steps) issue_step(s + 1, 1 - buf);
         cp_async_commit();
-        const float* sLse_s = sLse + buf * BLOCK_M;
-        const float* sDelta_s = sDelta + buf * BLOCK_M;
+        const float* sLse_s = sLse + buf * BLOCK_M + warp_q0;
+        const float* sDelta_s = sDelta + buf * BLOCK_M + warp_q0;
         if (HAS_ALIBI) mods.alibi_coef = -alibi_slopes[batch * alibi_batch_stride + head] / scale;
 
         // A warp whose keys no query of this step sees (past the causal diagonal, or past the end
@@ -266,11 +318,12 @@ flash_bwd_dkdv(AttnParams p) {
             (!IS_CAUSAL || warp_key_start <= m_start + BLOCK_M - 1 + mods.band.hi) &&
             (!IS_LOCAL || warp_key_start + WARP_N - 1 >= m_start + mods.band.lo);
         float acc_dp[K_TILES][Q_TILES][4];  // dP^T, then dS^T
+        float acc_s[K_TILES][Q_TILES][4];   // S^T, then P^T
         zero(acc_dp);
+        if (STAGE_P) zero(acc_s);  // staged as it is: zeros where the warp skips the step
         if (warp_sees_step) {
-            // S^T = K Q^T and dP^T = V dO^T for this warp's keys and the step's queries.
-            float acc_s[K_TILES][Q_TILES][4];
-            zero(acc_s);
+            // S^T = K Q^T and dP^T = V dO^T for this warp's keys and queries.
+            if (!STAGE_P) zero(acc_s);
             mma_a_bt<K_TILES, Q_TILES, HEAD_DIM / 16, SMEM_STRIDE, SMEM_STRIDE>(acc_s, k_lane, q_lane_y + buf * buffer_bytes);
             // Rows of S^T are keys: the tile of keys [warp_key_start, +WARP_N) against queries
             // [m_start, +BLOCK_M) crosses an edge when some pair is outside the band.
@@ -278,48 +331,70 @@ flash_bwd_dkdv(AttnParams p) {
                               (IS_CAUSAL && warp_key_start + WARP_N - 1 > m_start + mods.band.hi) ||
                               (IS_LOCAL && warp_key_start < m_start + BLOCK_M - 1 + mods.band.lo);
             if (HAS_SOFTCAP || HAS_ALIBI || needs_mask)
-                modify_scores_t(acc_s, warp_key_start, m_start, mods, needs_mask, lane);
+                modify_scores_t(acc_s, warp_key_start, m_start + warp_q0, mods, needs_mask, lane);
             mma_a_bt<K_TILES, Q_TILES, HEAD_DIM / 16, SMEM_STRIDE, SMEM_STRIDE>(acc_dp, v_lane, do_lane_y + buf * buffer_bytes);
             softmax_backward_t(acc_s, acc_dp, sLse_s, sDelta_s, scale_log2, lane);  // acc_s: P^T, acc_dp: dS^T
 
+#if !STAGE_P
             // dV += P^T dO, dK += dS^T Q (scale applied once, at the end).
             u32 frag[K_TILES][BLOCK_M / 16][4];
             pack_t(frag, acc_s);
             mma_areg_b<K_TILES, D_TILES, BLOCK_M / 16, SMEM_STRIDE>(acc_dv, frag, do_lane_x + buf * buffer_bytes);
             pack_t(frag, acc_dp);
             mma_areg_b<K_TILES, D_TILES, BLOCK_M / 16, SMEM_STRIDE>(acc_dk, frag, q_lane_x + buf * buffer_bytes);
+#endif
         }
 
-#if COMPUTE_DQ
-        // dQ += dS K: every warp needs all keys' dS, so dS^T goes through shared memory.
+#if STAGE_DS
+        // dS^T (and P^T) of this warp's keys and queries into shared memory: dQ += dS K needs every
+        // key's dS, and with a split head dim each warp of the key group needs all of its queries'.
 #pragma unroll
         for (int kt = 0; kt < K_TILES; ++kt)
 #pragma unroll
-            for (int qt = 0; qt < Q_TILES; ++qt)
-                store_c_fragment<DS_STRIDE>(sdS, warp * WARP_N + kt * 16, qt * 8, acc_dp[kt][qt], 1.f, lane);
-        __syncthreads();  // sdS complete
+            for (int qt = 0; qt < Q_TILES; ++qt) {
+                const int row = key_group * WARP_N + kt * 16, col = warp_q0 + qt * 8;
+                store_c_fragment<DS_STRIDE>(sdS, row, col, acc_dp[kt][qt], 1.f, lane);
+                if (STAGE_P) store_c_fragment<DS_STRIDE>(sP, row, col, acc_s[kt][qt], 1.f, lane);
+            }
+        __syncthreads();  // sdS (and sP) complete
+#endif
+#if STAGE_P
+        // dV += P^T dO, dK += dS^T Q for this warp's columns (scale applied once, at the end).
+        if (warp_sees_step) {
+            mma_a_b<K_TILES, D_TILES, BLOCK_M / 16, DS_STRIDE, SMEM_STRIDE>(acc_dv, p_lane, do_lane_x + buf * buffer_bytes);
+            mma_a_b<K_TILES, D_TILES, BLOCK_M / 16, DS_STRIDE, SMEM_STRIDE>(acc_dk, ds_lane_x, q_lane_x + buf * buffer_bytes);
+        }
+#endif
+
+#if COMPUTE_DQ
+        // dQ += dS K from the staged dS^T.
         accumulate_dq(dq_accum + batch * dq_accum_batch_stride + head * dq_accum_head_stride + (i64)seq.q_start * head_dim,
                       ds_lane, k_lane_dq,
                       m_start, dq_row0, dq_col0, seqlen_q, head_dim, lane);
 #endif
     }
 
-    // Epilogue: each warp stages its dK (scaled) and dV rows in its own rows of sK and sV, then
-    // copies them out. Other warps may still read sK in their last dQ product: wait for them.
+    // Epilogue: each warp stages its dK (scaled) and dV columns of its key group's rows in sK and
+    // sV, then copies out its share of those rows. Other warps may still read sK in their last dQ
+    // product: wait for them.
     cp_async_wait<0>();
     __syncthreads();
-    u16* sdK = sK + warp * WARP_N * SMEM_STRIDE;
-    u16* sdV = sV + warp * WARP_N * SMEM_STRIDE;
+    u16* sdK = sK + key_group * WARP_N * SMEM_STRIDE;
+    u16* sdV = sV + key_group * WARP_N * SMEM_STRIDE;
 #pragma unroll
     for (int kt = 0; kt < K_TILES; ++kt)
 #pragma unroll
         for (int dt = 0; dt < D_TILES; ++dt) {
-            store_c_fragment<SMEM_STRIDE>(sdK, kt * 16, dt * 8, acc_dk[kt][dt], grad_scale, lane);
-            store_c_fragment<SMEM_STRIDE>(sdV, kt * 16, dt * 8, acc_dv[kt][dt], 1.f, lane);
+            store_c_fragment<SMEM_STRIDE>(sdK, kt * 16, dkv_col0 + dt * 8, acc_dk[kt][dt], grad_scale, lane);
+            store_c_fragment<SMEM_STRIDE>(sdV, kt * 16, dkv_col0 + dt * 8, acc_dv[kt][dt], 1.f, lane);
         }
-    warp_sync();
-    dk += batch * dk_batch_stride + kv_head * dk_head_stride + (i64)(seq.k_start + warp_key_start) * dk_row_stride;
-    dv += batch * dv_batch_stride + kv_head * dv_head_stride + (i64)(seq.k_start + warp_key_start) * dv_row_stride;
-    store_rows<WARP_N>(dk, dk_row_stride, sdK, seqlen_k - warp_key_start, head_dim, lane);
-    store_rows<WARP_N>(dv, dv_row_stride, sdV, seqlen_k - warp_key_start, head_dim, lane);
+    // The rows are complete once every warp of the key group has staged its columns.
+    if (DKV_WARPS_D > 1) __syncthreads();
+    else warp_sync();
+    constexpr int OUT_ROWS = WARP_N / DKV_WARPS_D;  // rows this warp copies out
+    const int out_row0 = d_slice * OUT_ROWS, out_key_start = warp_key_start + out_row0;
+    dk += batch * dk_batch_stride + kv_head * dk_head_stride + (i64)(seq.k_start + out_key_start) * dk_row_stride;
+    dv += batch * dv_batch_stride + kv_head * dv_head_stride + (i64)(seq.k_start + out_key_start) * dv_row_stride;
+    store_rows<OUT_ROWS>(dk, dk_row_stride, sdK + out_row0 * SMEM_STRIDE, seqlen_k - out_key_start, head_dim, lane);
+    store_rows<OUT_ROWS>(dv, dv_row_stride, sdV + out_row0 * SMEM_STRIDE, seqlen_k - out_key_start, head_dim, lane);
 }

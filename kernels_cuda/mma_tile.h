@@ -178,6 +178,28 @@ __device__ __forceinline__ void mma_at_b(float (&c)[MT][NT][4], u32 at_lane, u32
     }
 }
 
+// C += A B, A (MT*16 x K_STEPS*16) and B (K_STEPS*16 x NT*8) both row-major in shared memory;
+// a_lane: LANE_ROWS_X address of A, b_lane: LANE_ROWS_X address of B.
+template <int MT, int NT, int K_STEPS, int A_STRIDE, int B_STRIDE>
+__device__ __forceinline__ void mma_a_b(float (&c)[MT][NT][4], u32 a_lane, u32 b_lane) {
+#pragma unroll
+    for (int kk = 0; kk < K_STEPS; ++kk) {
+        u32 a[MT][4];
+#pragma unroll
+        for (int mt = 0; mt < MT; ++mt) ldmatrix_x4(a[mt], a_lane + tile_offset<A_STRIDE>(mt * 16, kk * 16));
+#pragma unroll
+        for (int np = 0; np < NT / 2; ++np) {
+            u32 b[4];
+            ldmatrix_x4_trans(b, b_lane + tile_offset<B_STRIDE>(kk * 16, np * 16));
+#pragma unroll
+            for (int mt = 0; mt < MT; ++mt) {
+                mma_16816(c[mt][2 * np], a[mt], b[0], b[1]);
+                mma_16816(c[mt][2 * np + 1], a[mt], b[2], b[3]);
+            }
+        }
+    }
+}
+
 // Write a warp's m16 x n8 accumulator tile, scaled, as 16-bit values into a tile with rows STRIDE
 // elements apart, at (row0, col0): c[0], c[1] go to row g, columns 2t, 2t+1; c[2], c[3] to row g+8.
 template <int STRIDE>

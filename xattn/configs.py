@@ -63,34 +63,54 @@ _ROWS = [
     ("flash_fwd",      90,   192,     None,   64,      64,      4,     1),
     ("flash_fwd",      90,   256,     None,   64,      64,      4,     1),
     # backward, key-block parallel: block_n keys per block (split over the warps, 16 or 32
-    # each), block_m query rows per step; dQ by atomics unless deterministic
+    # each), block_m query rows per step; dQ by atomics unless deterministic. Past head dim 128 a
+    # key group of dkdv_warps_d(head_dim) warps splits dK/dV's head dim (16 keys per group, block_m
+    # a multiple of 16 per warp of the group), and P^T, dS^T go through shared memory.
     ("flash_bwd_dkdv", 80,   32,      None,   128,     128,     8,     1),
     ("flash_bwd_dkdv", 80,   64,      False,  128,     128,     8,     1),
     # sm_80 causal D64: 128-row steps spill 8 bytes (255 registers) in the deterministic variant
     ("flash_bwd_dkdv", 80,   64,      True,   64,      128,     8,     1),
     ("flash_bwd_dkdv", 80,   96,      None,   64,      128,     8,     1),
     ("flash_bwd_dkdv", 80,   128,     None,   64,      128,     8,     1),
+    ("flash_bwd_dkdv", 80,   160,     None,   64,      64,      8,     1),
+    ("flash_bwd_dkdv", 80,   192,     None,   32,      64,      8,     1),
+    ("flash_bwd_dkdv", 80,   256,     None,   32,      64,      8,     1),
     ("flash_bwd_dkdv", 86,   32,      None,   64,      128,     8,     1),
     ("flash_bwd_dkdv", 86,   64,      None,   64,      128,     8,     1),
     ("flash_bwd_dkdv", 86,   96,      None,   32,      64,      4,     1),
     ("flash_bwd_dkdv", 86,   128,     None,   32,      64,      4,     1),
+    # No sm_86 D256 row: 99 KB leaves one key group (16 keys, 2 warps) beside 32-query double
+    # buffers, and that tile spills 8-24 bytes with dQ atomics; D > 192 stays on flash_bwd_simt.cu.
+    ("flash_bwd_dkdv", 86,   160,     None,   32,      32,      4,     1),
+    ("flash_bwd_dkdv", 86,   192,     None,   32,      32,      4,     1),
     ("flash_bwd_dkdv", 90,   32,      None,   128,     128,     8,     1),
     ("flash_bwd_dkdv", 90,   64,      None,   128,     128,     8,     1),
     ("flash_bwd_dkdv", 90,   96,      None,   64,      128,     8,     1),
     ("flash_bwd_dkdv", 90,   128,     None,   64,      128,     8,     1),
+    ("flash_bwd_dkdv", 90,   160,     None,   64,      64,      8,     1),
+    ("flash_bwd_dkdv", 90,   192,     None,   64,      64,      8,     1),
+    ("flash_bwd_dkdv", 90,   256,     None,   64,      64,      8,     1),
     # backward, dQ alone (deterministic=True), query-block parallel like the forward
     ("flash_bwd_dq",   80,   32,      None,   64,      64,      4,     1),
     ("flash_bwd_dq",   80,   64,      None,   64,      64,      4,     1),
     ("flash_bwd_dq",   80,   96,      None,   64,      64,      4,     1),
     ("flash_bwd_dq",   80,   128,     None,   64,      64,      4,     1),
+    ("flash_bwd_dq",   80,   160,     None,   64,      32,      4,     1),
+    ("flash_bwd_dq",   80,   192,     None,   64,      32,      4,     1),
+    ("flash_bwd_dq",   80,   256,     None,   64,      32,      4,     1),
     ("flash_bwd_dq",   86,   32,      None,   64,      64,      4,     1),
     ("flash_bwd_dq",   86,   64,      None,   64,      64,      4,     1),
     ("flash_bwd_dq",   86,   96,      None,   64,      32,      4,     1),
     ("flash_bwd_dq",   86,   128,     None,   64,      32,      4,     1),
+    ("flash_bwd_dq",   86,   160,     None,   64,      32,      4,     1),
+    ("flash_bwd_dq",   86,   192,     None,   64,      16,      4,     1),
     ("flash_bwd_dq",   90,   32,      None,   64,      64,      4,     1),
     ("flash_bwd_dq",   90,   64,      None,   64,      64,      4,     1),
     ("flash_bwd_dq",   90,   96,      None,   64,      64,      4,     1),
     ("flash_bwd_dq",   90,   128,     None,   64,      64,      4,     1),
+    ("flash_bwd_dq",   90,   160,     None,   64,      32,      4,     1),
+    ("flash_bwd_dq",   90,   192,     None,   64,      32,      4,     1),
+    ("flash_bwd_dq",   90,   256,     None,   64,      32,      4,     1),
     # float32: exact CUDA-core arithmetic, block_n is the warp size
     ("flash_fwd_f32",  80,   32,      None,   32,      32,      4,     1),
     ("flash_fwd_f32",  80,   64,      None,   32,      32,      4,     1),
@@ -152,6 +172,14 @@ SIMT_TILE = 32
 TENSOR_CORE_KERNELS = ("flash_fwd", "flash_bwd_dkdv", "flash_bwd_dq")
 
 MAX_HEAD_DIM = 256
+# The widest dK/dV slice one warp of flash_bwd_dkdv keeps in registers: 2 x 16 keys x 128 columns
+# = 128 floats per thread. Past it the warps of a key group split the head dim.
+DKDV_WARP_COLS = 128
+
+
+def dkdv_warps_d(head_dim: int) -> int:
+    """Warps that split the head dim of one key group's dK/dV in flash_bwd_dkdv (DKV_WARPS_D)."""
+    return -(-head_dim // DKDV_WARP_COLS)
 
 
 @functools.lru_cache(maxsize=None)  # on every call's path; the table is fixed at import
@@ -174,7 +202,8 @@ def shared_memory_bytes(cfg: TileConfig) -> int:
         return (cfg.block_m + 2 * cfg.block_n) * padded_row * 2  # Q, K, V tiles
     if cfg.kernel == "flash_bwd_dkdv":
         tiles = (2 * cfg.block_n + 4 * cfg.block_m) * padded_row * 2  # K, V, Q x2, dO x2
-        ds = cfg.block_n * (cfg.block_m + 8) * 2  # dS^T, used when dQ is accumulated here
+        # dS^T (used when dQ is accumulated here), and P^T beside it when the head dim is split
+        ds = cfg.block_n * (cfg.block_m + 8) * 2 * (2 if dkdv_warps_d(cfg.head_dim) > 1 else 1)
         return tiles + ds + 4 * cfg.block_m * 4  # LSE x2, delta x2
     if cfg.kernel == "flash_bwd_dq":
         return (2 * cfg.block_m + 4 * cfg.block_n) * padded_row * 2  # Q, dO, K x2, V x2
@@ -205,7 +234,8 @@ def defines(cfg: TileConfig, dtype: str, causal: bool, vec_loads: bool) -> dict[
         "MIN_BLOCKS": cfg.min_blocks,
     }
     if cfg.kernel in TENSOR_CORE_KERNELS:
-        return common | {
+        split = {"DKV_WARPS_D": dkdv_warps_d(cfg.head_dim)} if cfg.kernel == "flash_bwd_dkdv" else {}
+        return common | split | {
             "ELEM_BF16": int(dtype == "bfloat16"),
             "BLOCK_M": cfg.block_m,
             "BLOCK_N": cfg.block_n,

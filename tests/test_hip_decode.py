@@ -8,8 +8,9 @@ in each position). The AMD compile of every row is ci/hip_compile.py's.
 
 On an NVIDIA GPU (`gpu` marker): the same kernels, compiled by CuPy's NVRTC with hip_on_cuda.h in
 the wave32 (RDNA, gfx1030) rows and launched by xattn.hip.launch_decode, serve
-attention_with_kvcache in place of the CUDA decode, and test_kvcache.py's checks run against
-them: the float64 oracle over drawn shapes (GQA, windows, softcap, bhsd/bshd, strided views, NaN
+attention_with_kvcache (and kvcache.launch_for_check) in place of the CUDA decode under the hook
+xattn.hip.on_cuda, and test_kvcache.py's checks run against them (contiguous caches, no sinks:
+the HIP decode raises for block_table and sinks, which is checked too): the float64 oracle over drawn shapes (GQA, windows, softcap, bhsd/bshd, strided views, NaN
 in every cache row a kernel must not read), the decode shapes, forced split counts (1, 2, 7, 200:
 the merge, and splits with no keys), device lengths out of range (clamped, nothing outside the
 caches touched), and NaN-poisoned out, lse and workspace. The wave64 rows cannot run there
@@ -28,6 +29,7 @@ import numpy as np
 import pytest
 
 from test_hip_sources import HIP_ON_CUDA, HIP_ON_CUDA_OPTIONS, nvrtc_compile
+import xattn
 from xattn import configs, hip, jit, kvcache
 
 WAVE32_TARGET = "gfx1030"  # whose decode rows (wave32) run on NVIDIA
@@ -134,93 +136,85 @@ def test_hip_decode_launcher_passes_every_kernel_parameter_in_order(target, case
 
 # ---- NVIDIA GPU -----------------------------------------------------------------------------------
 
-_kernels: dict = {}
-
-
-def _compiled(cfg, defines: dict, device: int):
-    """One entry point of the NVRTC-compiled decode module (hip_on_cuda.h in front), memoized."""
-    import cupy
-
-    assert cfg.kernel in DECODE_ENTRIES, cfg
-    key = (device, cfg.kernel, tuple(jit.define_options(defines)))
-    kernel = _kernels.get(key)
-    if kernel is None:
-        with cupy.cuda.Device(device):
-            module = cupy.RawModule(code=HIP_ON_CUDA.read_text() + jit.preprocess("hip", configs.hip_source(cfg.kernel)),
-                                    options=(*HIP_ON_CUDA_OPTIONS, *key[2]))
-            kernel = module.get_function(cfg.kernel)
-            smem = configs.hip_shared_memory_bytes(cfg._replace(kernel=configs.HIP_DECODE_KERNEL))
-            if cfg.kernel == configs.HIP_DECODE_KERNEL and smem > 48 * 1024:  # CUDA opts in above 48 KB
-                kernel.max_dynamic_shared_size_bytes = smem
-        _kernels[key] = kernel
-    return kernel
-
-
-def hip_on_cuda_decode(q, k_cache, v_cache, k_new, v_new, out, lse, cache_seqlens, call, workspace,
-                       stream):
-    """kvcache._launch_decode's contract, served by xattn.hip.launch_decode with the wave32 rows'
-    portable decode compiled for the NVIDIA GPU holding the arrays."""
-    hip.launch_decode(_compiled, WAVE32_TARGET, q, k_cache, v_cache, k_new, v_new, out, lse,
-                      cache_seqlens, call, workspace, stream)
-
-
-def _hip_decode_backend(monkeypatch):
-    from conftest import Backend, _cuda_kinds, _cuda_skip_reason
+@pytest.fixture
+def hip_decode():
+    """A cuda Backend under which attention_with_kvcache and kvcache.launch_for_check run the HIP
+    decode: the hook xattn.hip.on_cuda, with the wave32 (RDNA, gfx1030) rows."""
+    from conftest import HIP_ON_CUDA_TARGETS, Backend, _cuda_kinds, _cuda_skip_reason
 
     reason = _cuda_skip_reason()
     if reason:
         pytest.skip(reason)
-    monkeypatch.setattr(kvcache, "_launch_decode", hip_on_cuda_decode)
-    return Backend("cuda", _cuda_kinds())
+    targets = HIP_ON_CUDA_TARGETS["hip-on-cuda"]
+    with hip.on_cuda(prefix=HIP_ON_CUDA.read_text(), options=tuple(HIP_ON_CUDA_OPTIONS),
+                     forward_target=targets[0], backward_target=targets[1]):
+        yield Backend("cuda", _cuda_kinds())
 
 
-@pytest.fixture
-def backend(monkeypatch):
-    """Overrides conftest's: attention_with_kvcache's GPU path is the HIP decode."""
-    return _hip_decode_backend(monkeypatch)
-
-
-@pytest.fixture
-def cuda_backend(monkeypatch):
-    return _hip_decode_backend(monkeypatch)
-
-
-# test_kvcache.py's checks, run here against the HIP decode (wrappers: the imported functions
-# themselves also serve the other backends there, and must keep their own marks).
+# test_kvcache.py's cases and checks (its helpers, not its tests), without the two arguments the
+# HIP decode does not take: paged caches (block_table) and sinks.
 import test_kvcache  # noqa: E402
 from test_kvcache import forced_splits  # noqa: E402,F401  (a fixture of the checks below)
 
 
+def _contiguous_caches(c):
+    return c["paged"] is None and c["sinks"] is None
+
+
 @pytest.mark.gpu
-def test_hip_decode_matches_oracle(backend):
-    test_kvcache.test_matches_oracle(backend)
+def test_hip_decode_matches_oracle(hip_decode):
+    from hypothesis import given, settings
+
+    @settings(max_examples=test_kvcache.EXAMPLES["cuda"])
+    @given(c=test_kvcache.cases(hip_decode).filter(_contiguous_caches))
+    def check(c):
+        test_kvcache.run_and_check(hip_decode, c)
+
+    check()
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("shape", test_kvcache.SHAPES, ids=str)
 @pytest.mark.parametrize("layout", ["bhsd", "bshd"])
-def test_hip_decode_shapes(backend, shape, layout):
-    test_kvcache.test_decode_shapes(backend, shape, layout)
+def test_hip_decode_shapes(hip_decode, shape, layout):
+    test_kvcache.test_decode_shapes(hip_decode, shape, layout)
 
 
 @pytest.mark.gpu
-def test_hip_decode_softcap_with_large_scores(backend):
-    test_kvcache.test_softcap_with_large_scores(backend)
+def test_hip_decode_softcap_with_large_scores(hip_decode):
+    test_kvcache.test_softcap_with_large_scores(hip_decode)
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("splits", [1, 2, 7, 200])
-def test_hip_decode_split_counts(cuda_backend, forced_splits, splits):
-    test_kvcache.test_split_counts(cuda_backend, forced_splits, splits)
+def test_hip_decode_split_counts(hip_decode, forced_splits, splits):
+    test_kvcache.test_split_counts(hip_decode, forced_splits, splits)
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("splits", [1, 3])
-def test_hip_decode_out_of_range_lengths_are_clamped(cuda_backend, forced_splits, splits):
-    test_kvcache.test_out_of_range_lengths_are_clamped(cuda_backend, forced_splits, splits)
+def test_hip_decode_out_of_range_lengths_are_clamped(hip_decode, forced_splits, splits):
+    test_kvcache.test_out_of_range_lengths_are_clamped(hip_decode, forced_splits, splits)
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("splits", [1, 4])
-def test_hip_decode_writes_every_output_element(cuda_backend, forced_splits, splits):
-    test_kvcache.test_every_output_element_is_written(cuda_backend, forced_splits, splits)
+def test_hip_decode_writes_every_output_element(hip_decode, forced_splits, splits):
+    test_kvcache.test_every_output_element_is_written(hip_decode, forced_splits, splits)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("argument", ["block_table", "sinks"])
+def test_hip_decode_names_what_it_does_not_support(hip_decode, argument):
+    """Paged caches and sinks raise on the hip backend, naming the argument."""
+    import cupy
+
+    q = cupy.zeros((1, 2, 1, 64), dtype=cupy.float16)
+    if argument == "block_table":
+        caches = [cupy.zeros((2, 16, 2, 64), dtype=cupy.float16) for _ in range(2)]
+        extra = {"block_table": cupy.zeros((1, 2), dtype=cupy.int32)}
+    else:
+        caches = [cupy.zeros((1, 2, 32, 64), dtype=cupy.float16) for _ in range(2)]
+        extra = {"sinks": cupy.zeros(2, dtype=cupy.float32)}
+    with pytest.raises(ValueError, match=f"^{argument}: .*hip backend"):
+        xattn.attention_with_kvcache(q, *caches, cache_seqlens=3, **extra)

@@ -334,3 +334,27 @@ def test_hip_launchers_pass_every_kernel_parameter_in_order(target, variant, mon
         assert defines["HAS_ALIBI"] == int(slopes is not None)
         assert defines["IS_VARLEN"] == int(varlen)
         assert grid[2] == batch  # packed: one z per sequence
+
+
+def test_on_cuda_routes_while_active_and_refuses_matrix_core_rows():
+    """xattn.hip.on_cuda: while active, dispatch's flag is set and hip's launches take the given
+    targets (forwards and backwards apart) and its NVRTC compile, which refuses MFMA/WMMA rows
+    before compiling anything; on exit everything is as before, also after an error."""
+    from xattn import backends, hip
+
+    assert not backends.hip_on_cuda
+    with pytest.raises(KeyError):
+        with hip.on_cuda(prefix="", options=(), forward_target="gfx1030", backward_target="gfx906"):
+            assert backends.hip_on_cuda
+            compile_fwd, target_fwd = hip._compiler(None, "forward")
+            compile_bwd, target_bwd = hip._compiler(None, "backward")
+            assert (target_fwd, target_bwd) == ("gfx1030", "gfx906") and compile_fwd is compile_bwd
+            row = configs.select_hip("float16", "gfx90a", 128, False)
+            with pytest.raises(ValueError, match="flash_fwd_mfma .*AMD only"):
+                compile_fwd(row, configs.hip_defines(row, "float16", False, False), 0)
+            with pytest.raises(RuntimeError, match="already active"):
+                with hip.on_cuda(prefix="", options=(), forward_target="gfx1030",
+                                 backward_target="gfx1030"):
+                    pass
+            raise KeyError("leaves the context")
+    assert not backends.hip_on_cuda and hip._served is None

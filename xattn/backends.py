@@ -20,6 +20,9 @@ ENVIRONMENT_VARIABLE = "XATTN_BACKEND"
 # The backend that serves memory of each kind when none is asked for.
 _NATURAL_BACKEND = {"cpu": "reference", "cuda": "cuda", "rocm": "hip"}
 _EXTRA_FOR = {"cuda": "xattn[cuda12] or xattn[cuda13]", "hip": "xattn[rocm]"}
+# True while xattn.hip.on_cuda (a test hook) has the hip backend serve CUDA memory with its
+# portable kernels; xattn/dispatch.py reads it.
+hip_on_cuda = False
 
 
 class BackendStatus(NamedTuple):

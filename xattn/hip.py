@@ -16,6 +16,9 @@ vendor-neutral logic in kernels_common/attention_common.h.
 
 from __future__ import annotations
 
+import contextlib
+from typing import NamedTuple
+
 import numpy as np
 
 from xattn import configs, jit
@@ -65,12 +68,24 @@ def _jit(cfg: configs.TileConfig, defines: dict, device: int):
     return jit.get_function("hip", configs.hip_source(cfg.kernel), cfg.kernel, defines, device)
 
 
+def _compiler(x, direction: str):
+    """(compile, gcnArchName) for a launch on x's device: hiprtc and the device's own target, or
+    while on_cuda is active, its NVRTC compile and the target it was given for `direction`."""
+    if _served is not None:
+        return _served.compile, _served.targets[direction]
+    return _jit, _arch(launch_layer.describe(x).device)
+
+
 def forward(q, k, v, out, lse, *, causal: bool, scale: float, stream: int, window=(-1, -1),
-            softcap: float = 0.0, alibi_slopes=None, cu_seqlens=None, max_seqlen=None) -> None:
+            softcap: float = 0.0, alibi_slopes=None, cu_seqlens=None, max_seqlen=None,
+            sinks=None) -> None:
     """Write out = softmax(scale * q k^T + modifiers) v and lse for (B, H, S, D) views: the
     contract of xattn.cuda.forward, variants included (window, softcap, alibi_slopes, packed
-    batches through cu_seqlens and max_seqlen)."""
-    launch(_jit, _arch(launch_layer.describe(q).device), q, k, v, out, lse, causal=causal, scale=scale,
+    batches through cu_seqlens and max_seqlen); attention sinks are not (ValueError)."""
+    if sinks is not None:
+        raise ValueError("sinks: attention sinks are not supported on the hip backend, got an "
+                         "array; pass sinks=None")
+    launch(*_compiler(q, "forward"), q, k, v, out, lse, causal=causal, scale=scale,
            stream=stream, window=window, softcap=softcap, alibi_slopes=alibi_slopes,
            cu_seqlens=cu_seqlens, max_seqlen=max_seqlen)
 
@@ -127,7 +142,7 @@ def backward(q, k, v, out, dout, lse, dq, dk, dv, *, causal: bool, scale: float,
     (B, Hq, Sq)). dk and dv are summed over the query heads of each GQA group. The same contract as
     xattn.cuda.backward, variants included. `deterministic` changes nothing here: dQ always comes
     from its own query-parallel kernel, with no atomics, so every run gives the same bits."""
-    launch_backward(_jit, _arch(launch_layer.describe(q).device), q, k, v, out, dout, lse, dq, dk, dv,
+    launch_backward(*_compiler(q, "backward"), q, k, v, out, dout, lse, dq, dk, dv,
                     causal=causal, scale=scale, stream=stream, window=window, softcap=softcap,
                     alibi_slopes=alibi_slopes, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen)
 
@@ -208,18 +223,83 @@ def info() -> dict[str, str]:
     }
 
 
+# ---- the portable kernels on an NVIDIA GPU (a test hook) -------------------------------------------
+
+class _Served(NamedTuple):
+    compile: object  # compile(cfg, defines, device) -> a launchable kernel
+    targets: dict    # "forward" / "backward" -> the gcnArchName whose table rows are used
+
+
+_served: _Served | None = None  # set while on_cuda is active
+_nvrtc_kernels: dict = {}       # the NVRTC-compiled kernels of on_cuda, kept across activations
+
+
+@contextlib.contextmanager
+def on_cuda(*, prefix: str, options: tuple, forward_target: str, backward_target: str):
+    """A context in which the hip backend serves arrays in CUDA memory, with its portable
+    kernels compiled by CuPy's NVRTC from `prefix` (tests/hip_on_cuda.h: the HIP device API
+    on CUDA) followed by the preprocessed HIP source, with `options`: xattn.attention,
+    attention_varlen, autograd (xattn/dispatch.py asks backends.hip_on_cuda), the KV-cache
+    decode, and direct calls of forward, backward and decode. Forwards and the decode use the
+    table rows of `forward_target`, backwards those of `backward_target` (gcnArchNames). The
+    MFMA/WMMA rows cannot run there: selecting one raises ValueError. For the tests; not
+    thread-safe (one active context per process)."""
+    global _served
+    from xattn import backends
+
+    def compile(cfg, defines: dict, device: int):
+        if cfg.kernel in configs.HIP_MFMA_KERNELS:
+            raise ValueError(f"{cfg.kernel} ({cfg.arch} row): a matrix-core kernel runs on AMD "
+                             f"only; on_cuda runs the portable kernels (pick a target without "
+                             f"MFMA/WMMA rows for this dtype)")
+        key = (prefix, options, device, cfg.kernel, tuple(jit.define_options(defines)))
+        kernel = _nvrtc_kernels.get(key)
+        if kernel is None:
+            import cupy
+
+            with cupy.cuda.Device(device):
+                code = prefix + jit.preprocess("hip", configs.hip_source(cfg.kernel))
+                raw = cupy.RawModule(code=code, options=(*options, *key[4])).get_function(cfg.kernel)
+            kernel = _nvrtc_kernels[key] = _OptedIn(raw, device)
+        return kernel
+
+    if _served is not None:
+        raise RuntimeError("xattn.hip.on_cuda: already active")
+    _served = _Served(compile, {"forward": forward_target, "backward": backward_target})
+    backends.hip_on_cuda = True
+    try:
+        yield
+    finally:
+        backends.hip_on_cuda = False
+        _served = None
+
+
+class _OptedIn:
+    """A CuPy kernel that opts in to its launch's dynamic shared memory above 48 KB (CUDA
+    requires it; the portable rows' LDS goes up to 64 KB)."""
+
+    def __init__(self, raw, device: int):
+        self.raw, self.device = raw, device
+
+    def __call__(self, grid, block, args, shared_mem: int = 0):
+        if shared_mem > 48 * 1024:
+            launch_layer.prepare_smem(self.raw, (self.device, id(self.raw), shared_mem), shared_mem)
+        self.raw(grid, block, args, shared_mem=shared_mem)
+
+
 # ---- KV-cache decode (attention_with_kvcache) -------------------------------------------------
 
 def decode(q, k_cache, v_cache, k_new, v_new, out, lse, cache_seqlens, call, workspace,
            stream: int) -> None:
     """attention_with_kvcache's GPU step on a ROCm device: append k_new/v_new to the caches, then
     split-KV decode and, with several splits, the merge (kernels_hip/flash_decode_portable.hip).
-    The contract of xattn.kvcache._launch_decode: (B, H, S, D) views with D contiguous (caches:
-    unit stride along D), cache_seqlens an int32 device array or None to use call.uniform, `call`
-    the validated call (seqlen_new, uniform, window with causal folded in, softcap, scale),
-    workspace(n) -> n float32 elements from the caller's framework."""
-    launch_decode(_jit, _arch(launch_layer.describe(q).device), q, k_cache, v_cache, k_new, v_new, out,
-                  lse, cache_seqlens, call, workspace, stream)
+    Called by xattn.kvcache._run_hip with (B, H, S, D) views, D contiguous (caches: unit stride
+    along D), cache_seqlens an int32 device array or None to use call.uniform, `call` the
+    validated kvcache call (seqlen_new, uniform, window with causal folded in, softcap, scale),
+    workspace(n) -> n float32 elements from the caller's framework. Contiguous caches only (no
+    block_table) and no sinks: kvcache raises for those before this."""
+    launch_decode(*_compiler(q, "forward"), q, k_cache, v_cache, k_new, v_new, out, lse,
+                  cache_seqlens, call, workspace, stream)
 
 
 _cu_counts: dict[int, int] = {}

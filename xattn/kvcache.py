@@ -2,7 +2,9 @@
 
 The public function validates once, then runs on the reference backend (host arrays: the new
 keys and values are written into the caches, then the NumPy reference attends per sequence) or on
-the cuda backend (kernels_cuda/flash_decode.cu, flash_decode_f32.cu, flash_decode_merge.cu).
+the cuda backend (kernels_cuda/flash_decode.cu, flash_decode_f32.cu, flash_decode_merge.cu), or
+on the hip backend (xattn.hip.decode, kernels_hip/flash_decode_portable.hip: contiguous caches
+only, no sinks; no plan cache: `_run_hip`).
 
 The caches are contiguous per sequence, or paged (block_table=, flash-attn's convention). sinks=
 adds a per-head sink logit to every row's softmax denominator.
@@ -90,6 +92,11 @@ def attention_with_kvcache(q, k_cache, v_cache, *, cache_seqlens, k_new=None, v_
     if chosen == "reference":
         check_dtype(info, REFERENCE_DTYPES)
         out, lse = _run_reference(q, k_cache, v_cache, k_new, v_new, block_table, sinks, call)
+    elif chosen == "hip" or backends.hip_on_cuda:  # on_cuda: the HIP decode serves CUDA memory
+        check_dtype(info, GPU_DTYPES, backend_name="hip")
+        if chosen == "hip":
+            backends.gpu_forward(chosen)  # RuntimeError naming what to install where hip is unusable
+        out, lse = _run_hip(q, k_cache, v_cache, cache_seqlens, k_new, v_new, block_table, sinks, call)
     elif chosen == "cuda":
         check_dtype(info, GPU_DTYPES, backend_name=chosen)
         backends.gpu_forward(chosen)  # RuntimeError naming what to install where cuda is unusable
@@ -98,8 +105,8 @@ def attention_with_kvcache(q, k_cache, v_cache, *, cache_seqlens, k_new=None, v_
                   softcap, layout, return_lse, backend, block_table, sinks)
         out, lse = plan.run(q, k_cache, v_cache, cache_seqlens, k_new, v_new, block_table, sinks)
     else:
-        raise ValueError(f"backend: attention_with_kvcache runs on the 'reference' and 'cuda' "
-                         f"backends, got {chosen!r}")
+        raise ValueError(f"backend: attention_with_kvcache runs on the 'reference', 'cuda' and "
+                         f"'hip' backends, got {chosen!r}")
     return (out, lse) if return_lse else out
 
 
@@ -508,7 +515,7 @@ def _cached_plan(q, k_cache, v_cache, cache_seqlens, k_new, v_new, causal, scale
             return None
     elif not module.startswith("cupy"):
         return None
-    if not _plans:
+    if not _plans or backends.hip_on_cuda:  # no plans under xattn.hip.on_cuda: the HIP decode
         return None
     try:
         key = _plan_key(q, k_cache, v_cache, cache_seqlens, k_new, v_new, causal, scale, window,
@@ -687,20 +694,11 @@ def _new_plan(q, k_cache, v_cache, cache_seqlens, k_new, v_new, block_table, sin
     """Validate what only the GPU path needs, choose the kernels and pack the parameter block."""
     library, layout = call.info.library, call.layout
     paged = block_table is not None
-    for name, cache in (("k_cache", k_cache), ("v_cache", v_cache)):
-        stride = _strides(cache, library)[-1]
-        empty = (cache.numel() if library == "torch" else cache.size) == 0  # any strides will do
-        if call.head_dim > 1 and stride != 1 and not empty:
-            raise ValueError(f"{name}: expected unit stride along D (the cache is written in place "
-                             f"and read without a copy), got stride {stride}")
-        if library == "torch" and cache.is_neg():
-            raise ValueError(f"{name}: expected a tensor whose memory holds its values, got a "
-                             f"negative-bit view; pass a resolved tensor (.resolve_neg())")
+    _check_cache_strides(k_cache, v_cache, call)
     # q, k_new and v_new whose last dimension is strided (or a negative-bit torch view) are
     # copied contiguous before each launch (Plan.run); the block holds the copy's strides.
     copied = tuple(name for name, x in (("q", q), ("k_new", k_new), ("v_new", v_new))
-                   if x is not None and call.head_dim > 1
-                   and (_strides(x, library)[-1] != 1 or (library == "torch" and x.is_neg())))
+                   if _needs_copy(x, call))
     device = call.info.device_id
     itemsize = 4 if call.info.dtype == "float32" else 2
     dtype = call.info.dtype
@@ -769,6 +767,73 @@ def _new_plan(q, k_cache, v_cache, cache_seqlens, k_new, v_new, block_table, sin
     return plan
 
 
+def _check_cache_strides(k_cache, v_cache, call) -> None:
+    """The caches are written in place and read without a copy: unit stride along D."""
+    library = call.info.library
+    for name, cache in (("k_cache", k_cache), ("v_cache", v_cache)):
+        stride = _strides(cache, library)[-1]
+        empty = (cache.numel() if library == "torch" else cache.size) == 0  # any strides will do
+        if call.head_dim > 1 and stride != 1 and not empty:
+            raise ValueError(f"{name}: expected unit stride along D (the cache is written in place "
+                             f"and read without a copy), got stride {stride}")
+        if library == "torch" and cache.is_neg():
+            raise ValueError(f"{name}: expected a tensor whose memory holds its values, got a "
+                             f"negative-bit view; pass a resolved tensor (.resolve_neg())")
+
+
+def _needs_copy(x, call) -> bool:
+    """q, k_new or v_new whose last dimension is strided (or a negative-bit torch view): the
+    kernels read it through a contiguous copy."""
+    return x is not None and call.head_dim > 1 and (
+        _strides(x, call.info.library)[-1] != 1 or (call.info.library == "torch" and x.is_neg()))
+
+
+# ------------------------------------------------------------------------------- hip
+
+def _run_hip(q, k_cache, v_cache, cache_seqlens, k_new, v_new, block_table, sinks, call,
+             outputs=None):
+    """(out, lse) of the HIP decode (xattn.hip.decode: append, split-KV decode, merge) on
+    contiguous caches. No plan cache yet: every call describes its arrays again. outputs=(out,
+    lse, workspace) are the kernel checks' (launch_for_check), else allocated here."""
+    from xattn import hip
+
+    if block_table is not None:
+        raise ValueError("block_table: paged caches are not supported on the hip backend (its "
+                         "decode reads contiguous (B, Hk, Smax, D) caches), got a block table")
+    if sinks is not None:
+        raise ValueError("sinks: attention sinks are not supported on the hip backend, got an "
+                         "array; pass sinks=None")
+    _check_cache_strides(k_cache, v_cache, call)
+    library = call.info.library
+    q, k_new, v_new = (_contiguous(x, library) if _needs_copy(x, call) else x for x in (q, k_new, v_new))
+    out_shape = _in_layout((call.batch, call.heads_q, call.seqlen_q, call.head_dim), call.layout)
+    lse_shape = (call.batch, call.heads_q, call.seqlen_q)
+    if library == "torch":
+        import torch
+
+        def empty(shape, dtype=torch.float32):
+            return torch.empty(shape, dtype=dtype, device=q.device)
+        stream = _torch_stream(torch, q.device.index)
+        bhsd = (lambda x: x) if call.layout == "bhsd" else (lambda x: x.transpose(1, 2))
+    else:
+        import cupy
+
+        def empty(shape, dtype=cupy.float32):
+            with cupy.cuda.Device(call.info.device_id):
+                return cupy.empty(shape, dtype=dtype)
+        stream = cupy.cuda.get_current_stream().ptr
+        bhsd = (lambda x: x) if call.layout == "bhsd" else (lambda x: x.transpose(0, 2, 1, 3))
+    if outputs is not None:
+        out, lse, workspace = outputs
+    else:
+        out, lse, workspace = empty(out_shape, q.dtype), empty(lse_shape), empty
+    with_new = k_new is not None and call.seqlen_new
+    hip.decode(bhsd(q), bhsd(k_cache), bhsd(v_cache), bhsd(k_new) if with_new else None,
+               bhsd(v_new) if with_new else None, bhsd(out), lse,
+               None if call.uniform is not None else cache_seqlens, call, workspace, stream)
+    return out, lse
+
+
 def _contiguous(x, library: str):
     """A contiguous copy on the caller's current stream (torch's, or CuPy's)."""
     if library == "torch":
@@ -793,6 +858,10 @@ def launch_for_check(q, k_cache, v_cache, cache_seqlens, out, lse, workspace, *,
     elements (poisoned by the caller) for the split partials."""
     call = _validate(q, k_cache, v_cache, cache_seqlens, k_new, v_new, causal, scale, window,
                      softcap, layout, True, block_table, sinks)
+    if backends.hip_on_cuda:  # the HIP decode serves CUDA memory (xattn.hip.on_cuda): no plan
+        _run_hip(q, k_cache, v_cache, cache_seqlens, k_new, v_new, block_table, sinks, call,
+                 outputs=(out, lse, workspace))
+        return None
     plan = _new_plan(q, k_cache, v_cache, cache_seqlens, k_new, v_new, block_table, sinks, call)
     o = plan.params[0]["o"]  # the caller's out, whatever its strides (the plan assumed contiguous)
     st = _bhsd_strides(out, call.info.library, layout)

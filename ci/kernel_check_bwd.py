@@ -115,9 +115,8 @@ def main(argv=None) -> int:
     parser.add_argument("--cases", default="grid", help="grid, tuned, odd; comma-separated")
     args = parser.parse_args(argv)
     gen = torch.Generator(device="cuda").manual_seed(0)
-    # fp16/bf16 on tensor cores: every row (32..256; 129..255 on the next row up, the head dim of
-    # dK/dV split over warps past 128), except where the family has no row (sm_86 past 192:
-    # flash_bwd_simt.cu).
+    # fp16/bf16 on tensor cores at every head dim (129..255 on the next row up: 160, 192, 256,
+    # the head dim of dK/dV split over warps past 128).
     head_dims = [1, 7, 32, 63, 64, 80, 96, 128, 129, 160, 192, 200, 256]
     # float32: flash_bwd_simt.cu at every head dim, each of its rows (32, 64, 128, 256) and between.
     f32_head_dims = [1, 7, 32, 63, 64, 96, 128, 129, 200, 256]

@@ -171,7 +171,7 @@ __device__ __forceinline__ void pack_t(u32 (&frag)[K_TILES][BLOCK_M / 16][4],
 __device__ __forceinline__ void accumulate_dq(float* dq_accum, u32 ds_lane, u32 k_lane, int m_start,
                                               int row0, int col0, int seqlen_q, int head_dim,
                                               int lane) {
-#pragma unroll 1
+#pragma unroll
     for (int pass_col = 0; pass_col < DQ_COLS; pass_col += DQ_PASS_COLS) {
         float acc_dq[DQ_ROWS / 16][DQ_PASS_COLS / 8][4];
         zero(acc_dq);

@@ -79,10 +79,11 @@ _ROWS = [
     ("flash_bwd_dkdv", 86,   64,      None,   64,      128,     8,     1),
     ("flash_bwd_dkdv", 86,   96,      None,   32,      64,      4,     1),
     ("flash_bwd_dkdv", 86,   128,     None,   32,      64,      4,     1),
-    # No sm_86 D256 row: 99 KB leaves one key group (16 keys, 2 warps) beside 32-query double
-    # buffers, and that tile spills 8-24 bytes with dQ atomics; D > 192 stays on flash_bwd_simt.cu.
+    # sm_86 D256: 99 KB leaves room for one key group (16 keys, 2 warps) beside 32-query double
+    # buffers (32 x 32 with 4 warps needs 104.5 KB)
     ("flash_bwd_dkdv", 86,   160,     None,   32,      32,      4,     1),
     ("flash_bwd_dkdv", 86,   192,     None,   32,      32,      4,     1),
+    ("flash_bwd_dkdv", 86,   256,     None,   32,      16,      2,     1),
     ("flash_bwd_dkdv", 90,   32,      None,   128,     128,     8,     1),
     ("flash_bwd_dkdv", 90,   64,      None,   128,     128,     8,     1),
     ("flash_bwd_dkdv", 90,   96,      None,   64,      128,     8,     1),
@@ -104,6 +105,7 @@ _ROWS = [
     ("flash_bwd_dq",   86,   128,     None,   64,      32,      4,     1),
     ("flash_bwd_dq",   86,   160,     None,   64,      32,      4,     1),
     ("flash_bwd_dq",   86,   192,     None,   64,      16,      4,     1),
+    ("flash_bwd_dq",   86,   256,     None,   64,      16,      4,     1),
     ("flash_bwd_dq",   90,   32,      None,   64,      64,      4,     1),
     ("flash_bwd_dq",   90,   64,      None,   64,      64,      4,     1),
     ("flash_bwd_dq",   90,   96,      None,   64,      64,      4,     1),
@@ -375,17 +377,14 @@ _HIP_ROWS = [
     ("flash_fwd_mfma",          "cdna3", 128,    None,   128,     32,      4,     1),
     ("flash_fwd_mfma",          "cdna3", 160,    None,   64,      32,      2,     1),
     ("flash_fwd_mfma",          "cdna3", 192,    None,   64,      32,      2,     1),
-    ("flash_fwd_mfma",          "cdna3", 256,    None,   64,      32,      2,     1),
     ("flash_fwd_wmma",          "rdna3", 32,     None,   64,      32,      4,     1),
-    ("flash_fwd_wmma",          "rdna3", 64,     None,   64,      32,      4,     1),
     ("flash_fwd_wmma",          "rdna4", 32,     None,   64,      64,      4,     1),
     ("flash_fwd_wmma",          "rdna4", 64,     None,   64,      64,      4,     1),
-    ("flash_fwd_wmma",          "rdna4", 128,    None,   64,      64,      4,     1),
     ("flash_fwd_portable",      "gfx9",  64,     None,   64,      32,      4,     1),
     ("flash_fwd_portable",      "gfx9",  128,    None,   32,      32,      4,     1),
     ("flash_fwd_portable",      "gfx9",  256,    None,   16,      16,      4,     1),
-    ("flash_fwd_portable",      "rdna",  32,     None,   64,      32,      4,     1),
-    ("flash_fwd_portable",      "rdna",  64,     None,   64,      32,      4,     1),
+    ("flash_fwd_portable",      "rdna",  32,     None,   32,      32,      4,     1),
+    ("flash_fwd_portable",      "rdna",  64,     None,   32,      32,      4,     1),
     ("flash_fwd_portable",      "rdna",  128,    None,   32,      16,      4,     1),
     ("flash_fwd_portable",      "rdna",  256,    None,   16,      8,       4,     1),
     # backward: delta = rowsum(dO * O) first, then dK/dV (key blocks) and dQ (query blocks), two
@@ -424,11 +423,7 @@ _HIP_ROWS = [
     ("flash_decode_portable",   "rdna",  128,    None,   16,      32,      4,     1),
     ("flash_decode_portable",   "rdna",  256,    None,   16,      16,      4,     1),
     ("flash_bwd_wmma_dkdv",     "rdna4", 32,     None,   32,      64,      4,     1),
-    ("flash_bwd_wmma_dkdv",     "rdna4", 64,     None,   32,      64,      4,     1),
-    ("flash_bwd_wmma_dkdv",     "rdna4", 128,    None,   32,      64,      4,     1),
     ("flash_bwd_wmma_dq",       "rdna4", 32,     None,   64,      32,      4,     1),
-    ("flash_bwd_wmma_dq",       "rdna4", 64,     None,   64,      32,      4,     1),
-    ("flash_bwd_wmma_dq",       "rdna4", 128,    None,   64,      32,      4,     1),
 ]
 
 HIP_TABLE = [TileConfig(*row) for row in _HIP_ROWS]

@@ -304,7 +304,7 @@ flash_bwd_dkdv(AttnParams p) {
         const int buf = s % 2, head = step_head(s), m_start = step_m_start(s);
         cp_async_wait<0>();
         // This step's tiles are visible to every warp; every warp is done with the other buffer
-        // and with sdS of the previous step.
+        // and with sdS (and sP) of the previous step.
         __syncthreads();
         if (s + 1 < steps) issue_step(s + 1, 1 - buf);
         cp_async_commit();

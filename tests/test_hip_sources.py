@@ -68,10 +68,12 @@ def test_hip_sources_include_the_shared_cuda_header_once():
 def test_select_hip_picks_kernel_and_family_from_gcn_arch_name(arch, dtype, kernel, family):
     for head_dim in (1, 33, 64, 100, 256):
         cfg = configs.select_hip(dtype, arch, head_dim, causal=True)
+        if family == "cdna3" and head_dim > 192:  # MI300's MFMA forward spills at D=256 (clang-19)
+            kernel, family = "flash_fwd_portable", "gfx9"
         assert (cfg.kernel, cfg.arch) == (kernel, family) and cfg.head_dim >= head_dim
 
 
-@pytest.mark.parametrize("arch, family, last_wmma_dim", [("gfx1100", "rdna3", 64), ("gfx1201", "rdna4", 128)])
+@pytest.mark.parametrize("arch, family, last_wmma_dim", [("gfx1100", "rdna3", 32), ("gfx1201", "rdna4", 64)])
 def test_rdna3_and_rdna4_take_wmma_up_to_their_last_row_then_the_portable_kernels(arch, family, last_wmma_dim):
     for dtype in ("float16", "bfloat16"):
         for head_dim in (1, 33, 64, 65, 100, 128, 129, 256):
@@ -80,7 +82,7 @@ def test_rdna3_and_rdna4_take_wmma_up_to_their_last_row_then_the_portable_kernel
             assert (cfg.kernel, cfg.arch) == (("flash_fwd_wmma", family) if wmma else ("flash_fwd_portable", "rdna"))
             assert cfg.head_dim >= head_dim and configs.hip_wave_size(cfg) == 32
             _, dkdv, dq = configs.select_hip_backward(dtype, arch, head_dim, causal=True)
-            wmma_bwd = family == "rdna4" and head_dim <= 128  # gfx11's WMMA backward spills: none
+            wmma_bwd = family == "rdna4" and head_dim <= 32  # clang-19 spills past these rows
             assert (dkdv.kernel, dq.kernel) == (_WMMA_BWD if wmma_bwd else _PORTABLE_BWD)
 
 

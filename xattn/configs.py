@@ -351,7 +351,15 @@ def decode_merge_defines(dtype: str, head_dim: int) -> dict[str, int]:
 # block_n from 16 to 64) and the backward pair at every head dim (dK/dV even at D=32 with 16-query
 # steps), so gfx11 has WMMA forward rows up to D=64 and its backward stays on the portable
 # kernels; gfx12, with half-size operand fragments, takes the WMMA forward and backward to D=128.
-# Not tuned on hardware: no AMD GPU has run these (README, AMD status).
+# Retuned for clang-19 (2026-11-30, ci/results/hip_compile_clang19.log): the rdna portable forward
+# at D=32/64 takes 32-query blocks and the dK/dV at D=256 4 waves (64-query blocks and 2 waves
+# spilled on gfx11/gfx12); gfx11 keeps WMMA for the forward at D=32 only (D=64 spilled with every
+# block_n tried under softcap), gfx12 the forward to D=64 and the backward at D=32 only (D=64 and
+# 128 spilled at every tile tried); MI300 (cdna3) has no D=256 MFMA forward row (it spills at
+# every tile: Q alone fills the registers), so the portable kernel serves it. Still spilling on
+# gfx942: the dK/dV backward, MFMA and portable, at every tile tried (SGPR spills into VGPR lanes,
+# no scratch: the kernel's scalar arguments, not its tiles), so CI gates clang-19 on gfx1100 and
+# gfx1201 only. Not tuned on hardware: no AMD GPU has run these (README, AMD status).
 
 HIP_FAMILIES = {  # family: (gfx prefixes, wave size); the longest matching prefix wins
     "cdna": (("gfx908", "gfx90a", "gfx94", "gfx95"), 64),  # MFMA: MI100, MI200, MI300, MI350
@@ -412,7 +420,7 @@ _HIP_ROWS = [
     ("flash_bwd_portable_dkdv", "rdna",  32,     None,   32,      32,      4,     1),
     ("flash_bwd_portable_dkdv", "rdna",  64,     None,   16,      32,      4,     1),
     ("flash_bwd_portable_dkdv", "rdna",  128,    None,   16,      16,      4,     1),
-    ("flash_bwd_portable_dkdv", "rdna",  256,    None,   8,       16,      2,     1),
+    ("flash_bwd_portable_dkdv", "rdna",  256,    None,   8,       16,      4,     1),
     # KV-cache decode (xattn.hip.decode): split-KV, GQA group x tokens as the rows of a tile; the
     # merge and the append are entry points of the same source and take the same defines.
     ("flash_decode_portable",   "gfx9",  64,     None,   16,      32,      4,     1),

@@ -33,6 +33,7 @@ struct AttnParams {
     const int* cu_seqlens_q;   // packed batches (IS_VARLEN): int32 (B + 1,), else null
     const int* cu_seqlens_k;
     const float* alibi_slopes; // HAS_ALIBI: float32 (Hq,) or (B, Hq), else null
+    const float* sinks;        // HAS_SINKS (forward): float32 (Hq,) sink logits, else null
     i64 alibi_batch_stride;    // 0 for (Hq,) slopes
 
     int batch_offset;          // first batch entry of this launch: blockIdx.z + batch_offset

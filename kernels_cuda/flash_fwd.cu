@@ -25,6 +25,10 @@
 // FFMA that subtracts the max, so each exponential is one ex2 instruction. The LSE written out is
 // natural-log: lse = scale * m_i + ln(l_i).
 //
+// Sinks (HAS_SINKS, GPT-OSS): query head h has a logit sink_h that joins each row's softmax
+// denominator as one more key of score sink_h and value 0. It touches no tile: the epilogue folds
+// it into the row's LSE (fold_sink), and O's normalization with it.
+//
 // Pipeline (FlashAttention-2's): one K buffer and one V buffer. The V tile of step j loads while
 // S = Q K_j^T and the softmax run; the K tile of step j+1 loads while O += P V_j runs.
 
@@ -37,6 +41,7 @@
 // VEC_LOADS   1: every row starts 16-byte aligned and head_dim % 8 == 0, so tiles move with 16-byte
 //             cp.async; 0: element-wise loads and stores (odd head dims, odd strides)
 // MIN_BLOCKS  thread blocks per SM that the register allocation must allow
+// HAS_SINKS   1: p.sinks holds float32 (Hq,) sink logits (left undefined, 0, by the other variants)
 
 #include "platform.h"
 #include "../kernels_common/attention_common.h"
@@ -48,6 +53,10 @@
 #define D_TILES (HEAD_DIM / 8)        // n8 column tiles of O per warp
 
 #include "mma_tile.h"
+
+#ifndef HAS_SINKS
+#define HAS_SINKS 0
+#endif
 
 static_assert(WARP_M % 16 == 0, "each warp owns whole m16 tiles");
 static_assert(BLOCK_N % 16 == 0 && HEAD_DIM % 16 == 0, "k16 steps over keys and head dim");
@@ -137,6 +146,18 @@ __device__ __forceinline__ void convert_p(u32 (&p_frag)[M_TILES][BLOCK_N / 16][4
         for (int kk = 0; kk < BLOCK_N / 16; ++kk) pack_a_fragment(p_frag[mt][kk], acc_s[mt][2 * kk], acc_s[mt][2 * kk + 1]);
 }
 
+// The sink, one more key of score `sink` and value 0, folded into a row's natural-log LSE: returns
+// the new LSE and scales *inv_l, O's normalization, by exp(lse - lse_new). A row with no key
+// (lse -inf) gets lse = sink and O = 0; a sink of -inf changes nothing (and makes no NaN of
+// -inf - -inf); a NaN lse stays NaN (the comparison, unlike fmaxf, keeps it).
+__device__ __forceinline__ float fold_sink(float lse, float sink, float* inv_l) {
+    if (sink == NEG_INF) return lse;
+    const float m = lse > sink ? lse : sink;
+    const float lse_new = m + logf(expf(lse - m) + expf(sink - m));
+    *inv_l *= expf(lse - lse_new);
+    return lse_new;
+}
+
 // Epilogue: O /= l, write O through shared memory (the warp's own rows of sQ) with 16-byte stores,
 // and write lse = scale * m + ln(l). A row that saw no key has l = 0: it gets O = 0, lse = -inf. A
 // NaN that reached the row makes l NaN, and O and lse then come out NaN (README: the NaN rule).
@@ -144,8 +165,8 @@ __device__ __forceinline__ void write_output(float (&acc_o)[M_TILES][D_TILES][4]
                                              const float (&row_max)[M_TILES][2],
                                              const float (&row_sum)[M_TILES][2], u16* sQ, u16* o,
                                              i64 o_row_stride, float* lse, int row_start,
-                                             int seqlen_q, int head_dim, float scale, int warp,
-                                             int lane) {
+                                             int seqlen_q, int head_dim, float scale, float sink,
+                                             int warp, int lane) {
     u16* sO = sQ + warp * WARP_M * SMEM_STRIDE;
 #pragma unroll
     for (int mt = 0; mt < M_TILES; ++mt)
@@ -155,6 +176,8 @@ __device__ __forceinline__ void write_output(float (&acc_o)[M_TILES][D_TILES][4]
             l += shfl_xor(l, 1);
             l += shfl_xor(l, 2);
             float inv_l = l != 0.f ? 1.f / l : 0.f;
+            float row_lse = l != 0.f ? row_max[mt][h] * scale + logf(l) : NEG_INF;
+            if (HAS_SINKS) row_lse = fold_sink(row_lse, sink, &inv_l);
             int row = mt * 16 + lane / 4 + h * 8;
 #pragma unroll
             for (int dt = 0; dt < D_TILES; ++dt) {
@@ -162,7 +185,7 @@ __device__ __forceinline__ void write_output(float (&acc_o)[M_TILES][D_TILES][4]
                 *(u32*)(sO + row * SMEM_STRIDE + dt * 8 + (lane % 4) * 2) = packed;
             }
             if (lane % 4 == 0 && row_start + row < seqlen_q)
-                lse[row_start + row] = l != 0.f ? row_max[mt][h] * scale + logf(l) : NEG_INF;
+                lse[row_start + row] = row_lse;
         }
     warp_sync();  // the warp's rows of sO are complete before its lanes read them back
 
@@ -276,6 +299,7 @@ flash_fwd(AttnParams p) {
     // O and LSE addresses are formed only now: live through the main loop they would cost registers.
     o += batch * o_batch_stride + head * o_head_stride + (i64)seq.q_start * o_row_stride;
     lse += batch * lse_batch_stride + head * lse_head_stride + seq.q_start;
+    const float sink = HAS_SINKS ? p.sinks[head] : 0.f;
     write_output(acc_o, row_max, row_sum, sQ, o, o_row_stride, lse, warp_row_start, seqlen_q,
-                 head_dim, scale, warp, lane);
+                 head_dim, scale, sink, warp, lane);
 }

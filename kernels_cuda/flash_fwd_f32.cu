@@ -12,8 +12,9 @@
 // head-dim columns l, l + 32, ... of the warp's rows. P goes through a warp-private slice of
 // shared memory so that every lane can read every key's probability.
 //
-// compile time: ELEM_F32 = 1, HEAD_DIM (multiple of 32), ROWS_PER_WARP, NUM_WARPS, MIN_BLOCKS, and the
-// mask/modifier flags of attention_common.h. Parameters as in flash_fwd.cu.
+// compile time: ELEM_F32 = 1, HEAD_DIM (multiple of 32), ROWS_PER_WARP, NUM_WARPS, MIN_BLOCKS, the
+// mask/modifier flags of attention_common.h, and HAS_SINKS (flash_fwd.cu: the sink folded into the
+// LSE in the epilogue). Parameters as in flash_fwd.cu.
 
 #include "platform.h"
 #include "../kernels_common/attention_common.h"
@@ -29,6 +30,19 @@
 static_assert(HEAD_DIM % WARP_SIZE == 0, "each lane owns whole head-dim columns");
 
 #include "simt_tile.h"
+
+#ifndef HAS_SINKS
+#define HAS_SINKS 0
+#endif
+
+// The sink folded into a row's natural-log LSE, scaling *inv_l: as flash_fwd.cu's fold_sink.
+__device__ __forceinline__ float fold_sink(float lse, float sink, float* inv_l) {
+    if (sink == NEG_INF) return lse;
+    const float m = lse > sink ? lse : sink;
+    const float lse_new = m + logf(expf(lse - m) + expf(sink - m));
+    *inv_l *= expf(lse - lse_new);
+    return lse_new;
+}
 
 // ---- shared-memory layout ---------------------------------------------------------------------
 // sQ [BLOCK_M][HEAD_DIM] | sK [BLOCK_N][K_STRIDE] | sV [BLOCK_N][HEAD_DIM] | sP [NUM_WARPS][ROWS_PER_WARP][BLOCK_N]
@@ -133,19 +147,23 @@ flash_fwd_f32(AttnParams p) {
         warp_sync();  // sP is read by all lanes before the next tile overwrites it
     }
 
-    // Epilogue: O /= l, lse = scale * m + ln(l); a row that saw no key gets O = 0, lse = -inf.
+    // Epilogue: O /= l, lse = scale * m + ln(l); a row that saw no key gets O = 0, lse = -inf
+    // (with a sink: lse = sink).
+    const float sink = HAS_SINKS ? p.sinks[head] : 0.f;
 #pragma unroll
     for (int r = 0; r < ROWS_PER_WARP; ++r) {
         int row = warp_row_start + r;
         float l = warp_sum(row_sum[r]);
         float inv_l = l != 0.f ? 1.f / l : 0.f;
+        float row_lse = l != 0.f ? row_max[r] * scale + logf(l) : NEG_INF;
+        if (HAS_SINKS) row_lse = fold_sink(row_lse, sink, &inv_l);
         if (row < seqlen_q) {
 #pragma unroll
             for (int i = 0; i < D_PER_LANE; ++i) {
                 int col = lane + i * WARP_SIZE;
                 if (col < head_dim) o[row * o_row_stride + col] = acc_o[r][i] * inv_l;
             }
-            if (lane == 0) lse[row] = l != 0.f ? row_max[r] * scale + logf(l) : NEG_INF;
+            if (lane == 0) lse[row] = row_lse;
         }
     }
 }

@@ -17,7 +17,7 @@ check_like_q = calls.check_like_q
 
 
 def attention(q, k, v, *, causal=False, scale=None, window=None, softcap=None, alibi_slopes=None,
-              layout="bhsd", return_lse=False, backend=None, deterministic=False):
+              layout="bhsd", return_lse=False, backend=None, deterministic=False, sinks=None):
     """Scaled dot-product attention, softmax(scale * Q K^T) V, FlashAttention style.
 
     q: (B, Hq, Sq, D) for layout "bhsd" or (B, Sq, Hq, D) for "bshd"; k and v: (B, Hk, Sk, D)
@@ -31,6 +31,10 @@ def attention(q, k, v, *, causal=False, scale=None, window=None, softcap=None, a
     alibi_slopes: float array (Hq,) or (B, Hq), in q's library and on its device: adds
     -slope * |i + Sk - Sq - j| to the score of query i and key j (after the softcap; the two are
     not combined). The slopes are not differentiable.
+    sinks: float32 (Hq,), in q's library and on its device (GPT-OSS): each row's softmax
+    denominator gains exp(sinks[h]), a key of score sinks[h] and value 0; lse includes it, and a
+    row that sees no key gives out 0 and lse sinks[h]. Differentiable in torch (dsinks summed
+    over batch and rows). Reference and cuda backends.
     Returns out (q's array type, device, dtype and layout), or (out, lse) with return_lse,
     lse being float32 (B, Hq, Sq), natural log. Rows that see no key give 0 and -inf.
     backend: None picks from the data ("reference" for host memory, "cuda" or "hip" for
@@ -43,14 +47,14 @@ def attention(q, k, v, *, causal=False, scale=None, window=None, softcap=None, a
     backward runs the backend's backward kernels. lse is never differentiable.
     """
     call = calls.lookup(q, k, v, alibi_slopes, (causal, scale, window, softcap, layout, return_lse,
-                                                backend, deterministic))
-    out, lse = run(call, q, k, v, alibi_slopes)
+                                                backend, deterministic), sinks)
+    out, lse = run(call, q, k, v, alibi_slopes, sinks=sinks)
     return (out, lse) if return_lse else out
 
 
 def attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, *,
                      causal=False, scale=None, window=None, softcap=None, alibi_slopes=None,
-                     return_lse=False, backend=None, deterministic=False):
+                     return_lse=False, backend=None, deterministic=False, sinks=None):
     """Attention over a packed batch of sequences of different lengths, in one launch, no padding.
 
     q: (total_q, Hq, D), k and v: (total_k, Hk, D): the sequences one after another. Sequence b
@@ -59,7 +63,7 @@ def attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seql
     non-decreasing, ending at the total (empty sequences are allowed). max_seqlen_q/k: at least
     the longest sequence (they size the launch). Each sequence attends only to itself, with
     causal/window/softcap/alibi_slopes as in attention() (bottom-right alignment per sequence;
-    alibi_slopes (Hq,) or (B, Hq)). Returns out (total_q, Hq, D), or (out, lse) with lse float32
+    alibi_slopes (Hq,) or (B, Hq); sinks (Hq,), dsinks summed over the sequences). Returns out (total_q, Hq, D), or (out, lse) with lse float32
     (Hq, total_q). Differentiable in torch like attention().
 
     The cumulative lengths are checked on the host, which reads them back from a GPU (one small
@@ -68,27 +72,28 @@ def attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seql
     call, cu_seqlens = calls.build_varlen(
         q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal=causal,
         scale=scale, window=window, softcap=softcap, alibi_slopes=alibi_slopes,
-        return_lse=return_lse, backend=backend, deterministic=deterministic)
-    out, lse = run(call, q[None], k[None], v[None], alibi_slopes, cu_seqlens)
+        return_lse=return_lse, backend=backend, deterministic=deterministic, sinks=sinks)
+    out, lse = run(call, q[None], k[None], v[None], alibi_slopes, cu_seqlens, sinks)
     out, lse = out[0], lse[0]
     return (out, lse) if return_lse else out
 
 
-def run(call, q, k, v, alibi_slopes=None, cu_seqlens=None):
+def run(call, q, k, v, alibi_slopes=None, cu_seqlens=None, sinks=None):
     """(out, lse) of a validated call, in q's library: through the torch ops when autograd
     records the call or torch.compile traces it, else on the call's backend directly."""
-    if call.library == "torch" and _needs_torch_op(q, k, v):
+    if call.library == "torch" and _needs_torch_op(q, k, v, sinks):
         from xattn import torch_ops
-        return torch_ops.attention(call, q, k, v, alibi_slopes, cu_seqlens)
-    return dispatch.forward(call, q, k, v, alibi_slopes, cu_seqlens)
+        return torch_ops.attention(call, q, k, v, alibi_slopes, cu_seqlens, sinks)
+    return dispatch.forward(call, q, k, v, alibi_slopes, cu_seqlens, sinks)
 
 
-def _needs_torch_op(q, k, v) -> bool:
+def _needs_torch_op(q, k, v, sinks=None) -> bool:
     """Whether torch tensors must go through the custom op: autograd will record this call,
     or torch.compile is tracing it. Otherwise the plain path is cheaper per call."""
     torch = sys.modules["torch"]
-    return (((q.requires_grad or k.requires_grad or v.requires_grad)
-             and torch.is_grad_enabled()) or torch.compiler.is_compiling())
+    wants_grad = (q.requires_grad or k.requires_grad or v.requires_grad
+                  or (sinks is not None and sinks.requires_grad))
+    return (wants_grad and torch.is_grad_enabled()) or torch.compiler.is_compiling()
 
 
 def exact_attention(q, k, v, *, causal=False, scale=None, window=None, softcap=None,

@@ -3,7 +3,7 @@ its arguments are checked.
 
 `Call.build` validates the arrays and options of attention() / attention_varlen() once and
 returns a `Call`: library, device, dtype, layout, the sizes, the band (causal folded into the
-window's right edge here and nowhere else), softcap, ALiBi, the packed-batch maxima, scale. Every
+window's right edge here and nowhere else), softcap, ALiBi, sinks, the packed-batch maxima, scale. Every
 layer below (the torch ops, the backends, the launch plans) takes a Call and checks nothing again.
 
 Calls are cached by signature (`lookup`): what validation reads of each array (its type, shape,
@@ -57,6 +57,7 @@ class Call:
     window: tuple           # (left, right), -1 unbounded; causal folded in: right is 0
     softcap: float          # 0.0: none
     alibi: tuple | None     # the slopes' shape, (Hq,) or (B, Hq); None: no ALiBi
+    sinks: bool             # a sink logit per query head (GPT-OSS), float32 (Hq,)
     varlen: bool
     max_seqlen: tuple | None  # packed batches: (max_seqlen_q, max_seqlen_k)
     deterministic: bool
@@ -83,12 +84,16 @@ class Call:
         b, h, s, _, _ = self.dims
         return (b, h, s)
 
-    def options(self, alibi_slopes=None, cu_seqlens=None) -> dict:
-        """The backends' keyword arguments (forward/backward of reference, cuda, hip)."""
+    def options(self, alibi_slopes=None, cu_seqlens=None, sinks=None) -> dict:
+        """The backends' keyword arguments (forward/backward of reference, cuda, hip). sinks
+        only where given: the forwards take them; the backwards never need them (the forward's
+        lse already holds the sink; xattn/torch_ops.py: sinks_grad)."""
         options = dict(causal=self.causal, scale=self.scale, window=self.window,
                        softcap=self.softcap, alibi_slopes=alibi_slopes)
         if self.varlen:
             options.update(cu_seqlens=cu_seqlens, max_seqlen=self.max_seqlen)
+        if sinks is not None:
+            options["sinks"] = sinks
         return options
 
     # ---- the torch op boundary: one place converts a Call to and from op arguments -------------
@@ -100,16 +105,17 @@ class Call:
 
     @staticmethod
     def from_op(q, k, v, cu_seqlens_q, cu_seqlens_k, alibi_slopes, causal, scale, window_left,
-                window_right, softcap, max_seqlen_q, max_seqlen_k, layout, deterministic) -> "Call":
+                window_right, softcap, max_seqlen_q, max_seqlen_k, layout, deterministic,
+                sinks=None) -> "Call":
         """The Call of the custom op's inputs (already validated once, when the op was entered:
         this rebuilds the description, through the signature cache)."""
         options = (causal, scale, (window_left, window_right), softcap, layout, True, None,
                    deterministic)
         if cu_seqlens_q is None:
-            return lookup(q, k, v, alibi_slopes, options)
+            return lookup(q, k, v, alibi_slopes, options, sinks)
         # A packed batch: its lengths were checked when the op was entered; not read again here.
         return build(q, k, v, alibi_slopes, *options,
-                     varlen=((max_seqlen_q, max_seqlen_k), cu_seqlens_q.shape[0] - 1))
+                     varlen=((max_seqlen_q, max_seqlen_k), cu_seqlens_q.shape[0] - 1), sinks=sinks)
 
 
 # ---- the signature cache ----------------------------------------------------------------------------
@@ -139,27 +145,32 @@ def _signature(x):
 _TORCH_TENSOR = None  # torch.Tensor once torch is imported (xattn never imports it itself)
 
 
-def lookup(q, k, v, alibi_slopes, options: tuple) -> Call:
-    """The Call of attention(q, k, v, alibi_slopes=..., *options): cached by signature, built
-    (validated) on the first call. options: (causal, scale, window, softcap, layout, return_lse,
-    backend, deterministic) as passed."""
+def _optional_signatures(*arrays_or_none) -> tuple:
+    """Signatures of optional arrays: "absent" for one not given, None for one whose signature
+    cannot be read cheaply."""
+    return tuple("absent" if x is None else _signature(x) for x in arrays_or_none)
+
+
+def lookup(q, k, v, alibi_slopes, options: tuple, sinks=None) -> Call:
+    """The Call of attention(q, k, v, alibi_slopes=..., sinks=..., *options): cached by
+    signature, built (validated) on the first call. options: (causal, scale, window, softcap,
+    layout, return_lse, backend, deterministic) as passed."""
     global _TORCH_TENSOR
     torch = sys.modules.get("torch")
     if torch is not None:
         if torch.compiler.is_compiling():  # traced: no Python-side caches
-            return build(q, k, v, alibi_slopes, *options)
+            return build(q, k, v, alibi_slopes, *options, sinks=sinks)
         _TORCH_TENSOR = torch.Tensor
-    signatures = (_signature(q), _signature(k), _signature(v),
-                  None if alibi_slopes is None else _signature(alibi_slopes))
-    if None in signatures[:3] or (alibi_slopes is not None and signatures[3] is None):
-        return build(q, k, v, alibi_slopes, *options)
+    signatures = tuple(_signature(x) for x in (q, k, v)) + _optional_signatures(alibi_slopes, sinks)
+    if None in signatures:
+        return build(q, k, v, alibi_slopes, *options, sinks=sinks)
     key = (signatures, options, os.environ.get(backends.ENVIRONMENT_VARIABLE))
     try:
         call = _calls.get(key)
     except TypeError:  # an unhashable option (a window given as a list): validate every time
-        return build(q, k, v, alibi_slopes, *options)
+        return build(q, k, v, alibi_slopes, *options, sinks=sinks)
     if call is None:
-        call = build(q, k, v, alibi_slopes, *options)  # raises on bad input: nothing is cached
+        call = build(q, k, v, alibi_slopes, *options, sinks=sinks)  # raises on bad input
         if len(_calls) >= _MAX_CALLS:
             _calls.clear()
         _calls[key] = call
@@ -169,7 +180,7 @@ def lookup(q, k, v, alibi_slopes, options: tuple) -> Call:
 # ---- validation -------------------------------------------------------------------------------------
 
 def build(q, k, v, alibi_slopes, causal, scale, window, softcap, layout, return_lse, backend,
-          deterministic, *, varlen=None) -> Call:
+          deterministic, *, varlen=None, sinks=None) -> Call:
     """Validate attention()'s arguments and describe the call. varlen: (max_seqlen, sequences)
     for a packed batch, whose (1, total, H, D) views arrive here."""
     info, dims, scale, heads_k = _validate(q, k, v, causal, scale, layout, return_lse)
@@ -183,25 +194,31 @@ def build(q, k, v, alibi_slopes, causal, scale, window, softcap, layout, return_
         chosen = backends.choose_backend(backend, info.device, arrays.device_label(info))
     check_dtype(info, REFERENCE_DTYPES if chosen == "reference" else GPU_DTYPES,
                 backend_name=chosen)
+    if sinks is not None:
+        check_sinks(sinks, info, heads_q)
+        if chosen == "hip":
+            raise ValueError("sinks: the hip backend has no sinks yet (the reference and cuda "
+                             "backends do)")
     return Call(library=info.library, device=info.device, device_id=info.device_id,
                 backend=chosen, dtype=info.dtype, layout=layout,
                 batch=varlen[1] if varlen else batch, heads_q=heads_q, heads_k=heads_k,
                 seqlen_q=sq, seqlen_k=sk, head_dim=head_dim, scale=scale, causal=bool(causal),
-                window=window, softcap=softcap, alibi=alibi, varlen=varlen is not None,
+                window=window, softcap=softcap, alibi=alibi, sinks=sinks is not None,
+                varlen=varlen is not None,
                 max_seqlen=varlen[0] if varlen else None, deterministic=bool(deterministic),
                 return_lse=bool(return_lse))
 
 
 def build_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, *, causal,
-                 scale, window, softcap, alibi_slopes, return_lse, backend, deterministic):
+                 scale, window, softcap, alibi_slopes, return_lse, backend, deterministic,
+                 sinks=None):
     """Validate attention_varlen()'s arguments: (Call, cu_seqlens as the backends take them).
     The cumulative lengths are checked on the host (a GPU array is read back; a GPU torch tensor
     once per version). The Call is cached by signature as attention()'s is; the lengths' values
     are checked on every call."""
     options = (causal, scale, window, softcap, return_lse, backend, deterministic)
     signatures = tuple(_signature(x) for x in (q, k, v, cu_seqlens_q, cu_seqlens_k))
-    if alibi_slopes is not None:
-        signatures += (_signature(alibi_slopes),)
+    signatures += _optional_signatures(alibi_slopes, sinks)
     key = None
     torch = sys.modules.get("torch")
     if None not in signatures and not (torch is not None and torch.compiler.is_compiling()):
@@ -226,7 +243,7 @@ def build_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k
     cu_seqlens, max_seqlen, sequences = _validate_cu_seqlens(
         info, dims, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
     call = build(q4, k4, v4, alibi_slopes, causal, scale, window, softcap, "bshd", return_lse,
-                 backend, deterministic, varlen=(max_seqlen, sequences))
+                 backend, deterministic, varlen=(max_seqlen, sequences), sinks=sinks)
     if key is not None:
         if len(_calls) >= _MAX_CALLS:
             _calls.clear()
@@ -434,6 +451,22 @@ def check_groups(q_heads: int, kv_heads: int, kv_name: str) -> None:
     if q_heads % kv_heads:
         raise ValueError(f"q: expected a number of heads divisible by {kv_name}'s {kv_heads} "
                          f"heads (GQA), got {q_heads}")
+
+
+def check_sinks(sinks, info, heads_q):
+    """sinks (attention, attention_varlen, attention_with_kvcache): float32 (Hq,), in q's
+    library and on its device. Their values are not read (a GPU array would need a sync)."""
+    try:
+        described = arrays.describe(sinks, "sinks")
+    except TypeError:
+        raise TypeError(f"sinks: expected a float32 array (Hq,), got "
+                        f"{type(sinks).__module__}.{type(sinks).__qualname__}") from None
+    check_like_q("sinks", described, info)
+    if described.dtype != "float32":
+        raise TypeError(f"sinks: expected dtype float32, got {described.dtype}")
+    if tuple(described.shape) != (heads_q,):
+        raise ValueError(f"sinks: expected shape ({heads_q},) (the query heads of q), got "
+                         f"{tuple(described.shape)}")
 
 
 def check_like_q(name, other, info, or_else=""):

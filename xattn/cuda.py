@@ -136,7 +136,7 @@ def forward(q, k, v, out, lse, *, causal: bool, scale: float, stream: int, windo
         forward(q, k, v, out, lse, causal=causal, scale=scale, stream=stream, window=window,
                 softcap=softcap, alibi_slopes=alibi_slopes, cu_seqlens=cu_seqlens,
                 max_seqlen=max_seqlen)
-        return _fold_sinks(out, lse, sinks)
+        return fold_sinks(out, lse, sinks)
     varlen = cu_seqlens is not None
     Q, K, V, O, L = (launch.packed(launch.describe(a), varlen) for a in (q, k, v, out, lse))
     batch, heads_q, seqlen_q, head_dim = Q.shape
@@ -145,8 +145,6 @@ def forward(q, k, v, out, lse, *, causal: bool, scale: float, stream: int, windo
         seqlen_q = max_seqlen[0]
     if batch == 0 or heads_q == 0 or seqlen_q == 0:
         return
-    if sinks is not None and K.shape[2] == 0:  # no key anywhere: out 0 and lse the sink, per row
-        return _fold_sinks(out, lse, sinks)
     if heads_q > launch.MAX_GRID_YZ:
         raise ValueError(f"q: at most {launch.MAX_GRID_YZ} heads are supported, got {heads_q}")
     options = dict(causal=causal, window=window, softcap=softcap, alibi_slopes=alibi_slopes,
@@ -174,7 +172,7 @@ def forward(q, k, v, out, lse, *, causal: bool, scale: float, stream: int, windo
     _run(steps, pointers, stream, Q.device)
 
 
-def _fold_sinks(out, lse, sinks):
+def fold_sinks(out, lse, sinks):
     """FUSED_SINKS off (and calls with no key at all): fold the sinks into a finished forward's
     (B, H, S, D) out and (B, H, S) lse in place, with the array library's own ops (torch or CuPy):
     lse' = logaddexp(lse, sink), out *= exp(lse - lse') (0 for a row of lse -inf)."""
@@ -218,7 +216,7 @@ def _plan_forward(Q, K, V, O, L, batch, *, causal, scale, window, softcap, slope
 # the general path, arrays.run_on_gpu -> forward(). On Hopper, calls the sm90 kernel serves get
 # its plan (xattn/sm90.py).
 
-def attention(call, q, k, v, alibi_slopes=None, cu_seqlens=None):
+def attention(call, q, k, v, alibi_slopes=None, cu_seqlens=None, sinks=None):
     """(out, lse) of a validated Call on CUDA torch tensors."""
     import torch
 
@@ -230,7 +228,7 @@ def attention(call, q, k, v, alibi_slopes=None, cu_seqlens=None):
     if steps is None:
         from xattn import arrays
         return arrays.run_on_gpu(forward, q, k, v, _info(call), layout=call.layout,
-                                 dims=call.dims, **call.options(alibi_slopes, cu_seqlens))
+                                 dims=call.dims, **call.options(alibi_slopes, cu_seqlens, sinks))
     device = q.device
     out = torch.empty(call.q_shape, dtype=q.dtype, device=device)
     lse = torch.empty(call.lse_shape, dtype=torch.float32, device=device)
@@ -240,6 +238,8 @@ def attention(call, q, k, v, alibi_slopes=None, cu_seqlens=None):
         pointers["alibi_slopes"] = alibi_slopes.data_ptr()
     if cu_seqlens is not None:
         pointers["cu_seqlens_q"], pointers["cu_seqlens_k"] = (c.data_ptr() for c in cu_seqlens)
+    if sinks is not None:
+        pointers["sinks"] = sinks.data_ptr()
     _run(steps, pointers, _torch_stream(device.index), device.index)
     return out, lse
 
@@ -321,7 +321,7 @@ def _call_forward_steps(call, q, k, v, alibi_slopes, cu_seqlens, aligned):
     batch, heads_q, seqlen_q, seqlen_k, head_dim = call.dims
     if batch == 0 or heads_q == 0 or seqlen_q == 0 or seqlen_k == 0 or heads_q > launch.MAX_GRID_YZ:
         return None
-    if any(t.is_neg() for t in (q, k, v)):
+    if any(t.is_neg() for t in (q, k, v)) or (call.sinks and not FUSED_SINKS):
         return None
     out = torch.empty(call.q_shape, dtype=q.dtype, device=q.device)
     views = _kernel_views(call, q, k, v, out)
@@ -332,7 +332,8 @@ def _call_forward_steps(call, q, k, v, alibi_slopes, cu_seqlens, aligned):
                Q.device)
     L = launch.packed(L, call.varlen)
     slopes = launch.describe(alibi_slopes) if alibi_slopes is not None else None
-    if _arch(Q.device) == 90 and _sm90_serves(call, q, k, v, out, alibi_slopes, cu_seqlens):
+    if _arch(Q.device) == 90 and not call.sinks and _sm90_serves(call, q, k, v, out, alibi_slopes,
+                                                                  cu_seqlens):
         from xattn import sm90
         return (sm90.plan(Q, K, V, O, L, causal=call.causal,
                           scale=call.scale, window=call.window, softcap=call.softcap,
@@ -340,7 +341,8 @@ def _call_forward_steps(call, q, k, v, alibi_slopes, cu_seqlens, aligned):
     vec = aligned and launch.vec_loads([Q, K, V, O], head_dim, launch.itemsize(Q.dtype))
     return _plan_forward(Q, K, V, O, L, call.batch, causal=call.causal, scale=call.scale,
                          window=call.window, softcap=call.softcap, slopes=slopes,
-                         varlen=call.varlen, max_seqlen=call.max_seqlen, vec=vec)
+                         varlen=call.varlen, max_seqlen=call.max_seqlen, vec=vec,
+                         sinks=call.sinks)
 
 
 def _sm90_serves(call, q, k, v, out, alibi_slopes, cu_seqlens) -> bool:

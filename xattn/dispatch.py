@@ -13,25 +13,34 @@ import importlib
 from xattn import arrays, backends, reference
 
 
-def forward(call, q, k, v, alibi_slopes=None, cu_seqlens=None):
+def forward(call, q, k, v, alibi_slopes=None, cu_seqlens=None, sinks=None):
     """(out, lse) of `call` on its backend."""
-    slopes = _slopes(alibi_slopes)
+    slopes, sinks = _slopes(alibi_slopes), _slopes(sinks, "sinks")
     if backends.hip_on_cuda and call.backend == "cuda":  # the test hook xattn.hip.on_cuda
         return arrays.run_on_gpu(importlib.import_module("xattn.hip").forward, q, k, v, info(call),
-                                 layout=call.layout, dims=call.dims, **call.options(slopes, cu_seqlens))
+                                 layout=call.layout, dims=call.dims,
+                                 **call.options(slopes, cu_seqlens, sinks))
     if call.backend == "reference":
         return arrays.run_on_host(reference.forward, q, k, v, info(call), layout=call.layout,
-                                  dims=call.dims, **call.options(slopes, cu_seqlens))
+                                  dims=call.dims, **call.options(slopes, cu_seqlens, sinks))
     if call.backend == "cuda" and call.library == "torch":
         from xattn import cuda
-        return cuda.attention(call, q, k, v, slopes, cu_seqlens)
-    return arrays.run_on_gpu(backends.gpu_forward(call.backend), q, k, v, info(call),
-                             layout=call.layout, dims=call.dims, **call.options(slopes, cu_seqlens))
+        out, lse = cuda.attention(call, q, k, v, slopes, cu_seqlens, sinks)
+    else:
+        out, lse = arrays.run_on_gpu(backends.gpu_forward(call.backend), q, k, v, info(call),
+                                     layout=call.layout, dims=call.dims,
+                                     **call.options(slopes, cu_seqlens, sinks))
+    if sinks is not None and call.seqlen_k == 0:  # no key anywhere: no kernel ran
+        from xattn import cuda
+        cuda.fold_sinks(out.swapaxes(1, 2) if call.layout == "bshd" else out, lse, sinks)
+    return out, lse
 
 
 def backward(call, dout, q, k, v, out, lse, alibi_slopes=None, cu_seqlens=None):
     """(dq, dk, dv) of `call` for torch tensors (the only differentiable library), each contiguous
-    in the layout of the tensor it belongs to; dk and dv summed over each GQA group."""
+    in the layout of the tensor it belongs to; dk and dv summed over each GQA group. With sinks
+    the backward kernels are the same: given the forward's lse (which holds the sink) and out they
+    produce the gradients of the sink-softmax (xattn/torch_ops.py adds dsinks)."""
     slopes = _slopes(alibi_slopes)
     if call.device == "cpu":
         from xattn import torch_ops
@@ -65,9 +74,9 @@ def info(call) -> arrays.ArrayInfo:
                             call.q_shape)
 
 
-def _slopes(alibi_slopes):
-    """ALiBi slopes as the backends take them: contiguous, float64 on the host, float32 on a GPU,
-    in their own library (arrays.slopes_array); already prepared ones pass through."""
+def _slopes(alibi_slopes, name="alibi_slopes"):
+    """ALiBi slopes (or sinks) as the backends take them: contiguous, float64 on the host, float32
+    on a GPU, in their own library (arrays.slopes_array); already prepared ones pass through."""
     if alibi_slopes is None:
         return None
-    return arrays.slopes_array(alibi_slopes, arrays.describe(alibi_slopes, "alibi_slopes"))
+    return arrays.slopes_array(alibi_slopes, arrays.describe(alibi_slopes, name))

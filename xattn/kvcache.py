@@ -33,7 +33,8 @@ import numpy as np
 
 from xattn import arrays, backends, configs, params, reference
 from xattn.call import (GPU_DTYPES, LAYOUTS, REFERENCE_DTYPES, band, check_bool, check_dtype,
-                        check_groups, check_head_dim, check_like_q, check_scale, check_softcap)
+                        check_groups, check_head_dim, check_like_q, check_scale, check_sinks,
+                        check_softcap)
 
 _LIBRARIES = ("numpy", "torch", "cupy")  # the caches are written in place: real arrays only
 
@@ -202,7 +203,7 @@ def _validate(q, k_cache, v_cache, cache_seqlens, k_new, v_new, causal, scale, w
 
     lengths, uniform = _check_seqlens(cache_seqlens, info, batch, seqlen_new, seqlen_max)
     if sinks is not None:
-        _check_sinks(sinks, info, heads_q)
+        check_sinks(sinks, info, heads_q)
     # window and softcap follow attention()'s rules and messages (causal folds in as right = 0).
     window, softcap = band(causal, window), check_softcap(softcap)
     return _Call(info=info, batch=batch, heads_q=heads_q, seqlen_q=seqlen_q, heads_k=heads_k,
@@ -241,20 +242,6 @@ def _check_block_table(block_table, info, batch, num_pages, page_size):
         raise ValueError(f"block_table: expected page ids in [0, {num_pages}) (the pages of "
                          f"k_cache), got {int(ids[b, j])} at [{b}, {j}]")
     return ids, seqlen_max
-
-
-def _check_sinks(sinks, info, heads_q):
-    try:
-        described = arrays.describe(sinks, "sinks")
-    except TypeError:
-        raise TypeError(f"sinks: expected a float32 array (Hq,), got "
-                        f"{type(sinks).__module__}.{type(sinks).__qualname__}") from None
-    check_like_q("sinks", described, info)
-    if described.dtype != "float32":
-        raise TypeError(f"sinks: expected dtype float32, got {described.dtype}")
-    if tuple(described.shape) != (heads_q,):
-        raise ValueError(f"sinks: expected shape ({heads_q},) (the query heads of q), got "
-                         f"{tuple(described.shape)}")
 
 
 def _in_layout(bhsd_shape, layout):

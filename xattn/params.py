@@ -21,7 +21,7 @@ ATTN_TENSORS = ("q", "k", "v", "o", "lse", "dout", "dq", "dk", "dv", "delta", "d
 ATTN_PARAMS = np.dtype(
     [(name, TENSOR_REF) for name in ATTN_TENSORS]
     + [("cu_seqlens_q", "<u8"), ("cu_seqlens_k", "<u8"), ("alibi_slopes", "<u8"),
-       ("alibi_batch_stride", "<i8"),
+       ("sinks", "<u8"), ("alibi_batch_stride", "<i8"),
        ("batch_offset", "<i4"), ("heads_q", "<i4"), ("heads_per_kv", "<i4"), ("seqlen_q", "<i4"),
        ("seqlen_k", "<i4"), ("head_dim", "<i4"), ("window_left", "<i4"), ("window_right", "<i4"),
        ("softcap_scale", "<f4"), ("scale", "<f4"), ("scale_log2", "<f4"), ("grad_scale", "<f4")],
@@ -31,7 +31,7 @@ ATTN_PARAMS = np.dtype(
 # (a plan writes pointers through a uint64 view of the block instead of through field access).
 POINTER_WORDS = {name: ATTN_PARAMS.fields[name][1] // 8 for name in ATTN_TENSORS}
 POINTER_WORDS |= {name: ATTN_PARAMS.fields[name][1] // 8
-                  for name in ("cu_seqlens_q", "cu_seqlens_k", "alibi_slopes")}
+                  for name in ("cu_seqlens_q", "cu_seqlens_k", "alibi_slopes", "sinks")}
 
 
 # struct DecodeParams: the KV-cache decode kernels (flash_decode*.cu, launched by xattn/kvcache.py).

@@ -71,11 +71,12 @@ def defines(row: Row, dtype: str, *, causal: bool, local: bool, softcap: bool, a
 # ---- what runs here ----------------------------------------------------------------------------------
 
 def supports(q, k, v, out, lse, *, causal: bool = False, window=(-1, -1), softcap: float = 0.0,
-             alibi_slopes=None, cu_seqlens=None, max_seqlen=None) -> bool:
+             alibi_slopes=None, cu_seqlens=None, max_seqlen=None, sinks=None) -> bool:
     """Whether this call (forward's arguments) can run on the sm90 kernel: a compute capability
     9.0 device, fp16/bf16, head dim <= 256, no packed varlen batch, keys present, and q, k, v,
-    out addressable by the copy engine (16-byte aligned bases and strides)."""
-    if cu_seqlens is not None:
+    out addressable by the copy engine (16-byte aligned bases and strides). No sinks: they are
+    fused in flash_fwd.cu's epilogue only."""
+    if cu_seqlens is not None or sinks is not None:
         return False
     arrays = [launch.describe(a) for a in (q, k, v, out)]
     Q = arrays[0]

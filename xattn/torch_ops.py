@@ -2,8 +2,14 @@
 
     xattn::attention_forward(q, k, v, cu_seqlens_q?, cu_seqlens_k?, alibi_slopes?, causal, scale,
                              window_left, window_right, softcap, max_seqlen_q, max_seqlen_k,
-                             layout, deterministic) -> (out, lse)
-    xattn::attention_backward(dout, q, k, v, out, lse, <the same options>) -> (dq, dk, dv)
+                             layout, deterministic, sinks?=None) -> (out, lse)
+    xattn::attention_backward(dout, q, k, v, out, lse, cu_seqlens_q?, cu_seqlens_k?,
+                              alibi_slopes?, <the scalars>) -> (dq, dk, dv)
+
+Sinks need nothing of the backward op: given the forward's lse (which holds the sink) and out,
+the backward kernels' dq, dk, dv are those of the sink-softmax (tests/test_attention_sinks.py
+checks this against the gradient oracle), and dsinks is a row reduction done here in torch ops
+(sinks_grad).
 
 A packed (varlen) batch arrives as (1, total, H, D) views in layout "bshd" with the cumulative
 lengths; window -1 means unbounded, softcap 0 none (xattn.api documents them all).
@@ -47,14 +53,14 @@ def forward_impl(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                       cu_seqlens_q: torch.Tensor | None, cu_seqlens_k: torch.Tensor | None,
                       alibi_slopes: torch.Tensor | None, causal: bool, scale: float,
                       window_left: int, window_right: int, softcap: float, max_seqlen_q: int,
-                      max_seqlen_k: int, layout: str,
-                      deterministic: bool) -> tuple[torch.Tensor, torch.Tensor]:
+                      max_seqlen_k: int, layout: str, deterministic: bool,
+                      sinks: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(out, lse). `deterministic` is unused here: it is an input only so that autograd
     can hand it to the backward."""
     call = Call.from_op(q, k, v, cu_seqlens_q, cu_seqlens_k, alibi_slopes, causal, scale,
                         window_left, window_right, softcap, max_seqlen_q, max_seqlen_k, layout,
-                        deterministic)
-    return dispatch.forward(call, q, k, v, alibi_slopes, _cu(cu_seqlens_q, cu_seqlens_k))
+                        deterministic, sinks)
+    return dispatch.forward(call, q, k, v, alibi_slopes, _cu(cu_seqlens_q, cu_seqlens_k), sinks)
 
 
 def _cu(cu_seqlens_q, cu_seqlens_k):
@@ -67,7 +73,7 @@ attention_forward = torch.library.custom_op("xattn::attention_forward", forward_
 
 @attention_forward.register_fake
 def _(q, k, v, cu_seqlens_q, cu_seqlens_k, alibi_slopes, causal, scale, window_left,
-      window_right, softcap, max_seqlen_q, max_seqlen_k, layout, deterministic):
+      window_right, softcap, max_seqlen_q, max_seqlen_k, layout, deterministic, sinks=None):
     batch, q_heads, sq, _, _ = _sizes(q, k, layout)
     out = q.new_empty(q.shape)  # contiguous in q's layout, as the real one
     lse = q.new_empty((batch, q_heads, sq), dtype=torch.float32)
@@ -149,20 +155,40 @@ def backward_gpu(backward, dout, q, k, v, out, lse, *, layout, deterministic, **
 
 # --------------------------------------------------------------------------------- autograd
 
+def sinks_grad(out, dout, lse, sinks, layout):
+    """dsinks (Hq,) float32: the sink's probability in row r is p_r = exp(sink_h - lse_r), and
+    d lse_r / d sink_h = p_r; out_r = sum_j p_rj v_j depends on the sink only through lse_r, so
+    dsinks_h = -sum over every row of head h (all batch entries and sequences) of p_r * delta_r,
+    delta_r = rowsum(dout_r * out_r) as the backward kernels compute it. Torch ops, no kernel."""
+    compute = torch.promote_types(out.dtype, torch.float32)  # float64 stays float64
+    delta = (dout.to(compute) * out.to(compute)).sum(-1)  # (B, Hq, S) or (B, S, Hq)
+    if layout == "bshd":
+        delta = delta.transpose(1, 2)
+    sink = sinks.to(compute)[None, :, None]
+    # A row of lse -inf (no key and a sink of -inf) has no sink probability: 0, not exp(nan).
+    p_sink = torch.where(torch.isneginf(lse), 0.0, torch.exp(sink - lse))
+    return -(p_sink * delta).sum(dim=(0, 2)).to(sinks.dtype)
+
+
 def _setup_context(ctx, inputs, output):
     q, k, v, cu_seqlens_q, cu_seqlens_k, alibi_slopes, *scalars = inputs
+    sinks = scalars.pop() if len(scalars) > 9 else None  # the optional last input
     out, lse = output
-    ctx.save_for_backward(q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, alibi_slopes)
+    ctx.save_for_backward(q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, alibi_slopes, sinks)
     ctx.scalars = scalars  # causal .. deterministic
     ctx.mark_non_differentiable(lse)
 
 
 def _backward(ctx, dout, _dlse):
-    q, k, v, out, lse, *index_and_slopes = ctx.saved_tensors
+    q, k, v, out, lse, *index_and_slopes, sinks = ctx.saved_tensors
     if dout is None:  # out was not used: nothing flows back
         dout = torch.zeros_like(out)
     dq, dk, dv = attention_backward(dout, q, k, v, out, lse, *index_and_slopes, *ctx.scalars)
-    return (dq, dk, dv) + (None,) * (3 + len(ctx.scalars))
+    layout = ctx.scalars[7]
+    dsinks = None if sinks is None or not ctx.needs_input_grad[-1] else sinks_grad(
+        out, dout, lse, sinks, layout)
+    grads = (dq, dk, dv) + (None,) * (3 + len(ctx.scalars))
+    return grads + (dsinks,) if len(ctx.needs_input_grad) > len(grads) else grads
 
 
 attention_forward.register_autograd(_backward, setup_context=_setup_context)
@@ -175,24 +201,27 @@ class _EagerAttention(torch.autograd.Function):
     pays it."""
 
     @staticmethod
-    def forward(ctx, call, q, k, v, alibi_slopes, cu_seqlens_q, cu_seqlens_k):
-        out, lse = dispatch.forward(call, q, k, v, alibi_slopes, _cu(cu_seqlens_q, cu_seqlens_k))
-        ctx.save_for_backward(q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, alibi_slopes)
+    def forward(ctx, call, q, k, v, alibi_slopes, cu_seqlens_q, cu_seqlens_k, sinks):
+        out, lse = dispatch.forward(call, q, k, v, alibi_slopes, _cu(cu_seqlens_q, cu_seqlens_k),
+                                    sinks)
+        ctx.save_for_backward(q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, alibi_slopes, sinks)
         ctx.call = call
         ctx.mark_non_differentiable(lse)
         return out, lse
 
     @staticmethod
     def backward(ctx, dout, _dlse):
-        q, k, v, out, lse, cu_q, cu_k, alibi_slopes = ctx.saved_tensors
+        q, k, v, out, lse, cu_q, cu_k, alibi_slopes, sinks = ctx.saved_tensors
         if dout is None:
             dout = torch.zeros_like(out)
         dq, dk, dv = dispatch.backward(ctx.call, dout, q, k, v, out, lse, alibi_slopes,
                                        _cu(cu_q, cu_k))
-        return None, dq, dk, dv, None, None, None
+        dsinks = None if sinks is None or not ctx.needs_input_grad[7] else sinks_grad(
+            out, dout, lse, sinks, ctx.call.layout)
+        return None, dq, dk, dv, None, None, None, dsinks
 
 
-def attention(call, q, k, v, alibi_slopes=None, cu_seqlens=None):
+def attention(call, q, k, v, alibi_slopes=None, cu_seqlens=None, sinks=None):
     """(out, lse) of a validated Call: through the custom op under torch.compile, through an
     autograd.Function running the same code otherwise."""
     cu_q, cu_k = cu_seqlens if cu_seqlens is not None else (None, None)
@@ -200,5 +229,5 @@ def attention(call, q, k, v, alibi_slopes=None, cu_seqlens=None):
         alibi_slopes = arrays.slopes_array(alibi_slopes, arrays.describe(alibi_slopes,
                                                                          "alibi_slopes"))
     if torch.compiler.is_compiling():
-        return attention_forward(q, k, v, cu_q, cu_k, alibi_slopes, *call.op_scalars())
-    return _EagerAttention.apply(call, q, k, v, alibi_slopes, cu_q, cu_k)
+        return attention_forward(q, k, v, cu_q, cu_k, alibi_slopes, *call.op_scalars(), sinks)
+    return _EagerAttention.apply(call, q, k, v, alibi_slopes, cu_q, cu_k, sinks)

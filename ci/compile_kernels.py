@@ -29,6 +29,8 @@ DTYPES = {"flash_fwd": HALF, "flash_bwd_dkdv": HALF, "flash_bwd_dq": HALF, "flas
           "flash_decode": HALF, "flash_decode_f32": ("float32",)}
 # Defines a kernel takes beyond the table's (each combination is compiled).
 EXTRA = {"flash_bwd_dkdv": [{"COMPUTE_DQ": 1}, {"COMPUTE_DQ": 0}],
+         # forward: without and with attention sinks folded into the epilogue
+         "flash_fwd": [{}, {"HAS_SINKS": 1}], "flash_fwd_f32": [{}, {"HAS_SINKS": 1}],
          # decode: the largest row tile (the table's), one m16 tile, and the softcap variant
          "flash_decode": [{}, {"BLOCK_M": 16}, {"SOFTCAP": 1}], "flash_decode_f32": [{}, {"SOFTCAP": 1}]}
 # Kernels compiled with and without 16-byte copies (VEC_LOADS); decode has no causal variant.

@@ -41,7 +41,8 @@ _LIBRARIES = ("numpy", "torch", "cupy")  # the caches are written in place: real
 
 def attention_with_kvcache(q, k_cache, v_cache, *, cache_seqlens, k_new=None, v_new=None,
                            causal=True, scale=None, window=None, softcap=None, layout="bhsd",
-                           return_lse=False, backend=None, block_table=None, sinks=None):
+                           return_lse=False, backend=None, block_table=None, sinks=None,
+                           k_scale=None, v_scale=None):
     """Attention of q against a KV cache, after appending k_new/v_new to it in place.
 
     layout "bhsd": q (B, Hq, Sq, D), k_cache and v_cache (B, Hk, Smax, D), k_new and v_new
@@ -78,9 +79,22 @@ def attention_with_kvcache(q, k_cache, v_cache, *, cache_seqlens, k_new=None, v_
     exp(sinks[h]) (a key of score sinks[h] and value 0, GPT-OSS); lse includes it, and a row
     that sees no key gives out 0 and lse sinks[h].
 
+    FP8 caches (torch only: CuPy has no float8 dtype): k_cache and v_cache torch.float8_e4m3fn
+    or torch.float8_e5m2 (both the same), with k_scale and v_scale float32 torch tensors on q's
+    device, per tensor (shape () or (1,)) or per KV head (Hk,): the cache holds x / scale, and
+    is read as fp8 * scale. q, k_new, v_new, out stay float16/bfloat16/float32. Appending
+    quantizes k_new / v_new with the given scales: x / scale rounded to nearest even, saturated to
+    the format's largest finite value (448 for e4m3fn, 57344 for e5m2; NaN stays NaN). Reference
+    backend only in this version (no FP8 decode kernel yet): a GPU cache raises ValueError.
+
     Inference only: not differentiable. A torch input that requires grad while grad mode is on
     raises TypeError (call it under torch.no_grad(), or pass detached tensors).
     """
+    if k_scale is not None or v_scale is not None or _fp8_format(k_cache) or _fp8_format(v_cache):
+        return _fp8_attention(q, k_cache, v_cache, cache_seqlens, k_new, v_new, k_scale, v_scale,
+                              dict(causal=causal, scale=scale, window=window, softcap=softcap,
+                                   layout=layout, return_lse=return_lse, backend=backend,
+                                   block_table=block_table, sinks=sinks))
     plan = _cached_plan(q, k_cache, v_cache, cache_seqlens, k_new, v_new, causal, scale, window,
                         softcap, layout, return_lse, backend, block_table, sinks)
     if plan is not None:  # a repeated GPU signature: look-up, patch, launch
@@ -109,6 +123,97 @@ def attention_with_kvcache(q, k_cache, v_cache, *, cache_seqlens, k_new=None, v_
         raise ValueError(f"backend: attention_with_kvcache runs on the 'reference', 'cuda' and "
                          f"'hip' backends, got {chosen!r}")
     return (out, lse) if return_lse else out
+
+
+# ------------------------------------------------------------------------------- FP8 caches
+
+FP8_DTYPES = ("float8_e4m3fn", "float8_e5m2")
+
+
+def _fp8_format(cache):
+    """The float8 dtype name of a torch cache, else None."""
+    dtype = getattr(cache, "dtype", None)
+    name = str(dtype).removeprefix("torch.")
+    return name if type(cache).__module__.startswith("torch") and name in FP8_DTYPES else None
+
+
+def quantize(x, scale, dtype):
+    """x / scale in the float8 `dtype` (torch): rounded to nearest even (torch's conversion),
+    saturated to the format's largest finite value first (the conversion alone would give NaN
+    for e4m3fn, inf for e5m2); NaN stays NaN."""
+    import torch
+    largest = torch.finfo(dtype).max
+    return (x.float() / scale).clamp(-largest, largest).to(dtype)
+
+
+def _scale_view(scale, cache, layout, paged):
+    """The scale broadcast against the cache: per tensor as it is, per KV head on the head axis."""
+    if scale.dim() == 0 or scale.shape[0] == 1:
+        return scale.reshape(())
+    return scale.reshape(-1, 1, 1) if layout == "bhsd" and not paged else scale.reshape(-1, 1)
+
+
+def _check_fp8(q, k_cache, v_cache, k_scale, v_scale, layout, paged):
+    info = arrays.describe(q, "q")
+    formats = [_fp8_format(k_cache), _fp8_format(v_cache)]
+    for name, cache, fmt in (("k_cache", k_cache, formats[0]), ("v_cache", v_cache, formats[1])):
+        if fmt is None:
+            got = arrays.describe(cache, name)
+            raise TypeError(f"{name}: expected a torch float8_e4m3fn or float8_e5m2 tensor with "
+                            f"k_scale/v_scale, got {arrays.library_label(got)} of dtype {got.dtype}")
+        check_like_q(name, arrays.describe(cache, name), info)
+    if formats[0] != formats[1]:
+        raise TypeError(f"v_cache: expected dtype {formats[0]} (as k_cache), got {formats[1]}")
+    if len(k_cache.shape) != 4:
+        raise ValueError(f"k_cache: expected a 4-d array, got shape {tuple(k_cache.shape)}")
+    heads_k = k_cache.shape[1] if layout == "bhsd" and not paged else k_cache.shape[2]
+    for name, scale in (("k_scale", k_scale), ("v_scale", v_scale)):
+        if scale is None:
+            raise TypeError(f"{name}: expected a float32 tensor () , (1,) or ({heads_k},) with a "
+                            f"float8 cache, got None")
+        try:
+            described = arrays.describe(scale, name)
+        except TypeError:
+            raise TypeError(f"{name}: expected a float32 torch tensor, got "
+                            f"{type(scale).__module__}.{type(scale).__qualname__}") from None
+        check_like_q(name, described, info)
+        if described.dtype != "float32":
+            raise TypeError(f"{name}: expected dtype float32, got {described.dtype}")
+        if tuple(described.shape) not in ((), (1,), (heads_k,)):
+            raise ValueError(f"{name}: expected shape (), (1,) or ({heads_k},) (per tensor or "
+                             f"per KV head), got {tuple(described.shape)}")
+    return info, heads_k
+
+
+def _fp8_attention(q, k_cache, v_cache, cache_seqlens, k_new, v_new, k_scale, v_scale, options):
+    """FP8 caches on the reference backend: dequantize into float32 copies, append k_new/v_new
+    (quantized then dequantized, so the copies hold exactly what the FP8 caches will), attend in
+    float32 with q in float32, and write the copies back quantized (rows already in FP8 round-trip
+    exactly: fp8 * s / s is within float32 rounding of the fp8 value, far inside half an FP8 step)."""
+    paged, layout = options["block_table"] is not None, options["layout"]
+    info, _ = _check_fp8(q, k_cache, v_cache, k_scale, v_scale, layout, paged)
+    chosen = backends.choose_backend(options["backend"], info.device, arrays.device_label(info))
+    if chosen != "reference":
+        raise ValueError(f"k_cache: float8 caches run on the reference backend only in this "
+                         f"version (no FP8 decode kernel yet), got backend {chosen!r}")
+    if k_new is not None and v_new is not None:
+        for name, new in (("k_new", k_new), ("v_new", v_new)):
+            got = arrays.describe(new, name)
+            if got.dtype != info.dtype:
+                raise TypeError(f"{name}: expected dtype {info.dtype} (as q), got {got.dtype}")
+    ks, vs = (_scale_view(s, k_cache, layout, paged) for s in (k_scale, v_scale))
+    k32, v32 = k_cache.float() * ks, v_cache.float() * vs
+    fmt = k_cache.dtype
+    if k_new is not None and v_new is not None:
+        k_new = quantize(k_new, ks, fmt).float() * ks
+        v_new = quantize(v_new, vs, fmt).float() * vs
+    result = attention_with_kvcache(q.float(), k32, v32, cache_seqlens=cache_seqlens, k_new=k_new,
+                                    v_new=v_new, **options)
+    k_cache.copy_(quantize(k32, ks, fmt))
+    v_cache.copy_(quantize(v32, vs, fmt))
+    if options["return_lse"]:
+        return result[0].to(q.dtype), result[1]
+    return result.to(q.dtype)
 
 
 # ------------------------------------------------------------------------------- validation

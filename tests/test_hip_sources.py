@@ -73,7 +73,7 @@ def test_select_hip_picks_kernel_and_family_from_gcn_arch_name(arch, dtype, kern
         assert (cfg.kernel, cfg.arch) == (kernel, family) and cfg.head_dim >= head_dim
 
 
-@pytest.mark.parametrize("arch, family, last_wmma_dim", [("gfx1100", "rdna3", 32), ("gfx1201", "rdna4", 64)])
+@pytest.mark.parametrize("arch, family, last_wmma_dim", [("gfx1100", "rdna3", 32), ("gfx1201", "rdna4", 32)])
 def test_rdna3_and_rdna4_take_wmma_up_to_their_last_row_then_the_portable_kernels(arch, family, last_wmma_dim):
     for dtype in ("float16", "bfloat16"):
         for head_dim in (1, 33, 64, 65, 100, 128, 129, 256):
@@ -82,11 +82,10 @@ def test_rdna3_and_rdna4_take_wmma_up_to_their_last_row_then_the_portable_kernel
             assert (cfg.kernel, cfg.arch) == (("flash_fwd_wmma", family) if wmma else ("flash_fwd_portable", "rdna"))
             assert cfg.head_dim >= head_dim and configs.hip_wave_size(cfg) == 32
             _, dkdv, dq = configs.select_hip_backward(dtype, arch, head_dim, causal=True)
-            wmma_bwd = family == "rdna4" and head_dim <= 32  # clang-19 spills past these rows
-            assert (dkdv.kernel, dq.kernel) == (_WMMA_BWD if wmma_bwd else _PORTABLE_BWD)
+            # no WMMA backward rows: every tile tried spilled under clang-19 (the variants in bf16)
+            assert (dkdv.kernel, dq.kernel) == _PORTABLE_BWD
 
 
-_WMMA_BWD = ("flash_bwd_wmma_dkdv", "flash_bwd_wmma_dq")
 _PORTABLE_BWD = ("flash_bwd_portable_dkdv", "flash_bwd_portable_dq")
 
 

@@ -31,7 +31,7 @@ import sys
 
 import numpy as np
 
-from xattn import arrays, backends, configs, params, reference
+from xattn import arrays, backends, configs, launch, params, reference
 from xattn.call import (GPU_DTYPES, LAYOUTS, REFERENCE_DTYPES, band, check_bool, check_dtype,
                         check_groups, check_head_dim, check_like_q, check_scale, check_sinks,
                         check_softcap)
@@ -477,7 +477,7 @@ _POINTER_OFFSETS = {name: DECODE_PARAMS.fields[name][1] + (DECODE_PARAMS[name].f
                                                            if DECODE_PARAMS[name].names else 0)
                     for name in ("q", "k", "v", "o", "lse", "k_new", "v_new", "o_part", "lse_part",
                                  "cache_seqlens", "block_table", "sinks")}
-MAX_GRID_YZ = 65535  # CUDA's limit on gridDim.y and gridDim.z
+MAX_GRID_YZ = launch.MAX_GRID_YZ
 LOG2_E = math.log2(math.e)
 
 # Splits of one (batch, kv head)'s keys at most: bounds the workspace and the merge's loop.
@@ -640,6 +640,7 @@ class _Plan:
         self.threads, self.smem, self.merge, self.merge_grid = threads, smem, merge, merge_grid
         self.workspace_floats, self.lse_part_offset, self.device = workspace_floats, lse_part_offset, device
         self.words = params.view(np.uint64)  # pointer slots, patched per call
+        self.launches = self._launches()
         self.uniform = call.uniform
         self.library = call.info.library
         self.out_shape = _in_layout((call.batch, call.heads_q, call.seqlen_q, call.head_dim), call.layout)
@@ -658,8 +659,21 @@ class _Plan:
         other.params = self.params.copy()
         other.params["uniform_seqlen"] = length
         other.words = other.params.view(np.uint64)
+        other.launches = other._launches()
         other.uniform = length
         return other
+
+    def _launches(self) -> tuple:
+        """The decode launch, and the merge's with several splits, on this plan's parameter block
+        (xattn/launch.py: through the driver, on the caller's stream; the pointers are patched by
+        run() before them, so they patch none themselves)."""
+        batch = self.call.batch
+        steps = [launch.Launch(launch.function(self.decode, self.device, self.smem),
+                               self.decode_grid, batch, self.threads, self.smem, self.params)]
+        if self.merge is not None:
+            steps.append(launch.Launch(launch.function(self.merge, self.device, 0), self.merge_grid,
+                                       batch, configs.DECODE_MERGE_WARPS * 32, 0, self.params))
+        return tuple(steps)
 
     def run(self, q, k_cache, v_cache, cache_seqlens, k_new, v_new, block_table, sinks,
             outputs=None):
@@ -707,49 +721,20 @@ class _Plan:
         return out, lse
 
     def _launch(self, stream: int) -> None:
-        """One decode launch (and one merge with several splits) per chunk of <= 65535 batch
-        entries; the chunk's first entry goes in the block (CuPy copies it at each launch)."""
+        """The decode (and the merge) on `stream`, on the plan's device; batches past 65535
+        entries go in chunks, each chunk's first entry in the block (launch.Launch)."""
         import cupy
 
-        switch = cupy.cuda.runtime.getDevice() != self.device
-        context = cupy.cuda.Device(self.device) if switch else _NO_CONTEXT
-        with context, _external_stream(stream, self.device):
-            batch = self.call.batch
-            for first in range(0, batch, MAX_GRID_YZ):
-                count = min(MAX_GRID_YZ, batch - first)
-                self.params["batch_offset"] = first
-                self.decode(self.decode_grid + (count,), (self.threads,), (self.params,),
-                            shared_mem=self.smem)
-                if self.merge is not None:
-                    self.merge(self.merge_grid + (count,), (configs.DECODE_MERGE_WARPS * 32,),
-                               (self.params,))
-            self.params["batch_offset"] = 0
+        if cupy.cuda.runtime.getDevice() == self.device:
+            for step in self.launches:
+                step(_NO_POINTERS, stream)
+            return
+        with cupy.cuda.Device(self.device):
+            for step in self.launches:
+                step(_NO_POINTERS, stream)
 
 
-class _NoContext:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
-
-
-_NO_CONTEXT = _NoContext()
-_streams: dict[tuple[int, int], object] = {}
-
-
-def _external_stream(ptr: int, device_id: int):
-    """A CuPy handle on the caller's stream (torch's, or CuPy's own), made once per stream."""
-    handle = _streams.get((ptr, device_id))
-    if handle is None:
-        import warnings
-
-        import cupy
-
-        with warnings.catch_warnings():  # CuPy 14 deprecates ExternalStream for a protocol
-            warnings.simplefilter("ignore", DeprecationWarning)  # raw pointers cannot speak
-            handle = _streams[(ptr, device_id)] = cupy.cuda.ExternalStream(ptr, device_id)
-    return handle
+_NO_POINTERS: dict = {}  # run() patched them into the block already
 
 
 def _torch_stream(torch, device_index: int) -> int:
@@ -762,19 +747,15 @@ def _torch_stream(torch, device_index: int) -> int:
 
 @functools.lru_cache(maxsize=None)
 def _kernels(cfg, dtype: str, rows: int, vec: bool, softcap: bool, page_size: int, device: int):
-    """The decode and merge entry points of one variant, the decode's shared memory opted in."""
+    """The decode and merge entry points of one variant and the decode's shared memory (the
+    launches opt it in: launch.function)."""
     from xattn import jit
 
     defines = configs.decode_defines(cfg, dtype, rows, vec, softcap, page_size)
     decode = jit.get_function("cuda", cfg.kernel + ".cu", cfg.kernel, defines, device)
     merge = jit.get_function("cuda", configs.DECODE_MERGE_KERNEL + ".cu", configs.DECODE_MERGE_KERNEL,
                              configs.decode_merge_defines(dtype, cfg.head_dim), device)
-    smem = configs.decode_shared_memory_bytes(cfg, rows)
-    import cupy
-
-    with cupy.cuda.Device(device):  # the attribute is set on the current device's kernel
-        decode.max_dynamic_shared_size_bytes = smem
-    return decode, merge, smem
+    return decode, merge, configs.decode_shared_memory_bytes(cfg, rows)
 
 
 def _bhsd_strides(x, library: str, layout: str) -> tuple:

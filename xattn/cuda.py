@@ -525,8 +525,9 @@ def _plan_backward(Q, K, V, O, dO, L, dQ, dK, dV, batch, *, causal, scale, windo
 
 def _backward_on_cuda_cores(dtype: str, arch: int, head_dim: int, causal: bool) -> bool:
     """Whether the backward runs on the CUDA-core pair (flash_bwd_simt.cu) rather than the tensor
-    cores: float32 always (tf32 would lose its precision), fp16/bf16 at head dims the tensor-core
-    table has no row for (their registers cannot hold dK and dV there)."""
+    cores: float32 always (tf32 would lose its precision), fp16/bf16 only where the tensor-core
+    table has no row for the head dim (every head dim up to 256 has one on sm_80/86/90 since the
+    dK/dV kernel splits D > 128 over two warps)."""
     if dtype == "float32":
         return True
     try:

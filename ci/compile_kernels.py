@@ -133,9 +133,11 @@ def main(argv=None) -> int:
         spill = r["spill_stores"] + r["spill_loads"]
         too_big = smem > SMEM_LIMIT[arch]
         # Spills fail the check in the tuned (16-byte copy) variants; the element-wise fallback for
-        # odd head dims and strides is reported but tolerated.
+        # odd head dims and strides, and the mask/modifier/sink variants, are reported but
+        # tolerated (e.g. sinks' epilogue spills 16 bytes in sm_80's D=128 row at 254 registers).
         flag = "  <-- SHARED MEMORY" if too_big else "  <-- SPILLS" if spill else ""
-        modifier = any(k in extra for k in ("IS_LOCAL", "HAS_SOFTCAP", "HAS_ALIBI", "IS_VARLEN"))
+        modifier = any(k in extra for k in ("IS_LOCAL", "HAS_SOFTCAP", "HAS_ALIBI", "IS_VARLEN",
+                                            "HAS_SINKS"))
         failures += bool(too_big or (spill and vec and not modifier))
         fallback_spills += bool(spill and not vec)
         modifier_spills += bool(spill and vec and modifier)

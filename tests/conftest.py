@@ -237,3 +237,31 @@ def finite_difference_grads(loss, inputs, step=1e-6):
             numeric[index] = (loss(*plus) - loss(*minus)) / (2 * step)
         grads.append(numeric)
     return grads
+
+
+@pytest.fixture
+def stand_in_cupy(monkeypatch):
+    """A CuPy stand-in for launcher tests on the CPU: `cupy.cuda.Device` and the launch layer's
+    external streams become no-op context managers, so a launcher runs its arithmetic and hands
+    its arguments to stand-in kernels without a GPU."""
+    import sys
+    import types
+
+    from xattn import launch
+
+    class Device:  # cupy.cuda.Device as a context manager
+        def __init__(self, *_):
+            pass
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *_):
+            return False
+
+    fake = types.ModuleType("cupy")
+    fake.cuda = types.SimpleNamespace(Device=Device)
+    monkeypatch.setitem(sys.modules, "cupy", fake)
+    monkeypatch.setattr(launch, "external_stream", lambda *_: Device())
+    return fake
+

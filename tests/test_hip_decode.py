@@ -22,7 +22,6 @@ caches touched), and NaN-poisoned out, lse and workspace. The wave64 rows cannot
 from __future__ import annotations
 
 import re
-import sys
 import types
 
 import numpy as np
@@ -69,27 +68,12 @@ _ARGUMENT_KIND = {np.uint64: "ptr", np.int64: "i64", np.int32: "int", np.float32
     dict(window=(200, 0), softcap=30.0, splits=5, new=0, lengths="uniform"),
     dict(window=(100, 2), softcap=0.0, splits=3, new=4, lengths="device"),
 ])
-def test_hip_decode_launcher_passes_every_kernel_parameter_in_order(target, case, monkeypatch):
+def test_hip_decode_launcher_passes_every_kernel_parameter_in_order(target, case, monkeypatch,
+                                                                    stand_in_cupy):
     """xattn.hip.launch_decode on the CPU, with stand-ins for CuPy and the compiled kernels: each
     of append, decode and merge gets exactly its parameters, the defines carry the band and the
     softcap, the grid covers row tiles x splits, and the merge runs only with several splits."""
     torch = pytest.importorskip("torch")
-    from xattn import launch
-
-    class Device:
-        def __init__(self, *_):
-            pass
-
-        def __enter__(self):
-            return self
-
-        def __exit__(self, *_):
-            return False
-
-    fake = types.ModuleType("cupy")
-    fake.cuda = types.SimpleNamespace(Device=Device)
-    monkeypatch.setitem(sys.modules, "cupy", fake)
-    monkeypatch.setattr(launch, "external_stream", lambda *_: Device())
     monkeypatch.setattr(hip, "_cu_count", lambda device: 8)
     monkeypatch.setattr(kvcache, "_FORCED_SPLITS", case["splits"])
     kvcache.num_splits.cache_clear()

@@ -266,31 +266,13 @@ _ARGUMENT_KIND = {np.uint64: "ptr", np.int64: "i64", np.int32: "int", np.float32
     {"alibi_slopes": "per_batch", "causal": True},
     {"varlen": True, "causal": True, "window": (9, 0)},
 ])
-def test_hip_launchers_pass_every_kernel_parameter_in_order(target, variant, monkeypatch):
+def test_hip_launchers_pass_every_kernel_parameter_in_order(target, variant, stand_in_cupy):
     """xattn.hip.launch and launch_backward, run on the CPU with a stand-in for CuPy and for the
     compiled kernels, hand each kernel exactly its parameters: the count, and a pointer, 64-bit
     integer, int or float in each position (CuPy checks neither). Also the defines: the flags of
     the variant and, for the kernel, the row's."""
     torch = pytest.importorskip("torch")
-    import sys
-    import types
-
-    from xattn import hip, launch
-
-    class Device:  # cupy.cuda.Device as a context manager
-        def __init__(self, *_):
-            pass
-
-        def __enter__(self):
-            return self
-
-        def __exit__(self, *_):
-            return False
-
-    fake = types.ModuleType("cupy")
-    fake.cuda = types.SimpleNamespace(Device=Device)
-    monkeypatch.setitem(sys.modules, "cupy", fake)
-    monkeypatch.setattr(launch, "external_stream", lambda *_: Device())
+    from xattn import hip
 
     launches = []
 

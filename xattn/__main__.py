@@ -41,7 +41,7 @@ def info(timing: bool = True) -> int:
         "cupy": _version("cupy"),
         backends.ENVIRONMENT_VARIABLE: os.environ.get(backends.ENVIRONMENT_VARIABLE, "(unset)"),
     }
-    for vendor in ("cuda", "hip"):
+    for vendor in ("common", "cuda", "hip"):
         try:
             where = xattn.sources.kernel_directory(vendor)
             lines[f"kernels_{vendor}"] = f"{where} ({len(xattn.kernel_files(vendor))} sources)"

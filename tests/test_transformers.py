@@ -3,9 +3,9 @@
 Tiny models built from configs in code, random weights, nothing downloaded: Llama (GQA), Phi
 (partial rotary, the model of the classic flash-attention example), Mistral (sliding window,
 sequences longer than the window) and Gemma-2 (attention logit softcapping, alternating
-sliding-window and full layers). Each runs once with "xattn" and once with transformers' own
-implementation on identical weights: "sdpa", or "eager" for Gemma-2 because transformers' sdpa
-path ignores softcap. Checked: logits (also with left padding, where only real tokens count),
+sliding-window and full layers) and GPT-OSS (attention sinks, mixture of experts, alternating
+layers). Each runs once with "xattn" and once with transformers' own implementation on identical
+weights: "sdpa", or "eager" for Gemma-2 (transformers' sdpa path ignores softcap) and GPT-OSS. Checked: logits (also with left padding, where only real tokens count),
 greedy generate() tokens, batched generation with left padding equal to one-by-one
 generation, and the gradients of one training step (with right padding, so the varlen
 backward runs). Sensitivity checks show that the window and the softcap really change these
@@ -50,6 +50,11 @@ def _config(family: str):
                                       embd_pdrop=0.0, **COMMON)
     if family == "mistral":
         return transformers.MistralConfig(num_key_value_heads=2, sliding_window=8, **COMMON)
+    if family == "gpt_oss":  # attention sinks (s_aux), alternating sliding-window and full layers
+        return transformers.GptOssConfig(
+            num_key_value_heads=2, head_dim=16, sliding_window=8, num_local_experts=4,
+            num_experts_per_tok=2, layer_types=["sliding_attention", "full_attention"],
+            rope_parameters={"rope_type": "default", "rope_theta": 10000.0}, **COMMON)
     if family == "gemma2":
         return transformers.Gemma2Config(
             num_key_value_heads=2, head_dim=16, sliding_window=8, query_pre_attn_scalar=16,
@@ -59,7 +64,7 @@ def _config(family: str):
 
 
 # The implementation each family is compared with.
-PEER = {"llama": "sdpa", "phi": "sdpa", "mistral": "sdpa", "gemma2": "eager"}
+PEER = {"llama": "sdpa", "phi": "sdpa", "mistral": "sdpa", "gemma2": "eager", "gpt_oss": "eager"}
 FAMILIES = list(PEER)
 
 
@@ -174,6 +179,21 @@ def test_the_window_and_the_softcap_change_these_models(family, change):
     for key, value in change.items():
         setattr(other_config, key, value)
     without, _ = models(family, "cpu", torch.float32, other_config)
+    ids = random_ids(2, 24, 1, "cpu")
+    with torch.no_grad():
+        difference = rel_error(mine(ids).logits, without(ids).logits)
+    assert difference > 100 * LOGIT_TOLERANCE[torch.float32], difference
+
+
+def test_the_sinks_change_gpt_oss():
+    """GPT-OSS's sink logits reach xattn: with them pushed to -1e4 (no probability mass) the
+    logits move far beyond the tolerance the tests above hold xattn to."""
+    mine, _ = models("gpt_oss", "cpu", torch.float32)
+    without = copy.deepcopy(mine)
+    with torch.no_grad():
+        for name, parameter in without.named_parameters():
+            if name.endswith("sinks"):
+                parameter.fill_(-1e4)
     ids = random_ids(2, 24, 1, "cpu")
     with torch.no_grad():
         difference = rel_error(mine(ids).logits, without(ids).logits)

@@ -37,8 +37,10 @@ What transformers builds and what xattn receives:
 * What xattn cannot express raises rather than being dropped: attention dropout in training
   (ValueError), mask patterns other than causal, bidirectional, sliding window and padding
   (packed sequences, custom or/and mask functions, 4-d masks), static caches with
-  sliding-window or bidirectional layers, attention sinks, position biases
+  sliding-window or bidirectional layers or with attention sinks, position biases
   (NotImplementedError, naming attn_implementation="sdpa" as the way out).
+* GPT-OSS's attention sinks (s_aux) go through as xattn's sinks= (cast to float32; the sink
+  parameters get their gradients).
 """
 
 from __future__ import annotations
@@ -186,11 +188,14 @@ def attention_forward(module, query, key, value, attention_mask, dropout=0.0, sc
         raise ValueError(f"dropout: xattn has no attention dropout, got {dropout} (the model "
                          f"is training with attention_dropout > 0); set the config's "
                          f"attention_dropout to 0.0 or use attn_implementation='eager'")
-    for unsupported in ("s_aux", "position_bias"):
-        if kwargs.get(unsupported) is not None:
-            raise NotImplementedError(f"attn_implementation='xattn' does not support "
-                                      f"{unsupported} (attention sinks / position biases); use "
-                                      f"attn_implementation='eager'")
+    if kwargs.get("position_bias") is not None:
+        raise NotImplementedError("attn_implementation='xattn' does not support position_bias "
+                                  "(position biases); use attn_implementation='eager'")
+    # GPT-OSS's per-head sink logits (s_aux, a parameter in the model's dtype): xattn takes them
+    # as float32 (Hq,); the cast is differentiable, so the parameter still gets its gradient.
+    sinks = kwargs.get("s_aux")
+    if sinks is not None:
+        sinks = sinks.float()
     if kwargs.get("output_attentions"):
         warnings.warn("attn_implementation='xattn' never forms attention weights: "
                       "output_attentions=True returns None for them", stacklevel=2)
@@ -207,12 +212,15 @@ def attention_forward(module, query, key, value, attention_mask, dropout=0.0, sc
                                       "causal masking (bidirectional) is not supported")
         window = (int(sliding_window) - 1, 0)  # W keys: itself and the W - 1 before it
     options = dict(causal=causal, scale=scaling, window=window,
-                   softcap=softcap if softcap else None)
+                   softcap=softcap if softcap else None, sinks=sinks)
 
     if attention_mask is None:
         out = xattn.attention(query, key, value, layout="bhsd", **options)
         return out.transpose(1, 2).contiguous(), None
     if _is_static_cache_mask(attention_mask):
+        if sinks is not None:
+            raise NotImplementedError("attn_implementation='xattn': static caches with attention "
+                                      "sinks (s_aux) are not served yet; use the dynamic cache")
         if not causal:
             raise NotImplementedError("attn_implementation='xattn': static caches are served "
                                       "for causal layers only")

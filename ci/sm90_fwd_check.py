@@ -5,7 +5,7 @@
   check     xattn.sm90.forward against float64 exact attention on awkward shapes: S = 1, 63, 65,
             127, 129, 1000, Sq != Sk both ways, GQA 4:1, strided views (both layouts), head dims
             between rows, windows, softcap, ALiBi; NaN-poisoned outputs, two runs bitwise equal
-  host      host cost of a tensor map: encode vs re-point (xattn/tma.py REPOINT)
+  host      host cost of a tensor map: encode vs re-point (xattn/tma.py)
   tune      candidate rows (tile, stages, overlaps) at S = 8192, bf16
   bench     TFLOP/s side by side with today's kernel (xattn.cuda.forward), SDPA flash and cuDNN:
             bf16/fp16, D 64/128/256, causal or not, S 1024..16384, B*S = 16384, H*D = 2048
@@ -203,15 +203,13 @@ def phase_host(args) -> int:
     q = torch.randn(4, 16, 4096, 128, device="cuda", dtype=torch.bfloat16)
     desc = launch.describe(q)
     n = 2000
-    for repoint in (False, True):
-        tma.REPOINT = repoint
-        tma._maps.clear()
-        tma.tensor_map(desc.ptr, desc.dtype, desc.shape, desc.strides, 128)
+    tmap = tma.plan_map(desc.ptr, desc.dtype, desc.shape, desc.strides, 128)
+    for name, step in (("encode", lambda: tma.plan_map(desc.ptr, desc.dtype, desc.shape, desc.strides, 128)),
+                       ("re-point", lambda: tma.repoint(tmap, desc.ptr))):
         t0 = time.perf_counter()
         for _ in range(n):
-            tma.tensor_map(desc.ptr, desc.dtype, desc.shape, desc.strides, 128)
-        print(f"host: tensor_map with REPOINT={repoint}: {(time.perf_counter() - t0) / n * 1e6:.1f} us per map")
-    tma.REPOINT = True
+            step()
+        print(f"host: tensor map {name}: {(time.perf_counter() - t0) / n * 1e6:.1f} us per map")
     out, lse = torch.empty_like(q), torch.empty(4, 16, 4096, device="cuda")
     stream = torch.cuda.current_stream().cuda_stream
     sm90.forward(q, q, q, out, lse, causal=False, scale=0.1, stream=stream)

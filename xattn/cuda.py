@@ -240,7 +240,7 @@ def attention(call, q, k, v, alibi_slopes=None, cu_seqlens=None, sinks=None):
         pointers["cu_seqlens_q"], pointers["cu_seqlens_k"] = (c.data_ptr() for c in cu_seqlens)
     if sinks is not None:
         pointers["sinks"] = sinks.data_ptr()
-    _run(steps, pointers, _torch_stream(device.index), device.index)
+    _run(steps, pointers, launch.torch_stream(device.index), device.index)
     return out, lse
 
 
@@ -276,7 +276,7 @@ def attention_backward(call, dout, q, k, v, out, lse, alibi_slopes=None, cu_seql
         pointers["alibi_slopes"] = alibi_slopes.data_ptr()
     if cu_seqlens is not None:
         pointers["cu_seqlens_q"], pointers["cu_seqlens_k"] = (c.data_ptr() for c in cu_seqlens)
-    _run(steps, pointers, _torch_stream(device.index), device.index)
+    _run(steps, pointers, launch.torch_stream(device.index), device.index)
     return dq, dk, dv
 
 
@@ -286,16 +286,6 @@ _UNPLANNED = object()
 def _info(call):
     from xattn import arrays
     return arrays.ArrayInfo(call.library, call.device, call.device_id, call.dtype, call.q_shape)
-
-
-def _torch_stream(device_index: int) -> int:
-    """torch's current stream on the device, as a cudaStream_t. torch's raw-stream query (what its
-    own generated code calls) skips building a Stream object: a few microseconds a call."""
-    import torch
-    raw = getattr(torch._C, "_cuda_getCurrentRawStream", None)
-    if raw is not None:
-        return raw(device_index)
-    return torch.cuda.current_stream(device_index).cuda_stream
 
 
 def _kernel_views(call, *tensors):

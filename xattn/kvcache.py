@@ -685,7 +685,7 @@ class _Plan:
                                for name, x in (("q", q), ("k_new", k_new), ("v_new", v_new)))
         if outputs is not None:
             out, lse, part = outputs
-            stream = (_torch_stream(sys.modules["torch"], q.device.index) if self.library == "torch"
+            stream = (launch.torch_stream(q.device.index) if self.library == "torch"
                       else sys.modules["cupy"].cuda.get_current_stream().ptr)
         elif self.library == "torch":
             import torch
@@ -695,7 +695,7 @@ class _Plan:
                    if call.return_lse or self.merge is not None else None)
             part = (torch.empty(self.workspace_floats, dtype=torch.float32, device=q.device)
                     if self.workspace_floats else None)
-            stream = _torch_stream(torch, q.device.index)
+            stream = launch.torch_stream(q.device.index)
         else:
             import cupy
 
@@ -735,14 +735,6 @@ class _Plan:
 
 
 _NO_POINTERS: dict = {}  # run() patched them into the block already
-
-
-def _torch_stream(torch, device_index: int) -> int:
-    """torch's current stream on the device, as a cudaStream_t (the cheap accessor when present)."""
-    raw = getattr(torch._C, "_cuda_getCurrentRawStream", None)
-    if raw is not None:
-        return raw(device_index)
-    return torch.cuda.current_stream(device_index).cuda_stream
 
 
 @functools.lru_cache(maxsize=None)
@@ -886,7 +878,7 @@ def _run_hip(q, k_cache, v_cache, cache_seqlens, k_new, v_new, block_table, sink
 
         def empty(shape, dtype=torch.float32):
             return torch.empty(shape, dtype=dtype, device=q.device)
-        stream = _torch_stream(torch, q.device.index)
+        stream = launch.torch_stream(q.device.index)
         bhsd = (lambda x: x) if call.layout == "bhsd" else (lambda x: x.transpose(1, 2))
     else:
         import cupy

@@ -181,6 +181,16 @@ def new_like(x, shape, *, zero: bool):
     return (cupy.zeros if zero else cupy.empty)(shape, dtype=cupy.float32)
 
 
+def torch_stream(device_index: int) -> int:
+    """torch's current stream on the device, as a cudaStream_t. torch's raw-stream query (what its
+    own generated code calls) skips building a Stream object: a few microseconds a call."""
+    import torch
+    raw = getattr(torch._C, "_cuda_getCurrentRawStream", None)
+    if raw is not None:
+        return raw(device_index)
+    return torch.cuda.current_stream(device_index).cuda_stream
+
+
 class Launch:
     """One kernel launch of a plan: function, grid (x, y, batch), threads, shared memory, and its
     own parameter block. `batch` goes in gridDim.z in chunks of MAX_GRID_YZ, each chunk's first

@@ -29,7 +29,11 @@ HEADS, HEAD_DIM = 16, 128
 
 
 def timed(step, iters):
+    """Median seconds of `iters` steps after one warm-up, and the bytes the step itself allocated
+    at its peak on this rank (beyond what was allocated before: the harness's inputs)."""
     times = []
+    torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_allocated()
     for i in range(iters + 1):
         dist.barrier()
         torch.cuda.synchronize()
@@ -40,7 +44,7 @@ def timed(step, iters):
         torch.cuda.synchronize()
         if i:  # the first is the warm-up (compiles, allocator growth)
             times.append(start.elapsed_time(end) / 1e3)
-    return statistics.median(times)
+    return statistics.median(times), torch.cuda.max_memory_allocated() - before
 
 
 def main():
@@ -53,9 +57,10 @@ def main():
     if rank == 0:
         print(f"# {torch.cuda.get_device_name()} x{world}, torch {torch.__version__}, B=1 "
               f"H={HEADS} D={HEAD_DIM} bf16, fwd+bwd, median of {args.iters}", flush=True)
-        print("| tokens/GPU | causal | impl | T1 (s) | Tcp (s) | per-GPU efficiency |",
-              flush=True)
-        print("| --- | --- | --- | --- | --- | --- |", flush=True)
+        print("| tokens/GPU | causal | impl | T1 (s) | Tcp (s) | per-GPU efficiency "
+              "| step peak KiB/token 1 GPU | step peak KiB/token CP |", flush=True)
+        print("| --- | --- | --- | --- | --- | --- | --- | --- |", flush=True)
+    per_token = {}  # causal -> peak bytes per local token of xattn on 1 GPU, and of its ring
     for tokens in args.tokens_per_gpu:
         for causal in (True, False):
             g = torch.Generator().manual_seed(0)
@@ -65,21 +70,37 @@ def main():
             for impl in args.impls:
                 try:
                     with implementation(impl):
-                        t1 = timed(lambda: single_forward_backward(*local, causal), args.iters)
+                        t1, peak1 = timed(lambda: single_forward_backward(*local, causal),
+                                          args.iters)
                         if impl == "ring":
-                            tcp = timed(lambda: ring_forward_backward(*full, causal,
+                            tcp, peakcp = timed(lambda: ring_forward_backward(*full, causal,
                                                                       unshard=False), args.iters)
                         else:
-                            tcp = timed(lambda: cp_forward_backward(mesh, *full, causal,
+                            tcp, peakcp = timed(lambda: cp_forward_backward(mesh, *full, causal,
                                                                     unshard=False), args.iters)
-                    row = f"{t1:.4f} | {tcp:.4f} | {world * t1 / tcp:.3f}"
+                    row = (f"{t1:.4f} | {tcp:.4f} | {world * t1 / tcp:.3f} | "
+                           f"{peak1 / tokens / 1024:.1f} | {peakcp / tokens / 1024:.1f}")
+                    if impl == "ring":  # + q, k, v, dout of the rank's own tokens
+                        inputs = 4 * HEADS * HEAD_DIM * 2
+                        per_token[causal] = (peak1 / tokens + inputs, peakcp / tokens + inputs)
                 except Exception as error:
-                    row = f"- | - | {type(error).__name__}: {str(error)[:120]}"
+                    row = f"- | - | {type(error).__name__}: {str(error)[:120]} | - | -"
                     torch.cuda.empty_cache()
                 if rank == 0:
                     print(f"| {tokens} | {causal} | {impl} | {row} |", flush=True)
             del full, local
             torch.cuda.empty_cache()
+    if rank == 0 and per_token:
+        # Attention's memory is linear in the sequence (no S x S matrix), so the longest trainable
+        # sequence follows from the measured peak per token; extrapolated, not run (a step at
+        # millions of tokens takes minutes of GPU time).
+        capacity = torch.cuda.get_device_properties(0).total_memory
+        for causal, (one, ring) in per_token.items():
+            print(f"# longest trainable, causal={causal} (extrapolated from the measured peak "
+                  f"bytes per token): 1 GPU ~{capacity / one / 1e6:.2f}M tokens "
+                  f"({one / 1024:.1f} KiB/token), {world} GPUs ~"
+                  f"{world * capacity / ring / 1e6:.2f}M ({ring / 1024:.1f} KiB/token)",
+                  flush=True)
     dist.destroy_process_group()
 
 

@@ -300,11 +300,13 @@ def _overhead_impls(causal: bool):
     return impls
 
 
-def _per_call_us(call, calls: int) -> tuple[float, float]:
-    """(GPU, host) microseconds per call over `calls` back-to-back calls, after a warm-up.
-    GPU: CUDA events around the whole loop (launch-bound work shows the host's pace here too).
+def _per_call_us(call, calls: int, repeats: int = 5) -> tuple[float, float]:
+    """(GPU, host) microseconds per call: the median over `repeats` runs of `calls` back-to-back
+    calls, after a warm-up (a shared host's noise moves single runs by tens of percent).
+    GPU: CUDA events around each run (launch-bound work shows the host's pace here too).
     Host: wall time to issue the calls, the final synchronization excluded; the launch queue
     (about a thousand entries) does not fill at these counts, so the host never waits on it."""
+    import statistics
     import time
 
     import torch
@@ -312,15 +314,18 @@ def _per_call_us(call, calls: int) -> tuple[float, float]:
     for _ in range(20):
         call()
     torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    began = time.perf_counter()
-    for _ in range(calls):
-        call()
-    host = time.perf_counter() - began
-    end.record()
-    end.synchronize()
-    return start.elapsed_time(end) * 1e3 / calls, host * 1e6 / calls
+    gpu, host = [], []
+    for _ in range(repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        began = time.perf_counter()
+        for _ in range(calls):
+            call()
+        host.append((time.perf_counter() - began) * 1e6 / calls)
+        end.record()
+        end.synchronize()
+        gpu.append(start.elapsed_time(end) * 1e3 / calls)
+    return statistics.median(gpu), statistics.median(host)
 
 
 def run_overhead(args, dtype_name="float16", causal=False) -> list[dict]:
@@ -363,7 +368,8 @@ def _main_overhead(args, device) -> int:
 
     batch, heads, seqlen, head_dim = OVERHEAD_SHAPE
     print(f"# {device}, torch {torch.__version__}: microseconds per call, float16 B={batch} "
-          f"H={heads} S={seqlen} D={head_dim}, {args.overhead_calls} calls back to back")
+          f"H={heads} S={seqlen} D={head_dim}, median of 5 runs of {args.overhead_calls} calls "
+          f"back to back")
     print(f"{'mode':17} {'impl':8} {'GPU us':>9} {'host us':>9}")
     rows = run_overhead(args)
     args.out.mkdir(parents=True, exist_ok=True)

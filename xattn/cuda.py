@@ -218,65 +218,81 @@ def _plan_forward(Q, K, V, O, L, batch, *, causal, scale, window, softcap, slope
 
 def attention(call, q, k, v, alibi_slopes=None, cu_seqlens=None, sinks=None):
     """(out, lse) of a validated Call on CUDA torch tensors."""
-    import torch
-
-    aligned = not ((q.data_ptr() | k.data_ptr() | v.data_ptr()) & 15)
-    steps = call.plans.get(("fwd", aligned), _UNPLANNED)
-    if steps is _UNPLANNED:
-        steps = call.plans[("fwd", aligned)] = _call_forward_steps(call, q, k, v, alibi_slopes,
-                                                                   cu_seqlens, aligned)
-    if steps is None:
+    q_ptr, k_ptr, v_ptr = q.data_ptr(), k.data_ptr(), v.data_ptr()
+    aligned = not ((q_ptr | k_ptr | v_ptr) & 15)
+    plan = call.plans.get(("fwd", aligned), _UNPLANNED)
+    if plan is _UNPLANNED:
+        plan = call.plans[("fwd", aligned)] = _call_forward_plan(call, q, k, v, alibi_slopes,
+                                                                 cu_seqlens, aligned)
+    if plan is None:
         from xattn import arrays
         return arrays.run_on_gpu(forward, q, k, v, _info(call), layout=call.layout,
                                  dims=call.dims, **call.options(alibi_slopes, cu_seqlens, sinks))
-    device = q.device
-    out = torch.empty(call.q_shape, dtype=q.dtype, device=device)
-    lse = torch.empty(call.lse_shape, dtype=torch.float32, device=device)
-    pointers = {"q": q.data_ptr(), "k": k.data_ptr(), "v": v.data_ptr(), "o": out.data_ptr(),
-                "lse": lse.data_ptr()}
+    steps, (out_like, lse_like) = plan
+    out, lse = _empty_like(out_like), _empty_like(lse_like)
+    pointers = {"q": q_ptr, "k": k_ptr, "v": v_ptr, "o": out.data_ptr(), "lse": lse.data_ptr()}
     if alibi_slopes is not None:
         pointers["alibi_slopes"] = alibi_slopes.data_ptr()
     if cu_seqlens is not None:
         pointers["cu_seqlens_q"], pointers["cu_seqlens_k"] = (c.data_ptr() for c in cu_seqlens)
     if sinks is not None:
         pointers["sinks"] = sinks.data_ptr()
-    _run(steps, pointers, launch.torch_stream(device.index), device.index)
+    _run(steps, pointers, launch.torch_stream(q.device.index), q.device.index)
     return out, lse
+
+
+def _allocation(shape, dtype, device):
+    """What _empty_like copies to allocate a (shape, dtype) tensor on `device`: one element
+    expanded to the shape, so that a plan holds no memory of its own."""
+    import torch
+
+    global _torch_empty_like, _contiguous
+    _torch_empty_like, _contiguous = torch.empty_like, torch.contiguous_format
+    return torch.empty(1, dtype=dtype, device=device).expand(shape)
+
+
+def _empty_like(allocation):
+    """A fresh contiguous tensor shaped as a plan's `_allocation`: torch.empty_like skips most of
+    torch.empty's argument parsing (a few microseconds a call on the host)."""
+    return _torch_empty_like(allocation, memory_format=_contiguous)
+
+
+_torch_empty_like = _contiguous = None  # bound by the first plan (xattn never imports torch)
 
 
 def attention_backward(call, dout, q, k, v, out, lse, alibi_slopes=None, cu_seqlens=None):
     """(dq, dk, dv) of a validated Call on CUDA torch tensors, each contiguous in its layout."""
-    import torch
-
     if dout.shape[-1] > 1 and dout.stride(-1) != 1:  # e.g. the gradient of out.sum(): copied once
         dout = dout.contiguous()
-    key = ("bwd", dout.stride(), out.stride(),
-           not ((q.data_ptr() | k.data_ptr() | v.data_ptr() | dout.data_ptr() | out.data_ptr()) & 15))
+    pointers = {"q": q.data_ptr(), "k": k.data_ptr(), "v": v.data_ptr(), "o": out.data_ptr(),
+                "dout": dout.data_ptr(), "lse": lse.data_ptr()}
+    aligned = not ((pointers["q"] | pointers["k"] | pointers["v"] | pointers["dout"]
+                    | pointers["o"]) & 15)
+    key = ("bwd", dout.stride(), out.stride(), aligned)
     plan = call.plans.get(key, _UNPLANNED)
     if plan is _UNPLANNED:
         plan = call.plans[key] = _call_backward_plan(call, dout, q, k, v, out, lse, alibi_slopes,
-                                                     cu_seqlens, key[-1])
-    dq, dk, dv = (torch.empty(x.shape, dtype=x.dtype, device=x.device) for x in (q, k, v))
+                                                     cu_seqlens, aligned)
     if plan is None:
         from xattn import torch_ops
+        dq, dk, dv = (x.new_empty(x.shape) for x in (q, k, v))
         if dq.numel() == 0 or dk.numel() == 0:  # no rows, or no keys: no gradient flows
             return tuple(g.zero_() for g in (dq, dk, dv))
         return torch_ops.backward_gpu(backward, dout, q, k, v, out, lse, layout=call.layout,
                                       deterministic=call.deterministic,
                                       **call.options(alibi_slopes, cu_seqlens))
-    steps, scratch = plan
-    device = q.device
+    steps, scratch, (dq_like, dk_like, dv_like, scratch_like) = plan
+    dq, dk, dv = _empty_like(dq_like), _empty_like(dk_like), _empty_like(dv_like)
     # One float32 scratch buffer from torch's allocator, on its stream: delta, then dQ's
     # accumulator (zeroed by the delta kernel). Held until the launches are queued.
-    buffer = torch.empty(scratch.floats, dtype=torch.float32, device=device)
-    pointers = {"q": q.data_ptr(), "k": k.data_ptr(), "v": v.data_ptr(), "o": out.data_ptr(),
-                "dout": dout.data_ptr(), "lse": lse.data_ptr(), "dq": dq.data_ptr(),
-                "dk": dk.data_ptr(), "dv": dv.data_ptr(), **scratch.pointers(buffer.data_ptr())}
+    buffer = _empty_like(scratch_like)
+    pointers["dq"], pointers["dk"], pointers["dv"] = dq.data_ptr(), dk.data_ptr(), dv.data_ptr()
+    pointers.update(scratch.pointers(buffer.data_ptr()))
     if alibi_slopes is not None:
         pointers["alibi_slopes"] = alibi_slopes.data_ptr()
     if cu_seqlens is not None:
         pointers["cu_seqlens_q"], pointers["cu_seqlens_k"] = (c.data_ptr() for c in cu_seqlens)
-    _run(steps, pointers, launch.torch_stream(device.index), device.index)
+    _run(steps, pointers, launch.torch_stream(q.device.index), q.device.index)
     return dq, dk, dv
 
 
@@ -302,6 +318,21 @@ def _kernel_views(call, *tensors):
                            strides=(a.strides[0], a.strides[2], a.strides[1], a.strides[3]))
         described.append(launch.packed(a, call.varlen))
     return described
+
+
+def _call_forward_plan(call, q, k, v, alibi_slopes, cu_seqlens, aligned):
+    """The forward plan of a Call: (steps, what out and lse are allocated like), or None where
+    the general path serves it."""
+    steps = _call_forward_steps(call, q, k, v, alibi_slopes, cu_seqlens, aligned)
+    if steps is None:
+        return None
+    return (launch.Sequence(steps),), (_allocation(call.q_shape, q.dtype, q.device),
+                   _allocation(call.lse_shape, _float32(), q.device))
+
+
+def _float32():
+    import torch
+    return torch.float32
 
 
 def _call_forward_steps(call, q, k, v, alibi_slopes, cu_seqlens, aligned):
@@ -369,10 +400,13 @@ def _call_backward_plan(call, dout, q, k, v, out, lse, alibi_slopes, cu_seqlens,
         return None
     vec = aligned and launch.vec_loads([Q, K, V, O, dO, dQ, dK, dV], head_dim, launch.itemsize(Q.dtype))
     slopes = launch.describe(alibi_slopes) if alibi_slopes is not None else None
-    return _plan_backward(Q, K, V, O, dO, L, dQ, dK, dV, call.batch, causal=call.causal,
-                          scale=call.scale, window=call.window, softcap=call.softcap,
-                          slopes=slopes, varlen=call.varlen, max_seqlen=call.max_seqlen,
-                          deterministic=call.deterministic, vec=vec)
+    steps, scratch = _plan_backward(Q, K, V, O, dO, L, dQ, dK, dV, call.batch, causal=call.causal,
+                                    scale=call.scale, window=call.window, softcap=call.softcap,
+                                    slopes=slopes, varlen=call.varlen, max_seqlen=call.max_seqlen,
+                                    deterministic=call.deterministic, vec=vec)
+    allocations = tuple(_allocation(x.shape, x.dtype, x.device) for x in (q, k, v)) + (
+        _allocation((scratch.floats,), _float32(), q.device),)
+    return (launch.Sequence(steps),), scratch, allocations
 
 
 class _Scratch(NamedTuple):

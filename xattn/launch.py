@@ -217,26 +217,56 @@ class Launch:
 
     def __call__(self, pointers: dict, stream: int) -> None:
         """Patch {field: device pointer} into the block and launch on `stream` (a cudaStream_t)."""
-        gx, gy = self.grid_xy
         with self._lock:  # one block per Launch: threads sharing a plan take turns patching it
-            words = self.words
-            for name, ptr in pointers.items():
-                words[_params.POINTER_WORDS[name]] = ptr
-            for entry in self.maps:  # [field, map, repoint, the pointer it holds]
-                ptr = pointers[entry[0]]
-                if ptr != entry[3]:
-                    entry[2](entry[1], ptr)
-                    entry[3] = ptr
-            launch_kernel = _driver().launchKernel
-            if self.batch <= MAX_GRID_YZ:
-                launch_kernel(self.handle, gx, gy, self.batch, self.threads, 1, 1, self.smem, stream,
-                              self.args_ptr, 0)
-                return
-            for b0 in range(0, self.batch, MAX_GRID_YZ):  # the parameters are copied at launch
-                self.block["batch_offset"] = b0
-                launch_kernel(self.handle, gx, gy, min(MAX_GRID_YZ, self.batch - b0), self.threads,
-                              1, 1, self.smem, stream, self.args_ptr, 0)
-            self.block["batch_offset"] = 0
+            patch(self.words, pointers)
+            self.launch(pointers, stream)
+
+    def launch(self, pointers: dict, stream: int) -> None:
+        """Launch with the block as it is (patched by the caller, who holds the lock)."""
+        for entry in self.maps:  # [field, map, repoint, the pointer it holds]
+            ptr = pointers[entry[0]]
+            if ptr != entry[3]:
+                entry[2](entry[1], ptr)
+                entry[3] = ptr
+        gx, gy = self.grid_xy
+        launch_kernel = _driver().launchKernel
+        if self.batch <= MAX_GRID_YZ:
+            launch_kernel(self.handle, gx, gy, self.batch, self.threads, 1, 1, self.smem, stream,
+                          self.args_ptr, 0)
+            return
+        for b0 in range(0, self.batch, MAX_GRID_YZ):  # the parameters are copied at launch
+            self.block["batch_offset"] = b0
+            launch_kernel(self.handle, gx, gy, min(MAX_GRID_YZ, self.batch - b0), self.threads,
+                          1, 1, self.smem, stream, self.args_ptr, 0)
+        self.block["batch_offset"] = 0
+
+
+def patch(words: np.ndarray, pointers: dict) -> None:
+    """Write {field: device pointer} into a parameter block (its uint64 view)."""
+    for name, ptr in pointers.items():
+        words[_params.POINTER_WORDS[name]] = ptr
+
+
+class Sequence:
+    """A plan's launches in order, run as one: under one lock (launches may share a block, as the
+    backward's row-wise kernels do), each distinct block patched once per call."""
+
+    __slots__ = ("launches", "blocks", "_lock")
+
+    def __init__(self, launches):
+        self.launches = tuple(launches)
+        distinct = {}
+        for step in self.launches:
+            distinct.setdefault(step.block.ctypes.data, step.words)
+        self.blocks = tuple(distinct.values())
+        self._lock = threading.Lock()
+
+    def __call__(self, pointers: dict, stream: int) -> None:
+        with self._lock:
+            for words in self.blocks:
+                patch(words, pointers)
+            for step in self.launches:
+                step.launch(pointers, stream)
 
 
 _driver_module = None

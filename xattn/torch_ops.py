@@ -204,18 +204,24 @@ class _EagerAttention(torch.autograd.Function):
     def forward(ctx, call, q, k, v, alibi_slopes, cu_seqlens_q, cu_seqlens_k, sinks):
         out, lse = dispatch.forward(call, q, k, v, alibi_slopes, _cu(cu_seqlens_q, cu_seqlens_k),
                                     sinks)
-        ctx.save_for_backward(q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, alibi_slopes, sinks)
+        optional = (alibi_slopes, cu_seqlens_q, cu_seqlens_k, sinks)
+        # Only the tensors there are: each saved slot costs the autograd engine host time.
+        ctx.save_for_backward(q, k, v, out, lse, *(t for t in optional if t is not None))
+        ctx.present = tuple(t is not None for t in optional)
         ctx.call = call
         ctx.mark_non_differentiable(lse)
         return out, lse
 
     @staticmethod
     def backward(ctx, dout, _dlse):
-        q, k, v, out, lse, cu_q, cu_k, alibi_slopes, sinks = ctx.saved_tensors
+        q, k, v, out, lse, *given = ctx.saved_tensors
+        given = iter(given)
+        alibi_slopes, cu_q, cu_k, sinks = (next(given) if there else None
+                                           for there in ctx.present)
         if dout is None:
             dout = torch.zeros_like(out)
         dq, dk, dv = dispatch.backward(ctx.call, dout, q, k, v, out, lse, alibi_slopes,
-                                       _cu(cu_q, cu_k))
+                                       None if cu_q is None else (cu_q, cu_k))
         dsinks = None if sinks is None or not ctx.needs_input_grad[7] else sinks_grad(
             out, dout, lse, sinks, ctx.call.layout)
         return None, dq, dk, dv, None, None, None, dsinks

@@ -236,7 +236,7 @@ def test_backward_matches_exact_gradients(hopper, batch, kv_heads, group, sq, sk
     import torch
 
     from test_grad import assert_grads_match, error_scales, tolerance_for
-    from xattn import cuda, launch, reference
+    from xattn import cuda, reference
 
     q_heads = kv_heads * group
     rng = np.random.default_rng(seed)

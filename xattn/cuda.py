@@ -21,6 +21,12 @@ from xattn import configs, jit, launch, params
 # over out), the switch if the fused epilogue misbehaves on a device.
 FUSED_SINKS = True
 
+# The Hopper backward (xattn/sm90.py: flash_bwd.cu) wherever it serves a call on compute capability
+# 9.0. False: the mma.sync kernels serve every backward (the switch if the sm90 kernel misbehaves
+# on a device; ci/sm90_bwd_check.py flips it to time both). The plans of backward() are keyed by
+# it; a Call's plans (attention_backward) keep the kernels they were built with.
+SM90_BACKWARD = True
+
 
 def availability() -> tuple[bool, str]:
     """(usable, why): CuPy importable, a CUDA (not ROCm) build, at least one device."""
@@ -423,7 +429,7 @@ def backward(q, k, v, out, dout, lse, dq, dk, dv, *, causal: bool, scale: float,
     key = ("bwd", Q.dtype, device, batch, Q.shape, K.shape, Q.strides, K.strides, V.strides,
            O.strides, dO.strides, L.strides, dQ.strides, dK.strides, dV.strides, causal, scale,
            tuple(window), softcap, slopes.shape if slopes is not None else None, max_seqlen,
-           deterministic, vec)
+           deterministic, vec, SM90_BACKWARD)
     plan = _cached_plan(key, lambda: _plan_backward(
         Q, K, V, O, dO, L, dQ, dK, dV, batch, causal=causal, scale=scale, window=window,
         softcap=softcap, slopes=slopes, varlen=varlen, max_seqlen=max_seqlen,
@@ -501,7 +507,8 @@ def _plan_backward(Q, K, V, O, dO, L, dQ, dK, dV, batch, *, causal, scale, windo
                   _step(dkdv_cfg, dtype, has_right_edge, False, device, main, keys_grid(dkdv_cfg),
                         batch, **var.defines)]
         return tuple(steps), scratch
-    if arch == 90 and _sm90_backward(Q, K, V, dO, dQ, dK, dV, var, deterministic, varlen, vec):
+    if arch == 90 and SM90_BACKWARD and _sm90_backward(Q, K, V, dO, dQ, dK, dV, var, deterministic,
+                                                       varlen, vec):
         from xattn import sm90  # Hopper: the wgmma/TMA kernel in place of the dK/dV one
         steps.append(sm90.plan_backward(Q, K, V, dO, dK, dV, main, var, batch))
     else:

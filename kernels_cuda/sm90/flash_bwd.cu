@@ -68,11 +68,17 @@
 // BLOCK_M     queries per step (64 or 128)
 // STAGES      Q/dO stages in flight
 // IS_CAUSAL, IS_LOCAL, HAS_SOFTCAP, HAS_ALIBI: masks and modifiers (attention_common.h)
+// DQ_REDUCE   1 (default); 0 skips the dQ reductions: a timing experiment only (what the dQ path
+//             costs, ci/sm90_bwd_check.py --phase bench), dQ is then wrong
 
 #include "../platform.h"
 #include "../../kernels_common/params.h"
 #include "../../kernels_common/attention_common.h"
 #include "hopper.h"
+
+#ifndef DQ_REDUCE
+#define DQ_REDUCE 1
+#endif
 
 #define NUM_CONSUMERS 2                          // consumer warpgroups
 #define BLOCK_N (NUM_CONSUMERS * WGMMA_M)        // keys per CTA: 64 per consumer
@@ -464,8 +470,8 @@ flash_bwd_sm90(const __grid_constant__ TmaDesc tm_q, const __grid_constant__ Tma
             wgmma_commit();
             stage_ds(ds_buf, ds_frag, c);                    // under the dV, dK wgmmas
             fence_proxy_async();                             // wgmma reads what these stores wrote
-            // Both consumers' keys of dS^T are in sdS. The other buffer was last read by the
-            // previous step's dQ products, which both consumers waited for before this barrier.
+            // Both consumers' keys of dS^T are in this buffer. It was last read by the dQ
+            // products of step i - 2, which both consumers waited for before the barrier of i - 1.
             named_barrier_sync(BAR_DS, CONSUMER_THREADS);
             float dq[DQ_REGS];
             issue_dq(dq, ds_buf + dq_ds_box, dq_k_cols);     // dQ = dS K
@@ -478,7 +484,7 @@ flash_bwd_sm90(const __grid_constant__ TmaDesc tm_q, const __grid_constant__ Tma
             wgmma_wait<0>();
             pin_registers(dq);
             float* dq_accum = (float*)p.dq_accum.ptr + batch * p.dq_accum.batch_stride + head * p.dq_accum.head_stride;
-            add_dq(dq_accum, p.dq_accum.row_stride, dq, m_start + dq_row0, dq_col0, seqlen_q, p.head_dim, c.t);
+            if (DQ_REDUCE) add_dq(dq_accum, p.dq_accum.row_stride, dq, m_start + dq_row0, dq_col0, seqlen_q, p.head_dim, c.t);
         }
         write_gradients(c, dk, dv, p.grad_scale, &tm_dk, &tm_dv, n_start, kv_head, batch);
     }

@@ -12,7 +12,7 @@
 //    once, then each step's Q and dO tiles into a ring of STAGES shared-memory stages, by TMA;
 //    its warp 1 loads the step's LSE (made base 2) and delta with plain loads. A stage has a
 //    "full" mbarrier (the copy engine's bytes plus warp 1's 32 arrivals) and an "empty" one (each
-//    consumer warp arrives when its wgmmas are done reading the stage).
+//    consumer thread arrives when its wgmmas are done reading the stage).
 //  - two consumers (warpgroups 1 and 2, setmaxnreg.inc), consumer c owning keys [64c, 64c + 64)
 //    of the block. A step (64 or 128 queries of one head), on the tensor cores unless noted:
 //      S^T  = K_c Q^T         SS wgmma, f32: rows are the consumer's keys, columns the queries
@@ -84,7 +84,6 @@
 #define BLOCK_N (NUM_CONSUMERS * WGMMA_M)        // keys per CTA: 64 per consumer
 #define NUM_THREADS ((NUM_CONSUMERS + 1) * WARPGROUP_THREADS)
 #define CONSUMER_THREADS (NUM_CONSUMERS * WARPGROUP_THREADS)
-#define CONSUMER_WARPS (CONSUMER_THREADS / WARP_SIZE)
 #ifndef PRODUCER_REGS
 #define PRODUCER_REGS 32
 #endif
@@ -229,10 +228,12 @@ __device__ __forceinline__ void issue_dq(float (&dq)[DQ_REGS], u32 ds_box, u32 k
     wgmma_commit();
 }
 
-// A consumer warp is done reading a stage: one arrival per warp (the barrier counts CONSUMER_WARPS).
-__device__ __forceinline__ void release(u32 bar) {
-    if (threadIdx.x % WARP_SIZE == 0) mbar_arrive(bar);
-}
+// A consumer thread is done reading a stage: every consumer thread arrives (the barrier counts
+// CONSUMER_THREADS). Each thread read lse and delta with plain loads, and an arrival releases only
+// the arriving thread's own accesses: one arrival per warp would order the other lanes' loads
+// before the row warp's next stores only through the BAR_DS barrier in between, which
+// compute-sanitizer's racecheck does not follow (it reported that write-after-read as a hazard).
+__device__ __forceinline__ void release(u32 bar) { mbar_arrive(bar); }
 
 // The consumer's per-CTA constants.
 struct ConsumerCtx {
@@ -362,7 +363,7 @@ flash_bwd_sm90(const __grid_constant__ TmaDesc tm_q, const __grid_constant__ Tma
         mbar_init(bars.kv_full, 1);
         for (int s = 0; s < STAGES; ++s) {
             mbar_init(bars.full + 8 * s, 1 + WARP_SIZE);  // the TMA thread's expect_tx and the row warp
-            mbar_init(bars.empty + 8 * s, CONSUMER_WARPS);
+            mbar_init(bars.empty + 8 * s, CONSUMER_THREADS);
         }
         mbar_fence_init();
     }

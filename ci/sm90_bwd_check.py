@@ -10,7 +10,9 @@
             and dV bitwise equal, dQ (float32 reductions in any order) within rounding
   bench     backward TFLOP/s (2.5 x the forward's 4 B H S^2 D, halved causal) of the sm90 kernel,
             the mma.sync kernels (SM90_BACKWARD off), SDPA flash and cuDNN, median of 3 rotated
-            rounds: bf16, D 64/128, causal or not, B S = 16384, H D = 2048
+            rounds: bf16, D 64/128, causal or not, B S = 16384, H D = 2048; at D128 also the sm90
+            kernel with the other dQ path (red.global from registers) and without dQ reductions
+--dq red: every backward row takes the register-reduction dQ path (DQ_TMA = 0) for the phase.
 A benchmark, not a test. Each phase prints one line per item and a SUMMARY line last.
 
     PYTHONPATH=. python ci/sm90_bwd_check.py --phase check [--quick | --sanitize]
@@ -212,7 +214,7 @@ def phase_check(args) -> int:
             defines = " ".join(o for o in key[2] if o.startswith("-D"))
             print(f"compiled {defines}: regs {kernel.num_regs} local {kernel.local_size_bytes}")
             failed += kernel.local_size_bytes != 0
-    print(f"SUMMARY check: {len(cases) - failed}/{len(cases)} cases passed", flush=True)
+    print(f"SUMMARY check[dq={args.dq}]: {len(cases) - failed}/{len(cases)} cases passed", flush=True)
     return int(failed > 0)
 
 
@@ -246,15 +248,16 @@ def timers(q, k, v, dout, causal):
             o = F.scaled_dot_product_attention(qs, ks, vs, is_causal=causal)
         return lambda: torch.autograd.grad(o, (qs, ks, vs), dout, retain_graph=True)
 
-    def without_dq_reductions():
-        # The sm90 kernel compiled with DQ_REDUCE=0 (its dQ is wrong): what the dQ path costs.
+    def pinned(extra_defines=None, rows=None):
+        # A plan of the sm90 kernel built with other defines or rows, run on its own.
         cuda._plans.clear()
-        defines = sm90.backward_defines
-        sm90.backward_defines = lambda *a: defines(*a) | {"DQ_REDUCE": 0}
+        defines, table = sm90.backward_defines, sm90.BWD_ROWS
+        sm90.backward_defines = lambda *a: defines(*a) | (extra_defines or {})
+        sm90.BWD_ROWS = rows or table
         try:
             ours(True)()
         finally:
-            sm90.backward_defines = defines
+            sm90.backward_defines, sm90.BWD_ROWS = defines, table
         steps, scratch = cuda._plans.pop(next(key for key in cuda._plans if key[0] == "bwd"))
         buffer = torch.empty(scratch.floats, device="cuda")  # held by the closure below
         ptrs = {"q": q.data_ptr(), "k": k.data_ptr(), "v": v.data_ptr(), "o": out.data_ptr(),
@@ -264,8 +267,10 @@ def timers(q, k, v, dout, causal):
 
     timed = {"sm90": ours(True), "mma.sync": ours(False), "sdpa-flash": sdpa(SDPBackend.FLASH_ATTENTION),
              "cudnn": sdpa(SDPBackend.CUDNN_ATTENTION)}
-    if d == 128:
-        timed["sm90-no-dq-reduce"] = without_dq_reductions()
+    if d == 128:  # the other dQ path, and none (DQ_REDUCE = 0: dQ is wrong, the time is the point)
+        other = tuple(r._replace(dq_tma=not r.dq_tma) for r in sm90.BWD_ROWS)
+        timed["sm90-other-dq"] = pinned(rows=other)
+        timed["sm90-no-dq-reduce"] = pinned({"DQ_REDUCE": 0})
     return timed
 
 
@@ -274,9 +279,11 @@ def phase_bench(args) -> int:
     print(f"bench {time.strftime('%Y-%m-%d')} {torch.cuda.get_device_name()}: backward TFLOP/s = 2.5 x 4 B H S^2 D "
           f"(halved causal) / time; xattn: delta + dK/dV/dQ kernel + dQ conversion; do_bench median, "
           f"median of 3 rotated rounds; B S = 16384, H D = 2048, bf16")
+    dq = {r.head_dim: "TMA reduce-add" if r.dq_tma else "red.global" for r in sm90.BWD_ROWS if not r.causal}
+    print(f"sm90: dQ by {dq} (full rows); 'other dQ' = the sm90 kernel with the other dQ path")
     print("| D | causal | S | sm90 | mma.sync | sdpa-flash | cudnn | sm90/mma.sync | sm90/cudnn | "
-          "sm90 without dQ reductions |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+          "sm90 other dQ | sm90 without dQ reductions |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for d in args.head_dims:
         for causal in (False, True):
             for s in lengths:
@@ -286,10 +293,11 @@ def phase_bench(args) -> int:
                 fns = timers(q, k, v, dout, causal)
                 got = fair_tflops(fns, tuple(fns), lambda ms: bwd_tflops(b, h, s, d, causal, ms))
                 cuda.SM90_BACKWARD = True
-                no_dq = f"{got['sm90-no-dq-reduce']:.0f}" if "sm90-no-dq-reduce" in got else "-"
+                extra = " | ".join(f"{got[n]:.0f}" if n in got else "-"
+                                   for n in ("sm90-other-dq", "sm90-no-dq-reduce"))
                 print(f"| {d} | {int(causal)} | {s} | {got['sm90']:.0f} | {got['mma.sync']:.0f} | "
                       f"{got['sdpa-flash']:.0f} | {got['cudnn']:.0f} | {got['sm90'] / got['mma.sync']:.2f} | "
-                      f"{got['sm90'] / got['cudnn']:.2f} | {no_dq} |", flush=True)
+                      f"{got['sm90'] / got['cudnn']:.2f} | {extra} |", flush=True)
                 del q, k, v, dout, fns
     print("SUMMARY bench: done")
     return 0
@@ -301,7 +309,11 @@ def main() -> int:
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--sanitize", action="store_true", help="check: small shapes for compute-sanitizer")
     parser.add_argument("--head-dims", type=int, nargs="+", default=[64, 128], help="bench: head dims")
+    parser.add_argument("--dq", choices=["table", "red"], default="table",
+                        help="red: every row reduces dQ from registers (DQ_TMA = 0)")
     args = parser.parse_args()
+    if args.dq == "red":
+        sm90.BWD_ROWS = tuple(r._replace(dq_tma=False) for r in sm90.BWD_ROWS)
     return {"compile": phase_compile, "check": phase_check, "bench": phase_bench}[args.phase](args)
 
 

@@ -219,6 +219,16 @@ def _sm90_backward_planned() -> bool:
                for plan in list(cuda._plans.values()))
 
 
+@pytest.fixture(scope="module")
+def grad_bounds():
+    """tests/test_grad.py, whose bounds (error_scales, tolerance_for, assert_grads_match) every
+    backend's gradients are held to; imported here, outside any @given (it defines Hypothesis
+    tests, and importing it inside one nests them)."""
+    import test_grad
+
+    return test_grad
+
+
 @pytest.mark.gpu
 @settings(max_examples=40)
 @given(batch=st.integers(1, 2), kv_heads=st.integers(1, 2), group=st.sampled_from([1, 3, 4]),
@@ -229,14 +239,13 @@ def _sm90_backward_planned() -> bool:
        layout=st.sampled_from(["bhsd", "bshd"]),
        window=st.sampled_from([None, (40, 0), (17, 33), (-1, 5)]),
        modifier=st.sampled_from([None, None, "softcap", "alibi"]), seed=st.integers(0, 2**16))
-def test_backward_matches_exact_gradients(hopper, batch, kv_heads, group, sq, sk, head_dim, causal, dtype,
-                                          layout, window, modifier, seed):
+def test_backward_matches_exact_gradients(hopper, grad_bounds, batch, kv_heads, group, sq, sk, head_dim, causal,
+                                          dtype, layout, window, modifier, seed):
     """xattn.cuda.backward on the sm90 kernel (checked: it was planned) against the float64
     gradient oracle, bounded as tests/test_grad.py bounds every backend (tolerances.py "grad"
     relative to the gradient of |terms|); outputs NaN-poisoned before the launch."""
     import torch
 
-    from test_grad import assert_grads_match, error_scales, tolerance_for
     from xattn import cuda, reference
 
     q_heads = kv_heads * group
@@ -280,9 +289,10 @@ def test_backward_matches_exact_gradients(hopper, batch, kv_heads, group, sq, sk
     if "alibi_slopes" in variant:  # the slopes the kernel saw, in float32
         variant["alibi_slopes"] = kernel_options["alibi_slopes"].double().cpu().numpy()
     want = reference.exact_attention_grad_bhsd(*seen, causal=causal, scale=scale, **variant)
-    magnitudes, largest_score = error_scales(*seen, causal=causal, scale=scale, **variant)
+    magnitudes, largest_score = grad_bounds.error_scales(*seen, causal=causal, scale=scale, **variant)
     got = [to_float64(g) for g in grads]
-    assert_grads_match(got, want, magnitudes, tolerance_for(dtype, largest_score), f" ({dtype})")
+    grad_bounds.assert_grads_match(got, want, magnitudes, grad_bounds.tolerance_for(dtype, largest_score),
+                                   f" ({dtype})")
 
 
 @pytest.mark.gpu

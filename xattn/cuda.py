@@ -510,7 +510,7 @@ def _plan_backward(Q, K, V, O, dO, L, dQ, dK, dV, batch, *, causal, scale, windo
     if arch == 90 and SM90_BACKWARD and _sm90_backward(Q, K, V, dO, dQ, dK, dV, var, deterministic,
                                                        varlen, vec):
         from xattn import sm90  # Hopper: the wgmma/TMA kernel in place of the dK/dV one
-        steps.append(sm90.plan_backward(Q, K, V, dO, dK, dV, main, var, batch))
+        steps.append(sm90.plan_backward(Q, K, V, dO, dK, dV, accum, main, var, batch))
     else:
         dkdv_cfg = row("flash_bwd_dkdv")
         steps.append(_step(dkdv_cfg, dtype, has_right_edge, vec, device, main, keys_grid(dkdv_cfg),

@@ -165,6 +165,7 @@ class BwdRow(NamedTuple):
     block_m: int  # queries per step: 64 (dQ split by columns between the consumers) or 128 (by rows)
     stages: int   # Q/dO stages in flight
     modifiers: bool  # windows, softcap and ALiBi compile without spills (else declined)
+    dq_tma: bool  # dQ added into dq_accum by a TMA reduce-add from shared memory (else red.global)
 
 
 # Smallest head dim first; a head dim runs on the first row at least as wide. D128 takes 64
@@ -172,9 +173,13 @@ class BwdRow(NamedTuple):
 # D64 takes 128, so that each consumer's half of dQ = dS K starts at a box of K (flash_bwd.cu);
 # its S^T and dP^T are then 64 floats each, and the index arithmetic of a window, softcap or
 # ALiBi spills 4-12 bytes (ptxas, 232 registers): those calls stay on the mma.sync kernel.
+# dQ by TMA reduce-add where it compiles without spills (flash_bwd.cu says why it is faster); the
+# D64 causal row spills 4 bytes with it and keeps the reductions from registers.
 BWD_ROWS = (
-    BwdRow(64, False, 128, 2, modifiers=False), BwdRow(64, True, 128, 2, modifiers=False),
-    BwdRow(128, False, 64, 2, modifiers=True), BwdRow(128, True, 64, 2, modifiers=True),
+    BwdRow(64, False, 128, 2, modifiers=False, dq_tma=True),
+    BwdRow(64, True, 128, 2, modifiers=False, dq_tma=False),
+    BwdRow(128, False, 64, 2, modifiers=True, dq_tma=True),
+    BwdRow(128, True, 64, 2, modifiers=True, dq_tma=True),
 )
 
 
@@ -183,20 +188,23 @@ def select_backward(head_dim: int, causal: bool) -> BwdRow | None:
 
 
 def backward_shared_memory_bytes(row: BwdRow) -> int:
-    """flash_bwd.cu's layout: sK and sV, STAGES Q and dO tiles, two dS^T buffers, STAGES rows of
-    lse and delta (floats), the barriers (kv_full, and full, empty per stage), plus the slack to
+    """flash_bwd.cu's layout: sK and sV, STAGES Q and dO tiles, two dS^T buffers, each consumer's
+    float32 dQ tile (dq_tma: 64 rows by half the step's dQ columns, see DQ_COLS there), STAGES rows
+    of lse and delta (floats), the barriers (kv_full, and full, empty per stage), plus the slack to
     align it to 1024 bytes."""
     kv = 2 * BWD_BLOCK_N * row.head_dim * 2
     q_do = 2 * row.stages * row.block_m * row.head_dim * 2
     ds = 2 * BWD_BLOCK_N * row.block_m * 2
+    dq_cols = row.head_dim * (row.block_m // BWD_STORE_ROWS) // 2
+    dq = 2 * BWD_STORE_ROWS * dq_cols * 4 if row.dq_tma else 0
     rows = 2 * row.stages * row.block_m * 4
-    return SMEM_ALIGN + kv + q_do + ds + rows + BARRIER_BYTES * (1 + 2 * row.stages)
+    return SMEM_ALIGN + kv + q_do + ds + dq + rows + BARRIER_BYTES * (1 + 2 * row.stages)
 
 
 def backward_defines(row: BwdRow, dtype: str, defines: dict) -> dict:
     """-D values of a backward variant: the row's and the masks/modifiers of launch.variant."""
     return {"ELEM_BF16": int(dtype == "bfloat16"), "HEAD_DIM": row.head_dim,
-            "BLOCK_M": row.block_m, "STAGES": row.stages,
+            "BLOCK_M": row.block_m, "STAGES": row.stages, "DQ_TMA": int(row.dq_tma),
             **{k: defines[k] for k in ("IS_CAUSAL", "IS_LOCAL", "HAS_SOFTCAP", "HAS_ALIBI")}}
 
 
@@ -223,18 +231,20 @@ def supports_backward(Q, K, V, dO, dQ, dK, dV, defines: dict, *, deterministic: 
     return all(tma.expressible(a.ptr, a.dtype, a.shape, a.strides) for a in (Q, K, V, dO, dK, dV))
 
 
-def plan_backward(Q, K, V, dO, dK, dV, block, var: "launch.Variant", batch: int):
-    """The launch of flash_bwd.cu for one backward signature: the row, the compiled kernel, six
-    tensor maps of its own (q, k, v, dout loaded; dk, dv stored; re-pointed when a pointer
-    changes) and `block`, the AttnParams block xattn.cuda built for the whole backward (delta and
-    dq_accum included)."""
+def plan_backward(Q, K, V, dO, dK, dV, accum, block, var: "launch.Variant", batch: int):
+    """The launch of flash_bwd.cu for one backward signature: the row, the compiled kernel, seven
+    tensor maps of its own (q, k, v, dout loaded; dk, dv stored; dq_accum, float32, reduced into;
+    re-pointed when a pointer changes) and `block`, the AttnParams block xattn.cuda built for the
+    whole backward (delta and dq_accum included). accum: dq_accum's launch.Array (its pointer is
+    the per-call scratch's, unknown here)."""
     heads_k, seqlen_k, head_dim = K.shape[1], K.shape[2], Q.shape[3]
     causal_rows = bool(var.defines["IS_CAUSAL"])
     row = select_backward(head_dim, causal_rows)
+    accum = accum._replace(ptr=accum.ptr or tma.PLACEHOLDER_PTR, strides=accum.strides[:3] + (1,))
     maps = [(name, tma.plan_map(a.ptr, a.dtype, a.shape, a.strides, rows), tma.repoint)
             for name, a, rows in (("q", Q, row.block_m), ("k", K, BWD_BLOCK_N), ("v", V, BWD_BLOCK_N),
                                   ("dout", dO, row.block_m), ("dk", dK, BWD_STORE_ROWS),
-                                  ("dv", dV, BWD_STORE_ROWS))]
+                                  ("dv", dV, BWD_STORE_ROWS), ("dq_accum", accum, BWD_STORE_ROWS))]
     kernel = jit.get_function("cuda", BWD_SOURCE, BWD_ENTRY, backward_defines(row, Q.dtype, var.defines),
                               Q.device, options=COMPILE_OPTIONS)
     smem = backward_shared_memory_bytes(row)

@@ -24,20 +24,27 @@
 //      dQ   = dS K            SS wgmma, dS^T read as an MN-major A and K as an N-major B; each
 //                             consumer computes half of the step's dQ tile (half the head dim
 //                             when BLOCK_M = 64, half the rows when 128)
-//      dq_accum += dQ         float32 reductions (red.global.add.v2.f32) from registers
+//      dq_accum += dQ         float32: the tile through shared memory and a TMA reduce-add
+//                             (DQ_TMA), or reductions straight from registers (red.global.add)
 //    After the last step: dK *= scale, dK and dV through shared memory (the consumer's own rows
 //    of sK and sV) and TMA stores.
 //
-// The dQ path. dQ of a step is a 64 x 128 float32 tile per CTA (32 floats per consumer thread)
-// that every key block adds into. Chosen: reductions straight from the accumulators,
-// red.global.add.v2.f32 (two columns per instruction, 16 per thread per step), into the same
-// float32 (B, Hq, Sq, head_dim) accumulator as the mma.sync kernel, which flash_bwd_prep.cu zeroes
-// before and converts (times scale, to the input type) after. The alternative, FA3's (the tile
-// staged in shared memory, one TMA bulk reduce-add per tile issued by a producer warp), spends 32 KB
-// more shared memory per step buffer and adds 32 KB of shared-memory writes and 32 KB of reads per
-// step to a kernel whose SS products already use most of the shared-memory bandwidth (S^T, dP^T
-// and dQ each read ~64 KB per step at D = 128: ~128 bytes per clock at the wgmma rate); the L2
-// traffic is the same either way. Not measured against each other yet.
+// The dQ path. dQ of a step is a 64 x 64 float32 tile per consumer (32 floats a thread) that every
+// key block adds into the float32 (B, Hq, Sq, head_dim) accumulator of the mma.sync path, which
+// flash_bwd_prep.cu zeroes before and converts (times scale, to the input type) after. Two ways:
+//  - DQ_TMA = 1 (the rows' choice): each consumer writes its tile into its own 16 KB of shared
+//    memory (128-byte swizzled, as the copy engine reads it), and one thread issues two
+//    cp.reduce.async.bulk.tensor .add (32 columns x 64 rows each) through a float32 tensor map of
+//    dq_accum; rows past Sq and columns past head_dim are skipped by the copy engine. Before the
+//    next step's tile is written, that thread waits for the reads of the previous reduce (before
+//    the step's BAR_DS barrier, a whole step later: free in practice).
+//  - DQ_TMA = 0: red.global.add.v2.f32 from the accumulators, 16 a thread a step.
+// Measured on an H200 (bf16, D128, S 4096/8192, ci/results/2026-11-30-sm90-bwd/): with the red
+// path the kernel ran at 405-413 TFLOP/s and at 648-696 with the reductions left out (DQ_REDUCE
+// = 0): 40% of its time went to the 8-byte reductions, each warp instruction touching 8 rows
+// (eight 32-byte sectors) of the accumulator. The bulk reduce moves the same bytes to L2, as
+// whole 128-byte lines, issued by one thread, off the consumers' load/store path; it costs 32 KB
+// of shared memory and 16 KB more shared-memory writes and reads per consumer and step.
 //
 // Deterministic? No: the order of the float32 additions into dq_accum depends on which key block
 // gets there first, so dQ may differ in the last bits between runs. dK and dV are deterministic.
@@ -68,6 +75,7 @@
 // BLOCK_M     queries per step (64 or 128)
 // STAGES      Q/dO stages in flight
 // IS_CAUSAL, IS_LOCAL, HAS_SOFTCAP, HAS_ALIBI: masks and modifiers (attention_common.h)
+// DQ_TMA      1: dQ reduced into dq_accum by TMA from shared memory; 0: by red.global.add
 // DQ_REDUCE   1 (default); 0 skips the dQ reductions: a timing experiment only (what the dQ path
 //             costs, ci/sm90_bwd_check.py --phase bench), dQ is then wrong
 
@@ -76,6 +84,9 @@
 #include "../../kernels_common/attention_common.h"
 #include "hopper.h"
 
+#ifndef DQ_TMA
+#define DQ_TMA 1
+#endif
 #ifndef DQ_REDUCE
 #define DQ_REDUCE 1
 #endif
@@ -101,6 +112,7 @@
 #define DQ_SPLIT_ROWS (BLOCK_M / WGMMA_M)        // 1 or 2
 #define DQ_COLS (HEAD_DIM / (NUM_CONSUMERS / DQ_SPLIT_ROWS))
 #define DQ_REGS (DQ_COLS / 2)
+#define DQ_BOX_COLS (SWIZZLE_BYTES / 4)          // float32 columns of one reduce box (128 bytes)
 
 static_assert(HEAD_DIM % SWIZZLE_ELEMS == 0 && HEAD_DIM <= 128, "head dim: whole boxes; dK and dV must fit in registers");
 static_assert(BLOCK_M % SWIZZLE_ELEMS == 0 && BLOCK_M <= 2 * WGMMA_M, "query step: one or two warpgroups' rows");
@@ -115,6 +127,8 @@ static_assert(PRODUCER_REGS * WARPGROUP_THREADS + CONSUMER_REGS * CONSUMER_THREA
 // sQ, sdO  STAGES tiles of D_BOXES boxes of BLOCK_M rows x 128 bytes
 // sdS      2 buffers (steps alternate) of M_BOXES boxes of BLOCK_N rows (keys) x 128 bytes (64
 //          queries): dS^T, 16-bit, swizzled as the TMA would write it
+// sdQ      (DQ_TMA) per consumer, DQ_COLS / 32 boxes of 64 rows x 128 bytes (32 floats): its
+//          step's dQ tile, swizzled as the copy engine reads it
 // sLse, sDelta  STAGES x BLOCK_M floats each
 // bars     kv_full, full[STAGES], empty[STAGES] (8 bytes each)
 #define KV_BOX_BYTES (BLOCK_N * SWIZZLE_BYTES)
@@ -123,12 +137,15 @@ static_assert(PRODUCER_REGS * WARPGROUP_THREADS + CONSUMER_REGS * CONSUMER_THREA
 #define KV_BYTES (D_BOXES * KV_BOX_BYTES)
 #define Q_BYTES (D_BOXES * Q_BOX_BYTES)
 #define DS_BYTES (M_BOXES * DS_BOX_BYTES)
+#define DQ_BOX_BYTES (WGMMA_M * SWIZZLE_BYTES)
+#define DQ_TILE_BYTES (DQ_TMA ? (DQ_COLS / DQ_BOX_COLS) * DQ_BOX_BYTES : 0)
 #define SMEM_K 0
 #define SMEM_V (SMEM_K + KV_BYTES)
 #define SMEM_Q (SMEM_V + KV_BYTES)
 #define SMEM_DO (SMEM_Q + STAGES * Q_BYTES)
 #define SMEM_DS (SMEM_DO + STAGES * Q_BYTES)
-#define SMEM_LSE (SMEM_DS + 2 * DS_BYTES)
+#define SMEM_DQ (SMEM_DS + 2 * DS_BYTES)
+#define SMEM_LSE (SMEM_DQ + NUM_CONSUMERS * DQ_TILE_BYTES)
 #define SMEM_DELTA (SMEM_LSE + STAGES * BLOCK_M * 4)
 #define SMEM_BARS (SMEM_DELTA + STAGES * BLOCK_M * 4)
 
@@ -149,6 +166,7 @@ __device__ __forceinline__ Barriers barriers(u32 base) {
 #define BAR_DS 1        // both consumers' dS^T of a step is in sdS
 #define BAR_EPILOGUE 2  // both consumers are done reading sK (their last dQ = dS K)
 #define BAR_STORE 3     // + consumer: its dK and dV rows are staged for the TMA stores
+#define BAR_DQ 5        // + consumer: its dQ tile is staged for the TMA reduce-add
 
 // ---- device helpers ---------------------------------------------------------------------------
 
@@ -303,6 +321,18 @@ __device__ __forceinline__ void add_dq(float* dq_accum, i64 row_stride, const fl
     }
 }
 
+// The consumer's dQ tile into its sdQ boxes, swizzled as the copy engine reads them: two columns
+// (8 bytes) a store; a warp's 32 stores cover 16 distinct 16-byte chunks, two per bank group:
+// the minimum of two wavefronts for 256 bytes.
+__device__ __forceinline__ void stage_dq(u32 sdq, const float (&dq)[DQ_REGS], int t) {
+#pragma unroll
+    for (int i = 0; i < DQ_REGS; i += 2) {
+        const int row = acc_row(i, t), col = acc_col(i, t);
+        const u32 addr = sdq + (col / DQ_BOX_COLS) * DQ_BOX_BYTES + swizzled_offset_f32(row, col % DQ_BOX_COLS);
+        asm volatile("st.shared.v2.f32 [%0], {%1, %2};\n" ::"r"(addr), "f"(dq[i]), "f"(dq[i + 1]) : "memory");
+    }
+}
+
 // One gradient (64 keys x HEAD_DIM, times `scale`) into the consumer's rows of a K/V-shaped tile,
 // swizzled as the TMA store reads it.
 __device__ __forceinline__ void stage_rows(u32 tile, const float (&acc)[DKV_REGS], float scale, const ConsumerCtx& c) {
@@ -335,7 +365,8 @@ __device__ __forceinline__ void write_gradients(const ConsumerCtx& c, const floa
                          n_start + c.consumer * WGMMA_M, kv_head, batch);
         }
         tma_store_commit();
-        tma_store_wait_read();  // shared memory stays allocated until the stores have read it
+        tma_store_wait_read();  // shared memory stays allocated until the stores (and the last
+                                // dQ reduce-add, committed earlier by this thread) have read it
     }
 }
 
@@ -344,7 +375,8 @@ __device__ __forceinline__ void write_gradients(const ConsumerCtx& c, const floa
 extern "C" __global__ void __launch_bounds__(NUM_THREADS, 1)
 flash_bwd_sm90(const __grid_constant__ TmaDesc tm_q, const __grid_constant__ TmaDesc tm_k,
                const __grid_constant__ TmaDesc tm_v, const __grid_constant__ TmaDesc tm_do,
-               const __grid_constant__ TmaDesc tm_dk, const __grid_constant__ TmaDesc tm_dv, const AttnParams p) {
+               const __grid_constant__ TmaDesc tm_dk, const __grid_constant__ TmaDesc tm_dv,
+               const __grid_constant__ TmaDesc tm_dq, const AttnParams p) {
     extern __shared__ __align__(1024) unsigned char smem_raw[];
     // The 128-byte swizzle repeats every 1024 bytes and the descriptors assume atoms start there.
     const u32 smem = (smem_addr(smem_raw) + SWIZZLE_ATOM_BYTES - 1) / SWIZZLE_ATOM_BYTES * SWIZZLE_ATOM_BYTES;
@@ -438,6 +470,8 @@ flash_bwd_sm90(const __grid_constant__ TmaDesc tm_q, const __grid_constant__ Tma
         const int dq_col0 = DQ_SPLIT_ROWS > 1 ? 0 : c.consumer * DQ_COLS;
         const u32 dq_ds_box = (dq_row0 / SWIZZLE_ELEMS) * DS_BOX_BYTES;
         const u32 dq_k_cols = smem + SMEM_K + (dq_col0 / SWIZZLE_ELEMS) * KV_BOX_BYTES;
+        const u32 sdq = smem + SMEM_DQ + c.consumer * DQ_TILE_BYTES;
+        if (DQ_TMA && c.t == 0) tma_prefetch(&tm_dq);
 
         float dk[DKV_REGS], dv[DKV_REGS];
 #pragma unroll
@@ -471,6 +505,9 @@ flash_bwd_sm90(const __grid_constant__ TmaDesc tm_q, const __grid_constant__ Tma
             wgmma_commit();
             stage_ds(ds_buf, ds_frag, c);                    // under the dV, dK wgmmas
             fence_proxy_async();                             // wgmma reads what these stores wrote
+            // sdQ: the reduce-add of the previous step has read it (its issuing thread waits here,
+            // a step after issuing it; the barrier below tells the others).
+            if (DQ_TMA && c.t == 0) tma_store_wait_read();
             // Both consumers' keys of dS^T are in this buffer. It was last read by the dQ
             // products of step i - 2, which both consumers waited for before the barrier of i - 1.
             named_barrier_sync(BAR_DS, CONSUMER_THREADS);
@@ -484,8 +521,22 @@ flash_bwd_sm90(const __grid_constant__ TmaDesc tm_q, const __grid_constant__ Tma
             release(bars.empty + 8 * st);
             wgmma_wait<0>();
             pin_registers(dq);
+#if DQ_TMA
+            // dq_accum += dQ: the tile through sdQ, one reduce-add per 32-column box.
+            stage_dq(sdq, dq, c.t);
+            fence_proxy_async();  // the copy engine reads what these ordinary stores wrote
+            named_barrier_sync(BAR_DQ + c.consumer, WARPGROUP_THREADS);
+            if (DQ_REDUCE && c.t == 0) {
+#pragma unroll
+                for (int box = 0; box < DQ_COLS / DQ_BOX_COLS; ++box)
+                    tma_reduce_add_4d(&tm_dq, sdq + box * DQ_BOX_BYTES, dq_col0 + box * DQ_BOX_COLS, m_start + dq_row0,
+                                      head, batch);
+                tma_store_commit();
+            }
+#else
             float* dq_accum = (float*)p.dq_accum.ptr + batch * p.dq_accum.batch_stride + head * p.dq_accum.head_stride;
             if (DQ_REDUCE) add_dq(dq_accum, p.dq_accum.row_stride, dq, m_start + dq_row0, dq_col0, seqlen_q, p.head_dim, c.t);
+#endif
         }
         write_gradients(c, dk, dv, p.grad_scale, &tm_dk, &tm_dv, n_start, kv_head, batch);
     }

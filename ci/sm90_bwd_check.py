@@ -7,7 +7,8 @@
             Sq != Sk both ways, GQA 2:1, 3:1, 8:1, strided views in both layouts, head dims
             between rows, windows, softcap, ALiBi; each case asserts which kernel served it (sm90,
             or mma.sync where supports_backward declines); gradients NaN-poisoned; two runs: dK
-            and dV bitwise equal, dQ (float32 reductions in any order) within rounding
+            and dV bitwise equal, dQ (float32 reductions in any order) within rounding; and every
+            sm90 backward variant the device's NVRTC compiled has no local memory (spills)
   bench     backward TFLOP/s (2.5 x the forward's 4 B H S^2 D, halved causal) of the sm90 kernel,
             the mma.sync kernels (SM90_BACKWARD off), SDPA flash and cuDNN, median of 3 rotated
             rounds: bf16, D 64/128, causal or not, B S = 16384, H D = 2048; at D128 also the sm90

@@ -74,6 +74,25 @@ def test_backward_rows_compile_for_sm90a_without_spills(row, dtype):
     assert info["registers"] == 168, info  # 65536 / 384 at launch; setmaxnreg splits them
 
 
+@pytest.mark.skipif(not HAS_NVRTC, reason="cuda-bindings (NVRTC) is not installed")
+@pytest.mark.parametrize("causal", [False, True])
+def test_backward_tma_dq_path_compiles_at_d128(causal):
+    """The D128 rows' other dQ path (TMA reduce-add, checked on an H200, not yet the rows' choice)
+    keeps compiling without spills, with every modifier."""
+    from compile_kernels import nvrtc_compile, report
+
+    row = sm90.select_backward(128, causal)._replace(dq_tma=True)
+    for flags in ({}, {"IS_LOCAL": 1}, {"HAS_SOFTCAP": 1}, {"HAS_ALIBI": 1}):
+        defines = sm90.backward_defines(row, "bfloat16", _PLAIN | {"IS_CAUSAL": int(causal)} | flags)
+        options = ["--gpu-architecture=sm_90a", "-std=c++17", "-Xptxas=-v", *jit.define_options(defines)]
+        ok, log = nvrtc_compile(jit.preprocess("cuda", sm90.BWD_SOURCE), "flash_bwd.cu", options)
+        assert ok, log
+        info = report(log, sm90.BWD_ENTRY)
+        assert info["spill_stores"] == info["spill_loads"] == info["stack"] == 0, (flags, info)
+        assert info["registers"] == 168, info
+    assert sm90.backward_shared_memory_bytes(row) <= sm90.SMEM_LIMIT
+
+
 def test_backward_rows_fit_in_shared_memory():
     for row in sm90.BWD_ROWS:
         assert sm90.backward_shared_memory_bytes(row) <= sm90.SMEM_LIMIT, row

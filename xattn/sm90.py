@@ -15,7 +15,7 @@ conversion after it are the mma.sync path's own (kernels_cuda/flash_bwd_prep.cu)
 here (the mma.sync kernels keep them): deterministic=True (dQ is summed by float32 reductions in
 any order), packed varlen batches, head dims above 128 (dK and dV of 64 keys no longer fit in a
 consumer's registers), head dims not a multiple of 8, float32, views the copy engine cannot
-address.
+address, and windows, softcap or ALiBi at D64 (BwdRow.modifiers). Sinks need nothing of it.
 """
 
 from __future__ import annotations
@@ -173,13 +173,15 @@ class BwdRow(NamedTuple):
 # D64 takes 128, so that each consumer's half of dQ = dS K starts at a box of K (flash_bwd.cu);
 # its S^T and dP^T are then 64 floats each, and the index arithmetic of a window, softcap or
 # ALiBi spills 4-12 bytes (ptxas, 232 registers): those calls stay on the mma.sync kernel.
-# dQ by TMA reduce-add where it compiles without spills (flash_bwd.cu says why it is faster); the
-# D64 causal row spills 4 bytes with it and keeps the reductions from registers.
+# dQ: every row reduces from registers (red.global), the path measured on an H200 (round 2 of
+# ci/results/2026-11-30-sm90-bwd/). The TMA reduce-add (dq_tma=True) passed the same checks and
+# sanitizers there at D128 and D64 (round 3) but has not been timed yet; at D64 the device's NVRTC
+# 13.0 spilled 8 bytes with it (D64 causal: 4 bytes with NVRTC 13.5), so only D128 is a candidate.
 BWD_ROWS = (
-    BwdRow(64, False, 128, 2, modifiers=False, dq_tma=True),
+    BwdRow(64, False, 128, 2, modifiers=False, dq_tma=False),
     BwdRow(64, True, 128, 2, modifiers=False, dq_tma=False),
-    BwdRow(128, False, 64, 2, modifiers=True, dq_tma=True),
-    BwdRow(128, True, 64, 2, modifiers=True, dq_tma=True),
+    BwdRow(128, False, 64, 2, modifiers=True, dq_tma=False),
+    BwdRow(128, True, 64, 2, modifiers=True, dq_tma=False),
 )
 
 

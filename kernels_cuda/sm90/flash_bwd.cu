@@ -24,27 +24,31 @@
 //      dQ   = dS K            SS wgmma, dS^T read as an MN-major A and K as an N-major B; each
 //                             consumer computes half of the step's dQ tile (half the head dim
 //                             when BLOCK_M = 64, half the rows when 128)
-//      dq_accum += dQ         float32: the tile through shared memory and a TMA reduce-add
-//                             (DQ_TMA), or reductions straight from registers (red.global.add)
+//      dq_accum += dQ         float32 reductions straight from registers (red.global.add), or
+//                             the tile through shared memory and a TMA reduce-add (DQ_TMA)
 //    After the last step: dK *= scale, dK and dV through shared memory (the consumer's own rows
 //    of sK and sV) and TMA stores.
 //
 // The dQ path. dQ of a step is a 64 x 64 float32 tile per consumer (32 floats a thread) that every
 // key block adds into the float32 (B, Hq, Sq, head_dim) accumulator of the mma.sync path, which
 // flash_bwd_prep.cu zeroes before and converts (times scale, to the input type) after. Two ways:
-//  - DQ_TMA = 1 (the rows' choice): each consumer writes its tile into its own 16 KB of shared
-//    memory (128-byte swizzled, as the copy engine reads it), and one thread issues two
+//  - DQ_TMA = 0 (the rows' choice, xattn/sm90.py): red.global.add.v2.f32 straight from the
+//    accumulators, 16 a thread a step (two columns each), rows past Sq and columns past head_dim
+//    skipped. No shared memory, no barrier.
+//  - DQ_TMA = 1 (FA3's choice): each consumer writes its tile into its own 16 KB of shared memory
+//    (128-byte swizzled, as the copy engine reads it), and one thread issues two
 //    cp.reduce.async.bulk.tensor .add (32 columns x 64 rows each) through a float32 tensor map of
-//    dq_accum; rows past Sq and columns past head_dim are skipped by the copy engine. Before the
-//    next step's tile is written, that thread waits for the reads of the previous reduce (before
-//    the step's BAR_DS barrier, a whole step later: free in practice).
-//  - DQ_TMA = 0: red.global.add.v2.f32 from the accumulators, 16 a thread a step.
-// Measured on an H200 (bf16, D128, S 4096/8192, ci/results/2026-11-30-sm90-bwd/): with the red
-// path the kernel ran at 405-413 TFLOP/s and at 648-696 with the reductions left out (DQ_REDUCE
-// = 0): 40% of its time went to the 8-byte reductions, each warp instruction touching 8 rows
-// (eight 32-byte sectors) of the accumulator. The bulk reduce moves the same bytes to L2, as
-// whole 128-byte lines, issued by one thread, off the consumers' load/store path; it costs 32 KB
-// of shared memory and 16 KB more shared-memory writes and reads per consumer and step.
+//    dq_accum; the copy engine skips rows past Sq and columns past head_dim. Before the next
+//    step's tile is written, that thread waits for the reads of the previous reduce (before the
+//    step's BAR_DS barrier, a whole step later). It costs 32 KB of shared memory, 16 KB more
+//    shared-memory writes and reads per consumer and step, and a named barrier.
+// Measured on an H200 (bf16, D128, S 4096/8192, ci/results/2026-11-30-sm90-bwd/): with DQ_TMA = 0
+// the kernel runs at 405-413 TFLOP/s, and at 648-696 with the reductions left out (DQ_REDUCE = 0):
+// 40% of its time goes to the 8-byte reductions, each warp instruction touching 8 rows (eight
+// 32-byte sectors) of the accumulator. The bulk reduce moves the same bytes to L2 as whole 128-byte
+// lines from one thread, off the consumers' load/store path: DQ_TMA = 1 is the candidate to win
+// that back (predicted ~560 at D128). It passed the float64 checks and racecheck/synccheck on the
+// H200 but has not been timed yet, so the rows keep the measured path.
 //
 // Deterministic? No: the order of the float32 additions into dq_accum depends on which key block
 // gets there first, so dQ may differ in the last bits between runs. dK and dV are deterministic.
@@ -66,8 +70,10 @@
 // no NaN. delta float32 (B, Hq, Sq). Reads q, k, v, dout, lse, delta; writes dk, dv; adds into
 // dq_accum.
 //
-// Registers per thread, by role: launched at 65536 / 384 = 168, then producer PRODUCER_REGS = 24
-// and consumers CONSUMER_REGS = 240 (24 * 128 + 240 * 256 = 168 * 384).
+// Registers per thread, by role (ptxas, sm_90a: 168 kernel-wide = 65536 / 384 at launch, no spills,
+// no stack in any row): producer PRODUCER_REGS = 32, consumers CONSUMER_REGS = 232 (32 * 128 +
+// 232 * 256 = 63488 <= 168 * 384). 24/240, the forward's split, spilled in the producer's TMA loop
+// (the map addresses and coordinates of Q and dO); the consumers fit in 232.
 
 // ---- compile-time configuration (set with -D by xattn/sm90.py, the backward rows) ---------------
 // ELEM_BF16   1: bfloat16, 0: float16
@@ -75,7 +81,7 @@
 // BLOCK_M     queries per step (64 or 128)
 // STAGES      Q/dO stages in flight
 // IS_CAUSAL, IS_LOCAL, HAS_SOFTCAP, HAS_ALIBI: masks and modifiers (attention_common.h)
-// DQ_TMA      1: dQ reduced into dq_accum by TMA from shared memory; 0: by red.global.add
+// DQ_TMA      0: dQ added into dq_accum by red.global.add; 1: by a TMA reduce-add from shared memory
 // DQ_REDUCE   1 (default); 0 skips the dQ reductions: a timing experiment only (what the dQ path
 //             costs, ci/sm90_bwd_check.py --phase bench), dQ is then wrong
 
@@ -85,7 +91,7 @@
 #include "hopper.h"
 
 #ifndef DQ_TMA
-#define DQ_TMA 1
+#define DQ_TMA 0
 #endif
 #ifndef DQ_REDUCE
 #define DQ_REDUCE 1
@@ -175,7 +181,7 @@ __device__ __forceinline__ int stage_of(int i) { return i % STAGES; }
 __device__ __forceinline__ int phase_of(int i) { return (i / STAGES) & 1; }
 
 // The steps of a CTA: query blocks [m_begin, m_end) of each query head of the group, head by
-// head. A cursor walks them in order without divisions (the producer has 24 registers).
+// head. A cursor walks them in order without divisions (the producer has 32 registers).
 struct Steps {
     int m_begin, m_end, count;
     int first_head;

@@ -5,6 +5,11 @@ Runs without a GPU or driver: NVRTC comes from the cuda-bindings and nvidia-cuda
 Fails (exit 1) on a compile error, on spills in any variant, or on a variant whose shared memory
 exceeds what its GPU family allows one block.
 
+With sm_90 among the archs, the Hopper kernels of xattn/sm90.py too (sm_90a: wgmma, setmaxnreg):
+every forward and backward row in both 16-bit types, plain and with the masks and modifiers the
+row serves; each must use exactly 168 registers (65536 / 384 at launch, which setmaxnreg splits
+between producer and consumers) and spill nothing.
+
     python ci/compile_kernels.py [--arch 80 86 90] [--quick]
 """
 
@@ -104,6 +109,56 @@ def table_variants(archs: list[int], quick: bool):
                             yield cfg, arch, dtype, causal, vec, extra
 
 
+# ---- the Hopper kernels (xattn/sm90.py) -----------------------------------------------------------
+
+SM90_REGISTERS = 168  # 65536 / 384 threads: what setmaxnreg redistributes between the roles
+SM90_FLAGS = [{}, {"IS_LOCAL": 1}, {"HAS_SOFTCAP": 1}, {"HAS_ALIBI": 1}]
+
+
+def sm90_variants(quick: bool):
+    """(label, source, entry, defines, shared memory) of every sm90 row: fp16 and bf16, and in bf16
+    the windows, softcap and ALiBi (the backward's rows only where they serve them)."""
+    from xattn import sm90
+
+    plain = {"IS_CAUSAL": 0, "IS_LOCAL": 0, "HAS_SOFTCAP": 0, "HAS_ALIBI": 0}
+    for row in sm90.ROWS:
+        for dtype in HALF:
+            for flags in SM90_FLAGS if dtype == "bfloat16" and not quick else SM90_FLAGS[:1]:
+                defines = sm90.defines(row, dtype, causal=row.causal, local="IS_LOCAL" in flags,
+                                       softcap="HAS_SOFTCAP" in flags, alibi="HAS_ALIBI" in flags)
+                yield (f"sm90 fwd D{row.head_dim} N{row.block_n}", sm90.SOURCE, sm90.ENTRY, defines,
+                       sm90.shared_memory_bytes(row), row.causal, dtype, flags)
+    for row in sm90.BWD_ROWS:
+        for dtype in HALF:
+            served = SM90_FLAGS if dtype == "bfloat16" and row.modifiers and not quick else SM90_FLAGS[:1]
+            for flags in served:
+                defines = sm90.backward_defines(row, dtype, plain | {"IS_CAUSAL": int(row.causal)} | flags)
+                yield (f"sm90 bwd D{row.head_dim} M{row.block_m}", sm90.BWD_SOURCE, sm90.BWD_ENTRY, defines,
+                       sm90.backward_shared_memory_bytes(row), row.causal, dtype, flags)
+
+
+def check_sm90(quick: bool) -> int:
+    failures = 0
+    for label, source, entry, defines, smem, causal, dtype, flags in sm90_variants(quick):
+        options = ["--gpu-architecture=sm_90a", "-std=c++17", "--ptxas-options=-v", *jit.define_options(defines)]
+        start = time.perf_counter()
+        ok, log = nvrtc_compile(jit.preprocess("cuda", source), source, options)
+        seconds = time.perf_counter() - start
+        if not ok:
+            print(f"COMPILE ERROR {label} {dtype} causal={causal} {flags}\n{log}")
+            failures += 1
+            continue
+        r = report(log, entry)
+        spill = r["spill_stores"] + r["spill_loads"] + r["stack"]
+        bad = spill or r["registers"] != SM90_REGISTERS or smem > SMEM_LIMIT[90]
+        flag = "  <-- SPILLS/REGISTERS/SHARED MEMORY" if bad else ""
+        failures += bool(bad)
+        name = label + "".join(f" {k}" for k in flags)
+        print(f"{name:40} {dtype:9} {causal!s:>6} {r['registers']:>4} {smem / 1024:>7.1f} {r['stack']:>5} "
+              f"{spill:>5} {seconds:>5.1f}{flag}")
+    return failures
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--arch", type=int, nargs="+", default=[80, 86, 90])
@@ -145,6 +200,10 @@ def main(argv=None) -> int:
         print(f"{name:14} {arch:>3} {dtype:9} {cfg.head_dim:>4} {cfg.block_m:>4}x{cfg.block_n:<3} "
               f"{causal!s:>6} {int(vec):>3} {r['registers']:>4} {smem / 1024:>7.1f} {r['stack']:>5} "
               f"{spill:>5} {seconds:>5.1f}{flag}")
+    if 90 in args.arch and not args.kernels:
+        print(f"{'sm90 kernel':40} {'dtype':9} {'causal':>6} {'regs':>4} {'smem KB':>7} {'stack':>5} "
+              f"{'spill':>5} {'sec':>5}")
+        failures += check_sm90(args.quick)
     verdict = "FAILED" if failures else "all variants compiled, no spills in the tuned variants"
     if fallback_spills:
         verdict += f" ({fallback_spills} element-wise fallback variants spill)"

@@ -1,7 +1,10 @@
 #!/usr/bin/env bash
-# One device round of the sm90 forward: compile, correctness (localized to a simpler variant if
+# One device round of the sm90 kernels: compile, correctness (localized to a simpler variant if
 # the tuned one fails), host cost of tensor maps, tuning candidates, benchmark. Logs to $OUT.
+# The backward's phases (ci/sm90_bwd_check.py) are named bwd_*; bwd_sanitize runs racecheck and
+# synccheck (SANITIZE_TOOLS) on its small shapes.
 #   OUT=/tmp/x PHASES="compile check host tune bench" bash ci/sm90_round.sh
+#   OUT=/tmp/x PHASES="bwd_compile bwd_check bwd_sanitize bwd_bench" bash ci/sm90_round.sh
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH=. PYTHONUNBUFFERED=1
@@ -13,6 +16,13 @@ nvidia-smi --query-gpu=name,driver_version,clocks.max.sm --format=csv,noheader >
 run() {  # run NAME TIMEOUT ARGS...
     local name=$1 limit=$2; shift 2
     timeout "$limit" python ci/sm90_fwd_check.py "$@" > "$OUT/$name.log" 2>&1
+    local rc=$?
+    echo "[$name rc=$rc] $(grep SUMMARY "$OUT/$name.log" | tail -1)"
+    return $rc
+}
+runb() {  # the backward's check script: runb NAME TIMEOUT ARGS...
+    local name=$1 limit=$2; shift 2
+    timeout "$limit" python ci/sm90_bwd_check.py "$@" > "$OUT/$name.log" 2>&1
     local rc=$?
     echo "[$name rc=$rc] $(grep SUMMARY "$OUT/$name.log" | tail -1)"
     return $rc
@@ -41,6 +51,21 @@ for phase in $PHASES; do
                 python ci/sm90_fwd_check.py --phase check --sanitize >> "$OUT/sanitize.log" 2>&1
             echo "[sanitize $tool rc=$?] $(grep -E 'SUMMARY' "$OUT/sanitize.log" | tail -2 | tr '\n' ' ')"
         done ;;
+    bwd_compile) runb bwd_compile 120 --phase compile ;;
+    bwd_check)
+        if ! runb bwd_check 200 --phase check ${BWD_QUICK:+--quick}; then
+            check_failed=1
+            grep -E "FAIL|Error" "$OUT/bwd_check.log" | head -20
+        fi ;;
+    bwd_sanitize)
+        for tool in ${SANITIZE_TOOLS:-racecheck synccheck}; do
+            echo "=== $tool" >> "$OUT/bwd_sanitize.log"
+            # only the sm90 backward is instrumented: torch's oracle and the other kernels run as usual
+            timeout 100 compute-sanitizer --tool "$tool" --kernel-name kns=flash_bwd_sm90 --report-api-errors no \
+                --error-exitcode 9 python ci/sm90_bwd_check.py --phase check --sanitize >> "$OUT/bwd_sanitize.log" 2>&1
+            echo "[bwd_sanitize $tool rc=$?] $(grep -E 'SUMMARY|ERROR SUMMARY|RACECHECK SUMMARY' "$OUT/bwd_sanitize.log" | tail -2 | tr '\n' ' ')"
+        done ;;
+    bwd_bench) [ -n "$check_failed" ] && continue; runb bwd_bench 160 --phase bench ${BWD_QUICK:+--quick} ;;
     pytest) timeout 200 python -m pytest -q -x -p no:cacheprovider tests/test_sm90.py > "$OUT/pytest.log" 2>&1
         echo "[pytest rc=$?] $(tail -1 "$OUT/pytest.log")" ;;
     esac

@@ -1,8 +1,9 @@
-"""The Hopper forward (xattn/sm90.py, kernels_cuda/sm90/). On the CPU: every row compiles with
-NVRTC for sm_90a without spills, the generated wgmma header is current, every row fits in
-shared memory, and the AttnParams dtype the launch fills matches params.h. On an sm_90 GPU (marker gpu):
-properties of xattn.sm90.forward against the float64 oracle xattn.exact_attention, with
-NaN-poisoned outputs."""
+"""The Hopper kernels (xattn/sm90.py, kernels_cuda/sm90/). On the CPU: every forward and backward
+row compiles with NVRTC for sm_90a without spills, the generated wgmma header is current, every
+row fits in shared memory, and the backward's routing rule declines what the kernel does not
+serve. On an sm_90 GPU (marker gpu): xattn.sm90.forward against the float64 oracle
+xattn.exact_attention, and xattn.cuda.backward on the sm90 backward against the float64
+gradient oracle, with NaN-poisoned outputs."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import xattn
@@ -52,6 +53,88 @@ def test_generated_wgmma_header_is_current():
     from gen_wgmma_ops import OUT, render
 
     assert OUT.read_text() == render(), "run python ci/gen_wgmma_ops.py"
+
+
+@pytest.mark.skipif(not HAS_NVRTC, reason="cuda-bindings (NVRTC) is not installed")
+@pytest.mark.parametrize("row", sm90.BWD_ROWS, ids=lambda r: f"D{r.head_dim}-{'causal' if r.causal else 'full'}")
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_backward_rows_compile_for_sm90a_without_spills(row, dtype):
+    from compile_kernels import nvrtc_compile, report
+
+    flags = {"IS_CAUSAL": int(row.causal), "IS_LOCAL": 0, "HAS_SOFTCAP": 0, "HAS_ALIBI": 0}
+    if dtype == "bfloat16" and row.modifiers:  # the modifiers too, where the row serves them
+        flags.update(IS_LOCAL=1, HAS_SOFTCAP=int(not row.causal), HAS_ALIBI=int(row.causal))
+    options = ["--gpu-architecture=sm_90a", "-std=c++17", "-Xptxas=-v",
+               *jit.define_options(sm90.backward_defines(row, dtype, flags))]
+    ok, log = nvrtc_compile(jit.preprocess("cuda", sm90.BWD_SOURCE), "flash_bwd.cu", options)
+    assert ok, log
+    assert "wgmma" not in log.lower() or "serializ" not in log.lower(), log
+    info = report(log, sm90.BWD_ENTRY)
+    assert info["spill_stores"] == info["spill_loads"] == info["stack"] == 0, info
+    assert info["registers"] == 168, info  # 65536 / 384 at launch; setmaxnreg splits them
+
+
+@pytest.mark.skipif(not HAS_NVRTC, reason="cuda-bindings (NVRTC) is not installed")
+@pytest.mark.parametrize("causal", [False, True])
+def test_backward_tma_dq_path_compiles_at_d128(causal):
+    """The D128 rows' other dQ path (TMA reduce-add, checked on an H200, not yet the rows' choice)
+    keeps compiling without spills, with every modifier."""
+    from compile_kernels import nvrtc_compile, report
+
+    row = sm90.select_backward(128, causal)._replace(dq_tma=True)
+    for flags in ({}, {"IS_LOCAL": 1}, {"HAS_SOFTCAP": 1}, {"HAS_ALIBI": 1}):
+        defines = sm90.backward_defines(row, "bfloat16", _PLAIN | {"IS_CAUSAL": int(causal)} | flags)
+        options = ["--gpu-architecture=sm_90a", "-std=c++17", "-Xptxas=-v", *jit.define_options(defines)]
+        ok, log = nvrtc_compile(jit.preprocess("cuda", sm90.BWD_SOURCE), "flash_bwd.cu", options)
+        assert ok, log
+        info = report(log, sm90.BWD_ENTRY)
+        assert info["spill_stores"] == info["spill_loads"] == info["stack"] == 0, (flags, info)
+        assert info["registers"] == 168, info
+    assert sm90.backward_shared_memory_bytes(row) <= sm90.SMEM_LIMIT
+
+
+def test_backward_rows_fit_in_shared_memory():
+    for row in sm90.BWD_ROWS:
+        assert sm90.backward_shared_memory_bytes(row) <= sm90.SMEM_LIMIT, row
+    assert [sm90.select_backward(d, False).head_dim for d in (8, 64, 72, 128)] == [64, 64, 128, 128]
+    assert sm90.select_backward(136, False) is None and sm90.select_backward(256, True) is None
+
+
+def _views(dtype="bfloat16", head_dim=128, q_heads=4, kv_heads=2, sq=300, sk=200, ptr=1 << 20):
+    """launch.Array views (B, H, S, D) of contiguous q, k, v, dout, dq, dk, dv at aligned pointers."""
+    from xattn import launch
+
+    def view(heads, s):
+        return launch.Array(ptr, (2, heads, s, head_dim), (heads * s * head_dim, s * head_dim, head_dim, 1),
+                            dtype, 0)
+
+    q, k = view(q_heads, sq), view(kv_heads, sk)
+    return (q, k, k, q, q, k, k)
+
+
+_PLAIN = {"IS_CAUSAL": 0, "IS_LOCAL": 0, "HAS_SOFTCAP": 0, "HAS_ALIBI": 0}
+
+
+def test_backward_routing_rule():
+    """What the sm90 backward serves, and what stays on the mma.sync kernels."""
+    def serves(views=None, defines=_PLAIN, deterministic=False, varlen=False, aligned=True):
+        return sm90.supports_backward(*(views or _views()), defines, deterministic=deterministic,
+                                      varlen=varlen, aligned=aligned)
+
+    assert serves() and serves(_views("float16", 64)) and serves(_views(head_dim=72))
+    assert serves(defines=_PLAIN | {"IS_CAUSAL": 1, "IS_LOCAL": 1, "HAS_SOFTCAP": 1})
+    assert not serves(deterministic=True)                  # dQ by reductions in any order
+    assert not serves(varlen=True)                         # packed batches
+    assert not serves(aligned=False)                       # a pointer not 16-byte aligned
+    assert not serves(_views("float32"))                   # no tensor-core float32
+    assert not serves(_views(head_dim=136)) and not serves(_views(head_dim=256))  # dK, dV too wide
+    assert not serves(_views(head_dim=60))                 # dQ's float32 pairs: D % 8
+    assert not serves(_views(head_dim=64), _PLAIN | {"HAS_ALIBI": 1})  # D64 rows: no modifiers
+    assert not serves(_views(head_dim=64), _PLAIN | {"IS_LOCAL": 1, "IS_CAUSAL": 1})
+    q, k, v, dout, dq, dk, dv = _views()
+    assert not serves((q._replace(ptr=q.ptr + 2), k, v, dout, dq, dk, dv))  # TMA: 16-byte base
+    odd_rows = k._replace(strides=(k.strides[0], k.strides[1], 132, 1))     # rows 264 bytes apart
+    assert not serves((q, k, v, dout, dq, dk, odd_rows))
 
 
 def test_rows_fit_in_shared_memory():
@@ -141,3 +224,112 @@ def test_unaddressable_views_are_refused(hopper):
     odd_rows = torch.randn(1, 2, 64, 68, device="cuda", dtype=torch.bfloat16)[..., :64]  # rows 136 bytes apart
     assert not sm90.supports(odd_rows, odd_rows, odd_rows, odd_rows, None)
     assert not sm90.supports(base.float(), base.float(), base.float(), base.float(), None)
+
+
+# ---- GPU: the backward -------------------------------------------------------------------------
+
+def _sm90_backward_planned() -> bool:
+    """Whether a cached backward plan of xattn.cuda holds the sm90 kernel's launch (the only one
+    with tensor maps for dk and dv)."""
+    from xattn import cuda
+
+    return any(isinstance(plan, tuple) and len(plan) == 2 and isinstance(plan[0], tuple)
+               and any(any(m[0] == "dk" for m in getattr(step, "maps", ())) for step in plan[0])
+               for plan in list(cuda._plans.values()))
+
+
+@pytest.fixture(scope="module")
+def grad_bounds():
+    """tests/test_grad.py, whose bounds (error_scales, tolerance_for, assert_grads_match) every
+    backend's gradients are held to; imported here, outside any @given (it defines Hypothesis
+    tests, and importing it inside one nests them)."""
+    import test_grad
+
+    return test_grad
+
+
+@pytest.mark.gpu
+@settings(max_examples=40)
+@given(batch=st.integers(1, 2), kv_heads=st.integers(1, 2), group=st.sampled_from([1, 3, 4]),
+       sq=st.sampled_from([1, 2, 63, 64, 65, 127, 128, 129, 300]),
+       sk=st.sampled_from([1, 63, 64, 65, 127, 128, 129, 300]),
+       head_dim=st.sampled_from([8, 32, 64, 72, 96, 128]),
+       causal=st.booleans(), dtype=st.sampled_from(["float16", "bfloat16"]),
+       layout=st.sampled_from(["bhsd", "bshd"]),
+       window=st.sampled_from([None, (40, 0), (17, 33), (-1, 5)]),
+       modifier=st.sampled_from([None, None, "softcap", "alibi"]), seed=st.integers(0, 2**16))
+def test_backward_matches_exact_gradients(hopper, grad_bounds, batch, kv_heads, group, sq, sk, head_dim, causal,
+                                          dtype, layout, window, modifier, seed):
+    """xattn.cuda.backward on the sm90 kernel (checked: it was planned) against the float64
+    gradient oracle, bounded as tests/test_grad.py bounds every backend (tolerances.py "grad"
+    relative to the gradient of |terms|); outputs NaN-poisoned before the launch."""
+    import torch
+
+    from xattn import cuda, reference
+
+    q_heads = kv_heads * group
+    rng = np.random.default_rng(seed)
+    options = {}
+    if causal and window is not None and window[1] > 0:
+        window = (window[0], 0)  # the API's rule: causal hides every key right of the diagonal
+    if window is not None:
+        options["window"] = window
+    if modifier == "softcap":
+        options["softcap"] = 20.0
+    elif modifier == "alibi":
+        options["alibi_slopes"] = rng.random(q_heads)
+    if head_dim <= 64:  # the D64 rows serve no window, softcap or ALiBi (test_backward_routing_rule)
+        options = {}
+    base = {name: rng.standard_normal((batch, heads, s, head_dim))
+            for name, heads, s in (("q", q_heads, sq), ("k", kv_heads, sk), ("v", kv_heads, sk),
+                                   ("dout", q_heads, sq))}
+
+    def device(x):
+        t = torch.from_numpy(x).to("cuda", getattr(torch, dtype))
+        # bshd: the (B, H, S, D) view of a (B, S, H, D) tensor
+        return t.transpose(1, 2).contiguous().transpose(1, 2) if layout == "bshd" else t
+
+    q, k, v, dout = (device(base[n]) for n in ("q", "k", "v", "dout"))
+    kernel_options = dict(options)
+    if "alibi_slopes" in options:
+        kernel_options["alibi_slopes"] = torch.from_numpy(options["alibi_slopes"]).to("cuda", torch.float32)
+    scale = 1 / math.sqrt(head_dim)
+    stream = torch.cuda.current_stream().cuda_stream
+    out, lse = torch.empty_like(q), torch.empty(batch, q_heads, sq, device="cuda")
+    cuda.forward(q, k, v, out, lse, causal=causal, scale=scale, stream=stream, **kernel_options)
+    grads = [torch.full_like(x, float("nan")) for x in (q, k, v)]
+    cuda._plans.clear()
+    cuda.backward(q, k, v, out, dout, lse, *grads, causal=causal, scale=scale, deterministic=False,
+                  stream=stream, **kernel_options)
+    torch.cuda.synchronize()
+    assert _sm90_backward_planned(), "the call did not run on the sm90 backward"
+    seen = [to_float64(x) for x in (q, k, v, dout)]
+    variant = {k_: v_ for k_, v_ in options.items()}
+    if "alibi_slopes" in variant:  # the slopes the kernel saw, in float32
+        variant["alibi_slopes"] = kernel_options["alibi_slopes"].double().cpu().numpy()
+    want = reference.exact_attention_grad_bhsd(*seen, causal=causal, scale=scale, **variant)
+    magnitudes, largest_score = grad_bounds.error_scales(*seen, causal=causal, scale=scale, **variant)
+    got = [to_float64(g) for g in grads]
+    grad_bounds.assert_grads_match(got, want, magnitudes, grad_bounds.tolerance_for(dtype, largest_score),
+                                   f" ({dtype})")
+
+
+@pytest.mark.gpu
+def test_backward_declined_calls_stay_on_mma_sync(hopper):
+    """deterministic=True and a head dim past the rows are served by the mma.sync kernels."""
+    import torch
+
+    from xattn import cuda
+
+    for head_dim, deterministic in ((128, True), (192, False)):
+        q = torch.randn(1, 2, 130, head_dim, device="cuda", dtype=torch.bfloat16)
+        out, lse = torch.empty_like(q), torch.empty(1, 2, 130, device="cuda")
+        stream = torch.cuda.current_stream().cuda_stream
+        cuda.forward(q, q, q, out, lse, causal=False, scale=0.1, stream=stream)
+        grads = [torch.full_like(q, float("nan")) for _ in range(3)]
+        cuda._plans.clear()
+        cuda.backward(q, q, q, out, q, lse, *grads, causal=False, scale=0.1, deterministic=deterministic,
+                      stream=stream)
+        torch.cuda.synchronize()
+        assert not _sm90_backward_planned()
+        assert not any(g.isnan().any() for g in grads)

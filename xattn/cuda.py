@@ -21,6 +21,12 @@ from xattn import configs, jit, launch, params
 # over out), the switch if the fused epilogue misbehaves on a device.
 FUSED_SINKS = True
 
+# The Hopper backward (xattn/sm90.py: flash_bwd.cu) wherever it serves a call on compute capability
+# 9.0. False: the mma.sync kernels serve every backward (the switch if the sm90 kernel misbehaves
+# on a device; ci/sm90_bwd_check.py flips it to time both). The plans of backward() are keyed by
+# it; a Call's plans (attention_backward) keep the kernels they were built with.
+SM90_BACKWARD = True
+
 
 def availability() -> tuple[bool, str]:
     """(usable, why): CuPy importable, a CUDA (not ROCm) build, at least one device."""
@@ -457,7 +463,7 @@ def backward(q, k, v, out, dout, lse, dq, dk, dv, *, causal: bool, scale: float,
     key = ("bwd", Q.dtype, device, batch, Q.shape, K.shape, Q.strides, K.strides, V.strides,
            O.strides, dO.strides, L.strides, dQ.strides, dK.strides, dV.strides, causal, scale,
            tuple(window), softcap, slopes.shape if slopes is not None else None, max_seqlen,
-           deterministic, vec)
+           deterministic, vec, SM90_BACKWARD)
     plan = _cached_plan(key, lambda: _plan_backward(
         Q, K, V, O, dO, L, dQ, dK, dV, batch, causal=causal, scale=scale, window=window,
         softcap=softcap, slopes=slopes, varlen=varlen, max_seqlen=max_seqlen,
@@ -481,7 +487,8 @@ def _plan_backward(Q, K, V, O, dO, L, dQ, dK, dV, batch, *, causal, scale, windo
                    varlen, max_seqlen, deterministic, vec):
     """(steps, scratch shapes): delta = rowsum(dO * O), then dK/dV (and dQ by atomics, converted
     after) or, deterministic, dK/dV and dQ from separate kernels; the CUDA-core pair where the
-    tensor-core table has no row."""
+    tensor-core table has no row. On Hopper the atomics' dK/dV kernel is the wgmma one
+    (xattn/sm90.py) wherever it serves the call."""
     device, arch, dtype = Q.device, _arch(Q.device), Q.dtype
     heads_q, total_q, head_dim = Q.shape[1], Q.shape[2], Q.shape[3]
     heads_k = K.shape[1]
@@ -534,9 +541,14 @@ def _plan_backward(Q, K, V, O, dO, L, dQ, dK, dV, batch, *, causal, scale, windo
                   _step(dkdv_cfg, dtype, has_right_edge, False, device, main, keys_grid(dkdv_cfg),
                         batch, **var.defines)]
         return tuple(steps), scratch
-    dkdv_cfg = row("flash_bwd_dkdv")
-    steps.append(_step(dkdv_cfg, dtype, has_right_edge, vec, device, main, keys_grid(dkdv_cfg),
-                       batch, COMPUTE_DQ=int(not deterministic), **var.defines))
+    if arch == 90 and SM90_BACKWARD and _sm90_backward(Q, K, V, dO, dQ, dK, dV, var, deterministic,
+                                                       varlen, vec):
+        from xattn import sm90  # Hopper: the wgmma/TMA kernel in place of the dK/dV one
+        steps.append(sm90.plan_backward(Q, K, V, dO, dK, dV, accum, main, var, batch))
+    else:
+        dkdv_cfg = row("flash_bwd_dkdv")
+        steps.append(_step(dkdv_cfg, dtype, has_right_edge, vec, device, main, keys_grid(dkdv_cfg),
+                           batch, COMPUTE_DQ=int(not deterministic), **var.defines))
     if deterministic:
         dq_cfg = row("flash_bwd_dq")
         steps.append(_step(dq_cfg, dtype, has_right_edge, vec, device, main, queries_grid(dq_cfg),
@@ -545,6 +557,16 @@ def _plan_backward(Q, K, V, O, dO, L, dQ, dK, dV, batch, *, causal, scale, windo
         steps.append(_step(None, dtype, False, False, device, prep, prep_grid, prep_batch,
                            source="flash_bwd_prep.cu", entry="flash_bwd_convert_dq", **prep_defines))
     return tuple(steps), scratch
+
+
+def _sm90_backward(Q, K, V, dO, dQ, dK, dV, var, deterministic, varlen, aligned) -> bool:
+    """Whether the Hopper backward (xattn/sm90.py) serves a plan. aligned: every pointer and
+    stride of the plan is 16-byte aligned, for every call that its cache key admits (the `vec` of
+    both backward paths says so)."""
+    from xattn import sm90
+
+    return sm90.supports_backward(Q, K, V, dO, dQ, dK, dV, var.defines, deterministic=deterministic,
+                                  varlen=varlen, aligned=aligned)
 
 
 def _backward_on_cuda_cores(dtype: str, arch: int, head_dim: int, causal: bool) -> bool:

@@ -1,13 +1,21 @@
-"""The Hopper (sm_90a) forward: kernels_cuda/sm90/flash_fwd.cu (TMA, wgmma, warp specialization).
+"""The Hopper (sm_90a) kernels: kernels_cuda/sm90/flash_fwd.cu and flash_bwd.cu (TMA, wgmma, warp
+specialization).
 
-`forward` has exactly the contract of xattn.cuda.forward; `supports` says whether a call can run
-here (else it stays on the mma.sync kernel). Arrays arrive as (B, H, S, D) views, torch tensors or
-CuPy arrays, any batch/head/row strides and D contiguous; each of q, k, v, out becomes a tensor map
-(xattn/tma.py), the rest of the call one AttnParams block (kernels_common/params.h) passed by value.
+Forward: `forward` has exactly the contract of xattn.cuda.forward; `supports` says whether a call
+can run here (else it stays on the mma.sync kernel). Arrays arrive as (B, H, S, D) views, torch
+tensors or CuPy arrays, any batch/head/row strides and D contiguous; each of q, k, v, out becomes a
+tensor map (xattn/tma.py), the rest of the call one AttnParams block (kernels_common/params.h)
+passed by value. Not served here yet: packed varlen batches, an empty key sequence, views the copy
+engine cannot address (a base or a stride not a multiple of 16 bytes), head dims above 256,
+float32.
 
-Not served here yet (supports() is False, the caller keeps the mma.sync kernel): packed varlen
-batches, an empty key sequence, views the copy engine cannot address (a base or a stride not a
-multiple of 16 bytes), head dims above 256, float32.
+Backward: xattn.cuda's backward plan asks `supports_backward` and takes `plan_backward`'s launch in
+place of the mma.sync dK/dV kernel; the delta / dq_accum-zeroing kernel before it and the dQ
+conversion after it are the mma.sync path's own (kernels_cuda/flash_bwd_prep.cu). Not served
+here (the mma.sync kernels keep them): deterministic=True (dQ is summed by float32 reductions in
+any order), packed varlen batches, head dims above 128 (dK and dV of 64 keys no longer fit in a
+consumer's registers), head dims not a multiple of 8, float32, views the copy engine cannot
+address, and windows, softcap or ALiBi at D64 (BwdRow.modifiers). Sinks need nothing of it.
 """
 
 from __future__ import annotations
@@ -139,4 +147,109 @@ def plan(Q, K, V, O, L, *, causal, scale, window, softcap, slopes):
     smem = shared_memory_bytes(row)
     return launch.Launch(launch.function(kernel, Q.device, smem),
                          (math.ceil(seqlen_q / BLOCK_M), heads_q), batch, THREADS, smem, block,
+                         maps=maps)
+
+
+# ---- the backward ---------------------------------------------------------------------------------
+
+BWD_SOURCE = "sm90/flash_bwd.cu"
+BWD_ENTRY = "flash_bwd_sm90"
+BWD_BLOCK_N = 128    # keys per CTA: 64 per consumer warpgroup (BLOCK_N there)
+BWD_STORE_ROWS = 64  # rows of one dK / dV store box: one consumer's keys
+
+
+class BwdRow(NamedTuple):
+    """One row of the backward's tile table: the padded head dim, the masking class, the tiles."""
+    head_dim: int
+    causal: bool  # rows used when the band has a right edge (causal, or a window's right side)
+    block_m: int  # queries per step: 64 (dQ split by columns between the consumers) or 128 (by rows)
+    stages: int   # Q/dO stages in flight
+    modifiers: bool  # windows, softcap and ALiBi compile without spills (else declined)
+    dq_tma: bool  # dQ added into dq_accum by a TMA reduce-add from shared memory (else red.global)
+
+
+# Smallest head dim first; a head dim runs on the first row at least as wide. D128 takes 64
+# queries a step: S^T and dP^T (32 floats each), dK and dV (64 each) fill a consumer's registers.
+# D64 takes 128, so that each consumer's half of dQ = dS K starts at a box of K (flash_bwd.cu);
+# its S^T and dP^T are then 64 floats each, and the index arithmetic of a window, softcap or
+# ALiBi spills 4-12 bytes (ptxas, 232 registers): those calls stay on the mma.sync kernel.
+# dQ: every row reduces from registers (red.global), the path measured on an H200 (round 2 of
+# ci/results/2026-11-30-sm90-bwd/). The TMA reduce-add (dq_tma=True) passed the same checks and
+# sanitizers there at D128 and D64 (round 3) but has not been timed yet; at D64 the device's NVRTC
+# 13.0 spilled 8 bytes with it (D64 causal: 4 bytes with NVRTC 13.5), so only D128 is a candidate.
+BWD_ROWS = (
+    BwdRow(64, False, 128, 2, modifiers=False, dq_tma=False),
+    BwdRow(64, True, 128, 2, modifiers=False, dq_tma=False),
+    BwdRow(128, False, 64, 2, modifiers=True, dq_tma=False),
+    BwdRow(128, True, 64, 2, modifiers=True, dq_tma=False),
+)
+
+
+def select_backward(head_dim: int, causal: bool) -> BwdRow | None:
+    return next((r for r in BWD_ROWS if r.head_dim >= head_dim and r.causal == causal), None)
+
+
+def backward_shared_memory_bytes(row: BwdRow) -> int:
+    """flash_bwd.cu's layout: sK and sV, STAGES Q and dO tiles, two dS^T buffers, each consumer's
+    float32 dQ tile (dq_tma: 64 rows by half the step's dQ columns, see DQ_COLS there), STAGES rows
+    of lse and delta (floats), the barriers (kv_full, and full, empty per stage), plus the slack to
+    align it to 1024 bytes."""
+    kv = 2 * BWD_BLOCK_N * row.head_dim * 2
+    q_do = 2 * row.stages * row.block_m * row.head_dim * 2
+    ds = 2 * BWD_BLOCK_N * row.block_m * 2
+    dq_cols = row.head_dim * (row.block_m // BWD_STORE_ROWS) // 2
+    dq = 2 * BWD_STORE_ROWS * dq_cols * 4 if row.dq_tma else 0
+    rows = 2 * row.stages * row.block_m * 4
+    return SMEM_ALIGN + kv + q_do + ds + dq + rows + BARRIER_BYTES * (1 + 2 * row.stages)
+
+
+def backward_defines(row: BwdRow, dtype: str, defines: dict) -> dict:
+    """-D values of a backward variant: the row's and the masks/modifiers of launch.variant."""
+    return {"ELEM_BF16": int(dtype == "bfloat16"), "HEAD_DIM": row.head_dim,
+            "BLOCK_M": row.block_m, "STAGES": row.stages, "DQ_TMA": int(row.dq_tma),
+            **{k: defines[k] for k in ("IS_CAUSAL", "IS_LOCAL", "HAS_SOFTCAP", "HAS_ALIBI")}}
+
+
+def supports_backward(Q, K, V, dO, dQ, dK, dV, defines: dict, *, deterministic: bool,
+                      varlen: bool, aligned: bool) -> bool:
+    """Whether a backward on a compute capability 9.0 device (xattn.cuda asks only there) runs on
+    flash_bwd.cu, from its launch.Array views ((B, H, S, D)) and launch.variant's masks and
+    modifiers (defines): fp16/bf16, a row for the head dim (<= 128, a multiple of 8: dQ's float32
+    pairs stay 8-byte aligned) that serves the call's modifiers, not deterministic, no packed
+    varlen batch, and every tensor the kernel reads or writes by TMA addressable by the copy
+    engine. aligned: the plan's pointers are 16-byte aligned for every call it serves (its cache
+    key says so). Sinks need nothing here: the forward's lse holds them."""
+    if deterministic or varlen or not aligned:
+        return False
+    arrays = (Q, K, V, dO, dQ, dK, dV)
+    if Q.dtype not in ("float16", "bfloat16") or any(a.dtype != Q.dtype for a in arrays):
+        return False
+    head_dim = Q.shape[3]
+    row = select_backward(head_dim, bool(defines["IS_CAUSAL"]))
+    if head_dim % 8 or row is None:
+        return False
+    if not row.modifiers and (defines["IS_LOCAL"] or defines["HAS_SOFTCAP"] or defines["HAS_ALIBI"]):
+        return False
+    return all(tma.expressible(a.ptr, a.dtype, a.shape, a.strides) for a in (Q, K, V, dO, dK, dV))
+
+
+def plan_backward(Q, K, V, dO, dK, dV, accum, block, var: "launch.Variant", batch: int):
+    """The launch of flash_bwd.cu for one backward signature: the row, the compiled kernel, seven
+    tensor maps of its own (q, k, v, dout loaded; dk, dv stored; dq_accum, float32, reduced into;
+    re-pointed when a pointer changes) and `block`, the AttnParams block xattn.cuda built for the
+    whole backward (delta and dq_accum included). accum: dq_accum's launch.Array (its pointer is
+    the per-call scratch's, unknown here)."""
+    heads_k, seqlen_k, head_dim = K.shape[1], K.shape[2], Q.shape[3]
+    causal_rows = bool(var.defines["IS_CAUSAL"])
+    row = select_backward(head_dim, causal_rows)
+    accum = accum._replace(ptr=accum.ptr or tma.PLACEHOLDER_PTR, strides=accum.strides[:3] + (1,))
+    maps = [(name, tma.plan_map(a.ptr, a.dtype, a.shape, a.strides, rows), tma.repoint)
+            for name, a, rows in (("q", Q, row.block_m), ("k", K, BWD_BLOCK_N), ("v", V, BWD_BLOCK_N),
+                                  ("dout", dO, row.block_m), ("dk", dK, BWD_STORE_ROWS),
+                                  ("dv", dV, BWD_STORE_ROWS), ("dq_accum", accum, BWD_STORE_ROWS))]
+    kernel = jit.get_function("cuda", BWD_SOURCE, BWD_ENTRY, backward_defines(row, Q.dtype, var.defines),
+                              Q.device, options=COMPILE_OPTIONS)
+    smem = backward_shared_memory_bytes(row)
+    return launch.Launch(launch.function(kernel, Q.device, smem),
+                         (math.ceil(seqlen_k / BWD_BLOCK_N), heads_k), batch, THREADS, smem, block,
                          maps=maps)

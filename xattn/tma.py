@@ -2,9 +2,10 @@
 cuda-bindings (`cuTensorMapEncodeTiled`).
 
 A map describes one (B, H, S, D) view with D contiguous as a 4-D tensor (D, S, H, B), innermost
-first, with byte strides for S, H and B, and a box of 64 columns (128 bytes, the widest box the
-128-byte swizzle allows) by `box_rows` rows; the copy engine fills elements outside the tensor
-with zeros on loads and skips them on stores. Kernels take the 128 bytes by value as a
+first, with byte strides for S, H and B, and a box of 128 bytes of columns (the widest box the
+128-byte swizzle allows: 64 columns of a 16-bit type, 32 of float32) by `box_rows` rows; the copy
+engine fills elements outside the tensor with zeros on loads and skips them on stores and
+reductions. float32 maps serve the backward's dQ accumulator (reduce-add). Kernels take the 128 bytes by value as a
 `const __grid_constant__` parameter; a launch (xattn/launch.py) passes the driver's CUtensorMap
 object by address.
 
@@ -15,12 +16,16 @@ only when its pointer changes (`repoint`): on an H200 encoding took 11.7 µs a m
 
 from __future__ import annotations
 
-BOX_COLS = 64              # elements of a box row: 128 bytes of a 16-bit type
+BOX_BYTES = 128            # bytes of a box row: the widest the 128-byte swizzle allows
 ALIGN = 16                 # bytes: the base address and every stride
 MAX_STRIDE = 1 << 40       # bytes, exclusive
 MAX_DIM = 1 << 32          # elements per dimension, inclusive
 
-_ITEMSIZE = {"float16": 2, "bfloat16": 2}
+_ITEMSIZE = {"float16": 2, "bfloat16": 2, "float32": 4}
+
+# A stand-in base address (aligned, never dereferenced) for a map whose memory a plan does not know
+# yet: the backward's dq_accum scratch is allocated per call, and every launch re-points the map.
+PLACEHOLDER_PTR = 1 << 20
 
 
 def expressible(ptr: int, dtype: str, shape: tuple, strides: tuple) -> bool:
@@ -61,13 +66,14 @@ def _encode(driver, ptr: int, dtype: str, shape: tuple, strides: tuple, box_rows
     batch, heads, rows, cols = shape
     # A dimension of extent 1 gets a legal stride: its coordinate is always 0.
     byte_strides = [s * size if n > 1 else ALIGN for n, s in zip(shape[:3], strides[:3])]
-    data_type = (driver.CUtensorMapDataType.CU_TENSOR_MAP_DATA_TYPE_BFLOAT16 if dtype == "bfloat16"
-                 else driver.CUtensorMapDataType.CU_TENSOR_MAP_DATA_TYPE_FLOAT16)
+    data_type = getattr(driver.CUtensorMapDataType, {
+        "bfloat16": "CU_TENSOR_MAP_DATA_TYPE_BFLOAT16", "float16": "CU_TENSOR_MAP_DATA_TYPE_FLOAT16",
+        "float32": "CU_TENSOR_MAP_DATA_TYPE_FLOAT32"}[dtype])
     err, tmap = driver.cuTensorMapEncodeTiled(
         data_type, 4, ptr,
         [driver.cuuint64_t(n) for n in (cols, rows, heads, batch)],
         [driver.cuuint64_t(s) for s in (byte_strides[2], byte_strides[1], byte_strides[0])],
-        [driver.cuuint32_t(n) for n in (BOX_COLS, box_rows, 1, 1)],
+        [driver.cuuint32_t(n) for n in (BOX_BYTES // size, box_rows, 1, 1)],
         [driver.cuuint32_t(1)] * 4,
         driver.CUtensorMapInterleave.CU_TENSOR_MAP_INTERLEAVE_NONE,
         driver.CUtensorMapSwizzle.CU_TENSOR_MAP_SWIZZLE_128B,

@@ -95,6 +95,12 @@ __device__ __forceinline__ u32 swizzled_offset(int row, int col) {
     return row * SWIZZLE_BYTES + ((((col * 2) / 16) ^ (row % 8)) * 16) + (col * 2) % 16;
 }
 
+// The same for 32-bit elements (32 per 128-byte row): the float32 tiles the copy engine reduces
+// into global memory.
+__device__ __forceinline__ u32 swizzled_offset_f32(int row, int col) {
+    return row * SWIZZLE_BYTES + ((((col * 4) / 16) ^ (row % 8)) * 16) + (col * 4) % 16;
+}
+
 // ---- transaction barriers (mbarrier) ------------------------------------------------------------
 __device__ __forceinline__ void mbar_init(u32 bar, int arrivals) {
     asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(bar), "r"(arrivals));
@@ -149,6 +155,14 @@ __device__ __forceinline__ void tma_store_4d(const TmaDesc* map, u32 src, int c0
     asm volatile("cp.async.bulk.tensor.4d.global.shared::cta.tile.bulk_group [%0, {%2, %3, %4, %5}], [%1];\n" ::"l"(map),
                  "r"(src), "r"(c0), "r"(c1), "r"(c2), "r"(c3)
                  : "memory");
+}
+// Add a shared-memory box element-wise into global memory (the map's element type; float32 here),
+// atomically per element; elements outside the tensor are skipped. Completes like a store.
+__device__ __forceinline__ void tma_reduce_add_4d(const TmaDesc* map, u32 src, int c0, int c1, int c2, int c3) {
+    asm volatile(
+        "cp.reduce.async.bulk.tensor.4d.global.shared::cta.add.tile.bulk_group [%0, {%2, %3, %4, %5}], [%1];\n" ::"l"(map),
+        "r"(src), "r"(c0), "r"(c1), "r"(c2), "r"(c3)
+        : "memory");
 }
 __device__ __forceinline__ void tma_store_commit() { asm volatile("cp.async.bulk.commit_group;\n" ::: "memory"); }
 // Until the stores of every committed group have read their shared memory (it may be reused or

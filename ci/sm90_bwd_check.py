@@ -1,0 +1,322 @@
+"""One GPU round for the sm90 backward (kernels_cuda/sm90/flash_bwd.cu, xattn/sm90.py), by phase:
+
+  compile   every backward row (fp16/bf16, causal or not, the modifiers a row serves): registers
+            and local memory through CuPy, and the SASS of an NVRTC cubin (HGMMA, RED, LDL/STL)
+  check     xattn.cuda.backward against float64 autograd of exact attention (kernel_check_bwd's
+            oracle and bounds) on awkward shapes: S = 1, 63, 64, 65, 127, 128, 129, 1000,
+            Sq != Sk both ways, GQA 2:1, 3:1, 8:1, strided views in both layouts, head dims
+            between rows, windows, softcap, ALiBi; each case asserts which kernel served it (sm90,
+            or mma.sync where supports_backward declines); gradients NaN-poisoned; two runs: dK
+            and dV bitwise equal, dQ (float32 reductions in any order) within rounding; and every
+            sm90 backward variant the device's NVRTC compiled has no local memory (spills)
+  bench     backward TFLOP/s (2.5 x the forward's 4 B H S^2 D, halved causal) of the sm90 kernel,
+            the mma.sync kernels (SM90_BACKWARD off), SDPA flash and cuDNN, median of 3 rotated
+            rounds: bf16, D 64/128, causal or not, B S = 16384, H D = 2048; at D128 also the sm90
+            kernel with the other dQ path (red.global from registers) and without dQ reductions
+--dq red: every backward row takes the register-reduction dQ path (DQ_TMA = 0) for the phase.
+A benchmark, not a test. Each phase prints one line per item and a SUMMARY line last.
+
+    PYTHONPATH=. python ci/sm90_bwd_check.py --phase check [--quick | --sanitize]
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from kernel_check_bwd import TOLERANCE, exact_out  # noqa: E402  (the float64 oracle and bounds)
+from sm90_fwd_check import fair_tflops, make  # noqa: E402  (TMA-addressable strided views; timing)
+
+from xattn import cuda, jit, sm90  # noqa: E402
+
+DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+# ---- compile -------------------------------------------------------------------------------------
+
+def sass_counts(defines: dict) -> str:
+    try:
+        from cuda.bindings import nvrtc
+    except Exception as exc:
+        return f"sass: n/a ({type(exc).__name__})"
+    code = jit.preprocess("cuda", sm90.BWD_SOURCE)
+    opts = ["--gpu-architecture=sm_90a", "-std=c++17", *jit.define_options(defines)]
+    err, prog = nvrtc.nvrtcCreateProgram(code.encode(), b"flash_bwd.cu", 0, [], [])
+    (err,) = nvrtc.nvrtcCompileProgram(prog, len(opts), [o.encode() for o in opts])
+    if err != nvrtc.nvrtcResult.NVRTC_SUCCESS:
+        return "sass: compile failed"
+    _, size = nvrtc.nvrtcGetCUBINSize(prog)
+    cubin = b" " * size
+    nvrtc.nvrtcGetCUBIN(prog, cubin)
+    with tempfile.NamedTemporaryFile(suffix=".cubin", delete=False) as f:
+        f.write(cubin)
+    try:
+        sass = subprocess.run(["cuobjdump", "-sass", f.name], capture_output=True, text=True, timeout=60).stdout
+    except Exception as exc:
+        return f"sass: cuobjdump failed ({exc})"
+    finally:
+        os.unlink(f.name)
+    lines = sass.splitlines()
+    count = lambda *ops: sum(1 for l in lines if any(f" {op}" in l for op in ops))  # noqa: E731
+    return f"HGMMA {count('HGMMA')} RED {count('RED')} LDL/STL {count('LDL', 'STL')}"
+
+
+def phase_compile(args) -> int:
+    bad = 0
+    plain = {"IS_CAUSAL": 0, "IS_LOCAL": 0, "HAS_SOFTCAP": 0, "HAS_ALIBI": 0}
+    for row in sm90.BWD_ROWS:
+        for dtype in DTYPES:
+            flag_sets = [{}] + ([{"IS_LOCAL": 1}, {"HAS_SOFTCAP": 1}, {"HAS_ALIBI": 1}]
+                                if dtype == "bfloat16" and row.modifiers else [])
+            for flags in flag_sets:
+                d = sm90.backward_defines(row, dtype, plain | {"IS_CAUSAL": int(row.causal)} | flags)
+                t0 = time.perf_counter()
+                try:
+                    k = jit.get_function("cuda", sm90.BWD_SOURCE, sm90.BWD_ENTRY, d, 0, options=sm90.COMPILE_OPTIONS)
+                    info = f"regs {k.num_regs} local {k.local_size_bytes}"
+                    bad += k.local_size_bytes != 0
+                except Exception as exc:
+                    info, bad = f"FAILED {type(exc).__name__}: {str(exc)[:400]}", bad + 1
+                sass = sass_counts(d) if not flags and dtype == "bfloat16" else ""
+                print(f"compile bwd D{row.head_dim} {'causal' if row.causal else 'full'} M{row.block_m} "
+                      f"{dtype} {flags or ''}: {info} {time.perf_counter() - t0:.2f}s {sass}", flush=True)
+    print(f"SUMMARY compile: {bad} bad variants", flush=True)
+    return int(bad > 0)
+
+
+# ---- check ---------------------------------------------------------------------------------------
+
+def sm90_planned() -> bool:
+    """Whether a cached backward plan holds the sm90 kernel's launch (the one with dk/dv maps)."""
+    return any(isinstance(plan, tuple) and len(plan) == 2 and isinstance(plan[0], tuple)
+               and any(any(m[0] == "dk" for m in getattr(step, "maps", ())) for step in plan[0])
+               for plan in list(cuda._plans.values()))
+
+
+def run_case(dtype, b, hq, hk, sq, sk, d, causal, layout, strided, variant, gen):
+    variant = dict(variant or {})
+    if variant.get("alibi_slopes") == "per_head":
+        variant["alibi_slopes"] = torch.rand(hq, device="cuda", generator=gen)
+    elif variant.get("alibi_slopes") == "per_batch_head":
+        variant["alibi_slopes"] = torch.rand(b, hq, device="cuda", generator=gen)
+    q = make((b, hq, sq, d), dtype, layout, strided, gen)
+    k = make((b, hk, sk, d), dtype, layout, strided, gen)
+    v = make((b, hk, sk, d), dtype, layout, strided, gen)
+    dout = make((b, hq, sq, d), dtype, layout, strided, gen)
+    scale = 1 / math.sqrt(d)
+    stream = torch.cuda.current_stream().cuda_stream
+    out, lse = torch.empty_like(q), torch.empty(b, hq, sq, device="cuda")
+    cuda.forward(q, k, v, out, lse, causal=causal, scale=scale, stream=stream, **variant)
+    runs, planned = [], []
+    for _ in range(2):
+        grads = [torch.full_like(x, float("nan")) for x in (q, k, v)]
+        cuda._plans.clear()
+        cuda.backward(q, k, v, out, dout, lse, *grads, causal=causal, scale=scale, deterministic=False,
+                      stream=stream, **variant)
+        torch.cuda.synchronize()
+        planned.append(sm90_planned())
+        runs.append(grads)
+    q64, k64, v64 = (x.double().requires_grad_() for x in (q, k, v))
+    ref = torch.autograd.grad(exact_out(q64, k64, v64, causal, scale, **variant), (q64, k64, v64), dout.double())
+    problems, worst = [], 0.0
+    for name, got, want in zip(("dq", "dk", "dv"), runs[0], ref):
+        if got.isnan().any():
+            problems.append(f"{name}: NaN left (unwritten or produced)")
+            continue
+        denom = want.norm().item()
+        err = (got.double() - want).norm().item() / (denom if denom > 0 else 1)
+        worst = max(worst, err)
+        if err > TOLERANCE[dtype]:
+            problems.append(f"{name} rel err {err:.2e}")
+    for name, a, c in zip(("dk", "dv"), runs[0][1:], runs[1][1:]):
+        if not torch.equal(a, c):
+            problems.append(f"{name}: two runs differ (dK, dV are deterministic)")
+    dq_a, dq_b = runs[0][0].double(), runs[1][0].double()
+    dq_moved = (dq_a - dq_b).norm().item() / max(dq_a.norm().item(), 1e-30)
+    if dq_moved > TOLERANCE[dtype] / 10:
+        problems.append(f"dq moved {dq_moved:.1e} between runs (more than reduction order explains)")
+    return worst, dq_moved, planned[0], problems
+
+
+def check_cases(quick: bool):
+    cases = []  # (dtype, b, hq, hk, sq, sk, d, causal, layout, strided, variant, sm90 expected)
+    lengths = [1, 63, 64, 65, 127, 128, 129, 1000] if not quick else [1, 65, 129]
+    for i, s in enumerate(lengths):
+        for d in (64, 128):
+            for causal in (False, True):
+                dt = ("bfloat16", "float16")[(i + d // 64) % 2]
+                cases.append((dt, 2, 4, 2, s, s, d, causal, "bhsd", False, None, True))
+    for sq, sk in [(1, 1000), (1000, 1), (129, 1000), (1000, 129), (65, 300), (300, 65)]:
+        for d in (64, 128):
+            for causal in (False, True):
+                cases.append(("bfloat16", 1, 8, 1, sq, sk, d, causal, "bhsd", False, None, True))
+    for d in (8, 32, 40, 72, 96, 120):  # between rows: the copy engine pads
+        cases.append(("float16", 2, 6, 2, 200, 333, d, d % 16 == 0, "bhsd", False, None, True))
+    for layout in ("bhsd", "bshd"):
+        for d in (64, 128):
+            for causal in (False, True):
+                cases.append(("bfloat16", 2, 6, 2, 257, 300, d, causal, layout, True, None, True))
+    variants = [dict(window=(100, 0)), dict(window=(50, 30)), dict(window=(-1, 20)), dict(window=(70, -1)),
+                dict(softcap=30.0), dict(alibi_slopes="per_head"), dict(alibi_slopes="per_batch_head")]
+    for variant in variants:
+        for causal in (False, True):
+            cases.append(("bfloat16", 2, 4, 2, 333, 517, 128, causal, "bhsd", False, variant, True))
+        # D64 rows serve no window, softcap or ALiBi; causal + (-1, 20) is plain causal once folded
+        cases.append(("bfloat16", 2, 4, 2, 333, 517, 64, True, "bhsd", False, variant,
+                      variant == dict(window=(-1, 20))))
+    cases.append(("bfloat16", 2, 4, 2, 200, 200, 192, False, "bhsd", False, None, False))  # D > 128: declined
+    if not quick:
+        cases.append(("float16", 1, 32, 4, 4096, 4096, 128, True, "bhsd", False, None, True))
+        cases.append(("bfloat16", 2, 16, 16, 2048, 2048, 64, False, "bshd", False, None, True))
+    return cases
+
+
+def sanitize_cases():
+    """Small shapes per row: a partial block on both axes, GQA 2:1, causal and not."""
+    return [(dtype, 1, 2, 1, sq, sk, row.head_dim, row.causal, "bhsd", False, None, True)
+            for row in sm90.BWD_ROWS for dtype, sq, sk in (("bfloat16", 65, 129), ("float16", 130, 200))]
+
+
+def phase_check(args) -> int:
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    cases = sanitize_cases() if args.sanitize else check_cases(args.quick)
+    failed, worst, moved = 0, {}, 0.0
+    for case in cases:
+        dtype, b, hq, hk, sq, sk, d, causal, layout, strided, variant, expect_sm90 = case
+        label = (f"{dtype} B{b} H{hq}/{hk} S{sq}x{sk} D{d} {'causal' if causal else 'full'} {layout}"
+                 f"{' strided' if strided else ''} {variant or ''}")
+        print(f"... {label}", end="", flush=True)
+        try:
+            err, dq_moved, planned, problems = run_case(DTYPES[dtype], b, hq, hk, sq, sk, d, causal, layout,
+                                                        strided, variant, gen)
+            if planned != expect_sm90:
+                problems.append(f"served by {'sm90' if planned else 'mma.sync'}, expected the other")
+            worst[dtype] = max(worst.get(dtype, 0.0), err)
+            moved = max(moved, dq_moved)
+            info = f"  {'sm90' if planned else 'mma.sync'} err {err:.2e} dq-moved {dq_moved:.1e}"
+        except Exception as exc:
+            info, problems = "", [f"{type(exc).__name__}: {str(exc)[:300]}"]
+        failed += bool(problems)
+        print(info, "FAIL " + "; ".join(problems) if problems else "ok", flush=True)
+    print(f"worst rel err {worst}, largest dQ move between two runs {moved:.1e}")
+    # The sm90 backward variants this process compiled (the device's NVRTC): registers and local memory.
+    for key, kernel in list(jit._modules.items()):
+        if key[3] == sm90.BWD_ENTRY:
+            defines = " ".join(o for o in key[2] if o.startswith("-D"))
+            print(f"compiled {defines}: regs {kernel.num_regs} local {kernel.local_size_bytes}")
+            failed += kernel.local_size_bytes != 0
+    print(f"SUMMARY check[dq={args.dq}]: {len(cases) - failed}/{len(cases)} cases passed", flush=True)
+    return int(failed > 0)
+
+
+# ---- timing --------------------------------------------------------------------------------------
+
+def bwd_tflops(b, h, s, d, causal, ms):
+    return 2.5 * 4 * b * h * s * s * d / (2 if causal else 1) / ms / 1e9
+
+
+def timers(q, k, v, dout, causal):
+    import torch.nn.functional as F
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    b, h, s, d = q.shape
+    scale = 1 / math.sqrt(d)
+    stream = torch.cuda.current_stream().cuda_stream
+    out, lse = torch.empty_like(q), torch.empty(b, h, s, device="cuda")
+    cuda.forward(q, k, v, out, lse, causal=causal, scale=scale, stream=stream)
+    grads = [torch.empty_like(x) for x in (q, k, v)]
+
+    def ours(sm90_on):
+        def run():
+            cuda.SM90_BACKWARD = sm90_on
+            cuda.backward(q, k, v, out, dout, lse, *grads, causal=causal, scale=scale, deterministic=False,
+                          stream=stream)
+        return run
+
+    def sdpa(backend):
+        qs, ks, vs = (x.detach().requires_grad_() for x in (q, k, v))
+        with sdpa_kernel(backend):
+            o = F.scaled_dot_product_attention(qs, ks, vs, is_causal=causal)
+        return lambda: torch.autograd.grad(o, (qs, ks, vs), dout, retain_graph=True)
+
+    def pinned(extra_defines=None, rows=None):
+        # A plan of the sm90 kernel built with other defines or rows, run on its own.
+        cuda._plans.clear()
+        defines, table = sm90.backward_defines, sm90.BWD_ROWS
+        sm90.backward_defines = lambda *a: defines(*a) | (extra_defines or {})
+        sm90.BWD_ROWS = rows or table
+        try:
+            ours(True)()
+        finally:
+            sm90.backward_defines, sm90.BWD_ROWS = defines, table
+        steps, scratch = cuda._plans.pop(next(key for key in cuda._plans if key[0] == "bwd"))
+        buffer = torch.empty(scratch.floats, device="cuda")  # held by the closure below
+        ptrs = {"q": q.data_ptr(), "k": k.data_ptr(), "v": v.data_ptr(), "o": out.data_ptr(),
+                "dout": dout.data_ptr(), "lse": lse.data_ptr(), "dq": grads[0].data_ptr(),
+                "dk": grads[1].data_ptr(), "dv": grads[2].data_ptr(), **scratch.pointers(buffer.data_ptr())}
+        return lambda: (buffer, cuda._run(steps, ptrs, stream, q.device.index))
+
+    timed = {"sm90": ours(True), "mma.sync": ours(False), "sdpa-flash": sdpa(SDPBackend.FLASH_ATTENTION),
+             "cudnn": sdpa(SDPBackend.CUDNN_ATTENTION)}
+    if d == 128:  # the other dQ path, and none (DQ_REDUCE = 0: dQ is wrong, the time is the point)
+        other = tuple(r._replace(dq_tma=not r.dq_tma) for r in sm90.BWD_ROWS)
+        timed["sm90-other-dq"] = pinned(rows=other)
+        timed["sm90-no-dq-reduce"] = pinned({"DQ_REDUCE": 0})
+    return timed
+
+
+def phase_bench(args) -> int:
+    lengths = (4096, 8192) if args.quick else (2048, 4096, 8192, 16384)
+    print(f"bench {time.strftime('%Y-%m-%d')} {torch.cuda.get_device_name()}: backward TFLOP/s = 2.5 x 4 B H S^2 D "
+          f"(halved causal) / time; xattn: delta + dK/dV/dQ kernel + dQ conversion; do_bench median, "
+          f"median of 3 rotated rounds; B S = 16384, H D = 2048, bf16")
+    dq = {r.head_dim: "TMA reduce-add" if r.dq_tma else "red.global" for r in sm90.BWD_ROWS if not r.causal}
+    print(f"sm90: dQ by {dq} (full rows); 'other dQ' = the sm90 kernel with the other dQ path")
+    print("| D | causal | S | sm90 | mma.sync | sdpa-flash | cudnn | sm90/mma.sync | sm90/cudnn | "
+          "sm90 other dQ | sm90 without dQ reductions |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    for d in args.head_dims:
+        for causal in (False, True):
+            for s in lengths:
+                b, h = 16384 // s, 2048 // d
+                q, k, v, dout = (torch.randn(b, h, s, d, device="cuda", dtype=torch.bfloat16) for _ in range(4))
+                cuda._plans.clear()
+                fns = timers(q, k, v, dout, causal)
+                got = fair_tflops(fns, tuple(fns), lambda ms: bwd_tflops(b, h, s, d, causal, ms))
+                cuda.SM90_BACKWARD = True
+                extra = " | ".join(f"{got[n]:.0f}" if n in got else "-"
+                                   for n in ("sm90-other-dq", "sm90-no-dq-reduce"))
+                print(f"| {d} | {int(causal)} | {s} | {got['sm90']:.0f} | {got['mma.sync']:.0f} | "
+                      f"{got['sdpa-flash']:.0f} | {got['cudnn']:.0f} | {got['sm90'] / got['mma.sync']:.2f} | "
+                      f"{got['sm90'] / got['cudnn']:.2f} | {extra} |", flush=True)
+                del q, k, v, dout, fns
+    print("SUMMARY bench: done")
+    return 0
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--phase", required=True, choices=["compile", "check", "bench"])
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--sanitize", action="store_true", help="check: small shapes for compute-sanitizer")
+    parser.add_argument("--head-dims", type=int, nargs="+", default=[64, 128], help="bench: head dims")
+    parser.add_argument("--dq", choices=["table", "red"], default="table",
+                        help="red: every row reduces dQ from registers (DQ_TMA = 0)")
+    args = parser.parse_args()
+    if args.dq == "red":
+        sm90.BWD_ROWS = tuple(r._replace(dq_tma=False) for r in sm90.BWD_ROWS)
+    return {"compile": phase_compile, "check": phase_check, "bench": phase_bench}[args.phase](args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

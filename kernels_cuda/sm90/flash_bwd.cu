@@ -1,0 +1,549 @@
+// FlashAttention backward for Hopper (sm_90a): TMA, wgmma and warp specialization (FA3's design).
+//
+// With S = scale Q K^T (+ modifiers), P = softmax(S) recomputed from the forward's LSE (never
+// stored), dP = dO V^T and delta = rowsum(dO * O) (flash_bwd_prep.cu):
+//   dS = P * (dP - delta),   dV = P^T dO,   dK = scale dS^T Q,   dQ = scale dS K.
+//
+// One CTA per (block of BLOCK_N = 128 keys, key/value head, batch entry). It keeps its K and V
+// tiles in shared memory and walks every query block of every query head of its GQA group, so
+// dK and dV, summed over the group, stay in registers from the first step to the last: no
+// reduction pass for them. Three warpgroups with fixed roles:
+//  - the producer (warpgroup 0) gives up registers (setmaxnreg.dec). Its thread 0 loads K and V
+//    once, then each step's Q and dO tiles into a ring of STAGES shared-memory stages, by TMA;
+//    its warp 1 loads the step's LSE (made base 2) and delta with plain loads. A stage has a
+//    "full" mbarrier (the copy engine's bytes plus warp 1's 32 arrivals) and an "empty" one (each
+//    consumer thread arrives when its wgmmas are done reading the stage).
+//  - two consumers (warpgroups 1 and 2, setmaxnreg.inc), consumer c owning keys [64c, 64c + 64)
+//    of the block. A step (64 or 128 queries of one head), on the tensor cores unless noted:
+//      S^T  = K_c Q^T         SS wgmma, f32: rows are the consumer's keys, columns the queries
+//      dP^T = V_c dO^T        SS wgmma, issued right behind S^T
+//      P^T  = exp2(S^T scale_log2 - lse2), dS^T = P^T (dP^T - delta)   in registers (CUDA cores)
+//      dV  += P^T dO          RS wgmma: P^T's accumulators, packed to 16 bits, are already the A
+//      dK  += dS^T Q          operand (hopper.h: acc_to_a_operand); dO and Q are N-major B
+//      dS^T -> shared memory  both consumers' keys, then a named barrier
+//      dQ   = dS K            SS wgmma, dS^T read as an MN-major A and K as an N-major B; each
+//                             consumer computes half of the step's dQ tile (half the head dim
+//                             when BLOCK_M = 64, half the rows when 128)
+//      dq_accum += dQ         float32 reductions straight from registers (red.global.add), or
+//                             the tile through shared memory and a TMA reduce-add (DQ_TMA)
+//    After the last step: dK *= scale, dK and dV through shared memory (the consumer's own rows
+//    of sK and sV) and TMA stores.
+//
+// The dQ path. dQ of a step is a 64 x 64 float32 tile per consumer (32 floats a thread) that every
+// key block adds into the float32 (B, Hq, Sq, head_dim) accumulator of the mma.sync path, which
+// flash_bwd_prep.cu zeroes before and converts (times scale, to the input type) after. Two ways:
+//  - DQ_TMA = 0 (the rows' choice, xattn/sm90.py): red.global.add.v2.f32 straight from the
+//    accumulators, 16 a thread a step (two columns each), rows past Sq and columns past head_dim
+//    skipped. No shared memory, no barrier.
+//  - DQ_TMA = 1 (FA3's choice): each consumer writes its tile into its own 16 KB of shared memory
+//    (128-byte swizzled, as the copy engine reads it), and one thread issues two
+//    cp.reduce.async.bulk.tensor .add (32 columns x 64 rows each) through a float32 tensor map of
+//    dq_accum; the copy engine skips rows past Sq and columns past head_dim. Before the next
+//    step's tile is written, that thread waits for the reads of the previous reduce (before the
+//    step's BAR_DS barrier, a whole step later). It costs 32 KB of shared memory, 16 KB more
+//    shared-memory writes and reads per consumer and step, and a named barrier.
+// Measured on an H200 (bf16, D128, S 4096/8192, ci/results/2026-11-30-sm90-bwd/): with DQ_TMA = 0
+// the kernel runs at 405-413 TFLOP/s, and at 648-696 with the reductions left out (DQ_REDUCE = 0):
+// 40% of its time goes to the 8-byte reductions, each warp instruction touching 8 rows (eight
+// 32-byte sectors) of the accumulator. The bulk reduce moves the same bytes to L2 as whole 128-byte
+// lines from one thread, off the consumers' load/store path: DQ_TMA = 1 is the candidate to win
+// that back (predicted ~560 at D128). It passed the float64 checks and racecheck/synccheck on the
+// H200 but has not been timed yet, so the rows keep the measured path.
+//
+// Deterministic? No: the order of the float32 additions into dq_accum depends on which key block
+// gets there first, so dQ may differ in the last bits between runs. dK and dV are deterministic.
+// deterministic=True calls are declined by xattn/sm90.py (supports_backward) and run on the
+// mma.sync kernels' deterministic path.
+//
+// Grid: x = key block (the heaviest blocks of a causal call, the first keys, start first),
+// y = key/value head, z = batch entry (+ batch_offset). A step covers query block m of query head
+// h; a CTA visits only the query blocks whose band reaches its keys (attention_common.h), and
+// masks element-wise only where a tile crosses an edge of the band or the end of the keys.
+//
+// Layouts as in flash_fwd.cu: q, dout (B, Hq, Sq, D) and k, v, dk, dv (B, Hk, Sk, D), any
+// batch/head/row strides (multiples of 16 bytes), D contiguous: each a 4-D tensor map (D, S, H, B)
+// with boxes of 64 columns by BLOCK_M, BLOCK_N or 64 rows under 128-byte swizzle; the copy
+// engine zero-fills rows past S and columns past head_dim, and the TMA stores of dK, dV write
+// nothing outside the tensors. lse: float32 (B, Hq, Sq), natural log (the forward's, softcap c
+// as its scale); it becomes base 2 on loading: lse2 = lse * log2(e), and +inf for rows past Sq
+// and rows that saw no key, so that P = exp2(s * scale_log2 - lse2) is 0 there with no mask and
+// no NaN. delta float32 (B, Hq, Sq). Reads q, k, v, dout, lse, delta; writes dk, dv; adds into
+// dq_accum.
+//
+// Registers per thread, by role (ptxas, sm_90a: 168 kernel-wide = 65536 / 384 at launch, no spills,
+// no stack in any row): producer PRODUCER_REGS = 32, consumers CONSUMER_REGS = 232 (32 * 128 +
+// 232 * 256 = 63488 <= 168 * 384). 24/240, the forward's split, spilled in the producer's TMA loop
+// (the map addresses and coordinates of Q and dO); the consumers fit in 232.
+
+// ---- compile-time configuration (set with -D by xattn/sm90.py, the backward rows) ---------------
+// ELEM_BF16   1: bfloat16, 0: float16
+// HEAD_DIM    padded head dim of the row (64 or 128); the real one, head_dim, is <= it
+// BLOCK_M     queries per step (64 or 128)
+// STAGES      Q/dO stages in flight
+// IS_CAUSAL, IS_LOCAL, HAS_SOFTCAP, HAS_ALIBI: masks and modifiers (attention_common.h)
+// DQ_TMA      0: dQ added into dq_accum by red.global.add; 1: by a TMA reduce-add from shared memory
+// DQ_REDUCE   1 (default); 0 skips the dQ reductions: a timing experiment only (what the dQ path
+//             costs, ci/sm90_bwd_check.py --phase bench), dQ is then wrong
+
+#include "../platform.h"
+#include "../../kernels_common/params.h"
+#include "../../kernels_common/attention_common.h"
+#include "hopper.h"
+
+#ifndef DQ_TMA
+#define DQ_TMA 0
+#endif
+#ifndef DQ_REDUCE
+#define DQ_REDUCE 1
+#endif
+
+#define NUM_CONSUMERS 2                          // consumer warpgroups
+#define BLOCK_N (NUM_CONSUMERS * WGMMA_M)        // keys per CTA: 64 per consumer
+#define NUM_THREADS ((NUM_CONSUMERS + 1) * WARPGROUP_THREADS)
+#define CONSUMER_THREADS (NUM_CONSUMERS * WARPGROUP_THREADS)
+#ifndef PRODUCER_REGS
+#define PRODUCER_REGS 32
+#endif
+#ifndef CONSUMER_REGS
+#define CONSUMER_REGS 232
+#endif
+#define ROW_WARP 1                               // the producer warp that loads lse and delta
+#define D_BOXES (HEAD_DIM / SWIZZLE_ELEMS)       // 64-column boxes of a row of Q, K, V, dO
+#define M_BOXES (BLOCK_M / SWIZZLE_ELEMS)        // 64-query boxes of a row of dS^T
+#define ST_REGS (BLOCK_M / 2)                    // f32 values of S^T (and of dP^T) per thread
+#define DKV_REGS (HEAD_DIM / 2)                  // f32 values of dK (and of dV) per thread
+#define M_STEPS (BLOCK_M / WGMMA_K)              // k16 steps of dV += P^T dO (over the queries)
+// dQ = dS K, the step's BLOCK_M x HEAD_DIM tile split between the consumers: by columns when a
+// step is one warpgroup's 64 rows, by rows when it is two.
+#define DQ_SPLIT_ROWS (BLOCK_M / WGMMA_M)        // 1 or 2
+#define DQ_COLS (HEAD_DIM / (NUM_CONSUMERS / DQ_SPLIT_ROWS))
+#define DQ_REGS (DQ_COLS / 2)
+#define DQ_BOX_COLS (SWIZZLE_BYTES / 4)          // float32 columns of one reduce box (128 bytes)
+
+static_assert(HEAD_DIM % SWIZZLE_ELEMS == 0 && HEAD_DIM <= 128, "head dim: whole boxes; dK and dV must fit in registers");
+static_assert(BLOCK_M % SWIZZLE_ELEMS == 0 && BLOCK_M <= 2 * WGMMA_M, "query step: one or two warpgroups' rows");
+static_assert(DQ_COLS % SWIZZLE_ELEMS == 0, "each consumer's dQ columns start at a box of K");
+static_assert(PRODUCER_REGS * WARPGROUP_THREADS + CONSUMER_REGS * CONSUMER_THREADS <=
+              (65536 / NUM_THREADS) / 8 * 8 * NUM_THREADS, "setmaxnreg: the consumers take what the producer frees");
+
+// ---- shared-memory layout ---------------------------------------------------------------------
+// (1024-byte aligned; xattn/sm90.py: backward_shared_memory_bytes computes the same size)
+// sK, sV   D_BOXES boxes of BLOCK_N rows x 128 bytes; consumer c's keys are rows [64c, 64c + 64).
+//          After the last step, each consumer's dK and dV rows in its own rows of them.
+// sQ, sdO  STAGES tiles of D_BOXES boxes of BLOCK_M rows x 128 bytes
+// sdS      2 buffers (steps alternate) of M_BOXES boxes of BLOCK_N rows (keys) x 128 bytes (64
+//          queries): dS^T, 16-bit, swizzled as the TMA would write it
+// sdQ      (DQ_TMA) per consumer, DQ_COLS / 32 boxes of 64 rows x 128 bytes (32 floats): its
+//          step's dQ tile, swizzled as the copy engine reads it
+// sLse, sDelta  STAGES x BLOCK_M floats each
+// bars     kv_full, full[STAGES], empty[STAGES] (8 bytes each)
+#define KV_BOX_BYTES (BLOCK_N * SWIZZLE_BYTES)
+#define Q_BOX_BYTES (BLOCK_M * SWIZZLE_BYTES)
+#define DS_BOX_BYTES (BLOCK_N * SWIZZLE_BYTES)
+#define KV_BYTES (D_BOXES * KV_BOX_BYTES)
+#define Q_BYTES (D_BOXES * Q_BOX_BYTES)
+#define DS_BYTES (M_BOXES * DS_BOX_BYTES)
+#define DQ_BOX_BYTES (WGMMA_M * SWIZZLE_BYTES)
+#define DQ_TILE_BYTES (DQ_TMA ? (DQ_COLS / DQ_BOX_COLS) * DQ_BOX_BYTES : 0)
+#define SMEM_K 0
+#define SMEM_V (SMEM_K + KV_BYTES)
+#define SMEM_Q (SMEM_V + KV_BYTES)
+#define SMEM_DO (SMEM_Q + STAGES * Q_BYTES)
+#define SMEM_DS (SMEM_DO + STAGES * Q_BYTES)
+#define SMEM_DQ (SMEM_DS + 2 * DS_BYTES)
+#define SMEM_LSE (SMEM_DQ + NUM_CONSUMERS * DQ_TILE_BYTES)
+#define SMEM_DELTA (SMEM_LSE + STAGES * BLOCK_M * 4)
+#define SMEM_BARS (SMEM_DELTA + STAGES * BLOCK_M * 4)
+
+struct Barriers {
+    u32 kv_full;
+    u32 full, empty;  // stage s: + 8 s
+};
+
+__device__ __forceinline__ Barriers barriers(u32 base) {
+    Barriers b;
+    b.kv_full = base;
+    b.full = base + 8;
+    b.empty = b.full + 8 * STAGES;
+    return b;
+}
+
+// Named barriers (0 is __syncthreads).
+#define BAR_DS 1        // both consumers' dS^T of a step is in sdS
+#define BAR_EPILOGUE 2  // both consumers are done reading sK (their last dQ = dS K)
+#define BAR_STORE 3     // + consumer: its dK and dV rows are staged for the TMA stores
+#define BAR_DQ 5        // + consumer: its dQ tile is staged for the TMA reduce-add
+
+// ---- device helpers ---------------------------------------------------------------------------
+
+// Which stage of the ring step i uses, and the parity of that stage's i-th use.
+__device__ __forceinline__ int stage_of(int i) { return i % STAGES; }
+__device__ __forceinline__ int phase_of(int i) { return (i / STAGES) & 1; }
+
+// The steps of a CTA: query blocks [m_begin, m_end) of each query head of the group, head by
+// head. A cursor walks them in order without divisions (the producer has 32 registers).
+struct Steps {
+    int m_begin, m_end, count;
+    int first_head;
+};
+
+struct StepCursor {
+    int head, m_block;
+    __device__ __forceinline__ int m_start() const { return m_block * BLOCK_M; }
+    __device__ __forceinline__ void advance(const Steps& s) {
+        if (++m_block == s.m_end) {
+            m_block = s.m_begin;
+            ++head;
+        }
+    }
+};
+
+__device__ __forceinline__ StepCursor first_step(const Steps& s) { return StepCursor{s.first_head, s.m_begin}; }
+
+// The query blocks that see any key of [n_start, n_start + BLOCK_N): the band of its first key
+// starts them, the band of its last key ends them.
+__device__ __forceinline__ Steps steps_of(int n_start, int seqlen_q, int seqlen_k, Band band, int kv_head,
+                                          int heads_per_kv) {
+    const int last_key = min(n_start + BLOCK_N, seqlen_k) - 1;
+    const int first_query = IS_CAUSAL ? max(0, first_visible_query(n_start, band)) : 0;
+    const int last_query = IS_LOCAL ? min(seqlen_q - 1, last_visible_query(last_key, band)) : seqlen_q - 1;
+    Steps s;
+    s.m_begin = first_query / BLOCK_M;
+    s.m_end = last_query < first_query ? s.m_begin : last_query / BLOCK_M + 1;
+    s.count = (s.m_end - s.m_begin) * heads_per_kv;
+    s.first_head = kv_head * heads_per_kv;
+    return s;
+}
+
+// K-major x K-major product over the head dim: D (64 x BLOCK_M) = A (the consumer's 64 rows of
+// sK or sV) * B^T (the stage's BLOCK_M rows of sQ or sdO). HEAD_DIM / 16 k steps, each 32 bytes
+// further into a 128-byte row of both tiles (the next 64 columns are the next box).
+__device__ __forceinline__ void issue_transposed_scores(float (&d)[ST_REGS], u32 a_rows, u32 b_tile) {
+    wgmma_fence();
+#pragma unroll
+    for (int kk = 0; kk < HEAD_DIM / WGMMA_K; ++kk) {
+        const u32 box = kk / (SWIZZLE_ELEMS / WGMMA_K), step = (kk % (SWIZZLE_ELEMS / WGMMA_K)) * WGMMA_K * 2;
+        Wgmma<BLOCK_M>::ss(d, smem_descriptor(a_rows + box * KV_BOX_BYTES + step, 16),
+                           smem_descriptor(b_tile + box * Q_BOX_BYTES + step, 16), kk > 0);
+    }
+    wgmma_commit();
+}
+
+// acc (64 keys x HEAD_DIM) += A (64 keys x BLOCK_M queries, registers) * B (the stage's BLOCK_M
+// rows of sQ or sdO): M_STEPS k steps over the queries, two swizzle atoms (16 rows) each; B is
+// N-major, its next 64 columns one box (Q_BOX_BYTES) further. Not committed: dV and dK form one
+// group.
+__device__ __forceinline__ void issue_key_gradient(float (&acc)[DKV_REGS], const u32 (&a)[M_STEPS][4], u32 b_tile) {
+#pragma unroll
+    for (int kk = 0; kk < M_STEPS; ++kk)
+        Wgmma<HEAD_DIM>::rs<1>(acc, a[kk], smem_descriptor(b_tile + kk * 2 * SWIZZLE_ATOM_BYTES, Q_BOX_BYTES), true);
+}
+
+// dQ (64 queries x DQ_COLS) = dS (64 queries x BLOCK_N keys) K (BLOCK_N keys x DQ_COLS): BLOCK_N
+// / 16 k steps over the keys, two swizzle atoms (16 rows of sdS and of sK) each. dS is read from
+// dS^T (rows = keys, queries contiguous) as an MN-major A; K (rows = keys, columns contiguous)
+// as an N-major B whose next 64 columns are the next box.
+__device__ __forceinline__ void issue_dq(float (&dq)[DQ_REGS], u32 ds_box, u32 k_cols) {
+    wgmma_fence();
+#pragma unroll
+    for (int kk = 0; kk < BLOCK_N / WGMMA_K; ++kk)
+        Wgmma<DQ_COLS>::ss<1, 1>(dq, smem_descriptor(ds_box + kk * 2 * SWIZZLE_ATOM_BYTES, DS_BOX_BYTES),
+                                 smem_descriptor(k_cols + kk * 2 * SWIZZLE_ATOM_BYTES, KV_BOX_BYTES), kk > 0);
+    wgmma_commit();
+}
+
+// A consumer thread is done reading a stage: every consumer thread arrives (the barrier counts
+// CONSUMER_THREADS). Each thread read lse and delta with plain loads, and an arrival releases only
+// the arriving thread's own accesses: one arrival per warp would order the other lanes' loads
+// before the row warp's next stores only through the BAR_DS barrier in between, which
+// compute-sanitizer's racecheck does not follow (it reported that write-after-read as a hazard).
+__device__ __forceinline__ void release(u32 bar) { mbar_arrive(bar); }
+
+// The consumer's per-CTA constants.
+struct ConsumerCtx {
+    int consumer, t;    // consumer warpgroup 0/1, thread within it
+    int key_start;      // the consumer's first key (in its sequence)
+    u32 k_rows, v_rows; // the consumer's 64 rows of sK and sV
+    u32 smem;           // the aligned base of shared memory
+    const unsigned char* smem_generic;  // the same, for plain loads of lse and delta
+    ScoreMods mods;
+    float scale_log2;
+};
+
+// Raw dot products -> scores (softcap, ALiBi, the band's mask where the tile crosses an edge),
+// as the forward saw them. Rows of S^T are keys, columns queries.
+__device__ __forceinline__ void score_tile(float (&s)[ST_REGS], const ConsumerCtx& c, int m_start) {
+    const bool needs_mask = tile_needs_mask(m_start, BLOCK_M, c.key_start, WGMMA_M, c.mods.seqlen_k, c.mods.band);
+    if (!(HAS_SOFTCAP || HAS_ALIBI || needs_mask)) return;
+#pragma unroll
+    for (int i = 0; i < ST_REGS; ++i)
+        s[i] = modified_score(s[i], m_start + acc_col(i, c.t), c.key_start + acc_row(i, c.t), c.mods, needs_mask);
+}
+
+// The softmax backward, in place: P^T = exp2(S^T scale_log2 - lse2[query]) into s, and dS^T =
+// P^T (dP^T - delta[query]) into dp (times 1 - t^2 under a softcap, t being the score S^T holds).
+// A thread's columns are 8 j + 2 (t % 4) + {0, 1}: one 8-byte load of lse2 and of delta per j.
+__device__ __forceinline__ void softmax_backward(float (&s)[ST_REGS], float (&dp)[ST_REGS], const float* lse2,
+                                                 const float* delta, float scale_log2, int t) {
+#pragma unroll
+    for (int j = 0; j < BLOCK_M / 8; ++j) {
+        const int col = 8 * j + 2 * (t % 4);
+        const float2 l = *(const float2*)(lse2 + col), d = *(const float2*)(delta + col);
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+            const int i = 4 * j + e;  // acc_col(i, t) == col + i % 2
+            const float score = s[i];
+            const float p = fast_exp2(score * scale_log2 - (e % 2 ? l.y : l.x));
+            const float ds = p * (dp[i] - (e % 2 ? d.y : d.x));
+            s[i] = p;
+            dp[i] = HAS_SOFTCAP ? ds * softcap_grad(score) : ds;
+        }
+    }
+}
+
+// dS^T (packed to 16 bits, the A fragments of dK += dS^T Q) into the consumer's rows of sdS,
+// swizzled: register r of k step kk holds columns (c, c + 1) of one row. The eight rows a warp
+// writes at once fall in eight different 16-byte chunks: no bank conflicts.
+__device__ __forceinline__ void stage_ds(u32 ds_buf, const u32 (&ds)[M_STEPS][4], const ConsumerCtx& c) {
+#pragma unroll
+    for (int kk = 0; kk < M_STEPS; ++kk)
+#pragma unroll
+        for (int r = 0; r < 4; ++r) {
+            const int i = 8 * kk + 2 * r;
+            const int row = c.consumer * WGMMA_M + acc_row(i, c.t), col = acc_col(i, c.t);
+            const u32 addr = ds_buf + (col / SWIZZLE_ELEMS) * DS_BOX_BYTES + swizzled_offset(row, col % SWIZZLE_ELEMS);
+            asm volatile("st.shared.b32 [%0], %1;\n" ::"r"(addr), "r"(ds[kk][r]) : "memory");
+        }
+}
+
+// dq_accum[rows, cols] += the consumer's dQ tile (float32 reductions, two columns at a time; the
+// accumulator's rows are head_dim floats, an even number here, so a pair never straddles a row).
+__device__ __forceinline__ void add_dq(float* dq_accum, i64 row_stride, const float (&dq)[DQ_REGS], int row0,
+                                       int col0, int seqlen_q, int head_dim, int t) {
+#pragma unroll
+    for (int i = 0; i < DQ_REGS; i += 2) {
+        const int row = row0 + acc_row(i, t), col = col0 + acc_col(i, t);
+        if (row < seqlen_q && col < head_dim) atomic_add_pair(dq_accum + row * row_stride + col, dq[i], dq[i + 1]);
+    }
+}
+
+// The consumer's dQ tile into its sdQ boxes, swizzled as the copy engine reads them: two columns
+// (8 bytes) a store; a warp's 32 stores cover 16 distinct 16-byte chunks, two per bank group:
+// the minimum of two wavefronts for 256 bytes.
+__device__ __forceinline__ void stage_dq(u32 sdq, const float (&dq)[DQ_REGS], int t) {
+#pragma unroll
+    for (int i = 0; i < DQ_REGS; i += 2) {
+        const int row = acc_row(i, t), col = acc_col(i, t);
+        const u32 addr = sdq + (col / DQ_BOX_COLS) * DQ_BOX_BYTES + swizzled_offset_f32(row, col % DQ_BOX_COLS);
+        asm volatile("st.shared.v2.f32 [%0], {%1, %2};\n" ::"r"(addr), "f"(dq[i]), "f"(dq[i + 1]) : "memory");
+    }
+}
+
+// One gradient (64 keys x HEAD_DIM, times `scale`) into the consumer's rows of a K/V-shaped tile,
+// swizzled as the TMA store reads it.
+__device__ __forceinline__ void stage_rows(u32 tile, const float (&acc)[DKV_REGS], float scale, const ConsumerCtx& c) {
+#pragma unroll
+    for (int i = 0; i < DKV_REGS; i += 2) {
+        const int row = c.consumer * WGMMA_M + acc_row(i, c.t), col = acc_col(i, c.t);
+        const u32 addr = tile + (col / SWIZZLE_ELEMS) * KV_BOX_BYTES + swizzled_offset(row, col % SWIZZLE_ELEMS);
+        asm volatile("st.shared.b32 [%0], %1;\n" ::"r"(addr), "r"(pack_float2(acc[i] * scale, acc[i + 1] * scale))
+                     : "memory");
+    }
+}
+
+// Epilogue: dK (times the attention scale) and dV through the consumer's rows of sK and sV, and a
+// TMA store per 64-column box. sK is read by both consumers' dQ products until their last step.
+__device__ __forceinline__ void write_gradients(const ConsumerCtx& c, const float (&dk)[DKV_REGS],
+                                                const float (&dv)[DKV_REGS], float grad_scale, const TmaDesc* tm_dk,
+                                                const TmaDesc* tm_dv, int n_start, int kv_head, int batch) {
+    named_barrier_sync(BAR_EPILOGUE, CONSUMER_THREADS);  // both consumers' last dQ = dS K is done
+    stage_rows(c.smem + SMEM_K, dk, grad_scale, c);
+    stage_rows(c.smem + SMEM_V, dv, 1.f, c);
+    fence_proxy_async();  // the copy engine reads what these ordinary stores wrote
+    named_barrier_sync(BAR_STORE + c.consumer, WARPGROUP_THREADS);  // every row of the consumer is staged
+    if (c.t == 0) {
+        const u32 rows = c.consumer * WGMMA_M * SWIZZLE_BYTES;
+#pragma unroll
+        for (int box = 0; box < D_BOXES; ++box) {
+            tma_store_4d(tm_dk, c.smem + SMEM_K + box * KV_BOX_BYTES + rows, box * SWIZZLE_ELEMS,
+                         n_start + c.consumer * WGMMA_M, kv_head, batch);
+            tma_store_4d(tm_dv, c.smem + SMEM_V + box * KV_BOX_BYTES + rows, box * SWIZZLE_ELEMS,
+                         n_start + c.consumer * WGMMA_M, kv_head, batch);
+        }
+        tma_store_commit();
+        tma_store_wait_read();  // shared memory stays allocated until the stores (and the last
+                                // dQ reduce-add, committed earlier by this thread) have read it
+    }
+}
+
+// ---- entry point ------------------------------------------------------------------------------
+
+extern "C" __global__ void __launch_bounds__(NUM_THREADS, 1)
+flash_bwd_sm90(const __grid_constant__ TmaDesc tm_q, const __grid_constant__ TmaDesc tm_k,
+               const __grid_constant__ TmaDesc tm_v, const __grid_constant__ TmaDesc tm_do,
+               const __grid_constant__ TmaDesc tm_dk, const __grid_constant__ TmaDesc tm_dv,
+               const __grid_constant__ TmaDesc tm_dq, const AttnParams p) {
+    extern __shared__ __align__(1024) unsigned char smem_raw[];
+    // The 128-byte swizzle repeats every 1024 bytes and the descriptors assume atoms start there.
+    const u32 smem = (smem_addr(smem_raw) + SWIZZLE_ATOM_BYTES - 1) / SWIZZLE_ATOM_BYTES * SWIZZLE_ATOM_BYTES;
+    unsigned char* smem_generic = smem_raw + (smem - smem_addr(smem_raw));
+    const Barriers bars = barriers(smem + SMEM_BARS);
+
+    const int n_block = blockIdx.x, kv_head = blockIdx.y, batch = blockIdx.z + p.batch_offset;
+    const int n_start = n_block * BLOCK_N;
+    const int seqlen_q = p.seqlen_q, seqlen_k = p.seqlen_k;
+    const int first_head = kv_head * p.heads_per_kv;
+    const ScoreMods mods0 = make_score_mods(seqlen_q, seqlen_k, p.window_left, p.window_right, p.softcap_scale,
+                                            p.alibi_slopes + batch * p.alibi_batch_stride + first_head, p.scale);
+    const Steps steps = steps_of(n_start, seqlen_q, seqlen_k, mods0.band, kv_head, p.heads_per_kv);
+
+    if (threadIdx.x == 0) {
+        mbar_init(bars.kv_full, 1);
+        for (int s = 0; s < STAGES; ++s) {
+            mbar_init(bars.full + 8 * s, 1 + WARP_SIZE);  // the TMA thread's expect_tx and the row warp
+            mbar_init(bars.empty + 8 * s, CONSUMER_THREADS);
+        }
+        mbar_fence_init();
+    }
+    __syncthreads();  // barriers initialized before anyone waits on them; the last CTA-wide sync
+
+    const int warpgroup = threadIdx.x / WARPGROUP_THREADS;
+    if (warpgroup == 0) {
+        // ---- producer ----
+        setmaxnreg_dec<PRODUCER_REGS>();
+        const int warp = threadIdx.x / WARP_SIZE, lane = threadIdx.x % WARP_SIZE;
+        if (threadIdx.x == 0) {
+            // The copy engine: K and V once, then each step's Q and dO.
+            tma_prefetch(&tm_q);
+            tma_prefetch(&tm_k);
+            tma_prefetch(&tm_v);
+            tma_prefetch(&tm_do);
+            mbar_arrive_expect_tx(bars.kv_full, 2 * KV_BYTES);
+            for (int box = 0; box < D_BOXES; ++box) {
+                tma_load_4d(smem + SMEM_K + box * KV_BOX_BYTES, &tm_k, bars.kv_full, box * SWIZZLE_ELEMS, n_start,
+                            kv_head, batch);
+                tma_load_4d(smem + SMEM_V + box * KV_BOX_BYTES, &tm_v, bars.kv_full, box * SWIZZLE_ELEMS, n_start,
+                            kv_head, batch);
+            }
+            StepCursor step = first_step(steps);
+            for (int i = 0; i < steps.count; ++i, step.advance(steps)) {
+                const int st = stage_of(i), head = step.head, m_start = step.m_start();
+                const u32 full = bars.full + 8 * st;
+                mbar_wait(bars.empty + 8 * st, phase_of(i) ^ 1);  // the consumers are done with this stage
+                mbar_arrive_expect_tx(full, 2 * Q_BYTES);
+                for (int box = 0; box < D_BOXES; ++box)
+                    tma_load_4d(smem + SMEM_Q + st * Q_BYTES + box * Q_BOX_BYTES, &tm_q, full, box * SWIZZLE_ELEMS,
+                                m_start, head, batch);
+                for (int box = 0; box < D_BOXES; ++box)
+                    tma_load_4d(smem + SMEM_DO + st * Q_BYTES + box * Q_BOX_BYTES, &tm_do, full,
+                                box * SWIZZLE_ELEMS, m_start, head, batch);
+            }
+        } else if (warp == ROW_WARP) {
+            // The row warp: each step's lse (base 2, +inf past the end and for rows that saw no
+            // key) and delta (0 past the end), one arrival per lane after its stores.
+            StepCursor step = first_step(steps);
+            for (int i = 0; i < steps.count; ++i, step.advance(steps)) {
+                const int st = stage_of(i), head = step.head, m_start = step.m_start();
+                const float* lse = (const float*)p.lse.ptr + batch * p.lse.batch_stride + head * p.lse.head_stride;
+                const float* delta =
+                    (const float*)p.delta.ptr + batch * p.delta.batch_stride + head * p.delta.head_stride;
+                float* s_lse = (float*)(smem_generic + SMEM_LSE) + st * BLOCK_M;
+                float* s_delta = (float*)(smem_generic + SMEM_DELTA) + st * BLOCK_M;
+                mbar_wait(bars.empty + 8 * st, phase_of(i) ^ 1);
+                for (int r = lane; r < BLOCK_M; r += WARP_SIZE) {
+                    const int row = m_start + r;
+                    s_lse[r] = backward_lse2(lse, row, seqlen_q);
+                    s_delta[r] = row < seqlen_q ? delta[row] : 0.f;
+                }
+                mbar_arrive(bars.full + 8 * st);  // release: the stores above are visible to the waiters
+            }
+        }
+    } else {
+        // ---- consumers ----
+        setmaxnreg_inc<CONSUMER_REGS>();
+        ConsumerCtx c;
+        c.consumer = warpgroup - 1;
+        c.t = threadIdx.x % WARPGROUP_THREADS;
+        c.key_start = n_start + c.consumer * WGMMA_M;
+        c.k_rows = smem + SMEM_K + c.consumer * WGMMA_M * SWIZZLE_BYTES;
+        c.v_rows = smem + SMEM_V + c.consumer * WGMMA_M * SWIZZLE_BYTES;
+        c.smem = smem;
+        c.smem_generic = smem_generic;
+        c.mods = mods0;
+        c.scale_log2 = p.scale_log2;
+        // This consumer's share of each step's dQ tile: its rows and its first column of K.
+        const int dq_row0 = DQ_SPLIT_ROWS > 1 ? c.consumer * WGMMA_M : 0;
+        const int dq_col0 = DQ_SPLIT_ROWS > 1 ? 0 : c.consumer * DQ_COLS;
+        const u32 dq_ds_box = (dq_row0 / SWIZZLE_ELEMS) * DS_BOX_BYTES;
+        const u32 dq_k_cols = smem + SMEM_K + (dq_col0 / SWIZZLE_ELEMS) * KV_BOX_BYTES;
+        const u32 sdq = smem + SMEM_DQ + c.consumer * DQ_TILE_BYTES;
+        if (DQ_TMA && c.t == 0) tma_prefetch(&tm_dq);
+
+        float dk[DKV_REGS], dv[DKV_REGS];
+#pragma unroll
+        for (int i = 0; i < DKV_REGS; ++i) dk[i] = dv[i] = 0.f;
+
+        mbar_wait(bars.kv_full, 0);  // also before the epilogue reuses sK and sV when there is no step
+        StepCursor step = first_step(steps);
+        for (int i = 0; i < steps.count; ++i, step.advance(steps)) {
+            const int st = stage_of(i), head = step.head, m_start = step.m_start();
+            const u32 q_tile = smem + SMEM_Q + st * Q_BYTES, do_tile = smem + SMEM_DO + st * Q_BYTES;
+            const u32 ds_buf = smem + SMEM_DS + (i % 2) * DS_BYTES;
+            if (HAS_ALIBI) c.mods.alibi_coef = -p.alibi_slopes[batch * p.alibi_batch_stride + head] / p.scale;
+            float s[ST_REGS], dp[ST_REGS];
+            u32 p_frag[M_STEPS][4], ds_frag[M_STEPS][4];
+
+            mbar_wait(bars.full + 8 * st, phase_of(i));
+            issue_transposed_scores(s, c.k_rows, q_tile);    // S^T = K Q^T
+            issue_transposed_scores(dp, c.v_rows, do_tile);  // dP^T = V dO^T
+            wgmma_wait<1>();                                 // S^T is ready, dP^T may run on
+            pin_registers(s);
+            score_tile(s, c, m_start);                       // mask, softcap, ALiBi
+            wgmma_wait<0>();
+            pin_registers(dp);
+            softmax_backward(s, dp, (const float*)(smem_generic + SMEM_LSE) + st * BLOCK_M,
+                             (const float*)(smem_generic + SMEM_DELTA) + st * BLOCK_M, c.scale_log2, c.t);
+            acc_to_a_operand<BLOCK_M>(p_frag, s);             // P^T, 16-bit
+            acc_to_a_operand<BLOCK_M>(ds_frag, dp);           // dS^T, 16-bit
+            wgmma_fence();
+            issue_key_gradient(dv, p_frag, do_tile);         // dV += P^T dO
+            issue_key_gradient(dk, ds_frag, q_tile);         // dK += dS^T Q (scale at the end)
+            wgmma_commit();
+            stage_ds(ds_buf, ds_frag, c);                    // under the dV, dK wgmmas
+            fence_proxy_async();                             // wgmma reads what these stores wrote
+            // sdQ: the reduce-add of the previous step has read it (its issuing thread waits here,
+            // a step after issuing it; the barrier below tells the others).
+            if (DQ_TMA && c.t == 0) tma_store_wait_read();
+            // Both consumers' keys of dS^T are in this buffer. It was last read by the dQ
+            // products of step i - 2, which both consumers waited for before the barrier of i - 1.
+            named_barrier_sync(BAR_DS, CONSUMER_THREADS);
+            float dq[DQ_REGS];
+            issue_dq(dq, ds_buf + dq_ds_box, dq_k_cols);     // dQ = dS K
+            wgmma_wait<1>();                                 // dV, dK done: the stage is free
+            pin_registers(dv);
+            pin_registers(dk);
+            pin_registers(p_frag);
+            pin_registers(ds_frag);
+            release(bars.empty + 8 * st);
+            wgmma_wait<0>();
+            pin_registers(dq);
+#if DQ_TMA
+            // dq_accum += dQ: the tile through sdQ, one reduce-add per 32-column box.
+            stage_dq(sdq, dq, c.t);
+            fence_proxy_async();  // the copy engine reads what these ordinary stores wrote
+            named_barrier_sync(BAR_DQ + c.consumer, WARPGROUP_THREADS);
+            if (DQ_REDUCE && c.t == 0) {
+#pragma unroll
+                for (int box = 0; box < DQ_COLS / DQ_BOX_COLS; ++box)
+                    tma_reduce_add_4d(&tm_dq, sdq + box * DQ_BOX_BYTES, dq_col0 + box * DQ_BOX_COLS, m_start + dq_row0,
+                                      head, batch);
+                tma_store_commit();
+            }
+#else
+            float* dq_accum = (float*)p.dq_accum.ptr + batch * p.dq_accum.batch_stride + head * p.dq_accum.head_stride;
+            if (DQ_REDUCE) add_dq(dq_accum, p.dq_accum.row_stride, dq, m_start + dq_row0, dq_col0, seqlen_q, p.head_dim, c.t);
+#endif
+        }
+        write_gradients(c, dk, dv, p.grad_scale, &tm_dk, &tm_dv, n_start, kv_head, batch);
+    }
+}

@@ -23,8 +23,8 @@ FUSED_SINKS = True
 
 # The Hopper backward (xattn/sm90.py: flash_bwd.cu) wherever it serves a call on compute capability
 # 9.0. False: the mma.sync kernels serve every backward (the switch if the sm90 kernel misbehaves
-# on a device; ci/sm90_bwd_check.py flips it to time both). The plans of backward() are keyed by
-# it; a Call's plans (attention_backward) keep the kernels they were built with.
+# on a device; ci/sm90_bwd_check.py flips it to time both). Plans are keyed by it (and by
+# FUSED_SINKS), so flipping either takes effect at the next call.
 SM90_BACKWARD = True
 
 
@@ -226,9 +226,10 @@ def attention(call, q, k, v, alibi_slopes=None, cu_seqlens=None, sinks=None):
     """(out, lse) of a validated Call on CUDA torch tensors."""
     q_ptr, k_ptr, v_ptr = q.data_ptr(), k.data_ptr(), v.data_ptr()
     aligned = not ((q_ptr | k_ptr | v_ptr) & 15)
-    plan = call.plans.get(("fwd", aligned), _UNPLANNED)
+    key = ("fwd", aligned, FUSED_SINKS)
+    plan = call.plans.get(key, _UNPLANNED)
     if plan is _UNPLANNED:
-        plan = call.plans[("fwd", aligned)] = _call_forward_plan(call, q, k, v, alibi_slopes,
+        plan = call.plans[key] = _call_forward_plan(call, q, k, v, alibi_slopes,
                                                                  cu_seqlens, aligned)
     if plan is None:
         from xattn import arrays
@@ -274,7 +275,7 @@ def attention_backward(call, dout, q, k, v, out, lse, alibi_slopes=None, cu_seql
                 "dout": dout.data_ptr(), "lse": lse.data_ptr()}
     aligned = not ((pointers["q"] | pointers["k"] | pointers["v"] | pointers["dout"]
                     | pointers["o"]) & 15)
-    key = ("bwd", dout.stride(), out.stride(), aligned)
+    key = ("bwd", dout.stride(), out.stride(), aligned, SM90_BACKWARD)  # the switch: see above
     plan = call.plans.get(key, _UNPLANNED)
     if plan is _UNPLANNED:
         plan = call.plans[key] = _call_backward_plan(call, dout, q, k, v, out, lse, alibi_slopes,

@@ -34,9 +34,11 @@ nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader > 
 #   bench        forward and backward against SDPA flash and cuDNN
 #   bench_more   variants, decode and per-call overhead
 #   bench_model  a whole ~1B Llama-style model with xattn and sdpa (bench --model)
-#   round        one short call when device time is scarce: quick kernel checks, the GPU tests of
-#                the main paths, context parallelism when two GPUs are present, per-call
-#                overhead, and a short forward/backward/decode benchmark
+#   round_kernels  one short call when device time is scarce: quick kernel checks (forward,
+#                backward, decode), per-call overhead, a short forward/backward/decode benchmark
+#   round_tests  the GPU tests of the main paths, the hip-on-cuda paths of the main properties,
+#                context parallelism when two GPUs are present
+#   sanitize_tuned  memcheck, racecheck and synccheck on the tuned rows only
 phases=${*:-kernels pytest pytest_hip pytest_more sanitize bench bench_more bench_model}
 MORE="tests/test_hip_portable.py tests/test_precompile.py tests/test_integrations_torch.py tests/test_jax.py tests/test_transformers.py"
 has() { [[ " $phases " == *" $1 "* ]]; }
@@ -69,24 +71,33 @@ if has bench_more; then
     step bench_decode 200 python -m xattn bench --decode --out "$OUT"
     step bench_overhead 150 python -m xattn bench --overhead --out "$OUT"
 fi
-if has round; then  # in priority order: a call cut short keeps what ran first
+if has round_kernels; then  # in priority order: a call cut short keeps what ran first
     step kernels 60 python ci/kernel_check.py --quick
     step kernels_bwd 90 python ci/kernel_check_bwd.py --quick
-    step pytest 170 python -m pytest -m gpu -q -p no:cacheprovider --maxfail=10 -k "not hip-on-cuda" \
+    step decode 40 python ci/kernel_check_decode.py --quick
+    step bench_overhead 60 python -m xattn bench --overhead --out "$OUT"
+    step bench 70 python -m xattn bench --dtypes bfloat16 --head-dims 64 128 256 \
+        --seqlens 2048 8192 --out "$OUT"
+    step bench_bwd 70 python -m xattn bench --bwd --dtypes bfloat16 --head-dims 64 128 256 \
+        --seqlens 4096 --out "$OUT"
+    step bench_decode 60 python -m xattn bench --decode --out "$OUT"
+fi
+if has round_tests; then
+    step pytest 240 python -m pytest -m gpu -q -p no:cacheprovider --maxfail=10 -k "not hip-on-cuda" \
         tests/test_properties.py tests/test_grad.py tests/test_torch_ops.py tests/test_variants.py \
-        tests/test_attention_sinks.py tests/test_kvcache.py tests/test_sm90.py \
-        tests/test_torch_sdpa.py tests/test_flash_attn_compat.py tests/test_concurrency.py
+        tests/test_attention_sinks.py tests/test_kvcache.py tests/test_kvcache_fp8.py \
+        tests/test_sm90.py tests/test_torch_sdpa.py tests/test_flash_attn_compat.py \
+        tests/test_concurrency.py tests/test_transformers.py
+    step pytest_hip 120 python -m pytest -m gpu -q -p no:cacheprovider --maxfail=10 -k "hip-on-cuda" \
+        tests/test_properties.py tests/test_grad.py tests/test_kvcache.py tests/test_hip_decode.py
     if [ "$(nvidia-smi -L | wc -l)" -ge 2 ]; then  # NVLink multicast stays off (device rules)
         step cp_test 90 env NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 \
             torchrun --nproc-per-node 2 ci/cp_test.py
     fi
-    step bench_overhead 40 python -m xattn bench --overhead --out "$OUT"
-    step bench 70 python -m xattn bench --dtypes bfloat16 --head-dims 64 128 256 \
-        --seqlens 2048 8192 --out "$OUT"
-    step bench_bwd 60 python -m xattn bench --bwd --dtypes bfloat16 --head-dims 128 256 \
-        --seqlens 4096 --out "$OUT"
-    step decode 40 python ci/kernel_check_decode.py --quick
-    step bench_decode 40 python -m xattn bench --decode --out "$OUT"
+fi
+if has sanitize_tuned; then  # the tuned rows only, three tools: one short call
+    step sanitize 200 env SANITIZE_TIMEOUT=30 SANITIZE_TOOLS="memcheck racecheck synccheck" \
+        SANITIZE_CASES=tuned bash ci/sanitize.sh
 fi
 if has bench_model; then
     step bench_model 560 python -m xattn bench --model --out "$OUT"

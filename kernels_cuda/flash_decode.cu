@@ -1,7 +1,8 @@
 // Flash-decoding on tensor cores: fp16/bf16 queries against a KV cache (contiguous or paged).
 // The algorithm, grid, key layout, append, masks and sinks are described in decode_common.h.
 // Here: S = Q K^T and O += P V on mma.sync m16n8k16 fed by ldmatrix (mma_tile.h), P kept in
-// registers between the two products.
+// registers between the two products. FP8 caches (KV_FP8): the products read the warp's 16-bit
+// conversion tiles instead of the ring slot.
 //
 // Reads q, the caches (and k_new, v_new, cache_seqlens, block_table, sinks); writes the new rows
 // into the caches, and o and lse (one split) or o_part and lse_part (several: flash_decode_merge.cu).
@@ -28,7 +29,8 @@ struct WarpState {
 
 __device__ __forceinline__ void warp_step(WarpState& st, u32 q_lane, u32 k_lane, u32 v_lane, int n0,
                                           bool needs_mask, const int (&lo)[M_TILES][2],
-                                          const int (&hi)[M_TILES][2], const DecodeParams& p, int lane) {
+                                          const int (&hi)[M_TILES][2], float factor, const DecodeParams& p,
+                                          int lane) {
     float acc_s[M_TILES][WARP_N / 8][4];
     zero(acc_s);
     mma_a_bt<M_TILES, WARP_N / 8, HEAD_DIM / 16, TILE_STRIDE, TILE_STRIDE>(acc_s, q_lane, k_lane);  // S = Q K^T
@@ -39,7 +41,7 @@ __device__ __forceinline__ void warp_step(WarpState& st, u32 q_lane, u32 k_lane,
         for (int nt = 0; nt < WARP_N / 8; ++nt)
 #pragma unroll
             for (int e = 0; e < 4; ++e) {
-                float s = score_log2(acc_s[mt][nt][e], p);
+                float s = score_log2(acc_s[mt][nt][e], factor, p);
                 if (needs_mask) {  // keys outside the row's band or past the split's end
                     const int key = n0 + nt * 8 + (lane % 4) * 2 + (e & 1);
                     if (key < lo[mt][e / 2] || key >= hi[mt][e / 2]) s = NEG_INF;
@@ -110,16 +112,16 @@ flash_decode(const __grid_constant__ DecodeParams p) {
 
     // This warp's ring and its keys: the warp-th WARP_N keys of every pipeline step.
     const int steps = b.key_end > b.key_begin ? (b.key_end - b.key_begin + KEYS_PER_STAGE - 1) / KEYS_PER_STAGE : 0;
-    elem_t* ring_warp = (elem_t*)(ring + warp * STAGES * STAGE_BYTES);
+    cache_t* ring_warp = (cache_t*)(ring + warp * STAGES * STAGE_BYTES);
     const int warp_key0 = b.key_begin + warp * WARP_N;
 
     // Copies of step t into ring slot t % STAGES; one commit group per step, empty past the end,
     // so that cp_async_wait<STAGES - 1> always means "step t has landed".
     auto issue_step = [&](int t) {
         if (t < steps) {
-            elem_t* slot = ring_warp + (t % STAGES) * (STAGE_BYTES / ELEM_BYTES);
+            cache_t* slot = ring_warp + (t % STAGES) * (STAGE_BYTES / CACHE_BYTES);
             const int key0 = warp_key0 + t * KEYS_PER_STAGE;
-            warp_load_keys(slot, slot + TILE_BYTES / ELEM_BYTES, src, key0, b.key_end - key0, p.head_dim, lane);
+            warp_load_keys(slot, slot + CACHE_TILE_BYTES / CACHE_BYTES, src, key0, b.key_end - key0, p.head_dim, lane);
         }
         cp_async_commit();
     };
@@ -146,10 +148,17 @@ flash_decode(const __grid_constant__ DecodeParams p) {
             st.row_sum[mt][h] = 0.f;
         }
     // ldmatrix row addresses (mma_tile.h): Q is the A operand of S = Q K^T, K's rows are those of
-    // B^T, V is the row-major B of O += P V. Ring slots are a fixed number of bytes apart.
+    // B^T, V is the row-major B of O += P V. Ring slots are a fixed number of bytes apart; FP8
+    // caches: the products read the warp's conversion tiles (K, then V), refilled every step.
+    const float factor = score_factor(p, src);
+#if KV_FP8
+    elem_t* tiles = (elem_t*)(ring + RINGS_BYTES + warp * 2 * TILE_BYTES);
+#else
+    elem_t* tiles = (elem_t*)ring_warp;
+#endif
     const u32 q_lane = lane_address_x<TILE_STRIDE>(smem_addr(sQ), 0, 0, lane);
-    const u32 k_lane = lane_address_y<TILE_STRIDE>(smem_addr(ring_warp), 0, 0, lane);
-    const u32 v_lane = lane_address_x<TILE_STRIDE>(smem_addr(ring_warp) + TILE_BYTES, 0, 0, lane);
+    const u32 k_lane = lane_address_y<TILE_STRIDE>(smem_addr(tiles), 0, 0, lane);
+    const u32 v_lane = lane_address_x<TILE_STRIDE>(smem_addr(tiles) + TILE_BYTES, 0, 0, lane);
 
     for (int t = 0; t < steps; ++t) {
         issue_step(t + STAGES - 1);  // into the slot read in step t - 1 (released by the __syncwarp below)
@@ -158,8 +167,16 @@ flash_decode(const __grid_constant__ DecodeParams p) {
         const int n0 = warp_key0 + t * KEYS_PER_STAGE;
         // Masking is needed only where some row's band edge or the split's end falls in the tile.
         const bool needs_mask = n0 < b.full_lo || n0 + WARP_N > min(b.full_hi, b.key_end);
+#if KV_FP8
+        const cache_t* slot = ring_warp + (t % STAGES) * (STAGE_BYTES / CACHE_BYTES);
+        convert_tile(tiles, slot, lane);
+        convert_tile(tiles + TILE_BYTES / ELEM_BYTES, slot + CACHE_TILE_BYTES / CACHE_BYTES, lane);
+        __syncwarp();  // the converted tiles are visible to the whole warp
+        const u32 slot_offset = 0;
+#else
         const u32 slot_offset = (t % STAGES) * STAGE_BYTES;
-        warp_step(st, q_lane, k_lane + slot_offset, v_lane + slot_offset, n0, needs_mask, lo, hi, p, lane);
+#endif
+        warp_step(st, q_lane, k_lane + slot_offset, v_lane + slot_offset, n0, needs_mask, lo, hi, factor, p, lane);
         __syncwarp();  // every lane is done reading this slot before the next step refills it
     }
 
@@ -221,5 +238,5 @@ flash_decode(const __grid_constant__ DecodeParams p) {
         }
         __syncthreads();  // warp w's contribution is complete before warp w + 1 adds to it
     }
-    write_rows(p, b, sO, sM, sL, tid);
+    write_rows(p, b, sO, sM, sL, src.v.scale, tid);
 }

@@ -268,29 +268,39 @@ DECODE_MERGE_KERNEL = "flash_decode_merge"
 DECODE_MERGE_WARPS = 4  # query rows per merge block (one warp each)
 # Page sizes of paged caches: any multiple of 16 rows (a compile-time constant of the kernels).
 DECODE_PAGE_MULTIPLE = 16
+# FP8 caches: the KV_FP8 value of each torch float8 dtype (kernels_common/fp8.h). The FP8 variants
+# use their row's tiles and stages unchanged: the ring then holds half the bytes (still several
+# times what keeps HBM busy), and the conversion tiles fit beside it in every row's shared memory
+# (tests/test_kvcache.py, test_decode_rows_fit_shared_memory).
+DECODE_FP8_FORMATS = {"float8_e4m3fn": 1, "float8_e5m2": 2}
 
 
-def decode_shared_memory_bytes(cfg: TileConfig, rows: int) -> int:
+def decode_shared_memory_bytes(cfg: TileConfig, rows: int, fp8: bool = False) -> int:
     """Dynamic shared memory of a decode block with `rows` query rows per tile (the layout in
-    decode_common.h): Q tile, row limits, then the warps' K/V rings or, reusing them, the merge
-    scratch."""
+    decode_common.h): Q tile, row limits, then the warps' K/V rings (FP8 caches: rings of 1-byte
+    codes and each warp's K and V conversion tiles) or, reusing them, the merge scratch."""
     size = 4 if cfg.kernel == "flash_decode_f32" else 2
     stride = cfg.head_dim + 16 // size  # rows padded by 16 bytes
     q, limits = rows * stride * size, 2 * rows * 4
-    rings = cfg.stages * 2 * cfg.block_n * stride * size  # K and V, every warp's share
+    cache_size = 1 if fp8 else size
+    rings = cfg.stages * 2 * cfg.block_n * (cfg.head_dim + 16 // cache_size) * cache_size
+    if fp8:
+        rings += 2 * cfg.block_n * stride * size  # K and V conversion tiles, every warp's
     merge = (rows * (cfg.head_dim + 4) + 2 * cfg.warps * rows) * 4
     return q + limits + max(rings, merge)
 
 
 def decode_defines(cfg: TileConfig, dtype: str, rows: int, vec_loads: bool,
-                   softcap: bool, page_size: int = 0) -> dict[str, int]:
-    """The -D macros of one decode variant (the kernel's file sets ELEM_F32 itself)."""
-    return {
+                   softcap: bool, page_size: int = 0, kv_fp8: int = 0) -> dict[str, int]:
+    """The -D macros of one decode variant (the kernel's file sets ELEM_F32 itself); kv_fp8: 0, or
+    the cache's DECODE_FP8_FORMATS value."""
+    defines = {
         "HEAD_DIM": cfg.head_dim, "NUM_WARPS": cfg.warps, "MIN_BLOCKS": cfg.min_blocks,
         "ELEM_BF16": int(dtype == "bfloat16"),
         "BLOCK_M": rows, "WARP_N": cfg.block_n // cfg.warps, "STAGES": cfg.stages,
         "VEC_LOADS": int(vec_loads), "SOFTCAP": int(softcap), "PAGE_SIZE": page_size,
     }
+    return defines | ({"KV_FP8": kv_fp8} if kv_fp8 else {})
 
 
 def decode_merge_defines(dtype: str, head_dim: int) -> dict[str, int]:

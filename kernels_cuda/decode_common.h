@@ -73,9 +73,13 @@
 // SOFTCAP     1: s = c * tanh(s / c) before the softmax
 // PAGE_SIZE   0: contiguous caches; > 0: paged caches of PAGE_SIZE rows per page
 // KV_FP8      0: the caches hold elem_t; FP8_E4M3FN (1) / FP8_E5M2 (2): float8 codes (fp8.h)
+// L2_PREFETCH 0, 128 or 256: the cache copies' L2 prefetch hint (platform.h, cp_async_16_zfill_l2)
 // MIN_BLOCKS  thread blocks per SM that the register allocation must allow
 #ifndef PAGE_SIZE
 #define PAGE_SIZE 0
+#endif
+#ifndef L2_PREFETCH
+#define L2_PREFETCH 0
 #endif
 #ifndef KV_FP8
 #define KV_FP8 0
@@ -239,7 +243,7 @@ __device__ __forceinline__ const elem_t* fresh_row(const KeyRows& r, int t) {
 // Copy one element-sized or 16-byte unit global -> shared, zeros where !valid (nothing is read).
 __device__ __forceinline__ void copy_unit(cache_t* dst, const cache_t* src, bool valid) {
 #if VEC_LOADS
-    cp_async_16_zfill(smem_addr(dst), src, valid);
+    cp_async_16_zfill_l2<L2_PREFETCH>(smem_addr(dst), src, valid);
 #elif ELEM_F32 && !KV_FP8
     asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(smem_addr(dst)), "l"(src),
                  "r"(valid ? 4 : 0));

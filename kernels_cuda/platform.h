@@ -103,6 +103,21 @@ __device__ __forceinline__ void cp_async_16_zfill(u32 smem_dst, const void* gmem
                  "r"(valid ? 16 : 0));
 }
 
+// The same with an L2 prefetch hint (PTX 7.4, sm_80+): the L2 fetches the 128- or 256-byte block
+// around src along with it. For kernels that stream whole rows (the decode), where the neighbours
+// are read next anyway; L2_BYTES 0 is the plain copy.
+template <int L2_BYTES>
+__device__ __forceinline__ void cp_async_16_zfill_l2(u32 smem_dst, const void* gmem_src, bool valid) {
+    if (L2_BYTES == 256)
+        asm volatile("cp.async.cg.shared.global.L2::256B [%0], [%1], 16, %2;\n" ::"r"(smem_dst),
+                     "l"(gmem_src), "r"(valid ? 16 : 0));
+    else if (L2_BYTES == 128)
+        asm volatile("cp.async.cg.shared.global.L2::128B [%0], [%1], 16, %2;\n" ::"r"(smem_dst),
+                     "l"(gmem_src), "r"(valid ? 16 : 0));
+    else
+        cp_async_16_zfill(smem_dst, gmem_src, valid);
+}
+
 __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
 
 template <int N>

@@ -291,16 +291,18 @@ def decode_shared_memory_bytes(cfg: TileConfig, rows: int, fp8: bool = False) ->
 
 
 def decode_defines(cfg: TileConfig, dtype: str, rows: int, vec_loads: bool,
-                   softcap: bool, page_size: int = 0, kv_fp8: int = 0) -> dict[str, int]:
+                   softcap: bool, page_size: int = 0, kv_fp8: int = 0,
+                   l2_prefetch: int = 0) -> dict[str, int]:
     """The -D macros of one decode variant (the kernel's file sets ELEM_F32 itself); kv_fp8: 0, or
-    the cache's DECODE_FP8_FORMATS value."""
+    the cache's DECODE_FP8_FORMATS value; l2_prefetch: the cache copies' L2 hint (0, 128, 256)."""
     defines = {
         "HEAD_DIM": cfg.head_dim, "NUM_WARPS": cfg.warps, "MIN_BLOCKS": cfg.min_blocks,
         "ELEM_BF16": int(dtype == "bfloat16"),
         "BLOCK_M": rows, "WARP_N": cfg.block_n // cfg.warps, "STAGES": cfg.stages,
         "VEC_LOADS": int(vec_loads), "SOFTCAP": int(softcap), "PAGE_SIZE": page_size,
     }
-    return defines | ({"KV_FP8": kv_fp8} if kv_fp8 else {})
+    return (defines | ({"KV_FP8": kv_fp8} if kv_fp8 else {})
+            | ({"L2_PREFETCH": l2_prefetch} if l2_prefetch else {}))
 
 
 def decode_merge_defines(dtype: str, head_dim: int) -> dict[str, int]:

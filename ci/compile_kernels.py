@@ -127,6 +127,8 @@ def main(argv=None) -> int:
         source = configs.SOURCES.get(cfg.kernel, cfg.kernel + ".cu")
         code = jit.preprocess("cuda", source)
         options = [f"--gpu-architecture=sm_{arch}", "-std=c++17", "--ptxas-options=-v"]
+        if "KV_FP8" in extra:  # FP8 caches: the row's FP8 ring depth, as kvcache.py compiles it
+            extra = extra | {"STAGES": configs.decode_stages(cfg, True)}
         options += jit.define_options(configs.defines(cfg, dtype, causal, vec) | extra)
         start = time.perf_counter()
         ok, log = nvrtc_compile(code, source, options)

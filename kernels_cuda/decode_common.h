@@ -38,13 +38,15 @@
 // denominators as one more key of score sink_h and value 0; the LSE includes it.
 //
 // FP8 caches (KV_FP8): the caches hold float8 codes of x / scale (one float32 scale per tensor or
-// per kv head, k_scale and v_scale). The ring moves the codes (half the bytes of a 16-bit cache);
-// after a step has landed each warp converts its K and V tiles into 16-bit (float32) tiles of
-// their exact FP8 values, and the products run on those unchanged. The scales never touch the
-// tiles: a block serves one kv head, so k_scale is one number folded into the scores' factor
-// (S = Q K8^T * k_scale) and v_scale one factor of the rows written out (O = P V8 * v_scale).
-// This call's new rows are quantized as the append writes them (fp8.h's rule, x / scale in IEEE
-// float32) wherever they are read, so every block sees the codes the cache will hold.
+// per kv head, k_scale and v_scale). The ring moves the codes (half the bytes of a 16-bit cache,
+// so the tables' FP8 rows keep about twice the steps in flight: fp8_stages). The tensor-core
+// kernel reads the codes straight from the ring into its mma fragments and converts them there,
+// exactly (flash_decode.cu says how); the float32 kernel converts each landed tile into float32
+// tiles first (convert_tile). The scales never touch the tiles: a block serves one kv head, so
+// k_scale is one number folded into the scores' factor (S = Q K8^T * k_scale) and v_scale one
+// factor of the rows written out (O = P V8 * v_scale). This call's new rows are quantized as the
+// append writes them (fp8.h's rule, x / scale in IEEE float32) wherever they are read, so every
+// block sees the codes the cache will hold.
 //
 // Scores are carried in base-2 units, s2 = scale * log2(e) * q.k (or the softcapped value times
 // log2(e)), so every exponential is one ex2. The LSE written to lse is natural log.
@@ -91,6 +93,8 @@ typedef unsigned char cache_t;
 #else
 typedef elem_t cache_t;
 #endif
+// FP8 tiles converted in shared memory before the products: the float32 kernel only.
+#define FP8_TILES (KV_FP8 && ELEM_F32)
 
 #define NUM_THREADS (NUM_WARPS * WARP_SIZE)
 #define KEYS_PER_STAGE (NUM_WARPS * WARP_N)
@@ -113,7 +117,7 @@ static_assert(!KV_FP8 || HEAD_DIM % 8 == 0, "FP8 tiles convert in 8-element piec
 // ---- shared-memory layout ---------------------------------------------------------------------
 // sQ [BLOCK_M][TILE_STRIDE] elements | row_lo, row_hi [BLOCK_M] ints | then either
 //   the K/V rings: per warp, STAGES x (K [WARP_N][CACHE_STRIDE], V [WARP_N][CACHE_STRIDE]) cache
-//   elements, and with KV_FP8 after all rings the conversion tiles: per warp, K and V
+//   elements, and with FP8_TILES after all rings the conversion tiles: per warp, K and V
 //   [WARP_N][TILE_STRIDE] elements,
 //   or, after the main loop, the merge scratch: O [BLOCK_M][OUT_STRIDE], m and l
 //   [NUM_WARPS][BLOCK_M] floats.
@@ -341,7 +345,7 @@ __device__ __forceinline__ void warp_load_keys(cache_t* sK, cache_t* sV, const K
     }
 }
 
-#if KV_FP8
+#if FP8_TILES
 // A landed ring tile of FP8 codes -> the warp's tile of their exact values, every element of the
 // padded HEAD_DIM (zero codes give zeros). Lane l converts 8 codes at a time (one 8-byte read, one
 // 16-byte or two float4 writes); the caller __syncwarp()s before and after.
@@ -373,6 +377,15 @@ __device__ __forceinline__ void convert_tile(elem_t* dst, const cache_t* src, in
 }
 #endif
 
+#if KV_FP8 && !ELEM_F32
+// The tensor-core kernel's Q tile under FP8 caches: column c of Q goes to column fp8_q_slot(c)
+// of the tile (a permutation inside each 16 columns, flash_decode.cu explains it).
+__device__ __forceinline__ int fp8_q_slot(int c) {
+    const int r = c & 15, t = r >> 2, j = r & 3;
+    return (c & ~15) + 2 * t + (j & 1) + (j >> 1) * 8;
+}
+#endif
+
 // The Q tile: row r (r < rows) is query head r / seqlen_q of the group, token r % seqlen_q.
 // Loaded once per block with plain loads; zeros past the last row and column.
 __device__ __forceinline__ void load_q_tile(elem_t* sQ, const DecodeParams& p, const DecodeBlock& b, int tid) {
@@ -384,7 +397,11 @@ __device__ __forceinline__ void load_q_tile(elem_t* sQ, const DecodeParams& p, c
         const int r = b.m_start + row;
         const bool valid = r < b.rows && col < p.head_dim;
         const elem_t* src = q + (i64)(r / p.seqlen_q) * p.q.head_stride + (i64)(r % p.seqlen_q) * p.q.row_stride + col;
-#if VEC_LOADS
+#if KV_FP8 && !ELEM_F32
+#pragma unroll
+        for (int e = 0; e < UNIT_ELEMS; ++e)
+            sQ[row * TILE_STRIDE + fp8_q_slot(col + e)] = valid ? src[e] : (elem_t)0;
+#elif VEC_LOADS
         uint4 x = make_uint4(0, 0, 0, 0);
         if (valid) x = *(const uint4*)src;
         *(uint4*)(sQ + row * TILE_STRIDE + col) = x;

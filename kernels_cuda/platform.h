@@ -195,6 +195,14 @@ __device__ __forceinline__ u32 fp8x2_to_elem2(u16 pair) {
 }
 #endif
 
+// Bytes of x rearranged: byte i of the result is byte (selector >> 4i) & 3 of x (prmt).
+template <u32 SELECTOR>
+__device__ __forceinline__ u32 byte_perm(u32 x) {
+    u32 r;
+    asm("prmt.b32 %0, %1, 0, %2;" : "=r"(r) : "r"(x), "n"(SELECTOR));
+    return r;
+}
+
 // x -> the FP8 code of the cache (fp8.h: saturating, round to nearest even, NaN kept).
 __device__ __forceinline__ unsigned char float_to_fp8(float x) {
 #if KV_FP8 == FP8_E4M3FN

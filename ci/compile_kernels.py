@@ -10,7 +10,7 @@ every forward and backward row in both 16-bit types, plain and with the masks an
 row serves; each must use exactly 168 registers (65536 / 384 at launch, which setmaxnreg splits
 between producer and consumers) and spill nothing.
 
-    python ci/compile_kernels.py [--arch 80 86 90] [--quick]
+    python ci/compile_kernels.py [--arch 80 86 89 90] [--quick]
 """
 
 from __future__ import annotations
@@ -36,8 +36,13 @@ DTYPES = {"flash_fwd": HALF, "flash_bwd_dkdv": HALF, "flash_bwd_dq": HALF, "flas
 EXTRA = {"flash_bwd_dkdv": [{"COMPUTE_DQ": 1}, {"COMPUTE_DQ": 0}],
          # forward: without and with attention sinks folded into the epilogue
          "flash_fwd": [{}, {"HAS_SINKS": 1}], "flash_fwd_f32": [{}, {"HAS_SINKS": 1}],
-         # decode: the largest row tile (the table's), one m16 tile, and the softcap variant
-         "flash_decode": [{}, {"BLOCK_M": 16}, {"SOFTCAP": 1}], "flash_decode_f32": [{}, {"SOFTCAP": 1}]}
+         # decode: the largest row tile (the table's), one m16 tile, the softcap variant, FP8
+         # caches (e4m3fn, e5m2; paged too: the conversion path differs from sm_89 on)
+         "flash_decode": [{}, {"BLOCK_M": 16}, {"SOFTCAP": 1}, {"KV_FP8": 1}, {"KV_FP8": 2},
+                          {"KV_FP8": 1, "BLOCK_M": 16, "PAGE_SIZE": 16}],
+         "flash_decode_f32": [{}, {"SOFTCAP": 1}, {"KV_FP8": 1}, {"KV_FP8": 2}]}
+# sm_89 runs sm_86's rows; only the decode kernels compile differently there (FP8 conversions).
+ARCH_KERNELS = {89: configs.DECODE_KERNELS}
 # Kernels compiled with and without 16-byte copies (VEC_LOADS); decode has no causal variant.
 VEC_VARIANTS = configs.TENSOR_CORE_KERNELS + configs.DECODE_KERNELS
 
@@ -96,6 +101,8 @@ def variants(archs: list[int], quick: bool):
 def table_variants(archs: list[int], quick: bool):
     for cfg in configs.TABLE:
         for arch in archs:
+            if arch in ARCH_KERNELS and cfg.kernel not in ARCH_KERNELS[arch]:
+                continue
             for dtype in DTYPES[cfg.kernel]:
                 for causal in (False, True):
                     if configs.select(cfg.kernel, arch, cfg.head_dim, causal) != cfg:
@@ -161,7 +168,7 @@ def check_sm90(quick: bool) -> int:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--arch", type=int, nargs="+", default=[80, 86, 90])
+    parser.add_argument("--arch", type=int, nargs="+", default=[80, 86, 89, 90])
     parser.add_argument("--quick", action="store_true", help="non-causal, vectorized variants only")
     parser.add_argument("--kernels", nargs="+", help="only these table kernels (default: all)")
     args = parser.parse_args(argv)
@@ -175,11 +182,15 @@ def main(argv=None) -> int:
         source = configs.SOURCES.get(cfg.kernel, cfg.kernel + ".cu")
         code = jit.preprocess("cuda", source)
         options = [f"--gpu-architecture=sm_{arch}", "-std=c++17", "--ptxas-options=-v"]
+        if "KV_FP8" in extra:  # FP8 caches: the row's FP8 ring depth, as kvcache.py compiles it
+            extra = extra | {"STAGES": configs.decode_stages(cfg, True)}
         options += jit.define_options(configs.defines(cfg, dtype, causal, vec) | extra)
         start = time.perf_counter()
         ok, log = nvrtc_compile(code, source, options)
         seconds = time.perf_counter() - start
         smem = configs.shared_memory_bytes(cfg)
+        if "KV_FP8" in extra:
+            smem = configs.decode_shared_memory_bytes(cfg, cfg.block_m, fp8=True)
         if not ok:
             print(f"COMPILE ERROR {cfg} sm_{arch} {dtype} causal={causal} vec={vec}\n{log}")
             failures += 1

@@ -30,7 +30,8 @@ nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader > 
 #                (the backend fixture's hip-on-cuda paths, tests/conftest.py)
 #   pytest_more  pytest -m gpu: HIP portable kernel rows, integrations (torch.compile, CUDA
 #                graphs, JAX, transformers incl. static caches, precompile), compile timing
-#   sanitize     compute-sanitizer over forward and backward (tuned rows, odd sizes, variants)
+#   sanitize     compute-sanitizer over forward and backward (tuned rows, odd sizes, variants),
+#                and memcheck on paged/FP8 decode calls with bad block tables (decode_bad_table)
 #   bench        forward and backward against SDPA flash and cuDNN
 #   bench_more   variants, decode and per-call overhead
 #   bench_model  a whole ~1B Llama-style model with xattn and sdpa (bench --model)
@@ -61,6 +62,8 @@ if has pytest_more; then
 fi
 if has sanitize; then
     step sanitize 560 env SANITIZE_TIMEOUT=65 bash ci/sanitize.sh
+    # paged decode with out-of-range page ids and lengths, bf16 and FP8 caches
+    step sanitize_decode 90 compute-sanitizer --tool memcheck --error-exitcode 1 python ci/decode_bad_table.py
 fi
 if has bench; then
     step bench 280 python -m xattn bench --out "$OUT"

@@ -83,4 +83,9 @@ struct DecodeParams {
     float scale_log2;                  // scale * log2(e)
     float softcap_log2;                // c * log2(e) under a softcap c
     float scale_over_softcap;          // scale / c
+    // FP8 caches (KV_FP8): the caches hold x / scale as float8 codes, read as code * scale.
+    const float* k_scale;              // float32 scales of K and V, or null (16-bit caches)
+    const float* v_scale;
+    i64 k_scale_stride;                // elements between two kv heads' scales (0: one per tensor)
+    i64 v_scale_stride;
 };

@@ -37,6 +37,17 @@
 // Sinks (sinks != null): each query head h has a logit sink_h that joins its rows' softmax
 // denominators as one more key of score sink_h and value 0; the LSE includes it.
 //
+// FP8 caches (KV_FP8): the caches hold float8 codes of x / scale (one float32 scale per tensor or
+// per kv head, k_scale and v_scale). The ring moves the codes (half the bytes of a 16-bit cache,
+// so the tables' FP8 rows keep about twice the steps in flight: fp8_stages). The tensor-core
+// kernel reads the codes straight from the ring into its mma fragments and converts them there,
+// exactly (flash_decode.cu says how); the float32 kernel converts each landed tile into float32
+// tiles first (convert_tile). The scales never touch the tiles: a block serves one kv head, so
+// k_scale is one number folded into the scores' factor (S = Q K8^T * k_scale) and v_scale one
+// factor of the rows written out (O = P V8 * v_scale). This call's new rows are quantized as the
+// append writes them (fp8.h's rule, x / scale in IEEE float32) wherever they are read, so every
+// block sees the codes the cache will hold.
+//
 // Scores are carried in base-2 units, s2 = scale * log2(e) * q.k (or the softcapped value times
 // log2(e)), so every exponential is one ex2. The LSE written to lse is natural log.
 
@@ -63,10 +74,27 @@
 //             or element-wise copies (16-bit)
 // SOFTCAP     1: s = c * tanh(s / c) before the softmax
 // PAGE_SIZE   0: contiguous caches; > 0: paged caches of PAGE_SIZE rows per page
+// KV_FP8      0: the caches hold elem_t; FP8_E4M3FN (1) / FP8_E5M2 (2): float8 codes (fp8.h)
+// L2_PREFETCH 0, 128 or 256: the cache copies' L2 prefetch hint (platform.h, cp_async_16_zfill_l2)
 // MIN_BLOCKS  thread blocks per SM that the register allocation must allow
 #ifndef PAGE_SIZE
 #define PAGE_SIZE 0
 #endif
+#ifndef L2_PREFETCH
+#define L2_PREFETCH 0
+#endif
+#ifndef KV_FP8
+#define KV_FP8 0
+#endif
+
+// cache_t: what one cache element is in memory (and in the K/V ring).
+#if KV_FP8
+typedef unsigned char cache_t;
+#else
+typedef elem_t cache_t;
+#endif
+// FP8 tiles converted in shared memory before the products: the float32 kernel only.
+#define FP8_TILES (KV_FP8 && ELEM_F32)
 
 #define NUM_THREADS (NUM_WARPS * WARP_SIZE)
 #define KEYS_PER_STAGE (NUM_WARPS * WARP_N)
@@ -75,23 +103,31 @@
 // (conflict-free ldmatrix; float4 reads of 8 rows by 8 lanes hit 32 different banks).
 #define TILE_STRIDE (HEAD_DIM + 16 / ELEM_BYTES)
 #define UNIT_ELEMS (VEC_LOADS ? 16 / ELEM_BYTES : 1)  // elements per copy
+#define CACHE_BYTES ((int)sizeof(cache_t))
+#define CACHE_STRIDE (HEAD_DIM + 16 / CACHE_BYTES)     // ring rows, padded by 16 bytes too
+#define CACHE_UNIT (VEC_LOADS ? 16 / CACHE_BYTES : 1)  // cache elements per copy
 #define OUT_STRIDE (HEAD_DIM + 4)                      // floats per row of the merge scratch
 #define LN_2 0.6931471805599453f
 
 static_assert((HEAD_DIM & (HEAD_DIM - 1)) == 0 && HEAD_DIM >= 32, "HEAD_DIM: power of two >= 32");
 static_assert(BLOCK_M <= NUM_THREADS, "one thread per row computes the row limits");
 static_assert(PAGE_SIZE % 16 == 0, "pages hold a multiple of 16 rows");
+static_assert(!KV_FP8 || HEAD_DIM % 8 == 0, "FP8 tiles convert in 8-element pieces");
 
 // ---- shared-memory layout ---------------------------------------------------------------------
 // sQ [BLOCK_M][TILE_STRIDE] elements | row_lo, row_hi [BLOCK_M] ints | then either
-//   the K/V rings: per warp, STAGES x (K [WARP_N][TILE_STRIDE], V [WARP_N][TILE_STRIDE]) elements,
+//   the K/V rings: per warp, STAGES x (K [WARP_N][CACHE_STRIDE], V [WARP_N][CACHE_STRIDE]) cache
+//   elements, and with FP8_TILES after all rings the conversion tiles: per warp, K and V
+//   [WARP_N][TILE_STRIDE] elements,
 //   or, after the main loop, the merge scratch: O [BLOCK_M][OUT_STRIDE], m and l
 //   [NUM_WARPS][BLOCK_M] floats.
 // xattn/configs.py (decode_shared_memory_bytes) computes the same size.
 #define Q_BYTES (BLOCK_M * TILE_STRIDE * ELEM_BYTES)
 #define LIMIT_BYTES (2 * BLOCK_M * 4)
-#define TILE_BYTES (WARP_N * TILE_STRIDE * ELEM_BYTES)
-#define STAGE_BYTES (2 * TILE_BYTES)
+#define TILE_BYTES (WARP_N * TILE_STRIDE * ELEM_BYTES)         // a K or V tile the products read
+#define CACHE_TILE_BYTES (WARP_N * CACHE_STRIDE * CACHE_BYTES)  // a K or V tile of the ring
+#define STAGE_BYTES (2 * CACHE_TILE_BYTES)
+#define RINGS_BYTES (NUM_WARPS * STAGES * STAGE_BYTES)
 
 // ---- this block's share of the work -----------------------------------------------------------
 
@@ -137,11 +173,12 @@ __device__ __forceinline__ DecodeBlock decode_block(const DecodeParams& p) {
 // One kv head's keys of one sequence: cache rows (contiguous or paged) below `cached`, this
 // call's new rows from `cached` on.
 struct KeyRows {
-    const elem_t* cache;  // contiguous: row 0 of (batch, kv head); paged: kv head's column of page 0
+    const cache_t* cache; // contiguous: row 0 of (batch, kv head); paged: kv head's column of page 0
     i64 row_stride;
     i64 page_stride;      // paged: elements from one page to the next
     const elem_t* fresh;  // k_new / v_new row 0 of (batch, kv head)
     i64 fresh_row_stride;
+    float scale;          // KV_FP8: the cache's scale for this kv head (1 otherwise)
 };
 
 struct KeySource {
@@ -155,8 +192,14 @@ __device__ __forceinline__ KeySource key_source(const DecodeParams& p, const Dec
     KeySource s;
     const i64 batch_k = PAGE_SIZE ? 0 : (i64)b.batch * p.k.batch_stride;
     const i64 batch_v = PAGE_SIZE ? 0 : (i64)b.batch * p.v.batch_stride;
-    s.k.cache = (const elem_t*)p.k.ptr + batch_k + (i64)b.kv_head * p.k.head_stride;
-    s.v.cache = (const elem_t*)p.v.ptr + batch_v + (i64)b.kv_head * p.v.head_stride;
+    s.k.cache = (const cache_t*)p.k.ptr + batch_k + (i64)b.kv_head * p.k.head_stride;
+    s.v.cache = (const cache_t*)p.v.ptr + batch_v + (i64)b.kv_head * p.v.head_stride;
+#if KV_FP8
+    s.k.scale = p.k_scale[b.kv_head * p.k_scale_stride];
+    s.v.scale = p.v_scale[b.kv_head * p.v_scale_stride];
+#else
+    s.k.scale = s.v.scale = 1.f;
+#endif
     s.k.row_stride = p.k.row_stride;
     s.v.row_stride = p.v.row_stride;
     s.k.page_stride = p.k.batch_stride;
@@ -181,50 +224,73 @@ __device__ __forceinline__ i64 cache_row_offset(const KeySource& s, const KeyRow
 #endif
 }
 
-// Key j's K and V rows (0 <= j < Sk_b): the cache below `cached`, this call's new rows above.
-__device__ __forceinline__ void key_rows(const KeySource& s, int j, const elem_t*& k, const elem_t*& v) {
-    if (j >= s.cached) {
-        k = s.k.fresh + (i64)(j - s.cached) * s.k.fresh_row_stride;
-        v = s.v.fresh + (i64)(j - s.cached) * s.v.fresh_row_stride;
-    } else {
+// Cache row j's K and V rows (0 <= j < cached).
+__device__ __forceinline__ void cache_rows(const KeySource& s, int j, const cache_t*& k, const cache_t*& v) {
 #if PAGE_SIZE
-        const int page = min(max(s.pages[j / PAGE_SIZE], 0), s.last_page);
-        const int row = j % PAGE_SIZE;
-        k = s.k.cache + (i64)page * s.k.page_stride + (i64)row * s.k.row_stride;
-        v = s.v.cache + (i64)page * s.v.page_stride + (i64)row * s.v.row_stride;
+    const int page = min(max(s.pages[j / PAGE_SIZE], 0), s.last_page);
+    const int row = j % PAGE_SIZE;
+    k = s.k.cache + (i64)page * s.k.page_stride + (i64)row * s.k.row_stride;
+    v = s.v.cache + (i64)page * s.v.page_stride + (i64)row * s.v.row_stride;
 #else
-        k = s.k.cache + (i64)j * s.k.row_stride;
-        v = s.v.cache + (i64)j * s.v.row_stride;
+    k = s.k.cache + (i64)j * s.k.row_stride;
+    v = s.v.cache + (i64)j * s.v.row_stride;
 #endif
-    }
+}
+
+// This call's new row t (key cached + t): k_new / v_new row t.
+__device__ __forceinline__ const elem_t* fresh_row(const KeyRows& r, int t) {
+    return r.fresh + (i64)t * r.fresh_row_stride;
 }
 
 // ---- device helpers ---------------------------------------------------------------------------
 
 // Copy one element-sized or 16-byte unit global -> shared, zeros where !valid (nothing is read).
-__device__ __forceinline__ void copy_unit(elem_t* dst, const elem_t* src, bool valid) {
+__device__ __forceinline__ void copy_unit(cache_t* dst, const cache_t* src, bool valid) {
 #if VEC_LOADS
-    cp_async_16_zfill(smem_addr(dst), src, valid);
-#elif ELEM_F32
+    cp_async_16_zfill_l2<L2_PREFETCH>(smem_addr(dst), src, valid);
+#elif ELEM_F32 && !KV_FP8
     asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(smem_addr(dst)), "l"(src),
                  "r"(valid ? 4 : 0));
 #else
-    *dst = valid ? *src : (elem_t)0;
+    *dst = valid ? *src : (cache_t)0;
 #endif
 }
+
+#if KV_FP8
+// CACHE_UNIT new-row elements -> their FP8 codes at dst (the cache, or a ring tile): x / scale in
+// IEEE float32 (as the reference divides), then fp8.h's encoder. The append and every reader of a
+// new row use this one function, so all of them see the codes the cache holds. Not inlined: new
+// rows are few, and sixteen inlined encoders at every call site of the unrolled loads multiplied
+// the compile time by ten.
+__device__ __noinline__ void quantize_unit(cache_t* dst, const elem_t* src, float scale) {
+#if VEC_LOADS
+    u32 words[4];
+#pragma unroll
+    for (int w = 0; w < 4; ++w) {
+        words[w] = 0u;
+#pragma unroll
+        for (int e = 0; e < 4; ++e)
+            words[w] |= (u32)float_to_fp8(__fdiv_rn(to_float(src[4 * w + e]), scale)) << (8 * e);
+    }
+    *(uint4*)dst = make_uint4(words[0], words[1], words[2], words[3]);
+#else
+    *dst = float_to_fp8(__fdiv_rn(to_float(*src), scale));
+#endif
+}
+#endif
 
 // One warp copies WARP_N keys, starting at key0, into its K and V tiles: zeros for keys
 // >= key0 + valid_keys and columns >= head_dim (they must add nothing to Q.K, and V rows with
 // P = 0 must not carry a NaN bit pattern in). Zero-filled copies read nothing, so keys past the
 // end (and their pages) are never touched.
-__device__ __forceinline__ void warp_load_keys(elem_t* sK, elem_t* sV, const KeySource& src, int key0,
+__device__ __forceinline__ void warp_load_keys(cache_t* sK, cache_t* sV, const KeySource& src, int key0,
                                                int valid_keys, int head_dim, int lane) {
-    constexpr int UNITS_PER_ROW = HEAD_DIM / UNIT_ELEMS;
+    constexpr int UNITS_PER_ROW = HEAD_DIM / CACHE_UNIT;
     constexpr int LANES_PER_ROW = UNITS_PER_ROW < WARP_SIZE ? UNITS_PER_ROW : WARP_SIZE;
     constexpr int ROWS_PER_PASS = WARP_SIZE / LANES_PER_ROW;
     constexpr int UNITS_PER_LANE = UNITS_PER_ROW / LANES_PER_ROW;
     static_assert(WARP_N % ROWS_PER_PASS == 0, "whole passes over the tile");
-    const int row0 = lane / LANES_PER_ROW, col0 = (lane % LANES_PER_ROW) * UNIT_ELEMS;
+    const int row0 = lane / LANES_PER_ROW, col0 = (lane % LANES_PER_ROW) * CACHE_UNIT;
     // 16-byte copies: passes unrolled by 8 (all of them for 16-bit tiles up to D = 128), so many
     // copies are in flight. Element-wise copies: one pass at a time, or their addresses and values
     // would not fit the registers.
@@ -236,18 +302,89 @@ __device__ __forceinline__ void warp_load_keys(elem_t* sK, elem_t* sV, const Key
     for (int pass = 0; pass < WARP_N / ROWS_PER_PASS; ++pass) {
         const int row = row0 + pass * ROWS_PER_PASS;
         const bool row_valid = row < valid_keys;
-        const elem_t* k = src.k.cache;  // any address: a zero-filled copy reads nothing
-        const elem_t* v = src.v.cache;
-        if (row_valid) key_rows(src, key0 + row, k, v);
+        const int key = key0 + row;
+#if KV_FP8
+        if (row_valid && key >= src.cached) {  // a new row: quantized here, as the append does
+            const elem_t* k = fresh_row(src.k, key - src.cached);
+            const elem_t* v = fresh_row(src.v, key - src.cached);
+#pragma unroll
+            for (int j = 0; j < UNITS_PER_LANE; ++j) {
+                const int col = col0 + j * LANES_PER_ROW * CACHE_UNIT;
+                if (col < head_dim) {
+                    quantize_unit(sK + row * CACHE_STRIDE + col, k + col, src.k.scale);
+                    quantize_unit(sV + row * CACHE_STRIDE + col, v + col, src.v.scale);
+                } else {
+#pragma unroll
+                    for (int e = 0; e < CACHE_UNIT; ++e) sK[row * CACHE_STRIDE + col + e] = sV[row * CACHE_STRIDE + col + e] = 0;
+                }
+            }
+            continue;
+        }
+        const cache_t* k = src.k.cache;  // any address: a zero-filled copy reads nothing
+        const cache_t* v = src.v.cache;
+        if (row_valid) cache_rows(src, key, k, v);
+#else
+        const cache_t* k = src.k.cache;  // any address: a zero-filled copy reads nothing
+        const cache_t* v = src.v.cache;
+        if (row_valid) {
+            if (key >= src.cached) {
+                k = fresh_row(src.k, key - src.cached);
+                v = fresh_row(src.v, key - src.cached);
+            } else {
+                cache_rows(src, key, k, v);
+            }
+        }
+#endif
 #pragma unroll
         for (int j = 0; j < UNITS_PER_LANE; ++j) {
-            const int col = col0 + j * LANES_PER_ROW * UNIT_ELEMS;
+            const int col = col0 + j * LANES_PER_ROW * CACHE_UNIT;
             const bool valid = row_valid && col < head_dim;
-            copy_unit(sK + row * TILE_STRIDE + col, k + col, valid);
-            copy_unit(sV + row * TILE_STRIDE + col, v + col, valid);
+            copy_unit(sK + row * CACHE_STRIDE + col, k + col, valid);
+            copy_unit(sV + row * CACHE_STRIDE + col, v + col, valid);
         }
     }
 }
+
+#if FP8_TILES
+// A landed ring tile of FP8 codes -> the warp's tile of their exact values, every element of the
+// padded HEAD_DIM (zero codes give zeros). Lane l converts 8 codes at a time (one 8-byte read, one
+// 16-byte or two float4 writes); the caller __syncwarp()s before and after.
+__device__ __forceinline__ void convert_tile(elem_t* dst, const cache_t* src, int lane) {
+    constexpr int PIECES_PER_ROW = HEAD_DIM / 8;
+#pragma unroll 4
+    for (int u = lane; u < WARP_N * PIECES_PER_ROW; u += WARP_SIZE) {
+        const int row = u / PIECES_PER_ROW, col = (u % PIECES_PER_ROW) * 8;
+        const uint2 codes = *(const uint2*)(src + row * CACHE_STRIDE + col);
+        const u32 words[2] = {codes.x, codes.y};
+        elem_t* out = dst + row * TILE_STRIDE + col;
+#if ELEM_F32
+#pragma unroll
+        for (int w = 0; w < 2; ++w) {
+            float4 x;
+            fp8x2_to_float2((u16)(words[w] & 0xffffu), x.x, x.y);
+            fp8x2_to_float2((u16)(words[w] >> 16), x.z, x.w);
+            *(float4*)(out + 4 * w) = x;
+        }
+#else
+        uint4 x;
+        x.x = fp8x2_to_elem2((u16)(words[0] & 0xffffu));
+        x.y = fp8x2_to_elem2((u16)(words[0] >> 16));
+        x.z = fp8x2_to_elem2((u16)(words[1] & 0xffffu));
+        x.w = fp8x2_to_elem2((u16)(words[1] >> 16));
+        *(uint4*)out = x;
+#endif
+    }
+}
+#endif
+
+#if KV_FP8 && !ELEM_F32
+// The tensor-core kernel's Q tile under FP8 caches: column c of Q goes to column fp8_q_slot(c)
+// of the tile (a permutation inside each 16 columns, flash_decode.cu explains it).
+__device__ __forceinline__ int fp8_q_slot(int c) {
+    const int r = c & 15, t = r >> 2, j = r & 3;
+    return (c & ~15) + 2 * t + (j & 1) + (j >> 1) * 8;
+}
+#endif
 
 // The Q tile: row r (r < rows) is query head r / seqlen_q of the group, token r % seqlen_q.
 // Loaded once per block with plain loads; zeros past the last row and column.
@@ -260,7 +397,11 @@ __device__ __forceinline__ void load_q_tile(elem_t* sQ, const DecodeParams& p, c
         const int r = b.m_start + row;
         const bool valid = r < b.rows && col < p.head_dim;
         const elem_t* src = q + (i64)(r / p.seqlen_q) * p.q.head_stride + (i64)(r % p.seqlen_q) * p.q.row_stride + col;
-#if VEC_LOADS
+#if KV_FP8 && !ELEM_F32
+#pragma unroll
+        for (int e = 0; e < UNIT_ELEMS; ++e)
+            sQ[row * TILE_STRIDE + fp8_q_slot(col + e)] = valid ? src[e] : (elem_t)0;
+#elif VEC_LOADS
         uint4 x = make_uint4(0, 0, 0, 0);
         if (valid) x = *(const uint4*)src;
         *(uint4*)(sQ + row * TILE_STRIDE + col) = x;
@@ -282,19 +423,23 @@ __device__ __forceinline__ void row_limits(int* row_lo, int* row_hi, const Decod
 
 // The fused append: row t of k_new / v_new goes to cache row cached + t (dropped at or past Smax).
 // The blocks of one (batch, kv head) share the rows, block x taking rows x, x + blocks, ...
+// FP8 caches: the rows are quantized (quantize_unit), CACHE_UNIT codes per store.
 __device__ __forceinline__ void append_new_rows(const DecodeParams& p, const KeySource& s, int tid) {
     const int blocks = gridDim.x;
-    const int units_per_row = p.head_dim / UNIT_ELEMS;  // exact with VEC_LOADS
+    const int units_per_row = p.head_dim / CACHE_UNIT;  // exact with VEC_LOADS
     const int my_rows = p.seqlen_new > (int)blockIdx.x ? (p.seqlen_new - 1 - blockIdx.x) / blocks + 1 : 0;
     for (int u = tid; u < my_rows * units_per_row; u += NUM_THREADS) {
-        const int t = blockIdx.x + (u / units_per_row) * blocks, col = (u % units_per_row) * UNIT_ELEMS;
+        const int t = blockIdx.x + (u / units_per_row) * blocks, col = (u % units_per_row) * CACHE_UNIT;
         const int pos = s.cached + t;
         if (pos >= p.seqlen_max) continue;
-        elem_t* kd = (elem_t*)s.k.cache + cache_row_offset(s, s.k, pos) + col;
-        elem_t* vd = (elem_t*)s.v.cache + cache_row_offset(s, s.v, pos) + col;
-        const elem_t* ks = s.k.fresh + (i64)t * s.k.fresh_row_stride + col;
-        const elem_t* vs = s.v.fresh + (i64)t * s.v.fresh_row_stride + col;
-#if VEC_LOADS
+        cache_t* kd = (cache_t*)s.k.cache + cache_row_offset(s, s.k, pos) + col;
+        cache_t* vd = (cache_t*)s.v.cache + cache_row_offset(s, s.v, pos) + col;
+        const elem_t* ks = fresh_row(s.k, t) + col;
+        const elem_t* vs = fresh_row(s.v, t) + col;
+#if KV_FP8
+        quantize_unit(kd, ks, s.k.scale);
+        quantize_unit(vd, vs, s.v.scale);
+#elif VEC_LOADS
         *(uint4*)kd = *(const uint4*)ks;
         *(uint4*)vd = *(const uint4*)vs;
 #else
@@ -305,12 +450,22 @@ __device__ __forceinline__ void append_new_rows(const DecodeParams& p, const Key
 }
 
 // Scores in base-2 units: s2 = scale_log2 * s, or with SOFTCAP c * log2(e) * tanh(scale * s / c).
-// The tanh is attention_common.h's softcap_score (platform.h's fast_tanh).
-__device__ __forceinline__ float score_log2(float s, const DecodeParams& p) {
+// The tanh is attention_common.h's softcap_score (platform.h's fast_tanh). s is the raw product of
+// the tiles, q.k, or with FP8 caches q.k8 (k = k8 * k_scale): `factor` (score_factor, once per
+// block) carries scale_log2 or scale / c, times k_scale.
+__device__ __forceinline__ float score_factor(const DecodeParams& p, const KeySource& src) {
 #if SOFTCAP
-    return p.softcap_log2 * softcap_score(s, p.scale_over_softcap);
+    return p.scale_over_softcap * src.k.scale;
 #else
-    return s * p.scale_log2;
+    return p.scale_log2 * src.k.scale;
+#endif
+}
+
+__device__ __forceinline__ float score_log2(float s, float factor, const DecodeParams& p) {
+#if SOFTCAP
+    return p.softcap_log2 * softcap_score(s, factor);
+#else
+    return s * factor;
 #endif
 }
 
@@ -343,8 +498,9 @@ __device__ __forceinline__ float add_sink(float lse2, float sink2, float* o_scal
 // Row r: m = max_w m_w, L = sum_w 2^(m_w - m) l_w, O = sO / L, LSE = m + log2 L. A row with no key
 // in this split has L = 0: O = 0 and LSE = -inf. A NaN that reached the row makes L NaN, and O and
 // LSE NaN with it.
+// v_scale: FP8 caches' V scale of this kv head (1 otherwise), a factor of every O written.
 __device__ __forceinline__ void write_rows(const DecodeParams& p, const DecodeBlock& b, const float* sO,
-                                           const float* sM, const float* sL, int tid) {
+                                           const float* sM, const float* sL, float v_scale, int tid) {
     for (int u = tid; u < BLOCK_M * (HEAD_DIM / 4); u += NUM_THREADS) {
         const int row = u / (HEAD_DIM / 4), col = (u % (HEAD_DIM / 4)) * 4;
         const int r = b.m_start + row;
@@ -359,7 +515,7 @@ __device__ __forceinline__ void write_rows(const DecodeParams& p, const DecodeBl
             if (mw != NEG_INF) l += fast_exp2(mw - m) * sL[w * BLOCK_M + row];
         }
         const float4 acc = *(const float4*)(sO + row * OUT_STRIDE + col);
-        float inv_l = l != 0.f ? 1.f / l : 0.f;
+        float inv_l = l != 0.f ? v_scale / l : 0.f;
         float lse2 = l != 0.f ? m + __log2f(l) : NEG_INF;
         const int head = b.kv_head * p.heads_per_kv + r / p.seqlen_q, token = r % p.seqlen_q;
         if (p.num_splits == 1) {  // the final result

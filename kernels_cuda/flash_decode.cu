@@ -3,6 +3,19 @@
 // Here: S = Q K^T and O += P V on mma.sync m16n8k16 fed by ldmatrix (mma_tile.h), P kept in
 // registers between the two products.
 //
+// FP8 caches (KV_FP8): K and V stay FP8 codes in the ring, and ldmatrix reads them as if they
+// were 16-bit elements of two codes each; each fragment register is then converted in registers
+// (platform.h, fp8x2_to_elem2), exactly. Nothing is staged through shared memory a second time.
+//   S = Q K^T: lane (g = lane / 4, t = lane % 4) of a plain ldmatrix holds codes 4t..4t+3 of key
+//     row g, which serve as head-dim positions 2t, 2t+1 (b0) and 2t+8, 2t+9 (b1) of the k16 step.
+//     Q's tile holds the same permutation of each 16 columns (decode_common.h, fp8_q_slot); the
+//     sum over the head dim does not depend on the order.
+//   O += P V: a transposed ldmatrix gives lane (g, t) codes 2g, 2g+1 of key rows 2t and 2t+1; one
+//     byte permutation pairs the two keys of head-dim column 2g (the even n8 tile of O) and of
+//     column 2g+1 (the odd one). O's columns are put back in place by the epilogue (fp8_o_store).
+// tests/test_decode_fp8_fragments.py checks these maps on the CPU against a model of ldmatrix and
+// mma.sync.
+//
 // Reads q, the caches (and k_new, v_new, cache_seqlens, block_table, sinks); writes the new rows
 // into the caches, and o and lse (one split) or o_part and lse_part (several: flash_decode_merge.cu).
 // Layouts: q, o (B, Hq, Sq, D); lse (B, Hq, Sq) float32, natural log; o_part (B, Hq, Sq,
@@ -17,6 +30,78 @@ static_assert(BLOCK_M % 16 == 0, "whole m16 tiles");
 #include "mma_tile.h"
 static_assert(WARP_N % 16 == 0 && HEAD_DIM % 16 == 0, "k16 steps over keys and head dim");
 
+#if KV_FP8
+static_assert(HEAD_DIM % 32 == 0, "FP8: ldmatrix.x4 covers two 16-code chunks of a row");
+
+// The ldmatrix row addresses of the FP8 ring tiles (byte offsets from a K or V tile's start).
+// K (plain): matrix i / 8 = (keys (lane / 16) * 8.., k16 step (lane / 8) % 2), row lane % 8.
+__device__ __forceinline__ u32 fp8_k_lane(int lane) {
+    return (u32)(((lane / 16) * 8 + lane % 8) * CACHE_STRIDE + (lane / 8 % 2) * 16);
+}
+// V (transposed): matrix i / 8 = (keys ((lane / 8) % 2) * 8.., 16-code chunk lane / 16), row lane % 8.
+__device__ __forceinline__ u32 fp8_v_lane(int lane) {
+    return (u32)(((lane / 8 % 2) * 8 + lane % 8) * CACHE_STRIDE + (lane / 16) * 16);
+}
+
+// C += Q K8^T for MT m16 tiles and NT n8 tiles of keys, Q from the (permuted) tile at q_lane
+// (LANE_ROWS_X), K8 the codes of the ring tile at k_lane (fp8_k_lane).
+template <int MT, int NT, int K_STEPS>
+__device__ __forceinline__ void mma_q_k8(float (&c)[MT][NT][4], u32 q_lane, u32 k_lane) {
+#pragma unroll
+    for (int kk = 0; kk < K_STEPS; kk += 2) {
+        u32 a[2][MT][4];
+#pragma unroll
+        for (int s = 0; s < 2; ++s)
+#pragma unroll
+            for (int mt = 0; mt < MT; ++mt)
+                ldmatrix_x4(a[s][mt], q_lane + tile_offset<TILE_STRIDE>(mt * 16, (kk + s) * 16));
+#pragma unroll
+        for (int np = 0; np < NT / 2; ++np) {
+            u32 r[4];  // keys 0-7 step kk | keys 0-7 step kk+1 | keys 8-15 step kk | keys 8-15 step kk+1
+            ldmatrix_x4(r, k_lane + (u32)(np * 16 * CACHE_STRIDE + kk * 16));
+#pragma unroll
+            for (int s = 0; s < 2; ++s) {
+                const u32 lo0 = fp8x2_to_elem2((u16)(r[s] & 0xffffu)), lo1 = fp8x2_to_elem2((u16)(r[s] >> 16));
+                const u32 hi0 = fp8x2_to_elem2((u16)(r[2 + s] & 0xffffu)), hi1 = fp8x2_to_elem2((u16)(r[2 + s] >> 16));
+#pragma unroll
+                for (int mt = 0; mt < MT; ++mt) {
+                    mma_16816(c[mt][2 * np], a[s][mt], lo0, lo1);
+                    mma_16816(c[mt][2 * np + 1], a[s][mt], hi0, hi1);
+                }
+            }
+        }
+    }
+}
+
+// C += P V8, P in registers (K_STEPS k16 fragments per m16 tile), V8 the codes of the ring tile at
+// v_lane (fp8_v_lane). Logical n8 tile 2c of C is head-dim column 16c' + 2n of V (c' = c), tile
+// 2c+1 column 16c' + 2n + 1 (fp8_o_store).
+template <int MT, int NT, int K_STEPS>
+__device__ __forceinline__ void mma_p_v8(float (&c)[MT][NT][4], const u32 (&a)[MT][K_STEPS][4], u32 v_lane) {
+#pragma unroll
+    for (int kk = 0; kk < K_STEPS; ++kk)
+#pragma unroll
+        for (int cp = 0; cp < NT / 4; ++cp) {
+            u32 r[4];  // transposed: keys 0-7 chunk 2cp | keys 8-15 chunk 2cp | keys 0-7 2cp+1 | keys 8-15 2cp+1
+            ldmatrix_x4_trans(r, v_lane + (u32)(kk * 16 * CACHE_STRIDE + cp * 32));
+#pragma unroll
+            for (int h = 0; h < 2; ++h) {
+                // bytes (key 2t col 2g, key 2t col 2g+1, key 2t+1 col 2g, key 2t+1 col 2g+1) ->
+                // (2t, 2t+1) of column 2g in the low half, of column 2g+1 in the high half
+                const u32 lo = byte_perm<0x3120>(r[2 * h]), hi = byte_perm<0x3120>(r[2 * h + 1]);
+                const u32 even0 = fp8x2_to_elem2((u16)(lo & 0xffffu)), even1 = fp8x2_to_elem2((u16)(hi & 0xffffu));
+                const u32 odd0 = fp8x2_to_elem2((u16)(lo >> 16)), odd1 = fp8x2_to_elem2((u16)(hi >> 16));
+                const int dt = 2 * (2 * cp + h);
+#pragma unroll
+                for (int mt = 0; mt < MT; ++mt) {
+                    mma_16816(c[mt][dt], a[mt][kk], even0, even1);
+                    mma_16816(c[mt][dt + 1], a[mt][kk], odd0, odd1);
+                }
+            }
+        }
+}
+#endif
+
 // ---- one warp's step on tensor cores ----------------------------------------------------------
 // S = Q K^T for the warp's WARP_N keys, masked, turned into P; O is rescaled and O += P V.
 // Thread layout (mma accumulators): rows mt * 16 + lane / 4 (+ 8), key columns nt * 8 + (lane % 4) * 2.
@@ -28,10 +113,15 @@ struct WarpState {
 
 __device__ __forceinline__ void warp_step(WarpState& st, u32 q_lane, u32 k_lane, u32 v_lane, int n0,
                                           bool needs_mask, const int (&lo)[M_TILES][2],
-                                          const int (&hi)[M_TILES][2], const DecodeParams& p, int lane) {
+                                          const int (&hi)[M_TILES][2], float factor, const DecodeParams& p,
+                                          int lane) {
     float acc_s[M_TILES][WARP_N / 8][4];
     zero(acc_s);
+#if KV_FP8
+    mma_q_k8<M_TILES, WARP_N / 8, HEAD_DIM / 16>(acc_s, q_lane, k_lane);  // S = Q K8^T
+#else
     mma_a_bt<M_TILES, WARP_N / 8, HEAD_DIM / 16, TILE_STRIDE, TILE_STRIDE>(acc_s, q_lane, k_lane);  // S = Q K^T
+#endif
 
 #pragma unroll
     for (int mt = 0; mt < M_TILES; ++mt)
@@ -39,7 +129,7 @@ __device__ __forceinline__ void warp_step(WarpState& st, u32 q_lane, u32 k_lane,
         for (int nt = 0; nt < WARP_N / 8; ++nt)
 #pragma unroll
             for (int e = 0; e < 4; ++e) {
-                float s = score_log2(acc_s[mt][nt][e], p);
+                float s = score_log2(acc_s[mt][nt][e], factor, p);
                 if (needs_mask) {  // keys outside the row's band or past the split's end
                     const int key = n0 + nt * 8 + (lane % 4) * 2 + (e & 1);
                     if (key < lo[mt][e / 2] || key >= hi[mt][e / 2]) s = NEG_INF;
@@ -89,7 +179,11 @@ __device__ __forceinline__ void warp_step(WarpState& st, u32 q_lane, u32 k_lane,
     for (int mt = 0; mt < M_TILES; ++mt)
 #pragma unroll
         for (int kk = 0; kk < WARP_N / 16; ++kk) pack_a_fragment(p_frag[mt][kk], acc_s[mt][2 * kk], acc_s[mt][2 * kk + 1]);
+#if KV_FP8
+    mma_p_v8<M_TILES, D_TILES, WARP_N / 16>(st.acc_o, p_frag, v_lane);  // O += P V8
+#else
     mma_areg_b<M_TILES, D_TILES, WARP_N / 16, TILE_STRIDE>(st.acc_o, p_frag, v_lane);  // O += P V
+#endif
 }
 
 // ---- entry point ------------------------------------------------------------------------------
@@ -110,16 +204,16 @@ flash_decode(const __grid_constant__ DecodeParams p) {
 
     // This warp's ring and its keys: the warp-th WARP_N keys of every pipeline step.
     const int steps = b.key_end > b.key_begin ? (b.key_end - b.key_begin + KEYS_PER_STAGE - 1) / KEYS_PER_STAGE : 0;
-    elem_t* ring_warp = (elem_t*)(ring + warp * STAGES * STAGE_BYTES);
+    cache_t* ring_warp = (cache_t*)(ring + warp * STAGES * STAGE_BYTES);
     const int warp_key0 = b.key_begin + warp * WARP_N;
 
     // Copies of step t into ring slot t % STAGES; one commit group per step, empty past the end,
     // so that cp_async_wait<STAGES - 1> always means "step t has landed".
     auto issue_step = [&](int t) {
         if (t < steps) {
-            elem_t* slot = ring_warp + (t % STAGES) * (STAGE_BYTES / ELEM_BYTES);
+            cache_t* slot = ring_warp + (t % STAGES) * (STAGE_BYTES / CACHE_BYTES);
             const int key0 = warp_key0 + t * KEYS_PER_STAGE;
-            warp_load_keys(slot, slot + TILE_BYTES / ELEM_BYTES, src, key0, b.key_end - key0, p.head_dim, lane);
+            warp_load_keys(slot, slot + CACHE_TILE_BYTES / CACHE_BYTES, src, key0, b.key_end - key0, p.head_dim, lane);
         }
         cp_async_commit();
     };
@@ -146,10 +240,17 @@ flash_decode(const __grid_constant__ DecodeParams p) {
             st.row_sum[mt][h] = 0.f;
         }
     // ldmatrix row addresses (mma_tile.h): Q is the A operand of S = Q K^T, K's rows are those of
-    // B^T, V is the row-major B of O += P V. Ring slots are a fixed number of bytes apart.
+    // B^T, V is the row-major B of O += P V (FP8: the codes' own lane patterns, above). Ring slots
+    // are a fixed number of bytes apart.
+    const float factor = score_factor(p, src);
     const u32 q_lane = lane_address_x<TILE_STRIDE>(smem_addr(sQ), 0, 0, lane);
+#if KV_FP8
+    const u32 k_lane = smem_addr(ring_warp) + fp8_k_lane(lane);
+    const u32 v_lane = smem_addr(ring_warp) + CACHE_TILE_BYTES + fp8_v_lane(lane);
+#else
     const u32 k_lane = lane_address_y<TILE_STRIDE>(smem_addr(ring_warp), 0, 0, lane);
     const u32 v_lane = lane_address_x<TILE_STRIDE>(smem_addr(ring_warp) + TILE_BYTES, 0, 0, lane);
+#endif
 
     for (int t = 0; t < steps; ++t) {
         issue_step(t + STAGES - 1);  // into the slot read in step t - 1 (released by the __syncwarp below)
@@ -159,7 +260,7 @@ flash_decode(const __grid_constant__ DecodeParams p) {
         // Masking is needed only where some row's band edge or the split's end falls in the tile.
         const bool needs_mask = n0 < b.full_lo || n0 + WARP_N > min(b.full_hi, b.key_end);
         const u32 slot_offset = (t % STAGES) * STAGE_BYTES;
-        warp_step(st, q_lane, k_lane + slot_offset, v_lane + slot_offset, n0, needs_mask, lo, hi, p, lane);
+        warp_step(st, q_lane, k_lane + slot_offset, v_lane + slot_offset, n0, needs_mask, lo, hi, factor, p, lane);
         __syncwarp();  // every lane is done reading this slot before the next step refills it
     }
 
@@ -205,6 +306,25 @@ flash_decode(const __grid_constant__ DecodeParams p) {
 #pragma unroll
                 for (int h = 0; h < 2; ++h) {
                     const float wt = weight[mt][h];
+#if KV_FP8
+                    // O's columns back in place: n8 tiles 2c and 2c+1 hold, in this lane, columns
+                    // 16c + 4t + (0, 2) and (1, 3): one float4 per 16 columns.
+                    float* dst = sO + (mt * 16 + lane / 4 + h * 8) * OUT_STRIDE + (lane % 4) * 4;
+#pragma unroll
+                    for (int c = 0; c < HEAD_DIM / 16; ++c) {
+                        float4 x = wt != 0.f ? make_float4(wt * st.acc_o[mt][2 * c][2 * h], wt * st.acc_o[mt][2 * c + 1][2 * h],
+                                                           wt * st.acc_o[mt][2 * c][2 * h + 1], wt * st.acc_o[mt][2 * c + 1][2 * h + 1])
+                                             : make_float4(0.f, 0.f, 0.f, 0.f);
+                        if (w != 0) {
+                            const float4 y = *(float4*)(dst + c * 16);
+                            x.x += y.x;
+                            x.y += y.y;
+                            x.z += y.z;
+                            x.w += y.w;
+                        }
+                        *(float4*)(dst + c * 16) = x;
+                    }
+#else
                     float* dst = sO + (mt * 16 + lane / 4 + h * 8) * OUT_STRIDE + (lane % 4) * 2;
 #pragma unroll
                     for (int dt = 0; dt < D_TILES; ++dt) {
@@ -217,9 +337,10 @@ flash_decode(const __grid_constant__ DecodeParams p) {
                         }
                         *(float2*)(dst + dt * 8) = x;
                     }
+#endif
                 }
         }
         __syncthreads();  // warp w's contribution is complete before warp w + 1 adds to it
     }
-    write_rows(p, b, sO, sM, sL, tid);
+    write_rows(p, b, sO, sM, sL, src.v.scale, tid);
 }

@@ -1,7 +1,8 @@
 // Flash-decoding on CUDA cores: float32 queries against a float32 KV cache (contiguous or paged),
 // exact (no tf32). The algorithm, grid, key layout, append, masks and sinks are described in
 // decode_common.h. Here: lane = key for S = Q K^T (WARP_N = 32 keys per warp and step), lane =
-// head-dim column for O += P V.
+// head-dim column for O += P V. FP8 caches (KV_FP8): the products read the warp's float32
+// conversion tiles instead of the ring slot.
 //
 // Reads q, the caches (and k_new, v_new, cache_seqlens, block_table, sinks); writes the new rows
 // into the caches, and o and lse (one split) or o_part and lse_part (several: flash_decode_merge.cu).
@@ -26,7 +27,8 @@ struct WarpState {
 
 __device__ __forceinline__ void warp_step(WarpState& st, const float* sQ, const float* sK,
                                           const float* sV, int n0, bool needs_mask, const int* row_lo,
-                                          const int* row_hi, int key_end, const DecodeParams& p, int lane) {
+                                          const int* row_hi, int key_end, float factor, const DecodeParams& p,
+                                          int lane) {
     float s[BLOCK_M];
 #pragma unroll
     for (int r = 0; r < BLOCK_M; ++r) s[r] = 0.f;
@@ -41,7 +43,7 @@ __device__ __forceinline__ void warp_step(WarpState& st, const float* sQ, const 
     const int key = n0 + lane;
 #pragma unroll
     for (int r = 0; r < BLOCK_M; ++r) {
-        float s2 = score_log2(s[r], p);
+        float s2 = score_log2(s[r], factor, p);
         if (needs_mask && (key < row_lo[r] || key >= min(row_hi[r], key_end))) s2 = NEG_INF;
         float offset;
         const float alpha = update_max(st.row_max[r], warp_max(s2), offset);
@@ -81,16 +83,16 @@ flash_decode_f32(const __grid_constant__ DecodeParams p) {
 
     // This warp's ring and its keys: the warp-th WARP_N keys of every pipeline step.
     const int steps = b.key_end > b.key_begin ? (b.key_end - b.key_begin + KEYS_PER_STAGE - 1) / KEYS_PER_STAGE : 0;
-    float* ring_warp = (float*)(ring + warp * STAGES * STAGE_BYTES);
+    cache_t* ring_warp = (cache_t*)(ring + warp * STAGES * STAGE_BYTES);
     const int warp_key0 = b.key_begin + warp * WARP_N;
 
     // Copies of step t into ring slot t % STAGES; one commit group per step, empty past the end,
     // so that cp_async_wait<STAGES - 1> always means "step t has landed".
     auto issue_step = [&](int t) {
         if (t < steps) {
-            float* slot = ring_warp + (t % STAGES) * (STAGE_BYTES / ELEM_BYTES);
+            cache_t* slot = ring_warp + (t % STAGES) * (STAGE_BYTES / CACHE_BYTES);
             const int key0 = warp_key0 + t * KEYS_PER_STAGE;
-            warp_load_keys(slot, slot + TILE_BYTES / ELEM_BYTES, src, key0, b.key_end - key0, p.head_dim, lane);
+            warp_load_keys(slot, slot + CACHE_TILE_BYTES / CACHE_BYTES, src, key0, b.key_end - key0, p.head_dim, lane);
         }
         cp_async_commit();
     };
@@ -103,6 +105,10 @@ flash_decode_f32(const __grid_constant__ DecodeParams p) {
     row_limits(row_lo, row_hi, p, b, tid);
     __syncthreads();  // sQ and the row limits are visible to every warp
 
+    const float factor = score_factor(p, src);
+#if KV_FP8
+    float* tiles = (float*)(ring + RINGS_BYTES + warp * 2 * TILE_BYTES);  // this warp's K, V tiles
+#endif
     WarpState st;
 #pragma unroll
     for (int r = 0; r < BLOCK_M; ++r) {
@@ -119,8 +125,17 @@ flash_decode_f32(const __grid_constant__ DecodeParams p) {
         const int n0 = warp_key0 + t * KEYS_PER_STAGE;
         // Masking is needed only where some row's band edge or the split's end falls in the tile.
         const bool needs_mask = n0 < b.full_lo || n0 + WARP_N > min(b.full_hi, b.key_end);
+#if KV_FP8
+        const cache_t* slot = ring_warp + (t % STAGES) * (STAGE_BYTES / CACHE_BYTES);
+        convert_tile(tiles, slot, lane);
+        convert_tile(tiles + TILE_BYTES / ELEM_BYTES, slot + CACHE_TILE_BYTES / CACHE_BYTES, lane);
+        __syncwarp();  // the converted tiles are visible to the whole warp
+        const float* sK = tiles;
+#else
         const float* sK = ring_warp + (t % STAGES) * (STAGE_BYTES / ELEM_BYTES);
-        warp_step(st, sQ, sK, sK + TILE_BYTES / ELEM_BYTES, n0, needs_mask, row_lo, row_hi, b.key_end, p, lane);
+#endif
+        warp_step(st, sQ, sK, sK + TILE_BYTES / ELEM_BYTES, n0, needs_mask, row_lo, row_hi, b.key_end,
+                  factor, p, lane);
         __syncwarp();  // every lane is done reading this slot before the next step refills it
     }
 
@@ -161,5 +176,5 @@ flash_decode_f32(const __grid_constant__ DecodeParams p) {
         }
         __syncthreads();  // warp w's contribution is complete before warp w + 1 adds to it
     }
-    write_rows(p, b, sO, sM, sL, tid);
+    write_rows(p, b, sO, sM, sL, src.v.scale, tid);
 }

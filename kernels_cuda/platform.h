@@ -103,6 +103,21 @@ __device__ __forceinline__ void cp_async_16_zfill(u32 smem_dst, const void* gmem
                  "r"(valid ? 16 : 0));
 }
 
+// The same with an L2 prefetch hint (PTX 7.4, sm_80+): the L2 fetches the 128- or 256-byte block
+// around src along with it. For kernels that stream whole rows (the decode), where the neighbours
+// are read next anyway; L2_BYTES 0 is the plain copy.
+template <int L2_BYTES>
+__device__ __forceinline__ void cp_async_16_zfill_l2(u32 smem_dst, const void* gmem_src, bool valid) {
+    if (L2_BYTES == 256)
+        asm volatile("cp.async.cg.shared.global.L2::256B [%0], [%1], 16, %2;\n" ::"r"(smem_dst),
+                     "l"(gmem_src), "r"(valid ? 16 : 0));
+    else if (L2_BYTES == 128)
+        asm volatile("cp.async.cg.shared.global.L2::128B [%0], [%1], 16, %2;\n" ::"r"(smem_dst),
+                     "l"(gmem_src), "r"(valid ? 16 : 0));
+    else
+        cp_async_16_zfill(smem_dst, gmem_src, valid);
+}
+
 __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
 
 template <int N>
@@ -133,3 +148,67 @@ __device__ __forceinline__ void mma_16816(float (&c)[4], const u32 (&a)[4], u32 
                  : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
                  : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
 }
+
+// ---- FP8 (float8_e4m3fn / float8_e5m2 KV caches, KV_FP8 = 1 / 2; formats in fp8.h) -----------
+// Two FP8 codes (the low byte is the first value) -> their two values, exactly: every value of both
+// formats is a float16, bfloat16 and float32 value, so the caches' scales are applied afterwards,
+// in float32. sm_89 and later convert a pair in one instruction (cvt.rn.f16x2.e4m3x2 / .e5m2x2,
+// which also keeps NaN and, for e5m2, infinities); sm_80 and sm_86, the table's older rows, have no
+// FP8 conversion and decode each code with fp8.h's integer decoder (~10 instructions a value: the
+// one tests/test_fp8_codec.py checks bit for bit against torch). Chosen by instruction count, not
+// measured: the conversion only costs time where the decode stops being memory-bound.
+#if KV_FP8
+#include "../kernels_common/fp8.h"
+#if KV_FP8 == FP8_E4M3FN
+#define FP8_PTX "e4m3x2"
+#else
+#define FP8_PTX "e5m2x2"
+#endif
+
+__device__ __forceinline__ void fp8x2_to_float2(u16 pair, float& lo, float& hi) {
+#if __CUDA_ARCH__ >= 890
+    u32 h2;
+    asm("cvt.rn.f16x2." FP8_PTX " %0, %1;" : "=r"(h2) : "h"(pair));
+    asm("{\n.reg .f16 l, h;\nmov.b32 {l, h}, %2;\ncvt.f32.f16 %0, l;\ncvt.f32.f16 %1, h;\n}"
+        : "=f"(lo), "=f"(hi) : "r"(h2));
+#elif KV_FP8 == FP8_E4M3FN
+    lo = e4m3fn_to_float(pair & 0xffu);
+    hi = e4m3fn_to_float(pair >> 8);
+#else
+    lo = e5m2_to_float(pair & 0xffu);
+    hi = e5m2_to_float(pair >> 8);
+#endif
+}
+
+#if !ELEM_F32
+// The same pair as two elements of the 16-bit type, packed (lo in the low half).
+__device__ __forceinline__ u32 fp8x2_to_elem2(u16 pair) {
+#if __CUDA_ARCH__ >= 890 && !ELEM_BF16
+    u32 h2;
+    asm("cvt.rn.f16x2." FP8_PTX " %0, %1;" : "=r"(h2) : "h"(pair));
+    return h2;
+#else
+    float lo, hi;
+    fp8x2_to_float2(pair, lo, hi);
+    return pack_float2(lo, hi);
+#endif
+}
+#endif
+
+// Bytes of x rearranged: byte i of the result is byte (selector >> 4i) & 3 of x (prmt).
+template <u32 SELECTOR>
+__device__ __forceinline__ u32 byte_perm(u32 x) {
+    u32 r;
+    asm("prmt.b32 %0, %1, 0, %2;" : "=r"(r) : "r"(x), "n"(SELECTOR));
+    return r;
+}
+
+// x -> the FP8 code of the cache (fp8.h: saturating, round to nearest even, NaN kept).
+__device__ __forceinline__ unsigned char float_to_fp8(float x) {
+#if KV_FP8 == FP8_E4M3FN
+    return float_to_e4m3fn(x);
+#else
+    return float_to_e5m2(x);
+#endif
+}
+#endif

@@ -446,6 +446,10 @@ def test_decode_rows_fit_shared_memory():
             for rows in (16, 32, 64):
                 if rows <= cfg.block_m:
                     assert configs.decode_shared_memory_bytes(cfg, rows) <= smem
+            # FP8 caches: half-size rings plus the conversion tiles, same rows and stages
+            fp8 = configs.decode_shared_memory_bytes(cfg, cfg.block_m, fp8=True)
+            assert fp8 <= per_block[cfg.arch], cfg
+            assert cfg.min_blocks * (fp8 + 1024) <= per_sm[cfg.arch], cfg
 
 
 # ----------------------------------------------------------------------------- bad input

@@ -480,13 +480,50 @@ def _sdpa_decode(backend_name: str, gqa: bool):
     return run
 
 
-def run_decode(args, timer) -> list[dict]:
-    """One decode step (Sq = 1) against a full KV cache: bytes of K and V per second.
+DECODE_PAGE_SIZE = 16  # vLLM's default page (block) size, the smallest the kernels take
 
-    Every implementation gets the same problem; TB/s counts the cache's own K+V bytes,
-    2 * B * Hk * Sk * D * 2, for all of them, so the ratios are ratios of time. A peer that
-    rejects GQA (enable_gqa=True) is handed K/V expanded to Hq heads (outside the timing) and
-    then reads Hq/Hk times more bytes: the row says so ("expanded")."""
+
+def _decode_caches(k, v, page_size, fp8, gen):
+    """The bench's contiguous bf16 K/V in another form: paged (page_size > 0: (pages, page_size,
+    Hk, D) with the pages in shuffled order and the block table that finds them) and/or FP8
+    (e4m3fn with a per-kv-head scale amax / 448). Returns (k, v, block_table, k_scale, v_scale)."""
+    import torch
+
+    from xattn.kvcache import quantize
+
+    batch, heads_k, seqlen, head_dim = k.shape
+    table = k_scale = v_scale = None
+    if fp8:
+        scales = []
+        for x in (k, v):
+            amax = x.abs().amax(dim=(0, 2, 3)).float().clamp_min(1e-12)
+            scales.append(amax / torch.finfo(torch.float8_e4m3fn).max)
+        k_scale, v_scale = scales
+        k, v = (quantize(x, s.reshape(-1, 1, 1), torch.float8_e4m3fn) for x, s in zip((k, v), scales))
+    if page_size:
+        per_seq = seqlen // page_size
+        order = torch.randperm(batch * per_seq, generator=gen).to(k.device)
+        table = order.reshape(batch, per_seq).int()
+
+        def paginate(x):  # (B, Hk, S, D) -> pages (B * S / page_size, page_size, Hk, D)
+            pages = x.reshape(batch, heads_k, per_seq, page_size, head_dim).permute(0, 2, 3, 1, 4)
+            out = torch.empty((batch * per_seq, page_size, heads_k, head_dim), dtype=x.dtype,
+                              device=x.device)
+            out[order] = pages.reshape(batch * per_seq, page_size, heads_k, head_dim)
+            return out
+        k, v = paginate(k), paginate(v)
+    return k, v, table, k_scale, v_scale
+
+
+def run_decode(args, timer) -> list[dict]:
+    """One decode step (Sq = 1, every sequence's cache full) on one set of tokens, in several
+    forms: xattn on the contiguous bf16 cache, on the same values paged, and on their FP8
+    (e4m3fn, per-kv-head scales) copy contiguous and paged; SDPA flash and cuDNN on the contiguous
+    bf16 cache. Per implementation: microseconds, tokens/s (B / time) and TB/s of the cache bytes
+    it actually reads (K + V: 2 * B * Hk * Sk * D * element size, 1 byte for FP8), so the bf16
+    rows' TB/s ratios are ratios of time and the FP8 rows read half the bytes. A peer that rejects
+    GQA (enable_gqa=True) is handed K/V expanded to Hq heads (outside the timing); its TB/s still
+    counts the Hk-head cache ("expanded")."""
     import torch
 
     import xattn
@@ -494,24 +531,44 @@ def run_decode(args, timer) -> list[dict]:
 
     rows = []
     batch, heads_q, head_dim, dtype = args.decode_batch, 32, 128, torch.bfloat16
+    gen = torch.Generator().manual_seed(0)
     for heads_k in (8, 32):
         for seqlen in args.decode_seqlens:
             q = torch.randn(batch, heads_q, 1, head_dim, device="cuda", dtype=dtype)
             k, v = (torch.randn(batch, heads_k, seqlen, head_dim, device="cuda", dtype=dtype)
                     for _ in range(2))
             lengths = torch.full((batch,), seqlen, dtype=torch.int32, device="cuda")
-            kv_bytes = 2 * k.numel() * k.element_size()
+            elements = 2 * k.numel()
             plan = kvcache._plan("bfloat16", q.device.index or 0, batch, heads_q, heads_k, 1, seqlen,
                                  head_dim, (-1, -1))
             row = {"batch": batch, "heads_q": heads_q, "heads_k": heads_k, "seqlen_k": seqlen,
-                   "head_dim": head_dim, "dtype": "bfloat16", "kv_bytes": kv_bytes,
-                   "xattn_splits": plan[3]}
-            impls = {"xattn": lambda: xattn.attention_with_kvcache(q, k, v, cache_seqlens=lengths,
-                                                                   causal=False)}
+                   "head_dim": head_dim, "dtype": "bfloat16", "kv_bytes": elements * 2,
+                   "xattn_splits": plan[3], "page_size": DECODE_PAGE_SIZE, "impls": {}}
+            forms = {"xattn": (0, False), "xattn_paged": (DECODE_PAGE_SIZE, False),
+                     "xattn_fp8": (0, True), "xattn_fp8_paged": (DECODE_PAGE_SIZE, True)}
             reference = None
-            for name, fn in impls.items():
-                reference = fn()
-                row[name] = kv_bytes / timer(fn) / 1e9  # TB/s
+            with torch.no_grad():
+                for name, (page_size, fp8) in forms.items():
+                    if name == "xattn":
+                        kc, vc, table, ks, vs = k, v, None, None, None
+                    else:
+                        kc, vc, table, ks, vs = _decode_caches(k, v, page_size, fp8, gen)
+
+                    def fn(kc=kc, vc=vc, table=table, ks=ks, vs=vs):
+                        return xattn.attention_with_kvcache(q, kc, vc, cache_seqlens=lengths,
+                                                            causal=False, block_table=table,
+                                                            k_scale=ks, v_scale=vs)
+                    out = fn()
+                    ms = timer(fn)
+                    entry = _decode_entry(ms, batch, elements * (1 if fp8 else 2))
+                    if reference is None:
+                        reference = out
+                    else:  # FP8: the quantization error of the cache, ~1e-2 (e4m3 has 3 bits)
+                        entry["rel_err_vs_xattn"] = float((out.float() - reference.float()).norm()
+                                                          / reference.float().norm())
+                    row["impls"][name] = entry
+                    if name != "xattn":
+                        del kc, vc
             for name in DECODE_PEERS:
                 expanded = False
                 try:
@@ -524,43 +581,67 @@ def run_decode(args, timer) -> list[dict]:
                         fn, expanded = _sdpa_decode(name, gqa=False), True
                         out = fn(q, ke, ve)
                     except Exception as exc:
-                        row[name] = None
-                        row[f"{name}_error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:80]}"
+                        row["impls"][name] = {"error": f"{type(exc).__name__}: "
+                                                       f"{str(exc).splitlines()[0][:80]}"}
                         continue
                 args_ = (q, ke, ve) if expanded else (q, k, v)
-                row[name] = kv_bytes / timer(lambda: fn(*args_)) / 1e9
-                row[f"{name}_expanded"] = expanded
-                diff = (reference.float() - out.float()).norm() / out.float().norm()
-                row[f"xattn_vs_{name}_rel_err"] = float(diff)
+                entry = _decode_entry(timer(lambda: fn(*args_)), batch, elements * 2)
+                entry["expanded"] = expanded
+                entry["rel_err_vs_xattn"] = float((reference.float() - out.float()).norm()
+                                                  / out.float().norm())
+                row["impls"][name] = entry
                 if expanded:
                     del ke, ve
             rows.append(row)
-            print(_format_decode_row(row), flush=True)
-            del q, k, v
+            for line in _format_decode_row(row):
+                print(line, flush=True)
+            del q, k, v, reference
             torch.cuda.empty_cache()
     return rows
 
 
-def _format_decode_row(row) -> str:
-    cells = [f"B{row['batch']} Hq{row['heads_q']} Hk{row['heads_k']:<3}", f"Sk{row['seqlen_k']:<7}"]
-    for name in ("xattn", *DECODE_PEERS):
-        value = row.get(name)
-        mark = "*" if row.get(f"{name}_expanded") else " "
-        cells.append(f"{value:6.2f}{mark}" if value else "      - ")
-    cells += [_ratio(row, peer) for peer in DECODE_PEERS]
-    cells.append(f"{row['xattn_splits']:>6}")
-    return " ".join(cells)
+def _decode_entry(ms: float, batch: int, bytes_read: int) -> dict:
+    return {"us": ms * 1e3, "tokens_per_s": batch / (ms * 1e-3), "bytes_read": bytes_read,
+            "tb_per_s": bytes_read / ms / 1e9}
 
 
-DECODE_HEADER = (f"{'shape':18} {'Sk':9} {'xattn':>7} {'flash':>7} {'cudnn':>7} {'/flash':>6} "
-                 f"{'/cudnn':>6} {'splits':>6}")
+DECODE_LABELS = {"xattn": "xattn bf16", "xattn_paged": "xattn bf16 paged",
+                 "xattn_fp8": "xattn fp8", "xattn_fp8_paged": "xattn fp8 paged",
+                 "flash": "SDPA flash bf16", "cudnn": "SDPA cuDNN bf16"}
+
+
+def _format_decode_row(row) -> list[str]:
+    """One line per implementation of one shape: us, tokens/s, TB/s read, time against cuDNN and
+    tokens/s against xattn's contiguous bf16 row."""
+    shape = f"B{row['batch']} Hq{row['heads_q']} Hk{row['heads_k']:<3} Sk{row['seqlen_k']:<7}"
+    impls = row["impls"]
+    cudnn = impls.get("cudnn", {}).get("us")
+    base = impls["xattn"]["tokens_per_s"]
+    lines = []
+    for name, label in DECODE_LABELS.items():
+        entry = impls.get(name)
+        if entry is None or "us" not in entry:
+            lines.append(f"{shape} {label:17} " + (entry or {}).get("error", "-"))
+            continue
+        mark = "*" if entry.get("expanded") else " "
+        vs_cudnn = f"{cudnn / entry['us']:5.2f}x" if cudnn else "    - "
+        lines.append(f"{shape} {label:17} {entry['us']:9.1f} {entry['tokens_per_s']:10.0f} "
+                     f"{entry['tb_per_s']:6.2f}{mark} {vs_cudnn} {entry['tokens_per_s'] / base:6.2f}x")
+    lines.append(f"{shape} splits {row['xattn_splits']}, page size {row['page_size']}")
+    return lines
+
+
+DECODE_HEADER = (f"{'shape':29} {'implementation':17} {'us':>9} {'tokens/s':>10} {'TB/s':>7} "
+                 f"{'/cudnn':>6} {'tok/s vs bf16':>13}")
 
 
 def _main_decode(args, timer, device) -> int:
     import torch
 
-    print(f"# {device}, torch {torch.__version__}: decode, one query token, bf16, D=128; TB/s of "
-          f"the cache's K+V bytes (median); * = peer given K/V expanded to Hq heads")
+    print(f"# {device}, torch {torch.__version__}: decode, one query token per sequence, D=128, "
+          f"bf16 queries; TB/s of the K+V bytes each implementation reads (FP8: 1 byte an "
+          f"element), median time; /cudnn = cuDNN's time / this one's; * = peer given K/V "
+          f"expanded to Hq heads")
     print(DECODE_HEADER)
     rows = run_decode(args, timer)
     args.out.mkdir(parents=True, exist_ok=True)

@@ -37,6 +37,7 @@ class TileConfig(NamedTuple):
     warps: int
     min_blocks: int
     stages: int = 1  # cp.async pipeline depth; only flash_decode rows set it (see below)
+    fp8_stages: int = 0  # the same for FP8 caches (flash_decode rows; 0: stages)
 
 
 _ROWS = [
@@ -134,19 +135,21 @@ _ROWS = [
     # block_n = keys per pipeline step of the block (warps x keys per warp; float32: 32 per warp),
     # stages = each warp's cp.async ring depth. Sized so that min_blocks blocks fit one SM's
     # shared memory (228 KB sm_90, 164 KB sm_80, 100 KB sm_86) with 2-3 steps in flight per warp.
-    # kernel          arch  head_dim causal  block_m  block_n  warps  min_blocks stages
-    ("flash_decode",   80,   32,      None,   64,      64,      4,     2,         4),
-    ("flash_decode",   80,   64,      None,   64,      64,      4,     2,         3),
-    ("flash_decode",   80,   128,     None,   32,      64,      4,     2,         2),
-    ("flash_decode",   80,   256,     None,   16,      64,      4,     1,         2),
-    ("flash_decode",   86,   32,      None,   64,      64,      4,     1,         4),
-    ("flash_decode",   86,   64,      None,   64,      64,      4,     1,         3),
-    ("flash_decode",   86,   128,     None,   32,      64,      4,     1,         2),
-    ("flash_decode",   86,   256,     None,   16,      32,      2,     1,         2),
-    ("flash_decode",   90,   32,      None,   64,      64,      4,     2,         6),
-    ("flash_decode",   90,   64,      None,   64,      64,      4,     2,         5),
-    ("flash_decode",   90,   128,     None,   32,      64,      4,     2,         3),
-    ("flash_decode",   90,   256,     None,   16,      64,      4,     1,         3),
+    # fp8_stages: the ring depth for FP8 caches, whose steps are half the bytes: about twice
+    # stages, as far as the same shared memory allows (sm_90 D128: 5, not 6).
+    # kernel          arch  head_dim causal  block_m  block_n  warps  min_blocks stages fp8_stages
+    ("flash_decode",   80,   32,      None,   64,      64,      4,     2,         4,          8),
+    ("flash_decode",   80,   64,      None,   64,      64,      4,     2,         3,          6),
+    ("flash_decode",   80,   128,     None,   32,      64,      4,     2,         2,          4),
+    ("flash_decode",   80,   256,     None,   16,      64,      4,     1,         2,          4),
+    ("flash_decode",   86,   32,      None,   64,      64,      4,     1,         4,          8),
+    ("flash_decode",   86,   64,      None,   64,      64,      4,     1,         3,          6),
+    ("flash_decode",   86,   128,     None,   32,      64,      4,     1,         2,          4),
+    ("flash_decode",   86,   256,     None,   16,      32,      2,     1,         2,          4),
+    ("flash_decode",   90,   32,      None,   64,      64,      4,     2,         6,         12),
+    ("flash_decode",   90,   64,      None,   64,      64,      4,     2,         5,         10),
+    ("flash_decode",   90,   128,     None,   32,      64,      4,     2,         3,          5),
+    ("flash_decode",   90,   256,     None,   16,      64,      4,     1,         3,          6),
     ("flash_decode_f32", 80, 32,      None,   16,      128,     4,     1,         4),
     ("flash_decode_f32", 80, 64,      None,   16,      128,     4,     1,         2),
     ("flash_decode_f32", 80, 128,     None,   8,       64,      2,     1,         2),
@@ -268,29 +271,50 @@ DECODE_MERGE_KERNEL = "flash_decode_merge"
 DECODE_MERGE_WARPS = 4  # query rows per merge block (one warp each)
 # Page sizes of paged caches: any multiple of 16 rows (a compile-time constant of the kernels).
 DECODE_PAGE_MULTIPLE = 16
+# FP8 caches: the KV_FP8 value of each torch float8 dtype (kernels_common/fp8.h). The FP8 variants
+# use their row's tiles and stages unchanged: the ring then holds half the bytes (still several
+# times what keeps HBM busy), and the conversion tiles fit beside it in every row's shared memory
+# (tests/test_kvcache.py, test_decode_rows_fit_shared_memory).
+DECODE_FP8_FORMATS = {"float8_e4m3fn": 1, "float8_e5m2": 2}
 
 
-def decode_shared_memory_bytes(cfg: TileConfig, rows: int) -> int:
+def decode_stages(cfg: TileConfig, fp8: bool) -> int:
+    """The cp.async ring depth of a decode variant: the row's stages, or for FP8 caches its
+    fp8_stages where it has them (the tensor-core rows: a stage of codes is half the bytes, so
+    about twice the stages keep as many bytes in flight in the same shared memory)."""
+    return cfg.fp8_stages if fp8 and cfg.fp8_stages else cfg.stages
+
+
+def decode_shared_memory_bytes(cfg: TileConfig, rows: int, fp8: bool = False) -> int:
     """Dynamic shared memory of a decode block with `rows` query rows per tile (the layout in
-    decode_common.h): Q tile, row limits, then the warps' K/V rings or, reusing them, the merge
-    scratch."""
+    decode_common.h): Q tile, row limits, then the warps' K/V rings (FP8 caches: rings of 1-byte
+    codes, fp8_stages deep; the float32 kernel adds each warp's K and V conversion tiles) or,
+    reusing them, the merge scratch."""
     size = 4 if cfg.kernel == "flash_decode_f32" else 2
     stride = cfg.head_dim + 16 // size  # rows padded by 16 bytes
     q, limits = rows * stride * size, 2 * rows * 4
-    rings = cfg.stages * 2 * cfg.block_n * stride * size  # K and V, every warp's share
+    cache_size = 1 if fp8 else size
+    stages = decode_stages(cfg, fp8)
+    rings = stages * 2 * cfg.block_n * (cfg.head_dim + 16 // cache_size) * cache_size
+    if fp8 and cfg.kernel == "flash_decode_f32":
+        rings += 2 * cfg.block_n * stride * size  # K and V conversion tiles, every warp's
     merge = (rows * (cfg.head_dim + 4) + 2 * cfg.warps * rows) * 4
     return q + limits + max(rings, merge)
 
 
 def decode_defines(cfg: TileConfig, dtype: str, rows: int, vec_loads: bool,
-                   softcap: bool, page_size: int = 0) -> dict[str, int]:
-    """The -D macros of one decode variant (the kernel's file sets ELEM_F32 itself)."""
-    return {
+                   softcap: bool, page_size: int = 0, kv_fp8: int = 0,
+                   l2_prefetch: int = 0) -> dict[str, int]:
+    """The -D macros of one decode variant (the kernel's file sets ELEM_F32 itself); kv_fp8: 0, or
+    the cache's DECODE_FP8_FORMATS value; l2_prefetch: the cache copies' L2 hint (0, 128, 256)."""
+    defines = {
         "HEAD_DIM": cfg.head_dim, "NUM_WARPS": cfg.warps, "MIN_BLOCKS": cfg.min_blocks,
         "ELEM_BF16": int(dtype == "bfloat16"),
-        "BLOCK_M": rows, "WARP_N": cfg.block_n // cfg.warps, "STAGES": cfg.stages,
+        "BLOCK_M": rows, "WARP_N": cfg.block_n // cfg.warps, "STAGES": decode_stages(cfg, bool(kv_fp8)),
         "VEC_LOADS": int(vec_loads), "SOFTCAP": int(softcap), "PAGE_SIZE": page_size,
     }
+    return (defines | ({"KV_FP8": kv_fp8} if kv_fp8 else {})
+            | ({"L2_PREFETCH": l2_prefetch} if l2_prefetch else {}))
 
 
 def decode_merge_defines(dtype: str, head_dim: int) -> dict[str, int]:

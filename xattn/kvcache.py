@@ -83,29 +83,33 @@ def attention_with_kvcache(q, k_cache, v_cache, *, cache_seqlens, k_new=None, v_
     or torch.float8_e5m2 (both the same), with k_scale and v_scale float32 torch tensors on q's
     device, per tensor (shape () or (1,)) or per KV head (Hk,): the cache holds x / scale, and
     is read as fp8 * scale. q, k_new, v_new, out stay float16/bfloat16/float32. Appending
-    quantizes k_new / v_new with the given scales: x / scale rounded to nearest even, saturated to
-    the format's largest finite value (448 for e4m3fn, 57344 for e5m2; NaN stays NaN). Reference
-    backend only in this version (no FP8 decode kernel yet): a GPU cache raises ValueError.
+    quantizes k_new / v_new with the given scales: x / scale (float32) saturated to the format's
+    largest finite value (448 for e4m3fn, 57344 for e5m2), then rounded to nearest even; NaN
+    stays NaN. The new rows are attended as their quantized values. Reference and cuda backends
+    (the decode kernels read the codes and dequantize in the kernel, KV_FP8); hip raises
+    ValueError.
 
     Inference only: not differentiable. A torch input that requires grad while grad mode is on
     raises TypeError (call it under torch.no_grad(), or pass detached tensors).
     """
-    if k_scale is not None or v_scale is not None or _fp8_format(k_cache) or _fp8_format(v_cache):
-        return _fp8_attention(q, k_cache, v_cache, cache_seqlens, k_new, v_new, k_scale, v_scale,
-                              dict(causal=causal, scale=scale, window=window, softcap=softcap,
-                                   layout=layout, return_lse=return_lse, backend=backend,
-                                   block_table=block_table, sinks=sinks))
+    scales = (k_scale, v_scale)
     plan = _cached_plan(q, k_cache, v_cache, cache_seqlens, k_new, v_new, causal, scale, window,
-                        softcap, layout, return_lse, backend, block_table, sinks)
+                        softcap, layout, return_lse, backend, block_table, sinks, scales)
     if plan is not None:  # a repeated GPU signature: look-up, patch, launch
-        out, lse = plan.run(q, k_cache, v_cache, cache_seqlens, k_new, v_new, block_table, sinks)
+        out, lse = plan.run(q, k_cache, v_cache, cache_seqlens, k_new, v_new, block_table, sinks,
+                            scales)
         return (out, lse) if return_lse else out
     call = _validate(q, k_cache, v_cache, cache_seqlens, k_new, v_new, causal, scale, window,
-                     softcap, layout, return_lse, block_table, sinks)
+                     softcap, layout, return_lse, block_table, sinks, scales)
     info = call.info
     chosen = backends.choose_backend(backend, info.device, arrays.device_label(info))
     if chosen == "reference":
         check_dtype(info, REFERENCE_DTYPES)
+        if call.kv_format is not None:
+            return _fp8_reference(q, k_cache, v_cache, cache_seqlens, k_new, v_new, k_scale, v_scale,
+                                  dict(causal=causal, scale=scale, window=window, softcap=softcap,
+                                       layout=layout, return_lse=return_lse, backend=backend,
+                                       block_table=block_table, sinks=sinks))
         out, lse = _run_reference(q, k_cache, v_cache, k_new, v_new, block_table, sinks, call)
     elif chosen == "hip" or backends.hip_on_cuda:  # on_cuda: the HIP decode serves CUDA memory
         check_dtype(info, GPU_DTYPES, backend_name="hip")
@@ -115,10 +119,12 @@ def attention_with_kvcache(q, k_cache, v_cache, *, cache_seqlens, k_new=None, v_
     elif chosen == "cuda":
         check_dtype(info, GPU_DTYPES, backend_name=chosen)
         backends.gpu_forward(chosen)  # RuntimeError naming what to install where cuda is unusable
-        plan = _new_plan(q, k_cache, v_cache, cache_seqlens, k_new, v_new, block_table, sinks, call)
+        plan = _new_plan(q, k_cache, v_cache, cache_seqlens, k_new, v_new, block_table, sinks, call,
+                         scales)
         _remember(plan, q, k_cache, v_cache, cache_seqlens, k_new, v_new, causal, scale, window,
-                  softcap, layout, return_lse, backend, block_table, sinks)
-        out, lse = plan.run(q, k_cache, v_cache, cache_seqlens, k_new, v_new, block_table, sinks)
+                  softcap, layout, return_lse, backend, block_table, sinks, scales)
+        out, lse = plan.run(q, k_cache, v_cache, cache_seqlens, k_new, v_new, block_table, sinks,
+                            scales)
     else:
         raise ValueError(f"backend: attention_with_kvcache runs on the 'reference', 'cuda' and "
                          f"'hip' backends, got {chosen!r}")
@@ -154,6 +160,8 @@ def _scale_view(scale, cache, layout, paged):
 
 
 def _check_fp8(q, k_cache, v_cache, k_scale, v_scale, layout, paged):
+    """The FP8 arguments: float8 torch caches of one format, float32 scales () / (1,) / (Hk,) on
+    q's device. Returns the format's name."""
     info = arrays.describe(q, "q")
     formats = [_fp8_format(k_cache), _fp8_format(v_cache)]
     for name, cache, fmt in (("k_cache", k_cache, formats[0]), ("v_cache", v_cache, formats[1])):
@@ -182,31 +190,27 @@ def _check_fp8(q, k_cache, v_cache, k_scale, v_scale, layout, paged):
         if tuple(described.shape) not in ((), (1,), (heads_k,)):
             raise ValueError(f"{name}: expected shape (), (1,) or ({heads_k},) (per tensor or "
                              f"per KV head), got {tuple(described.shape)}")
-    return info, heads_k
+    return formats[0]
 
 
-def _fp8_attention(q, k_cache, v_cache, cache_seqlens, k_new, v_new, k_scale, v_scale, options):
-    """FP8 caches on the reference backend: dequantize into float32 copies, append k_new/v_new
-    (quantized then dequantized, so the copies hold exactly what the FP8 caches will), attend in
-    float32 with q in float32, and write the copies back quantized (rows already in FP8 round-trip
-    exactly: fp8 * s / s is within float32 rounding of the fp8 value, far inside half an FP8 step)."""
+def _is_fp8_call(k_cache, v_cache, scales) -> bool:
+    return any(s is not None for s in scales) or bool(_fp8_format(k_cache) or _fp8_format(v_cache))
+
+
+def _fp8_reference(q, k_cache, v_cache, cache_seqlens, k_new, v_new, k_scale, v_scale, options):
+    """FP8 caches on the reference backend (validated): dequantize into float32 copies, append
+    k_new/v_new (quantized then dequantized, so the copies hold exactly what the FP8 caches will),
+    attend in float32 with q in float32, and write the copies back quantized (rows already in FP8
+    round-trip exactly: fp8 * s / s is within float32 rounding of the fp8 value, far inside half
+    an FP8 step)."""
     paged, layout = options["block_table"] is not None, options["layout"]
-    info, _ = _check_fp8(q, k_cache, v_cache, k_scale, v_scale, layout, paged)
-    chosen = backends.choose_backend(options["backend"], info.device, arrays.device_label(info))
-    if chosen != "reference":
-        raise ValueError(f"k_cache: float8 caches run on the reference backend only in this "
-                         f"version (no FP8 decode kernel yet), got backend {chosen!r}")
-    if k_new is not None and v_new is not None:
-        for name, new in (("k_new", k_new), ("v_new", v_new)):
-            got = arrays.describe(new, name)
-            if got.dtype != info.dtype:
-                raise TypeError(f"{name}: expected dtype {info.dtype} (as q), got {got.dtype}")
     ks, vs = (_scale_view(s, k_cache, layout, paged) for s in (k_scale, v_scale))
     k32, v32 = k_cache.float() * ks, v_cache.float() * vs
     fmt = k_cache.dtype
-    if k_new is not None and v_new is not None:
-        k_new = quantize(k_new, ks, fmt).float() * ks
-        v_new = quantize(v_new, vs, fmt).float() * vs
+    if k_new is not None and v_new is not None:  # (B, Hk, Snew, D) or (B, Snew, Hk, D): never paged
+        ks_new, vs_new = (_scale_view(s, k_new, layout, False) for s in (k_scale, v_scale))
+        k_new = quantize(k_new, ks_new, fmt).float() * ks_new
+        v_new = quantize(v_new, vs_new, fmt).float() * vs_new
     result = attention_with_kvcache(q.float(), k32, v32, cache_seqlens=cache_seqlens, k_new=k_new,
                                     v_new=v_new, **options)
     k_cache.copy_(quantize(k32, ks, fmt))
@@ -223,7 +227,7 @@ class _Call:
 
     __slots__ = ("info", "batch", "heads_q", "seqlen_q", "heads_k", "seqlen_max", "seqlen_new",
                  "head_dim", "layout", "causal", "scale", "window", "softcap", "lengths",
-                 "uniform", "page_size", "num_pages", "pages", "return_lse")
+                 "uniform", "page_size", "num_pages", "pages", "return_lse", "kv_format")
 
     def __init__(self, **values):
         for name, value in values.items():
@@ -231,7 +235,7 @@ class _Call:
 
 
 def _validate(q, k_cache, v_cache, cache_seqlens, k_new, v_new, causal, scale, window, softcap,
-              layout, return_lse, block_table=None, sinks=None) -> _Call:
+              layout, return_lse, block_table=None, sinks=None, scales=(None, None)) -> _Call:
     if not isinstance(layout, str) or layout not in LAYOUTS:
         raise ValueError(f"layout: expected 'bhsd' or 'bshd', got {layout!r}")
     check_bool("causal", causal)
@@ -239,6 +243,9 @@ def _validate(q, k_cache, v_cache, cache_seqlens, k_new, v_new, causal, scale, w
     if (k_new is None) != (v_new is None):
         given, missing = ("k_new", "v_new") if v_new is None else ("v_new", "k_new")
         raise ValueError(f"{missing}: expected an array when {given} is given, got None")
+    kv_format = None
+    if _is_fp8_call(k_cache, v_cache, scales):  # the caches' dtype is theirs, not q's
+        kv_format = _check_fp8(q, k_cache, v_cache, *scales, layout, block_table is not None)
 
     info = arrays.describe(q, "q")
     named = [("q", q, info)]
@@ -250,7 +257,7 @@ def _validate(q, k_cache, v_cache, cache_seqlens, k_new, v_new, causal, scale, w
             raise TypeError(f"{name}: expected a NumPy array, torch tensor or CuPy array (the "
                             f"caches are written in place), got {arrays.library_label(other)}")
         check_like_q(name, other, info)
-        if other.dtype != info.dtype:
+        if other.dtype != info.dtype and not (kv_format and name in ("k_cache", "v_cache")):
             raise TypeError(f"{name}: expected dtype {info.dtype} (as q), got {other.dtype}")
     if info.library == "torch":
         _check_no_grad(named)
@@ -316,7 +323,7 @@ def _validate(q, k_cache, v_cache, cache_seqlens, k_new, v_new, causal, scale, w
                  causal=causal, scale=check_scale(scale, head_dim),
                  window=window, softcap=softcap,
                  lengths=lengths, uniform=uniform, page_size=page_size, num_pages=num_pages,
-                 pages=pages, return_lse=return_lse)
+                 pages=pages, return_lse=return_lse, kv_format=kv_format)
 
 
 def _check_block_table(block_table, info, batch, num_pages, page_size):
@@ -476,7 +483,7 @@ DECODE_PARAMS = params.DECODE_PARAMS  # kernels_common/params.h's DecodeParams
 _POINTER_OFFSETS = {name: DECODE_PARAMS.fields[name][1] + (DECODE_PARAMS[name].fields["ptr"][1]
                                                            if DECODE_PARAMS[name].names else 0)
                     for name in ("q", "k", "v", "o", "lse", "k_new", "v_new", "o_part", "lse_part",
-                                 "cache_seqlens", "block_table", "sinks")}
+                                 "cache_seqlens", "block_table", "sinks", "k_scale", "v_scale")}
 MAX_GRID_YZ = launch.MAX_GRID_YZ
 LOG2_E = math.log2(math.e)
 
@@ -484,6 +491,9 @@ LOG2_E = math.log2(math.e)
 MAX_SPLITS = 128
 # Tuning aid: XATTN_DECODE_SPLITS=n forces n splits (read once, at import).
 _FORCED_SPLITS = int(os.environ.get("XATTN_DECODE_SPLITS", "0") or 0)
+# The cache copies' L2 prefetch hint (0, 128 or 256 bytes; decode_common.h, L2_PREFETCH).
+# ci/tune_decode.py compares them; XATTN_DECODE_L2_PREFETCH sets it (read once, at import).
+L2_PREFETCH = int(os.environ.get("XATTN_DECODE_L2_PREFETCH", "0") or 0)
 
 
 @functools.lru_cache(maxsize=4096)
@@ -582,18 +592,19 @@ _MAX_PLANS = 4096  # forget them all past this many signatures (a bound, not an 
 
 
 def _plan_key(q, k_cache, v_cache, cache_seqlens, k_new, v_new, causal, scale, window, softcap,
-              layout, return_lse, backend, block_table, sinks):
+              layout, return_lse, backend, block_table, sinks, scales):
     library = "torch" if type(q).__module__.startswith("torch") else "cupy"
     seqlens = ("int",) if isinstance(cache_seqlens, int) else _signature(cache_seqlens, library)
     return (library, backend, os.environ.get(backends.ENVIRONMENT_VARIABLE),
             _signature(q, library), _signature(k_cache, library), _signature(v_cache, library),
             _signature(k_new, library), _signature(v_new, library), seqlens,
             _signature(block_table, library), _signature(sinks, library),
+            _signature(scales[0], library), _signature(scales[1], library),
             causal, scale, window, softcap, layout, return_lse)
 
 
 def _cached_plan(q, k_cache, v_cache, cache_seqlens, k_new, v_new, causal, scale, window, softcap,
-                 layout, return_lse, backend, block_table, sinks):
+                 layout, return_lse, backend, block_table, sinks, scales):
     """The plan of a GPU call seen before with the same signature, or None (then the full
     validation runs). Only torch CUDA tensors and CuPy arrays take this path; a torch input that
     requires grad under grad mode goes the long way, which raises."""
@@ -611,7 +622,7 @@ def _cached_plan(q, k_cache, v_cache, cache_seqlens, k_new, v_new, causal, scale
         return None
     try:
         key = _plan_key(q, k_cache, v_cache, cache_seqlens, k_new, v_new, causal, scale, window,
-                        softcap, layout, return_lse, backend, block_table, sinks)
+                        softcap, layout, return_lse, backend, block_table, sinks, scales)
         plan = _plans.get(key)
     except (AttributeError, TypeError):  # an argument of another kind: validation says what
         return None
@@ -676,7 +687,7 @@ class _Plan:
         return tuple(steps)
 
     def run(self, q, k_cache, v_cache, cache_seqlens, k_new, v_new, block_table, sinks,
-            outputs=None):
+            scales=(None, None), outputs=None):
         """Launch on these arrays; outputs=(out, lse, workspace) are given by kernel checks
         (poisoned beforehand), else allocated here."""
         call = self.call
@@ -708,7 +719,7 @@ class _Plan:
         words, at = self.words, _POINTER_OFFSETS
         for name, x in (("q", q), ("k", k_cache), ("v", v_cache), ("o", out), ("lse", lse),
                         ("k_new", k_new), ("v_new", v_new), ("block_table", block_table),
-                        ("sinks", sinks)):
+                        ("sinks", sinks), ("k_scale", scales[0]), ("v_scale", scales[1])):
             words[at[name] // 8] = 0 if x is None else _pointer(x)
         words[at["cache_seqlens"] // 8] = 0 if self.uniform is not None else _pointer(cache_seqlens)
         if part is not None:
@@ -738,16 +749,17 @@ _NO_POINTERS: dict = {}  # run() patched them into the block already
 
 
 @functools.lru_cache(maxsize=None)
-def _kernels(cfg, dtype: str, rows: int, vec: bool, softcap: bool, page_size: int, device: int):
+def _kernels(cfg, dtype: str, rows: int, vec: bool, softcap: bool, page_size: int, kv_fp8: int,
+             l2_prefetch: int, device: int):
     """The decode and merge entry points of one variant and the decode's shared memory (the
     launches opt it in: launch.function)."""
     from xattn import jit
 
-    defines = configs.decode_defines(cfg, dtype, rows, vec, softcap, page_size)
+    defines = configs.decode_defines(cfg, dtype, rows, vec, softcap, page_size, kv_fp8, l2_prefetch)
     decode = jit.get_function("cuda", cfg.kernel + ".cu", cfg.kernel, defines, device)
     merge = jit.get_function("cuda", configs.DECODE_MERGE_KERNEL + ".cu", configs.DECODE_MERGE_KERNEL,
                              configs.decode_merge_defines(dtype, cfg.head_dim), device)
-    return decode, merge, configs.decode_shared_memory_bytes(cfg, rows)
+    return decode, merge, configs.decode_shared_memory_bytes(cfg, rows, fp8=bool(kv_fp8))
 
 
 def _bhsd_strides(x, library: str, layout: str) -> tuple:
@@ -755,7 +767,8 @@ def _bhsd_strides(x, library: str, layout: str) -> tuple:
     return st if layout == "bhsd" else (st[0], st[2], st[1], st[3])
 
 
-def _new_plan(q, k_cache, v_cache, cache_seqlens, k_new, v_new, block_table, sinks, call) -> _Plan:
+def _new_plan(q, k_cache, v_cache, cache_seqlens, k_new, v_new, block_table, sinks, call,
+              scales=(None, None)) -> _Plan:
     """Validate what only the GPU path needs, choose the kernels and pack the parameter block."""
     library, layout = call.info.library, call.layout
     paged = block_table is not None
@@ -773,7 +786,10 @@ def _new_plan(q, k_cache, v_cache, cache_seqlens, k_new, v_new, block_table, sin
     if heads_k > MAX_GRID_YZ:
         raise ValueError(f"k_cache: at most {MAX_GRID_YZ} heads are supported, got {heads_k}")
 
-    per_vector = 16 // itemsize
+    kv_fp8 = configs.DECODE_FP8_FORMATS.get(call.kv_format, 0)
+    # 16-byte copies: of elements for q, k_new, v_new; of cache elements (1-byte codes) for FP8
+    per_vector = {name: 16 // (1 if kv_fp8 and name in ("k_cache", "v_cache") else itemsize)
+                  for name in ("q", "k_cache", "v_cache", "k_new", "v_new")}
 
     def strides_of(name, x):  # (B, H, S) strides the kernels see, in the layout's terms
         if name in copied:
@@ -782,10 +798,10 @@ def _new_plan(q, k_cache, v_cache, cache_seqlens, k_new, v_new, block_table, sin
 
     strided = [("q", q), ("k_cache", k_cache), ("v_cache", v_cache)]
     strided += [("k_new", k_new), ("v_new", v_new)] if k_new is not None else []
-    vec = call.head_dim % per_vector == 0 and all(
-        (name in copied or _pointer(x) % 16 == 0) and all(st % per_vector == 0 for st in strides_of(name, x))
-        for name, x in strided)
-    decode, merge, smem = _kernels(cfg, dtype, tile_rows, vec, bool(call.softcap), call.page_size, device)
+    vec = all(call.head_dim % per_vector[name] == 0 and (name in copied or _pointer(x) % 16 == 0)
+              and all(st % per_vector[name] == 0 for st in strides_of(name, x)) for name, x in strided)
+    decode, merge, smem = _kernels(cfg, dtype, tile_rows, vec, bool(call.softcap), call.page_size,
+                                   kv_fp8, L2_PREFETCH, device)
 
     params = np.zeros(1, DECODE_PARAMS)
     p = params[0]
@@ -821,6 +837,9 @@ def _new_plan(q, k_cache, v_cache, cache_seqlens, k_new, v_new, block_table, sin
     p["scale_log2"] = call.scale * LOG2_E
     p["softcap_log2"] = call.softcap * LOG2_E
     p["scale_over_softcap"] = call.scale / call.softcap if call.softcap else 0.0
+    if kv_fp8:  # one scale per tensor (stride 0) or per kv head
+        for name, x in zip(("k_scale_stride", "v_scale_stride"), scales):
+            p[name] = 0 if x.numel() == 1 else x.stride(0)
 
     rows_bhs = heads_q * seqlen_q
     workspace = batch * rows_bhs * splits * (cfg.head_dim + 1) if splits > 1 else 0
@@ -868,6 +887,9 @@ def _run_hip(q, k_cache, v_cache, cache_seqlens, k_new, v_new, block_table, sink
     if sinks is not None:
         raise ValueError("sinks: attention sinks are not supported on the hip backend, got an "
                          "array; pass sinks=None")
+    if call.kv_format is not None:
+        raise ValueError(f"k_cache: float8 caches are not supported on the hip backend (its "
+                         f"decode reads caches of q's dtype), got {call.kv_format}")
     _check_cache_strides(k_cache, v_cache, call)
     library = call.info.library
     q, k_new, v_new = (_contiguous(x, library) if _needs_copy(x, call) else x for x in (q, k_new, v_new))
@@ -916,22 +938,24 @@ def _contiguous_strides(shape) -> tuple:
 
 def launch_for_check(q, k_cache, v_cache, cache_seqlens, out, lse, workspace, *, k_new=None,
                      v_new=None, causal=True, scale=None, window=None, softcap=None,
-                     layout="bhsd", block_table=None, sinks=None):
+                     layout="bhsd", block_table=None, sinks=None, k_scale=None, v_scale=None):
     """The GPU launch below the public function, for kernel checks: validates as the public
     function does (cache_seqlens a device array, never read here), plans, and launches into the
     caller's out (layout's shape) and lse ((B, Hq, Sq) float32); workspace(n) returns n float32
     elements (poisoned by the caller) for the split partials."""
+    scales = (k_scale, v_scale)
     call = _validate(q, k_cache, v_cache, cache_seqlens, k_new, v_new, causal, scale, window,
-                     softcap, layout, True, block_table, sinks)
+                     softcap, layout, True, block_table, sinks, scales)
     if backends.hip_on_cuda:  # the HIP decode serves CUDA memory (xattn.hip.on_cuda): no plan
         _run_hip(q, k_cache, v_cache, cache_seqlens, k_new, v_new, block_table, sinks, call,
                  outputs=(out, lse, workspace))
         return None
-    plan = _new_plan(q, k_cache, v_cache, cache_seqlens, k_new, v_new, block_table, sinks, call)
+    plan = _new_plan(q, k_cache, v_cache, cache_seqlens, k_new, v_new, block_table, sinks, call,
+                     scales)
     o = plan.params[0]["o"]  # the caller's out, whatever its strides (the plan assumed contiguous)
     st = _bhsd_strides(out, call.info.library, layout)
     o["batch_stride"], o["head_stride"], o["row_stride"] = st[:3]
     part = workspace(plan.workspace_floats) if plan.workspace_floats else None
-    plan.run(q, k_cache, v_cache, cache_seqlens, k_new, v_new, block_table, sinks,
+    plan.run(q, k_cache, v_cache, cache_seqlens, k_new, v_new, block_table, sinks, scales,
              outputs=(out, lse, part))
     return plan

@@ -143,15 +143,19 @@ MATRIX_KERNEL(flash_bwd, _dkdv)(const AttnParams p) {
                                      alibi_slopes + batch * alibi_batch_stride + kv_head * heads_per_kv, scale);
 
     // Every address that does not change in the loop is formed now: fewer scalar registers live
-    // across it (the element-wise variant otherwise runs out of SGPRs).
-    k += batch * k_batch_stride + kv_head * k_head_stride + (i64)(seq.k_start + n_start) * k_row_stride;
-    v += batch * v_batch_stride + kv_head * v_head_stride + (i64)(seq.k_start + n_start) * v_row_stride;
-    q += batch * q_batch_stride + (i64)seq.q_start * q_row_stride;
-    dout += batch * dout_batch_stride + (i64)seq.q_start * dout_row_stride;
-    lse += batch * lse_batch_stride + seq.q_start;
-    delta += batch * delta_batch_stride + seq.q_start;
-    dk += batch * dk_batch_stride + kv_head * dk_head_stride + (i64)seq.k_start * dk_row_stride;
-    dv += batch * dv_batch_stride + kv_head * dv_head_stride + (i64)seq.k_start * dv_row_stride;
+    // across it (the element-wise variant otherwise runs out of SGPRs). The indices are
+    // non-negative and widen as unsigned: the upper half of each is then a constant 0, where a sign
+    // word would take a scalar register of its own (ROCm 5.2's compiler kept n_start's across the
+    // loop for dK and dV, and spilled it at D=32).
+    const i64 b = (u32)batch, h = (u32)kv_head, q_row = (u32)seq.q_start, k_row = (u32)(seq.k_start + n_start);
+    k += b * k_batch_stride + h * k_head_stride + k_row * k_row_stride;
+    v += b * v_batch_stride + h * v_head_stride + k_row * v_row_stride;
+    q += b * q_batch_stride + q_row * q_row_stride;
+    dout += b * dout_batch_stride + q_row * dout_row_stride;
+    lse += b * lse_batch_stride + q_row;
+    delta += b * delta_batch_stride + q_row;
+    dk += b * dk_batch_stride + h * dk_head_stride + k_row * dk_row_stride;
+    dv += b * dv_batch_stride + h * dv_head_stride + k_row * dv_row_stride;
 
     // Prologue: K, then V, through LDS into registers, where they stay for the whole loop.
     frag_t k_frag[DIM_STEPS], v_frag[DIM_STEPS];
@@ -177,17 +181,19 @@ MATRIX_KERNEL(flash_bwd, _dkdv)(const AttnParams p) {
 
     // Every query head of the GQA group adds into the same dK and dV.
     for (int head = kv_head * heads_per_kv; head < (kv_head + 1) * heads_per_kv; ++head) {
-        const u16* q_head = q + head * q_head_stride;
-        const u16* do_head = dout + head * dout_head_stride;
-        const float* lse_head = lse + head * lse_head_stride;
-        const float* delta_head = delta + head * delta_head_stride;
+        const i64 hq = (u32)head;  // unsigned, as above
+        const u16* q_head = q + hq * q_head_stride;
+        const u16* do_head = dout + hq * dout_head_stride;
+        const float* lse_head = lse + hq * lse_head_stride;
+        const float* delta_head = delta + hq * delta_head_stride;
         if (HAS_ALIBI) mods.alibi_coef = -alibi_slopes[batch * alibi_batch_stride + head] / scale;
 
         for (int m_block = m_begin; m_block < m_end; ++m_block) {
             const int m_start = m_block * BLOCK_M;
             __syncthreads();  // every wave is done with the previous step's tiles (and the V staging)
-            load_query_step(sQ, sdO, sQt, sdOt, sLse2, sDelta, q_head + m_start * q_row_stride, q_row_stride,
-                            do_head + m_start * dout_row_stride, dout_row_stride, lse_head + m_start,
+            const i64 m_row = (u32)m_start;
+            load_query_step(sQ, sdO, sQt, sdOt, sLse2, sDelta, q_head + m_row * q_row_stride, q_row_stride,
+                            do_head + m_row * dout_row_stride, dout_row_stride, lse_head + m_start,
                             delta_head + m_start, seqlen_q - m_start, head_dim, tid);
             __syncthreads();  // the step's tiles are visible to every wave
             // A wave whose keys no query of this step sees (outside the band, or past the end of
@@ -217,9 +223,9 @@ MATRIX_KERNEL(flash_bwd, _dkdv)(const AttnParams p) {
     __syncthreads();  // every wave is done with the last step's tiles: the staging memory takes dK
     acc_to_lds<DIM_BLOCKS, ROW_STRIDE>(sStage, wave * MATRIX_N + acc_col(lane), acc_dk, grad_scale, lane);
     __syncthreads();  // the dK tile is complete
-    store_tile<BLOCK_N, ROW_STRIDE>(dk + n_start * dk_row_stride, dk_row_stride, sStage, valid_keys, head_dim, tid);
+    store_tile<BLOCK_N, ROW_STRIDE>(dk, dk_row_stride, sStage, valid_keys, head_dim, tid);
     __syncthreads();  // every thread has read its share of dK: the staging memory takes dV
     acc_to_lds<DIM_BLOCKS, ROW_STRIDE>(sStage, wave * MATRIX_N + acc_col(lane), acc_dv, 1.f, lane);
     __syncthreads();  // the dV tile is complete
-    store_tile<BLOCK_N, ROW_STRIDE>(dv + n_start * dv_row_stride, dv_row_stride, sStage, valid_keys, head_dim, tid);
+    store_tile<BLOCK_N, ROW_STRIDE>(dv, dv_row_stride, sStage, valid_keys, head_dim, tid);
 }

@@ -69,25 +69,30 @@ def test_hip_sources_include_the_shared_cuda_header_once():
 def test_select_hip_picks_kernel_and_family_from_gcn_arch_name(arch, dtype, kernel, family):
     for head_dim in (1, 33, 64, 100, 256):
         cfg = configs.select_hip(dtype, arch, head_dim, causal=True)
-        if family == "cdna3" and head_dim > 192:  # MI300's MFMA forward spills at D=256 (clang-19)
-            kernel, family = "flash_fwd_portable", "gfx9"
         assert (cfg.kernel, cfg.arch) == (kernel, family) and cfg.head_dim >= head_dim
 
 
-@pytest.mark.parametrize("arch, family, last_wmma_dim", [("gfx1100", "rdna3", 32), ("gfx1201", "rdna4", 32)])
-def test_rdna3_and_rdna4_take_wmma_up_to_their_last_row_then_the_portable_kernels(arch, family, last_wmma_dim):
-    for dtype in ("float16", "bfloat16"):
-        for head_dim in (1, 33, 64, 65, 100, 128, 129, 256):
+@pytest.mark.parametrize("arch, family, last_forward, last_backward", [("gfx1100", "rdna3", 128, 32),
+                                                                    ("gfx1201", "rdna4", 192, 96)])
+def test_rdna3_and_rdna4_take_wmma_up_to_their_last_row_then_the_portable_kernels(arch, family, last_forward,
+                                                                                 last_backward):
+    """WMMA forward and backward (the pair) up to the last row that compiled without spills
+    (xattn/configs.py), the portable kernels past it and for float32; wave32 throughout."""
+    for dtype in ("float16", "bfloat16", "float32"):
+        for head_dim in (1, 33, 64, 65, 96, 100, 128, 129, 192, 193, 256):
             cfg = configs.select_hip(dtype, arch, head_dim, causal=False)
-            wmma = head_dim <= last_wmma_dim
+            wmma = head_dim <= last_forward and dtype != "float32"
             assert (cfg.kernel, cfg.arch) == (("flash_fwd_wmma", family) if wmma else ("flash_fwd_portable", "rdna"))
             assert cfg.head_dim >= head_dim and configs.hip_wave_size(cfg) == 32
             _, dkdv, dq = configs.select_hip_backward(dtype, arch, head_dim, causal=True)
-            # no WMMA backward rows: every tile tried spilled under clang-19 (the variants in bf16)
-            assert (dkdv.kernel, dq.kernel) == _PORTABLE_BWD
+            wmma = head_dim <= last_backward and dtype != "float32"
+            assert (dkdv.kernel, dq.kernel) == (_WMMA_BWD if wmma else _PORTABLE_BWD)
+            assert (dkdv.arch, dq.arch) == ((family,) * 2 if wmma else ("rdna",) * 2)
+            assert dkdv.head_dim >= head_dim and dq.head_dim >= head_dim
 
 
 _PORTABLE_BWD = ("flash_bwd_portable_dkdv", "flash_bwd_portable_dq")
+_WMMA_BWD = ("flash_bwd_wmma_dkdv", "flash_bwd_wmma_dq")
 
 
 def test_wmma_defines_pick_the_layout_of_the_family():

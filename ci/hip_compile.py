@@ -9,10 +9,16 @@ Runs without a GPU, with two compilers:
   for the AMDGPU metadata note, llvm-objdump for the instructions).
 - Debian's clang-19 (apt-get install clang-19 lld-19, with the HIP headers of the packages above),
   for the targets ROCm 5.2 does not know: gfx942 (MI300), gfx1100 (RDNA3) and gfx1201 (RDNA4).
-  `clang-19 -x hip --offload-arch=<gfx> --cuda-device-only -nogpulib -S` writes AMDGPU assembly
-  (linking would need device-library bitcode for the target, which Debian lacks), whose AMDGPU
-  metadata block carries the same fields as the code object's note; the instructions are counted
-  in the entry point's body.
+  `clang-19 -x hip --offload-arch=<gfx> --cuda-device-only -nogpulib -S` writes AMDGPU assembly,
+  whose AMDGPU metadata block carries the same fields as the code object's note; the instructions
+  are counted in the entry point's body. The HIP headers implement threadIdx, blockIdx,
+  __syncthreads, expf, tanhf, ... as calls into ROCm's device libraries (ockl, ocml, hip.bc),
+  which hiprtc links in and inlines. -nogpulib links nothing, so each of those stays a real
+  function call, and the calling convention's reserved and preserved registers then cost the
+  kernels dozens of VGPRs and their SGPRs (the gfx942 dK/dV "spills" of 2026-11-30 were that).
+  The compile therefore links the target-independent bitcode of Debian's rocm-device-libs
+  (DEVICE_LIBS, with -mlink-builtin-bitcode, as the ROCm driver does), and a kernel whose body
+  still calls anything fails ("CALLS").
 gfx950 (MI350) is known to neither (clang-19 rejects the name; the script shows its answer).
 
 Every row is compiled plain and causal. The attention variants of issue 6 (kernels_common/
@@ -23,7 +29,8 @@ gfx11 WMMA backward, at its largest), in the dtype with the most registers; `--v
 compiles every flag combination for every row instead (several times longer).
 
 Fails (exit 1) on a compile error, scratch or spills in any variant, registers or LDS over the
-target's limits, or a matrix-core variant without its matrix instructions.
+target's limits, a matrix-core variant without its matrix instructions, or a function call left
+in a kernel.
 
     python ci/hip_compile.py [--arch gfx908 gfx90a gfx1030 gfx942 gfx1100 gfx1201] [--jobs N]
                              [--variants {some,all}]
@@ -53,6 +60,16 @@ TARGETS = HIPRTC_TARGETS + CLANG_TARGETS
 NEWER_TARGETS = ("gfx942", "gfx1100", "gfx950")  # asked of hiprtc, expected to be unknown to it
 UNKNOWN_TARGETS = ("gfx950",)  # asked of clang-19, expected to be unknown to it
 CLANG = "clang-19"
+# ROCm's device libraries (Debian's rocm-device-libs), linked into every clang-19 compile as hiprtc
+# links them: hip.bc (__syncthreads' fence), ocml (math), ockl (work-item ids), and the control
+# variables hiprtc's defaults choose (code object v5, IEEE denormals, no fast-math, correctly
+# rounded sqrt); the wave-size one per target. Their oclc_isa_version files stop at gfx940 and
+# gfx1036: the target's __oclc_ISA_version (ocml's logf and expf read it on gfx11) is written here
+# the way those files define it (isa_version_bitcode).
+DEVICE_LIBS_DIR = "/usr/lib/x86_64-linux-gnu/amdgcn/bitcode"
+DEVICE_LIBS = ("hip.bc", "ocml.bc", "ockl.bc", "oclc_abi_version_500.bc", "oclc_daz_opt_off.bc",
+               "oclc_finite_only_off.bc", "oclc_unsafe_math_off.bc",
+               "oclc_correctly_rounded_sqrt_on.bc")
 # Registers one lane may use: (VGPRs, AGPRs). gfx90a and gfx942 have one file of 512 shared by both
 # kinds (vgpr_count is the total); RDNA has 256 VGPRs per lane in wave32 and no AGPRs.
 REGISTER_LIMIT = {"gfx908": (256, 256), "gfx90a": (512, 256), "gfx1030": (256, 0),
@@ -112,9 +129,37 @@ def hiprtc_compile(code: str, name: str, options: list[str]) -> tuple[bool, str,
     return status == 0, log.value.decode(errors="replace").strip(), binary
 
 
+def isa_version_bitcode(target: str, directory: str) -> str:
+    """A bitcode file defining __oclc_ISA_version for `target` as ROCm's oclc_isa_version_<gfx>.bc
+    does: major * 1000 + minor * 100 + stepping (gfx942: 9402, gfx1100: 11000, gfx1201: 12001)."""
+    digits = target.removeprefix("gfx")
+    version = int(digits[:-2]) * 1000 + int(digits[-2], 16) * 100 + int(digits[-1], 16)
+    text = os.path.join(directory, "isa_version.ll")
+    with open(text, "w") as f:
+        f.write('target triple = "amdgcn-amd-amdhsa"\n'
+                f"@__oclc_ISA_version = linkonce_odr protected local_unnamed_addr addrspace(4) "
+                f"constant i32 {version}, align 4\n")
+    bitcode = os.path.join(directory, "isa_version.bc")
+    subprocess.run(["/usr/lib/llvm-19/bin/llvm-as", text, "-o", bitcode], check=True)
+    return bitcode
+
+
+def device_libs(target: str, directory: str) -> list[str]:
+    """clang options linking DEVICE_LIBS for `target` (wave64 on gfx9, wave32 on gfx10+) and its
+    ISA version (written into `directory`)."""
+    wave64 = "on" if target.startswith("gfx9") else "off"
+    libs = [os.path.join(DEVICE_LIBS_DIR, lib) for lib in (*DEVICE_LIBS, f"oclc_wavefrontsize64_{wave64}.bc")]
+    missing = [lib for lib in libs if not os.path.exists(lib)]
+    if missing:
+        raise SystemExit(f"{', '.join(missing)} missing (Debian: apt-get install rocm-device-libs)")
+    libs.append(isa_version_bitcode(target, directory))
+    return [option for lib in libs for option in ("-Xclang", "-mlink-builtin-bitcode", "-Xclang", lib)]
+
+
 def clang_compile(code: str, name: str, target: str, defines: dict[str, int]) -> tuple[bool, str, str]:
     """(ok, log, AMDGPU assembly) of one HIP source for `target` with clang-19. hiprtc provides the
-    HIP device API (and hip_fp16.h) without an #include; here the headers come in with -include."""
+    HIP device API (and hip_fp16.h) without an #include; here the headers come in with -include,
+    and the device libraries with device_libs."""
     with tempfile.TemporaryDirectory() as tmp:
         source, out = os.path.join(tmp, name), os.path.join(tmp, "out.s")
         with open(source, "w") as f:
@@ -123,7 +168,7 @@ def clang_compile(code: str, name: str, target: str, defines: dict[str, int]) ->
         result = subprocess.run([CLANG, "-x", "hip", f"--offload-arch={target}", "--cuda-device-only",
                                  "-nogpulib", "--rocm-path=/usr", "-O3", "-S", "-std=c++17",
                                  "-include", "hip/hip_runtime.h", "-include", "hip/hip_fp16.h",
-                                 *jit.define_options(defines),
+                                 *device_libs(target, tmp), *jit.define_options(defines),
                                  source, "-o", out], capture_output=True, text=True, env=env)
         if result.returncode != 0:
             return False, result.stderr.strip(), ""
@@ -153,6 +198,9 @@ def inspect_assembly(assembly: str, kernel: str) -> dict[str, int]:
         "scratch": field("private_segment_fixed_size"), "static_lds": field("group_segment_fixed_size"),
         "wave": field("wavefront_size"),
         "mfma": len(re.findall(r"\bv_(?:mfma|wmma)_", body.group(1))) if body else 0,
+        # function calls (s_swappc_b64) and symbols nothing defined (relocations against them)
+        "calls": (len(re.findall(r"\bs_swappc_b64\b", body.group(1))) if body else 0)
+                 + len(set(re.findall(r"\b(__o[ck]l[cm]?_\w+)@", assembly))),
     }
 
 
@@ -193,6 +241,7 @@ def inspect(binary: bytes, target: str, kernel: str) -> dict[str, int]:
         "scratch": field("private_segment_fixed_size"), "static_lds": field("group_segment_fixed_size"),
         "wave": field("wavefront_size"),
         "mfma": len(re.findall(r"\bv_mfma_", body.group(1))) if body else 0,
+        "calls": len(re.findall(r"\bs_swappc_b64\b", body.group(1))) if body else 0,
     }
 
 
@@ -276,6 +325,8 @@ def check(variant, r) -> list[str]:
         problems.append("LDS")
     if r["wave"] != configs.hip_wave_size(cfg):
         problems.append("WAVE SIZE")
+    if r.get("calls"):
+        problems.append("CALLS")
     if cfg.kernel in configs.HIP_MFMA_KERNELS and r["mfma"] == 0:
         problems.append("NO WMMA" if cfg.kernel in configs.HIP_WMMA_KERNELS else "NO MFMA")
     return problems

@@ -28,7 +28,7 @@
 // NUM_WAVES   waves per block, BLOCK_N = 32 * NUM_WAVES keys per block
 // VEC_LOADS   as in mfma_tile.h;  WAVE_SIZE  64
 // IS_CAUSAL, IS_LOCAL, HAS_SOFTCAP, HAS_ALIBI, IS_VARLEN: masks and modifiers (attention_common.h)
-// Run-time parameters after the strides: as in flash_bwd_portable.hip.
+// Run time: one AttnParams by value (kernels_common/params.h), as in flash_bwd_portable.hip.
 
 #define NUM_THREADS (NUM_WAVES * WAVE_SIZE)
 
@@ -61,10 +61,10 @@ static_assert(HEAD_DIM % MATRIX_M == 0 && BLOCK_M % MATRIX_M == 0, "whole matrix
 // One step's query-side tiles: Q and dO as stored and transposed, base-2 LSE and delta.
 __device__ __forceinline__ void load_query_step(u16* sQ, u16* sdO, u16* sQt, u16* sdOt, float* sLse2,
                                                 float* sDelta, const u16* q, i64 q_row_stride,
-                                                const u16* dout, i64 do_row_stride, const float* lse,
+                                                const u16* dout, i64 dout_row_stride, const float* lse,
                                                 const float* delta, int valid_rows, int head_dim, int tid) {
     load_tile<BLOCK_M, ROW_STRIDE, T_STRIDE>(sQ, sQt, q, q_row_stride, valid_rows, head_dim, tid);
-    load_tile<BLOCK_M, ROW_STRIDE, T_STRIDE>(sdO, sdOt, dout, do_row_stride, valid_rows, head_dim, tid);
+    load_tile<BLOCK_M, ROW_STRIDE, T_STRIDE>(sdO, sdOt, dout, dout_row_stride, valid_rows, head_dim, tid);
     for (int r = tid; r < BLOCK_M; r += NUM_THREADS) {
         sLse2[r] = backward_lse2(lse, r, valid_rows);
         sDelta[r] = r < valid_rows ? delta[r] : 0.f;
@@ -109,22 +109,17 @@ __device__ __forceinline__ void softmax_backward_step(acc_t (&acc_s)[Q_BLOCKS], 
 // ---- entry point ------------------------------------------------------------------------------
 
 extern "C" __global__ void __launch_bounds__(NUM_THREADS)
-MATRIX_KERNEL(flash_bwd, _dkdv)(const u16* __restrict__ q, const u16* __restrict__ k, const u16* __restrict__ v,
-                    const u16* __restrict__ dout, const float* __restrict__ lse,
-                    const float* __restrict__ delta, u16* __restrict__ dk, u16* __restrict__ dv,
-                    i64 q_batch_stride, i64 q_head_stride, i64 q_row_stride,
-                    i64 k_batch_stride, i64 k_head_stride, i64 k_row_stride,
-                    i64 v_batch_stride, i64 v_head_stride, i64 v_row_stride,
-                    i64 do_batch_stride, i64 do_head_stride, i64 do_row_stride,
-                    i64 dk_batch_stride, i64 dk_head_stride, i64 dk_row_stride,
-                    i64 dv_batch_stride, i64 dv_head_stride, i64 dv_row_stride,
-                    i64 lse_batch_stride, i64 lse_head_stride,
-                    i64 delta_batch_stride, i64 delta_head_stride,
-                    const int* __restrict__ cu_seqlens_q, const int* __restrict__ cu_seqlens_k,
-                    const float* __restrict__ alibi_slopes, i64 alibi_batch_stride,
-                    int seqlen_q, int seqlen_k, int head_dim, int heads_per_kv,
-                    int window_left, int window_right, float softcap_scale,
-                    float scale, float scale_log2, float grad_scale) {
+MATRIX_KERNEL(flash_bwd, _dkdv)(const AttnParams p) {
+    // The parameter block (kernels_common/params.h), in this kernel's names.
+    TENSOR_FROM_PARAMS(const u16, q, p.q);
+    TENSOR_FROM_PARAMS(const u16, k, p.k);
+    TENSOR_FROM_PARAMS(const u16, v, p.v);
+    TENSOR_FROM_PARAMS(const u16, dout, p.dout);
+    TENSOR_FROM_PARAMS(const float, lse, p.lse);
+    TENSOR_FROM_PARAMS(const float, delta, p.delta);
+    TENSOR_FROM_PARAMS(u16, dk, p.dk);
+    TENSOR_FROM_PARAMS(u16, dv, p.dv);
+    ATTENTION_SCALARS_FROM_PARAMS(p);
     extern __shared__ __attribute__((aligned(16))) u16 smem[];
     u16* sStage = smem;  // K, then V, before the loop
     u16* sQ = smem;
@@ -134,7 +129,7 @@ MATRIX_KERNEL(flash_bwd, _dkdv)(const u16* __restrict__ q, const u16* __restrict
     float* sLse2 = (float*)(smem + LDS_U16);
     float* sDelta = sLse2 + BLOCK_M;
 
-    const int n_block = blockIdx.x, kv_head = blockIdx.y, batch = blockIdx.z;
+    const int n_block = blockIdx.x, kv_head = blockIdx.y, batch = blockIdx.z + p.batch_offset;
     const int tid = threadIdx.x, wave = tid / WAVE_SIZE, lane = tid % WAVE_SIZE;
     const int n_start = n_block * BLOCK_N;
     const int wave_key_start = n_start + wave * MATRIX_N;
@@ -148,15 +143,19 @@ MATRIX_KERNEL(flash_bwd, _dkdv)(const u16* __restrict__ q, const u16* __restrict
                                      alibi_slopes + batch * alibi_batch_stride + kv_head * heads_per_kv, scale);
 
     // Every address that does not change in the loop is formed now: fewer scalar registers live
-    // across it (the element-wise variant otherwise runs out of SGPRs).
-    k += batch * k_batch_stride + kv_head * k_head_stride + (i64)(seq.k_start + n_start) * k_row_stride;
-    v += batch * v_batch_stride + kv_head * v_head_stride + (i64)(seq.k_start + n_start) * v_row_stride;
-    q += batch * q_batch_stride + (i64)seq.q_start * q_row_stride;
-    dout += batch * do_batch_stride + (i64)seq.q_start * do_row_stride;
-    lse += batch * lse_batch_stride + seq.q_start;
-    delta += batch * delta_batch_stride + seq.q_start;
-    dk += batch * dk_batch_stride + kv_head * dk_head_stride + (i64)seq.k_start * dk_row_stride;
-    dv += batch * dv_batch_stride + kv_head * dv_head_stride + (i64)seq.k_start * dv_row_stride;
+    // across it (the element-wise variant otherwise runs out of SGPRs). The indices are
+    // non-negative and widen as unsigned: the upper half of each is then a constant 0, where a sign
+    // word would take a scalar register of its own (ROCm 5.2's compiler kept n_start's across the
+    // loop for dK and dV, and spilled it at D=32).
+    const i64 b = (u32)batch, h = (u32)kv_head, q_row = (u32)seq.q_start, k_row = (u32)(seq.k_start + n_start);
+    k += b * k_batch_stride + h * k_head_stride + k_row * k_row_stride;
+    v += b * v_batch_stride + h * v_head_stride + k_row * v_row_stride;
+    q += b * q_batch_stride + q_row * q_row_stride;
+    dout += b * dout_batch_stride + q_row * dout_row_stride;
+    lse += b * lse_batch_stride + q_row;
+    delta += b * delta_batch_stride + q_row;
+    dk += b * dk_batch_stride + h * dk_head_stride + k_row * dk_row_stride;
+    dv += b * dv_batch_stride + h * dv_head_stride + k_row * dv_row_stride;
 
     // Prologue: K, then V, through LDS into registers, where they stay for the whole loop.
     frag_t k_frag[DIM_STEPS], v_frag[DIM_STEPS];
@@ -182,17 +181,19 @@ MATRIX_KERNEL(flash_bwd, _dkdv)(const u16* __restrict__ q, const u16* __restrict
 
     // Every query head of the GQA group adds into the same dK and dV.
     for (int head = kv_head * heads_per_kv; head < (kv_head + 1) * heads_per_kv; ++head) {
-        const u16* q_head = q + head * q_head_stride;
-        const u16* do_head = dout + head * do_head_stride;
-        const float* lse_head = lse + head * lse_head_stride;
-        const float* delta_head = delta + head * delta_head_stride;
+        const i64 hq = (u32)head;  // unsigned, as above
+        const u16* q_head = q + hq * q_head_stride;
+        const u16* do_head = dout + hq * dout_head_stride;
+        const float* lse_head = lse + hq * lse_head_stride;
+        const float* delta_head = delta + hq * delta_head_stride;
         if (HAS_ALIBI) mods.alibi_coef = -alibi_slopes[batch * alibi_batch_stride + head] / scale;
 
         for (int m_block = m_begin; m_block < m_end; ++m_block) {
             const int m_start = m_block * BLOCK_M;
             __syncthreads();  // every wave is done with the previous step's tiles (and the V staging)
-            load_query_step(sQ, sdO, sQt, sdOt, sLse2, sDelta, q_head + m_start * q_row_stride, q_row_stride,
-                            do_head + m_start * do_row_stride, do_row_stride, lse_head + m_start,
+            const i64 m_row = (u32)m_start;
+            load_query_step(sQ, sdO, sQt, sdOt, sLse2, sDelta, q_head + m_row * q_row_stride, q_row_stride,
+                            do_head + m_row * dout_row_stride, dout_row_stride, lse_head + m_start,
                             delta_head + m_start, seqlen_q - m_start, head_dim, tid);
             __syncthreads();  // the step's tiles are visible to every wave
             // A wave whose keys no query of this step sees (outside the band, or past the end of
@@ -222,9 +223,9 @@ MATRIX_KERNEL(flash_bwd, _dkdv)(const u16* __restrict__ q, const u16* __restrict
     __syncthreads();  // every wave is done with the last step's tiles: the staging memory takes dK
     acc_to_lds<DIM_BLOCKS, ROW_STRIDE>(sStage, wave * MATRIX_N + acc_col(lane), acc_dk, grad_scale, lane);
     __syncthreads();  // the dK tile is complete
-    store_tile<BLOCK_N, ROW_STRIDE>(dk + n_start * dk_row_stride, dk_row_stride, sStage, valid_keys, head_dim, tid);
+    store_tile<BLOCK_N, ROW_STRIDE>(dk, dk_row_stride, sStage, valid_keys, head_dim, tid);
     __syncthreads();  // every thread has read its share of dK: the staging memory takes dV
     acc_to_lds<DIM_BLOCKS, ROW_STRIDE>(sStage, wave * MATRIX_N + acc_col(lane), acc_dv, 1.f, lane);
     __syncthreads();  // the dV tile is complete
-    store_tile<BLOCK_N, ROW_STRIDE>(dv + n_start * dv_row_stride, dv_row_stride, sStage, valid_keys, head_dim, tid);
+    store_tile<BLOCK_N, ROW_STRIDE>(dv, dv_row_stride, sStage, valid_keys, head_dim, tid);
 }

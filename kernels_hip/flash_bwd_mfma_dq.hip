@@ -21,7 +21,7 @@
 // NUM_WAVES   waves per block, BLOCK_M = 32 * NUM_WAVES queries per block
 // VEC_LOADS   as in mfma_tile.h;  WAVE_SIZE  64
 // IS_CAUSAL, IS_LOCAL, HAS_SOFTCAP, HAS_ALIBI, IS_VARLEN: masks and modifiers (attention_common.h)
-// Run-time parameters after the strides: as in flash_bwd_portable.hip.
+// Run time: one AttnParams by value (kernels_common/params.h), as in flash_bwd_portable.hip.
 
 #define NUM_THREADS (NUM_WAVES * WAVE_SIZE)
 
@@ -68,21 +68,16 @@ __device__ __forceinline__ void softmax_backward_tile(acc_t (&acc_s)[KEY_BLOCKS]
 // ---- entry point ------------------------------------------------------------------------------
 
 extern "C" __global__ void __launch_bounds__(NUM_THREADS)
-MATRIX_KERNEL(flash_bwd, _dq)(const u16* __restrict__ q, const u16* __restrict__ k, const u16* __restrict__ v,
-                  const u16* __restrict__ dout, const float* __restrict__ lse,
-                  const float* __restrict__ delta, u16* __restrict__ dq,
-                  i64 q_batch_stride, i64 q_head_stride, i64 q_row_stride,
-                  i64 k_batch_stride, i64 k_head_stride, i64 k_row_stride,
-                  i64 v_batch_stride, i64 v_head_stride, i64 v_row_stride,
-                  i64 do_batch_stride, i64 do_head_stride, i64 do_row_stride,
-                  i64 dq_batch_stride, i64 dq_head_stride, i64 dq_row_stride,
-                  i64 lse_batch_stride, i64 lse_head_stride,
-                  i64 delta_batch_stride, i64 delta_head_stride,
-                  const int* __restrict__ cu_seqlens_q, const int* __restrict__ cu_seqlens_k,
-                  const float* __restrict__ alibi_slopes, i64 alibi_batch_stride,
-                  int seqlen_q, int seqlen_k, int head_dim, int heads_per_kv,
-                  int window_left, int window_right, float softcap_scale,
-                  float scale, float scale_log2, float grad_scale) {
+MATRIX_KERNEL(flash_bwd, _dq)(const AttnParams p) {
+    // The parameter block (kernels_common/params.h), in this kernel's names.
+    TENSOR_FROM_PARAMS(const u16, q, p.q);
+    TENSOR_FROM_PARAMS(const u16, k, p.k);
+    TENSOR_FROM_PARAMS(const u16, v, p.v);
+    TENSOR_FROM_PARAMS(const u16, dout, p.dout);
+    TENSOR_FROM_PARAMS(const float, lse, p.lse);
+    TENSOR_FROM_PARAMS(const float, delta, p.delta);
+    TENSOR_FROM_PARAMS(u16, dq, p.dq);
+    ATTENTION_SCALARS_FROM_PARAMS(p);
     extern __shared__ __attribute__((aligned(16))) u16 smem[];
     u16* sStage = smem;  // Q, then dO, before the loop
     u16* sK = smem;
@@ -90,7 +85,7 @@ MATRIX_KERNEL(flash_bwd, _dq)(const u16* __restrict__ q, const u16* __restrict__
     u16* sKt = sV + BLOCK_N * ROW_STRIDE;
 
     const int m_block = gridDim.x - 1 - blockIdx.x;
-    const int head = blockIdx.y, batch = blockIdx.z, kv_head = head / heads_per_kv;
+    const int head = blockIdx.y, batch = blockIdx.z + p.batch_offset, kv_head = head / heads_per_kv;
     const int tid = threadIdx.x, wave = tid / WAVE_SIZE, lane = tid % WAVE_SIZE;
     const int m_start = m_block * BLOCK_M;
     const int wave_row_start = m_start + wave * MATRIX_N;
@@ -104,7 +99,7 @@ MATRIX_KERNEL(flash_bwd, _dq)(const u16* __restrict__ q, const u16* __restrict__
                                            alibi_slopes + batch * alibi_batch_stride + head, scale);
 
     q += batch * q_batch_stride + head * q_head_stride + (i64)(seq.q_start + m_start) * q_row_stride;
-    dout += batch * do_batch_stride + head * do_head_stride + (i64)(seq.q_start + m_start) * do_row_stride;
+    dout += batch * dout_batch_stride + head * dout_head_stride + (i64)(seq.q_start + m_start) * dout_row_stride;
     k += batch * k_batch_stride + kv_head * k_head_stride + (i64)seq.k_start * k_row_stride;
     v += batch * v_batch_stride + kv_head * v_head_stride + (i64)seq.k_start * v_row_stride;
     lse += batch * lse_batch_stride + head * lse_head_stride + seq.q_start;
@@ -116,7 +111,7 @@ MATRIX_KERNEL(flash_bwd, _dq)(const u16* __restrict__ q, const u16* __restrict__
     __syncthreads();  // the Q tile is complete
     load_frags<DIM_STEPS, ROW_STRIDE>(q_frag, sStage, wave * MATRIX_N, lane);
     __syncthreads();  // every wave has its Q fragments: the staging memory takes dO
-    load_tile<BLOCK_M, ROW_STRIDE, 0>(sStage, nullptr, dout, do_row_stride, seqlen_q - m_start, head_dim, tid);
+    load_tile<BLOCK_M, ROW_STRIDE, 0>(sStage, nullptr, dout, dout_row_stride, seqlen_q - m_start, head_dim, tid);
     __syncthreads();  // the dO tile is complete
     load_frags<DIM_STEPS, ROW_STRIDE>(do_frag, sStage, wave * MATRIX_N, lane);
     const float lse2 = backward_lse2(lse, query, seqlen_q);

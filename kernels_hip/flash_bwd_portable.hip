@@ -38,10 +38,11 @@
 // NUM_WAVES   waves per block;  WAVE_SIZE  32 or 64
 // IS_CAUSAL, IS_LOCAL, HAS_SOFTCAP, HAS_ALIBI, IS_VARLEN: masks and modifiers (attention_common.h)
 //
-// Run-time parameters after the strides: cu_seqlens_q/k, alibi_slopes, alibi_batch_stride,
-// seqlen_q, seqlen_k, head_dim, heads_per_kv, window_left, window_right, softcap_scale, then
-// scale and scale_log2 (the scores' scale: the softcap c under a softcap, else the attention
-// scale) and grad_scale (the attention scale, d(scale * x)/dx, applied to dQ and dK).
+// Run time: one AttnParams by value (kernels_common/params.h, filled by xattn/launch.py's
+// attn_block), unpacked into the names below by attention_common.h's macros. Of its scalars, scale
+// and scale_log2 are the scores' scale (the softcap c under a softcap, else the attention scale)
+// and grad_scale the attention scale, d(scale * x)/dx, applied to dQ and dK; batch_offset is the
+// first batch entry of the launch (blockIdx.z + batch_offset: batches past 65535 go in chunks).
 
 #include "platform.h"
 #include "../kernels_common/attention_common.h"
@@ -111,22 +112,16 @@ __device__ __forceinline__ void store_row(elem_t* gmem, const float (&acc)[D_PER
 // ---- entry points ------------------------------------------------------------------------------
 
 extern "C" __global__ void __launch_bounds__(NUM_THREADS)
-flash_bwd_portable_dq(const elem_t* __restrict__ q, const elem_t* __restrict__ k,
-                      const elem_t* __restrict__ v, const elem_t* __restrict__ dout,
-                      const float* __restrict__ lse, const float* __restrict__ delta,
-                      elem_t* __restrict__ dq,
-                      i64 q_batch_stride, i64 q_head_stride, i64 q_row_stride,
-                      i64 k_batch_stride, i64 k_head_stride, i64 k_row_stride,
-                      i64 v_batch_stride, i64 v_head_stride, i64 v_row_stride,
-                      i64 do_batch_stride, i64 do_head_stride, i64 do_row_stride,
-                      i64 dq_batch_stride, i64 dq_head_stride, i64 dq_row_stride,
-                      i64 lse_batch_stride, i64 lse_head_stride,
-                      i64 delta_batch_stride, i64 delta_head_stride,
-                      const int* __restrict__ cu_seqlens_q, const int* __restrict__ cu_seqlens_k,
-                      const float* __restrict__ alibi_slopes, i64 alibi_batch_stride,
-                      int seqlen_q, int seqlen_k, int head_dim, int heads_per_kv,
-                      int window_left, int window_right, float softcap_scale,
-                      float scale, float scale_log2, float grad_scale) {
+flash_bwd_portable_dq(const AttnParams p) {
+    // The parameter block (kernels_common/params.h), in this kernel's names.
+    TENSOR_FROM_PARAMS(const elem_t, q, p.q);
+    TENSOR_FROM_PARAMS(const elem_t, k, p.k);
+    TENSOR_FROM_PARAMS(const elem_t, v, p.v);
+    TENSOR_FROM_PARAMS(const elem_t, dout, p.dout);
+    TENSOR_FROM_PARAMS(const float, lse, p.lse);
+    TENSOR_FROM_PARAMS(const float, delta, p.delta);
+    TENSOR_FROM_PARAMS(elem_t, dq, p.dq);
+    ATTENTION_SCALARS_FROM_PARAMS(p);
     extern __shared__ float smem_f32[];
     float* sQ = smem_f32;
     float* sdO = sQ + BLOCK_ROWS * STRIDE;
@@ -135,7 +130,7 @@ flash_bwd_portable_dq(const elem_t* __restrict__ q, const elem_t* __restrict__ k
     float* sdS = sV + TILE * STRIDE;
 
     const int m_block = gridDim.x - 1 - blockIdx.x;
-    const int head = blockIdx.y, batch = blockIdx.z, kv_head = head / heads_per_kv;
+    const int head = blockIdx.y, batch = blockIdx.z + p.batch_offset, kv_head = head / heads_per_kv;
     const int tid = threadIdx.x, wave = tid / WAVE_SIZE, lane = tid % WAVE_SIZE;
     const int key = lane % TILE, group = lane / TILE;  // this lane's key of the tile, and row group
     const int m_start = m_block * BLOCK_ROWS;
@@ -150,7 +145,7 @@ flash_bwd_portable_dq(const elem_t* __restrict__ q, const elem_t* __restrict__ k
                                            alibi_slopes + batch * alibi_batch_stride + head, scale);
 
     q += batch * q_batch_stride + head * q_head_stride + (i64)(seq.q_start + m_start) * q_row_stride;
-    dout += batch * do_batch_stride + head * do_head_stride + (i64)(seq.q_start + m_start) * do_row_stride;
+    dout += batch * dout_batch_stride + head * dout_head_stride + (i64)(seq.q_start + m_start) * dout_row_stride;
     k += batch * k_batch_stride + kv_head * k_head_stride + (i64)seq.k_start * k_row_stride;
     v += batch * v_batch_stride + kv_head * v_head_stride + (i64)seq.k_start * v_row_stride;
     lse += batch * lse_batch_stride + head * lse_head_stride + seq.q_start;
@@ -158,7 +153,7 @@ flash_bwd_portable_dq(const elem_t* __restrict__ q, const elem_t* __restrict__ k
 
     const KeyRange tiles = key_tiles(m_start, min(BLOCK_ROWS, seqlen_q - m_start), TILE, seqlen_k, mods.band);
     load_rows(sQ, q, q_row_stride, BLOCK_ROWS, seqlen_q - m_start, head_dim, tid);
-    load_rows(sdO, dout, do_row_stride, BLOCK_ROWS, seqlen_q - m_start, head_dim, tid);
+    load_rows(sdO, dout, dout_row_stride, BLOCK_ROWS, seqlen_q - m_start, head_dim, tid);
 
     // The base-2 LSE and delta of this lane's rows (+inf and 0 past the end).
     float row_lse2[ROWS_PER_LANE], row_delta[ROWS_PER_LANE];
@@ -219,23 +214,17 @@ flash_bwd_portable_dq(const elem_t* __restrict__ q, const elem_t* __restrict__ k
 }
 
 extern "C" __global__ void __launch_bounds__(NUM_THREADS)
-flash_bwd_portable_dkdv(const elem_t* __restrict__ q, const elem_t* __restrict__ k,
-                        const elem_t* __restrict__ v, const elem_t* __restrict__ dout,
-                        const float* __restrict__ lse, const float* __restrict__ delta,
-                        elem_t* __restrict__ dk, elem_t* __restrict__ dv,
-                        i64 q_batch_stride, i64 q_head_stride, i64 q_row_stride,
-                        i64 k_batch_stride, i64 k_head_stride, i64 k_row_stride,
-                        i64 v_batch_stride, i64 v_head_stride, i64 v_row_stride,
-                        i64 do_batch_stride, i64 do_head_stride, i64 do_row_stride,
-                        i64 dk_batch_stride, i64 dk_head_stride, i64 dk_row_stride,
-                        i64 dv_batch_stride, i64 dv_head_stride, i64 dv_row_stride,
-                        i64 lse_batch_stride, i64 lse_head_stride,
-                        i64 delta_batch_stride, i64 delta_head_stride,
-                        const int* __restrict__ cu_seqlens_q, const int* __restrict__ cu_seqlens_k,
-                        const float* __restrict__ alibi_slopes, i64 alibi_batch_stride,
-                        int seqlen_q, int seqlen_k, int head_dim, int heads_per_kv,
-                        int window_left, int window_right, float softcap_scale,
-                        float scale, float scale_log2, float grad_scale) {
+flash_bwd_portable_dkdv(const AttnParams p) {
+    // The parameter block (kernels_common/params.h), in this kernel's names.
+    TENSOR_FROM_PARAMS(const elem_t, q, p.q);
+    TENSOR_FROM_PARAMS(const elem_t, k, p.k);
+    TENSOR_FROM_PARAMS(const elem_t, v, p.v);
+    TENSOR_FROM_PARAMS(const elem_t, dout, p.dout);
+    TENSOR_FROM_PARAMS(const float, lse, p.lse);
+    TENSOR_FROM_PARAMS(const float, delta, p.delta);
+    TENSOR_FROM_PARAMS(elem_t, dk, p.dk);
+    TENSOR_FROM_PARAMS(elem_t, dv, p.dv);
+    ATTENTION_SCALARS_FROM_PARAMS(p);
     extern __shared__ float smem_f32[];
     float* sK = smem_f32;
     float* sV = sK + BLOCK_ROWS * STRIDE;
@@ -243,7 +232,7 @@ flash_bwd_portable_dkdv(const elem_t* __restrict__ q, const elem_t* __restrict__
     float* sdO = sQ + TILE * STRIDE;
     float2* sPdS = (float2*)(sdO + TILE * STRIDE);  // 8-byte aligned: the offsets above are even
 
-    const int n_block = blockIdx.x, kv_head = blockIdx.y, batch = blockIdx.z;
+    const int n_block = blockIdx.x, kv_head = blockIdx.y, batch = blockIdx.z + p.batch_offset;
     const int tid = threadIdx.x, wave = tid / WAVE_SIZE, lane = tid % WAVE_SIZE;
     const int query = lane % TILE, group = lane / TILE;  // this lane's query of the tile, and row group
     const int n_start = n_block * BLOCK_ROWS;
@@ -278,7 +267,7 @@ flash_bwd_portable_dkdv(const elem_t* __restrict__ q, const elem_t* __restrict__
     // Every query head of the GQA group adds into the same dK and dV.
     for (int head = kv_head * heads_per_kv; head < (kv_head + 1) * heads_per_kv; ++head) {
         const elem_t* q_head = q + batch * q_batch_stride + head * q_head_stride + (i64)seq.q_start * q_row_stride;
-        const elem_t* do_head = dout + batch * do_batch_stride + head * do_head_stride + (i64)seq.q_start * do_row_stride;
+        const elem_t* do_head = dout + batch * dout_batch_stride + head * dout_head_stride + (i64)seq.q_start * dout_row_stride;
         const float* lse_head = lse + batch * lse_batch_stride + head * lse_head_stride + seq.q_start;
         const float* delta_head = delta + batch * delta_batch_stride + head * delta_head_stride + seq.q_start;
         if (HAS_ALIBI) mods.alibi_coef = -alibi_slopes[batch * alibi_batch_stride + head] / scale;
@@ -287,7 +276,7 @@ flash_bwd_portable_dkdv(const elem_t* __restrict__ q, const elem_t* __restrict__
             const int m_start = m_tile * TILE;
             __syncthreads();  // every wave is done with the previous Q, dO and P/dS tiles
             load_rows(sQ, q_head + m_start * q_row_stride, q_row_stride, TILE, seqlen_q - m_start, head_dim, tid);
-            load_rows(sdO, do_head + m_start * do_row_stride, do_row_stride, TILE, seqlen_q - m_start, head_dim, tid);
+            load_rows(sdO, do_head + m_start * dout_row_stride, dout_row_stride, TILE, seqlen_q - m_start, head_dim, tid);
             const float query_lse2 = backward_lse2(lse_head, m_start + query, seqlen_q);
             const float query_delta = m_start + query < seqlen_q ? delta_head[m_start + query] : 0.f;
             __syncthreads();  // Q and dO tiles (and, the first time, K and V) visible to every wave

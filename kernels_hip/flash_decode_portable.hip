@@ -25,8 +25,12 @@
 //
 // Grid: x = split * m_blocks + m_block, y = kv head, z = batch. Block: NUM_WAVES waves.
 // Layouts: q, o (B, Hq, Sq, D); k, v (B, Hk, Smax, D); each with batch, head and row strides in
-// elements, D contiguous. lse (B, Hq, Sq) float32, natural log. Partials: o_part (B, Hq, Sq,
-// num_splits, HEAD_DIM) and lse_part (B, Hq, Sq, num_splits) float32.
+// elements, D contiguous. lse (B, Hq, Sq) float32, natural log (or null: not written). Partials:
+// o_part (B, Hq, Sq, num_splits, HEAD_DIM) and lse_part (B, Hq, Sq, num_splits) float32.
+// Run time: all three entry points take one DecodeParams by value (kernels_common/params.h, the
+// CUDA decode's block; xattn/hip.py's launch_decode fills it): k and v are the caches, batch z is
+// blockIdx.z + batch_offset. The paged-cache and sinks fields stay unused (the hip backend refuses
+// both).
 
 // ---- compile-time configuration (set with -D by xattn/configs.py) ------------------------------
 // ELEM_TYPE   0: float16, 1: bfloat16, 2: float32
@@ -92,19 +96,19 @@ __device__ __forceinline__ void load_q_rows(float* sQ, const elem_t* q, i64 q_he
 // ---- entry points -----------------------------------------------------------------------------
 
 extern "C" __global__ void __launch_bounds__(NUM_THREADS)
-flash_decode_portable(const elem_t* __restrict__ q, const elem_t* __restrict__ k, const elem_t* __restrict__ v,
-                      elem_t* __restrict__ o, float* __restrict__ lse, float* __restrict__ o_part,
-                      float* __restrict__ lse_part, const int* __restrict__ cache_seqlens,
-                      i64 q_batch_stride, i64 q_head_stride, i64 q_row_stride,
-                      i64 k_batch_stride, i64 k_head_stride, i64 k_row_stride,
-                      i64 v_batch_stride, i64 v_head_stride, i64 v_row_stride,
-                      i64 o_batch_stride, i64 o_head_stride, i64 o_row_stride,
-                      i64 lse_batch_stride, i64 lse_head_stride, i64 seqlens_stride,
-                      int uniform_seqlen, int seqlen_q, int seqlen_new, int seqlen_max, int head_dim,
-                      int heads_per_kv, int window_left, int window_right, int num_splits, int m_blocks,
-                      float softcap_scale, float scale, float scale_log2) {
-    // scale: the softmax's scale of the values in S (the softcap c under a softcap, else the
-    // attention scale); scale_log2 = scale * log2(e); softcap_scale = attention scale / c.
+flash_decode_portable(const DecodeParams p) {
+    // The parameter block (kernels_common/params.h), in this kernel's names. The softmax's scale
+    // is the softcap c under a softcap (attention_common.h): its exp2 factor is then c * log2(e).
+    TENSOR_FROM_PARAMS(const elem_t, q, p.q);
+    TENSOR_FROM_PARAMS(const elem_t, k, p.k);
+    TENSOR_FROM_PARAMS(const elem_t, v, p.v);
+    TENSOR_FROM_PARAMS(elem_t, o, p.o);
+    TENSOR_FROM_PARAMS(float, lse, p.lse);
+    float* __restrict__ o_part = p.o_part;
+    float* __restrict__ lse_part = p.lse_part;
+    const int seqlen_q = p.seqlen_q, seqlen_max = p.seqlen_max, head_dim = p.head_dim;
+    const int heads_per_kv = p.heads_per_kv, num_splits = p.num_splits, m_blocks = p.m_blocks;
+    const float scale_log2 = HAS_SOFTCAP ? p.softcap_log2 : p.scale_log2;
     extern __shared__ float smem_f32[];
     float* sQ = smem_f32;
     float* sK = sQ + BLOCK_M * QK_STRIDE;
@@ -113,7 +117,7 @@ flash_decode_portable(const elem_t* __restrict__ q, const elem_t* __restrict__ k
     float* sRow = sP + BLOCK_M * BLOCK_N;
 
     const int m_block = blockIdx.x % m_blocks, split = blockIdx.x / m_blocks;
-    const int kv_head = blockIdx.y, batch = blockIdx.z;
+    const int kv_head = blockIdx.y, batch = blockIdx.z + p.batch_offset;
     const int tid = threadIdx.x, wave = tid / WAVE_SIZE, lane = tid % WAVE_SIZE;
     const int key = lane % BLOCK_N, group = lane / BLOCK_N;  // this lane's key and row group in S
     const int rows = heads_per_kv * seqlen_q;  // query rows of this (batch, kv head)
@@ -124,10 +128,12 @@ flash_decode_portable(const elem_t* __restrict__ q, const elem_t* __restrict__ k
     #define TOKEN(row) ((m_start + (row)) % seqlen_q)
 
     // Sequence b's keys, and the band of its tokens (attention_common.h, aligned with Sk_b).
-    const int cached = min(max(cache_seqlens ? cache_seqlens[batch * seqlens_stride] : uniform_seqlen, 0), seqlen_max);
-    const int seqlen_k = min(cached + seqlen_new, seqlen_max);
-    const ScoreMods mods = make_score_mods(seqlen_q, seqlen_k, window_left, window_right, softcap_scale,
-                                           nullptr, scale);
+    const int cached = min(max(p.cache_seqlens ? p.cache_seqlens[batch * p.seqlens_stride] : p.uniform_seqlen, 0),
+                           seqlen_max);
+    const int seqlen_k = min(cached + p.seqlen_new, seqlen_max);
+    // No ALiBi in the decode: the score scale make_score_mods takes for it is never read.
+    const ScoreMods mods = make_score_mods(seqlen_q, seqlen_k, p.window_left, p.window_right,
+                                           p.scale_over_softcap, nullptr, 1.f);
     // The key tiles any token sees, and this split's run of them.
     const KeyRange band_tiles = key_tiles(0, seqlen_q, BLOCK_N, seqlen_k, mods.band);
     const int band_count = max(0, band_tiles.tile_end - band_tiles.tile_begin);
@@ -208,7 +214,7 @@ flash_decode_portable(const elem_t* __restrict__ q, const elem_t* __restrict__ k
     // Epilogue: l = the group's sum; 1 / l through LDS to the lanes that own the dims. A row with
     // no key in this run has l = 0: O = 0, LSE = -inf. With one split the result is final (LSE in
     // natural log), else a partial for the merge (LSE in base 2).
-    const int heads_q = gridDim.y * heads_per_kv;
+    const int heads_q = p.heads_q;
     __syncthreads();  // every wave is done reading sRow as rescale factors
 #pragma unroll
     for (int i = 0; i < ROWS_PER_LANE; ++i) {
@@ -219,7 +225,7 @@ flash_decode_portable(const elem_t* __restrict__ q, const elem_t* __restrict__ k
             if (r < rows) {
                 const int head = kv_head * heads_per_kv + r / seqlen_q, token = r % seqlen_q;
                 const float lse2 = l != 0.f ? row_max[i] * scale_log2 + log2f(l) : NEG_INF;
-                if (num_splits == 1)
+                if (num_splits == 1 && lse != nullptr)
                     lse[batch * lse_batch_stride + head * lse_head_stride + token] = lse2 * LN_2;
                 else
                     lse_part[(((i64)batch * heads_q + head) * seqlen_q + token) * num_splits + split] = lse2;
@@ -254,13 +260,14 @@ flash_decode_portable(const elem_t* __restrict__ q, const elem_t* __restrict__ k
 // LSE2 = log2(sum_s 2^LSE2_s), O = sum_s 2^(LSE2_s - LSE2) O_s; splits with LSE2_s = -inf add
 // nothing. Grid: x over the (B, Hq, Sq) rows of a batch entry in groups of NUM_WAVES, z = batch.
 extern "C" __global__ void __launch_bounds__(NUM_THREADS)
-flash_decode_merge_portable(const float* __restrict__ o_part, const float* __restrict__ lse_part,
-                            elem_t* __restrict__ o, float* __restrict__ lse,
-                            i64 o_batch_stride, i64 o_head_stride, i64 o_row_stride,
-                            i64 lse_batch_stride, i64 lse_head_stride,
-                            int heads_q, int seqlen_q, int head_dim, int num_splits) {
+flash_decode_merge_portable(const DecodeParams p) {
+    TENSOR_FROM_PARAMS(elem_t, o, p.o);
+    TENSOR_FROM_PARAMS(float, lse, p.lse);
+    const float* __restrict__ o_part = p.o_part;
+    const float* __restrict__ lse_part = p.lse_part;
+    const int heads_q = p.heads_q, seqlen_q = p.seqlen_q, head_dim = p.head_dim, num_splits = p.num_splits;
     const int wave = threadIdx.x / WAVE_SIZE, lane = threadIdx.x % WAVE_SIZE;
-    const int row = blockIdx.x * NUM_WAVES + wave, batch = blockIdx.z;
+    const int row = blockIdx.x * NUM_WAVES + wave, batch = blockIdx.z + p.batch_offset;
     if (row >= heads_q * seqlen_q) return;  // the whole wave leaves together
     const int head = row / seqlen_q, token = row % seqlen_q;
     const i64 part_row = ((i64)batch * heads_q * seqlen_q + row) * num_splits;
@@ -283,31 +290,30 @@ flash_decode_merge_portable(const float* __restrict__ o_part, const float* __res
             if (lp[s] != NEG_INF) acc += fast_exp2(lp[s] - lse2) * op[(i64)s * HEAD_DIM + col];
         o[col] = float_to_elem(acc);
     }
-    if (lane == 0) lse[batch * lse_batch_stride + head * lse_head_stride + token] = lse2 * LN_2;
+    if (lane == 0 && lse != nullptr) lse[batch * lse_batch_stride + head * lse_head_stride + token] = lse2 * LN_2;
 }
 
 // Write k_new / v_new (B, Hk, Snew, D) into the caches at rows clamp(cache_seqlens[b], 0, Smax) + t;
 // rows that would land at or past Smax are dropped. One thread per element. Grid: x over the
 // Hk * Snew * head_dim elements of a batch entry, z = batch.
 extern "C" __global__ void __launch_bounds__(NUM_THREADS)
-kvcache_append_portable(const elem_t* __restrict__ k_new, const elem_t* __restrict__ v_new,
-                        elem_t* __restrict__ k_cache, elem_t* __restrict__ v_cache,
-                        const int* __restrict__ cache_seqlens,
-                        i64 kn_batch_stride, i64 kn_head_stride, i64 kn_row_stride,
-                        i64 vn_batch_stride, i64 vn_head_stride, i64 vn_row_stride,
-                        i64 kc_batch_stride, i64 kc_head_stride, i64 kc_row_stride,
-                        i64 vc_batch_stride, i64 vc_head_stride, i64 vc_row_stride, i64 seqlens_stride,
-                        int uniform_seqlen, int heads_k, int seqlen_new, int seqlen_max, int head_dim) {
-    const int batch = blockIdx.z;
+kvcache_append_portable(const DecodeParams p) {
+    TENSOR_FROM_PARAMS(const elem_t, k_new, p.k_new);
+    TENSOR_FROM_PARAMS(const elem_t, v_new, p.v_new);
+    TENSOR_FROM_PARAMS(elem_t, k_cache, p.k);
+    TENSOR_FROM_PARAMS(elem_t, v_cache, p.v);
+    const int heads_k = p.heads_q / p.heads_per_kv, seqlen_new = p.seqlen_new;
+    const int seqlen_max = p.seqlen_max, head_dim = p.head_dim;
+    const int batch = blockIdx.z + p.batch_offset;
     const i64 e = (i64)blockIdx.x * NUM_THREADS + threadIdx.x;
     if (e >= (i64)heads_k * seqlen_new * head_dim) return;
     const int row = (int)(e / head_dim), col = (int)(e % head_dim);
     const int head = row / seqlen_new, t = row % seqlen_new;
-    const int cached = cache_seqlens ? cache_seqlens[batch * seqlens_stride] : uniform_seqlen;
+    const int cached = p.cache_seqlens ? p.cache_seqlens[batch * p.seqlens_stride] : p.uniform_seqlen;
     const int pos = min(max(cached, 0), seqlen_max) + t;
     if (pos >= seqlen_max) return;
-    k_cache[batch * kc_batch_stride + head * kc_head_stride + (i64)pos * kc_row_stride + col] =
-        k_new[batch * kn_batch_stride + head * kn_head_stride + t * kn_row_stride + col];
-    v_cache[batch * vc_batch_stride + head * vc_head_stride + (i64)pos * vc_row_stride + col] =
-        v_new[batch * vn_batch_stride + head * vn_head_stride + t * vn_row_stride + col];
+    k_cache[batch * k_cache_batch_stride + head * k_cache_head_stride + (i64)pos * k_cache_row_stride + col] =
+        k_new[batch * k_new_batch_stride + head * k_new_head_stride + t * k_new_row_stride + col];
+    v_cache[batch * v_cache_batch_stride + head * v_cache_head_stride + (i64)pos * v_cache_row_stride + col] =
+        v_new[batch * v_new_batch_stride + head * v_new_head_stride + t * v_new_row_stride + col];
 }

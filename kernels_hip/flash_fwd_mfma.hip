@@ -13,7 +13,8 @@
 // S^T is, element for element, the B operand of O^T = V^T P^T: P never leaves registers.
 //
 // Grid: x = query block (reversed, so the heaviest causal blocks start first), y = query head,
-// z = batch. Block: NUM_WAVES waves; wave w owns queries [w * 32, w * 32 + 32) of the block.
+// z = batch (plus batch_offset). Block: NUM_WAVES waves; wave w owns queries [w * 32, w * 32 + 32)
+// of the block. Run time: one AttnParams by value (kernels_common/params.h), as the CUDA kernels.
 // Layouts: q, o (B, Hq, Sq, D) and k, v (B, Hk, Sk, D) with their own batch, head and row strides
 // in elements, D contiguous; lse float32 (B, Hq, Sq). GQA: query head h reads kv head
 // h / heads_per_kv. Reads q, k, v; writes o and lse. Packed batches (IS_VARLEN): batch strides
@@ -132,18 +133,14 @@ __device__ __forceinline__ void write_output(const acc_t (&acc_o)[DIM_BLOCKS], f
 // ---- entry point ------------------------------------------------------------------------------
 
 extern "C" __global__ void __launch_bounds__(NUM_THREADS)
-MATRIX_KERNEL(flash_fwd, )(const u16* __restrict__ q, const u16* __restrict__ k, const u16* __restrict__ v,
-               u16* __restrict__ o, float* __restrict__ lse,
-               i64 q_batch_stride, i64 q_head_stride, i64 q_row_stride,
-               i64 k_batch_stride, i64 k_head_stride, i64 k_row_stride,
-               i64 v_batch_stride, i64 v_head_stride, i64 v_row_stride,
-               i64 o_batch_stride, i64 o_head_stride, i64 o_row_stride,
-               i64 lse_batch_stride, i64 lse_head_stride,
-               const int* __restrict__ cu_seqlens_q, const int* __restrict__ cu_seqlens_k,
-               const float* __restrict__ alibi_slopes, i64 alibi_batch_stride,
-               int seqlen_q, int seqlen_k, int head_dim, int heads_per_kv,
-               int window_left, int window_right, float softcap_scale,
-               float scale, float scale_log2) {
+MATRIX_KERNEL(flash_fwd, )(const AttnParams p) {
+    // The parameter block (kernels_common/params.h), in this kernel's names.
+    TENSOR_FROM_PARAMS(const u16, q, p.q);
+    TENSOR_FROM_PARAMS(const u16, k, p.k);
+    TENSOR_FROM_PARAMS(const u16, v, p.v);
+    TENSOR_FROM_PARAMS(u16, o, p.o);
+    TENSOR_FROM_PARAMS(float, lse, p.lse);
+    ATTENTION_SCALARS_FROM_PARAMS(p);
     // scale: the softmax's scale of the values in S (the softcap c under a softcap, else the
     // attention scale); scale_log2 = scale * log2(e).
     extern __shared__ __attribute__((aligned(16))) u16 smem[];
@@ -152,7 +149,7 @@ MATRIX_KERNEL(flash_fwd, )(const u16* __restrict__ q, const u16* __restrict__ k,
     u16* sVt = sK + BLOCK_N * KQ_STRIDE;
 
     const int m_block = gridDim.x - 1 - blockIdx.x;
-    const int head = blockIdx.y, batch = blockIdx.z, kv_head = head / heads_per_kv;
+    const int head = blockIdx.y, batch = blockIdx.z + p.batch_offset, kv_head = head / heads_per_kv;
     const int tid = threadIdx.x, wave = tid / WAVE_SIZE, lane = tid % WAVE_SIZE;
     const int m_start = m_block * BLOCK_M;
     const int wave_row_start = m_start + wave * MATRIX_N;

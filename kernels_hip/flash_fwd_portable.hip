@@ -15,6 +15,7 @@
 // and row sum are reductions inside a group. For O += P V lane l owns head dims l, l + WAVE_SIZE,
 // ... of all the wave's rows, reading P and the rescale factors through LDS.
 // Layouts as in flash_fwd_mfma.hip: q, o (B, Hq, Sq, D), k, v (B, Hk, Sk, D), lse (B, Hq, Sq).
+// Run time: one AttnParams by value (kernels_common/params.h), as the CUDA kernels.
 // Masks, score modifiers and packed batches as in kernels_cuda/flash_fwd.cu (attention_common.h):
 // key tiles outside the band of the block are never loaded; every score goes through
 // modified_score. Packed batches (IS_VARLEN): batch strides are 0 and sequence b starts at row
@@ -75,18 +76,14 @@ __device__ __forceinline__ float group_sum(float x) {
 // ---- entry point ------------------------------------------------------------------------------
 
 extern "C" __global__ void __launch_bounds__(NUM_THREADS)
-flash_fwd_portable(const elem_t* __restrict__ q, const elem_t* __restrict__ k, const elem_t* __restrict__ v,
-                   elem_t* __restrict__ o, float* __restrict__ lse,
-                   i64 q_batch_stride, i64 q_head_stride, i64 q_row_stride,
-                   i64 k_batch_stride, i64 k_head_stride, i64 k_row_stride,
-                   i64 v_batch_stride, i64 v_head_stride, i64 v_row_stride,
-                   i64 o_batch_stride, i64 o_head_stride, i64 o_row_stride,
-                   i64 lse_batch_stride, i64 lse_head_stride,
-                   const int* __restrict__ cu_seqlens_q, const int* __restrict__ cu_seqlens_k,
-                   const float* __restrict__ alibi_slopes, i64 alibi_batch_stride,
-                   int seqlen_q, int seqlen_k, int head_dim, int heads_per_kv,
-                   int window_left, int window_right, float softcap_scale,
-                   float scale, float scale_log2) {
+flash_fwd_portable(const AttnParams p) {
+    // The parameter block (kernels_common/params.h), in this kernel's names.
+    TENSOR_FROM_PARAMS(const elem_t, q, p.q);
+    TENSOR_FROM_PARAMS(const elem_t, k, p.k);
+    TENSOR_FROM_PARAMS(const elem_t, v, p.v);
+    TENSOR_FROM_PARAMS(elem_t, o, p.o);
+    TENSOR_FROM_PARAMS(float, lse, p.lse);
+    ATTENTION_SCALARS_FROM_PARAMS(p);
     // scale: the softmax's scale of the values in S (the softcap c under a softcap, else the
     // attention scale); scale_log2 = scale * log2(e).
     extern __shared__ float smem_f32[];
@@ -97,7 +94,7 @@ flash_fwd_portable(const elem_t* __restrict__ q, const elem_t* __restrict__ k, c
     float* sRow = sP + BLOCK_M * BLOCK_N;
 
     const int m_block = gridDim.x - 1 - blockIdx.x;
-    const int head = blockIdx.y, batch = blockIdx.z, kv_head = head / heads_per_kv;
+    const int head = blockIdx.y, batch = blockIdx.z + p.batch_offset, kv_head = head / heads_per_kv;
     const int tid = threadIdx.x, wave = tid / WAVE_SIZE, lane = tid % WAVE_SIZE;
     const int key = lane % BLOCK_N, group = lane / BLOCK_N;  // this lane's key and row group in S
     const int m_start = m_block * BLOCK_M;

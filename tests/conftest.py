@@ -16,8 +16,10 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import os
+import types
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import pytest
@@ -241,13 +243,10 @@ def finite_difference_grads(loss, inputs, step=1e-6):
 
 @pytest.fixture
 def stand_in_cupy(monkeypatch):
-    """A CuPy stand-in for launcher tests on the CPU: `cupy.cuda.Device` and the launch layer's
-    external streams become no-op context managers, so a launcher runs its arithmetic and hands
-    its arguments to stand-in kernels without a GPU."""
+    """A CuPy stand-in for launcher tests on the CPU: `cupy.cuda.Device` becomes a no-op context
+    manager and the runtime says "ROCm, device 0", so a launcher runs its arithmetic without a GPU
+    (the driver launch itself: `stand_in_launches`)."""
     import sys
-    import types
-
-    from xattn import launch
 
     class Device:  # cupy.cuda.Device as a context manager
         def __init__(self, *_):
@@ -260,8 +259,61 @@ def stand_in_cupy(monkeypatch):
             return False
 
     fake = types.ModuleType("cupy")
-    fake.cuda = types.SimpleNamespace(Device=Device)
+    fake.cuda = types.SimpleNamespace(Device=Device,
+                                      runtime=types.SimpleNamespace(is_hip=True, getDevice=lambda: 0))
     monkeypatch.setitem(sys.modules, "cupy", fake)
-    monkeypatch.setattr(launch, "external_stream", lambda *_: Device())
     return fake
+
+
+class Launched(NamedTuple):
+    """One launch the stand-in driver received: the kernel compile() was asked for, the grid and
+    block, the dynamic shared memory, the stream, and the parameter block as the driver would
+    copy it (its bytes at the argument's address, read at the launch)."""
+    cfg: object
+    defines: dict
+    grid: tuple
+    threads: int
+    smem: int
+    stream: int
+    block: np.ndarray
+
+
+class StandInLaunches:
+    """Stand-ins for the compiled kernels (compile(cfg, defines, device), as the hip launchers take
+    it) and for the driver's launchKernel, which records every launch (`launches`). `block_dtype`
+    maps an entry point to its parameter block's dtype."""
+
+    def __init__(self, block_dtype):
+        self.block_dtype = block_dtype
+        self.kernels: dict = {}
+        self.launches: list[Launched] = []
+
+    def compile(self, cfg, defines, device):
+        handle = 0x1000 + len(self.kernels)  # a kernel's driver handle, unique per compile
+        self.kernels[handle] = (cfg, defines)
+        return types.SimpleNamespace(kernel=types.SimpleNamespace(ptr=handle))
+
+    def launchKernel(self, handle, gx, gy, gz, bx, by, bz, smem, stream, args_ptr, extra):
+        import ctypes
+
+        cfg, defines = self.kernels[handle]
+        dtype = self.block_dtype(cfg.kernel)
+        address = ctypes.c_uint64.from_address(args_ptr).value  # kernelParams[0]: the block
+        block = np.frombuffer(ctypes.string_at(address, dtype.itemsize), dtype=dtype).copy()
+        assert (by, bz, extra) == (1, 1, 0)
+        self.launches.append(Launched(cfg, defines, (gx, gy, gz), bx, smem, stream, block))
+
+
+@pytest.fixture
+def stand_in_launches(stand_in_cupy, monkeypatch):
+    """StandInLaunches in place of the driver (xattn.launch._driver): the attention entry points
+    take AttnParams, the decode's (flash_decode_*, kvcache_append_*) DecodeParams."""
+    from xattn import launch, params
+
+    def block_dtype(kernel):
+        return params.DECODE_PARAMS if kernel.startswith(("flash_decode", "kvcache")) else params.ATTN_PARAMS
+
+    recorder = StandInLaunches(block_dtype)
+    monkeypatch.setattr(launch, "_driver", lambda: recorder)
+    return recorder
 

@@ -2,9 +2,9 @@
 
 On the CPU: the decode, merge and append entry points compile for NVIDIA through the test-only
 tests/hip_on_cuda.h (NVRTC from the cuda-bindings wheels, no GPU), in every wave32 row the table
-has, with the band and softcap flags; and xattn.hip.launch_decode, run with a stand-in for CuPy,
-hands each of the three kernels exactly its parameters (count, and pointer / 64-bit / int / float
-in each position). The AMD compile of every row is ci/hip_compile.py's.
+has, with the band and softcap flags; and xattn.hip.launch_decode, run with stand-ins for CuPy and
+the driver, hands each of the three kernels one DecodeParams block (kernels_common/params.h) with
+the call's pointers, strides and scalars. The AMD compile of every row is ci/hip_compile.py's.
 
 On an NVIDIA GPU (`gpu` marker): the same kernels, compiled by CuPy's NVRTC with hip_on_cuda.h in
 the wave32 (RDNA, gfx1030) rows and launched by xattn.hip.launch_decode, serve
@@ -21,6 +21,7 @@ caches touched), and NaN-poisoned out, lse and workspace. The wave64 rows cannot
 
 from __future__ import annotations
 
+import math
 import re
 import types
 
@@ -51,71 +52,89 @@ def test_decode_kernels_compile_for_nvidia_through_hip_on_cuda(cfg, flags):
             assert f"Compiling entry function '{entry}'" in log or entry in log, (entry, log[:500])
 
 
-def _parameter_kinds(entry: str) -> list[str]:
-    code = jit.preprocess("hip", configs.hip_source(entry))
-    signature = re.search(rf"\n{entry}\(([^{{]*)\)\s*{{", code).group(1)
-    kinds = ["ptr" if "*" in p else p.split()[0] for p in (p.strip() for p in signature.split(","))]
-    assert set(kinds) <= {"ptr", "i64", "int", "float"}, kinds
-    return kinds
-
-
-_ARGUMENT_KIND = {np.uint64: "ptr", np.int64: "i64", np.int32: "int", np.float32: "float"}
-
-
 @pytest.mark.parametrize("target", ["gfx90a", "gfx1100"])
 @pytest.mark.parametrize("case", [
     dict(window=(-1, 0), softcap=0.0, splits=1, new=1, lengths="device"),
     dict(window=(200, 0), softcap=30.0, splits=5, new=0, lengths="uniform"),
     dict(window=(100, 2), softcap=0.0, splits=3, new=4, lengths="device"),
 ])
-def test_hip_decode_launcher_passes_every_kernel_parameter_in_order(target, case, monkeypatch,
-                                                                    stand_in_cupy):
-    """xattn.hip.launch_decode on the CPU, with stand-ins for CuPy and the compiled kernels: each
-    of append, decode and merge gets exactly its parameters, the defines carry the band and the
-    softcap, the grid covers row tiles x splits, and the merge runs only with several splits."""
+def test_hip_decode_launcher_hands_each_kernel_its_parameter_block(target, case, monkeypatch,
+                                                                   stand_in_launches):
+    """xattn.hip.launch_decode on the CPU, with stand-ins for CuPy, the compiled kernels and the
+    driver: append, decode and merge each get one DecodeParams block (their sources say so)
+    holding, as the driver would copy it, the arrays' pointers and strides, the lengths, band,
+    splits and scales of the call; the defines carry the band and the softcap, the grid covers
+    row tiles x splits, and the merge runs only with several splits."""
     torch = pytest.importorskip("torch")
     monkeypatch.setattr(hip, "_cu_count", lambda device: 8)
     monkeypatch.setattr(kvcache, "_FORCED_SPLITS", case["splits"])
     kvcache.num_splits.cache_clear()
 
-    launches = []
-
-    def compile(cfg, defines, device):
-        def kernel(grid, block, args, shared_mem):
-            launches.append((cfg, defines, grid, block, args, shared_mem))
-        return kernel
-
     b, hq, hk, sq, smax, d = 2, 8, 2, 3, 300, 64
-    q, out = (torch.zeros(b, hq, sq, d, dtype=torch.float16) for _ in range(2))
+    q = torch.zeros(b, sq, hq, d, dtype=torch.float16).transpose(1, 2)  # (B, S, H, D) memory
+    out = torch.zeros(b, hq, sq, d, dtype=torch.float16)
     kc, vc = (torch.zeros(b, hk, smax, d, dtype=torch.float16) for _ in range(2))
-    kn, vn = (torch.zeros(b, hk, case["new"], d, dtype=torch.float16) for _ in range(2))
+    kn, vn = (torch.zeros(b, hk, case["new"], d + 8, dtype=torch.float16)[..., :d] for _ in range(2))
     lse = torch.zeros(b, hq, sq)
     seqlens = torch.tensor([10, 200], dtype=torch.int32) if case["lengths"] == "device" else None
     call = types.SimpleNamespace(seqlen_new=case["new"], uniform=None if seqlens is not None else 17,
                                  window=case["window"], softcap=case["softcap"], scale=0.125)
+    parts = []
+
+    def workspace(n):
+        parts.append(torch.zeros(n))
+        return parts[-1]
+
     try:
-        hip.launch_decode(compile, target, q, kc, vc, kn if case["new"] else None,
-                          vn if case["new"] else None, out, lse, seqlens, call,
-                          lambda n: torch.zeros(n), stream=0)
+        hip.launch_decode(stand_in_launches.compile, target, q, kc, vc, kn if case["new"] else None,
+                          vn if case["new"] else None, out, lse, seqlens, call, workspace, stream=5)
     finally:
         kvcache.num_splits.cache_clear()
 
-    entries = [cfg.kernel for cfg, *_ in launches]
+    launched = stand_in_launches.launches
     want = (["kvcache_append_portable"] if case["new"] else []) + [configs.HIP_DECODE_KERNEL]
     want += ["flash_decode_merge_portable"] if case["splits"] > 1 else []
-    assert entries == want
-    for cfg, defines, grid, block, args, shared_mem in launches:
-        assert [_ARGUMENT_KIND[type(a)] for a in args] == _parameter_kinds(cfg.kernel), cfg.kernel
-        assert defines["WAVE_SIZE"] == configs.hip_wave_size(cfg)
-        assert block in (configs.hip_threads(cfg), (configs.hip_threads(cfg),))
-        assert defines["IS_CAUSAL"] == int(case["window"][1] >= 0)
-        assert defines["IS_LOCAL"] == int(case["window"][0] >= 0)
-        assert defines["HAS_SOFTCAP"] == int(bool(case["softcap"]))
-        assert grid[2] == b
-        if cfg.kernel == configs.HIP_DECODE_KERNEL:
-            m_blocks = -(-(hq // hk) * sq // cfg.block_m)
-            assert grid[:2] == (m_blocks * case["splits"], hk)
-            assert shared_mem == configs.hip_shared_memory_bytes(cfg) <= configs.HIP_LDS_BYTES
+    assert [x.cfg.kernel for x in launched] == want
+    arrays = {"q": q, "k": kc, "v": vc, "o": out, "lse": lse}
+    if case["new"]:
+        arrays |= {"k_new": kn, "v_new": vn}
+    for x in launched:
+        p = x.block[0]
+        assert re.search(rf"\n{x.cfg.kernel}\(const DecodeParams p\)",
+                         jit.preprocess("hip", configs.hip_source(x.cfg.kernel)))
+        assert x.stream == 5 and x.threads == configs.hip_threads(x.cfg) and x.grid[2] == b
+        assert x.defines["WAVE_SIZE"] == configs.hip_wave_size(x.cfg)
+        assert x.defines["IS_CAUSAL"] == int(case["window"][1] >= 0)
+        assert x.defines["IS_LOCAL"] == int(case["window"][0] >= 0)
+        assert x.defines["HAS_SOFTCAP"] == int(bool(case["softcap"]))
+        for name, a in arrays.items():
+            ref = p[name]
+            assert ref["ptr"] == a.data_ptr(), name
+            assert (ref["batch_stride"], ref["head_stride"], ref["row_stride"]) == a.stride()[:3], name
+        if not case["new"]:
+            assert p["k_new"]["ptr"] == p["v_new"]["ptr"] == 0
+        if seqlens is not None:
+            assert p["cache_seqlens"] == seqlens.data_ptr() and p["seqlens_stride"] == 1
+        else:
+            assert p["cache_seqlens"] == 0 and p["uniform_seqlen"] == 17
+        assert (p["heads_q"], p["heads_per_kv"], p["seqlen_q"]) == (hq, hq // hk, sq)
+        assert (p["seqlen_new"], p["seqlen_max"], p["head_dim"]) == (case["new"], smax, d)
+        assert (p["window_left"], p["window_right"]) == case["window"]
+        assert p["num_splits"] == case["splits"] and p["batch_offset"] == 0
+        assert p["scale_log2"] == np.float32(0.125 * math.log2(math.e))
+        assert p["softcap_log2"] == np.float32(case["softcap"] * math.log2(math.e))
+        assert p["scale_over_softcap"] == np.float32(0.125 / case["softcap"] if case["softcap"] else 0)
+        if case["splits"] > 1:  # the partials: o_part, then lse_part, in the one workspace
+            partials = b * hq * sq * case["splits"]
+            assert p["o_part"] == parts[0].data_ptr()
+            assert p["lse_part"] == parts[0].data_ptr() + 4 * partials * x.cfg.head_dim
+            assert parts[0].numel() == partials * (x.cfg.head_dim + 1)
+        if x.cfg.kernel == configs.HIP_DECODE_KERNEL:
+            m_blocks = -(-(hq // hk) * sq // x.cfg.block_m)
+            assert x.grid[:2] == (m_blocks * case["splits"], hk) and p["m_blocks"] == m_blocks
+            assert x.smem == configs.hip_shared_memory_bytes(x.cfg) <= configs.HIP_LDS_BYTES
+        else:
+            assert x.smem == 0
 
 
 # ---- NVIDIA GPU -----------------------------------------------------------------------------------

@@ -6,6 +6,7 @@ compile of every specialization for gfx908/gfx90a/gfx1030 is ci/hip_compile.py."
 from __future__ import annotations
 
 import importlib.util
+import math
 import re
 from pathlib import Path
 
@@ -68,25 +69,30 @@ def test_hip_sources_include_the_shared_cuda_header_once():
 def test_select_hip_picks_kernel_and_family_from_gcn_arch_name(arch, dtype, kernel, family):
     for head_dim in (1, 33, 64, 100, 256):
         cfg = configs.select_hip(dtype, arch, head_dim, causal=True)
-        if family == "cdna3" and head_dim > 192:  # MI300's MFMA forward spills at D=256 (clang-19)
-            kernel, family = "flash_fwd_portable", "gfx9"
         assert (cfg.kernel, cfg.arch) == (kernel, family) and cfg.head_dim >= head_dim
 
 
-@pytest.mark.parametrize("arch, family, last_wmma_dim", [("gfx1100", "rdna3", 32), ("gfx1201", "rdna4", 32)])
-def test_rdna3_and_rdna4_take_wmma_up_to_their_last_row_then_the_portable_kernels(arch, family, last_wmma_dim):
-    for dtype in ("float16", "bfloat16"):
-        for head_dim in (1, 33, 64, 65, 100, 128, 129, 256):
+@pytest.mark.parametrize("arch, family, last_forward, last_backward", [("gfx1100", "rdna3", 128, 32),
+                                                                    ("gfx1201", "rdna4", 192, 96)])
+def test_rdna3_and_rdna4_take_wmma_up_to_their_last_row_then_the_portable_kernels(arch, family, last_forward,
+                                                                                 last_backward):
+    """WMMA forward and backward (the pair) up to the last row that compiled without spills
+    (xattn/configs.py), the portable kernels past it and for float32; wave32 throughout."""
+    for dtype in ("float16", "bfloat16", "float32"):
+        for head_dim in (1, 33, 64, 65, 96, 100, 128, 129, 192, 193, 256):
             cfg = configs.select_hip(dtype, arch, head_dim, causal=False)
-            wmma = head_dim <= last_wmma_dim
+            wmma = head_dim <= last_forward and dtype != "float32"
             assert (cfg.kernel, cfg.arch) == (("flash_fwd_wmma", family) if wmma else ("flash_fwd_portable", "rdna"))
             assert cfg.head_dim >= head_dim and configs.hip_wave_size(cfg) == 32
             _, dkdv, dq = configs.select_hip_backward(dtype, arch, head_dim, causal=True)
-            # no WMMA backward rows: every tile tried spilled under clang-19 (the variants in bf16)
-            assert (dkdv.kernel, dq.kernel) == _PORTABLE_BWD
+            wmma = head_dim <= last_backward and dtype != "float32"
+            assert (dkdv.kernel, dq.kernel) == (_WMMA_BWD if wmma else _PORTABLE_BWD)
+            assert (dkdv.arch, dq.arch) == ((family,) * 2 if wmma else ("rdna",) * 2)
+            assert dkdv.head_dim >= head_dim and dq.head_dim >= head_dim
 
 
 _PORTABLE_BWD = ("flash_bwd_portable_dkdv", "flash_bwd_portable_dq")
+_WMMA_BWD = ("flash_bwd_wmma_dkdv", "flash_bwd_wmma_dq")
 
 
 def test_wmma_defines_pick_the_layout_of_the_family():
@@ -241,20 +247,26 @@ def test_hip_compile_checks_the_same_variant_flags():
     assert {target for _, target, _ in compiled} == {"gfx908", "gfx90a", "gfx1030", "gfx942", "gfx1100", "gfx1201"}
 
 
-# ---- the launchers' arguments against the kernels' signatures ----------------------------------
+# ---- the launchers' parameter blocks -------------------------------------------------------------
 
-def _parameter_kinds(kernel: str) -> list[str]:
-    """The kernel's parameters as "ptr", "i64", "int" or "float", from its source."""
-    signature = _signature(kernel)
-    kinds = []
-    for parameter in signature.split(","):
-        parameter = parameter.strip()
-        kinds.append("ptr" if "*" in parameter else parameter.split()[0])
-    assert set(kinds) <= {"ptr", "i64", "int", "float"}, kinds
-    return kinds
+def _parameter_struct(kernel: str) -> str:
+    """The struct an entry point takes, from its source: every HIP kernel takes exactly one
+    parameter block by value ("const AttnParams p" or "const DecodeParams p")."""
+    match = re.fullmatch(r"const (AttnParams|DecodeParams) p", _signature(kernel).strip())
+    assert match, (kernel, _signature(kernel))
+    return match.group(1)
 
 
-_ARGUMENT_KIND = {np.uint64: "ptr", np.int64: "i64", np.int32: "int", np.float32: "float"}
+def test_every_hip_entry_point_takes_one_parameter_block():
+    for kernel in {r.kernel for r in configs.HIP_TABLE} | set(configs.HIP_SOURCES):
+        decode = kernel.startswith(("flash_decode", "kvcache"))
+        assert _parameter_struct(kernel) == ("DecodeParams" if decode else "AttnParams"), kernel
+
+
+def _strides(x, packed: bool) -> tuple:
+    """(batch, head, row) strides of a (B, H, S[, D]) torch tensor as a block holds them."""
+    strides = tuple(x.stride())[:3]
+    return ((0,) + strides[1:]) if packed else strides
 
 
 @pytest.mark.parametrize("target", ["gfx90a", "gfx1030"])
@@ -266,20 +278,14 @@ _ARGUMENT_KIND = {np.uint64: "ptr", np.int64: "i64", np.int32: "int", np.float32
     {"alibi_slopes": "per_batch", "causal": True},
     {"varlen": True, "causal": True, "window": (9, 0)},
 ])
-def test_hip_launchers_pass_every_kernel_parameter_in_order(target, variant, stand_in_cupy):
-    """xattn.hip.launch and launch_backward, run on the CPU with a stand-in for CuPy and for the
-    compiled kernels, hand each kernel exactly its parameters: the count, and a pointer, 64-bit
-    integer, int or float in each position (CuPy checks neither). Also the defines: the flags of
-    the variant and, for the kernel, the row's."""
+def test_hip_launchers_hand_each_kernel_its_parameter_block(target, variant, stand_in_launches):
+    """xattn.hip.launch and launch_backward, run on the CPU with stand-ins for CuPy, the compiled
+    kernels and the driver: each kernel gets one AttnParams block (its source says so) that holds,
+    as the driver would copy it, every array's pointer and (batch, head, row) strides, the
+    lengths, heads, band, scales and ALiBi stride of the call; the grid covers the batch in z; and
+    the defines carry the variant's flags and the row's."""
     torch = pytest.importorskip("torch")
     from xattn import hip
-
-    launches = []
-
-    def compile(cfg, defines, device):
-        def kernel(grid, block, args, shared_mem):
-            launches.append((cfg, defines, grid, block, args, shared_mem))
-        return kernel
 
     batch, heads_q, heads_k, sq, sk, dim = 2, 4, 2, 37, 45, 64
     varlen = variant.get("varlen", False)
@@ -295,28 +301,75 @@ def test_hip_launchers_pass_every_kernel_parameter_in_order(target, variant, sta
     slopes = options.get("alibi_slopes")
     if slopes is not None:
         options["alibi_slopes"] = torch.ones((heads_q,) if slopes == "per_head" else (batch, heads_q))
-    q, out, dout, dq = (torch.zeros(shape_q, dtype=torch.float16) for _ in range(4))
+    # q in (B, S, H, D) memory and o with padded rows: the blocks must carry these strides
+    q = torch.zeros(shape_q[0], shape_q[2], shape_q[1], dim, dtype=torch.float16).transpose(1, 2)
+    out = torch.zeros(*shape_q[:3], dim + 8, dtype=torch.float16)[..., :dim]
+    dout, dq = (torch.zeros(shape_q, dtype=torch.float16) for _ in range(2))
     k, v, dk, dv = (torch.zeros(shape_k, dtype=torch.float16) for _ in range(4))
     lse = torch.zeros(shape_q[:3])
     options = {"causal": False, "scale": 0.125, **options}
-    hip.launch(compile, target, q, k, v, out, lse, stream=0, **options)
-    hip.launch_backward(compile, target, q, k, v, out, dout, lse, dq, dk, dv, stream=0, **options)
+    compile = stand_in_launches.compile
+    hip.launch(compile, target, q, k, v, out, lse, stream=7, **options)
+    hip.launch_backward(compile, target, q, k, v, out, dout, lse, dq, dk, dv, stream=7, **options)
 
-    kernels = [cfg.kernel for cfg, *_ in launches]
-    assert len(kernels) == 4 and kernels[1] == "flash_bwd_preprocess", kernels
-    for cfg, defines, grid, block, args, shared_mem in launches:
-        assert [_ARGUMENT_KIND[type(a)] for a in args] == _parameter_kinds(cfg.kernel), cfg.kernel
-        assert defines["WAVE_SIZE"] == configs.hip_wave_size(cfg)
-        if cfg.kernel == "flash_bwd_preprocess":
-            assert "IS_VARLEN" not in defines and grid[2] == (1 if varlen else batch)
+    launched = stand_in_launches.launches
+    assert [x.cfg.kernel for x in launched][1] == "flash_bwd_preprocess" and len(launched) == 4
+    left, right = options.get("window", (-1, -1))
+    if options["causal"]:
+        right = 0
+    softcap = options.get("softcap", 0.0)
+    arrays = {"q": q, "k": k, "v": v, "o": out, "lse": lse, "dout": dout, "dq": dq, "dk": dk, "dv": dv}
+    for index, x in enumerate(launched):
+        kernel, p = x.cfg.kernel, x.block[0]
+        assert _parameter_struct(kernel) == "AttnParams"
+        assert x.stream == 7 and x.threads == configs.hip_threads(x.cfg)
+        assert x.smem == configs.hip_shared_memory_bytes(x.cfg) <= configs.HIP_LDS_BYTES
+        assert x.defines["WAVE_SIZE"] == configs.hip_wave_size(x.cfg)
+        used = ("q", "k", "v", "o", "lse") if index == 0 else tuple(arrays)
+        for name in used:
+            assert p[name]["ptr"] == arrays[name].data_ptr(), (kernel, name)
+            ref = p[name]
+            got = (ref["batch_stride"], ref["head_stride"], ref["row_stride"])
+            assert got == _strides(arrays[name], varlen), (kernel, name)
+        assert p["batch_offset"] == 0 and p["heads_q"] == heads_q and p["head_dim"] == dim
+        assert p["heads_per_kv"] == heads_q // heads_k
+        if index > 0:  # the backward: delta, written by the preprocess, read by dK/dV and dQ
+            assert p["delta"]["ptr"] != 0 and p["delta"]["row_stride"] == 1
+        if kernel == "flash_bwd_preprocess":  # every row of the entry, no masks
+            assert "IS_VARLEN" not in x.defines and x.grid[2] == (1 if varlen else batch)
+            assert p["seqlen_q"] == shape_q[2]
             continue
-        left, right = options.get("window", (-1, -1))
-        assert defines["IS_CAUSAL"] == int(options["causal"] or right >= 0)
-        assert defines["IS_LOCAL"] == int(left >= 0)
-        assert defines["HAS_SOFTCAP"] == int(bool(options.get("softcap")))
-        assert defines["HAS_ALIBI"] == int(slopes is not None)
-        assert defines["IS_VARLEN"] == int(varlen)
-        assert grid[2] == batch  # packed: one z per sequence
+        assert x.grid[2] == batch  # packed: one z per sequence
+        assert (p["seqlen_q"], p["seqlen_k"]) == (sq, sk)
+        assert (p["window_left"], p["window_right"]) == (left, right)
+        score_scale = softcap or 0.125
+        assert p["scale"] == np.float32(score_scale)
+        assert p["scale_log2"] == np.float32(score_scale * math.log2(math.e))
+        assert p["softcap_scale"] == np.float32(0.125 / softcap if softcap else 0.0)
+        assert p["grad_scale"] == np.float32(0.125)
+        if varlen:
+            assert (p["cu_seqlens_q"], p["cu_seqlens_k"]) == tuple(c.data_ptr() for c in options["cu_seqlens"])
+        else:
+            assert p["cu_seqlens_q"] == p["cu_seqlens_k"] == 0
+        if slopes is not None:
+            assert p["alibi_slopes"] == options["alibi_slopes"].data_ptr()
+            assert p["alibi_batch_stride"] == (heads_q if slopes == "per_batch" else 0)
+        else:
+            assert p["alibi_slopes"] == 0
+        assert x.defines["IS_CAUSAL"] == int(right >= 0)
+        assert x.defines["IS_LOCAL"] == int(left >= 0)
+        assert x.defines["HAS_SOFTCAP"] == int(bool(softcap))
+        assert x.defines["HAS_ALIBI"] == int(slopes is not None)
+        assert x.defines["IS_VARLEN"] == int(varlen)
+    # The same signature again with other outputs: the plan is reused (nothing compiled) and
+    # the new pointers are patched in.
+    compiled = len(stand_in_launches.kernels)
+    out2 = torch.zeros(*shape_q[:3], dim + 8, dtype=torch.float16)[..., :dim]
+    lse2 = torch.zeros_like(lse)
+    hip.launch(compile, target, q, k, v, out2, lse2, stream=3, **options)
+    last = stand_in_launches.launches[-1]
+    assert len(stand_in_launches.kernels) == compiled and last.stream == 3
+    assert (last.block[0]["o"]["ptr"], last.block[0]["lse"]["ptr"]) == (out2.data_ptr(), lse2.data_ptr())
 
 
 def test_on_cuda_routes_while_active_and_refuses_matrix_core_rows():

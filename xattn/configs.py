@@ -360,31 +360,27 @@ def decode_merge_defines(dtype: str, head_dim: int) -> dict[str, int]:
 # softmax, exp2 and LDS traffic of one wave must hide behind another wave's MFMAs, so the rows
 # aim at more waves per CU than gfx90a's: block_n 32 at D=128 (smaller K/V^T tiles), and two-wave
 # blocks of 64 queries at D=160/192 (two blocks per CU, and twice as many blocks for 304 CUs at
-# short sequences). What clang-19 made of them (ci/results/hip_compile_clang19.log) undoes part of
-# that: at D=128 the Q staging tile (33 KB) still sets the LDS and the row takes 364 VGPRs+AGPRs,
-# one wave per SIMD; D=256 spills. Not measured on an MI300. The backward keeps the
-# "cdna" rows: dK/dV holds ~400 registers per lane, one wave per SIMD whatever the tile.
+# short sequences). What clang-19 made of them (ci/results/hip_compile_clang19.log): at D=128
+# the Q staging tile (33 KB) still sets the LDS; the rows take 176 (D=32) to 308 (D=192)
+# VGPRs+AGPRs per lane and 414 at D=256, two waves per SIMD up to D=128. Not measured on an
+# MI300. The backward keeps the "cdna" rows: dK/dV holds 232-344 registers per lane there.
 #
 # RDNA3 (gfx11) and RDNA4 (gfx12): WMMA (wave32, 16x16x16) for float16/bfloat16 forward and
 # backward, the portable FMA kernels for float32, for head dims past the WMMA rows, and on RDNA2
 # (gfx10, "rdna" rows). Register budget: 256 VGPRs per lane in wave32. An operand fragment is 8
 # VGPRs on gfx11 (16 values, the wave's halves repeating each other) and 4 on gfx12, an
-# accumulator block 8 on both: the forward at D=128 holds Q (gfx11: 64), O (64) and S (32); the
-# dK/dV kernel holds K and V fragments and dK, dV. What clang-19 makes of it decides the rows
-# (ci/hip_compile.py; scratch and spills fail it): on gfx11 the forward spills from D=128 (all
-# block_n from 16 to 64) and the backward pair at every head dim (dK/dV even at D=32 with 16-query
-# steps), so gfx11 has WMMA forward rows up to D=64 and its backward stays on the portable
-# kernels; gfx12, with half-size operand fragments, takes the WMMA forward and backward to D=128.
-# Retuned for clang-19 (2026-11-30, ci/results/hip_compile_clang19.log): the rdna portable forward
-# at D=32/64 takes 32-query blocks and the dK/dV at D=256 4 waves (64-query blocks and 2 waves
-# spilled on gfx11/gfx12); gfx11 keeps WMMA for the forward at D=32 only (D=64 spilled with every
-# block_n tried under softcap), and so does gfx12 (its D=64 forward and D=32 backward rows spilled
-# under the variant flags in bfloat16 when the CI gate first ran to completion; no WMMA backward
-# row is left, the portable kernels serve it); MI300 (cdna3) has no D=256 MFMA forward row (it spills at
-# every tile: Q alone fills the registers), so the portable kernel serves it. Still spilling on
-# gfx942: the dK/dV backward, MFMA and portable, at every tile tried (SGPR spills into VGPR lanes,
-# no scratch: the kernel's scalar arguments, not its tiles), so CI gates clang-19 on gfx1100 and
-# gfx1201 only. Not tuned on hardware: no AMD GPU has run these (README, AMD status).
+# accumulator block 8 on both: the forward at D=128 holds Q (gfx11: 64), O (64) and S; the dK/dV
+# kernel holds K and V fragments and dK, dV. What clang-19 makes of it decides the rows
+# (ci/hip_compile.py; scratch and spills fail it), every variant flag in both 16-bit dtypes tried
+# per row (2026-11-30, after the gate fix): gfx11 forward to D=128 (block_n 16 there; 32 spilled), backward at D=32
+# only (dK/dV at D=64 spilled with 16-query steps and with 2 waves); gfx12, with half-size operand
+# fragments, forward to D=192 (D=256 spilled) and backward to D=96 (dK/dV at D=128 spilled). The
+# tightest rows keep 4-14 VGPRs spare (gfx11 forward D=96/128: 242/246; gfx12 dK/dV D=96: 251).
+# The first clang-19 gate (2026-11-30) linked no device library, so every threadIdx, barrier and
+# math call stayed a function call whose calling convention took registers: it reported spills in
+# rows that fit (those WMMA rows, the MI300 D=256 forward, MI300's dK/dV), and the table had
+# dropped those rows; ci/hip_compile.py now links the libraries as hiprtc does, and these rows are
+# what that compile admits. Not tuned on hardware: no AMD GPU has run these (README, AMD status).
 
 HIP_FAMILIES = {  # family: (gfx prefixes, wave size); the longest matching prefix wins
     "cdna": (("gfx908", "gfx90a", "gfx94", "gfx95"), 64),  # MFMA: MI100, MI200, MI300, MI350
@@ -410,8 +406,17 @@ _HIP_ROWS = [
     ("flash_fwd_mfma",          "cdna3", 128,    None,   128,     32,      4,     1),
     ("flash_fwd_mfma",          "cdna3", 160,    None,   64,      32,      2,     1),
     ("flash_fwd_mfma",          "cdna3", 192,    None,   64,      32,      2,     1),
+    ("flash_fwd_mfma",          "cdna3", 256,    None,   64,      32,      2,     1),
     ("flash_fwd_wmma",          "rdna3", 32,     None,   64,      32,      4,     1),
+    ("flash_fwd_wmma",          "rdna3", 64,     None,   64,      32,      4,     1),
+    ("flash_fwd_wmma",          "rdna3", 96,     None,   64,      32,      4,     1),
+    ("flash_fwd_wmma",          "rdna3", 128,    None,   64,      16,      4,     1),
     ("flash_fwd_wmma",          "rdna4", 32,     None,   64,      64,      4,     1),
+    ("flash_fwd_wmma",          "rdna4", 64,     None,   64,      64,      4,     1),
+    ("flash_fwd_wmma",          "rdna4", 96,     None,   64,      32,      4,     1),
+    ("flash_fwd_wmma",          "rdna4", 128,    None,   64,      32,      4,     1),
+    ("flash_fwd_wmma",          "rdna4", 160,    None,   64,      16,      4,     1),
+    ("flash_fwd_wmma",          "rdna4", 192,    None,   64,      16,      4,     1),
     ("flash_fwd_portable",      "gfx9",  64,     None,   64,      32,      4,     1),
     ("flash_fwd_portable",      "gfx9",  128,    None,   32,      32,      4,     1),
     ("flash_fwd_portable",      "gfx9",  256,    None,   16,      16,      4,     1),
@@ -431,6 +436,14 @@ _HIP_ROWS = [
     ("flash_bwd_mfma_dq",       "cdna",  64,     None,   128,     64,      4,     1),
     ("flash_bwd_mfma_dq",       "cdna",  96,     None,   128,     32,      4,     1),
     ("flash_bwd_mfma_dq",       "cdna",  128,    None,   128,     32,      4,     1),
+    ("flash_bwd_wmma_dkdv",     "rdna3", 32,     None,   32,      64,      4,     1),
+    ("flash_bwd_wmma_dq",       "rdna3", 32,     None,   64,      32,      4,     1),
+    ("flash_bwd_wmma_dkdv",     "rdna4", 32,     None,   32,      64,      4,     1),
+    ("flash_bwd_wmma_dq",       "rdna4", 32,     None,   64,      32,      4,     1),
+    ("flash_bwd_wmma_dkdv",     "rdna4", 64,     None,   16,      64,      4,     1),
+    ("flash_bwd_wmma_dq",       "rdna4", 64,     None,   64,      32,      4,     1),
+    ("flash_bwd_wmma_dkdv",     "rdna4", 96,     None,   16,      64,      4,     1),
+    ("flash_bwd_wmma_dq",       "rdna4", 96,     None,   64,      32,      4,     1),
     ("flash_bwd_portable_dq",   "gfx9",  64,     None,   32,      16,      4,     1),
     ("flash_bwd_portable_dq",   "gfx9",  128,    None,   16,      16,      4,     1),
     ("flash_bwd_portable_dq",   "gfx9",  256,    None,   16,      8,       2,     1),

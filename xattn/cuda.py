@@ -9,12 +9,11 @@ that holds the arrays and on the stream the caller passes.
 from __future__ import annotations
 
 import math
-import threading
 from typing import NamedTuple
 
 import numpy as np
 
-from xattn import configs, jit, launch, params
+from xattn import configs, jit, launch
 
 # Attention sinks fused into the forward kernels' epilogue (HAS_SINKS). False: the forward runs
 # without them and the sinks are folded into out and lse afterwards by array ops (one more pass
@@ -74,47 +73,9 @@ _SOURCE = {"flash_bwd_preprocess": "flash_bwd_prep.cu", "flash_bwd_convert_dq": 
 # whether the pointers are 16-byte aligned) and kept: later calls look it up, patch the pointers
 # into its parameter blocks and launch. Nothing per call depends on anything but the pointers.
 
-_plans: dict = {}
-_plans_lock = threading.Lock()
-_MAX_PLANS = 4096  # a process that cycles through more signatures rebuilds them
-
-
-def _cached_plan(key, build):
-    plan = _plans.get(key)
-    if plan is None:
-        plan = build()
-        with _plans_lock:
-            if len(_plans) >= _MAX_PLANS:
-                _plans.clear()
-            _plans[key] = plan
-    return plan
-
-
-def _attn_params(var: "launch.Variant", tensors: dict, *, heads_q: int, head_dim: int) -> np.ndarray:
-    """An AttnParams block: the tensors' strides ({field: launch.Array}; pointers are patched per call),
-    and the masks and modifiers of `var` (as launch.variant computes them)."""
-    block = params.attn_params()
-    for name, a in tensors.items():
-        params.set_tensor(block, name, 0, a.strides[:3])
-    o = var.options
-    block["heads_q"], block["head_dim"] = heads_q, head_dim
-    for field in ("seqlen_q", "seqlen_k", "heads_per_kv", "window_left", "window_right",
-                  "softcap_scale", "scale", "scale_log2", "grad_scale", "alibi_batch_stride"):
-        block[field] = o[field]
-    return block
-
-
-def _run(steps, pointers: dict, stream: int, device: int) -> None:
-    """Launch a plan's steps in order on `stream`, on `device` (made current when it is not)."""
-    import cupy
-
-    if cupy.cuda.runtime.getDevice() == device:
-        for step in steps:
-            step(pointers, stream)
-        return
-    with cupy.cuda.Device(device):
-        for step in steps:
-            step(pointers, stream)
+# The launch layer's plan cache, parameter-block packing and launch sequence (xattn/launch.py, shared
+# with the hip backend), under the names this module and sm90.py use.
+_cached_plan, _attn_params, _run = launch.cached_plan, launch.attn_block, launch.run
 
 
 def _step(cfg, dtype: str, causal: bool, vec: bool, device: int, block: np.ndarray, grid_xy,
@@ -200,8 +161,7 @@ def _plan_forward(Q, K, V, O, L, batch, *, causal, scale, window, softcap, slope
     if varlen:
         seqlen_k = max_seqlen[1]
     var = launch.variant(causal=causal, scale=scale, window=window, softcap=softcap, alibi_slopes=slopes,
-                   cu_seqlens=(None, None) if varlen else None, seqlen_q=seqlen_q, seqlen_k=seqlen_k,
-                   head_dim=head_dim, heads_per_kv=heads_q // heads_k)
+                   varlen=varlen, seqlen_q=seqlen_q, seqlen_k=seqlen_k, heads_per_kv=heads_q // heads_k)
     has_right_edge = bool(var.defines["IS_CAUSAL"])
     kernel_name = configs.KERNEL_FOR_DTYPE[Q.dtype]
     cfg = configs.select(kernel_name, _arch(Q.device), head_dim, has_right_edge)
@@ -495,8 +455,7 @@ def _plan_backward(Q, K, V, O, dO, L, dQ, dK, dV, batch, *, causal, scale, windo
     heads_k = K.shape[1]
     seqlen_q, seqlen_k = max_seqlen if varlen else (total_q, K.shape[2])
     var = launch.variant(causal=causal, scale=scale, window=window, softcap=softcap, alibi_slopes=slopes,
-                   cu_seqlens=(None, None) if varlen else None, seqlen_q=seqlen_q, seqlen_k=seqlen_k,
-                   head_dim=head_dim, heads_per_kv=heads_q // heads_k)
+                   varlen=varlen, seqlen_q=seqlen_q, seqlen_k=seqlen_k, heads_per_kv=heads_q // heads_k)
     has_right_edge = bool(var.defines["IS_CAUSAL"])
     simt = _backward_on_cuda_cores(dtype, arch, head_dim, has_right_edge)
     vec = vec and not simt

@@ -4,14 +4,17 @@ The same contract as xattn/cuda.py: arrays in the (B, H, S, D) view with any bat
 strides and a contiguous last dimension, as torch tensors or CuPy arrays; nothing is copied; work
 runs on the device that holds the arrays and on the stream the caller passes. The kernel and its
 tiles come from the device's gcnArchName (configs.select_hip): the MFMA kernel for float16 and
-bfloat16 on CDNA (gfx908, gfx90a, gfx94x, gfx95x), the portable FMA kernel for float32 and on
-GPUs without MFMA (RDNA: wave32). The backward (delta, then dK/dV and dQ in two kernels without
-atomics) follows the same choice per dtype and head dim (configs.select_hip_backward).
+bfloat16 on CDNA (gfx908, gfx90a, gfx94x, gfx95x), the WMMA kernel on RDNA3/RDNA4 where the table
+has a row, the portable FMA kernel for float32 and elsewhere. The backward (delta, then dK/dV and
+dQ in two kernels without atomics) follows the same choice per dtype and head dim
+(configs.select_hip_backward).
 
-The variants of issue 6 -- sliding windows, softcap, ALiBi and packed (varlen) batches -- reach
-the kernels exactly as on CUDA: the same flags and trailing arguments (xattn.launch_layer.variant), the
-same (1, H, T, D) views of batch stride 0 for packed batches (xattn.launch_layer.packed), the same
-vendor-neutral logic in kernels_common/attention_common.h.
+Every kernel takes one parameter block by value, as the CUDA kernels do: AttnParams for the
+attention kernels, DecodeParams for the decode (kernels_common/params.h). The blocks, the plan
+cache, pointer patching, batch chunking and the driver launch are the vendor-neutral launch layer's
+(xattn/launch.py), shared with xattn/cuda.py: the same variant flags and scalars
+(launch.variant), the same (1, H, T, D) views of batch stride 0 for packed batches
+(launch.packed), the same vendor-neutral logic in kernels_common/attention_common.h.
 """
 
 from __future__ import annotations
@@ -19,12 +22,10 @@ from __future__ import annotations
 import contextlib
 from typing import NamedTuple
 
-import numpy as np
-
-from xattn import configs, jit
+from xattn import configs, jit, params
 from xattn import launch as launch_layer  # the vendor-neutral launch layer (hip.launch is ours)
 
-MAX_GRID_YZ = 65535  # gridDim.y and gridDim.z, as on CUDA: the batch is walked in chunks
+MAX_GRID_YZ = launch_layer.MAX_GRID_YZ  # gridDim.y and gridDim.z: the batch is walked in chunks
 
 
 def availability() -> tuple[bool, str]:
@@ -76,6 +77,31 @@ def _compiler(x, direction: str):
     return _jit, _arch(launch_layer.describe(x).device)
 
 
+def _step(compile, cfg: configs.TileConfig, defines: dict, device: int, block, grid_xy,
+          batch: int, smem: int | None = None) -> launch_layer.Launch:
+    """The launch of one table row's kernel (compile(cfg, defines, device)) with its parameter
+    block: threads and LDS from the row (smem: the LDS of an entry point with no layout of its
+    own, the decode's merge and append), the batch in gridDim.z (launch.Launch chunks it)."""
+    kernel = compile(cfg, defines, device)
+    smem = configs.hip_shared_memory_bytes(cfg) if smem is None else smem
+    return launch_layer.Launch(launch_layer.function(kernel, device, smem), grid_xy, batch,
+                               configs.hip_threads(cfg), smem, block)
+
+
+def _signature(arrays) -> tuple:
+    return tuple((a.dtype, a.shape, a.strides) for a in arrays)
+
+
+def _variant_pointers(pointers: dict, slopes, cu_seqlens) -> dict:
+    """The pointers of the variant's arrays (ALiBi slopes, the packed batch's offsets), added."""
+    if slopes is not None:
+        pointers["alibi_slopes"] = slopes.ptr
+    if cu_seqlens is not None:
+        pointers["cu_seqlens_q"], pointers["cu_seqlens_k"] = (launch_layer.describe(c).ptr
+                                                              for c in cu_seqlens)
+    return pointers
+
+
 def forward(q, k, v, out, lse, *, causal: bool, scale: float, stream: int, window=(-1, -1),
             softcap: float = 0.0, alibi_slopes=None, cu_seqlens=None, max_seqlen=None,
             sinks=None) -> None:
@@ -109,30 +135,43 @@ def launch(compile, target: str, q, k, v, out, lse, *, causal: bool, scale: floa
            window=(-1, -1), softcap: float = 0.0, alibi_slopes=None, cu_seqlens=None,
            max_seqlen=None) -> None:
     """The forward on a device of gcnArchName `target`, its kernel from compile(cfg, defines,
-    device) -> cupy.RawKernel. Everything else -- row choice, variant flags and arguments (the
-    cuda backend's own, launch_layer.variant), grid, launch -- is the hip backend's. Shared with
+    device) -> cupy.RawKernel. Everything else -- row choice, variant flags, the AttnParams
+    block (the launch layer's, as on CUDA), grid, launch -- is the hip backend's. Shared with
     tests/test_hip_portable.py, which compiles the portable kernel for an NVIDIA GPU with NVRTC."""
-    import cupy
-
-    (Q, K, V, O, L), batch, heads_q, heads_k, seqlen_q, seqlen_k, head_dim = _problem(
+    arrays, batch, heads_q, heads_k, seqlen_q, seqlen_k, head_dim = _problem(
         (q, k, v, out, lse), cu_seqlens, max_seqlen)
     if batch == 0 or heads_q == 0 or seqlen_q == 0:
         return
     if heads_q > MAX_GRID_YZ:
         raise ValueError(f"q: at most {MAX_GRID_YZ} heads are supported, got {heads_q}")
+    Q, K, V, O, L = arrays
+    slopes = launch_layer.describe(alibi_slopes) if alibi_slopes is not None else None
+    vec = launch_layer.vec_loads([Q, K, V, O], head_dim, launch_layer.itemsize(Q.dtype))
+    key = ("hip", "fwd", compile, target, Q.device, batch, _signature(arrays), causal, scale,
+           tuple(window), softcap, _signature([slopes]) if slopes else None,
+           cu_seqlens is not None, max_seqlen, vec)
+    steps = launch_layer.cached_plan(key, lambda: _plan_forward(
+        compile, target, arrays, batch, heads_k, seqlen_q, seqlen_k, causal=causal, scale=scale,
+        window=window, softcap=softcap, slopes=slopes, varlen=cu_seqlens is not None, vec=vec))
+    pointers = {"q": Q.ptr, "k": K.ptr, "v": V.ptr, "o": O.ptr, "lse": L.ptr}
+    launch_layer.run(steps, _variant_pointers(pointers, slopes, cu_seqlens), stream, Q.device)
+
+
+def _plan_forward(compile, target, arrays, batch, heads_k, seqlen_q, seqlen_k, *, causal, scale,
+                  window, softcap, slopes, varlen, vec):
+    Q, K, V, O, L = arrays
+    heads_q, head_dim = Q.shape[1], Q.shape[3]
     var = launch_layer.variant(causal=causal, scale=scale, window=window, softcap=softcap,
-                        alibi_slopes=alibi_slopes, cu_seqlens=cu_seqlens, seqlen_q=seqlen_q,
-                        seqlen_k=seqlen_k, head_dim=head_dim, heads_per_kv=heads_q // heads_k)
+                               alibi_slopes=slopes, varlen=varlen, seqlen_q=seqlen_q,
+                               seqlen_k=seqlen_k, heads_per_kv=heads_q // heads_k)
     has_right_edge = bool(var.defines["IS_CAUSAL"])
     cfg = configs.select_hip(Q.dtype, target, head_dim, has_right_edge)
-    size = launch_layer.itemsize(Q.dtype)
-    vec = cfg.kernel in configs.HIP_MFMA_KERNELS and launch_layer.vec_loads([Q, K, V, O], head_dim, size)
-    kernel = compile(cfg, configs.hip_defines(cfg, Q.dtype, has_right_edge, vec) | var.defines, Q.device)
-    args = [(Q, size), (K, size), (V, size), (O, size), (L, 4), *launch_layer.stride_args(Q, K, V, O),
-            *launch_layer.stride_args(L, dims=2), *var.args]
-    with cupy.cuda.Device(Q.device), launch_layer.external_stream(stream, Q.device):
-        launch_layer.launch_args(kernel, configs.hip_grid(cfg, seqlen_q, seqlen_k, heads_q, heads_k, 1)[:2],
-                     configs.hip_threads(cfg), configs.hip_shared_memory_bytes(cfg), args, batch)
+    vec = vec and cfg.kernel in configs.HIP_MFMA_KERNELS
+    block = launch_layer.attn_block(var, dict(zip(("q", "k", "v", "o", "lse"), arrays)),
+                                    heads_q=heads_q, head_dim=head_dim)
+    defines = configs.hip_defines(cfg, Q.dtype, has_right_edge, vec) | var.defines
+    grid = configs.hip_grid(cfg, seqlen_q, seqlen_k, heads_q, heads_k, batch)
+    return (_step(compile, cfg, defines, Q.device, block, grid[:2], batch),)
 
 
 def backward(q, k, v, out, dout, lse, dq, dk, dv, *, causal: bool, scale: float,
@@ -155,9 +194,9 @@ def launch_backward(compile, target: str, q, k, v, out, dout, lse, dq, dk, dv, *
     import cupy
 
     varlen = cu_seqlens is not None
-    (Q, K, V, O, dO, L, dQ, dK, dV), batch, heads_q, heads_k, seqlen_q, seqlen_k, head_dim = _problem(
+    arrays, batch, heads_q, heads_k, seqlen_q, seqlen_k, head_dim = _problem(
         (q, k, v, out, dout, lse, dq, dk, dv), cu_seqlens, max_seqlen)
-    total_q = Q.shape[2]  # every query row (packed: all sequences)
+    Q, K, V, O, dO, L, dQ, dK, dV = arrays
     if batch == 0 or heads_q == 0:
         return
     if seqlen_q == 0 or seqlen_k == 0:  # nothing attends: every gradient is zero
@@ -166,42 +205,60 @@ def launch_backward(compile, target: str, q, k, v, out, dout, lse, dq, dk, dv, *
         return
     if heads_q > MAX_GRID_YZ:
         raise ValueError(f"q: at most {MAX_GRID_YZ} heads are supported, got {heads_q}")
+    slopes = launch_layer.describe(alibi_slopes) if alibi_slopes is not None else None
+    vec = launch_layer.vec_loads([Q, K, V, O, dO, dQ, dK, dV], head_dim, launch_layer.itemsize(Q.dtype))
+    key = ("hip", "bwd", compile, target, Q.device, batch, _signature(arrays), causal, scale,
+           tuple(window), softcap, _signature([slopes]) if slopes else None, varlen, max_seqlen,
+           vec)
+    steps, delta_shape = launch_layer.cached_plan(key, lambda: _plan_backward(
+        compile, target, arrays, batch, heads_k, seqlen_q, seqlen_k, causal=causal, scale=scale,
+        window=window, softcap=softcap, slopes=slopes, varlen=varlen, vec=vec))
+    with cupy.cuda.Device(Q.device):
+        # delta = rowsum(dO * O): float32 scratch from the caller's framework, held until the
+        # launches are queued (the caching allocators may hand freed memory out again at once).
+        delta = launch_layer.new_like(q, delta_shape, zero=False)
+        pointers = {"q": Q.ptr, "k": K.ptr, "v": V.ptr, "o": O.ptr, "dout": dO.ptr, "lse": L.ptr,
+                    "dq": dQ.ptr, "dk": dK.ptr, "dv": dV.ptr,
+                    "delta": launch_layer.describe(delta).ptr}
+        launch_layer.run(steps, _variant_pointers(pointers, slopes, cu_seqlens), stream, Q.device)
+
+
+def _plan_backward(compile, target, arrays, batch, heads_k, seqlen_q, seqlen_k, *, causal, scale,
+                   window, softcap, slopes, varlen, vec):
+    """(steps, the shape of delta): the preprocess (delta), dK/dV (key blocks), dQ (query blocks),
+    each with its own copy of one AttnParams block (a launch patches and chunks its own), the
+    preprocess's seeing every row of a packed batch as one entry of total_q rows."""
+    Q, K, V, O, dO, L, dQ, dK, dV = arrays
+    device, dtype = Q.device, Q.dtype
+    heads_q, total_q, head_dim = Q.shape[1], Q.shape[2], Q.shape[3]
     var = launch_layer.variant(causal=causal, scale=scale, window=window, softcap=softcap,
-                        alibi_slopes=alibi_slopes, cu_seqlens=cu_seqlens, seqlen_q=seqlen_q,
-                        seqlen_k=seqlen_k, head_dim=head_dim, heads_per_kv=heads_q // heads_k)
-    tail = var.args + [np.float32(scale)]  # grad_scale: the attention scale, for dQ and dK
+                               alibi_slopes=slopes, varlen=varlen, seqlen_q=seqlen_q,
+                               seqlen_k=seqlen_k, heads_per_kv=heads_q // heads_k)
     has_right_edge = bool(var.defines["IS_CAUSAL"])
-    cfgs = configs.select_hip_backward(Q.dtype, target, head_dim, has_right_edge)
-    size = launch_layer.itemsize(Q.dtype)
-    vec = launch_layer.vec_loads([Q, K, V, O, dO, dQ, dK, dV], head_dim, size)
-    prep, dkdv, dq_kernel = (
-        compile(cfg, configs.hip_defines(cfg, Q.dtype, has_right_edge, vec and cfg.kernel in configs.HIP_MFMA_KERNELS)
-                | ({} if cfg.kernel == "flash_bwd_preprocess" else var.defines), Q.device)
-        for cfg in cfgs)
-    prep_cfg, dkdv_cfg, dq_cfg = cfgs
+    prep_cfg, dkdv_cfg, dq_cfg = configs.select_hip_backward(dtype, target, head_dim, has_right_edge)
+    prep_batch = 1 if varlen else batch
+    delta_shape = (prep_batch, heads_q, total_q)
+    delta = launch_layer.packed(launch_layer.Array(0, delta_shape, (heads_q * total_q, total_q, 1),
+                                                   "float32", device), varlen)
+    main = launch_layer.attn_block(var, {"q": Q, "k": K, "v": V, "o": O, "dout": dO, "lse": L,
+                                         "dq": dQ, "dk": dK, "dv": dV, "delta": delta},
+                                   heads_q=heads_q, head_dim=head_dim)
+    prep = main.copy()
+    prep["seqlen_q"] = total_q
+
+    def defines(cfg):
+        if cfg.kernel == "flash_bwd_preprocess":  # no masks, no modifiers, no tiles
+            return configs.hip_defines(cfg, dtype, has_right_edge, False)
+        return configs.hip_defines(cfg, dtype, has_right_edge,
+                                   vec and cfg.kernel in configs.HIP_MFMA_KERNELS) | var.defines
 
     def grid(cfg, rows_q):
-        return configs.hip_grid(cfg, rows_q, seqlen_k, heads_q, heads_k, 1)[:2]
+        return configs.hip_grid(cfg, rows_q, seqlen_k, heads_q, heads_k, batch)[:2]
 
-    # The row-wise preprocess sees a packed batch as one entry of total_q rows.
-    prep_batch = 1 if varlen else batch
-    with cupy.cuda.Device(Q.device), launch_layer.external_stream(stream, Q.device):
-        # delta = rowsum(dO * O), float32 scratch from the caller's framework, on its stream; held
-        # until the end, as the caching allocators may hand freed memory out again at once.
-        delta_array = launch_layer.new_like(q, (prep_batch, heads_q, total_q), zero=False)
-        D = launch_layer.packed(launch_layer.describe(delta_array), varlen)
-        launch_layer.launch_args(prep, grid(prep_cfg, total_q), configs.hip_threads(prep_cfg), 0,
-                     [(O, size), (dO, size), (D, 4), *launch_layer.stride_args(O, dO), *launch_layer.stride_args(D, dims=2),
-                      np.int32(total_q), np.int32(head_dim)], prep_batch)
-        common = [(Q, size), (K, size), (V, size), (dO, size), (L, 4), (D, 4)]
-        lse_delta = launch_layer.stride_args(L, D, dims=2)
-        launch_layer.launch_args(dkdv, grid(dkdv_cfg, seqlen_q), configs.hip_threads(dkdv_cfg),
-                     configs.hip_shared_memory_bytes(dkdv_cfg),
-                     [*common, (dK, size), (dV, size), *launch_layer.stride_args(Q, K, V, dO, dK, dV), *lse_delta, *tail],
-                     batch)
-        launch_layer.launch_args(dq_kernel, grid(dq_cfg, seqlen_q), configs.hip_threads(dq_cfg),
-                     configs.hip_shared_memory_bytes(dq_cfg),
-                     [*common, (dQ, size), *launch_layer.stride_args(Q, K, V, dO, dQ), *lse_delta, *tail], batch)
+    steps = (_step(compile, prep_cfg, defines(prep_cfg), device, prep, grid(prep_cfg, total_q), prep_batch),
+             _step(compile, dkdv_cfg, defines(dkdv_cfg), device, main, grid(dkdv_cfg, seqlen_q), batch),
+             _step(compile, dq_cfg, defines(dq_cfg), device, main.copy(), grid(dq_cfg, seqlen_q), batch))
+    return steps, delta_shape
 
 
 def info() -> dict[str, str]:
@@ -260,7 +317,7 @@ def on_cuda(*, prefix: str, options: tuple, forward_target: str, backward_target
             with cupy.cuda.Device(device):
                 code = prefix + jit.preprocess("hip", configs.hip_source(cfg.kernel))
                 raw = cupy.RawModule(code=code, options=(*options, *key[4])).get_function(cfg.kernel)
-            kernel = _nvrtc_kernels[key] = _OptedIn(raw, device)
+            kernel = _nvrtc_kernels[key] = raw
         return kernel
 
     if _served is not None:
@@ -272,19 +329,6 @@ def on_cuda(*, prefix: str, options: tuple, forward_target: str, backward_target
     finally:
         backends.hip_on_cuda = False
         _served = None
-
-
-class _OptedIn:
-    """A CuPy kernel that opts in to its launch's dynamic shared memory above 48 KB (CUDA
-    requires it; the portable rows' LDS goes up to 64 KB)."""
-
-    def __init__(self, raw, device: int):
-        self.raw, self.device = raw, device
-
-    def __call__(self, grid, block, args, shared_mem: int = 0):
-        if shared_mem > 48 * 1024:
-            launch_layer.prepare_smem(self.raw, (self.device, id(self.raw), shared_mem), shared_mem)
-        self.raw(grid, block, args, shared_mem=shared_mem)
 
 
 # ---- KV-cache decode (attention_with_kvcache) -------------------------------------------------
@@ -318,38 +362,25 @@ def launch_decode(compile, target: str, q, k_cache, v_cache, k_new, v_new, out, 
                   call, workspace, stream: int) -> None:
     """The decode on a device of gcnArchName `target`, its kernels from compile(cfg, defines,
     device) as in `launch` (cfg of another entry point of the same source for the merge and the
-    append). Shared with tests/test_hip_decode.py, which compiles them for an NVIDIA GPU."""
-    import cupy
-
+    append), all three on one DecodeParams block (kernels_common/params.h), each launch with its
+    own copy. Shared with tests/test_hip_decode.py, which compiles them for an NVIDIA GPU."""
     from xattn import kvcache
 
     Q, Kc, Vc, O, L = (launch_layer.describe(a) for a in (q, k_cache, v_cache, out, lse))
     batch, heads_q, seqlen_q, head_dim = Q.shape
     heads_k, seqlen_max = Kc.shape[1], Kc.shape[2]
-    seqlen_new = call.seqlen_new
+    seqlen_new = call.seqlen_new if k_new is not None else 0
     if batch == 0:
         return
     if heads_k > MAX_GRID_YZ:
         raise ValueError(f"k_cache: at most {MAX_GRID_YZ} heads are supported, got {heads_k}")
-    device, size = Q.device, launch_layer.itemsize(Q.dtype)
-    null = launch_layer.Array(0, (), (0,), "", device)
-    if cache_seqlens is not None:
-        S = launch_layer.describe(cache_seqlens)
-        seqlens, seqlens_stride, uniform = (S, 4), np.int64(S.strides[0]), np.int32(0)
-    else:
-        seqlens, seqlens_stride, uniform = (null, 4), np.int64(0), np.int32(call.uniform)
+    device = Q.device
 
     cfg = configs.select_hip_decode(Q.dtype, target, head_dim)
     # Window bounds past every key distance are unbounded (-1), as on CUDA (kvcache._plan).
     left, right = ((-1 if w >= seqlen_max + seqlen_q else w) for w in call.window)
-    scale, softcap = call.scale, call.softcap
     defines = configs.hip_defines(cfg, Q.dtype, right >= 0, False) | {
-        "IS_LOCAL": int(left >= 0), "HAS_SOFTCAP": int(bool(softcap))}
-    decode_kernel = compile(cfg, defines, device)
-    merge = compile(cfg._replace(kernel="flash_decode_merge_portable"), defines, device)
-    append = compile(cfg._replace(kernel="kvcache_append_portable"), defines, device)
-    threads = configs.hip_threads(cfg)
-
+        "IS_LOCAL": int(left >= 0), "HAS_SOFTCAP": int(bool(call.softcap))}
     rows = (heads_q // heads_k) * seqlen_q
     m_blocks = -(-rows // cfg.block_m)
     band = seqlen_max  # the keys one sequence's queries can see span at most left + right + Sq
@@ -360,40 +391,41 @@ def launch_decode(compile, target: str, q, k_cache, v_cache, k_new, v_new, out, 
     if m_blocks * splits >= 2**31:
         raise ValueError(f"q: too many query rows per kv head ({rows})")
 
-    with cupy.cuda.Device(device), launch_layer.external_stream(stream, device):
-        if seqlen_new and k_new is not None:
-            Kn, Vn = launch_layer.describe(k_new), launch_layer.describe(v_new)
-            elements = heads_k * seqlen_new * head_dim
-            launch_layer.launch_args(append, (-(-elements // threads), 1), threads, 0,
-                         [(Kn, size), (Vn, size), (Kc, size), (Vc, size), seqlens,
-                          *launch_layer.stride_args(Kn, Vn, Kc, Vc), seqlens_stride, uniform, np.int32(heads_k),
-                          np.int32(seqlen_new), np.int32(seqlen_max), np.int32(head_dim)], batch)
-        if seqlen_q == 0:
-            return
-        rows_bhs = heads_q * seqlen_q
-        if splits > 1:  # partials of every split, merged below (freed on return: stream-ordered)
-            part = workspace(batch * rows_bhs * splits * (cfg.head_dim + 1))
-            P = launch_layer.describe(part)
-            o_part = launch_layer.Array(P.ptr, (batch,), (rows_bhs * splits * cfg.head_dim,), "float32", device)
-            lse_part = launch_layer.Array(P.ptr + 4 * batch * rows_bhs * splits * cfg.head_dim, (batch,),
-                                   (rows_bhs * splits,), "float32", device)
-            parts = [(o_part, 4), (lse_part, 4)]
-        else:
-            parts = [(null, 4), (null, 4)]
-        # The softmax's scale is the softcap c under a softcap (attention_common.h).
-        score_scale = softcap if softcap else scale
-        launch_layer.launch_args(decode_kernel, (m_blocks * splits, heads_k), threads,
-                     configs.hip_shared_memory_bytes(cfg),
-                     [(Q, size), (Kc, size), (Vc, size), (O, size), (L, 4), *parts, seqlens,
-                      *launch_layer.stride_args(Q, Kc, Vc, O), *launch_layer.stride_args(L, dims=2), seqlens_stride,
-                      uniform, np.int32(seqlen_q), np.int32(seqlen_new), np.int32(seqlen_max),
-                      np.int32(head_dim), np.int32(heads_q // heads_k), np.int32(left),
-                      np.int32(right), np.int32(splits), np.int32(m_blocks),
-                      np.float32(scale / softcap if softcap else 0.0), np.float32(score_scale),
-                      np.float32(score_scale * launch_layer.LOG2_E)], batch)
-        if splits > 1:
-            # one wave per query row, cfg.warps rows per block (NUM_WAVES of the module)
-            launch_layer.launch_args(merge, (-(-rows_bhs // cfg.warps), 1), threads, 0,
-                         [*parts, (O, size), (L, 4), *launch_layer.stride_args(O), *launch_layer.stride_args(L, dims=2),
-                          np.int32(heads_q), np.int32(seqlen_q), np.int32(head_dim), np.int32(splits)],
-                         batch)
+    block = params.decode_params()
+    tensors = {"q": Q, "k": Kc, "v": Vc, "o": O, "lse": L}
+    pointers = {name: a.ptr for name, a in tensors.items()}
+    if seqlen_new:
+        tensors["k_new"], tensors["v_new"] = launch_layer.describe(k_new), launch_layer.describe(v_new)
+        pointers["k_new"], pointers["v_new"] = tensors["k_new"].ptr, tensors["v_new"].ptr
+    for name, a in tensors.items():
+        params.set_tensor(block, name, 0, a.strides[:3])
+    if cache_seqlens is not None:
+        S = launch_layer.describe(cache_seqlens)
+        pointers["cache_seqlens"] = S.ptr
+        block["seqlens_stride"] = S.strides[0]
+    else:
+        block["uniform_seqlen"] = call.uniform
+    block["heads_q"], block["heads_per_kv"], block["seqlen_q"] = heads_q, heads_q // heads_k, seqlen_q
+    block["seqlen_new"], block["seqlen_max"], block["head_dim"] = seqlen_new, seqlen_max, head_dim
+    block["window_left"], block["window_right"] = left, right
+    block["num_splits"], block["m_blocks"] = splits, m_blocks
+    for field, value in launch_layer.decode_scales(call.scale, call.softcap).items():
+        block[field] = value
+
+    steps = []
+    if seqlen_new:  # one thread per appended element of a batch entry
+        append = cfg._replace(kernel="kvcache_append_portable")
+        elements = heads_k * seqlen_new * head_dim
+        steps.append(_step(compile, append, defines, device, block.copy(),
+                           (-(-elements // configs.hip_threads(cfg)), 1), batch, smem=0))
+    if seqlen_q:
+        steps.append(_step(compile, cfg, defines, device, block.copy(), (m_blocks * splits, heads_k), batch))
+    if seqlen_q and splits > 1:  # one wave per query row, cfg.warps rows per block
+        merge = cfg._replace(kernel="flash_decode_merge_portable")
+        steps.append(_step(compile, merge, defines, device, block.copy(),
+                           (-(-heads_q * seqlen_q // cfg.warps), 1), batch, smem=0))
+        # The partials of every split (freed on return: stream-ordered in the caller's framework).
+        partials = batch * heads_q * seqlen_q * splits
+        base = launch_layer.describe(workspace(partials * (cfg.head_dim + 1))).ptr
+        pointers["o_part"], pointers["lse_part"] = base, base + 4 * partials * cfg.head_dim
+    launch_layer.run(steps, pointers, stream, device)

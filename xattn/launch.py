@@ -48,13 +48,14 @@ _smem_lock = threading.Lock()
 
 def function(kernel, device: int, smem: int) -> int:
     """The driver handle of a compiled kernel (a cupy.RawKernel) on `device`, with its dynamic
-    shared memory opted in once: blocks above 48 KB must ask for it."""
+    shared memory opted in once: CUDA blocks above 48 KB must ask for it. ROCm has no such step
+    (a block may take up to the LDS the kernel declares, 64 KB), so nothing is asked there."""
     import cupy
 
     with cupy.cuda.Device(device):
         handle = kernel.kernel.ptr
         key = (device, handle)
-        if key not in _smem_configured and smem > 48 * 1024:
+        if key not in _smem_configured and smem > 48 * 1024 and not cupy.cuda.runtime.is_hip:
             with _smem_lock:
                 kernel.max_dynamic_shared_size_bytes = smem
                 _smem_configured.add(key)
@@ -69,48 +70,6 @@ def vec_loads(arrays: list[Array], head_dim: int, itemsize: int) -> bool:
     return all(a.ptr % 16 == 0 and all(s % per_vector == 0 for s in a.strides[:3]) for a in arrays)
 
 
-def prepare_smem(kernel, key, smem_bytes: int) -> None:
-    # Blocks that need more than 48 KB of shared memory must opt in, once per compiled kernel.
-    # CuPy applies the attribute to the kernel of the *current* device: make it the kernel's own.
-    if key not in _smem_configured:
-        import cupy
-
-        with _smem_lock, cupy.cuda.Device(key[0]):
-            kernel.max_dynamic_shared_size_bytes = smem_bytes
-            _smem_configured.add(key)
-
-
-_streams: dict[tuple[int, int], object] = {}
-
-
-def external_stream(ptr: int, device_id: int):
-    """A CuPy handle on the caller's stream (torch's, or any cudaStream_t), made once per stream."""
-    handle = _streams.get((ptr, device_id))
-    if handle is None:
-        import warnings
-
-        import cupy
-
-        with warnings.catch_warnings():  # CuPy 14 deprecates ExternalStream for a protocol
-            warnings.simplefilter("ignore", DeprecationWarning)  # raw pointers cannot speak
-            handle = _streams[(ptr, device_id)] = cupy.cuda.ExternalStream(ptr, device_id)
-    return handle
-
-
-def launch_args(kernel, grid_xy, threads: int, smem: int, args, batch: int) -> None:
-    """Launch over the batch in chunks (gridDim.z <= 65535). args: the kernel's arguments in
-    order; (Array, itemsize) pairs are pointers, moved by the chunk's batch offset."""
-    for b0 in range(0, batch, MAX_GRID_YZ):
-        nb = min(MAX_GRID_YZ, batch - b0)
-        values = tuple(np.uint64(a[0].ptr + b0 * a[0].strides[0] * a[1]) if type(a) is tuple else a
-                       for a in args)
-        kernel(grid_xy + (nb,), (threads,), values, shared_mem=smem)
-
-
-# A null pointer argument (no cu_seqlens, no ALiBi slopes): stride 0, so no chunk moves it.
-NULL = (Array(0, (), (0,), "", -1), 4)
-
-
 class Variant(NamedTuple):
     """Masks and score modifiers of one call, as every kernel takes them (attention_common.h)."""
     defines: dict  # IS_CAUSAL, IS_LOCAL, HAS_SOFTCAP, HAS_ALIBI, IS_VARLEN
@@ -118,51 +77,55 @@ class Variant(NamedTuple):
                    # window_left, window_right, softcap_scale, scale, scale_log2 (the score scale:
                    # the softcap c under a softcap), grad_scale (the attention scale),
                    # alibi_batch_stride
-    args: list     # the same as the HIP kernels take them, positionally: cu_seqlens_q, cu_seqlens_k,
-                   # alibi_slopes, alibi_batch_stride, seqlen_q, seqlen_k, head_dim, heads_per_kv,
-                   # window_left, window_right, softcap_scale, scale, scale_log2
 
 
-def variant(*, causal: bool, scale: float, window, softcap: float, alibi_slopes, cu_seqlens,
-             seqlen_q: int, seqlen_k: int, head_dim: int, heads_per_kv: int) -> Variant:
-    """alibi_slopes: an array or its Array; cu_seqlens: a pair of arrays, (None, None) when only
-    the flags and scalars are wanted (a plan patches the pointers later), or None (not packed)."""
+def variant(*, causal: bool, scale: float, window, softcap: float, alibi_slopes, varlen: bool,
+            seqlen_q: int, seqlen_k: int, heads_per_kv: int) -> Variant:
+    """alibi_slopes: an array, its Array, or None; varlen: packed batches (the cu_seqlens pointers
+    are patched per call, like every pointer)."""
     left, right = window
     if causal:
         right = 0
     score_scale = softcap if softcap else scale
-    if cu_seqlens is not None and cu_seqlens[0] is not None:
-        cu = [(describe(c), 4) for c in cu_seqlens]
-    else:
-        cu = [NULL, NULL]
     alibi_batch_stride = 0
     if alibi_slopes is not None:
         slopes = alibi_slopes if isinstance(alibi_slopes, Array) else describe(alibi_slopes)
         alibi_batch_stride = slopes.strides[0] if len(slopes.shape) == 2 else 0  # (Hq,) or (B, Hq)
-        alibi = [(Array(slopes.ptr, slopes.shape, (alibi_batch_stride,), "float32", slopes.device), 4),
-                 np.int64(alibi_batch_stride)]
-    else:
-        alibi = [NULL, np.int64(0)]
     defines = {"IS_CAUSAL": int(right >= 0), "IS_LOCAL": int(left >= 0), "HAS_SOFTCAP": int(bool(softcap)),
-               "HAS_ALIBI": int(alibi_slopes is not None), "IS_VARLEN": int(cu_seqlens is not None)}
+               "HAS_ALIBI": int(alibi_slopes is not None), "IS_VARLEN": int(varlen)}
     options = dict(seqlen_q=seqlen_q, seqlen_k=seqlen_k, heads_per_kv=heads_per_kv, window_left=left,
                    window_right=right, softcap_scale=scale / softcap if softcap else 0.0,
                    scale=score_scale, scale_log2=score_scale * LOG2_E, grad_scale=scale,
                    alibi_batch_stride=alibi_batch_stride)
-    args = cu + alibi + [np.int32(seqlen_q), np.int32(seqlen_k), np.int32(head_dim), np.int32(heads_per_kv),
-                         np.int32(left), np.int32(right), np.float32(options["softcap_scale"]),
-                         np.float32(score_scale), np.float32(options["scale_log2"])]
-    return Variant(defines, options, args)
+    return Variant(defines, options)
+
+
+def decode_scales(scale: float, softcap: float) -> dict:
+    """The DecodeParams scalars of the softmax's scale (params.h): scale * log2(e), and under a
+    softcap c, c * log2(e) (the scores' scale there) and scale / c."""
+    return {"scale_log2": scale * LOG2_E, "softcap_log2": softcap * LOG2_E,
+            "scale_over_softcap": scale / softcap if softcap else 0.0}
+
+
+def attn_block(var: Variant, tensors: dict, *, heads_q: int, head_dim: int) -> np.ndarray:
+    """An AttnParams block (kernels_common/params.h) of one plan: the tensors' strides ({field:
+    Array}; every pointer stays null until a call patches it in) and the masks and modifiers of
+    `var`. Every kernel of either vendor that takes AttnParams gets its block from here."""
+    block = _params.attn_params()
+    for name, a in tensors.items():
+        _params.set_tensor(block, name, 0, a.strides[:3])
+    o = var.options
+    block["heads_q"], block["head_dim"] = heads_q, head_dim
+    for field in ("seqlen_q", "seqlen_k", "heads_per_kv", "window_left", "window_right",
+                  "softcap_scale", "scale", "scale_log2", "grad_scale", "alibi_batch_stride"):
+        block[field] = o[field]
+    return block
 
 
 def packed(a: Array, varlen: bool) -> Array:
     """A packed (varlen) tensor is one (1, H, T, D) batch entry that every sequence indexes from
     its own first row: batch stride 0."""
     return a._replace(strides=(0,) + a.strides[1:]) if varlen else a
-
-
-def stride_args(*arrays: Array, dims: int = 3):
-    return tuple(np.int64(s) for a in arrays for s in a.strides[:dims])
 
 
 def itemsize(dtype: str) -> int:
@@ -191,12 +154,48 @@ def torch_stream(device_index: int) -> int:
     return torch.cuda.current_stream(device_index).cuda_stream
 
 
+# ---- plans: what a call of one signature launches ---------------------------------------------
+# A backend builds a plan on the first call of a signature (shapes, strides, dtype, device, options,
+# pointer alignment) and keeps it here under a key of its own (the hip backend's start with
+# "hip"); later calls look it up, patch the pointers into its parameter blocks and launch.
+
+_plans: dict = {}
+_plans_lock = threading.Lock()
+_MAX_PLANS = 4096  # a process that cycles through more signatures rebuilds them
+
+
+def cached_plan(key, build):
+    """The plan of `key`, built by build() on its first call."""
+    plan = _plans.get(key)
+    if plan is None:
+        plan = build()
+        with _plans_lock:
+            if len(_plans) >= _MAX_PLANS:
+                _plans.clear()
+            _plans[key] = plan
+    return plan
+
+
+def run(steps, pointers: dict, stream: int, device: int) -> None:
+    """Launch a plan's steps (Launch objects) in order on `stream`, on `device` (made current when
+    it is not)."""
+    import cupy
+
+    if cupy.cuda.runtime.getDevice() == device:
+        for step in steps:
+            step(pointers, stream)
+        return
+    with cupy.cuda.Device(device):
+        for step in steps:
+            step(pointers, stream)
+
+
 class Launch:
     """One kernel launch of a plan: function, grid (x, y, batch), threads, shared memory, and its
     own parameter block. `batch` goes in gridDim.z in chunks of MAX_GRID_YZ, each chunk's first
     entry in the block's batch_offset."""
 
-    __slots__ = ("handle", "grid_xy", "batch", "threads", "smem", "block", "words", "args",
+    __slots__ = ("handle", "grid_xy", "batch", "threads", "smem", "block", "words", "slots", "args",
                  "args_ptr", "maps", "_lock")
 
     def __init__(self, handle: int, grid_xy: tuple, batch: int, threads: int, smem: int,
@@ -208,6 +207,7 @@ class Launch:
         self.threads, self.smem = threads, smem
         self.block = block
         self.words = block.view(np.uint64)  # pointer fields are patched through this view
+        self.slots = _params.pointer_words(block.dtype)  # {pointer field: its word}
         self.maps = [[field, tmap, repoint, None] for field, tmap, repoint in maps]
         # cuLaunchKernel's kernelParams: an array holding the address of each argument.
         self.args = np.array([tmap.getPtr() for _, tmap, _ in maps] + [block.ctypes.data],
@@ -218,7 +218,7 @@ class Launch:
     def __call__(self, pointers: dict, stream: int) -> None:
         """Patch {field: device pointer} into the block and launch on `stream` (a cudaStream_t)."""
         with self._lock:  # one block per Launch: threads sharing a plan take turns patching it
-            patch(self.words, pointers)
+            patch(self.words, self.slots, pointers)
             self.launch(pointers, stream)
 
     def launch(self, pointers: dict, stream: int) -> None:
@@ -241,10 +241,11 @@ class Launch:
         self.block["batch_offset"] = 0
 
 
-def patch(words: np.ndarray, pointers: dict) -> None:
-    """Write {field: device pointer} into a parameter block (its uint64 view)."""
+def patch(words: np.ndarray, slots: dict, pointers: dict) -> None:
+    """Write {field: device pointer} into a parameter block (its uint64 view; slots: each pointer
+    field's word, params.pointer_words)."""
     for name, ptr in pointers.items():
-        words[_params.POINTER_WORDS[name]] = ptr
+        words[slots[name]] = ptr
 
 
 class Sequence:
@@ -257,14 +258,14 @@ class Sequence:
         self.launches = tuple(launches)
         distinct = {}
         for step in self.launches:
-            distinct.setdefault(step.block.ctypes.data, step.words)
+            distinct.setdefault(step.block.ctypes.data, (step.words, step.slots))
         self.blocks = tuple(distinct.values())
         self._lock = threading.Lock()
 
     def __call__(self, pointers: dict, stream: int) -> None:
         with self._lock:
-            for words in self.blocks:
-                patch(words, pointers)
+            for words, slots in self.blocks:
+                patch(words, slots, pointers)
             for step in self.launches:
                 step.launch(pointers, stream)
 

@@ -9,6 +9,8 @@ the size against these dtypes, so the two halves cannot drift apart silently.
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 
 # struct TensorRef: a pointer and the (batch, head, row) strides in elements.
@@ -27,11 +29,6 @@ ATTN_PARAMS = np.dtype(
        ("softcap_scale", "<f4"), ("scale", "<f4"), ("scale_log2", "<f4"), ("grad_scale", "<f4")],
     align=True)
 
-# Pointer fields a launch patches per call, by name: the index of the 64-bit word that holds each
-# (a plan writes pointers through a uint64 view of the block instead of through field access).
-POINTER_WORDS = {name: ATTN_PARAMS.fields[name][1] // 8 for name in ATTN_TENSORS}
-POINTER_WORDS |= {name: ATTN_PARAMS.fields[name][1] // 8
-                  for name in ("cu_seqlens_q", "cu_seqlens_k", "alibi_slopes", "sinks")}
 
 
 # struct DecodeParams: the KV-cache decode kernels (flash_decode*.cu, launched by xattn/kvcache.py).
@@ -50,9 +47,28 @@ DECODE_PARAMS = np.dtype(
 STRUCTS = {"AttnParams": ATTN_PARAMS, "DecodeParams": DECODE_PARAMS}
 
 
+@functools.lru_cache(maxsize=None)
+def pointer_words(dtype: np.dtype) -> dict:
+    """{pointer field: the index of the 64-bit word that holds it} of a parameter-block dtype: the
+    pointer of every TensorRef (its first member) and every other pointer. Pointers are the
+    "<u8" fields, and nothing else is. A launch patches pointers per call through a uint64 view of
+    the block instead of through field access."""
+    words = {}
+    for name in dtype.names:
+        field, offset = dtype.fields[name][:2]
+        if field == TENSOR_REF or field == np.dtype("<u8"):
+            words[name] = offset // 8
+    return words
+
+
 def attn_params() -> np.ndarray:
     """A zeroed one-element AttnParams block (null pointers, zero strides)."""
     return np.zeros(1, dtype=ATTN_PARAMS)
+
+
+def decode_params() -> np.ndarray:
+    """A zeroed one-element DecodeParams block."""
+    return np.zeros(1, dtype=DECODE_PARAMS)
 
 
 def set_tensor(block: np.ndarray, name: str, ptr: int, strides) -> None:

@@ -134,8 +134,8 @@ def plan(Q, K, V, O, L, *, causal, scale, window, softcap, slopes):
     if row is None:
         raise ValueError(f"q: head dim {head_dim} has no sm90 row (at most {ROWS[-1].head_dim})")
     var = launch.variant(causal=causal, scale=scale, window=window, softcap=softcap,
-                        alibi_slopes=slopes, cu_seqlens=None, seqlen_q=seqlen_q,
-                        seqlen_k=seqlen_k, head_dim=head_dim, heads_per_kv=heads_q // heads_k)
+                        alibi_slopes=slopes, varlen=False, seqlen_q=seqlen_q,
+                        seqlen_k=seqlen_k, heads_per_kv=heads_q // heads_k)
     block = cuda._attn_params(var, {"q": Q, "k": K, "v": V, "o": O, "lse": L}, heads_q=heads_q,
                               head_dim=head_dim)
     maps = [(name, tma.plan_map(a.ptr, a.dtype, a.shape, a.strides, rows), tma.repoint)

@@ -176,7 +176,7 @@ def test_pointer_words_are_the_pointers_of_each_block():
     assert set(attn) == {*params.ATTN_TENSORS, "cu_seqlens_q", "cu_seqlens_k", "alibi_slopes", "sinks"}
     decode = params.pointer_words(params.DECODE_PARAMS)
     assert set(decode) == {"q", "k", "v", "o", "lse", "k_new", "v_new", "o_part", "lse_part",
-                           "cache_seqlens", "block_table", "sinks"}
+                           "cache_seqlens", "block_table", "sinks", "k_scale", "v_scale"}
     for dtype, words in ((params.ATTN_PARAMS, attn), (params.DECODE_PARAMS, decode)):
         for name, word in words.items():
             field, offset = dtype.fields[name][:2]

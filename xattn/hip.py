@@ -148,7 +148,7 @@ def launch(compile, target: str, q, k, v, out, lse, *, causal: bool, scale: floa
     slopes = launch_layer.describe(alibi_slopes) if alibi_slopes is not None else None
     vec = launch_layer.vec_loads([Q, K, V, O], head_dim, launch_layer.itemsize(Q.dtype))
     key = ("hip", "fwd", compile, target, Q.device, batch, _signature(arrays), causal, scale,
-           tuple(window), softcap, _signature([slopes]) if slopes else None,
+           tuple(window), softcap, _signature([slopes]) if slopes is not None else None,
            cu_seqlens is not None, max_seqlen, vec)
     steps = launch_layer.cached_plan(key, lambda: _plan_forward(
         compile, target, arrays, batch, heads_k, seqlen_q, seqlen_k, causal=causal, scale=scale,
@@ -159,6 +159,7 @@ def launch(compile, target: str, q, k, v, out, lse, *, causal: bool, scale: floa
 
 def _plan_forward(compile, target, arrays, batch, heads_k, seqlen_q, seqlen_k, *, causal, scale,
                   window, softcap, slopes, varlen, vec):
+    """(the forward's one launch,): its row, defines, AttnParams block and grid."""
     Q, K, V, O, L = arrays
     heads_q, head_dim = Q.shape[1], Q.shape[3]
     var = launch_layer.variant(causal=causal, scale=scale, window=window, softcap=softcap,
@@ -208,7 +209,7 @@ def launch_backward(compile, target: str, q, k, v, out, dout, lse, dq, dk, dv, *
     slopes = launch_layer.describe(alibi_slopes) if alibi_slopes is not None else None
     vec = launch_layer.vec_loads([Q, K, V, O, dO, dQ, dK, dV], head_dim, launch_layer.itemsize(Q.dtype))
     key = ("hip", "bwd", compile, target, Q.device, batch, _signature(arrays), causal, scale,
-           tuple(window), softcap, _signature([slopes]) if slopes else None, varlen, max_seqlen,
+           tuple(window), softcap, _signature([slopes]) if slopes is not None else None, varlen, max_seqlen,
            vec)
     steps, delta_shape = launch_layer.cached_plan(key, lambda: _plan_backward(
         compile, target, arrays, batch, heads_k, seqlen_q, seqlen_k, causal=causal, scale=scale,

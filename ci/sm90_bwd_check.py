@@ -37,7 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from kernel_check_bwd import TOLERANCE, exact_out  # noqa: E402  (the float64 oracle and bounds)
 from sm90_fwd_check import fair_tflops, make  # noqa: E402  (TMA-addressable strided views; timing)
 
-from xattn import cuda, jit, sm90  # noqa: E402
+from xattn import cuda, jit, launch, sm90  # noqa: E402
 
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -100,7 +100,7 @@ def sm90_planned() -> bool:
     """Whether a cached backward plan holds the sm90 kernel's launch (the one with dk/dv maps)."""
     return any(isinstance(plan, tuple) and len(plan) == 2 and isinstance(plan[0], tuple)
                and any(any(m[0] == "dk" for m in getattr(step, "maps", ())) for step in plan[0])
-               for plan in list(cuda._plans.values()))
+               for plan in list(launch._plans.values()))
 
 
 def run_case(dtype, b, hq, hk, sq, sk, d, causal, layout, strided, variant, gen):
@@ -120,7 +120,7 @@ def run_case(dtype, b, hq, hk, sq, sk, d, causal, layout, strided, variant, gen)
     runs, planned = [], []
     for _ in range(2):
         grads = [torch.full_like(x, float("nan")) for x in (q, k, v)]
-        cuda._plans.clear()
+        launch._plans.clear()
         cuda.backward(q, k, v, out, dout, lse, *grads, causal=causal, scale=scale, deterministic=False,
                       stream=stream, **variant)
         torch.cuda.synchronize()
@@ -251,7 +251,7 @@ def timers(q, k, v, dout, causal):
 
     def pinned(extra_defines=None, rows=None):
         # A plan of the sm90 kernel built with other defines or rows, run on its own.
-        cuda._plans.clear()
+        launch._plans.clear()
         defines, table = sm90.backward_defines, sm90.BWD_ROWS
         sm90.backward_defines = lambda *a: defines(*a) | (extra_defines or {})
         sm90.BWD_ROWS = rows or table
@@ -259,7 +259,7 @@ def timers(q, k, v, dout, causal):
             ours(True)()
         finally:
             sm90.backward_defines, sm90.BWD_ROWS = defines, table
-        steps, scratch = cuda._plans.pop(next(key for key in cuda._plans if key[0] == "bwd"))
+        steps, scratch = launch._plans.pop(next(key for key in launch._plans if key[0] == "bwd"))
         buffer = torch.empty(scratch.floats, device="cuda")  # held by the closure below
         ptrs = {"q": q.data_ptr(), "k": k.data_ptr(), "v": v.data_ptr(), "o": out.data_ptr(),
                 "dout": dout.data_ptr(), "lse": lse.data_ptr(), "dq": grads[0].data_ptr(),
@@ -290,7 +290,7 @@ def phase_bench(args) -> int:
             for s in lengths:
                 b, h = 16384 // s, 2048 // d
                 q, k, v, dout = (torch.randn(b, h, s, d, device="cuda", dtype=torch.bfloat16) for _ in range(4))
-                cuda._plans.clear()
+                launch._plans.clear()
                 fns = timers(q, k, v, dout, causal)
                 got = fair_tflops(fns, tuple(fns), lambda ms: bwd_tflops(b, h, s, d, causal, ms))
                 cuda.SM90_BACKWARD = True

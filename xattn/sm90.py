@@ -180,8 +180,8 @@ class BwdRow(NamedTuple):
 BWD_ROWS = (
     BwdRow(64, False, 128, 2, modifiers=False, dq_tma=False),
     BwdRow(64, True, 128, 2, modifiers=False, dq_tma=False),
-    BwdRow(128, False, 64, 2, modifiers=True, dq_tma=False),
-    BwdRow(128, True, 64, 2, modifiers=True, dq_tma=False),
+    BwdRow(128, False, 64, 2, modifiers=True, dq_tma=True),
+    BwdRow(128, True, 64, 2, modifiers=True, dq_tma=True),
 )
 
 

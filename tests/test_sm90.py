@@ -19,7 +19,7 @@ from hypothesis import strategies as st
 
 import xattn
 from conftest import LSE_TOLERANCE, TOLERANCE, to_float64
-from xattn import jit, sm90
+from xattn import jit, launch, sm90
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "ci"))
@@ -102,7 +102,6 @@ def test_backward_rows_fit_in_shared_memory():
 
 def _views(dtype="bfloat16", head_dim=128, q_heads=4, kv_heads=2, sq=300, sk=200, ptr=1 << 20):
     """launch.Array views (B, H, S, D) of contiguous q, k, v, dout, dq, dk, dv at aligned pointers."""
-    from xattn import launch
 
     def view(heads, s):
         return launch.Array(ptr, (2, heads, s, head_dim), (heads * s * head_dim, s * head_dim, head_dim, 1),
@@ -235,7 +234,7 @@ def _sm90_backward_planned() -> bool:
 
     return any(isinstance(plan, tuple) and len(plan) == 2 and isinstance(plan[0], tuple)
                and any(any(m[0] == "dk" for m in getattr(step, "maps", ())) for step in plan[0])
-               for plan in list(cuda._plans.values()))
+               for plan in list(launch._plans.values()))
 
 
 @pytest.fixture(scope="module")
@@ -298,7 +297,7 @@ def test_backward_matches_exact_gradients(hopper, grad_bounds, batch, kv_heads, 
     out, lse = torch.empty_like(q), torch.empty(batch, q_heads, sq, device="cuda")
     cuda.forward(q, k, v, out, lse, causal=causal, scale=scale, stream=stream, **kernel_options)
     grads = [torch.full_like(x, float("nan")) for x in (q, k, v)]
-    cuda._plans.clear()
+    launch._plans.clear()
     cuda.backward(q, k, v, out, dout, lse, *grads, causal=causal, scale=scale, deterministic=False,
                   stream=stream, **kernel_options)
     torch.cuda.synchronize()
@@ -327,7 +326,7 @@ def test_backward_declined_calls_stay_on_mma_sync(hopper):
         stream = torch.cuda.current_stream().cuda_stream
         cuda.forward(q, q, q, out, lse, causal=False, scale=0.1, stream=stream)
         grads = [torch.full_like(q, float("nan")) for _ in range(3)]
-        cuda._plans.clear()
+        launch._plans.clear()
         cuda.backward(q, q, q, out, q, lse, *grads, causal=False, scale=0.1, deterministic=deterministic,
                       stream=stream)
         torch.cuda.synchronize()

@@ -31,7 +31,7 @@ QUERY_LENGTHS = (1, 1, 2, 3, 4, 16, 40)  # 40 x a group of 8 rows: several row t
 GQA = (1, 4, 8)
 # GPU examples are fewer: each new (dtype, head-dim row, tile, softcap, vec) variant compiles first
 # (about a second); ci/kernel_check_decode.py sweeps the shapes more widely.
-EXAMPLES = {"reference": 40, "cuda": 60}
+EXAMPLES = {"reference": 40, "cuda": 60, "hip": 60, "hip-on-cuda": 30, "hip-on-cuda-wave64": 20}
 
 
 # ----------------------------------------------------------------------------- drawing cases
@@ -54,8 +54,11 @@ def cases(draw, backend):
     if causal and window is not None and window[1] > 0:
         window = (window[0], 0)  # causal hides every key right of the diagonal: right is 0
     library, dtype = draw(st.sampled_from(backend.kinds))
-    paged = draw(st.sampled_from((None, None, 16, 32, 48, 256)))  # page size, or contiguous
-    sinks = draw(st.sampled_from((None, None, "small", "large")))
+    # The hip backend's decode serves contiguous caches without sinks (xattn/kvcache.py, _run_hip);
+    # tests/test_hip_decode.py checks that it refuses the others by name.
+    hip = backend.name.startswith("hip")
+    paged = None if hip else draw(st.sampled_from((None, None, 16, 32, 48, 256)))  # page size
+    sinks = None if hip else draw(st.sampled_from((None, None, "small", "large")))
     return dict(
         paged=paged, share_pages=draw(st.booleans()), sinks=sinks,
         batch=batch, heads_q=heads_q, heads_k=heads_k, seqlen_q=seqlen_q, seqlen_max=seqlen_max,

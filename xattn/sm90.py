@@ -173,10 +173,11 @@ class BwdRow(NamedTuple):
 # D64 takes 128, so that each consumer's half of dQ = dS K starts at a box of K (flash_bwd.cu);
 # its S^T and dP^T are then 64 floats each, and the index arithmetic of a window, softcap or
 # ALiBi spills 4-12 bytes (ptxas, 232 registers): those calls stay on the mma.sync kernel.
-# dQ: every row reduces from registers (red.global), the path measured on an H200 (round 2 of
-# ci/results/2026-11-30-sm90-bwd/). The TMA reduce-add (dq_tma=True) passed the same checks and
-# sanitizers there at D128 and D64 (round 3) but has not been timed yet; at D64 the device's NVRTC
-# 13.0 spilled 8 bytes with it (D64 causal: 4 bytes with NVRTC 13.5), so only D128 is a candidate.
+# dQ: the TMA reduce-add (dq_tma=True) at D128, which passed the checks and sanitizers (round 3 of
+# ci/results/2026-11-30-sm90-bwd/) and was timed at 475-504 TFLOP/s against 409-426 with
+# red.global (ci/results/2026-11-30-h200-round2/sm90_bwd_dq.log, bf16 S4096/8192); after the switch
+# sm90_bwd_check's quick check passed 72/72 on it. At D64 the device's NVRTC 13.0 spilled 8 bytes
+# with it (D64 causal: 4 bytes with NVRTC 13.5), so D64 keeps red.global.
 BWD_ROWS = (
     BwdRow(64, False, 128, 2, modifiers=False, dq_tma=False),
     BwdRow(64, True, 128, 2, modifiers=False, dq_tma=False),

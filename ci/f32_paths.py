@@ -4,11 +4,10 @@ by side, to decide which one body stays (issue 12: one portable float32 path, th
 
     PYTHONPATH=. python ci/f32_paths.py
 
-Milliseconds per call (torch.cuda.Event, median of 5 after a warm-up) of the forward and of
+Milliseconds per call (median, timed as `python -m xattn bench` times) of the forward and of
 forward+backward, B=2 H=8, float32.
 """
 
-import statistics
 import sys
 from pathlib import Path
 
@@ -16,27 +15,15 @@ import torch
 
 import xattn
 from xattn import hip
+from xattn.bench import _timer
 
 sys.path.insert(0, str(Path(__file__).parents[1] / "tests"))
 from conftest import HIP_ON_CUDA, WAVE32_TARGET  # noqa: E402
 from test_hip_sources import HIP_ON_CUDA_OPTIONS  # noqa: E402
 
 
-def ms(fn, reps=5):
-    fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(reps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
-
-
 def main():
+    ms = _timer()  # median milliseconds, as `python -m xattn bench` times
     print("| S | D | causal | fwd cuda | fwd portable | fwd+bwd cuda | fwd+bwd portable |")
     print("|---|---|---|---|---|---|---|")
     for seqlen in (1024, 4096):

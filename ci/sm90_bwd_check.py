@@ -23,10 +23,7 @@ from __future__ import annotations
 
 import argparse
 import math
-import os
-import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -36,6 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from kernel_check_bwd import TOLERANCE, exact_out  # noqa: E402  (the float64 oracle and bounds)
 from sm90_fwd_check import fair_tflops, make  # noqa: E402  (TMA-addressable strided views; timing)
+import sass  # noqa: E402  (SASS counts of a compiled variant)
 
 from xattn import cuda, jit, launch, sm90  # noqa: E402
 
@@ -45,30 +43,7 @@ DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16}
 # ---- compile -------------------------------------------------------------------------------------
 
 def sass_counts(defines: dict) -> str:
-    try:
-        from cuda.bindings import nvrtc
-    except Exception as exc:
-        return f"sass: n/a ({type(exc).__name__})"
-    code = jit.preprocess("cuda", sm90.BWD_SOURCE)
-    opts = ["--gpu-architecture=sm_90a", "-std=c++17", *jit.define_options(defines)]
-    err, prog = nvrtc.nvrtcCreateProgram(code.encode(), b"flash_bwd.cu", 0, [], [])
-    (err,) = nvrtc.nvrtcCompileProgram(prog, len(opts), [o.encode() for o in opts])
-    if err != nvrtc.nvrtcResult.NVRTC_SUCCESS:
-        return "sass: compile failed"
-    _, size = nvrtc.nvrtcGetCUBINSize(prog)
-    cubin = b" " * size
-    nvrtc.nvrtcGetCUBIN(prog, cubin)
-    with tempfile.NamedTemporaryFile(suffix=".cubin", delete=False) as f:
-        f.write(cubin)
-    try:
-        sass = subprocess.run(["cuobjdump", "-sass", f.name], capture_output=True, text=True, timeout=60).stdout
-    except Exception as exc:
-        return f"sass: cuobjdump failed ({exc})"
-    finally:
-        os.unlink(f.name)
-    lines = sass.splitlines()
-    count = lambda *ops: sum(1 for l in lines if any(f" {op}" in l for op in ops))  # noqa: E731
-    return f"HGMMA {count('HGMMA')} RED {count('RED')} LDL/STL {count('LDL', 'STL')}"
+    return sass.sass_counts(sm90.BWD_SOURCE, defines, ("HGMMA", "RED"))
 
 
 def phase_compile(args) -> int:

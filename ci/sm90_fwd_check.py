@@ -19,9 +19,7 @@ from __future__ import annotations
 import argparse
 import math
 import os
-import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -30,6 +28,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from kernel_check import compare, exact  # noqa: E402  (the float64 oracle on the GPU, and the verdict)
+import sass  # noqa: E402  (SASS counts of a compiled variant)
 
 from xattn import cuda, jit, launch, sm90, tma  # noqa: E402
 
@@ -48,30 +47,7 @@ FLAG_SETS = [dict(), dict(local=True), dict(softcap=True), dict(alibi=True)]
 
 
 def sass_counts(defines: dict) -> str:
-    try:
-        from cuda.bindings import nvrtc
-    except Exception as exc:  # no NVRTC through cuda-bindings here
-        return f"sass: n/a ({type(exc).__name__})"
-    code = jit.preprocess("cuda", sm90.SOURCE)
-    opts = ["--gpu-architecture=sm_90a", "-std=c++17", *jit.define_options(defines)]
-    err, prog = nvrtc.nvrtcCreateProgram(code.encode(), b"flash_fwd.cu", 0, [], [])
-    (err,) = nvrtc.nvrtcCompileProgram(prog, len(opts), [o.encode() for o in opts])
-    if err != nvrtc.nvrtcResult.NVRTC_SUCCESS:
-        return "sass: compile failed"
-    _, size = nvrtc.nvrtcGetCUBINSize(prog)
-    cubin = b" " * size
-    nvrtc.nvrtcGetCUBIN(prog, cubin)
-    with tempfile.NamedTemporaryFile(suffix=".cubin", delete=False) as f:
-        f.write(cubin)
-    try:
-        sass = subprocess.run(["cuobjdump", "-sass", f.name], capture_output=True, text=True, timeout=60).stdout
-    except Exception as exc:
-        return f"sass: cuobjdump failed ({exc})"
-    finally:
-        os.unlink(f.name)
-    lines = sass.splitlines()
-    count = lambda *ops: sum(1 for l in lines if any(f" {op}" in l for op in ops))
-    return f"HGMMA {count('HGMMA')} LDL/STL {count('LDL', 'STL')}"
+    return sass.sass_counts(sm90.SOURCE, defines, ("HGMMA",))
 
 
 def phase_compile(args) -> int:

@@ -165,6 +165,20 @@ def hopper():
         pytest.skip(reason)
 
 
+def _variant_options(causal, window, modifier, q_heads, rng) -> dict:
+    """attention()'s window/softcap/alibi_slopes keywords of a drawn variant (slopes in NumPy)."""
+    options = {}
+    if causal and window is not None and window[1] > 0:
+        window = (window[0], 0)  # the API's rule: causal hides every key right of the diagonal
+    if window is not None:
+        options["window"] = window
+    if modifier == "softcap":
+        options["softcap"] = 20.0
+    elif modifier == "alibi":
+        options["alibi_slopes"] = rng.random(q_heads)
+    return options
+
+
 @pytest.mark.gpu
 @given(batch=st.integers(1, 3), kv_heads=st.integers(1, 3), group=st.sampled_from([1, 4]),
        sq=st.sampled_from([1, 2, 63, 64, 65, 127, 128, 129, 300]),
@@ -187,15 +201,9 @@ def test_forward_matches_exact_attention(hopper, batch, kv_heads, group, sq, sk,
         return x.transpose(1, 2).contiguous().transpose(1, 2) if layout == "bshd" else x
 
     q, k, v = make(q_heads, sq), make(kv_heads, sk), make(kv_heads, sk)
-    options = {}
-    if causal and window is not None and window[1] > 0:
-        window = (window[0], 0)  # the API's rule: causal hides every key right of the diagonal
-    if window is not None:
-        options["window"] = window
-    if modifier == "softcap":
-        options["softcap"] = 20.0
-    elif modifier == "alibi":
-        options["alibi_slopes"] = torch.from_numpy(rng.random(q_heads)).to("cuda", torch.float32)
+    options = _variant_options(causal, window, modifier, q_heads, rng)
+    if "alibi_slopes" in options:
+        options["alibi_slopes"] = torch.from_numpy(options["alibi_slopes"]).to("cuda", torch.float32)
     scale = 1 / math.sqrt(head_dim)
     assert sm90.supports(q, k, v, q, None, causal=causal, **options)
     out = torch.full_like(q, float("nan"))
@@ -230,7 +238,6 @@ def test_unaddressable_views_are_refused(hopper):
 def _sm90_backward_planned() -> bool:
     """Whether a cached backward plan of xattn.cuda holds the sm90 kernel's launch (the only one
     with tensor maps for dk and dv)."""
-    from xattn import cuda
 
     return any(isinstance(plan, tuple) and len(plan) == 2 and isinstance(plan[0], tuple)
                and any(any(m[0] == "dk" for m in getattr(step, "maps", ())) for step in plan[0])
@@ -268,15 +275,7 @@ def test_backward_matches_exact_gradients(hopper, grad_bounds, batch, kv_heads, 
 
     q_heads = kv_heads * group
     rng = np.random.default_rng(seed)
-    options = {}
-    if causal and window is not None and window[1] > 0:
-        window = (window[0], 0)  # the API's rule: causal hides every key right of the diagonal
-    if window is not None:
-        options["window"] = window
-    if modifier == "softcap":
-        options["softcap"] = 20.0
-    elif modifier == "alibi":
-        options["alibi_slopes"] = rng.random(q_heads)
+    options = _variant_options(causal, window, modifier, q_heads, rng)
     if head_dim <= 64:  # the D64 rows serve no window, softcap or ALiBi (test_backward_routing_rule)
         options = {}
     base = {name: rng.standard_normal((batch, heads, s, head_dim))

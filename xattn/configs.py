@@ -471,7 +471,16 @@ _HIP_ROWS = [
     # MATRIX_N columns (32 on MFMA, 16 on WMMA) hold the GQA group x tokens, padded (block_m); the
     # merge and the append are the portable row's of the same head dim (hip_decode_aux_row), so the
     # head dims are the portable rows' (the partials' row length is the merge's HEAD_DIM too).
-    # Chosen from the LDS and register arithmetic, not measured (see the comment below the table).
+    # Chosen from LDS and register arithmetic, not measured: a decode step is bound by reading
+    # K and V once per group, so one wave per block (no idle waves when the group has <= 32 rows)
+    # and small key tiles (17.7 KB of LDS at D=128, 35 KB at D=256) leave room for several blocks
+    # per CU, whose loads overlap each other's MFMAs; split-KV (kvcache.num_splits) fills the GPU.
+    # What the compilers made of them (ci/hip_compile.py, every dtype, causal, vec, and the band
+    # and softcap flags at D=128; no scratch, no spills), the most per lane at D=64/128/256:
+    # gfx908 109/144/240 VGPRs + 32/65/129 AGPRs (hiprtc); gfx90a 152/220/368 VGPRs+AGPRs in
+    # its one file (hiprtc); gfx942 200/232/389 (clang-19); WMMA at D=32/64/128 gfx1100
+    # 133/192/239, gfx1201 134/181/186 (of 256). The WMMA rows stop at D=128: the FMA decode
+    # above serves D=256 on RDNA.
     ("flash_decode_mfma",       "cdna",  64,     None,   32,      64,      1,     1),
     ("flash_decode_mfma",       "cdna",  128,    None,   32,      32,      1,     1),
     ("flash_decode_mfma",       "cdna",  256,    None,   32,      32,      1,     1),

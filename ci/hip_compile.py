@@ -91,7 +91,9 @@ VARIANT_HEAD_DIM = 128
 # The decode takes the band and the softcap only (no ALiBi, no packed batches: kvcache.py's API).
 DECODE_VARIANT_FLAGS = ("window", "left", "softcap")
 VARIANT_DTYPE = {"flash_fwd_portable": "float32", "flash_bwd_portable_dq": "float32",
-                 "flash_bwd_portable_dkdv": "float32"}  # MFMA kernels: bfloat16 (the default)
+                 "flash_bwd_portable_dkdv": "float32",
+                 # the only dtype every target's portable decode serves (16-bit: the matrix decode)
+                 "flash_decode_portable": "float32"}  # MFMA kernels: bfloat16 (the default)
 
 
 def variant_head_dim(cfg) -> int:
@@ -250,12 +252,21 @@ def rows_used(dtype: str, target: str, head_dim: int, causal: bool) -> set:
     used = set()
     for select in (lambda: (configs.select_hip(dtype, target, head_dim, causal),),
                    lambda: configs.select_hip_backward(dtype, target, head_dim, causal),
-                   lambda: (configs.select_hip_decode(dtype, target, head_dim),)):
+                   lambda: _decode_rows(dtype, target, head_dim)):
         try:
             used.update(select())
         except ValueError:
             pass
     return used
+
+
+def _decode_rows(dtype: str, target: str, head_dim: int) -> tuple:
+    """The decode row, and with a matrix-core one the portable row whose merge and append it
+    launches (xattn.hip.launch_decode), which then is compiled in this dtype too."""
+    row = configs.select_hip_decode(dtype, target, head_dim)
+    if row.kernel == configs.HIP_DECODE_KERNEL:
+        return (row,)
+    return row, configs.hip_decode_aux_row(target, row.head_dim)
 
 
 def defines_of(cfg, dtype: str, causal: bool, vec: bool, flags: str) -> dict[str, int]:
@@ -277,7 +288,7 @@ def variants(targets, every_variant: bool = False):
             if flags != "plain" and (cfg.kernel == "flash_bwd_preprocess" or not every_variant
                                      and cfg.head_dim != variant_head_dim(cfg)):
                 continue
-            if flags != "plain" and cfg.kernel == configs.HIP_DECODE_KERNEL and flags not in DECODE_VARIANT_FLAGS:
+            if flags != "plain" and cfg.kernel in configs.HIP_DECODE_KERNELS and flags not in DECODE_VARIANT_FLAGS:
                 continue
             for target in targets:
                 for dtype in configs.HIP_KERNELS_FOR_DTYPE:

@@ -52,33 +52,79 @@ def test_decode_kernels_compile_for_nvidia_through_hip_on_cuda(cfg, flags):
             assert f"Compiling entry function '{entry}'" in log or entry in log, (entry, log[:500])
 
 
-@pytest.mark.parametrize("target", ["gfx90a", "gfx1100"])
+# (target, dtype, the decode kernel its row names): the matrix-core decode for 16-bit dtypes on
+# CDNA (MFMA) and RDNA3/RDNA4 (WMMA), the portable one for float32 and on RDNA2.
+ROUTES = [("gfx90a", "float16", "flash_decode_mfma"), ("gfx942", "bfloat16", "flash_decode_mfma"),
+          ("gfx908", "bfloat16", "flash_decode_mfma"), ("gfx1100", "float16", "flash_decode_wmma"),
+          ("gfx1201", "bfloat16", "flash_decode_wmma"), ("gfx1030", "float16", configs.HIP_DECODE_KERNEL),
+          ("gfx90a", "float32", configs.HIP_DECODE_KERNEL), ("gfx1100", "float32", configs.HIP_DECODE_KERNEL)]
+
+
+@pytest.mark.parametrize("target,dtype,kernel", ROUTES, ids=lambda x: str(x))
+@pytest.mark.parametrize("head_dim", [32, 64, 96, 128, 160, 256])
+def test_decode_routes_to_the_matrix_cores_where_the_table_has_a_row(target, dtype, kernel, head_dim):
+    """16-bit decodes on CDNA and RDNA3/4 take the matrix-core row of the smallest head dim that
+    holds the call's, whose merge and append come from the portable row of exactly that head dim;
+    float32, RDNA2, and head dims past the matrix rows take the portable decode."""
+    cfg = configs.select_hip_decode(dtype, target, head_dim)
+    matrix_dims = [r.head_dim for r in configs.HIP_TABLE if r.kernel == kernel
+                   and configs.hip_family(kernel, target) == r.arch]
+    if kernel != configs.HIP_DECODE_KERNEL and head_dim > max(matrix_dims):
+        kernel = configs.HIP_DECODE_KERNEL  # past the last matrix row
+    assert cfg.kernel == kernel
+    assert cfg.head_dim == min(d for d in (r.head_dim for r in configs.HIP_TABLE if r.kernel == kernel
+                                           and r.arch == cfg.arch) if d >= head_dim)
+    aux = configs.hip_decode_aux_row(target, cfg.head_dim)
+    assert aux.kernel == configs.HIP_DECODE_KERNEL and aux.head_dim == cfg.head_dim
+    assert configs.hip_wave_size(aux) == configs.hip_wave_size(cfg)
+    if kernel != configs.HIP_DECODE_KERNEL:
+        # one wave per block, its matrix columns the tile's rows: 32 (MFMA) or 16 (WMMA)
+        assert cfg.block_m == (32 if kernel == "flash_decode_mfma" else 16) * cfg.warps
+        assert configs.hip_shared_memory_bytes(cfg) <= configs.HIP_LDS_BYTES
+
+
+def test_select_hip_decode_errors_name_the_problem():
+    with pytest.raises(ValueError, match="no HIP kernel for 'gfx803'"):
+        configs.select_hip_decode("float16", "gfx803", 64)
+    with pytest.raises(ValueError, match=r"^q: expected head dim D in 1\.\.256, got 300"):
+        configs.select_hip_decode("float16", "gfx90a", 300)
+
+
+def _decode_call(torch, case, d=64):
+    b, hq, hk, sq, smax = 2, 8, 2, 3, 300
+    dtype = getattr(torch, case.get("dtype", "float16"))
+    q = torch.zeros(b, sq, hq, d, dtype=dtype).transpose(1, 2)  # (B, S, H, D) memory
+    out = torch.zeros(b, hq, sq, d, dtype=dtype)
+    kc, vc = (torch.zeros(b, hk, smax, d, dtype=dtype) for _ in range(2))
+    kn, vn = (torch.zeros(b, hk, case["new"], d + 8, dtype=dtype)[..., :d] for _ in range(2))
+    lse = torch.zeros(b, hq, sq)
+    seqlens = torch.tensor([10, 200], dtype=torch.int32) if case["lengths"] == "device" else None
+    call = types.SimpleNamespace(seqlen_new=case["new"], uniform=None if seqlens is not None else 17,
+                                 window=case["window"], softcap=case["softcap"], scale=0.125)
+    return q, kc, vc, kn if case["new"] else None, vn if case["new"] else None, out, lse, seqlens, call
+
+
+@pytest.mark.parametrize("target,dtype,kernel", ROUTES[:2] + ROUTES[3:5] + ROUTES[5:7], ids=lambda x: str(x))
 @pytest.mark.parametrize("case", [
     dict(window=(-1, 0), softcap=0.0, splits=1, new=1, lengths="device"),
     dict(window=(200, 0), softcap=30.0, splits=5, new=0, lengths="uniform"),
     dict(window=(100, 2), softcap=0.0, splits=3, new=4, lengths="device"),
 ])
-def test_hip_decode_launcher_hands_each_kernel_its_parameter_block(target, case, monkeypatch,
+def test_hip_decode_launcher_hands_each_kernel_its_parameter_block(target, dtype, kernel, case, monkeypatch,
                                                                    stand_in_launches):
     """xattn.hip.launch_decode on the CPU, with stand-ins for CuPy, the compiled kernels and the
     driver: append, decode and merge each get one DecodeParams block (their sources say so)
     holding, as the driver would copy it, the arrays' pointers and strides, the lengths, band,
-    splits and scales of the call; the defines carry the band and the softcap, the grid covers
-    row tiles x splits, and the merge runs only with several splits."""
+    splits and scales of the call; the decode is the row's kernel (matrix-core or portable), the
+    merge and append the portable row's of the same head dim; the defines carry the band and the
+    softcap, the grid covers row tiles x splits, and the merge runs only with several splits."""
     torch = pytest.importorskip("torch")
     monkeypatch.setattr(hip, "_cu_count", lambda device: 8)
     monkeypatch.setattr(kvcache, "_FORCED_SPLITS", case["splits"])
     kvcache.num_splits.cache_clear()
-
-    b, hq, hk, sq, smax, d = 2, 8, 2, 3, 300, 64
-    q = torch.zeros(b, sq, hq, d, dtype=torch.float16).transpose(1, 2)  # (B, S, H, D) memory
-    out = torch.zeros(b, hq, sq, d, dtype=torch.float16)
-    kc, vc = (torch.zeros(b, hk, smax, d, dtype=torch.float16) for _ in range(2))
-    kn, vn = (torch.zeros(b, hk, case["new"], d + 8, dtype=torch.float16)[..., :d] for _ in range(2))
-    lse = torch.zeros(b, hq, sq)
-    seqlens = torch.tensor([10, 200], dtype=torch.int32) if case["lengths"] == "device" else None
-    call = types.SimpleNamespace(seqlen_new=case["new"], uniform=None if seqlens is not None else 17,
-                                 window=case["window"], softcap=case["softcap"], scale=0.125)
+    q, kc, vc, kn, vn, out, lse, seqlens, call = _decode_call(torch, case | {"dtype": dtype})
+    b, hq, sq, d = q.shape
+    hk, smax = kc.shape[1], kc.shape[2]
     parts = []
 
     def workspace(n):
@@ -86,24 +132,31 @@ def test_hip_decode_launcher_hands_each_kernel_its_parameter_block(target, case,
         return parts[-1]
 
     try:
-        hip.launch_decode(stand_in_launches.compile, target, q, kc, vc, kn if case["new"] else None,
-                          vn if case["new"] else None, out, lse, seqlens, call, workspace, stream=5)
+        hip.launch_decode(stand_in_launches.compile, target, q, kc, vc, kn, vn, out, lse, seqlens, call,
+                          workspace, stream=5)
     finally:
         kvcache.num_splits.cache_clear()
 
     launched = stand_in_launches.launches
-    want = (["kvcache_append_portable"] if case["new"] else []) + [configs.HIP_DECODE_KERNEL]
+    want = (["kvcache_append_portable"] if case["new"] else []) + [kernel]
     want += ["flash_decode_merge_portable"] if case["splits"] > 1 else []
     assert [x.cfg.kernel for x in launched] == want
+    [decode] = [x for x in launched if x.cfg.kernel == kernel]
+    # A forced split count is capped by the key tiles the band spans (kvcache.num_splits).
+    left, right = case["window"]
+    band = min(smax, left + sq + max(right, 0)) if left >= 0 else smax
+    splits = min(case["splits"], -(-band // decode.cfg.block_n))
     arrays = {"q": q, "k": kc, "v": vc, "o": out, "lse": lse}
     if case["new"]:
         arrays |= {"k_new": kn, "v_new": vn}
     for x in launched:
         p = x.block[0]
-        assert re.search(rf"\n{x.cfg.kernel}\(const DecodeParams p\)",
+        assert re.search(rf"\n(MATRIX_KERNEL\(flash_decode, \)|{x.cfg.kernel})\(const DecodeParams p\)",
                          jit.preprocess("hip", configs.hip_source(x.cfg.kernel)))
         assert x.stream == 5 and x.threads == configs.hip_threads(x.cfg) and x.grid[2] == b
-        assert x.defines["WAVE_SIZE"] == configs.hip_wave_size(x.cfg)
+        assert x.defines["WAVE_SIZE"] == configs.hip_wave_size(x.cfg) == configs.hip_wave_size(decode.cfg)
+        assert x.defines["HEAD_DIM"] == decode.cfg.head_dim  # the partials' row length, in all three
+        assert x.defines["ELEM_TYPE"] == {"float16": 0, "bfloat16": 1, "float32": 2}[dtype]
         assert x.defines["IS_CAUSAL"] == int(case["window"][1] >= 0)
         assert x.defines["IS_LOCAL"] == int(case["window"][0] >= 0)
         assert x.defines["HAS_SOFTCAP"] == int(bool(case["softcap"]))
@@ -120,21 +173,63 @@ def test_hip_decode_launcher_hands_each_kernel_its_parameter_block(target, case,
         assert (p["heads_q"], p["heads_per_kv"], p["seqlen_q"]) == (hq, hq // hk, sq)
         assert (p["seqlen_new"], p["seqlen_max"], p["head_dim"]) == (case["new"], smax, d)
         assert (p["window_left"], p["window_right"]) == case["window"]
-        assert p["num_splits"] == case["splits"] and p["batch_offset"] == 0
+        assert p["num_splits"] == splits and p["batch_offset"] == 0
         assert p["scale_log2"] == np.float32(0.125 * math.log2(math.e))
         assert p["softcap_log2"] == np.float32(case["softcap"] * math.log2(math.e))
         assert p["scale_over_softcap"] == np.float32(0.125 / case["softcap"] if case["softcap"] else 0)
         if case["splits"] > 1:  # the partials: o_part, then lse_part, in the one workspace
-            partials = b * hq * sq * case["splits"]
+            partials = b * hq * sq * splits
             assert p["o_part"] == parts[0].data_ptr()
-            assert p["lse_part"] == parts[0].data_ptr() + 4 * partials * x.cfg.head_dim
-            assert parts[0].numel() == partials * (x.cfg.head_dim + 1)
-        if x.cfg.kernel == configs.HIP_DECODE_KERNEL:
+            assert p["lse_part"] == parts[0].data_ptr() + 4 * partials * decode.cfg.head_dim
+            assert parts[0].numel() == partials * (decode.cfg.head_dim + 1)
+        if x is decode:
             m_blocks = -(-(hq // hk) * sq // x.cfg.block_m)
-            assert x.grid[:2] == (m_blocks * case["splits"], hk) and p["m_blocks"] == m_blocks
+            assert x.grid[:2] == (m_blocks * splits, hk) and p["m_blocks"] == m_blocks
             assert x.smem == configs.hip_shared_memory_bytes(x.cfg) <= configs.HIP_LDS_BYTES
+            matrix = kernel != configs.HIP_DECODE_KERNEL
+            # q (a transposed view), the caches and out: 16-byte aligned rows, D % 8 == 0
+            assert x.defines.get("VEC_LOADS") == (1 if matrix else None)
+            assert x.defines.get("MATRIX_WMMA", 0) == int(kernel == "flash_decode_wmma")
+            assert x.defines.get("WMMA_GFX12", 0) == int(target.startswith("gfx12"))
         else:
-            assert x.smem == 0
+            assert x.cfg == configs.hip_decode_aux_row(target, decode.cfg.head_dim)._replace(kernel=x.cfg.kernel)
+            assert x.smem == 0 and "MATRIX_WMMA" not in x.defines and "VEC_LOADS" not in x.defines
+            if x.cfg.kernel == "flash_decode_merge_portable":  # one wave per row
+                assert x.grid[:2] == (-(-hq * sq // x.cfg.warps), 1)
+
+
+@pytest.mark.parametrize("target", ["gfx90a", "gfx1201"])
+def test_hip_decode_plans_once_per_signature(target, monkeypatch, stand_in_launches):
+    """The plan (rows, compiles, block) is built on a signature's first call; a later call with
+    other arrays of the same signature and another uniform length compiles nothing and launches
+    the same kernels with its own pointers and length. Another signature plans again."""
+    torch = pytest.importorskip("torch")
+    monkeypatch.setattr(hip, "_cu_count", lambda device: 8)
+    monkeypatch.setattr(kvcache, "_FORCED_SPLITS", 3)
+    kvcache.num_splits.cache_clear()
+    case = dict(window=(-1, 0), softcap=0.0, new=2, lengths="uniform")
+    try:
+        first = _decode_call(torch, case)
+        hip.launch_decode(stand_in_launches.compile, target, *first, torch.zeros, stream=1)
+        compiled, launched = len(stand_in_launches.kernels), len(stand_in_launches.launches)
+        assert launched == 3  # append, decode, merge
+        second = _decode_call(torch, case)
+        second[-1].uniform = 250
+        hip.launch_decode(stand_in_launches.compile, target, *second, torch.zeros, stream=2)
+        assert len(stand_in_launches.kernels) == compiled  # nothing compiled again
+        again = stand_in_launches.launches[launched:]
+        assert [x.cfg for x in again] == [x.cfg for x in stand_in_launches.launches[:launched]]
+        for x in again:
+            p = x.block[0]
+            assert p["uniform_seqlen"] == 250 and x.stream == 2
+            for name, a in zip(("q", "k", "v", "k_new", "v_new", "o"), second):
+                assert p[name]["ptr"] == a.data_ptr(), name
+        third = _decode_call(torch, case, d=128)  # another head dim: another plan
+        hip.launch_decode(stand_in_launches.compile, target, *third, torch.zeros, stream=3)
+        assert len(stand_in_launches.kernels) > compiled
+        assert stand_in_launches.launches[-2].block[0]["head_dim"] == 128
+    finally:
+        kvcache.num_splits.cache_clear()
 
 
 # ---- NVIDIA GPU -----------------------------------------------------------------------------------

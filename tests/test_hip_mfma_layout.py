@@ -283,3 +283,96 @@ def test_fragment_reads_are_free_of_bank_conflicts(cfg):
     for stride in (cfg.head_dim + PAD, streamed + PAD):
         for row0 in (0, 32):
             assert _reads_are_conflict_free(lambda lane: F["frag_offset"](lane, row0, 1, stride)), (cfg, stride)
+
+
+# ---- the decode (flash_decode_mfma.hip) ------------------------------------------------------------
+
+DECODE_ROWS = [r for r in configs.HIP_TABLE if r.kernel == "flash_decode_mfma"]
+
+
+def decode_block(cfg, q_rows, k, v, visible, tiles):
+    """One block of flash_decode_mfma through the model and the kernels' index functions: the
+    group's rows (head-in-group x token, padded with zero rows to the 32 columns of the wave)
+    against the key tiles `tiles`, scores of invisible keys (visible[row, key] False, or past the
+    keys) at -inf, the online softmax per lane with lane ^ 32 holding the same row; returns the
+    rows' O / l and base-2 LSE (in units of the raw scores: scale_log2 = 1 here) as the epilogue
+    writes them, element j of block b of lane l at dim acc_row(l, b, j) of row acc_col(l)."""
+    d, n, rows = cfg.head_dim, cfg.block_n, q_rows.shape[0]
+    kq_stride, vt_stride = d + PAD, n + PAD
+    q_pad = np.zeros((32, d))
+    q_pad[:rows] = q_rows
+    q_frag = load_frags(_lds(q_pad, kq_stride), kq_stride, 0, d // 8)
+    acc_o = [np.zeros((LANES, 16)) for _ in range(d // 32)]
+    row_max, row_sum = np.full(LANES, -np.inf), np.zeros(LANES)
+    partner = np.arange(LANES) ^ 32
+    for tile in tiles:
+        keys = np.arange(tile * n, tile * n + n)
+        k_tile, v_tile = np.zeros((n, d)), np.zeros((n, d))  # zeros past the keys (load_tile)
+        live = keys < k.shape[0]
+        k_tile[live], v_tile[live] = k[keys[live]], v[keys[live]]
+        acc_s = tile_times_frags(_lds(k_tile, kq_stride), kq_stride, n // 32, q_frag)
+        for nb, block in enumerate(acc_s):  # modify_scores: the lane's row is its column
+            for lane in range(LANES):
+                row = F["acc_col"](lane)
+                for j in range(16):
+                    key = tile * n + F["acc_row"](lane, nb, j)
+                    if key >= k.shape[0] or row >= rows or not visible[row, key]:
+                        block[lane, j] = -np.inf
+        m_lane = np.max([blk.max(axis=1) for blk in acc_s], axis=0)
+        m_new = np.maximum(row_max, np.maximum(m_lane, m_lane[partner]))
+        empty = m_new == -np.inf
+        offset = np.where(empty, 0.0, m_new)
+        alpha = np.where(empty, 1.0, np.exp2(row_max - np.where(empty, 0.0, m_new)))
+        row_max = m_new
+        p = [np.exp2(blk - offset[:, None]) for blk in acc_s]
+        row_sum = row_sum * alpha + sum(blk.sum(axis=1) for blk in p)
+        pv = tile_times_acc(_lds(v_tile.T.copy(), vt_stride), vt_stride, d // 32, p)
+        acc_o = [o * alpha[:, None] + x for o, x in zip(acc_o, pv)]
+    l = row_sum + row_sum[partner]
+    out, lse2 = np.full((rows, d), np.nan), np.full(rows, np.nan)
+    for lane in range(LANES):
+        row = F["acc_col"](lane)
+        if row >= rows:
+            continue  # padded rows write nothing
+        lse2[row] = row_max[lane] + np.log2(l[lane]) if l[lane] != 0 else -np.inf
+        for blk, block in enumerate(acc_o):
+            for j in range(16):
+                out[row, F["acc_row"](lane, blk, j)] = block[lane, j] / l[lane] if l[lane] != 0 else 0.0
+    return out, lse2
+
+
+@pytest.mark.parametrize("cfg", DECODE_ROWS, ids=lambda c: f"D{c.head_dim}_N{c.block_n}")
+@pytest.mark.parametrize("splits", [1, 2])
+def test_decode_block_gives_each_group_row_its_attention(cfg, splits):
+    """The GQA group x tokens as the columns of the MFMA tile (row r: head r // Sq, token r % Sq),
+    a causal sliding window bottom-right aligned with Sk, a last tile past the keys, split into
+    runs of whole tiles whose partials the merge's formula combines: each row's softmax(q k^T) v
+    in base 2 (scale_log2 = 1) and its LSE, as a float64 oracle gives them."""
+    rng = np.random.default_rng(cfg.head_dim + splits)
+    heads_per_kv, seqlen_q, d = 5, 3, cfg.head_dim
+    seqlen_k = 3 * cfg.block_n + 7  # the last tile crosses the end of the keys
+    left = 2 * cfg.block_n + 3      # the window's left edge inside a tile
+    rows = heads_per_kv * seqlen_q
+    q = rng.standard_normal((heads_per_kv, seqlen_q, d)) * 0.3
+    k, v = rng.standard_normal((seqlen_k, d)), rng.standard_normal((seqlen_k, d))
+    q_rows = q.reshape(rows, d)  # row r = head-in-group * Sq + token (load_q_rows)
+    token = np.arange(rows) % seqlen_q
+    diag = token + seqlen_k - seqlen_q  # bottom-right aligned
+    key = np.arange(seqlen_k)
+    visible = (key[None, :] <= diag[:, None]) & (key[None, :] >= diag[:, None] - left)
+
+    first = max(0, (seqlen_k - seqlen_q - left)) // cfg.block_n  # key_tiles of tokens 0..Sq-1
+    last = -(-seqlen_k // cfg.block_n)
+    per_split = -(-(last - first) // splits)
+    parts = [decode_block(cfg, q_rows, k, v, visible, range(first + s * per_split,
+                                                            min(last, first + (s + 1) * per_split)))
+             for s in range(splits)]
+    lse2 = np.stack([lse for _, lse in parts])  # flash_decode_merge_portable's formula
+    total = np.log2(np.exp2(lse2 - lse2.max(axis=0)).sum(axis=0)) + lse2.max(axis=0)
+    out = sum(np.exp2(lse - total)[:, None] * o for o, lse in parts)
+
+    scores = np.where(visible, q_rows @ k.T, -np.inf)
+    want_lse2 = np.log2(np.exp2(scores - scores.max(axis=1, keepdims=True)).sum(axis=1)) + scores.max(axis=1)
+    want = np.exp2(scores - want_lse2[:, None]) @ v
+    np.testing.assert_allclose(total, want_lse2, rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(out, want, rtol=1e-10, atol=1e-12)

@@ -142,9 +142,13 @@ def test_every_hip_row_fits_lds_and_its_kernel_constraints():
         assert configs.hip_shared_memory_bytes(cfg) <= configs.HIP_LDS_BYTES, cfg
         wmma = cfg.kernel in configs.HIP_WMMA_KERNELS
         block, matrix_wave = (16, 32) if wmma else (32, 64)  # WMMA 16x16 in wave32, MFMA 32x32 in wave64
-        if cfg.kernel in ("flash_fwd_mfma", "flash_bwd_mfma_dq", "flash_fwd_wmma", "flash_bwd_wmma_dq"):
+        if cfg.kernel in ("flash_fwd_mfma", "flash_bwd_mfma_dq", "flash_fwd_wmma", "flash_bwd_wmma_dq",
+                          "flash_decode_mfma", "flash_decode_wmma"):
             assert cfg.head_dim % block == 0 and cfg.block_n % block == 0, cfg
             assert cfg.block_m == block * cfg.warps and wave == matrix_wave, cfg
+            if cfg.kernel.startswith("flash_decode"):  # its merge and append: a portable row of its head dim
+                assert [r for r in configs.HIP_TABLE if r.kernel == configs.HIP_DECODE_KERNEL
+                        and r.head_dim == cfg.head_dim and configs.hip_wave_size(r) == wave], cfg
         elif cfg.kernel in ("flash_bwd_mfma_dkdv", "flash_bwd_wmma_dkdv"):
             assert cfg.head_dim % block == 0 and cfg.block_m % block == 0, cfg
             assert cfg.block_n == block * cfg.warps and wave == matrix_wave, cfg
@@ -238,7 +242,7 @@ def test_hip_compile_checks_the_same_variant_flags():
     assert {k: v for k, v in VARIANT_FLAGS.items() if k != "causal"} == hip_compile.VARIANT_FLAGS
     compiled = {(v[0].kernel, v[1], v[5]) for v in hip_compile.variants(hip_compile.TARGETS)}
     for kernel in {r.kernel for r in configs.HIP_TABLE} - {"flash_bwd_preprocess"}:
-        want = {"plain", *(hip_compile.DECODE_VARIANT_FLAGS if kernel == configs.HIP_DECODE_KERNEL
+        want = {"plain", *(hip_compile.DECODE_VARIANT_FLAGS if kernel in configs.HIP_DECODE_KERNELS
                            else hip_compile.VARIANT_FLAGS)}
         targets = {target for k, target, _ in compiled if k == kernel}
         assert targets, kernel

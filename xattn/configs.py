@@ -467,6 +467,29 @@ _HIP_ROWS = [
     ("flash_decode_portable",   "rdna",  64,     None,   16,      32,      4,     1),
     ("flash_decode_portable",   "rdna",  128,    None,   16,      32,      4,     1),
     ("flash_decode_portable",   "rdna",  256,    None,   16,      16,      4,     1),
+    # The decode on the matrix cores (16-bit only): flash_decode_mfma.hip, one wave per block, whose
+    # MATRIX_N columns (32 on MFMA, 16 on WMMA) hold the GQA group x tokens, padded (block_m); the
+    # merge and the append are the portable row's of the same head dim (hip_decode_aux_row), so the
+    # head dims are the portable rows' (the partials' row length is the merge's HEAD_DIM too).
+    # Chosen from LDS and register arithmetic, not measured: a decode step is bound by reading
+    # K and V once per group, so one wave per block (no idle waves when the group has <= 32 rows)
+    # and small key tiles (17.7 KB of LDS at D=128, 35 KB at D=256) leave room for several blocks
+    # per CU, whose loads overlap each other's MFMAs; split-KV (kvcache.num_splits) fills the GPU.
+    # What the compilers made of them (ci/hip_compile.py, every dtype, causal, vec, and the band
+    # and softcap flags at D=128; no scratch, no spills), the most per lane at D=64/128/256:
+    # gfx908 109/144/240 VGPRs + 32/65/129 AGPRs (hiprtc); gfx90a 152/220/368 VGPRs+AGPRs in
+    # its one file (hiprtc); gfx942 200/232/389 (clang-19); WMMA at D=32/64/128 gfx1100
+    # 133/192/239, gfx1201 134/181/186 (of 256). The WMMA rows stop at D=128: the FMA decode
+    # above serves D=256 on RDNA.
+    ("flash_decode_mfma",       "cdna",  64,     None,   32,      64,      1,     1),
+    ("flash_decode_mfma",       "cdna",  128,    None,   32,      32,      1,     1),
+    ("flash_decode_mfma",       "cdna",  256,    None,   32,      32,      1,     1),
+    ("flash_decode_wmma",       "rdna3", 32,     None,   16,      32,      1,     1),
+    ("flash_decode_wmma",       "rdna3", 64,     None,   16,      32,      1,     1),
+    ("flash_decode_wmma",       "rdna3", 128,    None,   16,      16,      1,     1),
+    ("flash_decode_wmma",       "rdna4", 32,     None,   16,      64,      1,     1),
+    ("flash_decode_wmma",       "rdna4", 64,     None,   16,      64,      1,     1),
+    ("flash_decode_wmma",       "rdna4", 128,    None,   16,      32,      1,     1),
 ]
 
 HIP_TABLE = [TileConfig(*row) for row in _HIP_ROWS]
@@ -478,12 +501,14 @@ HIP_SOURCES = {"flash_bwd_preprocess": "flash_bwd_prep.hip",
                "flash_fwd_wmma": "flash_fwd_mfma.hip",
                "flash_bwd_wmma_dkdv": "flash_bwd_mfma_dkdv.hip",
                "flash_bwd_wmma_dq": "flash_bwd_mfma_dq.hip",
+               "flash_decode_wmma": "flash_decode_mfma.hip",
                "flash_decode_merge_portable": "flash_decode_portable.hip",
                "kvcache_append_portable": "flash_decode_portable.hip"}
 # Kernels built on WMMA: the matrix-core sources with wmma.h (MATRIX_WMMA=1).
-HIP_WMMA_KERNELS = ("flash_fwd_wmma", "flash_bwd_wmma_dkdv", "flash_bwd_wmma_dq")
+HIP_WMMA_KERNELS = ("flash_fwd_wmma", "flash_bwd_wmma_dkdv", "flash_bwd_wmma_dq", "flash_decode_wmma")
 # Kernels built on matrix instructions (16-bit tiles, matrix_tile.h; VEC_LOADS variants).
-HIP_MFMA_KERNELS = ("flash_fwd_mfma", "flash_bwd_mfma_dkdv", "flash_bwd_mfma_dq", *HIP_WMMA_KERNELS)
+HIP_MFMA_KERNELS = ("flash_fwd_mfma", "flash_bwd_mfma_dkdv", "flash_bwd_mfma_dq", "flash_decode_mfma",
+                    *HIP_WMMA_KERNELS)
 
 # Kernels that can serve each dtype, in order of preference (MFMA where the device has it).
 HIP_KERNELS_FOR_DTYPE = {
@@ -506,14 +531,39 @@ HIP_LDS_BYTES = 64 * 1024  # LDS one block may use on every family above
 
 
 HIP_DECODE_KERNEL = "flash_decode_portable"  # its merge and append: HIP_SOURCES
+# The decode kernels that can serve each dtype, in order of preference (as HIP_KERNELS_FOR_DTYPE).
+HIP_DECODE_KERNELS_FOR_DTYPE = {
+    "float16": ("flash_decode_mfma", "flash_decode_wmma", HIP_DECODE_KERNEL),
+    "bfloat16": ("flash_decode_mfma", "flash_decode_wmma", HIP_DECODE_KERNEL),
+    "float32": (HIP_DECODE_KERNEL,),
+}
+HIP_DECODE_KERNELS = HIP_DECODE_KERNELS_FOR_DTYPE["float16"]
 
 
 @functools.lru_cache(maxsize=None)
 def select_hip_decode(dtype: str, gcn_arch: str, head_dim: int) -> TileConfig:
-    """The HIP decode row (xattn.hip.decode) for a device of this gcnArchName and head dim."""
-    row = _hip_row(HIP_DECODE_KERNEL, gcn_arch, head_dim, False)
-    if row is None:
+    """The HIP decode row (xattn.hip.decode) for a device of this gcnArchName and head dim: the
+    matrix-core decode where the device's family has a row that large, else the portable one."""
+    for kernel in HIP_DECODE_KERNELS_FOR_DTYPE[dtype]:
+        if not _hip_kernel_usable(kernel, gcn_arch):
+            continue
+        row = _hip_row(kernel, gcn_arch, head_dim, False)
+        if row is not None:
+            return row
+    if _hip_row(HIP_DECODE_KERNEL, gcn_arch, head_dim, False) is None:  # may raise (no family)
         raise ValueError(f"q: expected head dim D in 1..{MAX_HEAD_DIM}, got {head_dim}")
+    raise AssertionError("unreachable: the portable decode serves every head dim")
+
+
+@functools.lru_cache(maxsize=None)
+def hip_decode_aux_row(gcn_arch: str, head_dim: int) -> TileConfig:
+    """The portable decode row whose source's merge and append entry points (HIP_SOURCES) serve a
+    decode row of padded head dim `head_dim` on this device: the partials it merges are rows of
+    HEAD_DIM floats, so its head dim is the decode row's, exactly."""
+    row = _hip_row(HIP_DECODE_KERNEL, gcn_arch, head_dim, False)
+    if row is None or row.head_dim != head_dim:
+        raise ValueError(f"q: no portable decode row of head dim {head_dim} for {gcn_arch!r} "
+                         f"(the matrix-core decode rows take the portable rows' head dims)")
     return row
 
 
@@ -584,7 +634,7 @@ def hip_shared_memory_bytes(cfg: TileConfig) -> int:
     d = cfg.head_dim
     pad = 8 if cfg.kernel in HIP_WMMA_KERNELS else 4  # LDS_PAD of wmma.h and mfma.h
     kernel = cfg.kernel.replace("_wmma", "_mfma")  # the same sources and layouts
-    if kernel == "flash_fwd_mfma":  # 16-bit tiles; Q staged over K and V^T
+    if kernel in ("flash_fwd_mfma", "flash_decode_mfma"):  # 16-bit tiles; Q staged over K and V^T
         q_stage = cfg.block_m * (d + pad)
         k_vt = cfg.block_n * (d + pad) + d * (cfg.block_n + pad)
         return max(q_stage, k_vt) * 2
@@ -633,7 +683,8 @@ def hip_defines(cfg: TileConfig, dtype: str, causal: bool, vec_loads: bool) -> d
     mfma = {"ELEM_BF16": int(dtype == "bfloat16"), "VEC_LOADS": int(vec_loads)}
     if cfg.kernel in HIP_WMMA_KERNELS:
         mfma |= {"MATRIX_WMMA": 1, "WMMA_GFX12": int(cfg.arch == "rdna4")}
-    if cfg.kernel in ("flash_fwd_mfma", "flash_bwd_mfma_dq", "flash_fwd_wmma", "flash_bwd_wmma_dq"):
+    if cfg.kernel in ("flash_fwd_mfma", "flash_bwd_mfma_dq", "flash_fwd_wmma", "flash_bwd_wmma_dq",
+                      "flash_decode_mfma", "flash_decode_wmma"):
         return common | mfma | {"BLOCK_N": cfg.block_n}
     if cfg.kernel in ("flash_bwd_mfma_dkdv", "flash_bwd_wmma_dkdv"):
         return common | mfma | {"BLOCK_M": cfg.block_m}

@@ -20,6 +20,7 @@ cache, pointer patching, batch chunking and the driver launch are the vendor-neu
 from __future__ import annotations
 
 import contextlib
+import threading
 from typing import NamedTuple
 
 from xattn import configs, jit, params
@@ -337,7 +338,8 @@ def on_cuda(*, prefix: str, options: tuple, forward_target: str, backward_target
 def decode(q, k_cache, v_cache, k_new, v_new, out, lse, cache_seqlens, call, workspace,
            stream: int) -> None:
     """attention_with_kvcache's GPU step on a ROCm device: append k_new/v_new to the caches, then
-    split-KV decode and, with several splits, the merge (kernels_hip/flash_decode_portable.hip).
+    split-KV decode (kernels_hip/flash_decode_mfma.hip on MFMA/WMMA for float16/bfloat16 where the
+    table has a row, flash_decode_portable.hip otherwise) and, with several splits, the merge.
     Called by xattn.kvcache._run_hip with (B, H, S, D) views, D contiguous (caches: unit stride
     along D), cache_seqlens an int32 device array or None to use call.uniform, `call` the
     validated kvcache call (seqlen_new, uniform, window with causal folded in, softcap, scale),
@@ -362,26 +364,80 @@ def _cu_count(device_id: int) -> int:
 def launch_decode(compile, target: str, q, k_cache, v_cache, k_new, v_new, out, lse, cache_seqlens,
                   call, workspace, stream: int) -> None:
     """The decode on a device of gcnArchName `target`, its kernels from compile(cfg, defines,
-    device) as in `launch` (cfg of another entry point of the same source for the merge and the
-    append), all three on one DecodeParams block (kernels_common/params.h), each launch with its
-    own copy. Shared with tests/test_hip_decode.py, which compiles them for an NVIDIA GPU."""
+    device) as in `launch`: the append, the decode (the matrix-core row where the table has one,
+    else the portable one) and the merge, all three on one DecodeParams block
+    (kernels_common/params.h). The plan (rows, defines, split count, the block's strides and
+    scalars) is cached per signature, as the forward's; a call patches its pointers and its
+    uniform length into the block. Shared with tests/test_hip_decode.py, which compiles the
+    kernels for an NVIDIA GPU."""
     from xattn import kvcache
 
     Q, Kc, Vc, O, L = (launch_layer.describe(a) for a in (q, k_cache, v_cache, out, lse))
-    batch, heads_q, seqlen_q, head_dim = Q.shape
-    heads_k, seqlen_max = Kc.shape[1], Kc.shape[2]
-    seqlen_new = call.seqlen_new if k_new is not None else 0
+    batch, heads_k = Q.shape[0], Kc.shape[1]
     if batch == 0:
         return
     if heads_k > MAX_GRID_YZ:
         raise ValueError(f"k_cache: at most {MAX_GRID_YZ} heads are supported, got {heads_k}")
-    device = Q.device
+    seqlen_new = call.seqlen_new if k_new is not None else 0
+    tensors = {"q": Q, "k": Kc, "v": Vc, "o": O, "lse": L}
+    if seqlen_new:
+        tensors["k_new"], tensors["v_new"] = launch_layer.describe(k_new), launch_layer.describe(v_new)
+    S = launch_layer.describe(cache_seqlens) if cache_seqlens is not None else None
+    vec = launch_layer.vec_loads([Q, Kc, Vc, O], Q.shape[3], launch_layer.itemsize(Q.dtype))
+    # The uniform length is not in the key: a plan serves every length (patched per call below).
+    key = ("hip", "decode", compile, target, Q.device, _signature(tensors.values()),
+           _signature([S]) if S is not None else None, seqlen_new, tuple(call.window),
+           call.softcap, call.scale, vec, kvcache._FORCED_SPLITS)
+    plan = launch_layer.cached_plan(key, lambda: _plan_decode(compile, target, tensors, S, seqlen_new,
+                                                              call, vec))
+    pointers = {name: a.ptr for name, a in tensors.items()}
+    if S is not None:
+        pointers["cache_seqlens"] = S.ptr
+    if plan.partials:  # the partials of every split (freed on return: stream-ordered)
+        base = launch_layer.describe(workspace(plan.partials * (plan.head_dim + 1))).ptr
+        pointers["o_part"], pointers["lse_part"] = base, base + 4 * plan.partials * plan.head_dim
+    uniform = call.uniform if S is None else None
+    launch_layer.run((lambda ptrs, strm: plan(ptrs, strm, uniform),), pointers, stream, Q.device)
 
+
+class _DecodePlan:
+    """The decode's launches on one shared DecodeParams block (each kernel reads the fields of its
+    role), patched and launched under one lock: the uniform length is a scalar of the block that
+    changes from call to call."""
+
+    __slots__ = ("steps", "block", "words", "slots", "partials", "head_dim", "_lock")
+
+    def __init__(self, steps, block, partials: int, head_dim: int):
+        self.steps, self.block, self.partials, self.head_dim = steps, block, partials, head_dim
+        self.words, self.slots = block.view("uint64"), params.pointer_words(block.dtype)
+        self._lock = threading.Lock()
+
+    def __call__(self, pointers: dict, stream: int, uniform: int | None) -> None:
+        with self._lock:
+            if uniform is not None:
+                self.block["uniform_seqlen"] = uniform
+            launch_layer.patch(self.words, self.slots, pointers)
+            for step in self.steps:  # the driver copies the block at each launch
+                step.launch(pointers, stream)
+
+
+def _plan_decode(compile, target, tensors, S, seqlen_new, call, vec) -> _DecodePlan:
+    """The decode's rows, defines, split count, DecodeParams block and launches."""
+    from xattn import kvcache
+
+    Q, Kc = tensors["q"], tensors["k"]
+    batch, heads_q, seqlen_q, head_dim = Q.shape
+    heads_k, seqlen_max = Kc.shape[1], Kc.shape[2]
+    device = Q.device
     cfg = configs.select_hip_decode(Q.dtype, target, head_dim)
+    # The merge and the append: entry points of the portable decode's source, from the portable
+    # row of the decode row's head dim (the partials are rows of that many floats).
+    aux = cfg if cfg.kernel == configs.HIP_DECODE_KERNEL else configs.hip_decode_aux_row(target, cfg.head_dim)
     # Window bounds past every key distance are unbounded (-1), as on CUDA (kvcache._plan).
     left, right = ((-1 if w >= seqlen_max + seqlen_q else w) for w in call.window)
-    defines = configs.hip_defines(cfg, Q.dtype, right >= 0, False) | {
-        "IS_LOCAL": int(left >= 0), "HAS_SOFTCAP": int(bool(call.softcap))}
+    flags = {"IS_LOCAL": int(left >= 0), "HAS_SOFTCAP": int(bool(call.softcap))}
+    defines = configs.hip_defines(cfg, Q.dtype, right >= 0, vec and cfg.kernel in configs.HIP_MFMA_KERNELS) | flags
+    aux_defines = configs.hip_defines(aux, Q.dtype, right >= 0, False) | flags
     rows = (heads_q // heads_k) * seqlen_q
     m_blocks = -(-rows // cfg.block_m)
     band = seqlen_max  # the keys one sequence's queries can see span at most left + right + Sq
@@ -393,19 +449,10 @@ def launch_decode(compile, target: str, q, k_cache, v_cache, k_new, v_new, out, 
         raise ValueError(f"q: too many query rows per kv head ({rows})")
 
     block = params.decode_params()
-    tensors = {"q": Q, "k": Kc, "v": Vc, "o": O, "lse": L}
-    pointers = {name: a.ptr for name, a in tensors.items()}
-    if seqlen_new:
-        tensors["k_new"], tensors["v_new"] = launch_layer.describe(k_new), launch_layer.describe(v_new)
-        pointers["k_new"], pointers["v_new"] = tensors["k_new"].ptr, tensors["v_new"].ptr
     for name, a in tensors.items():
         params.set_tensor(block, name, 0, a.strides[:3])
-    if cache_seqlens is not None:
-        S = launch_layer.describe(cache_seqlens)
-        pointers["cache_seqlens"] = S.ptr
+    if S is not None:
         block["seqlens_stride"] = S.strides[0]
-    else:
-        block["uniform_seqlen"] = call.uniform
     block["heads_q"], block["heads_per_kv"], block["seqlen_q"] = heads_q, heads_q // heads_k, seqlen_q
     block["seqlen_new"], block["seqlen_max"], block["head_dim"] = seqlen_new, seqlen_max, head_dim
     block["window_left"], block["window_right"] = left, right
@@ -415,18 +462,14 @@ def launch_decode(compile, target: str, q, k_cache, v_cache, k_new, v_new, out, 
 
     steps = []
     if seqlen_new:  # one thread per appended element of a batch entry
-        append = cfg._replace(kernel="kvcache_append_portable")
         elements = heads_k * seqlen_new * head_dim
-        steps.append(_step(compile, append, defines, device, block.copy(),
-                           (-(-elements // configs.hip_threads(cfg)), 1), batch, smem=0))
+        steps.append(_step(compile, aux._replace(kernel="kvcache_append_portable"), aux_defines, device,
+                           block, (-(-elements // configs.hip_threads(aux)), 1), batch, smem=0))
     if seqlen_q:
-        steps.append(_step(compile, cfg, defines, device, block.copy(), (m_blocks * splits, heads_k), batch))
-    if seqlen_q and splits > 1:  # one wave per query row, cfg.warps rows per block
-        merge = cfg._replace(kernel="flash_decode_merge_portable")
-        steps.append(_step(compile, merge, defines, device, block.copy(),
-                           (-(-heads_q * seqlen_q // cfg.warps), 1), batch, smem=0))
-        # The partials of every split (freed on return: stream-ordered in the caller's framework).
+        steps.append(_step(compile, cfg, defines, device, block, (m_blocks * splits, heads_k), batch))
+    partials = 0
+    if seqlen_q and splits > 1:  # one wave per query row, aux.warps rows per block
+        steps.append(_step(compile, aux._replace(kernel="flash_decode_merge_portable"), aux_defines, device,
+                           block, (-(-heads_q * seqlen_q // aux.warps), 1), batch, smem=0))
         partials = batch * heads_q * seqlen_q * splits
-        base = launch_layer.describe(workspace(partials * (cfg.head_dim + 1))).ptr
-        pointers["o_part"], pointers["lse_part"] = base, base + 4 * partials * cfg.head_dim
-    launch_layer.run(steps, pointers, stream, device)
+    return _DecodePlan(tuple(steps), block, partials, cfg.head_dim)

@@ -3,8 +3,9 @@
 The public function validates once, then runs on the reference backend (host arrays: the new
 keys and values are written into the caches, then the NumPy reference attends per sequence) or on
 the cuda backend (kernels_cuda/flash_decode.cu, flash_decode_f32.cu, flash_decode_merge.cu), or
-on the hip backend (xattn.hip.decode, kernels_hip/flash_decode_portable.hip: contiguous caches
-only, no sinks; no plan cache: `_run_hip`).
+on the hip backend (xattn.hip.decode: kernels_hip/flash_decode_mfma.hip on the matrix cores of
+CDNA and RDNA3/4 for 16-bit dtypes, flash_decode_portable.hip otherwise; contiguous caches only,
+no sinks; its plans are cached per signature by xattn.hip.launch_decode: `_run_hip`).
 
 The caches are contiguous per sequence, or paged (block_table=, flash-attn's convention). sinks=
 adds a per-head sink logit to every row's softmax denominator.
@@ -877,7 +878,8 @@ def _needs_copy(x, call) -> bool:
 def _run_hip(q, k_cache, v_cache, cache_seqlens, k_new, v_new, block_table, sinks, call,
              outputs=None):
     """(out, lse) of the HIP decode (xattn.hip.decode: append, split-KV decode, merge) on
-    contiguous caches. No plan cache yet: every call describes its arrays again. outputs=(out,
+    contiguous caches; the launch plan is cached per signature below this (xattn.hip.launch_decode),
+    this function only checks the arguments the HIP decode refuses and allocates. outputs=(out,
     lse, workspace) are the kernel checks' (launch_for_check), else allocated here."""
     from xattn import hip
 

@@ -40,3 +40,20 @@ def test_a_small_batch_is_one_launch(stand_in_launches):
     first, second = stand_in_launches.launches
     assert first.grid == second.grid == (5, 3, 7)
     assert (first.block[0]["o"]["ptr"], second.block[0]["o"]["ptr"]) == (0x40, 0x80)
+
+
+def test_a_sequence_patches_each_block_once_and_launches_in_order(stand_in_launches):
+    """A plan's launches as one Sequence: two launches on one shared block and one on its own
+    block each see the call's pointers and scalars, in the order given."""
+    kernel = stand_in_launches.compile(types.SimpleNamespace(kernel="flash_fwd_portable"), {}, 0)
+    shared, own = params.attn_params(), params.attn_params()
+    steps = [launch.Launch(launch.function(kernel, 0, 0), (grid, 1), 1, 64, 0, block)
+             for grid, block in ((1, shared), (2, own), (3, shared))]
+    sequence = launch.Sequence(steps)
+    assert len(sequence.blocks) == 2
+    sequence({"q": 0x100, "dq": 0x200}, 4, {"seqlen_q": 11})
+    launched = stand_in_launches.launches
+    assert [x.grid[0] for x in launched] == [1, 2, 3]
+    for x in launched:
+        p = x.block[0]
+        assert (p["q"]["ptr"], p["dq"]["ptr"], p["seqlen_q"], x.stream) == (0x100, 0x200, 11, 4)

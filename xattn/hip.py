@@ -20,7 +20,6 @@ cache, pointer patching, batch chunking and the driver launch are the vendor-neu
 from __future__ import annotations
 
 import contextlib
-import threading
 from typing import NamedTuple
 
 from xattn import configs, jit, params
@@ -396,29 +395,18 @@ def launch_decode(compile, target: str, q, k_cache, v_cache, k_new, v_new, out, 
     if plan.partials:  # the partials of every split (freed on return: stream-ordered)
         base = launch_layer.describe(workspace(plan.partials * (plan.head_dim + 1))).ptr
         pointers["o_part"], pointers["lse_part"] = base, base + 4 * plan.partials * plan.head_dim
-    uniform = call.uniform if S is None else None
-    launch_layer.run((lambda ptrs, strm: plan(ptrs, strm, uniform),), pointers, stream, Q.device)
+    # The uniform length is a scalar of the block that changes from call to call.
+    scalars = {"uniform_seqlen": call.uniform} if S is None else None
+    launch_layer.run((lambda ptrs, strm: plan.launches(ptrs, strm, scalars),), pointers, stream,
+                     Q.device)
 
 
-class _DecodePlan:
+class _DecodePlan(NamedTuple):
     """The decode's launches on one shared DecodeParams block (each kernel reads the fields of its
-    role), patched and launched under one lock: the uniform length is a scalar of the block that
-    changes from call to call."""
-
-    __slots__ = ("steps", "block", "words", "slots", "partials", "head_dim", "_lock")
-
-    def __init__(self, steps, block, partials: int, head_dim: int):
-        self.steps, self.block, self.partials, self.head_dim = steps, block, partials, head_dim
-        self.words, self.slots = block.view("uint64"), params.pointer_words(block.dtype)
-        self._lock = threading.Lock()
-
-    def __call__(self, pointers: dict, stream: int, uniform: int | None) -> None:
-        with self._lock:
-            if uniform is not None:
-                self.block["uniform_seqlen"] = uniform
-            launch_layer.patch(self.words, self.slots, pointers)
-            for step in self.steps:  # the driver copies the block at each launch
-                step.launch(pointers, stream)
+    role), and the split partials' size: floats per partial row (head_dim + 1) x `partials`."""
+    launches: launch_layer.Sequence
+    partials: int
+    head_dim: int
 
 
 def _plan_decode(compile, target, tensors, S, seqlen_new, call, vec) -> _DecodePlan:
@@ -472,4 +460,4 @@ def _plan_decode(compile, target, tensors, S, seqlen_new, call, vec) -> _DecodeP
         steps.append(_step(compile, aux._replace(kernel="flash_decode_merge_portable"), aux_defines, device,
                            block, (-(-heads_q * seqlen_q // aux.warps), 1), batch, smem=0))
         partials = batch * heads_q * seqlen_q * splits
-    return _DecodePlan(tuple(steps), block, partials, cfg.head_dim)
+    return _DecodePlan(launch_layer.Sequence(steps), partials, cfg.head_dim)

@@ -250,7 +250,8 @@ def patch(words: np.ndarray, slots: dict, pointers: dict) -> None:
 
 class Sequence:
     """A plan's launches in order, run as one: under one lock (launches may share a block, as the
-    backward's row-wise kernels do), each distinct block patched once per call."""
+    decode's kernels do), each distinct block patched once per call, with the pointers and any
+    scalar fields that change per call (the HIP decode's uniform length)."""
 
     __slots__ = ("launches", "blocks", "_lock")
 
@@ -258,13 +259,15 @@ class Sequence:
         self.launches = tuple(launches)
         distinct = {}
         for step in self.launches:
-            distinct.setdefault(step.block.ctypes.data, (step.words, step.slots))
+            distinct.setdefault(step.block.ctypes.data, (step.block, step.words, step.slots))
         self.blocks = tuple(distinct.values())
         self._lock = threading.Lock()
 
-    def __call__(self, pointers: dict, stream: int) -> None:
+    def __call__(self, pointers: dict, stream: int, scalars: dict | None = None) -> None:
         with self._lock:
-            for words, slots in self.blocks:
+            for block, words, slots in self.blocks:
+                for name, value in (scalars or {}).items():
+                    block[name] = value
                 patch(words, slots, pointers)
             for step in self.launches:
                 step.launch(pointers, stream)

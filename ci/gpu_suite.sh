@@ -40,6 +40,8 @@ nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader > 
 #   round_tests  the GPU tests of the main paths, the hip-on-cuda paths of the main properties,
 #                context parallelism when two GPUs are present
 #   sanitize_tuned  memcheck, racecheck and synccheck on the tuned rows only
+#   verify       kernel checks, the GPU tests (cuda and hip-on-cuda) and sanitize_tuned as
+#                parallel jobs in one call
 phases=${*:-kernels pytest pytest_hip pytest_more sanitize bench bench_more bench_model}
 MORE="tests/test_hip_portable.py tests/test_precompile.py tests/test_integrations_torch.py tests/test_jax.py tests/test_transformers.py"
 has() { [[ " $phases " == *" $1 "* ]]; }
@@ -97,6 +99,32 @@ if has round_tests; then
         step cp_test 90 env NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 \
             torchrun --nproc-per-node 2 ci/cp_test.py
     fi
+fi
+if has verify; then  # everything that checks, nothing that times: parallel jobs on one GPU
+    # (the work is launch- and compile-bound, so the jobs share the GPU with little contention)
+    pstep() { (step "$@"; printf '%s\n' "${summary[-1]}" > "$OUT/$1.sum") & }
+    gpu="python -m pytest -m gpu -q -p no:cacheprovider --maxfail=20"
+    export XLA_PYTHON_CLIENT_PREALLOCATE=false  # JAX would take 75% of the GPU from the others
+    pstep kernels 400 python ci/kernel_check.py --quick
+    pstep kernels_bwd 400 python ci/kernel_check_bwd.py --quick
+    pstep decode 200 python ci/kernel_check_decode.py --quick
+    pstep pytest_a 420 $gpu -k "not hip-on-cuda" tests/test_properties.py
+    pstep pytest_b 420 $gpu -k "not hip-on-cuda" tests/test_grad.py tests/test_variants_grad.py
+    pstep pytest_c 420 $gpu -k "not hip-on-cuda" tests/test_torch_ops.py tests/test_variants.py \
+        tests/test_attention_sinks.py tests/test_sinks.py tests/test_gpu.py tests/test_numerics.py
+    pstep pytest_d 420 $gpu -k "not hip-on-cuda" tests/test_kvcache.py tests/test_kvcache_fp8.py \
+        tests/test_decode_fp8_fragments.py tests/test_cache_faults.py tests/test_sm90.py
+    pstep pytest_e 420 $gpu -k "not hip-on-cuda" tests/test_torch_sdpa.py \
+        tests/test_flash_attn_compat.py tests/test_concurrency.py tests/test_transformers.py
+    pstep pytest_f 420 $gpu -k "not hip-on-cuda" tests/test_integrations_torch.py tests/test_jax.py \
+        tests/test_precompile.py tests/test_api.py tests/test_gpu_adapter.py tests/test_params.py \
+        tests/test_fuzz.py tests/test_huge.py tests/test_cli.py
+    pstep pytest_hip 420 $gpu -k "hip-on-cuda" tests/test_properties.py tests/test_grad.py \
+        tests/test_kvcache.py tests/test_hip_decode.py tests/test_hip_portable.py
+    pstep sanitize 420 env SANITIZE_TIMEOUT=60 SANITIZE_TOOLS="memcheck racecheck synccheck" \
+        SANITIZE_CASES=tuned bash ci/sanitize.sh
+    wait
+    for f in "$OUT"/*.sum; do summary+=("$(cat "$f")"); done
 fi
 if has sanitize_tuned; then  # the tuned rows only, three tools: one short call
     step sanitize 200 env SANITIZE_TIMEOUT=30 SANITIZE_TOOLS="memcheck racecheck synccheck" \

@@ -18,6 +18,7 @@ export PYTORCH_NO_CUDA_MEMORY_CACHING=1
 TOOLS=${SANITIZE_TOOLS:-memcheck racecheck synccheck initcheck}
 CASES=${SANITIZE_CASES:-tuned,odd,variants}
 LIMIT=${SANITIZE_TIMEOUT:-240}
+LIMIT_RACECHECK_BWD=${SANITIZE_TIMEOUT_RACECHECK_BWD:-$LIMIT}  # the slowest pair by far
 
 table="$OUT/sanitize.md"
 {
@@ -31,7 +32,12 @@ for tool in $TOOLS; do
         [ "$pass" = bwd ] && script=ci/kernel_check_bwd.py
         log="$LOGS/$tool-$pass.log"
         start=$SECONDS
-        timeout "$LIMIT" compute-sanitizer --tool "$tool" --error-exitcode 9 \
+        # --report-api-errors no: cuda-bindings probes the driver with cuGetProcAddress for
+        # entry points this driver lacks (34 refusals per process, xattn/tma.py's first use),
+        # which the sanitizer would count as errors; kernel faults are still reported.
+        limit=$LIMIT
+        [ "$tool-$pass" = racecheck-bwd ] && limit=$LIMIT_RACECHECK_BWD
+        timeout "$limit" compute-sanitizer --tool "$tool" --report-api-errors no --error-exitcode 9 \
             python "$script" --sanitize --cases "$CASES" > "$log" 2>&1
         rc=$?
         checked=$(grep -Eo '[0-9]+/[0-9]+ cases passed' "$log" | tail -1)
@@ -39,7 +45,7 @@ for tool in $TOOLS; do
                   | sed 's/^=* *//')
         verdict=clean
         if [ "$rc" -ne 0 ]; then verdict=FAIL; dirty=1; fi
-        [ "$rc" -eq 124 ] && summary="timed out after ${LIMIT}s"
+        [ "$rc" -eq 124 ] && summary="timed out after ${limit}s"
         echo "| $tool | $pass | $verdict | ${checked:-?} | ${summary:-no summary} | $rc | $((SECONDS - start)) |" >> "$table"
     done
 done

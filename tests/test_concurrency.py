@@ -37,13 +37,13 @@ def oracle_error(q, k, v, out, causal):
 
 
 def test_16_threads_compile_a_new_variant_once(cuda_ready, monkeypatch):
-    from xattn import call, cuda, launch
+    from xattn import call, launch
     # A process that has compiled nothing yet: xattn's memo, validated calls and plans empty
     # (CuPy's disk cache may be warm; jit._build runs once per new variant either way, which is
     # what is counted).
     monkeypatch.setattr(jit, "_modules", {})
     monkeypatch.setattr(call, "_calls", {})
-    monkeypatch.setattr(cuda, "_plans", {})
+    monkeypatch.setattr(launch, "_plans", {})
     monkeypatch.setattr(launch, "_smem_configured", set())  # keyed by kernel handles
     builds = []
     real_build = jit._build

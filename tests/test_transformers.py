@@ -36,6 +36,7 @@ VOCAB = 128
 # Logits and gradients against the other implementation: tests/tolerances.py's model rows.
 LOGIT_TOLERANCE = {dtype: tolerance("model_logits", dtype) for dtype in (torch.float32, torch.bfloat16)}
 GRAD_TOLERANCE = {dtype: tolerance("model_grads", dtype) for dtype in (torch.float32, torch.bfloat16)}
+PEER_NOISE_FACTOR = tolerance("model_grads", "peer_noise_factor")
 
 COMMON = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
               num_attention_heads=4, max_position_embeddings=256, initializer_range=0.1,
@@ -254,17 +255,29 @@ def test_training_step_gradients_match(family, device):
     mask = torch.ones_like(ids)
     mask[1, 14:] = 0
     labels = ids.masked_fill(mask == 0, -100)
+    models_run = (mine, peer)
+    if dtype == torch.bfloat16:  # the float32 peer on the same weights: the step's truth
+        models_run += (copy.deepcopy(peer).float(),)
     grads = []
-    for model in (mine, peer):
+    for model in models_run:
         model.train()
         model.zero_grad()
         loss = model(ids, attention_mask=mask, labels=labels).loss
         loss.backward()
         grads.append({name: p.grad for name, p in model.named_parameters() if p.grad is not None})
-    got, want = grads
+    got, want = grads[:2]
     assert got.keys() == want.keys() and got
     for name in want:
-        assert rel_error(got[name], want[name]) <= GRAD_TOLERANCE[dtype], name
+        if dtype == torch.float32:
+            assert rel_error(got[name], want[name]) <= GRAD_TOLERANCE[dtype], name
+            continue
+        # bfloat16: both models are held to the float32 step. A gradient that nearly cancels
+        # (a key projection's bias: softmax ignores a shift shared by all keys, only the sink
+        # sees it) is mostly bfloat16 noise in the peer too, so xattn may be as far from the
+        # truth as the peer is, by PEER_NOISE_FACTOR, where that exceeds the fixed bound.
+        truth = grads[2][name]
+        bound = max(GRAD_TOLERANCE[dtype], PEER_NOISE_FACTOR * rel_error(want[name], truth))
+        assert rel_error(got[name], truth) <= bound, name
 
 
 def test_attention_dropout_in_training_is_refused():

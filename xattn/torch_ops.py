@@ -194,26 +194,32 @@ def _backward(ctx, dout, _dlse):
 attention_forward.register_autograd(_backward, setup_context=_setup_context)
 
 
+def _eager_forward(ctx, call, q, k, v, alibi_slopes, cu_seqlens_q, cu_seqlens_k, sinks):
+    """(out, lse), with what the backward needs saved on ctx."""
+    out, lse = dispatch.forward(call, q, k, v, alibi_slopes, _cu(cu_seqlens_q, cu_seqlens_k), sinks)
+    optional = (alibi_slopes, cu_seqlens_q, cu_seqlens_k, sinks)
+    # Only the tensors there are: each saved slot costs the autograd engine host time.
+    ctx.save_for_backward(q, k, v, out, lse, *(t for t in optional if t is not None))
+    ctx.present = tuple(t is not None for t in optional)
+    ctx.call = call
+    return out, lse
+
+
 class _EagerAttention(torch.autograd.Function):
     """The same forward and backward as the custom ops, for eager autograd, on the Call itself:
     torch's custom-op wrapper costs about half a millisecond of host time per call on its own
     (measured by `python -m xattn bench --overhead`), so only torch.compile, which needs the op,
-    pays it."""
+    pays it. Its one output is out: each output of a Function costs the autograd engine host time
+    in the forward and the backward (15 µs of 104 per forward+backward of an empty Function on
+    the CPU machine), so lse is an output only of _EagerAttentionWithLse, for return_lse."""
 
     @staticmethod
     def forward(ctx, call, q, k, v, alibi_slopes, cu_seqlens_q, cu_seqlens_k, sinks):
-        out, lse = dispatch.forward(call, q, k, v, alibi_slopes, _cu(cu_seqlens_q, cu_seqlens_k),
-                                    sinks)
-        optional = (alibi_slopes, cu_seqlens_q, cu_seqlens_k, sinks)
-        # Only the tensors there are: each saved slot costs the autograd engine host time.
-        ctx.save_for_backward(q, k, v, out, lse, *(t for t in optional if t is not None))
-        ctx.present = tuple(t is not None for t in optional)
-        ctx.call = call
-        ctx.mark_non_differentiable(lse)
-        return out, lse
+        return _eager_forward(ctx, call, q, k, v, alibi_slopes, cu_seqlens_q, cu_seqlens_k,
+                              sinks)[0]
 
     @staticmethod
-    def backward(ctx, dout, _dlse):
+    def backward(ctx, dout):
         q, k, v, out, lse, *given = ctx.saved_tensors
         given = iter(given)
         alibi_slopes, cu_q, cu_k, sinks = (next(given) if there else None
@@ -227,13 +233,30 @@ class _EagerAttention(torch.autograd.Function):
         return None, dq, dk, dv, None, None, None, dsinks
 
 
+class _EagerAttentionWithLse(_EagerAttention):
+    """_EagerAttention with lse as a second, non-differentiable output."""
+
+    @staticmethod
+    def forward(ctx, call, q, k, v, alibi_slopes, cu_seqlens_q, cu_seqlens_k, sinks):
+        out, lse = _eager_forward(ctx, call, q, k, v, alibi_slopes, cu_seqlens_q, cu_seqlens_k,
+                                  sinks)
+        ctx.mark_non_differentiable(lse)
+        return out, lse
+
+    @staticmethod
+    def backward(ctx, dout, _dlse):
+        return _EagerAttention.backward(ctx, dout)
+
+
 def attention(call, q, k, v, alibi_slopes=None, cu_seqlens=None, sinks=None):
     """(out, lse) of a validated Call: through the custom op under torch.compile, through an
-    autograd.Function running the same code otherwise."""
+    autograd.Function running the same code otherwise (lse None there unless call.return_lse)."""
     cu_q, cu_k = cu_seqlens if cu_seqlens is not None else (None, None)
     if alibi_slopes is not None:  # the op takes tensors as the backends do (float32 on a GPU)
         alibi_slopes = arrays.slopes_array(alibi_slopes, arrays.describe(alibi_slopes,
                                                                          "alibi_slopes"))
     if torch.compiler.is_compiling():
         return attention_forward(q, k, v, cu_q, cu_k, alibi_slopes, *call.op_scalars(), sinks)
-    return _EagerAttention.apply(call, q, k, v, alibi_slopes, cu_q, cu_k, sinks)
+    if call.return_lse:
+        return _EagerAttentionWithLse.apply(call, q, k, v, alibi_slopes, cu_q, cu_k, sinks)
+    return _EagerAttention.apply(call, q, k, v, alibi_slopes, cu_q, cu_k, sinks), None

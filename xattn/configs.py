@@ -6,7 +6,8 @@ loads and stores only the real columns and fills the padding with zeros in share
 caller's arrays are never copied or padded.
 
 Columns:
-  kernel      source file stem in kernels_cuda/ (its entry point has the same name)
+  kernel      the entry point in kernels_cuda/; xattn/kernels.py describes it (source, the -D
+              defines a row and a call's variant give, shared memory, threads, grid)
   arch        smallest compute capability (major * 10 + minor) the row applies to; a device
               uses the rows of the largest arch <= its own. sm_86/sm_89 have 99 KB of shared
               memory per block against 163 KB on sm_80 and 227 KB on sm_90.
@@ -23,7 +24,6 @@ Columns:
 from __future__ import annotations
 
 import functools
-import math
 from typing import NamedTuple
 
 
@@ -65,7 +65,7 @@ _ROWS = [
     ("flash_fwd",      90,   256,     None,   64,      64,      4,     1),
     # backward, key-block parallel: block_n keys per block (split over the warps, 16 or 32
     # each), block_m query rows per step; dQ by atomics unless deterministic. Past head dim 128 a
-    # key group of dkdv_warps_d(head_dim) warps splits dK/dV's head dim (16 keys per group, block_m
+    # key group of kernels.dkdv_warps_d(head_dim) warps splits dK/dV's head dim (16 keys per group, block_m
     # a multiple of 16 per warp of the group), and P^T, dS^T go through shared memory.
     ("flash_bwd_dkdv", 80,   32,      None,   128,     128,     8,     1),
     ("flash_bwd_dkdv", 80,   64,      False,  128,     128,     8,     1),
@@ -168,23 +168,10 @@ TABLE = [TileConfig(*row) for row in _ROWS]
 
 # Which forward kernel serves which dtype.
 KERNEL_FOR_DTYPE = {"float16": "flash_fwd", "bfloat16": "flash_fwd", "float32": "flash_fwd_f32"}
-# Kernels whose entry point lives in a source file of another name.
-SOURCES = {"flash_bwd_simt_dq": "flash_bwd_simt.cu", "flash_bwd_simt_dkdv": "flash_bwd_simt.cu"}
-# The two halves of the CUDA-core backward, and the size of the tile each streams (warp size).
-SIMT_BACKWARD_KERNELS = ("flash_bwd_simt_dq", "flash_bwd_simt_dkdv")
-SIMT_TILE = 32
 # Kernels on tensor cores, fed by 16-bit tiles (mma_tile.h).
 TENSOR_CORE_KERNELS = ("flash_fwd", "flash_bwd_dkdv", "flash_bwd_dq")
 
 MAX_HEAD_DIM = 256
-# The widest dK/dV slice one warp of flash_bwd_dkdv keeps in registers: 2 x 16 keys x 128 columns
-# = 128 floats per thread. Past it the warps of a key group split the head dim.
-DKDV_WARP_COLS = 128
-
-
-def dkdv_warps_d(head_dim: int) -> int:
-    """Warps that split the head dim of one key group's dK/dV in flash_bwd_dkdv (DKV_WARPS_D)."""
-    return -(-head_dim // DKDV_WARP_COLS)
 
 
 @functools.lru_cache(maxsize=None)  # on every call's path; the table is fixed at import
@@ -200,75 +187,11 @@ def select(kernel: str, arch: int, head_dim: int, causal: bool) -> TileConfig:
     return min(rows, key=lambda r: r.head_dim)
 
 
-def shared_memory_bytes(cfg: TileConfig) -> int:
-    """Dynamic shared memory of one thread block, from the layout in the kernel's header."""
-    padded_row = cfg.head_dim + 8  # 16-bit elements, rows padded by 16 bytes (SMEM_STRIDE)
-    if cfg.kernel == "flash_fwd":
-        return (cfg.block_m + 2 * cfg.block_n) * padded_row * 2  # Q, K, V tiles
-    if cfg.kernel == "flash_bwd_dkdv":
-        tiles = (2 * cfg.block_n + 4 * cfg.block_m) * padded_row * 2  # K, V, Q x2, dO x2
-        # dS^T (used when dQ is accumulated here), and P^T beside it when the head dim is split
-        ds = cfg.block_n * (cfg.block_m + 8) * 2 * (2 if dkdv_warps_d(cfg.head_dim) > 1 else 1)
-        return tiles + ds + 4 * cfg.block_m * 4  # LSE x2, delta x2
-    if cfg.kernel == "flash_bwd_dq":
-        return (2 * cfg.block_m + 4 * cfg.block_n) * padded_row * 2  # Q, dO, K x2, V x2
-    if cfg.kernel == "flash_fwd_f32":
-        q = cfg.block_m * cfg.head_dim
-        k = cfg.block_n * (cfg.head_dim + 1)
-        v = cfg.block_n * cfg.head_dim
-        p = cfg.block_m * cfg.block_n
-        return (q + k + v + p) * 4
-    if cfg.kernel in SIMT_BACKWARD_KERNELS:  # float32; the owned rows and the streamed tile
-        owned = cfg.block_m if cfg.kernel == "flash_bwd_simt_dq" else cfg.block_n
-        rows = 2 * owned * cfg.head_dim  # Q, dO (_dq) or K, V (_dkdv), broadcast reads
-        tiles = 2 * SIMT_TILE * (cfg.head_dim + 1)  # K, V (_dq) or Q, dO (_dkdv), odd stride
-        slices = owned * SIMT_TILE * (1 if cfg.kernel == "flash_bwd_simt_dq" else 2)  # dS or (P, dS)
-        return (rows + tiles + slices) * 4
-    if cfg.kernel in DECODE_KERNELS:  # the variant with the most rows per tile
-        return decode_shared_memory_bytes(cfg, cfg.block_m)
-    raise KeyError(f"{cfg.kernel}: not a kernel of this table (no shared-memory layout known "
-                   f"for it)")
-
-
-def defines(cfg: TileConfig, dtype: str, causal: bool, vec_loads: bool) -> dict[str, int]:
-    """The -D macros that specialize the kernel source for one variant."""
-    common = {
-        "HEAD_DIM": cfg.head_dim,
-        "NUM_WARPS": cfg.warps,
-        "IS_CAUSAL": int(causal),
-        "MIN_BLOCKS": cfg.min_blocks,
-    }
-    if cfg.kernel in TENSOR_CORE_KERNELS:
-        split = {"DKV_WARPS_D": dkdv_warps_d(cfg.head_dim)} if cfg.kernel == "flash_bwd_dkdv" else {}
-        return common | split | {
-            "ELEM_BF16": int(dtype == "bfloat16"),
-            "BLOCK_M": cfg.block_m,
-            "BLOCK_N": cfg.block_n,
-            "VEC_LOADS": int(vec_loads),
-        }
-    if cfg.kernel in SIMT_BACKWARD_KERNELS:
-        owned = cfg.block_m if cfg.kernel == "flash_bwd_simt_dq" else cfg.block_n
-        return common | {
-            "ELEM_F32": int(dtype == "float32"),
-            "ELEM_BF16": int(dtype == "bfloat16"),
-            "ROWS_PER_WARP": owned // cfg.warps,
-        }
-    if cfg.kernel in DECODE_KERNELS:  # BLOCK_M and SOFTCAP are the launch's (xattn/kvcache.py)
-        return common | decode_defines(cfg, dtype, cfg.block_m, vec_loads, softcap=False)
-    return common | {"ELEM_F32": 1, "ROWS_PER_WARP": cfg.block_m // cfg.warps}  # flash_fwd_f32
-
-
-def grid(cfg: TileConfig, seqlen_q: int, heads: int, batch: int) -> tuple[int, int, int]:
-    return (math.ceil(seqlen_q / cfg.block_m), heads, batch)
-
-
 # ---- KV-cache decoding (flash_decode.cu, flash_decode_f32.cu, flash_decode_merge.cu; launched by
 # xattn/kvcache.py). The table rows are above (kernel "flash_decode" / "flash_decode_f32").
 DECODE_KERNELS = ("flash_decode", "flash_decode_f32")
 DECODE_KERNEL_FOR_DTYPE = {"float16": "flash_decode", "bfloat16": "flash_decode",
                            "float32": "flash_decode_f32"}
-DECODE_MERGE_KERNEL = "flash_decode_merge"
-DECODE_MERGE_WARPS = 4  # query rows per merge block (one warp each)
 # Page sizes of paged caches: any multiple of 16 rows (a compile-time constant of the kernels).
 DECODE_PAGE_MULTIPLE = 16
 # FP8 caches: the KV_FP8 value of each torch float8 dtype (kernels_common/fp8.h). The FP8 variants
@@ -278,58 +201,13 @@ DECODE_PAGE_MULTIPLE = 16
 DECODE_FP8_FORMATS = {"float8_e4m3fn": 1, "float8_e5m2": 2}
 
 
-def decode_stages(cfg: TileConfig, fp8: bool) -> int:
-    """The cp.async ring depth of a decode variant: the row's stages, or for FP8 caches its
-    fp8_stages where it has them (the tensor-core rows: a stage of codes is half the bytes, so
-    about twice the stages keep as many bytes in flight in the same shared memory)."""
-    return cfg.fp8_stages if fp8 and cfg.fp8_stages else cfg.stages
-
-
-def decode_shared_memory_bytes(cfg: TileConfig, rows: int, fp8: bool = False) -> int:
-    """Dynamic shared memory of a decode block with `rows` query rows per tile (the layout in
-    decode_common.h): Q tile, row limits, then the warps' K/V rings (FP8 caches: rings of 1-byte
-    codes, fp8_stages deep; the float32 kernel adds each warp's K and V conversion tiles) or,
-    reusing them, the merge scratch."""
-    size = 4 if cfg.kernel == "flash_decode_f32" else 2
-    stride = cfg.head_dim + 16 // size  # rows padded by 16 bytes
-    q, limits = rows * stride * size, 2 * rows * 4
-    cache_size = 1 if fp8 else size
-    stages = decode_stages(cfg, fp8)
-    rings = stages * 2 * cfg.block_n * (cfg.head_dim + 16 // cache_size) * cache_size
-    if fp8 and cfg.kernel == "flash_decode_f32":
-        rings += 2 * cfg.block_n * stride * size  # K and V conversion tiles, every warp's
-    merge = (rows * (cfg.head_dim + 4) + 2 * cfg.warps * rows) * 4
-    return q + limits + max(rings, merge)
-
-
-def decode_defines(cfg: TileConfig, dtype: str, rows: int, vec_loads: bool,
-                   softcap: bool, page_size: int = 0, kv_fp8: int = 0,
-                   l2_prefetch: int = 0) -> dict[str, int]:
-    """The -D macros of one decode variant (the kernel's file sets ELEM_F32 itself); kv_fp8: 0, or
-    the cache's DECODE_FP8_FORMATS value; l2_prefetch: the cache copies' L2 hint (0, 128, 256)."""
-    defines = {
-        "HEAD_DIM": cfg.head_dim, "NUM_WARPS": cfg.warps, "MIN_BLOCKS": cfg.min_blocks,
-        "ELEM_BF16": int(dtype == "bfloat16"),
-        "BLOCK_M": rows, "WARP_N": cfg.block_n // cfg.warps, "STAGES": decode_stages(cfg, bool(kv_fp8)),
-        "VEC_LOADS": int(vec_loads), "SOFTCAP": int(softcap), "PAGE_SIZE": page_size,
-    }
-    return (defines | ({"KV_FP8": kv_fp8} if kv_fp8 else {})
-            | ({"L2_PREFETCH": l2_prefetch} if l2_prefetch else {}))
-
-
-def decode_merge_defines(dtype: str, head_dim: int) -> dict[str, int]:
-    """The -D macros of flash_decode_merge for the decode row of padded head dim `head_dim`."""
-    return {"HEAD_DIM": head_dim, "MERGE_WARPS": DECODE_MERGE_WARPS,
-            "ELEM_F32": int(dtype == "float32"), "ELEM_BF16": int(dtype == "bfloat16")}
-
-
 # ---- HIP (AMD) ----------------------------------------------------------------------------------
 # The HIP kernels' rows, in their own small flat table: AMD targets are named by gfx strings, not
 # compute capabilities. `select` above is for CUDA only; `select_hip` and `select_hip_backward`
 # read this table.
 #
 # Columns as above, except:
-#   kernel  entry point in kernels_hip/; its source is <kernel>.hip unless HIP_SOURCES says otherwise
+#   kernel  entry point in kernels_hip/ (its description, source included: xattn/kernels.py)
 #   arch    a family of gfx targets (HIP_FAMILIES). A device uses, per kernel, the rows of the family
 #           with the longest gfx prefix of its gcnArchName ("gfx90a:sramecc+:xnack-" -> "gfx90a");
 #           so gfx90a takes "cdna" rows for MFMA and "gfx9" rows for the portable kernels.
@@ -494,16 +372,6 @@ _HIP_ROWS = [
 
 HIP_TABLE = [TileConfig(*row) for row in _HIP_ROWS]
 
-# Entry points whose source file has another name.
-HIP_SOURCES = {"flash_bwd_preprocess": "flash_bwd_prep.hip",
-               "flash_bwd_portable_dq": "flash_bwd_portable.hip",
-               "flash_bwd_portable_dkdv": "flash_bwd_portable.hip",
-               "flash_fwd_wmma": "flash_fwd_mfma.hip",
-               "flash_bwd_wmma_dkdv": "flash_bwd_mfma_dkdv.hip",
-               "flash_bwd_wmma_dq": "flash_bwd_mfma_dq.hip",
-               "flash_decode_wmma": "flash_decode_mfma.hip",
-               "flash_decode_merge_portable": "flash_decode_portable.hip",
-               "kvcache_append_portable": "flash_decode_portable.hip"}
 # Kernels built on WMMA: the matrix-core sources with wmma.h (MATRIX_WMMA=1).
 HIP_WMMA_KERNELS = ("flash_fwd_wmma", "flash_bwd_wmma_dkdv", "flash_bwd_wmma_dq", "flash_decode_wmma")
 # Kernels built on matrix instructions (16-bit tiles, matrix_tile.h; VEC_LOADS variants).
@@ -530,7 +398,7 @@ HIP_BACKWARD_KERNELS_FOR_DTYPE = {
 HIP_LDS_BYTES = 64 * 1024  # LDS one block may use on every family above
 
 
-HIP_DECODE_KERNEL = "flash_decode_portable"  # its merge and append: HIP_SOURCES
+HIP_DECODE_KERNEL = "flash_decode_portable"  # its source holds the merge and the append too
 # The decode kernels that can serve each dtype, in order of preference (as HIP_KERNELS_FOR_DTYPE).
 HIP_DECODE_KERNELS_FOR_DTYPE = {
     "float16": ("flash_decode_mfma", "flash_decode_wmma", HIP_DECODE_KERNEL),
@@ -557,7 +425,7 @@ def select_hip_decode(dtype: str, gcn_arch: str, head_dim: int) -> TileConfig:
 
 @functools.lru_cache(maxsize=None)
 def hip_decode_aux_row(gcn_arch: str, head_dim: int) -> TileConfig:
-    """The portable decode row whose source's merge and append entry points (HIP_SOURCES) serve a
+    """The portable decode row whose source's merge and append entry points (xattn/kernels.py) serve a
     decode row of padded head dim `head_dim` on this device: the partials it merges are rows of
     HEAD_DIM floats, so its head dim is the decode row's, exactly."""
     row = _hip_row(HIP_DECODE_KERNEL, gcn_arch, head_dim, False)
@@ -565,10 +433,6 @@ def hip_decode_aux_row(gcn_arch: str, head_dim: int) -> TileConfig:
         raise ValueError(f"q: no portable decode row of head dim {head_dim} for {gcn_arch!r} "
                          f"(the matrix-core decode rows take the portable rows' head dims)")
     return row
-
-
-def hip_source(kernel: str) -> str:
-    return HIP_SOURCES.get(kernel, kernel + ".hip")
 
 
 def hip_family(kernel: str, gcn_arch: str) -> str | None:
@@ -627,78 +491,3 @@ def select_hip_backward(dtype: str, gcn_arch: str, head_dim: int,
         if None not in rows:
             return (prep, *rows)
     raise ValueError(f"q: expected head dim D in 1..{MAX_HEAD_DIM}, got {head_dim}")
-
-
-def hip_shared_memory_bytes(cfg: TileConfig) -> int:
-    """LDS of one block, from the layouts in the kernels' headers."""
-    d = cfg.head_dim
-    pad = 8 if cfg.kernel in HIP_WMMA_KERNELS else 4  # LDS_PAD of wmma.h and mfma.h
-    kernel = cfg.kernel.replace("_wmma", "_mfma")  # the same sources and layouts
-    if kernel in ("flash_fwd_mfma", "flash_decode_mfma"):  # 16-bit tiles; Q staged over K and V^T
-        q_stage = cfg.block_m * (d + pad)
-        k_vt = cfg.block_n * (d + pad) + d * (cfg.block_n + pad)
-        return max(q_stage, k_vt) * 2
-    if kernel == "flash_bwd_mfma_dkdv":  # Q, dO as stored and transposed; K, V staged over them
-        tiles = 2 * cfg.block_m * (d + pad) + 2 * d * (cfg.block_m + pad)
-        stage = cfg.block_n * (d + pad)
-        return max(tiles, stage) * 2 + 2 * cfg.block_m * 4  # + LSE and delta, float32
-    if kernel == "flash_bwd_mfma_dq":  # K, V, K^T; Q and dO staged over them
-        tiles = 2 * cfg.block_n * (d + pad) + d * (cfg.block_n + pad)
-        stage = cfg.block_m * (d + pad)
-        return max(tiles, stage) * 2
-    if cfg.kernel in ("flash_fwd_portable", "flash_decode_portable"):  # float32: sQ, sK (odd strides), sV, sP, sRow
-        return (cfg.block_m * (d + 1) + cfg.block_n * (d + 1) + cfg.block_n * d
-                + cfg.block_m * cfg.block_n + cfg.block_m) * 4
-    if cfg.kernel in _PORTABLE_BWD:  # float32, odd strides: owned rows, streamed tile, dS (P, dS)
-        owned, step = _portable_bwd_rows(cfg)
-        slices = owned * step * (1 if cfg.kernel == "flash_bwd_portable_dq" else 2)
-        return (2 * owned * (d + 1) + 2 * step * (d + 1) + slices) * 4
-    if cfg.kernel == "flash_bwd_preprocess":
-        return 0
-    raise KeyError(f"{cfg.kernel}: not a kernel of this table (no shared-memory layout known "
-                   f"for it)")
-
-
-def _portable_bwd_rows(cfg: TileConfig) -> tuple[int, int]:
-    """(rows a block owns, rows streamed per step) of a portable backward row."""
-    if cfg.kernel == "flash_bwd_portable_dq":
-        return cfg.block_m, cfg.block_n
-    return cfg.block_n, cfg.block_m
-
-
-def hip_threads(cfg: TileConfig) -> int:
-    return cfg.warps * hip_wave_size(cfg)
-
-
-def hip_defines(cfg: TileConfig, dtype: str, causal: bool, vec_loads: bool) -> dict[str, int]:
-    """The -D macros that specialize a HIP kernel source for one variant."""
-    common = {
-        "ELEM_TYPE": {"float16": 0, "bfloat16": 1, "float32": 2}[dtype],
-        "NUM_WAVES": cfg.warps,
-        "WAVE_SIZE": hip_wave_size(cfg),
-    }
-    if cfg.kernel == "flash_bwd_preprocess":
-        return common | {"BLOCK_M": cfg.block_m}
-    common |= {"HEAD_DIM": cfg.head_dim, "IS_CAUSAL": int(causal)}
-    mfma = {"ELEM_BF16": int(dtype == "bfloat16"), "VEC_LOADS": int(vec_loads)}
-    if cfg.kernel in HIP_WMMA_KERNELS:
-        mfma |= {"MATRIX_WMMA": 1, "WMMA_GFX12": int(cfg.arch == "rdna4")}
-    if cfg.kernel in ("flash_fwd_mfma", "flash_bwd_mfma_dq", "flash_fwd_wmma", "flash_bwd_wmma_dq",
-                      "flash_decode_mfma", "flash_decode_wmma"):
-        return common | mfma | {"BLOCK_N": cfg.block_n}
-    if cfg.kernel in ("flash_bwd_mfma_dkdv", "flash_bwd_wmma_dkdv"):
-        return common | mfma | {"BLOCK_M": cfg.block_m}
-    if cfg.kernel in _PORTABLE_BWD:
-        owned, step = _portable_bwd_rows(cfg)
-        return common | {"BLOCK_ROWS": owned, "TILE": step}
-    return common | {"BLOCK_M": cfg.block_m, "BLOCK_N": cfg.block_n}  # flash_fwd_portable
-
-
-def hip_grid(cfg: TileConfig, seqlen_q: int, seqlen_k: int, heads_q: int, heads_k: int,
-             batch: int) -> tuple[int, int, int]:
-    """The grid of one launch of `cfg`: query blocks x query heads, or, for the dK/dV kernels, key
-    blocks x key/value heads; the batch (or a chunk of it) in z."""
-    if cfg.kernel in ("flash_bwd_mfma_dkdv", "flash_bwd_wmma_dkdv", "flash_bwd_portable_dkdv"):
-        return (math.ceil(seqlen_k / cfg.block_n), heads_k, batch)
-    owned = cfg.block_m
-    return (math.ceil(seqlen_q / owned), heads_q, batch)

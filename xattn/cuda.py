@@ -8,12 +8,11 @@ that holds the arrays and on the stream the caller passes.
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import NamedTuple
 
-import numpy as np
-
-from xattn import configs, jit, launch
+from xattn import configs, jit, kernels, launch
 
 # Attention sinks fused into the forward kernels' epilogue (HAS_SINKS). False: the forward runs
 # without them and the sinks are folded into out and lse afterwards by array ops (one more pass
@@ -56,18 +55,6 @@ def _arch(device_id: int) -> int:
     return arch
 
 
-def _kernel(cfg, dtype: str, causal: bool, vec: bool, device: int, **extra_defines):
-    """The compiled variant of a table row and its dynamic shared memory (launch.function opts
-    it in)."""
-    defines = configs.defines(cfg, dtype, causal, vec) | extra_defines
-    kernel = jit.get_function("cuda", _SOURCE.get(cfg.kernel, cfg.kernel + ".cu"), cfg.kernel, defines, device)
-    return kernel, configs.shared_memory_bytes(cfg)
-
-
-_SOURCE = {"flash_bwd_preprocess": "flash_bwd_prep.cu", "flash_bwd_convert_dq": "flash_bwd_prep.cu",
-           **configs.SOURCES}
-
-
 # ---- plans: what a call of one signature launches ---------------------------------------------
 # A plan is built on the first call of a signature (shapes, strides, dtype, device, options and
 # whether the pointers are 16-byte aligned) and kept: later calls look it up, patch the pointers
@@ -76,19 +63,6 @@ _SOURCE = {"flash_bwd_preprocess": "flash_bwd_prep.cu", "flash_bwd_convert_dq": 
 # The launch layer's plan cache, parameter-block packing and launch sequence (xattn/launch.py, shared
 # with the hip backend), under the names this module and sm90.py use.
 _cached_plan, _attn_params, _run = launch.cached_plan, launch.attn_block, launch.run
-
-
-def _step(cfg, dtype: str, causal: bool, vec: bool, device: int, block: np.ndarray, grid_xy,
-          batch: int, source: str | None = None, entry: str | None = None, **defines):
-    """A launch.Launch of one table row's kernel (or of `entry` in `source`, a helper kernel with
-    no row: `cfg` is then None and `defines` are all it takes)."""
-    if cfg is not None:
-        kernel, smem = _kernel(cfg, dtype, causal, vec, device, **defines)
-        threads = cfg.warps * 32
-    else:
-        kernel, smem = jit.get_function("cuda", source, entry, defines, device), 0
-        threads = _PREP_THREADS
-    return launch.Launch(launch.function(kernel, device, smem), grid_xy, batch, threads, smem, block)
 
 
 def forward(q, k, v, out, lse, *, causal: bool, scale: float, stream: int, window=(-1, -1),
@@ -168,10 +142,12 @@ def _plan_forward(Q, K, V, O, L, batch, *, causal, scale, window, softcap, slope
     vec = vec and kernel_name in configs.TENSOR_CORE_KERNELS
     block = _attn_params(var, {"q": Q, "k": K, "v": V, "o": O, "lse": L}, heads_q=heads_q,
                          head_dim=head_dim)
+    kernel = kernels.cuda(kernel_name)
     # HAS_SINKS only where sinks are given: the other variants compile exactly as without sinks.
-    defines = var.defines | ({"HAS_SINKS": 1} if sinks else {})
-    return (_step(cfg, Q.dtype, has_right_edge, vec, Q.device, block,
-                  (math.ceil(seqlen_q / cfg.block_m), heads_q), batch, **defines),)
+    defines = (kernel.defines(cfg, Q.dtype, causal=has_right_edge, vec=vec) | var.defines
+               | ({"HAS_SINKS": 1} if sinks else {}))
+    sizes = kernels.Sizes(seqlen_q=seqlen_q, seqlen_k=seqlen_k, heads_q=heads_q, heads_k=heads_k)
+    return (kernel.launch(defines, sizes, block, batch, Q.device),)
 
 
 # ---- the call path: a validated Call on torch tensors ------------------------------------------
@@ -195,8 +171,8 @@ def attention(call, q, k, v, alibi_slopes=None, cu_seqlens=None, sinks=None):
         from xattn import arrays
         return arrays.run_on_gpu(forward, q, k, v, _info(call), layout=call.layout,
                                  dims=call.dims, **call.options(alibi_slopes, cu_seqlens, sinks))
-    steps, (out_like, lse_like) = plan
-    out, lse = _empty_like(out_like), _empty_like(lse_like)
+    steps, (new_out, new_lse) = plan
+    out, lse = new_out(), new_lse()
     pointers = {"q": q_ptr, "k": k_ptr, "v": v_ptr, "o": out.data_ptr(), "lse": lse.data_ptr()}
     if alibi_slopes is not None:
         pointers["alibi_slopes"] = alibi_slopes.data_ptr()
@@ -208,23 +184,14 @@ def attention(call, q, k, v, alibi_slopes=None, cu_seqlens=None, sinks=None):
     return out, lse
 
 
-def _allocation(shape, dtype, device):
-    """What _empty_like copies to allocate a (shape, dtype) tensor on `device`: one element
-    expanded to the shape, so that a plan holds no memory of its own."""
+def _allocator(shape, dtype, device):
+    """A plan's allocator of fresh contiguous (shape, dtype) tensors on `device`: torch.empty_like
+    of one element expanded to the shape (the plan holds no memory of its own), which skips most
+    of torch.empty's argument parsing (a few microseconds a call on the host)."""
     import torch
 
-    global _torch_empty_like, _contiguous
-    _torch_empty_like, _contiguous = torch.empty_like, torch.contiguous_format
-    return torch.empty(1, dtype=dtype, device=device).expand(shape)
-
-
-def _empty_like(allocation):
-    """A fresh contiguous tensor shaped as a plan's `_allocation`: torch.empty_like skips most of
-    torch.empty's argument parsing (a few microseconds a call on the host)."""
-    return _torch_empty_like(allocation, memory_format=_contiguous)
-
-
-_torch_empty_like = _contiguous = None  # bound by the first plan (xattn never imports torch)
+    like = torch.empty(1, dtype=dtype, device=device).expand(shape)
+    return functools.partial(torch.empty_like, like, memory_format=torch.contiguous_format)
 
 
 def attention_backward(call, dout, q, k, v, out, lse, alibi_slopes=None, cu_seqlens=None):
@@ -248,11 +215,11 @@ def attention_backward(call, dout, q, k, v, out, lse, alibi_slopes=None, cu_seql
         return torch_ops.backward_gpu(backward, dout, q, k, v, out, lse, layout=call.layout,
                                       deterministic=call.deterministic,
                                       **call.options(alibi_slopes, cu_seqlens))
-    steps, scratch, (dq_like, dk_like, dv_like, scratch_like) = plan
-    dq, dk, dv = _empty_like(dq_like), _empty_like(dk_like), _empty_like(dv_like)
+    steps, scratch, (new_dq, new_dk, new_dv, new_scratch) = plan
+    dq, dk, dv = new_dq(), new_dk(), new_dv()
     # One float32 scratch buffer from torch's allocator, on its stream: delta, then dQ's
     # accumulator (zeroed by the delta kernel). Held until the launches are queued.
-    buffer = _empty_like(scratch_like)
+    buffer = new_scratch()
     pointers["dq"], pointers["dk"], pointers["dv"] = dq.data_ptr(), dk.data_ptr(), dv.data_ptr()
     pointers.update(scratch.pointers(buffer.data_ptr()))
     if alibi_slopes is not None:
@@ -293,8 +260,8 @@ def _call_forward_plan(call, q, k, v, alibi_slopes, cu_seqlens, aligned):
     steps = _call_forward_steps(call, q, k, v, alibi_slopes, cu_seqlens, aligned)
     if steps is None:
         return None
-    return (launch.Sequence(steps),), (_allocation(call.q_shape, q.dtype, q.device),
-                   _allocation(call.lse_shape, _float32(), q.device))
+    return (launch.Sequence(steps),), (_allocator(call.q_shape, q.dtype, q.device),
+                                       _allocator(call.lse_shape, _float32(), q.device))
 
 
 def _float32():
@@ -371,9 +338,9 @@ def _call_backward_plan(call, dout, q, k, v, out, lse, alibi_slopes, cu_seqlens,
                                     scale=call.scale, window=call.window, softcap=call.softcap,
                                     slopes=slopes, varlen=call.varlen, max_seqlen=call.max_seqlen,
                                     deterministic=call.deterministic, vec=vec)
-    allocations = tuple(_allocation(x.shape, x.dtype, x.device) for x in (q, k, v)) + (
-        _allocation((scratch.floats,), _float32(), q.device),)
-    return (launch.Sequence(steps),), scratch, allocations
+    allocators = tuple(_allocator(x.shape, x.dtype, x.device) for x in (q, k, v)) + (
+        _allocator((scratch.floats,), _float32(), q.device),)
+    return steps, scratch, allocators
 
 
 class _Scratch(NamedTuple):
@@ -389,9 +356,6 @@ class _Scratch(NamedTuple):
 
 
 _SCRATCH_ALIGN = 64  # floats: the accumulator starts 256-byte aligned (paired float atomics)
-
-# Rows per thread block of flash_bwd_prep.cu's kernels (ROWS_PER_BLOCK there).
-_PREP_ROWS, _PREP_THREADS = 32, 128
 
 
 def backward(q, k, v, out, dout, lse, dq, dk, dv, *, causal: bool, scale: float,
@@ -446,10 +410,12 @@ def backward(q, k, v, out, dout, lse, dq, dk, dv, *, causal: bool, scale: float,
 
 def _plan_backward(Q, K, V, O, dO, L, dQ, dK, dV, batch, *, causal, scale, window, softcap, slopes,
                    varlen, max_seqlen, deterministic, vec):
-    """(steps, scratch shapes): delta = rowsum(dO * O), then dK/dV (and dQ by atomics, converted
-    after) or, deterministic, dK/dV and dQ from separate kernels; the CUDA-core pair where the
-    tensor-core table has no row. On Hopper the atomics' dK/dV kernel is the wgmma one
-    (xattn/sm90.py) wherever it serves the call."""
+    """((the launches as one launch.Sequence,), scratch shapes): delta = rowsum(dO * O), then
+    dK/dV (and dQ by atomics, converted after) or, deterministic, dK/dV and dQ from separate
+    kernels; the CUDA-core pair where the tensor-core table has no row. On Hopper the atomics'
+    dK/dV kernel is the wgmma one (xattn/sm90.py) wherever it serves the call. The launches share
+    two parameter blocks (the row-wise kernels' and the others'): the Sequence patches each once
+    per call, under one lock, so threads sharing the plan take turns."""
     device, arch, dtype = Q.device, _arch(Q.device), Q.dtype
     heads_q, total_q, head_dim = Q.shape[1], Q.shape[2], Q.shape[3]
     heads_k = K.shape[1]
@@ -480,43 +446,31 @@ def _plan_backward(Q, K, V, O, dO, L, dQ, dK, dV, batch, *, causal, scale, windo
     # not matter: one entry).
     prep = main.copy()
     prep["seqlen_q"], prep["grad_scale"] = total_q, scale
-    prep_defines = {"ELEM_F32": int(dtype == "float32"), "ELEM_BF16": int(dtype == "bfloat16")}
-    prep_grid = (math.ceil(total_q / _PREP_ROWS), heads_q)
-    steps = [_step(None, dtype, False, False, device, prep, prep_grid, prep_batch,
-                   source="flash_bwd_prep.cu", entry="flash_bwd_preprocess", **prep_defines)]
+    prep_sizes = kernels.Sizes(seqlen_q=total_q, heads_q=heads_q)
+    sizes = kernels.Sizes(seqlen_q=seqlen_q, seqlen_k=seqlen_k, heads_q=heads_q, heads_k=heads_k)
 
-    def row(kernel):
-        return configs.select(kernel, arch, head_dim, has_right_edge)
+    def prep_step(entry):  # no table row: the rows per block are the kernel description's
+        kernel = kernels.cuda(entry)
+        return kernel.launch(kernel.defines(None, dtype), prep_sizes, prep, prep_batch, device)
 
-    def keys_grid(cfg):
-        return (math.ceil(seqlen_k / cfg.block_n), heads_k)
+    def step(entry, vec, **extra):  # a table row's kernel on the main block
+        kernel = kernels.cuda(entry)
+        cfg = configs.select(entry, arch, head_dim, has_right_edge)
+        defines = kernel.defines(cfg, dtype, causal=has_right_edge, vec=vec) | extra | var.defines
+        return kernel.launch(defines, sizes, main, batch, device)
 
-    def queries_grid(cfg):
-        return (math.ceil(seqlen_q / cfg.block_m), heads_q)
-
+    steps = [prep_step("flash_bwd_preprocess")]
     if simt:  # deterministic by construction: no atomics anywhere
-        dq_cfg, dkdv_cfg = row("flash_bwd_simt_dq"), row("flash_bwd_simt_dkdv")
-        steps += [_step(dq_cfg, dtype, has_right_edge, False, device, main, queries_grid(dq_cfg),
-                        batch, **var.defines),
-                  _step(dkdv_cfg, dtype, has_right_edge, False, device, main, keys_grid(dkdv_cfg),
-                        batch, **var.defines)]
-        return tuple(steps), scratch
+        steps += [step("flash_bwd_simt_dq", False), step("flash_bwd_simt_dkdv", False)]
+        return (launch.Sequence(steps),), scratch
     if arch == 90 and SM90_BACKWARD and _sm90_backward(Q, K, V, dO, dQ, dK, dV, var, deterministic,
                                                        varlen, vec):
         from xattn import sm90  # Hopper: the wgmma/TMA kernel in place of the dK/dV one
         steps.append(sm90.plan_backward(Q, K, V, dO, dK, dV, accum, main, var, batch))
     else:
-        dkdv_cfg = row("flash_bwd_dkdv")
-        steps.append(_step(dkdv_cfg, dtype, has_right_edge, vec, device, main, keys_grid(dkdv_cfg),
-                           batch, COMPUTE_DQ=int(not deterministic), **var.defines))
-    if deterministic:
-        dq_cfg = row("flash_bwd_dq")
-        steps.append(_step(dq_cfg, dtype, has_right_edge, vec, device, main, queries_grid(dq_cfg),
-                           batch, **var.defines))
-    else:
-        steps.append(_step(None, dtype, False, False, device, prep, prep_grid, prep_batch,
-                           source="flash_bwd_prep.cu", entry="flash_bwd_convert_dq", **prep_defines))
-    return tuple(steps), scratch
+        steps.append(step("flash_bwd_dkdv", vec, COMPUTE_DQ=int(not deterministic)))
+    steps.append(step("flash_bwd_dq", vec) if deterministic else prep_step("flash_bwd_convert_dq"))
+    return (launch.Sequence(steps),), scratch
 
 
 def _sm90_backward(Q, K, V, dO, dQ, dK, dV, var, deterministic, varlen, aligned) -> bool:

@@ -22,7 +22,7 @@ from __future__ import annotations
 import contextlib
 from typing import NamedTuple
 
-from xattn import configs, jit, params
+from xattn import configs, jit, kernels, params
 from xattn import launch as launch_layer  # the vendor-neutral launch layer (hip.launch is ours)
 
 MAX_GRID_YZ = launch_layer.MAX_GRID_YZ  # gridDim.y and gridDim.z: the batch is walked in chunks
@@ -64,28 +64,14 @@ def _arch(device_id: int) -> str:
     return arch
 
 
-def _jit(cfg: configs.TileConfig, defines: dict, device: int):
-    """The hiprtc-compiled kernel of table row `cfg` with these -D defines (CuPy RawModule)."""
-    return jit.get_function("hip", configs.hip_source(cfg.kernel), cfg.kernel, defines, device)
-
-
 def _compiler(x, direction: str):
-    """(compile, gcnArchName) for a launch on x's device: hiprtc and the device's own target, or
-    while on_cuda is active, its NVRTC compile and the target it was given for `direction`."""
+    """(compile, gcnArchName) for a launch on x's device: hiprtc (kernels.Kernel.compile, CuPy
+    RawModule) and the device's own target, or while on_cuda is active, its NVRTC compile and the
+    target it was given for `direction`. compile(kernel, defines, device): kernel is the entry
+    point's kernels.Kernel."""
     if _served is not None:
         return _served.compile, _served.targets[direction]
-    return _jit, _arch(launch_layer.describe(x).device)
-
-
-def _step(compile, cfg: configs.TileConfig, defines: dict, device: int, block, grid_xy,
-          batch: int, smem: int | None = None) -> launch_layer.Launch:
-    """The launch of one table row's kernel (compile(cfg, defines, device)) with its parameter
-    block: threads and LDS from the row (smem: the LDS of an entry point with no layout of its
-    own, the decode's merge and append), the batch in gridDim.z (launch.Launch chunks it)."""
-    kernel = compile(cfg, defines, device)
-    smem = configs.hip_shared_memory_bytes(cfg) if smem is None else smem
-    return launch_layer.Launch(launch_layer.function(kernel, device, smem), grid_xy, batch,
-                               configs.hip_threads(cfg), smem, block)
+    return kernels.Kernel.compile, _arch(launch_layer.describe(x).device)
 
 
 def _signature(arrays) -> tuple:
@@ -134,7 +120,7 @@ def _problem(arrays, cu_seqlens, max_seqlen):
 def launch(compile, target: str, q, k, v, out, lse, *, causal: bool, scale: float, stream: int,
            window=(-1, -1), softcap: float = 0.0, alibi_slopes=None, cu_seqlens=None,
            max_seqlen=None) -> None:
-    """The forward on a device of gcnArchName `target`, its kernel from compile(cfg, defines,
+    """The forward on a device of gcnArchName `target`, its kernel from compile(kernel, defines,
     device) -> cupy.RawKernel. Everything else -- row choice, variant flags, the AttnParams
     block (the launch layer's, as on CUDA), grid, launch -- is the hip backend's. Shared with
     tests/test_hip_portable.py, which compiles the portable kernel for an NVIDIA GPU with NVRTC."""
@@ -170,9 +156,10 @@ def _plan_forward(compile, target, arrays, batch, heads_k, seqlen_q, seqlen_k, *
     vec = vec and cfg.kernel in configs.HIP_MFMA_KERNELS
     block = launch_layer.attn_block(var, dict(zip(("q", "k", "v", "o", "lse"), arrays)),
                                     heads_q=heads_q, head_dim=head_dim)
-    defines = configs.hip_defines(cfg, Q.dtype, has_right_edge, vec) | var.defines
-    grid = configs.hip_grid(cfg, seqlen_q, seqlen_k, heads_q, heads_k, batch)
-    return (_step(compile, cfg, defines, Q.device, block, grid[:2], batch),)
+    kernel = kernels.hip(cfg.kernel)
+    defines = kernel.defines(cfg, Q.dtype, causal=has_right_edge, vec=vec) | var.defines
+    sizes = kernels.Sizes(seqlen_q=seqlen_q, seqlen_k=seqlen_k, heads_q=heads_q, heads_k=heads_k)
+    return (kernel.launch(defines, sizes, block, batch, Q.device, compile=compile),)
 
 
 def backward(q, k, v, out, dout, lse, dq, dk, dv, *, causal: bool, scale: float,
@@ -191,7 +178,7 @@ def launch_backward(compile, target: str, q, k, v, out, dout, lse, dq, dk, dv, *
                     scale: float, stream: int, window=(-1, -1), softcap: float = 0.0,
                     alibi_slopes=None, cu_seqlens=None, max_seqlen=None) -> None:
     """The backward on a device of gcnArchName `target`: delta, then dK/dV and dQ, the kernels
-    from compile(cfg, defines, device) as in `launch`. Shared with tests/test_hip_portable.py."""
+    from compile(kernel, defines, device) as in `launch`. Shared with tests/test_hip_portable.py."""
     import cupy
 
     varlen = cu_seqlens is not None
@@ -226,9 +213,10 @@ def launch_backward(compile, target: str, q, k, v, out, dout, lse, dq, dk, dv, *
 
 def _plan_backward(compile, target, arrays, batch, heads_k, seqlen_q, seqlen_k, *, causal, scale,
                    window, softcap, slopes, varlen, vec):
-    """(steps, the shape of delta): the preprocess (delta), dK/dV (key blocks), dQ (query blocks),
-    each with its own copy of one AttnParams block (a launch patches and chunks its own), the
-    preprocess's seeing every row of a packed batch as one entry of total_q rows."""
+    """((the launches as one launch.Sequence,), the shape of delta): the preprocess (delta), dK/dV
+    (key blocks), dQ (query blocks), on two AttnParams blocks, the preprocess's seeing every row
+    of a packed batch as one entry of total_q rows (the Sequence patches each block once per
+    call, under one lock)."""
     Q, K, V, O, dO, L, dQ, dK, dV = arrays
     device, dtype = Q.device, Q.dtype
     heads_q, total_q, head_dim = Q.shape[1], Q.shape[2], Q.shape[3]
@@ -246,20 +234,17 @@ def _plan_backward(compile, target, arrays, batch, heads_k, seqlen_q, seqlen_k, 
                                    heads_q=heads_q, head_dim=head_dim)
     prep = main.copy()
     prep["seqlen_q"] = total_q
-
-    def defines(cfg):
-        if cfg.kernel == "flash_bwd_preprocess":  # no masks, no modifiers, no tiles
-            return configs.hip_defines(cfg, dtype, has_right_edge, False)
-        return configs.hip_defines(cfg, dtype, has_right_edge,
-                                   vec and cfg.kernel in configs.HIP_MFMA_KERNELS) | var.defines
-
-    def grid(cfg, rows_q):
-        return configs.hip_grid(cfg, rows_q, seqlen_k, heads_q, heads_k, batch)[:2]
-
-    steps = (_step(compile, prep_cfg, defines(prep_cfg), device, prep, grid(prep_cfg, total_q), prep_batch),
-             _step(compile, dkdv_cfg, defines(dkdv_cfg), device, main, grid(dkdv_cfg, seqlen_q), batch),
-             _step(compile, dq_cfg, defines(dq_cfg), device, main.copy(), grid(dq_cfg, seqlen_q), batch))
-    return steps, delta_shape
+    prep_kernel = kernels.hip(prep_cfg.kernel)  # no masks, no modifiers, no tiles
+    steps = [prep_kernel.launch(prep_kernel.defines(prep_cfg, dtype),
+                                kernels.Sizes(seqlen_q=total_q, heads_q=heads_q), prep, prep_batch,
+                                device, compile=compile)]
+    sizes = kernels.Sizes(seqlen_q=seqlen_q, seqlen_k=seqlen_k, heads_q=heads_q, heads_k=heads_k)
+    for cfg in (dkdv_cfg, dq_cfg):
+        kernel = kernels.hip(cfg.kernel)
+        defines = kernel.defines(cfg, dtype, causal=has_right_edge,
+                                 vec=vec and cfg.kernel in configs.HIP_MFMA_KERNELS) | var.defines
+        steps.append(kernel.launch(defines, sizes, main, batch, device, compile=compile))
+    return (launch_layer.Sequence(steps),), delta_shape
 
 
 def info() -> dict[str, str]:
@@ -284,7 +269,7 @@ def info() -> dict[str, str]:
 # ---- the portable kernels on an NVIDIA GPU (a test hook) -------------------------------------------
 
 class _Served(NamedTuple):
-    compile: object  # compile(cfg, defines, device) -> a launchable kernel
+    compile: object  # compile(kernel, defines, device) -> a launchable kernel
     targets: dict    # "forward" / "backward" -> the gcnArchName whose table rows are used
 
 
@@ -305,21 +290,21 @@ def on_cuda(*, prefix: str, options: tuple, forward_target: str, backward_target
     global _served
     from xattn import backends
 
-    def compile(cfg, defines: dict, device: int):
-        if cfg.kernel in configs.HIP_MFMA_KERNELS:
-            raise ValueError(f"{cfg.kernel} ({cfg.arch} row): a matrix-core kernel runs on AMD "
-                             f"only; on_cuda runs the portable kernels (pick a target without "
-                             f"MFMA/WMMA rows for this dtype)")
-        key = (prefix, options, device, cfg.kernel, tuple(jit.define_options(defines)))
-        kernel = _nvrtc_kernels.get(key)
-        if kernel is None:
+    def compile(kernel: kernels.Kernel, defines: dict, device: int):
+        if kernel.entry in configs.HIP_MFMA_KERNELS:
+            raise ValueError(f"{kernel.entry}: a matrix-core kernel runs on AMD only; on_cuda runs "
+                             f"the portable kernels (pick a target without MFMA/WMMA rows for "
+                             f"this dtype)")
+        key = (prefix, options, device, kernel.entry, tuple(jit.define_options(defines)))
+        compiled = _nvrtc_kernels.get(key)
+        if compiled is None:
             import cupy
 
             with cupy.cuda.Device(device):
-                code = prefix + jit.preprocess("hip", configs.hip_source(cfg.kernel))
-                raw = cupy.RawModule(code=code, options=(*options, *key[4])).get_function(cfg.kernel)
-            kernel = _nvrtc_kernels[key] = raw
-        return kernel
+                code = prefix + jit.preprocess("hip", kernel.source)
+                raw = cupy.RawModule(code=code, options=(*options, *key[4])).get_function(kernel.entry)
+            compiled = _nvrtc_kernels[key] = raw
+        return compiled
 
     if _served is not None:
         raise RuntimeError("xattn.hip.on_cuda: already active")
@@ -362,7 +347,7 @@ def _cu_count(device_id: int) -> int:
 
 def launch_decode(compile, target: str, q, k_cache, v_cache, k_new, v_new, out, lse, cache_seqlens,
                   call, workspace, stream: int) -> None:
-    """The decode on a device of gcnArchName `target`, its kernels from compile(cfg, defines,
+    """The decode on a device of gcnArchName `target`, its kernels from compile(kernel, defines,
     device) as in `launch`: the append, the decode (the matrix-core row where the table has one,
     else the portable one) and the merge, all three on one DecodeParams block
     (kernels_common/params.h). The plan (rows, defines, split count, the block's strides and
@@ -424,8 +409,11 @@ def _plan_decode(compile, target, tensors, S, seqlen_new, call, vec) -> _DecodeP
     # Window bounds past every key distance are unbounded (-1), as on CUDA (kvcache._plan).
     left, right = ((-1 if w >= seqlen_max + seqlen_q else w) for w in call.window)
     flags = {"IS_LOCAL": int(left >= 0), "HAS_SOFTCAP": int(bool(call.softcap))}
-    defines = configs.hip_defines(cfg, Q.dtype, right >= 0, vec and cfg.kernel in configs.HIP_MFMA_KERNELS) | flags
-    aux_defines = configs.hip_defines(aux, Q.dtype, right >= 0, False) | flags
+    decode = kernels.hip(cfg.kernel)
+    defines = decode.defines(cfg, Q.dtype, causal=right >= 0,
+                             vec=vec and cfg.kernel in configs.HIP_MFMA_KERNELS) | flags
+    # The merge and the append take the portable decode's defines (one source).
+    aux_defines = kernels.hip(aux.kernel).defines(aux, Q.dtype, causal=right >= 0) | flags
     rows = (heads_q // heads_k) * seqlen_q
     m_blocks = -(-rows // cfg.block_m)
     band = seqlen_max  # the keys one sequence's queries can see span at most left + right + Sq
@@ -448,16 +436,19 @@ def _plan_decode(compile, target, tensors, S, seqlen_new, call, vec) -> _DecodeP
     for field, value in launch_layer.decode_scales(call.scale, call.softcap).items():
         block[field] = value
 
+    sizes = kernels.Sizes(seqlen_q=seqlen_q, heads_q=heads_q, heads_k=heads_k, head_dim=head_dim,
+                          seqlen_new=seqlen_new, m_blocks=m_blocks, splits=splits)
+
+    def step(kernel, kernel_defines):
+        return kernel.launch(kernel_defines, sizes, block, batch, device, compile=compile)
+
     steps = []
     if seqlen_new:  # one thread per appended element of a batch entry
-        elements = heads_k * seqlen_new * head_dim
-        steps.append(_step(compile, aux._replace(kernel="kvcache_append_portable"), aux_defines, device,
-                           block, (-(-elements // configs.hip_threads(aux)), 1), batch, smem=0))
+        steps.append(step(kernels.hip("kvcache_append_portable"), aux_defines))
     if seqlen_q:
-        steps.append(_step(compile, cfg, defines, device, block, (m_blocks * splits, heads_k), batch))
+        steps.append(step(decode, defines))
     partials = 0
-    if seqlen_q and splits > 1:  # one wave per query row, aux.warps rows per block
-        steps.append(_step(compile, aux._replace(kernel="flash_decode_merge_portable"), aux_defines, device,
-                           block, (-(-heads_q * seqlen_q // aux.warps), 1), batch, smem=0))
+    if seqlen_q and splits > 1:  # one wave per query row
+        steps.append(step(kernels.hip("flash_decode_merge_portable"), aux_defines))
         partials = batch * heads_q * seqlen_q * splits
     return _DecodePlan(launch_layer.Sequence(steps), partials, cfg.head_dim)

@@ -32,7 +32,7 @@ import sys
 
 import numpy as np
 
-from xattn import arrays, backends, configs, launch, params, reference
+from xattn import arrays, backends, configs, kernels, launch, params, reference
 from xattn.call import (GPU_DTYPES, LAYOUTS, REFERENCE_DTYPES, band, check_bool, check_dtype,
                         check_groups, check_head_dim, check_like_q, check_scale, check_sinks,
                         check_softcap)
@@ -480,11 +480,6 @@ def _append_on_host(k_cache, v_cache, k_new, v_new, call):
 # ------------------------------------------------------------------------------- cuda
 
 DECODE_PARAMS = params.DECODE_PARAMS  # kernels_common/params.h's DecodeParams
-# Pointer fields patched per call: their byte offsets in the block.
-_POINTER_OFFSETS = {name: DECODE_PARAMS.fields[name][1] + (DECODE_PARAMS[name].fields["ptr"][1]
-                                                           if DECODE_PARAMS[name].names else 0)
-                    for name in ("q", "k", "v", "o", "lse", "k_new", "v_new", "o_part", "lse_part",
-                                 "cache_seqlens", "block_table", "sinks", "k_scale", "v_scale")}
 MAX_GRID_YZ = launch.MAX_GRID_YZ
 LOG2_E = math.log2(math.e)
 
@@ -644,15 +639,12 @@ def _remember(plan, *arguments):
 
 class _Plan:
     """Everything of one GPU call signature but its pointers: the packed parameter block, the
-    compiled kernels, grids and shared memory, and how to allocate out, lse and the workspace."""
+    decode's launch and, with several splits, the merge's on it (one launch.Sequence: a call
+    patches the block under its lock), and how to allocate out, lse and the workspace."""
 
-    def __init__(self, call, params, decode, decode_grid, threads, smem, merge, merge_grid,
-                 workspace_floats, lse_part_offset, device):
-        self.call, self.params, self.decode, self.decode_grid = call, params, decode, decode_grid
-        self.threads, self.smem, self.merge, self.merge_grid = threads, smem, merge, merge_grid
+    def __init__(self, call, params, launches, merged, workspace_floats, lse_part_offset, device):
+        self.call, self.params, self.launches, self.merged = call, params, launches, merged
         self.workspace_floats, self.lse_part_offset, self.device = workspace_floats, lse_part_offset, device
-        self.words = params.view(np.uint64)  # pointer slots, patched per call
-        self.launches = self._launches()
         self.uniform = call.uniform
         self.library = call.info.library
         self.out_shape = _in_layout((call.batch, call.heads_q, call.seqlen_q, call.head_dim), call.layout)
@@ -662,30 +654,14 @@ class _Plan:
 
     def with_uniform(self, length):
         """This plan for another int cache_seqlens (a host value: checked here, as validation
-        would), sharing everything but the parameter block."""
+        would): the same launches, whose block takes the length as a per-call scalar (run)."""
         if isinstance(length, bool) or not isinstance(length, int):
             return None
         if not (0 <= length and length + self.call.seqlen_new <= self.call.seqlen_max):
             return None  # the full validation raises the ValueError
         other = copy.copy(self)
-        other.params = self.params.copy()
-        other.params["uniform_seqlen"] = length
-        other.words = other.params.view(np.uint64)
-        other.launches = other._launches()
         other.uniform = length
         return other
-
-    def _launches(self) -> tuple:
-        """The decode launch, and the merge's with several splits, on this plan's parameter block
-        (xattn/launch.py: through the driver, on the caller's stream; the pointers are patched by
-        run() before them, so they patch none themselves)."""
-        batch = self.call.batch
-        steps = [launch.Launch(launch.function(self.decode, self.device, self.smem),
-                               self.decode_grid, batch, self.threads, self.smem, self.params)]
-        if self.merge is not None:
-            steps.append(launch.Launch(launch.function(self.merge, self.device, 0), self.merge_grid,
-                                       batch, configs.DECODE_MERGE_WARPS * 32, 0, self.params))
-        return tuple(steps)
 
     def run(self, q, k_cache, v_cache, cache_seqlens, k_new, v_new, block_table, sinks,
             scales=(None, None), outputs=None):
@@ -704,7 +680,7 @@ class _Plan:
 
             out = torch.empty(self.out_shape, dtype=q.dtype, device=q.device)
             lse = (torch.empty(self.lse_shape, dtype=torch.float32, device=q.device)
-                   if call.return_lse or self.merge is not None else None)
+                   if call.return_lse or self.merged else None)
             part = (torch.empty(self.workspace_floats, dtype=torch.float32, device=q.device)
                     if self.workspace_floats else None)
             stream = launch.torch_stream(q.device.index)
@@ -714,53 +690,33 @@ class _Plan:
             with cupy.cuda.Device(self.device):
                 out = cupy.empty(self.out_shape, dtype=q.dtype)
                 lse = (cupy.empty(self.lse_shape, dtype=cupy.float32)
-                       if call.return_lse or self.merge is not None else None)
+                       if call.return_lse or self.merged else None)
                 part = cupy.empty(self.workspace_floats, dtype=cupy.float32) if self.workspace_floats else None
             stream = cupy.cuda.get_current_stream().ptr
-        words, at = self.words, _POINTER_OFFSETS
-        for name, x in (("q", q), ("k", k_cache), ("v", v_cache), ("o", out), ("lse", lse),
-                        ("k_new", k_new), ("v_new", v_new), ("block_table", block_table),
-                        ("sinks", sinks), ("k_scale", scales[0]), ("v_scale", scales[1])):
-            words[at[name] // 8] = 0 if x is None else _pointer(x)
-        words[at["cache_seqlens"] // 8] = 0 if self.uniform is not None else _pointer(cache_seqlens)
+        pointers = {name: 0 if x is None else _pointer(x) for name, x in (
+            ("q", q), ("k", k_cache), ("v", v_cache), ("o", out), ("lse", lse), ("k_new", k_new),
+            ("v_new", v_new), ("block_table", block_table), ("sinks", sinks),
+            ("k_scale", scales[0]), ("v_scale", scales[1]))}
+        pointers["cache_seqlens"] = 0 if self.uniform is not None else _pointer(cache_seqlens)
         if part is not None:
             base = _pointer(part)
-            words[at["o_part"] // 8] = base
-            words[at["lse_part"] // 8] = base + self.lse_part_offset
-        self._launch(stream)
+            pointers["o_part"], pointers["lse_part"] = base, base + self.lse_part_offset
+        scalars = {"uniform_seqlen": self.uniform} if self.uniform is not None else None
+        self._launch(pointers, stream, scalars)
         if lse is not None and not call.return_lse:
             lse = None
         return out, lse
 
-    def _launch(self, stream: int) -> None:
+    def _launch(self, pointers: dict, stream: int, scalars) -> None:
         """The decode (and the merge) on `stream`, on the plan's device; batches past 65535
         entries go in chunks, each chunk's first entry in the block (launch.Launch)."""
         import cupy
 
         if cupy.cuda.runtime.getDevice() == self.device:
-            for step in self.launches:
-                step(_NO_POINTERS, stream)
+            self.launches(pointers, stream, scalars)
             return
         with cupy.cuda.Device(self.device):
-            for step in self.launches:
-                step(_NO_POINTERS, stream)
-
-
-_NO_POINTERS: dict = {}  # run() patched them into the block already
-
-
-@functools.lru_cache(maxsize=None)
-def _kernels(cfg, dtype: str, rows: int, vec: bool, softcap: bool, page_size: int, kv_fp8: int,
-             l2_prefetch: int, device: int):
-    """The decode and merge entry points of one variant and the decode's shared memory (the
-    launches opt it in: launch.function)."""
-    from xattn import jit
-
-    defines = configs.decode_defines(cfg, dtype, rows, vec, softcap, page_size, kv_fp8, l2_prefetch)
-    decode = jit.get_function("cuda", cfg.kernel + ".cu", cfg.kernel, defines, device)
-    merge = jit.get_function("cuda", configs.DECODE_MERGE_KERNEL + ".cu", configs.DECODE_MERGE_KERNEL,
-                             configs.decode_merge_defines(dtype, cfg.head_dim), device)
-    return decode, merge, configs.decode_shared_memory_bytes(cfg, rows, fp8=bool(kv_fp8))
+            self.launches(pointers, stream, scalars)
 
 
 def _bhsd_strides(x, library: str, layout: str) -> tuple:
@@ -801,9 +757,6 @@ def _new_plan(q, k_cache, v_cache, cache_seqlens, k_new, v_new, block_table, sin
     strided += [("k_new", k_new), ("v_new", v_new)] if k_new is not None else []
     vec = all(call.head_dim % per_vector[name] == 0 and (name in copied or _pointer(x) % 16 == 0)
               and all(st % per_vector[name] == 0 for st in strides_of(name, x)) for name, x in strided)
-    decode, merge, smem = _kernels(cfg, dtype, tile_rows, vec, bool(call.softcap), call.page_size,
-                                   kv_fp8, L2_PREFETCH, device)
-
     params = np.zeros(1, DECODE_PARAMS)
     p = params[0]
     for name, x in (("q", q), ("k_new", k_new), ("v_new", v_new)):
@@ -845,9 +798,17 @@ def _new_plan(q, k_cache, v_cache, cache_seqlens, k_new, v_new, block_table, sin
     rows_bhs = heads_q * seqlen_q
     workspace = batch * rows_bhs * splits * (cfg.head_dim + 1) if splits > 1 else 0
     lse_part_offset = 4 * batch * rows_bhs * splits * cfg.head_dim
-    merge_grid = (max(1, -(-rows_bhs // configs.DECODE_MERGE_WARPS)), 1)
-    plan = _Plan(call, params, decode, (m_blocks * splits, heads_k), cfg.warps * 32, smem,
-                 merge if splits > 1 else None, merge_grid, workspace, lse_part_offset, device)
+    decode = kernels.cuda(cfg.kernel)
+    defines = decode.defines(cfg, dtype, rows=tile_rows, vec=vec, softcap=bool(call.softcap),
+                             page_size=call.page_size, kv_fp8=kv_fp8, l2_prefetch=L2_PREFETCH)
+    sizes = kernels.Sizes(seqlen_q=seqlen_q, heads_q=heads_q, heads_k=heads_k, m_blocks=m_blocks,
+                          splits=splits)
+    steps = [decode.launch(defines, sizes, params, batch, device)]
+    if splits > 1:
+        merge = kernels.cuda("flash_decode_merge")
+        steps.append(merge.launch(merge.defines(cfg, dtype), sizes, params, batch, device))
+    plan = _Plan(call, params, launch.Sequence(steps), splits > 1, workspace, lse_part_offset,
+                 device)
     plan.copied = copied
     return plan
 

@@ -20,21 +20,14 @@ address, and windows, softcap or ALiBi at D64 (BwdRow.modifiers). Sinks need not
 
 from __future__ import annotations
 
-import math
 from typing import NamedTuple
 
-from xattn import cuda, jit, launch, tma
+from xattn import cuda, kernels, launch, tma
 
-SOURCE = "sm90/flash_fwd.cu"
-ENTRY = "flash_fwd_sm90"
+# The entry points, their launch constants and shared memory: kernels.cuda("flash_fwd_sm90") and
+# kernels.cuda("flash_bwd_sm90") (xattn/kernels.py).
 ARCH = 90
-COMPILE_OPTIONS = ("-arch=sm_90a",)  # wgmma and setmaxnreg exist only on the "a" target
-THREADS = 384        # the producer warpgroup and two consumer warpgroups (NUM_THREADS there)
-BLOCK_M = 128        # query rows per CTA: 64 per consumer warpgroup (BLOCK_M there)
-STORE_ROWS = 64      # rows of one O store box: one consumer's rows
-SMEM_ALIGN = 1024    # the kernel aligns its shared memory to the 128-byte swizzle's 1024-byte atom
 SMEM_LIMIT = 227 * 1024  # dynamic shared memory one block may opt into on sm_90
-BARRIER_BYTES = 8
 
 
 class Row(NamedTuple):
@@ -59,21 +52,6 @@ ROWS = (
 
 def select(head_dim: int, causal: bool) -> Row | None:
     return next((r for r in ROWS if r.head_dim >= head_dim and r.causal == causal), None)
-
-
-def shared_memory_bytes(row: Row) -> int:
-    """The kernel's shared-memory layout: sQ, STAGES K and V tiles, the barriers (q_full, and
-    k_full, v_full, k_empty, v_empty per stage), plus the slack to align it to 1024 bytes."""
-    q = BLOCK_M * row.head_dim * 2
-    kv = 2 * row.stages * row.block_n * row.head_dim * 2
-    return SMEM_ALIGN + q + kv + BARRIER_BYTES * (1 + 4 * row.stages)
-
-
-def defines(row: Row, dtype: str, *, causal: bool, local: bool, softcap: bool, alibi: bool) -> dict:
-    return {"ELEM_BF16": int(dtype == "bfloat16"), "HEAD_DIM": row.head_dim, "BLOCK_N": row.block_n,
-            "STAGES": row.stages, "OVERLAP": row.overlap, "PINGPONG": row.pingpong,
-            "IS_CAUSAL": int(causal), "IS_LOCAL": int(local), "HAS_SOFTCAP": int(softcap),
-            "HAS_ALIBI": int(alibi)}
 
 
 # ---- what runs here ----------------------------------------------------------------------------------
@@ -139,24 +117,15 @@ def plan(Q, K, V, O, L, *, causal, scale, window, softcap, slopes):
     block = cuda._attn_params(var, {"q": Q, "k": K, "v": V, "o": O, "lse": L}, heads_q=heads_q,
                               head_dim=head_dim)
     maps = [(name, tma.plan_map(a.ptr, a.dtype, a.shape, a.strides, rows), tma.repoint)
-            for name, a, rows in (("q", Q, BLOCK_M), ("k", K, row.block_n), ("v", V, row.block_n),
-                                  ("o", O, STORE_ROWS))]
-    flags = defines(row, Q.dtype, causal=right >= 0, local=left >= 0, softcap=bool(softcap),
-                    alibi=slopes is not None)
-    kernel = jit.get_function("cuda", SOURCE, ENTRY, flags, Q.device, options=COMPILE_OPTIONS)
-    smem = shared_memory_bytes(row)
-    return launch.Launch(launch.function(kernel, Q.device, smem),
-                         (math.ceil(seqlen_q / BLOCK_M), heads_q), batch, THREADS, smem, block,
-                         maps=maps)
+            for name, a, rows in (("q", Q, kernels.SM90_BLOCK_M), ("k", K, row.block_n),
+                                  ("v", V, row.block_n), ("o", O, kernels.SM90_STORE_ROWS))]
+    kernel = kernels.cuda("flash_fwd_sm90")
+    defines = kernel.defines(row, Q.dtype, flags=var.defines)
+    sizes = kernels.Sizes(seqlen_q=seqlen_q, seqlen_k=seqlen_k, heads_q=heads_q, heads_k=heads_k)
+    return kernel.launch(defines, sizes, block, batch, Q.device, maps=maps)
 
 
 # ---- the backward ---------------------------------------------------------------------------------
-
-BWD_SOURCE = "sm90/flash_bwd.cu"
-BWD_ENTRY = "flash_bwd_sm90"
-BWD_BLOCK_N = 128    # keys per CTA: 64 per consumer warpgroup (BLOCK_N there)
-BWD_STORE_ROWS = 64  # rows of one dK / dV store box: one consumer's keys
-
 
 class BwdRow(NamedTuple):
     """One row of the backward's tile table: the padded head dim, the masking class, the tiles."""
@@ -188,27 +157,6 @@ BWD_ROWS = (
 
 def select_backward(head_dim: int, causal: bool) -> BwdRow | None:
     return next((r for r in BWD_ROWS if r.head_dim >= head_dim and r.causal == causal), None)
-
-
-def backward_shared_memory_bytes(row: BwdRow) -> int:
-    """flash_bwd.cu's layout: sK and sV, STAGES Q and dO tiles, two dS^T buffers, each consumer's
-    float32 dQ tile (dq_tma: 64 rows by half the step's dQ columns, see DQ_COLS there), STAGES rows
-    of lse and delta (floats), the barriers (kv_full, and full, empty per stage), plus the slack to
-    align it to 1024 bytes."""
-    kv = 2 * BWD_BLOCK_N * row.head_dim * 2
-    q_do = 2 * row.stages * row.block_m * row.head_dim * 2
-    ds = 2 * BWD_BLOCK_N * row.block_m * 2
-    dq_cols = row.head_dim * (row.block_m // BWD_STORE_ROWS) // 2
-    dq = 2 * BWD_STORE_ROWS * dq_cols * 4 if row.dq_tma else 0
-    rows = 2 * row.stages * row.block_m * 4
-    return SMEM_ALIGN + kv + q_do + ds + dq + rows + BARRIER_BYTES * (1 + 2 * row.stages)
-
-
-def backward_defines(row: BwdRow, dtype: str, defines: dict) -> dict:
-    """-D values of a backward variant: the row's and the masks/modifiers of launch.variant."""
-    return {"ELEM_BF16": int(dtype == "bfloat16"), "HEAD_DIM": row.head_dim,
-            "BLOCK_M": row.block_m, "STAGES": row.stages, "DQ_TMA": int(row.dq_tma),
-            **{k: defines[k] for k in ("IS_CAUSAL", "IS_LOCAL", "HAS_SOFTCAP", "HAS_ALIBI")}}
 
 
 def supports_backward(Q, K, V, dO, dQ, dK, dV, defines: dict, *, deterministic: bool,
@@ -244,13 +192,12 @@ def plan_backward(Q, K, V, dO, dK, dV, accum, block, var: "launch.Variant", batc
     causal_rows = bool(var.defines["IS_CAUSAL"])
     row = select_backward(head_dim, causal_rows)
     accum = accum._replace(ptr=accum.ptr or tma.PLACEHOLDER_PTR, strides=accum.strides[:3] + (1,))
+    keys, stores = kernels.SM90_BWD_BLOCK_N, kernels.SM90_STORE_ROWS
     maps = [(name, tma.plan_map(a.ptr, a.dtype, a.shape, a.strides, rows), tma.repoint)
-            for name, a, rows in (("q", Q, row.block_m), ("k", K, BWD_BLOCK_N), ("v", V, BWD_BLOCK_N),
-                                  ("dout", dO, row.block_m), ("dk", dK, BWD_STORE_ROWS),
-                                  ("dv", dV, BWD_STORE_ROWS), ("dq_accum", accum, BWD_STORE_ROWS))]
-    kernel = jit.get_function("cuda", BWD_SOURCE, BWD_ENTRY, backward_defines(row, Q.dtype, var.defines),
-                              Q.device, options=COMPILE_OPTIONS)
-    smem = backward_shared_memory_bytes(row)
-    return launch.Launch(launch.function(kernel, Q.device, smem),
-                         (math.ceil(seqlen_k / BWD_BLOCK_N), heads_k), batch, THREADS, smem, block,
-                         maps=maps)
+            for name, a, rows in (("q", Q, row.block_m), ("k", K, keys), ("v", V, keys),
+                                  ("dout", dO, row.block_m), ("dk", dK, stores),
+                                  ("dv", dV, stores), ("dq_accum", accum, stores))]
+    kernel = kernels.cuda("flash_bwd_sm90")
+    defines = kernel.defines(row, Q.dtype, flags=var.defines)
+    sizes = kernels.Sizes(seqlen_k=seqlen_k, heads_k=heads_k)
+    return kernel.launch(defines, sizes, block, batch, Q.device, maps=maps)

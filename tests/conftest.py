@@ -266,10 +266,11 @@ def stand_in_cupy(monkeypatch):
 
 
 class Launched(NamedTuple):
-    """One launch the stand-in driver received: the kernel compile() was asked for, the grid and
-    block, the dynamic shared memory, the stream, and the parameter block as the driver would
-    copy it (its bytes at the argument's address, read at the launch)."""
-    cfg: object
+    """One launch the stand-in driver received: the entry point compile() was asked for (its
+    kernels.Kernel), its defines, the grid and block, the dynamic shared memory, the stream, and
+    the parameter block as the driver would copy it (its bytes at the argument's address, read at
+    the launch)."""
+    kernel: object
     defines: dict
     grid: tuple
     threads: int
@@ -279,41 +280,37 @@ class Launched(NamedTuple):
 
 
 class StandInLaunches:
-    """Stand-ins for the compiled kernels (compile(cfg, defines, device), as the hip launchers take
-    it) and for the driver's launchKernel, which records every launch (`launches`). `block_dtype`
-    maps an entry point to its parameter block's dtype."""
+    """Stand-ins for the compiled kernels (compile(kernel, defines, device), as the hip launchers
+    and kernels.Kernel.launch take it) and for the driver's launchKernel, which records every
+    launch (`launches`)."""
 
-    def __init__(self, block_dtype):
-        self.block_dtype = block_dtype
+    def __init__(self):
         self.kernels: dict = {}
         self.launches: list[Launched] = []
 
-    def compile(self, cfg, defines, device):
+    def compile(self, kernel, defines, device):
         handle = 0x1000 + len(self.kernels)  # a kernel's driver handle, unique per compile
-        self.kernels[handle] = (cfg, defines)
+        self.kernels[handle] = (kernel, defines)
         return types.SimpleNamespace(kernel=types.SimpleNamespace(ptr=handle))
 
     def launchKernel(self, handle, gx, gy, gz, bx, by, bz, smem, stream, args_ptr, extra):
         import ctypes
 
-        cfg, defines = self.kernels[handle]
-        dtype = self.block_dtype(cfg.kernel)
+        kernel, defines = self.kernels[handle]
         address = ctypes.c_uint64.from_address(args_ptr).value  # kernelParams[0]: the block
-        block = np.frombuffer(ctypes.string_at(address, dtype.itemsize), dtype=dtype).copy()
+        block = np.frombuffer(ctypes.string_at(address, kernel.params.itemsize),
+                              dtype=kernel.params).copy()
         assert (by, bz, extra) == (1, 1, 0)
-        self.launches.append(Launched(cfg, defines, (gx, gy, gz), bx, smem, stream, block))
+        self.launches.append(Launched(kernel, defines, (gx, gy, gz), bx, smem, stream, block))
 
 
 @pytest.fixture
 def stand_in_launches(stand_in_cupy, monkeypatch):
-    """StandInLaunches in place of the driver (xattn.launch._driver): the attention entry points
-    take AttnParams, the decode's (flash_decode_*, kvcache_append_*) DecodeParams."""
-    from xattn import launch, params
+    """StandInLaunches in place of the driver (xattn.launch._driver); each launch's block is read
+    as the parameter block its entry point takes (kernels.Kernel.params)."""
+    from xattn import launch
 
-    def block_dtype(kernel):
-        return params.DECODE_PARAMS if kernel.startswith(("flash_decode", "kvcache")) else params.ATTN_PARAMS
-
-    recorder = StandInLaunches(block_dtype)
+    recorder = StandInLaunches()
     monkeypatch.setattr(launch, "_driver", lambda: recorder)
     return recorder
 

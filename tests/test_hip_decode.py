@@ -30,7 +30,7 @@ import pytest
 
 from test_hip_sources import HIP_ON_CUDA, HIP_ON_CUDA_OPTIONS, nvrtc_compile
 import xattn
-from xattn import configs, hip, jit, kvcache
+from xattn import configs, hip, jit, kernels, kvcache
 
 WAVE32_TARGET = "gfx1030"  # whose decode rows (wave32) run on NVIDIA
 DECODE_ENTRIES = (configs.HIP_DECODE_KERNEL, "flash_decode_merge_portable", "kvcache_append_portable")
@@ -80,7 +80,9 @@ def test_decode_routes_to_the_matrix_cores_where_the_table_has_a_row(target, dty
     if kernel != configs.HIP_DECODE_KERNEL:
         # one wave per block, its matrix columns the tile's rows: 32 (MFMA) or 16 (WMMA)
         assert cfg.block_m == (32 if kernel == "flash_decode_mfma" else 16) * cfg.warps
-        assert configs.hip_shared_memory_bytes(cfg) <= configs.HIP_LDS_BYTES
+        description = kernels.hip(kernel)
+        defines = description.defines(cfg, dtype, causal=True, vec=True)
+        assert description.shared_memory(defines) <= configs.HIP_LDS_BYTES
 
 
 def test_select_hip_decode_errors_name_the_problem():
@@ -140,22 +142,27 @@ def test_hip_decode_launcher_hands_each_kernel_its_parameter_block(target, dtype
     launched = stand_in_launches.launches
     want = (["kvcache_append_portable"] if case["new"] else []) + [kernel]
     want += ["flash_decode_merge_portable"] if case["splits"] > 1 else []
-    assert [x.cfg.kernel for x in launched] == want
-    [decode] = [x for x in launched if x.cfg.kernel == kernel]
+    assert [x.kernel.entry for x in launched] == want
+    [decode] = [x for x in launched if x.kernel.entry == kernel]
+    # The rows: the decode's, and the portable one of its head dim for the merge and the append.
+    row = configs.select_hip_decode(dtype, target, d)
+    aux = configs.hip_decode_aux_row(target, row.head_dim)
     # A forced split count is capped by the key tiles the band spans (kvcache.num_splits).
     left, right = case["window"]
     band = min(smax, left + sq + max(right, 0)) if left >= 0 else smax
-    splits = min(case["splits"], -(-band // decode.cfg.block_n))
+    splits = min(case["splits"], -(-band // row.block_n))
     arrays = {"q": q, "k": kc, "v": vc, "o": out, "lse": lse}
     if case["new"]:
         arrays |= {"k_new": kn, "v_new": vn}
     for x in launched:
         p = x.block[0]
-        assert re.search(rf"\n(MATRIX_KERNEL\(flash_decode, \)|{x.cfg.kernel})\(const DecodeParams p\)",
-                         jit.preprocess("hip", configs.hip_source(x.cfg.kernel)))
-        assert x.stream == 5 and x.threads == configs.hip_threads(x.cfg) and x.grid[2] == b
-        assert x.defines["WAVE_SIZE"] == configs.hip_wave_size(x.cfg) == configs.hip_wave_size(decode.cfg)
-        assert x.defines["HEAD_DIM"] == decode.cfg.head_dim  # the partials' row length, in all three
+        x_row = row if x is decode else aux
+        assert re.search(rf"\n(MATRIX_KERNEL\(flash_decode, \)|{x.kernel.entry})\(const DecodeParams p\)",
+                         jit.preprocess("hip", x.kernel.source))
+        wave = configs.hip_wave_size(x_row)
+        assert x.stream == 5 and x.threads == x_row.warps * wave and x.grid[2] == b
+        assert x.defines["WAVE_SIZE"] == wave == configs.hip_wave_size(row)
+        assert x.defines["HEAD_DIM"] == row.head_dim  # the partials' row length, in all three
         assert x.defines["ELEM_TYPE"] == {"float16": 0, "bfloat16": 1, "float32": 2}[dtype]
         assert x.defines["IS_CAUSAL"] == int(case["window"][1] >= 0)
         assert x.defines["IS_LOCAL"] == int(case["window"][0] >= 0)
@@ -180,22 +187,25 @@ def test_hip_decode_launcher_hands_each_kernel_its_parameter_block(target, dtype
         if case["splits"] > 1:  # the partials: o_part, then lse_part, in the one workspace
             partials = b * hq * sq * splits
             assert p["o_part"] == parts[0].data_ptr()
-            assert p["lse_part"] == parts[0].data_ptr() + 4 * partials * decode.cfg.head_dim
-            assert parts[0].numel() == partials * (decode.cfg.head_dim + 1)
+            assert p["lse_part"] == parts[0].data_ptr() + 4 * partials * row.head_dim
+            assert parts[0].numel() == partials * (row.head_dim + 1)
         if x is decode:
-            m_blocks = -(-(hq // hk) * sq // x.cfg.block_m)
+            m_blocks = -(-(hq // hk) * sq // row.block_m)
             assert x.grid[:2] == (m_blocks * splits, hk) and p["m_blocks"] == m_blocks
-            assert x.smem == configs.hip_shared_memory_bytes(x.cfg) <= configs.HIP_LDS_BYTES
+            assert x.smem == x.kernel.shared_memory(x.defines) <= configs.HIP_LDS_BYTES
             matrix = kernel != configs.HIP_DECODE_KERNEL
             # q (a transposed view), the caches and out: 16-byte aligned rows, D % 8 == 0
             assert x.defines.get("VEC_LOADS") == (1 if matrix else None)
             assert x.defines.get("MATRIX_WMMA", 0) == int(kernel == "flash_decode_wmma")
             assert x.defines.get("WMMA_GFX12", 0) == int(target.startswith("gfx12"))
         else:
-            assert x.cfg == configs.hip_decode_aux_row(target, decode.cfg.head_dim)._replace(kernel=x.cfg.kernel)
+            assert x.kernel.source == kernels.hip(configs.HIP_DECODE_KERNEL).source
+            assert (x.defines["BLOCK_M"], x.defines["BLOCK_N"]) == (aux.block_m, aux.block_n)
             assert x.smem == 0 and "MATRIX_WMMA" not in x.defines and "VEC_LOADS" not in x.defines
-            if x.cfg.kernel == "flash_decode_merge_portable":  # one wave per row
-                assert x.grid[:2] == (-(-hq * sq // x.cfg.warps), 1)
+            if x.kernel.entry == "flash_decode_merge_portable":  # one wave per row
+                assert x.grid[:2] == (-(-hq * sq // aux.warps), 1)
+            else:  # the append: one thread per new element of a batch entry
+                assert x.grid[:2] == (-(-hk * case["new"] * d // x.threads), 1)
 
 
 @pytest.mark.parametrize("target", ["gfx90a", "gfx1201"])
@@ -218,7 +228,8 @@ def test_hip_decode_plans_once_per_signature(target, monkeypatch, stand_in_launc
         hip.launch_decode(stand_in_launches.compile, target, *second, torch.zeros, stream=2)
         assert len(stand_in_launches.kernels) == compiled  # nothing compiled again
         again = stand_in_launches.launches[launched:]
-        assert [x.cfg for x in again] == [x.cfg for x in stand_in_launches.launches[:launched]]
+        assert ([(x.kernel, x.defines) for x in again]
+                == [(x.kernel, x.defines) for x in stand_in_launches.launches[:launched]])
         for x in again:
             p = x.block[0]
             assert p["uniform_seqlen"] == 250 and x.stream == 2

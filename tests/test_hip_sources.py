@@ -14,7 +14,7 @@ import numpy as np
 
 import pytest
 
-from xattn import configs, jit
+from xattn import configs, jit, kernels, params
 
 HIP_ON_CUDA = Path(__file__).with_name("hip_on_cuda.h")
 ROOT = Path(__file__).resolve().parents[1]
@@ -28,20 +28,24 @@ def _signature(kernel: str) -> str | None:
     """The parameter list of entry point `kernel` in its preprocessed source. The matrix-core
     sources name theirs MATRIX_KERNEL(prefix, suffix): prefix_mfma_suffix with mfma.h,
     prefix_wmma_suffix with wmma.h."""
-    code = jit.preprocess("hip", configs.hip_source(kernel))
+    code = jit.preprocess("hip", kernels.hip(kernel).source)
     match = re.search(rf"\n{kernel}\(([^{{]*)\)\s*{{", code)
     if match:
         return match.group(1)
     kind = "wmma" if kernel in configs.HIP_WMMA_KERNELS else "mfma"
-    for prefix, suffix, params in re.findall(r"\nMATRIX_KERNEL\((\w+), *(\w*)\)\(([^{]*)\)\s*{", code):
+    for prefix, suffix, parameters in re.findall(r"\nMATRIX_KERNEL\((\w+), *(\w*)\)\(([^{]*)\)\s*{", code):
         if f"{prefix}_{kind}{suffix}" == kernel:
-            return params
+            return parameters
     return None
 
 
+HIP_ENTRIES = sorted(entry for vendor, entry in kernels.KERNELS if vendor == "hip")
+
+
 def test_every_table_kernel_has_its_source_and_entry_point():
-    for kernel in {r.kernel for r in configs.HIP_TABLE} | set(configs.HIP_SOURCES):
-        code = jit.preprocess("hip", configs.hip_source(kernel))
+    assert {r.kernel for r in configs.HIP_TABLE} <= set(HIP_ENTRIES)  # every row's kernel is described
+    for kernel in HIP_ENTRIES:
+        code = jit.preprocess("hip", kernels.hip(kernel).source)
         assert 'extern "C" __global__' in code and _signature(kernel) is not None, kernel
     for prefix_suffix in (("flash_fwd", ""), ("flash_bwd", "_dkdv"), ("flash_bwd", "_dq")):
         names = {f"{prefix_suffix[0]}_{kind}{prefix_suffix[1]}" for kind in ("mfma", "wmma")}
@@ -97,7 +101,7 @@ _WMMA_BWD = ("flash_bwd_wmma_dkdv", "flash_bwd_wmma_dq")
 
 def test_wmma_defines_pick_the_layout_of_the_family():
     for cfg in configs.HIP_TABLE:
-        defines = configs.hip_defines(cfg, "bfloat16", False, True)
+        defines = kernels.hip(cfg.kernel).defines(cfg, "bfloat16", causal=False, vec=True)
         if cfg.kernel in configs.HIP_WMMA_KERNELS:
             assert defines["MATRIX_WMMA"] == 1 and defines["WMMA_GFX12"] == int(cfg.arch == "rdna4")
         else:
@@ -139,7 +143,9 @@ def test_select_hip_backward_errors_name_the_problem():
 def test_every_hip_row_fits_lds_and_its_kernel_constraints():
     for cfg in configs.HIP_TABLE:
         wave = configs.hip_wave_size(cfg)
-        assert configs.hip_shared_memory_bytes(cfg) <= configs.HIP_LDS_BYTES, cfg
+        kernel = kernels.hip(cfg.kernel)
+        for dtype in ("float16", "float32"):
+            assert kernel.shared_memory(kernel.defines(cfg, dtype, causal=True, vec=True)) <= configs.HIP_LDS_BYTES, cfg
         wmma = cfg.kernel in configs.HIP_WMMA_KERNELS
         block, matrix_wave = (16, 32) if wmma else (32, 64)  # WMMA 16x16 in wave32, MFMA 32x32 in wave64
         if cfg.kernel in ("flash_fwd_mfma", "flash_bwd_mfma_dq", "flash_fwd_wmma", "flash_bwd_wmma_dq",
@@ -192,9 +198,10 @@ def nvrtc_compile(cfg, dtype: str, flags: dict) -> str:
     """Compile row `cfg` through hip_on_cuda.h for sm_80; ptxas's report, or AssertionError."""
     nvrtc = pytest.importorskip("cuda.bindings.nvrtc", reason="pip install cuda-bindings "
                                                               "nvidia-cuda-nvrtc")
-    source = configs.hip_source(cfg.kernel)
+    kernel = kernels.hip(cfg.kernel)
+    source = kernel.source
     code = HIP_ON_CUDA.read_text() + jit.preprocess("hip", source)
-    defines = configs.hip_defines(cfg, dtype, bool(flags.get("IS_CAUSAL")), False)
+    defines = kernel.defines(cfg, dtype, causal=bool(flags.get("IS_CAUSAL")), vec=False)
     if cfg.kernel != "flash_bwd_preprocess":
         defines |= flags
     options = ["--gpu-architecture=sm_80", "--ptxas-options=-v", *HIP_ON_CUDA_OPTIONS,
@@ -262,9 +269,11 @@ def _parameter_struct(kernel: str) -> str:
 
 
 def test_every_hip_entry_point_takes_one_parameter_block():
-    for kernel in {r.kernel for r in configs.HIP_TABLE} | set(configs.HIP_SOURCES):
+    """The struct each source's entry point takes is the block its description packs."""
+    for kernel in HIP_ENTRIES:
         decode = kernel.startswith(("flash_decode", "kvcache"))
         assert _parameter_struct(kernel) == ("DecodeParams" if decode else "AttnParams"), kernel
+        assert kernels.hip(kernel).params == params.STRUCTS[_parameter_struct(kernel)], kernel
 
 
 def _strides(x, packed: bool) -> tuple:
@@ -317,18 +326,22 @@ def test_hip_launchers_hand_each_kernel_its_parameter_block(target, variant, sta
     hip.launch_backward(compile, target, q, k, v, out, dout, lse, dq, dk, dv, stream=7, **options)
 
     launched = stand_in_launches.launches
-    assert [x.cfg.kernel for x in launched][1] == "flash_bwd_preprocess" and len(launched) == 4
+    causal_rows = options["causal"] or options.get("window", (-1, -1))[1] >= 0
+    rows = [configs.select_hip("float16", target, dim, causal_rows),
+            *configs.select_hip_backward("float16", target, dim, causal_rows)]
+    assert [x.kernel.entry for x in launched] == [r.kernel for r in rows]
+    assert launched[1].kernel.entry == "flash_bwd_preprocess"
     left, right = options.get("window", (-1, -1))
     if options["causal"]:
         right = 0
     softcap = options.get("softcap", 0.0)
     arrays = {"q": q, "k": k, "v": v, "o": out, "lse": lse, "dout": dout, "dq": dq, "dk": dk, "dv": dv}
     for index, x in enumerate(launched):
-        kernel, p = x.cfg.kernel, x.block[0]
+        kernel, p, row = x.kernel.entry, x.block[0], rows[index]
         assert _parameter_struct(kernel) == "AttnParams"
-        assert x.stream == 7 and x.threads == configs.hip_threads(x.cfg)
-        assert x.smem == configs.hip_shared_memory_bytes(x.cfg) <= configs.HIP_LDS_BYTES
-        assert x.defines["WAVE_SIZE"] == configs.hip_wave_size(x.cfg)
+        assert x.stream == 7 and x.threads == row.warps * configs.hip_wave_size(row)
+        assert x.smem == x.kernel.shared_memory(x.defines) <= configs.HIP_LDS_BYTES
+        assert x.defines["WAVE_SIZE"] == configs.hip_wave_size(row)
         used = ("q", "k", "v", "o", "lse") if index == 0 else tuple(arrays)
         for name in used:
             assert p[name]["ptr"] == arrays[name].data_ptr(), (kernel, name)
@@ -341,9 +354,14 @@ def test_hip_launchers_hand_each_kernel_its_parameter_block(target, variant, sta
             assert p["delta"]["ptr"] != 0 and p["delta"]["row_stride"] == 1
         if kernel == "flash_bwd_preprocess":  # every row of the entry, no masks
             assert "IS_VARLEN" not in x.defines and x.grid[2] == (1 if varlen else batch)
+            assert x.grid[:2] == (math.ceil(shape_q[2] / row.block_m), heads_q)
             assert p["seqlen_q"] == shape_q[2]
             continue
         assert x.grid[2] == batch  # packed: one z per sequence
+        if kernel.endswith("dkdv"):  # key blocks x kv heads; the others query blocks x query heads
+            assert x.grid[:2] == (math.ceil(sk / row.block_n), heads_k)
+        else:
+            assert x.grid[:2] == (math.ceil(sq / row.block_m), heads_q)
         assert (p["seqlen_q"], p["seqlen_k"]) == (sq, sk)
         assert (p["window_left"], p["window_right"]) == (left, right)
         score_scale = softcap or 0.125
@@ -390,8 +408,9 @@ def test_on_cuda_routes_while_active_and_refuses_matrix_core_rows():
             compile_bwd, target_bwd = hip._compiler(None, "backward")
             assert (target_fwd, target_bwd) == ("gfx1030", "gfx906") and compile_fwd is compile_bwd
             row = configs.select_hip("float16", "gfx90a", 128, False)
-            with pytest.raises(ValueError, match="flash_fwd_mfma .*AMD only"):
-                compile_fwd(row, configs.hip_defines(row, "float16", False, False), 0)
+            kernel = kernels.hip(row.kernel)
+            with pytest.raises(ValueError, match="flash_fwd_mfma: .*AMD only"):
+                compile_fwd(kernel, kernel.defines(row, "float16", causal=False, vec=False), 0)
             with pytest.raises(RuntimeError, match="already active"):
                 with hip.on_cuda(prefix="", options=(), forward_target="gfx1030",
                                  backward_target="gfx1030"):

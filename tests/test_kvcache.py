@@ -22,7 +22,7 @@ import xattn
 from conftest import to_float64
 from problems import present, to_bhsd
 from test_properties import assert_matches
-from xattn import configs, kvcache, reference
+from xattn import configs, kernels, kvcache, reference
 
 HAS_TORCH = importlib.util.find_spec("torch") is not None
 HEAD_DIMS = (1, 7, 32, 63, 64, 80, 128, 129, 200, 256)
@@ -442,15 +442,21 @@ def test_decode_rows_fit_shared_memory():
     per_block = {80: 163 * 1024, 86: 99 * 1024, 90: 227 * 1024}
     for cfg in configs.TABLE:
         if cfg.kernel in configs.DECODE_KERNELS:
-            smem = configs.shared_memory_bytes(cfg)
-            assert smem <= per_block[cfg.arch], cfg
-            assert cfg.min_blocks * (smem + 1024) <= per_sm[cfg.arch], cfg
+            decode = kernels.cuda(cfg.kernel)
+
+            def smem(rows, kv_fp8=0):
+                return decode.shared_memory(decode.defines(cfg, "float16", rows=rows, vec=True,
+                                                           softcap=False, kv_fp8=kv_fp8))
+
+            largest = smem(cfg.block_m)
+            assert largest <= per_block[cfg.arch], cfg
+            assert cfg.min_blocks * (largest + 1024) <= per_sm[cfg.arch], cfg
             assert cfg.block_n % cfg.warps == 0 and cfg.stages >= 1, cfg
             for rows in (16, 32, 64):
                 if rows <= cfg.block_m:
-                    assert configs.decode_shared_memory_bytes(cfg, rows) <= smem
+                    assert smem(rows) <= largest
             # FP8 caches: half-size rings plus the conversion tiles, same rows and stages
-            fp8 = configs.decode_shared_memory_bytes(cfg, cfg.block_m, fp8=True)
+            fp8 = smem(cfg.block_m, kv_fp8=1)
             assert fp8 <= per_block[cfg.arch], cfg
             assert cfg.min_blocks * (fp8 + 1024) <= per_sm[cfg.arch], cfg
 

@@ -3,13 +3,11 @@ driver (conftest.py's stand_in_launches): what reaches the driver for one Launch
 
 from __future__ import annotations
 
-import types
-
-from xattn import launch, params
+from xattn import kernels, launch, params
 
 
 def _launch(recorder, batch: int) -> launch.Launch:
-    kernel = recorder.compile(types.SimpleNamespace(kernel="flash_fwd_portable"), {}, 0)
+    kernel = recorder.compile(kernels.hip("flash_fwd_portable"), {}, 0)
     block = params.attn_params()
     block["heads_q"] = 3
     return launch.Launch(launch.function(kernel, 0, 1024), (5, 3), batch, 128, 1024, block)
@@ -45,7 +43,7 @@ def test_a_small_batch_is_one_launch(stand_in_launches):
 def test_a_sequence_patches_each_block_once_and_launches_in_order(stand_in_launches):
     """A plan's launches as one Sequence: two launches on one shared block and one on its own
     block each see the call's pointers and scalars, in the order given."""
-    kernel = stand_in_launches.compile(types.SimpleNamespace(kernel="flash_fwd_portable"), {}, 0)
+    kernel = stand_in_launches.compile(kernels.hip("flash_fwd_portable"), {}, 0)
     shared, own = params.attn_params(), params.attn_params()
     steps = [launch.Launch(launch.function(kernel, 0, 0), (grid, 1), 1, 64, 0, block)
              for grid, block in ((1, shared), (2, own), (3, shared))]

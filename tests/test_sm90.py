@@ -19,12 +19,13 @@ from hypothesis import strategies as st
 
 import xattn
 from conftest import LSE_TOLERANCE, TOLERANCE, to_float64
-from xattn import jit, launch, sm90
+from xattn import jit, kernels, launch, sm90
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "ci"))
 
 HAS_NVRTC = importlib.util.find_spec("cuda") is not None and importlib.util.find_spec("cuda.bindings") is not None
+FORWARD, BACKWARD = kernels.cuda("flash_fwd_sm90"), kernels.cuda("flash_bwd_sm90")
 
 
 # ---- CPU ------------------------------------------------------------------------------------------
@@ -35,15 +36,15 @@ HAS_NVRTC = importlib.util.find_spec("cuda") is not None and importlib.util.find
 def test_rows_compile_for_sm90a_without_spills(row, dtype):
     from compile_kernels import nvrtc_compile, report
 
-    flags = dict(causal=row.causal, local=False, softcap=False, alibi=False)
+    flags = {"IS_CAUSAL": int(row.causal)}
     if dtype == "bfloat16":  # the modifiers too, once per row
-        flags.update(local=True, softcap=not row.causal, alibi=row.causal)
+        flags.update(IS_LOCAL=1, HAS_SOFTCAP=int(not row.causal), HAS_ALIBI=int(row.causal))
     options = ["--gpu-architecture=sm_90a", "-std=c++17", "-Xptxas=-v",
-               *jit.define_options(sm90.defines(row, dtype, **flags))]
-    ok, log = nvrtc_compile(jit.preprocess("cuda", sm90.SOURCE), "flash_fwd.cu", options)
+               *jit.define_options(FORWARD.defines(row, dtype, flags=flags))]
+    ok, log = nvrtc_compile(jit.preprocess("cuda", FORWARD.source), "flash_fwd.cu", options)
     assert ok, log
     assert "wgmma" not in log.lower() or "serializ" not in log.lower(), log  # ptxas' wgmma serialization warning
-    info = report(log, sm90.ENTRY)
+    info = report(log, FORWARD.entry)
     assert info["spill_stores"] == info["spill_loads"] == info["stack"] == 0, info
     # setmaxnreg moves registers between roles only from the launch's 65536 / 384 = 168 per thread
     assert info["registers"] == 168, info
@@ -65,11 +66,11 @@ def test_backward_rows_compile_for_sm90a_without_spills(row, dtype):
     if dtype == "bfloat16" and row.modifiers:  # the modifiers too, where the row serves them
         flags.update(IS_LOCAL=1, HAS_SOFTCAP=int(not row.causal), HAS_ALIBI=int(row.causal))
     options = ["--gpu-architecture=sm_90a", "-std=c++17", "-Xptxas=-v",
-               *jit.define_options(sm90.backward_defines(row, dtype, flags))]
-    ok, log = nvrtc_compile(jit.preprocess("cuda", sm90.BWD_SOURCE), "flash_bwd.cu", options)
+               *jit.define_options(BACKWARD.defines(row, dtype, flags=flags))]
+    ok, log = nvrtc_compile(jit.preprocess("cuda", BACKWARD.source), "flash_bwd.cu", options)
     assert ok, log
     assert "wgmma" not in log.lower() or "serializ" not in log.lower(), log
-    info = report(log, sm90.BWD_ENTRY)
+    info = report(log, BACKWARD.entry)
     assert info["spill_stores"] == info["spill_loads"] == info["stack"] == 0, info
     assert info["registers"] == 168, info  # 65536 / 384 at launch; setmaxnreg splits them
 
@@ -83,19 +84,19 @@ def test_backward_tma_dq_path_compiles_at_d128(causal):
 
     row = sm90.select_backward(128, causal)._replace(dq_tma=True)
     for flags in ({}, {"IS_LOCAL": 1}, {"HAS_SOFTCAP": 1}, {"HAS_ALIBI": 1}):
-        defines = sm90.backward_defines(row, "bfloat16", _PLAIN | {"IS_CAUSAL": int(causal)} | flags)
+        defines = BACKWARD.defines(row, "bfloat16", flags=_PLAIN | {"IS_CAUSAL": int(causal)} | flags)
         options = ["--gpu-architecture=sm_90a", "-std=c++17", "-Xptxas=-v", *jit.define_options(defines)]
-        ok, log = nvrtc_compile(jit.preprocess("cuda", sm90.BWD_SOURCE), "flash_bwd.cu", options)
+        ok, log = nvrtc_compile(jit.preprocess("cuda", BACKWARD.source), "flash_bwd.cu", options)
         assert ok, log
-        info = report(log, sm90.BWD_ENTRY)
+        info = report(log, BACKWARD.entry)
         assert info["spill_stores"] == info["spill_loads"] == info["stack"] == 0, (flags, info)
         assert info["registers"] == 168, info
-    assert sm90.backward_shared_memory_bytes(row) <= sm90.SMEM_LIMIT
+    assert BACKWARD.shared_memory(defines) <= sm90.SMEM_LIMIT
 
 
 def test_backward_rows_fit_in_shared_memory():
     for row in sm90.BWD_ROWS:
-        assert sm90.backward_shared_memory_bytes(row) <= sm90.SMEM_LIMIT, row
+        assert BACKWARD.shared_memory(BACKWARD.defines(row, "bfloat16", flags={})) <= sm90.SMEM_LIMIT, row
     assert [sm90.select_backward(d, False).head_dim for d in (8, 64, 72, 128)] == [64, 64, 128, 128]
     assert sm90.select_backward(136, False) is None and sm90.select_backward(256, True) is None
 
@@ -138,7 +139,7 @@ def test_backward_routing_rule():
 
 def test_rows_fit_in_shared_memory():
     for row in sm90.ROWS:
-        assert sm90.shared_memory_bytes(row) <= sm90.SMEM_LIMIT, row
+        assert FORWARD.shared_memory(FORWARD.defines(row, "bfloat16", flags={})) <= sm90.SMEM_LIMIT, row
     assert [sm90.select(d, False).head_dim for d in (1, 64, 65, 128, 200, 256)] == [64, 64, 128, 128, 256, 256]
     assert sm90.select(257, False) is None
 

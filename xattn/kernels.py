@@ -384,7 +384,9 @@ def _hip_portable_bwd_smem(slices_per_row: int):
     return smem
 
 
-def _hip_prep_defines(cfg, dtype: str) -> dict:
+def _hip_prep_defines(cfg, dtype: str, *, causal: bool = False, vec: bool = False) -> dict:
+    """No masks, no modifiers, no tiles: causal and vec change nothing (every HIP description
+    takes them)."""
     return {**_hip_common(cfg, dtype), "BLOCK_M": cfg.block_m}
 
 

@@ -1,5 +1,8 @@
 """Compile every CUDA specialization in xattn/configs.py with NVRTC, for each GPU family the table
-serves, and read ptxas's resource report: registers, shared memory, stack frame, spills.
+serves, and read ptxas's resource report: registers, shared memory, stack frame, spills. The
+kernels without rows (the backward's delta and dQ conversion, the decode's merge) are compiled for
+every family and dtype too. Sources, defines and shared memory come from the kernel descriptions
+(xattn/kernels.py), as the launches take them.
 
 Runs without a GPU or driver: NVRTC comes from the cuda-bindings and nvidia-cuda-nvrtc wheels.
 Fails (exit 1) on a compile error, on spills in any variant, or on a variant whose shared memory
@@ -23,7 +26,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from xattn import configs, jit  # noqa: E402
+from xattn import configs, jit, kernels  # noqa: E402
 
 # Dynamic shared memory one block may opt into, per family (bytes).
 SMEM_LIMIT = {80: 163 * 1024, 86: 99 * 1024, 89: 99 * 1024, 90: 227 * 1024}
@@ -35,12 +38,13 @@ DTYPES = {"flash_fwd": HALF, "flash_bwd_dkdv": HALF, "flash_bwd_dq": HALF, "flas
 # Defines a kernel takes beyond the table's (each combination is compiled).
 EXTRA = {"flash_bwd_dkdv": [{"COMPUTE_DQ": 1}, {"COMPUTE_DQ": 0}],
          # forward: without and with attention sinks folded into the epilogue
-         "flash_fwd": [{}, {"HAS_SINKS": 1}], "flash_fwd_f32": [{}, {"HAS_SINKS": 1}],
-         # decode: the largest row tile (the table's), one m16 tile, the softcap variant, FP8
-         # caches (e4m3fn, e5m2; paged too: the conversion path differs from sm_89 on)
-         "flash_decode": [{}, {"BLOCK_M": 16}, {"SOFTCAP": 1}, {"KV_FP8": 1}, {"KV_FP8": 2},
-                          {"KV_FP8": 1, "BLOCK_M": 16, "PAGE_SIZE": 16}],
-         "flash_decode_f32": [{}, {"SOFTCAP": 1}, {"KV_FP8": 1}, {"KV_FP8": 2}]}
+         "flash_fwd": [{}, {"HAS_SINKS": 1}], "flash_fwd_f32": [{}, {"HAS_SINKS": 1}]}
+# The decode's variants, as kernels.cuda(...).defines takes them: the largest row tile (the
+# table's), one m16 tile, the softcap variant, FP8 caches (e4m3fn, e5m2; paged too: the
+# conversion path differs from sm_89 on).
+DECODE_VARIANTS = {"flash_decode": [{}, {"rows": 16}, {"softcap": True}, {"kv_fp8": 1}, {"kv_fp8": 2},
+                                    {"kv_fp8": 1, "rows": 16, "page_size": 16}],
+                   "flash_decode_f32": [{}, {"softcap": True}, {"kv_fp8": 1}, {"kv_fp8": 2}]}
 # sm_89 runs sm_86's rows; only the decode kernels compile differently there (FP8 conversions).
 ARCH_KERNELS = {89: configs.DECODE_KERNELS}
 # Kernels compiled with and without 16-byte copies (VEC_LOADS); decode has no causal variant.
@@ -112,8 +116,48 @@ def table_variants(archs: list[int], quick: bool):
                     for vec in (True, False) if cfg.kernel in VEC_VARIANTS else (True,):
                         if quick and (causal or not vec):
                             continue
-                        for extra in EXTRA.get(cfg.kernel, [{}]):
+                        for extra in EXTRA.get(cfg.kernel, DECODE_VARIANTS.get(cfg.kernel, [{}])):
                             yield cfg, arch, dtype, causal, vec, extra
+
+
+def table_defines(cfg, dtype: str, causal: bool, vec: bool, extra: dict) -> dict:
+    """The defines a launch of this row and variant compiles with (xattn/kernels.py)."""
+    kernel = kernels.cuda(cfg.kernel)
+    if cfg.kernel in DECODE_VARIANTS:  # the decode's variant is the description's keywords
+        return kernel.defines(cfg, dtype, **({"rows": cfg.block_m, "vec": vec, "softcap": False} | extra))
+    return kernel.defines(cfg, dtype, causal=causal, vec=vec) | extra
+
+
+# ---- the kernels without rows: the backward's row-wise passes, the decode's merge ------------------
+
+def rowless_variants(archs: list[int]):
+    """(label, kernel, defines, arch, dtype): every family and dtype; the merge at every head dim
+    of the decode rows (its HEAD_DIM is theirs)."""
+    for arch in archs:
+        for dtype in ALL:
+            for entry in ("flash_bwd_preprocess", "flash_bwd_convert_dq"):
+                yield entry, kernels.cuda(entry), kernels.cuda(entry).defines(None, dtype), arch, dtype
+            merge = kernels.cuda("flash_decode_merge")
+            for cfg in {r.head_dim: r for r in configs.TABLE if r.kernel == "flash_decode"}.values():
+                yield f"{merge.entry} D{cfg.head_dim}", merge, merge.defines(cfg, dtype), arch, dtype
+
+
+def check_rowless(archs: list[int]) -> int:
+    failures = 0
+    for label, kernel, defines, arch, dtype in rowless_variants(archs):
+        options = [f"--gpu-architecture=sm_{arch}", "-std=c++17", "--ptxas-options=-v",
+                   *jit.define_options(defines)]
+        ok, log = nvrtc_compile(jit.preprocess("cuda", kernel.source), kernel.source, options)
+        if not ok:
+            print(f"COMPILE ERROR {label} sm_{arch} {dtype}\n{log}")
+            failures += 1
+            continue
+        r = report(log, kernel.entry)
+        spill = r["spill_stores"] + r["spill_loads"]
+        failures += bool(spill)
+        print(f"{label:26} {arch:>3} {dtype:9} {r['registers']:>4} {kernel.shared_memory(defines) / 1024:>7.1f} "
+              f"{r['stack']:>5} {spill:>5}" + ("  <-- SPILLS" if spill else ""))
+    return failures
 
 
 # ---- the Hopper kernels (xattn/sm90.py) -----------------------------------------------------------
@@ -123,39 +167,37 @@ SM90_FLAGS = [{}, {"IS_LOCAL": 1}, {"HAS_SOFTCAP": 1}, {"HAS_ALIBI": 1}]
 
 
 def sm90_variants(quick: bool):
-    """(label, source, entry, defines, shared memory) of every sm90 row: fp16 and bf16, and in bf16
+    """(label, kernel, defines, causal, dtype, flags) of every sm90 row: fp16 and bf16, and in bf16
     the windows, softcap and ALiBi (the backward's rows only where they serve them)."""
     from xattn import sm90
 
-    plain = {"IS_CAUSAL": 0, "IS_LOCAL": 0, "HAS_SOFTCAP": 0, "HAS_ALIBI": 0}
+    forward, backward = kernels.cuda("flash_fwd_sm90"), kernels.cuda("flash_bwd_sm90")
     for row in sm90.ROWS:
         for dtype in HALF:
             for flags in SM90_FLAGS if dtype == "bfloat16" and not quick else SM90_FLAGS[:1]:
-                defines = sm90.defines(row, dtype, causal=row.causal, local="IS_LOCAL" in flags,
-                                       softcap="HAS_SOFTCAP" in flags, alibi="HAS_ALIBI" in flags)
-                yield (f"sm90 fwd D{row.head_dim} N{row.block_n}", sm90.SOURCE, sm90.ENTRY, defines,
-                       sm90.shared_memory_bytes(row), row.causal, dtype, flags)
+                defines = forward.defines(row, dtype, flags={"IS_CAUSAL": int(row.causal)} | flags)
+                yield (f"sm90 fwd D{row.head_dim} N{row.block_n}", forward, defines, row.causal, dtype, flags)
     for row in sm90.BWD_ROWS:
         for dtype in HALF:
             served = SM90_FLAGS if dtype == "bfloat16" and row.modifiers and not quick else SM90_FLAGS[:1]
             for flags in served:
-                defines = sm90.backward_defines(row, dtype, plain | {"IS_CAUSAL": int(row.causal)} | flags)
-                yield (f"sm90 bwd D{row.head_dim} M{row.block_m}", sm90.BWD_SOURCE, sm90.BWD_ENTRY, defines,
-                       sm90.backward_shared_memory_bytes(row), row.causal, dtype, flags)
+                defines = backward.defines(row, dtype, flags={"IS_CAUSAL": int(row.causal)} | flags)
+                yield (f"sm90 bwd D{row.head_dim} M{row.block_m}", backward, defines, row.causal, dtype, flags)
 
 
 def check_sm90(quick: bool) -> int:
     failures = 0
-    for label, source, entry, defines, smem, causal, dtype, flags in sm90_variants(quick):
+    for label, kernel, defines, causal, dtype, flags in sm90_variants(quick):
         options = ["--gpu-architecture=sm_90a", "-std=c++17", "--ptxas-options=-v", *jit.define_options(defines)]
         start = time.perf_counter()
-        ok, log = nvrtc_compile(jit.preprocess("cuda", source), source, options)
+        smem = kernel.shared_memory(defines)
+        ok, log = nvrtc_compile(jit.preprocess("cuda", kernel.source), kernel.source, options)
         seconds = time.perf_counter() - start
         if not ok:
             print(f"COMPILE ERROR {label} {dtype} causal={causal} {flags}\n{log}")
             failures += 1
             continue
-        r = report(log, entry)
+        r = report(log, kernel.entry)
         spill = r["spill_stores"] + r["spill_loads"] + r["stack"]
         bad = spill or r["registers"] != SM90_REGISTERS or smem > SMEM_LIMIT[90]
         flag = "  <-- SPILLS/REGISTERS/SHARED MEMORY" if bad else ""
@@ -179,23 +221,20 @@ def main(argv=None) -> int:
     for cfg, arch, dtype, causal, vec, extra in variants(args.arch, args.quick):
         if args.kernels and cfg.kernel not in args.kernels:
             continue
-        source = configs.SOURCES.get(cfg.kernel, cfg.kernel + ".cu")
-        code = jit.preprocess("cuda", source)
+        kernel = kernels.cuda(cfg.kernel)
+        code = jit.preprocess("cuda", kernel.source)
         options = [f"--gpu-architecture=sm_{arch}", "-std=c++17", "--ptxas-options=-v"]
-        if "KV_FP8" in extra:  # FP8 caches: the row's FP8 ring depth, as kvcache.py compiles it
-            extra = extra | {"STAGES": configs.decode_stages(cfg, True)}
-        options += jit.define_options(configs.defines(cfg, dtype, causal, vec) | extra)
+        defines = table_defines(cfg, dtype, causal, vec, extra)
+        options += jit.define_options(defines)
         start = time.perf_counter()
-        ok, log = nvrtc_compile(code, source, options)
+        ok, log = nvrtc_compile(code, kernel.source, options)
         seconds = time.perf_counter() - start
-        smem = configs.shared_memory_bytes(cfg)
-        if "KV_FP8" in extra:
-            smem = configs.decode_shared_memory_bytes(cfg, cfg.block_m, fp8=True)
+        smem = kernel.shared_memory(defines)
         if not ok:
             print(f"COMPILE ERROR {cfg} sm_{arch} {dtype} causal={causal} vec={vec}\n{log}")
             failures += 1
             continue
-        r = report(log, cfg.kernel)
+        r = report(log, kernel.entry)
         spill = r["spill_stores"] + r["spill_loads"]
         too_big = smem > SMEM_LIMIT[arch]
         # Spills fail the check in the tuned (16-byte copy) variants; the element-wise fallback for
@@ -211,6 +250,9 @@ def main(argv=None) -> int:
         print(f"{name:14} {arch:>3} {dtype:9} {cfg.head_dim:>4} {cfg.block_m:>4}x{cfg.block_n:<3} "
               f"{causal!s:>6} {int(vec):>3} {r['registers']:>4} {smem / 1024:>7.1f} {r['stack']:>5} "
               f"{spill:>5} {seconds:>5.1f}{flag}")
+    if not args.kernels and not args.quick:
+        print(f"{'kernel without rows':26} {'sm':>3} {'dtype':9} {'regs':>4} {'smem KB':>7} {'stack':>5} {'spill':>5}")
+        failures += check_rowless(args.arch)
     if 90 in args.arch and not args.kernels:
         print(f"{'sm90 kernel':40} {'dtype':9} {'causal':>6} {'regs':>4} {'smem KB':>7} {'stack':>5} "
               f"{'spill':>5} {'sec':>5}")

@@ -52,7 +52,7 @@ from concurrent.futures import ProcessPoolExecutor
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from xattn import configs, jit  # noqa: E402
+from xattn import configs, jit, kernels  # noqa: E402
 
 HIPRTC_TARGETS = ("gfx908", "gfx90a", "gfx1030")
 CLANG_TARGETS = ("gfx942", "gfx1100", "gfx1201")  # newer than ROCm 5.2's hiprtc
@@ -272,7 +272,7 @@ def _decode_rows(dtype: str, target: str, head_dim: int) -> tuple:
 def defines_of(cfg, dtype: str, causal: bool, vec: bool, flags: str) -> dict[str, int]:
     """The -D defines of a row for one call: the row's, then the variant's flags (as xattn.hip
     merges them); the preprocess takes none of them."""
-    defines = configs.hip_defines(cfg, dtype, causal, vec)
+    defines = kernels.hip(cfg.kernel).defines(cfg, dtype, causal=causal, vec=vec)
     if flags != "plain" and cfg.kernel != "flash_bwd_preprocess":
         defines |= VARIANT_FLAGS[flags]
     return defines
@@ -314,7 +314,7 @@ def compile_variant(variant):
     cfg, target, dtype, causal, vec, flags = variant
     defines = defines_of(cfg, dtype, causal, vec, flags)
     start = time.perf_counter()
-    source = configs.hip_source(cfg.kernel)
+    source = kernels.hip(cfg.kernel).source
     if target in CLANG_TARGETS:
         ok, log, assembly = clang_compile(jit.preprocess("hip", source), source, target, defines)
         result = inspect_assembly(assembly, cfg.kernel) if ok else None
@@ -322,6 +322,12 @@ def compile_variant(variant):
         ok, log, binary = hiprtc_compile(jit.preprocess("hip", source), source, options(target, defines))
         result = inspect(binary, target, cfg.kernel) if ok else None
     return variant, ok, log, result, time.perf_counter() - start
+
+
+def lds_bytes(variant) -> int:
+    """The dynamic LDS a launch of this variant asks for (xattn/kernels.py)."""
+    cfg, target, dtype, causal, vec, flags = variant
+    return kernels.hip(cfg.kernel).shared_memory(defines_of(cfg, dtype, causal, vec, flags))
 
 
 def check(variant, r) -> list[str]:
@@ -332,7 +338,7 @@ def check(variant, r) -> list[str]:
     vgpr_limit, agpr_limit = REGISTER_LIMIT[target]
     if r["vgpr"] > vgpr_limit or r["agpr"] > agpr_limit:
         problems.append("REGISTERS")
-    if configs.hip_shared_memory_bytes(cfg) + r["static_lds"] > configs.HIP_LDS_BYTES:
+    if lds_bytes(variant) + r["static_lds"] > configs.HIP_LDS_BYTES:
         problems.append("LDS")
     if r["wave"] != configs.hip_wave_size(cfg):
         problems.append("WAVE SIZE")
@@ -384,7 +390,7 @@ def main(argv=None) -> int:
                 continue
             problems = check(variant, r)
             failures += bool(problems)
-            lds = (configs.hip_shared_memory_bytes(cfg) + r["static_lds"]) / 1024
+            lds = (lds_bytes(variant) + r["static_lds"]) / 1024
             print(f"{cfg.kernel:23} {target:7} {dtype:8} {cfg.head_dim:>3} {cfg.block_m:>3}x{cfg.block_n:<3} "
                   f"{r['wave']:>4} {causal!s:>6} {flags:11} {int(vec):>3} {r['vgpr']:>4} {r['agpr']:>4} {r['sgpr']:>4} "
                   f"{lds:>6.1f} {r['scratch']:>7} {r['spills']:>5} {r['mfma']:>4} {seconds:>4.1f}"

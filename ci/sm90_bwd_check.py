@@ -22,6 +22,7 @@ A benchmark, not a test. Each phase prints one line per item and a SUMMARY line 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import math
 import sys
 import time
@@ -35,7 +36,9 @@ from kernel_check_bwd import TOLERANCE, exact_out  # noqa: E402  (the float64 or
 from sm90_fwd_check import fair_tflops, make  # noqa: E402  (TMA-addressable strided views; timing)
 import sass  # noqa: E402  (SASS counts of a compiled variant)
 
-from xattn import cuda, jit, launch, sm90  # noqa: E402
+from xattn import cuda, jit, kernels, launch, sm90  # noqa: E402
+
+BACKWARD = kernels.cuda("flash_bwd_sm90")
 
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -43,7 +46,7 @@ DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16}
 # ---- compile -------------------------------------------------------------------------------------
 
 def sass_counts(defines: dict) -> str:
-    return sass.sass_counts(sm90.BWD_SOURCE, defines, ("HGMMA", "RED"))
+    return sass.sass_counts(BACKWARD.source, defines, ("HGMMA", "RED"))
 
 
 def phase_compile(args) -> int:
@@ -54,10 +57,10 @@ def phase_compile(args) -> int:
             flag_sets = [{}] + ([{"IS_LOCAL": 1}, {"HAS_SOFTCAP": 1}, {"HAS_ALIBI": 1}]
                                 if dtype == "bfloat16" and row.modifiers else [])
             for flags in flag_sets:
-                d = sm90.backward_defines(row, dtype, plain | {"IS_CAUSAL": int(row.causal)} | flags)
+                d = BACKWARD.defines(row, dtype, flags=plain | {"IS_CAUSAL": int(row.causal)} | flags)
                 t0 = time.perf_counter()
                 try:
-                    k = jit.get_function("cuda", sm90.BWD_SOURCE, sm90.BWD_ENTRY, d, 0, options=sm90.COMPILE_OPTIONS)
+                    k = BACKWARD.compile(d, 0)
                     info = f"regs {k.num_regs} local {k.local_size_bytes}"
                     bad += k.local_size_bytes != 0
                 except Exception as exc:
@@ -186,7 +189,7 @@ def phase_check(args) -> int:
     print(f"worst rel err {worst}, largest dQ move between two runs {moved:.1e}")
     # The sm90 backward variants this process compiled (the device's NVRTC): registers and local memory.
     for key, kernel in list(jit._modules.items()):
-        if key[3] == sm90.BWD_ENTRY:
+        if key[3] == BACKWARD.entry:
             defines = " ".join(o for o in key[2] if o.startswith("-D"))
             print(f"compiled {defines}: regs {kernel.num_regs} local {kernel.local_size_bytes}")
             failed += kernel.local_size_bytes != 0
@@ -227,13 +230,14 @@ def timers(q, k, v, dout, causal):
     def pinned(extra_defines=None, rows=None):
         # A plan of the sm90 kernel built with other defines or rows, run on its own.
         launch._plans.clear()
-        defines, table = sm90.backward_defines, sm90.BWD_ROWS
-        sm90.backward_defines = lambda *a: defines(*a) | (extra_defines or {})
+        table, key = sm90.BWD_ROWS, ("cuda", BACKWARD.entry)
+        kernels.KERNELS[key] = dataclasses.replace(
+            BACKWARD, defines=lambda *a, **kw: BACKWARD.defines(*a, **kw) | (extra_defines or {}))
         sm90.BWD_ROWS = rows or table
         try:
             ours(True)()
         finally:
-            sm90.backward_defines, sm90.BWD_ROWS = defines, table
+            kernels.KERNELS[key], sm90.BWD_ROWS = BACKWARD, table
         steps, scratch = launch._plans.pop(next(key for key in launch._plans if key[0] == "bwd"))
         buffer = torch.empty(scratch.floats, device="cuda")  # held by the closure below
         ptrs = {"q": q.data_ptr(), "k": k.data_ptr(), "v": v.data_ptr(), "o": out.data_ptr(),

@@ -30,7 +30,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from kernel_check import compare, exact  # noqa: E402  (the float64 oracle on the GPU, and the verdict)
 import sass  # noqa: E402  (SASS counts of a compiled variant)
 
-from xattn import cuda, jit, launch, sm90, tma  # noqa: E402
+from xattn import cuda, kernels, launch, sm90, tma  # noqa: E402
+
+FORWARD = kernels.cuda("flash_fwd_sm90")
 
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16}
 VARIANTS = {"simple": dict(overlap=0, pingpong=0), "overlap": dict(overlap=1, pingpong=0),
@@ -47,7 +49,7 @@ FLAG_SETS = [dict(), dict(local=True), dict(softcap=True), dict(alibi=True)]
 
 
 def sass_counts(defines: dict) -> str:
-    return sass.sass_counts(sm90.SOURCE, defines, ("HGMMA",))
+    return sass.sass_counts(FORWARD.source, defines, ("HGMMA",))
 
 
 def phase_compile(args) -> int:
@@ -55,11 +57,12 @@ def phase_compile(args) -> int:
     for row in sm90.ROWS:
         for dtype in DTYPES:
             for flags in (FLAG_SETS if dtype == "bfloat16" else FLAG_SETS[:1]):
-                d = sm90.defines(row, dtype, causal=row.causal, local=flags.get("local", False),
-                                 softcap=flags.get("softcap", False), alibi=flags.get("alibi", False))
+                d = FORWARD.defines(row, dtype, flags={"IS_CAUSAL": row.causal, "IS_LOCAL": flags.get("local", False),
+                                                       "HAS_SOFTCAP": flags.get("softcap", False),
+                                                       "HAS_ALIBI": flags.get("alibi", False)})
                 t0 = time.perf_counter()
                 try:
-                    k = jit.get_function("cuda", sm90.SOURCE, sm90.ENTRY, d, 0, options=sm90.COMPILE_OPTIONS)
+                    k = FORWARD.compile(d, 0)
                     info = f"regs {k.num_regs} local {k.local_size_bytes}"
                     bad += k.local_size_bytes != 0
                 except Exception as exc:
@@ -143,7 +146,7 @@ def check_cases(quick: bool):
 
 def sanitize_cases():
     """One small shape per row and dtype: one key tile and one query row past the tiles."""
-    return [(dtype, 1, 2, 1, sm90.BLOCK_M + 1, row.block_n + 1, row.head_dim, row.causal, "bhsd", False, None)
+    return [(dtype, 1, 2, 1, kernels.SM90_BLOCK_M + 1, row.block_n + 1, row.head_dim, row.causal, "bhsd", False, None)
             for row in sm90.ROWS for dtype in DTYPES]
 
 
@@ -256,7 +259,7 @@ def phase_tune(args) -> int:
         results = []
         for block_n, stages, overlaps in tiles:
             row = sm90.Row(d, causal, block_n, stages, **overlaps)
-            if sm90.shared_memory_bytes(row) > sm90.SMEM_LIMIT:
+            if FORWARD.shared_memory(FORWARD.defines(row, "bfloat16", flags={})) > sm90.SMEM_LIMIT:
                 continue
             sm90.ROWS = (row,)
             results.append((tflops(b, h, s, d, causal, measure(timers(q, k, v, causal)["sm90"])), row))

@@ -44,20 +44,20 @@
 // Pipeline: Q, dO, LSE and delta tiles are double-buffered; the copies for step i+1 are issued at
 // the top of step i and land while it computes.
 
-// ---- compile-time configuration (xattn/configs.py) ---------------------------------------------
+// ---- compile-time configuration (xattn/kernels.py) ---------------------------------------------
 // ELEM_BF16, HEAD_DIM, VEC_LOADS, MIN_BLOCKS and the mask/modifier flags: as in flash_fwd.cu
 // BLOCK_N     keys per thread block (NUM_WARPS / DKV_WARPS_D * WARP_N, WARP_N a multiple of 16)
 // BLOCK_M     query rows per step
 // NUM_WARPS   warps per thread block
 // DKV_WARPS_D warps that split the head dim of one key group's dK/dV (1 up to head dim 128;
-//             xattn/configs.py derives it from HEAD_DIM)
+//             xattn/kernels.py derives it from HEAD_DIM)
 // COMPUTE_DQ  1: also accumulate dQ with atomics; 0: dQ comes from flash_bwd_dq
 
 #include "platform.h"
 #include "../kernels_common/attention_common.h"
 
 #ifndef DKV_WARPS_D
-#error "DKV_WARPS_D: xattn/configs.py defines it with the tile"
+#error "DKV_WARPS_D: xattn/kernels.py defines it with the tile"
 #endif
 #define NUM_THREADS (NUM_WARPS * WARP_SIZE)
 #define KEY_GROUPS (NUM_WARPS / DKV_WARPS_D)
@@ -97,7 +97,7 @@ __host__ __device__ constexpr int dq_pass_cols(int cols) {
 // sK [BLOCK_N][SMEM_STRIDE] | sV [BLOCK_N][SMEM_STRIDE] | sQ [2][BLOCK_M][SMEM_STRIDE] |
 // sdO [2][BLOCK_M][SMEM_STRIDE] | sdS [BLOCK_N][DS_STRIDE] (STAGE_DS) | sP [BLOCK_N][DS_STRIDE]
 // (STAGE_P), 16-bit elements; then sLse [2][BLOCK_M] | sDelta [2][BLOCK_M] floats.
-// xattn/configs.py computes the same size.
+// xattn/kernels.py computes the same size.
 // After the last step each warp stages its dK (dV) rows and columns in sK (sV).
 
 // ---- device helpers ---------------------------------------------------------------------------

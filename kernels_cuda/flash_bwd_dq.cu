@@ -30,7 +30,7 @@ static_assert(WARP_M % 16 == 0 && BLOCK_N % 16 == 0 && HEAD_DIM % 16 == 0, "whol
 
 // ---- shared-memory layout ---------------------------------------------------------------------
 // sQ [BLOCK_M][SMEM_STRIDE] | sdO [BLOCK_M][SMEM_STRIDE] | sK [2][BLOCK_N][SMEM_STRIDE] |
-// sV [2][BLOCK_N][SMEM_STRIDE], 16-bit elements (xattn/configs.py computes the same size).
+// sV [2][BLOCK_N][SMEM_STRIDE], 16-bit elements (xattn/kernels.py computes the same size).
 // Each warp stages its dQ rows in its own rows of sQ at the end.
 
 extern "C" __global__ void __launch_bounds__(NUM_THREADS, MIN_BLOCKS)

@@ -8,13 +8,15 @@
 // Grid: x = block of ROWS_PER_BLOCK query rows, y = query head, z = batch. Each warp owns rows and
 // its lanes stride along the head dim (coalesced), so any head dim and any stride work.
 //
-// compile time: ELEM_F32, ELEM_BF16 (the element type, see platform.h)
+// compile time: ELEM_F32, ELEM_BF16 (the element type, see platform.h); NUM_WARPS and
+// ROWS_PER_WARP (xattn/kernels.py, which computes the grid from them).
 
 #include "platform.h"
 #include "../kernels_common/params.h"
 
-#define NUM_WARPS 4
-#define ROWS_PER_WARP 8
+#if !defined(NUM_WARPS) || !defined(ROWS_PER_WARP)
+#error "NUM_WARPS, ROWS_PER_WARP: set with -D by xattn/kernels.py"
+#endif
 #define ROWS_PER_BLOCK (NUM_WARPS * ROWS_PER_WARP)
 
 extern "C" __global__ void __launch_bounds__(NUM_WARPS * WARP_SIZE)

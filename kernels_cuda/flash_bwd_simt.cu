@@ -35,7 +35,7 @@
 // strides and contiguous rows. head_dim <= HEAD_DIM at run time: columns past it are zero in shared
 // memory and never stored.
 
-// ---- compile-time configuration (xattn/configs.py) ---------------------------------------------
+// ---- compile-time configuration (xattn/kernels.py) ---------------------------------------------
 // ELEM_F32, ELEM_BF16  element type (platform.h)
 // HEAD_DIM             padded head dim, a multiple of 32 (each lane owns HEAD_DIM / 32 columns)
 // NUM_WARPS            warps per thread block
@@ -58,7 +58,7 @@ static_assert(HEAD_DIM % WARP_SIZE == 0, "each lane owns whole head-dim columns"
 
 #include "simt_tile.h"
 
-// ---- shared-memory layout (floats; xattn/configs.py computes the same sizes) -------------------
+// ---- shared-memory layout (floats; xattn/kernels.py computes the same sizes) -------------------
 // flash_bwd_simt_dq:   sQ [BLOCK_ROWS][HEAD_DIM] | sdO [BLOCK_ROWS][HEAD_DIM] |
 //                      sK [TILE][TILE_STRIDE] | sV [TILE][TILE_STRIDE] | sdS [NUM_WARPS][ROWS_PER_WARP][TILE]
 // flash_bwd_simt_dkdv: sK [BLOCK_ROWS][HEAD_DIM] | sV [BLOCK_ROWS][HEAD_DIM] |

@@ -9,7 +9,7 @@
 // Grid: x = ceil(Hq * Sq / MERGE_WARPS), z = batch - batch_offset.
 //
 // Compile-time configuration: ELEM_F32 / ELEM_BF16 (the output type), HEAD_DIM (the partials'
-// padded row), MERGE_WARPS (warps per block, from xattn/configs.py).
+// padded row), MERGE_WARPS (warps per block, from xattn/kernels.py).
 
 #include "platform.h"
 #include "../kernels_common/params.h"

@@ -77,7 +77,7 @@
 // 232 * 256 = 63488 <= 168 * 384). 24/240, the forward's split, spilled in the producer's TMA loop
 // (the map addresses and coordinates of Q and dO); the consumers fit in 232.
 
-// ---- compile-time configuration (set with -D by xattn/sm90.py, the backward rows) ---------------
+// ---- compile-time configuration (set with -D by xattn/kernels.py from xattn/sm90.py's rows) -----
 // ELEM_BF16   1: bfloat16, 0: float16
 // HEAD_DIM    padded head dim of the row (64 or 128); the real one, head_dim, is <= it
 // BLOCK_M     queries per step (64 or 128)
@@ -129,7 +129,7 @@ static_assert(PRODUCER_REGS * WARPGROUP_THREADS + CONSUMER_REGS * CONSUMER_THREA
               (65536 / NUM_THREADS) / 8 * 8 * NUM_THREADS, "setmaxnreg: the consumers take what the producer frees");
 
 // ---- shared-memory layout ---------------------------------------------------------------------
-// (1024-byte aligned; xattn/sm90.py: backward_shared_memory_bytes computes the same size)
+// (1024-byte aligned; xattn/kernels.py computes the same size)
 // sK, sV   D_BOXES boxes of BLOCK_N rows x 128 bytes; consumer c's keys are rows [64c, 64c + 64).
 //          After the last step, each consumer's dK and dV rows in its own rows of them.
 // sQ, sdO  STAGES tiles of D_BOXES boxes of BLOCK_M rows x 128 bytes

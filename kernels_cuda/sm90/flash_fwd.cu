@@ -38,7 +38,7 @@
 // 240 * 256 = 64512 = 168 * 384: the registers the producer gives up are exactly those the
 // consumers take; setmaxnreg.inc would wait forever for more).
 
-// ---- compile-time configuration (set with -D by xattn/sm90.py) ------------------------------
+// ---- compile-time configuration (set with -D by xattn/kernels.py) ---------------------------
 // ELEM_BF16   1: bfloat16, 0: float16
 // HEAD_DIM    padded head dim of this row (a multiple of 64); the real one, head_dim, is <= it
 // BLOCK_N     keys per tile (a multiple of 16, at most 256)
@@ -75,7 +75,7 @@ static_assert(PRODUCER_REGS * WARPGROUP_THREADS + CONSUMER_REGS * NUM_CONSUMERS 
               (65536 / NUM_THREADS) / 8 * 8 * NUM_THREADS, "setmaxnreg: the consumers take what the producer frees");
 
 // ---- shared-memory layout ---------------------------------------------------------------------
-// (1024-byte aligned; xattn/sm90.py: shared_memory_bytes computes the same size)
+// (1024-byte aligned; xattn/kernels.py computes the same size)
 // sQ   D_CHUNKS boxes of BLOCK_M rows x 128 bytes; consumer c's rows start at c * 64. Reused for O.
 // sK   STAGES tiles of D_CHUNKS boxes of BLOCK_N rows x 128 bytes;  sV: the same
 // bars q_full, k_full[STAGES], v_full[STAGES], k_empty[STAGES], v_empty[STAGES] (8 bytes each)

@@ -1,7 +1,13 @@
 """The vendor-neutral launch layer (xattn/launch.py) on the CPU, with stand-ins for CuPy and the
-driver (conftest.py's stand_in_launches): what reaches the driver for one Launch."""
+driver (conftest.py's stand_in_launches): what reaches the driver for one Launch, one Sequence, and
+the CUDA backward's and decode's plans, also from several threads at once."""
 
 from __future__ import annotations
+
+import threading
+import time
+
+import pytest
 
 from xattn import kernels, launch, params
 
@@ -55,3 +61,162 @@ def test_a_sequence_patches_each_block_once_and_launches_in_order(stand_in_launc
     for x in launched:
         p = x.block[0]
         assert (p["q"]["ptr"], p["dq"]["ptr"], p["seqlen_q"], x.stream) == (0x100, 0x200, 11, 4)
+
+
+def _slow_driver(monkeypatch, recorder):
+    """The stand-in driver, pausing before each launch reads its block: another thread that
+    patched the block in between would show in the recorded bytes."""
+    record = recorder.launchKernel
+
+    def launch_kernel(*arguments):
+        time.sleep(0.0002)
+        record(*arguments)
+
+    monkeypatch.setattr(recorder, "launchKernel", launch_kernel)
+
+
+def _run_in_threads(calls: int, threads: int, run) -> None:
+    """run(tag) from `threads` threads at once, `calls` times each, tags unique per call."""
+    start = threading.Barrier(threads)
+    errors = []
+
+    def worker(index):
+        try:
+            start.wait()
+            for i in range(calls):
+                run(1 + index * calls + i)
+        except BaseException as exc:  # reported in the main thread
+            errors.append(exc)
+
+    pool = [threading.Thread(target=worker, args=(t,)) for t in range(threads)]
+    for t in pool:
+        t.start()
+    for t in pool:
+        t.join()
+    assert not errors, errors
+
+
+def test_threads_sharing_a_sequence_never_interleave_their_patches(stand_in_launches, monkeypatch):
+    """Several threads running one Sequence (launches sharing a block, as a plan's are): every
+    launch sees the pointers and scalars of its own call only, and a call's launches go out
+    together, in order."""
+    _slow_driver(monkeypatch, stand_in_launches)
+    kernel = stand_in_launches.compile(kernels.hip("flash_fwd_portable"), {}, 0)
+    shared, own = params.attn_params(), params.attn_params()
+    sequence = launch.Sequence([launch.Launch(launch.function(kernel, 0, 0), (grid, 1), 1, 64, 0, block)
+                                for grid, block in ((1, shared), (2, own), (3, shared))])
+    _run_in_threads(8, 4, lambda tag: sequence({"q": 0x100 * tag, "dq": 0x100 * tag + 8}, tag,
+                                               {"seqlen_q": tag}))
+    launched = stand_in_launches.launches
+    assert len(launched) == 3 * 8 * 4
+    for first in range(0, len(launched), 3):
+        call = launched[first:first + 3]
+        tag = call[0].stream
+        assert [x.grid[0] for x in call] == [1, 2, 3] and {x.stream for x in call} == {tag}
+        for x in call:
+            p = x.block[0]
+            assert (p["q"]["ptr"], p["dq"]["ptr"], p["seqlen_q"]) == (0x100 * tag, 0x100 * tag + 8, tag)
+
+
+def test_cuda_backward_plans_one_sequence_that_threads_share(stand_in_launches, monkeypatch):
+    """xattn.cuda.backward (the array path) on the CPU with stand-ins for CuPy, the compiler and
+    the driver: its plan is one Sequence over the delta, dK/dV and dQ launches on two blocks (the
+    row-wise kernels' and the others'), the grids, threads and shared memory of the table rows'
+    descriptions; threads sharing the plan each launch with their own pointers."""
+    torch = pytest.importorskip("torch")
+    from xattn import configs, cuda
+
+    monkeypatch.setattr(kernels.Kernel, "compile", stand_in_launches.compile)
+    monkeypatch.setattr(cuda, "_arch", lambda device: 80)
+    monkeypatch.setattr(launch, "_plans", {})
+    b, hq, hk, sq, sk, d = 2, 4, 2, 70, 90, 64
+    q, out, dout = (torch.zeros(b, hq, sq, d, dtype=torch.float16) for _ in range(3))
+    k, v = (torch.zeros(b, hk, sk, d, dtype=torch.float16) for _ in range(2))
+    lse = torch.zeros(b, hq, sq)
+
+    def backward(tag):  # each call its own gradients: their pointers tell the calls apart
+        dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+        cuda.backward(q, k, v, out, dout, lse, dq, dk, dv, causal=True, scale=0.125,
+                      deterministic=False, stream=tag)
+        return dq.data_ptr(), dk.data_ptr(), dv.data_ptr()
+
+    backward(1)
+    [(steps, _)] = launch._plans.values()
+    [sequence] = steps
+    assert isinstance(sequence, launch.Sequence) and len(sequence.blocks) == 2
+    launched = stand_in_launches.launches
+    assert [x.kernel.entry for x in launched] == ["flash_bwd_preprocess", "flash_bwd_dkdv",
+                                                 "flash_bwd_convert_dq"]
+    dkdv_row = configs.select("flash_bwd_dkdv", 80, d, True)
+    prep, dkdv, convert = launched
+    assert prep.grid == convert.grid == (-(-sq // (kernels.PREP_WARPS * kernels.PREP_ROWS_PER_WARP)), hq, b)
+    assert dkdv.grid == (-(-sk // dkdv_row.block_n), hk, b) and dkdv.threads == dkdv_row.warps * 32
+    assert dkdv.smem == dkdv.kernel.shared_memory(dkdv.defines) > 0 and prep.smem == 0
+    assert dkdv.defines["BLOCK_M"] == dkdv_row.block_m and dkdv.defines["COMPUTE_DQ"] == 1
+
+    _slow_driver(monkeypatch, stand_in_launches)
+    grads = {}
+    _run_in_threads(4, 3, lambda tag: grads.__setitem__(tag, backward(tag)))
+    calls = stand_in_launches.launches[3:]
+    assert len(calls) == 3 * 4 * 3 and len(launch._plans) == 1  # one plan, shared
+    for first in range(0, len(calls), 3):
+        call = calls[first:first + 3]
+        tag = call[0].stream
+        assert {x.stream for x in call} == {tag}
+        dq, dk, dv = grads[tag]
+        for x in call[1:]:  # dK/dV and the dQ conversion: the main block
+            p = x.block[0]
+            assert (p["dk"]["ptr"], p["dv"]["ptr"], p["dq"]["ptr"]) == (dk, dv, dq), tag
+        assert call[0].block[0]["dq"]["ptr"] == dq  # the row-wise kernels' block too
+
+
+def test_kvcache_plans_patch_their_block_through_one_sequence(stand_in_launches, monkeypatch):
+    """The CUDA decode's plan (kvcache._new_plan) on the CPU with stand-ins: the decode and the
+    merge launch through one Sequence on one DecodeParams block; a plan of another uniform length
+    (with_uniform) shares it and passes its length as a per-call scalar, and threads running the
+    plans at once each launch with their own pointers and length."""
+    torch = pytest.importorskip("torch")
+    from xattn import kvcache
+
+    monkeypatch.setattr(kernels.Kernel, "compile", stand_in_launches.compile)
+    monkeypatch.setattr(kvcache, "_device", lambda device: (80, 4))
+    monkeypatch.setattr(kvcache, "_FORCED_SPLITS", 3)
+    monkeypatch.setattr(launch, "torch_stream", lambda device: 0)
+    kvcache.num_splits.cache_clear()
+    b, hq, hk, smax, d = 2, 4, 2, 256, 64
+    q = torch.zeros(b, hq, 1, d, dtype=torch.float16)
+    kc, vc = (torch.zeros(b, hk, smax, d, dtype=torch.float16) for _ in range(2))
+    try:
+        call = kvcache._validate(q, kc, vc, 17, None, None, True, None, None, None, "bhsd", True)
+        plan = kvcache._new_plan(q, kc, vc, 17, None, None, None, None, call)
+        assert isinstance(plan.launches, launch.Sequence) and len(plan.launches.blocks) == 1
+        decode, merge = plan.launches.launches
+        assert decode.block is merge.block is plan.params
+
+        def run(tag):
+            out, lse = torch.empty(b, hq, 1, d, dtype=torch.float16), torch.empty(b, hq, 1)
+            part = torch.empty(plan.workspace_floats)
+            other = plan.with_uniform(tag)
+            assert other.launches is plan.launches
+            other.run(q, kc, vc, tag, None, None, None, None, outputs=(out, lse, part))
+            return out.data_ptr(), part.data_ptr()
+
+        _slow_driver(monkeypatch, stand_in_launches)
+        pointers = {}
+        _run_in_threads(5, 3, lambda tag: pointers.__setitem__(tag, run(tag)))
+    finally:
+        kvcache.num_splits.cache_clear()
+    launched = stand_in_launches.launches
+    assert [x.kernel.entry for x in launched] == ["flash_decode", "flash_decode_merge"] * 15
+    for first in range(0, len(launched), 2):
+        call = launched[first:first + 2]
+        tags = {int(x.block[0]["uniform_seqlen"]) for x in call}
+        assert len(tags) == 1
+        [tag] = tags
+        out, part = pointers[tag]
+        for x in call:
+            p = x.block[0]
+            assert (p["o"]["ptr"], p["o_part"], p["cache_seqlens"]) == (out, part, 0), tag
+    merge_row = launched[1]
+    assert merge_row.threads == kernels.MERGE_WARPS * 32
+    assert merge_row.grid == (-(-hq // kernels.MERGE_WARPS), 1, b)

@@ -65,8 +65,9 @@ _ROWS = [
     ("flash_fwd",      90,   256,     None,   64,      64,      4,     1),
     # backward, key-block parallel: block_n keys per block (split over the warps, 16 or 32
     # each), block_m query rows per step; dQ by atomics unless deterministic. Past head dim 128 a
-    # key group of kernels.dkdv_warps_d(head_dim) warps splits dK/dV's head dim (16 keys per group, block_m
-    # a multiple of 16 per warp of the group), and P^T, dS^T go through shared memory.
+    # key group of kernels.dkdv_warps_d(head_dim) warps splits dK/dV's head dim (16 keys per
+    # group, block_m a multiple of 16 per warp of the group), and P^T, dS^T go through shared
+    # memory.
     ("flash_bwd_dkdv", 80,   32,      None,   128,     128,     8,     1),
     ("flash_bwd_dkdv", 80,   64,      False,  128,     128,     8,     1),
     # sm_80 causal D64: 128-row steps spill 8 bytes (255 registers) in the deterministic variant

@@ -250,8 +250,8 @@ def patch(words: np.ndarray, slots: dict, pointers: dict) -> None:
 
 class Sequence:
     """A plan's launches in order, run as one: under one lock (launches may share a block, as the
-    decode's kernels do), each distinct block patched once per call, with the pointers and any
-    scalar fields that change per call (the HIP decode's uniform length)."""
+    backward's and the decode's kernels do), each distinct block patched once per call, with the
+    pointers and any scalar fields that change per call (the decode's uniform length)."""
 
     __slots__ = ("launches", "blocks", "_lock")
 

@@ -64,6 +64,14 @@ def nvrtc_compile(code: str, name: str, options: list[str]) -> tuple[bool, str]:
     return err == nvrtc.nvrtcResult.NVRTC_SUCCESS, log.decode(errors="replace").rstrip("\x00")
 
 
+def compile_entry(kernel, defines: dict, gpu: str) -> tuple[str | None, dict[str, int]]:
+    """NVRTC-compile a described kernel (xattn/kernels.py) with `defines` for gpu ("sm_80",
+    "sm_90a"): (the compiler's log if it failed, else None; ptxas's report of its entry point)."""
+    options = [f"--gpu-architecture={gpu}", "-std=c++17", "--ptxas-options=-v", *jit.define_options(defines)]
+    ok, log = nvrtc_compile(jit.preprocess("cuda", kernel.source), kernel.source, options)
+    return (None, report(log, kernel.entry)) if ok else (log, {})
+
+
 def report(log: str, entry: str) -> dict[str, int]:
     # ptxas reports each entry point of the source in turn; keep the section of this one.
     sections = re.split(r"(?=Compiling entry function )", log)
@@ -145,14 +153,11 @@ def rowless_variants(archs: list[int]):
 def check_rowless(archs: list[int]) -> int:
     failures = 0
     for label, kernel, defines, arch, dtype in rowless_variants(archs):
-        options = [f"--gpu-architecture=sm_{arch}", "-std=c++17", "--ptxas-options=-v",
-                   *jit.define_options(defines)]
-        ok, log = nvrtc_compile(jit.preprocess("cuda", kernel.source), kernel.source, options)
-        if not ok:
-            print(f"COMPILE ERROR {label} sm_{arch} {dtype}\n{log}")
+        error, r = compile_entry(kernel, defines, f"sm_{arch}")
+        if error is not None:
+            print(f"COMPILE ERROR {label} sm_{arch} {dtype}\n{error}")
             failures += 1
             continue
-        r = report(log, kernel.entry)
         spill = r["spill_stores"] + r["spill_loads"]
         failures += bool(spill)
         print(f"{label:26} {arch:>3} {dtype:9} {r['registers']:>4} {kernel.shared_memory(defines) / 1024:>7.1f} "
@@ -188,16 +193,14 @@ def sm90_variants(quick: bool):
 def check_sm90(quick: bool) -> int:
     failures = 0
     for label, kernel, defines, causal, dtype, flags in sm90_variants(quick):
-        options = ["--gpu-architecture=sm_90a", "-std=c++17", "--ptxas-options=-v", *jit.define_options(defines)]
         start = time.perf_counter()
         smem = kernel.shared_memory(defines)
-        ok, log = nvrtc_compile(jit.preprocess("cuda", kernel.source), kernel.source, options)
+        error, r = compile_entry(kernel, defines, "sm_90a")
         seconds = time.perf_counter() - start
-        if not ok:
-            print(f"COMPILE ERROR {label} {dtype} causal={causal} {flags}\n{log}")
+        if error is not None:
+            print(f"COMPILE ERROR {label} {dtype} causal={causal} {flags}\n{error}")
             failures += 1
             continue
-        r = report(log, kernel.entry)
         spill = r["spill_stores"] + r["spill_loads"] + r["stack"]
         bad = spill or r["registers"] != SM90_REGISTERS or smem > SMEM_LIMIT[90]
         flag = "  <-- SPILLS/REGISTERS/SHARED MEMORY" if bad else ""
@@ -222,19 +225,15 @@ def main(argv=None) -> int:
         if args.kernels and cfg.kernel not in args.kernels:
             continue
         kernel = kernels.cuda(cfg.kernel)
-        code = jit.preprocess("cuda", kernel.source)
-        options = [f"--gpu-architecture=sm_{arch}", "-std=c++17", "--ptxas-options=-v"]
         defines = table_defines(cfg, dtype, causal, vec, extra)
-        options += jit.define_options(defines)
         start = time.perf_counter()
-        ok, log = nvrtc_compile(code, kernel.source, options)
+        error, r = compile_entry(kernel, defines, f"sm_{arch}")
         seconds = time.perf_counter() - start
         smem = kernel.shared_memory(defines)
-        if not ok:
-            print(f"COMPILE ERROR {cfg} sm_{arch} {dtype} causal={causal} vec={vec}\n{log}")
+        if error is not None:
+            print(f"COMPILE ERROR {cfg} sm_{arch} {dtype} causal={causal} vec={vec}\n{error}")
             failures += 1
             continue
-        r = report(log, kernel.entry)
         spill = r["spill_stores"] + r["spill_loads"]
         too_big = smem > SMEM_LIMIT[arch]
         # Spills fail the check in the tuned (16-byte copy) variants; the element-wise fallback for

@@ -6,8 +6,9 @@ xattn/sm90.py's rows; a description turns a row and a call's variant into the ma
 is compiled with (`defines`). Shared memory, threads and grid are read from those macros only, as
 the kernel's own header computes them from the same macros, so a row and its compile can never
 disagree. Constants a kernel needs that no row holds (the preprocess's rows per block, the decode
-merge's warps) are defined here and passed to it; the few launch constants that are the kernel's
-own structure (the Hopper kernels' warpgroups) are read from the source by tests/test_kernels.py.
+merge's warps) are defined here and passed to it; the launch constants that are a kernel's own
+structure (the Hopper kernels' warpgroups, the 16-bit tiles' row padding, the matrix-core blocks)
+are read from the sources by tests/test_kernels.py and compared with these.
 
 Every launch site (xattn/cuda.py, sm90.py, kvcache.py, hip.py) and the compile checks
 (ci/compile_kernels.py, ci/hip_compile.py) take their kernels from `KERNELS`.
@@ -20,7 +21,7 @@ from typing import Callable, NamedTuple
 
 import numpy as np
 
-from xattn import configs, params
+from xattn import configs, jit, launch, params
 
 
 class Sizes(NamedTuple):
@@ -52,8 +53,6 @@ class Kernel:
 
     def compile(self, defines: dict, device: int):
         """The compiled entry point (a cupy.RawKernel) of these defines on `device`."""
-        from xattn import jit
-
         return jit.get_function(self.vendor, self.source, self.entry, defines, device,
                                 options=self.options)
 
@@ -63,8 +62,6 @@ class Kernel:
         memory (opted in once: launch.function) and its parameter block; the batch goes in
         gridDim.z. compile(kernel, defines, device): another compiler than `Kernel.compile` (the
         hip backend's on NVIDIA, the tests' stand-ins). maps: launch.Launch's tensor maps."""
-        from xattn import launch
-
         compiled = (compile or Kernel.compile)(self, defines, device)
         smem = self.shared_memory(defines)
         return launch.Launch(launch.function(compiled, device, smem), self.grid(defines, sizes),
@@ -311,7 +308,8 @@ def _hip_matrix_defines(tile: str):
     """The MFMA/WMMA kernels: HEAD_DIM, the masks, 16-bit loads, the matrix instruction set (WMMA
     on RDNA, WMMA_GFX12 for RDNA4's layout), and the one tile the waves do not split (`tile`)."""
     def defines(cfg, dtype: str, *, causal: bool, vec: bool) -> dict:
-        matrix = {"MATRIX_WMMA": 1, "WMMA_GFX12": int(cfg.arch == "rdna4")} if "wmma" in cfg.kernel else {}
+        wmma = cfg.kernel in configs.HIP_WMMA_KERNELS
+        matrix = {"MATRIX_WMMA": 1, "WMMA_GFX12": int(cfg.arch == "rdna4")} if wmma else {}
         return {**_hip_common(cfg, dtype), "HEAD_DIM": cfg.head_dim, "IS_CAUSAL": int(causal),
                 "ELEM_BF16": int(dtype == "bfloat16"), "VEC_LOADS": int(vec), **matrix,
                 tile: cfg.block_n if tile == "BLOCK_N" else cfg.block_m}

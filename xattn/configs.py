@@ -38,6 +38,8 @@ class TileConfig(NamedTuple):
     min_blocks: int
     stages: int = 1  # cp.async pipeline depth; only flash_decode rows set it (see below)
     fp8_stages: int = 0  # the same for FP8 caches (flash_decode rows; 0: stages)
+    frags_in_lds: bool = False  # HIP WMMA rows: fixed operands read from LDS (FRAGS_IN_LDS, below)
+    dim_split: int = 1  # HIP WMMA dK/dV rows: blocks per key block, each a slice of D (DIM_SPLIT)
 
 
 _ROWS = [
@@ -391,8 +393,12 @@ HIP_FAMILIES = {  # family: (gfx prefixes, wave size); the longest matching pref
     "rdna4": (("gfx12",), 32),                              # WMMA, gfx12 layout
 }
 
+# The options column of a row (TileConfig's frags_in_lds and dim_split; see the RDNA paragraph above).
+_LDS = {"frags_in_lds": True}
+_LDS_SPLIT2 = {"frags_in_lds": True, "dim_split": 2}
+
 _HIP_ROWS = [
-    # kernel                    arch    head_dim causal  block_m  block_n  waves  min_blocks
+    # kernel                    arch    head_dim causal  block_m  block_n  waves  min_blocks options
     ("flash_fwd_mfma",          "cdna",  32,     None,   128,     64,      4,     1),
     ("flash_fwd_mfma",          "cdna",  64,     None,   128,     64,      4,     1),
     ("flash_fwd_mfma",          "cdna",  96,     None,   128,     64,      4,     1),
@@ -411,12 +417,16 @@ _HIP_ROWS = [
     ("flash_fwd_wmma",          "rdna3", 64,     None,   64,      32,      4,     1),
     ("flash_fwd_wmma",          "rdna3", 96,     None,   64,      32,      4,     1),
     ("flash_fwd_wmma",          "rdna3", 128,    None,   64,      16,      4,     1),
+    ("flash_fwd_wmma",          "rdna3", 160,    None,   64,      16,      4,     1,     _LDS),
+    ("flash_fwd_wmma",          "rdna3", 192,    None,   64,      16,      4,     1,     _LDS),
+    ("flash_fwd_wmma",          "rdna3", 256,    None,   64,      16,      4,     1,     _LDS),
     ("flash_fwd_wmma",          "rdna4", 32,     None,   64,      64,      4,     1),
     ("flash_fwd_wmma",          "rdna4", 64,     None,   64,      64,      4,     1),
     ("flash_fwd_wmma",          "rdna4", 96,     None,   64,      32,      4,     1),
     ("flash_fwd_wmma",          "rdna4", 128,    None,   64,      32,      4,     1),
     ("flash_fwd_wmma",          "rdna4", 160,    None,   64,      16,      4,     1),
     ("flash_fwd_wmma",          "rdna4", 192,    None,   64,      16,      4,     1),
+    ("flash_fwd_wmma",          "rdna4", 256,    None,   64,      16,      4,     1,     _LDS),
     ("flash_fwd_portable",      "gfx9",  64,     None,   64,      32,      4,     1),
     ("flash_fwd_portable",      "gfx9",  128,    None,   32,      32,      4,     1),
     ("flash_fwd_portable",      "gfx9",  256,    None,   16,      16,      4,     1),
@@ -438,12 +448,32 @@ _HIP_ROWS = [
     ("flash_bwd_mfma_dq",       "cdna",  128,    None,   128,     32,      4,     1),
     ("flash_bwd_wmma_dkdv",     "rdna3", 32,     None,   32,      64,      4,     1),
     ("flash_bwd_wmma_dq",       "rdna3", 32,     None,   64,      32,      4,     1),
+    ("flash_bwd_wmma_dkdv",     "rdna3", 64,     None,   16,      64,      4,     1,     _LDS),
+    ("flash_bwd_wmma_dq",       "rdna3", 64,     None,   64,      16,      4,     1,     _LDS),
+    ("flash_bwd_wmma_dkdv",     "rdna3", 96,     None,   16,      64,      4,     1,     _LDS),
+    ("flash_bwd_wmma_dq",       "rdna3", 96,     None,   64,      16,      4,     1,     _LDS),
+    ("flash_bwd_wmma_dkdv",     "rdna3", 128,    None,   16,      64,      4,     1,     _LDS),
+    ("flash_bwd_wmma_dq",       "rdna3", 128,    None,   64,      16,      4,     1,     _LDS),
+    ("flash_bwd_wmma_dkdv",     "rdna3", 160,    None,   16,      32,      2,     1,     _LDS_SPLIT2),
+    ("flash_bwd_wmma_dq",       "rdna3", 160,    None,   64,      16,      4,     1,     _LDS),
+    ("flash_bwd_wmma_dkdv",     "rdna3", 192,    None,   16,      32,      2,     1,     _LDS_SPLIT2),
+    ("flash_bwd_wmma_dq",       "rdna3", 192,    None,   32,      16,      2,     1,     _LDS),
+    ("flash_bwd_wmma_dkdv",     "rdna3", 256,    None,   16,      16,      1,     1,     _LDS_SPLIT2),
+    ("flash_bwd_wmma_dq",       "rdna3", 256,    None,   32,      16,      2,     1,     _LDS),
     ("flash_bwd_wmma_dkdv",     "rdna4", 32,     None,   32,      64,      4,     1),
     ("flash_bwd_wmma_dq",       "rdna4", 32,     None,   64,      32,      4,     1),
     ("flash_bwd_wmma_dkdv",     "rdna4", 64,     None,   16,      64,      4,     1),
     ("flash_bwd_wmma_dq",       "rdna4", 64,     None,   64,      32,      4,     1),
     ("flash_bwd_wmma_dkdv",     "rdna4", 96,     None,   16,      64,      4,     1),
     ("flash_bwd_wmma_dq",       "rdna4", 96,     None,   64,      32,      4,     1),
+    ("flash_bwd_wmma_dkdv",     "rdna4", 128,    None,   16,      64,      4,     1,     _LDS),
+    ("flash_bwd_wmma_dq",       "rdna4", 128,    None,   64,      16,      4,     1,     _LDS),
+    ("flash_bwd_wmma_dkdv",     "rdna4", 160,    None,   16,      32,      2,     1,     _LDS),
+    ("flash_bwd_wmma_dq",       "rdna4", 160,    None,   64,      16,      4,     1,     _LDS),
+    ("flash_bwd_wmma_dkdv",     "rdna4", 192,    None,   16,      32,      2,     1,     _LDS_SPLIT2),
+    ("flash_bwd_wmma_dq",       "rdna4", 192,    None,   32,      16,      2,     1,     _LDS),
+    ("flash_bwd_wmma_dkdv",     "rdna4", 256,    None,   16,      16,      1,     1,     _LDS_SPLIT2),
+    ("flash_bwd_wmma_dq",       "rdna4", 256,    None,   32,      16,      2,     1,     _LDS),
     ("flash_bwd_portable_dq",   "gfx9",  64,     None,   32,      16,      4,     1),
     ("flash_bwd_portable_dq",   "gfx9",  128,    None,   16,      16,      4,     1),
     ("flash_bwd_portable_dq",   "gfx9",  256,    None,   16,      8,       2,     1),
@@ -492,7 +522,7 @@ _HIP_ROWS = [
     ("flash_decode_wmma",       "rdna4", 128,    None,   16,      32,      1,     1),
 ]
 
-HIP_TABLE = [TileConfig(*row) for row in _HIP_ROWS]
+HIP_TABLE = [TileConfig(*row[:8], **(row[8] if len(row) > 8 else {})) for row in _HIP_ROWS]
 
 # Entry points whose source file has another name.
 HIP_SOURCES = {"flash_bwd_preprocess": "flash_bwd_prep.hip",
@@ -634,18 +664,20 @@ def hip_shared_memory_bytes(cfg: TileConfig) -> int:
     d = cfg.head_dim
     pad = 8 if cfg.kernel in HIP_WMMA_KERNELS else 4  # LDS_PAD of wmma.h and mfma.h
     kernel = cfg.kernel.replace("_wmma", "_mfma")  # the same sources and layouts
+    # frags_in_lds: the tiles staged over the others stay beside them instead.
     if kernel in ("flash_fwd_mfma", "flash_decode_mfma"):  # 16-bit tiles; Q staged over K and V^T
         q_stage = cfg.block_m * (d + pad)
         k_vt = cfg.block_n * (d + pad) + d * (cfg.block_n + pad)
-        return max(q_stage, k_vt) * 2
+        return (q_stage + k_vt if cfg.frags_in_lds else max(q_stage, k_vt)) * 2
     if kernel == "flash_bwd_mfma_dkdv":  # Q, dO as stored and transposed; K, V staged over them
         tiles = 2 * cfg.block_m * (d + pad) + 2 * d * (cfg.block_m + pad)
         stage = cfg.block_n * (d + pad)
+        tiles += 2 * stage if cfg.frags_in_lds else 0
         return max(tiles, stage) * 2 + 2 * cfg.block_m * 4  # + LSE and delta, float32
     if kernel == "flash_bwd_mfma_dq":  # K, V, K^T; Q and dO staged over them
         tiles = 2 * cfg.block_n * (d + pad) + d * (cfg.block_n + pad)
         stage = cfg.block_m * (d + pad)
-        return max(tiles, stage) * 2
+        return (tiles + 2 * stage if cfg.frags_in_lds else max(tiles, stage)) * 2
     if cfg.kernel in ("flash_fwd_portable", "flash_decode_portable"):  # float32: sQ, sK (odd strides), sV, sP, sRow
         return (cfg.block_m * (d + 1) + cfg.block_n * (d + 1) + cfg.block_n * d
                 + cfg.block_m * cfg.block_n + cfg.block_m) * 4
@@ -683,6 +715,10 @@ def hip_defines(cfg: TileConfig, dtype: str, causal: bool, vec_loads: bool) -> d
     mfma = {"ELEM_BF16": int(dtype == "bfloat16"), "VEC_LOADS": int(vec_loads)}
     if cfg.kernel in HIP_WMMA_KERNELS:
         mfma |= {"MATRIX_WMMA": 1, "WMMA_GFX12": int(cfg.arch == "rdna4")}
+    if cfg.frags_in_lds:
+        mfma |= {"FRAGS_IN_LDS": 1}
+    if cfg.dim_split != 1:
+        mfma |= {"DIM_SPLIT": cfg.dim_split}
     if cfg.kernel in ("flash_fwd_mfma", "flash_bwd_mfma_dq", "flash_fwd_wmma", "flash_bwd_wmma_dq",
                       "flash_decode_mfma", "flash_decode_wmma"):
         return common | mfma | {"BLOCK_N": cfg.block_n}
@@ -699,6 +735,6 @@ def hip_grid(cfg: TileConfig, seqlen_q: int, seqlen_k: int, heads_q: int, heads_
     """The grid of one launch of `cfg`: query blocks x query heads, or, for the dK/dV kernels, key
     blocks x key/value heads; the batch (or a chunk of it) in z."""
     if cfg.kernel in ("flash_bwd_mfma_dkdv", "flash_bwd_wmma_dkdv", "flash_bwd_portable_dkdv"):
-        return (math.ceil(seqlen_k / cfg.block_n), heads_k, batch)
+        return (math.ceil(seqlen_k / cfg.block_n) * cfg.dim_split, heads_k, batch)
     owned = cfg.block_m
     return (math.ceil(seqlen_q / owned), heads_q, batch)

@@ -353,3 +353,50 @@ def test_decode_model_fails_without_the_gfx11_exchange():
     q, k, v = (rng.standard_normal((n, cfg.head_dim)) for n in (4, cfg.block_n, cfg.block_n))
     with pytest.raises(AssertionError, match="halves of the wave disagree"):
         decode_block(cfg, q, k, v, np.ones((4, cfg.block_n), bool), [0], functions=broken)
+
+
+DKDV_ROWS = [r for r in configs.HIP_TABLE if r.kernel == "flash_bwd_wmma_dkdv"]
+
+
+@pytest.mark.parametrize("cfg", DKDV_ROWS, ids=lambda c: f"{c.arch}_D{c.head_dim}_M{c.block_m}_split{c.dim_split}")
+def test_dkdv_slices_give_the_gradients_of_the_waves_keys(cfg):
+    """flash_bwd_wmma_dkdv in the row's layout: S = Q K^T and dP = dO V^T from the K and V
+    fragments (in registers or read from LDS: the same fragments), then for each of the
+    dim_split blocks of a key block dV^T and dK^T over its slice of dims, from rows [dim0, dim0 +
+    SLICE_DIMS) of the transposed tiles (sdOt + dim0 * T_STRIDE); the slices put together are
+    P^T dO and dS^T Q for the last wave's keys."""
+    gfx12 = int(cfg.arch == "rdna4")
+    F = kernel_functions(gfx12)
+    rng = np.random.default_rng(cfg.head_dim + cfg.block_m + gfx12)
+    d, m, stride, t_stride = cfg.head_dim, cfg.block_m, cfg.head_dim + LDS_PAD, cfg.block_m + LDS_PAD
+    wave = cfg.warps - 1
+    q, dout = rng.standard_normal((m, d)), rng.standard_normal((m, d))
+    k, v = rng.standard_normal((cfg.block_n, d)), rng.standard_normal((cfg.block_n, d))
+    keys = slice(wave * 16, wave * 16 + 16)
+
+    def read_back(acc):
+        out = np.full((16 * len(acc), 16), np.nan)
+        for blk, block in enumerate(acc):
+            for lane in range(LANES):
+                for j in range(8):
+                    out[F["acc_row"](lane, blk, j), F["acc_col"](lane)] = block[lane, j]
+        assert not np.isnan(out).any()
+        return out
+
+    k_frag = load_frags(F, gfx12, _lds(k, stride), stride, wave * 16, d // 16)
+    v_frag = load_frags(F, gfx12, _lds(v, stride), stride, wave * 16, d // 16)
+    acc_s = tile_times_frags(F, gfx12, _lds(q, stride), stride, m // 16, k_frag)
+    acc_dp = tile_times_frags(F, gfx12, _lds(dout, stride), stride, m // 16, v_frag)
+    np.testing.assert_allclose(read_back(acc_s), q @ k[keys].T, rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(read_back(acc_dp), dout @ v[keys].T, rtol=1e-12, atol=1e-12)
+
+    p, ds = np.tanh(acc_s), np.sin(acc_dp)  # stand-ins for P and dS, elementwise: same layout
+    s_dot, s_qt = _lds(dout.T.copy(), t_stride), _lds(q.T.copy(), t_stride)
+    slice_dims = d // cfg.dim_split
+    dv_t, dk_t = np.zeros((d, 16)), np.zeros((d, 16))
+    for part in range(cfg.dim_split):
+        dim0 = part * slice_dims
+        dv_t[dim0:dim0 + slice_dims] = read_back(tile_times_acc(F, gfx12, s_dot[dim0:], t_stride, slice_dims // 16, list(p)))
+        dk_t[dim0:dim0 + slice_dims] = read_back(tile_times_acc(F, gfx12, s_qt[dim0:], t_stride, slice_dims // 16, list(ds)))
+    np.testing.assert_allclose(dv_t, (read_back(p).T @ dout).T, rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(dk_t, (read_back(ds).T @ q).T, rtol=1e-12, atol=1e-12)

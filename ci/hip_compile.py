@@ -24,9 +24,9 @@ gfx950 (MI350) is known to neither (clang-19 rejects the name; the script shows 
 Every row is compiled plain and causal. The attention variants of issue 6 (kernels_common/
 attention_common.h's flags: sliding window, softcap, ALiBi, packed varlen batches, and all of them
 together) are compiled for every kernel and target at one representative head dim (VARIANT_HEAD_DIM,
-where the MFMA backward's registers are tightest; a kernel whose rows stop below it at its
-largest), and for the WMMA forward and backward also at their largest row (D=256: fixed operands
-in LDS, dK/dV split over D), in the dtype with the most registers; `--variants all` compiles every
+where the MFMA backward's registers are tightest, or a kernel's largest row below it), once for
+each form of its rows (the WMMA rows with their operands in registers, in LDS, and dK/dV split
+over D: variant_head_dims), in the dtype with the most registers; `--variants all` compiles every
 flag combination for every row instead (several times longer).
 
 Fails (exit 1) on a compile error, scratch or spills in any variant, registers or LDS over the
@@ -98,14 +98,19 @@ VARIANT_DTYPE = {"flash_fwd_portable": "float32", "flash_bwd_portable_dq": "floa
 
 
 def variant_head_dims(cfg) -> set[int]:
-    """The head dims whose rows of cfg's kernel and family get the variant flags: VARIANT_HEAD_DIM
-    (or the largest row below it), and for the WMMA kernels also their largest row, the one that
-    reads its fixed operands from LDS (and, in dK/dV, splits the head dim): every structure a
+    """The head dims whose rows of cfg's kernel and family get the variant flags: for each form
+    the rows take (operands in registers, in LDS, D split; configs' frags_in_lds and dim_split),
+    its row at VARIANT_HEAD_DIM or the largest below it, or, for a form whose rows all lie above
+    it, its largest; and where there are several forms, the largest row of all. Every structure a
     kernel source compiles to meets the flags."""
-    dims = [r.head_dim for r in configs.HIP_TABLE if (r.kernel, r.arch) == (cfg.kernel, cfg.arch)]
-    chosen = {VARIANT_HEAD_DIM if VARIANT_HEAD_DIM in dims else max(d for d in dims if d <= VARIANT_HEAD_DIM)}
-    if cfg.kernel in configs.HIP_WMMA_KERNELS and cfg.kernel not in configs.HIP_DECODE_KERNELS:
-        chosen.add(max(dims))
+    forms = {}
+    for r in configs.HIP_TABLE:
+        if (r.kernel, r.arch) == (cfg.kernel, cfg.arch):
+            forms.setdefault((r.frags_in_lds, r.dim_split), []).append(r.head_dim)
+    chosen = {max(d for d in dims if d <= VARIANT_HEAD_DIM) if min(dims) <= VARIANT_HEAD_DIM else max(dims)
+              for dims in forms.values()}
+    if len(forms) > 1:  # and the largest row, the one with the most registers of its form
+        chosen.add(max(d for dims in forms.values() for d in dims))
     return chosen
 
 

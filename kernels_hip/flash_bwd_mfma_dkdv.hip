@@ -3,10 +3,11 @@
 // query-parallel kernel of its own, so nothing here adds into shared memory or global memory with
 // atomics and the gradients are the same bits on every run.
 //
-// Grid: x = key block, y = key/value head, z = batch. Wave w owns keys [w * 32, w * 32 + 32) of the
-// block and keeps their K and V fragments in registers. The block walks every query block of every
-// query head of its GQA group, so dK and dV, summed over the group, stay in registers from the
-// first step to the last.
+// Grid: x = key block (with DIM_SPLIT > 1: key block * DIM_SPLIT + slice of the head dim), y =
+// key/value head, z = batch. Wave w owns keys [w * MATRIX_N, (w + 1) * MATRIX_N) of the block and
+// keeps their K and V fragments in registers (or, FRAGS_IN_LDS, their tiles in LDS). The block
+// walks every query block of every query head of its GQA group, so dK and dV, summed over the
+// group, stay in registers from the first step to the last.
 //
 // Products (mfma.h; the lane's accumulator column is always one of the wave's keys):
 //   S  = Q K^T      A: Q tile [query][dim] in LDS       B: K^T fragments in registers
@@ -178,7 +179,8 @@ MATRIX_KERNEL(flash_bwd, _dkdv)(const AttnParams p) {
     load_tile<BLOCK_N, ROW_STRIDE, 0>(sK, nullptr, k, k_row_stride, seqlen_k - n_start, head_dim, tid);
     __syncthreads();  // the K tile is complete
     k_frag.load(sK, wave * MATRIX_N, lane);
-    __syncthreads();  // every wave has its K fragments: the staging memory takes V
+    __syncthreads();  // every wave has its K fragments: the staging memory takes V (FRAGS_IN_LDS:
+                      // sV is a tile of its own, and this barrier is redundant)
     load_tile<BLOCK_N, ROW_STRIDE, 0>(sV, nullptr, v, v_row_stride, seqlen_k - n_start, head_dim, tid);
     __syncthreads();  // the V tile is complete
     v_frag.load(sV, wave * MATRIX_N, lane);

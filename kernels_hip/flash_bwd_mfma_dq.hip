@@ -115,7 +115,8 @@ MATRIX_KERNEL(flash_bwd, _dq)(const AttnParams p) {
     load_tile<BLOCK_M, ROW_STRIDE, 0>(sQ, nullptr, q, q_row_stride, seqlen_q - m_start, head_dim, tid);
     __syncthreads();  // the Q tile is complete
     q_frag.load(sQ, wave * MATRIX_N, lane);
-    __syncthreads();  // every wave has its Q fragments: the staging memory takes dO
+    __syncthreads();  // every wave has its Q fragments: the staging memory takes dO (FRAGS_IN_LDS:
+                      // sdO is a tile of its own, and this barrier is redundant)
     load_tile<BLOCK_M, ROW_STRIDE, 0>(sdO, nullptr, dout, dout_row_stride, seqlen_q - m_start, head_dim, tid);
     __syncthreads();  // the dO tile is complete
     do_frag.load(sdO, wave * MATRIX_N, lane);

@@ -247,15 +247,23 @@ def test_hip_compile_checks_the_same_variant_flags():
     hip_compile = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(hip_compile)
     assert {k: v for k, v in VARIANT_FLAGS.items() if k != "causal"} == hip_compile.VARIANT_FLAGS
-    compiled = {(v[0].kernel, v[1], v[5]) for v in hip_compile.variants(hip_compile.TARGETS)}
+    # (kernel, target, flags, form): the form is where a row keeps its fixed operands and whether
+    # its dK/dV splits D (configs' frags_in_lds, dim_split): each compiles to other code.
+    compiled = {(v[0].kernel, v[1], v[5], (v[0].frags_in_lds, v[0].dim_split))
+                for v in hip_compile.variants(hip_compile.TARGETS)}
     for kernel in {r.kernel for r in configs.HIP_TABLE} - {"flash_bwd_preprocess"}:
         want = {"plain", *(hip_compile.DECODE_VARIANT_FLAGS if kernel in configs.HIP_DECODE_KERNELS
                            else hip_compile.VARIANT_FLAGS)}
-        targets = {target for k, target, _ in compiled if k == kernel}
+        targets = {target for k, target, _, _ in compiled if k == kernel}
         assert targets, kernel
-        for target in targets:  # every target that uses the kernel compiles all of its flags
-            assert {flags for k, t, flags in compiled if (k, t) == (kernel, target)} == want, (kernel, target)
-    assert {target for _, target, _ in compiled} == {"gfx908", "gfx90a", "gfx1030", "gfx942", "gfx1100", "gfx1201"}
+        for target in targets:  # every target that uses the kernel compiles all of its flags, in every form
+            forms = {form for k, t, _, form in compiled if (k, t) == (kernel, target)}
+            for form in forms:
+                assert {flags for k, t, flags, f in compiled if (k, t, f) == (kernel, target, form)} == want, \
+                    (kernel, target, form)
+    assert {target for _, target, _, _ in compiled} == {"gfx908", "gfx90a", "gfx1030", "gfx942", "gfx1100", "gfx1201"}
+    wmma_forms = {form for k, t, _, form in compiled if k == "flash_bwd_wmma_dkdv"}
+    assert wmma_forms == {(False, 1), (True, 1), (True, 2)}  # registers, LDS, LDS with D split
 
 
 # ---- the launchers' parameter blocks -------------------------------------------------------------

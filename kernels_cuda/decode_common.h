@@ -403,9 +403,11 @@ __device__ __forceinline__ void fill_row(cache_t* dst, const elem_t* from, float
 __device__ __forceinline__ void warp_bulk_keys(cache_t* sK, cache_t* sV, u32 bar, const KeySource& src,
                                                const int (&page)[BULK_ROWS], int key0, int valid_keys,
                                                int head_dim, int lane) {
-    const int cache_rows = min(valid_keys, max(0, src.cached - key0));  // rows [0, cache_rows)
+    // rows [0, copied_rows); valid_keys is negative for a warp whose keys all lie past the split's end
+    const int copied_rows = max(0, min(valid_keys, src.cached - key0));
     const u32 row_bytes = (u32)(head_dim * CACHE_BYTES);
-    if (lane == 0) mbar_arrive_expect_tx(bar, 2u * (u32)cache_rows * row_bytes);
+    if (lane == 0) mbar_arrive_expect_tx(bar, 2u * (u32)copied_rows * row_bytes);
+    __syncwarp();  // the barrier expects the bytes before any copy can complete on it
 #pragma unroll
     for (int j = 0; j < BULK_ROWS; ++j) {
         const int i = lane + j * WARP_SIZE, row = i % WARP_N, key = key0 + row;
@@ -413,7 +415,7 @@ __device__ __forceinline__ void warp_bulk_keys(cache_t* sK, cache_t* sV, u32 bar
         // K or V: fields picked one by one (a reference to either struct would put both on the stack)
         const bool is_v = i >= WARP_N;
         cache_t* dst = (is_v ? sV : sK) + row * CACHE_STRIDE;
-        if (row < cache_rows) {
+        if (row < copied_rows) {
             const cache_t* cache = is_v ? src.v.cache : src.k.cache;
             const i64 row_stride = is_v ? src.v.row_stride : src.k.row_stride;
 #if PAGE_SIZE

@@ -1,7 +1,7 @@
-"""A few KV-cache decode calls for compute-sanitizer (memcheck, racecheck, synccheck): every copy
-path of the tensor-core decode on the GPU at hand (on sm_90 the copy engine's bulk rows, and
-cp.async with XATTN_DECODE_BULK=0), contiguous and paged, bf16 and FP8 caches, a head dim below
-its tile's (the zeroed columns), new rows and split keys. Prints whether each output is finite.
+"""A few KV-cache decode calls for compute-sanitizer (memcheck, racecheck, synccheck): the
+tensor-core decode contiguous and paged, bf16 and FP8 caches (float16 products, scaled Q tile), a
+head dim below its tile's (zero columns), new rows and split keys (the merge). Prints whether each
+output is finite.
 
     PYTHONPATH=. compute-sanitizer --tool racecheck python ci/decode_sanitize.py
 """

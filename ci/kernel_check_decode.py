@@ -48,7 +48,7 @@ def exact(q, k, v, causal, window, softcap, scale):
     return p @ v, lse
 
 
-def run_case(dtype, batch, hq, hk, sq, smax, snew, d, causal, window, softcap, layout, splits, bulk, gen):
+def run_case(dtype, batch, hq, hk, sq, smax, snew, d, causal, window, softcap, layout, splits, gen):
     lengths = torch.randint(0, smax - snew + 1, (batch,), generator=gen, device="cuda").to(torch.int32)
     lengths[0] = smax - snew  # a full cache
     if batch > 1:
@@ -68,7 +68,6 @@ def run_case(dtype, batch, hq, hk, sq, smax, snew, d, causal, window, softcap, l
 
     kvcache._FORCED_SPLITS = splits
     kvcache.num_splits.cache_clear()
-    kvcache.BULK_COPY = bulk  # sm_90: cache rows by the copy engine, or by cp.async
     results = []
     for _ in range(2):
         k_cache, v_cache = k0.clone(memory_format=torch.preserve_format), v0.clone(memory_format=torch.preserve_format)
@@ -144,9 +143,7 @@ def main(argv=None) -> int:
         layout = ("bhsd", "bshd")[n // len(variants) % 2]
         splits = (0, 1, 3)[n % 3]  # 0: the heuristic's choice
         batch = 3 if smax < 1000 else 2
-        bulk = n % 4 != 3  # both copy paths of sm_90 (configs.decode_bulk_copy), bulk the default
-        cases.append((dtype, batch, hq, hk, sq, smax, snew, d, causal, window, softcap, layout, splits,
-                      bulk))
+        cases.append((dtype, batch, hq, hk, sq, smax, snew, d, causal, window, softcap, layout, splits))
     if args.quick:
         cases = cases[::5]
     failures, worst = 0, {}

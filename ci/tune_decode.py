@@ -1,12 +1,12 @@
-"""Decode tuning on a GPU: GPU time of attention_with_kvcache at forced split counts, L2 prefetch
-hints (decode_common.h, L2_PREFETCH) and copy paths (--bulk 1: sm_90's copy engine, 0: cp.async;
-decode_common.h, BULK_COPY), and the host time per call (the Python and launch cost that bounds
-short caches), on the bench's decode shapes; --fp8 adds the same calls on an e4m3fn copy of the
-cache (TB/s of the bytes read: 1 an element), --paged 16 the same caches in shuffled pages of 16
-rows. First line: the GPU's device-to-device copy bandwidth (read + write bytes of a 4 GiB copy),
-the yardstick of the decode's read bandwidth.
+"""Decode tuning on a GPU: GPU time of attention_with_kvcache at forced split counts and L2
+prefetch hints (decode_common.h, L2_PREFETCH), and the host time per call (the Python and launch
+cost that bounds short caches), on the bench's decode shapes; --fp8 adds the same calls on the
+bench's FP8 copy of the cache (e4m3fn, per-kv-head scales; TB/s of the bytes read: 1 an element),
+--paged 16 the same caches in the bench's shuffled pages of 16 rows. First line: the GPU's
+device-to-device copy bandwidth (read + write bytes of a 4 GiB copy), the yardstick of the
+decode's read bandwidth.
 
-    PYTHONPATH=. python ci/tune_decode.py [--splits 0 1 2 4 8] [--prefetch 0 128 256] [--bulk 0 1]
+    PYTHONPATH=. python ci/tune_decode.py [--splits 0 1 2 4 8] [--prefetch 0 128 256]
                                           [--paged 0 16] [--seqlens 4096 32768] [--heads-k 8 32]
                                           [--fp8]
 """
@@ -30,7 +30,6 @@ def main() -> None:
     parser.add_argument("--prefetch", type=int, nargs="+", default=[0])
     parser.add_argument("--seqlens", type=int, nargs="+", default=[4096, 32768])
     parser.add_argument("--heads-k", type=int, nargs="+", default=[8, 32])
-    parser.add_argument("--bulk", type=int, nargs="+", default=[1])
     parser.add_argument("--paged", type=int, nargs="+", default=[0])
     parser.add_argument("--fp8", action="store_true")
     args = parser.parse_args()
@@ -41,7 +40,7 @@ def main() -> None:
     ms = timer(lambda: dst.copy_(src))
     print(f"# device copy: {2 * src.numel() * 2 / ms / 1e9:.2f} TB/s (read + write of 4 GiB)", flush=True)
     src = dst = None  # freed before the decode shapes
-    print("cache    Hk      Sk  L2  bulk  page  splits  GPU us  TB/s  host us/call  (splits 0*: the planner's choice)")
+    print("cache    Hk      Sk  L2  page  splits  GPU us  TB/s  host us/call  (splits 0*: the planner's choice)")
     for heads_k in args.heads_k:
         for seqlen in args.seqlens:
             q = torch.randn(batch, heads_q, 1, head_dim, device="cuda", dtype=torch.bfloat16)
@@ -58,10 +57,9 @@ def main() -> None:
                 else:
                     kc, vc, table, ks, vs = k, v, None, None, None
                 kv_bytes = 2 * kc.numel() * kc.element_size()
-                for prefetch, bulk, splits in itertools.product(args.prefetch, args.bulk, args.splits):
+                for prefetch, splits in itertools.product(args.prefetch, args.splits):
                     kvcache._FORCED_SPLITS = splits
                     kvcache.L2_PREFETCH = prefetch
-                    kvcache.BULK_COPY = bool(bulk)
                     kvcache.num_splits.cache_clear()
                     kvcache._plans.clear()  # plans hold their split count and kernels
 
@@ -79,7 +77,7 @@ def main() -> None:
                     torch.cuda.synchronize()
                     chosen = kvcache._plan("bfloat16", 0, batch, heads_q, heads_k, 1, seqlen,
                                            head_dim, (-1, -1))[3]
-                    print(f"{name:5} {heads_k:5} {seqlen:7} {prefetch:3} {bulk:5} {page:5} "
+                    print(f"{name:5} {heads_k:5} {seqlen:7} {prefetch:3} {page:5} "
                           f"{splits or chosen:7}"
                           f"{'*' if not splits else ' '} {ms * 1e3:7.1f} {kv_bytes / ms / 1e9:5.2f} "
                           f"{host_us:12.1f}", flush=True)
@@ -88,7 +86,6 @@ def main() -> None:
             torch.cuda.empty_cache()
     kvcache._FORCED_SPLITS = 0
     kvcache.L2_PREFETCH = 0
-    kvcache.BULK_COPY = True
 
 
 if __name__ == "__main__":

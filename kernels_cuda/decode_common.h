@@ -76,9 +76,6 @@
 // PAGE_SIZE   0: contiguous caches; > 0: paged caches of PAGE_SIZE rows per page
 // KV_FP8      0: the caches hold elem_t; FP8_E4M3FN (1) / FP8_E5M2 (2): float8 codes (fp8.h)
 // L2_PREFETCH 0, 128 or 256: the cache copies' L2 prefetch hint (platform.h, cp_async_16_zfill_l2)
-// BULK_COPY   1 (sm_90, 16-bit kernel, VEC_LOADS): cache rows move by the copy engine, one
-//             cp.async.bulk per row, and each ring slot completes on its own mbarrier
-//             (warp_bulk_keys); 0: 16-byte cp.async by every lane (warp_load_keys)
 // MIN_BLOCKS  thread blocks per SM that the register allocation must allow
 #ifndef PAGE_SIZE
 #define PAGE_SIZE 0
@@ -88,9 +85,6 @@
 #endif
 #ifndef KV_FP8
 #define KV_FP8 0
-#endif
-#ifndef BULK_COPY
-#define BULK_COPY 0
 #endif
 
 // cache_t: what one cache element is in memory (and in the K/V ring).
@@ -119,11 +113,9 @@ static_assert((HEAD_DIM & (HEAD_DIM - 1)) == 0 && HEAD_DIM >= 32, "HEAD_DIM: pow
 static_assert(BLOCK_M <= NUM_THREADS, "one thread per row computes the row limits");
 static_assert(PAGE_SIZE % 16 == 0, "pages hold a multiple of 16 rows");
 static_assert(!KV_FP8 || HEAD_DIM % 8 == 0, "FP8 tiles convert in 8-element pieces");
-static_assert(!BULK_COPY || (VEC_LOADS && !ELEM_F32), "bulk copies: 16-byte rows, tensor-core kernel");
 
 // ---- shared-memory layout ---------------------------------------------------------------------
-// sQ [BLOCK_M][TILE_STRIDE] elements | row_lo, row_hi [BLOCK_M] ints | with BULK_COPY, each
-// warp's STAGES ring-slot mbarriers (8 bytes each, the region rounded up to 16) | then either
+// sQ [BLOCK_M][TILE_STRIDE] elements | row_lo, row_hi [BLOCK_M] ints | then either
 //   the K/V rings: per warp, STAGES x (K [WARP_N][CACHE_STRIDE], V [WARP_N][CACHE_STRIDE]) cache
 //   elements, and with FP8_TILES after all rings the conversion tiles: per warp, K and V
 //   [WARP_N][TILE_STRIDE] elements,
@@ -132,7 +124,6 @@ static_assert(!BULK_COPY || (VEC_LOADS && !ELEM_F32), "bulk copies: 16-byte rows
 // xattn/configs.py (decode_shared_memory_bytes) computes the same size.
 #define Q_BYTES (BLOCK_M * TILE_STRIDE * ELEM_BYTES)
 #define LIMIT_BYTES (2 * BLOCK_M * 4)
-#define BARRIER_BYTES (BULK_COPY ? (NUM_WARPS * STAGES * 8 + 15) / 16 * 16 : 0)
 #define TILE_BYTES (WARP_N * TILE_STRIDE * ELEM_BYTES)         // a K or V tile the products read
 #define CACHE_TILE_BYTES (WARP_N * CACHE_STRIDE * CACHE_BYTES)  // a K or V tile of the ring
 #define STAGE_BYTES (2 * CACHE_TILE_BYTES)
@@ -353,89 +344,6 @@ __device__ __forceinline__ void warp_load_keys(cache_t* sK, cache_t* sV, const K
         }
     }
 }
-
-#if BULK_COPY
-#include "sm90/hopper.h"
-
-// Bulk copies (sm_90): lane i < 2 WARP_N owns row i % WARP_N of the step's K tile (i < WARP_N) or
-// V tile; with more rows than lanes a lane owns BULK_ROWS of them.
-#define BULK_ROWS ((2 * WARP_N + WARP_SIZE - 1) / WARP_SIZE)
-
-// The page of each of this lane's rows in the step of keys [key0, key0 + WARP_N) (paged caches;
-// 0 for rows that are not cache rows), read one step before the copies that use it, so that no
-// copy waits on the block table.
-__device__ __forceinline__ void bulk_pages(int (&page)[BULK_ROWS], const KeySource& src, int key0,
-                                           int key_end, int lane) {
-#pragma unroll
-    for (int j = 0; j < BULK_ROWS; ++j) {
-        const int i = lane + j * WARP_SIZE, key = key0 + i % WARP_N;
-        page[j] = 0;
-#if PAGE_SIZE
-        if (i < 2 * WARP_N && key < min(key_end, src.cached))
-            page[j] = min(max(src.pages[key / PAGE_SIZE], 0), src.last_page);
-#endif
-    }
-}
-
-// A ring row the lane writes itself: `from` (a row of this call's new ones; FP8: quantized with
-// `scale` as the append does), or zeros where !valid (past the split's end); zeros past head_dim.
-__device__ __forceinline__ void fill_row(cache_t* dst, const elem_t* from, float scale, bool valid, int head_dim) {
-#pragma unroll 1
-    for (int col = 0; col < HEAD_DIM; col += CACHE_UNIT) {
-        if (valid && col < head_dim) {
-#if KV_FP8
-            quantize_unit(dst + col, from + col, scale);
-#else
-            *(uint4*)(dst + col) = *(const uint4*)(from + col);
-#endif
-        } else {
-            *(uint4*)(dst + col) = make_uint4(0, 0, 0, 0);
-        }
-    }
-}
-
-// One warp's step of WARP_N keys from key0 into its ring slot (tiles sK, sV; barrier bar). Cache
-// rows go by the copy engine, one cp.async.bulk of head_dim elements per row, and lane 0 tells the
-// barrier their bytes, so the slot's phase completes when the last one lands; new rows and rows
-// past the end (valid_keys) are written by the lanes (fill_row), which the caller's __syncwarp
-// after the wait publishes. Row columns past head_dim are never copied: zeroed once at the start
-// (flash_decode.cu), they stay zero. page: bulk_pages of this step.
-__device__ __forceinline__ void warp_bulk_keys(cache_t* sK, cache_t* sV, u32 bar, const KeySource& src,
-                                               const int (&page)[BULK_ROWS], int key0, int valid_keys,
-                                               int head_dim, int lane) {
-    // rows [0, copied_rows); valid_keys is negative for a warp whose keys all lie past the split's end
-    const int copied_rows = max(0, min(valid_keys, src.cached - key0));
-    const u32 row_bytes = (u32)(head_dim * CACHE_BYTES);
-    if (lane == 0) mbar_arrive_expect_tx(bar, 2u * (u32)copied_rows * row_bytes);
-    __syncwarp();  // the barrier expects the bytes before any copy can complete on it
-#pragma unroll
-    for (int j = 0; j < BULK_ROWS; ++j) {
-        const int i = lane + j * WARP_SIZE, row = i % WARP_N, key = key0 + row;
-        if (i >= 2 * WARP_N) continue;
-        // K or V: fields picked one by one (a reference to either struct would put both on the stack)
-        const bool is_v = i >= WARP_N;
-        cache_t* dst = (is_v ? sV : sK) + row * CACHE_STRIDE;
-        if (row < copied_rows) {
-            const cache_t* cache = is_v ? src.v.cache : src.k.cache;
-            const i64 row_stride = is_v ? src.v.row_stride : src.k.row_stride;
-#if PAGE_SIZE
-            const i64 page_stride = is_v ? src.v.page_stride : src.k.page_stride;
-            const cache_t* from = cache + (i64)page[j] * page_stride + (i64)(key % PAGE_SIZE) * row_stride;
-#else
-            const cache_t* from = cache + (i64)key * row_stride;
-#endif
-            bulk_copy_g2s(smem_addr(dst), from, row_bytes, bar);
-        } else {
-            const bool valid = row < valid_keys;
-            const elem_t* fresh = is_v ? src.v.fresh : src.k.fresh;
-            const i64 fresh_stride = is_v ? src.v.fresh_row_stride : src.k.fresh_row_stride;
-            fill_row(dst, fresh + (valid ? (i64)(key - src.cached) * fresh_stride : 0),
-                     is_v ? src.v.scale : src.k.scale, valid, head_dim);
-            fence_proxy_async();  // ordinary stores into a slot the copy engine refills later
-        }
-    }
-}
-#endif
 
 #if FP8_TILES
 // A landed ring tile of FP8 codes -> the warp's tile of their exact values, every element of the

@@ -208,7 +208,7 @@ flash_decode(const __grid_constant__ DecodeParams p) {
     elem_t* sQ = (elem_t*)smem;
     int* row_lo = (int*)(smem + Q_BYTES);
     int* row_hi = row_lo + BLOCK_M;
-    unsigned char* ring = smem + Q_BYTES + LIMIT_BYTES + BARRIER_BYTES;  // K/V rings, later the merge scratch
+    unsigned char* ring = smem + Q_BYTES + LIMIT_BYTES;  // K/V rings, later the merge scratch
 
     const int tid = threadIdx.x, warp = tid / WARP_SIZE, lane = tid % WARP_SIZE;
     const DecodeBlock b = decode_block(p);
@@ -221,31 +221,6 @@ flash_decode(const __grid_constant__ DecodeParams p) {
     cache_t* ring_warp = (cache_t*)(ring + warp * STAGES * STAGE_BYTES);
     const int warp_key0 = b.key_begin + warp * WARP_N;
 
-#if BULK_COPY
-    // Slot s of this warp's ring completes on barrier s (one arrival: lane 0's, with the bytes).
-    const u32 barriers = smem_addr(smem + Q_BYTES + LIMIT_BYTES) + warp * STAGES * 8;
-    if (lane < STAGES) mbar_init(barriers + lane * 8, 1);
-    if (p.head_dim < HEAD_DIM) {  // the columns no copy writes: zero once, for every slot
-        uint4* words = (uint4*)ring_warp;
-        for (int u = lane; u < STAGES * STAGE_BYTES / 16; u += WARP_SIZE) words[u] = make_uint4(0, 0, 0, 0);
-    }
-    mbar_fence_init();  // the copy engine sees the initialized barriers
-    __syncwarp();       // and every lane sees them and the zeroed ring before its first copy
-    int page[BULK_ROWS];
-    bulk_pages(page, src, warp_key0, b.key_end, lane);
-
-    // Copies of step t into ring slot t % STAGES, completing on its barrier; then the next step's
-    // pages are read.
-    auto issue_step = [&](int t) {
-        if (t < steps) {
-            cache_t* slot = ring_warp + (t % STAGES) * (STAGE_BYTES / CACHE_BYTES);
-            const int key0 = warp_key0 + t * KEYS_PER_STAGE;
-            warp_bulk_keys(slot, slot + CACHE_TILE_BYTES / CACHE_BYTES, barriers + (t % STAGES) * 8, src, page,
-                           key0, b.key_end - key0, p.head_dim, lane);
-            bulk_pages(page, src, key0 + KEYS_PER_STAGE, b.key_end, lane);
-        }
-    };
-#else
     // Copies of step t into ring slot t % STAGES; one commit group per step, empty past the end,
     // so that cp_async_wait<STAGES - 1> always means "step t has landed".
     auto issue_step = [&](int t) {
@@ -256,7 +231,6 @@ flash_decode(const __grid_constant__ DecodeParams p) {
         }
         cp_async_commit();
     };
-#endif
 
     // Prologue: the first STAGES - 1 steps' copies are issued before Q is loaded, so that the Q
     // tile's load latency overlaps them.
@@ -294,12 +268,8 @@ flash_decode(const __grid_constant__ DecodeParams p) {
 
     for (int t = 0; t < steps; ++t) {
         issue_step(t + STAGES - 1);  // into the slot read in step t - 1 (released by the __syncwarp below)
-#if BULK_COPY
-        mbar_wait(barriers + (t % STAGES) * 8, (t / STAGES) & 1);  // step t's copies have landed
-#else
         cp_async_wait<STAGES - 1>();
-#endif
-        __syncwarp();  // step t's tiles, written by every lane, are visible to the whole warp
+        __syncwarp();  // step t's tiles, copied by every lane, are visible to the whole warp
         const int n0 = warp_key0 + t * KEYS_PER_STAGE;
         // Masking is needed only where some row's band edge or the split's end falls in the tile.
         const bool needs_mask = n0 < b.full_lo || n0 + WARP_N > min(b.full_hi, b.key_end);
@@ -314,9 +284,7 @@ flash_decode(const __grid_constant__ DecodeParams p) {
     float* sO = (float*)ring;               // [BLOCK_M][OUT_STRIDE]
     float* sM = sO + BLOCK_M * OUT_STRIDE;  // [NUM_WARPS][BLOCK_M]
     float* sL = sM + NUM_WARPS * BLOCK_M;   // [NUM_WARPS][BLOCK_M]
-#if !BULK_COPY
-    cp_async_wait<0>();  // (bulk copies: every issued step was waited for in the loop)
-#endif
+    cp_async_wait<0>();
     __syncthreads();  // no copy is in flight and no warp reads its ring any more: it becomes scratch
 #pragma unroll
     for (int mt = 0; mt < M_TILES; ++mt)

@@ -443,15 +443,14 @@ def test_decode_rows_fit_shared_memory():
     for cfg in configs.TABLE:
         if cfg.kernel in configs.DECODE_KERNELS:
             smem = configs.shared_memory_bytes(cfg)
-            bulk = configs.decode_bulk_copy(cfg, True)  # sm_90: the ring slots' barriers too
             assert smem <= per_block[cfg.arch], cfg
             assert cfg.min_blocks * (smem + 1024) <= per_sm[cfg.arch], cfg
             assert cfg.block_n % cfg.warps == 0 and cfg.stages >= 1, cfg
             for rows in (16, 32, 64):
                 if rows <= cfg.block_m:
-                    assert configs.decode_shared_memory_bytes(cfg, rows, bulk_copy=bulk) <= smem
+                    assert configs.decode_shared_memory_bytes(cfg, rows) <= smem
             # FP8 caches: half-size rings plus the conversion tiles, same rows and stages
-            fp8 = configs.decode_shared_memory_bytes(cfg, cfg.block_m, fp8=True, bulk_copy=bulk)
+            fp8 = configs.decode_shared_memory_bytes(cfg, cfg.block_m, fp8=True)
             assert fp8 <= per_block[cfg.arch], cfg
             assert cfg.min_blocks * (fp8 + 1024) <= per_sm[cfg.arch], cfg
 

@@ -225,7 +225,7 @@ def shared_memory_bytes(cfg: TileConfig) -> int:
         slices = owned * SIMT_TILE * (1 if cfg.kernel == "flash_bwd_simt_dq" else 2)  # dS or (P, dS)
         return (rows + tiles + slices) * 4
     if cfg.kernel in DECODE_KERNELS:  # the variant with the most rows per tile
-        return decode_shared_memory_bytes(cfg, cfg.block_m, bulk_copy=decode_bulk_copy(cfg, True))
+        return decode_shared_memory_bytes(cfg, cfg.block_m)
     raise KeyError(f"{cfg.kernel}: not a kernel of this table (no shared-memory layout known "
                    f"for it)")
 
@@ -254,8 +254,7 @@ def defines(cfg: TileConfig, dtype: str, causal: bool, vec_loads: bool) -> dict[
             "ROWS_PER_WARP": owned // cfg.warps,
         }
     if cfg.kernel in DECODE_KERNELS:  # BLOCK_M and SOFTCAP are the launch's (xattn/kvcache.py)
-        return common | decode_defines(cfg, dtype, cfg.block_m, vec_loads, softcap=False,
-                                       bulk_copy=decode_bulk_copy(cfg, vec_loads))
+        return common | decode_defines(cfg, dtype, cfg.block_m, vec_loads, softcap=False)
     return common | {"ELEM_F32": 1, "ROWS_PER_WARP": cfg.block_m // cfg.warps}  # flash_fwd_f32
 
 
@@ -286,37 +285,28 @@ def decode_stages(cfg: TileConfig, fp8: bool) -> int:
     return cfg.fp8_stages if fp8 and cfg.fp8_stages else cfg.stages
 
 
-def decode_bulk_copy(cfg: TileConfig, vec_loads: bool) -> bool:
-    """Whether a decode variant moves its cache rows by the copy engine (decode_common.h,
-    BULK_COPY): the tensor-core kernel on sm_90 with 16-byte-aligned rows."""
-    return cfg.kernel == "flash_decode" and cfg.arch >= 90 and vec_loads
-
-
-def decode_shared_memory_bytes(cfg: TileConfig, rows: int, fp8: bool = False,
-                               bulk_copy: bool = False) -> int:
+def decode_shared_memory_bytes(cfg: TileConfig, rows: int, fp8: bool = False) -> int:
     """Dynamic shared memory of a decode block with `rows` query rows per tile (the layout in
-    decode_common.h): Q tile, row limits, the ring slots' barriers (bulk_copy), then the warps'
-    K/V rings (FP8 caches: rings of 1-byte codes, fp8_stages deep; the float32 kernel adds each
-    warp's K and V conversion tiles) or, reusing them, the merge scratch."""
+    decode_common.h): Q tile, row limits, then the warps' K/V rings (FP8 caches: rings of 1-byte
+    codes, fp8_stages deep; the float32 kernel adds each warp's K and V conversion tiles) or,
+    reusing them, the merge scratch."""
     size = 4 if cfg.kernel == "flash_decode_f32" else 2
     stride = cfg.head_dim + 16 // size  # rows padded by 16 bytes
     q, limits = rows * stride * size, 2 * rows * 4
     cache_size = 1 if fp8 else size
     stages = decode_stages(cfg, fp8)
-    barriers = -(-cfg.warps * stages * 8 // 16) * 16 if bulk_copy else 0
     rings = stages * 2 * cfg.block_n * (cfg.head_dim + 16 // cache_size) * cache_size
     if fp8 and cfg.kernel == "flash_decode_f32":
         rings += 2 * cfg.block_n * stride * size  # K and V conversion tiles, every warp's
     merge = (rows * (cfg.head_dim + 4) + 2 * cfg.warps * rows) * 4
-    return q + limits + barriers + max(rings, merge)
+    return q + limits + max(rings, merge)
 
 
 def decode_defines(cfg: TileConfig, dtype: str, rows: int, vec_loads: bool,
                    softcap: bool, page_size: int = 0, kv_fp8: int = 0,
-                   l2_prefetch: int = 0, bulk_copy: bool = False) -> dict[str, int]:
+                   l2_prefetch: int = 0) -> dict[str, int]:
     """The -D macros of one decode variant (the kernel's file sets ELEM_F32 itself); kv_fp8: 0, or
-    the cache's DECODE_FP8_FORMATS value; l2_prefetch: the cache copies' L2 hint (0, 128, 256);
-    bulk_copy: decode_bulk_copy's answer, or False to keep cp.async."""
+    the cache's DECODE_FP8_FORMATS value; l2_prefetch: the cache copies' L2 hint (0, 128, 256)."""
     defines = {
         "HEAD_DIM": cfg.head_dim, "NUM_WARPS": cfg.warps, "MIN_BLOCKS": cfg.min_blocks,
         "ELEM_BF16": int(dtype == "bfloat16"),
@@ -324,8 +314,7 @@ def decode_defines(cfg: TileConfig, dtype: str, rows: int, vec_loads: bool,
         "VEC_LOADS": int(vec_loads), "SOFTCAP": int(softcap), "PAGE_SIZE": page_size,
     }
     return (defines | ({"KV_FP8": kv_fp8} if kv_fp8 else {})
-            | ({"L2_PREFETCH": l2_prefetch} if l2_prefetch else {})
-            | ({"BULK_COPY": 1} if bulk_copy else {}))
+            | ({"L2_PREFETCH": l2_prefetch} if l2_prefetch else {}))
 
 
 def decode_merge_defines(dtype: str, head_dim: int) -> dict[str, int]:

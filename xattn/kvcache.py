@@ -495,9 +495,6 @@ _FORCED_SPLITS = int(os.environ.get("XATTN_DECODE_SPLITS", "0") or 0)
 # The cache copies' L2 prefetch hint (0, 128 or 256 bytes; decode_common.h, L2_PREFETCH).
 # ci/tune_decode.py compares them; XATTN_DECODE_L2_PREFETCH sets it (read once, at import).
 L2_PREFETCH = int(os.environ.get("XATTN_DECODE_L2_PREFETCH", "0") or 0)
-# Cache rows by the copy engine on sm_90 (configs.decode_bulk_copy); XATTN_DECODE_BULK=0 keeps
-# cp.async there, for side-by-side timing (ci/tune_decode.py; read once, at import).
-BULK_COPY = os.environ.get("XATTN_DECODE_BULK", "1") != "0"
 
 
 @functools.lru_cache(maxsize=4096)
@@ -754,19 +751,16 @@ _NO_POINTERS: dict = {}  # run() patched them into the block already
 
 @functools.lru_cache(maxsize=None)
 def _kernels(cfg, dtype: str, rows: int, vec: bool, softcap: bool, page_size: int, kv_fp8: int,
-             l2_prefetch: int, bulk: bool, device: int):
+             l2_prefetch: int, device: int):
     """The decode and merge entry points of one variant and the decode's shared memory (the
     launches opt it in: launch.function)."""
     from xattn import jit
 
-    bulk = bulk and configs.decode_bulk_copy(cfg, vec)
-    defines = configs.decode_defines(cfg, dtype, rows, vec, softcap, page_size, kv_fp8, l2_prefetch,
-                                     bulk)
+    defines = configs.decode_defines(cfg, dtype, rows, vec, softcap, page_size, kv_fp8, l2_prefetch)
     decode = jit.get_function("cuda", cfg.kernel + ".cu", cfg.kernel, defines, device)
     merge = jit.get_function("cuda", configs.DECODE_MERGE_KERNEL + ".cu", configs.DECODE_MERGE_KERNEL,
                              configs.decode_merge_defines(dtype, cfg.head_dim), device)
-    return decode, merge, configs.decode_shared_memory_bytes(cfg, rows, fp8=bool(kv_fp8),
-                                                             bulk_copy=bulk)
+    return decode, merge, configs.decode_shared_memory_bytes(cfg, rows, fp8=bool(kv_fp8))
 
 
 def _bhsd_strides(x, library: str, layout: str) -> tuple:
@@ -808,7 +802,7 @@ def _new_plan(q, k_cache, v_cache, cache_seqlens, k_new, v_new, block_table, sin
     vec = all(call.head_dim % per_vector[name] == 0 and (name in copied or _pointer(x) % 16 == 0)
               and all(st % per_vector[name] == 0 for st in strides_of(name, x)) for name, x in strided)
     decode, merge, smem = _kernels(cfg, dtype, tile_rows, vec, bool(call.softcap), call.page_size,
-                                   kv_fp8, L2_PREFETCH, BULK_COPY, device)
+                                   kv_fp8, L2_PREFETCH, device)
 
     params = np.zeros(1, DECODE_PARAMS)
     p = params[0]

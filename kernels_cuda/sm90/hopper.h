@@ -171,15 +171,6 @@ __device__ __forceinline__ void tma_store_wait_read() {
     asm volatile("cp.async.bulk.wait_group.read 0;\n" ::: "memory");
 }
 
-// One contiguous run of `bytes` global -> shared by the copy engine (no tensor map), counted on
-// the barrier at `bar` when it lands (complete_tx). bytes: a multiple of 16; both addresses
-// 16-byte aligned. Plain sm_90 has it too (the decode kernel, compiled for sm_90, uses it).
-__device__ __forceinline__ void bulk_copy_g2s(u32 dst, const void* src, u32 bytes, u32 bar) {
-    asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];\n"
-                 ::"r"(dst), "l"(src), "r"(bytes), "r"(bar)
-                 : "memory");
-}
-
 // Ordinary stores to shared memory that the copy engine or wgmma reads next: each writing thread
 // fences before the barrier that publishes them.
 __device__ __forceinline__ void fence_proxy_async() {

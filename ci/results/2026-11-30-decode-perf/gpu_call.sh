@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# The second device call of the decode-performance round (README.md here). First a probe of the
+# The second device call of the decode-performance round (README.md here; ran at commit 56d7ce7,
+# when the bulk-copy path and XATTN_DECODE_BULK still existed). First a probe of the
 # sm_90 bulk-copy path (probe.py: each case in its own process with a time limit, output compared
 # with cp.async's); if any case is not OK the rest runs with XATTN_DECODE_BULK=0. Then the measured
 # copy bandwidth, the decode benchmark (and, with bulk copies on, the same benchmark on cp.async in a

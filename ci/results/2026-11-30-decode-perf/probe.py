@@ -1,4 +1,5 @@
-"""Probe of the sm_90 bulk-copy decode path before it is benchmarked: one call per case, each in
+"""(Ran at commit 56d7ce7; the bulk path and XATTN_DECODE_BULK were removed after it.) Probe of the
+sm_90 bulk-copy decode path before it is benchmarked: one call per case, each in
 its own process with a time limit (a kernel that never finishes cannot stall the others), output
 compared with the cp.async path's (XATTN_DECODE_BULK=0) on the same inputs. Prints one line per
 case: OK / DIFF / FAIL / HANG. Exit 1 unless every case is OK.

@@ -13,6 +13,7 @@
 // HAS_SOFTCAP  scores s become c * tanh(s / c)
 // HAS_ALIBI    scores get -slope * |i + o - j|, one slope per (batch,) query head
 // IS_VARLEN    sequences are packed: sequence b is rows [cu_seqlens[b], cu_seqlens[b + 1])
+// IS_PAGED     (with IS_VARLEN, forward) the keys and values live in pages through a block table
 #pragma once
 
 #include "params.h"
@@ -31,6 +32,9 @@
 #endif
 #ifndef IS_VARLEN
 #define IS_VARLEN 0
+#endif
+#ifndef IS_PAGED
+#define IS_PAGED 0
 #endif
 
 #define NEG_INF (-__int_as_float(0x7f800000))
@@ -192,13 +196,61 @@ __device__ __forceinline__ Sequence sequence(int batch, const int* cu_seqlens_q,
     Sequence s;
     if (IS_VARLEN) {
         s.q_start = cu_seqlens_q[batch];
-        s.k_start = cu_seqlens_k[batch];
         s.seqlen_q = cu_seqlens_q[batch + 1] - s.q_start;
-        s.seqlen_k = cu_seqlens_k[batch + 1] - s.k_start;
+        // Paged keys are not packed: paged_rows() sets their count (cu_seqlens_k may be null).
+        s.k_start = IS_PAGED ? 0 : cu_seqlens_k[batch];
+        s.seqlen_k = IS_PAGED ? 0 : cu_seqlens_k[batch + 1] - s.k_start;
     } else {
         s.q_start = s.k_start = 0;
         s.seqlen_q = seqlen_q;
         s.seqlen_k = seqlen_k;
     }
     return s;
+}
+
+// ---- paged keys and values (IS_PAGED) ----------------------------------------------------------------
+// flash-attn's convention: k and v are (num_pages, page_size, Hk, D) and key row r of sequence b
+// lives at page block_table[b, r / page_size], row r % page_size. The sequence's key count is
+// seqused_k[b] where given, else cu_seqlens_k[b + 1] - cu_seqlens_k[b]. On a GPU neither the table
+// nor the counts are read by the host, so here counts are clamped to [0, max_pages * page_size]
+// (a row past that would index past the sequence's row of the table) and page ids to
+// [0, num_pages): a bad table reads wrong pages, never memory outside the caches or the table.
+// Every kernel of either vendor that reads paged keys finds a row through paged_row_offset.
+
+struct PagedRows {
+    const int* pages;  // this sequence's row of the block table (unused without IS_PAGED)
+    int page_size;
+    int last_page;     // num_pages - 1
+};
+
+// Sequence `batch`'s pages, and its key count into seq->seqlen_k. Without IS_PAGED: nothing.
+__device__ __forceinline__ PagedRows paged_rows(const AttnParams& p, int batch, Sequence* seq) {
+    PagedRows r;
+    r.pages = p.block_table + (i64)batch * p.block_table_stride;
+    r.page_size = p.page_size;
+    r.last_page = p.num_pages - 1;
+    if (IS_PAGED) {
+        const int used = p.seqused_k ? p.seqused_k[batch] : p.cu_seqlens_k[batch + 1] - p.cu_seqlens_k[batch];
+        seq->seqlen_k = min(max(used, 0), p.max_pages * p.page_size);
+    }
+    return r;
+}
+
+// Offset in elements of page row `row` (0 <= row < max_pages * page_size) from the base of a
+// kv head: page `pages[row / page_size]`, clamped. page_size may be a compile-time constant (the
+// decode kernels' PAGE_SIZE), which turns the division into a shift.
+__device__ __forceinline__ i64 paged_row_offset(const int* pages, int page_size, int last_page,
+                                                int row, i64 page_stride, i64 row_stride) {
+    const int page = min(max(pages[row / page_size], 0), last_page);
+    return (i64)page * page_stride + (i64)(row % page_size) * row_stride;
+}
+
+// Offset of key row `row` of this sequence (row < seq.seqlen_k) from its kv head's base:
+// through the pages with IS_PAGED, else row * row_stride.
+__device__ __forceinline__ i64 kv_row_offset(const PagedRows& r, int row, i64 page_stride, i64 row_stride) {
+#if IS_PAGED
+    return paged_row_offset(r.pages, r.page_size, r.last_page, row, page_stride, row_stride);
+#else
+    return (i64)row * row_stride;
+#endif
 }

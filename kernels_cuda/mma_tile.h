@@ -63,6 +63,52 @@ __device__ __forceinline__ void load_tile(u16* smem, const u16* gmem, i64 row_st
 #endif
 }
 
+// load_tile for key/value rows found through a sequence's pages (attention_common.h:
+// kv_row_offset): each row of the tile, first_row + r, from its own address. A row at or past
+// valid_rows is zero-filled without a read, and its address, which may lie past the sequence's
+// row of the block table, is never formed.
+template <int ROWS>
+__device__ __forceinline__ void load_paged_tile(u16* smem, const u16* base, const PagedRows& pages,
+                                                int first_row, i64 page_stride, i64 row_stride,
+                                                int valid_rows, int head_dim, int tid) {
+    constexpr int COPY_ELEMS = VEC_LOADS ? CHUNK : 1;
+    constexpr int COPIES_PER_ROW = HEAD_DIM / COPY_ELEMS;
+    constexpr int THREADS_PER_ROW = COPIES_PER_ROW < NUM_THREADS ? COPIES_PER_ROW : NUM_THREADS;
+    constexpr int COPIES_PER_THREAD = (COPIES_PER_ROW + THREADS_PER_ROW - 1) / THREADS_PER_ROW;
+    constexpr int ROWS_PER_PASS = NUM_THREADS / THREADS_PER_ROW;
+    constexpr int PASSES = (ROWS + ROWS_PER_PASS - 1) / ROWS_PER_PASS;
+    if (NUM_THREADS % THREADS_PER_ROW != 0 && tid >= ROWS_PER_PASS * THREADS_PER_ROW) return;
+    const int row = tid / THREADS_PER_ROW, col = (tid % THREADS_PER_ROW) * COPY_ELEMS;
+#if VEC_LOADS
+    static_assert(COPIES_PER_THREAD == 1, "16-byte copies: one column chunk per thread");
+    const bool col_valid = col < head_dim;
+    const u32 dst = smem_addr(smem + row * SMEM_STRIDE + col);
+#pragma unroll
+    for (int i = 0; i < PASSES; ++i) {
+        const int r = row + i * ROWS_PER_PASS;
+        if (ROWS % ROWS_PER_PASS != 0 && r >= ROWS) break;
+        const bool valid = col_valid && r < valid_rows;
+        const u16* src = base + (r < valid_rows ? kv_row_offset(pages, first_row + r, page_stride, row_stride) : 0) + col;
+        cp_async_16_zfill(dst + TILE_OFFSET(i * ROWS_PER_PASS, 0), src, valid);
+    }
+#else
+    u16* dst = smem + row * SMEM_STRIDE + col;
+    for (int i = 0; i < PASSES; ++i) {
+        const int r = row + i * ROWS_PER_PASS;
+        if (ROWS % ROWS_PER_PASS != 0 && r >= ROWS) break;
+        const bool row_valid = r < valid_rows;
+        const u16* src = base + (row_valid ? kv_row_offset(pages, first_row + r, page_stride, row_stride) : 0) + col;
+#pragma unroll
+        for (int j = 0; j < COPIES_PER_THREAD; ++j) {
+            const int c = col + j * THREADS_PER_ROW;
+            if (COPIES_PER_ROW % THREADS_PER_ROW != 0 && c >= HEAD_DIM) break;
+            dst[i * ROWS_PER_PASS * SMEM_STRIDE + j * THREADS_PER_ROW] =
+                row_valid && c < head_dim ? src[j * THREADS_PER_ROW] : (u16)0;
+        }
+    }
+#endif
+}
+
 // A warp copies ROWS rows of a padded shared-memory tile out to global memory (rows < valid_rows,
 // columns < head_dim), 16 bytes at a time where rows are aligned.
 template <int ROWS>

@@ -601,10 +601,14 @@ def _hip_kernel_usable(kernel: str, gcn_arch: str) -> bool:
 
 
 @functools.lru_cache(maxsize=None)
-def select_hip(dtype: str, gcn_arch: str, head_dim: int, causal: bool) -> TileConfig:
-    """The HIP forward row for a call in `dtype` on a device with this gcnArchName at this head dim."""
+def select_hip(dtype: str, gcn_arch: str, head_dim: int, causal: bool,
+               paged: bool = False) -> TileConfig:
+    """The HIP forward row for a call in `dtype` on a device with this gcnArchName at this head dim.
+    paged: keys and values in pages (attention_varlen's block_table): the portable kernel, the
+    only HIP forward with paged loads (IS_PAGED)."""
     # A kernel without a row for the head dim gives way to the next (the WMMA rows stop at 128).
-    for kernel in HIP_KERNELS_FOR_DTYPE[dtype]:
+    kernels = HIP_KERNELS_FOR_DTYPE[dtype][-1:] if paged else HIP_KERNELS_FOR_DTYPE[dtype]
+    for kernel in kernels:
         if not _hip_kernel_usable(kernel, gcn_arch):
             continue
         row = _hip_row(kernel, gcn_arch, head_dim, causal)

@@ -319,3 +319,43 @@ def test_out_of_range_ids_raise_on_the_host_and_are_clamped_on_a_gpu(backend):
     want_out, want_lse, rounding = oracle(clamped, seen | dict(table=np.clip(bad_table, 0, pages - 1)))
     assert_matches(to_float64(out).transpose(1, 0, 2)[None], to_float64(lse)[None], want_out,
                    want_lse, "float32", score_error=rounding)
+
+
+# ----------------------------------------------------------------------------- launch plans (CPU)
+
+@pytest.mark.skipif(not HAS_TORCH, reason="torch is not installed")
+@pytest.mark.parametrize("target", ["gfx942", "gfx1100", "gfx1030"])
+def test_hip_paged_launch_takes_the_portable_row(stand_in_launches, target):
+    """On every AMD family (MFMA, WMMA, none) a paged call launches the portable forward with
+    IS_PAGED, the pages' strides (the batch stride is the page stride), the table's geometry, and
+    the table, seqused_k and cu_seqlens_k pointers patched on every call (0 where absent), so a
+    plan never keeps an earlier call's pointer."""
+    import torch
+    from xattn import hip
+
+    pages_k, pages_v = (torch.zeros(9, 32, 2, 64, dtype=torch.float16) for _ in range(2))
+    k, v = (x.transpose(1, 2) for x in (pages_k, pages_v))  # (P, Hk, page_size, D) views
+    q, out = (torch.zeros(1, 10, 8, 64, dtype=torch.float16).transpose(1, 2) for _ in range(2))
+    lse = torch.zeros(1, 8, 10)
+    table = torch.zeros(3, 5, dtype=torch.int32)
+    seqused = torch.zeros(3, dtype=torch.int32)
+    cu_q, cu_k = torch.tensor([0, 4, 4, 10], dtype=torch.int32), torch.zeros(4, dtype=torch.int32)
+    options = dict(causal=True, scale=0.1, stream=7, max_seqlen=(6, 100))
+    hip.launch(stand_in_launches.compile, target, q, k, v, out, lse, cu_seqlens=(cu_q, None),
+               block_table=table, seqused_k=seqused, **options)
+    hip.launch(stand_in_launches.compile, target, q, k, v, out, lse, cu_seqlens=(cu_q, cu_k),
+               block_table=table, **options)
+    first, second = stand_in_launches.launches
+    assert len(stand_in_launches.kernels) == 1  # one plan for both calls
+    assert first.cfg.kernel == "flash_fwd_portable" and first.grid[2] == 3
+    assert first.defines["IS_PAGED"] == 1 and first.defines["IS_VARLEN"] == 1
+    p = first.block[0]
+    assert (p["page_size"], p["num_pages"], p["max_pages"], p["block_table_stride"]) == (32, 9, 5, 5)
+    for name, pages in (("k", pages_k), ("v", pages_v)):
+        got = (p[name]["batch_stride"], p[name]["head_stride"], p[name]["row_stride"])
+        assert got == (pages.stride(0), pages.stride(2), pages.stride(1))
+    assert (p["block_table"], p["seqused_k"]) == (table.data_ptr(), seqused.data_ptr())
+    assert (p["cu_seqlens_q"], p["cu_seqlens_k"]) == (cu_q.data_ptr(), 0)
+    p = second.block[0]
+    assert (p["block_table"], p["seqused_k"]) == (table.data_ptr(), 0)
+    assert p["cu_seqlens_k"] == cu_k.data_ptr()

@@ -359,3 +359,20 @@ def test_hip_paged_launch_takes_the_portable_row(stand_in_launches, target):
     p = second.block[0]
     assert (p["block_table"], p["seqused_k"]) == (table.data_ptr(), 0)
     assert p["cu_seqlens_k"] == cu_k.data_ptr()
+
+
+@pytest.mark.skipif(not HAS_TORCH, reason="torch is not installed")
+def test_the_paged_op_matches_the_plain_path_and_passes_opcheck():
+    """xattn::paged_attention_varlen_forward (what torch.compile traces) gives what the eager path
+    gives, and its fake implementation, schema and aliasing pass torch's opcheck."""
+    import torch
+    from xattn import torch_ops
+
+    args = {name: torch.from_numpy(x) if isinstance(x, np.ndarray) else x
+            for name, x in _host_problem().items()}
+    want = xattn.attention_varlen(**args, causal=True)
+    inputs = (args["q"][None], args["k"], args["v"], args["cu_seqlens_q"], args["cu_seqlens_k"],
+              args["block_table"], None, None, None, True, 1 / math.sqrt(8), -1, 0, 0.0, 3, 20)
+    out, lse = torch_ops.paged_attention_forward(*inputs)
+    assert torch.equal(out[0], want) and lse.shape == (1, 4, 5)
+    torch.library.opcheck(torch_ops.paged_attention_forward, inputs)

@@ -376,3 +376,39 @@ def test_the_paged_op_matches_the_plain_path_and_passes_opcheck():
     out, lse = torch_ops.paged_attention_forward(*inputs)
     assert torch.equal(out[0], want) and lse.shape == (1, 4, 5)
     torch.library.opcheck(torch_ops.paged_attention_forward, inputs)
+
+
+@pytest.mark.skipif(not HAS_TORCH, reason="torch is not installed")
+@pytest.mark.parametrize("dtype, kernel", [("float16", "flash_fwd"), ("bfloat16", "flash_fwd"),
+                                           ("float32", "flash_fwd_f32")])
+def test_cuda_paged_launch_takes_the_mma_kernel(stand_in_launches, monkeypatch, dtype, kernel):
+    """xattn.cuda.forward on a compute capability 9.0 device: a paged call is a packed batch, which
+    the sm90 TMA kernel declines, so it launches flash_fwd.cu (or flash_fwd_f32.cu) with IS_PAGED,
+    the pages' strides, the table's geometry and the pointers of this call."""
+    import torch
+    from xattn import configs, cuda
+
+    def kernel_of(cfg, dtype, causal, vec, device, **defines):  # no NVRTC: the stand-in's
+        handle = stand_in_launches.compile(cfg, configs.defines(cfg, dtype, causal, vec) | defines, device)
+        return handle, configs.shared_memory_bytes(cfg)
+
+    monkeypatch.setattr(cuda, "_kernel", kernel_of)
+    monkeypatch.setattr(cuda, "_arch", lambda device: 90)
+    elem = getattr(torch, dtype)
+    pages = torch.zeros(9, 48, 2, 128, dtype=elem)  # (P, page_size, Hk, D)
+    k = v = pages.transpose(1, 2)
+    q, out = (torch.zeros(1, 10, 8, 128, dtype=elem).transpose(1, 2) for _ in range(2))
+    lse = torch.zeros(1, 8, 10)
+    table, seqused = torch.zeros(3, 4, dtype=torch.int32), torch.zeros(3, dtype=torch.int32)
+    cu_q = torch.tensor([0, 4, 4, 10], dtype=torch.int32)
+    cuda.forward(q, k, v, out, lse, causal=False, scale=0.1, stream=5, cu_seqlens=(cu_q, None),
+                 max_seqlen=(6, 150), block_table=table, seqused_k=seqused)
+    (launched,) = stand_in_launches.launches
+    assert launched.cfg.kernel == kernel and launched.grid[2] == 3
+    assert launched.defines["IS_PAGED"] == 1 and launched.defines["IS_VARLEN"] == 1
+    p = launched.block[0]
+    assert (p["page_size"], p["num_pages"], p["max_pages"], p["block_table_stride"]) == (48, 9, 4, 4)
+    assert (p["k"]["batch_stride"], p["k"]["head_stride"], p["k"]["row_stride"]) == (
+        pages.stride(0), pages.stride(2), pages.stride(1))
+    assert (p["block_table"], p["seqused_k"], p["cu_seqlens_k"]) == (
+        table.data_ptr(), seqused.data_ptr(), 0)

@@ -412,3 +412,23 @@ def test_cuda_paged_launch_takes_the_mma_kernel(stand_in_launches, monkeypatch, 
         pages.stride(0), pages.stride(2), pages.stride(1))
     assert (p["block_table"], p["seqused_k"], p["cu_seqlens_k"]) == (
         table.data_ptr(), seqused.data_ptr(), 0)
+
+
+@pytest.mark.skipif(not HAS_TORCH, reason="torch is not installed")
+def test_flash_attn_varlen_func_passes_the_block_table_through():
+    """flash_attn_compat.flash_attn_varlen_func(block_table=, and vLLM's seqused_k=) is
+    attention_varlen's paged call, with flash-attn's (H, total_q) lse."""
+    import torch
+    from xattn import flash_attn_compat as fa
+
+    args = {name: torch.from_numpy(x) if isinstance(x, np.ndarray) else x
+            for name, x in _host_problem().items()}
+    want, want_lse = xattn.attention_varlen(**args, causal=True, return_lse=True)
+    out, lse, _ = fa.flash_attn_varlen_func(
+        args["q"], args["k"], args["v"], args["cu_seqlens_q"], args["cu_seqlens_k"], 3, 20,
+        causal=True, block_table=args["block_table"], return_attn_probs=True)
+    assert torch.equal(out, want) and torch.equal(lse, want_lse)
+    used = torch.tensor([20, 11], dtype=torch.int32)
+    got = fa.flash_attn_varlen_func(args["q"], args["k"], args["v"], args["cu_seqlens_q"], None, 3,
+                                    20, causal=True, block_table=args["block_table"], seqused_k=used)
+    assert torch.equal(got, want)

@@ -186,6 +186,8 @@ def main(argv=None) -> int:
         options = [f"--gpu-architecture=sm_{arch}", "-std=c++17", "--ptxas-options=-v"]
         if "KV_FP8" in extra:  # FP8 caches: the row's FP8 ring depth, as kvcache.py compiles it
             extra = extra | {"STAGES": configs.decode_stages(cfg, True)}
+        if extra == PAGED:  # paged calls run the row with 16 query rows a warp (configs.py)
+            cfg = configs.paged_forward_row(cfg)
         options += jit.define_options(configs.defines(cfg, dtype, causal, vec) | extra)
         start = time.perf_counter()
         ok, log = nvrtc_compile(code, source, options)

@@ -217,23 +217,18 @@ __device__ __forceinline__ Sequence sequence(int batch, const int* cu_seqlens_q,
 // [0, num_pages): a bad table reads wrong pages, never memory outside the caches or the table.
 // Every kernel of either vendor that reads paged keys finds a row through paged_row_offset.
 
-struct PagedRows {
-    const int* pages;  // this sequence's row of the block table (unused without IS_PAGED)
-    int page_size;
-    int last_page;     // num_pages - 1
-};
+// Sequence `batch`'s key count under IS_PAGED: seqused_k's where given, else cu_seqlens_k's,
+// clamped to the table's capacity.
+__device__ __forceinline__ int paged_key_count(const AttnParams& p, int batch) {
+    const int used = p.seqused_k ? p.seqused_k[batch] : p.cu_seqlens_k[batch + 1] - p.cu_seqlens_k[batch];
+    return min(max(used, 0), p.max_pages * p.page_size);
+}
 
-// Sequence `batch`'s pages, and its key count into seq->seqlen_k. Without IS_PAGED: nothing.
-__device__ __forceinline__ PagedRows paged_rows(const AttnParams& p, int batch, Sequence* seq) {
-    PagedRows r;
-    r.pages = p.block_table + (i64)batch * p.block_table_stride;
-    r.page_size = p.page_size;
-    r.last_page = p.num_pages - 1;
-    if (IS_PAGED) {
-        const int used = p.seqused_k ? p.seqused_k[batch] : p.cu_seqlens_k[batch + 1] - p.cu_seqlens_k[batch];
-        seq->seqlen_k = min(max(used, 0), p.max_pages * p.page_size);
-    }
-    return r;
+// sequence() for a forward that may read paged keys: under IS_PAGED the key count is the pages'.
+__device__ __forceinline__ Sequence forward_sequence(const AttnParams& p, int batch) {
+    Sequence s = sequence(batch, p.cu_seqlens_q, p.cu_seqlens_k, p.seqlen_q, p.seqlen_k);
+    if (IS_PAGED) s.seqlen_k = paged_key_count(p, batch);
+    return s;
 }
 
 // Offset in elements of page row `row` (0 <= row < max_pages * page_size) from the base of a
@@ -245,11 +240,15 @@ __device__ __forceinline__ i64 paged_row_offset(const int* pages, int page_size,
     return (i64)page * page_stride + (i64)(row % page_size) * row_stride;
 }
 
-// Offset of key row `row` of this sequence (row < seq.seqlen_k) from its kv head's base:
-// through the pages with IS_PAGED, else row * row_stride.
-__device__ __forceinline__ i64 kv_row_offset(const PagedRows& r, int row, i64 page_stride, i64 row_stride) {
+// Offset of key row `row` (row < its key count) of sequence `batch` from its kv head's base:
+// through the sequence's pages with IS_PAGED (page_stride: the tensor's batch stride), else
+// row * row_stride. Everything but `batch` and `row` comes from the parameter block at the point
+// of use, so nothing of the table stays live in registers through a kernel's main loop.
+__device__ __forceinline__ i64 kv_row_offset(const AttnParams& p, int batch, int row, i64 page_stride,
+                                             i64 row_stride) {
 #if IS_PAGED
-    return paged_row_offset(r.pages, r.page_size, r.last_page, row, page_stride, row_stride);
+    return paged_row_offset(p.block_table + (i64)batch * p.block_table_stride, p.page_size,
+                            p.num_pages - 1, row, page_stride, row_stride);
 #else
     return (i64)row * row_stride;
 #endif

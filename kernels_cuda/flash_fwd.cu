@@ -142,11 +142,11 @@ __device__ __forceinline__ void softmax_rescale_o(float (&acc_s)[M_TILES][N_TILE
 // K or V rows [n_start, n_start + BLOCK_N) of this sequence into a tile, zeros past seqlen_k:
 // consecutive rows, or each row through its page (IS_PAGED; page_stride is the tensor's batch
 // stride there).
-__device__ __forceinline__ void load_kv_tile(u16* smem, const u16* kv, const PagedRows& pages,
+__device__ __forceinline__ void load_kv_tile(u16* smem, const u16* kv, const AttnParams& p, int batch,
                                              i64 page_stride, i64 row_stride, int n_start,
                                              int seqlen_k, int head_dim, int tid) {
 #if IS_PAGED
-    load_paged_tile<BLOCK_N>(smem, kv, pages, n_start, page_stride, row_stride, seqlen_k - n_start, head_dim, tid);
+    load_paged_tile<BLOCK_N>(smem, kv, p, batch, n_start, page_stride, row_stride, seqlen_k - n_start, head_dim, tid);
 #else
     load_tile<BLOCK_N>(smem, kv + n_start * row_stride, row_stride, seqlen_k - n_start, head_dim, tid);
 #endif
@@ -234,9 +234,8 @@ flash_fwd(AttnParams p) {
     const int m_start = m_block * BLOCK_M;
     const int warp_row_start = m_start + warp * WARP_M;
 
-    Sequence seq = sequence(batch, cu_seqlens_q, cu_seqlens_k, seqlen_q, seqlen_k);
+    const Sequence seq = forward_sequence(p, batch);  // IS_PAGED: the key count is the pages'
     if (IS_VARLEN && m_start >= seq.seqlen_q) return;  // the grid covers the longest sequence
-    const PagedRows pages = paged_rows(p, batch, &seq);  // IS_PAGED: the key count and the pages
     seqlen_q = seq.seqlen_q;
     seqlen_k = seq.seqlen_k;
     const ScoreMods mods = make_score_mods(seqlen_q, seqlen_k, window_left, window_right, softcap_scale,
@@ -260,7 +259,7 @@ flash_fwd(AttnParams p) {
     load_tile<BLOCK_M>(sQ, q, q_row_stride, seqlen_q - m_start, head_dim, tid);
     if (tiles.tile_end > tiles.tile_begin) {
         int n_start = (tiles.tile_end - 1) * BLOCK_N;
-        load_kv_tile(sK, k, pages, k_batch_stride, k_row_stride, n_start, seqlen_k, head_dim, tid);
+        load_kv_tile(sK, k, p, batch, k_batch_stride, k_row_stride, n_start, seqlen_k, head_dim, tid);
     }
     cp_async_commit();
 
@@ -283,7 +282,7 @@ flash_fwd(AttnParams p) {
         const int n_start = tile * BLOCK_N;
         cp_async_wait<0>();
         __syncthreads();  // K tile visible to every warp, and every warp is done reading the last V tile
-        load_kv_tile(sV, v, pages, v_batch_stride, v_row_stride, n_start, seqlen_k, head_dim, tid);
+        load_kv_tile(sV, v, p, batch, v_batch_stride, v_row_stride, n_start, seqlen_k, head_dim, tid);
         cp_async_commit();
 
         // Near an edge of the band a warp whose rows all miss this tile would compute P = 0 and
@@ -305,7 +304,7 @@ flash_fwd(AttnParams p) {
         __syncthreads();  // V tile visible to every warp, and every warp is done reading this K tile
         if (tile > tiles.tile_begin) {
             int next_start = n_start - BLOCK_N;
-            load_kv_tile(sK, k, pages, k_batch_stride, k_row_stride, next_start, seqlen_k, head_dim, tid);
+            load_kv_tile(sK, k, p, batch, k_batch_stride, k_row_stride, next_start, seqlen_k, head_dim, tid);
             cp_async_commit();
         }
         if (warp_sees_tile) mma_areg_b<M_TILES, D_TILES, BLOCK_N / 16, SMEM_STRIDE>(acc_o, p_frag, v_lane);  // O += P V

@@ -73,9 +73,8 @@ flash_fwd_f32(AttnParams p) {
     const float* sQ_warp = sQ + warp * ROWS_PER_WARP * HEAD_DIM;
     float* sP_warp = sP + warp * ROWS_PER_WARP * BLOCK_N;
 
-    Sequence seq = sequence(batch, cu_seqlens_q, cu_seqlens_k, seqlen_q, seqlen_k);
+    const Sequence seq = forward_sequence(p, batch);  // IS_PAGED: the key count is the pages'
     if (IS_VARLEN && m_start >= seq.seqlen_q) return;  // the grid covers the longest sequence
-    const PagedRows pages = paged_rows(p, batch, &seq);  // IS_PAGED: the key count and the pages
     seqlen_q = seq.seqlen_q;
     seqlen_k = seq.seqlen_k;
     const ScoreMods mods = make_score_mods(seqlen_q, seqlen_k, window_left, window_right, softcap_scale,
@@ -104,8 +103,8 @@ flash_fwd_f32(AttnParams p) {
     for (int tile = tiles.tile_end - 1; tile >= tiles.tile_begin; --tile) {
         const int n_start = tile * BLOCK_N;
         __syncthreads();  // every warp is done with the previous K and V tiles
-        load_kv_rows(sK, K_STRIDE, k, pages, k_batch_stride, k_row_stride, n_start, BLOCK_N, seqlen_k - n_start, head_dim, tid);
-        load_kv_rows(sV, HEAD_DIM, v, pages, v_batch_stride, v_row_stride, n_start, BLOCK_N, seqlen_k - n_start, head_dim, tid);
+        load_kv_rows(sK, K_STRIDE, k, p, batch, k_batch_stride, k_row_stride, n_start, BLOCK_N, seqlen_k - n_start, head_dim, tid);
+        load_kv_rows(sV, HEAD_DIM, v, p, batch, v_batch_stride, v_row_stride, n_start, BLOCK_N, seqlen_k - n_start, head_dim, tid);
         __syncthreads();  // K and V tiles (and, the first time, Q) visible to every warp
 
         // S = Q K^T: this lane's key against each of the warp's rows.

@@ -22,7 +22,7 @@ __device__ __forceinline__ void load_rows(float* smem, int smem_stride, const el
 // kv_row_offset; page_stride is the tensor's batch stride there). Rows past valid_rows are zeros
 // and their addresses are never formed.
 __device__ __forceinline__ void load_kv_rows(float* smem, int smem_stride, const elem_t* kv,
-                                             const PagedRows& pages, i64 page_stride,
+                                             const AttnParams& p, int batch, i64 page_stride,
                                              i64 row_stride, int first_row, int rows,
                                              int valid_rows, int head_dim, int tid) {
 #if IS_PAGED
@@ -30,7 +30,7 @@ __device__ __forceinline__ void load_kv_rows(float* smem, int smem_stride, const
         int row = e / HEAD_DIM, col = e % HEAD_DIM;
         bool valid = row < valid_rows && col < head_dim;
         smem[row * smem_stride + col] =
-            valid ? to_float(kv[kv_row_offset(pages, first_row + row, page_stride, row_stride) + col]) : 0.f;
+            valid ? to_float(kv[kv_row_offset(p, batch, first_row + row, page_stride, row_stride) + col]) : 0.f;
     }
 #else
     load_rows(smem, smem_stride, kv + first_row * row_stride, row_stride, rows, valid_rows, head_dim, tid);

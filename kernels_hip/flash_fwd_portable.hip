@@ -70,7 +70,7 @@ __device__ __forceinline__ void load_rows(float* smem, int smem_stride, const el
 // through its page (IS_PAGED; page_stride is the tensor's batch stride there). Rows past
 // valid_rows are zeros and their addresses are never formed.
 __device__ __forceinline__ void load_kv_rows(float* smem, int smem_stride, const elem_t* kv,
-                                             const PagedRows& pages, i64 page_stride,
+                                             const AttnParams& p, int batch, i64 page_stride,
                                              i64 row_stride, int n_start, int valid_rows,
                                              int head_dim, int tid) {
 #if IS_PAGED
@@ -78,7 +78,7 @@ __device__ __forceinline__ void load_kv_rows(float* smem, int smem_stride, const
         const int row = e / HEAD_DIM, col = e % HEAD_DIM;
         const bool valid = row < valid_rows && col < head_dim;
         smem[row * smem_stride + col] =
-            valid ? elem_to_float(kv[kv_row_offset(pages, n_start + row, page_stride, row_stride) + col]) : 0.f;
+            valid ? elem_to_float(kv[kv_row_offset(p, batch, n_start + row, page_stride, row_stride) + col]) : 0.f;
     }
 #else
     load_rows(smem, smem_stride, kv + n_start * row_stride, row_stride, BLOCK_N, valid_rows, head_dim, tid);
@@ -126,9 +126,8 @@ flash_fwd_portable(const AttnParams p) {
     // Row of the i-th score this lane computes, within the block.
     #define LANE_ROW(i) (wave_row0 + group + (i) * ROW_GROUPS)
 
-    Sequence seq = sequence(batch, cu_seqlens_q, cu_seqlens_k, seqlen_q, seqlen_k);
+    const Sequence seq = forward_sequence(p, batch);  // IS_PAGED: the key count is the pages'
     if (IS_VARLEN && m_start >= seq.seqlen_q) return;  // the grid covers the longest sequence
-    const PagedRows pages = paged_rows(p, batch, &seq);  // IS_PAGED: the key count and the pages
     seqlen_q = seq.seqlen_q;
     seqlen_k = seq.seqlen_k;
     const ScoreMods mods = make_score_mods(seqlen_q, seqlen_k, window_left, window_right, softcap_scale,
@@ -159,8 +158,8 @@ flash_fwd_portable(const AttnParams p) {
     for (int tile = tiles.tile_end - 1; tile >= tiles.tile_begin; --tile) {
         const int n_start = tile * BLOCK_N;
         __syncthreads();  // every wave is done with the previous K, V and P tiles
-        load_kv_rows(sK, QK_STRIDE, k, pages, k_batch_stride, k_row_stride, n_start, seqlen_k - n_start, head_dim, tid);
-        load_kv_rows(sV, HEAD_DIM, v, pages, v_batch_stride, v_row_stride, n_start, seqlen_k - n_start, head_dim, tid);
+        load_kv_rows(sK, QK_STRIDE, k, p, batch, k_batch_stride, k_row_stride, n_start, seqlen_k - n_start, head_dim, tid);
+        load_kv_rows(sV, HEAD_DIM, v, p, batch, v_batch_stride, v_row_stride, n_start, seqlen_k - n_start, head_dim, tid);
         __syncthreads();  // K and V tiles (and, the first time, Q) visible to every wave
 
         // S = Q K^T: this lane's key against its rows.

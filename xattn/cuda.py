@@ -174,6 +174,8 @@ def _plan_forward(Q, K, V, O, L, batch, *, causal, scale, window, softcap, slope
     has_right_edge = bool(var.defines["IS_CAUSAL"])
     kernel_name = configs.KERNEL_FOR_DTYPE[Q.dtype]
     cfg = configs.select(kernel_name, _arch(Q.device), head_dim, has_right_edge)
+    if paged is not None:
+        cfg = configs.paged_forward_row(cfg)
     vec = vec and kernel_name in configs.TENSOR_CORE_KERNELS
     block = _attn_params(var, {"q": Q, "k": K, "v": V, "o": O, "lse": L}, heads_q=heads_q,
                          head_dim=head_dim)

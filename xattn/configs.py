@@ -172,7 +172,7 @@ KERNEL_FOR_DTYPE = {"float16": "flash_fwd", "bfloat16": "flash_fwd", "float32": 
 # Paged keys and values (attention_varlen's block_table, IS_PAGED) in flash_fwd: each 16-row group
 # of a K/V tile is looked up in the block table, which costs registers that the 4-warp, 128-row
 # tiles (32 query rows a warp, 254-255 registers) do not have: ptxas spilled 8-264 bytes there
-# (2026-11-30, ci/compile_kernels.py). With 16 query rows a warp the same tiles take 180-194
+# (2026-11-30, ci/compile_kernels.py). With 16 query rows a warp the same tiles take 146-210
 # registers and spill nothing, so a paged call runs its row with that many warps.
 PAGED_WARP_ROWS = 16
 

@@ -435,3 +435,22 @@ def test_flash_attn_varlen_func_passes_the_block_table_through():
     got = fa.flash_attn_varlen_func(args["q"], args["k"], args["v"], args["cu_seqlens_q"], None, 3,
                                     20, causal=True, block_table=args["block_table"], seqused_k=used)
     assert torch.equal(got, want)
+
+
+def test_a_cached_signature_still_checks_the_values(monkeypatch):
+    """A repeated call signature skips validation of shapes and options (xattn/call.py: the
+    signature cache), never the values of a host table and host lengths."""
+    from xattn import call as calls
+
+    xattn.attention_varlen(**_host_problem())
+    xattn.attention_varlen(**_host_problem(seqused_k=np.array([20, 3], np.int32)))
+
+    def not_again(*args, **kwargs):
+        raise AssertionError("a cached signature was validated again")
+
+    monkeypatch.setattr(calls, "_validate", not_again)  # from here on: cache hits only
+    for changes, argument in ((dict(block_table=np.array([[3, 0], [1, 4]], np.int32)), "block_table"),
+                              (dict(cu_seqlens_k=np.array([0, 20, 53], np.int32)), "block_table"),
+                              (dict(seqused_k=np.array([20, 33], np.int32)), "seqused_k")):
+        with pytest.raises(ValueError, match=f"{argument}: expected"):
+            xattn.attention_varlen(**_host_problem(**changes))

@@ -87,7 +87,11 @@ VARIANT_FLAGS = {
     "varlen": {"IS_VARLEN": 1},
     "all+softcap": {"IS_CAUSAL": 1, "IS_LOCAL": 1, "HAS_SOFTCAP": 1, "IS_VARLEN": 1},
     "all+alibi": {"IS_CAUSAL": 1, "IS_LOCAL": 1, "HAS_ALIBI": 1, "IS_VARLEN": 1},
+    "paged": {"IS_CAUSAL": 1, "IS_LOCAL": 1, "HAS_SOFTCAP": 1, "IS_VARLEN": 1, "IS_PAGED": 1},
 }
+# Paged keys and values (attention_varlen's block_table) exist in the portable forward only: the
+# hip backend sends every paged call there (configs.select_hip).
+PAGED_FLAGS, PAGED_KERNELS = ("paged",), ("flash_fwd_portable",)
 VARIANT_HEAD_DIM = 128
 # The decode takes the band and the softcap only (no ALiBi, no packed batches: kvcache.py's API).
 DECODE_VARIANT_FLAGS = ("window", "left", "softcap")
@@ -302,6 +306,8 @@ def variants(targets, every_variant: bool = False):
                 continue
             if flags != "plain" and cfg.kernel in configs.HIP_DECODE_KERNELS and flags not in DECODE_VARIANT_FLAGS:
                 continue
+            if flags in PAGED_FLAGS and cfg.kernel not in PAGED_KERNELS:
+                continue
             for target in targets:
                 for dtype in configs.HIP_KERNELS_FOR_DTYPE:
                     if flags != "plain" and not every_variant and dtype != VARIANT_DTYPE.get(cfg.kernel, "bfloat16"):
@@ -370,6 +376,7 @@ def main(argv=None) -> int:
     parser.add_argument("--probe", metavar="TARGET", help="compile an empty kernel for TARGET only")
     parser.add_argument("--variants", choices=("some", "all"), default="some",
                         help="the window/softcap/ALiBi/varlen flags at one head dim (some) or every row (all)")
+    parser.add_argument("--kernels", nargs="+", help="only these table kernels (default: all)")
     args = parser.parse_args(argv)
     if args.probe:
         ok, log, _ = hiprtc_compile('extern "C" __global__ void k() {}', "probe.hip",
@@ -395,7 +402,9 @@ def main(argv=None) -> int:
           f"{'vgpr':>4} {'agpr':>4} {'sgpr':>4} {'LDS KB':>6} {'scratch':>7} {'spill':>5} {'mma':>4} {'sec':>4}")
     start = time.perf_counter()
     with ProcessPoolExecutor(max_workers=args.jobs) as pool:
-        for variant, ok, log, r, seconds in pool.map(compile_variant, variants(args.arch, args.variants == "all")):
+        chosen = [v for v in variants(args.arch, args.variants == "all")
+                  if not args.kernels or v[0].kernel in args.kernels]
+        for variant, ok, log, r, seconds in pool.map(compile_variant, chosen):
             cfg, target, dtype, causal, vec, flags = variant
             count += 1
             if not ok:

@@ -217,8 +217,7 @@ __device__ __forceinline__ KeySource key_source(const DecodeParams& p, const Dec
 // Offset (in elements, from KeyRows::cache) of cache row j, 0 <= j < Smax.
 __device__ __forceinline__ i64 cache_row_offset(const KeySource& s, const KeyRows& r, int j) {
 #if PAGE_SIZE
-    const int page = min(max(s.pages[j / PAGE_SIZE], 0), s.last_page);
-    return (i64)page * r.page_stride + (i64)(j % PAGE_SIZE) * r.row_stride;
+    return paged_row_offset(s.pages, PAGE_SIZE, s.last_page, j, r.page_stride, r.row_stride);
 #else
     return (i64)j * r.row_stride;
 #endif
@@ -227,10 +226,8 @@ __device__ __forceinline__ i64 cache_row_offset(const KeySource& s, const KeyRow
 // Cache row j's K and V rows (0 <= j < cached).
 __device__ __forceinline__ void cache_rows(const KeySource& s, int j, const cache_t*& k, const cache_t*& v) {
 #if PAGE_SIZE
-    const int page = min(max(s.pages[j / PAGE_SIZE], 0), s.last_page);
-    const int row = j % PAGE_SIZE;
-    k = s.k.cache + (i64)page * s.k.page_stride + (i64)row * s.k.row_stride;
-    v = s.v.cache + (i64)page * s.v.page_stride + (i64)row * s.v.row_stride;
+    k = s.k.cache + paged_row_offset(s.pages, PAGE_SIZE, s.last_page, j, s.k.page_stride, s.k.row_stride);
+    v = s.v.cache + paged_row_offset(s.pages, PAGE_SIZE, s.last_page, j, s.v.page_stride, s.v.row_stride);
 #else
     k = s.k.cache + (i64)j * s.k.row_stride;
     v = s.v.cache + (i64)j * s.v.row_stride;

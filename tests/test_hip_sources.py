@@ -192,7 +192,10 @@ VARIANT_FLAGS = {
     "varlen": {"IS_VARLEN": 1},
     "all+softcap": {"IS_CAUSAL": 1, "IS_LOCAL": 1, "HAS_SOFTCAP": 1, "IS_VARLEN": 1},
     "all+alibi": {"IS_CAUSAL": 1, "IS_LOCAL": 1, "HAS_ALIBI": 1, "IS_VARLEN": 1},
+    # paged keys and values: the portable forward only (the only HIP kernel with IS_PAGED)
+    "paged": {"IS_CAUSAL": 1, "IS_LOCAL": 1, "HAS_SOFTCAP": 1, "IS_VARLEN": 1, "IS_PAGED": 1},
 }
+PAGED_KERNELS = ("flash_fwd_portable",)
 
 
 def nvrtc_compile(cfg, dtype: str, flags: dict) -> str:
@@ -231,9 +234,10 @@ def test_portable_kernels_compile_for_nvidia_through_hip_on_cuda(cfg):
         nvrtc_compile(cfg, dtype, VARIANT_FLAGS["causal"])
 
 
-@pytest.mark.parametrize("flags", [f for f in VARIANT_FLAGS if f != "causal"])
-@pytest.mark.parametrize("cfg", [r for r in NVIDIA_ROWS if r.kernel != "flash_bwd_preprocess"],
-                         ids=lambda c: f"{c.kernel}_{c.arch}_D{c.head_dim}")
+@pytest.mark.parametrize("cfg, flags", [
+    (r, f) for r in NVIDIA_ROWS if r.kernel != "flash_bwd_preprocess" for f in VARIANT_FLAGS
+    if f != "causal" and (f != "paged" or r.kernel in PAGED_KERNELS)],
+    ids=lambda x: x if isinstance(x, str) else f"{x.kernel}_{x.arch}_D{x.head_dim}")
 def test_portable_variant_kernels_compile_for_nvidia(cfg, flags):
     """Every window/softcap/ALiBi/varlen flag combination of every row test_hip_portable.py
     runs on NVIDIA (one dtype: elements become float32 on loading, so the code hardly depends
@@ -247,6 +251,7 @@ def test_hip_compile_checks_the_same_variant_flags():
     hip_compile = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(hip_compile)
     assert {k: v for k, v in VARIANT_FLAGS.items() if k != "causal"} == hip_compile.VARIANT_FLAGS
+    assert hip_compile.PAGED_KERNELS == PAGED_KERNELS
     # (kernel, target, flags, form): the form is where a row keeps its fixed operands and whether
     # its dK/dV splits D (configs' frags_in_lds, dim_split): each compiles to other code.
     compiled = {(v[0].kernel, v[1], v[5], (v[0].frags_in_lds, v[0].dim_split))
@@ -254,6 +259,8 @@ def test_hip_compile_checks_the_same_variant_flags():
     for kernel in {r.kernel for r in configs.HIP_TABLE} - {"flash_bwd_preprocess"}:
         want = {"plain", *(hip_compile.DECODE_VARIANT_FLAGS if kernel in configs.HIP_DECODE_KERNELS
                            else hip_compile.VARIANT_FLAGS)}
+        if kernel not in PAGED_KERNELS:
+            want -= set(hip_compile.PAGED_FLAGS)
         targets = {target for k, target, _, _ in compiled if k == kernel}
         assert targets, kernel
         for target in targets:  # every target that uses the kernel compiles all of its flags, in every form

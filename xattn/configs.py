@@ -170,6 +170,21 @@ TABLE = [TileConfig(*row) for row in _ROWS]
 
 # Which forward kernel serves which dtype.
 KERNEL_FOR_DTYPE = {"float16": "flash_fwd", "bfloat16": "flash_fwd", "float32": "flash_fwd_f32"}
+
+# Paged keys and values (attention_varlen's block_table, IS_PAGED) in flash_fwd: each 16-row group
+# of a K/V tile is looked up in the block table, which costs registers that the 4-warp, 128-row
+# tiles (32 query rows a warp, 254-255 registers) do not have: ptxas spilled 8-264 bytes there
+# (2026-11-30, ci/compile_kernels.py). With 16 query rows a warp the same tiles take 146-210
+# registers and spill nothing, so a paged call runs its row with that many warps.
+PAGED_WARP_ROWS = 16
+
+
+def paged_forward_row(cfg: TileConfig) -> TileConfig:
+    """The row a paged call runs: flash_fwd's row with at most PAGED_WARP_ROWS query rows a
+    warp (more warps, the same tile and shared memory); other kernels' rows as they are."""
+    if cfg.kernel != "flash_fwd" or cfg.block_m // cfg.warps <= PAGED_WARP_ROWS:
+        return cfg
+    return cfg._replace(warps=cfg.block_m // PAGED_WARP_ROWS)
 # Kernels whose entry point lives in a source file of another name.
 SOURCES = {"flash_bwd_simt_dq": "flash_bwd_simt.cu", "flash_bwd_simt_dkdv": "flash_bwd_simt.cu"}
 # The two halves of the CUDA-core backward, and the size of the tile each streams (warp size).
@@ -659,11 +674,15 @@ def _hip_kernel_usable(kernel: str, gcn_arch: str) -> bool:
 
 
 @functools.lru_cache(maxsize=None)
-def select_hip(dtype: str, gcn_arch: str, head_dim: int, causal: bool) -> TileConfig:
-    """The HIP forward row for a call in `dtype` on a device with this gcnArchName at this head dim."""
+def select_hip(dtype: str, gcn_arch: str, head_dim: int, causal: bool,
+               paged: bool = False) -> TileConfig:
+    """The HIP forward row for a call in `dtype` on a device with this gcnArchName at this head dim.
+    paged: keys and values in pages (attention_varlen's block_table): the portable kernel, the
+    only HIP forward with paged loads (IS_PAGED)."""
     # A kernel without a row for the head dim would give way to the next; today the matrix-core
     # forward rows of every family reach 256.
-    for kernel in HIP_KERNELS_FOR_DTYPE[dtype]:
+    kernels = HIP_KERNELS_FOR_DTYPE[dtype][-1:] if paged else HIP_KERNELS_FOR_DTYPE[dtype]
+    for kernel in kernels:
         if not _hip_kernel_usable(kernel, gcn_arch):
             continue
         row = _hip_row(kernel, gcn_arch, head_dim, causal)

@@ -35,10 +35,12 @@ ALL = ("float32",) + HALF
 DTYPES = {"flash_fwd": HALF, "flash_bwd_dkdv": HALF, "flash_bwd_dq": HALF, "flash_fwd_f32": ("float32",),
           "flash_bwd_simt_dq": ALL, "flash_bwd_simt_dkdv": ALL,
           "flash_decode": HALF, "flash_decode_f32": ("float32",)}
+PAGED = {"IS_VARLEN": 1, "IS_PAGED": 1}
 # Defines a kernel takes beyond the table's (each combination is compiled).
 EXTRA = {"flash_bwd_dkdv": [{"COMPUTE_DQ": 1}, {"COMPUTE_DQ": 0}],
-         # forward: without and with attention sinks folded into the epilogue
-         "flash_fwd": [{}, {"HAS_SINKS": 1}], "flash_fwd_f32": [{}, {"HAS_SINKS": 1}]}
+         # forward: without and with attention sinks folded into the epilogue, and a packed batch
+         # with paged keys and values (attention_varlen's block_table)
+         "flash_fwd": [{}, {"HAS_SINKS": 1}, PAGED], "flash_fwd_f32": [{}, {"HAS_SINKS": 1}, PAGED]}
 # The decode's variants, as kernels.cuda(...).defines takes them: the largest row tile (the
 # table's), one m16 tile, the softcap variant, FP8 caches (e4m3fn, e5m2; paged too: the
 # conversion path differs from sm_89 on).
@@ -224,6 +226,8 @@ def main(argv=None) -> int:
     for cfg, arch, dtype, causal, vec, extra in variants(args.arch, args.quick):
         if args.kernels and cfg.kernel not in args.kernels:
             continue
+        if extra == PAGED:  # paged calls run the row with 16 query rows a warp (configs.py)
+            cfg = configs.paged_forward_row(cfg)
         kernel = kernels.cuda(cfg.kernel)
         defines = table_defines(cfg, dtype, causal, vec, extra)
         start = time.perf_counter()
@@ -240,8 +244,9 @@ def main(argv=None) -> int:
         # odd head dims and strides, and the mask/modifier/sink variants, are reported but
         # tolerated (e.g. sinks' epilogue spills 16 bytes in sm_80's D=128 row at 254 registers).
         flag = "  <-- SHARED MEMORY" if too_big else "  <-- SPILLS" if spill else ""
-        modifier = any(k in extra for k in ("IS_LOCAL", "HAS_SOFTCAP", "HAS_ALIBI", "IS_VARLEN",
-                                            "HAS_SINKS"))
+        # A plain paged variant (PAGED) must not spill where its contiguous twin does not.
+        modifier = extra != PAGED and any(k in extra for k in (
+            "IS_LOCAL", "HAS_SOFTCAP", "HAS_ALIBI", "IS_VARLEN", "HAS_SINKS"))
         failures += bool(too_big or (spill and vec and not modifier))
         fallback_spills += bool(spill and not vec)
         modifier_spills += bool(spill and vec and modifier)

@@ -12,7 +12,8 @@ python ci/compile_kernels.py
 # hipcc is installed for its dependencies (ROCm's LLVM tools, which read the code objects).
 # clang-19 (Debian) for MI300 (gfx942), RDNA3 (gfx1100) and RDNA4 (gfx1201), with ROCm's device
 # libraries linked as hiprtc links them (rocm-device-libs): every row they use, plain and causal in
-# every dtype, and the variant flags at D=128, gated like the hiprtc targets
+# every dtype, and the variant flags at D=128 (and at D=256 for the WMMA forward and backward),
+# gated like the hiprtc targets
 # (ci/results/hip_compile_clang19.log). The full sweep of every flag for every row:
 # `python ci/hip_compile.py --arch gfx942 gfx1100 gfx1201 --variants all --jobs 2`.
 if command -v apt-get >/dev/null; then

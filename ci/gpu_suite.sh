@@ -32,6 +32,7 @@ nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader > 
 #                graphs, JAX, transformers incl. static caches, precompile), compile timing
 #   sanitize     compute-sanitizer over forward and backward (tuned rows, odd sizes, variants),
 #                and memcheck on paged/FP8 decode calls with bad block tables (decode_bad_table)
+#                and on paged attention_varlen calls with bad tables (varlen_bad_table)
 #   bench        forward and backward against SDPA flash and cuDNN
 #   bench_more   variants, decode and per-call overhead
 #   bench_model  a whole ~1B Llama-style model with xattn and sdpa (bench --model)
@@ -66,6 +67,8 @@ if has sanitize; then
     step sanitize 560 env SANITIZE_TIMEOUT=65 bash ci/sanitize.sh
     # paged decode with out-of-range page ids and lengths, bf16 and FP8 caches
     step sanitize_decode 90 compute-sanitizer --tool memcheck --report-api-errors no --error-exitcode 1 python ci/decode_bad_table.py
+    # paged attention_varlen with out-of-range page ids and lengths: cuda and hip-on-cuda forwards
+    step sanitize_varlen 120 compute-sanitizer --tool memcheck --report-api-errors no --error-exitcode 1 python ci/varlen_bad_table.py
 fi
 if has bench; then
     step bench 280 python -m xattn bench --out "$OUT"

@@ -24,9 +24,10 @@ gfx950 (MI350) is known to neither (clang-19 rejects the name; the script shows 
 Every row is compiled plain and causal. The attention variants of issue 6 (kernels_common/
 attention_common.h's flags: sliding window, softcap, ALiBi, packed varlen batches, and all of them
 together) are compiled for every kernel and target at one representative head dim (VARIANT_HEAD_DIM,
-where the MFMA backward's registers are tightest; a kernel whose rows stop below it, such as the
-gfx11 WMMA backward, at its largest), in the dtype with the most registers; `--variants all`
-compiles every flag combination for every row instead (several times longer).
+where the MFMA backward's registers are tightest, or a kernel's largest row below it), once for
+each form of its rows (the WMMA rows with their operands in registers, in LDS, and dK/dV split
+over D: variant_head_dims), in the dtype with the most registers; `--variants all` compiles every
+flag combination for every row instead (several times longer).
 
 Fails (exit 1) on a compile error, scratch or spills in any variant, registers or LDS over the
 target's limits, a matrix-core variant without its matrix instructions, or a function call left
@@ -86,7 +87,11 @@ VARIANT_FLAGS = {
     "varlen": {"IS_VARLEN": 1},
     "all+softcap": {"IS_CAUSAL": 1, "IS_LOCAL": 1, "HAS_SOFTCAP": 1, "IS_VARLEN": 1},
     "all+alibi": {"IS_CAUSAL": 1, "IS_LOCAL": 1, "HAS_ALIBI": 1, "IS_VARLEN": 1},
+    "paged": {"IS_CAUSAL": 1, "IS_LOCAL": 1, "HAS_SOFTCAP": 1, "IS_VARLEN": 1, "IS_PAGED": 1},
 }
+# Paged keys and values (attention_varlen's block_table) exist in the portable forward only: the
+# hip backend sends every paged call there (configs.select_hip).
+PAGED_FLAGS, PAGED_KERNELS = ("paged",), ("flash_fwd_portable",)
 VARIANT_HEAD_DIM = 128
 # The decode takes the band and the softcap only (no ALiBi, no packed batches: kvcache.py's API).
 DECODE_VARIANT_FLAGS = ("window", "left", "softcap")
@@ -96,10 +101,21 @@ VARIANT_DTYPE = {"flash_fwd_portable": "float32", "flash_bwd_portable_dq": "floa
                  "flash_decode_portable": "float32"}  # MFMA kernels: bfloat16 (the default)
 
 
-def variant_head_dim(cfg) -> int:
-    """The head dim whose rows of cfg's kernel and family get the variant flags."""
-    dims = [r.head_dim for r in configs.HIP_TABLE if (r.kernel, r.arch) == (cfg.kernel, cfg.arch)]
-    return VARIANT_HEAD_DIM if VARIANT_HEAD_DIM in dims else max(d for d in dims if d <= VARIANT_HEAD_DIM)
+def variant_head_dims(cfg) -> set[int]:
+    """The head dims whose rows of cfg's kernel and family get the variant flags: for each form
+    the rows take (operands in registers, in LDS, D split; configs' frags_in_lds and dim_split),
+    its row at VARIANT_HEAD_DIM or the largest below it, or, for a form whose rows all lie above
+    it, its largest; and where there are several forms, the largest row of all. Every structure a
+    kernel source compiles to meets the flags."""
+    forms = {}
+    for r in configs.HIP_TABLE:
+        if (r.kernel, r.arch) == (cfg.kernel, cfg.arch):
+            forms.setdefault((r.frags_in_lds, r.dim_split), []).append(r.head_dim)
+    chosen = {max(d for d in dims if d <= VARIANT_HEAD_DIM) if min(dims) <= VARIANT_HEAD_DIM else max(dims)
+              for dims in forms.values()}
+    if len(forms) > 1:  # and the largest row, the one with the most registers of its form
+        chosen.add(max(d for dims in forms.values() for d in dims))
+    return chosen
 
 
 def _tool(name: str) -> str:
@@ -286,9 +302,11 @@ def variants(targets, every_variant: bool = False):
     for flags in ("plain", *VARIANT_FLAGS):
         for cfg in configs.HIP_TABLE:
             if flags != "plain" and (cfg.kernel == "flash_bwd_preprocess" or not every_variant
-                                     and cfg.head_dim != variant_head_dim(cfg)):
+                                     and cfg.head_dim not in variant_head_dims(cfg)):
                 continue
             if flags != "plain" and cfg.kernel in configs.HIP_DECODE_KERNELS and flags not in DECODE_VARIANT_FLAGS:
+                continue
+            if flags in PAGED_FLAGS and cfg.kernel not in PAGED_KERNELS:
                 continue
             for target in targets:
                 for dtype in configs.HIP_KERNELS_FOR_DTYPE:
@@ -349,6 +367,14 @@ def check(variant, r) -> list[str]:
     return problems
 
 
+def operands(cfg) -> str:
+    """Where a row keeps its fixed operands: "lds" (frags_in_lds), "lds/2" (and dK/dV in two
+    slices of D), or "-" (registers, or a kernel without such operands)."""
+    if not cfg.frags_in_lds:
+        return "-"
+    return "lds" + (f"/{cfg.dim_split}" if cfg.dim_split != 1 else "")
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--arch", nargs="+", default=list(TARGETS))
@@ -356,6 +382,7 @@ def main(argv=None) -> int:
     parser.add_argument("--probe", metavar="TARGET", help="compile an empty kernel for TARGET only")
     parser.add_argument("--variants", choices=("some", "all"), default="some",
                         help="the window/softcap/ALiBi/varlen flags at one head dim (some) or every row (all)")
+    parser.add_argument("--kernels", nargs="+", help="only these table kernels (default: all)")
     args = parser.parse_args(argv)
     if args.probe:
         ok, log, _ = hiprtc_compile('extern "C" __global__ void k() {}', "probe.hip",
@@ -377,11 +404,13 @@ def main(argv=None) -> int:
             print(f"{CLANG}, {target}: {clang_probe(target)}")
 
     failures = count = 0
-    print(f"{'kernel':23} {'target':7} {'dtype':8} {'D':>3} {'tile':>7} {'wave':>4} {'causal':>6} {'variant':11} {'vec':>3} "
+    print(f"{'kernel':23} {'target':7} {'dtype':8} {'D':>3} {'tile':>7} {'ops':6} {'wave':>4} {'causal':>6} {'variant':11} {'vec':>3} "
           f"{'vgpr':>4} {'agpr':>4} {'sgpr':>4} {'LDS KB':>6} {'scratch':>7} {'spill':>5} {'mma':>4} {'sec':>4}")
     start = time.perf_counter()
     with ProcessPoolExecutor(max_workers=args.jobs) as pool:
-        for variant, ok, log, r, seconds in pool.map(compile_variant, variants(args.arch, args.variants == "all")):
+        chosen = [v for v in variants(args.arch, args.variants == "all")
+                  if not args.kernels or v[0].kernel in args.kernels]
+        for variant, ok, log, r, seconds in pool.map(compile_variant, chosen):
             cfg, target, dtype, causal, vec, flags = variant
             count += 1
             if not ok:
@@ -391,7 +420,7 @@ def main(argv=None) -> int:
             problems = check(variant, r)
             failures += bool(problems)
             lds = (lds_bytes(variant) + r["static_lds"]) / 1024
-            print(f"{cfg.kernel:23} {target:7} {dtype:8} {cfg.head_dim:>3} {cfg.block_m:>3}x{cfg.block_n:<3} "
+            print(f"{cfg.kernel:23} {target:7} {dtype:8} {cfg.head_dim:>3} {cfg.block_m:>3}x{cfg.block_n:<3} {operands(cfg):6} "
                   f"{r['wave']:>4} {causal!s:>6} {flags:11} {int(vec):>3} {r['vgpr']:>4} {r['agpr']:>4} {r['sgpr']:>4} "
                   f"{lds:>6.1f} {r['scratch']:>7} {r['spills']:>5} {r['mfma']:>4} {seconds:>4.1f}"
                   + (f"  <-- {', '.join(problems)}" if problems else ""))

@@ -13,6 +13,7 @@
 // HAS_SOFTCAP  scores s become c * tanh(s / c)
 // HAS_ALIBI    scores get -slope * |i + o - j|, one slope per (batch,) query head
 // IS_VARLEN    sequences are packed: sequence b is rows [cu_seqlens[b], cu_seqlens[b + 1])
+// IS_PAGED     (with IS_VARLEN, forward) the keys and values live in pages through a block table
 #pragma once
 
 #include "params.h"
@@ -31,6 +32,9 @@
 #endif
 #ifndef IS_VARLEN
 #define IS_VARLEN 0
+#endif
+#ifndef IS_PAGED
+#define IS_PAGED 0
 #endif
 
 #define NEG_INF (-__int_as_float(0x7f800000))
@@ -192,13 +196,60 @@ __device__ __forceinline__ Sequence sequence(int batch, const int* cu_seqlens_q,
     Sequence s;
     if (IS_VARLEN) {
         s.q_start = cu_seqlens_q[batch];
-        s.k_start = cu_seqlens_k[batch];
         s.seqlen_q = cu_seqlens_q[batch + 1] - s.q_start;
-        s.seqlen_k = cu_seqlens_k[batch + 1] - s.k_start;
+        // Paged keys are not packed: paged_rows() sets their count (cu_seqlens_k may be null).
+        s.k_start = IS_PAGED ? 0 : cu_seqlens_k[batch];
+        s.seqlen_k = IS_PAGED ? 0 : cu_seqlens_k[batch + 1] - s.k_start;
     } else {
         s.q_start = s.k_start = 0;
         s.seqlen_q = seqlen_q;
         s.seqlen_k = seqlen_k;
     }
     return s;
+}
+
+// ---- paged keys and values (IS_PAGED) ----------------------------------------------------------------
+// flash-attn's convention: k and v are (num_pages, page_size, Hk, D) and key row r of sequence b
+// lives at page block_table[b, r / page_size], row r % page_size. The sequence's key count is
+// seqused_k[b] where given, else cu_seqlens_k[b + 1] - cu_seqlens_k[b]. On a GPU neither the table
+// nor the counts are read by the host, so here counts are clamped to [0, max_pages * page_size]
+// (a row past that would index past the sequence's row of the table) and page ids to
+// [0, num_pages): a bad table reads wrong pages, never memory outside the caches or the table.
+// Every kernel of either vendor that reads paged keys finds a row through paged_row_offset.
+
+// Sequence `batch`'s key count under IS_PAGED: seqused_k's where given, else cu_seqlens_k's,
+// clamped to the table's capacity.
+__device__ __forceinline__ int paged_key_count(const AttnParams& p, int batch) {
+    const int used = p.seqused_k ? p.seqused_k[batch] : p.cu_seqlens_k[batch + 1] - p.cu_seqlens_k[batch];
+    return min(max(used, 0), p.max_pages * p.page_size);
+}
+
+// sequence() for a forward that may read paged keys: under IS_PAGED the key count is the pages'.
+__device__ __forceinline__ Sequence forward_sequence(const AttnParams& p, int batch) {
+    Sequence s = sequence(batch, p.cu_seqlens_q, p.cu_seqlens_k, p.seqlen_q, p.seqlen_k);
+    if (IS_PAGED) s.seqlen_k = paged_key_count(p, batch);
+    return s;
+}
+
+// Offset in elements of page row `row` (0 <= row < max_pages * page_size) from the base of a
+// kv head: page `pages[row / page_size]`, clamped. page_size may be a compile-time constant (the
+// decode kernels' PAGE_SIZE), which turns the division into a shift.
+__device__ __forceinline__ i64 paged_row_offset(const int* pages, int page_size, int last_page,
+                                                int row, i64 page_stride, i64 row_stride) {
+    const int page = min(max(pages[row / page_size], 0), last_page);
+    return (i64)page * page_stride + (i64)(row % page_size) * row_stride;
+}
+
+// Offset of key row `row` (row < its key count) of sequence `batch` from its kv head's base:
+// through the sequence's pages with IS_PAGED (page_stride: the tensor's batch stride), else
+// row * row_stride. Everything but `batch` and `row` comes from the parameter block at the point
+// of use, so nothing of the table stays live in registers through a kernel's main loop.
+__device__ __forceinline__ i64 kv_row_offset(const AttnParams& p, int batch, int row, i64 page_stride,
+                                             i64 row_stride) {
+#if IS_PAGED
+    return paged_row_offset(p.block_table + (i64)batch * p.block_table_stride, p.page_size,
+                            p.num_pages - 1, row, page_stride, row_stride);
+#else
+    return (i64)row * row_stride;
+#endif
 }

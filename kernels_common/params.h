@@ -34,7 +34,12 @@ struct AttnParams {
     const int* cu_seqlens_k;
     const float* alibi_slopes; // HAS_ALIBI: float32 (Hq,) or (B, Hq), else null
     const float* sinks;        // HAS_SINKS (forward): float32 (Hq,) sink logits, else null
+    // Paged keys and values (IS_PAGED, forward of a packed batch): k and v are (num_pages,
+    // page_size, Hk, D) with k.batch_stride / v.batch_stride the page strides.
+    const int* block_table;    // int32 (B, max_pages) page ids, else null
+    const int* seqused_k;      // int32 (B,) key counts on the device, or null: cu_seqlens_k's
     i64 alibi_batch_stride;    // 0 for (Hq,) slopes
+    i64 block_table_stride;    // elements between two sequences' rows of block_table
 
     int batch_offset;          // first batch entry of this launch: blockIdx.z + batch_offset
     int heads_q;
@@ -49,6 +54,10 @@ struct AttnParams {
                                // attention scale
     float scale_log2;          // scale * log2(e): one FFMA turns S into the exp2 argument
     float grad_scale;          // backward: the attention scale, d(scale * x)/dx
+    int page_size;             // IS_PAGED: rows per page (a multiple of 16)
+    int num_pages;             // IS_PAGED: page ids are clamped to [0, num_pages)
+    int max_pages;             // IS_PAGED: the table's width; key counts are clamped to
+                               // [0, max_pages * page_size]
 };
 
 // KV-cache decoding (kernels_cuda/flash_decode.cu, flash_decode_f32.cu, flash_decode_merge.cu;

@@ -217,8 +217,7 @@ __device__ __forceinline__ KeySource key_source(const DecodeParams& p, const Dec
 // Offset (in elements, from KeyRows::cache) of cache row j, 0 <= j < Smax.
 __device__ __forceinline__ i64 cache_row_offset(const KeySource& s, const KeyRows& r, int j) {
 #if PAGE_SIZE
-    const int page = min(max(s.pages[j / PAGE_SIZE], 0), s.last_page);
-    return (i64)page * r.page_stride + (i64)(j % PAGE_SIZE) * r.row_stride;
+    return paged_row_offset(s.pages, PAGE_SIZE, s.last_page, j, r.page_stride, r.row_stride);
 #else
     return (i64)j * r.row_stride;
 #endif
@@ -227,10 +226,8 @@ __device__ __forceinline__ i64 cache_row_offset(const KeySource& s, const KeyRow
 // Cache row j's K and V rows (0 <= j < cached).
 __device__ __forceinline__ void cache_rows(const KeySource& s, int j, const cache_t*& k, const cache_t*& v) {
 #if PAGE_SIZE
-    const int page = min(max(s.pages[j / PAGE_SIZE], 0), s.last_page);
-    const int row = j % PAGE_SIZE;
-    k = s.k.cache + (i64)page * s.k.page_stride + (i64)row * s.k.row_stride;
-    v = s.v.cache + (i64)page * s.v.page_stride + (i64)row * s.v.row_stride;
+    k = s.k.cache + paged_row_offset(s.pages, PAGE_SIZE, s.last_page, j, s.k.page_stride, s.k.row_stride);
+    v = s.v.cache + paged_row_offset(s.pages, PAGE_SIZE, s.last_page, j, s.v.page_stride, s.v.row_stride);
 #else
     k = s.k.cache + (i64)j * s.k.row_stride;
     v = s.v.cache + (i64)j * s.v.row_stride;
@@ -347,8 +344,8 @@ __device__ __forceinline__ void warp_load_keys(cache_t* sK, cache_t* sV, const K
 
 #if FP8_TILES
 // A landed ring tile of FP8 codes -> the warp's tile of their exact values, every element of the
-// padded HEAD_DIM (zero codes give zeros). Lane l converts 8 codes at a time (one 8-byte read, one
-// 16-byte or two float4 writes); the caller __syncwarp()s before and after.
+// padded HEAD_DIM (zero codes give zeros). Lane l converts 8 codes at a time (one 8-byte read, two
+// float4 writes); the caller __syncwarp()s before and after.
 __device__ __forceinline__ void convert_tile(elem_t* dst, const cache_t* src, int lane) {
     constexpr int PIECES_PER_ROW = HEAD_DIM / 8;
 #pragma unroll 4
@@ -357,7 +354,6 @@ __device__ __forceinline__ void convert_tile(elem_t* dst, const cache_t* src, in
         const uint2 codes = *(const uint2*)(src + row * CACHE_STRIDE + col);
         const u32 words[2] = {codes.x, codes.y};
         elem_t* out = dst + row * TILE_STRIDE + col;
-#if ELEM_F32
 #pragma unroll
         for (int w = 0; w < 2; ++w) {
             float4 x;
@@ -365,14 +361,6 @@ __device__ __forceinline__ void convert_tile(elem_t* dst, const cache_t* src, in
             fp8x2_to_float2((u16)(words[w] >> 16), x.z, x.w);
             *(float4*)(out + 4 * w) = x;
         }
-#else
-        uint4 x;
-        x.x = fp8x2_to_elem2((u16)(words[0] & 0xffffu));
-        x.y = fp8x2_to_elem2((u16)(words[0] >> 16));
-        x.z = fp8x2_to_elem2((u16)(words[1] & 0xffffu));
-        x.w = fp8x2_to_elem2((u16)(words[1] >> 16));
-        *(uint4*)out = x;
-#endif
     }
 }
 #endif
@@ -386,21 +374,60 @@ __device__ __forceinline__ int fp8_q_slot(int c) {
 }
 #endif
 
+#if KV_FP8 && !ELEM_F32
+// The tensor-core kernel's Q tile under FP8 caches is float16 (the products' type, platform.h),
+// scaled by q_scale = 2^k that puts the tile's largest |q| (amax) in [2^14, 2^15): no value
+// overflows float16, and every value down to amax * 2^-28 keeps all its bits (a bfloat16 value has
+// 8 significant bits, float16 11). Exact powers of two, so the scores divide q_scale back out
+// exactly. A tile of zeros, or with an infinite |q|, stays unscaled (NaN is ignored by the max and
+// propagates through the tile as it would unscaled).
+__device__ __forceinline__ float q_tile_scale(float amax) {
+    if (!(amax > 0.f && amax < -NEG_INF)) return 1.f;
+    const int e = max((int)((__float_as_uint(amax) >> 23) & 0xffu) - 127, -100);  // amax in [2^e, 2^(e+1))
+    return __uint_as_float((u32)(127 + 14 - e) << 23);
+}
+#endif
+
 // The Q tile: row r (r < rows) is query head r / seqlen_q of the group, token r % seqlen_q.
-// Loaded once per block with plain loads; zeros past the last row and column.
-__device__ __forceinline__ void load_q_tile(elem_t* sQ, const DecodeParams& p, const DecodeBlock& b, int tid) {
+// Loaded once per block with plain loads; zeros past the last row and column. Returns the factor
+// the tile's values were multiplied by: 1, but q_tile_scale's under FP8 caches on tensor cores.
+__device__ __forceinline__ float load_q_tile(elem_t* sQ, const DecodeParams& p, const DecodeBlock& b, int tid) {
     constexpr int UNITS_PER_ROW = HEAD_DIM / UNIT_ELEMS;
     const elem_t* q = (const elem_t*)p.q.ptr + (i64)b.batch * p.q.batch_stride +
                       (i64)b.kv_head * p.heads_per_kv * p.q.head_stride;
-    for (int u = tid; u < BLOCK_M * UNITS_PER_ROW; u += NUM_THREADS) {
-        const int row = u / UNITS_PER_ROW, col = (u % UNITS_PER_ROW) * UNIT_ELEMS;
+    auto unit = [&](int u, int& row, int& col, bool& valid) {  // unit u's source, row and column
+        row = u / UNITS_PER_ROW;
+        col = (u % UNITS_PER_ROW) * UNIT_ELEMS;
         const int r = b.m_start + row;
-        const bool valid = r < b.rows && col < p.head_dim;
-        const elem_t* src = q + (i64)(r / p.seqlen_q) * p.q.head_stride + (i64)(r % p.seqlen_q) * p.q.row_stride + col;
+        valid = r < b.rows && col < p.head_dim;
+        return q + (i64)(r / p.seqlen_q) * p.q.head_stride + (i64)(r % p.seqlen_q) * p.q.row_stride + col;
+    };
+#if KV_FP8 && !ELEM_F32
+    // Every warp finds the tile's largest |q| on its own: the tile is small, and no barrier is needed.
+    float amax = 0.f;
+    for (int u = tid % WARP_SIZE; u < BLOCK_M * UNITS_PER_ROW; u += WARP_SIZE) {
+        int row, col;
+        bool valid;
+        const elem_t* src = unit(u, row, col, valid);
+        if (valid)
+#pragma unroll
+            for (int e = 0; e < UNIT_ELEMS; ++e) amax = fmaxf(amax, fabsf(to_float(src[e])));
+    }
+#pragma unroll
+    for (int offset = WARP_SIZE / 2; offset > 0; offset /= 2) amax = fmaxf(amax, shfl_xor(amax, offset));
+    const float q_scale = q_tile_scale(amax);
+#else
+    const float q_scale = 1.f;
+#endif
+    for (int u = tid; u < BLOCK_M * UNITS_PER_ROW; u += NUM_THREADS) {
+        int row, col;
+        bool valid;
+        const elem_t* src = unit(u, row, col, valid);
 #if KV_FP8 && !ELEM_F32
 #pragma unroll
         for (int e = 0; e < UNIT_ELEMS; ++e)
-            sQ[row * TILE_STRIDE + fp8_q_slot(col + e)] = valid ? src[e] : (elem_t)0;
+            sQ[row * TILE_STRIDE + fp8_q_slot(col + e)] =
+                valid ? (elem_t)(pack_half2(to_float(src[e]) * q_scale, 0.f) & 0xffffu) : (elem_t)0;
 #elif VEC_LOADS
         uint4 x = make_uint4(0, 0, 0, 0);
         if (valid) x = *(const uint4*)src;
@@ -409,6 +436,7 @@ __device__ __forceinline__ void load_q_tile(elem_t* sQ, const DecodeParams& p, c
         sQ[row * TILE_STRIDE + col] = valid ? *src : (elem_t)0;
 #endif
     }
+    return q_scale;
 }
 
 // The keys [row_lo, row_hi) each tile row's token sees.

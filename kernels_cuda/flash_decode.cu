@@ -5,7 +5,10 @@
 //
 // FP8 caches (KV_FP8): K and V stay FP8 codes in the ring, and ldmatrix reads them as if they
 // were 16-bit elements of two codes each; each fragment register is then converted in registers
-// (platform.h, fp8x2_to_elem2), exactly. Nothing is staged through shared memory a second time.
+// to float16 (platform.h, fp8x2_to_half2: one instruction a pair), exactly, and both products run
+// in float16 whatever the query type: Q's tile is float16 (scaled by a power of two,
+// decode_common.h q_tile_scale) and P is packed to float16. Nothing is staged through shared
+// memory a second time.
 //   S = Q K^T: lane (g = lane / 4, t = lane % 4) of a plain ldmatrix holds codes 4t..4t+3 of key
 //     row g, which serve as head-dim positions 2t, 2t+1 (b0) and 2t+8, 2t+9 (b1) of the k16 step.
 //     Q's tile holds the same permutation of each 16 columns (decode_common.h, fp8_q_slot); the
@@ -61,12 +64,12 @@ __device__ __forceinline__ void mma_q_k8(float (&c)[MT][NT][4], u32 q_lane, u32 
             ldmatrix_x4(r, k_lane + (u32)(np * 16 * CACHE_STRIDE + kk * 16));
 #pragma unroll
             for (int s = 0; s < 2; ++s) {
-                const u32 lo0 = fp8x2_to_elem2((u16)(r[s] & 0xffffu)), lo1 = fp8x2_to_elem2((u16)(r[s] >> 16));
-                const u32 hi0 = fp8x2_to_elem2((u16)(r[2 + s] & 0xffffu)), hi1 = fp8x2_to_elem2((u16)(r[2 + s] >> 16));
+                const u32 lo0 = fp8x2_to_half2((u16)(r[s] & 0xffffu)), lo1 = fp8x2_to_half2((u16)(r[s] >> 16));
+                const u32 hi0 = fp8x2_to_half2((u16)(r[2 + s] & 0xffffu)), hi1 = fp8x2_to_half2((u16)(r[2 + s] >> 16));
 #pragma unroll
                 for (int mt = 0; mt < MT; ++mt) {
-                    mma_16816(c[mt][2 * np], a[s][mt], lo0, lo1);
-                    mma_16816(c[mt][2 * np + 1], a[s][mt], hi0, hi1);
+                    mma_16816_f16(c[mt][2 * np], a[s][mt], lo0, lo1);
+                    mma_16816_f16(c[mt][2 * np + 1], a[s][mt], hi0, hi1);
                 }
             }
         }
@@ -89,13 +92,13 @@ __device__ __forceinline__ void mma_p_v8(float (&c)[MT][NT][4], const u32 (&a)[M
                 // bytes (key 2t col 2g, key 2t col 2g+1, key 2t+1 col 2g, key 2t+1 col 2g+1) ->
                 // (2t, 2t+1) of column 2g in the low half, of column 2g+1 in the high half
                 const u32 lo = byte_perm<0x3120>(r[2 * h]), hi = byte_perm<0x3120>(r[2 * h + 1]);
-                const u32 even0 = fp8x2_to_elem2((u16)(lo & 0xffffu)), even1 = fp8x2_to_elem2((u16)(hi & 0xffffu));
-                const u32 odd0 = fp8x2_to_elem2((u16)(lo >> 16)), odd1 = fp8x2_to_elem2((u16)(hi >> 16));
+                const u32 even0 = fp8x2_to_half2((u16)(lo & 0xffffu)), even1 = fp8x2_to_half2((u16)(hi & 0xffffu));
+                const u32 odd0 = fp8x2_to_half2((u16)(lo >> 16)), odd1 = fp8x2_to_half2((u16)(hi >> 16));
                 const int dt = 2 * (2 * cp + h);
 #pragma unroll
                 for (int mt = 0; mt < MT; ++mt) {
-                    mma_16816(c[mt][dt], a[mt][kk], even0, even1);
-                    mma_16816(c[mt][dt + 1], a[mt][kk], odd0, odd1);
+                    mma_16816_f16(c[mt][dt], a[mt][kk], even0, even1);
+                    mma_16816_f16(c[mt][dt + 1], a[mt][kk], odd0, odd1);
                 }
             }
         }
@@ -178,7 +181,18 @@ __device__ __forceinline__ void warp_step(WarpState& st, u32 q_lane, u32 k_lane,
 #pragma unroll
     for (int mt = 0; mt < M_TILES; ++mt)
 #pragma unroll
-        for (int kk = 0; kk < WARP_N / 16; ++kk) pack_a_fragment(p_frag[mt][kk], acc_s[mt][2 * kk], acc_s[mt][2 * kk + 1]);
+        for (int kk = 0; kk < WARP_N / 16; ++kk) {
+#if KV_FP8  // float16 P for the float16 product with V's codes (pack_a_fragment's layout)
+            const float(&lo)[4] = acc_s[mt][2 * kk];
+            const float(&hi)[4] = acc_s[mt][2 * kk + 1];
+            p_frag[mt][kk][0] = pack_half2(lo[0], lo[1]);
+            p_frag[mt][kk][1] = pack_half2(lo[2], lo[3]);
+            p_frag[mt][kk][2] = pack_half2(hi[0], hi[1]);
+            p_frag[mt][kk][3] = pack_half2(hi[2], hi[3]);
+#else
+            pack_a_fragment(p_frag[mt][kk], acc_s[mt][2 * kk], acc_s[mt][2 * kk + 1]);
+#endif
+        }
 #if KV_FP8
     mma_p_v8<M_TILES, D_TILES, WARP_N / 16>(st.acc_o, p_frag, v_lane);  // O += P V8
 #else
@@ -222,7 +236,7 @@ flash_decode(const __grid_constant__ DecodeParams p) {
     // tile's load latency overlaps them.
 #pragma unroll
     for (int t = 0; t < STAGES - 1; ++t) issue_step(t);
-    load_q_tile(sQ, p, b, tid);
+    const float q_scale = load_q_tile(sQ, p, b, tid);  // 1, but under FP8 caches
     row_limits(row_lo, row_hi, p, b, tid);
     __syncthreads();  // sQ and the row limits are visible to every warp
 
@@ -242,7 +256,7 @@ flash_decode(const __grid_constant__ DecodeParams p) {
     // ldmatrix row addresses (mma_tile.h): Q is the A operand of S = Q K^T, K's rows are those of
     // B^T, V is the row-major B of O += P V (FP8: the codes' own lane patterns, above). Ring slots
     // are a fixed number of bytes apart.
-    const float factor = score_factor(p, src);
+    const float factor = score_factor(p, src) / q_scale;  // exact: q_scale is a power of two
     const u32 q_lane = lane_address_x<TILE_STRIDE>(smem_addr(sQ), 0, 0, lane);
 #if KV_FP8
     const u32 k_lane = smem_addr(ring_warp) + fp8_k_lane(lane);

@@ -15,7 +15,10 @@
 // and row strides in elements, elements along D contiguous. lse is float32 (B, Hq, Sq). GQA: query
 // head h reads key/value head h / heads_per_kv. Reads q, k, v; writes o and lse. Packed batches
 // (IS_VARLEN): batch strides are 0 and sequence b starts at row cu_seqlens[b] (attention_common.h);
-// the grid covers the longest sequence and blocks past a shorter one's end return at once.
+// the grid covers the longest sequence and blocks past a shorter one's end return at once. Paged
+// keys and values (IS_PAGED, with IS_VARLEN): k and v are (num_pages, page_size, Hk, D), their
+// batch strides the page strides, and each K/V row is found through the sequence's row of the block
+// table (attention_common.h: kv_row_offset); nothing else changes.
 //
 // Masks and score modifiers (attention_common.h): the band of visible keys (causal, sliding
 // window), softcap, ALiBi. Key tiles outside the band of a block are never loaded; tiles inside
@@ -37,7 +40,8 @@
 // HEAD_DIM    padded head dim of this variant (multiple of 16); the real one, head_dim, is <= it
 // BLOCK_M     query rows per thread block;  BLOCK_N  keys per tile
 // NUM_WARPS   warps per thread block (BLOCK_M / NUM_WARPS must be a multiple of 16)
-// IS_CAUSAL, IS_LOCAL, HAS_SOFTCAP, HAS_ALIBI, IS_VARLEN: masks and modifiers (attention_common.h)
+// IS_CAUSAL, IS_LOCAL, HAS_SOFTCAP, HAS_ALIBI, IS_VARLEN, IS_PAGED: masks, modifiers and where
+//             sequences live (attention_common.h)
 // VEC_LOADS   1: every row starts 16-byte aligned and head_dim % 8 == 0, so tiles move with 16-byte
 //             cp.async; 0: element-wise loads and stores (odd head dims, odd strides)
 // MIN_BLOCKS  thread blocks per SM that the register allocation must allow
@@ -135,6 +139,19 @@ __device__ __forceinline__ void softmax_rescale_o(float (&acc_s)[M_TILES][N_TILE
     }
 }
 
+// K or V rows [n_start, n_start + BLOCK_N) of this sequence into a tile, zeros past seqlen_k:
+// consecutive rows, or each row through its page (IS_PAGED; page_stride is the tensor's batch
+// stride there).
+__device__ __forceinline__ void load_kv_tile(u16* smem, const u16* kv, const AttnParams& p, int batch,
+                                             i64 page_stride, i64 row_stride, int n_start,
+                                             int seqlen_k, int head_dim, int tid) {
+#if IS_PAGED
+    load_paged_tile<BLOCK_N>(smem, kv, p, batch, n_start, page_stride, row_stride, seqlen_k - n_start, head_dim, tid);
+#else
+    load_tile<BLOCK_N>(smem, kv + n_start * row_stride, row_stride, seqlen_k - n_start, head_dim, tid);
+#endif
+}
+
 // P (fp32, accumulator layout of S) -> 16-bit A-operand fragments of P V (pack_a_fragment): P never
 // leaves registers, and packing halves the registers P holds while the next K tile's copies are
 // issued.
@@ -217,7 +234,7 @@ flash_fwd(AttnParams p) {
     const int m_start = m_block * BLOCK_M;
     const int warp_row_start = m_start + warp * WARP_M;
 
-    const Sequence seq = sequence(batch, cu_seqlens_q, cu_seqlens_k, seqlen_q, seqlen_k);
+    const Sequence seq = forward_sequence(p, batch);  // IS_PAGED: the key count is the pages'
     if (IS_VARLEN && m_start >= seq.seqlen_q) return;  // the grid covers the longest sequence
     seqlen_q = seq.seqlen_q;
     seqlen_k = seq.seqlen_k;
@@ -225,8 +242,9 @@ flash_fwd(AttnParams p) {
                                            alibi_slopes + batch * alibi_batch_stride + head, scale);
 
     q += batch * q_batch_stride + head * q_head_stride + (i64)(seq.q_start + m_start) * q_row_stride;
-    k += batch * k_batch_stride + kv_head * k_head_stride + (i64)seq.k_start * k_row_stride;
-    v += batch * v_batch_stride + kv_head * v_head_stride + (i64)seq.k_start * v_row_stride;
+    // Paged: the batch stride is the page stride, and the pages say where each row is.
+    k += (IS_PAGED ? 0 : batch * k_batch_stride) + kv_head * k_head_stride + (i64)seq.k_start * k_row_stride;
+    v += (IS_PAGED ? 0 : batch * v_batch_stride) + kv_head * v_head_stride + (i64)seq.k_start * v_row_stride;
 
     // This lane's ldmatrix row addresses (mma_tile.h): Q is the A operand of S = Q K^T, K's rows
     // are those of B^T, and V is the row-major B of O += P V.
@@ -241,7 +259,7 @@ flash_fwd(AttnParams p) {
     load_tile<BLOCK_M>(sQ, q, q_row_stride, seqlen_q - m_start, head_dim, tid);
     if (tiles.tile_end > tiles.tile_begin) {
         int n_start = (tiles.tile_end - 1) * BLOCK_N;
-        load_tile<BLOCK_N>(sK, k + n_start * k_row_stride, k_row_stride, seqlen_k - n_start, head_dim, tid);
+        load_kv_tile(sK, k, p, batch, k_batch_stride, k_row_stride, n_start, seqlen_k, head_dim, tid);
     }
     cp_async_commit();
 
@@ -264,7 +282,7 @@ flash_fwd(AttnParams p) {
         const int n_start = tile * BLOCK_N;
         cp_async_wait<0>();
         __syncthreads();  // K tile visible to every warp, and every warp is done reading the last V tile
-        load_tile<BLOCK_N>(sV, v + n_start * v_row_stride, v_row_stride, seqlen_k - n_start, head_dim, tid);
+        load_kv_tile(sV, v, p, batch, v_batch_stride, v_row_stride, n_start, seqlen_k, head_dim, tid);
         cp_async_commit();
 
         // Near an edge of the band a warp whose rows all miss this tile would compute P = 0 and
@@ -286,7 +304,7 @@ flash_fwd(AttnParams p) {
         __syncthreads();  // V tile visible to every warp, and every warp is done reading this K tile
         if (tile > tiles.tile_begin) {
             int next_start = n_start - BLOCK_N;
-            load_tile<BLOCK_N>(sK, k + next_start * k_row_stride, k_row_stride, seqlen_k - next_start, head_dim, tid);
+            load_kv_tile(sK, k, p, batch, k_batch_stride, k_row_stride, next_start, seqlen_k, head_dim, tid);
             cp_async_commit();
         }
         if (warp_sees_tile) mma_areg_b<M_TILES, D_TILES, BLOCK_N / 16, SMEM_STRIDE>(acc_o, p_frag, v_lane);  // O += P V

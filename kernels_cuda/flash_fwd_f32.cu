@@ -13,7 +13,8 @@
 // shared memory so that every lane can read every key's probability.
 //
 // compile time: ELEM_F32 = 1, HEAD_DIM (multiple of 32), ROWS_PER_WARP, NUM_WARPS, MIN_BLOCKS, the
-// mask/modifier flags of attention_common.h, and HAS_SINKS (flash_fwd.cu: the sink folded into the
+// mask/modifier flags of attention_common.h (IS_PAGED included: paged keys and values as in
+// flash_fwd.cu), and HAS_SINKS (flash_fwd.cu: the sink folded into the
 // LSE in the epilogue). Parameters as in flash_fwd.cu.
 
 #include "platform.h"
@@ -72,7 +73,7 @@ flash_fwd_f32(AttnParams p) {
     const float* sQ_warp = sQ + warp * ROWS_PER_WARP * HEAD_DIM;
     float* sP_warp = sP + warp * ROWS_PER_WARP * BLOCK_N;
 
-    const Sequence seq = sequence(batch, cu_seqlens_q, cu_seqlens_k, seqlen_q, seqlen_k);
+    const Sequence seq = forward_sequence(p, batch);  // IS_PAGED: the key count is the pages'
     if (IS_VARLEN && m_start >= seq.seqlen_q) return;  // the grid covers the longest sequence
     seqlen_q = seq.seqlen_q;
     seqlen_k = seq.seqlen_k;
@@ -80,8 +81,9 @@ flash_fwd_f32(AttnParams p) {
                                            alibi_slopes + batch * alibi_batch_stride + head, scale);
 
     q += batch * q_batch_stride + head * q_head_stride + (i64)(seq.q_start + m_start) * q_row_stride;
-    k += batch * k_batch_stride + kv_head * k_head_stride + (i64)seq.k_start * k_row_stride;
-    v += batch * v_batch_stride + kv_head * v_head_stride + (i64)seq.k_start * v_row_stride;
+    // Paged: the batch stride is the page stride, and the pages say where each row is.
+    k += (IS_PAGED ? 0 : batch * k_batch_stride) + kv_head * k_head_stride + (i64)seq.k_start * k_row_stride;
+    v += (IS_PAGED ? 0 : batch * v_batch_stride) + kv_head * v_head_stride + (i64)seq.k_start * v_row_stride;
     o += batch * o_batch_stride + head * o_head_stride + (i64)seq.q_start * o_row_stride;
     lse += batch * lse_batch_stride + head * lse_head_stride + seq.q_start;
 
@@ -101,8 +103,8 @@ flash_fwd_f32(AttnParams p) {
     for (int tile = tiles.tile_end - 1; tile >= tiles.tile_begin; --tile) {
         const int n_start = tile * BLOCK_N;
         __syncthreads();  // every warp is done with the previous K and V tiles
-        load_rows(sK, K_STRIDE, k + n_start * k_row_stride, k_row_stride, BLOCK_N, seqlen_k - n_start, head_dim, tid);
-        load_rows(sV, HEAD_DIM, v + n_start * v_row_stride, v_row_stride, BLOCK_N, seqlen_k - n_start, head_dim, tid);
+        load_kv_rows(sK, K_STRIDE, k, p, batch, k_batch_stride, k_row_stride, n_start, BLOCK_N, seqlen_k - n_start, head_dim, tid);
+        load_kv_rows(sV, HEAD_DIM, v, p, batch, v_batch_stride, v_row_stride, n_start, BLOCK_N, seqlen_k - n_start, head_dim, tid);
         __syncthreads();  // K and V tiles (and, the first time, Q) visible to every warp
 
         // S = Q K^T: this lane's key against each of the warp's rows.

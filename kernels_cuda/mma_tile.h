@@ -63,6 +63,60 @@ __device__ __forceinline__ void load_tile(u16* smem, const u16* gmem, i64 row_st
 #endif
 }
 
+// load_tile for key/value rows found through a sequence's pages (attention_common.h:
+// kv_row_offset). Pages hold a multiple of 16 rows and tiles start at a multiple of 16, so each
+// aligned group of 16 rows of a tile lies in one page: a thread looks up a page only on the passes
+// that start a group (known at compile time for each unrolled pass where a pass covers a divisor
+// of 16 rows) and walks its pointer down the rows in between, as load_tile does. A row at or past
+// valid_rows is zero-filled without a read, and no group that starts there is looked up (its
+// table entry may lie past the sequence's row of the block table).
+template <int ROWS>
+__device__ __forceinline__ void load_paged_tile(u16* smem, const u16* base, const AttnParams& p,
+                                                int batch, int first_row, i64 page_stride,
+                                                i64 row_stride, int valid_rows, int head_dim,
+                                                int tid) {
+    constexpr int COPY_ELEMS = VEC_LOADS ? CHUNK : 1;
+    constexpr int COPIES_PER_ROW = HEAD_DIM / COPY_ELEMS;
+    constexpr int THREADS_PER_ROW = COPIES_PER_ROW < NUM_THREADS ? COPIES_PER_ROW : NUM_THREADS;
+    constexpr int COPIES_PER_THREAD = (COPIES_PER_ROW + THREADS_PER_ROW - 1) / THREADS_PER_ROW;
+    constexpr int ROWS_PER_PASS = NUM_THREADS / THREADS_PER_ROW;
+    constexpr int PASSES = (ROWS + ROWS_PER_PASS - 1) / ROWS_PER_PASS;
+    constexpr int PAGE_ROWS = 16;  // every page size is a multiple of this
+    // A thread's rows of one group are consecutive passes; otherwise every pass looks its row up.
+    constexpr bool GROUPED = ROWS_PER_PASS <= PAGE_ROWS && PAGE_ROWS % ROWS_PER_PASS == 0;
+    if (NUM_THREADS % THREADS_PER_ROW != 0 && tid >= ROWS_PER_PASS * THREADS_PER_ROW) return;
+    const int row = tid / THREADS_PER_ROW, col = (tid % THREADS_PER_ROW) * COPY_ELEMS;
+    const u16* src = base + col;
+#if VEC_LOADS
+    static_assert(COPIES_PER_THREAD == 1, "16-byte copies: one column chunk per thread");
+    const bool col_valid = col < head_dim;
+    const u32 dst = smem_addr(smem + row * SMEM_STRIDE + col);
+#pragma unroll
+#else
+    u16* dst = smem + row * SMEM_STRIDE + col;
+#endif
+    for (int i = 0; i < PASSES; ++i) {
+        const int r = row + i * ROWS_PER_PASS;
+        if (ROWS % ROWS_PER_PASS != 0 && r >= ROWS) break;
+        const bool row_valid = r < valid_rows;
+        if (!GROUPED || i * ROWS_PER_PASS % PAGE_ROWS == 0)
+            src = base + (row_valid ? kv_row_offset(p, batch, first_row + r, page_stride, row_stride) : 0) + col;
+        else
+            src += ROWS_PER_PASS * row_stride;
+#if VEC_LOADS
+        cp_async_16_zfill(dst + TILE_OFFSET(i * ROWS_PER_PASS, 0), src, col_valid && row_valid);
+#else
+#pragma unroll
+        for (int j = 0; j < COPIES_PER_THREAD; ++j) {
+            const int c = col + j * THREADS_PER_ROW;
+            if (COPIES_PER_ROW % THREADS_PER_ROW != 0 && c >= HEAD_DIM) break;
+            dst[i * ROWS_PER_PASS * SMEM_STRIDE + j * THREADS_PER_ROW] =
+                row_valid && c < head_dim ? src[j * THREADS_PER_ROW] : (u16)0;
+        }
+#endif
+    }
+}
+
 // A warp copies ROWS rows of a padded shared-memory tile out to global memory (rows < valid_rows,
 // columns < head_dim), 16 bytes at a time where rows are aligned.
 template <int ROWS>

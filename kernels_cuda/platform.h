@@ -181,17 +181,35 @@ __device__ __forceinline__ void fp8x2_to_float2(u16 pair, float& lo, float& hi) 
 }
 
 #if !ELEM_F32
-// The same pair as two elements of the 16-bit type, packed (lo in the low half).
-__device__ __forceinline__ u32 fp8x2_to_elem2(u16 pair) {
-#if __CUDA_ARCH__ >= 890 && !ELEM_BF16
+// The tensor-core decode multiplies FP8 codes in float16 whatever the query type: every FP8 value
+// is a float16 value, and sm_89+ converts a pair to float16 in one instruction (to bfloat16 it
+// took four: via float16 and two float32). These three are that product's float16 operands.
+
+// The pair as two float16 values, packed (lo in the low half).
+__device__ __forceinline__ u32 fp8x2_to_half2(u16 pair) {
     u32 h2;
+#if __CUDA_ARCH__ >= 890
     asm("cvt.rn.f16x2." FP8_PTX " %0, %1;" : "=r"(h2) : "h"(pair));
-    return h2;
 #else
     float lo, hi;
     fp8x2_to_float2(pair, lo, hi);
-    return pack_float2(lo, hi);
+    asm("cvt.rn.f16x2.f32 %0, %1, %2;" : "=r"(h2) : "f"(hi), "f"(lo));
 #endif
+    return h2;
+}
+
+// Two floats -> two float16 values, packed (lo in the low half), round to nearest.
+__device__ __forceinline__ u32 pack_half2(float lo, float hi) {
+    u32 r;
+    asm("cvt.rn.f16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(hi), "f"(lo));
+    return r;
+}
+
+// mma_16816 on float16 operands.
+__device__ __forceinline__ void mma_16816_f16(float (&c)[4], const u32 (&a)[4], u32 b0, u32 b1) {
+    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
+                 : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
 }
 #endif
 

@@ -17,6 +17,26 @@ __device__ __forceinline__ void load_rows(float* smem, int smem_stride, const el
     }
 }
 
+// The rows [first_row, first_row + rows) of a sequence's K or V into shared memory as load_rows
+// does: consecutive rows, or with IS_PAGED each through its page (attention_common.h:
+// kv_row_offset; page_stride is the tensor's batch stride there). Rows past valid_rows are zeros
+// and their addresses are never formed.
+__device__ __forceinline__ void load_kv_rows(float* smem, int smem_stride, const elem_t* kv,
+                                             const AttnParams& p, int batch, i64 page_stride,
+                                             i64 row_stride, int first_row, int rows,
+                                             int valid_rows, int head_dim, int tid) {
+#if IS_PAGED
+    for (int e = tid; e < rows * HEAD_DIM; e += NUM_THREADS) {
+        int row = e / HEAD_DIM, col = e % HEAD_DIM;
+        bool valid = row < valid_rows && col < head_dim;
+        smem[row * smem_stride + col] =
+            valid ? to_float(kv[kv_row_offset(p, batch, first_row + row, page_stride, row_stride) + col]) : 0.f;
+    }
+#else
+    load_rows(smem, smem_stride, kv + first_row * row_stride, row_stride, rows, valid_rows, head_dim, tid);
+#endif
+}
+
 __device__ __forceinline__ float warp_max(float x) {
 #pragma unroll
     for (int lane_mask = WARP_SIZE / 2; lane_mask > 0; lane_mask /= 2) x = fmaxf(x, shfl_xor(x, lane_mask));

@@ -3,10 +3,11 @@
 // query-parallel kernel of its own, so nothing here adds into shared memory or global memory with
 // atomics and the gradients are the same bits on every run.
 //
-// Grid: x = key block, y = key/value head, z = batch. Wave w owns keys [w * 32, w * 32 + 32) of the
-// block and keeps their K and V fragments in registers. The block walks every query block of every
-// query head of its GQA group, so dK and dV, summed over the group, stay in registers from the
-// first step to the last.
+// Grid: x = key block (with DIM_SPLIT > 1: key block * DIM_SPLIT + slice of the head dim), y =
+// key/value head, z = batch. Wave w owns keys [w * MATRIX_N, (w + 1) * MATRIX_N) of the block and
+// keeps their K and V fragments in registers (or, FRAGS_IN_LDS, their tiles in LDS). The block
+// walks every query block of every query head of its GQA group, so dK and dV, summed over the
+// group, stay in registers from the first step to the last.
 //
 // Products (mfma.h; the lane's accumulator column is always one of the wave's keys):
 //   S  = Q K^T      A: Q tile [query][dim] in LDS       B: K^T fragments in registers
@@ -26,7 +27,11 @@
 // ELEM_BF16   1: bfloat16, 0: float16 (ELEM_TYPE, for platform.h, is the same choice)
 // HEAD_DIM    padded head dim (multiple of 32);  BLOCK_M  query rows per step (multiple of 32)
 // NUM_WAVES   waves per block, BLOCK_N = 32 * NUM_WAVES keys per block
-// VEC_LOADS   as in mfma_tile.h;  WAVE_SIZE  64
+// VEC_LOADS   as in matrix_tile.h;  WAVE_SIZE  64 (MFMA), 32 (WMMA)
+// FRAGS_IN_LDS 1: the K and V tiles stay in LDS and their fragments are read at each use
+// DIM_SPLIT   the block's dK and dV are HEAD_DIM / DIM_SPLIT dims wide: DIM_SPLIT blocks per key
+//             block (x = key block * DIM_SPLIT + slice), each recomputing S and dP for its slice of
+//             dK and dV (1: the whole head dim)
 // IS_CAUSAL, IS_LOCAL, HAS_SOFTCAP, HAS_ALIBI, IS_VARLEN: masks and modifiers (attention_common.h)
 // Run time: one AttnParams by value (kernels_common/params.h), as in flash_bwd_portable.hip.
 
@@ -41,18 +46,26 @@
 #define DIM_BLOCKS (HEAD_DIM / MATRIX_M)  // MATRIX_M-dim blocks of dK^T and dV^T
 #define DIM_STEPS (HEAD_DIM / MATRIX_K)   // k steps of S and dP
 #define QUERY_STEPS (BLOCK_M / MATRIX_K)  // k steps of dV^T and dK^T
+#ifndef DIM_SPLIT
+#define DIM_SPLIT 1
+#endif
+#define SLICE_DIMS (HEAD_DIM / DIM_SPLIT)   // dims of dK and dV one block sums
+#define SLICE_BLOCKS (SLICE_DIMS / MATRIX_M)  // MATRIX_M-dim blocks of them
 #define ROW_STRIDE (HEAD_DIM + PAD)     // sQ, sdO, and the K, V staging: [row][dim]
 #define T_STRIDE (BLOCK_M + PAD)        // sQt, sdOt: [dim][query]
 
 static_assert(WAVE_SIZE == MATRIX_WAVE, "the matrix instructions' wave size");
 static_assert(HEAD_DIM % MATRIX_M == 0 && BLOCK_M % MATRIX_M == 0, "whole matrix blocks");
+static_assert(SLICE_DIMS % MATRIX_M == 0 && SLICE_DIMS * DIM_SPLIT == HEAD_DIM, "whole matrix blocks per slice");
 
 // ---- LDS layout ---------------------------------------------------------------------------------
 // sQ [BLOCK_M][ROW_STRIDE] | sdO [BLOCK_M][ROW_STRIDE] | sQt [HEAD_DIM][T_STRIDE] |
 // sdOt [HEAD_DIM][T_STRIDE] (16-bit) | sLse2 [BLOCK_M] | sDelta [BLOCK_M] (float). Before the loop
-// the front of it stages K, then V, [BLOCK_N][ROW_STRIDE], on their way into registers.
+// the front of it stages K, then V, [BLOCK_N][ROW_STRIDE], on their way into registers; with
+// FRAGS_IN_LDS sK and sV [BLOCK_N][ROW_STRIDE] follow sdOt and stay for the whole loop.
 // xattn/configs.py (hip_shared_memory_bytes) computes the same size.
-#define TILES_U16 (2 * BLOCK_M * ROW_STRIDE + 2 * HEAD_DIM * T_STRIDE)
+#define QUERY_TILES_U16 (2 * BLOCK_M * ROW_STRIDE + 2 * HEAD_DIM * T_STRIDE)
+#define TILES_U16 (QUERY_TILES_U16 + (FRAGS_IN_LDS ? 2 * BLOCK_N * ROW_STRIDE : 0))
 #define STAGE_U16 (BLOCK_N * ROW_STRIDE)
 #define LDS_U16 (TILES_U16 > STAGE_U16 ? TILES_U16 : STAGE_U16)  // a multiple of 8: floats 16-byte aligned
 
@@ -126,10 +139,13 @@ MATRIX_KERNEL(flash_bwd, _dkdv)(const AttnParams p) {
     u16* sdO = sQ + BLOCK_M * ROW_STRIDE;
     u16* sQt = sdO + BLOCK_M * ROW_STRIDE;
     u16* sdOt = sQt + HEAD_DIM * T_STRIDE;
+    u16* sK = FRAGS_IN_LDS ? smem + QUERY_TILES_U16 : sStage;
+    u16* sV = FRAGS_IN_LDS ? sK + BLOCK_N * ROW_STRIDE : sStage;
     float* sLse2 = (float*)(smem + LDS_U16);
     float* sDelta = sLse2 + BLOCK_M;
 
-    const int n_block = blockIdx.x, kv_head = blockIdx.y, batch = blockIdx.z + p.batch_offset;
+    const int n_block = blockIdx.x / DIM_SPLIT, kv_head = blockIdx.y, batch = blockIdx.z + p.batch_offset;
+    const int dim0 = (blockIdx.x % DIM_SPLIT) * SLICE_DIMS;  // the first dim of this block's dK and dV
     const int tid = threadIdx.x, wave = tid / WAVE_SIZE, lane = tid % WAVE_SIZE;
     const int n_start = n_block * BLOCK_N;
     const int wave_key_start = n_start + wave * MATRIX_N;
@@ -157,15 +173,17 @@ MATRIX_KERNEL(flash_bwd, _dkdv)(const AttnParams p) {
     dk += b * dk_batch_stride + h * dk_head_stride + k_row * dk_row_stride;
     dv += b * dv_batch_stride + h * dv_head_stride + k_row * dv_row_stride;
 
-    // Prologue: K, then V, through LDS into registers, where they stay for the whole loop.
-    frag_t k_frag[DIM_STEPS], v_frag[DIM_STEPS];
-    load_tile<BLOCK_N, ROW_STRIDE, 0>(sStage, nullptr, k, k_row_stride, seqlen_k - n_start, head_dim, tid);
+    // Prologue: K, then V, through LDS into registers (or left in LDS), where they stay for the
+    // whole loop.
+    FixedFrags<DIM_STEPS, ROW_STRIDE> k_frag, v_frag;
+    load_tile<BLOCK_N, ROW_STRIDE, 0>(sK, nullptr, k, k_row_stride, seqlen_k - n_start, head_dim, tid);
     __syncthreads();  // the K tile is complete
-    load_frags<DIM_STEPS, ROW_STRIDE>(k_frag, sStage, wave * MATRIX_N, lane);
-    __syncthreads();  // every wave has its K fragments: the staging memory takes V
-    load_tile<BLOCK_N, ROW_STRIDE, 0>(sStage, nullptr, v, v_row_stride, seqlen_k - n_start, head_dim, tid);
+    k_frag.load(sK, wave * MATRIX_N, lane);
+    __syncthreads();  // every wave has its K fragments: the staging memory takes V (FRAGS_IN_LDS:
+                      // sV is a tile of its own, and this barrier is redundant)
+    load_tile<BLOCK_N, ROW_STRIDE, 0>(sV, nullptr, v, v_row_stride, seqlen_k - n_start, head_dim, tid);
     __syncthreads();  // the V tile is complete
-    load_frags<DIM_STEPS, ROW_STRIDE>(v_frag, sStage, wave * MATRIX_N, lane);
+    v_frag.load(sV, wave * MATRIX_N, lane);
 
     // The query blocks that see any key of this block: the band of its first key starts them, the
     // band of its last key ends them (attention_common.h). No block at all: dK = dV = 0.
@@ -175,9 +193,9 @@ MATRIX_KERNEL(flash_bwd, _dkdv)(const AttnParams p) {
     const int m_begin = first_query / BLOCK_M;
     const int m_end = last_query < first_query ? m_begin : last_query / BLOCK_M + 1;
 
-    acc_t acc_dk[DIM_BLOCKS], acc_dv[DIM_BLOCKS];
+    acc_t acc_dk[SLICE_BLOCKS], acc_dv[SLICE_BLOCKS];
 #pragma unroll
-    for (int db = 0; db < DIM_BLOCKS; ++db) acc_dk[db] = acc_dv[db] = acc_t{};
+    for (int db = 0; db < SLICE_BLOCKS; ++db) acc_dk[db] = acc_dv[db] = acc_t{};
 
     // Every query head of the GQA group adds into the same dK and dV.
     for (int head = kv_head * heads_per_kv; head < (kv_head + 1) * heads_per_kv; ++head) {
@@ -212,20 +230,22 @@ MATRIX_KERNEL(flash_bwd, _dkdv)(const AttnParams p) {
             const bool masked = (IS_CAUSAL && wave_key_end > m_start + mods.band.hi) ||
                                 (IS_LOCAL && wave_key_start < m_start + BLOCK_M - 1 + mods.band.lo);
             softmax_backward_step(acc_s, acc_dp, sLse2, sDelta, m_start, key, mods, masked, scale_log2, lane);
-            tile_times_acc<DIM_BLOCKS, QUERY_STEPS, T_STRIDE>(acc_dv, sdOt, acc_s, lane);  // dV^T += dO^T P
-            tile_times_acc<DIM_BLOCKS, QUERY_STEPS, T_STRIDE>(acc_dk, sQt, acc_dp, lane);  // dK^T += Q^T dS
+            // Only this block's slice of dims: rows [dim0, dim0 + SLICE_DIMS) of the transposed tiles.
+            tile_times_acc<SLICE_BLOCKS, QUERY_STEPS, T_STRIDE>(acc_dv, sdOt + dim0 * T_STRIDE, acc_s, lane);  // dV^T += dO^T P
+            tile_times_acc<SLICE_BLOCKS, QUERY_STEPS, T_STRIDE>(acc_dk, sQt + dim0 * T_STRIDE, acc_dp, lane);  // dK^T += Q^T dS
         }
     }
 
-    // Epilogue: dK = grad_scale * acc_dk, dV = acc_dv, for the keys that exist, each through the staging
-    // tile (acc_to_lds, store_tile: coalesced rows). Lanes l and l ^ MATRIX_N hold the same key's other dims.
-    const int valid_keys = seqlen_k - n_start;
+    // Epilogue: dK = grad_scale * acc_dk, dV = acc_dv, for the keys that exist and the block's slice of
+    // dims, each through the staging tile (acc_to_lds, store_tile: coalesced rows). Lanes l and
+    // l ^ MATRIX_N hold the same key's other dims.
+    const int valid_keys = seqlen_k - n_start, slice_dims = head_dim - dim0;  // slice_dims <= 0: none
     __syncthreads();  // every wave is done with the last step's tiles: the staging memory takes dK
-    acc_to_lds<DIM_BLOCKS, ROW_STRIDE>(sStage, wave * MATRIX_N + acc_col(lane), acc_dk, grad_scale, lane);
+    acc_to_lds<SLICE_BLOCKS, ROW_STRIDE>(sStage, wave * MATRIX_N + acc_col(lane), acc_dk, grad_scale, lane);
     __syncthreads();  // the dK tile is complete
-    store_tile<BLOCK_N, ROW_STRIDE>(dk, dk_row_stride, sStage, valid_keys, head_dim, tid);
+    store_tile<BLOCK_N, ROW_STRIDE, SLICE_DIMS>(dk + dim0, dk_row_stride, sStage, valid_keys, slice_dims, tid);
     __syncthreads();  // every thread has read its share of dK: the staging memory takes dV
-    acc_to_lds<DIM_BLOCKS, ROW_STRIDE>(sStage, wave * MATRIX_N + acc_col(lane), acc_dv, 1.f, lane);
+    acc_to_lds<SLICE_BLOCKS, ROW_STRIDE>(sStage, wave * MATRIX_N + acc_col(lane), acc_dv, 1.f, lane);
     __syncthreads();  // the dV tile is complete
-    store_tile<BLOCK_N, ROW_STRIDE>(dv, dv_row_stride, sStage, valid_keys, head_dim, tid);
+    store_tile<BLOCK_N, ROW_STRIDE, SLICE_DIMS>(dv + dim0, dv_row_stride, sStage, valid_keys, slice_dims, tid);
 }

@@ -19,7 +19,8 @@
 // ELEM_BF16   1: bfloat16, 0: float16 (ELEM_TYPE, for platform.h, is the same choice)
 // HEAD_DIM    padded head dim (multiple of 32);  BLOCK_N  keys per tile (multiple of 32)
 // NUM_WAVES   waves per block, BLOCK_M = 32 * NUM_WAVES queries per block
-// VEC_LOADS   as in mfma_tile.h;  WAVE_SIZE  64
+// VEC_LOADS   as in matrix_tile.h;  WAVE_SIZE  64 (MFMA), 32 (WMMA)
+// FRAGS_IN_LDS 1: the Q and dO tiles stay in LDS and their fragments are read at each use
 // IS_CAUSAL, IS_LOCAL, HAS_SOFTCAP, HAS_ALIBI, IS_VARLEN: masks and modifiers (attention_common.h)
 // Run time: one AttnParams by value (kernels_common/params.h), as in flash_bwd_portable.hip.
 
@@ -42,7 +43,8 @@ static_assert(HEAD_DIM % MATRIX_M == 0 && BLOCK_N % MATRIX_M == 0, "whole matrix
 
 // ---- LDS layout ---------------------------------------------------------------------------------
 // sK [BLOCK_N][ROW_STRIDE] | sV [BLOCK_N][ROW_STRIDE] | sKt [HEAD_DIM][T_STRIDE], 16-bit. Before the
-// loop the front of it stages Q, then dO, [BLOCK_M][ROW_STRIDE], on their way into registers.
+// loop the front of it stages Q, then dO, [BLOCK_M][ROW_STRIDE], on their way into registers; with
+// FRAGS_IN_LDS sQ and sdO follow sKt and stay for the whole loop.
 // xattn/configs.py (hip_shared_memory_bytes) computes the same size.
 
 // ---- device helpers ---------------------------------------------------------------------------
@@ -83,6 +85,8 @@ MATRIX_KERNEL(flash_bwd, _dq)(const AttnParams p) {
     u16* sK = smem;
     u16* sV = sK + BLOCK_N * ROW_STRIDE;
     u16* sKt = sV + BLOCK_N * ROW_STRIDE;
+    u16* sQ = FRAGS_IN_LDS ? sKt + HEAD_DIM * T_STRIDE : sStage;
+    u16* sdO = FRAGS_IN_LDS ? sQ + BLOCK_M * ROW_STRIDE : sStage;
 
     const int m_block = gridDim.x - 1 - blockIdx.x;
     const int head = blockIdx.y, batch = blockIdx.z + p.batch_offset, kv_head = head / heads_per_kv;
@@ -105,15 +109,17 @@ MATRIX_KERNEL(flash_bwd, _dq)(const AttnParams p) {
     lse += batch * lse_batch_stride + head * lse_head_stride + seq.q_start;
     delta += batch * delta_batch_stride + head * delta_head_stride + seq.q_start;
 
-    // Prologue: Q, then dO, through LDS into registers, where they stay for the whole loop.
-    frag_t q_frag[DIM_STEPS], do_frag[DIM_STEPS];
-    load_tile<BLOCK_M, ROW_STRIDE, 0>(sStage, nullptr, q, q_row_stride, seqlen_q - m_start, head_dim, tid);
+    // Prologue: Q, then dO, through LDS into registers (or left in LDS), where they stay for the
+    // whole loop.
+    FixedFrags<DIM_STEPS, ROW_STRIDE> q_frag, do_frag;
+    load_tile<BLOCK_M, ROW_STRIDE, 0>(sQ, nullptr, q, q_row_stride, seqlen_q - m_start, head_dim, tid);
     __syncthreads();  // the Q tile is complete
-    load_frags<DIM_STEPS, ROW_STRIDE>(q_frag, sStage, wave * MATRIX_N, lane);
-    __syncthreads();  // every wave has its Q fragments: the staging memory takes dO
-    load_tile<BLOCK_M, ROW_STRIDE, 0>(sStage, nullptr, dout, dout_row_stride, seqlen_q - m_start, head_dim, tid);
+    q_frag.load(sQ, wave * MATRIX_N, lane);
+    __syncthreads();  // every wave has its Q fragments: the staging memory takes dO (FRAGS_IN_LDS:
+                      // sdO is a tile of its own, and this barrier is redundant)
+    load_tile<BLOCK_M, ROW_STRIDE, 0>(sdO, nullptr, dout, dout_row_stride, seqlen_q - m_start, head_dim, tid);
     __syncthreads();  // the dO tile is complete
-    load_frags<DIM_STEPS, ROW_STRIDE>(do_frag, sStage, wave * MATRIX_N, lane);
+    do_frag.load(sdO, wave * MATRIX_N, lane);
     const float lse2 = backward_lse2(lse, query, seqlen_q);
     const float row_delta = query < seqlen_q ? delta[query] : 0.f;
 

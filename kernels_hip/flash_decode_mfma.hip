@@ -49,6 +49,7 @@
 #define VT_STRIDE (BLOCK_N + PAD)         // sVt: [dim][key]
 #define LN_2 0.6931471805599453f
 
+static_assert(!FRAGS_IN_LDS, "sQ is staging only here: it shares its memory with sK");
 static_assert(WAVE_SIZE == MATRIX_WAVE, "the matrix instructions' wave size");
 static_assert(HEAD_DIM % MATRIX_M == 0 && BLOCK_N % MATRIX_M == 0, "whole matrix blocks");
 
@@ -187,8 +188,8 @@ MATRIX_KERNEL(flash_decode, )(const DecodeParams p) {
     // Prologue: Q through LDS into registers, where it stays for the whole loop.
     load_q_rows(sQ, q, q_head_stride, q_row_stride, m_start, rows, seqlen_q, head_dim, tid);
     __syncthreads();  // the Q tile is complete
-    frag_t q_frag[DIM_STEPS];
-    load_frags<DIM_STEPS, KQ_STRIDE>(q_frag, sQ, wave * MATRIX_N, lane);
+    FixedFrags<DIM_STEPS, KQ_STRIDE> q_frag;
+    q_frag.load(sQ, wave * MATRIX_N, lane);
 
     acc_t acc_o[DIM_BLOCKS];
 #pragma unroll

@@ -33,7 +33,8 @@
 // IS_CAUSAL, IS_LOCAL, HAS_SOFTCAP, HAS_ALIBI, IS_VARLEN: masks and modifiers (attention_common.h)
 // VEC_LOADS   1: rows start 16-byte aligned and head_dim % 8 == 0: 16-byte global loads and
 //             8-byte stores; 0: element-wise, masked
-// WAVE_SIZE   64
+// FRAGS_IN_LDS 1: the Q tile stays in LDS and its fragments are read at each use (matrix_tile.h)
+// WAVE_SIZE   64 (MFMA), 32 (WMMA)
 
 #define NUM_THREADS (NUM_WAVES * WAVE_SIZE)
 
@@ -54,13 +55,15 @@ static_assert(HEAD_DIM % MATRIX_M == 0 && BLOCK_N % MATRIX_M == 0, "whole matrix
 
 // ---- LDS layout ---------------------------------------------------------------------------------
 // sK [BLOCK_N][KQ_STRIDE] | sVt [HEAD_DIM][VT_STRIDE], 16-bit elements. Before the main loop the
-// same memory stages the Q tile, sQ [BLOCK_M][KQ_STRIDE], on its way into registers.
+// same memory stages the Q tile, sQ [BLOCK_M][KQ_STRIDE], on its way into registers; with
+// FRAGS_IN_LDS sQ follows sVt and stays for the whole loop.
 // xattn/configs.py (hip_shared_memory_bytes) computes the same size.
 
 // ---- device helpers ---------------------------------------------------------------------------
 
 // S^T = K Q^T for the tile in sK and this wave's 32 queries (q_frag: their Q^T fragments).
-__device__ __forceinline__ void compute_scores(acc_t (&acc_s)[KEY_BLOCKS], const frag_t (&q_frag)[DIM_STEPS],
+__device__ __forceinline__ void compute_scores(acc_t (&acc_s)[KEY_BLOCKS],
+                                               const FixedFrags<DIM_STEPS, KQ_STRIDE>& q_frag,
                                                const u16* sK, int lane) {
     tile_times_frags<KEY_BLOCKS, DIM_STEPS, KQ_STRIDE>(acc_s, sK, q_frag, lane);
 }
@@ -144,9 +147,9 @@ MATRIX_KERNEL(flash_fwd, )(const AttnParams p) {
     // scale: the softmax's scale of the values in S (the softcap c under a softcap, else the
     // attention scale); scale_log2 = scale * log2(e).
     extern __shared__ __attribute__((aligned(16))) u16 smem[];
-    u16* sQ = smem;  // staging only, before the loop
     u16* sK = smem;
     u16* sVt = sK + BLOCK_N * KQ_STRIDE;
+    u16* sQ = FRAGS_IN_LDS ? sVt + HEAD_DIM * VT_STRIDE : smem;  // else staging only, before the loop
 
     const int m_block = gridDim.x - 1 - blockIdx.x;
     const int head = blockIdx.y, batch = blockIdx.z + p.batch_offset, kv_head = head / heads_per_kv;
@@ -165,11 +168,11 @@ MATRIX_KERNEL(flash_fwd, )(const AttnParams p) {
     k += batch * k_batch_stride + kv_head * k_head_stride + (i64)seq.k_start * k_row_stride;
     v += batch * v_batch_stride + kv_head * v_head_stride + (i64)seq.k_start * v_row_stride;
 
-    // Prologue: Q through LDS into registers, where it stays for the whole loop.
+    // Prologue: Q through LDS into registers (or left in LDS), where it stays for the whole loop.
     load_tile<BLOCK_M, KQ_STRIDE, 0>(sQ, nullptr, q, q_row_stride, seqlen_q - m_start, head_dim, tid);
     __syncthreads();  // the Q tile is complete
-    frag_t q_frag[DIM_STEPS];
-    load_frags<DIM_STEPS, KQ_STRIDE>(q_frag, sQ, wave * MATRIX_N, lane);
+    FixedFrags<DIM_STEPS, KQ_STRIDE> q_frag;
+    q_frag.load(sQ, wave * MATRIX_N, lane);
 
     acc_t acc_o[DIM_BLOCKS];
 #pragma unroll

@@ -20,12 +20,17 @@
 // key tiles outside the band of the block are never loaded; every score goes through
 // modified_score. Packed batches (IS_VARLEN): batch strides are 0 and sequence b starts at row
 // cu_seqlens[b]; the grid covers the longest sequence and blocks past a shorter one's end return.
+// Paged keys and values (IS_PAGED, with IS_VARLEN): k and v are (num_pages, page_size, Hk, D) and
+// each K/V row is found through the sequence's pages (attention_common.h: kv_row_offset, shared
+// with the CUDA kernels). The MFMA/WMMA forwards have no paged variant: xattn/hip.py sends paged
+// calls here.
 
 // ---- compile-time configuration (set with -D by xattn/configs.py) ------------------------------
 // ELEM_TYPE   0: float16, 1: bfloat16, 2: float32
 // HEAD_DIM    padded head dim (multiple of WAVE_SIZE);  BLOCK_N  keys per tile (divides WAVE_SIZE)
 // BLOCK_M     query rows per block;  NUM_WAVES  waves per block;  WAVE_SIZE  32 or 64
-// IS_CAUSAL, IS_LOCAL, HAS_SOFTCAP, HAS_ALIBI, IS_VARLEN: masks and modifiers (attention_common.h)
+// IS_CAUSAL, IS_LOCAL, HAS_SOFTCAP, HAS_ALIBI, IS_VARLEN, IS_PAGED: masks, modifiers and where
+//             sequences live (attention_common.h)
 
 #include "platform.h"
 #include "../kernels_common/attention_common.h"
@@ -59,6 +64,25 @@ __device__ __forceinline__ void load_rows(float* smem, int smem_stride, const el
         const bool valid = row < valid_rows && col < head_dim;
         smem[row * smem_stride + col] = valid ? elem_to_float(gmem[row * row_stride + col]) : 0.f;
     }
+}
+
+// BLOCK_N rows of a sequence's K or V from key row n_start, as load_rows: consecutive rows, or each
+// through its page (IS_PAGED; page_stride is the tensor's batch stride there). Rows past
+// valid_rows are zeros and their addresses are never formed.
+__device__ __forceinline__ void load_kv_rows(float* smem, int smem_stride, const elem_t* kv,
+                                             const AttnParams& p, int batch, i64 page_stride,
+                                             i64 row_stride, int n_start, int valid_rows,
+                                             int head_dim, int tid) {
+#if IS_PAGED
+    for (int e = tid; e < BLOCK_N * HEAD_DIM; e += NUM_THREADS) {
+        const int row = e / HEAD_DIM, col = e % HEAD_DIM;
+        const bool valid = row < valid_rows && col < head_dim;
+        smem[row * smem_stride + col] =
+            valid ? elem_to_float(kv[kv_row_offset(p, batch, n_start + row, page_stride, row_stride) + col]) : 0.f;
+    }
+#else
+    load_rows(smem, smem_stride, kv + n_start * row_stride, row_stride, BLOCK_N, valid_rows, head_dim, tid);
+#endif
 }
 
 __device__ __forceinline__ float group_max(float x) {
@@ -102,7 +126,7 @@ flash_fwd_portable(const AttnParams p) {
     // Row of the i-th score this lane computes, within the block.
     #define LANE_ROW(i) (wave_row0 + group + (i) * ROW_GROUPS)
 
-    const Sequence seq = sequence(batch, cu_seqlens_q, cu_seqlens_k, seqlen_q, seqlen_k);
+    const Sequence seq = forward_sequence(p, batch);  // IS_PAGED: the key count is the pages'
     if (IS_VARLEN && m_start >= seq.seqlen_q) return;  // the grid covers the longest sequence
     seqlen_q = seq.seqlen_q;
     seqlen_k = seq.seqlen_k;
@@ -110,8 +134,9 @@ flash_fwd_portable(const AttnParams p) {
                                            alibi_slopes + batch * alibi_batch_stride + head, scale);
 
     q += batch * q_batch_stride + head * q_head_stride + (i64)(seq.q_start + m_start) * q_row_stride;
-    k += batch * k_batch_stride + kv_head * k_head_stride + (i64)seq.k_start * k_row_stride;
-    v += batch * v_batch_stride + kv_head * v_head_stride + (i64)seq.k_start * v_row_stride;
+    // Paged: the batch stride is the page stride, and the pages say where each row is.
+    k += (IS_PAGED ? 0 : batch * k_batch_stride) + kv_head * k_head_stride + (i64)seq.k_start * k_row_stride;
+    v += (IS_PAGED ? 0 : batch * v_batch_stride) + kv_head * v_head_stride + (i64)seq.k_start * v_row_stride;
     o += batch * o_batch_stride + head * o_head_stride + (i64)(seq.q_start + m_start) * o_row_stride;
     lse += batch * lse_batch_stride + head * lse_head_stride + seq.q_start + m_start;
 
@@ -133,8 +158,8 @@ flash_fwd_portable(const AttnParams p) {
     for (int tile = tiles.tile_end - 1; tile >= tiles.tile_begin; --tile) {
         const int n_start = tile * BLOCK_N;
         __syncthreads();  // every wave is done with the previous K, V and P tiles
-        load_rows(sK, QK_STRIDE, k + n_start * k_row_stride, k_row_stride, BLOCK_N, seqlen_k - n_start, head_dim, tid);
-        load_rows(sV, HEAD_DIM, v + n_start * v_row_stride, v_row_stride, BLOCK_N, seqlen_k - n_start, head_dim, tid);
+        load_kv_rows(sK, QK_STRIDE, k, p, batch, k_batch_stride, k_row_stride, n_start, seqlen_k - n_start, head_dim, tid);
+        load_kv_rows(sV, HEAD_DIM, v, p, batch, v_batch_stride, v_row_stride, n_start, seqlen_k - n_start, head_dim, tid);
         __syncthreads();  // K and V tiles (and, the first time, Q) visible to every wave
 
         // S = Q K^T: this lane's key against its rows.

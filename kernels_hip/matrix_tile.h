@@ -78,16 +78,59 @@ __device__ __forceinline__ void load_frags(frag_t (&frag)[K_STEPS], const u16* s
     for (int ks = 0; ks < K_STEPS; ++ks) frag[ks] = lds_frag(smem, frag_offset(lane, row0, ks, STRIDE));
 }
 
-// acc[b] = A_b B for the BLOCKS MATRIX_M-row blocks of A = tile[row][k] in LDS and B in registers.
-template <int BLOCKS, int K_STEPS, int STRIDE>
+// An operand that stays put for a whole loop, as its K_STEPS fragments of rows [row0, row0 +
+// MATRIX_N) of an LDS tile[row][k]. FRAGS_IN_LDS 0: copied into registers once (load_frags);
+// 1: left in the tile, which then stays in LDS for the loop, and read at each use. The second is
+// for the WMMA rows whose fixed operands and accumulators together do not fit wave32's 256 VGPRs
+// (the frags_in_lds rows of xattn/configs.py, which has the arithmetic): one more LDS read per
+// product step.
+#ifndef FRAGS_IN_LDS
+#define FRAGS_IN_LDS 0
+#endif
+// With FRAGS_IN_LDS, after each matrix instruction of a product: an empty asm statement that takes
+// its accumulator and claims memory, so that the instruction is issued before it and no later
+// LDS read after. Without it clang-19 issues every fragment read of a product ahead of the first
+// WMMA (gfx11 dQ at D=128: 256 VGPRs of fragments in flight, 166 spills; with it, 126 VGPRs and
+// none). __builtin_amdgcn_sched_barrier cannot do this: the WMMAs carry no memory dependence and
+// were placed past every barrier before the scheduler ran. Costs the reads' latency, which the
+// other waves of the SIMD must hide; not measured.
+__device__ __forceinline__ void lds_read_fence(acc_t& acc) {
+#if FRAGS_IN_LDS
+    asm volatile("" : "+v"(acc) : : "memory");
+#endif
+}
+
+template <int K_STEPS, int STRIDE>
+struct FixedFrags {
+#if FRAGS_IN_LDS
+    const u16* tile;
+    int row0;
+    __device__ __forceinline__ void load(const u16* smem, int r0, int) { tile = smem, row0 = r0; }
+    __device__ __forceinline__ frag_t at(int ks, int lane) const {
+        return lds_frag(tile, frag_offset(lane, row0, ks, STRIDE));
+    }
+#else
+    frag_t frag[K_STEPS];
+    __device__ __forceinline__ void load(const u16* smem, int r0, int lane) {
+        load_frags<K_STEPS, STRIDE>(frag, smem, r0, lane);
+    }
+    __device__ __forceinline__ frag_t at(int ks, int) const { return frag[ks]; }
+#endif
+};
+
+// acc[b] = A_b B for the BLOCKS MATRIX_M-row blocks of A = tile[row][k] in LDS and B fixed
+// (FixedFrags; with FRAGS_IN_LDS read from LDS once per block and step: those rows use one block).
+template <int BLOCKS, int K_STEPS, int STRIDE, int B_STRIDE>
 __device__ __forceinline__ void tile_times_frags(acc_t (&acc)[BLOCKS], const u16* sA,
-                                                 const frag_t (&b)[K_STEPS], int lane) {
+                                                 const FixedFrags<K_STEPS, B_STRIDE>& b, int lane) {
 #pragma unroll
     for (int blk = 0; blk < BLOCKS; ++blk) {
         acc[blk] = acc_t{};
 #pragma unroll
-        for (int ks = 0; ks < K_STEPS; ++ks)
-            mma(acc[blk], lds_frag(sA, frag_offset(lane, blk * MATRIX_M, ks, STRIDE)), b[ks]);
+        for (int ks = 0; ks < K_STEPS; ++ks) {
+            mma(acc[blk], lds_frag(sA, frag_offset(lane, blk * MATRIX_M, ks, STRIDE)), b.at(ks, lane));
+            lds_read_fence(acc[blk]);
+        }
     }
 }
 
@@ -101,8 +144,10 @@ __device__ __forceinline__ void tile_times_acc(acc_t (&acc)[BLOCKS], const u16* 
     for (int ks = 0; ks < K_STEPS; ++ks) {
         const frag_t b = acc_as_b(c[acc_as_b_block(ks)], ks, lane);
 #pragma unroll
-        for (int blk = 0; blk < BLOCKS; ++blk)
+        for (int blk = 0; blk < BLOCKS; ++blk) {
             mma(acc[blk], lds_frag(sA, frag_offset(lane, blk * MATRIX_M, ks, STRIDE)), b);
+            lds_read_fence(acc[blk]);
+        }
     }
 }
 
@@ -153,17 +198,18 @@ __device__ __forceinline__ void acc_to_lds(u16* smem, int row, const acc_t (&acc
                            pack2(acc[blk][j + 2] * factor, acc[blk][j + 3] * factor));
 }
 
-// Copy rows [0, valid_rows) x columns [0, head_dim) of an LDS tile [row][dim] to global memory,
-// consecutive threads on consecutive columns (coalesced). The kernels with many accumulators
-// store this way: storing element by element from the accumulators, masked per lane, costs a
-// saved exec mask per store, and those run the dK/dV kernel out of scalar registers.
-template <int ROWS, int STRIDE>
+// Copy rows [0, valid_rows) x columns [0, min(head_dim, COLS)) of an LDS tile [row][dim] (COLS
+// wide, of HEAD_DIM by default) to global memory, consecutive threads on consecutive columns
+// (coalesced). The kernels with many accumulators store this way: storing element by element from
+// the accumulators, masked per lane, costs a saved exec mask per store, and those run the dK/dV
+// kernel out of scalar registers.
+template <int ROWS, int STRIDE, int COLS = HEAD_DIM>
 __device__ __forceinline__ void store_tile(u16* gmem, i64 row_stride, const u16* smem, int valid_rows,
                                            int head_dim, int tid) {
 #if VEC_LOADS
-    constexpr int CHUNKS = ROWS * HEAD_DIM / CHUNK;
+    constexpr int CHUNKS = ROWS * COLS / CHUNK;
     for (int c = tid; c < CHUNKS; c += NUM_THREADS) {
-        const int row = c / (HEAD_DIM / CHUNK), col = (c % (HEAD_DIM / CHUNK)) * CHUNK;
+        const int row = c / (COLS / CHUNK), col = (c % (COLS / CHUNK)) * CHUNK;
         if (row < valid_rows && col < head_dim) {
             const uint2 lo = *(const uint2*)(smem + row * STRIDE + col);
             const uint2 hi = *(const uint2*)(smem + row * STRIDE + col + 4);
@@ -172,8 +218,8 @@ __device__ __forceinline__ void store_tile(u16* gmem, i64 row_stride, const u16*
     }
 #else
 #pragma unroll 1
-    for (int e = tid; e < ROWS * HEAD_DIM; e += NUM_THREADS) {
-        const int row = e / HEAD_DIM, col = e % HEAD_DIM;
+    for (int e = tid; e < ROWS * COLS; e += NUM_THREADS) {
+        const int row = e / COLS, col = e % COLS;
         if (row < valid_rows && col < head_dim) gmem[row * row_stride + col] = smem[row * STRIDE + col];
     }
 #endif

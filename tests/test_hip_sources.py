@@ -76,20 +76,18 @@ def test_select_hip_picks_kernel_and_family_from_gcn_arch_name(arch, dtype, kern
         assert (cfg.kernel, cfg.arch) == (kernel, family) and cfg.head_dim >= head_dim
 
 
-@pytest.mark.parametrize("arch, family, last_forward, last_backward", [("gfx1100", "rdna3", 128, 32),
-                                                                    ("gfx1201", "rdna4", 192, 96)])
-def test_rdna3_and_rdna4_take_wmma_up_to_their_last_row_then_the_portable_kernels(arch, family, last_forward,
-                                                                                 last_backward):
-    """WMMA forward and backward (the pair) up to the last row that compiled without spills
-    (xattn/configs.py), the portable kernels past it and for float32; wave32 throughout."""
+@pytest.mark.parametrize("arch, family", [("gfx1100", "rdna3"), ("gfx1201", "rdna4")])
+def test_rdna3_and_rdna4_take_wmma_at_every_head_dim_and_the_portable_kernels_for_float32(arch, family):
+    """WMMA forward and backward (the pair) at every head dim up to 256 in 16 bits (the rows past
+    the register-held ones keep their fixed operands in LDS, xattn/configs.py), the portable
+    kernels for float32; wave32 throughout."""
     for dtype in ("float16", "bfloat16", "float32"):
-        for head_dim in (1, 33, 64, 65, 96, 100, 128, 129, 192, 193, 256):
+        wmma = dtype != "float32"
+        for head_dim in (1, 33, 64, 65, 96, 100, 128, 129, 160, 192, 193, 256):
             cfg = configs.select_hip(dtype, arch, head_dim, causal=False)
-            wmma = head_dim <= last_forward and dtype != "float32"
             assert (cfg.kernel, cfg.arch) == (("flash_fwd_wmma", family) if wmma else ("flash_fwd_portable", "rdna"))
             assert cfg.head_dim >= head_dim and configs.hip_wave_size(cfg) == 32
             _, dkdv, dq = configs.select_hip_backward(dtype, arch, head_dim, causal=True)
-            wmma = head_dim <= last_backward and dtype != "float32"
             assert (dkdv.kernel, dq.kernel) == (_WMMA_BWD if wmma else _PORTABLE_BWD)
             assert (dkdv.arch, dq.arch) == ((family,) * 2 if wmma else ("rdna",) * 2)
             assert dkdv.head_dim >= head_dim and dq.head_dim >= head_dim
@@ -146,6 +144,15 @@ def test_every_hip_row_fits_lds_and_its_kernel_constraints():
         kernel = kernels.hip(cfg.kernel)
         for dtype in ("float16", "float32"):
             assert kernel.shared_memory(kernel.defines(cfg, dtype, causal=True, vec=True)) <= configs.HIP_LDS_BYTES, cfg
+        # Fixed operands in LDS: the WMMA forward and backward only (the decode stages Q over K),
+        # with one matrix block in the product that reads them (matrix_tile.h reads them per block).
+        if cfg.frags_in_lds:
+            assert cfg.kernel in ("flash_fwd_wmma", "flash_bwd_wmma_dq", "flash_bwd_wmma_dkdv"), cfg
+            assert (cfg.block_m if cfg.kernel == "flash_bwd_wmma_dkdv" else cfg.block_n) == 16, cfg
+        # D split across blocks: the WMMA dK/dV only, into whole 16-dim blocks.
+        if cfg.dim_split != 1:
+            assert cfg.kernel == "flash_bwd_wmma_dkdv" and cfg.dim_split > 1, cfg
+            assert cfg.head_dim % (16 * cfg.dim_split) == 0, cfg
         wmma = cfg.kernel in configs.HIP_WMMA_KERNELS
         block, matrix_wave = (16, 32) if wmma else (32, 64)  # WMMA 16x16 in wave32, MFMA 32x32 in wave64
         if cfg.kernel in ("flash_fwd_mfma", "flash_bwd_mfma_dq", "flash_fwd_wmma", "flash_bwd_wmma_dq",
@@ -191,7 +198,10 @@ VARIANT_FLAGS = {
     "varlen": {"IS_VARLEN": 1},
     "all+softcap": {"IS_CAUSAL": 1, "IS_LOCAL": 1, "HAS_SOFTCAP": 1, "IS_VARLEN": 1},
     "all+alibi": {"IS_CAUSAL": 1, "IS_LOCAL": 1, "HAS_ALIBI": 1, "IS_VARLEN": 1},
+    # paged keys and values: the portable forward only (the only HIP kernel with IS_PAGED)
+    "paged": {"IS_CAUSAL": 1, "IS_LOCAL": 1, "HAS_SOFTCAP": 1, "IS_VARLEN": 1, "IS_PAGED": 1},
 }
+PAGED_KERNELS = ("flash_fwd_portable",)
 
 
 def nvrtc_compile(cfg, dtype: str, flags: dict) -> str:
@@ -231,9 +241,10 @@ def test_portable_kernels_compile_for_nvidia_through_hip_on_cuda(cfg):
         nvrtc_compile(cfg, dtype, VARIANT_FLAGS["causal"])
 
 
-@pytest.mark.parametrize("flags", [f for f in VARIANT_FLAGS if f != "causal"])
-@pytest.mark.parametrize("cfg", [r for r in NVIDIA_ROWS if r.kernel != "flash_bwd_preprocess"],
-                         ids=lambda c: f"{c.kernel}_{c.arch}_D{c.head_dim}")
+@pytest.mark.parametrize("cfg, flags", [
+    (r, f) for r in NVIDIA_ROWS if r.kernel != "flash_bwd_preprocess" for f in VARIANT_FLAGS
+    if f != "causal" and (f != "paged" or r.kernel in PAGED_KERNELS)],
+    ids=lambda x: x if isinstance(x, str) else f"{x.kernel}_{x.arch}_D{x.head_dim}")
 def test_portable_variant_kernels_compile_for_nvidia(cfg, flags):
     """Every window/softcap/ALiBi/varlen flag combination of every row test_hip_portable.py
     runs on NVIDIA (one dtype: elements become float32 on loading, so the code hardly depends
@@ -247,15 +258,26 @@ def test_hip_compile_checks_the_same_variant_flags():
     hip_compile = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(hip_compile)
     assert {k: v for k, v in VARIANT_FLAGS.items() if k != "causal"} == hip_compile.VARIANT_FLAGS
-    compiled = {(v[0].kernel, v[1], v[5]) for v in hip_compile.variants(hip_compile.TARGETS)}
+    assert hip_compile.PAGED_KERNELS == PAGED_KERNELS
+    # (kernel, target, flags, form): the form is where a row keeps its fixed operands and whether
+    # its dK/dV splits D (configs' frags_in_lds, dim_split): each compiles to other code.
+    compiled = {(v[0].kernel, v[1], v[5], (v[0].frags_in_lds, v[0].dim_split))
+                for v in hip_compile.variants(hip_compile.TARGETS)}
     for kernel in {r.kernel for r in configs.HIP_TABLE} - {"flash_bwd_preprocess"}:
         want = {"plain", *(hip_compile.DECODE_VARIANT_FLAGS if kernel in configs.HIP_DECODE_KERNELS
                            else hip_compile.VARIANT_FLAGS)}
-        targets = {target for k, target, _ in compiled if k == kernel}
+        if kernel not in PAGED_KERNELS:
+            want -= set(hip_compile.PAGED_FLAGS)
+        targets = {target for k, target, _, _ in compiled if k == kernel}
         assert targets, kernel
-        for target in targets:  # every target that uses the kernel compiles all of its flags
-            assert {flags for k, t, flags in compiled if (k, t) == (kernel, target)} == want, (kernel, target)
-    assert {target for _, target, _ in compiled} == {"gfx908", "gfx90a", "gfx1030", "gfx942", "gfx1100", "gfx1201"}
+        for target in targets:  # every target that uses the kernel compiles all of its flags, in every form
+            forms = {form for k, t, _, form in compiled if (k, t) == (kernel, target)}
+            for form in forms:
+                assert {flags for k, t, flags, f in compiled if (k, t, f) == (kernel, target, form)} == want, \
+                    (kernel, target, form)
+    assert {target for _, target, _, _ in compiled} == {"gfx908", "gfx90a", "gfx1030", "gfx942", "gfx1100", "gfx1201"}
+    wmma_forms = {form for k, t, _, form in compiled if k == "flash_bwd_wmma_dkdv"}
+    assert wmma_forms == {(False, 1), (True, 1), (True, 2)}  # registers, LDS, LDS with D split
 
 
 # ---- the launchers' parameter blocks -------------------------------------------------------------
@@ -392,6 +414,33 @@ def test_hip_launchers_hand_each_kernel_its_parameter_block(target, variant, sta
     last = stand_in_launches.launches[-1]
     assert len(stand_in_launches.kernels) == compiled and last.stream == 3
     assert (last.block[0]["o"]["ptr"], last.block[0]["lse"]["ptr"]) == (out2.data_ptr(), lse2.data_ptr())
+
+
+@pytest.mark.parametrize("target, dim", [("gfx1100", 200), ("gfx1201", 256), ("gfx1100", 100)])
+def test_wmma_backward_launches_one_block_per_slice_of_the_head_dim(target, dim, stand_in_launches):
+    """The WMMA dK/dV rows that split the head dim (dim_split) launch that many blocks per key
+    block, with DIM_SPLIT and FRAGS_IN_LDS among the defines and the row's LDS; the other kernels
+    one block per query block."""
+    torch = pytest.importorskip("torch")
+    from xattn import hip
+
+    batch, heads, sq, sk = 2, 3, 37, 45
+    q, out, dout, dq = (torch.zeros(batch, heads, sq, dim, dtype=torch.bfloat16) for _ in range(4))
+    k, v, dk, dv = (torch.zeros(batch, heads, sk, dim, dtype=torch.bfloat16) for _ in range(4))
+    lse = torch.zeros(batch, heads, sq)
+    hip.launch_backward(stand_in_launches.compile, target, q, k, v, out, dout, lse, dq, dk, dv,
+                        stream=0, causal=True, scale=0.1)
+    _, dkdv, dq_launch = stand_in_launches.launches
+    _, dkdv_row, dq_row = configs.select_hip_backward("bfloat16", target, dim, True)
+    assert (dkdv.kernel.entry, dq_launch.kernel.entry) == ("flash_bwd_wmma_dkdv", "flash_bwd_wmma_dq")
+    split = dkdv_row.dim_split
+    assert split == (2 if dim > 128 else 1)
+    assert dkdv.grid == (math.ceil(sk / dkdv_row.block_n) * split, heads, batch)
+    assert dq_launch.grid == (math.ceil(sq / dq_row.block_m), heads, batch)
+    assert dkdv.defines.get("DIM_SPLIT", 1) == split
+    for x, row in ((dkdv, dkdv_row), (dq_launch, dq_row)):
+        assert x.defines.get("FRAGS_IN_LDS", 0) == int(row.frags_in_lds)
+        assert x.smem == x.kernel.shared_memory(x.defines) <= configs.HIP_LDS_BYTES
 
 
 def test_on_cuda_routes_while_active_and_refuses_matrix_core_rows():

@@ -19,6 +19,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from xattn import configs
+
 ROOT = Path(__file__).resolve().parents[1]
 LANES = 32
 LAYOUTS = {"gfx11": 0, "gfx12": 1}
@@ -205,3 +207,196 @@ def test_acc_run_matches_the_accumulator_rows():
                     assert rows[0] % min(acc_run, 4) == 0  # 16-byte aligned float4 reads
         if acc_run == 1:  # gfx11: no two consecutive elements hold consecutive rows
             assert F["acc_row"](0, 0, 1) - F["acc_row"](0, 0, 0) == 2
+
+
+# ---- the products and the decode block (flash_decode_mfma.hip over wmma.h) ---------------------
+
+def _lds(matrix, stride):
+    """matrix [rows][cols] stored row by row with `stride` elements per row, NaN in the padding
+    (a read of the padding would show in the result)."""
+    out = np.full((matrix.shape[0], stride), np.nan)
+    out[:, :matrix.shape[1]] = matrix
+    return out
+
+
+def load_frags(F, gfx12, s_b, stride, row0, k_steps):
+    """FixedFrags.load / load_frags: the fragments of rows [row0, row0 + 16) of s_b[row][k]."""
+    return [_fragments(F, gfx12, s_b, row0, ks, stride) for ks in range(k_steps)]
+
+
+def tile_times_frags(F, gfx12, s_a, stride, blocks, b_frags):
+    """matrix_tile.h's tile_times_frags: acc[b] = A_b B, A from s_a[row][k], B fragments per k step."""
+    out = []
+    for blk in range(blocks):
+        acc = np.zeros((LANES, 8))
+        for ks, b in enumerate(b_frags):
+            acc = wmma(gfx12, _fragments(F, gfx12, s_a, blk * 16, ks, stride), b, acc)
+        out.append(acc)
+    return out
+
+
+def tile_times_acc(F, gfx12, s_a, stride, blocks, c_acc):
+    """matrix_tile.h's tile_times_acc: acc[b] = A_b C, C an accumulator set used as B through
+    acc_as_b (this lane's element or, where acc_as_b_partner says so, lane ^ 16's)."""
+    out = [np.zeros((LANES, 8)) for _ in range(blocks)]
+    for ks in range(len(c_acc)):  # one 16-row accumulator block per k step of 16
+        regs = c_acc[F["acc_as_b_block"](ks)]
+        b = np.array([[regs[lane ^ 16 if F["acc_as_b_partner"](lane, i) else lane, F["acc_as_b_reg"](ks, i)]
+                       for i in range(operand_elems(gfx12))] for lane in range(LANES)])
+        for blk in range(blocks):
+            out[blk] = wmma(gfx12, _fragments(F, gfx12, s_a, blk * 16, ks, stride), b, out[blk])
+    return out
+
+
+DECODE_ROWS = [r for r in configs.HIP_TABLE if r.kernel == "flash_decode_wmma"]
+
+
+def decode_block(cfg, q_rows, k, v, visible, tiles, functions=None):
+    """One block of flash_decode_wmma (one wave) through the model and wmma.h's index functions
+    in the row's layout (rdna3: gfx11, rdna4: gfx12): the group's rows (head-in-group x token,
+    padded with zero rows to the 16 columns of the tile) against the key tiles `tiles`, scores
+    of invisible keys (visible[row, key] False, or past the keys) at -inf, the online softmax
+    per lane with lane ^ 16 holding the same row's other keys; returns the rows' O / l and base-2
+    LSE (scale_log2 = 1) as the epilogue writes them: element j of block b of lane l at dim
+    acc_row(l, b, j) of row acc_col(l). `functions`: other index functions than wmma.h's."""
+    gfx12 = int(cfg.arch == "rdna4")
+    F = functions or kernel_functions(gfx12)
+    d, n, rows = cfg.head_dim, cfg.block_n, q_rows.shape[0]
+    kq_stride, vt_stride = d + LDS_PAD, n + LDS_PAD
+    q_pad = np.zeros((16 * cfg.warps, d))
+    q_pad[:rows] = q_rows
+    q_frag = load_frags(F, gfx12, _lds(q_pad, kq_stride), kq_stride, 0, d // 16)
+    acc_o = [np.zeros((LANES, 8)) for _ in range(d // 16)]
+    row_max, row_sum = np.full(LANES, -np.inf), np.zeros(LANES)
+    partner = np.arange(LANES) ^ 16
+    for tile in tiles:
+        keys = np.arange(tile * n, tile * n + n)
+        k_tile, v_tile = np.zeros((n, d)), np.zeros((n, d))  # zeros past the keys (load_tile)
+        live = keys < k.shape[0]
+        k_tile[live], v_tile[live] = k[keys[live]], v[keys[live]]
+        acc_s = tile_times_frags(F, gfx12, _lds(k_tile, kq_stride), kq_stride, n // 16, q_frag)
+        for nb, block in enumerate(acc_s):  # modify_scores: the lane's row is its column
+            for lane in range(LANES):
+                row = F["acc_col"](lane)
+                for j in range(8):
+                    key = tile * n + F["acc_row"](lane, nb, j)
+                    if key >= k.shape[0] or row >= rows or not visible[row, key]:
+                        block[lane, j] = -np.inf
+        m_lane = np.max([blk.max(axis=1) for blk in acc_s], axis=0)
+        m_new = np.maximum(row_max, np.maximum(m_lane, m_lane[partner]))
+        empty = m_new == -np.inf
+        offset = np.where(empty, 0.0, m_new)
+        alpha = np.where(empty, 1.0, np.exp2(row_max - offset))
+        row_max = m_new
+        p = [np.exp2(blk - offset[:, None]) for blk in acc_s]
+        row_sum = row_sum * alpha + sum(blk.sum(axis=1) for blk in p)
+        pv = tile_times_acc(F, gfx12, _lds(v_tile.T.copy(), vt_stride), vt_stride, d // 16, p)
+        acc_o = [o * alpha[:, None] + x for o, x in zip(acc_o, pv)]
+    l = row_sum + row_sum[partner]
+    out, lse2 = np.full((rows, d), np.nan), np.full(rows, np.nan)
+    for lane in range(LANES):
+        row = F["acc_col"](lane)
+        if row >= rows:
+            continue  # padded rows write nothing
+        lse2[row] = row_max[lane] + np.log2(l[lane]) if l[lane] != 0 else -np.inf
+        for blk, block in enumerate(acc_o):
+            for j in range(8):
+                out[row, F["acc_row"](lane, blk, j)] = block[lane, j] / l[lane] if l[lane] != 0 else 0.0
+    assert not np.isnan(out).any() and not np.isnan(lse2).any(), "some dim or row never written"
+    return out, lse2
+
+
+@pytest.mark.parametrize("cfg", DECODE_ROWS, ids=lambda c: f"{c.arch}_D{c.head_dim}_N{c.block_n}")
+@pytest.mark.parametrize("splits", [1, 2])
+def test_decode_block_gives_each_group_row_its_attention(cfg, splits):
+    """The GQA group x tokens as the 16 columns of the WMMA tile (row r: head r // Sq, token
+    r % Sq), a causal sliding window bottom-right aligned with Sk, a last tile past the keys, split
+    into runs of whole tiles whose partials the merge's formula combines: each row's
+    softmax(q k^T) v in base 2 (scale_log2 = 1) and its LSE, as a float64 oracle gives them."""
+    rng = np.random.default_rng(cfg.head_dim + splits + 100 * (cfg.arch == "rdna4"))
+    heads_per_kv, seqlen_q, d = 5, 3, cfg.head_dim
+    seqlen_k = 3 * cfg.block_n + 7  # the last tile crosses the end of the keys
+    left = 2 * cfg.block_n + 3      # the window's left edge inside a tile
+    rows = heads_per_kv * seqlen_q  # 15 of the 16 columns: one padded
+    q = rng.standard_normal((heads_per_kv, seqlen_q, d)) * 0.3
+    k, v = rng.standard_normal((seqlen_k, d)), rng.standard_normal((seqlen_k, d))
+    q_rows = q.reshape(rows, d)  # row r = head-in-group * Sq + token (load_q_rows)
+    token = np.arange(rows) % seqlen_q
+    diag = token + seqlen_k - seqlen_q  # bottom-right aligned
+    key = np.arange(seqlen_k)
+    visible = (key[None, :] <= diag[:, None]) & (key[None, :] >= diag[:, None] - left)
+
+    first = max(0, (seqlen_k - seqlen_q - left)) // cfg.block_n  # key_tiles of tokens 0..Sq-1
+    last = -(-seqlen_k // cfg.block_n)
+    per_split = -(-(last - first) // splits)
+    parts = [decode_block(cfg, q_rows, k, v, visible, range(first + s * per_split,
+                                                            min(last, first + (s + 1) * per_split)))
+             for s in range(splits)]
+    lse2 = np.stack([lse for _, lse in parts])  # flash_decode_merge_portable's formula
+    total = np.log2(np.exp2(lse2 - lse2.max(axis=0)).sum(axis=0)) + lse2.max(axis=0)
+    out = sum(np.exp2(lse - total)[:, None] * o for o, lse in parts)
+
+    scores = np.where(visible, q_rows @ k.T, -np.inf)
+    want_lse2 = np.log2(np.exp2(scores - scores.max(axis=1, keepdims=True)).sum(axis=1)) + scores.max(axis=1)
+    want = np.exp2(scores - want_lse2[:, None]) @ v
+    np.testing.assert_allclose(total, want_lse2, rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(out, want, rtol=1e-10, atol=1e-12)
+
+
+def test_decode_model_fails_without_the_gfx11_exchange():
+    """The model can fail: with acc_as_b's exchange between lane halves removed (every lane its
+    own elements), gfx11's P^T operand no longer has one value per element, which the model of
+    the instruction rejects."""
+    cfg = next(r for r in DECODE_ROWS if r.arch == "rdna3")
+    broken = dict(kernel_functions(0), acc_as_b_partner=lambda lane, i: 0)
+    rng = np.random.default_rng(5)
+    q, k, v = (rng.standard_normal((n, cfg.head_dim)) for n in (4, cfg.block_n, cfg.block_n))
+    with pytest.raises(AssertionError, match="halves of the wave disagree"):
+        decode_block(cfg, q, k, v, np.ones((4, cfg.block_n), bool), [0], functions=broken)
+
+
+DKDV_ROWS = [r for r in configs.HIP_TABLE if r.kernel == "flash_bwd_wmma_dkdv"]
+
+
+@pytest.mark.parametrize("cfg", DKDV_ROWS, ids=lambda c: f"{c.arch}_D{c.head_dim}_M{c.block_m}_split{c.dim_split}")
+def test_dkdv_slices_give_the_gradients_of_the_waves_keys(cfg):
+    """flash_bwd_wmma_dkdv in the row's layout: S = Q K^T and dP = dO V^T from the K and V
+    fragments (in registers or read from LDS: the same fragments), then for each of the
+    dim_split blocks of a key block dV^T and dK^T over its slice of dims, from rows [dim0, dim0 +
+    SLICE_DIMS) of the transposed tiles (sdOt + dim0 * T_STRIDE); the slices put together are
+    P^T dO and dS^T Q for the last wave's keys."""
+    gfx12 = int(cfg.arch == "rdna4")
+    F = kernel_functions(gfx12)
+    rng = np.random.default_rng(cfg.head_dim + cfg.block_m + gfx12)
+    d, m, stride, t_stride = cfg.head_dim, cfg.block_m, cfg.head_dim + LDS_PAD, cfg.block_m + LDS_PAD
+    wave = cfg.warps - 1
+    q, dout = rng.standard_normal((m, d)), rng.standard_normal((m, d))
+    k, v = rng.standard_normal((cfg.block_n, d)), rng.standard_normal((cfg.block_n, d))
+    keys = slice(wave * 16, wave * 16 + 16)
+
+    def read_back(acc):
+        out = np.full((16 * len(acc), 16), np.nan)
+        for blk, block in enumerate(acc):
+            for lane in range(LANES):
+                for j in range(8):
+                    out[F["acc_row"](lane, blk, j), F["acc_col"](lane)] = block[lane, j]
+        assert not np.isnan(out).any()
+        return out
+
+    k_frag = load_frags(F, gfx12, _lds(k, stride), stride, wave * 16, d // 16)
+    v_frag = load_frags(F, gfx12, _lds(v, stride), stride, wave * 16, d // 16)
+    acc_s = tile_times_frags(F, gfx12, _lds(q, stride), stride, m // 16, k_frag)
+    acc_dp = tile_times_frags(F, gfx12, _lds(dout, stride), stride, m // 16, v_frag)
+    np.testing.assert_allclose(read_back(acc_s), q @ k[keys].T, rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(read_back(acc_dp), dout @ v[keys].T, rtol=1e-12, atol=1e-12)
+
+    p, ds = np.tanh(acc_s), np.sin(acc_dp)  # stand-ins for P and dS, elementwise: same layout
+    s_dot, s_qt = _lds(dout.T.copy(), t_stride), _lds(q.T.copy(), t_stride)
+    slice_dims = d // cfg.dim_split
+    dv_t, dk_t = np.zeros((d, 16)), np.zeros((d, 16))
+    for part in range(cfg.dim_split):
+        dim0 = part * slice_dims
+        dv_t[dim0:dim0 + slice_dims] = read_back(tile_times_acc(F, gfx12, s_dot[dim0:], t_stride, slice_dims // 16, list(p)))
+        dk_t[dim0:dim0 + slice_dims] = read_back(tile_times_acc(F, gfx12, s_qt[dim0:], t_stride, slice_dims // 16, list(ds)))
+    np.testing.assert_allclose(dv_t, (read_back(p).T @ dout).T, rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(dk_t, (read_back(ds).T @ q).T, rtol=1e-12, atol=1e-12)

@@ -142,7 +142,7 @@ def test_matrix_core_blocks_are_the_kernels_own(tmp_path):
         assert got["LDS_PAD"] == kernels._lds_pad(defines), cfg
         rows = kernels.Sizes(seqlen_q=got[owned] + 1, seqlen_k=got[owned] + 1, heads_q=4, heads_k=2,
                              m_blocks=5, splits=3)
-        want = {"BLOCK_M": (2, 4), "BLOCK_N": (2, 2)}[owned]
+        want = {"BLOCK_M": (2, 4), "BLOCK_N": (2 * cfg.dim_split, 2)}[owned]  # D split: more blocks
         if cfg.kernel.startswith("flash_decode"):
             want = (15, 2)  # row tiles x splits, kv heads
         assert kernel.grid(defines, rows) == want, cfg

@@ -42,6 +42,11 @@ def cases(draw, backend, fmt, paged):
     batch = draw(st.integers(1, 3))
     room = smax - snew
     causal = draw(st.booleans())
+    dtype = draw(st.sampled_from(_torch_kinds(backend)))[1]
+    # bfloat16 queries far past float16's range, or deep in its subnormals, with K's scale divided
+    # by the same gain (the same scores): the tensor-core kernel multiplies in float16
+    # (decode_common.h, q_tile_scale)
+    q_gain = draw(st.sampled_from((1.0, 1.0, 2.0**15, 2.0**-15))) if dtype == "bfloat16" else 1.0
     return dict(
         fmt=fmt, scales=draw(st.sampled_from(SCALES)),
         batch=batch, heads_q=heads_q, heads_k=heads_k, seqlen_q=draw(st.sampled_from((1, 2, 5))),
@@ -55,15 +60,16 @@ def cases(draw, backend, fmt, paged):
         share_pages=draw(st.booleans()),
         cache_memory=draw(st.sampled_from(("contiguous", "sliced"))),
         saturate=draw(st.sampled_from((False, False, True))),
-        dtype=draw(st.sampled_from(_torch_kinds(backend)))[1], seed=draw(st.integers(0, 2**31)))
+        dtype=dtype, q_gain=q_gain, seed=draw(st.integers(0, 2**31)))
 
 
 def _scales(c, rng, device):
-    """k_scale and v_scale as the case asks: one per tensor, or one per kv head."""
+    """k_scale and v_scale as the case asks: one per tensor, or one per kv head; k_scale divided
+    by the case's q_gain (the same scores for q * q_gain)."""
     out = []
-    for _ in range(2):
+    for gain in (c.get("q_gain", 1.0), 1.0):
         kind, hk = c["scales"], c["heads_k"]
-        values = rng.uniform(0.05, 2.0, hk if kind.startswith("head") else 1)
+        values = rng.uniform(0.05, 2.0, hk if kind.startswith("head") else 1) / gain
         if kind == "head_strided":
             full = torch.zeros(2 * hk, dtype=torch.float32)
             full[::2] = torch.from_numpy(values).float()
@@ -89,12 +95,14 @@ def make(backend, c):
     b, hq, hk, sq, smax, snew, d = (c[k] for k in ("batch", "heads_q", "heads_k", "seqlen_q",
                                                      "seqlen_max", "seqlen_new", "head_dim"))
     k_scale, v_scale = _scales(c, rng, device)
+    gain = c.get("q_gain", 1.0)
     caches = [rng.standard_normal((b, hk, smax, d)) for _ in range(2)]
     for cache in caches:  # rows past each old length: the NaN code until the append lands
         for i, length in enumerate(c["lengths"]):
             cache[i, :, length:] = np.nan
     spread = 3e3 if c["saturate"] else 1.0  # x / scale past 448 (e4m3fn) or 57344: saturated
     new = [spread * rng.standard_normal((b, hk, snew, d)) for _ in range(2)]
+    new[0] = new[0] / gain
     tdtype = getattr(torch, c["dtype"])
 
     def layout(x):  # (B, H, S, D) float64 -> the layout's order
@@ -120,7 +128,7 @@ def make(backend, c):
                 args[name] = buffer.to(device).narrow(seq_axis, 1, smax)
             else:
                 args[name] = codes.contiguous().to(device)
-    q = torch.from_numpy(layout(rng.standard_normal((b, hq, sq, d)))).to(tdtype).to(device)
+    q = torch.from_numpy(layout(gain * rng.standard_normal((b, hq, sq, d)))).to(tdtype).to(device)
     k_new, v_new = (torch.from_numpy(layout(x)).to(tdtype).to(device) for x in new)
     lengths = torch.tensor(c["lengths"], dtype=torch.int32, device=device)
     return q, args, k_new, v_new, k_scale, v_scale, lengths

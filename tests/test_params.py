@@ -173,7 +173,8 @@ def test_pointer_words_are_the_pointers_of_each_block():
     """params.pointer_words (what a launch patches per call): every TensorRef's ptr and every
     other pointer field, at the word of its offset, and nothing else."""
     attn = params.pointer_words(params.ATTN_PARAMS)
-    assert set(attn) == {*params.ATTN_TENSORS, "cu_seqlens_q", "cu_seqlens_k", "alibi_slopes", "sinks"}
+    assert set(attn) == {*params.ATTN_TENSORS, "cu_seqlens_q", "cu_seqlens_k", "alibi_slopes", "sinks",
+                         "block_table", "seqused_k"}
     decode = params.pointer_words(params.DECODE_PARAMS)
     assert set(decode) == {"q", "k", "v", "o", "lse", "k_new", "v_new", "o_part", "lse_part",
                            "cache_seqlens", "block_table", "sinks", "k_scale", "v_scale"}

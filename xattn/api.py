@@ -54,7 +54,8 @@ def attention(q, k, v, *, causal=False, scale=None, window=None, softcap=None, a
 
 def attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, *,
                      causal=False, scale=None, window=None, softcap=None, alibi_slopes=None,
-                     return_lse=False, backend=None, deterministic=False, sinks=None):
+                     return_lse=False, backend=None, deterministic=False, sinks=None,
+                     block_table=None, seqused_k=None):
     """Attention over a packed batch of sequences of different lengths, in one launch, no padding.
 
     q: (total_q, Hq, D), k and v: (total_k, Hk, D): the sequences one after another. Sequence b
@@ -68,23 +69,49 @@ def attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seql
 
     The cumulative lengths are checked on the host, which reads them back from a GPU (one small
     copy and a synchronization per call; a GPU torch tensor is read once per version).
+
+    Paged keys and values (flash-attn's flash_attn_varlen_func convention; the mixed prefill and
+    decode batch of a serving step): with block_table, int32 (B, max_pages) in q's library and
+    device, k and v are (num_pages, page_size, Hk, D) caches, page_size a multiple of 16, and key
+    row r of sequence b lives at page block_table[b, r // page_size], row r % page_size. Sequence
+    b has seqused_k[b] keys where seqused_k (int32 (B,), q's library and device) is given, else
+    cu_seqlens_k[b + 1] - cu_seqlens_k[b] (cu_seqlens_k may then be None; given, its first entry
+    is 0 and it does not decrease, with no total to end at). Pages may be shared between
+    sequences. A GPU block table or seqused_k is never read on the host (no synchronization: a
+    CUDA graph can capture the call once cu_seqlens_q has been seen); page ids out of
+    [0, num_pages) and lengths past max_pages * page_size raise ValueError where they are host
+    arrays, and are clamped by the kernels otherwise (a wrong page, never memory outside the
+    caches or the table). Every variant above applies. Forward only: torch inputs that require
+    grad while grad mode is on raise TypeError. Served by flash_fwd.cu's mma.sync kernel on
+    NVIDIA (the sm90 TMA kernel takes no packed batch), by the portable forward on AMD, and by the
+    reference on the host.
     """
-    call, cu_seqlens = calls.build_varlen(
+    call, cu_seqlens, pages = calls.build_varlen(
         q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal=causal,
         scale=scale, window=window, softcap=softcap, alibi_slopes=alibi_slopes,
-        return_lse=return_lse, backend=backend, deterministic=deterministic, sinks=sinks)
-    out, lse = run(call, q[None], k[None], v[None], alibi_slopes, cu_seqlens, sinks)
+        return_lse=return_lse, backend=backend, deterministic=deterministic, sinks=sinks,
+        block_table=block_table, seqused_k=seqused_k)
+    if pages is not None:  # the pages are (num_pages, page_size, Hk, D) already
+        out, lse = run(call, q[None], k, v, alibi_slopes, cu_seqlens, sinks, pages)
+    else:
+        out, lse = run(call, q[None], k[None], v[None], alibi_slopes, cu_seqlens, sinks)
     out, lse = out[0], lse[0]
     return (out, lse) if return_lse else out
 
 
-def run(call, q, k, v, alibi_slopes=None, cu_seqlens=None, sinks=None):
+def run(call, q, k, v, alibi_slopes=None, cu_seqlens=None, sinks=None, pages=None):
     """(out, lse) of a validated call, in q's library: through the torch ops when autograd
-    records the call or torch.compile traces it, else on the call's backend directly."""
-    if call.library == "torch" and _needs_torch_op(q, k, v, sinks):
-        from xattn import torch_ops
-        return torch_ops.attention(call, q, k, v, alibi_slopes, cu_seqlens, sinks)
-    return dispatch.forward(call, q, k, v, alibi_slopes, cu_seqlens, sinks)
+    records the call or torch.compile traces it, else on the call's backend directly. pages:
+    (block_table, seqused_k) of paged keys, a forward-only call (validation refused gradients),
+    which needs the op only under torch.compile."""
+    if call.library == "torch":
+        if pages is not None and sys.modules["torch"].compiler.is_compiling():
+            from xattn import torch_ops
+            return torch_ops.paged_attention(call, q, k, v, alibi_slopes, cu_seqlens, sinks, pages)
+        if pages is None and _needs_torch_op(q, k, v, sinks):
+            from xattn import torch_ops
+            return torch_ops.attention(call, q, k, v, alibi_slopes, cu_seqlens, sinks)
+    return dispatch.forward(call, q, k, v, alibi_slopes, cu_seqlens, sinks, pages)
 
 
 def _needs_torch_op(q, k, v, sinks=None) -> bool:

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from xattn import arrays, backends
+from xattn import arrays, backends, configs
 
 LAYOUTS = ("bhsd", "bshd")
 MAX_HEAD_DIM = 256
@@ -62,6 +62,9 @@ class Call:
     max_seqlen: tuple | None  # packed batches: (max_seqlen_q, max_seqlen_k)
     deterministic: bool
     return_lse: bool
+    # Paged keys and values of a packed batch (attention_varlen's block_table): (page_size,
+    # num_pages, max_pages); seqlen_k is then a sequence's capacity, max_pages * page_size.
+    paged: tuple | None = None
     # A backend's launch plans for this call, filled on first use (xattn/cuda.py). A Call found
     # by signature serves arrays of one set of strides, which its plans bake in.
     plans: dict = field(default_factory=dict, compare=False, hash=False, repr=False)
@@ -84,16 +87,19 @@ class Call:
         b, h, s, _, _ = self.dims
         return (b, h, s)
 
-    def options(self, alibi_slopes=None, cu_seqlens=None, sinks=None) -> dict:
+    def options(self, alibi_slopes=None, cu_seqlens=None, sinks=None, pages=None) -> dict:
         """The backends' keyword arguments (forward/backward of reference, cuda, hip). sinks
         only where given: the forwards take them; the backwards never need them (the forward's
-        lse already holds the sink; xattn/torch_ops.py: sinks_grad)."""
+        lse already holds the sink; xattn/torch_ops.py: sinks_grad). pages: (block_table,
+        seqused_k) of a paged call (the forwards take them)."""
         options = dict(causal=self.causal, scale=self.scale, window=self.window,
                        softcap=self.softcap, alibi_slopes=alibi_slopes)
         if self.varlen:
             options.update(cu_seqlens=cu_seqlens, max_seqlen=self.max_seqlen)
         if sinks is not None:
             options["sinks"] = sinks
+        if pages is not None:
+            options["block_table"], options["seqused_k"] = pages
         return options
 
     # ---- the torch op boundary: one place converts a Call to and from op arguments -------------
@@ -102,6 +108,17 @@ class Call:
         max_q, max_k = self.max_seqlen if self.varlen else (0, 0)
         return (self.causal, self.scale, self.window[0], self.window[1], self.softcap, max_q, max_k,
                 self.layout, self.deterministic)
+
+    @staticmethod
+    def from_paged_op(q, k, v, cu_seqlens_q, block_table, alibi_slopes, sinks, causal, scale,
+                      window_left, window_right, softcap, max_seqlen_q, max_seqlen_k) -> "Call":
+        """The Call of the paged forward op's inputs (xattn/torch_ops.py), validated when the op
+        was entered: q is the (1, total_q, Hq, D) view, k and v the (num_pages, page_size, Hk, D)
+        pages."""
+        return build(q, k, v, alibi_slopes, causal, scale, (window_left, window_right), softcap,
+                     "bshd", True, None, False,
+                     varlen=((max_seqlen_q, max_seqlen_k), cu_seqlens_q.shape[0] - 1), sinks=sinks,
+                     paged=(k.shape[1], k.shape[0], block_table.shape[1]))
 
     @staticmethod
     def from_op(q, k, v, cu_seqlens_q, cu_seqlens_k, alibi_slopes, causal, scale, window_left,
@@ -180,12 +197,16 @@ def lookup(q, k, v, alibi_slopes, options: tuple, sinks=None) -> Call:
 # ---- validation -------------------------------------------------------------------------------------
 
 def build(q, k, v, alibi_slopes, causal, scale, window, softcap, layout, return_lse, backend,
-          deterministic, *, varlen=None, sinks=None) -> Call:
+          deterministic, *, varlen=None, sinks=None, paged=None) -> Call:
     """Validate attention()'s arguments and describe the call. varlen: (max_seqlen, sequences)
-    for a packed batch, whose (1, total, H, D) views arrive here."""
-    info, dims, scale, heads_k = _validate(q, k, v, causal, scale, layout, return_lse)
+    for a packed batch, whose (1, total, H, D) views arrive here; paged: (page_size, num_pages,
+    max_pages) when its keys and values are (num_pages, page_size, Hk, D) pages."""
+    info, dims, scale, heads_k = _validate(q, k, v, causal, scale, layout, return_lse,
+                                           paged=paged is not None)
     check_bool("deterministic", deterministic)
     batch, heads_q, sq, sk, head_dim = dims
+    if paged is not None:
+        sk = paged[0] * paged[2]  # a sequence's capacity: the table's width in rows
     window, softcap, alibi = _variant(info, (varlen[1] if varlen else batch, heads_q), causal,
                                       window, softcap, alibi_slopes)
     if backend is ORACLE:  # exact_attention: copied to the host, whatever the arrays' backend
@@ -206,19 +227,22 @@ def build(q, k, v, alibi_slopes, causal, scale, window, softcap, layout, return_
                 window=window, softcap=softcap, alibi=alibi, sinks=sinks is not None,
                 varlen=varlen is not None,
                 max_seqlen=varlen[0] if varlen else None, deterministic=bool(deterministic),
-                return_lse=bool(return_lse))
+                return_lse=bool(return_lse), paged=paged)
 
 
 def build_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, *, causal,
                  scale, window, softcap, alibi_slopes, return_lse, backend, deterministic,
-                 sinks=None):
-    """Validate attention_varlen()'s arguments: (Call, cu_seqlens as the backends take them).
-    The cumulative lengths are checked on the host (a GPU array is read back; a GPU torch tensor
-    once per version). The Call is cached by signature as attention()'s is; the lengths' values
+                 sinks=None, block_table=None, seqused_k=None):
+    """Validate attention_varlen()'s arguments: (Call, cu_seqlens as the backends take them,
+    pages): pages is (block_table, seqused_k) as the backends take them for paged keys and values,
+    else None. The cumulative lengths are checked on the host (a GPU array is read back; a GPU
+    torch tensor once per version); a block table and seqused_k only where they are host arrays.
+    The Call is cached by signature as attention()'s is; the values of the lengths and the table
     are checked on every call."""
+    paged = block_table is not None or seqused_k is not None
     options = (causal, scale, window, softcap, return_lse, backend, deterministic)
-    signatures = tuple(_signature(x) for x in (q, k, v, cu_seqlens_q, cu_seqlens_k))
-    signatures += _optional_signatures(alibi_slopes, sinks)
+    signatures = tuple(_signature(x) for x in (q, k, v, cu_seqlens_q))
+    signatures += _optional_signatures(cu_seqlens_k, alibi_slopes, sinks, block_table, seqused_k)
     key = None
     torch = sys.modules.get("torch")
     if None not in signatures and not (torch is not None and torch.compiler.is_compiling()):
@@ -230,36 +254,56 @@ def build_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k
         call, key = None, None
     if call is not None:
         info = arrays.ArrayInfo(call.library, call.device, call.device_id, call.dtype, None)
-        cu_seqlens, _, _ = _validate_cu_seqlens(info, call.dims, cu_seqlens_q, cu_seqlens_k,
-                                                max_seqlen_q, max_seqlen_k)
-        return call, cu_seqlens
+        cu_seqlens, _, sequences, lengths_k = _validate_cu_seqlens(
+            info, call.dims, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, paged)
+        pages = None
+        if paged:
+            _, pages = _validate_pages(info, (q, k, v), sequences, block_table, seqused_k,
+                                       lengths_k, max_seqlen_q, max_seqlen_k)
+        return call, cu_seqlens, pages
+    kv_shape, kv_pattern = ((4, "(num_pages, page_size, Hk, D) (paged: block_table is given)")
+                            if paged else (3, "(total_tokens, H, D)"))
     for name, x in (("q", q), ("k", k), ("v", v)):
         shape = arrays.describe(x, name).shape
-        if len(shape) != 3:
-            raise ValueError(f"{name}: expected a 3-d array (total_tokens, H, D), got shape {shape}")
+        rank, pattern = (3, "(total_tokens, H, D)") if name == "q" else (kv_shape, kv_pattern)
+        if len(shape) != rank:
+            raise ValueError(f"{name}: expected a {rank}-d array {pattern}, got shape {shape}")
     # The packed tensors are one batch entry in the (B, S, H, D) layout: (1, total, H, D) views.
-    q4, k4, v4 = q[None], k[None], v[None]
-    info, dims, _, _ = _validate(q4, k4, v4, causal, scale, "bshd", return_lse)
-    cu_seqlens, max_seqlen, sequences = _validate_cu_seqlens(
-        info, dims, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
+    # Paged keys and values are (num_pages, page_size, Hk, D) already: pages in that layout.
+    q4 = q[None]
+    k4, v4 = (k, v) if paged else (k[None], v[None])
+    info, dims, _, _ = _validate(q4, k4, v4, causal, scale, "bshd", return_lse, paged=paged)
+    cu_seqlens, max_seqlen, sequences, lengths_k = _validate_cu_seqlens(
+        info, dims, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, paged)
+    pages = layout = None
+    if paged:
+        layout, pages = _validate_pages(info, (q, k, v), sequences, block_table, seqused_k,
+                                        lengths_k, max_seqlen_q, max_seqlen_k)
     call = build(q4, k4, v4, alibi_slopes, causal, scale, window, softcap, "bshd", return_lse,
-                 backend, deterministic, varlen=(max_seqlen, sequences), sinks=sinks)
+                 backend, deterministic, varlen=(max_seqlen, sequences), sinks=sinks,
+                 paged=layout)
     if key is not None:
         if len(_calls) >= _MAX_CALLS:
             _calls.clear()
         _calls[key] = call
-    return call, cu_seqlens
+    return call, cu_seqlens, pages
 
 
-def _validate_cu_seqlens(info, dims, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k):
+def _validate_cu_seqlens(info, dims, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                         paged=False):
     """Check the cumulative lengths (on the host) and the maxima. Returns the arrays as the
-    backends take them (arrays.index_array), (max_seqlen_q, max_seqlen_k) and the number of
-    sequences."""
+    backends take them (arrays.index_array), (max_seqlen_q, max_seqlen_k), the number of
+    sequences and the key lengths (None where cu_seqlens_k is not given). paged: the keys are in
+    pages, so cu_seqlens_k has no total to end at, may be None (seqused_k gives the lengths), and
+    its maximum is checked by _validate_pages."""
     _, _, total_q, total_k, _ = dims
     lengths = {}
     prepared = []
     for name, cu, total in (("cu_seqlens_q", cu_seqlens_q, total_q),
-                            ("cu_seqlens_k", cu_seqlens_k, total_k)):
+                            ("cu_seqlens_k", cu_seqlens_k, None if paged else total_k)):
+        if cu is None and paged and name == "cu_seqlens_k":
+            prepared.append(None)
+            continue
         cu_info = arrays.describe(cu, name)
         check_like_q(name, cu_info, info)
         if cu_info.dtype != "int32":
@@ -271,12 +315,12 @@ def _validate_cu_seqlens(info, dims, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, m
             raise ValueError(f"{name}: expected first entry 0, got {int(host[0])}")
         if (np.diff(host) < 0).any():
             raise ValueError(f"{name}: expected non-decreasing entries, got {host.tolist()}")
-        if host[-1] != total:
+        if total is not None and host[-1] != total:
             raise ValueError(f"{name}: expected last entry {total} (the total number of rows), "
                              f"got {int(host[-1])}")
         lengths[name] = np.diff(host)
         prepared.append(arrays.index_array(cu, cu_info, host))
-    if len(lengths["cu_seqlens_q"]) != len(lengths["cu_seqlens_k"]):
+    if "cu_seqlens_k" in lengths and len(lengths["cu_seqlens_q"]) != len(lengths["cu_seqlens_k"]):
         raise ValueError(f"cu_seqlens_k: expected {len(lengths['cu_seqlens_q']) + 1} entries "
                          f"(as cu_seqlens_q), got {len(lengths['cu_seqlens_k']) + 1}")
     maxima = []
@@ -284,12 +328,120 @@ def _validate_cu_seqlens(info, dims, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, m
                              ("max_seqlen_k", max_seqlen_k, "cu_seqlens_k")):
         if not isinstance(value, numbers.Integral) or isinstance(value, bool):
             raise TypeError(f"{name}: expected an int, got {value!r}")
-        longest = int(lengths[key].max(initial=0))
+        longest = 0 if paged and key == "cu_seqlens_k" else int(lengths[key].max(initial=0))
         if value < longest:
             raise ValueError(f"{name}: expected at least {longest} (the longest sequence in "
                              f"{key}), got {value}")
         maxima.append(int(value))
-    return tuple(prepared), tuple(maxima), len(lengths["cu_seqlens_q"])
+    return tuple(prepared), tuple(maxima), len(lengths["cu_seqlens_q"]), lengths.get("cu_seqlens_k")
+
+
+def _validate_pages(info, qkv, sequences, block_table, seqused_k, lengths_k, max_seqlen_q,
+                    max_seqlen_k):
+    """The paged keys of attention_varlen: the block table (check_block_table), seqused_k (int32
+    (B,), its values checked only where it is a host array), the key lengths (seqused_k's, else
+    cu_seqlens_k's) against the table's capacity and max_seqlen_k where they are known on the
+    host, and no gradients. Returns ((page_size, num_pages, max_pages), (block_table, seqused_k)
+    as the backends take them)."""
+    q, k, v = qkv
+    if info.library == "torch":
+        check_no_grad([("q", q, None), ("k", k, None), ("v", v, None)],
+                      "attention_varlen with block_table is inference only: its paged forward "
+                      "has no backward")
+    if block_table is None:
+        raise ValueError("block_table: expected an int32 array (B, max_pages) with seqused_k "
+                         "(seqused_k describes paged keys), got None")
+    num_pages, page_size = arrays.describe(k, "k").shape[:2]
+    ids, capacity = check_block_table(block_table, info, sequences, num_pages, page_size, "k")
+    if capacity + 2 * max_seqlen_q >= 2**30:  # the kernels' int arithmetic on rows and bands
+        raise ValueError(f"block_table: expected a capacity (max_pages * page_size) below "
+                         f"{2**30 - 2 * max_seqlen_q} with max_seqlen_q {max_seqlen_q}, got "
+                         f"{capacity}")
+    table_info = arrays.describe(block_table, "block_table")
+    table = arrays.index_array(block_table, table_info, ids)
+    known, source = lengths_k, "cu_seqlens_k"
+    used = None
+    if seqused_k is not None:
+        try:
+            used_info = arrays.describe(seqused_k, "seqused_k")
+        except TypeError:
+            raise TypeError(f"seqused_k: expected an int32 array (B,), got "
+                            f"{type(seqused_k).__module__}.{type(seqused_k).__qualname__}") from None
+        check_like_q("seqused_k", used_info, info)
+        if used_info.dtype != "int32":
+            raise TypeError(f"seqused_k: expected dtype int32, got {used_info.dtype}")
+        if tuple(used_info.shape) != (sequences,):
+            raise ValueError(f"seqused_k: expected shape ({sequences},) (one length per sequence "
+                             f"of cu_seqlens_q), got {tuple(used_info.shape)}")
+        host = None
+        if info.device == "cpu":  # a GPU array is never read on the host: the kernels clamp
+            host = np.asarray(arrays.to_host_ints(seqused_k, used_info), dtype=np.int64)
+            bad = (host < 0) | (host > capacity)
+            if bad.any():
+                b = int(np.argmax(bad))
+                raise ValueError(f"seqused_k: expected lengths in [0, {capacity}] (max_pages * "
+                                 f"page_size of block_table), got {int(host[b])} at {b}")
+        known, source = host, "seqused_k"
+        used = arrays.index_array(seqused_k, used_info, host)
+    if known is not None and len(known):
+        longest = int(known.max())
+        if longest > capacity:
+            raise ValueError(f"block_table: expected at least {-(-longest // page_size)} pages "
+                             f"per sequence ({page_size} rows each) for the longest sequence of "
+                             f"{source} ({longest} keys), got {capacity // page_size}")
+        if max_seqlen_k < longest:
+            raise ValueError(f"max_seqlen_k: expected at least {longest} (the longest sequence "
+                             f"in {source}), got {max_seqlen_k}")
+    return (page_size, num_pages, capacity // page_size), (table, used)
+
+
+def check_block_table(block_table, info, batch, num_pages, page_size, cache_name):
+    """A block table of paged keys and values (attention_with_kvcache, attention_varlen): int32
+    (batch, max_pages) in q's library and device, over pages of `cache_name` (num_pages,
+    page_size, Hk, D). Returns (the host page ids as an int64 NumPy array, or None for a GPU table,
+    the capacity max_pages * page_size). The ids are checked only on the host (a GPU table is
+    never read there: the kernels clamp them to [0, num_pages))."""
+    if page_size < 1 or page_size % configs.DECODE_PAGE_MULTIPLE:
+        raise ValueError(f"{cache_name}: expected (num_pages, page_size, Hk, D) with page_size a "
+                         f"positive multiple of {configs.DECODE_PAGE_MULTIPLE} (paged caches), got "
+                         f"page_size {page_size}")
+    try:
+        table = arrays.describe(block_table, "block_table")
+    except TypeError:
+        raise TypeError(f"block_table: expected an int32 array (B, max_pages), got "
+                        f"{type(block_table).__module__}.{type(block_table).__qualname__}") from None
+    check_like_q("block_table", table, info)
+    if table.dtype != "int32":
+        raise TypeError(f"block_table: expected dtype int32, got {table.dtype}")
+    if len(table.shape) != 2 or table.shape[0] != batch:
+        raise ValueError(f"block_table: expected shape ({batch}, max_pages) (the batch size of q), "
+                         f"got {tuple(table.shape)}")
+    if num_pages < 1 and table.shape[1] > 0:  # the kernels' clamp needs a page to land on
+        raise ValueError(f"{cache_name}: expected at least one page for a block table of "
+                         f"{table.shape[1]} columns, got shape ({num_pages}, ...)")
+    capacity = table.shape[1] * page_size
+    if info.device != "cpu":
+        return None, capacity
+    ids = np.asarray(arrays.to_host_numpy(block_table, table), dtype=np.int64)
+    bad = (ids < 0) | (ids >= num_pages)
+    if bad.any():
+        b, j = np.argwhere(bad)[0]
+        raise ValueError(f"block_table: expected page ids in [0, {num_pages}) (the pages of "
+                         f"{cache_name}), got {int(ids[b, j])} at [{b}, {j}]")
+    return ids, capacity
+
+
+def check_no_grad(named, why: str) -> None:
+    """Inference-only calls on torch tensors: none of (name, tensor, _) requires grad while grad
+    mode is on (TypeError naming it; `why` says why)."""
+    torch = sys.modules["torch"]
+    if not torch.is_grad_enabled():
+        return
+    for name, x, _ in named:
+        if x.requires_grad:
+            raise TypeError(f"{name}: expected a tensor that does not require grad ({why}), got "
+                            f"one with requires_grad=True; call it under torch.no_grad() or pass "
+                            f".detach()")
 
 
 # Host copies of GPU torch tensors of cumulative lengths, by id: (weak reference, version counter,
@@ -393,9 +545,10 @@ def check_scale(scale, head_dim: int) -> float:
     return scale
 
 
-def _validate(q, k, v, causal, scale, layout, return_lse):
+def _validate(q, k, v, causal, scale, layout, return_lse, paged=False):
     """Check everything but the dtype's fit to the backend. Returns (q's info, (B, Hq, Sq, Sk, D),
-    scale, Hk)."""
+    scale, Hk). paged: k and v are (num_pages, page_size, Hk, D) pages (their batch is the
+    pages, their length the page size)."""
     if not isinstance(layout, str) or layout not in LAYOUTS:
         raise ValueError(f"layout: expected 'bhsd' or 'bshd', got {layout!r}")
     check_bool("causal", causal)
@@ -422,9 +575,13 @@ def _validate(q, k, v, causal, scale, layout, return_lse):
     _, kv_heads, sk, k_head_dim = bhsd(k_info.shape)
     v_batch, v_heads, v_len, v_head_dim = bhsd(v_info.shape)
 
-    if k_info.shape[0] != batch:
+    if paged:
+        if tuple(v_info.shape) != tuple(k_info.shape):
+            raise ValueError(f"v: expected shape {tuple(k_info.shape)} (as k: (num_pages, "
+                             f"page_size, Hk, D)), got {tuple(v_info.shape)}")
+    elif k_info.shape[0] != batch:
         raise ValueError(f"k: expected batch size {batch} (as q), got {k_info.shape[0]}")
-    if v_batch != batch:
+    elif v_batch != batch:
         raise ValueError(f"v: expected batch size {batch} (as q), got {v_batch}")
     check_head_dim(head_dim, ("k", k_head_dim), ("v", v_head_dim))
     if v_len != sk:

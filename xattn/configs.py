@@ -38,6 +38,8 @@ class TileConfig(NamedTuple):
     min_blocks: int
     stages: int = 1  # cp.async pipeline depth; only flash_decode rows set it (see below)
     fp8_stages: int = 0  # the same for FP8 caches (flash_decode rows; 0: stages)
+    frags_in_lds: bool = False  # HIP WMMA rows: fixed operands read from LDS (FRAGS_IN_LDS, below)
+    dim_split: int = 1  # HIP WMMA dK/dV rows: blocks per key block, each a slice of D (DIM_SPLIT)
 
 
 _ROWS = [
@@ -169,6 +171,23 @@ TABLE = [TileConfig(*row) for row in _ROWS]
 
 # Which forward kernel serves which dtype.
 KERNEL_FOR_DTYPE = {"float16": "flash_fwd", "bfloat16": "flash_fwd", "float32": "flash_fwd_f32"}
+
+# Paged keys and values (attention_varlen's block_table, IS_PAGED) in flash_fwd: each 16-row group
+# of a K/V tile is looked up in the block table, which costs registers that the 4-warp, 128-row
+# tiles (32 query rows a warp, 254-255 registers) do not have: ptxas spilled 8-264 bytes there
+# (2026-11-30, ci/compile_kernels.py). With 16 query rows a warp the same tiles take 146-210
+# registers and spill nothing, so a paged call runs its row with that many warps.
+PAGED_WARP_ROWS = 16
+
+
+def paged_forward_row(cfg: TileConfig) -> TileConfig:
+    """The row a paged call runs: flash_fwd's row with at most PAGED_WARP_ROWS query rows a
+    warp (more warps, the same tile and shared memory); other kernels' rows as they are."""
+    if cfg.kernel != "flash_fwd" or cfg.block_m // cfg.warps <= PAGED_WARP_ROWS:
+        return cfg
+    return cfg._replace(warps=cfg.block_m // PAGED_WARP_ROWS)
+
+
 # Kernels on tensor cores, fed by 16-bit tiles (mma_tile.h).
 TENSOR_CORE_KERNELS = ("flash_fwd", "flash_bwd_dkdv", "flash_bwd_dq")
 
@@ -232,34 +251,62 @@ DECODE_FP8_FORMATS = {"float8_e4m3fn": 1, "float8_e5m2": 2}
 # backward stops at head dim 128, as the CUDA tensor-core backward does: past it dK and dV (256
 # fp32 registers at D=256) and the transposed tiles no longer fit; the portable kernels serve it.
 #
-# MI300 (gfx940-942, "cdna3" forward rows), derived from published figures, not measured: 304 CUs
-# of 4 SIMDs, 64 KB LDS per CU, 512 VGPRs+AGPRs per lane, and the 32x32x8 f16/bf16 MFMA at twice
-# gfx90a's rate per CU (1307 dense fp16 TFLOP/s over 304 CUs at 2.1 GHz is 2048 flop per CU per
-# clock; MI250X's 383 over 220 CUs at 1.7 GHz is 1024). With the matrix work twice as fast, the
-# softmax, exp2 and LDS traffic of one wave must hide behind another wave's MFMAs, so the rows
-# aim at more waves per CU than gfx90a's: block_n 32 at D=128 (smaller K/V^T tiles), and two-wave
-# blocks of 64 queries at D=160/192 (two blocks per CU, and twice as many blocks for 304 CUs at
-# short sequences). What clang-19 made of them (ci/results/hip_compile_clang19.log): at D=128
+# MI300 (gfx940-942, "cdna3" forward rows). Sources, and what was taken from each:
+# - AMD Instinct MI300X data sheet and the "AMD CDNA 3 Architecture" white paper (published
+#   figures): 304 CUs of 4 SIMDs, 64 KB LDS per CU, 512 VGPRs+AGPRs per lane, 1307 dense fp16/bf16
+#   TFLOP/s at 2.1 GHz, i.e. 2048 flop per CU per clock; MI250X: 383 over 220 CUs at 1.7 GHz, 1024.
+# - "AMD Instinct MI300 Instruction Set Architecture Reference Guide" (CDNA3 ISA), chapter "Matrix
+#   Arithmetic Instructions" (the MFMA opcodes and their pass counts), as AMD's Matrix Instruction
+#   Calculator encodes it (github.com/ROCm/amd_matrix_instruction_calculator, matrix_calculator.py,
+#   commit 2ef9189, the 'cdna3' and 'cdna2' tables): v_mfma_f32_32x32x8_f16 and _bf16 take 32
+#   cycles on CDNA3 where CDNA2's v_mfma_f32_32x32x8f16 and _bf16_1k take 64 -- the same product at
+#   twice the rate, which is the 2048 vs 1024 above; CDNA3's dense 16-bit forms are 32x32x8 and
+#   16x16x16 (and the older multi-block x4 ones), nothing wider in k.
+# - LLVM's AMDGPU builtins (clang's BuiltinsAMDGPU.def as clang-19 implements it), checked by compile
+#   probes here (2026-11-30, measured: what clang-19 accepts and emits, nothing run): on gfx942
+#   __builtin_amdgcn_mfma_f32_32x32x8f16 and ..._32x32x8bf16_1k emit v_mfma_f32_32x32x8_f16 and
+#   v_mfma_f32_32x32x8_bf16, the CDNA3 names of the same operations; the gfx942-only builtins are
+#   xf32 (..._32x32x4_xf32), fp8/bf8 (..._32x32x16_fp8_fp8, target feature fp8-insts) and the
+#   structured-sparse smfmac ones, none of them a dense 16-bit product. So mfma.h deliberately uses
+#   gfx90a's instructions on MI300 too; the 32x32x16 f16/bf16 forms are gfx950's, and clang-19 has no
+#   builtin for them.
+# Derived from those figures, not measured: with the matrix work twice as fast, the softmax, exp2
+# and LDS traffic of one wave must hide behind another wave's MFMAs, so the rows aim at more waves
+# per CU than gfx90a's: block_n 32 at D=128 (smaller K/V^T tiles), and two-wave blocks of 64
+# queries at D=160/192 (two blocks per CU, and twice as many blocks for 304 CUs at short
+# sequences). Measured by compiling only (clang-19, ci/results/hip_compile_clang19.log): at D=128
 # the Q staging tile (33 KB) still sets the LDS; the rows take 176 (D=32) to 308 (D=192)
-# VGPRs+AGPRs per lane and 414 at D=256, two waves per SIMD up to D=128. Not measured on an
+# VGPRs+AGPRs per lane and 414 at D=256, two waves per SIMD up to D=128. Nothing has run on an
 # MI300. The backward keeps the "cdna" rows: dK/dV holds 232-344 registers per lane there.
 #
 # RDNA3 (gfx11) and RDNA4 (gfx12): WMMA (wave32, 16x16x16) for float16/bfloat16 forward and
-# backward, the portable FMA kernels for float32, for head dims past the WMMA rows, and on RDNA2
-# (gfx10, "rdna" rows). Register budget: 256 VGPRs per lane in wave32. An operand fragment is 8
-# VGPRs on gfx11 (16 values, the wave's halves repeating each other) and 4 on gfx12, an
-# accumulator block 8 on both: the forward at D=128 holds Q (gfx11: 64), O (64) and S; the dK/dV
-# kernel holds K and V fragments and dK, dV. What clang-19 makes of it decides the rows
-# (ci/hip_compile.py; scratch and spills fail it), every variant flag in both 16-bit dtypes tried
-# per row (2026-11-30, after the gate fix): gfx11 forward to D=128 (block_n 16 there; 32 spilled), backward at D=32
-# only (dK/dV at D=64 spilled with 16-query steps and with 2 waves); gfx12, with half-size operand
-# fragments, forward to D=192 (D=256 spilled) and backward to D=96 (dK/dV at D=128 spilled). The
-# tightest rows keep 4-14 VGPRs spare (gfx11 forward D=96/128: 242/246; gfx12 dK/dV D=96: 251).
-# The first clang-19 gate (2026-11-30) linked no device library, so every threadIdx, barrier and
-# math call stayed a function call whose calling convention took registers: it reported spills in
-# rows that fit (those WMMA rows, the MI300 D=256 forward, MI300's dK/dV), and the table had
-# dropped those rows; ci/hip_compile.py now links the libraries as hiprtc does, and these rows are
-# what that compile admits. Not tuned on hardware: no AMD GPU has run these (README, AMD status).
+# backward at every head dim to 256; the portable FMA kernels for float32, and on RDNA2 (gfx10,
+# "rdna" rows). Register arithmetic, per lane, of 256 VGPRs in wave32: an operand fragment of one
+# 16-wide k step is 8 VGPRs on gfx11 (16 values, the wave's halves repeating each other) and 4 on
+# gfx12; an accumulator block (16x16 fp32) is 8 on both. So the operands a kernel keeps for its
+# whole loop take, at head dim D: forward Q D/2 (gfx11) or D/4 (gfx12) plus O D/2; dQ Q and dO D
+# or D/2 plus dQ D/2; dK/dV K and V D or D/2 plus dK and dV D. On top come S (and dP), the
+# fragments clang-19 reads ahead of the WMMAs, addresses and the softmax: about 110 VGPRs in the
+# register-held rows that compiled (gfx11 forward D=128: 128 held, 238 in all). Past that, a row
+# keeps its fixed operands in LDS (options _LDS: FRAGS_IN_LDS, matrix_tile.h's FixedFrags) and
+# reads a fragment at each use, which leaves the accumulators: D/2 in the forward and dQ, D in dK/dV.
+# dK and dV alone are 256 VGPRs at D=256, the whole register file, so the dK/dV rows past D=128
+# (gfx11; D=160 held 248-256 with the variant flags, no margin) or D=160 (gfx12) also split D
+# (_LDS_SPLIT2: DIM_SPLIT=2, two blocks per key block, each summing half of dK and dV and
+# recomputing S and dP for it: 6 instead of 4 products' work in that kernel). LDS bounds the
+# rest: the Q tile stays beside K and V^T (forward D=256: 33.8 + 8.4 + 12.3 KB with four waves);
+# dQ at D=192/256 takes two waves, dK/dV at D=256 one (62.9 and 58.5 KB of 64). Both forms are
+# slower per product than registers (an LDS read per step, and the fence that keeps clang-19
+# from issuing every read at once, matrix_tile.h); none of it is measured. The rows before them
+# are the register-held ones that compiled: gfx11 forward to D=128 (block_n 16 there; 32
+# spilled) and backward at D=32 (dK/dV at D=64 spilled with 16-query steps and with 2 waves);
+# gfx12 forward to D=192 and backward to D=96. ci/hip_compile.py (scratch and spills fail it)
+# decides every row, with every variant flag at D=128 and at D=256; the register counts are in
+# ci/results/hip_compile_clang19.log. The first clang-19 gate (2026-11-30) linked no device
+# library, so every threadIdx, barrier and math call stayed a function call whose calling
+# convention took registers: it reported spills in rows that fit (the MI300 D=256 forward,
+# MI300's dK/dV), and the table had dropped those rows; ci/hip_compile.py now links the libraries
+# as hiprtc does. Not tuned on hardware: no AMD GPU has run these (README, AMD status).
 
 HIP_FAMILIES = {  # family: (gfx prefixes, wave size); the longest matching prefix wins
     "cdna": (("gfx908", "gfx90a", "gfx94", "gfx95"), 64),  # MFMA: MI100, MI200, MI300, MI350
@@ -270,8 +317,12 @@ HIP_FAMILIES = {  # family: (gfx prefixes, wave size); the longest matching pref
     "rdna4": (("gfx12",), 32),                              # WMMA, gfx12 layout
 }
 
+# The options column of a row (TileConfig's frags_in_lds and dim_split; see the RDNA paragraph above).
+_LDS = {"frags_in_lds": True}
+_LDS_SPLIT2 = {"frags_in_lds": True, "dim_split": 2}
+
 _HIP_ROWS = [
-    # kernel                    arch    head_dim causal  block_m  block_n  waves  min_blocks
+    # kernel                    arch    head_dim causal  block_m  block_n  waves  min_blocks options
     ("flash_fwd_mfma",          "cdna",  32,     None,   128,     64,      4,     1),
     ("flash_fwd_mfma",          "cdna",  64,     None,   128,     64,      4,     1),
     ("flash_fwd_mfma",          "cdna",  96,     None,   128,     64,      4,     1),
@@ -290,12 +341,16 @@ _HIP_ROWS = [
     ("flash_fwd_wmma",          "rdna3", 64,     None,   64,      32,      4,     1),
     ("flash_fwd_wmma",          "rdna3", 96,     None,   64,      32,      4,     1),
     ("flash_fwd_wmma",          "rdna3", 128,    None,   64,      16,      4,     1),
+    ("flash_fwd_wmma",          "rdna3", 160,    None,   64,      16,      4,     1,     _LDS),
+    ("flash_fwd_wmma",          "rdna3", 192,    None,   64,      16,      4,     1,     _LDS),
+    ("flash_fwd_wmma",          "rdna3", 256,    None,   64,      16,      4,     1,     _LDS),
     ("flash_fwd_wmma",          "rdna4", 32,     None,   64,      64,      4,     1),
     ("flash_fwd_wmma",          "rdna4", 64,     None,   64,      64,      4,     1),
     ("flash_fwd_wmma",          "rdna4", 96,     None,   64,      32,      4,     1),
     ("flash_fwd_wmma",          "rdna4", 128,    None,   64,      32,      4,     1),
     ("flash_fwd_wmma",          "rdna4", 160,    None,   64,      16,      4,     1),
     ("flash_fwd_wmma",          "rdna4", 192,    None,   64,      16,      4,     1),
+    ("flash_fwd_wmma",          "rdna4", 256,    None,   64,      16,      4,     1,     _LDS),
     ("flash_fwd_portable",      "gfx9",  64,     None,   64,      32,      4,     1),
     ("flash_fwd_portable",      "gfx9",  128,    None,   32,      32,      4,     1),
     ("flash_fwd_portable",      "gfx9",  256,    None,   16,      16,      4,     1),
@@ -317,12 +372,32 @@ _HIP_ROWS = [
     ("flash_bwd_mfma_dq",       "cdna",  128,    None,   128,     32,      4,     1),
     ("flash_bwd_wmma_dkdv",     "rdna3", 32,     None,   32,      64,      4,     1),
     ("flash_bwd_wmma_dq",       "rdna3", 32,     None,   64,      32,      4,     1),
+    ("flash_bwd_wmma_dkdv",     "rdna3", 64,     None,   16,      64,      4,     1,     _LDS),
+    ("flash_bwd_wmma_dq",       "rdna3", 64,     None,   64,      16,      4,     1,     _LDS),
+    ("flash_bwd_wmma_dkdv",     "rdna3", 96,     None,   16,      64,      4,     1,     _LDS),
+    ("flash_bwd_wmma_dq",       "rdna3", 96,     None,   64,      16,      4,     1,     _LDS),
+    ("flash_bwd_wmma_dkdv",     "rdna3", 128,    None,   16,      64,      4,     1,     _LDS),
+    ("flash_bwd_wmma_dq",       "rdna3", 128,    None,   64,      16,      4,     1,     _LDS),
+    ("flash_bwd_wmma_dkdv",     "rdna3", 160,    None,   16,      32,      2,     1,     _LDS_SPLIT2),
+    ("flash_bwd_wmma_dq",       "rdna3", 160,    None,   64,      16,      4,     1,     _LDS),
+    ("flash_bwd_wmma_dkdv",     "rdna3", 192,    None,   16,      32,      2,     1,     _LDS_SPLIT2),
+    ("flash_bwd_wmma_dq",       "rdna3", 192,    None,   32,      16,      2,     1,     _LDS),
+    ("flash_bwd_wmma_dkdv",     "rdna3", 256,    None,   16,      16,      1,     1,     _LDS_SPLIT2),
+    ("flash_bwd_wmma_dq",       "rdna3", 256,    None,   32,      16,      2,     1,     _LDS),
     ("flash_bwd_wmma_dkdv",     "rdna4", 32,     None,   32,      64,      4,     1),
     ("flash_bwd_wmma_dq",       "rdna4", 32,     None,   64,      32,      4,     1),
     ("flash_bwd_wmma_dkdv",     "rdna4", 64,     None,   16,      64,      4,     1),
     ("flash_bwd_wmma_dq",       "rdna4", 64,     None,   64,      32,      4,     1),
     ("flash_bwd_wmma_dkdv",     "rdna4", 96,     None,   16,      64,      4,     1),
     ("flash_bwd_wmma_dq",       "rdna4", 96,     None,   64,      32,      4,     1),
+    ("flash_bwd_wmma_dkdv",     "rdna4", 128,    None,   16,      64,      4,     1,     _LDS),
+    ("flash_bwd_wmma_dq",       "rdna4", 128,    None,   64,      16,      4,     1,     _LDS),
+    ("flash_bwd_wmma_dkdv",     "rdna4", 160,    None,   16,      32,      2,     1,     _LDS),
+    ("flash_bwd_wmma_dq",       "rdna4", 160,    None,   64,      16,      4,     1,     _LDS),
+    ("flash_bwd_wmma_dkdv",     "rdna4", 192,    None,   16,      32,      2,     1,     _LDS_SPLIT2),
+    ("flash_bwd_wmma_dq",       "rdna4", 192,    None,   32,      16,      2,     1,     _LDS),
+    ("flash_bwd_wmma_dkdv",     "rdna4", 256,    None,   16,      16,      1,     1,     _LDS_SPLIT2),
+    ("flash_bwd_wmma_dq",       "rdna4", 256,    None,   32,      16,      2,     1,     _LDS),
     ("flash_bwd_portable_dq",   "gfx9",  64,     None,   32,      16,      4,     1),
     ("flash_bwd_portable_dq",   "gfx9",  128,    None,   16,      16,      4,     1),
     ("flash_bwd_portable_dq",   "gfx9",  256,    None,   16,      8,       2,     1),
@@ -371,7 +446,7 @@ _HIP_ROWS = [
     ("flash_decode_wmma",       "rdna4", 128,    None,   16,      32,      1,     1),
 ]
 
-HIP_TABLE = [TileConfig(*row) for row in _HIP_ROWS]
+HIP_TABLE = [TileConfig(*row[:8], **(row[8] if len(row) > 8 else {})) for row in _HIP_ROWS]
 
 # Kernels built on WMMA: the matrix-core sources with wmma.h (MATRIX_WMMA=1).
 HIP_WMMA_KERNELS = ("flash_fwd_wmma", "flash_bwd_wmma_dkdv", "flash_bwd_wmma_dq", "flash_decode_wmma")
@@ -466,10 +541,15 @@ def _hip_kernel_usable(kernel: str, gcn_arch: str) -> bool:
 
 
 @functools.lru_cache(maxsize=None)
-def select_hip(dtype: str, gcn_arch: str, head_dim: int, causal: bool) -> TileConfig:
-    """The HIP forward row for a call in `dtype` on a device with this gcnArchName at this head dim."""
-    # A kernel without a row for the head dim gives way to the next (the WMMA rows stop at 128).
-    for kernel in HIP_KERNELS_FOR_DTYPE[dtype]:
+def select_hip(dtype: str, gcn_arch: str, head_dim: int, causal: bool,
+               paged: bool = False) -> TileConfig:
+    """The HIP forward row for a call in `dtype` on a device with this gcnArchName at this head dim.
+    paged: keys and values in pages (attention_varlen's block_table): the portable kernel, the
+    only HIP forward with paged loads (IS_PAGED)."""
+    # A kernel without a row for the head dim would give way to the next; today the matrix-core
+    # forward rows of every family reach 256.
+    kernels = HIP_KERNELS_FOR_DTYPE[dtype][-1:] if paged else HIP_KERNELS_FOR_DTYPE[dtype]
+    for kernel in kernels:
         if not _hip_kernel_usable(kernel, gcn_arch):
             continue
         row = _hip_row(kernel, gcn_arch, head_dim, causal)

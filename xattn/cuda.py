@@ -67,19 +67,25 @@ _cached_plan, _attn_params, _run = launch.cached_plan, launch.attn_block, launch
 
 def forward(q, k, v, out, lse, *, causal: bool, scale: float, stream: int, window=(-1, -1),
             softcap: float = 0.0, alibi_slopes=None, cu_seqlens=None, max_seqlen=None,
-            sinks=None) -> None:
+            sinks=None, block_table=None, seqused_k=None) -> None:
     """Write out = softmax(scale * q k^T + modifiers) v and lse for (B, H, S, D) views (see the
     module docstring). window: (left, right), -1 unbounded; softcap: 0 for none; alibi_slopes:
     float32 (Hq,) or (B, Hq) on the device. Packed batches: q, k, v, out are (1, H, T, D) views,
     lse (1, Hq, Tq), cu_seqlens = (cu_seqlens_q, cu_seqlens_k) int32 on the device and
-    max_seqlen = (max_seqlen_q, max_seqlen_k). sinks: float32 (Hq,) on the device, or None."""
+    max_seqlen = (max_seqlen_q, max_seqlen_k). sinks: float32 (Hq,) on the device, or None.
+    Paged keys and values (a packed batch only): k and v are (num_pages, Hk, page_size, D) views of
+    the (num_pages, page_size, Hk, D) caches, block_table int32 (B, max_pages) and seqused_k int32
+    (B,) or None (then cu_seqlens_k gives the key counts; cu_seqlens_k may be None with it), all on
+    the device and never read here: the kernel clamps (attention_common.h)."""
     if sinks is not None and not FUSED_SINKS:
         forward(q, k, v, out, lse, causal=causal, scale=scale, stream=stream, window=window,
                 softcap=softcap, alibi_slopes=alibi_slopes, cu_seqlens=cu_seqlens,
-                max_seqlen=max_seqlen)
+                max_seqlen=max_seqlen, block_table=block_table, seqused_k=seqused_k)
         return fold_sinks(out, lse, sinks)
     varlen = cu_seqlens is not None
     Q, K, V, O, L = (launch.packed(launch.describe(a), varlen) for a in (q, k, v, out, lse))
+    if block_table is not None:  # pages: the batch stride of k and v is the page stride
+        K, V = launch.describe(k), launch.describe(v)
     batch, heads_q, seqlen_q, head_dim = Q.shape
     if varlen:
         batch = cu_seqlens[0].shape[0] - 1
@@ -90,7 +96,9 @@ def forward(q, k, v, out, lse, *, causal: bool, scale: float, stream: int, windo
         raise ValueError(f"q: at most {launch.MAX_GRID_YZ} heads are supported, got {heads_q}")
     options = dict(causal=causal, window=window, softcap=softcap, alibi_slopes=alibi_slopes,
                    cu_seqlens=cu_seqlens, max_seqlen=max_seqlen)
-    if _arch(Q.device) == 90:  # Hopper: the wgmma/TMA kernel where it serves the call
+    # Hopper: the wgmma/TMA kernel where it serves the call (never a packed batch, so never paged
+    # keys: those take flash_fwd.cu's IS_PAGED variant).
+    if _arch(Q.device) == 90:
         from xattn import sm90
         if sm90.supports(q, k, v, out, lse, sinks=sinks, **options):
             return sm90.forward(q, k, v, out, lse, scale=scale, stream=stream, **options)
@@ -98,18 +106,18 @@ def forward(q, k, v, out, lse, *, causal: bool, scale: float, stream: int, windo
     slopes = launch.describe(alibi_slopes) if alibi_slopes is not None else None
     if slopes is not None:
         pointers["alibi_slopes"] = slopes.ptr
-    if varlen:
-        pointers["cu_seqlens_q"], pointers["cu_seqlens_k"] = (launch.describe(c).ptr for c in cu_seqlens)
+    launch.paged_pointers(pointers, cu_seqlens, block_table, seqused_k)
     if sinks is not None:
         pointers["sinks"] = launch.describe(sinks).ptr
     vec = launch.vec_loads([Q, K, V, O], head_dim, launch.itemsize(Q.dtype))
+    paged = launch.paged_of(K, block_table)
     key = ("fwd", Q.dtype, Q.device, batch, Q.shape, K.shape, Q.strides, K.strides, V.strides,
            O.strides, L.strides, causal, scale, tuple(window), softcap,
-           slopes.shape if slopes is not None else None, max_seqlen, vec, sinks is not None)
+           slopes.shape if slopes is not None else None, max_seqlen, vec, sinks is not None, paged)
     steps = _cached_plan(key, lambda: _plan_forward(Q, K, V, O, L, batch, causal=causal, scale=scale,
                                                     window=window, softcap=softcap, slopes=slopes,
                                                     varlen=varlen, max_seqlen=max_seqlen, vec=vec,
-                                                    sinks=sinks is not None))
+                                                    sinks=sinks is not None, paged=paged))
     _run(steps, pointers, stream, Q.device)
 
 
@@ -128,17 +136,20 @@ def fold_sinks(out, lse, sinks):
 
 
 def _plan_forward(Q, K, V, O, L, batch, *, causal, scale, window, softcap, slopes, varlen,
-                  max_seqlen, vec, sinks=False):
+                  max_seqlen, vec, sinks=False, paged=None):
     heads_q, total_q, head_dim = Q.shape[1], Q.shape[2], Q.shape[3]
     heads_k, seqlen_k = K.shape[1], K.shape[2]
     seqlen_q = max_seqlen[0] if varlen else total_q
     if varlen:
         seqlen_k = max_seqlen[1]
     var = launch.variant(causal=causal, scale=scale, window=window, softcap=softcap, alibi_slopes=slopes,
-                   varlen=varlen, seqlen_q=seqlen_q, seqlen_k=seqlen_k, heads_per_kv=heads_q // heads_k)
+                   varlen=varlen, seqlen_q=seqlen_q, seqlen_k=seqlen_k, heads_per_kv=heads_q // heads_k,
+                   paged=paged)
     has_right_edge = bool(var.defines["IS_CAUSAL"])
     kernel_name = configs.KERNEL_FOR_DTYPE[Q.dtype]
     cfg = configs.select(kernel_name, _arch(Q.device), head_dim, has_right_edge)
+    if paged is not None:
+        cfg = configs.paged_forward_row(cfg)
     vec = vec and kernel_name in configs.TENSOR_CORE_KERNELS
     block = _attn_params(var, {"q": Q, "k": K, "v": V, "o": O, "lse": L}, heads_q=heads_q,
                          head_dim=head_dim)
@@ -277,6 +288,8 @@ def _call_forward_steps(call, q, k, v, alibi_slopes, cu_seqlens, aligned):
     if batch == 0 or heads_q == 0 or seqlen_q == 0 or seqlen_k == 0 or heads_q > launch.MAX_GRID_YZ:
         return None
     if any(t.is_neg() for t in (q, k, v)) or (call.sinks and not FUSED_SINKS):
+        return None
+    if call.paged is not None:  # paged keys: forward()'s own plan (its pointers include the table)
         return None
     out = torch.empty(call.q_shape, dtype=q.dtype, device=q.device)
     views = _kernel_views(call, q, k, v, out)

@@ -94,15 +94,18 @@ def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False,
 def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
                            dropout_p=0.0, softmax_scale=None, causal=False, window_size=(-1, -1),
                            softcap=0.0, alibi_slopes=None, deterministic=False,
-                           return_attn_probs=False, block_table=None):
+                           return_attn_probs=False, block_table=None, seqused_k=None):
     """q (total_q, H, D), k and v (total_k, Hk, D), cu_seqlens_* int32 (B + 1,) -> out
-    (total_q, H, D), or (out, softmax_lse (H, total_q), S_dmask) with return_attn_probs."""
+    (total_q, H, D), or (out, softmax_lse (H, total_q), S_dmask) with return_attn_probs.
+    block_table int32 (B, max_pages): k and v are paged caches (num_pages, page_size, Hk, D) and
+    cu_seqlens_k gives each sequence's key count (flash-attn's paged varlen), or seqused_k int32
+    (B,) does (vLLM's spelling; cu_seqlens_k may then be None). Paged calls are forward only."""
     _no_dropout(dropout_p)
-    _refuse(block_table=block_table)
     out, lse = xattn.attention_varlen(
         q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal=causal,
         scale=softmax_scale, window=flash_window(causal, *_window_pair(window_size)),
-        softcap=softcap, alibi_slopes=alibi_slopes, return_lse=True, deterministic=deterministic)
+        softcap=softcap, alibi_slopes=alibi_slopes, return_lse=True, deterministic=deterministic,
+        block_table=block_table, seqused_k=seqused_k)
     return (out, lse, _empty_probs(q)) if return_attn_probs else out
 
 

@@ -90,24 +90,27 @@ def _variant_pointers(pointers: dict, slopes, cu_seqlens) -> dict:
 
 def forward(q, k, v, out, lse, *, causal: bool, scale: float, stream: int, window=(-1, -1),
             softcap: float = 0.0, alibi_slopes=None, cu_seqlens=None, max_seqlen=None,
-            sinks=None) -> None:
+            sinks=None, block_table=None, seqused_k=None) -> None:
     """Write out = softmax(scale * q k^T + modifiers) v and lse for (B, H, S, D) views: the
     contract of xattn.cuda.forward, variants included (window, softcap, alibi_slopes, packed
-    batches through cu_seqlens and max_seqlen); attention sinks are not (ValueError)."""
+    batches through cu_seqlens and max_seqlen, paged keys and values through block_table and
+    seqused_k: on the portable kernel only); attention sinks are not (ValueError)."""
     if sinks is not None:
         raise ValueError("sinks: attention sinks are not supported on the hip backend, got an "
                          "array; pass sinks=None")
     launch(*_compiler(q, "forward"), q, k, v, out, lse, causal=causal, scale=scale,
            stream=stream, window=window, softcap=softcap, alibi_slopes=alibi_slopes,
-           cu_seqlens=cu_seqlens, max_seqlen=max_seqlen)
+           cu_seqlens=cu_seqlens, max_seqlen=max_seqlen, block_table=block_table,
+           seqused_k=seqused_k)
 
 
-def _problem(arrays, cu_seqlens, max_seqlen):
+def _problem(arrays, cu_seqlens, max_seqlen, paged: bool = False):
     """(described arrays, batch, heads_q, heads_k, seqlen_q, seqlen_k, head_dim) of a call; a
     packed batch is one (1, H, T, D) entry of batch stride 0 (launch_layer.packed) and its lengths are
-    the longest sequence's."""
+    the longest sequence's. paged: k and v (the second and third arrays) are pages, not packed."""
     varlen = cu_seqlens is not None
-    described = [launch_layer.packed(launch_layer.describe(a), varlen) for a in arrays]
+    described = [launch_layer.packed(launch_layer.describe(a), varlen and not (paged and i in (1, 2)))
+                 for i, a in enumerate(arrays)]
     Q, K = described[0], described[1]
     batch, heads_q, seqlen_q, head_dim = Q.shape
     heads_k, seqlen_k = K.shape[1], K.shape[2]
@@ -119,13 +122,13 @@ def _problem(arrays, cu_seqlens, max_seqlen):
 
 def launch(compile, target: str, q, k, v, out, lse, *, causal: bool, scale: float, stream: int,
            window=(-1, -1), softcap: float = 0.0, alibi_slopes=None, cu_seqlens=None,
-           max_seqlen=None) -> None:
+           max_seqlen=None, block_table=None, seqused_k=None) -> None:
     """The forward on a device of gcnArchName `target`, its kernel from compile(kernel, defines,
     device) -> cupy.RawKernel. Everything else -- row choice, variant flags, the AttnParams
     block (the launch layer's, as on CUDA), grid, launch -- is the hip backend's. Shared with
     tests/test_hip_portable.py, which compiles the portable kernel for an NVIDIA GPU with NVRTC."""
     arrays, batch, heads_q, heads_k, seqlen_q, seqlen_k, head_dim = _problem(
-        (q, k, v, out, lse), cu_seqlens, max_seqlen)
+        (q, k, v, out, lse), cu_seqlens, max_seqlen, paged=block_table is not None)
     if batch == 0 or heads_q == 0 or seqlen_q == 0:
         return
     if heads_q > MAX_GRID_YZ:
@@ -133,26 +136,31 @@ def launch(compile, target: str, q, k, v, out, lse, *, causal: bool, scale: floa
     Q, K, V, O, L = arrays
     slopes = launch_layer.describe(alibi_slopes) if alibi_slopes is not None else None
     vec = launch_layer.vec_loads([Q, K, V, O], head_dim, launch_layer.itemsize(Q.dtype))
+    paged = launch_layer.paged_of(K, block_table)
     key = ("hip", "fwd", compile, target, Q.device, batch, _signature(arrays), causal, scale,
            tuple(window), softcap, _signature([slopes]) if slopes is not None else None,
-           cu_seqlens is not None, max_seqlen, vec)
+           cu_seqlens is not None, max_seqlen, vec, paged)
     steps = launch_layer.cached_plan(key, lambda: _plan_forward(
         compile, target, arrays, batch, heads_k, seqlen_q, seqlen_k, causal=causal, scale=scale,
-        window=window, softcap=softcap, slopes=slopes, varlen=cu_seqlens is not None, vec=vec))
+        window=window, softcap=softcap, slopes=slopes, varlen=cu_seqlens is not None, vec=vec,
+        paged=paged))
     pointers = {"q": Q.ptr, "k": K.ptr, "v": V.ptr, "o": O.ptr, "lse": L.ptr}
-    launch_layer.run(steps, _variant_pointers(pointers, slopes, cu_seqlens), stream, Q.device)
+    _variant_pointers(pointers, slopes, None)
+    launch_layer.paged_pointers(pointers, cu_seqlens, block_table, seqused_k)
+    launch_layer.run(steps, pointers, stream, Q.device)
 
 
 def _plan_forward(compile, target, arrays, batch, heads_k, seqlen_q, seqlen_k, *, causal, scale,
-                  window, softcap, slopes, varlen, vec):
-    """(the forward's one launch,): its row, defines, AttnParams block and grid."""
+                  window, softcap, slopes, varlen, vec, paged=None):
+    """(the forward's one launch,): its row, defines, AttnParams block and grid. Paged keys
+    (launch.Paged) take the portable row: the MFMA/WMMA forwards have no paged loads."""
     Q, K, V, O, L = arrays
     heads_q, head_dim = Q.shape[1], Q.shape[3]
     var = launch_layer.variant(causal=causal, scale=scale, window=window, softcap=softcap,
                                alibi_slopes=slopes, varlen=varlen, seqlen_q=seqlen_q,
-                               seqlen_k=seqlen_k, heads_per_kv=heads_q // heads_k)
+                               seqlen_k=seqlen_k, heads_per_kv=heads_q // heads_k, paged=paged)
     has_right_edge = bool(var.defines["IS_CAUSAL"])
-    cfg = configs.select_hip(Q.dtype, target, head_dim, has_right_edge)
+    cfg = configs.select_hip(Q.dtype, target, head_dim, has_right_edge, paged is not None)
     vec = vec and cfg.kernel in configs.HIP_MFMA_KERNELS
     block = launch_layer.attn_block(var, dict(zip(("q", "k", "v", "o", "lse"), arrays)),
                                     heads_q=heads_q, head_dim=head_dim)

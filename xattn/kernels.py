@@ -84,8 +84,9 @@ def _queries_grid(block_m: str):
 
 
 def _keys_grid(block_n: Callable[[dict], int]):
-    """Key blocks x kv heads (dK/dV kernels, one block per block_n(d) keys)."""
-    return lambda d, s: (_ceil(s.seqlen_k, block_n(d)), s.heads_k)
+    """Key blocks x kv heads (dK/dV kernels, one block per block_n(d) keys; DIM_SPLIT blocks per
+    key block where the head dim is split across blocks)."""
+    return lambda d, s: (_ceil(s.seqlen_k, block_n(d)) * d.get("DIM_SPLIT", 1), s.heads_k)
 
 
 def _warps(d: dict) -> int:
@@ -310,6 +311,9 @@ def _hip_matrix_defines(tile: str):
     def defines(cfg, dtype: str, *, causal: bool, vec: bool) -> dict:
         wmma = cfg.kernel in configs.HIP_WMMA_KERNELS
         matrix = {"MATRIX_WMMA": 1, "WMMA_GFX12": int(cfg.arch == "rdna4")} if wmma else {}
+        # The row's options (configs.py): fixed operands read from LDS, D split across blocks.
+        matrix |= {"FRAGS_IN_LDS": 1} if cfg.frags_in_lds else {}
+        matrix |= {"DIM_SPLIT": cfg.dim_split} if cfg.dim_split != 1 else {}
         return {**_hip_common(cfg, dtype), "HEAD_DIM": cfg.head_dim, "IS_CAUSAL": int(causal),
                 "ELEM_BF16": int(dtype == "bfloat16"), "VEC_LOADS": int(vec), **matrix,
                 tile: cfg.block_n if tile == "BLOCK_N" else cfg.block_m}
@@ -321,11 +325,12 @@ def _lds_pad(d: dict) -> int:
 
 
 def _hip_fwd_smem(d: dict) -> int:
-    """flash_fwd_mfma.hip, flash_decode_mfma.hip: 16-bit tiles; Q staged over K and V^T."""
+    """flash_fwd_mfma.hip, flash_decode_mfma.hip: 16-bit tiles; Q staged over K and V^T (beside
+    them with FRAGS_IN_LDS, whose fixed operands stay there)."""
     hd, n, pad = d["HEAD_DIM"], d["BLOCK_N"], _lds_pad(d)
     q_stage = _matrix_block_m(d) * (hd + pad)
     k_vt = n * (hd + pad) + hd * (n + pad)
-    return max(q_stage, k_vt) * 2
+    return (q_stage + k_vt if d.get("FRAGS_IN_LDS") else max(q_stage, k_vt)) * 2
 
 
 def _matrix_block_m(d: dict) -> int:
@@ -336,20 +341,22 @@ def _matrix_block_m(d: dict) -> int:
 
 
 def _hip_dkdv_smem(d: dict) -> int:
-    """flash_bwd_mfma_dkdv.hip: Q, dO as stored and transposed; K, V staged over them; LSE and
-    delta (floats)."""
+    """flash_bwd_mfma_dkdv.hip: Q, dO as stored and transposed; K, V staged over them (beside
+    them with FRAGS_IN_LDS); LSE and delta (floats)."""
     hd, m, pad = d["HEAD_DIM"], d["BLOCK_M"], _lds_pad(d)
     tiles = 2 * m * (hd + pad) + 2 * hd * (m + pad)
     stage = _matrix_block_m(d) * (hd + pad)
+    tiles += 2 * stage if d.get("FRAGS_IN_LDS") else 0
     return max(tiles, stage) * 2 + 2 * m * 4
 
 
 def _hip_dq_smem(d: dict) -> int:
-    """flash_bwd_mfma_dq.hip: K, V, K^T; Q and dO staged over them."""
+    """flash_bwd_mfma_dq.hip: K, V, K^T; Q and dO staged over them (beside them with
+    FRAGS_IN_LDS)."""
     hd, n, pad = d["HEAD_DIM"], d["BLOCK_N"], _lds_pad(d)
     tiles = 2 * n * (hd + pad) + hd * (n + pad)
     stage = _matrix_block_m(d) * (hd + pad)
-    return max(tiles, stage) * 2
+    return (tiles + 2 * stage if d.get("FRAGS_IN_LDS") else max(tiles, stage)) * 2
 
 
 def _hip_portable_defines(cfg, dtype: str, *, causal: bool, vec: bool = False) -> dict:

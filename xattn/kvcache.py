@@ -33,9 +33,9 @@ import sys
 import numpy as np
 
 from xattn import arrays, backends, configs, kernels, launch, params, reference
-from xattn.call import (GPU_DTYPES, LAYOUTS, REFERENCE_DTYPES, band, check_bool, check_dtype,
-                        check_groups, check_head_dim, check_like_q, check_scale, check_sinks,
-                        check_softcap)
+from xattn.call import (GPU_DTYPES, LAYOUTS, REFERENCE_DTYPES, band, check_block_table, check_bool,
+                        check_dtype, check_groups, check_head_dim, check_like_q, check_no_grad,
+                        check_scale, check_sinks, check_softcap)
 
 _LIBRARIES = ("numpy", "torch", "cupy")  # the caches are written in place: real arrays only
 
@@ -261,7 +261,7 @@ def _validate(q, k_cache, v_cache, cache_seqlens, k_new, v_new, causal, scale, w
         if other.dtype != info.dtype and not (kv_format and name in ("k_cache", "v_cache")):
             raise TypeError(f"{name}: expected dtype {info.dtype} (as q), got {other.dtype}")
     if info.library == "torch":
-        _check_no_grad(named)
+        check_no_grad(named, "attention_with_kvcache is inference only, not differentiable")
 
     pattern = {"bhsd": "(B, H, S, D)", "bshd": "(B, S, H, D)"}[layout]
     for name, _, other in named:
@@ -283,7 +283,8 @@ def _validate(q, k_cache, v_cache, cache_seqlens, k_new, v_new, causal, scale, w
     pages = None
     if paged:
         num_pages, page_size = shapes["k_cache"][0], seqlen_max
-        pages, seqlen_max = _check_block_table(block_table, info, batch, num_pages, page_size)
+        pages, seqlen_max = check_block_table(block_table, info, batch, num_pages, page_size,
+                                              "k_cache")
     check_head_dim(head_dim)
     if not paged and shapes["k_cache"][0] != batch:
         raise ValueError(f"k_cache: expected batch size {batch} (as q), got {shapes['k_cache'][0]}")
@@ -327,51 +328,9 @@ def _validate(q, k_cache, v_cache, cache_seqlens, k_new, v_new, causal, scale, w
                  pages=pages, return_lse=return_lse, kv_format=kv_format)
 
 
-def _check_block_table(block_table, info, batch, num_pages, page_size):
-    """(host page ids as an int64 NumPy array or None for a GPU table, Smax). The table's values
-    are checked only on the host (a GPU table is never read there: the kernels clamp)."""
-    if page_size < 1 or page_size % configs.DECODE_PAGE_MULTIPLE:
-        raise ValueError(f"k_cache: expected (num_pages, page_size, Hk, D) with page_size a positive "
-                         f"multiple of {configs.DECODE_PAGE_MULTIPLE} (paged caches), got page_size "
-                         f"{page_size}")
-    try:
-        table = arrays.describe(block_table, "block_table")
-    except TypeError:
-        raise TypeError(f"block_table: expected an int32 array (B, max_pages), got "
-                        f"{type(block_table).__module__}.{type(block_table).__qualname__}") from None
-    check_like_q("block_table", table, info)
-    if table.dtype != "int32":
-        raise TypeError(f"block_table: expected dtype int32, got {table.dtype}")
-    if len(table.shape) != 2 or table.shape[0] != batch:
-        raise ValueError(f"block_table: expected shape ({batch}, max_pages) (the batch size of q), "
-                         f"got {tuple(table.shape)}")
-    seqlen_max = table.shape[1] * page_size
-    if info.device != "cpu":
-        return None, seqlen_max
-    ids = np.asarray(arrays.to_host_numpy(block_table, table), dtype=np.int64)
-    bad = (ids < 0) | (ids >= num_pages)
-    if bad.any():
-        b, j = np.argwhere(bad)[0]
-        raise ValueError(f"block_table: expected page ids in [0, {num_pages}) (the pages of "
-                         f"k_cache), got {int(ids[b, j])} at [{b}, {j}]")
-    return ids, seqlen_max
-
-
 def _in_layout(bhsd_shape, layout):
     b, h, s, d = bhsd_shape
     return (b, h, s, d) if layout == "bhsd" else (b, s, h, d)
-
-
-def _check_no_grad(named):
-    torch = sys.modules["torch"]
-    if not torch.is_grad_enabled():
-        return
-    for name, x, _ in named:
-        if x.requires_grad:
-            raise TypeError(f"{name}: expected a tensor that does not require grad "
-                            f"(attention_with_kvcache is inference only, not differentiable), "
-                            f"got one with requires_grad=True; call it under torch.no_grad() "
-                            f"or pass .detach()")
 
 
 def _check_seqlens(cache_seqlens, info, batch, seqlen_new, seqlen_max):

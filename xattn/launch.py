@@ -72,17 +72,27 @@ def vec_loads(arrays: list[Array], head_dim: int, itemsize: int) -> bool:
 
 class Variant(NamedTuple):
     """Masks and score modifiers of one call, as every kernel takes them (attention_common.h)."""
-    defines: dict  # IS_CAUSAL, IS_LOCAL, HAS_SOFTCAP, HAS_ALIBI, IS_VARLEN
+    defines: dict  # IS_CAUSAL, IS_LOCAL, HAS_SOFTCAP, HAS_ALIBI, IS_VARLEN (and IS_PAGED if paged)
     options: dict  # the AttnParams scalars (params.h): seqlen_q, seqlen_k, heads_per_kv,
                    # window_left, window_right, softcap_scale, scale, scale_log2 (the score scale:
                    # the softcap c under a softcap), grad_scale (the attention scale),
-                   # alibi_batch_stride
+                   # alibi_batch_stride; paged: page_size, num_pages, max_pages, block_table_stride
+
+
+class Paged(NamedTuple):
+    """Paged keys and values of a packed batch (attention_varlen's block_table): the page size,
+    the number of pages in the caches, the table's width and its row stride (elements)."""
+    page_size: int
+    num_pages: int
+    max_pages: int
+    table_stride: int
 
 
 def variant(*, causal: bool, scale: float, window, softcap: float, alibi_slopes, varlen: bool,
-            seqlen_q: int, seqlen_k: int, heads_per_kv: int) -> Variant:
+            seqlen_q: int, seqlen_k: int, heads_per_kv: int, paged: Paged | None = None) -> Variant:
     """alibi_slopes: an array, its Array, or None; varlen: packed batches (the cu_seqlens pointers
-    are patched per call, like every pointer)."""
+    are patched per call, like every pointer); paged: their keys and values in pages (IS_PAGED
+    only then, so that the other variants compile exactly as without it)."""
     left, right = window
     if causal:
         right = 0
@@ -97,6 +107,10 @@ def variant(*, causal: bool, scale: float, window, softcap: float, alibi_slopes,
                    window_right=right, softcap_scale=scale / softcap if softcap else 0.0,
                    scale=score_scale, scale_log2=score_scale * LOG2_E, grad_scale=scale,
                    alibi_batch_stride=alibi_batch_stride)
+    if paged is not None:
+        defines["IS_PAGED"] = 1
+        options.update(page_size=paged.page_size, num_pages=paged.num_pages,
+                       max_pages=paged.max_pages, block_table_stride=paged.table_stride)
     return Variant(defines, options)
 
 
@@ -119,12 +133,38 @@ def attn_block(var: Variant, tensors: dict, *, heads_q: int, head_dim: int) -> n
     for field in ("seqlen_q", "seqlen_k", "heads_per_kv", "window_left", "window_right",
                   "softcap_scale", "scale", "scale_log2", "grad_scale", "alibi_batch_stride"):
         block[field] = o[field]
+    for field in ("page_size", "num_pages", "max_pages", "block_table_stride"):
+        if field in o:
+            block[field] = o[field]
     return block
+
+
+def paged_of(k: Array, block_table) -> Paged | None:
+    """The Paged description of a call from its key pages' (P, Hk, page_size, D) view and the
+    block table (None: contiguous keys)."""
+    if block_table is None:
+        return None
+    table = describe(block_table)
+    return Paged(k.shape[2], k.shape[0], table.shape[1], table.strides[0])
+
+
+def paged_pointers(pointers: dict, cu_seqlens, block_table, seqused_k) -> dict:
+    """The pointers of a packed batch's lengths and pages, added: every one is patched on every
+    call (0 where absent), so that a plan never keeps an earlier call's pointer."""
+    if cu_seqlens is not None:
+        cu_q, cu_k = cu_seqlens
+        pointers["cu_seqlens_q"] = describe(cu_q).ptr
+        pointers["cu_seqlens_k"] = describe(cu_k).ptr if cu_k is not None else 0
+    if block_table is not None:
+        pointers["block_table"] = describe(block_table).ptr
+        pointers["seqused_k"] = describe(seqused_k).ptr if seqused_k is not None else 0
+    return pointers
 
 
 def packed(a: Array, varlen: bool) -> Array:
     """A packed (varlen) tensor is one (1, H, T, D) batch entry that every sequence indexes from
-    its own first row: batch stride 0."""
+    its own first row: batch stride 0. (Paged keys and values are not packed: their batch stride
+    is the page stride.)"""
     return a._replace(strides=(0,) + a.strides[1:]) if varlen else a
 
 

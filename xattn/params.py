@@ -23,10 +23,12 @@ ATTN_TENSORS = ("q", "k", "v", "o", "lse", "dout", "dq", "dk", "dv", "delta", "d
 ATTN_PARAMS = np.dtype(
     [(name, TENSOR_REF) for name in ATTN_TENSORS]
     + [("cu_seqlens_q", "<u8"), ("cu_seqlens_k", "<u8"), ("alibi_slopes", "<u8"),
-       ("sinks", "<u8"), ("alibi_batch_stride", "<i8"),
+       ("sinks", "<u8"), ("block_table", "<u8"), ("seqused_k", "<u8"), ("alibi_batch_stride", "<i8"),
+       ("block_table_stride", "<i8"),
        ("batch_offset", "<i4"), ("heads_q", "<i4"), ("heads_per_kv", "<i4"), ("seqlen_q", "<i4"),
        ("seqlen_k", "<i4"), ("head_dim", "<i4"), ("window_left", "<i4"), ("window_right", "<i4"),
-       ("softcap_scale", "<f4"), ("scale", "<f4"), ("scale_log2", "<f4"), ("grad_scale", "<f4")],
+       ("softcap_scale", "<f4"), ("scale", "<f4"), ("scale_log2", "<f4"), ("grad_scale", "<f4"),
+       ("page_size", "<i4"), ("num_pages", "<i4"), ("max_pages", "<i4")],
     align=True)
 
 

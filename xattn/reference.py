@@ -478,14 +478,41 @@ def _sequence_slopes(alibi_slopes, b):
     return slopes if slopes.ndim == 1 else slopes[b]
 
 
+def paged_rows(pages, table_row, length: int):
+    """A sequence's first `length` key (or value) rows, (1, Hk, length, D), gathered from the
+    pages (P, Hk, page_size, D) in the order of its row of the block table."""
+    _, heads, page_size, head_dim = pages.shape
+    count = -(-length // page_size)
+    used = pages[np.asarray(table_row[:count], dtype=np.int64)]
+    return used.transpose(1, 0, 2, 3).reshape(heads, count * page_size, head_dim)[None, :, :length]
+
+
 def forward(q, k, v, *, causal, scale, window=UNBOUNDED, softcap=0.0, alibi_slopes=None,
-            sinks=None, cu_seqlens=None, max_seqlen=None, out=None, lse=None):
+            sinks=None, cu_seqlens=None, max_seqlen=None, block_table=None, seqused_k=None,
+            out=None, lse=None):
     """The reference backend's forward: flash_attention_forward, once per sequence for a packed
-    batch (cu_seqlens given: q, k, v, out are (1, H, total, D) views, lse (1, Hq, total_q))."""
+    batch (cu_seqlens given: q, k, v, out are (1, H, total, D) views, lse (1, Hq, total_q)).
+    Paged keys and values (block_table given, host ints (B, max_pages)): k and v are (num_pages,
+    Hk, page_size, D), and sequence b's keys are its first seqused_k[b] page rows (seqused_k
+    given) or cu_seqlens_k[b + 1] - cu_seqlens_k[b] of them; the call has checked the table."""
     variant = dict(causal=causal, scale=scale, window=window, softcap=softcap, sinks=sinks)
     if cu_seqlens is None:
         return flash_attention_forward(q, k, v, alibi_slopes=alibi_slopes, out=out, lse=lse,
                                        **variant)
+    if block_table is not None:
+        cu_q = np.asarray(cu_seqlens[0]).astype(np.int64)
+        table = np.asarray(block_table)
+        if seqused_k is not None:
+            lengths = np.asarray(seqused_k).astype(np.int64)
+        else:
+            lengths = np.diff(np.asarray(cu_seqlens[1]).astype(np.int64))
+        for b in range(len(cu_q) - 1):
+            qs = slice(cu_q[b], cu_q[b + 1])
+            flash_attention_forward(q[:, :, qs], paged_rows(k, table[b], int(lengths[b])),
+                                    paged_rows(v, table[b], int(lengths[b])),
+                                    alibi_slopes=_sequence_slopes(alibi_slopes, b),
+                                    out=out[:, :, qs], lse=lse[:, :, qs], **variant)
+        return out, lse
     for b, (qs, ks) in enumerate(_sequences(cu_seqlens)):
         flash_attention_forward(q[:, :, qs], k[:, :, ks], v[:, :, ks],
                                 alibi_slopes=_sequence_slopes(alibi_slopes, b),

@@ -5,6 +5,9 @@
                              layout, deterministic, sinks?=None) -> (out, lse)
     xattn::attention_backward(dout, q, k, v, out, lse, cu_seqlens_q?, cu_seqlens_k?,
                               alibi_slopes?, <the scalars>) -> (dq, dk, dv)
+    xattn::paged_attention_varlen_forward(q, k, v, cu_seqlens_q, cu_seqlens_k?, block_table,
+                                          seqused_k?, alibi_slopes?, sinks?, <the scalars>)
+                                          -> (out, lse)      (forward only: no autograd)
 
 Sinks need nothing of the backward op: given the forward's lse (which holds the sink) and out,
 the backward kernels' dq, dk, dv are those of the sink-softmax (tests/test_attention_sinks.py
@@ -78,6 +81,48 @@ def _(q, k, v, cu_seqlens_q, cu_seqlens_k, alibi_slopes, causal, scale, window_l
     out = q.new_empty(q.shape)  # contiguous in q's layout, as the real one
     lse = q.new_empty((batch, q_heads, sq), dtype=torch.float32)
     return out, lse
+
+
+# ------------------------------------------------------------------------ paged forward op
+# attention_varlen with block_table: forward only (flash-attn's paged varlen is inference-only
+# too). Validation refuses inputs that require grad, so the op has no autograd formula; eager
+# calls skip it (xattn.api.run) and torch.compile traces it.
+
+def paged_forward_impl(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                       cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor | None,
+                       block_table: torch.Tensor, seqused_k: torch.Tensor | None,
+                       alibi_slopes: torch.Tensor | None, sinks: torch.Tensor | None, causal: bool,
+                       scale: float, window_left: int, window_right: int, softcap: float,
+                       max_seqlen_q: int, max_seqlen_k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(out, lse) of a paged packed batch: q (1, total_q, Hq, D), k and v (num_pages, page_size,
+    Hk, D); out (1, total_q, Hq, D), lse (1, Hq, total_q)."""
+    call = Call.from_paged_op(q, k, v, cu_seqlens_q, block_table, alibi_slopes, sinks, causal,
+                              scale, window_left, window_right, softcap, max_seqlen_q, max_seqlen_k)
+    return dispatch.forward(call, q, k, v, alibi_slopes, (cu_seqlens_q, cu_seqlens_k), sinks,
+                            (block_table, seqused_k))
+
+
+paged_attention_forward = torch.library.custom_op("xattn::paged_attention_varlen_forward",
+                                                  paged_forward_impl, mutates_args=())
+
+
+@paged_attention_forward.register_fake
+def _(q, k, v, cu_seqlens_q, cu_seqlens_k, block_table, seqused_k, alibi_slopes, sinks, causal,
+      scale, window_left, window_right, softcap, max_seqlen_q, max_seqlen_k):
+    out = q.new_empty(q.shape)
+    lse = q.new_empty((q.shape[0], q.shape[2], q.shape[1]), dtype=torch.float32)
+    return out, lse
+
+
+def paged_attention(call, q, k, v, alibi_slopes, cu_seqlens, sinks, pages):
+    """(out, lse) of a validated paged Call through the op (torch.compile)."""
+    if alibi_slopes is not None:
+        alibi_slopes = arrays.slopes_array(alibi_slopes, arrays.describe(alibi_slopes,
+                                                                         "alibi_slopes"))
+    max_q, max_k = call.max_seqlen
+    return paged_attention_forward(q, k, v, *cu_seqlens, *pages, alibi_slopes, sinks, call.causal,
+                                   call.scale, call.window[0], call.window[1], call.softcap,
+                                   max_q, max_k)
 
 
 # ------------------------------------------------------------------------------ backward op

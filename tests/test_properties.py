@@ -17,6 +17,7 @@ from hypothesis import strategies as st
 import xattn
 from xattn import reference
 from conftest import LSE_TOLERANCE, TOLERANCE, to_float64
+from tolerances import output_resolution
 from problems import EDGE_HEAD_DIMS, EDGE_LENGTHS, Problem, present, problems, to_bhsd
 
 EXAMPLES = 30
@@ -62,13 +63,6 @@ def score_rounding(problem: Problem, q, k) -> float:
     return 2.0**-24 * scale * float(largest.max())
 
 
-def _numpy_dtype(dtype):
-    """NumPy's dtype for a dtype name; bfloat16, which NumPy lacks, as float32 (same exponent
-    range, finer subnormals: a resolution bound taken from it is only stricter)."""
-    name = str(dtype).removeprefix("torch.")
-    return np.dtype("float32" if name == "bfloat16" else name)
-
-
 def assert_matches(got_out, got_lse, want_out, want_lse, dtype, lse_tolerance=None, score_error=0.0):
     tolerance = TOLERANCE[dtype] + score_error
     lse_tolerance = (lse_tolerance or LSE_TOLERANCE[dtype]) + score_error
@@ -80,10 +74,7 @@ def assert_matches(got_out, got_lse, want_out, want_lse, dtype, lse_tolerance=No
     assert (got_out[empty] == 0).all(), "rows that see no key must be 0"
     reference_norm = np.linalg.norm(want_out)
     error = np.linalg.norm(got_out - want_out)
-    # An output in `dtype` cannot resolve values below its smallest subnormal: each element may
-    # be off by half of it however exact the kernel (float16's is 6e-8; a tiny result rounds to 0).
-    resolution = 0.5 * np.finfo(_numpy_dtype(dtype)).smallest_subnormal * math.sqrt(want_out.size)
-    assert error <= tolerance * reference_norm + resolution, (
+    assert error <= tolerance * reference_norm + output_resolution(dtype, want_out.size), (
         f"relative error {error / reference_norm:.3e} above {tolerance:.0e} ({dtype})")
     np.testing.assert_allclose(got_lse[~empty], want_lse[~empty], rtol=lse_tolerance,
                                atol=lse_tolerance)

@@ -53,3 +53,17 @@ def tolerance(kind: str, dtype) -> float:
     """TOLERANCES[kind] for dtype given as a name ("float16"), a NumPy dtype or a torch dtype."""
     name = str(dtype).removeprefix("torch.")
     return TOLERANCES[kind][name]
+
+
+def output_resolution(dtype, size: int) -> float:
+    """The absolute error an exact result may have once written in `dtype`, in the 2-norm over
+    `size` elements: half the smallest subnormal per element (a float16 result of 5e-9 rounds to
+    0 however exact the kernel). bfloat16 as float32 (same exponents, finer subnormals: only
+    stricter); no NumPy import is needed for the other names."""
+    import math
+
+    import numpy as np
+
+    name = str(dtype).removeprefix("torch.")
+    tiny = np.finfo(np.dtype("float32" if name == "bfloat16" else name)).smallest_subnormal
+    return 0.5 * float(tiny) * math.sqrt(size)

@@ -95,8 +95,7 @@ def attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seql
         out, lse = run(call, q[None], k, v, alibi_slopes, cu_seqlens, sinks, pages)
     else:
         out, lse = run(call, q[None], k[None], v[None], alibi_slopes, cu_seqlens, sinks)
-    out, lse = out[0], lse[0]
-    return (out, lse) if return_lse else out
+    return (out[0], lse[0]) if return_lse else out[0]  # lse is None on the eager autograd path
 
 
 def run(call, q, k, v, alibi_slopes=None, cu_seqlens=None, sinks=None, pages=None):

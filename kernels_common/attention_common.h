@@ -182,6 +182,20 @@ __device__ __forceinline__ ScoreMods make_score_mods(int seqlen_q, int seqlen_k,
 // this factor, rather than 0 * inf = NaN).
 __device__ __forceinline__ float softcap_grad(float t) { return 1.f - fminf(t * t, 1.f); }
 
+// ---- sinks (HAS_SINKS, GPT-OSS) ----------------------------------------------------------------------
+
+// The sink, one more key of score `sink` and value 0, folded into a row's natural-log LSE: returns
+// the new LSE and scales *inv_l, O's normalization, by exp(lse - lse_new). A row with no key
+// (lse -inf) gets lse = sink and O = 0; a sink of -inf changes nothing (and makes no NaN of
+// -inf - -inf); a NaN lse stays NaN (the comparison, unlike fmaxf, keeps it).
+__device__ __forceinline__ float fold_sink(float lse, float sink, float* inv_l) {
+    if (sink == NEG_INF) return lse;
+    const float m = lse > sink ? lse : sink;
+    const float lse_new = m + logf(expf(lse - m) + expf(sink - m));
+    *inv_l *= expf(lse - lse_new);
+    return lse_new;
+}
+
 // ---- packed variable-length batches -----------------------------------------------------------------
 
 // Where sequence `batch` lives: its first row in the packed q (and k) tensors and its lengths.

@@ -163,18 +163,6 @@ __device__ __forceinline__ void convert_p(u32 (&p_frag)[M_TILES][BLOCK_N / 16][4
         for (int kk = 0; kk < BLOCK_N / 16; ++kk) pack_a_fragment(p_frag[mt][kk], acc_s[mt][2 * kk], acc_s[mt][2 * kk + 1]);
 }
 
-// The sink, one more key of score `sink` and value 0, folded into a row's natural-log LSE: returns
-// the new LSE and scales *inv_l, O's normalization, by exp(lse - lse_new). A row with no key
-// (lse -inf) gets lse = sink and O = 0; a sink of -inf changes nothing (and makes no NaN of
-// -inf - -inf); a NaN lse stays NaN (the comparison, unlike fmaxf, keeps it).
-__device__ __forceinline__ float fold_sink(float lse, float sink, float* inv_l) {
-    if (sink == NEG_INF) return lse;
-    const float m = lse > sink ? lse : sink;
-    const float lse_new = m + logf(expf(lse - m) + expf(sink - m));
-    *inv_l *= expf(lse - lse_new);
-    return lse_new;
-}
-
 // Epilogue: O /= l, write O through shared memory (the warp's own rows of sQ) with 16-byte stores,
 // and write lse = scale * m + ln(l). A row that saw no key has l = 0: it gets O = 0, lse = -inf. A
 // NaN that reached the row makes l NaN, and O and lse then come out NaN (README: the NaN rule).

@@ -36,15 +36,6 @@ static_assert(HEAD_DIM % WARP_SIZE == 0, "each lane owns whole head-dim columns"
 #define HAS_SINKS 0
 #endif
 
-// The sink folded into a row's natural-log LSE, scaling *inv_l: as flash_fwd.cu's fold_sink.
-__device__ __forceinline__ float fold_sink(float lse, float sink, float* inv_l) {
-    if (sink == NEG_INF) return lse;
-    const float m = lse > sink ? lse : sink;
-    const float lse_new = m + logf(expf(lse - m) + expf(sink - m));
-    *inv_l *= expf(lse - lse_new);
-    return lse_new;
-}
-
 // ---- shared-memory layout ---------------------------------------------------------------------
 // sQ [BLOCK_M][HEAD_DIM] | sK [BLOCK_N][K_STRIDE] | sV [BLOCK_N][HEAD_DIM] | sP [NUM_WARPS][ROWS_PER_WARP][BLOCK_N]
 

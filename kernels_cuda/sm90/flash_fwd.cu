@@ -24,6 +24,18 @@
 // masking (the end of the keys, the causal diagonal) come first; tiles outside the band of the
 // block are never loaded (attention_common.h: key_tiles).
 //
+// Packed variable-length batches (IS_VARLEN): q, k, v, o are (1, H, T, D) views, sequence b is rows
+// [cu_seqlens[b], cu_seqlens[b + 1]) (attention_common.h: sequence), blockIdx.z is the sequence and
+// the grid covers the longest one. The maps span all T rows, so a tile that runs past its
+// sequence's end loads the next sequence's rows (or zeros past T): their keys are masked like any
+// key past seqlen_k, and, so that a non-finite value there cannot reach this sequence's O as
+// 0 * inf, the second producer warp zeroes those rows of the V tile before the consumers read it
+// (the last key tile is the first one visited; bars.v_tail). O is stored row by row from the
+// registers, only the sequence's rows: a TMA box would write into the next sequence.
+//
+// Sinks (HAS_SINKS, GPT-OSS): the epilogue folds sink_h into each row's lse and O's
+// normalization (attention_common.h: fold_sink); no tile sees them.
+//
 // Layouts: q, o (B, Hq, Sq, D) and k, v (B, Hk, Sk, D), any batch/head/row strides (multiples of
 // 16 bytes), D contiguous: each is a 4-D tensor map (D, S, H, B) with boxes of 64 columns (128
 // bytes, the widest box under 128-byte swizzle) by BLOCK_M or BLOCK_N rows. The copy engine zero-
@@ -44,7 +56,9 @@
 // BLOCK_N     keys per tile (a multiple of 16, at most 256)
 // STAGES      K/V tiles in flight
 // OVERLAP, PINGPONG: the overlaps above (default 1)
-// IS_CAUSAL, IS_LOCAL, HAS_SOFTCAP, HAS_ALIBI: masks and modifiers (attention_common.h)
+// IS_CAUSAL, IS_LOCAL, HAS_SOFTCAP, HAS_ALIBI, IS_VARLEN: masks, modifiers and packed batches
+//             (attention_common.h)
+// HAS_SINKS   1: p.sinks holds float32 (Hq,) sink logits
 
 #include "../platform.h"
 #include "../../kernels_common/params.h"
@@ -56,6 +70,9 @@
 #endif
 #ifndef PINGPONG
 #define PINGPONG 1
+#endif
+#ifndef HAS_SINKS
+#define HAS_SINKS 0
 #endif
 
 #define NUM_CONSUMERS 2                          // consumer warpgroups
@@ -78,7 +95,7 @@ static_assert(PRODUCER_REGS * WARPGROUP_THREADS + CONSUMER_REGS * NUM_CONSUMERS 
 // (1024-byte aligned; xattn/kernels.py computes the same size)
 // sQ   D_CHUNKS boxes of BLOCK_M rows x 128 bytes; consumer c's rows start at c * 64. Reused for O.
 // sK   STAGES tiles of D_CHUNKS boxes of BLOCK_N rows x 128 bytes;  sV: the same
-// bars q_full, k_full[STAGES], v_full[STAGES], k_empty[STAGES], v_empty[STAGES] (8 bytes each)
+// bars q_full, k_full[STAGES], v_full[STAGES], k_empty[STAGES], v_empty[STAGES], v_tail (8 bytes each)
 #define Q_BOX_BYTES (BLOCK_M * SWIZZLE_BYTES)
 #define KV_BOX_BYTES (BLOCK_N * SWIZZLE_BYTES)
 #define Q_BYTES (D_CHUNKS * Q_BOX_BYTES)
@@ -91,6 +108,7 @@ static_assert(PRODUCER_REGS * WARPGROUP_THREADS + CONSUMER_REGS * NUM_CONSUMERS 
 struct Barriers {
     u32 q_full;
     u32 k_full, v_full, k_empty, v_empty;  // stage s: + 8 s
+    u32 v_tail;                            // IS_VARLEN: the first V tile's rows past the sequence are zero
 };
 
 __device__ __forceinline__ Barriers barriers(u32 base) {
@@ -100,6 +118,7 @@ __device__ __forceinline__ Barriers barriers(u32 base) {
     b.v_full = b.k_full + 8 * STAGES;
     b.k_empty = b.v_full + 8 * STAGES;
     b.v_empty = b.k_empty + 8 * STAGES;
+    b.v_tail = b.v_empty + 8 * STAGES;
     return b;
 }
 
@@ -208,7 +227,14 @@ struct ConsumerCtx {
     Barriers bars;
     ScoreMods mods;
     float scale_log2;
+    bool v_tail;               // the first tile's V waits for bars.v_tail too (IS_VARLEN)
 };
+
+// The consumers may read the V tile of the CTA's i-th key tile (stage st, parity phase).
+__device__ __forceinline__ void wait_v(const ConsumerCtx& c, int i, int st, int phase) {
+    mbar_wait(c.bars.v_full + 8 * st, phase);
+    if (IS_VARLEN && i == 0 && c.v_tail) mbar_wait(c.bars.v_tail, 0);
+}
 
 // S of tile `tile` (the i-th of the CTA) is ready in s: mask and modify it.
 __device__ __forceinline__ void score_tile(float (&s)[S_REGS], const ConsumerCtx& c, int tile) {
@@ -217,13 +243,15 @@ __device__ __forceinline__ void score_tile(float (&s)[S_REGS], const ConsumerCtx
     if (HAS_SOFTCAP || HAS_ALIBI || needs_mask) modify_scores(s, c.row_start, n_start, c.mods, needs_mask, c.t);
 }
 
-// Epilogue: O /= l, O through the warpgroup's rows of sQ (swizzled as the TMA store reads them)
-// and a TMA store per 64-column box; lse = scale * m + ln(l). A row that saw no key has l = 0: it
-// gets O = 0, lse = -inf. A NaN that reached the row makes l NaN, and O and lse come out NaN.
-// q_start: the sequence's first row in the tensors (0: packed varlen batches do not run here yet).
+// Epilogue: O /= l, and lse = scale * m + ln(l) (with the sink folded in, HAS_SINKS). A row that
+// saw no key has l = 0: it gets O = 0, lse = -inf (or the sink). A NaN that reached the row makes l
+// NaN, and O and lse come out NaN. O goes through the warpgroup's rows of sQ (swizzled as the TMA
+// store reads them) and a TMA store per 64-column box; in a packed batch, straight from the
+// registers to the sequence's rows (q_start: its first row in the tensors).
 __device__ __forceinline__ void write_output(const ConsumerCtx& c, float (&o)[O_REGS], const float (&m_i)[2],
                                              const float (&l_i)[2], const TmaDesc* tm_o, const AttnParams& p,
                                              u32 smem_q, int head, int batch, int seqlen_q, int q_start) {
+    const float sink = HAS_SINKS ? p.sinks[head] : 0.f;
     float inv_l[2];
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
@@ -231,12 +259,27 @@ __device__ __forceinline__ void write_output(const ConsumerCtx& c, float (&o)[O_
         l += shfl_xor(l, 1);
         l += shfl_xor(l, 2);
         inv_l[h] = l != 0.f ? 1.f / l : 0.f;
+        float row_lse = l != 0.f ? m_i[h] * p.scale + logf(l) : NEG_INF;
+        if (HAS_SINKS) row_lse = fold_sink(row_lse, sink, &inv_l[h]);
         const int row = c.row_start + acc_row_of_half(h, c.t);
         if (c.t % 4 == 0 && row < seqlen_q) {
             float* lse = (float*)p.lse.ptr + batch * p.lse.batch_stride + head * p.lse.head_stride +
                          (i64)(q_start + row) * p.lse.row_stride;
-            *lse = l != 0.f ? m_i[h] * p.scale + logf(l) : NEG_INF;
+            *lse = row_lse;
         }
+    }
+    if (IS_VARLEN) {
+        // Rows past the sequence belong to the next one; columns past head_dim to nobody (the
+        // real head dim is a multiple of 8, so a pair of columns never straddles it).
+        u16* out = (u16*)p.o.ptr + head * p.o.head_stride + (i64)q_start * p.o.row_stride;
+#pragma unroll
+        for (int i = 0; i < O_REGS; i += 2) {
+            const int row = c.row_start + acc_row(i, c.t), col = acc_col(i, c.t);
+            const float inv = inv_l[acc_half(i)];
+            if (row < seqlen_q && col < p.head_dim)
+                *(u32*)(out + (i64)row * p.o.row_stride + col) = pack_float2(o[i] * inv, o[i + 1] * inv);
+        }
+        return;
     }
     // sQ's rows of this warpgroup were last read by its final S = Q K^T, completed (waited) above.
     const int first_row = c.consumer * WGMMA_M;
@@ -259,6 +302,23 @@ __device__ __forceinline__ void write_output(const ConsumerCtx& c, float (&o)[O_
     }
 }
 
+// IS_VARLEN, second producer warp: once the copy engine has filled the first V tile (stage 0, its
+// first use), zero its rows from `valid` on, in every 64-column box (a whole 128-byte row of a box
+// is that row's 64 columns whatever the swizzle), and let the consumers read it.
+__device__ __forceinline__ void zero_v_tail(u32 v_tile, int valid, const Barriers& bars, int lane) {
+    mbar_wait(bars.v_full, 0);
+    // Lane l clears 16 bytes at l % 8 of rows valid + l / 8, + 4, ...: 8 lanes per 128-byte row.
+    const u32 lane_bytes = v_tile + (lane % 8) * 16;
+    for (int row = valid + lane / 8; row < BLOCK_N; row += WARP_SIZE / 8)
+#pragma unroll
+        for (int box = 0; box < D_CHUNKS; ++box)
+            asm volatile("st.shared.v4.b32 [%0], {%1, %1, %1, %1};\n"
+                         ::"r"(lane_bytes + box * KV_BOX_BYTES + row * SWIZZLE_BYTES), "r"(0) : "memory");
+    fence_proxy_async();  // wgmma reads these ordinary stores through the async proxy
+    __syncwarp();
+    if (lane == 0) mbar_arrive(bars.v_tail);
+}
+
 // ---- entry point ------------------------------------------------------------------------------
 
 extern "C" __global__ void __launch_bounds__(NUM_THREADS, 1)
@@ -272,11 +332,16 @@ flash_fwd_sm90(const __grid_constant__ TmaDesc tm_q, const __grid_constant__ Tma
     const int m_block = gridDim.x - 1 - blockIdx.x;
     const int head = blockIdx.y, batch = blockIdx.z + p.batch_offset, kv_head = head / p.heads_per_kv;
     const int m_start = m_block * BLOCK_M;
-    const int seqlen_q = p.seqlen_q, seqlen_k = p.seqlen_k;
+    const Sequence seq = sequence(batch, p.cu_seqlens_q, p.cu_seqlens_k, p.seqlen_q, p.seqlen_k);
+    if (IS_VARLEN && m_start >= seq.seqlen_q) return;  // the grid covers the longest sequence
+    const int seqlen_q = seq.seqlen_q, seqlen_k = seq.seqlen_k;
+    const int map_batch = IS_VARLEN ? 0 : batch;  // a packed batch is one entry of the maps
     const ScoreMods mods = make_score_mods(seqlen_q, seqlen_k, p.window_left, p.window_right, p.softcap_scale,
                                            p.alibi_slopes + batch * p.alibi_batch_stride + head, p.scale);
     const KeyRange tiles = key_tiles(m_start, min(BLOCK_M, seqlen_q - m_start), BLOCK_N, seqlen_k, mods.band);
     const int n_tiles = max(tiles.tile_end - tiles.tile_begin, 0);
+    // The first tile visited holds keys past the sequence (a packed batch's next sequence).
+    const bool v_tail = IS_VARLEN && n_tiles > 0 && tiles.tile_end * BLOCK_N > seqlen_k;
 
     if (threadIdx.x == 0) {
         mbar_init(bars.q_full, 1);
@@ -286,6 +351,7 @@ flash_fwd_sm90(const __grid_constant__ TmaDesc tm_q, const __grid_constant__ Tma
             mbar_init(bars.k_empty + 8 * s, CONSUMER_WARPS);
             mbar_init(bars.v_empty + 8 * s, CONSUMER_WARPS);
         }
+        mbar_init(bars.v_tail, 1);
         mbar_fence_init();
     }
     __syncthreads();  // barriers initialized before anyone waits on them; the last CTA-wide sync
@@ -293,6 +359,11 @@ flash_fwd_sm90(const __grid_constant__ TmaDesc tm_q, const __grid_constant__ Tma
     const int warpgroup = threadIdx.x / WARPGROUP_THREADS;
     if (warpgroup == 0) {
         // ---- producer: one thread issues every copy ----
+        // The V tail is cleared before this warp gives up its registers: at 24 the copy loop
+        // below would spill. The consumers' setmaxnreg.inc waits for those registers, so this
+        // delays them by at most the first V tile's arrival, in the CTAs that have a tail.
+        if (IS_VARLEN && v_tail && threadIdx.x / WARP_SIZE == 1)
+            zero_v_tail(smem + SMEM_V, seqlen_k - (tiles.tile_end - 1) * BLOCK_N, bars, threadIdx.x % WARP_SIZE);
         setmaxnreg_dec<PRODUCER_REGS>();
         if (threadIdx.x == 0) {
             tma_prefetch(&tm_q);
@@ -300,7 +371,8 @@ flash_fwd_sm90(const __grid_constant__ TmaDesc tm_q, const __grid_constant__ Tma
             tma_prefetch(&tm_v);
             mbar_arrive_expect_tx(bars.q_full, Q_BYTES);
             for (int box = 0; box < D_CHUNKS; ++box)
-                tma_load_4d(smem + SMEM_Q + box * Q_BOX_BYTES, &tm_q, bars.q_full, box * SWIZZLE_ELEMS, m_start, head, batch);
+                tma_load_4d(smem + SMEM_Q + box * Q_BOX_BYTES, &tm_q, bars.q_full, box * SWIZZLE_ELEMS,
+                            seq.q_start + m_start, head, map_batch);
             for (int i = 0; i < n_tiles; ++i) {
                 const int tile = tiles.tile_end - 1 - i, s = stage_of(i), phase = phase_of(i);
                 const u32 k_dst = smem + SMEM_K + s * KV_BYTES, v_dst = smem + SMEM_V + s * KV_BYTES;
@@ -308,12 +380,12 @@ flash_fwd_sm90(const __grid_constant__ TmaDesc tm_q, const __grid_constant__ Tma
                 mbar_arrive_expect_tx(bars.k_full + 8 * s, KV_BYTES);
                 for (int box = 0; box < D_CHUNKS; ++box)
                     tma_load_4d(k_dst + box * KV_BOX_BYTES, &tm_k, bars.k_full + 8 * s, box * SWIZZLE_ELEMS,
-                                tile * BLOCK_N, kv_head, batch);
+                                seq.k_start + tile * BLOCK_N, kv_head, map_batch);
                 mbar_wait(bars.v_empty + 8 * s, phase ^ 1);  // ... and with its V
                 mbar_arrive_expect_tx(bars.v_full + 8 * s, KV_BYTES);
                 for (int box = 0; box < D_CHUNKS; ++box)
                     tma_load_4d(v_dst + box * KV_BOX_BYTES, &tm_v, bars.v_full + 8 * s, box * SWIZZLE_ELEMS,
-                                tile * BLOCK_N, kv_head, batch);
+                                seq.k_start + tile * BLOCK_N, kv_head, map_batch);
             }
         }
     } else {
@@ -329,6 +401,7 @@ flash_fwd_sm90(const __grid_constant__ TmaDesc tm_q, const __grid_constant__ Tma
         c.bars = bars;
         c.mods = mods;
         c.scale_log2 = p.scale_log2;
+        c.v_tail = v_tail;
 
         float o[O_REGS], m_i[2] = {NEG_INF, NEG_INF}, l_i[2] = {0.f, 0.f}, alpha[2];
 #pragma unroll
@@ -357,7 +430,7 @@ flash_fwd_sm90(const __grid_constant__ TmaDesc tm_q, const __grid_constant__ Tma
             const int s_now = stage_of(i), s_prev = stage_of(i - 1);
             acc_to_a_operand<BLOCK_N>(p_frag, s);  // P of tile i - 1
             mbar_wait(bars.k_full + 8 * s_now, phase_of(i));
-            mbar_wait(bars.v_full + 8 * s_prev, phase_of(i - 1));
+            wait_v(c, i - 1, s_prev, phase_of(i - 1));
             take_turn(c.consumer);
             issue_qk(s, c.q_rows, c.k_tiles + s_now * KV_BYTES);             // S = Q K_i^T
             rescale_o(o, alpha);                                              // O *= exp2(m_old - m_new)
@@ -377,7 +450,7 @@ flash_fwd_sm90(const __grid_constant__ TmaDesc tm_q, const __grid_constant__ Tma
         if (n_tiles > 0) {
             const int s_last = stage_of(n_tiles - 1);
             acc_to_a_operand<BLOCK_N>(p_frag, s);
-            mbar_wait(bars.v_full + 8 * s_last, phase_of(n_tiles - 1));
+            wait_v(c, n_tiles - 1, s_last, phase_of(n_tiles - 1));
             take_turn(c.consumer);
             rescale_o(o, alpha);
             issue_pv(o, p_frag, c.v_tiles + s_last * KV_BYTES);
@@ -398,13 +471,13 @@ flash_fwd_sm90(const __grid_constant__ TmaDesc tm_q, const __grid_constant__ Tma
             online_softmax(s, m_i, l_i, alpha, c.scale_log2);   // S becomes P
             rescale_o(o, alpha);                                // O *= exp2(m_old - m_new)
             acc_to_a_operand<BLOCK_N>(p_frag, s);
-            mbar_wait(bars.v_full + 8 * st, phase);
+            wait_v(c, i, st, phase);
             issue_pv(o, p_frag, c.v_tiles + st * KV_BYTES);     // O += P V
             wgmma_wait<0>();
             pin_registers(o);
             release(bars.v_empty + 8 * st);
         }
 #endif
-        write_output(c, o, m_i, l_i, &tm_o, p, smem + SMEM_Q, head, batch, seqlen_q, 0);
+        write_output(c, o, m_i, l_i, &tm_o, p, smem + SMEM_Q, head, map_batch, seqlen_q, seq.q_start);
     }
 }

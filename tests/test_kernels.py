@@ -83,16 +83,16 @@ def test_hopper_launch_constants_are_the_kernels_own(tmp_path):
     rows, as the sm90 sources define them from their warpgroups; and the shared memory below the
     barriers, as their layout macros place it (SMEM_BARS), for every row."""
     forward, backward = kernels.cuda("flash_fwd_sm90"), kernels.cuda("flash_bwd_sm90")
-    # (kernel, row, the macro of the rows a CTA owns, its value here, barriers per stage)
-    cases = [(forward, row, "BLOCK_M", kernels.SM90_BLOCK_M, 4) for row in sm90.ROWS]
-    cases += [(backward, row, "BLOCK_N", kernels.SM90_BWD_BLOCK_N, 2)
+    # (kernel, row, the macro of the rows a CTA owns, its value here, barriers: once, per stage)
+    cases = [(forward, row, "BLOCK_M", kernels.SM90_BLOCK_M, (2, 4)) for row in sm90.ROWS]
+    cases += [(backward, row, "BLOCK_N", kernels.SM90_BWD_BLOCK_N, (1, 2))
               for row in sm90.BWD_ROWS + tuple(r._replace(dq_tma=not r.dq_tma) for r in sm90.BWD_ROWS)]
-    for kernel, row, owned, rows, barriers_per_stage in cases:
+    for kernel, row, owned, rows, (barriers_once, barriers_per_stage) in cases:
         defines = kernel.defines(row, "bfloat16", flags={"IS_CAUSAL": int(row.causal)})
         got = source_values(tmp_path, kernel, defines, ("NUM_THREADS", owned, "WGMMA_M", "SMEM_BARS"))
         assert got["NUM_THREADS"] == kernel.threads(defines) == kernels.SM90_THREADS
         assert (got[owned], got["WGMMA_M"]) == (rows, kernels.SM90_STORE_ROWS)
-        barriers = kernels.SM90_BARRIER_BYTES * (1 + barriers_per_stage * row.stages)
+        barriers = kernels.SM90_BARRIER_BYTES * (barriers_once + barriers_per_stage * row.stages)
         assert kernel.shared_memory(defines) == kernels.SM90_SMEM_ALIGN + got["SMEM_BARS"] + barriers, row
 
 

@@ -19,7 +19,7 @@ from hypothesis import strategies as st
 
 import xattn
 from conftest import LSE_TOLERANCE, TOLERANCE, to_float64
-from xattn import jit, kernels, launch, sm90
+from xattn import jit, kernels, launch, reference, sm90
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "ci"))
@@ -37,8 +37,9 @@ def test_rows_compile_for_sm90a_without_spills(row, dtype):
     from compile_kernels import nvrtc_compile, report
 
     flags = {"IS_CAUSAL": int(row.causal)}
-    if dtype == "bfloat16":  # the modifiers too, once per row
-        flags.update(IS_LOCAL=1, HAS_SOFTCAP=int(not row.causal), HAS_ALIBI=int(row.causal))
+    if dtype == "bfloat16":  # the modifiers, packed batches and sinks too, once per row
+        flags.update(IS_LOCAL=1, HAS_SOFTCAP=int(not row.causal), HAS_ALIBI=int(row.causal),
+                     IS_VARLEN=1, HAS_SINKS=1)
     options = ["--gpu-architecture=sm_90a", "-std=c++17", "-Xptxas=-v",
                *jit.define_options(FORWARD.defines(row, dtype, flags=flags))]
     ok, log = nvrtc_compile(jit.preprocess("cuda", FORWARD.source), "flash_fwd.cu", options)
@@ -184,7 +185,7 @@ def _variant_options(causal, window, modifier, q_heads, rng) -> dict:
 @given(batch=st.integers(1, 3), kv_heads=st.integers(1, 3), group=st.sampled_from([1, 4]),
        sq=st.sampled_from([1, 2, 63, 64, 65, 127, 128, 129, 300]),
        sk=st.sampled_from([1, 63, 65, 80, 81, 128, 129, 300]),
-       head_dim=st.sampled_from([8, 32, 64, 72, 96, 128, 136, 200, 256]),
+       head_dim=st.sampled_from([8, 32, 64, 72, 96, 128, 136, 160, 192, 200, 256]),
        causal=st.booleans(), dtype=st.sampled_from(["float16", "bfloat16"]),
        layout=st.sampled_from(["bhsd", "bshd"]),
        window=st.sampled_from([None, (-1, -1), (40, 0), (17, 33), (-1, 5)]),
@@ -220,6 +221,64 @@ def test_forward_matches_exact_attention(hopper, batch, kv_heads, group, sq, sk,
     assert np.array_equal(np.isfinite(got_lse), np.isfinite(ref_lse))
     finite = np.isfinite(ref_lse)
     np.testing.assert_allclose(got_lse[finite], ref_lse[finite], rtol=LSE_TOLERANCE[dtype], atol=LSE_TOLERANCE[dtype])
+
+
+@pytest.mark.gpu
+@settings(max_examples=30)
+@given(lengths=st.lists(st.tuples(st.sampled_from([0, 1, 63, 64, 65, 129, 200]),
+                                  st.sampled_from([1, 17, 80, 112, 113, 176, 177, 300])),
+                        min_size=1, max_size=4),
+       kv_heads=st.integers(1, 2), group=st.sampled_from([1, 3]),
+       head_dim=st.sampled_from([64, 72, 128, 192, 256]), causal=st.booleans(),
+       dtype=st.sampled_from(["float16", "bfloat16"]), sinks=st.booleans(),
+       window=st.sampled_from([None, (40, 0), (17, 33)]), seed=st.integers(0, 2**16))
+def test_packed_batches_and_sinks_match_each_sequence_alone(hopper, lengths, kv_heads, group, head_dim, causal,
+                                                            dtype, sinks, window, seed):
+    """A packed batch on the sm90 kernel: each sequence's out and lse against the float64 oracle
+    of that sequence alone (with its sinks). The last sequence's V holds an infinity in every row:
+    the sequences before it read those rows past their own end (a key tile runs on into the next
+    sequence) and must still come out finite and exact. Outputs NaN-poisoned before the launch."""
+    import torch
+
+    q_heads = kv_heads * group
+    rng = np.random.default_rng(seed)
+    lengths = lengths + [(5, 7)]  # the poisoned last sequence
+    cu_q, cu_k = (np.concatenate([[0], np.cumsum([l[i] for l in lengths])]).astype(np.int32) for i in (0, 1))
+    q = rng.standard_normal((q_heads, cu_q[-1], head_dim))
+    k, v = (rng.standard_normal((kv_heads, cu_k[-1], head_dim)) for _ in range(2))
+    v[:, cu_k[-2]:] = np.inf
+    sink_values = rng.uniform(-3, 3, q_heads).astype(np.float32) if sinks else None
+    options = {"window": window} if window is not None and not (causal and window[1] > 0) else {}
+    torch_dtype = getattr(torch, dtype)
+    Q, K, V = (torch.from_numpy(x).to("cuda", torch_dtype)[None] for x in (q, k, v))  # (1, H, T, D)
+    cu = tuple(torch.from_numpy(c).to("cuda") for c in (cu_q, cu_k))
+    max_seqlen = (max(l[0] for l in lengths), max(l[1] for l in lengths))
+    sink_tensor = torch.from_numpy(sink_values).to("cuda") if sinks else None
+    assert sm90.supports(Q, K, V, Q, None, causal=causal, cu_seqlens=cu, max_seqlen=max_seqlen, **options)
+    out = torch.full_like(Q, float("nan"))
+    lse = torch.full((1, q_heads, int(cu_q[-1])), float("nan"), device="cuda")
+    scale = 1 / math.sqrt(head_dim)
+    sm90.forward(Q, K, V, out, lse, causal=causal, scale=scale, stream=torch.cuda.current_stream().cuda_stream,
+                 cu_seqlens=cu, max_seqlen=max_seqlen, sinks=sink_tensor, **options)
+    torch.cuda.synchronize()
+    seen = [to_float64(x)[0] for x in (Q, K, V)]
+    got, got_lse = to_float64(out)[0], to_float64(lse)[0]
+    for b in range(len(lengths) - 1):
+        rows, keys = slice(cu_q[b], cu_q[b + 1]), slice(cu_k[b], cu_k[b + 1])
+        if rows.start == rows.stop:
+            continue
+        want, want_lse = reference.exact_attention_bhsd(
+            seen[0][None, :, rows], seen[1][None, :, keys], seen[2][None, :, keys], causal=causal,
+            scale=scale, sinks=None if sink_values is None else sink_values.astype(np.float64),
+            **options)
+        part, part_lse = got[:, rows], got_lse[:, rows]
+        assert np.isfinite(part).all() and not np.isnan(part_lse).any(), f"sequence {b}: not finite"
+        error = np.linalg.norm(part - want[0]) / max(np.linalg.norm(want[0]), 1e-30)
+        assert error <= TOLERANCE[dtype], (b, error)
+        assert np.array_equal(np.isfinite(part_lse), np.isfinite(want_lse[0])), b
+        finite = np.isfinite(want_lse[0])
+        np.testing.assert_allclose(part_lse[finite], want_lse[0][finite], rtol=LSE_TOLERANCE[dtype],
+                                   atol=LSE_TOLERANCE[dtype])
 
 
 @pytest.mark.gpu

@@ -96,12 +96,12 @@ def forward(q, k, v, out, lse, *, causal: bool, scale: float, stream: int, windo
         raise ValueError(f"q: at most {launch.MAX_GRID_YZ} heads are supported, got {heads_q}")
     options = dict(causal=causal, window=window, softcap=softcap, alibi_slopes=alibi_slopes,
                    cu_seqlens=cu_seqlens, max_seqlen=max_seqlen)
-    # Hopper: the wgmma/TMA kernel where it serves the call (never a packed batch, so never paged
-    # keys: those take flash_fwd.cu's IS_PAGED variant).
-    if _arch(Q.device) == 90:
+    # Hopper: the wgmma/TMA kernel where it serves the call (never paged keys: those take
+    # flash_fwd.cu's IS_PAGED variant).
+    if _arch(Q.device) == 90 and block_table is None:
         from xattn import sm90
         if sm90.supports(q, k, v, out, lse, sinks=sinks, **options):
-            return sm90.forward(q, k, v, out, lse, scale=scale, stream=stream, **options)
+            return sm90.forward(q, k, v, out, lse, scale=scale, stream=stream, sinks=sinks, **options)
     pointers = {"q": Q.ptr, "k": K.ptr, "v": V.ptr, "o": O.ptr, "lse": L.ptr}
     slopes = launch.describe(alibi_slopes) if alibi_slopes is not None else None
     if slopes is not None:
@@ -300,12 +300,12 @@ def _call_forward_steps(call, q, k, v, alibi_slopes, cu_seqlens, aligned):
                Q.device)
     L = launch.packed(L, call.varlen)
     slopes = launch.describe(alibi_slopes) if alibi_slopes is not None else None
-    if _arch(Q.device) == 90 and not call.sinks and _sm90_serves(call, q, k, v, out, alibi_slopes,
-                                                                  cu_seqlens):
+    if _arch(Q.device) == 90 and _sm90_serves(call, q, k, v, out, alibi_slopes, cu_seqlens):
         from xattn import sm90
-        return (sm90.plan(Q, K, V, O, L, causal=call.causal,
-                          scale=call.scale, window=call.window, softcap=call.softcap,
-                          slopes=slopes),)
+        return (sm90.plan(Q, K, V, O, L, causal=call.causal, scale=call.scale, window=call.window,
+                          softcap=call.softcap, slopes=slopes, batch=call.batch,
+                          max_seqlen=call.max_seqlen if call.varlen else None,
+                          sinks=call.sinks),)
     vec = aligned and launch.vec_loads([Q, K, V, O], head_dim, launch.itemsize(Q.dtype))
     return _plan_forward(Q, K, V, O, L, call.batch, causal=call.causal, scale=call.scale,
                          window=call.window, softcap=call.softcap, slopes=slopes,

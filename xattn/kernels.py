@@ -255,10 +255,13 @@ SM90_OPTIONS = ("-arch=sm_90a",)  # wgmma and setmaxnreg exist only on the "a" t
 
 
 def _sm90_forward_defines(row, dtype: str, *, flags: dict) -> dict:
-    """flags: the band and modifiers (IS_CAUSAL, IS_LOCAL, HAS_SOFTCAP, HAS_ALIBI)."""
+    """flags: the band and modifiers (IS_CAUSAL, IS_LOCAL, HAS_SOFTCAP, HAS_ALIBI), packed batches
+    (IS_VARLEN) and sinks (HAS_SINKS); the last two only where set, so that the other variants
+    compile exactly as before."""
+    extra = {k: 1 for k in ("IS_VARLEN", "HAS_SINKS") if flags.get(k)}
     return {"ELEM_BF16": int(dtype == "bfloat16"), "HEAD_DIM": row.head_dim,
             "BLOCK_N": row.block_n, "STAGES": row.stages, "OVERLAP": row.overlap,
-            "PINGPONG": row.pingpong, **_sm90_flags(flags)}
+            "PINGPONG": row.pingpong, **_sm90_flags(flags), **extra}
 
 
 def _sm90_flags(flags: dict) -> dict:
@@ -266,11 +269,11 @@ def _sm90_flags(flags: dict) -> dict:
 
 
 def _sm90_forward_smem(d: dict) -> int:
-    """sm90/flash_fwd.cu: sQ, STAGES K and V tiles, the barriers (q_full, and k_full, v_full,
-    k_empty, v_empty per stage), plus the slack to align it to 1024 bytes."""
+    """sm90/flash_fwd.cu: sQ, STAGES K and V tiles, the barriers (q_full and v_tail, and k_full,
+    v_full, k_empty, v_empty per stage), plus the slack to align it to 1024 bytes."""
     q = SM90_BLOCK_M * d["HEAD_DIM"] * 2
     kv = 2 * d["STAGES"] * d["BLOCK_N"] * d["HEAD_DIM"] * 2
-    return SM90_SMEM_ALIGN + q + kv + SM90_BARRIER_BYTES * (1 + 4 * d["STAGES"])
+    return SM90_SMEM_ALIGN + q + kv + SM90_BARRIER_BYTES * (2 + 4 * d["STAGES"])
 
 
 def _sm90_backward_defines(row, dtype: str, *, flags: dict) -> dict:

@@ -5,9 +5,11 @@ Forward: `forward` has exactly the contract of xattn.cuda.forward; `supports` sa
 can run here (else it stays on the mma.sync kernel). Arrays arrive as (B, H, S, D) views, torch
 tensors or CuPy arrays, any batch/head/row strides and D contiguous; each of q, k, v, out becomes a
 tensor map (xattn/tma.py), the rest of the call one AttnParams block (kernels_common/params.h)
-passed by value. Not served here yet: packed varlen batches, an empty key sequence, views the copy
-engine cannot address (a base or a stride not a multiple of 16 bytes), head dims above 256,
-float32.
+passed by value; packed varlen batches as (1, H, T, D) views with the cumulative lengths, sinks
+folded in the epilogue. Not served here: paged keys (a tile would span pages: one copy per page),
+an empty key sequence, views the copy engine cannot address (a base or a stride not a multiple of
+16 bytes), head dims above 256, float32, and, in a packed batch at D64 without a causal edge, a
+window, softcap and ALiBi all together (8 bytes of spills).
 
 Backward: xattn.cuda's backward plan asks `supports_backward` and takes `plan_backward`'s launch in
 place of the mma.sync dK/dV kernel; the delta / dq_accum-zeroing kernel before it and the dQ
@@ -43,9 +45,12 @@ class Row(NamedTuple):
 # Smallest head dim first; a head dim runs on the first row at least as wide (the copy engine
 # zero-fills the columns past it). fp16 and bf16 share rows. Tiles and overlaps: the best of
 # ci/sm90_fwd_check.py --phase tune on an H200 (bf16, S = 8192, ci/results/2026-11-30-sm90-fwd/).
+# D192 (not tuned on a device yet): the widest key tile that fits two stages (112; 128 would need
+# 241 KB), overlap and pingpong on; it replaces the D256 row's 33% of padded work at D 129-192.
 ROWS = (
     Row(64, False, 192, 2, overlap=1, pingpong=0), Row(64, True, 128, 2, overlap=0, pingpong=0),
     Row(128, False, 176, 2), Row(128, True, 176, 2),
+    Row(192, False, 112, 2), Row(192, True, 112, 2),
     Row(256, False, 80, 2, overlap=1, pingpong=0), Row(256, True, 80, 2),
 )
 
@@ -59,11 +64,10 @@ def select(head_dim: int, causal: bool) -> Row | None:
 def supports(q, k, v, out, lse, *, causal: bool = False, window=(-1, -1), softcap: float = 0.0,
              alibi_slopes=None, cu_seqlens=None, max_seqlen=None, sinks=None) -> bool:
     """Whether this call (forward's arguments) can run on the sm90 kernel: a compute capability
-    9.0 device, fp16/bf16, head dim <= 256, no packed varlen batch, keys present, and q, k, v,
-    out addressable by the copy engine (16-byte aligned bases and strides). No sinks: they are
-    fused in flash_fwd.cu's epilogue only."""
-    if cu_seqlens is not None or sinks is not None:
-        return False
+    9.0 device, fp16/bf16, head dim <= 256, keys present, and q, k, v, out addressable by the
+    copy engine (16-byte aligned bases and strides). Packed batches: (1, H, T, D) views with
+    cu_seqlens and max_seqlen (never paged keys: xattn.cuda keeps those)."""
+    varlen = cu_seqlens is not None
     arrays = [launch.describe(a) for a in (q, k, v, out)]
     Q = arrays[0]
     if Q.dtype not in ("float16", "bfloat16") or any(a.dtype != Q.dtype for a in arrays):
@@ -73,36 +77,51 @@ def supports(q, k, v, out, lse, *, causal: bool = False, window=(-1, -1), softca
     left, right = window
     if causal:
         right = 0
-    if select(Q.shape[3], right >= 0) is None or arrays[1].shape[2] == 0:
+    row = select(Q.shape[3], right >= 0)
+    if row is None or arrays[1].shape[2] == 0:
         return False
+    if varlen and row.head_dim == 64 and right < 0 and left >= 0 and softcap and alibi_slopes is not None:
+        return False  # ptxas spills 8 bytes in that one variant
     return all(tma.expressible(a.ptr, a.dtype, a.shape, a.strides) for a in arrays if a.shape[2] > 0)
 
 
 def forward(q, k, v, out, lse, *, causal: bool, scale: float, stream: int, window=(-1, -1),
-            softcap: float = 0.0, alibi_slopes=None, cu_seqlens=None, max_seqlen=None) -> None:
+            softcap: float = 0.0, alibi_slopes=None, cu_seqlens=None, max_seqlen=None,
+            sinks=None) -> None:
     """xattn.cuda.forward on the sm90 kernel, for calls that supports() accepts: out =
     softmax(scale * q k^T + modifiers) v and lse for (B, H, S, D) views."""
-    if cu_seqlens is not None:
-        raise ValueError("cu_seqlens: packed varlen batches do not run on the sm90 kernel yet "
-                         "(xattn.sm90.supports says so); use xattn.cuda.forward")
-    Q, K, V, O, L = (launch.describe(a) for a in (q, k, v, out, lse))
-    if Q.shape[0] == 0 or Q.shape[1] == 0 or Q.shape[2] == 0:
+    varlen = cu_seqlens is not None
+    Q, K, V, O, L = (launch.packed(launch.describe(a), varlen) for a in (q, k, v, out, lse))
+    batch = cu_seqlens[0].shape[0] - 1 if varlen else Q.shape[0]
+    if batch == 0 or Q.shape[1] == 0 or Q.shape[2] == 0:
         return
     slopes = launch.describe(alibi_slopes) if alibi_slopes is not None else None
     step = plan(Q, K, V, O, L, causal=causal, scale=scale, window=window, softcap=softcap,
-                slopes=slopes)
+                slopes=slopes, batch=batch, max_seqlen=max_seqlen if varlen else None,
+                sinks=sinks is not None)
     pointers = {"q": Q.ptr, "k": K.ptr, "v": V.ptr, "o": O.ptr, "lse": L.ptr}
     if slopes is not None:
         pointers["alibi_slopes"] = slopes.ptr
+    if varlen:
+        pointers["cu_seqlens_q"], pointers["cu_seqlens_k"] = (launch.describe(c).ptr for c in cu_seqlens)
+    if sinks is not None:
+        pointers["sinks"] = launch.describe(sinks).ptr
     cuda._run((step,), pointers, stream, Q.device)
 
 
-def plan(Q, K, V, O, L, *, causal, scale, window, softcap, slopes):
+def plan(Q, K, V, O, L, *, causal, scale, window, softcap, slopes, batch=None, max_seqlen=None,
+         sinks=False):
     """The launch of one call signature (launch.Launch): the table row, the compiled kernel, four
     tensor maps of its own (q, k, v and out; re-pointed when a pointer changes) and the AttnParams
-    block. The _Arrays' pointers only shape the maps: a call patches its own."""
-    batch, heads_q, seqlen_q, head_dim = Q.shape
+    block. The _Arrays' pointers only shape the maps: a call patches its own. A packed batch:
+    max_seqlen = (longest query, longest key sequence) and batch its number of sequences; sinks:
+    the call has them (their pointer is patched per call)."""
+    heads_q, seqlen_q, head_dim = Q.shape[1], Q.shape[2], Q.shape[3]
     heads_k, seqlen_k = K.shape[1], K.shape[2]
+    varlen = max_seqlen is not None
+    if varlen:
+        seqlen_q, seqlen_k = max_seqlen
+    batch = Q.shape[0] if batch is None else batch
     if heads_q > launch.MAX_GRID_YZ:
         raise ValueError(f"q: at most {launch.MAX_GRID_YZ} heads are supported, got {heads_q}")
     left, right = window
@@ -112,7 +131,7 @@ def plan(Q, K, V, O, L, *, causal, scale, window, softcap, slopes):
     if row is None:
         raise ValueError(f"q: head dim {head_dim} has no sm90 row (at most {ROWS[-1].head_dim})")
     var = launch.variant(causal=causal, scale=scale, window=window, softcap=softcap,
-                        alibi_slopes=slopes, varlen=False, seqlen_q=seqlen_q,
+                        alibi_slopes=slopes, varlen=varlen, seqlen_q=seqlen_q,
                         seqlen_k=seqlen_k, heads_per_kv=heads_q // heads_k)
     block = cuda._attn_params(var, {"q": Q, "k": K, "v": V, "o": O, "lse": L}, heads_q=heads_q,
                               head_dim=head_dim)
@@ -120,7 +139,7 @@ def plan(Q, K, V, O, L, *, causal, scale, window, softcap, slopes):
             for name, a, rows in (("q", Q, kernels.SM90_BLOCK_M), ("k", K, row.block_n),
                                   ("v", V, row.block_n), ("o", O, kernels.SM90_STORE_ROWS))]
     kernel = kernels.cuda("flash_fwd_sm90")
-    defines = kernel.defines(row, Q.dtype, flags=var.defines)
+    defines = kernel.defines(row, Q.dtype, flags=var.defines | {"HAS_SINKS": int(sinks)})
     sizes = kernels.Sizes(seqlen_q=seqlen_q, seqlen_k=seqlen_k, heads_q=heads_q, heads_k=heads_k)
     return kernel.launch(defines, sizes, block, batch, Q.device, maps=maps)
 

@@ -108,24 +108,30 @@ if has verify; then  # everything that checks, nothing that times: parallel jobs
     pstep() { (step "$@"; printf '%s\n' "${summary[-1]}" > "$OUT/$1.sum") & }
     gpu="python -m pytest -m gpu -q -p no:cacheprovider --maxfail=20"
     export XLA_PYTHON_CLIENT_PREALLOCATE=false  # JAX would take 75% of the GPU from the others
-    pstep kernels 400 python ci/kernel_check.py --quick
-    pstep kernels_bwd 400 python ci/kernel_check_bwd.py --quick
-    pstep decode 200 python ci/kernel_check_decode.py --quick
-    pstep pytest_a 420 $gpu -k "not hip-on-cuda" tests/test_properties.py
-    pstep pytest_b 420 $gpu -k "not hip-on-cuda" tests/test_grad.py tests/test_variants_grad.py
-    pstep pytest_c 420 $gpu -k "not hip-on-cuda" tests/test_torch_ops.py tests/test_variants.py \
+    limit=${VERIFY_LIMIT:-420}
+    pstep kernels "$limit" python ci/kernel_check.py --quick
+    pstep kernels_bwd "$limit" python ci/kernel_check_bwd.py --quick
+    pstep decode "$limit" python ci/kernel_check_decode.py --quick
+    pstep pytest_a "$limit" $gpu -k "not hip-on-cuda" tests/test_properties.py
+    pstep pytest_b "$limit" $gpu -k "not hip-on-cuda" tests/test_grad.py tests/test_variants_grad.py
+    pstep pytest_c "$limit" $gpu -k "not hip-on-cuda" tests/test_torch_ops.py tests/test_variants.py \
         tests/test_attention_sinks.py tests/test_sinks.py tests/test_gpu.py tests/test_numerics.py
-    pstep pytest_d 420 $gpu -k "not hip-on-cuda" tests/test_kvcache.py tests/test_kvcache_fp8.py \
-        tests/test_decode_fp8_fragments.py tests/test_cache_faults.py tests/test_sm90.py
-    pstep pytest_e 420 $gpu -k "not hip-on-cuda" tests/test_torch_sdpa.py \
+    pstep pytest_d "$limit" $gpu -k "not hip-on-cuda" tests/test_kvcache.py
+    pstep pytest_e "$limit" $gpu -k "not hip-on-cuda" tests/test_kvcache_fp8.py \
+        tests/test_decode_fp8_fragments.py tests/test_cache_faults.py tests/test_sm90.py \
+        tests/test_varlen_paged.py
+    pstep pytest_f "$limit" $gpu -k "not hip-on-cuda" tests/test_torch_sdpa.py \
         tests/test_flash_attn_compat.py tests/test_concurrency.py tests/test_transformers.py
-    pstep pytest_f 420 $gpu -k "not hip-on-cuda" tests/test_integrations_torch.py tests/test_jax.py \
+    pstep pytest_g "$limit" $gpu -k "not hip-on-cuda" tests/test_integrations_torch.py tests/test_jax.py \
         tests/test_precompile.py tests/test_api.py tests/test_gpu_adapter.py tests/test_params.py \
-        tests/test_fuzz.py tests/test_huge.py tests/test_cli.py
-    pstep pytest_hip 420 $gpu -k "hip-on-cuda" tests/test_properties.py tests/test_grad.py \
-        tests/test_kvcache.py tests/test_hip_decode.py tests/test_hip_portable.py
-    pstep sanitize 480 env SANITIZE_TIMEOUT=60 SANITIZE_TIMEOUT_RACECHECK_BWD=250 SANITIZE_TOOLS="memcheck racecheck synccheck" \
-        SANITIZE_CASES=tuned bash ci/sanitize.sh
+        tests/test_fuzz.py tests/test_huge.py tests/test_cli.py tests/test_kernels.py tests/test_launch.py
+    pstep pytest_hip "$limit" $gpu -k "hip-on-cuda" tests/test_properties.py tests/test_grad.py \
+        tests/test_kvcache.py tests/test_hip_decode.py tests/test_hip_portable.py tests/test_varlen_paged.py
+    pstep sanitize "$limit" env SANITIZE_TIMEOUT=60 SANITIZE_TIMEOUT_RACECHECK_BWD=200 \
+        SANITIZE_TOOLS="memcheck racecheck synccheck" SANITIZE_CASES=tuned bash ci/sanitize.sh
+    pstep sanitize_tables "$limit" bash -c "compute-sanitizer --tool memcheck --report-api-errors no \
+        --error-exitcode 1 python ci/decode_bad_table.py && compute-sanitizer --tool memcheck \
+        --report-api-errors no --error-exitcode 1 python ci/varlen_bad_table.py"
     wait
     for f in "$OUT"/*.sum; do summary+=("$(cat "$f")"); done
 fi

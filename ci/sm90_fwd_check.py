@@ -182,8 +182,8 @@ def phase_host(args) -> int:
     q = torch.randn(4, 16, 4096, 128, device="cuda", dtype=torch.bfloat16)
     desc = launch.describe(q)
     n = 2000
-    tmap = tma.plan_map(desc.ptr, desc.dtype, desc.shape, desc.strides, 128)
-    for name, step in (("encode", lambda: tma.plan_map(desc.ptr, desc.dtype, desc.shape, desc.strides, 128)),
+    tmap = tma.plan_map(desc.ptr, desc.dtype, desc.shape, desc.strides, 128, desc.device)
+    for name, step in (("encode", lambda: tma.plan_map(desc.ptr, desc.dtype, desc.shape, desc.strides, 128, desc.device)),
                        ("re-point", lambda: tma.repoint(tmap, desc.ptr))):
         t0 = time.perf_counter()
         for _ in range(n):

@@ -391,3 +391,26 @@ def test_backward_declined_calls_stay_on_mma_sync(hopper):
         torch.cuda.synchronize()
         assert not _sm90_backward_planned()
         assert not any(g.isnan().any() for g in grads)
+
+
+def test_tensor_maps_bind_a_context_where_the_thread_has_none(monkeypatch):
+    """A thread that only used torch's caching allocator may have no current CUDA context: the
+    driver refuses the map (CUDA_ERROR_INVALID_CONTEXT) and tma makes the device's primary
+    context current (cudaSetDevice) and asks once more, for the plan's device."""
+    import types
+
+    from xattn import tma
+
+    ok, no_context = "ok", "invalid context"
+    driver = types.SimpleNamespace(CUresult=types.SimpleNamespace(
+        CUDA_SUCCESS=ok, CUDA_ERROR_INVALID_CONTEXT=no_context))
+    made_current = []
+    runtime = types.SimpleNamespace(setDevice=made_current.append, getDevice=lambda: 5)
+    monkeypatch.setitem(sys.modules, "cupy", types.SimpleNamespace(cuda=types.SimpleNamespace(runtime=runtime)))
+    answers = iter([(no_context, None), (ok, "map")])
+    assert tma._with_context(driver, lambda: next(answers), device=3) == (ok, "map")
+    assert made_current == [3]
+    answers = iter([(no_context,), (ok,)])
+    assert tma._with_context(driver, lambda: next(answers)) == (ok,)  # the thread's device
+    assert made_current == [3, 5]
+    assert tma._with_context(driver, lambda: (ok, "map")) == (ok, "map") and made_current == [3, 5]

@@ -135,7 +135,7 @@ def plan(Q, K, V, O, L, *, causal, scale, window, softcap, slopes, batch=None, m
                         seqlen_k=seqlen_k, heads_per_kv=heads_q // heads_k)
     block = cuda._attn_params(var, {"q": Q, "k": K, "v": V, "o": O, "lse": L}, heads_q=heads_q,
                               head_dim=head_dim)
-    maps = [(name, tma.plan_map(a.ptr, a.dtype, a.shape, a.strides, rows), tma.repoint)
+    maps = [(name, tma.plan_map(a.ptr, a.dtype, a.shape, a.strides, rows, a.device), tma.repoint)
             for name, a, rows in (("q", Q, kernels.SM90_BLOCK_M), ("k", K, row.block_n),
                                   ("v", V, row.block_n), ("o", O, kernels.SM90_STORE_ROWS))]
     kernel = kernels.cuda("flash_fwd_sm90")
@@ -212,7 +212,7 @@ def plan_backward(Q, K, V, dO, dK, dV, accum, block, var: "launch.Variant", batc
     row = select_backward(head_dim, causal_rows)
     accum = accum._replace(ptr=accum.ptr or tma.PLACEHOLDER_PTR, strides=accum.strides[:3] + (1,))
     keys, stores = kernels.SM90_BWD_BLOCK_N, kernels.SM90_STORE_ROWS
-    maps = [(name, tma.plan_map(a.ptr, a.dtype, a.shape, a.strides, rows), tma.repoint)
+    maps = [(name, tma.plan_map(a.ptr, a.dtype, a.shape, a.strides, rows, a.device), tma.repoint)
             for name, a, rows in (("q", Q, row.block_m), ("k", K, keys), ("v", V, keys),
                                   ("dout", dO, row.block_m), ("dk", dK, stores),
                                   ("dv", dV, stores), ("dq_accum", accum, stores))]

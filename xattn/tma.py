@@ -61,7 +61,23 @@ def _check(driver, err, what: str) -> None:
         raise RuntimeError(f"xattn: {what} failed ({err})")
 
 
-def _encode(driver, ptr: int, dtype: str, shape: tuple, strides: tuple, box_rows: int):
+def _with_context(driver, call, device: int | None = None):
+    """call() -> (err, *results) through the driver API, which needs a context current on the
+    calling thread: a thread that has only used torch's caching allocator may have none yet
+    (CUDA_ERROR_INVALID_CONTEXT). Then the device's primary context is made current (cudaSetDevice
+    does that from CUDA 12 on; `device` None: the thread's current device, which launch.run has
+    made the plan's) and the call is made once more."""
+    result = call()
+    if result[0] == driver.CUresult.CUDA_ERROR_INVALID_CONTEXT:
+        import cupy
+
+        runtime = cupy.cuda.runtime
+        runtime.setDevice(runtime.getDevice() if device is None else device)
+        result = call()
+    return result
+
+
+def _encode(driver, ptr: int, dtype: str, shape: tuple, strides: tuple, box_rows: int, device: int):
     size = _ITEMSIZE[dtype]
     batch, heads, rows, cols = shape
     # A dimension of extent 1 gets a legal stride: its coordinate is always 0.
@@ -69,7 +85,7 @@ def _encode(driver, ptr: int, dtype: str, shape: tuple, strides: tuple, box_rows
     data_type = getattr(driver.CUtensorMapDataType, {
         "bfloat16": "CU_TENSOR_MAP_DATA_TYPE_BFLOAT16", "float16": "CU_TENSOR_MAP_DATA_TYPE_FLOAT16",
         "float32": "CU_TENSOR_MAP_DATA_TYPE_FLOAT32"}[dtype])
-    err, tmap = driver.cuTensorMapEncodeTiled(
+    err, tmap = _with_context(driver, lambda: driver.cuTensorMapEncodeTiled(
         data_type, 4, ptr,
         [driver.cuuint64_t(n) for n in (cols, rows, heads, batch)],
         [driver.cuuint64_t(s) for s in (byte_strides[2], byte_strides[1], byte_strides[0])],
@@ -78,19 +94,19 @@ def _encode(driver, ptr: int, dtype: str, shape: tuple, strides: tuple, box_rows
         driver.CUtensorMapInterleave.CU_TENSOR_MAP_INTERLEAVE_NONE,
         driver.CUtensorMapSwizzle.CU_TENSOR_MAP_SWIZZLE_128B,
         driver.CUtensorMapL2promotion.CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
-        driver.CUtensorMapFloatOOBfill.CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE)  # NONE: zeros
+        driver.CUtensorMapFloatOOBfill.CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE), device)  # NONE: zeros
     _check(driver, err, f"cuTensorMapEncodeTiled(shape={shape}, strides={strides}, {dtype}, box rows {box_rows})")
     return tmap
 
 
-def plan_map(ptr: int, dtype: str, shape: tuple, strides: tuple, box_rows: int):
+def plan_map(ptr: int, dtype: str, shape: tuple, strides: tuple, box_rows: int, device: int):
     """A tensor map owned by one launch plan (shared with no other plan, so re-pointing it races
     with none): the driver's CUtensorMap object, whose 128 bytes a launch passes by address."""
-    return _encode(_load_driver(), ptr, dtype, shape, strides, box_rows)
+    return _encode(_load_driver(), ptr, dtype, shape, strides, box_rows, device)
 
 
 def repoint(tmap, ptr: int) -> None:
     """Point a plan's map at another base address (same shape, strides and box)."""
     driver = _load_driver()
-    (err,) = driver.cuTensorMapReplaceAddress(tmap, ptr)
+    (err,) = _with_context(driver, lambda: driver.cuTensorMapReplaceAddress(tmap, ptr))
     _check(driver, err, "cuTensorMapReplaceAddress")

@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from decode_model import check_split_decode
 from xattn import configs
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -348,31 +349,4 @@ def test_decode_block_gives_each_group_row_its_attention(cfg, splits):
     a causal sliding window bottom-right aligned with Sk, a last tile past the keys, split into
     runs of whole tiles whose partials the merge's formula combines: each row's softmax(q k^T) v
     in base 2 (scale_log2 = 1) and its LSE, as a float64 oracle gives them."""
-    rng = np.random.default_rng(cfg.head_dim + splits)
-    heads_per_kv, seqlen_q, d = 5, 3, cfg.head_dim
-    seqlen_k = 3 * cfg.block_n + 7  # the last tile crosses the end of the keys
-    left = 2 * cfg.block_n + 3      # the window's left edge inside a tile
-    rows = heads_per_kv * seqlen_q
-    q = rng.standard_normal((heads_per_kv, seqlen_q, d)) * 0.3
-    k, v = rng.standard_normal((seqlen_k, d)), rng.standard_normal((seqlen_k, d))
-    q_rows = q.reshape(rows, d)  # row r = head-in-group * Sq + token (load_q_rows)
-    token = np.arange(rows) % seqlen_q
-    diag = token + seqlen_k - seqlen_q  # bottom-right aligned
-    key = np.arange(seqlen_k)
-    visible = (key[None, :] <= diag[:, None]) & (key[None, :] >= diag[:, None] - left)
-
-    first = max(0, (seqlen_k - seqlen_q - left)) // cfg.block_n  # key_tiles of tokens 0..Sq-1
-    last = -(-seqlen_k // cfg.block_n)
-    per_split = -(-(last - first) // splits)
-    parts = [decode_block(cfg, q_rows, k, v, visible, range(first + s * per_split,
-                                                            min(last, first + (s + 1) * per_split)))
-             for s in range(splits)]
-    lse2 = np.stack([lse for _, lse in parts])  # flash_decode_merge_portable's formula
-    total = np.log2(np.exp2(lse2 - lse2.max(axis=0)).sum(axis=0)) + lse2.max(axis=0)
-    out = sum(np.exp2(lse - total)[:, None] * o for o, lse in parts)
-
-    scores = np.where(visible, q_rows @ k.T, -np.inf)
-    want_lse2 = np.log2(np.exp2(scores - scores.max(axis=1, keepdims=True)).sum(axis=1)) + scores.max(axis=1)
-    want = np.exp2(scores - want_lse2[:, None]) @ v
-    np.testing.assert_allclose(total, want_lse2, rtol=1e-12, atol=1e-12)
-    np.testing.assert_allclose(out, want, rtol=1e-10, atol=1e-12)
+    check_split_decode(decode_block, cfg, splits, seed=cfg.head_dim + splits)

@@ -362,17 +362,8 @@ def _validate_pages(info, qkv, sequences, block_table, seqused_k, lengths_k, max
     known, source = lengths_k, "cu_seqlens_k"
     used = None
     if seqused_k is not None:
-        try:
-            used_info = arrays.describe(seqused_k, "seqused_k")
-        except TypeError:
-            raise TypeError(f"seqused_k: expected an int32 array (B,), got "
-                            f"{type(seqused_k).__module__}.{type(seqused_k).__qualname__}") from None
-        check_like_q("seqused_k", used_info, info)
-        if used_info.dtype != "int32":
-            raise TypeError(f"seqused_k: expected dtype int32, got {used_info.dtype}")
-        if tuple(used_info.shape) != (sequences,):
-            raise ValueError(f"seqused_k: expected shape ({sequences},) (one length per sequence "
-                             f"of cu_seqlens_q), got {tuple(used_info.shape)}")
+        used_info = check_vector("seqused_k", seqused_k, info, "int32", sequences, "B",
+                                 "one length per sequence of cu_seqlens_q")
         host = None
         if info.device == "cpu":  # a GPU array is never read on the host: the kernels clamp
             host = np.asarray(arrays.to_host_ints(seqused_k, used_info), dtype=np.int64)
@@ -613,17 +604,25 @@ def check_groups(q_heads: int, kv_heads: int, kv_name: str) -> None:
 def check_sinks(sinks, info, heads_q):
     """sinks (attention, attention_varlen, attention_with_kvcache): float32 (Hq,), in q's
     library and on its device. Their values are not read (a GPU array would need a sync)."""
+    check_vector("sinks", sinks, info, "float32", heads_q, "Hq", "the query heads of q")
+
+
+def check_vector(name, x, info, dtype: str, length: int, symbol: str, meaning: str):
+    """A one-dimensional `dtype` array of `length` elements (`symbol` in the messages, `meaning`
+    what its length counts) in q's library and on its device: its ArrayInfo."""
     try:
-        described = arrays.describe(sinks, "sinks")
+        described = arrays.describe(x, name)
     except TypeError:
-        raise TypeError(f"sinks: expected a float32 array (Hq,), got "
-                        f"{type(sinks).__module__}.{type(sinks).__qualname__}") from None
-    check_like_q("sinks", described, info)
-    if described.dtype != "float32":
-        raise TypeError(f"sinks: expected dtype float32, got {described.dtype}")
-    if tuple(described.shape) != (heads_q,):
-        raise ValueError(f"sinks: expected shape ({heads_q},) (the query heads of q), got "
+        article = "an" if dtype[0] in "aeiou" else "a"
+        raise TypeError(f"{name}: expected {article} {dtype} array ({symbol},), got "
+                        f"{type(x).__module__}.{type(x).__qualname__}") from None
+    check_like_q(name, described, info)
+    if described.dtype != dtype:
+        raise TypeError(f"{name}: expected dtype {dtype}, got {described.dtype}")
+    if tuple(described.shape) != (length,):
+        raise ValueError(f"{name}: expected shape ({length},) ({meaning}), got "
                          f"{tuple(described.shape)}")
+    return described
 
 
 def check_like_q(name, other, info, or_else=""):

@@ -390,3 +390,22 @@ def test_static_cache_with_a_sliding_window_is_refused_not_misaligned():
     with pytest.raises(NotImplementedError, match="static caches"):
         mine.generate(ids, attention_mask=torch.ones_like(ids), cache_implementation="static",
                       **GENERATE)
+
+
+def test_a_padded_forward_unpads_its_mask_once(monkeypatch):
+    """Every layer of a forward gets the same padding mask; its unpadding (which waits for the GPU:
+    the lengths are data) is computed once per forward, not once per layer."""
+    from xattn.integrations import transformers as integration
+
+    calls = []
+    real = integration._unpad
+    monkeypatch.setattr(integration, "_unpad", lambda mask: calls.append(1) or real(mask))
+    mine, peer = models("llama", "cpu", torch.float32)
+    assert mine.config.num_hidden_layers > 1
+    ids, mask = left_padded([9, 4, 6], 4, "cpu")
+    with torch.no_grad():
+        got = mine(ids, attention_mask=mask).logits
+        want = peer(ids, attention_mask=mask).logits
+    assert len(calls) == 2  # the queries' rows and the keys', once
+    real_rows = mask.bool()
+    assert rel_error(got[real_rows], want[real_rows]) <= LOGIT_TOLERANCE[torch.float32]

@@ -246,16 +246,40 @@ def _unpad(mask):
     return indices, cumulative, int(lengths.max())
 
 
+# The unpadding of one mask, kept while the mask lives: transformers hands every layer of a
+# forward the same mask tensor, and each _unpad synchronizes with the GPU (its lengths are data),
+# so a decoding step would otherwise wait for the GPU twice in every layer instead of once.
+# It is kept on the mask tensor itself (tensors compare elementwise, so no dictionary can key
+# on them), under {(sq, the mask's version): unpadding}.
+_UNPADDING = "_xattn_unpadding"
+
+
+def _unpadding(key_mask, sq):
+    """(indices_q, cu_q, max_q, indices_k, cu_k, max_k) of a (B, Sk) key mask whose last sq
+    keys are the queries, computed once per mask (and per change to it)."""
+    entries = getattr(key_mask, _UNPADDING, None)
+    if entries is None:
+        entries = {}
+        setattr(key_mask, _UNPADDING, entries)
+    key = (sq, key_mask._version)
+    found = entries.get(key)
+    if found is None:
+        # The queries are the last sq keys (checked by padding_mask), so their padding is there.
+        found = entries[key] = _unpad(key_mask[:, key_mask.shape[1] - sq:]) + _unpad(key_mask)
+    return found
+
+
 def _padded(query, key, value, key_mask, options):
     batch, heads, sq, head_dim = query.shape
     kv_heads, sk = key.shape[1], key.shape[2]
     if tuple(key_mask.shape) != (batch, sk):
         raise ValueError(f"attention_mask: expected shape {(batch, sk)} (batch, keys), got "
                          f"{tuple(key_mask.shape)}")
-    # The queries are the last sq keys (checked by padding_mask), so their padding is there.
-    query_mask = key_mask[:, sk - sq:]
-    indices_q, cu_q, max_q = _unpad(query_mask)
-    indices_k, cu_k, max_k = _unpad(key_mask)
+    if torch.compiler.is_compiling():  # traced once per graph: nothing to keep
+        indices_q, cu_q, max_q = _unpad(key_mask[:, sk - sq:])
+        indices_k, cu_k, max_k = _unpad(key_mask)
+    else:
+        indices_q, cu_q, max_q, indices_k, cu_k, max_k = _unpadding(key_mask, sq)
     # (B, H, S, D) -> (B*S, H, D), real tokens only: (total, H, D) as attention_varlen takes.
     q = query.transpose(1, 2).reshape(batch * sq, heads, head_dim).index_select(0, indices_q)
     k, v = (x.transpose(1, 2).reshape(batch * sk, kv_heads, head_dim).index_select(0, indices_k)

@@ -270,12 +270,41 @@ def test_dropout_raises_naming_the_argument():
 
 
 @pytest.mark.parametrize("name", ["rotary_cos", "cache_batch_idx", "cache_leftpad",
-                                  "block_table", "alibi_slopes"])
+                                  "alibi_slopes"])
 def test_kvcache_refuses_what_xattn_lacks(name):
     q, cache = torch.randn(1, 1, 2, 8), torch.randn(1, 4, 2, 8)
     with pytest.raises(ValueError, match=name):
         fa.flash_attn_with_kvcache(q, cache, cache, cache_seqlens=2,
                                    **{name: torch.zeros(1, dtype=torch.int32)})
+
+
+@DEVICE_DTYPE
+def test_flash_attn_with_kvcache_takes_paged_caches(device, dtype):
+    """block_table as flash-attn takes it: the same call through xattn's own API gives the same
+    bits, the new keys land in their pages, and each sequence matches SDPA on its gathered cache."""
+    _skip_unless_usable(device)
+    b, page, hk, d, pages_per_seq = 2, 16, 2, 32, 3
+    num_pages = b * pages_per_seq + 1
+    k_pages, v_pages = (_bshd(num_pages, page, hk, d, device, dtype, s) for s in (1, 2))
+    table = torch.tensor([[6, 0, 3], [2, 5, 1]], dtype=torch.int32, device=device)
+    q = _bshd(b, 1, 4, d, device, dtype, 0)
+    k_new, v_new = (_bshd(b, 1, hk, d, device, dtype, s) for s in (3, 4))
+    lengths = torch.tensor([20, 33], dtype=torch.int32, device=device)
+    caches = (k_pages.clone(), v_pages.clone())
+    out = fa.flash_attn_with_kvcache(q, k_pages, v_pages, k_new, v_new, cache_seqlens=lengths,
+                                     block_table=table, causal=True)
+    own = xattn.attention_with_kvcache(q, *caches, cache_seqlens=lengths, k_new=k_new,
+                                       v_new=v_new, causal=True, layout="bshd", block_table=table)
+    assert torch.equal(out, own)
+    assert torch.equal(k_pages, caches[0]) and torch.equal(v_pages, caches[1])
+    for i, n in enumerate(lengths.tolist()):
+        rows = [(int(table[i, r // page]), r % page) for r in range(n + 1)]
+        gathered = [torch.stack([x[p_, r] for p_, r in rows])[None] for x in (k_pages, v_pages)]
+        assert torch.equal(gathered[0][0, n], k_new[i, 0])
+        want = _sdpa_reference(q[i:i + 1], *gathered, True, None)
+        assert rel_error(f64(out[i:i + 1]), f64(want)) <= TOLERANCE[NAMES[dtype]]
+    with pytest.raises(ValueError, match="cache_seqlens"):
+        fa.flash_attn_with_kvcache(q, k_pages, v_pages, block_table=table)
 
 
 def test_kvcache_new_keys_need_lengths():

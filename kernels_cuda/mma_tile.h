@@ -14,6 +14,19 @@
 // Byte offset of element (row, col) in a padded tile.
 #define TILE_OFFSET(row, col) (((row) * SMEM_STRIDE + (col)) * 2)
 
+// How NUM_THREADS threads share the copy of a ROWS x HEAD_DIM tile (load_tile, load_paged_tile).
+// A copy moves COPY_ELEMS elements: 16 bytes with VEC_LOADS, else one element. Thread tid always
+// copies the same columns, of rows tid / THREADS_PER_ROW + i * ROWS_PER_PASS, i < PASSES.
+template <int ROWS>
+struct TileCopy {
+    static constexpr int COPY_ELEMS = VEC_LOADS ? CHUNK : 1;
+    static constexpr int COPIES_PER_ROW = HEAD_DIM / COPY_ELEMS;
+    static constexpr int THREADS_PER_ROW = COPIES_PER_ROW < NUM_THREADS ? COPIES_PER_ROW : NUM_THREADS;
+    static constexpr int COPIES_PER_THREAD = (COPIES_PER_ROW + THREADS_PER_ROW - 1) / THREADS_PER_ROW;
+    static constexpr int ROWS_PER_PASS = NUM_THREADS / THREADS_PER_ROW;
+    static constexpr int PASSES = (ROWS + ROWS_PER_PASS - 1) / ROWS_PER_PASS;
+};
+
 // Copy a ROWS x HEAD_DIM tile from global memory (rows row_stride elements apart) into shared
 // memory, writing zeros for rows >= valid_rows and columns >= head_dim. Zeros, not garbage: padded
 // head-dim columns must add nothing to Q.K, and V rows past the last key meet P = 0, which would
@@ -21,44 +34,37 @@
 template <int ROWS>
 __device__ __forceinline__ void load_tile(u16* smem, const u16* gmem, i64 row_stride,
                                           int valid_rows, int head_dim, int tid) {
-    // A copy moves COPY_ELEMS elements: 16 bytes with VEC_LOADS, else one element. Thread tid
-    // always copies the same columns, of rows tid / THREADS_PER_ROW + i * ROWS_PER_PASS, walking
-    // one pointer down the rows: a single 64-bit address stays live instead of one per row, which
-    // the register budget of the main loop cannot spare.
-    constexpr int COPY_ELEMS = VEC_LOADS ? CHUNK : 1;
-    constexpr int COPIES_PER_ROW = HEAD_DIM / COPY_ELEMS;
-    constexpr int THREADS_PER_ROW = COPIES_PER_ROW < NUM_THREADS ? COPIES_PER_ROW : NUM_THREADS;
-    constexpr int COPIES_PER_THREAD = (COPIES_PER_ROW + THREADS_PER_ROW - 1) / THREADS_PER_ROW;
-    constexpr int ROWS_PER_PASS = NUM_THREADS / THREADS_PER_ROW;
-    constexpr int PASSES = (ROWS + ROWS_PER_PASS - 1) / ROWS_PER_PASS;
-    // Head dims like 96 leave a few threads idle (only when NUM_THREADS % THREADS_PER_ROW != 0).
-    if (NUM_THREADS % THREADS_PER_ROW != 0 && tid >= ROWS_PER_PASS * THREADS_PER_ROW) return;
-    const int row = tid / THREADS_PER_ROW, col = (tid % THREADS_PER_ROW) * COPY_ELEMS;
+    // Each thread walks one pointer down its rows (TileCopy): a single 64-bit address stays live
+    // instead of one per row, which the register budget of the main loop cannot spare.
+    using G = TileCopy<ROWS>;
+    // Head dims like 96 leave a few threads idle (only when NUM_THREADS % G::THREADS_PER_ROW != 0).
+    if (NUM_THREADS % G::THREADS_PER_ROW != 0 && tid >= G::ROWS_PER_PASS * G::THREADS_PER_ROW) return;
+    const int row = tid / G::THREADS_PER_ROW, col = (tid % G::THREADS_PER_ROW) * G::COPY_ELEMS;
     const u16* src = gmem + row * row_stride + col;
 #if VEC_LOADS
-    static_assert(COPIES_PER_THREAD == 1, "16-byte copies: one column chunk per thread");
+    static_assert(G::COPIES_PER_THREAD == 1, "16-byte copies: one column chunk per thread");
     const bool col_valid = col < head_dim;
     const u32 dst = smem_addr(smem + row * SMEM_STRIDE + col);
 #pragma unroll
-    for (int i = 0; i < PASSES; ++i) {
-        if (ROWS % ROWS_PER_PASS != 0 && row + i * ROWS_PER_PASS >= ROWS) break;
-        bool valid = col_valid && row + i * ROWS_PER_PASS < valid_rows;
-        cp_async_16_zfill(dst + TILE_OFFSET(i * ROWS_PER_PASS, 0), src, valid);
-        src += ROWS_PER_PASS * row_stride;
+    for (int i = 0; i < G::PASSES; ++i) {
+        if (ROWS % G::ROWS_PER_PASS != 0 && row + i * G::ROWS_PER_PASS >= ROWS) break;
+        bool valid = col_valid && row + i * G::ROWS_PER_PASS < valid_rows;
+        cp_async_16_zfill(dst + TILE_OFFSET(i * G::ROWS_PER_PASS, 0), src, valid);
+        src += G::ROWS_PER_PASS * row_stride;
     }
 #else
     u16* dst = smem + row * SMEM_STRIDE + col;
-    for (int i = 0; i < PASSES; ++i) {
-        if (ROWS % ROWS_PER_PASS != 0 && row + i * ROWS_PER_PASS >= ROWS) break;
-        const bool row_valid = row + i * ROWS_PER_PASS < valid_rows;
+    for (int i = 0; i < G::PASSES; ++i) {
+        if (ROWS % G::ROWS_PER_PASS != 0 && row + i * G::ROWS_PER_PASS >= ROWS) break;
+        const bool row_valid = row + i * G::ROWS_PER_PASS < valid_rows;
 #pragma unroll
-        for (int j = 0; j < COPIES_PER_THREAD; ++j) {
-            const int c = col + j * THREADS_PER_ROW;
-            if (COPIES_PER_ROW % THREADS_PER_ROW != 0 && c >= HEAD_DIM) break;
-            dst[i * ROWS_PER_PASS * SMEM_STRIDE + j * THREADS_PER_ROW] =
-                row_valid && c < head_dim ? src[j * THREADS_PER_ROW] : (u16)0;
+        for (int j = 0; j < G::COPIES_PER_THREAD; ++j) {
+            const int c = col + j * G::THREADS_PER_ROW;
+            if (G::COPIES_PER_ROW % G::THREADS_PER_ROW != 0 && c >= HEAD_DIM) break;
+            dst[i * G::ROWS_PER_PASS * SMEM_STRIDE + j * G::THREADS_PER_ROW] =
+                row_valid && c < head_dim ? src[j * G::THREADS_PER_ROW] : (u16)0;
         }
-        src += ROWS_PER_PASS * row_stride;
+        src += G::ROWS_PER_PASS * row_stride;
     }
 #endif
 }
@@ -75,43 +81,38 @@ __device__ __forceinline__ void load_paged_tile(u16* smem, const u16* base, cons
                                                 int batch, int first_row, i64 page_stride,
                                                 i64 row_stride, int valid_rows, int head_dim,
                                                 int tid) {
-    constexpr int COPY_ELEMS = VEC_LOADS ? CHUNK : 1;
-    constexpr int COPIES_PER_ROW = HEAD_DIM / COPY_ELEMS;
-    constexpr int THREADS_PER_ROW = COPIES_PER_ROW < NUM_THREADS ? COPIES_PER_ROW : NUM_THREADS;
-    constexpr int COPIES_PER_THREAD = (COPIES_PER_ROW + THREADS_PER_ROW - 1) / THREADS_PER_ROW;
-    constexpr int ROWS_PER_PASS = NUM_THREADS / THREADS_PER_ROW;
-    constexpr int PASSES = (ROWS + ROWS_PER_PASS - 1) / ROWS_PER_PASS;
+    using G = TileCopy<ROWS>;
     constexpr int PAGE_ROWS = 16;  // every page size is a multiple of this
     // A thread's rows of one group are consecutive passes; otherwise every pass looks its row up.
-    constexpr bool GROUPED = ROWS_PER_PASS <= PAGE_ROWS && PAGE_ROWS % ROWS_PER_PASS == 0;
-    if (NUM_THREADS % THREADS_PER_ROW != 0 && tid >= ROWS_PER_PASS * THREADS_PER_ROW) return;
-    const int row = tid / THREADS_PER_ROW, col = (tid % THREADS_PER_ROW) * COPY_ELEMS;
+    constexpr bool GROUPED = G::ROWS_PER_PASS <= PAGE_ROWS && PAGE_ROWS % G::ROWS_PER_PASS == 0;
+    if (NUM_THREADS % G::THREADS_PER_ROW != 0 && tid >= G::ROWS_PER_PASS * G::THREADS_PER_ROW) return;
+    const int row = tid / G::THREADS_PER_ROW, col = (tid % G::THREADS_PER_ROW) * G::COPY_ELEMS;
     const u16* src = base + col;
 #if VEC_LOADS
-    static_assert(COPIES_PER_THREAD == 1, "16-byte copies: one column chunk per thread");
+    static_assert(G::COPIES_PER_THREAD == 1, "16-byte copies: one column chunk per thread");
     const bool col_valid = col < head_dim;
     const u32 dst = smem_addr(smem + row * SMEM_STRIDE + col);
 #pragma unroll
 #else
     u16* dst = smem + row * SMEM_STRIDE + col;
 #endif
-    for (int i = 0; i < PASSES; ++i) {
-        const int r = row + i * ROWS_PER_PASS;
-        if (ROWS % ROWS_PER_PASS != 0 && r >= ROWS) break;
+    for (int i = 0; i < G::PASSES; ++i) {
+        const int r = row + i * G::ROWS_PER_PASS;
+        if (ROWS % G::ROWS_PER_PASS != 0 && r >= ROWS) break;
         const bool row_valid = r < valid_rows;
-        if (!GROUPED || i * ROWS_PER_PASS % PAGE_ROWS == 0)
+        if (!GROUPED || i * G::ROWS_PER_PASS % PAGE_ROWS == 0)
             src = base + (row_valid ? kv_row_offset(p, batch, first_row + r, page_stride, row_stride) : 0) + col;
         else
-            src += ROWS_PER_PASS * row_stride;
+            src += G::ROWS_PER_PASS * row_stride;
 #if VEC_LOADS
-        cp_async_16_zfill(dst + TILE_OFFSET(i * ROWS_PER_PASS, 0), src, col_valid && row_valid);
+        cp_async_16_zfill(dst + TILE_OFFSET(i * G::ROWS_PER_PASS, 0), src, col_valid && row_valid);
 #else
 #pragma unroll
-        for (int j = 0; j < COPIES_PER_THREAD; ++j) {
-            const int c = col + j * THREADS_PER_ROW;
-            if (COPIES_PER_ROW % THREADS_PER_ROW != 0 && c >= HEAD_DIM) break;
-            dst[i * ROWS_PER_PASS * SMEM_STRIDE + j * THREADS_PER_ROW] =
-                row_valid && c < head_dim ? src[j * THREADS_PER_ROW] : (u16)0;
+        for (int j = 0; j < G::COPIES_PER_THREAD; ++j) {
+            const int c = col + j * G::THREADS_PER_ROW;
+            if (G::COPIES_PER_ROW % G::THREADS_PER_ROW != 0 && c >= HEAD_DIM) break;
+            dst[i * G::ROWS_PER_PASS * SMEM_STRIDE + j * G::THREADS_PER_ROW] =
+                row_valid && c < head_dim ? src[j * G::THREADS_PER_ROW] : (u16)0;
         }
 #endif
     }

@@ -27,6 +27,19 @@ struct TileCopy {
     static constexpr int PASSES = (ROWS + ROWS_PER_PASS - 1) / ROWS_PER_PASS;
 };
 
+// Without VEC_LOADS: a thread's columns of one row, element by element (zeros where the row or
+// the column is past the data).
+template <int ROWS>
+__device__ __forceinline__ void copy_row(u16* dst, const u16* src, bool row_valid, int col, int head_dim) {
+    using G = TileCopy<ROWS>;
+#pragma unroll
+    for (int j = 0; j < G::COPIES_PER_THREAD; ++j) {
+        const int c = col + j * G::THREADS_PER_ROW;
+        if (G::COPIES_PER_ROW % G::THREADS_PER_ROW != 0 && c >= HEAD_DIM) break;
+        dst[j * G::THREADS_PER_ROW] = row_valid && c < head_dim ? src[j * G::THREADS_PER_ROW] : (u16)0;
+    }
+}
+
 // Copy a ROWS x HEAD_DIM tile from global memory (rows row_stride elements apart) into shared
 // memory, writing zeros for rows >= valid_rows and columns >= head_dim. Zeros, not garbage: padded
 // head-dim columns must add nothing to Q.K, and V rows past the last key meet P = 0, which would
@@ -57,13 +70,7 @@ __device__ __forceinline__ void load_tile(u16* smem, const u16* gmem, i64 row_st
     for (int i = 0; i < G::PASSES; ++i) {
         if (ROWS % G::ROWS_PER_PASS != 0 && row + i * G::ROWS_PER_PASS >= ROWS) break;
         const bool row_valid = row + i * G::ROWS_PER_PASS < valid_rows;
-#pragma unroll
-        for (int j = 0; j < G::COPIES_PER_THREAD; ++j) {
-            const int c = col + j * G::THREADS_PER_ROW;
-            if (G::COPIES_PER_ROW % G::THREADS_PER_ROW != 0 && c >= HEAD_DIM) break;
-            dst[i * G::ROWS_PER_PASS * SMEM_STRIDE + j * G::THREADS_PER_ROW] =
-                row_valid && c < head_dim ? src[j * G::THREADS_PER_ROW] : (u16)0;
-        }
+        copy_row<ROWS>(dst + i * G::ROWS_PER_PASS * SMEM_STRIDE, src, row_valid, col, head_dim);
         src += G::ROWS_PER_PASS * row_stride;
     }
 #endif
@@ -107,13 +114,7 @@ __device__ __forceinline__ void load_paged_tile(u16* smem, const u16* base, cons
 #if VEC_LOADS
         cp_async_16_zfill(dst + TILE_OFFSET(i * G::ROWS_PER_PASS, 0), src, col_valid && row_valid);
 #else
-#pragma unroll
-        for (int j = 0; j < G::COPIES_PER_THREAD; ++j) {
-            const int c = col + j * G::THREADS_PER_ROW;
-            if (G::COPIES_PER_ROW % G::THREADS_PER_ROW != 0 && c >= HEAD_DIM) break;
-            dst[i * G::ROWS_PER_PASS * SMEM_STRIDE + j * G::THREADS_PER_ROW] =
-                row_valid && c < head_dim ? src[j * G::THREADS_PER_ROW] : (u16)0;
-        }
+        copy_row<ROWS>(dst + i * G::ROWS_PER_PASS * SMEM_STRIDE, src, row_valid, col, head_dim);
 #endif
     }
 }

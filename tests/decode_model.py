@@ -5,6 +5,8 @@ once; each layout test passes its own `decode_block`."""
 
 from __future__ import annotations
 
+from typing import Callable, NamedTuple
+
 import numpy as np
 
 
@@ -42,3 +44,72 @@ def check_split_decode(decode_block, cfg, splits: int, seed: int) -> None:
     want = np.exp2(scores - want_lse2[:, None]) @ v
     np.testing.assert_allclose(total, want_lse2, rtol=1e-12, atol=1e-12)
     np.testing.assert_allclose(out, want, rtol=1e-10, atol=1e-12)
+
+
+class MatrixCore(NamedTuple):
+    """What one matrix-core family gives the decode model (its layout test builds it):
+    lanes and columns (the group rows a wave holds, padded), floats per lane of one accumulator
+    block, the kernels' index functions F (acc_row, acc_col), the LDS row padding, and the three
+    products as the kernel issues them: q_frags(lds, stride, d) -> Q's operand fragments,
+    scores(lds, stride, n, q_frags) -> S^T blocks, pv(lds, stride, d, p) -> O^T blocks."""
+    lanes: int
+    columns: int
+    per_lane: int
+    F: dict
+    pad: int
+    q_frags: Callable
+    scores: Callable
+    pv: Callable
+
+
+def decode_block(core: MatrixCore, lds, cfg, q_rows, k, v, visible, tiles):
+    """One decode block (one wave) through a matrix-core model: the group's rows (head-in-group x
+    token, padded with zero rows to core.columns) against the key tiles `tiles`, scores of
+    invisible keys (visible[row, key] False, or past the keys) at -inf, the online softmax per
+    lane with lane ^ (lanes / 2) holding the same row's other keys; returns the rows' O / l and
+    base-2 LSE (scale_log2 = 1) as the epilogue writes them: element j of block b of lane l at
+    dim acc_row(l, b, j) of row acc_col(l). lds(x, stride): x as the LDS tile the kernel reads."""
+    F, lanes = core.F, core.lanes
+    d, n, rows = cfg.head_dim, cfg.block_n, q_rows.shape[0]
+    kq_stride, vt_stride = d + core.pad, n + core.pad
+    q_pad = np.zeros((core.columns, d))
+    q_pad[:rows] = q_rows
+    q_frag = core.q_frags(lds(q_pad, kq_stride), kq_stride, d)
+    acc_o = [np.zeros((lanes, core.per_lane)) for _ in range(d // (lanes // 2))]
+    row_max, row_sum = np.full(lanes, -np.inf), np.zeros(lanes)
+    partner = np.arange(lanes) ^ (lanes // 2)
+    for tile in tiles:
+        keys = np.arange(tile * n, tile * n + n)
+        k_tile, v_tile = np.zeros((n, d)), np.zeros((n, d))  # zeros past the keys (load_tile)
+        live = keys < k.shape[0]
+        k_tile[live], v_tile[live] = k[keys[live]], v[keys[live]]
+        acc_s = core.scores(lds(k_tile, kq_stride), kq_stride, n, q_frag)
+        for nb, block in enumerate(acc_s):  # modify_scores: the lane's row is its column
+            for lane in range(lanes):
+                row = F["acc_col"](lane)
+                for j in range(core.per_lane):
+                    key = tile * n + F["acc_row"](lane, nb, j)
+                    if key >= k.shape[0] or row >= rows or not visible[row, key]:
+                        block[lane, j] = -np.inf
+        m_lane = np.max([blk.max(axis=1) for blk in acc_s], axis=0)
+        m_new = np.maximum(row_max, np.maximum(m_lane, m_lane[partner]))
+        empty = m_new == -np.inf
+        offset = np.where(empty, 0.0, m_new)
+        alpha = np.where(empty, 1.0, np.exp2(row_max - offset))
+        row_max = m_new
+        p = [np.exp2(blk - offset[:, None]) for blk in acc_s]
+        row_sum = row_sum * alpha + sum(blk.sum(axis=1) for blk in p)
+        pv = core.pv(lds(v_tile.T.copy(), vt_stride), vt_stride, d, p)
+        acc_o = [o * alpha[:, None] + x for o, x in zip(acc_o, pv)]
+    l = row_sum + row_sum[partner]
+    out, lse2 = np.full((rows, d), np.nan), np.full(rows, np.nan)
+    for lane in range(lanes):
+        row = F["acc_col"](lane)
+        if row >= rows:
+            continue  # padded rows write nothing
+        lse2[row] = row_max[lane] + np.log2(l[lane]) if l[lane] != 0 else -np.inf
+        for blk, block in enumerate(acc_o):
+            for j in range(core.per_lane):
+                out[row, F["acc_row"](lane, blk, j)] = block[lane, j] / l[lane] if l[lane] != 0 else 0.0
+    assert not np.isnan(out).any() and not np.isnan(lse2).any(), "some dim or row never written"
+    return out, lse2

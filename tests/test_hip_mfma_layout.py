@@ -17,7 +17,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from decode_model import check_split_decode
+import decode_model
+from decode_model import MatrixCore, check_split_decode
 from xattn import configs
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -292,54 +293,15 @@ DECODE_ROWS = [r for r in configs.HIP_TABLE if r.kernel == "flash_decode_mfma"]
 
 
 def decode_block(cfg, q_rows, k, v, visible, tiles):
-    """One block of flash_decode_mfma through the model and the kernels' index functions: the
-    group's rows (head-in-group x token, padded with zero rows to the 32 columns of the wave)
-    against the key tiles `tiles`, scores of invisible keys (visible[row, key] False, or past the
-    keys) at -inf, the online softmax per lane with lane ^ 32 holding the same row; returns the
-    rows' O / l and base-2 LSE (in units of the raw scores: scale_log2 = 1 here) as the epilogue
-    writes them, element j of block b of lane l at dim acc_row(l, b, j) of row acc_col(l)."""
-    d, n, rows = cfg.head_dim, cfg.block_n, q_rows.shape[0]
-    kq_stride, vt_stride = d + PAD, n + PAD
-    q_pad = np.zeros((32, d))
-    q_pad[:rows] = q_rows
-    q_frag = load_frags(_lds(q_pad, kq_stride), kq_stride, 0, d // 8)
-    acc_o = [np.zeros((LANES, 16)) for _ in range(d // 32)]
-    row_max, row_sum = np.full(LANES, -np.inf), np.zeros(LANES)
-    partner = np.arange(LANES) ^ 32
-    for tile in tiles:
-        keys = np.arange(tile * n, tile * n + n)
-        k_tile, v_tile = np.zeros((n, d)), np.zeros((n, d))  # zeros past the keys (load_tile)
-        live = keys < k.shape[0]
-        k_tile[live], v_tile[live] = k[keys[live]], v[keys[live]]
-        acc_s = tile_times_frags(_lds(k_tile, kq_stride), kq_stride, n // 32, q_frag)
-        for nb, block in enumerate(acc_s):  # modify_scores: the lane's row is its column
-            for lane in range(LANES):
-                row = F["acc_col"](lane)
-                for j in range(16):
-                    key = tile * n + F["acc_row"](lane, nb, j)
-                    if key >= k.shape[0] or row >= rows or not visible[row, key]:
-                        block[lane, j] = -np.inf
-        m_lane = np.max([blk.max(axis=1) for blk in acc_s], axis=0)
-        m_new = np.maximum(row_max, np.maximum(m_lane, m_lane[partner]))
-        empty = m_new == -np.inf
-        offset = np.where(empty, 0.0, m_new)
-        alpha = np.where(empty, 1.0, np.exp2(row_max - np.where(empty, 0.0, m_new)))
-        row_max = m_new
-        p = [np.exp2(blk - offset[:, None]) for blk in acc_s]
-        row_sum = row_sum * alpha + sum(blk.sum(axis=1) for blk in p)
-        pv = tile_times_acc(_lds(v_tile.T.copy(), vt_stride), vt_stride, d // 32, p)
-        acc_o = [o * alpha[:, None] + x for o, x in zip(acc_o, pv)]
-    l = row_sum + row_sum[partner]
-    out, lse2 = np.full((rows, d), np.nan), np.full(rows, np.nan)
-    for lane in range(LANES):
-        row = F["acc_col"](lane)
-        if row >= rows:
-            continue  # padded rows write nothing
-        lse2[row] = row_max[lane] + np.log2(l[lane]) if l[lane] != 0 else -np.inf
-        for blk, block in enumerate(acc_o):
-            for j in range(16):
-                out[row, F["acc_row"](lane, blk, j)] = block[lane, j] / l[lane] if l[lane] != 0 else 0.0
-    return out, lse2
+    """One block of flash_decode_mfma through the shared decode model (tests/decode_model.py) on
+    the MFMA layout and the kernels' index functions: 32 group rows per wave, lane ^ 32 holding
+    the same row."""
+    core = MatrixCore(
+        lanes=LANES, columns=32, per_lane=16, F=F, pad=PAD,
+        q_frags=lambda lds, stride, d: load_frags(lds, stride, 0, d // 8),
+        scores=lambda lds, stride, n, q_frag: tile_times_frags(lds, stride, n // 32, q_frag),
+        pv=lambda lds, stride, d, p: tile_times_acc(lds, stride, d // 32, p))
+    return decode_model.decode_block(core, _lds, cfg, q_rows, k, v, visible, tiles)
 
 
 @pytest.mark.parametrize("cfg", DECODE_ROWS, ids=lambda c: f"D{c.head_dim}_N{c.block_n}")

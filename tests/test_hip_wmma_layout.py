@@ -19,7 +19,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from decode_model import check_split_decode
+import decode_model
+from decode_model import MatrixCore, check_split_decode
 from xattn import configs
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -253,58 +254,18 @@ DECODE_ROWS = [r for r in configs.HIP_TABLE if r.kernel == "flash_decode_wmma"]
 
 
 def decode_block(cfg, q_rows, k, v, visible, tiles, functions=None):
-    """One block of flash_decode_wmma (one wave) through the model and wmma.h's index functions
-    in the row's layout (rdna3: gfx11, rdna4: gfx12): the group's rows (head-in-group x token,
-    padded with zero rows to the 16 columns of the tile) against the key tiles `tiles`, scores
-    of invisible keys (visible[row, key] False, or past the keys) at -inf, the online softmax
-    per lane with lane ^ 16 holding the same row's other keys; returns the rows' O / l and base-2
-    LSE (scale_log2 = 1) as the epilogue writes them: element j of block b of lane l at dim
-    acc_row(l, b, j) of row acc_col(l). `functions`: other index functions than wmma.h's."""
+    """One block of flash_decode_wmma (one wave) through the shared decode model
+    (tests/decode_model.py) in the row's WMMA layout (rdna3: gfx11, rdna4: gfx12) and wmma.h's
+    index functions: 16 group rows per tile, lane ^ 16 holding the same row's other keys.
+    `functions`: other index functions than wmma.h's."""
     gfx12 = int(cfg.arch == "rdna4")
     F = functions or kernel_functions(gfx12)
-    d, n, rows = cfg.head_dim, cfg.block_n, q_rows.shape[0]
-    kq_stride, vt_stride = d + LDS_PAD, n + LDS_PAD
-    q_pad = np.zeros((16 * cfg.warps, d))
-    q_pad[:rows] = q_rows
-    q_frag = load_frags(F, gfx12, _lds(q_pad, kq_stride), kq_stride, 0, d // 16)
-    acc_o = [np.zeros((LANES, 8)) for _ in range(d // 16)]
-    row_max, row_sum = np.full(LANES, -np.inf), np.zeros(LANES)
-    partner = np.arange(LANES) ^ 16
-    for tile in tiles:
-        keys = np.arange(tile * n, tile * n + n)
-        k_tile, v_tile = np.zeros((n, d)), np.zeros((n, d))  # zeros past the keys (load_tile)
-        live = keys < k.shape[0]
-        k_tile[live], v_tile[live] = k[keys[live]], v[keys[live]]
-        acc_s = tile_times_frags(F, gfx12, _lds(k_tile, kq_stride), kq_stride, n // 16, q_frag)
-        for nb, block in enumerate(acc_s):  # modify_scores: the lane's row is its column
-            for lane in range(LANES):
-                row = F["acc_col"](lane)
-                for j in range(8):
-                    key = tile * n + F["acc_row"](lane, nb, j)
-                    if key >= k.shape[0] or row >= rows or not visible[row, key]:
-                        block[lane, j] = -np.inf
-        m_lane = np.max([blk.max(axis=1) for blk in acc_s], axis=0)
-        m_new = np.maximum(row_max, np.maximum(m_lane, m_lane[partner]))
-        empty = m_new == -np.inf
-        offset = np.where(empty, 0.0, m_new)
-        alpha = np.where(empty, 1.0, np.exp2(row_max - offset))
-        row_max = m_new
-        p = [np.exp2(blk - offset[:, None]) for blk in acc_s]
-        row_sum = row_sum * alpha + sum(blk.sum(axis=1) for blk in p)
-        pv = tile_times_acc(F, gfx12, _lds(v_tile.T.copy(), vt_stride), vt_stride, d // 16, p)
-        acc_o = [o * alpha[:, None] + x for o, x in zip(acc_o, pv)]
-    l = row_sum + row_sum[partner]
-    out, lse2 = np.full((rows, d), np.nan), np.full(rows, np.nan)
-    for lane in range(LANES):
-        row = F["acc_col"](lane)
-        if row >= rows:
-            continue  # padded rows write nothing
-        lse2[row] = row_max[lane] + np.log2(l[lane]) if l[lane] != 0 else -np.inf
-        for blk, block in enumerate(acc_o):
-            for j in range(8):
-                out[row, F["acc_row"](lane, blk, j)] = block[lane, j] / l[lane] if l[lane] != 0 else 0.0
-    assert not np.isnan(out).any() and not np.isnan(lse2).any(), "some dim or row never written"
-    return out, lse2
+    core = MatrixCore(
+        lanes=LANES, columns=16 * cfg.warps, per_lane=8, F=F, pad=LDS_PAD,
+        q_frags=lambda lds, stride, d: load_frags(F, gfx12, lds, stride, 0, d // 16),
+        scores=lambda lds, stride, n, q_frag: tile_times_frags(F, gfx12, lds, stride, n // 16, q_frag),
+        pv=lambda lds, stride, d, p: tile_times_acc(F, gfx12, lds, stride, d // 16, p))
+    return decode_model.decode_block(core, _lds, cfg, q_rows, k, v, visible, tiles)
 
 
 @pytest.mark.parametrize("cfg", DECODE_ROWS, ids=lambda c: f"{c.arch}_D{c.head_dim}_N{c.block_n}")

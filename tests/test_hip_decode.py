@@ -37,7 +37,8 @@ DECODE_ENTRIES = (configs.HIP_DECODE_KERNEL, "flash_decode_merge_portable", "kvc
 WAVE32_ROWS = [r for r in configs.HIP_TABLE
                if r.kernel == configs.HIP_DECODE_KERNEL and configs.hip_wave_size(r) == 32]
 FLAGS = {"plain": {}, "causal": {"IS_CAUSAL": 1}, "window+softcap": {"IS_CAUSAL": 1, "IS_LOCAL": 1, "HAS_SOFTCAP": 1},
-         "left": {"IS_LOCAL": 1}}
+         "left": {"IS_LOCAL": 1},
+         "paged": {"IS_CAUSAL": 1, "IS_LOCAL": 1, "HAS_SOFTCAP": 1, "IS_PAGED": 1}}
 
 
 # ---- CPU ------------------------------------------------------------------------------------------
@@ -46,7 +47,7 @@ FLAGS = {"plain": {}, "causal": {"IS_CAUSAL": 1}, "window+softcap": {"IS_CAUSAL"
 @pytest.mark.parametrize("cfg", WAVE32_ROWS, ids=lambda c: f"D{c.head_dim}")
 def test_decode_kernels_compile_for_nvidia_through_hip_on_cuda(cfg, flags):
     # Every dtype with all the flags; one for the others (elements become float32 on loading).
-    for dtype in ("float16", "bfloat16", "float32") if flags == "window+softcap" else ("float16",):
+    for dtype in ("float16", "bfloat16", "float32") if flags in ("window+softcap", "paged") else ("float16",):
         log = nvrtc_compile(cfg, dtype, FLAGS[flags])
         for entry in DECODE_ENTRIES:  # every entry point of the module was compiled
             assert f"Compiling entry function '{entry}'" in log or entry in log, (entry, log[:500])

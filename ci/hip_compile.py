@@ -89,12 +89,14 @@ VARIANT_FLAGS = {
     "all+alibi": {"IS_CAUSAL": 1, "IS_LOCAL": 1, "HAS_ALIBI": 1, "IS_VARLEN": 1},
     "paged": {"IS_CAUSAL": 1, "IS_LOCAL": 1, "HAS_SOFTCAP": 1, "IS_VARLEN": 1, "IS_PAGED": 1},
 }
-# Paged keys and values (attention_varlen's block_table) exist in the portable forward only: the
-# hip backend sends every paged call there (configs.select_hip).
-PAGED_FLAGS, PAGED_KERNELS = ("paged",), ("flash_fwd_portable",)
+# Paged keys and values exist in the portable forward (attention_varlen's block_table) and the
+# portable decode (attention_with_kvcache's): the hip backend sends every paged call there
+# (configs.select_hip, select_hip_decode). The decode ignores IS_VARLEN (it has no packed batches).
+PAGED_FLAGS, PAGED_KERNELS = ("paged",), ("flash_fwd_portable", "flash_decode_portable")
 VARIANT_HEAD_DIM = 128
-# The decode takes the band and the softcap only (no ALiBi, no packed batches: kvcache.py's API).
-DECODE_VARIANT_FLAGS = ("window", "left", "softcap")
+# The decode takes the band, the softcap and pages only (no ALiBi, no packed batches: kvcache.py's
+# API).
+DECODE_VARIANT_FLAGS = ("window", "left", "softcap", "paged")
 VARIANT_DTYPE = {"flash_fwd_portable": "float32", "flash_bwd_portable_dq": "float32",
                  "flash_bwd_portable_dkdv": "float32",
                  # the only dtype every target's portable decode serves (16-bit: the matrix decode)

@@ -89,6 +89,8 @@ struct DecodeParams {
     int num_splits;
     int m_blocks;
     int num_pages;                     // paged: page ids are clamped to [0, num_pages)
+    int page_size;                     // paged: rows per page (the HIP decode's; the CUDA decode
+                                       // has it at compile time, PAGE_SIZE)
     float scale_log2;                  // scale * log2(e)
     float softcap_log2;                // c * log2(e) under a softcap c
     float scale_over_softcap;          // scale / c

@@ -29,14 +29,20 @@
 // o_part (B, Hq, Sq, num_splits, HEAD_DIM) and lse_part (B, Hq, Sq, num_splits) float32.
 // Run time: all three entry points take one DecodeParams by value (kernels_common/params.h, the
 // CUDA decode's block; xattn/hip.py's launch_decode fills it): k and v are the caches, batch z is
-// blockIdx.z + batch_offset. The paged-cache and sinks fields stay unused (the hip backend refuses
-// both).
+// blockIdx.z + batch_offset. The sinks and FP8 fields stay unused (the hip backend refuses both).
+// Paged caches (IS_PAGED): k and v are (num_pages, page_size, Hk, D), k.batch_stride and
+// v.batch_stride the page strides, and cache row j of sequence b lives at page
+// block_table[b, j / page_size], row j % page_size; Smax = max_pages * page_size, so
+// j / page_size stays in the table's row. Rows are found through attention_common.h's
+// paged_row_offset, as the CUDA decode's (decode_common.h): page ids clamped to [0, num_pages),
+// so a bad table reads or writes wrong pages, never memory outside the caches or the table.
 
 // ---- compile-time configuration (set with -D by xattn/configs.py) ------------------------------
 // ELEM_TYPE   0: float16, 1: bfloat16, 2: float32
 // HEAD_DIM    padded head dim (multiple of WAVE_SIZE);  BLOCK_N  keys per tile (divides WAVE_SIZE)
 // BLOCK_M     query rows per tile;  NUM_WAVES  waves per block;  WAVE_SIZE  32 or 64
 // IS_CAUSAL, IS_LOCAL: the band's right and left edges;  HAS_SOFTCAP  (attention_common.h)
+// IS_PAGED    caches in pages through block_table (page_size, num_pages: run-time fields)
 
 #include "platform.h"
 #include "../kernels_common/attention_common.h"
@@ -71,14 +77,50 @@ __device__ __forceinline__ float group_sum(float x) {
     return x;
 }
 
-// Copy `rows` rows of head_dim elements (row r at gmem + r * row_stride) into LDS as float32, zeros
-// for rows >= valid_rows and columns >= head_dim: rows past Sk_b are never read.
-__device__ __forceinline__ void load_rows(float* smem, int smem_stride, const elem_t* gmem, i64 row_stride,
-                                          int rows, int valid_rows, int head_dim, int tid) {
+// One kv head's cache rows of one sequence: contiguous from `head`, or (IS_PAGED) spread over the
+// sequence's pages, `head` then being the kv head's column of page 0.
+struct CacheRows {
+    i64 row_stride;
+    i64 page_stride;   // IS_PAGED: elements from one page to the next
+    const int* pages;  // IS_PAGED: this sequence's row of the block table
+    int page_size;
+    int last_page;     // num_pages - 1: page ids are clamped to [0, last_page]
+};
+
+__device__ __forceinline__ CacheRows cache_rows(const DecodeParams& p, const TensorRef& cache, int batch) {
+    CacheRows c;
+    c.row_stride = cache.row_stride;
+    c.page_stride = cache.batch_stride;
+    c.pages = IS_PAGED ? p.block_table + (i64)batch * p.block_table_stride : nullptr;
+    c.page_size = p.page_size;
+    c.last_page = p.num_pages - 1;
+    return c;
+}
+
+// The kv head's base of a cache: pages hold every sequence, so only the contiguous form steps
+// over batch entries.
+__device__ __forceinline__ i64 cache_head_offset(const TensorRef& cache, int batch, int kv_head) {
+    return (IS_PAGED ? 0 : (i64)batch * cache.batch_stride) + (i64)kv_head * cache.head_stride;
+}
+
+// Offset in elements of cache row j (0 <= j < Smax) from the kv head's base.
+__device__ __forceinline__ i64 cache_row_offset(const CacheRows& c, int j) {
+#if IS_PAGED
+    return paged_row_offset(c.pages, c.page_size, c.last_page, j, c.page_stride, c.row_stride);
+#else
+    return (i64)j * c.row_stride;
+#endif
+}
+
+// Copy cache rows [row0, row0 + rows) of head_dim elements into LDS as float32, zeros for rows at
+// or past row0 + valid_rows and columns >= head_dim: rows past Sk_b (and their pages, and their
+// entries of the block table) are never read.
+__device__ __forceinline__ void load_rows(float* smem, int smem_stride, const elem_t* head, const CacheRows& c,
+                                          int row0, int rows, int valid_rows, int head_dim, int tid) {
     for (int e = tid; e < rows * HEAD_DIM; e += NUM_THREADS) {
         const int row = e / HEAD_DIM, col = e % HEAD_DIM;
         const bool valid = row < valid_rows && col < head_dim;
-        smem[row * smem_stride + col] = valid ? elem_to_float(gmem[row * row_stride + col]) : 0.f;
+        smem[row * smem_stride + col] = valid ? elem_to_float(head[cache_row_offset(c, row0 + row) + col]) : 0.f;
     }
 }
 
@@ -142,8 +184,9 @@ flash_decode_portable(const DecodeParams p) {
     const int tile_end = min(band_tiles.tile_begin + band_count, tile_begin + per_split);
 
     q += batch * q_batch_stride + (i64)kv_head * heads_per_kv * q_head_stride;
-    k += batch * k_batch_stride + kv_head * k_head_stride;
-    v += batch * v_batch_stride + kv_head * v_head_stride;
+    k += cache_head_offset(p.k, batch, kv_head);
+    v += cache_head_offset(p.v, batch, kv_head);
+    const CacheRows k_rows = cache_rows(p, p.k, batch), v_rows = cache_rows(p, p.v, batch);
     load_q_rows(sQ, q, q_head_stride, q_row_stride, m_start, rows, seqlen_q, head_dim, tid);
 
     float acc_o[ROWS_PER_WAVE][D_PER_LANE];                // O rows of the wave, this lane's dims
@@ -161,8 +204,8 @@ flash_decode_portable(const DecodeParams p) {
     for (int tile = tile_begin; tile < tile_end; ++tile) {
         const int n_start = tile * BLOCK_N;
         __syncthreads();  // every wave is done with the previous K, V and P tiles
-        load_rows(sK, QK_STRIDE, k + (i64)n_start * k_row_stride, k_row_stride, BLOCK_N, seqlen_k - n_start, head_dim, tid);
-        load_rows(sV, HEAD_DIM, v + (i64)n_start * v_row_stride, v_row_stride, BLOCK_N, seqlen_k - n_start, head_dim, tid);
+        load_rows(sK, QK_STRIDE, k, k_rows, n_start, BLOCK_N, seqlen_k - n_start, head_dim, tid);
+        load_rows(sV, HEAD_DIM, v, v_rows, n_start, BLOCK_N, seqlen_k - n_start, head_dim, tid);
         __syncthreads();  // K and V tiles (and, the first time, Q) visible to every wave
 
         // S = Q K^T: this lane's key against its rows.
@@ -293,15 +336,16 @@ flash_decode_merge_portable(const DecodeParams p) {
     if (lane == 0 && lse != nullptr) lse[batch * lse_batch_stride + head * lse_head_stride + token] = lse2 * LN_2;
 }
 
-// Write k_new / v_new (B, Hk, Snew, D) into the caches at rows clamp(cache_seqlens[b], 0, Smax) + t;
-// rows that would land at or past Smax are dropped. One thread per element. Grid: x over the
-// Hk * Snew * head_dim elements of a batch entry, z = batch.
+// Write k_new / v_new (B, Hk, Snew, D) into the caches at rows clamp(cache_seqlens[b], 0, Smax) + t
+// (in their pages under IS_PAGED: only the pages those rows land in are written); rows that would
+// land at or past Smax are dropped. One thread per element. Grid: x over the Hk * Snew * head_dim
+// elements of a batch entry, z = batch.
 extern "C" __global__ void __launch_bounds__(NUM_THREADS)
 kvcache_append_portable(const DecodeParams p) {
     TENSOR_FROM_PARAMS(const elem_t, k_new, p.k_new);
     TENSOR_FROM_PARAMS(const elem_t, v_new, p.v_new);
-    TENSOR_FROM_PARAMS(elem_t, k_cache, p.k);
-    TENSOR_FROM_PARAMS(elem_t, v_cache, p.v);
+    elem_t* __restrict__ k_cache = (elem_t*)p.k.ptr;
+    elem_t* __restrict__ v_cache = (elem_t*)p.v.ptr;
     const int heads_k = p.heads_q / p.heads_per_kv, seqlen_new = p.seqlen_new;
     const int seqlen_max = p.seqlen_max, head_dim = p.head_dim;
     const int batch = blockIdx.z + p.batch_offset;
@@ -312,8 +356,8 @@ kvcache_append_portable(const DecodeParams p) {
     const int cached = p.cache_seqlens ? p.cache_seqlens[batch * p.seqlens_stride] : p.uniform_seqlen;
     const int pos = min(max(cached, 0), seqlen_max) + t;
     if (pos >= seqlen_max) return;
-    k_cache[batch * k_cache_batch_stride + head * k_cache_head_stride + (i64)pos * k_cache_row_stride + col] =
-        k_new[batch * k_new_batch_stride + head * k_new_head_stride + t * k_new_row_stride + col];
-    v_cache[batch * v_cache_batch_stride + head * v_cache_head_stride + (i64)pos * v_cache_row_stride + col] =
-        v_new[batch * v_new_batch_stride + head * v_new_head_stride + t * v_new_row_stride + col];
+    const i64 k_row = cache_head_offset(p.k, batch, head) + cache_row_offset(cache_rows(p, p.k, batch), pos);
+    const i64 v_row = cache_head_offset(p.v, batch, head) + cache_row_offset(cache_rows(p, p.v, batch), pos);
+    k_cache[k_row + col] = k_new[batch * k_new_batch_stride + head * k_new_head_stride + t * k_new_row_stride + col];
+    v_cache[v_row + col] = v_new[batch * v_new_batch_stride + head * v_new_head_stride + t * v_new_row_stride + col];
 }

@@ -9,9 +9,10 @@ the call's pointers, strides and scalars. The AMD compile of every row is ci/hip
 On an NVIDIA GPU (`gpu` marker): the same kernels, compiled by CuPy's NVRTC with hip_on_cuda.h in
 the wave32 (RDNA, gfx1030) rows and launched by xattn.hip.launch_decode, serve
 attention_with_kvcache (and kvcache.launch_for_check) in place of the CUDA decode under the hook
-xattn.hip.on_cuda, and test_kvcache.py's checks run against them (contiguous caches, no sinks:
-the HIP decode raises for block_table and sinks, which is checked too): the float64 oracle over drawn shapes (GQA, windows, softcap, bhsd/bshd, strided views, NaN
-in every cache row a kernel must not read), the decode shapes, forced split counts (1, 2, 7, 200:
+xattn.hip.on_cuda, and test_kvcache.py's checks run against them (contiguous and paged caches, no
+sinks: the HIP decode raises for sinks, which is checked too): the float64 oracle over drawn shapes
+(GQA, windows, softcap, bhsd/bshd, strided views, page sizes, shuffled and shared pages, NaN in
+every cache row and unused page a kernel must not read), the decode shapes, forced split counts (1, 2, 7, 200:
 the merge, and splits with no keys), device lengths out of range (clamped, nothing outside the
 caches touched), and NaN-poisoned out, lse and workspace. The wave64 rows cannot run there
 (their shuffles span 64 lanes); the AMD hardware run is still to come (README, AMD status).
@@ -37,7 +38,8 @@ DECODE_ENTRIES = (configs.HIP_DECODE_KERNEL, "flash_decode_merge_portable", "kvc
 WAVE32_ROWS = [r for r in configs.HIP_TABLE
                if r.kernel == configs.HIP_DECODE_KERNEL and configs.hip_wave_size(r) == 32]
 FLAGS = {"plain": {}, "causal": {"IS_CAUSAL": 1}, "window+softcap": {"IS_CAUSAL": 1, "IS_LOCAL": 1, "HAS_SOFTCAP": 1},
-         "left": {"IS_LOCAL": 1}}
+         "left": {"IS_LOCAL": 1},
+         "paged": {"IS_CAUSAL": 1, "IS_LOCAL": 1, "HAS_SOFTCAP": 1, "IS_PAGED": 1}}
 
 
 # ---- CPU ------------------------------------------------------------------------------------------
@@ -46,7 +48,7 @@ FLAGS = {"plain": {}, "causal": {"IS_CAUSAL": 1}, "window+softcap": {"IS_CAUSAL"
 @pytest.mark.parametrize("cfg", WAVE32_ROWS, ids=lambda c: f"D{c.head_dim}")
 def test_decode_kernels_compile_for_nvidia_through_hip_on_cuda(cfg, flags):
     # Every dtype with all the flags; one for the others (elements become float32 on loading).
-    for dtype in ("float16", "bfloat16", "float32") if flags == "window+softcap" else ("float16",):
+    for dtype in ("float16", "bfloat16", "float32") if flags in ("window+softcap", "paged") else ("float16",):
         log = nvrtc_compile(cfg, dtype, FLAGS[flags])
         for entry in DECODE_ENTRIES:  # every entry point of the module was compiled
             assert f"Compiling entry function '{entry}'" in log or entry in log, (entry, log[:500])
@@ -208,6 +210,57 @@ def test_hip_decode_launcher_hands_each_kernel_its_parameter_block(target, dtype
                 assert x.grid[:2] == (-(-hk * case["new"] * d // x.threads), 1)
 
 
+@pytest.mark.parametrize("target,dtype", [("gfx90a", "float16"), ("gfx1100", "bfloat16"),
+                                          ("gfx1030", "float16"), ("gfx942", "float32")])
+@pytest.mark.parametrize("page_size,splits", [(16, 1), (48, 3)])
+def test_hip_decode_launcher_hands_paged_caches_to_the_portable_decode(target, dtype, page_size, splits,
+                                                                       monkeypatch, stand_in_launches):
+    """A paged call (the caches (num_pages, page_size, Hk, D), seen as (num_pages, Hk, page_size,
+    D) as kvcache._run_hip hands them over) takes the portable decode on every target, the
+    matrix-core ones included; append, decode and merge are compiled with IS_PAGED and their
+    block holds the table's pointer and row stride, the page size, the page count, the page
+    strides as the caches' batch strides, and Smax = max_pages * page_size."""
+    torch = pytest.importorskip("torch")
+    monkeypatch.setattr(hip, "_cu_count", lambda device: 8)
+    monkeypatch.setattr(kvcache, "_FORCED_SPLITS", splits)
+    kvcache.num_splits.cache_clear()
+    b, hq, hk, sq, d, snew, num_pages, max_pages = 2, 4, 2, 2, 64, 3, 7, 3
+    torch_dtype = getattr(torch, dtype)
+    q = torch.zeros(b, hq, sq, d, dtype=torch_dtype)
+    out = torch.zeros(b, hq, sq, d, dtype=torch_dtype)
+    lse = torch.zeros(b, hq, sq)
+    kc, vc = (torch.zeros(num_pages, page_size, hk, d, dtype=torch_dtype).transpose(1, 2) for _ in range(2))
+    kn, vn = (torch.zeros(b, hk, snew, d, dtype=torch_dtype) for _ in range(2))
+    table = torch.zeros(b, max_pages + 2, dtype=torch.int32)[:, 1:max_pages + 1]  # row stride 5
+    seqlens = torch.tensor([5, 40], dtype=torch.int32)
+    call = types.SimpleNamespace(seqlen_new=snew, uniform=None, window=(-1, 0), softcap=0.0, scale=0.125)
+    try:
+        hip.launch_decode(stand_in_launches.compile, target, q, kc, vc, kn, vn, out, lse, seqlens, call,
+                          torch.zeros, stream=4, block_table=table)
+    finally:
+        kvcache.num_splits.cache_clear()
+
+    launched = stand_in_launches.launches
+    want = ["kvcache_append_portable", configs.HIP_DECODE_KERNEL]
+    want += ["flash_decode_merge_portable"] if splits > 1 else []
+    assert [x.kernel.entry for x in launched] == want
+    row = configs.select_hip_decode(dtype, target, d, paged=True)
+    assert row.kernel == configs.HIP_DECODE_KERNEL
+    for x in launched:
+        p = x.block[0]
+        assert x.kernel.source == kernels.hip(configs.HIP_DECODE_KERNEL).source
+        assert x.defines["IS_PAGED"] == 1 and x.defines["HEAD_DIM"] == row.head_dim
+        assert (x.defines["BLOCK_M"], x.defines["BLOCK_N"]) == (row.block_m, row.block_n)
+        assert p["block_table"] == table.data_ptr() and p["block_table_stride"] == max_pages + 2
+        assert (p["page_size"], p["num_pages"]) == (page_size, num_pages)
+        assert p["seqlen_max"] == max_pages * page_size
+        for name, cache in (("k", kc), ("v", vc)):  # (page, kv head, row) strides
+            assert p[name]["ptr"] == cache.data_ptr()
+            assert (p[name]["batch_stride"], p[name]["head_stride"], p[name]["row_stride"]) == \
+                (page_size * hk * d, d, hk * d)
+        assert p["cache_seqlens"] == seqlens.data_ptr() and p["num_splits"] == splits
+
+
 @pytest.mark.parametrize("target", ["gfx90a", "gfx1201"])
 def test_hip_decode_plans_once_per_signature(target, monkeypatch, stand_in_launches):
     """The plan (rows, compiles, block) is built on a signature's first call; a later call with
@@ -260,14 +313,14 @@ def hip_decode():
         yield Backend("cuda", _cuda_kinds())
 
 
-# test_kvcache.py's cases and checks (its helpers, not its tests), without the two arguments the
-# HIP decode does not take: paged caches (block_table) and sinks.
+# test_kvcache.py's cases and checks (its helpers, not its tests), contiguous and paged caches,
+# without the argument the HIP decode does not take: sinks.
 import test_kvcache  # noqa: E402
 from test_kvcache import forced_splits  # noqa: E402,F401  (a fixture of the checks below)
 
 
-def _contiguous_caches(c):
-    return c["paged"] is None and c["sinks"] is None
+def _without_sinks(c):
+    return c["sinks"] is None
 
 
 @pytest.mark.gpu
@@ -275,7 +328,7 @@ def test_hip_decode_matches_oracle(hip_decode):
     from hypothesis import given, settings
 
     @settings(max_examples=test_kvcache.EXAMPLES["cuda"])
-    @given(c=test_kvcache.cases(hip_decode).filter(_contiguous_caches))
+    @given(c=test_kvcache.cases(hip_decode).filter(_without_sinks))
     def check(c):
         test_kvcache.run_and_check(hip_decode, c)
 
@@ -313,17 +366,11 @@ def test_hip_decode_writes_every_output_element(hip_decode, forced_splits, split
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("argument", ["block_table", "sinks"])
-def test_hip_decode_names_what_it_does_not_support(hip_decode, argument):
-    """Paged caches and sinks raise on the hip backend, naming the argument."""
+def test_hip_decode_names_what_it_does_not_support(hip_decode):
+    """Sinks raise on the hip backend, naming the argument (FP8 caches: test_kvcache_fp8.py)."""
     import cupy
 
     q = cupy.zeros((1, 2, 1, 64), dtype=cupy.float16)
-    if argument == "block_table":
-        caches = [cupy.zeros((2, 16, 2, 64), dtype=cupy.float16) for _ in range(2)]
-        extra = {"block_table": cupy.zeros((1, 2), dtype=cupy.int32)}
-    else:
-        caches = [cupy.zeros((1, 2, 32, 64), dtype=cupy.float16) for _ in range(2)]
-        extra = {"sinks": cupy.zeros(2, dtype=cupy.float32)}
-    with pytest.raises(ValueError, match=f"^{argument}: .*hip backend"):
-        xattn.attention_with_kvcache(q, *caches, cache_seqlens=3, **extra)
+    caches = [cupy.zeros((1, 2, 32, 64), dtype=cupy.float16) for _ in range(2)]
+    with pytest.raises(ValueError, match="^sinks: .*hip backend"):
+        xattn.attention_with_kvcache(q, *caches, cache_seqlens=3, sinks=cupy.zeros(2, dtype=cupy.float32))

@@ -198,10 +198,11 @@ VARIANT_FLAGS = {
     "varlen": {"IS_VARLEN": 1},
     "all+softcap": {"IS_CAUSAL": 1, "IS_LOCAL": 1, "HAS_SOFTCAP": 1, "IS_VARLEN": 1},
     "all+alibi": {"IS_CAUSAL": 1, "IS_LOCAL": 1, "HAS_ALIBI": 1, "IS_VARLEN": 1},
-    # paged keys and values: the portable forward only (the only HIP kernel with IS_PAGED)
+    # paged keys and values: the portable forward and decode (the HIP kernels with IS_PAGED; the
+    # decode ignores IS_VARLEN)
     "paged": {"IS_CAUSAL": 1, "IS_LOCAL": 1, "HAS_SOFTCAP": 1, "IS_VARLEN": 1, "IS_PAGED": 1},
 }
-PAGED_KERNELS = ("flash_fwd_portable",)
+PAGED_KERNELS = ("flash_fwd_portable", "flash_decode_portable")
 
 
 def nvrtc_compile(cfg, dtype: str, flags: dict) -> str:

@@ -485,10 +485,13 @@ HIP_DECODE_KERNELS = HIP_DECODE_KERNELS_FOR_DTYPE["float16"]
 
 
 @functools.lru_cache(maxsize=None)
-def select_hip_decode(dtype: str, gcn_arch: str, head_dim: int) -> TileConfig:
+def select_hip_decode(dtype: str, gcn_arch: str, head_dim: int, paged: bool = False) -> TileConfig:
     """The HIP decode row (xattn.hip.decode) for a device of this gcnArchName and head dim: the
-    matrix-core decode where the device's family has a row that large, else the portable one."""
-    for kernel in HIP_DECODE_KERNELS_FOR_DTYPE[dtype]:
+    matrix-core decode where the device's family has a row that large, else the portable one.
+    paged: caches in pages (block_table): the portable decode, the only HIP decode with paged
+    loads (IS_PAGED), as select_hip does for the forward."""
+    kernels = (HIP_DECODE_KERNEL,) if paged else HIP_DECODE_KERNELS_FOR_DTYPE[dtype]
+    for kernel in kernels:
         if not _hip_kernel_usable(kernel, gcn_arch):
             continue
         row = _hip_row(kernel, gcn_arch, head_dim, False)

@@ -328,17 +328,18 @@ def on_cuda(*, prefix: str, options: tuple, forward_target: str, backward_target
 # ---- KV-cache decode (attention_with_kvcache) -------------------------------------------------
 
 def decode(q, k_cache, v_cache, k_new, v_new, out, lse, cache_seqlens, call, workspace,
-           stream: int) -> None:
+           stream: int, block_table=None) -> None:
     """attention_with_kvcache's GPU step on a ROCm device: append k_new/v_new to the caches, then
     split-KV decode (kernels_hip/flash_decode_mfma.hip on MFMA/WMMA for float16/bfloat16 where the
     table has a row, flash_decode_portable.hip otherwise) and, with several splits, the merge.
     Called by xattn.kvcache._run_hip with (B, H, S, D) views, D contiguous (caches: unit stride
     along D), cache_seqlens an int32 device array or None to use call.uniform, `call` the
     validated kvcache call (seqlen_new, uniform, window with causal folded in, softcap, scale),
-    workspace(n) -> n float32 elements from the caller's framework. Contiguous caches only (no
-    block_table) and no sinks: kvcache raises for those before this."""
+    workspace(n) -> n float32 elements from the caller's framework. block_table: int32 (B,
+    max_pages) on the device, the caches then seen as (num_pages, Hk, page_size, D) (the portable
+    decode, IS_PAGED), or None. No sinks, no FP8 caches: kvcache raises for those before this."""
     launch_decode(*_compiler(q, "forward"), q, k_cache, v_cache, k_new, v_new, out, lse,
-                  cache_seqlens, call, workspace, stream)
+                  cache_seqlens, call, workspace, stream, block_table)
 
 
 _cu_counts: dict[int, int] = {}
@@ -354,13 +355,14 @@ def _cu_count(device_id: int) -> int:
 
 
 def launch_decode(compile, target: str, q, k_cache, v_cache, k_new, v_new, out, lse, cache_seqlens,
-                  call, workspace, stream: int) -> None:
+                  call, workspace, stream: int, block_table=None) -> None:
     """The decode on a device of gcnArchName `target`, its kernels from compile(kernel, defines,
     device) as in `launch`: the append, the decode (the matrix-core row where the table has one,
     else the portable one) and the merge, all three on one DecodeParams block
     (kernels_common/params.h). The plan (rows, defines, split count, the block's strides and
     scalars) is cached per signature, as the forward's; a call patches its pointers and its
-    uniform length into the block. Shared with tests/test_hip_decode.py, which compiles the
+    uniform length into the block. block_table: paged caches (their (num_pages, Hk, page_size, D)
+    view), or None. Shared with tests/test_hip_decode.py, which compiles the
     kernels for an NVIDIA GPU."""
     from xattn import kvcache
 
@@ -376,15 +378,18 @@ def launch_decode(compile, target: str, q, k_cache, v_cache, k_new, v_new, out, 
         tensors["k_new"], tensors["v_new"] = launch_layer.describe(k_new), launch_layer.describe(v_new)
     S = launch_layer.describe(cache_seqlens) if cache_seqlens is not None else None
     vec = launch_layer.vec_loads([Q, Kc, Vc, O], Q.shape[3], launch_layer.itemsize(Q.dtype))
+    paged = launch_layer.paged_of(Kc, block_table)
     # The uniform length is not in the key: a plan serves every length (patched per call below).
     key = ("hip", "decode", compile, target, Q.device, _signature(tensors.values()),
            _signature([S]) if S is not None else None, seqlen_new, tuple(call.window),
-           call.softcap, call.scale, vec, kvcache._FORCED_SPLITS)
+           call.softcap, call.scale, vec, paged, kvcache._FORCED_SPLITS)
     plan = launch_layer.cached_plan(key, lambda: _plan_decode(compile, target, tensors, S, seqlen_new,
-                                                              call, vec))
+                                                              call, vec, paged))
     pointers = {name: a.ptr for name, a in tensors.items()}
     if S is not None:
         pointers["cache_seqlens"] = S.ptr
+    if paged is not None:
+        pointers["block_table"] = launch_layer.describe(block_table).ptr
     if plan.partials:  # the partials of every split (freed on return: stream-ordered)
         base = launch_layer.describe(workspace(plan.partials * (plan.head_dim + 1))).ptr
         pointers["o_part"], pointers["lse_part"] = base, base + 4 * plan.partials * plan.head_dim
@@ -402,21 +407,25 @@ class _DecodePlan(NamedTuple):
     head_dim: int
 
 
-def _plan_decode(compile, target, tensors, S, seqlen_new, call, vec) -> _DecodePlan:
-    """The decode's rows, defines, split count, DecodeParams block and launches."""
+def _plan_decode(compile, target, tensors, S, seqlen_new, call, vec, paged=None) -> _DecodePlan:
+    """The decode's rows, defines, split count, DecodeParams block and launches. paged
+    (launch.Paged): the caches are pages, Smax = max_pages * page_size."""
     from xattn import kvcache
 
     Q, Kc = tensors["q"], tensors["k"]
     batch, heads_q, seqlen_q, head_dim = Q.shape
-    heads_k, seqlen_max = Kc.shape[1], Kc.shape[2]
+    heads_k = Kc.shape[1]
+    seqlen_max = paged.max_pages * paged.page_size if paged is not None else Kc.shape[2]
     device = Q.device
-    cfg = configs.select_hip_decode(Q.dtype, target, head_dim)
+    cfg = configs.select_hip_decode(Q.dtype, target, head_dim, paged is not None)
     # The merge and the append: entry points of the portable decode's source, from the portable
     # row of the decode row's head dim (the partials are rows of that many floats).
     aux = cfg if cfg.kernel == configs.HIP_DECODE_KERNEL else configs.hip_decode_aux_row(target, cfg.head_dim)
     # Window bounds past every key distance are unbounded (-1), as on CUDA (kvcache._plan).
     left, right = ((-1 if w >= seqlen_max + seqlen_q else w) for w in call.window)
     flags = {"IS_LOCAL": int(left >= 0), "HAS_SOFTCAP": int(bool(call.softcap))}
+    if paged is not None:  # the decode and the append (one source) find rows through the pages
+        flags["IS_PAGED"] = 1
     decode = kernels.hip(cfg.kernel)
     defines = decode.defines(cfg, Q.dtype, causal=right >= 0,
                              vec=vec and cfg.kernel in configs.HIP_MFMA_KERNELS) | flags
@@ -443,6 +452,9 @@ def _plan_decode(compile, target, tensors, S, seqlen_new, call, vec) -> _DecodeP
     block["num_splits"], block["m_blocks"] = splits, m_blocks
     for field, value in launch_layer.decode_scales(call.scale, call.softcap).items():
         block[field] = value
+    if paged is not None:  # the caches' batch strides (set above) are the page strides
+        block["page_size"], block["num_pages"] = paged.page_size, paged.num_pages
+        block["block_table_stride"] = paged.table_stride
 
     sizes = kernels.Sizes(seqlen_q=seqlen_q, heads_q=heads_q, heads_k=heads_k, head_dim=head_dim,
                           seqlen_new=seqlen_new, m_blocks=m_blocks, splits=splits)

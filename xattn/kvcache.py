@@ -4,8 +4,8 @@ The public function validates once, then runs on the reference backend (host arr
 keys and values are written into the caches, then the NumPy reference attends per sequence) or on
 the cuda backend (kernels_cuda/flash_decode.cu, flash_decode_f32.cu, flash_decode_merge.cu), or
 on the hip backend (xattn.hip.decode: kernels_hip/flash_decode_mfma.hip on the matrix cores of
-CDNA and RDNA3/4 for 16-bit dtypes, flash_decode_portable.hip otherwise; contiguous caches only,
-no sinks; its plans are cached per signature by xattn.hip.launch_decode: `_run_hip`).
+CDNA and RDNA3/4 for 16-bit dtypes, flash_decode_portable.hip otherwise and for paged caches;
+no sinks, no FP8 caches; its plans are cached per signature by xattn.hip.launch_decode: `_run_hip`).
 
 The caches are contiguous per sequence, or paged (block_table=, flash-attn's convention). sinks=
 adds a per-head sink logit to every row's softmax denominator.
@@ -798,14 +798,12 @@ def _needs_copy(x, call) -> bool:
 def _run_hip(q, k_cache, v_cache, cache_seqlens, k_new, v_new, block_table, sinks, call,
              outputs=None):
     """(out, lse) of the HIP decode (xattn.hip.decode: append, split-KV decode, merge) on
-    contiguous caches; the launch plan is cached per signature below this (xattn.hip.launch_decode),
-    this function only checks the arguments the HIP decode refuses and allocates. outputs=(out,
+    contiguous or paged caches (paged: the portable decode); the launch plan is cached per
+    signature below this (xattn.hip.launch_decode), this function only checks the arguments the
+    HIP decode refuses (sinks, FP8 caches) and allocates. outputs=(out,
     lse, workspace) are the kernel checks' (launch_for_check), else allocated here."""
     from xattn import hip
 
-    if block_table is not None:
-        raise ValueError("block_table: paged caches are not supported on the hip backend (its "
-                         "decode reads contiguous (B, Hk, Smax, D) caches), got a block table")
     if sinks is not None:
         raise ValueError("sinks: attention sinks are not supported on the hip backend, got an "
                          "array; pass sinks=None")
@@ -823,7 +821,9 @@ def _run_hip(q, k_cache, v_cache, cache_seqlens, k_new, v_new, block_table, sink
         def empty(shape, dtype=torch.float32):
             return torch.empty(shape, dtype=dtype, device=q.device)
         stream = launch.torch_stream(q.device.index)
-        bhsd = (lambda x: x) if call.layout == "bhsd" else (lambda x: x.transpose(1, 2))
+
+        def swap(x):  # the middle axes
+            return x.transpose(1, 2)
     else:
         import cupy
 
@@ -831,15 +831,21 @@ def _run_hip(q, k_cache, v_cache, cache_seqlens, k_new, v_new, block_table, sink
             with cupy.cuda.Device(call.info.device_id):
                 return cupy.empty(shape, dtype=dtype)
         stream = cupy.cuda.get_current_stream().ptr
-        bhsd = (lambda x: x) if call.layout == "bhsd" else (lambda x: x.transpose(0, 2, 1, 3))
+
+        def swap(x):  # the middle axes
+            return x.transpose(0, 2, 1, 3)
     if outputs is not None:
         out, lse, workspace = outputs
     else:
         out, lse, workspace = empty(out_shape, q.dtype), empty(lse_shape), empty
+    bhsd = (lambda x: x) if call.layout == "bhsd" else swap
     with_new = k_new is not None and call.seqlen_new
-    hip.decode(bhsd(q), bhsd(k_cache), bhsd(v_cache), bhsd(k_new) if with_new else None,
+    # Paged caches are (num_pages, page_size, Hk, D) in every layout: seen as (pages, Hk, rows, D).
+    cache_view = bhsd if block_table is None else swap
+    hip.decode(bhsd(q), cache_view(k_cache), cache_view(v_cache), bhsd(k_new) if with_new else None,
                bhsd(v_new) if with_new else None, bhsd(out), lse,
-               None if call.uniform is not None else cache_seqlens, call, workspace, stream)
+               None if call.uniform is not None else cache_seqlens, call, workspace, stream,
+               block_table)
     return out, lse
 
 

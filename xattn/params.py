@@ -40,7 +40,7 @@ DECODE_PARAMS = np.dtype(
     + [("seqlens_stride", "<i8"), ("block_table_stride", "<i8")]
     + [(name, "<i4") for name in ("uniform_seqlen", "batch_offset", "heads_q", "heads_per_kv",
                                   "seqlen_q", "seqlen_new", "seqlen_max", "head_dim", "window_left",
-                                  "window_right", "num_splits", "m_blocks", "num_pages")]
+                                  "window_right", "num_splits", "m_blocks", "num_pages", "page_size")]
     + [(name, "<f4") for name in ("scale_log2", "softcap_log2", "scale_over_softcap")]
     + [("k_scale", "<u8"), ("v_scale", "<u8"), ("k_scale_stride", "<i8"), ("v_scale_stride", "<i8")],
     align=True)

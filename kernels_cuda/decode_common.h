@@ -63,7 +63,7 @@
 #include "../kernels_common/params.h"
 #include "../kernels_common/attention_common.h"
 
-// ---- compile-time configuration (set with -D by xattn/configs.py, decode_defines) -------------
+// ---- compile-time configuration (set with -D by xattn/kernels.py) ----------------------------
 // ELEM_F32    1: float32 (flash_decode_f32.cu); 0: 16-bit, ELEM_BF16 picks bf16 or fp16
 // HEAD_DIM    padded head dim (a power of two, 32..256); the real one, head_dim, is <= it
 // BLOCK_M     query rows per tile (each warp holds all of them)
@@ -121,7 +121,7 @@ static_assert(!KV_FP8 || HEAD_DIM % 8 == 0, "FP8 tiles convert in 8-element piec
 //   [WARP_N][TILE_STRIDE] elements,
 //   or, after the main loop, the merge scratch: O [BLOCK_M][OUT_STRIDE], m and l
 //   [NUM_WARPS][BLOCK_M] floats.
-// xattn/configs.py (decode_shared_memory_bytes) computes the same size.
+// xattn/kernels.py (the decode's shared_memory) computes the same size.
 #define Q_BYTES (BLOCK_M * TILE_STRIDE * ELEM_BYTES)
 #define LIMIT_BYTES (2 * BLOCK_M * 4)
 #define TILE_BYTES (WARP_N * TILE_STRIDE * ELEM_BYTES)         // a K or V tile the products read

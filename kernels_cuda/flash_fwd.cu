@@ -35,7 +35,7 @@
 // Pipeline (FlashAttention-2's): one K buffer and one V buffer. The V tile of step j loads while
 // S = Q K_j^T and the softmax run; the K tile of step j+1 loads while O += P V_j runs.
 
-// ---- compile-time configuration (set with -D by xattn/configs.py) ------------------------------
+// ---- compile-time configuration (set with -D by xattn/kernels.py) ------------------------------
 // ELEM_BF16   1: bfloat16, 0: float16
 // HEAD_DIM    padded head dim of this variant (multiple of 16); the real one, head_dim, is <= it
 // BLOCK_M     query rows per thread block;  BLOCK_N  keys per tile
@@ -67,7 +67,7 @@ static_assert(BLOCK_N % 16 == 0 && HEAD_DIM % 16 == 0, "k16 steps over keys and 
 
 // ---- shared-memory layout ---------------------------------------------------------------------
 // sQ [BLOCK_M][SMEM_STRIDE] | sK [BLOCK_N][SMEM_STRIDE] | sV [BLOCK_N][SMEM_STRIDE], 16-bit
-// elements (xattn/configs.py: shared_memory_bytes computes the same size).
+// elements (xattn/kernels.py computes the same size).
 // sQ is reused by each warp to stage its own O rows for coalesced stores in the epilogue.
 
 // ---- device helpers ---------------------------------------------------------------------------

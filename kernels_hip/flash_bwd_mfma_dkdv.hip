@@ -23,7 +23,7 @@
 // modifiers and packed batches as in flash_fwd_mfma.hip: the query blocks outside the band of the
 // block's keys are skipped, never loaded; with ALiBi the slope is the query head's.
 
-// ---- compile-time configuration (set with -D by xattn/configs.py) ------------------------------
+// ---- compile-time configuration (set with -D by xattn/kernels.py) ------------------------------
 // ELEM_BF16   1: bfloat16, 0: float16 (ELEM_TYPE, for platform.h, is the same choice)
 // HEAD_DIM    padded head dim (multiple of 32);  BLOCK_M  query rows per step (multiple of 32)
 // NUM_WAVES   waves per block, BLOCK_N = 32 * NUM_WAVES keys per block
@@ -63,7 +63,7 @@ static_assert(SLICE_DIMS % MATRIX_M == 0 && SLICE_DIMS * DIM_SPLIT == HEAD_DIM, 
 // sdOt [HEAD_DIM][T_STRIDE] (16-bit) | sLse2 [BLOCK_M] | sDelta [BLOCK_M] (float). Before the loop
 // the front of it stages K, then V, [BLOCK_N][ROW_STRIDE], on their way into registers; with
 // FRAGS_IN_LDS sK and sV [BLOCK_N][ROW_STRIDE] follow sdOt and stay for the whole loop.
-// xattn/configs.py (hip_shared_memory_bytes) computes the same size.
+// xattn/kernels.py (the kernel's shared_memory) computes the same size.
 #define QUERY_TILES_U16 (2 * BLOCK_M * ROW_STRIDE + 2 * HEAD_DIM * T_STRIDE)
 #define TILES_U16 (QUERY_TILES_U16 + (FRAGS_IN_LDS ? 2 * BLOCK_N * ROW_STRIDE : 0))
 #define STAGE_U16 (BLOCK_N * ROW_STRIDE)

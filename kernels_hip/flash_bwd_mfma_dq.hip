@@ -15,7 +15,7 @@
 // Layouts as in flash_bwd_mfma_dkdv.hip; dq is (B, Hq, Sq, D) like q. Reads q, k, v, dout, lse,
 // delta; writes dq. Masks, score modifiers and packed batches as in flash_fwd_mfma.hip.
 
-// ---- compile-time configuration (set with -D by xattn/configs.py) ------------------------------
+// ---- compile-time configuration (set with -D by xattn/kernels.py) ------------------------------
 // ELEM_BF16   1: bfloat16, 0: float16 (ELEM_TYPE, for platform.h, is the same choice)
 // HEAD_DIM    padded head dim (multiple of 32);  BLOCK_N  keys per tile (multiple of 32)
 // NUM_WAVES   waves per block, BLOCK_M = 32 * NUM_WAVES queries per block
@@ -45,7 +45,7 @@ static_assert(HEAD_DIM % MATRIX_M == 0 && BLOCK_N % MATRIX_M == 0, "whole matrix
 // sK [BLOCK_N][ROW_STRIDE] | sV [BLOCK_N][ROW_STRIDE] | sKt [HEAD_DIM][T_STRIDE], 16-bit. Before the
 // loop the front of it stages Q, then dO, [BLOCK_M][ROW_STRIDE], on their way into registers; with
 // FRAGS_IN_LDS sQ and sdO follow sKt and stay for the whole loop.
-// xattn/configs.py (hip_shared_memory_bytes) computes the same size.
+// xattn/kernels.py (the kernel's shared_memory) computes the same size.
 
 // ---- device helpers ---------------------------------------------------------------------------
 

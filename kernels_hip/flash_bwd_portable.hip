@@ -30,7 +30,7 @@
 // and never stored. Masks, score modifiers and packed batches as in flash_fwd_portable.hip; the
 // streamed tiles outside the band of the block's rows are skipped, never loaded.
 
-// ---- compile-time configuration (set with -D by xattn/configs.py) ------------------------------
+// ---- compile-time configuration (set with -D by xattn/kernels.py) ------------------------------
 // ELEM_TYPE   0: float16, 1: bfloat16, 2: float32
 // HEAD_DIM    padded head dim (multiple of WAVE_SIZE)
 // BLOCK_ROWS  rows a block owns: queries in _dq, keys in _dkdv
@@ -62,7 +62,7 @@ static_assert(WAVE_SIZE % TILE == 0, "a wave holds whole groups of TILE lanes");
 static_assert(BLOCK_ROWS % NUM_WAVES == 0 && ROWS_PER_WAVE % ROW_GROUPS == 0, "rows split evenly");
 static_assert(HEAD_DIM % WAVE_SIZE == 0, "each lane owns whole head dims");
 
-// ---- LDS layout (float32; xattn/configs.py, hip_shared_memory_bytes, computes the same sizes) ----
+// ---- LDS layout (float32; xattn/kernels.py computes the same sizes) ----
 // _dq:   sQ [BLOCK_ROWS][STRIDE] | sdO [BLOCK_ROWS][STRIDE] | sK [TILE][STRIDE] | sV [TILE][STRIDE] |
 //        sdS [BLOCK_ROWS][TILE]
 // _dkdv: sK [BLOCK_ROWS][STRIDE] | sV [BLOCK_ROWS][STRIDE] | sQ [TILE][STRIDE] | sdO [TILE][STRIDE] |

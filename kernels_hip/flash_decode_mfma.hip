@@ -26,7 +26,7 @@
 // (kernels_common/params.h); the paged-cache, sinks and FP8 fields stay unused (the hip backend
 // refuses those).
 
-// ---- compile-time configuration (set with -D by xattn/configs.py) ------------------------------
+// ---- compile-time configuration (set with -D by xattn/kernels.py) ------------------------------
 // ELEM_BF16   1: bfloat16, 0: float16 (ELEM_TYPE, for platform.h, is the same choice)
 // HEAD_DIM    padded head dim (multiple of MATRIX_M);  BLOCK_N  keys per tile (multiple of MATRIX_M)
 // NUM_WAVES   waves per block, BLOCK_M = MATRIX_N * NUM_WAVES rows per tile
@@ -56,7 +56,7 @@ static_assert(HEAD_DIM % MATRIX_M == 0 && BLOCK_N % MATRIX_M == 0, "whole matrix
 // ---- LDS layout ---------------------------------------------------------------------------------
 // sK [BLOCK_N][KQ_STRIDE] | sVt [HEAD_DIM][VT_STRIDE], 16-bit elements; before the loop the same
 // memory stages the Q tile, sQ [BLOCK_M][KQ_STRIDE]: flash_fwd_mfma.hip's layout, and
-// xattn/configs.py (hip_shared_memory_bytes) computes its size the same way.
+// xattn/kernels.py (the kernel's shared_memory) computes its size the same way.
 
 // ---- device helpers ---------------------------------------------------------------------------
 

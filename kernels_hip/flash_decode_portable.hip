@@ -37,7 +37,7 @@
 // paged_row_offset, as the CUDA decode's (decode_common.h): page ids clamped to [0, num_pages),
 // so a bad table reads or writes wrong pages, never memory outside the caches or the table.
 
-// ---- compile-time configuration (set with -D by xattn/configs.py) ------------------------------
+// ---- compile-time configuration (set with -D by xattn/kernels.py) ------------------------------
 // ELEM_TYPE   0: float16, 1: bfloat16, 2: float32
 // HEAD_DIM    padded head dim (multiple of WAVE_SIZE);  BLOCK_N  keys per tile (divides WAVE_SIZE)
 // BLOCK_M     query rows per tile;  NUM_WAVES  waves per block;  WAVE_SIZE  32 or 64
@@ -61,7 +61,7 @@ static_assert(HEAD_DIM % WAVE_SIZE == 0, "each lane owns whole head dims");
 
 // ---- LDS layout (float32) ---------------------------------------------------------------------
 // sQ [BLOCK_M][QK_STRIDE] | sK [BLOCK_N][QK_STRIDE] | sV [BLOCK_N][HEAD_DIM] | sP [BLOCK_M][BLOCK_N]
-// | sRow [BLOCK_M]: flash_fwd_portable.hip's layout; xattn/configs.py computes the same size.
+// | sRow [BLOCK_M]: flash_fwd_portable.hip's layout; xattn/kernels.py computes the same size.
 
 // ---- device helpers ---------------------------------------------------------------------------
 

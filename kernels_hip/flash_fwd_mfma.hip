@@ -26,7 +26,7 @@
 // never loaded, a wave skips the arithmetic of tiles outside its own band, and tiles inside it are
 // masked only where they cross an edge.
 
-// ---- compile-time configuration (set with -D by xattn/configs.py) ------------------------------
+// ---- compile-time configuration (set with -D by xattn/kernels.py) ------------------------------
 // ELEM_BF16   1: bfloat16, 0: float16 (ELEM_TYPE, for platform.h, is the same choice)
 // HEAD_DIM    padded head dim (multiple of 32); the real one, head_dim, is <= it
 // BLOCK_N     keys per tile (multiple of 32);  NUM_WAVES  waves per block, BLOCK_M = 32 * NUM_WAVES
@@ -57,7 +57,7 @@ static_assert(HEAD_DIM % MATRIX_M == 0 && BLOCK_N % MATRIX_M == 0, "whole matrix
 // sK [BLOCK_N][KQ_STRIDE] | sVt [HEAD_DIM][VT_STRIDE], 16-bit elements. Before the main loop the
 // same memory stages the Q tile, sQ [BLOCK_M][KQ_STRIDE], on its way into registers; with
 // FRAGS_IN_LDS sQ follows sVt and stays for the whole loop.
-// xattn/configs.py (hip_shared_memory_bytes) computes the same size.
+// xattn/kernels.py (the kernel's shared_memory) computes the same size.
 
 // ---- device helpers ---------------------------------------------------------------------------
 

@@ -25,7 +25,7 @@
 // with the CUDA kernels). The MFMA/WMMA forwards have no paged variant: xattn/hip.py sends paged
 // calls here.
 
-// ---- compile-time configuration (set with -D by xattn/configs.py) ------------------------------
+// ---- compile-time configuration (set with -D by xattn/kernels.py) ------------------------------
 // ELEM_TYPE   0: float16, 1: bfloat16, 2: float32
 // HEAD_DIM    padded head dim (multiple of WAVE_SIZE);  BLOCK_N  keys per tile (divides WAVE_SIZE)
 // BLOCK_M     query rows per block;  NUM_WAVES  waves per block;  WAVE_SIZE  32 or 64
@@ -51,7 +51,7 @@ static_assert(HEAD_DIM % WAVE_SIZE == 0, "each lane owns whole head dims");
 // ---- LDS layout (float32) ---------------------------------------------------------------------
 // sQ [BLOCK_M][QK_STRIDE] | sK [BLOCK_N][QK_STRIDE] | sV [BLOCK_N][HEAD_DIM] | sP [BLOCK_M][BLOCK_N]
 // | sRow [BLOCK_M] (per-row rescale factor in the loop, 1 / l in the epilogue).
-// xattn/configs.py (hip_shared_memory_bytes) computes the same size.
+// xattn/kernels.py (the kernel's shared_memory) computes the same size.
 
 // ---- device helpers ---------------------------------------------------------------------------
 

@@ -10,7 +10,7 @@ typedef unsigned int u32;
 typedef long long i64;
 
 // ---- wave size -----------------------------------------------------------------------------
-// WAVE_SIZE is a compile-time parameter set by xattn/configs.py from the target: 64 on CDNA and
+// WAVE_SIZE is a compile-time parameter set by xattn/kernels.py from the target: 64 on CDNA and
 // GCN (gfx9), 32 on RDNA (gfx10, gfx11: hiprtc's default there), 32 on NVIDIA for the tests.
 // The compiler knows the real one on AMD: a mismatch is a compile error, not a wrong result.
 #if defined(__AMDGCN_WAVEFRONT_SIZE)

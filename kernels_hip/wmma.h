@@ -21,7 +21,7 @@
 // gfx11 a lane holds every other row and B needs all 16 of its column, so half of each fragment
 // comes from the partner lane l ^ 16 (one cross-lane exchange per accumulator element).
 //
-// WMMA_GFX12 (set by xattn/configs.py from the table's family) picks the layout; the compiler's
+// WMMA_GFX12 (set by xattn/kernels.py from the table's family) picks the layout; the compiler's
 // own __GFX11__ / __GFX12__ must agree.
 //
 // tests/test_hip_wmma_layout.py reads the one-line index functions below from this file and

@@ -27,7 +27,7 @@ transformers = pytest.importorskip(
     "transformers", reason="transformers is not installed (pip install '.[transformers]')")
 
 import xattn  # noqa: E402
-from tolerances import tolerance  # noqa: E402
+from tolerances import PEER_NOISE_FACTOR, tolerance  # noqa: E402
 from xattn.integrations import transformers as xattn_hf  # noqa: E402
 
 xattn_hf.register()
@@ -36,7 +36,6 @@ VOCAB = 128
 # Logits and gradients against the other implementation: tests/tolerances.py's model rows.
 LOGIT_TOLERANCE = {dtype: tolerance("model_logits", dtype) for dtype in (torch.float32, torch.bfloat16)}
 GRAD_TOLERANCE = {dtype: tolerance("model_grads", dtype) for dtype in (torch.float32, torch.bfloat16)}
-PEER_NOISE_FACTOR = tolerance("model_grads", "peer_noise_factor")
 
 COMMON = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
               num_attention_heads=4, max_position_embeddings=256, initializer_range=0.1,

@@ -491,15 +491,7 @@ def select_hip_decode(dtype: str, gcn_arch: str, head_dim: int, paged: bool = Fa
     paged: caches in pages (block_table): the portable decode, the only HIP decode with paged
     loads (IS_PAGED), as select_hip does for the forward."""
     kernels = (HIP_DECODE_KERNEL,) if paged else HIP_DECODE_KERNELS_FOR_DTYPE[dtype]
-    for kernel in kernels:
-        if not _hip_kernel_usable(kernel, gcn_arch):
-            continue
-        row = _hip_row(kernel, gcn_arch, head_dim, False)
-        if row is not None:
-            return row
-    if _hip_row(HIP_DECODE_KERNEL, gcn_arch, head_dim, False) is None:  # may raise (no family)
-        raise ValueError(f"q: expected head dim D in 1..{MAX_HEAD_DIM}, got {head_dim}")
-    raise AssertionError("unreachable: the portable decode serves every head dim")
+    return _first_row(kernels, gcn_arch, head_dim, False)
 
 
 @functools.lru_cache(maxsize=None)
@@ -552,15 +544,21 @@ def select_hip(dtype: str, gcn_arch: str, head_dim: int, causal: bool,
     # A kernel without a row for the head dim would give way to the next; today the matrix-core
     # forward rows of every family reach 256.
     kernels = HIP_KERNELS_FOR_DTYPE[dtype][-1:] if paged else HIP_KERNELS_FOR_DTYPE[dtype]
+    return _first_row(kernels, gcn_arch, head_dim, causal)
+
+
+def _first_row(kernels, gcn_arch: str, head_dim: int, causal: bool) -> TileConfig:
+    """The row of the first of `kernels` (in preference order, the last one the portable kernel
+    that every family has) that this device's family has at this head dim."""
     for kernel in kernels:
         if not _hip_kernel_usable(kernel, gcn_arch):
             continue
         row = _hip_row(kernel, gcn_arch, head_dim, causal)
         if row is not None:
             return row
-    if _hip_row(HIP_KERNELS_FOR_DTYPE[dtype][-1], gcn_arch, head_dim, causal) is None:  # may raise
+    if _hip_row(kernels[-1], gcn_arch, head_dim, causal) is None:  # may raise (no family)
         raise ValueError(f"q: expected head dim D in 1..{MAX_HEAD_DIM}, got {head_dim}")
-    raise AssertionError("unreachable: the last kernel serves every head dim")
+    raise AssertionError("unreachable: the portable kernel serves every head dim")
 
 
 @functools.lru_cache(maxsize=None)

@@ -100,7 +100,7 @@ def forward(q, k, v, out, lse, *, causal: bool, scale: float, stream: int, windo
     # flash_fwd.cu's IS_PAGED variant).
     if _arch(Q.device) == 90 and block_table is None:
         from xattn import sm90
-        if sm90.supports(q, k, v, out, lse, sinks=sinks, **options):
+        if sm90.supports(q, k, v, out, lse, **options):
             return sm90.forward(q, k, v, out, lse, scale=scale, stream=stream, sinks=sinks, **options)
     pointers = {"q": Q.ptr, "k": K.ptr, "v": V.ptr, "o": O.ptr, "lse": L.ptr}
     slopes = launch.describe(alibi_slopes) if alibi_slopes is not None else None

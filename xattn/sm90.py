@@ -62,7 +62,7 @@ def select(head_dim: int, causal: bool) -> Row | None:
 # ---- what runs here ----------------------------------------------------------------------------------
 
 def supports(q, k, v, out, lse, *, causal: bool = False, window=(-1, -1), softcap: float = 0.0,
-             alibi_slopes=None, cu_seqlens=None, max_seqlen=None, sinks=None) -> bool:
+             alibi_slopes=None, cu_seqlens=None, max_seqlen=None) -> bool:
     """Whether this call (forward's arguments) can run on the sm90 kernel: a compute capability
     9.0 device, fp16/bf16, head dim <= 256, keys present, and q, k, v, out addressable by the
     copy engine (16-byte aligned bases and strides). Packed batches: (1, H, T, D) views with

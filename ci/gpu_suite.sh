@@ -118,8 +118,8 @@ if has verify; then  # everything that checks, nothing that times: parallel jobs
         tests/test_attention_sinks.py tests/test_sinks.py tests/test_gpu.py tests/test_numerics.py
     pstep pytest_d "$limit" $gpu -k "not hip-on-cuda" tests/test_kvcache.py
     pstep pytest_e "$limit" $gpu -k "not hip-on-cuda" tests/test_kvcache_fp8.py \
-        tests/test_decode_fp8_fragments.py tests/test_cache_faults.py tests/test_sm90.py \
-        tests/test_varlen_paged.py
+        tests/test_decode_fp8_fragments.py tests/test_cache_faults.py
+    pstep pytest_h "$limit" $gpu -k "not hip-on-cuda" tests/test_sm90.py tests/test_varlen_paged.py
     pstep pytest_f "$limit" $gpu -k "not hip-on-cuda" tests/test_torch_sdpa.py \
         tests/test_flash_attn_compat.py tests/test_concurrency.py tests/test_transformers.py
     pstep pytest_g "$limit" $gpu -k "not hip-on-cuda" tests/test_integrations_torch.py tests/test_jax.py \

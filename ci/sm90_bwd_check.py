@@ -74,13 +74,6 @@ def phase_compile(args) -> int:
 
 # ---- check ---------------------------------------------------------------------------------------
 
-def sm90_planned() -> bool:
-    """Whether a cached backward plan holds the sm90 kernel's launch (the one with dk/dv maps)."""
-    return any(isinstance(plan, tuple) and len(plan) == 2 and isinstance(plan[0], tuple)
-               and any(any(m[0] == "dk" for m in getattr(step, "maps", ())) for step in plan[0])
-               for plan in list(launch._plans.values()))
-
-
 def run_case(dtype, b, hq, hk, sq, sk, d, causal, layout, strided, variant, gen):
     variant = dict(variant or {})
     if variant.get("alibi_slopes") == "per_head":
@@ -102,7 +95,7 @@ def run_case(dtype, b, hq, hk, sq, sk, d, causal, layout, strided, variant, gen)
         cuda.backward(q, k, v, out, dout, lse, *grads, causal=causal, scale=scale, deterministic=False,
                       stream=stream, **variant)
         torch.cuda.synchronize()
-        planned.append(sm90_planned())
+        planned.append(cuda.sm90_backward_planned())
         runs.append(grads)
     q64, k64, v64 = (x.double().requires_grad_() for x in (q, k, v))
     ref = torch.autograd.grad(exact_out(q64, k64, v64, causal, scale, **variant), (q64, k64, v64), dout.double())

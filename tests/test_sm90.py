@@ -295,15 +295,6 @@ def test_unaddressable_views_are_refused(hopper):
 
 # ---- GPU: the backward -------------------------------------------------------------------------
 
-def _sm90_backward_planned() -> bool:
-    """Whether a cached backward plan of xattn.cuda holds the sm90 kernel's launch (the only one
-    with tensor maps for dk and dv)."""
-
-    return any(isinstance(plan, tuple) and len(plan) == 2 and isinstance(plan[0], tuple)
-               and any(any(m[0] == "dk" for m in getattr(step, "maps", ())) for step in plan[0])
-               for plan in list(launch._plans.values()))
-
-
 @pytest.fixture(scope="module")
 def grad_bounds():
     """tests/test_grad.py, whose bounds (error_scales, tolerance_for, assert_grads_match) every
@@ -360,7 +351,7 @@ def test_backward_matches_exact_gradients(hopper, grad_bounds, batch, kv_heads, 
     cuda.backward(q, k, v, out, dout, lse, *grads, causal=causal, scale=scale, deterministic=False,
                   stream=stream, **kernel_options)
     torch.cuda.synchronize()
-    assert _sm90_backward_planned(), "the call did not run on the sm90 backward"
+    assert cuda.sm90_backward_planned(), "the call did not run on the sm90 backward"
     seen = [to_float64(x) for x in (q, k, v, dout)]
     variant = {k_: v_ for k_, v_ in options.items()}
     if "alibi_slopes" in variant:  # the slopes the kernel saw, in float32
@@ -374,12 +365,13 @@ def test_backward_matches_exact_gradients(hopper, grad_bounds, batch, kv_heads, 
 
 @pytest.mark.gpu
 def test_backward_declined_calls_stay_on_mma_sync(hopper):
-    """deterministic=True and a head dim past the rows are served by the mma.sync kernels."""
+    """deterministic=True and a head dim past the rows are served by the mma.sync kernels (and,
+    as the control that the check can see it, the same call without deterministic by sm90)."""
     import torch
 
     from xattn import cuda
 
-    for head_dim, deterministic in ((128, True), (192, False)):
+    for head_dim, deterministic, on_sm90 in ((128, False, True), (128, True, False), (192, False, False)):
         q = torch.randn(1, 2, 130, head_dim, device="cuda", dtype=torch.bfloat16)
         out, lse = torch.empty_like(q), torch.empty(1, 2, 130, device="cuda")
         stream = torch.cuda.current_stream().cuda_stream
@@ -389,7 +381,7 @@ def test_backward_declined_calls_stay_on_mma_sync(hopper):
         cuda.backward(q, q, q, out, q, lse, *grads, causal=False, scale=0.1, deterministic=deterministic,
                       stream=stream)
         torch.cuda.synchronize()
-        assert not _sm90_backward_planned()
+        assert cuda.sm90_backward_planned() == on_sm90, (head_dim, deterministic)
         assert not any(g.isnan().any() for g in grads)
 
 

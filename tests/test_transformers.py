@@ -19,6 +19,7 @@ difference can legitimately flip a near-tie argmax between two correct implement
 from __future__ import annotations
 
 import copy
+import statistics
 
 import pytest
 
@@ -249,35 +250,45 @@ def test_training_step_gradients_match(family, device):
     _skip_unless_usable(device)
     dtype = torch.float32 if device == "cpu" else torch.bfloat16
     mine, peer = models(family, device, dtype)
-    # Right padding, as training batches have: the padded path's backward runs too.
-    ids = random_ids(2, 20, 5, device)
-    mask = torch.ones_like(ids)
-    mask[1, 14:] = 0
-    labels = ids.masked_fill(mask == 0, -100)
     models_run = (mine, peer)
     if dtype == torch.bfloat16:  # the float32 peer on the same weights: the step's truth
         models_run += (copy.deepcopy(peer).float(),)
-    grads = []
-    for model in models_run:
-        model.train()
-        model.zero_grad()
-        loss = model(ids, attention_mask=mask, labels=labels).loss
-        loss.backward()
-        grads.append({name: p.grad for name, p in model.named_parameters() if p.grad is not None})
-    got, want = grads[:2]
-    assert got.keys() == want.keys() and got
-    for name in want:
-        if dtype == torch.float32:
-            assert rel_error(got[name], want[name]) <= GRAD_TOLERANCE[dtype], name
-            continue
-        # bfloat16: both models are held to the float32 step. A gradient that nearly cancels
-        # (a key projection's bias: softmax ignores a shift shared by all keys, only the sink
-        # sees it) is mostly bfloat16 noise in the peer too, so xattn may be as far from the
-        # truth as the peer is, by PEER_NOISE_FACTOR, where that exceeds the fixed bound.
-        truth = grads[2][name]
-        error, peer_error = rel_error(got[name], truth), rel_error(want[name], truth)
+    # bfloat16: several batches, compared by the median error. One batch's error is a noisy
+    # statistic: GPT-OSS's sinks gradient (a sum over every row that nearly cancels) was 0.028 to
+    # 0.156 from float32 for eager itself over eight batches on an H200 (ci/gpt_oss_grad_seeds.py,
+    # ci/results/2026-11-30-h200-session4/), so one draw could fail either implementation.
+    seeds = (5,) if dtype == torch.float32 else (5, 6, 7, 8, 9)
+    errors = {}  # parameter name -> [(xattn error, peer error)] per batch
+    for seed in seeds:
+        # Right padding, as training batches have: the padded path's backward runs too.
+        ids = random_ids(2, 20, seed, device)
+        mask = torch.ones_like(ids)
+        mask[1, 14:] = 0
+        labels = ids.masked_fill(mask == 0, -100)
+        grads = []
+        for model in models_run:
+            model.train()
+            model.zero_grad()
+            loss = model(ids, attention_mask=mask, labels=labels).loss
+            loss.backward()
+            grads.append({name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None})
+        got, want = grads[:2]
+        assert got.keys() == want.keys() and got
+        for name in want:
+            if dtype == torch.float32:
+                assert rel_error(got[name], want[name]) <= GRAD_TOLERANCE[dtype], name
+                continue
+            truth = grads[2][name]
+            errors.setdefault(name, []).append((rel_error(got[name], truth), rel_error(want[name], truth)))
+    # bfloat16: both models are held to the float32 step. A gradient that nearly cancels (a key
+    # projection's bias: softmax ignores a shift shared by all keys, only the sink sees it) is
+    # mostly bfloat16 noise in the peer too, so xattn may be as far from the truth as the peer
+    # is, by PEER_NOISE_FACTOR, where that exceeds the fixed bound.
+    for name, pairs in errors.items():
+        error = statistics.median(x for x, _ in pairs)
+        peer_error = statistics.median(e for _, e in pairs)
         bound = max(GRAD_TOLERANCE[dtype], PEER_NOISE_FACTOR * peer_error)
-        assert error <= bound, f"{name}: xattn {error:.3g}, eager {peer_error:.3g} from float32"
+        assert error <= bound, f"{name}: median xattn {error:.3g}, eager {peer_error:.3g} from float32"
 
 
 def test_attention_dropout_in_training_is_refused():

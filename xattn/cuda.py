@@ -421,6 +421,16 @@ def backward(q, k, v, out, dout, lse, dq, dk, dv, *, causal: bool, scale: float,
     _run(steps, pointers, stream, device)
 
 
+def sm90_backward_planned() -> bool:
+    """Whether a cached backward plan ((launch.Sequence, scratch)) launches the sm90 kernel, the
+    only one with a tensor map for dk: how checks and tests see which kernel served a call."""
+    plans = [plan for plan in list(launch._plans.values()) if isinstance(plan, tuple) and len(plan) == 2]
+    if not plans:
+        raise RuntimeError("no backward plan is cached: nothing to inspect")
+    return any(any(m[0] == "dk" for m in step.maps)
+               for steps, _ in plans for step in steps.launches)
+
+
 def _plan_backward(Q, K, V, O, dO, L, dQ, dK, dV, batch, *, causal, scale, window, softcap, slopes,
                    varlen, max_seqlen, deterministic, vec):
     """((the launches as one launch.Sequence,), scratch shapes): delta = rowsum(dO * O), then

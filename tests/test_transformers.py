@@ -419,3 +419,26 @@ def test_a_padded_forward_unpads_its_mask_once(monkeypatch):
     assert len(calls) == 2  # the queries' rows and the keys', once
     real_rows = mask.bool()
     assert rel_error(got[real_rows], want[real_rows]) <= LOGIT_TOLERANCE[torch.float32]
+
+
+def test_an_unmasked_forward_returns_xattn_output_without_a_copy(monkeypatch):
+    """With no mask, the hook hands transformers' (B, H, S, D) views to xattn as "bshd", so the
+    output xattn allocates is already the (B, S, H, D) tensor the hook returns: no extra copy, and
+    the activation autograd saves for the backward is the one the output projection saves."""
+    from xattn.integrations import transformers as integration
+
+    made = []
+    real = xattn.attention
+    monkeypatch.setattr(integration.xattn, "attention",
+                        lambda *args, **kwargs: made.append(real(*args, **kwargs)) or made[-1])
+    batch, heads, kv_heads, length, head_dim = 2, 4, 2, 7, 16
+    projected = [torch.randn(batch, length, h, head_dim) for h in (heads, kv_heads, kv_heads)]
+    query, key, value = (x.transpose(1, 2) for x in projected)  # as transformers passes them
+    module = torch.nn.Module()
+    module.is_causal = True
+    out, weights = integration.attention_forward(module, query, key, value, None, scaling=0.25)
+    assert weights is None and len(made) == 1
+    assert out.data_ptr() == made[0].data_ptr() and out.is_contiguous()
+    assert out.shape == (batch, length, heads, head_dim)
+    want = xattn.attention(query, key, value, causal=True, scale=0.25, layout="bhsd")
+    assert torch.equal(out, want.transpose(1, 2))

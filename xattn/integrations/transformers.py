@@ -215,8 +215,13 @@ def attention_forward(module, query, key, value, attention_mask, dropout=0.0, sc
                    softcap=softcap if softcap else None, sinks=sinks)
 
     if attention_mask is None:
-        out = xattn.attention(query, key, value, layout="bhsd", **options)
-        return out.transpose(1, 2).contiguous(), None
+        # transformers' projections make (B, S, H, D) tensors and hand over (B, H, S, D) views of
+        # them: taken as "bshd", the output is allocated (B, S, H, D), the layout the hook
+        # returns, so no copy of it is made and the tensor autograd saves for xattn's backward
+        # is the one o_proj saves (one activation per layer fewer than out.transpose().contiguous()).
+        out = xattn.attention(*(x.transpose(1, 2) for x in (query, key, value)), layout="bshd",
+                              **options)
+        return out, None
     if _is_static_cache_mask(attention_mask):
         if sinks is not None:
             raise NotImplementedError("attn_implementation='xattn': static caches with attention "

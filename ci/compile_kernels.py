@@ -188,8 +188,11 @@ def sm90_variants(quick: bool):
         for dtype in HALF:
             served = SM90_FLAGS if dtype == "bfloat16" and row.modifiers and not quick else SM90_FLAGS[:1]
             for flags in served:
-                defines = backward.defines(row, dtype, flags={"IS_CAUSAL": int(row.causal)} | flags)
-                yield (f"sm90 bwd D{row.head_dim} M{row.block_m}", backward, defines, row.causal, dtype, flags)
+                for compute_dq in (True, False):  # False: deterministic=True's dK/dV-only kernel
+                    defines = backward.defines(row, dtype, flags={"IS_CAUSAL": int(row.causal)} | flags,
+                                               compute_dq=compute_dq)
+                    label = f"sm90 bwd D{row.head_dim} M{row.block_m}{'' if compute_dq else ' dKdV'}"
+                    yield (label, backward, defines, row.causal, dtype, flags)
 
 
 def check_sm90(quick: bool) -> int:

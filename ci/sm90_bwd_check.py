@@ -22,7 +22,6 @@ A benchmark, not a test. Each phase prints one line per item and a SUMMARY line 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import math
 import sys
 import time
@@ -207,11 +206,11 @@ def timers(q, k, v, dout, causal):
     cuda.forward(q, k, v, out, lse, causal=causal, scale=scale, stream=stream)
     grads = [torch.empty_like(x) for x in (q, k, v)]
 
-    def ours(sm90_on):
+    def ours(sm90_on, deterministic=False):
         def run():
             cuda.SM90_BACKWARD = sm90_on
-            cuda.backward(q, k, v, out, dout, lse, *grads, causal=causal, scale=scale, deterministic=False,
-                          stream=stream)
+            cuda.backward(q, k, v, out, dout, lse, *grads, causal=causal, scale=scale,
+                          deterministic=deterministic, stream=stream)
         return run
 
     def sdpa(backend):
@@ -220,17 +219,14 @@ def timers(q, k, v, dout, causal):
             o = F.scaled_dot_product_attention(qs, ks, vs, is_causal=causal)
         return lambda: torch.autograd.grad(o, (qs, ks, vs), dout, retain_graph=True)
 
-    def pinned(extra_defines=None, rows=None):
-        # A plan of the sm90 kernel built with other defines or rows, run on its own.
+    def pinned(rows):
+        # A plan of the sm90 kernel built with other rows, run on its own.
         launch._plans.clear()
-        table, key = sm90.BWD_ROWS, ("cuda", BACKWARD.entry)
-        kernels.KERNELS[key] = dataclasses.replace(
-            BACKWARD, defines=lambda *a, **kw: BACKWARD.defines(*a, **kw) | (extra_defines or {}))
-        sm90.BWD_ROWS = rows or table
+        table, sm90.BWD_ROWS = sm90.BWD_ROWS, rows
         try:
             ours(True)()
         finally:
-            kernels.KERNELS[key], sm90.BWD_ROWS = BACKWARD, table
+            sm90.BWD_ROWS = table
         steps, scratch = launch._plans.pop(next(key for key in launch._plans if key[0] == "bwd"))
         buffer = torch.empty(scratch.floats, device="cuda")  # held by the closure below
         ptrs = {"q": q.data_ptr(), "k": k.data_ptr(), "v": v.data_ptr(), "o": out.data_ptr(),
@@ -239,11 +235,13 @@ def timers(q, k, v, dout, causal):
         return lambda: (buffer, cuda._run(steps, ptrs, stream, q.device.index))
 
     timed = {"sm90": ours(True), "mma.sync": ours(False), "sdpa-flash": sdpa(SDPBackend.FLASH_ATTENTION),
-             "cudnn": sdpa(SDPBackend.CUDNN_ATTENTION)}
-    if d == 128:  # the other dQ path, and none (DQ_REDUCE = 0: dQ is wrong, the time is the point)
+             "cudnn": sdpa(SDPBackend.CUDNN_ATTENTION),
+             # dK and dV by sm90 without dQ (COMPUTE_DQ = 0), dQ by flash_bwd_dq.cu
+             "sm90-deterministic": ours(True, deterministic=True),
+             "mma.sync-deterministic": ours(False, deterministic=True)}
+    if d == 128:  # the other dQ path
         other = tuple(r._replace(dq_tma=not r.dq_tma) for r in sm90.BWD_ROWS)
         timed["sm90-other-dq"] = pinned(rows=other)
-        timed["sm90-no-dq-reduce"] = pinned({"DQ_REDUCE": 0})
     return timed
 
 
@@ -255,8 +253,8 @@ def phase_bench(args) -> int:
     dq = {r.head_dim: "TMA reduce-add" if r.dq_tma else "red.global" for r in sm90.BWD_ROWS if not r.causal}
     print(f"sm90: dQ by {dq} (full rows); 'other dQ' = the sm90 kernel with the other dQ path")
     print("| D | causal | S | sm90 | mma.sync | sdpa-flash | cudnn | sm90/mma.sync | sm90/cudnn | "
-          "sm90 other dQ | sm90 without dQ reductions |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+          "sm90 other dQ | deterministic: sm90 + flash_bwd_dq | deterministic: mma.sync |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for d in args.head_dims:
         for causal in (False, True):
             for s in lengths:
@@ -267,7 +265,8 @@ def phase_bench(args) -> int:
                 got = fair_tflops(fns, tuple(fns), lambda ms: bwd_tflops(b, h, s, d, causal, ms))
                 cuda.SM90_BACKWARD = True
                 extra = " | ".join(f"{got[n]:.0f}" if n in got else "-"
-                                   for n in ("sm90-other-dq", "sm90-no-dq-reduce"))
+                                   for n in ("sm90-other-dq", "sm90-deterministic",
+                                             "mma.sync-deterministic"))
                 print(f"| {d} | {int(causal)} | {s} | {got['sm90']:.0f} | {got['mma.sync']:.0f} | "
                       f"{got['sdpa-flash']:.0f} | {got['cudnn']:.0f} | {got['sm90'] / got['mma.sync']:.2f} | "
                       f"{got['sm90'] / got['cudnn']:.2f} | {extra} |", flush=True)

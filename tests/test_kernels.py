@@ -51,11 +51,12 @@ needs_gcc = pytest.mark.skipif(shutil.which("gcc") is None, reason="no C compile
 
 
 def _signature(kernel: kernels.Kernel) -> str:
-    """The parameter list of a CUDA entry point in its preprocessed source."""
+    """The parameter list of a CUDA entry point in its preprocessed source, without the lines of
+    conditional parameters' #if/#endif (flash_bwd.cu's dq_accum map)."""
     code = jit.preprocess("cuda", kernel.source)
     match = re.search(rf'extern "C" __global__[^{{;]*?\b{kernel.entry}\(([^{{]*)\)\s*{{', code)
     assert match, f"{kernel.entry}: no such entry point in kernels_cuda/{kernel.source}"
-    return match.group(1)
+    return re.sub(r"^\s*#.*$", "", match.group(1), flags=re.M)
 
 
 CUDA_KERNELS = [k for k in kernels.KERNELS.values() if k.vendor == "cuda"]
@@ -84,11 +85,12 @@ def test_hopper_launch_constants_are_the_kernels_own(tmp_path):
     barriers, as their layout macros place it (SMEM_BARS), for every row."""
     forward, backward = kernels.cuda("flash_fwd_sm90"), kernels.cuda("flash_bwd_sm90")
     # (kernel, row, the macro of the rows a CTA owns, its value here, barriers: once, per stage)
-    cases = [(forward, row, "BLOCK_M", kernels.SM90_BLOCK_M, (2, 4)) for row in sm90.ROWS]
-    cases += [(backward, row, "BLOCK_N", kernels.SM90_BWD_BLOCK_N, (1, 2))
-              for row in sm90.BWD_ROWS + tuple(r._replace(dq_tma=not r.dq_tma) for r in sm90.BWD_ROWS)]
-    for kernel, row, owned, rows, (barriers_once, barriers_per_stage) in cases:
-        defines = kernel.defines(row, "bfloat16", flags={"IS_CAUSAL": int(row.causal)})
+    cases = [(forward, row, "BLOCK_M", kernels.SM90_BLOCK_M, (2, 4), {}) for row in sm90.ROWS]
+    cases += [(backward, row, "BLOCK_N", kernels.SM90_BWD_BLOCK_N, (1, 2), {"compute_dq": compute_dq})
+              for row in sm90.BWD_ROWS + tuple(r._replace(dq_tma=not r.dq_tma) for r in sm90.BWD_ROWS)
+              for compute_dq in (True, False)]
+    for kernel, row, owned, rows, (barriers_once, barriers_per_stage), extra in cases:
+        defines = kernel.defines(row, "bfloat16", flags={"IS_CAUSAL": int(row.causal)}, **extra)
         got = source_values(tmp_path, kernel, defines, ("NUM_THREADS", owned, "WGMMA_M", "SMEM_BARS"))
         assert got["NUM_THREADS"] == kernel.threads(defines) == kernels.SM90_THREADS
         assert (got[owned], got["WGMMA_M"]) == (rows, kernels.SM90_STORE_ROWS)

@@ -118,13 +118,11 @@ _PLAIN = {"IS_CAUSAL": 0, "IS_LOCAL": 0, "HAS_SOFTCAP": 0, "HAS_ALIBI": 0}
 
 def test_backward_routing_rule():
     """What the sm90 backward serves, and what stays on the mma.sync kernels."""
-    def serves(views=None, defines=_PLAIN, deterministic=False, varlen=False, aligned=True):
-        return sm90.supports_backward(*(views or _views()), defines, deterministic=deterministic,
-                                      varlen=varlen, aligned=aligned)
+    def serves(views=None, defines=_PLAIN, varlen=False, aligned=True):
+        return sm90.supports_backward(*(views or _views()), defines, varlen=varlen, aligned=aligned)
 
     assert serves() and serves(_views("float16", 64)) and serves(_views(head_dim=72))
     assert serves(defines=_PLAIN | {"IS_CAUSAL": 1, "IS_LOCAL": 1, "HAS_SOFTCAP": 1})
-    assert not serves(deterministic=True)                  # dQ by reductions in any order
     assert not serves(varlen=True)                         # packed batches
     assert not serves(aligned=False)                       # a pointer not 16-byte aligned
     assert not serves(_views("float32"))                   # no tensor-core float32
@@ -314,12 +312,14 @@ def grad_bounds():
        causal=st.booleans(), dtype=st.sampled_from(["float16", "bfloat16"]),
        layout=st.sampled_from(["bhsd", "bshd"]),
        window=st.sampled_from([None, (40, 0), (17, 33), (-1, 5)]),
-       modifier=st.sampled_from([None, None, "softcap", "alibi"]), seed=st.integers(0, 2**16))
+       modifier=st.sampled_from([None, None, "softcap", "alibi"]), deterministic=st.booleans(),
+       seed=st.integers(0, 2**16))
 def test_backward_matches_exact_gradients(hopper, grad_bounds, batch, kv_heads, group, sq, sk, head_dim, causal,
-                                          dtype, layout, window, modifier, seed):
+                                          dtype, layout, window, modifier, deterministic, seed):
     """xattn.cuda.backward on the sm90 kernel (checked: it was planned) against the float64
     gradient oracle, bounded as tests/test_grad.py bounds every backend (tolerances.py "grad"
-    relative to the gradient of |terms|); outputs NaN-poisoned before the launch."""
+    relative to the gradient of |terms|); outputs NaN-poisoned before the launch. deterministic:
+    the kernel's dK and dV with flash_bwd_dq.cu's dQ, and a second run bitwise equal."""
     import torch
 
     from xattn import cuda, reference
@@ -346,12 +346,18 @@ def test_backward_matches_exact_gradients(hopper, grad_bounds, batch, kv_heads, 
     stream = torch.cuda.current_stream().cuda_stream
     out, lse = torch.empty_like(q), torch.empty(batch, q_heads, sq, device="cuda")
     cuda.forward(q, k, v, out, lse, causal=causal, scale=scale, stream=stream, **kernel_options)
-    grads = [torch.full_like(x, float("nan")) for x in (q, k, v)]
+    def gradients():
+        grads = [torch.full_like(x, float("nan")) for x in (q, k, v)]
+        cuda.backward(q, k, v, out, dout, lse, *grads, causal=causal, scale=scale,
+                      deterministic=deterministic, stream=stream, **kernel_options)
+        torch.cuda.synchronize()
+        return grads
+
     launch._plans.clear()
-    cuda.backward(q, k, v, out, dout, lse, *grads, causal=causal, scale=scale, deterministic=False,
-                  stream=stream, **kernel_options)
-    torch.cuda.synchronize()
+    grads = gradients()
     assert cuda.sm90_backward_planned(), "the call did not run on the sm90 backward"
+    if deterministic:
+        assert all(torch.equal(a, b) for a, b in zip(grads, gradients())), "a second run differs"
     seen = [to_float64(x) for x in (q, k, v, dout)]
     variant = {k_: v_ for k_, v_ in options.items()}
     if "alibi_slopes" in variant:  # the slopes the kernel saw, in float32
@@ -364,14 +370,14 @@ def test_backward_matches_exact_gradients(hopper, grad_bounds, batch, kv_heads, 
 
 
 @pytest.mark.gpu
-def test_backward_declined_calls_stay_on_mma_sync(hopper):
-    """deterministic=True and a head dim past the rows are served by the mma.sync kernels (and,
-    as the control that the check can see it, the same call without deterministic by sm90)."""
+def test_backward_routing_on_the_gpu(hopper):
+    """A head dim past the rows is served by the mma.sync kernels; D128 by sm90, deterministic or
+    not (deterministic: dK and dV there, dQ from flash_bwd_dq.cu)."""
     import torch
 
     from xattn import cuda
 
-    for head_dim, deterministic, on_sm90 in ((128, False, True), (128, True, False), (192, False, False)):
+    for head_dim, deterministic, on_sm90 in ((128, False, True), (128, True, True), (192, False, False)):
         q = torch.randn(1, 2, 130, head_dim, device="cuda", dtype=torch.bfloat16)
         out, lse = torch.empty_like(q), torch.empty(1, 2, 130, device="cuda")
         stream = torch.cuda.current_stream().cuda_stream

@@ -435,8 +435,8 @@ def _plan_backward(Q, K, V, O, dO, L, dQ, dK, dV, batch, *, causal, scale, windo
                    varlen, max_seqlen, deterministic, vec):
     """((the launches as one launch.Sequence,), scratch shapes): delta = rowsum(dO * O), then
     dK/dV (and dQ by atomics, converted after) or, deterministic, dK/dV and dQ from separate
-    kernels; the CUDA-core pair where the tensor-core table has no row. On Hopper the atomics'
-    dK/dV kernel is the wgmma one (xattn/sm90.py) wherever it serves the call. The launches share
+    kernels; the CUDA-core pair where the tensor-core table has no row. On Hopper the dK/dV
+    kernel is the wgmma one (xattn/sm90.py) wherever it serves the call, with or without dQ. The launches share
     two parameter blocks (the row-wise kernels' and the others'): the Sequence patches each once
     per call, under one lock, so threads sharing the plan take turns."""
     device, arch, dtype = Q.device, _arch(Q.device), Q.dtype
@@ -486,8 +486,7 @@ def _plan_backward(Q, K, V, O, dO, L, dQ, dK, dV, batch, *, causal, scale, windo
     if simt:  # deterministic by construction: no atomics anywhere
         steps += [step("flash_bwd_simt_dq", False), step("flash_bwd_simt_dkdv", False)]
         return (launch.Sequence(steps),), scratch
-    if arch == 90 and SM90_BACKWARD and _sm90_backward(Q, K, V, dO, dQ, dK, dV, var, deterministic,
-                                                       varlen, vec):
+    if arch == 90 and SM90_BACKWARD and _sm90_backward(Q, K, V, dO, dQ, dK, dV, var, varlen, vec):
         from xattn import sm90  # Hopper: the wgmma/TMA kernel in place of the dK/dV one
         steps.append(sm90.plan_backward(Q, K, V, dO, dK, dV, accum, main, var, batch))
     else:
@@ -496,14 +495,14 @@ def _plan_backward(Q, K, V, O, dO, L, dQ, dK, dV, batch, *, causal, scale, windo
     return (launch.Sequence(steps),), scratch
 
 
-def _sm90_backward(Q, K, V, dO, dQ, dK, dV, var, deterministic, varlen, aligned) -> bool:
+def _sm90_backward(Q, K, V, dO, dQ, dK, dV, var, varlen, aligned) -> bool:
     """Whether the Hopper backward (xattn/sm90.py) serves a plan. aligned: every pointer and
     stride of the plan is 16-byte aligned, for every call that its cache key admits (the `vec` of
     both backward paths says so)."""
     from xattn import sm90
 
-    return sm90.supports_backward(Q, K, V, dO, dQ, dK, dV, var.defines, deterministic=deterministic,
-                                  varlen=varlen, aligned=aligned)
+    return sm90.supports_backward(Q, K, V, dO, dQ, dK, dV, var.defines, varlen=varlen,
+                                  aligned=aligned)
 
 
 def _backward_on_cuda_cores(dtype: str, arch: int, head_dim: int, causal: bool) -> bool:

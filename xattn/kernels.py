@@ -276,23 +276,24 @@ def _sm90_forward_smem(d: dict) -> int:
     return SM90_SMEM_ALIGN + q + kv + SM90_BARRIER_BYTES * (2 + 4 * d["STAGES"])
 
 
-def _sm90_backward_defines(row, dtype: str, *, flags: dict) -> dict:
+def _sm90_backward_defines(row, dtype: str, *, flags: dict, compute_dq: bool = True) -> dict:
+    """compute_dq False: dK and dV only (deterministic=True takes dQ from flash_bwd_dq)."""
     return {"ELEM_BF16": int(dtype == "bfloat16"), "HEAD_DIM": row.head_dim,
             "BLOCK_M": row.block_m, "STAGES": row.stages, "DQ_TMA": int(row.dq_tma),
-            **_sm90_flags(flags)}
+            "COMPUTE_DQ": int(compute_dq), **_sm90_flags(flags)}
 
 
 def _sm90_backward_smem(d: dict) -> int:
-    """sm90/flash_bwd.cu: sK and sV, STAGES Q and dO tiles, two dS^T buffers, each consumer's
-    float32 dQ tile (DQ_TMA: 64 rows by half the step's dQ columns, DQ_COLS there), STAGES rows of
-    lse and delta (floats), the barriers (kv_full, and full, empty per stage), plus the slack to
-    align it to 1024 bytes."""
-    hd, m, stages = d["HEAD_DIM"], d["BLOCK_M"], d["STAGES"]
+    """sm90/flash_bwd.cu: sK and sV, STAGES Q and dO tiles, two dS^T buffers and each consumer's
+    float32 dQ tile (DQ_TMA: 64 rows by half the step's dQ columns, DQ_COLS there) where it
+    computes dQ, STAGES rows of lse and delta (floats), the barriers (kv_full, and full, empty per
+    stage), plus the slack to align it to 1024 bytes."""
+    hd, m, stages, with_dq = d["HEAD_DIM"], d["BLOCK_M"], d["STAGES"], d["COMPUTE_DQ"]
     kv = 2 * SM90_BWD_BLOCK_N * hd * 2
     q_do = 2 * stages * m * hd * 2
-    ds = 2 * SM90_BWD_BLOCK_N * m * 2
+    ds = 2 * SM90_BWD_BLOCK_N * m * 2 if with_dq else 0
     dq_cols = hd * (m // SM90_STORE_ROWS) // 2
-    dq = 2 * SM90_STORE_ROWS * dq_cols * 4 if d["DQ_TMA"] else 0
+    dq = 2 * SM90_STORE_ROWS * dq_cols * 4 if with_dq and d["DQ_TMA"] else 0
     rows = 2 * stages * m * 4
     return SM90_SMEM_ALIGN + kv + q_do + ds + dq + rows + SM90_BARRIER_BYTES * (1 + 2 * stages)
 

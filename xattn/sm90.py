@@ -13,9 +13,10 @@ window, softcap and ALiBi all together (8 bytes of spills).
 
 Backward: xattn.cuda's backward plan asks `supports_backward` and takes `plan_backward`'s launch in
 place of the mma.sync dK/dV kernel; the delta / dq_accum-zeroing kernel before it and the dQ
-conversion after it are the mma.sync path's own (kernels_cuda/flash_bwd_prep.cu). Not served
-here (the mma.sync kernels keep them): deterministic=True (dQ is summed by float32 reductions in
-any order), packed varlen batches, head dims above 128 (dK and dV of 64 keys no longer fit in a
+conversion after it are the mma.sync path's own (kernels_cuda/flash_bwd_prep.cu). With
+deterministic=True it computes dK and dV only (its dQ is summed by float32 reductions in any
+order) and flash_bwd_dq.cu computes dQ. Not served here (the mma.sync kernels keep them): packed
+varlen batches, head dims above 128 (dK and dV of 64 keys no longer fit in a
 consumer's registers), head dims not a multiple of 8, float32, views the copy engine cannot
 address, and windows, softcap or ALiBi at D64 (BwdRow.modifiers). Sinks need nothing of it.
 """
@@ -178,16 +179,17 @@ def select_backward(head_dim: int, causal: bool) -> BwdRow | None:
     return next((r for r in BWD_ROWS if r.head_dim >= head_dim and r.causal == causal), None)
 
 
-def supports_backward(Q, K, V, dO, dQ, dK, dV, defines: dict, *, deterministic: bool,
-                      varlen: bool, aligned: bool) -> bool:
+def supports_backward(Q, K, V, dO, dQ, dK, dV, defines: dict, *, varlen: bool,
+                      aligned: bool) -> bool:
     """Whether a backward on a compute capability 9.0 device (xattn.cuda asks only there) runs on
     flash_bwd.cu, from its launch.Array views ((B, H, S, D)) and launch.variant's masks and
     modifiers (defines): fp16/bf16, a row for the head dim (<= 128, a multiple of 8: dQ's float32
-    pairs stay 8-byte aligned) that serves the call's modifiers, not deterministic, no packed
-    varlen batch, and every tensor the kernel reads or writes by TMA addressable by the copy
-    engine. aligned: the plan's pointers are 16-byte aligned for every call it serves (its cache
-    key says so). Sinks need nothing here: the forward's lse holds them."""
-    if deterministic or varlen or not aligned:
+    pairs stay 8-byte aligned) that serves the call's modifiers, no packed varlen batch, and
+    every tensor the kernel reads or writes by TMA addressable by the copy engine (deterministic
+    calls too: there it computes dK and dV only, plan_backward). aligned: the plan's pointers
+    are 16-byte aligned for every call it serves (its cache key says so). Sinks need nothing
+    here: the forward's lse holds them."""
+    if varlen or not aligned:
         return False
     arrays = (Q, K, V, dO, dQ, dK, dV)
     if Q.dtype not in ("float16", "bfloat16") or any(a.dtype != Q.dtype for a in arrays):
@@ -202,21 +204,24 @@ def supports_backward(Q, K, V, dO, dQ, dK, dV, defines: dict, *, deterministic: 
 
 
 def plan_backward(Q, K, V, dO, dK, dV, accum, block, var: "launch.Variant", batch: int):
-    """The launch of flash_bwd.cu for one backward signature: the row, the compiled kernel, seven
-    tensor maps of its own (q, k, v, dout loaded; dk, dv stored; dq_accum, float32, reduced into;
+    """The launch of flash_bwd.cu for one backward signature: the row, the compiled kernel, its
+    own tensor maps (q, k, v, dout loaded; dk, dv stored; dq_accum, float32, reduced into;
     re-pointed when a pointer changes) and `block`, the AttnParams block xattn.cuda built for the
     whole backward (delta and dq_accum included). accum: dq_accum's launch.Array (its pointer is
-    the per-call scratch's, unknown here)."""
+    the per-call scratch's, unknown here), or None for dK and dV only (COMPUTE_DQ = 0: dQ comes
+    from another kernel, deterministic=True)."""
     heads_k, seqlen_k, head_dim = K.shape[1], K.shape[2], Q.shape[3]
     causal_rows = bool(var.defines["IS_CAUSAL"])
     row = select_backward(head_dim, causal_rows)
-    accum = accum._replace(ptr=accum.ptr or tma.PLACEHOLDER_PTR, strides=accum.strides[:3] + (1,))
     keys, stores = kernels.SM90_BWD_BLOCK_N, kernels.SM90_STORE_ROWS
+    mapped = [("q", Q, row.block_m), ("k", K, keys), ("v", V, keys), ("dout", dO, row.block_m),
+              ("dk", dK, stores), ("dv", dV, stores)]
+    if accum is not None:
+        mapped.append(("dq_accum", accum._replace(ptr=accum.ptr or tma.PLACEHOLDER_PTR,
+                                                  strides=accum.strides[:3] + (1,)), stores))
     maps = [(name, tma.plan_map(a.ptr, a.dtype, a.shape, a.strides, rows, a.device), tma.repoint)
-            for name, a, rows in (("q", Q, row.block_m), ("k", K, keys), ("v", V, keys),
-                                  ("dout", dO, row.block_m), ("dk", dK, stores),
-                                  ("dv", dV, stores), ("dq_accum", accum, stores))]
+            for name, a, rows in mapped]
     kernel = kernels.cuda("flash_bwd_sm90")
-    defines = kernel.defines(row, Q.dtype, flags=var.defines)
+    defines = kernel.defines(row, Q.dtype, flags=var.defines, compute_dq=accum is not None)
     sizes = kernels.Sizes(seqlen_k=seqlen_k, heads_k=heads_k)
     return kernel.launch(defines, sizes, block, batch, Q.device, maps=maps)

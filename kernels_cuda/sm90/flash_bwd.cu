@@ -52,11 +52,15 @@
 // short of the prediction (not profiled: the staging writes and the BAR_DQ wait are the suspects).
 // At D64 it spills with the device's NVRTC 13.0, so D64 keeps red.global.
 //
-// Deterministic? No: the order of the float32 additions into dq_accum depends on which key block
-// gets there first, so dQ may differ in the last bits between runs. dK and dV are deterministic.
-// deterministic=True calls are declined by xattn/sm90.py (supports_backward) and run on the
-// mma.sync kernels' deterministic path.
-//
+// Deterministic? Not with dQ here: the order of the float32 additions into dq_accum depends on
+// which key block gets there first, so dQ may differ in the last bits between runs (dK and dV
+// are deterministic: each CTA owns its keys). deterministic=True runs this kernel with
+// COMPUTE_DQ = 0 (dK and dV only) and takes dQ from flash_bwd_dq.cu, which owns each query
+// block and sums over the keys in order (xattn/cuda.py's backward plan): FA3's alternative, a
+// semaphore per query block ordering the reduce-adds by key block, keeps one kernel but
+// serializes the CTAs of a column; this way reuses a kernel the mma.sync path already has, and
+// its dQ runs on mma.sync.
+
 // Grid: x = key block (the heaviest blocks of a causal call, the first keys, start first),
 // y = key/value head, z = batch entry (+ batch_offset). A step covers query block m of query head
 // h; a CTA visits only the query blocks whose band reaches its keys (attention_common.h), and
@@ -84,8 +88,10 @@
 // STAGES      Q/dO stages in flight
 // IS_CAUSAL, IS_LOCAL, HAS_SOFTCAP, HAS_ALIBI: masks and modifiers (attention_common.h)
 // DQ_TMA      0: dQ added into dq_accum by red.global.add; 1: by a TMA reduce-add from shared memory
-// DQ_REDUCE   1 (default); 0 skips the dQ reductions: a timing experiment only (what the dQ path
-//             costs, ci/sm90_bwd_check.py --phase bench), dQ is then wrong
+// COMPUTE_DQ  1 (default): dQ as above; 0: dK and dV only (no dS^T staging, no dQ product, no
+//             dq_accum and no tensor map for it), for deterministic=True, whose dQ comes from
+//             flash_bwd_dq.cu (query-block parallel, no atomics); also what the dQ path costs
+//             (ci/sm90_bwd_check.py --phase bench)
 
 #include "../platform.h"
 #include "../../kernels_common/params.h"
@@ -95,8 +101,8 @@
 #ifndef DQ_TMA
 #define DQ_TMA 0
 #endif
-#ifndef DQ_REDUCE
-#define DQ_REDUCE 1
+#ifndef COMPUTE_DQ
+#define COMPUTE_DQ 1
 #endif
 
 #define NUM_CONSUMERS 2                          // consumer warpgroups
@@ -133,9 +139,9 @@ static_assert(PRODUCER_REGS * WARPGROUP_THREADS + CONSUMER_REGS * CONSUMER_THREA
 // sK, sV   D_BOXES boxes of BLOCK_N rows x 128 bytes; consumer c's keys are rows [64c, 64c + 64).
 //          After the last step, each consumer's dK and dV rows in its own rows of them.
 // sQ, sdO  STAGES tiles of D_BOXES boxes of BLOCK_M rows x 128 bytes
-// sdS      2 buffers (steps alternate) of M_BOXES boxes of BLOCK_N rows (keys) x 128 bytes (64
-//          queries): dS^T, 16-bit, swizzled as the TMA would write it
-// sdQ      (DQ_TMA) per consumer, DQ_COLS / 32 boxes of 64 rows x 128 bytes (32 floats): its
+// sdS      (COMPUTE_DQ) 2 buffers (steps alternate) of M_BOXES boxes of BLOCK_N rows (keys) x 128
+//          bytes (64 queries): dS^T, 16-bit, swizzled as the TMA would write it
+// sdQ      (COMPUTE_DQ and DQ_TMA) per consumer, DQ_COLS / 32 boxes of 64 rows x 128 bytes (32 floats): its
 //          step's dQ tile, swizzled as the copy engine reads it
 // sLse, sDelta  STAGES x BLOCK_M floats each
 // bars     kv_full, full[STAGES], empty[STAGES] (8 bytes each)
@@ -146,13 +152,14 @@ static_assert(PRODUCER_REGS * WARPGROUP_THREADS + CONSUMER_REGS * CONSUMER_THREA
 #define Q_BYTES (D_BOXES * Q_BOX_BYTES)
 #define DS_BYTES (M_BOXES * DS_BOX_BYTES)
 #define DQ_BOX_BYTES (WGMMA_M * SWIZZLE_BYTES)
-#define DQ_TILE_BYTES (DQ_TMA ? (DQ_COLS / DQ_BOX_COLS) * DQ_BOX_BYTES : 0)
+#define DQ_TILE_BYTES (COMPUTE_DQ && DQ_TMA ? (DQ_COLS / DQ_BOX_COLS) * DQ_BOX_BYTES : 0)
+#define DS_BUFFERS (COMPUTE_DQ ? 2 : 0)
 #define SMEM_K 0
 #define SMEM_V (SMEM_K + KV_BYTES)
 #define SMEM_Q (SMEM_V + KV_BYTES)
 #define SMEM_DO (SMEM_Q + STAGES * Q_BYTES)
 #define SMEM_DS (SMEM_DO + STAGES * Q_BYTES)
-#define SMEM_DQ (SMEM_DS + 2 * DS_BYTES)
+#define SMEM_DQ (SMEM_DS + DS_BUFFERS * DS_BYTES)
 #define SMEM_LSE (SMEM_DQ + NUM_CONSUMERS * DQ_TILE_BYTES)
 #define SMEM_DELTA (SMEM_LSE + STAGES * BLOCK_M * 4)
 #define SMEM_BARS (SMEM_DELTA + STAGES * BLOCK_M * 4)
@@ -384,7 +391,10 @@ extern "C" __global__ void __launch_bounds__(NUM_THREADS, 1)
 flash_bwd_sm90(const __grid_constant__ TmaDesc tm_q, const __grid_constant__ TmaDesc tm_k,
                const __grid_constant__ TmaDesc tm_v, const __grid_constant__ TmaDesc tm_do,
                const __grid_constant__ TmaDesc tm_dk, const __grid_constant__ TmaDesc tm_dv,
-               const __grid_constant__ TmaDesc tm_dq, const AttnParams p) {
+#if COMPUTE_DQ
+               const __grid_constant__ TmaDesc tm_dq,
+#endif
+               const AttnParams p) {
     extern __shared__ __align__(1024) unsigned char smem_raw[];
     // The 128-byte swizzle repeats every 1024 bytes and the descriptors assume atoms start there.
     const u32 smem = (smem_addr(smem_raw) + SWIZZLE_ATOM_BYTES - 1) / SWIZZLE_ATOM_BYTES * SWIZZLE_ATOM_BYTES;
@@ -479,7 +489,9 @@ flash_bwd_sm90(const __grid_constant__ TmaDesc tm_q, const __grid_constant__ Tma
         const u32 dq_ds_box = (dq_row0 / SWIZZLE_ELEMS) * DS_BOX_BYTES;
         const u32 dq_k_cols = smem + SMEM_K + (dq_col0 / SWIZZLE_ELEMS) * KV_BOX_BYTES;
         const u32 sdq = smem + SMEM_DQ + c.consumer * DQ_TILE_BYTES;
+#if COMPUTE_DQ
         if (DQ_TMA && c.t == 0) tma_prefetch(&tm_dq);
+#endif
 
         float dk[DKV_REGS], dv[DKV_REGS];
 #pragma unroll
@@ -511,6 +523,7 @@ flash_bwd_sm90(const __grid_constant__ TmaDesc tm_q, const __grid_constant__ Tma
             issue_key_gradient(dv, p_frag, do_tile);         // dV += P^T dO
             issue_key_gradient(dk, ds_frag, q_tile);         // dK += dS^T Q (scale at the end)
             wgmma_commit();
+#if COMPUTE_DQ
             stage_ds(ds_buf, ds_frag, c);                    // under the dV, dK wgmmas
             fence_proxy_async();                             // wgmma reads what these stores wrote
             // sdQ: the reduce-add of the previous step has read it (its issuing thread waits here,
@@ -521,12 +534,14 @@ flash_bwd_sm90(const __grid_constant__ TmaDesc tm_q, const __grid_constant__ Tma
             named_barrier_sync(BAR_DS, CONSUMER_THREADS);
             float dq[DQ_REGS];
             issue_dq(dq, ds_buf + dq_ds_box, dq_k_cols);     // dQ = dS K
-            wgmma_wait<1>();                                 // dV, dK done: the stage is free
+#endif
+            wgmma_wait<COMPUTE_DQ>();                        // dV, dK done: the stage is free
             pin_registers(dv);
             pin_registers(dk);
             pin_registers(p_frag);
             pin_registers(ds_frag);
             release(bars.empty + 8 * st);
+#if COMPUTE_DQ
             wgmma_wait<0>();
             pin_registers(dq);
 #if DQ_TMA
@@ -534,7 +549,7 @@ flash_bwd_sm90(const __grid_constant__ TmaDesc tm_q, const __grid_constant__ Tma
             stage_dq(sdq, dq, c.t);
             fence_proxy_async();  // the copy engine reads what these ordinary stores wrote
             named_barrier_sync(BAR_DQ + c.consumer, WARPGROUP_THREADS);
-            if (DQ_REDUCE && c.t == 0) {
+            if (c.t == 0) {
 #pragma unroll
                 for (int box = 0; box < DQ_COLS / DQ_BOX_COLS; ++box)
                     tma_reduce_add_4d(&tm_dq, sdq + box * DQ_BOX_BYTES, dq_col0 + box * DQ_BOX_COLS, m_start + dq_row0,
@@ -543,8 +558,9 @@ flash_bwd_sm90(const __grid_constant__ TmaDesc tm_q, const __grid_constant__ Tma
             }
 #else
             float* dq_accum = (float*)p.dq_accum.ptr + batch * p.dq_accum.batch_stride + head * p.dq_accum.head_stride;
-            if (DQ_REDUCE) add_dq(dq_accum, p.dq_accum.row_stride, dq, m_start + dq_row0, dq_col0, seqlen_q, p.head_dim, c.t);
-#endif
+            add_dq(dq_accum, p.dq_accum.row_stride, dq, m_start + dq_row0, dq_col0, seqlen_q, p.head_dim, c.t);
+#endif  // DQ_TMA
+#endif  // COMPUTE_DQ
         }
         write_gradients(c, dk, dv, p.grad_scale, &tm_dk, &tm_dv, n_start, kv_head, batch);
     }

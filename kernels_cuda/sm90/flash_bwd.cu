@@ -43,7 +43,7 @@
 //    step's BAR_DS barrier, a whole step later). It costs 32 KB of shared memory, 16 KB more
 //    shared-memory writes and reads per consumer and step, and a named barrier.
 // Measured on an H200 (bf16, D128, S 4096/8192, ci/results/2026-11-30-sm90-bwd/): with DQ_TMA = 0
-// the kernel runs at 405-413 TFLOP/s, and at 648-696 with the reductions left out (DQ_REDUCE = 0):
+// the kernel runs at 405-413 TFLOP/s, and at 648-696 with the reductions left out (a timing switch then):
 // 40% of its time goes to the 8-byte reductions, each warp instruction touching 8 rows (eight
 // 32-byte sectors) of the accumulator. The bulk reduce moves the same bytes to L2 as whole 128-byte
 // lines from one thread, off the consumers' load/store path: DQ_TMA = 1 is the candidate to win

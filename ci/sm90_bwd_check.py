@@ -73,7 +73,7 @@ def phase_compile(args) -> int:
 
 # ---- check ---------------------------------------------------------------------------------------
 
-def run_case(dtype, b, hq, hk, sq, sk, d, causal, layout, strided, variant, gen):
+def run_case(dtype, b, hq, hk, sq, sk, d, causal, layout, strided, variant, gen, deterministic=False):
     variant = dict(variant or {})
     if variant.get("alibi_slopes") == "per_head":
         variant["alibi_slopes"] = torch.rand(hq, device="cuda", generator=gen)
@@ -91,8 +91,8 @@ def run_case(dtype, b, hq, hk, sq, sk, d, causal, layout, strided, variant, gen)
     for _ in range(2):
         grads = [torch.full_like(x, float("nan")) for x in (q, k, v)]
         launch._plans.clear()
-        cuda.backward(q, k, v, out, dout, lse, *grads, causal=causal, scale=scale, deterministic=False,
-                      stream=stream, **variant)
+        cuda.backward(q, k, v, out, dout, lse, *grads, causal=causal, scale=scale,
+                      deterministic=deterministic, stream=stream, **variant)
         torch.cuda.synchronize()
         planned.append(cuda.sm90_backward_planned())
         runs.append(grads)
@@ -113,6 +113,8 @@ def run_case(dtype, b, hq, hk, sq, sk, d, causal, layout, strided, variant, gen)
             problems.append(f"{name}: two runs differ (dK, dV are deterministic)")
     dq_a, dq_b = runs[0][0].double(), runs[1][0].double()
     dq_moved = (dq_a - dq_b).norm().item() / max(dq_a.norm().item(), 1e-30)
+    if deterministic and dq_moved:
+        problems.append(f"dq moved {dq_moved:.1e} between runs of deterministic=True")
     if dq_moved > TOLERANCE[dtype] / 10:
         problems.append(f"dq moved {dq_moved:.1e} between runs (more than reduction order explains)")
     return worst, dq_moved, planned[0], problems
@@ -168,7 +170,7 @@ def phase_check(args) -> int:
         print(f"... {label}", end="", flush=True)
         try:
             err, dq_moved, planned, problems = run_case(DTYPES[dtype], b, hq, hk, sq, sk, d, causal, layout,
-                                                        strided, variant, gen)
+                                                        strided, variant, gen, args.deterministic)
             if planned != expect_sm90:
                 problems.append(f"served by {'sm90' if planned else 'mma.sync'}, expected the other")
             worst[dtype] = max(worst.get(dtype, 0.0), err)
@@ -280,6 +282,8 @@ def main() -> int:
     parser.add_argument("--phase", required=True, choices=["compile", "check", "bench"])
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--sanitize", action="store_true", help="check: small shapes for compute-sanitizer")
+    parser.add_argument("--deterministic", action="store_true",
+                        help="check: deterministic=True (the kernel's dK/dV, flash_bwd_dq.cu's dQ)")
     parser.add_argument("--head-dims", type=int, nargs="+", default=[64, 128], help="bench: head dims")
     parser.add_argument("--dq", choices=["table", "red"], default="table",
                         help="red: every row reduces dQ from registers (DQ_TMA = 0)")

@@ -5,6 +5,7 @@ the CUDA backward's and decode's plans, also from several threads at once."""
 from __future__ import annotations
 
 import threading
+import types
 import time
 
 import pytest
@@ -220,3 +221,37 @@ def test_kvcache_plans_patch_their_block_through_one_sequence(stand_in_launches,
     merge_row = launched[1]
     assert merge_row.threads == kernels.MERGE_WARPS * 32
     assert merge_row.grid == (-(-hq // kernels.MERGE_WARPS), 1, b)
+
+
+@pytest.mark.parametrize("deterministic", [False, True])
+def test_cuda_backward_plan_on_hopper(stand_in_launches, monkeypatch, deterministic):
+    """On compute capability 9.0 the backward plan's dK/dV launch is the sm90 kernel (seen by
+    xattn.cuda.sm90_backward_planned, which tests and checks use), deterministic or not:
+    deterministic=True builds it without dQ (COMPUTE_DQ = 0, no dq_accum map) and flash_bwd_dq.cu
+    follows; otherwise it reduces dQ into dq_accum and the conversion follows. Planned on the CPU
+    (stand-ins for the compiler and the tensor maps), not launched."""
+    torch = pytest.importorskip("torch")
+    from xattn import cuda, tma
+
+    monkeypatch.setattr(kernels.Kernel, "compile", stand_in_launches.compile)
+    monkeypatch.setattr(cuda, "_arch", lambda device: 90)
+    monkeypatch.setattr(cuda, "_run", lambda *args: None)
+    monkeypatch.setattr(launch, "_plans", {})
+    monkeypatch.setattr(tma, "plan_map", lambda *args, **kwargs: types.SimpleNamespace(getPtr=lambda: 0))
+    b, hq, hk, s, d = 2, 4, 2, 200, 128
+    q, out, dout = (torch.zeros(b, hq, s, d, dtype=torch.bfloat16) for _ in range(3))
+    k, v = (torch.zeros(b, hk, s, d, dtype=torch.bfloat16) for _ in range(2))
+    grads = (torch.empty_like(q), torch.empty_like(k), torch.empty_like(v))
+    cuda.backward(q, k, v, out, dout, torch.zeros(b, hq, s), *grads, causal=True, scale=0.125,
+                  deterministic=deterministic, stream=0)
+
+    assert cuda.sm90_backward_planned()
+    [(sequences, _)] = launch._plans.values()
+    steps = [step for sequence in sequences for step in sequence.launches]
+    compiled = [stand_in_launches.kernels[step.handle] for step in steps]
+    assert [kernel.entry for kernel, _ in compiled] == [
+        "flash_bwd_preprocess", "flash_bwd_sm90", "flash_bwd_dq" if deterministic else "flash_bwd_convert_dq"]
+    hopper, defines = steps[1], compiled[1][1]
+    assert defines["COMPUTE_DQ"] == int(not deterministic)
+    assert [m[0] for m in hopper.maps] == ["q", "k", "v", "dout", "dk", "dv"] + ([] if deterministic else ["dq_accum"])
+    assert hopper.smem == compiled[1][0].shared_memory(defines)

@@ -422,13 +422,14 @@ def backward(q, k, v, out, dout, lse, dq, dk, dv, *, causal: bool, scale: float,
 
 
 def sm90_backward_planned() -> bool:
-    """Whether a cached backward plan ((launch.Sequence, scratch)) launches the sm90 kernel, the
-    only one with a tensor map for dk: how checks and tests see which kernel served a call."""
-    plans = [plan for plan in list(launch._plans.values()) if isinstance(plan, tuple) and len(plan) == 2]
+    """Whether a cached backward plan of `backward` (key "bwd": ((launch.Sequence,), scratch))
+    launches the sm90 kernel, the only one with a tensor map for dk: how checks and tests see which
+    kernel served a call."""
+    plans = [plan for key, plan in list(launch._plans.items()) if key[0] == "bwd"]
     if not plans:
         raise RuntimeError("no backward plan is cached: nothing to inspect")
     return any(any(m[0] == "dk" for m in step.maps)
-               for steps, _ in plans for step in steps.launches)
+               for sequences, _ in plans for sequence in sequences for step in sequence.launches)
 
 
 def _plan_backward(Q, K, V, O, dO, L, dQ, dK, dV, batch, *, causal, scale, window, softcap, slopes,

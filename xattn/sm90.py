@@ -40,6 +40,8 @@ class Row(NamedTuple):
     stages: int       # K/V tiles in flight
     overlap: int = 1  # softmax of tile j under P V of tile j - 1 (OVERLAP there)
     pingpong: int = 1  # the two consumer warpgroups take turns on the tensor cores (PINGPONG there)
+    persistent: int = 1  # one CTA per SM walking the query blocks (PERSISTENT there; never for a
+                         # packed batch, which keeps one CTA per query block of each sequence)
 
 
 # Smallest head dim first; a head dim runs on the first row at least as wide (the copy engine
@@ -87,9 +89,11 @@ def supports(q, k, v, out, lse, *, causal: bool = False, window=(-1, -1), softca
 
 def forward(q, k, v, out, lse, *, causal: bool, scale: float, stream: int, window=(-1, -1),
             softcap: float = 0.0, alibi_slopes=None, cu_seqlens=None, max_seqlen=None,
-            sinks=None) -> None:
+            sinks=None, ctas: int | None = None) -> None:
     """xattn.cuda.forward on the sm90 kernel, for calls that supports() accepts: out =
-    softmax(scale * q k^T + modifiers) v and lse for (B, H, S, D) views."""
+    softmax(scale * q k^T + modifiers) v and lse for (B, H, S, D) views. ctas: at most this many
+    CTAs in a persistent grid (None: one per SM); the checks use a few, so that every CTA walks
+    many query blocks."""
     varlen = cu_seqlens is not None
     Q, K, V, O, L = (launch.packed(launch.describe(a), varlen) for a in (q, k, v, out, lse))
     batch = cu_seqlens[0].shape[0] - 1 if varlen else Q.shape[0]
@@ -98,7 +102,7 @@ def forward(q, k, v, out, lse, *, causal: bool, scale: float, stream: int, windo
     slopes = launch.describe(alibi_slopes) if alibi_slopes is not None else None
     step = plan(Q, K, V, O, L, causal=causal, scale=scale, window=window, softcap=softcap,
                 slopes=slopes, batch=batch, max_seqlen=max_seqlen if varlen else None,
-                sinks=sinks is not None)
+                sinks=sinks is not None, ctas=ctas)
     pointers = {"q": Q.ptr, "k": K.ptr, "v": V.ptr, "o": O.ptr, "lse": L.ptr}
     if slopes is not None:
         pointers["alibi_slopes"] = slopes.ptr
@@ -110,12 +114,12 @@ def forward(q, k, v, out, lse, *, causal: bool, scale: float, stream: int, windo
 
 
 def plan(Q, K, V, O, L, *, causal, scale, window, softcap, slopes, batch=None, max_seqlen=None,
-         sinks=False):
+         sinks=False, ctas=None):
     """The launch of one call signature (launch.Launch): the table row, the compiled kernel, four
     tensor maps of its own (q, k, v and out; re-pointed when a pointer changes) and the AttnParams
     block. The _Arrays' pointers only shape the maps: a call patches its own. A packed batch:
     max_seqlen = (longest query, longest key sequence) and batch its number of sequences; sinks:
-    the call has them (their pointer is patched per call)."""
+    the call has them (their pointer is patched per call); ctas: forward's."""
     heads_q, seqlen_q, head_dim = Q.shape[1], Q.shape[2], Q.shape[3]
     heads_k, seqlen_k = K.shape[1], K.shape[2]
     varlen = max_seqlen is not None
@@ -139,9 +143,35 @@ def plan(Q, K, V, O, L, *, causal, scale, window, softcap, slopes, batch=None, m
             for name, a, rows in (("q", Q, kernels.SM90_BLOCK_M), ("k", K, row.block_n),
                                   ("v", V, row.block_n), ("o", O, kernels.SM90_STORE_ROWS))]
     kernel = kernels.cuda("flash_fwd_sm90")
-    defines = kernel.defines(row, Q.dtype, flags=var.defines | {"HAS_SINKS": int(sinks)})
-    sizes = kernels.Sizes(seqlen_q=seqlen_q, seqlen_k=seqlen_k, heads_q=heads_q, heads_k=heads_k)
+    blocks = -(-seqlen_q // kernels.SM90_BLOCK_M) * heads_q * batch
+    flags = var.defines | {"HAS_SINKS": int(sinks), "PERSISTENT": int(blocks < MAX_PERSISTENT_BLOCKS)}
+    defines = kernel.defines(row, Q.dtype, flags=flags)
+    if defines.get("PERSISTENT") and kernel.compile(defines, Q.device).local_size_bytes:
+        # The walk's few registers made ptxas spill in this variant (it did in none on NVRTC 13.5:
+        # ci/results/2026-11-30-sm90-persist/): one CTA per query block instead.
+        defines = kernel.defines(row, Q.dtype, flags=flags | {"PERSISTENT": 0})
+    sizes = kernels.Sizes(seqlen_q=seqlen_q, seqlen_k=seqlen_k, heads_q=heads_q, heads_k=heads_k,
+                          batch=batch, resident=min(_sm_count(Q.device), ctas or 2**31))
+    if defines.get("PERSISTENT"):  # the CTAs walk the batch themselves: none in gridDim.z
+        block["batch"] = batch
+        batch = 1
     return kernel.launch(defines, sizes, block, batch, Q.device, maps=maps)
+
+
+# A persistent grid counts its work units in 32-bit ints, stepping by the grid's size past the last.
+MAX_PERSISTENT_BLOCKS = 2**31 - 2**20
+
+_sm_counts: dict = {}
+
+
+def _sm_count(device: int) -> int:
+    """A persistent grid's CTAs: the device's SMs (a CTA takes most of an SM's shared memory)."""
+    count = _sm_counts.get(device)
+    if count is None:
+        import cupy
+
+        count = _sm_counts[device] = int(cupy.cuda.Device(device).attributes["MultiProcessorCount"])
+    return count
 
 
 # ---- the backward ---------------------------------------------------------------------------------

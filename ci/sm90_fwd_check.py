@@ -47,7 +47,7 @@ def use_variant(name: str) -> None:
 
 # ---- compile -------------------------------------------------------------------------------------
 
-FLAG_SETS = [dict(), dict(local=True), dict(softcap=True), dict(alibi=True)]
+FLAG_SETS = [dict(), dict(local=True), dict(softcap=True), dict(alibi=True), dict(persistent=True)]
 
 
 def sass_counts(defines: dict) -> str:
@@ -61,7 +61,8 @@ def phase_compile(args) -> int:
             for flags in (FLAG_SETS if dtype == "bfloat16" else FLAG_SETS[:1]):
                 d = FORWARD.defines(row, dtype, flags={"IS_CAUSAL": row.causal, "IS_LOCAL": flags.get("local", False),
                                                        "HAS_SOFTCAP": flags.get("softcap", False),
-                                                       "HAS_ALIBI": flags.get("alibi", False)})
+                                                       "HAS_ALIBI": flags.get("alibi", False),
+                                                       "PERSISTENT": flags.get("persistent", row.persistent > 0)})
                 t0 = time.perf_counter()
                 try:
                     k = FORWARD.compile(d, 0)
@@ -162,8 +163,8 @@ def few_ctas_cases():
 
 
 def sanitize_cases():
-    """One small shape per row and dtype: one key tile and one query row past the tiles; on the
-    persistent rows, run on 2 CTAs (phase_check), so each walks several query blocks."""
+    """One small shape per row and dtype: one key tile and one query row past the tiles; each on
+    the row's grid and on a persistent grid of 2 CTAs (phase_check), which walk several blocks."""
     return [(dtype, 1, 2, 1, kernels.SM90_BLOCK_M + 1, row.block_n + 1, row.head_dim, row.causal, "bhsd", False, None)
             for row in sm90.ROWS for dtype in DTYPES]
 
@@ -172,11 +173,11 @@ def phase_check(args) -> int:
     gen = torch.Generator(device="cuda").manual_seed(0)
     use_tuned_rows()
     cases = sanitize_cases() if args.sanitize else check_cases(args.quick)
-    few = [] if args.sanitize else few_ctas_cases()
+    few = sanitize_cases() if args.sanitize else few_ctas_cases()
     failed = 0
     for i, case in enumerate(cases + few):
-        # the few-CTA cases (and every sanitizer case) on a grid of a few CTAs
-        ctas = 2 if args.sanitize else (3 if i >= len(cases) else None)
+        # the few-CTA cases on a persistent grid of a few CTAs, whatever the row says
+        ctas = None if i < len(cases) else (2 if args.sanitize else 3)
         dtype, b, hq, hk, sq, sk, d, causal, layout, strided, variant = case
         label = (f"{dtype} B{b} H{hq}/{hk} S{sq}x{sk} D{d} {'causal' if causal else 'full'} {layout}"
                  f"{f' ctas{ctas}' if ctas else ''}"

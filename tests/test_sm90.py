@@ -36,10 +36,14 @@ FORWARD, BACKWARD = kernels.cuda("flash_fwd_sm90"), kernels.cuda("flash_bwd_sm90
 def test_rows_compile_for_sm90a_without_spills(row, dtype):
     from compile_kernels import nvrtc_compile, report
 
-    flags = {"IS_CAUSAL": int(row.causal)}
-    if dtype == "bfloat16":  # the modifiers, packed batches and sinks too, once per row
-        flags.update(IS_LOCAL=1, HAS_SOFTCAP=int(not row.causal), HAS_ALIBI=int(row.causal),
-                     IS_VARLEN=1, HAS_SINKS=1)
+    # the modifiers and sinks once per row: in bf16 with packed batches (one CTA per query block),
+    # in fp16 on the persistent grid (which any row may run: sm90.forward's ctas)
+    flags = {"IS_CAUSAL": int(row.causal), "IS_LOCAL": 1, "HAS_SOFTCAP": int(not row.causal),
+             "HAS_ALIBI": int(row.causal), "HAS_SINKS": 1}
+    if dtype == "bfloat16":
+        flags["IS_VARLEN"] = 1
+    else:
+        flags["PERSISTENT"] = 1
     options = ["--gpu-architecture=sm_90a", "-std=c++17", "-Xptxas=-v",
                *jit.define_options(FORWARD.defines(row, dtype, flags=flags))]
     ok, log = nvrtc_compile(jit.preprocess("cuda", FORWARD.source), "flash_fwd.cu", options)

@@ -259,11 +259,13 @@ SM90_OPTIONS = ("-arch=sm_90a",)  # wgmma and setmaxnreg exist only on the "a" t
 
 def _sm90_forward_defines(row, dtype: str, *, flags: dict) -> dict:
     """flags: the band and modifiers (IS_CAUSAL, IS_LOCAL, HAS_SOFTCAP, HAS_ALIBI), packed batches
-    (IS_VARLEN), sinks (HAS_SINKS) and the persistent grid (PERSISTENT: the row's, never with a
-    packed batch; the caller may turn it off with PERSISTENT=0 in flags); the last three only where
-    set, so that the other variants compile exactly as before."""
-    persistent = row.persistent and not flags.get("IS_VARLEN") and flags.get("PERSISTENT", 1)
-    extra = {k: 1 for k in ("IS_VARLEN", "HAS_SINKS") if flags.get(k)} | ({"PERSISTENT": 1} if persistent else {})
+    (IS_VARLEN), sinks (HAS_SINKS) and the persistent grid (PERSISTENT: flags' where given, which
+    xattn/sm90.py's plan decides from the row and the query length, else whether the row ever
+    uses it; never with a packed batch); the last three only where set, so that the other
+    variants compile exactly as before."""
+    persistent = flags.get("PERSISTENT", row.persistent > 0) and not flags.get("IS_VARLEN")
+    extra = ({k: 1 for k in ("IS_VARLEN", "HAS_SINKS") if flags.get(k)}
+             | ({"PERSISTENT": 1} if persistent else {}))
     return {"ELEM_BF16": int(dtype == "bfloat16"), "HEAD_DIM": row.head_dim,
             "BLOCK_N": row.block_n, "STAGES": row.stages, "OVERLAP": row.overlap,
             "PINGPONG": row.pingpong, **_sm90_flags(flags), **extra}

@@ -6,7 +6,8 @@ can run here (else it stays on the mma.sync kernel). Arrays arrive as (B, H, S, 
 tensors or CuPy arrays, any batch/head/row strides and D contiguous; each of q, k, v, out becomes a
 tensor map (xattn/tma.py), the rest of the call one AttnParams block (kernels_common/params.h)
 passed by value; packed varlen batches as (1, H, T, D) views with the cumulative lengths, sinks
-folded in the epilogue. Not served here: paged keys (a tile would span pages: one copy per page),
+folded in the epilogue. A row may run on a persistent grid (one CTA per SM walking the query
+blocks, Row.persistent) from some query length on; packed batches never do. Not served here: paged keys (a tile would span pages: one copy per page),
 an empty key sequence, views the copy engine cannot address (a base or a stride not a multiple of
 16 bytes), head dims above 256, float32, and, in a packed batch at D64 without a causal edge, a
 window, softcap and ALiBi all together (8 bytes of spills).
@@ -40,8 +41,9 @@ class Row(NamedTuple):
     stages: int       # K/V tiles in flight
     overlap: int = 1  # softmax of tile j under P V of tile j - 1 (OVERLAP there)
     pingpong: int = 1  # the two consumer warpgroups take turns on the tensor cores (PINGPONG there)
-    persistent: int = 1  # one CTA per SM walking the query blocks (PERSISTENT there; never for a
-                         # packed batch, which keeps one CTA per query block of each sequence)
+    persistent: int = 0  # query lengths from which one CTA per SM walks the query blocks
+                         # (PERSISTENT there; 0: never; never for a packed batch, which keeps one
+                         # CTA per query block of each sequence)
 
 
 # Smallest head dim first; a head dim runs on the first row at least as wide (the copy engine
@@ -49,11 +51,15 @@ class Row(NamedTuple):
 # ci/sm90_fwd_check.py --phase tune on an H200 (bf16, S = 8192, ci/results/2026-11-30-sm90-fwd/).
 # D192 (not tuned on a device yet): the widest key tile that fits two stages (112; 128 would need
 # 241 KB), overlap and pingpong on; it replaces the D256 row's 33% of padded work at D 129-192.
+# Persistent grid: where it won in ci/results/2026-11-30-sm90-persist/ (bf16, S 1024-8192, one
+# run, against the same rows without it): causal D64 +10-16% at every length, causal D256 +4-8%
+# from S 2048 (-7% at 1024), causal D128 +4% from S 4096 (-4% at 1024-2048); the non-causal rows
+# were level or slower (D64 -5% at S 4096-8192), D192 was not measured.
 ROWS = (
-    Row(64, False, 192, 2, overlap=1, pingpong=0), Row(64, True, 128, 2, overlap=0, pingpong=0),
-    Row(128, False, 176, 2), Row(128, True, 176, 2),
+    Row(64, False, 192, 2, overlap=1, pingpong=0), Row(64, True, 128, 2, overlap=0, pingpong=0, persistent=1),
+    Row(128, False, 176, 2), Row(128, True, 176, 2, persistent=4096),
     Row(192, False, 112, 2), Row(192, True, 112, 2),
-    Row(256, False, 80, 2, overlap=1, pingpong=0), Row(256, True, 80, 2),
+    Row(256, False, 80, 2, overlap=1, pingpong=0), Row(256, True, 80, 2, persistent=2048),
 )
 
 
@@ -91,9 +97,10 @@ def forward(q, k, v, out, lse, *, causal: bool, scale: float, stream: int, windo
             softcap: float = 0.0, alibi_slopes=None, cu_seqlens=None, max_seqlen=None,
             sinks=None, ctas: int | None = None) -> None:
     """xattn.cuda.forward on the sm90 kernel, for calls that supports() accepts: out =
-    softmax(scale * q k^T + modifiers) v and lse for (B, H, S, D) views. ctas: at most this many
-    CTAs in a persistent grid (None: one per SM); the checks use a few, so that every CTA walks
-    many query blocks."""
+    softmax(scale * q k^T + modifiers) v and lse for (B, H, S, D) views. ctas: a persistent grid
+    of at most this many CTAs whatever the row says (not for a packed batch); the checks use a
+    few, so that every CTA walks many query blocks. None: the row's grid, persistent ones with one
+    CTA per SM."""
     varlen = cu_seqlens is not None
     Q, K, V, O, L = (launch.packed(launch.describe(a), varlen) for a in (q, k, v, out, lse))
     batch = cu_seqlens[0].shape[0] - 1 if varlen else Q.shape[0]
@@ -144,7 +151,9 @@ def plan(Q, K, V, O, L, *, causal, scale, window, softcap, slopes, batch=None, m
                                   ("v", V, row.block_n), ("o", O, kernels.SM90_STORE_ROWS))]
     kernel = kernels.cuda("flash_fwd_sm90")
     blocks = -(-seqlen_q // kernels.SM90_BLOCK_M) * heads_q * batch
-    flags = var.defines | {"HAS_SINKS": int(sinks), "PERSISTENT": int(blocks < MAX_PERSISTENT_BLOCKS)}
+    persistent = ctas is not None or (row.persistent and seqlen_q >= row.persistent)
+    flags = var.defines | {"HAS_SINKS": int(sinks),
+                           "PERSISTENT": int(persistent and blocks < MAX_PERSISTENT_BLOCKS)}
     defines = kernel.defines(row, Q.dtype, flags=flags)
     if defines.get("PERSISTENT") and kernel.compile(defines, Q.device).local_size_bytes:
         # The walk's few registers made ptxas spill in this variant (it did in none on NVRTC 13.5:

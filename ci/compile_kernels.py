@@ -179,9 +179,12 @@ def sm90_variants(quick: bool):
     from xattn import sm90
 
     forward, backward = kernels.cuda("flash_fwd_sm90"), kernels.cuda("flash_bwd_sm90")
+    # the forward also on the persistent grid wherever its row does not use it (sm90.forward's ctas
+    # can ask for it on any row) and on the one-CTA-per-block grid wherever it does
     for row in sm90.ROWS:
         for dtype in HALF:
-            for flags in SM90_FLAGS if dtype == "bfloat16" and not quick else SM90_FLAGS[:1]:
+            grids = [{}, {"PERSISTENT": int(not row.persistent)}]
+            for flags in (SM90_FLAGS if dtype == "bfloat16" and not quick else SM90_FLAGS[:1]) + grids[1:]:
                 defines = forward.defines(row, dtype, flags={"IS_CAUSAL": int(row.causal)} | flags)
                 yield (f"sm90 fwd D{row.head_dim} N{row.block_n}", forward, defines, row.causal, dtype, flags)
     for row in sm90.BWD_ROWS:
@@ -210,7 +213,7 @@ def check_sm90(quick: bool) -> int:
         bad = spill or r["registers"] != SM90_REGISTERS or smem > SMEM_LIMIT[90]
         flag = "  <-- SPILLS/REGISTERS/SHARED MEMORY" if bad else ""
         failures += bool(bad)
-        name = label + "".join(f" {k}" for k in flags)
+        name = label + "".join(f" {k}" if v else f" {k}=0" for k, v in flags.items())
         print(f"{name:40} {dtype:9} {causal!s:>6} {r['registers']:>4} {smem / 1024:>7.1f} {r['stack']:>5} "
               f"{spill:>5} {seconds:>5.1f}{flag}")
     return failures

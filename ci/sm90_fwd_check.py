@@ -4,11 +4,13 @@
             through CuPy, and the SASS of an NVRTC cubin (HGMMA count, LDL/STL count)
   check     xattn.sm90.forward against float64 exact attention on awkward shapes: S = 1, 63, 65,
             127, 129, 1000, Sq != Sk both ways, GQA 4:1, strided views (both layouts), head dims
-            between rows, windows, softcap, ALiBi; NaN-poisoned outputs, two runs bitwise equal
+            between rows, windows, softcap, ALiBi, more query blocks than SMs, and small shapes
+            on a persistent grid of 3 CTAs; NaN-poisoned outputs, two runs bitwise equal
   host      host cost of a tensor map: encode vs re-point (xattn/tma.py)
   tune      candidate rows (tile, stages, overlaps) at S = 8192, bf16
-  bench     TFLOP/s side by side with today's kernel (xattn.cuda.forward), SDPA flash and cuDNN:
-            bf16/fp16, D 64/128/256, causal or not, S 1024..16384, B*S = 16384, H*D = 2048
+  bench     TFLOP/s side by side with the same rows without the persistent grid (sm90-flat), SDPA
+            flash and cuDNN: bf16/fp16, D 64/128/256, causal or not, S 1024..16384, B*S = 16384,
+            H*D = 2048 (--seqlens, --head-dims: fewer)
 A benchmark, not a test. Each phase prints one line per item and a summary line last.
 
     PYTHONPATH=. python ci/sm90_fwd_check.py --phase check [--variant simple|overlap|pingpong] [--quick]
@@ -36,7 +38,7 @@ FORWARD = kernels.cuda("flash_fwd_sm90")
 
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16}
 VARIANTS = {"simple": dict(overlap=0, pingpong=0), "overlap": dict(overlap=1, pingpong=0),
-            "pingpong": dict(overlap=1, pingpong=1)}
+            "pingpong": dict(overlap=1, pingpong=1), "flat": dict(persistent=0)}
 
 
 def use_variant(name: str) -> None:
@@ -45,7 +47,7 @@ def use_variant(name: str) -> None:
 
 # ---- compile -------------------------------------------------------------------------------------
 
-FLAG_SETS = [dict(), dict(local=True), dict(softcap=True), dict(alibi=True)]
+FLAG_SETS = [dict(), dict(local=True), dict(softcap=True), dict(alibi=True), dict(persistent=True)]
 
 
 def sass_counts(defines: dict) -> str:
@@ -59,7 +61,8 @@ def phase_compile(args) -> int:
             for flags in (FLAG_SETS if dtype == "bfloat16" else FLAG_SETS[:1]):
                 d = FORWARD.defines(row, dtype, flags={"IS_CAUSAL": row.causal, "IS_LOCAL": flags.get("local", False),
                                                        "HAS_SOFTCAP": flags.get("softcap", False),
-                                                       "HAS_ALIBI": flags.get("alibi", False)})
+                                                       "HAS_ALIBI": flags.get("alibi", False),
+                                                       "PERSISTENT": flags.get("persistent", row.persistent > 0)})
                 t0 = time.perf_counter()
                 try:
                     k = FORWARD.compile(d, 0)
@@ -89,7 +92,7 @@ def make(shape, dtype, layout, strided, gen):
     return base[:, :s, :h, :d].transpose(1, 2)
 
 
-def run_case(dtype, b, hq, hk, sq, sk, d, causal, layout="bhsd", strided=False, variant=None, gen=None):
+def run_case(dtype, b, hq, hk, sq, sk, d, causal, layout="bhsd", strided=False, variant=None, gen=None, ctas=None):
     variant = dict(variant or {})
     q = make((b, hq, sq, d), dtype, layout, strided, gen)
     k = make((b, hk, sk, d), dtype, layout, strided, gen)
@@ -106,7 +109,7 @@ def run_case(dtype, b, hq, hk, sq, sk, d, causal, layout="bhsd", strided=False, 
         out = torch.full_like(q, float("nan"))
         lse = torch.full((b, hq, sq), float("nan"), device="cuda")
         sm90.forward(q, k, v, out, lse, causal=causal, scale=scale,
-                     stream=torch.cuda.current_stream().cuda_stream, **variant)
+                     stream=torch.cuda.current_stream().cuda_stream, ctas=ctas, **variant)
         torch.cuda.synchronize()
         results.append((out, lse))
     (out, lse), (out2, lse2) = results
@@ -138,14 +141,30 @@ def check_cases(quick: bool):
         for d in (64, 128, 256):
             for causal in (False, True):
                 cases.append(("bfloat16", 2, 4, 2, 333, 517, d, causal, "bhsd", False, variant))
+    # Persistent grids: several query blocks per CTA (more blocks than SMs), among them blocks that
+    # see no key (causal, Sq > Sk) between blocks that do, and windows.
+    for d in (64, 128, 256):
+        for causal in (False, True):
+            cases.append(("bfloat16", 3, 16, 4, 1000, 1000, d, causal, "bhsd", False, None))
+            cases.append(("float16", 4, 16, 16, 1000, 129, d, causal, "bhsd", False, None))
+        cases.append(("bfloat16", 3, 16, 4, 700, 900, d, True, "bhsd", False, dict(window=(50, 30))))
     if not quick:
         cases.append(("bfloat16", 65537, 1, 1, 3, 5, 64, False, "bhsd", False, None))  # gridDim.z chunks
         cases.append(("float16", 1, 32, 4, 4096, 4096, 128, True, "bhsd", False, None))
     return cases
 
 
+def few_ctas_cases():
+    """Small shapes on a persistent grid of 3 CTAs (sm90.forward's ctas): every CTA walks many
+    query blocks, odd and even numbers of causal pairs, blocks without keys among them."""
+    return [(dtype, 2, 3, 1, sq, sk, d, causal, "bhsd", False, None)
+            for d, dtype in ((64, "bfloat16"), (128, "float16"), (256, "bfloat16"))
+            for causal in (False, True) for sq, sk in ((300, 300), (500, 200))]
+
+
 def sanitize_cases():
-    """One small shape per row and dtype: one key tile and one query row past the tiles."""
+    """One small shape per row and dtype: one key tile and one query row past the tiles; each on
+    the row's grid and on a persistent grid of 2 CTAs (phase_check), which walk several blocks."""
     return [(dtype, 1, 2, 1, kernels.SM90_BLOCK_M + 1, row.block_n + 1, row.head_dim, row.causal, "bhsd", False, None)
             for row in sm90.ROWS for dtype in DTYPES]
 
@@ -154,14 +173,18 @@ def phase_check(args) -> int:
     gen = torch.Generator(device="cuda").manual_seed(0)
     use_tuned_rows()
     cases = sanitize_cases() if args.sanitize else check_cases(args.quick)
+    few = sanitize_cases() if args.sanitize else few_ctas_cases()
     failed = 0
-    for case in cases:
+    for i, case in enumerate(cases + few):
+        # the few-CTA cases on a persistent grid of a few CTAs, whatever the row says
+        ctas = None if i < len(cases) else (2 if args.sanitize else 3)
         dtype, b, hq, hk, sq, sk, d, causal, layout, strided, variant = case
         label = (f"{dtype} B{b} H{hq}/{hk} S{sq}x{sk} D{d} {'causal' if causal else 'full'} {layout}"
+                 f"{f' ctas{ctas}' if ctas else ''}"
                  f"{' strided' if strided else ''} {variant or ''}")
         print(f"... {label}", end="", flush=True)
         try:
-            err, problems = run_case(DTYPES[dtype], b, hq, hk, sq, sk, d, causal, layout, strided, variant, gen)
+            err, problems = run_case(DTYPES[dtype], b, hq, hk, sq, sk, d, causal, layout, strided, variant, gen, ctas)
         except Exception as exc:
             err, problems = None, [f"{type(exc).__name__}: {str(exc)[:300]}"]
         failed += bool(problems)
@@ -172,7 +195,8 @@ def phase_check(args) -> int:
     refused = not sm90.supports(q, q, q, q, None)
     failed += not refused
     print(f"unaligned view refused by supports(): {refused}")
-    print(f"SUMMARY check[{args.variant}]: {len(cases) + 1 - failed}/{len(cases) + 1} cases passed", flush=True)
+    total = len(cases) + len(few) + 1
+    print(f"SUMMARY check[{args.variant}]: {total - failed}/{total} cases passed", flush=True)
     return int(failed > 0)
 
 
@@ -224,7 +248,16 @@ def timers(q, k, v, causal):
                 return F.scaled_dot_product_attention(q, k, v, is_causal=causal)
         return run
 
+    def flat():  # the table's rows without the persistent grid (one CTA per query block)
+        rows = sm90.ROWS
+        sm90.ROWS = tuple(r._replace(persistent=0) for r in rows)
+        try:
+            sm90.forward(q, k, v, out, lse, causal=causal, scale=scale, stream=stream)
+        finally:
+            sm90.ROWS = rows
+
     return {"sm90": lambda: sm90.forward(q, k, v, out, lse, causal=causal, scale=scale, stream=stream),
+            "sm90-flat": flat,
             "mma.sync": lambda: cuda.forward(q, k, v, out, lse, causal=causal, scale=scale, stream=stream),
             "sdpa-flash": sdpa(SDPBackend.FLASH_ATTENTION),
             "cudnn": sdpa(SDPBackend.CUDNN_ATTENTION)}
@@ -301,22 +334,23 @@ def phase_bench(args) -> int:
     use_tuned_rows()
     lines = []
     dtypes = ("bfloat16", "float16") if not args.quick else ("bfloat16",)
-    lengths = (1024, 2048, 4096, 8192, 16384) if not args.quick else (2048, 8192)
+    lengths = args.seqlens or ((1024, 2048, 4096, 8192, 16384) if not args.quick else (2048, 8192))
     print(f"bench {time.strftime('%Y-%m-%d')} {torch.cuda.get_device_name()}: TFLOP/s = 4 B H S^2 D (halved "
-          f"causal) / time; do_bench median (L2 flushed), median of {ROUNDS} rotated rounds; B S = 16384, H D = 2048")
-    print("| dtype | D | causal | S | sm90 | sdpa-flash | cudnn | sm90/cudnn | sm90 % of 790 |")
-    print("|---|---|---|---|---|---|---|---|---|")
+          f"causal) / time; do_bench median (L2 flushed), median of {ROUNDS} rotated rounds; B S = 16384, H D = 2048; "
+          "sm90-flat: the same rows without the persistent grid")
+    print("| dtype | D | causal | S | sm90 | sm90-flat | sdpa-flash | cudnn | sm90/cudnn | flat/cudnn | sm90 % of 790 |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for dtype in dtypes:
-        for d in (64, 128, 256):
+        for d in args.head_dims:
             for causal in (False, True):
                 for s in lengths:
                     b, h = 16384 // s, 2048 // d
                     q, k, v = (torch.randn(b, h, s, d, device="cuda", dtype=DTYPES[dtype]) for _ in range(3))
-                    got = fair_tflops(timers(q, k, v, causal), ("sm90", "sdpa-flash", "cudnn"),
+                    got = fair_tflops(timers(q, k, v, causal), ("sm90", "sm90-flat", "sdpa-flash", "cudnn"),
                                       lambda ms: tflops(b, h, s, d, causal, ms))
-                    line = (f"| {dtype} | {d} | {int(causal)} | {s} | {got['sm90']:.0f} | "
+                    line = (f"| {dtype} | {d} | {int(causal)} | {s} | {got['sm90']:.0f} | {got['sm90-flat']:.0f} | "
                             f"{got['sdpa-flash']:.0f} | {got['cudnn']:.0f} | {got['sm90'] / got['cudnn']:.2f} | "
-                            f"{100 * got['sm90'] / 790:.0f}% |")
+                            f"{got['sm90-flat'] / got['cudnn']:.2f} | {100 * got['sm90'] / 790:.0f}% |")
                     print(line, flush=True)
                     lines.append(line)
                     del q, k, v
@@ -345,6 +379,8 @@ def main() -> int:
                         help="overlaps of every row: the table's, or one variant for all")
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--sanitize", action="store_true", help="check: one small shape per row (block + 1)")
+    parser.add_argument("--seqlens", type=int, nargs="*", help="bench: these sequence lengths")
+    parser.add_argument("--head-dims", type=int, nargs="*", default=[64, 128, 256], help="bench: these head dims")
     args = parser.parse_args()
     if args.variant != "table":
         use_variant(args.variant)

@@ -58,6 +58,8 @@ struct AttnParams {
     int num_pages;             // IS_PAGED: page ids are clamped to [0, num_pages)
     int max_pages;             // IS_PAGED: the table's width; key counts are clamped to
                                // [0, max_pages * page_size]
+    int batch;                 // the sm90 forward's persistent grid (PERSISTENT): the batch
+                               // entries its CTAs walk (the others take them from gridDim.z)
 };
 
 // KV-cache decoding (kernels_cuda/flash_decode.cu, flash_decode_f32.cu, flash_decode_merge.cu;

@@ -36,10 +36,14 @@ FORWARD, BACKWARD = kernels.cuda("flash_fwd_sm90"), kernels.cuda("flash_bwd_sm90
 def test_rows_compile_for_sm90a_without_spills(row, dtype):
     from compile_kernels import nvrtc_compile, report
 
-    flags = {"IS_CAUSAL": int(row.causal)}
-    if dtype == "bfloat16":  # the modifiers, packed batches and sinks too, once per row
-        flags.update(IS_LOCAL=1, HAS_SOFTCAP=int(not row.causal), HAS_ALIBI=int(row.causal),
-                     IS_VARLEN=1, HAS_SINKS=1)
+    # the modifiers and sinks once per row: in bf16 with packed batches (one CTA per query block),
+    # in fp16 on the persistent grid (which any row may run: sm90.forward's ctas)
+    flags = {"IS_CAUSAL": int(row.causal), "IS_LOCAL": 1, "HAS_SOFTCAP": int(not row.causal),
+             "HAS_ALIBI": int(row.causal), "HAS_SINKS": 1}
+    if dtype == "bfloat16":
+        flags["IS_VARLEN"] = 1
+    else:
+        flags["PERSISTENT"] = 1
     options = ["--gpu-architecture=sm_90a", "-std=c++17", "-Xptxas=-v",
                *jit.define_options(FORWARD.defines(row, dtype, flags=flags))]
     ok, log = nvrtc_compile(jit.preprocess("cuda", FORWARD.source), "flash_fwd.cu", options)
@@ -277,6 +281,50 @@ def test_packed_batches_and_sinks_match_each_sequence_alone(hopper, lengths, kv_
         finite = np.isfinite(want_lse[0])
         np.testing.assert_allclose(part_lse[finite], want_lse[0][finite], rtol=LSE_TOLERANCE[dtype],
                                    atol=LSE_TOLERANCE[dtype])
+
+
+@pytest.mark.gpu
+@settings(max_examples=30)
+@given(ctas=st.sampled_from([1, 2, 3, 5]), batch=st.integers(1, 3), kv_heads=st.integers(1, 2),
+       group=st.sampled_from([1, 3]), sq=st.sampled_from([1, 129, 300, 640]), sk=st.sampled_from([1, 100, 300, 700]),
+       head_dim=st.sampled_from([64, 128, 192, 256]), causal=st.booleans(),
+       dtype=st.sampled_from(["float16", "bfloat16"]), window=st.sampled_from([None, (40, 0), (17, 33)]),
+       modifier=st.sampled_from([None, "softcap", "alibi"]), sinks=st.booleans(), seed=st.integers(0, 2**16))
+def test_persistent_grid_walks_every_block_once(hopper, ctas, batch, kv_heads, group, sq, sk, head_dim, causal,
+                                                dtype, window, modifier, sinks, seed):
+    """A persistent grid of a few CTAs (sm90.forward's ctas), so that each CTA walks many query
+    blocks of several heads and batch entries through one ring of K/V stages, causal pairs of
+    blocks, and blocks that see no key between blocks that do (causal, Sq > Sk): out and lse
+    against the float64 oracle, NaN-poisoned, with sinks and the modifiers."""
+    import torch
+
+    q_heads = kv_heads * group
+    rng = np.random.default_rng(seed)
+    q, k, v = (rng.standard_normal((batch, h, s, head_dim)) for h, s in ((q_heads, sq), (kv_heads, sk), (kv_heads, sk)))
+    Q, K, V = (torch.from_numpy(x).to("cuda", getattr(torch, dtype)) for x in (q, k, v))
+    options = _variant_options(causal, window, modifier, q_heads, rng)
+    slopes = options.pop("alibi_slopes", None)
+    slopes = None if slopes is None else slopes.astype(np.float32)  # the kernel's slopes, exactly
+    sink_values = rng.uniform(-3, 3, q_heads).astype(np.float32) if sinks else None
+    assert sm90.supports(Q, K, V, Q, None, causal=causal, **options)
+    out = torch.full_like(Q, float("nan"))
+    lse = torch.full((batch, q_heads, sq), float("nan"), device="cuda")
+    scale = 1 / math.sqrt(head_dim)
+    sm90.forward(Q, K, V, out, lse, causal=causal, scale=scale, stream=torch.cuda.current_stream().cuda_stream,
+                 alibi_slopes=None if slopes is None else torch.from_numpy(slopes).to("cuda", torch.float32),
+                 sinks=None if sink_values is None else torch.from_numpy(sink_values).to("cuda"), ctas=ctas, **options)
+    torch.cuda.synchronize()
+    seen = [to_float64(x) for x in (Q, K, V)]
+    want, want_lse = reference.exact_attention_bhsd(
+        *seen, causal=causal, scale=scale, alibi_slopes=slopes,
+        sinks=None if sink_values is None else sink_values.astype(np.float64), **options)
+    got, got_lse = to_float64(out), to_float64(lse)
+    assert not np.isnan(got).any() and not np.isnan(got_lse).any(), "an output element was not written"
+    error = np.linalg.norm(got - want) / max(np.linalg.norm(want), 1e-30)
+    assert error <= TOLERANCE[dtype], error
+    assert np.array_equal(np.isfinite(got_lse), np.isfinite(want_lse))
+    finite = np.isfinite(want_lse)
+    np.testing.assert_allclose(got_lse[finite], want_lse[finite], rtol=LSE_TOLERANCE[dtype], atol=LSE_TOLERANCE[dtype])
 
 
 @pytest.mark.gpu

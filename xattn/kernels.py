@@ -35,6 +35,9 @@ class Sizes(NamedTuple):
     seqlen_new: int = 0  # the decode's append: rows appended per sequence
     m_blocks: int = 0    # the decode: row tiles per kv head
     splits: int = 1      # the decode: blocks sharing one row tile's keys
+    batch: int = 0       # a persistent grid (the sm90 forward's PERSISTENT): the batch entries its
+                         # CTAs walk (other grids take the batch in gridDim.z: launch.Launch)
+    resident: int = 0    # a persistent grid: the CTAs that run at once (one per SM)
 
 
 @dataclass(frozen=True)
@@ -256,9 +259,13 @@ SM90_OPTIONS = ("-arch=sm_90a",)  # wgmma and setmaxnreg exist only on the "a" t
 
 def _sm90_forward_defines(row, dtype: str, *, flags: dict) -> dict:
     """flags: the band and modifiers (IS_CAUSAL, IS_LOCAL, HAS_SOFTCAP, HAS_ALIBI), packed batches
-    (IS_VARLEN) and sinks (HAS_SINKS); the last two only where set, so that the other variants
-    compile exactly as before."""
-    extra = {k: 1 for k in ("IS_VARLEN", "HAS_SINKS") if flags.get(k)}
+    (IS_VARLEN), sinks (HAS_SINKS) and the persistent grid (PERSISTENT: flags' where given, which
+    xattn/sm90.py's plan decides from the row and the query length, else whether the row ever
+    uses it; never with a packed batch); the last three only where set, so that the other
+    variants compile exactly as before."""
+    persistent = flags.get("PERSISTENT", row.persistent > 0) and not flags.get("IS_VARLEN")
+    extra = ({k: 1 for k in ("IS_VARLEN", "HAS_SINKS") if flags.get(k)}
+             | ({"PERSISTENT": 1} if persistent else {}))
     return {"ELEM_BF16": int(dtype == "bfloat16"), "HEAD_DIM": row.head_dim,
             "BLOCK_N": row.block_n, "STAGES": row.stages, "OVERLAP": row.overlap,
             "PINGPONG": row.pingpong, **_sm90_flags(flags), **extra}
@@ -269,11 +276,21 @@ def _sm90_flags(flags: dict) -> dict:
 
 
 def _sm90_forward_smem(d: dict) -> int:
-    """sm90/flash_fwd.cu: sQ, STAGES K and V tiles, the barriers (q_full and v_tail, and k_full,
-    v_full, k_empty, v_empty per stage), plus the slack to align it to 1024 bytes."""
+    """sm90/flash_fwd.cu: sQ, STAGES K and V tiles, the barriers (q_full, q_empty and v_tail, and
+    k_full, v_full, k_empty, v_empty per stage), plus the slack to align it to 1024 bytes."""
     q = SM90_BLOCK_M * d["HEAD_DIM"] * 2
     kv = 2 * d["STAGES"] * d["BLOCK_N"] * d["HEAD_DIM"] * 2
-    return SM90_SMEM_ALIGN + q + kv + SM90_BARRIER_BYTES * (2 + 4 * d["STAGES"])
+    return SM90_SMEM_ALIGN + q + kv + SM90_BARRIER_BYTES * (3 + 4 * d["STAGES"])
+
+
+def _sm90_forward_grid(d: dict, s: Sizes) -> tuple:
+    """One CTA per query block and head (the batch in gridDim.z), or with PERSISTENT one per SM,
+    at most one per query block of the whole batch (a causal grid's CTAs take pairs of blocks: a
+    CTA past their count finds no work and ends)."""
+    blocks = _ceil(s.seqlen_q, SM90_BLOCK_M)
+    if d.get("PERSISTENT"):
+        return (max(1, min(s.resident, blocks * s.heads_q * s.batch)), 1)
+    return (blocks, s.heads_q)
 
 
 def _sm90_backward_defines(row, dtype: str, *, flags: dict, compute_dq: bool = True) -> dict:
@@ -454,8 +471,7 @@ _ALL = (
     _cuda("flash_decode_merge", "flash_decode_merge.cu", _DECODE, _merge_defines, _none,
           lambda d: d["MERGE_WARPS"] * 32, _merge_grid),
     _cuda("flash_fwd_sm90", "sm90/flash_fwd.cu", _ATTN, _sm90_forward_defines, _sm90_forward_smem,
-          lambda d: SM90_THREADS, lambda d, s: (_ceil(s.seqlen_q, SM90_BLOCK_M), s.heads_q),
-          SM90_OPTIONS),
+          lambda d: SM90_THREADS, _sm90_forward_grid, SM90_OPTIONS),
     _cuda("flash_bwd_sm90", "sm90/flash_bwd.cu", _ATTN, _sm90_backward_defines, _sm90_backward_smem,
           lambda d: SM90_THREADS, lambda d, s: (_ceil(s.seqlen_k, SM90_BWD_BLOCK_N), s.heads_k),
           SM90_OPTIONS),

@@ -28,7 +28,7 @@ ATTN_PARAMS = np.dtype(
        ("batch_offset", "<i4"), ("heads_q", "<i4"), ("heads_per_kv", "<i4"), ("seqlen_q", "<i4"),
        ("seqlen_k", "<i4"), ("head_dim", "<i4"), ("window_left", "<i4"), ("window_right", "<i4"),
        ("softcap_scale", "<f4"), ("scale", "<f4"), ("scale_log2", "<f4"), ("grad_scale", "<f4"),
-       ("page_size", "<i4"), ("num_pages", "<i4"), ("max_pages", "<i4")],
+       ("page_size", "<i4"), ("num_pages", "<i4"), ("max_pages", "<i4"), ("batch", "<i4")],
     align=True)
 
 

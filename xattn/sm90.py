@@ -6,7 +6,8 @@ can run here (else it stays on the mma.sync kernel). Arrays arrive as (B, H, S, 
 tensors or CuPy arrays, any batch/head/row strides and D contiguous; each of q, k, v, out becomes a
 tensor map (xattn/tma.py), the rest of the call one AttnParams block (kernels_common/params.h)
 passed by value; packed varlen batches as (1, H, T, D) views with the cumulative lengths, sinks
-folded in the epilogue. Not served here: paged keys (a tile would span pages: one copy per page),
+folded in the epilogue. A row may run on a persistent grid (one CTA per SM walking the query
+blocks, Row.persistent) from some query length on; packed batches never do. Not served here: paged keys (a tile would span pages: one copy per page),
 an empty key sequence, views the copy engine cannot address (a base or a stride not a multiple of
 16 bytes), head dims above 256, float32, and, in a packed batch at D64 without a causal edge, a
 window, softcap and ALiBi all together (8 bytes of spills).
@@ -41,6 +42,9 @@ class Row(NamedTuple):
     stages: int       # K/V tiles in flight
     overlap: int = 1  # softmax of tile j under P V of tile j - 1 (OVERLAP there)
     pingpong: int = 1  # the two consumer warpgroups take turns on the tensor cores (PINGPONG there)
+    persistent: int = 0  # query lengths from which one CTA per SM walks the query blocks
+                         # (PERSISTENT there; 0: never; never for a packed batch, which keeps one
+                         # CTA per query block of each sequence)
 
 
 # Smallest head dim first; a head dim runs on the first row at least as wide (the copy engine
@@ -48,11 +52,15 @@ class Row(NamedTuple):
 # ci/sm90_fwd_check.py --phase tune on an H200 (bf16, S = 8192, ci/results/2026-11-30-sm90-fwd/).
 # D192 (not tuned on a device yet): the widest key tile that fits two stages (112; 128 would need
 # 241 KB), overlap and pingpong on; it replaces the D256 row's 33% of padded work at D 129-192.
+# Persistent grid: where it won in ci/results/2026-11-30-sm90-persist/ (bf16, S 1024-8192, one
+# run, against the same rows without it): causal D64 +10-16% at every length, causal D256 +4-8%
+# from S 2048 (-7% at 1024), causal D128 +4% from S 4096 (-4% at 1024-2048); the non-causal rows
+# were level or slower (D64 -5% at S 4096-8192), D192 was not measured.
 ROWS = (
-    Row(64, False, 192, 2, overlap=1, pingpong=0), Row(64, True, 128, 2, overlap=0, pingpong=0),
-    Row(128, False, 176, 2), Row(128, True, 176, 2),
+    Row(64, False, 192, 2, overlap=1, pingpong=0), Row(64, True, 128, 2, overlap=0, pingpong=0, persistent=1),
+    Row(128, False, 176, 2), Row(128, True, 176, 2, persistent=4096),
     Row(192, False, 112, 2), Row(192, True, 112, 2),
-    Row(256, False, 80, 2, overlap=1, pingpong=0), Row(256, True, 80, 2),
+    Row(256, False, 80, 2, overlap=1, pingpong=0), Row(256, True, 80, 2, persistent=2048),
 )
 
 
@@ -88,9 +96,12 @@ def supports(q, k, v, out, lse, *, causal: bool = False, window=(-1, -1), softca
 
 def forward(q, k, v, out, lse, *, causal: bool, scale: float, stream: int, window=(-1, -1),
             softcap: float = 0.0, alibi_slopes=None, cu_seqlens=None, max_seqlen=None,
-            sinks=None) -> None:
+            sinks=None, ctas: int | None = None) -> None:
     """xattn.cuda.forward on the sm90 kernel, for calls that supports() accepts: out =
-    softmax(scale * q k^T + modifiers) v and lse for (B, H, S, D) views."""
+    softmax(scale * q k^T + modifiers) v and lse for (B, H, S, D) views. ctas: a persistent grid
+    of at most this many CTAs whatever the row says (not for a packed batch); the checks use a
+    few, so that every CTA walks many query blocks. None: the row's grid, persistent ones with one
+    CTA per SM."""
     varlen = cu_seqlens is not None
     Q, K, V, O, L = (launch.packed(launch.describe(a), varlen) for a in (q, k, v, out, lse))
     batch = cu_seqlens[0].shape[0] - 1 if varlen else Q.shape[0]
@@ -99,7 +110,7 @@ def forward(q, k, v, out, lse, *, causal: bool, scale: float, stream: int, windo
     slopes = launch.describe(alibi_slopes) if alibi_slopes is not None else None
     step = plan(Q, K, V, O, L, causal=causal, scale=scale, window=window, softcap=softcap,
                 slopes=slopes, batch=batch, max_seqlen=max_seqlen if varlen else None,
-                sinks=sinks is not None)
+                sinks=sinks is not None, ctas=ctas)
     pointers = {"q": Q.ptr, "k": K.ptr, "v": V.ptr, "o": O.ptr, "lse": L.ptr}
     if slopes is not None:
         pointers["alibi_slopes"] = slopes.ptr
@@ -111,12 +122,12 @@ def forward(q, k, v, out, lse, *, causal: bool, scale: float, stream: int, windo
 
 
 def plan(Q, K, V, O, L, *, causal, scale, window, softcap, slopes, batch=None, max_seqlen=None,
-         sinks=False):
+         sinks=False, ctas=None):
     """The launch of one call signature (launch.Launch): the table row, the compiled kernel, four
     tensor maps of its own (q, k, v and out; re-pointed when a pointer changes) and the AttnParams
     block. The _Arrays' pointers only shape the maps: a call patches its own. A packed batch:
     max_seqlen = (longest query, longest key sequence) and batch its number of sequences; sinks:
-    the call has them (their pointer is patched per call)."""
+    the call has them (their pointer is patched per call); ctas: forward's."""
     heads_q, seqlen_q, head_dim = Q.shape[1], Q.shape[2], Q.shape[3]
     heads_k, seqlen_k = K.shape[1], K.shape[2]
     varlen = max_seqlen is not None
@@ -140,9 +151,37 @@ def plan(Q, K, V, O, L, *, causal, scale, window, softcap, slopes, batch=None, m
             for name, a, rows in (("q", Q, kernels.SM90_BLOCK_M), ("k", K, row.block_n),
                                   ("v", V, row.block_n), ("o", O, kernels.SM90_STORE_ROWS))]
     kernel = kernels.cuda("flash_fwd_sm90")
-    defines = kernel.defines(row, Q.dtype, flags=var.defines | {"HAS_SINKS": int(sinks)})
-    sizes = kernels.Sizes(seqlen_q=seqlen_q, seqlen_k=seqlen_k, heads_q=heads_q, heads_k=heads_k)
+    blocks = -(-seqlen_q // kernels.SM90_BLOCK_M) * heads_q * batch
+    persistent = ctas is not None or (row.persistent and seqlen_q >= row.persistent)
+    flags = var.defines | {"HAS_SINKS": int(sinks),
+                           "PERSISTENT": int(persistent and blocks < MAX_PERSISTENT_BLOCKS)}
+    defines = kernel.defines(row, Q.dtype, flags=flags)
+    if defines.get("PERSISTENT") and kernel.compile(defines, Q.device).local_size_bytes:
+        # The walk's few registers made ptxas spill in this variant (it did in none on NVRTC 13.5:
+        # ci/results/2026-11-30-sm90-persist/): one CTA per query block instead.
+        defines = kernel.defines(row, Q.dtype, flags=flags | {"PERSISTENT": 0})
+    sizes = kernels.Sizes(seqlen_q=seqlen_q, seqlen_k=seqlen_k, heads_q=heads_q, heads_k=heads_k,
+                          batch=batch, resident=min(_sm_count(Q.device), ctas or 2**31))
+    if defines.get("PERSISTENT"):  # the CTAs walk the batch themselves: none in gridDim.z
+        block["batch"] = batch
+        batch = 1
     return kernel.launch(defines, sizes, block, batch, Q.device, maps=maps)
+
+
+# A persistent grid counts its work units in 32-bit ints, stepping by the grid's size past the last.
+MAX_PERSISTENT_BLOCKS = 2**31 - 2**20
+
+_sm_counts: dict = {}
+
+
+def _sm_count(device: int) -> int:
+    """A persistent grid's CTAs: the device's SMs (a CTA takes most of an SM's shared memory)."""
+    count = _sm_counts.get(device)
+    if count is None:
+        import cupy
+
+        count = _sm_counts[device] = int(cupy.cuda.Device(device).attributes["MultiProcessorCount"])
+    return count
 
 
 # ---- the backward ---------------------------------------------------------------------------------

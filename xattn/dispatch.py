@@ -18,17 +18,18 @@ def forward(call, q, k, v, alibi_slopes=None, cu_seqlens=None, sinks=None, pages
     values (k and v the (num_pages, page_size, Hk, D) caches, which the array helpers see in
     "bshd" as (num_pages, Hk, page_size, D) views: the batch axis is the pages)."""
     slopes, sinks = _slopes(alibi_slopes), _slopes(sinks, "sinks")
-    options = call.options(slopes, cu_seqlens, sinks, pages)
-    if backends.hip_on_cuda and call.backend == "cuda":  # the test hook xattn.hip.on_cuda
-        return arrays.run_on_gpu(importlib.import_module("xattn.hip").forward, q, k, v, info(call),
-                                 layout=call.layout, dims=call.dims, **options)
-    if call.backend == "reference":
-        return arrays.run_on_host(reference.forward, q, k, v, info(call), layout=call.layout,
-                                  dims=call.dims, **options)
-    if call.backend == "cuda" and call.library == "torch" and pages is None:
-        from xattn import cuda
+    if call.backend == "cuda" and call.library == "torch" and pages is None and not backends.hip_on_cuda:
+        from xattn import cuda  # the hot path: the Call's own plan, no keyword arguments built
         out, lse = cuda.attention(call, q, k, v, slopes, cu_seqlens, sinks)
-    else:  # paged calls plan in the backend's forward (the table's pointer is patched there)
+    else:
+        options = call.options(slopes, cu_seqlens, sinks, pages)
+        if backends.hip_on_cuda and call.backend == "cuda":  # the test hook xattn.hip.on_cuda
+            return arrays.run_on_gpu(importlib.import_module("xattn.hip").forward, q, k, v,
+                                     info(call), layout=call.layout, dims=call.dims, **options)
+        if call.backend == "reference":
+            return arrays.run_on_host(reference.forward, q, k, v, info(call), layout=call.layout,
+                                      dims=call.dims, **options)
+        # paged calls plan in the backend's forward (the table's pointer is patched there)
         out, lse = arrays.run_on_gpu(backends.gpu_forward(call.backend), q, k, v, info(call),
                                      layout=call.layout, dims=call.dims, **options)
     if sinks is not None and call.seqlen_k == 0:  # no key anywhere: no kernel ran

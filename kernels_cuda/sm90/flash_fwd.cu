@@ -71,9 +71,6 @@
 #ifndef PINGPONG
 #define PINGPONG 1
 #endif
-#ifndef HAS_SINKS
-#define HAS_SINKS 0
-#endif
 
 #define NUM_CONSUMERS 2                          // consumer warpgroups
 #define BLOCK_M (NUM_CONSUMERS * WGMMA_M)        // query rows per CTA

@@ -15,6 +15,12 @@ cache, pointer patching, batch chunking and the driver launch are the vendor-neu
 (xattn/launch.py), shared with xattn/cuda.py: the same variant flags and scalars
 (launch.variant), the same (1, H, T, D) views of batch stride 0 for packed batches
 (launch.packed), the same vendor-neutral logic in kernels_common/attention_common.h.
+
+Sinks: every forward kernel folds them into out and lse in its epilogue (HAS_SINKS), the decode
+reads its sinks pointer at run time (epilogue with one split, merge with several); the backward
+needs nothing of them. FP8 KV caches: the portable decode (KV_FP8). Both have run only on NVIDIA
+GPUs, through the portable kernels (on_cuda below), and have been compiled for AMD targets
+(ci/hip_compile.py); no AMD GPU has run them.
 """
 
 from __future__ import annotations

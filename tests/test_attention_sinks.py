@@ -227,9 +227,9 @@ def test_hip_forward_launch_folds_the_sinks_in_the_kernel(stand_in_launches, tar
     k, v = (torch.zeros(2, 2, 50, 64, dtype=torch_dtype) for _ in range(2))
     lse = torch.zeros(2, 4, 40)
     sinks = torch.tensor([0.5, -1.0, 3.0, -30.0])
-    for given in (sinks, None):
+    for passed in (sinks, None):
         hip.launch(stand_in_launches.compile, target, q, k, v, out, lse, causal=True, scale=0.1,
-                   stream=3, sinks=given)
+                   stream=3, sinks=passed)
     with_sinks, without = stand_in_launches.launches
     assert with_sinks.kernel.entry == without.kernel.entry == kernel
     assert with_sinks.defines["HAS_SINKS"] == 1 and "HAS_SINKS" not in without.defines

@@ -31,7 +31,6 @@ import numpy as np
 import pytest
 
 from test_hip_sources import HIP_ON_CUDA, HIP_ON_CUDA_OPTIONS, nvrtc_compile
-import xattn
 from xattn import configs, hip, jit, kernels, kvcache
 
 WAVE32_TARGET = "gfx1030"  # whose decode rows (wave32) run on NVIDIA

@@ -23,7 +23,7 @@ gfx950 (MI350) is known to neither (clang-19 rejects the name; the script shows 
 
 Every row is compiled plain and causal. The attention variants of issue 6 (kernels_common/
 attention_common.h's flags: sliding window, softcap, ALiBi, packed varlen batches, and all of them
-together) are compiled for every kernel and target at one representative head dim (VARIANT_HEAD_DIM,
+together), the forwards' sinks and the portable decode's FP8 caches (issue 17) are compiled for every kernel and target at one representative head dim (VARIANT_HEAD_DIM,
 where the MFMA backward's registers are tightest, or a kernel's largest row below it), once for
 each form of its rows (the WMMA rows with their operands in registers, in LDS, and dK/dV split
 over D: variant_head_dims), in the dtype with the most registers; `--variants all` compiles every
@@ -88,15 +88,26 @@ VARIANT_FLAGS = {
     "all+softcap": {"IS_CAUSAL": 1, "IS_LOCAL": 1, "HAS_SOFTCAP": 1, "IS_VARLEN": 1},
     "all+alibi": {"IS_CAUSAL": 1, "IS_LOCAL": 1, "HAS_ALIBI": 1, "IS_VARLEN": 1},
     "paged": {"IS_CAUSAL": 1, "IS_LOCAL": 1, "HAS_SOFTCAP": 1, "IS_VARLEN": 1, "IS_PAGED": 1},
+    # sinks with a sliding window (GPT-OSS's layers), softcap and packed batches
+    "sinks": {"IS_CAUSAL": 1, "IS_LOCAL": 1, "HAS_SOFTCAP": 1, "IS_VARLEN": 1, "HAS_SINKS": 1},
+    # FP8 caches of either format, the second paged with every flag the decode takes
+    "fp8_e4m3fn": {"KV_FP8": 1},
+    "fp8_e5m2": {"IS_CAUSAL": 1, "IS_LOCAL": 1, "HAS_SOFTCAP": 1, "IS_PAGED": 1, "KV_FP8": 2},
 }
-# Paged keys and values exist in the portable forward (attention_varlen's block_table) and the
-# portable decode (attention_with_kvcache's): the hip backend sends every paged call there
-# (configs.select_hip, select_hip_decode). The decode ignores IS_VARLEN (it has no packed batches).
-PAGED_FLAGS, PAGED_KERNELS = ("paged",), ("flash_fwd_portable", "flash_decode_portable")
+# Flags only some kernels have, and those kernels. Paged keys and values exist in the portable
+# forward (attention_varlen's block_table) and the portable decode (attention_with_kvcache's): the
+# hip backend sends every paged call there (configs.select_hip, select_hip_decode); the decode
+# ignores IS_VARLEN (it has no packed batches). HAS_SINKS is the forwards' (the decode reads its
+# sinks pointer at run time, the backward needs none). FP8 caches (KV_FP8) are the portable
+# decode's (select_hip_decode sends them there).
+PAGED_KERNELS = ("flash_fwd_portable", "flash_decode_portable")
+FLAG_KERNELS = {"paged": PAGED_KERNELS,
+                "sinks": ("flash_fwd_mfma", "flash_fwd_wmma", "flash_fwd_portable"),
+                "fp8_e4m3fn": ("flash_decode_portable",), "fp8_e5m2": ("flash_decode_portable",)}
 VARIANT_HEAD_DIM = 128
-# The decode takes the band, the softcap and pages only (no ALiBi, no packed batches: kvcache.py's
-# API).
-DECODE_VARIANT_FLAGS = ("window", "left", "softcap", "paged")
+# The decode takes the band, the softcap, pages and FP8 caches only (no ALiBi, no packed batches:
+# kvcache.py's API).
+DECODE_VARIANT_FLAGS = ("window", "left", "softcap", "paged", "fp8_e4m3fn", "fp8_e5m2")
 VARIANT_DTYPE = {"flash_fwd_portable": "float32", "flash_bwd_portable_dq": "float32",
                  "flash_bwd_portable_dkdv": "float32",
                  # the only dtype every target's portable decode serves (16-bit: the matrix decode)
@@ -308,7 +319,7 @@ def variants(targets, every_variant: bool = False):
                 continue
             if flags != "plain" and cfg.kernel in configs.HIP_DECODE_KERNELS and flags not in DECODE_VARIANT_FLAGS:
                 continue
-            if flags in PAGED_FLAGS and cfg.kernel not in PAGED_KERNELS:
+            if flags in FLAG_KERNELS and cfg.kernel not in FLAG_KERNELS[flags]:
                 continue
             for target in targets:
                 for dtype in configs.HIP_KERNELS_FOR_DTYPE:

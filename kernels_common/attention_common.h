@@ -14,6 +14,8 @@
 // HAS_ALIBI    scores get -slope * |i + o - j|, one slope per (batch,) query head
 // IS_VARLEN    sequences are packed: sequence b is rows [cu_seqlens[b], cu_seqlens[b + 1])
 // IS_PAGED     (with IS_VARLEN, forward) the keys and values live in pages through a block table
+// HAS_SINKS    (forward) p.sinks holds float32 (Hq,) sink logits, folded into each row's LSE and O
+//              by the epilogue (fold_sink); the decode reads its sinks pointer at run time instead
 #pragma once
 
 #include "params.h"
@@ -35,6 +37,9 @@
 #endif
 #ifndef IS_PAGED
 #define IS_PAGED 0
+#endif
+#ifndef HAS_SINKS
+#define HAS_SINKS 0
 #endif
 
 #define NEG_INF (-__int_as_float(0x7f800000))

@@ -58,9 +58,6 @@
 
 #include "mma_tile.h"
 
-#ifndef HAS_SINKS
-#define HAS_SINKS 0
-#endif
 
 static_assert(WARP_M % 16 == 0, "each warp owns whole m16 tiles");
 static_assert(BLOCK_N % 16 == 0 && HEAD_DIM % 16 == 0, "k16 steps over keys and head dim");

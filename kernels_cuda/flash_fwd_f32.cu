@@ -32,9 +32,6 @@ static_assert(HEAD_DIM % WARP_SIZE == 0, "each lane owns whole head-dim columns"
 
 #include "simt_tile.h"
 
-#ifndef HAS_SINKS
-#define HAS_SINKS 0
-#endif
 
 // ---- shared-memory layout ---------------------------------------------------------------------
 // sQ [BLOCK_M][HEAD_DIM] | sK [BLOCK_N][K_STRIDE] | sV [BLOCK_N][HEAD_DIM] | sP [NUM_WARPS][ROWS_PER_WARP][BLOCK_N]

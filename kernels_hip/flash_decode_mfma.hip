@@ -23,8 +23,10 @@
 // (B, Hk, Smax, D), D contiguous, batch/head/row strides in elements; lse (B, Hq, Sq) float32,
 // natural log, or null; o_part (B, Hq, Sq, num_splits, HEAD_DIM) and lse_part
 // (B, Hq, Sq, num_splits) float32, base 2. Run time: one DecodeParams by value
-// (kernels_common/params.h); the paged-cache, sinks and FP8 fields stay unused (the hip backend
-// refuses those).
+// (kernels_common/params.h); the paged-cache and FP8 fields stay unused (xattn/configs.py sends
+// paged and FP8 caches to flash_decode_portable.hip). Sinks (p.sinks non-null): with one split the
+// epilogue folds them into the row's LSE and O (attention_common.h, fold_sink), with several the
+// portable merge adds them.
 
 // ---- compile-time configuration (set with -D by xattn/kernels.py) ------------------------------
 // ELEM_BF16   1: bfloat16, 0: float16 (ELEM_TYPE, for platform.h, is the same choice)
@@ -220,14 +222,16 @@ MATRIX_KERNEL(flash_decode, )(const DecodeParams p) {
     // (O / l, LSE2 = m * scale_log2 + log2(l)).
     const float l = row_sum + shfl_xor(row_sum, MATRIX_N);
     if (row >= rows) return;  // after the last shuffle: padded rows write nothing
-    const float inv_l = l != 0.f ? 1.f / l : 0.f;
+    float inv_l = l != 0.f ? 1.f / l : 0.f;
     const float lse2 = l != 0.f ? row_max * scale_log2 + log2f(l) : NEG_INF;
     const int head = kv_head * heads_per_kv + row / seqlen_q;
     if (num_splits == 1) {
         TENSOR_FROM_PARAMS(u16, o, p.o);
         TENSOR_FROM_PARAMS(float, lse, p.lse);
+        float row_lse = lse2 * LN_2;
+        if (p.sinks != nullptr) row_lse = fold_sink(row_lse, p.sinks[head], &inv_l);  // the merge's otherwise
         if (lane < MATRIX_N && lse != nullptr)
-            lse[batch * lse_batch_stride + head * lse_head_stride + token] = lse2 * LN_2;
+            lse[batch * lse_batch_stride + head * lse_head_stride + token] = row_lse;
         store_acc_row(o + batch * o_batch_stride + head * o_head_stride + token * o_row_stride, acc_o,
                       inv_l, head_dim, lane);
     } else {

@@ -29,7 +29,21 @@
 // o_part (B, Hq, Sq, num_splits, HEAD_DIM) and lse_part (B, Hq, Sq, num_splits) float32.
 // Run time: all three entry points take one DecodeParams by value (kernels_common/params.h, the
 // CUDA decode's block; xattn/hip.py's launch_decode fills it): k and v are the caches, batch z is
-// blockIdx.z + batch_offset. The sinks and FP8 fields stay unused (the hip backend refuses both).
+// blockIdx.z + batch_offset.
+// Sinks (p.sinks non-null, read at run time as the CUDA decode does): query head h's sink is one
+// more key of score sinks[h] and value 0. It touches no tile: with one split the decode's epilogue
+// folds it into the row's LSE and O (attention_common.h, fold_sink), with several the merge adds
+// it as one more partial of LSE2 sinks[h] * log2(e) and O 0 (kernels_cuda/flash_decode_merge.cu's
+// rule).
+// FP8 caches (KV_FP8): the caches hold float8 codes of x / scale (kernels_common/fp8.h; one float32
+// scale per tensor or per kv head, p.k_scale and p.v_scale). Tiles are float32 in LDS anyway, so
+// each code is decoded there, exactly, with fp8.h's integer decoders: portable C, the OCP formats
+// (float8_e4m3fn, float8_e5m2); CDNA3's hardware conversions are for the FNUZ formats, which
+// differ, and are not used. The scales never touch the tiles: a block serves one kv head, so
+// k_scale joins the scores' factor (S = Q K8^T * k_scale) and v_scale the rows' 1 / l
+// (O = P V8 * v_scale). The append quantizes k_new / v_new with fp8.h's encoders (x / scale in
+// IEEE float32, as the reference divides) before the decode reads them from the cache. The
+// matrix-core decode has no FP8 variant: xattn/configs.py sends FP8 caches here.
 // Paged caches (IS_PAGED): k and v are (num_pages, page_size, Hk, D), k.batch_stride and
 // v.batch_stride the page strides, and cache row j of sequence b lives at page
 // block_table[b, j / page_size], row j % page_size; Smax = max_pages * page_size, so
@@ -43,9 +57,15 @@
 // BLOCK_M     query rows per tile;  NUM_WAVES  waves per block;  WAVE_SIZE  32 or 64
 // IS_CAUSAL, IS_LOCAL: the band's right and left edges;  HAS_SOFTCAP  (attention_common.h)
 // IS_PAGED    caches in pages through block_table (page_size, num_pages: run-time fields)
+// KV_FP8      0: the caches hold elem_t; FP8_E4M3FN (1) / FP8_E5M2 (2): float8 codes (fp8.h)
 
 #include "platform.h"
 #include "../kernels_common/attention_common.h"
+#include "../kernels_common/fp8.h"
+
+#ifndef KV_FP8
+#define KV_FP8 0
+#endif
 
 #define NUM_THREADS (NUM_WAVES * WAVE_SIZE)
 #define ROWS_PER_WAVE (BLOCK_M / NUM_WAVES)
@@ -64,6 +84,28 @@ static_assert(HEAD_DIM % WAVE_SIZE == 0, "each lane owns whole head dims");
 // | sRow [BLOCK_M]: flash_fwd_portable.hip's layout; xattn/kernels.py computes the same size.
 
 // ---- device helpers ---------------------------------------------------------------------------
+
+// cache_t: one cache element in memory; cache_to_float: its value (for FP8 codes, before the
+// cache's scale, which is applied later); float_to_cache (FP8): x / scale as the cache stores it.
+#if KV_FP8
+typedef unsigned char cache_t;
+__device__ __forceinline__ float cache_to_float(cache_t code) {
+    return KV_FP8 == FP8_E4M3FN ? e4m3fn_to_float(code) : e5m2_to_float(code);
+}
+// x / scale in IEEE float32: division is correctly rounded by default with hiprtc, clang's HIP
+// mode and NVRTC (no fast-math flag is passed), so the code matches the reference's quantize.
+__device__ __forceinline__ cache_t float_to_cache(float x, float scale) {
+    return KV_FP8 == FP8_E4M3FN ? float_to_e4m3fn(x / scale) : float_to_e5m2(x / scale);
+}
+#else
+typedef elem_t cache_t;
+__device__ __forceinline__ float cache_to_float(cache_t x) { return elem_to_float(x); }
+#endif
+
+// The cache's scale for kv head `kv_head` (KV_FP8; 1 otherwise): per tensor (stride 0) or per head.
+__device__ __forceinline__ float cache_scale(const float* scale, i64 stride, int kv_head) {
+    return KV_FP8 ? scale[kv_head * stride] : 1.f;
+}
 
 __device__ __forceinline__ float group_max(float x) {
 #pragma unroll
@@ -115,12 +157,12 @@ __device__ __forceinline__ i64 cache_row_offset(const CacheRows& c, int j) {
 // Copy cache rows [row0, row0 + rows) of head_dim elements into LDS as float32, zeros for rows at
 // or past row0 + valid_rows and columns >= head_dim: rows past Sk_b (and their pages, and their
 // entries of the block table) are never read.
-__device__ __forceinline__ void load_rows(float* smem, int smem_stride, const elem_t* head, const CacheRows& c,
+__device__ __forceinline__ void load_rows(float* smem, int smem_stride, const cache_t* head, const CacheRows& c,
                                           int row0, int rows, int valid_rows, int head_dim, int tid) {
     for (int e = tid; e < rows * HEAD_DIM; e += NUM_THREADS) {
         const int row = e / HEAD_DIM, col = e % HEAD_DIM;
         const bool valid = row < valid_rows && col < head_dim;
-        smem[row * smem_stride + col] = valid ? elem_to_float(head[cache_row_offset(c, row0 + row) + col]) : 0.f;
+        smem[row * smem_stride + col] = valid ? cache_to_float(head[cache_row_offset(c, row0 + row) + col]) : 0.f;
     }
 }
 
@@ -142,15 +184,14 @@ flash_decode_portable(const DecodeParams p) {
     // The parameter block (kernels_common/params.h), in this kernel's names. The softmax's scale
     // is the softcap c under a softcap (attention_common.h): its exp2 factor is then c * log2(e).
     TENSOR_FROM_PARAMS(const elem_t, q, p.q);
-    TENSOR_FROM_PARAMS(const elem_t, k, p.k);
-    TENSOR_FROM_PARAMS(const elem_t, v, p.v);
+    TENSOR_FROM_PARAMS(const cache_t, k, p.k);
+    TENSOR_FROM_PARAMS(const cache_t, v, p.v);
     TENSOR_FROM_PARAMS(elem_t, o, p.o);
     TENSOR_FROM_PARAMS(float, lse, p.lse);
     float* __restrict__ o_part = p.o_part;
     float* __restrict__ lse_part = p.lse_part;
     const int seqlen_q = p.seqlen_q, seqlen_max = p.seqlen_max, head_dim = p.head_dim;
     const int heads_per_kv = p.heads_per_kv, num_splits = p.num_splits, m_blocks = p.m_blocks;
-    const float scale_log2 = HAS_SOFTCAP ? p.softcap_log2 : p.scale_log2;
     extern __shared__ float smem_f32[];
     float* sQ = smem_f32;
     float* sK = sQ + BLOCK_M * QK_STRIDE;
@@ -165,6 +206,11 @@ flash_decode_portable(const DecodeParams p) {
     const int rows = heads_per_kv * seqlen_q;  // query rows of this (batch, kv head)
     const int m_start = m_block * BLOCK_M;
     const int wave_row0 = wave * ROWS_PER_WAVE;
+    // FP8 caches' scales of this kv head (1 otherwise): k_scale joins the scores' factor (under a
+    // softcap, the factor inside tanh; the softmax's scale is then c), v_scale the rows' 1 / l.
+    const float k_scale = cache_scale(p.k_scale, p.k_scale_stride, kv_head);
+    const float v_scale = cache_scale(p.v_scale, p.v_scale_stride, kv_head);
+    const float scale_log2 = HAS_SOFTCAP ? p.softcap_log2 : p.scale_log2 * k_scale;
     // Row of the i-th score this lane computes, within the tile, and its query token.
     #define LANE_ROW(i) (wave_row0 + group + (i) * ROW_GROUPS)
     #define TOKEN(row) ((m_start + (row)) % seqlen_q)
@@ -175,7 +221,7 @@ flash_decode_portable(const DecodeParams p) {
     const int seqlen_k = min(cached + p.seqlen_new, seqlen_max);
     // No ALiBi in the decode: the score scale make_score_mods takes for it is never read.
     const ScoreMods mods = make_score_mods(seqlen_q, seqlen_k, p.window_left, p.window_right,
-                                           p.scale_over_softcap, nullptr, 1.f);
+                                           p.scale_over_softcap * k_scale, nullptr, 1.f);
     // The key tiles any token sees, and this split's run of them.
     const KeyRange band_tiles = key_tiles(0, seqlen_q, BLOCK_N, seqlen_k, mods.band);
     const int band_count = max(0, band_tiles.tile_end - band_tiles.tile_begin);
@@ -254,26 +300,30 @@ flash_decode_portable(const DecodeParams p) {
         }
     }
 
-    // Epilogue: l = the group's sum; 1 / l through LDS to the lanes that own the dims. A row with
-    // no key in this run has l = 0: O = 0, LSE = -inf. With one split the result is final (LSE in
-    // natural log), else a partial for the merge (LSE in base 2).
+    // Epilogue: l = the group's sum; v_scale / l through LDS to the lanes that own the dims. A row
+    // with no key in this run has l = 0: O = 0, LSE = -inf. With one split the result is final (LSE
+    // in natural log, the sink folded into it and into O), else a partial for the merge (LSE in
+    // base 2; the merge adds the sink).
     const int heads_q = p.heads_q;
     __syncthreads();  // every wave is done reading sRow as rescale factors
 #pragma unroll
     for (int i = 0; i < ROWS_PER_LANE; ++i) {
         const float l = group_sum(row_sum[i]);
         const int r = m_start + LANE_ROW(i);
-        if (key == 0) {
-            sRow[LANE_ROW(i)] = l != 0.f ? 1.f / l : 0.f;
-            if (r < rows) {
-                const int head = kv_head * heads_per_kv + r / seqlen_q, token = r % seqlen_q;
-                const float lse2 = l != 0.f ? row_max[i] * scale_log2 + log2f(l) : NEG_INF;
-                if (num_splits == 1 && lse != nullptr)
-                    lse[batch * lse_batch_stride + head * lse_head_stride + token] = lse2 * LN_2;
-                else
-                    lse_part[(((i64)batch * heads_q + head) * seqlen_q + token) * num_splits + split] = lse2;
+        float inv_l = l != 0.f ? v_scale / l : 0.f;
+        if (r < rows) {
+            const int head = kv_head * heads_per_kv + r / seqlen_q, token = r % seqlen_q;
+            const float lse2 = l != 0.f ? row_max[i] * scale_log2 + log2f(l) : NEG_INF;
+            if (num_splits == 1) {
+                float row_lse = lse2 * LN_2;
+                if (p.sinks != nullptr) row_lse = fold_sink(row_lse, p.sinks[head], &inv_l);
+                if (key == 0 && lse != nullptr)
+                    lse[batch * lse_batch_stride + head * lse_head_stride + token] = row_lse;
+            } else if (key == 0) {
+                lse_part[(((i64)batch * heads_q + head) * seqlen_q + token) * num_splits + split] = lse2;
             }
         }
+        if (key == 0) sRow[LANE_ROW(i)] = inv_l;
     }
     __syncthreads();  // 1 / l of every row visible
 #pragma unroll
@@ -301,7 +351,7 @@ flash_decode_portable(const DecodeParams p) {
 
 // Combine the num_splits partials of each query row, one wave per row:
 // LSE2 = log2(sum_s 2^LSE2_s), O = sum_s 2^(LSE2_s - LSE2) O_s; splits with LSE2_s = -inf add
-// nothing. Grid: x over the (B, Hq, Sq) rows of a batch entry in groups of NUM_WAVES, z = batch.
+// nothing; the row's sink (if any) is one more partial of LSE2 sinks[h] * log2(e) and O 0. Grid: x over the (B, Hq, Sq) rows of a batch entry in groups of NUM_WAVES, z = batch.
 extern "C" __global__ void __launch_bounds__(NUM_THREADS)
 flash_decode_merge_portable(const DecodeParams p) {
     TENSOR_FROM_PARAMS(elem_t, o, p.o);
@@ -316,14 +366,16 @@ flash_decode_merge_portable(const DecodeParams p) {
     const i64 part_row = ((i64)batch * heads_q * seqlen_q + row) * num_splits;
     const float* lp = lse_part + part_row;
     const float* op = o_part + part_row * HEAD_DIM;
+    const float sink2 = p.sinks != nullptr ? p.sinks[head] * LOG2_E : NEG_INF;
 
-    float m = NEG_INF;
+    float m = sink2;
     for (int s = lane; s < num_splits; s += WAVE_SIZE) m = fmaxf(m, lp[s]);
     for (int lane_mask = WAVE_SIZE / 2; lane_mask > 0; lane_mask /= 2) m = fmaxf(m, shfl_xor(m, lane_mask));
     float sum = 0.f;
     for (int s = lane; s < num_splits; s += WAVE_SIZE)
         if (lp[s] != NEG_INF) sum += fast_exp2(lp[s] - m);  // a NaN LSE_s makes the sum NaN
     for (int lane_mask = WAVE_SIZE / 2; lane_mask > 0; lane_mask /= 2) sum += shfl_xor(sum, lane_mask);
+    if (sink2 != NEG_INF) sum += fast_exp2(sink2 - m);  // the sink: weight, no value (every lane)
     const float lse2 = sum != 0.f ? m + log2f(sum) : NEG_INF;
 
     o += batch * o_batch_stride + head * o_head_stride + token * o_row_stride;
@@ -338,14 +390,14 @@ flash_decode_merge_portable(const DecodeParams p) {
 
 // Write k_new / v_new (B, Hk, Snew, D) into the caches at rows clamp(cache_seqlens[b], 0, Smax) + t
 // (in their pages under IS_PAGED: only the pages those rows land in are written); rows that would
-// land at or past Smax are dropped. One thread per element. Grid: x over the Hk * Snew * head_dim
+// land at or past Smax are dropped; FP8 caches get the codes of x / scale. One thread per element. Grid: x over the Hk * Snew * head_dim
 // elements of a batch entry, z = batch.
 extern "C" __global__ void __launch_bounds__(NUM_THREADS)
 kvcache_append_portable(const DecodeParams p) {
     TENSOR_FROM_PARAMS(const elem_t, k_new, p.k_new);
     TENSOR_FROM_PARAMS(const elem_t, v_new, p.v_new);
-    elem_t* __restrict__ k_cache = (elem_t*)p.k.ptr;
-    elem_t* __restrict__ v_cache = (elem_t*)p.v.ptr;
+    cache_t* __restrict__ k_cache = (cache_t*)p.k.ptr;
+    cache_t* __restrict__ v_cache = (cache_t*)p.v.ptr;
     const int heads_k = p.heads_q / p.heads_per_kv, seqlen_new = p.seqlen_new;
     const int seqlen_max = p.seqlen_max, head_dim = p.head_dim;
     const int batch = blockIdx.z + p.batch_offset;
@@ -358,6 +410,13 @@ kvcache_append_portable(const DecodeParams p) {
     if (pos >= seqlen_max) return;
     const i64 k_row = cache_head_offset(p.k, batch, head) + cache_row_offset(cache_rows(p, p.k, batch), pos);
     const i64 v_row = cache_head_offset(p.v, batch, head) + cache_row_offset(cache_rows(p, p.v, batch), pos);
-    k_cache[k_row + col] = k_new[batch * k_new_batch_stride + head * k_new_head_stride + t * k_new_row_stride + col];
-    v_cache[v_row + col] = v_new[batch * v_new_batch_stride + head * v_new_head_stride + t * v_new_row_stride + col];
+    const elem_t k_x = k_new[batch * k_new_batch_stride + head * k_new_head_stride + t * k_new_row_stride + col];
+    const elem_t v_x = v_new[batch * v_new_batch_stride + head * v_new_head_stride + t * v_new_row_stride + col];
+#if KV_FP8
+    k_cache[k_row + col] = float_to_cache(elem_to_float(k_x), cache_scale(p.k_scale, p.k_scale_stride, head));
+    v_cache[v_row + col] = float_to_cache(elem_to_float(v_x), cache_scale(p.v_scale, p.v_scale_stride, head));
+#else
+    k_cache[k_row + col] = k_x;  // the element as it is: no float round trip
+    v_cache[v_row + col] = v_x;
+#endif
 }

@@ -24,13 +24,15 @@
 // Masks and score modifiers (attention_common.h), as in kernels_cuda/flash_fwd.cu: the band of
 // visible keys (causal, sliding window), softcap, ALiBi. Key tiles outside the band of a block are
 // never loaded, a wave skips the arithmetic of tiles outside its own band, and tiles inside it are
-// masked only where they cross an edge.
+// masked only where they cross an edge. Sinks (HAS_SINKS): folded into each row's LSE and O by the
+// epilogue, as in kernels_cuda/flash_fwd.cu (attention_common.h, fold_sink).
 
 // ---- compile-time configuration (set with -D by xattn/kernels.py) ------------------------------
 // ELEM_BF16   1: bfloat16, 0: float16 (ELEM_TYPE, for platform.h, is the same choice)
 // HEAD_DIM    padded head dim (multiple of 32); the real one, head_dim, is <= it
 // BLOCK_N     keys per tile (multiple of 32);  NUM_WAVES  waves per block, BLOCK_M = 32 * NUM_WAVES
 // IS_CAUSAL, IS_LOCAL, HAS_SOFTCAP, HAS_ALIBI, IS_VARLEN: masks and modifiers (attention_common.h)
+// HAS_SINKS   the sinks, read from p.sinks (attention_common.h)
 // VEC_LOADS   1: rows start 16-byte aligned and head_dim % 8 == 0: 16-byte global loads and
 //             8-byte stores; 0: element-wise, masked
 // FRAGS_IN_LDS 1: the Q tile stays in LDS and its fragments are read at each use (matrix_tile.h)
@@ -120,16 +122,19 @@ __device__ __forceinline__ void accumulate_pv(acc_t (&acc_o)[DIM_BLOCKS], const 
     tile_times_acc<DIM_BLOCKS, KEY_STEPS, VT_STRIDE>(acc_o, sVt, acc_s, lane);
 }
 
-// Epilogue: O /= l and lse = scale * m + ln(l); a query that saw no key has l = 0 and gets O = 0,
-// lse = -inf. Each lane stores its query's dims (acc_row: runs of 4 consecutive).
+// Epilogue: O /= l and lse = scale * m + ln(l), with the sink folded into both (HAS_SINKS,
+// fold_sink); a query that saw no key has l = 0 and gets O = 0, lse = -inf (the sink's logit with
+// a sink). Each lane stores its query's dims (acc_row: runs of 4 consecutive).
 __device__ __forceinline__ void write_output(const acc_t (&acc_o)[DIM_BLOCKS], float row_max, float row_sum,
                                              u16* o, i64 o_row_stride, float* lse, int wave_row_start,
-                                             int seqlen_q, int head_dim, float scale, int lane) {
+                                             int seqlen_q, int head_dim, float scale, float sink, int lane) {
     const float l = row_sum + shfl_xor(row_sum, MATRIX_N);
-    const float inv_l = l != 0.f ? 1.f / l : 0.f;
+    float inv_l = l != 0.f ? 1.f / l : 0.f;
     const int row = wave_row_start + acc_col(lane);
     if (row >= seqlen_q) return;
-    if (lane < MATRIX_N) lse[row] = l != 0.f ? row_max * scale + logf(l) : NEG_INF;
+    float row_lse = l != 0.f ? row_max * scale + logf(l) : NEG_INF;
+    if (HAS_SINKS) row_lse = fold_sink(row_lse, sink, &inv_l);
+    if (lane < MATRIX_N) lse[row] = row_lse;
     store_acc_row(o + row * o_row_stride, acc_o, inv_l, head_dim, lane);
 }
 
@@ -204,5 +209,6 @@ MATRIX_KERNEL(flash_fwd, )(const AttnParams p) {
     // O and LSE addresses are formed only now, to keep them out of the main loop's registers.
     o += batch * o_batch_stride + head * o_head_stride + (i64)seq.q_start * o_row_stride;
     lse += batch * lse_batch_stride + head * lse_head_stride + seq.q_start;
-    write_output(acc_o, row_max, row_sum, o, o_row_stride, lse, wave_row_start, seqlen_q, head_dim, scale, lane);
+    const float sink = HAS_SINKS ? p.sinks[head] : 0.f;
+    write_output(acc_o, row_max, row_sum, o, o_row_stride, lse, wave_row_start, seqlen_q, head_dim, scale, sink, lane);
 }

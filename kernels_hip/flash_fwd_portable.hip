@@ -24,13 +24,16 @@
 // each K/V row is found through the sequence's pages (attention_common.h: kv_row_offset, shared
 // with the CUDA kernels). The MFMA/WMMA forwards have no paged variant: xattn/hip.py sends paged
 // calls here.
+// Sinks (HAS_SINKS, GPT-OSS): as in kernels_cuda/flash_fwd.cu, the sink of query head h is one more
+// key of score sinks[h] and value 0; it touches no tile: the epilogue folds it into the row's LSE
+// and O's normalization (attention_common.h, fold_sink).
 
 // ---- compile-time configuration (set with -D by xattn/kernels.py) ------------------------------
 // ELEM_TYPE   0: float16, 1: bfloat16, 2: float32
 // HEAD_DIM    padded head dim (multiple of WAVE_SIZE);  BLOCK_N  keys per tile (divides WAVE_SIZE)
 // BLOCK_M     query rows per block;  NUM_WAVES  waves per block;  WAVE_SIZE  32 or 64
 // IS_CAUSAL, IS_LOCAL, HAS_SOFTCAP, HAS_ALIBI, IS_VARLEN, IS_PAGED: masks, modifiers and where
-//             sequences live (attention_common.h)
+//             sequences live (attention_common.h);  HAS_SINKS  the sinks, read from p.sinks
 
 #include "platform.h"
 #include "../kernels_common/attention_common.h"
@@ -210,16 +213,20 @@ flash_fwd_portable(const AttnParams p) {
         }
     }
 
-    // Epilogue: l = the group's sum; lse = scale * m + ln(l); 1 / l through LDS to the lanes that
-    // own the dims. A row that saw no key has l = 0: O = 0, lse = -inf.
+    // Epilogue: l = the group's sum; lse = scale * m + ln(l), with the sink folded in (HAS_SINKS:
+    // fold_sink also scales 1 / l); 1 / l through LDS to the lanes that own the dims. A row that
+    // saw no key has l = 0: O = 0, lse = -inf (the sink's logit with a sink).
+    const float sink = HAS_SINKS ? p.sinks[head] : 0.f;
     __syncthreads();  // every wave is done reading sRow as rescale factors
 #pragma unroll
     for (int i = 0; i < ROWS_PER_LANE; ++i) {
         const float l = group_sum(row_sum[i]);
+        float inv_l = l != 0.f ? 1.f / l : 0.f;
+        float row_lse = l != 0.f ? row_max[i] * scale + logf(l) : NEG_INF;
+        if (HAS_SINKS) row_lse = fold_sink(row_lse, sink, &inv_l);
         if (key == 0) {
-            sRow[LANE_ROW(i)] = l != 0.f ? 1.f / l : 0.f;
-            if (m_start + LANE_ROW(i) < seqlen_q)
-                lse[LANE_ROW(i)] = l != 0.f ? row_max[i] * scale + logf(l) : NEG_INF;
+            sRow[LANE_ROW(i)] = inv_l;
+            if (m_start + LANE_ROW(i) < seqlen_q) lse[LANE_ROW(i)] = row_lse;
         }
     }
     __syncthreads();  // 1 / l of every row visible

@@ -1,5 +1,6 @@
 """Attention sinks through the public functions: attention(sinks=) and attention_varlen(sinks=)
-on every backend against the float64 oracle with sinks (reference.exact_attention_bhsd), the
+on every backend (the hip paths included: the HIP forwards fold the sink in their epilogue,
+HAS_SINKS) against the float64 oracle with sinks (reference.exact_attention_bhsd), the
 gradients (dq, dk, dv, dsinks) against the gradient oracle, the custom op with its fake, and the
 validation of `sinks`.
 
@@ -32,11 +33,6 @@ def rel_error(got, want) -> float:
     got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
     scale = np.linalg.norm(want)
     return float(np.linalg.norm(got - want) / scale) if scale else float(np.abs(got).max(initial=0))
-
-
-def _skip_hip(backend):
-    if backend.name.startswith("hip"):
-        pytest.skip("sinks: the hip backend has none yet")
 
 
 def test_backward_kernels_need_only_the_forward_lse():
@@ -85,7 +81,6 @@ def _bhsd(x, layout):
 @settings(max_examples=25, deadline=None)
 @given(problem=problems(), data=st.data())
 def test_attention_with_sinks_matches_the_oracle(backend, problem, data):
-    _skip_hip(backend)
     heads_q, heads_k, sq, sk, d, causal, layout, sinks, seed = problem
     library, dtype = data.draw(st.sampled_from(backend.kinds))
     rng = np.random.default_rng(seed)
@@ -108,7 +103,6 @@ def test_attention_with_sinks_matches_the_oracle(backend, problem, data):
 def test_varlen_with_sinks_is_per_sequence(backend):
     """Packed sequences, one empty on each side and one with no visible key (causal, Sq > Sk):
     each sequence equals the oracle with sinks alone; dsinks sums over the sequences."""
-    _skip_hip(backend)
     library, dtype = ("torch", "float64") if backend.name == "reference" else ("torch", "float16")
     device = backend.device
     lengths_q, lengths_k = [5, 0, 9, 3], [7, 4, 0, 70]
@@ -144,7 +138,6 @@ def test_varlen_with_sinks_is_per_sequence(backend):
 
 @pytest.mark.parametrize("layout", ["bhsd", "bshd"])
 def test_autograd_with_sinks_matches_the_gradient_oracle(backend, layout):
-    _skip_hip(backend)
     dtype = torch.float64 if backend.name == "reference" else torch.float16
     rng = np.random.default_rng(4)
     q_shape, kv_shape = (2, 4, 37, 64), (2, 2, 45, 64)
@@ -166,7 +159,6 @@ def test_autograd_with_sinks_matches_the_gradient_oracle(backend, layout):
 
 
 def test_opcheck_forward_with_sinks(backend):
-    _skip_hip(backend)
     dtype = torch.float32 if backend.name == "reference" else torch.float16
     g = torch.Generator().manual_seed(0)
     q = torch.randn((2, 4, 37, 16), generator=g).to(backend.device, dtype).requires_grad_()
@@ -218,3 +210,28 @@ def test_bad_sinks_raise_naming_the_argument(sinks, error, message):
         xattn.attention_varlen(q[0].transpose(1, 0, 2), k[0].transpose(1, 0, 2),
                                k[0].transpose(1, 0, 2), np.array([0, 3], np.int32),
                                np.array([0, 3], np.int32), 3, 3, sinks=sinks)
+
+
+@pytest.mark.parametrize("target, dtype, kernel", [
+    ("gfx942", "float16", "flash_fwd_mfma"), ("gfx1100", "bfloat16", "flash_fwd_wmma"),
+    ("gfx1030", "float16", "flash_fwd_portable"), ("gfx90a", "float32", "flash_fwd_portable")])
+def test_hip_forward_launch_folds_the_sinks_in_the_kernel(stand_in_launches, target, dtype, kernel):
+    """xattn.hip.launch with sinks, on the CPU with stand-ins for CuPy and the driver: every HIP
+    forward kernel (MFMA, WMMA, portable) is compiled with HAS_SINKS and finds the sinks' pointer
+    in its AttnParams block; a call without sinks takes its own plan, without HAS_SINKS and with a
+    null pointer (its epilogue never reads one)."""
+    from xattn import hip
+
+    torch_dtype = getattr(torch, dtype)
+    q, out = (torch.zeros(2, 4, 40, 64, dtype=torch_dtype) for _ in range(2))
+    k, v = (torch.zeros(2, 2, 50, 64, dtype=torch_dtype) for _ in range(2))
+    lse = torch.zeros(2, 4, 40)
+    sinks = torch.tensor([0.5, -1.0, 3.0, -30.0])
+    for passed in (sinks, None):
+        hip.launch(stand_in_launches.compile, target, q, k, v, out, lse, causal=True, scale=0.1,
+                   stream=3, sinks=passed)
+    with_sinks, without = stand_in_launches.launches
+    assert with_sinks.kernel.entry == without.kernel.entry == kernel
+    assert with_sinks.defines["HAS_SINKS"] == 1 and "HAS_SINKS" not in without.defines
+    assert with_sinks.block[0]["sinks"] == sinks.data_ptr() and without.block[0]["sinks"] == 0
+    assert {k: v for k, v in with_sinks.defines.items() if k != "HAS_SINKS"} == without.defines

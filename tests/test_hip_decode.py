@@ -2,15 +2,16 @@
 
 On the CPU: the decode, merge and append entry points compile for NVIDIA through the test-only
 tests/hip_on_cuda.h (NVRTC from the cuda-bindings wheels, no GPU), in every wave32 row the table
-has, with the band and softcap flags; and xattn.hip.launch_decode, run with stand-ins for CuPy and
-the driver, hands each of the three kernels one DecodeParams block (kernels_common/params.h) with
-the call's pointers, strides and scalars. The AMD compile of every row is ci/hip_compile.py's.
+has, with the band, softcap, paged and FP8 flags; and xattn.hip.launch_decode, run with stand-ins
+for CuPy and the driver, hands each of the three kernels one DecodeParams block
+(kernels_common/params.h) with the call's pointers (sinks and FP8 scales included), strides and
+scalars. The AMD compile of every row is ci/hip_compile.py's.
 
 On an NVIDIA GPU (`gpu` marker): the same kernels, compiled by CuPy's NVRTC with hip_on_cuda.h in
 the wave32 (RDNA, gfx1030) rows and launched by xattn.hip.launch_decode, serve
 attention_with_kvcache (and kvcache.launch_for_check) in place of the CUDA decode under the hook
-xattn.hip.on_cuda, and test_kvcache.py's checks run against them (contiguous and paged caches, no
-sinks: the HIP decode raises for sinks, which is checked too): the float64 oracle over drawn shapes
+xattn.hip.on_cuda, and test_kvcache.py's checks run against them (contiguous and paged caches,
+sinks; FP8 caches: test_kvcache_fp8.py on the hip-on-cuda path): the float64 oracle over drawn shapes
 (GQA, windows, softcap, bhsd/bshd, strided views, page sizes, shuffled and shared pages, NaN in
 every cache row and unused page a kernel must not read), the decode shapes, forced split counts (1, 2, 7, 200:
 the merge, and splits with no keys), device lengths out of range (clamped, nothing outside the
@@ -30,7 +31,6 @@ import numpy as np
 import pytest
 
 from test_hip_sources import HIP_ON_CUDA, HIP_ON_CUDA_OPTIONS, nvrtc_compile
-import xattn
 from xattn import configs, hip, jit, kernels, kvcache
 
 WAVE32_TARGET = "gfx1030"  # whose decode rows (wave32) run on NVIDIA
@@ -39,7 +39,9 @@ WAVE32_ROWS = [r for r in configs.HIP_TABLE
                if r.kernel == configs.HIP_DECODE_KERNEL and configs.hip_wave_size(r) == 32]
 FLAGS = {"plain": {}, "causal": {"IS_CAUSAL": 1}, "window+softcap": {"IS_CAUSAL": 1, "IS_LOCAL": 1, "HAS_SOFTCAP": 1},
          "left": {"IS_LOCAL": 1},
-         "paged": {"IS_CAUSAL": 1, "IS_LOCAL": 1, "HAS_SOFTCAP": 1, "IS_PAGED": 1}}
+         "paged": {"IS_CAUSAL": 1, "IS_LOCAL": 1, "HAS_SOFTCAP": 1, "IS_PAGED": 1},
+         "fp8_e4m3fn": {"IS_CAUSAL": 1, "KV_FP8": 1},
+         "fp8_e5m2+paged": {"IS_CAUSAL": 1, "IS_LOCAL": 1, "HAS_SOFTCAP": 1, "IS_PAGED": 1, "KV_FP8": 2}}
 
 
 # ---- CPU ------------------------------------------------------------------------------------------
@@ -48,7 +50,7 @@ FLAGS = {"plain": {}, "causal": {"IS_CAUSAL": 1}, "window+softcap": {"IS_CAUSAL"
 @pytest.mark.parametrize("cfg", WAVE32_ROWS, ids=lambda c: f"D{c.head_dim}")
 def test_decode_kernels_compile_for_nvidia_through_hip_on_cuda(cfg, flags):
     # Every dtype with all the flags; one for the others (elements become float32 on loading).
-    for dtype in ("float16", "bfloat16", "float32") if flags in ("window+softcap", "paged") else ("float16",):
+    for dtype in ("float16", "bfloat16", "float32") if flags in ("window+softcap", "paged", "fp8_e5m2+paged") else ("float16",):
         log = nvrtc_compile(cfg, dtype, FLAGS[flags])
         for entry in DECODE_ENTRIES:  # every entry point of the module was compiled
             assert f"Compiling entry function '{entry}'" in log or entry in log, (entry, log[:500])
@@ -104,7 +106,8 @@ def _decode_call(torch, case, d=64):
     lse = torch.zeros(b, hq, sq)
     seqlens = torch.tensor([10, 200], dtype=torch.int32) if case["lengths"] == "device" else None
     call = types.SimpleNamespace(seqlen_new=case["new"], uniform=None if seqlens is not None else 17,
-                                 window=case["window"], softcap=case["softcap"], scale=0.125)
+                                 window=case["window"], softcap=case["softcap"], scale=0.125,
+                                 kv_format=None)
     return q, kc, vc, kn if case["new"] else None, vn if case["new"] else None, out, lse, seqlens, call
 
 
@@ -233,7 +236,8 @@ def test_hip_decode_launcher_hands_paged_caches_to_the_portable_decode(target, d
     kn, vn = (torch.zeros(b, hk, snew, d, dtype=torch_dtype) for _ in range(2))
     table = torch.zeros(b, max_pages + 2, dtype=torch.int32)[:, 1:max_pages + 1]  # row stride 5
     seqlens = torch.tensor([5, 40], dtype=torch.int32)
-    call = types.SimpleNamespace(seqlen_new=snew, uniform=None, window=(-1, 0), softcap=0.0, scale=0.125)
+    call = types.SimpleNamespace(seqlen_new=snew, uniform=None, window=(-1, 0), softcap=0.0, scale=0.125,
+                                 kv_format=None)
     try:
         hip.launch_decode(stand_in_launches.compile, target, q, kc, vc, kn, vn, out, lse, seqlens, call,
                           torch.zeros, stream=4, block_table=table)
@@ -259,6 +263,56 @@ def test_hip_decode_launcher_hands_paged_caches_to_the_portable_decode(target, d
             assert (p[name]["batch_stride"], p[name]["head_stride"], p[name]["row_stride"]) == \
                 (page_size * hk * d, d, hk * d)
         assert p["cache_seqlens"] == seqlens.data_ptr() and p["num_splits"] == splits
+
+
+@pytest.mark.parametrize("target,dtype", [("gfx90a", "float16"), ("gfx1201", "bfloat16"),
+                                          ("gfx1030", "float32")])
+@pytest.mark.parametrize("fmt,scales", [("float8_e4m3fn", "head"), ("float8_e5m2", "tensor")])
+@pytest.mark.parametrize("splits", [1, 3])
+def test_hip_decode_launcher_hands_fp8_caches_and_sinks_to_the_portable_decode(
+        target, dtype, fmt, scales, splits, monkeypatch, stand_in_launches):
+    """FP8 caches take the portable decode on every target (the matrix-core decode has no FP8
+    loads); the decode and the append are compiled with KV_FP8 = the format's value, the merge
+    without it (it reads float32 partials only); every block holds the scales' pointers and their
+    strides (0 per tensor, the per-head tensor's stride per head: a strided view here), the
+    caches' strides in 1-byte elements, and the sinks' pointer."""
+    torch = pytest.importorskip("torch")
+    monkeypatch.setattr(hip, "_cu_count", lambda device: 8)
+    monkeypatch.setattr(kvcache, "_FORCED_SPLITS", splits)
+    kvcache.num_splits.cache_clear()
+    b, hq, hk, sq, d, snew, smax = 2, 4, 2, 1, 64, 2, 200
+    torch_dtype = getattr(torch, dtype)
+    q, out = (torch.zeros(b, hq, sq, d, dtype=torch_dtype) for _ in range(2))
+    lse = torch.zeros(b, hq, sq)
+    kc, vc = (torch.zeros(b, hk, smax, d, dtype=getattr(torch, fmt)) for _ in range(2))
+    kn, vn = (torch.zeros(b, hk, snew, d, dtype=torch_dtype) for _ in range(2))
+    k_scale = torch.ones(2 * hk)[::2] if scales == "head" else torch.ones(())
+    v_scale = torch.ones(hk) if scales == "head" else torch.ones(1)
+    sinks = torch.zeros(hq)
+    seqlens = torch.tensor([5, 40], dtype=torch.int32)
+    call = types.SimpleNamespace(seqlen_new=snew, uniform=None, window=(-1, 0), softcap=0.0, scale=0.125,
+                                 kv_format=fmt)
+    try:
+        hip.launch_decode(stand_in_launches.compile, target, q, kc, vc, kn, vn, out, lse, seqlens, call,
+                          torch.zeros, stream=4, sinks=sinks, scales=(k_scale, v_scale))
+    finally:
+        kvcache.num_splits.cache_clear()
+
+    launched = stand_in_launches.launches
+    want = ["kvcache_append_portable", configs.HIP_DECODE_KERNEL]
+    want += ["flash_decode_merge_portable"] if splits > 1 else []
+    assert [x.kernel.entry for x in launched] == want
+    assert configs.select_hip_decode(dtype, target, d, fp8=True).kernel == configs.HIP_DECODE_KERNEL
+    for x in launched:
+        p = x.block[0]
+        merge = x.kernel.entry == "flash_decode_merge_portable"
+        assert x.defines.get("KV_FP8") == (None if merge else configs.DECODE_FP8_FORMATS[fmt])
+        assert (p["k_scale"], p["v_scale"]) == (k_scale.data_ptr(), v_scale.data_ptr())
+        assert (p["k_scale_stride"], p["v_scale_stride"]) == ((2, 1) if scales == "head" else (0, 0))
+        assert p["sinks"] == sinks.data_ptr()
+        for name, cache in (("k", kc), ("v", vc)):
+            assert p[name]["ptr"] == cache.data_ptr()
+            assert (p[name]["batch_stride"], p[name]["head_stride"], p[name]["row_stride"]) == cache.stride()[:3]
 
 
 @pytest.mark.parametrize("target", ["gfx90a", "gfx1201"])
@@ -314,13 +368,9 @@ def hip_decode():
 
 
 # test_kvcache.py's cases and checks (its helpers, not its tests), contiguous and paged caches,
-# without the argument the HIP decode does not take: sinks.
+# with sinks and without.
 import test_kvcache  # noqa: E402
 from test_kvcache import forced_splits  # noqa: E402,F401  (a fixture of the checks below)
-
-
-def _without_sinks(c):
-    return c["sinks"] is None
 
 
 @pytest.mark.gpu
@@ -328,7 +378,7 @@ def test_hip_decode_matches_oracle(hip_decode):
     from hypothesis import given, settings
 
     @settings(max_examples=test_kvcache.EXAMPLES["cuda"])
-    @given(c=test_kvcache.cases(hip_decode).filter(_without_sinks))
+    @given(c=test_kvcache.cases(hip_decode))
     def check(c):
         test_kvcache.run_and_check(hip_decode, c)
 
@@ -366,11 +416,43 @@ def test_hip_decode_writes_every_output_element(hip_decode, forced_splits, split
 
 
 @pytest.mark.gpu
-def test_hip_decode_names_what_it_does_not_support(hip_decode):
-    """Sinks raise on the hip backend, naming the argument (FP8 caches: test_kvcache_fp8.py)."""
-    import cupy
+@pytest.mark.parametrize("splits", [1, 3, 200])
+def test_hip_decode_sinks_in_the_epilogue_and_the_merge(hip_decode, forced_splits, splits):
+    """Sinks of every magnitude (0, +-3, +-40, +-1e4) with one split (the decode's epilogue folds
+    them), several (the merge adds them) and more splits than key tiles (empty splits), GQA 4, an
+    empty cache among the sequences (its rows: O = 0, lse = the sink), against the float64 oracle;
+    out, lse and the split workspace start as NaN, and so do the cache rows past each length."""
+    torch = pytest.importorskip("torch")
+    from test_properties import assert_matches
+    from xattn import reference
 
-    q = cupy.zeros((1, 2, 1, 64), dtype=cupy.float16)
-    caches = [cupy.zeros((1, 2, 32, 64), dtype=cupy.float16) for _ in range(2)]
-    with pytest.raises(ValueError, match="^sinks: .*hip backend"):
-        xattn.attention_with_kvcache(q, *caches, cache_seqlens=3, sinks=cupy.zeros(2, dtype=cupy.float32))
+    forced_splits(splits)
+    b, hq, hk, sq, smax, d, lengths = 3, 8, 2, 2, 300, 64, [298, 0, 40]
+    sink_values = np.array([0.0, 3.0, -3.0, 40.0, -40.0, 1e4, -1e4, 0.5], np.float32)
+    rng = np.random.default_rng(splits)
+    for dtype in ("float16", "bfloat16", "float32"):
+        caches = [rng.standard_normal((b, hk, smax, d)) for _ in range(2)]
+        for cache in caches:
+            for i, n in enumerate(lengths):
+                cache[i, :, n:] = np.nan  # never read
+        q = torch.from_numpy(rng.standard_normal((b, hq, sq, d))).to("cuda", getattr(torch, dtype))
+        kc, vc = (torch.from_numpy(x).to("cuda", q.dtype) for x in caches)
+        sinks = torch.from_numpy(sink_values).cuda()
+        out = torch.full_like(q, float("nan"))
+        lse = torch.full((b, hq, sq), float("nan"), device="cuda")
+        kvcache.launch_for_check(q, kc, vc, torch.tensor(lengths, dtype=torch.int32, device="cuda"),
+                                 out, lse, lambda n: torch.full((n,), float("nan"), device="cuda"),
+                                 sinks=sinks)
+        assert not out.isnan().any() and not lse.isnan().any()
+        hq64, hk64, hv64 = (x.cpu().double().numpy() for x in (q, kc, vc))
+        scale = d ** -0.5
+        for i, n in enumerate(lengths):
+            want_out, want_lse = reference.exact_attention_bhsd(
+                hq64[i:i + 1], hk64[i:i + 1, :, :n], hv64[i:i + 1, :, :n], causal=True, scale=scale,
+                sinks=sink_values.astype(np.float64))
+            sums = (np.abs(hq64[i]) @ np.abs(np.repeat(hk64[i, :, :n], hq // hk, axis=0)).swapaxes(-1, -2)
+                    if n else np.zeros(1))
+            rounding = 2.0**-24 * scale * float(sums.max()) if dtype == "float32" else 0.0
+            assert_matches(out[i:i + 1].cpu().double().numpy(), lse[i:i + 1].cpu().double().numpy(),
+                           want_out, want_lse, dtype, score_error=rounding)
+        assert (out[1] == 0).all()  # no key: the sink takes every row's weight (lse: above)

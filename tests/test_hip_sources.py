@@ -201,8 +201,16 @@ VARIANT_FLAGS = {
     # paged keys and values: the portable forward and decode (the HIP kernels with IS_PAGED; the
     # decode ignores IS_VARLEN)
     "paged": {"IS_CAUSAL": 1, "IS_LOCAL": 1, "HAS_SOFTCAP": 1, "IS_VARLEN": 1, "IS_PAGED": 1},
+    # sinks (the forwards) and FP8 caches of both formats (the portable decode)
+    "sinks": {"IS_CAUSAL": 1, "IS_LOCAL": 1, "HAS_SOFTCAP": 1, "IS_VARLEN": 1, "HAS_SINKS": 1},
+    "fp8_e4m3fn": {"KV_FP8": 1},
+    "fp8_e5m2": {"IS_CAUSAL": 1, "IS_LOCAL": 1, "HAS_SOFTCAP": 1, "IS_PAGED": 1, "KV_FP8": 2},
 }
 PAGED_KERNELS = ("flash_fwd_portable", "flash_decode_portable")
+# The flags only some kernels have, and those kernels (as ci/hip_compile.py's FLAG_KERNELS).
+FLAG_KERNELS = {"paged": PAGED_KERNELS,
+                "sinks": ("flash_fwd_mfma", "flash_fwd_wmma", "flash_fwd_portable"),
+                "fp8_e4m3fn": ("flash_decode_portable",), "fp8_e5m2": ("flash_decode_portable",)}
 
 
 def nvrtc_compile(cfg, dtype: str, flags: dict) -> str:
@@ -244,7 +252,7 @@ def test_portable_kernels_compile_for_nvidia_through_hip_on_cuda(cfg):
 
 @pytest.mark.parametrize("cfg, flags", [
     (r, f) for r in NVIDIA_ROWS if r.kernel != "flash_bwd_preprocess" for f in VARIANT_FLAGS
-    if f != "causal" and (f != "paged" or r.kernel in PAGED_KERNELS)],
+    if f != "causal" and (f not in FLAG_KERNELS or r.kernel in FLAG_KERNELS[f])],
     ids=lambda x: x if isinstance(x, str) else f"{x.kernel}_{x.arch}_D{x.head_dim}")
 def test_portable_variant_kernels_compile_for_nvidia(cfg, flags):
     """Every window/softcap/ALiBi/varlen flag combination of every row test_hip_portable.py
@@ -259,7 +267,7 @@ def test_hip_compile_checks_the_same_variant_flags():
     hip_compile = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(hip_compile)
     assert {k: v for k, v in VARIANT_FLAGS.items() if k != "causal"} == hip_compile.VARIANT_FLAGS
-    assert hip_compile.PAGED_KERNELS == PAGED_KERNELS
+    assert hip_compile.FLAG_KERNELS == FLAG_KERNELS
     # (kernel, target, flags, form): the form is where a row keeps its fixed operands and whether
     # its dK/dV splits D (configs' frags_in_lds, dim_split): each compiles to other code.
     compiled = {(v[0].kernel, v[1], v[5], (v[0].frags_in_lds, v[0].dim_split))
@@ -267,8 +275,7 @@ def test_hip_compile_checks_the_same_variant_flags():
     for kernel in {r.kernel for r in configs.HIP_TABLE} - {"flash_bwd_preprocess"}:
         want = {"plain", *(hip_compile.DECODE_VARIANT_FLAGS if kernel in configs.HIP_DECODE_KERNELS
                            else hip_compile.VARIANT_FLAGS)}
-        if kernel not in PAGED_KERNELS:
-            want -= set(hip_compile.PAGED_FLAGS)
+        want -= {flags for flags, only in FLAG_KERNELS.items() if kernel not in only}
         targets = {target for k, target, _, _ in compiled if k == kernel}
         assert targets, kernel
         for target in targets:  # every target that uses the kernel compiles all of its flags, in every form

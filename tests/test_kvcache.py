@@ -54,11 +54,9 @@ def cases(draw, backend):
     if causal and window is not None and window[1] > 0:
         window = (window[0], 0)  # causal hides every key right of the diagonal: right is 0
     library, dtype = draw(st.sampled_from(backend.kinds))
-    # The hip backend's decode serves contiguous and paged caches, without sinks (xattn/kvcache.py,
-    # _run_hip); tests/test_hip_decode.py checks that it refuses sinks by name.
-    hip = backend.name.startswith("hip")
+    # Every backend's decode serves contiguous and paged caches, with sinks or without.
     paged = draw(st.sampled_from((None, None, 16, 32, 48, 256)))  # page size
-    sinks = None if hip else draw(st.sampled_from((None, None, "small", "large")))
+    sinks = draw(st.sampled_from((None, None, "small", "large")))
     return dict(
         paged=paged, share_pages=draw(st.booleans()), sinks=sinks,
         batch=batch, heads_q=heads_q, heads_k=heads_k, seqlen_q=seqlen_q, seqlen_max=seqlen_max,

@@ -44,7 +44,6 @@ def cases(draw, backend):
     if causal and window is not None and window[1] > 0:
         window = (window[0], 0)  # causal hides every key right of the diagonal: right is 0
     softcap = draw(st.sampled_from((None, None, 1.5, 30.0)))
-    hip = backend.name.startswith("hip")  # the hip backend has no sinks
     return dict(
         batch=batch, heads_k=heads_k, heads_q=heads_k * draw(st.sampled_from(GQA)),
         lengths_q=[draw(st.sampled_from(QUERY_LENGTHS)) for _ in range(batch)],
@@ -54,7 +53,7 @@ def cases(draw, backend):
             ("cu_seqlens_k", "seqused_k", "both"))),
         head_dim=draw(st.sampled_from(HEAD_DIMS)), causal=causal, window=window, softcap=softcap,
         alibi=softcap is None and draw(st.sampled_from((False, False, True))),
-        sinks=None if hip else draw(st.sampled_from((None, None, "small", "large"))),
+        sinks=draw(st.sampled_from((None, None, "small", "large"))),
         scale=draw(st.sampled_from((None, 0.05, 2.0))), spread=draw(st.sampled_from((1.0, 4.0))),
         library_dtype=draw(st.sampled_from(backend.kinds)), seed=draw(st.integers(0, 2**32 - 1)))
 

@@ -217,9 +217,6 @@ def build(q, k, v, alibi_slopes, causal, scale, window, softcap, layout, return_
                 backend_name=chosen)
     if sinks is not None:
         check_sinks(sinks, info, heads_q)
-        if chosen == "hip":
-            raise ValueError("sinks: the hip backend has no sinks yet (the reference and cuda "
-                             "backends do)")
     return Call(library=info.library, device=info.device, device_id=info.device_id,
                 backend=chosen, dtype=info.dtype, layout=layout,
                 batch=varlen[1] if varlen else batch, heads_q=heads_q, heads_k=heads_k,

@@ -485,12 +485,14 @@ HIP_DECODE_KERNELS = HIP_DECODE_KERNELS_FOR_DTYPE["float16"]
 
 
 @functools.lru_cache(maxsize=None)
-def select_hip_decode(dtype: str, gcn_arch: str, head_dim: int, paged: bool = False) -> TileConfig:
+def select_hip_decode(dtype: str, gcn_arch: str, head_dim: int, paged: bool = False,
+                      fp8: bool = False) -> TileConfig:
     """The HIP decode row (xattn.hip.decode) for a device of this gcnArchName and head dim: the
     matrix-core decode where the device's family has a row that large, else the portable one.
-    paged: caches in pages (block_table): the portable decode, the only HIP decode with paged
-    loads (IS_PAGED), as select_hip does for the forward."""
-    kernels = (HIP_DECODE_KERNEL,) if paged else HIP_DECODE_KERNELS_FOR_DTYPE[dtype]
+    paged: caches in pages (block_table); fp8: float8 caches (KV_FP8): the portable decode, the
+    only HIP decode with paged loads (IS_PAGED) and FP8 codes, as select_hip does for the
+    forward's pages."""
+    kernels = (HIP_DECODE_KERNEL,) if paged or fp8 else HIP_DECODE_KERNELS_FOR_DTYPE[dtype]
     return _first_row(kernels, gcn_arch, head_dim, False)
 
 

@@ -15,11 +15,18 @@ cache, pointer patching, batch chunking and the driver launch are the vendor-neu
 (xattn/launch.py), shared with xattn/cuda.py: the same variant flags and scalars
 (launch.variant), the same (1, H, T, D) views of batch stride 0 for packed batches
 (launch.packed), the same vendor-neutral logic in kernels_common/attention_common.h.
+
+Sinks: every forward kernel folds them into out and lse in its epilogue (HAS_SINKS), the decode
+reads its sinks pointer at run time (epilogue with one split, merge with several); the backward
+needs nothing of them. FP8 KV caches: the portable decode (KV_FP8). Both have run only on NVIDIA
+GPUs, through the portable kernels (on_cuda below), and have been compiled for AMD targets
+(ci/hip_compile.py); no AMD GPU has run them.
 """
 
 from __future__ import annotations
 
 import contextlib
+import math
 from typing import NamedTuple
 
 from xattn import configs, jit, kernels, params
@@ -94,14 +101,12 @@ def forward(q, k, v, out, lse, *, causal: bool, scale: float, stream: int, windo
     """Write out = softmax(scale * q k^T + modifiers) v and lse for (B, H, S, D) views: the
     contract of xattn.cuda.forward, variants included (window, softcap, alibi_slopes, packed
     batches through cu_seqlens and max_seqlen, paged keys and values through block_table and
-    seqused_k: on the portable kernel only); attention sinks are not (ValueError)."""
-    if sinks is not None:
-        raise ValueError("sinks: attention sinks are not supported on the hip backend, got an "
-                         "array; pass sinks=None")
+    seqused_k: on the portable kernel only, sinks: float32 (Hq,) on the device, folded into out
+    and lse by every forward kernel's epilogue, HAS_SINKS)."""
     launch(*_compiler(q, "forward"), q, k, v, out, lse, causal=causal, scale=scale,
            stream=stream, window=window, softcap=softcap, alibi_slopes=alibi_slopes,
            cu_seqlens=cu_seqlens, max_seqlen=max_seqlen, block_table=block_table,
-           seqused_k=seqused_k)
+           seqused_k=seqused_k, sinks=sinks)
 
 
 def _problem(arrays, cu_seqlens, max_seqlen, paged: bool = False):
@@ -122,7 +127,7 @@ def _problem(arrays, cu_seqlens, max_seqlen, paged: bool = False):
 
 def launch(compile, target: str, q, k, v, out, lse, *, causal: bool, scale: float, stream: int,
            window=(-1, -1), softcap: float = 0.0, alibi_slopes=None, cu_seqlens=None,
-           max_seqlen=None, block_table=None, seqused_k=None) -> None:
+           max_seqlen=None, block_table=None, seqused_k=None, sinks=None) -> None:
     """The forward on a device of gcnArchName `target`, its kernel from compile(kernel, defines,
     device) -> cupy.RawKernel. Everything else -- row choice, variant flags, the AttnParams
     block (the launch layer's, as on CUDA), grid, launch -- is the hip backend's. Shared with
@@ -139,21 +144,24 @@ def launch(compile, target: str, q, k, v, out, lse, *, causal: bool, scale: floa
     paged = launch_layer.paged_of(K, block_table)
     key = ("hip", "fwd", compile, target, Q.device, batch, _signature(arrays), causal, scale,
            tuple(window), softcap, _signature([slopes]) if slopes is not None else None,
-           cu_seqlens is not None, max_seqlen, vec, paged)
+           cu_seqlens is not None, max_seqlen, vec, paged, sinks is not None)
     steps = launch_layer.cached_plan(key, lambda: _plan_forward(
         compile, target, arrays, batch, heads_k, seqlen_q, seqlen_k, causal=causal, scale=scale,
         window=window, softcap=softcap, slopes=slopes, varlen=cu_seqlens is not None, vec=vec,
-        paged=paged))
+        paged=paged, sinks=sinks is not None))
     pointers = {"q": Q.ptr, "k": K.ptr, "v": V.ptr, "o": O.ptr, "lse": L.ptr}
     _variant_pointers(pointers, slopes, None)
+    if sinks is not None:
+        pointers["sinks"] = launch_layer.describe(sinks).ptr
     launch_layer.paged_pointers(pointers, cu_seqlens, block_table, seqused_k)
     launch_layer.run(steps, pointers, stream, Q.device)
 
 
 def _plan_forward(compile, target, arrays, batch, heads_k, seqlen_q, seqlen_k, *, causal, scale,
-                  window, softcap, slopes, varlen, vec, paged=None):
+                  window, softcap, slopes, varlen, vec, paged=None, sinks=False):
     """(the forward's one launch,): its row, defines, AttnParams block and grid. Paged keys
-    (launch.Paged) take the portable row: the MFMA/WMMA forwards have no paged loads."""
+    (launch.Paged) take the portable row: the MFMA/WMMA forwards have no paged loads. sinks: the
+    HAS_SINKS variant (only then, so that the other variants compile exactly as without it)."""
     Q, K, V, O, L = arrays
     heads_q, head_dim = Q.shape[1], Q.shape[3]
     var = launch_layer.variant(causal=causal, scale=scale, window=window, softcap=softcap,
@@ -165,7 +173,8 @@ def _plan_forward(compile, target, arrays, batch, heads_k, seqlen_q, seqlen_k, *
     block = launch_layer.attn_block(var, dict(zip(("q", "k", "v", "o", "lse"), arrays)),
                                     heads_q=heads_q, head_dim=head_dim)
     kernel = kernels.hip(cfg.kernel)
-    defines = kernel.defines(cfg, Q.dtype, causal=has_right_edge, vec=vec) | var.defines
+    defines = (kernel.defines(cfg, Q.dtype, causal=has_right_edge, vec=vec) | var.defines
+               | ({"HAS_SINKS": 1} if sinks else {}))
     sizes = kernels.Sizes(seqlen_q=seqlen_q, seqlen_k=seqlen_k, heads_q=heads_q, heads_k=heads_k)
     return (kernel.launch(defines, sizes, block, batch, Q.device, compile=compile),)
 
@@ -175,8 +184,10 @@ def backward(q, k, v, out, dout, lse, dq, dk, dv, *, causal: bool, scale: float,
              alibi_slopes=None, cu_seqlens=None, max_seqlen=None) -> None:
     """Write dq, dk, dv for (B, H, S, D) views; lse is the forward's (natural log, float32
     (B, Hq, Sq)). dk and dv are summed over the query heads of each GQA group. The same contract as
-    xattn.cuda.backward, variants included. `deterministic` changes nothing here: dQ always comes
-    from its own query-parallel kernel, with no atomics, so every run gives the same bits."""
+    xattn.cuda.backward, variants included; with sinks, lse is the sink forward's and the
+    gradients are the sink-softmax's (xattn/torch_ops.py adds dsinks). `deterministic` changes
+    nothing here: dQ always comes from its own query-parallel kernel, with no atomics, so every
+    run gives the same bits."""
     launch_backward(*_compiler(q, "backward"), q, k, v, out, dout, lse, dq, dk, dv,
                     causal=causal, scale=scale, stream=stream, window=window, softcap=softcap,
                     alibi_slopes=alibi_slopes, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen)
@@ -328,7 +339,7 @@ def on_cuda(*, prefix: str, options: tuple, forward_target: str, backward_target
 # ---- KV-cache decode (attention_with_kvcache) -------------------------------------------------
 
 def decode(q, k_cache, v_cache, k_new, v_new, out, lse, cache_seqlens, call, workspace,
-           stream: int, block_table=None) -> None:
+           stream: int, block_table=None, sinks=None, scales=(None, None)) -> None:
     """attention_with_kvcache's GPU step on a ROCm device: append k_new/v_new to the caches, then
     split-KV decode (kernels_hip/flash_decode_mfma.hip on MFMA/WMMA for float16/bfloat16 where the
     table has a row, flash_decode_portable.hip otherwise) and, with several splits, the merge.
@@ -337,9 +348,11 @@ def decode(q, k_cache, v_cache, k_new, v_new, out, lse, cache_seqlens, call, wor
     validated kvcache call (seqlen_new, uniform, window with causal folded in, softcap, scale),
     workspace(n) -> n float32 elements from the caller's framework. block_table: int32 (B,
     max_pages) on the device, the caches then seen as (num_pages, Hk, page_size, D) (the portable
-    decode, IS_PAGED), or None. No sinks, no FP8 caches: kvcache raises for those before this."""
+    decode, IS_PAGED), or None. sinks: float32 (Hq,) on the device, or None. scales: (k_scale,
+    v_scale) float32 of one or Hk elements on the device for FP8 caches (call.kv_format: the
+    portable decode, KV_FP8), else (None, None)."""
     launch_decode(*_compiler(q, "forward"), q, k_cache, v_cache, k_new, v_new, out, lse,
-                  cache_seqlens, call, workspace, stream, block_table)
+                  cache_seqlens, call, workspace, stream, block_table, sinks, scales)
 
 
 _cu_counts: dict[int, int] = {}
@@ -355,15 +368,17 @@ def _cu_count(device_id: int) -> int:
 
 
 def launch_decode(compile, target: str, q, k_cache, v_cache, k_new, v_new, out, lse, cache_seqlens,
-                  call, workspace, stream: int, block_table=None) -> None:
+                  call, workspace, stream: int, block_table=None, sinks=None,
+                  scales=(None, None)) -> None:
     """The decode on a device of gcnArchName `target`, its kernels from compile(kernel, defines,
     device) as in `launch`: the append, the decode (the matrix-core row where the table has one,
     else the portable one) and the merge, all three on one DecodeParams block
     (kernels_common/params.h). The plan (rows, defines, split count, the block's strides and
     scalars) is cached per signature, as the forward's; a call patches its pointers and its
     uniform length into the block. block_table: paged caches (their (num_pages, Hk, page_size, D)
-    view), or None. Shared with tests/test_hip_decode.py, which compiles the
-    kernels for an NVIDIA GPU."""
+    view), or None. sinks and scales: as `decode` takes them; both are pointers the kernels read
+    at run time (null: none), the scales' strides in the block. Shared with
+    tests/test_hip_decode.py, which compiles the kernels for an NVIDIA GPU."""
     from xattn import kvcache
 
     Q, Kc, Vc, O, L = (launch_layer.describe(a) for a in (q, k_cache, v_cache, out, lse))
@@ -377,19 +392,25 @@ def launch_decode(compile, target: str, q, k_cache, v_cache, k_new, v_new, out, 
     if seqlen_new:
         tensors["k_new"], tensors["v_new"] = launch_layer.describe(k_new), launch_layer.describe(v_new)
     S = launch_layer.describe(cache_seqlens) if cache_seqlens is not None else None
+    scale_arrays = tuple(launch_layer.describe(s) for s in scales if s is not None)
     vec = launch_layer.vec_loads([Q, Kc, Vc, O], Q.shape[3], launch_layer.itemsize(Q.dtype))
     paged = launch_layer.paged_of(Kc, block_table)
     # The uniform length is not in the key: a plan serves every length (patched per call below).
     key = ("hip", "decode", compile, target, Q.device, _signature(tensors.values()),
            _signature([S]) if S is not None else None, seqlen_new, tuple(call.window),
-           call.softcap, call.scale, vec, paged, kvcache._FORCED_SPLITS)
+           call.softcap, call.scale, vec, paged, kvcache._FORCED_SPLITS, call.kv_format,
+           _signature(scale_arrays))
     plan = launch_layer.cached_plan(key, lambda: _plan_decode(compile, target, tensors, S, seqlen_new,
-                                                              call, vec, paged))
+                                                              call, vec, paged, scale_arrays))
     pointers = {name: a.ptr for name, a in tensors.items()}
     if S is not None:
         pointers["cache_seqlens"] = S.ptr
     if paged is not None:
         pointers["block_table"] = launch_layer.describe(block_table).ptr
+    if sinks is not None:
+        pointers["sinks"] = launch_layer.describe(sinks).ptr
+    if scale_arrays:
+        pointers["k_scale"], pointers["v_scale"] = (a.ptr for a in scale_arrays)
     if plan.partials:  # the partials of every split (freed on return: stream-ordered)
         base = launch_layer.describe(workspace(plan.partials * (plan.head_dim + 1))).ptr
         pointers["o_part"], pointers["lse_part"] = base, base + 4 * plan.partials * plan.head_dim
@@ -407,9 +428,12 @@ class _DecodePlan(NamedTuple):
     head_dim: int
 
 
-def _plan_decode(compile, target, tensors, S, seqlen_new, call, vec, paged=None) -> _DecodePlan:
+def _plan_decode(compile, target, tensors, S, seqlen_new, call, vec, paged=None,
+                 scales=()) -> _DecodePlan:
     """The decode's rows, defines, split count, DecodeParams block and launches. paged
-    (launch.Paged): the caches are pages, Smax = max_pages * page_size."""
+    (launch.Paged): the caches are pages, Smax = max_pages * page_size. call.kv_format: FP8
+    caches (the portable decode and append with KV_FP8), scales their (k_scale, v_scale)
+    Arrays."""
     from xattn import kvcache
 
     Q, Kc = tensors["q"], tensors["k"]
@@ -417,7 +441,8 @@ def _plan_decode(compile, target, tensors, S, seqlen_new, call, vec, paged=None)
     heads_k = Kc.shape[1]
     seqlen_max = paged.max_pages * paged.page_size if paged is not None else Kc.shape[2]
     device = Q.device
-    cfg = configs.select_hip_decode(Q.dtype, target, head_dim, paged is not None)
+    kv_fp8 = configs.DECODE_FP8_FORMATS.get(call.kv_format, 0)
+    cfg = configs.select_hip_decode(Q.dtype, target, head_dim, paged is not None, bool(kv_fp8))
     # The merge and the append: entry points of the portable decode's source, from the portable
     # row of the decode row's head dim (the partials are rows of that many floats).
     aux = cfg if cfg.kernel == configs.HIP_DECODE_KERNEL else configs.hip_decode_aux_row(target, cfg.head_dim)
@@ -426,11 +451,14 @@ def _plan_decode(compile, target, tensors, S, seqlen_new, call, vec, paged=None)
     flags = {"IS_LOCAL": int(left >= 0), "HAS_SOFTCAP": int(bool(call.softcap))}
     if paged is not None:  # the decode and the append (one source) find rows through the pages
         flags["IS_PAGED"] = 1
+    if kv_fp8:  # the decode reads and the append writes FP8 codes (the merge reads neither)
+        flags["KV_FP8"] = kv_fp8
     decode = kernels.hip(cfg.kernel)
     defines = decode.defines(cfg, Q.dtype, causal=right >= 0,
                              vec=vec and cfg.kernel in configs.HIP_MFMA_KERNELS) | flags
     # The merge and the append take the portable decode's defines (one source).
     aux_defines = kernels.hip(aux.kernel).defines(aux, Q.dtype, causal=right >= 0) | flags
+    merge_defines = {name: value for name, value in aux_defines.items() if name != "KV_FP8"}
     rows = (heads_q // heads_k) * seqlen_q
     m_blocks = -(-rows // cfg.block_m)
     band = seqlen_max  # the keys one sequence's queries can see span at most left + right + Sq
@@ -455,6 +483,9 @@ def _plan_decode(compile, target, tensors, S, seqlen_new, call, vec, paged=None)
     if paged is not None:  # the caches' batch strides (set above) are the page strides
         block["page_size"], block["num_pages"] = paged.page_size, paged.num_pages
         block["block_table_stride"] = paged.table_stride
+    if kv_fp8:  # one scale per tensor (stride 0) or per kv head
+        for field, a in zip(("k_scale_stride", "v_scale_stride"), scales):
+            block[field] = 0 if math.prod(a.shape) == 1 else a.strides[0]
 
     sizes = kernels.Sizes(seqlen_q=seqlen_q, heads_q=heads_q, heads_k=heads_k, head_dim=head_dim,
                           seqlen_new=seqlen_new, m_blocks=m_blocks, splits=splits)
@@ -469,6 +500,6 @@ def _plan_decode(compile, target, tensors, S, seqlen_new, call, vec, paged=None)
         steps.append(step(decode, defines))
     partials = 0
     if seqlen_q and splits > 1:  # one wave per query row
-        steps.append(step(kernels.hip("flash_decode_merge_portable"), aux_defines))
+        steps.append(step(kernels.hip("flash_decode_merge_portable"), merge_defines))
         partials = batch * heads_q * seqlen_q * splits
     return _DecodePlan(launch_layer.Sequence(steps), partials, cfg.head_dim)

@@ -382,7 +382,9 @@ def _hip_dq_smem(d: dict) -> int:
 
 def _hip_portable_defines(cfg, dtype: str, *, causal: bool, vec: bool = False) -> dict:
     """flash_fwd_portable.hip and flash_decode_portable.hip (whose merge and append entry points
-    take the same defines)."""
+    take the same defines). The variant's flags come on top, from xattn/hip.py, as on CUDA: the
+    band, modifiers and packing (launch.variant), HAS_SINKS for a forward with sinks, KV_FP8 for
+    the decode and append of FP8 caches (whose LDS tiles stay float32: the same size)."""
     return {**_hip_common(cfg, dtype), "HEAD_DIM": cfg.head_dim, "IS_CAUSAL": int(causal),
             "BLOCK_M": cfg.block_m, "BLOCK_N": cfg.block_n}
 

@@ -4,8 +4,12 @@ The public function validates once, then runs on the reference backend (host arr
 keys and values are written into the caches, then the NumPy reference attends per sequence) or on
 the cuda backend (kernels_cuda/flash_decode.cu, flash_decode_f32.cu, flash_decode_merge.cu), or
 on the hip backend (xattn.hip.decode: kernels_hip/flash_decode_mfma.hip on the matrix cores of
-CDNA and RDNA3/4 for 16-bit dtypes, flash_decode_portable.hip otherwise and for paged caches;
-no sinks, no FP8 caches; its plans are cached per signature by xattn.hip.launch_decode: `_run_hip`).
+CDNA and RDNA3/4 for 16-bit dtypes, flash_decode_portable.hip otherwise and for paged and FP8
+caches; sinks and FP8 caches included; its plans are cached per signature by
+xattn.hip.launch_decode: `_run_hip`). The hip backend's sinks and FP8 caches have run only on
+NVIDIA GPUs, through the portable HIP kernels compiled by NVRTC (tests/hip_on_cuda.h, the
+hip-on-cuda test paths), and have been compiled for AMD targets by hiprtc and clang-19
+(ci/hip_compile.py): no AMD GPU has run them.
 
 The caches are contiguous per sequence, or paged (block_table=, flash-attn's convention). sinks=
 adds a per-head sink logit to every row's softmax denominator.
@@ -86,9 +90,9 @@ def attention_with_kvcache(q, k_cache, v_cache, *, cache_seqlens, k_new=None, v_
     is read as fp8 * scale. q, k_new, v_new, out stay float16/bfloat16/float32. Appending
     quantizes k_new / v_new with the given scales: x / scale (float32) saturated to the format's
     largest finite value (448 for e4m3fn, 57344 for e5m2), then rounded to nearest even; NaN
-    stays NaN. The new rows are attended as their quantized values. Reference and cuda backends
-    (the decode kernels read the codes and dequantize in the kernel, KV_FP8); hip raises
-    ValueError.
+    stays NaN. The new rows are attended as their quantized values. Every backend (the cuda and
+    hip decode kernels read the codes and dequantize in the kernel, KV_FP8; on hip the portable
+    decode serves FP8 caches).
 
     Inference only: not differentiable. A torch input that requires grad while grad mode is on
     raises TypeError (call it under torch.no_grad(), or pass detached tensors).
@@ -116,7 +120,8 @@ def attention_with_kvcache(q, k_cache, v_cache, *, cache_seqlens, k_new=None, v_
         check_dtype(info, GPU_DTYPES, backend_name="hip")
         if chosen == "hip":
             backends.gpu_forward(chosen)  # RuntimeError naming what to install where hip is unusable
-        out, lse = _run_hip(q, k_cache, v_cache, cache_seqlens, k_new, v_new, block_table, sinks, call)
+        out, lse = _run_hip(q, k_cache, v_cache, cache_seqlens, k_new, v_new, block_table, sinks, call,
+                            scales=scales)
     elif chosen == "cuda":
         check_dtype(info, GPU_DTYPES, backend_name=chosen)
         backends.gpu_forward(chosen)  # RuntimeError naming what to install where cuda is unusable
@@ -796,20 +801,15 @@ def _needs_copy(x, call) -> bool:
 # ------------------------------------------------------------------------------- hip
 
 def _run_hip(q, k_cache, v_cache, cache_seqlens, k_new, v_new, block_table, sinks, call,
-             outputs=None):
+             outputs=None, scales=(None, None)):
     """(out, lse) of the HIP decode (xattn.hip.decode: append, split-KV decode, merge) on
-    contiguous or paged caches (paged: the portable decode); the launch plan is cached per
-    signature below this (xattn.hip.launch_decode), this function only checks the arguments the
-    HIP decode refuses (sinks, FP8 caches) and allocates. outputs=(out,
-    lse, workspace) are the kernel checks' (launch_for_check), else allocated here."""
+    contiguous or paged caches (paged and FP8 caches: the portable decode), with sinks or
+    without; the launch plan is cached per signature below this (xattn.hip.launch_decode), this
+    function only checks the caches' strides and allocates. outputs=(out, lse, workspace) are
+    the kernel checks' (launch_for_check), else allocated here; scales: (k_scale, v_scale) of FP8
+    caches."""
     from xattn import hip
 
-    if sinks is not None:
-        raise ValueError("sinks: attention sinks are not supported on the hip backend, got an "
-                         "array; pass sinks=None")
-    if call.kv_format is not None:
-        raise ValueError(f"k_cache: float8 caches are not supported on the hip backend (its "
-                         f"decode reads caches of q's dtype), got {call.kv_format}")
     _check_cache_strides(k_cache, v_cache, call)
     library = call.info.library
     q, k_new, v_new = (_contiguous(x, library) if _needs_copy(x, call) else x for x in (q, k_new, v_new))
@@ -845,7 +845,7 @@ def _run_hip(q, k_cache, v_cache, cache_seqlens, k_new, v_new, block_table, sink
     hip.decode(bhsd(q), cache_view(k_cache), cache_view(v_cache), bhsd(k_new) if with_new else None,
                bhsd(v_new) if with_new else None, bhsd(out), lse,
                None if call.uniform is not None else cache_seqlens, call, workspace, stream,
-               block_table)
+               block_table, sinks, scales if call.kv_format is not None else (None, None))
     return out, lse
 
 
@@ -876,7 +876,7 @@ def launch_for_check(q, k_cache, v_cache, cache_seqlens, out, lse, workspace, *,
                      softcap, layout, True, block_table, sinks, scales)
     if backends.hip_on_cuda:  # the HIP decode serves CUDA memory (xattn.hip.on_cuda): no plan
         _run_hip(q, k_cache, v_cache, cache_seqlens, k_new, v_new, block_table, sinks, call,
-                 outputs=(out, lse, workspace))
+                 outputs=(out, lse, workspace), scales=scales)
         return None
     plan = _new_plan(q, k_cache, v_cache, cache_seqlens, k_new, v_new, block_table, sinks, call,
                      scales)

@@ -82,9 +82,6 @@
 #ifndef PINGPONG
 #define PINGPONG 1
 #endif
-#ifndef HAS_SINKS
-#define HAS_SINKS 0
-#endif
 #ifndef PERSISTENT
 #define PERSISTENT 0
 #endif

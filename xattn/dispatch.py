@@ -23,15 +23,16 @@ def forward(call, q, k, v, alibi_slopes=None, cu_seqlens=None, sinks=None, pages
         out, lse = cuda.attention(call, q, k, v, slopes, cu_seqlens, sinks)
     else:
         options = call.options(slopes, cu_seqlens, sinks, pages)
-        if backends.hip_on_cuda and call.backend == "cuda":  # the test hook xattn.hip.on_cuda
-            return arrays.run_on_gpu(importlib.import_module("xattn.hip").forward, q, k, v,
-                                     info(call), layout=call.layout, dims=call.dims, **options)
-        if call.backend == "reference":
+        if call.backend == "reference":  # exact, sinks included, whatever the lengths
             return arrays.run_on_host(reference.forward, q, k, v, info(call), layout=call.layout,
                                       dims=call.dims, **options)
-        # paged calls plan in the backend's forward (the table's pointer is patched there)
-        out, lse = arrays.run_on_gpu(backends.gpu_forward(call.backend), q, k, v, info(call),
-                                     layout=call.layout, dims=call.dims, **options)
+        # the hip backend also serves CUDA memory under the test hook xattn.hip.on_cuda; paged
+        # calls plan in the backend's forward (the table's pointer is patched there)
+        on_cuda = backends.hip_on_cuda and call.backend == "cuda"
+        backend_forward = (importlib.import_module("xattn.hip").forward if on_cuda
+                           else backends.gpu_forward(call.backend))
+        out, lse = arrays.run_on_gpu(backend_forward, q, k, v, info(call), layout=call.layout,
+                                     dims=call.dims, **options)
     if sinks is not None and call.seqlen_k == 0:  # no key anywhere: no kernel ran
         from xattn import cuda
         cuda.fold_sinks(out.swapaxes(1, 2) if call.layout == "bshd" else out, lse, sinks)

@@ -213,6 +213,21 @@ def test_hip_decode_launcher_hands_each_kernel_its_parameter_block(target, dtype
                 assert x.grid[:2] == (-(-hk * case["new"] * d // x.threads), 1)
 
 
+def _portable_decode_launches(recorder, target, splits, *arrays_and_call, **options):
+    """hip.launch_decode with stand-in launches (conftest.py): the append, the portable decode and,
+    with more than one split, the merge, in that order; returns the recorded launches."""
+    import torch
+
+    try:
+        hip.launch_decode(recorder.compile, target, *arrays_and_call, torch.zeros, stream=4, **options)
+    finally:
+        kvcache.num_splits.cache_clear()
+    want = ["kvcache_append_portable", configs.HIP_DECODE_KERNEL]
+    want += ["flash_decode_merge_portable"] if splits > 1 else []
+    assert [x.kernel.entry for x in recorder.launches] == want
+    return recorder.launches
+
+
 @pytest.mark.parametrize("target,dtype", [("gfx90a", "float16"), ("gfx1100", "bfloat16"),
                                           ("gfx1030", "float16"), ("gfx942", "float32")])
 @pytest.mark.parametrize("page_size,splits", [(16, 1), (48, 3)])
@@ -238,16 +253,8 @@ def test_hip_decode_launcher_hands_paged_caches_to_the_portable_decode(target, d
     seqlens = torch.tensor([5, 40], dtype=torch.int32)
     call = types.SimpleNamespace(seqlen_new=snew, uniform=None, window=(-1, 0), softcap=0.0, scale=0.125,
                                  kv_format=None)
-    try:
-        hip.launch_decode(stand_in_launches.compile, target, q, kc, vc, kn, vn, out, lse, seqlens, call,
-                          torch.zeros, stream=4, block_table=table)
-    finally:
-        kvcache.num_splits.cache_clear()
-
-    launched = stand_in_launches.launches
-    want = ["kvcache_append_portable", configs.HIP_DECODE_KERNEL]
-    want += ["flash_decode_merge_portable"] if splits > 1 else []
-    assert [x.kernel.entry for x in launched] == want
+    launched = _portable_decode_launches(stand_in_launches, target, splits, q, kc, vc, kn, vn, out, lse,
+                                         seqlens, call, block_table=table)
     row = configs.select_hip_decode(dtype, target, d, paged=True)
     assert row.kernel == configs.HIP_DECODE_KERNEL
     for x in launched:
@@ -292,16 +299,8 @@ def test_hip_decode_launcher_hands_fp8_caches_and_sinks_to_the_portable_decode(
     seqlens = torch.tensor([5, 40], dtype=torch.int32)
     call = types.SimpleNamespace(seqlen_new=snew, uniform=None, window=(-1, 0), softcap=0.0, scale=0.125,
                                  kv_format=fmt)
-    try:
-        hip.launch_decode(stand_in_launches.compile, target, q, kc, vc, kn, vn, out, lse, seqlens, call,
-                          torch.zeros, stream=4, sinks=sinks, scales=(k_scale, v_scale))
-    finally:
-        kvcache.num_splits.cache_clear()
-
-    launched = stand_in_launches.launches
-    want = ["kvcache_append_portable", configs.HIP_DECODE_KERNEL]
-    want += ["flash_decode_merge_portable"] if splits > 1 else []
-    assert [x.kernel.entry for x in launched] == want
+    launched = _portable_decode_launches(stand_in_launches, target, splits, q, kc, vc, kn, vn, out, lse,
+                                         seqlens, call, sinks=sinks, scales=(k_scale, v_scale))
     assert configs.select_hip_decode(dtype, target, d, fp8=True).kernel == configs.HIP_DECODE_KERNEL
     for x in launched:
         p = x.block[0]

@@ -277,29 +277,37 @@ TUNED = "tuned_rows.json"  # the tune phase's best rows, in $OUT: the bench phas
 
 
 def phase_tune(args) -> int:
+    """Each candidate tile of a row (block_n, stages, overlaps, persistent grid or not) timed alone
+    at each of --seqlens (default 8192) for --head-dims; writes the best per row at the last length."""
     import json
 
     P, O, S = dict(overlap=1, pingpong=1), dict(overlap=1, pingpong=0), dict(overlap=0, pingpong=0)
     candidates = {  # (head dim, causal): [(block_n, stages, overlaps)]
-        (64, False): [(192, 2, O), (192, 2, P), (224, 2, O), (224, 2, P), (192, 3, O), (128, 2, S)],
+        (64, False): [(192, 2, O), (192, 2, P), (224, 2, O), (224, 2, P), (192, 3, O), (128, 2, S), (128, 2, P)],
         (64, True): [(128, 2, S), (128, 2, P), (192, 2, P), (224, 2, P), (192, 3, O)],
-        (128, False): [(176, 2, P), (128, 2, O), (144, 2, P)], (128, True): [(176, 2, P), (128, 2, O), (144, 2, P)],
+        (128, False): [(176, 2, P), (128, 2, O), (128, 2, P), (144, 2, P)],
+        (128, True): [(176, 2, P), (128, 2, O), (144, 2, P)],
         (256, False): [(80, 2, O), (80, 2, P)], (256, True): [(80, 2, P), (80, 2, O)]}
-    base, best_rows, s = sm90.ROWS, [], 8192
+    base, best_rows = sm90.ROWS, []
     for (d, causal), tiles in candidates.items():
-        b, h = 16384 // s, 2048 // d
-        q, k, v = (torch.randn(b, h, s, d, device="cuda", dtype=torch.bfloat16) for _ in range(3))
-        results = []
-        for block_n, stages, overlaps in tiles:
-            row = sm90.Row(d, causal, block_n, stages, **overlaps)
-            if FORWARD.shared_memory(FORWARD.defines(row, "bfloat16", flags={})) > sm90.SMEM_LIMIT:
-                continue
-            sm90.ROWS = (row,)
-            results.append((tflops(b, h, s, d, causal, measure(timers(q, k, v, causal)["sm90"])), row))
-            print(f"tune {row}: {results[-1][0]:.1f} TFLOP/s", flush=True)
-        best = max(results, key=lambda r: r[0] if r[0] == r[0] else -1)
+        if d not in args.head_dims:
+            continue
+        for s in args.seqlens or [8192]:
+            b, h = 16384 // s, 2048 // d
+            q, k, v = (torch.randn(b, h, s, d, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+            results = []
+            for block_n, stages, overlaps in tiles:
+                for persistent in (0, 1):
+                    row = sm90.Row(d, causal, block_n, stages, **overlaps, persistent=persistent)
+                    if FORWARD.shared_memory(FORWARD.defines(row, "bfloat16", flags={})) > sm90.SMEM_LIMIT:
+                        continue
+                    sm90.ROWS = (row,)
+                    results.append((tflops(b, h, s, d, causal, measure(timers(q, k, v, causal)["sm90"])), row))
+                    print(f"tune S={s} {row}: {results[-1][0]:.1f} TFLOP/s", flush=True)
+            best = max(results, key=lambda r: r[0] if r[0] == r[0] else -1)
+            print(f"TUNE BEST S={s} {best[1]}: {best[0]:.1f}", flush=True)
+            del q, k, v
         best_rows.append(best[1])
-        print(f"TUNE BEST {best[1]}: {best[0]:.1f}", flush=True)
     sm90.ROWS = base
     Path(os.environ.get("OUT", "."), TUNED).write_text(json.dumps([r._asdict() for r in best_rows]))
     print("SUMMARY tune: done")

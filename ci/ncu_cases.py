@@ -48,12 +48,20 @@ def case_backward(d, s):
     dout = torch.randn_like(q)
     state = {"profile": False}
 
+    def push(grad):
+        if state["profile"]:
+            torch.cuda.nvtx.range_push("profile")
+
+    def pop(grad):
+        if state["profile"]:
+            torch.cuda.nvtx.range_pop()
+
     def attention(fn):
         out = fn(q, k, v)
-        out.register_hook(lambda g: torch.cuda.nvtx.range_push("profile") if state["profile"] else None)
+        out.register_hook(push)
         return out
 
-    q.register_hook(lambda g: torch.cuda.nvtx.range_pop() if state["profile"] else None)
+    q.register_hook(pop)
     outs = {"xattn": attention(xattn.attention)}
     with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
         outs["cudnn"] = attention(F.scaled_dot_product_attention)

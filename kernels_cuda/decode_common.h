@@ -104,8 +104,43 @@ typedef elem_t cache_t;
 #define TILE_STRIDE (HEAD_DIM + 16 / ELEM_BYTES)
 #define UNIT_ELEMS (VEC_LOADS ? 16 / ELEM_BYTES : 1)  // elements per copy
 #define CACHE_BYTES ((int)sizeof(cache_t))
-#define CACHE_STRIDE (HEAD_DIM + 16 / CACHE_BYTES)     // ring rows, padded by 16 bytes too
 #define CACHE_UNIT (VEC_LOADS ? 16 / CACHE_BYTES : 1)  // cache elements per copy
+// The K/V ring tiles. RING_SWIZZLE (flash_decode.cu, whose products read them with ldmatrix):
+// rows of exactly HEAD_DIM cache elements, 16-byte chunk c of row r stored at chunk
+// c ^ ring_swizzle(r). Rows padded by 16 bytes instead (the float32 kernel) are also free of bank
+// conflicts, but a warp's copy of two 256-byte cache rows then lands 16 bytes off every 128-byte
+// line of shared memory: Nsight Compute showed the copy engine splitting those copies into 2.6x
+// the L2 requests and 1.5x the sectors of aligned rows (a third of them L2 hits on data read
+// once), and the decode stopping at 82% of DRAM bandwidth where cuDNN's aligned copies reach 94%
+// (ci/results/2026-11-30-decode-swizzle/).
+#ifndef RING_SWIZZLE
+#define RING_SWIZZLE 0
+#endif
+#define CACHE_STRIDE (RING_SWIZZLE ? HEAD_DIM : HEAD_DIM + 16 / CACHE_BYTES)
+#define RING_CHUNKS (HEAD_DIM * CACHE_BYTES / 16)  // 16-byte chunks per ring row
+static_assert(!RING_SWIZZLE || RING_CHUNKS >= 2, "the swizzle permutes at least two chunks a row");
+
+// The chunk permutation of ring row r: any 8 consecutive rows, read at one chunk column by an
+// ldmatrix, fall in 8 different 16-byte bank groups. Rows of 8 chunks or more: XOR with r % 8.
+// Shorter rows (8 / RING_CHUNKS of them share a 128-byte line): XOR with (r % 8) / (8 / RING_CHUNKS).
+__device__ __forceinline__ int ring_swizzle(int row) {
+    if (!RING_SWIZZLE) return 0;
+    return RING_CHUNKS >= 8 ? (row & 7) : (row & 7) / (8 / RING_CHUNKS);
+}
+
+// Ring row `row`'s physical column of logical column `col`, and its logical column of physical
+// column `col` (the swizzle is its own inverse). The copies write each lane's fixed physical
+// columns and read the logical ones from the cache: the swizzle then costs one XOR on a global
+// address already computed per row, where writing swizzled shared addresses kept one register per
+// unrolled pass alive and made ptxas spill the FP8 variants.
+__device__ __forceinline__ int ring_col(int row, int col) {
+#if RING_SWIZZLE
+    constexpr int CHUNK = 16 / CACHE_BYTES;  // elements per 16-byte chunk
+    return ((col / CHUNK) ^ ring_swizzle(row)) * CHUNK + col % CHUNK;
+#else
+    return col;
+#endif
+}
 #define OUT_STRIDE (HEAD_DIM + 4)                      // floats per row of the merge scratch
 #define LN_2 0.6931471805599453f
 
@@ -306,10 +341,10 @@ __device__ __forceinline__ void warp_load_keys(cache_t* sK, cache_t* sV, const K
             const elem_t* v = fresh_row(src.v, key - src.cached);
 #pragma unroll
             for (int j = 0; j < UNITS_PER_LANE; ++j) {
-                const int col = col0 + j * LANES_PER_ROW * CACHE_UNIT;
-                if (col < head_dim) {
-                    quantize_unit(sK + row * CACHE_STRIDE + col, k + col, src.k.scale);
-                    quantize_unit(sV + row * CACHE_STRIDE + col, v + col, src.v.scale);
+                const int col = col0 + j * LANES_PER_ROW * CACHE_UNIT, from = ring_col(row, col);
+                if (from < head_dim) {
+                    quantize_unit(sK + row * CACHE_STRIDE + col, k + from, src.k.scale);
+                    quantize_unit(sV + row * CACHE_STRIDE + col, v + from, src.v.scale);
                 } else {
 #pragma unroll
                     for (int e = 0; e < CACHE_UNIT; ++e) sK[row * CACHE_STRIDE + col + e] = sV[row * CACHE_STRIDE + col + e] = 0;
@@ -334,15 +369,16 @@ __device__ __forceinline__ void warp_load_keys(cache_t* sK, cache_t* sV, const K
 #endif
 #pragma unroll
         for (int j = 0; j < UNITS_PER_LANE; ++j) {
-            const int col = col0 + j * LANES_PER_ROW * CACHE_UNIT;
-            const bool valid = row_valid && col < head_dim;
-            copy_unit(sK + row * CACHE_STRIDE + col, k + col, valid);
-            copy_unit(sV + row * CACHE_STRIDE + col, v + col, valid);
+            const int col = col0 + j * LANES_PER_ROW * CACHE_UNIT, from = ring_col(row, col);
+            const bool valid = row_valid && from < head_dim;
+            copy_unit(sK + row * CACHE_STRIDE + col, k + from, valid);
+            copy_unit(sV + row * CACHE_STRIDE + col, v + from, valid);
         }
     }
 }
 
 #if FP8_TILES
+static_assert(!RING_SWIZZLE, "the float32 kernel's rings are read in place, unswizzled");
 // A landed ring tile of FP8 codes -> the warp's tile of their exact values, every element of the
 // padded HEAD_DIM (zero codes give zeros). Lane l converts 8 codes at a time (one 8-byte read, two
 // float4 writes); the caller __syncwarp()s before and after.

@@ -25,6 +25,9 @@
 // num_splits, HEAD_DIM) and lse_part (B, Hq, Sq, num_splits) float32, LSE there in base 2.
 
 #define ELEM_F32 0
+#ifndef RING_SWIZZLE  // the ring tiles' rows unpadded, their chunks permuted (decode_common.h)
+#define RING_SWIZZLE 1   // (xattn/kernels.py turns it off where ptxas would spill)
+#endif
 #include "decode_common.h"
 
 #define M_TILES (BLOCK_M / 16)  // m16 row tiles
@@ -33,21 +36,48 @@ static_assert(BLOCK_M % 16 == 0, "whole m16 tiles");
 #include "mma_tile.h"
 static_assert(WARP_N % 16 == 0 && HEAD_DIM % 16 == 0, "k16 steps over keys and head dim");
 
+// ---- ldmatrix addresses in the swizzled ring tiles ---------------------------------------------
+// Each lane gives the address of one 16-byte row of an 8 x 8 matrix: its own row of the tile
+// (lane-dependent) and its own chunk (0 or 1), plus per fragment a whole number of 8-row groups and
+// an even number of chunks. Adding multiples of 8 rows keeps the row's swizzle; adding an even
+// number to a chunk of 0 or 1 is an XOR. Ring rows start on 128-byte boundaries (64- and 32-byte
+// rows: on their own size), so the lane's address is its row's plus its swizzled chunk in the low
+// bits, and a fragment's address is that XOR the chunk offset inside 128 bytes, plus whole
+// 128-byte steps that fold into ldmatrix's immediate offset: one register per operand, as
+// unswizzled tiles need.
+__device__ __forceinline__ u32 ring_lane(u32 tile, int row, int chunk) {
+    return tile + (u32)(row * CACHE_STRIDE * CACHE_BYTES + 16 * (chunk ^ ring_swizzle(row)));
+}
+
+// The lane's address in the fragment `rows` rows (a multiple of 8) and `chunks` 16-byte chunks
+// (even) past its own.
+// Each distinct XOR holds a register across the loop over keys (a padded tile's offsets fold
+// into the immediate): with the swizzle, the D64 FP8 variants of sm_80-sm_89 (64 query rows,
+// already at 255 registers) spill, so xattn/kernels.py compiles those unswizzled.
+__device__ __forceinline__ u32 ring_at(u32 lane_address, int rows, int chunks) {
+    const u32 bytes = (u32)(16 * chunks);
+#if RING_SWIZZLE
+    return (lane_address ^ (bytes & 127u)) + (bytes & ~127u) + (u32)(rows * CACHE_STRIDE * CACHE_BYTES);
+#else
+    return lane_address + bytes + (u32)(rows * CACHE_STRIDE * CACHE_BYTES);
+#endif
+}
+
 #if KV_FP8
 static_assert(HEAD_DIM % 32 == 0, "FP8: ldmatrix.x4 covers two 16-code chunks of a row");
 
-// The ldmatrix row addresses of the FP8 ring tiles (byte offsets from a K or V tile's start).
+// The ldmatrix rows of the FP8 ring tiles.
 // K (plain): matrix i / 8 = (keys (lane / 16) * 8.., k16 step (lane / 8) % 2), row lane % 8.
-__device__ __forceinline__ u32 fp8_k_lane(int lane) {
-    return (u32)(((lane / 16) * 8 + lane % 8) * CACHE_STRIDE + (lane / 8 % 2) * 16);
+__device__ __forceinline__ u32 fp8_k_lane(u32 tile, int lane) {
+    return ring_lane(tile, (lane / 16) * 8 + lane % 8, lane / 8 % 2);
 }
 // V (transposed): matrix i / 8 = (keys ((lane / 8) % 2) * 8.., 16-code chunk lane / 16), row lane % 8.
-__device__ __forceinline__ u32 fp8_v_lane(int lane) {
-    return (u32)(((lane / 8 % 2) * 8 + lane % 8) * CACHE_STRIDE + (lane / 16) * 16);
+__device__ __forceinline__ u32 fp8_v_lane(u32 tile, int lane) {
+    return ring_lane(tile, (lane / 8 % 2) * 8 + lane % 8, lane / 16);
 }
 
 // C += Q K8^T for MT m16 tiles and NT n8 tiles of keys, Q from the (permuted) tile at q_lane
-// (LANE_ROWS_X), K8 the codes of the ring tile at k_lane (fp8_k_lane).
+// (LANE_ROWS_X), K8 the codes of the ring tile (fp8_k_lane).
 template <int MT, int NT, int K_STEPS>
 __device__ __forceinline__ void mma_q_k8(float (&c)[MT][NT][4], u32 q_lane, u32 k_lane) {
 #pragma unroll
@@ -61,7 +91,7 @@ __device__ __forceinline__ void mma_q_k8(float (&c)[MT][NT][4], u32 q_lane, u32 
 #pragma unroll
         for (int np = 0; np < NT / 2; ++np) {
             u32 r[4];  // keys 0-7 step kk | keys 0-7 step kk+1 | keys 8-15 step kk | keys 8-15 step kk+1
-            ldmatrix_x4(r, k_lane + (u32)(np * 16 * CACHE_STRIDE + kk * 16));
+            ldmatrix_x4(r, ring_at(k_lane, np * 16, kk));  // kk is even: chunks kk, kk + 1
 #pragma unroll
             for (int s = 0; s < 2; ++s) {
                 const u32 lo0 = fp8x2_to_half2((u16)(r[s] & 0xffffu)), lo1 = fp8x2_to_half2((u16)(r[s] >> 16));
@@ -86,7 +116,7 @@ __device__ __forceinline__ void mma_p_v8(float (&c)[MT][NT][4], const u32 (&a)[M
 #pragma unroll
         for (int cp = 0; cp < NT / 4; ++cp) {
             u32 r[4];  // transposed: keys 0-7 chunk 2cp | keys 8-15 chunk 2cp | keys 0-7 2cp+1 | keys 8-15 2cp+1
-            ldmatrix_x4_trans(r, v_lane + (u32)(kk * 16 * CACHE_STRIDE + cp * 32));
+            ldmatrix_x4_trans(r, ring_at(v_lane, kk * 16, 2 * cp));
 #pragma unroll
             for (int h = 0; h < 2; ++h) {
                 // bytes (key 2t col 2g, key 2t col 2g+1, key 2t+1 col 2g, key 2t+1 col 2g+1) ->
@@ -100,6 +130,47 @@ __device__ __forceinline__ void mma_p_v8(float (&c)[MT][NT][4], const u32 (&a)[M
                     mma_16816_f16(c[mt][dt], a[mt][kk], even0, even1);
                     mma_16816_f16(c[mt][dt + 1], a[mt][kk], odd0, odd1);
                 }
+            }
+        }
+}
+#else
+// The 16-bit products: mma_tile.h's mma_a_bt and mma_areg_b with the ring tile's addresses.
+// C += Q K^T, Q (MT*16 x K_STEPS*16) at q_lane (LANE_ROWS_X), K's rows in the ring (k_lane: rows
+// lane % 8 + (lane / 16) * 8, chunk lane / 8 % 2, as LANE_ROWS_Y).
+template <int MT, int NT, int K_STEPS>
+__device__ __forceinline__ void mma_q_k(float (&c)[MT][NT][4], u32 q_lane, u32 k_lane) {
+#pragma unroll
+    for (int kk = 0; kk < K_STEPS; ++kk) {
+        u32 a[MT][4];
+#pragma unroll
+        for (int mt = 0; mt < MT; ++mt) ldmatrix_x4(a[mt], q_lane + tile_offset<TILE_STRIDE>(mt * 16, kk * 16));
+#pragma unroll
+        for (int np = 0; np < NT / 2; ++np) {
+            u32 b[4];  // keys 0-7 k 0-7 | keys 0-7 k 8-15 | keys 8-15 k 0-7 | keys 8-15 k 8-15
+            ldmatrix_x4(b, ring_at(k_lane, np * 16, 2 * kk));
+#pragma unroll
+            for (int mt = 0; mt < MT; ++mt) {
+                mma_16816(c[mt][2 * np], a[mt], b[0], b[1]);
+                mma_16816(c[mt][2 * np + 1], a[mt], b[2], b[3]);
+            }
+        }
+    }
+}
+
+// C += P V, P in registers (K_STEPS k16 fragments per m16 tile), V's rows in the ring (v_lane:
+// rows lane % 16, chunk lane / 16, as LANE_ROWS_X).
+template <int MT, int NT, int K_STEPS>
+__device__ __forceinline__ void mma_p_v(float (&c)[MT][NT][4], const u32 (&a)[MT][K_STEPS][4], u32 v_lane) {
+#pragma unroll
+    for (int kk = 0; kk < K_STEPS; ++kk)
+#pragma unroll
+        for (int np = 0; np < NT / 2; ++np) {
+            u32 b[4];  // transposed: keys 0-7 n 0-7 | keys 8-15 n 0-7 | keys 0-7 n 8-15 | keys 8-15 n 8-15
+            ldmatrix_x4_trans(b, ring_at(v_lane, kk * 16, 2 * np));
+#pragma unroll
+            for (int mt = 0; mt < MT; ++mt) {
+                mma_16816(c[mt][2 * np], a[mt][kk], b[0], b[1]);
+                mma_16816(c[mt][2 * np + 1], a[mt][kk], b[2], b[3]);
             }
         }
 }
@@ -123,7 +194,7 @@ __device__ __forceinline__ void warp_step(WarpState& st, u32 q_lane, u32 k_lane,
 #if KV_FP8
     mma_q_k8<M_TILES, WARP_N / 8, HEAD_DIM / 16>(acc_s, q_lane, k_lane);  // S = Q K8^T
 #else
-    mma_a_bt<M_TILES, WARP_N / 8, HEAD_DIM / 16, TILE_STRIDE, TILE_STRIDE>(acc_s, q_lane, k_lane);  // S = Q K^T
+    mma_q_k<M_TILES, WARP_N / 8, HEAD_DIM / 16>(acc_s, q_lane, k_lane);  // S = Q K^T
 #endif
 
 #pragma unroll
@@ -196,7 +267,7 @@ __device__ __forceinline__ void warp_step(WarpState& st, u32 q_lane, u32 k_lane,
 #if KV_FP8
     mma_p_v8<M_TILES, D_TILES, WARP_N / 16>(st.acc_o, p_frag, v_lane);  // O += P V8
 #else
-    mma_areg_b<M_TILES, D_TILES, WARP_N / 16, TILE_STRIDE>(st.acc_o, p_frag, v_lane);  // O += P V
+    mma_p_v<M_TILES, D_TILES, WARP_N / 16>(st.acc_o, p_frag, v_lane);  // O += P V
 #endif
 }
 
@@ -204,7 +275,7 @@ __device__ __forceinline__ void warp_step(WarpState& st, u32 q_lane, u32 k_lane,
 
 extern "C" __global__ void __launch_bounds__(NUM_THREADS, MIN_BLOCKS)
 flash_decode(const __grid_constant__ DecodeParams p) {
-    extern __shared__ __align__(16) unsigned char smem[];
+    extern __shared__ __align__(128) unsigned char smem[];  // ring rows on 128-byte boundaries (ring_lane)
     elem_t* sQ = (elem_t*)smem;
     int* row_lo = (int*)(smem + Q_BYTES);
     int* row_hi = row_lo + BLOCK_M;
@@ -253,17 +324,17 @@ flash_decode(const __grid_constant__ DecodeParams p) {
             st.row_max[mt][h] = NEG_INF;
             st.row_sum[mt][h] = 0.f;
         }
-    // ldmatrix row addresses (mma_tile.h): Q is the A operand of S = Q K^T, K's rows are those of
+    // ldmatrix row addresses: Q is the A operand of S = Q K^T (mma_tile.h), K's rows are those of
     // B^T, V is the row-major B of O += P V (FP8: the codes' own lane patterns, above). Ring slots
-    // are a fixed number of bytes apart.
+    // are a fixed number of bytes apart, and the swizzle repeats in each.
     const float factor = score_factor(p, src) / q_scale;  // exact: q_scale is a power of two
     const u32 q_lane = lane_address_x<TILE_STRIDE>(smem_addr(sQ), 0, 0, lane);
 #if KV_FP8
-    const u32 k_lane = smem_addr(ring_warp) + fp8_k_lane(lane);
-    const u32 v_lane = smem_addr(ring_warp) + CACHE_TILE_BYTES + fp8_v_lane(lane);
+    const u32 k_lane = fp8_k_lane(smem_addr(ring_warp), lane);
+    const u32 v_lane = fp8_v_lane(smem_addr(ring_warp) + CACHE_TILE_BYTES, lane);
 #else
-    const u32 k_lane = lane_address_y<TILE_STRIDE>(smem_addr(ring_warp), 0, 0, lane);
-    const u32 v_lane = lane_address_x<TILE_STRIDE>(smem_addr(ring_warp) + TILE_BYTES, 0, 0, lane);
+    const u32 k_lane = ring_lane(smem_addr(ring_warp), lane % 8 + (lane / 16) * 8, lane / 8 % 2);
+    const u32 v_lane = ring_lane(smem_addr(ring_warp) + CACHE_TILE_BYTES, lane % 16, lane / 16);
 #endif
 
     for (int t = 0; t < steps; ++t) {

@@ -62,6 +62,45 @@ def fp8_o_column(dt: int, t: int, e: int) -> int:
     return 16 * (dt // 2) + 4 * t + 2 * (e & 1) + (dt & 1)
 
 
+def ring_swizzle(row: int, chunks: int) -> int:
+    """decode_common.h's ring_swizzle: the XOR on the 16-byte chunk index of ring row `row`, for
+    rows of `chunks` chunks."""
+    return (row & 7) if chunks >= 8 else (row & 7) // (8 // chunks)
+
+
+def ring_tile(codes: np.ndarray) -> np.ndarray:
+    """A ring tile as the copies write it (decode_common.h, ring_col): unpadded rows, 16-byte
+    chunk c of row r at chunk c ^ ring_swizzle(r)."""
+    keys, row_bytes = codes.shape
+    chunks = row_bytes // 16
+    smem = np.zeros(keys * row_bytes, np.uint8)
+    for r in range(keys):
+        for c in range(chunks):
+            at = r * row_bytes + 16 * (c ^ ring_swizzle(r, chunks))
+            smem[at:at + 16] = codes[r, 16 * c:16 * c + 16]
+    return smem
+
+
+def ring_addresses(row_bytes: int, lane_row, lane_chunk, rows: int, chunks: int) -> list[int]:
+    """flash_decode.cu's ring_lane and ring_at: each lane's swizzled chunk XOR the fragment's
+    (even) chunk offset, in the row `rows` (a multiple of 8) past the lane's own."""
+    n = row_bytes // 16
+    out = []
+    for i in range(WARP):
+        r, c = lane_row(i), lane_chunk(i)
+        assert rows % 8 == 0 and chunks % 2 == 0 and c in (0, 1)
+        out.append((r + rows) * row_bytes + ((16 * (c ^ ring_swizzle(r, n))) ^ (16 * chunks)))
+    return out
+
+
+def assert_conflict_free(addresses: list[int]) -> None:
+    """Each 8-lane group of an ldmatrix reads 8 rows of 16 bytes: conflict-free when they fall in
+    8 different 16-byte bank groups of the 128-byte bank line."""
+    for j in range(4):
+        groups = {(a // 16) % 8 for a in addresses[8 * j:8 * j + 8]}
+        assert len(groups) == 8, addresses[8 * j:8 * j + 8]
+
+
 def decode(codes: np.ndarray) -> np.ndarray:
     torch = pytest.importorskip("torch")
     return torch.from_numpy(codes.astype(np.uint8)).view(torch.float8_e4m3fn).double().numpy()
@@ -77,19 +116,18 @@ def halves(reg: int) -> tuple[np.ndarray, np.ndarray]:
 @pytest.mark.parametrize("head_dim", [32, 64, 128, 256])
 def test_q_kt_from_fp8_codes(head_dim):
     rng = np.random.default_rng(head_dim)
-    keys, stride = 16, head_dim + 16  # one n-pair of keys; ring rows padded by 16 bytes
+    keys = 16  # one n-pair of keys
     codes = rng.integers(0, 0x7F, (keys, head_dim)).astype(np.uint8)  # finite codes of both signs
     codes |= rng.integers(0, 2, codes.shape).astype(np.uint8) << 7
     codes[codes == 0xFF] = 0x80
-    smem = np.zeros(keys * stride, np.uint8)
-    for r in range(keys):
-        smem[r * stride:r * stride + head_dim] = codes[r]
+    smem = ring_tile(codes)
     q = rng.standard_normal((16, head_dim))
     sq = q[:, [fp8_q_column(c) for c in range(head_dim)]]  # the permuted Q tile
     s = np.zeros((16, keys))
     for kk in range(0, head_dim // 16, 2):  # one ldmatrix.x4: 2 n8 tiles x 2 k16 steps
         # lane i: matrix i / 8 = (n tile (i / 16), k step kk + (i / 8) % 2), row i % 8
-        addresses = [(i // 16 * 8 + i % 8) * stride + (kk + i // 8 % 2) * 16 for i in range(WARP)]
+        addresses = ring_addresses(head_dim, lambda i: i // 16 * 8 + i % 8, lambda i: i // 8 % 2, 0, kk)
+        assert_conflict_free(addresses)
         regs = ldmatrix(smem, addresses, trans=False)
         for step, (lo, hi) in ((kk, (0, 2)), (kk + 1, (1, 3))):
             a = sq[:, 16 * step:16 * step + 16]
@@ -102,16 +140,15 @@ def test_q_kt_from_fp8_codes(head_dim):
 @pytest.mark.parametrize("head_dim", [32, 64, 128, 256])
 def test_p_v_from_fp8_codes(head_dim):
     rng = np.random.default_rng(head_dim + 1)
-    keys, stride = 16, head_dim + 16
+    keys = 16
     codes = rng.integers(0, 0x7F, (keys, head_dim)).astype(np.uint8)
-    smem = np.zeros(keys * stride, np.uint8)
-    for r in range(keys):
-        smem[r * stride:r * stride + head_dim] = codes[r]
+    smem = ring_tile(codes)
     p = rng.random((16, keys))
     acc = np.zeros((head_dim // 8, 16, 8))  # logical n8 tiles
     for c in range(0, head_dim // 16, 2):  # one ldmatrix.x4.trans: 2 key halves x 2 d chunks
         # lane i: matrix i / 8 = (keys (i / 8) % 2 * 8.., chunk c + i / 16), row i % 8
-        addresses = [(i // 8 % 2 * 8 + i % 8) * stride + (c + i // 16) * 16 for i in range(WARP)]
+        addresses = ring_addresses(head_dim, lambda i: i // 8 % 2 * 8 + i % 8, lambda i: i // 16, 0, c)
+        assert_conflict_free(addresses)
         regs = ldmatrix(smem, addresses, trans=True)
         for chunk, (klo, khi) in ((c, (0, 1)), (c + 1, (2, 3))):
             for parity in (0, 1):  # byte_perm(x, 0, 0x3120): halves (b0, b2) and (b1, b3)
@@ -141,3 +178,21 @@ def test_the_column_maps_are_permutations():
         assert sorted(fp8_q_column(c) for c in range(head_dim)) == list(range(head_dim))
         cols = [fp8_o_column(dt, t, e) for dt in range(head_dim // 8) for t in range(4) for e in (0, 1)]
         assert sorted(cols) == list(range(head_dim))
+
+
+@pytest.mark.parametrize("row_bytes", [64, 128, 256, 512])
+def test_16_bit_ring_reads_are_conflict_free_and_in_bounds(row_bytes):
+    """The 16-bit products' ring addresses (flash_decode.cu, mma_q_k and mma_p_v) for 16-bit rows
+    of 32..256 elements: every fragment's 8-lane groups hit 8 bank groups, and each lane reads the
+    chunk the copy wrote its (row, chunk) to."""
+    chunks = row_bytes // 16
+    k_row, k_chunk = (lambda i: i % 8 + i // 16 * 8), (lambda i: i // 8 % 2)
+    v_row, v_chunk = (lambda i: i % 16), (lambda i: i // 16)
+    for lane_row, lane_chunk in ((k_row, k_chunk), (v_row, v_chunk)):
+        for rows in (0, 16):
+            for step in range(0, chunks, 2):
+                addresses = ring_addresses(row_bytes, lane_row, lane_chunk, rows, step)
+                assert_conflict_free(addresses)
+                for i, a in enumerate(addresses):
+                    r, c = lane_row(i) + rows, lane_chunk(i) + step
+                    assert a == r * row_bytes + 16 * (c ^ ring_swizzle(r, chunks))

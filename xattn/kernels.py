@@ -210,6 +210,8 @@ def _decode_defines(cfg, dtype: str, *, rows: int, vec: bool, softcap: bool, pag
                "ELEM_BF16": int(dtype == "bfloat16"), "BLOCK_M": rows,
                "WARP_N": cfg.block_n // cfg.warps, "STAGES": decode_stages(cfg, bool(kv_fp8)),
                "VEC_LOADS": int(vec), "SOFTCAP": int(softcap), "PAGE_SIZE": page_size}
+    if kv_fp8 and cfg.head_dim == 64 and cfg.arch < 90:
+        defines["RING_SWIZZLE"] = 0  # flash_decode.cu, ring_at: ptxas spills these swizzled
     return (defines | ({"KV_FP8": kv_fp8} if kv_fp8 else {})
             | ({"L2_PREFETCH": l2_prefetch} if l2_prefetch else {}))
 
@@ -221,9 +223,13 @@ def _decode_smem(elem_bytes: int):
     def smem(d: dict) -> int:
         hd, rows, warps, warp_n = d["HEAD_DIM"], d["BLOCK_M"], d["NUM_WARPS"], d["WARP_N"]
         fp8 = bool(d.get("KV_FP8"))
-        stride = hd + 16 // elem_bytes  # rows padded by 16 bytes
+        stride = hd + 16 // elem_bytes  # Q's rows padded by 16 bytes
         cache_bytes = 1 if fp8 else elem_bytes
-        rings = warps * d["STAGES"] * 2 * warp_n * (hd + 16 // cache_bytes) * cache_bytes
+        # ring rows: swizzled and unpadded in flash_decode.cu (RING_SWIZZLE, on unless set to 0),
+        # padded by 16 bytes otherwise (and in the float32 kernel)
+        swizzled = elem_bytes == 2 and d.get("RING_SWIZZLE", 1)
+        ring_row = hd * cache_bytes + (0 if swizzled else 16)
+        rings = warps * d["STAGES"] * 2 * warp_n * ring_row
         if fp8 and elem_bytes == 4:
             rings += warps * 2 * warp_n * stride * elem_bytes  # conversion tiles
         merge = (rows * (hd + 4) + 2 * warps * rows) * 4

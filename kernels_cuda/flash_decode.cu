@@ -134,46 +134,12 @@ __device__ __forceinline__ void mma_p_v8(float (&c)[MT][NT][4], const u32 (&a)[M
         }
 }
 #else
-// The 16-bit products: mma_tile.h's mma_a_bt and mma_areg_b with the ring tile's addresses.
-// C += Q K^T, Q (MT*16 x K_STEPS*16) at q_lane (LANE_ROWS_X), K's rows in the ring (k_lane: rows
-// lane % 8 + (lane / 16) * 8, chunk lane / 8 % 2, as LANE_ROWS_Y).
-template <int MT, int NT, int K_STEPS>
-__device__ __forceinline__ void mma_q_k(float (&c)[MT][NT][4], u32 q_lane, u32 k_lane) {
-#pragma unroll
-    for (int kk = 0; kk < K_STEPS; ++kk) {
-        u32 a[MT][4];
-#pragma unroll
-        for (int mt = 0; mt < MT; ++mt) ldmatrix_x4(a[mt], q_lane + tile_offset<TILE_STRIDE>(mt * 16, kk * 16));
-#pragma unroll
-        for (int np = 0; np < NT / 2; ++np) {
-            u32 b[4];  // keys 0-7 k 0-7 | keys 0-7 k 8-15 | keys 8-15 k 0-7 | keys 8-15 k 8-15
-            ldmatrix_x4(b, ring_at(k_lane, np * 16, 2 * kk));
-#pragma unroll
-            for (int mt = 0; mt < MT; ++mt) {
-                mma_16816(c[mt][2 * np], a[mt], b[0], b[1]);
-                mma_16816(c[mt][2 * np + 1], a[mt], b[2], b[3]);
-            }
-        }
-    }
-}
-
-// C += P V, P in registers (K_STEPS k16 fragments per m16 tile), V's rows in the ring (v_lane:
-// rows lane % 16, chunk lane / 16, as LANE_ROWS_X).
-template <int MT, int NT, int K_STEPS>
-__device__ __forceinline__ void mma_p_v(float (&c)[MT][NT][4], const u32 (&a)[MT][K_STEPS][4], u32 v_lane) {
-#pragma unroll
-    for (int kk = 0; kk < K_STEPS; ++kk)
-#pragma unroll
-        for (int np = 0; np < NT / 2; ++np) {
-            u32 b[4];  // transposed: keys 0-7 n 0-7 | keys 8-15 n 0-7 | keys 0-7 n 8-15 | keys 8-15 n 8-15
-            ldmatrix_x4_trans(b, ring_at(v_lane, kk * 16, 2 * np));
-#pragma unroll
-            for (int mt = 0; mt < MT; ++mt) {
-                mma_16816(c[mt][2 * np], a[mt][kk], b[0], b[1]);
-                mma_16816(c[mt][2 * np + 1], a[mt][kk], b[2], b[3]);
-            }
-        }
-}
+// The 16-bit products are mma_tile.h's, with the ring tile's addresses for K and V (at(row, col):
+// col in elements, a multiple of 16).
+struct RingTile {
+    u32 lane;  // ring_lane's address
+    __device__ __forceinline__ u32 operator()(int row, int col) const { return ring_at(lane, row, col * CACHE_BYTES / 16); }
+};
 #endif
 
 // ---- one warp's step on tensor cores ----------------------------------------------------------
@@ -194,7 +160,7 @@ __device__ __forceinline__ void warp_step(WarpState& st, u32 q_lane, u32 k_lane,
 #if KV_FP8
     mma_q_k8<M_TILES, WARP_N / 8, HEAD_DIM / 16>(acc_s, q_lane, k_lane);  // S = Q K8^T
 #else
-    mma_q_k<M_TILES, WARP_N / 8, HEAD_DIM / 16>(acc_s, q_lane, k_lane);  // S = Q K^T
+    mma_a_bt_at<M_TILES, WARP_N / 8, HEAD_DIM / 16, TILE_STRIDE>(acc_s, q_lane, RingTile{k_lane});  // S = Q K^T
 #endif
 
 #pragma unroll
@@ -267,7 +233,7 @@ __device__ __forceinline__ void warp_step(WarpState& st, u32 q_lane, u32 k_lane,
 #if KV_FP8
     mma_p_v8<M_TILES, D_TILES, WARP_N / 16>(st.acc_o, p_frag, v_lane);  // O += P V8
 #else
-    mma_p_v<M_TILES, D_TILES, WARP_N / 16>(st.acc_o, p_frag, v_lane);  // O += P V
+    mma_areg_b_at<M_TILES, D_TILES, WARP_N / 16>(st.acc_o, p_frag, RingTile{v_lane});  // O += P V
 #endif
 }
 

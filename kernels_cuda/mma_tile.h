@@ -172,10 +172,20 @@ __device__ __forceinline__ u32 lane_address_y(u32 tile, int row0, int col0, int 
     return tile + tile_offset<STRIDE>(row0 + lane % 8 + (lane / 16) * 8, col0 + (lane / 8 % 2) * 8);
 }
 
+// A B operand's fragment addresses: at(row, col) is the lane's ldmatrix address in the fragment
+// that starts `row` rows and `col` elements into the tile. Padded<STRIDE>: a tile of rows STRIDE
+// elements apart, a compile-time offset from the lane's first address. flash_decode.cu's
+// swizzled ring tiles bring their own.
+template <int STRIDE>
+struct Padded {
+    u32 lane;
+    __device__ __forceinline__ u32 operator()(int row, int col) const { return lane + tile_offset<STRIDE>(row, col); }
+};
+
 // C += A B^T, A (MT*16 x K_STEPS*16) and B^T (NT*8 x K_STEPS*16) both row-major in shared memory.
-// a_lane: LANE_ROWS_X address of A; bt_lane: LANE_ROWS_Y address of B^T.
-template <int MT, int NT, int K_STEPS, int A_STRIDE, int B_STRIDE>
-__device__ __forceinline__ void mma_a_bt(float (&c)[MT][NT][4], u32 a_lane, u32 bt_lane) {
+// a_lane: LANE_ROWS_X address of A; bt_at: LANE_ROWS_Y addresses of B^T.
+template <int MT, int NT, int K_STEPS, int A_STRIDE, class BAt>
+__device__ __forceinline__ void mma_a_bt_at(float (&c)[MT][NT][4], u32 a_lane, const BAt& bt_at) {
 #pragma unroll
     for (int kk = 0; kk < K_STEPS; ++kk) {
         u32 a[MT][4];
@@ -184,7 +194,7 @@ __device__ __forceinline__ void mma_a_bt(float (&c)[MT][NT][4], u32 a_lane, u32 
 #pragma unroll
         for (int np = 0; np < NT / 2; ++np) {
             u32 b[4];  // matrices: n 0-7 k 0-7 | n 0-7 k 8-15 | n 8-15 k 0-7 | n 8-15 k 8-15
-            ldmatrix_x4(b, bt_lane + tile_offset<B_STRIDE>(np * 16, kk * 16));
+            ldmatrix_x4(b, bt_at(np * 16, kk * 16));
 #pragma unroll
             for (int mt = 0; mt < MT; ++mt) {
                 mma_16816(c[mt][2 * np], a[mt], b[0], b[1]);
@@ -194,22 +204,34 @@ __device__ __forceinline__ void mma_a_bt(float (&c)[MT][NT][4], u32 a_lane, u32 
     }
 }
 
+// The same with B^T a padded tile: bt_lane, its LANE_ROWS_Y address.
+template <int MT, int NT, int K_STEPS, int A_STRIDE, int B_STRIDE>
+__device__ __forceinline__ void mma_a_bt(float (&c)[MT][NT][4], u32 a_lane, u32 bt_lane) {
+    mma_a_bt_at<MT, NT, K_STEPS, A_STRIDE>(c, a_lane, Padded<B_STRIDE>{bt_lane});
+}
+
 // C += A B, A in registers as K_STEPS k16 fragments per m16 tile, B (K_STEPS*16 x NT*8)
-// row-major in shared memory; b_lane: LANE_ROWS_X address of B.
-template <int MT, int NT, int K_STEPS, int B_STRIDE>
-__device__ __forceinline__ void mma_areg_b(float (&c)[MT][NT][4], const u32 (&a)[MT][K_STEPS][4], u32 b_lane) {
+// row-major in shared memory; b_at: LANE_ROWS_X addresses of B.
+template <int MT, int NT, int K_STEPS, class BAt>
+__device__ __forceinline__ void mma_areg_b_at(float (&c)[MT][NT][4], const u32 (&a)[MT][K_STEPS][4], const BAt& b_at) {
 #pragma unroll
     for (int kk = 0; kk < K_STEPS; ++kk)
 #pragma unroll
         for (int np = 0; np < NT / 2; ++np) {
             u32 b[4];  // transposed matrices: k 0-7 n 0-7 | k 8-15 n 0-7 | k 0-7 n 8-15 | k 8-15 n 8-15
-            ldmatrix_x4_trans(b, b_lane + tile_offset<B_STRIDE>(kk * 16, np * 16));
+            ldmatrix_x4_trans(b, b_at(kk * 16, np * 16));
 #pragma unroll
             for (int mt = 0; mt < MT; ++mt) {
                 mma_16816(c[mt][2 * np], a[mt][kk], b[0], b[1]);
                 mma_16816(c[mt][2 * np + 1], a[mt][kk], b[2], b[3]);
             }
         }
+}
+
+// The same with B a padded tile: b_lane, its LANE_ROWS_X address.
+template <int MT, int NT, int K_STEPS, int B_STRIDE>
+__device__ __forceinline__ void mma_areg_b(float (&c)[MT][NT][4], const u32 (&a)[MT][K_STEPS][4], u32 b_lane) {
+    mma_areg_b_at<MT, NT, K_STEPS>(c, a, Padded<B_STRIDE>{b_lane});
 }
 
 // C += A B, A given by the rows of A^T (K_STEPS*16 x MT*16) and B (K_STEPS*16 x NT*8), both

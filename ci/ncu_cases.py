@@ -7,6 +7,8 @@ Cases (bf16; B*S = 16384 and H*D = 2048 as `bench` uses, decode as `bench --deco
   fwd128   forward D128 S2048, not causal    (0.84x cuDNN, issue 13)
   fwd64    forward D64 S4096, not causal     (0.86-0.91x)
   bwd128   backward D128 S4096, not causal   (0.92x, issue 14)
+  bwd256   backward D256 S4096, not causal, against FlashAttention-2 (the mma.sync kernels:
+           0.64-0.78x FA2, issue 14)
   decode   decode B8 Hq32 Hk8 D128 Sk32768, contiguous bf16 cache (0.90x, issue 17)
 Each is warmed up (compiles, plans, cuDNN's heuristics) outside the range; the order of the
 profiled launches is printed so that ncu's report can be read against it.
@@ -40,7 +42,7 @@ def case_forward(d, s):
             "cudnn": cudnn(lambda: F.scaled_dot_product_attention(q, k, v))}
 
 
-def case_backward(d, s):
+def case_backward(d, s, peer="cudnn"):
     """The backward runs on autograd's device thread, outside the caller's NVTX range: a hook on
     the output (before the attention's backward node) opens a range there, one on q (after it)
     closes it, so the range holds that node's kernels and nothing else."""
@@ -63,8 +65,9 @@ def case_backward(d, s):
 
     q.register_hook(pop)
     outs = {"xattn": attention(xattn.attention)}
-    with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
-        outs["cudnn"] = attention(F.scaled_dot_product_attention)
+    backend = SDPBackend.CUDNN_ATTENTION if peer == "cudnn" else SDPBackend.FLASH_ATTENTION
+    with sdpa_kernel(backend):
+        outs[peer] = attention(F.scaled_dot_product_attention)
 
     def grads(name):
         def run(profile=False):
@@ -87,7 +90,8 @@ def case_decode(batch=8, heads_q=32, heads_k=8, seqlen=32768, d=128):
 
 
 CASES = {"fwd128": lambda: case_forward(128, 2048), "fwd64": lambda: case_forward(64, 4096),
-         "bwd128": lambda: case_backward(128, 4096), "decode": case_decode}
+         "bwd128": lambda: case_backward(128, 4096), "decode": case_decode,
+         "bwd256": lambda: case_backward(256, 4096, peer="flash")}
 
 
 def main(names):

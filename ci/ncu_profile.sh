@@ -22,12 +22,14 @@ ncu --import "$dir/report.ncu-rep" --page details > "$dir/details.txt" 2>&1
 ncu --import "$dir/report.ncu-rep" --page source --csv --print-source sass > "$dir/sass.csv" 2>&1
 # The figures to read first, one block per kernel.
 grep -E "^  [^ ]|Duration|Compute \(SM\) Throughput|Memory Throughput|DRAM Throughput|L2 Cache Throughput|Registers Per|Issue Slots Busy|No Eligible|Warp Cycles Per Issued|Achieved Occupancy|Shared Memory Configuration Size|Bank Conflicts" "$dir/details.txt" | grep -v "^    ---" | head -300
-# The decode's L2 traffic against its DRAM traffic (ncu showed 1.5x the ideal L2 sectors and a
-# 34% L2 hit rate on a stream that is read once).
-if [ -z "$*" ] || [[ " $* " == *" decode "* ]]; then
-    metrics=dram__sectors_read.sum,lts__t_sectors_srcunit_tex_op_read.sum,lts__t_sectors_srcunit_tex_op_read_lookup_hit.sum,lts__t_requests_srcunit_tex_op_read.sum,l1tex__t_requests_pipe_lsu_mem_global_op_ldgsts.sum,l1tex__t_sectors_pipe_lsu_mem_global_op_ldgsts.sum
+# L2 traffic against DRAM traffic, for the cases in NCU_L2_CASES (default: decode): copies into
+# shared memory that land off its 128-byte lines split into extra L2 requests and sectors (the
+# decode's padded ring rows did: 2.6x the requests, a 34% L2 hit rate on data read once).
+for case in ${NCU_L2_CASES:-decode}; do
+    if [ -n "$*" ] && [[ " $* " != *" $case "* ]]; then continue; fi
+    metrics=dram__sectors_read.sum,lts__t_sectors_srcunit_tex_op_read.sum,lts__t_sectors_srcunit_tex_op_read_lookup_hit.sum,lts__t_requests_srcunit_tex_op_read.sum
     timeout 120 ncu --clock-control none --nvtx --nvtx-include "profile/" --metrics "$metrics" \
-        python ci/ncu_cases.py decode > "$dir/decode_metrics.txt" 2>&1
-    grep -E "^  [^ ]|__" "$dir/decode_metrics.txt" | cut -c1-160
-fi
+        python ci/ncu_cases.py "$case" > "$dir/${case}_l2.txt" 2>&1
+    grep -E "^  [^ ]|__" "$dir/${case}_l2.txt" | cut -c1-160
+done
 tar -czf "$OUT/ncu.tar.gz" -C "$OUT" ncu && rm -rf "$dir"

@@ -168,9 +168,13 @@ __device__ __forceinline__ void pack_t(u32 (&frag)[K_TILES][BLOCK_M / 16][4],
 }
 
 // dq_accum[rows, cols] += dS K for this warp's tile of the step's queries (float32 atomics).
+// The adds are predicated on the row and column being inside the sequence and the head dim: at
+// D256 a branch around each pair (BSSY/BSYNC, its own address arithmetic) was part of the fifth
+// of the main loop's instructions that is integer and branch work (ncu, ci/results/2026-11-30-session5/).
 __device__ __forceinline__ void accumulate_dq(float* dq_accum, u32 ds_lane, u32 k_lane, int m_start,
                                               int row0, int col0, int seqlen_q, int head_dim,
                                               int lane) {
+    const int row_base = m_start + row0 + lane / 4, col_base = col0 + (lane % 4) * 2;
 #pragma unroll
     for (int pass_col = 0; pass_col < DQ_COLS; pass_col += DQ_PASS_COLS) {
         float acc_dq[DQ_ROWS / 16][DQ_PASS_COLS / 8][4];
@@ -185,15 +189,15 @@ __device__ __forceinline__ void accumulate_dq(float* dq_accum, u32 ds_lane, u32 
             for (int nt = 0; nt < DQ_PASS_COLS / 8; ++nt)
 #pragma unroll
                 for (int h = 0; h < 2; ++h) {
-                    int row = m_start + row0 + mt * 16 + lane / 4 + h * 8;
-                    int col = col0 + pass_col + nt * 8 + (lane % 4) * 2;
-                    if (row >= seqlen_q || col >= head_dim) continue;
-                    float* p = dq_accum + (i64)row * head_dim + col;
+                    const int rows = mt * 16 + h * 8, cols = pass_col + nt * 8;
+                    const bool inside = row_base + rows < seqlen_q && col_base + cols < head_dim;
+                    float* p = dq_accum + (i64)(row_base + rows) * head_dim + col_base + cols;
 #if VEC_LOADS
-                    atomic_add_pair(p, acc_dq[mt][nt][2 * h], acc_dq[mt][nt][2 * h + 1]);
+                    atomic_add_pair_if(inside, p, acc_dq[mt][nt][2 * h], acc_dq[mt][nt][2 * h + 1]);
 #else
+                    if (!inside) continue;
                     atomicAdd(p, acc_dq[mt][nt][2 * h]);
-                    if (col + 1 < head_dim) atomicAdd(p + 1, acc_dq[mt][nt][2 * h + 1]);
+                    if (col_base + cols + 1 < head_dim) atomicAdd(p + 1, acc_dq[mt][nt][2 * h + 1]);
 #endif
                 }
     }

@@ -88,6 +88,17 @@ __device__ __forceinline__ void atomic_add_pair(float* p, float a, float b) {
 #endif
 }
 
+// The same where `add` holds: on sm_90 one predicated instruction rather than a branch around it
+// (a BSSY/BSYNC pair each).
+__device__ __forceinline__ void atomic_add_pair_if(bool add, float* p, float a, float b) {
+#if __CUDA_ARCH__ >= 900
+    asm volatile("{\n .reg .pred q;\n setp.ne.b32 q, %3, 0;\n @q red.global.add.v2.f32 [%0], {%1, %2};\n}"
+                 ::"l"(p), "f"(a), "f"(b), "r"((int)add) : "memory");
+#else  // two 4-byte adds: predicating them spilled the D128 causal backward on sm_80
+    if (add) atomic_add_pair(p, a, b);
+#endif
+}
+
 // ---- shared memory and async copies --------------------------------------------------------
 __device__ __forceinline__ u32 smem_addr(const void* p) {
     return (u32)__cvta_generic_to_shared(p);

@@ -112,7 +112,7 @@ typedef elem_t cache_t;
 // line of shared memory: Nsight Compute showed the copy engine splitting those copies into 2.6x
 // the L2 requests and 1.5x the sectors of aligned rows (a third of them L2 hits on data read
 // once), and the decode stopping at 82% of DRAM bandwidth where cuDNN's aligned copies reach 94%
-// (ci/results/2026-11-30-decode-swizzle/).
+// (ci/results/2026-11-30-session5/).
 #ifndef RING_SWIZZLE
 #define RING_SWIZZLE 0
 #endif

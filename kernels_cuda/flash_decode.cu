@@ -50,10 +50,10 @@ __device__ __forceinline__ u32 ring_lane(u32 tile, int row, int chunk) {
 }
 
 // The lane's address in the fragment `rows` rows (a multiple of 8) and `chunks` 16-byte chunks
-// (even) past its own.
-// Each distinct XOR holds a register across the loop over keys (a padded tile's offsets fold
-// into the immediate): with the swizzle, the D64 FP8 variants of sm_80-sm_89 (64 query rows,
-// already at 255 registers) spill, so xattn/kernels.py compiles those unswizzled.
+// (even) past its own. Each distinct XOR costs a register across the loop over keys, where a
+// padded tile's offsets all fold into the immediate: the D64 FP8 variants of sm_80-sm_89 (64
+// query rows, already at 255 registers) spill with it, so xattn/kernels.py compiles those
+// unswizzled (RING_SWIZZLE = 0: padded rows, plain offsets).
 __device__ __forceinline__ u32 ring_at(u32 lane_address, int rows, int chunks) {
     const u32 bytes = (u32)(16 * chunks);
 #if RING_SWIZZLE

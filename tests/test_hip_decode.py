@@ -31,7 +31,7 @@ import numpy as np
 import pytest
 
 from test_hip_sources import HIP_ON_CUDA, HIP_ON_CUDA_OPTIONS, nvrtc_compile
-from xattn import configs, hip, jit, kernels, kvcache
+from xattn import configs, hip, jit, kernels, kvcache, launch
 
 WAVE32_TARGET = "gfx1030"  # whose decode rows (wave32) run on NVIDIA
 DECODE_ENTRIES = (configs.HIP_DECODE_KERNEL, "flash_decode_merge_portable", "kvcache_append_portable")
@@ -126,7 +126,7 @@ def test_hip_decode_launcher_hands_each_kernel_its_parameter_block(target, dtype
     merge and append the portable row's of the same head dim; the defines carry the band and the
     softcap, the grid covers row tiles x splits, and the merge runs only with several splits."""
     torch = pytest.importorskip("torch")
-    monkeypatch.setattr(hip, "_cu_count", lambda device: 8)
+    monkeypatch.setattr(launch, "multiprocessors", lambda device: 8)
     monkeypatch.setattr(kvcache, "_FORCED_SPLITS", case["splits"])
     kvcache.num_splits.cache_clear()
     q, kc, vc, kn, vn, out, lse, seqlens, call = _decode_call(torch, case | {"dtype": dtype})
@@ -239,7 +239,7 @@ def test_hip_decode_launcher_hands_paged_caches_to_the_portable_decode(target, d
     block holds the table's pointer and row stride, the page size, the page count, the page
     strides as the caches' batch strides, and Smax = max_pages * page_size."""
     torch = pytest.importorskip("torch")
-    monkeypatch.setattr(hip, "_cu_count", lambda device: 8)
+    monkeypatch.setattr(launch, "multiprocessors", lambda device: 8)
     monkeypatch.setattr(kvcache, "_FORCED_SPLITS", splits)
     kvcache.num_splits.cache_clear()
     b, hq, hk, sq, d, snew, num_pages, max_pages = 2, 4, 2, 2, 64, 3, 7, 3
@@ -284,7 +284,7 @@ def test_hip_decode_launcher_hands_fp8_caches_and_sinks_to_the_portable_decode(
     strides (0 per tensor, the per-head tensor's stride per head: a strided view here), the
     caches' strides in 1-byte elements, and the sinks' pointer."""
     torch = pytest.importorskip("torch")
-    monkeypatch.setattr(hip, "_cu_count", lambda device: 8)
+    monkeypatch.setattr(launch, "multiprocessors", lambda device: 8)
     monkeypatch.setattr(kvcache, "_FORCED_SPLITS", splits)
     kvcache.num_splits.cache_clear()
     b, hq, hk, sq, d, snew, smax = 2, 4, 2, 1, 64, 2, 200
@@ -320,7 +320,7 @@ def test_hip_decode_plans_once_per_signature(target, monkeypatch, stand_in_launc
     other arrays of the same signature and another uniform length compiles nothing and launches
     the same kernels with its own pointers and length. Another signature plans again."""
     torch = pytest.importorskip("torch")
-    monkeypatch.setattr(hip, "_cu_count", lambda device: 8)
+    monkeypatch.setattr(launch, "multiprocessors", lambda device: 8)
     monkeypatch.setattr(kvcache, "_FORCED_SPLITS", 3)
     kvcache.num_splits.cache_clear()
     case = dict(window=(-1, 0), softcap=0.0, new=2, lengths="uniform")

@@ -355,18 +355,6 @@ def decode(q, k_cache, v_cache, k_new, v_new, out, lse, cache_seqlens, call, wor
                   cache_seqlens, call, workspace, stream, block_table, sinks, scales)
 
 
-_cu_counts: dict[int, int] = {}
-
-
-def _cu_count(device_id: int) -> int:
-    count = _cu_counts.get(device_id)
-    if count is None:
-        import cupy
-
-        count = _cu_counts[device_id] = int(cupy.cuda.Device(device_id).attributes["MultiProcessorCount"])
-    return count
-
-
 def launch_decode(compile, target: str, q, k_cache, v_cache, k_new, v_new, out, lse, cache_seqlens,
                   call, workspace, stream: int, block_table=None, sinks=None,
                   scales=(None, None)) -> None:
@@ -464,7 +452,7 @@ def _plan_decode(compile, target, tensors, S, seqlen_new, call, vec, paged=None,
     band = seqlen_max  # the keys one sequence's queries can see span at most left + right + Sq
     if left >= 0:
         band = min(band, left + seqlen_q + max(right, 0))
-    splits = kvcache.num_splits(m_blocks * heads_k * batch, _cu_count(device),
+    splits = kvcache.num_splits(m_blocks * heads_k * batch, launch_layer.multiprocessors(device),
                                 max(1, -(-band // cfg.block_n)), 1)
     if m_blocks * splits >= 2**31:
         raise ValueError(f"q: too many query rows per kv head ({rows})")

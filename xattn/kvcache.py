@@ -485,9 +485,8 @@ def _device(device_id: int) -> tuple[int, int]:
     if found is None:
         import cupy
 
-        device = cupy.cuda.Device(device_id)
-        found = _device_attributes[device_id] = (int(device.compute_capability),
-                                                 int(device.attributes["MultiProcessorCount"]))
+        found = _device_attributes[device_id] = (int(cupy.cuda.Device(device_id).compute_capability),
+                                                 launch.multiprocessors(device_id))
     return found
 
 

@@ -42,6 +42,19 @@ def describe(x) -> Array:
     return Array(x.data.ptr, x.shape, tuple(s // size for s in x.strides), x.dtype.name, x.device.id)
 
 
+_multiprocessors: dict[int, int] = {}
+
+
+def multiprocessors(device: int) -> int:
+    """The device's SMs (CUDA) or CUs (ROCm), read once: split counts and persistent grids."""
+    count = _multiprocessors.get(device)
+    if count is None:
+        import cupy
+
+        count = _multiprocessors[device] = int(cupy.cuda.Device(device).attributes["MultiProcessorCount"])
+    return count
+
+
 _smem_configured: set = set()
 _smem_lock = threading.Lock()
 

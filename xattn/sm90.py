@@ -164,7 +164,7 @@ def plan(Q, K, V, O, L, *, causal, scale, window, softcap, slopes, batch=None, m
         # ci/results/2026-11-30-sm90-persist/): one CTA per query block instead.
         defines = kernel.defines(row, Q.dtype, flags=flags | {"PERSISTENT": 0})
     sizes = kernels.Sizes(seqlen_q=seqlen_q, seqlen_k=seqlen_k, heads_q=heads_q, heads_k=heads_k,
-                          batch=batch, resident=min(_sm_count(Q.device), ctas or 2**31))
+                          batch=batch, resident=min(launch.multiprocessors(Q.device), ctas or 2**31))
     if defines.get("PERSISTENT"):  # the CTAs walk the batch themselves: none in gridDim.z
         block["batch"] = batch
         batch = 1
@@ -172,19 +172,8 @@ def plan(Q, K, V, O, L, *, causal, scale, window, softcap, slopes, batch=None, m
 
 
 # A persistent grid counts its work units in 32-bit ints, stepping by the grid's size past the last.
+# It has one CTA per SM (resident): a CTA takes most of an SM's shared memory.
 MAX_PERSISTENT_BLOCKS = 2**31 - 2**20
-
-_sm_counts: dict = {}
-
-
-def _sm_count(device: int) -> int:
-    """A persistent grid's CTAs: the device's SMs (a CTA takes most of an SM's shared memory)."""
-    count = _sm_counts.get(device)
-    if count is None:
-        import cupy
-
-        count = _sm_counts[device] = int(cupy.cuda.Device(device).attributes["MultiProcessorCount"])
-    return count
 
 
 # ---- the backward ---------------------------------------------------------------------------------

@@ -169,6 +169,19 @@ def hopper():
         pytest.skip(reason)
 
 
+def assert_matches_oracle(got, got_lse, want, want_lse, dtype, label=""):
+    """A forward's out and lse (float64, poisoned with NaN before the launch) against the float64
+    oracle's: every element written, out within the suite's tolerance, lse infinite exactly where
+    the oracle's is and close elsewhere."""
+    assert not np.isnan(got).any() and not np.isnan(got_lse).any(), f"{label}an output element was not written"
+    error = np.linalg.norm(got - want) / max(np.linalg.norm(want), 1e-30)
+    assert error <= TOLERANCE[dtype], (label, error)
+    assert np.array_equal(np.isfinite(got_lse), np.isfinite(want_lse)), label
+    finite = np.isfinite(want_lse)
+    np.testing.assert_allclose(got_lse[finite], want_lse[finite], rtol=LSE_TOLERANCE[dtype],
+                               atol=LSE_TOLERANCE[dtype], err_msg=label)
+
+
 def _variant_options(causal, window, modifier, q_heads, rng) -> dict:
     """attention()'s window/softcap/alibi_slopes keywords of a drawn variant (slopes in NumPy)."""
     options = {}
@@ -216,13 +229,7 @@ def test_forward_matches_exact_attention(hopper, batch, kv_heads, group, sq, sk,
                  **options)
     torch.cuda.synchronize()
     ref_out, ref_lse = xattn.exact_attention(q, k, v, causal=causal, scale=scale, **options)
-    got, got_lse = to_float64(out), to_float64(lse)
-    assert not np.isnan(got).any() and not np.isnan(got_lse).any(), "an output element was not written"
-    error = np.linalg.norm(got - ref_out) / max(np.linalg.norm(ref_out), 1e-30)
-    assert error <= TOLERANCE[dtype], error
-    assert np.array_equal(np.isfinite(got_lse), np.isfinite(ref_lse))
-    finite = np.isfinite(ref_lse)
-    np.testing.assert_allclose(got_lse[finite], ref_lse[finite], rtol=LSE_TOLERANCE[dtype], atol=LSE_TOLERANCE[dtype])
+    assert_matches_oracle(to_float64(out), to_float64(lse), ref_out, ref_lse, dtype)
 
 
 @pytest.mark.gpu
@@ -274,13 +281,8 @@ def test_packed_batches_and_sinks_match_each_sequence_alone(hopper, lengths, kv_
             scale=scale, sinks=None if sink_values is None else sink_values.astype(np.float64),
             **options)
         part, part_lse = got[:, rows], got_lse[:, rows]
-        assert np.isfinite(part).all() and not np.isnan(part_lse).any(), f"sequence {b}: not finite"
-        error = np.linalg.norm(part - want[0]) / max(np.linalg.norm(want[0]), 1e-30)
-        assert error <= TOLERANCE[dtype], (b, error)
-        assert np.array_equal(np.isfinite(part_lse), np.isfinite(want_lse[0])), b
-        finite = np.isfinite(want_lse[0])
-        np.testing.assert_allclose(part_lse[finite], want_lse[0][finite], rtol=LSE_TOLERANCE[dtype],
-                                   atol=LSE_TOLERANCE[dtype])
+        assert np.isfinite(part).all(), f"sequence {b}: not finite"
+        assert_matches_oracle(part, part_lse, want[0], want_lse[0], dtype, label=f"sequence {b}: ")
 
 
 @pytest.mark.gpu
@@ -318,13 +320,7 @@ def test_persistent_grid_walks_every_block_once(hopper, ctas, batch, kv_heads, g
     want, want_lse = reference.exact_attention_bhsd(
         *seen, causal=causal, scale=scale, alibi_slopes=slopes,
         sinks=None if sink_values is None else sink_values.astype(np.float64), **options)
-    got, got_lse = to_float64(out), to_float64(lse)
-    assert not np.isnan(got).any() and not np.isnan(got_lse).any(), "an output element was not written"
-    error = np.linalg.norm(got - want) / max(np.linalg.norm(want), 1e-30)
-    assert error <= TOLERANCE[dtype], error
-    assert np.array_equal(np.isfinite(got_lse), np.isfinite(want_lse))
-    finite = np.isfinite(want_lse)
-    np.testing.assert_allclose(got_lse[finite], want_lse[finite], rtol=LSE_TOLERANCE[dtype], atol=LSE_TOLERANCE[dtype])
+    assert_matches_oracle(to_float64(out), to_float64(lse), want, want_lse, dtype)
 
 
 @pytest.mark.gpu

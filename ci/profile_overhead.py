@@ -9,6 +9,11 @@ floors that are not xattn's: SDPA flash's forward and forward+backward, and an a
 that does nothing but allocate its outputs (what any Python-level autograd node costs here).
 --cprofile: cProfile's top functions for a decode step, the small forward, its forward+backward
 and a packed batch, after 20 warm-up calls.
+--generate: one decoding step of a Hugging Face dynamic cache as the transformers integration
+makes it (xattn.attention on (B, 1, H, D) queries against (B, Hk, Sk, D) caches, Sk one longer
+at every call), beside the same calls at a fixed Sk and SDPA's; then cProfile of the growing one.
+Then `bench --model`'s dynamic-cache generate() (1b model, left-padded prompts, and the same
+prompts unpadded) with "xattn" and "sdpa", and cProfile of xattn's padded one.
 """
 
 import argparse
@@ -173,11 +178,98 @@ def cprofile():
         print(text.getvalue())
 
 
+def generate(layers=16, steps=48, rounds=3):
+    """Per-call host time of the dynamic-cache decode of a 16-layer model: in each step every
+    layer sees caches of one length, one key longer than the step before (new tensors, as
+    DynamicCache's torch.cat makes them), so a step's first call meets a new shape."""
+    batch, heads, heads_k, head_dim, start = 1, 16, 4, 128, 64
+    q = torch.randn(batch, 1, heads, head_dim, device="cuda", dtype=torch.bfloat16)
+    lengths = start + (rounds + 1) * steps
+    caches = [[torch.randn(batch, heads_k, n, head_dim, device="cuda", dtype=torch.bfloat16)
+               for n in range(lengths)] for _ in range(2)]
+
+    def xattn_step(n):
+        k, v = caches[0][n], caches[1][n]
+        return xattn.attention(q, k.transpose(1, 2), v.transpose(1, 2), layout="bshd", causal=True)
+
+    def sdpa_step(n):
+        k, v = caches[0][n], caches[1][n]
+        return F.scaled_dot_product_attention(q.transpose(1, 2), k, v, enable_gqa=True)
+
+    def timed(step, fixed):
+        for n in range(start - 8, start):  # warm-up: compiles, first-call costs
+            step(n)
+        torch.cuda.synchronize()
+        best = float("inf")
+        for r in range(rounds):
+            began = time.perf_counter()
+            for t in range(steps):
+                for _ in range(layers):
+                    step(start - 1 if fixed else start + r * steps + t)
+            best = min(best, time.perf_counter() - began)
+            torch.cuda.synchronize()
+        return best * 1e6 / (steps * layers)
+
+    with torch.no_grad():
+        for name, step in (("xattn", xattn_step), ("sdpa", sdpa_step)):
+            print(f"{timed(step, False):8.1f} us  {name}, Sk growing (a step's first call: a new shape)")
+            print(f"{timed(step, True):8.1f} us  {name}, Sk fixed")
+        profile = cProfile.Profile()
+        first = start + rounds * steps
+        profile.enable()
+        for t in range(steps):
+            for _ in range(layers):
+                xattn_step(first + t)
+        profile.disable()
+        torch.cuda.synchronize()
+    text = io.StringIO()
+    pstats.Stats(profile, stream=text).sort_stats("tottime").print_stats(25)
+    print(text.getvalue())
+    generate_model()
+
+
+def generate_model():
+    from xattn import bench_model
+    import xattn.integrations.transformers as xattn_hf
+
+    xattn_hf.register()
+    size = bench_model.SIZES["1b"]
+    model = bench_model.build(size, torch.device("cuda"))
+    ids, mask = bench_model.prompts(size, torch.device("cuda"))
+    options = dict(do_sample=False, max_new_tokens=size.new_tokens, min_new_tokens=size.new_tokens,
+                   pad_token_id=bench_model.PAD)
+    tokens = ids.shape[0] * size.new_tokens
+    runs = {"padded": dict(input_ids=ids, attention_mask=mask),
+            "unpadded": dict(input_ids=ids, attention_mask=torch.ones_like(mask))}
+    with torch.no_grad():
+        for implementation in ("xattn", "sdpa"):
+            model.set_attn_implementation(implementation)
+            for name, inputs in runs.items():
+                model.generate(**inputs, **options)
+                torch.cuda.synchronize()
+                began = time.perf_counter()
+                model.generate(**inputs, **options)
+                torch.cuda.synchronize()
+                print(f"{tokens / (time.perf_counter() - began):8.1f} tok/s  generate, "
+                      f"{implementation}, {name}")
+        model.set_attn_implementation("xattn")
+        profile = cProfile.Profile()
+        profile.enable()
+        model.generate(**runs["padded"], **options)
+        profile.disable()
+        torch.cuda.synchronize()
+    for order in ("tottime", "cumulative"):
+        text = io.StringIO()
+        pstats.Stats(profile, stream=text).sort_stats(order).print_stats(30)
+        print(text.getvalue())
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--cprofile", action="store_true")
+    parser.add_argument("--generate", action="store_true")
     args = parser.parse_args()
-    cprofile() if args.cprofile else stages()
+    generate() if args.generate else cprofile() if args.cprofile else stages()
 
 
 if __name__ == "__main__":

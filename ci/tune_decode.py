@@ -6,22 +6,87 @@ bench's FP8 copy of the cache (e4m3fn, per-kv-head scales; TB/s of the bytes rea
 device-to-device copy bandwidth (read + write bytes of a 4 GiB copy), the yardstick of the
 decode's read bandwidth.
 
+--variants replaces fields of the decode's table row for the bench's head dim (each a
+comma-separated list of field=value, "base" for the row as it is), --evict-first adds each
+variant with the copies' L2 evict-first policy, and --rounds N measures SDPA's cuDNN decode and
+every variant N times in turn (ratios to cuDNN's median: the GPU's clock and power state drift
+between calls, so side by side, alternated, is the only fair comparison).
+
     PYTHONPATH=. python ci/tune_decode.py [--splits 0 1 2 4 8] [--prefetch 0 128 256]
                                           [--paged 0 16] [--seqlens 4096 32768] [--heads-k 8 32]
-                                          [--fp8]
+                                          [--fp8] [--variants base stages=2 ...] [--evict-first]
+                                          [--rounds 3]
 """
 
 from __future__ import annotations
 
 import argparse
 import itertools
+import statistics
 import time
 
 import torch
 
 import xattn
-from xattn import kvcache
-from xattn.bench import _decode_caches, _timer
+from xattn import configs, kvcache
+from xattn.bench import _decode_caches, _sdpa_decode, _timer
+
+
+def _variant_rows(specs, head_dim):
+    """(name, table row) of each --variants spec applied to the sm_90 decode row at head_dim."""
+    arch = int(torch.cuda.get_device_capability()[0] * 10 + torch.cuda.get_device_capability()[1])
+    base = configs.select("flash_decode", arch, head_dim, False)
+    out = []
+    for spec in specs:
+        fields = {} if spec == "base" else {k: int(v) for k, v in
+                                            (item.split("=") for item in spec.split(","))}
+        out.append((spec, base, base._replace(**fields)))
+    return out
+
+
+def _use_row(base, row, evict_first):
+    configs.TABLE[configs.TABLE.index(base)] = row
+    kvcache.L2_EVICT_FIRST = evict_first
+    kvcache.num_splits.cache_clear()
+    kvcache._plans.clear()
+
+
+def main_variants(args, timer) -> None:
+    """Each variant of the decode row beside SDPA's cuDNN, alternated over args.rounds rounds."""
+    batch, heads_q, head_dim = 8, 32, 128
+    rows = _variant_rows(args.variants, head_dim)
+    forms = [(name, base, row, ef) for name, base, row in rows
+             for ef in ([False, True] if args.evict_first else [False])]
+    print("Hk      Sk  variant                               splits  GPU us (median of rounds)  "
+          "TB/s  cuDNN/this")
+    for heads_k in args.heads_k:
+        for seqlen in args.seqlens:
+            q = torch.randn(batch, heads_q, 1, head_dim, device="cuda", dtype=torch.bfloat16)
+            k, v = (torch.randn(batch, heads_k, seqlen, head_dim, device="cuda", dtype=torch.bfloat16)
+                    for _ in range(2))
+            lengths = torch.full((batch,), seqlen, dtype=torch.int32, device="cuda")
+            kv_bytes = 2 * k.numel() * k.element_size()
+            cudnn = _sdpa_decode("cudnn", gqa=heads_k != heads_q)
+            times = {"cuDNN": []} | {f"{name}{' evict_first' if ef else ''}": [] for name, _, _, ef in forms}
+            splits = {}
+            for _ in range(args.rounds):
+                times["cuDNN"].append(timer(lambda: cudnn(q, k, v)))
+                for name, base, row, ef in forms:
+                    _use_row(base, row, ef)
+                    label = f"{name}{' evict_first' if ef else ''}"
+                    times[label].append(timer(lambda: xattn.attention_with_kvcache(
+                        q, k, v, cache_seqlens=lengths, causal=False)))
+                    splits[label] = kvcache._plan("bfloat16", 0, batch, heads_q, heads_k, 1, seqlen,
+                                                  head_dim, (-1, -1))[3]
+                    _use_row(row, base, False)
+            peer = statistics.median(times["cuDNN"])
+            for label, ts in times.items():
+                ms = statistics.median(ts)
+                print(f"{heads_k:2} {seqlen:7}  {label:36} {splits.get(label, '-'):>6}  {ms * 1e3:9.1f} "
+                      f"({' '.join(f'{t * 1e3:.0f}' for t in ts)})  {kv_bytes / ms / 1e9:5.2f}  "
+                      f"{peer / ms:5.3f}", flush=True)
+            q = k = v = None
+            torch.cuda.empty_cache()
 
 
 def main() -> None:
@@ -32,8 +97,14 @@ def main() -> None:
     parser.add_argument("--heads-k", type=int, nargs="+", default=[8, 32])
     parser.add_argument("--paged", type=int, nargs="+", default=[0])
     parser.add_argument("--fp8", action="store_true")
+    parser.add_argument("--variants", nargs="+", default=None)
+    parser.add_argument("--evict-first", action="store_true")
+    parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args()
     timer = _timer()
+    if args.variants:
+        main_variants(args, timer)
+        return
     batch, heads_q, head_dim = 8, 32, 128
     src = torch.empty(2**31, dtype=torch.bfloat16, device="cuda")
     dst = torch.empty_like(src)

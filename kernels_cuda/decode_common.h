@@ -83,6 +83,9 @@
 #ifndef L2_PREFETCH
 #define L2_PREFETCH 0
 #endif
+#ifndef L2_EVICT_FIRST  // 1: the cache copies carry an L2 evict-first policy (read once)
+#define L2_EVICT_FIRST 0
+#endif
 #ifndef KV_FP8
 #define KV_FP8 0
 #endif
@@ -279,7 +282,7 @@ __device__ __forceinline__ const elem_t* fresh_row(const KeyRows& r, int t) {
 // Copy one element-sized or 16-byte unit global -> shared, zeros where !valid (nothing is read).
 __device__ __forceinline__ void copy_unit(cache_t* dst, const cache_t* src, bool valid) {
 #if VEC_LOADS
-    cp_async_16_zfill_l2<L2_PREFETCH>(smem_addr(dst), src, valid);
+    cp_async_16_zfill_l2<L2_PREFETCH, (bool)L2_EVICT_FIRST>(smem_addr(dst), src, valid);
 #elif ELEM_F32 && !KV_FP8
     asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(smem_addr(dst)), "l"(src),
                  "r"(valid ? 4 : 0));

@@ -7,14 +7,14 @@ device-to-device copy bandwidth (read + write bytes of a 4 GiB copy), the yardst
 decode's read bandwidth.
 
 --variants replaces fields of the decode's table row for the bench's head dim (each a
-comma-separated list of field=value, "base" for the row as it is), --evict-first adds each
-variant with the copies' L2 evict-first policy, and --rounds N measures SDPA's cuDNN decode and
+comma-separated list of field=value, "base" for the row as it is; an upper-case name is a
+define of the kernel instead, e.g. L2_EVICT_FIRST=1 or DECODE_ROTATE=0), and --rounds N measures SDPA's cuDNN decode and
 every variant N times in turn (ratios to cuDNN's median: the GPU's clock and power state drift
 between calls, so side by side, alternated, is the only fair comparison).
 
     PYTHONPATH=. python ci/tune_decode.py [--splits 0 1 2 4 8] [--prefetch 0 128 256]
                                           [--paged 0 16] [--seqlens 4096 32768] [--heads-k 8 32]
-                                          [--fp8] [--variants base stages=2 ...] [--evict-first]
+                                          [--fp8] [--variants base stages=2 ...]
                                           [--rounds 3]
 """
 
@@ -38,15 +38,16 @@ def _variant_rows(specs, head_dim):
     base = configs.select("flash_decode", arch, head_dim, False)
     out = []
     for spec in specs:
-        fields = {} if spec == "base" else {k: int(v) for k, v in
-                                            (item.split("=") for item in spec.split(","))}
-        out.append((spec, base, base._replace(**fields)))
+        pairs = [] if spec == "base" else [item.split("=") for item in spec.split(",")]
+        fields = {k: int(v) for k, v in pairs if k.islower()}
+        defines = {k: int(v) for k, v in pairs if k.isupper()}
+        out.append((spec, base, base._replace(**fields), defines))
     return out
 
 
-def _use_row(base, row, evict_first):
+def _use_row(base, row, defines):
     configs.TABLE[configs.TABLE.index(base)] = row
-    kvcache.L2_EVICT_FIRST = evict_first
+    kvcache.EXTRA_DEFINES = defines
     kvcache.num_splits.cache_clear()
     kvcache._plans.clear()
 
@@ -55,8 +56,7 @@ def main_variants(args, timer) -> None:
     """Each variant of the decode row beside SDPA's cuDNN, alternated over args.rounds rounds."""
     batch, heads_q, head_dim = 8, 32, 128
     rows = _variant_rows(args.variants, head_dim)
-    forms = [(name, base, row, ef) for name, base, row in rows
-             for ef in ([False, True] if args.evict_first else [False])]
+    forms = rows
     print("Hk      Sk  variant                               splits  GPU us (median of rounds)  "
           "TB/s  cuDNN/this")
     for heads_k in args.heads_k:
@@ -67,18 +67,17 @@ def main_variants(args, timer) -> None:
             lengths = torch.full((batch,), seqlen, dtype=torch.int32, device="cuda")
             kv_bytes = 2 * k.numel() * k.element_size()
             cudnn = _sdpa_decode("cudnn", gqa=heads_k != heads_q)
-            times = {"cuDNN": []} | {f"{name}{' evict_first' if ef else ''}": [] for name, _, _, ef in forms}
+            times = {"cuDNN": []} | {name: [] for name, _, _, _ in forms}
             splits = {}
             for _ in range(args.rounds):
                 times["cuDNN"].append(timer(lambda: cudnn(q, k, v)))
-                for name, base, row, ef in forms:
-                    _use_row(base, row, ef)
-                    label = f"{name}{' evict_first' if ef else ''}"
+                for label, base, row, defines in forms:
+                    _use_row(base, row, defines)
                     times[label].append(timer(lambda: xattn.attention_with_kvcache(
                         q, k, v, cache_seqlens=lengths, causal=False)))
                     splits[label] = kvcache._plan("bfloat16", 0, batch, heads_q, heads_k, 1, seqlen,
                                                   head_dim, (-1, -1))[3]
-                    _use_row(row, base, False)
+                    _use_row(row, base, {})
             peer = statistics.median(times["cuDNN"])
             for label, ts in times.items():
                 ms = statistics.median(ts)
@@ -98,7 +97,6 @@ def main() -> None:
     parser.add_argument("--paged", type=int, nargs="+", default=[0])
     parser.add_argument("--fp8", action="store_true")
     parser.add_argument("--variants", nargs="+", default=None)
-    parser.add_argument("--evict-first", action="store_true")
     parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args()
     timer = _timer()

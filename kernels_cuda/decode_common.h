@@ -86,6 +86,9 @@
 #ifndef L2_EVICT_FIRST  // 1: the cache copies carry an L2 evict-first policy (read once)
 #define L2_EVICT_FIRST 0
 #endif
+#ifndef DECODE_ROTATE  // 1: each block starts its sweep over its keys at its own step (first_step)
+#define DECODE_ROTATE 1
+#endif
 #ifndef KV_FP8
 #define KV_FP8 0
 #endif
@@ -204,6 +207,21 @@ __device__ __forceinline__ DecodeBlock decode_block(const DecodeParams& p) {
     b.key_begin = lo + b.split * chunk;
     b.key_end = min(hi, b.key_begin + chunk);
     return b;
+}
+
+// The step a block's sweep over its `steps` pipeline steps starts at; it then wraps around. The
+// blocks of a call stream equal regions of the caches, whose starts are often a power of two
+// apart (Smax x D elements), in lock-step: started at the same step they would address the same
+// DRAM channels at the same time. A different start per block (a multiplicative hash of its
+// index) spreads them. The online softmax does not depend on the order of the keys (up to
+// rounding), and each block's order is fixed, so results stay deterministic.
+__device__ __forceinline__ int first_step(int steps) {
+#if DECODE_ROTATE
+    const unsigned block = (blockIdx.z * gridDim.y + blockIdx.y) * gridDim.x + blockIdx.x;
+    return steps > 1 ? (int)((block * 2654435761u) % (unsigned)steps) : 0;
+#else
+    return 0 * steps;
+#endif
 }
 
 // ---- where a key's row lives ------------------------------------------------------------------

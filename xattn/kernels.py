@@ -202,7 +202,7 @@ def decode_stages(cfg, fp8: bool) -> int:
 
 
 def _decode_defines(cfg, dtype: str, *, rows: int, vec: bool, softcap: bool, page_size: int = 0,
-                    kv_fp8: int = 0, l2_prefetch: int = 0, evict_first: bool = False) -> dict:
+                    kv_fp8: int = 0, l2_prefetch: int = 0) -> dict:
     """rows: query rows per tile (BLOCK_M: the call's, up to the row's block_m); kv_fp8: 0, or the
     cache's configs.DECODE_FP8_FORMATS value; l2_prefetch: the cache copies' L2 hint (0, 128,
     256). The kernel's file sets ELEM_F32 itself."""
@@ -213,8 +213,7 @@ def _decode_defines(cfg, dtype: str, *, rows: int, vec: bool, softcap: bool, pag
     if kv_fp8 and cfg.head_dim == 64 and cfg.arch < 90:
         defines["RING_SWIZZLE"] = 0  # flash_decode.cu, ring_at: ptxas spills these swizzled
     return (defines | ({"KV_FP8": kv_fp8} if kv_fp8 else {})
-            | ({"L2_PREFETCH": l2_prefetch} if l2_prefetch else {})
-            | ({"L2_EVICT_FIRST": 1} if evict_first else {}))
+            | ({"L2_PREFETCH": l2_prefetch} if l2_prefetch else {}))
 
 
 def _decode_smem(elem_bytes: int):

@@ -454,7 +454,8 @@ _FORCED_SPLITS = int(os.environ.get("XATTN_DECODE_SPLITS", "0") or 0)
 # The cache copies' L2 prefetch hint (0, 128 or 256 bytes; decode_common.h, L2_PREFETCH).
 # ci/tune_decode.py compares them; XATTN_DECODE_L2_PREFETCH sets it (read once, at import).
 L2_PREFETCH = int(os.environ.get("XATTN_DECODE_L2_PREFETCH", "0") or 0)
-L2_EVICT_FIRST = False  # the copies' L2 evict-first policy (decode_common.h); ci/tune_decode.py
+# Defines added to every decode variant: ci/tune_decode.py compares kernel switches with them.
+EXTRA_DEFINES: dict = {}
 
 
 @functools.lru_cache(maxsize=4096)
@@ -764,8 +765,7 @@ def _new_plan(q, k_cache, v_cache, cache_seqlens, k_new, v_new, block_table, sin
     lse_part_offset = 4 * batch * rows_bhs * splits * cfg.head_dim
     decode = kernels.cuda(cfg.kernel)
     defines = decode.defines(cfg, dtype, rows=tile_rows, vec=vec, softcap=bool(call.softcap),
-                             page_size=call.page_size, kv_fp8=kv_fp8, l2_prefetch=L2_PREFETCH,
-                             evict_first=L2_EVICT_FIRST)
+                             page_size=call.page_size, kv_fp8=kv_fp8, l2_prefetch=L2_PREFETCH) | EXTRA_DEFINES
     sizes = kernels.Sizes(seqlen_q=seqlen_q, heads_q=heads_q, heads_k=heads_k, m_blocks=m_blocks,
                           splits=splits)
     steps = [decode.launch(defines, sizes, params, batch, device)]

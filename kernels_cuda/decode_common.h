@@ -83,12 +83,6 @@
 #ifndef L2_PREFETCH
 #define L2_PREFETCH 0
 #endif
-#ifndef L2_EVICT_FIRST  // 1: the cache copies carry an L2 evict-first policy (read once)
-#define L2_EVICT_FIRST 0
-#endif
-#ifndef DECODE_ROTATE  // 1: each block starts its sweep over its keys at its own step (first_step)
-#define DECODE_ROTATE 1
-#endif
 #ifndef KV_FP8
 #define KV_FP8 0
 #endif
@@ -209,21 +203,6 @@ __device__ __forceinline__ DecodeBlock decode_block(const DecodeParams& p) {
     return b;
 }
 
-// The step a block's sweep over its `steps` pipeline steps starts at; it then wraps around. The
-// blocks of a call stream equal regions of the caches, whose starts are often a power of two
-// apart (Smax x D elements), in lock-step: started at the same step they would address the same
-// DRAM channels at the same time. A different start per block (a multiplicative hash of its
-// index) spreads them. The online softmax does not depend on the order of the keys (up to
-// rounding), and each block's order is fixed, so results stay deterministic.
-__device__ __forceinline__ int first_step(int steps) {
-#if DECODE_ROTATE
-    const unsigned block = (blockIdx.z * gridDim.y + blockIdx.y) * gridDim.x + blockIdx.x;
-    return steps > 1 ? (int)((block * 2654435761u) % (unsigned)steps) : 0;
-#else
-    return 0 * steps;
-#endif
-}
-
 // ---- where a key's row lives ------------------------------------------------------------------
 
 // One kv head's keys of one sequence: cache rows (contiguous or paged) below `cached`, this
@@ -300,7 +279,7 @@ __device__ __forceinline__ const elem_t* fresh_row(const KeyRows& r, int t) {
 // Copy one element-sized or 16-byte unit global -> shared, zeros where !valid (nothing is read).
 __device__ __forceinline__ void copy_unit(cache_t* dst, const cache_t* src, bool valid) {
 #if VEC_LOADS
-    cp_async_16_zfill_l2<L2_PREFETCH, (bool)L2_EVICT_FIRST>(smem_addr(dst), src, valid);
+    cp_async_16_zfill_l2<L2_PREFETCH>(smem_addr(dst), src, valid);
 #elif ELEM_F32 && !KV_FP8
     asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(smem_addr(dst)), "l"(src),
                  "r"(valid ? 4 : 0));

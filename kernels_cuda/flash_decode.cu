@@ -257,18 +257,13 @@ flash_decode(const __grid_constant__ DecodeParams p) {
     const int steps = b.key_end > b.key_begin ? (b.key_end - b.key_begin + KEYS_PER_STAGE - 1) / KEYS_PER_STAGE : 0;
     cache_t* ring_warp = (cache_t*)(ring + warp * STAGES * STAGE_BYTES);
     const int warp_key0 = b.key_begin + warp * WARP_N;
-    const int first = first_step(steps);
-    auto step_key0 = [&](int t) {  // the first key of this warp in the block's t-th step
-        const int s = t + first;
-        return warp_key0 + (s >= steps ? s - steps : s) * KEYS_PER_STAGE;
-    };
 
     // Copies of step t into ring slot t % STAGES; one commit group per step, empty past the end,
     // so that cp_async_wait<STAGES - 1> always means "step t has landed".
     auto issue_step = [&](int t) {
         if (t < steps) {
             cache_t* slot = ring_warp + (t % STAGES) * (STAGE_BYTES / CACHE_BYTES);
-            const int key0 = step_key0(t);
+            const int key0 = warp_key0 + t * KEYS_PER_STAGE;
             warp_load_keys(slot, slot + CACHE_TILE_BYTES / CACHE_BYTES, src, key0, b.key_end - key0, p.head_dim, lane);
         }
         cp_async_commit();
@@ -312,7 +307,7 @@ flash_decode(const __grid_constant__ DecodeParams p) {
         issue_step(t + STAGES - 1);  // into the slot read in step t - 1 (released by the __syncwarp below)
         cp_async_wait<STAGES - 1>();
         __syncwarp();  // step t's tiles, copied by every lane, are visible to the whole warp
-        const int n0 = step_key0(t);
+        const int n0 = warp_key0 + t * KEYS_PER_STAGE;
         // Masking is needed only where some row's band edge or the split's end falls in the tile.
         const bool needs_mask = n0 < b.full_lo || n0 + WARP_N > min(b.full_hi, b.key_end);
         const u32 slot_offset = (t % STAGES) * STAGE_BYTES;

@@ -117,14 +117,9 @@ __device__ __forceinline__ void cp_async_16_zfill(u32 smem_dst, const void* gmem
 // The same with an L2 prefetch hint (PTX 7.4, sm_80+): the L2 fetches the 128- or 256-byte block
 // around src along with it. For kernels that stream whole rows (the decode), where the neighbours
 // are read next anyway; L2_BYTES 0 is the plain copy.
-template <int L2_BYTES, bool EVICT_FIRST = false>
+template <int L2_BYTES>
 __device__ __forceinline__ void cp_async_16_zfill_l2(u32 smem_dst, const void* gmem_src, bool valid) {
-    if (EVICT_FIRST) {  // read once: the lines may leave L2 first (no effect on what is read)
-        unsigned long long policy;
-        asm("createpolicy.fractional.L2::evict_first.b64 %0, 1.0;\n" : "=l"(policy));
-        asm volatile("cp.async.cg.shared.global.L2::cache_hint [%0], [%1], 16, %2, %3;\n" ::"r"(smem_dst),
-                     "l"(gmem_src), "r"(valid ? 16 : 0), "l"(policy));
-    } else if (L2_BYTES == 256)
+    if (L2_BYTES == 256)
         asm volatile("cp.async.cg.shared.global.L2::256B [%0], [%1], 16, %2;\n" ::"r"(smem_dst),
                      "l"(gmem_src), "r"(valid ? 16 : 0));
     else if (L2_BYTES == 128)

@@ -75,8 +75,10 @@ struct DecodeParams {
     const int* cache_seqlens;          // int32 (B,) on the device, or null: uniform_seqlen
     const int* block_table;            // int32 (B, max_pages) page ids, or null: contiguous caches
     const float* sinks;                // float32 (Hq,) sink logits, or null
+    const int* cache_leftpad;          // int32 (B,): sequence b's first cache row, or null: 0
     i64 seqlens_stride;                // elements between two entries of cache_seqlens
     i64 block_table_stride;            // elements between two sequences' rows of block_table
+    i64 leftpad_stride;                // elements between two entries of cache_leftpad
     int uniform_seqlen;
     int batch_offset;                  // first batch entry of this launch: blockIdx.z + batch_offset
     int heads_q;

@@ -27,6 +27,9 @@
 // that would land at or past Smax are dropped. Masking is bottom-right aligned (Band of
 // attention_common.h with both edges run-time values): query token i sees key j iff
 // i + Sk_b - Sq - left <= j <= i + Sk_b - Sq + right (-1: unbounded; causal is right = 0).
+// Left padding (cache_leftpad != null, flash-attn's cache_leftpad): keys below
+// leftpad_b = clamp(cache_leftpad[b], 0, cached) are seen by no token; the band stays aligned with
+// Sk_b, so a left-padded sequence reads as the unpadded keys [leftpad_b, Sk_b).
 //
 // Caches: contiguous (B, Hk, Smax, D), or paged (PAGE_SIZE > 0): (num_pages, PAGE_SIZE, Hk, D)
 // with key j of sequence b at page block_table[b, j / PAGE_SIZE], row j % PAGE_SIZE (flash-attn's
@@ -170,6 +173,7 @@ struct DecodeBlock {
     int batch, kv_head, m_block, split;
     int m_start, rows;      // first query row of the tile; query rows of this (batch, kv head)
     int cached;             // cache rows before this call's new ones (clamped)
+    int leftpad;            // the sequence's first cache row (cache_leftpad, clamped to [0, cached])
     int seqlen_k;           // Sk_b
     Band band;              // the sequence's band (attention_common.h)
     int key_begin, key_end; // this split's keys
@@ -187,11 +191,13 @@ __device__ __forceinline__ DecodeBlock decode_block(const DecodeParams& p) {
     const int cached = p.cache_seqlens ? p.cache_seqlens[b.batch * p.seqlens_stride] : p.uniform_seqlen;
     b.cached = min(max(cached, 0), p.seqlen_max);
     b.seqlen_k = min(b.cached + p.seqlen_new, p.seqlen_max);
+    b.leftpad = p.cache_leftpad ? min(max(p.cache_leftpad[b.batch * p.leftpad_stride], 0), b.cached) : 0;
     b.band = make_band(p.seqlen_q, b.seqlen_k, p.window_left, p.window_right);
     // Token 0 has the lowest lower bound and the lowest upper bound, token Sq - 1 the highest.
+    // Rows before the left padding are seen by no token (the band stays aligned with Sk_b).
     const int last = p.seqlen_q - 1;
-    const int lo = visible_key_begin(0, b.band), hi = visible_key_end(last, b.band, b.seqlen_k);
-    b.full_lo = visible_key_begin(last, b.band);
+    const int lo = max(visible_key_begin(0, b.band), b.leftpad), hi = visible_key_end(last, b.band, b.seqlen_k);
+    b.full_lo = max(visible_key_begin(last, b.band), b.leftpad);
     b.full_hi = visible_key_end(0, b.band, b.seqlen_k);
     // This split's keys: equal chunks of the band, whole pipeline steps each. An empty chunk (or
     // band) still runs the epilogue, which writes the empty-row result (O = 0, LSE = -inf).
@@ -480,7 +486,7 @@ __device__ __forceinline__ void row_limits(int* row_lo, int* row_hi, const Decod
                                            const DecodeBlock& b, int tid) {
     if (tid < BLOCK_M) {
         const int token = (b.m_start + tid) % p.seqlen_q;
-        row_lo[tid] = visible_key_begin(token, b.band);
+        row_lo[tid] = max(visible_key_begin(token, b.band), b.leftpad);
         row_hi[tid] = visible_key_end(token, b.band, b.seqlen_k);
     }
 }

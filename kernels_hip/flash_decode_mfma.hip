@@ -87,13 +87,16 @@ __device__ __forceinline__ void load_q_rows(u16* sQ, const u16* q, i64 q_head_st
 // Raw dot products -> scores: softcap, and -inf outside the band (the band is per token, and the
 // tile's rows mix tokens) or past the keys, where the tile crosses an edge. Element j of block nb
 // is key acc_row(lane, nb, j) of the tile; the lane's row, and so its token, is its column.
+// Keys below `leftpad` (the sequence's left padding) are masked too.
 __device__ __forceinline__ void modify_scores(acc_t (&acc_s)[KEY_BLOCKS], int token, int n_start,
-                                              const ScoreMods& mods, bool check_mask, int lane) {
+                                              const ScoreMods& mods, bool check_mask, int leftpad, int lane) {
 #pragma unroll
     for (int nb = 0; nb < KEY_BLOCKS; ++nb)
 #pragma unroll
-        for (int j = 0; j < ACC_ELEMS; ++j)
-            acc_s[nb][j] = modified_score(acc_s[nb][j], token, n_start + acc_row(lane, nb, j), mods, check_mask);
+        for (int j = 0; j < ACC_ELEMS; ++j) {
+            const int key = n_start + acc_row(lane, nb, j);
+            acc_s[nb][j] = check_mask && key < leftpad ? NEG_INF : modified_score(acc_s[nb][j], token, key, mods, check_mask);
+        }
 }
 
 // Online softmax step for this lane's row (flash_fwd_mfma.hip's): fold the tile into m_i and l_i,
@@ -174,10 +177,13 @@ MATRIX_KERNEL(flash_decode, )(const DecodeParams p) {
     const int cached = min(max(p.cache_seqlens ? p.cache_seqlens[batch * p.seqlens_stride] : p.uniform_seqlen, 0),
                            seqlen_max);
     const int seqlen_k = min(cached + p.seqlen_new, seqlen_max);
+    const int leftpad = p.cache_leftpad ? min(max(p.cache_leftpad[batch * p.leftpad_stride], 0), cached) : 0;
     const ScoreMods mods = make_score_mods(seqlen_q, seqlen_k, p.window_left, p.window_right,
                                            p.scale_over_softcap, nullptr, 1.f);
-    // The key tiles any token sees, and this split's run of them (flash_decode_portable.hip's cut).
-    const KeyRange band_tiles = key_tiles(0, seqlen_q, BLOCK_N, seqlen_k, mods.band);
+    // The key tiles any token sees (none below the left padding), and this split's run of them
+    // (flash_decode_portable.hip's cut).
+    KeyRange band_tiles = key_tiles(0, seqlen_q, BLOCK_N, seqlen_k, mods.band);
+    band_tiles.tile_begin = max(band_tiles.tile_begin, leftpad / BLOCK_N);
     const int band_count = max(0, band_tiles.tile_end - band_tiles.tile_begin);
     const int per_split = (band_count + num_splits - 1) / num_splits;
     const int tile_begin = band_tiles.tile_begin + split * per_split;
@@ -211,8 +217,8 @@ MATRIX_KERNEL(flash_decode, )(const DecodeParams p) {
         acc_t acc_s[KEY_BLOCKS];
         tile_times_frags<KEY_BLOCKS, DIM_STEPS, KQ_STRIDE>(acc_s, sK, q_frag, lane);  // S^T = K Q^T
         // The tile's rows hold every token 0..Sq-1 (or a run of them): mask where any crosses an edge.
-        const bool needs_mask = tile_needs_mask(0, seqlen_q, n_start, BLOCK_N, seqlen_k, mods.band);
-        if (HAS_SOFTCAP || needs_mask) modify_scores(acc_s, token, n_start, mods, needs_mask, lane);
+        const bool needs_mask = tile_needs_mask(0, seqlen_q, n_start, BLOCK_N, seqlen_k, mods.band) || n_start < leftpad;
+        if (HAS_SOFTCAP || needs_mask) modify_scores(acc_s, token, n_start, mods, needs_mask, leftpad, lane);
         softmax_rescale_o(acc_s, acc_o, row_max, row_sum, scale_log2);  // S becomes P
         tile_times_acc<DIM_BLOCKS, KEY_STEPS, VT_STRIDE>(acc_o, sVt, acc_s, lane);  // O^T += V^T P^T
     }

@@ -6,7 +6,8 @@
 // Same semantics as kernels_cuda/flash_decode.cu (xattn.attention_with_kvcache):
 // - Keys of sequence b: cache rows [0, Sk_b), Sk_b = min(clamp(cache_seqlens[b], 0, Smax) + Snew,
 //   Smax), after kvcache_append (below) wrote k_new/v_new at rows [cache_seqlens[b], +Snew), rows at
-//   or past Smax dropped. Nothing outside [0, Smax) is read or written.
+//   or past Smax dropped. Nothing outside [0, Smax) is read or written. With cache_leftpad, the
+//   rows below clamp(cache_leftpad[b], 0, cached) are masked (never seen, tiles wholly below skipped).
 // - Masks and softcap: attention_common.h's band, bottom-right aligned with Sk_b (query token i
 //   sees key j iff i + Sk_b - Sq - left <= j <= i + Sk_b - Sq + right), and modified_score.
 // - GQA: the Hq / Hk query heads that share a kv head, times the Sq tokens, are the rows of one
@@ -219,11 +220,13 @@ flash_decode_portable(const DecodeParams p) {
     const int cached = min(max(p.cache_seqlens ? p.cache_seqlens[batch * p.seqlens_stride] : p.uniform_seqlen, 0),
                            seqlen_max);
     const int seqlen_k = min(cached + p.seqlen_new, seqlen_max);
+    const int leftpad = p.cache_leftpad ? min(max(p.cache_leftpad[batch * p.leftpad_stride], 0), cached) : 0;
     // No ALiBi in the decode: the score scale make_score_mods takes for it is never read.
     const ScoreMods mods = make_score_mods(seqlen_q, seqlen_k, p.window_left, p.window_right,
                                            p.scale_over_softcap * k_scale, nullptr, 1.f);
-    // The key tiles any token sees, and this split's run of them.
-    const KeyRange band_tiles = key_tiles(0, seqlen_q, BLOCK_N, seqlen_k, mods.band);
+    // The key tiles any token sees (none below the left padding), and this split's run of them.
+    KeyRange band_tiles = key_tiles(0, seqlen_q, BLOCK_N, seqlen_k, mods.band);
+    band_tiles.tile_begin = max(band_tiles.tile_begin, leftpad / BLOCK_N);
     const int band_count = max(0, band_tiles.tile_end - band_tiles.tile_begin);
     const int per_split = (band_count + num_splits - 1) / num_splits;
     const int tile_begin = band_tiles.tile_begin + split * per_split;
@@ -267,7 +270,7 @@ flash_decode_portable(const DecodeParams p) {
         // Softcap and the band's mask (every tile: the band is per token), then the online softmax.
 #pragma unroll
         for (int i = 0; i < ROWS_PER_LANE; ++i) {
-            s[i] = modified_score(s[i], TOKEN(LANE_ROW(i)), n_start + key, mods, true);
+            s[i] = n_start + key < leftpad ? NEG_INF : modified_score(s[i], TOKEN(LANE_ROW(i)), n_start + key, mods, true);
             const float m_new = group_max(fmaxf(row_max[i], s[i]));
             const bool row_empty = m_new == NEG_INF;  // no key seen yet: offset 0 keeps exp2 from NaN
             const float offset = row_empty ? 0.f : m_new * scale_log2;

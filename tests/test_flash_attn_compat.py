@@ -269,8 +269,7 @@ def test_dropout_raises_naming_the_argument():
         fa.flash_attn_varlen_func(packed, packed, packed, cu, cu, 4, 4, dropout_p=0.5)
 
 
-@pytest.mark.parametrize("name", ["rotary_cos", "cache_batch_idx", "cache_leftpad",
-                                  "alibi_slopes"])
+@pytest.mark.parametrize("name", ["rotary_cos", "cache_batch_idx", "alibi_slopes"])
 def test_kvcache_refuses_what_xattn_lacks(name):
     q, cache = torch.randn(1, 1, 2, 8), torch.randn(1, 4, 2, 8)
     with pytest.raises(ValueError, match=name):

@@ -57,8 +57,13 @@ def cases(draw, backend):
     # Every backend's decode serves contiguous and paged caches, with sinks or without.
     paged = draw(st.sampled_from((None, None, 16, 32, 48, 256)))  # page size
     sinks = draw(st.sampled_from((None, None, "small", "large")))
+    # cache_leftpad: each sequence's first cache row (0 and the whole cache included), the rows
+    # below it NaN (never read)
+    leftpad = draw(st.sampled_from((None, None, "drawn")))
+    if leftpad:
+        leftpad = [draw(st.sampled_from((0, length)) | st.integers(0, length)) for length in lengths]
     return dict(
-        paged=paged, share_pages=draw(st.booleans()), sinks=sinks,
+        paged=paged, share_pages=draw(st.booleans()) and not leftpad, sinks=sinks, leftpad=leftpad,
         batch=batch, heads_q=heads_q, heads_k=heads_k, seqlen_q=seqlen_q, seqlen_max=seqlen_max,
         seqlen_new=seqlen_new, with_new=with_new, lengths=lengths,
         head_dim=draw(st.sampled_from(HEAD_DIMS)), layout=draw(st.sampled_from(("bhsd", "bshd"))),
@@ -81,6 +86,8 @@ def make_inputs(backend, c):
     for cache in caches:  # rows past each sequence's old length: NaN until k_new lands there
         for i, length in enumerate(c["lengths"]):
             cache[i, :, length:] = np.nan
+            if c.get("leftpad"):  # and the left padding, which no query sees
+                cache[i, :, :c["leftpad"][i]] = np.nan
     new = [rng.standard_normal((b, hk, snew, d)) * s for s in (c["spread"], 1.0)]
 
     def put(x, memory):
@@ -101,8 +108,12 @@ def make_inputs(backend, c):
         # "large": +-1e4, a sink that takes all the mass or none (exp(-1e4) is 0 in float64 too)
         values = (normal if c["sinks"] == "small" else 1e4 * np.sign(normal)).astype(np.float32)
         arrays["sinks"] = backend.make(values.astype(np.float64), c["library"], "float32")
+    if c.get("leftpad"):
+        arrays["cache_leftpad"] = _int32(backend, c, c["leftpad"])
     seen = {}
     for name, x in arrays.items():
+        if name == "cache_leftpad":
+            continue
         if name in ("block_table", "sinks"):
             seen[name] = to_float64(x) if name == "sinks" else np.asarray(table)
         elif c.get("paged") and name in ("k_cache", "v_cache"):
@@ -181,6 +192,8 @@ def oracle(c, seen):
     scale = c["scale"] if c["scale"] is not None else 1 / math.sqrt(c["head_dim"])
     for i, length in enumerate(c["lengths"]):
         k, v = (_sequence_rows(c, seen, name, i, length) for name in ("k_cache", "v_cache"))
+        if c.get("leftpad"):  # the sequence's keys start at its left padding
+            k, v = k[:, :, c["leftpad"][i]:], v[:, :, c["leftpad"][i]:]
         if c["with_new"]:
             k = np.concatenate([k, seen["k_new"][i:i + 1]], axis=2)
             v = np.concatenate([v, seen["v_new"][i:i + 1]], axis=2)
@@ -527,6 +540,15 @@ BAD = [  # (id, arguments, keyword arguments, exception, words the message must 
      ["cache_seqlens:", "Smax = 32", "got 33 at batch 1"]),
     ("sinks shape", (Q, KC, VC), {"sinks": np.zeros(3, np.float32)}, ValueError, ["sinks:", "(4,)", "(3,)"]),
     ("sinks dtype", (Q, KC, VC), {"sinks": np.zeros(4)}, TypeError, ["sinks:", "float32", "float64"]),
+    ("leftpad past the length", (Q, KC, VC), {"cache_leftpad": np.array([3, 8], np.int32)}, ValueError,
+     ["cache_leftpad:", "<= cache_seqlens", "got 8 against 7 at batch 1"]),
+    ("negative leftpad", (Q, KC, VC), {"cache_leftpad": np.array([-1, 0], np.int32)}, ValueError,
+     ["cache_leftpad:", "0 <= cache_leftpad", "got -1"]),
+    ("leftpad dtype", (Q, KC, VC), {"cache_leftpad": np.zeros(2, np.int64)}, TypeError,
+     ["cache_leftpad:", "int32", "got int64"]),
+    ("leftpad shape", (Q, KC, VC), {"cache_leftpad": np.zeros(3, np.int32)}, ValueError,
+     ["cache_leftpad:", "shape (2,)", "got (3,)"]),
+    ("leftpad list", (Q, KC, VC), {"cache_leftpad": [0, 1]}, TypeError, ["cache_leftpad:", "int32 array", "list"]),
 ]
 
 

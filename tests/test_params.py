@@ -177,7 +177,8 @@ def test_pointer_words_are_the_pointers_of_each_block():
                          "block_table", "seqused_k"}
     decode = params.pointer_words(params.DECODE_PARAMS)
     assert set(decode) == {"q", "k", "v", "o", "lse", "k_new", "v_new", "o_part", "lse_part",
-                           "cache_seqlens", "block_table", "sinks", "k_scale", "v_scale"}
+                           "cache_seqlens", "block_table", "sinks", "cache_leftpad", "k_scale",
+                              "v_scale"}
     for dtype, words in ((params.ATTN_PARAMS, attn), (params.DECODE_PARAMS, decode)):
         for name, word in words.items():
             field, offset = dtype.fields[name][:2]

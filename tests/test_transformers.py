@@ -414,7 +414,8 @@ def test_a_padded_forward_unpads_its_mask_once(monkeypatch):
     monkeypatch.setattr(integration, "_unpad", lambda mask: calls.append(1) or real(mask))
     mine, peer = models("llama", "cpu", torch.float32)
     assert mine.config.num_hidden_layers > 1
-    ids, mask = left_padded([9, 4, 6], 4, "cpu")
+    # more query tokens than the left-padded path takes (below), so the forward unpads
+    ids, mask = left_padded([integration.LEFT_PADDED_MAX_QUERIES + 4, 4, 6], 4, "cpu")
     with torch.no_grad():
         got = mine(ids, attention_mask=mask).logits
         want = peer(ids, attention_mask=mask).logits
@@ -444,3 +445,30 @@ def test_an_unmasked_forward_returns_xattn_output_without_a_copy(monkeypatch):
     assert out.shape == (batch, length, heads, head_dim)
     want = xattn.attention(query, key, value, causal=True, scale=0.25, layout="bhsd")
     assert torch.equal(out, want.transpose(1, 2))
+
+
+def test_left_padded_decoding_needs_no_unpadding(monkeypatch):
+    """generate() on left-padded prompts: every layer's few-query steps go to
+    attention_with_kvcache with cache_leftpad on the keys as they are (no unpadding at all), and
+    the tokens are the peer's; a right-padded mask still unpads."""
+    from xattn.integrations import transformers as integration
+
+    unpads, decodes = [], []
+    real_unpad, real_decode = integration._unpad, xattn.attention_with_kvcache
+    monkeypatch.setattr(integration, "_unpad", lambda mask: unpads.append(1) or real_unpad(mask))
+    monkeypatch.setattr(xattn, "attention_with_kvcache",
+                        lambda *a, **kw: decodes.append(kw["cache_leftpad"]) or real_decode(*a, **kw))
+    mine, peer = models("llama", "cpu", torch.float32)
+    ids, mask = left_padded([9, 4, 6], 4, "cpu")
+    with torch.no_grad():
+        got = mine.generate(ids, attention_mask=mask, **GENERATE)
+        want = peer.generate(ids, attention_mask=mask, **GENERATE)
+    assert torch.equal(got, want)
+    assert not unpads
+    steps = GENERATE["max_new_tokens"]  # the prompt's forward (9 tokens) and steps - 1 more
+    assert len(decodes) == steps * mine.config.num_hidden_layers
+    assert decodes[0].tolist() == [0, 5, 3]
+    right = mask.flip(1)  # padding on the right: not left padding, unpadded as before
+    with torch.no_grad():
+        mine(ids.flip(1), attention_mask=right)
+    assert unpads

@@ -25,7 +25,7 @@ as flash-attn does), softcap 0.0 off, ALiBi slopes (H,) or (B, H) float32, GQA w
 H % Hk == 0 and K/V not expanded, D any value up to 256 (no padding to a multiple of 8).
 
 What xattn does not have raises a ValueError naming the argument: dropout_p > 0, rotary
-embeddings, cache_batch_idx, cache_leftpad, leftpad_k (and paged K/V or seqused_k in the private
+embeddings, cache_batch_idx, leftpad_k (and paged K/V or seqused_k in the private
 _flash_attn_varlen_forward), and ALiBi in flash_attn_with_kvcache. S_dmask is always empty, as flash-attn returns it without
 dropout; rng_state means nothing without dropout.
 """
@@ -117,11 +117,12 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
     """q (B, Sq, H, D), caches (B, Smax, Hk, D), k/v (B, Snew, Hk, D) or None (written into the
     caches at rows cache_seqlens[b]..), cache_seqlens int or int32 (B,) (None: the whole cache).
     block_table int32 (B, max_pages): the caches are pages (num_pages, page_size, Hk, D), as in
-    flash-attn, and cache_seqlens is needed. Returns out (B, Sq, H, D), or (out, softmax_lse
-    (B, H, Sq)). num_splits and rotary_interleaved are accepted and ignored (xattn picks its own
-    split count)."""
+    flash-attn, and cache_seqlens is needed. cache_leftpad int32 (B,): sequence b's keys start at
+    cache row cache_leftpad[b] (left-padded batches). Returns out (B, Sq, H, D), or (out,
+    softmax_lse (B, H, Sq)). num_splits and rotary_interleaved are accepted and ignored (xattn
+    picks its own split count)."""
     _refuse(rotary_cos=rotary_cos, rotary_sin=rotary_sin, cache_batch_idx=cache_batch_idx,
-            cache_leftpad=cache_leftpad, alibi_slopes=alibi_slopes)
+            alibi_slopes=alibi_slopes)
     if cache_seqlens is None:
         if k is not None or v is not None:
             raise ValueError("cache_seqlens: needed when k and v are given (where to write "
@@ -133,7 +134,8 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
     return xattn.attention_with_kvcache(
         q, k_cache, v_cache, cache_seqlens=cache_seqlens, k_new=k, v_new=v, causal=causal,
         scale=softmax_scale, window=flash_window(causal, *_window_pair(window_size)),
-        softcap=softcap, layout="bshd", return_lse=return_softmax_lse, block_table=block_table)
+        softcap=softcap, layout="bshd", return_lse=return_softmax_lse, block_table=block_table,
+        cache_leftpad=cache_leftpad)
 
 
 # -------------------------------------------------------------- the private forward / backward

@@ -339,7 +339,7 @@ def on_cuda(*, prefix: str, options: tuple, forward_target: str, backward_target
 # ---- KV-cache decode (attention_with_kvcache) -------------------------------------------------
 
 def decode(q, k_cache, v_cache, k_new, v_new, out, lse, cache_seqlens, call, workspace,
-           stream: int, block_table=None, sinks=None, scales=(None, None)) -> None:
+           stream: int, block_table=None, sinks=None, scales=(None, None), leftpad=None) -> None:
     """attention_with_kvcache's GPU step on a ROCm device: append k_new/v_new to the caches, then
     split-KV decode (kernels_hip/flash_decode_mfma.hip on MFMA/WMMA for float16/bfloat16 where the
     table has a row, flash_decode_portable.hip otherwise) and, with several splits, the merge.
@@ -350,14 +350,15 @@ def decode(q, k_cache, v_cache, k_new, v_new, out, lse, cache_seqlens, call, wor
     max_pages) on the device, the caches then seen as (num_pages, Hk, page_size, D) (the portable
     decode, IS_PAGED), or None. sinks: float32 (Hq,) on the device, or None. scales: (k_scale,
     v_scale) float32 of one or Hk elements on the device for FP8 caches (call.kv_format: the
-    portable decode, KV_FP8), else (None, None)."""
+    portable decode, KV_FP8), else (None, None). leftpad: int32 (B,) cache_leftpad on the
+    device, or None."""
     launch_decode(*_compiler(q, "forward"), q, k_cache, v_cache, k_new, v_new, out, lse,
-                  cache_seqlens, call, workspace, stream, block_table, sinks, scales)
+                  cache_seqlens, call, workspace, stream, block_table, sinks, scales, leftpad)
 
 
 def launch_decode(compile, target: str, q, k_cache, v_cache, k_new, v_new, out, lse, cache_seqlens,
                   call, workspace, stream: int, block_table=None, sinks=None,
-                  scales=(None, None)) -> None:
+                  scales=(None, None), leftpad=None) -> None:
     """The decode on a device of gcnArchName `target`, its kernels from compile(kernel, defines,
     device) as in `launch`: the append, the decode (the matrix-core row where the table has one,
     else the portable one) and the merge, all three on one DecodeParams block
@@ -380,19 +381,23 @@ def launch_decode(compile, target: str, q, k_cache, v_cache, k_new, v_new, out, 
     if seqlen_new:
         tensors["k_new"], tensors["v_new"] = launch_layer.describe(k_new), launch_layer.describe(v_new)
     S = launch_layer.describe(cache_seqlens) if cache_seqlens is not None else None
+    P = launch_layer.describe(leftpad) if leftpad is not None else None
     scale_arrays = tuple(launch_layer.describe(s) for s in scales if s is not None)
     vec = launch_layer.vec_loads([Q, Kc, Vc, O], Q.shape[3], launch_layer.itemsize(Q.dtype))
     paged = launch_layer.paged_of(Kc, block_table)
     # The uniform length is not in the key: a plan serves every length (patched per call below).
     key = ("hip", "decode", compile, target, Q.device, _signature(tensors.values()),
-           _signature([S]) if S is not None else None, seqlen_new, tuple(call.window),
+           _signature([S]) if S is not None else None, _signature([P]) if P is not None else None,
+           seqlen_new, tuple(call.window),
            call.softcap, call.scale, vec, paged, kvcache._FORCED_SPLITS, call.kv_format,
            _signature(scale_arrays))
     plan = launch_layer.cached_plan(key, lambda: _plan_decode(compile, target, tensors, S, seqlen_new,
-                                                              call, vec, paged, scale_arrays))
+                                                              call, vec, paged, scale_arrays, P))
     pointers = {name: a.ptr for name, a in tensors.items()}
     if S is not None:
         pointers["cache_seqlens"] = S.ptr
+    if P is not None:
+        pointers["cache_leftpad"] = P.ptr
     if paged is not None:
         pointers["block_table"] = launch_layer.describe(block_table).ptr
     if sinks is not None:
@@ -417,7 +422,7 @@ class _DecodePlan(NamedTuple):
 
 
 def _plan_decode(compile, target, tensors, S, seqlen_new, call, vec, paged=None,
-                 scales=()) -> _DecodePlan:
+                 scales=(), P=None) -> _DecodePlan:
     """The decode's rows, defines, split count, DecodeParams block and launches. paged
     (launch.Paged): the caches are pages, Smax = max_pages * page_size. call.kv_format: FP8
     caches (the portable decode and append with KV_FP8), scales their (k_scale, v_scale)
@@ -462,6 +467,8 @@ def _plan_decode(compile, target, tensors, S, seqlen_new, call, vec, paged=None,
         params.set_tensor(block, name, 0, a.strides[:3])
     if S is not None:
         block["seqlens_stride"] = S.strides[0]
+    if P is not None:  # cache_leftpad
+        block["leftpad_stride"] = P.strides[0]
     block["heads_q"], block["heads_per_kv"], block["seqlen_q"] = heads_q, heads_q // heads_k, seqlen_q
     block["seqlen_new"], block["seqlen_max"], block["head_dim"] = seqlen_new, seqlen_max, head_dim
     block["window_left"], block["window_right"] = left, right

@@ -47,7 +47,7 @@ _LIBRARIES = ("numpy", "torch", "cupy")  # the caches are written in place: real
 def attention_with_kvcache(q, k_cache, v_cache, *, cache_seqlens, k_new=None, v_new=None,
                            causal=True, scale=None, window=None, softcap=None, layout="bhsd",
                            return_lse=False, backend=None, block_table=None, sinks=None,
-                           k_scale=None, v_scale=None):
+                           k_scale=None, v_scale=None, cache_leftpad=None):
     """Attention of q against a KV cache, after appending k_new/v_new to it in place.
 
     layout "bhsd": q (B, Hq, Sq, D), k_cache and v_cache (B, Hk, Smax, D), k_new and v_new
@@ -71,6 +71,13 @@ def attention_with_kvcache(q, k_cache, v_cache, *, cache_seqlens, k_new=None, v_
     kernels clamp instead and never read or write outside the caches: cache_seqlens[b] is
     clamped to [0, Smax], new rows that would land at or past Smax are dropped, and Sk_b =
     min(clamped + Snew, Smax).
+
+    cache_leftpad: int32 array (B,) in q's library and on q's device, or None (flash-attn's
+    cache_leftpad): sequence b's keys start at cache row cache_leftpad[b], for batches padded on
+    the left (as generate() pads prompts). Sequence b attends to rows [cache_leftpad[b], Sk_b),
+    with causal masks and windows aligned with their end as above; new rows still land at
+    cache_seqlens[b]. Host values outside [0, cache_seqlens[b]] raise ValueError; a GPU array is
+    not read on the host, and the kernels clamp it to that range.
 
     block_table: int32 (B, max_pages) in q's library and device: paged caches (flash-attn's
     convention). k_cache and v_cache are then (num_pages, page_size, Hk, D) whatever the layout,
@@ -97,15 +104,15 @@ def attention_with_kvcache(q, k_cache, v_cache, *, cache_seqlens, k_new=None, v_
     Inference only: not differentiable. A torch input that requires grad while grad mode is on
     raises TypeError (call it under torch.no_grad(), or pass detached tensors).
     """
-    scales = (k_scale, v_scale)
+    scales, leftpad = (k_scale, v_scale), cache_leftpad
     plan = _cached_plan(q, k_cache, v_cache, cache_seqlens, k_new, v_new, causal, scale, window,
-                        softcap, layout, return_lse, backend, block_table, sinks, scales)
+                        softcap, layout, return_lse, backend, block_table, sinks, scales, leftpad)
     if plan is not None:  # a repeated GPU signature: look-up, patch, launch
         out, lse = plan.run(q, k_cache, v_cache, cache_seqlens, k_new, v_new, block_table, sinks,
-                            scales)
+                            scales, leftpad=leftpad)
         return (out, lse) if return_lse else out
     call = _validate(q, k_cache, v_cache, cache_seqlens, k_new, v_new, causal, scale, window,
-                     softcap, layout, return_lse, block_table, sinks, scales)
+                     softcap, layout, return_lse, block_table, sinks, scales, leftpad)
     info = call.info
     chosen = backends.choose_backend(backend, info.device, arrays.device_label(info))
     if chosen == "reference":
@@ -114,23 +121,24 @@ def attention_with_kvcache(q, k_cache, v_cache, *, cache_seqlens, k_new=None, v_
             return _fp8_reference(q, k_cache, v_cache, cache_seqlens, k_new, v_new, k_scale, v_scale,
                                   dict(causal=causal, scale=scale, window=window, softcap=softcap,
                                        layout=layout, return_lse=return_lse, backend=backend,
-                                       block_table=block_table, sinks=sinks))
+                                       block_table=block_table, sinks=sinks,
+                                       cache_leftpad=cache_leftpad))
         out, lse = _run_reference(q, k_cache, v_cache, k_new, v_new, block_table, sinks, call)
     elif chosen == "hip" or backends.hip_on_cuda:  # on_cuda: the HIP decode serves CUDA memory
         check_dtype(info, GPU_DTYPES, backend_name="hip")
         if chosen == "hip":
             backends.gpu_forward(chosen)  # RuntimeError naming what to install where hip is unusable
         out, lse = _run_hip(q, k_cache, v_cache, cache_seqlens, k_new, v_new, block_table, sinks, call,
-                            scales=scales)
+                            scales=scales, leftpad=leftpad)
     elif chosen == "cuda":
         check_dtype(info, GPU_DTYPES, backend_name=chosen)
         backends.gpu_forward(chosen)  # RuntimeError naming what to install where cuda is unusable
         plan = _new_plan(q, k_cache, v_cache, cache_seqlens, k_new, v_new, block_table, sinks, call,
-                         scales)
+                         scales, leftpad)
         _remember(plan, q, k_cache, v_cache, cache_seqlens, k_new, v_new, causal, scale, window,
-                  softcap, layout, return_lse, backend, block_table, sinks, scales)
+                  softcap, layout, return_lse, backend, block_table, sinks, scales, leftpad)
         out, lse = plan.run(q, k_cache, v_cache, cache_seqlens, k_new, v_new, block_table, sinks,
-                            scales)
+                            scales, leftpad=leftpad)
     else:
         raise ValueError(f"backend: attention_with_kvcache runs on the 'reference', 'cuda' and "
                          f"'hip' backends, got {chosen!r}")
@@ -233,7 +241,7 @@ class _Call:
 
     __slots__ = ("info", "batch", "heads_q", "seqlen_q", "heads_k", "seqlen_max", "seqlen_new",
                  "head_dim", "layout", "causal", "scale", "window", "softcap", "lengths",
-                 "uniform", "page_size", "num_pages", "pages", "return_lse", "kv_format")
+                 "uniform", "page_size", "num_pages", "pages", "return_lse", "kv_format", "leftpad")
 
     def __init__(self, **values):
         for name, value in values.items():
@@ -241,7 +249,8 @@ class _Call:
 
 
 def _validate(q, k_cache, v_cache, cache_seqlens, k_new, v_new, causal, scale, window, softcap,
-              layout, return_lse, block_table=None, sinks=None, scales=(None, None)) -> _Call:
+              layout, return_lse, block_table=None, sinks=None, scales=(None, None),
+              leftpad=None) -> _Call:
     if not isinstance(layout, str) or layout not in LAYOUTS:
         raise ValueError(f"layout: expected 'bhsd' or 'bshd', got {layout!r}")
     check_bool("causal", causal)
@@ -321,6 +330,7 @@ def _validate(q, k_cache, v_cache, cache_seqlens, k_new, v_new, causal, scale, w
                          f"{seqlen_q} query tokens, got {seqlen_max}")
 
     lengths, uniform = _check_seqlens(cache_seqlens, info, batch, seqlen_new, seqlen_max)
+    leftpad = _check_leftpad(leftpad, info, batch, lengths)
     if sinks is not None:
         check_sinks(sinks, info, heads_q)
     # window and softcap follow attention()'s rules and messages (causal folds in as right = 0).
@@ -330,7 +340,7 @@ def _validate(q, k_cache, v_cache, cache_seqlens, k_new, v_new, causal, scale, w
                  causal=causal, scale=check_scale(scale, head_dim),
                  window=window, softcap=softcap,
                  lengths=lengths, uniform=uniform, page_size=page_size, num_pages=num_pages,
-                 pages=pages, return_lse=return_lse, kv_format=kv_format)
+                 pages=pages, return_lse=return_lse, kv_format=kv_format, leftpad=leftpad)
 
 
 def _in_layout(bhsd_shape, layout):
@@ -368,6 +378,35 @@ def _check_seqlens(cache_seqlens, info, batch, seqlen_new, seqlen_max):
     return values, None
 
 
+def _check_leftpad(cache_leftpad, info, batch, lengths):
+    """cache_leftpad: None, or int32 (B,) in q's library and device. Host values (with host
+    lengths) must lie in [0, cache_seqlens[b]] (ValueError); a GPU array is not read here: the
+    kernels clamp it to that range. Returns the host values as int64 (zeros for None), or None
+    for a GPU array."""
+    if cache_leftpad is None:
+        return np.zeros(batch, dtype=np.int64) if lengths is not None else None
+    try:
+        pads = arrays.describe(cache_leftpad, "cache_leftpad")
+    except TypeError:
+        raise TypeError(f"cache_leftpad: expected an int32 array (B,), got "
+                        f"{type(cache_leftpad).__module__}.{type(cache_leftpad).__qualname__}") from None
+    check_like_q("cache_leftpad", pads, info)
+    if pads.dtype != "int32":
+        raise TypeError(f"cache_leftpad: expected dtype int32, got {pads.dtype}")
+    if tuple(pads.shape) != (batch,):
+        raise ValueError(f"cache_leftpad: expected shape ({batch},) (the batch size of q), got "
+                         f"{tuple(pads.shape)}")
+    if info.device != "cpu":
+        return None
+    values = np.asarray(arrays.to_host_numpy(cache_leftpad, pads), dtype=np.int64)
+    bad = (values < 0) | (values > lengths)
+    if bad.any():
+        b = int(np.argmax(bad))
+        raise ValueError(f"cache_leftpad: expected 0 <= cache_leftpad <= cache_seqlens, got "
+                         f"{int(values[b])} against {int(lengths[b])} at batch {b}")
+    return values
+
+
 # ------------------------------------------------------------------------------- reference
 
 def _run_reference(q, k_cache, v_cache, k_new, v_new, block_table, sinks, call):
@@ -387,15 +426,17 @@ def _run_reference(q, k_cache, v_cache, k_new, v_new, block_table, sinks, call):
                                       dtype=np.float32)
 
     def rows_of(cache, b, length):
-        """Sequence b's first `length` rows as (1, Hk, length, D), from its pages if paged."""
+        """Sequence b's rows [cache_leftpad[b], length) as (1, Hk, rows, D), from its pages if
+        paged (the keys attended: the band is aligned with their end, `length`)."""
+        start = int(call.leftpad[b])
         if call.pages is None:
-            return cache[b:b + 1, :, :length]
+            return cache[b:b + 1, :, start:length]
         # run_on_host handed the pages over as (P, page_size, Hk, D) ("bhsd") or transposed to
         # (P, Hk, page_size, D) ("bshd"); gather this sequence's pages in table order.
         pages = cache[call.pages[b]]
         if call.layout == "bshd":
             pages = pages.transpose(0, 2, 1, 3)
-        rows = pages.reshape(-1, *pages.shape[2:])[:length]  # (length, Hk, D)
+        rows = pages.reshape(-1, *pages.shape[2:])[start:length]  # (rows, Hk, D)
         return rows.transpose(1, 0, 2)[None]
 
     def forward(hq, hk, hv, *, causal, scale, out, lse):
@@ -553,7 +594,7 @@ _MAX_PLANS = 4096  # forget them all past this many signatures (a bound, not an 
 
 
 def _plan_key(q, k_cache, v_cache, cache_seqlens, k_new, v_new, causal, scale, window, softcap,
-              layout, return_lse, backend, block_table, sinks, scales):
+              layout, return_lse, backend, block_table, sinks, scales, leftpad):
     library = "torch" if type(q).__module__.startswith("torch") else "cupy"
     seqlens = ("int",) if isinstance(cache_seqlens, int) else _signature(cache_seqlens, library)
     return (library, backend, os.environ.get(backends.ENVIRONMENT_VARIABLE),
@@ -561,11 +602,11 @@ def _plan_key(q, k_cache, v_cache, cache_seqlens, k_new, v_new, causal, scale, w
             _signature(k_new, library), _signature(v_new, library), seqlens,
             _signature(block_table, library), _signature(sinks, library),
             _signature(scales[0], library), _signature(scales[1], library),
-            causal, scale, window, softcap, layout, return_lse)
+            _signature(leftpad, library), causal, scale, window, softcap, layout, return_lse)
 
 
 def _cached_plan(q, k_cache, v_cache, cache_seqlens, k_new, v_new, causal, scale, window, softcap,
-                 layout, return_lse, backend, block_table, sinks, scales):
+                 layout, return_lse, backend, block_table, sinks, scales, leftpad):
     """The plan of a GPU call seen before with the same signature, or None (then the full
     validation runs). Only torch CUDA tensors and CuPy arrays take this path; a torch input that
     requires grad under grad mode goes the long way, which raises."""
@@ -583,7 +624,7 @@ def _cached_plan(q, k_cache, v_cache, cache_seqlens, k_new, v_new, causal, scale
         return None
     try:
         key = _plan_key(q, k_cache, v_cache, cache_seqlens, k_new, v_new, causal, scale, window,
-                        softcap, layout, return_lse, backend, block_table, sinks, scales)
+                        softcap, layout, return_lse, backend, block_table, sinks, scales, leftpad)
         plan = _plans.get(key)
     except (AttributeError, TypeError):  # an argument of another kind: validation says what
         return None
@@ -629,7 +670,7 @@ class _Plan:
         return other
 
     def run(self, q, k_cache, v_cache, cache_seqlens, k_new, v_new, block_table, sinks,
-            scales=(None, None), outputs=None):
+            scales=(None, None), outputs=None, leftpad=None):
         """Launch on these arrays; outputs=(out, lse, workspace) are given by kernel checks
         (poisoned beforehand), else allocated here."""
         call = self.call
@@ -661,7 +702,7 @@ class _Plan:
         pointers = {name: 0 if x is None else _pointer(x) for name, x in (
             ("q", q), ("k", k_cache), ("v", v_cache), ("o", out), ("lse", lse), ("k_new", k_new),
             ("v_new", v_new), ("block_table", block_table), ("sinks", sinks),
-            ("k_scale", scales[0]), ("v_scale", scales[1]))}
+            ("k_scale", scales[0]), ("v_scale", scales[1]), ("cache_leftpad", leftpad))}
         pointers["cache_seqlens"] = 0 if self.uniform is not None else _pointer(cache_seqlens)
         if part is not None:
             base = _pointer(part)
@@ -690,7 +731,7 @@ def _bhsd_strides(x, library: str, layout: str) -> tuple:
 
 
 def _new_plan(q, k_cache, v_cache, cache_seqlens, k_new, v_new, block_table, sinks, call,
-              scales=(None, None)) -> _Plan:
+              scales=(None, None), leftpad=None) -> _Plan:
     """Validate what only the GPU path needs, choose the kernels and pack the parameter block."""
     library, layout = call.info.library, call.layout
     paged = block_table is not None
@@ -745,6 +786,8 @@ def _new_plan(q, k_cache, v_cache, cache_seqlens, k_new, v_new, block_table, sin
         p["seqlens_stride"] = _strides(cache_seqlens, library)[0]
     else:
         p["uniform_seqlen"] = call.uniform
+    if leftpad is not None:
+        p["leftpad_stride"] = _strides(leftpad, library)[0]
     if paged:
         p["block_table_stride"] = _strides(block_table, library)[0]
         p["num_pages"] = call.num_pages
@@ -802,7 +845,7 @@ def _needs_copy(x, call) -> bool:
 # ------------------------------------------------------------------------------- hip
 
 def _run_hip(q, k_cache, v_cache, cache_seqlens, k_new, v_new, block_table, sinks, call,
-             outputs=None, scales=(None, None)):
+             outputs=None, scales=(None, None), leftpad=None):
     """(out, lse) of the HIP decode (xattn.hip.decode: append, split-KV decode, merge) on
     contiguous or paged caches (paged and FP8 caches: the portable decode), with sinks or
     without; the launch plan is cached per signature below this (xattn.hip.launch_decode), this
@@ -846,7 +889,7 @@ def _run_hip(q, k_cache, v_cache, cache_seqlens, k_new, v_new, block_table, sink
     hip.decode(bhsd(q), cache_view(k_cache), cache_view(v_cache), bhsd(k_new) if with_new else None,
                bhsd(v_new) if with_new else None, bhsd(out), lse,
                None if call.uniform is not None else cache_seqlens, call, workspace, stream,
-               block_table, sinks, scales if call.kv_format is not None else (None, None))
+               block_table, sinks, scales if call.kv_format is not None else (None, None), leftpad)
     return out, lse
 
 
@@ -867,24 +910,25 @@ def _contiguous_strides(shape) -> tuple:
 
 def launch_for_check(q, k_cache, v_cache, cache_seqlens, out, lse, workspace, *, k_new=None,
                      v_new=None, causal=True, scale=None, window=None, softcap=None,
-                     layout="bhsd", block_table=None, sinks=None, k_scale=None, v_scale=None):
+                     layout="bhsd", block_table=None, sinks=None, k_scale=None, v_scale=None,
+                     cache_leftpad=None):
     """The GPU launch below the public function, for kernel checks: validates as the public
     function does (cache_seqlens a device array, never read here), plans, and launches into the
     caller's out (layout's shape) and lse ((B, Hq, Sq) float32); workspace(n) returns n float32
     elements (poisoned by the caller) for the split partials."""
-    scales = (k_scale, v_scale)
+    scales, leftpad = (k_scale, v_scale), cache_leftpad
     call = _validate(q, k_cache, v_cache, cache_seqlens, k_new, v_new, causal, scale, window,
-                     softcap, layout, True, block_table, sinks, scales)
+                     softcap, layout, True, block_table, sinks, scales, leftpad)
     if backends.hip_on_cuda:  # the HIP decode serves CUDA memory (xattn.hip.on_cuda): no plan
         _run_hip(q, k_cache, v_cache, cache_seqlens, k_new, v_new, block_table, sinks, call,
-                 outputs=(out, lse, workspace), scales=scales)
+                 outputs=(out, lse, workspace), scales=scales, leftpad=leftpad)
         return None
     plan = _new_plan(q, k_cache, v_cache, cache_seqlens, k_new, v_new, block_table, sinks, call,
-                     scales)
+                     scales, leftpad)
     o = plan.params[0]["o"]  # the caller's out, whatever its strides (the plan assumed contiguous)
     st = _bhsd_strides(out, call.info.library, layout)
     o["batch_stride"], o["head_stride"], o["row_stride"] = st[:3]
     part = workspace(plan.workspace_floats) if plan.workspace_floats else None
     plan.run(q, k_cache, v_cache, cache_seqlens, k_new, v_new, block_table, sinks, scales,
-             outputs=(out, lse, part))
+             outputs=(out, lse, part), leftpad=leftpad)
     return plan

@@ -36,8 +36,9 @@ ATTN_PARAMS = np.dtype(
 # struct DecodeParams: the KV-cache decode kernels (flash_decode*.cu, launched by xattn/kvcache.py).
 DECODE_PARAMS = np.dtype(
     [(name, TENSOR_REF) for name in ("q", "k", "v", "o", "lse", "k_new", "v_new")]
-    + [(name, "<u8") for name in ("o_part", "lse_part", "cache_seqlens", "block_table", "sinks")]
-    + [("seqlens_stride", "<i8"), ("block_table_stride", "<i8")]
+    + [(name, "<u8") for name in ("o_part", "lse_part", "cache_seqlens", "block_table", "sinks",
+                                  "cache_leftpad")]
+    + [("seqlens_stride", "<i8"), ("block_table_stride", "<i8"), ("leftpad_stride", "<i8")]
     + [(name, "<i4") for name in ("uniform_seqlen", "batch_offset", "heads_q", "heads_per_kv",
                                   "seqlen_q", "seqlen_new", "seqlen_max", "head_dim", "window_left",
                                   "window_right", "num_splits", "m_blocks", "num_pages", "page_size")]

@@ -15,6 +15,11 @@ What transformers builds and what xattn receives:
   the 2-d boolean padding mask (B, Sk) of the keys the layer sees. With a padding mask the
   attention function unpads the real tokens, makes one xattn.attention_varlen call over all
   sequences, and pads the result back with zeros (FlashAttention-2's approach in transformers).
+  When all the padding is on the left (generate()'s prompts) and a layer has at most
+  LEFT_PADDED_MAX_QUERIES query tokens (decoding steps), the layer instead makes one
+  xattn.attention_with_kvcache call on its keys and values as they are, with cache_leftpad = the
+  pad counts: no gathers, no scatter, no host synchronization in the layers. The mask function
+  reads the mask on the host once per forward (is there padding, is it left padding).
 * Causal masking comes from `is_causal` (the module's, or the call's), bottom-right aligned:
   the queries are the last Sq of the Sk keys, which is how transformers' dynamic caches lay
   out keys (checked in the mask function: q_offset + Sq == kv_offset + Sk).
@@ -169,8 +174,17 @@ def padding_mask(batch_size, q_length, kv_length, q_offset=0, kv_offset=0, mask_
         raise ValueError(f"attention_mask: expected at least {kv_offset + kv_length} columns "
                          f"(one per token seen so far), got {attention_mask.shape[-1]}")
     mask = attention_mask[:, kv_offset:kv_offset + kv_length].to(torch.bool)
-    if not torch.compiler.is_compiling() and bool(mask.all()):
+    if torch.compiler.is_compiling():
+        return mask
+    # One read of the mask on the host per forward: is there padding at all, and is it all on
+    # the left (each row's keys a run that ends with the last key, as generate() pads prompts)?
+    pads = (~mask).sum(dim=1, dtype=torch.int32)
+    left = (mask == (torch.arange(kv_length, device=mask.device) >= pads[:, None])).all()
+    unpadded, left_only = torch.stack([pads.max() == 0, left]).tolist()
+    if unpadded:
         return None  # no padding: the dense path, no unpadding
+    if left_only:
+        setattr(mask, _LEFT_PADDING, pads)  # attention_forward's few-query path (_left_padded)
     return mask
 
 
@@ -234,12 +248,41 @@ def attention_forward(module, query, key, value, attention_mask, dropout=0.0, sc
                                      -1 if window is None else window[0],
                                      float(softcap) if softcap else 0.0)
         return out, None
+    pads = getattr(attention_mask, _LEFT_PADDING, None)
+    if (pads is not None and query.shape[2] <= LEFT_PADDED_MAX_QUERIES
+            and not _records_grad(query, key, value, sinks)):
+        return _left_padded(query, key, value, pads, options), None
     if attention_mask.dtype != torch.bool or attention_mask.ndim != 2:
         raise NotImplementedError(
             f"attn_implementation='xattn' takes the 2-d boolean padding mask its mask function "
             f"builds, got a {attention_mask.ndim}-d {attention_mask.dtype} mask (a custom mask "
             f"passed to the model?); use attn_implementation='sdpa'")
     return _padded(query, key, value, attention_mask, options), None
+
+
+# A padding mask whose padding is all on the left carries its per-row pad counts (int32 (B,), on
+# the device) under this attribute (padding_mask sets it): decoding steps of a left-padded batch
+# then need no unpadding. Up to LEFT_PADDED_MAX_QUERIES query tokens per layer go that way (one
+# attention_with_kvcache call with cache_leftpad straight on the layer's keys and values: no
+# gathers, no scatter, no host synchronization); longer queries (the prompt's forward) are
+# unpadded, where the prefill kernels are the fast ones.
+_LEFT_PADDING = "_xattn_left_padding"
+LEFT_PADDED_MAX_QUERIES = 16
+
+
+def _records_grad(*tensors) -> bool:
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
+def _left_padded(query, key, value, pads, options):
+    """Attention of (B, H, Sq, D) queries against (B, Hk, Sk, D) keys and values whose row b
+    starts with pads[b] padding keys: the last Sk - pads[b] keys are the sequence's, the queries
+    its last Sq tokens. Output (B, Sq, H, D); a query row with no key of its own gets zeros, as
+    the unpadding path gives."""
+    out = xattn.attention_with_kvcache(
+        *(x.transpose(1, 2) for x in (query, key, value)), cache_seqlens=key.shape[2],
+        cache_leftpad=pads, layout="bshd", **options)
+    return out
 
 
 def _unpad(mask):

@@ -209,8 +209,9 @@ MATRIX_KERNEL(flash_decode, )(const DecodeParams p) {
     for (int tile = tile_begin; tile < tile_end; ++tile) {
         const int n_start = tile * BLOCK_N;
         __syncthreads();  // every wave is done with the previous K and V^T tiles (and with sQ)
-        load_tile<BLOCK_N, KQ_STRIDE, 0>(sK, nullptr, k + (i64)n_start * k_row_stride, k_row_stride, seqlen_k - n_start, head_dim, tid);
-        load_tile<BLOCK_N, 0, VT_STRIDE>(nullptr, sVt, v + (i64)n_start * v_row_stride, v_row_stride, seqlen_k - n_start, head_dim, tid);
+        const int padding_rows = max(0, leftpad - n_start);  // never read: zeros
+        load_tile<BLOCK_N, KQ_STRIDE, 0>(sK, nullptr, k + (i64)n_start * k_row_stride, k_row_stride, seqlen_k - n_start, head_dim, tid, padding_rows);
+        load_tile<BLOCK_N, 0, VT_STRIDE>(nullptr, sVt, v + (i64)n_start * v_row_stride, v_row_stride, seqlen_k - n_start, head_dim, tid, padding_rows);
         __syncthreads();  // K and V^T tiles visible to every wave
         if (wave_row_start >= rows) continue;
 

@@ -155,14 +155,15 @@ __device__ __forceinline__ i64 cache_row_offset(const CacheRows& c, int j) {
 #endif
 }
 
-// Copy cache rows [row0, row0 + rows) of head_dim elements into LDS as float32, zeros for rows at
-// or past row0 + valid_rows and columns >= head_dim: rows past Sk_b (and their pages, and their
-// entries of the block table) are never read.
+// Copy cache rows [row0, row0 + rows) of head_dim elements into LDS as float32, zeros for rows
+// before row0 + skip_rows or at or past row0 + valid_rows and for columns >= head_dim: the left
+// padding and the rows past Sk_b (and their pages, and their entries of the block table) are never
+// read.
 __device__ __forceinline__ void load_rows(float* smem, int smem_stride, const cache_t* head, const CacheRows& c,
-                                          int row0, int rows, int valid_rows, int head_dim, int tid) {
+                                          int row0, int rows, int skip_rows, int valid_rows, int head_dim, int tid) {
     for (int e = tid; e < rows * HEAD_DIM; e += NUM_THREADS) {
         const int row = e / HEAD_DIM, col = e % HEAD_DIM;
-        const bool valid = row < valid_rows && col < head_dim;
+        const bool valid = row >= skip_rows && row < valid_rows && col < head_dim;
         smem[row * smem_stride + col] = valid ? cache_to_float(head[cache_row_offset(c, row0 + row) + col]) : 0.f;
     }
 }
@@ -253,8 +254,9 @@ flash_decode_portable(const DecodeParams p) {
     for (int tile = tile_begin; tile < tile_end; ++tile) {
         const int n_start = tile * BLOCK_N;
         __syncthreads();  // every wave is done with the previous K, V and P tiles
-        load_rows(sK, QK_STRIDE, k, k_rows, n_start, BLOCK_N, seqlen_k - n_start, head_dim, tid);
-        load_rows(sV, HEAD_DIM, v, v_rows, n_start, BLOCK_N, seqlen_k - n_start, head_dim, tid);
+        const int padding_rows = max(0, leftpad - n_start);  // never read: zeros
+        load_rows(sK, QK_STRIDE, k, k_rows, n_start, BLOCK_N, padding_rows, seqlen_k - n_start, head_dim, tid);
+        load_rows(sV, HEAD_DIM, v, v_rows, n_start, BLOCK_N, padding_rows, seqlen_k - n_start, head_dim, tid);
         __syncthreads();  // K and V tiles (and, the first time, Q) visible to every wave
 
         // S = Q K^T: this lane's key against its rows.

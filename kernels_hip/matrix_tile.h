@@ -30,18 +30,18 @@
 // Copy a ROWS x HEAD_DIM tile from global memory into LDS: as stored into `rows` ([row][dim], row
 // stride STRIDE) and/or transposed into `cols` ([dim][row], row stride T_STRIDE); a null destination
 // is skipped (the calls pass literal nullptr, so the test folds away). Both from one global read
-// when a kernel needs both forms. Zeros for rows >= valid_rows and columns >= head_dim: padded dims
-// must add nothing, and rows past the end meet a zero factor, which would still turn a NaN bit
-// pattern into NaN.
+// when a kernel needs both forms. Zeros for rows >= valid_rows, rows < skip_rows (the decode's left
+// padding) and columns >= head_dim: padded dims must add nothing, and rows outside the keys meet a
+// zero factor, which would still turn a NaN bit pattern into NaN.
 template <int ROWS, int STRIDE, int T_STRIDE>
 __device__ __forceinline__ void load_tile(u16* rows, u16* cols, const u16* gmem, i64 row_stride,
-                                          int valid_rows, int head_dim, int tid) {
+                                          int valid_rows, int head_dim, int tid, int skip_rows = 0) {
 #if VEC_LOADS
     constexpr int CHUNKS = ROWS * HEAD_DIM / CHUNK;
     for (int c = tid; c < CHUNKS; c += NUM_THREADS) {
         const int row = c / (HEAD_DIM / CHUNK), col = (c % (HEAD_DIM / CHUNK)) * CHUNK;
         uint4 chunk = make_uint4(0, 0, 0, 0);
-        if (row < valid_rows && col < head_dim) chunk = *(const uint4*)(gmem + row * row_stride + col);
+        if (row >= skip_rows && row < valid_rows && col < head_dim) chunk = *(const uint4*)(gmem + row * row_stride + col);
         if (cols != nullptr) {
             const u16* e = (const u16*)&chunk;
 #pragma unroll
@@ -59,7 +59,7 @@ __device__ __forceinline__ void load_tile(u16* rows, u16* cols, const u16* gmem,
 #pragma unroll 1
     for (int e = tid; e < ROWS * HEAD_DIM; e += NUM_THREADS) {
         const int row = e / HEAD_DIM, col = e % HEAD_DIM;
-        const u16 x = row < valid_rows && col < head_dim ? gmem[row * row_stride + col] : (u16)0;
+        const u16 x = row >= skip_rows && row < valid_rows && col < head_dim ? gmem[row * row_stride + col] : (u16)0;
         if (rows != nullptr) rows[row * STRIDE + col] = x;
         if (cols != nullptr) cols[col * T_STRIDE + row] = x;
     }

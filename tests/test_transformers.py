@@ -365,15 +365,22 @@ def test_static_cache_under_torch_compile_reduce_overhead():
 
 def test_static_cache_mask_lengths_come_from_the_cache_position_on_the_device():
     """The mask hook of a decoding step: the cache holds 5 tokens (q_offset, a tensor), the new
-    one makes 6 rows of 8 filled; row 1 has 2 padding tokens on the left."""
+    one makes 6 rows of 8 filled; row 1 has 2 padding tokens on the left (the cache_leftpad
+    form), or a padding token inside (the gather form)."""
     mask = torch.ones(2, 6, dtype=torch.long)
     mask[1, :2] = 0
     got = xattn_hf.padding_mask(2, 1, 8, q_offset=torch.tensor(5), attention_mask=mask,
                                 device=torch.device("cpu"))
+    assert got.dtype == torch.int32 and got.shape == (2, 1, 2, 1)
+    assert got[:, 0, 0, 0].tolist() == [6, 6]  # each sequence's keys end at row 6
+    assert got[:, 0, 1, 0].tolist() == [0, 2]  # and start after its left padding
+    mask[1, :2], mask[1, 3] = 1, 0  # not left padding
+    got = xattn_hf.padding_mask(2, 1, 8, q_offset=torch.tensor(5), attention_mask=mask,
+                                device=torch.device("cpu"))
     assert got.dtype == torch.int32 and got.shape == (2, 1, 1, 9)
-    assert got[:, 0, 0, 0].tolist() == [6, 4]  # keys per sequence
+    assert got[:, 0, 0, 0].tolist() == [6, 5]  # keys per sequence
     assert got[0, 0, 0, 1:7].tolist() == [0, 1, 2, 3, 4, 5]  # the real rows, first and in order
-    assert got[1, 0, 0, 1:5].tolist() == [2, 3, 4, 5]
+    assert got[1, 0, 0, 1:6].tolist() == [0, 1, 2, 4, 5]
     unpadded = xattn_hf.padding_mask(2, 3, 8, q_offset=0, attention_mask=None,
                                      device=torch.device("cpu"))
     assert unpadded.shape == (2, 1, 1, 1) and unpadded.flatten().tolist() == [3, 3]
@@ -387,13 +394,15 @@ def test_static_cache_attention_op_passes_opcheck():
     keys, values = (torch.randn(2, 2, 8, 16, generator=rng) for _ in range(2))
     mask = torch.tensor([[6, 0, 1, 2, 3, 4, 5, 6, 7], [4, 2, 3, 4, 5, 0, 1, 6, 7]],
                         dtype=torch.int32).view(2, 1, 1, 9)
-    torch.library.opcheck(xattn_hf.static_cache_attention, (query, keys, values, mask, 0.25, -1, 0.0))
-    out = xattn_hf.static_cache_attention(query, keys, values, mask, 0.25, -1, 0.0)
-    for row, (start, end) in enumerate([(0, 6), (2, 6)]):
-        want, _ = xattn.exact_attention(query[row:row + 1], keys[row:row + 1, :, start:end],
-                                        values[row:row + 1, :, start:end], causal=True, scale=0.25)
-        got = out[row:row + 1].transpose(1, 2)
-        assert rel_error(got, torch.from_numpy(want)) <= LOGIT_TOLERANCE[torch.float32], row
+    left = torch.tensor([[6, 0], [6, 2]], dtype=torch.int32).view(2, 1, 2, 1)  # the same keys
+    for form in (mask, left):
+        torch.library.opcheck(xattn_hf.static_cache_attention, (query, keys, values, form, 0.25, -1, 0.0))
+        out = xattn_hf.static_cache_attention(query, keys, values, form, 0.25, -1, 0.0)
+        for row, (start, end) in enumerate([(0, 6), (2, 6)]):
+            want, _ = xattn.exact_attention(query[row:row + 1], keys[row:row + 1, :, start:end],
+                                            values[row:row + 1, :, start:end], causal=True, scale=0.25)
+            got = out[row:row + 1].transpose(1, 2)
+            assert rel_error(got, torch.from_numpy(want)) <= LOGIT_TOLERANCE[torch.float32], row
 
 
 def test_static_cache_with_a_sliding_window_is_refused_not_misaligned():

@@ -32,13 +32,14 @@ What transformers builds and what xattn receives:
   cache, of which the first q_offset + Sq rows are filled (q_offset: the cache's length before
   this step, a device tensor after the first step). The mask function returns an int32 4-d
   tensor instead (transformers passes 4-d masks through unchanged): the filled length of each
-  sequence, computed on the device (no host synchronization, so the step can be captured in a
-  CUDA graph), and, when a padding mask is present, the order that puts each sequence's real
-  keys first. The attention function
-  then calls xattn.attention_with_kvcache on the cache (through the torch op
-  xattn_transformers::static_cache_attention, so torch.compile traces it as one node). Padding
-  costs one gather of the cache per layer, since attention_with_kvcache has no per-sequence
-  start offset; only causal layers (no sliding window) are served this way.
+  sequence, computed on the device (the compiled step reads nothing on the host, so it can be
+  captured in a CUDA graph), and, when a padding mask is present, each sequence's first key
+  where all padding is on the left (generate()'s prompts; checked on the host once per step,
+  before the compiled step), else the order that puts each sequence's real keys first. The
+  attention function then calls xattn.attention_with_kvcache on the cache (through the torch op
+  xattn_transformers::static_cache_attention, so torch.compile traces it as one node), with
+  cache_leftpad for left padding; other padding costs one gather of the cache per layer. Only
+  causal layers (no sliding window) are served this way.
 * What xattn cannot express raises rather than being dropped: attention dropout in training
   (ValueError), mask patterns other than causal, bidirectional, sliding window and padding
   (packed sequences, custom or/and mask functions, 4-d masks), static caches with
@@ -106,10 +107,15 @@ def _static_cache_mask(batch_size, q_length, kv_length, q_offset, mask_function,
 
     transformers passes a 4-d tensor mask through the model unchanged (generate() builds the
     mask of a compilable cache before the compiled step, and the model's own mask call must then
-    leave it alone), so the mask is one: int32 (B, 1, 1, 1 + L). [b, 0, 0, 0] is the number of
-    keys of sequence b; [b, 0, 0, 1:] (present when there is a padding mask, L = kv_length) is
-    the order of the cache rows that puts sequence b's real keys first. Computed on the device
-    from the cache's position, never read on the host."""
+    leave it alone), so the mask is one, int32, in one of three forms. [b, 0, 0, 0] is always
+    the number of cache rows of sequence b (its keys end there).
+      (B, 1, 1, 1): no padding mask: the keys are rows [0, [b, 0, 0, 0]).
+      (B, 1, 2, 1): padding on the left only (generate()'s prompts): [b, 0, 1, 0] is sequence
+        b's first key (attention_with_kvcache's cache_leftpad).
+      (B, 1, 1, 1 + L): any other padding (L = kv_length): [b, 0, 0, 1:] is the order of the
+        cache rows that puts sequence b's real keys first (one gather of the cache per layer).
+    Computed on the device from the cache's position. Outside torch.compile, whether the padding
+    is all on the left is read on the host (once per step: this runs before the compiled step)."""
     from transformers import masking_utils as mu
 
     if mask_function is not None and _mask_parts(mask_function) != [mu.causal_mask_function]:
@@ -125,12 +131,17 @@ def _static_cache_mask(batch_size, q_length, kv_length, q_offset, mask_function,
         raise NotImplementedError(f"attn_implementation='xattn' takes a 2-d padding mask "
                                   f"(batch, keys), got shape {tuple(attention_mask.shape)}")
     # Real keys: unpadded and filled. The mask may be shorter than the cache (one column per
-    # token seen so far) or longer; unfilled rows are never real. Whether there is any padding
-    # is not asked: that would read the mask on the host at every step.
+    # token seen so far) or longer; unfilled rows are never real.
     columns = min(attention_mask.shape[-1], kv_length)
     real = torch.zeros(batch_size, kv_length, dtype=torch.bool, device=device)
     real[:, :columns] = attention_mask[:, :columns].to(device=device, dtype=torch.bool)
-    real &= torch.arange(kv_length, device=device) < filled
+    rows = torch.arange(kv_length, device=device)
+    real &= rows < filled
+    if not torch.compiler.is_compiling():
+        pads = filled - real.sum(dim=1, dtype=torch.int32)  # the first key, with left padding only
+        if bool((real == ((rows >= pads[:, None]) & (rows < filled))).all()):
+            lengths = torch.zeros(batch_size, dtype=torch.int32, device=device) + filled
+            return torch.stack([lengths, pads], dim=1).view(batch_size, 1, 2, 1)
     # A stable sort of "not real" puts the real rows first, in their order. The queries are then
     # the last rows of each sequence's real keys (bottom-right aligned), which holds when the
     # padding precedes them, as generate()'s left padding does.
@@ -140,7 +151,8 @@ def _static_cache_mask(batch_size, q_length, kv_length, q_offset, mask_function,
 
 
 def _is_static_cache_mask(mask) -> bool:
-    return mask.ndim == 4 and mask.dtype == torch.int32 and mask.shape[1:3] == (1, 1)
+    return (mask.ndim == 4 and mask.dtype == torch.int32 and mask.shape[1] == 1
+            and (mask.shape[2] == 1 or mask.shape[2:] == (2, 1)))
 
 
 def padding_mask(batch_size, q_length, kv_length, q_offset=0, kv_offset=0, mask_function=None,
@@ -349,13 +361,14 @@ def static_cache_attention(query: torch.Tensor, keys: torch.Tensor, values: torc
     An op of its own so that torch.compile (and its CUDA graphs) treats the call as one node;
     the cache is only read (transformers has already written the new rows)."""
     lengths = mask[:, 0, 0, 0].contiguous()
-    if mask.shape[-1] > 1:  # padding: each sequence's real rows first, one gather per layer
+    leftpad = mask[:, 0, 1, 0].contiguous() if mask.shape[2] == 2 else None  # left padding
+    if mask.shape[-1] > 1:  # other padding: each sequence's real rows first, one gather per layer
         order = mask[:, 0, 0, 1:].long()
         index = order[:, None, :, None].expand(*keys.shape[:2], -1, keys.shape[-1])
         keys, values = keys.gather(2, index), values.gather(2, index)
     with torch.no_grad():  # inference only, as attention_with_kvcache requires
         out = xattn.attention_with_kvcache(
-            query, keys, values, cache_seqlens=lengths, causal=True, scale=scale,
+            query, keys, values, cache_seqlens=lengths, cache_leftpad=leftpad, causal=True, scale=scale,
             window=None if window_left < 0 else (window_left, 0), softcap=softcap or None)
     return out.transpose(1, 2).contiguous()
 

@@ -12,8 +12,9 @@ and a packed batch, after 20 warm-up calls.
 --generate: one decoding step of a Hugging Face dynamic cache as the transformers integration
 makes it (xattn.attention on (B, 1, H, D) queries against (B, Hk, Sk, D) caches, Sk one longer
 at every call), beside the same calls at a fixed Sk and SDPA's; then cProfile of the growing one.
-Then `bench --model`'s dynamic-cache generate() (1b model, left-padded prompts, and the same
-prompts unpadded) with "xattn" and "sdpa", and cProfile of xattn's padded one.
+Then `bench --model`'s dynamic-cache generate() (1b model, left-padded prompts, the same
+prompts unpadded, and one unpadded 8192-token prompt) with "xattn" and "sdpa", and cProfile of
+xattn's padded one (--generate-model: only this part).
 """
 
 import argparse
@@ -238,9 +239,10 @@ def generate_model():
     ids, mask = bench_model.prompts(size, torch.device("cuda"))
     options = dict(do_sample=False, max_new_tokens=size.new_tokens, min_new_tokens=size.new_tokens,
                    pad_token_id=bench_model.PAD)
-    tokens = ids.shape[0] * size.new_tokens
+    long_ids = torch.randint(3, size.vocab, (1, 8192), device="cuda")
     runs = {"padded": dict(input_ids=ids, attention_mask=mask),
-            "unpadded": dict(input_ids=ids, attention_mask=torch.ones_like(mask))}
+            "unpadded": dict(input_ids=ids, attention_mask=torch.ones_like(mask)),
+            "one 8192-token prompt": dict(input_ids=long_ids, attention_mask=torch.ones_like(long_ids))}
     with torch.no_grad():
         for implementation in ("xattn", "sdpa"):
             model.set_attn_implementation(implementation)
@@ -250,8 +252,9 @@ def generate_model():
                 began = time.perf_counter()
                 model.generate(**inputs, **options)
                 torch.cuda.synchronize()
-                print(f"{tokens / (time.perf_counter() - began):8.1f} tok/s  generate, "
-                      f"{implementation}, {name}")
+                made = inputs["input_ids"].shape[0] * size.new_tokens
+                print(f"{made / (time.perf_counter() - began):8.1f} tok/s  generate, "
+                      f"{implementation}, {name} (prefill included)")
         model.set_attn_implementation("xattn")
         profile = cProfile.Profile()
         profile.enable()
@@ -268,8 +271,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--cprofile", action="store_true")
     parser.add_argument("--generate", action="store_true")
+    parser.add_argument("--generate-model", action="store_true")
     args = parser.parse_args()
-    generate() if args.generate else cprofile() if args.cprofile else stages()
+    if args.generate_model:
+        generate_model()
+    else:
+        generate() if args.generate else cprofile() if args.cprofile else stages()
 
 
 if __name__ == "__main__":

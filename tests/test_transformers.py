@@ -424,7 +424,7 @@ def test_a_padded_forward_unpads_its_mask_once(monkeypatch):
     mine, peer = models("llama", "cpu", torch.float32)
     assert mine.config.num_hidden_layers > 1
     # more query tokens than the left-padded path takes (below), so the forward unpads
-    ids, mask = left_padded([integration.LEFT_PADDED_MAX_QUERIES + 4, 4, 6], 4, "cpu")
+    ids, mask = left_padded([integration.FEW_QUERIES + 4, 4, 6], 4, "cpu")
     with torch.no_grad():
         got = mine(ids, attention_mask=mask).logits
         want = peer(ids, attention_mask=mask).logits
@@ -443,7 +443,8 @@ def test_an_unmasked_forward_returns_xattn_output_without_a_copy(monkeypatch):
     real = xattn.attention
     monkeypatch.setattr(integration.xattn, "attention",
                         lambda *args, **kwargs: made.append(real(*args, **kwargs)) or made[-1])
-    batch, heads, kv_heads, length, head_dim = 2, 4, 2, 7, 16
+    # more queries than a decoding step's (those take attention_with_kvcache)
+    batch, heads, kv_heads, length, head_dim = 2, 4, 2, integration.FEW_QUERIES + 3, 16
     projected = [torch.randn(batch, length, h, head_dim) for h in (heads, kv_heads, kv_heads)]
     query, key, value = (x.transpose(1, 2) for x in projected)  # as transformers passes them
     module = torch.nn.Module()
@@ -456,10 +457,11 @@ def test_an_unmasked_forward_returns_xattn_output_without_a_copy(monkeypatch):
     assert torch.equal(out, want.transpose(1, 2))
 
 
-def test_left_padded_decoding_needs_no_unpadding(monkeypatch):
+def test_decoding_steps_take_the_decode_kernels(monkeypatch):
     """generate() on left-padded prompts: every layer's few-query steps go to
     attention_with_kvcache with cache_leftpad on the keys as they are (no unpadding at all), and
-    the tokens are the peer's; a right-padded mask still unpads."""
+    the tokens are the peer's; unpadded prompts too (no cache_leftpad); a right-padded mask still
+    unpads."""
     from xattn.integrations import transformers as integration
 
     unpads, decodes = [], []
@@ -477,6 +479,12 @@ def test_left_padded_decoding_needs_no_unpadding(monkeypatch):
     steps = GENERATE["max_new_tokens"]  # the prompt's forward (9 tokens) and steps - 1 more
     assert len(decodes) == steps * mine.config.num_hidden_layers
     assert decodes[0].tolist() == [0, 5, 3]
+    decodes.clear()
+    with torch.no_grad():  # without padding: the decode kernels too, with no cache_leftpad
+        got = mine.generate(ids, attention_mask=torch.ones_like(ids), **GENERATE)
+        want = peer.generate(ids, attention_mask=torch.ones_like(ids), **GENERATE)
+    assert torch.equal(got, want)
+    assert len(decodes) == steps * mine.config.num_hidden_layers and decodes[0] is None
     right = mask.flip(1)  # padding on the right: not left padding, unpadded as before
     with torch.no_grad():
         mine(ids.flip(1), attention_mask=right)

@@ -15,11 +15,12 @@ What transformers builds and what xattn receives:
   the 2-d boolean padding mask (B, Sk) of the keys the layer sees. With a padding mask the
   attention function unpads the real tokens, makes one xattn.attention_varlen call over all
   sequences, and pads the result back with zeros (FlashAttention-2's approach in transformers).
-  When all the padding is on the left (generate()'s prompts) and a layer has at most
-  LEFT_PADDED_MAX_QUERIES query tokens (decoding steps), the layer instead makes one
-  xattn.attention_with_kvcache call on its keys and values as they are, with cache_leftpad = the
-  pad counts: no gathers, no scatter, no host synchronization in the layers. The mask function
-  reads the mask on the host once per forward (is there padding, is it left padding).
+* Decoding steps (at most FEW_QUERIES query tokens, no gradient, not under torch.compile) make
+  one xattn.attention_with_kvcache call on the layer's keys and values as they are: the
+  split-KV decode kernel, which spreads a long cache over the whole GPU. With padding that is
+  all on the left (generate()'s prompts) it takes cache_leftpad = the pad counts: no gathers, no
+  scatter, no host synchronization in the layers; the mask function reads the mask on the host
+  once per forward (is there padding, is it left padding). Other padding is unpadded as above.
 * Causal masking comes from `is_causal` (the module's, or the call's), bottom-right aligned:
   the queries are the last Sq of the Sk keys, which is how transformers' dynamic caches lay
   out keys (checked in the mask function: q_offset + Sq == kv_offset + Sk).
@@ -196,7 +197,7 @@ def padding_mask(batch_size, q_length, kv_length, q_offset=0, kv_offset=0, mask_
     if unpadded:
         return None  # no padding: the dense path, no unpadding
     if left_only:
-        setattr(mask, _LEFT_PADDING, pads)  # attention_forward's few-query path (_left_padded)
+        setattr(mask, _LEFT_PADDING, pads)  # attention_forward's decoding path (_few_queries)
     return mask
 
 
@@ -239,8 +240,15 @@ def attention_forward(module, query, key, value, attention_mask, dropout=0.0, sc
         window = (int(sliding_window) - 1, 0)  # W keys: itself and the W - 1 before it
     options = dict(causal=causal, scale=scaling, window=window,
                    softcap=softcap if softcap else None, sinks=sinks)
+    # A decoding step (few queries, nothing to differentiate): the split-KV decode kernel, which
+    # spreads a long cache over the GPU where the forward kernel has one block per query tile.
+    # Not under torch.compile, which traces attention() as one op.
+    few_queries = (query.shape[2] <= FEW_QUERIES and not torch.compiler.is_compiling()
+                   and not _records_grad(query, key, value, sinks))
 
     if attention_mask is None:
+        if few_queries:
+            return _few_queries(query, key, value, None, options), None
         # transformers' projections make (B, S, H, D) tensors and hand over (B, H, S, D) views of
         # them: taken as "bshd", the output is allocated (B, S, H, D), the layout the hook
         # returns, so no copy of it is made and the tensor autograd saves for xattn's backward
@@ -261,9 +269,8 @@ def attention_forward(module, query, key, value, attention_mask, dropout=0.0, sc
                                      float(softcap) if softcap else 0.0)
         return out, None
     pads = getattr(attention_mask, _LEFT_PADDING, None)
-    if (pads is not None and query.shape[2] <= LEFT_PADDED_MAX_QUERIES
-            and not _records_grad(query, key, value, sinks)):
-        return _left_padded(query, key, value, pads, options), None
+    if pads is not None and few_queries:
+        return _few_queries(query, key, value, pads, options), None
     if attention_mask.dtype != torch.bool or attention_mask.ndim != 2:
         raise NotImplementedError(
             f"attn_implementation='xattn' takes the 2-d boolean padding mask its mask function "
@@ -274,23 +281,25 @@ def attention_forward(module, query, key, value, attention_mask, dropout=0.0, sc
 
 # A padding mask whose padding is all on the left carries its per-row pad counts (int32 (B,), on
 # the device) under this attribute (padding_mask sets it): decoding steps of a left-padded batch
-# then need no unpadding. Up to LEFT_PADDED_MAX_QUERIES query tokens per layer go that way (one
-# attention_with_kvcache call with cache_leftpad straight on the layer's keys and values: no
-# gathers, no scatter, no host synchronization); longer queries (the prompt's forward) are
-# unpadded, where the prefill kernels are the fast ones.
+# then need no unpadding.
 _LEFT_PADDING = "_xattn_left_padding"
-LEFT_PADDED_MAX_QUERIES = 16
+# Up to this many query tokens per layer, without gradients, a layer makes one
+# attention_with_kvcache call straight on its keys and values (with cache_leftpad under left
+# padding: no gathers, no scatter, no host synchronization); longer queries (a prompt's forward)
+# take attention() or the unpadding path, where the prefill kernels are the fast ones.
+FEW_QUERIES = 16
 
 
 def _records_grad(*tensors) -> bool:
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
-def _left_padded(query, key, value, pads, options):
-    """Attention of (B, H, Sq, D) queries against (B, Hk, Sk, D) keys and values whose row b
-    starts with pads[b] padding keys: the last Sk - pads[b] keys are the sequence's, the queries
-    its last Sq tokens. Output (B, Sq, H, D); a query row with no key of its own gets zeros, as
-    the unpadding path gives."""
+def _few_queries(query, key, value, pads, options):
+    """Attention of (B, H, Sq, D) queries against (B, Hk, Sk, D) keys and values, the queries
+    the last Sq tokens, through the decode kernels. pads: None, or int32 (B,) on the device:
+    row b starts with pads[b] padding keys (the sequence's keys are its last Sk - pads[b]).
+    Output (B, Sq, H, D); a query row with no key of its own gets zeros, as the unpadding path
+    gives."""
     out = xattn.attention_with_kvcache(
         *(x.transpose(1, 2) for x in (query, key, value)), cache_seqlens=key.shape[2],
         cache_leftpad=pads, layout="bshd", **options)

@@ -19,6 +19,7 @@ xattn's padded one (--generate-model: only this part).
 
 import argparse
 import cProfile
+import os
 import collections
 import functools
 import io
@@ -193,6 +194,11 @@ def generate(layers=16, steps=48, rounds=3):
         k, v = caches[0][n], caches[1][n]
         return xattn.attention(q, k.transpose(1, 2), v.transpose(1, 2), layout="bshd", causal=True)
 
+    def kvcache_step(n):  # the transformers integration's decoding path
+        k, v = caches[0][n], caches[1][n]
+        return xattn.attention_with_kvcache(q, k.transpose(1, 2), v.transpose(1, 2),
+                                            cache_seqlens=n, layout="bshd", causal=True)
+
     def sdpa_step(n):
         k, v = caches[0][n], caches[1][n]
         return F.scaled_dot_product_attention(q.transpose(1, 2), k, v, enable_gqa=True)
@@ -212,9 +218,12 @@ def generate(layers=16, steps=48, rounds=3):
         return best * 1e6 / (steps * layers)
 
     with torch.no_grad():
-        for name, step in (("xattn", xattn_step), ("sdpa", sdpa_step)):
+        for name, step in (("xattn", xattn_step), ("xattn attention_with_kvcache", kvcache_step),
+                           ("sdpa", sdpa_step)):
             print(f"{timed(step, False):8.1f} us  {name}, Sk growing (a step's first call: a new shape)")
             print(f"{timed(step, True):8.1f} us  {name}, Sk fixed")
+        if os.environ.get("NO_PROFILE"):
+            return
         profile = cProfile.Profile()
         first = start + rounds * steps
         profile.enable()

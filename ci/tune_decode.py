@@ -32,6 +32,14 @@ from xattn import configs, kvcache
 from xattn.bench import _decode_caches, _sdpa_decode, _timer
 
 
+def _decode_inputs(batch, heads_q, heads_k, seqlen, head_dim):
+    """The bench's decode step: q (B, Hq, 1, D), full bf16 caches (B, Hk, Sk, D), lengths Sk."""
+    q = torch.randn(batch, heads_q, 1, head_dim, device="cuda", dtype=torch.bfloat16)
+    k, v = (torch.randn(batch, heads_k, seqlen, head_dim, device="cuda", dtype=torch.bfloat16)
+            for _ in range(2))
+    return q, k, v, torch.full((batch,), seqlen, dtype=torch.int32, device="cuda")
+
+
 def _variant_rows(specs, head_dim):
     """(name, table row) of each --variants spec applied to the sm_90 decode row at head_dim."""
     arch = int(torch.cuda.get_device_capability()[0] * 10 + torch.cuda.get_device_capability()[1])
@@ -55,16 +63,12 @@ def _use_row(base, row, defines):
 def main_variants(args, timer) -> None:
     """Each variant of the decode row beside SDPA's cuDNN, alternated over args.rounds rounds."""
     batch, heads_q, head_dim = 8, 32, 128
-    rows = _variant_rows(args.variants, head_dim)
-    forms = rows
+    forms = _variant_rows(args.variants, head_dim)
     print("Hk      Sk  variant                               splits  GPU us (median of rounds)  "
           "TB/s  cuDNN/this")
     for heads_k in args.heads_k:
         for seqlen in args.seqlens:
-            q = torch.randn(batch, heads_q, 1, head_dim, device="cuda", dtype=torch.bfloat16)
-            k, v = (torch.randn(batch, heads_k, seqlen, head_dim, device="cuda", dtype=torch.bfloat16)
-                    for _ in range(2))
-            lengths = torch.full((batch,), seqlen, dtype=torch.int32, device="cuda")
+            q, k, v, lengths = _decode_inputs(batch, heads_q, heads_k, seqlen, head_dim)
             kv_bytes = 2 * k.numel() * k.element_size()
             cudnn = _sdpa_decode("cudnn", gqa=heads_k != heads_q)
             times = {"cuDNN": []} | {name: [] for name, _, _, _ in forms}
@@ -112,10 +116,7 @@ def main() -> None:
     print("cache    Hk      Sk  L2  page  splits  GPU us  TB/s  host us/call  (splits 0*: the planner's choice)")
     for heads_k in args.heads_k:
         for seqlen in args.seqlens:
-            q = torch.randn(batch, heads_q, 1, head_dim, device="cuda", dtype=torch.bfloat16)
-            k, v = (torch.randn(batch, heads_k, seqlen, head_dim, device="cuda", dtype=torch.bfloat16)
-                    for _ in range(2))
-            lengths = torch.full((batch,), seqlen, dtype=torch.int32, device="cuda")
+            q, k, v, lengths = _decode_inputs(batch, heads_q, heads_k, seqlen, head_dim)
             gen = torch.Generator().manual_seed(0)
             forms = [(fp8, page) for fp8 in ([False, True] if args.fp8 else [False])
                      for page in args.paged]

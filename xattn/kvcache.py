@@ -39,7 +39,7 @@ import numpy as np
 from xattn import arrays, backends, configs, kernels, launch, params, reference
 from xattn.call import (GPU_DTYPES, LAYOUTS, REFERENCE_DTYPES, band, check_block_table, check_bool,
                         check_dtype, check_groups, check_head_dim, check_like_q, check_no_grad,
-                        check_scale, check_sinks, check_softcap)
+                        check_scale, check_sinks, check_softcap, check_vector)
 
 _LIBRARIES = ("numpy", "torch", "cupy")  # the caches are written in place: real arrays only
 
@@ -385,17 +385,7 @@ def _check_leftpad(cache_leftpad, info, batch, lengths):
     for a GPU array."""
     if cache_leftpad is None:
         return np.zeros(batch, dtype=np.int64) if lengths is not None else None
-    try:
-        pads = arrays.describe(cache_leftpad, "cache_leftpad")
-    except TypeError:
-        raise TypeError(f"cache_leftpad: expected an int32 array (B,), got "
-                        f"{type(cache_leftpad).__module__}.{type(cache_leftpad).__qualname__}") from None
-    check_like_q("cache_leftpad", pads, info)
-    if pads.dtype != "int32":
-        raise TypeError(f"cache_leftpad: expected dtype int32, got {pads.dtype}")
-    if tuple(pads.shape) != (batch,):
-        raise ValueError(f"cache_leftpad: expected shape ({batch},) (the batch size of q), got "
-                         f"{tuple(pads.shape)}")
+    pads = check_vector("cache_leftpad", cache_leftpad, info, "int32", batch, "B", "the batch size of q")
     if info.device != "cpu":
         return None
     values = np.asarray(arrays.to_host_numpy(cache_leftpad, pads), dtype=np.int64)

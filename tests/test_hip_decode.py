@@ -349,6 +349,32 @@ def test_hip_decode_plans_once_per_signature(target, monkeypatch, stand_in_launc
         kvcache.num_splits.cache_clear()
 
 
+@pytest.mark.parametrize("target", ["gfx90a", "gfx1201"])
+def test_hip_decode_pointers_of_one_call_do_not_outlive_it(target, monkeypatch, stand_in_launches):
+    """Sinks are read at run time (null: none) and are not part of the plan's signature: a call
+    with them and a later call of the same signature without them share the plan's block, and
+    the later call's block must hold a null pointer, not the freed array of the earlier one
+    (which the hip-on-cuda property runs once read as sinks: a finite lse for a row with no key)."""
+    torch = pytest.importorskip("torch")
+    monkeypatch.setattr(launch, "multiprocessors", lambda device: 8)
+    monkeypatch.setattr(kvcache, "_FORCED_SPLITS", 1)
+    kvcache.num_splits.cache_clear()
+    case = dict(window=(-1, 0), softcap=0.0, new=0, lengths="device")
+    try:
+        first = _decode_call(torch, case)
+        sinks = torch.zeros(first[0].shape[1])
+        hip.launch_decode(stand_in_launches.compile, target, *first, torch.zeros, stream=1,
+                          sinks=sinks)
+        [with_sinks] = stand_in_launches.launches
+        assert with_sinks.block[0]["sinks"] == sinks.data_ptr()
+        hip.launch_decode(stand_in_launches.compile, target, *_decode_call(torch, case),
+                          torch.zeros, stream=2)
+        [without] = stand_in_launches.launches[1:]
+        assert without.kernel is with_sinks.kernel and without.block[0]["sinks"] == 0
+    finally:
+        kvcache.num_splits.cache_clear()
+
+
 # ---- NVIDIA GPU -----------------------------------------------------------------------------------
 
 @pytest.fixture

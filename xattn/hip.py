@@ -394,14 +394,13 @@ def launch_decode(compile, target: str, q, k_cache, v_cache, k_new, v_new, out, 
     plan = launch_layer.cached_plan(key, lambda: _plan_decode(compile, target, tensors, S, seqlen_new,
                                                               call, vec, paged, scale_arrays, P))
     pointers = {name: a.ptr for name, a in tensors.items()}
-    if S is not None:
-        pointers["cache_seqlens"] = S.ptr
-    if P is not None:
-        pointers["cache_leftpad"] = P.ptr
-    if paged is not None:
-        pointers["block_table"] = launch_layer.describe(block_table).ptr
-    if sinks is not None:
-        pointers["sinks"] = launch_layer.describe(sinks).ptr
+    # Every pointer the kernels may read is patched on every call, null where the call has none:
+    # the plan (and its block) is shared by calls with and without sinks, and a pointer left
+    # from an earlier call would be read as that call's (freed) sinks.
+    pointers["cache_seqlens"] = S.ptr if S is not None else 0
+    pointers["cache_leftpad"] = P.ptr if P is not None else 0
+    pointers["block_table"] = launch_layer.describe(block_table).ptr if paged is not None else 0
+    pointers["sinks"] = launch_layer.describe(sinks).ptr if sinks is not None else 0
     if scale_arrays:
         pointers["k_scale"], pointers["v_scale"] = (a.ptr for a in scale_arrays)
     if plan.partials:  # the partials of every split (freed on return: stream-ordered)

@@ -7,7 +7,7 @@
 // - Keys of sequence b: cache rows [0, Sk_b), Sk_b = min(clamp(cache_seqlens[b], 0, Smax) + Snew,
 //   Smax), after kvcache_append (below) wrote k_new/v_new at rows [cache_seqlens[b], +Snew), rows at
 //   or past Smax dropped. Nothing outside [0, Smax) is read or written. With cache_leftpad, the
-//   rows below clamp(cache_leftpad[b], 0, cached) are masked (never seen, tiles wholly below skipped).
+//   rows below clamp(cache_leftpad[b], 0, cached) are masked and never read (load_rows).
 // - Masks and softcap: attention_common.h's band, bottom-right aligned with Sk_b (query token i
 //   sees key j iff i + Sk_b - Sq - left <= j <= i + Sk_b - Sq + right), and modified_score.
 // - GQA: the Hq / Hk query heads that share a kv head, times the Sq tokens, are the rows of one

@@ -11,8 +11,9 @@ NVIDIA GPUs, through the portable HIP kernels compiled by NVRTC (tests/hip_on_cu
 hip-on-cuda test paths), and have been compiled for AMD targets by hiprtc and clang-19
 (ci/hip_compile.py): no AMD GPU has run them.
 
-The caches are contiguous per sequence, or paged (block_table=, flash-attn's convention). sinks=
-adds a per-head sink logit to every row's softmax denominator.
+The caches are contiguous per sequence, or paged (block_table=, flash-attn's convention);
+cache_leftpad= starts each sequence's keys at its own row (left-padded batches). sinks= adds a
+per-head sink logit to every row's softmax denominator.
 
 The GPU path never reads cache_seqlens or block_table on the host and allocates only through the
 caller's framework (torch's caching allocator, CuPy's pool) on the caller's stream, so a call can

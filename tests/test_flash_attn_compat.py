@@ -210,6 +210,29 @@ def test_flash_attn_with_kvcache_updates_in_place(device, dtype):
     assert rel_error(f64(whole), f64(want)) <= TOLERANCE[NAMES[dtype]]
 
 
+@DEVICE_DTYPE
+def test_flash_attn_with_kvcache_takes_cache_leftpad(device, dtype):
+    """cache_leftpad as flash-attn takes it: the same call through xattn's own API gives the same
+    bits, and each sequence matches SDPA on its rows [cache_leftpad[b], cache_seqlens[b] + 2)."""
+    _skip_unless_usable(device)
+    b, smax, hk, d = 3, 64, 2, 32
+    k_cache, v_cache = (_bshd(b, smax, hk, d, device, dtype, s) for s in (1, 2))
+    q = _bshd(b, 2, 4, d, device, dtype, 0)
+    k_new, v_new = (_bshd(b, 2, hk, d, device, dtype, s) for s in (3, 4))
+    lengths = torch.tensor([5, 17, 62], dtype=torch.int32, device=device)
+    pads = torch.tensor([5, 3, 0], dtype=torch.int32, device=device)
+    caches = (k_cache.clone(), v_cache.clone())
+    out = fa.flash_attn_with_kvcache(q, k_cache, v_cache, k_new, v_new, cache_seqlens=lengths,
+                                     cache_leftpad=pads, causal=True)
+    own = xattn.attention_with_kvcache(q, *caches, cache_seqlens=lengths, k_new=k_new,
+                                       v_new=v_new, causal=True, layout="bshd", cache_leftpad=pads)
+    assert torch.equal(out, own)
+    for i, (n, pad) in enumerate(zip(lengths.tolist(), pads.tolist())):
+        want = _sdpa_reference(q[i:i + 1], k_cache[i:i + 1, pad:n + 2], v_cache[i:i + 1, pad:n + 2],
+                               True, None)
+        assert rel_error(f64(out[i:i + 1]), f64(want)) <= TOLERANCE[NAMES[dtype]]
+
+
 # ---------------------------------------------------------- private forward/backward (ring-flash)
 
 @DEVICE_DTYPE

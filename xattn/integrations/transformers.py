@@ -269,7 +269,7 @@ def attention_forward(module, query, key, value, attention_mask, dropout=0.0, sc
                                      float(softcap) if softcap else 0.0)
         return out, None
     pads = getattr(attention_mask, _LEFT_PADDING, None)
-    if pads is not None and few_queries:
+    if pads is not None and few_queries and causal:  # causal: padded query rows see no key
         return _few_queries(query, key, value, pads, options), None
     if attention_mask.dtype != torch.bool or attention_mask.ndim != 2:
         raise NotImplementedError(
@@ -298,8 +298,8 @@ def _few_queries(query, key, value, pads, options):
     """Attention of (B, H, Sq, D) queries against (B, Hk, Sk, D) keys and values, the queries
     the last Sq tokens, through the decode kernels. pads: None, or int32 (B,) on the device:
     row b starts with pads[b] padding keys (the sequence's keys are its last Sk - pads[b]).
-    Output (B, Sq, H, D); a query row with no key of its own gets zeros, as the unpadding path
-    gives."""
+    Output (B, Sq, H, D); under a causal mask a padded query row sees no key and gets zeros, as
+    the unpadding path gives it."""
     out = xattn.attention_with_kvcache(
         *(x.transpose(1, 2) for x in (query, key, value)), cache_seqlens=key.shape[2],
         cache_leftpad=pads, layout="bshd", **options)

@@ -17,8 +17,8 @@ What transformers builds and what xattn receives:
   sequences, and pads the result back with zeros (FlashAttention-2's approach in transformers).
 * Decoding steps (at most FEW_QUERIES query tokens, no gradient, not under torch.compile) make
   one xattn.attention_with_kvcache call on the layer's keys and values as they are: the
-  split-KV decode kernel, which spreads a long cache over the whole GPU. With padding that is
-  all on the left (generate()'s prompts) it takes cache_leftpad = the pad counts: no gathers, no
+  split-KV decode kernel, which spreads a long cache over the whole GPU. In causal layers with
+  padding that is all on the left (generate()'s prompts) it takes cache_leftpad = the pad counts: no gathers, no
   scatter, no host synchronization in the layers; the mask function reads the mask on the host
   once per forward (is there padding, is it left padding). Other padding is unpadded as above.
 * Causal masking comes from `is_causal` (the module's, or the call's), bottom-right aligned:

@@ -181,13 +181,29 @@ def test_flash_attn_varlen_func(device, dtype, causal):
 
 # ---------------------------------------------------------------------- flash_attn_with_kvcache
 
+def _compat_and_own(q, k_cache, v_cache, k_new, v_new, **options):
+    """One causal call through flash_attn_with_kvcache and through xattn's own API (on copies
+    of the caches, as they were before the call): (compat's out, xattn's out, the copies after)."""
+    caches = (k_cache.clone(), v_cache.clone())
+    out = fa.flash_attn_with_kvcache(q, k_cache, v_cache, k_new, v_new, causal=True, **options)
+    own = xattn.attention_with_kvcache(q, *caches, k_new=k_new, v_new=v_new, causal=True,
+                                       layout="bshd", **options)
+    return out, own, caches
+
+
+def _kvcache_step(device, dtype):
+    """q (3, 2, 4, 32), caches (3, 64, 2, 32) and two new rows per sequence, flash-attn's layout."""
+    b, smax, hk, d = 3, 64, 2, 32
+    k_cache, v_cache = (_bshd(b, smax, hk, d, device, dtype, s) for s in (1, 2))
+    k_new, v_new = (_bshd(b, 2, hk, d, device, dtype, s) for s in (3, 4))
+    return _bshd(b, 2, 4, d, device, dtype, 0), k_cache, v_cache, k_new, v_new
+
+
 @DEVICE_DTYPE
 def test_flash_attn_with_kvcache_updates_in_place(device, dtype):
     _skip_unless_usable(device)
-    b, smax, hk, d = 3, 64, 2, 32
-    k_cache, v_cache = (_bshd(b, smax, hk, d, device, dtype, s) for s in (1, 2))
-    q = _bshd(b, 2, 4, d, device, dtype, 0)
-    k_new, v_new = (_bshd(b, 2, hk, d, device, dtype, s) for s in (3, 4))
+    q, k_cache, v_cache, k_new, v_new = _kvcache_step(device, dtype)
+    b, smax = k_cache.shape[:2]
     lengths = torch.tensor([0, 17, 62], dtype=torch.int32, device=device)
     caches = (k_cache.clone(), v_cache.clone())
     out, lse = fa.flash_attn_with_kvcache(q, k_cache, v_cache, k_new, v_new,
@@ -215,17 +231,11 @@ def test_flash_attn_with_kvcache_takes_cache_leftpad(device, dtype):
     """cache_leftpad as flash-attn takes it: the same call through xattn's own API gives the same
     bits, and each sequence matches SDPA on its rows [cache_leftpad[b], cache_seqlens[b] + 2)."""
     _skip_unless_usable(device)
-    b, smax, hk, d = 3, 64, 2, 32
-    k_cache, v_cache = (_bshd(b, smax, hk, d, device, dtype, s) for s in (1, 2))
-    q = _bshd(b, 2, 4, d, device, dtype, 0)
-    k_new, v_new = (_bshd(b, 2, hk, d, device, dtype, s) for s in (3, 4))
+    q, k_cache, v_cache, k_new, v_new = _kvcache_step(device, dtype)
     lengths = torch.tensor([5, 17, 62], dtype=torch.int32, device=device)
     pads = torch.tensor([5, 3, 0], dtype=torch.int32, device=device)
-    caches = (k_cache.clone(), v_cache.clone())
-    out = fa.flash_attn_with_kvcache(q, k_cache, v_cache, k_new, v_new, cache_seqlens=lengths,
-                                     cache_leftpad=pads, causal=True)
-    own = xattn.attention_with_kvcache(q, *caches, cache_seqlens=lengths, k_new=k_new,
-                                       v_new=v_new, causal=True, layout="bshd", cache_leftpad=pads)
+    out, own, _ = _compat_and_own(q, k_cache, v_cache, k_new, v_new, cache_seqlens=lengths,
+                                  cache_leftpad=pads)
     assert torch.equal(out, own)
     for i, (n, pad) in enumerate(zip(lengths.tolist(), pads.tolist())):
         want = _sdpa_reference(q[i:i + 1], k_cache[i:i + 1, pad:n + 2], v_cache[i:i + 1, pad:n + 2],
@@ -312,11 +322,8 @@ def test_flash_attn_with_kvcache_takes_paged_caches(device, dtype):
     q = _bshd(b, 1, 4, d, device, dtype, 0)
     k_new, v_new = (_bshd(b, 1, hk, d, device, dtype, s) for s in (3, 4))
     lengths = torch.tensor([20, 33], dtype=torch.int32, device=device)
-    caches = (k_pages.clone(), v_pages.clone())
-    out = fa.flash_attn_with_kvcache(q, k_pages, v_pages, k_new, v_new, cache_seqlens=lengths,
-                                     block_table=table, causal=True)
-    own = xattn.attention_with_kvcache(q, *caches, cache_seqlens=lengths, k_new=k_new,
-                                       v_new=v_new, causal=True, layout="bshd", block_table=table)
+    out, own, caches = _compat_and_own(q, k_pages, v_pages, k_new, v_new, cache_seqlens=lengths,
+                                       block_table=table)
     assert torch.equal(out, own)
     assert torch.equal(k_pages, caches[0]) and torch.equal(v_pages, caches[1])
     for i, n in enumerate(lengths.tolist()):

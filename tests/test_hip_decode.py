@@ -111,13 +111,28 @@ def _decode_call(torch, case, d=64):
     return q, kc, vc, kn if case["new"] else None, vn if case["new"] else None, out, lse, seqlens, call
 
 
+@pytest.fixture
+def planned_splits(monkeypatch):
+    """launch_decode's planning on the CPU: a device of 8 CUs and the split count given to the
+    returned function (kvcache's split cache cleared before and after, so that no other test's
+    plans leak in or out)."""
+    monkeypatch.setattr(launch, "multiprocessors", lambda device: 8)
+
+    def force(splits):
+        monkeypatch.setattr(kvcache, "_FORCED_SPLITS", splits)
+        kvcache.num_splits.cache_clear()
+
+    yield force
+    kvcache.num_splits.cache_clear()
+
+
 @pytest.mark.parametrize("target,dtype,kernel", ROUTES[:2] + ROUTES[3:5] + ROUTES[5:7], ids=lambda x: str(x))
 @pytest.mark.parametrize("case", [
     dict(window=(-1, 0), softcap=0.0, splits=1, new=1, lengths="device"),
     dict(window=(200, 0), softcap=30.0, splits=5, new=0, lengths="uniform"),
     dict(window=(100, 2), softcap=0.0, splits=3, new=4, lengths="device"),
 ])
-def test_hip_decode_launcher_hands_each_kernel_its_parameter_block(target, dtype, kernel, case, monkeypatch,
+def test_hip_decode_launcher_hands_each_kernel_its_parameter_block(target, dtype, kernel, case, planned_splits,
                                                                    stand_in_launches):
     """xattn.hip.launch_decode on the CPU, with stand-ins for CuPy, the compiled kernels and the
     driver: append, decode and merge each get one DecodeParams block (their sources say so)
@@ -126,9 +141,7 @@ def test_hip_decode_launcher_hands_each_kernel_its_parameter_block(target, dtype
     merge and append the portable row's of the same head dim; the defines carry the band and the
     softcap, the grid covers row tiles x splits, and the merge runs only with several splits."""
     torch = pytest.importorskip("torch")
-    monkeypatch.setattr(launch, "multiprocessors", lambda device: 8)
-    monkeypatch.setattr(kvcache, "_FORCED_SPLITS", case["splits"])
-    kvcache.num_splits.cache_clear()
+    planned_splits(case["splits"])
     q, kc, vc, kn, vn, out, lse, seqlens, call = _decode_call(torch, case | {"dtype": dtype})
     b, hq, sq, d = q.shape
     hk, smax = kc.shape[1], kc.shape[2]
@@ -138,11 +151,8 @@ def test_hip_decode_launcher_hands_each_kernel_its_parameter_block(target, dtype
         parts.append(torch.zeros(n))
         return parts[-1]
 
-    try:
-        hip.launch_decode(stand_in_launches.compile, target, q, kc, vc, kn, vn, out, lse, seqlens, call,
-                          workspace, stream=5)
-    finally:
-        kvcache.num_splits.cache_clear()
+    hip.launch_decode(stand_in_launches.compile, target, q, kc, vc, kn, vn, out, lse, seqlens, call,
+                      workspace, stream=5)
 
     launched = stand_in_launches.launches
     want = (["kvcache_append_portable"] if case["new"] else []) + [kernel]
@@ -218,10 +228,7 @@ def _portable_decode_launches(recorder, target, splits, *arrays_and_call, **opti
     with more than one split, the merge, in that order; returns the recorded launches."""
     import torch
 
-    try:
-        hip.launch_decode(recorder.compile, target, *arrays_and_call, torch.zeros, stream=4, **options)
-    finally:
-        kvcache.num_splits.cache_clear()
+    hip.launch_decode(recorder.compile, target, *arrays_and_call, torch.zeros, stream=4, **options)
     want = ["kvcache_append_portable", configs.HIP_DECODE_KERNEL]
     want += ["flash_decode_merge_portable"] if splits > 1 else []
     assert [x.kernel.entry for x in recorder.launches] == want
@@ -232,16 +239,14 @@ def _portable_decode_launches(recorder, target, splits, *arrays_and_call, **opti
                                           ("gfx1030", "float16"), ("gfx942", "float32")])
 @pytest.mark.parametrize("page_size,splits", [(16, 1), (48, 3)])
 def test_hip_decode_launcher_hands_paged_caches_to_the_portable_decode(target, dtype, page_size, splits,
-                                                                       monkeypatch, stand_in_launches):
+                                                                       planned_splits, stand_in_launches):
     """A paged call (the caches (num_pages, page_size, Hk, D), seen as (num_pages, Hk, page_size,
     D) as kvcache._run_hip hands them over) takes the portable decode on every target, the
     matrix-core ones included; append, decode and merge are compiled with IS_PAGED and their
     block holds the table's pointer and row stride, the page size, the page count, the page
     strides as the caches' batch strides, and Smax = max_pages * page_size."""
     torch = pytest.importorskip("torch")
-    monkeypatch.setattr(launch, "multiprocessors", lambda device: 8)
-    monkeypatch.setattr(kvcache, "_FORCED_SPLITS", splits)
-    kvcache.num_splits.cache_clear()
+    planned_splits(splits)
     b, hq, hk, sq, d, snew, num_pages, max_pages = 2, 4, 2, 2, 64, 3, 7, 3
     torch_dtype = getattr(torch, dtype)
     q = torch.zeros(b, hq, sq, d, dtype=torch_dtype)
@@ -277,16 +282,14 @@ def test_hip_decode_launcher_hands_paged_caches_to_the_portable_decode(target, d
 @pytest.mark.parametrize("fmt,scales", [("float8_e4m3fn", "head"), ("float8_e5m2", "tensor")])
 @pytest.mark.parametrize("splits", [1, 3])
 def test_hip_decode_launcher_hands_fp8_caches_and_sinks_to_the_portable_decode(
-        target, dtype, fmt, scales, splits, monkeypatch, stand_in_launches):
+        target, dtype, fmt, scales, splits, planned_splits, stand_in_launches):
     """FP8 caches take the portable decode on every target (the matrix-core decode has no FP8
     loads); the decode and the append are compiled with KV_FP8 = the format's value, the merge
     without it (it reads float32 partials only); every block holds the scales' pointers and their
     strides (0 per tensor, the per-head tensor's stride per head: a strided view here), the
     caches' strides in 1-byte elements, and the sinks' pointer."""
     torch = pytest.importorskip("torch")
-    monkeypatch.setattr(launch, "multiprocessors", lambda device: 8)
-    monkeypatch.setattr(kvcache, "_FORCED_SPLITS", splits)
-    kvcache.num_splits.cache_clear()
+    planned_splits(splits)
     b, hq, hk, sq, d, snew, smax = 2, 4, 2, 1, 64, 2, 200
     torch_dtype = getattr(torch, dtype)
     q, out = (torch.zeros(b, hq, sq, d, dtype=torch_dtype) for _ in range(2))
@@ -315,64 +318,54 @@ def test_hip_decode_launcher_hands_fp8_caches_and_sinks_to_the_portable_decode(
 
 
 @pytest.mark.parametrize("target", ["gfx90a", "gfx1201"])
-def test_hip_decode_plans_once_per_signature(target, monkeypatch, stand_in_launches):
+def test_hip_decode_plans_once_per_signature(target, planned_splits, stand_in_launches):
     """The plan (rows, compiles, block) is built on a signature's first call; a later call with
     other arrays of the same signature and another uniform length compiles nothing and launches
     the same kernels with its own pointers and length. Another signature plans again."""
     torch = pytest.importorskip("torch")
-    monkeypatch.setattr(launch, "multiprocessors", lambda device: 8)
-    monkeypatch.setattr(kvcache, "_FORCED_SPLITS", 3)
-    kvcache.num_splits.cache_clear()
+    planned_splits(3)
     case = dict(window=(-1, 0), softcap=0.0, new=2, lengths="uniform")
-    try:
-        first = _decode_call(torch, case)
-        hip.launch_decode(stand_in_launches.compile, target, *first, torch.zeros, stream=1)
-        compiled, launched = len(stand_in_launches.kernels), len(stand_in_launches.launches)
-        assert launched == 3  # append, decode, merge
-        second = _decode_call(torch, case)
-        second[-1].uniform = 250
-        hip.launch_decode(stand_in_launches.compile, target, *second, torch.zeros, stream=2)
-        assert len(stand_in_launches.kernels) == compiled  # nothing compiled again
-        again = stand_in_launches.launches[launched:]
-        assert ([(x.kernel, x.defines) for x in again]
-                == [(x.kernel, x.defines) for x in stand_in_launches.launches[:launched]])
-        for x in again:
-            p = x.block[0]
-            assert p["uniform_seqlen"] == 250 and x.stream == 2
-            for name, a in zip(("q", "k", "v", "k_new", "v_new", "o"), second):
-                assert p[name]["ptr"] == a.data_ptr(), name
-        third = _decode_call(torch, case, d=128)  # another head dim: another plan
-        hip.launch_decode(stand_in_launches.compile, target, *third, torch.zeros, stream=3)
-        assert len(stand_in_launches.kernels) > compiled
-        assert stand_in_launches.launches[-2].block[0]["head_dim"] == 128
-    finally:
-        kvcache.num_splits.cache_clear()
+    first = _decode_call(torch, case)
+    hip.launch_decode(stand_in_launches.compile, target, *first, torch.zeros, stream=1)
+    compiled, launched = len(stand_in_launches.kernels), len(stand_in_launches.launches)
+    assert launched == 3  # append, decode, merge
+    second = _decode_call(torch, case)
+    second[-1].uniform = 250
+    hip.launch_decode(stand_in_launches.compile, target, *second, torch.zeros, stream=2)
+    assert len(stand_in_launches.kernels) == compiled  # nothing compiled again
+    again = stand_in_launches.launches[launched:]
+    assert ([(x.kernel, x.defines) for x in again]
+            == [(x.kernel, x.defines) for x in stand_in_launches.launches[:launched]])
+    for x in again:
+        p = x.block[0]
+        assert p["uniform_seqlen"] == 250 and x.stream == 2
+        for name, a in zip(("q", "k", "v", "k_new", "v_new", "o"), second):
+            assert p[name]["ptr"] == a.data_ptr(), name
+    third = _decode_call(torch, case, d=128)  # another head dim: another plan
+    hip.launch_decode(stand_in_launches.compile, target, *third, torch.zeros, stream=3)
+    assert len(stand_in_launches.kernels) > compiled
+    assert stand_in_launches.launches[-2].block[0]["head_dim"] == 128
 
 
 @pytest.mark.parametrize("target", ["gfx90a", "gfx1201"])
-def test_hip_decode_pointers_of_one_call_do_not_outlive_it(target, monkeypatch, stand_in_launches):
+def test_hip_decode_pointers_of_one_call_do_not_outlive_it(target, planned_splits, stand_in_launches):
     """Sinks are read at run time (null: none) and are not part of the plan's signature: a call
     with them and a later call of the same signature without them share the plan's block, and
     the later call's block must hold a null pointer, not the freed array of the earlier one
     (which the hip-on-cuda property runs once read as sinks: a finite lse for a row with no key)."""
     torch = pytest.importorskip("torch")
-    monkeypatch.setattr(launch, "multiprocessors", lambda device: 8)
-    monkeypatch.setattr(kvcache, "_FORCED_SPLITS", 1)
-    kvcache.num_splits.cache_clear()
+    planned_splits(1)
     case = dict(window=(-1, 0), softcap=0.0, new=0, lengths="device")
-    try:
-        first = _decode_call(torch, case)
-        sinks = torch.zeros(first[0].shape[1])
-        hip.launch_decode(stand_in_launches.compile, target, *first, torch.zeros, stream=1,
-                          sinks=sinks)
-        [with_sinks] = stand_in_launches.launches
-        assert with_sinks.block[0]["sinks"] == sinks.data_ptr()
-        hip.launch_decode(stand_in_launches.compile, target, *_decode_call(torch, case),
-                          torch.zeros, stream=2)
-        [without] = stand_in_launches.launches[1:]
-        assert without.kernel is with_sinks.kernel and without.block[0]["sinks"] == 0
-    finally:
-        kvcache.num_splits.cache_clear()
+    first = _decode_call(torch, case)
+    sinks = torch.zeros(first[0].shape[1])
+    hip.launch_decode(stand_in_launches.compile, target, *first, torch.zeros, stream=1,
+                      sinks=sinks)
+    [with_sinks] = stand_in_launches.launches
+    assert with_sinks.block[0]["sinks"] == sinks.data_ptr()
+    hip.launch_decode(stand_in_launches.compile, target, *_decode_call(torch, case),
+                      torch.zeros, stream=2)
+    [without] = stand_in_launches.launches[1:]
+    assert without.kernel is with_sinks.kernel and without.block[0]["sinks"] == 0
 
 
 # ---- NVIDIA GPU -----------------------------------------------------------------------------------

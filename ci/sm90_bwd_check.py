@@ -124,32 +124,34 @@ def check_cases(quick: bool):
     cases = []  # (dtype, b, hq, hk, sq, sk, d, causal, layout, strided, variant, sm90 expected)
     lengths = [1, 63, 64, 65, 127, 128, 129, 1000] if not quick else [1, 65, 129]
     for i, s in enumerate(lengths):
-        for d in (64, 128):
+        for d in (64, 128, 256):
             for causal in (False, True):
                 dt = ("bfloat16", "float16")[(i + d // 64) % 2]
                 cases.append((dt, 2, 4, 2, s, s, d, causal, "bhsd", False, None, True))
     for sq, sk in [(1, 1000), (1000, 1), (129, 1000), (1000, 129), (65, 300), (300, 65)]:
-        for d in (64, 128):
+        for d in (64, 128, 256):
             for causal in (False, True):
                 cases.append(("bfloat16", 1, 8, 1, sq, sk, d, causal, "bhsd", False, None, True))
-    for d in (8, 32, 40, 72, 96, 120):  # between rows: the copy engine pads
+    for d in (8, 32, 40, 72, 96, 120, 136, 192, 248):  # between rows: the copy engine pads
         cases.append(("float16", 2, 6, 2, 200, 333, d, d % 16 == 0, "bhsd", False, None, True))
     for layout in ("bhsd", "bshd"):
-        for d in (64, 128):
+        for d in (64, 128, 256):
             for causal in (False, True):
                 cases.append(("bfloat16", 2, 6, 2, 257, 300, d, causal, layout, True, None, True))
     variants = [dict(window=(100, 0)), dict(window=(50, 30)), dict(window=(-1, 20)), dict(window=(70, -1)),
                 dict(softcap=30.0), dict(alibi_slopes="per_head"), dict(alibi_slopes="per_batch_head")]
     for variant in variants:
         for causal in (False, True):
-            cases.append(("bfloat16", 2, 4, 2, 333, 517, 128, causal, "bhsd", False, variant, True))
+            for d in (128, 256):
+                cases.append(("bfloat16", 2, 4, 2, 333, 517, d, causal, "bhsd", False, variant, True))
         # D64 rows serve no window, softcap or ALiBi; causal + (-1, 20) is plain causal once folded
         cases.append(("bfloat16", 2, 4, 2, 333, 517, 64, True, "bhsd", False, variant,
                       variant == dict(window=(-1, 20))))
-    cases.append(("bfloat16", 2, 4, 2, 200, 200, 192, False, "bhsd", False, None, False))  # D > 128: declined
+    cases.append(("bfloat16", 2, 4, 2, 200, 200, 264, False, "bhsd", False, None, False))  # D > 256: declined
     if not quick:
         cases.append(("float16", 1, 32, 4, 4096, 4096, 128, True, "bhsd", False, None, True))
         cases.append(("bfloat16", 2, 16, 16, 2048, 2048, 64, False, "bshd", False, None, True))
+        cases.append(("bfloat16", 1, 8, 2, 2048, 2048, 256, True, "bshd", False, None, True))
     return cases
 
 

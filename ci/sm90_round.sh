@@ -4,7 +4,7 @@
 # The backward's phases (ci/sm90_bwd_check.py) are named bwd_*; bwd_sanitize runs racecheck and
 # synccheck (SANITIZE_TOOLS) on its small shapes.
 #   OUT=/tmp/x PHASES="compile check host tune bench" bash ci/sm90_round.sh
-#   OUT=/tmp/x PHASES="bwd_compile bwd_check bwd_sanitize bwd_bench" bash ci/sm90_round.sh
+#   OUT=/tmp/x PHASES="bwd_compile bwd_check bwd_sanitize bwd_bench" [BWD_HEAD_DIMS=256] bash ci/sm90_round.sh
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH=. PYTHONUNBUFFERED=1
@@ -65,7 +65,8 @@ for phase in $PHASES; do
                 --error-exitcode 9 python ci/sm90_bwd_check.py --phase check --sanitize >> "$OUT/bwd_sanitize.log" 2>&1
             echo "[bwd_sanitize $tool rc=$?] $(grep -E 'SUMMARY|ERROR SUMMARY|RACECHECK SUMMARY' "$OUT/bwd_sanitize.log" | tail -2 | tr '\n' ' ')"
         done ;;
-    bwd_bench) [ -n "$check_failed" ] && continue; runb bwd_bench 160 --phase bench ${BWD_QUICK:+--quick} ;;
+    bwd_bench) [ -n "$check_failed" ] && continue
+        runb bwd_bench 240 --phase bench ${BWD_QUICK:+--quick} --head-dims ${BWD_HEAD_DIMS:-64 128} ;;
     pytest) timeout 200 python -m pytest -q -x -p no:cacheprovider tests/test_sm90.py > "$OUT/pytest.log" 2>&1
         echo "[pytest rc=$?] $(tail -1 "$OUT/pytest.log")" ;;
     esac

@@ -86,9 +86,9 @@ def test_hopper_launch_constants_are_the_kernels_own(tmp_path):
     forward, backward = kernels.cuda("flash_fwd_sm90"), kernels.cuda("flash_bwd_sm90")
     # (kernel, row, the macro of the rows a CTA owns, its value here, barriers: once, per stage)
     cases = [(forward, row, "BLOCK_M", kernels.SM90_BLOCK_M, (3, 4), {}) for row in sm90.ROWS]
-    cases += [(backward, row, "BLOCK_N", kernels.SM90_BWD_BLOCK_N, (1, 2), {"compute_dq": compute_dq})
-              for row in sm90.BWD_ROWS + tuple(r._replace(dq_tma=not r.dq_tma) for r in sm90.BWD_ROWS)
-              for compute_dq in (True, False)]
+    flipped = tuple(r._replace(dq_tma=not r.dq_tma) for r in sm90.BWD_ROWS if r.block_n > kernels.SM90_STORE_ROWS)
+    cases += [(backward, row, "BLOCK_N", row.block_n, (1, 2), {"compute_dq": compute_dq})
+              for row in sm90.BWD_ROWS + flipped for compute_dq in (True, False)]
     for kernel, row, owned, rows, (barriers_once, barriers_per_stage), extra in cases:
         defines = kernel.defines(row, "bfloat16", flags={"IS_CAUSAL": int(row.causal)}, **extra)
         got = source_values(tmp_path, kernel, defines, ("NUM_THREADS", owned, "WGMMA_M", "SMEM_BARS"))

@@ -102,8 +102,8 @@ def test_backward_tma_dq_path_compiles_at_d128(causal):
 def test_backward_rows_fit_in_shared_memory():
     for row in sm90.BWD_ROWS:
         assert BACKWARD.shared_memory(BACKWARD.defines(row, "bfloat16", flags={})) <= sm90.SMEM_LIMIT, row
-    assert [sm90.select_backward(d, False).head_dim for d in (8, 64, 72, 128)] == [64, 64, 128, 128]
-    assert sm90.select_backward(136, False) is None and sm90.select_backward(256, True) is None
+    assert [sm90.select_backward(d, False).head_dim for d in (8, 64, 72, 128, 136, 256)] == [64, 64, 128, 128, 256, 256]
+    assert sm90.select_backward(264, False) is None and sm90.select_backward(256, True).block_n == 64
 
 
 def _views(dtype="bfloat16", head_dim=128, q_heads=4, kv_heads=2, sq=300, sk=200, ptr=1 << 20):
@@ -130,7 +130,8 @@ def test_backward_routing_rule():
     assert not serves(varlen=True)                         # packed batches
     assert not serves(aligned=False)                       # a pointer not 16-byte aligned
     assert not serves(_views("float32"))                   # no tensor-core float32
-    assert not serves(_views(head_dim=136)) and not serves(_views(head_dim=256))  # dK, dV too wide
+    assert serves(_views(head_dim=136)) and serves(_views(head_dim=256))  # the shared-keys row
+    assert not serves(_views(head_dim=264))                # no row above D256
     assert not serves(_views(head_dim=60))                 # dQ's float32 pairs: D % 8
     assert not serves(_views(head_dim=64), _PLAIN | {"HAS_ALIBI": 1})  # D64 rows: no modifiers
     assert not serves(_views(head_dim=64), _PLAIN | {"IS_LOCAL": 1, "IS_CAUSAL": 1})
@@ -352,7 +353,7 @@ def grad_bounds():
 @given(batch=st.integers(1, 2), kv_heads=st.integers(1, 2), group=st.sampled_from([1, 3, 4]),
        sq=st.sampled_from([1, 2, 63, 64, 65, 127, 128, 129, 300]),
        sk=st.sampled_from([1, 63, 64, 65, 127, 128, 129, 300]),
-       head_dim=st.sampled_from([8, 32, 64, 72, 96, 128]),
+       head_dim=st.sampled_from([8, 32, 64, 72, 96, 128, 136, 192, 256]),
        causal=st.booleans(), dtype=st.sampled_from(["float16", "bfloat16"]),
        layout=st.sampled_from(["bhsd", "bshd"]),
        window=st.sampled_from([None, (40, 0), (17, 33), (-1, 5)]),
@@ -415,13 +416,14 @@ def test_backward_matches_exact_gradients(hopper, grad_bounds, batch, kv_heads, 
 
 @pytest.mark.gpu
 def test_backward_routing_on_the_gpu(hopper):
-    """A head dim past the rows is served by the mma.sync kernels; D128 by sm90, deterministic or
-    not (deterministic: dK and dV there, dQ from flash_bwd_dq.cu)."""
+    """D128, and D192 and D256 (the D256 row), are served by sm90, deterministic or not
+    (deterministic: dK and dV there, dQ from flash_bwd_dq.cu)."""
     import torch
 
     from xattn import cuda
 
-    for head_dim, deterministic, on_sm90 in ((128, False, True), (128, True, True), (192, False, False)):
+    for head_dim, deterministic, on_sm90 in ((128, False, True), (128, True, True), (192, False, True),
+                                              (256, True, True)):
         q = torch.randn(1, 2, 130, head_dim, device="cuda", dtype=torch.bfloat16)
         out, lse = torch.empty_like(q), torch.empty(1, 2, 130, device="cuda")
         stream = torch.cuda.current_stream().cuda_stream

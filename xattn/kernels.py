@@ -256,7 +256,6 @@ def _merge_grid(d: dict, s: Sizes) -> tuple:
 
 SM90_THREADS = 384       # NUM_THREADS of both
 SM90_BLOCK_M = 128       # the forward's query rows per CTA (BLOCK_M there)
-SM90_BWD_BLOCK_N = 128   # the backward's keys per CTA (BLOCK_N there)
 SM90_STORE_ROWS = 64     # rows of one consumer's store box (WGMMA_M)
 SM90_SMEM_ALIGN = 1024   # the kernels align shared memory to the 128-byte swizzle's 1024-byte atom
 SM90_BARRIER_BYTES = 8
@@ -301,20 +300,22 @@ def _sm90_forward_grid(d: dict, s: Sizes) -> tuple:
 
 def _sm90_backward_defines(row, dtype: str, *, flags: dict, compute_dq: bool = True) -> dict:
     """compute_dq False: dK and dV only (deterministic=True takes dQ from flash_bwd_dq)."""
-    return {"ELEM_BF16": int(dtype == "bfloat16"), "HEAD_DIM": row.head_dim,
+    return {"ELEM_BF16": int(dtype == "bfloat16"), "HEAD_DIM": row.head_dim, "BLOCK_N": row.block_n,
             "BLOCK_M": row.block_m, "STAGES": row.stages, "DQ_TMA": int(row.dq_tma),
             "COMPUTE_DQ": int(compute_dq), **_sm90_flags(flags)}
 
 
 def _sm90_backward_smem(d: dict) -> int:
-    """sm90/flash_bwd.cu: sK and sV, STAGES Q and dO tiles, two dS^T buffers and each consumer's
-    float32 dQ tile (DQ_TMA: 64 rows by half the step's dQ columns, DQ_COLS there) where it
-    computes dQ, STAGES rows of lse and delta (floats), the barriers (kv_full, and full, empty per
-    stage), plus the slack to align it to 1024 bytes."""
-    hd, m, stages, with_dq = d["HEAD_DIM"], d["BLOCK_M"], d["STAGES"], d["COMPUTE_DQ"]
-    kv = 2 * SM90_BWD_BLOCK_N * hd * 2
+    """sm90/flash_bwd.cu: sK and sV, STAGES Q and dO tiles, two dS^T buffers where it computes dQ
+    or the consumers share their keys (and then two P^T buffers), each consumer's float32 dQ tile
+    (DQ_TMA: 64 rows by half the step's dQ columns, DQ_COLS there) where it computes dQ, STAGES
+    rows of lse and delta (floats), the barriers (kv_full, and full, empty per stage), plus the
+    slack to align it to 1024 bytes."""
+    hd, n, m, stages, with_dq = d["HEAD_DIM"], d["BLOCK_N"], d["BLOCK_M"], d["STAGES"], d["COMPUTE_DQ"]
+    shared_keys = n == SM90_STORE_ROWS
+    kv = 2 * n * hd * 2
     q_do = 2 * stages * m * hd * 2
-    ds = 2 * SM90_BWD_BLOCK_N * m * 2 if with_dq else 0
+    ds = (2 if with_dq or shared_keys else 0) * n * m * 2 + (2 * n * m * 2 if shared_keys else 0)
     dq_cols = hd * (m // SM90_STORE_ROWS) // 2
     dq = 2 * SM90_STORE_ROWS * dq_cols * 4 if with_dq and d["DQ_TMA"] else 0
     rows = 2 * stages * m * 4
@@ -481,7 +482,7 @@ _ALL = (
     _cuda("flash_fwd_sm90", "sm90/flash_fwd.cu", _ATTN, _sm90_forward_defines, _sm90_forward_smem,
           lambda d: SM90_THREADS, _sm90_forward_grid, SM90_OPTIONS),
     _cuda("flash_bwd_sm90", "sm90/flash_bwd.cu", _ATTN, _sm90_backward_defines, _sm90_backward_smem,
-          lambda d: SM90_THREADS, lambda d, s: (_ceil(s.seqlen_k, SM90_BWD_BLOCK_N), s.heads_k),
+          lambda d: SM90_THREADS, lambda d, s: (_ceil(s.seqlen_k, d["BLOCK_N"]), s.heads_k),
           SM90_OPTIONS),
 
     _hip("flash_fwd_mfma", "flash_fwd_mfma.hip", _ATTN, _hip_matrix_defines("BLOCK_N"),

@@ -186,6 +186,7 @@ class BwdRow(NamedTuple):
     stages: int   # Q/dO stages in flight
     modifiers: bool  # windows, softcap and ALiBi compile without spills (else declined)
     dq_tma: bool  # dQ added into dq_accum by a TMA reduce-add from shared memory (else red.global)
+    block_n: int = 128  # keys per CTA: 64 per consumer, or 64 shared by both (above D128)
 
 
 # Smallest head dim first; a head dim runs on the first row at least as wide. D128 takes 64
@@ -197,12 +198,17 @@ class BwdRow(NamedTuple):
 # ci/results/2026-11-30-sm90-bwd/) and was timed at 475-504 TFLOP/s against 409-426 with
 # red.global (ci/results/2026-11-30-h200-round2/sm90_bwd_dq.log, bf16 S4096/8192); after the switch
 # sm90_bwd_check's quick check passed 72/72 on it. At D64 the device's NVRTC 13.0 spilled 8 bytes
-# with it (D64 causal: 4 bytes with NVRTC 13.5), so D64 keeps red.global.
+# with it (D64 causal: 4 bytes with NVRTC 13.5), so D64 keeps red.global. Head dims 129-256 take
+# the D256 row: its consumers share 64 keys a CTA and split the head dim (flash_bwd.cu, "Head dims
+# above 128"); with sK, sV and two Q/dO stages it uses 226 KB of shared memory, so dQ takes
+# red.global. D129-192 pad to 256 columns there (a D192 row would split three boxes unevenly).
 BWD_ROWS = (
     BwdRow(64, False, 128, 2, modifiers=False, dq_tma=False),
     BwdRow(64, True, 128, 2, modifiers=False, dq_tma=False),
     BwdRow(128, False, 64, 2, modifiers=True, dq_tma=True),
     BwdRow(128, True, 64, 2, modifiers=True, dq_tma=True),
+    BwdRow(256, False, 64, 2, modifiers=True, dq_tma=False, block_n=64),
+    BwdRow(256, True, 64, 2, modifiers=True, dq_tma=False, block_n=64),
 )
 
 
@@ -214,7 +220,7 @@ def supports_backward(Q, K, V, dO, dQ, dK, dV, defines: dict, *, varlen: bool,
                       aligned: bool) -> bool:
     """Whether a backward on a compute capability 9.0 device (xattn.cuda asks only there) runs on
     flash_bwd.cu, from its launch.Array views ((B, H, S, D)) and launch.variant's masks and
-    modifiers (defines): fp16/bf16, a row for the head dim (<= 128, a multiple of 8: dQ's float32
+    modifiers (defines): fp16/bf16, a row for the head dim (<= 256, a multiple of 8: dQ's float32
     pairs stay 8-byte aligned) that serves the call's modifiers, no packed varlen batch, and
     every tensor the kernel reads or writes by TMA addressable by the copy engine (deterministic
     calls too: there it computes dK and dV only, plan_backward). aligned: the plan's pointers
@@ -244,7 +250,7 @@ def plan_backward(Q, K, V, dO, dK, dV, accum, block, var: "launch.Variant", batc
     heads_k, seqlen_k, head_dim = K.shape[1], K.shape[2], Q.shape[3]
     causal_rows = bool(var.defines["IS_CAUSAL"])
     row = select_backward(head_dim, causal_rows)
-    keys, stores = kernels.SM90_BWD_BLOCK_N, kernels.SM90_STORE_ROWS
+    keys, stores = row.block_n, kernels.SM90_STORE_ROWS
     mapped = [("q", Q, row.block_m), ("k", K, keys), ("v", V, keys), ("dout", dO, row.block_m),
               ("dk", dK, stores), ("dv", dV, stores)]
     if accum is not None:

@@ -4,7 +4,7 @@
 // stored), dP = dO V^T and delta = rowsum(dO * O) (flash_bwd_prep.cu):
 //   dS = P * (dP - delta),   dV = P^T dO,   dK = scale dS^T Q,   dQ = scale dS K.
 //
-// One CTA per (block of BLOCK_N = 128 keys, key/value head, batch entry). It keeps its K and V
+// One CTA per (block of BLOCK_N = 128 keys (64 above D128), key/value head, batch entry). It keeps its K and V
 // tiles in shared memory and walks every query block of every query head of its GQA group, so
 // dK and dV, summed over the group, stay in registers from the first step to the last: no
 // reduction pass for them. Three warpgroups with fixed roles:
@@ -28,6 +28,17 @@
 //                             the tile through shared memory and a TMA reduce-add (DQ_TMA)
 //    After the last step: dK *= scale, dK and dV through shared memory (the consumer's own rows
 //    of sK and sV) and TMA stores.
+//
+// Head dims above 128 (SHARED_KEYS: the D256 row, BLOCK_N = 64). dK and dV of 64 keys at D256
+// are 256 floats a thread for one warpgroup, more than its registers: the two consumers share the
+// CTA's 64 keys and each owns half of the columns of dK and dV (128 floats a thread). Each
+// computes S^T and dP^T for half of the step's 64 queries (32 of them: m64n32 wgmmas over the
+// whole head dim, so no product is computed twice) and from them P^T and dS^T in float32, as
+// above; both consumers' halves meet, 16-bit, in sP and sdS (a named barrier), and each runs dV
+// += P^T dO and dK += dS^T Q for its columns with both operands in shared memory (SS), and its
+// half of the columns of dQ = dS K. Shared memory is then full (sK, sV and two stages of Q and dO
+// are 192 KB), so dQ takes red.global. FA3 splits its D256 backward between two warpgroups too;
+// this split is chosen so that each P^T and dS^T element is made once, where it is computed.
 //
 // The dQ path. dQ of a step is a 64 x 64 float32 tile per consumer (32 floats a thread) that every
 // key block adds into the float32 (B, Hq, Sq, head_dim) accumulator of the mma.sync path, which
@@ -78,12 +89,13 @@
 //
 // Registers per thread, by role (ptxas, sm_90a: 168 kernel-wide = 65536 / 384 at launch, no spills,
 // no stack in any row): producer PRODUCER_REGS = 32, consumers CONSUMER_REGS = 232 (32 * 128 +
-// 232 * 256 = 63488 <= 168 * 384). 24/240, the forward's split, spilled in the producer's TMA loop
+// 232 * 256 = 63488 <= 168 * 384); 40 and 224 at D256. 24/240, the forward's split, spilled in the producer's TMA loop
 // (the map addresses and coordinates of Q and dO); the consumers fit in 232.
 
 // ---- compile-time configuration (set with -D by xattn/kernels.py from xattn/sm90.py's rows) -----
 // ELEM_BF16   1: bfloat16, 0: float16
-// HEAD_DIM    padded head dim of the row (64 or 128); the real one, head_dim, is <= it
+// HEAD_DIM    padded head dim of the row (64, 128 or 256); the real one, head_dim, is <= it
+// BLOCK_N     keys per CTA: 128, or 64 shared by the consumers (above D128)
 // BLOCK_M     queries per step (64 or 128)
 // STAGES      Q/dO stages in flight
 // IS_CAUSAL, IS_LOCAL, HAS_SOFTCAP, HAS_ALIBI: masks and modifiers (attention_common.h)
@@ -106,20 +118,29 @@
 #endif
 
 #define NUM_CONSUMERS 2                          // consumer warpgroups
-#define BLOCK_N (NUM_CONSUMERS * WGMMA_M)        // keys per CTA: 64 per consumer
+// BLOCK_N (the row's): keys per CTA. 128: each consumer owns 64 keys with every column of their
+// dK and dV. 64 (SHARED_KEYS, the D256 row): both consumers work on the same 64 keys, each with
+// half of the step's queries in S^T and dP^T and half of the columns of dK, dV and dQ (see
+// "Head dims above 128" above).
+#define SHARED_KEYS (BLOCK_N == WGMMA_M)
 #define NUM_THREADS ((NUM_CONSUMERS + 1) * WARPGROUP_THREADS)
 #define CONSUMER_THREADS (NUM_CONSUMERS * WARPGROUP_THREADS)
+// The producer's TMA loop over four boxes a row (D256) spills in 32 registers; the consumers of
+// that row fit in 224 (ptxas, NVRTC 13).
 #ifndef PRODUCER_REGS
-#define PRODUCER_REGS 32
+#define PRODUCER_REGS (HEAD_DIM > 128 ? 40 : 32)
 #endif
 #ifndef CONSUMER_REGS
-#define CONSUMER_REGS 232
+#define CONSUMER_REGS (HEAD_DIM > 128 ? 224 : 232)
 #endif
 #define ROW_WARP 1                               // the producer warp that loads lse and delta
 #define D_BOXES (HEAD_DIM / SWIZZLE_ELEMS)       // 64-column boxes of a row of Q, K, V, dO
 #define M_BOXES (BLOCK_M / SWIZZLE_ELEMS)        // 64-query boxes of a row of dS^T
-#define ST_REGS (BLOCK_M / 2)                    // f32 values of S^T (and of dP^T) per thread
-#define DKV_REGS (HEAD_DIM / 2)                  // f32 values of dK (and of dV) per thread
+#define ST_COLS (SHARED_KEYS ? BLOCK_M / NUM_CONSUMERS : BLOCK_M)  // a consumer's queries of S^T, dP^T
+#define KV_COLS (SHARED_KEYS ? HEAD_DIM / NUM_CONSUMERS : HEAD_DIM) // a consumer's columns of dK, dV
+#define ST_REGS (ST_COLS / 2)                    // f32 values of S^T (and of dP^T) per thread
+#define DKV_REGS (KV_COLS / 2)                   // f32 values of dK (and of dV) per thread
+#define ST_STEPS (ST_COLS / WGMMA_K)             // k16 steps of a consumer's P^T, dS^T fragments
 #define M_STEPS (BLOCK_M / WGMMA_K)              // k16 steps of dV += P^T dO (over the queries)
 // dQ = dS K, the step's BLOCK_M x HEAD_DIM tile split between the consumers: by columns when a
 // step is one warpgroup's 64 rows, by rows when it is two.
@@ -128,7 +149,10 @@
 #define DQ_REGS (DQ_COLS / 2)
 #define DQ_BOX_COLS (SWIZZLE_BYTES / 4)          // float32 columns of one reduce box (128 bytes)
 
-static_assert(HEAD_DIM % SWIZZLE_ELEMS == 0 && HEAD_DIM <= 128, "head dim: whole boxes; dK and dV must fit in registers");
+static_assert(BLOCK_N == NUM_CONSUMERS * WGMMA_M || BLOCK_N == WGMMA_M, "keys per CTA: 64 per consumer, or 64 shared");
+static_assert(HEAD_DIM % SWIZZLE_ELEMS == 0 && KV_COLS <= 128, "head dim: whole boxes; dK and dV must fit in registers");
+static_assert(!SHARED_KEYS || (BLOCK_M == WGMMA_M && KV_COLS % SWIZZLE_ELEMS == 0 && !DQ_TMA),
+              "shared keys: 64 queries a step, whole boxes per consumer, dQ by red.global (no shared memory left)");
 static_assert(BLOCK_M % SWIZZLE_ELEMS == 0 && BLOCK_M <= 2 * WGMMA_M, "query step: one or two warpgroups' rows");
 static_assert(DQ_COLS % SWIZZLE_ELEMS == 0, "each consumer's dQ columns start at a box of K");
 static_assert(PRODUCER_REGS * WARPGROUP_THREADS + CONSUMER_REGS * CONSUMER_THREADS <=
@@ -139,8 +163,9 @@ static_assert(PRODUCER_REGS * WARPGROUP_THREADS + CONSUMER_REGS * CONSUMER_THREA
 // sK, sV   D_BOXES boxes of BLOCK_N rows x 128 bytes; consumer c's keys are rows [64c, 64c + 64).
 //          After the last step, each consumer's dK and dV rows in its own rows of them.
 // sQ, sdO  STAGES tiles of D_BOXES boxes of BLOCK_M rows x 128 bytes
-// sdS      (COMPUTE_DQ) 2 buffers (steps alternate) of M_BOXES boxes of BLOCK_N rows (keys) x 128
-//          bytes (64 queries): dS^T, 16-bit, swizzled as the TMA would write it
+// sdS      (COMPUTE_DQ or SHARED_KEYS) 2 buffers (steps alternate) of M_BOXES boxes of BLOCK_N
+//          rows (keys) x 128 bytes (64 queries): dS^T, 16-bit, swizzled as the TMA would write it
+// sP       (SHARED_KEYS) 2 buffers like sdS: P^T, 16-bit, the A operand of dV += P^T dO
 // sdQ      (COMPUTE_DQ and DQ_TMA) per consumer, DQ_COLS / 32 boxes of 64 rows x 128 bytes (32 floats): its
 //          step's dQ tile, swizzled as the copy engine reads it
 // sLse, sDelta  STAGES x BLOCK_M floats each
@@ -153,13 +178,15 @@ static_assert(PRODUCER_REGS * WARPGROUP_THREADS + CONSUMER_REGS * CONSUMER_THREA
 #define DS_BYTES (M_BOXES * DS_BOX_BYTES)
 #define DQ_BOX_BYTES (WGMMA_M * SWIZZLE_BYTES)
 #define DQ_TILE_BYTES (COMPUTE_DQ && DQ_TMA ? (DQ_COLS / DQ_BOX_COLS) * DQ_BOX_BYTES : 0)
-#define DS_BUFFERS (COMPUTE_DQ ? 2 : 0)
+#define DS_BUFFERS (COMPUTE_DQ || SHARED_KEYS ? 2 : 0)
+#define P_BUFFERS (SHARED_KEYS ? 2 : 0)
 #define SMEM_K 0
 #define SMEM_V (SMEM_K + KV_BYTES)
 #define SMEM_Q (SMEM_V + KV_BYTES)
 #define SMEM_DO (SMEM_Q + STAGES * Q_BYTES)
 #define SMEM_DS (SMEM_DO + STAGES * Q_BYTES)
-#define SMEM_DQ (SMEM_DS + DS_BUFFERS * DS_BYTES)
+#define SMEM_P (SMEM_DS + DS_BUFFERS * DS_BYTES)
+#define SMEM_DQ (SMEM_P + P_BUFFERS * DS_BYTES)
 #define SMEM_LSE (SMEM_DQ + NUM_CONSUMERS * DQ_TILE_BYTES)
 #define SMEM_DELTA (SMEM_LSE + STAGES * BLOCK_M * 4)
 #define SMEM_BARS (SMEM_DELTA + STAGES * BLOCK_M * 4)
@@ -224,28 +251,37 @@ __device__ __forceinline__ Steps steps_of(int n_start, int seqlen_q, int seqlen_
     return s;
 }
 
-// K-major x K-major product over the head dim: D (64 x BLOCK_M) = A (the consumer's 64 rows of
-// sK or sV) * B^T (the stage's BLOCK_M rows of sQ or sdO). HEAD_DIM / 16 k steps, each 32 bytes
+// K-major x K-major product over the head dim: D (64 x ST_COLS) = A (the consumer's 64 rows of
+// sK or sV) * B^T (the consumer's ST_COLS rows of the stage's sQ or sdO). HEAD_DIM / 16 k steps, each 32 bytes
 // further into a 128-byte row of both tiles (the next 64 columns are the next box).
 __device__ __forceinline__ void issue_transposed_scores(float (&d)[ST_REGS], u32 a_rows, u32 b_tile) {
     wgmma_fence();
 #pragma unroll
     for (int kk = 0; kk < HEAD_DIM / WGMMA_K; ++kk) {
         const u32 box = kk / (SWIZZLE_ELEMS / WGMMA_K), step = (kk % (SWIZZLE_ELEMS / WGMMA_K)) * WGMMA_K * 2;
-        Wgmma<BLOCK_M>::ss(d, smem_descriptor(a_rows + box * KV_BOX_BYTES + step, 16),
+        Wgmma<ST_COLS>::ss(d, smem_descriptor(a_rows + box * KV_BOX_BYTES + step, 16),
                            smem_descriptor(b_tile + box * Q_BOX_BYTES + step, 16), kk > 0);
     }
     wgmma_commit();
 }
 
-// acc (64 keys x HEAD_DIM) += A (64 keys x BLOCK_M queries, registers) * B (the stage's BLOCK_M
-// rows of sQ or sdO): M_STEPS k steps over the queries, two swizzle atoms (16 rows) each; B is
-// N-major, its next 64 columns one box (Q_BOX_BYTES) further. Not committed: dV and dK form one
-// group.
+// acc (64 keys x KV_COLS) += A (64 keys x BLOCK_M queries, registers) * B (the stage's BLOCK_M
+// rows of sQ or sdO, from the consumer's first column): M_STEPS k steps over the queries, two
+// swizzle atoms (16 rows) each; B is N-major, its next 64 columns one box (Q_BOX_BYTES) further.
+// Not committed: dV and dK form one group.
 __device__ __forceinline__ void issue_key_gradient(float (&acc)[DKV_REGS], const u32 (&a)[M_STEPS][4], u32 b_tile) {
 #pragma unroll
     for (int kk = 0; kk < M_STEPS; ++kk)
-        Wgmma<HEAD_DIM>::rs<1>(acc, a[kk], smem_descriptor(b_tile + kk * 2 * SWIZZLE_ATOM_BYTES, Q_BOX_BYTES), true);
+        Wgmma<KV_COLS>::rs<1>(acc, a[kk], smem_descriptor(b_tile + kk * 2 * SWIZZLE_ATOM_BYTES, Q_BOX_BYTES), true);
+}
+
+// The same with A from shared memory (SHARED_KEYS): sP or sdS, rows = keys and the step's 64
+// queries contiguous (K-major), each consumer having written half of the queries.
+__device__ __forceinline__ void issue_key_gradient_ss(float (&acc)[DKV_REGS], u32 a_tile, u32 b_tile) {
+#pragma unroll
+    for (int kk = 0; kk < M_STEPS; ++kk)
+        Wgmma<KV_COLS>::ss<0, 1>(acc, smem_descriptor(a_tile + kk * WGMMA_K * 2, 16),
+                                 smem_descriptor(b_tile + kk * 2 * SWIZZLE_ATOM_BYTES, Q_BOX_BYTES), true);
 }
 
 // dQ (64 queries x DQ_COLS) = dS (64 queries x BLOCK_N keys) K (BLOCK_N keys x DQ_COLS): BLOCK_N
@@ -271,7 +307,10 @@ __device__ __forceinline__ void release(u32 bar) { mbar_arrive(bar); }
 // The consumer's per-CTA constants.
 struct ConsumerCtx {
     int consumer, t;    // consumer warpgroup 0/1, thread within it
-    int key_start;      // the consumer's first key (in its sequence)
+    int key_row;        // the consumer's first row of sK and sV (0 with SHARED_KEYS)
+    int key_start;      // its key (in its sequence)
+    int q0;             // its first query of a step's S^T and dP^T (0 unless SHARED_KEYS)
+    int kv_col0;        // its first column of dK and dV (0 unless SHARED_KEYS)
     u32 k_rows, v_rows; // the consumer's 64 rows of sK and sV
     u32 smem;           // the aligned base of shared memory
     const unsigned char* smem_generic;  // the same, for plain loads of lse and delta
@@ -282,20 +321,22 @@ struct ConsumerCtx {
 // Raw dot products -> scores (softcap, ALiBi, the band's mask where the tile crosses an edge),
 // as the forward saw them. Rows of S^T are keys, columns queries.
 __device__ __forceinline__ void score_tile(float (&s)[ST_REGS], const ConsumerCtx& c, int m_start) {
-    const bool needs_mask = tile_needs_mask(m_start, BLOCK_M, c.key_start, WGMMA_M, c.mods.seqlen_k, c.mods.band);
+    const int q_start = m_start + c.q0;
+    const bool needs_mask = tile_needs_mask(q_start, ST_COLS, c.key_start, WGMMA_M, c.mods.seqlen_k, c.mods.band);
     if (!(HAS_SOFTCAP || HAS_ALIBI || needs_mask)) return;
 #pragma unroll
     for (int i = 0; i < ST_REGS; ++i)
-        s[i] = modified_score(s[i], m_start + acc_col(i, c.t), c.key_start + acc_row(i, c.t), c.mods, needs_mask);
+        s[i] = modified_score(s[i], q_start + acc_col(i, c.t), c.key_start + acc_row(i, c.t), c.mods, needs_mask);
 }
 
 // The softmax backward, in place: P^T = exp2(S^T scale_log2 - lse2[query]) into s, and dS^T =
 // P^T (dP^T - delta[query]) into dp (times 1 - t^2 under a softcap, t being the score S^T holds).
-// A thread's columns are 8 j + 2 (t % 4) + {0, 1}: one 8-byte load of lse2 and of delta per j.
+// A thread's columns are 8 j + 2 (t % 4) + {0, 1}: one 8-byte load of lse2 and of delta per j
+// (both pointing at the consumer's first query).
 __device__ __forceinline__ void softmax_backward(float (&s)[ST_REGS], float (&dp)[ST_REGS], const float* lse2,
                                                  const float* delta, float scale_log2, int t) {
 #pragma unroll
-    for (int j = 0; j < BLOCK_M / 8; ++j) {
+    for (int j = 0; j < ST_COLS / 8; ++j) {
         const int col = 8 * j + 2 * (t % 4);
         const float2 l = *(const float2*)(lse2 + col), d = *(const float2*)(delta + col);
 #pragma unroll
@@ -310,16 +351,17 @@ __device__ __forceinline__ void softmax_backward(float (&s)[ST_REGS], float (&dp
     }
 }
 
-// dS^T (packed to 16 bits, the A fragments of dK += dS^T Q) into the consumer's rows of sdS,
-// swizzled: register r of k step kk holds columns (c, c + 1) of one row. The eight rows a warp
-// writes at once fall in eight different 16-byte chunks: no bank conflicts.
-__device__ __forceinline__ void stage_ds(u32 ds_buf, const u32 (&ds)[M_STEPS][4], const ConsumerCtx& c) {
+// dS^T or P^T (packed to 16 bits, as the A fragments of dK += dS^T Q) into the consumer's rows
+// and queries of sdS or sP, swizzled: register r of k step kk holds columns (c, c + 1) of one
+// row. The eight rows a warp writes at once fall in eight different 16-byte chunks: no bank
+// conflicts.
+__device__ __forceinline__ void stage_transposed(u32 ds_buf, const u32 (&ds)[ST_STEPS][4], const ConsumerCtx& c) {
 #pragma unroll
-    for (int kk = 0; kk < M_STEPS; ++kk)
+    for (int kk = 0; kk < ST_STEPS; ++kk)
 #pragma unroll
         for (int r = 0; r < 4; ++r) {
             const int i = 8 * kk + 2 * r;
-            const int row = c.consumer * WGMMA_M + acc_row(i, c.t), col = acc_col(i, c.t);
+            const int row = c.key_row + acc_row(i, c.t), col = c.q0 + acc_col(i, c.t);
             const u32 addr = ds_buf + (col / SWIZZLE_ELEMS) * DS_BOX_BYTES + swizzled_offset(row, col % SWIZZLE_ELEMS);
             asm volatile("st.shared.b32 [%0], %1;\n" ::"r"(addr), "r"(ds[kk][r]) : "memory");
         }
@@ -348,12 +390,12 @@ __device__ __forceinline__ void stage_dq(u32 sdq, const float (&dq)[DQ_REGS], in
     }
 }
 
-// One gradient (64 keys x HEAD_DIM, times `scale`) into the consumer's rows of a K/V-shaped tile,
-// swizzled as the TMA store reads it.
+// One gradient (64 keys x KV_COLS, times `scale`) into the consumer's rows and columns of a
+// K/V-shaped tile, swizzled as the TMA store reads it.
 __device__ __forceinline__ void stage_rows(u32 tile, const float (&acc)[DKV_REGS], float scale, const ConsumerCtx& c) {
 #pragma unroll
     for (int i = 0; i < DKV_REGS; i += 2) {
-        const int row = c.consumer * WGMMA_M + acc_row(i, c.t), col = acc_col(i, c.t);
+        const int row = c.key_row + acc_row(i, c.t), col = c.kv_col0 + acc_col(i, c.t);
         const u32 addr = tile + (col / SWIZZLE_ELEMS) * KV_BOX_BYTES + swizzled_offset(row, col % SWIZZLE_ELEMS);
         asm volatile("st.shared.b32 [%0], %1;\n" ::"r"(addr), "r"(pack_float2(acc[i] * scale, acc[i + 1] * scale))
                      : "memory");
@@ -371,13 +413,14 @@ __device__ __forceinline__ void write_gradients(const ConsumerCtx& c, const floa
     fence_proxy_async();  // the copy engine reads what these ordinary stores wrote
     named_barrier_sync(BAR_STORE + c.consumer, WARPGROUP_THREADS);  // every row of the consumer is staged
     if (c.t == 0) {
-        const u32 rows = c.consumer * WGMMA_M * SWIZZLE_BYTES;
+        const u32 rows = c.key_row * SWIZZLE_BYTES;
 #pragma unroll
-        for (int box = 0; box < D_BOXES; ++box) {
-            tma_store_4d(tm_dk, c.smem + SMEM_K + box * KV_BOX_BYTES + rows, box * SWIZZLE_ELEMS,
-                         n_start + c.consumer * WGMMA_M, kv_head, batch);
-            tma_store_4d(tm_dv, c.smem + SMEM_V + box * KV_BOX_BYTES + rows, box * SWIZZLE_ELEMS,
-                         n_start + c.consumer * WGMMA_M, kv_head, batch);
+        for (int b = 0; b < KV_COLS / SWIZZLE_ELEMS; ++b) {
+            const int box = c.kv_col0 / SWIZZLE_ELEMS + b;
+            tma_store_4d(tm_dk, c.smem + SMEM_K + box * KV_BOX_BYTES + rows, box * SWIZZLE_ELEMS, c.key_start,
+                         kv_head, batch);
+            tma_store_4d(tm_dv, c.smem + SMEM_V + box * KV_BOX_BYTES + rows, box * SWIZZLE_ELEMS, c.key_start,
+                         kv_head, batch);
         }
         tma_store_commit();
         tma_store_wait_read();  // shared memory stays allocated until the stores (and the last
@@ -476,9 +519,12 @@ flash_bwd_sm90(const __grid_constant__ TmaDesc tm_q, const __grid_constant__ Tma
         ConsumerCtx c;
         c.consumer = warpgroup - 1;
         c.t = threadIdx.x % WARPGROUP_THREADS;
-        c.key_start = n_start + c.consumer * WGMMA_M;
-        c.k_rows = smem + SMEM_K + c.consumer * WGMMA_M * SWIZZLE_BYTES;
-        c.v_rows = smem + SMEM_V + c.consumer * WGMMA_M * SWIZZLE_BYTES;
+        c.key_row = SHARED_KEYS ? 0 : c.consumer * WGMMA_M;
+        c.key_start = n_start + c.key_row;
+        c.q0 = SHARED_KEYS ? c.consumer * ST_COLS : 0;
+        c.kv_col0 = SHARED_KEYS ? c.consumer * KV_COLS : 0;
+        c.k_rows = smem + SMEM_K + c.key_row * SWIZZLE_BYTES;
+        c.v_rows = smem + SMEM_V + c.key_row * SWIZZLE_BYTES;
         c.smem = smem;
         c.smem_generic = smem_generic;
         c.mods = mods0;
@@ -505,26 +551,47 @@ flash_bwd_sm90(const __grid_constant__ TmaDesc tm_q, const __grid_constant__ Tma
             const u32 ds_buf = smem + SMEM_DS + (i % 2) * DS_BYTES;
             if (HAS_ALIBI) c.mods.alibi_coef = -p.alibi_slopes[batch * p.alibi_batch_stride + head] / p.scale;
             float s[ST_REGS], dp[ST_REGS];
-            u32 p_frag[M_STEPS][4], ds_frag[M_STEPS][4];
+            u32 p_frag[ST_STEPS][4], ds_frag[ST_STEPS][4];
 
             mbar_wait(bars.full + 8 * st, phase_of(i));
-            issue_transposed_scores(s, c.k_rows, q_tile);    // S^T = K Q^T
-            issue_transposed_scores(dp, c.v_rows, do_tile);  // dP^T = V dO^T
+            const u32 q_rows = q_tile + c.q0 * SWIZZLE_BYTES, do_rows = do_tile + c.q0 * SWIZZLE_BYTES;
+            issue_transposed_scores(s, c.k_rows, q_rows);    // S^T = K Q^T
+            issue_transposed_scores(dp, c.v_rows, do_rows);  // dP^T = V dO^T
             wgmma_wait<1>();                                 // S^T is ready, dP^T may run on
             pin_registers(s);
             score_tile(s, c, m_start);                       // mask, softcap, ALiBi
             wgmma_wait<0>();
             pin_registers(dp);
-            softmax_backward(s, dp, (const float*)(smem_generic + SMEM_LSE) + st * BLOCK_M,
-                             (const float*)(smem_generic + SMEM_DELTA) + st * BLOCK_M, c.scale_log2, c.t);
-            acc_to_a_operand<BLOCK_M>(p_frag, s);             // P^T, 16-bit
-            acc_to_a_operand<BLOCK_M>(ds_frag, dp);           // dS^T, 16-bit
+            softmax_backward(s, dp, (const float*)(smem_generic + SMEM_LSE) + st * BLOCK_M + c.q0,
+                             (const float*)(smem_generic + SMEM_DELTA) + st * BLOCK_M + c.q0, c.scale_log2, c.t);
+            acc_to_a_operand<ST_COLS>(p_frag, s);             // P^T, 16-bit
+            acc_to_a_operand<ST_COLS>(ds_frag, dp);           // dS^T, 16-bit
+#if SHARED_KEYS
+            // This consumer has P^T and dS^T of half the step's queries, and its half of dK and
+            // dV needs them all: both halves meet in sP and sdS. Those buffers were last read by
+            // the products of step i - 2, which both consumers waited for before the barrier of
+            // i - 1.
+            const u32 p_buf = smem + SMEM_P + (i % 2) * DS_BYTES;
+            stage_transposed(p_buf, p_frag, c);
+            stage_transposed(ds_buf, ds_frag, c);
+            fence_proxy_async();                             // wgmma reads what these stores wrote
+            named_barrier_sync(BAR_DS, CONSUMER_THREADS);
+            const u32 kv_cols = (c.kv_col0 / SWIZZLE_ELEMS) * Q_BOX_BYTES;
+            wgmma_fence();
+            issue_key_gradient_ss(dv, p_buf, do_tile + kv_cols);   // dV += P^T dO
+            issue_key_gradient_ss(dk, ds_buf, q_tile + kv_cols);   // dK += dS^T Q (scale at the end)
+            wgmma_commit();
+#if COMPUTE_DQ
+            float dq[DQ_REGS];
+            issue_dq(dq, ds_buf + dq_ds_box, dq_k_cols);     // dQ = dS K
+#endif
+#else
             wgmma_fence();
             issue_key_gradient(dv, p_frag, do_tile);         // dV += P^T dO
             issue_key_gradient(dk, ds_frag, q_tile);         // dK += dS^T Q (scale at the end)
             wgmma_commit();
 #if COMPUTE_DQ
-            stage_ds(ds_buf, ds_frag, c);                    // under the dV, dK wgmmas
+            stage_transposed(ds_buf, ds_frag, c);            // under the dV, dK wgmmas
             fence_proxy_async();                             // wgmma reads what these stores wrote
             // sdQ: the reduce-add of the previous step has read it (its issuing thread waits here,
             // a step after issuing it; the barrier below tells the others).
@@ -535,6 +602,7 @@ flash_bwd_sm90(const __grid_constant__ TmaDesc tm_q, const __grid_constant__ Tma
             float dq[DQ_REGS];
             issue_dq(dq, ds_buf + dq_ds_box, dq_k_cols);     // dQ = dS K
 #endif
+#endif  // SHARED_KEYS
             wgmma_wait<COMPUTE_DQ>();                        // dV, dK done: the stage is free
             pin_registers(dv);
             pin_registers(dk);

@@ -86,7 +86,7 @@ def test_hopper_launch_constants_are_the_kernels_own(tmp_path):
     forward, backward = kernels.cuda("flash_fwd_sm90"), kernels.cuda("flash_bwd_sm90")
     # (kernel, row, the macro of the rows a CTA owns, its value here, barriers: once, per stage)
     cases = [(forward, row, "BLOCK_M", kernels.SM90_BLOCK_M, (3, 4), {}) for row in sm90.ROWS]
-    flipped = tuple(r._replace(dq_tma=not r.dq_tma) for r in sm90.BWD_ROWS if r.block_n > kernels.SM90_STORE_ROWS)
+    flipped = tuple(r._replace(dq_tma=not r.dq_tma) for r in sm90.BWD_ROWS)
     cases += [(backward, row, "BLOCK_N", row.block_n, (1, 2), {"compute_dq": compute_dq})
               for row in sm90.BWD_ROWS + flipped for compute_dq in (True, False)]
     for kernel, row, owned, rows, (barriers_once, barriers_per_stage), extra in cases:

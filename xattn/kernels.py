@@ -313,10 +313,12 @@ def _sm90_backward_smem(d: dict) -> int:
     slack to align it to 1024 bytes."""
     hd, n, m, stages, with_dq = d["HEAD_DIM"], d["BLOCK_N"], d["BLOCK_M"], d["STAGES"], d["COMPUTE_DQ"]
     shared_keys = n == SM90_STORE_ROWS
+    by_box = shared_keys and d["DQ_TMA"] and with_dq  # one buffer of sP and sdS, dQ a box at a time
+    buffers = 1 if by_box else 2
     kv = 2 * n * hd * 2
     q_do = 2 * stages * m * hd * 2
-    ds = (2 if with_dq or shared_keys else 0) * n * m * 2 + (2 * n * m * 2 if shared_keys else 0)
-    dq_cols = hd * (m // SM90_STORE_ROWS) // 2
+    ds = (buffers if with_dq or shared_keys else 0) * n * m * 2 + (buffers * n * m * 2 if shared_keys else 0)
+    dq_cols = 32 if by_box else hd * (m // SM90_STORE_ROWS) // 2
     dq = 2 * SM90_STORE_ROWS * dq_cols * 4 if with_dq and d["DQ_TMA"] else 0
     rows = 2 * stages * m * 4
     return SM90_SMEM_ALIGN + kv + q_do + ds + dq + rows + SM90_BARRIER_BYTES * (1 + 2 * stages)

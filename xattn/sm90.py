@@ -207,8 +207,8 @@ BWD_ROWS = (
     BwdRow(64, True, 128, 2, modifiers=False, dq_tma=False),
     BwdRow(128, False, 64, 2, modifiers=True, dq_tma=True),
     BwdRow(128, True, 64, 2, modifiers=True, dq_tma=True),
-    BwdRow(256, False, 64, 2, modifiers=True, dq_tma=False, block_n=64),
-    BwdRow(256, True, 64, 2, modifiers=True, dq_tma=False, block_n=64),
+    BwdRow(256, False, 64, 2, modifiers=True, dq_tma=True, block_n=64),
+    BwdRow(256, True, 64, 2, modifiers=True, dq_tma=True, block_n=64),
 )
 
 

@@ -148,11 +148,18 @@
 #define DQ_COLS (HEAD_DIM / (NUM_CONSUMERS / DQ_SPLIT_ROWS))
 #define DQ_REGS (DQ_COLS / 2)
 #define DQ_BOX_COLS (SWIZZLE_BYTES / 4)          // float32 columns of one reduce box (128 bytes)
+#define DQ_BOX_REGS (DQ_BOX_COLS / 2)            // a thread's dQ values in one box
+// Shared keys with the TMA reduce-add: sK, sV and two stages of Q and dO leave 32 KB, so sP and
+// sdS have one buffer each (a barrier before they are rewritten) and each consumer stages its dQ
+// one 32-column box at a time.
+#define DQ_BY_BOX (SHARED_KEYS && DQ_TMA && COMPUTE_DQ)
+#define PDS_BUFFERS (DQ_BY_BOX ? 1 : 2)          // buffers of sP and of sdS, which steps alternate
+#define DQ_STAGED_BOXES (DQ_BY_BOX ? 1 : DQ_COLS / DQ_BOX_COLS)
 
 static_assert(BLOCK_N == NUM_CONSUMERS * WGMMA_M || BLOCK_N == WGMMA_M, "keys per CTA: 64 per consumer, or 64 shared");
 static_assert(HEAD_DIM % SWIZZLE_ELEMS == 0 && KV_COLS <= 128, "head dim: whole boxes; dK and dV must fit in registers");
-static_assert(!SHARED_KEYS || (BLOCK_M == WGMMA_M && KV_COLS % SWIZZLE_ELEMS == 0 && !DQ_TMA),
-              "shared keys: 64 queries a step, whole boxes per consumer, dQ by red.global (no shared memory left)");
+static_assert(!SHARED_KEYS || (BLOCK_M == WGMMA_M && KV_COLS % SWIZZLE_ELEMS == 0),
+              "shared keys: 64 queries a step, whole boxes per consumer");
 static_assert(BLOCK_M % SWIZZLE_ELEMS == 0 && BLOCK_M <= 2 * WGMMA_M, "query step: one or two warpgroups' rows");
 static_assert(DQ_COLS % SWIZZLE_ELEMS == 0, "each consumer's dQ columns start at a box of K");
 static_assert(PRODUCER_REGS * WARPGROUP_THREADS + CONSUMER_REGS * CONSUMER_THREADS <=
@@ -163,11 +170,13 @@ static_assert(PRODUCER_REGS * WARPGROUP_THREADS + CONSUMER_REGS * CONSUMER_THREA
 // sK, sV   D_BOXES boxes of BLOCK_N rows x 128 bytes; consumer c's keys are rows [64c, 64c + 64).
 //          After the last step, each consumer's dK and dV rows in its own rows of them.
 // sQ, sdO  STAGES tiles of D_BOXES boxes of BLOCK_M rows x 128 bytes
-// sdS      (COMPUTE_DQ or SHARED_KEYS) 2 buffers (steps alternate) of M_BOXES boxes of BLOCK_N
-//          rows (keys) x 128 bytes (64 queries): dS^T, 16-bit, swizzled as the TMA would write it
-// sP       (SHARED_KEYS) 2 buffers like sdS: P^T, 16-bit, the A operand of dV += P^T dO
-// sdQ      (COMPUTE_DQ and DQ_TMA) per consumer, DQ_COLS / 32 boxes of 64 rows x 128 bytes (32 floats): its
-//          step's dQ tile, swizzled as the copy engine reads it
+// sdS      (COMPUTE_DQ or SHARED_KEYS) PDS_BUFFERS buffers (steps alternate) of M_BOXES boxes of
+//          BLOCK_N rows (keys) x 128 bytes (64 queries): dS^T, 16-bit, swizzled as the TMA would
+//          write it
+// sP       (SHARED_KEYS) PDS_BUFFERS buffers like sdS: P^T, 16-bit, the A operand of dV += P^T dO
+// sdQ      (COMPUTE_DQ and DQ_TMA) per consumer, DQ_STAGED_BOXES boxes of 64 rows x 128 bytes (32
+//          floats): its step's dQ tile (or one box of it at a time), swizzled as the copy engine
+//          reads it
 // sLse, sDelta  STAGES x BLOCK_M floats each
 // bars     kv_full, full[STAGES], empty[STAGES] (8 bytes each)
 #define KV_BOX_BYTES (BLOCK_N * SWIZZLE_BYTES)
@@ -177,9 +186,9 @@ static_assert(PRODUCER_REGS * WARPGROUP_THREADS + CONSUMER_REGS * CONSUMER_THREA
 #define Q_BYTES (D_BOXES * Q_BOX_BYTES)
 #define DS_BYTES (M_BOXES * DS_BOX_BYTES)
 #define DQ_BOX_BYTES (WGMMA_M * SWIZZLE_BYTES)
-#define DQ_TILE_BYTES (COMPUTE_DQ && DQ_TMA ? (DQ_COLS / DQ_BOX_COLS) * DQ_BOX_BYTES : 0)
-#define DS_BUFFERS (COMPUTE_DQ || SHARED_KEYS ? 2 : 0)
-#define P_BUFFERS (SHARED_KEYS ? 2 : 0)
+#define DQ_TILE_BYTES (COMPUTE_DQ && DQ_TMA ? DQ_STAGED_BOXES * DQ_BOX_BYTES : 0)
+#define DS_BUFFERS (COMPUTE_DQ || SHARED_KEYS ? PDS_BUFFERS : 0)
+#define P_BUFFERS (SHARED_KEYS ? PDS_BUFFERS : 0)
 #define SMEM_K 0
 #define SMEM_V (SMEM_K + KV_BYTES)
 #define SMEM_Q (SMEM_V + KV_BYTES)
@@ -209,6 +218,7 @@ __device__ __forceinline__ Barriers barriers(u32 base) {
 #define BAR_EPILOGUE 2  // both consumers are done reading sK (their last dQ = dS K)
 #define BAR_STORE 3     // + consumer: its dK and dV rows are staged for the TMA stores
 #define BAR_DQ 5        // + consumer: its dQ tile is staged for the TMA reduce-add
+#define BAR_PDS_FREE 7  // (one buffer of sP and sdS) both consumers' products of the last step are done
 
 // ---- device helpers ---------------------------------------------------------------------------
 
@@ -378,13 +388,13 @@ __device__ __forceinline__ void add_dq(float* dq_accum, i64 row_stride, const fl
     }
 }
 
-// The consumer's dQ tile into its sdQ boxes, swizzled as the copy engine reads them: two columns
-// (8 bytes) a store; a warp's 32 stores cover 16 distinct 16-byte chunks, two per bank group:
-// the minimum of two wavefronts for 256 bytes.
-__device__ __forceinline__ void stage_dq(u32 sdq, const float (&dq)[DQ_REGS], int t) {
+// Boxes [first, first + boxes) of the consumer's dQ tile into its sdQ boxes from the first,
+// swizzled as the copy engine reads them: two columns (8 bytes) a store; a warp's 32 stores cover
+// 16 distinct 16-byte chunks, two per bank group: the minimum of two wavefronts for 256 bytes.
+__device__ __forceinline__ void stage_dq(u32 sdq, const float (&dq)[DQ_REGS], int first, int boxes, int t) {
 #pragma unroll
-    for (int i = 0; i < DQ_REGS; i += 2) {
-        const int row = acc_row(i, t), col = acc_col(i, t);
+    for (int i = first * DQ_BOX_REGS; i < (first + boxes) * DQ_BOX_REGS; i += 2) {
+        const int row = acc_row(i, t), col = acc_col(i, t) - first * DQ_BOX_COLS;
         const u32 addr = sdq + (col / DQ_BOX_COLS) * DQ_BOX_BYTES + swizzled_offset_f32(row, col % DQ_BOX_COLS);
         asm volatile("st.shared.v2.f32 [%0], {%1, %2};\n" ::"r"(addr), "f"(dq[i]), "f"(dq[i + 1]) : "memory");
     }
@@ -548,7 +558,7 @@ flash_bwd_sm90(const __grid_constant__ TmaDesc tm_q, const __grid_constant__ Tma
         for (int i = 0; i < steps.count; ++i, step.advance(steps)) {
             const int st = stage_of(i), head = step.head, m_start = step.m_start();
             const u32 q_tile = smem + SMEM_Q + st * Q_BYTES, do_tile = smem + SMEM_DO + st * Q_BYTES;
-            const u32 ds_buf = smem + SMEM_DS + (i % 2) * DS_BYTES;
+            const u32 ds_buf = smem + SMEM_DS + (i % PDS_BUFFERS) * DS_BYTES;
             if (HAS_ALIBI) c.mods.alibi_coef = -p.alibi_slopes[batch * p.alibi_batch_stride + head] / p.scale;
             float s[ST_REGS], dp[ST_REGS];
             u32 p_frag[ST_STEPS][4], ds_frag[ST_STEPS][4];
@@ -568,10 +578,11 @@ flash_bwd_sm90(const __grid_constant__ TmaDesc tm_q, const __grid_constant__ Tma
             acc_to_a_operand<ST_COLS>(ds_frag, dp);           // dS^T, 16-bit
 #if SHARED_KEYS
             // This consumer has P^T and dS^T of half the step's queries, and its half of dK and
-            // dV needs them all: both halves meet in sP and sdS. Those buffers were last read by
-            // the products of step i - 2, which both consumers waited for before the barrier of
-            // i - 1.
-            const u32 p_buf = smem + SMEM_P + (i % 2) * DS_BYTES;
+            // dV needs them all: both halves meet in sP and sdS. With two buffers, these were
+            // last read by the products of step i - 2, which both consumers waited for before the
+            // barrier of i - 1; with one, by those of step i - 1: a barrier after both waited.
+            const u32 p_buf = smem + SMEM_P + (i % PDS_BUFFERS) * DS_BYTES;
+            if (PDS_BUFFERS == 1 && i > 0) named_barrier_sync(BAR_PDS_FREE, CONSUMER_THREADS);
             stage_transposed(p_buf, p_frag, c);
             stage_transposed(ds_buf, ds_frag, c);
             fence_proxy_async();                             // wgmma reads what these stores wrote
@@ -596,6 +607,7 @@ flash_bwd_sm90(const __grid_constant__ TmaDesc tm_q, const __grid_constant__ Tma
             // sdQ: the reduce-add of the previous step has read it (its issuing thread waits here,
             // a step after issuing it; the barrier below tells the others).
             if (DQ_TMA && c.t == 0) tma_store_wait_read();
+            static_assert(!DQ_BY_BOX, "the box-by-box dQ path is the shared keys' only");
             // Both consumers' keys of dS^T are in this buffer. It was last read by the dQ
             // products of step i - 2, which both consumers waited for before the barrier of i - 1.
             named_barrier_sync(BAR_DS, CONSUMER_THREADS);
@@ -612,9 +624,25 @@ flash_bwd_sm90(const __grid_constant__ TmaDesc tm_q, const __grid_constant__ Tma
 #if COMPUTE_DQ
             wgmma_wait<0>();
             pin_registers(dq);
-#if DQ_TMA
+#if DQ_BY_BOX
+            // dq_accum += dQ one 32-column box at a time through the consumer's one sdQ box: its
+            // issuing thread waits until the last reduce-add has read it, the barrier tells the
+            // others; the box is written; a barrier, and the thread issues its reduce-add.
+#pragma unroll
+            for (int box = 0; box < DQ_COLS / DQ_BOX_COLS; ++box) {
+                if (c.t == 0) tma_store_wait_read();
+                named_barrier_sync(BAR_DQ + c.consumer, WARPGROUP_THREADS);
+                stage_dq(sdq, dq, box, 1, c.t);
+                fence_proxy_async();  // the copy engine reads what these ordinary stores wrote
+                named_barrier_sync(BAR_DQ + c.consumer, WARPGROUP_THREADS);
+                if (c.t == 0) {
+                    tma_reduce_add_4d(&tm_dq, sdq, dq_col0 + box * DQ_BOX_COLS, m_start + dq_row0, head, batch);
+                    tma_store_commit();
+                }
+            }
+#elif DQ_TMA
             // dq_accum += dQ: the tile through sdQ, one reduce-add per 32-column box.
-            stage_dq(sdq, dq, c.t);
+            stage_dq(sdq, dq, 0, DQ_COLS / DQ_BOX_COLS, c.t);
             fence_proxy_async();  // the copy engine reads what these ordinary stores wrote
             named_barrier_sync(BAR_DQ + c.consumer, WARPGROUP_THREADS);
             if (c.t == 0) {

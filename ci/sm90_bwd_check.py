@@ -9,6 +9,8 @@
             or mma.sync where supports_backward declines); gradients NaN-poisoned; two runs: dK
             and dV bitwise equal, dQ (float32 reductions in any order) within rounding; and every
             sm90 backward variant the device's NVRTC compiled has no local memory (spills)
+  varlen    the same for packed batches (cu_seqlens): sequences of 0, 1, block +- 1 rows, Sq != Sk
+            per sequence, GQA, causal, windows, softcap, per-sequence ALiBi; D64 expected on mma.sync
   bench     backward TFLOP/s (2.5 x the forward's 4 B H S^2 D, halved causal) of the sm90 kernel,
             the mma.sync kernels (SM90_BACKWARD off), SDPA flash and cuDNN, median of 3 rotated
             rounds: bf16, D 64/128, causal or not, B S = 16384, H D = 2048; at D128 also the sm90
@@ -154,6 +156,103 @@ def check_cases(quick: bool):
     return cases
 
 
+def run_varlen_case(dtype, hq, hk, lens_q, lens_k, d, causal, variant, gen, deterministic=False):
+    """A packed batch ((1, H, T, D) views, cu_seqlens): gradients against float64 autograd of each
+    sequence on its own, NaN-poisoned, two runs as run_case."""
+    variant = dict(variant or {})
+    batch = len(lens_q)
+    if variant.get("alibi_slopes") == "per_batch_head":
+        variant["alibi_slopes"] = torch.rand(batch, hq, device="cuda", generator=gen)
+    cu_q, cu_k = (torch.tensor([sum(lens[:i]) for i in range(batch + 1)], dtype=torch.int32, device="cuda")
+                  for lens in (lens_q, lens_k))
+    tq, tk = sum(lens_q), sum(lens_k)
+    q, dout = (torch.randn(1, hq, tq, d, generator=gen, device="cuda").to(dtype) for _ in range(2))
+    k, v = (torch.randn(1, hk, tk, d, generator=gen, device="cuda").to(dtype) for _ in range(2))
+    scale = 1 / math.sqrt(d)
+    packed = dict(cu_seqlens=(cu_q, cu_k), max_seqlen=(max(lens_q), max(lens_k)))
+    stream = torch.cuda.current_stream().cuda_stream
+    out, lse = torch.empty_like(q), torch.empty(1, hq, tq, device="cuda")
+    cuda.forward(q, k, v, out, lse, causal=causal, scale=scale, stream=stream, **variant, **packed)
+    runs, planned = [], []
+    for _ in range(2):
+        grads = [torch.full_like(x, float("nan")) for x in (q, k, v)]
+        launch._plans.clear()
+        cuda.backward(q, k, v, out, dout, lse, *grads, causal=causal, scale=scale, deterministic=deterministic,
+                      stream=stream, **variant, **packed)
+        torch.cuda.synchronize()
+        planned.append(cuda.sm90_backward_planned())
+        runs.append(grads)
+    ref = [torch.zeros_like(x, dtype=torch.float64) for x in (q, k, v)]
+    for b in range(batch):
+        rq, rk = slice(int(cu_q[b]), int(cu_q[b + 1])), slice(int(cu_k[b]), int(cu_k[b + 1]))
+        q64, k64, v64 = (x[:, :, r].double().requires_grad_() for x, r in ((q, rq), (k, rk), (v, rk)))
+        seq_variant = dict(variant)
+        if "alibi_slopes" in seq_variant:
+            seq_variant["alibi_slopes"] = variant["alibi_slopes"][b:b + 1]
+        o = exact_out(q64, k64, v64, causal, scale, **seq_variant)
+        for full, grad, r in zip(ref, torch.autograd.grad(o, (q64, k64, v64), dout[:, :, rq].double()),
+                                 (rq, rk, rk)):
+            full[:, :, r] = grad
+    problems, worst = [], 0.0
+    for name, got, want in zip(("dq", "dk", "dv"), runs[0], ref):
+        if got.isnan().any():
+            problems.append(f"{name}: NaN left (unwritten or produced)")
+            continue
+        err = (got.double() - want).norm().item() / max(want.norm().item(), 1e-30)
+        worst = max(worst, err)
+        if err > TOLERANCE[dtype]:
+            problems.append(f"{name} rel err {err:.2e}")
+    for name, a, c in zip(("dk", "dv"), runs[0][1:], runs[1][1:]):
+        if not torch.equal(a, c):
+            problems.append(f"{name}: two runs differ")
+    dq_moved = (runs[0][0].double() - runs[1][0].double()).norm().item() / max(runs[0][0].double().norm().item(), 1e-30)
+    if (deterministic and dq_moved) or dq_moved > TOLERANCE[dtype] / 10:
+        problems.append(f"dq moved {dq_moved:.1e} between runs")
+    return worst, dq_moved, planned[0], problems
+
+
+def varlen_cases(quick: bool):
+    """(dtype, hq, hk, lens_q, lens_k, d, causal, variant, sm90 expected)"""
+    same = [1, 63, 64, 65, 300, 0, 129]
+    cases = []
+    for i, d in enumerate((128, 256)):
+        for causal in (False, True):
+            dt = ("bfloat16", "float16")[(i + causal) % 2]
+            cases.append((dt, 4, 2, same, same, d, causal, None, True))
+            cases.append((dt, 3, 1, [100, 7, 200], [50, 300, 129], d, causal, None, True))
+    if not quick:
+        for variant in (dict(window=(50, 30)), dict(softcap=30.0), dict(alibi_slopes="per_batch_head")):
+            for d in (128, 256):
+                cases.append(("bfloat16", 4, 2, [130, 65, 257], [200, 65, 100], d, True, variant, True))
+        cases.append(("bfloat16", 8, 2, [2048, 1000, 3000], [2048, 1000, 3000], 128, True, None, True))
+    cases.append(("bfloat16", 4, 2, same, same, 64, True, None, False))  # D64 packed: mma.sync
+    return cases
+
+
+def phase_varlen(args) -> int:
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    cases = varlen_cases(args.quick)
+    if args.sanitize:  # small packed batches per row: sequence ends inside tiles, an empty one
+        cases = [("bfloat16", 2, 1, [65, 0, 130], [129, 1, 64], d, causal, None, True)
+                 for d in (128, 256) for causal in (False, True)]
+    failed = 0
+    for dtype, hq, hk, lens_q, lens_k, d, causal, variant, expect_sm90 in cases:
+        label = f"{dtype} H{hq}/{hk} q{lens_q} k{lens_k} D{d} {'causal' if causal else 'full'} {variant or ''}"
+        print(f"... {label}", end="", flush=True)
+        try:
+            err, moved, planned, problems = run_varlen_case(DTYPES[dtype], hq, hk, lens_q, lens_k, d, causal,
+                                                            variant, gen, args.deterministic)
+            if planned != expect_sm90:
+                problems.append(f"served by {'sm90' if planned else 'mma.sync'}, expected the other")
+            info = f"  {'sm90' if planned else 'mma.sync'} err {err:.2e} dq-moved {moved:.1e}"
+        except Exception as exc:
+            info, problems = "", [f"{type(exc).__name__}: {str(exc)[:300]}"]
+        failed += bool(problems)
+        print(info, "FAIL " + "; ".join(problems) if problems else "ok", flush=True)
+    print(f"SUMMARY varlen: {len(cases) - failed}/{len(cases)} cases passed", flush=True)
+    return int(failed > 0)
+
+
 def sanitize_cases():
     """Small shapes per row: a partial block on both axes, GQA 2:1, causal and not."""
     return [(dtype, 1, 2, 1, sq, sk, row.head_dim, row.causal, "bhsd", False, None, True)
@@ -278,11 +377,49 @@ def phase_bench(args) -> int:
     return 0
 
 
+def phase_varlen_bench(args) -> int:
+    """Packed batches of 8 sequences (lengths 0.5x-1.5x of S, 8 S tokens in all), bf16, H D = 2048,
+    causal and not: the sm90 backward against the mma.sync kernels (SM90_BACKWARD off) and against
+    the same tokens as a padded (B, H, S, D) batch on each."""
+    print(f"varlen bench {time.strftime('%Y-%m-%d')} {torch.cuda.get_device_name()}: backward TFLOP/s of the packed "
+          "batch's own work (2.5 x 4 H D sum S_b^2, halved causal), median of 3 rotated rounds, bf16")
+    print("| D | causal | S | sm90 packed | mma.sync packed | sm90/mma.sync |")
+    print("|---|---|---|---|---|---|")
+    for d in args.head_dims:
+        for causal in (False, True):
+            for s in (1024, 4096):
+                lens = [s * f // 8 for f in (4, 12, 6, 10, 8, 5, 11, 8)]  # sums to 8 s
+                h, total = 2048 // d, sum(lens)
+                cu = torch.tensor([sum(lens[:i]) for i in range(len(lens) + 1)], dtype=torch.int32, device="cuda")
+                q, k, v, dout = (torch.randn(1, h, total, d, device="cuda", dtype=torch.bfloat16) for _ in range(4))
+                packed = dict(cu_seqlens=(cu, cu), max_seqlen=(max(lens), max(lens)))
+                scale, stream = 1 / math.sqrt(d), torch.cuda.current_stream().cuda_stream
+                out, lse = torch.empty_like(q), torch.empty(1, h, total, device="cuda")
+                cuda.forward(q, k, v, out, lse, causal=causal, scale=scale, stream=stream, **packed)
+                grads = [torch.empty_like(x) for x in (q, k, v)]
+
+                def ours(sm90_on):
+                    def run():
+                        cuda.SM90_BACKWARD = sm90_on
+                        cuda.backward(q, k, v, out, dout, lse, *grads, causal=causal, scale=scale,
+                                      deterministic=False, stream=stream, **packed)
+                    return run
+                launch._plans.clear()
+                fns = {"sm90": ours(True), "mma.sync": ours(False)}
+                flops = 2.5 * 4 * h * d * sum(n * n for n in lens) / (2 if causal else 1)
+                got = fair_tflops(fns, tuple(fns), lambda ms: flops / ms / 1e9)
+                cuda.SM90_BACKWARD = True
+                print(f"| {d} | {int(causal)} | {s} | {got['sm90']:.0f} | {got['mma.sync']:.0f} | "
+                      f"{got['sm90'] / got['mma.sync']:.2f} |", flush=True)
+    print("SUMMARY varlen bench: done")
+    return 0
+
+
 def main() -> int:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--phase", required=True, choices=["compile", "check", "bench"])
+    parser.add_argument("--phase", required=True, choices=["compile", "check", "varlen", "bench", "varlen_bench"])
     parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--sanitize", action="store_true", help="check: small shapes for compute-sanitizer")
+    parser.add_argument("--sanitize", action="store_true", help="check, varlen: small shapes for compute-sanitizer")
     parser.add_argument("--deterministic", action="store_true",
                         help="check: deterministic=True (the kernel's dK/dV, flash_bwd_dq.cu's dQ)")
     parser.add_argument("--head-dims", type=int, nargs="+", default=[64, 128], help="bench: head dims")
@@ -291,7 +428,8 @@ def main() -> int:
     args = parser.parse_args()
     if args.dq == "red":
         sm90.BWD_ROWS = tuple(r._replace(dq_tma=False) for r in sm90.BWD_ROWS)
-    return {"compile": phase_compile, "check": phase_check, "bench": phase_bench}[args.phase](args)
+    return {"compile": phase_compile, "check": phase_check, "varlen": phase_varlen,
+            "bench": phase_bench, "varlen_bench": phase_varlen_bench}[args.phase](args)
 
 
 if __name__ == "__main__":

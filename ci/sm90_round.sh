@@ -52,18 +52,24 @@ for phase in $PHASES; do
             echo "[sanitize $tool rc=$?] $(grep -E 'SUMMARY' "$OUT/sanitize.log" | tail -2 | tr '\n' ' ')"
         done ;;
     bwd_compile) runb bwd_compile 120 --phase compile ;;
+    bwd_varlen) runb bwd_varlen 200 --phase varlen ;;
+    bwd_varlen_bench) runb bwd_varlen_bench 150 --phase varlen_bench --head-dims ${BWD_HEAD_DIMS:-128 256} ;;
     bwd_check)
         if ! runb bwd_check 200 --phase check ${BWD_QUICK:+--quick}; then
             check_failed=1
             grep -E "FAIL|Error" "$OUT/bwd_check.log" | head -20
         fi ;;
     bwd_sanitize)
+        export PYTORCH_NO_CUDA_MEMORY_CACHING=1  # memcheck then sees an access past any tensor's end
         for tool in ${SANITIZE_TOOLS:-racecheck synccheck}; do
             echo "=== $tool" >> "$OUT/bwd_sanitize.log"
             # only the sm90 backward is instrumented: torch's oracle and the other kernels run as usual
             timeout 100 compute-sanitizer --tool "$tool" --kernel-name kns=flash_bwd_sm90 --report-api-errors no \
                 --error-exitcode 9 python ci/sm90_bwd_check.py --phase check --sanitize >> "$OUT/bwd_sanitize.log" 2>&1
             echo "[bwd_sanitize $tool rc=$?] $(grep -E 'SUMMARY|ERROR SUMMARY|RACECHECK SUMMARY' "$OUT/bwd_sanitize.log" | tail -2 | tr '\n' ' ')"
+            timeout 100 compute-sanitizer --tool "$tool" --kernel-name kns=flash_bwd_sm90 --report-api-errors no \
+                --error-exitcode 9 python ci/sm90_bwd_check.py --phase varlen --sanitize >> "$OUT/bwd_sanitize.log" 2>&1
+            echo "[bwd_sanitize varlen $tool rc=$?] $(grep -E 'SUMMARY|ERROR SUMMARY|RACECHECK SUMMARY' "$OUT/bwd_sanitize.log" | tail -2 | tr '\n' ' ')"
         done ;;
     bwd_bench) [ -n "$check_failed" ] && continue
         runb bwd_bench 240 --phase bench ${BWD_QUICK:+--quick} --head-dims ${BWD_HEAD_DIMS:-64 128} ;;

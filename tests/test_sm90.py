@@ -127,7 +127,8 @@ def test_backward_routing_rule():
 
     assert serves() and serves(_views("float16", 64)) and serves(_views(head_dim=72))
     assert serves(defines=_PLAIN | {"IS_CAUSAL": 1, "IS_LOCAL": 1, "HAS_SOFTCAP": 1})
-    assert not serves(varlen=True)                         # packed batches
+    assert serves(varlen=True) and serves(_views(head_dim=256), varlen=True)  # packed batches
+    assert not serves(_views(head_dim=64), varlen=True)    # D64 packed batches spill (mma.sync)
     assert not serves(aligned=False)                       # a pointer not 16-byte aligned
     assert not serves(_views("float32"))                   # no tensor-core float32
     assert serves(_views(head_dim=136)) and serves(_views(head_dim=256))  # the shared-keys row

@@ -299,10 +299,12 @@ def _sm90_forward_grid(d: dict, s: Sizes) -> tuple:
 
 
 def _sm90_backward_defines(row, dtype: str, *, flags: dict, compute_dq: bool = True) -> dict:
-    """compute_dq False: dK and dV only (deterministic=True takes dQ from flash_bwd_dq)."""
+    """compute_dq False: dK and dV only (deterministic=True takes dQ from flash_bwd_dq). flags as
+    the forward's; IS_VARLEN only where set, so that the other variants compile as before."""
     return {"ELEM_BF16": int(dtype == "bfloat16"), "HEAD_DIM": row.head_dim, "BLOCK_N": row.block_n,
             "BLOCK_M": row.block_m, "STAGES": row.stages, "DQ_TMA": int(row.dq_tma),
-            "COMPUTE_DQ": int(compute_dq), **_sm90_flags(flags)}
+            "COMPUTE_DQ": int(compute_dq), **_sm90_flags(flags),
+            **({"IS_VARLEN": 1} if flags.get("IS_VARLEN") else {})}
 
 
 def _sm90_backward_smem(d: dict) -> int:

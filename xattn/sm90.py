@@ -221,12 +221,12 @@ def supports_backward(Q, K, V, dO, dQ, dK, dV, defines: dict, *, varlen: bool,
     """Whether a backward on a compute capability 9.0 device (xattn.cuda asks only there) runs on
     flash_bwd.cu, from its launch.Array views ((B, H, S, D)) and launch.variant's masks and
     modifiers (defines): fp16/bf16, a row for the head dim (<= 256, a multiple of 8: dQ's float32
-    pairs stay 8-byte aligned) that serves the call's modifiers, no packed varlen batch, and
+    pairs stay 8-byte aligned) that serves the call's modifiers (packed batches too: varlen), and
     every tensor the kernel reads or writes by TMA addressable by the copy engine (deterministic
     calls too: there it computes dK and dV only, plan_backward). aligned: the plan's pointers
     are 16-byte aligned for every call it serves (its cache key says so). Sinks need nothing
     here: the forward's lse holds them."""
-    if varlen or not aligned:
+    if not aligned:
         return False
     arrays = (Q, K, V, dO, dQ, dK, dV)
     if Q.dtype not in ("float16", "bfloat16") or any(a.dtype != Q.dtype for a in arrays):
@@ -236,6 +236,8 @@ def supports_backward(Q, K, V, dO, dQ, dK, dV, defines: dict, *, varlen: bool,
     if head_dim % 8 or row is None:
         return False
     if not row.modifiers and (defines["IS_LOCAL"] or defines["HAS_SOFTCAP"] or defines["HAS_ALIBI"]):
+        return False
+    if varlen and row.head_dim == 64:  # ptxas spills 24 bytes in the D64 rows' packed-batch variant
         return False
     return all(tma.expressible(a.ptr, a.dtype, a.shape, a.strides) for a in (Q, K, V, dO, dK, dV))
 
@@ -247,7 +249,7 @@ def plan_backward(Q, K, V, dO, dK, dV, accum, block, var: "launch.Variant", batc
     whole backward (delta and dq_accum included). accum: dq_accum's launch.Array (its pointer is
     the per-call scratch's, unknown here), or None for dK and dV only (COMPUTE_DQ = 0: dQ comes
     from another kernel, deterministic=True)."""
-    heads_k, seqlen_k, head_dim = K.shape[1], K.shape[2], Q.shape[3]
+    heads_k, head_dim = K.shape[1], Q.shape[3]
     causal_rows = bool(var.defines["IS_CAUSAL"])
     row = select_backward(head_dim, causal_rows)
     keys, stores = row.block_n, kernels.SM90_STORE_ROWS
@@ -260,5 +262,6 @@ def plan_backward(Q, K, V, dO, dK, dV, accum, block, var: "launch.Variant", batc
             for name, a, rows in mapped]
     kernel = kernels.cuda("flash_bwd_sm90")
     defines = kernel.defines(row, Q.dtype, flags=var.defines, compute_dq=accum is not None)
-    sizes = kernels.Sizes(seqlen_k=seqlen_k, heads_k=heads_k)
+    # the grid covers the longest key sequence (a packed batch's K has every sequence's rows)
+    sizes = kernels.Sizes(seqlen_k=var.options["seqlen_k"], heads_k=heads_k)
     return kernel.launch(defines, sizes, block, batch, Q.device, maps=maps)

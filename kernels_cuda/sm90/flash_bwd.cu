@@ -77,6 +77,17 @@
 // h; a CTA visits only the query blocks whose band reaches its keys (attention_common.h), and
 // masks element-wise only where a tile crosses an edge of the band or the end of the keys.
 //
+// Packed variable-length batches (IS_VARLEN): q, k, v, dout, dk, dv are (1, H, T, D) views, lse,
+// delta and dq_accum (1, H, T[, D]); blockIdx.z is the sequence (attention_common.h: sequence) and
+// x covers the longest key sequence (a CTA past its own sequence's keys ends at once). The maps
+// span all T rows, so the tiles that run past a sequence's end load the next sequence's rows (or
+// zeros past T): keys past seqlen_k are masked; queries past seqlen_q have lse2 = +inf and delta 0,
+// so their P^T and dS^T columns are exactly 0 and add nothing to dK, dV (their dQ rows, added by
+// the TMA reduce-add, get + 0). That holds for finite inputs: a NaN or infinity in the rows of a
+// neighbouring sequence would reach these gradients as 0 * inf (the forward zeroes its V tail for
+// that; the backward does not). dK and dV are stored from the registers, only the sequence's rows:
+// a TMA box would write into the next sequence.
+//
 // Layouts as in flash_fwd.cu: q, dout (B, Hq, Sq, D) and k, v, dk, dv (B, Hk, Sk, D), any
 // batch/head/row strides (multiples of 16 bytes), D contiguous: each a 4-D tensor map (D, S, H, B)
 // with boxes of 64 columns by BLOCK_M, BLOCK_N or 64 rows under 128-byte swizzle; the copy
@@ -98,7 +109,8 @@
 // BLOCK_N     keys per CTA: 128, or 64 shared by the consumers (above D128)
 // BLOCK_M     queries per step (64 or 128)
 // STAGES      Q/dO stages in flight
-// IS_CAUSAL, IS_LOCAL, HAS_SOFTCAP, HAS_ALIBI: masks and modifiers (attention_common.h)
+// IS_CAUSAL, IS_LOCAL, HAS_SOFTCAP, HAS_ALIBI, IS_VARLEN: masks, modifiers and packed batches
+//             (attention_common.h)
 // DQ_TMA      0: dQ added into dq_accum by red.global.add; 1: by a TMA reduce-add from shared memory
 // COMPUTE_DQ  1 (default): dQ as above; 0: dK and dV only (no dS^T staging, no dQ product, no
 //             dq_accum and no tensor map for it), for deterministic=True, whose dQ comes from
@@ -412,11 +424,34 @@ __device__ __forceinline__ void stage_rows(u32 tile, const float (&acc)[DKV_REGS
     }
 }
 
+// A packed batch's gradient rows straight from the registers, only the sequence's (a TMA box would
+// write into the next sequence's rows): two 16-bit values a store. g: dK or dV; batch stride 0.
+__device__ __forceinline__ void store_rows(const TensorRef& g, const float (&acc)[DKV_REGS], float scale,
+                                           const ConsumerCtx& c, int kv_head, int k_row0, int seqlen_k,
+                                           int head_dim) {
+    unsigned char* head = (unsigned char*)g.ptr + kv_head * g.head_stride * 2;
+#pragma unroll
+    for (int i = 0; i < DKV_REGS; i += 2) {
+        const int key = c.key_start + acc_row(i, c.t), col = c.kv_col0 + acc_col(i, c.t);
+        if (key < seqlen_k && col < head_dim)
+            *(u32*)(head + ((i64)(k_row0 + key) * g.row_stride + col) * 2) =
+                pack_float2(acc[i] * scale, acc[i + 1] * scale);
+    }
+}
+
 // Epilogue: dK (times the attention scale) and dV through the consumer's rows of sK and sV, and a
-// TMA store per 64-column box. sK is read by both consumers' dQ products until their last step.
+// TMA store per 64-column box (a packed batch: store_rows). sK is read by both consumers' dQ
+// products until their last step.
 __device__ __forceinline__ void write_gradients(const ConsumerCtx& c, const float (&dk)[DKV_REGS],
-                                                const float (&dv)[DKV_REGS], float grad_scale, const TmaDesc* tm_dk,
-                                                const TmaDesc* tm_dv, int n_start, int kv_head, int batch) {
+                                                const float (&dv)[DKV_REGS], const AttnParams& p, const TmaDesc* tm_dk,
+                                                const TmaDesc* tm_dv, const Sequence& seq, int kv_head, int batch) {
+    if (IS_VARLEN) {
+        store_rows(p.dk, dk, p.grad_scale, c, kv_head, seq.k_start, seq.seqlen_k, p.head_dim);
+        store_rows(p.dv, dv, 1.f, c, kv_head, seq.k_start, seq.seqlen_k, p.head_dim);
+        if (DQ_TMA && COMPUTE_DQ && c.t == 0) tma_store_wait_read();  // the last dQ reduce-add has read sdQ
+        return;
+    }
+    const float grad_scale = p.grad_scale;
     named_barrier_sync(BAR_EPILOGUE, CONSUMER_THREADS);  // both consumers' last dQ = dS K is done
     stage_rows(c.smem + SMEM_K, dk, grad_scale, c);
     stage_rows(c.smem + SMEM_V, dv, 1.f, c);
@@ -456,7 +491,13 @@ flash_bwd_sm90(const __grid_constant__ TmaDesc tm_q, const __grid_constant__ Tma
 
     const int n_block = blockIdx.x, kv_head = blockIdx.y, batch = blockIdx.z + p.batch_offset;
     const int n_start = n_block * BLOCK_N;
-    const int seqlen_q = p.seqlen_q, seqlen_k = p.seqlen_k;
+    // A packed batch (IS_VARLEN): blockIdx.z is the sequence, whose rows start at seq.q_start and
+    // seq.k_start of the batch's one entry (the maps' batch coordinate 0); the grid covers the
+    // longest sequence.
+    const Sequence seq = sequence(batch, p.cu_seqlens_q, p.cu_seqlens_k, p.seqlen_q, p.seqlen_k);
+    if (IS_VARLEN && n_start >= seq.seqlen_k) return;  // the whole CTA, before any barrier
+    const int seqlen_q = seq.seqlen_q, seqlen_k = seq.seqlen_k;
+    const int map_batch = IS_VARLEN ? 0 : batch;
     const int first_head = kv_head * p.heads_per_kv;
     const ScoreMods mods0 = make_score_mods(seqlen_q, seqlen_k, p.window_left, p.window_right, p.softcap_scale,
                                             p.alibi_slopes + batch * p.alibi_batch_stride + first_head, p.scale);
@@ -485,10 +526,10 @@ flash_bwd_sm90(const __grid_constant__ TmaDesc tm_q, const __grid_constant__ Tma
             tma_prefetch(&tm_do);
             mbar_arrive_expect_tx(bars.kv_full, 2 * KV_BYTES);
             for (int box = 0; box < D_BOXES; ++box) {
-                tma_load_4d(smem + SMEM_K + box * KV_BOX_BYTES, &tm_k, bars.kv_full, box * SWIZZLE_ELEMS, n_start,
-                            kv_head, batch);
-                tma_load_4d(smem + SMEM_V + box * KV_BOX_BYTES, &tm_v, bars.kv_full, box * SWIZZLE_ELEMS, n_start,
-                            kv_head, batch);
+                tma_load_4d(smem + SMEM_K + box * KV_BOX_BYTES, &tm_k, bars.kv_full, box * SWIZZLE_ELEMS,
+                            seq.k_start + n_start, kv_head, map_batch);
+                tma_load_4d(smem + SMEM_V + box * KV_BOX_BYTES, &tm_v, bars.kv_full, box * SWIZZLE_ELEMS,
+                            seq.k_start + n_start, kv_head, map_batch);
             }
             StepCursor step = first_step(steps);
             for (int i = 0; i < steps.count; ++i, step.advance(steps)) {
@@ -498,10 +539,10 @@ flash_bwd_sm90(const __grid_constant__ TmaDesc tm_q, const __grid_constant__ Tma
                 mbar_arrive_expect_tx(full, 2 * Q_BYTES);
                 for (int box = 0; box < D_BOXES; ++box)
                     tma_load_4d(smem + SMEM_Q + st * Q_BYTES + box * Q_BOX_BYTES, &tm_q, full, box * SWIZZLE_ELEMS,
-                                m_start, head, batch);
+                                seq.q_start + m_start, head, map_batch);
                 for (int box = 0; box < D_BOXES; ++box)
                     tma_load_4d(smem + SMEM_DO + st * Q_BYTES + box * Q_BOX_BYTES, &tm_do, full,
-                                box * SWIZZLE_ELEMS, m_start, head, batch);
+                                box * SWIZZLE_ELEMS, seq.q_start + m_start, head, map_batch);
             }
         } else if (warp == ROW_WARP) {
             // The row warp: each step's lse (base 2, +inf past the end and for rows that saw no
@@ -509,9 +550,10 @@ flash_bwd_sm90(const __grid_constant__ TmaDesc tm_q, const __grid_constant__ Tma
             StepCursor step = first_step(steps);
             for (int i = 0; i < steps.count; ++i, step.advance(steps)) {
                 const int st = stage_of(i), head = step.head, m_start = step.m_start();
-                const float* lse = (const float*)p.lse.ptr + batch * p.lse.batch_stride + head * p.lse.head_stride;
-                const float* delta =
-                    (const float*)p.delta.ptr + batch * p.delta.batch_stride + head * p.delta.head_stride;
+                const float* lse =
+                    (const float*)p.lse.ptr + batch * p.lse.batch_stride + head * p.lse.head_stride + seq.q_start;
+                const float* delta = (const float*)p.delta.ptr + batch * p.delta.batch_stride +
+                                     head * p.delta.head_stride + seq.q_start;
                 float* s_lse = (float*)(smem_generic + SMEM_LSE) + st * BLOCK_M;
                 float* s_delta = (float*)(smem_generic + SMEM_DELTA) + st * BLOCK_M;
                 mbar_wait(bars.empty + 8 * st, phase_of(i) ^ 1);
@@ -636,7 +678,8 @@ flash_bwd_sm90(const __grid_constant__ TmaDesc tm_q, const __grid_constant__ Tma
                 fence_proxy_async();  // the copy engine reads what these ordinary stores wrote
                 named_barrier_sync(BAR_DQ + c.consumer, WARPGROUP_THREADS);
                 if (c.t == 0) {
-                    tma_reduce_add_4d(&tm_dq, sdq, dq_col0 + box * DQ_BOX_COLS, m_start + dq_row0, head, batch);
+                    tma_reduce_add_4d(&tm_dq, sdq, dq_col0 + box * DQ_BOX_COLS, seq.q_start + m_start + dq_row0,
+                                      head, map_batch);
                     tma_store_commit();
                 }
             }
@@ -648,16 +691,17 @@ flash_bwd_sm90(const __grid_constant__ TmaDesc tm_q, const __grid_constant__ Tma
             if (c.t == 0) {
 #pragma unroll
                 for (int box = 0; box < DQ_COLS / DQ_BOX_COLS; ++box)
-                    tma_reduce_add_4d(&tm_dq, sdq + box * DQ_BOX_BYTES, dq_col0 + box * DQ_BOX_COLS, m_start + dq_row0,
-                                      head, batch);
+                    tma_reduce_add_4d(&tm_dq, sdq + box * DQ_BOX_BYTES, dq_col0 + box * DQ_BOX_COLS,
+                                      seq.q_start + m_start + dq_row0, head, map_batch);
                 tma_store_commit();
             }
 #else
-            float* dq_accum = (float*)p.dq_accum.ptr + batch * p.dq_accum.batch_stride + head * p.dq_accum.head_stride;
+            float* dq_accum = (float*)p.dq_accum.ptr + batch * p.dq_accum.batch_stride +
+                              head * p.dq_accum.head_stride + (i64)seq.q_start * p.dq_accum.row_stride;
             add_dq(dq_accum, p.dq_accum.row_stride, dq, m_start + dq_row0, dq_col0, seqlen_q, p.head_dim, c.t);
 #endif  // DQ_TMA
 #endif  // COMPUTE_DQ
         }
-        write_gradients(c, dk, dv, p.grad_scale, &tm_dk, &tm_dv, n_start, kv_head, batch);
+        write_gradients(c, dk, dv, p, &tm_dk, &tm_dv, seq, kv_head, batch);
     }
 }

@@ -70,7 +70,8 @@ for phase in $PHASES; do
             timeout 100 compute-sanitizer --tool "$tool" --kernel-name kns=flash_bwd_sm90 --report-api-errors no \
                 --error-exitcode 9 python ci/sm90_bwd_check.py --phase varlen --sanitize >> "$OUT/bwd_sanitize.log" 2>&1
             echo "[bwd_sanitize varlen $tool rc=$?] $(grep -E 'SUMMARY|ERROR SUMMARY|RACECHECK SUMMARY' "$OUT/bwd_sanitize.log" | tail -2 | tr '\n' ' ')"
-        done ;;
+        done
+        unset PYTORCH_NO_CUDA_MEMORY_CACHING ;;
     bwd_bench) [ -n "$check_failed" ] && continue
         runb bwd_bench 240 --phase bench ${BWD_QUICK:+--quick} --head-dims ${BWD_HEAD_DIMS:-64 128} ;;
     pytest) timeout 200 python -m pytest -q -x -p no:cacheprovider tests/test_sm90.py > "$OUT/pytest.log" 2>&1

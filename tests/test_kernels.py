@@ -94,6 +94,8 @@ def test_hopper_launch_constants_are_the_kernels_own(tmp_path):
         got = source_values(tmp_path, kernel, defines, ("NUM_THREADS", owned, "WGMMA_M", "SMEM_BARS"))
         assert got["NUM_THREADS"] == kernel.threads(defines) == kernels.SM90_THREADS
         assert (got[owned], got["WGMMA_M"]) == (rows, kernels.SM90_STORE_ROWS)
+        if kernel is backward:  # the D256 row's dQ reduce boxes (xattn/sm90.py maps dq_accum so)
+            assert source_values(tmp_path, kernel, defines, ("WARP_ROWS",))["WARP_ROWS"] == kernels.SM90_WARP_ROWS
         barriers = kernels.SM90_BARRIER_BYTES * (barriers_once + barriers_per_stage * row.stages)
         assert kernel.shared_memory(defines) == kernels.SM90_SMEM_ALIGN + got["SMEM_BARS"] + barriers, row
 

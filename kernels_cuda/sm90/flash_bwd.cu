@@ -162,9 +162,13 @@
 #define DQ_BOX_COLS (SWIZZLE_BYTES / 4)          // float32 columns of one reduce box (128 bytes)
 #define DQ_BOX_REGS (DQ_BOX_COLS / 2)            // a thread's dQ values in one box
 // Shared keys with the TMA reduce-add: sK, sV and two stages of Q and dO leave 32 KB, so sP and
-// sdS have one buffer each (a barrier before they are rewritten) and each consumer stages its dQ
-// one 32-column box at a time.
+// sdS have one buffer each (a barrier before they are rewritten) and each warp stages its 16 rows
+// of the consumer's dQ one 32-column box (2 KB) at a time: only the warp waits for the copy
+// engine's read of its last box (a warpgroup-wide handshake per box stalled every warp on it: 31%
+// of the stall samples, ncu, ci/results/2026-11-30-session7/).
 #define DQ_BY_BOX (SHARED_KEYS && DQ_TMA && COMPUTE_DQ)
+#define WARP_ROWS 16                             // a warp's rows of a wgmma accumulator
+#define DQ_WARP_BOX_BYTES (WARP_ROWS * SWIZZLE_BYTES)
 #define PDS_BUFFERS (DQ_BY_BOX ? 1 : 2)          // buffers of sP and of sdS, which steps alternate
 #define DQ_STAGED_BOXES (DQ_BY_BOX ? 1 : DQ_COLS / DQ_BOX_COLS)
 
@@ -187,8 +191,8 @@ static_assert(PRODUCER_REGS * WARPGROUP_THREADS + CONSUMER_REGS * CONSUMER_THREA
 //          write it
 // sP       (SHARED_KEYS) PDS_BUFFERS buffers like sdS: P^T, 16-bit, the A operand of dV += P^T dO
 // sdQ      (COMPUTE_DQ and DQ_TMA) per consumer, DQ_STAGED_BOXES boxes of 64 rows x 128 bytes (32
-//          floats): its step's dQ tile (or one box of it at a time), swizzled as the copy engine
-//          reads it
+//          floats): its step's dQ tile (DQ_BY_BOX: each warp's 16 rows of one box at a time),
+//          swizzled as the copy engine reads it
 // sLse, sDelta  STAGES x BLOCK_M floats each
 // bars     kv_full, full[STAGES], empty[STAGES] (8 bytes each)
 #define KV_BOX_BYTES (BLOCK_N * SWIZZLE_BYTES)
@@ -667,19 +671,21 @@ flash_bwd_sm90(const __grid_constant__ TmaDesc tm_q, const __grid_constant__ Tma
             wgmma_wait<0>();
             pin_registers(dq);
 #if DQ_BY_BOX
-            // dq_accum += dQ one 32-column box at a time through the consumer's one sdQ box: its
-            // issuing thread waits until the last reduce-add has read it, the barrier tells the
-            // others; the box is written; a barrier, and the thread issues its reduce-add.
+            // dq_accum += dQ, each warp its 16 rows one 32-column box at a time through its 2 KB of
+            // sdQ: its lane 0 waits until the warp's last reduce-add has read them, the warp
+            // writes the box, and lane 0 issues its reduce-add.
+            const int warp_row = (c.t / WARP_SIZE) * WARP_ROWS;
+            const u32 sdq_warp = sdq + (c.t / WARP_SIZE) * DQ_WARP_BOX_BYTES;
 #pragma unroll
             for (int box = 0; box < DQ_COLS / DQ_BOX_COLS; ++box) {
-                if (c.t == 0) tma_store_wait_read();
-                named_barrier_sync(BAR_DQ + c.consumer, WARPGROUP_THREADS);
-                stage_dq(sdq, dq, box, 1, c.t);
+                if (c.t % WARP_SIZE == 0) tma_store_wait_read();
+                __syncwarp();
+                stage_dq(sdq, dq, box, 1, c.t);  // the warp's rows are its 2 KB of the 64-row box
                 fence_proxy_async();  // the copy engine reads what these ordinary stores wrote
-                named_barrier_sync(BAR_DQ + c.consumer, WARPGROUP_THREADS);
-                if (c.t == 0) {
-                    tma_reduce_add_4d(&tm_dq, sdq, dq_col0 + box * DQ_BOX_COLS, seq.q_start + m_start + dq_row0,
-                                      head, map_batch);
+                __syncwarp();
+                if (c.t % WARP_SIZE == 0) {
+                    tma_reduce_add_4d(&tm_dq, sdq_warp, dq_col0 + box * DQ_BOX_COLS,
+                                      seq.q_start + m_start + dq_row0 + warp_row, head, map_batch);
                     tma_store_commit();
                 }
             }
@@ -702,6 +708,8 @@ flash_bwd_sm90(const __grid_constant__ TmaDesc tm_q, const __grid_constant__ Tma
 #endif  // DQ_TMA
 #endif  // COMPUTE_DQ
         }
+        // Shared memory stays allocated until each warp's last dQ reduce-add has read it.
+        if (DQ_BY_BOX && c.t % WARP_SIZE == 0) tma_store_wait_read();
         write_gradients(c, dk, dv, p, &tm_dk, &tm_dv, seq, kv_head, batch);
     }
 }

@@ -416,6 +416,65 @@ def test_backward_matches_exact_gradients(hopper, grad_bounds, batch, kv_heads, 
 
 
 @pytest.mark.gpu
+@settings(max_examples=25)
+@given(lengths=st.lists(st.tuples(st.sampled_from([0, 1, 63, 64, 65, 129, 200]),
+                                  st.sampled_from([1, 63, 64, 65, 129, 200])), min_size=1, max_size=4),
+       kv_heads=st.integers(1, 2), group=st.sampled_from([1, 3]), head_dim=st.sampled_from([72, 128, 192, 256]),
+       causal=st.booleans(), dtype=st.sampled_from(["float16", "bfloat16"]),
+       window=st.sampled_from([None, (40, 0), (17, 33)]), modifier=st.sampled_from([None, "softcap", "alibi"]),
+       seed=st.integers(0, 2**16))
+def test_packed_backward_matches_exact_gradients(hopper, grad_bounds, lengths, kv_heads, group, head_dim, causal,
+                                                 dtype, window, modifier, seed):
+    """A packed batch (cu_seqlens) on the sm90 backward (checked: it was planned): each sequence's
+    gradients against the float64 oracle of that sequence alone, bounded as tests/test_grad.py
+    bounds every backend; outputs NaN-poisoned, so rows past a sequence's end that a tile loads
+    from its neighbour must not be written."""
+    import torch
+
+    from xattn import cuda, reference
+
+    q_heads = kv_heads * group
+    rng = np.random.default_rng(seed)
+    options = _variant_options(causal, window, modifier, q_heads, rng)
+    if "alibi_slopes" in options:  # one row of slopes per sequence
+        options["alibi_slopes"] = rng.random((len(lengths), q_heads))
+    lens_q, lens_k = [a for a, _ in lengths], [b for _, b in lengths]
+    starts_q, starts_k = np.cumsum([0] + lens_q), np.cumsum([0] + lens_k)
+    base = {name: rng.standard_normal((1, heads, total, head_dim))
+            for name, heads, total in (("q", q_heads, starts_q[-1]), ("k", kv_heads, starts_k[-1]),
+                                       ("v", kv_heads, starts_k[-1]), ("dout", q_heads, starts_q[-1]))}
+    q, k, v, dout = (torch.from_numpy(base[n]).to("cuda", getattr(torch, dtype)) for n in ("q", "k", "v", "dout"))
+    kernel_options = dict(options)
+    if "alibi_slopes" in options:
+        kernel_options["alibi_slopes"] = torch.from_numpy(options["alibi_slopes"]).to("cuda", torch.float32)
+    cu = tuple(torch.tensor(x, dtype=torch.int32, device="cuda") for x in (starts_q, starts_k))
+    packed = dict(cu_seqlens=cu, max_seqlen=(max(lens_q), max(lens_k)))
+    scale = 1 / math.sqrt(head_dim)
+    stream = torch.cuda.current_stream().cuda_stream
+    out, lse = torch.empty_like(q), torch.empty(1, q_heads, int(starts_q[-1]), device="cuda")
+    cuda.forward(q, k, v, out, lse, causal=causal, scale=scale, stream=stream, **kernel_options, **packed)
+    grads = [torch.full_like(x, float("nan")) for x in (q, k, v)]
+    launch._plans.clear()
+    cuda.backward(q, k, v, out, dout, lse, *grads, causal=causal, scale=scale, deterministic=False, stream=stream,
+                  **kernel_options, **packed)
+    torch.cuda.synchronize()
+    assert cuda.sm90_backward_planned(), "the call did not run on the sm90 backward"
+    seen = [to_float64(x) for x in (q, k, v, dout)]
+    got = [to_float64(g) for g in grads]
+    for b in range(len(lengths)):
+        rq, rk = slice(starts_q[b], starts_q[b + 1]), slice(starts_k[b], starts_k[b + 1])
+        parts = [x[:, :, r] for x, r in zip(seen, (rq, rk, rk, rq))]
+        variant = dict(options)
+        if "alibi_slopes" in variant:  # the sequence's slopes, as the kernel saw them (float32)
+            variant["alibi_slopes"] = kernel_options["alibi_slopes"][b:b + 1].double().cpu().numpy()
+        want = reference.exact_attention_grad_bhsd(*parts, causal=causal, scale=scale, **variant)
+        magnitudes, largest_score = grad_bounds.error_scales(*parts, causal=causal, scale=scale, **variant)
+        mine = [g[:, :, r] for g, r in zip(got, (rq, rk, rk))]
+        grad_bounds.assert_grads_match(mine, want, magnitudes, grad_bounds.tolerance_for(dtype, largest_score),
+                                       f" (sequence {b}, {dtype})")
+
+
+@pytest.mark.gpu
 def test_backward_routing_on_the_gpu(hopper):
     """D128, and D192 and D256 (the D256 row), are served by sm90, deterministic or not
     (deterministic: dK and dV there, dQ from flash_bwd_dq.cu)."""

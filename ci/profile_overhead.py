@@ -91,6 +91,10 @@ class Floor(torch.autograd.Function):
 
 
 def stages():
+    from xattn import tma
+
+    timers = Timers()  # tensor-map re-pointing: wrapped before any plan keeps a reference to it
+    timers.wrap(tma, "repoint", "tma.repoint (cuTensorMapReplaceAddress)")
     shape = (1, 8, 128, 64)
     plain = [torch.randn(shape, device="cuda", dtype=torch.float16) for _ in range(3)]
     leaves = [t.clone().requires_grad_() for t in plain]
@@ -116,7 +120,6 @@ def stages():
     for name, us in rows.items():
         print(f"{us:8.1f} us  {name}")
 
-    timers = Timers()
     originals = [
         (torch_ops._EagerAttention, "forward", timers.wrap(torch_ops._EagerAttention, "forward",
                                                            "Function.forward (xattn)")),
@@ -127,8 +130,18 @@ def stages():
                                                  "cuda.attention_backward")),
         (cuda, "_run", timers.wrap(cuda, "_run", "cuda._run (launches incl. patching)")),
         (launch.Launch, "__call__", timers.wrap(launch.Launch, "__call__", "Launch.__call__")),
+        (launch.Sequence, "__call__", timers.wrap(launch.Sequence, "__call__", "Sequence.__call__")),
+        (launch.Launch, "launch", timers.wrap(launch.Launch, "launch",
+                                              "Launch.launch (tensor-map re-pointing + cuLaunchKernel)")),
     ]
     calls = CALLS
+    for _ in range(30):
+        xattn.attention(*plain)
+    timers.total.clear()
+    timers.count.clear()
+    for _ in range(calls):
+        xattn.attention(*plain)
+    print(f"\nxattn forward alone: tma.repoint {timers.count['tma.repoint (cuTensorMapReplaceAddress)'] / calls:.1f}x a call")
     for _ in range(30):
         grad_of(xattn.attention(*leaves))
     torch.cuda.synchronize()

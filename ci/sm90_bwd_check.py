@@ -100,6 +100,14 @@ def run_case(dtype, b, hq, hk, sq, sk, d, causal, layout, strided, variant, gen,
         runs.append(grads)
     q64, k64, v64 = (x.double().requires_grad_() for x in (q, k, v))
     ref = torch.autograd.grad(exact_out(q64, k64, v64, causal, scale, **variant), (q64, k64, v64), dout.double())
+    return (*judge(runs, ref, dtype, deterministic), planned[0])
+
+
+def judge(runs, ref, dtype, deterministic):
+    """(worst relative error, dQ's relative move between the two runs, problems) of two runs'
+    (dq, dk, dv) against the float64 gradients `ref`: no NaN left, errors within TOLERANCE, dK and
+    dV bitwise equal (each CTA owns its keys), dQ equal under deterministic=True and otherwise
+    within what the order of float32 reductions explains."""
     problems, worst = [], 0.0
     for name, got, want in zip(("dq", "dk", "dv"), runs[0], ref):
         if got.isnan().any():
@@ -119,7 +127,7 @@ def run_case(dtype, b, hq, hk, sq, sk, d, causal, layout, strided, variant, gen,
         problems.append(f"dq moved {dq_moved:.1e} between runs of deterministic=True")
     if dq_moved > TOLERANCE[dtype] / 10:
         problems.append(f"dq moved {dq_moved:.1e} between runs (more than reduction order explains)")
-    return worst, dq_moved, planned[0], problems
+    return worst, dq_moved, problems
 
 
 def check_cases(quick: bool):
@@ -193,22 +201,7 @@ def run_varlen_case(dtype, hq, hk, lens_q, lens_k, d, causal, variant, gen, dete
         for full, grad, r in zip(ref, torch.autograd.grad(o, (q64, k64, v64), dout[:, :, rq].double()),
                                  (rq, rk, rk)):
             full[:, :, r] = grad
-    problems, worst = [], 0.0
-    for name, got, want in zip(("dq", "dk", "dv"), runs[0], ref):
-        if got.isnan().any():
-            problems.append(f"{name}: NaN left (unwritten or produced)")
-            continue
-        err = (got.double() - want).norm().item() / max(want.norm().item(), 1e-30)
-        worst = max(worst, err)
-        if err > TOLERANCE[dtype]:
-            problems.append(f"{name} rel err {err:.2e}")
-    for name, a, c in zip(("dk", "dv"), runs[0][1:], runs[1][1:]):
-        if not torch.equal(a, c):
-            problems.append(f"{name}: two runs differ")
-    dq_moved = (runs[0][0].double() - runs[1][0].double()).norm().item() / max(runs[0][0].double().norm().item(), 1e-30)
-    if (deterministic and dq_moved) or dq_moved > TOLERANCE[dtype] / 10:
-        problems.append(f"dq moved {dq_moved:.1e} between runs")
-    return worst, dq_moved, planned[0], problems
+    return (*judge(runs, ref, dtype, deterministic), planned[0])
 
 
 def varlen_cases(quick: bool):
@@ -240,7 +233,7 @@ def phase_varlen(args) -> int:
         label = f"{dtype} H{hq}/{hk} q{lens_q} k{lens_k} D{d} {'causal' if causal else 'full'} {variant or ''}"
         print(f"... {label}", end="", flush=True)
         try:
-            err, moved, planned, problems = run_varlen_case(DTYPES[dtype], hq, hk, lens_q, lens_k, d, causal,
+            err, moved, problems, planned = run_varlen_case(DTYPES[dtype], hq, hk, lens_q, lens_k, d, causal,
                                                             variant, gen, args.deterministic)
             if planned != expect_sm90:
                 problems.append(f"served by {'sm90' if planned else 'mma.sync'}, expected the other")
@@ -269,7 +262,7 @@ def phase_check(args) -> int:
                  f"{' strided' if strided else ''} {variant or ''}")
         print(f"... {label}", end="", flush=True)
         try:
-            err, dq_moved, planned, problems = run_case(DTYPES[dtype], b, hq, hk, sq, sk, d, causal, layout,
+            err, dq_moved, problems, planned = run_case(DTYPES[dtype], b, hq, hk, sq, sk, d, causal, layout,
                                                         strided, variant, gen, args.deterministic)
             if planned != expect_sm90:
                 problems.append(f"served by {'sm90' if planned else 'mma.sync'}, expected the other")
@@ -379,8 +372,7 @@ def phase_bench(args) -> int:
 
 def phase_varlen_bench(args) -> int:
     """Packed batches of 8 sequences (lengths 0.5x-1.5x of S, 8 S tokens in all), bf16, H D = 2048,
-    causal and not: the sm90 backward against the mma.sync kernels (SM90_BACKWARD off) and against
-    the same tokens as a padded (B, H, S, D) batch on each."""
+    causal and not: the sm90 backward against the mma.sync kernels (SM90_BACKWARD off)."""
     print(f"varlen bench {time.strftime('%Y-%m-%d')} {torch.cuda.get_device_name()}: backward TFLOP/s of the packed "
           "batch's own work (2.5 x 4 H D sum S_b^2, halved causal), median of 3 rotated rounds, bf16")
     print("| D | causal | S | sm90 packed | mma.sync packed | sm90/mma.sync |")

@@ -136,11 +136,10 @@ def _static_cache_mask(batch_size, q_length, kv_length, q_offset, mask_function,
     columns = min(attention_mask.shape[-1], kv_length)
     real = torch.zeros(batch_size, kv_length, dtype=torch.bool, device=device)
     real[:, :columns] = attention_mask[:, :columns].to(device=device, dtype=torch.bool)
-    rows = torch.arange(kv_length, device=device)
-    real &= rows < filled
+    real &= torch.arange(kv_length, device=device) < filled
     if not torch.compiler.is_compiling():
-        pads = filled - real.sum(dim=1, dtype=torch.int32)  # the first key, with left padding only
-        if bool((real == ((rows >= pads[:, None]) & (rows < filled))).all()):
+        pads, left_only = _left_padding(real, filled)
+        if bool(left_only):
             lengths = torch.zeros(batch_size, dtype=torch.int32, device=device) + filled
             return torch.stack([lengths, pads], dim=1).view(batch_size, 1, 2, 1)
     # A stable sort of "not real" puts the real rows first, in their order. The queries are then
@@ -149,6 +148,16 @@ def _static_cache_mask(batch_size, q_length, kv_length, q_offset, mask_function,
     order = torch.sort((~real).to(torch.uint8), dim=1, stable=True).indices
     plan = torch.cat([real.sum(dim=1, dtype=torch.int32)[:, None], order.to(torch.int32)], dim=1)
     return plan.view(batch_size, 1, 1, 1 + kv_length)
+
+
+def _left_padding(real, end):
+    """(pads, left_only) of a boolean (B, L) mask of real keys, none at or past `end` (an int or a
+    0-d tensor): pads int32 (B,), each row's keys before its first real one if its real keys are
+    one run ending at `end`, and left_only, a 0-d device tensor: whether every row's are (padding
+    all on the left, as generate() pads prompts). Nothing is read on the host here."""
+    pads = end - real.sum(dim=1, dtype=torch.int32)
+    rows = torch.arange(real.shape[1], device=real.device)
+    return pads, (real == ((rows >= pads[:, None]) & (rows < end))).all()
 
 
 def _is_static_cache_mask(mask) -> bool:
@@ -191,8 +200,7 @@ def padding_mask(batch_size, q_length, kv_length, q_offset=0, kv_offset=0, mask_
         return mask
     # One read of the mask on the host per forward: is there padding at all, and is it all on
     # the left (each row's keys a run that ends with the last key, as generate() pads prompts)?
-    pads = (~mask).sum(dim=1, dtype=torch.int32)
-    left = (mask == (torch.arange(kv_length, device=mask.device) >= pads[:, None])).all()
+    pads, left = _left_padding(mask, kv_length)
     unpadded, left_only = torch.stack([pads.max() == 0, left]).tolist()
     if unpadded:
         return None  # no padding: the dense path, no unpadding
@@ -300,10 +308,9 @@ def _few_queries(query, key, value, pads, options):
     row b starts with pads[b] padding keys (the sequence's keys are its last Sk - pads[b]).
     Output (B, Sq, H, D); under a causal mask a padded query row sees no key and gets zeros, as
     the unpadding path gives it."""
-    out = xattn.attention_with_kvcache(
+    return xattn.attention_with_kvcache(
         *(x.transpose(1, 2) for x in (query, key, value)), cache_seqlens=key.shape[2],
         cache_leftpad=pads, layout="bshd", **options)
-    return out
 
 
 def _unpad(mask):

@@ -105,15 +105,15 @@ def attention_with_kvcache(q, k_cache, v_cache, *, cache_seqlens, k_new=None, v_
     Inference only: not differentiable. A torch input that requires grad while grad mode is on
     raises TypeError (call it under torch.no_grad(), or pass detached tensors).
     """
-    scales, leftpad = (k_scale, v_scale), cache_leftpad
+    scales = (k_scale, v_scale)
     plan = _cached_plan(q, k_cache, v_cache, cache_seqlens, k_new, v_new, causal, scale, window,
-                        softcap, layout, return_lse, backend, block_table, sinks, scales, leftpad)
+                        softcap, layout, return_lse, backend, block_table, sinks, scales, cache_leftpad)
     if plan is not None:  # a repeated GPU signature: look-up, patch, launch
         out, lse = plan.run(q, k_cache, v_cache, cache_seqlens, k_new, v_new, block_table, sinks,
-                            scales, leftpad=leftpad)
+                            scales, leftpad=cache_leftpad)
         return (out, lse) if return_lse else out
     call = _validate(q, k_cache, v_cache, cache_seqlens, k_new, v_new, causal, scale, window,
-                     softcap, layout, return_lse, block_table, sinks, scales, leftpad)
+                     softcap, layout, return_lse, block_table, sinks, scales, cache_leftpad)
     info = call.info
     chosen = backends.choose_backend(backend, info.device, arrays.device_label(info))
     if chosen == "reference":
@@ -130,16 +130,16 @@ def attention_with_kvcache(q, k_cache, v_cache, *, cache_seqlens, k_new=None, v_
         if chosen == "hip":
             backends.gpu_forward(chosen)  # RuntimeError naming what to install where hip is unusable
         out, lse = _run_hip(q, k_cache, v_cache, cache_seqlens, k_new, v_new, block_table, sinks, call,
-                            scales=scales, leftpad=leftpad)
+                            scales=scales, leftpad=cache_leftpad)
     elif chosen == "cuda":
         check_dtype(info, GPU_DTYPES, backend_name=chosen)
         backends.gpu_forward(chosen)  # RuntimeError naming what to install where cuda is unusable
         plan = _new_plan(q, k_cache, v_cache, cache_seqlens, k_new, v_new, block_table, sinks, call,
-                         scales, leftpad)
+                         scales, cache_leftpad)
         _remember(plan, q, k_cache, v_cache, cache_seqlens, k_new, v_new, causal, scale, window,
-                  softcap, layout, return_lse, backend, block_table, sinks, scales, leftpad)
+                  softcap, layout, return_lse, backend, block_table, sinks, scales, cache_leftpad)
         out, lse = plan.run(q, k_cache, v_cache, cache_seqlens, k_new, v_new, block_table, sinks,
-                            scales, leftpad=leftpad)
+                            scales, leftpad=cache_leftpad)
     else:
         raise ValueError(f"backend: attention_with_kvcache runs on the 'reference', 'cuda' and "
                          f"'hip' backends, got {chosen!r}")

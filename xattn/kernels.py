@@ -308,6 +308,13 @@ def _sm90_backward_defines(row, dtype: str, *, flags: dict, compute_dq: bool = T
             **({"IS_VARLEN": 1} if flags.get("IS_VARLEN") else {})}
 
 
+def sm90_dq_by_box(block_n: int, dq_tma: bool, compute_dq: bool) -> bool:
+    """flash_bwd.cu's DQ_BY_BOX: the D256 row (its consumers share 64 keys) with the TMA
+    reduce-add, where each warp stages its 16 rows of dQ one 32-column box at a time, and sP and
+    sdS have one buffer each."""
+    return block_n == SM90_STORE_ROWS and dq_tma and compute_dq
+
+
 def _sm90_backward_smem(d: dict) -> int:
     """sm90/flash_bwd.cu: sK and sV, STAGES Q and dO tiles, two dS^T buffers where it computes dQ
     or the consumers share their keys (and then two P^T buffers), each consumer's float32 dQ tile
@@ -316,7 +323,7 @@ def _sm90_backward_smem(d: dict) -> int:
     slack to align it to 1024 bytes."""
     hd, n, m, stages, with_dq = d["HEAD_DIM"], d["BLOCK_N"], d["BLOCK_M"], d["STAGES"], d["COMPUTE_DQ"]
     shared_keys = n == SM90_STORE_ROWS
-    by_box = shared_keys and d["DQ_TMA"] and with_dq  # one buffer of sP and sdS, dQ a box at a time
+    by_box = sm90_dq_by_box(n, d["DQ_TMA"], with_dq)
     buffers = 1 if by_box else 2
     kv = 2 * n * hd * 2
     q_do = 2 * stages * m * hd * 2

@@ -256,8 +256,8 @@ def plan_backward(Q, K, V, dO, dK, dV, accum, block, var: "launch.Variant", batc
     mapped = [("q", Q, row.block_m), ("k", K, keys), ("v", V, keys), ("dout", dO, row.block_m),
               ("dk", dK, stores), ("dv", dV, stores)]
     if accum is not None:
-        # the D256 row's warps reduce 16-row boxes of their own (flash_bwd.cu: DQ_BY_BOX)
-        by_box = row.block_n == kernels.SM90_STORE_ROWS and row.dq_tma
+        # the D256 row's warps reduce 16-row boxes of their own
+        by_box = kernels.sm90_dq_by_box(row.block_n, row.dq_tma, compute_dq=True)
         mapped.append(("dq_accum", accum._replace(ptr=accum.ptr or tma.PLACEHOLDER_PTR,
                                                   strides=accum.strides[:3] + (1,)),
                        kernels.SM90_WARP_ROWS if by_box else stores))

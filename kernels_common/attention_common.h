@@ -227,25 +227,6 @@ __device__ __forceinline__ Sequence sequence(int batch, const int* cu_seqlens_q,
     return s;
 }
 
-// ---- a KV-cache decode's sequence (DecodeParams) ------------------------------------------------------
-// Sequence b's cache rows in attention_with_kvcache's kernels of either vendor. The host never reads
-// cache_seqlens or cache_leftpad on a GPU, so they are clamped here: cached = clamp(cache_seqlens[b]
-// (or uniform_seqlen), 0, Smax) rows were filled before this call's Snew new ones, the keys are
-// [leftpad, Sk) with Sk = min(cached + Snew, Smax) and leftpad = clamp(cache_leftpad[b], 0, cached)
-// (0 without cache_leftpad).
-struct DecodeRows {
-    int cached, seqlen_k, leftpad;
-};
-
-__device__ __forceinline__ DecodeRows decode_rows(const DecodeParams& p, int batch) {
-    DecodeRows r;
-    const int cached = p.cache_seqlens ? p.cache_seqlens[batch * p.seqlens_stride] : p.uniform_seqlen;
-    r.cached = min(max(cached, 0), p.seqlen_max);
-    r.seqlen_k = min(r.cached + p.seqlen_new, p.seqlen_max);
-    r.leftpad = p.cache_leftpad ? min(max(p.cache_leftpad[batch * p.leftpad_stride], 0), r.cached) : 0;
-    return r;
-}
-
 // ---- paged keys and values (IS_PAGED) ----------------------------------------------------------------
 // flash-attn's convention: k and v are (num_pages, page_size, Hk, D) and key row r of sequence b
 // lives at page block_table[b, r / page_size], row r % page_size. The sequence's key count is

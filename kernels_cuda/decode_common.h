@@ -188,10 +188,10 @@ __device__ __forceinline__ DecodeBlock decode_block(const DecodeParams& p) {
     b.batch = blockIdx.z + p.batch_offset;
     b.m_start = b.m_block * BLOCK_M;
     b.rows = p.heads_per_kv * p.seqlen_q;
-    const DecodeRows rows = decode_rows(p, b.batch);
-    b.cached = rows.cached;
-    b.seqlen_k = rows.seqlen_k;
-    b.leftpad = rows.leftpad;
+    const int cached = p.cache_seqlens ? p.cache_seqlens[b.batch * p.seqlens_stride] : p.uniform_seqlen;
+    b.cached = min(max(cached, 0), p.seqlen_max);
+    b.seqlen_k = min(b.cached + p.seqlen_new, p.seqlen_max);
+    b.leftpad = p.cache_leftpad ? min(max(p.cache_leftpad[b.batch * p.leftpad_stride], 0), b.cached) : 0;
     b.band = make_band(p.seqlen_q, b.seqlen_k, p.window_left, p.window_right);
     // Token 0 has the lowest lower bound and the lowest upper bound, token Sq - 1 the highest.
     // Rows before the left padding are seen by no token (the band stays aligned with Sk_b).

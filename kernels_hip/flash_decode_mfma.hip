@@ -156,7 +156,7 @@ MATRIX_KERNEL(flash_decode, )(const DecodeParams p) {
     TENSOR_FROM_PARAMS(const u16, q, p.q);
     TENSOR_FROM_PARAMS(const u16, k, p.k);
     TENSOR_FROM_PARAMS(const u16, v, p.v);
-    const int seqlen_q = p.seqlen_q, head_dim = p.head_dim;
+    const int seqlen_q = p.seqlen_q, seqlen_max = p.seqlen_max, head_dim = p.head_dim;
     const int heads_per_kv = p.heads_per_kv, num_splits = p.num_splits, m_blocks = p.m_blocks;
     const float scale_log2 = HAS_SOFTCAP ? p.softcap_log2 : p.scale_log2;
     extern __shared__ __attribute__((aligned(16))) u16 smem[];
@@ -174,8 +174,10 @@ MATRIX_KERNEL(flash_decode, )(const DecodeParams p) {
     const int token = row % seqlen_q;                // a padded row takes some token: its Q is 0
 
     // Sequence b's keys, and the band of its tokens (attention_common.h, aligned with Sk_b).
-    const DecodeRows seq_rows = decode_rows(p, batch);
-    const int seqlen_k = seq_rows.seqlen_k, leftpad = seq_rows.leftpad;
+    const int cached = min(max(p.cache_seqlens ? p.cache_seqlens[batch * p.seqlens_stride] : p.uniform_seqlen, 0),
+                           seqlen_max);
+    const int seqlen_k = min(cached + p.seqlen_new, seqlen_max);
+    const int leftpad = p.cache_leftpad ? min(max(p.cache_leftpad[batch * p.leftpad_stride], 0), cached) : 0;
     const ScoreMods mods = make_score_mods(seqlen_q, seqlen_k, p.window_left, p.window_right,
                                            p.scale_over_softcap, nullptr, 1.f);
     // The key tiles any token sees (none below the left padding), and this split's run of them

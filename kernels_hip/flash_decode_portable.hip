@@ -192,7 +192,7 @@ flash_decode_portable(const DecodeParams p) {
     TENSOR_FROM_PARAMS(float, lse, p.lse);
     float* __restrict__ o_part = p.o_part;
     float* __restrict__ lse_part = p.lse_part;
-    const int seqlen_q = p.seqlen_q, head_dim = p.head_dim;
+    const int seqlen_q = p.seqlen_q, seqlen_max = p.seqlen_max, head_dim = p.head_dim;
     const int heads_per_kv = p.heads_per_kv, num_splits = p.num_splits, m_blocks = p.m_blocks;
     extern __shared__ float smem_f32[];
     float* sQ = smem_f32;
@@ -218,8 +218,10 @@ flash_decode_portable(const DecodeParams p) {
     #define TOKEN(row) ((m_start + (row)) % seqlen_q)
 
     // Sequence b's keys, and the band of its tokens (attention_common.h, aligned with Sk_b).
-    const DecodeRows seq_rows = decode_rows(p, batch);
-    const int seqlen_k = seq_rows.seqlen_k, leftpad = seq_rows.leftpad;
+    const int cached = min(max(p.cache_seqlens ? p.cache_seqlens[batch * p.seqlens_stride] : p.uniform_seqlen, 0),
+                           seqlen_max);
+    const int seqlen_k = min(cached + p.seqlen_new, seqlen_max);
+    const int leftpad = p.cache_leftpad ? min(max(p.cache_leftpad[batch * p.leftpad_stride], 0), cached) : 0;
     // No ALiBi in the decode: the score scale make_score_mods takes for it is never read.
     const ScoreMods mods = make_score_mods(seqlen_q, seqlen_k, p.window_left, p.window_right,
                                            p.scale_over_softcap * k_scale, nullptr, 1.f);
@@ -408,7 +410,8 @@ kvcache_append_portable(const DecodeParams p) {
     if (e >= (i64)heads_k * seqlen_new * head_dim) return;
     const int row = (int)(e / head_dim), col = (int)(e % head_dim);
     const int head = row / seqlen_new, t = row % seqlen_new;
-    const int pos = decode_rows(p, batch).cached + t;
+    const int cached = p.cache_seqlens ? p.cache_seqlens[batch * p.seqlens_stride] : p.uniform_seqlen;
+    const int pos = min(max(cached, 0), seqlen_max) + t;
     if (pos >= seqlen_max) return;
     const i64 k_row = cache_head_offset(p.k, batch, head) + cache_row_offset(cache_rows(p, p.k, batch), pos);
     const i64 v_row = cache_head_offset(p.v, batch, head) + cache_row_offset(cache_rows(p, p.v, batch), pos);

@@ -14,7 +14,8 @@
   bench     backward TFLOP/s (2.5 x the forward's 4 B H S^2 D, halved causal) of the sm90 kernel,
             the mma.sync kernels (SM90_BACKWARD off), SDPA flash and cuDNN, median of 3 rotated
             rounds: bf16, D 64/128, causal or not, B S = 16384, H D = 2048; at D128 also the sm90
-            kernel with the other dQ path (red.global from registers) and without dQ reductions
+            kernel with the other dQ path (red.global from registers) and without dQ reductions; at D64
+            and D128 the sm90 kernel with each step issuing its own S^T (EARLY_SCORES = 0)
 --dq red: every backward row takes the register-reduction dQ path (DQ_TMA = 0) for the phase.
 A benchmark, not a test. Each phase prints one line per item and a SUMMARY line last.
 
@@ -337,6 +338,8 @@ def timers(q, k, v, dout, causal):
     if d in (128, 256):  # the other dQ path
         other = tuple(r._replace(dq_tma=not r.dq_tma) for r in sm90.BWD_ROWS)
         timed["sm90-other-dq"] = pinned(rows=other)
+    if d in (64, 128):  # each step issuing its own S^T (flash_bwd.cu's EARLY_SCORES = 0)
+        timed["sm90-late-scores"] = pinned(rows=tuple(r._replace(early_scores=False) for r in sm90.BWD_ROWS))
     return timed
 
 
@@ -348,8 +351,8 @@ def phase_bench(args) -> int:
     dq = {r.head_dim: "TMA reduce-add" if r.dq_tma else "red.global" for r in sm90.BWD_ROWS if not r.causal}
     print(f"sm90: dQ by {dq} (full rows); 'other dQ' = the sm90 kernel with the other dQ path")
     print("| D | causal | S | sm90 | mma.sync | sdpa-flash | cudnn | sm90/mma.sync | sm90/cudnn | "
-          "sm90 other dQ | deterministic: sm90 + flash_bwd_dq | deterministic: mma.sync |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+          "sm90 late S^T | sm90 other dQ | deterministic: sm90 + flash_bwd_dq | deterministic: mma.sync |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for d in args.head_dims:
         for causal in (False, True):
             for s in lengths:
@@ -360,7 +363,7 @@ def phase_bench(args) -> int:
                 got = fair_tflops(fns, tuple(fns), lambda ms: bwd_tflops(b, h, s, d, causal, ms))
                 cuda.SM90_BACKWARD = True
                 extra = " | ".join(f"{got[n]:.0f}" if n in got else "-"
-                                   for n in ("sm90-other-dq", "sm90-deterministic",
+                                   for n in ("sm90-late-scores", "sm90-other-dq", "sm90-deterministic",
                                              "mma.sync-deterministic"))
                 print(f"| {d} | {int(causal)} | {s} | {got['sm90']:.0f} | {got['mma.sync']:.0f} | "
                       f"{got['sdpa-flash']:.0f} | {got['cudnn']:.0f} | {got['sm90'] / got['mma.sync']:.2f} | "

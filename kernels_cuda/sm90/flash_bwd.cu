@@ -112,6 +112,8 @@
 // IS_CAUSAL, IS_LOCAL, HAS_SOFTCAP, HAS_ALIBI, IS_VARLEN: masks, modifiers and packed batches
 //             (attention_common.h)
 // DQ_TMA      0: dQ added into dq_accum by red.global.add; 1: by a TMA reduce-add from shared memory
+// EARLY_SCORES 1 (default): the next step's S^T issued under this step's dQ reduction (ISSUE_S_EARLY
+//             below); 0: each step issues its own S^T and dP^T together (the A/B of the bench)
 // COMPUTE_DQ  1 (default): dQ as above; 0: dK and dV only (no dS^T staging, no dQ product, no
 //             dq_accum and no tensor map for it), for deterministic=True, whose dQ comes from
 //             flash_bwd_dq.cu (query-block parallel, no atomics); also what the dQ path costs
@@ -128,6 +130,9 @@
 #ifndef COMPUTE_DQ
 #define COMPUTE_DQ 1
 #endif
+#ifndef EARLY_SCORES
+#define EARLY_SCORES 1
+#endif
 
 #define NUM_CONSUMERS 2                          // consumer warpgroups
 // BLOCK_N (the row's): keys per CTA. 128: each consumer owns 64 keys with every column of their
@@ -136,6 +141,11 @@
 // "Head dims above 128" above).
 #define SHARED_KEYS (BLOCK_N == WGMMA_M)
 #define NUM_THREADS ((NUM_CONSUMERS + 1) * WARPGROUP_THREADS)
+// EARLY_SCORES (the row's early_scores): each step issues the next step's S^T = K Q^T before its
+// own dQ leaves the registers, so the tensor cores run it under the dQ reduction and the loop's
+// turn; only where dQ is computed and keys are not shared (the D256 row has no registers for a
+// second S^T).
+#define ISSUE_S_EARLY (EARLY_SCORES && COMPUTE_DQ && !SHARED_KEYS)
 #define CONSUMER_THREADS (NUM_CONSUMERS * WARPGROUP_THREADS)
 // The producer's TMA loop over four boxes a row (D256) spills in 32 registers; the consumers of
 // that row fit in 224 (ptxas, NVRTC 13).
@@ -343,6 +353,16 @@ struct ConsumerCtx {
     ScoreMods mods;
     float scale_log2;
 };
+
+// Step i's S^T = K Q^T, once its stage has landed, and dP^T = V dO^T: one commit group each.
+__device__ __forceinline__ void issue_step_s(float (&s)[ST_REGS], const ConsumerCtx& c, const Barriers& bars, int i) {
+    const int st = stage_of(i);
+    mbar_wait(bars.full + 8 * st, phase_of(i));
+    issue_transposed_scores(s, c.k_rows, c.smem + SMEM_Q + st * Q_BYTES + c.q0 * SWIZZLE_BYTES);
+}
+__device__ __forceinline__ void issue_step_dp(float (&dp)[ST_REGS], const ConsumerCtx& c, int i) {
+    issue_transposed_scores(dp, c.v_rows, c.smem + SMEM_DO + stage_of(i) * Q_BYTES + c.q0 * SWIZZLE_BYTES);
+}
 
 // Raw dot products -> scores (softcap, ALiBi, the band's mask where the tile crosses an edge),
 // as the forward saw them. Rows of S^T are keys, columns queries.
@@ -601,20 +621,26 @@ flash_bwd_sm90(const __grid_constant__ TmaDesc tm_q, const __grid_constant__ Tma
 
         mbar_wait(bars.kv_full, 0);  // also before the epilogue reuses sK and sV when there is no step
         StepCursor step = first_step(steps);
+        float s[ST_REGS];
+        if (ISSUE_S_EARLY && steps.count > 0) issue_step_s(s, c, bars, 0);
         for (int i = 0; i < steps.count; ++i, step.advance(steps)) {
             const int st = stage_of(i), head = step.head, m_start = step.m_start();
             const u32 q_tile = smem + SMEM_Q + st * Q_BYTES, do_tile = smem + SMEM_DO + st * Q_BYTES;
             const u32 ds_buf = smem + SMEM_DS + (i % PDS_BUFFERS) * DS_BYTES;
             if (HAS_ALIBI) c.mods.alibi_coef = -p.alibi_slopes[batch * p.alibi_batch_stride + head] / p.scale;
-            float s[ST_REGS], dp[ST_REGS];
+            float dp[ST_REGS];
             u32 p_frag[ST_STEPS][4], ds_frag[ST_STEPS][4];
 
-            mbar_wait(bars.full + 8 * st, phase_of(i));
-            const u32 q_rows = q_tile + c.q0 * SWIZZLE_BYTES, do_rows = do_tile + c.q0 * SWIZZLE_BYTES;
-            issue_transposed_scores(s, c.k_rows, q_rows);    // S^T = K Q^T
-            issue_transposed_scores(dp, c.v_rows, do_rows);  // dP^T = V dO^T
+#if ISSUE_S_EARLY
+            wgmma_wait<0>();                                 // S^T (issued during the last step) is ready
+            pin_registers(s);
+            issue_step_dp(dp, c, i);                         // dP^T = V dO^T
+#else
+            issue_step_s(s, c, bars, i);                     // S^T = K Q^T
+            issue_step_dp(dp, c, i);                         // dP^T = V dO^T
             wgmma_wait<1>();                                 // S^T is ready, dP^T may run on
             pin_registers(s);
+#endif
             score_tile(s, c, m_start);                       // mask, softcap, ALiBi
             wgmma_wait<0>();
             pin_registers(dp);
@@ -670,6 +696,12 @@ flash_bwd_sm90(const __grid_constant__ TmaDesc tm_q, const __grid_constant__ Tma
 #if COMPUTE_DQ
             wgmma_wait<0>();
             pin_registers(dq);
+            // The next step's S^T goes to the tensor cores before this step's dQ leaves the
+            // registers (ISSUE_S_EARLY). After the last step, this step's again, discarded: an
+            // issue under a condition makes ptxas serialize every wgmma of the kernel (the
+            // registers then merge at the loop's head by moves), and this stage, though released,
+            // is loaded no more.
+            if (ISSUE_S_EARLY) issue_step_s(s, c, bars, min(i + 1, steps.count - 1));
 #if DQ_BY_BOX
             // dq_accum += dQ, each warp its 16 rows one 32-column box at a time through its 2 KB of
             // sdQ: its lane 0 waits until the warp's last reduce-add has read them, the warp
@@ -708,6 +740,9 @@ flash_bwd_sm90(const __grid_constant__ TmaDesc tm_q, const __grid_constant__ Tma
 #endif  // DQ_TMA
 #endif  // COMPUTE_DQ
         }
+        // No wgmma is in flight here; saying so lets ptxas reuse S^T's registers (ISSUE_S_EARLY
+        // issues the next step's S^T only when there is one, which its analysis does not follow).
+        if (ISSUE_S_EARLY) wgmma_wait<0>();
         // Shared memory stays allocated until each warp's last dQ reduce-add has read it.
         if (DQ_BY_BOX && c.t % WARP_SIZE == 0) tma_store_wait_read();
         write_gradients(c, dk, dv, p, &tm_dk, &tm_dv, seq, kv_head, batch);

@@ -203,11 +203,14 @@ class BwdRow(NamedTuple):
 # the D256 row: its consumers share 64 keys a CTA and split the head dim (flash_bwd.cu, "Head dims
 # above 128"); with sK, sV and two Q/dO stages it uses 226 KB of shared memory, so dQ takes
 # red.global. D129-192 pad to 256 columns there (a D192 row would split three boxes unevenly).
+# early_scores (the next step's S^T under this step's dQ): D64 gained 1-4%, D128 lost 1-4% (bf16
+# S 4096/8192, both variants in one process: ci/results/2026-11-30-session8/): its dQ goes through
+# shared memory, which the early S^T (both operands there) then competes for; D64's does not.
 BWD_ROWS = (
     BwdRow(64, False, 128, 2, modifiers=False, dq_tma=False),
     BwdRow(64, True, 128, 2, modifiers=False, dq_tma=False),
-    BwdRow(128, False, 64, 2, modifiers=True, dq_tma=True),
-    BwdRow(128, True, 64, 2, modifiers=True, dq_tma=True),
+    BwdRow(128, False, 64, 2, modifiers=True, dq_tma=True, early_scores=False),
+    BwdRow(128, True, 64, 2, modifiers=True, dq_tma=True, early_scores=False),
     BwdRow(256, False, 64, 2, modifiers=True, dq_tma=True, block_n=64),
     BwdRow(256, True, 64, 2, modifiers=True, dq_tma=True, block_n=64),
 )

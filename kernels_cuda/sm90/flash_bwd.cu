@@ -354,14 +354,11 @@ struct ConsumerCtx {
     float scale_log2;
 };
 
-// Step i's S^T = K Q^T, once its stage has landed, and dP^T = V dO^T: one commit group each.
+// Step i's S^T = K Q^T, once its stage has landed (ISSUE_S_EARLY): one commit group.
 __device__ __forceinline__ void issue_step_s(float (&s)[ST_REGS], const ConsumerCtx& c, const Barriers& bars, int i) {
     const int st = stage_of(i);
     mbar_wait(bars.full + 8 * st, phase_of(i));
     issue_transposed_scores(s, c.k_rows, c.smem + SMEM_Q + st * Q_BYTES + c.q0 * SWIZZLE_BYTES);
-}
-__device__ __forceinline__ void issue_step_dp(float (&dp)[ST_REGS], const ConsumerCtx& c, int i) {
-    issue_transposed_scores(dp, c.v_rows, c.smem + SMEM_DO + stage_of(i) * Q_BYTES + c.q0 * SWIZZLE_BYTES);
 }
 
 // Raw dot products -> scores (softcap, ALiBi, the band's mask where the tile crosses an edge),
@@ -621,23 +618,30 @@ flash_bwd_sm90(const __grid_constant__ TmaDesc tm_q, const __grid_constant__ Tma
 
         mbar_wait(bars.kv_full, 0);  // also before the epilogue reuses sK and sV when there is no step
         StepCursor step = first_step(steps);
-        float s[ST_REGS];
-        if (ISSUE_S_EARLY && steps.count > 0) issue_step_s(s, c, bars, 0);
+#if ISSUE_S_EARLY
+        float s[ST_REGS];  // S^T of the step about to run, issued during the one before
+        if (steps.count > 0) issue_step_s(s, c, bars, 0);
+#endif
         for (int i = 0; i < steps.count; ++i, step.advance(steps)) {
             const int st = stage_of(i), head = step.head, m_start = step.m_start();
             const u32 q_tile = smem + SMEM_Q + st * Q_BYTES, do_tile = smem + SMEM_DO + st * Q_BYTES;
             const u32 ds_buf = smem + SMEM_DS + (i % PDS_BUFFERS) * DS_BYTES;
             if (HAS_ALIBI) c.mods.alibi_coef = -p.alibi_slopes[batch * p.alibi_batch_stride + head] / p.scale;
+#if !ISSUE_S_EARLY
+            float s[ST_REGS];
+#endif
             float dp[ST_REGS];
             u32 p_frag[ST_STEPS][4], ds_frag[ST_STEPS][4];
 
 #if ISSUE_S_EARLY
             wgmma_wait<0>();                                 // S^T (issued during the last step) is ready
             pin_registers(s);
-            issue_step_dp(dp, c, i);                         // dP^T = V dO^T
+            issue_transposed_scores(dp, c.v_rows, do_tile + c.q0 * SWIZZLE_BYTES);  // dP^T = V dO^T
 #else
-            issue_step_s(s, c, bars, i);                     // S^T = K Q^T
-            issue_step_dp(dp, c, i);                         // dP^T = V dO^T
+            mbar_wait(bars.full + 8 * st, phase_of(i));
+            const u32 q_rows = q_tile + c.q0 * SWIZZLE_BYTES, do_rows = do_tile + c.q0 * SWIZZLE_BYTES;
+            issue_transposed_scores(s, c.k_rows, q_rows);    // S^T = K Q^T
+            issue_transposed_scores(dp, c.v_rows, do_rows);  // dP^T = V dO^T
             wgmma_wait<1>();                                 // S^T is ready, dP^T may run on
             pin_registers(s);
 #endif

@@ -8,6 +8,7 @@
             on a persistent grid of 3 CTAs; NaN-poisoned outputs, two runs bitwise equal
   host      host cost of a tensor map: encode vs re-point (xattn/tma.py)
   tune      candidate rows (tile, stages, overlaps) at S = 8192, bf16
+  rows      the table's row against a few candidates and cuDNN in the same rotated rounds
   bench     TFLOP/s side by side with the same rows without the persistent grid (sm90-flat), SDPA
             flash and cuDNN: bf16/fp16, D 64/128/256, causal or not, S 1024..16384, B*S = 16384,
             H*D = 2048 (--seqlens, --head-dims: fewer)
@@ -366,6 +367,49 @@ def phase_bench(args) -> int:
     return 0
 
 
+# rows: candidate rows against the table's, by (head dim, causal): (block_n, overlap, pingpong, persistent)
+ROW_CANDIDATES = {(128, False): [(128, 1, 0, 1), (128, 1, 1, 1), (128, 1, 1, 0)],
+                  (128, True): [(128, 1, 0, 1), (128, 1, 1, 1), (176, 1, 1, 1)]}
+
+
+def phase_rows(args) -> int:
+    """The table's row and each candidate of ROW_CANDIDATES pinned as the only row, with cuDNN, in
+    the same rotated rounds (bf16, B S = 16384, H D = 2048): which tile wins at which length."""
+    lengths = args.seqlens or (1024, 2048, 4096, 8192)
+    print(f"rows {time.strftime('%Y-%m-%d')} {torch.cuda.get_device_name()}: TFLOP/s, median of {ROUNDS} rotated "
+          "rounds; candidates are (block_n, overlap, pingpong, persistent from S 1)")
+    table = sm90.ROWS
+    for (d, causal), candidates in ROW_CANDIDATES.items():
+        if d not in args.head_dims:
+            continue
+        current = sm90.select(d, causal)
+        rows = {"table": current}
+        for n, o, pp, pers in candidates:
+            rows[f"{n}/{o}{pp}/{pers}"] = sm90.Row(d, causal, n, 2, overlap=o, pingpong=pp, persistent=pers)
+        for s in lengths:
+            b, h = 16384 // s, 2048 // d
+            q, k, v = (torch.randn(b, h, s, d, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+            out, lse = torch.empty_like(q), torch.empty(b, h, s, device="cuda")
+            stream, scale = torch.cuda.current_stream().cuda_stream, 1 / math.sqrt(d)
+
+            def pinned(row):
+                def run():
+                    sm90.ROWS = (row,)
+                    try:
+                        sm90.forward(q, k, v, out, lse, causal=causal, scale=scale, stream=stream)
+                    finally:
+                        sm90.ROWS = table
+                return run
+            fns = {name: pinned(row) for name, row in rows.items()}
+            fns["cudnn"] = timers(q, k, v, causal)["cudnn"]
+            got = fair_tflops(fns, tuple(fns), lambda ms: tflops(b, h, s, d, causal, ms))
+            cells = " ".join(f"{name} {got[name]:.0f} ({got[name] / got['cudnn']:.2f})" for name in rows)
+            print(f"D{d} {'causal' if causal else 'full'} S{s}: {cells} cudnn {got['cudnn']:.0f}", flush=True)
+    print(f"table rows: {[r for r in table if r.head_dim in args.head_dims]}")
+    print("SUMMARY rows: done")
+    return 0
+
+
 def phase_bench_old(args) -> int:
     """Today's mma.sync kernel (xattn.cuda.forward) on a few rows, in a process of its own."""
     print("| dtype | D | causal | S | mma.sync |")
@@ -382,7 +426,7 @@ def phase_bench_old(args) -> int:
 
 def main() -> int:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--phase", required=True, choices=["compile", "check", "host", "tune", "bench", "bench_old"])
+    parser.add_argument("--phase", required=True, choices=["compile", "check", "host", "tune", "bench", "bench_old", "rows"])
     parser.add_argument("--variant", default="table", choices=["table", *VARIANTS],
                         help="overlaps of every row: the table's, or one variant for all")
     parser.add_argument("--quick", action="store_true")
@@ -393,7 +437,7 @@ def main() -> int:
     if args.variant != "table":
         use_variant(args.variant)
     return {"compile": phase_compile, "check": phase_check, "host": phase_host, "tune": phase_tune,
-            "bench": phase_bench, "bench_old": phase_bench_old}[args.phase](args)
+            "bench": phase_bench, "bench_old": phase_bench_old, "rows": phase_rows}[args.phase](args)
 
 
 if __name__ == "__main__":

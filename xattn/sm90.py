@@ -188,6 +188,7 @@ class BwdRow(NamedTuple):
     dq_tma: bool  # dQ added into dq_accum by a TMA reduce-add from shared memory (else red.global)
     block_n: int = 128  # keys per CTA: 64 per consumer, or 64 shared by both (above D128)
     early_scores: bool = True  # the next step's S^T issued under this step's dQ (flash_bwd.cu)
+    dq_mixed: bool = False  # with dq_tma: one consumer's dQ by red.global, the other's by TMA
 
 
 # Smallest head dim first; a head dim runs on the first row at least as wide. D128 takes 64

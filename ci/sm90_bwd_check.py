@@ -15,10 +15,8 @@
             the mma.sync kernels (SM90_BACKWARD off), SDPA flash and cuDNN, median of 3 rotated
             rounds: bf16, D 64/128, causal or not, B S = 16384, H D = 2048; at D128 also the sm90
             kernel with the other dQ path (red.global from registers) and without dQ reductions; at D64
-            and D128 the sm90 kernel with the other S^T timing (EARLY_SCORES flipped), at D128 with
-            one consumer's dQ by red.global (DQ_MIXED)
---dq red: every backward row takes the register-reduction dQ path (DQ_TMA = 0) for the phase;
---dq mixed: the D128 rows split it (DQ_MIXED: one consumer by TMA, one from registers).
+            and D128 the sm90 kernel with the other S^T timing (EARLY_SCORES flipped)
+--dq red: every backward row takes the register-reduction dQ path (DQ_TMA = 0) for the phase.
 A benchmark, not a test. Each phase prints one line per item and a SUMMARY line last.
 
     PYTHONPATH=. python ci/sm90_bwd_check.py --phase check [--quick | --sanitize]
@@ -343,9 +341,6 @@ def timers(q, k, v, dout, causal):
     if d in (64, 128):  # S^T issued early where the row does not (flash_bwd.cu's EARLY_SCORES), and late where it does
         timed["sm90-other-scores"] = pinned(rows=tuple(r._replace(early_scores=not r.early_scores)
                                                        for r in sm90.BWD_ROWS))
-    if d == 128:  # one consumer's dQ by red.global, the other's by TMA (DQ_MIXED)
-        timed["sm90-dq-mixed"] = pinned(rows=tuple(r._replace(dq_mixed=True) if r.head_dim == 128 else r
-                                                   for r in sm90.BWD_ROWS))
     return timed
 
 
@@ -357,8 +352,8 @@ def phase_bench(args) -> int:
     dq = {r.head_dim: "TMA reduce-add" if r.dq_tma else "red.global" for r in sm90.BWD_ROWS if not r.causal}
     print(f"sm90: dQ by {dq} (full rows); 'other dQ' = the sm90 kernel with the other dQ path")
     print("| D | causal | S | sm90 | mma.sync | sdpa-flash | cudnn | sm90/mma.sync | sm90/cudnn | "
-          "sm90 other S^T timing | sm90 dQ mixed | sm90 other dQ | deterministic: sm90 + flash_bwd_dq | deterministic: mma.sync |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+          "sm90 other S^T timing | sm90 other dQ | deterministic: sm90 + flash_bwd_dq | deterministic: mma.sync |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for d in args.head_dims:
         for causal in (False, True):
             for s in lengths:
@@ -369,7 +364,7 @@ def phase_bench(args) -> int:
                 got = fair_tflops(fns, tuple(fns), lambda ms: bwd_tflops(b, h, s, d, causal, ms))
                 cuda.SM90_BACKWARD = True
                 extra = " | ".join(f"{got[n]:.0f}" if n in got else "-"
-                                   for n in ("sm90-other-scores", "sm90-dq-mixed", "sm90-other-dq", "sm90-deterministic",
+                                   for n in ("sm90-other-scores", "sm90-other-dq", "sm90-deterministic",
                                              "mma.sync-deterministic"))
                 print(f"| {d} | {int(causal)} | {s} | {got['sm90']:.0f} | {got['mma.sync']:.0f} | "
                       f"{got['sdpa-flash']:.0f} | {got['cudnn']:.0f} | {got['sm90'] / got['mma.sync']:.2f} | "
@@ -424,14 +419,11 @@ def main() -> int:
     parser.add_argument("--deterministic", action="store_true",
                         help="check: deterministic=True (the kernel's dK/dV, flash_bwd_dq.cu's dQ)")
     parser.add_argument("--head-dims", type=int, nargs="+", default=[64, 128], help="bench: head dims")
-    parser.add_argument("--dq", choices=["table", "red", "mixed"], default="table",
-                        help="red: every row reduces dQ from registers (DQ_TMA = 0); mixed: the D128 "
-                             "rows, one consumer by TMA and one from registers (DQ_MIXED)")
+    parser.add_argument("--dq", choices=["table", "red"], default="table",
+                        help="red: every row reduces dQ from registers (DQ_TMA = 0)")
     args = parser.parse_args()
     if args.dq == "red":
         sm90.BWD_ROWS = tuple(r._replace(dq_tma=False) for r in sm90.BWD_ROWS)
-    elif args.dq == "mixed":
-        sm90.BWD_ROWS = tuple(r._replace(dq_mixed=True) if r.head_dim == 128 else r for r in sm90.BWD_ROWS)
     return {"compile": phase_compile, "check": phase_check, "varlen": phase_varlen,
             "bench": phase_bench, "varlen_bench": phase_varlen_bench}[args.phase](args)
 

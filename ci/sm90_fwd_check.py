@@ -149,6 +149,10 @@ def check_cases(quick: bool):
             cases.append(("bfloat16", 3, 16, 4, 1000, 1000, d, causal, "bhsd", False, None))
             cases.append(("float16", 4, 16, 16, 1000, 129, d, causal, "bhsd", False, None))
         cases.append(("bfloat16", 3, 16, 4, 700, 900, d, True, "bhsd", False, dict(window=(50, 30))))
+    for row in sm90.ROWS:  # each row past a shorter sibling's lengths (select() sends shorter calls there)
+        if first_query_length(row) > 1:
+            cases.append(("float16", 1, 4, 2, first_query_length(row) + 51, 700, row.head_dim, row.causal, "bhsd",
+                          False, None))
     if not quick:
         cases.append(("bfloat16", 65537, 1, 1, 3, 5, 64, False, "bhsd", False, None))  # gridDim.z chunks
         cases.append(("float16", 1, 32, 4, 4096, 4096, 128, True, "bhsd", False, None))
@@ -163,10 +167,18 @@ def few_ctas_cases():
             for causal in (False, True) for sq, sk in ((300, 300), (500, 200))]
 
 
+def first_query_length(row) -> int:
+    """The shortest query length sm90.select gives this row: 1, or past its shorter siblings'."""
+    return 1 + max((r.max_seqlen for r in sm90.ROWS if (r.head_dim, r.causal) == (row.head_dim, row.causal)
+                    and r.max_seqlen and (not row.max_seqlen or r.max_seqlen < row.max_seqlen)), default=0)
+
+
 def sanitize_cases():
-    """One small shape per row and dtype: one key tile and one query row past the tiles; each on
-    the row's grid and on a persistent grid of 2 CTAs (phase_check), which walk several blocks."""
-    return [(dtype, 1, 2, 1, kernels.SM90_BLOCK_M + 1, row.block_n + 1, row.head_dim, row.causal, "bhsd", False, None)
+    """One small shape per row and dtype: one key tile and one query row past the tiles (past the
+    shorter sibling's lengths where the row has one); each on the row's grid and on a persistent
+    grid of 2 CTAs (phase_check), which walk several blocks."""
+    return [(dtype, 1, 2, 1, max(kernels.SM90_BLOCK_M + 1, first_query_length(row)), row.block_n + 1, row.head_dim,
+             row.causal, "bhsd", False, None)
             for row in sm90.ROWS for dtype in DTYPES]
 
 
@@ -382,11 +394,10 @@ def phase_rows(args) -> int:
     for (d, causal), candidates in ROW_CANDIDATES.items():
         if d not in args.head_dims:
             continue
-        current = sm90.select(d, causal)
-        rows = {"table": current}
-        for n, o, pp, pers in candidates:
-            rows[f"{n}/{o}{pp}/{pers}"] = sm90.Row(d, causal, n, 2, overlap=o, pingpong=pp, persistent=pers)
         for s in lengths:
+            rows = {"table": sm90.select(d, causal, s)}
+            for n, o, pp, pers in candidates:
+                rows[f"{n}/{o}{pp}/{pers}"] = sm90.Row(d, causal, n, 2, overlap=o, pingpong=pp, persistent=pers)
             b, h = 16384 // s, 2048 // d
             q, k, v = (torch.randn(b, h, s, d, device="cuda", dtype=torch.bfloat16) for _ in range(3))
             out, lse = torch.empty_like(q), torch.empty(b, h, s, device="cuda")

@@ -304,7 +304,7 @@ def _sm90_backward_defines(row, dtype: str, *, flags: dict, compute_dq: bool = T
     the forward's; IS_VARLEN only where set, so that the other variants compile as before."""
     return {"ELEM_BF16": int(dtype == "bfloat16"), "HEAD_DIM": row.head_dim, "BLOCK_N": row.block_n,
             "BLOCK_M": row.block_m, "STAGES": row.stages, "DQ_TMA": int(row.dq_tma),
-            "EARLY_SCORES": int(row.early_scores), "DQ_MIXED": int(row.dq_mixed), "COMPUTE_DQ": int(compute_dq), **_sm90_flags(flags),
+            "EARLY_SCORES": int(row.early_scores), "COMPUTE_DQ": int(compute_dq), **_sm90_flags(flags),
             **({"IS_VARLEN": 1} if flags.get("IS_VARLEN") else {})}
 
 

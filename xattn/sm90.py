@@ -45,6 +45,8 @@ class Row(NamedTuple):
     persistent: int = 0  # query lengths from which one CTA per SM walks the query blocks
                          # (PERSISTENT there; 0: never; never for a packed batch, which keeps one
                          # CTA per query block of each sequence)
+    max_seqlen: int = 0  # the longest query length the row serves (0: any); such a row comes
+                         # before the row of its class that serves the longer ones
 
 
 # Smallest head dim first; a head dim runs on the first row at least as wide (the copy engine
@@ -59,16 +61,23 @@ class Row(NamedTuple):
 # run, against the same rows without it): causal D64 +10-16% at every length, causal D256 +4-8%
 # from S 2048 (-7% at 1024), causal D128 +4% from S 4096 (-4% at 1024-2048); the non-causal rows
 # were level or slower (D64 -5% at S 4096-8192), D192 was not measured.
+# D128 up to S 2048: 128-key tiles on the persistent grid, against the 176-key rows in one process
+# (ci/results/2026-11-30-session8/, bf16): +4% / +3% at S 1024 / 2048 without a causal edge, +11%
+# / +5% with one; level at S 4096, 1-2% behind at 8192.
 ROWS = (
     Row(64, False, 128, 2, overlap=0, pingpong=0, persistent=1), Row(64, True, 128, 2, overlap=0, pingpong=0, persistent=1),
-    Row(128, False, 176, 2), Row(128, True, 176, 2, persistent=4096),
+    Row(128, False, 128, 2, overlap=1, pingpong=0, persistent=1, max_seqlen=2048), Row(128, False, 176, 2),
+    Row(128, True, 128, 2, persistent=1, max_seqlen=2048), Row(128, True, 176, 2, persistent=4096),
     Row(192, False, 112, 2), Row(192, True, 112, 2),
     Row(256, False, 80, 2, overlap=1, pingpong=0), Row(256, True, 80, 2, persistent=2048),
 )
 
 
-def select(head_dim: int, causal: bool) -> Row | None:
-    return next((r for r in ROWS if r.head_dim >= head_dim and r.causal == causal), None)
+def select(head_dim: int, causal: bool, seqlen_q: int = 0) -> Row | None:
+    """The row of a call; seqlen_q 0: the first row of the head dim and class (supports() asks
+    only whether one exists)."""
+    return next((r for r in ROWS if r.head_dim >= head_dim and r.causal == causal
+                 and not (r.max_seqlen and seqlen_q > r.max_seqlen)), None)
 
 
 # ---- what runs here ----------------------------------------------------------------------------------
@@ -142,7 +151,7 @@ def plan(Q, K, V, O, L, *, causal, scale, window, softcap, slopes, batch=None, m
     left, right = window
     if causal:
         right = 0
-    row = select(head_dim, right >= 0)
+    row = select(head_dim, right >= 0, seqlen_q)
     if row is None:
         raise ValueError(f"q: head dim {head_dim} has no sm90 row (at most {ROWS[-1].head_dim})")
     var = launch.variant(causal=causal, scale=scale, window=window, softcap=softcap,
@@ -188,7 +197,6 @@ class BwdRow(NamedTuple):
     dq_tma: bool  # dQ added into dq_accum by a TMA reduce-add from shared memory (else red.global)
     block_n: int = 128  # keys per CTA: 64 per consumer, or 64 shared by both (above D128)
     early_scores: bool = True  # the next step's S^T issued under this step's dQ (flash_bwd.cu)
-    dq_mixed: bool = False  # with dq_tma: one consumer's dQ by red.global, the other's by TMA
 
 
 # Smallest head dim first; a head dim runs on the first row at least as wide. D128 takes 64

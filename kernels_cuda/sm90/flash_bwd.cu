@@ -112,8 +112,6 @@
 // IS_CAUSAL, IS_LOCAL, HAS_SOFTCAP, HAS_ALIBI, IS_VARLEN: masks, modifiers and packed batches
 //             (attention_common.h)
 // DQ_TMA      0: dQ added into dq_accum by red.global.add; 1: by a TMA reduce-add from shared memory
-// DQ_MIXED   (with DQ_TMA, not DQ_BY_BOX) consumer 1 adds its dQ by red.global, consumer 0 by the
-//             TMA reduce-add: the reductions split between shared memory and L2 atomics
 // EARLY_SCORES 1 (default): the next step's S^T issued under this step's dQ reduction (ISSUE_S_EARLY
 //             below); 0: each step issues its own S^T and dP^T together (the A/B of the bench)
 // COMPUTE_DQ  1 (default): dQ as above; 0: dK and dV only (no dS^T staging, no dQ product, no
@@ -134,9 +132,6 @@
 #endif
 #ifndef EARLY_SCORES
 #define EARLY_SCORES 1
-#endif
-#ifndef DQ_MIXED
-#define DQ_MIXED 0
 #endif
 
 #define NUM_CONSUMERS 2                          // consumer warpgroups
@@ -187,7 +182,6 @@
 #define PDS_BUFFERS (DQ_BY_BOX ? 1 : 2)          // buffers of sP and of sdS, which steps alternate
 #define DQ_STAGED_BOXES (DQ_BY_BOX ? 1 : DQ_COLS / DQ_BOX_COLS)
 
-static_assert(!DQ_MIXED || (DQ_TMA && COMPUTE_DQ && !DQ_BY_BOX), "mixed dQ: one consumer's tile by TMA, the other's by red.global");
 static_assert(BLOCK_N == NUM_CONSUMERS * WGMMA_M || BLOCK_N == WGMMA_M, "keys per CTA: 64 per consumer, or 64 shared");
 static_assert(HEAD_DIM % SWIZZLE_ELEMS == 0 && KV_COLS <= 128, "head dim: whole boxes; dK and dV must fit in registers");
 static_assert(!SHARED_KEYS || (BLOCK_M == WGMMA_M && KV_COLS % SWIZZLE_ELEMS == 0),
@@ -738,21 +732,16 @@ flash_bwd_sm90(const __grid_constant__ TmaDesc tm_q, const __grid_constant__ Tma
                 }
             }
 #elif DQ_TMA
-            if (DQ_MIXED && c.consumer == 1) {
-                add_dq(dq_accum_rows(p, batch, head, seq.q_start), p.dq_accum.row_stride, dq, m_start + dq_row0,
-                       dq_col0, seqlen_q, p.head_dim, c.t);
-            } else {
-                // dq_accum += dQ: the tile through sdQ, one reduce-add per 32-column box.
-                stage_dq(sdq, dq, 0, DQ_COLS / DQ_BOX_COLS, c.t);
-                fence_proxy_async();  // the copy engine reads what these ordinary stores wrote
-                named_barrier_sync(BAR_DQ + c.consumer, WARPGROUP_THREADS);
-                if (c.t == 0) {
+            // dq_accum += dQ: the tile through sdQ, one reduce-add per 32-column box.
+            stage_dq(sdq, dq, 0, DQ_COLS / DQ_BOX_COLS, c.t);
+            fence_proxy_async();  // the copy engine reads what these ordinary stores wrote
+            named_barrier_sync(BAR_DQ + c.consumer, WARPGROUP_THREADS);
+            if (c.t == 0) {
 #pragma unroll
-                    for (int box = 0; box < DQ_COLS / DQ_BOX_COLS; ++box)
-                        tma_reduce_add_4d(&tm_dq, sdq + box * DQ_BOX_BYTES, dq_col0 + box * DQ_BOX_COLS,
-                                          seq.q_start + m_start + dq_row0, head, map_batch);
-                    tma_store_commit();
-                }
+                for (int box = 0; box < DQ_COLS / DQ_BOX_COLS; ++box)
+                    tma_reduce_add_4d(&tm_dq, sdq + box * DQ_BOX_BYTES, dq_col0 + box * DQ_BOX_COLS,
+                                      seq.q_start + m_start + dq_row0, head, map_batch);
+                tma_store_commit();
             }
 #else
             add_dq(dq_accum_rows(p, batch, head, seq.q_start), p.dq_accum.row_stride, dq, m_start + dq_row0, dq_col0,

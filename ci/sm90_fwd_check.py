@@ -380,7 +380,8 @@ def phase_bench(args) -> int:
 
 
 # rows: candidate rows against the table's, by (head dim, causal): (block_n, overlap, pingpong, persistent)
-ROW_CANDIDATES = {(128, False): [(176, 1, 1, 0)], (128, True): [(176, 1, 1, 1)]}
+ROW_CANDIDATES = {(128, False): [(128, 1, 0, 1), (128, 1, 1, 1), (128, 1, 1, 0)],
+                  (128, True): [(128, 1, 0, 1), (128, 1, 1, 1), (176, 1, 1, 1)]}
 
 
 def phase_rows(args) -> int:
@@ -395,8 +396,6 @@ def phase_rows(args) -> int:
             continue
         for s in lengths:
             rows = {"table": sm90.select(d, causal, s)}
-            if rows["table"].persistent and rows["table"].overlap:  # the persistent loop block by block
-                rows["table, blockwise"] = rows["table"]._replace(across_blocks=False)
             for n, o, pp, pers in candidates:
                 rows[f"{n}/{o}{pp}/{pers}"] = sm90.Row(d, causal, n, 2, overlap=o, pingpong=pp, persistent=pers)
             b, h = 16384 // s, 2048 // d

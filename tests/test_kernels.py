@@ -84,12 +84,10 @@ def test_hopper_launch_constants_are_the_kernels_own(tmp_path):
     rows, as the sm90 sources define them from their warpgroups; and the shared memory below the
     barriers, as their layout macros place it (SMEM_BARS), for every row."""
     forward, backward = kernels.cuda("flash_fwd_sm90"), kernels.cuda("flash_bwd_sm90")
-    # (kernel, row, the macro of the rows a CTA owns, its value here, barriers: once (the forward:
-    # q_full and q_empty per Q buffer, and v_tail), per stage)
-    cases = [(forward, row, "BLOCK_M", kernels.SM90_BLOCK_M, (lambda d: 1 + 2 * d.get("Q_BUFFERS", 1), 4), {})
-             for row in sm90.ROWS]
+    # (kernel, row, the macro of the rows a CTA owns, its value here, barriers: once, per stage)
+    cases = [(forward, row, "BLOCK_M", kernels.SM90_BLOCK_M, (3, 4), {}) for row in sm90.ROWS]
     flipped = tuple(r._replace(dq_tma=not r.dq_tma) for r in sm90.BWD_ROWS)
-    cases += [(backward, row, "BLOCK_N", row.block_n, (lambda d: 1, 2), {"compute_dq": compute_dq})
+    cases += [(backward, row, "BLOCK_N", row.block_n, (1, 2), {"compute_dq": compute_dq})
               for row in sm90.BWD_ROWS + flipped for compute_dq in (True, False)]
     for kernel, row, owned, rows, (barriers_once, barriers_per_stage), extra in cases:
         defines = kernel.defines(row, "bfloat16", flags={"IS_CAUSAL": int(row.causal)}, **extra)
@@ -98,7 +96,7 @@ def test_hopper_launch_constants_are_the_kernels_own(tmp_path):
         assert (got[owned], got["WGMMA_M"]) == (rows, kernels.SM90_STORE_ROWS)
         if kernel is backward:  # the D256 row's dQ reduce boxes (xattn/sm90.py maps dq_accum so)
             assert source_values(tmp_path, kernel, defines, ("WARP_ROWS",))["WARP_ROWS"] == kernels.SM90_WARP_ROWS
-        barriers = kernels.SM90_BARRIER_BYTES * (barriers_once(defines) + barriers_per_stage * row.stages)
+        barriers = kernels.SM90_BARRIER_BYTES * (barriers_once + barriers_per_stage * row.stages)
         assert kernel.shared_memory(defines) == kernels.SM90_SMEM_ALIGN + got["SMEM_BARS"] + barriers, row
 
 

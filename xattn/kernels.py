@@ -260,7 +260,6 @@ SM90_STORE_ROWS = 64     # rows of one consumer's store box (WGMMA_M)
 SM90_WARP_ROWS = 16      # rows of one warp's dQ reduce box (WARP_ROWS, the D256 backward)
 SM90_SMEM_ALIGN = 1024   # the kernels align shared memory to the 128-byte swizzle's 1024-byte atom
 SM90_BARRIER_BYTES = 8
-SM90_SMEM_LIMIT = 227 * 1024  # dynamic shared memory one block may opt into on sm_90
 SM90_OPTIONS = ("-arch=sm_90a",)  # wgmma and setmaxnreg exist only on the "a" target
 
 
@@ -273,15 +272,9 @@ def _sm90_forward_defines(row, dtype: str, *, flags: dict) -> dict:
     persistent = flags.get("PERSISTENT", row.persistent > 0) and not flags.get("IS_VARLEN")
     extra = ({k: 1 for k in ("IS_VARLEN", "HAS_SINKS") if flags.get(k)}
              | ({"PERSISTENT": 1} if persistent else {}))
-    d = {"ELEM_BF16": int(dtype == "bfloat16"), "HEAD_DIM": row.head_dim,
-         "BLOCK_N": row.block_n, "STAGES": row.stages, "OVERLAP": row.overlap,
-         "PINGPONG": row.pingpong, **_sm90_flags(flags), **extra}
-    # Two Q buffers where they fit: the persistent overlapped loop then runs across blocks
-    # (flash_fwd.cu's ACROSS_BLOCKS); set only then, so the other variants compile as before.
-    if (persistent and row.overlap and row.across_blocks
-            and _sm90_forward_smem(d | {"Q_BUFFERS": 2}) <= SM90_SMEM_LIMIT):
-        d["Q_BUFFERS"] = 2
-    return d
+    return {"ELEM_BF16": int(dtype == "bfloat16"), "HEAD_DIM": row.head_dim,
+            "BLOCK_N": row.block_n, "STAGES": row.stages, "OVERLAP": row.overlap,
+            "PINGPONG": row.pingpong, **_sm90_flags(flags), **extra}
 
 
 def _sm90_flags(flags: dict) -> dict:
@@ -289,13 +282,11 @@ def _sm90_flags(flags: dict) -> dict:
 
 
 def _sm90_forward_smem(d: dict) -> int:
-    """sm90/flash_fwd.cu: Q_BUFFERS sQ tiles, STAGES K and V tiles, the barriers (q_full and
-    q_empty per sQ tile, k_full, v_full, k_empty, v_empty per stage, v_tail), plus the slack to
-    align it to 1024 bytes."""
-    q_buffers = d.get("Q_BUFFERS", 1)
-    q = q_buffers * SM90_BLOCK_M * d["HEAD_DIM"] * 2
+    """sm90/flash_fwd.cu: sQ, STAGES K and V tiles, the barriers (q_full, q_empty and v_tail, and
+    k_full, v_full, k_empty, v_empty per stage), plus the slack to align it to 1024 bytes."""
+    q = SM90_BLOCK_M * d["HEAD_DIM"] * 2
     kv = 2 * d["STAGES"] * d["BLOCK_N"] * d["HEAD_DIM"] * 2
-    return SM90_SMEM_ALIGN + q + kv + SM90_BARRIER_BYTES * (1 + 2 * q_buffers + 4 * d["STAGES"])
+    return SM90_SMEM_ALIGN + q + kv + SM90_BARRIER_BYTES * (3 + 4 * d["STAGES"])
 
 
 def _sm90_forward_grid(d: dict, s: Sizes) -> tuple:

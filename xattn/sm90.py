@@ -31,7 +31,7 @@ from xattn import cuda, kernels, launch, tma
 # The entry points, their launch constants and shared memory: kernels.cuda("flash_fwd_sm90") and
 # kernels.cuda("flash_bwd_sm90") (xattn/kernels.py).
 ARCH = 90
-SMEM_LIMIT = kernels.SM90_SMEM_LIMIT
+SMEM_LIMIT = 227 * 1024  # dynamic shared memory one block may opt into on sm_90
 
 
 class Row(NamedTuple):
@@ -47,8 +47,6 @@ class Row(NamedTuple):
                          # CTA per query block of each sequence)
     max_seqlen: int = 0  # the longest query length the row serves (0: any); such a row comes
                          # before the row of its class that serves the longer ones
-    across_blocks: bool = True  # on the persistent grid with overlap, where a second Q tile fits:
-                                # one loop over the tiles of all blocks (ACROSS_BLOCKS there)
 
 
 # Smallest head dim first; a head dim runs on the first row at least as wide (the copy engine

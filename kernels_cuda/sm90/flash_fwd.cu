@@ -33,9 +33,6 @@
 // release it after their last S = Q K^T of a tile, so the producer loads the next tile's Q and
 // first K/V tiles while the consumers finish the last P V, the softmax and the epilogue. O is then
 // stored from the registers (as in a packed batch), so that no shared buffer outlives its tile.
-// Where a second sQ tile fits (Q_BUFFERS = 2, with OVERLAP), blocks alternate between the two and
-// the consumers run one loop over the key tiles of all their blocks (consume_across): a block's
-// first S = Q K^T is issued with the last P V of the block before, not after its epilogue.
 //
 // Packed variable-length batches (IS_VARLEN): q, k, v, o are (1, H, T, D) views, sequence b is rows
 // [cu_seqlens[b], cu_seqlens[b + 1]) (attention_common.h: sequence), blockIdx.z is the sequence and
@@ -88,14 +85,6 @@
 #ifndef PERSISTENT
 #define PERSISTENT 0
 #endif
-#ifndef Q_BUFFERS
-#define Q_BUFFERS 1
-#endif
-// ACROSS_BLOCKS (two Q buffers: set by xattn/kernels.py on the persistent grid with OVERLAP where
-// they fit in shared memory): the consumers' loop runs over the key tiles of all their blocks as
-// one sequence (consume_across), so a block's first S = Q K^T goes to the tensor cores with the
-// previous block's last P V instead of after its epilogue.
-#define ACROSS_BLOCKS (Q_BUFFERS == 2)
 
 #define NUM_CONSUMERS 2                          // consumer warpgroups
 #define BLOCK_M (NUM_CONSUMERS * WGMMA_M)        // query rows per CTA
@@ -111,30 +100,27 @@
 static_assert(HEAD_DIM % SWIZZLE_ELEMS == 0 && HEAD_DIM <= 256, "head dim: whole 64-column boxes, one wgmma wide");
 static_assert(BLOCK_N % WGMMA_K == 0 && BLOCK_N <= 256, "key tile: whole k16 steps, one wgmma wide");
 static_assert(!(PERSISTENT && IS_VARLEN), "a packed batch keeps one CTA per query block of each sequence");
-static_assert(Q_BUFFERS == 1 || (Q_BUFFERS == 2 && PERSISTENT && OVERLAP), "two Q buffers: the persistent overlapped loop");
 static_assert(PRODUCER_REGS * WARPGROUP_THREADS + CONSUMER_REGS * NUM_CONSUMERS * WARPGROUP_THREADS <=
               (65536 / NUM_THREADS) / 8 * 8 * NUM_THREADS, "setmaxnreg: the consumers take what the producer frees");
 
 // ---- shared-memory layout ---------------------------------------------------------------------
 // (1024-byte aligned; xattn/kernels.py computes the same size)
-// sQ   Q_BUFFERS tiles of D_CHUNKS boxes of BLOCK_M rows x 128 bytes (blocks alternate between
-//      them); consumer c's rows start at c * 64. Reused for O by the TMA store (not PERSISTENT,
-//      not IS_VARLEN).
+// sQ   D_CHUNKS boxes of BLOCK_M rows x 128 bytes; consumer c's rows start at c * 64. Reused for O
+//      by the TMA store (not PERSISTENT, not IS_VARLEN).
 // sK   STAGES tiles of D_CHUNKS boxes of BLOCK_N rows x 128 bytes;  sV: the same
-// bars q_full[Q_BUFFERS], q_empty[Q_BUFFERS], k_full[STAGES], v_full[STAGES], k_empty[STAGES],
-//      v_empty[STAGES], v_tail (8 bytes each)
+// bars q_full, q_empty, k_full[STAGES], v_full[STAGES], k_empty[STAGES], v_empty[STAGES], v_tail
+//      (8 bytes each)
 #define Q_BOX_BYTES (BLOCK_M * SWIZZLE_BYTES)
 #define KV_BOX_BYTES (BLOCK_N * SWIZZLE_BYTES)
 #define Q_BYTES (D_CHUNKS * Q_BOX_BYTES)
 #define KV_BYTES (D_CHUNKS * KV_BOX_BYTES)
 #define SMEM_Q 0
-#define SMEM_K (SMEM_Q + Q_BUFFERS * Q_BYTES)
+#define SMEM_K (SMEM_Q + Q_BYTES)
 #define SMEM_V (SMEM_K + STAGES * KV_BYTES)
 #define SMEM_BARS (SMEM_V + STAGES * KV_BYTES)
 
 struct Barriers {
-    u32 q_full, q_empty;                   // sQ buffer b holds the block's Q / the consumers are done
-                                           // reading it: + 8 b
+    u32 q_full, q_empty;                   // sQ holds the tile's Q / the consumers are done reading it
     u32 k_full, v_full, k_empty, v_empty;  // stage s: + 8 s
     u32 v_tail;                            // IS_VARLEN: the first V tile's rows past the sequence are zero
 };
@@ -142,8 +128,8 @@ struct Barriers {
 __device__ __forceinline__ Barriers barriers(u32 base) {
     Barriers b;
     b.q_full = base;
-    b.q_empty = base + 8 * Q_BUFFERS;
-    b.k_full = base + 16 * Q_BUFFERS;
+    b.q_empty = base + 8;
+    b.k_full = base + 16;
     b.v_full = b.k_full + 8 * STAGES;
     b.k_empty = b.v_full + 8 * STAGES;
     b.v_empty = b.k_empty + 8 * STAGES;
@@ -160,11 +146,9 @@ __device__ __forceinline__ Barriers barriers(u32 base) {
 // ---- device helpers ---------------------------------------------------------------------------
 
 // Which stage of the ring the i-th K/V tile of a CTA uses (counted over all its query blocks),
-// and the parity of that stage's use; the same for the sQ buffer of the CTA's i-th Q load.
+// and the parity of that stage's use.
 __device__ __forceinline__ int stage_of(int i) { return i % STAGES; }
 __device__ __forceinline__ int phase_of(int i) { return (i / STAGES) & 1; }
-__device__ __forceinline__ int q_buffer_of(int i) { return i % Q_BUFFERS; }
-__device__ __forceinline__ int q_phase_of(int i) { return (i / Q_BUFFERS) & 1; }
 
 // S = Q K^T for the warpgroup's 64 rows: HEAD_DIM / 16 k steps, each 32 bytes further into a
 // 128-byte row of both tiles (the next 64 columns are the next box).
@@ -547,164 +531,6 @@ __device__ __forceinline__ void consume(const TmaDesc* tm_o, const AttnParams& p
     if (OVERLAP) take_last_turn(c.consumer);
 }
 
-// ---- the consumers across blocks (ACROSS_BLOCKS) ---------------------------------------------------
-// The overlapped loop of attend, run over the key tiles of all the CTA's blocks as one sequence:
-// when the current tile is the last of its block, the next one is the first tile of the next block
-// that has keys, whose S = Q K^T (its Q in the other sQ buffer, loaded by the producer a block
-// ahead) is issued together with the current tile's P V. Its softmax starts from m = -inf, l = 0,
-// and once that P V is done the finished block's O, m and l go out (write_block) and O restarts
-// at 0. Blocks with rows but no keys get O = 0, lse = -inf as the walk passes them.
-
-// O = 0 and lse = -inf (or the sink) for the consumer's rows of a block that sees no key.
-__device__ __forceinline__ void write_empty_block(const ConsumerCtx& c, const TmaDesc* tm_o, const AttnParams& p,
-                                                  const Tile& t, const TileWork& w) {
-    float zeros[O_REGS];
-#pragma unroll
-    for (int i = 0; i < O_REGS; ++i) zeros[i] = 0.f;
-    const float m0[2] = {NEG_INF, NEG_INF}, l0[2] = {0.f, 0.f};
-    ConsumerCtx oc = c;
-    oc.row_start = w.m_start + c.consumer * WGMMA_M;
-    write_output(oc, zeros, m0, l0, tm_o, p, 0, t.head, t.batch, w.seq.seqlen_q, w.seq.q_start);
-}
-
-// From `walk` on (itself included), the first block with keys: false at the end of the walk.
-__device__ __forceinline__ bool seek_keys(TileWalk& walk, const ConsumerCtx& c, const TmaDesc* tm_o,
-                                          const AttnParams& p) {
-    for (; walk_active(walk, p); advance(walk)) {
-        const Tile t = tile_at(walk, p);
-        const TileWork w = tile_work(p, t);
-        if (!w.has_rows) continue;
-        if (w.n_tiles > 0) return true;
-        write_empty_block(c, tm_o, p, t, w);
-    }
-    return false;
-}
-
-// The consumer's view of the block at `walk`, its Q in buffer q_buffer_of(q_load): rows, score
-// modifiers, Q rows; returns its key tiles (tile_end, n_tiles).
-struct BlockTiles {
-    int tile_end, n_tiles;
-};
-__device__ __forceinline__ BlockTiles enter_block(ConsumerCtx& c, const TileWalk& walk, const AttnParams& p,
-                                                  u32 smem, int q_load) {
-    const Tile t = tile_at(walk, p);
-    const TileWork w = tile_work(p, t);
-    c.row_start = w.m_start + c.consumer * WGMMA_M;
-    c.q_rows = smem + SMEM_Q + q_buffer_of(q_load) * Q_BYTES + c.consumer * WGMMA_M * SWIZZLE_BYTES;
-    c.mods = make_score_mods(w.seq.seqlen_q, w.seq.seqlen_k, p.window_left, p.window_right, p.softcap_scale,
-                             p.alibi_slopes + t.batch * p.alibi_batch_stride + t.head, p.scale);
-    return BlockTiles{w.tiles.tile_end, w.n_tiles};
-}
-
-// The finished block at `walk`: O /= l, lse, from the registers.
-__device__ __forceinline__ void write_block(const ConsumerCtx& c, TileWalk walk, float (&o)[O_REGS],
-                                            const float (&m_i)[2], const float (&l_i)[2], const TmaDesc* tm_o,
-                                            const AttnParams& p) {
-    asm volatile("" : "+r"(walk.step));  // recomputed here, not held through the loop (consume)
-    const Tile t = tile_at(walk, p);
-    const Sequence seq = sequence(t.batch, p.cu_seqlens_q, p.cu_seqlens_k, p.seqlen_q, p.seqlen_k);
-    ConsumerCtx oc = c;
-    oc.row_start = t.m_block * BLOCK_M + c.consumer * WGMMA_M;
-    write_output(oc, o, m_i, l_i, tm_o, p, 0, t.head, t.batch, seq.seqlen_q, seq.q_start);
-}
-
-__device__ __forceinline__ void consume_across(const TmaDesc* tm_o, const AttnParams& p, u32 smem, int consumer) {
-    ConsumerCtx c;
-    c.consumer = consumer;
-    c.t = threadIdx.x % WARPGROUP_THREADS;
-    c.scale_log2 = p.scale_log2;
-    c.k_tiles = smem + SMEM_K;
-    c.v_tiles = smem + SMEM_V;
-    c.bars = barriers(smem + SMEM_BARS);
-    c.v_tail = false;
-    give_first_turn(c.consumer);
-    TileWalk walk = tile_walk();
-    if (seek_keys(walk, c, tm_o, p)) {
-        int q_load = 0, kv = 0, i = 0;  // the block's Q load, the current tile's K/V index (both
-                                        // counted over the walk: the barriers' phases), its tile
-        BlockTiles blk = enter_block(c, walk, p, smem, q_load);
-        float o[O_REGS], m_i[2] = {NEG_INF, NEG_INF}, l_i[2] = {0.f, 0.f}, alpha[2];
-#pragma unroll
-        for (int j = 0; j < O_REGS; ++j) o[j] = 0.f;
-        u32 p_frag[P_STEPS][4];
-        float s[S_REGS];
-        // The walk's first tile: S, softmax (O is still 0).
-        mbar_wait(c.bars.q_full, 0);
-        mbar_wait(c.bars.k_full, 0);
-        take_turn(c.consumer);
-        issue_qk(s, c.q_rows, c.k_tiles);
-        hand_over_turn(c.consumer);
-        wgmma_wait<0>();
-        pin_registers(s);
-        release(c.bars.k_empty);
-        score_tile(s, c, blk.tile_end - 1);
-        online_softmax(s, m_i, l_i, alpha, c.scale_log2);
-        while (true) {
-            acc_to_a_operand<BLOCK_N>(p_frag, s);  // P of the current tile
-            const bool same_block = i + 1 < blk.n_tiles;
-            TileWalk next_walk = walk;
-            if (!same_block) {
-                release(c.bars.q_empty + 8 * q_buffer_of(q_load));  // the block's last S = Q K^T is done
-                advance(next_walk);
-                if (!seek_keys(next_walk, c, tm_o, p)) break;
-            }
-            const int next_q = same_block ? q_load : q_load + 1, next_kv = kv + 1;
-            const u32 next_q_rows = smem + SMEM_Q + q_buffer_of(next_q) * Q_BYTES + c.consumer * WGMMA_M * SWIZZLE_BYTES;
-            mbar_wait(c.bars.k_full + 8 * stage_of(next_kv), phase_of(next_kv));
-            if (!same_block) mbar_wait(c.bars.q_full + 8 * q_buffer_of(next_q), q_phase_of(next_q));
-            wait_v(c, i, stage_of(kv), phase_of(kv));
-            take_turn(c.consumer);
-            issue_qk(s, next_q_rows, c.k_tiles + stage_of(next_kv) * KV_BYTES);  // S of the next tile
-            rescale_o(o, alpha);                                                  // O *= exp2(m_old - m_new)
-            issue_pv(o, p_frag, c.v_tiles + stage_of(kv) * KV_BYTES);             // O += P V, this tile
-            hand_over_turn(c.consumer);
-            wgmma_wait<1>();                                                      // S is ready, P V may run on
-            pin_registers(s);
-            release(c.bars.k_empty + 8 * stage_of(next_kv));
-            float m_done[2], l_done[2];  // the finished block's (a new block starts here)
-            const TileWalk done_walk = walk;
-            if (!same_block) {
-#pragma unroll
-                for (int h = 0; h < 2; ++h) {
-                    m_done[h] = m_i[h];
-                    l_done[h] = l_i[h];
-                    m_i[h] = NEG_INF;
-                    l_i[h] = 0.f;
-                }
-                walk = next_walk;
-                q_load = next_q;
-                blk = enter_block(c, walk, p, smem, q_load);
-                i = 0;
-            } else {
-                ++i;
-            }
-            score_tile(s, c, blk.tile_end - 1 - i);
-            online_softmax(s, m_i, l_i, alpha, c.scale_log2);  // under the P V wgmma
-            wgmma_wait<0>();
-            pin_registers(o);
-            pin_registers(p_frag);
-            release(c.bars.v_empty + 8 * stage_of(kv));
-            kv = next_kv;
-            if (!same_block) {
-                write_block(c, done_walk, o, m_done, l_done, tm_o, p);
-#pragma unroll
-                for (int j = 0; j < O_REGS; ++j) o[j] = 0.f;
-            }
-        }
-        // The walk's last tile: its P V, and the last block's output.
-        wait_v(c, i, stage_of(kv), phase_of(kv));
-        take_turn(c.consumer);
-        rescale_o(o, alpha);
-        issue_pv(o, p_frag, c.v_tiles + stage_of(kv) * KV_BYTES);
-        hand_over_turn(c.consumer);
-        wgmma_wait<0>();
-        pin_registers(o);
-        release(c.bars.v_empty + 8 * stage_of(kv));
-        write_block(c, walk, o, m_i, l_i, tm_o, p);
-    }
-    take_last_turn(c.consumer);
-}
-
 // ---- the producer --------------------------------------------------------------------------------
 
 // IS_VARLEN, second producer warp: once the copy engine has filled the first V tile (stage 0, its
@@ -738,13 +564,10 @@ __device__ __forceinline__ void produce(const TmaDesc* tm_q, const TmaDesc* tm_k
         const TileWork w = tile_work(p, t);
         if (w.n_tiles == 0) continue;
         const int kv_head = t.head / p.heads_per_kv;
-        // the last S = Q K^T of the block that used this buffer before is done
-        const int qb = q_buffer_of(q_loads);
-        const u32 q_full = bars.q_full + 8 * qb;
-        mbar_wait(bars.q_empty + 8 * qb, q_phase_of(q_loads) ^ 1);
-        mbar_arrive_expect_tx(q_full, Q_BYTES);
+        mbar_wait(bars.q_empty, (q_loads & 1) ^ 1);  // the previous block's last S = Q K^T is done
+        mbar_arrive_expect_tx(bars.q_full, Q_BYTES);
         for (int box = 0; box < D_CHUNKS; ++box)
-            tma_load_4d(smem + SMEM_Q + qb * Q_BYTES + box * Q_BOX_BYTES, tm_q, q_full, box * SWIZZLE_ELEMS,
+            tma_load_4d(smem + SMEM_Q + box * Q_BOX_BYTES, tm_q, bars.q_full, box * SWIZZLE_ELEMS,
                         w.seq.q_start + w.m_start, t.head, w.map_batch);
         ++q_loads;
         for (int i = 0; i < w.n_tiles; ++i, ++kv) {
@@ -776,10 +599,8 @@ flash_fwd_sm90(const __grid_constant__ TmaDesc tm_q, const __grid_constant__ Tma
     const Barriers bars = barriers(smem + SMEM_BARS);
 
     if (threadIdx.x == 0) {
-        for (int b = 0; b < Q_BUFFERS; ++b) {
-            mbar_init(bars.q_full + 8 * b, 1);
-            mbar_init(bars.q_empty + 8 * b, CONSUMER_WARPS);
-        }
+        mbar_init(bars.q_full, 1);
+        mbar_init(bars.q_empty, CONSUMER_WARPS);
         for (int s = 0; s < STAGES; ++s) {
             mbar_init(bars.k_full + 8 * s, 1);  // the producer's expect_tx arrival; the bytes do the rest
             mbar_init(bars.v_full + 8 * s, 1);
@@ -809,9 +630,6 @@ flash_fwd_sm90(const __grid_constant__ TmaDesc tm_q, const __grid_constant__ Tma
     } else {
         // ---- consumers ----
         setmaxnreg_inc<CONSUMER_REGS>();
-        if (ACROSS_BLOCKS)
-            consume_across(&tm_o, p, smem, warpgroup - 1);
-        else
-            consume(&tm_o, p, smem, warpgroup - 1);
+        consume(&tm_o, p, smem, warpgroup - 1);
     }
 }

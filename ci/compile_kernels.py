@@ -174,8 +174,10 @@ SM90_FLAGS = [{}, {"IS_LOCAL": 1}, {"HAS_SOFTCAP": 1}, {"HAS_ALIBI": 1}]
 
 
 def sm90_variants(quick: bool):
-    """(label, kernel, defines, causal, dtype, flags) of every sm90 row: fp16 and bf16, and in bf16
-    the windows, softcap and ALiBi (the backward's rows only where they serve them)."""
+    """(label, kernel, [defines, ...], causal, dtype, flags) of every sm90 row: fp16 and bf16, and in
+    bf16 the windows, softcap and ALiBi (the backward's rows only where they serve them). The
+    forward's list is sm90.forward_variants': the call's variant, then the simpler ones a call
+    falls back to where it spills."""
     from xattn import sm90
 
     forward, backward = kernels.cuda("flash_fwd_sm90"), kernels.cuda("flash_bwd_sm90")
@@ -185,8 +187,8 @@ def sm90_variants(quick: bool):
         for dtype in HALF:
             grids = [{}, {"PERSISTENT": int(not row.persistent)}]
             for flags in (SM90_FLAGS if dtype == "bfloat16" and not quick else SM90_FLAGS[:1]) + grids[1:]:
-                defines = forward.defines(row, dtype, flags={"IS_CAUSAL": int(row.causal)} | flags)
-                yield (f"sm90 fwd D{row.head_dim} N{row.block_n}", forward, defines, row.causal, dtype, flags)
+                variants = sm90.forward_variants(row, dtype, {"IS_CAUSAL": int(row.causal)} | flags)
+                yield (f"sm90 fwd D{row.head_dim} N{row.block_n}", forward, variants, row.causal, dtype, flags)
     for row in sm90.BWD_ROWS:
         for dtype in HALF:
             served = SM90_FLAGS if dtype == "bfloat16" and row.modifiers and not quick else SM90_FLAGS[:1]
@@ -195,25 +197,33 @@ def sm90_variants(quick: bool):
                     defines = backward.defines(row, dtype, flags={"IS_CAUSAL": int(row.causal)} | flags,
                                                compute_dq=compute_dq)
                     label = f"sm90 bwd D{row.head_dim} M{row.block_m}{'' if compute_dq else ' dKdV'}"
-                    yield (label, backward, defines, row.causal, dtype, flags)
+                    yield (label, backward, [defines], row.causal, dtype, flags)
 
 
 def check_sm90(quick: bool) -> int:
     failures = 0
-    for label, kernel, defines, causal, dtype, flags in sm90_variants(quick):
+    for label, kernel, variants, causal, dtype, flags in sm90_variants(quick):
         start = time.perf_counter()
-        smem = kernel.shared_memory(defines)
-        error, r = compile_entry(kernel, defines, "sm_90a")
+        for chosen, defines in enumerate(variants):  # the first that does not spill, as a call takes it
+            smem = kernel.shared_memory(defines)
+            error, r = compile_entry(kernel, defines, "sm_90a")
+            if error is not None:
+                break
+            spill = r["spill_stores"] + r["spill_loads"] + r["stack"]
+            if not spill:
+                break
         seconds = time.perf_counter() - start
         if error is not None:
             print(f"COMPILE ERROR {label} {dtype} causal={causal} {flags}\n{error}")
             failures += 1
             continue
-        spill = r["spill_stores"] + r["spill_loads"] + r["stack"]
-        bad = spill or r["registers"] != SM90_REGISTERS or smem > SMEM_LIMIT[90]
+        # a fallback is for the modifiers' variants only: the rows' own variants must not need one
+        bad = spill or r["registers"] != SM90_REGISTERS or smem > SMEM_LIMIT[90] or (chosen and not flags)
         flag = "  <-- SPILLS/REGISTERS/SHARED MEMORY" if bad else ""
         failures += bool(bad)
-        name = label + "".join(f" {k}" if v else f" {k}=0" for k, v in flags.items())
+        fallback = {k: v for k, v in defines.items() if variants[0].get(k) != v}
+        name = (label + "".join(f" {k}" if v else f" {k}=0" for k, v in flags.items())
+                + "".join(f" ->{k}={v}" for k, v in fallback.items()))
         print(f"{name:40} {dtype:9} {causal!s:>6} {r['registers']:>4} {smem / 1024:>7.1f} {r['stack']:>5} "
               f"{spill:>5} {seconds:>5.1f}{flag}")
     return failures

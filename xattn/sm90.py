@@ -167,17 +167,28 @@ def plan(Q, K, V, O, L, *, causal, scale, window, softcap, slopes, batch=None, m
     persistent = ctas is not None or (row.persistent and seqlen_q >= row.persistent)
     flags = var.defines | {"HAS_SINKS": int(sinks),
                            "PERSISTENT": int(persistent and blocks < MAX_PERSISTENT_BLOCKS)}
-    defines = kernel.defines(row, Q.dtype, flags=flags)
-    if defines.get("PERSISTENT") and kernel.compile(defines, Q.device).local_size_bytes:
-        # The walk's few registers made ptxas spill in this variant (it did in none on NVRTC 13.5:
-        # ci/results/2026-11-30-sm90-persist/): one CTA per query block instead.
-        defines = kernel.defines(row, Q.dtype, flags=flags | {"PERSISTENT": 0})
+    variants = forward_variants(row, Q.dtype, flags)
+    defines = next((d for d in variants if not kernel.compile(d, Q.device).local_size_bytes), variants[0])
     sizes = kernels.Sizes(seqlen_q=seqlen_q, seqlen_k=seqlen_k, heads_q=heads_q, heads_k=heads_k,
                           batch=batch, resident=min(launch.multiprocessors(Q.device), ctas or 2**31))
     if defines.get("PERSISTENT"):  # the CTAs walk the batch themselves: none in gridDim.z
         block["batch"] = batch
         batch = 1
     return kernel.launch(defines, sizes, block, batch, Q.device, maps=maps)
+
+
+def forward_variants(row: Row, dtype: str, flags: dict) -> list[dict]:
+    """The defines of a call's forward kernel, then the simpler variants it falls back to, in
+    order, where it spills (local memory; plan takes the first that does not, and
+    ci/compile_kernels.py checks the same): the wait for P V right after the softmax
+    (OVERLAP_WAIT_LATE: the softmax then no longer runs under that P V, and fewer registers are
+    live; softcap and ALiBi variants of the D128 and D256 rows need it with ptxas of NVRTC 13.x),
+    one CTA per query block (the walk's registers), both."""
+    kernel = kernels.cuda("flash_fwd_sm90")
+    own = kernel.defines(row, dtype, flags=flags)
+    late = {"OVERLAP_WAIT_LATE": 1} if row.overlap else None
+    flat = kernel.defines(row, dtype, flags=flags | {"PERSISTENT": 0}) if own.get("PERSISTENT") else None
+    return [d for d in (own, late and own | late, flat, flat and late and flat | late) if d]
 
 
 # A persistent grid counts its work units in 32-bit ints, stepping by the grid's size past the last.

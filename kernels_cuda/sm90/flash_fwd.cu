@@ -85,6 +85,12 @@
 #ifndef PERSISTENT
 #define PERSISTENT 0
 #endif
+// OVERLAP_WAIT_LATE 1: the overlapped loop waits for P V right after the softmax, where ptxas hoists
+// that wait above the softmax (no overlap; as every row ran before 2026-11-30); fewer registers are
+// live, so xattn/sm90.py takes it where the default spills.
+#ifndef OVERLAP_WAIT_LATE
+#define OVERLAP_WAIT_LATE 0
+#endif
 
 #define NUM_CONSUMERS 2                          // consumer warpgroups
 #define BLOCK_M (NUM_CONSUMERS * WGMMA_M)        // query rows per CTA
@@ -367,6 +373,17 @@ __device__ __forceinline__ void attend(const ConsumerCtx& c, int tile_end, int n
     }
     for (int i = 1; i < n_tiles; ++i) {
         const int s_now = stage_of(kv + i), s_prev = stage_of(kv + i - 1);
+        // The P V of tile i - 2, issued by the last turn of this loop, is done. This wait belongs
+        // after the softmax that runs under that P V, and sits here, across the loop's back edge
+        // from it, because ptxas hoists a wgmma.wait_group to the top of its basic block: placed
+        // right after the softmax, it went above it and the softmax ran with the tensor cores idle
+        // (SASS, every row before 2026-11-30).
+#if !OVERLAP_WAIT_LATE
+        wgmma_wait<0>();
+        pin_registers(o);
+        pin_registers(p_frag);
+        if (i > 1) release(c.bars.v_empty + 8 * stage_of(kv + i - 2));
+#endif
         acc_to_a_operand<BLOCK_N>(p_frag, s);  // P of tile i - 1
         mbar_wait(c.bars.k_full + 8 * s_now, phase_of(kv + i));
         wait_v(c, i - 1, s_prev, phase_of(kv + i - 1));
@@ -380,11 +397,19 @@ __device__ __forceinline__ void attend(const ConsumerCtx& c, int tile_end, int n
         release(c.bars.k_empty + 8 * s_now);
         score_tile(s, c, tile_end - 1 - i);
         online_softmax(s, m_i, l_i, alpha, c.scale_log2);                  // under the P V wgmma
+#if OVERLAP_WAIT_LATE
         wgmma_wait<0>();
         pin_registers(o);
         pin_registers(p_frag);
         release(c.bars.v_empty + 8 * s_prev);
+#endif
     }
+#if !OVERLAP_WAIT_LATE
+    wgmma_wait<0>();  // the loop's last P V
+    pin_registers(o);
+    pin_registers(p_frag);
+    if (n_tiles > 1) release(c.bars.v_empty + 8 * stage_of(kv + n_tiles - 2));
+#endif
     if (PERSISTENT) release(c.bars.q_empty);  // the block's last S = Q K^T has completed (waited above)
     // The last tile's O += P V.
     {

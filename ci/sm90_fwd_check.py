@@ -20,7 +20,6 @@ A benchmark, not a test. Each phase prints one line per item and a summary line 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import math
 import os
 import sys
@@ -407,21 +406,19 @@ def phase_rows(args) -> int:
             out, lse = torch.empty_like(q), torch.empty(b, h, s, device="cuda")
             stream, scale = torch.cuda.current_stream().cuda_stream, 1 / math.sqrt(d)
 
-            def pinned(row, extra=None):
+            def pinned(row):
                 def run():
                     sm90.ROWS = (row,)
-                    if extra:  # the kernel's own defines plus these (an A/B of a kernel switch)
-                        kernels.KERNELS["cuda", FORWARD.entry] = dataclasses.replace(
-                            FORWARD, defines=lambda *a, **kw: FORWARD.defines(*a, **kw) | extra)
                     try:
                         sm90.forward(q, k, v, out, lse, causal=causal, scale=scale, stream=stream)
                     finally:
                         sm90.ROWS = table
-                        kernels.KERNELS["cuda", FORWARD.entry] = FORWARD
                 return run
+            row = rows["table"]
+            if row.overlap:  # the softmax under P V or not (the loop's wait after it: OVERLAP_WAIT_LATE)
+                rows["table, softmax under P V" if not row.softmax_under_pv else "table, wait late"] = \
+                    row._replace(softmax_under_pv=not row.softmax_under_pv)
             fns = {name: pinned(row) for name, row in rows.items()}
-            if rows["table"].overlap:  # the wait for P V right after the softmax, as before 2026-11-30
-                fns["table, wait late"] = pinned(rows["table"], {"OVERLAP_WAIT_LATE": 1})
             fns["cudnn"] = timers(q, k, v, causal)["cudnn"]
             got = fair_tflops(fns, tuple(fns), lambda ms: tflops(b, h, s, d, causal, ms))
             cells = " ".join(f"{name} {got[name]:.0f} ({got[name] / got['cudnn']:.2f})" for name in fns if name != "cudnn")

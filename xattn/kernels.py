@@ -272,9 +272,11 @@ def _sm90_forward_defines(row, dtype: str, *, flags: dict) -> dict:
     persistent = flags.get("PERSISTENT", row.persistent > 0) and not flags.get("IS_VARLEN")
     extra = ({k: 1 for k in ("IS_VARLEN", "HAS_SINKS") if flags.get(k)}
              | ({"PERSISTENT": 1} if persistent else {}))
+    # OVERLAP_WAIT_LATE: the rows that keep the wait after the softmax (xattn/sm90.py)
+    late = {"OVERLAP_WAIT_LATE": 1} if row.overlap and not row.softmax_under_pv else {}
     return {"ELEM_BF16": int(dtype == "bfloat16"), "HEAD_DIM": row.head_dim,
             "BLOCK_N": row.block_n, "STAGES": row.stages, "OVERLAP": row.overlap,
-            "PINGPONG": row.pingpong, **_sm90_flags(flags), **extra}
+            "PINGPONG": row.pingpong, **_sm90_flags(flags), **extra, **late}
 
 
 def _sm90_flags(flags: dict) -> dict:

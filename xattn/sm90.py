@@ -47,6 +47,8 @@ class Row(NamedTuple):
                          # CTA per query block of each sequence)
     max_seqlen: int = 0  # the longest query length the row serves (0: any); such a row comes
                          # before the row of its class that serves the longer ones
+    softmax_under_pv: bool = False  # with overlap: the loop waits for P V after the softmax, which
+                                    # then runs under it (else OVERLAP_WAIT_LATE there)
 
 
 # Smallest head dim first; a head dim runs on the first row at least as wide (the copy engine
@@ -64,12 +66,17 @@ class Row(NamedTuple):
 # D128 up to S 2048: 128-key tiles on the persistent grid, against the 176-key rows in one process
 # (ci/results/2026-11-30-session8/, bf16): +4% / +3% at S 1024 / 2048 without a causal edge, +11%
 # / +5% with one; level at S 4096, 1-2% behind at 8192.
+# softmax_under_pv: the D256 rows, against the wait placed as before in one process
+# (ci/results/2026-11-30-session8/): +4% / +9% at S 2048 / 8192 without a causal edge, -3% / +6%
+# with one; the D128 rows lost up to 6% with it (128-key short row -5% at S 2048, causal 176-key
+# row -6% at S 8192: not understood), D192 was not measured.
 ROWS = (
     Row(64, False, 128, 2, overlap=0, pingpong=0, persistent=1), Row(64, True, 128, 2, overlap=0, pingpong=0, persistent=1),
     Row(128, False, 128, 2, overlap=1, pingpong=0, persistent=1, max_seqlen=2048), Row(128, False, 176, 2),
     Row(128, True, 128, 2, persistent=1, max_seqlen=2048), Row(128, True, 176, 2, persistent=4096),
     Row(192, False, 112, 2), Row(192, True, 112, 2),
-    Row(256, False, 80, 2, overlap=1, pingpong=0), Row(256, True, 80, 2, persistent=2048),
+    Row(256, False, 80, 2, overlap=1, pingpong=0, softmax_under_pv=True),
+    Row(256, True, 80, 2, persistent=2048, softmax_under_pv=True),
 )
 
 
@@ -186,7 +193,7 @@ def forward_variants(row: Row, dtype: str, flags: dict) -> list[dict]:
     one CTA per query block (the walk's registers), both."""
     kernel = kernels.cuda("flash_fwd_sm90")
     own = kernel.defines(row, dtype, flags=flags)
-    late = {"OVERLAP_WAIT_LATE": 1} if row.overlap else None
+    late = {"OVERLAP_WAIT_LATE": 1} if row.overlap and row.softmax_under_pv else None
     flat = kernel.defines(row, dtype, flags=flags | {"PERSISTENT": 0}) if own.get("PERSISTENT") else None
     return [d for d in (own, late and own | late, flat, flat and late and flat | late) if d]
 

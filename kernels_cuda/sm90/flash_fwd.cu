@@ -86,8 +86,9 @@
 #define PERSISTENT 0
 #endif
 // OVERLAP_WAIT_LATE 1: the overlapped loop waits for P V right after the softmax, where ptxas hoists
-// that wait above the softmax (no overlap; as every row ran before 2026-11-30); fewer registers are
-// live, so xattn/sm90.py takes it where the default spills.
+// that wait above the softmax (no overlap; as every row ran before 2026-11-30), and fewer registers
+// are live: the rows whose tune chose it (xattn/sm90.py, softmax_under_pv), and variants that spill
+// without it.
 #ifndef OVERLAP_WAIT_LATE
 #define OVERLAP_WAIT_LATE 0
 #endif

@@ -15,7 +15,8 @@
 //    then O /= l_i, written through shared memory by a TMA store, and lse.
 // Overlaps (compile-time switches; each row of xattn/sm90.py sets its own, as measured):
 //  - OVERLAP (inside a warpgroup): S of tile j is issued together with P V of tile j - 1, and the
-//    softmax of tile j runs while that P V is still on the tensor cores (wgmma.wait_group 1).
+//    softmax of tile j runs while that P V is still on the tensor cores (wgmma.wait_group 1),
+//    unless OVERLAP_WAIT_LATE (below) lets ptxas wait for that P V before the softmax.
 //  - PINGPONG (between the two consumers): named barriers make them take turns issuing their
 //    GEMMs, so one's softmax runs while the other's GEMMs occupy the tensor cores.
 //

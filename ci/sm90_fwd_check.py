@@ -383,8 +383,12 @@ def phase_bench(args) -> int:
     return 0
 
 
-# rows: candidate rows against the table's, by (head dim, causal): (block_n, overlap, pingpong, persistent)
-ROW_CANDIDATES = {(64, False): [], (128, False): [], (128, True): [], (256, False): [], (256, True): []}
+# rows: the classes timed, each with candidate tiles (block_n, overlap, pingpong, persistent) beside
+# the table's row and, for an overlapped row, the same row with the other softmax placement
+ROW_CANDIDATES = {(64, False): [],
+                  (128, False): [(128, 1, 0, 1), (128, 1, 1, 1), (128, 1, 1, 0), (176, 1, 1, 0)],
+                  (128, True): [(128, 1, 0, 1), (128, 1, 1, 1), (176, 1, 1, 1)],
+                  (256, False): [], (256, True): []}
 
 
 def phase_rows(args) -> int:

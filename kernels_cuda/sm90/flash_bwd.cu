@@ -749,8 +749,8 @@ flash_bwd_sm90(const __grid_constant__ TmaDesc tm_q, const __grid_constant__ Tma
 #endif  // DQ_TMA
 #endif  // COMPUTE_DQ
         }
-        // No wgmma is in flight here; saying so lets ptxas reuse S^T's registers (ISSUE_S_EARLY
-        // issues the next step's S^T only when there is one, which its analysis does not follow).
+        // The last step's discarded S^T (ISSUE_S_EARLY) still reads this consumer's rows of sK:
+        // done before write_gradients stages dK there.
         if (ISSUE_S_EARLY) wgmma_wait<0>();
         // Shared memory stays allocated until each warp's last dQ reduce-add has read it.
         if (DQ_BY_BOX && c.t % WARP_SIZE == 0) tma_store_wait_read();

@@ -275,7 +275,7 @@ BWD_HEADER = (f"{'':29}{'backward':^38}{'forward+backward':^38}\n"
 # ------------------------------------------------------------------------------- --overhead
 
 OVERHEAD_SHAPE = (1, 8, 128, 64)  # B, H, S, D: small enough that the launch path dominates
-OVERHEAD_CALLS = 500
+OVERHEAD_CALLS = 200
 
 
 def _overhead_impls(causal: bool):
@@ -300,37 +300,56 @@ def _overhead_impls(causal: bool):
     return impls
 
 
-def _per_call_us(call, calls: int, repeats: int = 5) -> tuple[float, float]:
-    """(GPU, host) microseconds per call: the median over `repeats` runs of `calls` back-to-back
-    calls, after a warm-up (a shared host's noise moves single runs by tens of percent).
+OVERHEAD_ROUNDS = 15
+
+
+def _interleaved_us(calls: dict, per_run: int, rounds: int = OVERHEAD_ROUNDS) -> dict:
+    """name -> (GPU us, host us, us / the first name's) per call, over `rounds` rounds in which
+    every name runs `per_run` calls back to back, in an order rotated from round to round.
+    A shared host drifts by tens of percent over seconds; within one round every implementation
+    meets the same host, so the median of the per-round ratios is what is reported as the ratio,
+    beside the median absolute times.
     GPU: CUDA events around each run (launch-bound work shows the host's pace here too).
     Host: wall time to issue the calls, the final synchronization excluded; the launch queue
-    (about a thousand entries) does not fill at these counts, so the host never waits on it."""
-    import statistics
+    (about a thousand entries) does not fill at these counts, so the host never waits on it.
+    calls: name -> (context manager factory entered around each run, call)."""
     import time
 
     import torch
 
-    for _ in range(20):
-        call()
+    names = list(calls)
+    for context, call in calls.values():
+        with context():
+            for _ in range(20):
+                call()
     torch.cuda.synchronize()
-    gpu, host = [], []
-    for _ in range(repeats):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        began = time.perf_counter()
-        for _ in range(calls):
-            call()
-        host.append((time.perf_counter() - began) * 1e6 / calls)
-        end.record()
-        end.synchronize()
-        gpu.append(start.elapsed_time(end) * 1e3 / calls)
-    return statistics.median(gpu), statistics.median(host)
+    gpu = {name: [] for name in names}
+    host = {name: [] for name in names}
+    for round_ in range(rounds):
+        for name in names[round_ % len(names):] + names[:round_ % len(names)]:
+            context, call = calls[name]
+            with context():
+                start, end = (torch.cuda.Event(enable_timing=True),
+                              torch.cuda.Event(enable_timing=True))
+                torch.cuda.synchronize()
+                start.record()
+                began = time.perf_counter()
+                for _ in range(per_run):
+                    call()
+                host[name].append((time.perf_counter() - began) * 1e6 / per_run)
+                end.record()
+                end.synchronize()
+                gpu[name].append(start.elapsed_time(end) * 1e3 / per_run)
+    first = names[0]
+    return {name: (statistics.median(gpu[name]), statistics.median(host[name]),
+                   statistics.median(g / f for g, f in zip(gpu[name], gpu[first])))
+            for name in names}
 
 
 def run_overhead(args, dtype_name="float16", causal=False) -> list[dict]:
     """Microseconds per call at B=1, H=8, S=128, D=64: forward (inputs not requiring grad, the
-    inference path) and forward+backward through autograd, xattn against SDPA's backends."""
+    inference path) and forward+backward through autograd, xattn against SDPA's backends, in
+    interleaved rounds (_interleaved_us); each row's ratio is to SDPA flash's time."""
     import torch
 
     dtype = getattr(torch, dtype_name)
@@ -340,25 +359,37 @@ def run_overhead(args, dtype_name="float16", causal=False) -> list[dict]:
         q, k, v = (torch.randn(OVERHEAD_SHAPE, device="cuda", dtype=dtype, requires_grad=grad)
                    for _ in range(3))
         dout = torch.randn_like(q)
-        for name, (context, fn) in _overhead_impls(causal).items():
-            row = {"mode": mode, "impl": name, "shape": list(OVERHEAD_SHAPE), "dtype": dtype_name,
-                   "causal": causal}
+        calls, errors = {}, {}
+        impls = _overhead_impls(causal)
+        for name in ["flash"] + [n for n in impls if n != "flash"]:
+            context, fn = impls[name]
             if grad:
                 def call(fn=fn):
                     return torch.autograd.grad(fn(q, k, v), (q, k, v), dout)
             else:
                 def call(fn=fn):
                     return fn(q, k, v)
-            try:
+            try:  # a peer may not support this GPU
                 with context():
-                    row["gpu_us"], row["host_us"] = _per_call_us(call, args.overhead_calls)
-            except Exception as exc:  # a peer may not support this GPU
-                row["gpu_us"] = row["host_us"] = None
-                row["error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:80]}"
+                    call()
+                calls[name] = (context, call)
+            except Exception as exc:
+                errors[name] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:80]}"
+        times = _interleaved_us(calls, args.overhead_calls) if calls else {}
+        for name in impls:
+            row = {"mode": mode, "impl": name, "shape": list(OVERHEAD_SHAPE), "dtype": dtype_name,
+                   "causal": causal, "gpu_us": None, "host_us": None, "vs_flash": None}
+            if name in times:
+                row["gpu_us"], row["host_us"], row["vs_flash"] = times[name]
+                if "flash" not in calls:
+                    row["vs_flash"] = None
+            else:
+                row["error"] = errors[name]
             rows.append(row)
             cells = [f"{row[key]:9.1f}" if row[key] is not None else "        -"
                      for key in ("gpu_us", "host_us")]
-            print(f"{mode:17} {name:8} {cells[0]} {cells[1]}"
+            ratio = f"{row['vs_flash']:8.2f}x" if row["vs_flash"] is not None else "        -"
+            print(f"{mode:17} {name:8} {cells[0]} {cells[1]} {ratio}"
                   + (f"  ({row['error']})" if "error" in row else ""), flush=True)
     return rows
 
@@ -368,9 +399,10 @@ def _main_overhead(args, device) -> int:
 
     batch, heads, seqlen, head_dim = OVERHEAD_SHAPE
     print(f"# {device}, torch {torch.__version__}: microseconds per call, float16 B={batch} "
-          f"H={heads} S={seqlen} D={head_dim}, median of 5 runs of {args.overhead_calls} calls "
-          f"back to back")
-    print(f"{'mode':17} {'impl':8} {'GPU us':>9} {'host us':>9}")
+          f"H={heads} S={seqlen} D={head_dim}: {OVERHEAD_ROUNDS} rounds, each running every "
+          f"implementation for {args.overhead_calls} calls back to back (order rotated); medians, "
+          f"and the median of the per-round ratios of GPU time to SDPA flash's")
+    print(f"{'mode':17} {'impl':8} {'GPU us':>9} {'host us':>9} {'vs flash':>9}")
     rows = run_overhead(args)
     args.out.mkdir(parents=True, exist_ok=True)
     meta = {"device": device, "torch": torch.__version__, "python": platform.python_version()}

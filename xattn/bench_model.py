@@ -14,8 +14,11 @@ Measured for each implementation, each on its own copy of the weights:
             compiles with torch.compile(mode="reduce-overhead") (CUDA graphs) on a GPU
   train     one step on 2 x 4096 tokens (forward, cross-entropy loss, backward, AdamW): ms and
             peak allocated memory
+Both models live side by side and every measurement runs in --model-reps rounds, each timing
+xattn and sdpa once (order rotated); times are medians, and a speed ratio is the median of the
+per-round ratios, so that the host's drift between minutes cancels.
 Ratios are xattn / sdpa in speed (above 1: xattn is faster) and in peak memory (below 1: xattn
-needs less). The JSON also holds how far xattn's prefill logits are from sdpa's and the share of
+needs less; a step's peak as a process holding only that model would see it). The JSON also holds how far xattn's prefill logits are from sdpa's and the share of
 generated tokens on which the two agree (bfloat16 rounding can flip a near-tie greedy choice).
 A benchmark, not a test: it prints a table and writes bench_model.json and (with matplotlib)
 bench_model.png.
@@ -108,57 +111,88 @@ def prompts(size: ModelSize, device):
     return ids, mask
 
 
-def _seconds(fn, reps: int, device) -> float:
-    """Median wall seconds of fn() over `reps` runs after one warm-up, the device synchronized
-    around each run (generate() and a training step are host-driven loops; wall time is what a
-    user waits)."""
+def _interleaved_seconds(fns: dict, reps: int, device) -> tuple[dict, float | None]:
+    """name -> median wall seconds of fns[name]() over `reps` rounds after one warm-up each; in
+    each round every name runs once, in an order rotated from round to round. Also the median
+    over rounds of the ratio of the second name's time to the first's (both met the same host
+    in a round: a shared host's pace drifts by tens of percent between minutes, which moved
+    whole-model ratios by a third when each implementation was timed in its own minutes).
+    The device is synchronized around each run (generate() and a training step are host-driven
+    loops; wall time is what a user waits)."""
     import torch
 
     def sync():
         if device.type == "cuda":
             torch.cuda.synchronize(device)
 
-    fn()
-    times = []
-    for _ in range(reps):
-        sync()
-        began = time.perf_counter()
-        fn()
-        sync()
-        times.append(time.perf_counter() - began)
-    return statistics.median(times)
+    names = list(fns)
+    for name in names:
+        fns[name]()
+    times = {name: [] for name in names}
+    for round_ in range(reps):
+        for name in names[round_ % len(names):] + names[:round_ % len(names)]:
+            sync()
+            began = time.perf_counter()
+            fns[name]()
+            sync()
+            times[name].append(time.perf_counter() - began)
+    ratio = (statistics.median(b / a for a, b in zip(times[names[0]], times[names[1]]))
+             if len(names) == 2 else None)
+    return {name: statistics.median(t) for name, t in times.items()}, ratio
 
 
 def _error(exc: Exception) -> str:
     return f"{type(exc).__name__}: {str(exc).splitlines()[0][:120] if str(exc) else ''}"
 
 
-def measure(model, size: ModelSize, device, reps: int) -> dict:
-    """Every measurement of one implementation; a failing one records its error and the rest
-    still run."""
+def measure(models: dict, size: ModelSize, device, reps: int) -> dict:
+    """Every measurement of every implementation (name -> its model), timed in interleaved rounds
+    (_interleaved_seconds). Returns name -> results, and "ratios": key -> the per-round ratio
+    of xattn's speed to sdpa's. A measurement that fails for one implementation records its
+    error there and is timed for the others alone; the rest still run."""
     import torch
 
-    result: dict = {}
+    results: dict = {name: {} for name in models}
+    results["ratios"] = {}
     compiled = device.type == "cuda"  # transformers compiles static-cache decoding on GPUs only
 
-    def attempt(name, fn):
+    def timed(key, make, scale=1.0, higher_is_better=False):
+        """Time make(name, model)'s function for every model; store scale / seconds for rates
+        (higher_is_better) or scale * seconds for times."""
+        fns = {}
+        for name, model in models.items():
+            try:
+                fns[name] = make(name, model)
+            except Exception as exc:  # report, keep measuring the others
+                results[name][f"{key}_error"] = _error(exc)
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
+        if not fns:
+            return
         try:
-            fn()
-        except Exception as exc:  # report, keep measuring the others
-            result[f"{name}_error"] = _error(exc)
-            if device.type == "cuda":
-                torch.cuda.empty_cache()
+            seconds, sdpa_over_xattn = _interleaved_seconds(fns, reps, device)
+        except Exception as exc:  # a later run failed: no timing of this key for anyone
+            for name in fns:
+                results[name][f"{key}_error"] = _error(exc)
+            return
+        for name, value in seconds.items():
+            results[name][key] = scale / value if higher_is_better else scale * value
+        if sdpa_over_xattn is not None and list(fns) == list(IMPLEMENTATIONS):
+            results["ratios"][key] = sdpa_over_xattn  # xattn's speed over sdpa's
 
     batch, tokens = size.prefill
     prefill_ids = _random_ids(batch, tokens, size.vocab, 2, device)
 
-    def prefill():
+    def prefill(name, model):
         with torch.no_grad():
-            result["prefill_ms"] = 1e3 * _seconds(lambda: model(prefill_ids, use_cache=False),
-                                                  reps, device)
-            result["prefill_logits"] = model(prefill_ids[:1], use_cache=False).logits.float()
+            results[name]["prefill_logits"] = model(prefill_ids[:1], use_cache=False).logits.float()
 
-    attempt("prefill", prefill)
+        def run():
+            with torch.no_grad():
+                model(prefill_ids, use_cache=False)
+        return run
+
+    timed("prefill_ms", prefill, scale=1e3)
 
     ids, mask = prompts(size, device)
     generated = len(size.prompts) * size.new_tokens
@@ -167,44 +201,58 @@ def measure(model, size: ModelSize, device, reps: int) -> dict:
     for label, extra in (("dynamic", {}),
                          ("static", dict(cache_implementation="static",
                                          disable_compile=not compiled))):
-        def generate(label=label, extra=extra):
-            with torch.no_grad():
-                seconds = _seconds(lambda: model.generate(ids, **options, **extra), reps, device)
-                result[f"generate_{label}_tokens_per_s"] = generated / seconds
-                result[f"generate_{label}_tokens"] = model.generate(ids, **options, **extra)
+        def generate(name, model, label=label, extra=extra):
+            with torch.no_grad():  # the tokens, and the first call's compile, out of the timing
+                results[name][f"generate_{label}_tokens"] = model.generate(ids, **options, **extra)
 
-        attempt(f"generate_{label}", generate)
-    result["static_compiled"] = compiled
+            def run():
+                with torch.no_grad():
+                    model.generate(ids, **options, **extra)
+            return run
+
+        timed(f"generate_{label}_tokens_per_s", generate, scale=generated, higher_is_better=True)
+    for name in models:
+        results[name]["static_compiled"] = compiled
 
     batch, tokens = size.train
     train_ids = _random_ids(batch, tokens, size.vocab, 3, device)
+    optimizers = {}
 
-    def train():
+    def train(name, model):
         model.train()
-        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5)
+        optimizer = optimizers[name] = torch.optim.AdamW(model.parameters(), lr=1e-5)
 
         def step():
+            # Peak memory of a step as a process holding only this model would see it: what the
+            # step allocates beyond what was there before it, plus this model's weights and
+            # optimizer state (the other model's stay out of it).
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(device)
+                before = torch.cuda.memory_allocated(device)
             loss = model(train_ids, labels=train_ids, use_cache=False).loss
             loss.backward()
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
+            if device.type == "cuda":
+                own = sum(t.nbytes for t in model.parameters())
+                own += sum(t.nbytes for state in optimizer.state.values() for t in state.values()
+                           if isinstance(t, torch.Tensor))
+                peak = torch.cuda.max_memory_allocated(device) - before + own
+                results[name]["train_peak_gib"] = max(results[name].get("train_peak_gib", 0),
+                                                      peak / 2**30)
 
-        try:
-            step()  # the optimizer's state exists from here on, as in a real run
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-                torch.cuda.reset_peak_memory_stats(device)
-            result["train_step_ms"] = 1e3 * _seconds(step, reps, device)
-            if device.type == "cuda":
-                result["train_peak_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
-        finally:
+        step()  # the optimizer's state exists from here on, as in a real run
+        return step
+
+    try:
+        timed("train_step_ms", train, scale=1e3)
+    finally:
+        optimizers.clear()
+        for model in models.values():
             model.eval()
-            del optimizer
             for parameter in model.parameters():
                 parameter.grad = None
-
-    attempt("train", train)
-    return result
+    return results
 
 
 # (label, key, unit, True when more is better)
@@ -218,7 +266,10 @@ METRICS = [
 
 
 def ratio(key: str, higher_is_better: bool, results: dict) -> float | None:
-    """xattn / sdpa: of speed for times and rates, of bytes for memory."""
+    """xattn / sdpa: of speed for times and rates (the median of the per-round ratios where
+    measure() timed both), of bytes for memory."""
+    if key in results.get("ratios", {}):
+        return results["ratios"][key]
     mine, theirs = results["xattn"].get(key), results["sdpa"].get(key)
     if not mine or not theirs:
         return None
@@ -234,7 +285,7 @@ def table(size: ModelSize, results: dict, compiled: bool) -> list[dict]:
             "metric": label.format(prefill="x".join(map(str, size.prefill)),
                                    train="x".join(map(str, size.train)),
                                    compiled=" + torch.compile" if compiled else ""),
-            "key": key, "unit": unit, **{name: results[name].get(key) for name in results},
+            "key": key, "unit": unit, **{name: results[name].get(key) for name in IMPLEMENTATIONS},
             "ratio": ratio(key, higher, results)})
     return rows
 
@@ -285,15 +336,16 @@ def main(args) -> int:
     print(f"# {name}, torch {torch.__version__}, transformers {transformers.__version__}: "
           f"Llama-style model of {parameters:.3g} parameters ({size.layers} layers, hidden "
           f"{size.hidden}, GQA {size.heads}/{size.kv_heads}), {size.dtype}, random weights")
-    results = {}
+    models = {}
     for implementation in IMPLEMENTATIONS:
         model = copy.deepcopy(base) if implementation != IMPLEMENTATIONS[-1] else base
         model.set_attn_implementation(implementation)
-        results[implementation] = measure(model, size, device, args.model_reps)
-        del model
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
+        models[implementation] = model
     del base
+    results = measure(models, size, device, args.model_reps)
+    del models
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
 
     compiled = results["xattn"]["static_compiled"]
     rows = table(size, results, compiled)

@@ -69,12 +69,15 @@ class Row(NamedTuple):
 # softmax_under_pv: the D256 rows, against the wait placed as before in one process
 # (ci/results/2026-11-30-session8/): +4% / +9% at S 2048 / 8192 without a causal edge, -3% / +6%
 # with one; the D128 rows lost up to 6% with it (128-key short row -5% at S 2048, causal 176-key
-# row -6% at S 8192: not understood), D192 was not measured.
+# row -6% at S 8192: not understood). Session 9 (ci/results/2026-12-01-session9/, call 1, same
+# rotated rounds): D192 +4% / +1% at S 2048 / 8192 without a causal edge, +1% / +1% with one; D64
+# with a causal edge, overlapped with the softmax under P V against the plain row, +6% / +8% (0.93
+# / 1.00 of cuDNN), while without one every overlapped D64 candidate lost 2-6%.
 ROWS = (
-    Row(64, False, 128, 2, overlap=0, pingpong=0, persistent=1), Row(64, True, 128, 2, overlap=0, pingpong=0, persistent=1),
+    Row(64, False, 128, 2, overlap=0, pingpong=0, persistent=1), Row(64, True, 128, 2, overlap=1, pingpong=0, persistent=1, softmax_under_pv=True),
     Row(128, False, 128, 2, overlap=1, pingpong=0, persistent=1, max_seqlen=2048), Row(128, False, 176, 2),
     Row(128, True, 128, 2, persistent=1, max_seqlen=2048), Row(128, True, 176, 2, persistent=4096),
-    Row(192, False, 112, 2), Row(192, True, 112, 2),
+    Row(192, False, 112, 2, softmax_under_pv=True), Row(192, True, 112, 2, softmax_under_pv=True),
     Row(256, False, 80, 2, overlap=1, pingpong=0, softmax_under_pv=True),
     Row(256, True, 80, 2, persistent=2048, softmax_under_pv=True),
 )

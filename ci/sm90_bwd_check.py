@@ -335,7 +335,7 @@ def timers(q, k, v, dout, causal):
              # dK and dV by sm90 without dQ (COMPUTE_DQ = 0), dQ by flash_bwd_dq.cu
              "sm90-deterministic": ours(True, deterministic=True),
              "mma.sync-deterministic": ours(False, deterministic=True)}
-    if d in (128, 256):  # the other dQ path
+    if d in (64, 128, 256):  # the other dQ path
         other = tuple(r._replace(dq_tma=not r.dq_tma) for r in sm90.BWD_ROWS)
         timed["sm90-other-dq"] = pinned(rows=other)
     if d in (64, 128):  # S^T issued early where the row does not (flash_bwd.cu's EARLY_SCORES), and late where it does

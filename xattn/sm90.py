@@ -228,8 +228,12 @@ class BwdRow(NamedTuple):
 # dQ: the TMA reduce-add (dq_tma=True) at D128, which passed the checks and sanitizers (round 3 of
 # ci/results/2026-11-30-sm90-bwd/) and was timed at 475-504 TFLOP/s against 409-426 with
 # red.global (ci/results/2026-11-30-h200-round2/sm90_bwd_dq.log, bf16 S4096/8192); after the switch
-# sm90_bwd_check's quick check passed 72/72 on it. At D64 the device's NVRTC 13.0 spilled 8 bytes
-# with it (D64 causal: 4 bytes with NVRTC 13.5), so D64 keeps red.global. Head dims 129-256 take
+# sm90_bwd_check's quick check passed 72/72 on it. At D64 it compiles without spills since the
+# early S^T (NVRTC 13.0, the device's, run here on the CPU: every dtype, with and without dQ), except
+# with a causal edge (8 bytes spilled and reloaded inside the step), so the causal D64 row keeps
+# red.global. Measured in one process (ci/results/2026-12-01-session9/, call 2, bf16, S 4096/8192):
+# non-causal 427/435 TFLOP/s against 370/379 with red.global (+15%, 1.00/0.94 of cuDNN); the
+# causal row would gain 11-14% (374/411 against 338/362) if its spill were gone. Head dims 129-256 take
 # the D256 row: its consumers share 64 keys a CTA and split the head dim (flash_bwd.cu, "Head dims
 # above 128"); with sK, sV and two Q/dO stages it uses 226 KB of shared memory, so dQ takes
 # red.global. D129-192 pad to 256 columns there (a D192 row would split three boxes unevenly).
@@ -237,7 +241,7 @@ class BwdRow(NamedTuple):
 # S 4096/8192, both variants in one process: ci/results/2026-11-30-session8/): its dQ goes through
 # shared memory, which the early S^T (both operands there) then competes for; D64's does not.
 BWD_ROWS = (
-    BwdRow(64, False, 128, 2, modifiers=False, dq_tma=False),
+    BwdRow(64, False, 128, 2, modifiers=False, dq_tma=True),
     BwdRow(64, True, 128, 2, modifiers=False, dq_tma=False),
     BwdRow(128, False, 64, 2, modifiers=True, dq_tma=True, early_scores=False),
     BwdRow(128, True, 64, 2, modifiers=True, dq_tma=True, early_scores=False),

@@ -387,13 +387,15 @@ def phase_bench(args) -> int:
 # the table's row and, for an overlapped row, the same row with the other softmax placement
 # (block_n, overlap, pingpong, persistent from S 1, softmax under P V)
 ROW_CANDIDATES = {(64, False): [(128, 1, 0, 1, True), (128, 1, 1, 1, True), (192, 1, 0, 1, True),
-                                (176, 1, 0, 1, True)],
+                                (176, 1, 0, 1, True), (192, 0, 0, 1, False), (160, 0, 0, 1, False)],
                   (64, True): [(128, 1, 0, 1, True), (128, 1, 1, 1, True), (192, 1, 0, 1, True)],
                   (128, False): [(128, 1, 0, 1, False), (128, 1, 1, 1, False), (128, 1, 1, 0, False),
-                                 (176, 1, 1, 0, False)],
-                  (128, True): [(128, 1, 0, 1, False), (128, 1, 1, 1, False), (176, 1, 1, 1, False)],
+                                 (176, 1, 1, 0, False), (128, 1, 1, 1, True), (128, 0, 0, 1, False),
+                                 (192, 1, 0, 1, False), (192, 1, 1, 1, False)],
+                  (128, True): [(128, 1, 0, 1, False), (128, 1, 1, 1, False), (176, 1, 1, 1, False),
+                                (128, 1, 1, 1, True)],
                   (192, False): [], (192, True): [],
-                  (256, False): [], (256, True): []}
+                  (256, False): [(80, 1, 1, 1, True)], (256, True): [(80, 1, 1, 1, True)]}
 
 
 def phase_rows(args) -> int:

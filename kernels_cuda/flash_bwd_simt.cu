@@ -56,7 +56,7 @@
 
 static_assert(HEAD_DIM % WARP_SIZE == 0, "each lane owns whole head-dim columns");
 
-#include "simt_tile.h"
+#include "../kernels_common/simt_tile.h"
 
 // ---- shared-memory layout (floats; xattn/kernels.py computes the same sizes) -------------------
 // flash_bwd_simt_dq:   sQ [BLOCK_ROWS][HEAD_DIM] | sdO [BLOCK_ROWS][HEAD_DIM] |
@@ -174,7 +174,7 @@ flash_bwd_simt_dq(AttnParams p) {
             sdS_warp[r * TILE + lane] = softmax_backward(s[r], dp[r], warp_row_start + r, n_start + lane, mods,
                                                          row_lse2[r], row_delta[r], scale_log2).y;
         }
-        warp_sync();  // every lane's dS visible to the whole warp
+        wave_barrier();  // every lane's dS visible to the whole warp
 
         // dQ += dS K: this lane's head-dim columns.
         for (int n = 0; n < TILE; ++n) {
@@ -287,7 +287,7 @@ flash_bwd_simt_dkdv(AttnParams p) {
                 sPdS_warp[r * TILE + lane] = softmax_backward(s[r], dp[r], query, warp_key_start + r, mods,
                                                               query_lse2, query_delta, scale_log2);
             }
-            warp_sync();  // every lane's P and dS visible to the whole warp
+            wave_barrier();  // every lane's P and dS visible to the whole warp
 
             // dV += P^T dO, dK += dS^T Q: this lane's head-dim columns (scale applied at the end).
             for (int n = 0; n < TILE; ++n) {

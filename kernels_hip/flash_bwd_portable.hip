@@ -77,7 +77,7 @@ __device__ __forceinline__ void load_rows(float* smem, const elem_t* gmem, i64 r
     for (int e = tid; e < rows * HEAD_DIM; e += NUM_THREADS) {
         const int row = e / HEAD_DIM, col = e % HEAD_DIM;
         const bool valid = row < valid_rows && col < head_dim;
-        smem[row * STRIDE + col] = valid ? elem_to_float(gmem[row * row_stride + col]) : 0.f;
+        smem[row * STRIDE + col] = valid ? to_float(gmem[row * row_stride + col]) : 0.f;
     }
 }
 
@@ -105,7 +105,7 @@ __device__ __forceinline__ void store_row(elem_t* gmem, const float (&acc)[D_PER
 #pragma unroll
     for (int i = 0; i < D_PER_LANE; ++i) {
         const int col = lane + i * WAVE_SIZE;
-        if (col < head_dim) gmem[col] = float_to_elem(acc[i] * scale);
+        if (col < head_dim) gmem[col] = from_float(acc[i] * scale);
     }
 }
 

@@ -139,20 +139,27 @@ def _dq_smem(d: dict) -> int:
     return (2 * d["BLOCK_M"] + 4 * d["BLOCK_N"]) * (d["HEAD_DIM"] + CHUNK) * 2
 
 
-# ---- CUDA: the CUDA-core float32 kernels (simt_tile.h) ----------------------------------------------
+# ---- CUDA: the CUDA-core float32 kernels (kernels_common/simt_tile.h) -------------------------------
 
 WARP = 32  # CUDA's warp size: the CUDA-core kernels stream tiles of one key (or query) per lane
 
 
 def _f32_forward_defines(cfg, dtype: str, *, causal: bool, vec: bool = False) -> dict:
-    return {"HEAD_DIM": cfg.head_dim, "NUM_WARPS": cfg.warps, "IS_CAUSAL": int(causal),
-            "MIN_BLOCKS": cfg.min_blocks, "ELEM_F32": 1, "ROWS_PER_WARP": cfg.block_m // cfg.warps}
+    """kernels_common/flash_fwd_simt.h entered by flash_fwd_f32.cu: a wave is a warp."""
+    return {"HEAD_DIM": cfg.head_dim, "NUM_WAVES": cfg.warps, "IS_CAUSAL": int(causal),
+            "MIN_BLOCKS": cfg.min_blocks, "ELEM_F32": 1, "BLOCK_M": cfg.block_m,
+            "BLOCK_N": cfg.block_n}
 
 
-def _f32_forward_smem(d: dict) -> int:
-    """flash_fwd_f32.cu: Q, K (odd stride), V and P, floats; BLOCK_N is the warp size."""
-    m, hd = d["NUM_WARPS"] * d["ROWS_PER_WARP"], d["HEAD_DIM"]
-    return (m * hd + WARP * (hd + 1) + WARP * hd + m * WARP) * 4
+def _simt_forward_smem(wave_size: Callable[[dict], int]):
+    """kernels_common/flash_fwd_simt.h: sQ (odd stride with more than one row group), sK (odd
+    stride), sV, sP, and sRow with more than one row group; floats."""
+    def smem(d: dict) -> int:
+        hd, m, n = d["HEAD_DIM"], d["BLOCK_M"], d["BLOCK_N"]
+        groups = wave_size(d) // n
+        q_stride, row_floats = (hd, 0) if groups == 1 else (hd + 1, m)
+        return (m * q_stride + n * (hd + 1) + n * hd + m * n + row_floats) * 4
+    return smem
 
 
 def _simt_defines(cfg, dtype: str, *, causal: bool, vec: bool = False) -> dict:
@@ -411,7 +418,7 @@ def _hip_portable_defines(cfg, dtype: str, *, causal: bool, vec: bool = False) -
 
 
 def _hip_portable_smem(d: dict) -> int:
-    """float32: sQ, sK (odd strides), sV, sP, sRow."""
+    """flash_decode_portable.hip, float32: sQ, sK (odd strides), sV, sP, sRow."""
     hd, m, n = d["HEAD_DIM"], d["BLOCK_M"], d["BLOCK_N"]
     return (m * (hd + 1) + n * (hd + 1) + n * hd + m * n + m) * 4
 
@@ -477,8 +484,9 @@ _ALL = (
           _keys_grid(lambda d: d["BLOCK_N"])),
     _cuda("flash_bwd_dq", "flash_bwd_dq.cu", _ATTN, _tensor_core_defines, _dq_smem, _warps,
           _queries_grid("BLOCK_M")),
-    _cuda("flash_fwd_f32", "flash_fwd_f32.cu", _ATTN, _f32_forward_defines, _f32_forward_smem,
-          _warps, lambda d, s: (_ceil(s.seqlen_q, _simt_rows(d)), s.heads_q)),
+    _cuda("flash_fwd_f32", "flash_fwd_f32.cu", _ATTN, _f32_forward_defines,
+          _simt_forward_smem(lambda d: WARP), lambda d: d["NUM_WAVES"] * WARP,
+          _queries_grid("BLOCK_M")),
     _cuda("flash_bwd_simt_dq", "flash_bwd_simt.cu", _ATTN, _simt_defines, _simt_smem(1), _warps,
           lambda d, s: (_ceil(s.seqlen_q, _simt_rows(d)), s.heads_q)),
     _cuda("flash_bwd_simt_dkdv", "flash_bwd_simt.cu", _ATTN, _simt_defines, _simt_smem(2), _warps,
@@ -504,7 +512,7 @@ _ALL = (
     _hip("flash_fwd_wmma", "flash_fwd_mfma.hip", _ATTN, _hip_matrix_defines("BLOCK_N"),
          _hip_fwd_smem, lambda d, s: (_ceil(s.seqlen_q, _matrix_block_m(d)), s.heads_q)),
     _hip("flash_fwd_portable", "flash_fwd_portable.hip", _ATTN, _hip_portable_defines,
-         _hip_portable_smem, _queries_grid("BLOCK_M")),
+         _simt_forward_smem(lambda d: d["WAVE_SIZE"]), _queries_grid("BLOCK_M")),
     _hip("flash_bwd_preprocess", "flash_bwd_prep.hip", _ATTN, _hip_prep_defines, _none,
          _queries_grid("BLOCK_M")),
     _hip("flash_bwd_mfma_dkdv", "flash_bwd_mfma_dkdv.hip", _ATTN, _hip_matrix_defines("BLOCK_M"),

@@ -1,6 +1,9 @@
 """float32 on NVIDIA: the CUDA-core kernels (flash_fwd_f32.cu, flash_bwd_simt.cu) against the
 portable HIP kernels compiled by NVRTC (the test hook xattn.hip.on_cuda, RDNA's wave32 rows), side
 by side, to decide which one body stays (issue 12: one portable float32 path, the faster kept).
+Both pairs are one body now (kernels_common/flash_fwd_simt.h, flash_bwd_simt.h): what still
+differs is the platform (hip_on_cuda's exp2f against ex2.approx, no MIN_BLOCKS) and RDNA's tiles
+(row groups: the forward at D128 and D256, the backward's step of 16 keys or queries).
 
     PYTHONPATH=. python ci/f32_paths.py
 

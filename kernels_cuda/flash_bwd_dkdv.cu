@@ -394,7 +394,7 @@ flash_bwd_dkdv(AttnParams p) {
         }
     // The rows are complete once every warp of the key group has staged its columns.
     if (DKV_WARPS_D > 1) __syncthreads();
-    else warp_sync();
+    else wave_barrier();
     constexpr int OUT_ROWS = WARP_N / DKV_WARPS_D;  // rows this warp copies out
     const int out_row0 = d_slice * OUT_ROWS, out_key_start = warp_key_start + out_row0;
     dk += batch * dk_batch_stride + kv_head * dk_head_stride + (i64)(seq.k_start + out_key_start) * dk_row_stride;

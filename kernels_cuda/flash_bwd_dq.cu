@@ -157,7 +157,7 @@ flash_bwd_dq(AttnParams p) {
     for (int mt = 0; mt < M_TILES; ++mt)
 #pragma unroll
         for (int dt = 0; dt < D_TILES; ++dt) store_c_fragment<SMEM_STRIDE>(sdQ, mt * 16, dt * 8, acc_dq[mt][dt], grad_scale, lane);
-    warp_sync();
+    wave_barrier();
     dq += batch * dq_batch_stride + head * dq_head_stride + (i64)(seq.q_start + warp_row_start) * dq_row_stride;
     store_rows<WARP_M>(dq, dq_row_stride, sdQ, seqlen_q - warp_row_start, head_dim, lane);
 }

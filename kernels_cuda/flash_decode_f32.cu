@@ -13,7 +13,7 @@
 static_assert(WARP_N == WARP_SIZE, "float32: lane = key");
 static_assert(BLOCK_M <= WARP_SIZE, "float32: rows are registers of every lane");
 
-#include "simt_tile.h"
+#include "../kernels_common/simt_tile.h"
 
 // ---- one warp's step on CUDA cores (float32) --------------------------------------------------
 // Lane l computes the scores of key n0 + l against every row; for P V it owns head-dim columns
@@ -46,7 +46,7 @@ __device__ __forceinline__ void warp_step(WarpState& st, const float* sQ, const 
         float s2 = score_log2(s[r], factor, p);
         if (needs_mask && (key < row_lo[r] || key >= min(row_hi[r], key_end))) s2 = NEG_INF;
         float offset;
-        const float alpha = update_max(st.row_max[r], warp_max(s2), offset);
+        const float alpha = update_max(st.row_max[r], group_max(s2), offset);
         s[r] = fast_exp2(s2 - offset);  // P
         st.row_sum[r] = st.row_sum[r] * alpha + s[r];
 #pragma unroll
@@ -149,7 +149,7 @@ flash_decode_f32(const __grid_constant__ DecodeParams p) {
     __syncthreads();  // no copy is in flight and no warp reads its ring any more: it becomes scratch
 #pragma unroll
     for (int r = 0; r < BLOCK_M; ++r) {
-        const float l = warp_sum(st.row_sum[r]);
+        const float l = group_sum(st.row_sum[r]);
         if (lane == 0) {
             sM[warp * BLOCK_M + r] = st.row_max[r];
             sL[warp * BLOCK_M + r] = l;

@@ -16,7 +16,7 @@
 #include "../kernels_common/attention_common.h"
 
 #define NUM_THREADS (MERGE_WARPS * WARP_SIZE)
-#include "simt_tile.h"
+#include "../kernels_common/simt_tile.h"
 
 #define LN_2 0.6931471805599453f
 
@@ -34,11 +34,11 @@ flash_decode_merge(const __grid_constant__ DecodeParams p) {
 
     float m = sink2;
     for (int s = lane; s < num_splits; s += WARP_SIZE) m = fmaxf(m, lp[s]);
-    m = warp_max(m);
+    m = group_max(m);
     float sum = 0.f;
     for (int s = lane; s < num_splits; s += WARP_SIZE)
         if (lp[s] != NEG_INF) sum += fast_exp2(lp[s] - m);  // a NaN LSE_s makes the sum NaN
-    sum = warp_sum(sum);
+    sum = group_sum(sum);
     if (sink2 != NEG_INF) sum += fast_exp2(sink2 - m);     // the sink: weight, no value
     const float lse2 = sum != 0.f ? m + __log2f(sum) : NEG_INF;
 

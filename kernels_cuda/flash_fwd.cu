@@ -189,7 +189,7 @@ __device__ __forceinline__ void write_output(float (&acc_o)[M_TILES][D_TILES][4]
             if (lane % 4 == 0 && row_start + row < seqlen_q)
                 lse[row_start + row] = row_lse;
         }
-    warp_sync();  // the warp's rows of sO are complete before its lanes read them back
+    wave_barrier();  // the warp's rows of sO are complete before its lanes read them back
 
     store_rows<WARP_M>(o + (i64)row_start * o_row_stride, o_row_stride, sO, seqlen_q - row_start,
                        head_dim, lane);

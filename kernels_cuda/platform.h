@@ -11,6 +11,8 @@ typedef long long i64;
 
 #define WARP_SIZE 32
 #define FULL_MASK 0xffffffffu
+// The kernels both vendors compile (kernels_common/) say wave, AMD's word: on NVIDIA, a warp.
+#define WAVE_SIZE WARP_SIZE
 
 // ---- element type ------------------------------------------------------------------------
 // ELEM_BF16 = 1 selects bfloat16, 0 selects float16. Both are stored as raw 16-bit words.
@@ -69,13 +71,15 @@ __device__ __forceinline__ float fast_tanh(float y) {
     return 1.f - __fdividef(2.f, 1.f + fast_exp2(y * 2.8853900817779268f));  // 2 * log2(e)
 }
 
-__device__ __forceinline__ float shfl_xor(float x, int lane_mask) {
-    return __shfl_xor_sync(FULL_MASK, x, lane_mask);
+// Butterfly exchange inside groups of `width` lanes (width a power of two, <= WARP_SIZE).
+__device__ __forceinline__ float shfl_xor(float x, int lane_mask, int width = WARP_SIZE) {
+    return __shfl_xor_sync(FULL_MASK, x, lane_mask, width);
 }
 
 __device__ __forceinline__ bool warp_any(bool p) { return __any_sync(FULL_MASK, p); }
 
-__device__ __forceinline__ void warp_sync() { __syncwarp(); }
+// A barrier among the lanes of one warp that also orders their shared-memory accesses.
+__device__ __forceinline__ void wave_barrier() { __syncwarp(); }
 
 // p[0] += a, p[1] += b in global memory, without a return value. Hopper adds both in one
 // instruction (p must be 8-byte aligned); older GPUs take two.

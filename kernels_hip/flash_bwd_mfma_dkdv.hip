@@ -39,7 +39,7 @@
 
 #include "matrix_tile.h"
 #include "../kernels_common/attention_common.h"
-#include "backward.h"
+#include "../kernels_common/backward.h"
 
 #define BLOCK_N (NUM_WAVES * MATRIX_N)
 #define Q_BLOCKS (BLOCK_M / MATRIX_M)     // MATRIX_M-query blocks of S and dP

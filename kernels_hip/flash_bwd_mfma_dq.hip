@@ -28,7 +28,7 @@
 
 #include "matrix_tile.h"
 #include "../kernels_common/attention_common.h"
-#include "backward.h"
+#include "../kernels_common/backward.h"
 
 #define BLOCK_M (NUM_WAVES * MATRIX_N)
 #define KEY_BLOCKS (BLOCK_N / MATRIX_M)   // MATRIX_M-key blocks of S^T and dP^T

@@ -32,7 +32,7 @@ flash_bwd_preprocess(const AttnParams p) {
     for (int row = blockIdx.x * BLOCK_M + group; row < min(seqlen_q, (blockIdx.x + 1) * BLOCK_M); row += ROW_GROUPS) {
         float sum = 0.f;
         for (int d = lane; d < head_dim; d += ROW_LANES)
-            sum = fmaf(elem_to_float(o[row * o_row_stride + d]), elem_to_float(dout[row * dout_row_stride + d]), sum);
+            sum = fmaf(to_float(o[row * o_row_stride + d]), to_float(dout[row * dout_row_stride + d]), sum);
 #pragma unroll
         for (int lane_mask = ROW_LANES / 2; lane_mask > 0; lane_mask /= 2) sum += shfl_xor(sum, lane_mask, ROW_LANES);
         if (lane == 0) delta[row] = sum;

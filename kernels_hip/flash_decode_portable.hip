@@ -100,7 +100,7 @@ __device__ __forceinline__ cache_t float_to_cache(float x, float scale) {
 }
 #else
 typedef elem_t cache_t;
-__device__ __forceinline__ float cache_to_float(cache_t x) { return elem_to_float(x); }
+__device__ __forceinline__ float cache_to_float(cache_t x) { return to_float(x); }
 #endif
 
 // The cache's scale for kv head `kv_head` (KV_FP8; 1 otherwise): per tensor (stride 0) or per head.
@@ -175,7 +175,7 @@ __device__ __forceinline__ void load_q_rows(float* sQ, const elem_t* q, i64 q_he
         const int row = e / HEAD_DIM, col = e % HEAD_DIM, r = m_start + row;
         const bool valid = r < rows && col < head_dim;
         sQ[row * QK_STRIDE + col] =
-            valid ? elem_to_float(q[(r / seqlen_q) * q_head_stride + (r % seqlen_q) * q_row_stride + col]) : 0.f;
+            valid ? to_float(q[(r / seqlen_q) * q_head_stride + (r % seqlen_q) * q_row_stride + col]) : 0.f;
     }
 }
 
@@ -342,7 +342,7 @@ flash_decode_portable(const DecodeParams p) {
 #pragma unroll
             for (int i = 0; i < D_PER_LANE; ++i) {
                 const int col = lane + i * WAVE_SIZE;
-                if (col < head_dim) dst[col] = float_to_elem(acc_o[row_in_wave][i] * inv_l);
+                if (col < head_dim) dst[col] = from_float(acc_o[row_in_wave][i] * inv_l);
             }
         } else {
             float* dst = o_part + ((((i64)batch * heads_q + head) * seqlen_q + token) * num_splits + split) * HEAD_DIM;
@@ -388,7 +388,7 @@ flash_decode_merge_portable(const DecodeParams p) {
         float acc = 0.f;
         for (int s = 0; s < num_splits; ++s)
             if (lp[s] != NEG_INF) acc += fast_exp2(lp[s] - lse2) * op[(i64)s * HEAD_DIM + col];
-        o[col] = float_to_elem(acc);
+        o[col] = from_float(acc);
     }
     if (lane == 0 && lse != nullptr) lse[batch * lse_batch_stride + head * lse_head_stride + token] = lse2 * LN_2;
 }
@@ -418,8 +418,8 @@ kvcache_append_portable(const DecodeParams p) {
     const elem_t k_x = k_new[batch * k_new_batch_stride + head * k_new_head_stride + t * k_new_row_stride + col];
     const elem_t v_x = v_new[batch * v_new_batch_stride + head * v_new_head_stride + t * v_new_row_stride + col];
 #if KV_FP8
-    k_cache[k_row + col] = float_to_cache(elem_to_float(k_x), cache_scale(p.k_scale, p.k_scale_stride, head));
-    v_cache[v_row + col] = float_to_cache(elem_to_float(v_x), cache_scale(p.v_scale, p.v_scale_stride, head));
+    k_cache[k_row + col] = float_to_cache(to_float(k_x), cache_scale(p.k_scale, p.k_scale_stride, head));
+    v_cache[v_row + col] = float_to_cache(to_float(v_x), cache_scale(p.v_scale, p.v_scale_stride, head));
 #else
     k_cache[k_row + col] = k_x;  // the element as it is: no float round trip
     v_cache[v_row + col] = v_x;

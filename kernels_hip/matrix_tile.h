@@ -164,7 +164,7 @@ __device__ __forceinline__ void store_acc_row(u16* row, const acc_t (&acc)[BLOCK
         for (int j = 0; j < ACC_ELEMS; j += RUN) {
             const int col = acc_row(lane, blk, j);
             if (RUN == 1) {
-                if (col < head_dim) row[col] = float_to_elem(acc[blk][j] * factor);
+                if (col < head_dim) row[col] = from_float(acc[blk][j] * factor);
                 continue;
             }
 #if VEC_LOADS  // head_dim % 8 == 0, so a run of 4 is entirely inside or entirely outside
@@ -174,7 +174,7 @@ __device__ __forceinline__ void store_acc_row(u16* row, const acc_t (&acc)[BLOCK
 #else
 #pragma unroll
             for (int i = 0; i < 4; ++i)
-                if (col + i < head_dim) row[col + i] = float_to_elem(acc[blk][j + i] * factor);
+                if (col + i < head_dim) row[col + i] = from_float(acc[blk][j + i] * factor);
 #endif
         }
 }
@@ -191,7 +191,7 @@ __device__ __forceinline__ void acc_to_lds(u16* smem, int row, const acc_t (&acc
 #pragma unroll
         for (int j = 0; j < ACC_ELEMS; j += RUN)
             if (RUN == 1)
-                smem[row * STRIDE + acc_row(lane, blk, j)] = float_to_elem(acc[blk][j] * factor);
+                smem[row * STRIDE + acc_row(lane, blk, j)] = from_float(acc[blk][j] * factor);
             else
                 *(uint2*)(smem + row * STRIDE + acc_row(lane, blk, j)) =
                 make_uint2(pack2(acc[blk][j] * factor, acc[blk][j + 1] * factor),

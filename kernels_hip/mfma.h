@@ -90,7 +90,7 @@ typedef u32x2 frag_t;
 __device__ __forceinline__ void mma(acc_t& acc, frag_t a, frag_t b) { mfma_32x32x8(acc, a, b); }
 
 __device__ __forceinline__ u32 pack2(float lo, float hi) {
-    return (u32)float_to_elem(lo) | ((u32)float_to_elem(hi) << 16);
+    return (u32)from_float(lo) | ((u32)from_float(hi) << 16);
 }
 
 // The B fragment of k step k_step (within its block) from accumulator block c, rounded to 16 bits:

@@ -21,22 +21,22 @@ static_assert(WAVE_SIZE == __AMDGCN_WAVEFRONT_SIZE, "WAVE_SIZE must match the ta
 // ELEM_TYPE 0: float16, 1: bfloat16 (both carried as raw 16-bit words), 2: float32.
 #if ELEM_TYPE == 2
 typedef float elem_t;
-__device__ __forceinline__ float elem_to_float(float x) { return x; }
-__device__ __forceinline__ float float_to_elem(float x) { return x; }
+__device__ __forceinline__ float to_float(float x) { return x; }
+__device__ __forceinline__ float from_float(float x) { return x; }
 #else
 typedef u16 elem_t;
 #if ELEM_TYPE == 1
-__device__ __forceinline__ float elem_to_float(u16 x) { return __uint_as_float(((u32)x) << 16); }
+__device__ __forceinline__ float to_float(u16 x) { return __uint_as_float(((u32)x) << 16); }
 // Round to nearest even; NaN stays a (quiet) NaN instead of rounding into infinity.
-__device__ __forceinline__ u16 float_to_elem(float x) {
+__device__ __forceinline__ u16 from_float(float x) {
     u32 bits = __float_as_uint(x);
     if ((bits & 0x7fffffffu) > 0x7f800000u) return (u16)((bits >> 16) | 0x40u);
     bits += 0x7fffu + ((bits >> 16) & 1u);
     return (u16)(bits >> 16);
 }
 #else
-__device__ __forceinline__ float elem_to_float(u16 x) { return __half2float(__ushort_as_half(x)); }
-__device__ __forceinline__ u16 float_to_elem(float x) { return __half_as_ushort(__float2half(x)); }
+__device__ __forceinline__ float to_float(u16 x) { return __half2float(__ushort_as_half(x)); }
+__device__ __forceinline__ u16 from_float(float x) { return __half_as_ushort(__float2half(x)); }
 #endif
 #endif
 
@@ -53,3 +53,16 @@ __device__ __forceinline__ float fast_tanh(float y) { return tanhf(y); }
 __device__ __forceinline__ float shfl_xor(float x, int lane_mask, int width = WAVE_SIZE) {
     return __shfl_xor(x, lane_mask, width);
 }
+
+// A barrier among the lanes of one wave that also orders their LDS accesses: what one lane
+// wrote before it, every lane of the wave reads after it. The lanes of a wave already run in
+// step; the wavefront-scope fences keep the compiler from moving LDS accesses across it and make
+// it wait for the wave's outstanding LDS writes. On NVIDIA (tests/hip_on_cuda.h) a wave of 64 is
+// two warps, and the test header defines it there.
+#if defined(__AMDGCN__)
+__device__ __forceinline__ void wave_barrier() {
+    __builtin_amdgcn_fence(__ATOMIC_RELEASE, "wavefront");
+    __builtin_amdgcn_wave_barrier();
+    __builtin_amdgcn_fence(__ATOMIC_ACQUIRE, "wavefront");
+}
+#endif

@@ -108,7 +108,7 @@ typedef wmma_frag_t frag_t;
 __device__ __forceinline__ void mma(acc_t& acc, frag_t a, frag_t b) { wmma_16x16x16(acc, a, b); }
 
 __device__ __forceinline__ u32 pack2(float lo, float hi) {
-    return (u32)float_to_elem(lo) | ((u32)float_to_elem(hi) << 16);
+    return (u32)from_float(lo) | ((u32)from_float(hi) << 16);
 }
 
 // The B fragment of k step k_step from accumulator block c, rounded to 16 bits. Every lane takes

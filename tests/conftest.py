@@ -47,10 +47,11 @@ HAS_TORCH = importlib.util.find_spec("torch") is not None
 
 HIP_ON_CUDA = Path(__file__).with_name("hip_on_cuda.h")
 WAVE32_TARGET = "gfx1030"  # RDNA: the wave32 rows the portable kernels run with on NVIDIA
-WAVE64_TARGET = "gfx906"   # gfx9 without MFMA: the wave64 rows of the portable backward
+WAVE64_TARGET = "gfx906"   # gfx9 without MFMA: the portable kernels' wave64 rows
 # path -> (forward target, backward target) of the portable HIP kernels on an NVIDIA GPU. The
-# forward needs wave-wide operations, so it runs its wave32 rows only; the backward needs none
-# (block barriers and LDS), so a 64-lane "wave" is two warps and both sizes run.
+# forward target is the decode's too, whose wave-wide shuffles need a real wave of 64: the
+# forwards run their wave32 rows here (test_hip_portable.py runs the forward's wave64 rows, a
+# "wave" of two warps); the backward needs no wave-wide operation, and both sizes run.
 HIP_ON_CUDA_TARGETS = {"hip-on-cuda": (WAVE32_TARGET, WAVE32_TARGET),
                        "hip-on-cuda-wave64": (WAVE32_TARGET, WAVE64_TARGET)}
 

@@ -1,5 +1,5 @@
-// Test-only: the HIP device API that kernels_hip/platform.h and flash_fwd_portable.hip use,
-// mapped onto CUDA, so that the portable HIP kernel compiles with NVRTC and runs on an NVIDIA GPU
+// Test-only: the HIP device API that kernels_hip/platform.h and the portable kernels use, mapped
+// onto CUDA, so that the portable HIP kernels compile with NVRTC and run on an NVIDIA GPU
 // (tests/test_hip_portable.py). Prepended to the preprocessed HIP source; never shipped.
 // Everything else the portable kernel uses (__syncthreads, threadIdx, exp2f, fmaf, logf, min,
 // __int_as_float, __float_as_uint, __launch_bounds__, extern __shared__) is spelled the same in
@@ -33,4 +33,16 @@ __device__ __forceinline__ __half __float2half(float f) {  // round to nearest e
 // HIP's __shfl_xor(var, lane_mask, width) has no mask argument: the whole wave takes part.
 __device__ __forceinline__ float __shfl_xor(float x, int lane_mask, int width) {
     return __shfl_xor_sync(0xffffffffu, x, lane_mask, width);
+}
+
+// kernels_hip/platform.h's wave barrier (its AMD form needs AMD builtins). A wave of 32 is a
+// warp. A wave of 64 is two warps: they meet at a named barrier of their own (1 + wave; barrier
+// 0 is __syncthreads), 64 threads, so a block may have up to 15 waves.
+__device__ __forceinline__ void wave_barrier() {
+#if WAVE_SIZE == 32
+    __syncwarp();
+#else
+    static_assert(WAVE_SIZE == 64, "a wave is one or two NVIDIA warps");
+    asm volatile("bar.sync %0, 64;" ::"r"(1 + (int)threadIdx.x / 64) : "memory");
+#endif
 }

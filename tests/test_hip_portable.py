@@ -2,7 +2,8 @@
 
 conftest.py's `backend` fixture has two paths for them, "hip-on-cuda" (forward and backward with
 the wave32 rows of RDNA, gfx1030) and "hip-on-cuda-wave64" (the backward with the wave64 rows of
-gfx906: GCN/CDNA without MFMA, the rows CDNA uses for float32 and head dims past 128): the
+gfx906: GCN/CDNA without MFMA, the rows CDNA uses for float32 and head dims past 128; the
+forward's wave64 rows run in test_every_forward_row_runs): the
 kernels are compiled by NVRTC with the test-only tests/hip_on_cuda.h in front and launched by
 xattn.hip's own launch code (the hook xattn.hip.on_cuda). Every property file runs on them
 through that fixture (forward, gradients, variants, poisoned outputs). Here: every tile row of
@@ -20,9 +21,11 @@ import numpy as np
 import pytest
 
 import xattn
-from conftest import HIP_ON_CUDA_TARGETS, TOLERANCE, to_float64
+from conftest import (HIP_ON_CUDA, HIP_ON_CUDA_TARGETS, LSE_TOLERANCE, TOLERANCE, WAVE32_TARGET,
+                      WAVE64_TARGET, _hip_on_cuda_skip_reason, to_float64)
+from test_hip_sources import HIP_ON_CUDA_OPTIONS
 from test_properties import FORWARD_SIZES
-from xattn import configs, reference
+from xattn import configs, hip, reference
 
 pytestmark = pytest.mark.gpu
 
@@ -41,23 +44,36 @@ def portable(backend):
     return backend, HIP_ON_CUDA_TARGETS[backend.name][1]
 
 
-def test_every_wave32_row_runs(portable):
-    """One call per wave32 row and dtype, so every tile shape of the table has run once."""
+@pytest.mark.parametrize("target", [WAVE32_TARGET, WAVE64_TARGET])
+def test_every_forward_row_runs(target):
+    """One call per portable forward row of the target's family and per dtype, so every tile
+    shape of the table has run once: RDNA's wave32 rows, and gfx9's wave64 rows, whose waves are
+    two NVIDIA warps meeting at a named barrier (tests/hip_on_cuda.h: wave_barrier). Its own
+    hip.on_cuda: the fixture's paths run the forward in wave32 only (the decode has no wave64
+    form on NVIDIA)."""
+    reason = _hip_on_cuda_skip_reason()
+    if reason:
+        pytest.skip(reason)
     import cupy
 
-    backend, _ = portable
+    family = configs.hip_family("flash_fwd_portable", target)
     rng = np.random.default_rng(7)
-    for cfg in (r for r in configs.HIP_TABLE if r.arch == "rdna"):
-        head_dim = cfg.head_dim - 3  # padded columns masked
-        for dtype in ("float16", "float32"):
-            q, k, v = (cupy.asarray(rng.standard_normal((1, 2, 77, head_dim))).astype(dtype)
-                       for _ in range(3))
-            out = cupy.full(q.shape, np.nan, dtype=dtype)
-            lse = cupy.full((1, 2, 77), np.nan, dtype="float32")
-            backend.forward_into(q, k, v, out, lse, causal=True, scale=0.3)
-            want, _ = xattn.exact_attention(q, k, v, causal=True, scale=0.3)
-            error = np.linalg.norm(to_float64(out) - want) / np.linalg.norm(want)
-            assert error <= TOLERANCE[dtype], f"{cfg} {dtype}: relative error {error:.2e}"
+    with hip.on_cuda(prefix=HIP_ON_CUDA.read_text(), options=tuple(HIP_ON_CUDA_OPTIONS),
+                     forward_target=target, backward_target=target):
+        for cfg in (r for r in configs.HIP_TABLE if r.kernel == "flash_fwd_portable" and r.arch == family):
+            head_dim = cfg.head_dim - 3  # padded columns masked
+            for dtype in ("float16", "float32"):
+                q, k, v = (cupy.asarray(rng.standard_normal((1, 2, 77, head_dim))).astype(dtype)
+                           for _ in range(3))
+                out = cupy.full(q.shape, np.nan, dtype=dtype)
+                lse = cupy.full((1, 2, 77), np.nan, dtype="float32")
+                hip.forward(q, k, v, out, lse, causal=True, scale=0.3,
+                            stream=cupy.cuda.get_current_stream().ptr)
+                want, want_lse = xattn.exact_attention(q, k, v, causal=True, scale=0.3)
+                error = np.linalg.norm(to_float64(out) - want) / np.linalg.norm(want)
+                assert error <= TOLERANCE[dtype], f"{cfg} {dtype}: relative error {error:.2e}"
+                np.testing.assert_allclose(to_float64(lse), want_lse, rtol=LSE_TOLERANCE[dtype],
+                                           atol=LSE_TOLERANCE[dtype], err_msg=f"{cfg} {dtype}")
 
 
 # ---- the backward, called directly --------------------------------------------------------------

@@ -132,6 +132,46 @@ def test_tile_padding_and_threads_are_the_kernels_own(tmp_path):
 
 
 @needs_gcc
+def test_simt_forward_shared_memory_is_the_kernels_own(tmp_path):
+    """The forward without matrix instructions, one body (kernels_common/flash_fwd_simt.h) for
+    both vendors: its shared memory (SMEM_BYTES: sRow and the odd Q stride only with more than
+    one row group) and threads, for every row of either table."""
+    rows = [("cuda", r) for r in configs.TABLE if r.kernel == "flash_fwd_f32"]
+    rows += [("hip", r) for r in configs.HIP_TABLE if r.kernel == "flash_fwd_portable"]
+    groups = set()
+    for vendor, cfg in rows:
+        kernel = kernels.KERNELS[vendor, cfg.kernel]
+        defines = kernel.defines(cfg, "float32", causal=False, vec=False)
+        got = source_values(tmp_path, kernel, defines, ("SMEM_BYTES", "NUM_THREADS", "ROW_GROUPS"))
+        assert got["SMEM_BYTES"] == kernel.shared_memory(defines), (vendor, cfg)
+        assert got["NUM_THREADS"] == kernel.threads(defines), (vendor, cfg)
+        groups.add(got["ROW_GROUPS"])
+    assert {1, 2} <= groups  # both layouts checked
+
+
+@needs_gcc
+def test_simt_backward_shared_memory_is_the_kernels_own(tmp_path):
+    """The backward without matrix instructions, one body (kernels_common/flash_bwd_simt.h) for
+    both vendors: shared memory (SMEM_BYTES(1) for _dq's dS, SMEM_BYTES(2) for _dkdv's P and dS;
+    the odd stride of the owned rows only with more than one row group) and threads, for every
+    row of either table."""
+    entries = {"flash_bwd_simt_dq": 1, "flash_bwd_simt_dkdv": 2, "flash_bwd_portable_dq": 1,
+               "flash_bwd_portable_dkdv": 2}
+    rows = [("cuda", r) for r in configs.TABLE if r.kernel in entries]
+    rows += [("hip", r) for r in configs.HIP_TABLE if r.kernel in entries]
+    groups = set()
+    for vendor, cfg in rows:
+        kernel = kernels.KERNELS[vendor, cfg.kernel]
+        defines = kernel.defines(cfg, "float32", causal=False, vec=False)
+        smem = f"SMEM_BYTES({entries[cfg.kernel]})"
+        got = source_values(tmp_path, kernel, defines, (smem, "NUM_THREADS", "ROW_GROUPS"))
+        assert got[smem] == kernel.shared_memory(defines), (vendor, cfg)
+        assert got["NUM_THREADS"] == kernel.threads(defines), (vendor, cfg)
+        groups.add(got["ROW_GROUPS"])
+    assert {1, 2} <= groups  # both layouts checked
+
+
+@needs_gcc
 def test_matrix_core_blocks_are_the_kernels_own(tmp_path):
     """The rows a block of the HIP matrix-core kernels owns (BLOCK_M, or BLOCK_N of dK/dV: one
     MATRIX_N block per wave) and their LDS row padding, from mfma.h and wmma.h, for every row."""

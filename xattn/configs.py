@@ -117,7 +117,8 @@ _ROWS = [
     ("flash_bwd_dq",   90,   160,     None,   64,      32,      4,     1),
     ("flash_bwd_dq",   90,   192,     None,   64,      32,      4,     1),
     ("flash_bwd_dq",   90,   256,     None,   64,      32,      4,     1),
-    # float32: exact CUDA-core arithmetic, block_n is the warp size
+    # float32: exact CUDA-core arithmetic (kernels_common/flash_fwd_simt.h); block_n is the warp
+    # size: one row group, whose rescale factors stay in registers
     ("flash_fwd_f32",  80,   32,      None,   32,      32,      4,     1),
     ("flash_fwd_f32",  80,   64,      None,   32,      32,      4,     1),
     ("flash_fwd_f32",  80,   128,     None,   32,      32,      4,     1),
@@ -238,8 +239,10 @@ DECODE_FP8_FORMATS = {"float8_e4m3fn": 1, "float8_e5m2": 2}
 #   matrix block, block_n = block * waves.
 # The _wmma kernels are the same sources as the _mfma ones, built on wmma.h instead of mfma.h
 #   (MATRIX_WMMA=1; WMMA_GFX12 picks the RDNA4 layout): HIP_MATRIX_KERNELS below.
-# flash_fwd_portable: HEAD_DIM a multiple of the wave size, block_n dividing it, and
-#   (block_m / waves) a multiple of (wave size / block_n).
+# flash_fwd_portable (kernels_common/flash_fwd_simt.h, the body of CUDA's flash_fwd_f32 too):
+#   HEAD_DIM a multiple of the wave size, block_n dividing it, and (block_m / waves) a multiple of
+#   (wave size / block_n). block_n below the wave size splits a wave into row groups, whose
+#   rescale factors and 1 / l go through LDS; with block_n = wave size they stay in registers.
 # flash_bwd_portable_dq (block_m owned queries, block_n keys per step) and _dkdv (block_n owned keys,
 #   block_m queries per step): HEAD_DIM a multiple of the wave size, the step dividing the wave
 #   size, (owned / waves) a multiple of (wave size / step).

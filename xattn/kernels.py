@@ -139,39 +139,52 @@ def _dq_smem(d: dict) -> int:
     return (2 * d["BLOCK_M"] + 4 * d["BLOCK_N"]) * (d["HEAD_DIM"] + CHUNK) * 2
 
 
-# ---- CUDA: the CUDA-core float32 kernels (simt_tile.h) ----------------------------------------------
+# ---- CUDA: the CUDA-core float32 kernels (kernels_common/simt_tile.h) -------------------------------
 
 WARP = 32  # CUDA's warp size: the CUDA-core kernels stream tiles of one key (or query) per lane
 
 
 def _f32_forward_defines(cfg, dtype: str, *, causal: bool, vec: bool = False) -> dict:
-    return {"HEAD_DIM": cfg.head_dim, "NUM_WARPS": cfg.warps, "IS_CAUSAL": int(causal),
-            "MIN_BLOCKS": cfg.min_blocks, "ELEM_F32": 1, "ROWS_PER_WARP": cfg.block_m // cfg.warps}
+    """kernels_common/flash_fwd_simt.h entered by flash_fwd_f32.cu: a wave is a warp."""
+    return {"HEAD_DIM": cfg.head_dim, "NUM_WAVES": cfg.warps, "IS_CAUSAL": int(causal),
+            "MIN_BLOCKS": cfg.min_blocks, "ELEM_F32": 1, "BLOCK_M": cfg.block_m,
+            "BLOCK_N": cfg.block_n}
 
 
-def _f32_forward_smem(d: dict) -> int:
-    """flash_fwd_f32.cu: Q, K (odd stride), V and P, floats; BLOCK_N is the warp size."""
-    m, hd = d["NUM_WARPS"] * d["ROWS_PER_WARP"], d["HEAD_DIM"]
-    return (m * hd + WARP * (hd + 1) + WARP * hd + m * WARP) * 4
+def _simt_forward_smem(wave_size: Callable[[dict], int]):
+    """kernels_common/flash_fwd_simt.h: sQ (odd stride with more than one row group), sK (odd
+    stride), sV, sP, and sRow with more than one row group; floats."""
+    def smem(d: dict) -> int:
+        hd, m, n = d["HEAD_DIM"], d["BLOCK_M"], d["BLOCK_N"]
+        groups = wave_size(d) // n
+        q_stride, row_floats = (hd, 0) if groups == 1 else (hd + 1, m)
+        return (m * q_stride + n * (hd + 1) + n * hd + m * n + row_floats) * 4
+    return smem
 
 
 def _simt_defines(cfg, dtype: str, *, causal: bool, vec: bool = False) -> dict:
-    owned = cfg.block_m if cfg.kernel == "flash_bwd_simt_dq" else cfg.block_n
-    return {"HEAD_DIM": cfg.head_dim, "NUM_WARPS": cfg.warps, "IS_CAUSAL": int(causal),
-            "MIN_BLOCKS": cfg.min_blocks, **_elem(dtype), "ROWS_PER_WARP": owned // cfg.warps}
+    """kernels_common/flash_bwd_simt.h entered by flash_bwd_simt.cu: a wave is a warp. _dq owns
+    block_m queries and streams block_n keys a step, _dkdv owns block_n keys and streams block_m
+    queries."""
+    return {"HEAD_DIM": cfg.head_dim, "NUM_WAVES": cfg.warps, "IS_CAUSAL": int(causal),
+            "MIN_BLOCKS": cfg.min_blocks, **_elem(dtype), **_simt_backward_rows(cfg)}
 
 
-def _simt_rows(d: dict) -> int:
-    """Rows one block of flash_bwd_simt.cu owns (BLOCK_ROWS there)."""
-    return d["NUM_WARPS"] * d["ROWS_PER_WARP"]
+def _simt_backward_rows(cfg) -> dict:
+    """BLOCK_ROWS (owned) and TILE (streamed a step) of a backward row, either vendor."""
+    owned, step = ((cfg.block_m, cfg.block_n) if cfg.kernel.endswith("_dq")
+                   else (cfg.block_n, cfg.block_m))
+    return {"BLOCK_ROWS": owned, "TILE": step}
 
 
-def _simt_smem(slices_per_row: int):
-    """flash_bwd_simt.cu: the owned rows (two tensors), the streamed tile of the warp's size (two
-    tensors, odd stride), and slices_per_row floats of dS (or P and dS) per owned row and lane."""
+def _simt_backward_smem(slices_per_row: int, wave_size: Callable[[dict], int]):
+    """kernels_common/flash_bwd_simt.h: the owned rows (two tensors; odd stride with more than one
+    row group), the streamed tile (two tensors, odd stride), and slices_per_row floats of dS (or
+    P and dS) per owned row and streamed row."""
     def smem(d: dict) -> int:
-        owned, hd = _simt_rows(d), d["HEAD_DIM"]
-        return (2 * owned * hd + 2 * WARP * (hd + 1) + owned * WARP * slices_per_row) * 4
+        hd, owned, step = d["HEAD_DIM"], d["BLOCK_ROWS"], d["TILE"]
+        owned_stride = hd if wave_size(d) == step else hd + 1
+        return (2 * owned * owned_stride + 2 * step * (hd + 1) + owned * step * slices_per_row) * 4
     return smem
 
 
@@ -411,26 +424,15 @@ def _hip_portable_defines(cfg, dtype: str, *, causal: bool, vec: bool = False) -
 
 
 def _hip_portable_smem(d: dict) -> int:
-    """float32: sQ, sK (odd strides), sV, sP, sRow."""
+    """flash_decode_portable.hip, float32: sQ, sK (odd strides), sV, sP, sRow."""
     hd, m, n = d["HEAD_DIM"], d["BLOCK_M"], d["BLOCK_N"]
     return (m * (hd + 1) + n * (hd + 1) + n * hd + m * n + m) * 4
 
 
 def _hip_portable_bwd_defines(cfg, dtype: str, *, causal: bool, vec: bool = False) -> dict:
-    """flash_bwd_portable.hip: _dq owns block_m queries and streams block_n keys a step, _dkdv
-    owns block_n keys and streams block_m queries."""
-    owned, step = ((cfg.block_m, cfg.block_n) if cfg.kernel == "flash_bwd_portable_dq"
-                   else (cfg.block_n, cfg.block_m))
+    """flash_bwd_portable.hip: kernels_common/flash_bwd_simt.h, as on CUDA."""
     return {**_hip_common(cfg, dtype), "HEAD_DIM": cfg.head_dim, "IS_CAUSAL": int(causal),
-            "BLOCK_ROWS": owned, "TILE": step}
-
-
-def _hip_portable_bwd_smem(slices_per_row: int):
-    """float32, odd strides: owned rows, the streamed tile, dS (or P and dS)."""
-    def smem(d: dict) -> int:
-        hd, owned, step = d["HEAD_DIM"], d["BLOCK_ROWS"], d["TILE"]
-        return (2 * owned * (hd + 1) + 2 * step * (hd + 1) + owned * step * slices_per_row) * 4
-    return smem
+            **_simt_backward_rows(cfg)}
 
 
 def _hip_prep_defines(cfg, dtype: str, *, causal: bool = False, vec: bool = False) -> dict:
@@ -466,10 +468,6 @@ def _hip(entry, source, block, defines, smem, grid):
     return Kernel("hip", entry, source, block, defines, smem, _waves, grid)
 
 
-def _simt_keys(d: dict) -> int:
-    return _simt_rows(d)
-
-
 _ALL = (
     _cuda("flash_fwd", "flash_fwd.cu", _ATTN, _tensor_core_defines, _fwd_smem, _warps,
           _queries_grid("BLOCK_M")),
@@ -477,12 +475,15 @@ _ALL = (
           _keys_grid(lambda d: d["BLOCK_N"])),
     _cuda("flash_bwd_dq", "flash_bwd_dq.cu", _ATTN, _tensor_core_defines, _dq_smem, _warps,
           _queries_grid("BLOCK_M")),
-    _cuda("flash_fwd_f32", "flash_fwd_f32.cu", _ATTN, _f32_forward_defines, _f32_forward_smem,
-          _warps, lambda d, s: (_ceil(s.seqlen_q, _simt_rows(d)), s.heads_q)),
-    _cuda("flash_bwd_simt_dq", "flash_bwd_simt.cu", _ATTN, _simt_defines, _simt_smem(1), _warps,
-          lambda d, s: (_ceil(s.seqlen_q, _simt_rows(d)), s.heads_q)),
-    _cuda("flash_bwd_simt_dkdv", "flash_bwd_simt.cu", _ATTN, _simt_defines, _simt_smem(2), _warps,
-          _keys_grid(_simt_keys)),
+    _cuda("flash_fwd_f32", "flash_fwd_f32.cu", _ATTN, _f32_forward_defines,
+          _simt_forward_smem(lambda d: WARP), lambda d: d["NUM_WAVES"] * WARP,
+          _queries_grid("BLOCK_M")),
+    _cuda("flash_bwd_simt_dq", "flash_bwd_simt.cu", _ATTN, _simt_defines,
+          _simt_backward_smem(1, lambda d: WARP), lambda d: d["NUM_WAVES"] * WARP,
+          _queries_grid("BLOCK_ROWS")),
+    _cuda("flash_bwd_simt_dkdv", "flash_bwd_simt.cu", _ATTN, _simt_defines,
+          _simt_backward_smem(2, lambda d: WARP), lambda d: d["NUM_WAVES"] * WARP,
+          _keys_grid(lambda d: d["BLOCK_ROWS"])),
     _cuda("flash_bwd_preprocess", "flash_bwd_prep.cu", _ATTN, _prep_defines, _none, _warps,
           _prep_grid),
     _cuda("flash_bwd_convert_dq", "flash_bwd_prep.cu", _ATTN, _prep_defines, _none, _warps,
@@ -504,7 +505,7 @@ _ALL = (
     _hip("flash_fwd_wmma", "flash_fwd_mfma.hip", _ATTN, _hip_matrix_defines("BLOCK_N"),
          _hip_fwd_smem, lambda d, s: (_ceil(s.seqlen_q, _matrix_block_m(d)), s.heads_q)),
     _hip("flash_fwd_portable", "flash_fwd_portable.hip", _ATTN, _hip_portable_defines,
-         _hip_portable_smem, _queries_grid("BLOCK_M")),
+         _simt_forward_smem(lambda d: d["WAVE_SIZE"]), _queries_grid("BLOCK_M")),
     _hip("flash_bwd_preprocess", "flash_bwd_prep.hip", _ATTN, _hip_prep_defines, _none,
          _queries_grid("BLOCK_M")),
     _hip("flash_bwd_mfma_dkdv", "flash_bwd_mfma_dkdv.hip", _ATTN, _hip_matrix_defines("BLOCK_M"),
@@ -516,9 +517,9 @@ _ALL = (
     _hip("flash_bwd_wmma_dq", "flash_bwd_mfma_dq.hip", _ATTN, _hip_matrix_defines("BLOCK_N"),
          _hip_dq_smem, lambda d, s: (_ceil(s.seqlen_q, _matrix_block_m(d)), s.heads_q)),
     _hip("flash_bwd_portable_dq", "flash_bwd_portable.hip", _ATTN, _hip_portable_bwd_defines,
-         _hip_portable_bwd_smem(1), _queries_grid("BLOCK_ROWS")),
+         _simt_backward_smem(1, lambda d: d["WAVE_SIZE"]), _queries_grid("BLOCK_ROWS")),
     _hip("flash_bwd_portable_dkdv", "flash_bwd_portable.hip", _ATTN, _hip_portable_bwd_defines,
-         _hip_portable_bwd_smem(2), _keys_grid(lambda d: d["BLOCK_ROWS"])),
+         _simt_backward_smem(2, lambda d: d["WAVE_SIZE"]), _keys_grid(lambda d: d["BLOCK_ROWS"])),
     _hip("flash_decode_mfma", "flash_decode_mfma.hip", _DECODE, _hip_matrix_defines("BLOCK_N"),
          _hip_fwd_smem, _decode_grid),
     _hip("flash_decode_wmma", "flash_decode_mfma.hip", _DECODE, _hip_matrix_defines("BLOCK_N"),

@@ -1,9 +1,9 @@
-// Helpers shared by the CUDA-core (SIMT) kernels, flash_fwd_f32.cu and flash_bwd_simt.cu: tiles
-// kept as float32 in shared memory, and warp-wide reductions. The including kernel defines
-// NUM_THREADS and HEAD_DIM; elem_t comes from platform.h (ELEM_F32 / ELEM_BF16).
+// Helpers of the kernels that compute on plain FMA units, without matrix instructions (the
+// CUDA-core / "portable" kernels, both vendors): tiles kept as float32 in shared memory (LDS),
+// and reductions across groups of lanes. Needs the vendor's platform.h (elem_t, to_float,
+// shfl_xor, WAVE_SIZE) and ../kernels_common/attention_common.h included first; the including
+// kernel defines NUM_THREADS and HEAD_DIM.
 #pragma once
-
-#include "platform.h"
 
 // Copy rows x HEAD_DIM elements into shared memory as float32, zeros outside valid_rows x head_dim.
 // Consecutive threads take consecutive columns, so the global reads coalesce.
@@ -37,14 +37,18 @@ __device__ __forceinline__ void load_kv_rows(float* smem, int smem_stride, const
 #endif
 }
 
-__device__ __forceinline__ float warp_max(float x) {
+// Max and sum over each group of WIDTH consecutive lanes (a power of two, at most the wave's and,
+// for tests/hip_on_cuda.h's waves of 64, at most 32), left in every lane of the group.
+template <int WIDTH = WAVE_SIZE>
+__device__ __forceinline__ float group_max(float x) {
 #pragma unroll
-    for (int lane_mask = WARP_SIZE / 2; lane_mask > 0; lane_mask /= 2) x = fmaxf(x, shfl_xor(x, lane_mask));
+    for (int lane_mask = WIDTH / 2; lane_mask > 0; lane_mask /= 2) x = fmaxf(x, shfl_xor(x, lane_mask, WIDTH));
     return x;
 }
 
-__device__ __forceinline__ float warp_sum(float x) {
+template <int WIDTH = WAVE_SIZE>
+__device__ __forceinline__ float group_sum(float x) {
 #pragma unroll
-    for (int lane_mask = WARP_SIZE / 2; lane_mask > 0; lane_mask /= 2) x += shfl_xor(x, lane_mask);
+    for (int lane_mask = WIDTH / 2; lane_mask > 0; lane_mask /= 2) x += shfl_xor(x, lane_mask, WIDTH);
     return x;
 }

@@ -156,8 +156,8 @@ def test_output_lies_within_visible_values(backend, data):
 @given(data=st.data())
 def test_lse_is_logsumexp_of_scaled_masked_scores(backend, data):
     problem = data.draw(problems(backend))
-    _, lse, (q, k, _) = run(backend, problem)
-    q, k = (to_bhsd(to_float64(x), problem.layout) for x in (q, k))
+    _, lse, inputs = run(backend, problem)
+    q, k = (to_bhsd(to_float64(x), problem.layout) for x in inputs[:2])
     head_dim = q.shape[-1]
     scale = 1 / math.sqrt(head_dim) if problem.scale is None else problem.scale
     kv_head = np.arange(q.shape[1]) // (q.shape[1] // k.shape[1])
@@ -166,8 +166,12 @@ def test_lse_is_logsumexp_of_scaled_masked_scores(backend, data):
     expected = np.logaddexp.reduce(np.where(visible, scores, -np.inf), axis=-1)
     empty = np.isneginf(expected)
     np.testing.assert_array_equal(np.isneginf(lse), empty)
+    # A float32 score carries the rounding of its sum, which the lse takes over (score_rounding;
+    # a row of one key of sum_d |q_d k_d| ~ 580 at scale 1 was off by 2.4e-5, 0.7 eps32 of it).
     tolerance = LSE_TOLERANCE[problem.dtype]
-    np.testing.assert_allclose(lse[~empty], expected[~empty], rtol=tolerance, atol=tolerance)
+    rounding = score_rounding(problem, *inputs[:2]) if problem.dtype != "float64" else 0.0
+    np.testing.assert_allclose(lse[~empty], expected[~empty], rtol=tolerance,
+                               atol=tolerance + rounding)
 
 
 @settings(max_examples=EXAMPLES)

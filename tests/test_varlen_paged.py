@@ -402,7 +402,9 @@ def test_cuda_paged_launch_takes_the_mma_kernel(stand_in_launches, monkeypatch, 
     assert launched.kernel.entry == kernel and launched.grid[2] == 3
     # flash_fwd's D128 row on sm_90 is 128 x 64 with 4 warps; paged, 8 (configs.paged_forward_row)
     warps = 8 if kernel == "flash_fwd" else configs.select(kernel, 90, 128, False).warps
-    assert launched.threads == 32 * warps and launched.defines["NUM_WARPS"] == warps
+    # the float32 forward's body says waves (kernels_common/flash_fwd_simt.h): a wave is a warp
+    warps_define = "NUM_WARPS" if kernel == "flash_fwd" else "NUM_WAVES"
+    assert launched.threads == 32 * warps and launched.defines[warps_define] == warps
     assert launched.defines["IS_PAGED"] == 1 and launched.defines["IS_VARLEN"] == 1
     p = launched.block[0]
     assert (p["page_size"], p["num_pages"], p["max_pages"], p["block_table_stride"]) == (48, 9, 4, 4)

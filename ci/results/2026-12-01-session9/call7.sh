@@ -12,3 +12,6 @@ for tool in racecheck synccheck; do
     python -m pytest -m gpu -q -p no:cacheprovider tests/test_hip_portable.py -k "every_forward_row or backward" > $O/portable_$tool.log 2>&1
   echo "portable $tool rc=$? $(grep -E 'passed|failed' $O/portable_$tool.log | tail -1) $(grep -E 'SUMMARY' $O/portable_$tool.log | tail -1)"
 done
+# Then, the racecheck above having run out of time inside the backward tests, each alone:
+#   timeout 250 compute-sanitizer --tool racecheck ... python -m pytest -m gpu -q tests/test_hip_portable.py -k "every_backward_row"  # portable_bwd_racecheck.log
+#   timeout 150 compute-sanitizer --tool racecheck ... python -m pytest -m gpu -q tests/test_hip_portable.py -k "every_forward_row"   # portable_fwd_racecheck.log

@@ -151,15 +151,23 @@ def _f32_forward_defines(cfg, dtype: str, *, causal: bool, vec: bool = False) ->
             "BLOCK_N": cfg.block_n}
 
 
-def _simt_forward_smem(wave_size: Callable[[dict], int]):
+def _wave_size(d: dict) -> int:
+    """The wave of a kernel both vendors compile: HIP's defines carry WAVE_SIZE; on CUDA, whose
+    defines do not (platform.h), a wave is a warp."""
+    return d.get("WAVE_SIZE", WARP)
+
+
+def _simt_threads(d: dict) -> int:
+    return d["NUM_WAVES"] * _wave_size(d)
+
+
+def _simt_forward_smem(d: dict) -> int:
     """kernels_common/flash_fwd_simt.h: sQ (odd stride with more than one row group), sK (odd
     stride), sV, sP, and sRow with more than one row group; floats."""
-    def smem(d: dict) -> int:
-        hd, m, n = d["HEAD_DIM"], d["BLOCK_M"], d["BLOCK_N"]
-        groups = wave_size(d) // n
-        q_stride, row_floats = (hd, 0) if groups == 1 else (hd + 1, m)
-        return (m * q_stride + n * (hd + 1) + n * hd + m * n + row_floats) * 4
-    return smem
+    hd, m, n = d["HEAD_DIM"], d["BLOCK_M"], d["BLOCK_N"]
+    groups = _wave_size(d) // n
+    q_stride, row_floats = (hd, 0) if groups == 1 else (hd + 1, m)
+    return (m * q_stride + n * (hd + 1) + n * hd + m * n + row_floats) * 4
 
 
 def _simt_defines(cfg, dtype: str, *, causal: bool, vec: bool = False) -> dict:
@@ -177,13 +185,13 @@ def _simt_backward_rows(cfg) -> dict:
     return {"BLOCK_ROWS": owned, "TILE": step}
 
 
-def _simt_backward_smem(slices_per_row: int, wave_size: Callable[[dict], int]):
+def _simt_backward_smem(slices_per_row: int):
     """kernels_common/flash_bwd_simt.h: the owned rows (two tensors; odd stride with more than one
     row group), the streamed tile (two tensors, odd stride), and slices_per_row floats of dS (or
     P and dS) per owned row and streamed row."""
     def smem(d: dict) -> int:
         hd, owned, step = d["HEAD_DIM"], d["BLOCK_ROWS"], d["TILE"]
-        owned_stride = hd if wave_size(d) == step else hd + 1
+        owned_stride = hd if _wave_size(d) == step else hd + 1
         return (2 * owned * owned_stride + 2 * step * (hd + 1) + owned * step * slices_per_row) * 4
     return smem
 
@@ -475,15 +483,12 @@ _ALL = (
           _keys_grid(lambda d: d["BLOCK_N"])),
     _cuda("flash_bwd_dq", "flash_bwd_dq.cu", _ATTN, _tensor_core_defines, _dq_smem, _warps,
           _queries_grid("BLOCK_M")),
-    _cuda("flash_fwd_f32", "flash_fwd_f32.cu", _ATTN, _f32_forward_defines,
-          _simt_forward_smem(lambda d: WARP), lambda d: d["NUM_WAVES"] * WARP,
-          _queries_grid("BLOCK_M")),
-    _cuda("flash_bwd_simt_dq", "flash_bwd_simt.cu", _ATTN, _simt_defines,
-          _simt_backward_smem(1, lambda d: WARP), lambda d: d["NUM_WAVES"] * WARP,
-          _queries_grid("BLOCK_ROWS")),
-    _cuda("flash_bwd_simt_dkdv", "flash_bwd_simt.cu", _ATTN, _simt_defines,
-          _simt_backward_smem(2, lambda d: WARP), lambda d: d["NUM_WAVES"] * WARP,
-          _keys_grid(lambda d: d["BLOCK_ROWS"])),
+    _cuda("flash_fwd_f32", "flash_fwd_f32.cu", _ATTN, _f32_forward_defines, _simt_forward_smem,
+          _simt_threads, _queries_grid("BLOCK_M")),
+    _cuda("flash_bwd_simt_dq", "flash_bwd_simt.cu", _ATTN, _simt_defines, _simt_backward_smem(1),
+          _simt_threads, _queries_grid("BLOCK_ROWS")),
+    _cuda("flash_bwd_simt_dkdv", "flash_bwd_simt.cu", _ATTN, _simt_defines, _simt_backward_smem(2),
+          _simt_threads, _keys_grid(lambda d: d["BLOCK_ROWS"])),
     _cuda("flash_bwd_preprocess", "flash_bwd_prep.cu", _ATTN, _prep_defines, _none, _warps,
           _prep_grid),
     _cuda("flash_bwd_convert_dq", "flash_bwd_prep.cu", _ATTN, _prep_defines, _none, _warps,
@@ -505,7 +510,7 @@ _ALL = (
     _hip("flash_fwd_wmma", "flash_fwd_mfma.hip", _ATTN, _hip_matrix_defines("BLOCK_N"),
          _hip_fwd_smem, lambda d, s: (_ceil(s.seqlen_q, _matrix_block_m(d)), s.heads_q)),
     _hip("flash_fwd_portable", "flash_fwd_portable.hip", _ATTN, _hip_portable_defines,
-         _simt_forward_smem(lambda d: d["WAVE_SIZE"]), _queries_grid("BLOCK_M")),
+         _simt_forward_smem, _queries_grid("BLOCK_M")),
     _hip("flash_bwd_preprocess", "flash_bwd_prep.hip", _ATTN, _hip_prep_defines, _none,
          _queries_grid("BLOCK_M")),
     _hip("flash_bwd_mfma_dkdv", "flash_bwd_mfma_dkdv.hip", _ATTN, _hip_matrix_defines("BLOCK_M"),
@@ -517,9 +522,9 @@ _ALL = (
     _hip("flash_bwd_wmma_dq", "flash_bwd_mfma_dq.hip", _ATTN, _hip_matrix_defines("BLOCK_N"),
          _hip_dq_smem, lambda d, s: (_ceil(s.seqlen_q, _matrix_block_m(d)), s.heads_q)),
     _hip("flash_bwd_portable_dq", "flash_bwd_portable.hip", _ATTN, _hip_portable_bwd_defines,
-         _simt_backward_smem(1, lambda d: d["WAVE_SIZE"]), _queries_grid("BLOCK_ROWS")),
+         _simt_backward_smem(1), _queries_grid("BLOCK_ROWS")),
     _hip("flash_bwd_portable_dkdv", "flash_bwd_portable.hip", _ATTN, _hip_portable_bwd_defines,
-         _simt_backward_smem(2, lambda d: d["WAVE_SIZE"]), _keys_grid(lambda d: d["BLOCK_ROWS"])),
+         _simt_backward_smem(2), _keys_grid(lambda d: d["BLOCK_ROWS"])),
     _hip("flash_decode_mfma", "flash_decode_mfma.hip", _DECODE, _hip_matrix_defines("BLOCK_N"),
          _hip_fwd_smem, _decode_grid),
     _hip("flash_decode_wmma", "flash_decode_mfma.hip", _DECODE, _hip_matrix_defines("BLOCK_N"),

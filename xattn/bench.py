@@ -305,10 +305,8 @@ OVERHEAD_ROUNDS = 15
 
 def _interleaved_us(calls: dict, per_run: int, rounds: int = OVERHEAD_ROUNDS) -> dict:
     """name -> (GPU us, host us, us / the first name's) per call, over `rounds` rounds in which
-    every name runs `per_run` calls back to back, in an order rotated from round to round.
-    A shared host drifts by tens of percent over seconds; within one round every implementation
-    meets the same host, so the median of the per-round ratios is what is reported as the ratio,
-    beside the median absolute times.
+    every name runs `per_run` calls back to back (bench_model.rotated_rounds); the ratio is the
+    median of the per-round ratios, beside the median absolute times.
     GPU: CUDA events around each run (launch-bound work shows the host's pace here too).
     Host: wall time to issue the calls, the final synchronization excluded; the launch queue
     (about a thousand entries) does not fill at these counts, so the host never waits on it.
@@ -325,8 +323,8 @@ def _interleaved_us(calls: dict, per_run: int, rounds: int = OVERHEAD_ROUNDS) ->
     torch.cuda.synchronize()
     gpu = {name: [] for name in names}
     host = {name: [] for name in names}
-    for round_ in range(rounds):
-        for name in names[round_ % len(names):] + names[:round_ % len(names)]:
+    for order in bench_model.rotated_rounds(names, rounds):
+        for name in order:
             context, call = calls[name]
             with context():
                 start, end = (torch.cuda.Event(enable_timing=True),
@@ -342,7 +340,7 @@ def _interleaved_us(calls: dict, per_run: int, rounds: int = OVERHEAD_ROUNDS) ->
                 gpu[name].append(start.elapsed_time(end) * 1e3 / per_run)
     first = names[0]
     return {name: (statistics.median(gpu[name]), statistics.median(host[name]),
-                   statistics.median(g / f for g, f in zip(gpu[name], gpu[first])))
+                   bench_model.median_ratio(gpu[name], gpu[first]))
             for name in names}
 
 

@@ -18,8 +18,9 @@ Both models live side by side and every measurement runs in --model-reps rounds,
 xattn and sdpa once (order rotated); times are medians, and a speed ratio is the median of the
 per-round ratios, so that the host's drift between minutes cancels.
 Ratios are xattn / sdpa in speed (above 1: xattn is faster) and in peak memory (below 1: xattn
-needs less; a step's peak as a process holding only that model would see it). The JSON also holds how far xattn's prefill logits are from sdpa's and the share of
-generated tokens on which the two agree (bfloat16 rounding can flip a near-tie greedy choice).
+needs less; a step's peak as a process holding only that model would see it). The JSON also
+holds how far xattn's prefill logits are from sdpa's and the share of generated tokens on which
+the two agree (bfloat16 rounding can flip a near-tie greedy choice).
 A benchmark, not a test: it prints a table and writes bench_model.json and (with matplotlib)
 bench_model.png.
 """
@@ -111,12 +112,25 @@ def prompts(size: ModelSize, device):
     return ids, mask
 
 
+def rotated_rounds(names: list, rounds: int):
+    """For each of `rounds` rounds, every name once, the order rotated by one a round: within a
+    round every implementation meets the same host (a shared host's pace drifts by tens of
+    percent between minutes), and none always runs first. Used by --model and --overhead."""
+    for round_ in range(rounds):
+        start = round_ % len(names)
+        yield names[start:] + names[:start]
+
+
+def median_ratio(values: list, reference: list) -> float:
+    """The median over rounds of values[i] / reference[i]."""
+    return statistics.median(v / r for v, r in zip(values, reference))
+
+
 def _interleaved_seconds(fns: dict, reps: int, device) -> tuple[dict, float | None]:
     """name -> median wall seconds of fns[name]() over `reps` rounds after one warm-up each; in
     each round every name runs once, in an order rotated from round to round. Also the median
     over rounds of the ratio of the second name's time to the first's (both met the same host
-    in a round: a shared host's pace drifts by tens of percent between minutes, which moved
-    whole-model ratios by a third when each implementation was timed in its own minutes).
+    in a round, rotated_rounds: timed in their own minutes, whole-model ratios moved by a third).
     The device is synchronized around each run (generate() and a training step are host-driven
     loops; wall time is what a user waits)."""
     import torch
@@ -129,15 +143,14 @@ def _interleaved_seconds(fns: dict, reps: int, device) -> tuple[dict, float | No
     for name in names:
         fns[name]()
     times = {name: [] for name in names}
-    for round_ in range(reps):
-        for name in names[round_ % len(names):] + names[:round_ % len(names)]:
+    for order in rotated_rounds(names, reps):
+        for name in order:
             sync()
             began = time.perf_counter()
             fns[name]()
             sync()
             times[name].append(time.perf_counter() - began)
-    ratio = (statistics.median(b / a for a, b in zip(times[names[0]], times[names[1]]))
-             if len(names) == 2 else None)
+    ratio = median_ratio(times[names[1]], times[names[0]]) if len(names) == 2 else None
     return {name: statistics.median(t) for name, t in times.items()}, ratio
 
 

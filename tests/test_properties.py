@@ -167,7 +167,7 @@ def test_lse_is_logsumexp_of_scaled_masked_scores(backend, data):
     empty = np.isneginf(expected)
     np.testing.assert_array_equal(np.isneginf(lse), empty)
     # A float32 score carries the rounding of its sum, which the lse takes over (score_rounding;
-    # a row of one key of sum_d |q_d k_d| ~ 580 at scale 1 was off by 2.4e-5, 0.7 eps32 of it).
+    # a row of one key of sum_d |q_d k_d| ~ 580 at scale 1 was off by 2.4e-5: 0.7 * 2^-24 of it).
     tolerance = LSE_TOLERANCE[problem.dtype]
     rounding = score_rounding(problem, *inputs[:2]) if problem.dtype != "float64" else 0.0
     np.testing.assert_allclose(lse[~empty], expected[~empty], rtol=tolerance,

@@ -22,9 +22,9 @@ xattn's backward kernels given the merged out and lse (P = exp(S - lse) is exact
 so nothing is recomputed beyond what FlashAttention-2's backward always does. Point-to-point
 transfers (torch.distributed.batch_isend_irecv) are started before the block's kernels and
 waited for after them, the gradient sums too (those sent at the end of one step are waited for
-after the next step's kernels): communication overlaps compute. Works for any world size (1 included)
-and any backend torch.distributed has (NCCL on GPUs, gloo on the CPU, where xattn runs its
-reference backend).
+after the next step's kernels): communication overlaps compute. Works for any world size (1
+included) and any backend torch.distributed has (NCCL on GPUs, gloo on the CPU, where xattn runs
+its reference backend).
 """
 
 from __future__ import annotations
@@ -140,7 +140,7 @@ def _backward(dout, q, k, v, out, lse, causal, scale, group, deterministic):
     length = q.shape[2]
     dq = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
     kv = (k, v)
-    dkv = None  # the float32 (dk, dv) sums on their way round the ring, and their transfer
+    dkv_pending = None  # (the float32 (dk, dv) sums of the block in hand, their transfer)
     for step in range(ring.world):
         # K/V move on one step ahead; their gradients follow one step behind.
         pending = ring.start(kv) if step < ring.world - 1 else None
@@ -153,20 +153,20 @@ def _backward(dout, q, k, v, out, lse, causal, scale, group, deterministic):
         dq[:, :, rows] += grads[0]
         # The sums of this block's gradients, as the ranks before this one left them, were sent
         # during the kernels above: wait for them only now, so the transfer overlaps the compute.
-        if dkv is None:
+        if dkv_pending is None:
             dkv = tuple(torch.zeros(t.shape, dtype=torch.float32, device=t.device) for t in kv)
         else:
-            dkv, requests = dkv
+            dkv, requests = dkv_pending
             ring.wait(requests)
         dkv[0][:, :, keys] += grads[1]
         dkv[1][:, :, keys] += grads[2]
         # Hand them on to r+1, which holds the block next step; the last send brings every
         # block home (rank r ends with the block of r+1).
-        dkv = ring.start(dkv)
+        dkv_pending = ring.start(dkv)
         if pending is not None:
             kv, requests = pending
             ring.wait(requests)
-    dkv, requests = dkv
+    dkv, requests = dkv_pending
     ring.wait(requests)
     return dq.to(q.dtype), dkv[0].to(k.dtype), dkv[1].to(v.dtype)
 

@@ -350,6 +350,13 @@ __device__ __forceinline__ void score_tile(float (&s)[S_REGS], const ConsumerCtx
     if (HAS_SOFTCAP || HAS_ALIBI || needs_mask) modify_scores(s, c.row_start, n_start, c.mods, needs_mask, c.t);
 }
 
+// Wait for this warpgroup's last P V: O and the P fragments it read are settled in their registers.
+__device__ __forceinline__ void wait_pv(float (&o)[O_REGS], u32 (&p_frag)[P_STEPS][4]) {
+    wgmma_wait<0>();
+    pin_registers(o);
+    pin_registers(p_frag);
+}
+
 // The main loop of one query block over its n_tiles key tiles, right to left from tile_end - 1:
 // O, m_i and l_i of the warpgroup's 64 rows. kv: K/V tiles the CTA consumed before this block
 // (the ring's position). sQ is released (q_empty) once the last S = Q K^T has completed, before
@@ -381,9 +388,7 @@ __device__ __forceinline__ void attend(const ConsumerCtx& c, int tile_end, int n
         // right after the softmax, it went above it and the softmax ran with the tensor cores idle
         // (SASS, every row before 2026-11-30).
 #if !OVERLAP_WAIT_LATE
-        wgmma_wait<0>();
-        pin_registers(o);
-        pin_registers(p_frag);
+        wait_pv(o, p_frag);
         if (i > 1) release(c.bars.v_empty + 8 * stage_of(kv + i - 2));
 #endif
         acc_to_a_operand<BLOCK_N>(p_frag, s);  // P of tile i - 1
@@ -400,16 +405,12 @@ __device__ __forceinline__ void attend(const ConsumerCtx& c, int tile_end, int n
         score_tile(s, c, tile_end - 1 - i);
         online_softmax(s, m_i, l_i, alpha, c.scale_log2);                  // under the P V wgmma
 #if OVERLAP_WAIT_LATE
-        wgmma_wait<0>();
-        pin_registers(o);
-        pin_registers(p_frag);
+        wait_pv(o, p_frag);
         release(c.bars.v_empty + 8 * s_prev);
 #endif
     }
 #if !OVERLAP_WAIT_LATE
-    wgmma_wait<0>();  // the loop's last P V
-    pin_registers(o);
-    pin_registers(p_frag);
+    wait_pv(o, p_frag);  // the loop's last P V
     if (n_tiles > 1) release(c.bars.v_empty + 8 * stage_of(kv + n_tiles - 2));
 #endif
     if (PERSISTENT) release(c.bars.q_empty);  // the block's last S = Q K^T has completed (waited above)

@@ -235,18 +235,20 @@ def measure(models: dict, size: ModelSize, device, reps: int) -> dict:
         model.train()
         optimizer = optimizers[name] = torch.optim.AdamW(model.parameters(), lr=1e-5)
 
-        def step():
+        def step(record=True):
             # Peak memory of a step as a process holding only this model would see it: what the
             # step allocates beyond what was there before it, plus this model's weights and
-            # optimizer state (the other model's stay out of it).
-            if device.type == "cuda":
+            # optimizer state (the other model's stay out of it). Not the first step, which
+            # allocates that state (it would count twice).
+            record = record and device.type == "cuda"
+            if record:
                 torch.cuda.reset_peak_memory_stats(device)
                 before = torch.cuda.memory_allocated(device)
             loss = model(train_ids, labels=train_ids, use_cache=False).loss
             loss.backward()
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
-            if device.type == "cuda":
+            if record:
                 own = sum(t.nbytes for t in model.parameters())
                 own += sum(t.nbytes for state in optimizer.state.values() for t in state.values()
                            if isinstance(t, torch.Tensor))
@@ -254,7 +256,7 @@ def measure(models: dict, size: ModelSize, device, reps: int) -> dict:
                 results[name]["train_peak_gib"] = max(results[name].get("train_peak_gib", 0),
                                                       peak / 2**30)
 
-        step()  # the optimizer's state exists from here on, as in a real run
+        step(record=False)  # the optimizer's state exists from here on, as in a real run
         return step
 
     try:

@@ -6,6 +6,9 @@ Nsight Compute (ci/ncu_profile.sh profiles only the launches inside the NVTX ran
 Cases (bf16; B*S = 16384 and H*D = 2048 as `bench` uses, decode as `bench --decode`):
   fwd128   forward D128 S2048, not causal    (0.84x cuDNN, issue 13)
   fwd64    forward D64 S4096, not causal     (0.86-0.91x)
+  fwd128c  forward D128 S2048, causal        (0.94x)
+  fwd64c   forward D64 S2048, causal         (0.92-0.94x)
+  bwd64c   backward D64 S4096, causal        (0.90-0.93x: red.global dQ, issue 14)
   bwd128   backward D128 S4096, not causal   (0.92x, issue 14)
   bwd256   backward D256 S4096, not causal (the sm90 D256 row: 0.91x cuDNN, issue 14)
   decode   decode B8 Hq32 Hk8 D128 Sk32768, contiguous bf16 cache (0.90x, issue 17)
@@ -35,13 +38,13 @@ def attention_inputs(d, s, grad=False):
             for _ in range(3)]
 
 
-def case_forward(d, s):
+def case_forward(d, s, causal=False):
     q, k, v = attention_inputs(d, s)
-    return {"xattn": lambda: xattn.attention(q, k, v),
-            "cudnn": cudnn(lambda: F.scaled_dot_product_attention(q, k, v))}
+    return {"xattn": lambda: xattn.attention(q, k, v, causal=causal),
+            "cudnn": cudnn(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=causal))}
 
 
-def case_backward(d, s, peer="cudnn"):
+def case_backward(d, s, peer="cudnn", causal=False):
     """The backward runs on autograd's device thread, outside the caller's NVTX range: a hook on
     the output (before the attention's backward node) opens a range there, one on q (after it)
     closes it, so the range holds that node's kernels and nothing else."""
@@ -63,10 +66,10 @@ def case_backward(d, s, peer="cudnn"):
         return out
 
     q.register_hook(pop)
-    outs = {"xattn": attention(xattn.attention)}
+    outs = {"xattn": attention(lambda *a: xattn.attention(*a, causal=causal))}
     backend = SDPBackend.CUDNN_ATTENTION if peer == "cudnn" else SDPBackend.FLASH_ATTENTION
     with sdpa_kernel(backend):
-        outs[peer] = attention(F.scaled_dot_product_attention)
+        outs[peer] = attention(lambda *a: F.scaled_dot_product_attention(*a, is_causal=causal))
 
     def grads(name):
         def run(profile=False):
@@ -89,8 +92,11 @@ def case_decode(batch=8, heads_q=32, heads_k=8, seqlen=32768, d=128):
 
 
 CASES = {"fwd128": lambda: case_forward(128, 2048), "fwd64": lambda: case_forward(64, 4096),
+         "fwd128c": lambda: case_forward(128, 2048, causal=True),
+         "fwd64c": lambda: case_forward(64, 2048, causal=True),
          "bwd128": lambda: case_backward(128, 4096), "decode": case_decode,
-         "bwd256": lambda: case_backward(256, 4096)}
+         "bwd256": lambda: case_backward(256, 4096),
+         "bwd64c": lambda: case_backward(64, 4096, causal=True)}
 
 
 def main(names):

@@ -296,8 +296,8 @@ __device__ __forceinline__ void issue_transposed_scores(float (&d)[ST_REGS], u32
 #pragma unroll
     for (int kk = 0; kk < HEAD_DIM / WGMMA_K; ++kk) {
         const u32 box = kk / (SWIZZLE_ELEMS / WGMMA_K), step = (kk % (SWIZZLE_ELEMS / WGMMA_K)) * WGMMA_K * 2;
-        Wgmma<ST_COLS>::ss(d, smem_descriptor(a_rows + box * KV_BOX_BYTES + step, 16),
-                           smem_descriptor(b_tile + box * Q_BOX_BYTES + step, 16), kk > 0);
+        Wgmma<ST_COLS>::ss(d, smem_descriptor(a_rows, box * KV_BOX_BYTES + step, 16),
+                           smem_descriptor(b_tile, box * Q_BOX_BYTES + step, 16), kk > 0);
     }
     wgmma_commit();
 }
@@ -309,7 +309,7 @@ __device__ __forceinline__ void issue_transposed_scores(float (&d)[ST_REGS], u32
 __device__ __forceinline__ void issue_key_gradient(float (&acc)[DKV_REGS], const u32 (&a)[M_STEPS][4], u32 b_tile) {
 #pragma unroll
     for (int kk = 0; kk < M_STEPS; ++kk)
-        Wgmma<KV_COLS>::rs<1>(acc, a[kk], smem_descriptor(b_tile + kk * 2 * SWIZZLE_ATOM_BYTES, Q_BOX_BYTES), true);
+        Wgmma<KV_COLS>::rs<1>(acc, a[kk], smem_descriptor(b_tile, kk * 2 * SWIZZLE_ATOM_BYTES, Q_BOX_BYTES), true);
 }
 
 // The same with A from shared memory (SHARED_KEYS): sP or sdS, rows = keys and the step's 64
@@ -317,8 +317,8 @@ __device__ __forceinline__ void issue_key_gradient(float (&acc)[DKV_REGS], const
 __device__ __forceinline__ void issue_key_gradient_ss(float (&acc)[DKV_REGS], u32 a_tile, u32 b_tile) {
 #pragma unroll
     for (int kk = 0; kk < M_STEPS; ++kk)
-        Wgmma<KV_COLS>::ss<0, 1>(acc, smem_descriptor(a_tile + kk * WGMMA_K * 2, 16),
-                                 smem_descriptor(b_tile + kk * 2 * SWIZZLE_ATOM_BYTES, Q_BOX_BYTES), true);
+        Wgmma<KV_COLS>::ss<0, 1>(acc, smem_descriptor(a_tile, kk * WGMMA_K * 2, 16),
+                                 smem_descriptor(b_tile, kk * 2 * SWIZZLE_ATOM_BYTES, Q_BOX_BYTES), true);
 }
 
 // dQ (64 queries x DQ_COLS) = dS (64 queries x BLOCK_N keys) K (BLOCK_N keys x DQ_COLS): BLOCK_N
@@ -329,8 +329,8 @@ __device__ __forceinline__ void issue_dq(float (&dq)[DQ_REGS], u32 ds_box, u32 k
     wgmma_fence();
 #pragma unroll
     for (int kk = 0; kk < BLOCK_N / WGMMA_K; ++kk)
-        Wgmma<DQ_COLS>::ss<1, 1>(dq, smem_descriptor(ds_box + kk * 2 * SWIZZLE_ATOM_BYTES, DS_BOX_BYTES),
-                                 smem_descriptor(k_cols + kk * 2 * SWIZZLE_ATOM_BYTES, KV_BOX_BYTES), kk > 0);
+        Wgmma<DQ_COLS>::ss<1, 1>(dq, smem_descriptor(ds_box, kk * 2 * SWIZZLE_ATOM_BYTES, DS_BOX_BYTES),
+                                 smem_descriptor(k_cols, kk * 2 * SWIZZLE_ATOM_BYTES, KV_BOX_BYTES), kk > 0);
     wgmma_commit();
 }
 

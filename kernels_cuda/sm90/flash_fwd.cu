@@ -165,8 +165,8 @@ __device__ __forceinline__ void issue_qk(float (&s)[S_REGS], u32 q_rows, u32 k_t
 #pragma unroll
     for (int kk = 0; kk < HEAD_DIM / WGMMA_K; ++kk) {
         const u32 box = kk / (SWIZZLE_ELEMS / WGMMA_K), step = (kk % (SWIZZLE_ELEMS / WGMMA_K)) * WGMMA_K * 2;
-        Wgmma<BLOCK_N>::ss(s, smem_descriptor(q_rows + box * Q_BOX_BYTES + step, 16),
-                           smem_descriptor(k_tile + box * KV_BOX_BYTES + step, 16), kk > 0);
+        Wgmma<BLOCK_N>::ss(s, smem_descriptor(q_rows, box * Q_BOX_BYTES + step, 16),
+                           smem_descriptor(k_tile, box * KV_BOX_BYTES + step, 16), kk > 0);
     }
     wgmma_commit();
 }
@@ -177,7 +177,7 @@ __device__ __forceinline__ void issue_pv(float (&o)[O_REGS], const u32 (&p)[P_ST
     wgmma_fence();
 #pragma unroll
     for (int kk = 0; kk < P_STEPS; ++kk)
-        Wgmma<HEAD_DIM>::rs<1>(o, p[kk], smem_descriptor(v_tile + kk * 2 * SWIZZLE_ATOM_BYTES, KV_BOX_BYTES), true);
+        Wgmma<HEAD_DIM>::rs<1>(o, p[kk], smem_descriptor(v_tile, kk * 2 * SWIZZLE_ATOM_BYTES, KV_BOX_BYTES), true);
     wgmma_commit();
 }
 

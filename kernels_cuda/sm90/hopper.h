@@ -84,9 +84,16 @@ __device__ __forceinline__ void pin_registers(u32 (&r)[N][4]) {
 //  the distance to the next 64 columns (the next TMA box); a k16 step is two atoms down.
 #define DESC_SWIZZLE_128B (1ull << 62)
 
-__device__ __forceinline__ u64 smem_descriptor(u32 smem_address, u32 leading_bytes) {
-    return (u64)((smem_address & 0x3FFFF) >> 4) | ((u64)(leading_bytes >> 4) << 16) |
-           ((u64)(SWIZZLE_ATOM_BYTES >> 4) << 32) | DESC_SWIZZLE_128B;
+// The descriptor of the tile at smem_address + offset (a multiple of 16 bytes: the products pass
+// a tile's base and each k step's constant offset). Every shared-memory address is below 2^18,
+// so the start-address field needs no mask: 1 ULOP3 fewer per descriptor (ncu,
+// ci/results/2026-12-01-session10/: 2 ULOP3 per HGMMA in the D128 backward, 68M against cuDNN's
+// 2M). Adding the offset to a descriptor built once from the base needs fewer still, but the
+// base descriptors then stay live across the backward's loop and spill there (ptxas, NVRTC 13.0).
+__device__ __forceinline__ u64 smem_descriptor(u32 smem_address, u32 offset, u32 leading_bytes) {
+    const u32 low = ((smem_address + offset) >> 4) | ((leading_bytes >> 4) << 16);
+    const u32 high = (SWIZZLE_ATOM_BYTES >> 4) | (u32)(DESC_SWIZZLE_128B >> 32);
+    return ((u64)high << 32) | low;
 }
 
 // Byte offset of element (row, col) in a 128-byte-swizzled tile of 64 columns whose base is
@@ -118,14 +125,33 @@ __device__ __forceinline__ void mbar_arrive(u32 bar) {
 }
 // Wait until the phase of parity `phase` has completed. A fresh barrier is in phase 0, so waiting
 // on parity 1 passes at once: that is how a producer's first pass over empty stages goes through.
+// A thread whose phase has not completed sleeps until it completes, or for at most
+// MBAR_SUSPEND_NS nanoseconds (try_wait's suspend-time hint), before it polls again. Without the
+// hint the hardware's own, short limit applies: the producer's waits for free stages polled about
+// every 14 cycles, 9.1M SYNCS instructions in the D128 forward at S 2048 against cuDNN's 1.6M
+// (ncu, ci/results/2026-12-01-session10/), issue slots taken from the consumer warps that share
+// its scheduler. 0: no hint.
+#ifndef MBAR_SUSPEND_NS
+#define MBAR_SUSPEND_NS 10000000
+#endif
 __device__ __forceinline__ void mbar_wait(u32 bar, int phase) {
+#if MBAR_SUSPEND_NS
     asm volatile(
         "{\n.reg .pred done;\n"
         "LAB_WAIT:\n"  // a label local to this { } block
+        "mbarrier.try_wait.parity.shared::cta.b64 done, [%0], %1, %2;\n"
+        "@!done bra.uni LAB_WAIT;\n}\n" ::"r"(bar),
+        "r"(phase), "r"((u32)MBAR_SUSPEND_NS)
+        : "memory");
+#else
+    asm volatile(
+        "{\n.reg .pred done;\n"
+        "LAB_WAIT:\n"
         "mbarrier.try_wait.parity.shared::cta.b64 done, [%0], %1;\n"
         "@!done bra.uni LAB_WAIT;\n}\n" ::"r"(bar),
         "r"(phase)
         : "memory");
+#endif
 }
 
 // ---- the copy engine (TMA) ----------------------------------------------------------------------

@@ -9,7 +9,8 @@ process (rotated rounds, cuDNN in the same rounds): what a change to kernels_cud
 copy of flash_fwd.cu, flash_bwd.cu and the headers they include; it is made for the run and never
 committed. Each --variant adds the current sources with extra defines (e.g. "nohint:
 MBAR_SUSPEND_NS=0"). Prints TFLOP/s per implementation (bf16, B S = 16384, H D = 2048; forward
-4 B H S^2 D, backward 2.5 times that, halved causal; do_bench medians, median of 3 rotated rounds)
+4 B H S^2 D, backward 2.5 times that, halved causal; do_bench medians, median of --rounds rotated
+rounds)
 and each one's ratio to cuDNN. A benchmark: it asserts nothing.
 """
 
@@ -23,7 +24,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 from sm90_bwd_check import bwd_tflops  # noqa: E402
-from sm90_fwd_check import ROUNDS, measure, tflops  # noqa: E402
+from sm90_fwd_check import measure, tflops  # noqa: E402
 
 from xattn import cuda, kernels, launch, sm90  # noqa: E402
 
@@ -96,13 +97,13 @@ def cudnn_backward(q, k, v, dout, causal):
     return lambda: torch.autograd.grad(o, (qs, ks, vs), dout, retain_graph=True)
 
 
-def rotated(fns: dict) -> dict:
-    """Median milliseconds per implementation over ROUNDS rounds, the order rotated each round."""
+def rotated(fns: dict, rounds: int) -> dict:
+    """Median milliseconds per implementation over `rounds` rounds, the order rotated each round."""
     import statistics
 
     names = list(fns)
     times = {name: [] for name in names}
-    for r in range(ROUNDS):
+    for r in range(rounds):
         for name in names[r % len(names):] + names[:r % len(names)]:
             times[name].append(measure(fns[name]))
     return {name: statistics.median(t) for name, t in times.items()}
@@ -122,6 +123,7 @@ def main() -> int:
     parser.add_argument("--head-dims", type=int, nargs="+", default=[64, 128, 256])
     parser.add_argument("--fwd-seqlens", type=int, nargs="*", default=[2048, 8192])
     parser.add_argument("--bwd-seqlens", type=int, nargs="*", default=[4096])
+    parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args()
     swaps = {"new": with_sources(None, {})}
     if args.old:
@@ -130,7 +132,7 @@ def main() -> int:
         name, _, defines = spec.partition(":")
         swaps[name] = with_sources(None, {k: int(v) for k, v in (d.split("=") for d in defines.split(","))})
     print(f"sm90 A/B {torch.cuda.get_device_name()}: TFLOP/s (ratio to cuDNN), bf16, B S = 16384, "
-          f"H D = 2048, median of {ROUNDS} rotated rounds; implementations {list(swaps)}")
+          f"H D = 2048, median of {args.rounds} rotated rounds; implementations {list(swaps)}")
     for d in args.head_dims:
         for causal in (False, True):
             for s in args.fwd_seqlens:
@@ -138,7 +140,7 @@ def main() -> int:
                 q, k, v = (torch.randn(b, h, s, d, device="cuda", dtype=torch.bfloat16) for _ in range(3))
                 fns = {name: forward_runner(q, k, v, causal, swap) for name, swap in swaps.items()}
                 fns["cudnn"] = cudnn_forward(q, k, v, causal)
-                report(f"fwd D{d} {'causal' if causal else 'full'} S{s}", rotated(fns),
+                report(f"fwd D{d} {'causal' if causal else 'full'} S{s}", rotated(fns, args.rounds),
                        lambda ms: tflops(b, h, s, d, causal, ms))
             for s in args.bwd_seqlens:
                 b, h = 16384 // s, 2048 // d
@@ -149,7 +151,7 @@ def main() -> int:
                 fns = {name: backward_runner(q, k, v, dout, out, lse, causal, swap)
                        for name, swap in swaps.items()}
                 fns["cudnn"] = cudnn_backward(q, k, v, dout, causal)
-                report(f"bwd D{d} {'causal' if causal else 'full'} S{s}", rotated(fns),
+                report(f"bwd D{d} {'causal' if causal else 'full'} S{s}", rotated(fns, args.rounds),
                        lambda ms: bwd_tflops(b, h, s, d, causal, ms))
     print("SUMMARY ab: done")
     return 0

@@ -125,33 +125,18 @@ __device__ __forceinline__ void mbar_arrive(u32 bar) {
 }
 // Wait until the phase of parity `phase` has completed. A fresh barrier is in phase 0, so waiting
 // on parity 1 passes at once: that is how a producer's first pass over empty stages goes through.
-// A thread whose phase has not completed sleeps until it completes, or for at most
-// MBAR_SUSPEND_NS nanoseconds (try_wait's suspend-time hint), before it polls again. Without the
-// hint the hardware's own, short limit applies: the producer's waits for free stages polled about
-// every 14 cycles, 9.1M SYNCS instructions in the D128 forward at S 2048 against cuDNN's 1.6M
-// (ncu, ci/results/2026-12-01-session10/), issue slots taken from the consumer warps that share
-// its scheduler. 0: no hint.
-#ifndef MBAR_SUSPEND_NS
-#define MBAR_SUSPEND_NS 10000000
-#endif
+// No suspend-time hint: without one the producer polls its empty barriers about every 14 cycles
+// (6x cuDNN's SYNCS instructions in the forward, ncu), but with a 10 ms hint (ptxas then sleeps
+// between polls, NANOSLEEP.SYNCS) most rows ran 2-6% slower, the D256 forward up to 3% faster
+// (ci/results/2026-12-01-session10/, calls 3-4): the polling costs the consumers nothing measurable.
 __device__ __forceinline__ void mbar_wait(u32 bar, int phase) {
-#if MBAR_SUSPEND_NS
     asm volatile(
         "{\n.reg .pred done;\n"
         "LAB_WAIT:\n"  // a label local to this { } block
-        "mbarrier.try_wait.parity.shared::cta.b64 done, [%0], %1, %2;\n"
-        "@!done bra.uni LAB_WAIT;\n}\n" ::"r"(bar),
-        "r"(phase), "r"((u32)MBAR_SUSPEND_NS)
-        : "memory");
-#else
-    asm volatile(
-        "{\n.reg .pred done;\n"
-        "LAB_WAIT:\n"
         "mbarrier.try_wait.parity.shared::cta.b64 done, [%0], %1;\n"
         "@!done bra.uni LAB_WAIT;\n}\n" ::"r"(bar),
         "r"(phase)
         : "memory");
-#endif
 }
 
 // ---- the copy engine (TMA) ----------------------------------------------------------------------

@@ -440,6 +440,44 @@ def phase_rows(args) -> int:
     return 0
 
 
+def phase_stages(args) -> int:
+    """The table's row at each length against the same row with more K/V stages in flight (where
+    they fit in shared memory), cuDNN in the same rotated rounds (bf16, B S = 16384, H D = 2048)."""
+    lengths = args.seqlens or (2048, 8192)
+    print(f"stages {time.strftime('%Y-%m-%d')} {torch.cuda.get_device_name()}: TFLOP/s (ratio to cuDNN), "
+          f"median of {ROUNDS} rotated rounds; sN: the table's row with N stages")
+    table = sm90.ROWS
+    for d in args.head_dims:
+        for causal in (False, True):
+            for s in lengths:
+                row = sm90.select(d, causal, s)
+                rows = {f"s{row.stages} (table)": row}
+                for stages in (3, 4):
+                    more = row._replace(stages=stages)
+                    if FORWARD.shared_memory(FORWARD.defines(more, "bfloat16", flags={})) <= sm90.SMEM_LIMIT:
+                        rows[f"s{stages}"] = more
+                b, h = 16384 // s, 2048 // d
+                q, k, v = (torch.randn(b, h, s, d, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+                out, lse = torch.empty_like(q), torch.empty(b, h, s, device="cuda")
+                stream, scale = torch.cuda.current_stream().cuda_stream, 1 / math.sqrt(d)
+
+                def pinned(r):
+                    def run():
+                        sm90.ROWS = (r,)
+                        try:
+                            sm90.forward(q, k, v, out, lse, causal=causal, scale=scale, stream=stream)
+                        finally:
+                            sm90.ROWS = table
+                    return run
+                fns = {name: pinned(r) for name, r in rows.items()}
+                fns["cudnn"] = timers(q, k, v, causal)["cudnn"]
+                got = fair_tflops(fns, tuple(fns), lambda ms: tflops(b, h, s, d, causal, ms))
+                cells = " ".join(f"{n} {got[n]:.0f} ({got[n] / got['cudnn']:.3f})" for n in fns if n != "cudnn")
+                print(f"D{d} {'causal' if causal else 'full'} S{s} {row}: {cells} cudnn {got['cudnn']:.0f}", flush=True)
+    print("SUMMARY stages: done")
+    return 0
+
+
 def phase_bench_old(args) -> int:
     """Today's mma.sync kernel (xattn.cuda.forward) on a few rows, in a process of its own."""
     print("| dtype | D | causal | S | mma.sync |")
@@ -456,7 +494,7 @@ def phase_bench_old(args) -> int:
 
 def main() -> int:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--phase", required=True, choices=["compile", "check", "host", "tune", "bench", "bench_old", "rows"])
+    parser.add_argument("--phase", required=True, choices=["compile", "check", "host", "tune", "bench", "bench_old", "rows", "stages"])
     parser.add_argument("--variant", default="table", choices=["table", *VARIANTS],
                         help="overlaps of every row: the table's, or one variant for all")
     parser.add_argument("--quick", action="store_true")
@@ -467,7 +505,8 @@ def main() -> int:
     if args.variant != "table":
         use_variant(args.variant)
     return {"compile": phase_compile, "check": phase_check, "host": phase_host, "tune": phase_tune,
-            "bench": phase_bench, "bench_old": phase_bench_old, "rows": phase_rows}[args.phase](args)
+            "bench": phase_bench, "bench_old": phase_bench_old, "rows": phase_rows,
+            "stages": phase_stages}[args.phase](args)
 
 
 if __name__ == "__main__":

@@ -385,15 +385,17 @@ def phase_bench(args) -> int:
 
 # rows: the classes timed, each with candidate tiles (block_n, overlap, pingpong, persistent) beside
 # the table's row and, for an overlapped row, the same row with the other softmax placement
-# (block_n, overlap, pingpong, persistent from S 1, softmax under P V)
+# (block_n, overlap, pingpong, persistent from S 1, softmax under P V[, K/V stages, default 2])
 ROW_CANDIDATES = {(64, False): [(128, 1, 0, 1, True), (128, 1, 1, 1, True), (192, 1, 0, 1, True),
-                                (176, 1, 0, 1, True), (192, 0, 0, 1, False), (160, 0, 0, 1, False)],
+                                (176, 1, 0, 1, True), (192, 0, 0, 1, False), (160, 0, 0, 1, False),
+                                (128, 0, 0, 1, False, 3), (128, 0, 0, 1, False, 4)],
                   (64, True): [(128, 1, 0, 1, True), (128, 1, 1, 1, True), (192, 1, 0, 1, True)],
                   (128, False): [(128, 1, 0, 1, False), (128, 1, 1, 1, False), (128, 1, 1, 0, False),
                                  (176, 1, 1, 0, False), (128, 1, 1, 1, True), (128, 0, 0, 1, False),
-                                 (192, 1, 0, 1, False), (192, 1, 1, 1, False)],
+                                 (192, 1, 0, 1, False), (192, 1, 1, 1, False),
+                                 (128, 1, 0, 1, False, 3), (128, 1, 1, 1, False, 3)],
                   (128, True): [(128, 1, 0, 1, False), (128, 1, 1, 1, False), (176, 1, 1, 1, False),
-                                (128, 1, 1, 1, True)],
+                                (128, 1, 1, 1, True), (128, 1, 1, 1, False, 3), (128, 1, 0, 1, False, 3)],
                   (192, False): [], (192, True): [],
                   (256, False): [(80, 1, 1, 1, True)], (256, True): [(80, 1, 1, 1, True)]}
 
@@ -403,16 +405,17 @@ def phase_rows(args) -> int:
     the same rotated rounds (bf16, B S = 16384, H D = 2048): which tile wins at which length."""
     lengths = args.seqlens or (1024, 2048, 4096, 8192)
     print(f"rows {time.strftime('%Y-%m-%d')} {torch.cuda.get_device_name()}: TFLOP/s, median of {ROUNDS} rotated "
-          "rounds; candidates are block_n/overlap pingpong/persistent from S 1, u: softmax under P V")
+          "rounds; candidates are block_n/overlap pingpong/persistent from S 1, u: softmax under P V, sN: N stages")
     table = sm90.ROWS
     for (d, causal), candidates in ROW_CANDIDATES.items():
         if d not in args.head_dims:
             continue
         for s in lengths:
             rows = {"table": sm90.select(d, causal, s)}
-            for n, o, pp, pers, under in candidates:
-                rows[f"{n}/{o}{pp}/{pers}{'u' if under else ''}"] = sm90.Row(
-                    d, causal, n, 2, overlap=o, pingpong=pp, persistent=pers, softmax_under_pv=under)
+            for n, o, pp, pers, under, *stages in candidates:
+                stages = stages[0] if stages else 2
+                rows[f"{n}/{o}{pp}/{pers}{'u' if under else ''}{f's{stages}' if stages != 2 else ''}"] = sm90.Row(
+                    d, causal, n, stages, overlap=o, pingpong=pp, persistent=pers, softmax_under_pv=under)
             b, h = 16384 // s, 2048 // d
             q, k, v = (torch.randn(b, h, s, d, device="cuda", dtype=torch.bfloat16) for _ in range(3))
             out, lse = torch.empty_like(q), torch.empty(b, h, s, device="cuda")

@@ -1,5 +1,5 @@
 """The Hopper kernels of this tree against another copy of their sources, side by side in one
-process (rotated rounds, cuDNN in the same rounds): what a change to kernels_cuda/sm90/ gained.
+process (launches taken in turns, cuDNN among them): what a change to kernels_cuda/sm90/ gained.
 
     git archive <commit> kernels_cuda/sm90 | tar -x --strip-components=2 -C kernels_cuda/sm90_old
     PYTHONPATH=. python ci/sm90_ab.py --old sm90_old [--variant NAME:KEY=VALUE,...] \
@@ -9,9 +9,8 @@ process (rotated rounds, cuDNN in the same rounds): what a change to kernels_cud
 copy of flash_fwd.cu, flash_bwd.cu and the headers they include; it is made for the run and never
 committed. Each --variant adds the current sources with extra defines (e.g. "nohint:
 MBAR_SUSPEND_NS=0"). Prints TFLOP/s per implementation (bf16, B S = 16384, H D = 2048; forward
-4 B H S^2 D, backward 2.5 times that, halved causal; do_bench medians, median of --rounds rotated
-rounds)
-and each one's ratio to cuDNN. A benchmark: it asserts nothing.
+4 B H S^2 D, backward 2.5 times that, halved causal; the median of --turns launches of each, taken
+in turns: sm90_fwd_check.interleaved_ms) and each one's ratio to cuDNN. A benchmark: it asserts nothing.
 """
 
 import argparse
@@ -24,7 +23,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 from sm90_bwd_check import bwd_tflops  # noqa: E402
-from sm90_fwd_check import measure, tflops  # noqa: E402
+from sm90_fwd_check import interleaved_ms, tflops  # noqa: E402
 
 from xattn import cuda, kernels, launch, sm90  # noqa: E402
 
@@ -97,18 +96,6 @@ def cudnn_backward(q, k, v, dout, causal):
     return lambda: torch.autograd.grad(o, (qs, ks, vs), dout, retain_graph=True)
 
 
-def rotated(fns: dict, rounds: int) -> dict:
-    """Median milliseconds per implementation over `rounds` rounds, the order rotated each round."""
-    import statistics
-
-    names = list(fns)
-    times = {name: [] for name in names}
-    for r in range(rounds):
-        for name in names[r % len(names):] + names[:r % len(names)]:
-            times[name].append(measure(fns[name]))
-    return {name: statistics.median(t) for name, t in times.items()}
-
-
 def report(label, ms: dict, to_tflops):
     got = {name: to_tflops(t) for name, t in ms.items()}
     cells = " ".join(f"{n} {got[n]:.0f} ({got[n] / got['cudnn']:.3f})" for n in got if n != "cudnn")
@@ -123,7 +110,7 @@ def main() -> int:
     parser.add_argument("--head-dims", type=int, nargs="+", default=[64, 128, 256])
     parser.add_argument("--fwd-seqlens", type=int, nargs="*", default=[2048, 8192])
     parser.add_argument("--bwd-seqlens", type=int, nargs="*", default=[4096])
-    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--turns", type=int, default=60)
     args = parser.parse_args()
     swaps = {"new": with_sources(None, {})}
     if args.old:
@@ -132,7 +119,7 @@ def main() -> int:
         name, _, defines = spec.partition(":")
         swaps[name] = with_sources(None, {k: int(v) for k, v in (d.split("=") for d in defines.split(","))})
     print(f"sm90 A/B {torch.cuda.get_device_name()}: TFLOP/s (ratio to cuDNN), bf16, B S = 16384, "
-          f"H D = 2048, median of {args.rounds} rotated rounds; implementations {list(swaps)}")
+          f"H D = 2048, median of {args.turns} launches taken in turns; implementations {list(swaps)}")
     for d in args.head_dims:
         for causal in (False, True):
             for s in args.fwd_seqlens:
@@ -140,7 +127,7 @@ def main() -> int:
                 q, k, v = (torch.randn(b, h, s, d, device="cuda", dtype=torch.bfloat16) for _ in range(3))
                 fns = {name: forward_runner(q, k, v, causal, swap) for name, swap in swaps.items()}
                 fns["cudnn"] = cudnn_forward(q, k, v, causal)
-                report(f"fwd D{d} {'causal' if causal else 'full'} S{s}", rotated(fns, args.rounds),
+                report(f"fwd D{d} {'causal' if causal else 'full'} S{s}", interleaved_ms(fns, args.turns),
                        lambda ms: tflops(b, h, s, d, causal, ms))
             for s in args.bwd_seqlens:
                 b, h = 16384 // s, 2048 // d
@@ -151,7 +138,7 @@ def main() -> int:
                 fns = {name: backward_runner(q, k, v, dout, out, lse, causal, swap)
                        for name, swap in swaps.items()}
                 fns["cudnn"] = cudnn_backward(q, k, v, dout, causal)
-                report(f"bwd D{d} {'causal' if causal else 'full'} S{s}", rotated(fns, args.rounds),
+                report(f"bwd D{d} {'causal' if causal else 'full'} S{s}", interleaved_ms(fns, args.turns),
                        lambda ms: bwd_tflops(b, h, s, d, causal, ms))
     print("SUMMARY ab: done")
     return 0

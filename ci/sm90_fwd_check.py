@@ -8,7 +8,7 @@
             on a persistent grid of 3 CTAs; NaN-poisoned outputs, two runs bitwise equal
   host      host cost of a tensor map: encode vs re-point (xattn/tma.py)
   tune      candidate rows (tile, stages, overlaps) at S = 8192, bf16
-  rows      the table's row against a few candidates and cuDNN in the same rotated rounds
+  rows      the table's row against a few candidates and cuDNN timed in turns
   bench     TFLOP/s side by side with the same rows without the persistent grid (sm90-flat), SDPA
             flash and cuDNN: bf16/fp16, D 64/128/256, causal or not, S 1024..16384, B*S = 16384,
             H*D = 2048 (--seqlens, --head-dims: fewer)
@@ -340,19 +340,43 @@ def use_tuned_rows() -> None:
         print(f"rows from {path}: {sm90.ROWS}")
 
 
-ROUNDS = 3  # each implementation timed this many times, in rotated order; the median is reported
+TURNS = 60  # launches of each implementation, taken in turns (interleaved_ms)
+
+
+def interleaved_ms(fns: dict, turns: int = TURNS) -> dict:
+    """Median milliseconds per implementation, each launched `turns` times in turn with the others
+    (A B C A B C ..., the starting one rotated each turn), the L2 cache flushed before every launch
+    as do_bench does, CUDA events around each: every implementation runs under the same clocks.
+    Timed one after another instead (do_bench each, median of 3 rotated rounds), two launches of
+    the same kernel differed by up to 7% (ci/results/2026-12-01-session10/, call 6): the H200's
+    clocks follow its power draw over the seconds one do_bench takes."""
+    import statistics
+
+    flush = torch.empty(256 * 1024 * 1024 // 4, dtype=torch.int32, device="cuda")
+    names = list(fns)
+    for name in names:  # compile, plan, cuDNN's heuristics
+        fns[name]()
+    torch.cuda.synchronize()
+    events = {name: [] for name in names}
+    for turn in range(turns):
+        # A millisecond of spinning keeps the GPU behind the host, so that no event brackets host
+        # time (a pinned row plans on every call; cuDNN's path is C++)
+        torch.cuda._sleep(2_000_000)
+        for name in names[turn % len(names):] + names[:turn % len(names)]:
+            flush.zero_()
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fns[name]()
+            end.record()
+            events[name].append((start, end))
+    torch.cuda.synchronize()
+    return {name: statistics.median(s.elapsed_time(e) for s, e in pairs) for name, pairs in events.items()}
 
 
 def fair_tflops(fns: dict, names, to_tflops) -> dict:
-    """Median TFLOP/s per implementation over ROUNDS rounds, the order rotated each round, so that
-    none is always timed right after the same neighbour (clocks follow the power of the last run)."""
-    import statistics
-
-    times = {name: [] for name in names}
-    for r in range(ROUNDS):
-        for name in names[r % len(names):] + names[:r % len(names)]:
-            times[name].append(measure(fns[name]))
-    return {name: to_tflops(statistics.median(t)) for name, t in times.items()}
+    """TFLOP/s per implementation from interleaved_ms."""
+    ms = interleaved_ms({name: fns[name] for name in names})
+    return {name: to_tflops(t) for name, t in ms.items()}
 
 
 def phase_bench(args) -> int:
@@ -361,7 +385,7 @@ def phase_bench(args) -> int:
     dtypes = ("bfloat16", "float16") if not args.quick else ("bfloat16",)
     lengths = args.seqlens or ((1024, 2048, 4096, 8192, 16384) if not args.quick else (2048, 8192))
     print(f"bench {time.strftime('%Y-%m-%d')} {torch.cuda.get_device_name()}: TFLOP/s = 4 B H S^2 D (halved "
-          f"causal) / time; do_bench median (L2 flushed), median of {ROUNDS} rotated rounds; B S = 16384, H D = 2048; "
+          f"causal) / time; median of {TURNS} launches taken in turns (L2 flushed); B S = 16384, H D = 2048; "
           "sm90-flat: the same rows without the persistent grid")
     print("| dtype | D | causal | S | sm90 | sm90-flat | sdpa-flash | cudnn | sm90/cudnn | flat/cudnn | sm90 % of 790 |")
     print("|---|---|---|---|---|---|---|---|---|---|---|")
@@ -402,10 +426,10 @@ ROW_CANDIDATES = {(64, False): [(128, 1, 0, 1, True), (128, 1, 1, 1, True), (192
 
 def phase_rows(args) -> int:
     """The table's row and each candidate of ROW_CANDIDATES pinned as the only row, with cuDNN, in
-    the same rotated rounds (bf16, B S = 16384, H D = 2048): which tile wins at which length."""
+    turns (interleaved_ms) (bf16, B S = 16384, H D = 2048): which tile wins at which length."""
     lengths = args.seqlens or (1024, 2048, 4096, 8192)
-    print(f"rows {time.strftime('%Y-%m-%d')} {torch.cuda.get_device_name()}: TFLOP/s, median of {ROUNDS} rotated "
-          "rounds; candidates are block_n/overlap pingpong/persistent from S 1, u: softmax under P V, sN: N stages")
+    print(f"rows {time.strftime('%Y-%m-%d')} {torch.cuda.get_device_name()}: TFLOP/s, median of {TURNS} launches "
+          "taken in turns; candidates are block_n/overlap pingpong/persistent from S 1, u: softmax under P V, sN: N stages")
     table = sm90.ROWS
     for (d, causal), candidates in ROW_CANDIDATES.items():
         if d not in args.head_dims:
@@ -445,16 +469,16 @@ def phase_rows(args) -> int:
 
 def phase_stages(args) -> int:
     """The table's row at each length against the same row with more K/V stages in flight (where
-    they fit in shared memory), cuDNN in the same rotated rounds (bf16, B S = 16384, H D = 2048)."""
+    they fit in shared memory), cuDNN among them, timed in turns (bf16, B S = 16384, H D = 2048)."""
     lengths = args.seqlens or (2048, 8192)
     print(f"stages {time.strftime('%Y-%m-%d')} {torch.cuda.get_device_name()}: TFLOP/s (ratio to cuDNN), "
-          f"median of {ROUNDS} rotated rounds; sN: the table's row with N stages")
+          f"median of {TURNS} launches taken in turns; sN: the table's row with N stages, 'again': the table's row a second time")
     table = sm90.ROWS
     for d in args.head_dims:
         for causal in (False, True):
             for s in lengths:
                 row = sm90.select(d, causal, s)
-                rows = {f"s{row.stages} (table)": row}
+                rows = {f"s{row.stages} (table)": row, "again": row}
                 for stages in (3, 4):
                     more = row._replace(stages=stages)
                     if FORWARD.shared_memory(FORWARD.defines(more, "bfloat16", flags={})) <= sm90.SMEM_LIMIT:

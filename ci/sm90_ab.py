@@ -10,7 +10,7 @@ copy of flash_fwd.cu, flash_bwd.cu and the headers they include; it is made for 
 committed. Each --variant adds the current sources with extra defines (e.g. "nohint:
 MBAR_SUSPEND_NS=0"). Prints TFLOP/s per implementation (bf16, B S = 16384, H D = 2048; forward
 4 B H S^2 D, backward 2.5 times that, halved causal; the median of --turns launches of each, taken
-in turns: sm90_fwd_check.interleaved_ms) and each one's ratio to cuDNN. A benchmark: it asserts nothing.
+in turns: xattn.bench.in_turns) and each one's ratio to cuDNN. A benchmark: it asserts nothing.
 """
 
 import argparse
@@ -23,9 +23,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 from sm90_bwd_check import bwd_tflops  # noqa: E402
-from sm90_fwd_check import interleaved_ms, tflops  # noqa: E402
+from sm90_fwd_check import tflops  # noqa: E402
 
 from xattn import cuda, kernels, launch, sm90  # noqa: E402
+from xattn.bench import in_turns  # noqa: E402
 
 ENTRIES = ("flash_fwd_sm90", "flash_bwd_sm90")
 
@@ -110,7 +111,7 @@ def main() -> int:
     parser.add_argument("--head-dims", type=int, nargs="+", default=[64, 128, 256])
     parser.add_argument("--fwd-seqlens", type=int, nargs="*", default=[2048, 8192])
     parser.add_argument("--bwd-seqlens", type=int, nargs="*", default=[4096])
-    parser.add_argument("--turns", type=int, default=60)
+    parser.add_argument("--turns", type=int, default=50)
     args = parser.parse_args()
     swaps = {"new": with_sources(None, {})}
     if args.old:
@@ -127,7 +128,7 @@ def main() -> int:
                 q, k, v = (torch.randn(b, h, s, d, device="cuda", dtype=torch.bfloat16) for _ in range(3))
                 fns = {name: forward_runner(q, k, v, causal, swap) for name, swap in swaps.items()}
                 fns["cudnn"] = cudnn_forward(q, k, v, causal)
-                report(f"fwd D{d} {'causal' if causal else 'full'} S{s}", interleaved_ms(fns, args.turns),
+                report(f"fwd D{d} {'causal' if causal else 'full'} S{s}", in_turns(fns, args.turns),
                        lambda ms: tflops(b, h, s, d, causal, ms))
             for s in args.bwd_seqlens:
                 b, h = 16384 // s, 2048 // d
@@ -138,7 +139,7 @@ def main() -> int:
                 fns = {name: backward_runner(q, k, v, dout, out, lse, causal, swap)
                        for name, swap in swaps.items()}
                 fns["cudnn"] = cudnn_backward(q, k, v, dout, causal)
-                report(f"bwd D{d} {'causal' if causal else 'full'} S{s}", interleaved_ms(fns, args.turns),
+                report(f"bwd D{d} {'causal' if causal else 'full'} S{s}", in_turns(fns, args.turns),
                        lambda ms: bwd_tflops(b, h, s, d, causal, ms))
     print("SUMMARY ab: done")
     return 0

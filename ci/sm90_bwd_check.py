@@ -12,7 +12,7 @@
   varlen    the same for packed batches (cu_seqlens): sequences of 0, 1, block +- 1 rows, Sq != Sk
             per sequence, GQA, causal, windows, softcap, per-sequence ALiBi; D64 expected on mma.sync
   bench     backward TFLOP/s (2.5 x the forward's 4 B H S^2 D, halved causal) of the sm90 kernel,
-            the mma.sync kernels (SM90_BACKWARD off), SDPA flash and cuDNN, median of 60 launches taken in turns (sm90_fwd_check.interleaved_ms)
+            the mma.sync kernels (SM90_BACKWARD off), SDPA flash and cuDNN, median of 50 launches taken in turns (xattn.bench.in_turns)
             rounds: bf16, D 64/128, causal or not, B S = 16384, H D = 2048; at D128 also the sm90
             kernel with the other dQ path (red.global from registers) and without dQ reductions; at D64
             and D128 the sm90 kernel with the other S^T timing (EARLY_SCORES flipped)
@@ -348,7 +348,7 @@ def phase_bench(args) -> int:
     lengths = (4096, 8192) if args.quick else (2048, 4096, 8192, 16384)
     print(f"bench {time.strftime('%Y-%m-%d')} {torch.cuda.get_device_name()}: backward TFLOP/s = 2.5 x 4 B H S^2 D "
           f"(halved causal) / time; xattn: delta + dK/dV/dQ kernel + dQ conversion; do_bench median, "
-          f"median of 60 launches taken in turns; B S = 16384, H D = 2048, bf16")
+          f"median of 50 launches taken in turns; B S = 16384, H D = 2048, bf16")
     dq = {r.head_dim: "TMA reduce-add" if r.dq_tma else "red.global" for r in sm90.BWD_ROWS if not r.causal}
     print(f"sm90: dQ by {dq} (full rows); 'other dQ' = the sm90 kernel with the other dQ path")
     print("| D | causal | S | sm90 | mma.sync | sdpa-flash | cudnn | sm90/mma.sync | sm90/cudnn | "
@@ -378,7 +378,7 @@ def phase_varlen_bench(args) -> int:
     """Packed batches of 8 sequences (lengths 0.5x-1.5x of S, 8 S tokens in all), bf16, H D = 2048,
     causal and not: the sm90 backward against the mma.sync kernels (SM90_BACKWARD off)."""
     print(f"varlen bench {time.strftime('%Y-%m-%d')} {torch.cuda.get_device_name()}: backward TFLOP/s of the packed "
-          "batch's own work (2.5 x 4 H D sum S_b^2, halved causal), median of 60 launches taken in turns, bf16")
+          "batch's own work (2.5 x 4 H D sum S_b^2, halved causal), median of 50 launches taken in turns, bf16")
     print("| D | causal | S | sm90 packed | mma.sync packed | sm90/mma.sync |")
     print("|---|---|---|---|---|---|")
     for d in args.head_dims:

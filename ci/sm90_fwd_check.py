@@ -34,6 +34,7 @@ from kernel_check import compare, exact  # noqa: E402  (the float64 oracle on th
 import sass  # noqa: E402  (SASS counts of a compiled variant)
 
 from xattn import cuda, kernels, launch, sm90, tma  # noqa: E402
+from xattn.bench import TURNS, in_turns  # noqa: E402
 
 FORWARD = kernels.cuda("flash_fwd_sm90")
 
@@ -340,42 +341,9 @@ def use_tuned_rows() -> None:
         print(f"rows from {path}: {sm90.ROWS}")
 
 
-TURNS = 60  # launches of each implementation, taken in turns (interleaved_ms)
-
-
-def interleaved_ms(fns: dict, turns: int = TURNS) -> dict:
-    """Median milliseconds per implementation, each launched `turns` times in turn with the others
-    (A B C A B C ..., the starting one rotated each turn), the L2 cache flushed before every launch
-    as do_bench does, CUDA events around each: every implementation runs under the same clocks.
-    Timed one after another instead (do_bench each, median of 3 rotated rounds), two launches of
-    the same kernel differed by up to 7% (ci/results/2026-12-01-session10/, call 6): the H200's
-    clocks follow its power draw over the seconds one do_bench takes."""
-    import statistics
-
-    flush = torch.empty(256 * 1024 * 1024 // 4, dtype=torch.int32, device="cuda")
-    names = list(fns)
-    for name in names:  # compile, plan, cuDNN's heuristics
-        fns[name]()
-    torch.cuda.synchronize()
-    events = {name: [] for name in names}
-    for turn in range(turns):
-        # A millisecond of spinning keeps the GPU behind the host, so that no event brackets host
-        # time (a pinned row plans on every call; cuDNN's path is C++)
-        torch.cuda._sleep(2_000_000)
-        for name in names[turn % len(names):] + names[:turn % len(names)]:
-            flush.zero_()
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fns[name]()
-            end.record()
-            events[name].append((start, end))
-    torch.cuda.synchronize()
-    return {name: statistics.median(s.elapsed_time(e) for s, e in pairs) for name, pairs in events.items()}
-
-
 def fair_tflops(fns: dict, names, to_tflops) -> dict:
-    """TFLOP/s per implementation from interleaved_ms."""
-    ms = interleaved_ms({name: fns[name] for name in names})
+    """TFLOP/s per implementation, their launches taken in turns (xattn.bench.in_turns)."""
+    ms = in_turns({name: fns[name] for name in names})
     return {name: to_tflops(t) for name, t in ms.items()}
 
 
@@ -426,7 +394,7 @@ ROW_CANDIDATES = {(64, False): [(128, 1, 0, 1, True), (128, 1, 1, 1, True), (192
 
 def phase_rows(args) -> int:
     """The table's row and each candidate of ROW_CANDIDATES pinned as the only row, with cuDNN, in
-    turns (interleaved_ms) (bf16, B S = 16384, H D = 2048): which tile wins at which length."""
+    turns (xattn.bench.in_turns) (bf16, B S = 16384, H D = 2048): which tile wins at which length."""
     lengths = args.seqlens or (1024, 2048, 4096, 8192)
     print(f"rows {time.strftime('%Y-%m-%d')} {torch.cuda.get_device_name()}: TFLOP/s, median of {TURNS} launches "
           "taken in turns; candidates are block_n/overlap pingpong/persistent from S 1, u: softmax under P V, sN: N stages")

@@ -50,6 +50,39 @@ def _timer():
     return bench
 
 
+TURNS = 50  # launches of each implementation in in_turns
+
+
+def in_turns(fns: dict, turns: int = TURNS) -> dict:
+    """Median milliseconds of each fn() (name -> callable), their launches taken in turns: A B C,
+    B C A, C A B, ... `turns` of each, so that every implementation runs under the same clocks
+    (the H200's follow its power draw over seconds: timed one implementation after another with
+    do_bench, two timings of one kernel differed by up to 7%; in turns, by 0.3%,
+    ci/results/2026-12-01-session10/). Before every launch the L2 cache is flushed (as do_bench
+    does) and, once a turn, the GPU spins for a millisecond so that it stays behind the host and
+    no pair of CUDA events brackets host time. Each fn has run once before (compiled, planned)."""
+    import torch
+
+    flush = torch.empty(256 * 1024 * 1024 // 4, dtype=torch.int32, device="cuda")
+    names = list(fns)
+    for name in names:
+        fns[name]()
+    torch.cuda.synchronize()
+    events = {name: [] for name in names}
+    for turn in range(turns):
+        torch.cuda._sleep(2_000_000)
+        for name in names[turn % len(names):] + names[:turn % len(names)]:
+            flush.zero_()
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fns[name]()
+            end.record()
+            events[name].append((start, end))
+    torch.cuda.synchronize()
+    return {name: statistics.median(s.elapsed_time(e) for s, e in pairs)
+            for name, pairs in events.items()}
+
+
 def _sdpa(backend_name: str, causal: bool):
     import torch.nn.functional as F
     from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -86,21 +119,22 @@ def run_forward(args, timer) -> list[dict]:
                "batch": batch, "heads": heads}
         impls = {"xattn": lambda q, k, v: xattn.attention(q, k, v, causal=causal)}
         impls |= {name: _sdpa(name, causal) for name in PEERS}
-        reference = None
+        reference, timed = None, {}
         for name, fn in impls.items():
             try:
                 out = fn(q, k, v)
-                ms = timer(lambda: fn(q, k, v))
             except Exception as exc:  # a peer may not support this shape or GPU
                 row[name] = None
                 row[f"{name}_error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:80]}"
                 continue
-            row[name] = flops / ms / 1e9  # TFLOP/s
+            timed[name] = lambda fn=fn: fn(q, k, v)
             if name == "xattn":
                 reference = out
             elif name == "flash" and reference is not None:
                 diff = (reference.float() - out.float()).norm() / out.float().norm()
                 row["xattn_vs_flash_rel_err"] = float(diff)
+        for name, ms in timer(timed).items():
+            row[name] = flops / ms / 1e9  # TFLOP/s
         rows.append(row)
         print(_format_row(row), flush=True)
         del q, k, v
@@ -177,28 +211,31 @@ def run_backward(args, timer, device="cuda") -> list[dict]:
                "batch": batch, "heads": heads}
         impls = {"xattn": lambda q, k, v: xattn.attention(q, k, v, causal=causal)}
         impls |= {name: _sdpa(name, causal) for name in BWD_PEERS}
-        reference = None
+        reference, backward_only, both = None, {}, {}
         for name, fn in impls.items():
             try:
                 out = fn(q, k, v)
-                # Backward alone: the graph is kept and walked again on every repetition.
-                ms_bwd = timer(lambda: torch.autograd.grad(out, (q, k, v), dout,
-                                                           retain_graph=True))
-                ms_both = timer(lambda: torch.autograd.grad(fn(q, k, v), (q, k, v), dout))
-                grads = torch.autograd.grad(out, (q, k, v), dout)
+                grads = torch.autograd.grad(out, (q, k, v), dout, retain_graph=True)
             except Exception as exc:  # a peer may not support this shape or GPU
                 row[name] = row[f"{name}_fwdbwd"] = None
                 row[f"{name}_error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:80]}"
                 continue
-            row[name] = BWD_FLOPS_FACTOR * fwd_flops / ms_bwd / 1e9  # TFLOP/s
-            row[f"{name}_fwdbwd"] = (1 + BWD_FLOPS_FACTOR) * fwd_flops / ms_both / 1e9
+            # Backward alone: the graph is kept and walked again on every repetition.
+            backward_only[name] = lambda out=out: torch.autograd.grad(out, (q, k, v), dout,
+                                                                      retain_graph=True)
+            both[name] = lambda fn=fn: torch.autograd.grad(fn(q, k, v), (q, k, v), dout)
             if name == "xattn":
                 reference = grads
             elif name == "flash" and reference is not None:
                 for label, mine, theirs in zip(("dq", "dk", "dv"), reference, grads):
                     diff = (mine.float() - theirs.float()).norm() / theirs.float().norm()
                     row[f"xattn_vs_flash_{label}_rel_err"] = float(diff)
-            del out, grads
+            del grads
+        for name, ms in timer(backward_only).items():
+            row[name] = BWD_FLOPS_FACTOR * fwd_flops / ms / 1e9  # TFLOP/s
+        for name, ms in timer(both).items():
+            row[f"{name}_fwdbwd"] = (1 + BWD_FLOPS_FACTOR) * fwd_flops / ms / 1e9
+        del backward_only, both
         rows.append(row)
         print(_format_bwd_row(row), flush=True)
         del q, k, v, dout, reference
@@ -576,7 +613,7 @@ def run_decode(args, timer) -> list[dict]:
                    "xattn_splits": plan[3], "page_size": DECODE_PAGE_SIZE, "impls": {}}
             forms = {"xattn": (0, False), "xattn_paged": (DECODE_PAGE_SIZE, False),
                      "xattn_fp8": (0, True), "xattn_fp8_paged": (DECODE_PAGE_SIZE, True)}
-            reference = None
+            reference, timed, read = None, {}, {}  # read: the cache bytes each form reads
             with torch.no_grad():
                 for name, (page_size, fp8) in forms.items():
                     if name == "xattn":
@@ -589,16 +626,13 @@ def run_decode(args, timer) -> list[dict]:
                                                             causal=False, block_table=table,
                                                             k_scale=ks, v_scale=vs)
                     out = fn()
-                    ms = timer(fn)
-                    entry = _decode_entry(ms, batch, elements * (1 if fp8 else 2))
+                    timed[name], read[name] = fn, elements * (1 if fp8 else 2)
+                    row["impls"][name] = entry = {}
                     if reference is None:
                         reference = out
                     else:  # FP8: the quantization error of the cache, ~1e-2 (e4m3 has 3 bits)
                         entry["rel_err_vs_xattn"] = float((out.float() - reference.float()).norm()
                                                           / reference.float().norm())
-                    row["impls"][name] = entry
-                    if name != "xattn":
-                        del kc, vc
             for name in DECODE_PEERS:
                 expanded = False
                 try:
@@ -615,13 +649,13 @@ def run_decode(args, timer) -> list[dict]:
                                                        f"{str(exc).splitlines()[0][:80]}"}
                         continue
                 args_ = (q, ke, ve) if expanded else (q, k, v)
-                entry = _decode_entry(timer(lambda: fn(*args_)), batch, elements * 2)
-                entry["expanded"] = expanded
-                entry["rel_err_vs_xattn"] = float((reference.float() - out.float()).norm()
-                                                  / out.float().norm())
-                row["impls"][name] = entry
-                if expanded:
-                    del ke, ve
+                timed[name], read[name] = (lambda fn=fn, args_=args_: fn(*args_)), elements * 2
+                row["impls"][name] = {"expanded": expanded, "rel_err_vs_xattn": float(
+                    (reference.float() - out.float()).norm() / out.float().norm())}
+            with torch.no_grad():
+                for name, ms in timer(timed).items():
+                    row["impls"][name] |= _decode_entry(ms, batch, read[name])
+            del timed
             rows.append(row)
             for line in _format_decode_row(row):
                 print(line, flush=True)
@@ -736,14 +770,15 @@ def main(argv=None) -> int:
     if args.overhead:
         return _main_overhead(args, device)
     if args.decode:
-        return _main_decode(args, timer, device)
+        return _main_decode(args, in_turns, device)
     if args.variants:
         return _main_variants(args, timer, device)
     if args.bwd:
-        return _main_bwd(args, timer, device)
-    print(f"# {device}, torch {torch.__version__}, forward TFLOP/s (median)")
+        return _main_bwd(args, in_turns, device)
+    print(f"# {device}, torch {torch.__version__}, forward TFLOP/s (median of {TURNS} launches "
+          f"each, the implementations taken in turns)")
     print(HEADER)
-    rows = run_forward(args, timer)
+    rows = run_forward(args, in_turns)
 
     args.out.mkdir(parents=True, exist_ok=True)
     meta = {"device": device, "torch": torch.__version__, "python": platform.python_version()}
@@ -758,7 +793,8 @@ def _main_bwd(args, timer, device) -> int:
     import torch
 
     print(f"# {device}, torch {torch.__version__}, backward ({BWD_FLOPS_FACTOR}x forward FLOPs) "
-          f"and forward+backward TFLOP/s (median)")
+          f"and forward+backward TFLOP/s (median of {TURNS} launches each, the implementations "
+          f"taken in turns)")
     print(BWD_HEADER)
     rows = run_backward(args, timer)
     memory = run_memory(args)

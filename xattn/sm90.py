@@ -73,10 +73,19 @@ class Row(NamedTuple):
 # rotated rounds): D192 +4% / +1% at S 2048 / 8192 without a causal edge, +1% / +1% with one; D64
 # with a causal edge, overlapped with the softmax under P V against the plain row, +6% / +8% (0.93
 # / 1.00 of cuDNN), while without one every overlapped D64 candidate lost 2-6%.
+# Those comparisons timed each candidate with do_bench one after another, where two launches of one
+# kernel differed by up to 7%. Timed in turns (xattn.bench.in_turns, where they agree
+# within 0.3%; ci/results/2026-12-01-session10/, call 7, S 2048 / 4096 / 8192): the D128 rows gain
+# with the softmax under P V after all, +3.3 / +2.5 / +2.7% without a causal edge and +1.6% at
+# S 2048 with one, where the 128-key pingpong row on the persistent grid with it also beats the
+# 176-key row at S 4096 (+2.3%) and ties at 8192, so one causal D128 row serves every length; D64
+# without a causal edge gains 1% with three stages; no other candidate gained (three stages at
+# D128: -0.5%; at causal D64: -5%).
 ROWS = (
-    Row(64, False, 128, 2, overlap=0, pingpong=0, persistent=1), Row(64, True, 128, 2, overlap=1, pingpong=0, persistent=1, softmax_under_pv=True),
-    Row(128, False, 128, 2, overlap=1, pingpong=0, persistent=1, max_seqlen=2048), Row(128, False, 176, 2),
-    Row(128, True, 128, 2, persistent=1, max_seqlen=2048), Row(128, True, 176, 2, persistent=4096),
+    Row(64, False, 128, 3, overlap=0, pingpong=0, persistent=1), Row(64, True, 128, 2, overlap=1, pingpong=0, persistent=1, softmax_under_pv=True),
+    Row(128, False, 128, 2, overlap=1, pingpong=0, persistent=1, max_seqlen=2048, softmax_under_pv=True),
+    Row(128, False, 176, 2, softmax_under_pv=True),
+    Row(128, True, 128, 2, persistent=1, softmax_under_pv=True),
     Row(192, False, 112, 2, softmax_under_pv=True), Row(192, True, 112, 2, softmax_under_pv=True),
     Row(256, False, 80, 2, overlap=1, pingpong=0, softmax_under_pv=True),
     Row(256, True, 80, 2, persistent=2048, softmax_under_pv=True),

@@ -227,6 +227,7 @@ class BwdRow(NamedTuple):
     dq_tma: bool  # dQ added into dq_accum by a TMA reduce-add from shared memory (else red.global)
     block_n: int = 128  # keys per CTA: 64 per consumer, or 64 shared by both (above D128)
     early_scores: bool = True  # the next step's S^T issued under this step's dQ (flash_bwd.cu)
+    local_bytes: int = 0  # local memory (spills) ptxas gives this row's kernel, measured worth it
 
 
 # Smallest head dim first; a head dim runs on the first row at least as wide. D128 takes 64
@@ -239,10 +240,12 @@ class BwdRow(NamedTuple):
 # red.global (ci/results/2026-11-30-h200-round2/sm90_bwd_dq.log, bf16 S4096/8192); after the switch
 # sm90_bwd_check's quick check passed 72/72 on it. At D64 it compiles without spills since the
 # early S^T (NVRTC 13.0, the device's, run here on the CPU: every dtype, with and without dQ), except
-# with a causal edge (8 bytes spilled and reloaded inside the step), so the causal D64 row keeps
-# red.global. Measured in one process (ci/results/2026-12-01-session9/, call 2, bf16, S 4096/8192):
-# non-causal 427/435 TFLOP/s against 370/379 with red.global (+15%, 1.00/0.94 of cuDNN); the
-# causal row would gain 11-14% (374/411 against 338/362) if its spill were gone. Head dims 129-256 take
+# with a causal edge: 8 bytes (two values of the step cursor) stored and reloaded once a step of 128
+# queries. Measured in one process (ci/results/2026-12-01-session9/, call 2, bf16, S 4096/8192):
+# non-causal 427/435 TFLOP/s against 370/379 with red.global (+15%, 1.00/0.94 of cuDNN); causal,
+# timed in turns (ci/results/2026-12-01-session10/, call 9), 397/432 with the spill against 354/380
+# with red.global (+12%/+14%), so the causal D64 row takes the TMA reduce-add and its spill
+# (local_bytes: what the compile checks accept for it; every other row has none). Head dims 129-256 take
 # the D256 row: its consumers share 64 keys a CTA and split the head dim (flash_bwd.cu, "Head dims
 # above 128"); with sK, sV and two Q/dO stages it uses 226 KB of shared memory, so dQ takes
 # red.global. D129-192 pad to 256 columns there (a D192 row would split three boxes unevenly).
@@ -251,7 +254,7 @@ class BwdRow(NamedTuple):
 # shared memory, which the early S^T (both operands there) then competes for; D64's does not.
 BWD_ROWS = (
     BwdRow(64, False, 128, 2, modifiers=False, dq_tma=True),
-    BwdRow(64, True, 128, 2, modifiers=False, dq_tma=False),
+    BwdRow(64, True, 128, 2, modifiers=False, dq_tma=True, local_bytes=8),
     BwdRow(128, False, 64, 2, modifiers=True, dq_tma=True, early_scores=False),
     BwdRow(128, True, 64, 2, modifiers=True, dq_tma=True, early_scores=False),
     BwdRow(256, False, 64, 2, modifiers=True, dq_tma=True, block_n=64),

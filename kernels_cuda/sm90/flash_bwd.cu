@@ -43,7 +43,7 @@
 // The dQ path. dQ of a step is a 64 x 64 float32 tile per consumer (32 floats a thread) that every
 // key block adds into the float32 (B, Hq, Sq, head_dim) accumulator of the mma.sync path, which
 // flash_bwd_prep.cu zeroes before and converts (times scale, to the input type) after. Two ways:
-//  - DQ_TMA = 0 (the causal D64 row, xattn/sm90.py): red.global.add.v2.f32 straight from the
+//  - DQ_TMA = 0 (no row since 2026-12-01; the A/B's other path): red.global.add.v2.f32 from the
 //    accumulators, 16 a thread a step (two columns each), rows past Sq and columns past head_dim
 //    skipped. No shared memory, no barrier.
 //  - DQ_TMA = 1 (the other rows; FA3's choice): each consumer writes its tile into its own 16 KB of shared memory
@@ -61,8 +61,8 @@
 // that back (predicted ~560 at D128). It passed the float64 checks and racecheck/synccheck on the
 // H200 and measured 475-504 TFLOP/s (ci/results/2026-11-30-h200-round2/): 16-18% over red.global,
 // short of the prediction (not profiled: the staging writes and the BAR_DQ wait are the suspects).
-// At D64 with a causal edge it spills 8 bytes with the device's NVRTC 13.0, so that row keeps
-// red.global; without one it does not, and there it measured +15% (xattn/sm90.py).
+// At D64 with a causal edge it spills 8 bytes (NVRTC 13.0 and 13.5) and still runs 12-14% faster
+// than with red.global; without one it does not spill, and gains 15% (xattn/sm90.py).
 //
 // Deterministic? Not with dQ here: the order of the float32 additions into dq_accum depends on
 // which key block gets there first, so dQ may differ in the last bits between runs (dK and dV

@@ -392,13 +392,33 @@ ROW_CANDIDATES = {(64, False): [(128, 1, 0, 1, True), (128, 1, 1, 1, True), (192
                   (256, False): [(80, 1, 1, 1, True)], (256, True): [(80, 1, 1, 1, True)]}
 
 
+def time_rows(rows: dict, d: int, causal: bool, s: int) -> dict:
+    """TFLOP/s of each row (name -> sm90.Row) pinned as the table's only row, and of cuDNN
+    ("cudnn"), timed in turns on one bf16 input of B S = 16384, H D = 2048."""
+    b, h = 16384 // s, 2048 // d
+    q, k, v = (torch.randn(b, h, s, d, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+    out, lse = torch.empty_like(q), torch.empty(b, h, s, device="cuda")
+    stream, scale, table = torch.cuda.current_stream().cuda_stream, 1 / math.sqrt(d), sm90.ROWS
+
+    def pinned(row):
+        def run():
+            sm90.ROWS = (row,)
+            try:
+                sm90.forward(q, k, v, out, lse, causal=causal, scale=scale, stream=stream)
+            finally:
+                sm90.ROWS = table
+        return run
+    fns = {name: pinned(row) for name, row in rows.items()}
+    fns["cudnn"] = timers(q, k, v, causal)["cudnn"]
+    return fair_tflops(fns, tuple(fns), lambda ms: tflops(b, h, s, d, causal, ms))
+
+
 def phase_rows(args) -> int:
     """The table's row and each candidate of ROW_CANDIDATES pinned as the only row, with cuDNN, in
     turns (xattn.bench.in_turns) (bf16, B S = 16384, H D = 2048): which tile wins at which length."""
     lengths = args.seqlens or (1024, 2048, 4096, 8192)
     print(f"rows {time.strftime('%Y-%m-%d')} {torch.cuda.get_device_name()}: TFLOP/s, median of {TURNS} launches "
           "taken in turns; candidates are block_n/overlap pingpong/persistent from S 1, u: softmax under P V, sN: N stages")
-    table = sm90.ROWS
     for (d, causal), candidates in ROW_CANDIDATES.items():
         if d not in args.head_dims:
             continue
@@ -408,29 +428,14 @@ def phase_rows(args) -> int:
                 stages = stages[0] if stages else 2
                 rows[f"{n}/{o}{pp}/{pers}{'u' if under else ''}{f's{stages}' if stages != 2 else ''}"] = sm90.Row(
                     d, causal, n, stages, overlap=o, pingpong=pp, persistent=pers, softmax_under_pv=under)
-            b, h = 16384 // s, 2048 // d
-            q, k, v = (torch.randn(b, h, s, d, device="cuda", dtype=torch.bfloat16) for _ in range(3))
-            out, lse = torch.empty_like(q), torch.empty(b, h, s, device="cuda")
-            stream, scale = torch.cuda.current_stream().cuda_stream, 1 / math.sqrt(d)
-
-            def pinned(row):
-                def run():
-                    sm90.ROWS = (row,)
-                    try:
-                        sm90.forward(q, k, v, out, lse, causal=causal, scale=scale, stream=stream)
-                    finally:
-                        sm90.ROWS = table
-                return run
             row = rows["table"]
             if row.overlap:  # the softmax under P V or not (the loop's wait after it: OVERLAP_WAIT_LATE)
                 rows["table, softmax under P V" if not row.softmax_under_pv else "table, wait late"] = \
                     row._replace(softmax_under_pv=not row.softmax_under_pv)
-            fns = {name: pinned(row) for name, row in rows.items()}
-            fns["cudnn"] = timers(q, k, v, causal)["cudnn"]
-            got = fair_tflops(fns, tuple(fns), lambda ms: tflops(b, h, s, d, causal, ms))
-            cells = " ".join(f"{name} {got[name]:.0f} ({got[name] / got['cudnn']:.2f})" for name in fns if name != "cudnn")
+            got = time_rows(rows, d, causal, s)
+            cells = " ".join(f"{name} {got[name]:.0f} ({got[name] / got['cudnn']:.2f})" for name in rows)
             print(f"D{d} {'causal' if causal else 'full'} S{s}: {cells} cudnn {got['cudnn']:.0f}", flush=True)
-    print(f"table rows: {[r for r in table if r.head_dim in args.head_dims]}")
+    print(f"table rows: {[r for r in sm90.ROWS if r.head_dim in args.head_dims]}")
     print("SUMMARY rows: done")
     return 0
 
@@ -441,7 +446,6 @@ def phase_stages(args) -> int:
     lengths = args.seqlens or (2048, 8192)
     print(f"stages {time.strftime('%Y-%m-%d')} {torch.cuda.get_device_name()}: TFLOP/s (ratio to cuDNN), "
           f"median of {TURNS} launches taken in turns; sN: the table's row with N stages, 'again': the table's row a second time")
-    table = sm90.ROWS
     for d in args.head_dims:
         for causal in (False, True):
             for s in lengths:
@@ -451,23 +455,8 @@ def phase_stages(args) -> int:
                     more = row._replace(stages=stages)
                     if FORWARD.shared_memory(FORWARD.defines(more, "bfloat16", flags={})) <= sm90.SMEM_LIMIT:
                         rows[f"s{stages}"] = more
-                b, h = 16384 // s, 2048 // d
-                q, k, v = (torch.randn(b, h, s, d, device="cuda", dtype=torch.bfloat16) for _ in range(3))
-                out, lse = torch.empty_like(q), torch.empty(b, h, s, device="cuda")
-                stream, scale = torch.cuda.current_stream().cuda_stream, 1 / math.sqrt(d)
-
-                def pinned(r):
-                    def run():
-                        sm90.ROWS = (r,)
-                        try:
-                            sm90.forward(q, k, v, out, lse, causal=causal, scale=scale, stream=stream)
-                        finally:
-                            sm90.ROWS = table
-                    return run
-                fns = {name: pinned(r) for name, r in rows.items()}
-                fns["cudnn"] = timers(q, k, v, causal)["cudnn"]
-                got = fair_tflops(fns, tuple(fns), lambda ms: tflops(b, h, s, d, causal, ms))
-                cells = " ".join(f"{n} {got[n]:.0f} ({got[n] / got['cudnn']:.3f})" for n in fns if n != "cudnn")
+                got = time_rows(rows, d, causal, s)
+                cells = " ".join(f"{n} {got[n]:.0f} ({got[n] / got['cudnn']:.3f})" for n in rows)
                 print(f"D{d} {'causal' if causal else 'full'} S{s} {row}: {cells} cudnn {got['cudnn']:.0f}", flush=True)
     print("SUMMARY stages: done")
     return 0

@@ -28,7 +28,8 @@
 #ifndef RING_SWIZZLE  // the ring tiles' rows unpadded, their chunks permuted (decode_common.h)
 #define RING_SWIZZLE 1   // (xattn/kernels.py turns it off where ptxas would spill)
 #endif
-#include "decode_common.h"
+#include "platform.h"
+#include "../kernels_common/decode_common.h"
 
 #define M_TILES (BLOCK_M / 16)  // m16 row tiles
 #define D_TILES (HEAD_DIM / 8)  // n8 column tiles of O

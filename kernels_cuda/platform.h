@@ -76,6 +76,9 @@ __device__ __forceinline__ float shfl_xor(float x, int lane_mask, int width = WA
     return __shfl_xor_sync(FULL_MASK, x, lane_mask, width);
 }
 
+// Lane src_lane's x, in every lane of the warp.
+__device__ __forceinline__ float shfl(float x, int src_lane) { return __shfl_sync(FULL_MASK, x, src_lane); }
+
 __device__ __forceinline__ bool warp_any(bool p) { return __any_sync(FULL_MASK, p); }
 
 // A barrier among the lanes of one warp that also orders their shared-memory accesses.
@@ -104,6 +107,10 @@ __device__ __forceinline__ void atomic_add_pair_if(bool add, float* p, float a, 
 }
 
 // ---- shared memory and async copies --------------------------------------------------------
+// Copies global -> shared run asynchronously (cp.async): issued, grouped by cp_async_commit and
+// waited for by cp_async_wait. kernels_hip/platform.h has synchronous copies instead.
+#define ASYNC_COPIES 1
+
 __device__ __forceinline__ u32 smem_addr(const void* p) {
     return (u32)__cvta_generic_to_shared(p);
 }
@@ -131,6 +138,12 @@ __device__ __forceinline__ void cp_async_16_zfill_l2(u32 smem_dst, const void* g
                      "l"(gmem_src), "r"(valid ? 16 : 0));
     else
         cp_async_16_zfill(smem_dst, gmem_src, valid);
+}
+
+// The same for 4 bytes, through L1 (cp.async.cg takes 16-byte copies only).
+__device__ __forceinline__ void cp_async_4_zfill(u32 smem_dst, const void* gmem_src, bool valid) {
+    asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(smem_dst), "l"(gmem_src),
+                 "r"(valid ? 4 : 0));
 }
 
 __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
@@ -236,12 +249,4 @@ __device__ __forceinline__ u32 byte_perm(u32 x) {
     return r;
 }
 
-// x -> the FP8 code of the cache (fp8.h: saturating, round to nearest even, NaN kept).
-__device__ __forceinline__ unsigned char float_to_fp8(float x) {
-#if KV_FP8 == FP8_E4M3FN
-    return float_to_e4m3fn(x);
-#else
-    return float_to_e5m2(x);
-#endif
-}
 #endif

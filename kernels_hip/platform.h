@@ -54,6 +54,9 @@ __device__ __forceinline__ float shfl_xor(float x, int lane_mask, int width = WA
     return __shfl_xor(x, lane_mask, width);
 }
 
+// Lane src_lane's x, in every lane of the wave.
+__device__ __forceinline__ float shfl(float x, int src_lane) { return __shfl(x, src_lane, WAVE_SIZE); }
+
 // A barrier among the lanes of one wave that also orders their LDS accesses: what one lane
 // wrote before it, every lane of the wave reads after it. The lanes of a wave already run in
 // step; the wavefront-scope fences keep the compiler from moving LDS accesses across it and make
@@ -66,3 +69,13 @@ __device__ __forceinline__ void wave_barrier() {
     __builtin_amdgcn_fence(__ATOMIC_ACQUIRE, "wavefront");
 }
 #endif
+
+// ---- copies global -> LDS ------------------------------------------------------------------
+// Synchronous: a load and an LDS store, done when the lane moves on (no cp.async here). The
+// decode's ring (kernels_common/decode_common.h) is then one slot deep, and its copies convert
+// each element to float32 on the way; the commit and wait of CUDA's asynchronous copies
+// (kernels_cuda/platform.h) have nothing to do.
+#define ASYNC_COPIES 0
+__device__ __forceinline__ void cp_async_commit() {}
+template <int N>
+__device__ __forceinline__ void cp_async_wait() {}

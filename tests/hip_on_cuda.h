@@ -35,6 +35,10 @@ __device__ __forceinline__ float __shfl_xor(float x, int lane_mask, int width) {
     return __shfl_xor_sync(0xffffffffu, x, lane_mask, width);
 }
 
+__device__ __forceinline__ float __shfl(float x, int src_lane, int width) {
+    return __shfl_sync(0xffffffffu, x, src_lane, width);
+}
+
 // kernels_hip/platform.h's wave barrier (its AMD form needs AMD builtins). A wave of 32 is a
 // warp. A wave of 64 is two warps: they meet at a named barrier of their own (1 + wave; barrier
 // 0 is __syncthreads), 64 threads, so a block may have up to 15 waves.

@@ -165,9 +165,13 @@ def test_every_hip_row_fits_lds_and_its_kernel_constraints():
         elif cfg.kernel in ("flash_bwd_mfma_dkdv", "flash_bwd_wmma_dkdv"):
             assert cfg.head_dim % block == 0 and cfg.block_m % block == 0, cfg
             assert cfg.block_n == block * cfg.warps and wave == matrix_wave, cfg
-        elif cfg.kernel in ("flash_fwd_portable", configs.HIP_DECODE_KERNEL):
+        elif cfg.kernel == "flash_fwd_portable":
             assert cfg.head_dim % wave == 0 and wave % cfg.block_n == 0, cfg
             assert cfg.block_m % cfg.warps == 0 and (cfg.block_m // cfg.warps) % (wave // cfg.block_n) == 0, cfg
+        elif cfg.kernel == configs.HIP_DECODE_KERNEL:  # kernels_common/flash_decode_simt.h
+            warp_n = cfg.block_n // cfg.warps  # keys of each wave per step: whole row groups
+            assert cfg.block_n % cfg.warps == 0 and wave % warp_n == 0, cfg
+            assert cfg.head_dim % wave == 0 and cfg.block_m % (wave // warp_n) == 0, cfg
         elif cfg.kernel == "flash_bwd_preprocess":
             assert cfg.head_dim == configs.MAX_HEAD_DIM and cfg.block_m % (cfg.warps * wave // 32) == 0
         else:

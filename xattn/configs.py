@@ -416,14 +416,17 @@ _HIP_ROWS = [
     ("flash_bwd_portable_dkdv", "rdna",  128,    None,   16,      16,      4,     1),
     ("flash_bwd_portable_dkdv", "rdna",  256,    None,   8,       16,      4,     1),
     # KV-cache decode (xattn.hip.decode): split-KV, GQA group x tokens as the rows of a tile; the
-    # merge and the append are entry points of the same source and take the same defines.
-    ("flash_decode_portable",   "gfx9",  64,     None,   16,      32,      4,     1),
-    ("flash_decode_portable",   "gfx9",  128,    None,   16,      32,      4,     1),
-    ("flash_decode_portable",   "gfx9",  256,    None,   16,      16,      4,     1),
-    ("flash_decode_portable",   "rdna",  32,     None,   16,      32,      4,     1),
-    ("flash_decode_portable",   "rdna",  64,     None,   16,      32,      4,     1),
-    ("flash_decode_portable",   "rdna",  128,    None,   16,      32,      4,     1),
-    ("flash_decode_portable",   "rdna",  256,    None,   16,      16,      4,     1),
+    # merge and the append are entry points of the same source and take the same defines. The body
+    # is the CUDA float32 decode's (kernels_common/flash_decode_simt.h): block_n keys per step,
+    # block_n / warps of them per wave in the wave's own float32 ring of K and V, which with 16 keys
+    # a wave keeps the block in 64 KB of LDS up to D256 (wave64: four row groups of 16 lanes).
+    ("flash_decode_portable",   "gfx9",  64,     None,   16,      64,      4,     1),
+    ("flash_decode_portable",   "gfx9",  128,    None,   16,      32,      2,     1),
+    ("flash_decode_portable",   "gfx9",  256,    None,   16,      16,      1,     1),
+    ("flash_decode_portable",   "rdna",  32,     None,   16,      128,     4,     1),
+    ("flash_decode_portable",   "rdna",  64,     None,   16,      64,      4,     1),
+    ("flash_decode_portable",   "rdna",  128,    None,   16,      32,      2,     1),
+    ("flash_decode_portable",   "rdna",  256,    None,   16,      16,      1,     1),
     # The decode on the matrix cores (16-bit only): flash_decode_mfma.hip, one wave per block, whose
     # MATRIX_N columns (32 on MFMA, 16 on WMMA) hold the GQA group x tokens, padded (block_m); the
     # merge and the append are the portable row's of the same head dim (hip_decode_aux_row), so the

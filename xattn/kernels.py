@@ -431,10 +431,14 @@ def _hip_portable_defines(cfg, dtype: str, *, causal: bool, vec: bool = False) -
             "BLOCK_M": cfg.block_m, "BLOCK_N": cfg.block_n}
 
 
-def _hip_portable_smem(d: dict) -> int:
-    """flash_decode_portable.hip, float32: sQ, sK (odd strides), sV, sP, sRow."""
-    hd, m, n = d["HEAD_DIM"], d["BLOCK_M"], d["BLOCK_N"]
-    return (m * (hd + 1) + n * (hd + 1) + n * hd + m * n + m) * 4
+def _hip_decode_smem(d: dict) -> int:
+    """flash_decode_portable.hip: decode_common.h's layout (_decode_smem) with float32 tiles and
+    one ring slot per wave of float32 values (synchronous copies convert as they copy)."""
+    hd, rows, waves = d["HEAD_DIM"], d["BLOCK_M"], d["NUM_WAVES"]
+    row = (hd + 4) * 4  # every tile row padded by 16 bytes
+    rings = waves * 2 * (d["BLOCK_N"] // waves) * row
+    merge = (rows * (hd + 4) + 2 * waves * rows) * 4
+    return rows * row + 2 * rows * 4 + max(rings, merge)
 
 
 def _hip_portable_bwd_defines(cfg, dtype: str, *, causal: bool, vec: bool = False) -> dict:
@@ -530,7 +534,7 @@ _ALL = (
     _hip("flash_decode_wmma", "flash_decode_mfma.hip", _DECODE, _hip_matrix_defines("BLOCK_N"),
          _hip_fwd_smem, _decode_grid),
     _hip("flash_decode_portable", "flash_decode_portable.hip", _DECODE, _hip_portable_defines,
-         _hip_portable_smem, _decode_grid),
+         _hip_decode_smem, _decode_grid),
     _hip("flash_decode_merge_portable", "flash_decode_portable.hip", _DECODE, _hip_portable_defines,
          _none, _hip_merge_grid),
     _hip("kvcache_append_portable", "flash_decode_portable.hip", _DECODE, _hip_portable_defines,

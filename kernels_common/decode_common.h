@@ -1,5 +1,8 @@
-// Flash-decoding: what the two decode kernels share (flash_decode.cu on tensor cores for 16-bit
-// data, flash_decode_f32.cu on CUDA cores for float32). flash_decode_merge.cu combines splits.
+// Flash-decoding: what the two decode bodies share: kernels_cuda/flash_decode.cu on tensor cores
+// (16-bit data, NVIDIA) and kernels_common/flash_decode_simt.h on plain FMA units (DECODE_SIMT:
+// float32 on NVIDIA, every dtype on AMD without matrix cores). The includer includes its vendor's
+// platform.h first. kernels_cuda/flash_decode_merge.cu and kernels_hip/flash_decode_portable.hip's
+// merge combine the splits.
 //
 // A decode step has few query rows and many keys, so one thread block per (batch, kv head) would
 // leave most of the GPU idle. Instead the keys of each (batch, kv head) are split into num_splits
@@ -14,28 +17,31 @@
 //
 // Inside a block the warps split the keys too: each pipeline step covers KEYS_PER_STAGE keys and
 // warp w takes the w-th WARP_N of them. A warp owns its keys from the copy to the last product: it
-// has its own STAGES-deep cp.async ring of K and V tiles, its own (m_i, l_i, O) for all BLOCK_M
-// rows, and needs only __syncwarp() in the main loop. The warps' states are merged through shared
-// memory at the end, like the splits are merged across blocks.
+// has its own STAGES-deep ring of K and V tiles (cp.async on NVIDIA; on AMD synchronous copies,
+// platform.h: ASYNC_COPIES), its own (m_i, l_i, O) for all BLOCK_M rows, and needs only a wave
+// barrier in the main loop. The warps' states are merged through shared memory at the end, like
+// the splits are merged across blocks.
 //
 // Grid: x = split * m_blocks + m_block, y = kv head, z = batch - batch_offset. Block: NUM_WARPS warps.
 //
 // Keys of sequence b: Sk_b = min(cached + Snew, Smax) with cached = clamp(cache_seqlens[b], 0,
 // Smax). Keys [0, cached) are cache rows; keys [cached, Sk_b) are this call's new rows, read from
 // k_new / v_new directly, while the same launch writes them into the cache (append fused into the
-// attention kernel: no block reads those cache rows, so the writes need no ordering). New rows
-// that would land at or past Smax are dropped. Masking is bottom-right aligned (Band of
+// attention kernel: no block reads those cache rows, so the writes need no ordering; on AMD a
+// separate kernel appends first and the decode reads them from the cache: FUSED_APPEND 0). New
+// rows that would land at or past Smax are dropped. Masking is bottom-right aligned (Band of
 // attention_common.h with both edges run-time values): query token i sees key j iff
 // i + Sk_b - Sq - left <= j <= i + Sk_b - Sq + right (-1: unbounded; causal is right = 0).
 // Left padding (cache_leftpad != null, flash-attn's cache_leftpad): keys below
 // leftpad_b = clamp(cache_leftpad[b], 0, cached) are seen by no token; the band stays aligned with
 // Sk_b, so a left-padded sequence reads as the unpadded keys [leftpad_b, Sk_b).
 //
-// Caches: contiguous (B, Hk, Smax, D), or paged (PAGE_SIZE > 0): (num_pages, PAGE_SIZE, Hk, D)
+// Caches: contiguous (B, Hk, Smax, D), or paged (PAGED): (num_pages, PAGE_SIZE, Hk, D)
 // with key j of sequence b at page block_table[b, j / PAGE_SIZE], row j % PAGE_SIZE (flash-attn's
 // convention). Page ids are clamped to [0, num_pages): a bad table reads or writes wrong pages,
 // never outside the caches. Smax is then max_pages * PAGE_SIZE, so j / PAGE_SIZE stays in the
-// table's row.
+// table's row. PAGE_SIZE is a compile-time constant on NVIDIA (-D PAGE_SIZE) and the run-time
+// p.page_size on AMD (IS_PAGED: one compile serves every page size).
 //
 // Sinks (sinks != null): each query head h has a logit sink_h that joins its rows' softmax
 // denominators as one more key of score sink_h and value 0; the LSE includes it.
@@ -44,8 +50,9 @@
 // per kv head, k_scale and v_scale). The ring moves the codes (half the bytes of a 16-bit cache,
 // so the tables' FP8 rows keep about twice the steps in flight: fp8_stages). The tensor-core
 // kernel reads the codes straight from the ring into its mma fragments and converts them there,
-// exactly (flash_decode.cu says how); the float32 kernel converts each landed tile into float32
-// tiles first (convert_tile). The scales never touch the tiles: a block serves one kv head, so
+// exactly (flash_decode.cu says how); the CUDA-core body converts each landed tile into float32
+// tiles first (convert_tile), or, with synchronous copies (AMD), each code as it copies it. The
+// scales never touch the tiles: a block serves one kv head, so
 // k_scale is one number folded into the scores' factor (S = Q K8^T * k_scale) and v_scale one
 // factor of the rows written out (O = P V8 * v_scale). This call's new rows are quantized as the
 // append writes them (fp8.h's rule, x / scale in IEEE float32) wherever they are read, so every
@@ -56,28 +63,32 @@
 
 #pragma once
 
-#include "platform.h"
 // Both band edges are run-time values here (-1: unbounded), so the band helpers are compiled with
 // both edges on, whatever -D says; an unbounded side is a bound no key reaches (make_band).
 #undef IS_CAUSAL
 #undef IS_LOCAL
 #define IS_CAUSAL 1
 #define IS_LOCAL 1
-#include "../kernels_common/params.h"
-#include "../kernels_common/attention_common.h"
+#include "params.h"
+#include "attention_common.h"
+#include "fp8.h"
 
 // ---- compile-time configuration (set with -D by xattn/kernels.py) ----------------------------
-// ELEM_F32    1: float32 (flash_decode_f32.cu); 0: 16-bit, ELEM_BF16 picks bf16 or fp16
+// ELEM_F32    NVIDIA: 1 float32 (flash_decode_f32.cu), 0 16-bit (ELEM_BF16 picks bf16 or fp16);
+//             AMD: the element type is platform.h's (ELEM_TYPE)
+// DECODE_SIMT 1: the CUDA-core / plain-FMA body (flash_decode_simt.h), 0: tensor cores
 // HEAD_DIM    padded head dim (a power of two, 32..256); the real one, head_dim, is <= it
 // BLOCK_M     query rows per tile (each warp holds all of them)
-// NUM_WARPS   warps per block;  WARP_N  keys per warp per pipeline step
-// STAGES      cp.async pipeline depth of each warp
+// NUM_WARPS   warps (waves) per block;  WARP_N  keys per warp per pipeline step
+// STAGES      cp.async pipeline depth of each warp (1 with synchronous copies)
 // VEC_LOADS   1: q, the caches and k_new/v_new rows start 16-byte aligned and head_dim is a whole
 //             number of 16-byte chunks: rows move in 16-byte copies; 0: 4-byte cp.async (float32)
 //             or element-wise copies (16-bit)
 // SOFTCAP     1: s = c * tanh(s / c) before the softmax
 // PAGE_SIZE   0: contiguous caches; > 0: paged caches of PAGE_SIZE rows per page
+// IS_PAGED    (AMD, with PAGE_SIZE 0) paged caches of p.page_size rows per page
 // KV_FP8      0: the caches hold elem_t; FP8_E4M3FN (1) / FP8_E5M2 (2): float8 codes (fp8.h)
+// FUSED_APPEND see below
 // L2_PREFETCH 0, 128 or 256: the cache copies' L2 prefetch hint (platform.h, cp_async_16_zfill_l2)
 // MIN_BLOCKS  thread blocks per SM that the register allocation must allow
 #ifndef PAGE_SIZE
@@ -89,6 +100,16 @@
 #ifndef KV_FP8
 #define KV_FP8 0
 #endif
+#ifndef DECODE_SIMT
+#define DECODE_SIMT 0
+#endif
+// FUSED_APPEND 1: the append is fused into the decode (append_new_rows), whose copies read this
+// call's new rows from k_new / v_new; 0: a separate kernel appended them before this launch (AMD:
+// the one the matrix-core decode uses too), and they are read from the cache like the others.
+#ifndef FUSED_APPEND
+#define FUSED_APPEND 1
+#endif
+#define PAGED (PAGE_SIZE > 0 || IS_PAGED)
 
 // cache_t: what one cache element is in memory (and in the K/V ring).
 #if KV_FP8
@@ -96,18 +117,38 @@ typedef unsigned char cache_t;
 #else
 typedef elem_t cache_t;
 #endif
-// FP8 tiles converted in shared memory before the products: the float32 kernel only.
-#define FP8_TILES (KV_FP8 && ELEM_F32)
+// ring_t: what the copies write into the K/V ring. cp.async moves the cache's bytes as they are;
+// synchronous copies (AMD) convert on the way, so the CUDA-core body's rings hold float32 values
+// there and need no second pass.
+#if ASYNC_COPIES || !DECODE_SIMT
+typedef cache_t ring_t;
+#else
+typedef float ring_t;
+#endif
+// tile_t: what the products read (the Q tile, and the K/V tiles): the element type on tensor
+// cores, float32 on CUDA cores.
+#if DECODE_SIMT
+typedef float tile_t;
+__device__ __forceinline__ float to_tile(elem_t x) { return to_float(x); }
+#else
+typedef elem_t tile_t;
+__device__ __forceinline__ elem_t to_tile(elem_t x) { return x; }
+#endif
+// FP8 ring tiles converted in shared memory before the products: the CUDA-core body's, where the
+// copies move codes (cp.async).
+#define FP8_TILES (KV_FP8 && DECODE_SIMT && ASYNC_COPIES)
 
-#define NUM_THREADS (NUM_WARPS * WARP_SIZE)
+#define NUM_THREADS (NUM_WARPS * WAVE_SIZE)
 #define KEYS_PER_STAGE (NUM_WARPS * WARP_N)
 #define ELEM_BYTES ((int)sizeof(elem_t))
+#define TILE_ELEM_BYTES ((int)sizeof(tile_t))
 // Shared-memory rows are padded by 16 bytes: consecutive rows start in different bank groups
 // (conflict-free ldmatrix; float4 reads of 8 rows by 8 lanes hit 32 different banks).
-#define TILE_STRIDE (HEAD_DIM + 16 / ELEM_BYTES)
+#define TILE_STRIDE (HEAD_DIM + 16 / TILE_ELEM_BYTES)
 #define UNIT_ELEMS (VEC_LOADS ? 16 / ELEM_BYTES : 1)  // elements per copy
 #define CACHE_BYTES ((int)sizeof(cache_t))
 #define CACHE_UNIT (VEC_LOADS ? 16 / CACHE_BYTES : 1)  // cache elements per copy
+#define RING_BYTES ((int)sizeof(ring_t))
 // The K/V ring tiles. RING_SWIZZLE (flash_decode.cu, whose products read them with ldmatrix):
 // rows of exactly HEAD_DIM cache elements, 16-byte chunk c of row r stored at chunk
 // c ^ ring_swizzle(r). Rows padded by 16 bytes instead (the float32 kernel) are also free of bank
@@ -119,7 +160,7 @@ typedef elem_t cache_t;
 #ifndef RING_SWIZZLE
 #define RING_SWIZZLE 0
 #endif
-#define CACHE_STRIDE (RING_SWIZZLE ? HEAD_DIM : HEAD_DIM + 16 / CACHE_BYTES)
+#define CACHE_STRIDE (RING_SWIZZLE ? HEAD_DIM : HEAD_DIM + 16 / RING_BYTES)
 #define RING_CHUNKS (HEAD_DIM * CACHE_BYTES / 16)  // 16-byte chunks per ring row
 static_assert(!RING_SWIZZLE || RING_CHUNKS >= 2, "the swizzle permutes at least two chunks a row");
 
@@ -153,17 +194,17 @@ static_assert(PAGE_SIZE % 16 == 0, "pages hold a multiple of 16 rows");
 static_assert(!KV_FP8 || HEAD_DIM % 8 == 0, "FP8 tiles convert in 8-element pieces");
 
 // ---- shared-memory layout ---------------------------------------------------------------------
-// sQ [BLOCK_M][TILE_STRIDE] elements | row_lo, row_hi [BLOCK_M] ints | then either
-//   the K/V rings: per warp, STAGES x (K [WARP_N][CACHE_STRIDE], V [WARP_N][CACHE_STRIDE]) cache
+// sQ [BLOCK_M][TILE_STRIDE] tile_t | row_lo, row_hi [BLOCK_M] ints | then either
+//   the K/V rings: per warp, STAGES x (K [WARP_N][CACHE_STRIDE], V [WARP_N][CACHE_STRIDE]) ring_t
 //   elements, and with FP8_TILES after all rings the conversion tiles: per warp, K and V
-//   [WARP_N][TILE_STRIDE] elements,
+//   [WARP_N][TILE_STRIDE] floats,
 //   or, after the main loop, the merge scratch: O [BLOCK_M][OUT_STRIDE], m and l
 //   [NUM_WARPS][BLOCK_M] floats.
 // xattn/kernels.py (the decode's shared_memory) computes the same size.
-#define Q_BYTES (BLOCK_M * TILE_STRIDE * ELEM_BYTES)
+#define Q_BYTES (BLOCK_M * TILE_STRIDE * TILE_ELEM_BYTES)
 #define LIMIT_BYTES (2 * BLOCK_M * 4)
-#define TILE_BYTES (WARP_N * TILE_STRIDE * ELEM_BYTES)         // a K or V tile the products read
-#define CACHE_TILE_BYTES (WARP_N * CACHE_STRIDE * CACHE_BYTES)  // a K or V tile of the ring
+#define TILE_BYTES (WARP_N * TILE_STRIDE * TILE_ELEM_BYTES)    // a K or V tile the products read
+#define CACHE_TILE_BYTES (WARP_N * CACHE_STRIDE * RING_BYTES)   // a K or V tile of the ring
 #define STAGE_BYTES (2 * CACHE_TILE_BYTES)
 #define RINGS_BYTES (NUM_WARPS * STAGES * STAGE_BYTES)
 
@@ -227,12 +268,22 @@ struct KeySource {
     const int* pages;     // paged: this sequence's row of the block table
     int last_page;        // num_pages - 1: page ids are clamped to [0, last_page]
     int cached;
+#if !PAGE_SIZE && IS_PAGED
+    int page_size;        // rows per page, a run-time value here
+#endif
 };
+
+// Rows per page of paged caches, of KeySource s.
+#if PAGE_SIZE
+#define PAGE_ROWS(s) PAGE_SIZE
+#else
+#define PAGE_ROWS(s) ((s).page_size)
+#endif
 
 __device__ __forceinline__ KeySource key_source(const DecodeParams& p, const DecodeBlock& b) {
     KeySource s;
-    const i64 batch_k = PAGE_SIZE ? 0 : (i64)b.batch * p.k.batch_stride;
-    const i64 batch_v = PAGE_SIZE ? 0 : (i64)b.batch * p.v.batch_stride;
+    const i64 batch_k = PAGED ? 0 : (i64)b.batch * p.k.batch_stride;
+    const i64 batch_v = PAGED ? 0 : (i64)b.batch * p.v.batch_stride;
     s.k.cache = (const cache_t*)p.k.ptr + batch_k + (i64)b.kv_head * p.k.head_stride;
     s.v.cache = (const cache_t*)p.v.ptr + batch_v + (i64)b.kv_head * p.v.head_stride;
 #if KV_FP8
@@ -252,13 +303,16 @@ __device__ __forceinline__ KeySource key_source(const DecodeParams& p, const Dec
     s.pages = p.block_table + (i64)b.batch * p.block_table_stride;
     s.last_page = p.num_pages - 1;
     s.cached = b.cached;
+#if !PAGE_SIZE && IS_PAGED
+    s.page_size = p.page_size;
+#endif
     return s;
 }
 
 // Offset (in elements, from KeyRows::cache) of cache row j, 0 <= j < Smax.
 __device__ __forceinline__ i64 cache_row_offset(const KeySource& s, const KeyRows& r, int j) {
-#if PAGE_SIZE
-    return paged_row_offset(s.pages, PAGE_SIZE, s.last_page, j, r.page_stride, r.row_stride);
+#if PAGED
+    return paged_row_offset(s.pages, PAGE_ROWS(s), s.last_page, j, r.page_stride, r.row_stride);
 #else
     return (i64)j * r.row_stride;
 #endif
@@ -266,9 +320,9 @@ __device__ __forceinline__ i64 cache_row_offset(const KeySource& s, const KeyRow
 
 // Cache row j's K and V rows (0 <= j < cached).
 __device__ __forceinline__ void cache_rows(const KeySource& s, int j, const cache_t*& k, const cache_t*& v) {
-#if PAGE_SIZE
-    k = s.k.cache + paged_row_offset(s.pages, PAGE_SIZE, s.last_page, j, s.k.page_stride, s.k.row_stride);
-    v = s.v.cache + paged_row_offset(s.pages, PAGE_SIZE, s.last_page, j, s.v.page_stride, s.v.row_stride);
+#if PAGED
+    k = s.k.cache + paged_row_offset(s.pages, PAGE_ROWS(s), s.last_page, j, s.k.page_stride, s.k.row_stride);
+    v = s.v.cache + paged_row_offset(s.pages, PAGE_ROWS(s), s.last_page, j, s.v.page_stride, s.v.row_stride);
 #else
     k = s.k.cache + (i64)j * s.k.row_stride;
     v = s.v.cache + (i64)j * s.v.row_stride;
@@ -282,15 +336,40 @@ __device__ __forceinline__ const elem_t* fresh_row(const KeyRows& r, int t) {
 
 // ---- device helpers ---------------------------------------------------------------------------
 
+#if KV_FP8
+// x -> the FP8 code of the cache (fp8.h: saturating, round to nearest even, NaN kept).
+__device__ __forceinline__ unsigned char float_to_fp8(float x) {
+#if KV_FP8 == FP8_E4M3FN
+    return float_to_e4m3fn(x);
+#else
+    return float_to_e5m2(x);
+#endif
+}
+#endif
+
+#if !ASYNC_COPIES
+// A cache element's value as the synchronous copies write it into a ring of float32 (an FP8
+// code's exact value, before the cache's scale).
+__device__ __forceinline__ float ring_value(cache_t x) {
+#if KV_FP8
+    return KV_FP8 == FP8_E4M3FN ? e4m3fn_to_float(x) : e5m2_to_float(x);
+#else
+    return to_float(x);
+#endif
+}
+#endif
+
 // Copy one element-sized or 16-byte unit global -> shared, zeros where !valid (nothing is read).
-__device__ __forceinline__ void copy_unit(cache_t* dst, const cache_t* src, bool valid) {
+// Asynchronous (platform.h: cp.async, completed by cp_async_wait) where the platform has it.
+__device__ __forceinline__ void copy_unit(ring_t* dst, const cache_t* src, bool valid) {
 #if VEC_LOADS
     cp_async_16_zfill_l2<L2_PREFETCH>(smem_addr(dst), src, valid);
-#elif ELEM_F32 && !KV_FP8
-    asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(smem_addr(dst)), "l"(src),
-                 "r"(valid ? 4 : 0));
-#else
+#elif ASYNC_COPIES && ELEM_F32 && !KV_FP8
+    cp_async_4_zfill(smem_addr(dst), src, valid);
+#elif ASYNC_COPIES
     *dst = valid ? *src : (cache_t)0;
+#else
+    *dst = valid ? ring_value(*src) : 0.f;
 #endif
 }
 
@@ -299,8 +378,14 @@ __device__ __forceinline__ void copy_unit(cache_t* dst, const cache_t* src, bool
 // IEEE float32 (as the reference divides), then fp8.h's encoder. The append and every reader of a
 // new row use this one function, so all of them see the codes the cache holds. Not inlined: new
 // rows are few, and sixteen inlined encoders at every call site of the unrolled loads multiplied
-// the compile time by ten.
-__device__ __noinline__ void quantize_unit(cache_t* dst, const elem_t* src, float scale) {
+// the compile time by ten. Inlined on AMD, whose kernels must call no function (ci/hip_compile.py)
+// and copy element by element.
+#if ASYNC_COPIES
+#define QUANTIZE_INLINING __noinline__
+#else
+#define QUANTIZE_INLINING __forceinline__
+#endif
+__device__ QUANTIZE_INLINING void quantize_unit(cache_t* dst, const elem_t* src, float scale) {
 #if VEC_LOADS
     u32 words[4];
 #pragma unroll
@@ -317,15 +402,25 @@ __device__ __noinline__ void quantize_unit(cache_t* dst, const elem_t* src, floa
 }
 #endif
 
+#if KV_FP8 && !ASYNC_COPIES
+// The same into a ring of values (synchronous copies): the value of the code the cache will hold.
+__device__ __forceinline__ void quantize_unit(float* dst, const elem_t* src, float scale) {
+    static_assert(CACHE_UNIT == 1, "synchronous copies move one element at a time");
+    cache_t code;
+    quantize_unit(&code, src, scale);
+    *dst = ring_value(code);
+}
+#endif
+
 // One warp copies WARP_N keys, starting at key0, into its K and V tiles: zeros for keys
 // >= key0 + valid_keys and columns >= head_dim (they must add nothing to Q.K, and V rows with
 // P = 0 must not carry a NaN bit pattern in). Zero-filled copies read nothing, so keys past the
 // end (and their pages) are never touched.
-__device__ __forceinline__ void warp_load_keys(cache_t* sK, cache_t* sV, const KeySource& src, int key0,
+__device__ __forceinline__ void warp_load_keys(ring_t* sK, ring_t* sV, const KeySource& src, int key0,
                                                int valid_keys, int head_dim, int lane) {
     constexpr int UNITS_PER_ROW = HEAD_DIM / CACHE_UNIT;
-    constexpr int LANES_PER_ROW = UNITS_PER_ROW < WARP_SIZE ? UNITS_PER_ROW : WARP_SIZE;
-    constexpr int ROWS_PER_PASS = WARP_SIZE / LANES_PER_ROW;
+    constexpr int LANES_PER_ROW = UNITS_PER_ROW < WAVE_SIZE ? UNITS_PER_ROW : WAVE_SIZE;
+    constexpr int ROWS_PER_PASS = WAVE_SIZE / LANES_PER_ROW;
     constexpr int UNITS_PER_LANE = UNITS_PER_ROW / LANES_PER_ROW;
     static_assert(WARP_N % ROWS_PER_PASS == 0, "whole passes over the tile");
     const int row0 = lane / LANES_PER_ROW, col0 = (lane % LANES_PER_ROW) * CACHE_UNIT;
@@ -342,7 +437,7 @@ __device__ __forceinline__ void warp_load_keys(cache_t* sK, cache_t* sV, const K
         const bool row_valid = row < valid_keys;
         const int key = key0 + row;
 #if KV_FP8
-        if (row_valid && key >= src.cached) {  // a new row: quantized here, as the append does
+        if (FUSED_APPEND && row_valid && key >= src.cached) {  // a new row: quantized here, as the append does
             const elem_t* k = fresh_row(src.k, key - src.cached);
             const elem_t* v = fresh_row(src.v, key - src.cached);
 #pragma unroll
@@ -365,7 +460,7 @@ __device__ __forceinline__ void warp_load_keys(cache_t* sK, cache_t* sV, const K
         const cache_t* k = src.k.cache;  // any address: a zero-filled copy reads nothing
         const cache_t* v = src.v.cache;
         if (row_valid) {
-            if (key >= src.cached) {
+            if (FUSED_APPEND && key >= src.cached) {
                 k = fresh_row(src.k, key - src.cached);
                 v = fresh_row(src.v, key - src.cached);
             } else {
@@ -388,14 +483,14 @@ static_assert(!RING_SWIZZLE, "the float32 kernel's rings are read in place, unsw
 // A landed ring tile of FP8 codes -> the warp's tile of their exact values, every element of the
 // padded HEAD_DIM (zero codes give zeros). Lane l converts 8 codes at a time (one 8-byte read, two
 // float4 writes); the caller __syncwarp()s before and after.
-__device__ __forceinline__ void convert_tile(elem_t* dst, const cache_t* src, int lane) {
+__device__ __forceinline__ void convert_tile(tile_t* dst, const cache_t* src, int lane) {
     constexpr int PIECES_PER_ROW = HEAD_DIM / 8;
 #pragma unroll 4
-    for (int u = lane; u < WARP_N * PIECES_PER_ROW; u += WARP_SIZE) {
+    for (int u = lane; u < WARP_N * PIECES_PER_ROW; u += WAVE_SIZE) {
         const int row = u / PIECES_PER_ROW, col = (u % PIECES_PER_ROW) * 8;
         const uint2 codes = *(const uint2*)(src + row * CACHE_STRIDE + col);
         const u32 words[2] = {codes.x, codes.y};
-        elem_t* out = dst + row * TILE_STRIDE + col;
+        tile_t* out = dst + row * TILE_STRIDE + col;
 #pragma unroll
         for (int w = 0; w < 2; ++w) {
             float4 x;
@@ -407,7 +502,7 @@ __device__ __forceinline__ void convert_tile(elem_t* dst, const cache_t* src, in
 }
 #endif
 
-#if KV_FP8 && !ELEM_F32
+#if KV_FP8 && !DECODE_SIMT
 // The tensor-core kernel's Q tile under FP8 caches: column c of Q goes to column fp8_q_slot(c)
 // of the tile (a permutation inside each 16 columns, flash_decode.cu explains it).
 __device__ __forceinline__ int fp8_q_slot(int c) {
@@ -416,7 +511,7 @@ __device__ __forceinline__ int fp8_q_slot(int c) {
 }
 #endif
 
-#if KV_FP8 && !ELEM_F32
+#if KV_FP8 && !DECODE_SIMT
 // The tensor-core kernel's Q tile under FP8 caches is float16 (the products' type, platform.h),
 // scaled by q_scale = 2^k that puts the tile's largest |q| (amax) in [2^14, 2^15): no value
 // overflows float16, and every value down to amax * 2^-28 keeps all its bits (a bfloat16 value has
@@ -433,7 +528,7 @@ __device__ __forceinline__ float q_tile_scale(float amax) {
 // The Q tile: row r (r < rows) is query head r / seqlen_q of the group, token r % seqlen_q.
 // Loaded once per block with plain loads; zeros past the last row and column. Returns the factor
 // the tile's values were multiplied by: 1, but q_tile_scale's under FP8 caches on tensor cores.
-__device__ __forceinline__ float load_q_tile(elem_t* sQ, const DecodeParams& p, const DecodeBlock& b, int tid) {
+__device__ __forceinline__ float load_q_tile(tile_t* sQ, const DecodeParams& p, const DecodeBlock& b, int tid) {
     constexpr int UNITS_PER_ROW = HEAD_DIM / UNIT_ELEMS;
     const elem_t* q = (const elem_t*)p.q.ptr + (i64)b.batch * p.q.batch_stride +
                       (i64)b.kv_head * p.heads_per_kv * p.q.head_stride;
@@ -444,10 +539,10 @@ __device__ __forceinline__ float load_q_tile(elem_t* sQ, const DecodeParams& p, 
         valid = r < b.rows && col < p.head_dim;
         return q + (i64)(r / p.seqlen_q) * p.q.head_stride + (i64)(r % p.seqlen_q) * p.q.row_stride + col;
     };
-#if KV_FP8 && !ELEM_F32
+#if KV_FP8 && !DECODE_SIMT
     // Every warp finds the tile's largest |q| on its own: the tile is small, and no barrier is needed.
     float amax = 0.f;
-    for (int u = tid % WARP_SIZE; u < BLOCK_M * UNITS_PER_ROW; u += WARP_SIZE) {
+    for (int u = tid % WAVE_SIZE; u < BLOCK_M * UNITS_PER_ROW; u += WAVE_SIZE) {
         int row, col;
         bool valid;
         const elem_t* src = unit(u, row, col, valid);
@@ -456,7 +551,7 @@ __device__ __forceinline__ float load_q_tile(elem_t* sQ, const DecodeParams& p, 
             for (int e = 0; e < UNIT_ELEMS; ++e) amax = fmaxf(amax, fabsf(to_float(src[e])));
     }
 #pragma unroll
-    for (int offset = WARP_SIZE / 2; offset > 0; offset /= 2) amax = fmaxf(amax, shfl_xor(amax, offset));
+    for (int offset = WAVE_SIZE / 2; offset > 0; offset /= 2) amax = fmaxf(amax, shfl_xor(amax, offset));
     const float q_scale = q_tile_scale(amax);
 #else
     const float q_scale = 1.f;
@@ -465,17 +560,18 @@ __device__ __forceinline__ float load_q_tile(elem_t* sQ, const DecodeParams& p, 
         int row, col;
         bool valid;
         const elem_t* src = unit(u, row, col, valid);
-#if KV_FP8 && !ELEM_F32
+#if KV_FP8 && !DECODE_SIMT
 #pragma unroll
         for (int e = 0; e < UNIT_ELEMS; ++e)
             sQ[row * TILE_STRIDE + fp8_q_slot(col + e)] =
                 valid ? (elem_t)(pack_half2(to_float(src[e]) * q_scale, 0.f) & 0xffffu) : (elem_t)0;
 #elif VEC_LOADS
+        static_assert(sizeof(tile_t) == sizeof(elem_t), "16-byte copies move the elements as they are");
         uint4 x = make_uint4(0, 0, 0, 0);
         if (valid) x = *(const uint4*)src;
         *(uint4*)(sQ + row * TILE_STRIDE + col) = x;
 #else
-        sQ[row * TILE_STRIDE + col] = valid ? *src : (elem_t)0;
+        sQ[row * TILE_STRIDE + col] = valid ? to_tile(*src) : (tile_t)0;
 #endif
     }
     return q_scale;

@@ -13,4 +13,4 @@ O=$OUT
 OUT=$O/verify VERIFY_LIMIT=380 bash ci/gpu_suite.sh verify 2>&1 | tail -18
 wait
 cat $O/decode_sanitize_hip.sum; grep -E "ERROR SUMMARY|RACECHECK SUMMARY|cases" $O/decode_sanitize_hip.log | tail -6
-cd $O/verify && tar -czf ../verify_logs.tar.gz *.log && cd - >/dev/null
+tar -czf $O/verify_logs.tar.gz -C $O verify && rm -rf $O/verify

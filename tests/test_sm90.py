@@ -1,5 +1,6 @@
 """The Hopper kernels (xattn/sm90.py, kernels_cuda/sm90/). On the CPU: every forward and backward
-row compiles with NVRTC for sm_90a without spills, the generated wgmma header is current, every
+row compiles with NVRTC for sm_90a without spills (the causal D64 backward row within its known
+8 bytes), the generated wgmma header is current, every
 row fits in shared memory, and the backward's routing rule declines what the kernel does not
 serve. On an sm_90 GPU (marker gpu): xattn.sm90.forward against the float64 oracle
 xattn.exact_attention, and xattn.cuda.backward on the sm90 backward against the float64
@@ -69,7 +70,9 @@ def test_generated_wgmma_header_is_current():
 @pytest.mark.skipif(not HAS_NVRTC, reason="cuda-bindings (NVRTC) is not installed")
 @pytest.mark.parametrize("row", sm90.BWD_ROWS, ids=lambda r: f"D{r.head_dim}-{'causal' if r.causal else 'full'}")
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
-def test_backward_rows_compile_for_sm90a_without_spills(row, dtype):
+def test_backward_rows_compile_for_sm90a_within_their_local_memory(row, dtype):
+    """No spills, except the causal D64 row's known 8 bytes (sm90.BwdRow.local_bytes: measured
+    faster with them than the spill-free dQ path), and no more than those."""
     from compile_kernels import nvrtc_compile, report
 
     flags = {"IS_CAUSAL": int(row.causal), "IS_LOCAL": 0, "HAS_SOFTCAP": 0, "HAS_ALIBI": 0}
@@ -81,7 +84,7 @@ def test_backward_rows_compile_for_sm90a_without_spills(row, dtype):
     assert ok, log
     assert "wgmma" not in log.lower() or "serializ" not in log.lower(), log
     info = report(log, BACKWARD.entry)
-    assert info["spill_stores"] == info["spill_loads"] == info["stack"] == 0, info
+    assert max(info["spill_stores"], info["spill_loads"], info["stack"]) <= row.local_bytes, info
     assert info["registers"] == 168, info  # 65536 / 384 at launch; setmaxnreg splits them
 
 

@@ -63,28 +63,6 @@ __device__ __forceinline__ float fast_exp2(float x) {
     return y;
 }
 
-// 2^x on the FMA units, for a share of a softmax's exponentials when the MUFU unit (16 ex2 a clock
-// per SM, as many as the tensor cores' D64 attention consumes) is the limit (FlashAttention-4's
-// idea). x = j + f with j = round(x) (the 1.5 * 2^23 trick: an FADD rounds), f in [-0.5, 0.5];
-// 2^f is a degree-3 polynomial, minimax in relative error (7.5e-5, below half an fp16 ulp; fitted
-// here, tests/test_exp2_poly.py checks these float32 steps), and 2^j is built in the exponent
-// field. max.NaN clamps x at -127, where 2^j's bits come out 0: exp2(-inf) = 0 exactly as the
-// masking needs, and a NaN stays NaN (fmaxf would drop it). 9 instructions, no MUFU.
-#define EXP2_POLY_C0 0.9999281167984009f
-#define EXP2_POLY_C1 0.6932609677314758f
-#define EXP2_POLY_C2 0.24260999262332916f
-#define EXP2_POLY_C3 0.055171094834804535f
-__device__ __forceinline__ float exp2_poly(float x) {
-    float xc;
-    asm("max.NaN.f32 %0, %1, %2;" : "=f"(xc) : "f"(x), "f"(-127.f));
-    const float t = __fadd_rn(xc, 12582912.f);         // 1.5 * 2^23 + round(xc): round(xc) in the low bits
-    const float f = __fsub_rn(xc, __fsub_rn(t, 12582912.f));
-    const float p = fmaf(fmaf(fmaf(EXP2_POLY_C3, f, EXP2_POLY_C2), f, EXP2_POLY_C1), f, EXP2_POLY_C0);
-    // (127 + j) << 23, from t's low bits (1.5 * 2^23 << 23 wraps to 0): 0 at j = -127
-    const float two_j = __uint_as_float((__float_as_uint(t) << 23) + 0x3f800000u);
-    return p * two_j;
-}
-
 // tanh from one ex2 and one fast division (rcp.approx), 1 - 2 / (1 + 2^{2y log2 e}): saturates
 // exactly to +-1 (2 / inf = 0); near 0 the absolute error is a few float32 ulps of 1. An IEEE
 // division here made softcap calls slower than tanhf (H100, `python -m xattn bench --variants`).

@@ -93,11 +93,6 @@
 #ifndef OVERLAP_WAIT_LATE
 #define OVERLAP_WAIT_LATE 0
 #endif
-// EXP2_POLY: of every 8 exponentials of a thread's scores, how many run on the FMA units
-// (platform.h: exp2_poly) instead of MUFU; 0: none.
-#ifndef EXP2_POLY
-#define EXP2_POLY 0
-#endif
 
 #define NUM_CONSUMERS 2                          // consumer warpgroups
 #define BLOCK_M (NUM_CONSUMERS * WGMMA_M)        // query rows per CTA
@@ -225,8 +220,7 @@ __device__ __forceinline__ void online_softmax(float (&s)[S_REGS], float (&m_i)[
     float sum[2] = {0.f, 0.f};
 #pragma unroll
     for (int i = 0; i < S_REGS; ++i) {
-        const float x = s[i] * scale_log2 - offset[acc_half(i)];
-        s[i] = i % 8 < EXP2_POLY ? exp2_poly(x) : fast_exp2(x);
+        s[i] = fast_exp2(s[i] * scale_log2 - offset[acc_half(i)]);
         sum[acc_half(i)] += s[i];
     }
 #pragma unroll

@@ -243,6 +243,34 @@ def test_forward_matches_exact_attention(hopper, batch, kv_heads, group, sq, sk,
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("rise", [2.0, 7.0, 20.0])
+@pytest.mark.parametrize("head_dim", [64, 128, 256])
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_scores_rising_along_the_visit_order(hopper, rise, head_dim, causal, dtype):
+    """The lazy rescaling (flash_fwd.cu, RESCALE_SLACK): key tiles are visited right to left, and
+    here the scores grow towards the left by `rise` (base 2) every 128 keys, so a row's running max
+    rises tile after tile, by less than the slack (kept: P above 1) or more (O and l rescaled), over
+    noise. out and lse against the float64 oracle, NaN-poisoned."""
+    import torch
+
+    batch, heads, sq, sk = 1, 2, 200, 1000
+    rng = np.random.default_rng(int(rise) * 1000 + head_dim + causal)
+    scale = 1 / math.sqrt(head_dim)
+    q, k, v = (0.5 * rng.standard_normal((batch, heads, s, head_dim)) for s in (sq, sk, sk))
+    q[..., 0] = 1.0
+    k[..., 0] = rise * math.log(2) / 128 * (sk - np.arange(sk)) / scale  # scale * q.k: the ramp, natural units
+    Q, K, V = (torch.from_numpy(x).to("cuda", getattr(torch, dtype)) for x in (q, k, v))
+    out = torch.full_like(Q, float("nan"))
+    lse = torch.full((batch, heads, sq), float("nan"), device="cuda")
+    sm90.forward(Q, K, V, out, lse, causal=causal, scale=scale, stream=torch.cuda.current_stream().cuda_stream)
+    torch.cuda.synchronize()
+    seen = [to_float64(x) for x in (Q, K, V)]
+    want, want_lse = reference.exact_attention_bhsd(*seen, causal=causal, scale=scale)
+    assert_matches_oracle(to_float64(out), to_float64(lse), want, want_lse, dtype)
+
+
+@pytest.mark.gpu
 @settings(max_examples=30)
 @given(lengths=st.lists(st.tuples(st.sampled_from([0, 1, 63, 64, 65, 129, 200]),
                                   st.sampled_from([1, 17, 80, 112, 113, 176, 177, 300])),

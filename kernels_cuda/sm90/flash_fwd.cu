@@ -93,6 +93,11 @@
 #ifndef OVERLAP_WAIT_LATE
 #define OVERLAP_WAIT_LATE 0
 #endif
+// RESCALE_SLACK: how far (base-2 units) a row's running max may rise before O and l are rescaled
+// to it (online_softmax); 0: at every rise.
+#ifndef RESCALE_SLACK
+#define RESCALE_SLACK 8
+#endif
 
 #define NUM_CONSUMERS 2                          // consumer warpgroups
 #define BLOCK_M (NUM_CONSUMERS * WGMMA_M)        // query rows per CTA
@@ -210,11 +215,19 @@ __device__ __forceinline__ void online_softmax(float (&s)[S_REGS], float (&m_i)[
             if (acc_half(i) == h) m_new = fmaxf(m_new, s[i]);
         m_new = fmaxf(m_new, shfl_xor(m_new, 1));
         m_new = fmaxf(m_new, shfl_xor(m_new, 2));
+        // Lazy rescaling (FlashAttention-4's): the row keeps its old max as the exponent offset
+        // while the new one exceeds it by at most RESCALE_SLACK. P then reaches at most
+        // 2^RESCALE_SLACK (far inside fp16 and float32), O and l share the offset, so O / l and
+        // lse = m_i + ln(l) stay exact; alpha stays exactly 1, and a warp whose rows all kept
+        // their max skips rescaling O (rescale_o). An empty row (m_i = -inf) never keeps: the
+        // difference is +inf or NaN.
+        const bool keep = RESCALE_SLACK > 0 && (m_new - m_i[h]) * scale_log2 <= (float)RESCALE_SLACK;
+        if (keep) m_new = m_i[h];
         // A row that has seen no key yet keeps m = -inf: use 0 as the offset so that
         // exp2(-inf - offset) is 0 rather than exp2(-inf + inf) = NaN.
         const bool row_empty = m_new == NEG_INF;
         offset[h] = row_empty ? 0.f : m_new * scale_log2;
-        alpha[h] = row_empty ? 1.f : fast_exp2((m_i[h] - m_new) * scale_log2);
+        alpha[h] = row_empty || keep ? 1.f : fast_exp2((m_i[h] - m_new) * scale_log2);
         m_i[h] = m_new;
     }
     float sum[2] = {0.f, 0.f};
@@ -227,7 +240,9 @@ __device__ __forceinline__ void online_softmax(float (&s)[S_REGS], float (&m_i)[
     for (int h = 0; h < 2; ++h) l_i[h] = l_i[h] * alpha[h] + sum[h];
 }
 
+// O *= alpha, row by row; skipped where every row of the warp kept its max (alpha exactly 1).
 __device__ __forceinline__ void rescale_o(float (&o)[O_REGS], const float (&alpha)[2]) {
+    if (RESCALE_SLACK > 0 && !__any_sync(0xffffffffu, alpha[0] != 1.f || alpha[1] != 1.f)) return;
 #pragma unroll
     for (int i = 0; i < O_REGS; ++i) o[i] *= alpha[acc_half(i)];
 }

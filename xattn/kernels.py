@@ -297,7 +297,8 @@ def _sm90_forward_defines(row, dtype: str, *, flags: dict) -> dict:
     late = {"OVERLAP_WAIT_LATE": 1} if row.overlap and not row.softmax_under_pv else {}
     return {"ELEM_BF16": int(dtype == "bfloat16"), "HEAD_DIM": row.head_dim,
             "BLOCK_N": row.block_n, "STAGES": row.stages, "OVERLAP": row.overlap,
-            "PINGPONG": row.pingpong, **_sm90_flags(flags), **extra, **late}
+            "PINGPONG": row.pingpong, "RESCALE_SLACK": row.rescale_slack, **_sm90_flags(flags), **extra,
+            **late}
 
 
 def _sm90_flags(flags: dict) -> dict:

@@ -9,7 +9,8 @@
 //  - two consumers (warpgroups 1 and 2, setmaxnreg.inc), each owning 64 query rows:
 //      S = Q K^T        wgmma, both operands in shared memory (SS), f32 accumulators
 //      mask, modifiers  attention_common.h: the band (causal, windows), softcap, ALiBi
-//      online softmax   running row max m_i and sum l_i in registers, exp2 with the scale folded
+//      online softmax   running row max m_i and sum l_i in registers, exp2 with the scale folded,
+//                       O rescaled only when a row's max rises past RESCALE_SLACK (lazy rescaling)
 //      O += P V         wgmma with P from registers (RS): S's accumulators, packed to 16 bits,
 //                       already have the A-operand layout (hopper.h: acc_to_a_operand)
 //    then O /= l_i, written through shared memory by a TMA store, and lse.
@@ -67,6 +68,8 @@
 // BLOCK_N     keys per tile (a multiple of 16, at most 256)
 // STAGES      K/V tiles in flight
 // OVERLAP, PINGPONG: the overlaps above (default 1)
+// RESCALE_SLACK how far a row's running max may rise (base 2) before O and l are rescaled to it
+//             (online_softmax: lazy rescaling; 0, the default: at every rise)
 // IS_CAUSAL, IS_LOCAL, HAS_SOFTCAP, HAS_ALIBI, IS_VARLEN: masks, modifiers and packed batches
 //             (attention_common.h)
 // HAS_SINKS   1: p.sinks holds float32 (Hq,) sink logits
@@ -93,10 +96,8 @@
 #ifndef OVERLAP_WAIT_LATE
 #define OVERLAP_WAIT_LATE 0
 #endif
-// RESCALE_SLACK: how far (base-2 units) a row's running max may rise before O and l are rescaled
-// to it (online_softmax); 0: at every rise.
 #ifndef RESCALE_SLACK
-#define RESCALE_SLACK 8
+#define RESCALE_SLACK 0
 #endif
 
 #define NUM_CONSUMERS 2                          // consumer warpgroups

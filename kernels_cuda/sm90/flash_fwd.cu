@@ -205,27 +205,15 @@ __device__ __forceinline__ void modify_scores(float (&s)[S_REGS], int row_start,
 // thread's two rows, turn S into P in place (still f32), and return in alpha the factor that
 // rescales O: exp2(m_old - m_new), in the scaled units. The four lanes of a quad share a row, so
 // the row max needs two shuffles; the row sum stays per thread until the epilogue.
-// The row max and sum run as ROW_CHAINS independent chains per row, combined at the end: one
-// chain would be S_REGS / 2 dependent FMNMX (and FADD) in a row, a latency the warp waits out
-// with nothing else to issue. The max is exact in any order; the sum's rounding differs by ulps.
-#define ROW_CHAINS 4  // combined as a pair of pairs below
-static_assert(BLOCK_N / 4 >= ROW_CHAINS, "a thread holds BLOCK_N / 4 values of each of its rows");
-// Value i of S is the row's value number row_position(i) (of BLOCK_N / 4) and feeds chain
-// row_position(i) % ROW_CHAINS; the first ROW_CHAINS values start the chains.
-__device__ __forceinline__ int row_position(int i) { return (i / 4) * 2 + i % 2; }
-
 __device__ __forceinline__ void online_softmax(float (&s)[S_REGS], float (&m_i)[2], float (&l_i)[2], float (&alpha)[2],
                                                float scale_log2) {
-    float offset[2], chain[2][ROW_CHAINS];
-#pragma unroll
-    for (int i = 0; i < S_REGS; ++i) {
-        const int h = acc_half(i), q = row_position(i);
-        float& c = chain[h][q % ROW_CHAINS];
-        c = q == 0 ? fmaxf(m_i[h], s[i]) : q < ROW_CHAINS ? s[i] : fmaxf(c, s[i]);
-    }
+    float offset[2];
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
-        float m_new = fmaxf(fmaxf(chain[h][0], chain[h][1]), fmaxf(chain[h][2], chain[h][3]));
+        float m_new = m_i[h];
+#pragma unroll
+        for (int i = 0; i < S_REGS; ++i)
+            if (acc_half(i) == h) m_new = fmaxf(m_new, s[i]);
         m_new = fmaxf(m_new, shfl_xor(m_new, 1));
         m_new = fmaxf(m_new, shfl_xor(m_new, 2));
         // Lazy rescaling (FlashAttention-4's): the row keeps its old max as the exponent offset
@@ -243,16 +231,14 @@ __device__ __forceinline__ void online_softmax(float (&s)[S_REGS], float (&m_i)[
         alpha[h] = row_empty || keep ? 1.f : fast_exp2((m_i[h] - m_new) * scale_log2);
         m_i[h] = m_new;
     }
+    float sum[2] = {0.f, 0.f};
 #pragma unroll
     for (int i = 0; i < S_REGS; ++i) {
-        const int h = acc_half(i), q = row_position(i);
-        s[i] = fast_exp2(s[i] * scale_log2 - offset[h]);
-        float& c = chain[h][q % ROW_CHAINS];
-        c = q < ROW_CHAINS ? s[i] : c + s[i];
+        s[i] = fast_exp2(s[i] * scale_log2 - offset[acc_half(i)]);
+        sum[acc_half(i)] += s[i];
     }
 #pragma unroll
-    for (int h = 0; h < 2; ++h)
-        l_i[h] = l_i[h] * alpha[h] + ((chain[h][0] + chain[h][1]) + (chain[h][2] + chain[h][3]));
+    for (int h = 0; h < 2; ++h) l_i[h] = l_i[h] * alpha[h] + sum[h];
 }
 
 // O *= alpha, row by row; skipped where every row of the warp kept its max (alpha exactly 1).

@@ -396,18 +396,19 @@ __device__ __forceinline__ void softmax_backward(float (&s)[ST_REGS], float (&dp
 }
 
 // dS^T or P^T (packed to 16 bits, as the A fragments of dK += dS^T Q) into the consumer's rows
-// and queries of sdS or sP, swizzled. The four registers of k step kk are the four 8 x 8 matrices
-// of a 16 x 16 block (rows + 8 (r % 2), columns + 8 (r / 2): hopper.h's accumulator layout), so
-// one stmatrix stores them, lane l naming row l % 8 of matrix l / 8. The eight rows of a matrix
-// fall in eight different 16-byte chunks: no bank conflicts.
+// and queries of sdS or sP, swizzled: register r of k step kk holds columns (c, c + 1) of one
+// row. The eight rows a warp writes at once fall in eight different 16-byte chunks: no bank
+// conflicts.
 __device__ __forceinline__ void stage_transposed(u32 ds_buf, const u32 (&ds)[ST_STEPS][4], const ConsumerCtx& c) {
-    const int lane = c.t % WARP_SIZE, matrix = lane / 8;
-    const int row = c.key_row + 16 * (c.t / WARP_SIZE) + 8 * (matrix % 2) + lane % 8;
 #pragma unroll
-    for (int kk = 0; kk < ST_STEPS; ++kk) {
-        const int col = c.q0 + WGMMA_K * kk + 8 * (matrix / 2);
-        stmatrix_x4(ds_buf + (col / SWIZZLE_ELEMS) * DS_BOX_BYTES + swizzled_offset(row, col % SWIZZLE_ELEMS), ds[kk]);
-    }
+    for (int kk = 0; kk < ST_STEPS; ++kk)
+#pragma unroll
+        for (int r = 0; r < 4; ++r) {
+            const int i = 8 * kk + 2 * r;
+            const int row = c.key_row + acc_row(i, c.t), col = c.q0 + acc_col(i, c.t);
+            const u32 addr = ds_buf + (col / SWIZZLE_ELEMS) * DS_BOX_BYTES + swizzled_offset(row, col % SWIZZLE_ELEMS);
+            asm volatile("st.shared.b32 [%0], %1;\n" ::"r"(addr), "r"(ds[kk][r]) : "memory");
+        }
 }
 
 // dq_accum[rows, cols] += the consumer's dQ tile (float32 reductions, two columns at a time; the

@@ -102,14 +102,6 @@ __device__ __forceinline__ u32 swizzled_offset(int row, int col) {
     return row * SWIZZLE_BYTES + ((((col * 2) / 16) ^ (row % 8)) * 16) + (col * 2) % 16;
 }
 
-// stmatrix .x4: four 8 x 8 matrices of 16-bit values out of registers r[0..3], in the layout of
-// the accumulators (lane l holds row l / 4, columns 2 (l % 4), 2 (l % 4) + 1 of each); lane l gives
-// the shared-memory address of row l % 8 of matrix l / 8 (16 bytes, 16-byte aligned).
-__device__ __forceinline__ void stmatrix_x4(u32 addr, const u32 (&r)[4]) {
-    asm volatile("stmatrix.sync.aligned.m8n8.x4.shared.b16 [%0], {%1, %2, %3, %4};\n"
-                 ::"r"(addr), "r"(r[0]), "r"(r[1]), "r"(r[2]), "r"(r[3]) : "memory");
-}
-
 // The same for 32-bit elements (32 per 128-byte row): the float32 tiles the copy engine reduces
 // into global memory.
 __device__ __forceinline__ u32 swizzled_offset_f32(int row, int col) {

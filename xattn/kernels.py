@@ -278,7 +278,7 @@ def _merge_grid(d: dict, s: Sizes) -> tuple:
 SM90_THREADS = 384       # NUM_THREADS of both
 SM90_BLOCK_M = 128       # the forward's query rows per CTA (BLOCK_M there)
 SM90_STORE_ROWS = 64     # rows of one consumer's store box (WGMMA_M)
-SM90_WARP_ROWS = 16      # rows of one warp's dQ reduce box (flash_bwd.cu WARP_ROWS)
+SM90_WARP_ROWS = 16      # rows of one warp's dQ reduce box (WARP_ROWS, the D256 backward)
 SM90_SMEM_ALIGN = 1024   # the kernels align shared memory to the 128-byte swizzle's 1024-byte atom
 SM90_BARRIER_BYTES = 8
 SM90_OPTIONS = ("-arch=sm_90a",)  # wgmma and setmaxnreg exist only on the "a" target

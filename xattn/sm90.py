@@ -313,10 +313,11 @@ def plan_backward(Q, K, V, dO, dK, dV, accum, block, var: "launch.Variant", batc
     mapped = [("q", Q, row.block_m), ("k", K, keys), ("v", V, keys), ("dout", dO, row.block_m),
               ("dk", dK, stores), ("dv", dV, stores)]
     if accum is not None:
-        # each warp reduces 16-row boxes of its own (red.global rows do not read the map)
+        # the D256 row's warps reduce 16-row boxes of their own
+        by_box = kernels.sm90_dq_by_box(row.block_n, row.dq_tma, compute_dq=True)
         mapped.append(("dq_accum", accum._replace(ptr=accum.ptr or tma.PLACEHOLDER_PTR,
                                                   strides=accum.strides[:3] + (1,)),
-                       kernels.SM90_WARP_ROWS))
+                       kernels.SM90_WARP_ROWS if by_box else stores))
     maps = [(name, tma.plan_map(a.ptr, a.dtype, a.shape, a.strides, rows, a.device), tma.repoint)
             for name, a, rows in mapped]
     kernel = kernels.cuda("flash_bwd_sm90")

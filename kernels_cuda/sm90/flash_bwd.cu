@@ -47,13 +47,12 @@
 //    accumulators, 16 a thread a step (two columns each), rows past Sq and columns past head_dim
 //    skipped. No shared memory, no barrier.
 //  - DQ_TMA = 1 (the other rows; FA3's choice): each consumer writes its tile into its own 16 KB of shared memory
-//    (128-byte swizzled, as the copy engine reads it), and each warp's lane 0 issues the
-//    cp.reduce.async.bulk.tensor .add of the warp's 16 rows (32 columns a box) through a float32
-//    tensor map of dq_accum; the copy engine skips rows past Sq and columns past head_dim. Before
-//    the warp writes its next rows, lane 0 waits for the reads of its previous reduces (a whole
-//    step later) and a __syncwarp tells the warp: no warp waits for another (until
-//    2026-12-01 one thread issued the consumer's reduces after a warpgroup barrier). It costs 32
-//    KB of shared memory and 16 KB more shared-memory writes and reads per consumer and step.
+//    (128-byte swizzled, as the copy engine reads it), and one thread issues two
+//    cp.reduce.async.bulk.tensor .add (32 columns x 64 rows each) through a float32 tensor map of
+//    dq_accum; the copy engine skips rows past Sq and columns past head_dim. Before the next
+//    step's tile is written, that thread waits for the reads of the previous reduce (before the
+//    step's BAR_DS barrier, a whole step later). It costs 32 KB of shared memory, 16 KB more
+//    shared-memory writes and reads per consumer and step, and a named barrier.
 // Measured on an H200 (bf16, D128, S 4096/8192, ci/results/2026-11-30-sm90-bwd/): with DQ_TMA = 0
 // the kernel runs at 405-413 TFLOP/s, and at 648-696 with the reductions left out (a timing switch then):
 // 40% of its time goes to the 8-byte reductions, each warp instruction touching 8 rows (eight
@@ -61,7 +60,7 @@
 // lines from one thread, off the consumers' load/store path: DQ_TMA = 1 is the candidate to win
 // that back (predicted ~560 at D128). It passed the float64 checks and racecheck/synccheck on the
 // H200 and measured 475-504 TFLOP/s (ci/results/2026-11-30-h200-round2/): 16-18% over red.global,
-// short of the prediction (the staging writes and the warpgroup barrier then: the suspects).
+// short of the prediction (not profiled: the staging writes and the BAR_DQ wait are the suspects).
 // At D64 with a causal edge it spills 8 bytes (NVRTC 13.0 and 13.5) and still runs 12-14% faster
 // than with red.global; without one it does not spill, and gains 15% (xattn/sm90.py).
 //
@@ -203,7 +202,7 @@ static_assert(PRODUCER_REGS * WARPGROUP_THREADS + CONSUMER_REGS * CONSUMER_THREA
 //          write it
 // sP       (SHARED_KEYS) PDS_BUFFERS buffers like sdS: P^T, 16-bit, the A operand of dV += P^T dO
 // sdQ      (COMPUTE_DQ and DQ_TMA) per consumer, DQ_STAGED_BOXES boxes of 64 rows x 128 bytes (32
-//          floats): its step's dQ tile, each warp's 16 rows its own (DQ_BY_BOX: one box at a time),
+//          floats): its step's dQ tile (DQ_BY_BOX: each warp's 16 rows of one box at a time),
 //          swizzled as the copy engine reads it
 // sLse, sDelta  STAGES x BLOCK_M floats each
 // bars     kv_full, full[STAGES], empty[STAGES] (8 bytes each)
@@ -245,6 +244,7 @@ __device__ __forceinline__ Barriers barriers(u32 base) {
 #define BAR_DS 1        // both consumers' dS^T of a step is in sdS
 #define BAR_EPILOGUE 2  // both consumers are done reading sK (their last dQ = dS K)
 #define BAR_STORE 3     // + consumer: its dK and dV rows are staged for the TMA stores
+#define BAR_DQ 5        // + consumer: its dQ tile is staged for the TMA reduce-add
 #define BAR_PDS_FREE 7  // (one buffer of sP and sdS) both consumers' products of the last step are done
 
 // ---- device helpers ---------------------------------------------------------------------------
@@ -476,7 +476,8 @@ __device__ __forceinline__ void write_gradients(const ConsumerCtx& c, const floa
     if (IS_VARLEN) {
         store_rows(p.dk, dk, p.grad_scale, c, kv_head, seq.k_start, seq.seqlen_k, p.head_dim);
         store_rows(p.dv, dv, 1.f, c, kv_head, seq.k_start, seq.seqlen_k, p.head_dim);
-        return;  // (each warp's last dQ reduce-add has read sdQ: waited after the last step)
+        if (DQ_TMA && COMPUTE_DQ && c.t == 0) tma_store_wait_read();  // the last dQ reduce-add has read sdQ
+        return;
     }
     const float grad_scale = p.grad_scale;
     named_barrier_sync(BAR_EPILOGUE, CONSUMER_THREADS);  // both consumers' last dQ = dS K is done
@@ -686,6 +687,9 @@ flash_bwd_sm90(const __grid_constant__ TmaDesc tm_q, const __grid_constant__ Tma
 #if COMPUTE_DQ
             stage_transposed(ds_buf, ds_frag, c);            // under the dV, dK wgmmas
             fence_proxy_async();                             // wgmma reads what these stores wrote
+            // sdQ: the reduce-add of the previous step has read it (its issuing thread waits here,
+            // a step after issuing it; the barrier below tells the others).
+            if (DQ_TMA && c.t == 0) tma_store_wait_read();
             static_assert(!DQ_BY_BOX, "the box-by-box dQ path is the shared keys' only");
             // Both consumers' keys of dS^T are in this buffer. It was last read by the dQ
             // products of step i - 2, which both consumers waited for before the barrier of i - 1.
@@ -729,23 +733,15 @@ flash_bwd_sm90(const __grid_constant__ TmaDesc tm_q, const __grid_constant__ Tma
                 }
             }
 #elif DQ_TMA
-            // dq_accum += dQ: each warp its 16 rows of the tile through sdQ, one reduce-add per
-            // 32-column box of them. Its lane 0 issued the warp's reduce-adds of the last step and
-            // waits here, a step later, until they have read its rows; no warpgroup-wide barrier
-            // (one per step, BAR_DQ, held 4-9% of the D128 backward's stall samples: ncu,
-            // ci/results/2026-12-01-session11/, call 4).
-            const int warp_row = (c.t / WARP_SIZE) * WARP_ROWS;
-            const u32 sdq_warp = sdq + (c.t / WARP_SIZE) * DQ_WARP_BOX_BYTES;
-            if (c.t % WARP_SIZE == 0) tma_store_wait_read();
-            __syncwarp();
+            // dq_accum += dQ: the tile through sdQ, one reduce-add per 32-column box.
             stage_dq(sdq, dq, 0, DQ_COLS / DQ_BOX_COLS, c.t);
             fence_proxy_async();  // the copy engine reads what these ordinary stores wrote
-            __syncwarp();
-            if (c.t % WARP_SIZE == 0) {
+            named_barrier_sync(BAR_DQ + c.consumer, WARPGROUP_THREADS);
+            if (c.t == 0) {
 #pragma unroll
                 for (int box = 0; box < DQ_COLS / DQ_BOX_COLS; ++box)
-                    tma_reduce_add_4d(&tm_dq, sdq_warp + box * DQ_BOX_BYTES, dq_col0 + box * DQ_BOX_COLS,
-                                      seq.q_start + m_start + dq_row0 + warp_row, head, map_batch);
+                    tma_reduce_add_4d(&tm_dq, sdq + box * DQ_BOX_BYTES, dq_col0 + box * DQ_BOX_COLS,
+                                      seq.q_start + m_start + dq_row0, head, map_batch);
                 tma_store_commit();
             }
 #else
@@ -758,7 +754,7 @@ flash_bwd_sm90(const __grid_constant__ TmaDesc tm_q, const __grid_constant__ Tma
         // done before write_gradients stages dK there.
         if (ISSUE_S_EARLY) wgmma_wait<0>();
         // Shared memory stays allocated until each warp's last dQ reduce-add has read it.
-        if (DQ_TMA && COMPUTE_DQ && c.t % WARP_SIZE == 0) tma_store_wait_read();
+        if (DQ_BY_BOX && c.t % WARP_SIZE == 0) tma_store_wait_read();
         write_gradients(c, dk, dv, p, &tm_dk, &tm_dv, seq, kv_head, batch);
     }
 }

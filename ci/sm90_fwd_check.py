@@ -382,14 +382,13 @@ ROW_CANDIDATES = {(64, False): [(128, 1, 0, 1, True), (128, 1, 1, 1, True), (192
                                 (176, 1, 0, 1, True), (192, 0, 0, 1, False), (160, 0, 0, 1, False),
                                 (128, 0, 0, 1, False, 3), (128, 0, 0, 1, False, 4)],
                   (64, True): [(128, 1, 0, 1, True), (128, 1, 1, 1, True), (192, 1, 0, 1, True)],
-                  (128, False): [(128, 1, 0, 1, False), (128, 1, 1, 1, False), (128, 1, 1, 0, False),
-                                 (176, 1, 1, 0, False), (128, 1, 1, 1, True), (128, 0, 0, 1, False),
-                                 (192, 1, 0, 1, False), (192, 1, 1, 1, False),
-                                 (128, 1, 0, 1, False, 3), (128, 1, 1, 1, False, 3)],
-                  (128, True): [(128, 1, 0, 1, False), (128, 1, 1, 1, False), (176, 1, 1, 1, False),
-                                (128, 1, 1, 1, True), (128, 1, 1, 1, False, 3), (128, 1, 0, 1, False, 3)],
+                  (128, False): [(128, 1, 1, 1, True), (128, 1, 1, 0, True), (176, 1, 1, 0, True),
+                                 (176, 1, 1, 1, True), (128, 1, 0, 1, True, 3), (192, 1, 1, 1, True)],
+                  (128, True): [(128, 1, 0, 1, True), (176, 1, 1, 1, True), (128, 1, 1, 0, True),
+                                (128, 1, 1, 1, True, 3)],
                   (192, False): [], (192, True): [],
-                  (256, False): [(80, 1, 1, 1, True)], (256, True): [(80, 1, 1, 1, True)]}
+                  (256, False): [(80, 1, 1, 0, True), (80, 1, 0, 1, True), (80, 1, 1, 1, True)],
+                  (256, True): [(80, 1, 1, 0, True), (80, 1, 0, 1, True), (80, 1, 0, 0, True)]}
 
 
 def time_rows(rows: dict, d: int, causal: bool, s: int) -> dict:
@@ -427,7 +426,8 @@ def phase_rows(args) -> int:
             for n, o, pp, pers, under, *stages in candidates:
                 stages = stages[0] if stages else 2
                 rows[f"{n}/{o}{pp}/{pers}{'u' if under else ''}{f's{stages}' if stages != 2 else ''}"] = sm90.Row(
-                    d, causal, n, stages, overlap=o, pingpong=pp, persistent=pers, softmax_under_pv=under)
+                    d, causal, n, stages, overlap=o, pingpong=pp, persistent=pers, softmax_under_pv=under,
+                    rescale_slack=rows["table"].rescale_slack)  # the candidates rescale as the table's row
             row = rows["table"]
             if row.overlap:  # the softmax under P V or not (the loop's wait after it: OVERLAP_WAIT_LATE)
                 rows["table, softmax under P V" if not row.softmax_under_pv else "table, wait late"] = \

@@ -88,13 +88,18 @@ class Row(NamedTuple):
 # without it (ci/results/2026-12-01-session11/, call 2, bf16, S 2048 / 8192): D256 +6% / +6%, causal
 # +4% / +5%; D128 +1% / +0.3%, causal +2% / +4%; causal D64 -5% / -4% and D64 level, so the D64
 # rows keep rescaling at every rise. D192 takes it from its neighbours (not measured).
+# With it, the tiles again (call 7, each candidate pinned as the only row, in turns, S 1024-8192):
+# D128 without a causal edge, 128-key tiles with pingpong on one CTA per query block beat both
+# earlier rows (128-key persistent up to S 2048, 176-key beyond) at every length but S 8192 (tied):
+# +3% / +2% / +2.5% at S 1024 / 2048 / 4096, so one row serves it; causal D128 without pingpong
+# +0.4% / +0.7% / +2% at S 2048 / 4096 / 8192, -1% at S 1024; D256 without a causal edge with
+# pingpong +1.3% / +0.7% / +0.5% / 0% at S 1024-8192. Every other candidate lost.
 ROWS = (
     Row(64, False, 128, 3, overlap=0, pingpong=0, persistent=1), Row(64, True, 128, 2, overlap=1, pingpong=0, persistent=1, softmax_under_pv=True),
-    Row(128, False, 128, 2, overlap=1, pingpong=0, persistent=1, max_seqlen=2048, softmax_under_pv=True, rescale_slack=8),
-    Row(128, False, 176, 2, softmax_under_pv=True, rescale_slack=8),
-    Row(128, True, 128, 2, persistent=1, softmax_under_pv=True, rescale_slack=8),
+    Row(128, False, 128, 2, softmax_under_pv=True, rescale_slack=8),
+    Row(128, True, 128, 2, pingpong=0, persistent=1, softmax_under_pv=True, rescale_slack=8),
     Row(192, False, 112, 2, softmax_under_pv=True, rescale_slack=8), Row(192, True, 112, 2, softmax_under_pv=True, rescale_slack=8),
-    Row(256, False, 80, 2, overlap=1, pingpong=0, softmax_under_pv=True, rescale_slack=8),
+    Row(256, False, 80, 2, softmax_under_pv=True, rescale_slack=8),
     Row(256, True, 80, 2, persistent=2048, softmax_under_pv=True, rescale_slack=8),
 )
 

@@ -87,7 +87,8 @@ class Row(NamedTuple):
 # base 2, and not at all by a warp whose rows all kept theirs), in turns against the same rows
 # without it (ci/results/2026-12-01-session11/, call 2, bf16, S 2048 / 8192): D256 +6% / +6%, causal
 # +4% / +5%; D128 +1% / +0.3%, causal +2% / +4%; causal D64 -5% / -4% and D64 level, so the D64
-# rows keep rescaling at every rise. D192 takes it from its neighbours (not measured).
+# rows keep rescaling at every rise. D192 (call 10): +2.6-3.0% without a causal edge, +2.5-3.6% with
+# one, S 1024-8192.
 # With it, the tiles again (call 7, each candidate pinned as the only row, in turns, S 1024-8192):
 # D128 without a causal edge, 128-key tiles with pingpong on one CTA per query block beat both
 # earlier rows (128-key persistent up to S 2048, 176-key beyond) at every length but S 8192 (tied):
